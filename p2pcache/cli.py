@@ -1,0 +1,295 @@
+"""The `p2pcache` command.
+
+Offline commands work on the repo directly. Errors a user can meet print one line to stderr and exit
+non-zero (see errors.py for the codes); `--json` switches output to one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from . import __version__
+from .content.keys import HashKey
+from .errors import P2PCacheError, RepoError
+from .store.repo import Repo, default_repo_path
+
+PROGRESS_MIN_BYTES = 64 << 20
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'500M', '2GiB', '1.5G', '1024' -> bytes (K/M/G/T are powers of 1024, as in du and Nix)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 500M, 2G, 1048576)")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    return int(number * 1024 ** " kmgtp".index(unit or " "))
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class Output:
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+
+    def emit(self, obj: dict, text: str) -> None:
+        print(json.dumps(obj, sort_keys=True) if self.as_json else text, flush=True)
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None, enabled: bool) -> Iterator:
+    """A rich progress bar on stderr for large transfers on a terminal; a no-op callback otherwise."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
+                               TransferSpeedColumn)
+    from rich.console import Console
+
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(binary_units=True),
+        TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _want_progress(args: argparse.Namespace, size: int | None) -> bool:
+    if args.progress == "always":
+        return True
+    if args.progress == "never" or args.json:
+        return False
+    return sys.stderr.isatty() and (size is None or size >= PROGRESS_MIN_BYTES)
+
+
+def _repo_path(args: argparse.Namespace) -> Path:
+    return Path(args.repo) if args.repo else default_repo_path()
+
+
+def _open(args: argparse.Namespace, writable: bool, create: bool = False) -> Repo:
+    path = _repo_path(args)
+    if create and not Repo.exists(path):
+        return Repo.init(path)
+    return Repo.open(path, writable=writable)
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace, out: Output) -> int:
+    path = _repo_path(args)
+    existed = Repo.exists(path)
+    with Repo.init(path):
+        pass
+    out.emit({"repo": str(path), "created": not existed},
+             f"{'existing' if existed else 'initialised'} p2pcache repo at {path}")
+    return 0
+
+
+def cmd_add(args: argparse.Namespace, out: Output) -> int:
+    for f in args.files:
+        if f != "-" and not os.path.isfile(f):
+            what = "is a directory" if os.path.isdir(f) else "does not exist or is not a regular file"
+            raise RepoError(f"cannot add {f}: it {what}")
+    with _open(args, writable=True, create=True) as repo:
+        for f in args.files:
+            if f == "-":
+                result = repo.add_stream(sys.stdin.buffer, name=args.name)
+            else:
+                size = os.path.getsize(f)
+                with progress_bar(f"adding {os.path.basename(f)}", size, _want_progress(args, size)) as cb:
+                    result = repo.add_file(f, name=args.name, progress=cb)
+            j = result.to_json()
+            j["file"] = f
+            out.emit(j, f"added {result.root} {human(result.size)} {j['sri']} {f}")
+    return 0
+
+
+def cmd_get(args: argparse.Namespace, out: Output) -> int:
+    with _open(args, writable=False) as repo:
+        root = repo.resolve(args.key)
+        size = repo.root_info(root).size
+        with progress_bar(f"getting {args.output}", size, _want_progress(args, size)) as cb:
+            written = repo.get_to_file(root, args.output, progress=cb)
+    out.emit({"root": str(root), "size": written, "output": args.output},
+             f"wrote {human(written)} to {args.output} (verified {root})")
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace, out: Output) -> int:
+    sink = sys.stdout.buffer
+    with _open(args, writable=False) as repo:
+        root = repo.resolve(args.key)
+        for data in repo.stream(root):
+            sink.write(data)
+    sink.flush()
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace, out: Output) -> int:
+    with _open(args, writable=False) as repo:
+        roots = repo.index.list_roots()
+        if not roots and not args.json:
+            print("(no archives)", file=sys.stderr)
+        for info in roots:
+            obj = {
+                "root": str(info.root), "name": info.name, "size": info.size, "kind": info.kind,
+                "format": info.media_type, "pinned": info.pinned, "complete": info.complete,
+                "last_access": info.last_access, "aliases": list(info.aliases),
+            }
+            flags = ("P" if info.pinned else "-") + ("" if info.complete else "!")
+            out.emit(obj, f"{info.root}  {flags:2} {human(info.size):>10}  {info.name or ''}")
+    return 0
+
+
+def cmd_stat(args: argparse.Namespace, out: Output) -> int:
+    with _open(args, writable=False) as repo:
+        root = repo.resolve(args.key)
+        info = repo.root_info(root)
+        manifest = repo.manifest(root)
+        blocks = repo.index.root_blocks(root)
+        stored = sum(repo.index.block_size(b) or 0 for b in blocks)
+        sha256 = HashKey("sha256", manifest.hashes["sha256"])
+        sha512 = HashKey("sha512", manifest.hashes["sha512"])
+        obj = {
+            "root": str(root), "name": manifest.name, "size": manifest.size, "format": manifest.media_type,
+            "sha256": sha256.digest.hex(), "sri": sha256.sri, "nix32": sha256.nix32,
+            "sha512": sha512.digest.hex(), "sri_sha512": sha512.sri,
+            "chunker": manifest.chunker.to_ipld(), "depth": manifest.depth, "blocks": len(blocks),
+            "block_bytes": stored, "pinned": info.pinned, "complete": info.complete,
+            "added": info.added, "last_access": info.last_access,
+        }
+        text = "\n".join(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in obj.items())
+        out.emit(obj, text)
+    return 0
+
+
+def cmd_pin(args: argparse.Namespace, out: Output, pinned: bool = True) -> int:
+    with _open(args, writable=True) as repo:
+        root = repo.set_pinned(args.key, pinned)
+    out.emit({"root": str(root), "pinned": pinned}, f"{'pinned' if pinned else 'unpinned'} {root}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace, out: Output) -> int:
+    with _open(args, writable=True) as repo:
+        report = repo.gc(args.max_size)
+    text = (f"removed {len(report.roots_removed)} roots, {report.blocks_removed} blocks "
+            f"({human(report.bytes_freed)}), {report.garbage_files_removed} garbage files; "
+            f"{human(report.bytes_after)} stored")
+    if report.over_quota:
+        text += f" — still over {human(args.max_size)}: pinned roots hold the rest"
+    out.emit(report.to_json(), text)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, out: Output) -> int:
+    with _open(args, writable=args.repair) as repo:
+        report = repo.verify(repair=args.repair)
+    if not args.json:
+        for cid in report.corrupt:
+            print(f"corrupt block {cid}", file=sys.stderr)
+        for cid in report.missing:
+            print(f"missing block {cid}", file=sys.stderr)
+    state = "consistent" if report.consistent else ("repaired" if args.repair else "INCONSISTENT")
+    text = (f"{state}: checked {report.blocks_checked} blocks, {len(report.corrupt)} corrupt, "
+            f"{len(report.missing)} missing, {report.refcount_errors} refcount errors, "
+            f"{len(report.garbage_files)} garbage files{' removed' if args.repair else ''}, "
+            f"{len(report.roots_incomplete)} roots incomplete")
+    out.emit(report.to_json(), text)
+    if not report.consistent and not args.repair:
+        return 4
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
+    with _open(args, writable=True, create=True) as repo:
+        roots = len(repo.index.list_roots())
+        out.emit(
+            {"repo": str(repo.path), "roots": roots, "stored_bytes": repo.stored_bytes(), "network": False},
+            f"p2pcache daemon: repo {repo.path} ready ({roots} archives, {human(repo.stored_bytes())} stored); "
+            "networking is not implemented yet: this node holds the repo lock and serves nothing. Ctrl-C stops it.",
+        )
+        stop = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--repo", default=argparse.SUPPRESS,
+                        help="repo directory (default: $P2PCACHE_REPO or $XDG_DATA_HOME/p2pcache)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument("--progress", choices=("auto", "always", "never"), default=argparse.SUPPRESS,
+                        help="progress bar on stderr (auto: on a terminal, for files over 64 MiB)")
+
+    p = argparse.ArgumentParser(prog="p2pcache", parents=[common],
+                                description="Peer-to-peer cache node for CI runners and Nix.")
+    p.add_argument("--version", action="version", version=f"p2pcache {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=help, description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("init", cmd_init, "create a repo")
+    sp = add("add", cmd_add, "add archives (files, or - for stdin) to the repo")
+    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp.add_argument("--name", help="name to record (default: the file's base name)")
+    sp = add("get", cmd_get, "write an archive to a file, verified, atomically")
+    sp.add_argument("key", metavar="KEY", help="root CID, sha256:<hex>, SRI or nix-base32 hash")
+    sp.add_argument("-o", "--output", required=True, metavar="OUT")
+    sp = add("cat", cmd_cat, "write an archive to stdout, verified")
+    sp.add_argument("key", metavar="KEY")
+    add("ls", cmd_ls, "list archives in the repo")
+    sp = add("stat", cmd_stat, "show an archive's manifest and storage")
+    sp.add_argument("key", metavar="KEY")
+    sp = add("pin", cmd_pin, "keep an archive through gc")
+    sp.add_argument("key", metavar="KEY")
+    sp = add("unpin", lambda a, o: cmd_pin(a, o, pinned=False), "let gc evict an archive again")
+    sp.add_argument("key", metavar="KEY")
+    sp = add("gc", cmd_gc, "remove garbage; with --max-size evict least-recently-used unpinned archives")
+    sp.add_argument("--max-size", type=parse_size, metavar="SIZE", help="quota for stored blocks, e.g. 10G")
+    sp = add("verify", cmd_verify, "re-hash every block and check the index")
+    sp.add_argument("--repair", action="store_true", help="drop corrupt blocks, mark their roots incomplete")
+    add("daemon", cmd_daemon, "run the node (holds the repo)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name, default in (("repo", None), ("json", False), ("progress", "auto")):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    out = Output(args.json)
+    try:
+        return args.fn(args, out)
+    except P2PCacheError as e:
+        print(f"p2pcache {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"p2pcache {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = None  # type: ignore[assignment]
+        finally:
+            return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Content-defined chunking with FastCDC (pyfastcdc's Cython FastCDC 2020).
+
+Pure: the caller hands in an iterable of byte buffers (file reads, a decompressor's output, a network
+stream) and gets chunks back; nothing here opens files. Cut points depend only on the bytes, so the same
+content cuts the same way however it is split into buffers — which is what lets versions share chunks.
+
+`ChunkerParams` are pyfastcdc's own parameters, recorded verbatim in every manifest, so a later change of
+defaults leaves old manifests readable and re-chunkable with the parameters they name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from pyfastcdc import FastCDC
+
+from ..errors import InvalidInput
+
+MAX_BLOCK_SIZE = 1 << 20  # our own ceiling; bitswap's hard limit is 2 MiB
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkerParams:
+    """FastCDC 2020 parameters as pyfastcdc takes them.
+
+    Note pyfastcdc's convention: the expected chunk size is roughly ``avg_size + min_size`` because of
+    cut-point skipping (FastCDC paper, section 3.4).
+    """
+
+    min_size: int = 16 * 1024
+    avg_size: int = 48 * 1024
+    max_size: int = 256 * 1024
+    normalization: int = 1
+    seed: int = 0
+    algorithm: str = "fastcdc-2020"
+
+    def validate(self) -> "ChunkerParams":
+        if self.algorithm != "fastcdc-2020":
+            raise InvalidInput(f"unknown chunking algorithm {self.algorithm!r}")
+        if not 64 <= self.min_size <= self.avg_size <= self.max_size <= MAX_BLOCK_SIZE:
+            raise InvalidInput(
+                f"chunk sizes must satisfy 64 <= min <= avg <= max <= {MAX_BLOCK_SIZE}: {self}"
+            )
+        if self.normalization not in (0, 1, 2, 3):
+            raise InvalidInput(f"normalization level must be 0..3, got {self.normalization}")
+        return self
+
+    def to_ipld(self) -> dict:
+        return {
+            "alg": self.algorithm,
+            "min": self.min_size,
+            "avg": self.avg_size,
+            "max": self.max_size,
+            "nc": self.normalization,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_ipld(cls, node: object) -> "ChunkerParams":
+        if not isinstance(node, dict):
+            raise InvalidInput("chunker parameters must be a map")
+        try:
+            return cls(
+                algorithm=node["alg"],
+                min_size=node["min"],
+                avg_size=node["avg"],
+                max_size=node["max"],
+                normalization=node["nc"],
+                seed=node["seed"],
+            ).validate()
+        except (KeyError, TypeError) as e:
+            raise InvalidInput(f"chunker parameters incomplete: {e}") from None
+
+
+DEFAULT_PARAMS = ChunkerParams()
+
+
+class Chunker:
+    """Streaming FastCDC: feed buffers, get chunks.
+
+    Chunks yielded by `feed` and `finish` are memoryviews that stay valid only until the next call.
+    """
+
+    def __init__(self, params: ChunkerParams = DEFAULT_PARAMS):
+        self.params = params.validate()
+        self._cdc = FastCDC(
+            params.avg_size,
+            min_size=params.min_size,
+            max_size=params.max_size,
+            normalized_chunking=params.normalization,
+            seed=params.seed,
+        )
+        # Pieces not cut yet. Cutting waits until several max-size chunks are pending, so tiny writes
+        # never make us rescan or recopy the same bytes over and over.
+        self._pending: list[bytes] = []
+        self._pending_len = 0
+        self._scan_threshold = 4 * params.max_size
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+        """Chunk `data` appended to what is pending. The last (possibly cut short) chunk stays pending."""
+        if not data:
+            return
+        self._pending.append(bytes(data))
+        self._pending_len += len(data)
+        if self._pending_len < self._scan_threshold:
+            return
+        buf = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        view = memoryview(buf)
+        # A cut found before the end of the buffer is final: FastCDC scans forward from a chunk's start
+        # and stops at the first qualifying position, so more data later cannot move it. Only the last
+        # chunk may have been cut by the end of the buffer, so it stays pending.
+        prev = None
+        for chunk in self._cdc.cut_buf(buf):
+            if prev is not None:
+                yield view[prev.offset : prev.offset + prev.length]
+            prev = chunk
+        rest = buf[prev.offset :] if prev is not None else buf
+        self._pending = [rest]
+        self._pending_len = len(rest)
+
+    def finish(self) -> Iterator[memoryview]:
+        """Chunk what is pending at end of input."""
+        buf = b"".join(self._pending)
+        self._pending, self._pending_len = [], 0
+        if buf:
+            view = memoryview(buf)
+            for chunk in self._cdc.cut_buf(buf):
+                yield view[chunk.offset : chunk.offset + chunk.length]
+
+
+def chunk_buffers(buffers: Iterable[bytes], params: ChunkerParams = DEFAULT_PARAMS) -> Iterator[memoryview]:
+    chunker = Chunker(params)
+    for buf in buffers:
+        yield from chunker.feed(buf)
+    yield from chunker.finish()

@@ -1,0 +1,101 @@
+"""Strict DAG-CBOR encoding and decoding (the IPLD codec 0x71) on top of cbor2.
+
+Encoding: canonical map-key order (length first, then bytewise — what cbor2's `canonical=True` does and
+what DAG-CBOR requires), minimal integer encodings, definite lengths, links as tag 42 over the binary CID
+with a leading 0x00 (the identity multibase). We refuse floats, tags other than 42, integers outside the
+64-bit range and non-string map keys: our manifests never need them and refusing them keeps every value
+with exactly one encoding.
+
+Decoding is strict: a block decodes only if re-encoding the decoded value gives back the same bytes, so a
+non-canonical or otherwise odd encoding of "the same" data is rejected instead of being given a second CID.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cbor2
+
+from ..errors import MalformedBlock
+from .cid import CID, InvalidCID
+
+_INT_MIN = -(2**64)
+_INT_MAX = 2**64 - 1
+
+
+def _check(value: Any, depth: int = 0) -> None:
+    if depth > 64:
+        raise MalformedBlock("dag-cbor value nests deeper than 64 levels")
+    if value is None or isinstance(value, (bool, str, bytes, CID)):
+        return
+    if isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise MalformedBlock(f"integer {value} is outside the dag-cbor 64-bit range")
+        return
+    if isinstance(value, float):
+        raise MalformedBlock("floats are not used in p2pcache dag-cbor data")
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _check(v, depth + 1)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise MalformedBlock(f"dag-cbor map keys must be strings, got {type(k).__name__}")
+            _check(v, depth + 1)
+        return
+    raise MalformedBlock(f"type {type(value).__name__} has no dag-cbor encoding")
+
+
+def _default(encoder: Any, value: Any) -> None:
+    if isinstance(value, CID):
+        encoder.encode(cbor2.CBORTag(42, b"\x00" + value.buffer))
+        return
+    raise MalformedBlock(f"type {type(value).__name__} has no dag-cbor encoding")
+
+
+def encode(value: Any) -> bytes:
+    """Encode a value of the dag-cbor data model (dict/list/str/bytes/int/bool/None/CID)."""
+    _check(value)
+    return cbor2.dumps(value, canonical=True, default=_default)
+
+
+def _decode_link(value: Any, immutable: bool = False) -> CID:
+    if not isinstance(value, bytes) or not value.startswith(b"\x00"):
+        raise MalformedBlock("tag 42 must wrap a byte string starting with 0x00")
+    try:
+        return CID.decode(value[1:])
+    except InvalidCID as e:
+        raise MalformedBlock(f"tag 42 holds an invalid CID: {e}") from None
+
+
+def _reject_tag(tag: Any, immutable: bool = False) -> Any:
+    raise MalformedBlock(f"unexpected CBOR tag {tag.tag} (dag-cbor allows only tag 42)")
+
+
+def decode(data: bytes | memoryview) -> Any:
+    """Decode a dag-cbor block, rejecting anything that is not in canonical dag-cbor form."""
+    data = bytes(data)
+    try:
+        value = cbor2.loads(
+            data,
+            tag_hook=_reject_tag,
+            semantic_decoders={42: _decode_link},
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            max_depth=80,
+        )
+    except MalformedBlock:
+        raise
+    except Exception as e:  # cbor2 raises CBORDecodeError and a few builtins on garbage
+        cause = e.__cause__ if isinstance(e.__cause__, MalformedBlock) else None
+        if cause is not None:
+            raise cause from None
+        raise MalformedBlock(f"not valid CBOR: {e}") from None
+    try:
+        again = encode(value)
+    except MalformedBlock:
+        raise
+    if again != data:
+        raise MalformedBlock("block is not canonical dag-cbor (re-encoding differs)")
+    return value

@@ -1,0 +1,57 @@
+"""Error types a user or a peer can meet.
+
+Every error carries a one-line message saying what went wrong, on which input, and what to do.
+`P2PCacheError` is the base of everything the CLI reports as a clean one-line error; anything else
+escaping is a bug.
+"""
+
+from __future__ import annotations
+
+
+class P2PCacheError(Exception):
+    """Base class: an error with a one-line, user-facing message and an exit code."""
+
+    exit_code = 1
+
+
+class InvalidInput(P2PCacheError, ValueError):
+    """Malformed input from a user or a peer (a key, a CID, a block, a file format)."""
+
+    exit_code = 2
+
+
+class InvalidCID(InvalidInput):
+    pass
+
+
+class InvalidKey(InvalidInput):
+    pass
+
+
+class MalformedBlock(InvalidInput):
+    """A block's bytes do not decode as what its CID or context says they are."""
+
+
+class NotFound(P2PCacheError, KeyError):
+    exit_code = 3
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "not found"
+
+
+class CorruptData(P2PCacheError):
+    """Bytes on disk or from a peer do not match the hash that names them."""
+
+    exit_code = 4
+
+
+class RepoError(P2PCacheError):
+    exit_code = 5
+
+
+class RepoLocked(RepoError):
+    pass
+
+
+class DiskFull(RepoError):
+    exit_code = 6

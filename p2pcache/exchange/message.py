@@ -1,0 +1,306 @@
+"""The bitswap 1.2.0 message as immutable values, its protobuf encoding, and stream framing.
+
+Owns: turning bytes from a peer into a `Message` whose every block has already been checked against
+its hash (`decode`), the reverse (`encode`), exact encoded sizes for batching (`block_wire_size`,
+`presence_wire_size`, `want_wire_size`), and uvarint length-prefix framing of a stream (`frame`,
+`FrameDecoder`). Pure: no I/O, no clocks, no peers.
+
+Limits (from the bitswap spec): a message is at most 4 MiB and a block at most 2 MiB. Anything a peer
+sends that breaks them, does not parse, names a malformed CID, or carries a block whose hash function
+we cannot verify raises `ProtocolViolation` with a one-line reason. Building an oversized message
+ourselves raises `ExchangeUsageError`.
+
+A received block's CID is rebuilt from the prefix the peer sent and the SHA-256 of the data, so a
+decoded `Block` is self-consistent by construction; whether it is a block anyone asked for is the
+client engine's question.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+
+from ..content.cid import CID, DAG_PB, SHA2_256
+from ..errors import InvalidCID
+from .errors import ExchangeUsageError, ProtocolViolation
+from .pb import bitswap_pb2 as _pb
+
+MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+MAX_BLOCK_SIZE = 2 * 1024 * 1024
+
+PROTOCOL_1_2_0 = "/ipfs/bitswap/1.2.0"
+PROTOCOL_1_1_0 = "/ipfs/bitswap/1.1.0"
+PROTOCOL_1_0_0 = "/ipfs/bitswap/1.0.0"
+PROTOCOLS = (PROTOCOL_1_2_0, PROTOCOL_1_1_0, PROTOCOL_1_0_0)
+
+_Entry = _pb.Message.Wantlist.Entry
+
+
+class WantType(enum.IntEnum):
+    BLOCK = 0
+    HAVE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class WantEntry:
+    """One wantlist entry. `cancel=True` revokes an earlier want for `cid` (other fields unused)."""
+
+    cid: CID
+    want_type: WantType = WantType.BLOCK
+    priority: int = 1
+    cancel: bool = False
+    send_dont_have: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """A 1.2.0 block presence: the sender has (`have=True`) or does not have `cid`."""
+
+    cid: CID
+    have: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    cid: CID
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    wants: tuple[WantEntry, ...] = ()
+    full: bool = False  # `wants` replaces the receiver's copy of our wantlist
+    blocks: tuple[Block, ...] = ()
+    presences: tuple[Presence, ...] = ()
+    pending_bytes: int = 0
+
+    def is_empty(self) -> bool:
+        return not (self.wants or self.full or self.blocks or self.presences)
+
+
+# -- sizes ---------------------------------------------------------------------------------------
+
+
+def uvarint(n: int) -> bytes:
+    if n < 0:
+        raise ExchangeUsageError(f"uvarint of a negative number: {n}")
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _varint_len(n: int) -> int:
+    return len(uvarint(n))
+
+
+def _len_field(n: int) -> int:
+    """Bytes a length-delimited field of `n` payload bytes takes (tag < 16, so one tag byte)."""
+    return 1 + _varint_len(n) + n
+
+
+def block_wire_size(cid: CID, data_len: int) -> int:
+    """Exact bytes one payload entry adds to an encoded message."""
+    inner = _len_field(len(cid.prefix())) + (_len_field(data_len) if data_len else 0)
+    return _len_field(inner)
+
+
+def presence_wire_size(cid: CID, have: bool) -> int:
+    inner = _len_field(len(cid.buffer)) + (0 if have else 2)
+    return _len_field(inner)
+
+
+def want_wire_size(entry: WantEntry) -> int:
+    """Bytes one wantlist entry adds, not counting the wantlist field's own header (a few bytes)."""
+    inner = _len_field(len(entry.cid.buffer))
+    if entry.priority:
+        inner += 1 + _varint_len(entry.priority & 0xFFFFFFFFFFFFFFFF)
+    inner += 2 * bool(entry.cancel) + 2 * bool(entry.want_type) + 2 * bool(entry.send_dont_have)
+    return _len_field(inner)
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+
+def to_protobuf(msg: Message) -> _pb.Message:
+    pb = _pb.Message()
+    if msg.wants or msg.full:
+        wl = pb.wantlist
+        wl.full = msg.full
+        for w in msg.wants:
+            e = wl.entries.add()
+            e.block = w.cid.buffer
+            e.priority = w.priority
+            e.cancel = w.cancel
+            e.wantType = int(w.want_type)
+            e.sendDontHave = w.send_dont_have
+    for b in msg.blocks:
+        if len(b.data) > MAX_BLOCK_SIZE:
+            raise ExchangeUsageError(f"block {b.cid} is {len(b.data)} bytes, over the {MAX_BLOCK_SIZE} byte limit")
+        p = pb.payload.add()
+        p.prefix = b.cid.prefix()
+        p.data = b.data
+    for pr in msg.presences:
+        bp = pb.blockPresences.add()
+        bp.cid = pr.cid.buffer
+        bp.type = _pb.Message.Have if pr.have else _pb.Message.DontHave
+    pb.pendingBytes = max(0, min(msg.pending_bytes, 2**31 - 1))
+    return pb
+
+
+def encode(msg: Message) -> bytes:
+    """The protobuf bytes of `msg` (no length prefix). Raises ExchangeUsageError over 4 MiB."""
+    out = to_protobuf(msg).SerializeToString()
+    if len(out) > MAX_MESSAGE_SIZE:
+        raise ExchangeUsageError(f"bitswap message is {len(out)} bytes, over the {MAX_MESSAGE_SIZE} byte limit")
+    return out
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+def _read_uvarint(buf: bytes, pos: int, what: str) -> tuple[int, int]:
+    value = shift = 0
+    for i in range(pos, min(len(buf), pos + 9)):
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i + 1
+        shift += 7
+    raise ProtocolViolation(f"bitswap {what} has a truncated or overlong varint")
+
+
+def _cid(raw: bytes, where: str) -> CID:
+    try:
+        return CID.decode(raw)
+    except InvalidCID as e:
+        raise ProtocolViolation(f"bitswap {where} carries a malformed CID: {e}") from None
+
+
+def block_from_prefix(prefix: bytes, data: bytes) -> Block:
+    """Rebuild a block's CID from a bitswap prefix and the SHA-256 of `data`."""
+    if len(data) > MAX_BLOCK_SIZE:
+        raise ProtocolViolation(f"bitswap block is {len(data)} bytes, over the {MAX_BLOCK_SIZE} byte limit")
+    version, pos = _read_uvarint(prefix, 0, "block prefix")
+    codec, pos = _read_uvarint(prefix, pos, "block prefix")
+    mh_code, pos = _read_uvarint(prefix, pos, "block prefix")
+    mh_len, pos = _read_uvarint(prefix, pos, "block prefix")
+    if pos != len(prefix):
+        raise ProtocolViolation(f"bitswap block prefix has {len(prefix) - pos} trailing bytes")
+    if mh_code != SHA2_256 or mh_len != 32:
+        raise ProtocolViolation(
+            f"bitswap block uses multihash 0x{mh_code:x} length {mh_len}; only sha2-256 (0x12, 32) is accepted"
+        )
+    digest = hashlib.sha256(data).digest()
+    if version == 0:
+        if codec != DAG_PB:
+            raise ProtocolViolation(f"bitswap block prefix says CIDv0 with codec 0x{codec:x}, not dag-pb")
+        return Block(CID(b"\x12\x20" + digest), bytes(data))
+    if version != 1:
+        raise ProtocolViolation(f"bitswap block prefix has CID version {version}")
+    return Block(CID.from_digest(codec, digest), bytes(data))
+
+
+def decode(buf: bytes | bytearray | memoryview) -> Message:
+    """Parse one message (without its length prefix); every block is hashed before it is returned."""
+    if len(buf) > MAX_MESSAGE_SIZE:
+        raise ProtocolViolation(f"bitswap message is {len(buf)} bytes, over the {MAX_MESSAGE_SIZE} byte limit")
+    pb = _pb.Message()
+    try:
+        pb.ParseFromString(bytes(buf))
+    except (DecodeError, ValueError) as e:  # ValueError: e.g. invalid UTF-8 never applies, but be safe
+        raise ProtocolViolation(f"bitswap message does not parse as protobuf: {e}") from None
+    wants = []
+    for e in pb.wantlist.entries:
+        if e.wantType not in (0, 1):
+            raise ProtocolViolation(f"bitswap wantlist entry has unknown want type {e.wantType}")
+        wants.append(
+            WantEntry(
+                cid=_cid(e.block, "wantlist entry"),
+                want_type=WantType(e.wantType),
+                priority=e.priority,
+                cancel=e.cancel,
+                send_dont_have=e.sendDontHave,
+            )
+        )
+    blocks = []
+    for raw in pb.blocks:  # 1.0.0: the CID is implicitly v0 (dag-pb, sha2-256)
+        blocks.append(block_from_prefix(b"\x00\x70\x12\x20", raw))
+    for p in pb.payload:
+        blocks.append(block_from_prefix(p.prefix, p.data))
+    presences = []
+    for bp in pb.blockPresences:
+        if bp.type not in (0, 1):
+            raise ProtocolViolation(f"bitswap block presence has unknown type {bp.type}")
+        presences.append(Presence(_cid(bp.cid, "block presence"), have=bp.type == _pb.Message.Have))
+    if pb.pendingBytes < 0:
+        raise ProtocolViolation(f"bitswap message has negative pendingBytes {pb.pendingBytes}")
+    return Message(
+        wants=tuple(wants),
+        full=pb.wantlist.full,
+        blocks=tuple(blocks),
+        presences=tuple(presences),
+        pending_bytes=pb.pendingBytes,
+    )
+
+
+# -- framing -------------------------------------------------------------------------------------
+
+
+def frame(payload: bytes) -> bytes:
+    """Prefix one encoded message with its length (unsigned varint), as bitswap streams carry it."""
+    if len(payload) > MAX_MESSAGE_SIZE:
+        raise ExchangeUsageError(f"bitswap message is {len(payload)} bytes, over the {MAX_MESSAGE_SIZE} byte limit")
+    return uvarint(len(payload)) + payload
+
+
+def encode_framed(msg: Message) -> bytes:
+    return frame(encode(msg))
+
+
+class FrameDecoder:
+    """Splits a byte stream into length-prefixed messages. Feed it whatever the stream yields.
+
+    Rejects a length over `max_size` as soon as its prefix is read, so a peer cannot make us buffer
+    more than one maximum-size message.
+    """
+
+    def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
+        self._max = max_size
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        out: list[bytes] = []
+        while True:
+            n = pos = shift = 0
+            complete = False
+            for i, b in enumerate(self._buf[:10]):
+                n |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    pos, complete = i + 1, True
+                    break
+            if not complete:
+                if len(self._buf) >= 10:
+                    raise ProtocolViolation("bitswap stream has an overlong length prefix")
+                return out
+            if n > self._max:
+                raise ProtocolViolation(f"bitswap stream announces a {n} byte message, over the {self._max} byte limit")
+            if len(self._buf) - pos < n:
+                return out
+            out.append(bytes(self._buf[pos : pos + n]))
+            del self._buf[: pos + n]
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete message; non-zero at end of stream means it was cut short."""
+        return len(self._buf)

@@ -1,0 +1,1 @@
+"""The local repo: block files, SQLite index, pins, GC and verification."""

@@ -1,0 +1,221 @@
+"""The repo's SQLite index (stdlib sqlite3, WAL): which blocks are stored and trusted, which roots exist,
+the key aliases that resolve to them, pins, last access and per-block reference counts.
+
+A block row means "this block file was written, flushed to disk and verified"; `refs` counts the roots
+that use it. A root row with `complete = 0` is a root some of whose blocks went missing or corrupt.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from ..content.cid import CID
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS blocks (
+    cid BLOB PRIMARY KEY,
+    size INTEGER NOT NULL,
+    refs INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS roots (
+    root BLOB PRIMARY KEY,
+    kind TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    name TEXT,
+    media_type TEXT,
+    added REAL NOT NULL,
+    last_access REAL NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    complete INTEGER NOT NULL DEFAULT 1
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS roots_lru ON roots(pinned, last_access);
+CREATE TABLE IF NOT EXISTS aliases (
+    key TEXT NOT NULL,
+    root BLOB NOT NULL,
+    PRIMARY KEY (key, root)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS aliases_root ON aliases(root);
+CREATE TABLE IF NOT EXISTS root_blocks (
+    root BLOB NOT NULL,
+    cid BLOB NOT NULL,
+    PRIMARY KEY (root, cid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS root_blocks_cid ON root_blocks(cid);
+"""
+
+
+@dataclass(frozen=True)
+class RootInfo:
+    root: CID
+    kind: str
+    size: int
+    name: str | None
+    media_type: str | None
+    added: float
+    last_access: float
+    pinned: bool
+    complete: bool
+    aliases: tuple[str, ...] = ()
+
+
+class Index:
+    def __init__(self, path: Path, readonly: bool = False):
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA busy_timeout = 30000")
+        if not readonly:
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = FULL")
+            self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- transactions --------------------------------------------------------------------------
+    def begin(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
+    # -- blocks --------------------------------------------------------------------------------
+    def has_block(self, cid: CID) -> bool:
+        return self.db.execute("SELECT 1 FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone() is not None
+
+    def block_size(self, cid: CID) -> int | None:
+        row = self.db.execute("SELECT size FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone()
+        return row[0] if row else None
+
+    def put_blocks(self, blocks: Iterable[tuple[CID, int]]) -> None:
+        self.db.executemany(
+            "INSERT INTO blocks(cid, size, refs) VALUES (?, ?, 0) ON CONFLICT(cid) DO NOTHING",
+            ((c.buffer, s) for c, s in blocks),
+        )
+
+    def drop_block(self, cid: CID) -> list[CID]:
+        """Forget a block; the roots that used it become incomplete. Returns those roots."""
+        roots = [CID(r) for (r,) in self.db.execute("SELECT root FROM root_blocks WHERE cid = ?", (cid.buffer,))]
+        self.db.executemany("UPDATE roots SET complete = 0 WHERE root = ?", ((r.buffer,) for r in roots))
+        self.db.execute("DELETE FROM blocks WHERE cid = ?", (cid.buffer,))
+        return roots
+
+    def total_block_bytes(self) -> int:
+        return self.db.execute("SELECT COALESCE(SUM(size), 0) FROM blocks").fetchone()[0]
+
+    def block_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM blocks").fetchone()[0]
+
+    def all_blocks(self) -> dict[bytes, int]:
+        return dict(self.db.execute("SELECT cid, size FROM blocks"))
+
+    def unreferenced_blocks(self) -> list[CID]:
+        return [CID(c) for (c,) in self.db.execute("SELECT cid FROM blocks WHERE refs <= 0")]
+
+    # -- roots ---------------------------------------------------------------------------------
+    def put_root(
+        self,
+        root: CID,
+        kind: str,
+        size: int,
+        name: str | None,
+        media_type: str | None,
+        aliases: Iterable[str],
+        block_cids: Iterable[CID],
+    ) -> bool:
+        """Record a complete root and its blocks (which must already have rows). True if it was new."""
+        now = time.time()
+        existed = self.db.execute("SELECT 1 FROM roots WHERE root = ?", (root.buffer,)).fetchone() is not None
+        self.db.execute(
+            "INSERT INTO roots(root, kind, size, name, media_type, added, last_access) VALUES (?,?,?,?,?,?,?) "
+            "ON CONFLICT(root) DO UPDATE SET complete = 1, last_access = excluded.last_access, "
+            "name = COALESCE(roots.name, excluded.name)",
+            (root.buffer, kind, size, name, media_type, now, now),
+        )
+        self.db.executemany(
+            "INSERT OR IGNORE INTO aliases(key, root) VALUES (?, ?)", ((a, root.buffer) for a in aliases)
+        )
+        for cid in block_cids:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO root_blocks(root, cid) VALUES (?, ?)", (root.buffer, cid.buffer)
+            )
+            if cur.rowcount:
+                self.db.execute("UPDATE blocks SET refs = refs + 1 WHERE cid = ?", (cid.buffer,))
+        return not existed
+
+    def remove_root(self, root: CID) -> None:
+        self.db.execute(
+            "UPDATE blocks SET refs = refs - 1 WHERE cid IN (SELECT cid FROM root_blocks WHERE root = ?)",
+            (root.buffer,),
+        )
+        self.db.execute("DELETE FROM root_blocks WHERE root = ?", (root.buffer,))
+        self.db.execute("DELETE FROM aliases WHERE root = ?", (root.buffer,))
+        self.db.execute("DELETE FROM roots WHERE root = ?", (root.buffer,))
+
+    def _root_from_row(self, row: tuple) -> RootInfo:
+        root = CID(row[0])
+        aliases = tuple(a for (a,) in self.db.execute("SELECT key FROM aliases WHERE root = ? ORDER BY key", (row[0],)))
+        return RootInfo(root, row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]), bool(row[8]), aliases)
+
+    _ROOT_COLS = "root, kind, size, name, media_type, added, last_access, pinned, complete"
+
+    def get_root(self, root: CID) -> RootInfo | None:
+        row = self.db.execute(f"SELECT {self._ROOT_COLS} FROM roots WHERE root = ?", (root.buffer,)).fetchone()
+        return self._root_from_row(row) if row else None
+
+    def resolve_alias(self, alias: str) -> CID | None:
+        row = self.db.execute(
+            "SELECT a.root FROM aliases a JOIN roots r ON r.root = a.root WHERE a.key = ? "
+            "ORDER BY r.complete DESC, r.last_access DESC LIMIT 1",
+            (alias,),
+        ).fetchone()
+        return CID(row[0]) if row else None
+
+    def list_roots(self) -> list[RootInfo]:
+        rows = self.db.execute(f"SELECT {self._ROOT_COLS} FROM roots ORDER BY added, root").fetchall()
+        return [self._root_from_row(r) for r in rows]
+
+    def lru_unpinned(self) -> list[CID]:
+        return [CID(r) for (r,) in self.db.execute("SELECT root FROM roots WHERE pinned = 0 ORDER BY last_access, root")]
+
+    def set_pinned(self, root: CID, pinned: bool) -> None:
+        self.db.execute("UPDATE roots SET pinned = ? WHERE root = ?", (int(pinned), root.buffer))
+
+    def touch(self, root: CID) -> None:
+        self.db.execute("UPDATE roots SET last_access = ? WHERE root = ?", (time.time(), root.buffer))
+
+    def root_blocks(self, root: CID) -> list[CID]:
+        return [CID(c) for (c,) in self.db.execute("SELECT cid FROM root_blocks WHERE root = ?", (root.buffer,))]
+
+    def roots_missing_blocks(self) -> list[CID]:
+        """Complete roots with a block the index does not hold (should be none)."""
+        return [
+            CID(r)
+            for (r,) in self.db.execute(
+                "SELECT DISTINCT rb.root FROM root_blocks rb JOIN roots r ON r.root = rb.root "
+                "LEFT JOIN blocks b ON b.cid = rb.cid WHERE b.cid IS NULL AND r.complete = 1"
+            )
+        ]
+
+    def mark_incomplete(self, roots: Iterable[CID]) -> None:
+        self.db.executemany("UPDATE roots SET complete = 0 WHERE root = ?", ((r.buffer,) for r in roots))
+
+    def check_refcounts(self) -> list[tuple[CID, int, int]]:
+        """Blocks whose stored refcount disagrees with root_blocks: (cid, stored, actual)."""
+        rows = self.db.execute(
+            "SELECT b.cid, b.refs, COUNT(rb.root) FROM blocks b LEFT JOIN root_blocks rb ON rb.cid = b.cid "
+            "GROUP BY b.cid HAVING b.refs != COUNT(rb.root)"
+        ).fetchall()
+        return [(CID(c), s, a) for c, s, a in rows]
+
+    def fix_refcounts(self) -> None:
+        self.db.execute(
+            "UPDATE blocks SET refs = (SELECT COUNT(*) FROM root_blocks rb WHERE rb.cid = blocks.cid)"
+        )

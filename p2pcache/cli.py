@@ -228,15 +228,22 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (the full usage is one `--help` away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--repo", default=argparse.SUPPRESS,
                         help="repo directory (default: $P2PCACHE_REPO or $XDG_DATA_HOME/p2pcache)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     common.add_argument("--progress", choices=("auto", "always", "never"), default=argparse.SUPPRESS,
                         help="progress bar on stderr (auto: on a terminal, for files over 64 MiB)")
 
-    p = argparse.ArgumentParser(prog="p2pcache", parents=[common],
+    p = _Parser(prog="p2pcache", parents=[common],
                                 description="Peer-to-peer cache node for CI runners and Nix.")
     p.add_argument("--version", action="version", version=f"p2pcache {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

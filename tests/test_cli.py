@@ -1,0 +1,139 @@
+"""The `p2pcache` command, run as a real subprocess against a real repo."""
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import run_cli, write_file
+
+
+def test_add_get_cat_ls_stat_roundtrip(tmp_path, rng):
+    repo = tmp_path / "repo"
+    a = write_file(tmp_path / "a.tar.gz", b"\x1f\x8b\x08\x00" + rng.randbytes(700_000))
+    b = write_file(tmp_path / "b.bin", rng.randbytes(10))
+    proc = run_cli("add", "--json", str(a), str(b), repo=repo, check=True)
+    lines = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert [x["file"] for x in lines] == [str(a), str(b)]
+    first = lines[0]
+    assert first["sha256"] == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert first["size"] == a.stat().st_size and first["format"] == "application/gzip"
+    assert first["sri"].startswith("sha256-") and first["root"].startswith("bafyrei")
+
+    for key in (first["root"], "sha256:" + first["sha256"], first["sri"], first["sri_sha512"], first["nix32"]):
+        out = tmp_path / "out"
+        run_cli("get", key, "-o", str(out), repo=repo, check=True)
+        assert out.read_bytes() == a.read_bytes()
+    cat = run_cli("cat", lines[1]["sri"], repo=repo, check=True)
+    assert cat.stdout == b.read_bytes()
+
+    ls = run_cli("ls", "--json", repo=repo, check=True)
+    listed = [json.loads(line) for line in ls.stdout.decode().splitlines()]
+    assert {x["root"] for x in listed} == {x["root"] for x in lines}
+    stat = json.loads(run_cli("stat", "--json", first["sri"], repo=repo, check=True).stdout)
+    assert stat["root"] == first["root"] and stat["chunker"]["alg"] == "fastcdc-2020" and stat["blocks"] >= 2
+
+    run_cli("pin", first["root"], repo=repo, check=True)
+    gc = json.loads(run_cli("--json", "gc", "--max-size", "0", repo=repo, check=True).stdout)
+    assert gc["roots_removed"] == [lines[1]["root"]] and gc["over_quota"]
+    run_cli("unpin", first["root"], repo=repo, check=True)
+    gc = json.loads(run_cli("gc", "--max-size", "1K", "--json", repo=repo, check=True).stdout)
+    assert gc["roots_removed"] == [first["root"]] and gc["bytes_after"] == 0
+    verify = json.loads(run_cli("verify", "--json", repo=repo, check=True).stdout)
+    assert verify["consistent"] and verify["blocks_checked"] == 0
+
+
+def test_add_from_stdin(tmp_path, rng):
+    data = rng.randbytes(50_000)
+    proc = run_cli("add", "--json", "--name", "piped", "-", repo=tmp_path / "r", input=data, check=True)
+    obj = json.loads(proc.stdout)
+    assert obj["name"] == "piped" and obj["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["get", "sha256:" + "ab" * 32, "-o", "x"], 3, "no archive with sha256:abab"),
+    (["cat", "not-a-key"], 2, "is not a key"),
+    (["add", "/definitely/not/here"], 5, "does not exist"),
+    (["stat", "bafkreibm6jg3ux5qumhcn2b3flc3tyu6dmlb4xa7u5bf44yegnrjhc4yeq"], 3, "is not in the repo"),
+    (["gc", "--max-size", "lots"], 2, "not a size"),
+])
+def test_errors_are_one_line_with_nonzero_exit(tmp_path, args, code, needle):
+    run_cli("init", repo=tmp_path / "r", check=True)
+    proc = run_cli(*args, repo=tmp_path / "r")
+    err = proc.stderr.decode()
+    assert proc.returncode == code, err
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_read_commands_on_missing_repo_say_how_to_fix(tmp_path):
+    proc = run_cli("ls", repo=tmp_path / "none")
+    assert proc.returncode != 0 and "p2pcache init" in proc.stderr.decode()
+
+
+def test_corrupt_block_makes_get_fail_and_verify_report(tmp_path, rng):
+    repo = tmp_path / "r"
+    f = write_file(tmp_path / "f", rng.randbytes(400_000))
+    root = json.loads(run_cli("add", "--json", str(f), repo=repo, check=True).stdout)["root"]
+    blocks = sorted(p for p in (repo / "blocks").rglob("bafkrei*"))
+    blocks[0].write_bytes(b"evil" + blocks[0].read_bytes()[4:])
+    proc = run_cli("get", root, "-o", str(tmp_path / "out"), repo=repo)
+    assert proc.returncode == 4 and "corrupt" in proc.stderr.decode()
+    assert not (tmp_path / "out").exists()
+    proc = run_cli("verify", repo=repo)
+    assert proc.returncode == 4 and "1 corrupt" in proc.stdout.decode()
+    proc = run_cli("verify", "--repair", repo=repo)
+    assert proc.returncode == 0 and "1 roots incomplete" in proc.stdout.decode()
+    assert run_cli("verify", repo=repo).returncode == 0
+    ls = json.loads(run_cli("ls", "--json", repo=repo, check=True).stdout)
+    assert ls["complete"] is False
+
+
+def test_second_writer_is_refused_while_daemon_holds_the_repo(tmp_path, rng):
+    repo = tmp_path / "r"
+    f = write_file(tmp_path / "f", rng.randbytes(1000))
+    daemon = subprocess.Popen([sys.executable, "-m", "p2pcache", "--repo", str(repo), "daemon", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready = json.loads(daemon.stdout.readline())
+        assert ready["network"] is False and ready["repo"] == str(repo)
+        proc = run_cli("add", str(f), repo=repo)
+        assert proc.returncode == 5 and "in use by another p2pcache process" in proc.stderr.decode()
+        assert f"pid {daemon.pid}" in proc.stderr.decode()
+        assert run_cli("ls", repo=repo).returncode == 0  # readers are fine
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=10) == 0
+    run_cli("add", str(f), repo=repo, check=True)
+
+
+def test_disk_full_is_a_clear_error_and_loses_nothing(tmp_path, rng):
+    """A real full file system: a 2 MiB tmpfs in a private mount namespace."""
+    small = write_file(tmp_path / "small", rng.randbytes(200_000))
+    big = write_file(tmp_path / "big", rng.randbytes(4 << 20))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    py = sys.executable
+    script = f"""
+set -u
+mount -t tmpfs -o size=2m tmpfs {mnt} || exit 99
+export P2PCACHE_REPO={mnt}/repo
+{py} -m p2pcache add --json {small} > {tmp_path}/small.json || exit 98
+{py} -m p2pcache add {big} 2> {tmp_path}/big.err; echo $? > {tmp_path}/big.rc
+{py} -m p2pcache verify --json > {tmp_path}/verify.json; echo $? > {tmp_path}/verify.rc
+{py} -m p2pcache get sha256:$({py} -c 'import json;print(json.load(open("{tmp_path}/small.json"))["sha256"])') -o {tmp_path}/small.out || exit 97
+{py} -m p2pcache gc --json > {tmp_path}/gc.json || exit 96
+"""
+    proc = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    err = (tmp_path / "big.err").read_text()
+    assert (tmp_path / "big.rc").read_text().strip() == "6", err
+    assert "disk full" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "verify.rc").read_text().strip() == "0"
+    assert json.loads((tmp_path / "verify.json").read_text())["consistent"]
+    assert (tmp_path / "small.out").read_bytes() == small.read_bytes()

@@ -1,0 +1,141 @@
+import hashlib
+import io
+import os
+
+import pytest
+
+from p2pcache.content.chunking import ChunkerParams
+from p2pcache.content.keys import HashKey
+from p2pcache.errors import CorruptData, NotFound, RepoError, RepoLocked
+from p2pcache.store.repo import Repo
+
+from .conftest import write_file
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 300_000, 3 << 20])
+def test_add_then_get_gives_the_exact_bytes(repo, tmp_path, rng, size):
+    data = rng.randbytes(size)
+    res = repo.add_file(write_file(tmp_path / "in", data))
+    assert res.size == size
+    assert res.hashes["sha256"] == hashlib.sha256(data).digest()
+    assert res.hashes["sha512"] == hashlib.sha512(data).digest()
+    out = tmp_path / "out"
+    assert repo.get_to_file(res.root, out) == size
+    assert out.read_bytes() == data
+
+
+def test_every_key_form_resolves_to_the_root(repo, rng):
+    data = rng.randbytes(100_000)
+    res = repo.add_stream(io.BytesIO(data), name="x")
+    s256, s512 = HashKey("sha256", res.hashes["sha256"]), HashKey("sha512", res.hashes["sha512"])
+    for key in (str(res.root), s256.alias, s256.sri, s256.nix32, s512.sri, s512.alias, s256.digest.hex()):
+        assert repo.resolve(key) == res.root
+    with pytest.raises(NotFound):
+        repo.resolve(HashKey("sha256", b"\1" * 32).alias)
+
+
+def test_versions_share_chunks(repo, rng):
+    v1 = rng.randbytes(4 << 20)
+    v2 = v1[: 1 << 20] + b"a small edit" + v1[(1 << 20) + 100:] + rng.randbytes(10_000)
+    first = repo.add_stream(io.BytesIO(v1))
+    second = repo.add_stream(io.BytesIO(v2))
+    assert first.new_bytes >= len(v1)
+    assert second.new_bytes < len(v2) * 0.15, second
+    assert repo.stored_bytes() < (len(v1) + len(v2)) * 0.6
+    again = repo.add_stream(io.BytesIO(v1))
+    assert again.already_present and again.new_blocks == 0 and again.root == first.root
+
+
+def test_chunker_parameters_are_per_add_and_recorded(repo, rng):
+    data = rng.randbytes(500_000)
+    params = ChunkerParams(min_size=4096, avg_size=8192, max_size=32768)
+    res = repo.add_stream(io.BytesIO(data), params=params)
+    assert repo.manifest(res.root).chunker == params
+    assert b"".join(repo.stream(res.root)) == data
+
+
+def _block_paths(repo):
+    return [p for p, c in repo.files.scan() if c is not None and c.codec == 0x55]
+
+
+def test_corrupt_block_is_caught_reported_and_repaired(repo, tmp_path, rng):
+    data = rng.randbytes(1 << 20)
+    res = repo.add_stream(io.BytesIO(data))
+    victim = _block_paths(repo)[0]
+    victim.write_bytes(b"\0" + victim.read_bytes()[1:])
+    out = tmp_path / "out"
+    out.write_bytes(b"previous contents")
+    with pytest.raises(CorruptData):
+        repo.get_to_file(res.root, out)
+    assert out.read_bytes() == b"previous contents"  # an aborted get leaves the old file alone
+    assert not any(p.name.endswith(".part") for p in tmp_path.iterdir())
+    report = repo.verify()
+    assert not report.consistent and len(report.corrupt) == 1 and report.roots_incomplete == [res.root]
+    report = repo.verify(repair=True)
+    assert report.roots_incomplete == [res.root] and not victim.exists()
+    assert not repo.root_info(res.root).complete
+    assert repo.verify().consistent
+    with pytest.raises(CorruptData, match="incomplete"):
+        list(repo.stream(res.root))
+    # adding the same bytes again heals the root
+    again = repo.add_stream(io.BytesIO(data))
+    assert again.root == res.root and again.new_blocks == 1
+    assert repo.root_info(res.root).complete and b"".join(repo.stream(res.root)) == data
+
+
+def test_missing_block_is_reported(repo, rng):
+    res = repo.add_stream(io.BytesIO(rng.randbytes(300_000)))
+    _block_paths(repo)[-1].unlink()
+    report = repo.verify()
+    assert len(report.missing) == 1 and report.roots_incomplete == [res.root] and not report.consistent
+    with pytest.raises(NotFound):
+        b"".join(repo.stream(res.root))
+
+
+def test_gc_evicts_least_recently_used_unpinned_and_keeps_shared_chunks(repo, rng):
+    base = rng.randbytes(2 << 20)
+    a = repo.add_stream(io.BytesIO(base), name="a")
+    b = repo.add_stream(io.BytesIO(base + rng.randbytes(200_000)), name="b")  # shares a's chunks
+    c = repo.add_stream(io.BytesIO(rng.randbytes(1 << 20)), name="c")
+    repo.set_pinned(str(c.root), True)
+    list(repo.stream(a.root))  # a is now the most recently used
+    report = repo.gc(max_size=repo.stored_bytes() - 1)
+    assert report.roots_removed == [b.root]  # b is LRU; only its unshared tail goes
+    assert report.bytes_freed < 400_000
+    assert b"".join(repo.stream(a.root)) == base
+    report = repo.gc(max_size=0)
+    assert report.roots_removed == [a.root] and report.over_quota
+    assert [r.name for r in repo.index.list_roots()] == ["c"]
+    assert repo.verify().consistent
+    assert repo.stored_bytes() == sum(repo.index.all_blocks().values())
+
+
+def test_gc_removes_crash_garbage_but_not_live_blocks(repo, rng):
+    res = repo.add_stream(io.BytesIO(rng.randbytes(500_000)))
+    (repo.files.tmp / "dead.part").write_bytes(b"half a block")
+    orphan = repo.files.blocks / "zz" / "bafkreinotacid"
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"junk")
+    report = repo.verify()
+    assert report.consistent and len(report.garbage_files) == 2
+    assert repo.gc().garbage_files_removed == 2
+    assert b"".join(repo.stream(res.root))
+
+
+def test_one_writer_at_a_time(repo):
+    with pytest.raises(RepoLocked, match="in use by another p2pcache process"):
+        Repo.open(repo.path, writable=True)
+    with Repo.open(repo.path) as reader:
+        assert reader.index.list_roots() == []
+
+
+def test_missing_repo_is_a_clear_error(tmp_path):
+    with pytest.raises(RepoError, match="run `p2pcache init`"):
+        Repo.open(tmp_path / "nothing")
+
+
+def test_unreadable_input_is_a_clear_error(repo, tmp_path):
+    with pytest.raises(RepoError, match="directory"):
+        repo.add_file(tmp_path)
+    with pytest.raises(RepoError, match="cannot read"):
+        repo.add_file(tmp_path / "absent")

@@ -98,26 +98,49 @@ class Chunker:
         self._scan_threshold = 4 * params.max_size
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
-        """Chunk `data` appended to what is pending. The last (possibly cut short) chunk stays pending."""
-        if not data:
+        """Chunk `data` appended to what is pending. The last (possibly cut short) chunk stays pending.
+
+        Large buffers are cut in place (chunks are views into them, no copy); only the pending tail of
+        the previous buffer and the first `2 × max_size` bytes of this one are joined to find the chunk
+        that straddles the boundary.
+        """
+        n = len(data)
+        if not n:
             return
-        self._pending.append(bytes(data))
-        self._pending_len += len(data)
-        if self._pending_len < self._scan_threshold:
+        if self._pending_len + n < self._scan_threshold:
+            self._pending.append(bytes(data))
+            self._pending_len += n
             return
-        buf = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        if n < self._scan_threshold:
+            buf, carry = b"".join(self._pending + [bytes(data)]), b""
+        else:
+            buf = data if isinstance(data, bytes) else bytes(data)
+            carry = b"".join(self._pending)
+        self._pending, self._pending_len = [], 0
+        start = 0
+        if carry:
+            # The chunk that crosses from `carry` into `buf` ends at most max_size past the carry, so
+            # it is final: `head` holds 2 × max_size bytes of `buf` beyond the carry.
+            head = carry + buf[: 2 * self.params.max_size]
+            hv = memoryview(head)
+            for chunk in self._cdc.cut_buf(head):
+                end = chunk.offset + chunk.length
+                yield hv[chunk.offset : end]
+                if end >= len(carry):
+                    start = end - len(carry)
+                    break
         view = memoryview(buf)
         # A cut found before the end of the buffer is final: FastCDC scans forward from a chunk's start
         # and stops at the first qualifying position, so more data later cannot move it. Only the last
         # chunk may have been cut by the end of the buffer, so it stays pending.
         prev = None
-        for chunk in self._cdc.cut_buf(buf):
+        for chunk in self._cdc.cut_buf(view[start:]):
             if prev is not None:
-                yield view[prev.offset : prev.offset + prev.length]
+                yield view[start + prev.offset : start + prev.offset + prev.length]
             prev = chunk
-        rest = buf[prev.offset :] if prev is not None else buf
-        self._pending = [rest]
-        self._pending_len = len(rest)
+        if prev is not None:
+            rest = bytes(view[start + prev.offset :])
+            self._pending, self._pending_len = [rest], len(rest)
 
     def finish(self) -> Iterator[memoryview]:
         """Chunk what is pending at end of input."""

@@ -14,7 +14,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import uuid
+import itertools
 from pathlib import Path
 from typing import Iterator
 
@@ -48,10 +48,20 @@ class BlockFiles:
         self.root = root
         self.blocks = root / "blocks"
         self.tmp = root / "tmp"
+        self._blocks_str = str(self.blocks)
+        self._tmp_str = str(self.tmp)
+        # Temp names only need to be unique among live writers: pid + object + counter.
+        self._tmp_prefix = f"{os.getpid()}-{id(self):x}-"
+        self._counter = itertools.count()
 
     def create_dirs(self) -> None:
+        """Create blocks/, all 1024 shard directories, and tmp/ (so writes never pay for a mkdir)."""
         self.blocks.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        alphabet = "abcdefghijklmnopqrstuvwxyz234567"
+        for a in alphabet:
+            for b in alphabet:
+                (self.blocks / (a + b)).mkdir(exist_ok=True)
 
     @staticmethod
     def shard(name: str) -> str:
@@ -61,10 +71,14 @@ class BlockFiles:
         name = str(cid)
         return self.blocks / self.shard(name) / name
 
+    def path_str(self, cid: CID) -> str:
+        name = str(cid)
+        return f"{self._blocks_str}/{name[-3:-1]}/{name}"
+
     def write(self, cid: CID, data: bytes | memoryview) -> None:
         """Write a block atomically (temp file + rename). Durable only after `barrier()`."""
-        final = self.path(cid)
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        final = self.path_str(cid)
+        tmp = f"{self._tmp_str}/{self._tmp_prefix}{next(self._counter)}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -77,19 +91,19 @@ class BlockFiles:
             try:
                 os.rename(tmp, final)
             except FileNotFoundError:
-                final.parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(os.path.dirname(final), exist_ok=True)
                 os.rename(tmp, final)
         except OSError as e:
             try:
-                tmp.unlink()
+                os.unlink(tmp)
             except OSError:
                 pass
             raise disk_error(e, final) from None
 
     def read(self, cid: CID, verify: bool = True) -> bytes:
         try:
-            with open(self.path(cid), "rb") as f:
-                data = f.read()
+            with open(self.path_str(cid), "rb", buffering=0) as f:
+                data = f.readall()
         except FileNotFoundError:
             raise NotFound(f"block {cid} is missing from the repo; run `p2pcache verify --repair`") from None
         if verify and not cid.verify(data):

@@ -142,12 +142,12 @@ class Index:
         self.db.executemany(
             "INSERT OR IGNORE INTO aliases(key, root) VALUES (?, ?)", ((a, root.buffer) for a in aliases)
         )
-        for cid in block_cids:
-            cur = self.db.execute(
-                "INSERT OR IGNORE INTO root_blocks(root, cid) VALUES (?, ?)", (root.buffer, cid.buffer)
-            )
-            if cur.rowcount:
-                self.db.execute("UPDATE blocks SET refs = refs + 1 WHERE cid = ?", (cid.buffer,))
+        links = [(root.buffer, c.buffer) for c in block_cids]
+        if existed:  # healing or re-adding: count only links this root did not have yet
+            have = {c for (c,) in self.db.execute("SELECT cid FROM root_blocks WHERE root = ?", (root.buffer,))}
+            links = [link for link in links if link[1] not in have]
+        self.db.executemany("INSERT OR IGNORE INTO root_blocks(root, cid) VALUES (?, ?)", links)
+        self.db.executemany("UPDATE blocks SET refs = refs + 1 WHERE cid = ?", ((c,) for _, c in links))
         return not existed
 
     def remove_root(self, root: CID) -> None:

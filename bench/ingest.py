@@ -1,0 +1,185 @@
+"""Ingest and read-back speed and memory of the repo, against baselines measured in the same run.
+
+- speed: `Repo.add_file` of a 1 GiB file vs plain hashlib.sha256 over the same file (same process,
+  file in the page cache for both, best of N); also `get` vs the same baseline.
+- memory: peak RSS (wait4 ru_maxrss) of real `p2pcache add` and `p2pcache get` processes for a small
+  and a large file: the goal is <= 150 MiB and not growing with the file size.
+
+Prints a table on stderr and JSON lines on stdout: {"metric", "value", "unit", "better", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from p2pcache.store.repo import Repo  # noqa: E402
+
+MiB = 1 << 20
+
+
+def emit(metric: str, value: float, unit: str, better: str, **extra) -> None:
+    print(json.dumps({"bench": "ingest", "metric": metric, "value": round(value, 4), "unit": unit,
+                      "better": better, **extra}), flush=True)
+
+
+def make_file(path: Path, size: int) -> None:
+    rnd = os.urandom(64 * MiB)
+    with open(path, "wb") as f:
+        left = size
+        i = 0
+        while left:
+            n = min(left, len(rnd))
+            # vary each 64 MiB block so the file does not dedup against itself
+            f.write(hashlib.sha256(i.to_bytes(8, "big")).digest() + rnd[32:n])
+            left -= n
+            i += 1
+
+
+def sha256_file(path: Path) -> float:
+    t = time.perf_counter()
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while buf := f.read(8 * MiB):
+            h.update(buf)
+    return time.perf_counter() - t
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.read(64 * MiB):
+            pass
+
+
+# ru_maxrss survives execve, so a child forked from this (large) process would report our peak, not its
+# own. A tiny launcher process forks and execs the command and reports the child's ru_maxrss via wait4.
+_LAUNCHER = """
+import os, sys, json, time
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss,
+                  "wall": time.perf_counter() - t}))
+"""
+
+
+def peak_rss(cmd: list[str], env: dict) -> tuple[int, float, int]:
+    """Run cmd; return (exit code, wall seconds, peak RSS in bytes) of that one process."""
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], env=env, capture_output=True)
+    lines = proc.stdout.decode().strip().splitlines()
+    if proc.returncode or not lines:
+        raise SystemExit(f"{cmd} failed: {proc.stderr.decode()}")
+    result = json.loads(lines[-1])
+    if result["rc"]:
+        raise SystemExit(f"{cmd} exited {result['rc']}: {proc.stderr.decode()}")
+    return result["rc"], result["wall"], result["maxrss_kib"] * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=1024, help="MiB for the speed test (default 1024)")
+    ap.add_argument("--rss-sizes", default="256,2048", help="MiB sizes for the memory test")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="256 MiB speed test, 64/512 MiB memory test")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.size, args.rss_sizes, args.rounds = 256, "64,512", 2
+    work = Path(tempfile.mkdtemp(prefix="p2pcache-bench-", dir=args.workdir))
+    try:
+        data = work / "data.bin"
+        make_file(data, args.size * MiB)
+        warm(data)
+        base = min(sha256_file(data) for _ in range(args.rounds))
+        size = args.size * MiB
+        # A second baseline for the durable modes: writing the same bytes to one file and fsyncing it.
+        disk = []
+        for _ in range(args.rounds):
+            t = time.perf_counter()
+            with open(data, "rb", buffering=0) as src, open(work / "copy", "wb", buffering=0) as dst:
+                while buf := src.read(8 * MiB):
+                    dst.write(buf)
+                os.fsync(dst.fileno())
+            disk.append(time.perf_counter() - t)
+            (work / "copy").unlink()
+        disk_t = min(disk)
+        print(f"sha256 baseline          {size / base / 1e6:8.0f} MB/s", file=sys.stderr)
+        print(f"copy+fsync baseline      {size / disk_t / 1e6:8.0f} MB/s", file=sys.stderr)
+        emit("sha256_baseline_throughput", size / base / 1e6, "MB/s", "higher", size_mib=args.size)
+        emit("copy_fsync_baseline_throughput", size / disk_t / 1e6, "MB/s", "higher", size_mib=args.size)
+        for durable in (False, True):
+            adds, gets = [], []
+            for r in range(args.rounds):
+                repo_dir = work / f"repo{r}"
+                with Repo.init(repo_dir, durable=durable) as repo:
+                    warm(data)
+                    t = time.perf_counter()
+                    res = repo.add_file(data)
+                    adds.append(time.perf_counter() - t)
+                    out = work / "out.bin"
+                    t = time.perf_counter()
+                    if durable:
+                        repo.get_to_file(res.root, out)
+                    else:
+                        for _ in repo.stream(res.root):
+                            pass
+                    gets.append(time.perf_counter() - t)
+                    out.unlink(missing_ok=True)
+                shutil.rmtree(repo_dir)
+            add_t, get_t = min(adds), min(gets)
+            mode = "durable" if durable else "no-fsync"
+            what_get = "get to file+fsync" if durable else "stream (verified)"
+            print(f"add, {mode:9}         {size / add_t / 1e6:8.0f} MB/s  {base / add_t:.2f} x sha256 (goal >= 0.6)"
+                  + (f", {disk_t / add_t:.2f} x copy+fsync" if durable else ""), file=sys.stderr)
+            print(f"{what_get:24} {size / get_t / 1e6:8.0f} MB/s  {base / get_t:.2f} x sha256"
+                  + (f", {disk_t / get_t:.2f} x copy+fsync" if durable else ""), file=sys.stderr)
+            emit(f"add_{mode}_throughput", size / add_t / 1e6, "MB/s", "higher", size_mib=args.size)
+            emit(f"add_{mode}_vs_sha256", base / add_t, "ratio", "higher", goal=0.6)
+            emit(f"get_{mode}_throughput", size / get_t / 1e6, "MB/s", "higher", size_mib=args.size)
+            emit(f"get_{mode}_vs_sha256", base / get_t, "ratio", "higher")
+            if durable:
+                emit("add_durable_vs_copy_fsync", disk_t / add_t, "ratio", "higher")
+                emit("get_durable_vs_copy_fsync", disk_t / get_t, "ratio", "higher")
+        data.unlink()
+
+        cli = [sys.executable, "-m", "p2pcache"]
+        for mib in [int(x) for x in args.rss_sizes.split(",")]:
+            f = work / f"rss-{mib}.bin"
+            make_file(f, mib * MiB)
+            env = dict(os.environ, P2PCACHE_REPO=str(work / f"rss-repo-{mib}"))
+            _, add_wall, add_rss = peak_rss(cli + ["add", str(f)], env)
+            key = "sha256:" + _sha256_hex(f)
+            _, get_wall, get_rss = peak_rss(cli + ["get", key, "-o", str(work / "rss-out")], env)
+            print(f"{mib:5d} MiB: add peak RSS {add_rss / MiB:6.1f} MiB, get peak RSS {get_rss / MiB:6.1f} MiB "
+                  f"(goal <= 150)", file=sys.stderr)
+            emit("add_peak_rss", add_rss / MiB, "MiB", "lower", file_mib=mib, goal=150)
+            emit("get_peak_rss", get_rss / MiB, "MiB", "lower", file_mib=mib, goal=150)
+            f.unlink()
+            (work / "rss-out").unlink()
+            shutil.rmtree(work / f"rss-repo-{mib}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _sha256_hex(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while buf := f.read(8 * MiB):
+            h.update(buf)
+    return h.hexdigest()
+
+
+if __name__ == "__main__":
+    main()

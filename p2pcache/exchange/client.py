@@ -1,0 +1,548 @@
+"""The client half of the block exchange: sessions that fetch blocks from peers, as a sans-IO engine.
+
+Owns: which peer is asked for which CID and when, every want outstanding at every peer, per-peer
+service-time estimates, and the bookkeeping that keeps a block from being fetched twice. It must not
+touch a store, a socket or a clock: the caller checks its own store before `Want`ing a CID, the driver
+moves messages, and time arrives as `handle`'s `now`. It knows nothing about what blocks mean: the
+caller decodes a manifest it received and `Want`s the children it names.
+
+How a CID is fetched (after boxo's session design, simplified):
+- Every connected peer and every provider added to the CID's sessions is a candidate.
+- The CID's first ask sends want-block to the best candidate and want-have to up to `have_fanout`
+  others not yet proven to hold content (discovery), all with send-dont-have, so a second source is
+  known before the first one fails. Once a peer has sent a block or a HAVE it is simply a candidate
+  for want-blocks: asking it want-have for every CID would only cost messages, and duplicates where
+  servers answer a want-have for a small block with the block itself.
+- "Best" prefers peers that said HAVE for it, then peers that have not timed out on it, then the
+  lowest expected wait: (want-blocks outstanding there + 1) × measured service time. Service time is
+  an EWMA of the gap between a block's arrival and the later of its request and the previous block
+  from that peer, so it folds latency and throughput into one number and wants split across peers
+  in proportion to how fast each delivers. Unmeasured peers are assumed fast, so they get tried;
+  each timeout since a peer's last block adds `want_timeout` to its cost.
+- At most `peer_window` want-blocks are outstanding per peer, `peer_have_window` want-haves, and
+  `session_window` CIDs in flight per session; the rest wait in FIFO order.
+- DONT_HAVE, a timeout (`SetTimer`/`Tick`) or a disconnect from the asked peer re-queues the CID (at
+  the front) for another peer. When every candidate has said DONT_HAVE, or `max_attempts` asks have
+  failed, or no candidate appeared within `no_provider_timeout`, the CID fails with `FetchFailed`.
+- When the block arrives it is delivered to every session that wants it and cancels go to every other
+  peer asked and not yet answered. Blocks for CIDs already done are counted as duplicates.
+- A block nobody asked for (its bytes hash to a CID we never wanted, which is what corrupt data
+  looks like) gets the peer `PenalisePeer`d and dropped: its wants are re-asked elsewhere and it is
+  never asked again by this engine.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from itertools import islice
+from dataclasses import dataclass
+
+from ..content.cid import CID
+from .errors import ExchangeUsageError
+from .events import (
+    Action,
+    AddProviders,
+    BlocksAdded,
+    CloseSession,
+    Deliver,
+    FetchFailed,
+    MessageReceived,
+    MessageSent,
+    PeerConnected,
+    PeerDisconnected,
+    PeerId,
+    PeerMisbehaved,
+    PenalisePeer,
+    Send,
+    SessionId,
+    SetTimer,
+    Tick,
+    Want,
+)
+from .message import Block, Message, Presence, WantEntry, WantType
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    peer_window: int = 16  # want-blocks outstanding at one peer
+    peer_have_window: int = 64  # want-haves outstanding (unanswered) at one peer
+    session_window: int = 64  # CIDs in flight (want-block sent) per session
+    have_fanout: int = 2  # peers asked want-have beside the one asked want-block, on a CID's first ask
+    want_timeout: float = 10.0  # a want-block is re-asked after max(this, timeout_factor × service time)
+    timeout_factor: float = 8.0
+    max_attempts: int = 5  # want-blocks sent for one CID before it fails
+    no_provider_timeout: float = 30.0  # a CID with no candidate peer at all fails after this
+    prior_service_time: float = 0.0  # service time assumed for a peer never measured
+    ewma_alpha: float = 0.3
+    remember_done: int = 16384  # finished CIDs remembered to tell a duplicate from an unsolicited block
+
+    def __post_init__(self) -> None:
+        if self.peer_window < 1 or self.session_window < 1 or self.peer_have_window < 0 or self.max_attempts < 1:
+            raise ExchangeUsageError(f"client windows and max_attempts must be positive: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStats:
+    blocks_received: int = 0  # blocks delivered (first copy)
+    bytes_received: int = 0
+    duplicate_blocks: int = 0  # further copies of blocks already delivered
+    duplicate_bytes: int = 0
+    want_blocks_sent: int = 0
+    want_haves_sent: int = 0
+    cancels_sent: int = 0
+    timeouts: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStats:
+    blocks: int
+    bytes: int
+    duplicates: int
+    timeouts: int
+    service_time: float | None  # seconds per block, EWMA; None until measured
+    throughput: float | None  # bytes per second while busy; None until measured
+    want_blocks_outstanding: int
+    want_haves_outstanding: int
+
+
+class _Peer:
+    __slots__ = ("connected", "blocks_out", "haves_out", "has", "service", "last_arrival", "busy",
+                 "stalls", "proven", "blocks", "bytes", "duplicates", "timeouts")
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.blocks_out: set[CID] = set()
+        self.haves_out: set[CID] = set()
+        self.has: set[CID] = set()  # CIDs it said HAVE for, while we want them
+        self.service: float | None = None
+        self.last_arrival: float | None = None
+        self.busy = 0.0
+        self.stalls = 0  # timeouts since its last block
+        self.proven = False  # it has sent a block or a HAVE: known to hold content, no discovery needed
+        self.blocks = self.bytes = self.duplicates = self.timeouts = 0
+
+
+class _Want:
+    __slots__ = ("cid", "sessions", "priority", "block_peer", "sent_at", "deadline", "have_asked",
+                 "dont_haves", "timed_out", "attempts", "stalled_since")
+
+    def __init__(self, cid: CID, priority: int) -> None:
+        self.cid = cid
+        self.sessions: dict[SessionId, None] = {}
+        self.priority = priority
+        self.block_peer: PeerId | None = None
+        self.sent_at = 0.0
+        self.deadline = 0.0
+        self.have_asked: set[PeerId] = set()  # want-have sent, no answer yet
+        self.dont_haves: set[PeerId] = set()
+        self.timed_out: set[PeerId] = set()
+        self.attempts = 0
+        self.stalled_since: float | None = None
+
+
+class _Session:
+    __slots__ = ("cids", "providers", "inflight")
+
+    def __init__(self) -> None:
+        self.cids: dict[CID, None] = {}
+        self.providers: dict[PeerId, None] = {}
+        self.inflight = 0
+
+
+class BitswapClient:
+    """Sans-IO bitswap client: `handle(event, now) -> list[Action]`. One owner of all fetch state."""
+
+    def __init__(self, config: ClientConfig | None = None) -> None:
+        self.config = config or ClientConfig()
+        self._peers: dict[PeerId, _Peer] = {}
+        self._banned: set[PeerId] = set()
+        self._sessions: dict[SessionId, _Session] = {}
+        self._wants: dict[CID, _Want] = {}
+        self._pending: OrderedDict[CID, None] = OrderedDict()  # wants waiting for a want-block
+        self._inflight: dict[CID, _Want] = {}
+        self._stalled: dict[CID, _Want] = {}  # pending wants with no candidate peer at all
+        self._done: OrderedDict[CID, None] = OrderedDict()
+        self._timer_at: float | None = None
+        self._next_priority = 2**31 - 1
+        self._stats = dict.fromkeys(ClientStats.__dataclass_fields__, 0)
+        # per handle() call
+        self._out: list[Action] = []
+        self._outbox: dict[PeerId, dict[CID, WantEntry]] = {}
+
+    # -- public API ---------------------------------------------------------------------------
+    def handle(self, event: object, now: float) -> list[Action]:
+        self._out, self._outbox = [], {}
+        if isinstance(event, MessageReceived):
+            self._on_message(event.peer, event.message, now)
+        elif isinstance(event, Tick):
+            self._timer_at = None
+            self._on_tick(now)
+        elif isinstance(event, Want):
+            self._on_want(event.session, event.cids, now)
+        elif isinstance(event, AddProviders):
+            session = self._session(event.session)
+            for p in event.peers:
+                session.providers.setdefault(p, None)
+                self._peers.setdefault(p, _Peer())
+            self._unstall()
+        elif isinstance(event, PeerConnected):
+            self._peers.setdefault(event.peer, _Peer()).connected = True
+            self._unstall()
+        elif isinstance(event, PeerDisconnected):
+            self._drop_peer(event.peer)
+        elif isinstance(event, PeerMisbehaved):
+            self._ban(event.peer, event.why, penalise=False)
+        elif isinstance(event, CloseSession):
+            self._close_session(event.session)
+        elif isinstance(event, (MessageSent, BlocksAdded)):
+            pass  # server events
+        else:
+            raise ExchangeUsageError(f"the bitswap client does not handle {type(event).__name__}")
+        self._schedule(now)
+        return self._finish(now)
+
+    def stats(self) -> ClientStats:
+        return ClientStats(**self._stats)
+
+    def peer_stats(self, peer: PeerId) -> PeerStats | None:
+        p = self._peers.get(peer)
+        if p is None:
+            return None
+        return PeerStats(
+            blocks=p.blocks, bytes=p.bytes, duplicates=p.duplicates, timeouts=p.timeouts,
+            service_time=p.service, throughput=(p.bytes / p.busy) if p.busy > 0 else None,
+            want_blocks_outstanding=len(p.blocks_out), want_haves_outstanding=len(p.haves_out),
+        )
+
+    def wanted(self, session: SessionId) -> frozenset[CID]:
+        """CIDs `session` still waits for."""
+        s = self._sessions.get(session)
+        return frozenset(s.cids) if s else frozenset()
+
+    def outstanding(self, peer: PeerId) -> frozenset[CID]:
+        """CIDs with a want-block outstanding at `peer`."""
+        p = self._peers.get(peer)
+        return frozenset(p.blocks_out) if p else frozenset()
+
+    # -- events -------------------------------------------------------------------------------
+    def _session(self, sid: SessionId) -> _Session:
+        s = self._sessions.get(sid)
+        if s is None:
+            s = self._sessions[sid] = _Session()
+        return s
+
+    def _on_want(self, sid: SessionId, cids: tuple[CID, ...], now: float) -> None:
+        session = self._session(sid)
+        for cid in cids:
+            if not isinstance(cid, CID):
+                raise ExchangeUsageError(f"Want takes CIDs, got {type(cid).__name__}")
+            if cid in session.cids:
+                continue
+            session.cids[cid] = None
+            w = self._wants.get(cid)
+            if w is None:
+                w = self._wants[cid] = _Want(cid, self._next_priority)
+                self._next_priority = max(1, self._next_priority - 1)
+                self._pending[cid] = None
+            w.sessions[sid] = None
+            if w.block_peer is not None:
+                session.inflight += 1
+
+    def _close_session(self, sid: SessionId) -> None:
+        session = self._sessions.pop(sid, None)
+        if session is None:
+            return
+        for cid in session.cids:
+            w = self._wants[cid]
+            del w.sessions[sid]
+            if not w.sessions:
+                self._forget(w)
+
+    def _on_message(self, peer: PeerId, msg: Message, now: float) -> None:
+        if peer in self._banned:
+            return
+        p = self._peers.setdefault(peer, _Peer())
+        for block in msg.blocks:
+            if not self._on_block(peer, p, block, now):
+                return  # peer was banned; ignore the rest of its message
+        for presence in msg.presences:
+            self._on_presence(peer, p, presence, now)
+
+    def _on_block(self, peer: PeerId, p: _Peer, block: Block, now: float) -> bool:
+        cid = block.cid
+        w = self._wants.get(cid)
+        if w is None:
+            if cid in self._done:
+                p.duplicates += 1
+                self._stats["duplicate_blocks"] += 1
+                self._stats["duplicate_bytes"] += len(block.data)
+                return True
+            self._ban(peer, f"sent block {cid} that was never asked for (corrupt or unsolicited)", penalise=True)
+            return False
+        if cid in p.blocks_out:
+            start = w.sent_at if p.last_arrival is None else max(w.sent_at, p.last_arrival)
+            sample = max(0.0, now - start)
+            a = self.config.ewma_alpha
+            p.service = sample if p.service is None else a * sample + (1 - a) * p.service
+            p.busy += sample
+            p.last_arrival = now
+        p.stalls = 0
+        p.proven = True
+        p.blocks += 1
+        p.bytes += len(block.data)
+        self._stats["blocks_received"] += 1
+        self._stats["bytes_received"] += len(block.data)
+        for sid in w.sessions:
+            self._out.append(Deliver(sid, cid, block.data))
+            self._sessions[sid].cids.pop(cid, None)
+        w.have_asked.discard(peer)
+        p.haves_out.discard(cid)
+        if w.block_peer == peer:
+            self._release(w)
+        self._forget(w)
+        return True
+
+    def _on_presence(self, peer: PeerId, p: _Peer, presence: Presence, now: float) -> None:
+        w = self._wants.get(presence.cid)
+        if w is None:
+            return
+        w.have_asked.discard(peer)
+        p.haves_out.discard(w.cid)
+        if presence.have:
+            p.proven = True
+            p.has.add(w.cid)
+            return
+        p.has.discard(w.cid)
+        w.dont_haves.add(peer)
+        if w.block_peer == peer:
+            self._release(w)
+            self._requeue(w)
+
+    def _on_tick(self, now: float) -> None:
+        for w in [w for w in self._inflight.values() if w.deadline <= now]:
+            peer = w.block_peer
+            p = self._peers[peer]
+            p.timeouts += 1
+            self._stats["timeouts"] += 1
+            p.stalls += 1  # ranks it behind peers that answer, until it delivers again
+            w.timed_out.add(peer)
+            self._cancel(peer, w.cid)
+            self._release(w)
+            if w.attempts >= self.config.max_attempts:
+                self._fail(w, f"no block after {w.attempts} asks (last timed out at {peer})")
+            else:
+                self._requeue(w)
+        self._unstall()
+        for w in list(self._stalled.values()):
+            if now - w.stalled_since >= self.config.no_provider_timeout:
+                self._fail(w, f"no peer to ask within {self.config.no_provider_timeout:g}s")
+
+    # -- peers --------------------------------------------------------------------------------
+    def _drop_peer(self, peer: PeerId) -> None:
+        p = self._peers.pop(peer, None)
+        if p is None:
+            return
+        for cid in list(p.blocks_out):
+            w = self._inflight[cid]
+            self._release(w, p)
+            self._requeue(w)
+        for cid in p.haves_out:
+            self._wants[cid].have_asked.discard(peer)
+        for s in self._sessions.values():
+            s.providers.pop(peer, None)
+
+    def _ban(self, peer: PeerId, why: str, penalise: bool) -> None:
+        self._banned.add(peer)
+        self._drop_peer(peer)
+        if penalise:
+            self._out.append(PenalisePeer(peer, why))
+
+    # -- want bookkeeping ---------------------------------------------------------------------
+    def _release(self, w: _Want, p: _Peer | None = None) -> None:
+        """The want-block at w.block_peer is over (answered, refused, timed out or lost)."""
+        (p or self._peers[w.block_peer]).blocks_out.discard(w.cid)
+        w.block_peer = None
+        del self._inflight[w.cid]
+        for sid in w.sessions:
+            self._sessions[sid].inflight -= 1
+
+    def _requeue(self, w: _Want) -> None:
+        self._pending[w.cid] = None
+        self._pending.move_to_end(w.cid, last=False)
+
+    def _forget(self, w: _Want) -> None:
+        """Drop a want that is answered, failed or unwanted; cancel it wherever it is still asked."""
+        if w.block_peer is not None:
+            self._cancel(w.block_peer, w.cid)
+            self._release(w)
+        for peer in w.have_asked:
+            self._cancel(peer, w.cid)
+            if peer in self._peers:
+                self._peers[peer].haves_out.discard(w.cid)
+        for p in self._peers.values():
+            p.has.discard(w.cid)
+        self._pending.pop(w.cid, None)
+        self._stalled.pop(w.cid, None)
+        del self._wants[w.cid]
+        self._done[w.cid] = None
+        if len(self._done) > self.config.remember_done:
+            self._done.popitem(last=False)
+
+    def _fail(self, w: _Want, why: str) -> None:
+        self._stats["failed"] += 1
+        for sid in w.sessions:
+            self._out.append(FetchFailed(sid, w.cid, why))
+            self._sessions[sid].cids.pop(w.cid, None)
+        self._forget(w)
+
+    def _cancel(self, peer: PeerId, cid: CID) -> None:
+        self._stats["cancels_sent"] += 1
+        self._outbox.setdefault(peer, {})[cid] = WantEntry(cid, cancel=True)
+
+    # -- scheduling ---------------------------------------------------------------------------
+    def _candidates(self, w: _Want) -> list[PeerId]:
+        seen: dict[PeerId, None] = {}
+        for peer, p in self._peers.items():
+            if p.connected:
+                seen[peer] = None
+        for sid in w.sessions:
+            for peer in self._sessions[sid].providers:
+                seen[peer] = None
+        return [peer for peer in seen if peer not in self._banned]
+
+    def _cost(self, peer: PeerId) -> float:
+        p = self._peers[peer]
+        service = p.service if p.service is not None else self.config.prior_service_time
+        return (len(p.blocks_out) + 1) * service + p.stalls * self.config.want_timeout
+
+    def _schedule(self, now: float) -> None:
+        cfg = self.config
+        if not self._pending:
+            return
+        # Early exits keep a steady-state step (one block in, one want out) from scanning every
+        # pending CID: stop once no session or no peer has room left.
+        open_sessions = sum(1 for s in self._sessions.values() if s.inflight < cfg.session_window)
+        open_peers = sum(
+            1 for peer, p in self._peers.items() if peer not in self._banned and len(p.blocks_out) < cfg.peer_window
+        )
+        for cid in self._pending_in_order():
+            if open_sessions == 0 or open_peers == 0:
+                # Still look for CIDs that have no candidate at all, so they fail or start their clock.
+                self._mark_stalled(now)
+                return
+            w = self._wants.get(cid)
+            if w is None or w.block_peer is not None:
+                continue
+            if any(self._sessions[sid].inflight >= cfg.session_window for sid in w.sessions):
+                continue
+            candidates = self._candidates(w)
+            usable = [peer for peer in candidates if peer not in w.dont_haves]
+            if not usable:
+                if candidates:
+                    self._fail(w, f"all {len(candidates)} peers asked said they do not have it")
+                elif w.stalled_since is None:
+                    w.stalled_since = now
+                    self._stalled[cid] = w
+                continue
+            w.stalled_since = None
+            self._stalled.pop(cid, None)
+            open_ = [peer for peer in usable if len(self._peers[peer].blocks_out) < cfg.peer_window]
+            if not open_:
+                continue
+            order = {peer: i for i, peer in enumerate(usable)}
+            best = min(
+                open_,
+                key=lambda peer: (
+                    cid not in self._peers[peer].has,
+                    peer in w.timed_out,
+                    self._cost(peer),
+                    len(self._peers[peer].blocks_out),
+                    order[peer],
+                ),
+            )
+            self._ask_block(w, best, now)
+            if len(self._peers[best].blocks_out) >= cfg.peer_window:
+                open_peers -= 1
+            open_sessions -= sum(1 for sid in w.sessions if self._sessions[sid].inflight == cfg.session_window)
+            if w.attempts == 1 and cfg.have_fanout:
+                others = sorted(
+                    (peer for peer in usable if peer != best and peer not in w.have_asked
+                     and not self._peers[peer].proven
+                     and len(self._peers[peer].haves_out) < cfg.peer_have_window),
+                    key=lambda peer: (self._cost(peer), order[peer]),
+                )
+                for peer in others[: cfg.have_fanout]:
+                    self._ask_have(w, peer)
+
+    def _pending_in_order(self):
+        """Pending CIDs front to back, while the caller removes some of them, without copying the
+        whole queue: a scan costs the CIDs it skips or places, not the length of the queue."""
+        skipped = 0
+        while True:
+            chunk = list(islice(self._pending, skipped, skipped + 64))
+            if not chunk:
+                return
+            for cid in chunk:
+                yield cid
+            # what is still pending of this chunk was skipped, and stays in front of the rest
+            skipped += sum(1 for cid in chunk if cid in self._pending)
+
+    def _unstall(self) -> None:
+        """A peer appeared: stalled wants that now have a candidate wait for a window, not a peer."""
+        for w in list(self._stalled.values()):
+            if self._candidates(w):
+                w.stalled_since = None
+                del self._stalled[w.cid]
+
+    def _mark_stalled(self, now: float) -> None:
+        """Give CIDs with no candidate peer at all a start time for `no_provider_timeout`."""
+        if any(p.connected for peer, p in self._peers.items() if peer not in self._banned):
+            return  # every CID has a candidate: the connected peers
+        for cid in self._pending:
+            w = self._wants[cid]
+            if w.stalled_since is None and not self._candidates(w):
+                w.stalled_since = now
+                self._stalled[cid] = w
+
+    def _ask_block(self, w: _Want, peer: PeerId, now: float) -> None:
+        p = self._peers[peer]
+        del self._pending[w.cid]
+        w.block_peer = peer
+        w.sent_at = now
+        service = p.service if p.service is not None else 0.0
+        w.deadline = now + max(self.config.want_timeout, self.config.timeout_factor * service)
+        w.attempts += 1
+        w.have_asked.discard(peer)
+        p.haves_out.discard(w.cid)
+        p.blocks_out.add(w.cid)
+        self._inflight[w.cid] = w
+        for sid in w.sessions:
+            self._sessions[sid].inflight += 1
+        self._stats["want_blocks_sent"] += 1
+        self._outbox.setdefault(peer, {})[w.cid] = WantEntry(
+            w.cid, WantType.BLOCK, w.priority, send_dont_have=True
+        )
+
+    def _ask_have(self, w: _Want, peer: PeerId) -> None:
+        w.have_asked.add(peer)
+        self._peers[peer].haves_out.add(w.cid)
+        self._stats["want_haves_sent"] += 1
+        self._outbox.setdefault(peer, {})[w.cid] = WantEntry(
+            w.cid, WantType.HAVE, w.priority, send_dont_have=True
+        )
+
+    def _finish(self, now: float) -> list[Action]:
+        out = self._out
+        for peer, entries in self._outbox.items():
+            if entries:
+                out.append(Send(peer, Message(wants=tuple(entries.values()))))
+        earliest = min((w.deadline for w in self._inflight.values()), default=None)
+        for w in self._stalled.values():
+            at = w.stalled_since + self.config.no_provider_timeout
+            earliest = at if earliest is None else min(earliest, at)
+        if earliest is not None and (self._timer_at is None or earliest < self._timer_at):
+            self._timer_at = earliest
+            out.append(SetTimer(earliest))
+        self._out, self._outbox = [], {}
+        return out

@@ -1,0 +1,354 @@
+"""The server half of the block exchange: what to send to whom, from the local store, as a sans-IO engine.
+
+Owns: one ledger per peer (its wants, what is queued for it, what it has been sent, bytes written but
+not yet acknowledged) and the order in which peers are served. It must not write to a socket or read
+a clock; it does not verify blocks (the store only holds verified blocks) and does not decide whom to
+serve at all (that is the driver's or node's policy: it simply never sends events for refused peers).
+
+Store access is a narrow synchronous `BlockSource` (`has`, `size`, `get`) injected at construction,
+not `LoadBlock` actions answered by `BlockLoaded` events. Every decision needs store facts in its
+middle: a want-have is answered from `has`/`size`, a want's place in the byte budget from `size`, a
+batch is filled with `get` until the message is full. Split across action/event round-trips, each of
+those would become a pending state to track, cancel and test, for a store that is local and whose
+index lookups are synchronous anyway. The engine still does no I/O of its own: a driver that finds
+`get` slow runs `handle` in a worker thread, and tests inject a dict.
+
+Decisions:
+- want-have: HAVE if we have it (or the block itself when it is at most `inline_have_max` bytes, as
+  the spec allows); DONT_HAVE if not and the peer asked for DONT_HAVE. want-block: the block, or
+  DONT_HAVE if asked. A want we cannot answer yet and no DONT_HAVE was asked for waits in the ledger
+  until `BlocksAdded` names its CID. Cancel drops a want and anything queued for it. `full` replaces
+  the peer's wantlist.
+- Within a peer, higher priority first (then arrival order); presences go before blocks because they
+  are small and let the client re-ask elsewhere sooner.
+- Across peers, deficit round-robin by bytes: each visit adds `quantum` bytes of credit to a peer
+  with blocks queued, and a block goes out when the credit covers it, so peers share the upload
+  by bytes whatever their block sizes.
+- Per peer at most `max_outstanding_bytes` are handed to the driver and not yet acknowledged with
+  `MessageSent`, so a slow reader does not hold blocks for everyone in memory; one block is always
+  allowed when nothing is outstanding. Each message stays within `max_message_size`.
+- New want entries are rate-limited per peer by a token bucket (`want_rate`/s, burst `want_burst`)
+  and a peer holds at most `max_wants_per_peer` wants; refused wants get DONT_HAVE if asked for (the
+  spec's "has it but is not willing to give it") and are otherwise dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..content.cid import CID
+from .errors import ExchangeUsageError
+from .events import (
+    Action,
+    AddProviders,
+    BlocksAdded,
+    CloseSession,
+    MessageReceived,
+    MessageSent,
+    PeerConnected,
+    PeerDisconnected,
+    PeerId,
+    PeerMisbehaved,
+    Send,
+    Tick,
+    Want,
+)
+from .message import (
+    MAX_BLOCK_SIZE,
+    MAX_MESSAGE_SIZE,
+    Block,
+    Message,
+    Presence,
+    WantEntry,
+    WantType,
+    block_wire_size,
+    presence_wire_size,
+    uvarint,
+)
+
+
+class BlockSource(Protocol):
+    """What the server reads from the store. Synchronous; `get` returns verified bytes or None."""
+
+    def has(self, cid: CID) -> bool: ...
+
+    def size(self, cid: CID) -> int | None: ...
+
+    def get(self, cid: CID) -> bytes | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    max_outstanding_bytes: int = 4 * 1024 * 1024  # per peer, handed to the driver and not yet acknowledged
+    quantum: int = 256 * 1024  # bytes of credit per round-robin visit
+    max_message_size: int = MAX_MESSAGE_SIZE
+    max_wants_per_peer: int = 4096
+    want_rate: float = 4000.0  # new want entries per second per peer
+    want_burst: float = 8192.0
+    inline_have_max: int = 1024  # answer a want-have with the block itself up to this size
+
+    def __post_init__(self) -> None:
+        if self.quantum < 1 or self.max_outstanding_bytes < 1 or self.max_message_size < 64:
+            raise ExchangeUsageError(f"server limits must be positive: {self}")
+        if self.max_message_size > MAX_MESSAGE_SIZE:
+            raise ExchangeUsageError(f"max_message_size {self.max_message_size} is over bitswap's {MAX_MESSAGE_SIZE}")
+
+
+@dataclass(frozen=True, slots=True)
+class Ledger:
+    """What the server has done for one peer, and what it still owes it."""
+
+    blocks_sent: int
+    bytes_sent: int
+    haves_sent: int
+    dont_haves_sent: int
+    wants_refused: int
+    queued_blocks: int
+    queued_bytes: int
+    outstanding_bytes: int
+    waiting: int  # wants for blocks we do not have, kept until BlocksAdded
+
+
+_BLOCK, _HAVE, _DONT_HAVE = 0, 1, 2
+
+
+class _Task:
+    __slots__ = ("cid", "kind", "priority", "seq", "size", "send_dont_have")
+
+    def __init__(self, cid: CID, kind: int, priority: int, seq: int, size: int, send_dont_have: bool) -> None:
+        self.cid, self.kind, self.priority, self.seq = cid, kind, priority, seq
+        self.size, self.send_dont_have = size, send_dont_have
+
+
+class _PeerLedger:
+    __slots__ = ("tasks", "_order", "waiting", "outstanding", "deficit", "tokens", "refilled_at",
+                 "blocks_sent", "bytes_sent", "haves_sent", "dont_haves_sent", "wants_refused")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.tasks: dict[CID, _Task] = {}
+        self._order: list[_Task] | None = None  # tasks by priority; None when a task was added or changed
+        self.waiting: dict[CID, WantEntry] = {}
+        self.outstanding = 0
+        self.deficit = 0
+        self.tokens = burst
+        self.refilled_at = now
+        self.blocks_sent = self.bytes_sent = self.haves_sent = self.dont_haves_sent = self.wants_refused = 0
+
+    def ordered(self) -> list[_Task]:
+        if self._order is None:
+            self._order = sorted(self.tasks.values(), key=lambda t: (-t.priority, t.seq))
+        else:  # removals need no re-sort, only filtering
+            self._order = [t for t in self._order if self.tasks.get(t.cid) is t]
+        return self._order
+
+    def changed(self) -> None:
+        self._order = None
+
+    def queued_bytes(self) -> int:
+        return sum(t.size for t in self.tasks.values() if t.kind == _BLOCK)
+
+
+class BitswapServer:
+    """Sans-IO bitswap server: `handle(event, now) -> list[Action]`, reading blocks from `source`."""
+
+    def __init__(self, source: BlockSource, config: ServerConfig | None = None) -> None:
+        self.source = source
+        self.config = config or ServerConfig()
+        self._ledgers: dict[PeerId, _PeerLedger] = {}  # insertion order is the round-robin ring
+        self._cursor = 0
+        self._seq = 0
+
+    # -- public API ---------------------------------------------------------------------------
+    def handle(self, event: object, now: float) -> list[Action]:
+        if isinstance(event, MessageReceived):
+            if event.message.wants or event.message.full:
+                self._on_wants(event.peer, event.message, now)
+        elif isinstance(event, MessageSent):
+            led = self._ledgers.get(event.peer)
+            if led is not None:
+                led.outstanding = max(0, led.outstanding - event.size)
+        elif isinstance(event, (PeerDisconnected, PeerMisbehaved)):
+            self._ledgers.pop(event.peer, None)
+        elif isinstance(event, BlocksAdded):
+            self._on_blocks_added(event.cids)
+        elif isinstance(event, (PeerConnected, Tick, Want, AddProviders, CloseSession)):
+            pass  # nothing to do: a ledger starts with the peer's first want; client events
+        else:
+            raise ExchangeUsageError(f"the bitswap server does not handle {type(event).__name__}")
+        return self._pump()
+
+    def ledger(self, peer: PeerId) -> Ledger | None:
+        led = self._ledgers.get(peer)
+        if led is None:
+            return None
+        return Ledger(
+            blocks_sent=led.blocks_sent, bytes_sent=led.bytes_sent, haves_sent=led.haves_sent,
+            dont_haves_sent=led.dont_haves_sent, wants_refused=led.wants_refused,
+            queued_blocks=sum(1 for t in led.tasks.values() if t.kind == _BLOCK),
+            queued_bytes=led.queued_bytes(), outstanding_bytes=led.outstanding, waiting=len(led.waiting),
+        )
+
+    # -- wants --------------------------------------------------------------------------------
+    def _on_wants(self, peer: PeerId, msg: Message, now: float) -> None:
+        cfg = self.config
+        led = self._ledgers.get(peer)
+        if led is None:
+            led = self._ledgers[peer] = _PeerLedger(cfg.want_burst, now)
+        led.tokens = min(cfg.want_burst, led.tokens + (now - led.refilled_at) * cfg.want_rate)
+        led.refilled_at = now
+        if msg.full:
+            led.tasks.clear()
+            led.waiting.clear()
+            led.changed()
+        for e in msg.wants:
+            if e.cancel:
+                led.tasks.pop(e.cid, None)
+                led.waiting.pop(e.cid, None)
+                continue
+            known = e.cid in led.tasks or e.cid in led.waiting
+            if not known and (led.tokens < 1 or len(led.tasks) + len(led.waiting) >= cfg.max_wants_per_peer):
+                led.wants_refused += 1
+                # Bound even the refusals: a peer that stops reading cannot grow our queue forever.
+                if e.send_dont_have and len(led.tasks) < 2 * cfg.max_wants_per_peer:
+                    self._queue(led, e, _DONT_HAVE, 0)
+                continue
+            if not known:
+                led.tokens -= 1
+            self._consider(led, e)
+
+    def _consider(self, led: _PeerLedger, e: WantEntry) -> None:
+        size = self.source.size(e.cid)
+        if size is not None and (
+            size > MAX_BLOCK_SIZE or block_wire_size(e.cid, size) > self.config.max_message_size - 64
+        ):
+            size = None  # a block bitswap cannot carry is a block we do not have, for this protocol
+        if size is None:
+            if e.send_dont_have:
+                led.waiting.pop(e.cid, None)
+                self._queue(led, e, _DONT_HAVE, 0)
+            else:
+                led.tasks.pop(e.cid, None)
+                led.waiting[e.cid] = e
+            return
+        led.waiting.pop(e.cid, None)
+        if e.want_type == WantType.BLOCK or size <= self.config.inline_have_max:
+            self._queue(led, e, _BLOCK, size)
+        else:
+            old = led.tasks.get(e.cid)
+            if old is not None and old.kind == _BLOCK:
+                old.priority = e.priority  # a want-have does not downgrade a queued want-block
+                led.changed()
+                return
+            self._queue(led, e, _HAVE, 0)
+
+    def _queue(self, led: _PeerLedger, e: WantEntry, kind: int, size: int) -> None:
+        old = led.tasks.get(e.cid)
+        seq = old.seq if old is not None else self._next_seq()
+        led.tasks[e.cid] = _Task(e.cid, kind, e.priority, seq, size, e.send_dont_have)
+        led.changed()
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _on_blocks_added(self, cids: tuple[CID, ...]) -> None:
+        for led in self._ledgers.values():
+            for cid in cids:
+                e = led.waiting.get(cid)
+                if e is not None:
+                    self._consider(led, e)
+
+    # -- sending ------------------------------------------------------------------------------
+    def _can_send(self, led: _PeerLedger) -> tuple[bool, _Task | None]:
+        """Whether a visit to this peer can make progress, and its next block task."""
+        if not led.tasks:
+            return False, None
+        ordered = led.ordered()
+        head = next((t for t in ordered if t.kind == _BLOCK), None)
+        if led.outstanding >= self.config.max_outstanding_bytes and led.outstanding:
+            return False, head
+        if any(t.kind != _BLOCK for t in ordered):
+            return True, head
+        if head is None:
+            return False, None
+        fits = led.outstanding == 0 or led.outstanding + block_wire_size(head.cid, head.size) <= self.config.max_outstanding_bytes
+        return fits, head
+
+    def _pump(self) -> list[Action]:
+        out: list[Action] = []
+        while True:
+            progress = False
+            peers = list(self._ledgers)
+            n = len(peers)
+            for i in range(n):
+                peer = peers[(self._cursor + i) % n]
+                led = self._ledgers[peer]
+                ok, head = self._can_send(led)
+                if head is None:
+                    led.deficit = 0
+                if not ok:
+                    continue
+                if head is not None:
+                    led.deficit += self.config.quantum
+                progress = True
+                send = self._build(led)
+                if send is not None:
+                    out.append(Send(peer, send[0], send[1]))
+                    led.outstanding += send[1]
+            if n:
+                self._cursor = (self._cursor + 1) % n
+            if not progress:
+                return out
+
+    def _build(self, led: _PeerLedger) -> tuple[Message, int] | None:
+        cfg = self.config
+        budget = cfg.max_message_size - 6  # room for the pendingBytes field
+        size = 0
+        presences: list[Presence] = []
+        blocks: list[Block] = []
+        ordered = led.ordered()
+        for t in ordered:
+            if t.kind == _BLOCK:
+                continue
+            s = presence_wire_size(t.cid, t.kind == _HAVE)
+            if size + s > budget:
+                break
+            presences.append(Presence(t.cid, t.kind == _HAVE))
+            size += s
+            del led.tasks[t.cid]
+            if t.kind == _HAVE:
+                led.haves_sent += 1
+            else:
+                led.dont_haves_sent += 1
+        for t in ordered:
+            if t.kind != _BLOCK:
+                continue
+            s = block_wire_size(t.cid, t.size)
+            if t.size > led.deficit or size + s > budget:
+                break
+            if blocks and led.outstanding + size + s > cfg.max_outstanding_bytes:
+                break
+            if led.outstanding and led.outstanding + size + s > cfg.max_outstanding_bytes:
+                break
+            del led.tasks[t.cid]
+            data = self.source.get(t.cid)
+            if data is None or len(data) != t.size:
+                # Gone (or changed size) since the want was queued: answer as if we never had it.
+                if t.send_dont_have and size + presence_wire_size(t.cid, False) <= budget:
+                    presences.append(Presence(t.cid, False))
+                    size += presence_wire_size(t.cid, False)
+                    led.dont_haves_sent += 1
+                continue
+            blocks.append(Block(t.cid, data))
+            size += s
+            led.deficit -= t.size
+            led.blocks_sent += 1
+            led.bytes_sent += t.size
+        if not presences and not blocks:
+            return None
+        pending = led.queued_bytes()
+        pending = min(pending, 2**31 - 1)
+        if pending:
+            size += 1 + len(uvarint(pending))
+        return Message(blocks=tuple(blocks), presences=tuple(presences), pending_bytes=pending), size

@@ -139,3 +139,22 @@ def test_unreadable_input_is_a_clear_error(repo, tmp_path):
         repo.add_file(tmp_path)
     with pytest.raises(RepoError, match="cannot read"):
         repo.add_file(tmp_path / "absent")
+
+
+def test_blocks_from_a_peer_are_verified_stored_and_claimed_by_register_root(tmp_path, rng):
+    data = rng.randbytes(700_000)
+    with Repo.init(tmp_path / "a") as a, Repo.init(tmp_path / "b") as b:
+        res = a.add_stream(io.BytesIO(data), name="peer.bin")
+        blocks = [(cid, a.load_block(cid)) for cid in a.index.root_blocks(res.root)]
+        bad_cid, bad_data = blocks[0]
+        with pytest.raises(CorruptData):
+            b.put_blocks([(bad_cid, bad_data + b"!")])
+        assert not b.has_block(bad_cid)
+        b.put_blocks([(res.root, a.load_block(res.root))])
+        with pytest.raises(NotFound, match="missing block"):
+            b.register_root(res.root)
+        assert b.put_blocks(blocks) > len(data)
+        info = b.register_root(res.root)
+        assert info.complete and info.name == "peer.bin"
+        assert b"".join(b.stream(b.resolve(HashKey("sha256", res.hashes["sha256"]).sri))) == data
+        assert b.verify().consistent and b.gc().blocks_removed == 0

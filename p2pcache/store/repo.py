@@ -32,7 +32,7 @@ from typing import BinaryIO, Callable, Iterator
 from ..content.chunking import DEFAULT_PARAMS, ChunkerParams, Chunker
 from ..content.cid import CID, DAG_CBOR, RAW
 from ..content.keys import HashKey, RootKey, parse_key
-from ..content.manifest import ArchiveManifest, ManifestBuilder, iter_chunks, sniff_media_type
+from ..content.manifest import ArchiveManifest, ManifestBuilder, iter_blocks, iter_chunks, sniff_media_type
 from ..errors import CorruptData, NotFound, P2PCacheError, RepoError, RepoLocked
 from .blockstore import BlockFiles, disk_error
 from .index import Index, RootInfo
@@ -434,6 +434,57 @@ class Repo:
             self.index.rollback()
             raise
         return AddResult(root, size, hashes, name, media_type, chunks, new_blocks, new_bytes, not new_root)
+
+    # -- blocks from elsewhere (the swarm) ---------------------------------------------------
+    def put_blocks(self, blocks: list[tuple[CID, bytes]]) -> int:
+        """Store blocks that arrived from a peer. Each is re-hashed against its CID here, whoever
+        checked it before; a mismatch raises CorruptData and stores nothing. Returns the bytes written.
+        The blocks stay unreferenced (gc may collect them) until `register_root` claims them."""
+        self._require_writable()
+        for cid, data in blocks:
+            if not cid.verify(data):
+                raise CorruptData(f"block {cid} does not match its CID; refusing to store it")
+        new = [(c, d) for c, d in blocks if not self.index.has_block(c)]
+        for cid, data in new:
+            self.files.write(cid, data)
+        if not new:
+            return 0
+        if self.durable:
+            self.files.barrier()
+        self.index.begin()
+        try:
+            self.index.put_blocks((c, len(d)) for c, d in new)
+            self.index.commit()
+        except BaseException:
+            self.index.rollback()
+            raise
+        return sum(len(d) for _, d in new)
+
+    def has_block(self, cid: CID) -> bool:
+        return self.index.has_block(cid)
+
+    def register_root(self, root: CID) -> RootInfo:
+        """Claim an archive whose blocks are all stored (e.g. fetched from peers): check the manifest
+        tree and sizes, then record the root, its aliases and its block references in one transaction."""
+        self._require_writable()
+        manifest = self.manifest(root)
+        cids: dict[CID, None] = {root: None}
+        for cid, size in iter_blocks(manifest, self.load_block):
+            bsize = self.index.block_size(cid)
+            if bsize is None:
+                raise NotFound(f"{root} is missing block {cid}; fetch it before registering the root")
+            if cid.codec == RAW and bsize != size:
+                raise CorruptData(f"block {cid} has {bsize} bytes, the manifest of {root} says {size}")
+            cids[cid] = None
+        aliases = [HashKey(a, d).alias for a, d in manifest.hashes.items() if a in ("sha256", "sha512")]
+        self.index.begin()
+        try:
+            self.index.put_root(root, "archive", manifest.size, manifest.name, manifest.media_type, aliases, cids)
+            self.index.commit()
+        except BaseException:
+            self.index.rollback()
+            raise
+        return self.root_info(root)
 
     # -- reading -----------------------------------------------------------------------------
     def resolve(self, key: str | HashKey | RootKey) -> CID:

@@ -153,7 +153,7 @@ def test_blocks_from_a_peer_are_verified_stored_and_claimed_by_register_root(tmp
         b.put_blocks([(res.root, a.load_block(res.root))])
         with pytest.raises(NotFound, match="missing block"):
             b.register_root(res.root)
-        assert b.put_blocks(blocks) > len(data)
+        assert b.put_blocks(blocks) == len(data)  # the root was already there: only chunk bytes are new
         info = b.register_root(res.root)
         assert info.complete and info.name == "peer.bin"
         assert b"".join(b.stream(b.resolve(HashKey("sha256", res.hashes["sha256"]).sri))) == data

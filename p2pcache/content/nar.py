@@ -120,6 +120,7 @@ _T_REGULAR = _T_OPEN + _str(b"type") + _str(b"regular")
 _T_EXECUTABLE = _str(b"executable") + _str(b"")
 _T_CONTENTS = _str(b"contents")
 _T_SYMLINK = _T_OPEN + _str(b"type") + _str(b"symlink") + _str(b"target")
+_ENCODED = {t: _str(t) for t in (b"(", b")", b"type", b"node", b"name", b"target", b"entry")}
 
 
 def _show(s: bytes, limit: int = 80) -> str:
@@ -205,7 +206,8 @@ class NarReader:
     def _where(self) -> str:
         if not self._path:
             return ""
-        return " in /" + "/".join(n.decode("utf-8", "backslashreplace") for n in self._path)
+        shown = "/".join(repr(n[:60].decode("utf-8", "backslashreplace"))[1:-1] for n in self._path[-8:])
+        return " in " + ("/..." if len(self._path) > 8 else "") + "/" + shown
 
     def _fail(self, msg: str) -> InvalidNar:
         return InvalidNar(f"invalid NAR at byte {self._consumed}{self._where()}: {msg}")
@@ -226,6 +228,19 @@ class NarReader:
         return out
 
     def _string(self, limit: int, what: str):
+        buf = self._buf
+        if len(buf) >= 8:  # fast path: the whole string is already buffered
+            n = int.from_bytes(buf[:8], "little")
+            end = 8 + ((n + 7) & ~7)
+            if n <= limit and len(buf) >= end:
+                data = bytes(buf[8:end])
+                if data[n:].strip(b"\0"):
+                    del buf[:8]
+                    self._consumed += 8
+                    raise self._fail(f"non-zero padding after {what}")
+                del buf[:end]
+                self._consumed += end
+                return data[:n]
         raw = yield from self._take(8)
         n = int.from_bytes(raw, "little")
         if n > limit:
@@ -237,6 +252,12 @@ class NarReader:
         return data[:n]
 
     def _expect(self, token: bytes):
+        encoded = _ENCODED.get(token) or _str(token)
+        buf = self._buf
+        if len(buf) >= len(encoded) and buf.startswith(encoded):  # the common case: one comparison
+            del buf[: len(encoded)]
+            self._consumed += len(encoded)
+            return
         raw = yield from self._take(8)
         n = int.from_bytes(raw, "little")
         if n != len(token):

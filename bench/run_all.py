@@ -1,0 +1,54 @@
+"""Run every benchmark in one go (`make bench`). Each prints a table on stderr and JSON lines on stdout;
+this collects the JSON lines into bench/results.jsonl and prints the ratios at the end.
+
+`--quick` passes --quick to every benchmark (smaller sizes; same ratios, noisier)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = ["ingest.py", "dedup.py", "nar.py", "bitswap.py", "fuzz_nix.py"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", nargs="*", help="bench file names to run (default: all present)")
+    args = ap.parse_args()
+    out = HERE / "results.jsonl"
+    results: list[dict] = []
+    failed = []
+    for name in args.only or BENCHES:
+        path = HERE / name
+        if not path.exists():
+            print(f"== {name}: not present, skipped", file=sys.stderr)
+            continue
+        cmd = [sys.executable, str(path)] + (["--quick"] if args.quick else [])
+        print(f"== {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout.splitlines():
+            try:
+                results.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(line)
+        print(f"== {name}: exit {proc.returncode} in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
+        if proc.returncode:
+            failed.append(name)
+    out.write_text("".join(json.dumps(r) + "\n" for r in results))
+    print(f"\n{len(results)} results in {out}", file=sys.stderr)
+    for r in results:
+        if r.get("unit") == "ratio":
+            print(f"  {r.get('bench', '?'):8} {r['metric']:40} {r['value']:8.3f}  (higher is better"
+                  + (f", goal {r['goal']}" if "goal" in r else "") + ")", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

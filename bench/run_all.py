@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["ingest.py", "dedup.py", "nar.py", "bitswap.py", "fuzz_nix.py"]
+EXTRA_ARGS = {"dedup.py": ["--jsonl", "-"]}
+BENCHES = ["ingest.py", "dedup_repo.py", "dedup.py", "nar.py", "bitswap.py", "fuzz_nix.py"]
 
 
 def main() -> int:
@@ -29,7 +30,7 @@ def main() -> int:
         if not path.exists():
             print(f"== {name}: not present, skipped", file=sys.stderr)
             continue
-        cmd = [sys.executable, str(path)] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, str(path)] + (["--quick"] if args.quick else []) + EXTRA_ARGS.get(name, [])
         print(f"== {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         t = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)

@@ -282,6 +282,9 @@ class Repo:
         try:
             path.mkdir(parents=True, exist_ok=True)
             BlockFiles(path).create_dirs()
+            from .. import config
+
+            config.write_default(path)
             version = path / "version"
             if not version.exists():
                 tmp = path / "version.tmp"
@@ -435,6 +438,18 @@ class Repo:
             raise
         return AddResult(root, size, hashes, name, media_type, chunks, new_blocks, new_bytes, not new_root)
 
+    def add_nar(self, stream, narinfo=None, store_path=None, params: ChunkerParams = DEFAULT_PARAMS):
+        """Ingest a NAR stream as a NAR manifest (see narstore.RepoNarStore.add_nar)."""
+        from .narstore import RepoNarStore
+
+        return RepoNarStore(self).add_nar(narinfo, stream, store_path=store_path, params=params)
+
+    def stream_nar(self, store_hash: str) -> Iterator[bytes]:
+        """The NAR of the store path with this 32-character hash, verified (see narstore)."""
+        from .narstore import RepoNarStore
+
+        return RepoNarStore(self).stream_nar(store_hash)
+
     # -- blocks from elsewhere (the swarm) ---------------------------------------------------
     def put_blocks(self, blocks: list[tuple[CID, bytes]]) -> int:
         """Store blocks that arrived from a peer. Each is re-hashed against its CID here, whoever
@@ -515,6 +530,11 @@ class Repo:
         """The archive's original bytes, every block verified; the whole is checked against the
         manifest's sha256 before the iterator finishes (CorruptData otherwise)."""
         info = self.root_info(root)
+        if info.kind == "nar":  # a NAR manifest: reassembled from its file tree, checked against narHash
+            from .narstore import stream_nar_root
+
+            yield from stream_nar_root(self, root, progress)
+            return
         if not info.complete:
             raise CorruptData(f"{root} is incomplete in this repo (blocks missing or corrupt); add or fetch it again")
         manifest = self.manifest(root)

@@ -1,0 +1,103 @@
+"""Node configuration: `REPO/config.toml`, written with defaults by `init`, overridden by flags.
+
+Only the daemon reads it; offline commands need nothing but the repo directory.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import InvalidInput
+
+DEFAULT_API = "127.0.0.1:37515"
+
+DEFAULT_TOML = f"""\
+# p2pcache node configuration. Flags given to `p2pcache daemon` override these values.
+
+[swarm]
+# libp2p listen addresses. Use /ip4/127.0.0.1/tcp/0 to stay on loopback with a random port.
+listen = ["/ip4/0.0.0.0/tcp/4011"]
+# Multiaddrs with /p2p/<peer id> of nodes to join, e.g. other CI runners of the team.
+bootstrap = []
+# Pre-shared swarm key file (kubo's swarm.key format; `p2pcache swarm-key new > swarm.key`).
+# Relative paths are relative to the repo. Empty: no private network.
+swarm_key = ""
+# Only these peer IDs may connect (empty: anyone who has the swarm key).
+allow_peers = []
+
+[routing]
+# Seconds between re-announcements of every root this node holds (one batched sweep).
+reannounce_interval = 3600
+# Upper bound in seconds for a provider lookup; a miss never stalls a caller longer.
+lookup_timeout = 5.0
+# Seconds a "nobody has it" answer is remembered.
+negative_ttl = 30
+
+[http]
+# Local API (CLI, Nix substituter, hashed mirror). Keep it on loopback.
+listen = "{DEFAULT_API}"
+"""
+
+
+@dataclass
+class NodeConfig:
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4011"])
+    bootstrap: list[str] = field(default_factory=list)
+    swarm_key: str = ""
+    allow_peers: list[str] = field(default_factory=list)
+    reannounce_interval: float = 3600.0
+    lookup_timeout: float = 5.0
+    negative_ttl: float = 30.0
+    api_listen: str = DEFAULT_API
+
+    def swarm_key_path(self, repo: Path) -> Path | None:
+        if not self.swarm_key:
+            return None
+        p = Path(self.swarm_key).expanduser()
+        return p if p.is_absolute() else repo / p
+
+
+_SECTIONS = {
+    "swarm": {"listen": "listen", "bootstrap": "bootstrap", "swarm_key": "swarm_key", "allow_peers": "allow_peers"},
+    "routing": {"reannounce_interval": "reannounce_interval", "lookup_timeout": "lookup_timeout",
+                "negative_ttl": "negative_ttl"},
+    "http": {"listen": "api_listen"},
+}
+
+
+def write_default(repo: Path) -> None:
+    path = repo / "config.toml"
+    if not path.exists():
+        tmp = repo / "config.toml.tmp"
+        tmp.write_text(DEFAULT_TOML)
+        tmp.replace(path)
+
+
+def load(repo: Path) -> NodeConfig:
+    cfg = NodeConfig()
+    path = repo / "config.toml"
+    if not path.exists():
+        return cfg
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, OSError) as e:
+        raise InvalidInput(f"cannot read {path}: {e}") from None
+    types = {f.name: f.type for f in fields(NodeConfig)}
+    for section, values in data.items():
+        mapping = _SECTIONS.get(section)
+        if mapping is None or not isinstance(values, dict):
+            raise InvalidInput(f"{path}: unknown section [{section}]")
+        for key, value in values.items():
+            if key not in mapping:
+                raise InvalidInput(f"{path}: unknown setting {section}.{key}")
+            attr = mapping[key]
+            want = types[attr]
+            ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if "list" in str(want) else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in str(want)
+                else isinstance(value, str))
+            if not ok:
+                raise InvalidInput(f"{path}: {section}.{key} has the wrong type ({type(value).__name__})")
+            setattr(cfg, attr, float(value) if "float" in str(want) else value)
+    return cfg

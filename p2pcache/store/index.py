@@ -45,6 +45,20 @@ CREATE TABLE IF NOT EXISTS root_blocks (
     PRIMARY KEY (root, cid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS root_blocks_cid ON root_blocks(cid);
+CREATE TABLE IF NOT EXISTS nar_infos (
+    store_hash TEXT PRIMARY KEY,
+    store_path TEXT NOT NULL,
+    root BLOB NOT NULL,
+    nar_hash BLOB NOT NULL,
+    nar_size INTEGER NOT NULL,
+    refs TEXT NOT NULL,
+    deriver TEXT,
+    system TEXT,
+    ca TEXT,
+    sigs TEXT NOT NULL,
+    added REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS nar_infos_root ON nar_infos(root);
 """
 
 
@@ -60,6 +74,25 @@ class RootInfo:
     pinned: bool
     complete: bool
     aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NarInfoRow:
+    """What the index keeps of a store path's narinfo: the fields that do not depend on how a NAR is served
+    (URL, Compression, FileHash and FileSize are the server's business). References and sigs as in narinfo
+    text: base names separated by spaces, signatures one per element."""
+
+    store_hash: str
+    store_path: str
+    root: CID
+    nar_hash: bytes  # sha256
+    nar_size: int
+    references: tuple[str, ...]
+    deriver: str | None
+    system: str | None
+    ca: str | None
+    sigs: tuple[str, ...]
+    added: float
 
 
 class Index:
@@ -89,6 +122,26 @@ class Index:
     # -- blocks --------------------------------------------------------------------------------
     def has_block(self, cid: CID) -> bool:
         return self.db.execute("SELECT 1 FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone() is not None
+
+    def has_blocks(self, cids: Iterable[CID]) -> set[CID]:
+        """Which of `cids` have rows: one query per 500 CIDs instead of one per CID."""
+        cids = list(cids)
+        found: set[CID] = set()
+        for i in range(0, len(cids), 500):
+            batch = cids[i : i + 500]
+            marks = ",".join("?" * len(batch))
+            found.update(CID(c) for (c,) in self.db.execute(
+                f"SELECT cid FROM blocks WHERE cid IN ({marks})", [c.buffer for c in batch]))
+        return found
+
+    def known_blocks(self, cids: list[CID]) -> set[bytes]:
+        """The subset of `cids` (as binary CIDs) that the index holds; one query per 500."""
+        out: set[bytes] = set()
+        for i in range(0, len(cids), 500):
+            part = [c.buffer for c in cids[i : i + 500]]
+            marks = ",".join("?" * len(part))
+            out.update(c for (c,) in self.db.execute(f"SELECT cid FROM blocks WHERE cid IN ({marks})", part))
+        return out
 
     def block_size(self, cid: CID) -> int | None:
         row = self.db.execute("SELECT size FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone()
@@ -157,6 +210,7 @@ class Index:
         )
         self.db.execute("DELETE FROM root_blocks WHERE root = ?", (root.buffer,))
         self.db.execute("DELETE FROM aliases WHERE root = ?", (root.buffer,))
+        self.db.execute("DELETE FROM nar_infos WHERE root = ?", (root.buffer,))
         self.db.execute("DELETE FROM roots WHERE root = ?", (root.buffer,))
 
     def _root_from_row(self, row: tuple) -> RootInfo:
@@ -219,3 +273,25 @@ class Index:
         self.db.execute(
             "UPDATE blocks SET refs = (SELECT COUNT(*) FROM root_blocks rb WHERE rb.cid = blocks.cid)"
         )
+
+    # -- narinfo of NAR roots ----------------------------------------------------------------------
+    def put_narinfo(self, row: NarInfoRow) -> None:
+        """Record (or replace) the narinfo of a store path; its root must be recorded in the same transaction."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO nar_infos(store_hash, store_path, root, nar_hash, nar_size, refs, deriver, "
+            "system, ca, sigs, added) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (row.store_hash, row.store_path, row.root.buffer, row.nar_hash, row.nar_size, " ".join(row.references),
+             row.deriver, row.system, row.ca, "\n".join(row.sigs), row.added),
+        )
+
+    def get_narinfo(self, store_hash: str) -> NarInfoRow | None:
+        try:
+            row = self.db.execute(
+                "SELECT store_hash, store_path, root, nar_hash, nar_size, refs, deriver, system, ca, sigs, added "
+                "FROM nar_infos WHERE store_hash = ?", (store_hash,)).fetchone()
+        except sqlite3.OperationalError:  # an index opened read-only before the table existed
+            return None
+        if row is None:
+            return None
+        return NarInfoRow(row[0], row[1], CID(row[2]), row[3], row[4], tuple(row[5].split()), row[6], row[7],
+                          row[8], tuple(s for s in row[9].split("\n") if s), row[10])

@@ -114,16 +114,18 @@ class _BlockWriter:
             item = self.q.get()
             if item is self._STOP:
                 return
-            if self.error is None:
-                try:
-                    self.files.write(*item)
-                except BaseException as e:
-                    self.error = e
+            for cid, data in item:
+                if self.error is None:
+                    try:
+                        self.files.write(cid, data)
+                    except BaseException as e:
+                        self.error = e
 
-    def write(self, cid: CID, data: bytes | memoryview) -> None:
+    def write(self, blocks: list[tuple[CID, bytes | memoryview]]) -> None:
         if self.error is not None:
             raise self.error
-        self.q.put((cid, data))
+        if blocks:
+            self.q.put(blocks)
 
     def _stop(self) -> None:
         for _ in self.threads:
@@ -373,23 +375,28 @@ class Repo:
         new_blocks = new_bytes = chunks = size = 0
         head = b""
 
-        def store(cid: CID, data: bytes | memoryview) -> None:
+        def store(blocks: list[tuple[CID, bytes | memoryview]]) -> None:
+            """Queue the blocks this repo does not hold yet (one index query per batch)."""
             nonlocal new_blocks, new_bytes
-            if cid in seen:
-                return
-            seen[cid] = len(data)
-            if not self.index.has_block(cid):
-                writer.write(cid, data)
-                new_blocks += 1
-                new_bytes += len(data)
+            fresh = []
+            for cid, data in blocks:
+                if cid not in seen:
+                    seen[cid] = len(data)
+                    fresh.append((cid, data))
+            known = self.index.known_blocks([c for c, _ in fresh])
+            todo = [(c, d) for c, d in fresh if c.buffer not in known]
+            new_blocks += len(todo)
+            new_bytes += sum(len(d) for _, d in todo)
+            writer.write(todo)
 
-        def take(piece: memoryview) -> None:
+        def take(pieces: list[memoryview]) -> None:
             nonlocal chunks
-            cid = CID.for_block(RAW, piece)
-            chunks += 1
-            store(cid, piece)
-            for icid, idata in builder.add_chunk(cid, len(piece)):
-                store(icid, idata)
+            chunks += len(pieces)
+            blocks: list[tuple[CID, bytes | memoryview]] = [(CID.for_block(RAW, p), p) for p in pieces]
+            index_blocks = []
+            for cid, piece in blocks:
+                index_blocks.extend(builder.add_chunk(cid, len(piece)))
+            store(blocks + index_blocks)
 
         try:
             while True:
@@ -404,18 +411,14 @@ class Repo:
                 size += len(buf)
                 whole256.update(buf)
                 whole512.update(buf)
-                for piece in chunker.feed(buf):
-                    take(piece)
+                take(list(chunker.feed(buf)))
                 if progress:
                     progress(len(buf))
-            for piece in chunker.finish():
-                take(piece)
+            take(list(chunker.finish()))
             hashes = {**whole256.result(), **whole512.result()}
             media_type = sniff_media_type(head)
             root, root_data, index_blocks = builder.finish(size, hashes, media_type, name)
-            for icid, idata in index_blocks:
-                store(icid, idata)
-            store(root, root_data)
+            store(index_blocks + [(root, root_data)])
             writer.close()
         except BaseException:
             whole256.abandon()

@@ -1,0 +1,364 @@
+"""NARs in the repo: ingest a NAR stream as a NAR manifest, keep its narinfo, stream it back verified.
+
+Owns the repo side of `p2pcache.content.narmanifest`: `RepoNarStore.add_nar` parses, chunks and hashes a NAR
+stream with bounded memory (block files written on background threads, the NAR hashed on another, as
+`Repo.add_stream` does), checks NarHash/NarSize against the narinfo when one is given, and commits in one
+index transaction a root of kind 'nar' (aliases `nix:<store hash>` and `sha256:<NAR sha256 hex>`) and the
+narinfo fields that are the store path's own (store path, references, deriver, system, CA, signatures).
+`stream_nar` reads blocks ahead on a few threads and withholds the last piece until the whole NAR matched its
+hash (see `VerifiedStream`). Serving (URL, compression) and fetching from peers are not this module's business.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
+
+from ..content import nar as _nar
+from ..content.chunking import DEFAULT_PARAMS, ChunkerParams
+from ..content.cid import CID
+from ..content.narinfo import NarInfo
+from ..content.narmanifest import (
+    ChunkRef,
+    NarManifest,
+    NarManifestBuilder,
+    VerifiedStream,
+    check_nar,
+    iter_blocks,
+    iter_plan,
+)
+from ..content.nixhash import NixHash
+from ..content.storepath import StorePath
+from ..errors import CorruptData, InvalidInput, NotFound, RepoError
+from .blockstore import disk_error
+from .index import NarInfoRow
+
+if TYPE_CHECKING:
+    from .repo import Repo
+
+READ_SIZE = 4 << 20
+NAR_MEDIA_TYPE = "application/x-nix-archive"
+
+
+def nix_alias(store_hash: str) -> str:
+    return f"nix:{store_hash}"
+
+
+@dataclass(frozen=True)
+class NarAddResult:
+    root: CID
+    nar_hash: bytes
+    nar_size: int
+    store_path: str | None
+    files: int
+    chunks: int
+    new_blocks: int
+    new_bytes: int
+    already_present: bool
+
+    def to_json(self) -> dict:
+        return {
+            "root": str(self.root),
+            "store_path": self.store_path,
+            "nar_hash": NixHash("sha256", self.nar_hash).nix32(),
+            "nar_size": self.nar_size,
+            "files": self.files,
+            "chunks": self.chunks,
+            "new_blocks": self.new_blocks,
+            "new_bytes": self.new_bytes,
+            "already_present": self.already_present,
+        }
+
+
+def _pieces(stream: BinaryIO | Iterable[bytes]) -> Iterator[bytes]:
+    read = getattr(stream, "read", None)
+    if read is not None:
+        while True:
+            try:
+                buf = read(READ_SIZE)
+            except OSError as e:
+                raise RepoError(f"cannot read the NAR stream: {e.strerror}") from None
+            if not buf:
+                return
+            yield buf
+    else:
+        for buf in stream:
+            # A caller's reused bytearray must not change under the hash thread or the block writers.
+            yield buf if type(buf) is bytes else bytes(buf)
+
+
+def _narinfo_row(root: CID, info: NarInfo, nar_hash: bytes, nar_size: int, old: NarInfoRow | None) -> NarInfoRow:
+    sigs = tuple(info.sigs)
+    if old is not None and old.nar_hash == nar_hash:  # the same NAR again: keep signatures we already had
+        sigs = tuple(dict.fromkeys(old.sigs + sigs))
+    return NarInfoRow(
+        store_hash=info.store_path.hash_part,
+        store_path=str(info.store_path),
+        root=root,
+        nar_hash=nar_hash,
+        nar_size=nar_size,
+        references=tuple(info.references),
+        deriver=info.deriver,
+        system=info.system,
+        ca=info.ca,
+        sigs=sigs,
+        added=time.time(),
+    )
+
+
+def _expected(narinfo: NarInfo | None) -> tuple[bytes | None, int | None]:
+    if narinfo is None:
+        return None, None
+    if narinfo.nar_hash.algo != "sha256":
+        raise InvalidInput(f"narinfo for {narinfo.store_path}: NarHash must be sha256, got {narinfo.nar_hash.algo}")
+    return narinfo.nar_hash.digest, narinfo.nar_size
+
+
+class RepoNarStore:
+    """The local repo as a `NarReader` and `NarWriter` (see interfaces.py)."""
+
+    def __init__(self, repo: "Repo", store_dir: str = "/nix/store"):
+        self.repo = repo
+        self.store_dir = store_dir
+
+    # -- writing ------------------------------------------------------------------------------------
+    def add_nar(self, narinfo: NarInfo | None, stream: BinaryIO | Iterable[bytes], *,
+                store_path: StorePath | str | None = None, params: ChunkerParams = DEFAULT_PARAMS) -> NarAddResult:
+        """Ingest a NAR. With `narinfo`, its NarHash/NarSize are checked (CorruptData, nothing recorded, on a
+        mismatch) and its fields kept; `store_path` alone records the path with no references."""
+        from .repo import _BlockWriter, _HashThread  # the repo's own parallel machinery
+
+        repo = self.repo
+        repo._require_writable()
+        if narinfo is None and store_path is not None:
+            store_path = StorePath.parse(str(store_path))
+        elif narinfo is not None:
+            store_path = narinfo.store_path
+        expected_hash, expected_size = _expected(narinfo)
+        reader = _nar.NarReader()
+        builder = NarManifestBuilder(params)
+        whole = _HashThread(("sha256",))
+        writer = _BlockWriter(repo.files)
+        seen: dict[CID, int] = {}
+        batch: list = []  # blocks not yet looked up in the index: one query per batch, not per block
+        batch_bytes = 0
+        new_blocks = new_bytes = size = 0
+
+        def flush() -> None:
+            nonlocal new_blocks, new_bytes, batch, batch_bytes
+            have = repo.index.has_blocks(c for c, _ in batch)
+            for cid, data in batch:
+                if cid not in have:
+                    writer.write(cid, data)
+                    new_blocks += 1
+                    new_bytes += len(data)
+            batch, batch_bytes = [], 0
+
+        def store(blocks: list) -> None:
+            nonlocal batch_bytes
+            for cid, data in blocks:
+                if cid in seen:
+                    continue
+                seen[cid] = len(data)
+                batch.append((cid, data))
+                batch_bytes += len(data)
+            if len(batch) >= 256 or batch_bytes >= 16 << 20:
+                flush()
+
+        try:
+            for buf in _pieces(stream):
+                size += len(buf)
+                if expected_size is not None and size > expected_size:
+                    raise CorruptData(f"NAR of {store_path} is longer than the {expected_size} bytes its narinfo says")
+                whole.update(buf)
+                for event in reader.feed(buf):
+                    store(builder.add(event))
+            reader.end()
+            digest = whole.result()["sha256"]
+            check_nar(digest, size, expected_hash, expected_size)
+            root, root_data = builder.finish(digest, size)
+            store([(root, root_data)])
+            flush()
+            writer.close()
+        except BaseException:
+            whole.abandon()
+            writer.abandon()
+            raise
+        if repo.durable:
+            try:
+                repo.files.barrier()
+            except OSError as e:
+                raise disk_error(e, repo.path) from None
+        aliases = [f"sha256:{digest.hex()}"]
+        name = None
+        if store_path is not None:
+            aliases.append(nix_alias(store_path.hash_part))
+            name = store_path.base_name
+        index = repo.index
+        index.begin()
+        try:
+            index.put_blocks(seen.items())
+            new_root = index.put_root(root, "nar", size, name, NAR_MEDIA_TYPE, aliases, seen.keys())
+            if store_path is not None:
+                info = narinfo or _bare_narinfo(store_path, digest, size)
+                index.put_narinfo(_narinfo_row(root, info, digest, size, index.get_narinfo(store_path.hash_part)))
+            index.commit()
+        except BaseException:
+            index.rollback()
+            raise
+        return NarAddResult(root, digest, size, str(store_path) if store_path else None, builder.files,
+                            builder.chunks, new_blocks, new_bytes, not new_root)
+
+    def register_nar(self, root: CID, narinfo: NarInfo | None = None, verify: bool = True) -> None:
+        """Claim a NAR manifest whose blocks are all stored (fetched from peers): check its tree, and with
+        `verify` reassemble it once against its narHash, then record root and narinfo in one transaction."""
+        repo = self.repo
+        repo._require_writable()
+        manifest = self.manifest(root)
+        expected_hash, expected_size = _expected(narinfo)
+        check_nar(manifest.nar_hash, manifest.nar_size, expected_hash, expected_size)
+        cids: dict[CID, None] = {root: None}
+        for cid, size in iter_blocks(manifest, repo.load_block):
+            bsize = repo.index.block_size(cid)
+            if bsize is None:
+                raise NotFound(f"{root} is missing block {cid}; fetch it before registering the NAR")
+            if bsize != size:
+                raise CorruptData(f"block {cid} has {bsize} bytes, the NAR manifest {root} says {size}")
+            cids[cid] = None
+        if verify:
+            for _ in _stream_manifest(repo, manifest):
+                pass
+        aliases = [f"sha256:{manifest.nar_hash.hex()}"]
+        name = None
+        if narinfo is not None:
+            aliases.append(nix_alias(narinfo.store_path.hash_part))
+            name = narinfo.store_path.base_name
+        index = repo.index
+        index.begin()
+        try:
+            index.put_root(root, "nar", manifest.nar_size, name, NAR_MEDIA_TYPE, aliases, cids)
+            if narinfo is not None:
+                old = index.get_narinfo(narinfo.store_path.hash_part)
+                index.put_narinfo(_narinfo_row(root, narinfo, manifest.nar_hash, manifest.nar_size, old))
+            index.commit()
+        except BaseException:
+            index.rollback()
+            raise
+
+    # -- reading ------------------------------------------------------------------------------------
+    def manifest(self, root: CID) -> NarManifest:
+        return NarManifest.decode(self.repo.load_block(root))
+
+    def _row(self, store_hash: str) -> NarInfoRow | None:
+        row = self.repo.index.get_narinfo(store_hash)
+        if row is None:
+            return None
+        info = self.repo.index.get_root(row.root)
+        if info is None or not info.complete:
+            return None
+        return row
+
+    def has(self, store_hash: str) -> bool:
+        return self._row(store_hash) is not None
+
+    def narinfo(self, store_hash: str) -> NarInfo | None:
+        """The narinfo as this repo would serve it: uncompressed NAR at `nar/<NarHash nix32>.nar`."""
+        row = self._row(store_hash)
+        if row is None:
+            return None
+        nar_hash = NixHash("sha256", row.nar_hash)
+        return NarInfo(
+            store_path=StorePath.parse(row.store_path),
+            url=f"nar/{nar_hash.nix32(prefixed=False)}.nar",
+            nar_hash=nar_hash,
+            nar_size=row.nar_size,
+            compression="none",
+            file_hash=nar_hash,
+            file_size=row.nar_size,
+            references=row.references,
+            deriver=row.deriver,
+            system=row.system,
+            sigs=row.sigs,
+            ca=row.ca,
+        )
+
+    def root_of(self, store_hash: str) -> CID:
+        row = self._row(store_hash)
+        if row is None:
+            raise NotFound(f"no NAR for store path hash {store_hash} in the repo")
+        return row.root
+
+    def stream_nar(self, store_hash: str) -> Iterator[bytes]:
+        """The NAR's bytes; raises NotFound before the first piece, CorruptData instead of the last."""
+        return stream_nar_root(self.repo, self.root_of(store_hash))
+
+
+def _bare_narinfo(store_path: StorePath, digest: bytes, size: int) -> NarInfo:
+    h = NixHash("sha256", digest)
+    return NarInfo(store_path=store_path, url=f"nar/{h.nix32(prefixed=False)}.nar", nar_hash=h, nar_size=size)
+
+
+class _PlanPrefetcher:
+    """Resolves a plan's `ChunkRef`s to `Contents` events, loading up to `window` chunks ahead on threads."""
+
+    def __init__(self, load: Callable[[CID], bytes], threads: int = 4, window: int = 16):
+        self.load = load
+        self.window = window
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nar-prefetch")
+
+    def _load(self, ref: ChunkRef) -> _nar.Contents:
+        data = self.load(ref.cid)
+        if len(data) != ref.size:
+            raise CorruptData(f"chunk {ref.cid} has {len(data)} bytes, its NAR manifest says {ref.size}")
+        return _nar.Contents(data)
+
+    def run(self, plan: Iterable) -> Iterator[_nar.Event]:
+        pending: deque = deque()
+        in_flight = 0
+        try:
+            for item in plan:
+                if type(item) is ChunkRef:
+                    pending.append(self.pool.submit(self._load, item))
+                    in_flight += 1
+                else:
+                    pending.append(item)
+                while pending and (in_flight >= self.window or len(pending) > 1024
+                                   or not isinstance(pending[0], Future)):
+                    head = pending.popleft()
+                    if isinstance(head, Future):
+                        in_flight -= 1
+                        yield head.result()
+                    else:
+                        yield head
+            while pending:
+                head = pending.popleft()
+                yield head.result() if isinstance(head, Future) else head
+        finally:
+            for f in pending:
+                if isinstance(f, Future):
+                    f.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stream_manifest(repo: "Repo", manifest: NarManifest) -> Iterator[bytes]:
+    events = _PlanPrefetcher(repo.load_block).run(iter_plan(manifest, repo.load_block))
+    check = VerifiedStream.sha256(manifest.nar_hash, manifest.nar_size, "reassembled NAR")
+    return check.wrap(_nar.write_nar(events))
+
+
+def stream_nar_root(repo: "Repo", root: CID, progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """The NAR of a 'nar' root, every block verified by its CID and the whole by narHash (last piece held)."""
+    info = repo.root_info(root)
+    if info.kind != "nar":
+        raise InvalidInput(f"{root} is a {info.kind} root, not a NAR")
+    if not info.complete:
+        raise CorruptData(f"{root} is incomplete in this repo (blocks missing or corrupt); add or fetch it again")
+    manifest = NarManifest.decode(repo.load_block(root))
+    for piece in _stream_manifest(repo, manifest):
+        yield piece
+        if progress:
+            progress(len(piece))
+    repo._touch(root)

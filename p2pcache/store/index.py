@@ -8,10 +8,12 @@ that use it. A root row with `complete = 0` is a root some of whose blocks went 
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 from ..content.cid import CID
 
@@ -100,6 +102,7 @@ class Index:
         self.path = path
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA busy_timeout = 30000")
+        self._txn_lock = threading.Lock()
         if not readonly:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = FULL")
@@ -109,15 +112,39 @@ class Index:
         self.db.close()
 
     # -- transactions --------------------------------------------------------------------------
+    # One connection serves the daemon's trio thread and its worker threads (adds, fetched blocks):
+    # transactions hold this lock so two threads never interleave statements of different transactions.
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._txn_lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    # The explicit form of `transaction()`: begin(), then exactly one of commit() or rollback().
     def begin(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        self._txn_lock.acquire()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._txn_lock.release()
+            raise
 
     def commit(self) -> None:
-        self.db.execute("COMMIT")
+        self.db.execute("COMMIT")  # if this raises the transaction is still ours: the caller rolls back
+        self._txn_lock.release()
 
     def rollback(self) -> None:
-        if self.db.in_transaction:
-            self.db.execute("ROLLBACK")
+        try:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        finally:
+            self._txn_lock.release()
 
     # -- blocks --------------------------------------------------------------------------------
     def has_block(self, cid: CID) -> bool:

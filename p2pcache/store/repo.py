@@ -431,14 +431,9 @@ class Repo:
             except OSError as e:
                 raise disk_error(e, self.path) from None
         aliases = [HashKey(a, d).alias for a, d in hashes.items()]
-        self.index.begin()
-        try:
+        with self.index.transaction():
             self.index.put_blocks(seen.items())
             new_root = self.index.put_root(root, "archive", size, name, media_type, aliases, seen.keys())
-            self.index.commit()
-        except BaseException:
-            self.index.rollback()
-            raise
         return AddResult(root, size, hashes, name, media_type, chunks, new_blocks, new_bytes, not new_root)
 
     def add_nar(self, stream, narinfo=None, store_path=None, params: ChunkerParams = DEFAULT_PARAMS):
@@ -469,13 +464,8 @@ class Repo:
             return 0
         if self.durable:
             self.files.barrier()
-        self.index.begin()
-        try:
+        with self.index.transaction():
             self.index.put_blocks((c, len(d)) for c, d in new)
-            self.index.commit()
-        except BaseException:
-            self.index.rollback()
-            raise
         return sum(len(d) for _, d in new)
 
     def has_block(self, cid: CID) -> bool:
@@ -495,13 +485,8 @@ class Repo:
                 raise CorruptData(f"block {cid} has {bsize} bytes, the manifest of {root} says {size}")
             cids[cid] = None
         aliases = [HashKey(a, d).alias for a, d in manifest.hashes.items() if a in ("sha256", "sha512")]
-        self.index.begin()
-        try:
+        with self.index.transaction():
             self.index.put_root(root, "archive", manifest.size, manifest.name, manifest.media_type, aliases, cids)
-            self.index.commit()
-        except BaseException:
-            self.index.rollback()
-            raise
         return self.root_info(root)
 
     # -- reading -----------------------------------------------------------------------------
@@ -608,13 +593,8 @@ class Repo:
             for root in self.index.lru_unpinned():
                 if self.index.total_block_bytes() <= max_size:
                     break
-                self.index.begin()
-                try:
+                with self.index.transaction():
                     self.index.remove_root(root)
-                    self.index.commit()
-                except BaseException:
-                    self.index.rollback()
-                    raise
                 report.roots_removed.append(root)
                 self._drop_unreferenced(report)
             report.over_quota = self.index.total_block_bytes() > max_size
@@ -626,14 +606,9 @@ class Repo:
         if not doomed:
             return
         sizes = self.index.all_blocks()
-        self.index.begin()
-        try:
+        with self.index.transaction():
             for cid in doomed:
                 self.index.db.execute("DELETE FROM blocks WHERE cid = ? AND refs <= 0", (cid.buffer,))
-            self.index.commit()
-        except BaseException:
-            self.index.rollback()
-            raise
         # Rows are gone (committed) before files are: a crash here leaves only garbage files.
         for cid in doomed:
             self.files.remove(cid)
@@ -678,18 +653,13 @@ class Repo:
         report.missing = [CID(c) for c in known if c not in on_disk]
         report.refcount_errors = len(self.index.check_refcounts())
         if repair:
-            self.index.begin()
-            try:
+            with self.index.transaction():
                 affected: set[CID] = set()
                 for cid in report.corrupt + report.missing:
                     affected.update(self.index.drop_block(cid))
                 affected.update(self.index.roots_missing_blocks())
                 self.index.mark_incomplete(affected)
                 self.index.fix_refcounts()
-                self.index.commit()
-            except BaseException:
-                self.index.rollback()
-                raise
             report.roots_incomplete = sorted(affected, key=lambda c: c.buffer)
             for cid in report.corrupt:
                 self.files.remove(cid)

@@ -18,7 +18,8 @@ from typing import Iterator
 
 from . import __version__
 from .content.keys import HashKey
-from .errors import P2PCacheError, RepoError
+from .content.cid import CID
+from .errors import CorruptData, NotFound, P2PCacheError, RepoError
 from .store.repo import Repo, default_repo_path
 
 PROGRESS_MIN_BYTES = 64 << 20
@@ -103,6 +104,27 @@ def cmd_add(args: argparse.Namespace, out: Output) -> int:
         if f != "-" and not os.path.isfile(f):
             what = "is a directory" if os.path.isdir(f) else "does not exist or is not a regular file"
             raise RepoError(f"cannot add {f}: it {what}")
+    client = _daemon(args) if Repo.exists(_repo_path(args)) else None
+    if client is not None:  # the daemon owns the repo: it adds (and announces) for us
+        try:
+            for f in args.files:
+                if f == "-":
+                    raise RepoError("adding stdin goes through the repo directly; stop the daemon or save to a file")
+                size = os.path.getsize(f)
+                with progress_bar(f"adding {os.path.basename(f)}", size, _want_progress(args, size)) as cb:
+                    last = [0]
+
+                    def on_progress(done: int, total: int | None) -> None:
+                        if cb:
+                            cb(done - last[0])
+                        last[0] = done
+
+                    j = client.add(f, name=args.name, progress=on_progress)
+                j["file"] = f
+                out.emit(j, f"added {j['root']} {human(j['size'])} {j['sri']} {f} (announced)")
+        finally:
+            client.close()
+        return 0
     with _open(args, writable=True, create=True) as repo:
         for f in args.files:
             if f == "-":
@@ -117,9 +139,39 @@ def cmd_add(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _ensure_local(args: argparse.Namespace, repo: Repo, key: str):
+    """The root for `key`: from the repo, else fetched by the running daemon from the swarm."""
+    try:
+        root = repo.resolve(key)
+        if repo.root_info(root).complete:
+            return root
+    except NotFound:
+        root = None
+    client = _daemon(args)
+    if client is None:
+        if root is not None:
+            raise CorruptData(f"{root} is incomplete in the repo and no daemon is running to fetch the rest; "
+                              "start `p2pcache daemon`")
+        raise NotFound(f"{key} is not in the repo {repo.path}; no daemon is running, so the swarm was not "
+                       "asked (start `p2pcache daemon`)")
+    try:
+        with progress_bar(f"fetching {key[:24]}", None, _want_progress(args, None)) as cb:
+            last = [0]
+
+            def on_progress(done: int, total: int | None) -> None:
+                if cb:
+                    cb(done - last[0])
+                last[0] = done
+
+            result = client.fetch(key, progress=on_progress)
+    finally:
+        client.close()
+    return CID.parse(result["root"])
+
+
 def cmd_get(args: argparse.Namespace, out: Output) -> int:
     with _open(args, writable=False) as repo:
-        root = repo.resolve(args.key)
+        root = _ensure_local(args, repo, args.key)
         size = repo.root_info(root).size
         with progress_bar(f"getting {args.output}", size, _want_progress(args, size)) as cb:
             written = repo.get_to_file(root, args.output, progress=cb)
@@ -131,7 +183,7 @@ def cmd_get(args: argparse.Namespace, out: Output) -> int:
 def cmd_cat(args: argparse.Namespace, out: Output) -> int:
     sink = sys.stdout.buffer
     with _open(args, writable=False) as repo:
-        root = repo.resolve(args.key)
+        root = _ensure_local(args, repo, args.key)
         for data in repo.stream(root):
             sink.write(data)
     sink.flush()
@@ -215,17 +267,95 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
-    with _open(args, writable=True, create=True) as repo:
-        roots = len(repo.index.list_roots())
-        out.emit(
-            {"repo": str(repo.path), "roots": roots, "stored_bytes": repo.stored_bytes(), "network": False},
-            f"p2pcache daemon: repo {repo.path} ready ({roots} archives, {human(repo.stored_bytes())} stored); "
-            "networking is not implemented yet: this node holds the repo lock and serves nothing. Ctrl-C stops it.",
-        )
-        stop = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-        signal.sigwait(stop)
+    import logging
+
+    import trio
+
+    from . import config as config_mod
+    from .node import Node
+
+    path = _repo_path(args)
+    if not Repo.exists(path):
+        Repo.init(path).close()
+    cfg = config_mod.load(path)
+    if args.listen:
+        cfg.listen = args.listen
+    if args.bootstrap:
+        cfg.bootstrap = cfg.bootstrap + args.bootstrap
+    if args.swarm_key is not None:
+        cfg.swarm_key = args.swarm_key
+    if args.api:
+        cfg.api_listen = args.api
+    if args.allow_peer:
+        cfg.allow_peers = cfg.allow_peers + args.allow_peer
+    if args.lookup_timeout is not None:
+        cfg.lookup_timeout = args.lookup_timeout
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    async def main() -> None:
+        node = Node(path, cfg)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            st = node.status()
+            out.emit(
+                {**{k: st[k] for k in ("peer_id", "addrs", "api", "repo", "roots", "stored_bytes")}, "network": True},
+                f"p2pcache daemon ready\n  peer ID  {st['peer_id']}\n"
+                + "".join(f"  listen   {a}\n" for a in st["addrs"])
+                + f"  API      {st['api']}\n  repo     {st['repo']} ({st['roots']} archives, "
+                f"{human(st['stored_bytes'])})",
+            )
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
     return 0
+
+
+def cmd_status(args: argparse.Namespace, out: Output) -> int:
+    client = _daemon(args, required=True)
+    st = client.status()
+    text = "\n".join(f"{k}: {v}" for k, v in sorted(st.items()))
+    out.emit(st, text)
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace, out: Output) -> int:
+    client = _daemon(args, required=True)
+    peers = client.peers()
+    if not peers and not args.json:
+        print("(no peers connected)", file=sys.stderr)
+    for p in peers:
+        out.emit(p, p["peer_id"])
+    return 0
+
+
+def cmd_swarm_key(args: argparse.Namespace, out: Output) -> int:
+    from .net.pnet import format_swarm_key, new_swarm_key
+
+    text = format_swarm_key(new_swarm_key())
+    if args.output and args.output != "-":
+        target = Path(args.output)
+        if target.exists():
+            raise RepoError(f"{target} exists; refusing to overwrite a swarm key")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        print(f"wrote a new swarm key to {target} (share it with your team's nodes only)", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _daemon(args: argparse.Namespace, required: bool = False):
+    from .client import DaemonClient
+
+    client = DaemonClient.find(_repo_path(args))
+    if client is None and required:
+        raise RepoError(f"no daemon is running for {_repo_path(args)}; start one with `p2pcache daemon`")
+    return client
 
 
 class _Parser(argparse.ArgumentParser):
@@ -273,7 +403,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-size", type=parse_size, metavar="SIZE", help="quota for stored blocks, e.g. 10G")
     sp = add("verify", cmd_verify, "re-hash every block and check the index")
     sp.add_argument("--repair", action="store_true", help="drop corrupt blocks, mark their roots incomplete")
-    add("daemon", cmd_daemon, "run the node (holds the repo)")
+    sp = add("daemon", cmd_daemon, "run the node: swarm, DHT, bitswap, local API (holds the repo)")
+    sp.add_argument("--listen", action="append", metavar="MULTIADDR",
+                    help="libp2p listen address (repeatable; default from config.toml)")
+    sp.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="peer to join (…/p2p/<id>)")
+    sp.add_argument("--swarm-key", metavar="FILE", help="pre-shared swarm key file ('' for none)")
+    sp.add_argument("--allow-peer", action="append", metavar="PEER_ID", help="only these peers may connect")
+    sp.add_argument("--api", metavar="HOST:PORT", help="local HTTP API address (default 127.0.0.1:37515)")
+    sp.add_argument("--lookup-timeout", type=float, metavar="SECONDS")
+    sp.add_argument("-v", "--verbose", action="store_true")
+    add("status", cmd_status, "show the running daemon's counters")
+    add("peers", cmd_peers, "list the running daemon's connected peers")
+    sp = add("swarm-key", cmd_swarm_key, "make a pre-shared key for a private team swarm")
+    sp.add_argument("action", choices=["new"])
+    sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE (mode 0600) instead of stdout")
     return p
 
 

@@ -1,0 +1,103 @@
+"""Talking to a running daemon from the CLI.
+
+The daemon writes `REPO/api.json` ({"api": "http://127.0.0.1:PORT", "pid", "peer_id", "addrs"}) when
+it is ready and removes it when it stops. A stale file (dead pid, refused connection) means no daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+
+from .errors import CorruptData, DiskFull, InvalidInput, NotFound, P2PCacheError, RepoError
+
+_CODES = {2: InvalidInput, 3: NotFound, 4: CorruptData, 5: RepoError, 6: DiskFull}
+
+
+def read_api_file(repo: Path) -> dict | None:
+    try:
+        info = json.loads((repo / "api.json").read_text())
+    except (OSError, ValueError):
+        return None
+    pid = info.get("pid")
+    if not isinstance(pid, int):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return info
+
+
+class DaemonClient:
+    def __init__(self, info: dict, timeout: float = 30.0):
+        self.info = info
+        self.http = httpx.Client(base_url=info["api"], timeout=httpx.Timeout(timeout, read=None))
+
+    @classmethod
+    def find(cls, repo: Path) -> "DaemonClient | None":
+        info = read_api_file(repo)
+        if info is None:
+            return None
+        client = cls(info)
+        try:
+            client.http.get("/api/v0/status", timeout=5.0).raise_for_status()
+        except httpx.HTTPError:
+            client.close()
+            return None
+        return client
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _get(self, path: str) -> object:
+        try:
+            r = self.http.get(path)
+        except httpx.HTTPError as e:
+            raise RepoError(f"daemon at {self.info['api']} did not answer: {e}") from None
+        if r.status_code != 200:
+            raise RepoError(f"daemon answered {r.status_code}: {r.text.strip()}")
+        return r.json()
+
+    def status(self) -> dict:
+        return self._get("/api/v0/status")  # type: ignore[return-value]
+
+    def peers(self) -> list:
+        return self._get("/api/v0/peers")  # type: ignore[return-value]
+
+    def _stream(self, path: str, body: dict, progress: Callable[[int, int | None], None] | None) -> dict:
+        try:
+            with self.http.stream("POST", path, json=body) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise RepoError(f"daemon answered {r.status_code}: {r.text.strip()}")
+                for line in r.iter_lines():
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    kind = event.pop("event", None)
+                    if kind == "progress":
+                        if progress:
+                            progress(event["bytes"], event.get("total"))
+                    elif kind == "done":
+                        return event
+                    elif kind == "error":
+                        raise _CODES.get(event.get("code"), P2PCacheError)(event["message"])
+        except httpx.HTTPError as e:
+            raise RepoError(f"lost the daemon at {self.info['api']}: {e}") from None
+        raise RepoError("daemon closed the response without an answer")
+
+    def add(self, path: str, name: str | None = None,
+            progress: Callable[[int, int | None], None] | None = None) -> dict:
+        return self._stream("/api/v0/add", {"path": os.path.abspath(path), "name": name}, progress)
+
+    def fetch(self, key: str, progress: Callable[[int, int | None], None] | None = None) -> dict:
+        return self._stream("/api/v0/fetch", {"key": key}, progress)
+
+

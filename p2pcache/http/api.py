@@ -1,0 +1,111 @@
+"""The node's local REST API, used by the CLI while a daemon owns the repo.
+
+    GET  /api/v0/status            counts, bytes served/fetched, peer ID, addresses
+    GET  /api/v0/peers             connected peers
+    POST /api/v0/add   {"path", "name"?}   add a file from this machine, then announce it (NDJSON progress)
+    POST /api/v0/fetch {"key"}             make KEY local: repo, else the swarm; then announce (NDJSON)
+
+Long operations answer NDJSON: `{"event": "progress", "bytes": n, "total": t}` lines, then one
+`{"event": "done", ...}` or `{"event": "error", "message", "code"}` line. The API listens on loopback
+only by default and trusts its callers as the user running the daemon (it reads files they name).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+
+import trio
+
+from ..errors import P2PCacheError
+from .asgi import HTTPError, Receive, Scope, Send, read_json, send_error, send_json, send_ndjson
+
+ProgressFn = Callable[[int, int | None], None]
+
+
+class NodeAPI(Protocol):
+    def status(self) -> dict: ...
+    def peers(self) -> list[dict]: ...
+    async def add_file(self, path: str, name: str | None, progress: ProgressFn) -> dict: ...
+    async def fetch(self, key: str, progress: ProgressFn) -> dict: ...
+
+
+async def _progress_stream(run: Callable[[ProgressFn], Awaitable[dict]]) -> AsyncIterator[dict]:
+    """Run an operation, yielding throttled progress events and then its outcome."""
+    send_ch, recv_ch = trio.open_memory_channel[dict](math.inf)
+    token = trio.lowlevel.current_trio_token()
+    last = [0.0]
+
+    def progress(done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.1 and (total is None or done < total):
+            return
+        last[0] = now
+        event = {"event": "progress", "bytes": done, "total": total}
+        try:
+            trio.lowlevel.current_trio_token()
+            send_ch.send_nowait(event)
+        except RuntimeError:  # called from a worker thread
+            token.run_sync_soon(send_ch.send_nowait, event)
+
+    async def runner() -> None:
+        async with send_ch:
+            try:
+                result = await run(progress)
+                await send_ch.send({"event": "done", **result})
+            except P2PCacheError as e:
+                await send_ch.send({"event": "error", "message": str(e), "code": e.exit_code})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner)
+        async with recv_ch:
+            async for event in recv_ch:
+                yield event
+
+
+def make_app(node: NodeAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                event = await receive()
+                if event["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif event["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        try:
+            if path == "/api/v0/status" and method == "GET":
+                await send_json(send, node.status())
+            elif path == "/api/v0/peers" and method == "GET":
+                await send_json(send, node.peers())
+            elif path == "/api/v0/add" and method == "POST":
+                body = await read_json(receive)
+                if not isinstance(body.get("path"), str):
+                    raise HTTPError(400, "add needs a JSON body with a 'path' string")
+                await send_ndjson(send, _progress_stream(
+                    lambda p: node.add_file(body["path"], body.get("name"), p)))
+            elif path == "/api/v0/fetch" and method == "POST":
+                body = await read_json(receive)
+                if not isinstance(body.get("key"), str):
+                    raise HTTPError(400, "fetch needs a JSON body with a 'key' string")
+                await send_ndjson(send, _progress_stream(lambda p: node.fetch(body["key"], p)))
+            else:
+                await _extra_routes(node, scope, receive, send)
+        except HTTPError as e:
+            await send_error(send, e.status, e.message)
+        except P2PCacheError as e:
+            await send_error(send, 400 if e.exit_code == 2 else 404 if e.exit_code == 3 else 500, str(e))
+
+    return app
+
+
+async def _extra_routes(node: Any, scope: Scope, receive: Receive, send: Send) -> None:
+    handler = getattr(node, "http_fallback", None)
+    if handler is not None:
+        await handler(scope, receive, send)
+    else:
+        await send_error(send, 404, f"no such endpoint: {scope['method']} {scope['path']}")

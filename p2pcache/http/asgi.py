@@ -1,0 +1,69 @@
+"""Small ASGI helpers: JSON and NDJSON responses, request bodies with a size cap, a path router.
+
+No HTTP parsing lives here — hypercorn parses HTTP; these helpers only speak ASGI.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def read_body(receive: Receive, limit: int = 1 << 20) -> bytes:
+    body = bytearray()
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            raise HTTPError(400, "client went away")
+        body += event.get("body", b"")
+        if len(body) > limit:
+            raise HTTPError(413, f"request body over {limit} bytes")
+        if not event.get("more_body"):
+            return bytes(body)
+
+
+async def read_json(receive: Receive, limit: int = 1 << 20) -> dict:
+    raw = await read_body(receive, limit)
+    try:
+        value = json.loads(raw or b"{}")
+    except ValueError:
+        raise HTTPError(400, "request body is not JSON") from None
+    if not isinstance(value, dict):
+        raise HTTPError(400, "request body must be a JSON object")
+    return value
+
+
+async def send_bytes(send: Send, status: int, body: bytes, content_type: str,
+                     headers: list[tuple[bytes, bytes]] | None = None, head: bool = False) -> None:
+    hdrs = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs + (headers or [])})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+async def send_json(send: Send, value: Any, status: int = 200) -> None:
+    await send_bytes(send, status, json.dumps(value, sort_keys=True).encode() + b"\n", "application/json")
+
+
+async def send_error(send: Send, status: int, message: str) -> None:
+    await send_json(send, {"error": message}, status)
+
+
+async def send_ndjson(send: Send, events: AsyncIterator[dict]) -> None:
+    """Stream one JSON object per line; the last line says how it ended."""
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/x-ndjson")]})
+    async for event in events:
+        await send({"type": "http.response.body", "body": json.dumps(event, sort_keys=True).encode() + b"\n",
+                    "more_body": True})
+    await send({"type": "http.response.body", "body": b""})

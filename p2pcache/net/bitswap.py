@@ -1,0 +1,523 @@
+"""The bitswap driver: pumps the sans-IO exchange engines over libp2p streams, and the fetch API.
+
+Owns: the streams (one long-lived outbound stream per peer for what we send, any number of inbound
+streams we read, as go and js bitswap do: a peer answers on a stream *it* opens, never on ours), the
+uvarint framing on them, the engines' timer, peer up/down events, and what happens to a peer that
+breaks the protocol (its connection is dropped and it is banned for `ban_seconds`; everyone else is
+still served). On top of that: `fetch_blocks` (some CIDs) and `fetch_archive` (a whole p2pcache
+archive: manifest root, then index nodes, then chunks, stored in the repo as they arrive).
+
+It must not decide what blocks mean beyond walking an archive's manifest, and never stores a block
+that was not verified (the engine rebuilds every CID from the bytes; `Repo.put_blocks` checks again).
+
+    exchange = BitswapExchange(host, RepoBlockSource(repo))
+    await nursery.start(exchange.run)
+    info = await exchange.fetch_archive(root, providers=[peer_addr], repo=repo)
+
+One owner of mutable state: both engines are called only from this module's `_client`/`_server`
+helpers, synchronously, on the trio thread; no `await` ever sits between an event and its actions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import multiaddr
+import trio
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+from ..content.cid import CID, DAG_CBOR, RAW
+from ..content.manifest import ArchiveManifest, ChunkIndex
+from ..errors import CorruptData, InvalidInput, MalformedBlock, NotFound, P2PCacheError
+from ..exchange import (
+    AddProviders,
+    BitswapClient,
+    BitswapServer,
+    BlocksAdded,
+    ClientConfig,
+    CloseSession,
+    Deliver,
+    FetchFailed,
+    FrameDecoder,
+    MessageReceived,
+    MessageSent,
+    PeerConnected,
+    PeerDisconnected,
+    PeerMisbehaved,
+    PenalisePeer,
+    ProtocolViolation,
+    Send,
+    ServerConfig,
+    SetTimer,
+    Tick,
+    Want,
+    decode,
+    encode,
+    frame,
+)
+from ..exchange.message import PROTOCOL_1_0_0, PROTOCOL_1_1_0, PROTOCOL_1_2_0
+from .host import HostError, NodeHost, parse_peer_addr
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BitswapExchange", "DriverConfig", "FetchError", "RepoBlockSource"]
+
+# We send 1.2.0 (1.1.0 peers ignore presences and want-have fields they do not know); we read all three.
+SEND_PROTOCOLS = (PROTOCOL_1_2_0, PROTOCOL_1_1_0)
+RECEIVE_PROTOCOLS = (PROTOCOL_1_2_0, PROTOCOL_1_1_0, PROTOCOL_1_0_0)
+
+
+class FetchError(P2PCacheError):
+    """Blocks could not be fetched from any peer (each CID's reason is in the message)."""
+
+    exit_code = 7
+
+
+@dataclass(frozen=True, slots=True)
+class DriverConfig:
+    read_size: int = 1 << 20  # bytes asked of a stream per read
+    write_batch: int = 8 << 20  # framed messages to one peer are joined into writes up to this size
+    ban_seconds: float = 600.0  # a peer that broke the protocol is refused this long
+    store_batch_bytes: int = 4 << 20  # fetch_archive hands blocks to the repo in batches this big
+    archive_window: int = 256  # fetch_archive: blocks wanted but not yet stored, at most
+    idle_stream_seconds: float = 2.0  # an outbound stream with nothing to send is closed after this
+
+
+class RepoBlockSource:
+    """The server engine's `BlockSource` over a `Repo`: only verified bytes are served; a block that
+    fails verification on disk is served as missing (and logged), never sent."""
+
+    def __init__(self, repo: Any) -> None:
+        self.repo = repo
+
+    def has(self, cid: CID) -> bool:
+        return self.repo.has_block(cid)
+
+    def size(self, cid: CID) -> int | None:
+        return self.repo.index.block_size(cid)
+
+    def get(self, cid: CID) -> bytes | None:
+        try:
+            return self.repo.load_block(cid)
+        except NotFound:
+            return None
+        except CorruptData as e:
+            log.warning("not serving %s: %s", cid, e)
+            return None
+
+
+class _Session:
+    """The caller's side of one client session: delivered blocks and failures, as a channel."""
+
+    def __init__(self) -> None:
+        self.send, self.recv = trio.open_memory_channel(math.inf)
+
+
+class _Link:
+    """What we send to one peer: a queue of Sends and the one task that writes them."""
+
+    __slots__ = ("queue", "wake", "running")
+
+    def __init__(self) -> None:
+        self.queue: deque[Send] = deque()
+        self.wake = trio.Event()
+        self.running = False
+
+
+ProviderSpec = ID | str | multiaddr.Multiaddr | PeerInfo
+
+
+class BitswapExchange:
+    """Bitswap over a `NodeHost`: serves `source` to everyone and fetches for our callers."""
+
+    def __init__(
+        self,
+        host: NodeHost,
+        source: Any,
+        client_config: ClientConfig | None = None,
+        server_config: ServerConfig | None = None,
+        config: DriverConfig | None = None,
+    ) -> None:
+        self.host = host
+        self.config = config or DriverConfig()
+        self.client = BitswapClient(client_config)
+        # Twice bitswap's message size outstanding per peer: the next batch is ready while the
+        # previous one is still being written.
+        self.server = BitswapServer(source, server_config or ServerConfig(max_outstanding_bytes=8 << 20))
+        self._sessions: dict[object, _Session] = {}
+        self._links: dict[ID, _Link] = {}
+        self._banned: dict[ID, float] = {}
+        self._timer_at: float | None = None
+        self._timer_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._next_session = 0
+        self.penalised: list[tuple[ID, str]] = []  # (peer, why), for logs and tests
+
+    # -- running ----------------------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve and drive until cancelled. `task_status.started(self)` once the handlers are set."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            events = self.host.subscribe()
+            for proto in RECEIVE_PROTOCOLS:
+                self.host.set_stream_handler(proto, self._on_stream)
+            nursery.start_soon(self._watch_peers, events)
+            nursery.start_soon(self._run_timer)
+            task_status.started(self)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                for s in self._sessions.values():
+                    s.send.close()
+
+    def blocks_added(self, cids: Iterable[CID]) -> None:
+        """Tell the server these blocks are now in the store (peers waiting for them get them)."""
+        cids = tuple(cids)
+        if cids:
+            self._server(BlocksAdded(cids))
+
+    # -- engines ----------------------------------------------------------------------------------
+    def _now(self) -> float:
+        return trio.current_time()
+
+    def _client(self, event: object) -> None:
+        self._apply(self.client.handle(event, self._now()))
+
+    def _server(self, event: object) -> None:
+        self._apply(self.server.handle(event, self._now()))
+
+    def _both(self, event: object) -> None:
+        self._client(event)
+        self._server(event)
+
+    def _apply(self, actions: list) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                self._enqueue(a)
+            elif isinstance(a, Deliver):
+                s = self._sessions.get(a.session)
+                if s is not None:
+                    s.send.send_nowait((a.cid, a.data, None))
+            elif isinstance(a, FetchFailed):
+                s = self._sessions.get(a.session)
+                if s is not None:
+                    s.send.send_nowait((a.cid, None, a.why))
+            elif isinstance(a, SetTimer):
+                if self._timer_at is None or a.at < self._timer_at:
+                    self._timer_at = a.at
+                    self._timer_changed.set()
+            elif isinstance(a, PenalisePeer):
+                self._penalise(a.peer, a.why, tell_engines=False)
+
+    async def _run_timer(self) -> None:
+        while True:
+            changed = self._timer_changed = trio.Event()
+            at = self._timer_at
+            if at is None:
+                await changed.wait()
+                continue
+            with trio.move_on_at(at):
+                await changed.wait()
+            if self._timer_at is not None and self._now() >= self._timer_at:
+                self._timer_at = None
+                self._client(Tick())
+
+    # -- peers ------------------------------------------------------------------------------------
+    async def _watch_peers(self, events: trio.MemoryReceiveChannel) -> None:
+        async for ev in events:
+            if ev.connected:
+                if self._is_banned(ev.peer):
+                    self._nursery.start_soon(self._disconnect, ev.peer)
+                    continue
+                self._both(PeerConnected(ev.peer))
+            else:
+                self._peer_gone(ev.peer)
+
+    def _peer_gone(self, peer: ID) -> None:
+        link = self._links.get(peer)
+        if link is not None:
+            link.queue.clear()
+            link.wake.set()
+        self._both(PeerDisconnected(peer))
+
+    def _is_banned(self, peer: ID) -> bool:
+        until = self._banned.get(peer)
+        if until is None:
+            return False
+        if self._now() >= until:
+            del self._banned[peer]
+            return False
+        return True
+
+    def _penalise(self, peer: ID, why: str, tell_engines: bool) -> None:
+        """Drop a peer that broke the protocol or sent bad data: ban it and close its connections."""
+        log.warning("dropping peer %s: %s", peer, why)
+        self.penalised.append((peer, why))
+        self._banned[peer] = self._now() + self.config.ban_seconds
+        if tell_engines:
+            self._both(PeerMisbehaved(peer, why))
+        else:
+            self._server(PeerMisbehaved(peer, why))
+        link = self._links.get(peer)
+        if link is not None:
+            link.queue.clear()
+            link.wake.set()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._disconnect, peer)
+
+    async def _disconnect(self, peer: ID) -> None:
+        try:
+            await self.host.disconnect(peer)
+        except Exception as e:  # already gone
+            log.debug("disconnecting %s: %s", peer, e)
+
+    # -- receiving --------------------------------------------------------------------------------
+    async def _on_stream(self, stream: Any) -> None:
+        peer = stream.muxed_conn.peer_id
+        if self._is_banned(peer):
+            await _reset(stream)
+            return
+        decoder = FrameDecoder()
+        try:
+            while True:
+                try:
+                    data = await stream.read(self.config.read_size)
+                except Exception:  # EOF, reset or connection gone: the stream is over
+                    return
+                if not data:
+                    return
+                try:
+                    payloads = decoder.feed(data)
+                    messages = [decode(p) for p in payloads]
+                except ProtocolViolation as e:
+                    await _reset(stream)
+                    self._penalise(peer, str(e), tell_engines=True)
+                    return
+                if self._is_banned(peer):
+                    return
+                for msg in messages:
+                    event = MessageReceived(peer, msg)
+                    if msg.blocks or msg.presences:
+                        self._client(event)
+                    if msg.wants or msg.full:
+                        self._server(event)
+        finally:
+            try:
+                await stream.close()
+            except Exception:
+                pass
+
+    # -- sending ----------------------------------------------------------------------------------
+    def _enqueue(self, send: Send) -> None:
+        if self._is_banned(send.peer):
+            return
+        link = self._links.get(send.peer)
+        if link is None:
+            link = self._links[send.peer] = _Link()
+        link.queue.append(send)
+        link.wake.set()
+        if not link.running and self._nursery is not None:
+            link.running = True
+            self._nursery.start_soon(self._pump_link, send.peer, link)
+
+    async def _pump_link(self, peer: ID, link: _Link) -> None:
+        """Write everything queued for `peer` on one outbound stream, opened on first need.
+        Several framed messages go out in one write; each server message is acknowledged with
+        `MessageSent` once written, which is the server's flow control."""
+        stream = None
+        try:
+            while True:
+                if not link.queue:
+                    link.wake = trio.Event()
+                    # An idle link gives its stream back before the peer gives up on it (js bitswap
+                    # aborts an inbound stream after 5 s without a message).
+                    with trio.move_on_after(self.config.idle_stream_seconds):
+                        await link.wake.wait()
+                    if not link.queue:
+                        return
+                if self._is_banned(peer):
+                    link.queue.clear()
+                    return
+                batch: list[bytes] = []
+                acks: list[int] = []
+                size = 0
+                while link.queue and (not batch or size < self.config.write_batch):
+                    send = link.queue.popleft()
+                    framed = frame(encode(send.message))
+                    batch.append(framed)
+                    size += len(framed)
+                    if send.size:
+                        acks.append(send.size)
+                payload = b"".join(batch) if len(batch) > 1 else batch[0]
+                stream, error = await self._write(peer, stream, payload)
+                if error is not None:
+                    log.info("cannot send to %s: %s", peer, error)
+                    link.queue.clear()
+                    self._both(PeerDisconnected(peer))  # unreachable for bitswap: re-ask elsewhere
+                    return
+                for n in acks:
+                    self._server(MessageSent(peer, n))
+        finally:
+            link.running = False
+            if self._links.get(peer) is link and not link.queue:
+                del self._links[peer]
+            if stream is not None:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await stream.close()
+                    except Exception:
+                        pass
+
+    async def _write(self, peer: ID, stream: Any, payload: bytes) -> tuple[Any, Exception | None]:
+        """Write on the peer's stream, opening one if needed. A stream that was already open may have
+        been closed by the peer meanwhile: then one fresh stream is tried before giving up."""
+        for attempt in (0, 1):
+            fresh = stream is None
+            try:
+                if stream is None:
+                    stream = await self.host.new_stream(peer, SEND_PROTOCOLS)
+                await stream.write(payload)
+                return stream, None
+            except Exception as e:
+                if stream is not None:
+                    await _reset(stream)
+                stream = None
+                if fresh or attempt == 1:
+                    return None, e
+        return None, None  # not reached
+
+    # -- fetching ---------------------------------------------------------------------------------
+    def _providers(self, providers: Iterable[ProviderSpec]) -> tuple[ID, ...]:
+        out = []
+        for p in providers:
+            if isinstance(p, ID):
+                out.append(p)
+                continue
+            info = p if isinstance(p, PeerInfo) else parse_peer_addr(p)
+            self.host.add_addrs(info.peer_id, info.addrs)
+            out.append(info.peer_id)
+        return tuple(dict.fromkeys(out))
+
+    def _open_session(self, providers: Iterable[ProviderSpec]) -> tuple[object, _Session]:
+        if self._nursery is None:
+            raise FetchError("the bitswap exchange is not running; start it with `await nursery.start(exchange.run)`")
+        self._next_session += 1
+        sid = ("session", self._next_session)
+        session = self._sessions[sid] = _Session()
+        peers = self._providers(providers)
+        if peers:
+            self._client(AddProviders(sid, peers))
+        return sid, session
+
+    def _close_session(self, sid: object) -> None:
+        self._sessions.pop(sid, None)
+        self._client(CloseSession(sid))
+
+    async def fetch_blocks(self, cids: Sequence[CID], providers: Iterable[ProviderSpec] = ()) -> dict[CID, bytes]:
+        """Fetch `cids` (each verified against its hash) from `providers` and connected peers.
+        Raises FetchError naming the CIDs no peer could give. Cancel (a cancel scope) to give up."""
+        wanted = list(dict.fromkeys(cids))
+        sid, session = self._open_session(providers)
+        got: dict[CID, bytes] = {}
+        failed: dict[CID, str] = {}
+        try:
+            if wanted:
+                self._client(Want(sid, tuple(wanted)))
+            while len(got) + len(failed) < len(wanted):
+                cid, data, why = await session.recv.receive()
+                if data is None:
+                    failed[cid] = why
+                else:
+                    got[cid] = data
+        finally:
+            self._close_session(sid)
+        if failed:
+            first = next(iter(failed.items()))
+            raise FetchError(f"could not fetch {len(failed)} of {len(wanted)} blocks; {first[0]}: {first[1]}")
+        return got
+
+    async def fetch_archive(self, root: CID, providers: Iterable[ProviderSpec], repo: Any) -> Any:
+        """Fetch a whole archive into `repo`: the manifest, its index nodes, then its chunks, wanting
+        at most `archive_window` blocks ahead of what is stored; blocks already in the repo are not
+        fetched. Finishes with `repo.register_root` (which checks the tree) and returns its RootInfo."""
+        if root.codec != DAG_CBOR:
+            raise InvalidInput(f"{root} is not a dag-cbor manifest CID; an archive root is dag-cbor")
+        sid, session = self._open_session(providers)
+        todo: deque[tuple[CID, int]] = deque()  # (cid, depth of the node it is; -1 = chunk, -2 = root)
+        outstanding: dict[CID, int] = {}
+        seen: set[CID] = set()  # wanted or stored by this fetch: an archive may repeat a chunk
+        batch: list[tuple[CID, bytes]] = []
+        batch_bytes = 0
+        window = self.config.archive_window
+
+        async def store(final: bool = False) -> None:
+            nonlocal batch, batch_bytes
+            if batch and (final or batch_bytes >= self.config.store_batch_bytes):
+                blocks, batch, batch_bytes = batch, [], 0
+                await trio.to_thread.run_sync(repo.put_blocks, blocks)
+                self.blocks_added(c for c, _ in blocks)
+
+        def learn(data: bytes, kind: int, cid: CID) -> None:
+            """Queue the children a manifest or index node names."""
+            try:
+                node = ArchiveManifest.decode(data) if kind == -2 else ChunkIndex.decode(data)
+            except (MalformedBlock, InvalidInput) as e:
+                raise FetchError(f"archive {root}: block {cid} is not a valid manifest node: {e}") from None
+            if kind >= 0 and node.depth != kind:
+                raise FetchError(f"archive {root}: index node {cid} has depth {node.depth}, expected {kind}")
+            child_kind = -1 if node.depth == 0 else node.depth - 1
+            for child, _size in node.children:
+                todo.append((child, child_kind))
+
+        try:
+            todo.append((root, -2))
+            while todo or outstanding:
+                # Resolve what we can locally, want the rest up to the window.
+                wants: list[CID] = []
+                while todo and len(outstanding) + len(wants) < window:
+                    cid, kind = todo.popleft()
+                    if cid in seen:
+                        continue
+                    seen.add(cid)
+                    if repo.has_block(cid):
+                        if kind != -1:
+                            learn(await trio.to_thread.run_sync(repo.load_block, cid), kind, cid)
+                        continue
+                    if kind == -1 and cid.codec != RAW or kind != -1 and cid.codec != DAG_CBOR:
+                        raise FetchError(f"archive {root}: {cid} has the wrong codec for its place in the tree")
+                    outstanding[cid] = kind
+                    wants.append(cid)
+                if wants:
+                    self._client(Want(sid, tuple(wants)))
+                if not outstanding:
+                    continue
+                cid, data, why = await session.recv.receive()
+                kind = outstanding.pop(cid, None)
+                if kind is None:
+                    continue
+                if data is None:
+                    raise FetchError(f"archive {root}: could not fetch block {cid}: {why}")
+                batch.append((cid, data))
+                batch_bytes += len(data)
+                if kind != -1:
+                    learn(data, kind, cid)
+                    await store(final=True)  # index nodes first, so a crash leaves a walkable prefix
+                else:
+                    await store()
+            await store(final=True)
+        finally:
+            self._close_session(sid)
+        return await trio.to_thread.run_sync(repo.register_root, root)
+
+
+async def _reset(stream: Any) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass

@@ -1,0 +1,450 @@
+"""The libp2p host of a p2pcache node: identity, transports, private network, allowlist, bootstrap.
+
+Owns: building a py-libp2p host that speaks TCP + Noise + Yamux and nothing else (no plaintext, no
+mplex), with an ed25519 identity kept in a file (so the peer ID survives restarts), optionally inside
+a private network (a kubo `swarm.key`, see `pnet`), optionally refusing every peer not on an
+allowlist, and keeping connections to bootstrap peers up with exponential backoff. It hands out
+streams and peer up/down events to the protocol drivers above it (bitswap, routing).
+
+It must not know any protocol beyond libp2p's own: drivers register their stream handlers here and
+open their streams through `new_stream`.
+
+    config = HostConfig(identity=Path("identity.key"), listen=("/ip4/0.0.0.0/tcp/4001",))
+    async with open_host(config) as host:      # listening when the block starts
+        print(host.peer_id, host.addrs())
+        ...
+or, in a nursery the caller owns: `host = NodeHost(config); await nursery.start(host.run)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.serialization import deserialize_private_key
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.tcp.tcp import TCP
+
+from ..errors import InvalidInput, InvalidKey, P2PCacheError
+from .pnet import KEY_SIZE, PskStream, read_swarm_key, write_swarm_key
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "HostConfig", "NodeHost", "PeerEvent", "open_host", "load_identity", "new_swarm_key_file",
+    "parse_peer_addr",
+]
+
+
+class HostError(P2PCacheError):
+    """The host could not start (bad listen address, port in use, unreadable identity)."""
+
+
+# -- identity -------------------------------------------------------------------------------------
+
+
+def load_identity(path: Path | str, create: bool = True) -> KeyPair:
+    """The ed25519 key pair in `path` (libp2p's protobuf PrivateKey encoding, as kubo keeps it),
+    created with mode 0600 if missing. The peer ID is derived from it, so it is stable."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if not create:
+            raise InvalidKey(f"no node identity at {path}; start the node once to create it") from None
+        pair = create_new_key_pair()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, pair.private_key.serialize())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # no clobbering: a concurrent creator wins and we read its key
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        return load_identity(path, create=False)
+    except OSError as e:
+        raise InvalidKey(f"cannot read node identity {path}: {e.strerror}") from None
+    try:
+        private = deserialize_private_key(data)
+    except Exception:
+        raise InvalidKey(f"{path} is not a libp2p private key; move it away to create a new identity") from None
+    if path.stat().st_mode & 0o077:
+        log.warning("node identity %s is readable by others; chmod 600 it", path)
+    return KeyPair(private, private.get_public_key())
+
+
+def new_swarm_key_file(path: Path | str, overwrite: bool = False) -> bytes:
+    """Create a kubo-format swarm.key with a fresh random key (mode 0600). For `p2pcache swarm-key new`."""
+    return write_swarm_key(path, overwrite=overwrite)
+
+
+def parse_peer_addr(addr: str | multiaddr.Multiaddr) -> PeerInfo:
+    """A dialable peer from a multiaddr ending in /p2p/<peer id>."""
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(str(addr)))
+    except Exception as e:
+        raise InvalidInput(f"{addr} is not a peer address (/ip4/…/tcp/…/p2p/<peer id>): {e}") from None
+
+
+def _peer_id(text: str | ID) -> ID:
+    if isinstance(text, ID):
+        return text
+    try:
+        return ID.from_base58(text)
+    except Exception:
+        raise InvalidInput(f"{text!r} is not a peer ID") from None
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    identity: Path  # ed25519 key file, created (0600) if missing
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
+    swarm_key: bytes | None = None  # 32-byte PSK: only peers with the same key can connect
+    allow_peers: frozenset[str] | None = None  # peer IDs (base58) allowed to connect; None: everyone
+    bootstrap: tuple[str, ...] = ()  # /ip4/…/tcp/…/p2p/<id> addresses kept connected
+    backoff_initial: float = 1.0  # seconds before the first redial of a bootstrap peer
+    backoff_max: float = 60.0
+    # A peer outside our private network sends noise, which some handshakes wait on rather than
+    # reject: this bounds how long such a connection (or any slow dial) is kept.
+    handshake_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.swarm_key is not None and len(self.swarm_key) != KEY_SIZE:
+            raise InvalidKey(f"a swarm key is {KEY_SIZE} bytes, got {len(self.swarm_key)}")
+        for addr in self.listen:
+            try:
+                multiaddr.Multiaddr(addr)
+            except Exception:
+                raise InvalidInput(f"listen address {addr!r} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/4001)") from None
+        if self.allow_peers is not None:
+            for p in self.allow_peers:
+                _peer_id(p)
+        for b in self.bootstrap:
+            parse_peer_addr(b)
+
+    @classmethod
+    def from_files(cls, identity: Path | str, swarm_key_file: Path | str | None = None, **kw: Any) -> "HostConfig":
+        key = read_swarm_key(swarm_key_file) if swarm_key_file is not None else None
+        if "allow_peers" in kw and kw["allow_peers"] is not None:
+            kw["allow_peers"] = frozenset(kw["allow_peers"])
+        return cls(identity=Path(identity), swarm_key=key, **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerEvent:
+    """`peer` got its first connection (`connected=True`) or lost its last one."""
+
+    peer: ID
+    connected: bool
+
+
+# -- transports -----------------------------------------------------------------------------------
+
+
+class _PskTCP(TCP):
+    """TCP whose every connection, both directions, runs inside the PSK v1 protector."""
+
+    def __init__(self, psk: bytes) -> None:
+        super().__init__()
+        self._psk = psk
+
+    async def dial(self, maddr: multiaddr.Multiaddr) -> Any:
+        raw = await super().dial(maddr)
+        raw.stream = PskStream(raw.stream, self._psk)
+        return raw
+
+    async def dial_with_source(self, maddr: multiaddr.Multiaddr, source: tuple[str, int]) -> Any:
+        raw = await super().dial_with_source(maddr, source)
+        raw.stream = PskStream(raw.stream, self._psk)
+        return raw
+
+    def create_listener(self, handler_function: Callable[[Any], Awaitable[None]]) -> Any:
+        psk = self._psk
+
+        async def protected(stream: Any) -> None:
+            await handler_function(PskStream(stream, psk))
+
+        return super().create_listener(protected)
+
+
+class _Notifee:
+    """Swarm notifications, forwarded to the host's own task (never handled inline in the swarm)."""
+
+    def __init__(self, send: trio.MemorySendChannel) -> None:
+        self._send = send
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        self._send.send_nowait(("up", conn))
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        self._send.send_nowait(("down", conn))
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def listen(self, network: Any, maddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, maddr: Any) -> None:
+        pass
+
+
+# -- the host -------------------------------------------------------------------------------------
+
+
+StreamHandler = Callable[[Any], Awaitable[None]]
+
+
+class NodeHost:
+    """A running libp2p host (after `run` has started). `libp2p` is the py-libp2p host, for layers
+    (like Kademlia) that take one; everything else goes through the methods here."""
+
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self.key_pair = load_identity(config.identity)
+        noise = NoiseTransport(self.key_pair, noise_privkey=_x25519_private())
+        transports = [_PskTCP(config.swarm_key)] if config.swarm_key is not None else [TCP()]
+        self.libp2p = new_host(
+            key_pair=self.key_pair,
+            sec_opt={NOISE_PROTOCOL_ID: noise},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen],
+            transports=transports,
+            negotiate_timeout=max(1, math.ceil(config.handshake_timeout)),
+            connection_config=ConnectionConfig(
+                dial_timeout=config.handshake_timeout,
+                inbound_upgrade_timeout=config.handshake_timeout,
+                outbound_upgrade_timeout=config.handshake_timeout,
+                outbound_stream_protocol_negotiation_timeout=config.handshake_timeout,
+                inbound_stream_protocol_negotiation_timeout=config.handshake_timeout,
+            ),
+        )
+        self.peer_id: ID = self.libp2p.get_id()
+        self._allowed = (
+            frozenset(_peer_id(p) for p in config.allow_peers) if config.allow_peers is not None else None
+        )
+        self._conns: dict[ID, set[Any]] = {}  # open connections (swarm conns) per peer
+        self._subscribers: list[trio.MemorySendChannel] = []
+        self._changed = trio.Event()
+        self._running = False
+
+    # -- queries ----------------------------------------------------------------------------------
+    def allowed(self, peer: ID) -> bool:
+        return self._allowed is None or peer in self._allowed
+
+    def addrs(self) -> list[multiaddr.Multiaddr]:
+        """Our listen addresses with /p2p/<peer id>, ready to hand to another node."""
+        suffix = f"/p2p/{self.peer_id.to_base58()}"
+        out = []
+        for a in self.libp2p.get_addrs():
+            text = str(a)
+            out.append(multiaddr.Multiaddr(text if "/p2p/" in text else text + suffix))
+        return out
+
+    def connected_peers(self) -> list[ID]:
+        return list(self._conns)
+
+    def is_connected(self, peer: ID) -> bool:
+        return bool(self._conns.get(peer))
+
+    # -- connections and streams ------------------------------------------------------------------
+    async def connect(self, addr: str | multiaddr.Multiaddr | PeerInfo) -> ID:
+        """Dial a peer (a no-op if connected). Raises OSError-free `HostError` with one line on failure."""
+        info = addr if isinstance(addr, PeerInfo) else parse_peer_addr(addr)
+        if not self.allowed(info.peer_id):
+            raise HostError(f"peer {info.peer_id} is not on this node's allowlist; not dialling it")
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                await self.libp2p.connect(info)
+        except trio.TooSlowError:
+            raise HostError(f"cannot connect to {info.peer_id}: no handshake within {self.config.handshake_timeout:g}s "
+                            f"(a different swarm key?)") from None
+        except Exception as e:
+            raise HostError(f"cannot connect to {info.peer_id} at {[str(a) for a in info.addrs]}: {e}") from None
+        self._mark_up(info.peer_id)
+        return info.peer_id
+
+    def add_addrs(self, peer: ID, addrs: Iterable[multiaddr.Multiaddr], ttl: int = 3600) -> None:
+        """Remember where `peer` listens, so `new_stream` can dial it."""
+        self.libp2p.get_peerstore().add_addrs(peer, list(addrs), ttl)
+
+    async def new_stream(self, peer: ID, protocols: Sequence[str]) -> Any:
+        """A stream to `peer` speaking the first of `protocols` it accepts (dialling it if needed)."""
+        if not self.allowed(peer):
+            raise HostError(f"peer {peer} is not on this node's allowlist")
+        stream = await self.libp2p.new_stream(peer, [TProtocol(p) for p in protocols])
+        self._mark_up(peer)
+        return stream
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve `protocol`. Streams from peers off the allowlist are reset before `handler` sees them."""
+
+        async def gated(stream: Any) -> None:
+            if not self.allowed(stream.muxed_conn.peer_id):
+                await stream.reset()
+                return
+            await handler(stream)
+
+        self.libp2p.set_stream_handler(TProtocol(protocol), gated)
+
+    async def disconnect(self, peer: ID) -> None:
+        await self.libp2p.disconnect(peer)
+
+    def subscribe(self) -> trio.MemoryReceiveChannel:
+        """PeerEvents from now on, starting with a `connected=True` for every peer connected now."""
+        send, recv = trio.open_memory_channel(math.inf)
+        for p in self.connected_peers():
+            send.send_nowait(PeerEvent(p, True))
+        self._subscribers.append(send)
+        return recv
+
+    # -- running ----------------------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, keep bootstrap peers connected and enforce the allowlist until cancelled.
+        `task_status.started(self)` once listening."""
+        if self._running:
+            raise HostError("this host is already running")
+        self._running = True
+        events_send, events_recv = trio.open_memory_channel(math.inf)
+        self.libp2p.get_network().register_notifee(_Notifee(events_send))
+        try:
+            async with self.libp2p.run(listen_addrs=[multiaddr.Multiaddr(a) for a in self.config.listen]):
+                if not self.libp2p.get_addrs():
+                    raise HostError(f"could not listen on {', '.join(self.config.listen)} (port in use?)")
+                # The swarm's auto-connector redials every peer it ever saw to keep ~150 connections;
+                # a cache node dials whom its bootstrap list and its drivers ask for, and a peer we
+                # dropped for misbehaving must stay dropped.
+                await self.libp2p.get_network().auto_connector.stop()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump_events, events_recv)
+                    for addr in self.config.bootstrap:
+                        nursery.start_soon(self._keep_connected, parse_peer_addr(addr))
+                    task_status.started(self)
+                    await trio.sleep_forever()
+        finally:
+            self._running = False
+            with trio.CancelScope(shield=True):
+                for s in self._subscribers:
+                    s.close()
+
+    async def _pump_events(self, events: trio.MemoryReceiveChannel) -> None:
+        async with trio.open_nursery() as nursery:
+            async for kind, conn in events:
+                try:
+                    peer = conn.muxed_conn.peer_id
+                except AttributeError:
+                    continue
+                if kind == "up":
+                    if not self.allowed(peer):
+                        log.info("closing connection from %s: not on the allowlist", peer)
+                        nursery.start_soon(_close_quietly, conn)
+                        continue
+                    self._mark_up(peer, conn)
+                else:
+                    self._mark_down(peer, conn)
+
+    def _mark_up(self, peer: ID, conn: Any = None) -> None:
+        """A connection to `peer` is up (`conn=None`: whatever connections the swarm has now)."""
+        if not self.allowed(peer):
+            return
+        conns = self._conns.setdefault(peer, set())
+        was = len(conns)
+        if conn is not None:
+            conns.add(conn)
+        else:
+            conns.update(self.libp2p.get_network().connections.get(peer, []))
+        if not conns:
+            del self._conns[peer]
+        elif was == 0:
+            self._publish(PeerEvent(peer, True))
+
+    def _mark_down(self, peer: ID, conn: Any) -> None:
+        conns = self._conns.get(peer)
+        if not conns:
+            return
+        conns.discard(conn)
+        if not conns:
+            del self._conns[peer]
+            self._publish(PeerEvent(peer, False))
+
+    def _publish(self, event: PeerEvent) -> None:
+        for s in list(self._subscribers):
+            try:
+                s.send_nowait(event)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._subscribers.remove(s)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _keep_connected(self, info: PeerInfo) -> None:
+        """Dial a bootstrap peer, redial with exponential backoff (and jitter) whenever it is lost."""
+        delay = self.config.backoff_initial
+        while True:
+            if not self.is_connected(info.peer_id):
+                try:
+                    await self.connect(info)
+                    delay = self.config.backoff_initial
+                    log.info("connected to bootstrap peer %s", info.peer_id)
+                except HostError as e:
+                    log.info("bootstrap dial failed, retrying in %.1fs: %s", delay, e)
+                    await trio.sleep(delay * random.uniform(0.8, 1.2))
+                    delay = min(self.config.backoff_max, delay * 2)
+                    continue
+            changed = self._changed
+            if self.is_connected(info.peer_id):
+                await changed.wait()
+
+
+def _x25519_private() -> Any:
+    from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
+
+    return new_x25519().private_key
+
+
+async def _close_quietly(conn: Any) -> None:
+    try:
+        await conn.close()
+    except Exception:  # already closing: nothing left to do
+        pass
+
+
+@asynccontextmanager
+async def open_host(config: HostConfig) -> AsyncIterator[NodeHost]:
+    """A listening host for the duration of the block; stopped (connections closed) after it."""
+    host = NodeHost(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        try:
+            yield host
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,308 @@
+"""A p2pcache node: one repo, one libp2p host, the bitswap exchange, the DHT and the resolve protocol,
+and the local HTTP API — composed and run in one trio nursery.
+
+Getting an archive by any key goes: the local repo → the DHT (providers of the key's alias, bounded by
+`lookup_timeout`, misses cached) → the resolve protocol (ask a provider which root it holds for the
+key, happy-eyeballs over several providers) → the manifest root block, checked to carry the hash that
+was asked for → the rest of the archive over bitswap, every block verified → registered in the repo
+and announced. Nothing a peer says is trusted before the bytes prove it.
+
+Concurrency: the repo has one owner, this node. Repo calls that write or hash run in worker threads;
+the index serialises its transactions, so an add, a fetch and the bitswap server can run at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from . import __version__
+from .config import NodeConfig
+from .content.cid import CID, DAG_CBOR
+from .content.keys import HashKey, RootKey, parse_key
+from .content.manifest import ArchiveManifest
+from .errors import InvalidInput, MalformedBlock, NotFound, P2PCacheError
+from .http.api import make_app
+from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
+from .net.host import HostConfig, NodeHost
+from .routing import (DHT, AnnouncerConfig, DHTConfig, FinderConfig, ProviderAnnouncer, ProviderFinder,
+                      ResolveAnswer, ResolveServer, resolve)
+from .store.repo import Repo
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int | None], None]
+
+
+class _CountingSource(RepoBlockSource):
+    """The repo as the bitswap server sees it, counting what it hands out."""
+
+    def __init__(self, repo: Repo) -> None:
+        super().__init__(repo)
+        self.blocks_served = 0
+        self.bytes_served = 0
+
+    def get(self, cid: CID) -> bytes | None:
+        data = super().get(cid)
+        if data is not None:
+            self.blocks_served += 1
+            self.bytes_served += len(data)
+        return data
+
+
+@dataclass
+class NodeStats:
+    fetches: int = 0
+    fetch_failures: int = 0
+    bytes_fetched: int = 0
+    local_hits: int = 0
+
+
+def root_aliases(repo: Repo, root: CID) -> list[str]:
+    info = repo.root_info(root)
+    return [str(root), *info.aliases]
+
+
+class Node:
+    def __init__(self, repo_path: Path, config: NodeConfig):
+        self.repo_path = Path(repo_path)
+        self.config = config
+        self.stats = NodeStats()
+        self.repo: Repo | None = None
+        self.host: NodeHost | None = None
+        self.exchange: BitswapExchange | None = None
+        self.dht: DHT | None = None
+        self.announcer: ProviderAnnouncer | None = None
+        self.finder: ProviderFinder | None = None
+        self.source: _CountingSource | None = None
+        self.api_url: str | None = None
+        self.started_at = time.time()
+
+    # -- running ------------------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Open everything, serve until cancelled. `task_status.started(self)` once listening."""
+        repo = Repo.open(self.repo_path, writable=True) if Repo.exists(self.repo_path) else Repo.init(self.repo_path)
+        self.repo = repo
+        try:
+            cfg = self.config
+            host_cfg = HostConfig.from_files(
+                identity=self.repo_path / "identity.key",
+                swarm_key_file=cfg.swarm_key_path(self.repo_path),
+                listen=tuple(cfg.listen),
+                bootstrap=tuple(cfg.bootstrap),
+                allow_peers=cfg.allow_peers or None,
+            )
+            self.host = NodeHost(host_cfg)
+            self.source = _CountingSource(repo)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.host.run)
+                self.exchange = BitswapExchange(self.host, self.source)
+                await nursery.start(self.exchange.run)
+                self.dht = DHT(self.host, DHTConfig())
+                await nursery.start(self.dht.run)
+                self.announcer = ProviderAnnouncer(self.dht, AnnouncerConfig(interval=cfg.reannounce_interval))
+                for info in repo.index.list_roots():
+                    if info.complete:
+                        self.announcer.add(info.root, info.aliases)
+                nursery.start_soon(self.announcer.run)
+                self.finder = ProviderFinder(self.dht, FinderConfig(negative_ttl=cfg.negative_ttl,
+                                                                    default_timeout=cfg.lookup_timeout))
+                ResolveServer(lookup=self._answer_resolve).register(self.host)
+                binds = await nursery.start(self._serve_api)
+                self.api_url = binds[0] if binds else None
+                self._write_api_file()
+                task_status.started(self)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._remove_api_file()
+        finally:
+            repo.close()
+
+    async def _serve_api(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        hc = HypercornConfig()
+        hc.bind = [self.config.api_listen]
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("p2pcache.http")
+        hc.graceful_timeout = 1.0
+        await serve(make_app(self), hc, task_status=task_status)  # started(["http://host:port", ...])
+
+    def _write_api_file(self) -> None:
+        assert self.host is not None
+        info = {
+            "api": self.api_url,
+            "pid": os.getpid(),
+            "peer_id": self.host.peer_id.to_base58(),
+            "addrs": [str(a) for a in self.host.addrs()],
+            "version": __version__,
+        }
+        tmp = self.repo_path / f"api.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(self.repo_path / "api.json")
+
+    def _remove_api_file(self) -> None:
+        try:
+            info = json.loads((self.repo_path / "api.json").read_text())
+            if info.get("pid") == os.getpid():
+                (self.repo_path / "api.json").unlink()
+        except (OSError, ValueError):
+            pass
+
+    # -- what the API offers ------------------------------------------------------------------
+    def status(self) -> dict:
+        assert self.repo is not None and self.host is not None
+        roots = self.repo.index.list_roots()
+        client = self.exchange.client.stats() if self.exchange else None
+        return {
+            "version": __version__,
+            "peer_id": self.host.peer_id.to_base58(),
+            "addrs": [str(a) for a in self.host.addrs()],
+            "api": self.api_url,
+            "repo": str(self.repo_path),
+            "roots": len(roots),
+            "roots_incomplete": sum(1 for r in roots if not r.complete),
+            "stored_bytes": self.repo.stored_bytes(),
+            "peers": len(self.host.connected_peers()),
+            "bytes_served": self.source.bytes_served if self.source else 0,
+            "blocks_served": self.source.blocks_served if self.source else 0,
+            "bytes_fetched": self.stats.bytes_fetched,
+            "blocks_fetched": client.blocks_received if client else 0,
+            "duplicate_blocks": client.duplicate_blocks if client else 0,
+            "fetches": self.stats.fetches,
+            "fetch_failures": self.stats.fetch_failures,
+            "uptime": round(time.time() - self.started_at, 1),
+        }
+
+    def peers(self) -> list[dict]:
+        assert self.host is not None
+        return [{"peer_id": p.to_base58()} for p in self.host.connected_peers()]
+
+    async def add_file(self, path: str, name: str | None, progress: ProgressFn) -> dict:
+        assert self.repo is not None
+        try:
+            total = os.path.getsize(path)
+        except OSError as e:
+            raise InvalidInput(f"cannot add {path}: {e.strerror}") from None
+        done = [0]
+
+        def cb(n: int) -> None:
+            done[0] += n
+            progress(done[0], total)
+
+        result = await trio.to_thread.run_sync(lambda: self.repo.add_file(path, name=name, progress=cb))
+        self._announce(result.root)
+        return {**result.to_json(), "file": path, "announced": True}
+
+    def _announce(self, root: CID) -> None:
+        if self.announcer is not None and self.repo is not None:
+            self.announcer.add(root, root_aliases(self.repo, root))
+
+    async def fetch(self, key: str, progress: ProgressFn) -> dict:
+        """Make `key` local (repo, else swarm) and return its root's summary."""
+        assert self.repo is not None
+        parsed = parse_key(key)
+        try:
+            root = self.repo.resolve(parsed)
+            if self.repo.root_info(root).complete:
+                self.stats.local_hits += 1
+                return {"root": str(root), "source": "local", "size": self.repo.root_info(root).size}
+        except NotFound:
+            pass
+        self.stats.fetches += 1
+        try:
+            root, size = await self._fetch_from_swarm(parsed, progress)
+        except P2PCacheError:
+            self.stats.fetch_failures += 1
+            raise
+        self._announce(root)
+        return {"root": str(root), "source": "swarm", "size": size}
+
+    async def _fetch_from_swarm(self, key: HashKey | RootKey, progress: ProgressFn) -> tuple[CID, int]:
+        assert self.finder is not None and self.exchange is not None and self.repo is not None
+        alias = str(key.cid) if isinstance(key, RootKey) else key.alias
+        providers = await self.finder.find_providers(alias, timeout=self.config.lookup_timeout)
+        providers = [p for p in providers if p.peer_id != self.host.peer_id]  # type: ignore[union-attr]
+        if not providers:
+            raise NotFound(f"{alias}: not in the local repo and no peer in the swarm announces it")
+        if isinstance(key, RootKey):
+            root = key.cid
+        else:
+            root = await self._resolve_root(alias, providers)
+        # Fetch the root first and check it is what was asked for before fetching the rest.
+        blocks = await self.exchange.fetch_blocks([root], providers)
+        manifest = _decode_root(root, blocks[root])
+        if isinstance(key, HashKey) and manifest.hashes.get(key.algo) != key.digest:
+            raise FetchError(f"a peer answered {root} for {alias}, but that archive has a different {key.algo}")
+        progress(0, manifest.size)
+        before = self.repo.stored_bytes()
+        fetched = trio.Event()
+
+        async def report() -> None:
+            while not fetched.is_set():
+                with trio.move_on_after(0.25):
+                    await fetched.wait()
+                progress(min(manifest.size, max(0, self.repo.stored_bytes() - before)), manifest.size)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(report)
+            try:
+                await self.exchange.fetch_archive(root, providers, self.repo)
+            finally:
+                fetched.set()
+        self.stats.bytes_fetched += max(0, self.repo.stored_bytes() - before)
+        progress(manifest.size, manifest.size)
+        return root, manifest.size
+
+    async def _resolve_root(self, alias: str, providers: list) -> CID:
+        """Ask providers which root they hold for `alias`: stagger the asks, first valid answer wins."""
+        assert self.host is not None
+        winner: list[ResolveAnswer] = []
+
+        async def ask(peer: Any, delay: float, cancel: trio.CancelScope) -> None:
+            await trio.sleep(delay)
+            try:
+                answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
+            except P2PCacheError as e:
+                log.info("resolve %s at %s failed: %s", alias, peer.peer_id, e)
+                return
+            if answer is not None and answer.root.codec == DAG_CBOR and not winner:
+                winner.append(answer)
+                cancel.cancel()
+
+        with trio.move_on_after(self.config.lookup_timeout * 2) as scope:
+            async with trio.open_nursery() as nursery:
+                for i, peer in enumerate(providers[:5]):
+                    nursery.start_soon(ask, peer, i * 0.2, nursery.cancel_scope)
+        if not winner:
+            why = "timed out" if scope.cancelled_caught else "none of them holds it any more"
+            raise NotFound(f"{alias}: {len(providers)} peer(s) announce it but resolving it {why}")
+        return winner[0].root
+
+    def _answer_resolve(self, alias: str) -> ResolveAnswer | None:
+        """What we hold under `alias`, for other peers' resolve requests."""
+        if self.repo is None:
+            return None
+        try:
+            root = self.repo.resolve(alias)
+            info = self.repo.root_info(root)
+        except P2PCacheError:
+            return None
+        if not info.complete:
+            return None
+        return ResolveAnswer(root=root, kind=info.kind, size=info.size)
+
+
+def _decode_root(root: CID, data: bytes) -> ArchiveManifest:
+    try:
+        return ArchiveManifest.decode(data)
+    except MalformedBlock as e:
+        raise FetchError(f"{root} is not an archive manifest: {e}") from None

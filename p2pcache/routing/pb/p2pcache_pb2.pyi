@@ -1,0 +1,47 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ResolveRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    def __init__(self, key: _Optional[str] = ...) -> None: ...
+
+class NarInfo(_message.Message):
+    __slots__ = ("store_path", "nar_hash", "nar_size", "references", "deriver", "system", "ca", "sigs")
+    STORE_PATH_FIELD_NUMBER: _ClassVar[int]
+    NAR_HASH_FIELD_NUMBER: _ClassVar[int]
+    NAR_SIZE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCES_FIELD_NUMBER: _ClassVar[int]
+    DERIVER_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    CA_FIELD_NUMBER: _ClassVar[int]
+    SIGS_FIELD_NUMBER: _ClassVar[int]
+    store_path: str
+    nar_hash: str
+    nar_size: int
+    references: _containers.RepeatedScalarFieldContainer[str]
+    deriver: str
+    system: str
+    ca: str
+    sigs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, store_path: _Optional[str] = ..., nar_hash: _Optional[str] = ..., nar_size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., deriver: _Optional[str] = ..., system: _Optional[str] = ..., ca: _Optional[str] = ..., sigs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ResolveResponse(_message.Message):
+    __slots__ = ("found", "root", "kind", "size", "narinfo")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    NARINFO_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    root: bytes
+    kind: str
+    size: int
+    narinfo: NarInfo
+    def __init__(self, found: _Optional[bool] = ..., root: _Optional[bytes] = ..., kind: _Optional[str] = ..., size: _Optional[int] = ..., narinfo: _Optional[_Union[NarInfo, _Mapping]] = ...) -> None: ...

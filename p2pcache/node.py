@@ -114,6 +114,7 @@ class Node:
                     if info.complete:
                         self.announcer.add(info.root, info.aliases)
                 nursery.start_soon(self.announcer.run)
+                nursery.start_soon(self._reannounce_on_new_peers)
                 self.finder = ProviderFinder(self.dht, FinderConfig(negative_ttl=cfg.negative_ttl,
                                                                     default_timeout=cfg.lookup_timeout))
                 ResolveServer(lookup=self._answer_resolve).register(self.host)
@@ -127,6 +128,24 @@ class Node:
                     self._remove_api_file()
         finally:
             repo.close()
+
+    async def _reannounce_on_new_peers(self) -> None:
+        """A sweep that reached nobody (we started before our peers) is redone when a peer turns up,
+        instead of waiting for the next scheduled sweep."""
+        assert self.host is not None and self.announcer is not None
+        settled_failures = 0
+        events = self.host.subscribe()
+        async for event in events:
+            if not event.connected or self.announcer.stats.failed <= settled_failures:
+                continue
+            await trio.sleep(1.0)  # let the DHT learn the new peer (and any others arriving together)
+            while True:  # drain events that came in meanwhile
+                try:
+                    events.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            settled_failures = self.announcer.stats.failed
+            await self.announcer.sweep()
 
     async def _serve_api(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         hc = HypercornConfig()
@@ -180,6 +199,13 @@ class Node:
             "fetches": self.stats.fetches,
             "fetch_failures": self.stats.fetch_failures,
             "uptime": round(time.time() - self.started_at, 1),
+            "announce": {
+                "keys": len(self.announcer.announcements.keys()) if self.announcer else 0,
+                "pending": self.announcer.pending if self.announcer else 0,
+                "provided": self.announcer.stats.provided if self.announcer else 0,
+                "failed": self.announcer.stats.failed if self.announcer else 0,
+                "sweeps": self.announcer.stats.sweeps if self.announcer else 0,
+            },
         }
 
     def peers(self) -> list[dict]:
@@ -255,7 +281,19 @@ class Node:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
             try:
-                await self.exchange.fetch_archive(root, providers, self.repo)
+                for attempt in range(3):
+                    try:
+                        await self.exchange.fetch_archive(root, providers, self.repo)
+                        break
+                    except FetchError as e:
+                        # Providers went away mid-transfer: look again (others may have it, and blocks
+                        # already stored are not fetched twice) before giving up.
+                        log.info("fetch of %s failed (%s); looking for other providers", root, e)
+                        again = await self.finder.find_providers(alias, timeout=self.config.lookup_timeout)
+                        alive = [p for p in again if p.peer_id != self.host.peer_id]
+                        if attempt == 2 or not alive:
+                            raise
+                        providers = alive
             finally:
                 fetched.set()
         self.stats.bytes_fetched += max(0, self.repo.stored_bytes() - before)

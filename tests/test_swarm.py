@@ -1,0 +1,102 @@
+"""Real daemons as subprocesses on loopback: a private team swarm of five nodes."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .helpers.daemons import start_daemon
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def swarm_key(tmp_path):
+    path = tmp_path / "swarm.key"
+    subprocess.run([sys.executable, "-m", "p2pcache", "swarm-key", "new", "-o", str(path)], check=True)
+    return path
+
+
+@pytest.fixture
+def daemons():
+    started = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+def test_five_node_private_swarm_fetch_across_hops(tmp_path, rng, swarm_key, daemons):
+    nodes = []
+    for i in range(5):  # a chain: each node only knows the previous one
+        boot = [nodes[-1].addr] if nodes else []
+        nodes.append(start_daemon(tmp_path / f"n{i}", bootstrap=boot, swarm_key=swarm_key))
+        daemons.append(nodes[-1])
+    data = rng.randbytes(3 * MiB + 12345)
+    src = tmp_path / "artifact.tar"
+    src.write_bytes(data)
+
+    added = json.loads(nodes[0].cli("add", "--json", str(src)).stdout)  # through n0's daemon
+    assert added["announced"] is True
+    nodes[0].wait_announced(3)  # root CID, sha256, sha512
+
+    out = tmp_path / "out.tar"
+    nodes[4].cli("get", f"sha256:{hashlib.sha256(data).hexdigest()}", "-o", str(out), timeout=60)
+    assert out.read_bytes() == data
+    st4 = nodes[4].status()
+    # everything came from peers: the chunks plus the (small) manifest blocks
+    assert len(data) < st4["bytes_fetched"] < len(data) + 64 * 1024
+    assert st4["fetches"] == 1 and st4["roots"] == 1
+    assert nodes[0].status()["bytes_served"] >= len(data)
+
+    # n4 now holds it and announces it too; n3 can get it by SRI, n2 by root CID
+    nodes[4].wait_announced(3)
+    cat = nodes[3].cli("cat", added["sri_sha512"], timeout=60)
+    assert cat.stdout == data
+    nodes[2].cli("get", added["root"], "-o", str(out), timeout=60)
+    assert out.read_bytes() == data
+
+    # a miss is a clear error within the lookup timeout, not a hang
+    t = time.monotonic()
+    miss = nodes[1].cli("get", "sha256:" + "ab" * 32, "-o", str(out), check=False, timeout=60)
+    assert miss.returncode == 3 and "no peer in the swarm announces it" in miss.stderr.decode()
+    assert time.monotonic() - t < 30
+
+    # a node without the swarm key cannot join, and so cannot fetch
+    outsider = start_daemon(tmp_path / "outsider", bootstrap=[nodes[0].addr])
+    daemons.append(outsider)
+    time.sleep(2)
+    assert outsider.status()["peers"] == 0
+    assert all(n.status()["peers"] >= 1 for n in nodes)
+    res = outsider.cli("get", added["root"], "-o", str(out), check=False, timeout=60)
+    assert res.returncode == 3
+
+
+def test_seeder_killed_mid_transfer_second_seeder_finishes(tmp_path, rng, daemons):
+    data = rng.randbytes(48 * MiB)
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    a = start_daemon(tmp_path / "a")
+    b = start_daemon(tmp_path / "b", bootstrap=[a.addr])
+    daemons += [a, b]
+    for seeder in (a, b):
+        seeder.cli("add", str(src))
+        seeder.wait_announced(3)
+    c = start_daemon(tmp_path / "c", bootstrap=[a.addr, b.addr])
+    daemons.append(c)
+    out = tmp_path / "out.bin"
+    env_get = subprocess.Popen([sys.executable, "-m", "p2pcache", "--repo", str(c.repo), "get",
+                                "sha256:" + hashlib.sha256(data).hexdigest(), "-o", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while c.status()["stored_bytes"] < 4 * MiB:  # the transfer is under way
+        assert env_get.poll() is None, env_get.stderr.read().decode()
+        assert time.monotonic() < deadline, "transfer never started"
+        time.sleep(0.05)
+    a.kill()
+    assert env_get.wait(timeout=120) == 0, env_get.stderr.read().decode()
+    assert out.read_bytes() == data
+    st = c.status()
+    assert len(data) < st["bytes_fetched"] < len(data) + 64 * 1024  # no block fetched twice

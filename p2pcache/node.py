@@ -196,6 +196,7 @@ class Node:
             "bytes_fetched": self.stats.bytes_fetched,
             "blocks_fetched": client.blocks_received if client else 0,
             "duplicate_blocks": client.duplicate_blocks if client else 0,
+            "peers_penalised": sorted({p.to_base58() for p, _ in self.exchange.penalised}) if self.exchange else [],
             "fetches": self.stats.fetches,
             "fetch_failures": self.stats.fetch_failures,
             "uptime": round(time.time() - self.started_at, 1),

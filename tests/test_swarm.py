@@ -5,10 +5,14 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from .helpers.daemons import start_daemon
+
+EVIL_NODE = str(Path(__file__).parent / "helpers" / "evil_node.py")
+GARBAGE_PEER = str(Path(__file__).parent / "helpers" / "garbage_peer.py")
 
 MiB = 1 << 20
 
@@ -100,3 +104,44 @@ def test_seeder_killed_mid_transfer_second_seeder_finishes(tmp_path, rng, daemon
     assert out.read_bytes() == data
     st = c.status()
     assert len(data) < st["bytes_fetched"] < len(data) + 64 * 1024  # no block fetched twice
+
+
+def test_corrupt_seeder_is_rejected_and_honest_one_completes(tmp_path, rng, daemons):
+    data = rng.randbytes(6 * MiB)
+    src = tmp_path / "art.bin"
+    src.write_bytes(data)
+    honest = start_daemon(tmp_path / "honest")
+    daemons.append(honest)
+    evil = start_daemon(tmp_path / "evil", bootstrap=[honest.addr], entry=[EVIL_NODE])
+    daemons.append(evil)
+    for seeder in (honest, evil):
+        seeder.cli("add", str(src))
+        seeder.wait_announced(3)
+    leech = start_daemon(tmp_path / "leech", bootstrap=[evil.addr, honest.addr])
+    daemons.append(leech)
+    out = tmp_path / "out.bin"
+    leech.cli("get", "sha256:" + hashlib.sha256(data).hexdigest(), "-o", str(out), timeout=120)
+    assert out.read_bytes() == data
+    st = leech.status()
+    assert st["peers_penalised"] == [evil.info["peer_id"]]
+    assert st["roots_incomplete"] == 0 and st["roots"] == 1
+
+
+def test_malformed_and_oversized_messages_drop_the_connection_daemon_keeps_serving(tmp_path, rng, daemons):
+    data = rng.randbytes(2 * MiB)
+    src = tmp_path / "x.bin"
+    src.write_bytes(data)
+    a = start_daemon(tmp_path / "a")
+    daemons.append(a)
+    a.cli("add", str(src))
+    proc = subprocess.run([sys.executable, GARBAGE_PEER, a.addr, str(tmp_path)],
+                          capture_output=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout) == {"malformed": True, "oversized": True}
+    assert a.proc.poll() is None  # still running
+    b = start_daemon(tmp_path / "b", bootstrap=[a.addr])
+    daemons.append(b)
+    a.wait_announced(3)  # a's first sweep reached nobody; it sweeps again when b connects
+    out = tmp_path / "out.bin"
+    b.cli("get", "sha256:" + hashlib.sha256(data).hexdigest(), "-o", str(out), timeout=60)
+    assert out.read_bytes() == data

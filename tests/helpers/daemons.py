@@ -65,8 +65,9 @@ class Daemon:
 
 
 def start_daemon(repo: Path, *, bootstrap: list[str] = (), swarm_key: Path | None = None,
-                 extra: list[str] = (), python_args: list[str] = (), timeout: float = 30) -> Daemon:
-    args = [sys.executable, *python_args, "-m", "p2pcache", "--repo", str(repo), "daemon", "--json",
+                 extra: list[str] = (), entry: list[str] = ("-m", "p2pcache"), timeout: float = 30) -> Daemon:
+    """Start `python <entry> --repo REPO daemon` on loopback; returns once it printed its ready line."""
+    args = [sys.executable, *entry, "--repo", str(repo), "daemon", "--json",
             "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", *extra]
     for b in bootstrap:
         args += ["--bootstrap", b]

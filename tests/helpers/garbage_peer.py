@@ -1,0 +1,47 @@
+"""A libp2p peer that connects to a daemon and speaks garbage bitswap: malformed protobuf, then a frame
+announcing a 100 MiB message. Prints JSON: whether the daemon dropped us after each.
+
+Usage: python tests/helpers/garbage_peer.py <daemon multiaddr> <workdir>"""
+
+import json
+import sys
+from pathlib import Path
+
+import trio
+
+from p2pcache.exchange.message import PROTOCOL_1_2_0
+from p2pcache.net.host import HostConfig, NodeHost, parse_peer_addr
+
+
+async def attack_once(target: str, key_file: Path, payload: bytes) -> bool:
+    """Connect with a fresh identity (the daemon bans a peer that broke the protocol), send `payload`
+    on a bitswap stream, and report whether the daemon dropped the connection within 10 s."""
+    host = NodeHost(HostConfig(identity=key_file, listen=("/ip4/127.0.0.1/tcp/0",)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        info = parse_peer_addr(target)
+        peer = await host.connect(target)
+        stream = await host.new_stream(peer, [PROTOCOL_1_2_0])
+        dropped = False
+        try:
+            await stream.write(payload)
+            with trio.move_on_after(10):
+                while host.is_connected(info.peer_id):
+                    await trio.sleep(0.05)
+                dropped = True
+        except Exception:
+            dropped = True
+        nursery.cancel_scope.cancel()
+    return dropped
+
+
+async def attack(target: str, workdir: Path) -> dict:
+    return {
+        "malformed": await attack_once(target, workdir / "garbage1.key", b"\x05\xff\xff\xff\xff\xff"),
+        # a uvarint length of 100 MiB: over the 4 MiB message limit before a byte of it arrives
+        "oversized": await attack_once(target, workdir / "garbage2.key", b"\x80\x80\x80\x32" + b"\0" * 1024),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(trio.run(attack, sys.argv[1], Path(sys.argv[2]))))

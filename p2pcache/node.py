@@ -103,11 +103,12 @@ class Node:
             )
             self.host = NodeHost(host_cfg)
             self.source = _CountingSource(repo)
+            # The DHT is built before the host dials anyone, so peers see our DHT protocol from the start.
+            self.dht = DHT(self.host, DHTConfig())
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.host.run)
                 self.exchange = BitswapExchange(self.host, self.source)
                 await nursery.start(self.exchange.run)
-                self.dht = DHT(self.host, DHTConfig())
                 await nursery.start(self.dht.run)
                 self.announcer = ProviderAnnouncer(self.dht, AnnouncerConfig(interval=cfg.reannounce_interval))
                 for info in repo.index.list_roots():

@@ -49,7 +49,7 @@ from .pnet import KEY_SIZE, PskStream, read_swarm_key, write_swarm_key
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "HostConfig", "NodeHost", "PeerEvent", "open_host", "load_identity", "new_swarm_key_file",
+    "HostConfig", "HostError", "NodeHost", "PeerEvent", "open_host", "load_identity", "new_swarm_key_file",
     "parse_peer_addr",
 ]
 
@@ -411,6 +411,11 @@ class NodeHost:
         delay = self.config.backoff_initial
         while True:
             if not self.is_connected(info.peer_id):
+                # The swarm refuses, for 60 s, a peer whose addresses all failed; our own backoff
+                # decides when a bootstrap peer is tried again.
+                unblock = getattr(self.libp2p.get_network(), "unblock_peer", None)
+                if unblock is not None:
+                    unblock(info.peer_id)
                 try:
                     await self.connect(info)
                     delay = self.config.backoff_initial

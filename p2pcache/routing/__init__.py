@@ -2,7 +2,10 @@
 
 A node composes the pieces like this (all trio services take `task_status`):
 
-    dht = DHT(host)                                  # Kademlia under /p2pcache/kad/1.0.0, server mode
+    host = NodeHost(config)                          # p2pcache.net.host
+    dht = DHT(host)                                  # Kademlia under /p2pcache/kad/1.0.0, server mode;
+                                                     # build it before the host dials anyone
+    await nursery.start(host.run)
     await nursery.start(dht.run)                     # bootstrapped from the host's connected peers
     announcer = ProviderAnnouncer(dht)
     for root in repo roots: announcer.add(root.cid, root.aliases)   # CID + sha256:/sha512:/nix: aliases
@@ -21,7 +24,7 @@ sans-IO) and `resolve` (its trio driver).
 """
 
 from .announcer import Announcements, AnnouncerConfig, AnnouncerStats, ProviderAnnouncer
-from .dht import DHT, KAD_PROTOCOL, DHTConfig, ProviderAnswer
+from .dht import DHT, KAD_PROTOCOL, DHTConfig, DHTStats, ProviderAnswer
 from .errors import ResolveProtocolError, ResolveUnavailable, RoutingUsageError
 from .finder import FinderConfig, FinderStats, LookupResult, ProviderFinder
 from .keys import NIX_ALIAS_PREFIX, NIX_NAMESPACE, dht_key, nix_alias
@@ -31,7 +34,7 @@ from .resolve_wire import PROTOCOL as RESOLVE_PROTOCOL
 from .resolve_wire import NarInfoFields, ResolveAnswer
 
 __all__ = [
-    "Announcements", "AnnouncerConfig", "AnnouncerStats", "DHT", "DHTConfig", "FinderConfig", "FinderStats",
+    "Announcements", "AnnouncerConfig", "AnnouncerStats", "DHT", "DHTConfig", "DHTStats", "FinderConfig", "FinderStats",
     "KAD_PROTOCOL", "LookupResult", "NIX_ALIAS_PREFIX", "NIX_NAMESPACE", "NarInfoFields", "ProviderAnnouncer",
     "ProviderAnswer", "ProviderFinder", "ProviderQuery", "QueryStats", "RESOLVE_PROTOCOL", "ResolveAnswer",
     "ResolveProtocolError", "ResolveServer", "ResolveServerStats", "ResolveUnavailable", "RoutingUsageError",

@@ -41,6 +41,7 @@ from multiaddr import Multiaddr
 
 from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
+from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.common import PROTOCOL_ID as _LIBP2P_KAD_PROTOCOL
 from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
@@ -54,7 +55,7 @@ from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from .keys import dht_key
 from .resolve_wire import frame
 
-__all__ = ["DHT", "DHTConfig", "KAD_PROTOCOL", "ProviderAnswer", "dht_key"]
+__all__ = ["DHT", "DHTConfig", "DHTStats", "KAD_PROTOCOL", "ProviderAnswer", "dht_key"]
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,14 @@ class DHTStats:
 class DHT:
     """py-libp2p's KadDHT under our protocol id, plus the provider-record primitives routing uses.
 
-    `await nursery.start(dht.run)` starts the DHT service, bootstraps the routing table from the host's
-    connected peers and returns once that first bootstrap is done; `run` then re-bootstraps every
-    `config.bootstrap_interval` seconds (so peers connected later join the table) until cancelled."""
+    Constructing it registers the kad stream handler, so build it before the host dials anyone: peers
+    learn our protocols from identify when they connect. (`run` also sends an identify push to peers
+    connected earlier, so the other order works too, a little later.)
+
+    `await nursery.start(dht.run)` starts py-libp2p's maintenance service (if `config.refresh`),
+    bootstraps the routing table from the host's connected peers and returns once that first bootstrap
+    is done. Until cancelled it then admits every newly connected DHT-server peer to the routing table
+    (with a `NodeHost`, from its peer events) and re-bootstraps every `config.bootstrap_interval` s."""
 
     def __init__(self, host: Any, config: DHTConfig = DHTConfig()):
         """`host` is the node's `p2pcache.net.host.NodeHost` (its `.libp2p` is the py-libp2p host) or
@@ -172,6 +178,14 @@ class DHT:
             subscribe = getattr(self.host, "subscribe", None)  # NodeHost: peer up/down events
             if subscribe is not None:
                 nursery.start_soon(self._follow_peers, subscribe())
+            if self.config.server:
+                # Peers connected before our kad handler existed identified us without it and would keep
+                # us out of their routing tables: tell them (identify/push) that our protocols changed.
+                with trio.move_on_after(self.config.bootstrap_timeout):
+                    try:
+                        await push_identify_to_peers(self.libp2p)
+                    except Exception as e:  # best effort: the periodic bootstrap covers what this misses
+                        log.debug("identify push failed: %s", e)
             await self.bootstrap()
             task_status.started()
             while True:
@@ -257,7 +271,7 @@ class DHT:
         self.stats.rpcs += 1
         try:
             return await self._ask_providers(peer, key)
-        except BaseException:
+        except Exception:  # not a cancellation: a lookup that found its answer elsewhere is no failure
             self.stats.rpc_failures += 1
             raise
 

@@ -290,6 +290,17 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
         cfg.allow_peers = cfg.allow_peers + args.allow_peer
     if args.lookup_timeout is not None:
         cfg.lookup_timeout = args.lookup_timeout
+    if args.negative_ttl is not None:
+        cfg.negative_ttl = cfg.nix.negative_ttl = args.negative_ttl
+    if args.upstream:
+        cfg.nix.upstreams = cfg.nix.upstreams + args.upstream
+    if args.sign_key is not None:
+        cfg.nix.secret_key_file = args.sign_key
+    if args.serve_local_store:
+        cfg.nix.serve_local_store = True
+    if args.local_store_root:
+        cfg.nix.serve_local_store = True
+        cfg.nix.local_store_root = args.local_store_root
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -411,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-peer", action="append", metavar="PEER_ID", help="only these peers may connect")
     sp.add_argument("--api", metavar="HOST:PORT", help="local HTTP API address (default 127.0.0.1:37515)")
     sp.add_argument("--lookup-timeout", type=float, metavar="SECONDS")
+    sp.add_argument("--negative-ttl", type=float, metavar="SECONDS", help="how long a miss is remembered")
+    sp.add_argument("--upstream", action="append", metavar="URL", help="binary cache to pull through (repeatable)")
+    sp.add_argument("--sign-key", metavar="FILE", help="sign served narinfos with this Nix secret key")
+    sp.add_argument("--serve-local-store", action="store_true", help="also share this machine's /nix/store")
+    sp.add_argument("--local-store-root", metavar="DIR", help="share a chroot Nix store (--store DIR) instead")
     sp.add_argument("-v", "--verbose", action="store_true")
     add("status", cmd_status, "show the running daemon's counters")
     add("peers", cmd_peers, "list the running daemon's connected peers")

@@ -38,6 +38,16 @@ negative_ttl = 30
 [http]
 # Local API (CLI, Nix substituter, hashed mirror). Keep it on loopback.
 listen = "{DEFAULT_API}"
+
+[nix]
+# Priority this cache announces in nix-cache-info (lower wins; cache.nixos.org uses 40).
+priority = 30
+# Also share what this machine's /nix/store holds (read-only), like peerix.
+serve_local_store = false
+# Binary caches to pull through when no peer has a path, e.g. ["https://cache.nixos.org"].
+upstreams = []
+# Sign the narinfos this node serves with this key (nix-store --generate-binary-cache-key).
+secret_key_file = ""
 """
 
 
@@ -51,6 +61,7 @@ class NodeConfig:
     lookup_timeout: float = 5.0
     negative_ttl: float = 30.0
     api_listen: str = DEFAULT_API
+    nix: "NixConfig" = field(default_factory=lambda: _nix_config())
 
     def swarm_key_path(self, repo: Path) -> Path | None:
         if not self.swarm_key:
@@ -65,6 +76,14 @@ _SECTIONS = {
                 "negative_ttl": "negative_ttl"},
     "http": {"listen": "api_listen"},
 }
+_NIX_TYPES = {"store_dir": str, "priority": int, "want_mass_query": bool, "serve_local_store": bool,
+              "local_store_root": str, "upstreams": list, "secret_key_file": str, "negative_ttl": float}
+
+
+def _nix_config():
+    from .http.nix import NixConfig
+
+    return NixConfig()
 
 
 def write_default(repo: Path) -> None:
@@ -86,6 +105,18 @@ def load(repo: Path) -> NodeConfig:
         raise InvalidInput(f"cannot read {path}: {e}") from None
     types = {f.name: f.type for f in fields(NodeConfig)}
     for section, values in data.items():
+        if section == "nix" and isinstance(values, dict):
+            for key, value in values.items():
+                want = _NIX_TYPES.get(key)
+                if want is None:
+                    raise InvalidInput(f"{path}: unknown setting nix.{key}")
+                ok = isinstance(value, want) if want is not float else isinstance(value, (int, float))
+                if want is int and isinstance(value, bool) or want is list and not all(isinstance(v, str) for v in value):
+                    ok = False
+                if not ok:
+                    raise InvalidInput(f"{path}: nix.{key} has the wrong type ({type(value).__name__})")
+                setattr(cfg.nix, key, float(value) if want is float else value)
+            continue
         mapping = _SECTIONS.get(section)
         if mapping is None or not isinstance(values, dict):
             raise InvalidInput(f"{path}: unknown section [{section}]")

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -31,11 +31,13 @@ from .content.cid import CID, DAG_CBOR
 from .content.keys import HashKey, RootKey, parse_key
 from .content.manifest import ArchiveManifest
 from .errors import InvalidInput, MalformedBlock, NotFound, P2PCacheError
+from .content import dagcbor
 from .http.api import make_app
+from .http.nix import NixCache
 from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
 from .net.host import HostConfig, NodeHost
 from .routing import (DHT, AnnouncerConfig, DHTConfig, FinderConfig, ProviderAnnouncer, ProviderFinder,
-                      ResolveAnswer, ResolveServer, resolve)
+                      NarInfoFields, ResolveAnswer, ResolveServer, resolve)
 from .store.repo import Repo
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class Node:
         self.finder: ProviderFinder | None = None
         self.source: _CountingSource | None = None
         self.api_url: str | None = None
+        self.nix: NixCache | None = None
         self.started_at = time.time()
 
     # -- running ------------------------------------------------------------------------------
@@ -103,6 +106,7 @@ class Node:
             )
             self.host = NodeHost(host_cfg)
             self.source = _CountingSource(repo)
+            self.nix = NixCache(self, cfg.nix)
             # The DHT is built before the host dials anyone, so peers see our DHT protocol from the start.
             self.dht = DHT(self.host, DHTConfig())
             async with trio.open_nursery() as nursery:
@@ -127,6 +131,8 @@ class Node:
                     await trio.sleep_forever()
                 finally:
                     self._remove_api_file()
+                    with trio.CancelScope(shield=True):
+                        await self.nix.aclose()
         finally:
             repo.close()
 
@@ -227,10 +233,10 @@ class Node:
             progress(done[0], total)
 
         result = await trio.to_thread.run_sync(lambda: self.repo.add_file(path, name=name, progress=cb))
-        self._announce(result.root)
+        self.announce(result.root)
         return {**result.to_json(), "file": path, "announced": True}
 
-    def _announce(self, root: CID) -> None:
+    def announce(self, root: CID) -> None:
         if self.announcer is not None and self.repo is not None:
             self.announcer.add(root, root_aliases(self.repo, root))
 
@@ -251,7 +257,7 @@ class Node:
         except P2PCacheError:
             self.stats.fetch_failures += 1
             raise
-        self._announce(root)
+        self.announce(root)
         return {"root": str(root), "source": "swarm", "size": size}
 
     async def _fetch_from_swarm(self, key: HashKey | RootKey, progress: ProgressFn) -> tuple[CID, int]:
@@ -327,10 +333,48 @@ class Node:
             raise NotFound(f"{alias}: {len(providers)} peer(s) announce it but resolving it {why}")
         return winner[0].root
 
+    async def http_fallback(self, scope: Any, receive: Any, send: Any) -> None:
+        """Everything the local API does not route: the Nix binary cache and hashed mirror."""
+        assert self.nix is not None
+        await self.nix.handle(scope, receive, send)
+
+    async def fetch_dag(self, root: CID, providers: list) -> None:
+        """Fetch every block reachable from `root` that the repo lacks (any dag-cbor manifest shape:
+        links are found generically), in breadth-first batches, storing each batch as it arrives."""
+        assert self.exchange is not None and self.repo is not None
+        repo = self.repo
+        todo: list[CID] = [root]
+        seen: set[CID] = set()
+        while todo:
+            batch, todo = todo[:256], todo[256:]
+            batch = [c for c in batch if c not in seen]
+            seen.update(batch)
+            missing = [c for c in batch if not repo.has_block(c)]
+            fetched: dict[CID, bytes] = {}
+            if missing:
+                fetched = await self.exchange.fetch_blocks(missing, providers)
+                await trio.to_thread.run_sync(repo.put_blocks, list(fetched.items()))
+                self.exchange.blocks_added(fetched)
+            for cid in batch:
+                if cid.codec == DAG_CBOR:
+                    data = fetched.get(cid)
+                    if data is None:
+                        data = await trio.to_thread.run_sync(repo.load_block, cid)
+                    todo.extend(c for c in _links(dagcbor.decode(data)) if c not in seen)
+
     def _answer_resolve(self, alias: str) -> ResolveAnswer | None:
         """What we hold under `alias`, for other peers' resolve requests."""
         if self.repo is None:
             return None
+        if alias.startswith("nix:") and self.nix is not None:
+            info = self.nix.narstore.narinfo(alias[4:])
+            if info is None:
+                return None
+            root = self.nix.narstore.root_of(alias[4:])
+            return ResolveAnswer(root=root, kind="nar", size=info.nar_size, narinfo=NarInfoFields(
+                store_path=str(info.store_path), nar_hash=f"sha256:{info.nar_hash.digest.hex()}",
+                nar_size=info.nar_size, references=tuple(info.references), deriver=info.deriver or "",
+                system=info.system or "", ca=info.ca or "", sigs=tuple(info.sigs)))
         try:
             root = self.repo.resolve(alias)
             info = self.repo.root_info(root)
@@ -339,6 +383,17 @@ class Node:
         if not info.complete:
             return None
         return ResolveAnswer(root=root, kind=info.kind, size=info.size)
+
+
+def _links(value: Any) -> Iterator[CID]:
+    if isinstance(value, CID):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _links(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _links(v)
 
 
 def _decode_root(root: CID, data: bytes) -> ArchiveManifest:

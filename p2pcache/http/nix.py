@@ -1,0 +1,577 @@
+"""The Nix-facing binary cache a node serves on its HTTP port.
+
+    GET  /nix-cache-info                      StoreDir, WantMassQuery, Priority
+    GET  /<hash>.narinfo  (and HEAD)          repo → local Nix store → swarm → upstream caches → 404
+    GET  /nar/<hash>-<narhash>.nar  (HEAD)    the NAR, reassembled from chunks, NarHash-checked
+    PUT  /nar/<file>.nar[.xz|.zst|.bz2]       what `nix copy --to http://…` uploads first
+    PUT  /<hash>.narinfo                      … and then: ties the upload to its store path, announces it
+    GET  /sha256/<hash>, /sha512/<hash>       hashed mirror for fixed-output fetches (hex, nix-base32, SRI)
+    GET  /metrics                             Prometheus
+
+Every narinfo we serve points at an uncompressed NAR this node streams itself (`Compression: none`,
+FileHash = NarHash); the `Sig:` lines travel unchanged (Nix's fingerprint does not cover URL or
+compression) and, with a signing key configured, the node adds its own. A NAR stream is checked against
+its NarHash as it goes: on a mismatch the response is aborted before its last bytes, so Nix sees a
+truncated transfer, never a complete wrong one. Uploads are decompressed, parsed as NARs and hashed as
+they stream in; nothing is recorded until the narinfo's NarHash, NarSize, FileHash and FileSize agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..content import nixbase32
+from ..content.cid import CID, DAG_CBOR
+from ..content.keys import HashKey, parse_key
+from ..content.narinfo import NarInfo
+from ..content.narmanifest import NarManifest
+from ..content.nixhash import NixHash
+from ..content.nixsig import SecretKey
+from ..errors import CorruptData, InvalidInput, MalformedBlock, NotFound, P2PCacheError
+from ..store.httpcache import HttpBinaryCache, UpstreamError, _Decompressor
+from ..store.narstore import RepoNarStore, nix_alias, stream_nar_root
+from .asgi import HTTPError, Receive, Scope, Send, send_bytes, send_error
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+log = logging.getLogger(__name__)
+
+_STORE_HASH = re.compile(r"^[0-9a-df-np-sv-z]{32}$")
+_NARINFO_PATH = re.compile(r"^/([0-9a-df-np-sv-z]{32})\.narinfo$")
+_OUR_NAR = re.compile(r"^/nar/([0-9a-df-np-sv-z]{32})-([0-9a-df-np-sv-z]{52})\.nar$")
+_BARE_NAR = re.compile(r"^/nar/([0-9a-df-np-sv-z]{52})\.nar$")
+_UPLOAD_NAR = re.compile(r"^/nar/([A-Za-z0-9._+-]{1,200})$")
+_HASHED = re.compile(r"^/(sha256|sha512)/([A-Za-z0-9+/=_-]{20,200})$")
+_COMPRESSION_BY_SUFFIX = {".nar": "none", ".nar.xz": "xz", ".nar.zst": "zstd", ".nar.bz2": "bzip2",
+                          ".nar.gz": "gzip"}
+PUT_LIMIT_NARINFO = 1 << 20
+
+
+@dataclass
+class NixConfig:
+    store_dir: str = "/nix/store"
+    priority: int = 30
+    want_mass_query: bool = True
+    serve_local_store: bool = False  # share what this machine's Nix store holds (read-only)
+    local_store_root: str = ""  # a chroot store (`--store DIR`) instead of the system store
+    upstreams: list[str] = field(default_factory=list)
+    secret_key_file: str = ""  # nix-store --generate-binary-cache-key output
+    negative_ttl: float = 30.0
+
+
+@dataclass
+class _Pending:
+    """Where a narinfo we served without holding the NAR will get its NAR from."""
+
+    narinfo: NarInfo
+    source: str  # "peer" or "upstream"
+    root: CID | None = None
+    providers: list = field(default_factory=list)
+    upstream: HttpBinaryCache | None = None
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Upload:
+    root: CID
+    nar_hash: bytes
+    nar_size: int
+    file_sha256: bytes
+    file_size: int
+    at: float = field(default_factory=time.monotonic)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.narinfo = Counter("p2pcache_narinfo_requests", "narinfo requests by outcome and source",
+                               ["result", "source"], registry=r)
+        self.served = Counter("p2pcache_bytes_served", "bytes served over HTTP by where they came from",
+                              ["source"], registry=r)
+        self.fetched = Counter("p2pcache_bytes_fetched", "bytes brought into the repo by where they came from",
+                               ["source"], registry=r)
+        self.uploads = Counter("p2pcache_uploads", "PUT requests by kind and result", ["kind", "result"], registry=r)
+        self.lookup = Histogram("p2pcache_lookup_seconds", "narinfo lookup latency by outcome", ["result"],
+                                registry=r, buckets=(.001, .005, .01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.mirror = Counter("p2pcache_hashed_mirror_requests", "hashed-mirror requests by outcome", ["result"],
+                              registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class NixCache:
+    def __init__(self, node: "Node", config: NixConfig):
+        self.node = node
+        self.config = config
+        self.metrics = Metrics()
+        self.narstore = RepoNarStore(node.repo, store_dir=config.store_dir)  # type: ignore[arg-type]
+        self.local = None
+        if config.serve_local_store:
+            from ..store.localnix import LocalNixStore
+
+            self.local = (LocalNixStore.chroot(config.local_store_root, config.store_dir) if config.local_store_root
+                          else LocalNixStore(config.store_dir))
+        self.upstreams = [HttpBinaryCache(u, store_dir=config.store_dir) for u in config.upstreams]
+        self.key: SecretKey | None = None
+        if config.secret_key_file:
+            try:
+                with open(config.secret_key_file) as f:
+                    self.key = SecretKey.parse(f.read().strip())
+            except OSError as e:
+                raise InvalidInput(f"cannot read the signing key {config.secret_key_file}: {e.strerror}") from None
+        self._pending: dict[str, _Pending] = {}
+        self._uploads: dict[str, _Upload] = {}
+        self._negative: dict[str, float] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    async def aclose(self) -> None:
+        for u in self.upstreams:
+            await u.aclose()
+
+    # -- routing --------------------------------------------------------------------------------------
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        head = method == "HEAD"
+        try:
+            if path == "/nix-cache-info" and method in ("GET", "HEAD"):
+                body = (f"StoreDir: {self.config.store_dir}\nWantMassQuery: {int(self.config.want_mass_query)}\n"
+                        f"Priority: {self.config.priority}\n").encode()
+                await send_bytes(send, 200, body, "text/x-nix-cache-info", head=head)
+            elif (m := _NARINFO_PATH.match(path)) and method in ("GET", "HEAD"):
+                await self._get_narinfo(m.group(1), send, head)
+            elif (m := _NARINFO_PATH.match(path)) and method == "PUT":
+                await self._put_narinfo(m.group(1), receive, send)
+            elif path.startswith("/nar/") and method in ("GET", "HEAD"):
+                await self._get_nar(path, send, head)
+            elif (m := _UPLOAD_NAR.match(path)) and method == "PUT":
+                await self._put_nar(path[1:], m.group(1), receive, send)
+            elif (m := _HASHED.match(path)) and method in ("GET", "HEAD"):
+                await self._get_hashed(m.group(1), m.group(2), send, head)
+            elif path == "/metrics" and method == "GET":
+                await send_bytes(send, 200, self.metrics.render(), CONTENT_TYPE_LATEST)
+            else:
+                await send_error(send, 404, f"no such endpoint: {method} {path}")
+        except HTTPError as e:
+            await send_error(send, e.status, e.message)
+
+    # -- narinfo lookups ------------------------------------------------------------------------------
+    def _lock(self, key: str) -> trio.Lock:
+        return self._locks.setdefault(key, trio.Lock())
+
+    async def find_narinfo(self, store_hash: str) -> tuple[NarInfo, str] | None:
+        """(narinfo, source) from the first place that has it, or None (remembered for negative_ttl)."""
+        info = self.narstore.narinfo(store_hash)
+        if info is not None:
+            return info, "local"
+        if self.local is not None:
+            info = await trio.to_thread.run_sync(self.local.narinfo, store_hash)
+            if info is not None:
+                return info, "nixstore"
+        expiry = self._negative.get(store_hash)
+        if expiry is not None and expiry > time.monotonic():
+            return None
+        pending = self._pending.get(store_hash)
+        if pending is not None:
+            return pending.narinfo, pending.source
+        async with self._lock(store_hash):
+            found = await self._from_swarm(store_hash)
+            if found is None:
+                found = await self._from_upstreams(store_hash)
+        if found is None:
+            self._negative[store_hash] = time.monotonic() + self.config.negative_ttl
+            if len(self._negative) > 65536:
+                now = time.monotonic()
+                self._negative = {k: t for k, t in self._negative.items() if t > now}
+            return None
+        self._pending[store_hash] = found
+        return found.narinfo, found.source
+
+    async def _from_swarm(self, store_hash: str) -> _Pending | None:
+        node = self.node
+        if node.finder is None or node.exchange is None:
+            return None
+        alias = nix_alias(store_hash)
+        providers = [p for p in await node.finder.find_providers(alias, timeout=node.config.lookup_timeout)
+                     if p.peer_id != node.host.peer_id]
+        if not providers:
+            return None
+        from ..routing import resolve
+
+        for peer in providers[:3]:
+            try:
+                answer = await resolve(node.host, peer.peer_id, alias, timeout=node.config.lookup_timeout)
+            except P2PCacheError as e:
+                log.info("resolve %s at %s: %s", alias, peer.peer_id, e)
+                continue
+            if answer is None or answer.kind != "nar" or answer.narinfo is None or answer.root.codec != DAG_CBOR:
+                continue
+            try:
+                info = answer.narinfo.to_narinfo(self.config.store_dir) if hasattr(answer.narinfo, "to_narinfo") \
+                    else _narinfo_from_fields(answer.narinfo, self.config.store_dir)
+                if info.store_path.hash_part != store_hash:
+                    continue
+                # The manifest root is small: check it carries the NarHash the peer claims before we
+                # hand that claim to Nix.
+                blocks = await node.exchange.fetch_blocks([answer.root], [peer])
+                manifest = NarManifest.decode(blocks[answer.root])
+            except (P2PCacheError, KeyError) as e:
+                log.info("peer %s answered %s badly: %s", peer.peer_id, alias, e)
+                continue
+            if manifest.nar_hash != info.nar_hash.digest or manifest.nar_size != info.nar_size:
+                log.warning("peer %s: NAR manifest %s does not match its narinfo for %s", peer.peer_id,
+                            answer.root, alias)
+                continue
+            return _Pending(info, "peer", root=answer.root, providers=providers)
+        return None
+
+    async def _from_upstreams(self, store_hash: str) -> _Pending | None:
+        for upstream in self.upstreams:
+            try:
+                info = await upstream.narinfo(store_hash)
+            except P2PCacheError as e:
+                log.warning("upstream %s: %s", upstream.base, e)
+                continue
+            if info is not None:
+                return _Pending(info, "upstream", upstream=upstream)
+        return None
+
+    def _served_narinfo(self, info: NarInfo) -> NarInfo:
+        nar32 = nixbase32.encode(info.nar_hash.digest) if info.nar_hash.algo == "sha256" else None
+        if nar32 is None:
+            raise CorruptData(f"{info.store_path}: NarHash is not sha256")
+        served = dataclasses.replace(
+            info, url=f"nar/{info.store_path.hash_part}-{nar32}.nar", compression="none",
+            file_hash=info.nar_hash if info.nar_hash.algo == "sha256" else None, file_size=info.nar_size,
+        )
+        return served.signed(self.key) if self.key is not None else served
+
+    async def _get_narinfo(self, store_hash: str, send: Send, head: bool) -> None:
+        start = time.monotonic()
+        try:
+            found = await self.find_narinfo(store_hash)
+        except P2PCacheError as e:
+            self.metrics.narinfo.labels("error", "none").inc()
+            raise HTTPError(502, f"looking up {store_hash}: {e}") from None
+        self.metrics.lookup.labels("hit" if found else "miss").observe(time.monotonic() - start)
+        if found is None:
+            self.metrics.narinfo.labels("miss", "none").inc()
+            await send_error(send, 404, f"{store_hash}.narinfo: nobody has this store path")
+            return
+        info, source = found
+        self.metrics.narinfo.labels("hit", source).inc()
+        body = self._served_narinfo(info).render().encode()
+        await send_bytes(send, 200, body, "text/x-nix-narinfo", head=head)
+
+    # -- NARs ----------------------------------------------------------------------------------------
+    async def _get_nar(self, path: str, send: Send, head: bool) -> None:
+        if m := _OUR_NAR.match(path):
+            store_hash, nar32 = m.group(1), m.group(2)
+            nar_digest = nixbase32.decode(nar32, 32)
+            root = await self._nar_root(store_hash, nar_digest)
+        elif m := _BARE_NAR.match(path):
+            nar_digest = nixbase32.decode(m.group(1), 32)
+            root = self._root_by_nar_hash(nar_digest)
+            if root is None:
+                raise HTTPError(404, f"{path}: no NAR with that hash here")
+            store_hash = None
+        else:
+            raise HTTPError(404, f"{path}: not a NAR this node serves")
+        if root is None:  # the local Nix store has it: serialise it ourselves
+            assert store_hash is not None and self.local is not None
+            info = await trio.to_thread.run_sync(self.local.narinfo, store_hash)
+            if info is None or info.nar_hash.digest != nar_digest:
+                raise HTTPError(404, f"{path}: the local Nix store no longer has it")
+            await self._stream(send, info.nar_size, lambda: self.local.stream_nar(store_hash), "nixstore", head)
+            return
+        manifest = NarManifest.decode(await trio.to_thread.run_sync(self.node.repo.load_block, root))
+        if manifest.nar_hash != nar_digest:
+            raise HTTPError(404, f"{path}: hash does not match the NAR held for it")
+        await self._stream(send, manifest.nar_size, lambda: stream_nar_root(self.node.repo, root), "local", head)
+
+    def _root_by_nar_hash(self, digest: bytes) -> CID | None:
+        try:
+            root = self.node.repo.resolve(HashKey("sha256", digest))
+        except NotFound:
+            return None
+        info = self.node.repo.root_info(root)
+        return root if info.kind == "nar" and info.complete else None
+
+    async def _nar_root(self, store_hash: str, nar_digest: bytes) -> CID | None:
+        """The repo root of this NAR, fetching it from a peer or an upstream first if needed.
+        None means: serve it from the local Nix store."""
+        if self.narstore.has(store_hash):
+            return self.narstore.root_of(store_hash)
+        root = self._root_by_nar_hash(nar_digest)
+        if root is not None:
+            return root
+        found = await self.find_narinfo(store_hash)
+        if found is None:
+            raise HTTPError(404, f"nobody has store path {store_hash} any more")
+        info, source = found
+        if info.nar_hash.digest != nar_digest:
+            raise HTTPError(404, f"store path {store_hash} now has a different NarHash")
+        if source == "nixstore":
+            return None
+        async with self._lock("nar:" + store_hash):
+            if self.narstore.has(store_hash):
+                return self.narstore.root_of(store_hash)
+            pending = self._pending.get(store_hash)
+            if pending is None:
+                raise HTTPError(404, f"store path {store_hash}: lost track of where to fetch it")
+            try:
+                if pending.source == "peer":
+                    await self._fetch_from_peers(pending)
+                else:
+                    await self._pull_from_upstream(pending)
+            except P2PCacheError as e:
+                self._pending.pop(store_hash, None)
+                raise HTTPError(502, f"fetching the NAR of {info.store_path}: {e}") from None
+            self._pending.pop(store_hash, None)
+        self.node.announce(self.narstore.root_of(store_hash))
+        return self.narstore.root_of(store_hash)
+
+    async def _fetch_from_peers(self, pending: _Pending) -> None:
+        node = self.node
+        before = node.repo.stored_bytes()
+        await node.fetch_dag(pending.root, pending.providers)
+        await trio.to_thread.run_sync(lambda: self.narstore.register_nar(pending.root, pending.narinfo))
+        self.metrics.fetched.labels("peer").inc(max(0, node.repo.stored_bytes() - before))
+
+    async def _pull_from_upstream(self, pending: _Pending) -> None:
+        """Download, decompress and verify the NAR from the upstream straight into the repo."""
+        assert pending.upstream is not None
+        upstream, info = pending.upstream, pending.narinfo
+        counted = [0]
+
+        async def pieces() -> AsyncIterator[bytes]:
+            async for piece in upstream.stream_nar_of(info):
+                counted[0] += len(piece)
+                yield piece
+
+        await _feed_thread(pieces(), lambda it: self.narstore.add_nar(info, it))
+        self.metrics.fetched.labels("upstream").inc(counted[0])
+
+    async def _stream(self, send: Send, size: int, make_iter: Callable[[], Iterator[bytes]], source: str,
+                      head: bool) -> None:
+        headers = [(b"content-type", b"application/x-nix-nar"), (b"content-length", str(size).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if head:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        sent = 0
+
+        async def deliver(piece: bytes) -> None:
+            nonlocal sent
+            sent += len(piece)
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+
+        # A CorruptData from the iterator arrives before its last piece: raising here, after the
+        # response started, makes the server drop the connection with the body incomplete.
+        await _drain_thread(make_iter, deliver)
+        await send({"type": "http.response.body", "body": b""})
+        self.metrics.served.labels(source).inc(sent)
+
+    # -- uploads -------------------------------------------------------------------------------------
+    async def _put_nar(self, url: str, name: str, receive: Receive, send: Send) -> None:
+        compression = next((c for suffix, c in sorted(_COMPRESSION_BY_SUFFIX.items(), key=lambda kv: -len(kv[0]))
+                            if name.endswith(suffix)), None)
+        if compression is None:
+            raise HTTPError(400, f"{url}: expected a .nar, .nar.xz, .nar.zst, .nar.bz2 or .nar.gz file name")
+        file_hash = hashlib.sha256()
+        file_size = [0]
+
+        async def raw_body() -> AsyncIterator[bytes]:
+            while True:
+                event = await receive()
+                if event["type"] == "http.disconnect":
+                    raise InvalidInput(f"{url}: the client went away mid-upload")
+                body = event.get("body", b"")
+                if body:
+                    file_hash.update(body)
+                    file_size[0] += len(body)
+                    yield body
+                if not event.get("more_body"):
+                    return
+
+        def ingest(raw: Iterator[bytes]) -> Any:
+            try:
+                decoder = _Decompressor(compression)
+            except UpstreamError as e:
+                raise InvalidInput(str(e)) from None
+
+            def decompressed() -> Iterator[bytes]:
+                for chunk in raw:
+                    yield from decoder.feed(chunk)
+                decoder.finish()
+
+            return self.narstore.add_nar(None, decompressed())
+
+        try:
+            result = await _feed_thread(raw_body(), ingest)
+        except P2PCacheError as e:
+            self.metrics.uploads.labels("nar", "rejected").inc()
+            raise HTTPError(400, f"{url}: {e}") from None
+        self._uploads[url] = _Upload(result.root, result.nar_hash, result.nar_size, file_hash.digest(), file_size[0])
+        self._expire_uploads()
+        self.metrics.uploads.labels("nar", "ok").inc()
+        await send_bytes(send, 200, b"", "text/plain")
+
+    def _expire_uploads(self) -> None:
+        cutoff = time.monotonic() - 24 * 3600
+        for k in [k for k, u in self._uploads.items() if u.at < cutoff]:
+            del self._uploads[k]
+
+    async def _put_narinfo(self, store_hash: str, receive: Receive, send: Send) -> None:
+        from .asgi import read_body
+
+        raw = await read_body(receive, PUT_LIMIT_NARINFO)
+        try:
+            info = NarInfo.parse(raw, store_dir=self.config.store_dir, source=f"{store_hash}.narinfo")
+        except P2PCacheError as e:
+            self.metrics.uploads.labels("narinfo", "rejected").inc()
+            raise HTTPError(400, str(e)) from None
+        if info.store_path.hash_part != store_hash:
+            raise HTTPError(400, f"{store_hash}.narinfo describes another path, {info.store_path}")
+        upload = self._uploads.get(info.url)
+        root: CID | None = None
+        if upload is not None:
+            problems = []
+            if upload.nar_hash != info.nar_hash.digest or upload.nar_size != info.nar_size:
+                problems.append("NarHash/NarSize do not match the uploaded NAR")
+            if info.file_size is not None and info.file_size != upload.file_size:
+                problems.append(f"FileSize {info.file_size} but {upload.file_size} bytes were uploaded")
+            if info.file_hash is not None and info.file_hash.algo == "sha256" and info.file_hash.digest != upload.file_sha256:
+                problems.append("FileHash does not match the uploaded file")
+            if problems:
+                self.metrics.uploads.labels("narinfo", "rejected").inc()
+                raise HTTPError(400, f"{store_hash}.narinfo: {'; '.join(problems)}")
+            root = upload.root
+        else:  # the NAR may be here already, e.g. uploaded under another file name or fetched earlier
+            root = self._root_by_nar_hash(info.nar_hash.digest) if info.nar_hash.algo == "sha256" else None
+            if root is None:
+                self.metrics.uploads.labels("narinfo", "rejected").inc()
+                raise HTTPError(400, f"{store_hash}.narinfo: its NAR ({info.url}) was not uploaded first")
+        try:
+            await trio.to_thread.run_sync(lambda: self.narstore.register_nar(root, info, verify=False))
+        except P2PCacheError as e:
+            raise HTTPError(400, f"{store_hash}.narinfo: {e}") from None
+        self._uploads.pop(info.url, None)
+        self._negative.pop(store_hash, None)
+        self.node.announce(root)
+        self.metrics.uploads.labels("narinfo", "ok").inc()
+        await send_bytes(send, 200, b"", "text/plain")
+
+    # -- hashed mirror -------------------------------------------------------------------------------
+    async def _get_hashed(self, algo: str, text: str, send: Send, head: bool) -> None:
+        try:
+            key = parse_key(f"{algo}:{text}") if not text.startswith(algo + "-") else parse_key(text)
+        except P2PCacheError:
+            try:
+                key = parse_key(f"{algo}-{text}")
+            except P2PCacheError:
+                raise HTTPError(400, f"/{algo}/{text}: not a {algo} hash in hex, nix-base32 or base64") from None
+        if not isinstance(key, HashKey) or key.algo != algo:
+            raise HTTPError(400, f"/{algo}/{text}: not a {algo} hash")
+        repo = self.node.repo
+        try:
+            root = repo.resolve(key)
+            local = repo.root_info(root).complete
+        except NotFound:
+            local = False
+        if not local:
+            if head:
+                found = await self.node.finder.find_providers(key.alias, timeout=self.node.config.lookup_timeout)
+                self.metrics.mirror.labels("hit" if found else "miss").inc()
+                if not found:
+                    raise HTTPError(404, f"nobody has {key.alias}")
+                await send_bytes(send, 200, b"", "application/octet-stream", head=True)
+                return
+            try:
+                await self.node.fetch(key.alias, lambda done, total: None)
+            except NotFound as e:
+                self.metrics.mirror.labels("miss").inc()
+                raise HTTPError(404, str(e)) from None
+            except P2PCacheError as e:
+                self.metrics.mirror.labels("error").inc()
+                raise HTTPError(502, str(e)) from None
+            root = repo.resolve(key)
+        self.metrics.mirror.labels("hit").inc()
+        info = repo.root_info(root)
+        if info.kind != "archive":
+            # a NarHash names a NAR: serve its NAR bytes (what hashes to it)
+            await self._stream(send, info.size, lambda: stream_nar_root(repo, root), "local", head)
+            return
+        await self._stream(send, info.size, lambda: repo.stream(root), "local", head)
+
+
+def _narinfo_from_fields(fields: Any, store_dir: str) -> NarInfo:
+    from ..content.storepath import StorePath
+
+    path = StorePath.parse(fields.store_path)
+    if path.store_dir != store_dir:
+        raise InvalidInput(f"{fields.store_path} is not in {store_dir}")
+    nar_hash = NixHash.parse(fields.nar_hash)
+    return NarInfo(
+        store_path=path, url="nar/unused.nar", nar_hash=nar_hash, nar_size=fields.nar_size,
+        references=tuple(fields.references), deriver=fields.deriver or None, system=fields.system or None,
+        sigs=tuple(fields.sigs), ca=fields.ca or None,
+    )
+
+
+# -- threads and streams ------------------------------------------------------------------------------
+async def _drain_thread(make_iter: Callable[[], Iterator[bytes]], deliver: Callable[[bytes], Any]) -> None:
+    """Run a blocking iterator in a worker thread and `await deliver(piece)` for each piece, with
+    backpressure; an exception from the iterator is raised here."""
+    send_ch, recv_ch = trio.open_memory_channel[bytes](4)
+
+    def worker() -> None:
+        try:
+            for piece in make_iter():
+                trio.from_thread.run(send_ch.send, piece)
+        except trio.BrokenResourceError:
+            pass  # the consumer stopped (client went away)
+        finally:
+            trio.from_thread.run_sync(send_ch.close)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, worker)
+        try:
+            async with recv_ch:
+                async for piece in recv_ch:
+                    await deliver(piece)
+        except BaseException:
+            recv_ch.close()
+            raise
+
+
+async def _feed_thread(source: AsyncIterator[bytes], consume: Callable[[Iterator[bytes]], Any]) -> Any:
+    """Run `consume(iterator)` in a worker thread, its iterator pulling pieces from the async `source`."""
+    done = object()
+
+    async def next_piece() -> Any:
+        try:
+            return await source.__anext__()
+        except StopAsyncIteration:
+            return done
+
+    def pieces() -> Iterator[bytes]:
+        while True:
+            piece = trio.from_thread.run(next_piece)
+            if piece is done:
+                return
+            yield piece
+
+    return await trio.to_thread.run_sync(consume, pieces())

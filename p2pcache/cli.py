@@ -303,6 +303,9 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
         cfg.nix.local_store_root = args.local_store_root
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:
+        # py-libp2p's DHT warns on every stream a peer closes normally; keep its real errors only.
+        logging.getLogger("libp2p.kad_dht.kad_dht").setLevel(logging.ERROR)
 
     async def main() -> None:
         node = Node(path, cfg)

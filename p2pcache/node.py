@@ -33,7 +33,7 @@ from .content.manifest import ArchiveManifest
 from .errors import InvalidInput, MalformedBlock, NotFound, P2PCacheError
 from .content import dagcbor
 from .http.api import make_app
-from .http.nix import NixCache
+from .http.nix import GATEWAY_MARKER, NixCache
 from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
 from .net.host import HostConfig, NodeHost
 from .routing import (DHT, AnnouncerConfig, DHTConfig, FinderConfig, ProviderAnnouncer, ProviderFinder,
@@ -118,6 +118,8 @@ class Node:
                 for info in repo.index.list_roots():
                     if info.complete:
                         self.announcer.add(info.root, info.aliases)
+                if self.nix.upstreams:
+                    self.announcer.add(GATEWAY_MARKER, ())
                 nursery.start_soon(self.announcer.run)
                 nursery.start_soon(self._reannounce_on_new_peers)
                 self.finder = ProviderFinder(self.dht, FinderConfig(negative_ttl=cfg.negative_ttl,
@@ -207,6 +209,13 @@ class Node:
             "fetches": self.stats.fetches,
             "fetch_failures": self.stats.fetch_failures,
             "uptime": round(time.time() - self.started_at, 1),
+            "lookups": {
+                "total": self.finder.stats.lookups if self.finder else 0,
+                "found_dht": self.finder.stats.found_dht if self.finder else 0,
+                "misses": self.finder.stats.misses if self.finder else 0,
+                "negative_hits": self.finder.stats.negative_hits if self.finder else 0,
+                "rpcs": self.finder.stats.rpcs if self.finder else 0,
+            },
             "announce": {
                 "keys": len(self.announcer.announcements.keys()) if self.announcer else 0,
                 "pending": self.announcer.pending if self.announcer else 0,
@@ -362,11 +371,17 @@ class Node:
                         data = await trio.to_thread.run_sync(repo.load_block, cid)
                     todo.extend(c for c in _links(dagcbor.decode(data)) if c not in seen)
 
-    def _answer_resolve(self, alias: str) -> ResolveAnswer | None:
-        """What we hold under `alias`, for other peers' resolve requests."""
+    async def _answer_resolve(self, alias: str) -> ResolveAnswer | None:
+        """What we hold under `alias`, for other peers' resolve requests. A gateway (a node with
+        upstream caches) pulls a missing Nix path through first."""
         if self.repo is None:
             return None
         if alias.startswith("nix:") and self.nix is not None:
+            if not self.nix.narstore.has(alias[4:]):
+                try:
+                    await self.nix.pull_through_for_peer(alias[4:])
+                except P2PCacheError as e:
+                    log.warning("pull-through of %s for a peer failed: %s", alias, e)
             info = self.nix.narstore.narinfo(alias[4:])
             if info is None:
                 return None

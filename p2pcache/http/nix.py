@@ -56,6 +56,9 @@ _HASHED = re.compile(r"^/(sha256|sha512)/([A-Za-z0-9+/=_-]{20,200})$")
 _COMPRESSION_BY_SUFFIX = {".nar": "none", ".nar.xz": "xz", ".nar.zst": "zstd", ".nar.bz2": "bzip2",
                           ".nar.gz": "gzip"}
 PUT_LIMIT_NARINFO = 1 << 20
+# Nodes with upstream caches announce this key: a peer whose DHT lookup missed asks them to pull through.
+GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
+GATEWAY_RESOLVE_TIMEOUT = 300.0
 
 
 @dataclass
@@ -107,6 +110,8 @@ class Metrics:
                                 registry=r, buckets=(.001, .005, .01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.mirror = Counter("p2pcache_hashed_mirror_requests", "hashed-mirror requests by outcome", ["result"],
                               registry=r)
+        self.negative_hits = Counter("p2pcache_narinfo_negative_cache_hits",
+                                     "narinfo misses answered from the negative cache", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -182,6 +187,7 @@ class NixCache:
                 return info, "nixstore"
         expiry = self._negative.get(store_hash)
         if expiry is not None and expiry > time.monotonic():
+            self.metrics.negative_hits.inc()
             return None
         pending = self._pending.get(store_hash)
         if pending is not None:
@@ -206,13 +212,27 @@ class NixCache:
         alias = nix_alias(store_hash)
         providers = [p for p in await node.finder.find_providers(alias, timeout=node.config.lookup_timeout)
                      if p.peer_id != node.host.peer_id]
-        if not providers:
+        if providers:
+            found = await self._resolve_at(store_hash, providers, node.config.lookup_timeout)
+            if found is not None:
+                return found
+        if self.upstreams:
+            return None  # we are a gateway ourselves: our own upstreams come next
+        gateways = [p for p in await node.finder.find_providers(str(GATEWAY_MARKER), timeout=node.config.lookup_timeout)
+                    if p.peer_id != node.host.peer_id]
+        if not gateways:
             return None
+        return await self._resolve_at(store_hash, gateways, GATEWAY_RESOLVE_TIMEOUT)
+
+    async def _resolve_at(self, store_hash: str, providers: list, timeout: float) -> _Pending | None:
+        """Ask `providers` (in order) which NAR they hold for `store_hash`; check the manifest root."""
+        node = self.node
+        alias = nix_alias(store_hash)
         from ..routing import resolve
 
         for peer in providers[:3]:
             try:
-                answer = await resolve(node.host, peer.peer_id, alias, timeout=node.config.lookup_timeout)
+                answer = await resolve(node.host, peer.peer_id, alias, timeout=timeout)
             except P2PCacheError as e:
                 log.info("resolve %s at %s: %s", alias, peer.peer_id, e)
                 continue
@@ -234,8 +254,29 @@ class NixCache:
                 log.warning("peer %s: NAR manifest %s does not match its narinfo for %s", peer.peer_id,
                             answer.root, alias)
                 continue
-            return _Pending(info, "peer", root=answer.root, providers=providers)
+            return _Pending(info, "peer", root=answer.root, providers=[peer, *[p for p in providers if p != peer]])
         return None
+
+    async def pull_through_for_peer(self, store_hash: str) -> bool:
+        """A peer's lookup missed and it asks us, a gateway: pull the path from our upstreams into the
+        repo (so we can answer its resolve and serve its blocks). True if we now hold it."""
+        if not self.upstreams or not _STORE_HASH.match(store_hash):
+            return False
+        if self.narstore.has(store_hash):
+            return True
+        expiry = self._negative.get(store_hash)
+        if expiry is not None and expiry > time.monotonic():
+            return False
+        async with self._lock("nar:" + store_hash):
+            if self.narstore.has(store_hash):
+                return True
+            pending = await self._from_upstreams(store_hash)
+            if pending is None:
+                self._negative[store_hash] = time.monotonic() + self.config.negative_ttl
+                return False
+            await self._pull_from_upstream(pending)
+        self.node.announce(self.narstore.root_of(store_hash))
+        return True
 
     async def _from_upstreams(self, store_hash: str) -> _Pending | None:
         for upstream in self.upstreams:
@@ -280,13 +321,13 @@ class NixCache:
         if m := _OUR_NAR.match(path):
             store_hash, nar32 = m.group(1), m.group(2)
             nar_digest = nixbase32.decode(nar32, 32)
-            root = await self._nar_root(store_hash, nar_digest)
+            root, source = await self._nar_root(store_hash, nar_digest)
         elif m := _BARE_NAR.match(path):
             nar_digest = nixbase32.decode(m.group(1), 32)
             root = self._root_by_nar_hash(nar_digest)
             if root is None:
                 raise HTTPError(404, f"{path}: no NAR with that hash here")
-            store_hash = None
+            store_hash, source = None, "local"
         else:
             raise HTTPError(404, f"{path}: not a NAR this node serves")
         if root is None:  # the local Nix store has it: serialise it ourselves
@@ -299,7 +340,7 @@ class NixCache:
         manifest = NarManifest.decode(await trio.to_thread.run_sync(self.node.repo.load_block, root))
         if manifest.nar_hash != nar_digest:
             raise HTTPError(404, f"{path}: hash does not match the NAR held for it")
-        await self._stream(send, manifest.nar_size, lambda: stream_nar_root(self.node.repo, root), "local", head)
+        await self._stream(send, manifest.nar_size, lambda: stream_nar_root(self.node.repo, root), source, head)
 
     def _root_by_nar_hash(self, digest: bytes) -> CID | None:
         try:
@@ -309,14 +350,14 @@ class NixCache:
         info = self.node.repo.root_info(root)
         return root if info.kind == "nar" and info.complete else None
 
-    async def _nar_root(self, store_hash: str, nar_digest: bytes) -> CID | None:
-        """The repo root of this NAR, fetching it from a peer or an upstream first if needed.
-        None means: serve it from the local Nix store."""
+    async def _nar_root(self, store_hash: str, nar_digest: bytes) -> tuple[CID | None, str]:
+        """The repo root of this NAR and where its bytes came from, fetching it from a peer or an
+        upstream first if needed. A None root means: serve it from the local Nix store."""
         if self.narstore.has(store_hash):
-            return self.narstore.root_of(store_hash)
+            return self.narstore.root_of(store_hash), "local"
         root = self._root_by_nar_hash(nar_digest)
         if root is not None:
-            return root
+            return root, "local"
         found = await self.find_narinfo(store_hash)
         if found is None:
             raise HTTPError(404, f"nobody has store path {store_hash} any more")
@@ -324,10 +365,10 @@ class NixCache:
         if info.nar_hash.digest != nar_digest:
             raise HTTPError(404, f"store path {store_hash} now has a different NarHash")
         if source == "nixstore":
-            return None
+            return None, "nixstore"
         async with self._lock("nar:" + store_hash):
             if self.narstore.has(store_hash):
-                return self.narstore.root_of(store_hash)
+                return self.narstore.root_of(store_hash), "local"
             pending = self._pending.get(store_hash)
             if pending is None:
                 raise HTTPError(404, f"store path {store_hash}: lost track of where to fetch it")
@@ -341,7 +382,7 @@ class NixCache:
                 raise HTTPError(502, f"fetching the NAR of {info.store_path}: {e}") from None
             self._pending.pop(store_hash, None)
         self.node.announce(self.narstore.root_of(store_hash))
-        return self.narstore.root_of(store_hash)
+        return self.narstore.root_of(store_hash), source
 
     async def _fetch_from_peers(self, pending: _Pending) -> None:
         node = self.node
@@ -365,8 +406,8 @@ class NixCache:
         self.metrics.fetched.labels("upstream").inc(counted[0])
 
     async def _stream(self, send: Send, size: int, make_iter: Callable[[], Iterator[bytes]], source: str,
-                      head: bool) -> None:
-        headers = [(b"content-type", b"application/x-nix-nar"), (b"content-length", str(size).encode())]
+                      head: bool, content_type: bytes = b"application/x-nix-nar") -> None:
+        headers = [(b"content-type", content_type), (b"content-length", str(size).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         if head:
             await send({"type": "http.response.body", "body": b""})
@@ -464,6 +505,8 @@ class NixCache:
             if root is None:
                 self.metrics.uploads.labels("narinfo", "rejected").inc()
                 raise HTTPError(400, f"{store_hash}.narinfo: its NAR ({info.url}) was not uploaded first")
+        if self.key is not None:  # vouch for what we ingest: the signature travels with the narinfo
+            info = info.signed(self.key)
         try:
             await trio.to_thread.run_sync(lambda: self.narstore.register_nar(root, info, verify=False))
         except P2PCacheError as e:
@@ -514,7 +557,7 @@ class NixCache:
             # a NarHash names a NAR: serve its NAR bytes (what hashes to it)
             await self._stream(send, info.size, lambda: stream_nar_root(repo, root), "local", head)
             return
-        await self._stream(send, info.size, lambda: repo.stream(root), "local", head)
+        await self._stream(send, info.size, lambda: repo.stream(root), "local", head, b"application/octet-stream")
 
 
 def _narinfo_from_fields(fields: Any, store_dir: str) -> NarInfo:

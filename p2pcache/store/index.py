@@ -150,17 +150,6 @@ class Index:
     def has_block(self, cid: CID) -> bool:
         return self.db.execute("SELECT 1 FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone() is not None
 
-    def has_blocks(self, cids: Iterable[CID]) -> set[CID]:
-        """Which of `cids` have rows: one query per 500 CIDs instead of one per CID."""
-        cids = list(cids)
-        found: set[CID] = set()
-        for i in range(0, len(cids), 500):
-            batch = cids[i : i + 500]
-            marks = ",".join("?" * len(batch))
-            found.update(CID(c) for (c,) in self.db.execute(
-                f"SELECT cid FROM blocks WHERE cid IN ({marks})", [c.buffer for c in batch]))
-        return found
-
     def known_blocks(self, cids: list[CID]) -> set[bytes]:
         """The subset of `cids` (as binary CIDs) that the index holds; one query per 500."""
         out: set[bytes] = set()

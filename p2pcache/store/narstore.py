@@ -149,12 +149,22 @@ class RepoNarStore:
 
         def flush() -> None:
             nonlocal new_blocks, new_bytes, batch, batch_bytes
-            have = repo.index.has_blocks(c for c, _ in batch)
+            have = repo.index.known_blocks([c for c, _ in batch])
+            todo: list = []
+            todo_bytes = 0
             for cid, data in batch:
-                if cid not in have:
-                    writer.write(cid, data)
-                    new_blocks += 1
-                    new_bytes += len(data)
+                if cid.buffer in have:
+                    continue
+                # A chunk is a view into a whole read buffer: queue a copy, so a queued chunk pins only itself.
+                todo.append((cid, bytes(data) if type(data) is memoryview else data))
+                todo_bytes += len(data)
+                new_blocks += 1
+                new_bytes += len(data)
+                # The writer's queue holds up to 64 items: small items keep queued bytes (RSS) bounded.
+                if todo_bytes >= 1 << 20:
+                    writer.write(todo)
+                    todo, todo_bytes = [], 0
+            writer.write(todo)
             batch, batch_bytes = [], 0
 
         def store(blocks: list) -> None:
@@ -165,7 +175,7 @@ class RepoNarStore:
                 seen[cid] = len(data)
                 batch.append((cid, data))
                 batch_bytes += len(data)
-            if len(batch) >= 256 or batch_bytes >= 16 << 20:
+            if len(batch) >= 256 or batch_bytes >= 4 << 20:
                 flush()
 
         try:
@@ -198,17 +208,12 @@ class RepoNarStore:
             aliases.append(nix_alias(store_path.hash_part))
             name = store_path.base_name
         index = repo.index
-        index.begin()
-        try:
+        with index.transaction():
             index.put_blocks(seen.items())
             new_root = index.put_root(root, "nar", size, name, NAR_MEDIA_TYPE, aliases, seen.keys())
             if store_path is not None:
                 info = narinfo or _bare_narinfo(store_path, digest, size)
                 index.put_narinfo(_narinfo_row(root, info, digest, size, index.get_narinfo(store_path.hash_part)))
-            index.commit()
-        except BaseException:
-            index.rollback()
-            raise
         return NarAddResult(root, digest, size, str(store_path) if store_path else None, builder.files,
                             builder.chunks, new_blocks, new_bytes, not new_root)
 
@@ -237,16 +242,11 @@ class RepoNarStore:
             aliases.append(nix_alias(narinfo.store_path.hash_part))
             name = narinfo.store_path.base_name
         index = repo.index
-        index.begin()
-        try:
+        with index.transaction():
             index.put_root(root, "nar", manifest.nar_size, name, NAR_MEDIA_TYPE, aliases, cids)
             if narinfo is not None:
                 old = index.get_narinfo(narinfo.store_path.hash_part)
                 index.put_narinfo(_narinfo_row(root, narinfo, manifest.nar_hash, manifest.nar_size, old))
-            index.commit()
-        except BaseException:
-            index.rollback()
-            raise
 
     # -- reading ------------------------------------------------------------------------------------
     def manifest(self, root: CID) -> NarManifest:

@@ -1,0 +1,208 @@
+"""Two CI runners on one machine, with real Nix (Debian nix-bin 2.8) and real p2pcache daemons.
+
+Runner A's Nix is the default store; runner B's Nix is a chroot store (`--store DIR`) that starts empty.
+Each runner has its own daemon; the daemons form a private swarm on loopback. What B's Nix gets must
+come from A through the swarm (or through A's upstream), never from anywhere else: substituters are
+off except the one under test, and fixed-output URLs point at a closed port.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import os
+import secrets
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .helpers.daemons import start_daemon
+from .test_nix_real import Nix, nix  # noqa: F401  (the fixture fails, not skips, without Nix)
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def daemons():
+    started = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory, nix):
+    d = tmp_path_factory.mktemp("keys")
+    out = {}
+    for name in ("runner-a", "stranger"):
+        nix.run("nix-store", "--generate-binary-cache-key", f"{name}-1", str(d / f"{name}.sec"), str(d / f"{name}.pub"))
+        out[name] = (d / f"{name}.sec", (d / f"{name}.pub").read_text().strip())
+    return out
+
+
+@pytest.fixture(scope="module")
+def closure(tmp_path_factory, nix) -> dict:
+    """Three store paths: a tree (files, an executable, a symlink, nested dirs, 2 MiB of data), a built
+    output referring to it, and a top output referring to both. Fresh for every run (a random token)."""
+    token = secrets.token_hex(6)
+    tree = tmp_path_factory.mktemp("closure") / f"tree-{token}"
+    (tree / "sub" / "deep").mkdir(parents=True)
+    (tree / "hello.txt").write_text(f"hello {token}\n")
+    (tree / "sub" / "deep" / "data.bin").write_bytes(os.urandom(2 * MiB))
+    exe = tree / "bin-tool"
+    exe.write_text("#!/bin/sh\necho tool\n")
+    exe.chmod(0o755)
+    os.symlink("hello.txt", tree / "link")
+    added = nix.out("nix-store", "--add", str(tree))
+
+    def build(name: str, script: str, **deps: str) -> str:
+        dep_attrs = " ".join(f'{k} = builtins.storePath "{v}";' for k, v in deps.items())
+        expr = (f'derivation {{ name = "{name}-{token}"; system = builtins.currentSystem; builder = "/bin/sh"; '
+                f'{dep_attrs} args = [ "-c" {json.dumps(script)} ]; }}')
+        return nix.out("nix-build", "--no-out-link", "-E", expr)
+
+    mid = build("p2pcache-mid", "/bin/mkdir -p $out/bin && echo $tree > $out/tree-ref && "
+                "/bin/ln -s $tree/hello.txt $out/hello && printf '#!/bin/sh\\necho mid\\n' > $out/bin/mid && "
+                "/bin/chmod +x $out/bin/mid", tree=added)
+    top = build("p2pcache-top", "/bin/mkdir -p $out && echo $mid $tree > $out/refs", mid=mid, tree=added)
+    paths = nix.out("nix-store", "--query", "--requisites", top).split()
+    assert set(paths) == {added, mid, top}
+    info = json.loads(nix.out("nix", "path-info", "--json", "--recursive", top))
+    return {"top": top, "mid": mid, "tree": added, "paths": paths,
+            "nar_hash": {p["path"]: p["narHash"] for p in info}}
+
+
+def _path_info(nix: Nix, store: Path, path: str) -> dict:
+    out = nix.out("nix", "path-info", "--json", "--recursive", "--store", str(store), path)
+    return {p["path"]: p["narHash"] for p in json.loads(out)}
+
+
+def _metric(daemon, name: str, **labels) -> float:
+    text = httpx.get(daemon.api + "/metrics", timeout=10).text
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            total += float(line.split()[-1])
+    return total
+
+
+def _swarm(tmp_path, daemons, a_extra=(), b_extra=()):
+    key = tmp_path / "swarm.key"
+    subprocess.run(["python3", "-c", "import os;print('/key/swarm/psk/1.0.0/\\n/base16/\\n'+os.urandom(32).hex())"],
+                   check=True, stdout=open(key, "w"))
+    a = start_daemon(tmp_path / "a", swarm_key=key, extra=list(a_extra))
+    daemons.append(a)
+    b = start_daemon(tmp_path / "b", swarm_key=key, bootstrap=[a.addr], extra=list(b_extra))
+    daemons.append(b)
+    return a, b
+
+
+def test_closure_from_runner_a_to_runner_b_with_signatures(nix, closure, keys, tmp_path, daemons):
+    a_sec, a_pub = keys["runner-a"]
+    a, b = _swarm(tmp_path, daemons, a_extra=["--sign-key", str(a_sec)])
+    nix.run("nix", "copy", "--to", a.api, closure["top"])  # A's post-build-hook would do this
+    a.wait_announced(len(closure["paths"]) * 2)  # each NAR: nix:<hash> and sha256:<NarHash> (+ its CID)
+
+    # B's Nix trusts only A's key and requires signatures: the copy succeeds, bytes from A via the swarm
+    store_b = tmp_path / "store-b"
+    trusted = f"require-sigs = true\ntrusted-public-keys = {a_pub}\n"
+    nix.run("nix", "copy", "--from", b.api, "--to", str(store_b), closure["top"], config=trusted)
+    assert _path_info(nix, store_b, closure["top"]) == closure["nar_hash"]
+    assert (store_b / closure["top"].lstrip("/") / "refs").read_text().split() == [closure["mid"], closure["tree"]]
+    tool = store_b / closure["tree"].lstrip("/") / "bin-tool"
+    assert os.access(tool, os.X_OK) and os.readlink(store_b / closure["tree"].lstrip("/") / "link") == "hello.txt"
+    fetched = _metric(b, "p2pcache_bytes_fetched_total", source="peer")
+    assert fetched >= 2 * MiB, fetched
+    served_from_peer = _metric(b, "p2pcache_bytes_served_total", source="peer")
+    assert served_from_peer >= 2 * MiB
+    assert _metric(b, "p2pcache_narinfo_requests_total", result="hit", source="peer") >= 3
+
+    # the same with an untrusted key fails in Nix (the narinfos carry A's signature, not the stranger's)
+    store_c = tmp_path / "store-c"
+    _, stranger_pub = keys["stranger"]
+    proc = nix.run("nix", "copy", "--from", b.api, "--to", str(store_c), closure["top"],
+                   config=f"require-sigs = true\ntrusted-public-keys = {stranger_pub}\n", check=False)
+    assert proc.returncode != 0 and b"signature" in proc.stderr.lower(), proc.stderr.decode()
+
+
+def _fixed_output_expr(name: str, sha256_hex: str) -> str:
+    # builtin:fetchurl, as nixpkgs' fetchurl uses; the URL is a closed port, so only a hashed mirror helps
+    return (f'derivation {{ name = "{name}"; builder = "builtin:fetchurl"; system = "builtin"; '
+            f'url = "http://127.0.0.1:1/{name}"; outputHash = "{sha256_hex}"; outputHashAlgo = "sha256"; '
+            f'outputHashMode = "flat"; }}')
+
+
+def test_fixed_output_fetch_through_hashed_mirror_comes_over_the_swarm(nix, tmp_path, daemons):
+    a, b = _swarm(tmp_path, daemons)
+    archive = tmp_path / f"src-{secrets.token_hex(4)}.tar.gz"
+    archive.write_bytes(os.urandom(3 * MiB))
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    a.cli("add", str(archive))  # runner A downloaded it once
+    a.wait_announced(3)
+    store_b = tmp_path / "store-b"
+    out = nix.out("nix-build", "--store", str(store_b), "--no-out-link", "-E", _fixed_output_expr(archive.name, digest),
+                  config=f"hashed-mirrors = {b.api}/\n")
+    assert (store_b / out.lstrip("/")).read_bytes() == archive.read_bytes()
+    st = b.status()
+    assert st["bytes_fetched"] >= 3 * MiB and st["fetches"] == 1
+    assert _metric(b, "p2pcache_hashed_mirror_requests_total", result="hit") >= 1
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_pull_through_a_path_runner_a_never_had(nix, tmp_path, daemons):
+    # a static binary cache (nix copy --to file://) served by a real HTTP server on loopback
+    tree = tmp_path / f"upstream-only-{secrets.token_hex(4)}"
+    tree.mkdir()
+    (tree / "payload").write_bytes(os.urandom(MiB))
+    path = nix.out("nix-store", "--add", str(tree))
+    cache = tmp_path / "static-cache"
+    nix.run("nix", "copy", "--to", f"file://{cache}?compression=xz", path)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_QuietHandler, directory=str(cache)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        upstream = f"http://127.0.0.1:{server.server_address[1]}"
+        a, b = _swarm(tmp_path, daemons, a_extra=["--upstream", upstream])
+        a.wait_announced(1)  # A announces itself as a gateway to upstream caches
+        store_b = tmp_path / "store-b"
+        nix.run("nix", "copy", "--from", b.api, "--to", str(store_b), path, config="require-sigs = false\n")
+        assert (store_b / path.lstrip("/") / "payload").read_bytes() == (tree / "payload").read_bytes()
+        assert _metric(a, "p2pcache_bytes_fetched_total", source="upstream") >= MiB
+        assert _metric(b, "p2pcache_bytes_fetched_total", source="peer") >= MiB
+    finally:
+        server.shutdown()
+
+
+def test_miss_is_a_fast_404_and_cached_and_dead_peers_do_not_stall(tmp_path, daemons):
+    a, b = _swarm(tmp_path, daemons, b_extra=["--lookup-timeout", "2", "--negative-ttl", "60"])
+    c = start_daemon(tmp_path / "c", swarm_key=tmp_path / "swarm.key", bootstrap=[b.addr])
+    deadline = time.monotonic() + 20
+    while b.status()["peers"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    c.kill()  # a dead peer stays in B's routing table for a while
+    missing = "0" * 32
+    t = time.monotonic()
+    r = httpx.get(f"{b.api}/{missing}.narinfo", timeout=60)
+    first = time.monotonic() - t
+    assert r.status_code == 404
+    assert first < 2 * 2 + 3  # bounded by the lookup timeout (2 s) for the DHT and the gateway lookup
+    before = b.status()["lookups"]
+    for _ in range(5):
+        assert httpx.get(f"{b.api}/{missing}.narinfo", timeout=60).status_code == 404
+    after = b.status()["lookups"]
+    assert after["total"] == before["total"]  # answered from the negative cache, no DHT work
+    assert _metric(b, "p2pcache_narinfo_negative_cache_hits_total") == 5
+    assert httpx.head(f"{b.api}/{missing}.narinfo", timeout=60).status_code == 404

@@ -19,7 +19,7 @@ from typing import Iterator
 from . import __version__
 from .content.keys import HashKey
 from .content.cid import CID
-from .errors import CorruptData, NotFound, P2PCacheError, RepoError
+from .errors import CorruptData, InvalidInput, NotFound, P2PCacheError, RepoError
 from .store.repo import Repo, default_repo_path
 
 PROGRESS_MIN_BYTES = 64 << 20
@@ -328,6 +328,85 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace, out: Output) -> int:
+    """Fixed-output fetch helper: the swarm if anyone has it, else the origin URL; always verified."""
+    from .content.keys import HashKey, parse_key
+
+    key = parse_key(args.hash)
+    if not isinstance(key, HashKey):
+        raise InvalidInput(f"--hash must be a sha256/sha512 hash (SRI, hex or nix-base32), not {args.hash!r}")
+    client = _daemon(args) if Repo.exists(_repo_path(args)) else None
+    if client is not None:
+        try:
+            with progress_bar(f"fetching {args.url[-40:]}", None, _want_progress(args, None)) as cb:
+                last = [0]
+
+                def on_progress(done: int, total: int | None) -> None:
+                    if cb:
+                        cb(done - last[0])
+                    last[0] = done
+
+                result = client.fetch_url(args.url, args.hash, progress=on_progress)
+        finally:
+            client.close()
+    else:
+        import httpx
+
+        with _open(args, writable=True, create=True) as repo:
+            try:
+                root = repo.resolve(key)
+                result = {"root": str(root), "source": "local", "size": repo.root_info(root).size}
+            except NotFound:
+                try:
+                    with httpx.stream("GET", args.url, follow_redirects=True,
+                                      timeout=httpx.Timeout(60, read=300)) as resp:
+                        if resp.status_code != 200:
+                            raise NotFound(f"{args.url} answered HTTP {resp.status_code}")
+                        res = repo.add_stream(resp.iter_bytes(), name=args.url.rstrip("/").rsplit("/", 1)[-1],
+                                              expect=key)
+                except httpx.HTTPError as e:
+                    raise NotFound(f"cannot download {args.url}: {e}") from None
+                result = {"root": str(res.root), "source": "origin", "size": res.size}
+    if args.output:
+        with _open(args, writable=False) as repo:
+            repo.get_to_file(CID.parse(result["root"]), args.output)
+    result["url"] = args.url
+    out.emit(result, f"{result['root']} {human(result['size'])} from {result['source']}"
+             + (f" -> {args.output}" if args.output else ""))
+    return 0
+
+
+def cmd_nix_hook(args: argparse.Namespace, out: Output) -> int:
+    """Nix post-build-hook: push the outputs just built ($OUT_PATHS) to the local node. Never fails the
+    build: a missing daemon or a failed push is reported on stderr and the hook exits 0."""
+    import shutil
+    import subprocess
+
+    paths = os.environ.get("OUT_PATHS", "").split() + list(args.paths)
+    if not paths:
+        print("p2pcache nix-hook: no $OUT_PATHS and no paths given; nothing to push", file=sys.stderr)
+        return 0
+    client = _daemon(args)
+    if client is None:
+        print(f"p2pcache nix-hook: no daemon running for {_repo_path(args)}; not pushing {len(paths)} path(s)",
+              file=sys.stderr)
+        return 0
+    api = client.info["api"]
+    client.close()
+    nix = shutil.which("nix")
+    if nix is None:
+        print("p2pcache nix-hook: `nix` is not on PATH; cannot push", file=sys.stderr)
+        return 0
+    proc = subprocess.run([nix, "--extra-experimental-features", "nix-command", "copy", "--to", api, *paths],
+                          capture_output=True)
+    if proc.returncode != 0:
+        print(f"p2pcache nix-hook: pushing to {api} failed: {proc.stderr.decode(errors='replace').strip()}",
+              file=sys.stderr)
+        return 0
+    out.emit({"pushed": paths, "api": api}, f"pushed {len(paths)} path(s) to {api}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
     client = _daemon(args, required=True)
     st = client.status()
@@ -431,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--serve-local-store", action="store_true", help="also share this machine's /nix/store")
     sp.add_argument("--local-store-root", metavar="DIR", help="share a chroot Nix store (--store DIR) instead")
     sp.add_argument("-v", "--verbose", action="store_true")
+    sp = add("fetch", cmd_fetch, "get an archive by hash: the swarm if anyone has it, else URL; verify, add")
+    sp.add_argument("url", metavar="URL")
+    sp.add_argument("--hash", required=True, metavar="HASH", help="expected hash: SRI, sha256:<hex> or nix-base32")
+    sp.add_argument("-o", "--output", metavar="OUT", help="also write the archive to OUT")
+    sp = add("nix-hook", cmd_nix_hook, "Nix post-build-hook: push $OUT_PATHS to the local node")
+    sp.add_argument("paths", nargs="*", metavar="PATH", help="store paths (default: $OUT_PATHS)")
     add("status", cmd_status, "show the running daemon's counters")
     add("peers", cmd_peers, "list the running daemon's connected peers")
     sp = add("swarm-key", cmd_swarm_key, "make a pre-shared key for a private team swarm")

@@ -97,6 +97,10 @@ class DaemonClient:
             progress: Callable[[int, int | None], None] | None = None) -> dict:
         return self._stream("/api/v0/add", {"path": os.path.abspath(path), "name": name}, progress)
 
+    def fetch_url(self, url: str, hash_text: str,
+                  progress: Callable[[int, int | None], None] | None = None) -> dict:
+        return self._stream("/api/v0/fetch-url", {"url": url, "hash": hash_text}, progress)
+
     def fetch(self, key: str, progress: Callable[[int, int | None], None] | None = None) -> dict:
         return self._stream("/api/v0/fetch", {"key": key}, progress)
 

@@ -66,6 +66,7 @@ class NodeStats:
     fetches: int = 0
     fetch_failures: int = 0
     bytes_fetched: int = 0
+    bytes_fetched_origin: int = 0
     local_hits: int = 0
 
 
@@ -203,6 +204,7 @@ class Node:
             "bytes_served": self.source.bytes_served if self.source else 0,
             "blocks_served": self.source.blocks_served if self.source else 0,
             "bytes_fetched": self.stats.bytes_fetched,
+            "bytes_fetched_origin": self.stats.bytes_fetched_origin,
             "blocks_fetched": client.blocks_received if client else 0,
             "duplicate_blocks": client.duplicate_blocks if client else 0,
             "peers_penalised": sorted({p.to_base58() for p, _ in self.exchange.penalised}) if self.exchange else [],
@@ -268,6 +270,44 @@ class Node:
             raise
         self.announce(root)
         return {"root": str(root), "source": "swarm", "size": size}
+
+    async def fetch_url(self, url: str, hash_text: str, progress: ProgressFn) -> dict:
+        """An archive by its hash: from the repo or the swarm if anyone has it, else from `url`;
+        verified against the hash before it is recorded, then announced."""
+        assert self.repo is not None
+        key = parse_key(hash_text)
+        if not isinstance(key, HashKey):
+            raise InvalidInput(f"--hash must be a sha256/sha512 hash (SRI, hex or nix-base32), not {hash_text!r}")
+        try:
+            result = await self.fetch(key.alias, progress)
+            return {**result, "url": url}
+        except NotFound:
+            pass
+        import httpx
+
+        from .aio import feed_thread
+
+        done = [0]
+
+        async def download() -> Any:
+            try:
+                async with httpx.AsyncClient(follow_redirects=True, timeout=httpx.Timeout(60, read=300)) as client:
+                    async with client.stream("GET", url) as resp:
+                        if resp.status_code != 200:
+                            raise NotFound(f"{url} answered HTTP {resp.status_code}")
+                        total = int(resp.headers.get("content-length", 0)) or None
+                        async for piece in resp.aiter_bytes():
+                            done[0] += len(piece)
+                            progress(done[0], total)
+                            yield piece
+            except httpx.HTTPError as e:
+                raise NotFound(f"cannot download {url}: {e}") from None
+
+        name = url.rstrip("/").rsplit("/", 1)[-1] or None
+        result = await feed_thread(download(), lambda it: self.repo.add_stream(it, name=name, expect=key))
+        self.stats.bytes_fetched_origin += done[0]
+        self.announce(result.root)
+        return {"root": str(result.root), "source": "origin", "size": result.size, "url": url}
 
     async def _fetch_from_swarm(self, key: HashKey | RootKey, progress: ProgressFn) -> tuple[CID, int]:
         assert self.finder is not None and self.exchange is not None and self.repo is not None

@@ -16,6 +16,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -96,7 +97,7 @@ def _metric(daemon, name: str, **labels) -> float:
 
 def _swarm(tmp_path, daemons, a_extra=(), b_extra=()):
     key = tmp_path / "swarm.key"
-    subprocess.run(["python3", "-c", "import os;print('/key/swarm/psk/1.0.0/\\n/base16/\\n'+os.urandom(32).hex())"],
+    subprocess.run([sys.executable, "-c", "import os;print('/key/swarm/psk/1.0.0/\\n/base16/\\n'+os.urandom(32).hex())"],
                    check=True, stdout=open(key, "w"))
     a = start_daemon(tmp_path / "a", swarm_key=key, extra=list(a_extra))
     daemons.append(a)
@@ -206,3 +207,23 @@ def test_miss_is_a_fast_404_and_cached_and_dead_peers_do_not_stall(tmp_path, dae
     assert after["total"] == before["total"]  # answered from the negative cache, no DHT work
     assert _metric(b, "p2pcache_narinfo_negative_cache_hits_total") == 5
     assert httpx.head(f"{b.api}/{missing}.narinfo", timeout=60).status_code == 404
+
+
+def test_post_build_hook_pushes_outputs_to_the_local_node(nix, tmp_path, daemons):
+    a, b = _swarm(tmp_path, daemons)
+    tree = tmp_path / f"hooked-{secrets.token_hex(4)}"
+    tree.mkdir()
+    (tree / "out.txt").write_text("built\n")
+    path = nix.out("nix-store", "--add", str(tree))
+    env = dict(os.environ, OUT_PATHS=path, P2PCACHE_REPO=str(a.repo),
+               NIX_CONFIG="experimental-features = nix-command\nsubstituters =\n", HOME=str(nix.home))
+    proc = subprocess.run([sys.executable, "-m", "p2pcache", "nix-hook"], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"pushed 1 path" in proc.stdout
+    store_hash = Path(path).name[:32]
+    assert httpx.get(f"{a.api}/{store_hash}.narinfo", timeout=30).status_code == 200
+    # and B's Nix can now substitute it through the swarm
+    store_b = tmp_path / "store-b"
+    a.wait_announced(2)
+    nix.run("nix", "copy", "--from", b.api, "--to", str(store_b), path, config="require-sigs = false\n")
+    assert (store_b / path.lstrip("/") / "out.txt").read_text() == "built\n"

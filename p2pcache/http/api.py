@@ -4,6 +4,7 @@
     GET  /api/v0/peers             connected peers
     POST /api/v0/add   {"path", "name"?}   add a file from this machine, then announce it (NDJSON progress)
     POST /api/v0/fetch {"key"}             make KEY local: repo, else the swarm; then announce (NDJSON)
+    POST /api/v0/fetch-url {"url", "hash"} the swarm if anyone has it, else the URL; verify, add, announce
 
 Long operations answer NDJSON: `{"event": "progress", "bytes": n, "total": t}` lines, then one
 `{"event": "done", ...}` or `{"event": "error", "message", "code"}` line. The API listens on loopback
@@ -93,6 +94,11 @@ def make_app(node: NodeAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]
                 if not isinstance(body.get("key"), str):
                     raise HTTPError(400, "fetch needs a JSON body with a 'key' string")
                 await send_ndjson(send, _progress_stream(lambda p: node.fetch(body["key"], p)))
+            elif path == "/api/v0/fetch-url" and method == "POST":
+                body = await read_json(receive)
+                if not isinstance(body.get("url"), str) or not isinstance(body.get("hash"), str):
+                    raise HTTPError(400, "fetch-url needs a JSON body with 'url' and 'hash' strings")
+                await send_ndjson(send, _progress_stream(lambda p: node.fetch_url(body["url"], body["hash"], p)))
             else:
                 await _extra_routes(node, scope, receive, send)
         except HTTPError as e:

@@ -40,6 +40,7 @@ from ..content.nixsig import SecretKey
 from ..errors import CorruptData, InvalidInput, MalformedBlock, NotFound, P2PCacheError
 from ..store.httpcache import HttpBinaryCache, UpstreamError, _Decompressor
 from ..store.narstore import RepoNarStore, nix_alias, stream_nar_root
+from ..aio import drain_thread as _drain_thread, feed_thread as _feed_thread
 from .asgi import HTTPError, Receive, Scope, Send, send_bytes, send_error
 
 if TYPE_CHECKING:
@@ -572,49 +573,3 @@ def _narinfo_from_fields(fields: Any, store_dir: str) -> NarInfo:
         references=tuple(fields.references), deriver=fields.deriver or None, system=fields.system or None,
         sigs=tuple(fields.sigs), ca=fields.ca or None,
     )
-
-
-# -- threads and streams ------------------------------------------------------------------------------
-async def _drain_thread(make_iter: Callable[[], Iterator[bytes]], deliver: Callable[[bytes], Any]) -> None:
-    """Run a blocking iterator in a worker thread and `await deliver(piece)` for each piece, with
-    backpressure; an exception from the iterator is raised here."""
-    send_ch, recv_ch = trio.open_memory_channel[bytes](4)
-
-    def worker() -> None:
-        try:
-            for piece in make_iter():
-                trio.from_thread.run(send_ch.send, piece)
-        except trio.BrokenResourceError:
-            pass  # the consumer stopped (client went away)
-        finally:
-            trio.from_thread.run_sync(send_ch.close)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.to_thread.run_sync, worker)
-        try:
-            async with recv_ch:
-                async for piece in recv_ch:
-                    await deliver(piece)
-        except BaseException:
-            recv_ch.close()
-            raise
-
-
-async def _feed_thread(source: AsyncIterator[bytes], consume: Callable[[Iterator[bytes]], Any]) -> Any:
-    """Run `consume(iterator)` in a worker thread, its iterator pulling pieces from the async `source`."""
-    done = object()
-
-    async def next_piece() -> Any:
-        try:
-            return await source.__anext__()
-        except StopAsyncIteration:
-            return done
-
-    def pieces() -> Iterator[bytes]:
-        while True:
-            piece = trio.from_thread.run(next_piece)
-            if piece is done:
-                return
-            yield piece
-
-    return await trio.to_thread.run_sync(consume, pieces())

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from ..content.chunking import DEFAULT_PARAMS, ChunkerParams, Chunker
 from ..content.cid import CID, DAG_CBOR, RAW
@@ -362,9 +362,15 @@ class Repo:
         with f:
             return self.add_stream(f, name=name if name is not None else path.name, progress=progress, params=params)
 
-    def add_stream(self, stream: BinaryIO, name: str | None = None, progress: Progress | None = None,
-                   params: ChunkerParams = DEFAULT_PARAMS) -> AddResult:
-        """Chunk, hash and store a stream; commit it to the index only once every block is durable."""
+    def add_stream(self, stream: BinaryIO | Iterable[bytes], name: str | None = None,
+                   progress: Progress | None = None, params: ChunkerParams = DEFAULT_PARAMS,
+                   expect: HashKey | None = None) -> AddResult:
+        """Chunk, hash and store a stream (a binary file object or an iterable of byte pieces); commit
+        it to the index only once every block is durable. With `expect`, an archive whose hash differs
+        is refused (CorruptData) and nothing is recorded."""
+        if not hasattr(stream, "read"):
+            pieces = iter(stream)
+            stream = _IterReader(pieces)
         self._require_writable()
         chunker = Chunker(params)
         builder = ManifestBuilder(params)
@@ -416,6 +422,9 @@ class Repo:
                     progress(len(buf))
             take(list(chunker.finish()))
             hashes = {**whole256.result(), **whole512.result()}
+            if expect is not None and hashes.get(expect.algo) != expect.digest:
+                raise CorruptData(f"{name or 'input'} does not match the expected {expect.algo} "
+                                  f"({expect.sri}); got {HashKey(expect.algo, hashes[expect.algo]).sri}")
             media_type = sniff_media_type(head)
             root, root_data, index_blocks = builder.finish(size, hashes, media_type, name)
             store(index_blocks + [(root, root_data)])
@@ -672,6 +681,29 @@ class Repo:
                     "SELECT root FROM root_blocks WHERE cid = ?", (cid.buffer,)))
             report.roots_incomplete = sorted(affected, key=lambda c: c.buffer)
         return report
+
+
+class _IterReader:
+    """A `.read(n)` view of an iterator of byte pieces (pieces may be any size)."""
+
+    def __init__(self, pieces: Iterator[bytes]):
+        self.pieces = pieces
+        self.rest = b""
+
+    def read(self, n: int = -1) -> bytes:
+        parts, have = [self.rest], len(self.rest)
+        while n < 0 or have < n:
+            piece = next(self.pieces, None)
+            if piece is None:
+                break
+            parts.append(piece)
+            have += len(piece)
+        data = b"".join(parts)
+        if n < 0 or len(data) <= n:
+            self.rest = b""
+            return data
+        self.rest = data[n:]
+        return data[:n]
 
 
 def _unlink_quietly(path: Path) -> None:

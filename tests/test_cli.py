@@ -55,7 +55,7 @@ def test_add_from_stdin(tmp_path, rng):
 
 
 @pytest.mark.parametrize("args,code,needle", [
-    (["get", "sha256:" + "ab" * 32, "-o", "x"], 3, "no archive with sha256:abab"),
+    (["get", "sha256:" + "ab" * 32, "-o", "x"], 3, "is not in the repo"),
     (["cat", "not-a-key"], 2, "is not a key"),
     (["add", "/definitely/not/here"], 5, "does not exist"),
     (["stat", "bafkreibm6jg3ux5qumhcn2b3flc3tyu6dmlb4xa7u5bf44yegnrjhc4yeq"], 3, "is not in the repo"),
@@ -93,22 +93,30 @@ def test_corrupt_block_makes_get_fail_and_verify_report(tmp_path, rng):
     assert ls["complete"] is False
 
 
-def test_second_writer_is_refused_while_daemon_holds_the_repo(tmp_path, rng):
+def test_daemon_owns_the_repo_writers_are_refused_adds_go_through_it(tmp_path, rng):
     repo = tmp_path / "r"
     f = write_file(tmp_path / "f", rng.randbytes(1000))
-    daemon = subprocess.Popen([sys.executable, "-m", "p2pcache", "--repo", str(repo), "daemon", "--json"],
+    daemon = subprocess.Popen([sys.executable, "-m", "p2pcache", "--repo", str(repo), "daemon", "--json",
+                               "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         ready = json.loads(daemon.stdout.readline())
-        assert ready["network"] is False and ready["repo"] == str(repo)
-        proc = run_cli("add", str(f), repo=repo)
+        assert ready["network"] is True and ready["repo"] == str(repo) and ready["api"].startswith("http://127.0.0.1:")
+        proc = run_cli("gc", repo=repo)
         assert proc.returncode == 5 and "in use by another p2pcache process" in proc.stderr.decode()
         assert f"pid {daemon.pid}" in proc.stderr.decode()
+        added = json.loads(run_cli("add", "--json", str(f), repo=repo, check=True).stdout)
+        assert added["announced"] is True  # the daemon added it for us
         assert run_cli("ls", repo=repo).returncode == 0  # readers are fine
+        status = json.loads(run_cli("status", "--json", repo=repo, check=True).stdout)
+        assert status["roots"] == 1 and status["peer_id"] == ready["peer_id"]
     finally:
         daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=10) == 0
-    run_cli("add", str(f), repo=repo, check=True)
+        assert daemon.wait(timeout=15) == 0
+    assert not (repo / "api.json").exists()
+    proc = run_cli("status", repo=repo)
+    assert proc.returncode == 5 and "no daemon is running" in proc.stderr.decode()
+    run_cli("gc", repo=repo, check=True)
 
 
 def test_disk_full_is_a_clear_error_and_loses_nothing(tmp_path, rng):

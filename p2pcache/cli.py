@@ -229,6 +229,14 @@ def cmd_stat(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_pin(args: argparse.Namespace, out: Output, pinned: bool = True) -> int:
+    client = _daemon(args) if Repo.exists(_repo_path(args)) else None
+    if client is not None:
+        try:
+            root = client.set_pinned(args.key, pinned)["root"]
+        finally:
+            client.close()
+        out.emit({"root": root, "pinned": pinned}, f"{'pinned' if pinned else 'unpinned'} {root}")
+        return 0
     with _open(args, writable=True) as repo:
         root = repo.set_pinned(args.key, pinned)
     out.emit({"root": str(root), "pinned": pinned}, f"{'pinned' if pinned else 'unpinned'} {root}")
@@ -236,8 +244,20 @@ def cmd_pin(args: argparse.Namespace, out: Output, pinned: bool = True) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, out: Output) -> int:
-    with _open(args, writable=True) as repo:
-        report = repo.gc(args.max_size)
+    from .store.repo import GcReport
+
+    client = _daemon(args) if Repo.exists(_repo_path(args)) else None
+    if client is not None:  # the daemon owns the repo; it also withdraws what it evicts from the DHT
+        try:
+            j = client.gc(args.max_size)
+        finally:
+            client.close()
+        report = GcReport(roots_removed=[CID.parse(r) for r in j["roots_removed"]], blocks_removed=j["blocks_removed"],
+                          bytes_freed=j["bytes_freed"], garbage_files_removed=j["garbage_files_removed"],
+                          bytes_after=j["bytes_after"], over_quota=j["over_quota"])
+    else:
+        with _open(args, writable=True) as repo:
+            report = repo.gc(args.max_size)
     text = (f"removed {len(report.roots_removed)} roots, {report.blocks_removed} blocks "
             f"({human(report.bytes_freed)}), {report.garbage_files_removed} garbage files; "
             f"{human(report.bytes_after)} stored")

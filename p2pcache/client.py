@@ -65,6 +65,22 @@ class DaemonClient:
             raise RepoError(f"daemon answered {r.status_code}: {r.text.strip()}")
         return r.json()
 
+    def _post(self, path: str, body: dict) -> dict:
+        try:
+            r = self.http.post(path, json=body)
+        except httpx.HTTPError as e:
+            raise RepoError(f"daemon at {self.info['api']} did not answer: {e}") from None
+        if r.status_code != 200:
+            err = r.json().get("error", r.text) if r.headers.get("content-type", "").startswith("application/json") else r.text
+            raise (NotFound if r.status_code == 404 else InvalidInput if r.status_code == 400 else RepoError)(err.strip())
+        return r.json()
+
+    def gc(self, max_size: int | None) -> dict:
+        return self._post("/api/v0/gc", {"max_size": max_size})
+
+    def set_pinned(self, key: str, pinned: bool) -> dict:
+        return self._post("/api/v0/pin" if pinned else "/api/v0/unpin", {"key": key})
+
     def status(self) -> dict:
         return self._get("/api/v0/status")  # type: ignore[return-value]
 

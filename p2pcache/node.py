@@ -224,6 +224,7 @@ class Node:
                 "provided": self.announcer.stats.provided if self.announcer else 0,
                 "failed": self.announcer.stats.failed if self.announcer else 0,
                 "sweeps": self.announcer.stats.sweeps if self.announcer else 0,
+                "withdrawn": self.announcer.stats.withdrawn if self.announcer else 0,
             },
         }
 
@@ -250,6 +251,20 @@ class Node:
     def announce(self, root: CID) -> None:
         if self.announcer is not None and self.repo is not None:
             self.announcer.add(root, root_aliases(self.repo, root))
+
+    async def gc(self, max_size: int | None) -> dict:
+        """Garbage-collect in the daemon (which owns the repo) and stop announcing what was evicted."""
+        assert self.repo is not None
+        report = await trio.to_thread.run_sync(self.repo.gc, max_size)
+        if self.announcer is not None:
+            for root in report.roots_removed:
+                self.announcer.withdraw(root)
+        return report.to_json()
+
+    async def set_pinned(self, key: str, pinned: bool) -> dict:
+        assert self.repo is not None
+        root = await trio.to_thread.run_sync(self.repo.set_pinned, key, pinned)
+        return {"root": str(root), "pinned": pinned}
 
     async def fetch(self, key: str, progress: ProgressFn) -> dict:
         """Make `key` local (repo, else swarm) and return its root's summary."""

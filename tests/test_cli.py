@@ -102,7 +102,7 @@ def test_daemon_owns_the_repo_writers_are_refused_adds_go_through_it(tmp_path, r
     try:
         ready = json.loads(daemon.stdout.readline())
         assert ready["network"] is True and ready["repo"] == str(repo) and ready["api"].startswith("http://127.0.0.1:")
-        proc = run_cli("gc", repo=repo)
+        proc = run_cli("verify", "--repair", repo=repo)
         assert proc.returncode == 5 and "in use by another p2pcache process" in proc.stderr.decode()
         assert f"pid {daemon.pid}" in proc.stderr.decode()
         added = json.loads(run_cli("add", "--json", str(f), repo=repo, check=True).stdout)
@@ -110,6 +110,14 @@ def test_daemon_owns_the_repo_writers_are_refused_adds_go_through_it(tmp_path, r
         assert run_cli("ls", repo=repo).returncode == 0  # readers are fine
         status = json.loads(run_cli("status", "--json", repo=repo, check=True).stdout)
         assert status["roots"] == 1 and status["peer_id"] == ready["peer_id"]
+        # pin and gc go through the daemon too; what gc evicts is withdrawn from the DHT
+        run_cli("pin", added["root"], repo=repo, check=True)
+        assert json.loads(run_cli("gc", "--max-size", "0", "--json", repo=repo, check=True).stdout)["over_quota"]
+        run_cli("unpin", added["root"], repo=repo, check=True)
+        gc = json.loads(run_cli("gc", "--max-size", "0", "--json", repo=repo, check=True).stdout)
+        assert gc["roots_removed"] == [added["root"]]
+        status = json.loads(run_cli("status", "--json", repo=repo, check=True).stdout)
+        assert status["roots"] == 0 and status["announce"]["withdrawn"] == 3
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=15) == 0

@@ -5,6 +5,8 @@
     POST /api/v0/add   {"path", "name"?}   add a file from this machine, then announce it (NDJSON progress)
     POST /api/v0/fetch {"key"}             make KEY local: repo, else the swarm; then announce (NDJSON)
     POST /api/v0/fetch-url {"url", "hash"} the swarm if anyone has it, else the URL; verify, add, announce
+    POST /api/v0/gc {"max_size"?}          gc in the daemon; evicted roots are withdrawn from the DHT
+    POST /api/v0/pin, /api/v0/unpin {"key"}
 
 Long operations answer NDJSON: `{"event": "progress", "bytes": n, "total": t}` lines, then one
 `{"event": "done", ...}` or `{"event": "error", "message", "code"}` line. The API listens on loopback
@@ -94,6 +96,17 @@ def make_app(node: NodeAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]
                 if not isinstance(body.get("key"), str):
                     raise HTTPError(400, "fetch needs a JSON body with a 'key' string")
                 await send_ndjson(send, _progress_stream(lambda p: node.fetch(body["key"], p)))
+            elif path == "/api/v0/gc" and method == "POST":
+                body = await read_json(receive)
+                max_size = body.get("max_size")
+                if max_size is not None and (not isinstance(max_size, int) or max_size < 0):
+                    raise HTTPError(400, "max_size must be a non-negative integer")
+                await send_json(send, await node.gc(max_size))
+            elif path in ("/api/v0/pin", "/api/v0/unpin") and method == "POST":
+                body = await read_json(receive)
+                if not isinstance(body.get("key"), str):
+                    raise HTTPError(400, "pin/unpin need a JSON body with a 'key' string")
+                await send_json(send, await node.set_pinned(body["key"], path.endswith("/pin")))
             elif path == "/api/v0/fetch-url" and method == "POST":
                 body = await read_json(receive)
                 if not isinstance(body.get("url"), str) or not isinstance(body.get("hash"), str):

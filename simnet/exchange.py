@@ -1,0 +1,420 @@
+"""A simulated node's block exchange: the real `BitswapClient` / `BitswapServer` engines pumped over simnet links.
+
+Owns the simnet twin of `p2pcache.net.bitswap.BitswapExchange`: peer up/down events into both engines,
+dialling a provider when the client first sends to it, the engine timer, `MessageSent` acknowledgements
+when the sender's uplink has written a message (the server's flow control), banning a peer that
+`PenalisePeer` names (disconnect, refuse it afterwards), and `ArchiveFetch`, the walk of an archive's
+manifest tree that `fetch_archive` does (root, index nodes, chunks; at most `window` blocks wanted).
+
+Two wire modes:
+- `bytes`: every message is `message.encode`d and framed, the link charges those bytes, and the receiver
+  runs the real `message.decode` (which rebuilds each block's CID from its bytes, so corrupt data is
+  caught exactly as on a libp2p stream). Only for real payloads.
+- `objects`: the `Message` object crosses the link, charged its exact encoded size (the wire-size
+  functions of `p2pcache.exchange.message`); the receiver rebuilds each block's CID from its data with
+  `payload.cid_of` as `decode` would. Used for synthetic payloads and big runs.
+Noise, Yamux, multistream and the libp2p host do not run in either mode; their handshake is charged as
+`Network.handshake_rtts` round trips per connection.
+
+A node's `behaviour` makes it a bad peer for the `bad-peer` scenario: `corrupt` serves altered bytes
+for every block, `silent` accepts wants and never answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
+
+from p2pcache.content.cid import DAG_CBOR, RAW, CID
+from p2pcache.content.manifest import ArchiveManifest, ChunkIndex
+from p2pcache.exchange import (
+    AddProviders,
+    BitswapClient,
+    BitswapServer,
+    Block,
+    BlocksAdded,
+    ClientConfig,
+    CloseSession,
+    Deliver,
+    FetchFailed,
+    Message,
+    MessageReceived,
+    MessageSent,
+    PeerConnected,
+    PeerDisconnected,
+    PeerMisbehaved,
+    PenalisePeer,
+    Presence,
+    ProtocolViolation,
+    Send,
+    ServerConfig,
+    SetTimer,
+    Tick,
+    Want,
+    WantType,
+    decode,
+    encode,
+)
+from p2pcache.exchange.message import block_wire_size, presence_wire_size, uvarint, want_wire_size
+
+from .core import Sim
+from .links import Network
+from .payload import SimBlockStore, SyntheticData, cid_of
+
+__all__ = ["ArchiveFetch", "BitswapNode", "message_size"]
+
+log = logging.getLogger(__name__)
+
+PeerId = Hashable
+
+
+def message_size(msg: Message) -> int:
+    """Bytes `encode(msg)` takes, framed, computed without encoding."""
+    n = 0
+    if msg.wants or msg.full:
+        inner = sum(want_wire_size(e) for e in msg.wants) + (2 if msg.full else 0)
+        n += 1 + len(uvarint(inner)) + inner
+    n += sum(block_wire_size(b.cid, len(b.data)) for b in msg.blocks)
+    n += sum(presence_wire_size(p.cid, p.have) for p in msg.presences)
+    if msg.pending_bytes:
+        n += 1 + len(uvarint(msg.pending_bytes))
+    return n + len(uvarint(n))
+
+
+class _CorruptingSource:
+    """What a corrupting peer serves: every block altered, so its hash no longer matches."""
+
+    def __init__(self, inner: SimBlockStore) -> None:
+        self.inner = inner
+
+    def has(self, cid: CID) -> bool:
+        return self.inner.has(cid)
+
+    def size(self, cid: CID) -> int | None:
+        return self.inner.size(cid)
+
+    def get(self, cid: CID) -> Any:
+        d = self.inner.get(cid)
+        if d is None:
+            return None
+        if isinstance(d, SyntheticData):
+            return d.corrupted()
+        return bytes([d[0] ^ 0xFF]) + d[1:]
+
+
+@dataclass
+class ExchangeCounters:
+    blocks_stored: int = 0
+    bytes_stored: int = 0
+    penalised: int = 0
+    fetch_failures: int = 0  # FetchFailed seen (re-wanted after a delay)
+
+
+class BitswapNode:
+    """The simnet driver of one node's bitswap engines."""
+
+    def __init__(self, sim: Sim, net: Network, name: PeerId, store: SimBlockStore, wire: str = "objects",
+                 client_config: ClientConfig | None = None, server_config: ServerConfig | None = None,
+                 behaviour: str = "honest", ban_seconds: float = 600.0, serve_limit: int = 0) -> None:
+        if wire not in ("bytes", "objects"):
+            raise ValueError(f"wire must be 'bytes' or 'objects', not {wire!r}")
+        self.sim, self.net, self.name, self.store, self.wire = sim, net, name, store, wire
+        self.behaviour = behaviour
+        source = _CorruptingSource(store) if behaviour == "corrupt" else store
+        self.client = BitswapClient(client_config)
+        # As BitswapExchange: twice bitswap's message size outstanding per peer.
+        self.server = BitswapServer(source, server_config or ServerConfig(max_outstanding_bytes=8 << 20))
+        self.ban_seconds = ban_seconds
+        # Super-seeding admission (a driver policy, off when 0): each block is handed to at most
+        # `serve_limit` peers; later wants for it are refused with DONT_HAVE ("has it but is not
+        # willing to give it", as the server engine itself refuses over-rate wants), so requesters
+        # take it from the swarm.
+        self.serve_limit = serve_limit
+        self._admitted: dict[CID, int] = {}
+        self.refused_wants = 0
+        self._banned: dict[PeerId, float] = {}
+        self._waiting: dict[PeerId, deque[Send]] = {}  # sends waiting for a dial
+        self._timer_at: float | None = None
+        self._sessions: dict[object, "ArchiveFetch"] = {}
+        self._next_session = 0
+        self.counters = ExchangeCounters()
+        self.penalised: list[tuple[PeerId, str]] = []
+        self.alive = True
+
+    # -- engines --------------------------------------------------------------------------------
+    def _client(self, event: object) -> None:
+        self._apply(self.client.handle(event, self.sim.now()))
+
+    def _server(self, event: object) -> None:
+        self._apply(self.server.handle(event, self.sim.now()))
+
+    def _both(self, event: object) -> None:
+        self._client(event)
+        self._server(event)
+
+    def _apply(self, actions: list) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                self._send(a)
+            elif isinstance(a, Deliver):
+                f = self._sessions.get(a.session)
+                if f is not None:
+                    f.on_block(a.cid, a.data)
+            elif isinstance(a, FetchFailed):
+                self.counters.fetch_failures += 1
+                f = self._sessions.get(a.session)
+                if f is not None:
+                    f.on_failed(a.cid, a.why)
+            elif isinstance(a, SetTimer):
+                if self._timer_at is None or a.at < self._timer_at:
+                    self._timer_at = a.at
+                    self.sim.at(a.at, self._on_timer, a.at)
+            elif isinstance(a, PenalisePeer):
+                self._penalise(a.peer, a.why)
+
+    def _on_timer(self, at: float) -> None:
+        if not self.alive or self._timer_at != at:
+            return
+        self._timer_at = None
+        self._client(Tick())
+
+    # -- links ----------------------------------------------------------------------------------
+    def _is_banned(self, peer: PeerId) -> bool:
+        until = self._banned.get(peer)
+        if until is None:
+            return False
+        if self.sim.now() >= until:
+            del self._banned[peer]
+            return False
+        return True
+
+    def on_connected(self, peer: PeerId) -> None:
+        if not self.alive:
+            return
+        if self._is_banned(peer):
+            self.net.disconnect(self.name, peer)
+            return
+        self._both(PeerConnected(peer))
+        for send in self._waiting.pop(peer, ()):
+            self._send(send)
+
+    def on_disconnected(self, peer: PeerId) -> None:
+        if not self.alive:
+            return
+        self._waiting.pop(peer, None)
+        self._both(PeerDisconnected(peer))
+
+    def on_message(self, peer: PeerId, payload: Any) -> None:
+        if not self.alive or self._is_banned(peer):
+            return
+        if self.wire == "bytes":
+            try:
+                msg = decode(payload)
+            except ProtocolViolation as e:
+                self._penalise(peer, str(e), tell_client=True)
+                return
+        else:
+            msg = payload
+            if msg.blocks:  # what decode does: the CID is rebuilt from the data, never trusted
+                msg = Message(msg.wants, msg.full, tuple(Block(cid_of(b.data, b.cid.codec), b.data)
+                                                         for b in msg.blocks), msg.presences, msg.pending_bytes)
+        event = MessageReceived(peer, msg)
+        if msg.blocks or msg.presences:
+            self._client(event)
+        if (msg.wants or msg.full) and self.behaviour != "silent":
+            if self.serve_limit:
+                event = self._admit(peer, msg)
+            self._server(event)
+
+    def _admit(self, peer: PeerId, msg: Message) -> MessageReceived:
+        keep, refuse = [], []
+        for e in msg.wants:
+            if e.cancel or self.store.size(e.cid) is None:
+                keep.append(e)
+                continue
+            n = self._admitted.get(e.cid, 0)
+            if n >= self.serve_limit:
+                self.refused_wants += 1
+                if e.send_dont_have:
+                    refuse.append(Presence(e.cid, False))
+                continue
+            if e.want_type == WantType.BLOCK:
+                self._admitted[e.cid] = n + 1
+            keep.append(e)
+        if refuse:
+            self._send(Send(peer, Message(presences=tuple(refuse))))
+        return MessageReceived(peer, Message(tuple(keep), msg.full, msg.blocks, msg.presences, msg.pending_bytes))
+
+    def _send(self, send: Send) -> None:
+        peer = send.peer
+        if self._is_banned(peer) or not self.alive:
+            return
+        if not self.net.connected(self.name, peer):
+            q = self._waiting.get(peer)
+            if q is None:
+                q = self._waiting[peer] = deque()
+                self.net.connect(self.name, peer, lambda ok, peer=peer: self._dialled(peer, ok))
+            q.append(send)
+            return
+        if self.wire == "bytes":
+            data = encode(send.message)
+            size, payload = len(data) + len(uvarint(len(data))), data
+        else:
+            size, payload = message_size(send.message), send.message
+        on_written = None
+        if send.size:
+            n = send.size
+            on_written = lambda: self._written(peer, n)  # noqa: E731
+        self.net.send(self.name, peer, size, payload, on_written)
+
+    def _written(self, peer: PeerId, n: int) -> None:
+        if self.alive:
+            self._server(MessageSent(peer, n))
+
+    def _dialled(self, peer: PeerId, ok: bool) -> None:
+        if not ok and self._waiting.pop(peer, None) is not None and self.alive:
+            self._both(PeerDisconnected(peer))  # unreachable: the client re-asks elsewhere
+
+    def _penalise(self, peer: PeerId, why: str, tell_client: bool = False) -> None:
+        log.info("%s drops peer %s: %s", self.name, peer, why)
+        self.counters.penalised += 1
+        self.penalised.append((peer, why))
+        self._banned[peer] = self.sim.now() + self.ban_seconds
+        self._waiting.pop(peer, None)
+        if tell_client:
+            self._both(PeerMisbehaved(peer, why))
+        else:
+            self._server(PeerMisbehaved(peer, why))
+        self.net.disconnect(self.name, peer)
+
+    # -- store ----------------------------------------------------------------------------------
+    def store_block(self, cid: CID, data: Any) -> None:
+        if cid not in self.store.blocks:
+            self.store.blocks[cid] = data
+            self.counters.blocks_stored += 1
+            self.counters.bytes_stored += len(data)
+            self._server(BlocksAdded((cid,)))
+
+    def leave(self) -> None:
+        """The node stops: nothing of it runs any more (the network cuts its links)."""
+        self.alive = False
+        self._sessions.clear()
+
+    # -- fetching -------------------------------------------------------------------------------
+    def open_session(self, fetch: "ArchiveFetch", providers: tuple) -> object:
+        self._next_session += 1
+        sid = (self.name, self._next_session)
+        self._sessions[sid] = fetch
+        if providers:
+            self._client(AddProviders(sid, providers))
+        return sid
+
+    def want(self, sid: object, cids: tuple) -> None:
+        self._client(Want(sid, cids))
+
+    def close_session(self, sid: object) -> None:
+        self._sessions.pop(sid, None)
+        self._client(CloseSession(sid))
+
+
+_ROOT, _CHUNK = -2, -1
+
+
+class ArchiveFetch:
+    """Fetch a whole archive as `BitswapExchange.fetch_archive` does: the manifest root, its index nodes,
+    then the chunks, with at most `window` blocks wanted and not yet stored. `order="random"` shuffles
+    each node's children (a per-node seeded permutation, the rarest-first stand-in of swarming
+    downloaders); `"sequential"` keeps manifest order as `fetch_archive` does. A block that fails is
+    wanted again after `retry_after` seconds (the caller's retry policy; the engine gives up on it);
+    while it waits it does not hold a place in the window."""
+
+    def __init__(self, node: BitswapNode, root: CID, providers: tuple = (), window: int = 256,
+                 order: str = "sequential", rng: Any = None, retry_after: float = 5.0,
+                 on_done: Callable[["ArchiveFetch"], None] | None = None) -> None:
+        self.node, self.root, self.window, self.order = node, root, window, order
+        self.rng, self.retry_after, self.on_done = rng, retry_after, on_done
+        self.started_at = node.sim.now()
+        self.done_at: float | None = None
+        self.blocks = 0
+        self.bytes = 0
+        self.failures = 0
+        self.error: str | None = None
+        self._todo: deque[tuple[CID, int]] = deque([(root, _ROOT)])
+        self._outstanding: dict[CID, int] = {}
+        self._retrying = 0
+        self._seen: set[CID] = set()
+        self.sid = node.open_session(self, tuple(providers))
+        self._pump()
+
+    def _pump(self) -> None:
+        store = self.node.store
+        wants: list[CID] = []
+        while self._todo and len(self._outstanding) + len(wants) < self.window:
+            cid, kind = self._todo.popleft()
+            if cid in self._seen:
+                continue
+            self._seen.add(cid)
+            if cid in store.blocks:
+                if kind != _CHUNK:
+                    self._learn(store.blocks[cid], kind, cid)
+                continue
+            self._outstanding[cid] = kind
+            wants.append(cid)
+        if wants:
+            self.node.want(self.sid, tuple(wants))
+        if not self._todo and not self._outstanding and not self._retrying and self.done_at is None:
+            self._finish()
+
+    def _finish(self, error: str | None = None) -> None:
+        self.done_at = self.node.sim.now()
+        self.error = error
+        self.node.close_session(self.sid)
+        if self.on_done:
+            self.on_done(self)
+
+    def _learn(self, data: Any, kind: int, cid: CID) -> None:
+        try:
+            node = ArchiveManifest.decode(data) if kind == _ROOT else ChunkIndex.decode(data)
+        except Exception as e:
+            self.done_at is None and self._finish(f"block {cid} is not a manifest node: {e}")
+            return
+        child_kind = _CHUNK if node.depth == 0 else node.depth - 1
+        children = [c for c, _ in node.children]
+        if self.order == "random":
+            self.rng.shuffle(children)
+        want_codec = RAW if child_kind == _CHUNK else DAG_CBOR
+        for child in children:
+            if child.codec != want_codec:
+                self._finish(f"{child} has the wrong codec for its place in the tree")
+                return
+            self._todo.append((child, child_kind))
+
+    def on_block(self, cid: CID, data: Any) -> None:
+        kind = self._outstanding.pop(cid, None)
+        if kind is None or self.done_at is not None:
+            return
+        self.blocks += 1
+        self.bytes += len(data)
+        self.node.store_block(cid, data)
+        if kind != _CHUNK:
+            self._learn(data, kind, cid)
+        self._pump()
+
+    def on_failed(self, cid: CID, why: str) -> None:
+        kind = self._outstanding.pop(cid, None)
+        if kind is None or self.done_at is not None:
+            return
+        self.failures += 1
+        self._retrying += 1
+        self.node.sim.after(self.retry_after, self._retry, cid, kind)
+
+    def _retry(self, cid: CID, kind: int) -> None:
+        # Back of the queue: while it cooled down the window moved on to other blocks.
+        self._retrying -= 1
+        if self.done_at is not None or not self.node.alive:
+            return
+        self._seen.discard(cid)
+        self._todo.append((cid, kind))
+        self._pump()

@@ -14,7 +14,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 EXTRA_ARGS = {"dedup.py": ["--jsonl", "-"]}
-BENCHES = ["ingest.py", "dedup_repo.py", "dedup.py", "nar.py", "bitswap.py", "fuzz_nix.py"]
+BENCHES = ["ingest.py", "dedup_repo.py", "dedup.py", "nar.py", "bitswap.py", "dht.py", "nix.py", "fuzz_nix.py",
+           "simnet:dht-lookup", "simnet:fleet-fanout"]
+# simnet scenarios: (full-mode --set overrides, quick-mode --set overrides)
+SIMNET = {
+    "dht-lookup": ([], ["nodes=200", "lookups=200"]),
+    "fleet-fanout": (["runners=200", "artifact_size=128MiB"], ["runners=50", "artifact_size=32MiB"]),
+}
 
 
 def main() -> int:
@@ -26,14 +32,20 @@ def main() -> int:
     results: list[dict] = []
     failed = []
     for name in args.only or BENCHES:
-        path = HERE / name
-        if not path.exists():
-            print(f"== {name}: not present, skipped", file=sys.stderr)
-            continue
-        cmd = [sys.executable, str(path)] + (["--quick"] if args.quick else []) + EXTRA_ARGS.get(name, [])
+        if name.startswith("simnet:"):
+            scenario = name.split(":", 1)[1]
+            sets = SIMNET[scenario][1 if args.quick else 0]
+            cmd = [sys.executable, "-m", "simnet", "run", str(HERE.parent / "simnet" / "scenarios" / f"{scenario}.toml"),
+                   "--seed", "1"] + [a for kv in sets for a in ("--set", kv)]
+        else:
+            path = HERE / name
+            if not path.exists():
+                print(f"== {name}: not present, skipped", file=sys.stderr)
+                continue
+            cmd = [sys.executable, str(path)] + (["--quick"] if args.quick else []) + EXTRA_ARGS.get(name, [])
         print(f"== {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
         for line in proc.stdout.splitlines():
             try:
                 results.append(json.loads(line))

@@ -31,7 +31,6 @@ from .content.cid import CID, DAG_CBOR
 from .content.keys import HashKey, RootKey, parse_key
 from .content.manifest import ArchiveManifest
 from .errors import InvalidInput, MalformedBlock, NotFound, P2PCacheError
-from .content import dagcbor
 from .http.api import make_app
 from .http.nix import GATEWAY_MARKER, NixCache
 from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
@@ -402,29 +401,14 @@ class Node:
         assert self.nix is not None
         await self.nix.handle(scope, receive, send)
 
-    async def fetch_dag(self, root: CID, providers: list) -> None:
-        """Fetch every block reachable from `root` that the repo lacks (any dag-cbor manifest shape:
-        links are found generically), in breadth-first batches, storing each batch as it arrives."""
+    async def fetch_dag(self, root: CID, providers: list,
+                        on_stored: Callable[[list[CID]], None] | None = None) -> int:
+        """Fetch every block under `root` the repo lacks (any manifest shape), depth-first with a
+        window, storing as blocks arrive; see BitswapExchange.fetch_dag."""
         assert self.exchange is not None and self.repo is not None
-        repo = self.repo
-        todo: list[CID] = [root]
-        seen: set[CID] = set()
-        while todo:
-            batch, todo = todo[:256], todo[256:]
-            batch = [c for c in batch if c not in seen]
-            seen.update(batch)
-            missing = [c for c in batch if not repo.has_block(c)]
-            fetched: dict[CID, bytes] = {}
-            if missing:
-                fetched = await self.exchange.fetch_blocks(missing, providers)
-                await trio.to_thread.run_sync(repo.put_blocks, list(fetched.items()))
-                self.exchange.blocks_added(fetched)
-            for cid in batch:
-                if cid.codec == DAG_CBOR:
-                    data = fetched.get(cid)
-                    if data is None:
-                        data = await trio.to_thread.run_sync(repo.load_block, cid)
-                    todo.extend(c for c in _links(dagcbor.decode(data)) if c not in seen)
+        fetched = await self.exchange.fetch_dag(root, providers, self.repo, on_stored)
+        self.stats.bytes_fetched += fetched
+        return fetched
 
     async def _answer_resolve(self, alias: str) -> ResolveAnswer | None:
         """What we hold under `alias`, for other peers' resolve requests. A gateway (a node with
@@ -453,17 +437,6 @@ class Node:
         if not info.complete:
             return None
         return ResolveAnswer(root=root, kind=info.kind, size=info.size)
-
-
-def _links(value: Any) -> Iterator[CID]:
-    if isinstance(value, CID):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _links(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _links(v)
 
 
 def _decode_root(root: CID, data: bytes) -> ArchiveManifest:

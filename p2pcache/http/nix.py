@@ -39,7 +39,7 @@ from ..content.nixhash import NixHash
 from ..content.nixsig import SecretKey
 from ..errors import CorruptData, InvalidInput, MalformedBlock, NotFound, P2PCacheError
 from ..store.httpcache import HttpBinaryCache, UpstreamError, _Decompressor
-from ..store.narstore import RepoNarStore, nix_alias, stream_nar_root
+from ..store.narstore import RepoNarStore, nix_alias, stream_manifest, stream_nar_root
 from ..aio import drain_thread as _drain_thread, feed_thread as _feed_thread
 from .asgi import HTTPError, Receive, Scope, Send, send_bytes, send_error
 
@@ -60,6 +60,7 @@ PUT_LIMIT_NARINFO = 1 << 20
 # Nodes with upstream caches announce this key: a peer whose DHT lookup missed asks them to pull through.
 GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
 GATEWAY_RESOLVE_TIMEOUT = 300.0
+BLOCK_WAIT = 120.0  # a NAR stream waits this long for any one block to arrive from peers
 
 
 @dataclass
@@ -320,28 +321,113 @@ class NixCache:
     # -- NARs ----------------------------------------------------------------------------------------
     async def _get_nar(self, path: str, send: Send, head: bool) -> None:
         if m := _OUR_NAR.match(path):
-            store_hash, nar32 = m.group(1), m.group(2)
-            nar_digest = nixbase32.decode(nar32, 32)
-            root, source = await self._nar_root(store_hash, nar_digest)
+            store_hash, nar_digest = m.group(1), nixbase32.decode(m.group(2), 32)
         elif m := _BARE_NAR.match(path):
-            nar_digest = nixbase32.decode(m.group(1), 32)
-            root = self._root_by_nar_hash(nar_digest)
-            if root is None:
-                raise HTTPError(404, f"{path}: no NAR with that hash here")
-            store_hash, source = None, "local"
+            store_hash, nar_digest = None, nixbase32.decode(m.group(1), 32)
         else:
             raise HTTPError(404, f"{path}: not a NAR this node serves")
-        if root is None:  # the local Nix store has it: serialise it ourselves
-            assert store_hash is not None and self.local is not None
-            info = await trio.to_thread.run_sync(self.local.narinfo, store_hash)
-            if info is None or info.nar_hash.digest != nar_digest:
-                raise HTTPError(404, f"{path}: the local Nix store no longer has it")
+        root = self._local_nar_root(store_hash, nar_digest)
+        if root is not None:
+            await self._stream_repo_nar(root, nar_digest, send, head, "local")
+            return
+        if store_hash is None:
+            raise HTTPError(404, f"{path}: no NAR with that hash here")
+        found = await self.find_narinfo(store_hash)
+        if found is None:
+            raise HTTPError(404, f"nobody has store path {store_hash} any more")
+        info, source = found
+        if info.nar_hash.digest != nar_digest:
+            raise HTTPError(404, f"store path {store_hash} now has a different NarHash")
+        if source == "nixstore":
+            assert self.local is not None
             await self._stream(send, info.nar_size, lambda: self.local.stream_nar(store_hash), "nixstore", head)
             return
+        if head:
+            await self._stream(send, info.nar_size, lambda: iter(()), source, head=True)
+            return
+        async with self._lock("nar:" + store_hash):
+            root = self._local_nar_root(store_hash, nar_digest)
+            if root is not None:  # another request fetched it while we waited
+                await self._stream_repo_nar(root, nar_digest, send, head, "local")
+                return
+            pending = self._pending.get(store_hash)
+            if pending is None:
+                raise HTTPError(404, f"store path {store_hash}: lost track of where to fetch it")
+            if pending.source == "peer":
+                await self._stream_from_peers(store_hash, pending, send)
+            else:
+                try:
+                    await self._pull_from_upstream(pending)
+                except P2PCacheError as e:
+                    self._pending.pop(store_hash, None)
+                    raise HTTPError(502, f"fetching the NAR of {info.store_path}: {e}") from None
+                self._pending.pop(store_hash, None)
+                root = self.narstore.root_of(store_hash)
+                self.node.announce(root)
+                await self._stream_repo_nar(root, nar_digest, send, head, "upstream")
+
+    def _local_nar_root(self, store_hash: str | None, nar_digest: bytes) -> CID | None:
+        if store_hash is not None and self.narstore.has(store_hash):
+            return self.narstore.root_of(store_hash)
+        return self._root_by_nar_hash(nar_digest)
+
+    async def _stream_repo_nar(self, root: CID, nar_digest: bytes, send: Send, head: bool, source: str) -> None:
         manifest = NarManifest.decode(await trio.to_thread.run_sync(self.node.repo.load_block, root))
         if manifest.nar_hash != nar_digest:
-            raise HTTPError(404, f"{path}: hash does not match the NAR held for it")
+            raise HTTPError(404, "the NAR held here has another hash")
         await self._stream(send, manifest.nar_size, lambda: stream_nar_root(self.node.repo, root), source, head)
+
+    async def _stream_from_peers(self, store_hash: str, pending: _Pending, send: Send) -> None:
+        """Stream the NAR to Nix while its blocks arrive from peers: a fetch walks the manifest
+        depth-first (NAR order) with a window, and the reassembly waits for each block it needs.
+        The NarHash is checked as it streams; the root is registered only after both finished."""
+        repo = self.node.repo
+        root = pending.root
+        assert root is not None
+        stored: set[CID] = set()
+        waiters: dict[CID, trio.Event] = {}
+        failure: list[BaseException] = []
+
+        def on_stored(cids: list[CID]) -> None:
+            for c in cids:
+                stored.add(c)
+                ev = waiters.pop(c, None)
+                if ev is not None:
+                    ev.set()
+
+        async def wait_for(cid: CID) -> None:
+            while cid not in stored:
+                if failure:
+                    raise failure[0]
+                ev = waiters.setdefault(cid, trio.Event())
+                with trio.fail_after(BLOCK_WAIT):
+                    await ev.wait()
+
+        token = trio.lowlevel.current_trio_token()
+
+        def load(cid: CID) -> bytes:  # on reassembly threads (not trio's: hence the token)
+            trio.from_thread.run(wait_for, cid, trio_token=token)
+            return repo.load_block(cid)
+
+        async def fetcher() -> None:
+            try:
+                fetched = await self.node.fetch_dag(root, pending.providers, on_stored)
+                self.metrics.fetched.labels("peer").inc(fetched)
+            except P2PCacheError as e:
+                failure.append(e)
+                for ev in list(waiters.values()):
+                    ev.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetcher)
+            await wait_for(root)
+            manifest = NarManifest.decode(await trio.to_thread.run_sync(repo.load_block, root))
+            await self._stream(send, manifest.nar_size, lambda: stream_manifest(manifest, load), "peer", False)
+        if failure:  # the stream completed from blocks we had, yet the fetch failed: do not register
+            raise failure[0]
+        await trio.to_thread.run_sync(lambda: self.narstore.register_nar(root, pending.narinfo, verify=False))
+        self._pending.pop(store_hash, None)
+        self.node.announce(root)
 
     def _root_by_nar_hash(self, digest: bytes) -> CID | None:
         try:
@@ -350,47 +436,6 @@ class NixCache:
             return None
         info = self.node.repo.root_info(root)
         return root if info.kind == "nar" and info.complete else None
-
-    async def _nar_root(self, store_hash: str, nar_digest: bytes) -> tuple[CID | None, str]:
-        """The repo root of this NAR and where its bytes came from, fetching it from a peer or an
-        upstream first if needed. A None root means: serve it from the local Nix store."""
-        if self.narstore.has(store_hash):
-            return self.narstore.root_of(store_hash), "local"
-        root = self._root_by_nar_hash(nar_digest)
-        if root is not None:
-            return root, "local"
-        found = await self.find_narinfo(store_hash)
-        if found is None:
-            raise HTTPError(404, f"nobody has store path {store_hash} any more")
-        info, source = found
-        if info.nar_hash.digest != nar_digest:
-            raise HTTPError(404, f"store path {store_hash} now has a different NarHash")
-        if source == "nixstore":
-            return None, "nixstore"
-        async with self._lock("nar:" + store_hash):
-            if self.narstore.has(store_hash):
-                return self.narstore.root_of(store_hash), "local"
-            pending = self._pending.get(store_hash)
-            if pending is None:
-                raise HTTPError(404, f"store path {store_hash}: lost track of where to fetch it")
-            try:
-                if pending.source == "peer":
-                    await self._fetch_from_peers(pending)
-                else:
-                    await self._pull_from_upstream(pending)
-            except P2PCacheError as e:
-                self._pending.pop(store_hash, None)
-                raise HTTPError(502, f"fetching the NAR of {info.store_path}: {e}") from None
-            self._pending.pop(store_hash, None)
-        self.node.announce(self.narstore.root_of(store_hash))
-        return self.narstore.root_of(store_hash), source
-
-    async def _fetch_from_peers(self, pending: _Pending) -> None:
-        node = self.node
-        before = node.repo.stored_bytes()
-        await node.fetch_dag(pending.root, pending.providers)
-        await trio.to_thread.run_sync(lambda: self.narstore.register_nar(pending.root, pending.narinfo))
-        self.metrics.fetched.labels("peer").inc(max(0, node.repo.stored_bytes() - before))
 
     async def _pull_from_upstream(self, pending: _Pending) -> None:
         """Download, decompress and verify the NAR from the upstream straight into the repo."""

@@ -24,13 +24,14 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import multiaddr
 import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from ..content import dagcbor
 from ..content.cid import CID, DAG_CBOR, RAW
 from ..content.manifest import ArchiveManifest, ChunkIndex
 from ..errors import CorruptData, InvalidInput, MalformedBlock, NotFound, P2PCacheError
@@ -514,6 +515,97 @@ class BitswapExchange:
         finally:
             self._close_session(sid)
         return await trio.to_thread.run_sync(repo.register_root, root)
+
+
+    async def fetch_dag(self, root: CID, providers: Iterable[ProviderSpec], repo: Any,
+                        on_stored: Callable[[list[CID]], None] | None = None) -> int:
+        """Fetch every block reachable from `root` that `repo` lacks, for any manifest shape: links are
+        the tag-42 CIDs of each dag-cbor block, followed depth-first — the order a NAR or an archive is
+        read back in — with at most `archive_window` blocks wanted ahead. Blocks are stored as they
+        arrive (manifest nodes at once, chunks in batches up to `store_batch_bytes`, or sooner when the
+        wire goes quiet) and `on_stored(cids)` is called after each batch, so a reader can stream the
+        content while it is still arriving. Returns the bytes fetched. Does not register a root."""
+        sid, session = self._open_session(providers)
+        todo: deque[CID] = deque([root])
+        outstanding: set[CID] = set()
+        seen: set[CID] = set()
+        batch: list[tuple[CID, bytes]] = []
+        batch_bytes = fetched = 0
+        window = self.config.archive_window
+
+        async def store() -> None:
+            nonlocal batch, batch_bytes
+            if not batch:
+                return
+            blocks, batch, batch_bytes = batch, [], 0
+            await trio.to_thread.run_sync(repo.put_blocks, blocks)
+            self.blocks_added(c for c, _ in blocks)
+            if on_stored is not None:
+                on_stored([c for c, _ in blocks])
+
+        def follow(cid: CID, data: bytes) -> None:
+            try:
+                links = list(_dag_links(dagcbor.decode(data)))
+            except MalformedBlock as e:
+                raise FetchError(f"block {cid} under {root} is not valid dag-cbor: {e}") from None
+            todo.extendleft(reversed(links))
+
+        try:
+            while todo or outstanding:
+                wants: list[CID] = []
+                while todo and len(outstanding) + len(wants) < window:
+                    cid = todo.popleft()
+                    if cid in seen:
+                        continue
+                    seen.add(cid)
+                    if repo.has_block(cid):
+                        if cid.codec == DAG_CBOR:
+                            follow(cid, await trio.to_thread.run_sync(repo.load_block, cid))
+                        if on_stored is not None:
+                            on_stored([cid])
+                        continue
+                    if cid.codec not in (RAW, DAG_CBOR):
+                        raise FetchError(f"{cid} under {root} has codec {cid.codec_name}; only raw and dag-cbor are fetched")
+                    outstanding.add(cid)
+                    wants.append(cid)
+                if wants:
+                    self._client(Want(sid, tuple(wants)))
+                if not outstanding:
+                    continue
+                try:
+                    cid, data, why = session.recv.receive_nowait()
+                except trio.WouldBlock:
+                    await store()  # nothing more right now: let readers have what we hold
+                    cid, data, why = await session.recv.receive()
+                if cid not in outstanding:
+                    continue
+                outstanding.discard(cid)
+                if data is None:
+                    raise FetchError(f"could not fetch block {cid} under {root}: {why}")
+                batch.append((cid, data))
+                batch_bytes += len(data)
+                fetched += len(data)
+                if cid.codec == DAG_CBOR:
+                    follow(cid, data)
+                    await store()
+                elif batch_bytes >= self.config.store_batch_bytes:
+                    await store()
+            await store()
+        finally:
+            self._close_session(sid)
+        return fetched
+
+
+def _dag_links(value: Any) -> Iterator[CID]:
+    """The CIDs in a decoded dag-cbor value, in document order."""
+    if isinstance(value, CID):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _dag_links(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _dag_links(v)
 
 
 async def _reset(stream: Any) -> None:

@@ -344,7 +344,13 @@ class _PlanPrefetcher:
 
 
 def _stream_manifest(repo: "Repo", manifest: NarManifest) -> Iterator[bytes]:
-    events = _PlanPrefetcher(repo.load_block).run(iter_plan(manifest, repo.load_block))
+    return stream_manifest(manifest, repo.load_block)
+
+
+def stream_manifest(manifest: NarManifest, load: Callable[[CID], bytes]) -> Iterator[bytes]:
+    """The NAR a manifest describes, with blocks from `load` (which must return verified bytes and may
+    block, e.g. until a fetch delivers them); the last piece is held until the NarHash matched."""
+    events = _PlanPrefetcher(load).run(iter_plan(manifest, load))
     check = VerifiedStream.sha256(manifest.nar_hash, manifest.nar_size, "reassembled NAR")
     return check.wrap(_nar.write_nar(events))
 

@@ -22,10 +22,20 @@ How a CID is fetched (after boxo's session design, simplified):
 - At most `peer_window` want-blocks are outstanding per peer, `peer_have_window` want-haves, and
   `session_window` CIDs in flight per session; the rest wait in FIFO order.
 - DONT_HAVE, a timeout (`SetTimer`/`Tick`) or a disconnect from the asked peer re-queues the CID (at
-  the front) for another peer. When every candidate has said DONT_HAVE, or `max_attempts` asks have
-  failed, or no candidate appeared within `no_provider_timeout`, the CID fails with `FetchFailed`.
+  the front) for another peer. When `max_attempts` asks have failed, or no candidate appeared within
+  `no_provider_timeout`, the CID fails with `FetchFailed`.
+- A DONT_HAVE is an answer for now, not for ever: bitswap servers (go-bitswap, Helia, ours) keep a
+  want they could not answer in the peer's wantlist until it is cancelled, and answer it when the
+  block arrives. So a peer that said DONT_HAVE is watching the CID for us: a later HAVE from it makes
+  it a candidate again (the best one). When every candidate has said DONT_HAVE, or `park_after` of
+  them have (the rest would only be asked to say the same), the CID is parked: it waits without
+  messages for a HAVE or a block from a watching peer, or a new peer, for up to `dont_have_wait`
+  seconds, then fails. `dont_have_wait = 0` fails at once, which suits the usual case of asking for
+  something the swarm does not have (the caller falls back to the origin quickly); a fleet fetching
+  one artifact at once, where a busy seed refuses and peers get blocks moments later, wants a wait.
 - When the block arrives it is delivered to every session that wants it and cancels go to every other
-  peer asked and not yet answered. Blocks for CIDs already done are counted as duplicates.
+  peer that holds its want: asked and not yet answered, or watching after a DONT_HAVE. Blocks for
+  CIDs already done are counted as duplicates.
 - A block nobody asked for (its bytes hash to a CID we never wanted, which is what corrupt data
   looks like) gets the peer `PenalisePeer`d and dropped: its wants are re-asked elsewhere and it is
   never asked again by this engine.
@@ -33,6 +43,7 @@ How a CID is fetched (after boxo's session design, simplified):
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from itertools import islice
 from dataclasses import dataclass
@@ -75,10 +86,14 @@ class ClientConfig:
     prior_service_time: float = 0.0  # service time assumed for a peer never measured
     ewma_alpha: float = 0.3
     remember_done: int = 16384  # finished CIDs remembered to tell a duplicate from an unsolicited block
+    dont_have_wait: float = 0.0  # a CID every candidate said DONT_HAVE for waits this long for a HAVE
+    park_after: int = 0  # park a CID (see dont_have_wait) once this many peers said DONT_HAVE; 0 = all
 
     def __post_init__(self) -> None:
         if self.peer_window < 1 or self.session_window < 1 or self.peer_have_window < 0 or self.max_attempts < 1:
             raise ExchangeUsageError(f"client windows and max_attempts must be positive: {self}")
+        if self.dont_have_wait < 0 or self.park_after < 0:
+            raise ExchangeUsageError(f"dont_have_wait and park_after must not be negative: {self}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +107,9 @@ class ClientStats:
     cancels_sent: int = 0
     timeouts: int = 0
     failed: int = 0
+    dont_haves: int = 0  # DONT_HAVE answers received
+    parked: int = 0  # times a CID was parked to wait for a HAVE
+    haves_after_dont_have: int = 0  # HAVEs from a peer that had said DONT_HAVE: the watch paid off
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +143,7 @@ class _Peer:
 
 class _Want:
     __slots__ = ("cid", "sessions", "priority", "block_peer", "sent_at", "deadline", "have_asked",
-                 "dont_haves", "timed_out", "attempts", "stalled_since")
+                 "dont_haves", "timed_out", "attempts", "stalled_since", "parked_since")
 
     def __init__(self, cid: CID, priority: int) -> None:
         self.cid = cid
@@ -135,10 +153,11 @@ class _Want:
         self.sent_at = 0.0
         self.deadline = 0.0
         self.have_asked: set[PeerId] = set()  # want-have sent, no answer yet
-        self.dont_haves: set[PeerId] = set()
+        self.dont_haves: set[PeerId] = set()  # said DONT_HAVE (and not HAVE since): watching it for us
         self.timed_out: set[PeerId] = set()
         self.attempts = 0
         self.stalled_since: float | None = None
+        self.parked_since: float | None = None  # first parked, waiting for a HAVE; reset by one
 
 
 class _Session:
@@ -162,6 +181,9 @@ class BitswapClient:
         self._pending: OrderedDict[CID, None] = OrderedDict()  # wants waiting for a want-block
         self._inflight: dict[CID, _Want] = {}
         self._stalled: dict[CID, _Want] = {}  # pending wants with no candidate peer at all
+        self._parked: dict[CID, _Want] = {}  # not pending: waiting for a HAVE from a watching peer
+        self._deadlines: list[tuple[float, int, CID]] = []  # heap of want-block deadlines (some stale)
+        self._seq = 0
         self._done: OrderedDict[CID, None] = OrderedDict()
         self._timer_at: float | None = None
         self._next_priority = 2**31 - 1
@@ -186,9 +208,11 @@ class BitswapClient:
                 session.providers.setdefault(p, None)
                 self._peers.setdefault(p, _Peer())
             self._unstall()
+            self._unpark_all()
         elif isinstance(event, PeerConnected):
             self._peers.setdefault(event.peer, _Peer()).connected = True
             self._unstall()
+            self._unpark_all()
         elif isinstance(event, PeerDisconnected):
             self._drop_peer(event.peer)
         elif isinstance(event, PeerMisbehaved):
@@ -312,7 +336,15 @@ class BitswapClient:
         if presence.have:
             p.proven = True
             p.has.add(w.cid)
+            if peer in w.dont_haves:
+                w.dont_haves.discard(peer)
+                self._stats["haves_after_dont_have"] += 1
+            if w.cid in self._parked:
+                del self._parked[w.cid]
+                w.parked_since = None
+                self._requeue(w)
             return
+        self._stats["dont_haves"] += 1
         p.has.discard(w.cid)
         w.dont_haves.add(peer)
         if w.block_peer == peer:
@@ -337,6 +369,10 @@ class BitswapClient:
         for w in list(self._stalled.values()):
             if now - w.stalled_since >= self.config.no_provider_timeout:
                 self._fail(w, f"no peer to ask within {self.config.no_provider_timeout:g}s")
+        for w in list(self._parked.values()):
+            if now - w.parked_since >= self.config.dont_have_wait:
+                self._fail(w, f"{len(w.dont_haves)} peers said they do not have it and none had it "
+                              f"within {self.config.dont_have_wait:g}s")
 
     # -- peers --------------------------------------------------------------------------------
     def _drop_peer(self, peer: PeerId) -> None:
@@ -380,10 +416,14 @@ class BitswapClient:
             self._cancel(peer, w.cid)
             if peer in self._peers:
                 self._peers[peer].haves_out.discard(w.cid)
+        for peer in w.dont_haves:  # servers keep a want they said DONT_HAVE to until it is cancelled
+            if peer in self._peers and peer not in self._banned:
+                self._cancel(peer, w.cid)
         for p in self._peers.values():
             p.has.discard(w.cid)
         self._pending.pop(w.cid, None)
         self._stalled.pop(w.cid, None)
+        self._parked.pop(w.cid, None)
         del self._wants[w.cid]
         self._done[w.cid] = None
         if len(self._done) > self.config.remember_done:
@@ -438,10 +478,14 @@ class BitswapClient:
                 continue
             candidates = self._candidates(w)
             usable = [peer for peer in candidates if peer not in w.dont_haves]
-            if not usable:
-                if candidates:
+            if candidates and (not usable or cfg.park_after and len(candidates) - len(usable) >= cfg.park_after):
+                if cfg.dont_have_wait > 0:
+                    self._park(w, now)
+                elif not usable:
                     self._fail(w, f"all {len(candidates)} peers asked said they do not have it")
-                elif w.stalled_since is None:
+                continue
+            if not usable:
+                if w.stalled_since is None:
                     w.stalled_since = now
                     self._stalled[cid] = w
                 continue
@@ -488,6 +532,20 @@ class BitswapClient:
             # what is still pending of this chunk was skipped, and stays in front of the rest
             skipped += sum(1 for cid in chunk if cid in self._pending)
 
+    def _park(self, w: _Want, now: float) -> None:
+        del self._pending[w.cid]
+        self._parked[w.cid] = w
+        if w.parked_since is None:
+            w.parked_since = now
+            self._stats["parked"] += 1
+
+    def _unpark_all(self) -> None:
+        """A peer appeared: parked wants may have a candidate that has not said DONT_HAVE."""
+        for w in self._parked.values():
+            self._pending[w.cid] = None
+            self._pending.move_to_end(w.cid, last=False)
+        self._parked.clear()  # parked_since stays: a re-park does not restart the wait
+
     def _unstall(self) -> None:
         """A peer appeared: stalled wants that now have a candidate wait for a window, not a peer."""
         for w in list(self._stalled.values()):
@@ -512,6 +570,8 @@ class BitswapClient:
         w.sent_at = now
         service = p.service if p.service is not None else 0.0
         w.deadline = now + max(self.config.want_timeout, self.config.timeout_factor * service)
+        self._seq += 1
+        heapq.heappush(self._deadlines, (w.deadline, self._seq, w.cid))
         w.attempts += 1
         w.have_asked.discard(peer)
         p.haves_out.discard(w.cid)
@@ -537,9 +597,15 @@ class BitswapClient:
         for peer, entries in self._outbox.items():
             if entries:
                 out.append(Send(peer, Message(wants=tuple(entries.values()))))
-        earliest = min((w.deadline for w in self._inflight.values()), default=None)
+        heap = self._deadlines
+        while heap and (heap[0][2] not in self._inflight or self._inflight[heap[0][2]].deadline != heap[0][0]):
+            heapq.heappop(heap)  # answered, or re-asked with a new deadline
+        earliest = heap[0][0] if heap else None
         for w in self._stalled.values():
             at = w.stalled_since + self.config.no_provider_timeout
+            earliest = at if earliest is None else min(earliest, at)
+        if self._parked:
+            at = min(w.parked_since for w in self._parked.values()) + self.config.dont_have_wait
             earliest = at if earliest is None else min(earliest, at)
         if earliest is not None and (self._timer_at is None or earliest < self._timer_at):
             self._timer_at = earliest

@@ -16,9 +16,14 @@ index lookups are synchronous anyway. The engine still does no I/O of its own: a
 Decisions:
 - want-have: HAVE if we have it (or the block itself when it is at most `inline_have_max` bytes, as
   the spec allows); DONT_HAVE if not and the peer asked for DONT_HAVE. want-block: the block, or
-  DONT_HAVE if asked. A want we cannot answer yet and no DONT_HAVE was asked for waits in the ledger
-  until `BlocksAdded` names its CID. Cancel drops a want and anything queued for it. `full` replaces
-  the peer's wantlist.
+  DONT_HAVE if asked. A want we cannot answer yet stays in the peer's wantlist until it cancels it, as
+  in go-bitswap and Helia: it waits in the ledger until `BlocksAdded` names its CID, and is then
+  answered. After a DONT_HAVE (`keep_wants_after_dont_have`) it is answered with HAVE even if it was
+  a want-block (or with the block if small): the peer has most likely asked elsewhere since, and a
+  HAVE lets it choose instead of receiving a second copy. Kept wants count towards
+  `max_wants_per_peer`; when that is full, the oldest want kept after a DONT_HAVE makes room (a peer
+  that never cancels cannot lock itself out). Cancel drops a want and anything queued for it. `full`
+  replaces the peer's wantlist.
 - Within a peer, higher priority first (then arrival order); presences go before blocks because they
   are small and let the client re-ask elsewhere sooner.
 - Across peers, deficit round-robin by bytes: each visit adds `quantum` bytes of credit to a peer
@@ -87,6 +92,7 @@ class ServerConfig:
     want_rate: float = 4000.0  # new want entries per second per peer
     want_burst: float = 8192.0
     inline_have_max: int = 1024  # answer a want-have with the block itself up to this size
+    keep_wants_after_dont_have: bool = True  # a DONT_HAVE'd want waits for BlocksAdded (answered HAVE)
 
     def __post_init__(self) -> None:
         if self.quantum < 1 or self.max_outstanding_bytes < 1 or self.max_message_size < 64:
@@ -122,13 +128,15 @@ class _Task:
 
 
 class _PeerLedger:
-    __slots__ = ("tasks", "_order", "waiting", "outstanding", "deficit", "tokens", "refilled_at",
+    __slots__ = ("peer", "tasks", "_order", "waiting", "kept", "outstanding", "deficit", "tokens", "refilled_at",
                  "blocks_sent", "bytes_sent", "haves_sent", "dont_haves_sent", "wants_refused")
 
-    def __init__(self, burst: float, now: float) -> None:
+    def __init__(self, peer: PeerId, burst: float, now: float) -> None:
+        self.peer = peer
         self.tasks: dict[CID, _Task] = {}
         self._order: list[_Task] | None = None  # tasks by priority; None when a task was added or changed
         self.waiting: dict[CID, WantEntry] = {}
+        self.kept: dict[CID, None] = {}  # waiting wants already answered DONT_HAVE, oldest first
         self.outstanding = 0
         self.deficit = 0
         self.tokens = burst
@@ -155,7 +163,10 @@ class BitswapServer:
     def __init__(self, source: BlockSource, config: ServerConfig | None = None) -> None:
         self.source = source
         self.config = config or ServerConfig()
-        self._ledgers: dict[PeerId, _PeerLedger] = {}  # insertion order is the round-robin ring
+        self._ledgers: dict[PeerId, _PeerLedger] = {}
+        # Ledgers with tasks queued, in the order they got them: the round-robin ring. Visiting only
+        # these keeps a step's cost independent of how many idle peers are connected.
+        self._active: dict[PeerId, None] = {}
         self._cursor = 0
         self._seq = 0
 
@@ -170,6 +181,7 @@ class BitswapServer:
                 led.outstanding = max(0, led.outstanding - event.size)
         elif isinstance(event, (PeerDisconnected, PeerMisbehaved)):
             self._ledgers.pop(event.peer, None)
+            self._active.pop(event.peer, None)
         elif isinstance(event, BlocksAdded):
             self._on_blocks_added(event.cids)
         elif isinstance(event, (PeerConnected, Tick, Want, AddProviders, CloseSession)):
@@ -194,19 +206,25 @@ class BitswapServer:
         cfg = self.config
         led = self._ledgers.get(peer)
         if led is None:
-            led = self._ledgers[peer] = _PeerLedger(cfg.want_burst, now)
+            led = self._ledgers[peer] = _PeerLedger(peer, cfg.want_burst, now)
         led.tokens = min(cfg.want_burst, led.tokens + (now - led.refilled_at) * cfg.want_rate)
         led.refilled_at = now
         if msg.full:
             led.tasks.clear()
             led.waiting.clear()
+            led.kept.clear()
             led.changed()
         for e in msg.wants:
             if e.cancel:
                 led.tasks.pop(e.cid, None)
                 led.waiting.pop(e.cid, None)
+                led.kept.pop(e.cid, None)
                 continue
             known = e.cid in led.tasks or e.cid in led.waiting
+            if not known and led.kept and len(led.tasks) + len(led.waiting) >= cfg.max_wants_per_peer:
+                oldest = next(iter(led.kept))
+                del led.kept[oldest]
+                del led.waiting[oldest]
             if not known and (led.tokens < 1 or len(led.tasks) + len(led.waiting) >= cfg.max_wants_per_peer):
                 led.wants_refused += 1
                 # Bound even the refusals: a peer that stops reading cannot grow our queue forever.
@@ -225,13 +243,23 @@ class BitswapServer:
             size = None  # a block bitswap cannot carry is a block we do not have, for this protocol
         if size is None:
             if e.send_dont_have:
-                led.waiting.pop(e.cid, None)
                 self._queue(led, e, _DONT_HAVE, 0)
+                if self.config.keep_wants_after_dont_have:
+                    # Kept as a want-have that needs no second DONT_HAVE: when the block arrives,
+                    # the peer hears HAVE and decides whether it still wants it from us.
+                    led.waiting[e.cid] = WantEntry(e.cid, WantType.HAVE, e.priority)
+                    led.kept.pop(e.cid, None)
+                    led.kept[e.cid] = None
+                else:
+                    led.waiting.pop(e.cid, None)
+                    led.kept.pop(e.cid, None)
             else:
                 led.tasks.pop(e.cid, None)
                 led.waiting[e.cid] = e
+                led.kept.pop(e.cid, None)
             return
         led.waiting.pop(e.cid, None)
+        led.kept.pop(e.cid, None)
         if e.want_type == WantType.BLOCK or size <= self.config.inline_have_max:
             self._queue(led, e, _BLOCK, size)
         else:
@@ -247,6 +275,7 @@ class BitswapServer:
         seq = old.seq if old is not None else self._next_seq()
         led.tasks[e.cid] = _Task(e.cid, kind, e.priority, seq, size, e.send_dont_have)
         led.changed()
+        self._active[led.peer] = None
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -279,7 +308,10 @@ class BitswapServer:
         out: list[Action] = []
         while True:
             progress = False
-            peers = list(self._ledgers)
+            for peer in [peer for peer in self._active if not self._ledgers[peer].tasks]:
+                del self._active[peer]
+                self._ledgers[peer].deficit = 0
+            peers = list(self._active)
             n = len(peers)
             for i in range(n):
                 peer = peers[(self._cursor + i) % n]

@@ -86,6 +86,7 @@ class DriverConfig:
     ban_seconds: float = 600.0  # a peer that broke the protocol is refused this long
     store_batch_bytes: int = 4 << 20  # fetch_archive hands blocks to the repo in batches this big
     archive_window: int = 256  # fetch_archive: blocks wanted but not yet stored, at most
+    commit_batch_bytes: int = 32 << 20  # fetch_dag records written blocks in the index this often
     idle_stream_seconds: float = 2.0  # an outbound stream with nothing to send is closed after this
 
 
@@ -533,15 +534,30 @@ class BitswapExchange:
         batch_bytes = fetched = 0
         window = self.config.archive_window
 
+        unrecorded: list[tuple[CID, int]] = []  # written, not yet in the index
+        unrecorded_bytes = 0
+
         async def store() -> None:
-            nonlocal batch, batch_bytes
+            # Files first (readers may use them at once), index rows in big batches: each commit
+            # flushes the file system, which costs far more than the writes.
+            nonlocal batch, batch_bytes, unrecorded, unrecorded_bytes
             if not batch:
                 return
             blocks, batch, batch_bytes = batch, [], 0
-            await trio.to_thread.run_sync(repo.put_blocks, blocks)
-            self.blocks_added(c for c, _ in blocks)
+            await trio.to_thread.run_sync(repo.write_blocks, blocks)
+            unrecorded += [(c, len(d)) for c, d in blocks]
+            unrecorded_bytes += sum(len(d) for _, d in blocks)
             if on_stored is not None:
                 on_stored([c for c, _ in blocks])
+            if unrecorded_bytes >= self.config.commit_batch_bytes:
+                await commit()
+
+        async def commit() -> None:
+            nonlocal unrecorded, unrecorded_bytes
+            if unrecorded:
+                done, unrecorded, unrecorded_bytes = unrecorded, [], 0
+                await trio.to_thread.run_sync(repo.commit_blocks, done)
+                self.blocks_added(c for c, _ in done)
 
         def follow(cid: CID, data: bytes) -> None:
             try:
@@ -591,6 +607,7 @@ class BitswapExchange:
                 elif batch_bytes >= self.config.store_batch_bytes:
                     await store()
             await store()
+            await commit()
         finally:
             self._close_session(sid)
         return fetched

@@ -462,20 +462,37 @@ class Repo:
         """Store blocks that arrived from a peer. Each is re-hashed against its CID here, whoever
         checked it before; a mismatch raises CorruptData and stores nothing. Returns the bytes written.
         The blocks stay unreferenced (gc may collect them) until `register_root` claims them."""
+        written = self.write_blocks(blocks)
+        self.commit_blocks([(c, len(d)) for c, d in blocks])
+        return written
+
+    def write_blocks(self, blocks: list[tuple[CID, bytes]]) -> int:
+        """The first half of `put_blocks`: verify and write the files, so `load_block` can read them at
+        once, without recording them yet. Until `commit_blocks`, they are garbage to `verify` and `gc`."""
         self._require_writable()
         for cid, data in blocks:
             if not cid.verify(data):
                 raise CorruptData(f"block {cid} does not match its CID; refusing to store it")
-        new = [(c, d) for c, d in blocks if not self.index.has_block(c)]
-        for cid, data in new:
-            self.files.write(cid, data)
-        if not new:
-            return 0
+        known = self.index.known_blocks([c for c, _ in blocks])
+        written = 0
+        for cid, data in blocks:
+            if cid.buffer not in known:
+                self.files.write(cid, data)
+                written += len(data)
+        return written
+
+    def commit_blocks(self, blocks: list[tuple[CID, int]]) -> None:
+        """The second half: one flush to disk, then the index rows (the order crash safety needs)."""
+        self._require_writable()
+        if not blocks:
+            return
         if self.durable:
-            self.files.barrier()
+            try:
+                self.files.barrier()
+            except OSError as e:
+                raise disk_error(e, self.path) from None
         with self.index.transaction():
-            self.index.put_blocks((c, len(d)) for c, d in new)
-        return sum(len(d) for _, d in new)
+            self.index.put_blocks(blocks)
 
     def has_block(self, cid: CID) -> bool:
         return self.index.has_block(cid)

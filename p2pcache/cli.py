@@ -344,8 +344,23 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
                     nursery.cancel_scope.cancel()
                     break
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseException as e:  # trio wraps startup failures of its tasks in exception groups
+        leaf = _first_leaf(e)
+        if isinstance(leaf, P2PCacheError):
+            raise leaf from None
+        if isinstance(leaf, OSError):
+            raise RepoError(f"daemon could not start: {leaf.strerror or leaf} "
+                            f"(API {cfg.api_listen}, listen {' '.join(cfg.listen)}); is another daemon running?") from None
+        raise
     return 0
+
+
+def _first_leaf(e: BaseException) -> BaseException:
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
 
 
 def cmd_fetch(args: argparse.Namespace, out: Output) -> int:

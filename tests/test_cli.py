@@ -153,3 +153,25 @@ export P2PCACHE_REPO={mnt}/repo
     assert (tmp_path / "verify.rc").read_text().strip() == "0"
     assert json.loads((tmp_path / "verify.json").read_text())["consistent"]
     assert (tmp_path / "small.out").read_bytes() == small.read_bytes()
+
+
+def test_daemon_startup_errors_are_one_line(tmp_path):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        cases = [
+            (["--api", f"127.0.0.1:{port}", "--listen", "/ip4/127.0.0.1/tcp/0"], 5, "Address already in use"),
+            (["--listen", "/ip4/999.0.0.1/tcp/0"], 2, "is not a multiaddr"),
+            (["--swarm-key", str(tmp_path / "absent.key"), "--listen", "/ip4/127.0.0.1/tcp/0"], 2, "cannot read swarm key"),
+        ]
+        for extra, code, needle in cases:
+            proc = run_cli("daemon", *extra, repo=tmp_path / "r", timeout=60)
+            err = proc.stderr.decode()
+            assert proc.returncode == code and needle in err, err
+            assert len(err.strip().splitlines()) == 1, err
+    finally:
+        busy.close()

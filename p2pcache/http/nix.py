@@ -406,7 +406,8 @@ class NixCache:
         token = trio.lowlevel.current_trio_token()
 
         def load(cid: CID) -> bytes:  # on reassembly threads (not trio's: hence the token)
-            trio.from_thread.run(wait_for, cid, trio_token=token)
+            if cid not in stored:  # only the trio thread adds to `stored`; a stale miss just waits there
+                trio.from_thread.run(wait_for, cid, trio_token=token)
             return repo.load_block(cid)
 
         async def fetcher() -> None:

@@ -87,6 +87,7 @@ class DriverConfig:
     store_batch_bytes: int = 4 << 20  # fetch_archive hands blocks to the repo in batches this big
     archive_window: int = 256  # fetch_archive: blocks wanted but not yet stored, at most
     commit_batch_bytes: int = 32 << 20  # fetch_dag records written blocks in the index this often
+    quiet_store_bytes: int = 1 << 20  # fetch_dag writes what it holds when the wire goes quiet, from this much
     idle_stream_seconds: float = 2.0  # an outbound stream with nothing to send is closed after this
 
 
@@ -569,7 +570,10 @@ class BitswapExchange:
         try:
             while todo or outstanding:
                 wants: list[CID] = []
-                while todo and len(outstanding) + len(wants) < window:
+                # Refill the window in bursts (when half of it has drained), so wants travel many to a
+                # message instead of one message per block received.
+                refill = len(outstanding) <= window // 2
+                while refill and todo and len(outstanding) + len(wants) < window:
                     cid = todo.popleft()
                     if cid in seen:
                         continue
@@ -591,7 +595,8 @@ class BitswapExchange:
                 try:
                     cid, data, why = session.recv.receive_nowait()
                 except trio.WouldBlock:
-                    await store()  # nothing more right now: let readers have what we hold
+                    if batch_bytes >= self.config.quiet_store_bytes:
+                        await store()  # nothing more right now: let readers have what we hold
                     cid, data, why = await session.recv.receive()
                 if cid not in outstanding:
                     continue

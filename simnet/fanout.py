@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from p2pcache.exchange import ClientConfig
+from p2pcache.exchange import ClientConfig, ServerConfig
 
 from .core import Sim
 from .exchange import ArchiveFetch, BitswapNode
@@ -36,6 +36,7 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
              art.root, art.size, art.chunks, art.manifest_blocks, art.payload, wire)
     net = Network(sim)
     client_config = ClientConfig(**sc.params_with_prefix("client."))
+    server_config = ServerConfig(max_outstanding_bytes=8 << 20, **sc.params_with_prefix("server."))
     nodes: dict[str, BitswapNode] = {}
     by_role: dict[str, list[str]] = {}
     for role in sc.roles:
@@ -44,7 +45,8 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
             name = f"{role.name}-{i}"
             store = SimBlockStore(dict(art.blocks) if role.name in ("seed", "bad") else {})
             behaviour = role.extra.get("behaviour", "honest")
-            node = BitswapNode(sim, net, name, store, wire=wire, client_config=client_config, behaviour=behaviour,
+            node = BitswapNode(sim, net, name, store, wire=wire, client_config=client_config,
+                               server_config=server_config, behaviour=behaviour,
                                serve_limit=int(p.get("seed_serve_limit", 0)) if role.name == "seed" else 0)
             net.add(name, profile(role.link), node)
             nodes[name] = node

@@ -700,3 +700,106 @@ def test_every_block_someone_has_is_delivered_exactly_once(n_blocks, holdings, s
     assert {cid for _, cid in c.failed} == set(cids) - available
     assert sum(served_by(net).values()) == len(available)  # no block fetched twice
     assert c.client.stats().duplicate_blocks == 0
+
+
+# -- watching after DONT_HAVE ----------------------------------------------------------------------
+
+
+def test_dont_have_peer_that_gets_the_block_later_says_have_and_serves_it():
+    blocks = make_blocks(2)
+    net = Net()
+    net.add("c", client=ClientConfig(dont_have_wait=10.0))
+    x = net.add("x", blocks={})
+    net.connect("c", "x")
+    net.step("c", Want("s", tuple(blocks)))
+    net.run(until=2.0)
+    assert net.nodes["c"].delivered == {} and net.nodes["c"].failed == {}  # parked, not failed
+    assert x.server.ledger("c").dont_haves_sent == 2 and x.server.ledger("c").waiting == 2
+    asked_before = len([m for t, src, dst, m in net.log if src == "c"])
+    net.now = 3.0
+    x.server.source.blocks.update(blocks)
+    net.step("x", BlocksAdded(tuple(blocks)))
+    net.run()
+    c = net.nodes["c"]
+    assert {cid for _, cid in c.delivered} == set(blocks) and not c.failed
+    assert served_by(net, "c") == {"x": 2}
+    to_x = [m for t, src, dst, m in net.log if src == "c" and dst == "x"]
+    assert asked_before == 1 and len(to_x) == 2  # one ask, silence while parked, one want-block on HAVE
+    assert all(w.want_type == WantType.BLOCK and not w.cancel for w in to_x[1].wants)
+    stats = c.client.stats()
+    assert stats.parked == 2 and stats.haves_after_dont_have == 2 and stats.duplicate_blocks == 0
+    assert x.server.ledger("c").waiting == 0
+
+
+def test_parked_want_fails_after_dont_have_wait_and_cancels_the_watch():
+    cid = next(iter(make_blocks(1)))
+    net = Net()
+    net.add("c", client=ClientConfig(dont_have_wait=4.0))
+    x = net.add("x", blocks={})
+    net.connect("c", "x")
+    net.step("c", Want("s", (cid,)))
+    net.run()
+    assert net.now == pytest.approx(4.015, abs=0.001)  # 4 s after the DONT_HAVE arrived
+    assert "within 4s" in net.nodes["c"].failed[("s", cid)]
+    assert net.nodes["c"].client.stats().want_blocks_sent == 1  # no re-asking while it waited
+    assert x.server.ledger("c").waiting == 0  # the client cancelled the want x was keeping
+
+
+def test_block_from_elsewhere_cancels_the_want_a_dont_have_peer_keeps():
+    blocks = make_blocks(1)
+    cid = next(iter(blocks))
+    net = Net()
+    net.add("c", client=ClientConfig(have_fanout=0))
+    x = net.add("x", blocks={}, latency=0.001)
+    net.add("y", blocks=blocks, latency=0.002)
+    net.connect("c", "x")
+    net.connect("c", "y")
+    net.step("c", Want("s", (cid,)))
+    net.run()
+    assert served_by(net) == {"x": 0, "y": 1}
+    assert WantEntry(cid, cancel=True) in [w for _, m in x.received for w in m.wants]
+    assert x.server.ledger("c").waiting == 0
+    x.server.source.blocks.update(blocks)  # x gets it later: it owes c nothing, so sends nothing
+    net.step("x", BlocksAdded((cid,)))
+    net.run()
+    assert net.nodes["c"].client.stats().duplicate_blocks == 0 and not [1 for _, m in net.nodes["c"].received[1:] if m.presences and m.presences[0].have]
+
+
+def test_server_answers_kept_wants_with_have_when_the_block_arrives():
+    big, small = b"B" * 5000, b"s" * 10
+    cb, cs = CID.for_block(RAW, big), CID.for_block(RAW, small)
+    source = DictSource({})
+    server = BitswapServer(source)
+    wants = (WantEntry(cb, WantType.BLOCK, send_dont_have=True), WantEntry(cs, WantType.HAVE, send_dont_have=True))
+    out = server.handle(MessageReceived("p", Message(wants=wants)), 0)
+    assert out[0].message.presences == (Presence(cb, False), Presence(cs, False))
+    assert server.ledger("p").waiting == 2
+    source.blocks.update({cb: big, cs: small})
+    out = server.handle(BlocksAdded((cb, cs)), 1)
+    # a want-block answered DONT_HAVE is told HAVE (the peer has likely asked elsewhere); small ones inline
+    assert [(a.message.presences, a.message.blocks) for a in out] == [((Presence(cb, True),), (Block(cs, small),))]
+    assert server.ledger("p").waiting == 0
+    off = BitswapServer(DictSource({}), ServerConfig(keep_wants_after_dont_have=False))
+    off.handle(MessageReceived("p", Message(wants=wants)), 0)
+    assert off.ledger("p").waiting == 0
+
+
+def test_server_kept_wants_make_room_for_new_ones():
+    cids = list(make_blocks(6, size=100))
+    server = BitswapServer(DictSource({}), ServerConfig(max_wants_per_peer=4))
+    server.handle(MessageReceived("p", Message(wants=tuple(WantEntry(c, send_dont_have=True) for c in cids[:4]))), 0)
+    assert server.ledger("p").waiting == 4
+    server.handle(MessageReceived("p", Message(wants=tuple(WantEntry(c, send_dont_have=True) for c in cids[4:]))), 1)
+    led = server.ledger("p")
+    assert led.waiting == 4 and led.wants_refused == 0  # the two oldest kept wants made room
+
+
+def test_server_total_outstanding_limit_sends_to_one_peer_after_another():
+    blocks = make_blocks(4, size=100_000)
+    cids = list(blocks)
+    server = BitswapServer(DictSource(blocks), ServerConfig(max_total_outstanding_bytes=150_000))
+    out = server.handle(MessageReceived("a", Message(wants=(WantEntry(cids[0]), WantEntry(cids[1])))), 0)
+    out += server.handle(MessageReceived("b", Message(wants=(WantEntry(cids[2]), WantEntry(cids[3])))), 0)
+    assert [(a.peer, len(a.message.blocks)) for a in out] == [("a", 1)]  # one block in flight at a time
+    out = server.handle(MessageSent("a", out[0].size), 0.1)
+    assert [(a.peer, len(a.message.blocks)) for a in out] == [("b", 1)]

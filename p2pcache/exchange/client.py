@@ -28,7 +28,8 @@ How a CID is fetched (after boxo's session design, simplified):
   want they could not answer in the peer's wantlist until it is cancelled, and answer it when the
   block arrives. So a peer that said DONT_HAVE is watching the CID for us: a later HAVE from it makes
   it a candidate again (the best one). When every candidate has said DONT_HAVE, or `park_after` of
-  them have (the rest would only be asked to say the same), the CID is parked: it waits without
+  them have including every provider of its sessions (the rest would only be asked to say the same,
+  and would register more watches to cancel), the CID is parked: it waits without
   messages for a HAVE or a block from a watching peer, or a new peer, for up to `dont_have_wait`
   seconds, then fails. `dont_have_wait = 0` fails at once, which suits the usual case of asking for
   something the swarm does not have (the caller falls back to the origin quickly); a fleet fetching
@@ -152,8 +153,9 @@ class _Want:
         self.block_peer: PeerId | None = None
         self.sent_at = 0.0
         self.deadline = 0.0
-        self.have_asked: set[PeerId] = set()  # want-have sent, no answer yet
-        self.dont_haves: set[PeerId] = set()  # said DONT_HAVE (and not HAVE since): watching it for us
+        # dicts, not sets: cancels go out in the order peers were asked, whatever the hash seed
+        self.have_asked: dict[PeerId, None] = {}  # want-have sent, no answer yet
+        self.dont_haves: dict[PeerId, None] = {}  # said DONT_HAVE (and not HAVE since): watching it for us
         self.timed_out: set[PeerId] = set()
         self.attempts = 0
         self.stalled_since: float | None = None
@@ -320,7 +322,7 @@ class BitswapClient:
         for sid in w.sessions:
             self._out.append(Deliver(sid, cid, block.data))
             self._sessions[sid].cids.pop(cid, None)
-        w.have_asked.discard(peer)
+        w.have_asked.pop(peer, None)
         p.haves_out.discard(cid)
         if w.block_peer == peer:
             self._release(w)
@@ -331,13 +333,13 @@ class BitswapClient:
         w = self._wants.get(presence.cid)
         if w is None:
             return
-        w.have_asked.discard(peer)
+        w.have_asked.pop(peer, None)
         p.haves_out.discard(w.cid)
         if presence.have:
             p.proven = True
             p.has.add(w.cid)
             if peer in w.dont_haves:
-                w.dont_haves.discard(peer)
+                w.dont_haves.pop(peer, None)
                 self._stats["haves_after_dont_have"] += 1
             if w.cid in self._parked:
                 del self._parked[w.cid]
@@ -346,7 +348,7 @@ class BitswapClient:
             return
         self._stats["dont_haves"] += 1
         p.has.discard(w.cid)
-        w.dont_haves.add(peer)
+        w.dont_haves[peer] = None
         if w.block_peer == peer:
             self._release(w)
             self._requeue(w)
@@ -384,7 +386,7 @@ class BitswapClient:
             self._release(w, p)
             self._requeue(w)
         for cid in p.haves_out:
-            self._wants[cid].have_asked.discard(peer)
+            self._wants[cid].have_asked.pop(peer, None)
         for s in self._sessions.values():
             s.providers.pop(peer, None)
 
@@ -478,7 +480,7 @@ class BitswapClient:
                 continue
             candidates = self._candidates(w)
             usable = [peer for peer in candidates if peer not in w.dont_haves]
-            if candidates and (not usable or cfg.park_after and len(candidates) - len(usable) >= cfg.park_after):
+            if candidates and (not usable or cfg.park_after and self._enough_dont_haves(w, candidates, usable)):
                 if cfg.dont_have_wait > 0:
                     self._park(w, now)
                 elif not usable:
@@ -532,6 +534,13 @@ class BitswapClient:
             # what is still pending of this chunk was skipped, and stays in front of the rest
             skipped += sum(1 for cid in chunk if cid in self._pending)
 
+    def _enough_dont_haves(self, w: _Want, candidates: list[PeerId], usable: list[PeerId]) -> bool:
+        """`park_after` peers said DONT_HAVE, and so did the session's providers: routing named them as
+        holders, so until they have refused too, the swarm may not have the block anywhere."""
+        if len(candidates) - len(usable) < self.config.park_after:
+            return False
+        return not any(peer in usable for sid in w.sessions for peer in self._sessions[sid].providers)
+
     def _park(self, w: _Want, now: float) -> None:
         del self._pending[w.cid]
         self._parked[w.cid] = w
@@ -573,7 +582,7 @@ class BitswapClient:
         self._seq += 1
         heapq.heappush(self._deadlines, (w.deadline, self._seq, w.cid))
         w.attempts += 1
-        w.have_asked.discard(peer)
+        w.have_asked.pop(peer, None)
         p.haves_out.discard(w.cid)
         p.blocks_out.add(w.cid)
         self._inflight[w.cid] = w
@@ -585,7 +594,7 @@ class BitswapClient:
         )
 
     def _ask_have(self, w: _Want, peer: PeerId) -> None:
-        w.have_asked.add(peer)
+        w.have_asked[peer] = None
         self._peers[peer].haves_out.add(w.cid)
         self._stats["want_haves_sent"] += 1
         self._outbox.setdefault(peer, {})[w.cid] = WantEntry(

@@ -20,9 +20,9 @@ Decisions:
   in go-bitswap and Helia: it waits in the ledger until `BlocksAdded` names its CID, and is then
   answered. After a DONT_HAVE (`keep_wants_after_dont_have`) it is answered with HAVE even if it was
   a want-block (or with the block if small): the peer has most likely asked elsewhere since, and a
-  HAVE lets it choose instead of receiving a second copy. Kept wants count towards
-  `max_wants_per_peer`; when that is full, the oldest want kept after a DONT_HAVE makes room (a peer
-  that never cancels cannot lock itself out). Cancel drops a want and anything queued for it. `full`
+  HAVE lets it choose instead of receiving a second copy. Kept wants do not count towards
+  `max_wants_per_peer` but have a bound of that size of their own, the oldest making room for a new
+  one (a peer that never cancels cannot lock itself out or grow the ledger). Cancel drops a want and anything queued for it. `full`
   replaces the peer's wantlist.
 - Within a peer, higher priority first (then arrival order); presences go before blocks because they
   are small and let the client re-ask elsewhere sooner.
@@ -32,6 +32,12 @@ Decisions:
 - Per peer at most `max_outstanding_bytes` are handed to the driver and not yet acknowledged with
   `MessageSent`, so a slow reader does not hold blocks for everyone in memory; one block is always
   allowed when nothing is outstanding. Each message stays within `max_message_size`.
+- Across all peers at most `max_total_outstanding_bytes` of blocks are handed to the driver and not
+  yet acknowledged (0 = no limit; one block always goes when nothing is outstanding). Blocks are
+  stored and forwarded whole, so a swarm spreads a block fastest when a server sends it to one peer
+  after another rather than to all at once at a fraction of the rate each: the first receiver can
+  serve it onwards after one block time instead of after n. A short queue also keeps the small
+  messages the node sends (wants, presences) from waiting behind megabytes of blocks in its uplink.
 - New want entries are rate-limited per peer by a token bucket (`want_rate`/s, burst `want_burst`)
   and a peer holds at most `max_wants_per_peer` wants; refused wants get DONT_HAVE if asked for (the
   spec's "has it but is not willing to give it") and are otherwise dropped.
@@ -93,6 +99,7 @@ class ServerConfig:
     want_burst: float = 8192.0
     inline_have_max: int = 1024  # answer a want-have with the block itself up to this size
     keep_wants_after_dont_have: bool = True  # a DONT_HAVE'd want waits for BlocksAdded (answered HAVE)
+    max_total_outstanding_bytes: int = 0  # blocks handed to the driver, not yet acknowledged, all peers
 
     def __post_init__(self) -> None:
         if self.quantum < 1 or self.max_outstanding_bytes < 1 or self.max_message_size < 64:
@@ -169,6 +176,7 @@ class BitswapServer:
         self._active: dict[PeerId, None] = {}
         self._cursor = 0
         self._seq = 0
+        self._outstanding_total = 0
 
     # -- public API ---------------------------------------------------------------------------
     def handle(self, event: object, now: float) -> list[Action]:
@@ -178,9 +186,12 @@ class BitswapServer:
         elif isinstance(event, MessageSent):
             led = self._ledgers.get(event.peer)
             if led is not None:
+                self._outstanding_total -= min(led.outstanding, event.size)
                 led.outstanding = max(0, led.outstanding - event.size)
         elif isinstance(event, (PeerDisconnected, PeerMisbehaved)):
-            self._ledgers.pop(event.peer, None)
+            led = self._ledgers.pop(event.peer, None)
+            if led is not None:
+                self._outstanding_total -= led.outstanding
             self._active.pop(event.peer, None)
         elif isinstance(event, BlocksAdded):
             self._on_blocks_added(event.cids)
@@ -221,11 +232,8 @@ class BitswapServer:
                 led.kept.pop(e.cid, None)
                 continue
             known = e.cid in led.tasks or e.cid in led.waiting
-            if not known and led.kept and len(led.tasks) + len(led.waiting) >= cfg.max_wants_per_peer:
-                oldest = next(iter(led.kept))
-                del led.kept[oldest]
-                del led.waiting[oldest]
-            if not known and (led.tokens < 1 or len(led.tasks) + len(led.waiting) >= cfg.max_wants_per_peer):
+            held = len(led.tasks) + len(led.waiting) - len(led.kept)  # kept wants have their own bound
+            if not known and (led.tokens < 1 or held >= cfg.max_wants_per_peer):
                 led.wants_refused += 1
                 # Bound even the refusals: a peer that stops reading cannot grow our queue forever.
                 if e.send_dont_have and len(led.tasks) < 2 * cfg.max_wants_per_peer:
@@ -249,6 +257,10 @@ class BitswapServer:
                     # the peer hears HAVE and decides whether it still wants it from us.
                     led.waiting[e.cid] = WantEntry(e.cid, WantType.HAVE, e.priority)
                     led.kept.pop(e.cid, None)
+                    if len(led.kept) >= self.config.max_wants_per_peer:
+                        oldest = next(iter(led.kept))
+                        del led.kept[oldest]
+                        del led.waiting[oldest]
                     led.kept[e.cid] = None
                 else:
                     led.waiting.pop(e.cid, None)
@@ -301,7 +313,11 @@ class BitswapServer:
             return True, head
         if head is None:
             return False, None
-        fits = led.outstanding == 0 or led.outstanding + block_wire_size(head.cid, head.size) <= self.config.max_outstanding_bytes
+        s = block_wire_size(head.cid, head.size)
+        fits = led.outstanding == 0 or led.outstanding + s <= self.config.max_outstanding_bytes
+        cap = self.config.max_total_outstanding_bytes
+        if cap and self._outstanding_total and self._outstanding_total + s > cap:
+            fits = False
         return fits, head
 
     def _pump(self) -> list[Action]:
@@ -328,6 +344,7 @@ class BitswapServer:
                 if send is not None:
                     out.append(Send(peer, send[0], send[1]))
                     led.outstanding += send[1]
+                    self._outstanding_total += send[1]
             if n:
                 self._cursor = (self._cursor + 1) % n
             if not progress:
@@ -362,6 +379,10 @@ class BitswapServer:
             if blocks and led.outstanding + size + s > cfg.max_outstanding_bytes:
                 break
             if led.outstanding and led.outstanding + size + s > cfg.max_outstanding_bytes:
+                break
+            total = self._outstanding_total + size + s
+            if cfg.max_total_outstanding_bytes and total > cfg.max_total_outstanding_bytes and (
+                    blocks or self._outstanding_total):
                 break
             del led.tasks[t.cid]
             data = self.source.get(t.cid)

@@ -86,7 +86,7 @@ class DriverConfig:
     ban_seconds: float = 600.0  # a peer that broke the protocol is refused this long
     store_batch_bytes: int = 4 << 20  # fetch_archive hands blocks to the repo in batches this big
     archive_window: int = 256  # fetch_archive: blocks wanted but not yet stored, at most
-    commit_batch_bytes: int = 32 << 20  # fetch_dag records written blocks in the index this often
+    commit_batch_bytes: int = 8 << 20  # fetch_dag records written blocks in the index (and tells peers) this often
     quiet_store_bytes: int = 1 << 20  # fetch_dag writes what it holds when the wire goes quiet, from this much
     idle_stream_seconds: float = 2.0  # an outbound stream with nothing to send is closed after this
 

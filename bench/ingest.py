@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from p2pcache.store.repo import Repo  # noqa: E402
+from rss import run_measured  # noqa: E402
 
 MiB = 1 << 20
 
@@ -61,29 +63,11 @@ def warm(path: Path) -> None:
             pass
 
 
-# ru_maxrss survives execve, so a child forked from this (large) process would report our peak, not its
-# own. A tiny launcher process forks and execs the command and reports the child's ru_maxrss via wait4.
-_LAUNCHER = """
-import os, sys, json, time
-t = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss,
-                  "wall": time.perf_counter() - t}))
-"""
-
-
 def peak_rss(cmd: list[str], env: dict) -> tuple[int, float, int]:
     """Run cmd; return (exit code, wall seconds, peak RSS in bytes) of that one process."""
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], env=env, capture_output=True)
-    lines = proc.stdout.decode().strip().splitlines()
-    if proc.returncode or not lines:
-        raise SystemExit(f"{cmd} failed: {proc.stderr.decode()}")
-    result = json.loads(lines[-1])
+    result = run_measured(cmd, env)
     if result["rc"]:
-        raise SystemExit(f"{cmd} exited {result['rc']}: {proc.stderr.decode()}")
+        raise SystemExit(f"{cmd} exited {result['rc']}: {result['stderr']}")
     return result["rc"], result["wall"], result["maxrss_kib"] * 1024
 
 

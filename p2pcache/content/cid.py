@@ -17,6 +17,7 @@ import cid as _pycid
 import multihash as _multihash
 
 from ..errors import InvalidCID
+from . import varint
 
 RAW = 0x55
 DAG_CBOR = 0x71
@@ -27,29 +28,14 @@ CODEC_NAMES = {RAW: "raw", DAG_CBOR: "dag-cbor", DAG_PB: "dag-pb"}
 _CODEC_BY_NAME = {v: k for k, v in CODEC_NAMES.items()}
 
 
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+_uvarint = varint.encode
 
 
 def _read_uvarint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    for i in range(pos, min(len(buf), pos + 9)):
-        b = buf[i]
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            if b == 0 and i > pos:
-                raise InvalidCID("CID has a non-minimal varint")
-            return value, i + 1
-        shift += 7
-    raise InvalidCID("CID has a truncated or overlong varint")
+    try:
+        return varint.decode(buf, pos)
+    except ValueError as e:
+        raise InvalidCID(f"CID has a {e}") from None
 
 
 @dataclass(frozen=True, slots=True)

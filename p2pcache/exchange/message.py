@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
+from ..content import varint
 from ..content.cid import CID, DAG_PB, SHA2_256
 from ..errors import InvalidCID
 from .errors import ExchangeUsageError, ProtocolViolation
@@ -85,17 +86,10 @@ class Message:
 
 
 def uvarint(n: int) -> bytes:
-    if n < 0:
-        raise ExchangeUsageError(f"uvarint of a negative number: {n}")
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+    try:
+        return varint.encode(n)
+    except ValueError as e:
+        raise ExchangeUsageError(str(e)) from None
 
 
 def _varint_len(n: int) -> int:
@@ -168,14 +162,10 @@ def encode(msg: Message) -> bytes:
 
 
 def _read_uvarint(buf: bytes, pos: int, what: str) -> tuple[int, int]:
-    value = shift = 0
-    for i in range(pos, min(len(buf), pos + 9)):
-        b = buf[i]
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, i + 1
-        shift += 7
-    raise ProtocolViolation(f"bitswap {what} has a truncated or overlong varint")
+    try:
+        return varint.decode(buf, pos)
+    except ValueError as e:
+        raise ProtocolViolation(f"bitswap {what} has a {e}") from None
 
 
 def _cid(raw: bytes, where: str) -> CID:

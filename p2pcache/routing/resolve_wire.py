@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
+from ..content import varint
 from ..content.cid import CID
 from ..errors import InvalidCID
 from .errors import ResolveProtocolError, RoutingUsageError
@@ -67,16 +68,7 @@ class ResolveAnswer:
 # -- framing ---------------------------------------------------------------------------------------
 
 
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+_uvarint = varint.encode
 
 
 def frame(payload: bytes) -> bytes:

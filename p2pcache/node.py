@@ -107,6 +107,7 @@ class Node:
             self.host = NodeHost(host_cfg)
             self.source = _CountingSource(repo)
             self.nix = NixCache(self, cfg.nix)
+            self.nix.drop_unclaimed_nars()
             # The DHT is built before the host dials anyone, so peers see our DHT protocol from the start.
             self.dht = DHT(self.host, DHTConfig())
             async with trio.open_nursery() as nursery:

@@ -60,7 +60,8 @@ PUT_LIMIT_NARINFO = 1 << 20
 # Nodes with upstream caches announce this key: a peer whose DHT lookup missed asks them to pull through.
 GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
 GATEWAY_RESOLVE_TIMEOUT = 300.0
-BLOCK_WAIT = 120.0  # a NAR stream waits this long for any one block to arrive from peers
+BLOCK_WAIT = 120.0
+UPLOAD_TTL = 24 * 3600.0  # an uploaded NAR waits this long for its narinfo  # a NAR stream waits this long for any one block to arrive from peers
 
 
 @dataclass
@@ -513,14 +514,41 @@ class NixCache:
             self.metrics.uploads.labels("nar", "rejected").inc()
             raise HTTPError(400, f"{url}: {e}") from None
         self._uploads[url] = _Upload(result.root, result.nar_hash, result.nar_size, file_hash.digest(), file_size[0])
-        self._expire_uploads()
+        await self._expire_uploads()
         self.metrics.uploads.labels("nar", "ok").inc()
         await send_bytes(send, 200, b"", "text/plain")
 
-    def _expire_uploads(self) -> None:
-        cutoff = time.monotonic() - 24 * 3600
+    async def _expire_uploads(self) -> None:
+        """A NAR whose narinfo never came within a day is dropped again."""
+        cutoff = time.monotonic() - UPLOAD_TTL
         for k in [k for k, u in self._uploads.items() if u.at < cutoff]:
-            del self._uploads[k]
+            await self._discard_upload(self._uploads.pop(k))
+
+    async def _discard_upload(self, upload: _Upload) -> None:
+        """Forget an uploaded NAR no narinfo claimed (its blocks become garbage for gc): a rejected
+        upload leaves nothing behind in the repo."""
+        repo = self.node.repo
+
+        def drop() -> None:
+            info = repo.index.get_root(upload.root)
+            if info is None or any(a.startswith("nix:") for a in info.aliases):
+                return  # gone already, or a store path claimed the same NAR meanwhile
+            with repo.index.transaction():
+                repo.index.remove_root(upload.root)
+
+        await trio.to_thread.run_sync(drop)
+
+    def drop_unclaimed_nars(self) -> int:
+        """At start: NAR roots from uploads whose narinfo never came (e.g. the daemon stopped between
+        the two PUTs) and older than a day are removed from the index; gc collects their blocks."""
+        repo = self.node.repo
+        cutoff = time.time() - UPLOAD_TTL
+        doomed = [r.root for r in repo.index.list_roots()
+                  if r.kind == "nar" and r.added < cutoff and not any(a.startswith("nix:") for a in r.aliases)]
+        for root in doomed:
+            with repo.index.transaction():
+                repo.index.remove_root(root)
+        return len(doomed)
 
     async def _put_narinfo(self, store_hash: str, receive: Receive, send: Send) -> None:
         from .asgi import read_body
@@ -545,6 +573,7 @@ class NixCache:
                 problems.append("FileHash does not match the uploaded file")
             if problems:
                 self.metrics.uploads.labels("narinfo", "rejected").inc()
+                await self._discard_upload(self._uploads.pop(info.url))
                 raise HTTPError(400, f"{store_hash}.narinfo: {'; '.join(problems)}")
             root = upload.root
         else:  # the NAR may be here already, e.g. uploaded under another file name or fetched earlier

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from p2pcache.content.cid import CID, RAW  # noqa: E402
 from p2pcache.net.bitswap import BitswapExchange  # noqa: E402
-from p2pcache.net.host import HostConfig, NodeHost, open_host  # noqa: E402
+from p2pcache.net.host import HostConfig, open_host  # noqa: E402
 
 RAW_PROTOCOL = "/p2pcache-bench/raw/1"
 INTEROP = ROOT / "tests" / "interop"

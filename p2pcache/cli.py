@@ -69,6 +69,18 @@ def progress_bar(description: str, total: int | None, enabled: bool) -> Iterator
         yield lambda n: bar.advance(task, n)
 
 
+def _as_increments(advance):
+    """The daemon reports cumulative progress (bytes done so far); a progress bar advances by increments."""
+    last = [0]
+
+    def on_progress(done: int, total: int | None) -> None:
+        if advance:
+            advance(done - last[0])
+        last[0] = done
+
+    return on_progress
+
+
 def _want_progress(args: argparse.Namespace, size: int | None) -> bool:
     if args.progress == "always":
         return True
@@ -112,14 +124,7 @@ def cmd_add(args: argparse.Namespace, out: Output) -> int:
                     raise RepoError("adding stdin goes through the repo directly; stop the daemon or save to a file")
                 size = os.path.getsize(f)
                 with progress_bar(f"adding {os.path.basename(f)}", size, _want_progress(args, size)) as cb:
-                    last = [0]
-
-                    def on_progress(done: int, total: int | None) -> None:
-                        if cb:
-                            cb(done - last[0])
-                        last[0] = done
-
-                    j = client.add(f, name=args.name, progress=on_progress)
+                    j = client.add(f, name=args.name, progress=_as_increments(cb))
                 j["file"] = f
                 out.emit(j, f"added {j['root']} {human(j['size'])} {j['sri']} {f} (announced)")
         finally:
@@ -156,14 +161,7 @@ def _ensure_local(args: argparse.Namespace, repo: Repo, key: str):
                        "asked (start `p2pcache daemon`)")
     try:
         with progress_bar(f"fetching {key[:24]}", None, _want_progress(args, None)) as cb:
-            last = [0]
-
-            def on_progress(done: int, total: int | None) -> None:
-                if cb:
-                    cb(done - last[0])
-                last[0] = done
-
-            result = client.fetch(key, progress=on_progress)
+            result = client.fetch(key, progress=_as_increments(cb))
     finally:
         client.close()
     return CID.parse(result["root"])
@@ -374,14 +372,7 @@ def cmd_fetch(args: argparse.Namespace, out: Output) -> int:
     if client is not None:
         try:
             with progress_bar(f"fetching {args.url[-40:]}", None, _want_progress(args, None)) as cb:
-                last = [0]
-
-                def on_progress(done: int, total: int | None) -> None:
-                    if cb:
-                        cb(done - last[0])
-                    last[0] = done
-
-                result = client.fetch_url(args.url, args.hash, progress=on_progress)
+                result = client.fetch_url(args.url, args.hash, progress=_as_increments(cb))
         finally:
             client.close()
     else:

@@ -8,8 +8,12 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InvalidInput
+
+if TYPE_CHECKING:
+    from .http.nix import NixConfig
 
 DEFAULT_API = "127.0.0.1:37515"
 

@@ -9,7 +9,6 @@ import trio
 
 from p2pcache.content.chunking import ChunkerParams
 from p2pcache.content.cid import CID, RAW
-from p2pcache.exchange import encode, frame, Message, WantEntry
 from p2pcache.exchange.message import PROTOCOL_1_2_0, uvarint
 from p2pcache.net.bitswap import BitswapExchange, FetchError, RepoBlockSource
 from p2pcache.net.host import HostConfig, open_host

@@ -14,7 +14,6 @@ import http.server
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import threading

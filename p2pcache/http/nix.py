@@ -37,7 +37,7 @@ from ..content.narinfo import NarInfo
 from ..content.narmanifest import NarManifest
 from ..content.nixhash import NixHash
 from ..content.nixsig import SecretKey
-from ..errors import CorruptData, InvalidInput, MalformedBlock, NotFound, P2PCacheError
+from ..errors import CorruptData, InvalidInput, NotFound, P2PCacheError
 from ..store.httpcache import HttpBinaryCache, UpstreamError, _Decompressor
 from ..store.narstore import RepoNarStore, nix_alias, stream_manifest, stream_nar_root
 from ..aio import drain_thread as _drain_thread, feed_thread as _feed_thread
@@ -242,8 +242,7 @@ class NixCache:
             if answer is None or answer.kind != "nar" or answer.narinfo is None or answer.root.codec != DAG_CBOR:
                 continue
             try:
-                info = answer.narinfo.to_narinfo(self.config.store_dir) if hasattr(answer.narinfo, "to_narinfo") \
-                    else _narinfo_from_fields(answer.narinfo, self.config.store_dir)
+                info = _narinfo_from_fields(answer.narinfo, self.config.store_dir)
                 if info.store_path.hash_part != store_hash:
                     continue
                 # The manifest root is small: check it carries the NarHash the peer claims before we

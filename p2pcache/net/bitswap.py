@@ -62,7 +62,7 @@ from ..exchange import (
     frame,
 )
 from ..exchange.message import PROTOCOL_1_0_0, PROTOCOL_1_1_0, PROTOCOL_1_2_0
-from .host import HostError, NodeHost, parse_peer_addr
+from .host import NodeHost, parse_peer_addr
 
 log = logging.getLogger(__name__)
 

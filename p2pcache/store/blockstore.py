@@ -120,11 +120,15 @@ class BlockFiles:
             pass
 
     def barrier(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY)
+        """Flush every block file written so far to disk (one syncfs of the repo's file system)."""
         try:
-            _syncfs(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                _syncfs(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise disk_error(e, self.root) from None
 
     def scan(self) -> Iterator[tuple[Path, CID | None]]:
         """Every file under blocks/, with its CID (None when the name is not a valid CID)."""

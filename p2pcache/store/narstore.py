@@ -33,7 +33,6 @@ from ..content.narmanifest import (
 from ..content.nixhash import NixHash
 from ..content.storepath import StorePath
 from ..errors import CorruptData, InvalidInput, NotFound, RepoError
-from .blockstore import disk_error
 from .index import NarInfoRow
 
 if TYPE_CHECKING:
@@ -197,11 +196,7 @@ class RepoNarStore:
             whole.abandon()
             writer.abandon()
             raise
-        if repo.durable:
-            try:
-                repo.files.barrier()
-            except OSError as e:
-                raise disk_error(e, repo.path) from None
+        repo.flush()
         aliases = [f"sha256:{digest.hex()}"]
         name = None
         if store_path is not None:

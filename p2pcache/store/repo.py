@@ -24,16 +24,15 @@ import queue
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from ..content.chunking import DEFAULT_PARAMS, ChunkerParams, Chunker
-from ..content.cid import CID, DAG_CBOR, RAW
+from ..content.cid import CID, RAW
 from ..content.keys import HashKey, RootKey, parse_key
 from ..content.manifest import ArchiveManifest, ManifestBuilder, iter_blocks, iter_chunks, sniff_media_type
-from ..errors import CorruptData, NotFound, P2PCacheError, RepoError, RepoLocked
+from ..errors import CorruptData, NotFound, RepoError, RepoLocked
 from .blockstore import BlockFiles, disk_error
 from .index import Index, RootInfo
 
@@ -345,6 +344,11 @@ class Repo:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def flush(self) -> None:
+        """Make written block files durable before an index commit refers to them (if `durable`)."""
+        if self.durable:
+            self.files.barrier()
+
     def _require_writable(self) -> None:
         if not self.writable:
             raise RepoError("internal: repo opened read-only")
@@ -434,11 +438,7 @@ class Repo:
             whole512.abandon()
             writer.abandon()
             raise
-        if self.durable:
-            try:
-                self.files.barrier()
-            except OSError as e:
-                raise disk_error(e, self.path) from None
+        self.flush()
         aliases = [HashKey(a, d).alias for a, d in hashes.items()]
         with self.index.transaction():
             self.index.put_blocks(seen.items())
@@ -486,11 +486,7 @@ class Repo:
         self._require_writable()
         if not blocks:
             return
-        if self.durable:
-            try:
-                self.files.barrier()
-            except OSError as e:
-                raise disk_error(e, self.path) from None
+        self.flush()
         with self.index.transaction():
             self.index.put_blocks(blocks)
 

@@ -803,3 +803,101 @@ def test_server_total_outstanding_limit_sends_to_one_peer_after_another():
     assert [(a.peer, len(a.message.blocks)) for a in out] == [("a", 1)]  # one block in flight at a time
     out = server.handle(MessageSent("a", out[0].size), 0.1)
     assert [(a.peer, len(a.message.blocks)) for a in out] == [("b", 1)]
+
+
+# -- swarm mode: want-block only to holders and providers; lazy cancels ------------------------------
+
+
+def _swarm(**kw) -> ClientConfig:
+    return ClientConfig(want_block_unproven=False, dont_have_wait=10.0, **kw)
+
+
+def test_swarm_mode_needs_a_dont_have_wait():
+    with pytest.raises(Exception, match="dont_have_wait"):
+        ClientConfig(want_block_unproven=False)
+
+
+def test_swarm_mode_asks_want_have_first_and_want_block_only_after_have():
+    blocks = make_blocks(12)
+    half = dict(list(blocks.items())[:6])
+    net = Net()
+    net.add("c", client=_swarm(have_fanout=2))
+    net.add("x", blocks={})
+    net.add("y", blocks={})
+    net.add("z", blocks=half)
+    for peer in ("x", "y", "z"):
+        net.connect("c", peer)
+    net.step("c", Want("s", tuple(blocks)))
+    net.run(until=1.0)
+    c = net.nodes["c"]
+    to = {peer: [w for t, src, dst, m in net.log if src == "c" and dst == peer for w in m.wants] for peer in "xyz"}
+    # discovery is spread over the peers in rotation: every CID asked of exactly two of the three
+    asked = {cid: sorted(p for p in "xyz" if any(w.cid == cid and w.want_type == WantType.HAVE for w in to[p]))
+             for cid in blocks}
+    assert all(len(v) == 2 for v in asked.values())
+    assert {len([cid for cid in blocks if p in asked[cid]]) for p in "xyz"} == {8}
+    # want-block went only to z, only for blocks z said HAVE for, and never before that HAVE
+    blocks_asked = [(p, w.cid) for p in "xyz" for w in to[p] if w.want_type == WantType.BLOCK and not w.cancel]
+    assert blocks_asked and all(p == "z" and cid in half for p, cid in blocks_asked)
+    haves = {m.presences[0].cid for src, m in c.received if src == "z" for _ in [0] if m.presences}
+    assert {cid for _, cid in blocks_asked} <= haves | {p.cid for src, m in c.received if src == "z" for p in m.presences}
+    got = {cid for _, cid in c.delivered}
+    assert got == {cid for cid in half if "z" in asked[cid]}
+    assert not c.failed  # the rest are parked, watched by the peers that said DONT_HAVE
+    # y receives everything later: the CIDs it watches arrive by HAVE then want-block
+    y = net.nodes["y"]
+    y.server.source.blocks.update(blocks)
+    net.step("y", BlocksAdded(tuple(blocks)))
+    net.run(until=3.0)
+    got = {cid for _, cid in c.delivered}
+    assert got == {cid for cid in blocks if "y" in asked[cid] or (cid in half and "z" in asked[cid])}
+    assert c.client.stats().duplicate_blocks == 0 and not c.failed
+
+
+def test_swarm_mode_asks_providers_for_blocks_directly():
+    blocks = make_blocks(4)
+    net = Net()
+    net.add("c", client=_swarm(have_fanout=1))
+    net.add("p", blocks=blocks)
+    net.add("x", blocks={})
+    net.connect("c", "p")
+    net.connect("c", "x")
+    net.step("c", AddProviders("s", ("p",)))
+    net.step("c", Want("s", tuple(blocks)))
+    first = [m for t, src, dst, m in net.log if src == "c" and dst == "p"][0]
+    assert {w.cid for w in first.wants if w.want_type == WantType.BLOCK} == set(blocks)
+    to_x = [w for t, src, dst, m in net.log if src == "c" and dst == "x" for w in m.wants]
+    assert to_x and all(w.want_type == WantType.HAVE for w in to_x)  # discovery beside the provider
+    net.run()
+    assert {cid for _, cid in net.nodes["c"].delivered} == set(blocks) and served_by(net) == {"p": 4, "x": 0}
+
+
+def test_lazy_cancels_wait_for_a_message_or_their_due_time():
+    blocks = make_blocks(2)
+    a, b = list(blocks)
+    net = Net()
+    net.add("c", client=_swarm(have_fanout=2, cancel_delay=1.0))
+    x = net.add("x", blocks={})
+    net.add("p", blocks={a: blocks[a]})
+    net.connect("c", "x")
+    net.connect("c", "p")
+    net.step("c", AddProviders("s", ("p",)))
+    net.step("c", Want("s", (a,)))
+    net.run(until=0.5)
+    assert net.nodes["c"].delivered  # a came from p; x still watches it (it said DONT_HAVE)
+    cancels = lambda: [(t, w.cid) for t, src, dst, m in net.log if src == "c" and dst == "x"  # noqa: E731
+                       for w in m.wants if w.cancel]
+    assert cancels() == [] and x.server.ledger("c").waiting == 1
+    net.run(until=2.0)  # nothing else goes to x: the cancel goes when due, a second after the block
+    assert [cid for _, cid in cancels()] == [a] and 1.0 < cancels()[0][0] < 1.1
+    assert x.server.ledger("c").waiting == 0
+    # a cancel rides along with the next message to that peer instead of waiting
+    net.nodes["p"].server.source.blocks[b] = blocks[b]
+    net.step("c", Want("s2", (a,)))  # a wanted again: x is asked want-have again, says DONT_HAVE...
+    net.run(until=net.now + 0.5)  # ...p delivers it, and x's cancel waits again
+    t_b = net.now
+    net.step("c", Want("s3", (b,)))
+    with_b = [m for t, src, dst, m in net.log if src == "c" and dst == "x" and t >= t_b]
+    assert len(with_b) == 1 and sorted((w.cid == b, w.cancel) for w in with_b[0].wants) == [(False, True), (True, False)]
+    net.run()  # b comes from p; its cancel at x goes when due: x is left watching nothing
+    assert ("s3", b) in net.nodes["c"].delivered and x.server.ledger("c").waiting == 0

@@ -86,6 +86,15 @@ class CID:
             raise InvalidCID(f"not a CID: {text!r} ({e})") from None
         return cls.decode(parsed.buffer)
 
+    # Written out because the generated ones compare 1-tuples: CIDs are dict keys on every hot path.
+    def __hash__(self) -> int:
+        return hash(self.buffer)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is CID:
+            return self.buffer == other.buffer  # type: ignore[attr-defined]
+        return NotImplemented
+
     # -- properties ---------------------------------------------------------------------------
     @property
     def version(self) -> int:
@@ -118,6 +127,11 @@ class CID:
 
     def prefix(self) -> bytes:
         """The CID prefix as bitswap sends it: version, codec, hash code, digest length (varints)."""
+        buf = self.buffer
+        if buf[0] == 0x12:
+            return b"\x00\x70" + buf[:2]  # CIDv0: version 0, dag-pb, then its multihash header
+        if buf[1] < 0x80 and buf[2] < 0x80 and buf[3] < 0x80:
+            return buf[:4]  # one-byte codec, hash code and length: the v1 bytes up to the digest
         return _uvarint(self.version) + _uvarint(self.codec) + _uvarint(self.hash_code) + _uvarint(len(self.digest))
 
     def verify(self, data: bytes | memoryview) -> bool:

@@ -9,9 +9,14 @@ from __future__ import annotations
 MAX_BYTES = 9
 
 
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
+
+
 def encode(n: int) -> bytes:
     if n < 0:
         raise ValueError(f"uvarint of a negative number: {n}")
+    if n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while True:
         b = n & 0x7F

@@ -89,12 +89,19 @@ class ClientConfig:
     remember_done: int = 16384  # finished CIDs remembered to tell a duplicate from an unsolicited block
     dont_have_wait: float = 0.0  # a CID every candidate said DONT_HAVE for waits this long for a HAVE
     park_after: int = 0  # park a CID (see dont_have_wait) once this many peers said DONT_HAVE; 0 = all
+    # Swarm mode (False): want-block goes only to peers that said HAVE for the CID or are providers of
+    # its session; connected peers are asked want-have (`have_fanout` of them, in rotation) and the
+    # CID waits for a HAVE. For fleets fetching one artifact at once, where most peers lack most blocks.
+    want_block_unproven: bool = True
+    cancel_delay: float = 0.0  # cancels of want-haves and DONT_HAVE watches wait up to this to ride along
 
     def __post_init__(self) -> None:
         if self.peer_window < 1 or self.session_window < 1 or self.peer_have_window < 0 or self.max_attempts < 1:
             raise ExchangeUsageError(f"client windows and max_attempts must be positive: {self}")
-        if self.dont_have_wait < 0 or self.park_after < 0:
-            raise ExchangeUsageError(f"dont_have_wait and park_after must not be negative: {self}")
+        if self.dont_have_wait < 0 or self.park_after < 0 or self.cancel_delay < 0:
+            raise ExchangeUsageError(f"dont_have_wait, park_after and cancel_delay must not be negative: {self}")
+        if not self.want_block_unproven and self.dont_have_wait <= 0:
+            raise ExchangeUsageError("swarm mode (want_block_unproven=False) waits for HAVEs: set dont_have_wait")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +133,13 @@ class PeerStats:
 
 
 class _Peer:
-    __slots__ = ("connected", "blocks_out", "haves_out", "has", "service", "last_arrival", "busy",
+    __slots__ = ("connected", "blocks_out", "haves_out", "service", "last_arrival", "busy",
                  "stalls", "proven", "blocks", "bytes", "duplicates", "timeouts")
 
     def __init__(self) -> None:
         self.connected = False
         self.blocks_out: set[CID] = set()
         self.haves_out: set[CID] = set()
-        self.has: set[CID] = set()  # CIDs it said HAVE for, while we want them
         self.service: float | None = None
         self.last_arrival: float | None = None
         self.busy = 0.0
@@ -144,7 +150,8 @@ class _Peer:
 
 class _Want:
     __slots__ = ("cid", "sessions", "priority", "block_peer", "sent_at", "deadline", "have_asked",
-                 "dont_haves", "timed_out", "attempts", "stalled_since", "parked_since")
+                 "dont_haves", "holders", "timed_out", "attempts", "stalled_since", "parked_since",
+                 "discovered")
 
     def __init__(self, cid: CID, priority: int) -> None:
         self.cid = cid
@@ -156,6 +163,8 @@ class _Want:
         # dicts, not sets: cancels go out in the order peers were asked, whatever the hash seed
         self.have_asked: dict[PeerId, None] = {}  # want-have sent, no answer yet
         self.dont_haves: dict[PeerId, None] = {}  # said DONT_HAVE (and not HAVE since): watching it for us
+        self.holders: dict[PeerId, None] = {}  # said HAVE (and not DONT_HAVE since)
+        self.discovered = False  # swarm mode: the want-haves of its first ask went out
         self.timed_out: set[PeerId] = set()
         self.attempts = 0
         self.stalled_since: float | None = None
@@ -184,19 +193,25 @@ class BitswapClient:
         self._inflight: dict[CID, _Want] = {}
         self._stalled: dict[CID, _Want] = {}  # pending wants with no candidate peer at all
         self._parked: dict[CID, _Want] = {}  # not pending: waiting for a HAVE from a watching peer
+        self._parked_min: float | None = None  # no parked CID's wait began before this (may be early)
         self._deadlines: list[tuple[float, int, CID]] = []  # heap of want-block deadlines (some stale)
         self._seq = 0
         self._done: OrderedDict[CID, None] = OrderedDict()
         self._timer_at: float | None = None
         self._next_priority = 2**31 - 1
+        self._rotation = 0  # swarm mode: where the next CID's want-haves start in the peer list
+        self._lazy: dict[PeerId, dict[CID, float]] = {}  # cancels waiting to ride along: cid -> due
+        self._lazy_due: float | None = None  # no lazy cancel falls due before this
         self._stats = dict.fromkeys(ClientStats.__dataclass_fields__, 0)
         # per handle() call
         self._out: list[Action] = []
         self._outbox: dict[PeerId, dict[CID, WantEntry]] = {}
+        self._now = 0.0
 
     # -- public API ---------------------------------------------------------------------------
     def handle(self, event: object, now: float) -> list[Action]:
         self._out, self._outbox = [], {}
+        self._now = now
         if isinstance(event, MessageReceived):
             self._on_message(event.peer, event.message, now)
         elif isinstance(event, Tick):
@@ -337,7 +352,7 @@ class BitswapClient:
         p.haves_out.discard(w.cid)
         if presence.have:
             p.proven = True
-            p.has.add(w.cid)
+            w.holders[peer] = None
             if peer in w.dont_haves:
                 w.dont_haves.pop(peer, None)
                 self._stats["haves_after_dont_have"] += 1
@@ -347,7 +362,7 @@ class BitswapClient:
                 self._requeue(w)
             return
         self._stats["dont_haves"] += 1
-        p.has.discard(w.cid)
+        w.holders.pop(peer, None)
         w.dont_haves[peer] = None
         if w.block_peer == peer:
             self._release(w)
@@ -375,9 +390,11 @@ class BitswapClient:
             if now - w.parked_since >= self.config.dont_have_wait:
                 self._fail(w, f"{len(w.dont_haves)} peers said they do not have it and none had it "
                               f"within {self.config.dont_have_wait:g}s")
+        self._parked_min = min((w.parked_since for w in self._parked.values()), default=None)
 
     # -- peers --------------------------------------------------------------------------------
     def _drop_peer(self, peer: PeerId) -> None:
+        self._lazy.pop(peer, None)
         p = self._peers.pop(peer, None)
         if p is None:
             return
@@ -415,14 +432,12 @@ class BitswapClient:
             self._cancel(w.block_peer, w.cid)
             self._release(w)
         for peer in w.have_asked:
-            self._cancel(peer, w.cid)
+            self._cancel(peer, w.cid, lazy=True)
             if peer in self._peers:
                 self._peers[peer].haves_out.discard(w.cid)
         for peer in w.dont_haves:  # servers keep a want they said DONT_HAVE to until it is cancelled
             if peer in self._peers and peer not in self._banned:
-                self._cancel(peer, w.cid)
-        for p in self._peers.values():
-            p.has.discard(w.cid)
+                self._cancel(peer, w.cid, lazy=True)
         self._pending.pop(w.cid, None)
         self._stalled.pop(w.cid, None)
         self._parked.pop(w.cid, None)
@@ -438,8 +453,23 @@ class BitswapClient:
             self._sessions[sid].cids.pop(w.cid, None)
         self._forget(w)
 
-    def _cancel(self, peer: PeerId, cid: CID) -> None:
+    def _cancel(self, peer: PeerId, cid: CID, lazy: bool = False) -> None:
+        """Cancel a want at `peer`. A lazy cancel (of a want-have or a DONT_HAVE watch: the peer can only
+        answer it with a small presence) waits up to `cancel_delay` for another message to that peer."""
         self._stats["cancels_sent"] += 1
+        if lazy and self.config.cancel_delay > 0:
+            due = self._now + self.config.cancel_delay
+            pending = self._lazy.setdefault(peer, {})
+            pending.setdefault(cid, due)
+            if self._lazy_due is None or due < self._lazy_due:
+                self._lazy_due = due
+            if len(pending) < 256:
+                return
+            del self._lazy[peer]
+            box = self._outbox.setdefault(peer, {})
+            for c in pending:
+                box[c] = WantEntry(c, cancel=True)
+            return
         self._outbox.setdefault(peer, {})[cid] = WantEntry(cid, cancel=True)
 
     # -- scheduling ---------------------------------------------------------------------------
@@ -478,6 +508,14 @@ class BitswapClient:
                 continue
             if any(self._sessions[sid].inflight >= cfg.session_window for sid in w.sessions):
                 continue
+            if not cfg.want_block_unproven:
+                best = self._place_swarm(w, now)
+                if best is not None:
+                    if len(self._peers[best].blocks_out) >= cfg.peer_window:
+                        open_peers -= 1
+                    open_sessions -= sum(1 for sid in w.sessions
+                                         if self._sessions[sid].inflight == cfg.session_window)
+                continue
             candidates = self._candidates(w)
             usable = [peer for peer in candidates if peer not in w.dont_haves]
             if candidates and (not usable or cfg.park_after and self._enough_dont_haves(w, candidates, usable)):
@@ -500,7 +538,7 @@ class BitswapClient:
             best = min(
                 open_,
                 key=lambda peer: (
-                    cid not in self._peers[peer].has,
+                    peer not in w.holders,
                     peer in w.timed_out,
                     self._cost(peer),
                     len(self._peers[peer].blocks_out),
@@ -520,6 +558,54 @@ class BitswapClient:
                 )
                 for peer in others[: cfg.have_fanout]:
                     self._ask_have(w, peer)
+
+    def _place_swarm(self, w: _Want, now: float) -> PeerId | None:
+        """Swarm mode: want-block to the best peer that said HAVE or is a provider; on the first ask,
+        want-have to `have_fanout` other connected peers so holders make themselves known (now, or
+        with a HAVE when the block reaches them). With no such peer the CID parks until a HAVE comes.
+        Returns the peer asked for the block, if any."""
+        cfg, peers, banned = self.config, self._peers, self._banned
+        providers: dict[PeerId, None] = {}
+        for sid in w.sessions:
+            providers.update(self._sessions[sid].providers)
+        usable = [peer for peer in w.holders
+                  if peer not in banned and peer in peers and (peers[peer].connected or peer in providers)]
+        usable += [peer for peer in providers
+                   if peer not in banned and peer not in w.dont_haves and peer not in w.holders]
+        if not w.discovered:
+            self._discover(w, providers)
+        if usable:
+            w.stalled_since = None
+            self._stalled.pop(w.cid, None)
+            open_ = [peer for peer in usable if len(peers[peer].blocks_out) < cfg.peer_window]
+            if not open_:
+                return None  # holders are busy: wait for room at one of them
+            best = min(open_, key=lambda peer: (peer in w.timed_out, self._cost(peer), len(peers[peer].blocks_out)))
+            self._ask_block(w, best, now)
+            return best
+        if w.have_asked or w.dont_haves:
+            self._park(w, now)
+        elif w.stalled_since is None:
+            w.stalled_since = now  # nobody to ask at all: fails after no_provider_timeout
+            self._stalled[w.cid] = w
+        return None
+
+    def _discover(self, w: _Want, providers: dict[PeerId, None]) -> None:
+        """Want-have to up to `have_fanout` connected peers, starting where the previous CID's stopped,
+        so discovery (and later HAVE notifications) spreads over all peers."""
+        cfg, peers = self.config, self._peers
+        ring = [peer for peer, p in peers.items()
+                if p.connected and peer not in self._banned and peer not in providers
+                and peer not in w.holders and peer not in w.dont_haves and peer not in w.have_asked
+                and len(p.haves_out) < cfg.peer_have_window]
+        if not ring:
+            return
+        w.discovered = True
+        start = self._rotation % len(ring)
+        chosen = (ring[start:] + ring[:start])[: cfg.have_fanout]
+        self._rotation = start + len(chosen)
+        for peer in chosen:
+            self._ask_have(w, peer)
 
     def _pending_in_order(self):
         """Pending CIDs front to back, while the caller removes some of them, without copying the
@@ -547,6 +633,8 @@ class BitswapClient:
         if w.parked_since is None:
             w.parked_since = now
             self._stats["parked"] += 1
+        if self._parked_min is None or w.parked_since < self._parked_min:
+            self._parked_min = w.parked_since
 
     def _unpark_all(self) -> None:
         """A peer appeared: parked wants may have a candidate that has not said DONT_HAVE."""
@@ -589,6 +677,7 @@ class BitswapClient:
         for sid in w.sessions:
             self._sessions[sid].inflight += 1
         self._stats["want_blocks_sent"] += 1
+        self._unlazy(peer, w.cid)
         self._outbox.setdefault(peer, {})[w.cid] = WantEntry(
             w.cid, WantType.BLOCK, w.priority, send_dont_have=True
         )
@@ -597,24 +686,49 @@ class BitswapClient:
         w.have_asked[peer] = None
         self._peers[peer].haves_out.add(w.cid)
         self._stats["want_haves_sent"] += 1
+        self._unlazy(peer, w.cid)
         self._outbox.setdefault(peer, {})[w.cid] = WantEntry(
             w.cid, WantType.HAVE, w.priority, send_dont_have=True
         )
 
+    def _unlazy(self, peer: PeerId, cid: CID) -> None:
+        lazy = self._lazy.get(peer)
+        if lazy and lazy.pop(cid, None) is not None and not lazy:
+            del self._lazy[peer]
+
+    def _flush_lazy(self, now: float) -> float | None:
+        """Lazy cancels ride with a message going to their peer anyway; the rest go out when due (or
+        when a peer has 256 of them, in `_cancel`). Returns when the next one falls due."""
+        due_now = self._lazy_due is not None and self._lazy_due <= now
+        peers = list(self._lazy) if due_now else [peer for peer in self._outbox if peer in self._lazy]
+        for peer in peers:
+            lazy = self._lazy[peer]
+            # dicts keep insertion order and every due is insertion time + cancel_delay
+            if peer in self._outbox or next(iter(lazy.values())) <= now:
+                box = self._outbox.setdefault(peer, {})
+                for cid in lazy:
+                    box.setdefault(cid, WantEntry(cid, cancel=True))
+                del self._lazy[peer]
+        if due_now:
+            self._lazy_due = min((next(iter(lazy.values())) for lazy in self._lazy.values()), default=None)
+        return self._lazy_due
+
     def _finish(self, now: float) -> list[Action]:
         out = self._out
+        earliest = self._flush_lazy(now) if self._lazy else None
         for peer, entries in self._outbox.items():
             if entries:
                 out.append(Send(peer, Message(wants=tuple(entries.values()))))
         heap = self._deadlines
         while heap and (heap[0][2] not in self._inflight or self._inflight[heap[0][2]].deadline != heap[0][0]):
             heapq.heappop(heap)  # answered, or re-asked with a new deadline
-        earliest = heap[0][0] if heap else None
+        if heap:
+            earliest = heap[0][0] if earliest is None else min(earliest, heap[0][0])
         for w in self._stalled.values():
             at = w.stalled_since + self.config.no_provider_timeout
             earliest = at if earliest is None else min(earliest, at)
         if self._parked:
-            at = min(w.parked_since for w in self._parked.values()) + self.config.dont_have_wait
+            at = self._parked_min + self.config.dont_have_wait
             earliest = at if earliest is None else min(earliest, at)
         if earliest is not None and (self._timer_at is None or earliest < self._timer_at):
             self._timer_at = earliest

@@ -93,7 +93,9 @@ def uvarint(n: int) -> bytes:
 
 
 def _varint_len(n: int) -> int:
-    return len(uvarint(n))
+    if n < 0:
+        uvarint(n)  # raises the usage error
+    return max(1, (n.bit_length() + 6) // 7)
 
 
 def _len_field(n: int) -> int:

@@ -127,11 +127,12 @@ _BLOCK, _HAVE, _DONT_HAVE = 0, 1, 2
 
 
 class _Task:
-    __slots__ = ("cid", "kind", "priority", "seq", "size", "send_dont_have")
+    __slots__ = ("cid", "kind", "priority", "seq", "size", "send_dont_have", "wire")
 
     def __init__(self, cid: CID, kind: int, priority: int, seq: int, size: int, send_dont_have: bool) -> None:
         self.cid, self.kind, self.priority, self.seq = cid, kind, priority, seq
         self.size, self.send_dont_have = size, send_dont_have
+        self.wire = block_wire_size(cid, size) if kind == _BLOCK else presence_wire_size(cid, kind == _HAVE)
 
 
 class _PeerLedger:
@@ -153,7 +154,9 @@ class _PeerLedger:
     def ordered(self) -> list[_Task]:
         if self._order is None:
             self._order = sorted(self.tasks.values(), key=lambda t: (-t.priority, t.seq))
-        else:  # removals need no re-sort, only filtering
+        elif len(self._order) != len(self.tasks):  # removals need no re-sort, only filtering
+            # (nothing was added since the sort, or `changed` would have dropped it: equal lengths
+            # mean the same tasks)
             self._order = [t for t in self._order if self.tasks.get(t.cid) is t]
         return self._order
 
@@ -305,15 +308,25 @@ class BitswapServer:
         """Whether a visit to this peer can make progress, and its next block task."""
         if not led.tasks:
             return False, None
-        ordered = led.ordered()
-        head = next((t for t in ordered if t.kind == _BLOCK), None)
+        head = None
+        presence = False
+        for t in led.ordered():  # one pass: the first block task, and whether any presence is queued
+            if t.kind == _BLOCK:
+                if head is None:
+                    head = t
+                    if presence:
+                        break
+            elif not presence:
+                presence = True
+                if head is not None:
+                    break
         if led.outstanding >= self.config.max_outstanding_bytes and led.outstanding:
             return False, head
-        if any(t.kind != _BLOCK for t in ordered):
+        if presence:
             return True, head
         if head is None:
             return False, None
-        s = block_wire_size(head.cid, head.size)
+        s = head.wire
         fits = led.outstanding == 0 or led.outstanding + s <= self.config.max_outstanding_bytes
         cap = self.config.max_total_outstanding_bytes
         if cap and self._outstanding_total and self._outstanding_total + s > cap:
@@ -360,7 +373,7 @@ class BitswapServer:
         for t in ordered:
             if t.kind == _BLOCK:
                 continue
-            s = presence_wire_size(t.cid, t.kind == _HAVE)
+            s = t.wire
             if size + s > budget:
                 break
             presences.append(Presence(t.cid, t.kind == _HAVE))
@@ -373,7 +386,7 @@ class BitswapServer:
         for t in ordered:
             if t.kind != _BLOCK:
                 continue
-            s = block_wire_size(t.cid, t.size)
+            s = t.wire
             if t.size > led.deficit or size + s > budget:
                 break
             if blocks and led.outstanding + size + s > cfg.max_outstanding_bytes:

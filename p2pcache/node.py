@@ -75,7 +75,24 @@ def root_aliases(repo: Repo, root: CID) -> list[str]:
 
 
 class Node:
-    def __init__(self, repo_path: Path, config: NodeConfig):
+    """The daemon's composition of repo, host, exchange, routing and HTTP API.
+
+    By default `run` builds everything itself: a `NodeHost` from `config` and the repo's identity key,
+    the `DHT` on it, and the HTTP API. Two injection points let another network layer carry the same
+    node (simnet runs real Nodes over simulated hosts this way; p2pcache never imports it):
+
+    - `host`: an object with `NodeHost`'s interface (`run`, `peer_id`, `addrs`, `new_stream`,
+      `set_stream_handler`, `connected_peers`, `disconnect`, `subscribe`, `add_addrs`); used instead of
+      building a `NodeHost`, so `config.listen`, `bootstrap`, `swarm_key` and `allow_peers` are the
+      injected host's business and the repo's identity key is not read.
+    - `dht`: an object with `DHT`'s interface as `ProviderAnnouncer` / `ProviderFinder` use it
+      (`run`, `peer_id`, `provide_key`, `withdraw_key`, `local_providers`, `closest_known_peers`,
+      `ask_providers`); used instead of building `DHT(host)`.
+    - `serve_api=False`: no HTTP API and no `api.json` (`api_url` stays None).
+    """
+
+    def __init__(self, repo_path: Path, config: NodeConfig, *, host: Any = None, dht: Any = None,
+                 serve_api: bool = True):
         self.repo_path = Path(repo_path)
         self.config = config
         self.stats = NodeStats()
@@ -83,6 +100,9 @@ class Node:
         self.host: NodeHost | None = None
         self.exchange: BitswapExchange | None = None
         self.dht: DHT | None = None
+        self._given_host = host
+        self._given_dht = dht
+        self.serve_api = serve_api
         self.announcer: ProviderAnnouncer | None = None
         self.finder: ProviderFinder | None = None
         self.source: _CountingSource | None = None
@@ -97,19 +117,22 @@ class Node:
         self.repo = repo
         try:
             cfg = self.config
-            host_cfg = HostConfig.from_files(
-                identity=self.repo_path / "identity.key",
-                swarm_key_file=cfg.swarm_key_path(self.repo_path),
-                listen=tuple(cfg.listen),
-                bootstrap=tuple(cfg.bootstrap),
-                allow_peers=cfg.allow_peers or None,
-            )
-            self.host = NodeHost(host_cfg)
+            if self._given_host is not None:
+                self.host = self._given_host
+            else:
+                host_cfg = HostConfig.from_files(
+                    identity=self.repo_path / "identity.key",
+                    swarm_key_file=cfg.swarm_key_path(self.repo_path),
+                    listen=tuple(cfg.listen),
+                    bootstrap=tuple(cfg.bootstrap),
+                    allow_peers=cfg.allow_peers or None,
+                )
+                self.host = NodeHost(host_cfg)
             self.source = _CountingSource(repo)
             self.nix = NixCache(self, cfg.nix)
             self.nix.drop_unclaimed_nars()
             # The DHT is built before the host dials anyone, so peers see our DHT protocol from the start.
-            self.dht = DHT(self.host, DHTConfig())
+            self.dht = self._given_dht if self._given_dht is not None else DHT(self.host, DHTConfig())
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.host.run)
                 self.exchange = BitswapExchange(self.host, self.source)
@@ -126,14 +149,16 @@ class Node:
                 self.finder = ProviderFinder(self.dht, FinderConfig(negative_ttl=cfg.negative_ttl,
                                                                     default_timeout=cfg.lookup_timeout))
                 ResolveServer(lookup=self._answer_resolve).register(self.host)
-                binds = await nursery.start(self._serve_api)
-                self.api_url = binds[0] if binds else None
-                self._write_api_file()
+                if self.serve_api:
+                    binds = await nursery.start(self._serve_api)
+                    self.api_url = binds[0] if binds else None
+                    self._write_api_file()
                 task_status.started(self)
                 try:
                     await trio.sleep_forever()
                 finally:
-                    self._remove_api_file()
+                    if self.serve_api:
+                        self._remove_api_file()
                     with trio.CancelScope(shield=True):
                         await self.nix.aclose()
         finally:

@@ -11,8 +11,13 @@ Layers, bottom up:
   encode/decode; wire `objects`: Message objects charged their exact encoded size), and `ArchiveFetch`.
 - `payload`: real-byte artifacts (FastCDC, real manifests) or synthetic descriptor blocks for big runs.
 - `dhtsim`: simulated Kademlia servers, lookups driven by the real `ProviderQuery`.
-- `scenario` (TOML files in `scenarios/`), `metrics` (JSON lines), `fanout` / `dhtsim` programs, `cli`,
-  `plot` (matplotlib, optional).
-What does not run: libp2p (Noise, Yamux, multistream, the host), `BitswapExchange`'s trio tasks, the
-repo on disk, py-libp2p's KadDHT, the resolve protocol and `Node`; see each module's docstring.
+- `hostsim`: simulated libp2p hosts and streams with `NodeHost`'s interface (bytes over links), the
+  `LiveSim` queue that shares trio with real tasks; `routingsim`: a simulated Kademlia with `DHT`'s
+  interface whose RPCs are kademlia.proto messages on those streams.
+- `scenario` (TOML files in `scenarios/`), `metrics` (JSON lines), `fanout` / `dhtsim` / `nodefetch`
+  programs, `cli`, `plot` (matplotlib, optional).
+What does not run: libp2p (Noise, Yamux, multistream, the host) and py-libp2p's KadDHT, anywhere. The
+`fleet`, `bad-peer`, `partition-heal` and `dht-lookup` programs also leave out `BitswapExchange`'s trio
+tasks, the repo on disk, the resolve protocol and `Node`; `node-fetch` runs all of those for real, over
+`hostsim`/`routingsim` (see `nodefetch`'s docstring).
 """

@@ -9,6 +9,11 @@ between nodes (who can talk to whom now), partitions, and per-node traffic count
   + queueing at the receiver's downlink                                        (+ size / downlink)
 
 so a busy uplink is really shared: a seed that hands 1,000 peers a block each needs 1,000 block times.
+A message of at most `SEGMENT` bytes (wants, presences) does not queue behind bulk data: it is charged
+to the link (bulk data queued behind it waits that much longer) but leaves and drains at once, as
+sparse flows do under Linux's default fq_codel/fq queueing, where a small message on one connection
+interleaves with a large transfer on another instead of waiting for it. Per connection, order is
+still kept, so a small message never overtakes a block sent before it to the same peer.
 Connections behave like TCP streams: order is kept per (sender, receiver), loss costs a retransmit
 timeout instead of losing the message, and a cut connection (unlink, partition, a node leaving) drops
 everything still in flight on it and tells both ends.
@@ -238,9 +243,10 @@ class Network:
             return False
         s, d = self._nics[src], self._nics[dst]
         now = self.sim.now()
+        sparse = size <= SEGMENT
         start = s.up_free if s.up_free > now else now
-        written = start + size / s.profile.up
-        s.up_free = written
+        s.up_free = start + size / s.profile.up
+        written = now + size / s.profile.up if sparse else s.up_free
         s.bytes_sent += size
         s.messages_sent += 1
         latency = s.profile.latency + d.profile.latency
@@ -256,8 +262,12 @@ class Network:
         arrive = written + latency
         # The receiver's downlink drains at its own rate: a receiver fed by many senders queues them.
         drain = size / d.profile.down
-        done = max(arrive, d.down_free + drain)
-        d.down_free = done
+        if sparse:
+            done = arrive + drain
+            d.down_free = max(d.down_free, arrive) + drain
+        else:
+            done = max(arrive, d.down_free + drain)
+            d.down_free = done
         key = (src, dst)
         last = self._last_arrival.get(key, 0.0)
         if done < last:

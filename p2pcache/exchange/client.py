@@ -202,6 +202,8 @@ class BitswapClient:
         self._rotation = 0  # swarm mode: where the next CID's want-haves start in the peer list
         self._lazy: dict[PeerId, dict[CID, float]] = {}  # cancels waiting to ride along: cid -> due
         self._lazy_due: float | None = None  # no lazy cancel falls due before this
+        # swarm mode: CIDs out of the pending queue until one of these peers (all holders busy) has room
+        self._blocked: dict[PeerId, dict[CID, None]] = {}
         self._stats = dict.fromkeys(ClientStats.__dataclass_fields__, 0)
         # per handle() call
         self._out: list[Action] = []
@@ -360,6 +362,8 @@ class BitswapClient:
                 del self._parked[w.cid]
                 w.parked_since = None
                 self._requeue(w)
+            elif w.block_peer is None and w.cid not in self._pending:
+                self._requeue(w)  # it waited for room at its other holders: this one may have some
             return
         self._stats["dont_haves"] += 1
         w.holders.pop(peer, None)
@@ -395,6 +399,7 @@ class BitswapClient:
     # -- peers --------------------------------------------------------------------------------
     def _drop_peer(self, peer: PeerId) -> None:
         self._lazy.pop(peer, None)
+        self._unblock(peer)
         p = self._peers.pop(peer, None)
         if p is None:
             return
@@ -417,10 +422,20 @@ class BitswapClient:
     def _release(self, w: _Want, p: _Peer | None = None) -> None:
         """The want-block at w.block_peer is over (answered, refused, timed out or lost)."""
         (p or self._peers[w.block_peer]).blocks_out.discard(w.cid)
+        self._unblock(w.block_peer)
         w.block_peer = None
         del self._inflight[w.cid]
         for sid in w.sessions:
             self._sessions[sid].inflight -= 1
+
+    def _unblock(self, peer: PeerId) -> None:
+        """`peer` has room again: the CIDs that waited for room at it are scheduled again."""
+        blocked = self._blocked.pop(peer, None)
+        if blocked:
+            for cid in blocked:
+                w = self._wants.get(cid)
+                if w is not None and w.block_peer is None and cid not in self._pending and cid not in self._parked:
+                    self._pending[cid] = None
 
     def _requeue(self, w: _Want) -> None:
         self._pending[w.cid] = None
@@ -579,7 +594,11 @@ class BitswapClient:
             self._stalled.pop(w.cid, None)
             open_ = [peer for peer in usable if len(peers[peer].blocks_out) < cfg.peer_window]
             if not open_:
-                return None  # holders are busy: wait for room at one of them
+                # holders are busy: out of the queue until one of them has room (or a new one says HAVE)
+                del self._pending[w.cid]
+                for peer in usable:
+                    self._blocked.setdefault(peer, {})[w.cid] = None
+                return None
             best = min(open_, key=lambda peer: (peer in w.timed_out, self._cost(peer), len(peers[peer].blocks_out)))
             self._ask_block(w, best, now)
             return best

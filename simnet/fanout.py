@@ -89,8 +89,13 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
     def runner_blocks() -> int:
         return sum(nodes[r].counters.blocks_stored for r in runners)
 
+    wanted_blocks = len(runners) * (art.chunks + art.manifest_blocks)
+
     def sample() -> None:
         timeline.append((sim.now(), runner_blocks()))
+        if len(timeline) % 10 == 0:
+            log.info("t=%.1f s: %d of %d runners done, %.1f %% of blocks stored", sim.now(), len(done),
+                     len(runners), 100 * timeline[-1][1] / max(1, wanted_blocks))
         if len(done) < len(runners):
             sim.after(float(p.get("sample_every", 0.5)), sample)
 

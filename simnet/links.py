@@ -9,7 +9,7 @@ between nodes (who can talk to whom now), partitions, and per-node traffic count
   + queueing at the receiver's downlink                                        (+ size / downlink)
 
 so a busy uplink is really shared: a seed that hands 1,000 peers a block each needs 1,000 block times.
-A message of at most `SEGMENT` bytes (wants, presences) does not queue behind bulk data: it is charged
+A message of at most `SPARSE` bytes (wants, presences) does not queue behind bulk data: it is charged
 to the link (bulk data queued behind it waits that much longer) but leaves and drains at once, as
 sparse flows do under Linux's default fq_codel/fq queueing, where a small message on one connection
 interleaves with a large transfer on another instead of waiting for it. Per connection, order is
@@ -36,6 +36,7 @@ NodeId = Hashable
 
 MBIT = 1_000_000 / 8  # bytes per second in one Mbit/s
 SEGMENT = 64 * 1024  # loss is drawn per segment of this size
+SPARSE = 16 * 1024  # messages up to this size interleave with bulk data instead of queueing behind it
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,7 @@ class Network:
             return False
         s, d = self._nics[src], self._nics[dst]
         now = self.sim.now()
-        sparse = size <= SEGMENT
+        sparse = size <= SPARSE
         start = s.up_free if s.up_free > now else now
         s.up_free = start + size / s.profile.up
         written = now + size / s.profile.up if sparse else s.up_free

@@ -120,6 +120,22 @@ def test_synthetic_fanout_with_super_seeding_sends_about_one_copy_from_the_seed(
     assert results.value("p99_over_central_server") < 0.5
 
 
+def test_swarm_mode_fanout_beats_blind_asking_with_fewer_messages():
+    """The scenario's defaults (swarm mode) against the engine as it asks by default (want-block to any
+    connected peer, one by one): the same fleet, seed and artifact."""
+    base = {"runners": "40", "artifact_size": "32MiB"}
+    blind = {**base, "client.want_block_unproven": "true", "client.have_fanout": "2", "client.peer_window": "16",
+             "client.cancel_delay": "0s", "client.dont_have_wait": "5s", "window": "64", "degree": "8"}
+    swarm, _ = run_scenario(str(SCENARIOS / "fleet-fanout.toml"), seed=11, overrides=base)
+    old, _ = run_scenario(str(SCENARIOS / "fleet-fanout.toml"), seed=11, overrides=blind)
+    assert swarm.value("fetch_completed") == 1.0 and old.value("fetch_completed") == 1.0
+    assert swarm.value("duplicate_blocks") == 0
+    assert swarm.value("seed_upload_copies") < 1.1  # super-seeding: each block leaves the seed about once
+    assert swarm.value("messages") < 0.5 * old.value("messages")
+    assert swarm.value("fetch_time_p99") < old.value("fetch_time_p99")
+    assert swarm.value("p99_over_central_server") < 0.2
+
+
 def test_partition_stops_transfers_and_healing_resumes_them():
     results, series = run_scenario(str(SCENARIOS / "partition-heal.toml"), seed=5, overrides={
         "runners": "8", "artifact_size": "16MiB", "degree": "0", "partition_for": "15s"})

@@ -580,26 +580,42 @@ class BitswapClient:
         with a HAVE when the block reaches them). With no such peer the CID parks until a HAVE comes.
         Returns the peer asked for the block, if any."""
         cfg, peers, banned = self.config, self._peers, self._banned
-        providers: dict[PeerId, None] = {}
-        for sid in w.sessions:
-            providers.update(self._sessions[sid].providers)
-        usable = [peer for peer in w.holders
-                  if peer not in banned and peer in peers and (peers[peer].connected or peer in providers)]
-        usable += [peer for peer in providers
-                   if peer not in banned and peer not in w.dont_haves and peer not in w.holders]
+        if len(w.sessions) == 1:
+            providers = self._sessions[next(iter(w.sessions))].providers
+        else:
+            providers = {}
+            for sid in w.sessions:
+                providers.update(self._sessions[sid].providers)
+        window = cfg.peer_window
+        usable: list[PeerId] = []
+        open_: list[PeerId] = []
+        for peer in w.holders:
+            p = peers.get(peer)
+            if p is None or peer in banned or not (p.connected or peer in providers):
+                continue
+            usable.append(peer)
+            if len(p.blocks_out) < window:
+                open_.append(peer)
+        for peer in providers:
+            if peer in banned or peer in w.dont_haves or peer in w.holders:
+                continue
+            usable.append(peer)
+            p = peers.get(peer)
+            if p is not None and len(p.blocks_out) < window:
+                open_.append(peer)
         if not w.discovered:
             self._discover(w, providers)
         if usable:
             w.stalled_since = None
             self._stalled.pop(w.cid, None)
-            open_ = [peer for peer in usable if len(peers[peer].blocks_out) < cfg.peer_window]
             if not open_:
                 # holders are busy: out of the queue until one of them has room (or a new one says HAVE)
                 del self._pending[w.cid]
                 for peer in usable:
                     self._blocked.setdefault(peer, {})[w.cid] = None
                 return None
-            best = min(open_, key=lambda peer: (peer in w.timed_out, self._cost(peer), len(peers[peer].blocks_out)))
+            best = open_[0] if len(open_) == 1 else min(
+                open_, key=lambda peer: (peer in w.timed_out, self._cost(peer), len(peers[peer].blocks_out)))
             self._ask_block(w, best, now)
             return best
         if w.have_asked or w.dont_haves:

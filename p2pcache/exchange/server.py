@@ -24,8 +24,8 @@ Decisions:
   `max_wants_per_peer` but have a bound of that size of their own, the oldest making room for a new
   one (a peer that never cancels cannot lock itself out or grow the ledger). Cancel drops a want and anything queued for it. `full`
   replaces the peer's wantlist.
-- Within a peer, higher priority first (then arrival order); presences go before blocks because they
-  are small and let the client re-ask elsewhere sooner.
+- Within a peer, blocks go higher priority first (then arrival order), from a heap; presences go
+  oldest first and before blocks, because they are small and let the client re-ask elsewhere sooner.
 - Across peers, deficit round-robin by bytes: each visit adds `quantum` bytes of credit to a peer
   with blocks queued, and a block goes out when the credit covers it, so peers share the upload
   by bytes whatever their block sizes.
@@ -45,6 +45,7 @@ Decisions:
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -136,13 +137,18 @@ class _Task:
 
 
 class _PeerLedger:
-    __slots__ = ("peer", "tasks", "_order", "waiting", "kept", "outstanding", "deficit", "tokens", "refilled_at",
-                 "blocks_sent", "bytes_sent", "haves_sent", "dont_haves_sent", "wants_refused")
+    __slots__ = ("peer", "tasks", "presences", "_heap", "block_bytes", "waiting", "kept", "outstanding", "deficit",
+                 "tokens", "refilled_at", "blocks_sent", "bytes_sent", "haves_sent", "dont_haves_sent",
+                 "wants_refused")
 
     def __init__(self, peer: PeerId, burst: float, now: float) -> None:
         self.peer = peer
-        self.tasks: dict[CID, _Task] = {}
-        self._order: list[_Task] | None = None  # tasks by priority; None when a task was added or changed
+        self.tasks: dict[CID, _Task] = {}  # every queued task, by CID
+        self.presences: dict[CID, _Task] = {}  # the HAVE / DONT_HAVE tasks among them, oldest first
+        # block tasks by (priority desc, arrival): a heap whose entries go stale when their task is
+        # dropped or replaced, skipped when they reach the top
+        self._heap: list[tuple[int, int, _Task]] = []
+        self.block_bytes = 0  # bytes of the queued block tasks
         self.waiting: dict[CID, WantEntry] = {}
         self.kept: dict[CID, None] = {}  # waiting wants already answered DONT_HAVE, oldest first
         self.outstanding = 0
@@ -151,20 +157,36 @@ class _PeerLedger:
         self.refilled_at = now
         self.blocks_sent = self.bytes_sent = self.haves_sent = self.dont_haves_sent = self.wants_refused = 0
 
-    def ordered(self) -> list[_Task]:
-        if self._order is None:
-            self._order = sorted(self.tasks.values(), key=lambda t: (-t.priority, t.seq))
-        elif len(self._order) != len(self.tasks):  # removals need no re-sort, only filtering
-            # (nothing was added since the sort, or `changed` would have dropped it: equal lengths
-            # mean the same tasks)
-            self._order = [t for t in self._order if self.tasks.get(t.cid) is t]
-        return self._order
+    def put(self, task: _Task) -> None:
+        self.drop(task.cid)
+        self.tasks[task.cid] = task
+        if task.kind == _BLOCK:
+            heapq.heappush(self._heap, (-task.priority, task.seq, task))
+            self.block_bytes += task.size
+        else:
+            self.presences[task.cid] = task
 
-    def changed(self) -> None:
-        self._order = None
+    def drop(self, cid: CID) -> _Task | None:
+        t = self.tasks.pop(cid, None)
+        if t is not None:
+            if t.kind == _BLOCK:
+                self.block_bytes -= t.size
+            else:
+                del self.presences[cid]
+        return t
 
-    def queued_bytes(self) -> int:
-        return sum(t.size for t in self.tasks.values() if t.kind == _BLOCK)
+    def clear(self) -> None:
+        self.tasks.clear()
+        self.presences.clear()
+        self._heap.clear()
+        self.block_bytes = 0
+
+    def head(self) -> _Task | None:
+        """The next block task to send, or None."""
+        heap, tasks = self._heap, self.tasks
+        while heap and tasks.get(heap[0][2].cid) is not heap[0][2]:
+            heapq.heappop(heap)
+        return heap[0][2] if heap else None
 
 
 class BitswapServer:
@@ -211,8 +233,8 @@ class BitswapServer:
         return Ledger(
             blocks_sent=led.blocks_sent, bytes_sent=led.bytes_sent, haves_sent=led.haves_sent,
             dont_haves_sent=led.dont_haves_sent, wants_refused=led.wants_refused,
-            queued_blocks=sum(1 for t in led.tasks.values() if t.kind == _BLOCK),
-            queued_bytes=led.queued_bytes(), outstanding_bytes=led.outstanding, waiting=len(led.waiting),
+            queued_blocks=len(led.tasks) - len(led.presences),
+            queued_bytes=led.block_bytes, outstanding_bytes=led.outstanding, waiting=len(led.waiting),
         )
 
     # -- wants --------------------------------------------------------------------------------
@@ -224,13 +246,12 @@ class BitswapServer:
         led.tokens = min(cfg.want_burst, led.tokens + (now - led.refilled_at) * cfg.want_rate)
         led.refilled_at = now
         if msg.full:
-            led.tasks.clear()
+            led.clear()
             led.waiting.clear()
             led.kept.clear()
-            led.changed()
         for e in msg.wants:
             if e.cancel:
-                led.tasks.pop(e.cid, None)
+                led.drop(e.cid)
                 led.waiting.pop(e.cid, None)
                 led.kept.pop(e.cid, None)
                 continue
@@ -269,7 +290,7 @@ class BitswapServer:
                     led.waiting.pop(e.cid, None)
                     led.kept.pop(e.cid, None)
             else:
-                led.tasks.pop(e.cid, None)
+                led.drop(e.cid)
                 led.waiting[e.cid] = e
                 led.kept.pop(e.cid, None)
             return
@@ -280,16 +301,15 @@ class BitswapServer:
         else:
             old = led.tasks.get(e.cid)
             if old is not None and old.kind == _BLOCK:
-                old.priority = e.priority  # a want-have does not downgrade a queued want-block
-                led.changed()
+                # a want-have does not downgrade a queued want-block; it only changes its priority
+                led.put(_Task(e.cid, _BLOCK, e.priority, old.seq, old.size, old.send_dont_have))
                 return
             self._queue(led, e, _HAVE, 0)
 
     def _queue(self, led: _PeerLedger, e: WantEntry, kind: int, size: int) -> None:
         old = led.tasks.get(e.cid)
         seq = old.seq if old is not None else self._next_seq()
-        led.tasks[e.cid] = _Task(e.cid, kind, e.priority, seq, size, e.send_dont_have)
-        led.changed()
+        led.put(_Task(e.cid, kind, e.priority, seq, size, e.send_dont_have))
         self._active[led.peer] = None
 
     def _next_seq(self) -> int:
@@ -308,21 +328,10 @@ class BitswapServer:
         """Whether a visit to this peer can make progress, and its next block task."""
         if not led.tasks:
             return False, None
-        head = None
-        presence = False
-        for t in led.ordered():  # one pass: the first block task, and whether any presence is queued
-            if t.kind == _BLOCK:
-                if head is None:
-                    head = t
-                    if presence:
-                        break
-            elif not presence:
-                presence = True
-                if head is not None:
-                    break
+        head = led.head()
         if led.outstanding >= self.config.max_outstanding_bytes and led.outstanding:
             return False, head
-        if presence:
+        if led.presences:
             return True, head
         if head is None:
             return False, None
@@ -369,23 +378,21 @@ class BitswapServer:
         size = 0
         presences: list[Presence] = []
         blocks: list[Block] = []
-        ordered = led.ordered()
-        for t in ordered:
-            if t.kind == _BLOCK:
-                continue
+        for t in list(led.presences.values()):  # oldest first
             s = t.wire
             if size + s > budget:
                 break
             presences.append(Presence(t.cid, t.kind == _HAVE))
             size += s
-            del led.tasks[t.cid]
+            led.drop(t.cid)
             if t.kind == _HAVE:
                 led.haves_sent += 1
             else:
                 led.dont_haves_sent += 1
-        for t in ordered:
-            if t.kind != _BLOCK:
-                continue
+        while True:
+            t = led.head()
+            if t is None:
+                break
             s = t.wire
             if t.size > led.deficit or size + s > budget:
                 break
@@ -397,7 +404,7 @@ class BitswapServer:
             if cfg.max_total_outstanding_bytes and total > cfg.max_total_outstanding_bytes and (
                     blocks or self._outstanding_total):
                 break
-            del led.tasks[t.cid]
+            led.drop(t.cid)
             data = self.source.get(t.cid)
             if data is None or len(data) != t.size:
                 # Gone (or changed size) since the want was queued: answer as if we never had it.
@@ -413,8 +420,7 @@ class BitswapServer:
             led.bytes_sent += t.size
         if not presences and not blocks:
             return None
-        pending = led.queued_bytes()
-        pending = min(pending, 2**31 - 1)
+        pending = min(led.block_bytes, 2**31 - 1)
         if pending:
             size += 1 + len(uvarint(pending))
         return Message(blocks=tuple(blocks), presences=tuple(presences), pending_bytes=pending), size

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from p2pcache.content.chunking import MAX_BLOCK_SIZE
 from p2pcache.exchange import ClientConfig, ServerConfig
 
 from .core import Sim
@@ -19,6 +20,7 @@ from .exchange import ArchiveFetch, BitswapNode
 from .links import Network, profile
 from .metrics import Results, percentile
 from .payload import SimBlockStore, build_artifact
+from .scenario import ScenarioError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,9 @@ __all__ = ["run_fleet"]
 async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
     p = sc.params
     rng = sim.rng_for("topology")
+    if p["payload"] == "synthetic" and not 64 <= p.get("block_size", 1 << 20) <= MAX_BLOCK_SIZE:
+        raise ScenarioError(f"block_size must be between 64 bytes and {MAX_BLOCK_SIZE >> 20} MiB, "
+                            f"the largest chunk an archive manifest admits")
     art = build_artifact(p["artifact_size"], sim.seed, p["payload"], p.get("block_size", 1 << 20))
     wire = p.get("wire", "auto")
     if wire == "auto":
@@ -138,6 +143,10 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
     results.add("runners", len(runners), "nodes", "none")
     results.add("artifact_size", art.size, "bytes", "none", blocks=art.chunks + art.manifest_blocks, **kind)
     results.add("fetch_completed", completed / max(1, len(runners)), "fraction", "higher")
+    errors = [f.error for f in fetches.values() if f.error is not None]
+    results.add("fetch_errors", len(errors), "runners", "lower", **({"first": errors[0]} if errors else {}))
+    if errors:
+        log.warning("%d runners failed; the first: %s", len(errors), errors[0])
     for q in (50, 90, 99, 100):
         results.add(f"fetch_time_p{q}", percentile(times, q), "s", "lower")
     path_latency = (seed_link.latency if seed_link else 0) + runner_link.latency

@@ -204,6 +204,7 @@ class BitswapClient:
         self._lazy_due: float | None = None  # no lazy cancel falls due before this
         # swarm mode: CIDs out of the pending queue until one of these peers (all holders busy) has room
         self._blocked: dict[PeerId, dict[CID, None]] = {}
+        self._recheck: dict[PeerId, None] = {}  # peers with CIDs still blocked on them after an unblock
         self._stats = dict.fromkeys(ClientStats.__dataclass_fields__, 0)
         # per handle() call
         self._out: list[Action] = []
@@ -399,8 +400,9 @@ class BitswapClient:
     # -- peers --------------------------------------------------------------------------------
     def _drop_peer(self, peer: PeerId) -> None:
         self._lazy.pop(peer, None)
-        self._unblock(peer)
         p = self._peers.pop(peer, None)
+        self._unblock(peer)  # gone: every CID that waited for it goes back to the queue
+        self._recheck.pop(peer, None)
         if p is None:
             return
         for cid in list(p.blocks_out):
@@ -429,13 +431,26 @@ class BitswapClient:
             self._sessions[sid].inflight -= 1
 
     def _unblock(self, peer: PeerId) -> None:
-        """`peer` has room again: the CIDs that waited for room at it are scheduled again."""
-        blocked = self._blocked.pop(peer, None)
+        """`peer` has room again: as many of the CIDs that waited for room at it as it has room for go
+        back to the queue, oldest first (all of them if it is gone). `_schedule` comes back for more
+        while it still has room, so a CID placed elsewhere does not leave its slot idle."""
+        blocked = self._blocked.get(peer)
+        if not blocked:
+            return
+        p = self._peers.get(peer)
+        room = self.config.peer_window - len(p.blocks_out) if p is not None and p.connected else len(blocked)
+        released = 0
+        while blocked and released < max(1, room):
+            cid = next(iter(blocked))
+            del blocked[cid]
+            w = self._wants.get(cid)
+            if w is not None and w.block_peer is None and cid not in self._pending and cid not in self._parked:
+                self._pending[cid] = None
+                released += 1
         if blocked:
-            for cid in blocked:
-                w = self._wants.get(cid)
-                if w is not None and w.block_peer is None and cid not in self._pending and cid not in self._parked:
-                    self._pending[cid] = None
+            self._recheck[peer] = None
+        else:
+            del self._blocked[peer]
 
     def _requeue(self, w: _Want) -> None:
         self._pending[w.cid] = None
@@ -504,6 +519,15 @@ class BitswapClient:
         return (len(p.blocks_out) + 1) * service + p.stalls * self.config.want_timeout
 
     def _schedule(self, now: float) -> None:
+        self._schedule_queue(now)
+        while self._recheck:
+            peer, _ = self._recheck.popitem()
+            p = self._peers.get(peer)
+            if p is not None and len(p.blocks_out) < self.config.peer_window and self._blocked.get(peer):
+                self._unblock(peer)
+                self._schedule_queue(now)
+
+    def _schedule_queue(self, now: float) -> None:
         cfg = self.config
         if not self._pending:
             return

@@ -109,8 +109,9 @@ class BlocksAdded:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Write `message` to `peer` (dialling it if needed). `size` is the server's estimate of the
-    encoded size, to be echoed back in `MessageSent`; the client leaves it 0."""
+    """Write `message` to `peer` (dialling it if needed). `size`, when not 0, is the encoded size of a
+    server message carrying blocks, to be echoed back in `MessageSent` once written; the client and
+    presence-only server messages leave it 0."""
 
     peer: PeerId
     message: Message

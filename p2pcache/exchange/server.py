@@ -29,8 +29,8 @@ Decisions:
 - Across peers, deficit round-robin by bytes: each visit adds `quantum` bytes of credit to a peer
   with blocks queued, and a block goes out when the credit covers it, so peers share the upload
   by bytes whatever their block sizes.
-- Per peer at most `max_outstanding_bytes` are handed to the driver and not yet acknowledged with
-  `MessageSent`, so a slow reader does not hold blocks for everyone in memory; one block is always
+- Per peer at most `max_outstanding_bytes` of messages with blocks are handed to the driver and not
+  yet acknowledged with `MessageSent` (presence-only messages are not counted and need no ack), so a slow reader does not hold blocks for everyone in memory; one block is always
   allowed when nothing is outstanding. Each message stays within `max_message_size`.
 - Across all peers at most `max_total_outstanding_bytes` of blocks are handed to the driver and not
   yet acknowledged (0 = no limit; one block always goes when nothing is outstanding). Blocks are
@@ -329,10 +329,10 @@ class BitswapServer:
         if not led.tasks:
             return False, None
         head = led.head()
+        if led.presences:
+            return True, head  # presences go whatever the block limits say; `_build` applies those
         if led.outstanding >= self.config.max_outstanding_bytes and led.outstanding:
             return False, head
-        if led.presences:
-            return True, head
         if head is None:
             return False, None
         s = head.wire
@@ -344,15 +344,21 @@ class BitswapServer:
 
     def _pump(self) -> list[Action]:
         out: list[Action] = []
-        while True:
-            progress = False
-            for peer in [peer for peer in self._active if not self._ledgers[peer].tasks]:
-                del self._active[peer]
-                self._ledgers[peer].deficit = 0
-            peers = list(self._active)
-            n = len(peers)
-            for i in range(n):
-                peer = peers[(self._cursor + i) % n]
+        for peer in [peer for peer in self._active if not self._ledgers[peer].tasks]:
+            del self._active[peer]
+            self._ledgers[peer].deficit = 0
+        peers = list(self._active)
+        n = len(peers)
+        if not n:
+            return out
+        # Rounds of deficit round-robin. A peer that cannot send in one round cannot in the next (its
+        # queue is unchanged and outstanding bytes only grow while pumping), so a round visits only the
+        # peers that made progress in the one before.
+        rnd = [peers[(self._cursor + i) % n] for i in range(n)]
+        self._cursor = (self._cursor + 1) % n
+        while rnd:
+            progressed = []
+            for peer in rnd:
                 led = self._ledgers[peer]
                 ok, head = self._can_send(led)
                 if head is None:
@@ -361,16 +367,20 @@ class BitswapServer:
                     continue
                 if head is not None:
                     led.deficit += self.config.quantum
-                progress = True
+                progressed.append(peer)
                 send = self._build(led)
                 if send is not None:
-                    out.append(Send(peer, send[0], send[1]))
-                    led.outstanding += send[1]
-                    self._outstanding_total += send[1]
-            if n:
-                self._cursor = (self._cursor + 1) % n
-            if not progress:
-                return out
+                    # Only messages carrying blocks count against the outstanding limits (and so want
+                    # a `MessageSent`): presences are a few bytes each and must not wait behind blocks.
+                    counted = send[1] if send[0].blocks else 0
+                    out.append(Send(peer, send[0], counted))
+                    led.outstanding += counted
+                    self._outstanding_total += counted
+            rnd = progressed
+        for peer in [peer for peer in self._active if not self._ledgers[peer].tasks]:
+            del self._active[peer]
+            self._ledgers[peer].deficit = 0
+        return out
 
     def _build(self, led: _PeerLedger) -> tuple[Message, int] | None:
         cfg = self.config

@@ -184,17 +184,7 @@ class SimDHT:
             await stream.write(frame(request.SerializeToString()))
             if not answer:
                 return None
-            reader = FrameReader(MAX_KAD_MESSAGE, "kad answer")
-            while True:
-                try:
-                    chunk = await stream.read(64 * 1024)
-                except EOFError:
-                    chunk = b""
-                if not chunk:
-                    reader.eof()
-                payload = reader.feed(chunk)
-                if payload is not None:
-                    break
+            payload = await _read_frame(stream, FrameReader(MAX_KAD_MESSAGE, "kad answer"))
         finally:
             with trio.CancelScope(shield=True):
                 await stream.close()
@@ -274,19 +264,9 @@ class SimDHT:
 
     async def _handle(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id
-        reader = FrameReader(MAX_KAD_MESSAGE, "kad request")
         try:
             with trio.fail_after(self.config.request_timeout):
-                while True:
-                    try:
-                        chunk = await stream.read(64 * 1024)
-                    except EOFError:
-                        chunk = b""
-                    if not chunk:
-                        reader.eof()
-                    payload = reader.feed(chunk)
-                    if payload is not None:
-                        break
+                payload = await _read_frame(stream, FrameReader(MAX_KAD_MESSAGE, "kad request"))
             request = KadMessage()
             request.ParseFromString(payload)
         except Exception as e:
@@ -325,3 +305,17 @@ class SimDHT:
         except Exception:
             return
         await stream.close()
+
+
+async def _read_frame(stream: Any, reader: Any) -> bytes:
+    """Read one length-prefixed message; `reader.eof()` raises if the stream ends before it is whole."""
+    while True:
+        try:
+            chunk = await stream.read(64 * 1024)
+        except EOFError:
+            chunk = b""
+        if not chunk:
+            reader.eof()
+        payload = reader.feed(chunk)
+        if payload is not None:
+            return payload

@@ -133,7 +133,10 @@ class BitswapNode:
         # take it from the swarm.
         self.serve_limit = serve_limit
         self._admitted: dict[CID, int] = {}
+        self._handed: dict[PeerId, set[CID]] = {}  # blocks admitted to each peer
+        self._refused: dict[CID, dict[PeerId, None]] = {}  # peers refused a block, watching it (as a server keeps a want)
         self.refused_wants = 0
+        self.readmitted = 0  # admissions given back because the peer they went to left
         self._banned: dict[PeerId, float] = {}
         self._waiting: dict[PeerId, deque[Send]] = {}  # sends waiting for a dial
         self._timer_at: float | None = None
@@ -205,6 +208,22 @@ class BitswapNode:
             return
         self._waiting.pop(peer, None)
         self._both(PeerDisconnected(peer))
+        if self.serve_limit:
+            self._readmit(peer)
+
+    def _readmit(self, peer: PeerId) -> None:
+        """Super-seeding with churn: the blocks handed to a peer that left may have left with it. Each
+        is admitted once more, and the peers refused it hear HAVE (what a server that kept their want
+        says when it can serve it), so one of them asks again and carries it on."""
+        haves: dict[PeerId, list[Presence]] = {}
+        for cid in self._handed.pop(peer, ()):
+            self._admitted[cid] -= 1
+            self.readmitted += 1
+            for watcher in self._refused.pop(cid, {}):
+                if watcher != peer and self.net.connected(self.name, watcher):
+                    haves.setdefault(watcher, []).append(Presence(cid, True))
+        for watcher, presences in haves.items():
+            self._send(Send(watcher, Message(presences=tuple(presences))))
 
     def on_message(self, peer: PeerId, payload: Any) -> None:
         if not self.alive or self._is_banned(peer):
@@ -232,16 +251,21 @@ class BitswapNode:
         keep, refuse = [], []
         for e in msg.wants:
             if e.cancel or self.store.size(e.cid) is None:
+                if e.cancel:
+                    self._refused.get(e.cid, {}).pop(peer, None)
                 keep.append(e)
                 continue
             n = self._admitted.get(e.cid, 0)
             if n >= self.serve_limit:
                 self.refused_wants += 1
+                self._refused.setdefault(e.cid, {})[peer] = None
                 if e.send_dont_have:
                     refuse.append(Presence(e.cid, False))
                 continue
             if e.want_type == WantType.BLOCK:
                 self._admitted[e.cid] = n + 1
+                self._handed.setdefault(peer, set()).add(e.cid)
+                self._refused.get(e.cid, {}).pop(peer, None)
             keep.append(e)
         if refuse:
             self._send(Send(peer, Message(presences=tuple(refuse))))

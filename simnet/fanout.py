@@ -70,10 +70,11 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
 
     fetches: dict[str, ArchiveFetch] = {}
     done: list[str] = []
+    left: set[str] = set()  # runners that left during the run (a `leave` phase)
 
     def finished(f: ArchiveFetch) -> None:
         done.append(f.node.name)
-        if len(done) == len(runners):
+        if len(done) + len(left) >= len(runners):
             sim.stop()
 
     def start_fetches() -> None:
@@ -83,6 +84,8 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
             sim.after(delay, start_one, r)
 
     def start_one(r: str) -> None:
+        if r in left:
+            return
         fetches[r] = ArchiveFetch(nodes[r], art.root, providers=tuple(seeds), window=int(p["window"]),
                                   order=p["order"], rng=sim.rng_for(f"order/{r}"),
                                   retry_after=float(p.get("retry_after", 5.0)), on_done=finished)
@@ -98,10 +101,10 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
 
     def sample() -> None:
         timeline.append((sim.now(), runner_blocks()))
-        if len(timeline) % 10 == 0:
+        if len(timeline) % 20 == 0:
             log.info("t=%.1f s: %d of %d runners done, %.1f %% of blocks stored", sim.now(), len(done),
                      len(runners), 100 * timeline[-1][1] / max(1, wanted_blocks))
-        if len(done) < len(runners):
+        if len(done) + len(left) < len(runners):
             sim.after(float(p.get("sample_every", 0.5)), sample)
 
     for phase in sc.phases:
@@ -129,8 +132,23 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
                 stored_at["seed_sent_heal"] = sum(net.counters(s)["bytes_sent"] for s in seeds)
                 net.heal()
             sim.at(heal_at, heal)
+        elif action == "leave":
+            share = float(phase.get("fraction", 0.1))
+
+            def churn(share=share) -> None:
+                # Runners still fetching leave: their links and everything they held go with them.
+                active = [r for r in runners if r not in left and (r not in fetches or fetches[r].done_at is None)]
+                going = rng.sample(active, min(len(active), round(share * len(runners))))
+                log.info("t=%.3f %d runners leave", sim.now(), len(going))
+                for r in going:
+                    left.add(r)
+                    nodes[r].leave()
+                    net.remove(r)
+                if len(done) + len(left & set(fetches)) >= len(runners):
+                    sim.stop()
+            sim.at(at, churn)
         else:
-            raise ValueError(f"fleet scenarios have phases fetch and partition, not {action!r}")
+            raise ValueError(f"fleet scenarios have phases fetch, partition and leave, not {action!r}")
     sim.at(0.0, sample)
     await sim.run(until=float(p.get("time_limit", 3600.0)))
 
@@ -142,7 +160,10 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
     kind = {"payload": art.payload, "wire": wire}
     results.add("runners", len(runners), "nodes", "none")
     results.add("artifact_size", art.size, "bytes", "none", blocks=art.chunks + art.manifest_blocks, **kind)
-    results.add("fetch_completed", completed / max(1, len(runners)), "fraction", "higher")
+    staying = len(runners) - len(left)
+    results.add("fetch_completed", completed / max(1, staying), "fraction", "higher",
+                note="of the runners that stayed")
+    results.add("runners_left", len(left), "nodes", "none")
     errors = [f.error for f in fetches.values() if f.error is not None]
     results.add("fetch_errors", len(errors), "runners", "lower", **({"first": errors[0]} if errors else {}))
     if errors:
@@ -162,6 +183,8 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
     seed_sent = sum(net.counters(s)["bytes_sent"] for s in seeds)
     results.add("seed_bytes_sent", seed_sent, "bytes", "lower")
     results.add("seed_wants_refused", sum(nodes[s].refused_wants for s in seeds), "wants", "none")
+    results.add("seed_blocks_readmitted", sum(nodes[s].readmitted for s in seeds), "blocks", "none",
+                note="super-seeding: blocks handed to a runner that left, handed out once more")
     results.add("seed_upload_copies", seed_sent / art.size if art.size else 0, "artifacts", "lower")
     alive = net.nodes()
     results.add("bytes_sent", sum(net.counters(n)["bytes_sent"] for n in alive), "bytes", "none")

@@ -136,6 +136,18 @@ def test_swarm_mode_fanout_beats_blind_asking_with_fewer_messages():
     assert swarm.value("p99_over_central_server") < 0.2
 
 
+def test_runners_leaving_mid_fetch_take_their_blocks_and_the_rest_still_complete():
+    results, series = run_scenario(str(SCENARIOS / "fleet-fanout.toml"), seed=2, overrides={
+        "runners": "40", "artifact_size": "64MiB", "leave_fraction": "0.25", "leave_at": "0.3s",
+        "time_limit": "60s"})
+    assert results.value("runners_left") == 10
+    assert results.value("fetch_completed") == 1.0 and len(series["times"]) == 30
+    # Some blocks had gone to leaving runners only: the seed handed those out again.
+    assert results.value("seed_blocks_readmitted") > 0
+    assert 1.0 < results.value("seed_upload_copies") < 1.5
+    assert max(series["times"]) < 30  # recovered by HAVE from the seed, not by timeouts (dont_have_wait is 30 s)
+
+
 def test_partition_stops_transfers_and_healing_resumes_them():
     results, series = run_scenario(str(SCENARIOS / "partition-heal.toml"), seed=5, overrides={
         "runners": "8", "artifact_size": "16MiB", "degree": "0", "partition_for": "15s"})

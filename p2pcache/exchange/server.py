@@ -137,7 +137,7 @@ class _Task:
 
 
 class _PeerLedger:
-    __slots__ = ("peer", "tasks", "presences", "_heap", "block_bytes", "waiting", "kept", "outstanding", "deficit",
+    __slots__ = ("peer", "tasks", "presences", "_heap", "block_bytes", "waiting", "kept", "outstanding", "deficit", "served",
                  "tokens", "refilled_at", "blocks_sent", "bytes_sent", "haves_sent", "dont_haves_sent",
                  "wants_refused")
 
@@ -153,6 +153,7 @@ class _PeerLedger:
         self.kept: dict[CID, None] = {}  # waiting wants already answered DONT_HAVE, oldest first
         self.outstanding = 0
         self.deficit = 0
+        self.served = 0  # when a block last went to it (a server sequence number), for fairness
         self.tokens = burst
         self.refilled_at = now
         self.blocks_sent = self.bytes_sent = self.haves_sent = self.dont_haves_sent = self.wants_refused = 0
@@ -199,6 +200,11 @@ class BitswapServer:
         # Ledgers with tasks queued, in the order they got them: the round-robin ring. Visiting only
         # these keeps a step's cost independent of how many idle peers are connected.
         self._active: dict[PeerId, None] = {}
+        # Peers whose next block waits only for room under `max_total_outstanding_bytes`, out of the
+        # ring (a seed with hundreds of waiting peers must not visit them all on every event), in a
+        # heap by block size: when acknowledgements make room, the ones that fit come back.
+        self._capped: dict[PeerId, int] = {}  # peer -> seq of its live heap entry
+        self._cap_heap: list[tuple[int, int, int, PeerId]] = []  # (block size, last served, seq, peer)
         self._cursor = 0
         self._seq = 0
         self._outstanding_total = 0
@@ -218,6 +224,7 @@ class BitswapServer:
             if led is not None:
                 self._outstanding_total -= led.outstanding
             self._active.pop(event.peer, None)
+            self._capped.pop(event.peer, None)
         elif isinstance(event, BlocksAdded):
             self._on_blocks_added(event.cids)
         elif isinstance(event, (PeerConnected, Tick, Want, AddProviders, CloseSession)):
@@ -311,6 +318,7 @@ class BitswapServer:
         seq = old.seq if old is not None else self._next_seq()
         led.put(_Task(e.cid, kind, e.priority, seq, size, e.send_dont_have))
         self._active[led.peer] = None
+        self._capped.pop(led.peer, None)  # its head may have changed, or it has presences now
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -324,26 +332,47 @@ class BitswapServer:
                     self._consider(led, e)
 
     # -- sending ------------------------------------------------------------------------------
-    def _can_send(self, led: _PeerLedger) -> tuple[bool, _Task | None]:
-        """Whether a visit to this peer can make progress, and its next block task."""
+    def _can_send(self, led: _PeerLedger) -> tuple[bool, _Task | None, bool]:
+        """Whether a visit to this peer can make progress, its next block task, and whether only the
+        total outstanding limit holds that block back."""
         if not led.tasks:
-            return False, None
+            return False, None, False
         head = led.head()
         if led.presences:
-            return True, head  # presences go whatever the block limits say; `_build` applies those
+            return True, head, False  # presences go whatever the block limits say; `_build` applies those
         if led.outstanding >= self.config.max_outstanding_bytes and led.outstanding:
-            return False, head
+            return False, head, False
         if head is None:
-            return False, None
+            return False, None, False
         s = head.wire
-        fits = led.outstanding == 0 or led.outstanding + s <= self.config.max_outstanding_bytes
+        if not (led.outstanding == 0 or led.outstanding + s <= self.config.max_outstanding_bytes):
+            return False, head, False
         cap = self.config.max_total_outstanding_bytes
         if cap and self._outstanding_total and self._outstanding_total + s > cap:
-            fits = False
-        return fits, head
+            return False, head, True
+        return True, head, False
+
+    def _uncap(self) -> list[PeerId]:
+        """Peers whose waiting block fits under the total limit now rejoin the ring; returned in the
+        order they go first: smallest block, then the one served longest ago."""
+        heap, cap = self._cap_heap, self.config.max_total_outstanding_bytes
+        back: list[PeerId] = []
+        while heap:
+            size, _, seq, peer = heap[0]
+            if self._capped.get(peer) != seq:
+                heapq.heappop(heap)  # stale: it rejoined the ring already, or left
+            elif not self._outstanding_total or self._outstanding_total + size <= cap:
+                heapq.heappop(heap)
+                del self._capped[peer]
+                self._active[peer] = None
+                back.append(peer)
+            else:
+                break
+        return back
 
     def _pump(self) -> list[Action]:
         out: list[Action] = []
+        back = self._uncap() if self._cap_heap else []
         for peer in [peer for peer in self._active if not self._ledgers[peer].tasks]:
             del self._active[peer]
             self._ledgers[peer].deficit = 0
@@ -356,13 +385,21 @@ class BitswapServer:
         # peers that made progress in the one before.
         rnd = [peers[(self._cursor + i) % n] for i in range(n)]
         self._cursor = (self._cursor + 1) % n
+        if back:  # they waited for room: they go first
+            first = set(back)
+            rnd = [peer for peer in back if peer in self._active] + [peer for peer in rnd if peer not in first]
         while rnd:
             progressed = []
             for peer in rnd:
                 led = self._ledgers[peer]
-                ok, head = self._can_send(led)
+                ok, head, capped = self._can_send(led)
                 if head is None:
                     led.deficit = 0
+                if capped:
+                    del self._active[peer]
+                    seq = self._next_seq()
+                    self._capped[peer] = seq
+                    heapq.heappush(self._cap_heap, (head.wire, led.served, seq, peer))
                 if not ok:
                     continue
                 if head is not None:
@@ -373,6 +410,8 @@ class BitswapServer:
                     # Only messages carrying blocks count against the outstanding limits (and so want
                     # a `MessageSent`): presences are a few bytes each and must not wait behind blocks.
                     counted = send[1] if send[0].blocks else 0
+                    if counted:
+                        led.served = self._next_seq()
                     out.append(Send(peer, send[0], counted))
                     led.outstanding += counted
                     self._outstanding_total += counted

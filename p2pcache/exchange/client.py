@@ -34,6 +34,16 @@ How a CID is fetched (after boxo's session design, simplified):
   seconds, then fails. `dont_have_wait = 0` fails at once, which suits the usual case of asking for
   something the swarm does not have (the caller falls back to the origin quickly); a fleet fetching
   one artifact at once, where a busy seed refuses and peers get blocks moments later, wants a wait.
+- Swarm mode (`want_block_unproven=False`), for fleets fetching one artifact at once where most peers
+  lack most blocks: want-block goes only to a peer that said HAVE for the CID or is a provider of its
+  session; `have_fanout` connected peers (in rotation over all of them) are asked want-have without
+  send-dont-have, so each keeps the want and says HAVE when the block reaches it, and the CID parks
+  until a HAVE comes (up to `dont_have_wait`). A CID whose holders all have `peer_window` want-blocks
+  outstanding waits off the queue until one of them has room. Every CID wanted at once is watched at
+  up to `have_fanout` peers: set `peer_have_window` to the number of CIDs wanted at once or more.
+- Cancels of want-haves and DONT_HAVE watches may wait `cancel_delay` to ride with the next message
+  to that peer (the peer can only answer them with a small presence meanwhile); cancels of
+  want-blocks always go at once, so no block is sent twice.
 - When the block arrives it is delivered to every session that wants it and cancels go to every other
   peer that holds its want: asked and not yet answered, or watching after a DONT_HAVE. Blocks for
   CIDs already done are counted as duplicates.
@@ -664,7 +674,9 @@ class BitswapClient:
         chosen = (ring[start:] + ring[:start])[: cfg.have_fanout]
         self._rotation = start + len(chosen)
         for peer in chosen:
-            self._ask_have(w, peer)
+            # No DONT_HAVE asked for: the peer keeps the want and says HAVE once it has the block,
+            # which is all a parked CID waits for; a DONT_HAVE per peer and CID would only cost messages.
+            self._ask_have(w, peer, send_dont_have=False)
 
     def _pending_in_order(self):
         """Pending CIDs front to back, while the caller removes some of them, without copying the
@@ -741,13 +753,13 @@ class BitswapClient:
             w.cid, WantType.BLOCK, w.priority, send_dont_have=True
         )
 
-    def _ask_have(self, w: _Want, peer: PeerId) -> None:
+    def _ask_have(self, w: _Want, peer: PeerId, send_dont_have: bool = True) -> None:
         w.have_asked[peer] = None
         self._peers[peer].haves_out.add(w.cid)
         self._stats["want_haves_sent"] += 1
         self._unlazy(peer, w.cid)
         self._outbox.setdefault(peer, {})[w.cid] = WantEntry(
-            w.cid, WantType.HAVE, w.priority, send_dont_have=True
+            w.cid, WantType.HAVE, w.priority, send_dont_have=send_dont_have
         )
 
     def _unlazy(self, peer: PeerId, cid: CID) -> None:

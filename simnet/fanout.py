@@ -139,7 +139,8 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
                 # Runners still fetching leave: their links and everything they held go with them.
                 active = [r for r in runners if r not in left and (r not in fetches or fetches[r].done_at is None)]
                 going = rng.sample(active, min(len(active), round(share * len(runners))))
-                log.info("t=%.3f %d runners leave", sim.now(), len(going))
+                if going:
+                    log.info("t=%.3f %d runners leave", sim.now(), len(going))
                 for r in going:
                     left.add(r)
                     nodes[r].leave()

@@ -901,3 +901,24 @@ def test_lazy_cancels_wait_for_a_message_or_their_due_time():
     assert len(with_b) == 1 and sorted((w.cid == b, w.cancel) for w in with_b[0].wants) == [(False, True), (True, False)]
     net.run()  # b comes from p; its cancel at x goes when due: x is left watching nothing
     assert ("s3", b) in net.nodes["c"].delivered and x.server.ledger("c").waiting == 0
+
+
+def test_server_requeued_want_block_with_the_same_priority_is_served_once():
+    # A want-block repeated (or raised by a want-have) before it is served replaces its queued task
+    # with one of equal priority and arrival number; the block still goes out once.
+    blocks = make_blocks(3, size=1000)
+    cids = list(blocks)
+    server = BitswapServer(DictSource(blocks), ServerConfig(max_outstanding_bytes=1500))
+    out = server.handle(MessageReceived("a", Message(wants=tuple(WantEntry(c, priority=5) for c in cids))), 0)
+    for _ in range(3):
+        out += server.handle(MessageReceived("a", Message(wants=(WantEntry(cids[2], priority=5),
+                                                                 WantEntry(cids[2], WantType.HAVE, 5)))), 0)
+    while out:
+        more = []
+        for a in out:
+            if a.size:
+                more += server.handle(MessageSent("a", a.size), 1)
+        sent = [b.cid for a in out for b in a.message.blocks]
+        out = more
+        assert len(sent) == len(set(sent))
+    assert server.ledger("a").blocks_sent == 3 and server.ledger("a").queued_blocks == 0

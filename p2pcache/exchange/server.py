@@ -137,7 +137,7 @@ class _Task:
 
 
 class _PeerLedger:
-    __slots__ = ("peer", "tasks", "presences", "_heap", "block_bytes", "waiting", "kept", "outstanding", "deficit", "served",
+    __slots__ = ("peer", "tasks", "presences", "_heap", "_pushes", "block_bytes", "waiting", "kept", "outstanding", "deficit", "served",
                  "tokens", "refilled_at", "blocks_sent", "bytes_sent", "haves_sent", "dont_haves_sent",
                  "wants_refused")
 
@@ -147,7 +147,8 @@ class _PeerLedger:
         self.presences: dict[CID, _Task] = {}  # the HAVE / DONT_HAVE tasks among them, oldest first
         # block tasks by (priority desc, arrival): a heap whose entries go stale when their task is
         # dropped or replaced, skipped when they reach the top
-        self._heap: list[tuple[int, int, _Task]] = []
+        self._heap: list[tuple[int, int, int, _Task]] = []  # (-priority, seq, push number, task)
+        self._pushes = 0  # a task replaced by one with the same priority and seq must not tie
         self.block_bytes = 0  # bytes of the queued block tasks
         self.waiting: dict[CID, WantEntry] = {}
         self.kept: dict[CID, None] = {}  # waiting wants already answered DONT_HAVE, oldest first
@@ -162,7 +163,8 @@ class _PeerLedger:
         self.drop(task.cid)
         self.tasks[task.cid] = task
         if task.kind == _BLOCK:
-            heapq.heappush(self._heap, (-task.priority, task.seq, task))
+            self._pushes += 1
+            heapq.heappush(self._heap, (-task.priority, task.seq, self._pushes, task))
             self.block_bytes += task.size
         else:
             self.presences[task.cid] = task
@@ -185,9 +187,9 @@ class _PeerLedger:
     def head(self) -> _Task | None:
         """The next block task to send, or None."""
         heap, tasks = self._heap, self.tasks
-        while heap and tasks.get(heap[0][2].cid) is not heap[0][2]:
+        while heap and tasks.get(heap[0][3].cid) is not heap[0][3]:
             heapq.heappop(heap)
-        return heap[0][2] if heap else None
+        return heap[0][3] if heap else None
 
 
 class BitswapServer:

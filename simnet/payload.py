@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass, field
 
 from p2pcache.content.chunking import ChunkerParams, chunk_buffers
-from p2pcache.content.cid import CID, DAG_CBOR, RAW
+from p2pcache.content.cid import CID, RAW
 from p2pcache.content.manifest import ManifestBuilder
 
 __all__ = ["Artifact", "SimBlockStore", "SyntheticData", "build_artifact", "cid_of"]

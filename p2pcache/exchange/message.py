@@ -105,22 +105,43 @@ def _len_field(n: int) -> int:
 
 def block_wire_size(cid: CID, data_len: int) -> int:
     """Exact bytes one payload entry adds to an encoded message."""
-    inner = _len_field(len(cid.prefix())) + (_len_field(data_len) if data_len else 0)
-    return _len_field(inner)
+    key = (len(cid.prefix()), data_len)
+    size = _BLOCK_SIZES.get(key)
+    if size is None:
+        inner = _len_field(key[0]) + (_len_field(data_len) if data_len else 0)
+        size = _len_field(inner)
+        if len(_BLOCK_SIZES) < 65536:  # bounded: block sizes vary, CID prefixes hardly
+            _BLOCK_SIZES[key] = size
+    return size
 
 
 def presence_wire_size(cid: CID, have: bool) -> int:
-    inner = _len_field(len(cid.buffer)) + (0 if have else 2)
-    return _len_field(inner)
+    key = (len(cid.buffer), have)
+    size = _PRESENCE_SIZES.get(key)
+    if size is None:
+        size = _PRESENCE_SIZES[key] = _len_field(_len_field(key[0]) + (0 if have else 2))
+    return size
 
 
 def want_wire_size(entry: WantEntry) -> int:
     """Bytes one wantlist entry adds, not counting the wantlist field's own header (a few bytes)."""
-    inner = _len_field(len(entry.cid.buffer))
-    if entry.priority:
-        inner += 1 + _varint_len(entry.priority & 0xFFFFFFFFFFFFFFFF)
-    inner += 2 * bool(entry.cancel) + 2 * bool(entry.want_type) + 2 * bool(entry.send_dont_have)
-    return _len_field(inner)
+    priority = entry.priority & 0xFFFFFFFFFFFFFFFF
+    # the priority counts only by its varint length (0 = field absent)
+    key = (len(entry.cid.buffer), priority.bit_length(), entry.cancel, entry.want_type, entry.send_dont_have)
+    size = _WANT_SIZES.get(key)
+    if size is None:
+        inner = _len_field(key[0])
+        if priority:
+            inner += 1 + _varint_len(priority)
+        inner += 2 * bool(entry.cancel) + 2 * bool(entry.want_type) + 2 * bool(entry.send_dont_have)
+        size = _WANT_SIZES[key] = _len_field(inner)
+    return size
+
+
+# Wire sizes depend on a few small numbers only; they are asked for once per entry on hot paths.
+_BLOCK_SIZES: dict[tuple[int, int], int] = {}
+_PRESENCE_SIZES: dict[tuple[int, bool], int] = {}
+_WANT_SIZES: dict[tuple, int] = {}  # small: CID lengths x 65 priority lengths x flags
 
 
 # -- encoding ------------------------------------------------------------------------------------

@@ -72,9 +72,13 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
     done: list[str] = []
     left: set[str] = set()  # runners that left during the run (a `leave` phase)
 
+    def settled() -> bool:
+        """Every runner finished or left (the two never overlap: only runners still fetching leave)."""
+        return len(done) + len(left) >= len(runners)
+
     def finished(f: ArchiveFetch) -> None:
         done.append(f.node.name)
-        if len(done) + len(left) >= len(runners):
+        if settled():
             sim.stop()
 
     def start_fetches() -> None:
@@ -104,7 +108,7 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
         if len(timeline) % 20 == 0:
             log.info("t=%.1f s: %d of %d runners done, %.1f %% of blocks stored", sim.now(), len(done),
                      len(runners), 100 * timeline[-1][1] / max(1, wanted_blocks))
-        if len(done) + len(left) < len(runners):
+        if not settled():
             sim.after(float(p.get("sample_every", 0.5)), sample)
 
     for phase in sc.phases:
@@ -145,7 +149,7 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
                     left.add(r)
                     nodes[r].leave()
                     net.remove(r)
-                if len(done) + len(left & set(fetches)) >= len(runners):
+                if settled():
                     sim.stop()
             sim.at(at, churn)
         else:

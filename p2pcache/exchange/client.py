@@ -412,7 +412,6 @@ class BitswapClient:
         self._lazy.pop(peer, None)
         p = self._peers.pop(peer, None)
         self._unblock(peer)  # gone: every CID that waited for it goes back to the queue
-        self._recheck.pop(peer, None)
         if p is None:
             return
         for cid in list(p.blocks_out):
@@ -503,12 +502,8 @@ class BitswapClient:
             pending.setdefault(cid, due)
             if self._lazy_due is None or due < self._lazy_due:
                 self._lazy_due = due
-            if len(pending) < 256:
-                return
-            del self._lazy[peer]
-            box = self._outbox.setdefault(peer, {})
-            for c in pending:
-                box[c] = WantEntry(c, cancel=True)
+            if len(pending) >= 256:
+                self._send_lazy(peer)
             return
         self._outbox.setdefault(peer, {})[cid] = WantEntry(cid, cancel=True)
 
@@ -560,10 +555,9 @@ class BitswapClient:
             if not cfg.want_block_unproven:
                 best = self._place_swarm(w, now)
                 if best is not None:
-                    if len(self._peers[best].blocks_out) >= cfg.peer_window:
-                        open_peers -= 1
-                    open_sessions -= sum(1 for sid in w.sessions
-                                         if self._sessions[sid].inflight == cfg.session_window)
+                    filled_peer, filled_sessions = self._windows_filled(w, best)
+                    open_peers -= filled_peer
+                    open_sessions -= filled_sessions
                 continue
             candidates = self._candidates(w)
             usable = [peer for peer in candidates if peer not in w.dont_haves]
@@ -595,9 +589,9 @@ class BitswapClient:
                 ),
             )
             self._ask_block(w, best, now)
-            if len(self._peers[best].blocks_out) >= cfg.peer_window:
-                open_peers -= 1
-            open_sessions -= sum(1 for sid in w.sessions if self._sessions[sid].inflight == cfg.session_window)
+            filled_peer, filled_sessions = self._windows_filled(w, best)
+            open_peers -= filled_peer
+            open_sessions -= filled_sessions
             if w.attempts == 1 and cfg.have_fanout:
                 others = sorted(
                     (peer for peer in usable if peer != best and peer not in w.have_asked
@@ -607,6 +601,13 @@ class BitswapClient:
                 )
                 for peer in others[: cfg.have_fanout]:
                     self._ask_have(w, peer)
+
+    def _windows_filled(self, w: _Want, peer: PeerId) -> tuple[int, int]:
+        """After a want-block to `peer` for `w`: whether that filled the peer's window, and how many
+        of `w`'s sessions it filled."""
+        cfg = self.config
+        return (int(len(self._peers[peer].blocks_out) >= cfg.peer_window),
+                sum(1 for sid in w.sessions if self._sessions[sid].inflight == cfg.session_window))
 
     def _place_swarm(self, w: _Want, now: float) -> PeerId | None:
         """Swarm mode: want-block to the best peer that said HAVE or is a provider; on the first ask,
@@ -710,8 +711,7 @@ class BitswapClient:
     def _unpark_all(self) -> None:
         """A peer appeared: parked wants may have a candidate that has not said DONT_HAVE."""
         for w in self._parked.values():
-            self._pending[w.cid] = None
-            self._pending.move_to_end(w.cid, last=False)
+            self._requeue(w)
         self._parked.clear()  # parked_since stays: a re-park does not restart the wait
 
     def _unstall(self) -> None:
@@ -767,6 +767,12 @@ class BitswapClient:
         if lazy and lazy.pop(cid, None) is not None and not lazy:
             del self._lazy[peer]
 
+    def _send_lazy(self, peer: PeerId) -> None:
+        """Put `peer`'s waiting cancels into this step's message to it."""
+        box = self._outbox.setdefault(peer, {})
+        for cid in self._lazy.pop(peer):
+            box.setdefault(cid, WantEntry(cid, cancel=True))
+
     def _flush_lazy(self, now: float) -> float | None:
         """Lazy cancels ride with a message going to their peer anyway; the rest go out when due (or
         when a peer has 256 of them, in `_cancel`). Returns when the next one falls due."""
@@ -776,10 +782,7 @@ class BitswapClient:
             lazy = self._lazy[peer]
             # dicts keep insertion order and every due is insertion time + cancel_delay
             if peer in self._outbox or next(iter(lazy.values())) <= now:
-                box = self._outbox.setdefault(peer, {})
-                for cid in lazy:
-                    box.setdefault(cid, WantEntry(cid, cancel=True))
-                del self._lazy[peer]
+                self._send_lazy(peer)
         if due_now:
             self._lazy_due = min((next(iter(lazy.values())) for lazy in self._lazy.values()), default=None)
         return self._lazy_due

@@ -375,9 +375,7 @@ class BitswapServer:
     def _pump(self) -> list[Action]:
         out: list[Action] = []
         back = self._uncap() if self._cap_heap else []
-        for peer in [peer for peer in self._active if not self._ledgers[peer].tasks]:
-            del self._active[peer]
-            self._ledgers[peer].deficit = 0
+        self._drop_idle()
         peers = list(self._active)
         n = len(peers)
         if not n:
@@ -418,10 +416,13 @@ class BitswapServer:
                     led.outstanding += counted
                     self._outstanding_total += counted
             rnd = progressed
+        self._drop_idle()  # so a peer that gets tasks again joins the ring at its end
+        return out
+
+    def _drop_idle(self) -> None:
         for peer in [peer for peer in self._active if not self._ledgers[peer].tasks]:
             del self._active[peer]
             self._ledgers[peer].deficit = 0
-        return out
 
     def _build(self, led: _PeerLedger) -> tuple[Message, int] | None:
         cfg = self.config

@@ -259,6 +259,9 @@ def cmd_gc(args: argparse.Namespace, out: Output) -> int:
     text = (f"removed {len(report.roots_removed)} roots, {report.blocks_removed} blocks "
             f"({human(report.bytes_freed)}), {report.garbage_files_removed} garbage files; "
             f"{human(report.bytes_after)} stored")
+    if report.disk_bytes_after:
+        text += (f", {human(report.disk_bytes_after)} of pack files ({report.packs_compacted} packs compacted, "
+                 f"{human(report.disk_bytes_reclaimed)} given back)")
     if report.over_quota:
         text += f" — still over {human(args.max_size)}: pinned roots hold the rest"
     out.emit(report.to_json(), text)
@@ -281,6 +284,25 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     out.emit(report.to_json(), text)
     if not report.consistent and not args.repair:
         return 4
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
+    """Convert a format-1 repo (file per block) to pack files in place; resumable after any interruption."""
+    from .store.migrate import migrate
+
+    def progress(done: int, total: int) -> None:
+        if not args.json:
+            print(f"migrated {done}/{total} blocks", file=sys.stderr, flush=True)
+
+    report = migrate(_repo_path(args), progress=progress)
+    if report.from_version == "2":
+        text = f"repo {_repo_path(args)} is already format 2; nothing to do"
+    else:
+        text = (f"migrated {report.blocks_moved} blocks ({human(report.bytes_moved)}) into pack files"
+                + (f"; dropped {report.blocks_dropped} corrupt or missing blocks (their archives are marked "
+                   "incomplete)" if report.blocks_dropped else ""))
+    out.emit(report.to_json(), text)
     return 0
 
 
@@ -522,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-size", type=parse_size, metavar="SIZE", help="quota for stored blocks, e.g. 10G")
     sp = add("verify", cmd_verify, "re-hash every block and check the index")
     sp.add_argument("--repair", action="store_true", help="drop corrupt blocks, mark their roots incomplete")
+    add("migrate", cmd_migrate, "convert a format-1 repo (one file per block) to pack files, in place")
     sp = add("daemon", cmd_daemon, "run the node: swarm, DHT, bitswap, local API (holds the repo)")
     sp.add_argument("--listen", action="append", metavar="MULTIADDR",
                     help="libp2p listen address (repeatable; default from config.toml)")

@@ -1,8 +1,10 @@
-"""The repo's SQLite index (stdlib sqlite3, WAL): which blocks are stored and trusted, which roots exist,
-the key aliases that resolve to them, pins, last access and per-block reference counts.
+"""The repo's SQLite index (stdlib sqlite3, WAL): which blocks are stored and trusted and where their bytes
+are, which roots exist, the key aliases that resolve to them, pins, last access and per-block reference counts.
 
-A block row means "this block file was written, flushed to disk and verified"; `refs` counts the roots
-that use it. A root row with `complete = 0` is a root some of whose blocks went missing or corrupt.
+A block row means "this block's bytes were verified against its CID, appended to a pack and flushed to disk";
+(pack, offset, size, crc) say where they are (see blockstore.py) and `refs` counts the roots that use it. A
+format-1 row being migrated has pack NULL (its bytes are still a file under blocks/). A root row with
+`complete = 0` is a root some of whose blocks went missing or corrupt.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 from ..content.cid import CID
+from .blockstore import Location
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (
     cid BLOB PRIMARY KEY,
     size INTEGER NOT NULL,
-    refs INTEGER NOT NULL DEFAULT 0
+    refs INTEGER NOT NULL DEFAULT 0,
+    pack INTEGER,
+    offset INTEGER,
+    crc INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS roots (
     root BLOB PRIMARY KEY,
@@ -32,7 +38,8 @@ CREATE TABLE IF NOT EXISTS roots (
     added REAL NOT NULL,
     last_access REAL NOT NULL,
     pinned INTEGER NOT NULL DEFAULT 0,
-    complete INTEGER NOT NULL DEFAULT 1
+    complete INTEGER NOT NULL DEFAULT 1,
+    verified INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS roots_lru ON roots(pinned, last_access);
 CREATE TABLE IF NOT EXISTS aliases (
@@ -107,6 +114,19 @@ class Index:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = FULL")
             self.db.executescript(SCHEMA)
+            self._upgrade_blocks_table()
+
+    def _upgrade_blocks_table(self) -> None:
+        """A format-1 index (being migrated) lacks the location columns: add them (NULL = still a file)."""
+        cols = {row[1] for row in self.db.execute("PRAGMA table_info(blocks)")}
+        for col in ("pack", "offset", "crc"):
+            if col not in cols:
+                self.db.execute(f"ALTER TABLE blocks ADD COLUMN {col} INTEGER")
+        self.db.execute("CREATE INDEX IF NOT EXISTS blocks_pack ON blocks(pack, offset)")
+        # roots.verified: 1 once the whole archive/NAR hash was checked in this repo (format 1 had no such flag:
+        # its roots are checked again on their first read).
+        if "verified" not in {row[1] for row in self.db.execute("PRAGMA table_info(roots)")}:
+            self.db.execute("ALTER TABLE roots ADD COLUMN verified INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -163,11 +183,71 @@ class Index:
         row = self.db.execute("SELECT size FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone()
         return row[0] if row else None
 
-    def put_blocks(self, blocks: Iterable[tuple[CID, int]]) -> None:
+    def put_blocks(self, blocks: Iterable[tuple[CID, Location]]) -> None:
+        """Record appended blocks; a block that already has a row keeps it (its bytes are the same)."""
         self.db.executemany(
-            "INSERT INTO blocks(cid, size, refs) VALUES (?, ?, 0) ON CONFLICT(cid) DO NOTHING",
-            ((c.buffer, s) for c, s in blocks),
+            "INSERT INTO blocks(cid, size, refs, pack, offset, crc) VALUES (?, ?, 0, ?, ?, ?) "
+            "ON CONFLICT(cid) DO NOTHING",
+            ((c.buffer, loc.size, loc.pack, loc.offset, loc.crc) for c, loc in blocks),
         )
+
+    def locate(self, cid: CID) -> Location | None:
+        row = self.db.execute("SELECT pack, offset, size, crc FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone()
+        return Location(*row) if row and row[0] is not None else None
+
+    def locate_many(self, cids: list[CID]) -> dict[bytes, Location]:
+        """Locations of those of `cids` the index holds; one query per 500."""
+        out: dict[bytes, Location] = {}
+        for i in range(0, len(cids), 500):
+            part = [c.buffer for c in cids[i : i + 500]]
+            marks = ",".join("?" * len(part))
+            for c, p, o, n, crc in self.db.execute(
+                    f"SELECT cid, pack, offset, size, crc FROM blocks WHERE cid IN ({marks})", part):
+                if p is not None:
+                    out[c] = Location(p, o, n, crc)
+        return out
+
+    def set_locations(self, rows: Iterable[tuple[CID, Location]], from_pack: int | None = None) -> None:
+        """Point blocks at new bytes: migrated files (from_pack None: rows still without a pack) or records a
+        compaction copied out of `from_pack` (rows that moved or went meanwhile are left alone)."""
+        if from_pack is None:
+            self.db.executemany("UPDATE blocks SET pack = ?, offset = ?, crc = ? WHERE cid = ? AND pack IS NULL",
+                                ((loc.pack, loc.offset, loc.crc, c.buffer) for c, loc in rows))
+        else:
+            self.db.executemany("UPDATE blocks SET pack = ?, offset = ?, crc = ? WHERE cid = ? AND pack = ?",
+                                ((loc.pack, loc.offset, loc.crc, c.buffer, from_pack) for c, loc in rows))
+
+    def blocks_in_pack(self, pack: int) -> list[tuple[CID, Location]]:
+        return [(CID(c), Location(pack, o, n, crc)) for c, o, n, crc in self.db.execute(
+            "SELECT cid, offset, size, crc FROM blocks WHERE pack = ? ORDER BY offset", (pack,))]
+
+    def iter_locations(self, batch: int = 4096) -> Iterator[list[tuple[CID, Location]]]:
+        """Every located block in pack order, in lists of up to `batch` (keyset pagination: bounded memory)."""
+        last = (-1, -1)
+        while True:
+            rows = self.db.execute(
+                "SELECT cid, pack, offset, size, crc FROM blocks WHERE pack IS NOT NULL AND (pack, offset) > (?, ?) "
+                "ORDER BY pack, offset LIMIT ?", (*last, batch)).fetchall()
+            if not rows:
+                return
+            yield [(CID(c), Location(p, o, n, crc)) for c, p, o, n, crc in rows]
+            last = (rows[-1][1], rows[-1][2])
+
+    def pack_usage(self) -> dict[int, int]:
+        """Live bytes per pack."""
+        return dict(self.db.execute("SELECT pack, SUM(size) FROM blocks WHERE pack IS NOT NULL GROUP BY pack"))
+
+    def committed_end(self, pack: int) -> int:
+        """The end of the last indexed record in a pack (0 if none)."""
+        row = self.db.execute("SELECT MAX(offset + size) FROM blocks WHERE pack = ?", (pack,)).fetchone()
+        return row[0] or 0
+
+    def unmigrated(self, limit: int) -> list[tuple[CID, int]]:
+        return [(CID(c), n) for c, n in self.db.execute(
+            "SELECT cid, size FROM blocks WHERE pack IS NULL LIMIT ?", (limit,))]
+
+    def count_unmigrated(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM blocks WHERE pack IS NULL").fetchone()[0]
 
     def drop_block(self, cid: CID) -> list[CID]:
         """Forget a block; the roots that used it become incomplete. Returns those roots."""
@@ -198,15 +278,18 @@ class Index:
         media_type: str | None,
         aliases: Iterable[str],
         block_cids: Iterable[CID],
+        verified: bool = False,
     ) -> bool:
-        """Record a complete root and its blocks (which must already have rows). True if it was new."""
+        """Record a complete root and its blocks (which must already have rows). True if it was new.
+        `verified`: the caller checked the whole archive's hash (an add computed it)."""
         now = time.time()
         existed = self.db.execute("SELECT 1 FROM roots WHERE root = ?", (root.buffer,)).fetchone() is not None
         self.db.execute(
-            "INSERT INTO roots(root, kind, size, name, media_type, added, last_access) VALUES (?,?,?,?,?,?,?) "
+            "INSERT INTO roots(root, kind, size, name, media_type, added, last_access, verified) "
+            "VALUES (?,?,?,?,?,?,?,?) "
             "ON CONFLICT(root) DO UPDATE SET complete = 1, last_access = excluded.last_access, "
-            "name = COALESCE(roots.name, excluded.name)",
-            (root.buffer, kind, size, name, media_type, now, now),
+            "name = COALESCE(roots.name, excluded.name), verified = MAX(roots.verified, excluded.verified)",
+            (root.buffer, kind, size, name, media_type, now, now, int(verified)),
         )
         self.db.executemany(
             "INSERT OR IGNORE INTO aliases(key, root) VALUES (?, ?)", ((a, root.buffer) for a in aliases)
@@ -257,6 +340,13 @@ class Index:
 
     def set_pinned(self, root: CID, pinned: bool) -> None:
         self.db.execute("UPDATE roots SET pinned = ? WHERE root = ?", (int(pinned), root.buffer))
+
+    def is_verified(self, root: CID) -> bool:
+        row = self.db.execute("SELECT verified FROM roots WHERE root = ?", (root.buffer,)).fetchone()
+        return bool(row and row[0])
+
+    def set_verified(self, root: CID) -> None:
+        self.db.execute("UPDATE roots SET verified = 1 WHERE root = ?", (root.buffer,))
 
     def touch(self, root: CID) -> None:
         self.db.execute("UPDATE roots SET last_access = ? WHERE root = ?", (time.time(), root.buffer))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import run_cli, write_file
+from .conftest import corrupt_raw_block, run_cli, write_file
 
 
 def test_add_get_cat_ls_stat_roundtrip(tmp_path, rng):
@@ -78,8 +78,7 @@ def test_corrupt_block_makes_get_fail_and_verify_report(tmp_path, rng):
     repo = tmp_path / "r"
     f = write_file(tmp_path / "f", rng.randbytes(400_000))
     root = json.loads(run_cli("add", "--json", str(f), repo=repo, check=True).stdout)["root"]
-    blocks = sorted(p for p in (repo / "blocks").rglob("bafkrei*"))
-    blocks[0].write_bytes(b"evil" + blocks[0].read_bytes()[4:])
+    corrupt_raw_block(repo)
     proc = run_cli("get", root, "-o", str(tmp_path / "out"), repo=repo)
     assert proc.returncode == 4 and "corrupt" in proc.stderr.decode()
     assert not (tmp_path / "out").exists()

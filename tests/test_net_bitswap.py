@@ -97,6 +97,26 @@ async def test_fetch_blocks_and_missing_block_fails_cleanly(tmp_path):
 
 
 @pytest.mark.trio
+async def test_a_block_whose_pack_region_rotted_is_answered_dont_have(tmp_path):
+    from .conftest import corrupt_raw_block
+
+    async with node(tmp_path, "a") as a, node(tmp_path, "b") as b:
+        blocks = [random.Random(i).randbytes(5000 + i) for i in range(3)]
+        cids = [CID.for_block(RAW, d) for d in blocks]
+        a.repo.put_blocks(list(zip(cids, blocks)))
+        victim = corrupt_raw_block(a.repo.path, 1)
+        assert victim in a.repo.verify().corrupt
+        with trio.fail_after(30):
+            got = await b.fetch_blocks([c for c in cids if c != victim], [a.host.addrs()[0]])
+            assert len(got) == 2
+            with pytest.raises(FetchError, match="could not fetch 1 of 1"):
+                await b.fetch_blocks([victim], [a.host.addrs()[0]])
+        assert not b.repo.has_block(victim)
+        ledger = a.server.ledger(b.host.peer_id)
+        assert ledger.dont_haves_sent >= 1 and ledger.blocks_sent == 2, ledger
+
+
+@pytest.mark.trio
 async def test_corrupt_seeder_is_dropped_and_honest_one_completes(tmp_path):
     data = random.Random(2).randbytes(2 << 20)  # ~30 chunks: more than one peer window
     bad_repo = Repo.init(tmp_path / "repo-bad", durable=False)

@@ -341,6 +341,21 @@ class Index:
     def set_pinned(self, root: CID, pinned: bool) -> None:
         self.db.execute("UPDATE roots SET pinned = ? WHERE root = ?", (int(pinned), root.buffer))
 
+    def known_digest(self, root: CID, algo: str) -> bytes | None:
+        """A root's whole-archive digest under `algo` if recorded (its `algo:<hex>` alias)."""
+        row = self.db.execute("SELECT key FROM aliases WHERE root = ? AND key >= ? AND key < ? LIMIT 1",
+                              (root.buffer, f"{algo}:", f"{algo};")).fetchone()
+        return bytes.fromhex(row[0].split(":", 1)[1]) if row else None
+
+    def archives_without(self, algo: str) -> list[CID]:
+        """Complete archive roots with no `algo:` alias yet (their hash is computed when first asked for)."""
+        return [CID(r) for (r,) in self.db.execute(
+            "SELECT root FROM roots WHERE kind = 'archive' AND complete = 1 AND root NOT IN "
+            "(SELECT root FROM aliases WHERE key >= ? AND key < ?) ORDER BY added", (f"{algo}:", f"{algo};"))]
+
+    def add_alias(self, root: CID, alias: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO aliases(key, root) VALUES (?, ?)", (alias, root.buffer))
+
     def is_verified(self, root: CID) -> bool:
         row = self.db.execute("SELECT verified FROM roots WHERE root = ?", (root.buffer,)).fetchone()
         return bool(row and row[0])

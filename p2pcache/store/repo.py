@@ -165,15 +165,17 @@ class AddResult:
 
     def to_json(self) -> dict:
         sha256 = HashKey("sha256", self.hashes["sha256"])
-        sha512 = HashKey("sha512", self.hashes["sha512"])
+        sha512 = HashKey("sha512", self.hashes["sha512"]) if "sha512" in self.hashes else None
         return {
             "root": str(self.root),
             "name": self.name,
             "size": self.size,
             "sha256": self.hashes["sha256"].hex(),
-            "sha512": self.hashes["sha512"].hex(),
+            # sha512 is computed when first asked for (Repo.sha512): null until then
+            "sha512": sha512.digest.hex() if sha512 else None,
+            "sha512_known": sha512 is not None,
             "sri": sha256.sri,
-            "sri_sha512": sha512.sri,
+            "sri_sha512": sha512.sri if sha512 else None,
             "nix32": sha256.nix32,
             "format": self.media_type,
             "chunks": self.chunks,
@@ -377,8 +379,9 @@ class Repo:
         self._require_writable()
         chunker = Chunker(params)
         builder = ManifestBuilder(params)
-        whole256 = _HashThread(("sha256",))
-        whole512 = _HashThread(("sha512",))
+        # sha512 is not computed here (see `sha512`), unless the caller expects a sha512 hash
+        whole256 = _HashThread(("sha256", "sha512") if expect is not None and expect.algo == "sha512"
+                               else ("sha256",))
         writer = _BlockWriter(self.packs)
         seen: dict[CID, int] = {}
         new_blocks = new_bytes = chunks = size = 0
@@ -419,12 +422,11 @@ class Repo:
                     head += buf[: 512 - len(head)]
                 size += len(buf)
                 whole256.update(buf)
-                whole512.update(buf)
                 take(list(chunker.feed(buf)))
                 if progress:
                     progress(len(buf))
             take(list(chunker.finish()))
-            hashes = {**whole256.result(), **whole512.result()}
+            hashes = whole256.result()
             if expect is not None and hashes.get(expect.algo) != expect.digest:
                 raise CorruptData(f"{name or 'input'} does not match the expected {expect.algo} "
                                   f"({expect.sri}); got {HashKey(expect.algo, hashes[expect.algo]).sri}")
@@ -434,7 +436,6 @@ class Repo:
             written = writer.close()
         except BaseException:
             whole256.abandon()
-            whole512.abandon()
             writer.abandon()
             raise
         self.flush()
@@ -444,6 +445,10 @@ class Repo:
             new_root = self.index.put_root(root, "archive", size, name, media_type, aliases, seen.keys(),
                                            verified=True)
         self.blocks_committed(written)
+        if "sha512" not in hashes:
+            known = self.index.known_digest(root, "sha512")
+            if known is not None:
+                hashes["sha512"] = known
         return AddResult(root, size, hashes, name, media_type, chunks, new_blocks, new_bytes, not new_root)
 
     def add_nar(self, stream, narinfo=None, store_path=None, params: ChunkerParams = DEFAULT_PARAMS):
@@ -522,9 +527,58 @@ class Repo:
                 raise NotFound(f"{parsed.cid} is not in the repo")
             return parsed.cid
         root = self.index.resolve_alias(parsed.alias)
+        if root is None and getattr(parsed, "algo", None) == "sha512":
+            root = self._find_by_lazy_hash(parsed)
         if root is None:
             raise NotFound(f"no archive with {parsed.alias} in the repo")
         return root
+
+    # -- lazy hashes -------------------------------------------------------------------------
+    # sha256 is every archive's key and is computed at add; sha512 (npm integrity, the /sha512/ mirror) only
+    # when first asked for: `sha512(root)`, or a lookup by a sha512 key that no recorded alias answers, which
+    # hashes the archives that have none yet. A writable repo records what it computed (an alias), so each
+    # archive is hashed once; the daemon also hashes new archives in the background (node.py).
+    def sha512(self, root: CID) -> bytes:
+        """The archive's sha512: recorded, else computed now from its verified bytes (and recorded)."""
+        known = self.index.known_digest(root, "sha512")
+        if known is None:
+            manifest = self.manifest(root)
+            known = manifest.hashes.get("sha512")
+        if known is None:
+            h = hashlib.sha512()
+            for data in self.stream(root):
+                h.update(data)
+            known = h.digest()
+            self._record_alias(root, HashKey("sha512", known).alias)
+        return known
+
+    def fill_hashes(self, roots: Iterable[CID] | None = None) -> list[CID]:
+        """Compute and record the sha512 of these archives (default: every complete one without it)."""
+        todo = list(roots) if roots is not None else self.index.archives_without("sha512")
+        done = []
+        for root in todo:
+            info = self.index.get_root(root)
+            if info is None or info.kind != "archive" or not info.complete:
+                continue
+            if self.index.known_digest(root, "sha512") is None:
+                self.sha512(root)
+                done.append(root)
+        return done
+
+    def _find_by_lazy_hash(self, key: HashKey) -> CID | None:
+        for root in self.index.archives_without(key.algo):
+            try:
+                if self.sha512(root) == key.digest:
+                    return root
+            except (CorruptData, NotFound):
+                continue  # an archive that cannot be read whole cannot be the answer
+        return None
+
+    def _record_alias(self, root: CID, alias: str) -> None:
+        if not self.writable:
+            return  # computed for this caller only; a writable open records it
+        with self.index.transaction():
+            self.index.add_alias(root, alias)
 
     def root_info(self, root: CID) -> RootInfo:
         info = self.index.get_root(root)

@@ -45,6 +45,7 @@ REPO_VERSION = "2"
 MIGRATING_VERSION = "2-migrating"  # written while `p2pcache migrate` runs; format-1 code refuses it
 COMPACT_BELOW = 0.75  # gc rewrites a pack whose live share fell below this
 READ_BATCH = 512  # blocks looked up and read per batch on the warm path
+COMPACT_BATCH = 16 << 20  # bytes copied per flush + transaction when compacting
 READ_SIZE = 4 << 20
 Progress = Callable[[int], None]
 
@@ -770,7 +771,7 @@ class Repo:
                 continue
             if live >= compact_below * size:
                 continue
-            self._compact_pack(pack, report)
+            self._compact_pack(pack)
             if self._remove_if_dead(pack):
                 report.disk_bytes_reclaimed += size
                 report.packs_compacted += 1
@@ -784,17 +785,25 @@ class Repo:
         self.packs.forget_pack(pack)
         return True
 
-    def _compact_pack(self, pack: int, report: GcReport) -> None:
+    def _compact_pack(self, pack: int) -> None:
         rows = self.index.blocks_in_pack(pack)
-        for i in range(0, len(rows), READ_BATCH):
-            part = rows[i : i + READ_BATCH]
-            good, bad = [], []
+        parts: list[list[tuple[CID, Location]]] = [[]]
+        size = 0
+        for row in rows:  # batches of at most COMPACT_BATCH bytes: memory stays flat whatever the pack holds
+            if size >= COMPACT_BATCH:
+                parts.append([])
+                size = 0
+            parts[-1].append(row)
+            size += row[1].size
+        for part in parts:
+            good, crcs, bad = [], [], []
             for (cid, loc), data in zip(part, self.packs.read_many(part, check=False)):
                 if len(data) == loc.size and zlib.crc32(data) == loc.crc:
                     good.append((cid, data))
+                    crcs.append(loc.crc)
                 else:
                     bad.append(cid)
-            moved = self.packs.append(good)
+            moved = self.packs.append(good, crcs)
             self.flush()
             with self.index.transaction():
                 self.index.set_locations(moved, from_pack=pack)

@@ -182,3 +182,4 @@ def test_daemon_startup_errors_are_one_line(tmp_path):
             assert len(err.strip().splitlines()) == 1, err
     finally:
         busy.close()
+

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 from ..content.cid import CID
+from ..errors import DiskFull
 from .blockstore import Location
 
 SCHEMA = """
@@ -137,14 +138,25 @@ class Index:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         with self._txn_lock:
-            self.db.execute("BEGIN IMMEDIATE")
             try:
-                yield
-            except BaseException:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                except BaseException:
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                    raise
+                try:
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as e:
+                if "full" in str(e):  # SQLITE_FULL: nothing of this transaction was recorded
+                    raise DiskFull(f"disk full while writing {self.path}: free space or shrink the repo with "
+                                   "`p2pcache gc --max-size`") from None
                 raise
-            self.db.execute("COMMIT")
 
     # The explicit form of `transaction()`: begin(), then exactly one of commit() or rollback().
     def begin(self) -> None:

@@ -109,6 +109,13 @@ def test_kill_9_mid_gc_compaction_keeps_every_block_a_kept_root_needs(tmp_path, 
     _same_bytes(repo, kept["root"], keep, tmp_path)
 
 
+def _wait_for_peer(daemon, timeout=20):
+    deadline = time.monotonic() + timeout
+    while daemon.status()["peers"] < 1:
+        assert time.monotonic() < deadline, "the restarted daemon did not reconnect to its peer"
+        time.sleep(0.1)
+
+
 def test_kill_9_mid_peer_fetch_leaves_a_consistent_repo(tmp_path, rng):
     """A daemon fetching an archive from a peer (bitswap, writing blocks as they arrive) is SIGKILLed at
     spread-out instants; its repo verifies consistent each time and a restarted daemon finishes the fetch."""
@@ -132,6 +139,7 @@ def test_kill_9_mid_peer_fetch_leaves_a_consistent_repo(tmp_path, rng):
         for i in range(3):
             b = start_daemon(b_repo, bootstrap=[a.addr])
             daemons.append(b)
+            _wait_for_peer(b)
             client = _spawn(*fetch, repo=b_repo)
             time.sleep(full * (0.3 + 0.25 * i))
             kills += b.proc.poll() is None and client.poll() is None
@@ -142,6 +150,7 @@ def test_kill_9_mid_peer_fetch_leaves_a_consistent_repo(tmp_path, rng):
         assert kills >= 2, f"only {kills} fetches were still running when killed (one takes {full:.2f}s)"
         b = start_daemon(b_repo, bootstrap=[a.addr])
         daemons.append(b)
+        _wait_for_peer(b)
         res = json.loads(b.cli(*fetch, "--json").stdout)
         assert res["root"] == added["root"]
         b.stop()

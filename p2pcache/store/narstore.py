@@ -366,7 +366,9 @@ def _resolve_batched(repo: "Repo", plan: Iterable, batch: int = 512) -> Iterator
 def _stream_local(repo: "Repo", manifest: NarManifest, verified: bool) -> Iterator[bytes]:
     """A NAR from this repo's blocks. A root whose narHash was checked here already (`verified`) is served
     with the per-block crc32 checks alone; otherwise the last piece is held until the narHash matched."""
-    nar = _nar.write_nar(_resolve_batched(repo, iter_plan(manifest, repo.load_block)))
+    from .repo import coalesce
+
+    nar = coalesce(_nar.write_nar(_resolve_batched(repo, iter_plan(manifest, repo.load_block))))
     if verified:
         return nar
     return VerifiedStream.sha256(manifest.nar_hash, manifest.nar_size, "reassembled NAR").wrap(nar)

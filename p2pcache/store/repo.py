@@ -46,6 +46,7 @@ MIGRATING_VERSION = "2-migrating"  # written while `p2pcache migrate` runs; form
 COMPACT_BELOW = 0.75  # gc rewrites a pack whose live share fell below this
 READ_BATCH = 512  # blocks looked up and read per batch on the warm path
 COMPACT_BATCH = 16 << 20  # bytes copied per flush + transaction when compacting
+SERVE_PIECE = 1 << 20  # pieces handed out by `stream` (blocks joined up to this size)
 READ_SIZE = 4 << 20
 Progress = Callable[[int], None]
 
@@ -644,7 +645,7 @@ class Repo:
         hasher = _HashThread(("sha256",)) if check else None
         total = 0
         try:
-            for data in self.load_blocks(iter_chunks(manifest, self.load_block)):
+            for data in coalesce(self.load_blocks(iter_chunks(manifest, self.load_block))):
                 if hasher:
                     hasher.update(data)
                 total += len(data)
@@ -889,6 +890,24 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink()
     except OSError:
         pass
+
+
+def coalesce(pieces: Iterable[bytes], size: int = SERVE_PIECE) -> Iterator[bytes]:
+    """Join small pieces (one per block) into pieces of about `size` bytes: a consumer that hands each piece
+    to another thread (an HTTP response) then hops once per MiB, not once per block."""
+    parts: list[bytes] = []
+    have = 0
+    for piece in pieces:
+        if not parts and len(piece) >= size:
+            yield piece
+            continue
+        parts.append(piece)
+        have += len(piece)
+        if have >= size:
+            yield b"".join(parts)
+            parts, have = [], 0
+    if parts:
+        yield b"".join(parts)
 
 
 def write_version(path: Path, version: str) -> None:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 from ..content.cid import CID
-from ..errors import DiskFull
+from ..errors import DiskFull, RepoError
 from .blockstore import Location
 
 SCHEMA = """
@@ -312,6 +312,13 @@ class Index:
             links = [link for link in links if link[1] not in have]
         self.db.executemany("INSERT OR IGNORE INTO root_blocks(root, cid) VALUES (?, ?)", links)
         self.db.executemany("UPDATE blocks SET refs = refs + 1 WHERE cid = ?", ((c,) for _, c in links))
+        # A block the caller found stored may have been collected since by a gc in another thread (it was
+        # unreferenced until this root): then the root is not whole, and recording it would be a lie.
+        lost = self.db.execute("SELECT COUNT(*) FROM root_blocks rb LEFT JOIN blocks b ON b.cid = rb.cid "
+                               "WHERE rb.root = ? AND b.cid IS NULL", (root.buffer,)).fetchone()[0]
+        if lost:
+            raise RepoError(f"{lost} blocks of {root} were removed by a gc running at the same time; "
+                            "add or fetch it again")
         return not existed
 
     def remove_root(self, root: CID) -> None:

@@ -148,7 +148,10 @@ def main() -> None:
         from p2pcache.store.blockstore import PackFiles
 
         real_write = PackFiles.append
-        PackFiles.append = lambda self, blocks, crcs=None: []  # bench-only: measures the CPU pipeline alone
+        from p2pcache.store.blockstore import Location
+
+        # bench-only: nothing written, made-up locations recorded (the repo is thrown away): the CPU pipeline alone
+        PackFiles.append = lambda self, blocks, crcs=None: [(c, Location(1, 0, len(d), 0)) for c, d in blocks]
         try:
             cpu = []
             for r in range(args.rounds):

@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -35,14 +36,13 @@ def emit(metric: str, value: float, unit: str, better: str, **extra) -> None:
 
 
 def make_file(path: Path, size: int) -> None:
-    rnd = os.urandom(64 * MiB)
+    """`size` incompressible bytes that do not dedup against themselves (every 64 MiB freshly random)."""
     with open(path, "wb") as f:
         left = size
         i = 0
         while left:
-            n = min(left, len(rnd))
-            # vary each 64 MiB block so the file does not dedup against itself
-            f.write(hashlib.sha256(i.to_bytes(8, "big")).digest() + rnd[32:n])
+            n = min(left, 64 * MiB)
+            f.write(random.Random(f"{path.name}-{i}").randbytes(n))
             left -= n
             i += 1
 
@@ -52,7 +52,7 @@ def make_half_shared(src: Path, dst: Path) -> None:
     with open(src, "rb") as a, open(dst, "wb") as b:
         i = 0
         while buf := a.read(MiB):
-            b.write(buf if i % 2 == 0 else os.urandom(len(buf)))
+            b.write(buf if i % 2 == 0 else random.Random(i).randbytes(len(buf)))
             i += 1
 
 

@@ -28,8 +28,24 @@ class Daemon:
     def api(self) -> str:
         return self.info["api"]
 
+    @property
+    def token(self) -> str:
+        """The API token, read from REPO/api.token as the CLI does (tests run as the daemon's user)."""
+        return (self.repo / "api.token").read_text().strip()
+
+    @property
+    def auth(self) -> dict:
+        return {"authorization": f"Bearer {self.token}"}
+
+    @property
+    def netrc(self) -> Path:
+        """What `nix copy --to` needs: `netrc-file = <this>` (the daemon writes it at start)."""
+        return self.repo / "api.netrc"
+
     def status(self) -> dict:
-        return httpx.get(self.api + "/api/v0/status", timeout=10).json()
+        r = httpx.get(self.api + "/api/v0/status", headers=self.auth, timeout=10)
+        r.raise_for_status()
+        return r.json()
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         env = dict(os.environ, P2PCACHE_REPO=str(self.repo))

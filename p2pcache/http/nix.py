@@ -531,13 +531,13 @@ class NixCache:
                     return
 
         def count(n: int) -> None:  # on the ingest thread, for every piece of decompressed NAR
-            reserved[0] += n
+            with self._inflight_lock:
+                reserved[0] += n
+                self._inflight += n
+                over = sum(u.nar_size for u in self._uploads.values()) + self._inflight > quota
             if reserved[0] > limit:
                 raise UploadRefused(413, f"{url}: the NAR inside is over the upload limit of {limit} bytes "
                                          "(nix.max_upload_size)")
-            with self._inflight_lock:
-                self._inflight += n
-                over = sum(u.nar_size for u in self._uploads.values()) + self._inflight > quota
             if over:
                 raise UploadRefused(507, f"{url}: uploads waiting for their narinfo would hold more than "
                                          f"{quota} bytes (nix.upload_quota); PUT their narinfos, or wait "

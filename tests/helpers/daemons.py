@@ -47,10 +47,11 @@ class Daemon:
         r.raise_for_status()
         return r.json()
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True, timeout: float = 120,
+            input: bytes | None = None) -> subprocess.CompletedProcess:
         env = dict(os.environ, P2PCACHE_REPO=str(self.repo))
         proc = subprocess.run([sys.executable, "-m", "p2pcache", *args], env=env, capture_output=True,
-                              timeout=timeout)
+                              timeout=timeout, input=input)
         if check and proc.returncode != 0:
             raise AssertionError(f"p2pcache {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode()}")
         return proc

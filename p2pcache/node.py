@@ -196,7 +196,7 @@ class Node:
         assert self.api_token is not None
         policy = AccessPolicy(token=self.api_token, listen_host=self.config.api_listen.rsplit(":", 1)[0],
                               allowed_hosts=tuple(self.config.api_allowed_hosts),
-                              allowed_origins=tuple(self.config.api_allowed_origins))
+                              allowed_origins=tuple(self.config.api_allowed_origins), repo=str(self.repo_path))
         await serve(make_app(self, policy), hc, task_status=task_status)  # started(["http://host:port", ...])
 
     def _write_api_file(self) -> None:

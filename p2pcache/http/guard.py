@@ -38,6 +38,7 @@ class AccessPolicy:
     listen_host: str = "127.0.0.1"  # the host part of the API's bind address
     allowed_hosts: tuple[str, ...] = ()  # extra Host names, e.g. the runner's name when exposed on a LAN
     allowed_origins: tuple[str, ...] = ()  # e.g. "http://dashboard.internal:8080"
+    repo: str = "REPO"  # named in error messages: where the token and netrc files are
 
     def origin_allowed(self, origin: str) -> bool:
         return origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in self.allowed_origins}
@@ -125,9 +126,9 @@ def check(scope: Scope, policy: AccessPolicy) -> None:
     if method == "OPTIONS" and not origin_ok:
         raise HTTPError(403, "cross-origin requests are refused (no CORS preflight is answered)")
     if needs_token(method, path) and method != "OPTIONS" and not token_matches(header(scope, b"authorization"), policy.token):
-        raise HTTPError(401, f"{method} {path} needs the API token from REPO/api.token: "
+        raise HTTPError(401, f"{method} {path} needs the API token from {policy.repo}/api.token: "
                              "`Authorization: Bearer <token>` (the CLI sends it), or for `nix copy --to` "
-                             "`--option netrc-file REPO/api.netrc`")
+                             f"`--option netrc-file {policy.repo}/api.netrc`")
 
 
 def require_content_type(scope: Scope, *allowed: str) -> None:

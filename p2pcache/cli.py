@@ -342,10 +342,12 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
             await nursery.start(node.run)
             st = node.status()
             out.emit(
-                {**{k: st[k] for k in ("peer_id", "addrs", "api", "repo", "roots", "stored_bytes")}, "network": True},
+                {**{k: st[k] for k in ("peer_id", "addrs", "api", "repo", "roots", "stored_bytes")}, "network": True,
+                 "token_file": str(path / "api.token"), "netrc_file": str(path / "api.netrc")},
                 f"p2pcache daemon ready\n  peer ID  {st['peer_id']}\n"
                 + "".join(f"  listen   {a}\n" for a in st["addrs"])
-                + f"  API      {st['api']}\n  repo     {st['repo']} ({st['roots']} archives, "
+                + f"  API      {st['api']}\n  token    {path / 'api.token'} (for nix copy --to: "
+                f"--option netrc-file {path / 'api.netrc'})\n  repo     {st['repo']} ({st['roots']} archives, "
                 f"{human(st['stored_bytes'])})",
             )
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -12,7 +12,9 @@ Owns the request-admission policy (pure functions of the ASGI scope, no I/O):
 - **Token**: every `/api/v0/*` call and every request that is not GET/HEAD needs the API token, as
   `Authorization: Bearer <token>` (the CLI) or HTTP Basic with the token as password (Nix via a netrc
   file); compared in constant time. Authorization is not a CORS-safelisted header, so a browser can
-  only send it cross-origin after a preflight, which the node refuses.
+  only send it cross-origin after a preflight, which the node refuses. A 401 carries no
+  `WWW-Authenticate` challenge, so a browser never prompts for (and then caches and replays) Basic
+  credentials; curl, and so Nix, sends netrc credentials without being challenged.
 
 Must not: decide what an endpoint does; answer anything itself (it raises `HTTPError`).
 """

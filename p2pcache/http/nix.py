@@ -10,7 +10,9 @@
 
 Every narinfo we serve points at an uncompressed NAR this node streams itself (`Compression: none`,
 FileHash = NarHash); the `Sig:` lines travel unchanged (Nix's fingerprint does not cover URL or
-compression) and, with a signing key configured, the node adds its own. A NAR stream is checked against
+compression). With a signing key configured, the node signs only what an authenticated pusher gave it
+(at `_put_narinfo`) and this machine's own Nix store (see `_signed_for`); PUTs reach this module only
+with the API token (http/guard.py). A NAR stream is checked against
 its NarHash as it goes: on a mismatch the response is aborted before its last bytes, so Nix sees a
 truncated transfer, never a complete wrong one. Uploads are decompressed, parsed as NARs and hashed as
 they stream in; nothing is recorded until the narinfo's NarHash, NarSize, FileHash and FileSize agree.

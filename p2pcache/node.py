@@ -273,6 +273,8 @@ class Node:
         return [{"peer_id": p.to_base58()} for p in self.host.connected_peers()]
 
     async def add_file(self, path: str, name: str | None, progress: ProgressFn) -> dict:
+        """Add a file the node's own code names (simnet, in-process callers); the HTTP API never calls
+        this — it takes the caller's bytes (`add_stream`)."""
         assert self.repo is not None
         try:
             total = os.path.getsize(path)

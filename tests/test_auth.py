@@ -39,14 +39,6 @@ def shared():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def daemons():
-    started = []
-    yield started
-    for d in started:
-        d.stop()
-
-
 def _tree_nar(root: Path, text: str) -> bytes:
     (root / "bin").mkdir(parents=True)
     (root / "bin" / "hello").write_text(text)

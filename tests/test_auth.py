@@ -61,6 +61,25 @@ def _curl_as_nobody(*args: str) -> int:
     return int(proc.stdout or 0)
 
 
+# The CLI as `nobody`: imported as root (the checkout may be closed to other users, as /root is), then the
+# process drops to uid/gid 65534 before it does anything, so every file it opens is opened as nobody.
+_NOBODY_CLI = """
+import os, sys
+import encodings.idna, httpx, httpcore, h11, idna  # noqa
+import p2pcache.cli, p2pcache.client, p2pcache.apitoken  # noqa
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+sys.exit(p2pcache.cli.main(sys.argv[1:]))
+"""
+
+
+def _cli_as_nobody(*args: str) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt"}
+    return subprocess.run([sys.executable, "-c", _NOBODY_CLI, *args], capture_output=True, env=env, timeout=60,
+                          cwd="/")
+
+
 def _keys(nix: Nix, d: Path, name: str) -> tuple[Path, str]:
     nix.run("nix-store", "--generate-binary-cache-key", f"{name}-1", str(d / f"{name}.sec"), str(d / f"{name}.pub"))
     return d / f"{name}.sec", (d / f"{name}.pub").read_text().strip()
@@ -125,9 +144,7 @@ def test_add_streams_the_callers_bytes_and_the_daemon_opens_no_path(tmp_path, sh
     assert node.status()["roots"] == 0
 
     # nobody's CLI: no token for it, so a clear one-line error (exit 5), and nothing added
-    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([*NOBODY, sys.executable, "-m", "p2pcache", "--repo", str(node.repo), "add", "/etc/shadow"],
-                          capture_output=True, env=env, timeout=60)
+    proc = _cli_as_nobody("--repo", str(node.repo), "add", "/etc/shadow")
     assert proc.returncode == 5 and b"api.token: permission denied" in proc.stderr, proc.stderr
     assert node.status()["roots"] == 0
 

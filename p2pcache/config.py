@@ -59,10 +59,10 @@ upstreams = []
 secret_key_file = ""
 # Uploaded NARs wait this many seconds for their narinfo, then they are dropped.
 upload_ttl = 600
-# Bytes (NAR size) that uploads waiting for their narinfo may hold at once.
-upload_quota = 8589934592
-# Largest NAR (compressed upload or decompressed NAR) accepted by PUT /nar/…; bigger: 413.
-max_upload_size = 17179869184
+# Bytes (NAR size) that uploads waiting for their narinfo may hold at once (16 GiB); beyond it: 507.
+upload_quota = 17179869184
+# Largest NAR (compressed upload or decompressed NAR) accepted by PUT /nar/… (8 GiB); bigger: 413.
+max_upload_size = 8589934592
 """
 
 

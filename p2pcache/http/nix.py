@@ -78,8 +78,9 @@ class NixConfig:
     secret_key_file: str = ""  # nix-store --generate-binary-cache-key output
     negative_ttl: float = 30.0
     upload_ttl: float = 600.0  # an uploaded NAR waits this long for its narinfo, then it is dropped
-    upload_quota: int = 8 << 30  # NAR bytes that uploads waiting for their narinfo may hold at once
-    max_upload_size: int = 16 << 30  # largest upload (compressed file or the NAR inside it)
+    # Room for two of the largest uploads in flight at once (`nix copy` pushes a few paths in parallel).
+    upload_quota: int = 16 << 30  # NAR bytes that uploads waiting for their narinfo may hold at once
+    max_upload_size: int = 8 << 30  # largest upload (compressed file or the NAR inside it)
 
 
 class UploadRefused(InvalidInput):

@@ -2,20 +2,20 @@
 
 Owns the token's file format and permissions; the HTTP checks that use it live in `http/guard.py`.
 Whoever can read `REPO/api.token` may call the daemon's API and upload to its binary cache — the file's
-permissions decide who that is, as they do for the repo itself. The token lasts across restarts (so a
-netrc copied into /etc/nix keeps working); delete the file and restart the daemon to get a new one.
+permissions decide who that is, as they do for the repo itself. The daemon makes a new token at every
+start: a token that leaked while no daemon ran (say, to a process that took over the API port after a
+crash left `api.json` behind) is worthless once the daemon is back.
 
 `REPO/api.netrc` holds the same token in the form Nix's `netrc-file` setting reads (curl sends it as
 HTTP Basic credentials, password = token, on every request to that host): `nix copy --to
 http://127.0.0.1:PORT` then authenticates without the token appearing in the store URL, which Nix would
-print in its logs.
+print in its logs. Point Nix at this file rather than copying it: it changes with every start.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import stat
 from pathlib import Path
 
 from .errors import RepoError
@@ -38,27 +38,13 @@ def _write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _check_private(path: Path) -> None:
-    st = path.stat()
-    if st.st_mode & 0o077:
-        raise RepoError(f"{path} is readable or writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                        f"run `chmod 600 {path}`, or delete it and restart the daemon for a new token")
-
-
-def ensure_token(repo: Path) -> str:
-    """The daemon's token: read `REPO/api.token`, or make one. Refuses a file others may read."""
-    path = repo / TOKEN_FILE
-    try:
-        _check_private(path)
-        token = path.read_text().strip()
-        if len(token) >= 32:
-            return token
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise RepoError(f"cannot read {path}: {e.strerror}") from None
+def new_token(repo: Path) -> str:
+    """A fresh token for a starting daemon, written to `REPO/api.token` (0600 from its first byte)."""
     token = secrets.token_urlsafe(32)
-    _write_private(path, token + "\n")
+    try:
+        _write_private(repo / TOKEN_FILE, token + "\n")
+    except OSError as e:
+        raise RepoError(f"cannot write {repo / TOKEN_FILE}: {e.strerror}") from None
     return token
 
 

@@ -31,7 +31,7 @@ from .content.cid import CID, DAG_CBOR
 from .content.keys import HashKey, RootKey, parse_key
 from .content.manifest import ArchiveManifest
 from .errors import InvalidInput, MalformedBlock, NotFound, P2PCacheError
-from .apitoken import ensure_token, write_netrc
+from .apitoken import new_token, write_netrc
 from .http.api import make_app
 from .http.guard import AccessPolicy
 from .http.nix import GATEWAY_MARKER, NixCache
@@ -154,7 +154,7 @@ class Node:
                                                                     default_timeout=cfg.lookup_timeout))
                 ResolveServer(lookup=self._answer_resolve).register(self.host)
                 if self.serve_api:
-                    self.api_token = ensure_token(self.repo_path)
+                    self.api_token = new_token(self.repo_path)
                     binds = await nursery.start(self._serve_api)
                     self.api_url = binds[0] if binds else None
                     self._write_api_file()

@@ -257,11 +257,13 @@ def test_oversized_uploads_are_413_and_pending_ones_expire_and_have_a_quota(tmp_
                   content=_narinfo(store_path, "nar/p0.nar", nars[0]))
     assert r.status_code == 400 and "was not uploaded first" in r.json()["error"]
     assert httpx.put(f"{node.api}/nar/p2.nar", content=nars[2], headers=node.auth).status_code == 200
-    # a pending upload does not outlive the daemon: at the next start it is gone
+    # a pending upload does not outlive the daemon: at the next start it is gone (and the token is new)
+    old_auth = node.auth
     node.stop()
     node = start_daemon(repo)
     daemons.append(node)
     assert node.status()["roots"] == 0
+    assert httpx.get(f"{node.api}/api/v0/status", headers=old_auth).status_code == 401
 
 
 def test_a_pr_runner_on_the_swarm_cannot_get_its_path_signed_by_the_trusted_runner(nix, tmp_path, daemons):

@@ -101,6 +101,12 @@ def test_poisoning_put_as_nobody_is_refused_and_nix_installs_the_genuine_path(ni
     path = nix.out("nix-store", "--add", str(genuine))
     nix.run("nix", "copy", "--to", node.api, path, config=f"netrc-file = {node.netrc}\n")
     store_hash = Path(path).name[:32]
+    # the other form Nix 2.8 can send: the token as the password in the store URL's user-info
+    other = tmp_path / f"other-{tag}"
+    _tree_nar(other, "other\n")
+    other_path = nix.out("nix-store", "--add", str(other))
+    nix.run("nix", "copy", "--to", node.api.replace("http://", f"http://p2pcache:{node.token}@"), other_path)
+    assert httpx.get(f"{node.api}/{Path(other_path).name[:32]}.narinfo").status_code == 200
 
     # nobody crafts a NAR and narinfo of its own for the same store path and PUTs them
     evil_nar = _tree_nar(shared / "evil", "#!/bin/sh\necho PWNED\n")

@@ -109,6 +109,10 @@ def test_kill_9_mid_gc_compaction_keeps_every_block_a_kept_root_needs(tmp_path, 
     _same_bytes(repo, kept["root"], keep, tmp_path)
 
 
+def _pack_bytes(repo):
+    return sum(p.stat().st_size for p in (repo / "packs").glob("*.pack"))
+
+
 def _wait_for_peer(daemon, timeout=20):
     deadline = time.monotonic() + timeout
     while daemon.status()["peers"] < 1:
@@ -135,13 +139,17 @@ def test_kill_9_mid_peer_fetch_leaves_a_consistent_repo(tmp_path, rng):
         full = time.monotonic() - t0
         b.stop()
         run_cli("gc", "--max-size", "0", repo=b_repo, check=True)
+        base = _pack_bytes(b_repo)
         kills = 0
-        for i in range(3):
+        for i in range(3):  # killed once the repo grew by 20, 45 and 70 % of the archive: early, mid and late
             b = start_daemon(b_repo, bootstrap=[a.addr])
             daemons.append(b)
             _wait_for_peer(b)
             client = _spawn(*fetch, repo=b_repo)
-            time.sleep(full * (0.3 + 0.25 * i))
+            deadline = time.monotonic() + 10 * full + 30
+            while _pack_bytes(b_repo) < base + (0.2 + 0.25 * i) * 48 * MiB and client.poll() is None:
+                assert time.monotonic() < deadline, "the fetch made no progress"
+                time.sleep(0.01)
             kills += b.proc.poll() is None and client.poll() is None
             b.kill()
             client.kill()

@@ -45,7 +45,7 @@ ResolveLookup = Callable[[str], "ResolveAnswer | None | Awaitable[ResolveAnswer 
 _READ_CHUNK = 64 * 1024
 
 
-async def _read_frame(stream: Any, reader: FrameReader) -> bytes:
+async def read_frame(stream: Any, reader: FrameReader) -> bytes:
     """Read one whole length-prefixed message (and nothing after it in the same read)."""
     while True:
         try:
@@ -59,7 +59,7 @@ async def _read_frame(stream: Any, reader: FrameReader) -> bytes:
             return payload
 
 
-async def _reset(stream: Any) -> None:
+async def reset_stream(stream: Any) -> None:
     with trio.CancelScope(shield=True), trio.move_on_after(1):
         try:
             await stream.reset()
@@ -67,7 +67,7 @@ async def _reset(stream: Any) -> None:
             pass
 
 
-async def _close(stream: Any) -> None:
+async def close_stream(stream: Any) -> None:
     with trio.CancelScope(shield=True), trio.move_on_after(1):
         try:
             await stream.close()
@@ -100,19 +100,19 @@ class ResolveServer:
     async def handle_stream(self, stream: Any) -> None:
         try:
             with trio.fail_after(self.request_timeout):
-                alias = decode_request(await _read_frame(stream, FrameReader(MAX_REQUEST, "request")))
+                alias = decode_request(await read_frame(stream, FrameReader(MAX_REQUEST, "request")))
         except ResolveProtocolError as e:
             self.stats.violations += 1
             log.info("resolve: resetting stream from %s: %s", _peer_of(stream), e)
-            await _reset(stream)
+            await reset_stream(stream)
             return
         except trio.TooSlowError:
             self.stats.timeouts += 1
-            await _reset(stream)
+            await reset_stream(stream)
             return
         except Exception as e:  # the stream broke under us
             log.debug("resolve: stream from %s failed: %s", _peer_of(stream), e)
-            await _reset(stream)
+            await reset_stream(stream)
             return
         self.stats.requests += 1
         try:
@@ -123,7 +123,7 @@ class ResolveServer:
         except Exception:
             self.stats.lookup_errors += 1
             log.exception("resolve: lookup of %r failed", alias)
-            await _reset(stream)
+            await reset_stream(stream)
             return
         if answer is None:
             self.stats.not_found += 1
@@ -133,9 +133,9 @@ class ResolveServer:
             await stream.write(data)
         except Exception as e:
             log.debug("resolve: cannot answer %s: %s", _peer_of(stream), e)
-            await _reset(stream)
+            await reset_stream(stream)
             return
-        await _close(stream)
+        await close_stream(stream)
 
 
 def _peer_of(stream: Any) -> Any:
@@ -155,19 +155,19 @@ async def resolve(host: Any, peer_id: ID, alias: str, timeout: float = 5.0) -> R
             stream = await host.new_stream(peer_id, [TProtocol(PROTOCOL)])
             await stream.write(request)
             await stream.close_write()
-            payload = await _read_frame(stream, FrameReader(MAX_RESPONSE, "answer"))
+            payload = await read_frame(stream, FrameReader(MAX_RESPONSE, "answer"))
         answer = decode_response(payload)
     except ResolveProtocolError:
         if stream is not None:
-            await _reset(stream)
+            await reset_stream(stream)
         raise
     except trio.TooSlowError:
         if stream is not None:
-            await _reset(stream)
+            await reset_stream(stream)
         raise ResolveUnavailable(f"peer {peer_id} did not answer a resolve of {alias!r} within {timeout}s") from None
     except Exception as e:
         if stream is not None:
-            await _reset(stream)
+            await reset_stream(stream)
         raise ResolveUnavailable(f"cannot resolve {alias!r} at peer {peer_id}: {type(e).__name__}: {e}") from None
-    await _close(stream)
+    await close_stream(stream)
     return answer

@@ -463,3 +463,52 @@ def _writer_id(writer: bytes) -> str:
     from .content.cacherecord import peer_id_of
 
     return peer_id_of(writer)
+
+
+# -- block uploads from a local saver -----------------------------------------------------------------------
+
+
+def frame_blocks(blocks: list[tuple[CID, bytes]]) -> bytes:
+    """The body of a block upload: (varint, binary CID, varint, bytes) per block."""
+    from .content import varint
+
+    parts = []
+    for cid, data in blocks:
+        raw = cid.buffer
+        parts += [varint.encode(len(raw)), raw, varint.encode(len(data)), data]
+    return b"".join(parts)
+
+
+def unframe_blocks(body: bytes) -> list[tuple[CID, bytes]]:
+    """Blocks from an upload body; InvalidInput on anything malformed (each block is re-hashed later)."""
+    from .content import varint
+
+    out = []
+    pos = 0
+    view = memoryview(body)
+    try:
+        while pos < len(body):
+            n, pos = varint.decode(view, pos)
+            cid = CID.decode(bytes(view[pos:pos + n]))
+            pos += n
+            n, pos = varint.decode(view, pos)
+            if pos + n > len(body):
+                raise InvalidInput("block upload: truncated block")
+            out.append((cid, bytes(view[pos:pos + n])))
+            pos += n
+    except (ValueError, IndexError) as e:
+        raise InvalidInput(f"block upload: malformed body ({e})") from None
+    return out
+
+
+class DaemonBlockSink:
+    """A save's blocks uploaded to the running daemon, which re-hashes each before storing it."""
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    def missing(self, cids: list[CID]) -> set[CID]:
+        return {CID.parse(c) for c in self.client.blocks_missing([str(c) for c in cids])}
+
+    def put(self, blocks: list[tuple[CID, bytes]]) -> None:
+        self.client.put_blocks(frame_blocks(blocks))

@@ -7,6 +7,11 @@
     POST /api/v0/fetch-url {"url", "hash"} the swarm if anyone has it, else the URL; verify, add, announce
     POST /api/v0/gc {"max_size"?}          gc in the daemon; evicted roots are withdrawn from the DHT
     POST /api/v0/pin, /api/v0/unpin {"key"}
+    POST /api/v0/blocks/missing {"cids"}     which of these blocks the repo lacks
+    POST /api/v0/blocks (binary)             upload blocks (varint, CID, varint, bytes)…; each is re-hashed
+    POST /api/v0/cache/lookup {"key", "restore_keys", "lookup_only", "paths_id"}   find (and fetch) a tree (NDJSON)
+    POST /api/v0/cache/save {"key", "root", "force", "paths_id", "scan_time"}      claim an uploaded tree, sign, announce
+    POST /api/v0/cache/pin, /cache/unpin {"key"}; POST /api/v0/cache/keys, /cache/expire {}
 
 Long operations answer NDJSON: `{"event": "progress", "bytes": n, "total": t}` lines, then one
 `{"event": "done", ...}` or `{"event": "error", "message", "code"}` line. The API listens on loopback
@@ -22,7 +27,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 import trio
 
 from ..errors import P2PCacheError
-from .asgi import HTTPError, Receive, Scope, Send, read_json, send_error, send_json, send_ndjson
+from .asgi import HTTPError, Receive, Scope, Send, read_body, read_json, send_error, send_json, send_ndjson
 
 ProgressFn = Callable[[int, int | None], None]
 
@@ -112,6 +117,8 @@ def make_app(node: NodeAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]
                 if not isinstance(body.get("url"), str) or not isinstance(body.get("hash"), str):
                     raise HTTPError(400, "fetch-url needs a JSON body with 'url' and 'hash' strings")
                 await send_ndjson(send, _progress_stream(lambda p: node.fetch_url(body["url"], body["hash"], p)))
+            elif path.startswith("/api/v0/blocks") or path.startswith("/api/v0/cache/"):
+                await _build_cache_routes(node, method, path, receive, send)
             else:
                 await _extra_routes(node, scope, receive, send)
         except HTTPError as e:
@@ -128,3 +135,52 @@ async def _extra_routes(node: Any, scope: Scope, receive: Receive, send: Send) -
         await handler(scope, receive, send)
     else:
         await send_error(send, 404, f"no such endpoint: {scope['method']} {scope['path']}")
+
+
+async def _build_cache_routes(node: Any, method: str, path: str, receive: Receive, send: Send) -> None:
+    """The build cache's routes (p2pcache.buildcache): blocks and roots in, roots out; no caller paths."""
+    from ..content.cid import CID
+
+    cache = getattr(node, "buildcache", None)
+    if cache is None or method != "POST":
+        raise HTTPError(404, f"no such endpoint: {method} {path}")
+    if path == "/api/v0/blocks":
+        body = await read_body(receive, limit=64 << 20)
+        from ..buildcache import unframe_blocks
+
+        blocks = unframe_blocks(body)
+        written = await trio.to_thread.run_sync(cache.put_blocks, blocks)
+        await send_json(send, {"stored": len(blocks), "bytes_written": written})
+        return
+    body = await read_json(receive, limit=8 << 20)
+    if path == "/api/v0/blocks/missing":
+        cids = body.get("cids")
+        if not isinstance(cids, list) or not all(isinstance(c, str) for c in cids):
+            raise HTTPError(400, "blocks/missing needs a JSON body with a 'cids' list of strings")
+        missing = await trio.to_thread.run_sync(cache.missing, [CID.parse(c) for c in cids])
+        await send_json(send, {"missing": [str(c) for c in missing]})
+    elif path == "/api/v0/cache/lookup":
+        keys = body.get("restore_keys", [])
+        if not isinstance(body.get("key"), str) or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise HTTPError(400, "cache/lookup needs 'key' (string) and 'restore_keys' (list of strings)")
+        paths_id = body.get("paths_id") if isinstance(body.get("paths_id"), str) else None
+        await send_ndjson(send, _progress_stream(lambda p: cache.lookup(
+            body["key"], keys, bool(body.get("lookup_only")), paths_id)))
+    elif path == "/api/v0/cache/save":
+        if not isinstance(body.get("key"), str) or not isinstance(body.get("root"), str):
+            raise HTTPError(400, "cache/save needs 'key' and 'root' strings")
+        scan = body.get("scan_time")
+        await send_json(send, await cache.save(
+            body["key"], CID.parse(body["root"]), bool(body.get("force")),
+            body.get("paths_id") if isinstance(body.get("paths_id"), str) else None,
+            float(scan) if isinstance(scan, (int, float)) else None))
+    elif path in ("/api/v0/cache/pin", "/api/v0/cache/unpin"):
+        if not isinstance(body.get("key"), str):
+            raise HTTPError(400, "cache/pin needs a 'key' string")
+        await send_json(send, cache.set_pinned(body["key"], path.endswith("/pin")))
+    elif path == "/api/v0/cache/keys":
+        await send_json(send, {"keys": cache.list_keys()})
+    elif path == "/api/v0/cache/expire":
+        await send_json(send, await trio.to_thread.run_sync(cache.expire))
+    else:
+        raise HTTPError(404, f"no such endpoint: {method} {path}")

@@ -442,7 +442,8 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
     if not entries:
         return
     head = entries[0]
-    shown = lambda rel: os.path.join(target, os.fsdecode(rel)) if rel else target  # noqa: E731
+    def shown(rel: bytes) -> str:  # as the entry says, not normalised: the report must show `..` as it came
+        return f"{target.rstrip('/')}/{os.fsdecode(rel)}" if rel else target
     if head.path == b"" and not head.is_dir:
         # A single saved file (or symlink) at the top: written into the target's parent directory.
         parent, name = os.path.split(os.path.abspath(target))

@@ -38,8 +38,15 @@ from .content.cacherecord import CacheRecord, check_cache_key, namespace_of
 from .content.cid import CID
 from .content.treemanifest import TreeManifest, iter_blocks
 from .errors import CorruptData, InvalidInput, MalformedBlock, NotFound
-from .routing.keys import cache_ns_alias
 from .store.index import RootInfo
+
+
+
+def cache_ns_alias(namespace: str) -> str:
+    from .routing.keys import cache_ns_alias as alias  # imported late: the CLI must not pay for libp2p
+
+    return alias(namespace)
+
 
 __all__ = ["BuildCache", "BuildCacheConfig", "RecordStore", "RepoBlockSink", "Swarm", "TrustPolicy", "WriterRule",
            "register_tree"]
@@ -206,6 +213,9 @@ class RepoBlockSink:
 
     def put(self, blocks: list[tuple[CID, bytes]]) -> None:
         self.repo.put_blocks(blocks)
+
+    def close(self) -> None:
+        pass
 
 
 def register_tree(repo: Any, root: CID, name: str | None) -> RootInfo:
@@ -409,8 +419,28 @@ class BuildCache:
         return [c for c in cids if c.buffer not in known]
 
     def put_blocks(self, blocks: list[tuple[CID, bytes]]) -> int:
-        """Blocks uploaded by a local saver: each is re-hashed against its CID before it is stored."""
-        return self.repo.put_blocks(blocks)
+        """Blocks uploaded by a local saver: each is re-hashed against its CID before it is stored.
+        Hashing and file writes run on a few threads (both release the GIL), then one index commit."""
+        known = self.repo.index.known_blocks([c for c, _ in blocks])
+        todo = [(c, d) for c, d in blocks if c.buffer not in known]
+
+        def one(item: tuple[CID, bytes]) -> None:
+            cid, data = item
+            if not cid.verify(data):
+                raise CorruptData(f"uploaded block {cid} does not match its CID; refusing it")
+            self.repo.files.write(cid, data)
+
+        if todo:
+            list(self._pool().map(one, todo))
+        self.repo.commit_blocks([(c, len(d)) for c, d in blocks])
+        return sum(len(d) for _, d in todo)
+
+    def _pool(self) -> Any:
+        if getattr(self, "_writers", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cache-put")
+        return self._writers
 
     # -- serving --------------------------------------------------------------------------------------
     def records_for_peer(self, key: str, prefix: bool, limit: int) -> list[CacheRecord]:
@@ -501,14 +531,64 @@ def unframe_blocks(body: bytes) -> list[tuple[CID, bytes]]:
     return out
 
 
-class DaemonBlockSink:
-    """A save's blocks uploaded to the running daemon, which re-hashes each before storing it."""
+def frame_cids(cids: list[CID]) -> bytes:
+    from .content import varint
 
-    def __init__(self, client: Any):
+    return b"".join(varint.encode(len(c.buffer)) + c.buffer for c in cids)
+
+
+def unframe_cids(body: bytes) -> list[CID]:
+    from .content import varint
+
+    out, pos, view = [], 0, memoryview(body)
+    try:
+        while pos < len(body):
+            n, pos = varint.decode(view, pos)
+            out.append(CID.decode(bytes(view[pos:pos + n])))
+            pos += n
+    except (ValueError, IndexError) as e:
+        raise InvalidInput(f"block list: malformed body ({e})") from None
+    return out
+
+
+class DaemonBlockSink:
+    """A save's blocks uploaded to the running daemon, which re-hashes each before storing it.
+
+    Uploads run on a background thread (at most `depth` batches queued), so the saver keeps reading and
+    chunking while the daemon stores; `close()` waits for the last one and re-raises its error."""
+
+    def __init__(self, client: Any, depth: int = 2):
+        import queue
+
         self.client = client
+        self.q: Any = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="cache-upload")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            body = self.q.get()
+            if body is None:
+                return
+            if self.error is None:
+                try:
+                    self.client.put_blocks(body)
+                except BaseException as e:
+                    self.error = e
 
     def missing(self, cids: list[CID]) -> set[CID]:
-        return {CID.parse(c) for c in self.client.blocks_missing([str(c) for c in cids])}
+        if self.error is not None:
+            raise self.error
+        return {cids[i] for i in self.client.blocks_missing(frame_cids(cids))}
 
     def put(self, blocks: list[tuple[CID, bytes]]) -> None:
-        self.client.put_blocks(frame_blocks(blocks))
+        if self.error is not None:
+            raise self.error
+        self.q.put(frame_blocks(blocks))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error

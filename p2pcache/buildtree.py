@@ -61,10 +61,12 @@ _tmp_counter = itertools.count()
 
 
 class BlockSink(Protocol):
-    """Where a save's blocks go: the repo, or the daemon that owns it."""
+    """Where a save's blocks go: the repo, or the daemon that owns it. `put` may work in the background;
+    `close` waits for it (and raises what it met)."""
 
     def missing(self, cids: list[CID]) -> set[CID]: ...
     def put(self, blocks: list[tuple[CID, bytes]]) -> None: ...
+    def close(self) -> None: ...
 
 
 def paths_id(paths: list[str]) -> str:
@@ -256,6 +258,7 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
     root, root_data, blocks = builder.finish()
     emit(blocks + [(root, root_data)])
     flush()
+    sink.close()
     report.root = root
     return report
 
@@ -463,14 +466,7 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
                 problem = "inside a refused directory"
             if problem is None:
                 if e.is_dir:
-                    try:
-                        os.close(_open_dir(root_fd, e.path.split(b"/") if e.path else [], create=True))
-                    except _Refused as r:
-                        problem = str(r)
-                    except OSError as err:
-                        problem = err.strerror or str(err)
-                    if problem is None:
-                        dirs.append(e)
+                    dirs.append(e)  # created on the way to its files, or at the end if it has none
                 elif e.is_file:
                     parent, _, name = e.path.rpartition(b"/")
                     files.setdefault(parent, []).append(e)
@@ -552,8 +548,12 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
                 report.refused.append((shown(e.path), "symlink resolving outside the target"))
         for e in reversed(dirs):  # deepest last in sorted order: set children before parents
             try:
-                dfd = _open_dir(root_fd, e.path.split(b"/") if e.path else [], create=False)
-            except (_Refused, OSError):
+                dfd = _open_dir(root_fd, e.path.split(b"/") if e.path else [], create=True)
+            except _Refused as r:
+                report.refused.append((shown(e.path), str(r)))
+                continue
+            except OSError as err:
+                report.refused.append((shown(e.path), err.strerror or str(err)))
                 continue
             try:
                 os.fchmod(dfd, _safe_mode(e.mode, report) | 0o700)

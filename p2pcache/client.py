@@ -136,8 +136,16 @@ class DaemonClient:
         """pin, unpin, keys, expire."""
         return self._post(f"/api/v0/cache/{what}", body)
 
-    def blocks_missing(self, cids: list[str]) -> list[str]:
-        return self._post("/api/v0/blocks/missing", {"cids": cids})["missing"]
+    def blocks_missing(self, body: bytes) -> list[int]:
+        """Indices of the blocks (framed binary CIDs) the daemon's repo lacks."""
+        try:
+            r = self.http.post("/api/v0/blocks/missing", content=body,
+                               headers={"content-type": "application/octet-stream"})
+        except httpx.HTTPError as e:
+            raise RepoError(f"daemon at {self.info['api']} did not answer: {e}") from None
+        if r.status_code != 200:
+            raise (InvalidInput if r.status_code == 400 else RepoError)(r.text.strip())
+        return r.json()["missing"]
 
     def put_blocks(self, body: bytes) -> dict:
         """Upload blocks framed as (varint length, binary CID, varint length, bytes)…; the daemon re-hashes each."""

@@ -60,7 +60,7 @@ TREE_TYPE = "p2pcache/tree"
 PAGE_TYPE = "p2pcache/tree-page"
 SCHEMA_VERSION = 1
 DEFAULT_INLINE = 1024
-PAGE_MASK = 0x7F  # a page closes after an entry whose path hash has these bits zero: ~128 entries a page
+PAGE_MASK = 0x1F  # a page closes after an entry whose path hash has these bits zero: ~32 entries a page
 PAGE_BYTES = 256 << 10  # ... or once it is estimated past this
 MAX_PATH = 4096
 

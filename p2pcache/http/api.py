@@ -7,7 +7,7 @@
     POST /api/v0/fetch-url {"url", "hash"} the swarm if anyone has it, else the URL; verify, add, announce
     POST /api/v0/gc {"max_size"?}          gc in the daemon; evicted roots are withdrawn from the DHT
     POST /api/v0/pin, /api/v0/unpin {"key"}
-    POST /api/v0/blocks/missing {"cids"}     which of these blocks the repo lacks
+    POST /api/v0/blocks/missing (binary)     which of these blocks (varint, binary CID)… the repo lacks: indices
     POST /api/v0/blocks (binary)             upload blocks (varint, CID, varint, bytes)…; each is re-hashed
     POST /api/v0/cache/lookup {"key", "restore_keys", "lookup_only", "paths_id"}   find (and fetch) a tree (NDJSON)
     POST /api/v0/cache/save {"key", "root", "force", "paths_id", "scan_time"}      claim an uploaded tree, sign, announce
@@ -152,14 +152,16 @@ async def _build_cache_routes(node: Any, method: str, path: str, receive: Receiv
         written = await trio.to_thread.run_sync(cache.put_blocks, blocks)
         await send_json(send, {"stored": len(blocks), "bytes_written": written})
         return
-    body = await read_json(receive, limit=8 << 20)
     if path == "/api/v0/blocks/missing":
-        cids = body.get("cids")
-        if not isinstance(cids, list) or not all(isinstance(c, str) for c in cids):
-            raise HTTPError(400, "blocks/missing needs a JSON body with a 'cids' list of strings")
-        missing = await trio.to_thread.run_sync(cache.missing, [CID.parse(c) for c in cids])
-        await send_json(send, {"missing": [str(c) for c in missing]})
-    elif path == "/api/v0/cache/lookup":
+        from ..buildcache import unframe_cids
+
+        cids = unframe_cids(await read_body(receive, limit=8 << 20))
+        missing = await trio.to_thread.run_sync(cache.missing, cids)
+        lacking = {c.buffer for c in missing}
+        await send_json(send, {"missing": [i for i, c in enumerate(cids) if c.buffer in lacking]})
+        return
+    body = await read_json(receive, limit=8 << 20)
+    if path == "/api/v0/cache/lookup":
         keys = body.get("restore_keys", [])
         if not isinstance(body.get("key"), str) or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise HTTPError(400, "cache/lookup needs 'key' (string) and 'restore_keys' (list of strings)")

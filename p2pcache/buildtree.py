@@ -416,7 +416,7 @@ def _write_file(dir_fd: int, name: bytes, entry: TreeEntry, load: Callable[[CID]
         raise
 
 
-def _symlink_escapes(rel: bytes, target: bytes) -> bool:
+def symlink_escapes(rel: bytes, target: bytes) -> bool:
     if target.startswith(b"/"):
         return True
     joined = os.path.normpath(os.path.join(os.path.dirname(rel), target))
@@ -471,7 +471,7 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
                     parent, _, name = e.path.rpartition(b"/")
                     files.setdefault(parent, []).append(e)
                 elif e.is_symlink:
-                    if _symlink_escapes(e.path, e.body):  # type: ignore[arg-type]
+                    if symlink_escapes(e.path, e.body):  # type: ignore[arg-type]
                         problem = "symlink pointing outside the target"
                     else:
                         links.append(e)

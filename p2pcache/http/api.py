@@ -12,6 +12,8 @@
     POST /api/v0/cache/lookup {"key", "restore_keys", "lookup_only", "paths_id"}   find (and fetch) a tree (NDJSON)
     POST /api/v0/cache/save {"key", "root", "force", "paths_id", "scan_time"}      claim an uploaded tree, sign, announce
     POST /api/v0/cache/pin, /cache/unpin {"key"}; POST /api/v0/cache/keys, /cache/expire {}
+    GET  /api/v0/cache/tar?key=K&restore_key=P…     a tree as a tar stream (builders with curl and tar: Nix)
+    POST /api/v0/cache/tar?key=K&path=DIR…          save a tar stream's members under DIR… as K
 
 Long operations answer NDJSON: `{"event": "progress", "bytes": n, "total": t}` lines, then one
 `{"event": "done", ...}` or `{"event": "error", "message", "code"}` line. The API listens on loopback
@@ -118,7 +120,10 @@ def make_app(node: NodeAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]
                     raise HTTPError(400, "fetch-url needs a JSON body with 'url' and 'hash' strings")
                 await send_ndjson(send, _progress_stream(lambda p: node.fetch_url(body["url"], body["hash"], p)))
             elif path.startswith("/api/v0/blocks") or path.startswith("/api/v0/cache/"):
-                await _build_cache_routes(node, method, path, receive, send)
+                from urllib.parse import parse_qs
+
+                await _build_cache_routes(node, method, path, receive, send,
+                                          parse_qs(scope.get("query_string", b"").decode("latin-1")))
             else:
                 await _extra_routes(node, scope, receive, send)
         except HTTPError as e:
@@ -137,11 +142,58 @@ async def _extra_routes(node: Any, scope: Scope, receive: Receive, send: Send) -
         await send_error(send, 404, f"no such endpoint: {scope['method']} {scope['path']}")
 
 
-async def _build_cache_routes(node: Any, method: str, path: str, receive: Receive, send: Send) -> None:
+async def _build_cache_tar(cache: Any, method: str, query: dict, receive: Receive, send: Send) -> None:
+    """GET ?key=K&restore_key=P…: the tree as a tar stream (404 on a miss; headers say which key matched).
+    POST ?key=K&path=DIR…[&force=1] with a tar body: save it under K. For builders with curl and tar only."""
+    from ..aio import drain_thread
+    from ..buildcache import tree_as_tar
+    from ..content.cid import CID
+    from ..content.treemanifest import TreeManifest
+
+    key = (query.get("key") or [None])[0]
+    if not key:
+        raise HTTPError(400, "cache/tar needs ?key=…")
+    if method == "POST":
+        async def body() -> AsyncIterator[bytes]:
+            while True:
+                event = await receive()
+                if event["type"] == "http.disconnect":
+                    return
+                if event.get("body"):
+                    yield event["body"]
+                if not event.get("more_body"):
+                    return
+
+        await send_json(send, await cache.save_tar(key, body(), query.get("path", []),
+                                                   (query.get("force") or ["0"])[0] not in ("0", "")))
+        return
+    if method != "GET":
+        raise HTTPError(405, "cache/tar takes GET or POST")
+    found = await cache.lookup(key, query.get("restore_key", []))
+    if found["match"] == "none":
+        raise HTTPError(404, f"no cache entry for {key}")
+    root = CID.parse(found["root"])
+    manifest = TreeManifest.decode(cache.repo.load_block(root))
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/x-tar"), (b"x-p2pcache-match", found["match"].encode()),
+        (b"x-p2pcache-key", found["key"].encode("utf-8", "replace"))]})
+
+    async def deliver(piece: bytes) -> None:
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
+
+    await drain_thread(lambda: tree_as_tar(manifest, cache.repo.load_block), deliver)
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _build_cache_routes(node: Any, method: str, path: str, receive: Receive, send: Send,
+                              query: dict) -> None:
     """The build cache's routes (p2pcache.buildcache): blocks and roots in, roots out; no caller paths."""
     from ..content.cid import CID
 
     cache = getattr(node, "buildcache", None)
+    if cache is not None and path == "/api/v0/cache/tar":
+        await _build_cache_tar(cache, method, query, receive, send)
+        return
     if cache is None or method != "POST":
         raise HTTPError(404, f"no such endpoint: {method} {path}")
     if path == "/api/v0/blocks":

@@ -186,3 +186,30 @@ def test_manifest_decoding_is_strict_about_shape():
         list(iter_entries(m2, {cid2: bad}.__getitem__))
     with pytest.raises(MalformedBlock):
         TreeManifest.decode(dagcbor.encode({"type": "p2pcache/tree", "version": 1}))
+
+
+def test_huge_trees_put_page_links_into_index_blocks(monkeypatch):
+    import p2pcache.content.treemanifest as tm
+
+    monkeypatch.setattr(tm, "ROOT_PAGES", 8)  # as if the tree had more than 1024 pages
+    blocks = {}
+
+    def build(n):
+        b = TreeManifestBuilder(["p"])
+        for i in range(n):
+            for c, d in b.add(TreeEntry(0, b"d%06d" % i, stat.S_IFDIR | 0o755, i, None)):
+                blocks[c] = bytes(d)
+        root, data, rest = b.finish()
+        blocks.update((c, bytes(d)) for c, d in rest)
+        return TreeManifest.decode(data)
+
+    m = build(3000)
+    assert len(m.pages) <= 8
+    assert [e.path for e in iter_entries(m, blocks.__getitem__)] == [b"d%06d" % i for i in range(3000)]
+    listed = {c for c, _ in tm.iter_blocks(m, blocks.__getitem__)}
+    assert listed == set(blocks) and any(dagcbor.decode(blocks[c])["type"] == tm.INDEX_TYPE for c in listed)
+    # one more entry at the end leaves most index blocks as they were
+    before = set(blocks)
+    blocks.clear()
+    m2 = build(3001)
+    assert m2.entries == 3001 and len(set(blocks) - before) <= 6

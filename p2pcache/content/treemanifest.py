@@ -18,6 +18,9 @@ Blocks:
            "pages": [[CID, count], ...],     the entries, in order, spread over page blocks
            "sources": null | {"path": str, "entries": int, "pages": [[CID, count], ...]}}
     page  {"type": "p2pcache/tree-page", "version": 1, "entries": [entry, ...]}
+    index {"type": "p2pcache/tree-index", "version": 1, "pages": [[CID, count], ...]}   when a list of page
+          links would pass ROOT_PAGES, it is itself cut into index blocks the same way (links to pages or,
+          for huge trees, to further index blocks; count is always the entries below the link)
     chunk-index nodes and raw chunks exactly as in manifest.py
 
     entry        = [top, path, mode, mtime_ns, body]     top: index into "paths"; path: relative bytes,
@@ -58,6 +61,8 @@ __all__ = [
 
 TREE_TYPE = "p2pcache/tree"
 PAGE_TYPE = "p2pcache/tree-page"
+INDEX_TYPE = "p2pcache/tree-index"
+ROOT_PAGES = 1024  # more page links than this go into index blocks (content-defined, ~32 links each)
 SCHEMA_VERSION = 1
 DEFAULT_INLINE = 1024
 PAGE_MASK = 0x1F  # a page closes after an entry whose path hash has these bits zero: ~32 entries a page
@@ -174,12 +179,34 @@ class _Pager:
         data = dagcbor.encode({"type": PAGE_TYPE, "version": SCHEMA_VERSION, "entries": self.items})
         if len(data) > MAX_BLOCK_SIZE:
             raise InvalidInput(f"tree manifest: a page of {len(data)} bytes exceeds the block limit")
-        if len(self.pages) >= FANOUT:
-            raise InvalidInput(f"tree manifest: more than {FANOUT} pages of entries (too many files)")
         cid = CID.for_block(DAG_CBOR, data)
         self.pages.append([cid, len(self.items)])
         self.items, self.size = [], 0
         return [(cid, data)]
+
+
+def _indexed(links: list[list], out: list[Block]) -> list[list]:
+    """Page links as the root holds them: at most ROOT_PAGES, else grouped into index blocks (content-defined
+    boundaries on the link's CID, so an unchanged run of pages keeps its index block), level by level."""
+    while len(links) > ROOT_PAGES:
+        grouped: list[list] = []
+        group: list[list] = []
+
+        def close() -> None:
+            data = dagcbor.encode({"type": INDEX_TYPE, "version": SCHEMA_VERSION, "pages": group})
+            cid = CID.for_block(DAG_CBOR, data)
+            out.append((cid, data))
+            grouped.append([cid, sum(n for _, n in group)])
+
+        for link in links:
+            group.append(link)
+            if link[0].buffer[-1] & PAGE_MASK == 0 or len(group) >= 4 * (PAGE_MASK + 1):
+                close()
+                group = []
+        if group:
+            close()
+        links = grouped
+    return links
 
 
 def _estimate(body: object) -> int:
@@ -224,11 +251,13 @@ class TreeManifestBuilder:
 
     def finish(self) -> tuple[CID, bytes, list[Block]]:
         out = self._entries.close() + self._sources.close()
+        pages = _indexed(self._entries.pages, out)
         sources = None
         if self.sources_path is not None:
-            sources = {"path": self.sources_path, "entries": self._sources.count, "pages": self._sources.pages}
+            sources = {"path": self.sources_path, "entries": self._sources.count,
+                       "pages": _indexed(self._sources.pages, out)}
         manifest = TreeManifest(self.params, self.inline, tuple(self.paths), self._entries.count, self.size,
-                                tuple(map(tuple, self._entries.pages)), sources)  # type: ignore[arg-type]
+                                tuple(map(tuple, pages)), sources)  # type: ignore[arg-type]
         data = manifest.encode()
         if len(data) > MAX_BLOCK_SIZE:
             raise InvalidInput(f"tree manifest: root block of {len(data)} bytes exceeds the block limit")
@@ -312,10 +341,16 @@ class TreeManifest:
 # -- reading ------------------------------------------------------------------------------------------------
 
 
-def _page_items(pages: Iterable[tuple[CID, int]], count: int, load: Load, what: str) -> Iterator[list]:
+def _page_items(pages: Iterable[tuple[CID, int]], count: int, load: Load, what: str, depth: int = 0) -> Iterator[list]:
     seen = 0
     for cid, n in pages:
         page = dagcbor.decode(load(cid))
+        if isinstance(page, dict) and page.get("type") == INDEX_TYPE:
+            if depth >= 4 or set(page) != {"type", "version", "pages"} or page["version"] != SCHEMA_VERSION:
+                raise MalformedBlock(f"{what}: malformed or too deep tree index {cid}")
+            seen += n
+            yield from _page_items(_page_links(page["pages"], what), n, load, what, depth + 1)
+            continue
         if not isinstance(page, dict) or page.get("type") != PAGE_TYPE or set(page) != {"type", "version", "entries"}:
             raise MalformedBlock(f"{what}: block {cid} is not a tree page")
         if page["version"] != SCHEMA_VERSION:
@@ -392,11 +427,17 @@ def file_chunks(entry: TreeEntry, load: Load) -> Iterator[ChunkRef]:
 
 def iter_blocks(manifest: TreeManifest, load: Load) -> Iterator[tuple[CID, int]]:
     """Every block below the root (pages, chunk-index nodes, chunks) with its size; repeats possible."""
-    for cid, _ in manifest.pages:
-        yield cid, len(load(cid))
+    def page_blocks(links: Iterable[tuple[CID, int]], depth: int = 0) -> Iterator[tuple[CID, int]]:
+        for cid, _ in links:
+            data = load(cid)
+            yield cid, len(data)
+            node = dagcbor.decode(data)
+            if isinstance(node, dict) and node.get("type") == INDEX_TYPE and depth < 4:
+                yield from page_blocks(_page_links(node.get("pages"), "tree index"), depth + 1)
+
+    yield from page_blocks(manifest.pages)
     if manifest.sources is not None:
-        for cid, _ in manifest.sources["pages"]:
-            yield cid, len(load(cid))
+        yield from page_blocks(manifest.sources["pages"])
     for entry in iter_entries(manifest, load):
         if entry.is_file and isinstance(entry.body, list):
             todo = [(entry.body[1], check_links(entry.body[2], entry.body[1], "tree manifest"))]

@@ -48,6 +48,7 @@ from .content.treemanifest import (
     iter_entries,
     iter_sources,
     path_problem,
+    previous_tree,
 )
 from .errors import CorruptData, InvalidInput, RepoError
 
@@ -147,7 +148,7 @@ def _top_links(body: object) -> list[CID]:
 
 
 def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = None,
-              previous: dict[tuple[int, bytes], TreeEntry] | None = None, previous_scan: float = 0.0,
+              previous: "PreviousTree | None" = None, previous_scan: float = 0.0,
               params: ChunkerParams = DEFAULT_PARAMS, threads: int = 4,
               progress: Callable[[int], None] | None = None) -> SaveReport:
     """Walk `paths`, store every block `sink` lacks, and return the report with the tree's root CID."""
@@ -165,23 +166,26 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
         entries += [(top, rel, st) for rel, st in found]
     # Which files may reuse their previous body: same type, mode, size and mtime, not racily new, and
     # their blocks still in the repo (gc may have taken them).
-    previous = previous or {}
+    old_files = previous.files if previous is not None else {}
     racy_limit = int(previous_scan * 1e9) - RACY_NS
     reuse: dict[tuple[int, bytes], TreeEntry] = {}
     for top, rel, st in entries:
-        old = previous.get((top, rel))
+        old = old_files.get((top, rel))
         if (old is not None and old.is_file and old.mode == st.st_mode and old.size == st.st_size
                 and old.mtime_ns == st.st_mtime_ns and st.st_mtime_ns < racy_limit):
             reuse[(top, rel)] = old
-    if reuse:
+    # ... and their blocks, and the previous pages to be reused whole, still in the repo (gc may have run).
+    pages = dict(previous.pages) if previous is not None else {}
+    if reuse or pages:
         links = list({c: None for e in reuse.values() for c in _top_links(e.body)})
+        links += [cid for _, cid in pages.values()]
         gone: set[CID] = set()
         for i in range(0, len(links), 4096):
             gone |= sink.missing(links[i:i + 4096])
         if gone:
             reuse = {k: e for k, e in reuse.items() if not any(c in gone for c in _top_links(e.body))}
-
-    builder = TreeManifestBuilder(list(paths), params, sources_path=sources_dir)
+            pages = {k: v for k, v in pages.items() if v[1] not in gone}
+    builder = TreeManifestBuilder(list(paths), params, sources_path=sources_dir, previous_pages=pages)
     pending: list[tuple[CID, bytes]] = []
     pending_bytes = 0
     seen: set[CID] = set()
@@ -305,9 +309,16 @@ def _hash_sources(sources_dir: str, exclude: list[str], pool: ThreadPoolExecutor
         yield rel, fut.result(), st.st_mtime_ns
 
 
-def previous_entries(manifest: TreeManifest, load: Callable[[CID], bytes]) -> dict[tuple[int, bytes], TreeEntry]:
-    """A previous tree's file entries by (top, path): the stat cache for the next save."""
-    return {(e.top, e.path): e for e in iter_entries(manifest, load) if e.is_file}
+def previous_entries(manifest: TreeManifest, load: Callable[[CID], bytes]) -> "PreviousTree":
+    """The stat cache for the next save: a previous tree's file entries and pages (see `previous_tree`)."""
+    files, pages = previous_tree(manifest, load)
+    return PreviousTree(files, pages)
+
+
+@dataclass
+class PreviousTree:
+    files: dict[tuple[int, bytes], TreeEntry]
+    pages: dict
 
 
 # -- restoring ------------------------------------------------------------------------------------------

@@ -4,32 +4,15 @@ swarm, with the saver gone, by prefix, and with writers the team does not trust 
 import json
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
-
-import pytest
 
 from libp2p.peer.id import ID
 
 from p2pcache.net.host import load_identity
 
 from .helpers.daemons import start_daemon
-
-
-@pytest.fixture
-def swarm_key(tmp_path):
-    path = tmp_path / "swarm.key"
-    subprocess.run([sys.executable, "-m", "p2pcache", "swarm-key", "new", "-o", str(path)], check=True)
-    return path
-
-
-@pytest.fixture
-def daemons():
-    started = []
-    yield started
-    for d in started:
-        d.stop()
+from .test_swarm import daemons, swarm_key  # noqa: F401  (fixtures)
 
 
 def make_build_dir(path: Path, seed: int, files: int = 40) -> Path:

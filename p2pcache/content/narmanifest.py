@@ -68,6 +68,7 @@ __all__ = [
     "NarManifestBuilder",
     "VerifiedStream",
     "check_links",
+    "chunk_blocks",
     "iter_blocks",
     "iter_events",
     "iter_plan",
@@ -452,6 +453,23 @@ def _page_entries(pages: list, count: int, load: Callable[[CID], bytes], what: s
         raise MalformedBlock(f"{what}: directory pages hold {seen} entries, the directory says {count}")
 
 
+def chunk_blocks(depth: int, links: list[Link], load: Callable[[CID], bytes]) -> Iterator[tuple[CID, int]]:
+    """Every block of one file's chunk tree (chunk-index nodes and chunks) with its size, checked as it goes."""
+    todo = [(depth, links)]
+    while todo:
+        depth, links = todo.pop()
+        for cid, size in links:
+            if depth == 0:
+                yield cid, size
+                continue
+            data = load(cid)
+            yield cid, len(data)
+            index = ChunkIndex.decode(data)
+            if index.depth != depth - 1 or index.size != size:
+                raise MalformedBlock(f"chunk index {cid} does not match its parent's depth or size")
+            todo.append((index.depth, list(index.children)))
+
+
 def walk_links(depth: int, links: list[Link], load: Callable[[CID], bytes]) -> Iterator[ChunkRef]:
     if depth == 0:
         for cid, size in links:
@@ -581,19 +599,7 @@ def iter_blocks(manifest: NarManifest, load: Callable[[CID], bytes]) -> Iterator
         kind = node[0]
         if kind == "chunked":
             _node_events(node, load, what)  # shape checks
-            todo = [(node[3], check_links(node[4], node[3], what))]
-            while todo:
-                depth, links = todo.pop()
-                for cid, size in links:
-                    if depth == 0:
-                        yield cid, size
-                        continue
-                    data = load(cid)
-                    yield cid, len(data)
-                    index = ChunkIndex.decode(data)
-                    if index.depth != depth - 1 or index.size != size:
-                        raise MalformedBlock(f"chunk index {cid} does not match its parent's depth or size")
-                    todo.append((index.depth, list(index.children)))
+            yield from chunk_blocks(node[3], check_links(node[4], node[3], what), load)
         elif kind == "dir":
             _node_events(node, load, what)
             stack.extend(e[1] for e in node[1])

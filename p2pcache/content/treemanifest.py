@@ -51,12 +51,12 @@ from ..errors import InvalidInput, MalformedBlock
 from . import dagcbor
 from .chunking import DEFAULT_PARAMS, MAX_BLOCK_SIZE, Chunker, ChunkerParams
 from .cid import CID, DAG_CBOR, RAW
-from .manifest import FANOUT, ChunkIndex
-from .narmanifest import INLINE_LINKS, ChunkRef, ChunkTree, check_links, walk_links
+from .manifest import FANOUT
+from .narmanifest import INLINE_LINKS, ChunkRef, ChunkTree, check_links, chunk_blocks, walk_links
 
 __all__ = [
     "TreeEntry", "TreeManifest", "TreeManifestBuilder", "chunk_contents", "file_chunks", "iter_blocks",
-    "iter_entries", "iter_sources", "path_problem",
+    "iter_entries", "iter_sources", "path_problem", "previous_tree",
 ]
 
 TREE_TYPE = "p2pcache/tree"
@@ -157,9 +157,14 @@ def chunk_contents(pieces: Iterable[bytes], size: int, params: ChunkerParams = D
 
 
 class _Pager:
-    """Items in order in, page blocks out: a page closes at a content-defined boundary or when full."""
+    """Items in order in, page blocks out: a page closes at a content-defined boundary or when full.
 
-    def __init__(self) -> None:
+    `previous` maps a page's first item to (items, CID) of a page of an earlier tree: a page that comes out
+    with exactly those items is that block again, so it is neither encoded nor emitted (an unchanged re-save
+    of a big tree re-encodes nothing)."""
+
+    def __init__(self, previous: dict | None = None) -> None:
+        self.previous = previous or {}
         self.items: list = []
         self.size = 0
         self.pages: list[list] = []
@@ -176,6 +181,11 @@ class _Pager:
     def close(self) -> list[Block]:
         if not self.items:
             return []
+        old = self.previous.get(_first_key(self.items[0]))
+        if old is not None and old[0] == self.items:
+            self.pages.append([old[1], len(self.items)])
+            self.items, self.size = [], 0
+            return []
         data = dagcbor.encode({"type": PAGE_TYPE, "version": SCHEMA_VERSION, "entries": self.items})
         if len(data) > MAX_BLOCK_SIZE:
             raise InvalidInput(f"tree manifest: a page of {len(data)} bytes exceeds the block limit")
@@ -183,6 +193,10 @@ class _Pager:
         self.pages.append([cid, len(self.items)])
         self.items, self.size = [], 0
         return [(cid, data)]
+
+
+def _first_key(item: list) -> tuple:
+    return (item[0], item[1]) if len(item) == 5 else (item[0],)
 
 
 def _indexed(links: list[list], out: list[Block]) -> list[list]:
@@ -221,12 +235,12 @@ class TreeManifestBuilder:
     """Entries (strictly increasing by (top, path)) and sources (increasing by path) in, blocks out."""
 
     def __init__(self, paths: list[str], params: ChunkerParams = DEFAULT_PARAMS, inline: int = DEFAULT_INLINE,
-                 sources_path: str | None = None):
+                 sources_path: str | None = None, previous_pages: dict | None = None):
         self.paths = list(paths)
         self.params = params.validate()
         self.inline = inline
         self.sources_path = sources_path
-        self._entries = _Pager()
+        self._entries = _Pager(previous_pages)  # see `previous_pages`
         self._sources = _Pager()
         self._last: tuple[int, bytes] | None = None
         self._last_source: bytes | None = None
@@ -401,6 +415,32 @@ def iter_entries(manifest: TreeManifest, load: Load) -> Iterator[TreeEntry]:
         yield TreeEntry(top, path, mode, mtime, body)
 
 
+def previous_tree(manifest: TreeManifest, load: Load) -> tuple[dict[tuple[int, bytes], TreeEntry], dict]:
+    """An earlier tree of our own repo, for the next save: its regular-file entries by (top, path) (the stat
+    cache) and its entry pages by first entry (`TreeManifestBuilder(previous_pages=…)`). Each page is decoded
+    once; the shapes were checked when the tree was registered. Pages reused this way are not emitted again,
+    so the caller must know the tree is still complete in the repo."""
+    files: dict[tuple[int, bytes], TreeEntry] = {}
+    pages: dict = {}
+
+    def walk(links: Iterable[tuple[CID, int]], depth: int = 0) -> None:
+        for cid, _ in links:
+            node = dagcbor.decode(load(cid))
+            if not isinstance(node, dict):
+                raise MalformedBlock(f"tree block {cid} is not a map")
+            if node.get("type") == INDEX_TYPE and depth < 4:
+                walk(_page_links(node.get("pages"), "tree index"), depth + 1)
+            elif node.get("type") == PAGE_TYPE and node.get("entries"):
+                items = node["entries"]
+                pages[_first_key(items[0])] = (items, cid)
+                for top, path, mode, mtime, body in items:
+                    if stat.S_ISREG(mode):
+                        files[(top, path)] = TreeEntry(top, path, mode, mtime, body)
+
+    walk(manifest.pages)
+    return files, pages
+
+
 def iter_sources(manifest: TreeManifest, load: Load) -> Iterator[tuple[bytes, bytes, int]]:
     """(path, sha256, mtime_ns) of the sources recorded at save time, in path order."""
     if manifest.sources is None:
@@ -440,16 +480,4 @@ def iter_blocks(manifest: TreeManifest, load: Load) -> Iterator[tuple[CID, int]]
         yield from page_blocks(manifest.sources["pages"])
     for entry in iter_entries(manifest, load):
         if entry.is_file and isinstance(entry.body, list):
-            todo = [(entry.body[1], check_links(entry.body[2], entry.body[1], "tree manifest"))]
-            while todo:
-                depth, links = todo.pop()
-                for cid, size in links:
-                    if depth == 0:
-                        yield cid, size
-                        continue
-                    data = load(cid)
-                    yield cid, len(data)
-                    index = ChunkIndex.decode(data)
-                    if index.depth != depth - 1 or index.size != size:
-                        raise MalformedBlock(f"chunk index {cid} does not match its parent's depth or size")
-                    todo.append((index.depth, list(index.children)))
+            yield from chunk_blocks(entry.body[1], check_links(entry.body[2], entry.body[1], "tree manifest"), load)

@@ -23,9 +23,9 @@ from libp2p.custom_types import TProtocol
 
 from ..content.cacherecord import MAX_RECORD, CacheRecord, check_cache_key
 from ..errors import InvalidInput, MalformedBlock
-from .errors import ResolveProtocolError, ResolveUnavailable, RoutingUsageError
+from .errors import ResolveProtocolError, RoutingUsageError
 from .pb import p2pcache_pb2 as pb
-from .resolve import close_stream, read_frame, reset_stream
+from .resolve import ask_once, close_stream, read_frame, reset_stream
 from .resolve_wire import FrameReader, frame
 
 __all__ = ["CACHE_RECORDS_PROTOCOL", "CacheRecordsServer", "MAX_RECORDS", "ask_records", "decode_records",
@@ -145,25 +145,6 @@ async def ask_records(host: Any, peer_id: Any, key: str, prefix: bool, timeout: 
     """Ask one peer for its records of `key` (or keys starting with it). Raises ResolveUnavailable or
     ResolveProtocolError like `resolve`; the records returned are signature-checked, not trust-checked."""
     request = encode_request(key, prefix, limit)
-    stream = None
-    try:
-        with trio.fail_after(timeout):
-            stream = await host.new_stream(peer_id, [TProtocol(CACHE_RECORDS_PROTOCOL)])
-            await stream.write(request)
-            await stream.close_write()
-            payload = await read_frame(stream, FrameReader(MAX_RESPONSE, "cache-records answer"))
-        answer = decode_records(payload, key, prefix)
-    except ResolveProtocolError:
-        if stream is not None:
-            await reset_stream(stream)
-        raise
-    except trio.TooSlowError:
-        if stream is not None:
-            await reset_stream(stream)
-        raise ResolveUnavailable(f"peer {peer_id} did not answer for cache key {key[:60]!r} within {timeout}s") from None
-    except Exception as e:
-        if stream is not None:
-            await reset_stream(stream)
-        raise ResolveUnavailable(f"cannot ask peer {peer_id} for cache key {key[:60]!r}: {type(e).__name__}: {e}") from None
-    await close_stream(stream)
-    return answer
+    return await ask_once(host, peer_id, TProtocol(CACHE_RECORDS_PROTOCOL), request, MAX_RESPONSE,
+                          "cache-records answer", lambda payload: decode_records(payload, key, prefix), timeout,
+                          f"the records of cache key {key[:60]!r}")

@@ -149,14 +149,23 @@ async def resolve(host: Any, peer_id: ID, alias: str, timeout: float = 5.0) -> R
     `timeout` seconds) or ResolveProtocolError (the answer is malformed or over the limits; the stream
     is reset). The answer is unverified: fetch and verify against `answer.root` before using it."""
     request = encode_request(alias)  # RoutingUsageError for a malformed alias: our bug, not the peer's
+    return await ask_once(host, peer_id, TProtocol(PROTOCOL), request, MAX_RESPONSE, "answer", decode_response,
+                          timeout, f"a resolve of {alias!r}")
+
+
+async def ask_once(host: Any, peer_id: ID, protocol: TProtocol, request: bytes, limit: int, what: str,
+                   decode: Callable[[bytes], Any], timeout: float, asking: str) -> Any:
+    """One framed request and one framed answer of at most `limit` bytes on a new stream, decoded with
+    `decode` (which raises ResolveProtocolError on a bad answer). Raises ResolveUnavailable when the peer
+    cannot be reached or does not answer in time; the stream is reset on any failure."""
     stream = None
     try:
         with trio.fail_after(timeout):
-            stream = await host.new_stream(peer_id, [TProtocol(PROTOCOL)])
+            stream = await host.new_stream(peer_id, [protocol])
             await stream.write(request)
             await stream.close_write()
-            payload = await read_frame(stream, FrameReader(MAX_RESPONSE, "answer"))
-        answer = decode_response(payload)
+            payload = await read_frame(stream, FrameReader(limit, what))
+        answer = decode(payload)
     except ResolveProtocolError:
         if stream is not None:
             await reset_stream(stream)
@@ -164,10 +173,10 @@ async def resolve(host: Any, peer_id: ID, alias: str, timeout: float = 5.0) -> R
     except trio.TooSlowError:
         if stream is not None:
             await reset_stream(stream)
-        raise ResolveUnavailable(f"peer {peer_id} did not answer a resolve of {alias!r} within {timeout}s") from None
+        raise ResolveUnavailable(f"peer {peer_id} did not answer {asking} within {timeout}s") from None
     except Exception as e:
         if stream is not None:
             await reset_stream(stream)
-        raise ResolveUnavailable(f"cannot resolve {alias!r} at peer {peer_id}: {type(e).__name__}: {e}") from None
+        raise ResolveUnavailable(f"cannot get {asking} from peer {peer_id}: {type(e).__name__}: {e}") from None
     await close_stream(stream)
     return answer

@@ -164,22 +164,33 @@ class RecordStore:
 
     def matching(self, key: str, prefix: bool, limit: int = 64) -> list[CacheRecord]:
         """Records for `key` (or keys starting with it), newest first."""
-        if prefix:
-            rows = self.db.execute("SELECT data FROM records WHERE substr(key, 1, ?) = ? ORDER BY time_ms DESC LIMIT ?",
-                                   (len(key), key, limit))
-        else:
-            rows = self.db.execute("SELECT data FROM records WHERE key = ? ORDER BY time_ms DESC LIMIT ?", (key, limit))
+        with self._lock:
+            rows = self._matching_rows(key, prefix, limit)
         out = []
-        for (data,) in rows.fetchall():
+        for (data,) in rows:
             try:
                 out.append(CacheRecord.decode(data))
             except MalformedBlock as e:  # our own table: should not happen
                 log.warning("build cache: dropping an unreadable stored record: %s", e)
         return out
 
+    def _matching_rows(self, key: str, prefix: bool, limit: int) -> list:
+        if prefix:
+            rows = self.db.execute("SELECT data FROM records WHERE substr(key, 1, ?) = ? ORDER BY time_ms DESC LIMIT ?",
+                                   (len(key), key, limit))
+        else:
+            rows = self.db.execute("SELECT data FROM records WHERE key = ? ORDER BY time_ms DESC LIMIT ?", (key, limit))
+        return rows.fetchall()
+
     def roots(self) -> list[tuple[CID, str]]:
         """(root, namespace) of every record held."""
-        return [(CID(r), namespace_of(k)) for r, k in self.db.execute("SELECT DISTINCT root, key FROM records")]
+        with self._lock:
+            rows = self.db.execute("SELECT DISTINCT root, key FROM records").fetchall()
+        return [(CID(r), namespace_of(k)) for r, k in rows]
+
+    def all_records(self) -> list[bytes]:
+        with self._lock:
+            return [d for (d,) in self.db.execute("SELECT data FROM records ORDER BY key, time_ms DESC")]
 
     def drop_root(self, root: CID) -> int:
         with self._lock:
@@ -187,7 +198,8 @@ class RecordStore:
 
     def last_save(self, paths_id: str) -> tuple[CID, float] | None:
         try:
-            row = self.db.execute("SELECT root, scan_time FROM saves WHERE paths_id = ?", (paths_id,)).fetchone()
+            with self._lock:
+                row = self.db.execute("SELECT root, scan_time FROM saves WHERE paths_id = ?", (paths_id,)).fetchone()
         except sqlite3.OperationalError:
             return None
         return (CID(row[0]), row[1]) if row else None
@@ -344,29 +356,28 @@ class BuildCache:
         check_cache_key(key)
         for p in restore_keys:
             check_cache_key(p, "restore key")
-        records = await self.find(key, False)
-        match, matched_prefix = "exact", None
-        for p in restore_keys:
-            if records:
-                break
-            records = await self.find(p, True)
-            match, matched_prefix = "prefix", p
-        if not records:
-            self.stats.misses += 1
-            return {"match": "none", "key": None, "requested": key}
-        record, peers = records[0]
-        out = {"match": match, "requested": key, "prefix": matched_prefix, **record.to_json()}
-        if lookup_only:
-            return out
-        fetched = await self._make_local(record, peers)
-        out["bytes_fetched"] = fetched
-        if match == "exact":
-            self.stats.restores_exact += 1
-        else:
-            self.stats.restores_prefix += 1
-        if paths_id:
-            self.store.set_save(paths_id, record.root, self.clock())
-        return out
+        groups = [("exact", None, key, False)] + [("prefix", p, p, True) for p in restore_keys]
+        for match, matched_prefix, text, prefix in groups:
+            records = await self.find(text, prefix)
+            if records and lookup_only:
+                return {"match": match, "requested": key, "prefix": matched_prefix, **records[0][0].to_json()}
+            # The newest record whose tree can be had wins; one whose tree is gone everywhere is skipped.
+            for record, peers in records:
+                try:
+                    fetched = await self._make_local(record, peers)
+                except NotFound as e:
+                    log.warning("build cache: the tree of %r (%s) cannot be had: %s", record.key[:80], record.root, e)
+                    continue
+                if match == "exact":
+                    self.stats.restores_exact += 1
+                else:
+                    self.stats.restores_prefix += 1
+                if paths_id:
+                    self.store.set_save(paths_id, record.root, self.clock())
+                return {"match": match, "requested": key, "prefix": matched_prefix, **record.to_json(),
+                        "bytes_fetched": fetched}
+        self.stats.misses += 1
+        return {"match": "none", "key": None, "requested": key}
 
     async def _make_local(self, record: CacheRecord, peers: list[Any]) -> int:
         info = self.repo.index.get_root(record.root)
@@ -491,7 +502,7 @@ class BuildCache:
 
     def list_keys(self) -> list[dict]:
         out = []
-        for (data,) in self.store.db.execute("SELECT data FROM records ORDER BY key, time_ms DESC").fetchall():
+        for data in self.store.all_records():
             r = CacheRecord.decode(data)
             info = self.repo.index.get_root(r.root)
             out.append({**r.to_json(), "held": bool(info and info.complete), "pinned": bool(info and info.pinned),

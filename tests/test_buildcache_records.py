@@ -160,3 +160,18 @@ def test_idle_trees_expire_pinned_ones_stay(repo, tmp_path):
     assert repo.index.get_root(old) is None and repo.index.get_root(kept) is not None
     assert trio.run(bc.lookup, "main/old", [], True)["match"] == "none"
     assert {k["key"] for k in bc.list_keys()} == {"main/kept", "main/fresh"}
+
+
+def test_a_record_whose_tree_is_gone_is_skipped_for_the_next(repo, tmp_path):
+    clock = Clock()
+    bc = service(repo, tmp_path, clock)
+    older = tree(repo, tmp_path, "older", b"a" * 40_000)
+    newer = tree(repo, tmp_path, "newer", b"b" * 40_000)
+    trio.run(bc.save, "main/y-1", older)
+    clock.now += 5
+    trio.run(bc.save, "main/y-2", newer)
+    with repo.index.transaction():
+        repo.index.remove_root(newer)  # evicted by `gc --max-size`; the record stays behind
+    repo.gc(None)
+    got = trio.run(bc.lookup, "main/y-3", ["main/y-"])
+    assert (got["match"], got["key"]) == ("prefix", "main/y-1")

@@ -445,7 +445,10 @@ def restore_tree(root: CID, load: Callable[[CID], bytes], targets: list[str], *,
     report = RestoreReport()
     mtimes: list[int] = []
     for top, target in enumerate(targets):
-        _restore_top(manifest, top, target, load, report, mtimes, threads, progress)
+        try:
+            _restore_top(manifest, top, target, load, report, mtimes, threads, progress)
+        except OSError as e:
+            raise RepoError(f"cannot restore into {target}: {e.strerror or e}") from None
     return report, manifest, mtimes
 
 

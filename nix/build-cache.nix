@@ -1,6 +1,7 @@
 # Build-directory cache for a Nix derivation, through the local p2pcache node's HTTP API.
 #
-#   buildCache = import ./nix/build-cache.nix { };            # node ? "http://127.0.0.1:37515"
+#   buildCache = import ./nix/build-cache.nix { netrcFile = "/var/lib/p2pcache/api.netrc"; };
+#                                                               # node ? "http://127.0.0.1:37515"
 #   pkg = buildCache { key = "main/foo-${rev}"; fallbackKey = "main/foo-"; cacheDirs = [ "build" ]; }
 #           (stdenv.mkDerivation { ... });                      # or a plain attribute set of mkDerivation
 #
@@ -19,10 +20,13 @@
 # never fails the build; it just builds from scratch. The cache makes the output depend on more than the
 # inputs only in mtimes and in which objects are rebuilt, so use it for builds whose outputs do not
 # embed build-directory timestamps.
-{ node ? "http://127.0.0.1:37515" }:
+{ node ? "http://127.0.0.1:37515", netrcFile ? null }:
 { key, fallbackKey ? null, cacheDirs ? [ "build" ], sourceDir ? ".", force ? false, toolPath ? "" }:
 drv:
 let
+  # The node's API wants its token: REPO/api.netrc (a string path, read at build time; it changes with
+  # every daemon start, so never copy it into the store).
+  curl = if netrcFile == null then "curl" else "curl --netrc-file ${netrcFile}";
   q = builtins.replaceStrings [ "%" "&" "=" "+" " " "#" "?" ] [ "%25" "%26" "%3D" "%2B" "%20" "%23" "%3F" ];
   dirs = builtins.concatStringsSep " " cacheDirs;
   pathArgs = builtins.concatStringsSep "" (map (d: "&path=${q d}") cacheDirs);
@@ -33,7 +37,7 @@ let
       ${if toolPath == "" then "" else "PATH=${toolPath}:$PATH"}
       meta="$PWD/.p2pcache-build-cache"
       tarball="''${TMPDIR:-/tmp}/p2pcache-restore.tar"
-      if curl -sSf -o "$tarball" -D "$tarball.headers" "${node}/api/v0/cache/tar?key=${q key}${restoreArgs}"; then
+      if ${curl} -sSf -o "$tarball" -D "$tarball.headers" "${node}/api/v0/cache/tar?key=${q key}${restoreArgs}"; then
         tar -xf "$tarball"
         echo "p2pcache build cache: restored $(grep -i '^x-p2pcache-key:' "$tarball.headers" | tr -d '\r' | cut -d' ' -f2-) ($(grep -i '^x-p2pcache-match:' "$tarball.headers" | tr -d '\r' | cut -d' ' -f2))"
         oldest=$(find ${dirs} -type f -printf '%T@\n' 2>/dev/null | sort -n | head -n 1)
@@ -61,7 +65,7 @@ let
       (cd ${sourceDir} && find . ${prune} -path ./.p2pcache-build-cache -prune -o -type f -print0 | sort -z \
         | xargs -0r sha256sum) > "$meta/sources"
       if tar --format=posix -cf - ${dirs} .p2pcache-build-cache \
-          | curl -sSf -X POST --data-binary @- -H 'content-type: application/x-tar' \
+          | ${curl} -sSf -X POST --data-binary @- -H 'content-type: application/x-tar' \
               "${node}/api/v0/cache/tar?key=${q key}${pathArgs}${if force then "&force=1" else ""}"; then
         echo
       else

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 
 EXPR = """
 let
-  buildCache = import {fn} {{ node = "{api}"; }};
+  buildCache = import {fn} {{ node = "{api}"; netrcFile = "{netrc}"; }};
   attrs = {{
     name = "cached-app";
     system = builtins.currentSystem;
@@ -68,14 +68,14 @@ def test_nix_build_twice_on_two_stores_rebuilds_only_the_change(tmp_path):
     b = start_daemon(tmp_path / "b", bootstrap=[a.addr])
     try:
         first = project(tmp_path / "p1", changed=False)
-        out1, log1 = nix_build(tmp_path, "s1", EXPR.format(fn=ROOT / "nix" / "build-cache.nix", api=a.api,
+        out1, log1 = nix_build(tmp_path, "s1", EXPR.format(fn=ROOT / "nix" / "build-cache.nix", api=a.api, netrc=a.repo / "api.netrc",
                                                           src=first, key="main/app-1"))
         assert "no entry for main/app-1" in log1
         compiled1 = [c for c in (out1 / "cc.log").read_text().splitlines() if " -c " in f" {c} "]
         assert len(compiled1) == 25
 
         second = project(tmp_path / "p2", changed=True)
-        out2, log2 = nix_build(tmp_path, "s2", EXPR.format(fn=ROOT / "nix" / "build-cache.nix", api=b.api,
+        out2, log2 = nix_build(tmp_path, "s2", EXPR.format(fn=ROOT / "nix" / "build-cache.nix", api=b.api, netrc=b.repo / "api.netrc",
                                                           src=second, key="main/app-2"))
         assert "restored main/app-1 (prefix)" in log2, log2
         calls = (out2 / "cc.log").read_text().splitlines()

@@ -631,3 +631,152 @@ class DaemonBlockSink:
             self.thread = None
         if self.error is not None:
             raise self.error
+
+
+# -- tar streams: the build cache for builders that have curl and tar but not p2pcache (Nix) ----------------
+# The daemon still never opens a caller's path: it turns an uploaded tar *stream* into a tree, and a tree
+# into a tar stream the builder extracts itself. Sources travel as a sha256sum-format member.
+
+SOURCES_MEMBER = ".p2pcache-build-cache/sources"
+
+
+def tree_as_tar(manifest: TreeManifest, load: Any) -> Any:
+    """The tree as a POSIX (pax) tar stream, entries named `<saved path>/<relative path>`, mtimes to the
+    nanosecond; entries a restore would refuse are left out. Ends with the sources member, if any."""
+    import stat as st
+    import tarfile
+
+    from .buildtree import symlink_escapes
+    from .content.treemanifest import file_chunks, iter_entries, iter_sources, path_problem
+
+    def header(info: "tarfile.TarInfo") -> bytes:
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+    def pad(n: int) -> bytes:
+        return b"\0" * (-n % 512)
+
+    tops = [p.strip("/") for p in manifest.paths]
+    for e in iter_entries(manifest, load):
+        top = tops[e.top]
+        if not top or path_problem(top.encode()) or path_problem(e.path):
+            continue
+        info = tarfile.TarInfo(top + ("/" + e.path.decode("utf-8", "surrogateescape") if e.path else ""))
+        info.mode = e.mode & 0o777
+        info.mtime = e.mtime_ns / 1e9
+        if e.is_dir:
+            info.type = tarfile.DIRTYPE
+            yield header(info)
+        elif e.is_symlink:
+            if symlink_escapes(e.path, e.body):
+                continue
+            info.type, info.linkname = tarfile.SYMTYPE, e.body.decode("utf-8", "surrogateescape")
+            yield header(info)
+        elif st.S_ISREG(e.mode):
+            info.size = e.size
+            yield header(info)
+            if isinstance(e.body, bytes):
+                yield e.body
+            else:
+                for ref in file_chunks(e, load):
+                    data = load(ref.cid)
+                    if len(data) != ref.size:
+                        raise CorruptData(f"chunk {ref.cid} has {len(data)} bytes, its manifest says {ref.size}")
+                    yield data
+            yield pad(e.size)
+    if manifest.sources is not None:
+        text = "".join(f"{d.hex()}  {p.decode('utf-8', 'surrogateescape')}\n" for p, d, _ in iter_sources(manifest, load)
+                       if b"\n" not in p).encode("utf-8", "surrogateescape")
+        info = tarfile.TarInfo(SOURCES_MEMBER)
+        info.size, info.mode, info.mtime = len(text), 0o644, 0
+        yield header(info) + text + pad(len(text))
+    yield b"\0" * 1024
+
+
+class _PieceReader:
+    def __init__(self, pieces: Any):
+        self.pieces = iter(pieces)
+        self.rest = b""
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self.rest) < n:
+            piece = next(self.pieces, None)
+            if piece is None:
+                break
+            self.rest += piece
+        if n < 0:
+            out, self.rest = self.rest, b""
+        else:
+            out, self.rest = self.rest[:n], self.rest[n:]
+        return out
+
+
+def tree_from_tar(repo: Any, pieces: Any, paths: list[str]) -> tuple[CID, dict]:
+    """Store a tar stream's members under `paths` (relative names, as the tar has them) as a tree; the
+    member SOURCES_MEMBER, in sha256sum format, becomes the tree's sources. Returns (root, counts)."""
+    import stat as st
+    import tarfile
+
+    from .content.treemanifest import TreeEntry, TreeManifestBuilder, chunk_contents
+
+    tops = [p.strip("/") for p in paths]
+    if not tops or any(not t for t in tops):
+        raise InvalidInput("a tar save needs at least one relative path=… parameter")
+    sink = RepoBlockSink(repo)
+    entries: list[TreeEntry] = []
+    sources: list[tuple[bytes, bytes]] = []
+    pending: list[tuple[CID, bytes]] = []
+    counts = {"files": 0, "bytes": 0, "skipped": 0, "new_bytes": 0}
+
+    def flush() -> None:
+        lacking = sink.missing([c for c, _ in pending])
+        todo = [(c, d) for c, d in pending if c in lacking]
+        if todo:
+            sink.put(todo)
+        counts["new_bytes"] += sum(len(d) for _, d in todo)
+        pending.clear()
+
+    try:
+        archive = tarfile.open(fileobj=_PieceReader(pieces), mode="r|", encoding="utf-8", errors="surrogateescape")
+        for m in archive:
+            name = m.name.removeprefix("./").rstrip("/")
+            if name == SOURCES_MEMBER and m.isreg():
+                for line in archive.extractfile(m).read().decode("utf-8", "surrogateescape").splitlines():
+                    digest, _, path = line.partition("  ")
+                    if len(digest) == 64 and path:
+                        sources.append((path.removeprefix("./").encode("utf-8", "surrogateescape"), bytes.fromhex(digest)))
+                continue
+            top = next((i for i, t in enumerate(tops) if name == t or name.startswith(t + "/")), None)
+            if top is None:
+                counts["skipped"] += 1
+                continue
+            rel = name[len(tops[top]) + 1:].encode("utf-8", "surrogateescape")
+            mtime = int(round(float(m.mtime) * 1e9))
+            if m.isreg():
+                f = archive.extractfile(m)
+                body, blocks = chunk_contents(iter(lambda: f.read(4 << 20), b""), m.size)
+                pending.extend((c, bytes(d)) for c, d in blocks)
+                if sum(len(d) for _, d in pending) >= 8 << 20:
+                    flush()
+                entries.append(TreeEntry(top, rel, st.S_IFREG | (m.mode & 0o777), mtime, body))
+                counts["files"] += 1
+                counts["bytes"] += m.size
+            elif m.isdir():
+                entries.append(TreeEntry(top, rel, st.S_IFDIR | (m.mode & 0o777), mtime, None))
+            elif m.issym():
+                entries.append(TreeEntry(top, rel, st.S_IFLNK | 0o777, mtime, m.linkname.encode("utf-8", "surrogateescape")))
+            else:
+                counts["skipped"] += 1
+    except tarfile.TarError as e:
+        raise InvalidInput(f"tar save: the upload is not a readable tar stream ({e})") from None
+    builder = TreeManifestBuilder(list(paths), sources_path="." if sources else None)
+    out: list = []
+    latest = {(e.top, e.path): e for e in entries}  # a tar may hold a name twice: the last one wins, as in tar
+    for k in sorted(latest):
+        out += builder.add(latest[k])
+    for path, digest in sorted(dict(sources).items()):
+        out += builder.add_source(path, digest, 0)
+    root, data, rest = builder.finish()
+    pending.extend((c, bytes(d)) for c, d in out + rest + [(root, data)])
+    flush()
+    sink.close()
+    return root, counts

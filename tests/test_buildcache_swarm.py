@@ -12,7 +12,7 @@ from libp2p.peer.id import ID
 from p2pcache.net.host import load_identity
 
 from .helpers.daemons import start_daemon
-from .test_swarm import daemons, swarm_key  # noqa: F401  (fixtures)
+from .test_swarm import swarm_key  # noqa: F401  (a fixture; `daemons` is in conftest)
 
 
 def make_build_dir(path: Path, seed: int, files: int = 40) -> Path:

@@ -133,7 +133,7 @@ class BitswapNode:
         # take it from the swarm.
         self.serve_limit = serve_limit
         self._admitted: dict[CID, int] = {}
-        self._handed: dict[PeerId, set[CID]] = {}  # blocks admitted to each peer
+        self._handed: dict[PeerId, dict[CID, None]] = {}  # blocks admitted to each peer
         self._refused: dict[CID, dict[PeerId, None]] = {}  # peers refused a block, watching it (as a server keeps a want)
         self.refused_wants = 0
         self.readmitted = 0  # admissions given back because the peer they went to left
@@ -264,7 +264,7 @@ class BitswapNode:
                 continue
             if e.want_type == WantType.BLOCK:
                 self._admitted[e.cid] = n + 1
-                self._handed.setdefault(peer, set()).add(e.cid)
+                self._handed.setdefault(peer, {})[e.cid] = None
                 self._refused.get(e.cid, {}).pop(peer, None)
             keep.append(e)
         if refuse:

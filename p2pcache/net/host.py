@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "HostConfig", "HostError", "NodeHost", "PeerEvent", "open_host", "load_identity", "new_swarm_key_file",
-    "parse_peer_addr",
+    "parse_peer_addr", "resolve_addr",
 ]
 
 
@@ -108,6 +109,34 @@ def parse_peer_addr(addr: str | multiaddr.Multiaddr) -> PeerInfo:
         return info_from_p2p_addr(multiaddr.Multiaddr(str(addr)))
     except Exception as e:
         raise InvalidInput(f"{addr} is not a peer address (/ip4/…/tcp/…/p2p/<peer id>): {e}") from None
+
+
+_DNS_FAMILIES = {"dns4": socket.AF_INET, "dns6": socket.AF_INET6, "dns": socket.AF_UNSPEC}
+
+
+async def resolve_addr(addr: multiaddr.Multiaddr) -> list[multiaddr.Multiaddr]:
+    """`addr` with a leading /dns4, /dns6 or /dns name replaced by each address the system resolver
+    (getaddrinfo: /etc/hosts, then DNS) gives for it, in its order; other addresses unchanged. A name
+    is looked up on every call, so a peer that moved is found at its new address on the next dial.
+    Raises `HostError` (one line) if the name does not resolve."""
+    parts = str(addr).split("/")  # ['', 'dns4', name, 'tcp', port, ...]
+    if len(parts) < 3 or parts[1] not in _DNS_FAMILIES:
+        return [addr]
+    name, rest = parts[2], "/".join(parts[3:])
+    try:
+        infos = await trio.socket.getaddrinfo(name, None, _DNS_FAMILIES[parts[1]], socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise HostError(f"cannot resolve {name!r} in {addr}: {e.strerror}; check the name "
+                        f"(it is looked up again on the next try)") from None
+    out: list[multiaddr.Multiaddr] = []
+    for family, _, _, _, sockaddr in infos:
+        proto = "ip4" if family == socket.AF_INET else "ip6" if family == socket.AF_INET6 else None
+        m = proto and multiaddr.Multiaddr(f"/{proto}/{sockaddr[0]}/{rest}")
+        if m and m not in out:
+            out.append(m)
+    if not out:
+        raise HostError(f"cannot resolve {name!r} in {addr}: no IPv4/IPv6 address for it")
+    return out
 
 
 def _peer_id(text: str | ID) -> ID:
@@ -283,6 +312,10 @@ class NodeHost:
         info = addr if isinstance(addr, PeerInfo) else parse_peer_addr(addr)
         if not self.allowed(info.peer_id):
             raise HostError(f"peer {info.peer_id} is not on this node's allowlist; not dialling it")
+        if any(str(a).split("/")[1] in _DNS_FAMILIES for a in info.addrs):
+            # py-libp2p's own resolver asks DNS servers directly (not /etc/hosts) and its failures
+            # surface as "no addresses established a connection"; resolve here, once per dial.
+            info = PeerInfo(info.peer_id, [r for a in info.addrs for r in await resolve_addr(a)])
         try:
             with trio.fail_after(self.config.handshake_timeout):
                 await self.libp2p.connect(info)

@@ -114,7 +114,7 @@ def test_fanout_of_20_real_runners_verifies_every_block():
 
 def test_synthetic_fanout_with_super_seeding_sends_about_one_copy_from_the_seed():
     results, _ = run_scenario(str(SCENARIOS / "fleet-fanout.toml"), seed=4, overrides={
-        "runners": "30", "artifact_size": "32MiB", "seed_serve_limit": "1", "retry_after": "0.2s", "degree": "6"})
+        "runners": "30", "artifact_size": "32MiB", "seed_superseed_window": "10s", "retry_after": "0.2s", "degree": "6"})
     assert results.value("fetch_completed") == 1.0
     assert results.value("seed_upload_copies") < 1.2
     assert results.value("p99_over_central_server") < 0.5
@@ -178,7 +178,7 @@ def _deterministic(results):
 
 def test_same_seed_gives_identical_metrics():
     args = (str(SCENARIOS / "fleet-fanout.toml"), 7, {"runners": "15", "artifact_size": "16MiB",
-                                                      "seed_serve_limit": "1", "retry_after": "0.2s"})
+                                                      "seed_superseed_window": "10s", "retry_after": "0.2s"})
     first, _ = run_scenario(*args)
     second, _ = run_scenario(*args)
     assert _deterministic(first) == _deterministic(second)

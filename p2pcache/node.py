@@ -31,6 +31,7 @@ from .content.cid import CID, DAG_CBOR
 from .content.keys import HashKey, RootKey, parse_key
 from .content.manifest import ArchiveManifest
 from .errors import InvalidInput, MalformedBlock, NotFound, P2PCacheError
+from .exchange import ClientConfig, ServerConfig
 from .http.api import make_app
 from .http.nix import GATEWAY_MARKER, NixCache
 from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
@@ -58,6 +59,16 @@ class _CountingSource(RepoBlockSource):
             self.blocks_served += 1
             self.bytes_served += len(data)
         return data
+
+
+def exchange_configs(cfg: NodeConfig) -> tuple[ClientConfig, ServerConfig]:
+    """The bitswap engines' settings for `[exchange]`: swarm mode in the client, super-seeding in the
+    server. Twice bitswap's message size may be outstanding per peer (the next batch is ready while the
+    previous one is written). A swarm-mode CID waits up to 30 s for a HAVE: the seed's super-seeding
+    window and the swarm passing blocks on both end well within that."""
+    client = ClientConfig(want_block_unproven=False, dont_have_wait=max(30.0, 2 * cfg.superseed_window)) \
+        if cfg.swarm_fetch else ClientConfig()
+    return client, ServerConfig(max_outstanding_bytes=8 << 20, superseed_window=cfg.superseed_window)
 
 
 @dataclass
@@ -135,7 +146,8 @@ class Node:
             self.dht = self._given_dht if self._given_dht is not None else DHT(self.host, DHTConfig())
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.host.run)
-                self.exchange = BitswapExchange(self.host, self.source)
+                client_config, server_config = exchange_configs(cfg)
+                self.exchange = BitswapExchange(self.host, self.source, client_config, server_config)
                 await nursery.start(self.exchange.run)
                 await nursery.start(self.dht.run)
                 self.announcer = ProviderAnnouncer(self.dht, AnnouncerConfig(interval=cfg.reannounce_interval))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
+from p2pcache.exchange import FrameDecoder
 from p2pcache.routing.dht import KAD_PROTOCOL, DHTStats, ProviderAnswer
 from p2pcache.routing.query import ProviderQuery
 from p2pcache.routing.resolve_wire import FrameReader, frame
@@ -128,6 +130,40 @@ class SimDHT:
         else:
             self.stats.provide_failures += 1
         return ok > 0
+
+    # -- batched announcing, as `DHT` offers it --------------------------------------------------
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    async def closest_peers(self, key: bytes) -> list[ID]:
+        return await self._walk(key)
+
+    def record_providing(self, keys: Any) -> None:
+        addrs = self.host.listen_addrs()
+        for key in keys:
+            self._record(key, self.peer_id, addrs)
+
+    async def add_providers(self, peer: ID, keys: Any) -> None:
+        """Every key's ADD_PROVIDER on one stream, fire and forget (the server reads until the end)."""
+        stream = await self.host.new_stream(peer, [KAD_PROTOCOL])
+        try:
+            addrs = [a.to_bytes() for a in self.host.listen_addrs()]
+            batch = bytearray()
+            for key in keys:
+                msg = self._request(_T.ADD_PROVIDER, key)
+                entry = msg.providerPeers.add()
+                entry.id = self.peer_id.to_bytes()
+                entry.addrs.extend(addrs)
+                batch += frame(msg.SerializeToString())
+                if len(batch) >= 64 * 1024:
+                    await stream.write(bytes(batch))
+                    batch.clear()
+            if batch:
+                await stream.write(bytes(batch))
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.close()
 
     def withdraw_key(self, key: bytes) -> None:
         records = self.providers.get(key)
@@ -264,11 +300,28 @@ class SimDHT:
 
     async def _handle(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id
+        decoder, queued = FrameDecoder(MAX_KAD_MESSAGE), deque()
+
+        async def next_request() -> KadMessage | None:
+            """The stream's next request; None at its end. A Kademlia server reads requests from a
+            stream until it ends (a batched sweep sends many ADD_PROVIDERs on one)."""
+            while not queued:
+                try:
+                    chunk = await stream.read(64 * 1024)
+                except EOFError:
+                    chunk = b""
+                if not chunk:
+                    return None
+                queued.extend(decoder.feed(chunk))
+            msg = KadMessage()
+            msg.ParseFromString(queued.popleft())
+            return msg
+
         try:
             with trio.fail_after(self.config.request_timeout):
-                payload = await _read_frame(stream, FrameReader(MAX_KAD_MESSAGE, "kad request"))
-            request = KadMessage()
-            request.ParseFromString(payload)
+                request = await next_request()
+            if request is None:
+                raise EOFError("stream ended before a request")
         except Exception as e:
             log.debug("kad: bad request from %s: %r", peer, e)
             await stream.reset()
@@ -279,11 +332,18 @@ class SimDHT:
         reply.type = request.type
         reply.key = key
         if request.type == _T.ADD_PROVIDER:
-            self.served["ADD_PROVIDER"] += 1
-            for entry in request.providerPeers:
-                info = self._peer_entry(entry)
-                if info is not None and info.peer_id == peer:  # a peer may announce only itself
-                    self._record(key, peer, list(info.addrs))
+            while request is not None and request.type == _T.ADD_PROVIDER:
+                self.served["ADD_PROVIDER"] += 1
+                for entry in request.providerPeers:
+                    info = self._peer_entry(entry)
+                    if info is not None and info.peer_id == peer:  # a peer may announce only itself
+                        self._record(bytes(request.key), peer, list(info.addrs))
+                try:
+                    request = await next_request()
+                except Exception as e:
+                    log.debug("kad: bad request from %s: %r", peer, e)
+                    await stream.reset()
+                    return
             await stream.close()
             return
         if request.type not in (_T.FIND_NODE, _T.GET_PROVIDERS):

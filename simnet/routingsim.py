@@ -136,8 +136,8 @@ class SimDHT:
     def k(self) -> int:
         return self.config.k
 
-    async def closest_peers(self, key: bytes) -> list[ID]:
-        return await self._walk(key)
+    async def closest_peers(self, key: bytes, count: int = 20) -> list[ID]:
+        return await self._walk(key, count)
 
     def record_providing(self, keys: Any) -> None:
         addrs = self.host.listen_addrs()
@@ -251,11 +251,12 @@ class SimDHT:
             self.host.add_addrs(peer_id, addrs)
         return PeerInfo(peer_id, addrs)
 
-    async def _walk(self, key: bytes) -> list[ID]:
-        """The k closest peers to `key` that answered a FIND_NODE walk (the real ProviderQuery decides
-        whom to ask next and when to stop)."""
+    async def _walk(self, key: bytes, count: int | None = None) -> list[ID]:
+        """The `count` (default k) closest peers to `key` that answered a FIND_NODE walk (the real
+        ProviderQuery decides whom to ask next and when to stop)."""
+        count = count or self.config.k
         query: ProviderQuery[ID, None] = ProviderQuery(key, peer_bytes=ID.to_bytes, self_peer=self.peer_id,
-                                                       alpha=self.config.alpha, k=self.config.k, want=10**9)
+                                                       alpha=self.config.alpha, k=count, want=10**9)
         query.add_seeds(self.closest_known_peers(key, self.config.k))
         answered: list[ID] = []
         send, receive = trio.open_memory_channel[None](math.inf)
@@ -283,7 +284,7 @@ class SimDHT:
                 else:
                     break
         target = _pos(key)
-        return sorted(set(answered), key=lambda p: _pos(p.to_bytes()) ^ target)[: self.config.k]
+        return sorted(set(answered), key=lambda p: _pos(p.to_bytes()) ^ target)[:count]
 
     # -- server side --------------------------------------------------------------------------------
     def _record(self, key: bytes, provider: ID, addrs: list[Multiaddr]) -> None:

@@ -241,9 +241,9 @@ class DHT:
     # -- batched announcing (see `sweep`): one walk per key-space region, many keys per stream ----
     k = 20  # py-libp2p's bucket size: the closest peers a record goes to
 
-    async def closest_peers(self, key: bytes) -> list[ID]:
-        """The `k` closest peers to `key` found by a network walk (FIND_NODE), closest first."""
-        return list(await self.kad.peer_routing.find_closest_peers_network(key, self.k))
+    async def closest_peers(self, key: bytes, count: int = 20) -> list[ID]:
+        """The `count` closest peers to `key` found by a network walk (FIND_NODE), closest first."""
+        return list(await self.kad.peer_routing.find_closest_peers_network(key, count))
 
     def record_providing(self, keys: Sequence[bytes]) -> None:
         """Record ourselves as a provider of `keys` in the local provider store (what `provide_key`

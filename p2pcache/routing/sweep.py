@@ -10,9 +10,10 @@ its keys on one stream. Nothing here awaits or touches the network.
 Why a region is as wide as it is. A walk towards a key `t` returns the `k` closest peers to `t`; call
 `D` the distance of the k-th. For a key `x` with `d(x, t) < 2**m`, XOR distances to any peer agree
 with those from `t` in every bit above `m`, so the peers closest to `x` are the ones closest to `t`
-reordered only within `2**m` of each other. With `2**m` a small fraction of `D` (`width_shift`: 1/8),
-the `k` closest to `x` are almost always among the peers the walk found: the region is the keys that
-share `t`'s position above bit `m`. `m` comes from the walk itself, so a dense part of the network
+reordered only within `2**m` of each other. With `2**m` a small fraction of `D` (`width_shift`: at
+most 1/4) and a walk that returns half as many peers again as a record needs, the `k` closest to `x`
+are almost always among the peers the walk found: the region is the keys that share `t`'s position
+above bit `m`. `m` comes from the walk itself, so a dense part of the network
 gets narrow regions and a sparse one wide regions; a region found too wide for its own walk is split
 and its parts walked again.
 """
@@ -33,9 +34,9 @@ def key_position(key: bytes) -> int:
     return int.from_bytes(hashlib.sha256(key).digest(), "big")
 
 
-def region_bits(kth_distance: int, width_shift: int = 3) -> int:
+def region_bits(kth_distance: int, width_shift: int = 2) -> int:
     """The `m` of a region around a walk whose k-th closest peer is `kth_distance` away: keys within
-    `2**m` of the walk's target, `2**m` about `kth_distance / 2**width_shift`."""
+    `2**m` of the walk's target, `2**m` at most `kth_distance / 2**width_shift`."""
     return max(0, kth_distance.bit_length() - 1 - width_shift)
 
 

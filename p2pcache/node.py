@@ -262,8 +262,17 @@ class Node:
                 "failed": self.announcer.stats.failed if self.announcer else 0,
                 "sweeps": self.announcer.stats.sweeps if self.announcer else 0,
                 "withdrawn": self.announcer.stats.withdrawn if self.announcer else 0,
+                "sweep": self._sweep_status(),
             },
         }
+
+    def _sweep_status(self) -> dict:
+        """The batched re-announce under way (or the last one): keys sent of the sweep's keys, walks."""
+        st = self.announcer.stats if self.announcer else None
+        if st is None:
+            return {"running": False, "keys_done": 0, "keys_total": 0, "walks": 0}
+        return {"running": st.sweep_running, "keys_done": st.sweep_keys_done, "keys_total": st.sweep_keys_total,
+                "walks": st.sweep_walks, "last_seconds": round(st.last_sweep_seconds, 3)}
 
     def peers(self) -> list[dict]:
         assert self.host is not None

@@ -259,3 +259,15 @@ def test_engine_scenarios_give_identical_metrics_under_different_hash_seeds():
     for (name, over), first, second in zip(_ENGINE_RUNS, outs[0], outs[1]):
         assert first == second, f"{name} {over} differs between hash seeds"
         assert first, name
+
+
+def test_dht_announce_batched_sweep_walks_per_region_and_every_key_is_found():
+    """The real announcer's batched sweep over the simulated DHT, then every key looked up from a
+    random node with the real ProviderFinder (the 10,000-key figure is in simnet/results/)."""
+    results, _ = run_scenario(str(SCENARIOS / "dht-announce.toml"), seed=2, overrides={
+        "nodes": "40", "keys": "400", "baseline_keys": "20", "join_interval": "0.05s"})
+    assert results.value("sweep_keys_reached") == 1.0
+    assert results.value("sweep_walks") <= 400 / 10  # regions, not keys
+    assert results.value("sweep_add_providers") == 400 * 20
+    assert results.value("lookup_found") >= 0.995
+    assert results.value("sweep_time") < results.value("baseline_extrapolated_time") / 3

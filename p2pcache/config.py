@@ -33,6 +33,9 @@ bootstrap = []
 swarm_key = ""
 # Only these peer IDs may connect (empty: anyone who has the swarm key).
 allow_peers = []
+# Find the swarm's other nodes on the LAN by mDNS: "private" (on when a swarm key is set), "on", "off"
+# (`p2pcache daemon --no-mdns`). The swarm key and allow_peers still gate every connection.
+mdns = "private"
 
 [routing]
 # Seconds between re-announcements of every root this node holds (one batched sweep).
@@ -73,6 +76,7 @@ class NodeConfig:
     bootstrap: list[str] = field(default_factory=list)
     swarm_key: str = ""
     allow_peers: list[str] = field(default_factory=list)
+    mdns: str = "private"
     reannounce_interval: float = 3600.0
     lookup_timeout: float = 5.0
     negative_ttl: float = 30.0
@@ -80,6 +84,10 @@ class NodeConfig:
     superseed_window: float = SUPERSEED_WINDOW
     swarm_fetch: bool = SWARM_FETCH
     nix: "NixConfig" = field(default_factory=lambda: _nix_config())
+
+    def lan_discovery(self) -> bool:
+        """Whether mDNS runs: `mdns` "on", or "private" with a swarm key."""
+        return self.mdns == "on" or self.mdns == "private" and bool(self.swarm_key)
 
     def swarm_key_path(self, repo: Path) -> Path | None:
         if not self.swarm_key:
@@ -89,7 +97,8 @@ class NodeConfig:
 
 
 _SECTIONS = {
-    "swarm": {"listen": "listen", "bootstrap": "bootstrap", "swarm_key": "swarm_key", "allow_peers": "allow_peers"},
+    "swarm": {"listen": "listen", "bootstrap": "bootstrap", "swarm_key": "swarm_key", "allow_peers": "allow_peers",
+              "mdns": "mdns"},
     "routing": {"reannounce_interval": "reannounce_interval", "lookup_timeout": "lookup_timeout",
                 "negative_ttl": "negative_ttl"},
     "http": {"listen": "api_listen"},
@@ -147,6 +156,8 @@ def load(repo: Path) -> NodeConfig:
             ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if "list" in str(want) else (
                 isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in str(want)
                 else isinstance(value, bool) if "bool" in str(want) else isinstance(value, str))
+            if ok and attr == "mdns" and value not in ("private", "on", "off"):
+                raise InvalidInput(f"{path}: {section}.{key} is \"private\", \"on\" or \"off\", not {value!r}")
             if ok and attr == "superseed_window" and value < 0:
                 raise InvalidInput(f"{path}: {section}.{key} must be 0 (off) or a number of seconds, not {value}")
             if not ok:

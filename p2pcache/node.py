@@ -64,10 +64,15 @@ class _CountingSource(RepoBlockSource):
 def exchange_configs(cfg: NodeConfig) -> tuple[ClientConfig, ServerConfig]:
     """The bitswap engines' settings for `[exchange]`: swarm mode in the client, super-seeding in the
     server. Twice bitswap's message size may be outstanding per peer (the next batch is ready while the
-    previous one is written). A swarm-mode CID waits up to 30 s for a HAVE: the seed's super-seeding
-    window and the swarm passing blocks on both end well within that."""
-    client = ClientConfig(want_block_unproven=False, dont_have_wait=max(30.0, 2 * cfg.superseed_window)) \
-        if cfg.swarm_fetch else ClientConfig()
+    previous one is written). A CID every asked peer refused waits for a HAVE: in swarm mode up to 30 s,
+    otherwise up to twice the super-seeding window (the peers this node fetches from run the same
+    [exchange] settings as it does, as a team's fleet does)."""
+    if cfg.swarm_fetch:
+        client = ClientConfig(want_block_unproven=False, dont_have_wait=max(30.0, 2 * cfg.superseed_window))
+    else:
+        # A super-seeding seed refuses a block for up to its window: wait that long for its HAVE
+        # rather than fail the block (and the fetch) at the first DONT_HAVE.
+        client = ClientConfig(dont_have_wait=2 * cfg.superseed_window)
     return client, ServerConfig(max_outstanding_bytes=8 << 20, superseed_window=cfg.superseed_window)
 
 
@@ -137,6 +142,7 @@ class Node:
                     listen=tuple(cfg.listen),
                     bootstrap=tuple(cfg.bootstrap),
                     allow_peers=cfg.allow_peers or None,
+                    mdns=cfg.lan_discovery(),
                 )
                 self.host = NodeHost(host_cfg)
             self.source = _CountingSource(repo)

@@ -20,6 +20,7 @@ def test_default_file_loads_as_the_defaults(tmp_path):
     ("[routing]\nturbo = true\n", "unknown setting routing.turbo"),
     ("[exchange]\nswarm_fetch = 1\n", "exchange.swarm_fetch has the wrong type"),
     ("[exchange]\nsuperseed_window = -2\n", "exchange.superseed_window must be 0"),
+    ("[swarm]\nmdns = \"yes\"\n", "swarm.mdns is \"private\", \"on\" or \"off\""),
     ("[turbo]\nx = 1\n", "unknown section \\[turbo\\]"),
     ("[nix]\npriority = true\n", "nix.priority has the wrong type"),
 ])

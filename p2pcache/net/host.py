@@ -163,6 +163,7 @@ class HostConfig:
     # A peer outside our private network sends noise, which some handshakes wait on rather than
     # reject: this bounds how long such a connection (or any slow dial) is kept.
     handshake_timeout: float = 10.0
+    mdns: bool = False  # advertise and find nodes of this swarm on the LAN (see `lan`); dials still gated
 
     def __post_init__(self) -> None:
         if self.swarm_key is not None and len(self.swarm_key) != KEY_SIZE:
@@ -382,6 +383,8 @@ class NodeHost:
                     nursery.start_soon(self._pump_events, events_recv)
                     for addr in self.config.bootstrap:
                         nursery.start_soon(self._keep_connected, parse_peer_addr(addr))
+                    if self.config.mdns:
+                        nursery.start_soon(self._discover_lan)
                     task_status.started(self)
                     await trio.sleep_forever()
         finally:
@@ -461,6 +464,28 @@ class NodeHost:
             changed = self._changed
             if self.is_connected(info.peer_id):
                 await changed.wait()
+
+    async def _discover_lan(self) -> None:
+        """Dial the swarm's nodes that mDNS finds on the LAN (through `connect`: allowlist and swarm key
+        apply). A node found again while connected is left alone; a failed dial waits for its next
+        announcement."""
+        from .lan import lan_discovery
+
+        listen = list(self.libp2p.get_addrs())
+        try:
+            async with lan_discovery(self.peer_id, listen, self.config.swarm_key) as found, trio.open_nursery() as n:
+                async for info in found:
+                    if info.peer_id != self.peer_id and not self.is_connected(info.peer_id) and self.allowed(info.peer_id):
+                        n.start_soon(self._dial_found, info)
+        except OSError as e:  # no multicast-capable interface, port 5353 unusable: run without it
+            log.warning("LAN discovery (mDNS) is off: %s", e)
+
+    async def _dial_found(self, info: PeerInfo) -> None:
+        try:
+            await self.connect(info)
+            log.info("connected to %s, found on the LAN", info.peer_id)
+        except HostError as e:
+            log.debug("peer found on the LAN, not connected: %s", e)
 
 
 def _x25519_private() -> Any:

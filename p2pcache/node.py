@@ -65,14 +65,15 @@ def exchange_configs(cfg: NodeConfig) -> tuple[ClientConfig, ServerConfig]:
     """The bitswap engines' settings for `[exchange]`: swarm mode in the client, super-seeding in the
     server. Twice bitswap's message size may be outstanding per peer (the next batch is ready while the
     previous one is written). A CID every asked peer refused waits for a HAVE: in swarm mode up to 30 s,
-    otherwise up to twice the super-seeding window (the peers this node fetches from run the same
-    [exchange] settings as it does, as a team's fleet does)."""
+    otherwise, when super-seeding is on, up to 5 s or four windows (the peers this node fetches from run
+    the same [exchange] settings as it does, as a team's fleet does, and a seed that refused a block
+    says HAVE when its window ends; the slack covers a slow link's delay of that HAVE)."""
     if cfg.swarm_fetch:
         client = ClientConfig(want_block_unproven=False, dont_have_wait=max(30.0, 2 * cfg.superseed_window))
     else:
         # A super-seeding seed refuses a block for up to its window: wait that long for its HAVE
         # rather than fail the block (and the fetch) at the first DONT_HAVE.
-        client = ClientConfig(dont_have_wait=2 * cfg.superseed_window)
+        client = ClientConfig(dont_have_wait=max(5.0, 4 * cfg.superseed_window) if cfg.superseed_window else 0.0)
     return client, ServerConfig(max_outstanding_bytes=8 << 20, superseed_window=cfg.superseed_window)
 
 

@@ -33,7 +33,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from p2pcache.exchange import FrameDecoder
-from p2pcache.routing.dht import KAD_PROTOCOL, DHTStats, ProviderAnswer
+from p2pcache.routing.dht import KAD_PROTOCOL, DHTStats, ProviderAnswer, write_framed
 from p2pcache.routing.query import ProviderQuery
 from p2pcache.routing.resolve_wire import FrameReader, frame
 
@@ -147,20 +147,17 @@ class SimDHT:
     async def add_providers(self, peer: ID, keys: Any) -> None:
         """Every key's ADD_PROVIDER on one stream, fire and forget (the server reads until the end)."""
         stream = await self.host.new_stream(peer, [KAD_PROTOCOL])
+        addrs = [a.to_bytes() for a in self.host.listen_addrs()]
+
+        def message(key: bytes) -> bytes:
+            msg = self._request(_T.ADD_PROVIDER, key)
+            entry = msg.providerPeers.add()
+            entry.id = self.peer_id.to_bytes()
+            entry.addrs.extend(addrs)
+            return msg.SerializeToString()
+
         try:
-            addrs = [a.to_bytes() for a in self.host.listen_addrs()]
-            batch = bytearray()
-            for key in keys:
-                msg = self._request(_T.ADD_PROVIDER, key)
-                entry = msg.providerPeers.add()
-                entry.id = self.peer_id.to_bytes()
-                entry.addrs.extend(addrs)
-                batch += frame(msg.SerializeToString())
-                if len(batch) >= 64 * 1024:
-                    await stream.write(bytes(batch))
-                    batch.clear()
-            if batch:
-                await stream.write(bytes(batch))
+            await write_framed(stream, map(message, keys))
         finally:
             with trio.CancelScope(shield=True):
                 await stream.close()

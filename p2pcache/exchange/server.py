@@ -372,13 +372,7 @@ class BitswapServer:
                 if self.config.keep_wants_after_dont_have:
                     # Kept as a want-have that needs no second DONT_HAVE: when the block arrives,
                     # the peer hears HAVE and decides whether it still wants it from us.
-                    led.waiting[e.cid] = WantEntry(e.cid, WantType.HAVE, e.priority)
-                    led.kept.pop(e.cid, None)
-                    if len(led.kept) >= self.config.max_wants_per_peer:
-                        oldest = next(iter(led.kept))
-                        del led.kept[oldest]
-                        del led.waiting[oldest]
-                    led.kept[e.cid] = None
+                    self._keep(led, e)
                 else:
                     led.waiting.pop(e.cid, None)
                     led.kept.pop(e.cid, None)
@@ -411,15 +405,21 @@ class BitswapServer:
         led.drop(e.cid)
         if e.send_dont_have:
             self._queue(led, e, _DONT_HAVE, 0)
-        led.waiting[e.cid] = WantEntry(e.cid, WantType.HAVE, e.priority)
-        if e.send_dont_have:
-            led.kept.pop(e.cid, None)
-            if len(led.kept) >= self.config.max_wants_per_peer:
-                oldest = next(iter(led.kept))
-                del led.kept[oldest]
-                del led.waiting[oldest]
-            led.kept[e.cid] = None
+            self._keep(led, e)
+        else:
+            led.waiting[e.cid] = WantEntry(e.cid, WantType.HAVE, e.priority)
         self._watchers.setdefault(e.cid, {})[led.peer] = None
+
+    def _keep(self, led: _PeerLedger, e: WantEntry) -> None:
+        """Keep a want answered DONT_HAVE as a want-have, within the kept wants' own bound (the oldest
+        makes room)."""
+        led.waiting[e.cid] = WantEntry(e.cid, WantType.HAVE, e.priority)
+        led.kept.pop(e.cid, None)
+        if len(led.kept) >= self.config.max_wants_per_peer:
+            oldest = next(iter(led.kept))
+            del led.kept[oldest]
+            del led.waiting[oldest]
+        led.kept[e.cid] = None
 
     def _queue(self, led: _PeerLedger, e: WantEntry, kind: int, size: int) -> None:
         old = led.tasks.get(e.cid)

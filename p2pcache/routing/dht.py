@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import trio
 from multiaddr import Multiaddr
@@ -55,13 +55,25 @@ from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from .keys import dht_key
 from .resolve_wire import frame
 
-__all__ = ["DHT", "DHTConfig", "DHTStats", "KAD_PROTOCOL", "ProviderAnswer", "dht_key"]
+__all__ = ["DHT", "DHTConfig", "DHTStats", "KAD_PROTOCOL", "ProviderAnswer", "dht_key", "write_framed"]
 
 log = logging.getLogger(__name__)
 
 KAD_PROTOCOL = TProtocol("/p2pcache/kad/1.0.0")
 MAX_KAD_MESSAGE = 1 << 20  # one GET_PROVIDERS answer: 20 providers + 20 closer peers, far below this
 ADDR_TTL = 3600  # seconds to keep addresses learned from DHT answers in the peerstore
+
+
+async def write_framed(stream: Any, payloads: Iterable[bytes], batch_bytes: int = 64 * 1024) -> None:
+    """Write varint-framed `payloads` to `stream`, joined into writes of about `batch_bytes`."""
+    batch = bytearray()
+    for payload in payloads:
+        batch += frame(payload)
+        if len(batch) >= batch_bytes:
+            await stream.write(bytes(batch))
+            batch.clear()
+    if batch:
+        await stream.write(bytes(batch))
 
 
 class _PeerstoreView:
@@ -275,8 +287,8 @@ class DHT:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(drain)
-                batch = bytearray()
-                for key in keys:
+
+                def message(key: bytes) -> bytes:
                     msg = KadMessage()
                     msg.type = KadMessage.MessageType.ADD_PROVIDER
                     msg.key = key
@@ -285,12 +297,9 @@ class DHT:
                     entry.id = self.peer_id.to_bytes()
                     entry.addrs.extend(addrs)
                     entry.signedRecord = envelope
-                    batch += frame(msg.SerializeToString())
-                    if len(batch) >= 64 * 1024:
-                        await stream.write(bytes(batch))
-                        batch.clear()
-                if batch:
-                    await stream.write(bytes(batch))
+                    return msg.SerializeToString()
+
+                await write_framed(stream, map(message, keys))
                 await stream.close()
                 with trio.move_on_after(5):  # the last echoes, then the peer's end of the stream
                     await drained.wait()

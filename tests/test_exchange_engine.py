@@ -1025,3 +1025,24 @@ def test_superseed_lending_ends_when_the_want_is_cancelled_before_the_block_went
 def test_superseed_config_rejects_a_negative_window():
     with pytest.raises(Exception, match="superseed_window"):
         ServerConfig(superseed_window=-1)
+
+
+def test_superseed_window_starts_when_the_block_goes_out_not_while_it_waits_in_the_queue():
+    blocks = make_blocks(2, size=50_000)
+    ca, cb = list(blocks)
+    server = BitswapServer(DictSource(blocks), ServerConfig(superseed_window=1.0, max_outstanding_bytes=60_000))
+    out = server.handle(MessageReceived("a", Message(wants=(WantEntry(ca), WantEntry(cb)))), 0)
+    first = [a for a in out if isinstance(a, Send)]
+    assert [b.cid for a in first for b in a.message.blocks] == [ca]  # cb waits: a has not read ca yet
+    server.handle(Tick(), 1.0)  # cb's first window would end now, but cb is still queued for a
+    out = server.handle(MessageReceived("b", Message(wants=(WantEntry(cb, send_dont_have=True),))), 3.0)
+    assert [p for a in out if isinstance(a, Send) for p in a.message.presences] == [Presence(cb, False)]
+    out = server.handle(MessageSent("a", first[0].size), 3.5)  # a read ca: cb goes out now
+    assert [b.cid for a in out if isinstance(a, Send) for b in a.message.blocks] == [cb]
+    out = server.handle(Tick(), 4.0)
+    assert not [a for a in out if isinstance(a, Send)]  # lent 0.5 s ago: b still waits
+    out = server.handle(Tick(), 4.5)
+    assert [p for a in out if isinstance(a, Send) for p in a.message.presences] == [Presence(cb, True)]
+    # a want after the window with no Tick yet (a late timer) is served, and ends the lending
+    out = server.handle(MessageReceived("c", Message(wants=(WantEntry(ca, send_dont_have=True),))), 9.0)
+    assert [b.cid for a in out if isinstance(a, Send) for b in a.message.blocks] == [ca]

@@ -38,8 +38,8 @@ Decisions:
   after another rather than to all at once at a fraction of the rate each: the first receiver can
   serve it onwards after one block time instead of after n. A short queue also keeps the small
   messages the node sends (wants, presences) from waiting behind megabytes of blocks in its uplink.
-- Super-seeding (`superseed_window` T > 0, off at 0): a block handed to one peer less than T seconds
-  ago (queued for it, or sent to it, whichever is later) is not handed to another: their wants for it
+- Super-seeding (`superseed_window` T > 0, off at 0): a block queued for one peer, or sent to it less
+  than T seconds ago, is not handed to another: their wants for it
   (want-block or want-have) are answered DONT_HAVE where asked, and kept as watchers. The block's
   lending ends T after it went out, or at once when the peer it went to disconnects (it may have
   left with it) or cancels before it went; then the watchers still wanting it hear HAVE and may ask
@@ -292,7 +292,18 @@ class BitswapServer:
 
     def _lent_elsewhere(self, peer: PeerId, cid: CID) -> bool:
         lent = self._lent.get(cid)
-        return lent is not None and lent[0] != peer
+        if lent is None or lent[0] == peer:
+            return False
+        if lent[1] + self.config.superseed_window <= self._now and not self._still_queued(lent[0], cid):
+            self._end_lending(cid)  # over, though the timer has not fired yet
+            return False
+        return True
+
+    def _still_queued(self, peer: PeerId, cid: CID) -> bool:
+        """The block lent to `peer` waits in its queue: it has not been handed over yet."""
+        led = self._ledgers.get(peer)
+        t = led.tasks.get(cid) if led is not None else None
+        return t is not None and t.kind == _BLOCK
 
     def _end_lending(self, cid: CID) -> None:
         """The block may go to others again: watchers still wanting it hear HAVE (or get it, if small)."""
@@ -313,8 +324,13 @@ class BitswapServer:
         while heap and heap[0][0] <= now:
             _, _, cid = heapq.heappop(heap)
             lent = self._lent.get(cid)
-            if lent is not None and lent[1] + window <= now:
-                self._end_lending(cid)
+            if lent is None or lent[1] + window > now:
+                continue  # ended already, or lent again since (a later entry covers it)
+            if self._still_queued(lent[0], cid):
+                # not handed over yet (a long queue): the window starts when it goes out
+                heapq.heappush(heap, (now + window, self._next_seq(), cid))
+                continue
+            self._end_lending(cid)
 
     def ledger(self, peer: PeerId) -> Ledger | None:
         led = self._ledgers.get(peer)

@@ -316,7 +316,11 @@ class NodeHost:
         if any(str(a).split("/")[1] in _DNS_FAMILIES for a in info.addrs):
             # py-libp2p's own resolver asks DNS servers directly (not /etc/hosts) and its failures
             # surface as "no addresses established a connection"; resolve here, once per dial.
-            info = PeerInfo(info.peer_id, [r for a in info.addrs for r in await resolve_addr(a)])
+            with trio.move_on_after(self.config.handshake_timeout) as lookup:
+                info = PeerInfo(info.peer_id, [r for a in info.addrs for r in await resolve_addr(a)])
+            if lookup.cancelled_caught:
+                raise HostError(f"cannot connect to {info.peer_id}: looking up {[str(a) for a in info.addrs]} "
+                                f"took over {self.config.handshake_timeout:g}s (is DNS reachable?)")
         try:
             with trio.fail_after(self.config.handshake_timeout):
                 await self.libp2p.connect(info)

@@ -17,7 +17,7 @@ from p2pcache.content.keys import HashKey
 from p2pcache.content.manifest import ManifestBuilder
 
 from .conftest import run_cli
-from .test_crash import _kill_at
+from .test_crash import _spawn
 from .test_narstore import STORE_HASH, _nar
 
 FIXTURE = Path(__file__).parent / "data" / "format1-repo.tar.gz"
@@ -123,14 +123,22 @@ def test_migration_killed_at_spread_out_instants_resumes_to_a_consistent_repo(tm
     shutil.copytree(snapshot, repo)
 
     kills = 0
-    for i in range(5):  # each run resumes the last: killing each after ~15 % lands at ~15, 30, 45 … % of the work
-        kills += _kill_at(["migrate"], repo, full * 0.15 * rng.uniform(0.8, 1.2))
+    for i in range(5):  # each run resumes the last: killing each ~10 % into its work lands at ~10, 20, 30 … %
+        proc = _spawn("migrate", repo=repo)
+        deadline = time.monotonic() + 2 * full + 10
+        while (repo / "version").read_text().strip() == "1" and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        time.sleep(full * 0.1 * rng.uniform(0.8, 1.2))
+        kills += proc.poll() is None
+        proc.kill()
+        proc.wait()
         if (repo / "version").read_text().strip() != "2":
             proc = run_cli("ls", repo=repo)
             assert proc.returncode == 5 and "run `p2pcache migrate`" in proc.stderr.decode()
     assert kills >= 3, f"only {kills} migrations were still running when killed (one takes {full:.2f}s)"
     report = json.loads(run_cli("migrate", "--json", repo=repo, check=True).stdout)
-    assert report["from_version"] in ("2-migrating", "2")
+    assert report["from_version"] in ("2-migrating", "2")  # every kill landed after the conversion began
     verify = json.loads(run_cli("verify", "--json", repo=repo, check=True).stdout)
     assert verify["consistent"] and verify["blocks_checked"] == files - 1, verify
     listed = {x["root"]: x for x in map(json.loads, run_cli("ls", "--json", repo=repo, check=True).stdout.splitlines())}

@@ -39,6 +39,13 @@ lookup_timeout = 5.0
 # Seconds a "nobody has it" answer is remembered.
 negative_ttl = 30
 
+[transfer]
+# How whole archives and NARs are fetched from peers: "dag" (the /p2pcache/dag/1.0.0 protocol, one
+# stream per request, bitswap for peers that do not speak it) or "bitswap" (one want per block).
+protocol = "dag"
+# Seconds a DAG stream may stay silent before its peer is dropped (and banned) and others take over.
+stall_timeout = 20.0
+
 [http]
 # Local API (CLI, Nix substituter, hashed mirror). Keep it on loopback.
 listen = "{DEFAULT_API}"
@@ -65,6 +72,8 @@ class NodeConfig:
     lookup_timeout: float = 5.0
     negative_ttl: float = 30.0
     api_listen: str = DEFAULT_API
+    transfer_protocol: str = "dag"  # "dag" or "bitswap"
+    transfer_stall_timeout: float = 20.0
     nix: "NixConfig" = field(default_factory=lambda: _nix_config())
 
     def swarm_key_path(self, repo: Path) -> Path | None:
@@ -79,6 +88,7 @@ _SECTIONS = {
     "routing": {"reannounce_interval": "reannounce_interval", "lookup_timeout": "lookup_timeout",
                 "negative_ttl": "negative_ttl"},
     "http": {"listen": "api_listen"},
+    "transfer": {"protocol": "transfer_protocol", "stall_timeout": "transfer_stall_timeout"},
 }
 _NIX_TYPES = {"store_dir": str, "priority": int, "want_mass_query": bool, "serve_local_store": bool,
               "local_store_root": str, "upstreams": list, "secret_key_file": str, "negative_ttl": float}
@@ -135,4 +145,6 @@ def load(repo: Path) -> NodeConfig:
             if not ok:
                 raise InvalidInput(f"{path}: {section}.{key} has the wrong type ({type(value).__name__})")
             setattr(cfg, attr, float(value) if "float" in str(want) else value)
+    if cfg.transfer_protocol not in ("dag", "bitswap"):
+        raise InvalidInput(f"{path}: transfer.protocol must be \"dag\" or \"bitswap\", not {cfg.transfer_protocol!r}")
     return cfg

@@ -382,6 +382,7 @@ class Node:
                     await fetched.wait()
                 progress(min(manifest.size, max(0, self.repo.stored_bytes() - before)), manifest.size)
 
+        failure: P2PCacheError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
             try:
@@ -399,8 +400,12 @@ class Node:
                         if attempt == 2 or not alive:
                             raise
                         providers = alive
+            except P2PCacheError as e:  # raised here, not from the nursery (which would wrap it in a group)
+                failure = e
             finally:
                 fetched.set()
+        if failure is not None:
+            raise failure
         progress(manifest.size, manifest.size)
         return root, manifest.size
 

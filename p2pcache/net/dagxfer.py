@@ -371,6 +371,7 @@ class DagTransfer:
         walk = run.walk
         while not walk.finished:
             if self.exchange.is_banned(peer):
+                run.last_error = run.last_error or f"{peer} is banned for misbehaving"
                 return
             wants = await run.next_wants(self.config.request_blocks)
             if not wants:

@@ -100,3 +100,75 @@ def test_hostile_dag_peers_are_banned_nothing_unverified_is_kept_honest_peer_com
         leech.cli("get", "sha256:" + hashlib.sha256(data).hexdigest(), "-o", str(out), timeout=60)
         assert out.read_bytes() == data
     assert leech.status()["roots_incomplete"] == 0
+
+
+# -- in one process: real py-libp2p hosts (TCP, Noise, Yamux) on loopback ---------------------------------
+
+import io  # noqa: E402
+import random  # noqa: E402
+from contextlib import asynccontextmanager  # noqa: E402
+
+import trio  # noqa: E402
+
+from p2pcache.content.chunking import ChunkerParams  # noqa: E402
+from p2pcache.content.cid import RAW  # noqa: E402
+from p2pcache.content.manifest import iter_blocks  # noqa: E402
+from p2pcache.net.bitswap import BitswapExchange, RepoBlockSource  # noqa: E402
+from p2pcache.net.dagxfer import DagConfig, DagServer, DagTransfer  # noqa: E402
+from p2pcache.net.host import HostConfig, open_host  # noqa: E402
+from p2pcache.store.repo import Repo  # noqa: E402
+
+SMALLER = ChunkerParams(min_size=4096, avg_size=8192, max_size=16384)  # many blocks in a few MiB
+
+
+class _FlippingRepo:
+    """What a lying provider serves: its repo's blocks with raw ones corrupted."""
+
+    def __init__(self, repo):
+        self.repo = repo
+
+    def load_block(self, cid):
+        data = self.repo.load_block(cid)
+        return bytes([data[0] ^ 1]) + data[1:] if cid.codec == RAW else data
+
+
+@asynccontextmanager
+async def peer(tmp_path, name, *, lying=False, config=None):
+    repo = Repo.init(tmp_path / f"repo-{name}", durable=False)
+    cfg = HostConfig(identity=tmp_path / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",), handshake_timeout=5)
+    async with open_host(cfg) as host:
+        ex = BitswapExchange(host, RepoBlockSource(repo))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ex.run)
+            dag = DagTransfer(host, ex, config)
+            DagServer(_FlippingRepo(repo) if lying else repo, ex.is_banned, dag.config, dag.stats).register(host)
+            dag.repo = repo
+            yield dag
+            nursery.cancel_scope.cancel()
+    repo.close()
+
+
+@pytest.mark.trio
+async def test_several_providers_share_the_work_a_liar_is_dropped_and_a_resume_fetches_only_the_rest(tmp_path):
+    data = random.Random(5).randbytes(6 * MiB)
+    cfg = DagConfig(request_blocks=16, stall_seconds=5)
+    async with peer(tmp_path, "a") as a, peer(tmp_path, "c") as c, peer(tmp_path, "liar", lying=True) as liar, \
+            peer(tmp_path, "b", config=cfg) as b:
+        for p in (a, c, liar):
+            root = p.repo.add_stream(io.BytesIO(data), name="x.tar", params=SMALLER).root
+        chunks = [(cid, size) for cid, size in iter_blocks(a.repo.manifest(root), a.repo.load_block) if cid.codec == RAW]
+        # b already holds every third chunk (an earlier, interrupted fetch): only the rest moves.
+        held = chunks[::3]
+        b.repo.put_blocks([(cid, a.repo.load_block(cid)) for cid, _ in held])
+        providers = [p.exchange.host.addrs()[0] for p in (liar, a, c)]
+        with trio.fail_after(60):
+            fetched = await b.fetch(root, providers, b.repo)
+        b.repo.register_root(root)
+        assert b"".join(b.repo.stream(root)) == data
+        missing = sum(s for cid, s in chunks) - sum(s for _, s in held)
+        assert missing <= fetched <= missing + 64 * 1024  # chunks not held, plus the manifest's inner nodes
+        assert [p for p, _ in b.exchange.penalised] == [liar.exchange.host.peer_id]
+        assert b.stats.peers_dropped == 1 and b.stats.bitswap_fallbacks == 0
+        # both honest providers carried a share
+        assert a.stats.served_blocks > 16 and c.stats.served_blocks > 16
+        assert b.stats.duplicate_bytes < 2 * MiB

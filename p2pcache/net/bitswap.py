@@ -466,40 +466,39 @@ class BitswapExchange:
         sid, session = self._open_session(providers)
         walk = walk if walk is not None else DagWalk(root, repo.has_block)
         window = self.config.archive_window
-        store = RepoBatcher(repo, self.config.store_batch_bytes, self.config.commit_batch_bytes,
-                            on_stored=on_stored, on_committed=self.blocks_added)
         fetched = 0
         try:
-            while not walk.finished:
-                # Refill the window in bursts (when half of it has drained), so wants travel many to a
-                # message instead of one message per block received.
-                if walk.outstanding <= window // 2:
-                    wants = walk.next_wants(window - walk.outstanding)
-                    for cid in walk.take_loads():
-                        walk.on_block(cid, await trio.to_thread.run_sync(repo.load_block, cid), local=True)
-                    if wants:
-                        self._client(Want(sid, tuple(wants)))
-                    if not walk.outstanding and not walk.finished:
+            async with RepoBatcher(repo, self.config.store_batch_bytes, self.config.commit_batch_bytes,
+                                   on_stored=on_stored, on_committed=self.blocks_added) as store:
+                while not walk.finished:
+                    # Refill the window in bursts (when half of it has drained), so wants travel many to a
+                    # message instead of one message per block received.
+                    if walk.outstanding <= window // 2:
+                        wants = walk.next_wants(window - walk.outstanding)
+                        for cid in walk.take_loads():
+                            walk.on_block(cid, await trio.to_thread.run_sync(repo.load_block, cid), local=True)
+                        if wants:
+                            self._client(Want(sid, tuple(wants)))
+                        if not walk.outstanding and not walk.finished:
+                            continue
+                    if walk.finished:
+                        break
+                    try:
+                        cid, data, why = session.recv.receive_nowait()
+                    except trio.WouldBlock:
+                        if store.pending_bytes >= self.config.quiet_store_bytes:
+                            await store.write()  # nothing more right now: let readers have what we hold
+                        cid, data, why = await session.recv.receive()
+                    if not walk.is_open(cid):
                         continue
-                if walk.finished:
-                    break
-                try:
-                    cid, data, why = session.recv.receive_nowait()
-                except trio.WouldBlock:
-                    if store.pending_bytes >= self.config.quiet_store_bytes:
-                        await store.write()  # nothing more right now: let readers have what we hold
-                    cid, data, why = await session.recv.receive()
-                if not walk.is_open(cid):
-                    continue
-                if data is None:
-                    raise FetchError(f"could not fetch block {cid} under {root}: {why}")
-                try:
-                    walk.on_block(cid, data)
-                except MalformedBlock as e:
-                    raise FetchError(f"block {cid} under {root} is not valid dag-cbor: {e}") from None
-                fetched += len(data)
-                await store.add(cid, data)
-            await store.close()
+                    if data is None:
+                        raise FetchError(f"could not fetch block {cid} under {root}: {why}")
+                    try:
+                        walk.on_block(cid, data)
+                    except MalformedBlock as e:
+                        raise FetchError(f"block {cid} under {root} is not valid dag-cbor: {e}") from None
+                    fetched += len(data)
+                    await store.add(cid, data)
         finally:
             self._close_session(sid)
         return fetched
@@ -513,15 +512,21 @@ class BitswapExchange:
 
 
 class RepoBatcher:
-    """Verified blocks into a repo in batches, through its public API only: files first
-    (`write_blocks`; readers may load them at once, `on_stored` says which), index rows in bigger batches
-    (`commit_blocks`: each commit flushes the file system, which costs far more than the writes;
-    `on_committed` says which). Manifest nodes are written at once, so a crash leaves a walkable prefix
-    and a resumed fetch finds the nodes whose links it needs. Holds at most `store_bytes` in memory."""
+    """Verified blocks into a repo in batches, through its public API only, written by a task of its
+    own so the caller goes on reading the network meanwhile: files first (`write_blocks`; readers may
+    load them at once, `on_stored` says which), index rows in bigger batches (`commit_blocks`: each
+    commit flushes the file system, which costs far more than the writes; `on_committed` says which).
+    Manifest nodes are written at once, so a crash leaves a walkable prefix and a resumed fetch finds
+    the nodes whose links it needs. Holds at most `store_bytes` times (1 + `queued`) in memory: `add`
+    waits while that much is queued (backpressure onto the stream).
+
+        async with RepoBatcher(repo, 4 << 20, 8 << 20) as store:
+            await store.add(cid, data)
+    """
 
     def __init__(self, repo: Any, store_bytes: int, commit_bytes: int,
                  on_stored: Callable[[list[CID]], None] | None = None,
-                 on_committed: Callable[[list[CID]], None] | None = None) -> None:
+                 on_committed: Callable[[list[CID]], None] | None = None, queued: int = 2) -> None:
         self.repo = repo
         self.store_bytes = store_bytes
         self.commit_bytes = commit_bytes
@@ -531,6 +536,27 @@ class RepoBatcher:
         self.pending_bytes = 0
         self._unrecorded: list[tuple[CID, int]] = []
         self._unrecorded_bytes = 0
+        self._send, self._recv = trio.open_memory_channel(queued)
+        self._nursery_manager: Any = None
+
+    async def __aenter__(self) -> "RepoBatcher":
+        self._nursery_manager = trio.open_nursery()
+        nursery = await self._nursery_manager.__aenter__()
+        nursery.start_soon(self._writer)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        try:
+            if exc[0] is None:
+                await self.write()
+        finally:
+            self._send.close()
+        try:
+            return await self._nursery_manager.__aexit__(*exc)
+        except BaseExceptionGroup as group:  # one error (the caller's or the writer's): raise it as it is
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     async def add(self, cid: CID, data: bytes) -> None:
         self._batch.append((cid, data))
@@ -539,27 +565,28 @@ class RepoBatcher:
             await self.write()
 
     async def write(self) -> None:
-        if not self._batch:
-            return
-        blocks, self._batch, self.pending_bytes = self._batch, [], 0
-        await trio.to_thread.run_sync(self.repo.write_blocks, blocks)
-        self._unrecorded += [(c, len(d)) for c, d in blocks]
-        self._unrecorded_bytes += sum(len(d) for _, d in blocks)
-        if self.on_stored is not None:
-            self.on_stored([c for c, _ in blocks])
-        if self._unrecorded_bytes >= self.commit_bytes:
-            await self.commit()
+        """Hand what is held to the writer (waits only while the queue is full)."""
+        if self._batch:
+            blocks, self._batch, self.pending_bytes = self._batch, [], 0
+            await self._send.send(blocks)
 
-    async def commit(self) -> None:
+    async def _writer(self) -> None:
+        async for blocks in self._recv:
+            await trio.to_thread.run_sync(self.repo.write_blocks, blocks)
+            self._unrecorded += [(c, len(d)) for c, d in blocks]
+            self._unrecorded_bytes += sum(len(d) for _, d in blocks)
+            if self.on_stored is not None:
+                self.on_stored([c for c, _ in blocks])
+            if self._unrecorded_bytes >= self.commit_bytes:
+                await self._commit()
+        await self._commit()
+
+    async def _commit(self) -> None:
         if self._unrecorded:
             done, self._unrecorded, self._unrecorded_bytes = self._unrecorded, [], 0
             await trio.to_thread.run_sync(self.repo.commit_blocks, done)
             if self.on_committed is not None:
                 self.on_committed([c for c, _ in done])
-
-    async def close(self) -> None:
-        await self.write()
-        await self.commit()
 
 
 async def _reset(stream: Any) -> None:

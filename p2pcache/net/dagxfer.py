@@ -341,16 +341,15 @@ class DagTransfer:
         self.stats.fetches += 1
         walk = DagWalk(root, repo.has_block, cover_nodes=True)
         ex = self.exchange
-        store = RepoBatcher(repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
-                            on_stored=on_stored, on_committed=ex.blocks_added)
-        run = _Run(walk, store, repo)
         before = walk.stats.bytes
         try:
-            async with trio.open_nursery() as nursery:
-                for peer in peers:
-                    for _ in range(self.config.streams_per_peer):
-                        nursery.start_soon(self._lane, run, peer)
-            await store.close()
+            async with RepoBatcher(repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
+                                   on_stored=on_stored, on_committed=ex.blocks_added) as store:
+                run = _Run(walk, store, repo)
+                async with trio.open_nursery() as nursery:
+                    for peer in peers:
+                        for _ in range(self.config.streams_per_peer):
+                            nursery.start_soon(self._lane, run, peer)
         finally:
             self.stats.blocks += walk.stats.blocks
             self.stats.duplicate_blocks += walk.stats.duplicate_blocks

@@ -260,6 +260,11 @@ class Node:
             },
         }
 
+    @property
+    def bytes_served(self) -> int:
+        """Block bytes this node sent to peers, over bitswap and the DAG protocol."""
+        return (self.source.bytes_served if self.source else 0) + (self.dag.stats.served_bytes if self.dag else 0)
+
     def peers(self) -> list[dict]:
         assert self.host is not None
         return [{"peer_id": p.to_base58()} for p in self.host.connected_peers()]

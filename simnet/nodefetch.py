@@ -220,8 +220,8 @@ async def run_node_fetch(sim: Sim, sc: Any, results: Results) -> dict:
                     verified += rec["verified"]
             fetchers = world.nodes[seeds:]
             stats = [node.status() for node in fetchers]
-            seed_served = sum(node.source.bytes_served for node in world.nodes[:seeds])
-            all_served = sum(node.source.bytes_served for node in world.nodes if node.source is not None)
+            seed_served = sum(node.bytes_served for node in world.nodes[:seeds])
+            all_served = sum(node.bytes_served for node in world.nodes)
             alive = world.net.nodes()
             net_bytes = sum(world.net.counters(x)["bytes_sent"] for x in alive)
             resolves = sum(node.host.accepted.get(RESOLVE_PROTOCOL, 0) for node in world.nodes[:seeds])

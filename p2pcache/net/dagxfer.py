@@ -57,7 +57,8 @@ class DagConfig:
     stall_seconds: float = 20.0  # a stream with nothing for this long: the peer is dropped
     request_timeout: float = 10.0  # server: a request must arrive within this
     serve_streams: int = 32  # server: DAG streams served at once; more are refused
-    steal_min: int = 8  # a request's tail is stolen only if at least this many blocks are left
+    steal_min: int = 8  # a request's tail is stolen only if at least this many blocks are left ...
+    steal_after: float = 5.0  # ... and nothing arrived on it for this long (a stalled or dead provider)
 
 
 @dataclass
@@ -258,13 +259,22 @@ class _Hostile(Exception):
 class _Request:
     """One DAG stream in flight: what it was asked for and how far its walk got."""
 
-    __slots__ = ("peer", "wants", "order", "stop_after")
+    __slots__ = ("peer", "wants", "order", "stop_after", "progress_at")
 
     def __init__(self, peer: ID, wants: list[CID]) -> None:
         self.peer = peer
         self.wants = wants
         self.order = DfsOrder(wants, nodes_only=True)
         self.stop_after: int | None = None  # blocks to deliver in all, once a thief took the tail
+        self.progress_at = trio.current_time()  # when the last block arrived (or the request began)
+
+    def trim(self) -> list[CID]:
+        """Before the request is sent: ask only for what a thief left us."""
+        if self.stop_after is not None:
+            self.wants = self.owned()
+            self.order = DfsOrder(self.wants, nodes_only=True)
+            self.stop_after = None
+        return self.wants
 
     def owned(self) -> list[CID]:
         """What this request still answers for (a stolen tail belongs to the thief)."""
@@ -304,11 +314,14 @@ class _Run:
             self.notify()
         return wants
 
-    def steal(self, thief: ID, minimum: int) -> list[CID]:
-        """The tail half of the largest leaf-only request of another provider, or []."""
+    def steal(self, thief: ID, minimum: int, after: float) -> list[CID]:
+        """The tail half of the largest leaf-only request of another provider on which nothing arrived
+        for `after` seconds, or []. (Healthy providers sharing one downlink are never robbed: what a
+        robbed server already sent is wasted on the wire.)"""
         best, best_rem = None, []
+        now = trio.current_time()
         for req in self.active:
-            if req.peer == thief:
+            if req.peer == thief or now - req.progress_at < after:
                 continue
             rem = req.owned()
             if len(rem) >= minimum and len(rem) > len(best_rem) and all(c.codec == RAW for c in rem):
@@ -376,13 +389,14 @@ class DagTransfer:
             if not wants:
                 if walk.finished:
                     break
-                wants = run.steal(peer, self.config.steal_min)
+                wants = run.steal(peer, self.config.steal_min, self.config.steal_after)
                 if wants:
                     self.stats.steals += 1
                 elif not run.active and not run.loading:
                     break  # nothing in flight anywhere and nothing to ask: the others gave up
                 else:
-                    await run.changed.wait()
+                    with trio.move_on_after(self.config.steal_after / 2):  # look for a slow one again
+                        await run.changed.wait()
                     continue
             if not await self._request(run, peer, wants):
                 return
@@ -397,6 +411,9 @@ class DagTransfer:
         try:
             try:
                 stream = await self.host.new_stream(peer, [PROTOCOL])
+                wants = req.trim()
+                if not wants:
+                    return True
                 await stream.write(encode_request(wants))
                 await stream.close_write()
             except Exception as e:  # does not speak the protocol, or unreachable: not its fault
@@ -454,6 +471,7 @@ class DagTransfer:
                     order.expect(cid, block)
                 except OutOfOrder as e:
                     raise _Hostile(str(e)) from None
+                req.progress_at = trio.current_time()
                 if walk.on_block(cid, block):
                     await run.store.add(cid, block)
                     run.notify()

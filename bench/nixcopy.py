@@ -92,7 +92,7 @@ def main() -> int:
         made += sp["paths"]
         kinds = {"closure": closure, "site-packages": sp}
         a = bench.daemon("a")
-        bench.daemon("c", bootstrap=[a.addr])  # a second runner: it takes A's provider records
+        c = bench.daemon("c", bootstrap=[a.addr])  # a second runner: it takes A's provider records
         nixbench.wait_peers(a, 1)
         for content in kinds.values():
             nix.run("nix", "copy", "--to", f"{a.api}?compression=none", content["top"])
@@ -111,8 +111,8 @@ def main() -> int:
             repo = work / f"b{serial[0]}"
             repo.mkdir()
             (repo / "config.toml").write_text(f'[transfer]\nprotocol = "{protocol}"\n')
-            b = bench.daemon(repo.name, bootstrap=[a.addr])
-            nixbench.wait_peers(b, 1)
+            b = bench.daemon(repo.name, bootstrap=[a.addr, c.addr])
+            nixbench.wait_peers(b, 2)
             return b
 
         results: dict[str, dict[str, list[float]]] = {}

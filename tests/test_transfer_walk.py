@@ -139,3 +139,22 @@ def test_subtree_requests_as_the_dag_driver_makes_them(tree, seed, held_share):
     assert not held & set(received)
     assert len(received) == len(set(received))
     assert set(received) | held >= set(server_walk(blocks, [root])) - held
+
+
+def test_have_and_scope_nodes_shape_the_walk_on_both_sides():
+    tree = ("dir", {b"a": ("file", False, random.Random(7).randbytes(20000)),
+                    b"b": ("dir", {b"c": ("file", True, random.Random(8).randbytes(9000))}),
+                    b"d": ("file", False, random.Random(7).randbytes(20000))})  # same bytes as a: shared blocks
+    root, blocks, _ = ingest(nar_of(tree))
+    full = server_walk(blocks, [root])
+    assert len(full) == len(set(full)) == len(blocks)  # a repeated subtree is sent once
+    inner = [c for c in full if c.codec == DAG_CBOR]
+    assert server_walk(blocks, [root], nodes_only=True) == inner
+    skipped = inner[1]  # an inner node: it and everything only it links to are left out
+    below = set(server_walk(blocks, [skipped]))
+    walk = server_walk(blocks, [root], have=[skipped])
+    assert skipped not in walk and len(walk) < len(full) and set(walk) | below == set(full)
+    mirror = DfsOrder([root], have=[skipped])
+    for cid in walk:
+        mirror.expect(cid, blocks[cid])
+    assert mirror.done

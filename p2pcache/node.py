@@ -445,7 +445,8 @@ class Node:
         await self.nix.handle(scope, receive, send)
 
     async def fetch_dag(self, root: CID, providers: list,
-                        on_stored: Callable[[list[CID]], None] | None = None) -> int:
+                        on_stored: Callable[[list[CID]], None] | None = None,
+                        on_verified: Callable[[CID, bytes], None] | None = None) -> int:
         """Fetch every block under `root` the repo lacks (any manifest shape), storing verified blocks
         as they arrive: over the DAG transfer protocol (`DagTransfer.fetch`, bitswap for peers that do
         not speak it), or block by block over bitswap when `transfer_protocol` is "bitswap"."""
@@ -453,7 +454,7 @@ class Node:
         if self.config.transfer_protocol == "bitswap":
             fetched = await self.exchange.fetch_dag(root, providers, self.repo, on_stored)
         else:
-            fetched = await self.dag.fetch(root, providers, self.repo, on_stored)
+            fetched = await self.dag.fetch(root, providers, self.repo, on_stored, on_verified)
         self.stats.bytes_fetched += fetched
         return fetched
 

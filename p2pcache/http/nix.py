@@ -61,6 +61,7 @@ PUT_LIMIT_NARINFO = 1 << 20
 GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
 GATEWAY_RESOLVE_TIMEOUT = 300.0
 BLOCK_WAIT = 120.0
+ARRIVING_BYTES = 32 << 20  # verified blocks a NAR stream from peers keeps in memory ahead of its reader
 UPLOAD_TTL = 24 * 3600.0  # an uploaded NAR waits this long for its narinfo  # a NAR stream waits this long for any one block to arrive from peers
 
 
@@ -390,7 +391,7 @@ class NixCache:
 
         async def fetcher() -> None:
             try:
-                fetched = await self.node.fetch_dag(root, pending.providers, arriving.stored)
+                fetched = await self.node.fetch_dag(root, pending.providers, arriving.stored, arriving.verified)
                 self.metrics.fetched.labels("peer").inc(fetched)
             except P2PCacheError as e:
                 arriving.fail(e)
@@ -629,15 +630,27 @@ class NixCache:
 
 
 class _ArrivingBlocks:
-    """Blocks of one fetch as they are stored: `get(cid)` returns a block's verified bytes once the repo
-    holds it (reading on a worker thread, never waiting there), waiting on this task until then."""
+    """Blocks of one fetch as they arrive: `get(cid)` returns a block's verified bytes — from memory if
+    the fetch handed them over verified (`verified`, at most `ARRIVING_BYTES` held), else from the repo
+    once it holds the block (read on a worker thread, never waiting there) — waiting on this task until
+    then."""
 
     def __init__(self, repo: Any) -> None:
         self.repo = repo
+        self._held: dict[CID, bytes] = {}
+        self._held_bytes = 0
         self._stored: set[CID] = set()
         self._waiting: dict[CID, trio.Event] = {}
         self.failure: BaseException | None = None
         self._finished = False
+
+    def verified(self, cid: CID, data: bytes) -> None:
+        if self._held_bytes + len(data) <= ARRIVING_BYTES and cid not in self._held:
+            self._held[cid] = data
+            self._held_bytes += len(data)
+            ev = self._waiting.pop(cid, None)
+            if ev is not None:
+                ev.set()
 
     def stored(self, cids: list[CID]) -> None:
         for c in cids:
@@ -660,7 +673,15 @@ class _ArrivingBlocks:
         self._wake_all()
 
     async def get(self, cid: CID) -> bytes:
+        data = self._held.pop(cid, None)
+        if data is not None:
+            self._held_bytes -= len(data)
+            return data
         while cid not in self._stored and not self.repo.has_block(cid):
+            data = self._held.pop(cid, None)
+            if data is not None:
+                self._held_bytes -= len(data)
+                return data
             if self.failure is not None:
                 raise self.failure
             if self._finished:

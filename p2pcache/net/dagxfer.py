@@ -293,6 +293,7 @@ class _Run:
         self.repo = repo
         self.active: set[_Request] = set()
         self.loading = 0
+        self.on_verified: Callable[[CID, bytes], None] | None = None
         self.changed = trio.Event()
         self.last_error = ""
 
@@ -346,10 +347,12 @@ class DagTransfer:
         return DagServer(repo, self.exchange.is_banned, self.config, self.stats)
 
     async def fetch(self, root: CID, providers: Iterable[ProviderSpec], repo: Any,
-                    on_stored: Callable[[list[CID]], None] | None = None) -> int:
+                    on_stored: Callable[[list[CID]], None] | None = None,
+                    on_verified: Callable[[CID, bytes], None] | None = None) -> int:
         """Fetch every block under `root` that `repo` lacks (blocks already stored are not fetched again,
         so an interrupted fetch resumes), storing verified blocks in batches and calling `on_stored` after
-        each; returns the bytes fetched. Raises FetchError (one line) if neither protocol could finish."""
+        each; `on_verified(cid, data)` sees each new block the moment it is verified, before it is stored.
+        Returns the bytes fetched. Raises FetchError (one line) if neither protocol could finish."""
         peers = [p for p in self.exchange.provider_ids(providers) if p != self.host.peer_id]
         self.stats.fetches += 1
         walk = DagWalk(root, repo.has_block, cover_nodes=True)
@@ -359,6 +362,7 @@ class DagTransfer:
             async with RepoBatcher(repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
                                    on_stored=on_stored, on_committed=ex.blocks_added) as store:
                 run = _Run(walk, store, repo)
+                run.on_verified = on_verified
                 async with trio.open_nursery() as nursery:
                     for peer in peers:
                         for _ in range(self.config.streams_per_peer):
@@ -473,6 +477,8 @@ class DagTransfer:
                     raise _Hostile(str(e)) from None
                 req.progress_at = trio.current_time()
                 if walk.on_block(cid, block):
+                    if run.on_verified is not None:
+                        run.on_verified(cid, block)
                     await run.store.add(cid, block)
                     run.notify()
                 if req.stop_after is not None and order.sent >= req.stop_after:

@@ -53,8 +53,10 @@ from p2pcache.net.host import HostConfig, open_host  # noqa: E402
 from p2pcache.store.repo import Repo  # noqa: E402
 from tests.helpers.daemons import start_daemon  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from bitswap import RAW_PROTOCOL, leech_raw  # noqa: E402  (the raw py-libp2p stream baseline's leecher)
+
 MiB = 1 << 20
-RAW_PROTOCOL = "/p2pcache-bench/raw/1"
 NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
 
 
@@ -194,22 +196,6 @@ async def leech_repo(addr: str, root: CID, tmp: Path, how: str) -> tuple[float, 
         return elapsed, n
     finally:
         repo.close()
-
-
-async def leech_raw(addr: str, total: int, tmp: Path) -> float:
-    async with open_host(host_config(tmp, "leech-raw")) as host:
-        peer = await host.connect(addr)
-        t0 = time.perf_counter()
-        stream = await host.new_stream(peer, [RAW_PROTOCOL])
-        n = 0
-        while n < total:
-            data = await stream.read(1 << 20)
-            if not data:
-                break
-            n += len(data)
-        elapsed = time.perf_counter() - t0
-        assert n == total, f"raw stream delivered {n} of {total} bytes"
-    return elapsed
 
 
 def archive_bench(size: int, runs: int, tmp: Path) -> None:

@@ -1,26 +1,30 @@
 """The DAG transfer protocol between real daemons on loopback, and hostile peers speaking it badly."""
 
 import hashlib
+import io
 import json
+import random
 import re
-import subprocess
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import trio
+
+from p2pcache.content.chunking import ChunkerParams
+from p2pcache.content.cid import RAW
+from p2pcache.content.manifest import iter_blocks
+from p2pcache.net.bitswap import BitswapExchange, RepoBlockSource
+from p2pcache.net.dagxfer import DagConfig, DagServer, DagTransfer
+from p2pcache.net.host import HostConfig, open_host
+from p2pcache.store.repo import Repo
 
 from .helpers.daemons import start_daemon
+from .test_swarm import daemons  # noqa: F401  (the fixture: started daemons are stopped after the test)
 
 BAD_DAG_NODE = str(Path(__file__).parent / "helpers" / "bad_dag_node.py")
 MODES = ("corrupt", "order", "endless", "stall", "empty")
 MiB = 1 << 20
-
-
-@pytest.fixture
-def daemons():
-    started = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def _leech_repo(tmp_path: Path, name: str) -> Path:
@@ -103,20 +107,6 @@ def test_hostile_dag_peers_are_banned_nothing_unverified_is_kept_honest_peer_com
 
 
 # -- in one process: real py-libp2p hosts (TCP, Noise, Yamux) on loopback ---------------------------------
-
-import io  # noqa: E402
-import random  # noqa: E402
-from contextlib import asynccontextmanager  # noqa: E402
-
-import trio  # noqa: E402
-
-from p2pcache.content.chunking import ChunkerParams  # noqa: E402
-from p2pcache.content.cid import RAW  # noqa: E402
-from p2pcache.content.manifest import iter_blocks  # noqa: E402
-from p2pcache.net.bitswap import BitswapExchange, RepoBlockSource  # noqa: E402
-from p2pcache.net.dagxfer import DagConfig, DagServer, DagTransfer  # noqa: E402
-from p2pcache.net.host import HostConfig, open_host  # noqa: E402
-from p2pcache.store.repo import Repo  # noqa: E402
 
 SMALLER = ChunkerParams(min_size=4096, avg_size=8192, max_size=16384)  # many blocks in a few MiB
 

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -398,6 +399,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--serve", choices=("repo", "raw"), help=argparse.SUPPRESS)
     ap.add_argument("--only", choices=("archive", "nar"), default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (daemon logs)")
     args = ap.parse_args()
     if args.serve:
         trio.run(serve, args.serve, args.size, args.seed)
@@ -406,11 +408,17 @@ def main() -> None:
     nar_size = args.nar_size or (256 * MiB if args.quick else 2 << 30)
     runs = args.runs or (1 if args.quick else 2)
     log(f"bench/dagxfer.py on {os.cpu_count()} cores (shared with other work: figures are same-run ratios)")
-    with tempfile.TemporaryDirectory(prefix="p2pcache-bench-dag-") as tmp:
+    tmp = tempfile.mkdtemp(prefix="p2pcache-bench-dag-")
+    try:
         if args.only in (None, "archive"):
             archive_bench(size, runs, Path(tmp))
         if args.only in (None, "nar"):
             nar_bench(nar_size, Path(tmp))
+    finally:
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

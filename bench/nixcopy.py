@@ -110,7 +110,8 @@ def main() -> int:
             repo = work / f"b{serial[0]}"
             repo.mkdir()
             (repo / "config.toml").write_text(f'[transfer]\nprotocol = "{protocol}"\n')
-            b = bench.daemon(repo.name, bootstrap=[a.addr, c.addr])
+            # the daemon's default lookup timeout (bench/nix.py's 2 s misses now and then on a loaded machine)
+            b = bench.daemon(repo.name, bootstrap=[a.addr, c.addr], extra=["--lookup-timeout", "5"])
             nixbench.wait_peers(b, 2)
             return b
 

@@ -158,3 +158,35 @@ def test_have_and_scope_nodes_shape_the_walk_on_both_sides():
     for cid in walk:
         mirror.expect(cid, blocks[cid])
     assert mirror.done
+
+
+@settings(**SETTINGS)
+@given(tree=trees, seed=st.integers(0, 2**16))
+def test_wants_follow_depth_first_order_whatever_order_inner_nodes_arrive_in(tree, seed):
+    """A NAR streamed to Nix needs its blocks in DFS order: inner nodes arriving in any order must not
+    reorder the blocks wanted after them."""
+    rng = random.Random(seed)
+    root, blocks, _ = ingest(nar_of(tree))
+    dfs = server_walk(blocks, [root])
+    pos = {c: i for i, c in enumerate(dfs)}
+    walk = DagWalk(root, lambda c: False)
+    pending: list = []
+    asked: list = []
+    while not walk.finished:
+        wants = walk.next_wants(rng.choice([1, 3, 1000]))
+        assert wants == sorted(wants, key=pos.__getitem__)  # each batch in DFS order
+        asked += wants
+        pending += wants
+        rng.shuffle(pending)  # blocks come back in any order
+        cid = pending.pop()
+        walk.on_block(cid, blocks[cid])
+    assert sorted(asked, key=pos.__getitem__) == dfs
+    # With every inner node in (each after its parent, siblings and cousins in a shuffled order), the
+    # leaves come out in exactly the NAR's order.
+    walk = DagWalk(root, lambda c: False, cover_nodes=True)
+    open_inner = walk.next_wants(1)
+    while open_inner:
+        cid = open_inner.pop(rng.randrange(len(open_inner)))
+        walk.on_block(cid, blocks[cid])
+        open_inner = [c for c in dfs if c.codec == DAG_CBOR and walk.is_open(c)]
+    assert walk.next_wants(10**6) == [c for c in dfs if c.codec == RAW]

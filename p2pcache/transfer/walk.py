@@ -3,7 +3,8 @@
 Owns two small state machines, with no I/O and no `await` (the drivers in `net/` pump them):
 
 - `DagWalk` — one fetch of everything under a root, as the asker sees it: a frontier of known links in
-  depth-first order (children of a block go to the front, so wants follow NAR/archive order), what is
+  depth-first order (each link keyed by its path from the root, so wants follow NAR/archive order whatever
+  order the inner nodes arrived in — a reader streaming the content needs its blocks in that order), what is
   wanted, what is expected as part of a wanted subtree, what is done. `next_wants(room)` hands out CIDs
   to ask for, `take_loads()` the held inner nodes whose links it needs read locally, `on_block` /
   `on_failed` feed results back, `finished` says when nothing is left. The bitswap driver and the DAG
@@ -21,7 +22,7 @@ order archive and NAR manifests list their contents in; raw blocks are leaves.
 from __future__ import annotations
 
 import enum
-from collections import deque
+import heapq
 from collections.abc import Callable, Iterable
 from typing import Any, Iterator
 
@@ -163,7 +164,8 @@ class DagWalk:
         self._held = held
         self.cover_nodes = cover_nodes
         self._state: dict[CID, _State] = {root: _State.FRONTIER}
-        self._frontier: deque[CID] = deque([root])
+        self._key: dict[CID, tuple[int, ...]] = {root: ()}  # path from the root: DFS order is key order
+        self._frontier: list[tuple[tuple[int, ...], CID]] = [((), root)]  # a heap
         self._loads: list[CID] = []
         self._open = 0  # LOADING + WANTED + COVERED
         self._in_frontier = 1
@@ -176,7 +178,7 @@ class DagWalk:
         out: list[CID] = []
         state, frontier, held = self._state, self._frontier, self._held
         while frontier and len(out) < room:
-            cid = frontier.popleft()
+            _, cid = heapq.heappop(frontier)
             if state[cid] is not _State.FRONTIER:
                 continue
             self._in_frontier -= 1
@@ -224,28 +226,28 @@ class DagWalk:
             self.stats.blocks += 1
             self.stats.bytes += len(data)
         cover = self.cover_nodes and st in (_State.WANTED, _State.COVERED)
-        new: list[CID] = []
-        state = self._state
-        for link in links:
+        state, keys, frontier = self._state, self._key, self._frontier
+        base = keys[cid]
+        for i, link in enumerate(links):
             if link in state:
                 continue
+            keys[link] = key = base + (i,)
             if cover and link.codec == DAG_CBOR:
                 state[link] = _State.COVERED
                 self._open += 1
             else:
                 state[link] = _State.FRONTIER
-                new.append(link)
-        self._in_frontier += len(new)
-        self._frontier.extendleft(reversed(new))
+                self._in_frontier += 1
+                heapq.heappush(frontier, (key, link))
         return True
 
     def on_failed(self, cid: CID) -> None:
-        """A want (or a covered block) will not come from where it was asked: ask again, first."""
+        """A want (or a covered block) will not come from where it was asked: ask again, in its place."""
         if self._state.get(cid) in (_State.WANTED, _State.COVERED):
             self._state[cid] = _State.FRONTIER
             self._open -= 1
             self._in_frontier += 1
-            self._frontier.appendleft(cid)
+            heapq.heappush(self._frontier, (self._key[cid], cid))
             self.stats.failures += 1
 
     @property

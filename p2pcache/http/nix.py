@@ -389,10 +389,17 @@ class NixCache:
         assert root is not None
         arriving = _ArrivingBlocks(repo)
 
+        counted = [0]
+
+        def verified(cid: CID, data: bytes) -> None:  # counted as they arrive: Nix may finish first
+            counted[0] += len(data)
+            self.metrics.fetched.labels("peer").inc(len(data))
+            arriving.verified(cid, data)
+
         async def fetcher() -> None:
             try:
-                fetched = await self.node.fetch_dag(root, pending.providers, arriving.stored, arriving.verified)
-                self.metrics.fetched.labels("peer").inc(fetched)
+                fetched = await self.node.fetch_dag(root, pending.providers, arriving.stored, verified)
+                self.metrics.fetched.labels("peer").inc(max(0, fetched - counted[0]))
             except P2PCacheError as e:
                 arriving.fail(e)
                 return

@@ -61,7 +61,7 @@ PUT_LIMIT_NARINFO = 1 << 20
 GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
 GATEWAY_RESOLVE_TIMEOUT = 300.0
 BLOCK_WAIT = 120.0
-ARRIVING_BYTES = 32 << 20  # verified blocks a NAR stream from peers keeps in memory ahead of its reader
+ARRIVING_BYTES = 16 << 20  # verified blocks a NAR stream from peers keeps in memory ahead of its reader
 UPLOAD_TTL = 24 * 3600.0  # an uploaded NAR waits this long for its narinfo  # a NAR stream waits this long for any one block to arrive from peers
 
 

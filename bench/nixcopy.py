@@ -116,6 +116,7 @@ def main() -> int:
             return b
 
         results: dict[str, dict[str, list[float]]] = {}
+        failures: dict[str, int] = {}
         for kind, content in kinds.items():
             res = results[kind] = {"static zstd": [], "static xz": [], "p2pcache dag": [], "p2pcache bitswap": []}
             for i in range(max(1, args.runs)):
@@ -124,29 +125,38 @@ def main() -> int:
                     res[f"static {comp}"].append(r["wall"])
                 for protocol in ("dag", "bitswap"):
                     b = cold_b(protocol)
-                    r = bench.copy(b.api, content, {"A": a.proc.pid, "B": b.proc.pid})
-                    res[f"p2pcache {protocol}"].append(r["wall"])
+                    try:
+                        r = bench.copy(b.api, content, {"A": a.proc.pid, "B": b.proc.pid})
+                        res[f"p2pcache {protocol}"].append(r["wall"])
+                    except RuntimeError as e:  # reported, not hidden: a copy that failed is counted
+                        failures[f"{kind} {protocol}"] = failures.get(f"{kind} {protocol}", 0) + 1
+                        log(f"  {kind} run {i + 1}, p2pcache {protocol}: FAILED: {str(e).splitlines()[-1][:300]}")
                     bench.stop(b)
-                log(f"  {kind} run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in res.items()))
+                log(f"  {kind} run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in res.items() if v))
         bench.close()
         for kind, res in results.items():
             content = kinds[kind]
             mib = content["nar_bytes"] / MiB
             what = f"{len(content['paths'])} paths" if kind == "closure" else f"{content['files']} files"
             log(f"\n== nix copy --from, {kind}: {what}, {mib:.1f} MiB of NAR (min of {args.runs})")
-            best = {k: min(v) for k, v in res.items()}
+            best = {k: min(v) for k, v in res.items() if v}
             for k, v in best.items():
                 log(f"  {k:18} {v:7.2f}s  {mib / v:7.1f} MiB/s   runs [{', '.join(f'{x:.2f}' for x in res[k])}]")
                 emit(f"{kind}_{k.replace(' ', '_')}_seconds", v, "s", "lower", nar_mib=round(mib, 1),
                      runs=[round(x, 3) for x in res[k]], quick=args.quick)
             for comp in ("zstd", "xz"):
                 for protocol in ("dag", "bitswap"):
+                    if f"p2pcache {protocol}" not in best:
+                        continue
                     ratio = best[f"p2pcache {protocol}"] / best[f"static {comp}"]
                     goal = " (goal <= 1.0)" if protocol == "dag" else ""
                     log(f"  p2pcache {protocol} / static {comp}: {ratio:.2f}x{goal}")
                     emit(f"{kind}_{protocol}_over_static_{comp}", ratio, "ratio", "lower",
                          **({"goal": "<= 1.0"} if protocol == "dag" else {}), nar_mib=round(mib, 1))
-        return 0
+        for what, n in failures.items():
+            log(f"  FAILED copies: {what}: {n} of {args.runs}")
+            emit(f"{what.replace(' ', '_')}_failed_copies", n, "copies", "lower", runs=args.runs)
+        return 1 if failures else 0
     finally:
         bench.close()
         if made and not args.keep:

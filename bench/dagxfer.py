@@ -101,7 +101,7 @@ async def serve(kind: str, size: int, seed: int) -> None:
                     info["root"] = str(added.root)
                     ex = BitswapExchange(host, RepoBlockSource(repo))
                     await nursery.start(ex.run)
-                    DagTransfer(host, ex).server(repo).register(host)
+                    DagTransfer(host, ex).server(RepoBlockSource(repo)).register(host)
                 else:
                     async def send_all(stream):
                         for piece in archive_pieces(size, seed):

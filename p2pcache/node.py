@@ -141,7 +141,7 @@ class Node:
                 self.exchange = BitswapExchange(self.host, self.source)
                 await nursery.start(self.exchange.run)
                 self.dag = DagTransfer(self.host, self.exchange, DagConfig(stall_seconds=cfg.transfer_stall_timeout))
-                self.dag.server(repo).register(self.host)
+                self.dag.server(self.source).register(self.host)
                 await nursery.start(self.dht.run)
                 self.announcer = ProviderAnnouncer(self.dht, AnnouncerConfig(interval=cfg.reannounce_interval))
                 for info in repo.index.list_roots():
@@ -232,8 +232,8 @@ class Node:
             "roots_incomplete": sum(1 for r in roots if not r.complete),
             "stored_bytes": self.repo.stored_bytes(),
             "peers": len(self.host.connected_peers()),
-            "bytes_served": (self.source.bytes_served if self.source else 0) + (dag.served_bytes if dag else 0),
-            "blocks_served": (self.source.blocks_served if self.source else 0) + (dag.served_blocks if dag else 0),
+            "bytes_served": self.source.bytes_served if self.source else 0,  # both protocols read through it
+            "blocks_served": self.source.blocks_served if self.source else 0,
             "bytes_fetched": self.stats.bytes_fetched,
             "bytes_fetched_origin": self.stats.bytes_fetched_origin,
             "blocks_fetched": (client.blocks_received if client else 0) + (dag.blocks if dag else 0),
@@ -262,8 +262,9 @@ class Node:
 
     @property
     def bytes_served(self) -> int:
-        """Block bytes this node sent to peers, over bitswap and the DAG protocol."""
-        return (self.source.bytes_served if self.source else 0) + (self.dag.stats.served_bytes if self.dag else 0)
+        """Block bytes this node handed to peers, over bitswap and the DAG protocol (both read through
+        `source`)."""
+        return self.source.bytes_served if self.source else 0
 
     def peers(self) -> list[dict]:
         assert self.host is not None

@@ -111,15 +111,12 @@ def test_hostile_dag_peers_are_banned_nothing_unverified_is_kept_honest_peer_com
 SMALLER = ChunkerParams(min_size=4096, avg_size=8192, max_size=16384)  # many blocks in a few MiB
 
 
-class _FlippingRepo:
+class _FlippingSource(RepoBlockSource):
     """What a lying provider serves: its repo's blocks with raw ones corrupted."""
 
-    def __init__(self, repo):
-        self.repo = repo
-
-    def load_block(self, cid):
-        data = self.repo.load_block(cid)
-        return bytes([data[0] ^ 1]) + data[1:] if cid.codec == RAW else data
+    def get(self, cid):
+        data = super().get(cid)
+        return bytes([data[0] ^ 1]) + data[1:] if data is not None and cid.codec == RAW else data
 
 
 @asynccontextmanager
@@ -131,7 +128,8 @@ async def peer(tmp_path, name, *, lying=False, config=None):
         async with trio.open_nursery() as nursery:
             await nursery.start(ex.run)
             dag = DagTransfer(host, ex, config)
-            DagServer(_FlippingRepo(repo) if lying else repo, ex.is_banned, dag.config, dag.stats).register(host)
+            source = (_FlippingSource if lying else RepoBlockSource)(repo)
+            DagServer(source, ex.is_banned, dag.config, dag.stats).register(host)
             dag.repo = repo
             yield dag
             nursery.cancel_scope.cancel()

@@ -1,6 +1,6 @@
 """The DAG transfer driver: `/p2pcache/dag/1.0.0` over libp2p streams (wire format in proto/p2pcache.proto).
 
-Owns: serving DAG walks from the repo (`DagServer`: depth-first order from `DfsOrder`, blocks read from
+Owns: serving DAG walks from the node's block source (`DagServer`: depth-first order from `DfsOrder`, blocks read from
 the repo in small batches on a worker thread while the previous batch is written, frames joined into
 large writes; the stream's own flow control is the backpressure), and fetching a whole DAG from several
 providers at once (`DagTransfer.fetch`): one shared `DagWalk` hands out work, each provider gets up to
@@ -32,7 +32,7 @@ from libp2p.peer.id import ID
 from ..content.chunking import MAX_BLOCK_SIZE
 from ..content.cid import CID, DAG_CBOR, RAW
 from ..content.varint import encode as uvarint
-from ..errors import CorruptData, InvalidCID, InvalidInput, MalformedBlock, NotFound
+from ..errors import InvalidCID, InvalidInput, MalformedBlock
 from ..exchange import FrameDecoder, ProtocolViolation
 from ..routing.pb import p2pcache_pb2 as pb
 from ..transfer import DagWalk, DfsOrder, OutOfOrder
@@ -134,11 +134,12 @@ async def _close(stream: Any) -> None:
 
 
 class DagServer:
-    """Answers DAG requests from `repo` (only blocks that verify on disk are sent)."""
+    """Answers DAG requests from `source` (the bitswap server's `BlockSource`: `get(cid)` gives verified
+    bytes or None; a block that fails verification on disk is served as missing, never sent)."""
 
-    def __init__(self, repo: Any, is_banned: Callable[[ID], bool], config: DagConfig | None = None,
+    def __init__(self, source: Any, is_banned: Callable[[ID], bool], config: DagConfig | None = None,
                  stats: TransferStats | None = None) -> None:
-        self.repo = repo
+        self.source = source
         self.is_banned = is_banned
         self.config = config or DagConfig()
         self.stats = stats or TransferStats()
@@ -150,14 +151,9 @@ class DagServer:
     def _load(self, cids: list[CID]) -> list[tuple[CID, bytes | None]]:
         out: list[tuple[CID, bytes | None]] = []
         for cid in cids:
-            try:
-                out.append((cid, self.repo.load_block(cid)))
-            except NotFound:
-                out.append((cid, None))
-                break
-            except CorruptData as e:
-                log.warning("not serving %s: %s", cid, e)
-                out.append((cid, None))
+            data = self.source.get(cid)
+            out.append((cid, data))
+            if data is None:
                 break
         return out
 
@@ -343,8 +339,9 @@ class DagTransfer:
         self.config = config or DagConfig()
         self.stats = TransferStats()
 
-    def server(self, repo: Any) -> DagServer:
-        return DagServer(repo, self.exchange.is_banned, self.config, self.stats)
+    def server(self, source: Any) -> DagServer:
+        """A server of `source` (a `BlockSource`) sharing this transfer's config, stats and bans."""
+        return DagServer(source, self.exchange.is_banned, self.config, self.stats)
 
     async def fetch(self, root: CID, providers: Iterable[ProviderSpec], repo: Any,
                     on_stored: Callable[[list[CID]], None] | None = None,

@@ -26,7 +26,7 @@ def _walk(server, roots, have, nodes_only):
     """The honest walk's blocks, as the real server would send them."""
     order = dagxfer.DfsOrder(roots, have, nodes_only)
     while (cid := order.peek()) is not None:
-        data = server.repo.load_block(cid)
+        data = server.source.get(cid)
         order.give(cid, data)
         yield cid, data
 

@@ -101,7 +101,6 @@ _SECTIONS = {
     "routing": {"reannounce_interval": "reannounce_interval", "lookup_timeout": "lookup_timeout",
                 "negative_ttl": "negative_ttl"},
     "http": {"listen": "api_listen", "allowed_hosts": "api_allowed_hosts", "allowed_origins": "api_allowed_origins"},
-    "http": {"listen": "api_listen"},
     "transfer": {"protocol": "transfer_protocol", "stall_timeout": "transfer_stall_timeout"},
 }
 _NIX_TYPES = {"store_dir": str, "priority": int, "want_mass_query": bool, "serve_local_store": bool,

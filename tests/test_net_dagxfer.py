@@ -20,7 +20,6 @@ from p2pcache.net.host import HostConfig, open_host
 from p2pcache.store.repo import Repo
 
 from .helpers.daemons import start_daemon
-from .test_swarm import daemons  # noqa: F401  (the fixture: started daemons are stopped after the test)
 
 BAD_DAG_NODE = str(Path(__file__).parent / "helpers" / "bad_dag_node.py")
 MODES = ("corrupt", "order", "endless", "stall", "empty")

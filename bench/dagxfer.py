@@ -56,6 +56,7 @@ from tests.helpers.daemons import start_daemon  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from bitswap import RAW_PROTOCOL, leech_raw  # noqa: E402  (the raw py-libp2p stream baseline's leecher)
+from bitswap import Seeder as BitswapSeeder  # noqa: E402
 
 MiB = 1 << 20
 NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -144,12 +145,7 @@ class Seeder:
             raise SystemExit(f"bench: the {kind} seeder did not start")
         self.info = json.loads(line)
 
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+    close = BitswapSeeder.close  # close its stdin, wait, kill if it lingers
 
 
 class _Discard:

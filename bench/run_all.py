@@ -15,8 +15,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 EXTRA_ARGS = {"dedup.py": ["--jsonl", "-"]}
 BENCHES = ["ingest.py", "api_add.py", "dedup_repo.py", "dedup.py", "nar.py", "bitswap.py", "dagxfer.py", "dht.py", "nix.py",
-           "nixcopy.py", "fuzz_nix.py", "simnet:dht-lookup", "simnet:fleet-fanout", "simnet:node-fetch@1-provider",
-           "simnet:node-fetch@4-providers", "simnet:node-fetch@4-providers-one-killed"]
+           "nixcopy.py", "fuzz_nix.py", "buildcache.py", "simnet:dht-lookup", "simnet:fleet-fanout",
+           "simnet:node-fetch@1-provider", "simnet:node-fetch@4-providers", "simnet:node-fetch@4-providers-one-killed"]
 # simnet scenarios: (full-mode --set overrides, quick-mode --set overrides)
 SIMNET = {
     "dht-lookup": ([], ["nodes=200", "lookups=200"]),

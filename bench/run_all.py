@@ -15,12 +15,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 EXTRA_ARGS = {"dedup.py": ["--jsonl", "-"]}
 BENCHES = ["ingest.py", "api_add.py", "dedup_repo.py", "dedup.py", "nar.py", "bitswap.py", "dagxfer.py", "dht.py", "nix.py",
-           "nixcopy.py", "fuzz_nix.py", "buildcache.py", "simnet:dht-lookup", "simnet:fleet-fanout",
+           "nixcopy.py", "fuzz_nix.py", "buildcache.py", "simnet:dht-lookup", "simnet:fleet-fanout", "simnet:dht-announce",
            "simnet:node-fetch@1-provider", "simnet:node-fetch@4-providers", "simnet:node-fetch@4-providers-one-killed"]
 # simnet scenarios: (full-mode --set overrides, quick-mode --set overrides)
 SIMNET = {
     "dht-lookup": ([], ["nodes=200", "lookups=200"]),
     "fleet-fanout": (["runners=200", "artifact_size=128MiB"], ["runners=50", "artifact_size=32MiB"]),
+    "dht-announce": ([], ["nodes=60", "keys=1000", "baseline_keys=50"]),
     # one fetcher with a 1 Gbit/s link, providers on wan-100m-40ms: DAG transfer from several providers
     "node-fetch@1-provider": (["nodes=2", "seeds=1", "artifact_size=256MiB", "fetcher_link=lan-1g"],
                               ["nodes=2", "seeds=1", "artifact_size=64MiB", "fetcher_link=lan-1g"]),

@@ -2,9 +2,10 @@
 and the local HTTP API — composed and run in one trio nursery.
 
 Getting an archive by any key goes: the local repo → the DHT (providers of the key's alias, bounded by
-`lookup_timeout`, misses cached) → the resolve protocol (ask a provider which root it holds for the
-key, happy-eyeballs over several providers) → the manifest root block, checked to carry the hash that
-was asked for → the rest of the archive over bitswap, every block verified → registered in the repo
+`lookup_timeout`, misses cached) → the resolve protocol (ask the providers which root they hold for
+the key: happy eyeballs over all of them, staggered, under one deadline, `routing.race`) → the
+manifest root block from the same peer, checked to carry the hash that was asked for (a liar loses
+the race and is demoted) → the rest of the archive over bitswap, every block verified → registered in the repo
 and announced. Nothing a peer says is trusted before the bytes prove it.
 
 Concurrency: the repo has one owner, this node. Repo calls that write or hash run in worker threads;
@@ -19,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -35,13 +36,15 @@ from .http.api import make_app
 from .http.nix import GATEWAY_MARKER, NixCache
 from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
 from .net.host import HostConfig, NodeHost
-from .routing import (DHT, AnnouncerConfig, DHTConfig, FinderConfig, ProviderAnnouncer, ProviderFinder,
-                      NarInfoFields, ResolveAnswer, ResolveServer, resolve)
+from .routing import (DHT, AnnouncerConfig, AskState, DHTConfig, FinderConfig, NotHeld, ProviderAnnouncer,
+                      ProviderFinder, ProviderStanding, NarInfoFields, RaceOutcome, ResolveAnswer, ResolveRace,
+                      ResolveServer, race_providers, resolve)
 from .store.repo import Repo
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int | None], None]
+RACE_STAGGER = 0.2  # seconds between asking one provider and the next (happy eyeballs)
 
 
 class _CountingSource(RepoBlockSource):
@@ -109,6 +112,8 @@ class Node:
         self.api_url: str | None = None
         self.nix: NixCache | None = None
         self.started_at = time.time()
+        # Providers that failed, lied or timed out lately: asked last by the next lookups.
+        self.standing: ProviderStanding = ProviderStanding()
 
     # -- running ------------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -352,19 +357,17 @@ class Node:
     async def _fetch_from_swarm(self, key: HashKey | RootKey, progress: ProgressFn) -> tuple[CID, int]:
         assert self.finder is not None and self.exchange is not None and self.repo is not None
         alias = str(key.cid) if isinstance(key, RootKey) else key.alias
-        providers = await self.finder.find_providers(alias, timeout=self.config.lookup_timeout)
-        providers = [p for p in providers if p.peer_id != self.host.peer_id]  # type: ignore[union-attr]
-        if not providers:
-            raise NotFound(f"{alias}: not in the local repo and no peer in the swarm announces it")
         if isinstance(key, RootKey):
+            providers = await self.finder.find_providers(alias, timeout=self.config.lookup_timeout)
+            providers = [p for p in providers if p.peer_id != self.host.peer_id]  # type: ignore[union-attr]
+            if not providers:
+                raise NotFound(f"{alias}: not in the local repo and no peer in the swarm announces it")
             root = key.cid
-        else:
-            root = await self._resolve_root(alias, providers)
-        # Fetch the root first and check it is what was asked for before fetching the rest.
-        blocks = await self.exchange.fetch_blocks([root], providers)
-        manifest = _decode_root(root, blocks[root])
-        if isinstance(key, HashKey) and manifest.hashes.get(key.algo) != key.digest:
-            raise FetchError(f"a peer answered {root} for {alias}, but that archive has a different {key.algo}")
+            # Fetch the root first and check it is what was asked for before fetching the rest.
+            blocks = await self.exchange.fetch_blocks([root], providers)
+            manifest = _decode_root(root, blocks[root])
+        else:  # the race checked the winner's manifest root against the hash
+            root, manifest, providers = await self._resolve_root(key)
         progress(0, manifest.size)
         before = self.repo.stored_bytes()
         fetched = trio.Event()
@@ -397,30 +400,54 @@ class Node:
         progress(manifest.size, manifest.size)
         return root, manifest.size
 
-    async def _resolve_root(self, alias: str, providers: list) -> CID:
-        """Ask providers which root they hold for `alias`: stagger the asks, first valid answer wins."""
-        assert self.host is not None
-        winner: list[ResolveAnswer] = []
+    async def _resolve_root(self, key: HashKey) -> tuple[CID, ArchiveManifest, list]:
+        """Ask the providers of `key` which root they hold for it (one race, `race_at_providers`); an
+        answer counts once its manifest root, fetched from that peer, carries the asked hash."""
+        assert self.host is not None and self.exchange is not None
+        alias = key.alias
 
-        async def ask(peer: Any, delay: float, cancel: trio.CancelScope) -> None:
-            await trio.sleep(delay)
+        async def ask(peer: Any) -> tuple[CID, ArchiveManifest]:
+            answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
+            if answer is None:
+                raise NotHeld()
+            if answer.root.codec != DAG_CBOR:
+                raise FetchError(f"peer {peer.peer_id} answered {answer.root} for {alias}: not a manifest")
+            blocks = await self.exchange.fetch_blocks([answer.root], [peer])
+            manifest = _decode_root(answer.root, blocks[answer.root])
+            if manifest.hashes.get(key.algo) != key.digest:
+                raise FetchError(f"peer {peer.peer_id} answered {answer.root} for {alias}, "
+                                 f"an archive with a different {key.algo}")
+            return answer.root, manifest
+
+        race = await self.race_at_providers(alias, ask)
+        if race.winner is None:
+            raise NotFound(f"{alias}: not in the local repo and {_race_summary(race)}")
+        peer, (root, manifest) = race.winner
+        return root, manifest, [peer, *race.peers_in(AskState.QUEUED, AskState.CANCELLED)]
+
+    async def race_at_providers(self, alias: str, ask: Callable[[Any], Awaitable[Any]],
+                                more: Sequence[Callable[[float], Awaitable[Iterable[Any]]]] = ()) -> ResolveRace:
+        """The node's one policy for asking peers about `alias` (archives and Nix paths alike): the
+        DHT lookup of its providers, then `more` sources (e.g. gateways) one after another, all feeding
+        one happy-eyeballs race (`routing.race`) under one deadline, `lookup_timeout` from now.
+        Providers that fail or time out are demoted in `self.standing` for later races."""
+        assert self.finder is not None and self.host is not None
+        me = self.host.peer_id
+
+        async def providers_of(key: str, timeout: float) -> list:
+            return [p for p in await self.finder.find_providers(key, timeout=timeout) if p.peer_id != me]
+
+        async def ask_logged(peer: Any) -> Any:
             try:
-                answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
+                return await ask(peer)
             except P2PCacheError as e:
-                log.info("resolve %s at %s failed: %s", alias, peer.peer_id, e)
-                return
-            if answer is not None and answer.root.codec == DAG_CBOR and not winner:
-                winner.append(answer)
-                cancel.cancel()
+                log.info("asking %s about %s: %s", peer.peer_id, alias, e)
+                raise
 
-        with trio.move_on_after(self.config.lookup_timeout * 2) as scope:
-            async with trio.open_nursery() as nursery:
-                for i, peer in enumerate(providers[:5]):
-                    nursery.start_soon(ask, peer, i * 0.2, nursery.cancel_scope)
-        if not winner:
-            why = "timed out" if scope.cancelled_caught else "none of them holds it any more"
-            raise NotFound(f"{alias}: {len(providers)} peer(s) announce it but resolving it {why}")
-        return winner[0].root
+        race: ResolveRace = ResolveRace(deadline=trio.current_time() + self.config.lookup_timeout,
+                                        stagger=RACE_STAGGER, standing=self.standing)
+        sources = [lambda left: providers_of(alias, left), *more]
+        return await race_providers(race, ask_logged, sources)
 
     async def http_fallback(self, scope: Any, receive: Any, send: Any) -> None:
         """Everything the local API does not route: the Nix binary cache and hashed mirror."""
@@ -463,6 +490,18 @@ class Node:
         if not info.complete:
             return None
         return ResolveAnswer(root=root, kind=info.kind, size=info.size)
+
+
+def _race_summary(race: ResolveRace) -> str:
+    """Why a race found nothing, for the one-line error."""
+    st = race.stats
+    if race.peers_known == 0:
+        return "no peer in the swarm announces it"
+    if race.outcome is RaceOutcome.MISS:
+        return f"the {race.peers_known} peer(s) that announced it no longer hold it"
+    return (f"{race.peers_known} peer(s) announce it but none answered validly within the lookup timeout "
+            f"({st.failed} failed, {st.timed_out} timed out, {st.empty} hold nothing, "
+            f"{race.peers_known - st.asked} not asked); try again")
 
 
 def _decode_root(root: CID, data: bytes) -> ArchiveManifest:

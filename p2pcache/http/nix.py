@@ -1,7 +1,8 @@
 """The Nix-facing binary cache a node serves on its HTTP port.
 
     GET  /nix-cache-info                      StoreDir, WantMassQuery, Priority
-    GET  /<hash>.narinfo  (and HEAD)          repo → local Nix store → swarm → upstream caches → 404
+    GET  /<hash>.narinfo  (and HEAD)          repo → local Nix store → swarm (providers, then gateways, one
+                                              race under lookup_timeout) → upstream caches → 404
     GET  /nar/<hash>-<narhash>.nar  (HEAD)    the NAR, reassembled from chunks, NarHash-checked
     PUT  /nar/<file>.nar[.xz|.zst|.bz2]       what `nix copy --to http://…` uploads first
     PUT  /<hash>.narinfo                      … and then: ties the upload to its store path, announces it
@@ -38,6 +39,7 @@ from ..content.narmanifest import NarManifest
 from ..content.nixhash import NixHash
 from ..content.nixsig import SecretKey
 from ..errors import CorruptData, InvalidInput, NotFound, P2PCacheError
+from ..routing import AskState, NotHeld, RaceOutcome, resolve
 from ..store.httpcache import HttpBinaryCache, UpstreamError, _Decompressor
 from ..store.narstore import RepoNarStore, nix_alias, stream_manifest, stream_nar_root
 from ..aio import drain_thread as _drain_thread, feed_thread as _feed_thread
@@ -59,7 +61,6 @@ _COMPRESSION_BY_SUFFIX = {".nar": "none", ".nar.xz": "xz", ".nar.zst": "zstd", "
 PUT_LIMIT_NARINFO = 1 << 20
 # Nodes with upstream caches announce this key: a peer whose DHT lookup missed asks them to pull through.
 GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
-GATEWAY_RESOLVE_TIMEOUT = 300.0
 BLOCK_WAIT = 120.0
 UPLOAD_TTL = 24 * 3600.0  # an uploaded NAR waits this long for its narinfo  # a NAR stream waits this long for any one block to arrive from peers
 
@@ -115,6 +116,9 @@ class Metrics:
                               registry=r)
         self.negative_hits = Counter("p2pcache_narinfo_negative_cache_hits",
                                      "narinfo misses answered from the negative cache", registry=r)
+        self.lookup_failures = Counter("p2pcache_narinfo_lookup_failures",
+                                       "swarm lookups where providers existed but none answered validly in "
+                                       "time (answered 404, not remembered as a miss)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -196,10 +200,17 @@ class NixCache:
         if pending is not None:
             return pending.narinfo, pending.source
         async with self._lock(store_hash):
-            found = await self._from_swarm(store_hash)
+            pending = self._pending.get(store_hash)  # another request looked it up while we waited
+            if pending is not None:
+                return pending.narinfo, pending.source
+            found, conclusive = await self._from_swarm(store_hash)
             if found is None:
-                found = await self._from_upstreams(store_hash)
+                upstream_errors: list[str] = []
+                found = await self._from_upstreams(store_hash, upstream_errors)
+                conclusive = conclusive and not upstream_errors
         if found is None:
+            if not conclusive:  # someone had it but failed, lied or was too slow: not a miss to remember
+                return None
             self._negative[store_hash] = time.monotonic() + self.config.negative_ttl
             if len(self._negative) > 65536:
                 now = time.monotonic()
@@ -208,56 +219,55 @@ class NixCache:
         self._pending[store_hash] = found
         return found.narinfo, found.source
 
-    async def _from_swarm(self, store_hash: str) -> _Pending | None:
+    async def _from_swarm(self, store_hash: str) -> tuple[_Pending | None, bool]:
+        """(where to get it, or None; whether a None is a true miss). One race (`Node.race_at_providers`)
+        over the path's providers and then, unless we are a gateway ourselves, the gateways': all
+        asked in parallel, staggered, under one deadline of `lookup_timeout`. An answer counts once its
+        NAR manifest root, fetched from that peer, carries the NarHash and NarSize the peer claims."""
         node = self.node
         if node.finder is None or node.exchange is None:
-            return None
+            return None, True
         alias = nix_alias(store_hash)
-        providers = [p for p in await node.finder.find_providers(alias, timeout=node.config.lookup_timeout)
-                     if p.peer_id != node.host.peer_id]
-        if providers:
-            found = await self._resolve_at(store_hash, providers, node.config.lookup_timeout)
-            if found is not None:
-                return found
-        if self.upstreams:
-            return None  # we are a gateway ourselves: our own upstreams come next
-        gateways = [p for p in await node.finder.find_providers(str(GATEWAY_MARKER), timeout=node.config.lookup_timeout)
-                    if p.peer_id != node.host.peer_id]
-        if not gateways:
-            return None
-        return await self._resolve_at(store_hash, gateways, GATEWAY_RESOLVE_TIMEOUT)
+        me = node.host.peer_id
 
-    async def _resolve_at(self, store_hash: str, providers: list, timeout: float) -> _Pending | None:
-        """Ask `providers` (in order) which NAR they hold for `store_hash`; check the manifest root."""
-        node = self.node
-        alias = nix_alias(store_hash)
-        from ..routing import resolve
-
-        for peer in providers[:3]:
+        async def ask(peer: Any) -> tuple[NarInfo, CID]:
+            answer = await resolve(node.host, peer.peer_id, alias, timeout=node.config.lookup_timeout)
+            if answer is None:
+                raise NotHeld()
+            if answer.kind != "nar" or answer.narinfo is None or answer.root.codec != DAG_CBOR:
+                raise InvalidInput(f"answered {answer.root} ({answer.kind}), not a NAR manifest with its narinfo")
+            info = _narinfo_from_fields(answer.narinfo, self.config.store_dir)
+            if info.store_path.hash_part != store_hash:
+                raise InvalidInput(f"answered a narinfo for another path, {info.store_path}")
+            # The manifest root is small: check it carries the NarHash the peer claims before we
+            # hand that claim to Nix.
+            blocks = await node.exchange.fetch_blocks([answer.root], [peer])
             try:
-                answer = await resolve(node.host, peer.peer_id, alias, timeout=timeout)
-            except P2PCacheError as e:
-                log.info("resolve %s at %s: %s", alias, peer.peer_id, e)
-                continue
-            if answer is None or answer.kind != "nar" or answer.narinfo is None or answer.root.codec != DAG_CBOR:
-                continue
-            try:
-                info = _narinfo_from_fields(answer.narinfo, self.config.store_dir)
-                if info.store_path.hash_part != store_hash:
-                    continue
-                # The manifest root is small: check it carries the NarHash the peer claims before we
-                # hand that claim to Nix.
-                blocks = await node.exchange.fetch_blocks([answer.root], [peer])
                 manifest = NarManifest.decode(blocks[answer.root])
-            except (P2PCacheError, KeyError) as e:
-                log.info("peer %s answered %s badly: %s", peer.peer_id, alias, e)
-                continue
+            except KeyError:
+                raise InvalidInput(f"did not send the manifest root {answer.root}") from None
             if manifest.nar_hash != info.nar_hash.digest or manifest.nar_size != info.nar_size:
                 log.warning("peer %s: NAR manifest %s does not match its narinfo for %s", peer.peer_id,
                             answer.root, alias)
-                continue
-            return _Pending(info, "peer", root=answer.root, providers=[peer, *[p for p in providers if p != peer]])
-        return None
+                raise CorruptData(f"its NAR manifest {answer.root} does not match its narinfo")
+            return info, answer.root
+
+        async def gateways(timeout: float) -> list:
+            return [p for p in await node.finder.find_providers(str(GATEWAY_MARKER), timeout=timeout)
+                    if p.peer_id != me]
+
+        # A gateway pulls the path through from its upstreams before it answers, so gateways are
+        # asked after the providers themselves (the race's second tier).
+        race = await node.race_at_providers(alias, ask, () if self.upstreams else (gateways,))
+        if race.winner is None:
+            if race.outcome is not RaceOutcome.MISS:
+                log.info("lookup of %s: %d provider(s), none answered validly in time (%s)", alias,
+                         race.peers_known, race.stats)
+                self.metrics.lookup_failures.inc()
+            return None, race.outcome is RaceOutcome.MISS
+        peer, (info, root) = race.winner
+        rest = race.peers_in(AskState.QUEUED, AskState.CANCELLED)
+        return _Pending(info, "peer", root=root, providers=[peer, *rest]), True
 
     async def pull_through_for_peer(self, store_hash: str) -> bool:
         """A peer's lookup missed and it asks us, a gateway: pull the path from our upstreams into the
@@ -280,12 +290,14 @@ class NixCache:
         self.node.announce(self.narstore.root_of(store_hash))
         return True
 
-    async def _from_upstreams(self, store_hash: str) -> _Pending | None:
+    async def _from_upstreams(self, store_hash: str, errors: list[str] | None = None) -> _Pending | None:
         for upstream in self.upstreams:
             try:
                 info = await upstream.narinfo(store_hash)
             except P2PCacheError as e:
                 log.warning("upstream %s: %s", upstream.base, e)
+                if errors is not None:
+                    errors.append(str(e))
                 continue
             if info is not None:
                 return _Pending(info, "upstream", upstream=upstream)

@@ -33,6 +33,7 @@ from .content.keys import HashKey, RootKey, parse_key
 from .content.manifest import ArchiveManifest
 from .errors import InvalidInput, MalformedBlock, NotFound, P2PCacheError
 from .http.api import make_app
+from .http.asgi import bounded_bodies
 from .http.nix import GATEWAY_MARKER, NixCache
 from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
 from .net.host import HostConfig, NodeHost
@@ -193,7 +194,7 @@ class Node:
         hc.accesslog = None
         hc.errorlog = logging.getLogger("p2pcache.http")
         hc.graceful_timeout = 1.0
-        await serve(make_app(self), hc, task_status=task_status)  # started(["http://host:port", ...])
+        await serve(bounded_bodies(make_app(self)), hc, task_status=task_status)  # started(["http://host:port", ...])
 
     def _write_api_file(self) -> None:
         assert self.host is not None

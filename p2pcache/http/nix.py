@@ -19,6 +19,7 @@ they stream in; nothing is recorded until the narinfo's NarHash, NarSize, FileHa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -42,7 +43,7 @@ from ..errors import CorruptData, InvalidInput, NotFound, P2PCacheError
 from ..routing import AskState, NotHeld, RaceOutcome, resolve
 from ..store.httpcache import HttpBinaryCache, UpstreamError, _Decompressor
 from ..store.narstore import RepoNarStore, nix_alias, stream_manifest, stream_nar_root
-from ..aio import drain_thread as _drain_thread, feed_thread as _feed_thread
+from ..aio import drain_thread as _drain_thread, feed_thread as _feed_thread, thread_pool
 from .asgi import HTTPError, Receive, Scope, Send, send_bytes, send_error
 
 if TYPE_CHECKING:
@@ -62,6 +63,13 @@ PUT_LIMIT_NARINFO = 1 << 20
 # Nodes with upstream caches announce this key: a peer whose DHT lookup missed asks them to pull through.
 GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
 BLOCK_WAIT = 120.0
+# Slow clients: NAR streams and uploads take worker threads from pools of their own (never trio's default
+# pool, which `add`, lookups and the repo use), and beyond these many at once a request gets 503.
+# A stream holds a thread only while it makes its next piece, so clients that stop reading hold none.
+STREAM_THREADS = 8
+MAX_STREAMS = 256
+MAX_UPLOADS = 16  # an upload holds a thread for its whole body (bounded by asgi.bounded_bodies)
+PULL_THREADS = 8  # NAR downloads from upstream caches, for us or for a peer
 UPLOAD_TTL = 24 * 3600.0  # an uploaded NAR waits this long for its narinfo  # a NAR stream waits this long for any one block to arrive from peers
 
 
@@ -116,6 +124,8 @@ class Metrics:
                               registry=r)
         self.negative_hits = Counter("p2pcache_narinfo_negative_cache_hits",
                                      "narinfo misses answered from the negative cache", registry=r)
+        self.busy = Counter("p2pcache_http_busy", "requests answered 503 because streams or uploads were at "
+                            "their cap", ["kind"], registry=r)
         self.lookup_failures = Counter("p2pcache_narinfo_lookup_failures",
                                        "swarm lookups where providers existed but none answered validly in "
                                        "time (answered 404, not remembered as a miss)", registry=r)
@@ -148,6 +158,11 @@ class NixCache:
         self._uploads: dict[str, _Upload] = {}
         self._negative: dict[str, float] = {}
         self._locks: dict[str, trio.Lock] = {}
+        self.stream_threads = trio.CapacityLimiter(STREAM_THREADS)
+        self.upload_threads = trio.CapacityLimiter(MAX_UPLOADS)
+        self.pull_threads = trio.CapacityLimiter(PULL_THREADS)
+        self.streams_active = 0
+        self.uploads_active = 0
 
     async def aclose(self) -> None:
         for u in self.upstreams:
@@ -169,7 +184,8 @@ class NixCache:
             elif path.startswith("/nar/") and method in ("GET", "HEAD"):
                 await self._get_nar(path, send, head)
             elif (m := _UPLOAD_NAR.match(path)) and method == "PUT":
-                await self._put_nar(path[1:], m.group(1), receive, send)
+                with self._upload_slot():
+                    await self._put_nar(path[1:], m.group(1), receive, send)
             elif (m := _HASHED.match(path)) and method in ("GET", "HEAD"):
                 await self._get_hashed(m.group(1), m.group(2), send, head)
             elif path == "/metrics" and method == "GET":
@@ -178,6 +194,30 @@ class NixCache:
                 await send_error(send, 404, f"no such endpoint: {method} {path}")
         except HTTPError as e:
             await send_error(send, e.status, e.message)
+
+    # -- slots for slow clients -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _upload_slot(self) -> Iterator[None]:
+        if self.uploads_active >= MAX_UPLOADS:
+            self.metrics.busy.labels("upload").inc()
+            raise HTTPError(503, f"{MAX_UPLOADS} uploads are in progress; retry in a few seconds")
+        self.uploads_active += 1
+        try:
+            with thread_pool(self.upload_threads):
+                yield
+        finally:
+            self.uploads_active -= 1
+
+    @contextlib.contextmanager
+    def _stream_slot(self) -> Iterator[None]:
+        if self.streams_active >= MAX_STREAMS:
+            self.metrics.busy.labels("stream").inc()
+            raise HTTPError(503, f"{MAX_STREAMS} downloads are in progress; retry in a few seconds")
+        self.streams_active += 1
+        try:
+            yield
+        finally:
+            self.streams_active -= 1
 
     # -- narinfo lookups ------------------------------------------------------------------------------
     def _lock(self, key: str) -> trio.Lock:
@@ -461,16 +501,21 @@ class NixCache:
                 counted[0] += len(piece)
                 yield piece
 
-        await _feed_thread(pieces(), lambda it: self.narstore.add_nar(info, it))
+        await _feed_thread(pieces(), lambda it: self.narstore.add_nar(info, it), limiter=self.pull_threads)
         self.metrics.fetched.labels("upstream").inc(counted[0])
 
     async def _stream(self, send: Send, size: int, make_iter: Callable[[], Iterator[bytes]], source: str,
                       head: bool, content_type: bytes = b"application/x-nix-nar") -> None:
         headers = [(b"content-type", content_type), (b"content-length", str(size).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
         if head:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
             return
+        with self._stream_slot():  # 503 (before the response starts) when too many are in progress
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await self._stream_body(send, make_iter, source)
+
+    async def _stream_body(self, send: Send, make_iter: Callable[[], Iterator[bytes]], source: str) -> None:
         sent = 0
 
         async def deliver(piece: bytes) -> None:
@@ -480,7 +525,7 @@ class NixCache:
 
         # A CorruptData from the iterator arrives before its last piece: raising here, after the
         # response started, makes the server drop the connection with the body incomplete.
-        await _drain_thread(make_iter, deliver)
+        await _drain_thread(make_iter, deliver, limiter=self.stream_threads)
         await send({"type": "http.response.body", "body": b""})
         self.metrics.served.labels(source).inc(sent)
 

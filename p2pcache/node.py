@@ -14,13 +14,14 @@ the index serialises its transactions, so an add, a fetch and the bitswap server
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -31,7 +32,7 @@ from .config import NodeConfig
 from .content.cid import CID, DAG_CBOR
 from .content.keys import HashKey, RootKey, parse_key
 from .content.manifest import ArchiveManifest
-from .errors import InvalidInput, MalformedBlock, NotFound, P2PCacheError
+from .errors import DiskFull, InvalidInput, MalformedBlock, NotFound, P2PCacheError, leaf_error
 from .http.api import make_app
 from .http.asgi import bounded_bodies
 from .http.nix import GATEWAY_MARKER, NixCache
@@ -71,6 +72,7 @@ class NodeStats:
     bytes_fetched: int = 0
     bytes_fetched_origin: int = 0
     local_hits: int = 0
+    disk_full: int = 0
 
 
 def root_aliases(repo: Repo, root: CID) -> list[str]:
@@ -241,6 +243,7 @@ class Node:
             "peers_penalised": sorted({p.to_base58() for p, _ in self.exchange.penalised}) if self.exchange else [],
             "fetches": self.stats.fetches,
             "fetch_failures": self.stats.fetch_failures,
+            "disk_full": self.stats.disk_full,
             "uptime": round(time.time() - self.started_at, 1),
             "lookups": {
                 "total": self.finder.stats.lookups if self.finder else 0,
@@ -275,9 +278,33 @@ class Node:
             done[0] += n
             progress(done[0], total)
 
-        result = await trio.to_thread.run_sync(lambda: self.repo.add_file(path, name=name, progress=cb))
+        async with self.taking_back_on_disk_full("add"):
+            result = await trio.to_thread.run_sync(lambda: self.repo.add_file(path, name=name, progress=cb))
         self.announce(result.root)
         return {**result.to_json(), "file": path, "announced": True}
+
+    @contextlib.asynccontextmanager
+    async def taking_back_on_disk_full(self, operation: str) -> AsyncIterator[None]:
+        """Around an operation that stores blocks: errors come out as themselves, not wrapped in trio's
+        exception groups; a DiskFull is counted (status `disk_full`, metric `p2pcache_disk_full_total`)
+        and the blocks the operation stored but no root claims are removed again."""
+        assert self.repo is not None
+        with self.repo.recording_blocks() as written:
+            try:
+                yield
+            except BaseException as e:
+                leaf = leaf_error(e)
+                if isinstance(leaf, DiskFull):
+                    self.stats.disk_full += 1
+                    if self.nix is not None:
+                        self.nix.metrics.disk_full.labels(operation).inc()
+                    with trio.CancelScope(shield=True):
+                        dropped = await trio.to_thread.run_sync(self.repo.drop_unclaimed_blocks, written)
+                    log.warning("%s: %s (took back %d stored blocks)", operation, leaf, dropped)
+                    raise leaf from None
+                if isinstance(e, BaseExceptionGroup) and isinstance(leaf, P2PCacheError):
+                    raise leaf from None
+                raise
 
     def announce(self, root: CID) -> None:
         if self.announcer is not None and self.repo is not None:
@@ -310,7 +337,8 @@ class Node:
             pass
         self.stats.fetches += 1
         try:
-            root, size = await self._fetch_from_swarm(parsed, progress)
+            async with self.taking_back_on_disk_full("fetch"):
+                root, size = await self._fetch_from_swarm(parsed, progress)
         except P2PCacheError:
             self.stats.fetch_failures += 1
             raise
@@ -350,7 +378,8 @@ class Node:
                 raise NotFound(f"cannot download {url}: {e}") from None
 
         name = url.rstrip("/").rsplit("/", 1)[-1] or None
-        result = await feed_thread(download(), lambda it: self.repo.add_stream(it, name=name, expect=key))
+        async with self.taking_back_on_disk_full("fetch-url"):
+            result = await feed_thread(download(), lambda it: self.repo.add_stream(it, name=name, expect=key))
         self.stats.bytes_fetched_origin += done[0]
         self.announce(result.root)
         return {"root": str(result.root), "source": "origin", "size": result.size, "url": url}

@@ -124,6 +124,8 @@ class Metrics:
                               registry=r)
         self.negative_hits = Counter("p2pcache_narinfo_negative_cache_hits",
                                      "narinfo misses answered from the negative cache", registry=r)
+        self.disk_full = Counter("p2pcache_disk_full", "operations that failed because the disk was full",
+                                 ["operation"], registry=r)
         self.busy = Counter("p2pcache_http_busy", "requests answered 503 because streams or uploads were at "
                             "their cap", ["kind"], registry=r)
         self.lookup_failures = Counter("p2pcache_narinfo_lookup_failures",

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 from ..content.cid import CID
+from ..errors import DiskFull
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (
@@ -97,6 +98,18 @@ class NarInfoRow:
     added: float
 
 
+@contextmanager
+def _disk_full_is_disk_full(path: Path) -> Iterator[None]:
+    """SQLite's "database or disk is full" is the same DiskFull a block write raises."""
+    try:
+        yield
+    except sqlite3.OperationalError as e:
+        if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e):
+            raise DiskFull(f"disk full while writing {path}: free space or shrink the repo with "
+                           "`p2pcache gc --max-size`") from None
+        raise
+
+
 class Index:
     def __init__(self, path: Path, readonly: bool = False):
         self.path = path
@@ -116,7 +129,7 @@ class Index:
     # transactions hold this lock so two threads never interleave statements of different transactions.
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        with self._txn_lock:
+        with self._txn_lock, _disk_full_is_disk_full(self.path):
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield
@@ -136,7 +149,8 @@ class Index:
             raise
 
     def commit(self) -> None:
-        self.db.execute("COMMIT")  # if this raises the transaction is still ours: the caller rolls back
+        with _disk_full_is_disk_full(self.path):  # if this raises the transaction is still ours: the caller rolls back
+            self.db.execute("COMMIT")
         self._txn_lock.release()
 
     def rollback(self) -> None:

@@ -16,6 +16,8 @@ garbage and `gc` removes; it never leaves an index row pointing at a missing or 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import fcntl
 import hashlib
@@ -32,9 +34,12 @@ from ..content.chunking import DEFAULT_PARAMS, ChunkerParams, Chunker
 from ..content.cid import CID, RAW
 from ..content.keys import HashKey, RootKey, parse_key
 from ..content.manifest import ArchiveManifest, ManifestBuilder, iter_blocks, iter_chunks, sniff_media_type
-from ..errors import CorruptData, NotFound, RepoError, RepoLocked
+from ..errors import CorruptData, DiskFull, NotFound, RepoError, RepoLocked
 from .blockstore import BlockFiles, disk_error
 from .index import Index, RootInfo
+
+# Set by `Repo.recording_blocks`: where `commit_blocks` notes what it recorded.
+_committed_blocks: contextvars.ContextVar[list[CID] | None] = contextvars.ContextVar("committed_blocks", default=None)
 
 REPO_VERSION = "1"
 READ_SIZE = 4 << 20
@@ -475,10 +480,17 @@ class Repo:
                 raise CorruptData(f"block {cid} does not match its CID; refusing to store it")
         known = self.index.known_blocks([c for c, _ in blocks])
         written = 0
-        for cid, data in blocks:
-            if cid.buffer not in known:
-                self.files.write(cid, data)
-                written += len(data)
+        done: list[CID] = []
+        try:
+            for cid, data in blocks:
+                if cid.buffer not in known:
+                    self.files.write(cid, data)
+                    done.append(cid)
+                    written += len(data)
+        except DiskFull:  # the files of this batch are not in the index yet: nothing may stay behind
+            for cid in done:
+                self.files.remove(cid)
+            raise
         return written
 
     def commit_blocks(self, blocks: list[tuple[CID, int]]) -> None:
@@ -489,6 +501,38 @@ class Repo:
         self.flush()
         with self.index.transaction():
             self.index.put_blocks(blocks)
+        recording = _committed_blocks.get()
+        if recording is not None:
+            recording.extend(c for c, _ in blocks)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def recording_blocks() -> Iterator[list[CID]]:
+        """Collect the CIDs `commit_blocks` records inside this block (this task, the tasks it starts and
+        the worker threads they call: a context variable), so a failed fetch can take them back."""
+        recording: list[CID] = []
+        token = _committed_blocks.set(recording)
+        try:
+            yield recording
+        finally:
+            _committed_blocks.reset(token)
+
+    def drop_unclaimed_blocks(self, cids: Iterable[CID]) -> int:
+        """Remove those of `cids` that no root references (what a failed fetch stored): index rows
+        first, then files, as gc does. Returns how many were removed."""
+        self._require_writable()
+        doomed = list(dict.fromkeys(cids))
+        if not doomed:
+            return 0
+        removed: list[CID] = []
+        with self.index.transaction():
+            for cid in doomed:
+                cur = self.index.db.execute("DELETE FROM blocks WHERE cid = ? AND refs <= 0", (cid.buffer,))
+                if cur.rowcount:
+                    removed.append(cid)
+        for cid in removed:
+            self.files.remove(cid)
+        return len(removed)
 
     def has_block(self, cid: CID) -> bool:
         return self.index.has_block(cid)

@@ -1,7 +1,10 @@
 """A libp2p peer that connects to a daemon and speaks garbage bitswap: malformed protobuf, then a frame
 announcing a 100 MiB message. Prints JSON: whether the daemon dropped us after each.
 
-Usage: python tests/helpers/garbage_peer.py <daemon multiaddr> <workdir>"""
+Usage: python tests/helpers/garbage_peer.py <daemon multiaddr> <workdir> [empty]
+
+With `empty`, instead: 4 MiB of empty bitswap frames (each a zero length prefix, a message that carries
+nothing); prints whether the daemon dropped us and how many bytes it took."""
 
 import json
 import sys
@@ -43,5 +46,33 @@ async def attack(target: str, workdir: Path) -> dict:
     }
 
 
+async def flood_empty(target: str, workdir: Path) -> dict:
+    host = NodeHost(HostConfig(identity=workdir / "garbage-empty.key", listen=("/ip4/127.0.0.1/tcp/0",)))
+    sent = 0
+    dropped = False
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        info = parse_peer_addr(target)
+        await host.connect(target)
+        stream = await host.new_stream(info.peer_id, [PROTOCOL_1_2_0])
+        start = trio.current_time()
+        try:
+            while sent < 4 << 20 and host.is_connected(info.peer_id):
+                await stream.write(b"\0" * (64 << 10))
+                sent += 64 << 10
+            with trio.move_on_after(10):
+                while host.is_connected(info.peer_id):
+                    await trio.sleep(0.05)
+                dropped = True
+        except Exception:
+            dropped = True
+        took = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    return {"dropped": dropped, "sent": sent, "seconds": round(took, 3)}
+
+
 if __name__ == "__main__":
-    print(json.dumps(trio.run(attack, sys.argv[1], Path(sys.argv[2]))))
+    if sys.argv[3:] == ["empty"]:
+        print(json.dumps(trio.run(flood_empty, sys.argv[1], Path(sys.argv[2]))))
+    else:
+        print(json.dumps(trio.run(attack, sys.argv[1], Path(sys.argv[2]))))

@@ -1,0 +1,23 @@
+"""A short run of the fuzzers in bench/ (the >= 100,000-input runs are `make fuzz`): only p2pcache's own
+errors may escape a parser a peer or a user's file reaches, and whatever is accepted round-trips."""
+
+import random
+
+import pytest
+
+from bench import fuzz_nix, fuzz_wire
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_wire_parsers_short_run(tmp_path, index):
+    rng = random.Random(1000 + index)
+    name, make, check = fuzz_wire.plan(rng, tmp_path)[index]
+    result = fuzz_wire.run(name, 600, rng, make, check)
+    assert result["inputs"] == 600
+    assert 0 < result["accepted"] < 600, result  # the mutations reach both outcomes
+
+
+def test_nix_parsers_short_run(capsys):
+    assert fuzz_nix.main(["--quick", "--seed", "7"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 6

@@ -12,9 +12,9 @@ from bench import fuzz_nix, fuzz_wire
 def test_wire_parsers_short_run(tmp_path, index):
     rng = random.Random(1000 + index)
     name, make, check = fuzz_wire.plan(rng, tmp_path)[index]
-    result = fuzz_wire.run(name, 600, rng, make, check)
-    assert result["inputs"] == 600
-    assert 0 < result["accepted"] < 600, result  # the mutations reach both outcomes
+    result = fuzz_wire.run(name, 400, rng, make, check)
+    assert result["inputs"] == 400
+    assert 0 < result["accepted"] < 400, result  # the mutations reach both outcomes
 
 
 def test_nix_parsers_short_run(capsys):

@@ -71,8 +71,37 @@ async def flood_empty(target: str, workdir: Path) -> dict:
     return {"dropped": dropped, "sent": sent, "seconds": round(took, 3)}
 
 
+async def many_wants(target: str, workdir: Path) -> dict:
+    """100,000 wants for blocks nobody has, in messages just under the size limit."""
+    import hashlib
+
+    from p2pcache.content.cid import CID, RAW
+    from p2pcache.exchange import Message, WantEntry, WantType, encode_framed
+
+    host = NodeHost(HostConfig(identity=workdir / "garbage-wants.key", listen=("/ip4/127.0.0.1/tcp/0",)))
+    sent = 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        info = parse_peer_addr(target)
+        await host.connect(target)
+        stream = await host.new_stream(info.peer_id, [PROTOCOL_1_2_0])
+        try:
+            while sent < 100_000:
+                batch = [WantEntry(CID.for_block(RAW, hashlib.sha256(b"%d" % (sent + i)).digest()), WantType.BLOCK,
+                                   send_dont_have=True) for i in range(20_000)]
+                await stream.write(encode_framed(Message(wants=tuple(batch))))
+                sent += len(batch)
+            await trio.sleep(1)  # let the node work through them
+        except Exception:
+            pass
+        nursery.cancel_scope.cancel()
+    return {"sent_wants": sent}
+
+
 if __name__ == "__main__":
-    if sys.argv[3:] == ["empty"]:
+    if sys.argv[3:] == ["wants"]:
+        print(json.dumps(trio.run(many_wants, sys.argv[1], Path(sys.argv[2]))))
+    elif sys.argv[3:] == ["empty"]:
         print(json.dumps(trio.run(flood_empty, sys.argv[1], Path(sys.argv[2]))))
     else:
         print(json.dumps(trio.run(attack, sys.argv[1], Path(sys.argv[2]))))

@@ -17,6 +17,8 @@ import trio
 _pool: contextvars.ContextVar[trio.CapacityLimiter | None] = contextvars.ContextVar("p2pcache_thread_pool",
                                                                                       default=None)
 _DONE = object()
+BATCH_BYTES = 1 << 20  # drain_thread makes this much per thread hop
+BUFFERED_PIECES = 16  # … and keeps up to this many pieces made ahead (what a stalled reader holds)
 
 
 @contextlib.contextmanager
@@ -36,14 +38,14 @@ def _limiter(given: trio.CapacityLimiter | None) -> trio.CapacityLimiter | None:
 
 async def drain_thread(make_iter: Callable[[], Iterator[bytes]], deliver: Callable[[bytes], Any],
                        limiter: trio.CapacityLimiter | None = None) -> None:
-    """Pull pieces from a blocking iterator in worker threads and `await deliver(piece)` each, one piece
-    made ahead; an exception from the iterator is raised here, as itself.
+    """Pull pieces from a blocking iterator in worker threads and `await deliver(piece)` each, about
+    `BATCH_BYTES` made ahead; an exception from the iterator is raised here, as itself.
 
-    A thread is held only while one piece is being made, never while `deliver` waits (a client that
-    stops reading holds a coroutine, not a thread). The iterator is closed (in a thread) however the
+    A thread is held only while a batch of pieces is being made, never while `deliver` waits (a client
+    that stops reading holds a coroutine and `BUFFERED_PIECES` pieces plus a batch, not a thread). The iterator is closed (in a thread) however the
     transfer ends."""
     limiter = _limiter(limiter)
-    send_ch, recv_ch = trio.open_memory_channel[tuple[Any, BaseException | None]](1)
+    send_ch, recv_ch = trio.open_memory_channel[tuple[Any, BaseException | None]](BUFFERED_PIECES)
     holder: list[Iterator[bytes]] = []
 
     def start() -> Iterator[bytes]:
@@ -51,15 +53,28 @@ async def drain_thread(make_iter: Callable[[], Iterator[bytes]], deliver: Callab
         holder.append(it)
         return it
 
+    def batch(it: Iterator[bytes]) -> tuple[list[bytes], bool]:
+        """Pieces up to BATCH_BYTES (one thread hop for several), and whether the iterator ended."""
+        out: list[bytes] = []
+        size = 0
+        while size < BATCH_BYTES:
+            piece = next(it, _DONE)
+            if piece is _DONE:
+                return out, True
+            out.append(piece)  # type: ignore[arg-type]
+            size += len(piece)  # type: ignore[arg-type]
+        return out, False
+
     async def produce() -> None:
         async with send_ch:
             try:
                 it = await trio.to_thread.run_sync(start, limiter=limiter)
                 while True:
-                    piece = await trio.to_thread.run_sync(next, it, _DONE, limiter=limiter)
-                    if piece is _DONE:
+                    pieces, ended = await trio.to_thread.run_sync(batch, it, limiter=limiter)
+                    for piece in pieces:
+                        await send_ch.send((piece, None))
+                    if ended:
                         return
-                    await send_ch.send((piece, None))
             except trio.BrokenResourceError:
                 return  # the consumer stopped (client went away)
             except Exception as e:  # handed over as itself, not wrapped in the nursery's group

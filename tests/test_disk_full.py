@@ -12,9 +12,19 @@ import sys
 import httpx
 import pytest
 
+from p2pcache.content import nixbase32
 from p2pcache.errors import DiskFull, P2PCacheError, leaf_error
+from p2pcache.store.nixstore import dump_path
 
 from .helpers.daemons import start_daemon
+from .test_nix_uploads import _narinfo
+
+
+def _tree(path):
+    path.mkdir()
+    (path / "big").write_bytes(os.urandom(12 << 20))
+    (path / "small").write_text("hello\n")
+    return path
 
 
 @pytest.fixture
@@ -47,7 +57,31 @@ def test_fetch_onto_a_full_disk_exits_6_counts_it_and_leaves_nothing_behind(tmp_
         metrics = httpx.get(b.api + "/metrics", timeout=10).text
         assert 'p2pcache_disk_full_total{operation="fetch"} 1.0' in metrics
         assert st["stored_bytes"] == stored_before and st["roots"] == 0
-        assert "Traceback" not in (small_disk / "b.log").read_text()
+
+        # the same for a NAR that Nix asks B for, streamed from A's blocks: the stream is cut short
+        # (Nix sees a truncated transfer), counted, and what B stored of it is taken back
+        nar = b"".join(dump_path(_tree(tmp_path / "tree")))
+        store_hash = nixbase32.encode(os.urandom(20))
+        url = f"nar/{nixbase32.encode(hashlib.sha256(nar).digest())}.nar"
+        assert httpx.put(f"{a.api}/{url}", content=nar, timeout=60).status_code == 200
+        before = a.status()["announce"]["provided"]
+        assert httpx.put(f"{a.api}/{store_hash}.narinfo", content=_narinfo(store_hash, url, "none", nar, nar),
+                         timeout=30).status_code == 200
+        a.wait_announced(before + 2)
+        info = httpx.get(f"{b.api}/{store_hash}.narinfo", timeout=30)
+        assert info.status_code == 200, info.text
+        nar_url = next(line.split(": ", 1)[1] for line in info.text.splitlines() if line.startswith("URL: "))
+        got = b""
+        try:
+            with httpx.stream("GET", f"{b.api}/{nar_url}", timeout=60) as r:
+                for piece in r.iter_bytes():
+                    got += piece
+        except httpx.HTTPError:
+            pass  # cut short, as it must be
+        assert got != nar
+        metrics = httpx.get(b.api + "/metrics", timeout=10).text
+        assert 'p2pcache_disk_full_total{operation="nar-from-peers"} 1.0' in metrics, metrics
+        assert b.status()["stored_bytes"] == stored_before
     finally:
         b.stop()
         a.stop()
@@ -56,6 +90,7 @@ def test_fetch_onto_a_full_disk_exits_6_counts_it_and_leaves_nothing_behind(tmp_
     assert verify.returncode == 0, verify.stderr.decode()
     assert b'"consistent": true' in verify.stdout and b'"garbage_files": 0' in verify.stdout, verify.stdout
     assert b'"blocks_checked": 0' in verify.stdout  # no block of no root
+    assert "Traceback" not in (small_disk / "b.log").read_text()
     left = [p for p in (small_disk / "b" / "blocks").rglob("*") if p.is_file()]
     assert left == [] and list((small_disk / "b" / "tmp").iterdir()) == []
 

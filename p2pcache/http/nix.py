@@ -39,7 +39,7 @@ from ..content.narinfo import NarInfo
 from ..content.narmanifest import NarManifest
 from ..content.nixhash import NixHash
 from ..content.nixsig import SecretKey
-from ..errors import CorruptData, InvalidInput, NotFound, P2PCacheError
+from ..errors import CorruptData, DiskFull, InvalidInput, NotFound, P2PCacheError
 from ..routing import AskState, NotHeld, RaceOutcome, resolve
 from ..store.httpcache import HttpBinaryCache, UpstreamError, _Decompressor
 from ..store.narstore import RepoNarStore, nix_alias, stream_manifest, stream_nar_root
@@ -174,6 +174,14 @@ class NixCache:
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         head = method == "HEAD"
+        started = False
+        plain_send = send
+
+        async def send(message: dict) -> None:  # noqa: F811 - the same send, remembering a started response
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await plain_send(message)
+
         try:
             if path == "/nix-cache-info" and method in ("GET", "HEAD"):
                 body = (f"StoreDir: {self.config.store_dir}\nWantMassQuery: {int(self.config.want_mass_query)}\n"
@@ -196,6 +204,12 @@ class NixCache:
                 await send_error(send, 404, f"no such endpoint: {method} {path}")
         except HTTPError as e:
             await send_error(send, e.status, e.message)
+        except P2PCacheError as e:
+            if not started:
+                raise  # the API maps it to a status code
+            # Mid-body: returning without the rest makes the server close the connection, so the client
+            # sees a transfer cut short (never a complete wrong one); one line in the log, no traceback.
+            log.warning("%s %s: cut short: %s", method, path, e)
 
     # -- slots for slow clients -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -408,13 +422,16 @@ class NixCache:
             if pending is None:
                 raise HTTPError(404, f"store path {store_hash}: lost track of where to fetch it")
             if pending.source == "peer":
-                await self._stream_from_peers(store_hash, pending, send)
+                async with self.node.taking_back_on_disk_full("nar-from-peers"):
+                    await self._stream_from_peers(store_hash, pending, send)
             else:
                 try:
-                    await self._pull_from_upstream(pending)
+                    async with self.node.taking_back_on_disk_full("nar-from-upstream"):
+                        await self._pull_from_upstream(pending)
                 except P2PCacheError as e:
                     self._pending.pop(store_hash, None)
-                    raise HTTPError(502, f"fetching the NAR of {info.store_path}: {e}") from None
+                    raise HTTPError(507 if isinstance(e, DiskFull) else 502,
+                                    f"fetching the NAR of {info.store_path}: {e}") from None
                 self._pending.pop(store_hash, None)
                 root = self.narstore.root_of(store_hash)
                 self.node.announce(root)

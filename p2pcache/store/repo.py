@@ -38,7 +38,7 @@ from ..errors import CorruptData, DiskFull, NotFound, RepoError, RepoLocked
 from .blockstore import BlockFiles, disk_error
 from .index import Index, RootInfo
 
-# Set by `Repo.recording_blocks`: where `commit_blocks` notes what it recorded.
+# Set by `Repo.recording_blocks`: where `write_blocks` / `commit_blocks` note what they wrote and recorded.
 _committed_blocks: contextvars.ContextVar[list[CID] | None] = contextvars.ContextVar("committed_blocks", default=None)
 
 REPO_VERSION = "1"
@@ -491,6 +491,9 @@ class Repo:
             for cid in done:
                 self.files.remove(cid)
             raise
+        recording = _committed_blocks.get()
+        if recording is not None:  # written, maybe never committed: a failed fetch takes these back too
+            recording.extend(done)
         return written
 
     def commit_blocks(self, blocks: list[tuple[CID, int]]) -> None:
@@ -508,7 +511,7 @@ class Repo:
     @staticmethod
     @contextlib.contextmanager
     def recording_blocks() -> Iterator[list[CID]]:
-        """Collect the CIDs `commit_blocks` records inside this block (this task, the tasks it starts and
+        """Collect the CIDs `write_blocks` writes and `commit_blocks` records inside this block (this task, the tasks it starts and
         the worker threads they call: a context variable), so a failed fetch can take them back."""
         recording: list[CID] = []
         token = _committed_blocks.set(recording)
@@ -518,15 +521,19 @@ class Repo:
             _committed_blocks.reset(token)
 
     def drop_unclaimed_blocks(self, cids: Iterable[CID]) -> int:
-        """Remove those of `cids` that no root references (what a failed fetch stored): index rows
-        first, then files, as gc does. Returns how many were removed."""
+        """Remove those of `cids` that no root references (what a failed fetch stored, recorded or only
+        written): index rows first, then files, as gc does. Returns how many were removed."""
         self._require_writable()
         doomed = list(dict.fromkeys(cids))
         if not doomed:
             return 0
         removed: list[CID] = []
         with self.index.transaction():
+            known = self.index.known_blocks(doomed)
             for cid in doomed:
+                if cid.buffer not in known:  # written but never recorded: only its file is ours to drop
+                    removed.append(cid)
+                    continue
                 cur = self.index.db.execute("DELETE FROM blocks WHERE cid = ? AND refs <= 0", (cid.buffer,))
                 if cur.rowcount:
                     removed.append(cid)

@@ -251,6 +251,7 @@ class Node:
                 "misses": self.finder.stats.misses if self.finder else 0,
                 "negative_hits": self.finder.stats.negative_hits if self.finder else 0,
                 "rpcs": self.finder.stats.rpcs if self.finder else 0,
+                "providers_demoted": len(self.standing),  # failed, lied or timed out lately: asked last
             },
             "announce": {
                 "keys": len(self.announcer.announcements.keys()) if self.announcer else 0,

@@ -21,3 +21,12 @@ def test_nix_parsers_short_run(capsys):
     assert fuzz_nix.main(["--quick", "--seed", "7"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 6
+
+
+def test_the_harness_fails_on_an_escape(capsys):
+    def leaky(rng, data):
+        raise TypeError("not one of ours")
+
+    with pytest.raises(SystemExit) as stop:
+        fuzz_wire.run("leaky", 3, random.Random(1), lambda: b"x", leaky)
+    assert stop.value.code == 1 and "TypeError" in capsys.readouterr().err

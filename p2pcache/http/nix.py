@@ -66,7 +66,7 @@ BLOCK_WAIT = 120.0
 # Slow clients: NAR streams and uploads take worker threads from pools of their own (never trio's default
 # pool, which `add`, lookups and the repo use), and beyond these many at once a request gets 503.
 # A stream holds a thread only while it makes its next piece, so clients that stop reading hold none.
-STREAM_THREADS = 8
+STREAM_THREADS = 32  # a NAR streamed from peers holds one while it waits for their next block
 MAX_STREAMS = 256
 MAX_UPLOADS = 16  # an upload holds a thread for its whole body (bounded by asgi.bounded_bodies)
 PULL_THREADS = 8  # NAR downloads from upstream caches, for us or for a peer

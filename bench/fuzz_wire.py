@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.fuzz_nix import Unexpected, mutate_bytes  # noqa: E402
+from bench.fuzz_nix import Unexpected, mutate_bytes, run  # noqa: E402
 from p2pcache.content import dagcbor  # noqa: E402
 from p2pcache.content.chunking import ChunkerParams  # noqa: E402
 from p2pcache.content.cid import CID, DAG_CBOR, RAW  # noqa: E402
@@ -284,23 +284,6 @@ def check_dagcbor(rng: random.Random, data: bytes) -> bool:
     if dagcbor.encode(value) != bytes(data):
         raise Unexpected("an accepted dag-cbor block is not in canonical form (re-encodes differently)")
     return True
-
-
-def run(name: str, count: int, rng: random.Random, make: Callable[[], object], check) -> dict:
-    accepted = 0
-    start = time.perf_counter()
-    for n in range(count):
-        item = make()
-        try:
-            accepted += check(rng, item)
-        except Unexpected as e:
-            print(f"FAIL {name} input #{n}: {e}: {item!r:.2000}", file=sys.stderr)
-            raise SystemExit(1)
-        except Exception as e:  # noqa: BLE001 - that is the point: nothing else may escape
-            print(f"FAIL {name} input #{n}: {type(e).__name__}: {e}: {item!r:.2000}", file=sys.stderr)
-            raise SystemExit(1) from e
-    return {"bench": "fuzz", "parser": name, "inputs": count, "accepted": accepted, "rejected": count - accepted,
-            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def plan(rng: random.Random, workdir: Path) -> list[tuple[str, Callable[[], object], Callable]]:

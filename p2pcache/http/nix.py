@@ -163,8 +163,7 @@ class NixCache:
         self.stream_threads = trio.CapacityLimiter(STREAM_THREADS)
         self.upload_threads = trio.CapacityLimiter(MAX_UPLOADS)
         self.pull_threads = trio.CapacityLimiter(PULL_THREADS)
-        self.streams_active = 0
-        self.uploads_active = 0
+        self._active = {"stream": 0, "upload": 0}
 
     async def aclose(self) -> None:
         for u in self.upstreams:
@@ -214,26 +213,25 @@ class NixCache:
     # -- slots for slow clients -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _upload_slot(self) -> Iterator[None]:
-        if self.uploads_active >= MAX_UPLOADS:
-            self.metrics.busy.labels("upload").inc()
-            raise HTTPError(503, f"{MAX_UPLOADS} uploads are in progress; retry in a few seconds")
-        self.uploads_active += 1
-        try:
-            with thread_pool(self.upload_threads):
-                yield
-        finally:
-            self.uploads_active -= 1
+        with self._slot("upload", "uploads", MAX_UPLOADS), thread_pool(self.upload_threads):
+            yield
 
     @contextlib.contextmanager
     def _stream_slot(self) -> Iterator[None]:
-        if self.streams_active >= MAX_STREAMS:
-            self.metrics.busy.labels("stream").inc()
-            raise HTTPError(503, f"{MAX_STREAMS} downloads are in progress; retry in a few seconds")
-        self.streams_active += 1
+        with self._slot("stream", "downloads", MAX_STREAMS):
+            yield
+
+    @contextlib.contextmanager
+    def _slot(self, kind: str, what: str, limit: int) -> Iterator[None]:
+        """One of `limit` places for requests of `kind`; 503 (before any response) when all are taken."""
+        if self._active[kind] >= limit:
+            self.metrics.busy.labels(kind).inc()
+            raise HTTPError(503, f"{limit} {what} are in progress; retry in a few seconds")
+        self._active[kind] += 1
         try:
             yield
         finally:
-            self.streams_active -= 1
+            self._active[kind] -= 1
 
     # -- narinfo lookups ------------------------------------------------------------------------------
     def _lock(self, key: str) -> trio.Lock:

@@ -63,9 +63,9 @@ def test_fetch_onto_a_full_disk_exits_6_counts_it_and_leaves_nothing_behind(tmp_
         nar = b"".join(dump_path(_tree(tmp_path / "tree")))
         store_hash = nixbase32.encode(os.urandom(20))
         url = f"nar/{nixbase32.encode(hashlib.sha256(nar).digest())}.nar"
-        assert httpx.put(f"{a.api}/{url}", content=nar, timeout=60).status_code == 200
+        assert httpx.put(headers=a.auth, url=f"{a.api}/{url}", content=nar, timeout=60).status_code == 200
         before = a.status()["announce"]["provided"]
-        assert httpx.put(f"{a.api}/{store_hash}.narinfo", content=_narinfo(store_hash, url, "none", nar, nar),
+        assert httpx.put(headers=a.auth, url=f"{a.api}/{store_hash}.narinfo", content=_narinfo(store_hash, url, "none", nar, nar),
                          timeout=30).status_code == 200
         a.wait_announced(before + 2)
         info = httpx.get(f"{b.api}/{store_hash}.narinfo", timeout=30)

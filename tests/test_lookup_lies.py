@@ -52,8 +52,8 @@ def swarm(tmp_path_factory):
         a.cli("add", str(archive))
         nar = _nar(tmp)
         url = f"nar/{nixbase32.encode(hashlib.sha256(nar).digest())}.nar"
-        assert httpx.put(f"{a.api}/{url}", content=nar, timeout=30).status_code == 200
-        assert httpx.put(f"{a.api}/{store_hash}.narinfo", content=_narinfo(store_hash, url, "none", nar, nar),
+        assert httpx.put(headers=a.auth, url=f"{a.api}/{url}", content=nar, timeout=30).status_code == 200
+        assert httpx.put(headers=a.auth, url=f"{a.api}/{store_hash}.narinfo", content=_narinfo(store_hash, url, "none", nar, nar),
                          timeout=30).status_code == 200
         a.wait_announced(before + 5)
         yield {"a": a, "b": b, "store_hash": store_hash, "nar": nar, "archive": archive, "sha": sha, "tmp": tmp}

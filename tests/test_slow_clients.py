@@ -48,8 +48,8 @@ def node_with_a_nar(tmp_path):
     nar = b"".join(dump_path(tree))
     store_hash = nixbase32.encode(os.urandom(20))
     url = f"nar/{nixbase32.encode(hashlib.sha256(nar).digest())}.nar"
-    assert httpx.put(f"{d.api}/{url}", content=nar, timeout=60).status_code == 200
-    assert httpx.put(f"{d.api}/{store_hash}.narinfo", content=_narinfo(store_hash, url, "none", nar, nar),
+    assert httpx.put(headers=d.auth, url=f"{d.api}/{url}", content=nar, timeout=60).status_code == 200
+    assert httpx.put(headers=d.auth, url=f"{d.api}/{store_hash}.narinfo", content=_narinfo(store_hash, url, "none", nar, nar),
                      timeout=30).status_code == 200
     narinfo = httpx.get(f"{d.api}/{store_hash}.narinfo", timeout=30).text
     served_url = next(line.split(": ", 1)[1] for line in narinfo.splitlines() if line.startswith("URL: "))
@@ -68,9 +68,10 @@ def test_legitimate_requests_answer_while_245_slow_clients_are_connected(node_wi
             s.sendall(f"GET /{nar_url} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
             socks.append(s)
         uploads = []
-        for i in range(200):  # uploads announcing 1 MB and trickling it
+        for i in range(200):  # uploads announcing 1 MB and trickling it (with the token: the worst case)
             s = _connect(d.api)
-            s.sendall(f"PUT /nar/slow{i}.nar HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000000\r\n\r\n".encode()
+            s.sendall(f"PUT /nar/slow{i}.nar HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000000\r\n"
+                      f"Authorization: Bearer {d.token}\r\n\r\n".encode()
                       + (13).to_bytes(8, "little"))  # a NAR starts: the length of "nix-archive-1"
             uploads.append(s)
             socks.append(s)

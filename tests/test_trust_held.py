@@ -118,13 +118,13 @@ def test_a_decompression_bomb_upload_stays_bounded_and_its_narsize_lie_is_reject
     assert len(body) < 4 * MiB
     before = _peak_rss(daemon.proc.pid)
     url = "nar/bomb.nar.xz"
-    r = httpx.put(f"{daemon.api}/{url}", content=body, timeout=300)
+    r = httpx.put(headers=daemon.auth, url=f"{daemon.api}/{url}", content=body, timeout=300)
     grew = _peak_rss(daemon.proc.pid) - before
     assert grew < size // 2, grew  # streamed, never held whole
     if r.status_code == 200:  # ingested (it dedups to a few chunks): a narinfo lying about its size fails
         store_hash = nixbase32.encode(os.urandom(20))
         lie = _narinfo(store_hash, url, "xz", b"x" * 1000, body)
-        r2 = httpx.put(f"{daemon.api}/{store_hash}.narinfo", content=lie, timeout=30)
+        r2 = httpx.put(headers=daemon.auth, url=f"{daemon.api}/{store_hash}.narinfo", content=lie, timeout=30)
         assert r2.status_code == 400 and "NarHash/NarSize" in r2.json()["error"]
     else:  # or refused as too large
         assert r.status_code in (400, 413), r.text
@@ -137,7 +137,7 @@ def test_100000_wants_from_a_peer_do_not_hurt_the_node(daemon, tmp_path):
     slowest = 0.0
     while proc.poll() is None:
         t = time.monotonic()
-        assert httpx.get(daemon.api + "/api/v0/status", timeout=10).status_code == 200
+        assert httpx.get(daemon.api + "/api/v0/status", headers=daemon.auth, timeout=10).status_code == 200
         slowest = max(slowest, time.monotonic() - t)
         time.sleep(0.1)
     out, err = proc.communicate(timeout=60)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks need, if they are missing.
 # Nix (nix-bin) is real Nix for the Nix-format tests; casync is the dedup benchmark's baseline; curl is the
-# attacker's HTTP client in tests/test_auth.py (run as user nobody, which cannot use the project's venv).
+# attacker's HTTP client in tests/test_auth.py (run as user nobody, which cannot use the project's venv);
+# iproute2 (`ip netns`, veth) makes the network namespaces of the LAN-discovery and DNS tests.
 set -euo pipefail
-want=(nix-bin casync curl)
+want=(nix-bin casync curl iproute2)
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

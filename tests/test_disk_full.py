@@ -5,6 +5,7 @@ block that no root claims and no garbage file. (Mounting a tmpfs needs root, as 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from p2pcache.content import nixbase32
 from p2pcache.errors import DiskFull, P2PCacheError, leaf_error
+from p2pcache.store.blockstore import PACK_MAGIC
 from p2pcache.store.nixstore import dump_path
 
 from .helpers.daemons import start_daemon
@@ -88,11 +90,15 @@ def test_fetch_onto_a_full_disk_exits_6_counts_it_and_leaves_nothing_behind(tmp_
     verify = subprocess.run([sys.executable, "-m", "p2pcache", "--repo", str(small_disk / "b"), "--json", "verify"],
                             capture_output=True)
     assert verify.returncode == 0, verify.stderr.decode()
-    assert b'"consistent": true' in verify.stdout and b'"garbage_files": 0' in verify.stdout, verify.stdout
-    assert b'"blocks_checked": 0' in verify.stdout  # no block of no root
+    report = json.loads(verify.stdout)
+    assert report["consistent"] and report["dead_bytes"] == 0, report
+    assert report["blocks_checked"] == 0  # no block of no root
+    # what the fetches appended went back at once, not left for gc: the packs hold their headers only
+    packs = list((small_disk / "b" / "packs").glob("*.pack"))
+    assert packs and all(p.stat().st_size == len(PACK_MAGIC) for p in packs), [p.stat().st_size for p in packs]
     assert "Traceback" not in (small_disk / "b.log").read_text()
-    left = [p for p in (small_disk / "b" / "blocks").rglob("*") if p.is_file()]
-    assert left == [] and list((small_disk / "b" / "tmp").iterdir()) == []
+    assert not (small_disk / "b" / "blocks").exists()  # format 2: nothing outside the packs
+    assert report["garbage_files"] == len(packs)  # no stray file: the only "garbage" is the empty packs
 
 
 def test_leaf_error_digs_disk_full_out_of_nested_groups():
@@ -102,3 +108,45 @@ def test_leaf_error_digs_disk_full_out_of_nested_groups():
     assert isinstance(leaf_error(ExceptionGroup("g", [ValueError("v"), P2PCacheError("p")])), P2PCacheError)
     plain = KeyError("k")
     assert leaf_error(plain) is plain
+
+
+def test_taking_back_on_packs_keeps_what_a_root_claims_and_gives_the_tail_back(tmp_path, small_disk):
+    """Real repo on a real 8 MiB tmpfs: an add claims its blocks; a "fetch" then records some blocks and
+    appends more, until an append hits the full disk. That append leaves nothing pending or recorded and
+    cuts its partial bytes off; taking back drops the fetch's rows and pending records and gives the pack
+    tail back, and the add's blocks stay readable."""
+    from p2pcache.content.cid import CID, RAW
+    from p2pcache.store.repo import Repo
+
+    with Repo.init(small_disk / "r") as r:
+        kept = tmp_path / "kept.bin"
+        kept.write_bytes(os.urandom(300 << 10))
+        added = r.add_file(kept)
+        stored, pack_sizes = r.stored_bytes(), {p: r.packs.file_size(p) for p in r.packs.pack_ids()}
+
+        def blocks(n, size=256 << 10):
+            out = []
+            for _ in range(n):
+                data = os.urandom(size)
+                out.append((CID.for_block(RAW, data), data))
+            return out
+
+        with r.recording_blocks() as written:
+            recorded = blocks(4)
+            r.put_blocks(recorded)
+            only_appended = blocks(4)
+            r.write_blocks(only_appended)
+            assert r.stored_bytes() == stored + 4 * (256 << 10)
+            end = r.packs._end
+            with pytest.raises(DiskFull):
+                r.write_blocks(blocks(1, 16 << 20))  # more than the disk holds
+        assert r.packs._end == end and r.packs.file_size(r.packs.active) == end  # nothing half-written
+        assert len(r.packs.pending) == 4 and len(set(written)) == 8  # the failed append noted nothing
+        assert r.drop_unclaimed_blocks(written) == 8
+        assert r.stored_bytes() == stored and not r.packs.pending
+        assert {p: r.packs.file_size(p) for p in r.packs.pack_ids()} == pack_sizes
+        assert not any(r.has_block(c) for c, _ in recorded)
+        assert b"".join(r.stream(added.root)) == kept.read_bytes()
+    with Repo.open(small_disk / "r", writable=True) as r:
+        report = r.verify()
+        assert report.consistent and report.dead_bytes == 0 and report.blocks_checked > 0

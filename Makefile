@@ -37,5 +37,10 @@ test: $(STAMP) system-deps interop-deps
 bench: $(STAMP) system-deps interop-deps
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
+# Every parser a peer or a user's file reaches, >= 100,000 mutated inputs each (about 5 minutes).
+fuzz: $(STAMP)
+	$(PY) bench/fuzz_wire.py
+	$(PY) bench/fuzz_nix.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

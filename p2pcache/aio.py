@@ -1,52 +1,125 @@
-"""Bridges between trio and blocking code in worker threads, with backpressure both ways."""
+"""Bridges between trio and blocking code in worker threads, with backpressure both ways.
+
+Which threads: every call here takes a `limiter` (a `trio.CapacityLimiter`); without one, the limiter
+set for the current request with `thread_pool(...)` applies, else trio's default one (40 threads,
+shared by everything else the node does in threads). Streams and uploads run in pools of their own so
+that slow clients cannot starve `add`, narinfo lookups or the repo.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import trio
 
+_pool: contextvars.ContextVar[trio.CapacityLimiter | None] = contextvars.ContextVar("p2pcache_thread_pool",
+                                                                                      default=None)
+_DONE = object()
+BATCH_BYTES = 1 << 20  # drain_thread makes this much per thread hop
+BUFFERED_PIECES = 16  # … and keeps up to this many pieces made ahead (what a stalled reader holds)
 
-async def drain_thread(make_iter: Callable[[], Iterator[bytes]], deliver: Callable[[bytes], Any]) -> None:
-    """Run a blocking iterator in a worker thread and `await deliver(piece)` for each piece, with
-    backpressure; an exception from the iterator is raised here."""
-    send_ch, recv_ch = trio.open_memory_channel[bytes](4)
 
-    def worker() -> None:
-        try:
-            for piece in make_iter():
-                trio.from_thread.run(send_ch.send, piece)
-        except trio.BrokenResourceError:
-            pass  # the consumer stopped (client went away)
-        finally:
-            trio.from_thread.run_sync(send_ch.close)
+@contextlib.contextmanager
+def thread_pool(limiter: trio.CapacityLimiter) -> Iterator[None]:
+    """Inside this block (this task and the tasks it starts), `drain_thread` and `feed_thread` take their
+    threads from `limiter`."""
+    token = _pool.set(limiter)
+    try:
+        yield
+    finally:
+        _pool.reset(token)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.to_thread.run_sync, worker)
-        try:
+
+def _limiter(given: trio.CapacityLimiter | None) -> trio.CapacityLimiter | None:
+    return given if given is not None else _pool.get()
+
+
+async def drain_thread(make_iter: Callable[[], Iterator[bytes]], deliver: Callable[[bytes], Any],
+                       limiter: trio.CapacityLimiter | None = None) -> None:
+    """Pull pieces from a blocking iterator in worker threads and `await deliver(piece)` each, about
+    `BATCH_BYTES` made ahead; an exception from the iterator is raised here, as itself.
+
+    A thread is held only while a batch of pieces is being made, never while `deliver` waits (a client
+    that stops reading holds a coroutine and `BUFFERED_PIECES` pieces plus a batch, not a thread). The iterator is closed (in a thread) however the
+    transfer ends."""
+    limiter = _limiter(limiter)
+    send_ch, recv_ch = trio.open_memory_channel[tuple[Any, BaseException | None]](BUFFERED_PIECES)
+    holder: list[Iterator[bytes]] = []
+
+    def start() -> Iterator[bytes]:
+        it = iter(make_iter())
+        holder.append(it)
+        return it
+
+    def batch(it: Iterator[bytes]) -> tuple[list[bytes], bool]:
+        """Pieces up to BATCH_BYTES (one thread hop for several), and whether the iterator ended."""
+        out: list[bytes] = []
+        size = 0
+        while size < BATCH_BYTES:
+            piece = next(it, _DONE)
+            if piece is _DONE:
+                return out, True
+            out.append(piece)  # type: ignore[arg-type]
+            size += len(piece)  # type: ignore[arg-type]
+        return out, False
+
+    async def produce() -> None:
+        async with send_ch:
+            try:
+                it = await trio.to_thread.run_sync(start, limiter=limiter)
+                while True:
+                    pieces, ended = await trio.to_thread.run_sync(batch, it, limiter=limiter)
+                    for piece in pieces:
+                        await send_ch.send((piece, None))
+                    if ended:
+                        return
+            except trio.BrokenResourceError:
+                return  # the consumer stopped (client went away)
+            except Exception as e:  # handed over as itself, not wrapped in the nursery's group
+                await send_ch.send((None, e))
+
+    failure: Exception | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
             async with recv_ch:
-                async for piece in recv_ch:
-                    await deliver(piece)
-        except BaseException:
-            recv_ch.close()
-            raise
+                try:
+                    async for piece, error in recv_ch:
+                        if error is not None:
+                            failure = error
+                            break
+                        await deliver(piece)
+                except Exception as e:  # delivery failed (client gone): stop making pieces
+                    failure = e
+                    nursery.cancel_scope.cancel()
+        if failure is not None:  # raised out here, as itself: a nursery would wrap it in a group
+            raise failure
+    finally:
+        close = getattr(holder[0], "close", None) if holder else None
+        if close is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(close, limiter=limiter)
 
 
-async def feed_thread(source: AsyncIterator[bytes], consume: Callable[[Iterator[bytes]], Any]) -> Any:
-    """Run `consume(iterator)` in a worker thread, its iterator pulling pieces from the async `source`."""
-    done = object()
+async def feed_thread(source: AsyncIterator[bytes], consume: Callable[[Iterator[bytes]], Any],
+                      limiter: trio.CapacityLimiter | None = None) -> Any:
+    """Run `consume(iterator)` in a worker thread, its iterator pulling pieces from the async `source`.
+    The thread is held for the whole call: bound how long `source` may stall (request bodies are, by
+    `http.asgi.bounded_bodies`)."""
 
     async def next_piece() -> Any:
         try:
             return await source.__anext__()
         except StopAsyncIteration:
-            return done
+            return _DONE
 
     def pieces() -> Iterator[bytes]:
         while True:
             piece = trio.from_thread.run(next_piece)
-            if piece is done:
+            if piece is _DONE:
                 return
             yield piece
 
-    return await trio.to_thread.run_sync(consume, pieces())
+    return await trio.to_thread.run_sync(consume, pieces(), limiter=_limiter(limiter))

@@ -19,7 +19,7 @@ from typing import Iterator
 from . import __version__
 from .content.keys import HashKey
 from .content.cid import CID
-from .errors import CorruptData, InvalidInput, NotFound, P2PCacheError, RepoError, RepoLocked
+from .errors import CorruptData, InvalidInput, NotFound, P2PCacheError, RepoError, RepoLocked, leaf_error
 from .store.repo import Repo, default_repo_path
 
 PROGRESS_MIN_BYTES = 64 << 20
@@ -396,7 +396,7 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
     try:
         trio.run(main)
     except BaseException as e:  # trio wraps startup failures of its tasks in exception groups
-        leaf = _first_leaf(e)
+        leaf = leaf_error(e)
         if isinstance(leaf, P2PCacheError):
             raise leaf from None
         if isinstance(leaf, OSError):
@@ -404,12 +404,6 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
                             f"(API {cfg.api_listen}, listen {' '.join(cfg.listen)}); is another daemon running?") from None
         raise
     return 0
-
-
-def _first_leaf(e: BaseException) -> BaseException:
-    while isinstance(e, BaseExceptionGroup) and e.exceptions:
-        e = e.exceptions[0]
-    return e
 
 
 def cmd_fetch(args: argparse.Namespace, out: Output) -> int:
@@ -839,7 +833,13 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, default)
     out = Output(args.json)
     try:
-        return args.fn(args, out)
+        try:
+            return args.fn(args, out)
+        except BaseExceptionGroup as group:  # trio's nurseries wrap what their tasks raised
+            leaf = leaf_error(group)
+            if isinstance(leaf, P2PCacheError):
+                raise leaf from None
+            raise
     except P2PCacheError as e:
         print(f"p2pcache {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -22,6 +22,18 @@ from .errors import CorruptData, DiskFull, InvalidInput, NotFound, P2PCacheError
 _CODES = {2: InvalidInput, 3: NotFound, 4: CorruptData, 5: RepoError, 6: DiskFull}
 
 
+def _daemon_error(code: object, message: str) -> P2PCacheError:
+    """The daemon's error as the same class (so the same exit code) here; a code without a class of its
+    own here (e.g. 7, no peer could deliver the blocks) keeps its number."""
+    cls = _CODES.get(code)  # type: ignore[call-overload]
+    if cls is not None:
+        return cls(message)
+    err = P2PCacheError(message)
+    if isinstance(code, int) and 0 < code < 126:
+        err.exit_code = code
+    return err
+
+
 def read_api_file(repo: Path) -> dict | None:
     try:
         info = json.loads((repo / "api.json").read_text())
@@ -127,7 +139,7 @@ class DaemonClient:
                     elif kind == "done":
                         return event
                     elif kind == "error":
-                        raise _CODES.get(event.get("code"), P2PCacheError)(event["message"])
+                        raise _daemon_error(event.get("code"), event["message"])
         except httpx.HTTPError as e:
             raise RepoError(f"lost the daemon at {self.info['api']}: {e}") from None
         raise RepoError("daemon closed the response without an answer")

@@ -55,3 +55,24 @@ class RepoLocked(RepoError):
 
 class DiskFull(RepoError):
     exit_code = 6
+
+
+def leaf_error(e: BaseException) -> BaseException:
+    """The error to report from `e`, which trio may have wrapped in (nested) exception groups: a
+    `DiskFull` anywhere in it wins (it is what the user must act on), then the first of our own errors,
+    then the first leaf of any kind."""
+    leaves: list[BaseException] = []
+
+    def walk(x: BaseException) -> None:
+        if isinstance(x, BaseExceptionGroup):
+            for sub in x.exceptions:
+                walk(sub)
+        else:
+            leaves.append(x)
+
+    walk(e)
+    for want in (DiskFull, P2PCacheError):
+        for leaf in leaves:
+            if isinstance(leaf, want):
+                return leaf
+    return leaves[0] if leaves else e

@@ -2,9 +2,10 @@
 and the local HTTP API — composed and run in one trio nursery.
 
 Getting an archive by any key goes: the local repo → the DHT (providers of the key's alias, bounded by
-`lookup_timeout`, misses cached) → the resolve protocol (ask a provider which root it holds for the
-key, happy-eyeballs over several providers) → the manifest root block, checked to carry the hash that
-was asked for → the rest of the archive over bitswap, every block verified → registered in the repo
+`lookup_timeout`, misses cached) → the resolve protocol (ask the providers which root they hold for
+the key: happy eyeballs over all of them, staggered, under one deadline, `routing.race`) → the
+manifest root block from the same peer, checked to carry the hash that was asked for (a liar loses
+the race and is demoted) → the rest of the archive over bitswap, every block verified → registered in the repo
 and announced. Nothing a peer says is trusted before the bytes prove it.
 
 Concurrency: the repo has one owner, this node. Repo calls that write or hash run in worker threads;
@@ -14,13 +15,14 @@ the index serialises its transactions, so an add, a fetch and the bitswap server
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -31,22 +33,25 @@ from .config import NodeConfig
 from .content.cid import CID, DAG_CBOR
 from .content.keys import HashKey, RootKey, parse_key
 from .content.manifest import ArchiveManifest
-from .errors import InvalidInput, MalformedBlock, NotFound, P2PCacheError
+from .errors import DiskFull, InvalidInput, MalformedBlock, NotFound, P2PCacheError, leaf_error
 from .apitoken import new_token, write_netrc
 from .exchange import ClientConfig, ServerConfig
 from .http.api import make_app
+from .http.asgi import bounded_bodies
 from .http.guard import AccessPolicy
 from .http.nix import GATEWAY_MARKER, NixCache
 from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
 from .net.dagxfer import DagConfig, DagTransfer
 from .net.host import HostConfig, NodeHost
-from .routing import (DHT, AnnouncerConfig, DHTConfig, FinderConfig, ProviderAnnouncer, ProviderFinder,
-                      NarInfoFields, ResolveAnswer, ResolveServer, resolve)
+from .routing import (DHT, AnnouncerConfig, AskState, DHTConfig, FinderConfig, NotHeld, ProviderAnnouncer,
+                      ProviderFinder, ProviderStanding, NarInfoFields, RaceOutcome, ResolveAnswer, ResolveRace,
+                      ResolveServer, race_providers, resolve)
 from .store.repo import Repo
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int | None], None]
+RACE_STAGGER = 0.2  # seconds between asking one provider and the next (happy eyeballs)
 
 
 class _CountingSource(RepoBlockSource):
@@ -88,6 +93,7 @@ class NodeStats:
     bytes_fetched: int = 0
     bytes_fetched_origin: int = 0
     local_hits: int = 0
+    disk_full: int = 0
 
 
 def root_aliases(repo: Repo, root: CID) -> list[str]:
@@ -134,6 +140,8 @@ class Node:
         self.buildcache: Any = None
         self.api_token: str | None = None
         self.started_at = time.time()
+        # Providers that failed, lied or timed out lately: asked last by the next lookups.
+        self.standing: ProviderStanding = ProviderStanding()
 
     # -- running ------------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -254,7 +262,8 @@ class Node:
         policy = AccessPolicy(token=self.api_token, listen_host=self.config.api_listen.rsplit(":", 1)[0],
                               allowed_hosts=tuple(self.config.api_allowed_hosts),
                               allowed_origins=tuple(self.config.api_allowed_origins), repo=str(self.repo_path))
-        await serve(make_app(self, policy), hc, task_status=task_status)  # started(["http://host:port", ...])
+        # started(["http://host:port", ...]); request bodies that trickle are cut off before anything else
+        await serve(bounded_bodies(make_app(self, policy)), hc, task_status=task_status)
 
     def _write_api_file(self) -> None:
         assert self.host is not None
@@ -309,6 +318,7 @@ class Node:
             "fetches": self.stats.fetches,
             "transfer": dataclasses.asdict(self.dag.stats) if self.dag else {},
             "fetch_failures": self.stats.fetch_failures,
+            "disk_full": self.stats.disk_full,
             "uptime": round(time.time() - self.started_at, 1),
             "lookups": {
                 "total": self.finder.stats.lookups if self.finder else 0,
@@ -316,6 +326,7 @@ class Node:
                 "misses": self.finder.stats.misses if self.finder else 0,
                 "negative_hits": self.finder.stats.negative_hits if self.finder else 0,
                 "rpcs": self.finder.stats.rpcs if self.finder else 0,
+                "providers_demoted": len(self.standing),  # failed, lied or timed out lately: asked last
             },
             "announce": {
                 "keys": len(self.announcer.announcements.keys()) if self.announcer else 0,
@@ -360,7 +371,8 @@ class Node:
             done[0] += n
             progress(done[0], total)
 
-        result = await trio.to_thread.run_sync(lambda: self.repo.add_file(path, name=name, progress=cb))
+        async with self.taking_back_on_disk_full("add"):
+            result = await trio.to_thread.run_sync(lambda: self.repo.add_file(path, name=name, progress=cb))
         self.announce(result.root)
         return {**result.to_json(), "file": path, "announced": True}
 
@@ -370,9 +382,33 @@ class Node:
         assert self.repo is not None
         from .aio import feed_thread
 
-        result = await feed_thread(body, lambda it: self.repo.add_stream(it, name=name))
+        async with self.taking_back_on_disk_full("add"):
+            result = await feed_thread(body, lambda it: self.repo.add_stream(it, name=name))
         self.announce(result.root)
         return {**result.to_json(), "announced": True}
+
+    @contextlib.asynccontextmanager
+    async def taking_back_on_disk_full(self, operation: str) -> AsyncIterator[None]:
+        """Around an operation that stores blocks: errors come out as themselves, not wrapped in trio's
+        exception groups; a DiskFull is counted (status `disk_full`, metric `p2pcache_disk_full_total`)
+        and the blocks the operation stored but no root claims are removed again."""
+        assert self.repo is not None
+        with self.repo.recording_blocks() as written:
+            try:
+                yield
+            except BaseException as e:
+                leaf = leaf_error(e)
+                if isinstance(leaf, DiskFull):
+                    self.stats.disk_full += 1
+                    if self.nix is not None:
+                        self.nix.metrics.disk_full.labels(operation).inc()
+                    with trio.CancelScope(shield=True):
+                        dropped = await trio.to_thread.run_sync(self.repo.drop_unclaimed_blocks, written)
+                    log.warning("%s: %s (took back %d stored blocks)", operation, leaf, dropped)
+                    raise leaf from None
+                if isinstance(e, BaseExceptionGroup) and isinstance(leaf, P2PCacheError):
+                    raise leaf from None
+                raise
 
     def announce(self, root: CID) -> None:
         if self.announcer is not None and self.repo is not None:
@@ -420,7 +456,8 @@ class Node:
             pass
         self.stats.fetches += 1
         try:
-            root, size = await self._fetch_from_swarm(parsed, progress)
+            async with self.taking_back_on_disk_full("fetch"):
+                root, size = await self._fetch_from_swarm(parsed, progress)
         except P2PCacheError:
             self.stats.fetch_failures += 1
             raise
@@ -460,7 +497,8 @@ class Node:
                 raise NotFound(f"cannot download {url}: {e}") from None
 
         name = url.rstrip("/").rsplit("/", 1)[-1] or None
-        result = await feed_thread(download(), lambda it: self.repo.add_stream(it, name=name, expect=key))
+        async with self.taking_back_on_disk_full("fetch-url"):
+            result = await feed_thread(download(), lambda it: self.repo.add_stream(it, name=name, expect=key))
         self.stats.bytes_fetched_origin += done[0]
         self.announce(result.root)
         return {"root": str(result.root), "source": "origin", "size": result.size, "url": url}
@@ -468,21 +506,19 @@ class Node:
     async def _fetch_from_swarm(self, key: HashKey | RootKey, progress: ProgressFn) -> tuple[CID, int]:
         assert self.finder is not None and self.exchange is not None and self.repo is not None
         alias = str(key.cid) if isinstance(key, RootKey) else key.alias
-        providers = await self.finder.find_providers(alias, timeout=self.config.lookup_timeout)
-        providers = [p for p in providers if p.peer_id != self.host.peer_id]  # type: ignore[union-attr]
-        if not providers:
-            raise NotFound(f"{alias}: not in the local repo and no peer in the swarm announces it")
         if isinstance(key, RootKey):
+            providers = await self.finder.find_providers(alias, timeout=self.config.lookup_timeout)
+            providers = [p for p in providers if p.peer_id != self.host.peer_id]  # type: ignore[union-attr]
+            if not providers:
+                raise NotFound(f"{alias}: not in the local repo and no peer in the swarm announces it")
             root = key.cid
-        else:
-            root = await self._resolve_root(alias, providers)
-        # Fetch the root first and check it is what was asked for before fetching the rest.
-        blocks = await self.exchange.fetch_blocks([root], providers)
-        manifest = _decode_root(root, blocks[root])
+            # Fetch the root first and check it is what was asked for before fetching the rest.
+            blocks = await self.exchange.fetch_blocks([root], providers)
+            manifest = _decode_root(root, blocks[root])
+        else:  # the race checked the winner's manifest root against the hash (if it names that hash)
+            root, manifest, providers = await self._resolve_root(key)
         # A manifest made since sha512 became lazy names no sha512: that hash is checked over the fetched bytes.
         check_after = isinstance(key, HashKey) and key.algo not in manifest.hashes
-        if isinstance(key, HashKey) and not check_after and manifest.hashes.get(key.algo) != key.digest:
-            raise FetchError(f"a peer answered {root} for {alias}, but that archive has a different {key.algo}")
         progress(0, manifest.size)
         before = self.repo.stored_bytes()
         fetched = trio.Event()
@@ -523,30 +559,55 @@ class Node:
         progress(manifest.size, manifest.size)
         return root, manifest.size
 
-    async def _resolve_root(self, alias: str, providers: list) -> CID:
-        """Ask providers which root they hold for `alias`: stagger the asks, first valid answer wins."""
-        assert self.host is not None
-        winner: list[ResolveAnswer] = []
+    async def _resolve_root(self, key: HashKey) -> tuple[CID, ArchiveManifest, list]:
+        """Ask the providers of `key` which root they hold for it (one race, `race_at_providers`); an
+        answer counts once its manifest root, fetched from that peer, carries the asked hash (a manifest naming
+        no such hash, e.g. no sha512 since that became lazy, is checked over the fetched bytes afterwards)."""
+        assert self.host is not None and self.exchange is not None
+        alias = key.alias
 
-        async def ask(peer: Any, delay: float, cancel: trio.CancelScope) -> None:
-            await trio.sleep(delay)
+        async def ask(peer: Any) -> tuple[CID, ArchiveManifest]:
+            answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
+            if answer is None:
+                raise NotHeld()
+            if answer.root.codec != DAG_CBOR:
+                raise FetchError(f"peer {peer.peer_id} answered {answer.root} for {alias}: not a manifest")
+            blocks = await self.exchange.fetch_blocks([answer.root], [peer])
+            manifest = _decode_root(answer.root, blocks[answer.root])
+            if key.algo in manifest.hashes and manifest.hashes[key.algo] != key.digest:
+                raise FetchError(f"peer {peer.peer_id} answered {answer.root} for {alias}, "
+                                 f"an archive with a different {key.algo}")
+            return answer.root, manifest
+
+        race = await self.race_at_providers(alias, ask)
+        if race.winner is None:
+            raise NotFound(f"{alias}: not in the local repo and {_race_summary(race)}")
+        peer, (root, manifest) = race.winner
+        return root, manifest, [peer, *race.peers_in(AskState.QUEUED, AskState.CANCELLED)]
+
+    async def race_at_providers(self, alias: str, ask: Callable[[Any], Awaitable[Any]],
+                                more: Sequence[Callable[[float], Awaitable[Iterable[Any]]]] = ()) -> ResolveRace:
+        """The node's one policy for asking peers about `alias` (archives and Nix paths alike): the
+        DHT lookup of its providers, then `more` sources (e.g. gateways) one after another, all feeding
+        one happy-eyeballs race (`routing.race`) under one deadline, `lookup_timeout` from now.
+        Providers that fail or time out are demoted in `self.standing` for later races."""
+        assert self.finder is not None and self.host is not None
+        me = self.host.peer_id
+
+        async def providers_of(key: str, timeout: float) -> list:
+            return [p for p in await self.finder.find_providers(key, timeout=timeout) if p.peer_id != me]
+
+        async def ask_logged(peer: Any) -> Any:
             try:
-                answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
+                return await ask(peer)
             except P2PCacheError as e:
-                log.info("resolve %s at %s failed: %s", alias, peer.peer_id, e)
-                return
-            if answer is not None and answer.root.codec == DAG_CBOR and not winner:
-                winner.append(answer)
-                cancel.cancel()
+                log.info("asking %s about %s: %s", peer.peer_id, alias, e)
+                raise
 
-        with trio.move_on_after(self.config.lookup_timeout * 2) as scope:
-            async with trio.open_nursery() as nursery:
-                for i, peer in enumerate(providers[:5]):
-                    nursery.start_soon(ask, peer, i * 0.2, nursery.cancel_scope)
-        if not winner:
-            why = "timed out" if scope.cancelled_caught else "none of them holds it any more"
-            raise NotFound(f"{alias}: {len(providers)} peer(s) announce it but resolving it {why}")
-        return winner[0].root
+        race: ResolveRace = ResolveRace(deadline=trio.current_time() + self.config.lookup_timeout,
+                                        stagger=RACE_STAGGER, standing=self.standing)
+        sources = [lambda left: providers_of(alias, left), *more]
+        return await race_providers(race, ask_logged, sources)
 
     async def http_fallback(self, scope: Any, receive: Any, send: Any) -> None:
         """Everything the local API does not route: the Nix binary cache and hashed mirror."""
@@ -594,6 +655,18 @@ class Node:
         if not info.complete:
             return None
         return ResolveAnswer(root=root, kind=info.kind, size=info.size)
+
+
+def _race_summary(race: ResolveRace) -> str:
+    """Why a race found nothing, for the one-line error."""
+    st = race.stats
+    if race.peers_known == 0:
+        return "no peer in the swarm announces it"
+    if race.outcome is RaceOutcome.MISS:
+        return f"the {race.peers_known} peer(s) that announced it no longer hold it"
+    return (f"{race.peers_known} peer(s) announce it but none answered validly within the lookup timeout "
+            f"({st.failed} failed, {st.timed_out} timed out, {st.empty} hold nothing, "
+            f"{race.peers_known - st.asked} not asked); try again")
 
 
 class _BuildCacheSwarm:

@@ -140,3 +140,23 @@ def test_malformed_and_oversized_messages_drop_the_connection_daemon_keeps_servi
     out = tmp_path / "out.bin"
     b.cli("get", "sha256:" + hashlib.sha256(data).hexdigest(), "-o", str(out), timeout=60)
     assert out.read_bytes() == data
+
+
+def test_a_flood_of_empty_messages_is_penalised_and_does_not_slow_the_api(tmp_path, daemons):
+    a = start_daemon(tmp_path / "a")
+    daemons.append(a)
+    flood = subprocess.Popen([sys.executable, GARBAGE_PEER, a.addr, str(tmp_path), "empty"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    slowest = 0.0
+    while flood.poll() is None:  # the API keeps answering while the flood goes on
+        t = time.monotonic()
+        a.status()
+        slowest = max(slowest, time.monotonic() - t)
+        time.sleep(0.05)
+    out, err = flood.communicate(timeout=60)
+    assert flood.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert result["dropped"] and result["sent"] < 4 << 20, result  # cut off before the 4 MiB were sent
+    st = a.status()
+    assert len(st["peers_penalised"]) == 1
+    assert slowest < 1.0, slowest

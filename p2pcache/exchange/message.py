@@ -283,38 +283,55 @@ class FrameDecoder:
     """Splits a byte stream into length-prefixed messages. Feed it whatever the stream yields.
 
     Rejects a length over `max_size` as soon as its prefix is read, so a peer cannot make us buffer
-    more than one maximum-size message.
+    more than one maximum-size message. `push` + `next_frame` hand out one message at a time (a reader
+    can stop at any message, e.g. once a peer is over its budget); `feed` is both at once. Consumed
+    bytes are dropped once per `push`, not per message, so a megabyte of empty frames costs linear time.
     """
 
     def __init__(self, max_size: int = MAX_MESSAGE_SIZE, what: str = "bitswap stream") -> None:
         self._max = max_size
         self._what = what
         self._buf = bytearray()
+        self._pos = 0  # start of the first unconsumed byte in _buf
+
+    def push(self, data: bytes) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_frame(self) -> bytes | None:
+        """The next whole message's payload, or None until more bytes are pushed."""
+        buf, start = self._buf, self._pos
+        n = shift = 0
+        end = min(len(buf), start + 10)
+        i = start
+        while i < end:
+            b = buf[i]
+            n |= (b & 0x7F) << shift
+            shift += 7
+            i += 1
+            if not b & 0x80:
+                break
+        else:
+            if end - start >= 10:
+                raise ProtocolViolation(f"{self._what} has an overlong length prefix")
+            return None
+        if n > self._max:
+            raise ProtocolViolation(f"{self._what} announces a {n} byte message, over the {self._max} byte limit")
+        if len(buf) - i < n:
+            return None
+        self._pos = i + n
+        return bytes(buf[i : i + n])
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
+        self.push(data)
         out: list[bytes] = []
-        while True:
-            n = pos = shift = 0
-            complete = False
-            for i, b in enumerate(self._buf[:10]):
-                n |= (b & 0x7F) << shift
-                shift += 7
-                if not b & 0x80:
-                    pos, complete = i + 1, True
-                    break
-            if not complete:
-                if len(self._buf) >= 10:
-                    raise ProtocolViolation(f"{self._what} has an overlong length prefix")
-                return out
-            if n > self._max:
-                raise ProtocolViolation(f"{self._what} announces a {n} byte message, over the {self._max} byte limit")
-            if len(self._buf) - pos < n:
-                return out
-            out.append(bytes(self._buf[pos : pos + n]))
-            del self._buf[: pos + n]
+        while (payload := self.next_frame()) is not None:
+            out.append(payload)
+        return out
 
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete message; non-zero at end of stream means it was cut short."""
-        return len(self._buf)
+        return len(self._buf) - self._pos

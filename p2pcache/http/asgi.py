@@ -67,3 +67,57 @@ async def send_ndjson(send: Send, events: AsyncIterator[dict]) -> None:
         await send({"type": "http.response.body", "body": json.dumps(event, sort_keys=True).encode() + b"\n",
                     "more_body": True})
     await send({"type": "http.response.body", "body": b""})
+
+
+BODY_GRACE = 20.0  # seconds every request body gets before the rate rule below starts to bite
+BODY_MIN_RATE = 500  # bytes per second a body must keep up on average after that grace
+
+
+def bounded_bodies(app: Callable[[Scope, Receive, Send], Awaitable[None]], grace: float = BODY_GRACE,
+                   min_rate: float = BODY_MIN_RATE) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """Request bodies that trickle are cut off (Apache's mod_reqtimeout rule `body=20,MinRate=500`): a
+    body must arrive by `grace` seconds after the request plus one second per `min_rate` bytes received.
+    A body past its deadline gets a 408 (if no response started yet) and the handler sees the client
+    disconnect, so what it holds for that request (a worker thread, a slot) is freed."""
+    import trio
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            await app(scope, receive, send)
+            return
+        start = trio.current_time()
+        received = 0
+        body_done = False
+        cut_off = False
+        response_started = False
+
+        async def timed_receive() -> dict:
+            nonlocal received, body_done, cut_off
+            if cut_off:
+                return {"type": "http.disconnect"}
+            if body_done:  # only the disconnect is left to wait for: no deadline on that
+                return await receive()
+            with trio.move_on_at(start + grace + received / min_rate):
+                event = await receive()
+                if event["type"] == "http.request":
+                    received += len(event.get("body", b""))
+                    body_done = not event.get("more_body", False)
+                return event
+            cut_off = True
+            if not response_started:
+                await send_error(send, 408, f"{scope.get('method')} {scope.get('path')}: the request body "
+                                            f"arrived too slowly ({received} bytes in "
+                                            f"{trio.current_time() - start:.0f} s); send it faster")
+            return {"type": "http.disconnect"}
+
+        async def guarded_send(message: dict) -> None:
+            nonlocal response_started
+            if cut_off:
+                return  # answered 408 already; whatever the handler still says is dropped
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        await app(scope, timed_receive, guarded_send)
+
+    return guarded

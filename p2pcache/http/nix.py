@@ -1,7 +1,8 @@
 """The Nix-facing binary cache a node serves on its HTTP port.
 
     GET  /nix-cache-info                      StoreDir, WantMassQuery, Priority
-    GET  /<hash>.narinfo  (and HEAD)          repo → local Nix store → swarm → upstream caches → 404
+    GET  /<hash>.narinfo  (and HEAD)          repo → local Nix store → swarm (providers, then gateways, one
+                                              race under lookup_timeout) → upstream caches → 404
     GET  /nar/<hash>-<narhash>.nar  (HEAD)    the NAR, reassembled from chunks, NarHash-checked
     PUT  /nar/<file>.nar[.xz|.zst|.bz2]       what `nix copy --to http://…` uploads first
     PUT  /<hash>.narinfo                      … and then: ties the upload to its store path, announces it
@@ -20,6 +21,7 @@ they stream in; nothing is recorded until the narinfo's NarHash, NarSize, FileHa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -40,10 +42,11 @@ from ..content.narinfo import NarInfo
 from ..content.narmanifest import NarAssembly, NarManifest
 from ..content.nixhash import NixHash
 from ..content.nixsig import SecretKey
-from ..errors import CorruptData, InvalidInput, NotFound, P2PCacheError
+from ..errors import CorruptData, DiskFull, InvalidInput, NotFound, P2PCacheError
+from ..routing import AskState, NotHeld, RaceOutcome, resolve
 from ..store.httpcache import HttpBinaryCache, UpstreamError, _Decompressor
 from ..store.narstore import RepoNarStore, nix_alias, stream_nar_root
-from ..aio import drain_thread as _drain_thread, feed_thread as _feed_thread
+from ..aio import drain_thread as _drain_thread, feed_thread as _feed_thread, thread_pool
 from .asgi import HTTPError, Receive, Scope, Send, send_bytes, send_error
 
 if TYPE_CHECKING:
@@ -62,10 +65,16 @@ _COMPRESSION_BY_SUFFIX = {".nar": "none", ".nar.xz": "xz", ".nar.zst": "zstd", "
 PUT_LIMIT_NARINFO = 1 << 20
 # Nodes with upstream caches announce this key: a peer whose DHT lookup missed asks them to pull through.
 GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
-GATEWAY_RESOLVE_TIMEOUT = 300.0
 BLOCK_WAIT = 120.0
 # BLOCK_WAIT: a NAR stream waits this long for any one block to arrive from peers
 ARRIVING_BYTES = 16 << 20  # verified blocks a NAR stream from peers keeps in memory ahead of its reader
+# Slow clients: NAR streams and uploads take worker threads from pools of their own (never trio's default
+# pool, which `add`, lookups and the repo use), and beyond these many at once a request gets 503.
+# A stream holds a thread only while it makes its next piece, so clients that stop reading hold none.
+STREAM_THREADS = 32  # a NAR streamed from the repo holds one while it makes its next piece
+MAX_STREAMS = 256
+MAX_UPLOADS = 16  # an upload holds a thread for its whole body (bounded by asgi.bounded_bodies)
+PULL_THREADS = 8  # NAR downloads from upstream caches, for us or for a peer
 
 
 @dataclass
@@ -131,6 +140,13 @@ class Metrics:
                               registry=r)
         self.negative_hits = Counter("p2pcache_narinfo_negative_cache_hits",
                                      "narinfo misses answered from the negative cache", registry=r)
+        self.disk_full = Counter("p2pcache_disk_full", "operations that failed because the disk was full",
+                                 ["operation"], registry=r)
+        self.busy = Counter("p2pcache_http_busy", "requests answered 503 because streams or uploads were at "
+                            "their cap", ["kind"], registry=r)
+        self.lookup_failures = Counter("p2pcache_narinfo_lookup_failures",
+                                       "swarm lookups where providers existed but none answered validly in "
+                                       "time (answered 404, not remembered as a miss)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -162,6 +178,10 @@ class NixCache:
         self._inflight_lock = threading.Lock()  # ingest threads add to it
         self._negative: dict[str, float] = {}
         self._locks: dict[str, trio.Lock] = {}
+        self.stream_threads = trio.CapacityLimiter(STREAM_THREADS)
+        self.upload_threads = trio.CapacityLimiter(MAX_UPLOADS)
+        self.pull_threads = trio.CapacityLimiter(PULL_THREADS)
+        self._active = {"stream": 0, "upload": 0}
 
     async def aclose(self) -> None:
         for u in self.upstreams:
@@ -171,6 +191,14 @@ class NixCache:
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         head = method == "HEAD"
+        started = False
+        plain_send = send
+
+        async def send(message: dict) -> None:  # noqa: F811 - the same send, remembering a started response
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await plain_send(message)
+
         try:
             if path == "/nix-cache-info" and method in ("GET", "HEAD"):
                 body = (f"StoreDir: {self.config.store_dir}\nWantMassQuery: {int(self.config.want_mass_query)}\n"
@@ -183,7 +211,8 @@ class NixCache:
             elif path.startswith("/nar/") and method in ("GET", "HEAD"):
                 await self._get_nar(path, send, head)
             elif (m := _UPLOAD_NAR.match(path)) and method == "PUT":
-                await self._put_nar(path[1:], m.group(1), receive, send, _content_length(scope))
+                with self._upload_slot():
+                    await self._put_nar(path[1:], m.group(1), receive, send, _content_length(scope))
             elif (m := _HASHED.match(path)) and method in ("GET", "HEAD"):
                 await self._get_hashed(m.group(1), m.group(2), send, head)
             elif path == "/metrics" and method == "GET":
@@ -192,6 +221,35 @@ class NixCache:
                 await send_error(send, 404, f"no such endpoint: {method} {path}")
         except HTTPError as e:
             await send_error(send, e.status, e.message)
+        except P2PCacheError as e:
+            if not started:
+                raise  # the API maps it to a status code
+            # Mid-body: returning without the rest makes the server close the connection, so the client
+            # sees a transfer cut short (never a complete wrong one); one line in the log, no traceback.
+            log.warning("%s %s: cut short: %s", method, path, e)
+
+    # -- slots for slow clients -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _upload_slot(self) -> Iterator[None]:
+        with self._slot("upload", "uploads", MAX_UPLOADS), thread_pool(self.upload_threads):
+            yield
+
+    @contextlib.contextmanager
+    def _stream_slot(self) -> Iterator[None]:
+        with self._slot("stream", "downloads", MAX_STREAMS):
+            yield
+
+    @contextlib.contextmanager
+    def _slot(self, kind: str, what: str, limit: int) -> Iterator[None]:
+        """One of `limit` places for requests of `kind`; 503 (before any response) when all are taken."""
+        if self._active[kind] >= limit:
+            self.metrics.busy.labels(kind).inc()
+            raise HTTPError(503, f"{limit} {what} are in progress; retry in a few seconds")
+        self._active[kind] += 1
+        try:
+            yield
+        finally:
+            self._active[kind] -= 1
 
     # -- narinfo lookups ------------------------------------------------------------------------------
     def _lock(self, key: str) -> trio.Lock:
@@ -214,10 +272,17 @@ class NixCache:
         if pending is not None:
             return pending.narinfo, pending.source
         async with self._lock(store_hash):
-            found = await self._from_swarm(store_hash)
+            pending = self._pending.get(store_hash)  # another request looked it up while we waited
+            if pending is not None:
+                return pending.narinfo, pending.source
+            found, conclusive = await self._from_swarm(store_hash)
             if found is None:
-                found = await self._from_upstreams(store_hash)
+                upstream_errors: list[str] = []
+                found = await self._from_upstreams(store_hash, upstream_errors)
+                conclusive = conclusive and not upstream_errors
         if found is None:
+            if not conclusive:  # someone had it but failed, lied or was too slow: not a miss to remember
+                return None
             self._negative[store_hash] = time.monotonic() + self.config.negative_ttl
             if len(self._negative) > 65536:
                 now = time.monotonic()
@@ -226,56 +291,55 @@ class NixCache:
         self._pending[store_hash] = found
         return found.narinfo, found.source
 
-    async def _from_swarm(self, store_hash: str) -> _Pending | None:
+    async def _from_swarm(self, store_hash: str) -> tuple[_Pending | None, bool]:
+        """(where to get it, or None; whether a None is a true miss). One race (`Node.race_at_providers`)
+        over the path's providers and then, unless we are a gateway ourselves, the gateways': all
+        asked in parallel, staggered, under one deadline of `lookup_timeout`. An answer counts once its
+        NAR manifest root, fetched from that peer, carries the NarHash and NarSize the peer claims."""
         node = self.node
         if node.finder is None or node.exchange is None:
-            return None
+            return None, True
         alias = nix_alias(store_hash)
-        providers = [p for p in await node.finder.find_providers(alias, timeout=node.config.lookup_timeout)
-                     if p.peer_id != node.host.peer_id]
-        if providers:
-            found = await self._resolve_at(store_hash, providers, node.config.lookup_timeout)
-            if found is not None:
-                return found
-        if self.upstreams:
-            return None  # we are a gateway ourselves: our own upstreams come next
-        gateways = [p for p in await node.finder.find_providers(str(GATEWAY_MARKER), timeout=node.config.lookup_timeout)
-                    if p.peer_id != node.host.peer_id]
-        if not gateways:
-            return None
-        return await self._resolve_at(store_hash, gateways, GATEWAY_RESOLVE_TIMEOUT)
+        me = node.host.peer_id
 
-    async def _resolve_at(self, store_hash: str, providers: list, timeout: float) -> _Pending | None:
-        """Ask `providers` (in order) which NAR they hold for `store_hash`; check the manifest root."""
-        node = self.node
-        alias = nix_alias(store_hash)
-        from ..routing import resolve
-
-        for peer in providers[:3]:
+        async def ask(peer: Any) -> tuple[NarInfo, CID]:
+            answer = await resolve(node.host, peer.peer_id, alias, timeout=node.config.lookup_timeout)
+            if answer is None:
+                raise NotHeld()
+            if answer.kind != "nar" or answer.narinfo is None or answer.root.codec != DAG_CBOR:
+                raise InvalidInput(f"answered {answer.root} ({answer.kind}), not a NAR manifest with its narinfo")
+            info = _narinfo_from_fields(answer.narinfo, self.config.store_dir)
+            if info.store_path.hash_part != store_hash:
+                raise InvalidInput(f"answered a narinfo for another path, {info.store_path}")
+            # The manifest root is small: check it carries the NarHash the peer claims before we
+            # hand that claim to Nix.
+            blocks = await node.exchange.fetch_blocks([answer.root], [peer])
             try:
-                answer = await resolve(node.host, peer.peer_id, alias, timeout=timeout)
-            except P2PCacheError as e:
-                log.info("resolve %s at %s: %s", alias, peer.peer_id, e)
-                continue
-            if answer is None or answer.kind != "nar" or answer.narinfo is None or answer.root.codec != DAG_CBOR:
-                continue
-            try:
-                info = _narinfo_from_fields(answer.narinfo, self.config.store_dir)
-                if info.store_path.hash_part != store_hash:
-                    continue
-                # The manifest root is small: check it carries the NarHash the peer claims before we
-                # hand that claim to Nix.
-                blocks = await node.exchange.fetch_blocks([answer.root], [peer])
                 manifest = NarManifest.decode(blocks[answer.root])
-            except (P2PCacheError, KeyError) as e:
-                log.info("peer %s answered %s badly: %s", peer.peer_id, alias, e)
-                continue
+            except KeyError:
+                raise InvalidInput(f"did not send the manifest root {answer.root}") from None
             if manifest.nar_hash != info.nar_hash.digest or manifest.nar_size != info.nar_size:
                 log.warning("peer %s: NAR manifest %s does not match its narinfo for %s", peer.peer_id,
                             answer.root, alias)
-                continue
-            return _Pending(info, "peer", root=answer.root, providers=[peer, *[p for p in providers if p != peer]])
-        return None
+                raise CorruptData(f"its NAR manifest {answer.root} does not match its narinfo")
+            return info, answer.root
+
+        async def gateways(timeout: float) -> list:
+            return [p for p in await node.finder.find_providers(str(GATEWAY_MARKER), timeout=timeout)
+                    if p.peer_id != me]
+
+        # A gateway pulls the path through from its upstreams before it answers, so gateways are
+        # asked after the providers themselves (the race's second tier).
+        race = await node.race_at_providers(alias, ask, () if self.upstreams else (gateways,))
+        if race.winner is None:
+            if race.outcome is not RaceOutcome.MISS:
+                log.info("lookup of %s: %d provider(s), none answered validly in time (%s)", alias,
+                         race.peers_known, race.stats)
+                self.metrics.lookup_failures.inc()
+            return None, race.outcome is RaceOutcome.MISS
+        peer, (info, root) = race.winner
+        rest = race.peers_in(AskState.QUEUED, AskState.CANCELLED)
+        return _Pending(info, "peer", root=root, providers=[peer, *rest]), True
 
     async def pull_through_for_peer(self, store_hash: str) -> bool:
         """A peer's lookup missed and it asks us, a gateway: pull the path from our upstreams into the
@@ -298,12 +362,14 @@ class NixCache:
         self.node.announce(self.narstore.root_of(store_hash))
         return True
 
-    async def _from_upstreams(self, store_hash: str) -> _Pending | None:
+    async def _from_upstreams(self, store_hash: str, errors: list[str] | None = None) -> _Pending | None:
         for upstream in self.upstreams:
             try:
                 info = await upstream.narinfo(store_hash)
             except P2PCacheError as e:
                 log.warning("upstream %s: %s", upstream.base, e)
+                if errors is not None:
+                    errors.append(str(e))
                 continue
             if info is not None:
                 return _Pending(info, "upstream", upstream=upstream)
@@ -382,13 +448,16 @@ class NixCache:
             if pending is None:
                 raise HTTPError(404, f"store path {store_hash}: lost track of where to fetch it")
             if pending.source == "peer":
-                await self._stream_from_peers(store_hash, pending, send)
+                async with self.node.taking_back_on_disk_full("nar-from-peers"):
+                    await self._stream_from_peers(store_hash, pending, send)
             else:
                 try:
-                    await self._pull_from_upstream(pending)
+                    async with self.node.taking_back_on_disk_full("nar-from-upstream"):
+                        await self._pull_from_upstream(pending)
                 except P2PCacheError as e:
                     self._pending.pop(store_hash, None)
-                    raise HTTPError(502, f"fetching the NAR of {info.store_path}: {e}") from None
+                    raise HTTPError(507 if isinstance(e, DiskFull) else 502,
+                                    f"fetching the NAR of {info.store_path}: {e}") from None
                 self._pending.pop(store_hash, None)
                 root = self.narstore.root_of(store_hash)
                 self.node.announce(root)
@@ -432,26 +501,27 @@ class NixCache:
                 return
             arriving.finish()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(fetcher)
-            manifest = NarManifest.decode(await arriving.get(root))
-            headers = [(b"content-type", b"application/x-nix-nar"), (b"content-length", str(manifest.nar_size).encode())]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            assembly = NarAssembly(manifest)
-            pieces = assembly.start()
-            sent = 0
-            while True:
-                for piece in pieces:
-                    sent += len(piece)
-                    await send({"type": "http.response.body", "body": piece, "more_body": True})
-                cid = assembly.need()
-                if cid is None:
-                    break
-                # A CorruptData or FetchError raised here, after the response started, makes the server
-                # drop the connection with the body incomplete.
-                pieces = assembly.give(await arriving.get(cid))
-            await send({"type": "http.response.body", "body": b""})
-            self.metrics.served.labels("peer").inc(sent)
+        with self._stream_slot():  # 503 (before the response starts) when too many are in progress
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetcher)
+                manifest = NarManifest.decode(await arriving.get(root))
+                headers = [(b"content-type", b"application/x-nix-nar"), (b"content-length", str(manifest.nar_size).encode())]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                assembly = NarAssembly(manifest)
+                pieces = assembly.start()
+                sent = 0
+                while True:
+                    for piece in pieces:
+                        sent += len(piece)
+                        await send({"type": "http.response.body", "body": piece, "more_body": True})
+                    cid = assembly.need()
+                    if cid is None:
+                        break
+                    # A CorruptData or FetchError raised here, after the response started, makes the server
+                    # drop the connection with the body incomplete.
+                    pieces = assembly.give(await arriving.get(cid))
+                await send({"type": "http.response.body", "body": b""})
+                self.metrics.served.labels("peer").inc(sent)
         if arriving.failure is not None:  # the stream completed from blocks we had, yet the fetch failed
             raise arriving.failure
         await trio.to_thread.run_sync(lambda: self.narstore.register_nar(root, pending.narinfo, verify=False))
@@ -477,16 +547,21 @@ class NixCache:
                 counted[0] += len(piece)
                 yield piece
 
-        await _feed_thread(pieces(), lambda it: self.narstore.add_nar(info, it))
+        await _feed_thread(pieces(), lambda it: self.narstore.add_nar(info, it), limiter=self.pull_threads)
         self.metrics.fetched.labels("upstream").inc(counted[0])
 
     async def _stream(self, send: Send, size: int, make_iter: Callable[[], Iterator[bytes]], source: str,
                       head: bool, content_type: bytes = b"application/x-nix-nar") -> None:
         headers = [(b"content-type", content_type), (b"content-length", str(size).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
         if head:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
             return
+        with self._stream_slot():  # 503 (before the response starts) when too many are in progress
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await self._stream_body(send, make_iter, source)
+
+    async def _stream_body(self, send: Send, make_iter: Callable[[], Iterator[bytes]], source: str) -> None:
         sent = 0
 
         async def deliver(piece: bytes) -> None:
@@ -496,7 +571,7 @@ class NixCache:
 
         # A CorruptData from the iterator arrives before its last piece: raising here, after the
         # response started, makes the server drop the connection with the body incomplete.
-        await _drain_thread(make_iter, deliver)
+        await _drain_thread(make_iter, deliver, limiter=self.stream_threads)
         await send({"type": "http.response.body", "body": b""})
         self.metrics.served.labels(source).inc(sent)
 

@@ -59,6 +59,7 @@ from ..exchange import (
     encode,
     frame,
 )
+from ..exchange.budget import EmptyMessageBudget
 from ..exchange.message import PROTOCOL_1_0_0, PROTOCOL_1_1_0, PROTOCOL_1_2_0
 from ..transfer import DagWalk
 from .host import NodeHost, parse_peer_addr
@@ -159,6 +160,7 @@ class BitswapExchange:
         self._nursery: trio.Nursery | None = None
         self._next_session = 0
         self.penalised: list[tuple[ID, str]] = []  # (peer, why), for logs and tests
+        self.empty_budget = EmptyMessageBudget()  # messages that carry nothing, per peer
 
     # -- running ----------------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -294,16 +296,28 @@ class BitswapExchange:
                     return
                 if not data:
                     return
-                try:
-                    payloads = decoder.feed(data)
-                    messages = [decode(p) for p in payloads]
-                except ProtocolViolation as e:
-                    await _reset(stream)
-                    self._penalise(peer, str(e), tell_engines=True)
-                    return
-                if self._is_banned(peer):
-                    return
-                for msg in messages:
+                decoder.push(data)
+                while True:  # one message at a time: a peer over its budget is stopped mid-read
+                    try:
+                        payload = decoder.next_frame()
+                        if payload is None:
+                            break
+                        msg = decode(payload)
+                    except ProtocolViolation as e:
+                        await _reset(stream)
+                        self._penalise(peer, str(e), tell_engines=True)
+                        return
+                    if self._is_banned(peer):
+                        return
+                    if not (msg.wants or msg.blocks or msg.presences):  # carries nothing
+                        if not self.empty_budget.charge(peer, self._now()):
+                            await _reset(stream)
+                            self._penalise(peer, "sent more bitswap messages that carry nothing than its budget "
+                                           f"({self.empty_budget.burst} at once, "
+                                           f"{self.empty_budget.per_second:g}/s after)", tell_engines=True)
+                            return
+                        if not msg.full:
+                            continue
                     event = MessageReceived(peer, msg)
                     if msg.blocks or msg.presences:
                         self._client(event)

@@ -19,6 +19,7 @@ A node composes the pieces like this (all trio services take `task_status`):
     announcer.withdraw(root.cid)                     # on GC
 
 Modules: `keys` (the DHT key of each alias kind, pure), `query` (one lookup as a sans-IO state machine),
+`race` (asking the providers a lookup found, happy eyeballs under one deadline, sans-IO, and its driver),
 `dht` (py-libp2p KadDHT under our protocol id), `announcer`, `finder`, `resolve_wire` (resolve messages,
 sans-IO) and `resolve` (its trio driver).
 """
@@ -29,11 +30,13 @@ from .errors import ResolveProtocolError, ResolveUnavailable, RoutingUsageError
 from .finder import FinderConfig, FinderStats, LookupResult, ProviderFinder
 from .keys import NIX_ALIAS_PREFIX, NIX_NAMESPACE, dht_key, nix_alias
 from .query import ProviderQuery, QueryStats
+from .race import AskState, NotHeld, ProviderStanding, RaceOutcome, RaceStats, ResolveRace, race_providers
 from .resolve import ResolveServer, ResolveServerStats, resolve
 from .resolve_wire import PROTOCOL as RESOLVE_PROTOCOL
 from .resolve_wire import NarInfoFields, ResolveAnswer
 
 __all__ = [
+    "AskState", "NotHeld", "ProviderStanding", "RaceOutcome", "RaceStats", "ResolveRace", "race_providers",
     "Announcements", "AnnouncerConfig", "AnnouncerStats", "DHT", "DHTConfig", "DHTStats", "FinderConfig", "FinderStats",
     "KAD_PROTOCOL", "LookupResult", "NIX_ALIAS_PREFIX", "NIX_NAMESPACE", "NarInfoFields", "ProviderAnnouncer",
     "ProviderAnswer", "ProviderFinder", "ProviderQuery", "QueryStats", "RESOLVE_PROTOCOL", "ResolveAnswer",

@@ -224,6 +224,10 @@ class PackFiles:
                         self._write_rest(group, n, pos)
                     pos += want
             except OSError as e:
+                try:  # give back what part of the batch reached the disk: nothing of it is pending or indexed
+                    os.ftruncate(self._active_fd, start)
+                except OSError:
+                    pass
                 raise disk_error(e, self.path(self._active)) from None
             self._end = end
             self._dirty.add(self._active)
@@ -277,6 +281,31 @@ class PackFiles:
     def has_pending(self, pack: int) -> bool:
         with self._lock:
             return any(loc.pack == pack for loc in self.pending.values())
+
+    def forget_pending(self, cids: Iterable[bytes]) -> list[Location]:
+        """Appended blocks that will never be recorded (a failed fetch takes them back): their records are
+        dead space from now on (`cut_back`, gc's compaction). Returns the locations of those that were pending."""
+        with self._lock:
+            return [loc for loc in (self.pending.pop(c, None) for c in cids) if loc is not None]
+
+    def cut_back(self, committed_end: Callable[[int], int]) -> int:
+        """Give back the dead tail of the pack being appended to: the bytes past its last indexed
+        (`committed_end`, queried with no index transaction in flight) or pending record. Returns the bytes freed."""
+        with self._lock:
+            pack = self._active
+            if pack is None:
+                return 0
+            end = max([len(PACK_MAGIC), committed_end(pack)]
+                      + [loc.offset + loc.size for loc in self.pending.values() if loc.pack == pack])
+            if end >= self._end:
+                return 0
+            try:
+                os.ftruncate(self._active_fd, end)
+            except OSError:
+                return 0
+            freed, self._end = self._end - end, end
+            self._dirty.add(pack)
+            return freed
 
     def committed(self, cids: Iterable[bytes]) -> None:
         """The index now holds these pending blocks: forget them here."""

@@ -105,6 +105,18 @@ class NarInfoRow:
     added: float
 
 
+@contextmanager
+def _disk_full_is_disk_full(path: Path) -> Iterator[None]:
+    """SQLite's "database or disk is full" is the same DiskFull a block write raises."""
+    try:
+        yield
+    except sqlite3.OperationalError as e:
+        if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e):
+            raise DiskFull(f"disk full while writing {path}: free space or shrink the repo with "
+                           "`p2pcache gc --max-size`") from None
+        raise
+
+
 class Index:
     def __init__(self, path: Path, readonly: bool = False):
         self.path = path
@@ -137,25 +149,19 @@ class Index:
     # transactions hold this lock so two threads never interleave statements of different transactions.
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        with self._txn_lock:
+        with self._txn_lock, _disk_full_is_disk_full(self.path):  # SQLITE_FULL: nothing of it was recorded
+            self.db.execute("BEGIN IMMEDIATE")
             try:
-                self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield
-                except BaseException:
-                    if self.db.in_transaction:
-                        self.db.execute("ROLLBACK")
-                    raise
-                try:
-                    self.db.execute("COMMIT")
-                except BaseException:
-                    if self.db.in_transaction:
-                        self.db.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as e:
-                if "full" in str(e):  # SQLITE_FULL: nothing of this transaction was recorded
-                    raise DiskFull(f"disk full while writing {self.path}: free space or shrink the repo with "
-                                   "`p2pcache gc --max-size`") from None
+                yield
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+            try:
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
                 raise
 
     # The explicit form of `transaction()`: begin(), then exactly one of commit() or rollback().
@@ -168,7 +174,8 @@ class Index:
             raise
 
     def commit(self) -> None:
-        self.db.execute("COMMIT")  # if this raises the transaction is still ours: the caller rolls back
+        with _disk_full_is_disk_full(self.path):  # if this raises the transaction is still ours: the caller rolls back
+            self.db.execute("COMMIT")
         self._txn_lock.release()
 
     def rollback(self) -> None:

@@ -22,6 +22,8 @@ verified root hashes nothing twice.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import fcntl
 import hashlib
@@ -40,6 +42,9 @@ from ..content.manifest import ArchiveManifest, ManifestBuilder, iter_blocks, it
 from ..errors import CorruptData, NotFound, RepoError, RepoLocked
 from .blockstore import PACK_MAGIC, RECORD_HEADER, Location, PackFiles, disk_error
 from .index import Index, RootInfo
+
+# Set by `Repo.recording_blocks`: where `write_blocks` / `commit_blocks` note what they appended and recorded.
+_committed_blocks: contextvars.ContextVar[list[CID] | None] = contextvars.ContextVar("committed_blocks", default=None)
 
 REPO_VERSION = "2"
 MIGRATING_VERSION = "2-migrating"  # written while `p2pcache migrate` runs; format-1 code refuses it
@@ -484,7 +489,10 @@ class Repo:
                 raise CorruptData(f"block {cid} does not match its CID; refusing to store it")
         known = self.index.known_blocks([c for c, _ in blocks])
         todo = [(c, d) for c, d in blocks if c.buffer not in known and c.buffer not in self.packs.pending]
-        self.packs.append(todo)
+        self.packs.append(todo)  # DiskFull here leaves none of them pending and cuts the pack back
+        recording = _committed_blocks.get()
+        if recording is not None:  # appended, maybe never recorded: a failed fetch takes these back too
+            recording.extend(c for c, _ in todo)
         return sum(len(d) for _, d in todo)
 
     def commit_blocks(self, blocks: list[tuple[CID, int]]) -> None:
@@ -498,6 +506,46 @@ class Repo:
         with self.index.transaction():
             self.record_blocks(written)
         self.blocks_committed(written)
+        recording = _committed_blocks.get()
+        if recording is not None:
+            recording.extend(c for c, _ in written)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def recording_blocks() -> Iterator[list[CID]]:
+        """Collect the CIDs `write_blocks` appends and `commit_blocks` records inside this block (this task, the
+        tasks it starts and the worker threads they call: a context variable), so a failed fetch can take them back."""
+        recording: list[CID] = []
+        token = _committed_blocks.set(recording)
+        try:
+            yield recording
+        finally:
+            _committed_blocks.reset(token)
+
+    def drop_unclaimed_blocks(self, cids: Iterable[CID]) -> int:
+        """Take back those of `cids` that no root references (what a failed fetch stored): a block only
+        appended stops being pending, a recorded one loses its index row (rows before bytes, as in gc). Their
+        bytes are dead space then, not counted by `stored_bytes`: the dead tail of the pack being appended to
+        is cut off at once, a pack left with no record is removed, and dead records between live ones wait for
+        gc's compaction. Returns how many blocks were taken back."""
+        self._require_writable()
+        doomed = list(dict.fromkeys(cids))
+        if not doomed:
+            return 0
+        locations = self.packs.forget_pending(c.buffer for c in doomed)
+        removed = len(locations)
+        with self.index.transaction():
+            for cid in doomed:
+                loc = self.index.locate(cid)
+                cur = self.index.db.execute("DELETE FROM blocks WHERE cid = ? AND refs <= 0", (cid.buffer,))
+                if cur.rowcount:
+                    removed += 1
+                    if loc is not None:
+                        locations.append(loc)
+            self.packs.cut_back(self.index.committed_end)  # inside: no other transaction's rows half there
+        for pack in {loc.pack for loc in locations} - {self.packs.active}:
+            self._remove_if_dead(pack)
+        return removed
 
     def has_block(self, cid: CID) -> bool:
         return self.index.has_block(cid)

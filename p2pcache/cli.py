@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,9 +96,27 @@ def _repo_path(args: argparse.Namespace) -> Path:
 
 def _open(args: argparse.Namespace, writable: bool, create: bool = False) -> Repo:
     path = _repo_path(args)
-    if create and not Repo.exists(path):
-        return Repo.init(path)
-    return Repo.open(path, writable=writable)
+    try:
+        if create and not Repo.exists(path):
+            return Repo.init(path)
+        return Repo.open(path, writable=writable)
+    except (PermissionError, sqlite3.OperationalError) as e:
+        raise RepoError(_unusable_repo(path, e, writable)) from None
+
+
+def _unusable_repo(path: Path, e: Exception, writable: bool) -> str:
+    """One line for a repo this user may not use (another user's, or on a read-only mount)."""
+    what = getattr(e, "filename", None) or path / "index.sqlite"
+    try:
+        owner = path.stat().st_uid
+        import pwd
+
+        who = f" (owned by {pwd.getpwuid(owner).pw_name})" if owner != os.geteuid() else ""
+    except (OSError, KeyError):
+        who = ""
+    return (f"cannot {'write' if writable else 'open'} the repo {path}{who}: {what}: "
+            f"{getattr(e, 'strerror', None) or e}; run as the repo's owner, or use --repo DIR / $P2PCACHE_REPO "
+            f"for a repo of your own")
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -221,8 +240,18 @@ def cmd_stat(args: argparse.Namespace, out: Output) -> int:
             "block_bytes": stored, "pinned": info.pinned, "complete": info.complete,
             "added": info.added, "last_access": info.last_access,
         }
-        text = "\n".join(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in obj.items())
-        out.emit(obj, text)
+        c = manifest.chunker
+        rows = [
+            ("root", root), ("name", manifest.name or "-"), ("size", _size_text(manifest.size)),
+            ("format", manifest.media_type or "-"), ("sha256", sha256.digest.hex()), ("sri", sha256.sri),
+            ("nix32", sha256.nix32), ("sha512", sha512.sri),
+            ("chunker", f"{c.algorithm} min {human(c.min_size)} avg {human(c.avg_size)} max {human(c.max_size)}, "
+                        f"normalisation {c.normalization}, seed {c.seed}"),
+            ("blocks", f"{len(blocks)} ({human(stored)} stored), manifest depth {manifest.depth}"),
+            ("pinned", "yes" if info.pinned else "no"), ("complete", "yes" if info.complete else "NO (blocks missing)"),
+            ("added", _when(info.added)), ("last access", _when(info.last_access)),
+        ]
+        out.emit(obj, _table(rows))
     return 0
 
 
@@ -293,15 +322,14 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
     from .node import Node
 
     path = _repo_path(args)
-    if not Repo.exists(path):
-        Repo.init(path).close()
+    _open(args, writable=True, create=True).close()  # one-line errors for a repo we may not use or is locked
     cfg = config_mod.load(path)
     if args.listen:
         cfg.listen = args.listen
     if args.bootstrap:
         cfg.bootstrap = cfg.bootstrap + args.bootstrap
-    if args.swarm_key is not None:
-        cfg.swarm_key = args.swarm_key
+    if args.swarm_key is not None:  # a path on the command line is relative to where it was typed
+        cfg.swarm_key = str(Path(args.swarm_key).expanduser().absolute()) if args.swarm_key else ""
     if args.api:
         cfg.api_listen = args.api
     if args.allow_peer:
@@ -368,6 +396,7 @@ def cmd_fetch(args: argparse.Namespace, out: Output) -> int:
     key = parse_key(args.hash)
     if not isinstance(key, HashKey):
         raise InvalidInput(f"--hash must be a sha256/sha512 hash (SRI, hex or nix-base32), not {args.hash!r}")
+    _check_url(args.url)
     client = _daemon(args) if Repo.exists(_repo_path(args)) else None
     if client is not None:
         try:
@@ -400,6 +429,15 @@ def cmd_fetch(args: argparse.Namespace, out: Output) -> int:
     out.emit(result, f"{result['root']} {human(result['size'])} from {result['source']}"
              + (f" -> {args.output}" if args.output else ""))
     return 0
+
+
+def _check_url(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidInput(f"{url!r} is not an http(s) URL; fetch needs the archive's origin URL "
+                           "(e.g. https://example.org/src.tar.gz)")
 
 
 def cmd_nix_hook(args: argparse.Namespace, out: Output) -> int:
@@ -436,9 +474,69 @@ def cmd_nix_hook(args: argparse.Namespace, out: Output) -> int:
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
     client = _daemon(args, required=True)
     st = client.status()
-    text = "\n".join(f"{k}: {v}" for k, v in sorted(st.items()))
-    out.emit(st, text)
+    out.emit(st, format_status(st))
     return 0
+
+
+def _size_text(n: int) -> str:
+    return f"{human(n)} ({n} bytes)" if n >= 1024 else f"{n} bytes"
+
+
+def _when(epoch: float | None) -> str:
+    if not epoch:
+        return "never"
+    import time
+
+    ago = max(0.0, time.time() - epoch)
+    span = (f"{ago:.0f} s" if ago < 120 else f"{ago / 60:.0f} min" if ago < 7200 else
+            f"{ago / 3600:.1f} h" if ago < 172800 else f"{ago / 86400:.0f} days")
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch)) + f" ({span} ago)"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return (f"{s // 86400}d {s % 86400 // 3600}h" if s >= 86400 else f"{s // 3600}h {s % 3600 // 60}m"
+            if s >= 3600 else f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s")
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = []
+    for k, v in rows:
+        values = v if isinstance(v, list) else [v]
+        for i, item in enumerate(values or ["-"]):
+            lines.append(f"{(k if i == 0 else ''):<{width}}  {item}")
+    return "\n".join(lines)
+
+
+def format_status(st: dict) -> str:
+    """`p2pcache status` for people: units, no Python reprs (the JSON form has every raw field)."""
+    lk, an = st.get("lookups", {}), st.get("announce", {})
+    quota = st.get("quota_bytes")
+    used = human(st["stored_bytes"]) + (f" of {human(quota)} quota ({100 * st['stored_bytes'] / quota:.0f} %)"
+                                        if quota else " (no quota)")
+    rows: list[tuple[str, object]] = [
+        ("peer ID", st["peer_id"]), ("listen", list(st.get("addrs", []))), ("API", st.get("api") or "-"),
+        ("repo", st["repo"]), ("version", st.get("version", "?")), ("uptime", _duration(st.get("uptime", 0))),
+        ("archives", f"{st['roots']}" + (f" ({st['roots_incomplete']} incomplete)" if st.get("roots_incomplete") else "")),
+        ("disk", used),
+        ("peers", f"{st['peers']} connected"),
+        ("served", f"{human(st['bytes_served'])} in {st['blocks_served']} blocks"),
+        ("fetched", f"{human(st['bytes_fetched'])} from peers in {st['blocks_fetched']} blocks "
+                    f"({st['duplicate_blocks']} duplicate), {human(st['bytes_fetched_origin'])} from origins"),
+        ("fetches", f"{st['fetches']} ({st['fetch_failures']} failed)"),
+        ("lookups", f"{lk.get('total', 0)} ({lk.get('found_dht', 0)} found, {lk.get('misses', 0)} missed, "
+                    f"{lk.get('negative_hits', 0)} answered from the miss cache, {lk.get('rpcs', 0)} DHT RPCs)"),
+        ("announced", f"{an.get('keys', 0)} keys ({an.get('provided', 0)} provided, {an.get('failed', 0)} failed, "
+                      f"{an.get('pending', 0)} pending, {an.get('withdrawn', 0)} withdrawn, {an.get('sweeps', 0)} sweeps)"),
+    ]
+    if st.get("gc"):
+        g = st["gc"]
+        rows.append(("auto-gc", f"{g.get('runs', 0)} runs, {g.get('roots_evicted', 0)} archives evicted, "
+                                f"{human(g.get('bytes_freed', 0))} freed"))
+    if st.get("peers_penalised"):
+        rows.append(("penalised", list(st["peers_penalised"])))
+    return _table(rows)
 
 
 def cmd_peers(args: argparse.Namespace, out: Output) -> int:
@@ -529,7 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--swarm-key", metavar="FILE", help="pre-shared swarm key file ('' for none)")
     sp.add_argument("--allow-peer", action="append", metavar="PEER_ID", help="only these peers may connect")
     sp.add_argument("--api", metavar="HOST:PORT", help="local HTTP API address (default 127.0.0.1:37515)")
-    sp.add_argument("--lookup-timeout", type=float, metavar="SECONDS")
+    sp.add_argument("--lookup-timeout", type=float, metavar="SECONDS",
+                    help="upper bound for one DHT provider lookup (default 5; a miss never waits longer)")
     sp.add_argument("--negative-ttl", type=float, metavar="SECONDS", help="how long a miss is remembered")
     sp.add_argument("--upstream", action="append", metavar="URL", help="binary cache to pull through (repeatable)")
     sp.add_argument("--sign-key", metavar="FILE", help="sign served narinfos with this Nix secret key")

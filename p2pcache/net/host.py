@@ -114,9 +114,15 @@ def _peer_id(text: str | ID) -> ID:
     if isinstance(text, ID):
         return text
     try:
-        return ID.from_base58(text)
+        peer = ID.from_base58(text)
     except Exception:
-        raise InvalidInput(f"{text!r} is not a peer ID") from None
+        peer = None
+    # Most short words are valid base58: a peer ID must also be a multihash (identity or sha2-256)
+    # of exactly its stated length.
+    raw = peer.to_bytes() if peer is not None else b""
+    if len(raw) < 3 or raw[0] not in (0x00, 0x12) or raw[1] != len(raw) - 2 or (raw[0] == 0x12 and raw[1] != 32):
+        raise InvalidInput(f"{text!r} is not a peer ID (12D3KooW… or Qm…, as `p2pcache status` prints it)")
+    return peer
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -145,7 +151,10 @@ class HostConfig:
                 raise InvalidInput(f"listen address {addr!r} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/4001)") from None
         if self.allow_peers is not None:
             for p in self.allow_peers:
-                _peer_id(p)
+                try:
+                    _peer_id(p)
+                except InvalidInput as e:
+                    raise InvalidInput(f"allowed peer (--allow-peer / swarm.allow_peers): {e}") from None
         for b in self.bootstrap:
             parse_peer_addr(b)
 
@@ -335,6 +344,8 @@ class NodeHost:
         if self._running:
             raise HostError("this host is already running")
         self._running = True
+        for addr in self.config.listen:
+            check_port_free(addr)
         events_send, events_recv = trio.open_memory_channel(math.inf)
         self.libp2p.get_network().register_notifee(_Notifee(events_send))
         try:
@@ -428,6 +439,33 @@ class NodeHost:
             changed = self._changed
             if self.is_connected(info.peer_id):
                 await changed.wait()
+
+
+def check_port_free(addr: str) -> None:
+    """Refuse a fixed TCP port another process listens on. py-libp2p listens with SO_REUSEPORT (for
+    hole punching), so a second node on the same port would start and share it with the first —
+    and half the dials would reach the wrong node. A probe without SO_REUSEPORT cannot bind a port
+    anyone listens on, so it tells."""
+    import socket
+
+    ma = multiaddr.Multiaddr(addr)
+    protos = {p.name for p in ma.protocols()}
+    if "tcp" not in protos:
+        return
+    port = int(ma.value_for_protocol("tcp"))
+    if port == 0:
+        return
+    family, host = ((socket.AF_INET6, ma.value_for_protocol("ip6")) if "ip6" in protos
+                    else (socket.AF_INET, ma.value_for_protocol("ip4") if "ip4" in protos else "0.0.0.0"))
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is no listener
+        probe.bind((host, port))
+    except OSError as e:
+        raise HostError(f"cannot listen on {addr}: {e.strerror} (TCP port {port} is taken, maybe by another "
+                        f"p2pcache daemon; pick another --listen port or stop that process)") from None
+    finally:
+        probe.close()
 
 
 def _x25519_private() -> Any:

@@ -1,0 +1,127 @@
+"""Operator experience (issue 16): what a new user meets following the README, through real
+subprocesses — one-line errors, human output, swarm keys, ports, repos of other users."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_cli, write_file
+from .helpers.daemons import start_daemon
+
+
+@pytest.fixture
+def daemons():
+    started = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+def _one_line(proc: subprocess.CompletedProcess, code: int, needle: str) -> str:
+    err = proc.stderr.decode()
+    assert proc.returncode == code, err
+    assert needle in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_relative_swarm_key_is_read_from_the_working_directory(tmp_path, daemons):
+    work = tmp_path / "work"
+    work.mkdir()
+    subprocess.run([sys.executable, "-m", "p2pcache", "swarm-key", "new", "-o", "swarm.key"], cwd=work, check=True,
+                   capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "p2pcache", "--repo", str(tmp_path / "r"), "daemon", "--json",
+                             "--swarm-key", "swarm.key", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"],
+                            cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read().decode()
+        assert json.loads(line)["network"] is True
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_second_daemon_on_a_taken_libp2p_port_fails_with_one_line(tmp_path, daemons):
+    port = _free_port()
+    first = start_daemon(tmp_path / "a", extra=["--listen", f"/ip4/127.0.0.1/tcp/{port}"])
+    daemons.append(first)
+    assert any(f"/tcp/{port}/" in a for a in first.info["addrs"])
+    for listen in (f"/ip4/127.0.0.1/tcp/{port}", f"/ip4/0.0.0.0/tcp/{port}"):
+        proc = run_cli("daemon", "--listen", listen, "--api", "127.0.0.1:0", repo=tmp_path / "b", timeout=60)
+        _one_line(proc, 1, f"TCP port {port} is taken")
+    assert first.status()["peers"] == 0  # and the first node is untouched
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory other users can reach (pytest's tmp_path is private to its user)."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="p2pcache-shared-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_unusable_repo_gives_one_line_for_add_ls_daemon(shared_dir):
+    tmp_path = shared_dir
+    repo = tmp_path / "theirs"
+    f = write_file(tmp_path / "f", b"hello")
+    run_cli("add", str(f), repo=repo, check=True)
+    if os.geteuid() == 0:  # root reads everything: be another user (nobody) for real
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv to drop root")
+        prefix = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+        f.chmod(0o644)
+    else:
+        prefix = []
+        for p in [repo, *repo.iterdir()]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+    env = dict(os.environ, P2PCACHE_REPO=str(repo))
+    for args in (["add", str(f)], ["ls"], ["gc"],
+                 ["daemon", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"]):
+        proc = subprocess.run([*prefix, sys.executable, "-m", "p2pcache", *args], env=env, capture_output=True,
+                              timeout=60)
+        err = _one_line(proc, 5, f"the repo {repo}")
+        assert "run as the repo's owner" in err and "another daemon" not in err
+
+
+def test_bad_inputs_are_refused_with_exit_2(tmp_path):
+    run_cli("init", repo=tmp_path / "r", check=True)
+    proc = run_cli("daemon", "--allow-peer", "notapeer", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0",
+                   repo=tmp_path / "r", timeout=60)
+    _one_line(proc, 2, "'notapeer' is not a peer ID")
+    proc = run_cli("fetch", "notaurl", "--hash", "sha256:" + "ab" * 32, repo=tmp_path / "r")
+    _one_line(proc, 2, "is not an http(s) URL")
+
+
+def test_status_and_stat_are_for_people(tmp_path, rng, daemons):
+    d = start_daemon(tmp_path / "r")
+    daemons.append(d)
+    f = write_file(tmp_path / "a.bin", rng.randbytes(300_000))
+    root = json.loads(d.cli("add", "--json", str(f)).stdout)["root"]
+    for text in (d.cli("status").stdout.decode(), d.cli("stat", root).stdout.decode()):
+        assert not re.search(r"[{}\[\]]|'\w+':", text), text  # no Python dict/list reprs
+        assert not re.search(r"\b1[6-9]\d{8}(\.\d+)?\b", text), text  # no raw epoch seconds
+    status = d.cli("status").stdout.decode()
+    assert re.search(r"^disk\s+29\d\.\d KiB \(no quota\)$", status, re.M), status
+    assert re.search(r"^peers\s+0 connected$", status, re.M), status
+    stat = d.cli("stat", root).stdout.decode()
+    assert re.search(r"^added\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", stat, re.M), stat
+    assert re.search(r"^size\s+293\.0 KiB \(300000 bytes\)$", stat, re.M), stat

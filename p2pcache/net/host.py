@@ -365,6 +365,7 @@ class NodeHost:
         finally:
             self._running = False
             with trio.CancelScope(shield=True):
+                await _close_listeners(self.libp2p)
                 for s in self._subscribers:
                     s.close()
 
@@ -439,6 +440,19 @@ class NodeHost:
             changed = self._changed
             if self.is_connected(info.peer_id):
                 await changed.wait()
+
+
+async def _close_listeners(libp2p: Any) -> None:
+    """py-libp2p 0.8.1's swarm, stopped by cancellation, leaves its listening sockets open (the listener
+    close in its shutdown path is itself cancelled): a stopped host would keep its port, and with
+    SO_REUSEPORT a later host there would share it with a socket nobody accepts on. Close them
+    (shielded by the caller; closing twice is a no-op)."""
+    with trio.move_on_after(5):
+        for listener in list(getattr(libp2p.get_network(), "listeners", {}).values()):
+            try:
+                await listener.close()
+            except Exception as e:  # a listener half torn down already: nothing more to release
+                log.debug("closing a listener: %s", e)
 
 
 def check_port_free(addr: str) -> None:

@@ -447,8 +447,12 @@ def cmd_nix_hook(args: argparse.Namespace, out: Output) -> int:
     import subprocess
 
     paths = os.environ.get("OUT_PATHS", "").split() + list(args.paths)
+    drv = os.environ.get("DRV_PATH", "").strip()
+    if not paths and drv:
+        paths = _outputs_of(drv)  # Nix 2.8.0 runs the hook with OUT_PATHS empty (NixOS/nix#6446)
     if not paths:
-        print("p2pcache nix-hook: no $OUT_PATHS and no paths given; nothing to push", file=sys.stderr)
+        print("p2pcache nix-hook: no $OUT_PATHS, no outputs of $DRV_PATH and no paths given; nothing to push",
+              file=sys.stderr)
         return 0
     client = _daemon(args)
     if client is None:
@@ -469,6 +473,25 @@ def cmd_nix_hook(args: argparse.Namespace, out: Output) -> int:
         return 0
     out.emit({"pushed": paths, "api": api}, f"pushed {len(paths)} path(s) to {api}")
     return 0
+
+
+def _outputs_of(drv: str) -> list[str]:
+    """The outputs of a derivation, as `nix-store --query --outputs DRV` lists them (the hook runs once
+    the build has registered them)."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("nix-store")
+    if tool is None:
+        print(f"p2pcache nix-hook: $OUT_PATHS is empty and `nix-store` is not on PATH to read the outputs of {drv}",
+              file=sys.stderr)
+        return []
+    proc = subprocess.run([tool, "--query", "--outputs", drv], capture_output=True)
+    if proc.returncode != 0:
+        print(f"p2pcache nix-hook: cannot read the outputs of {drv}: "
+              f"{proc.stderr.decode(errors='replace').strip()}", file=sys.stderr)
+        return []
+    return proc.stdout.decode().split()
 
 
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
@@ -639,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("url", metavar="URL")
     sp.add_argument("--hash", required=True, metavar="HASH", help="expected hash: SRI, sha256:<hex> or nix-base32")
     sp.add_argument("-o", "--output", metavar="OUT", help="also write the archive to OUT")
-    sp = add("nix-hook", cmd_nix_hook, "Nix post-build-hook: push $OUT_PATHS to the local node")
+    sp = add("nix-hook", cmd_nix_hook, "Nix post-build-hook: push $OUT_PATHS (or $DRV_PATH's outputs) to the local node")
     sp.add_argument("paths", nargs="*", metavar="PATH", help="store paths (default: $OUT_PATHS)")
     add("status", cmd_status, "show the running daemon's counters")
     add("peers", cmd_peers, "list the running daemon's connected peers")

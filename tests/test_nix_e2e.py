@@ -226,3 +226,28 @@ def test_post_build_hook_pushes_outputs_to_the_local_node(nix, tmp_path, daemons
     a.wait_announced(2)
     nix.run("nix", "copy", "--from", b.api, "--to", str(store_b), path, config="require-sigs = false\n")
     assert (store_b / path.lstrip("/") / "out.txt").read_text() == "built\n"
+
+
+def test_post_build_hook_configured_in_real_nix_pushes_what_it_built(nix, tmp_path, daemons):
+    """Nix itself runs the hook after a real build (Nix 2.8.0 passes DRV_PATH and an empty OUT_PATHS,
+    NixOS/nix#6446): the outputs must reach the node anyway."""
+    a, b = _swarm(tmp_path, daemons)
+    seen = tmp_path / "hook-env"
+    hook = tmp_path / "p2pcache-hook"
+    hook.write_text(f"#!/bin/sh\necho \"OUT_PATHS=$OUT_PATHS DRV_PATH=$DRV_PATH\" >> {seen}\n"
+                    f"exec {sys.executable} -m p2pcache --repo {a.repo} nix-hook >> {tmp_path}/hook.log 2>&1\n")
+    hook.chmod(0o755)
+    token = secrets.token_hex(6)
+    expr = (f'derivation {{ name = "hooked-{token}"; system = builtins.currentSystem; builder = "/bin/sh"; '
+            f'args = [ "-c" "echo built-{token} > $out" ]; }}')
+    out = nix.out("nix-build", "--no-out-link", "-E", expr, config=f"post-build-hook = {hook}\n")
+    env_line = seen.read_text()
+    assert "DRV_PATH=/nix/store/" in env_line, env_line
+    log = (tmp_path / "hook.log").read_text()
+    assert "pushed 1 path" in log, (env_line, log)
+    store_hash = Path(out).name[:32]
+    assert httpx.get(f"{a.api}/{store_hash}.narinfo", timeout=30).status_code == 200
+    a.wait_announced(2)
+    store_b = tmp_path / "store-b"
+    nix.run("nix", "copy", "--from", b.api, "--to", str(store_b), out, config="require-sigs = false\n")
+    assert (store_b / out.lstrip("/")).read_text() == f"built-{token}\n"

@@ -422,6 +422,23 @@ class Node:
             raise NotFound(f"{alias}: {len(providers)} peer(s) announce it but resolving it {why}")
         return winner[0].root
 
+    async def size_at_peers(self, alias: str, providers: list) -> int | None:
+        """The size the first provider to answer a resolve says `alias` has (for HEAD requests, which
+        move no bytes to prove it); None if none answers within the lookup timeout."""
+        assert self.host is not None
+        with trio.move_on_after(self.config.lookup_timeout):
+            for peer in providers[:3]:
+                if peer.peer_id == self.host.peer_id:
+                    continue
+                try:
+                    answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
+                except P2PCacheError as e:
+                    log.info("resolve %s at %s failed: %s", alias, peer.peer_id, e)
+                    continue
+                if answer is not None:
+                    return answer.size
+        return None
+
     async def http_fallback(self, scope: Any, receive: Any, send: Any) -> None:
         """Everything the local API does not route: the Nix binary cache and hashed mirror."""
         assert self.nix is not None

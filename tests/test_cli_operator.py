@@ -125,3 +125,24 @@ def test_status_and_stat_are_for_people(tmp_path, rng, daemons):
     stat = d.cli("stat", root).stdout.decode()
     assert re.search(r"^added\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", stat, re.M), stat
     assert re.search(r"^size\s+293\.0 KiB \(300000 bytes\)$", stat, re.M), stat
+
+
+def test_head_of_an_item_only_a_peer_holds_gives_its_length(tmp_path, rng, daemons):
+    import hashlib
+
+    import httpx
+
+    a = start_daemon(tmp_path / "a")
+    b = start_daemon(tmp_path / "b", bootstrap=[a.addr])
+    daemons += [a, b]
+    data = rng.randbytes(123_457)
+    f = write_file(tmp_path / "x.tar", data)
+    a.cli("add", str(f))
+    a.wait_announced(3)
+    url = f"{b.api}/sha256/{hashlib.sha256(data).hexdigest()}"
+    head = httpx.head(url, timeout=60)
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(data)), head.headers
+    assert b.status()["roots"] == 0  # a HEAD moves no archive
+    get = httpx.get(url, timeout=60)
+    assert get.status_code == 200 and get.content == data
+    assert httpx.head(f"{b.api}/sha256/{'cd' * 32}", timeout=60).status_code == 404

@@ -615,7 +615,14 @@ class NixCache:
                 self.metrics.mirror.labels("hit" if found else "miss").inc()
                 if not found:
                     raise HTTPError(404, f"nobody has {key.alias}")
-                await send_bytes(send, 200, b"", "application/octet-stream", head=True)
+                # The length a GET would send is what a provider's resolve answer says; if none
+                # answers in time, no Content-Length at all rather than a wrong one.
+                size = await self.node.size_at_peers(key.alias, found)
+                headers = [(b"content-type", b"application/octet-stream")]
+                if size is not None:
+                    headers.append((b"content-length", str(size).encode()))
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": b""})
                 return
             try:
                 await self.node.fetch(key.alias, lambda done, total: None)

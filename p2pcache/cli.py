@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import sqlite3
 import sys
@@ -24,16 +23,16 @@ from .errors import CorruptData, InvalidInput, NotFound, P2PCacheError, RepoErro
 from .store.repo import Repo, default_repo_path
 
 PROGRESS_MIN_BYTES = 64 << 20
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
     """'500M', '2GiB', '1.5G', '1024' -> bytes (K/M/G/T are powers of 1024, as in du and Nix)."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 500M, 2G, 1048576)")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    return int(number * 1024 ** " kmgtp".index(unit or " "))
+    from .config import parse_size as parse
+
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def human(n: int) -> str:
@@ -314,8 +313,6 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
-    import logging
-
     import trio
 
     from . import config as config_mod
@@ -323,7 +320,11 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
 
     path = _repo_path(args)
     _open(args, writable=True, create=True).close()  # one-line errors for a repo we may not use or is locked
-    cfg = config_mod.load(path)
+    cfg = config_mod.load(path, args.config)
+    if args.max_size is not None:
+        cfg.max_size = args.max_size
+    if args.alone_warning is not None:
+        cfg.alone_warning = args.alone_warning
     if args.listen:
         cfg.listen = args.listen
     if args.bootstrap:
@@ -347,11 +348,11 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
     if args.local_store_root:
         cfg.nix.serve_local_store = True
         cfg.nix.local_store_root = args.local_store_root
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not args.verbose:
-        # py-libp2p's DHT warns on every stream a peer closes normally; keep its real errors only.
-        logging.getLogger("libp2p.kad_dht.kad_dht").setLevel(logging.ERROR)
+    from .logs import setup_logging
+
+    setup_logging(args.log_level or ("info" if args.verbose else cfg.log_level), args.log_format or cfg.log_format,
+                  args.log_libraries or cfg.log_libraries or None)
+    _warn_about_exposure(cfg)
 
     async def main() -> None:
         node = Node(path, cfg)
@@ -381,6 +382,27 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
                             f"(API {cfg.api_listen}, listen {' '.join(cfg.listen)}); is another daemon running?") from None
         raise
     return 0
+
+
+def _warn_about_exposure(cfg) -> None:
+    """A node reachable beyond this machine without a swarm key lets anyone join and fetch."""
+    import ipaddress
+    import logging
+
+    exposed = []
+    for addr in cfg.listen:
+        parts = addr.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            try:
+                if not ipaddress.ip_address(parts[2]).is_loopback:
+                    exposed.append(addr)
+            except ValueError:
+                exposed.append(addr)
+    if exposed and not cfg.swarm_key:
+        logging.getLogger("p2pcache.daemon").warning(
+            "listening on %s without a swarm key: anyone who can reach this port can join the swarm and fetch "
+            "what this node holds; make a key with `p2pcache swarm-key new -o swarm.key` and pass --swarm-key "
+            "(or listen on /ip4/127.0.0.1/tcp/0)", ", ".join(exposed))
 
 
 def _first_leaf(e: BaseException) -> BaseException:
@@ -644,6 +666,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("verify", cmd_verify, "re-hash every block and check the index")
     sp.add_argument("--repair", action="store_true", help="drop corrupt blocks, mark their roots incomplete")
     sp = add("daemon", cmd_daemon, "run the node: swarm, DHT, bitswap, local API (holds the repo)")
+    sp.add_argument("--config", metavar="FILE",
+                    help="read settings from FILE instead of REPO/config.toml (relative paths in it: from its directory)")
+    sp.add_argument("--max-size", type=parse_size, metavar="SIZE",
+                    help="disk quota for stored blocks, e.g. 20G: least-recently-used unpinned archives are evicted "
+                         "past 90 %% of it (config [gc])")
     sp.add_argument("--listen", action="append", metavar="MULTIADDR",
                     help="libp2p listen address (repeatable; default from config.toml)")
     sp.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="peer to join (…/p2p/<id>)")
@@ -657,7 +684,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sign-key", metavar="FILE", help="sign served narinfos with this Nix secret key")
     sp.add_argument("--serve-local-store", action="store_true", help="also share this machine's /nix/store")
     sp.add_argument("--local-store-root", metavar="DIR", help="share a chroot Nix store (--store DIR) instead")
-    sp.add_argument("-v", "--verbose", action="store_true")
+    sp.add_argument("-v", "--verbose", action="store_true", help="same as --log-level info")
+    sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                    help="our log level (default warning; config [log] level)")
+    sp.add_argument("--log-format", choices=("text", "json"),
+                    help="log lines on stderr as text or JSON objects (default text; config [log] format)")
+    sp.add_argument("--log-libraries", choices=("debug", "info", "warning", "error"), metavar="LEVEL",
+                    help="py-libp2p's and hypercorn's level (default: warning, repeats held back)")
+    sp.add_argument("--alone-warning", type=float, metavar="SECONDS",
+                    help="warn if no peer completed a handshake this long after start (default 30; 0: never)")
     sp = add("fetch", cmd_fetch, "get an archive by hash: the swarm if anyone has it, else URL; verify, add")
     sp.add_argument("url", metavar="URL")
     sp.add_argument("--hash", required=True, metavar="HASH", help="expected hash: SRI, sha256:<hex> or nix-base32")

@@ -30,7 +30,7 @@ from .config import NodeConfig
 from .content.cid import CID, DAG_CBOR
 from .content.keys import HashKey, RootKey, parse_key
 from .content.manifest import ArchiveManifest
-from .errors import InvalidInput, MalformedBlock, NotFound, P2PCacheError
+from .errors import DiskFull, InvalidInput, MalformedBlock, NotFound, P2PCacheError
 from .http.api import make_app
 from .http.nix import GATEWAY_MARKER, NixCache
 from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
@@ -109,6 +109,7 @@ class Node:
         self.api_url: str | None = None
         self.nix: NixCache | None = None
         self.started_at = time.time()
+        self.quota = QuotaKeeper(self)
 
     # -- running ------------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -126,6 +127,7 @@ class Node:
                     listen=tuple(cfg.listen),
                     bootstrap=tuple(cfg.bootstrap),
                     allow_peers=cfg.allow_peers or None,
+                    alone_warning=cfg.alone_warning,
                 )
                 self.host = NodeHost(host_cfg)
             self.source = _CountingSource(repo)
@@ -146,6 +148,8 @@ class Node:
                     self.announcer.add(GATEWAY_MARKER, ())
                 nursery.start_soon(self.announcer.run)
                 nursery.start_soon(self._reannounce_on_new_peers)
+                if cfg.max_size is not None:
+                    nursery.start_soon(self.quota.run)
                 self.finder = ProviderFinder(self.dht, FinderConfig(negative_ttl=cfg.negative_ttl,
                                                                     default_timeout=cfg.lookup_timeout))
                 ResolveServer(lookup=self._answer_resolve).register(self.host)
@@ -225,6 +229,8 @@ class Node:
             "roots": len(roots),
             "roots_incomplete": sum(1 for r in roots if not r.complete),
             "stored_bytes": self.repo.stored_bytes(),
+            "quota_bytes": self.config.max_size,
+            "gc": self.quota.status(),
             "peers": len(self.host.connected_peers()),
             "bytes_served": self.source.bytes_served if self.source else 0,
             "blocks_served": self.source.blocks_served if self.source else 0,
@@ -276,6 +282,7 @@ class Node:
     def announce(self, root: CID) -> None:
         if self.announcer is not None and self.repo is not None:
             self.announcer.add(root, root_aliases(self.repo, root))
+        self.quota.poke()  # something new is stored: check the quota
 
     async def gc(self, max_size: int | None) -> dict:
         """Garbage-collect in the daemon (which owns the repo) and stop announcing what was evicted."""
@@ -304,7 +311,8 @@ class Node:
             pass
         self.stats.fetches += 1
         try:
-            root, size = await self._fetch_from_swarm(parsed, progress)
+            with self.quota.working(clean_up_on_error=True):
+                root, size = await self._fetch_from_swarm(parsed, progress)
         except P2PCacheError:
             self.stats.fetch_failures += 1
             raise
@@ -336,6 +344,8 @@ class Node:
                         if resp.status_code != 200:
                             raise NotFound(f"{url} answered HTTP {resp.status_code}")
                         total = int(resp.headers.get("content-length", 0)) or None
+                        if total is not None:
+                            await self.quota.make_room(total, url)
                         async for piece in resp.aiter_bytes():
                             done[0] += len(piece)
                             progress(done[0], total)
@@ -344,7 +354,8 @@ class Node:
                 raise NotFound(f"cannot download {url}: {e}") from None
 
         name = url.rstrip("/").rsplit("/", 1)[-1] or None
-        result = await feed_thread(download(), lambda it: self.repo.add_stream(it, name=name, expect=key))
+        with self.quota.working():
+            result = await feed_thread(download(), lambda it: self.repo.add_stream(it, name=name, expect=key))
         self.stats.bytes_fetched_origin += done[0]
         self.announce(result.root)
         return {"root": str(result.root), "source": "origin", "size": result.size, "url": url}
@@ -365,6 +376,7 @@ class Node:
         manifest = _decode_root(root, blocks[root])
         if isinstance(key, HashKey) and manifest.hashes.get(key.algo) != key.digest:
             raise FetchError(f"a peer answered {root} for {alias}, but that archive has a different {key.algo}")
+        await self.quota.make_room(manifest.size, alias)  # nothing of it is stored yet: fail before, not during
         progress(0, manifest.size)
         before = self.repo.stored_bytes()
         fetched = trio.Event()
@@ -449,7 +461,8 @@ class Node:
         """Fetch every block under `root` the repo lacks (any manifest shape), depth-first with a
         window, storing as blocks arrive; see BitswapExchange.fetch_dag."""
         assert self.exchange is not None and self.repo is not None
-        fetched = await self.exchange.fetch_dag(root, providers, self.repo, on_stored)
+        with self.quota.working():
+            fetched = await self.exchange.fetch_dag(root, providers, self.repo, on_stored)
         self.stats.bytes_fetched += fetched
         return fetched
 
@@ -487,3 +500,144 @@ def _decode_root(root: CID, data: bytes) -> ArchiveManifest:
         return ArchiveManifest.decode(data)
     except MalformedBlock as e:
         raise FetchError(f"{root} is not an archive manifest: {e}") from None
+
+
+@dataclass
+class QuotaStats:
+    runs: int = 0
+    roots_evicted: int = 0
+    bytes_freed: int = 0
+    refused: int = 0  # fetches refused because they would not fit
+    over_quota: bool = False  # the last run could not get under the low watermark (pinned roots)
+
+
+class QuotaKeeper:
+    """Keeps the repo's stored blocks under `config.max_size` (`daemon --max-size`, `[gc]`): when they
+    pass the high watermark, least-recently-used unpinned archives are evicted, and withdrawn from
+    the DHT, until they are under the low watermark. A fetch whose archive would not fit even after
+    eviction fails before its first block is stored.
+
+    gc also removes blocks no root claims yet — which is what an add or fetch in progress holds — so
+    it runs only while no such operation does (`working()`), and is redone when the last one ends.
+    """
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+        self.stats = QuotaStats()
+        self._busy = 0
+        self._wake = trio.Event()
+        self._lock = trio.Lock()
+        self._cleanup = False
+
+    @property
+    def max_size(self) -> int | None:
+        return self.node.config.max_size
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def working(self, clean_up_on_error: bool = False) -> Any:
+        """A context manager around an operation that stores blocks before a root claims them. With
+        `clean_up_on_error`, what it stored is dropped if it fails (once nothing else is running)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def scope() -> Any:
+            self._busy += 1
+            try:
+                yield
+            except P2PCacheError:
+                if clean_up_on_error:
+                    self._cleanup = True
+                raise
+            finally:
+                self._busy -= 1
+                self.poke()
+
+        return scope()
+
+    async def run(self) -> None:
+        interval = self.node.config.gc_interval
+        while True:
+            with trio.move_on_after(interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            if self._busy:
+                continue  # the operation's end pokes us again
+            try:
+                await self.enforce()
+            except P2PCacheError as e:
+                log.warning("quota gc failed: %s", e)
+
+    async def enforce(self, target: int | None = None) -> None:
+        """Evict down to the low watermark (or `target` bytes) if over the high one (or `target`)."""
+        node = self.node
+        assert node.repo is not None
+        async with self._lock:
+            if self._busy:
+                return
+            stored = node.repo.stored_bytes()
+            limit = target
+            if limit is None and self.max_size is not None:
+                if stored <= self.max_size * node.config.gc_high_watermark:
+                    if self._cleanup:  # a failed fetch left unclaimed blocks: drop them
+                        self._cleanup = False
+                        await trio.to_thread.run_sync(node.repo.gc, None)
+                    return
+                limit = int(self.max_size * node.config.gc_low_watermark)
+            if limit is None:
+                if self._cleanup:
+                    self._cleanup = False
+                    await trio.to_thread.run_sync(node.repo.gc, None)
+                return
+            self._cleanup = False
+            report = await node.gc(limit)
+        self.stats.runs += 1
+        self.stats.roots_evicted += len(report["roots_removed"])
+        self.stats.bytes_freed += report["bytes_freed"]
+        self.stats.over_quota = report["over_quota"]
+        if report["roots_removed"] or report["bytes_freed"]:
+            log.info("quota: evicted %d archives (%d bytes) to get under %d bytes; %d stored",
+                     len(report["roots_removed"]), report["bytes_freed"], limit, report["bytes_after"])
+        if report["over_quota"]:
+            log.warning("quota: %d bytes stored, over the %d-byte low watermark of --max-size %d: pinned "
+                        "archives hold the rest; unpin some or raise --max-size", report["bytes_after"], limit,
+                        self.max_size or 0)
+
+    async def make_room(self, size: int, what: str) -> None:
+        """Before storing an archive of `size` bytes: fail (DiskFull, exit 6) if it cannot fit in the
+        quota even after eviction, or on the disk at all."""
+        import shutil
+
+        node = self.node
+        assert node.repo is not None
+        free = shutil.disk_usage(node.repo_path).free
+        if size > free:
+            self.stats.refused += 1
+            raise DiskFull(f"{what} is {size} bytes but the disk of {node.repo_path} has {free} bytes free; "
+                           "free space or shrink the repo with `p2pcache gc --max-size`")
+        if self.max_size is None:
+            return
+        if node.repo.stored_bytes() + size <= self.max_size:
+            return
+        if size > self.max_size:
+            self.stats.refused += 1
+            raise DiskFull(f"{what} is {size} bytes, more than this node's quota (--max-size {self.max_size} "
+                           "bytes); raise --max-size")
+        # Evict now if no other operation holds unclaimed blocks; otherwise the quota run after it will.
+        if self._busy <= 1:
+            self._busy -= 1  # our own caller is not in the way of its own eviction
+            try:
+                await self.enforce(self.max_size - size)
+            finally:
+                self._busy += 1
+        if node.repo.stored_bytes() + size > self.max_size:
+            self.stats.refused += 1
+            raise DiskFull(f"{what} is {size} bytes and does not fit in the quota: {node.repo.stored_bytes()} "
+                           f"of --max-size {self.max_size} bytes are held by pinned or in-use archives; unpin "
+                           "some (`p2pcache unpin KEY`) or raise --max-size")
+
+    def status(self) -> dict:
+        return {"runs": self.stats.runs, "roots_evicted": self.stats.roots_evicted,
+                "bytes_freed": self.stats.bytes_freed, "refused": self.stats.refused,
+                "over_quota": self.stats.over_quota}

@@ -140,6 +140,9 @@ class HostConfig:
     # A peer outside our private network sends noise, which some handshakes wait on rather than
     # reject: this bounds how long such a connection (or any slow dial) is kept.
     handshake_timeout: float = 10.0
+    # Warn once if bootstrap peers are configured and no peer has completed a handshake this many
+    # seconds after start (0: never) — the usual sign of a different swarm key.
+    alone_warning: float = 0.0
 
     def __post_init__(self) -> None:
         if self.swarm_key is not None and len(self.swarm_key) != KEY_SIZE:
@@ -272,12 +275,14 @@ class NodeHost:
         return self._allowed is None or peer in self._allowed
 
     def addrs(self) -> list[multiaddr.Multiaddr]:
-        """Our listen addresses with /p2p/<peer id>, ready to hand to another node."""
+        """Our listen addresses with /p2p/<peer id>, ready to hand to another node: a wildcard
+        listen address (0.0.0.0, ::) stands for every address of this machine's interfaces."""
         suffix = f"/p2p/{self.peer_id.to_base58()}"
         out = []
         for a in self.libp2p.get_addrs():
             text = str(a)
-            out.append(multiaddr.Multiaddr(text if "/p2p/" in text else text + suffix))
+            for concrete in expand_wildcard(text):
+                out.append(multiaddr.Multiaddr(concrete if "/p2p/" in concrete else concrete + suffix))
         return out
 
     def connected_peers(self) -> list[ID]:
@@ -360,6 +365,8 @@ class NodeHost:
                     nursery.start_soon(self._pump_events, events_recv)
                     for addr in self.config.bootstrap:
                         nursery.start_soon(self._keep_connected, parse_peer_addr(addr))
+                    if self.config.bootstrap and self.config.alone_warning > 0:
+                        nursery.start_soon(self._warn_if_alone, self.config.alone_warning)
                     task_status.started(self)
                     await trio.sleep_forever()
         finally:
@@ -418,9 +425,20 @@ class NodeHost:
         self._changed.set()
         self._changed = trio.Event()
 
+    async def _warn_if_alone(self, after: float) -> None:
+        with trio.move_on_after(after):
+            while not self._conns:
+                await self._changed.wait()
+            return
+        log.warning("no peer completed a handshake within %g s of startup (bootstrap: %s): a different swarm key? "
+                    "Check that every node has the same swarm.key, that the bootstrap addresses and peer IDs are "
+                    "those `p2pcache status` prints there, and that the port is reachable",
+                    after, ", ".join(self.config.bootstrap))
+
     async def _keep_connected(self, info: PeerInfo) -> None:
         """Dial a bootstrap peer, redial with exponential backoff (and jitter) whenever it is lost."""
         delay = self.config.backoff_initial
+        warned = False
         while True:
             if not self.is_connected(info.peer_id):
                 # The swarm refuses, for 60 s, a peer whose addresses all failed; our own backoff
@@ -433,13 +451,36 @@ class NodeHost:
                     delay = self.config.backoff_initial
                     log.info("connected to bootstrap peer %s", info.peer_id)
                 except HostError as e:
-                    log.info("bootstrap dial failed, retrying in %.1fs: %s", delay, e)
+                    # the first failure is worth a warning; the retries are routine
+                    log.log(logging.INFO if warned else logging.WARNING,
+                            "bootstrap dial failed, retrying in %.1fs: %s", delay, e)
+                    warned = True
                     await trio.sleep(delay * random.uniform(0.8, 1.2))
                     delay = min(self.config.backoff_max, delay * 2)
                     continue
             changed = self._changed
             if self.is_connected(info.peer_id):
                 await changed.wait()
+
+
+def expand_wildcard(addr: str) -> list[str]:
+    """/ip4/0.0.0.0/tcp/N -> /ip4/<each interface address>/tcp/N, non-loopback first (what another
+    runner can dial); other addresses unchanged."""
+    parts = addr.split("/")
+    if len(parts) < 3 or (parts[1], parts[2]) not in (("ip4", "0.0.0.0"), ("ip6", "::")):
+        return [addr]
+    import socket
+
+    import psutil
+
+    family = socket.AF_INET if parts[1] == "ip4" else socket.AF_INET6
+    found: list[str] = []
+    for nic_addrs in psutil.net_if_addrs().values():
+        for a in nic_addrs:
+            if a.family == family and not a.address.startswith("fe80") and "%" not in a.address:
+                found.append(a.address)
+    found = sorted(set(found), key=lambda ip: (ip.startswith("127.") or ip == "::1", ip))
+    return ["/".join(parts[:2] + [ip] + parts[3:]) for ip in found] or [addr]
 
 
 async def _close_listeners(libp2p: Any) -> None:

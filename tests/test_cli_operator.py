@@ -146,3 +146,82 @@ def test_head_of_an_item_only_a_peer_holds_gives_its_length(tmp_path, rng, daemo
     get = httpx.get(url, timeout=60)
     assert get.status_code == 200 and get.content == data
     assert httpx.head(f"{b.api}/sha256/{'cd' * 32}", timeout=60).status_code == 404
+
+
+ROOT = Path(__file__).resolve().parent.parent
+_STAMP_RE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: "
+
+
+def _read_lines_until(proc: subprocess.Popen, stream, pattern: str, timeout: float) -> list[str]:
+    """Lines of `stream` until one matches `pattern` (or `timeout` seconds passed)."""
+    import selectors
+    import time
+
+    sel = selectors.DefaultSelector()
+    sel.register(stream, selectors.EVENT_READ)
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sel.select(max(0.0, deadline - time.monotonic())):
+            break
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line.decode().rstrip("\n"))
+        if re.search(pattern, lines[-1]):
+            break
+    return lines
+
+
+def test_make_run_defaults_warn_about_no_swarm_key_and_print_dialable_addresses(tmp_path):
+    """The default `make run` (0.0.0.0:4011, no swarm key), inside a network namespace of its own."""
+    if shutil.which("unshare") is None or shutil.which("make") is None:
+        pytest.skip("needs unshare and make")
+    script = f"ip link set lo up && exec make -s -C {ROOT} -o .venv/.installed run"
+    proc = subprocess.Popen(["unshare", "--net", "--map-root-user", "sh", "-c", script],
+                            env=dict(os.environ, P2PCACHE_REPO=str(tmp_path / "r")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out = _read_lines_until(proc, proc.stdout, r"^  repo ", 60)
+        assert "p2pcache daemon ready" in out, (out, proc.stderr.read1().decode() if proc.poll() is not None else "")
+        listen = [line.split()[1] for line in out if line.startswith("  listen")]
+        assert listen and all(a.startswith("/ip4/127.0.0.1/tcp/4011/p2p/12D3KooW") for a in listen), out
+        assert not any("0.0.0.0" in line for line in out), out
+        proc.terminate()
+        err = proc.stderr.read().decode().strip().splitlines()
+        warning = [line for line in err if "without a swarm key" in line]
+        assert len(warning) == 1 and re.match(_STAMP_RE, warning[0]), err
+        assert "/ip4/0.0.0.0/tcp/4011" in warning[0] and "p2pcache swarm-key new" in warning[0]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_logs_are_one_json_format_and_a_lone_node_is_told_why(tmp_path, daemons):
+    key_a, key_b = tmp_path / "a.key", tmp_path / "b.key"
+    for k in (key_a, key_b):
+        subprocess.run([sys.executable, "-m", "p2pcache", "swarm-key", "new", "-o", str(k)], check=True,
+                       capture_output=True)
+    other_team = start_daemon(tmp_path / "other", swarm_key=key_b)
+    daemons.append(other_team)
+    dead = f"/ip4/127.0.0.1/tcp/{_free_port()}/p2p/{other_team.info['peer_id']}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p2pcache", "--repo", str(tmp_path / "r"), "daemon", "--log-format", "json",
+         "--swarm-key", str(key_a), "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0",
+         "--bootstrap", other_team.addr, "--bootstrap", dead, "--alone-warning", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lines = _read_lines_until(proc, proc.stderr, "different swarm key", 40)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    records = [json.loads(line) for line in lines]  # every line is one JSON object: no stray text
+    assert all(set(r) >= {"time", "level", "logger", "message"} for r in records), records
+    alone = [r for r in records if "different swarm key" in r["message"]]
+    assert alone and alone[0]["level"] == "warning" and alone[0]["logger"] == "p2pcache.net.host", records
+    # py-libp2p's own lines come through the same formatter, at WARNING or above, once per call site
+    lib = [r for r in records if r["logger"].startswith("libp2p")]
+    assert lib and all(r["level"] in ("warning", "error", "critical") for r in lib), records
+    sites = [(r["logger"], r["message"]) for r in lib]
+    assert len(sites) == len(set(sites)), sites
+    assert not any(r["level"] == "info" for r in records), records

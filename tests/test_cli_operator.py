@@ -225,3 +225,67 @@ def test_logs_are_one_json_format_and_a_lone_node_is_told_why(tmp_path, daemons)
     sites = [(r["logger"], r["message"]) for r in lib]
     assert len(sites) == len(set(sites)), sites
     assert not any(r["level"] == "info" for r in records), records
+
+
+def _wait(pred, timeout: float = 20, what: str = "condition"):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_quota_evicts_lru_unpinned_withdraws_and_refuses_what_cannot_fit(tmp_path, rng, daemons):
+    KiB = 1024
+    seed = start_daemon(tmp_path / "seed")
+    daemons.append(seed)
+    conf = tmp_path / "etc" / "p2pcache.toml"
+    conf.parent.mkdir()
+    conf.write_text('[gc]\nmax_size = "1M"\nhigh_watermark = 0.9\nlow_watermark = 0.6\ninterval = 0.5\n'
+                    '[routing]\nlookup_timeout = 3\n')
+    node = start_daemon(tmp_path / "node", bootstrap=[seed.addr], extra=["--config", str(conf)])
+    daemons.append(node)
+    big = write_file(tmp_path / "big.bin", rng.randbytes(1300 * KiB))
+    mid = write_file(tmp_path / "mid.bin", rng.randbytes(700 * KiB))
+    big_j = json.loads(seed.cli("add", "--json", str(big)).stdout)
+    mid_j = json.loads(seed.cli("add", "--json", str(mid)).stdout)
+    seed.wait_announced(6)
+    assert node.status()["quota_bytes"] == 1 << 20
+
+    # bigger than the quota: refused before a block is stored, exit 6, nothing left behind
+    proc = node.cli("get", big_j["sri"], "-o", str(tmp_path / "out"), check=False, timeout=60)
+    _one_line(proc, 6, "more than this node's quota")
+    st = node.status()
+    assert st["stored_bytes"] == 0 and st["roots"] == 0 and st["gc"]["refused"] == 1
+    assert not any(p.is_file() for p in (node.repo / "blocks").rglob("*")) and not (tmp_path / "out").exists()
+
+    # three 350 KiB adds: the third passes 90 % of 1 MiB; LRU unpinned go until under 60 %
+    files = [write_file(tmp_path / f"f{i}", rng.randbytes(350 * KiB)) for i in range(3)]
+    roots = []
+    for i, f in enumerate(files):
+        roots.append(json.loads(node.cli("add", "--json", str(f)).stdout)["root"])
+        if i == 0:
+            node.cli("pin", roots[0])
+    st = _wait(lambda: (s := node.status())["gc"]["roots_evicted"] >= 1 and s, what="eviction")
+    assert st["stored_bytes"] <= 0.6 * (1 << 20)
+    kept = {json.loads(line)["root"] for line in node.cli("ls", "--json").stdout.decode().splitlines()}
+    assert roots[0] in kept and roots[1] not in kept  # pinned stays; the least recently used goes
+    assert st["announce"]["withdrawn"] >= 3  # root CID, sha256, sha512 of the evicted one
+    assert re.search(r"^disk\s+\S+ KiB of 1\.0 MiB quota \(\d+ %\)$", node.cli("status").stdout.decode(), re.M)
+
+    # 700 KiB from the swarm fits only if the pinned one goes: refused while pinned, nothing stored
+    proc = node.cli("get", mid_j["sri"], "-o", str(tmp_path / "mid.out"), check=False, timeout=60)
+    _one_line(proc, 6, "does not fit in the quota")
+    assert node.status()["stored_bytes"] == st["stored_bytes"]
+    # unpinned, it is evicted to make room before the fetch starts, and the fetch completes
+    node.cli("unpin", roots[0])
+    node.cli("get", mid_j["sri"], "-o", str(tmp_path / "mid.out"), timeout=60)
+    assert (tmp_path / "mid.out").read_bytes() == mid.read_bytes()
+    st = node.status()
+    listed = [json.loads(line)["root"] for line in node.cli("ls", "--json").stdout.decode().splitlines()]
+    assert listed == [mid_j["root"]] and st["stored_bytes"] <= 1 << 20

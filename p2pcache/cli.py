@@ -53,9 +53,15 @@ class Output:
 
 @contextmanager
 def progress_bar(description: str, total: int | None, enabled: bool) -> Iterator:
-    """A rich progress bar on stderr for large transfers on a terminal; a no-op callback otherwise."""
+    """Progress on stderr: a rich bar on a terminal, lines every few seconds otherwise (CI logs); a
+    no-op callback when disabled. The callback takes an increment and, when it becomes known, the total."""
     if not enabled:
         yield None
+        return
+    if not sys.stderr.isatty():
+        lines = ProgressLines(description, total)
+        yield lines.advance
+        lines.finish()
         return
     from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
                                TransferSpeedColumn)
@@ -66,7 +72,53 @@ def progress_bar(description: str, total: int | None, enabled: bool) -> Iterator
         TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
     ) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+
+        def advance(n: int, new_total: int | None = None) -> None:
+            if new_total is not None and bar.tasks[0].total != new_total:
+                bar.update(task, total=new_total)
+            bar.advance(task, n)
+
+        yield advance
+
+
+class ProgressLines:
+    """Progress for logs: a line at the start, then one every `interval` seconds
+    ($P2PCACHE_PROGRESS_INTERVAL, default 5) with bytes, total, rate and ETA, and one at the end."""
+
+    def __init__(self, description: str, total: int | None, interval: float | None = None) -> None:
+        import time
+
+        self.description, self.total, self.done = description, total, 0
+        self.interval = interval if interval is not None else float(os.environ.get("P2PCACHE_PROGRESS_INTERVAL", 5))
+        self.clock = time.monotonic
+        self.started = self.last = self.clock()
+        self._print()
+
+    def advance(self, n: int, total: int | None = None) -> None:
+        self.done += n
+        if total is not None:
+            self.total = total
+        now = self.clock()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._print()
+
+    def finish(self) -> None:
+        self._print(final=True)
+
+    def _print(self, final: bool = False) -> None:
+        elapsed = max(1e-9, self.clock() - self.started)
+        rate = self.done / elapsed
+        parts = [f"{self.description}: {human(self.done)}"]
+        if self.total:
+            parts[0] += f" of {human(self.total)} ({100 * self.done / self.total:.0f} %)"
+        if final:
+            parts.append(f"done in {elapsed:.1f} s ({human(int(rate))}/s)")
+        elif self.done:
+            parts.append(f"{human(int(rate))}/s")
+            if self.total and rate > 0:
+                parts.append(f"ETA {max(0.0, (self.total - self.done) / rate):.0f} s")
+        print(", ".join(parts), file=sys.stderr, flush=True)
 
 
 def _as_increments(advance):
@@ -75,7 +127,7 @@ def _as_increments(advance):
 
     def on_progress(done: int, total: int | None) -> None:
         if advance:
-            advance(done - last[0])
+            advance(done - last[0], total)
         last[0] = done
 
     return on_progress

@@ -289,3 +289,61 @@ def test_quota_evicts_lru_unpinned_withdraws_and_refuses_what_cannot_fit(tmp_pat
     st = node.status()
     listed = [json.loads(line)["root"] for line in node.cli("ls", "--json").stdout.decode().splitlines()]
     assert listed == [mid_j["root"]] and st["stored_bytes"] <= 1 << 20
+
+
+def test_progress_lines_in_ci_logs_and_a_bar_with_a_total_on_a_terminal(tmp_path, rng, daemons):
+    import hashlib
+    import pty
+    import threading
+
+    MiB = 1 << 20
+    a = start_daemon(tmp_path / "a")
+    data = rng.randbytes(32 * MiB)
+    src = write_file(tmp_path / "big.bin", data)
+    daemons.append(a)
+    b = start_daemon(tmp_path / "b", bootstrap=[a.addr])
+    daemons.append(b)
+    c = start_daemon(tmp_path / "c", bootstrap=[a.addr])
+    daemons.append(c)
+    a.cli("add", str(src))
+    a.wait_announced(3)
+    key = "sha256:" + hashlib.sha256(data).hexdigest()
+    env = dict(os.environ, P2PCACHE_REPO=str(b.repo), P2PCACHE_PROGRESS_INTERVAL="0.05")
+
+    # no terminal (a CI log): --progress always prints lines with bytes, total, rate and ETA
+    proc = subprocess.run([sys.executable, "-m", "p2pcache", "--progress", "always", "get", key, "-o",
+                           str(tmp_path / "b.out")], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stderr.decode().splitlines()
+    assert lines[0].startswith("fetching sha256:") and len(lines) >= 3, lines
+    middle = [line for line in lines[1:-1] if "of 32.0 MiB (" in line and "/s" in line and "ETA" in line]
+    assert middle, lines
+    assert "32.0 MiB of 32.0 MiB (100 %)" in lines[-1] and "done in" in lines[-1], lines
+    assert "\x1b[" not in proc.stderr.decode()  # no terminal control codes in a log
+
+    # a terminal (a pty): the rich bar shows the archive's total once the daemon knows it
+    master, slave = pty.openpty()
+    seen = bytearray()
+    p = subprocess.Popen([sys.executable, "-m", "p2pcache", "get", key, "-o", str(tmp_path / "c.out")],
+                         env=dict(env, P2PCACHE_REPO=str(c.repo), COLUMNS="120"), stdout=subprocess.PIPE,
+                         stderr=slave)
+    os.close(slave)
+
+    def pump():
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            seen.extend(chunk)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    assert p.wait(timeout=120) == 0
+    reader.join(timeout=5)
+    os.close(master)
+    text = seen.decode(errors="replace")
+    assert (tmp_path / "c.out").read_bytes() == data
+    assert re.search(r"/32\.0 MiB", text), text[-2000:]  # "12.5/32.0 MiB": a total, not a bare count

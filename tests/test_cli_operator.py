@@ -347,3 +347,40 @@ def test_progress_lines_in_ci_logs_and_a_bar_with_a_total_on_a_terminal(tmp_path
     text = seen.decode(errors="replace")
     assert (tmp_path / "c.out").read_bytes() == data
     assert re.search(r"/32\.0 MiB", text), text[-2000:]  # "12.5/32.0 MiB": a total, not a bare count
+
+
+def test_metrics_cover_peers_repo_bitswap_dht_and_the_process(tmp_path, rng, daemons):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a = start_daemon(tmp_path / "a")
+    b = start_daemon(tmp_path / "b", bootstrap=[a.addr], extra=["--max-size", "64M"])
+    daemons += [a, b]
+    data = rng.randbytes(700_000)
+    added = json.loads(a.cli("add", "--json", str(write_file(tmp_path / "x", data))).stdout)
+    a.wait_announced(3)
+    b.cli("get", added["root"], "-o", str(tmp_path / "out"), timeout=60)
+
+    def scrape(d) -> dict:
+        text = httpx.get(d.api + "/metrics", timeout=10).text
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    ma, mb = scrape(a), scrape(b)
+    for m in (ma, mb):
+        assert m[("p2pcache_peers_connected", ())] == 1
+        assert m[("p2pcache_repo_roots", (("state", "complete"),))] == 1
+        assert m[("p2pcache_repo_blocks", ())] >= 12
+        assert m[("process_resident_memory_bytes", ())] > 0 and m[("process_open_fds", ())] > 0
+    assert mb[("p2pcache_repo_bytes", ())] == b.status()["stored_bytes"] > len(data)
+    assert mb[("p2pcache_repo_quota_bytes", ())] == 64 << 20 and ma[("p2pcache_repo_quota_bytes", ())] == 0
+    got = mb[("p2pcache_bitswap_bytes_total", (("direction", "received"), ("kind", "unique")))]
+    sent = ma[("p2pcache_bitswap_bytes_total", (("direction", "sent"), ("kind", "unique")))]
+    assert got >= len(data) and sent >= len(data)
+    assert mb[("p2pcache_bitswap_blocks_total", (("direction", "received"), ("kind", "duplicate")))] == 0
+    found = {k[1][0][1]: v for k, v in mb.items() if k[0] == "p2pcache_dht_lookups_total"}
+    assert found["found_dht"] + found["found_local"] == 1 and found["miss"] == 0, found
+    assert ma[("p2pcache_dht_announcements_total", (("result", "provided"),))] >= 3

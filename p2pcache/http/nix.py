@@ -125,6 +125,9 @@ class NixCache:
         self.node = node
         self.config = config
         self.metrics = Metrics()
+        from .node_metrics import register_node_metrics
+
+        register_node_metrics(self.metrics.registry, node)
         self.narstore = RepoNarStore(node.repo, store_dir=config.store_dir)  # type: ignore[arg-type]
         self.local = None
         if config.serve_local_store:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks need, if they are missing.
-# Nix (nix-bin) is real Nix for the Nix-format tests; casync is the dedup benchmark's baseline.
+# Nix (nix-bin) is real Nix for the Nix-format tests; casync is the dedup benchmark's baseline;
+# systemd gives `systemd-analyze verify` for deploy/systemd (no running systemd needed).
 set -euo pipefail
-want=(nix-bin casync)
+want=(nix-bin casync systemd)
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -703,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="name to record (default: the file's base name)")
     sp = add("get", cmd_get, "write an archive to a file, verified, atomically")
     sp.add_argument("key", metavar="KEY", help="root CID, sha256:<hex>, SRI or nix-base32 hash")
-    sp.add_argument("-o", "--output", required=True, metavar="OUT")
+    sp.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write (replaced atomically)")
     sp = add("cat", cmd_cat, "write an archive to stdout, verified")
     sp.add_argument("key", metavar="KEY")
     add("ls", cmd_ls, "list archives in the repo")

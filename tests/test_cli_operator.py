@@ -407,3 +407,20 @@ def test_metrics_cover_peers_repo_bitswap_dht_and_the_process(tmp_path, rng, dae
     found = {k[1][0][1]: v for k, v in mb.items() if k[0] == "p2pcache_dht_lookups_total"}
     assert found["found_dht"] + found["found_local"] == 1 and found["miss"] == 0, found
     assert ma[("p2pcache_dht_announcements_total", (("result", "provided"),))] >= 3
+
+
+def test_readme_documents_every_command_and_daemon_option():
+    import argparse
+
+    from p2pcache.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [name for name in sub.choices if not re.search(rf"^  {re.escape(name)}\b|/ {name}\b", readme, re.M)]
+    assert not missing, f"commands not in the README's CLI block: {missing}"
+    options = [o for a in sub.choices["daemon"]._actions for o in a.option_strings
+               if o.startswith("--") and o not in ("--help", "--repo", "--json", "--progress")]
+    assert not [o for o in options if o not in readme], [o for o in options if o not in readme]
+    for sp in sub.choices.values():  # and every option says what it does
+        assert all(a.help for a in sp._actions if a.option_strings and a.dest != "help"), sp.prog

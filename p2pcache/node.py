@@ -546,7 +546,7 @@ class QuotaKeeper:
             self._busy += 1
             try:
                 yield
-            except P2PCacheError:
+            except Exception:  # P2PCacheError, or a group of them from a nursery
                 if clean_up_on_error:
                     self._cleanup = True
                 raise

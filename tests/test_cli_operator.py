@@ -424,3 +424,44 @@ def test_readme_documents_every_command_and_daemon_option():
     assert not [o for o in options if o not in readme], [o for o in options if o not in readme]
     for sp in sub.choices.values():  # and every option says what it does
         assert all(a.help for a in sp._actions if a.option_strings and a.dest != "help"), sp.prog
+
+
+def test_daemon_fetch_that_cannot_fit_on_a_full_disk_fails_early_and_leaves_nothing(tmp_path, rng, daemons):
+    """A real small file system: a 2 MiB tmpfs in a private mount namespace holds the node's repo."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare")
+    seed = start_daemon(tmp_path / "seed")
+    daemons.append(seed)
+    data = rng.randbytes(4 << 20)
+    added = json.loads(seed.cli("add", "--json", str(write_file(tmp_path / "big", data))).stdout)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    py = sys.executable
+    script = f"""
+set -u
+mount -t tmpfs -o size=2m tmpfs {mnt} || exit 99
+export P2PCACHE_REPO={mnt}/repo
+{py} -m p2pcache daemon --listen /ip4/127.0.0.1/tcp/0 --api 127.0.0.1:0 --bootstrap {seed.addr} \
+    > {tmp_path}/node.out 2> {tmp_path}/node.err &
+pid=$!
+for _ in $(seq 100); do [ -s $P2PCACHE_REPO/api.json ] && break; sleep 0.2; done
+for _ in $(seq 100); do {py} -m p2pcache status | grep -q '^peers  *1 connected' && break; sleep 0.2; done
+for _ in $(seq 40); do  # until the seed has announced it to us (exit 3 before)
+  {py} -m p2pcache get {added['sri']} -o {tmp_path}/out 2> {tmp_path}/get.err; rc=$?
+  [ $rc -ne 3 ] && break; sleep 0.5
+done
+echo $rc > {tmp_path}/get.rc
+{py} -m p2pcache status --json > {tmp_path}/status.json
+find $P2PCACHE_REPO/blocks $P2PCACHE_REPO/tmp -type f | wc -l > {tmp_path}/files
+kill $pid; wait $pid
+"""
+    proc = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode() + (tmp_path / "node.err").read_text()
+    err = (tmp_path / "get.err").read_text()
+    assert (tmp_path / "get.rc").read_text().strip() == "6", err
+    assert "bytes free" in err and len(err.strip().splitlines()) == 1, err
+    st = json.loads((tmp_path / "status.json").read_text())
+    assert st["stored_bytes"] == 0 and st["roots"] == 0 and st["gc"]["refused"] == 1
+    assert (tmp_path / "files").read_text().strip() == "0" and not (tmp_path / "out").exists()
+    assert "Traceback" not in (tmp_path / "node.err").read_text()

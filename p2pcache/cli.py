@@ -404,12 +404,12 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
 
     setup_logging(args.log_level or ("info" if args.verbose else cfg.log_level), args.log_format or cfg.log_format,
                   args.log_libraries or cfg.log_libraries or None)
-    _warn_about_exposure(cfg)
 
     async def main() -> None:
         node = Node(path, cfg)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
+            _warn_about_exposure(cfg)  # once it listens: a port it could not take exposes nothing
             st = node.status()
             out.emit(
                 {**{k: st[k] for k in ("peer_id", "addrs", "api", "repo", "roots", "stored_bytes")}, "network": True},

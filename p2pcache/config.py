@@ -95,7 +95,7 @@ class NodeConfig:
     log_format: str = "text"
     log_libraries: str = ""
     alone_warning: float = 30.0
-    base_dir: Path | None = None  # directory of the config file: relative paths in it start here
+    base_dir: Path | None = field(default=None, compare=False)  # the config file's directory: relative paths start here
 
     def swarm_key_path(self, repo: Path) -> Path | None:
         if not self.swarm_key:

@@ -7,6 +7,7 @@ non-zero (see errors.py for the codes); `--json` switches output to one JSON obj
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -151,7 +152,15 @@ def _open(args: argparse.Namespace, writable: bool, create: bool = False) -> Rep
         if create and not Repo.exists(path):
             return Repo.init(path)
         return Repo.open(path, writable=writable)
-    except (PermissionError, sqlite3.OperationalError) as e:
+    except PermissionError as e:
+        raise RepoError(_unusable_repo(path, e, writable)) from None
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        raise RepoError(_unusable_repo(path, e, writable)) from None
+    except sqlite3.OperationalError as e:
+        if "readonly" not in str(e) and "unable to open" not in str(e):
+            raise
         raise RepoError(_unusable_repo(path, e, writable)) from None
 
 

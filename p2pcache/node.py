@@ -148,8 +148,7 @@ class Node:
                     self.announcer.add(GATEWAY_MARKER, ())
                 nursery.start_soon(self.announcer.run)
                 nursery.start_soon(self._reannounce_on_new_peers)
-                if cfg.max_size is not None:
-                    nursery.start_soon(self.quota.run)
+                nursery.start_soon(self.quota.run)  # the quota, and the blocks a failed fetch left
                 self.finder = ProviderFinder(self.dht, FinderConfig(negative_ttl=cfg.negative_ttl,
                                                                     default_timeout=cfg.lookup_timeout))
                 ResolveServer(lookup=self._answer_resolve).register(self.host)
@@ -275,7 +274,8 @@ class Node:
             done[0] += n
             progress(done[0], total)
 
-        result = await trio.to_thread.run_sync(lambda: self.repo.add_file(path, name=name, progress=cb))
+        with self.quota.working():  # no quota gc while its blocks are unclaimed
+            result = await trio.to_thread.run_sync(lambda: self.repo.add_file(path, name=name, progress=cb))
         self.announce(result.root)
         return {**result.to_json(), "file": path, "announced": True}
 

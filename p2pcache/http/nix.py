@@ -452,7 +452,8 @@ class NixCache:
                 counted[0] += len(piece)
                 yield piece
 
-        await _feed_thread(pieces(), lambda it: self.narstore.add_nar(info, it))
+        with self.node.quota.working():  # no quota gc while its blocks are unclaimed
+            await _feed_thread(pieces(), lambda it: self.narstore.add_nar(info, it))
         self.metrics.fetched.labels("upstream").inc(counted[0])
 
     async def _stream(self, send: Send, size: int, make_iter: Callable[[], Iterator[bytes]], source: str,
@@ -511,7 +512,8 @@ class NixCache:
             return self.narstore.add_nar(None, decompressed())
 
         try:
-            result = await _feed_thread(raw_body(), ingest)
+            with self.node.quota.working():  # no quota gc while its blocks are unclaimed
+                result = await _feed_thread(raw_body(), ingest)
         except P2PCacheError as e:
             self.metrics.uploads.labels("nar", "rejected").inc()
             raise HTTPError(400, f"{url}: {e}") from None

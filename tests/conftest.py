@@ -37,3 +37,21 @@ def run_cli(*args: str, repo: Path | None = None, input: bytes | None = None, ch
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}): {proc.stderr.decode()}")
     return proc
+
+
+@pytest.fixture
+def daemons():
+    """Daemons a test starts (tests/helpers/daemons.py); stopped after it."""
+    started = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+def run_on_tmpfs(mnt: Path, body: str, size: str = "2m", timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the shell script `body` with a real small file system: a tmpfs of `size` mounted at `mnt` in a
+    private mount namespace, and $P2PCACHE_REPO on it."""
+    mnt.mkdir(exist_ok=True)
+    script = f"set -u\nmount -t tmpfs -o size={size} tmpfs {mnt} || exit 99\nexport P2PCACHE_REPO={mnt}/repo\n{body}"
+    return subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], capture_output=True,
+                          timeout=timeout)

@@ -5,23 +5,14 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import run_cli, write_file
-from .helpers.daemons import start_daemon
-
-
-@pytest.fixture
-def daemons():
-    started = []
-    yield started
-    for d in started:
-        d.stop()
+from .conftest import run_cli, run_on_tmpfs, write_file
+from .helpers.daemons import free_port, start_daemon
 
 
 def _one_line(proc: subprocess.CompletedProcess, code: int, needle: str) -> str:
@@ -30,14 +21,6 @@ def _one_line(proc: subprocess.CompletedProcess, code: int, needle: str) -> str:
     assert needle in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     return err
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_relative_swarm_key_is_read_from_the_working_directory(tmp_path, daemons):
@@ -58,7 +41,7 @@ def test_relative_swarm_key_is_read_from_the_working_directory(tmp_path, daemons
 
 
 def test_second_daemon_on_a_taken_libp2p_port_fails_with_one_line(tmp_path, daemons):
-    port = _free_port()
+    port = free_port()
     first = start_daemon(tmp_path / "a", extra=["--listen", f"/ip4/127.0.0.1/tcp/{port}"])
     daemons.append(first)
     assert any(f"/tcp/{port}/" in a for a in first.info["addrs"])
@@ -273,7 +256,7 @@ def test_logs_are_one_json_format_and_a_lone_node_is_told_why(tmp_path, daemons)
         k.write_text(f"/key/swarm/psk/1.0.0/\n/base16/\n{os.urandom(32).hex()}\n")
     other_team = start_daemon(tmp_path / "other", swarm_key=key_b)
     daemons.append(other_team)
-    dead = f"/ip4/127.0.0.1/tcp/{_free_port()}/p2p/12D3KooWRBhwfeP2Y4TCx1SM6s9rUoHhR5STiGwxBhgFRcw3UERE"
+    dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/12D3KooWRBhwfeP2Y4TCx1SM6s9rUoHhR5STiGwxBhgFRcw3UERE"
     proc = subprocess.Popen(
         [sys.executable, "-m", "p2pcache", "--repo", str(tmp_path / "r"), "daemon", "--log-format", "json",
          "--swarm-key", str(key_a), "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0",
@@ -443,13 +426,8 @@ def test_daemon_fetch_that_cannot_fit_on_a_full_disk_fails_early_and_leaves_noth
     daemons.append(seed)
     data = rng.randbytes(4 << 20)
     added = json.loads(seed.cli("add", "--json", str(write_file(tmp_path / "big", data))).stdout)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
     py = sys.executable
     script = f"""
-set -u
-mount -t tmpfs -o size=2m tmpfs {mnt} || exit 99
-export P2PCACHE_REPO={mnt}/repo
 {py} -m p2pcache daemon --listen /ip4/127.0.0.1/tcp/0 --api 127.0.0.1:0 --bootstrap {seed.addr} \
     > {tmp_path}/node.out 2> {tmp_path}/node.err &
 pid=$!
@@ -464,8 +442,7 @@ echo $rc > {tmp_path}/get.rc
 find $P2PCACHE_REPO/blocks $P2PCACHE_REPO/tmp -type f | wc -l > {tmp_path}/files
 kill $pid; wait $pid
 """
-    proc = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], capture_output=True,
-                          timeout=120)
+    proc = run_on_tmpfs(tmp_path / "mnt", script)
     assert proc.returncode == 0, proc.stderr.decode() + (tmp_path / "node.err").read_text()
     err = (tmp_path / "get.err").read_text()
     assert (tmp_path / "get.rc").read_text().strip() == "6", err

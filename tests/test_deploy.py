@@ -16,7 +16,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from .helpers.daemons import start_daemon
+from .helpers.daemons import free_port, start_daemon
 from .test_nix_real import BASE_CONFIG, Nix, nix  # noqa: F401  (the fixture fails, not skips, without Nix)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,27 +33,11 @@ DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def daemons():
-    started = []
-    yield started
-    for d in started:
-        d.stop()
-
-
 def _unit() -> configparser.ConfigParser:
     unit = configparser.ConfigParser(interpolation=None, strict=True)
     unit.optionxform = str  # systemd keys are case-sensitive
     unit.read(DEPLOY / "systemd" / "p2pcache.service")
     return unit
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
@@ -216,7 +199,7 @@ def test_github_actions_example_starts_joins_points_nix_and_stops(nix, tmp_path,
     env.update({k: expand(v) for k, v in job["env"].items()})
     # this machine's loopback, not the runner defaults (0.0.0.0:4011, API 37515 may be taken here)
     env.update(P2PCACHE_REPO=str(tmp_path / "runner-repo"), P2PCACHE_LISTEN="/ip4/127.0.0.1/tcp/0",
-               P2PCACHE_API=f"127.0.0.1:{_free_port()}", RUNNER_TEMP=str(rt), GITHUB_ENV=str(rt / "github-env"))
+               P2PCACHE_API=f"127.0.0.1:{free_port()}", RUNNER_TEMP=str(rt), GITHUB_ENV=str(rt / "github-env"))
     work, token = team.build_dir(tmp_path)
     for sid in ("start", "nix", "build"):
         proc = _bash(steps[sid]["run"], dict(env, **_read_github_env(rt / "github-env")), work)
@@ -243,7 +226,7 @@ def test_gitlab_ci_example_starts_joins_points_nix_and_stops(nix, tmp_path, daem
     env.update(P2PCACHE_SWARM_KEY=str(team.swarm_key), P2PCACHE_NIX_SIGNING_KEY=str(team.sec),
                P2PCACHE_BOOTSTRAP=team.mate.addr, P2PCACHE_NIX_KEYS=team.pub.read_text().strip(),
                P2PCACHE_REPO=str(tmp_path / "runner-repo"), P2PCACHE_LISTEN="/ip4/127.0.0.1/tcp/0",
-               P2PCACHE_API=f"127.0.0.1:{_free_port()}",
+               P2PCACHE_API=f"127.0.0.1:{free_port()}",
                P2PCACHE_RUN=str(tmp_path / "run-4242"))
     work, token = team.build_dir(tmp_path)
     # before_script and script share one shell; after_script gets a fresh one

@@ -29,14 +29,6 @@ from .test_nix_real import Nix, nix  # noqa: F401  (the fixture fails, not skips
 MiB = 1 << 20
 
 
-@pytest.fixture
-def daemons():
-    started = []
-    yield started
-    for d in started:
-        d.stop()
-
-
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory, nix):
     d = tmp_path_factory.mktemp("keys")

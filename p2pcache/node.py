@@ -604,9 +604,10 @@ class QuotaKeeper:
                         "archives hold the rest; unpin some or raise --max-size", report["bytes_after"], limit,
                         self.max_size or 0)
 
-    async def make_room(self, size: int, what: str) -> None:
+    async def make_room(self, size: int, what: str, in_operation: bool = True) -> None:
         """Before storing an archive of `size` bytes: fail (DiskFull, exit 6) if it cannot fit in the
-        quota even after eviction, or on the disk at all."""
+        quota even after eviction, or on the disk at all. `in_operation`: called inside the caller's
+        own `working()` scope (which must not stop its own eviction)."""
         import shutil
 
         node = self.node
@@ -625,12 +626,13 @@ class QuotaKeeper:
             raise DiskFull(f"{what} is {size} bytes, more than this node's quota (--max-size {self.max_size} "
                            "bytes); raise --max-size")
         # Evict now if no other operation holds unclaimed blocks; otherwise the quota run after it will.
-        if self._busy <= 1:
-            self._busy -= 1  # our own caller is not in the way of its own eviction
+        own = 1 if in_operation else 0
+        if self._busy - own == 0:
+            self._busy -= own  # our own caller is not in the way of its own eviction
             try:
                 await self.enforce(self.max_size - size)
             finally:
-                self._busy += 1
+                self._busy += own
         if node.repo.stored_bytes() + size > self.max_size:
             self.stats.refused += 1
             raise DiskFull(f"{what} is {size} bytes and does not fit in the quota: {node.repo.stored_bytes()} "

@@ -243,3 +243,25 @@ def test_post_build_hook_configured_in_real_nix_pushes_what_it_built(nix, tmp_pa
     store_b = tmp_path / "store-b"
     nix.run("nix", "copy", "--from", b.api, "--to", str(store_b), out, config="require-sigs = false\n")
     assert (store_b / out.lstrip("/")).read_text() == f"built-{token}\n"
+
+
+def test_a_nar_that_cannot_fit_in_the_quota_is_refused_before_any_byte(nix, tmp_path, daemons):
+    a, b = _swarm(tmp_path, daemons, b_extra=["--max-size", "64K"])
+    tree = tmp_path / f"big-{secrets.token_hex(4)}"
+    tree.mkdir()
+    (tree / "data.bin").write_bytes(os.urandom(300_000))
+    path = nix.out("nix-store", "--add", str(tree))
+    nix.run("nix", "copy", "--to", a.api, path)
+    a.wait_announced(2)
+    store_hash = Path(path).name[:32]
+    narinfo = httpx.get(f"{b.api}/{store_hash}.narinfo", timeout=60)
+    assert narinfo.status_code == 200
+    url = next(line.split(": ", 1)[1] for line in narinfo.text.splitlines() if line.startswith("URL: "))
+    r = httpx.get(f"{b.api}/{url}", timeout=60)
+    assert r.status_code == 507 and "more than this node's quota" in r.json()["error"], r.text
+    st = b.status()
+    assert st["roots"] == 0 and st["stored_bytes"] == 0 and st["gc"]["refused"] == 1
+    # and Nix, asked to substitute it from B, fails cleanly instead of filling B's disk
+    proc = nix.run("nix", "copy", "--from", b.api, "--to", str(tmp_path / "store-b"), path,
+                   config="require-sigs = false\ndownload-attempts = 1\n", check=False)
+    assert proc.returncode != 0 and b"507" in proc.stderr, proc.stderr.decode()

@@ -37,7 +37,7 @@ from ..content.narinfo import NarInfo
 from ..content.narmanifest import NarManifest
 from ..content.nixhash import NixHash
 from ..content.nixsig import SecretKey
-from ..errors import CorruptData, InvalidInput, NotFound, P2PCacheError
+from ..errors import CorruptData, DiskFull, InvalidInput, NotFound, P2PCacheError
 from ..store.httpcache import HttpBinaryCache, UpstreamError, _Decompressor
 from ..store.narstore import RepoNarStore, nix_alias, stream_manifest, stream_nar_root
 from ..aio import drain_thread as _drain_thread, feed_thread as _feed_thread
@@ -356,6 +356,11 @@ class NixCache:
             pending = self._pending.get(store_hash)
             if pending is None:
                 raise HTTPError(404, f"store path {store_hash}: lost track of where to fetch it")
+            try:  # before the first block: a NAR that cannot fit in the quota or on the disk is refused whole
+                await self.node.quota.make_room(pending.narinfo.nar_size, f"the NAR of {info.store_path}",
+                                             in_operation=False)
+            except DiskFull as e:
+                raise HTTPError(507, str(e)) from None
             if pending.source == "peer":
                 await self._stream_from_peers(store_hash, pending, send)
             else:

@@ -238,3 +238,12 @@ def test_gitlab_ci_example_starts_joins_points_nix_and_stops(nix, tmp_path, daem
     team.check_teammate_gets(out_path, token, tmp_path)
     _bash("\n".join(job["after_script"]), env, work)
     assert _wait_dead(pid) and not (tmp_path / "runner-repo" / "api.json").exists()
+
+
+def test_the_package_builds_without_deprecation_warnings(tmp_path):
+    """pip installs the project (`make deps`) without setuptools' `project.license` table warning."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.glob("p2pcache-*.whl"))
+    assert "deprecat" not in (proc.stdout + proc.stderr).lower(), proc.stdout + proc.stderr

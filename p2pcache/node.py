@@ -274,7 +274,7 @@ class Node:
             done[0] += n
             progress(done[0], total)
 
-        with self.quota.working():  # no quota gc while its blocks are unclaimed
+        async with self.quota.working():  # no quota gc while its blocks are unclaimed
             result = await trio.to_thread.run_sync(lambda: self.repo.add_file(path, name=name, progress=cb))
         self.announce(result.root)
         return {**result.to_json(), "file": path, "announced": True}
@@ -311,7 +311,7 @@ class Node:
             pass
         self.stats.fetches += 1
         try:
-            with self.quota.working(clean_up_on_error=True):
+            async with self.quota.working(clean_up_on_error=True):
                 root, size = await self._fetch_from_swarm(parsed, progress)
         except P2PCacheError:
             self.stats.fetch_failures += 1
@@ -354,7 +354,7 @@ class Node:
                 raise NotFound(f"cannot download {url}: {e}") from None
 
         name = url.rstrip("/").rsplit("/", 1)[-1] or None
-        with self.quota.working():
+        async with self.quota.working():
             result = await feed_thread(download(), lambda it: self.repo.add_stream(it, name=name, expect=key))
         self.stats.bytes_fetched_origin += done[0]
         self.announce(result.root)
@@ -461,7 +461,7 @@ class Node:
         """Fetch every block under `root` the repo lacks (any manifest shape), depth-first with a
         window, storing as blocks arrive; see BitswapExchange.fetch_dag."""
         assert self.exchange is not None and self.repo is not None
-        with self.quota.working():
+        async with self.quota.working():
             fetched = await self.exchange.fetch_dag(root, providers, self.repo, on_stored)
         self.stats.bytes_fetched += fetched
         return fetched
@@ -537,13 +537,15 @@ class QuotaKeeper:
         self._wake.set()
 
     def working(self, clean_up_on_error: bool = False) -> Any:
-        """A context manager around an operation that stores blocks before a root claims them. With
-        `clean_up_on_error`, what it stored is dropped if it fails (once nothing else is running)."""
-        from contextlib import contextmanager
+        """An async context manager around an operation that stores blocks before a root claims them:
+        it waits for a quota gc in progress, and none starts until it ends. With `clean_up_on_error`,
+        what it stored is dropped if it fails (once nothing else is running)."""
+        from contextlib import asynccontextmanager
 
-        @contextmanager
-        def scope() -> Any:
-            self._busy += 1
+        @asynccontextmanager
+        async def scope() -> Any:
+            async with self._lock:  # a gc running now would take the files this operation writes
+                self._busy += 1
             try:
                 yield
             except Exception:  # P2PCacheError, or a group of them from a nursery
@@ -576,10 +578,9 @@ class QuotaKeeper:
         async with self._lock:
             if self._busy:
                 return
-            stored = node.repo.stored_bytes()
             limit = target
             if limit is None and self.max_size is not None:
-                if stored <= self.max_size * node.config.gc_high_watermark:
+                if node.repo.stored_bytes() <= self.max_size * node.config.gc_high_watermark:
                     if self._cleanup:  # a failed fetch left unclaimed blocks: drop them
                         self._cleanup = False
                         await trio.to_thread.run_sync(node.repo.gc, None)

@@ -457,7 +457,7 @@ class NixCache:
                 counted[0] += len(piece)
                 yield piece
 
-        with self.node.quota.working():  # no quota gc while its blocks are unclaimed
+        async with self.node.quota.working():  # no quota gc while its blocks are unclaimed
             await _feed_thread(pieces(), lambda it: self.narstore.add_nar(info, it))
         self.metrics.fetched.labels("upstream").inc(counted[0])
 
@@ -517,7 +517,7 @@ class NixCache:
             return self.narstore.add_nar(None, decompressed())
 
         try:
-            with self.node.quota.working():  # no quota gc while its blocks are unclaimed
+            async with self.node.quota.working():  # no quota gc while its blocks are unclaimed
                 result = await _feed_thread(raw_body(), ingest)
         except P2PCacheError as e:
             self.metrics.uploads.labels("nar", "rejected").inc()

@@ -285,7 +285,13 @@ class Node:
         self.quota.poke()  # something new is stored: check the quota
 
     async def gc(self, max_size: int | None) -> dict:
-        """Garbage-collect in the daemon (which owns the repo) and stop announcing what was evicted."""
+        """Garbage-collect in the daemon (which owns the repo) and stop announcing what was evicted.
+        Waits until no add or fetch holds unclaimed blocks (gc would take them), and holds off new ones."""
+        async with self.quota.exclusive():
+            return await self.gc_now(max_size)
+
+    async def gc_now(self, max_size: int | None) -> dict:
+        """`gc` for a caller that already excludes operations (the quota keeper)."""
         assert self.repo is not None
         report = await trio.to_thread.run_sync(self.repo.gc, max_size)
         if self.announcer is not None:
@@ -527,6 +533,7 @@ class QuotaKeeper:
         self._busy = 0
         self._wake = trio.Event()
         self._lock = trio.Lock()
+        self._idle = trio.Event()  # set (and replaced) whenever the last operation ends
         self._cleanup = False
 
     @property
@@ -554,7 +561,24 @@ class QuotaKeeper:
                 raise
             finally:
                 self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
+                    self._idle = trio.Event()
                 self.poke()
+
+        return scope()
+
+    def exclusive(self) -> Any:
+        """An async context manager in which no operation holds unclaimed blocks: it waits for those
+        running to end, and new ones wait for it."""
+        from contextlib import asynccontextmanager
+
+        @asynccontextmanager
+        async def scope() -> Any:
+            async with self._lock:
+                while self._busy:
+                    await self._idle.wait()
+                yield
 
         return scope()
 
@@ -592,7 +616,7 @@ class QuotaKeeper:
                     await trio.to_thread.run_sync(node.repo.gc, None)
                 return
             self._cleanup = False
-            report = await node.gc(limit)
+            report = await node.gc_now(limit)
         self.stats.runs += 1
         self.stats.roots_evicted += len(report["roots_removed"])
         self.stats.bytes_freed += report["bytes_freed"]
@@ -628,7 +652,7 @@ class QuotaKeeper:
                            "bytes); raise --max-size")
         # Evict now if no other operation holds unclaimed blocks; otherwise the quota run after it will.
         own = 1 if in_operation else 0
-        if self._busy - own == 0:
+        if self._busy - own == 0 and not self._lock.locked():  # (a gc waiting for us holds the lock)
             self._busy -= own  # our own caller is not in the way of its own eviction
             try:
                 await self.enforce(self.max_size - size)

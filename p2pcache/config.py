@@ -43,6 +43,11 @@ negative_ttl = 30
 [http]
 # Local API (CLI, Nix substituter, hashed mirror). Keep it on loopback.
 listen = "{DEFAULT_API}"
+# Host names besides loopback and the listen address that requests may carry (DNS-rebinding guard).
+allowed_hosts = []
+# Web origins allowed to call the node from a browser, e.g. ["http://dashboard.internal:8080"].
+# Empty: any request carrying an Origin header is refused.
+allowed_origins = []
 
 [nix]
 # Priority this cache announces in nix-cache-info (lower wins; cache.nixos.org uses 40).
@@ -51,8 +56,14 @@ priority = 30
 serve_local_store = false
 # Binary caches to pull through when no peer has a path, e.g. ["https://cache.nixos.org"].
 upstreams = []
-# Sign the narinfos this node serves with this key (nix-store --generate-binary-cache-key).
+# Sign the narinfos of paths pushed to this node with its API token (nix-store --generate-binary-cache-key).
 secret_key_file = ""
+# Uploaded NARs wait this many seconds for their narinfo, then they are dropped.
+upload_ttl = 600
+# Bytes (NAR size) that uploads waiting for their narinfo may hold at once (16 GiB); beyond it: 507.
+upload_quota = 17179869184
+# Largest NAR (compressed upload or decompressed NAR) accepted by PUT /nar/… (8 GiB); bigger: 413.
+max_upload_size = 8589934592
 
 [gc]
 # Disk quota for stored blocks, e.g. "20G" (K/M/G/T are powers of 1024). Empty: no quota.
@@ -86,6 +97,8 @@ class NodeConfig:
     lookup_timeout: float = 5.0
     negative_ttl: float = 30.0
     api_listen: str = DEFAULT_API
+    api_allowed_hosts: list[str] = field(default_factory=list)
+    api_allowed_origins: list[str] = field(default_factory=list)
     nix: "NixConfig" = field(default_factory=lambda: _nix_config())
     max_size: int | None = None  # [gc]: bytes of stored blocks the daemon keeps under
     gc_high_watermark: float = 0.9
@@ -108,14 +121,15 @@ _SECTIONS = {
     "swarm": {"listen": "listen", "bootstrap": "bootstrap", "swarm_key": "swarm_key", "allow_peers": "allow_peers"},
     "routing": {"reannounce_interval": "reannounce_interval", "lookup_timeout": "lookup_timeout",
                 "negative_ttl": "negative_ttl"},
-    "http": {"listen": "api_listen"},
+    "http": {"listen": "api_listen", "allowed_hosts": "api_allowed_hosts", "allowed_origins": "api_allowed_origins"},
     "log": {"level": "log_level", "format": "log_format", "libraries": "log_libraries",
             "alone_warning": "alone_warning"},
 }
 _GC = {"max_size": "max_size", "high_watermark": "gc_high_watermark", "low_watermark": "gc_low_watermark",
        "interval": "gc_interval"}
 _NIX_TYPES = {"store_dir": str, "priority": int, "want_mass_query": bool, "serve_local_store": bool,
-              "local_store_root": str, "upstreams": list, "secret_key_file": str, "negative_ttl": float}
+              "local_store_root": str, "upstreams": list, "secret_key_file": str, "negative_ttl": float,
+              "upload_ttl": float, "upload_quota": int, "max_upload_size": int}
 
 
 def _nix_config():

@@ -17,6 +17,15 @@ def repo(tmp_path):
 
 
 @pytest.fixture
+def daemons():
+    """Real daemons a test starts (tests/helpers/daemons.py); stopped when it ends."""
+    started = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
 def rng():
     return random.Random(12345)
 
@@ -37,15 +46,6 @@ def run_cli(*args: str, repo: Path | None = None, input: bytes | None = None, ch
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}): {proc.stderr.decode()}")
     return proc
-
-
-@pytest.fixture
-def daemons():
-    """Daemons a test starts (tests/helpers/daemons.py); stopped after it."""
-    started = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def run_on_tmpfs(mnt: Path, body: str, size: str = "2m", timeout: float = 120) -> subprocess.CompletedProcess:

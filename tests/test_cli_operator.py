@@ -99,8 +99,6 @@ def test_bad_inputs_are_refused_with_exit_2(tmp_path):
     _one_line(proc, 2, "gc.max_size 'lots' is not a size")
 
 
-@pytest.mark.xfail(strict=True, reason="`add -` with a daemon running needs the CLI to stream bytes to the daemon: "
-                                       "the 'auth' branch changes add that way; remove this mark when it is merged")
 def test_add_from_stdin_while_a_daemon_runs(tmp_path, rng, daemons):
     import hashlib
 

@@ -84,7 +84,9 @@ def test_systemd_unit_runs_as_a_dedicated_user_with_the_repo_under_var_lib_and_i
 
         ready = json.loads(proc.stdout.readline() or b"{}")
         assert ready.get("network") is True, proc.stderr.read1().decode() if proc.poll() is not None else ready
-        st = httpx.get(ready["api"] + "/api/v0/status", timeout=10).json()
+        token = (repo / "api.token").read_text().strip()
+        st = httpx.get(ready["api"] + "/api/v0/status", headers={"authorization": f"Bearer {token}"},
+                       timeout=10).json()
         assert st["quota_bytes"] == 20 << 30 and st["repo"] == str(repo)
         proc.send_signal(getattr(signal, unit["Service"]["KillSignal"]))
         assert proc.wait(timeout=float(unit["Service"]["TimeoutStopSec"])) == 0

@@ -252,7 +252,7 @@ def test_a_nar_that_cannot_fit_in_the_quota_is_refused_before_any_byte(nix, tmp_
     tree.mkdir()
     (tree / "data.bin").write_bytes(os.urandom(300_000))
     path = nix.out("nix-store", "--add", str(tree))
-    nix.run("nix", "copy", "--to", a.api, path)
+    nix.run("nix", "copy", "--to", a.api, path, config=f"netrc-file = {a.netrc}\n")
     a.wait_announced(2)
     store_hash = Path(path).name[:32]
     narinfo = httpx.get(f"{b.api}/{store_hash}.narinfo", timeout=60)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from .errors import InvalidInput
 
 if TYPE_CHECKING:
+    from .buildcache import BuildCacheConfig
     from .http.nix import NixConfig
 
 DEFAULT_API = "127.0.0.1:37515"
@@ -84,6 +85,17 @@ format = "text"
 libraries = ""
 # Warn if no peer completed a handshake this many seconds after start (0: never).
 alone_warning = 30
+
+[buildcache]
+# A saved tree nobody saved or restored for this many days is evicted (pinned keys stay).
+idle_expiry_days = 7
+# Key records older than this are ignored (and the key may be saved again).
+record_max_age_days = 30
+# Who may write which keys: the first rule whose pattern matches a key decides (no match: nobody).
+# peers are libp2p peer IDs, or "*" for any node in the swarm. Protect the default branch, e.g.:
+#   writers = [{{ keys = "main/*", peers = ["12D3KooW…runner1", "12D3KooW…runner2"] }},
+#              {{ keys = "pr/*", peers = ["*"] }}]
+writers = [{{ keys = "*", peers = ["*"] }}]
 """
 
 
@@ -109,6 +121,7 @@ class NodeConfig:
     log_libraries: str = ""
     alone_warning: float = 30.0
     base_dir: Path | None = field(default=None, compare=False)  # the config file's directory: relative paths start here
+    buildcache: "BuildCacheConfig" = field(default_factory=lambda: _buildcache_config())
 
     def swarm_key_path(self, repo: Path) -> Path | None:
         if not self.swarm_key:
@@ -138,6 +151,12 @@ def _nix_config():
     return NixConfig()
 
 
+def _buildcache_config():
+    from .buildcache import BuildCacheConfig
+
+    return BuildCacheConfig()
+
+
 def write_default(repo: Path) -> None:
     path = repo / "config.toml"
     if not path.exists():
@@ -161,6 +180,11 @@ def load(repo: Path, file: Path | str | None = None) -> NodeConfig:
     for section, values in data.items():
         if section == "gc" and isinstance(values, dict):
             _load_gc(cfg, path, values)
+            continue
+        if section == "buildcache" and isinstance(values, dict):
+            from .buildcache import BuildCacheConfig
+
+            cfg.buildcache = BuildCacheConfig.from_toml(values, str(path))
             continue
         if section == "nix" and isinstance(values, dict):
             for key, value in values.items():

@@ -176,6 +176,8 @@ def test_metrics_cover_peers_repo_bitswap_dht_and_the_process(pair):
     found = {k[1][0][1]: v for k, v in mb.items() if k[0] == "p2pcache_dht_lookups_total"}
     assert found["found_dht"] + found["found_local"] == 1 and found["miss"] == 0, found
     assert ma[("p2pcache_dht_announcements_total", (("result", "provided"),))] >= 3
+    assert mb[("p2pcache_buildcache_requests_total", (("result", "saves"),))] == 0  # the build cache's counters
+    assert ("p2pcache_buildcache_bytes_fetched_total", ()) in mb
 
 
 def test_head_of_an_item_only_a_peer_holds_gives_its_length(pair):

@@ -78,6 +78,21 @@ class NodeCollector(Collector):
             yield c
             yield GaugeMetricFamily("p2pcache_dht_announced_keys", "keys this node announces",
                                     value=len(node.announcer.announcements.keys()))
+        cache = getattr(node, "buildcache", None)
+        if cache is not None:
+            b = cache.stats
+            c = CounterMetricFamily("p2pcache_buildcache_requests", "build-cache saves and restores by outcome",
+                                    labels=["result"])
+            for result in ("saves", "restores_exact", "restores_prefix", "misses"):
+                c.add_metric([result], getattr(b, result))
+            yield c
+            yield CounterMetricFamily("p2pcache_buildcache_records_ignored",
+                                      "key records refused by the trust policy or too old", value=b.records_ignored)
+            yield CounterMetricFamily("p2pcache_buildcache_trees_fetched", "trees fetched from peers for restores",
+                                      value=b.trees_fetched)
+            yield CounterMetricFamily("p2pcache_buildcache_bytes_fetched", "bytes fetched from peers for restores",
+                                      value=b.bytes_fetched)
+            yield CounterMetricFamily("p2pcache_buildcache_expired", "saved trees evicted as idle", value=b.expired)
 
 
 def register_node_metrics(registry: Any, node: Any) -> None:

@@ -55,3 +55,16 @@ def run_on_tmpfs(mnt: Path, body: str, size: str = "2m", timeout: float = 120) -
     script = f"set -u\nmount -t tmpfs -o size={size} tmpfs {mnt} || exit 99\nexport P2PCACHE_REPO={mnt}/repo\n{body}"
     return subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], capture_output=True,
                           timeout=timeout)
+
+
+def corrupt_raw_block(repo_path: Path, n: int = 0):
+    """Flip the first bytes of the n-th raw block's record in its pack file (as bit rot would); its CID."""
+    with Repo.open(repo_path) as r:
+        cid, loc = [(c, loc) for part in r.index.iter_locations() for c, loc in part if c.codec == 0x55][n]
+        path = r.packs.path(loc.pack)
+    with open(path, "r+b") as f:
+        f.seek(loc.offset)
+        head = f.read(4)
+        f.seek(loc.offset)
+        f.write(bytes(b ^ 0xFF for b in head))
+    return cid

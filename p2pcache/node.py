@@ -386,7 +386,10 @@ class Node:
                 log.warning("cannot hash %s: %s", root, e)
                 continue
             if done and self.announcer is not None:
-                self.announcer.add(root, root_aliases(self.repo, root))
+                try:
+                    self.announcer.add(root, root_aliases(self.repo, root))
+                except NotFound:  # evicted by the quota meanwhile: nothing to announce
+                    continue
 
     async def gc(self, max_size: int | None) -> dict:
         """Garbage-collect in the daemon (which owns the repo) and stop announcing what was evicted.

@@ -7,10 +7,11 @@ non-zero (see errors.py for the codes); `--json` switches output to one JSON obj
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
-import re
 import signal
+import sqlite3
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,16 +24,16 @@ from .errors import CorruptData, InvalidInput, NotFound, P2PCacheError, RepoErro
 from .store.repo import Repo, default_repo_path
 
 PROGRESS_MIN_BYTES = 64 << 20
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
     """'500M', '2GiB', '1.5G', '1024' -> bytes (K/M/G/T are powers of 1024, as in du and Nix)."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 500M, 2G, 1048576)")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    return int(number * 1024 ** " kmgtp".index(unit or " "))
+    from .config import parse_size as parse
+
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def human(n: int) -> str:
@@ -53,9 +54,15 @@ class Output:
 
 @contextmanager
 def progress_bar(description: str, total: int | None, enabled: bool) -> Iterator:
-    """A rich progress bar on stderr for large transfers on a terminal; a no-op callback otherwise."""
+    """Progress on stderr: a rich bar on a terminal, lines every few seconds otherwise (CI logs); a
+    no-op callback when disabled. The callback takes an increment and, when it becomes known, the total."""
     if not enabled:
         yield None
+        return
+    if not sys.stderr.isatty():
+        lines = ProgressLines(description, total)
+        yield lines.advance
+        lines.finish()
         return
     from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
                                TransferSpeedColumn)
@@ -66,7 +73,53 @@ def progress_bar(description: str, total: int | None, enabled: bool) -> Iterator
         TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
     ) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+
+        def advance(n: int, new_total: int | None = None) -> None:
+            if new_total is not None and bar.tasks[0].total != new_total:
+                bar.update(task, total=new_total)
+            bar.advance(task, n)
+
+        yield advance
+
+
+class ProgressLines:
+    """Progress for logs: a line at the start, then one every `interval` seconds
+    ($P2PCACHE_PROGRESS_INTERVAL, default 5) with bytes, total, rate and ETA, and one at the end."""
+
+    def __init__(self, description: str, total: int | None, interval: float | None = None) -> None:
+        import time
+
+        self.description, self.total, self.done = description, total, 0
+        self.interval = interval if interval is not None else float(os.environ.get("P2PCACHE_PROGRESS_INTERVAL", 5))
+        self.clock = time.monotonic
+        self.started = self.last = self.clock()
+        self._print()
+
+    def advance(self, n: int, total: int | None = None) -> None:
+        self.done += n
+        if total is not None:
+            self.total = total
+        now = self.clock()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._print()
+
+    def finish(self) -> None:
+        self._print(final=True)
+
+    def _print(self, final: bool = False) -> None:
+        elapsed = max(1e-9, self.clock() - self.started)
+        rate = self.done / elapsed
+        parts = [f"{self.description}: {human(self.done)}"]
+        if self.total:
+            parts[0] += f" of {human(self.total)} ({100 * self.done / self.total:.0f} %)"
+        if final:
+            parts.append(f"done in {elapsed:.1f} s ({human(int(rate))}/s)")
+        elif self.done:
+            parts.append(f"{human(int(rate))}/s")
+            if self.total and rate > 0:
+                parts.append(f"ETA {max(0.0, (self.total - self.done) / rate):.0f} s")
+        print(", ".join(parts), file=sys.stderr, flush=True)
 
 
 def _as_increments(advance):
@@ -75,7 +128,7 @@ def _as_increments(advance):
 
     def on_progress(done: int, total: int | None) -> None:
         if advance:
-            advance(done - last[0])
+            advance(done - last[0], total)
         last[0] = done
 
     return on_progress
@@ -95,9 +148,35 @@ def _repo_path(args: argparse.Namespace) -> Path:
 
 def _open(args: argparse.Namespace, writable: bool, create: bool = False) -> Repo:
     path = _repo_path(args)
-    if create and not Repo.exists(path):
-        return Repo.init(path)
-    return Repo.open(path, writable=writable)
+    try:
+        if create and not Repo.exists(path):
+            return Repo.init(path)
+        return Repo.open(path, writable=writable)
+    except PermissionError as e:
+        raise RepoError(_unusable_repo(path, e, writable)) from None
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        raise RepoError(_unusable_repo(path, e, writable)) from None
+    except sqlite3.OperationalError as e:
+        if "readonly" not in str(e) and "unable to open" not in str(e):
+            raise
+        raise RepoError(_unusable_repo(path, e, writable)) from None
+
+
+def _unusable_repo(path: Path, e: Exception, writable: bool) -> str:
+    """One line for a repo this user may not use (another user's, or on a read-only mount)."""
+    what = getattr(e, "filename", None) or path / "index.sqlite"
+    try:
+        owner = path.stat().st_uid
+        import pwd
+
+        who = f" (owned by {pwd.getpwuid(owner).pw_name})" if owner != os.geteuid() else ""
+    except (OSError, KeyError):
+        who = ""
+    return (f"cannot {'write' if writable else 'open'} the repo {path}{who}: {what}: "
+            f"{getattr(e, 'strerror', None) or e}; run as the repo's owner, or use --repo DIR / $P2PCACHE_REPO "
+            f"for a repo of your own")
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -235,11 +314,19 @@ def cmd_stat(args: argparse.Namespace, out: Output) -> int:
             "block_bytes": stored, "pinned": info.pinned, "complete": info.complete,
             "added": info.added, "last_access": info.last_access,
         }
-        text = "\n".join(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in obj.items()
-                         if k != "sha512_known")
-        if sha512 is None:
-            text = text.replace("sha512: None", "sha512: not computed yet (`p2pcache stat --sha512 KEY` computes it)")
-        out.emit(obj, text)
+        c = manifest.chunker
+        rows = [
+            ("root", root), ("name", manifest.name or "-"), ("size", _size_text(manifest.size)),
+            ("format", manifest.media_type or "-"), ("sha256", sha256.digest.hex()), ("sri", sha256.sri),
+            ("nix32", sha256.nix32),
+            ("sha512", sha512.sri if sha512 else "not computed yet (`p2pcache stat --sha512 KEY` computes it)"),
+            ("chunker", f"{c.algorithm} min {human(c.min_size)} avg {human(c.avg_size)} max {human(c.max_size)}, "
+                        f"normalisation {c.normalization}, seed {c.seed}"),
+            ("blocks", f"{len(blocks)} ({human(stored)} stored), manifest depth {manifest.depth}"),
+            ("pinned", "yes" if info.pinned else "no"), ("complete", "yes" if info.complete else "NO (blocks missing)"),
+            ("added", _when(info.added)), ("last access", _when(info.last_access)),
+        ]
+        out.emit(obj, _table(rows))
     return 0
 
 
@@ -332,23 +419,24 @@ def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
-    import logging
-
     import trio
 
     from . import config as config_mod
     from .node import Node
 
     path = _repo_path(args)
-    if not Repo.exists(path):
-        Repo.init(path).close()
-    cfg = config_mod.load(path)
+    _open(args, writable=True, create=True).close()  # one-line errors for a repo we may not use or is locked
+    cfg = config_mod.load(path, args.config)
+    if args.max_size is not None:
+        cfg.max_size = args.max_size
+    if args.alone_warning is not None:
+        cfg.alone_warning = args.alone_warning
     if args.listen:
         cfg.listen = args.listen
     if args.bootstrap:
         cfg.bootstrap = cfg.bootstrap + args.bootstrap
-    if args.swarm_key is not None:
-        cfg.swarm_key = args.swarm_key
+    if args.swarm_key is not None:  # a path on the command line is relative to where it was typed
+        cfg.swarm_key = str(Path(args.swarm_key).expanduser().absolute()) if args.swarm_key else ""
     if args.api:
         cfg.api_listen = args.api
     if args.allow_peer:
@@ -368,16 +456,16 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
     if args.local_store_root:
         cfg.nix.serve_local_store = True
         cfg.nix.local_store_root = args.local_store_root
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not args.verbose:
-        # py-libp2p's DHT warns on every stream a peer closes normally; keep its real errors only.
-        logging.getLogger("libp2p.kad_dht.kad_dht").setLevel(logging.ERROR)
+    from .logs import setup_logging
+
+    setup_logging(args.log_level or ("info" if args.verbose else cfg.log_level), args.log_format or cfg.log_format,
+                  args.log_libraries or cfg.log_libraries or None)
 
     async def main() -> None:
         node = Node(path, cfg)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
+            _warn_about_exposure(cfg)  # once it listens: a port it could not take exposes nothing
             st = node.status()
             out.emit(
                 {**{k: st[k] for k in ("peer_id", "addrs", "api", "repo", "roots", "stored_bytes")}, "network": True,
@@ -406,6 +494,27 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _warn_about_exposure(cfg) -> None:
+    """A node reachable beyond this machine without a swarm key lets anyone join and fetch."""
+    import ipaddress
+    import logging
+
+    exposed = []
+    for addr in cfg.listen:
+        parts = addr.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            try:
+                if not ipaddress.ip_address(parts[2]).is_loopback:
+                    exposed.append(addr)
+            except ValueError:
+                exposed.append(addr)
+    if exposed and not cfg.swarm_key:
+        logging.getLogger("p2pcache.daemon").warning(
+            "listening on %s without a swarm key: anyone who can reach this port can join the swarm and fetch "
+            "what this node holds; make a key with `p2pcache swarm-key new -o swarm.key` and pass --swarm-key "
+            "(or listen on /ip4/127.0.0.1/tcp/0)", ", ".join(exposed))
+
+
 def cmd_fetch(args: argparse.Namespace, out: Output) -> int:
     """Fixed-output fetch helper: the swarm if anyone has it, else the origin URL; always verified."""
     from .content.keys import HashKey, parse_key
@@ -413,6 +522,7 @@ def cmd_fetch(args: argparse.Namespace, out: Output) -> int:
     key = parse_key(args.hash)
     if not isinstance(key, HashKey):
         raise InvalidInput(f"--hash must be a sha256/sha512 hash (SRI, hex or nix-base32), not {args.hash!r}")
+    _check_url(args.url)
     client = _daemon(args) if Repo.exists(_repo_path(args)) else None
     if client is not None:
         try:
@@ -447,6 +557,15 @@ def cmd_fetch(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _check_url(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidInput(f"{url!r} is not an http(s) URL; fetch needs the archive's origin URL "
+                           "(e.g. https://example.org/src.tar.gz)")
+
+
 def cmd_nix_hook(args: argparse.Namespace, out: Output) -> int:
     """Nix post-build-hook: push the outputs just built ($OUT_PATHS) to the local node. Never fails the
     build: a missing daemon or a failed push is reported on stderr and the hook exits 0."""
@@ -454,8 +573,12 @@ def cmd_nix_hook(args: argparse.Namespace, out: Output) -> int:
     import subprocess
 
     paths = os.environ.get("OUT_PATHS", "").split() + list(args.paths)
+    drv = os.environ.get("DRV_PATH", "").strip()
+    if not paths and drv:
+        paths = _outputs_of(drv)  # Nix 2.8.0 runs the hook with OUT_PATHS empty (NixOS/nix#6446)
     if not paths:
-        print("p2pcache nix-hook: no $OUT_PATHS and no paths given; nothing to push", file=sys.stderr)
+        print("p2pcache nix-hook: no $OUT_PATHS, no outputs of $DRV_PATH and no paths given; nothing to push",
+              file=sys.stderr)
         return 0
     try:
         client = _daemon(args)
@@ -486,12 +609,91 @@ def cmd_nix_hook(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _outputs_of(drv: str) -> list[str]:
+    """The outputs of a derivation, as `nix-store --query --outputs DRV` lists them (the hook runs once
+    the build has registered them)."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("nix-store")
+    if tool is None:
+        print(f"p2pcache nix-hook: $OUT_PATHS is empty and `nix-store` is not on PATH to read the outputs of {drv}",
+              file=sys.stderr)
+        return []
+    proc = subprocess.run([tool, "--query", "--outputs", drv], capture_output=True)
+    if proc.returncode != 0:
+        print(f"p2pcache nix-hook: cannot read the outputs of {drv}: "
+              f"{proc.stderr.decode(errors='replace').strip()}", file=sys.stderr)
+        return []
+    return proc.stdout.decode().split()
+
+
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
     client = _daemon(args, required=True)
     st = client.status()
-    text = "\n".join(f"{k}: {v}" for k, v in sorted(st.items()))
-    out.emit(st, text)
+    out.emit(st, format_status(st))
     return 0
+
+
+def _size_text(n: int) -> str:
+    return f"{human(n)} ({n} bytes)" if n >= 1024 else f"{n} bytes"
+
+
+def _when(epoch: float | None) -> str:
+    if not epoch:
+        return "never"
+    import time
+
+    ago = max(0.0, time.time() - epoch)
+    span = (f"{ago:.0f} s" if ago < 120 else f"{ago / 60:.0f} min" if ago < 7200 else
+            f"{ago / 3600:.1f} h" if ago < 172800 else f"{ago / 86400:.0f} days")
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch)) + f" ({span} ago)"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return (f"{s // 86400}d {s % 86400 // 3600}h" if s >= 86400 else f"{s // 3600}h {s % 3600 // 60}m"
+            if s >= 3600 else f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s")
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = []
+    for k, v in rows:
+        values = v if isinstance(v, list) else [v]
+        for i, item in enumerate(values or ["-"]):
+            lines.append(f"{(k if i == 0 else ''):<{width}}  {item}")
+    return "\n".join(lines)
+
+
+def format_status(st: dict) -> str:
+    """`p2pcache status` for people: units, no Python reprs (the JSON form has every raw field)."""
+    lk, an = st.get("lookups", {}), st.get("announce", {})
+    quota = st.get("quota_bytes")
+    used = human(st["stored_bytes"]) + (f" of {human(quota)} quota ({100 * st['stored_bytes'] / quota:.0f} %)"
+                                        if quota else " (no quota)")
+    rows: list[tuple[str, object]] = [
+        ("peer ID", st["peer_id"]), ("listen", list(st.get("addrs", []))), ("API", st.get("api") or "-"),
+        ("repo", st["repo"]), ("version", st.get("version", "?")), ("uptime", _duration(st.get("uptime", 0))),
+        ("archives", f"{st['roots']}" + (f" ({st['roots_incomplete']} incomplete)" if st.get("roots_incomplete") else "")),
+        ("disk", used),
+        ("peers", f"{st['peers']} connected"),
+        ("served", f"{human(st['bytes_served'])} in {st['blocks_served']} blocks"),
+        ("fetched", f"{human(st['bytes_fetched'])} from peers in {st['blocks_fetched']} blocks "
+                    f"({st['duplicate_blocks']} duplicate), {human(st['bytes_fetched_origin'])} from origins"),
+        ("fetches", f"{st['fetches']} ({st['fetch_failures']} failed)"),
+        ("lookups", f"{lk.get('total', 0)} ({lk.get('found_dht', 0)} found, {lk.get('misses', 0)} missed, "
+                    f"{lk.get('negative_hits', 0)} answered from the miss cache, {lk.get('rpcs', 0)} DHT RPCs)"),
+        ("announced", f"{an.get('keys', 0)} keys ({an.get('provided', 0)} provided, {an.get('failed', 0)} failed, "
+                      f"{an.get('pending', 0)} pending, {an.get('withdrawn', 0)} withdrawn, {an.get('sweeps', 0)} sweeps)"),
+    ]
+    if st.get("gc"):
+        g = st["gc"]
+        rows.append(("auto-gc", f"{g.get('runs', 0)} runs, {g.get('roots_evicted', 0)} archives evicted, "
+                                f"{human(g.get('bytes_freed', 0))} freed"))
+    if st.get("peers_penalised"):
+        rows.append(("penalised", list(st["peers_penalised"])))
+    return _table(rows)
 
 
 def cmd_peers(args: argparse.Namespace, out: Output) -> int:
@@ -779,7 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="name to record (default: the file's base name)")
     sp = add("get", cmd_get, "write an archive to a file, verified, atomically")
     sp.add_argument("key", metavar="KEY", help="root CID, sha256:<hex>, SRI or nix-base32 hash")
-    sp.add_argument("-o", "--output", required=True, metavar="OUT")
+    sp.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write (replaced atomically)")
     sp = add("cat", cmd_cat, "write an archive to stdout, verified")
     sp.add_argument("key", metavar="KEY")
     add("ls", cmd_ls, "list archives in the repo")
@@ -796,6 +998,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repair", action="store_true", help="drop corrupt blocks, mark their roots incomplete")
     add("migrate", cmd_migrate, "convert a format-1 repo (one file per block) to pack files, in place")
     sp = add("daemon", cmd_daemon, "run the node: swarm, DHT, bitswap, local API (holds the repo)")
+    sp.add_argument("--config", metavar="FILE",
+                    help="read settings from FILE instead of REPO/config.toml (relative paths in it: from its directory)")
+    sp.add_argument("--max-size", type=parse_size, metavar="SIZE",
+                    help="disk quota for stored blocks, e.g. 20G: least-recently-used unpinned archives are evicted "
+                         "past 90 %% of it (config [gc])")
     sp.add_argument("--listen", action="append", metavar="MULTIADDR",
                     help="libp2p listen address (repeatable; default from config.toml)")
     sp.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="peer to join (…/p2p/<id>)")
@@ -803,19 +1010,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-peer", action="append", metavar="PEER_ID", help="only these peers may connect")
     sp.add_argument("--no-mdns", action="store_true", help="do not look for the swarm's nodes on the LAN (mDNS)")
     sp.add_argument("--api", metavar="HOST:PORT", help="local HTTP API address (default 127.0.0.1:37515)")
-    sp.add_argument("--lookup-timeout", type=float, metavar="SECONDS")
+    sp.add_argument("--lookup-timeout", type=float, metavar="SECONDS",
+                    help="upper bound for one DHT provider lookup (default 5; a miss never waits longer)")
     sp.add_argument("--negative-ttl", type=float, metavar="SECONDS", help="how long a miss is remembered")
     sp.add_argument("--upstream", action="append", metavar="URL", help="binary cache to pull through (repeatable)")
     sp.add_argument("--sign-key", metavar="FILE",
                     help="sign the narinfos of paths pushed with the API token with this Nix secret key")
     sp.add_argument("--serve-local-store", action="store_true", help="also share this machine's /nix/store")
     sp.add_argument("--local-store-root", metavar="DIR", help="share a chroot Nix store (--store DIR) instead")
-    sp.add_argument("-v", "--verbose", action="store_true")
+    sp.add_argument("-v", "--verbose", action="store_true", help="same as --log-level info")
+    sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                    help="our log level (default warning; config [log] level)")
+    sp.add_argument("--log-format", choices=("text", "json"),
+                    help="log lines on stderr as text or JSON objects (default text; config [log] format)")
+    sp.add_argument("--log-libraries", choices=("debug", "info", "warning", "error"), metavar="LEVEL",
+                    help="py-libp2p's and hypercorn's level (default: warning, repeats held back)")
+    sp.add_argument("--alone-warning", type=float, metavar="SECONDS",
+                    help="warn if no peer completed a handshake this long after start (default 30; 0: never)")
     sp = add("fetch", cmd_fetch, "get an archive by hash: the swarm if anyone has it, else URL; verify, add")
     sp.add_argument("url", metavar="URL")
     sp.add_argument("--hash", required=True, metavar="HASH", help="expected hash: SRI, sha256:<hex> or nix-base32")
     sp.add_argument("-o", "--output", metavar="OUT", help="also write the archive to OUT")
-    sp = add("nix-hook", cmd_nix_hook, "Nix post-build-hook: push $OUT_PATHS to the local node")
+    sp = add("nix-hook", cmd_nix_hook, "Nix post-build-hook: push $OUT_PATHS (or $DRV_PATH's outputs) to the local node")
     sp.add_argument("paths", nargs="*", metavar="PATH", help="store paths (default: $OUT_PATHS)")
     add("status", cmd_status, "show the running daemon's counters")
     add("peers", cmd_peers, "list the running daemon's connected peers")

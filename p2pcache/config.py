@@ -5,6 +5,7 @@ Only the daemon reads it; offline commands need nothing but the repo directory.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,7 +31,7 @@ listen = ["/ip4/0.0.0.0/tcp/4011"]
 # Multiaddrs with /p2p/<peer id> of nodes to join, e.g. other CI runners of the team.
 bootstrap = []
 # Pre-shared swarm key file (kubo's swarm.key format; `p2pcache swarm-key new > swarm.key`).
-# Relative paths are relative to the repo. Empty: no private network.
+# Relative paths are relative to this file's directory. Empty: no private network.
 swarm_key = ""
 # Only these peer IDs may connect (empty: anyone who has the swarm key).
 allow_peers = []
@@ -87,6 +88,26 @@ upload_quota = 17179869184
 # Largest NAR (compressed upload or decompressed NAR) accepted by PUT /nar/… (8 GiB); bigger: 413.
 max_upload_size = 8589934592
 
+[gc]
+# Disk quota for stored blocks, e.g. "20G" (K/M/G/T are powers of 1024). Empty: no quota.
+max_size = ""
+# When stored blocks pass high_watermark x max_size, the daemon evicts least-recently-used unpinned
+# archives (and withdraws them from the DHT) until they are under low_watermark x max_size.
+high_watermark = 0.9
+low_watermark = 0.7
+# Seconds between quota checks (a check also follows every add and fetch).
+interval = 60
+
+[log]
+# Our log level: debug, info, warning, error. Libraries (py-libp2p, hypercorn) log at warning
+# unless `libraries` says otherwise.
+level = "warning"
+# "text" or "json" (one object per line, for CI log collectors).
+format = "text"
+libraries = ""
+# Warn if no peer completed a handshake this many seconds after start (0: never).
+alone_warning = 30
+
 [buildcache]
 # A saved tree nobody saved or restored for this many days is evicted (pinned keys stay).
 idle_expiry_days = 7
@@ -118,6 +139,15 @@ class NodeConfig:
     transfer_protocol: str = "dag"  # "dag" or "bitswap"
     transfer_stall_timeout: float = 20.0
     nix: "NixConfig" = field(default_factory=lambda: _nix_config())
+    max_size: int | None = None  # [gc]: bytes of stored blocks the daemon keeps under
+    gc_high_watermark: float = 0.9
+    gc_low_watermark: float = 0.7
+    gc_interval: float = 60.0
+    log_level: str = "warning"
+    log_format: str = "text"
+    log_libraries: str = ""
+    alone_warning: float = 30.0
+    base_dir: Path | None = field(default=None, compare=False)  # the config file's directory: relative paths start here
     buildcache: "BuildCacheConfig" = field(default_factory=lambda: _buildcache_config())
 
     def lan_discovery(self) -> bool:
@@ -128,7 +158,7 @@ class NodeConfig:
         if not self.swarm_key:
             return None
         p = Path(self.swarm_key).expanduser()
-        return p if p.is_absolute() else repo / p
+        return p if p.is_absolute() else (self.base_dir or repo) / p
 
 
 _SECTIONS = {
@@ -138,8 +168,12 @@ _SECTIONS = {
                 "negative_ttl": "negative_ttl"},
     "http": {"listen": "api_listen", "allowed_hosts": "api_allowed_hosts", "allowed_origins": "api_allowed_origins"},
     "transfer": {"protocol": "transfer_protocol", "stall_timeout": "transfer_stall_timeout"},
+    "log": {"level": "log_level", "format": "log_format", "libraries": "log_libraries",
+            "alone_warning": "alone_warning"},
     "exchange": {"superseed_window": "superseed_window", "swarm_fetch": "swarm_fetch"},
 }
+_GC = {"max_size": "max_size", "high_watermark": "gc_high_watermark", "low_watermark": "gc_low_watermark",
+       "interval": "gc_interval"}
 _NIX_TYPES = {"store_dir": str, "priority": int, "want_mass_query": bool, "serve_local_store": bool,
               "local_store_root": str, "upstreams": list, "secret_key_file": str, "negative_ttl": float,
               "upload_ttl": float, "upload_quota": int, "max_upload_size": int}
@@ -165,17 +199,22 @@ def write_default(repo: Path) -> None:
         tmp.replace(path)
 
 
-def load(repo: Path) -> NodeConfig:
+def load(repo: Path, file: Path | str | None = None) -> NodeConfig:
+    """`REPO/config.toml`, or `file` (`daemon --config FILE`, which must exist)."""
     cfg = NodeConfig()
-    path = repo / "config.toml"
-    if not path.exists():
+    path = Path(file).expanduser().absolute() if file is not None else repo / "config.toml"
+    if file is None and not path.exists():
         return cfg
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, OSError) as e:
-        raise InvalidInput(f"cannot read {path}: {e}") from None
+        raise InvalidInput(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    cfg.base_dir = path.parent
     types = {f.name: f.type for f in fields(NodeConfig)}
     for section, values in data.items():
+        if section == "gc" and isinstance(values, dict):
+            _load_gc(cfg, path, values)
+            continue
         if section == "buildcache" and isinstance(values, dict):
             from .buildcache import BuildCacheConfig
 
@@ -214,3 +253,42 @@ def load(repo: Path) -> NodeConfig:
     if cfg.transfer_protocol not in ("dag", "bitswap"):
         raise InvalidInput(f"{path}: transfer.protocol must be \"dag\" or \"bitswap\", not {cfg.transfer_protocol!r}")
     return cfg
+
+
+def _load_gc(cfg: NodeConfig, path: Path, values: dict) -> None:
+    for key, value in values.items():
+        if key not in _GC:
+            raise InvalidInput(f"{path}: unknown setting gc.{key}")
+        if key == "max_size":
+            if isinstance(value, str) and not value.strip():
+                cfg.max_size = None
+                continue
+            try:
+                cfg.max_size = value if isinstance(value, int) and not isinstance(value, bool) else parse_size(value)
+            except (ValueError, TypeError):
+                raise InvalidInput(f"{path}: gc.max_size {value!r} is not a size (try \"20G\" or 1073741824)") from None
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidInput(f"{path}: gc.{key} has the wrong type ({type(value).__name__})")
+        setattr(cfg, _GC[key], float(value))
+    check_gc(cfg, str(path))
+
+
+def check_gc(cfg: NodeConfig, where: str) -> None:
+    if not 0 < cfg.gc_low_watermark < cfg.gc_high_watermark <= 1:
+        raise InvalidInput(f"{where}: gc watermarks need 0 < low_watermark < high_watermark <= 1, "
+                           f"not {cfg.gc_low_watermark} and {cfg.gc_high_watermark}")
+    if cfg.gc_interval <= 0:
+        raise InvalidInput(f"{where}: gc.interval must be positive seconds")
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'500M', '2GiB', '1.5G', '1024' -> bytes (K/M/G/T are powers of 1024, as in du and Nix)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (try 500M, 2G, 1048576)")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    return int(number * 1024 ** " kmgtp".index(unit or " "))

@@ -142,6 +142,7 @@ class Node:
         self.started_at = time.time()
         # Providers that failed, lied or timed out lately: asked last by the next lookups.
         self.standing: ProviderStanding = ProviderStanding()
+        self.quota = QuotaKeeper(self)
 
     # -- running ------------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -159,6 +160,7 @@ class Node:
                     listen=tuple(cfg.listen),
                     bootstrap=tuple(cfg.bootstrap),
                     allow_peers=cfg.allow_peers or None,
+                    alone_warning=cfg.alone_warning,
                     mdns=cfg.lan_discovery(),
                 )
                 self.host = NodeHost(host_cfg)
@@ -184,6 +186,7 @@ class Node:
                 nursery.start_soon(self.announcer.run)
                 nursery.start_soon(self.nix.run_upload_expiry)
                 nursery.start_soon(self._reannounce_on_new_peers)
+                nursery.start_soon(self.quota.run)  # the quota, and the blocks a failed fetch left
                 self._lazy_hashes, lazy = trio.open_memory_channel(float("inf"))
                 nursery.start_soon(self._hash_lazily, lazy)
                 for root in repo.index.archives_without("sha512"):
@@ -307,6 +310,8 @@ class Node:
             "roots": len(roots),
             "roots_incomplete": sum(1 for r in roots if not r.complete),
             "stored_bytes": self.repo.stored_bytes(),
+            "quota_bytes": self.config.max_size,
+            "gc": self.quota.status(),
             "peers": len(self.host.connected_peers()),
             "bytes_served": self.source.bytes_served if self.source else 0,  # both protocols read through it
             "blocks_served": self.source.blocks_served if self.source else 0,
@@ -371,7 +376,7 @@ class Node:
             done[0] += n
             progress(done[0], total)
 
-        async with self.taking_back_on_disk_full("add"):
+        async with self.taking_back_on_disk_full("add"), self.quota.working():
             result = await trio.to_thread.run_sync(lambda: self.repo.add_file(path, name=name, progress=cb))
         self.announce(result.root)
         return {**result.to_json(), "file": path, "announced": True}
@@ -382,7 +387,7 @@ class Node:
         assert self.repo is not None
         from .aio import feed_thread
 
-        async with self.taking_back_on_disk_full("add"):
+        async with self.taking_back_on_disk_full("add"), self.quota.working():
             result = await feed_thread(body, lambda it: self.repo.add_stream(it, name=name))
         self.announce(result.root)
         return {**result.to_json(), "announced": True}
@@ -415,6 +420,7 @@ class Node:
             self.announcer.add(root, root_aliases(self.repo, root))
             if self._lazy_hashes is not None:
                 self._lazy_hashes.send_nowait(root)
+        self.quota.poke()  # something new is stored: check the quota
 
     async def _hash_lazily(self, roots: trio.MemoryReceiveChannel) -> None:
         """Compute the sha512 an add left out (ingest computes sha256 only), one archive at a time, after the
@@ -427,10 +433,19 @@ class Node:
                 log.warning("cannot hash %s: %s", root, e)
                 continue
             if done and self.announcer is not None:
-                self.announcer.add(root, root_aliases(self.repo, root))
+                try:
+                    self.announcer.add(root, root_aliases(self.repo, root))
+                except NotFound:  # evicted by the quota meanwhile: nothing to announce
+                    continue
 
     async def gc(self, max_size: int | None) -> dict:
-        """Garbage-collect in the daemon (which owns the repo) and stop announcing what was evicted."""
+        """Garbage-collect in the daemon (which owns the repo) and stop announcing what was evicted.
+        Waits until no add or fetch holds unclaimed blocks (gc would take them), and holds off new ones."""
+        async with self.quota.exclusive():
+            return await self.gc_now(max_size)
+
+    async def gc_now(self, max_size: int | None) -> dict:
+        """`gc` for a caller that already excludes operations (the quota keeper)."""
         assert self.repo is not None
         report = await trio.to_thread.run_sync(self.repo.gc, max_size)
         if self.announcer is not None:
@@ -456,7 +471,7 @@ class Node:
             pass
         self.stats.fetches += 1
         try:
-            async with self.taking_back_on_disk_full("fetch"):
+            async with self.taking_back_on_disk_full("fetch"), self.quota.working(clean_up_on_error=True):
                 root, size = await self._fetch_from_swarm(parsed, progress)
         except P2PCacheError:
             self.stats.fetch_failures += 1
@@ -489,6 +504,8 @@ class Node:
                         if resp.status_code != 200:
                             raise NotFound(f"{url} answered HTTP {resp.status_code}")
                         total = int(resp.headers.get("content-length", 0)) or None
+                        if total is not None:
+                            await self.quota.make_room(total, url)
                         async for piece in resp.aiter_bytes():
                             done[0] += len(piece)
                             progress(done[0], total)
@@ -497,7 +514,7 @@ class Node:
                 raise NotFound(f"cannot download {url}: {e}") from None
 
         name = url.rstrip("/").rsplit("/", 1)[-1] or None
-        async with self.taking_back_on_disk_full("fetch-url"):
+        async with self.taking_back_on_disk_full("fetch-url"), self.quota.working():
             result = await feed_thread(download(), lambda it: self.repo.add_stream(it, name=name, expect=key))
         self.stats.bytes_fetched_origin += done[0]
         self.announce(result.root)
@@ -519,6 +536,7 @@ class Node:
             root, manifest, providers = await self._resolve_root(key)
         # A manifest made since sha512 became lazy names no sha512: that hash is checked over the fetched bytes.
         check_after = isinstance(key, HashKey) and key.algo not in manifest.hashes
+        await self.quota.make_room(manifest.size, alias)  # nothing of it is stored yet: fail before, not during
         progress(0, manifest.size)
         before = self.repo.stored_bytes()
         fetched = trio.Event()
@@ -609,6 +627,23 @@ class Node:
         sources = [lambda left: providers_of(alias, left), *more]
         return await race_providers(race, ask_logged, sources)
 
+    async def size_at_peers(self, alias: str, providers: list) -> int | None:
+        """The size the first provider to answer a resolve says `alias` has (for HEAD requests, which
+        move no bytes to prove it); None if none answers within the lookup timeout."""
+        assert self.host is not None
+        with trio.move_on_after(self.config.lookup_timeout):
+            for peer in providers[:3]:
+                if peer.peer_id == self.host.peer_id:
+                    continue
+                try:
+                    answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
+                except P2PCacheError as e:
+                    log.info("resolve %s at %s failed: %s", alias, peer.peer_id, e)
+                    continue
+                if answer is not None:
+                    return answer.size
+        return None
+
     async def http_fallback(self, scope: Any, receive: Any, send: Any) -> None:
         """Everything the local API does not route: the Nix binary cache and hashed mirror."""
         assert self.nix is not None
@@ -621,10 +656,11 @@ class Node:
         as they arrive: over the DAG transfer protocol (`DagTransfer.fetch`, bitswap for peers that do
         not speak it), or block by block over bitswap when `transfer_protocol` is "bitswap"."""
         assert self.exchange is not None and self.repo is not None and self.dag is not None
-        if self.config.transfer_protocol == "bitswap":
-            fetched = await self.exchange.fetch_dag(root, providers, self.repo, on_stored)
-        else:
-            fetched = await self.dag.fetch(root, providers, self.repo, on_stored, on_verified)
+        async with self.quota.working():
+            if self.config.transfer_protocol == "bitswap":
+                fetched = await self.exchange.fetch_dag(root, providers, self.repo, on_stored)
+            else:
+                fetched = await self.dag.fetch(root, providers, self.repo, on_stored, on_verified)
         self.stats.bytes_fetched += fetched
         return fetched
 
@@ -725,3 +761,165 @@ def _decode_root(root: CID, data: bytes) -> ArchiveManifest:
         return ArchiveManifest.decode(data)
     except MalformedBlock as e:
         raise FetchError(f"{root} is not an archive manifest: {e}") from None
+
+
+@dataclass
+class QuotaStats:
+    runs: int = 0
+    roots_evicted: int = 0
+    bytes_freed: int = 0
+    refused: int = 0  # fetches refused because they would not fit
+    over_quota: bool = False  # the last run could not get under the low watermark (pinned roots)
+
+
+class QuotaKeeper:
+    """Keeps the repo's stored blocks under `config.max_size` (`daemon --max-size`, `[gc]`): when they
+    pass the high watermark, least-recently-used unpinned archives are evicted, and withdrawn from
+    the DHT, until they are under the low watermark. A fetch whose archive would not fit even after
+    eviction fails before its first block is stored.
+
+    gc also removes blocks no root claims yet — which is what an add or fetch in progress holds — so
+    it runs only while no such operation does (`working()`), and is redone when the last one ends.
+    """
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+        self.stats = QuotaStats()
+        self._busy = 0
+        self._wake = trio.Event()
+        self._lock = trio.Lock()
+        self._idle = trio.Event()  # set (and replaced) whenever the last operation ends
+        self._cleanup = False
+
+    @property
+    def max_size(self) -> int | None:
+        return self.node.config.max_size
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def working(self, clean_up_on_error: bool = False) -> Any:
+        """An async context manager around an operation that stores blocks before a root claims them:
+        it waits for a quota gc in progress, and none starts until it ends. With `clean_up_on_error`,
+        what it stored is dropped if it fails (once nothing else is running)."""
+        from contextlib import asynccontextmanager
+
+        @asynccontextmanager
+        async def scope() -> Any:
+            async with self._lock:  # a gc running now would take the files this operation writes
+                self._busy += 1
+            try:
+                yield
+            except Exception:  # P2PCacheError, or a group of them from a nursery
+                if clean_up_on_error:
+                    self._cleanup = True
+                raise
+            finally:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
+                    self._idle = trio.Event()
+                self.poke()
+
+        return scope()
+
+    def exclusive(self) -> Any:
+        """An async context manager in which no operation holds unclaimed blocks: it waits for those
+        running to end, and new ones wait for it."""
+        from contextlib import asynccontextmanager
+
+        @asynccontextmanager
+        async def scope() -> Any:
+            async with self._lock:
+                while self._busy:
+                    await self._idle.wait()
+                yield
+
+        return scope()
+
+    async def run(self) -> None:
+        interval = self.node.config.gc_interval
+        while True:
+            with trio.move_on_after(interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            if self._busy:
+                continue  # the operation's end pokes us again
+            try:
+                await self.enforce()
+            except P2PCacheError as e:
+                log.warning("quota gc failed: %s", e)
+
+    async def enforce(self, target: int | None = None) -> None:
+        """Evict down to the low watermark (or `target` bytes) if over the high one (or `target`)."""
+        node = self.node
+        assert node.repo is not None
+        async with self._lock:
+            if self._busy:
+                return
+            limit = target
+            if limit is None and self.max_size is not None:
+                if node.repo.stored_bytes() <= self.max_size * node.config.gc_high_watermark:
+                    if self._cleanup:  # a failed fetch left unclaimed blocks: drop them
+                        self._cleanup = False
+                        await trio.to_thread.run_sync(node.repo.gc, None)
+                    return
+                limit = int(self.max_size * node.config.gc_low_watermark)
+            if limit is None:
+                if self._cleanup:
+                    self._cleanup = False
+                    await trio.to_thread.run_sync(node.repo.gc, None)
+                return
+            self._cleanup = False
+            report = await node.gc_now(limit)
+        self.stats.runs += 1
+        self.stats.roots_evicted += len(report["roots_removed"])
+        self.stats.bytes_freed += report["bytes_freed"]
+        self.stats.over_quota = report["over_quota"]
+        if report["roots_removed"] or report["bytes_freed"]:
+            log.info("quota: evicted %d archives (%d bytes) to get under %d bytes; %d stored",
+                     len(report["roots_removed"]), report["bytes_freed"], limit, report["bytes_after"])
+        if report["over_quota"]:
+            log.warning("quota: %d bytes stored, over the %d-byte low watermark of --max-size %d: pinned "
+                        "archives hold the rest; unpin some or raise --max-size", report["bytes_after"], limit,
+                        self.max_size or 0)
+
+    async def make_room(self, size: int, what: str, in_operation: bool = True) -> None:
+        """Before storing an archive of `size` bytes: fail (DiskFull, exit 6) if it cannot fit in the
+        quota even after eviction, or on the disk at all. `in_operation`: called inside the caller's
+        own `working()` scope (which must not stop its own eviction)."""
+        import shutil
+
+        node = self.node
+        assert node.repo is not None
+        free = shutil.disk_usage(node.repo_path).free
+        if size > free:
+            self.stats.refused += 1
+            raise DiskFull(f"{what} is {size} bytes but the disk of {node.repo_path} has {free} bytes free; "
+                           "free space or shrink the repo with `p2pcache gc --max-size`")
+        if self.max_size is None:
+            return
+        if node.repo.stored_bytes() + size <= self.max_size:
+            return
+        if size > self.max_size:
+            self.stats.refused += 1
+            raise DiskFull(f"{what} is {size} bytes, more than this node's quota (--max-size {self.max_size} "
+                           "bytes); raise --max-size")
+        # Evict now if no other operation holds unclaimed blocks; otherwise the quota run after it will.
+        own = 1 if in_operation else 0
+        if self._busy - own == 0 and not self._lock.locked():  # (a gc waiting for us holds the lock)
+            self._busy -= own  # our own caller is not in the way of its own eviction
+            try:
+                await self.enforce(self.max_size - size)
+            finally:
+                self._busy += own
+        if node.repo.stored_bytes() + size > self.max_size:
+            self.stats.refused += 1
+            raise DiskFull(f"{what} is {size} bytes and does not fit in the quota: {node.repo.stored_bytes()} "
+                           f"of --max-size {self.max_size} bytes are held by pinned or in-use archives; unpin "
+                           "some (`p2pcache unpin KEY`) or raise --max-size")
+
+    def status(self) -> dict:
+        return {"runs": self.stats.runs, "roots_evicted": self.stats.roots_evicted,
+                "bytes_freed": self.stats.bytes_freed, "refused": self.stats.refused,
+                "over_quota": self.stats.over_quota}

@@ -2,9 +2,10 @@
 # Installs the Debian packages the tests and benchmarks need, if they are missing.
 # Nix (nix-bin) is real Nix for the Nix-format tests; casync is the dedup benchmark's baseline; curl is the
 # attacker's HTTP client in tests/test_auth.py (run as user nobody, which cannot use the project's venv);
+# systemd gives `systemd-analyze verify` for deploy/systemd (no running systemd needed).
 # iproute2 (`ip netns`, veth) makes the network namespaces of the LAN-discovery and DNS tests.
 set -euo pipefail
-want=(nix-bin casync curl iproute2)
+want=(nix-bin casync curl iproute2 systemd)
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

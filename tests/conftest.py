@@ -48,6 +48,15 @@ def run_cli(*args: str, repo: Path | None = None, input: bytes | None = None, ch
     return proc
 
 
+def run_on_tmpfs(mnt: Path, body: str, size: str = "2m", timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the shell script `body` with a real small file system: a tmpfs of `size` mounted at `mnt` in a
+    private mount namespace, and $P2PCACHE_REPO on it."""
+    mnt.mkdir(exist_ok=True)
+    script = f"set -u\nmount -t tmpfs -o size={size} tmpfs {mnt} || exit 99\nexport P2PCACHE_REPO={mnt}/repo\n{body}"
+    return subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], capture_output=True,
+                          timeout=timeout)
+
+
 def corrupt_raw_block(repo_path: Path, n: int = 0):
     """Flip the first bytes of the n-th raw block's record in its pack file (as bit rot would); its CID."""
     with Repo.open(repo_path) as r:

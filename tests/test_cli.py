@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from .conftest import corrupt_raw_block, run_cli, write_file
+from .conftest import corrupt_raw_block, run_cli, run_on_tmpfs, write_file
 
 
 def test_add_get_cat_ls_stat_roundtrip(tmp_path, rng):
@@ -140,21 +140,15 @@ def test_disk_full_is_a_clear_error_and_loses_nothing(tmp_path, rng):
     """A real full file system: a 2 MiB tmpfs in a private mount namespace."""
     small = write_file(tmp_path / "small", rng.randbytes(200_000))
     big = write_file(tmp_path / "big", rng.randbytes(4 << 20))
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
     py = sys.executable
     script = f"""
-set -u
-mount -t tmpfs -o size=2m tmpfs {mnt} || exit 99
-export P2PCACHE_REPO={mnt}/repo
 {py} -m p2pcache add --json {small} > {tmp_path}/small.json || exit 98
 {py} -m p2pcache add {big} 2> {tmp_path}/big.err; echo $? > {tmp_path}/big.rc
 {py} -m p2pcache verify --json > {tmp_path}/verify.json; echo $? > {tmp_path}/verify.rc
 {py} -m p2pcache get sha256:$({py} -c 'import json;print(json.load(open("{tmp_path}/small.json"))["sha256"])') -o {tmp_path}/small.out || exit 97
 {py} -m p2pcache gc --json > {tmp_path}/gc.json || exit 96
 """
-    proc = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], capture_output=True,
-                          timeout=120)
+    proc = run_on_tmpfs(tmp_path / "mnt", script)
     assert proc.returncode == 0, proc.stderr.decode()
     err = (tmp_path / "big.err").read_text()
     assert (tmp_path / "big.rc").read_text().strip() == "6", err

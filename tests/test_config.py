@@ -23,9 +23,24 @@ def test_default_file_loads_as_the_defaults(tmp_path):
     ("[swarm]\nmdns = \"yes\"\n", "swarm.mdns is \"private\", \"on\" or \"off\""),
     ("[turbo]\nx = 1\n", "unknown section \\[turbo\\]"),
     ("[nix]\npriority = true\n", "nix.priority has the wrong type"),
+    ("[gc]\nmax_size = \"lots\"\n", "gc.max_size 'lots' is not a size"),
+    ("[gc]\nhigh_watermark = 0.5\nlow_watermark = 0.8\n", "0 < low_watermark < high_watermark <= 1"),
+    ("[gc]\ninterval = \"often\"\n", "gc.interval has the wrong type"),
+    ("[gc]\nquota = 1\n", "unknown setting gc.quota"),
+    ("[log]\nalone_warning = \"x\"\n", "log.alone_warning has the wrong type"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, text, words):
     (tmp_path / "config.toml").write_text(text)
     with pytest.raises(InvalidInput, match=words) as e:
         config.load(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_gc_and_paths_relative_to_the_config_file(tmp_path):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "node.toml").write_text('[swarm]\nswarm_key = "team.key"\n[gc]\nmax_size = "1.5G"\nlow_watermark = 0.5\n')
+    cfg = config.load(tmp_path / "repo", etc / "node.toml")
+    assert cfg.max_size == 1536 << 20 and cfg.gc_low_watermark == 0.5 and cfg.gc_high_watermark == 0.9
+    assert cfg.swarm_key_path(tmp_path / "repo") == etc / "team.key"
+    assert config.load(tmp_path / "repo").swarm_key_path(tmp_path / "repo") is None

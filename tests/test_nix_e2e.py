@@ -221,6 +221,53 @@ def test_post_build_hook_pushes_outputs_to_the_local_node(nix, tmp_path, daemons
     assert (store_b / path.lstrip("/") / "out.txt").read_text() == "built\n"
 
 
+def test_post_build_hook_configured_in_real_nix_pushes_what_it_built(nix, tmp_path, daemons):
+    """Nix itself runs the hook after a real build (Nix 2.8.0 passes DRV_PATH and an empty OUT_PATHS,
+    NixOS/nix#6446): the outputs must reach the node anyway."""
+    a, b = _swarm(tmp_path, daemons)
+    seen = tmp_path / "hook-env"
+    hook = tmp_path / "p2pcache-hook"
+    hook.write_text(f"#!/bin/sh\necho \"OUT_PATHS=$OUT_PATHS DRV_PATH=$DRV_PATH\" >> {seen}\n"
+                    f"exec {sys.executable} -m p2pcache --repo {a.repo} nix-hook >> {tmp_path}/hook.log 2>&1\n")
+    hook.chmod(0o755)
+    token = secrets.token_hex(6)
+    expr = (f'derivation {{ name = "hooked-{token}"; system = builtins.currentSystem; builder = "/bin/sh"; '
+            f'args = [ "-c" "echo built-{token} > $out" ]; }}')
+    out = nix.out("nix-build", "--no-out-link", "-E", expr, config=f"post-build-hook = {hook}\n")
+    env_line = seen.read_text()
+    assert "DRV_PATH=/nix/store/" in env_line, env_line
+    log = (tmp_path / "hook.log").read_text()
+    assert "pushed 1 path" in log, (env_line, log)
+    store_hash = Path(out).name[:32]
+    assert httpx.get(f"{a.api}/{store_hash}.narinfo", timeout=30).status_code == 200
+    a.wait_announced(2)
+    store_b = tmp_path / "store-b"
+    nix.run("nix", "copy", "--from", b.api, "--to", str(store_b), out, config="require-sigs = false\n")
+    assert (store_b / out.lstrip("/")).read_text() == f"built-{token}\n"
+
+
+def test_a_nar_that_cannot_fit_in_the_quota_is_refused_before_any_byte(nix, tmp_path, daemons):
+    a, b = _swarm(tmp_path, daemons, b_extra=["--max-size", "64K"])
+    tree = tmp_path / f"big-{secrets.token_hex(4)}"
+    tree.mkdir()
+    (tree / "data.bin").write_bytes(os.urandom(300_000))
+    path = nix.out("nix-store", "--add", str(tree))
+    nix.run("nix", "copy", "--to", a.api, path, config=f"netrc-file = {a.netrc}\n")
+    a.wait_announced(2)
+    store_hash = Path(path).name[:32]
+    narinfo = httpx.get(f"{b.api}/{store_hash}.narinfo", timeout=60)
+    assert narinfo.status_code == 200
+    url = next(line.split(": ", 1)[1] for line in narinfo.text.splitlines() if line.startswith("URL: "))
+    r = httpx.get(f"{b.api}/{url}", timeout=60)
+    assert r.status_code == 507 and "more than this node's quota" in r.json()["error"], r.text
+    st = b.status()
+    assert st["roots"] == 0 and st["stored_bytes"] == 0 and st["gc"]["refused"] == 1
+    # and Nix, asked to substitute it from B, fails cleanly instead of filling B's disk
+    proc = nix.run("nix", "copy", "--from", b.api, "--to", str(tmp_path / "store-b"), path,
+                   config="require-sigs = false\ndownload-attempts = 1\n", check=False)
+    assert proc.returncode != 0 and b"507" in proc.stderr, proc.stderr.decode()
+
+
 def test_a_corrupt_pack_region_is_never_served_to_nix(tmp_path, daemons):
     """A NAR whose chunk rotted in its pack file: `verify` finds it, and the node's answer to Nix's GET of the
     NAR is an error or an aborted body, never the wrong bytes presented as whole."""

@@ -157,6 +157,9 @@ class NixCache:
         self.node = node
         self.config = config
         self.metrics = Metrics()
+        from .node_metrics import register_node_metrics
+
+        register_node_metrics(self.metrics.registry, node)
         self.narstore = RepoNarStore(node.repo, store_dir=config.store_dir)  # type: ignore[arg-type]
         self.local = None
         if config.serve_local_store:
@@ -447,6 +450,11 @@ class NixCache:
             pending = self._pending.get(store_hash)
             if pending is None:
                 raise HTTPError(404, f"store path {store_hash}: lost track of where to fetch it")
+            try:  # before the first block: a NAR that cannot fit in the quota or on the disk is refused whole
+                await self.node.quota.make_room(pending.narinfo.nar_size, f"the NAR of {info.store_path}",
+                                             in_operation=False)
+            except DiskFull as e:
+                raise HTTPError(507, str(e)) from None
             if pending.source == "peer":
                 async with self.node.taking_back_on_disk_full("nar-from-peers"):
                     await self._stream_from_peers(store_hash, pending, send)
@@ -547,7 +555,8 @@ class NixCache:
                 counted[0] += len(piece)
                 yield piece
 
-        await _feed_thread(pieces(), lambda it: self.narstore.add_nar(info, it), limiter=self.pull_threads)
+        async with self.node.quota.working():  # no quota gc while its blocks are unclaimed
+            await _feed_thread(pieces(), lambda it: self.narstore.add_nar(info, it), limiter=self.pull_threads)
         self.metrics.fetched.labels("upstream").inc(counted[0])
 
     async def _stream(self, send: Send, size: int, make_iter: Callable[[], Iterator[bytes]], source: str,
@@ -638,7 +647,8 @@ class NixCache:
             return self.narstore.add_nar(None, decompressed())
 
         try:
-            result = await _feed_thread(raw_body(), ingest)
+            async with self.node.quota.working():  # no quota gc while its blocks are unclaimed
+                result = await _feed_thread(raw_body(), ingest)
         except UploadRefused as e:
             self.metrics.uploads.labels("nar", "too_large" if e.status == 413 else "quota").inc()
             raise HTTPError(e.status, str(e)) from None
@@ -783,7 +793,14 @@ class NixCache:
                 self.metrics.mirror.labels("hit" if found else "miss").inc()
                 if not found:
                     raise HTTPError(404, f"nobody has {key.alias}")
-                await send_bytes(send, 200, b"", "application/octet-stream", head=True)
+                # The length a GET would send is what a provider's resolve answer says; if none
+                # answers in time, no Content-Length at all rather than a wrong one.
+                size = await self.node.size_at_peers(key.alias, found)
+                headers = [(b"content-type", b"application/octet-stream")]
+                if size is not None:
+                    headers.append((b"content-length", str(size).encode()))
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": b""})
                 return
             try:
                 await self.node.fetch(key.alias, lambda done, total: None)

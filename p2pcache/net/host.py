@@ -143,9 +143,15 @@ def _peer_id(text: str | ID) -> ID:
     if isinstance(text, ID):
         return text
     try:
-        return ID.from_base58(text)
+        peer = ID.from_base58(text)
     except Exception:
-        raise InvalidInput(f"{text!r} is not a peer ID") from None
+        peer = None
+    # Most short words are valid base58: a peer ID must also be a multihash (identity or sha2-256)
+    # of exactly its stated length.
+    raw = peer.to_bytes() if peer is not None else b""
+    if len(raw) < 3 or raw[0] not in (0x00, 0x12) or raw[1] != len(raw) - 2 or (raw[0] == 0x12 and raw[1] != 32):
+        raise InvalidInput(f"{text!r} is not a peer ID (12D3KooW… or Qm…, as `p2pcache status` prints it)")
+    return peer
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -163,6 +169,9 @@ class HostConfig:
     # A peer outside our private network sends noise, which some handshakes wait on rather than
     # reject: this bounds how long such a connection (or any slow dial) is kept.
     handshake_timeout: float = 10.0
+    # Warn once if bootstrap peers are configured and no peer has completed a handshake this many
+    # seconds after start (0: never) — the usual sign of a different swarm key.
+    alone_warning: float = 0.0
     mdns: bool = False  # advertise and find nodes of this swarm on the LAN (see `lan`); dials still gated
 
     def __post_init__(self) -> None:
@@ -175,7 +184,10 @@ class HostConfig:
                 raise InvalidInput(f"listen address {addr!r} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/4001)") from None
         if self.allow_peers is not None:
             for p in self.allow_peers:
-                _peer_id(p)
+                try:
+                    _peer_id(p)
+                except InvalidInput as e:
+                    raise InvalidInput(f"allowed peer (--allow-peer / swarm.allow_peers): {e}") from None
         for b in self.bootstrap:
             parse_peer_addr(b)
 
@@ -293,12 +305,14 @@ class NodeHost:
         return self._allowed is None or peer in self._allowed
 
     def addrs(self) -> list[multiaddr.Multiaddr]:
-        """Our listen addresses with /p2p/<peer id>, ready to hand to another node."""
+        """Our listen addresses with /p2p/<peer id>, ready to hand to another node: a wildcard
+        listen address (0.0.0.0, ::) stands for every address of this machine's interfaces."""
         suffix = f"/p2p/{self.peer_id.to_base58()}"
         out = []
         for a in self.libp2p.get_addrs():
             text = str(a)
-            out.append(multiaddr.Multiaddr(text if "/p2p/" in text else text + suffix))
+            for concrete in expand_wildcard(text):
+                out.append(multiaddr.Multiaddr(concrete if "/p2p/" in concrete else concrete + suffix))
         return out
 
     def connected_peers(self) -> list[ID]:
@@ -373,6 +387,8 @@ class NodeHost:
         if self._running:
             raise HostError("this host is already running")
         self._running = True
+        for addr in self.config.listen:
+            check_port_free(addr)
         events_send, events_recv = trio.open_memory_channel(math.inf)
         self.libp2p.get_network().register_notifee(_Notifee(events_send))
         try:
@@ -387,6 +403,8 @@ class NodeHost:
                     nursery.start_soon(self._pump_events, events_recv)
                     for addr in self.config.bootstrap:
                         nursery.start_soon(self._keep_connected, parse_peer_addr(addr))
+                    if self.config.bootstrap and self.config.alone_warning > 0:
+                        nursery.start_soon(self._warn_if_alone, self.config.alone_warning)
                     if self.config.mdns:
                         nursery.start_soon(self._discover_lan)
                     task_status.started(self)
@@ -394,6 +412,7 @@ class NodeHost:
         finally:
             self._running = False
             with trio.CancelScope(shield=True):
+                await _close_listeners(self.libp2p)
                 for s in self._subscribers:
                     s.close()
 
@@ -446,9 +465,20 @@ class NodeHost:
         self._changed.set()
         self._changed = trio.Event()
 
+    async def _warn_if_alone(self, after: float) -> None:
+        with trio.move_on_after(after):
+            while not self._conns:
+                await self._changed.wait()
+            return
+        log.warning("no peer completed a handshake within %g s of startup (bootstrap: %s): a different swarm key? "
+                    "Check that every node has the same swarm.key, that the bootstrap addresses and peer IDs are "
+                    "those `p2pcache status` prints there, and that the port is reachable",
+                    after, ", ".join(self.config.bootstrap))
+
     async def _keep_connected(self, info: PeerInfo) -> None:
         """Dial a bootstrap peer, redial with exponential backoff (and jitter) whenever it is lost."""
         delay = self.config.backoff_initial
+        warned = False
         while True:
             if not self.is_connected(info.peer_id):
                 # The swarm refuses, for 60 s, a peer whose addresses all failed; our own backoff
@@ -461,7 +491,10 @@ class NodeHost:
                     delay = self.config.backoff_initial
                     log.info("connected to bootstrap peer %s", info.peer_id)
                 except HostError as e:
-                    log.info("bootstrap dial failed, retrying in %.1fs: %s", delay, e)
+                    # the first failure is worth a warning; the retries are routine
+                    log.log(logging.INFO if warned else logging.WARNING,
+                            "bootstrap dial failed, retrying in %.1fs: %s", delay, e)
+                    warned = True
                     await trio.sleep(delay * random.uniform(0.8, 1.2))
                     delay = min(self.config.backoff_max, delay * 2)
                     continue
@@ -490,6 +523,66 @@ class NodeHost:
             log.info("connected to %s, found on the LAN", info.peer_id)
         except HostError as e:
             log.debug("peer found on the LAN, not connected: %s", e)
+
+
+def expand_wildcard(addr: str) -> list[str]:
+    """/ip4/0.0.0.0/tcp/N -> /ip4/<each interface address>/tcp/N, non-loopback first (what another
+    runner can dial); other addresses unchanged."""
+    parts = addr.split("/")
+    if len(parts) < 3 or (parts[1], parts[2]) not in (("ip4", "0.0.0.0"), ("ip6", "::")):
+        return [addr]
+    import socket
+
+    import psutil
+
+    family = socket.AF_INET if parts[1] == "ip4" else socket.AF_INET6
+    found: list[str] = []
+    for nic_addrs in psutil.net_if_addrs().values():
+        for a in nic_addrs:
+            if a.family == family and not a.address.startswith("fe80") and "%" not in a.address:
+                found.append(a.address)
+    found = sorted(set(found), key=lambda ip: (ip.startswith("127.") or ip == "::1", ip))
+    return ["/".join(parts[:2] + [ip] + parts[3:]) for ip in found] or [addr]
+
+
+async def _close_listeners(libp2p: Any) -> None:
+    """py-libp2p 0.8.1's swarm, stopped by cancellation, leaves its listening sockets open (the listener
+    close in its shutdown path is itself cancelled): a stopped host would keep its port, and with
+    SO_REUSEPORT a later host there would share it with a socket nobody accepts on. Close them
+    (shielded by the caller; closing twice is a no-op)."""
+    with trio.move_on_after(5):
+        for listener in list(getattr(libp2p.get_network(), "listeners", {}).values()):
+            try:
+                await listener.close()
+            except Exception as e:  # a listener half torn down already: nothing more to release
+                log.debug("closing a listener: %s", e)
+
+
+def check_port_free(addr: str) -> None:
+    """Refuse a fixed TCP port another process listens on. py-libp2p listens with SO_REUSEPORT (for
+    hole punching), so a second node on the same port would start and share it with the first —
+    and half the dials would reach the wrong node. A probe without SO_REUSEPORT cannot bind a port
+    anyone listens on, so it tells."""
+    import socket
+
+    ma = multiaddr.Multiaddr(addr)
+    protos = {p.name for p in ma.protocols()}
+    if "tcp" not in protos:
+        return
+    port = int(ma.value_for_protocol("tcp"))
+    if port == 0:
+        return
+    family, host = ((socket.AF_INET6, ma.value_for_protocol("ip6")) if "ip6" in protos
+                    else (socket.AF_INET, ma.value_for_protocol("ip4") if "ip4" in protos else "0.0.0.0"))
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is no listener
+        probe.bind((host, port))
+    except OSError as e:
+        raise HostError(f"cannot listen on {addr}: {e.strerror} (TCP port {port} is taken, maybe by another "
+                        f"p2pcache daemon; pick another --listen port or stop that process)") from None
+    finally:
+        probe.close()
 
 
 def _x25519_private() -> Any:

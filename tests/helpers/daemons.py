@@ -111,3 +111,14 @@ def _readline(proc: subprocess.Popen, timeout: float) -> bytes:
     if not sel.select(timeout):
         return b""
     return proc.stdout.readline()
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

@@ -571,7 +571,6 @@ class Node:
                 fetched.set()
         if failure is not None:
             raise failure
-        self.stats.bytes_fetched += max(0, self.repo.stored_bytes() - before)
         if check_after and await trio.to_thread.run_sync(self.repo.sha512, root) != key.digest:
             raise FetchError(f"a peer answered {root} for {alias}, but that archive has a different {key.algo}")
         progress(manifest.size, manifest.size)

@@ -169,7 +169,8 @@ def test_metrics_cover_peers_repo_bitswap_dht_and_the_process(pair):
         assert m[("process_resident_memory_bytes", ())] > 0 and m[("process_open_fds", ())] > 0
     assert mb[("p2pcache_repo_bytes", ())] == b.status()["stored_bytes"] > len(data)
     assert mb[("p2pcache_repo_quota_bytes", ())] == 64 << 20 and ma[("p2pcache_repo_quota_bytes", ())] == 0
-    got = mb[("p2pcache_bitswap_bytes_total", (("direction", "received"), ("kind", "unique")))]
+    got = (mb[("p2pcache_bitswap_bytes_total", (("direction", "received"), ("kind", "unique")))]
+           + mb[("p2pcache_dag_bytes_total", (("kind", "unique"),))])
     sent = ma[("p2pcache_bitswap_bytes_total", (("direction", "sent"), ("kind", "unique")))]
     assert got >= len(data) and sent >= len(data)
     assert mb[("p2pcache_bitswap_blocks_total", (("direction", "received"), ("kind", "duplicate")))] == 0

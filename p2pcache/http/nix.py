@@ -450,9 +450,11 @@ class NixCache:
             pending = self._pending.get(store_hash)
             if pending is None:
                 raise HTTPError(404, f"store path {store_hash}: lost track of where to fetch it")
+            operation = "nar-from-peers" if pending.source == "peer" else "nar-from-upstream"
             try:  # before the first block: a NAR that cannot fit in the quota or on the disk is refused whole
-                await self.node.quota.make_room(pending.narinfo.nar_size, f"the NAR of {info.store_path}",
-                                             in_operation=False)
+                async with self.node.taking_back_on_disk_full(operation):  # counted as any disk-full is
+                    await self.node.quota.make_room(pending.narinfo.nar_size, f"the NAR of {info.store_path}",
+                                                 in_operation=False)
             except DiskFull as e:
                 raise HTTPError(507, str(e)) from None
             if pending.source == "peer":

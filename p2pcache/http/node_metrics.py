@@ -57,6 +57,19 @@ class NodeCollector(Collector):
             nbytes.add_metric(["received", "duplicate"], st.duplicate_bytes)
         yield blocks
         yield nbytes
+        dag = getattr(node, "dag", None)
+        if dag is not None:  # whole-DAG streams (/p2pcache/dag/1.0.0); what they serve is in the sent counts above
+            t = dag.stats
+            dblocks = CounterMetricFamily("p2pcache_dag_blocks", "DAG-transfer blocks received by kind",
+                                          labels=["kind"])
+            dbytes = CounterMetricFamily("p2pcache_dag_bytes", "DAG-transfer block bytes received by kind",
+                                         labels=["kind"])
+            dblocks.add_metric(["unique"], t.blocks)
+            dblocks.add_metric(["duplicate"], t.duplicate_blocks)
+            dbytes.add_metric(["unique"], t.bytes)
+            dbytes.add_metric(["duplicate"], t.duplicate_bytes)
+            yield dblocks
+            yield dbytes
 
         if node.finder is not None:
             f = node.finder.stats

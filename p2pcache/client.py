@@ -121,3 +121,25 @@ class DaemonClient:
         return self._stream("/api/v0/fetch", {"key": key}, progress)
 
 
+
+    def prefetch(self, dependencies: list[dict], jobs: int, on_event: Callable[[dict], None]) -> dict:
+        """Lock-file prefetch in the daemon: `entry` and `progress` events go to `on_event`; returns the summary."""
+        try:
+            with self.http.stream("POST", "/api/v0/prefetch", json={"dependencies": dependencies, "jobs": jobs}) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise (InvalidInput if r.status_code == 400 else RepoError)(
+                        f"daemon answered {r.status_code}: {r.text.strip()}")
+                for line in r.iter_lines():
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    kind = event.pop("event", None)
+                    if kind == "done":
+                        return event
+                    if kind == "error":
+                        raise _CODES.get(event.get("code"), P2PCacheError)(event["message"])
+                    on_event({"event": kind, **event})
+        except httpx.HTTPError as e:
+            raise RepoError(f"lost the daemon at {self.info['api']}: {e}") from None
+        raise RepoError("daemon closed the response without an answer")

@@ -7,6 +7,8 @@
     POST /api/v0/fetch-url {"url", "hash"} the swarm if anyone has it, else the URL; verify, add, announce
     POST /api/v0/gc {"max_size"?}          gc in the daemon; evicted roots are withdrawn from the DHT
     POST /api/v0/pin, /api/v0/unpin {"key"}
+    POST /api/v0/prefetch {"dependencies": [...], "jobs"}  lock-file dependencies: repo → swarm → origin,
+                                   each verified; NDJSON `entry` and `progress` events, then `done` (summary)
 
 Long operations answer NDJSON: `{"event": "progress", "bytes": n, "total": t}` lines, then one
 `{"event": "done", ...}` or `{"event": "error", "message", "code"}` line. The API listens on loopback
@@ -112,6 +114,9 @@ def make_app(node: NodeAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]
                 if not isinstance(body.get("url"), str) or not isinstance(body.get("hash"), str):
                     raise HTTPError(400, "fetch-url needs a JSON body with 'url' and 'hash' strings")
                 await send_ndjson(send, _progress_stream(lambda p: node.fetch_url(body["url"], body["hash"], p)))
+            elif path == "/api/v0/prefetch" and method == "POST":
+                deps, jobs = _prefetch_request(await read_json(receive, limit=64 << 20))
+                await send_ndjson(send, _prefetch_stream(node, deps, jobs))
             else:
                 await _extra_routes(node, scope, receive, send)
         except HTTPError as e:
@@ -120,6 +125,35 @@ def make_app(node: NodeAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]
             await send_error(send, 400 if e.exit_code == 2 else 404 if e.exit_code == 3 else 500, str(e))
 
     return app
+
+
+def _prefetch_request(body: dict) -> tuple[list, int]:
+    from ..prefetch import dependency_from_json
+
+    deps = body.get("dependencies")
+    jobs = body.get("jobs", 8)
+    if not isinstance(deps, list) or not isinstance(jobs, int) or not 1 <= jobs <= 256:
+        raise HTTPError(400, "prefetch needs a JSON body with a 'dependencies' list and 'jobs' (1-256)")
+    return [dependency_from_json(d) for d in deps], jobs
+
+
+async def _prefetch_stream(node: Any, parsed: list, jobs: int) -> AsyncIterator[dict]:
+    """The prefetch service's events as NDJSON: an `entry` per dependency, `progress`, then `done`."""
+    send_ch, recv_ch = trio.open_memory_channel[dict](math.inf)
+
+    async def runner() -> None:
+        async with send_ch:
+            try:
+                summary = await node.prefetch(parsed, jobs, send_ch.send_nowait)
+                await send_ch.send({"event": "done", **summary})
+            except P2PCacheError as e:
+                await send_ch.send({"event": "error", "message": str(e), "code": e.exit_code})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner)
+        async with recv_ch:
+            async for event in recv_ch:
+                yield event
 
 
 async def _extra_routes(node: Any, scope: Scope, receive: Receive, send: Send) -> None:

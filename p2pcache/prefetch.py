@@ -150,8 +150,7 @@ class _Check:
         else:
             got = self.h.digest()
         if got != self.want.digest:
-            raise CorruptData(f"hash mismatch: {self.dep.label} should have {self.want}, got "
-                              f"{DepHash(self.want.algo, got)}")
+            raise CorruptData(f"the bytes hash to {DepHash(self.want.algo, got)}, the lock file says {self.want}")
 
     def close(self) -> None:
         if self.zip is not None:
@@ -226,7 +225,7 @@ class Prefetcher:
     async def fetch(self, dep: Dependency) -> Outcome:
         """One dependency: repo → swarm → origin. Never raises for the dependency's own failures."""
         if dep.error or dep.hash is None:
-            return Outcome(dep, failure="unknown hash", message=f"{dep.label}: {dep.error or 'no hash'}")
+            return Outcome(dep, failure="unknown hash", message=dep.error or "no hash")
         alias = dep.hash.alias
         try:
             root = self.repo.index.resolve_alias(alias)
@@ -242,7 +241,7 @@ class Prefetcher:
         except P2PCacheError as e:
             status = getattr(e, "status", None)
             kind = f"origin {status}" if status else ("no URL" if "no URL" in str(e) else "origin error")
-            return Outcome(dep, failure=kind, message=f"{dep.label}: {e}")
+            return Outcome(dep, failure=kind, message=str(e))
 
     # -- the swarm ---------------------------------------------------------------------------------
     async def _from_swarm(self, dep: Dependency) -> Outcome | None:
@@ -307,7 +306,7 @@ class Prefetcher:
             why = ("no peer has it and berry's checksum cannot verify a registry tarball"
                    if dep.kind == "yarn-berry" else "no peer has it and the lock file gives no URL; "
                    "configure the registry (--registry KIND=URL / --index-url)")
-            return Outcome(dep, failure="no URL", message=f"{dep.label}: {why}")
+            return Outcome(dep, failure="no URL", message=why)
         from .aio import feed_thread
 
         name = dep.filename.rsplit("/", 1)[-1] if dep.filename else url.rstrip("/").rsplit("/", 1)[-1]

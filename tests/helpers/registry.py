@@ -11,6 +11,7 @@ import json
 import tarfile
 import threading
 import time
+import urllib.parse
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -35,10 +36,11 @@ def sri(data: bytes, algo: str = "sha512") -> str:
     return f"{algo}-" + base64.b64encode(hashlib.new(algo, data).digest()).decode()
 
 
-def wheel(name: str, version: str) -> tuple[str, bytes]:
+def wheel(name: str, version: str, requires: tuple[str, ...] = ()) -> tuple[str, bytes]:
     dist = name.replace("-", "_")
+    reqs = "".join(f"Requires-Dist: {r}\n" for r in requires)
     files = {f"{dist}/__init__.py": f"VERSION = {version!r}\n".encode(),
-             f"{dist}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+             f"{dist}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{reqs}".encode(),
              f"{dist}-{version}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
     record = "".join(f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}\n"
                      for p, d in files.items()) + f"{dist}-{version}.dist-info/RECORD,,\n"
@@ -84,16 +86,20 @@ class Registry:
             def log_message(self, *a):
                 pass
 
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
+            def do_HEAD(self):
+                self.do_GET(head=True)
+
+            def do_GET(self, head: bool = False):
+                path = urllib.parse.unquote(self.path.split("?", 1)[0])
                 registry.requests.append(path)
                 if registry.delay:
                     time.sleep(registry.delay)
-                name = path.lstrip("/").replace("%2f", "/").replace("%2F", "/")
+                name = path.lstrip("/")
                 if path.startswith("/npm/") and name[4:] in registry.packuments:
                     body, ctype = json.dumps(registry.packuments[name[4:]]).encode(), "application/json"
                 elif path in registry.files:
-                    body, ctype = registry.files[path], "application/octet-stream"
+                    body = registry.files[path]
+                    ctype = "text/html" if path.startswith("/simple/") else "application/octet-stream"
                     if path in registry.broken:
                         body = b"not the package you locked" + body[:10]
                 else:
@@ -105,7 +111,8 @@ class Registry:
                 self.send_header("content-type", ctype)
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not head:
+                    self.wfile.write(body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

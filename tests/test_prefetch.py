@@ -184,8 +184,7 @@ def test_uv_lock_pylock_and_poetry_then_uv_and_pip_install_offline(tmp_path, reg
 
 def test_cargo_lock_prefetched_into_a_vendor_directory_cargo_builds_from(tmp_path, registry):
     cargo = shutil.which("cargo") or str(Path.home() / ".cargo/bin/cargo")
-    if not os.path.exists(cargo):
-        pytest.skip("cargo is not installed on this machine (it has no Debian package in the test deps)")
+    assert os.path.exists(cargo), "cargo is installed by scripts/install-system-deps.sh (Debian cargo)"
     proj = tmp_path / "app"
     (proj / "src").mkdir(parents=True)
     (proj / "Cargo.toml").write_text('[package]\nname = "app"\nversion = "0.1.0"\nedition = "2021"\n\n'

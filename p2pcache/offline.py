@@ -63,6 +63,8 @@ def _yarn_mirror_name(dep: Dependency) -> str:
 def _vendor_crate(repo: Repo, root: CID, dep: Dependency, out: Path) -> None:
     """Unpack a .crate into `cargo-vendor/<name>-<version>/` with the `.cargo-checksum.json` cargo checks."""
     assert dep.hash is not None
+    if "/" in dep.name or "/" in dep.version or dep.name.startswith("."):
+        raise InvalidInput(f"crate {dep.label!r}: not a crate name and version; refusing to write it")
     dest = out / "cargo-vendor" / f"{dep.name}-{dep.version}"
     if (dest / ".cargo-checksum.json").exists():
         return

@@ -87,7 +87,10 @@ class DaemonClient:
     def peers(self) -> list:
         return self._get("/api/v0/peers")  # type: ignore[return-value]
 
-    def _stream(self, path: str, body: dict, progress: Callable[[int, int | None], None] | None) -> dict:
+    def _stream(self, path: str, body: dict, progress: Callable[[int, int | None], None] | None,
+                on_event: Callable[[dict], None] | None = None) -> dict:
+        """POST and follow the NDJSON answer: progress events to `progress` (or, with no `progress`, every
+        other event to `on_event`) until `done` (returned) or `error` (raised)."""
         try:
             with self.http.stream("POST", path, json=body) as r:
                 if r.status_code != 200:
@@ -98,13 +101,14 @@ class DaemonClient:
                         continue
                     event = json.loads(line)
                     kind = event.pop("event", None)
-                    if kind == "progress":
-                        if progress:
-                            progress(event["bytes"], event.get("total"))
-                    elif kind == "done":
+                    if kind == "done":
                         return event
                     elif kind == "error":
                         raise _CODES.get(event.get("code"), P2PCacheError)(event["message"])
+                    elif kind == "progress" and progress:
+                        progress(event["bytes"], event.get("total"))
+                    elif on_event:
+                        on_event({"event": kind, **event})
         except httpx.HTTPError as e:
             raise RepoError(f"lost the daemon at {self.info['api']}: {e}") from None
         raise RepoError("daemon closed the response without an answer")
@@ -124,22 +128,4 @@ class DaemonClient:
 
     def prefetch(self, dependencies: list[dict], jobs: int, on_event: Callable[[dict], None]) -> dict:
         """Lock-file prefetch in the daemon: `entry` and `progress` events go to `on_event`; returns the summary."""
-        try:
-            with self.http.stream("POST", "/api/v0/prefetch", json={"dependencies": dependencies, "jobs": jobs}) as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise (InvalidInput if r.status_code == 400 else RepoError)(
-                        f"daemon answered {r.status_code}: {r.text.strip()}")
-                for line in r.iter_lines():
-                    if not line:
-                        continue
-                    event = json.loads(line)
-                    kind = event.pop("event", None)
-                    if kind == "done":
-                        return event
-                    if kind == "error":
-                        raise _CODES.get(event.get("code"), P2PCacheError)(event["message"])
-                    on_event({"event": kind, **event})
-        except httpx.HTTPError as e:
-            raise RepoError(f"lost the daemon at {self.info['api']}: {e}") from None
-        raise RepoError("daemon closed the response without an answer")
+        return self._stream("/api/v0/prefetch", {"dependencies": dependencies, "jobs": jobs}, None, on_event)

@@ -34,20 +34,16 @@ class NodeAPI(Protocol):
     def peers(self) -> list[dict]: ...
     async def add_file(self, path: str, name: str | None, progress: ProgressFn) -> dict: ...
     async def fetch(self, key: str, progress: ProgressFn) -> dict: ...
+    async def prefetch(self, deps: list, jobs: int, on_event: Callable[[dict], None]) -> dict: ...
 
 
-async def _progress_stream(run: Callable[[ProgressFn], Awaitable[dict]]) -> AsyncIterator[dict]:
-    """Run an operation, yielding throttled progress events and then its outcome."""
+def _event_stream(run: Callable[[Callable[[dict], None]], Awaitable[dict]]) -> AsyncIterator[dict]:
+    """Run an operation that emits events (from trio or from a worker thread): yield them, then its
+    outcome as a `done` or `error` event."""
     send_ch, recv_ch = trio.open_memory_channel[dict](math.inf)
     token = trio.lowlevel.current_trio_token()
-    last = [0.0]
 
-    def progress(done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if now - last[0] < 0.1 and (total is None or done < total):
-            return
-        last[0] = now
-        event = {"event": "progress", "bytes": done, "total": total}
+    def emit(event: dict) -> None:
         try:
             trio.lowlevel.current_trio_token()
             send_ch.send_nowait(event)
@@ -57,16 +53,36 @@ async def _progress_stream(run: Callable[[ProgressFn], Awaitable[dict]]) -> Asyn
     async def runner() -> None:
         async with send_ch:
             try:
-                result = await run(progress)
+                result = await run(emit)
                 await send_ch.send({"event": "done", **result})
             except P2PCacheError as e:
                 await send_ch.send({"event": "error", "message": str(e), "code": e.exit_code})
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(runner)
-        async with recv_ch:
-            async for event in recv_ch:
-                yield event
+    async def events() -> AsyncIterator[dict]:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner)
+            async with recv_ch:
+                async for event in recv_ch:
+                    yield event
+
+    return events()
+
+
+def _progress_stream(run: Callable[[ProgressFn], Awaitable[dict]]) -> AsyncIterator[dict]:
+    """Run an operation, yielding throttled progress events and then its outcome."""
+    last = [0.0]
+
+    def with_progress(emit: Callable[[dict], None]) -> Awaitable[dict]:
+        def progress(done: int, total: int | None) -> None:
+            now = time.monotonic()
+            if now - last[0] < 0.1 and (total is None or done < total):
+                return
+            last[0] = now
+            emit({"event": "progress", "bytes": done, "total": total})
+
+        return run(progress)
+
+    return _event_stream(with_progress)
 
 
 def make_app(node: NodeAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
@@ -137,23 +153,9 @@ def _prefetch_request(body: dict) -> tuple[list, int]:
     return [dependency_from_json(d) for d in deps], jobs
 
 
-async def _prefetch_stream(node: Any, parsed: list, jobs: int) -> AsyncIterator[dict]:
+def _prefetch_stream(node: Any, parsed: list, jobs: int) -> AsyncIterator[dict]:
     """The prefetch service's events as NDJSON: an `entry` per dependency, `progress`, then `done`."""
-    send_ch, recv_ch = trio.open_memory_channel[dict](math.inf)
-
-    async def runner() -> None:
-        async with send_ch:
-            try:
-                summary = await node.prefetch(parsed, jobs, send_ch.send_nowait)
-                await send_ch.send({"event": "done", **summary})
-            except P2PCacheError as e:
-                await send_ch.send({"event": "error", "message": str(e), "code": e.exit_code})
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(runner)
-        async with recv_ch:
-            async for event in recv_ch:
-                yield event
+    return _event_stream(lambda emit: node.prefetch(parsed, jobs, emit))
 
 
 async def _extra_routes(node: Any, scope: Scope, receive: Receive, send: Send) -> None:

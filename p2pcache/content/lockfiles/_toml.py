@@ -18,3 +18,12 @@ def load(path: str, text: str) -> dict:
         if m:
             raise LockParseError(path, m.group(1), int(m.group(2)), int(m.group(3))) from None
         raise LockParseError(path, str(e)) from None
+
+
+def tables(path: str, text: str, key: str = "package") -> list[dict]:
+    """The `[[key]]` tables of a TOML lock file (Cargo.lock, uv.lock, poetry.lock)."""
+    doc = load(path, text)
+    found = doc.get(key)
+    if not isinstance(found, list) or not all(isinstance(t, dict) for t in found):
+        raise LockParseError(path, f"no [[{key}]] tables")
+    return found

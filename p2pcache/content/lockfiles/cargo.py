@@ -8,8 +8,8 @@ them gets `/{crate}/{version}/download` appended, as Cargo does. Git and path de
 
 from __future__ import annotations
 
-from . import LockFile, LockParseError, Registries, Skipped, hashed
-from ._toml import load
+from . import LockFile, Registries, Skipped, hashed
+from ._toml import tables
 from .hashes import from_hex
 
 _MARKERS = ("{crate}", "{version}", "{prefix}", "{lowerprefix}", "{sha256-checksum}")
@@ -33,11 +33,7 @@ def dl_url(template: str, name: str, version: str, checksum: str) -> str:
 
 
 def parse(path: str, text: str, registries: Registries, lock: LockFile) -> None:
-    doc = load(path, text)
-    packages = doc.get("package")
-    if not isinstance(packages, list):
-        raise LockParseError(path, "no [[package]] tables")
-    for pkg in packages:
+    for pkg in tables(path, text):
         name, version = str(pkg.get("name", "")), str(pkg.get("version", ""))
         source = pkg.get("source")
         if source is None:

@@ -5,17 +5,13 @@ file and url sources are skipped (no index file to verify against)."""
 
 from __future__ import annotations
 
-from . import LockFile, LockParseError, Registries, Skipped, hashed
-from ._toml import load
+from . import LockFile, Registries, Skipped, hashed
+from ._toml import tables
 from .hashes import parse_prefixed
 
 
 def parse(path: str, text: str, registries: Registries, lock: LockFile) -> None:
-    doc = load(path, text)
-    packages = doc.get("package")
-    if not isinstance(packages, list):
-        raise LockParseError(path, "no [[package]] tables")
-    for pkg in packages:
+    for pkg in tables(path, text):
         name, version = str(pkg.get("name", "")), str(pkg.get("version", ""))
         source = pkg.get("source") or {}
         stype = source.get("type")

@@ -3,19 +3,15 @@
 
 from __future__ import annotations
 
-from . import LockFile, LockParseError, Registries, Skipped, hashed, url_basename
-from ._toml import load
+from . import LockFile, Registries, Skipped, hashed, url_basename
+from ._toml import tables
 from .hashes import parse_prefixed
 
 _LOCAL = ("path", "directory", "editable", "virtual")
 
 
 def parse(path: str, text: str, registries: Registries, lock: LockFile) -> None:
-    doc = load(path, text)
-    packages = doc.get("package")
-    if not isinstance(packages, list):
-        raise LockParseError(path, "no [[package]] tables")
-    for pkg in packages:
+    for pkg in tables(path, text):
         name, version = str(pkg.get("name", "")), str(pkg.get("version", ""))
         source = pkg.get("source") or {}
         if "git" in source:

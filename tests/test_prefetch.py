@@ -18,6 +18,7 @@ import pytest
 from .conftest import run_cli
 from .helpers.daemons import start_daemon
 from .helpers.registry import Registry, crate, go_module, npm_tarball, sri, wheel
+from .test_nix_e2e import daemons  # noqa: F401  (real daemons, stopped after the test)
 
 PY = sys.executable
 
@@ -27,14 +28,6 @@ def registry():
     r = Registry().start()
     yield r
     r.stop()
-
-
-@pytest.fixture
-def daemons():
-    started = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def _lines(proc) -> list[dict]:

@@ -52,6 +52,10 @@ serve_local_store = false
 upstreams = []
 # Sign the narinfos this node serves with this key (nix-store --generate-binary-cache-key).
 secret_key_file = ""
+
+# [prefetch.registries]
+# Registry base URLs for `p2pcache prefetch` / `lock2nix` when a lock file has no full URLs
+# (--registry KIND=URL overrides): npm = "…", cargo = "<dl template>", pypi = "<simple index>", go = "<GOPROXY>", gem = "…"
 """
 
 
@@ -121,6 +125,9 @@ def load(repo: Path) -> NodeConfig:
                     raise InvalidInput(f"{path}: nix.{key} has the wrong type ({type(value).__name__})")
                 setattr(cfg.nix, key, float(value) if want is float else value)
             continue
+        if section == "prefetch" and isinstance(values, dict):
+            _check_prefetch(path, values)  # read by `p2pcache prefetch` / `lock2nix`, not by the daemon
+            continue
         mapping = _SECTIONS.get(section)
         if mapping is None or not isinstance(values, dict):
             raise InvalidInput(f"{path}: unknown section [{section}]")
@@ -136,3 +143,17 @@ def load(repo: Path) -> NodeConfig:
                 raise InvalidInput(f"{path}: {section}.{key} has the wrong type ({type(value).__name__})")
             setattr(cfg, attr, float(value) if "float" in str(want) else value)
     return cfg
+
+
+PREFETCH_REGISTRY_KINDS = ("npm", "cargo", "pypi", "go", "gem")
+
+
+def _check_prefetch(path: Path, values: dict) -> None:
+    """`[prefetch.registries]`: registry base URLs for lock files without full URLs (KIND = "URL")."""
+    for key, value in values.items():
+        if key != "registries" or not isinstance(value, dict):
+            raise InvalidInput(f"{path}: unknown setting prefetch.{key} (only [prefetch.registries])")
+        for kind, url in value.items():
+            if kind not in PREFETCH_REGISTRY_KINDS or not isinstance(url, str):
+                raise InvalidInput(f"{path}: prefetch.registries.{kind} must be a URL string, KIND one of "
+                                   f"{', '.join(PREFETCH_REGISTRY_KINDS)}")

@@ -86,6 +86,16 @@ def test_lock_without_urls_uses_the_configured_registry(tmp_path, registry):
     proc = run_cli("prefetch", str(proj / "package-lock.json"), "--json", "--registry", f"npm={registry.url}/npm",
                    repo=repo, check=True)
     assert _summary(proc)["origin"] == 2
+    # the same base URL from the repo's config.toml (which the daemon's own config reader accepts too)
+    from p2pcache.config import load
+
+    repo2 = tmp_path / "repo2"
+    run_cli("init", repo=repo2, check=True)
+    with open(repo2 / "config.toml", "a") as f:
+        f.write(f'\n[prefetch.registries]\nnpm = "{registry.url}/npm"\n')
+    load(repo2)
+    proc = run_cli("prefetch", str(proj / "package-lock.json"), "--json", repo=repo2, check=True)
+    assert _summary(proc)["origin"] == 2
 
 
 def test_bad_entries_fail_alone_and_record_nothing(tmp_path, registry):

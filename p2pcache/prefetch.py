@@ -28,7 +28,7 @@ from .content.gomod import gomod_hash, zip_hash
 from .content.keys import HashKey
 from .content.lockfiles import Dependency, DepHash
 from .content.manifest import ArchiveManifest, iter_chunks
-from .errors import CorruptData, InvalidInput, NotFound, P2PCacheError
+from .errors import CorruptData, InvalidInput, NotFound, OriginError, P2PCacheError
 from .store.repo import Repo
 
 __all__ = ["Origin", "Outcome", "Prefetcher", "Summary", "Swarm", "dependency_from_json", "dependency_to_json"]
@@ -238,10 +238,10 @@ class Prefetcher:
             return await self._from_origin(dep)
         except CorruptData as e:
             return Outcome(dep, failure="hash mismatch", message=str(e))
-        except P2PCacheError as e:
-            status = getattr(e, "status", None)
-            kind = f"origin {status}" if status else ("no URL" if "no URL" in str(e) else "origin error")
-            return Outcome(dep, failure=kind, message=str(e))
+        except OriginError as e:
+            return Outcome(dep, failure=f"origin {e.status}" if e.status else "origin error", message=str(e))
+        except P2PCacheError as e:  # the repo's own trouble (disk full, …): this entry fails, the rest go on
+            return Outcome(dep, failure="error", message=str(e))
 
     # -- the swarm ---------------------------------------------------------------------------------
     async def _from_swarm(self, dep: Dependency) -> Outcome | None:

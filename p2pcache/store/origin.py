@@ -16,17 +16,9 @@ from urllib.parse import urljoin
 
 import httpx
 
-from ..errors import NotFound
+from ..errors import OriginError
 
 __all__ = ["HttpOrigin", "OriginError"]
-
-
-class OriginError(NotFound):
-    """The origin answered something other than the file (a status), or not at all."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
 
 
 class _Links(html.parser.HTMLParser):

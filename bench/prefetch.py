@@ -11,7 +11,8 @@ Full: 2,000 dependencies × 512 KiB (1 GiB); --quick: 400 × 256 KiB (100 MiB). 
   verified (what a cache-less CI job pays);
 - peer: daemon B (bootstrapped to A) runs the same prefetch with the origin stopped: every dependency
   from A over the swarm, each archive verified against the lock file's sha512 and its manifest's hashes;
-- local: B runs it again (everything local);
+- local: B runs it again (everything local), at once (B still announcing what it fetched) and once B's
+  announcer is idle;
 - parsing: 10,000-entry package-lock.json and Cargo.lock texts, entries/s.
 Ratios: peer bytes/s ÷ origin bytes/s (goal ≥ 0.8) and ÷ plain download. Table on stderr, JSON lines on stdout.
 """
@@ -98,7 +99,10 @@ def prefetch(daemon, lockfile: Path, jobs: int) -> tuple[float, dict]:
     proc = daemon.cli("prefetch", str(lockfile), "-j", str(jobs), "--json", check=False, timeout=3600)
     elapsed = time.perf_counter() - t
     lines = [json.loads(x) for x in proc.stdout.decode().splitlines() if x.strip()]
-    summary = [x for x in lines if x.get("event") == "summary"][-1]
+    summaries = [x for x in lines if x.get("event") == "summary"]
+    if not summaries:
+        raise SystemExit(f"prefetch exited {proc.returncode} without a summary: {proc.stderr.decode()[-2000:]}")
+    summary = summaries[-1]
     if summary["failed"]:
         raise SystemExit(f"prefetch failed: {proc.stderr.decode()[-2000:]}")
     return elapsed, summary
@@ -177,23 +181,30 @@ def main() -> int:
         server = None
         t_peer, s = prefetch(b, lockfile, args.jobs)
         assert s["peer"] == n, s
-        t_local, s = prefetch(b, lockfile, args.jobs)
+        t_local, s = prefetch(b, lockfile, args.jobs)  # B is still announcing what it just fetched
+        assert s["local"] == n, s
+        t = time.perf_counter()
+        while b.status()["announce"]["pending"] and time.perf_counter() - t < 900:
+            time.sleep(0.5)
+        t_idle, s = prefetch(b, lockfile, args.jobs)  # B idle again
         assert s["local"] == n, s
 
         rows = [("plain download (no cache, not stored)", t_plain), ("origin → A (verify, add, announce)", t_origin),
-                ("peer A → B (verify, add, announce)", t_peer), ("all local on B", t_local)]
+                ("peer A → B (verify, add, announce)", t_peer), ("all local on B, B still announcing", t_local),
+                ("all local on B, B idle", t_idle)]
         for label, t in rows:
             log(f"  {label:40} {t:7.2f} s  {total / t / MiB:8.1f} MiB/s")
         ratio = t_origin / t_peer
         log(f"  peer ÷ origin bytes/s: {ratio:.2f}× (goal ≥ 0.8)   peer ÷ plain download: {t_plain / t_peer:.2f}×"
-            f"   all local: {t_local:.2f} s (goal ≤ 2 s)")
+            f"   all local: {t_local:.2f} s while announcing, {t_idle:.2f} s idle (goal ≤ 2 s)")
         common = {"deps": n, "bytes": total, "jobs": args.jobs}
         emit("peer_vs_origin_bytes_per_s", ratio, "ratio", "higher", goal=0.8, **common)
         emit("peer_vs_plain_download_bytes_per_s", t_plain / t_peer, "ratio", "higher", **common)
         emit("peer_mib_per_s", total / t_peer / MiB, "MiB/s", "higher", **common)
         emit("origin_mib_per_s", total / t_origin / MiB, "MiB/s", "higher", **common)
         emit("plain_download_mib_per_s", total / t_plain / MiB, "MiB/s", "higher", **common)
-        emit("all_local_seconds", t_local, "s", "lower", goal=2.0, **common)
+        emit("all_local_seconds", t_idle, "s", "lower", goal=2.0, **common)
+        emit("all_local_while_announcing_seconds", t_local, "s", "lower", goal=2.0, **common)
         return 0
     finally:
         for d in daemons:

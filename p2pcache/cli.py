@@ -523,12 +523,13 @@ def cmd_prefetch(args: argparse.Namespace, out: Output) -> int:
     started = time.monotonic()
 
     def on_event(event: dict) -> None:
-        if event["event"] == "entry":
-            entries[event["index"]] = event
-            if args.json:
-                out.emit({k: v for k, v in event.items() if k != "index"}, "")
-        elif event["event"] == "progress" and show:
-            print(f"\r{event['done']}/{event['total']} dependencies, {human(event['bytes'])} fetched",
+        if event["event"] != "entry":
+            return
+        entries[event["index"]] = event
+        if args.json:
+            out.emit({k: v for k, v in event.items() if k not in ("index", "done", "of", "fetched")}, "")
+        if show:
+            print(f"\r{event['done']}/{event['of']} dependencies, {human(event['fetched'])} fetched",
                   end="", file=sys.stderr, flush=True)
 
     client = _daemon(args) if Repo.exists(_repo_path(args)) else None

@@ -99,16 +99,17 @@ class DaemonClient:
                 for line in r.iter_lines():
                     if not line:
                         continue
-                    event = json.loads(line)
-                    kind = event.pop("event", None)
-                    if kind == "done":
-                        return event
-                    elif kind == "error":
-                        raise _CODES.get(event.get("code"), P2PCacheError)(event["message"])
-                    elif kind == "progress" and progress:
-                        progress(event["bytes"], event.get("total"))
-                    elif on_event:
-                        on_event({"event": kind, **event})
+                    first = json.loads(line)
+                    for event in first["events"] if first.get("event") == "batch" else [first]:
+                        kind = event.pop("event", None)
+                        if kind == "done":
+                            return event
+                        elif kind == "error":
+                            raise _CODES.get(event.get("code"), P2PCacheError)(event["message"])
+                        elif kind == "progress" and progress:
+                            progress(event["bytes"], event.get("total"))
+                        elif on_event:
+                            on_event({"event": kind, **event})
         except httpx.HTTPError as e:
             raise RepoError(f"lost the daemon at {self.info['api']}: {e}") from None
         raise RepoError("daemon closed the response without an answer")

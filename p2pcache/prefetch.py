@@ -187,7 +187,8 @@ class Prefetcher:
     async def run(self, deps: list[Dependency], jobs: int = 8, on_event: EventFn | None = None,
                   skipped: int = 0) -> tuple[list[Outcome], Summary]:
         """Fetch every dependency, at most `jobs` at once; `on_event` gets one `entry` event per
-        dependency and `progress` events (count and bytes). Outcomes are in the order of `deps`."""
+        dependency as it finishes, with the progress so far (`done` of `of`, bytes `fetched`).
+        Outcomes are in the order of `deps`."""
         emit = on_event or (lambda e: None)
         summary = Summary(total=len(deps), skipped=skipped)
         outcomes: list[Outcome | None] = [None] * len(deps)
@@ -214,8 +215,8 @@ class Prefetcher:
             summary.add(outcome)
             done[0] += 1
             done[1] += outcome.size if outcome.source in ("peer", "origin") else 0
-            emit({"event": "entry", "index": i, **outcome.to_json()})
-            emit({"event": "progress", "done": done[0], "total": len(deps), "bytes": done[1]})
+            emit({"event": "entry", "index": i, **outcome.to_json(), "done": done[0], "of": len(deps),
+                  "fetched": done[1]})
 
         async with trio.open_nursery() as nursery:
             for i, dep in enumerate(deps):

@@ -8,7 +8,7 @@
     POST /api/v0/gc {"max_size"?}          gc in the daemon; evicted roots are withdrawn from the DHT
     POST /api/v0/pin, /api/v0/unpin {"key"}
     POST /api/v0/prefetch {"dependencies": [...], "jobs"}  lock-file dependencies: repo → swarm → origin,
-                                   each verified; NDJSON `entry` and `progress` events, then `done` (summary)
+                                   each verified; NDJSON `entry` events (batched), then `done` (summary)
 
 Long operations answer NDJSON: `{"event": "progress", "bytes": n, "total": t}` lines, then one
 `{"event": "done", ...}` or `{"event": "error", "message", "code"}` line. The API listens on loopback
@@ -37,9 +37,10 @@ class NodeAPI(Protocol):
     async def prefetch(self, deps: list, jobs: int, on_event: Callable[[dict], None]) -> dict: ...
 
 
-def _event_stream(run: Callable[[Callable[[dict], None]], Awaitable[dict]]) -> AsyncIterator[dict]:
+def _event_stream(run: Callable[[Callable[[dict], None]], Awaitable[dict]], batch: bool = False) -> AsyncIterator[dict]:
     """Run an operation that emits events (from trio or from a worker thread): yield them, then its
-    outcome as a `done` or `error` event."""
+    outcome as a `done` or `error` event. With `batch`, events already waiting go out together as one
+    `{"event": "batch", "events": [...]}` line (thousands of small events cost one write each otherwise)."""
     send_ch, recv_ch = trio.open_memory_channel[dict](math.inf)
     token = trio.lowlevel.current_trio_token()
 
@@ -63,7 +64,21 @@ def _event_stream(run: Callable[[Callable[[dict], None]], Awaitable[dict]]) -> A
             nursery.start_soon(runner)
             async with recv_ch:
                 async for event in recv_ch:
-                    yield event
+                    if not batch or event["event"] in ("done", "error"):
+                        yield event
+                        continue
+                    group = [event]
+                    while len(group) < 1000:
+                        try:
+                            group.append(recv_ch.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    last = group[-1] if group[-1]["event"] in ("done", "error") else None
+                    if last is not None:
+                        group.pop()
+                    yield {"event": "batch", "events": group} if len(group) > 1 else group[0]
+                    if last is not None:
+                        yield last
 
     return events()
 
@@ -155,7 +170,7 @@ def _prefetch_request(body: dict) -> tuple[list, int]:
 
 def _prefetch_stream(node: Any, parsed: list, jobs: int) -> AsyncIterator[dict]:
     """The prefetch service's events as NDJSON: an `entry` per dependency, `progress`, then `done`."""
-    return _event_stream(lambda emit: node.prefetch(parsed, jobs, emit))
+    return _event_stream(lambda emit: node.prefetch(parsed, jobs, emit), batch=True)
 
 
 async def _extra_routes(node: Any, scope: Scope, receive: Receive, send: Send) -> None:

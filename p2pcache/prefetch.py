@@ -243,6 +243,8 @@ class Prefetcher:
             return Outcome(dep, failure=f"origin {e.status}" if e.status else "origin error", message=str(e))
         except P2PCacheError as e:  # the repo's own trouble (disk full, …): this entry fails, the rest go on
             return Outcome(dep, failure="error", message=str(e))
+        except OSError as e:  # e.g. the spool file for a module zip
+            return Outcome(dep, failure="error", message=f"{type(e).__name__}: {e.strerror or e}")
 
     # -- the swarm ---------------------------------------------------------------------------------
     async def _from_swarm(self, dep: Dependency) -> Outcome | None:

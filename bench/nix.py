@@ -382,10 +382,11 @@ def main() -> int:
         wait_peers(a, 1)
         t = time.perf_counter()
         cpu_a = cpu_seconds(a.proc.pid)
-        nix.run("nix", "copy", "--to", f"{a.api}?compression=none", closure["top"])
+        push_auth = f"netrc-file = {a.netrc}\n"  # uploads need the daemon's API token
+        nix.run("nix", "copy", "--to", f"{a.api}?compression=none", closure["top"], config=push_auth)
         push_a = time.perf_counter() - t
         cpu_a = cpu_seconds(a.proc.pid) - cpu_a
-        nix.run("nix", "copy", "--to", f"{a.api}?compression=none", *small)
+        nix.run("nix", "copy", "--to", f"{a.api}?compression=none", *small, config=push_auth)
         a.wait_announced(2 * (len(closure["paths"]) + len(small)), timeout=60)
         static_dir = work / "static-cache"
         t = time.perf_counter()

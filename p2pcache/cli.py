@@ -117,14 +117,18 @@ def cmd_add(args: argparse.Namespace, out: Output) -> int:
             what = "is a directory" if os.path.isdir(f) else "does not exist or is not a regular file"
             raise RepoError(f"cannot add {f}: it {what}")
     client = _daemon(args) if Repo.exists(_repo_path(args)) else None
-    if client is not None:  # the daemon owns the repo: it adds (and announces) for us
+    if client is not None:  # the daemon owns the repo: we stream the bytes, it adds (and announces) them
         try:
             for f in args.files:
-                if f == "-":
-                    raise RepoError("adding stdin goes through the repo directly; stop the daemon or save to a file")
-                size = os.path.getsize(f)
-                with progress_bar(f"adding {os.path.basename(f)}", size, _want_progress(args, size)) as cb:
-                    j = client.add(f, name=args.name, progress=_as_increments(cb))
+                source = sys.stdin.buffer if f == "-" else _open_for_add(f)
+                size = None if f == "-" else os.fstat(source.fileno()).st_size
+                name = args.name if args.name is not None else (None if f == "-" else os.path.basename(f))
+                try:
+                    with progress_bar(f"adding {name or 'stdin'}", size, _want_progress(args, size)) as cb:
+                        j = client.add(source, name=name, progress=_as_increments(cb), size=size)
+                finally:
+                    if f != "-":
+                        source.close()
                 j["file"] = f
                 out.emit(j, f"added {j['root']} {human(j['size'])} {j['sri']} {f} (announced)")
         finally:
@@ -142,6 +146,13 @@ def cmd_add(args: argparse.Namespace, out: Output) -> int:
             j["file"] = f
             out.emit(j, f"added {result.root} {human(result.size)} {j['sri']} {f}")
     return 0
+
+
+def _open_for_add(path: str):
+    try:
+        return open(path, "rb", buffering=0)
+    except OSError as e:
+        raise RepoError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _ensure_local(args: argparse.Namespace, repo: Repo, key: str):
@@ -331,10 +342,12 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
             await nursery.start(node.run)
             st = node.status()
             out.emit(
-                {**{k: st[k] for k in ("peer_id", "addrs", "api", "repo", "roots", "stored_bytes")}, "network": True},
+                {**{k: st[k] for k in ("peer_id", "addrs", "api", "repo", "roots", "stored_bytes")}, "network": True,
+                 "token_file": str(path / "api.token"), "netrc_file": str(path / "api.netrc")},
                 f"p2pcache daemon ready\n  peer ID  {st['peer_id']}\n"
                 + "".join(f"  listen   {a}\n" for a in st["addrs"])
-                + f"  API      {st['api']}\n  repo     {st['repo']} ({st['roots']} archives, "
+                + f"  API      {st['api']}\n  token    {path / 'api.token'} (for nix copy --to: "
+                f"--option netrc-file {path / 'api.netrc'})\n  repo     {st['repo']} ({st['roots']} archives, "
                 f"{human(st['stored_bytes'])})",
             )
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -412,7 +425,11 @@ def cmd_nix_hook(args: argparse.Namespace, out: Output) -> int:
     if not paths:
         print("p2pcache nix-hook: no $OUT_PATHS and no paths given; nothing to push", file=sys.stderr)
         return 0
-    client = _daemon(args)
+    try:
+        client = _daemon(args)
+    except RepoError as e:
+        print(f"p2pcache nix-hook: {e}; not pushing {len(paths)} path(s)", file=sys.stderr)
+        return 0
     if client is None:
         print(f"p2pcache nix-hook: no daemon running for {_repo_path(args)}; not pushing {len(paths)} path(s)",
               file=sys.stderr)
@@ -423,8 +440,12 @@ def cmd_nix_hook(args: argparse.Namespace, out: Output) -> int:
     if nix is None:
         print("p2pcache nix-hook: `nix` is not on PATH; cannot push", file=sys.stderr)
         return 0
-    proc = subprocess.run([nix, "--extra-experimental-features", "nix-command", "copy", "--to", api, *paths],
-                          capture_output=True)
+    from .apitoken import NETRC_FILE
+
+    # the daemon's netrc carries its API token: Nix's curl sends it as HTTP Basic credentials
+    netrc = str(_repo_path(args) / NETRC_FILE)
+    proc = subprocess.run([nix, "--extra-experimental-features", "nix-command", "--option", "netrc-file", netrc,
+                           "copy", "--to", api, *paths], capture_output=True)
     if proc.returncode != 0:
         print(f"p2pcache nix-hook: pushing to {api} failed: {proc.stderr.decode(errors='replace').strip()}",
               file=sys.stderr)
@@ -666,7 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lookup-timeout", type=float, metavar="SECONDS")
     sp.add_argument("--negative-ttl", type=float, metavar="SECONDS", help="how long a miss is remembered")
     sp.add_argument("--upstream", action="append", metavar="URL", help="binary cache to pull through (repeatable)")
-    sp.add_argument("--sign-key", metavar="FILE", help="sign served narinfos with this Nix secret key")
+    sp.add_argument("--sign-key", metavar="FILE",
+                    help="sign the narinfos of paths pushed with the API token with this Nix secret key")
     sp.add_argument("--serve-local-store", action="store_true", help="also share this machine's /nix/store")
     sp.add_argument("--local-store-root", metavar="DIR", help="share a chroot Nix store (--store DIR) instead")
     sp.add_argument("-v", "--verbose", action="store_true")

@@ -2,6 +2,9 @@
 
 The daemon writes `REPO/api.json` ({"api": "http://127.0.0.1:PORT", "pid", "peer_id", "addrs"}) when
 it is ready and removes it when it stops. A stale file (dead pid, refused connection) means no daemon.
+Every call carries the API token from `REPO/api.token` (`Authorization: Bearer`); a user who may not
+read that file cannot use the daemon. `add` streams the file's bytes in the request body: the file is
+opened here, with the caller's rights, never by the daemon.
 """
 
 from __future__ import annotations
@@ -9,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 import httpx
 
+from .apitoken import read_token
 from .errors import CorruptData, DiskFull, InvalidInput, NotFound, P2PCacheError, RepoError
 
 _CODES = {2: InvalidInput, 3: NotFound, 4: CorruptData, 5: RepoError, 6: DiskFull}
@@ -35,20 +39,38 @@ def read_api_file(repo: Path) -> dict | None:
     return info
 
 
+ADD_PIECE = 1 << 20
+
+
 class DaemonClient:
-    def __init__(self, info: dict, timeout: float = 30.0):
+    def __init__(self, info: dict, token: str, timeout: float = 30.0):
         self.info = info
-        self.http = httpx.Client(base_url=info["api"], timeout=httpx.Timeout(timeout, read=None))
+        self.http = httpx.Client(base_url=info["api"], timeout=httpx.Timeout(timeout, read=None),
+                                 headers={"authorization": f"Bearer {token}"})
 
     @classmethod
     def find(cls, repo: Path) -> "DaemonClient | None":
+        """A client for the daemon running on `repo`, or None if none runs. RepoError if one runs but
+        this user may not read its token."""
         info = read_api_file(repo)
         if info is None:
             return None
-        client = cls(info)
         try:
-            client.http.get("/api/v0/status", timeout=5.0).raise_for_status()
+            with httpx.Client(timeout=5.0) as probe:  # alive? (no token needed to know that)
+                probe.get(info["api"] + "/nix-cache-info")
         except httpx.HTTPError:
+            return None
+        client = cls(info, read_token(repo))
+        try:
+            r = client.http.get("/api/v0/status", timeout=5.0)
+        except httpx.HTTPError:
+            client.close()
+            return None
+        if r.status_code in (401, 403):
+            client.close()
+            raise RepoError(f"the daemon at {info['api']} refused the token in {repo / 'api.token'}: "
+                            f"{r.text.strip()}")
+        if r.status_code != 200:
             client.close()
             return None
         return client
@@ -87,12 +109,12 @@ class DaemonClient:
     def peers(self) -> list:
         return self._get("/api/v0/peers")  # type: ignore[return-value]
 
-    def _stream(self, path: str, body: dict, progress: Callable[[int, int | None], None] | None,
-                on_event: Callable[[dict], None] | None = None) -> dict:
+    def _stream(self, path: str, body: dict | None, progress: Callable[[int, int | None], None] | None,
+                on_event: Callable[[dict], None] | None = None, **request: object) -> dict:
         """POST and follow the NDJSON answer: progress events to `progress` (or, with no `progress`, every
         other event to `on_event`) until `done` (returned) or `error` (raised)."""
         try:
-            with self.http.stream("POST", path, json=body) as r:
+            with self.http.stream("POST", path, json=body, **request) as r:  # type: ignore[arg-type]
                 if r.status_code != 200:
                     r.read()
                     raise RepoError(f"daemon answered {r.status_code}: {r.text.strip()}")
@@ -114,9 +136,30 @@ class DaemonClient:
             raise RepoError(f"lost the daemon at {self.info['api']}: {e}") from None
         raise RepoError("daemon closed the response without an answer")
 
-    def add(self, path: str, name: str | None = None,
-            progress: Callable[[int, int | None], None] | None = None) -> dict:
-        return self._stream("/api/v0/add", {"path": os.path.abspath(path), "name": name}, progress)
+    def add(self, source: BinaryIO, name: str | None = None,
+            progress: Callable[[int, int | None], None] | None = None, size: int | None = None) -> dict:
+        """Stream an open file (or stdin) to the daemon, which adds and announces it. Memory stays at
+        one piece; `progress(sent, size)` counts what left this process."""
+
+        def pieces() -> Iterator[bytes]:
+            sent = 0
+            while True:
+                try:
+                    piece = source.read(ADD_PIECE)
+                except OSError as e:
+                    raise RepoError(f"cannot read {name or 'the input'}: {e.strerror}") from None
+                if not piece:
+                    return
+                sent += len(piece)
+                if progress:
+                    progress(sent, size)
+                yield piece
+
+        # chunked, not Content-Length: a file that grows or shrinks while we read it still makes one
+        # well-formed request (its sha256 in the answer says what was added)
+        headers = {"content-type": "application/octet-stream"}
+        return self._stream("/api/v0/add", None, None, content=pieces(), headers=headers,
+                            params={"name": name} if name else None)
 
     def fetch_url(self, url: str, hash_text: str,
                   progress: Callable[[int, int | None], None] | None = None) -> dict:

@@ -42,6 +42,11 @@ negative_ttl = 30
 [http]
 # Local API (CLI, Nix substituter, hashed mirror). Keep it on loopback.
 listen = "{DEFAULT_API}"
+# Host names besides loopback and the listen address that requests may carry (DNS-rebinding guard).
+allowed_hosts = []
+# Web origins allowed to call the node from a browser, e.g. ["http://dashboard.internal:8080"].
+# Empty: any request carrying an Origin header is refused.
+allowed_origins = []
 
 [nix]
 # Priority this cache announces in nix-cache-info (lower wins; cache.nixos.org uses 40).
@@ -50,8 +55,14 @@ priority = 30
 serve_local_store = false
 # Binary caches to pull through when no peer has a path, e.g. ["https://cache.nixos.org"].
 upstreams = []
-# Sign the narinfos this node serves with this key (nix-store --generate-binary-cache-key).
+# Sign the narinfos of paths pushed to this node with its API token (nix-store --generate-binary-cache-key).
 secret_key_file = ""
+# Uploaded NARs wait this many seconds for their narinfo, then they are dropped.
+upload_ttl = 600
+# Bytes (NAR size) that uploads waiting for their narinfo may hold at once (16 GiB); beyond it: 507.
+upload_quota = 17179869184
+# Largest NAR (compressed upload or decompressed NAR) accepted by PUT /nar/… (8 GiB); bigger: 413.
+max_upload_size = 8589934592
 
 # [prefetch.registries]
 # Registry base URLs for `p2pcache prefetch` / `lock2nix` when a lock file has no full URLs
@@ -69,6 +80,8 @@ class NodeConfig:
     lookup_timeout: float = 5.0
     negative_ttl: float = 30.0
     api_listen: str = DEFAULT_API
+    api_allowed_hosts: list[str] = field(default_factory=list)
+    api_allowed_origins: list[str] = field(default_factory=list)
     nix: "NixConfig" = field(default_factory=lambda: _nix_config())
 
     def swarm_key_path(self, repo: Path) -> Path | None:
@@ -82,10 +95,11 @@ _SECTIONS = {
     "swarm": {"listen": "listen", "bootstrap": "bootstrap", "swarm_key": "swarm_key", "allow_peers": "allow_peers"},
     "routing": {"reannounce_interval": "reannounce_interval", "lookup_timeout": "lookup_timeout",
                 "negative_ttl": "negative_ttl"},
-    "http": {"listen": "api_listen"},
+    "http": {"listen": "api_listen", "allowed_hosts": "api_allowed_hosts", "allowed_origins": "api_allowed_origins"},
 }
 _NIX_TYPES = {"store_dir": str, "priority": int, "want_mass_query": bool, "serve_local_store": bool,
-              "local_store_root": str, "upstreams": list, "secret_key_file": str, "negative_ttl": float}
+              "local_store_root": str, "upstreams": list, "secret_key_file": str, "negative_ttl": float,
+              "upload_ttl": float, "upload_quota": int, "max_upload_size": int}
 
 
 def _nix_config():

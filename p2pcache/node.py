@@ -31,7 +31,9 @@ from .content.cid import CID, DAG_CBOR
 from .content.keys import HashKey, RootKey, parse_key
 from .content.manifest import ArchiveManifest
 from .errors import InvalidInput, MalformedBlock, NotFound, P2PCacheError
+from .apitoken import new_token, write_netrc
 from .http.api import make_app
+from .http.guard import AccessPolicy
 from .http.nix import GATEWAY_MARKER, NixCache
 from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
 from .net.host import HostConfig, NodeHost
@@ -108,6 +110,7 @@ class Node:
         self.source: _CountingSource | None = None
         self.api_url: str | None = None
         self.nix: NixCache | None = None
+        self.api_token: str | None = None
         self.started_at = time.time()
 
     # -- running ------------------------------------------------------------------------------
@@ -145,11 +148,13 @@ class Node:
                 if self.nix.upstreams:
                     self.announcer.add(GATEWAY_MARKER, ())
                 nursery.start_soon(self.announcer.run)
+                nursery.start_soon(self.nix.run_upload_expiry)
                 nursery.start_soon(self._reannounce_on_new_peers)
                 self.finder = ProviderFinder(self.dht, FinderConfig(negative_ttl=cfg.negative_ttl,
                                                                     default_timeout=cfg.lookup_timeout))
                 ResolveServer(lookup=self._answer_resolve).register(self.host)
                 if self.serve_api:
+                    self.api_token = new_token(self.repo_path)
                     binds = await nursery.start(self._serve_api)
                     self.api_url = binds[0] if binds else None
                     self._write_api_file()
@@ -188,7 +193,11 @@ class Node:
         hc.accesslog = None
         hc.errorlog = logging.getLogger("p2pcache.http")
         hc.graceful_timeout = 1.0
-        await serve(make_app(self), hc, task_status=task_status)  # started(["http://host:port", ...])
+        assert self.api_token is not None
+        policy = AccessPolicy(token=self.api_token, listen_host=self.config.api_listen.rsplit(":", 1)[0],
+                              allowed_hosts=tuple(self.config.api_allowed_hosts),
+                              allowed_origins=tuple(self.config.api_allowed_origins), repo=str(self.repo_path))
+        await serve(make_app(self, policy), hc, task_status=task_status)  # started(["http://host:port", ...])
 
     def _write_api_file(self) -> None:
         assert self.host is not None
@@ -199,6 +208,12 @@ class Node:
             "addrs": [str(a) for a in self.host.addrs()],
             "version": __version__,
         }
+        assert self.api_token is not None
+        from urllib.parse import urlsplit
+
+        # the netrc first: a client that sees api.json may use it at once
+        host = urlsplit(self.api_url).hostname if self.api_url else None
+        write_netrc(self.repo_path, self.api_token, [h for h in (host, "127.0.0.1", "localhost") if h])
         tmp = self.repo_path / f"api.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(info, indent=2) + "\n")
         tmp.replace(self.repo_path / "api.json")
@@ -258,6 +273,8 @@ class Node:
         return [{"peer_id": p.to_base58()} for p in self.host.connected_peers()]
 
     async def add_file(self, path: str, name: str | None, progress: ProgressFn) -> dict:
+        """Add a file the node's own code names (simnet, in-process callers); the HTTP API never calls
+        this — it takes the caller's bytes (`add_stream`)."""
         assert self.repo is not None
         try:
             total = os.path.getsize(path)
@@ -272,6 +289,16 @@ class Node:
         result = await trio.to_thread.run_sync(lambda: self.repo.add_file(path, name=name, progress=cb))
         self.announce(result.root)
         return {**result.to_json(), "file": path, "announced": True}
+
+    async def add_stream(self, body: Any, name: str | None) -> dict:
+        """Add the bytes a caller streams to us (the API's `add`: the caller opened its file with its
+        own rights; the daemon never opens a path on a caller's behalf), then announce it."""
+        assert self.repo is not None
+        from .aio import feed_thread
+
+        result = await feed_thread(body, lambda it: self.repo.add_stream(it, name=name))
+        self.announce(result.root)
+        return {**result.to_json(), "announced": True}
 
     def announce(self, root: CID) -> None:
         if self.announcer is not None and self.repo is not None:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks need, if they are missing.
-# Nix (nix-bin) is real Nix for the Nix-format tests; casync is the dedup benchmark's baseline;
+# Nix (nix-bin) is real Nix for the Nix-format tests; casync is the dedup benchmark's baseline; curl is the
+# attacker's HTTP client in tests/test_auth.py (run as user nobody, which cannot use the project's venv);
 # golang-go is the real Go that writes go.sum and builds from a prefetched GOPROXY tree.
 set -euo pipefail
-want=(nix-bin casync golang-go)
+want=(nix-bin casync curl golang-go)
 # cargo for the Cargo vendor test: Debian's, unless a rustup cargo is already there
 command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || want+=(cargo)
 missing=()

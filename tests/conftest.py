@@ -17,6 +17,15 @@ def repo(tmp_path):
 
 
 @pytest.fixture
+def daemons():
+    """Real daemons a test starts (tests/helpers/daemons.py); stopped when it ends."""
+    started = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
 def rng():
     return random.Random(12345)
 

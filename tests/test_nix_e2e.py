@@ -29,14 +29,6 @@ from .test_nix_real import Nix, nix  # noqa: F401  (the fixture fails, not skips
 MiB = 1 << 20
 
 
-@pytest.fixture
-def daemons():
-    started = []
-    yield started
-    for d in started:
-        d.stop()
-
-
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory, nix):
     d = tmp_path_factory.mktemp("keys")
@@ -85,7 +77,7 @@ def _path_info(nix: Nix, store: Path, path: str) -> dict:
 
 
 def _metric(daemon, name: str, **labels) -> float:
-    text = httpx.get(daemon.api + "/metrics", timeout=10).text
+    text = httpx.get(daemon.api + "/metrics", timeout=10).text  # open on loopback, like the substituter
     want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
     total = 0.0
     for line in text.splitlines():
@@ -108,7 +100,8 @@ def _swarm(tmp_path, daemons, a_extra=(), b_extra=()):
 def test_closure_from_runner_a_to_runner_b_with_signatures(nix, closure, keys, tmp_path, daemons):
     a_sec, a_pub = keys["runner-a"]
     a, b = _swarm(tmp_path, daemons, a_extra=["--sign-key", str(a_sec)])
-    nix.run("nix", "copy", "--to", a.api, closure["top"])  # A's post-build-hook would do this
+    # A's post-build-hook would do this; Nix authenticates with the daemon's netrc (token as password)
+    nix.run("nix", "copy", "--to", a.api, closure["top"], config=f"netrc-file = {a.netrc}\n")
     a.wait_announced(len(closure["paths"]) * 2)  # each NAR: nix:<hash> and sha256:<NarHash> (+ its CID)
 
     # B's Nix trusts only A's key and requires signatures: the copy succeeds, bytes from A via the swarm

@@ -55,8 +55,8 @@ def test_upload_then_narinfo_is_served_back_byte_exact(daemon, tmp_path, suffix,
     file = compress(nar)
     store_hash = nixbase32.encode(os.urandom(20))
     url = f"nar/{nixbase32.encode(hashlib.sha256(file).digest())}{suffix}"
-    assert httpx.put(f"{daemon.api}/{url}", content=file, timeout=30).status_code == 200
-    r = httpx.put(f"{daemon.api}/{store_hash}.narinfo", timeout=30,
+    assert httpx.put(headers=daemon.auth, url=f"{daemon.api}/{url}", content=file, timeout=30).status_code == 200
+    r = httpx.put(headers=daemon.auth, url=f"{daemon.api}/{store_hash}.narinfo", timeout=30,
                   content=_narinfo(store_hash, url, compression, nar, file))
     assert r.status_code == 200, r.text
     info = httpx.get(f"{daemon.api}/{store_hash}.narinfo", timeout=30)
@@ -72,14 +72,14 @@ def test_bad_uploads_are_400_with_a_reason_and_leave_nothing(daemon, tmp_path):
     url = "nar/upload.nar.xz"
 
     # a NarHash that does not match what was uploaded: rejected, and the uploaded NAR is dropped
-    assert httpx.put(f"{daemon.api}/{url}", content=file, timeout=30).status_code == 200
+    assert httpx.put(headers=daemon.auth, url=f"{daemon.api}/{url}", content=file, timeout=30).status_code == 200
     bad = _narinfo(store_hash, url, "xz", nar, file, nar_hash=b"\x01" * 32)
-    r = httpx.put(f"{daemon.api}/{store_hash}.narinfo", content=bad, timeout=30)
+    r = httpx.put(headers=daemon.auth, url=f"{daemon.api}/{store_hash}.narinfo", content=bad, timeout=30)
     assert r.status_code == 400 and "NarHash/NarSize do not match" in r.json()["error"]
     assert _roots(daemon) == 0
 
     # a narinfo whose NAR never came
-    r = httpx.put(f"{daemon.api}/{store_hash}.narinfo", content=_narinfo(store_hash, "nar/other.nar", "none", nar, nar),
+    r = httpx.put(headers=daemon.auth, url=f"{daemon.api}/{store_hash}.narinfo", content=_narinfo(store_hash, "nar/other.nar", "none", nar, nar),
                   timeout=30)
     assert r.status_code == 400 and "was not uploaded first" in r.json()["error"]
 
@@ -91,11 +91,11 @@ def test_bad_uploads_are_400_with_a_reason_and_leave_nothing(daemon, tmp_path):
         ("nar/what.tar", nar, "expected a .nar"),
     ]
     for path, body, needle in cases:
-        r = httpx.put(f"{daemon.api}/{path}", content=body, timeout=30)
+        r = httpx.put(headers=daemon.auth, url=f"{daemon.api}/{path}", content=body, timeout=30)
         assert r.status_code == 400, (path, r.text)
         assert needle in r.json()["error"].lower(), (path, r.json())
     # a narinfo that is not one
-    r = httpx.put(f"{daemon.api}/{store_hash}.narinfo", content=b"StorePath: nonsense\n", timeout=30)
+    r = httpx.put(headers=daemon.auth, url=f"{daemon.api}/{store_hash}.narinfo", content=b"StorePath: nonsense\n", timeout=30)
     assert r.status_code == 400
     assert _roots(daemon) == 0
     assert httpx.get(f"{daemon.api}/{store_hash}.narinfo", timeout=30).status_code == 404

@@ -24,14 +24,6 @@ def swarm_key(tmp_path):
     return path
 
 
-@pytest.fixture
-def daemons():
-    started = []
-    yield started
-    for d in started:
-        d.stop()
-
-
 def test_five_node_private_swarm_fetch_across_hops(tmp_path, rng, swarm_key, daemons):
     nodes = []
     for i in range(5):  # a chain: each node only knows the previous one

@@ -2,7 +2,7 @@
 
     GET  /api/v0/status            counts, bytes served/fetched, peer ID, addresses
     GET  /api/v0/peers             connected peers
-    POST /api/v0/add   {"path", "name"?}   add a file from this machine, then announce it (NDJSON progress)
+    POST /api/v0/add?name=N  <bytes>       add the request body (application/octet-stream), then announce it
     POST /api/v0/fetch {"key"}             make KEY local: repo, else the swarm; then announce (NDJSON)
     POST /api/v0/fetch-url {"url", "hash"} the swarm if anyone has it, else the URL; verify, add, announce
     POST /api/v0/gc {"max_size"?}          gc in the daemon; evicted roots are withdrawn from the DHT
@@ -12,7 +12,9 @@
 
 Long operations answer NDJSON: `{"event": "progress", "bytes": n, "total": t}` lines, then one
 `{"event": "done", ...}` or `{"event": "error", "message", "code"}` line. The API listens on loopback
-only by default and trusts its callers as the user running the daemon (it reads files they name).
+only by default; every request passes `guard.check` first (Host, Origin, and the API token for
+`/api/v0/*` and uploads). The daemon never opens a path a caller names: `add` takes the bytes in the
+request body, read with the caller's own rights on the caller's side.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 import trio
 
-from ..errors import P2PCacheError
+from ..errors import InvalidInput, P2PCacheError
+from . import guard
 from .asgi import HTTPError, Receive, Scope, Send, read_json, send_error, send_json, send_ndjson
 
 ProgressFn = Callable[[int, int | None], None]
@@ -32,7 +35,7 @@ ProgressFn = Callable[[int, int | None], None]
 class NodeAPI(Protocol):
     def status(self) -> dict: ...
     def peers(self) -> list[dict]: ...
-    async def add_file(self, path: str, name: str | None, progress: ProgressFn) -> dict: ...
+    async def add_stream(self, body: AsyncIterator[bytes], name: str | None) -> dict: ...
     async def fetch(self, key: str, progress: ProgressFn) -> dict: ...
     async def prefetch(self, deps: list, jobs: int, on_event: Callable[[dict], None]) -> dict: ...
 
@@ -100,7 +103,25 @@ def _progress_stream(run: Callable[[ProgressFn], Awaitable[dict]]) -> AsyncItera
     return _event_stream(with_progress)
 
 
-def make_app(node: NodeAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+async def request_body(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body as it arrives (hypercorn bounds what it buffers ahead of us)."""
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            raise InvalidInput("the client went away mid-upload")
+        if event.get("body"):
+            yield event["body"]
+        if not event.get("more_body"):
+            return
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+
+
+def make_app(node: NodeAPI, policy: guard.AccessPolicy) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             while True:
@@ -113,17 +134,29 @@ def make_app(node: NodeAPI) -> Callable[[Scope, Receive, Send], Awaitable[None]]
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
+        cors = guard.cors_headers(scope, policy)
+        if cors:  # an allowlisted origin may read the answers
+            plain_send = send
+
+            async def send(message: dict) -> None:
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [*message.get("headers", []), *cors]}
+                await plain_send(message)
         try:
+            guard.check(scope, policy)
+            if method == "OPTIONS":  # a preflight from an allowlisted origin
+                await send({"type": "http.response.start", "status": 204, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            if method == "POST" and path.startswith("/api/"):
+                _check_post_type(scope)
             if path == "/api/v0/status" and method == "GET":
                 await send_json(send, node.status())
             elif path == "/api/v0/peers" and method == "GET":
                 await send_json(send, node.peers())
             elif path == "/api/v0/add" and method == "POST":
-                body = await read_json(receive)
-                if not isinstance(body.get("path"), str):
-                    raise HTTPError(400, "add needs a JSON body with a 'path' string")
-                await send_ndjson(send, _progress_stream(
-                    lambda p: node.add_file(body["path"], body.get("name"), p)))
+                name = _query(scope).get("name") or None
+                await send_ndjson(send, _progress_stream(lambda p: node.add_stream(request_body(receive), name)))
             elif path == "/api/v0/fetch" and method == "POST":
                 body = await read_json(receive)
                 if not isinstance(body.get("key"), str):
@@ -171,6 +204,17 @@ def _prefetch_request(body: dict) -> tuple[list, int]:
 def _prefetch_stream(node: Any, parsed: list, jobs: int) -> AsyncIterator[dict]:
     """The prefetch service's events as NDJSON: an `entry` per dependency, `progress`, then `done`."""
     return _event_stream(lambda emit: node.prefetch(parsed, jobs, emit), batch=True)
+
+
+def _check_post_type(scope: Scope) -> None:
+    if scope["path"] == "/api/v0/add":
+        ctype = (guard.header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
+        if ctype == "application/json":
+            raise HTTPError(400, "add takes the file's bytes as the request body (Content-Type: "
+                                 "application/octet-stream); the daemon does not open paths for its callers")
+        guard.require_content_type(scope, "application/octet-stream")
+    else:
+        guard.require_content_type(scope, "application/json")
 
 
 async def _extra_routes(node: Any, scope: Scope, receive: Receive, send: Send) -> None:

@@ -10,7 +10,9 @@
 
 Every narinfo we serve points at an uncompressed NAR this node streams itself (`Compression: none`,
 FileHash = NarHash); the `Sig:` lines travel unchanged (Nix's fingerprint does not cover URL or
-compression) and, with a signing key configured, the node adds its own. A NAR stream is checked against
+compression). With a signing key configured, the node signs only what an authenticated pusher gave it
+(at `_put_narinfo`) and this machine's own Nix store (see `_signed_for`); PUTs reach this module only
+with the API token (http/guard.py). A NAR stream is checked against
 its NarHash as it goes: on a mismatch the response is aborted before its last bytes, so Nix sees a
 truncated transfer, never a complete wrong one. Uploads are decompressed, parsed as NARs and hashed as
 they stream in; nothing is recorded until the narinfo's NarHash, NarSize, FileHash and FileSize agree.
@@ -22,6 +24,7 @@ import dataclasses
 import hashlib
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
@@ -61,7 +64,7 @@ PUT_LIMIT_NARINFO = 1 << 20
 GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
 GATEWAY_RESOLVE_TIMEOUT = 300.0
 BLOCK_WAIT = 120.0
-UPLOAD_TTL = 24 * 3600.0  # an uploaded NAR waits this long for its narinfo  # a NAR stream waits this long for any one block to arrive from peers
+# BLOCK_WAIT: a NAR stream waits this long for any one block to arrive from peers
 
 
 @dataclass
@@ -74,6 +77,18 @@ class NixConfig:
     upstreams: list[str] = field(default_factory=list)
     secret_key_file: str = ""  # nix-store --generate-binary-cache-key output
     negative_ttl: float = 30.0
+    upload_ttl: float = 600.0  # an uploaded NAR waits this long for its narinfo, then it is dropped
+    # Room for two of the largest uploads in flight at once (`nix copy` pushes a few paths in parallel).
+    upload_quota: int = 16 << 30  # NAR bytes that uploads waiting for their narinfo may hold at once
+    max_upload_size: int = 8 << 30  # largest upload (compressed file or the NAR inside it)
+
+
+class UploadRefused(InvalidInput):
+    """An upload over a limit: answered with `status` (413 too large, 507 quota full)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -141,7 +156,9 @@ class NixCache:
             except OSError as e:
                 raise InvalidInput(f"cannot read the signing key {config.secret_key_file}: {e.strerror}") from None
         self._pending: dict[str, _Pending] = {}
-        self._uploads: dict[str, _Upload] = {}
+        self._uploads: dict[str, _Upload] = {}  # pending: NARs waiting for their narinfo (not announced)
+        self._inflight = 0  # NAR bytes of uploads still streaming in, counted against the quota
+        self._inflight_lock = threading.Lock()  # ingest threads add to it
         self._negative: dict[str, float] = {}
         self._locks: dict[str, trio.Lock] = {}
 
@@ -165,7 +182,7 @@ class NixCache:
             elif path.startswith("/nar/") and method in ("GET", "HEAD"):
                 await self._get_nar(path, send, head)
             elif (m := _UPLOAD_NAR.match(path)) and method == "PUT":
-                await self._put_nar(path[1:], m.group(1), receive, send)
+                await self._put_nar(path[1:], m.group(1), receive, send, _content_length(scope))
             elif (m := _HASHED.match(path)) and method in ("GET", "HEAD"):
                 await self._get_hashed(m.group(1), m.group(2), send, head)
             elif path == "/metrics" and method == "GET":
@@ -299,7 +316,17 @@ class NixCache:
             info, url=f"nar/{info.store_path.hash_part}-{nar32}.nar", compression="none",
             file_hash=info.nar_hash if info.nar_hash.algo == "sha256" else None, file_size=info.nar_size,
         )
-        return served.signed(self.key) if self.key is not None else served
+        return served
+
+    def _signed_for(self, info: NarInfo, source: str) -> NarInfo:
+        """Signing policy. The node's key vouches for two things only: what an authenticated pusher gave
+        it (signed once, at `_put_narinfo`, and stored) and this machine's own Nix store, whose
+        path → NarHash records only Nix itself (or its trusted users) can write. Narinfos from peers and
+        upstreams keep the signatures they came with: a peer's or upstream's claim about a store path's
+        contents is not something this node can check, so its key must not launder it."""
+        if self.key is not None and source == "nixstore":
+            return info.signed(self.key)
+        return info
 
     async def _get_narinfo(self, store_hash: str, send: Send, head: bool) -> None:
         start = time.monotonic()
@@ -315,7 +342,7 @@ class NixCache:
             return
         info, source = found
         self.metrics.narinfo.labels("hit", source).inc()
-        body = self._served_narinfo(info).render().encode()
+        body = self._signed_for(self._served_narinfo(info), source).render().encode()
         await send_bytes(send, 200, body, "text/x-nix-narinfo", head=head)
 
     # -- NARs ----------------------------------------------------------------------------------------
@@ -473,13 +500,23 @@ class NixCache:
         self.metrics.served.labels(source).inc(sent)
 
     # -- uploads -------------------------------------------------------------------------------------
-    async def _put_nar(self, url: str, name: str, receive: Receive, send: Send) -> None:
+    # Only an authenticated pusher reaches these (http/guard.py: every PUT needs the API token).
+    def pending_upload_bytes(self) -> int:
+        return sum(u.nar_size for u in self._uploads.values()) + self._inflight
+
+    async def _put_nar(self, url: str, name: str, receive: Receive, send: Send, length: int | None = None) -> None:
         compression = next((c for suffix, c in sorted(_COMPRESSION_BY_SUFFIX.items(), key=lambda kv: -len(kv[0]))
                             if name.endswith(suffix)), None)
         if compression is None:
             raise HTTPError(400, f"{url}: expected a .nar, .nar.xz, .nar.zst, .nar.bz2 or .nar.gz file name")
+        limit, quota = self.config.max_upload_size, self.config.upload_quota
+        if length is not None and length > limit:
+            self.metrics.uploads.labels("nar", "too_large").inc()
+            raise HTTPError(413, f"{url}: {length} bytes is over the upload limit of {limit} (nix.max_upload_size)")
+        await self.expire_uploads()
         file_hash = hashlib.sha256()
         file_size = [0]
+        reserved = [0]
 
         async def raw_body() -> AsyncIterator[bytes]:
             while True:
@@ -490,9 +527,24 @@ class NixCache:
                 if body:
                     file_hash.update(body)
                     file_size[0] += len(body)
+                    if file_size[0] > limit:
+                        raise UploadRefused(413, f"{url}: over the upload limit of {limit} bytes (nix.max_upload_size)")
                     yield body
                 if not event.get("more_body"):
                     return
+
+        def count(n: int) -> None:  # on the ingest thread, for every piece of decompressed NAR
+            with self._inflight_lock:
+                reserved[0] += n
+                self._inflight += n
+                over = sum(u.nar_size for u in self._uploads.values()) + self._inflight > quota
+            if reserved[0] > limit:
+                raise UploadRefused(413, f"{url}: the NAR inside is over the upload limit of {limit} bytes "
+                                         "(nix.max_upload_size)")
+            if over:
+                raise UploadRefused(507, f"{url}: uploads waiting for their narinfo would hold more than "
+                                         f"{quota} bytes (nix.upload_quota); PUT their narinfos, or wait "
+                                         f"{self.config.upload_ttl:.0f} s for them to expire")
 
         def ingest(raw: Iterator[bytes]) -> Any:
             try:
@@ -502,26 +554,47 @@ class NixCache:
 
             def decompressed() -> Iterator[bytes]:
                 for chunk in raw:
-                    yield from decoder.feed(chunk)
+                    for piece in decoder.feed(chunk):
+                        count(len(piece))
+                        yield piece
                 decoder.finish()
 
             return self.narstore.add_nar(None, decompressed())
 
         try:
             result = await _feed_thread(raw_body(), ingest)
+        except UploadRefused as e:
+            self.metrics.uploads.labels("nar", "too_large" if e.status == 413 else "quota").inc()
+            raise HTTPError(e.status, str(e)) from None
         except P2PCacheError as e:
             self.metrics.uploads.labels("nar", "rejected").inc()
             raise HTTPError(400, f"{url}: {e}") from None
+        finally:
+            with self._inflight_lock:
+                self._inflight -= reserved[0]
+        old = self._uploads.pop(url, None)
         self._uploads[url] = _Upload(result.root, result.nar_hash, result.nar_size, file_hash.digest(), file_size[0])
-        await self._expire_uploads()
+        if old is not None and old.root != result.root:
+            await self._discard_upload(old)
         self.metrics.uploads.labels("nar", "ok").inc()
         await send_bytes(send, 200, b"", "text/plain")
 
-    async def _expire_uploads(self) -> None:
-        """A NAR whose narinfo never came within a day is dropped again."""
-        cutoff = time.monotonic() - UPLOAD_TTL
-        for k in [k for k, u in self._uploads.items() if u.at < cutoff]:
-            await self._discard_upload(self._uploads.pop(k))
+    def _expire_uploads_now(self) -> list[_Upload]:
+        cutoff = time.monotonic() - self.config.upload_ttl
+        return [self._uploads.pop(k) for k in [k for k, u in self._uploads.items() if u.at < cutoff]]
+
+    async def expire_uploads(self) -> int:
+        """Drop the uploaded NARs whose narinfo did not come within `upload_ttl`."""
+        doomed = self._expire_uploads_now()
+        for upload in doomed:
+            await self._discard_upload(upload)
+        return len(doomed)
+
+    async def run_upload_expiry(self) -> None:
+        """Background task (the node's nursery): expire pending uploads a few times per TTL."""
+        while True:
+            await trio.sleep(max(1.0, min(60.0, self.config.upload_ttl / 4)))
+            await self.expire_uploads()
 
     async def _discard_upload(self, upload: _Upload) -> None:
         """Forget an uploaded NAR no narinfo claimed (its blocks become garbage for gc): a rejected
@@ -532,22 +605,31 @@ class NixCache:
             info = repo.index.get_root(upload.root)
             if info is None or any(a.startswith("nix:") for a in info.aliases):
                 return  # gone already, or a store path claimed the same NAR meanwhile
+            if any(u.root == upload.root for u in self._uploads.values()):
+                return  # the same NAR is waiting under another upload
             with repo.index.transaction():
                 repo.index.remove_root(upload.root)
 
         await trio.to_thread.run_sync(drop)
 
     def drop_unclaimed_nars(self) -> int:
-        """At start: NAR roots from uploads whose narinfo never came (e.g. the daemon stopped between
-        the two PUTs) and older than a day are removed from the index; gc collects their blocks."""
+        """At start: NAR roots from uploads whose narinfo never came (the daemon stopped between the two
+        PUTs) are removed from the index; gc collects their blocks. Pending uploads do not outlive the
+        daemon — Nix's copy that made them failed with it."""
         repo = self.node.repo
-        cutoff = time.time() - UPLOAD_TTL
         doomed = [r.root for r in repo.index.list_roots()
-                  if r.kind == "nar" and r.added < cutoff and not any(a.startswith("nix:") for a in r.aliases)]
+                  if r.kind == "nar" and not any(a.startswith("nix:") for a in r.aliases)]
         for root in doomed:
             with repo.index.transaction():
                 repo.index.remove_root(root)
         return len(doomed)
+
+    def _held_nar_hash(self, store_hash: str) -> bytes | None:
+        """The NarHash this node already holds (or this machine's Nix store has) for a store path."""
+        held = self.narstore.narinfo(store_hash)
+        if held is None and self.local is not None:
+            held = self.local.narinfo(store_hash)
+        return held.nar_hash.digest if held is not None else None
 
     async def _put_narinfo(self, store_hash: str, receive: Receive, send: Send) -> None:
         from .asgi import read_body
@@ -560,6 +642,16 @@ class NixCache:
             raise HTTPError(400, str(e)) from None
         if info.store_path.hash_part != store_hash:
             raise HTTPError(400, f"{store_hash}.narinfo describes another path, {info.store_path}")
+        held = await trio.to_thread.run_sync(self._held_nar_hash, store_hash)
+        if held is not None and held != info.nar_hash.digest:
+            # First writer wins: a store path's contents are never replaced (a non-reproducible rebuild, or
+            # someone trying to swap what others will install).
+            self.metrics.uploads.labels("narinfo", "conflict").inc()
+            upload = self._uploads.pop(info.url, None)
+            if upload is not None:
+                await self._discard_upload(upload)
+            raise HTTPError(409, f"{info.store_path} is already held here with NarHash "
+                                 f"sha256:{nixbase32.encode(held)}; a path's contents are not replaced")
         upload = self._uploads.get(info.url)
         root: CID | None = None
         if upload is not None:
@@ -580,7 +672,7 @@ class NixCache:
             if root is None:
                 self.metrics.uploads.labels("narinfo", "rejected").inc()
                 raise HTTPError(400, f"{store_hash}.narinfo: its NAR ({info.url}) was not uploaded first")
-        if self.key is not None:  # vouch for what we ingest: the signature travels with the narinfo
+        if self.key is not None:  # vouch for what an authenticated pusher gave us: stored with the narinfo
             info = info.signed(self.key)
         try:
             await trio.to_thread.run_sync(lambda: self.narstore.register_nar(root, info, verify=False))
@@ -688,6 +780,16 @@ async def _sha1_root(node: Any, text: str, head: bool) -> Any:
     dep = Dependency(alias, "", None, DepHash("sha1", digest), "mirror")
     outcome = await Prefetcher(node.repo, origin=None, swarm=node, announce=node.announce).fetch(dep)  # type: ignore[arg-type]
     return node.repo.index.resolve_alias(alias) if outcome.source else None
+
+
+def _content_length(scope: Scope) -> int | None:
+    for k, v in scope.get("headers", ()):
+        if k == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                raise HTTPError(400, "Content-Length is not a number") from None
+    return None
 
 
 def _narinfo_from_fields(fields: Any, store_dir: str) -> NarInfo:

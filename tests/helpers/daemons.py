@@ -28,13 +28,30 @@ class Daemon:
     def api(self) -> str:
         return self.info["api"]
 
-    def status(self) -> dict:
-        return httpx.get(self.api + "/api/v0/status", timeout=10).json()
+    @property
+    def token(self) -> str:
+        """The API token, read from REPO/api.token as the CLI does (tests run as the daemon's user)."""
+        return (self.repo / "api.token").read_text().strip()
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    @property
+    def auth(self) -> dict:
+        return {"authorization": f"Bearer {self.token}"}
+
+    @property
+    def netrc(self) -> Path:
+        """What `nix copy --to` needs: `netrc-file = <this>` (the daemon writes it at start)."""
+        return self.repo / "api.netrc"
+
+    def status(self) -> dict:
+        r = httpx.get(self.api + "/api/v0/status", headers=self.auth, timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120,
+            input: bytes | None = None) -> subprocess.CompletedProcess:
         env = dict(os.environ, P2PCACHE_REPO=str(self.repo))
         proc = subprocess.run([sys.executable, "-m", "p2pcache", *args], env=env, capture_output=True,
-                              timeout=timeout)
+                              timeout=timeout, input=input)
         if check and proc.returncode != 0:
             raise AssertionError(f"p2pcache {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode()}")
         return proc

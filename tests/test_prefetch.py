@@ -18,7 +18,6 @@ import pytest
 from .conftest import run_cli
 from .helpers.daemons import start_daemon
 from .helpers.registry import Registry, crate, go_module, npm_tarball, sri, wheel
-from .test_nix_e2e import daemons  # noqa: F401  (real daemons, stopped after the test)
 
 PY = sys.executable
 

@@ -623,6 +623,224 @@ def cmd_lock2nix(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+# -- build cache (`p2pcache cache …`) ----------------------------------------------------------------
+# The CLI walks and writes the caller's paths itself, with the caller's permissions; a running daemon
+# only receives blocks (re-hashed) and a root, and hands back a root the CLI then reads from the repo.
+
+
+def _offline_build_cache(args: argparse.Namespace):
+    """The build cache service over the repo itself (no daemon: no swarm, local records only)."""
+    from . import config as config_mod
+    from .buildcache import BuildCache, RecordStore
+    from .net.host import load_identity
+
+    repo = _open(args, writable=True, create=True)
+    pair = load_identity(repo.path / "identity.key")
+    store = RecordStore(repo.path / "buildcache.sqlite")
+    return BuildCache(repo, store, pair.private_key, pair.public_key.serialize(), config_mod.load(repo.path).buildcache)
+
+
+def _stat_cache(repo_path: Path, pid: str):
+    """The entries of the last tree saved or restored at these paths on this machine, read-only."""
+    from .buildcache import RecordStore
+    from .buildtree import previous_entries
+    from .content.treemanifest import TreeManifest
+
+    db = repo_path / "buildcache.sqlite"
+    if not db.exists() or not Repo.exists(repo_path):
+        return None, 0.0
+    store = RecordStore(db, readonly=True)
+    try:
+        last = store.last_save(pid)
+    finally:
+        store.close()
+    if last is None:
+        return None, 0.0
+    try:
+        with Repo.open(repo_path, writable=False) as repo:
+            info = repo.index.get_root(last[0])
+            if info is None or not info.complete:
+                return None, 0.0
+            return previous_entries(TreeManifest.decode(repo.load_block(last[0])), repo.load_block), last[1]
+    except P2PCacheError:
+        return None, 0.0
+
+
+def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
+    import trio
+
+    from .buildcache import DaemonBlockSink, RepoBlockSink
+    from .buildtree import paths_id, save_tree
+    from .content.cacherecord import check_cache_key
+
+    check_cache_key(args.key)
+    for p in args.paths:
+        if not os.path.lexists(p):
+            raise InvalidInput(f"cannot save {p}: it does not exist")
+    if args.sources is not None and not os.path.isdir(args.sources):
+        raise InvalidInput(f"--sources {args.sources}: not a directory")
+    pid = paths_id(args.paths)
+    client = _daemon(args) if Repo.exists(_repo_path(args)) else None
+    service = None if client is not None else _offline_build_cache(args)
+    try:
+        if not args.force:
+            existing = (client.cache_lookup(args.key, [], True)["match"] == "exact" if client is not None
+                        else bool(trio.run(service.find, args.key, False)))
+            if existing:
+                out.emit({"saved": False, "reason": "exists", "key": args.key},
+                         f"cache key {args.key} exists; not saved (keys are immutable: --force to replace it)")
+                return 0
+        previous, scan = (None, 0.0) if args.rehash else _stat_cache(_repo_path(args), pid)
+        sink = DaemonBlockSink(client) if client is not None else RepoBlockSink(service.repo)
+        for attempt in (0, 1):
+            report = save_tree(args.paths, sink, sources_dir=args.sources, previous=previous, previous_scan=scan)
+            try:
+                if client is not None:
+                    result = client.cache_save(args.key, str(report.root), args.force, pid, report.scan_time)
+                else:
+                    result = trio.run(service.save, args.key, report.root, args.force, pid, report.scan_time)
+                break
+            except NotFound:
+                if attempt:
+                    raise
+                previous = None  # blocks the stat cache relied on went away meanwhile: read everything
+    finally:
+        if client is not None:
+            client.close()
+        if service is not None:
+            service.store.close()
+            service.repo.close()
+    j = {**result, "tree": report.to_json()}
+    if not result.get("saved"):
+        out.emit(j, f"cache key {args.key} exists; not saved (--force to replace it)")
+        return 0
+    for path, why in report.skipped:
+        print(f"p2pcache cache save: skipped {path} ({why})", file=sys.stderr)
+    out.emit(j, f"saved {args.key} -> {report.root}: {report.files} files ({human(report.bytes)}), "
+                f"{report.dirs} dirs, {report.symlinks} symlinks; new {human(report.new_bytes)} in "
+                f"{report.new_blocks} blocks; read {report.files_read} files"
+                + (f"; {report.sources} sources recorded" if args.sources is not None else ""))
+    return 0
+
+
+def cmd_cache_restore(args: argparse.Namespace, out: Output) -> int:
+    import trio
+
+    from .buildtree import fix_timestamps, paths_id, restore_tree
+
+    pid = paths_id(args.paths)
+    client = _daemon(args) if Repo.exists(_repo_path(args)) else None
+    if client is not None:
+        try:
+            found = client.cache_lookup(args.key, args.restore_key, args.lookup_only, pid)
+        finally:
+            client.close()
+    else:
+        service = _offline_build_cache(args)
+        try:
+            found = trio.run(service.lookup, args.key, args.restore_key, args.lookup_only, pid)
+        finally:
+            service.store.close()
+            service.repo.close()
+    if found["match"] == "none":
+        tried = ", ".join([args.key] + [f"{p}*" for p in args.restore_key])
+        if args.fail_on_miss:
+            raise NotFound(f"no cache entry for {tried}")
+        out.emit({"match": "none", "key": None, "requested": args.key}, f"cache miss: no entry for {tried}")
+        return 0
+    how = "exact key" if found["match"] == "exact" else f"prefix {found['prefix']!r}"
+    if args.lookup_only:
+        out.emit(found, f"cache hit ({how}): {found['key']} -> {found['root']} (lookup only, nothing restored)")
+        return 0
+    with Repo.open(_repo_path(args), writable=False) as repo:
+        root = CID.parse(found["root"])
+        report, manifest, mtimes = restore_tree(root, repo.load_block, args.paths)
+        sources = args.sources if args.sources is not None else (
+            manifest.sources["path"] if manifest.sources is not None else None)
+        if sources is not None and manifest.sources is not None and os.path.isdir(sources):
+            fix_timestamps(manifest, repo.load_block, sources, args.paths, mtimes, report, args.mtime_mode)
+    line = report.refused_line()
+    if line:
+        print(f"p2pcache cache restore: {line}", file=sys.stderr)
+    j = {**found, "restored": report.to_json()}
+    text = (f"restored {found['key']} ({how}) -> {found['root']}: {report.files} files ({human(report.bytes)}), "
+            f"{report.dirs} dirs, {report.symlinks} symlinks")
+    if report.stripped:
+        text += f"; stripped setuid/setgid bits of {report.stripped}"
+    if manifest.sources is not None:
+        text += (f"; sources: {report.sources_unchanged} unchanged, {len(report.sources_changed)} changed, "
+                 f"{len(report.sources_new)} new, {len(report.sources_deleted)} deleted"
+                 + (f" ({', '.join(report.sources_deleted[:5])})" if report.sources_deleted else ""))
+    out.emit(j, text)
+    return 0
+
+
+def cmd_cache_admin(args: argparse.Namespace, out: Output) -> int:
+    """cache ls / pin / unpin / expire: through the daemon when one runs, else on the repo."""
+    what = args.cache_command
+    client = _daemon(args) if Repo.exists(_repo_path(args)) else None
+    if client is not None:
+        try:
+            if what in ("pin", "unpin"):
+                result = client.cache_call(what, {"key": args.key})
+            else:
+                result = client.cache_call("keys" if what == "ls" else "expire", {})
+        finally:
+            client.close()
+    else:
+        service = _offline_build_cache(args)
+        try:
+            if what in ("pin", "unpin"):
+                result = service.set_pinned(args.key, what == "pin")
+            elif what == "ls":
+                result = {"keys": service.list_keys()}
+            else:
+                result = service.expire()
+        finally:
+            service.store.close()
+            service.repo.close()
+    if what == "ls":
+        for k in result["keys"]:
+            flags = ("P" if k["pinned"] else "-") + ("" if k["held"] else "!")
+            out.emit(k, f"{k['key']}  {flags:2} {k['root']}  {k['writer']}")
+    elif what == "expire":
+        out.emit(result, f"evicted {len(result['expired'])} idle trees ({human(result['bytes_freed'])} freed)")
+    else:
+        out.emit(result, f"{what}ned {result['key']} ({result['root']})")
+    return 0
+
+
+def _add_cache_parser(sub, common: argparse.ArgumentParser) -> None:
+    cache = sub.add_parser("cache", parents=[common], help="build-directory cache: save and restore by key",
+                           description="Save and restore build directories by key, shared through the swarm.")
+    cs = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    sp = cs.add_parser("save", parents=[common], help="save PATHs under KEY (keys are immutable unless --force)")
+    sp.set_defaults(fn=cmd_cache_save)
+    sp.add_argument("key", metavar="KEY")
+    sp.add_argument("paths", nargs="+", metavar="PATH")
+    sp.add_argument("--force", action="store_true", help="replace an existing key")
+    sp.add_argument("--sources", metavar="DIR", help="record (path, sha256, mtime) of the sources under DIR")
+    sp.add_argument("--rehash", action="store_true", help="read every file (do not trust size+mtime of the last save)")
+    sp = cs.add_parser("restore", parents=[common], help="restore KEY (else the newest key with a --restore-key prefix)")
+    sp.set_defaults(fn=cmd_cache_restore)
+    sp.add_argument("key", metavar="KEY")
+    sp.add_argument("paths", nargs="+", metavar="PATH")
+    sp.add_argument("--restore-key", action="append", default=[], metavar="PREFIX",
+                    help="fallback key prefix, tried in order (repeatable)")
+    sp.add_argument("--lookup-only", action="store_true", help="report the match, restore nothing")
+    sp.add_argument("--fail-on-miss", action="store_true", help="exit 3 when nothing matches")
+    sp.add_argument("--sources", metavar="DIR", help="sources to compare (default: the directory saved with --sources)")
+    sp.add_argument("--mtime-mode", choices=("ordered", "exact"), default="ordered",
+                    help="unchanged sources older than every restored file (make), or their saved mtimes (ninja, cargo)")
+    for name, help in (("ls", "list the cache keys this node holds"), ("expire", "evict idle trees now")):
+        sp = cs.add_parser(name, parents=[common], help=help)
+        sp.set_defaults(fn=cmd_cache_admin)
+    for name in ("pin", "unpin"):
+        sp = cs.add_parser(name, parents=[common], help=f"{name} a cache key's tree ({'kept' if name == 'pin' else 'evictable'})")
+        sp.set_defaults(fn=cmd_cache_admin)
+        sp.add_argument("key", metavar="KEY")
+
+
 def _daemon(args: argparse.Namespace, required: bool = False):
     from .client import DaemonClient
 
@@ -716,6 +934,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default stdout)")
     sp.add_argument("--index-url", metavar="URL", help=argparse.SUPPRESS)
     sp.add_argument("--registry", action="append", metavar="KIND=URL", help="as for prefetch")
+    _add_cache_parser(sub, common)
     return p
 
 

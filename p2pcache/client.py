@@ -173,3 +173,37 @@ class DaemonClient:
     def prefetch(self, dependencies: list[dict], jobs: int, on_event: Callable[[dict], None]) -> dict:
         """Lock-file prefetch in the daemon: `entry` and `progress` events go to `on_event`; returns the summary."""
         return self._stream("/api/v0/prefetch", {"dependencies": dependencies, "jobs": jobs}, None, on_event)
+    # -- build cache (p2pcache.buildcache through the daemon; the caller walks and writes its own paths) --
+    def cache_lookup(self, key: str, restore_keys: list[str], lookup_only: bool, paths_id: str | None = None,
+                     progress: Callable[[int, int | None], None] | None = None) -> dict:
+        return self._stream("/api/v0/cache/lookup", {"key": key, "restore_keys": list(restore_keys),
+                                                      "lookup_only": lookup_only, "paths_id": paths_id}, progress)
+
+    def cache_save(self, key: str, root: str, force: bool, paths_id: str | None, scan_time: float | None) -> dict:
+        return self._post("/api/v0/cache/save", {"key": key, "root": root, "force": force, "paths_id": paths_id,
+                                                 "scan_time": scan_time})
+
+    def cache_call(self, what: str, body: dict) -> dict:
+        """pin, unpin, keys, expire."""
+        return self._post(f"/api/v0/cache/{what}", body)
+
+    def blocks_missing(self, body: bytes) -> list[int]:
+        """Indices of the blocks (framed binary CIDs) the daemon's repo lacks."""
+        try:
+            r = self.http.post("/api/v0/blocks/missing", content=body,
+                               headers={"content-type": "application/octet-stream"})
+        except httpx.HTTPError as e:
+            raise RepoError(f"daemon at {self.info['api']} did not answer: {e}") from None
+        if r.status_code != 200:
+            raise (InvalidInput if r.status_code == 400 else RepoError)(r.text.strip())
+        return r.json()["missing"]
+
+    def put_blocks(self, body: bytes) -> dict:
+        """Upload blocks framed as (varint length, binary CID, varint length, bytes)…; the daemon re-hashes each."""
+        try:
+            r = self.http.post("/api/v0/blocks", content=body, headers={"content-type": "application/octet-stream"})
+        except httpx.HTTPError as e:
+            raise RepoError(f"daemon at {self.info['api']} did not answer: {e}") from None
+        if r.status_code != 200:
+            raise (InvalidInput if r.status_code == 400 else RepoError)(r.text.strip())
+        return r.json()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from .errors import InvalidInput
 
 if TYPE_CHECKING:
+    from .buildcache import BuildCacheConfig
     from .http.nix import NixConfig
 
 DEFAULT_API = "127.0.0.1:37515"
@@ -67,6 +68,17 @@ max_upload_size = 8589934592
 # [prefetch.registries]
 # Registry base URLs for `p2pcache prefetch` / `lock2nix` when a lock file has no full URLs
 # (--registry KIND=URL overrides): npm = "…", cargo = "<dl template>", pypi = "<simple index>", go = "<GOPROXY>", gem = "…"
+
+[buildcache]
+# A saved tree nobody saved or restored for this many days is evicted (pinned keys stay).
+idle_expiry_days = 7
+# Key records older than this are ignored (and the key may be saved again).
+record_max_age_days = 30
+# Who may write which keys: the first rule whose pattern matches a key decides (no match: nobody).
+# peers are libp2p peer IDs, or "*" for any node in the swarm. Protect the default branch, e.g.:
+#   writers = [{{ keys = "main/*", peers = ["12D3KooW…runner1", "12D3KooW…runner2"] }},
+#              {{ keys = "pr/*", peers = ["*"] }}]
+writers = [{{ keys = "*", peers = ["*"] }}]
 """
 
 
@@ -83,6 +95,7 @@ class NodeConfig:
     api_allowed_hosts: list[str] = field(default_factory=list)
     api_allowed_origins: list[str] = field(default_factory=list)
     nix: "NixConfig" = field(default_factory=lambda: _nix_config())
+    buildcache: "BuildCacheConfig" = field(default_factory=lambda: _buildcache_config())
 
     def swarm_key_path(self, repo: Path) -> Path | None:
         if not self.swarm_key:
@@ -108,6 +121,12 @@ def _nix_config():
     return NixConfig()
 
 
+def _buildcache_config():
+    from .buildcache import BuildCacheConfig
+
+    return BuildCacheConfig()
+
+
 def write_default(repo: Path) -> None:
     path = repo / "config.toml"
     if not path.exists():
@@ -127,6 +146,11 @@ def load(repo: Path) -> NodeConfig:
         raise InvalidInput(f"cannot read {path}: {e}") from None
     types = {f.name: f.type for f in fields(NodeConfig)}
     for section, values in data.items():
+        if section == "buildcache" and isinstance(values, dict):
+            from .buildcache import BuildCacheConfig
+
+            cfg.buildcache = BuildCacheConfig.from_toml(values, str(path))
+            continue
         if section == "nix" and isinstance(values, dict):
             for key, value in values.items():
                 want = _NIX_TYPES.get(key)

@@ -110,6 +110,7 @@ class Node:
         self.source: _CountingSource | None = None
         self.api_url: str | None = None
         self.nix: NixCache | None = None
+        self.buildcache: Any = None
         self.api_token: str | None = None
         self.started_at = time.time()
 
@@ -153,6 +154,7 @@ class Node:
                 self.finder = ProviderFinder(self.dht, FinderConfig(negative_ttl=cfg.negative_ttl,
                                                                     default_timeout=cfg.lookup_timeout))
                 ResolveServer(lookup=self._answer_resolve).register(self.host)
+                self._start_build_cache(nursery)
                 if self.serve_api:
                     self.api_token = new_token(self.repo_path)
                     binds = await nursery.start(self._serve_api)
@@ -168,6 +170,32 @@ class Node:
                         await self.nix.aclose()
         finally:
             repo.close()
+
+    def _start_build_cache(self, nursery: trio.Nursery) -> None:
+        """The build cache service over this node's repo, identity and swarm; it answers the cache-records
+        protocol and evicts idle trees hourly."""
+        from .buildcache import BuildCache, RecordStore
+        from .net.host import load_identity
+        from .routing.cacherecords import CacheRecordsServer
+
+        assert self.repo is not None and self.host is not None
+        pair = getattr(self.host, "key_pair", None) or load_identity(self.repo_path / "identity.key")
+        self.buildcache = BuildCache(self.repo, RecordStore(self.repo_path / "buildcache.sqlite"), pair.private_key,
+                                     pair.public_key.serialize(), self.config.buildcache, swarm=_BuildCacheSwarm(self))
+        CacheRecordsServer(lookup=self.buildcache.records_for_peer).register(self.host)
+        self.buildcache.announce_held()
+
+        async def expire_hourly() -> None:
+            while True:
+                try:
+                    report = await trio.to_thread.run_sync(self.buildcache.expire)
+                    if report["expired"]:
+                        log.info("build cache: evicted %d idle trees", len(report["expired"]))
+                except P2PCacheError as e:
+                    log.warning("build cache: eviction failed: %s", e)
+                await trio.sleep(3600)
+
+        nursery.start_soon(expire_hourly)
 
     async def _reannounce_on_new_peers(self) -> None:
         """A sweep that reached nobody (we started before our peers) is redone when a peer turns up,
@@ -523,6 +551,57 @@ class Node:
         if not info.complete:
             return None
         return ResolveAnswer(root=root, kind=info.kind, size=info.size)
+
+
+class _BuildCacheSwarm:
+    """The swarm as the build cache service needs it (`buildcache.Swarm`), over this node's parts."""
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    async def record_peers(self, namespace: str) -> list:
+        """Providers of the namespace's DHT key, then connected peers (a small team swarm asks them all)."""
+        from .routing.keys import cache_ns_alias
+
+        node = self.node
+        assert node.finder is not None and node.host is not None
+        found = await node.finder.find_providers(cache_ns_alias(namespace), timeout=node.config.lookup_timeout)
+        peers = [p.peer_id for p in found]
+        peers += [p for p in node.host.connected_peers() if p not in peers]
+        return [p for p in peers if p != node.host.peer_id][:16]
+
+    async def ask_records(self, peer: Any, key: str, prefix: bool) -> list:
+        from .routing.cacherecords import ask_records
+
+        return (await ask_records(self.node.host, peer, key, prefix, timeout=self.node.config.lookup_timeout)).records
+
+    async def fetch_tree(self, root: CID, peers: list) -> int:
+        node = self.node
+        assert node.finder is not None and node.host is not None
+        providers: list = [p for p in await node.finder.find_providers(str(root), timeout=node.config.lookup_timeout)
+                           if p.peer_id != node.host.peer_id]
+        providers += [p for p in peers if all(q.peer_id != p for q in providers)]
+        if not providers:
+            raise NotFound(f"tree {root}: no peer in the swarm announces it")
+        for attempt in range(3):
+            try:
+                return await node.fetch_dag(root, providers)
+            except FetchError as e:
+                log.info("fetch of tree %s failed (%s); looking for other providers", root, e)
+                again = [p for p in await node.finder.find_providers(str(root), timeout=node.config.lookup_timeout)
+                         if p.peer_id != node.host.peer_id]
+                if attempt == 2 or not again:
+                    raise NotFound(f"tree {root}: fetching it failed ({e})") from None
+                providers = again
+        raise AssertionError("unreachable")
+
+    def announce(self, root: CID, aliases: list[str]) -> None:
+        if self.node.announcer is not None:
+            self.node.announcer.add(root, aliases)
+
+    def withdraw(self, root: CID) -> None:
+        if self.node.announcer is not None:
+            self.node.announcer.withdraw(root)
 
 
 def _decode_root(root: CID, data: bytes) -> ArchiveManifest:

@@ -62,15 +62,19 @@ from .nar import (
 
 __all__ = [
     "ChunkRef",
+    "ChunkTree",
     "NarIngest",
     "NarManifest",
     "NarManifestBuilder",
     "VerifiedStream",
+    "check_links",
+    "chunk_blocks",
     "iter_blocks",
     "iter_events",
     "iter_plan",
     "nar_stream",
     "verified_nar_stream",
+    "walk_links",
 ]
 
 NAR_TYPE = "p2pcache/nar"
@@ -98,7 +102,7 @@ class ChunkRef:
 # -- building -------------------------------------------------------------------------------------------
 
 
-class _ChunkTree:
+class ChunkTree:
     """A file's chunk links, sealed into `ChunkIndex` nodes of at most `fanout` children as they come."""
 
     def __init__(self, fanout: int):
@@ -188,7 +192,7 @@ class NarManifestBuilder:
         self._file: RegularFile | None = None
         self._left = 0
         self._data = bytearray()
-        self._tree: _ChunkTree | None = None
+        self._tree: ChunkTree | None = None
         self.files = self.chunks = 0
 
     # The node just finished goes into its parent directory (or becomes the root).
@@ -262,7 +266,7 @@ class NarManifestBuilder:
         elif cls is RegularFile:
             self._file, self._left = event, event.size
             if event.size > self.inline:
-                self._tree = _ChunkTree(self.fanout)
+                self._tree = ChunkTree(self.fanout)
             if not event.size:
                 self._file_done(out)
         elif cls is Entry:
@@ -397,7 +401,7 @@ def _is_count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
 
 
-def _links(value: object, depth: int, what: str) -> list[Link]:
+def check_links(value: object, depth: int, what: str) -> list[Link]:
     if not isinstance(value, list) or not value or len(value) > FANOUT:
         raise MalformedBlock(f"{what}: chunk links must be a list of 1..{FANOUT}")
     want = RAW if depth == 0 else DAG_CBOR
@@ -449,7 +453,24 @@ def _page_entries(pages: list, count: int, load: Callable[[CID], bytes], what: s
         raise MalformedBlock(f"{what}: directory pages hold {seen} entries, the directory says {count}")
 
 
-def _walk_links(depth: int, links: list[Link], load: Callable[[CID], bytes]) -> Iterator[ChunkRef]:
+def chunk_blocks(depth: int, links: list[Link], load: Callable[[CID], bytes]) -> Iterator[tuple[CID, int]]:
+    """Every block of one file's chunk tree (chunk-index nodes and chunks) with its size, checked as it goes."""
+    todo = [(depth, links)]
+    while todo:
+        depth, links = todo.pop()
+        for cid, size in links:
+            if depth == 0:
+                yield cid, size
+                continue
+            data = load(cid)
+            yield cid, len(data)
+            index = ChunkIndex.decode(data)
+            if index.depth != depth - 1 or index.size != size:
+                raise MalformedBlock(f"chunk index {cid} does not match its parent's depth or size")
+            todo.append((index.depth, list(index.children)))
+
+
+def walk_links(depth: int, links: list[Link], load: Callable[[CID], bytes]) -> Iterator[ChunkRef]:
     if depth == 0:
         for cid, size in links:
             yield ChunkRef(cid, size)
@@ -458,7 +479,7 @@ def _walk_links(depth: int, links: list[Link], load: Callable[[CID], bytes]) -> 
         index = ChunkIndex.decode(load(cid))
         if index.depth != depth - 1 or index.size != size:
             raise MalformedBlock(f"chunk index {cid} does not match its parent's depth or size")
-        yield from _walk_links(index.depth, list(index.children), load)
+        yield from walk_links(index.depth, list(index.children), load)
 
 
 def _node_events(node: object, load: Callable[[CID], bytes], what: str) -> tuple[list, Iterator[list] | None]:
@@ -475,10 +496,10 @@ def _node_events(node: object, load: Callable[[CID], bytes], what: str) -> tuple
         _, executable, size, depth, links = node
         if not isinstance(executable, bool) or not _is_count(size) or not _is_count(depth) or depth > 8:
             raise MalformedBlock(f"{what}: malformed chunked file node")
-        links = _links(links, depth, what)
+        links = check_links(links, depth, what)
         if sum(s for _, s in links) != size:
             raise MalformedBlock(f"{what}: chunk sizes do not add up to the file size")
-        return [RegularFile(size, executable), _walk_links(depth, links, load)], None
+        return [RegularFile(size, executable), walk_links(depth, links, load)], None
     if kind == "symlink" and len(node) == 2:
         target = node[1]
         if not isinstance(target, bytes) or target_problem(target):
@@ -578,19 +599,7 @@ def iter_blocks(manifest: NarManifest, load: Callable[[CID], bytes]) -> Iterator
         kind = node[0]
         if kind == "chunked":
             _node_events(node, load, what)  # shape checks
-            todo = [(node[3], _links(node[4], node[3], what))]
-            while todo:
-                depth, links = todo.pop()
-                for cid, size in links:
-                    if depth == 0:
-                        yield cid, size
-                        continue
-                    data = load(cid)
-                    yield cid, len(data)
-                    index = ChunkIndex.decode(data)
-                    if index.depth != depth - 1 or index.size != size:
-                        raise MalformedBlock(f"chunk index {cid} does not match its parent's depth or size")
-                    todo.append((index.depth, list(index.children)))
+            yield from chunk_blocks(node[3], check_links(node[4], node[3], what), load)
         elif kind == "dir":
             _node_events(node, load, what)
             stack.extend(e[1] for e in node[1])

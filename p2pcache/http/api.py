@@ -9,6 +9,13 @@
     POST /api/v0/pin, /api/v0/unpin {"key"}
     POST /api/v0/prefetch {"dependencies": [...], "jobs"}  lock-file dependencies: repo → swarm → origin,
                                    each verified; NDJSON `entry` events (batched), then `done` (summary)
+    POST /api/v0/blocks/missing (binary)     which of these blocks (varint, binary CID)… the repo lacks: indices
+    POST /api/v0/blocks (binary)             upload blocks (varint, CID, varint, bytes)…; each is re-hashed
+    POST /api/v0/cache/lookup {"key", "restore_keys", "lookup_only", "paths_id"}   find (and fetch) a tree (NDJSON)
+    POST /api/v0/cache/save {"key", "root", "force", "paths_id", "scan_time"}      claim an uploaded tree, sign, announce
+    POST /api/v0/cache/pin, /cache/unpin {"key"}; POST /api/v0/cache/keys, /cache/expire {}
+    GET  /api/v0/cache/tar?key=K&restore_key=P…     a tree as a tar stream (builders with curl and tar: Nix)
+    POST /api/v0/cache/tar?key=K&path=DIR…          save a tar stream's members under DIR… as K
 
 Long operations answer NDJSON: `{"event": "progress", "bytes": n, "total": t}` lines, then one
 `{"event": "done", ...}` or `{"event": "error", "message", "code"}` line. The API listens on loopback
@@ -27,7 +34,7 @@ import trio
 
 from ..errors import InvalidInput, P2PCacheError
 from . import guard
-from .asgi import HTTPError, Receive, Scope, Send, read_json, send_error, send_json, send_ndjson
+from .asgi import HTTPError, Receive, Scope, Send, read_body, read_json, send_error, send_json, send_ndjson
 
 ProgressFn = Callable[[int, int | None], None]
 
@@ -181,6 +188,11 @@ def make_app(node: NodeAPI, policy: guard.AccessPolicy) -> Callable[[Scope, Rece
             elif path == "/api/v0/prefetch" and method == "POST":
                 deps, jobs = _prefetch_request(await read_json(receive, limit=64 << 20))
                 await send_ndjson(send, _prefetch_stream(node, deps, jobs))
+            elif path.startswith("/api/v0/blocks") or path.startswith("/api/v0/cache/"):
+                from urllib.parse import parse_qs
+
+                await _build_cache_routes(node, scope, receive, send,
+                                          parse_qs(scope.get("query_string", b"").decode("latin-1")))
             else:
                 await _extra_routes(node, scope, receive, send)
         except HTTPError as e:
@@ -213,6 +225,8 @@ def _check_post_type(scope: Scope) -> None:
             raise HTTPError(400, "add takes the file's bytes as the request body (Content-Type: "
                                  "application/octet-stream); the daemon does not open paths for its callers")
         guard.require_content_type(scope, "application/octet-stream")
+    elif scope["path"].startswith(("/api/v0/blocks", "/api/v0/cache/")):
+        return  # the build cache's routes check their own types (binary blocks, tar streams, JSON)
     else:
         guard.require_content_type(scope, "application/json")
 
@@ -223,3 +237,105 @@ async def _extra_routes(node: Any, scope: Scope, receive: Receive, send: Send) -
         await handler(scope, receive, send)
     else:
         await send_error(send, 404, f"no such endpoint: {scope['method']} {scope['path']}")
+
+
+async def _build_cache_tar(cache: Any, method: str, query: dict, receive: Receive, send: Send) -> None:
+    """GET ?key=K&restore_key=P…: the tree as a tar stream (404 on a miss; headers say which key matched).
+    POST ?key=K&path=DIR…[&force=1] with a tar body: save it under K. For builders with curl and tar only."""
+    from ..aio import drain_thread
+    from ..buildcache import tree_as_tar
+    from ..content.cid import CID
+    from ..content.treemanifest import TreeManifest
+
+    key = (query.get("key") or [None])[0]
+    if not key:
+        raise HTTPError(400, "cache/tar needs ?key=…")
+    if method == "POST":
+        async def body() -> AsyncIterator[bytes]:
+            while True:
+                event = await receive()
+                if event["type"] == "http.disconnect":
+                    return
+                if event.get("body"):
+                    yield event["body"]
+                if not event.get("more_body"):
+                    return
+
+        await send_json(send, await cache.save_tar(key, body(), query.get("path", []),
+                                                   (query.get("force") or ["0"])[0] not in ("0", "")))
+        return
+    if method != "GET":
+        raise HTTPError(405, "cache/tar takes GET or POST")
+    found = await cache.lookup(key, query.get("restore_key", []))
+    if found["match"] == "none":
+        raise HTTPError(404, f"no cache entry for {key}")
+    root = CID.parse(found["root"])
+    manifest = TreeManifest.decode(cache.repo.load_block(root))
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/x-tar"), (b"x-p2pcache-match", found["match"].encode()),
+        (b"x-p2pcache-key", found["key"].encode("utf-8", "replace"))]})
+
+    async def deliver(piece: bytes) -> None:
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
+
+    await drain_thread(lambda: tree_as_tar(manifest, cache.repo.load_block), deliver)
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _build_cache_routes(node: Any, scope: Scope, receive: Receive, send: Send, query: dict) -> None:
+    """The build cache's routes (p2pcache.buildcache): blocks and roots in, roots out; no caller paths."""
+    from ..content.cid import CID
+
+    method, path = scope["method"], scope["path"]
+    cache = getattr(node, "buildcache", None)
+    if cache is not None and path == "/api/v0/cache/tar":
+        if method == "POST":
+            guard.require_content_type(scope, "application/x-tar")
+        await _build_cache_tar(cache, method, query, receive, send)
+        return
+    if cache is None or method != "POST":
+        raise HTTPError(404, f"no such endpoint: {method} {path}")
+    guard.require_content_type(scope, "application/octet-stream" if path.startswith("/api/v0/blocks")
+                               else "application/json")
+    if path == "/api/v0/blocks":
+        body = await read_body(receive, limit=64 << 20)
+        from ..buildcache import unframe_blocks
+
+        blocks = unframe_blocks(body)
+        written = await trio.to_thread.run_sync(cache.put_blocks, blocks)
+        await send_json(send, {"stored": len(blocks), "bytes_written": written})
+        return
+    if path == "/api/v0/blocks/missing":
+        from ..buildcache import unframe_cids
+
+        cids = unframe_cids(await read_body(receive, limit=8 << 20))
+        missing = await trio.to_thread.run_sync(cache.missing, cids)
+        lacking = {c.buffer for c in missing}
+        await send_json(send, {"missing": [i for i, c in enumerate(cids) if c.buffer in lacking]})
+        return
+    body = await read_json(receive, limit=8 << 20)
+    if path == "/api/v0/cache/lookup":
+        keys = body.get("restore_keys", [])
+        if not isinstance(body.get("key"), str) or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise HTTPError(400, "cache/lookup needs 'key' (string) and 'restore_keys' (list of strings)")
+        paths_id = body.get("paths_id") if isinstance(body.get("paths_id"), str) else None
+        await send_ndjson(send, _progress_stream(lambda p: cache.lookup(
+            body["key"], keys, bool(body.get("lookup_only")), paths_id)))
+    elif path == "/api/v0/cache/save":
+        if not isinstance(body.get("key"), str) or not isinstance(body.get("root"), str):
+            raise HTTPError(400, "cache/save needs 'key' and 'root' strings")
+        scan = body.get("scan_time")
+        await send_json(send, await cache.save(
+            body["key"], CID.parse(body["root"]), bool(body.get("force")),
+            body.get("paths_id") if isinstance(body.get("paths_id"), str) else None,
+            float(scan) if isinstance(scan, (int, float)) else None))
+    elif path in ("/api/v0/cache/pin", "/api/v0/cache/unpin"):
+        if not isinstance(body.get("key"), str):
+            raise HTTPError(400, "cache/pin needs a 'key' string")
+        await send_json(send, cache.set_pinned(body["key"], path.endswith("/pin")))
+    elif path == "/api/v0/cache/keys":
+        await send_json(send, {"keys": cache.list_keys()})
+    elif path == "/api/v0/cache/expire":
+        await send_json(send, await trio.to_thread.run_sync(cache.expire))
+    else:
+        raise HTTPError(404, f"no such endpoint: {method} {path}")

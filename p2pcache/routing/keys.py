@@ -12,6 +12,7 @@ GET_PROVIDERS). Another implementation interoperates by computing the same bytes
 | `nix:<32 nix-base32 chars>` (a store path's hash part) | multihash sha2-256 of `NIX_NAMESPACE + <the 32 ASCII chars>`, i.e. `12 20 sha256(b"/p2pcache/nix-store-path/" + hash)` |
 | `sha1:<40 hex>`, `sha384:<96 hex>` (lock-file hashes, recorded once verified) | multihash sha1 `11 14 <digest>` / sha2-384 `20 30 <digest>` |
 | `h1:<base64>` (go.sum's dirhash of a module zip's files) | multihash sha2-256 of `GO_H1_NAMESPACE + <the alias text>` |
+| `cache-ns:<namespace>` (a build-cache key namespace, UTF-8) | `12 20 sha256(b"/p2pcache/cache-namespace/" + namespace)`: providers are the nodes holding signed key records of that namespace |
 
 Consequences worth knowing:
 - `sha256:<hex>` of an archive is the same DHT key as a raw CID (codec 0x55) of the archive's bytes, since
@@ -33,7 +34,7 @@ from ..content import nixbase32
 from ..content.keys import HashKey, RootKey, parse_key
 from ..errors import InvalidKey
 
-__all__ = ["NIX_ALIAS_PREFIX", "NIX_NAMESPACE", "dht_key", "nix_alias"]
+__all__ = ["CACHE_NS_ALIAS_PREFIX", "NIX_ALIAS_PREFIX", "NIX_NAMESPACE", "cache_ns_alias", "dht_key", "nix_alias"]
 
 NIX_ALIAS_PREFIX = "nix:"
 NIX_NAMESPACE = b"/p2pcache/nix-store-path/"
@@ -43,6 +44,13 @@ _MULTIHASH_CODES = {"sha256": 0x12, "sha512": 0x13}
 # Lock-file hashes the repo records beside sha256/sha512 (see content/lockfiles/hashes.py).
 _EXTRA_HEX = {"sha1:": (0x11, 20), "sha384:": (0x20, 48)}
 GO_H1_NAMESPACE = b"/p2pcache/go-h1/"
+CACHE_NS_ALIAS_PREFIX = "cache-ns:"
+CACHE_NAMESPACE = b"/p2pcache/cache-namespace/"
+
+
+def cache_ns_alias(namespace: str) -> str:
+    """The alias under which holders of a build-cache namespace's key records are announced."""
+    return CACHE_NS_ALIAS_PREFIX + namespace
 
 
 def nix_alias(store_path_hash: str) -> str:
@@ -62,6 +70,9 @@ def dht_key(alias: str) -> bytes:
     """The Kademlia key under which providers of `alias` are announced and looked up.
 
     Raises InvalidKey (one line) for anything that is not a root CID, a sha256/sha512 key or `nix:<hash>`."""
+    if alias.startswith(CACHE_NS_ALIAS_PREFIX):
+        digest = hashlib.sha256(CACHE_NAMESPACE + alias[len(CACHE_NS_ALIAS_PREFIX):].encode("utf-8")).digest()
+        return _multihash(0x12, digest)
     if alias.startswith(NIX_ALIAS_PREFIX):
         nix_alias(alias[len(NIX_ALIAS_PREFIX):])  # validates
         digest = hashlib.sha256(NIX_NAMESPACE + alias[len(NIX_ALIAS_PREFIX):].encode("ascii")).digest()

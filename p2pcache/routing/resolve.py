@@ -45,7 +45,7 @@ ResolveLookup = Callable[[str], "ResolveAnswer | None | Awaitable[ResolveAnswer 
 _READ_CHUNK = 64 * 1024
 
 
-async def _read_frame(stream: Any, reader: FrameReader) -> bytes:
+async def read_frame(stream: Any, reader: FrameReader) -> bytes:
     """Read one whole length-prefixed message (and nothing after it in the same read)."""
     while True:
         try:
@@ -59,7 +59,7 @@ async def _read_frame(stream: Any, reader: FrameReader) -> bytes:
             return payload
 
 
-async def _reset(stream: Any) -> None:
+async def reset_stream(stream: Any) -> None:
     with trio.CancelScope(shield=True), trio.move_on_after(1):
         try:
             await stream.reset()
@@ -67,7 +67,7 @@ async def _reset(stream: Any) -> None:
             pass
 
 
-async def _close(stream: Any) -> None:
+async def close_stream(stream: Any) -> None:
     with trio.CancelScope(shield=True), trio.move_on_after(1):
         try:
             await stream.close()
@@ -100,19 +100,19 @@ class ResolveServer:
     async def handle_stream(self, stream: Any) -> None:
         try:
             with trio.fail_after(self.request_timeout):
-                alias = decode_request(await _read_frame(stream, FrameReader(MAX_REQUEST, "request")))
+                alias = decode_request(await read_frame(stream, FrameReader(MAX_REQUEST, "request")))
         except ResolveProtocolError as e:
             self.stats.violations += 1
             log.info("resolve: resetting stream from %s: %s", _peer_of(stream), e)
-            await _reset(stream)
+            await reset_stream(stream)
             return
         except trio.TooSlowError:
             self.stats.timeouts += 1
-            await _reset(stream)
+            await reset_stream(stream)
             return
         except Exception as e:  # the stream broke under us
             log.debug("resolve: stream from %s failed: %s", _peer_of(stream), e)
-            await _reset(stream)
+            await reset_stream(stream)
             return
         self.stats.requests += 1
         try:
@@ -123,7 +123,7 @@ class ResolveServer:
         except Exception:
             self.stats.lookup_errors += 1
             log.exception("resolve: lookup of %r failed", alias)
-            await _reset(stream)
+            await reset_stream(stream)
             return
         if answer is None:
             self.stats.not_found += 1
@@ -133,9 +133,9 @@ class ResolveServer:
             await stream.write(data)
         except Exception as e:
             log.debug("resolve: cannot answer %s: %s", _peer_of(stream), e)
-            await _reset(stream)
+            await reset_stream(stream)
             return
-        await _close(stream)
+        await close_stream(stream)
 
 
 def _peer_of(stream: Any) -> Any:
@@ -149,25 +149,34 @@ async def resolve(host: Any, peer_id: ID, alias: str, timeout: float = 5.0) -> R
     `timeout` seconds) or ResolveProtocolError (the answer is malformed or over the limits; the stream
     is reset). The answer is unverified: fetch and verify against `answer.root` before using it."""
     request = encode_request(alias)  # RoutingUsageError for a malformed alias: our bug, not the peer's
+    return await ask_once(host, peer_id, TProtocol(PROTOCOL), request, MAX_RESPONSE, "answer", decode_response,
+                          timeout, f"a resolve of {alias!r}")
+
+
+async def ask_once(host: Any, peer_id: ID, protocol: TProtocol, request: bytes, limit: int, what: str,
+                   decode: Callable[[bytes], Any], timeout: float, asking: str) -> Any:
+    """One framed request and one framed answer of at most `limit` bytes on a new stream, decoded with
+    `decode` (which raises ResolveProtocolError on a bad answer). Raises ResolveUnavailable when the peer
+    cannot be reached or does not answer in time; the stream is reset on any failure."""
     stream = None
     try:
         with trio.fail_after(timeout):
-            stream = await host.new_stream(peer_id, [TProtocol(PROTOCOL)])
+            stream = await host.new_stream(peer_id, [protocol])
             await stream.write(request)
             await stream.close_write()
-            payload = await _read_frame(stream, FrameReader(MAX_RESPONSE, "answer"))
-        answer = decode_response(payload)
+            payload = await read_frame(stream, FrameReader(limit, what))
+        answer = decode(payload)
     except ResolveProtocolError:
         if stream is not None:
-            await _reset(stream)
+            await reset_stream(stream)
         raise
     except trio.TooSlowError:
         if stream is not None:
-            await _reset(stream)
-        raise ResolveUnavailable(f"peer {peer_id} did not answer a resolve of {alias!r} within {timeout}s") from None
+            await reset_stream(stream)
+        raise ResolveUnavailable(f"peer {peer_id} did not answer {asking} within {timeout}s") from None
     except Exception as e:
         if stream is not None:
-            await _reset(stream)
-        raise ResolveUnavailable(f"cannot resolve {alias!r} at peer {peer_id}: {type(e).__name__}: {e}") from None
-    await _close(stream)
+            await reset_stream(stream)
+        raise ResolveUnavailable(f"cannot get {asking} from peer {peer_id}: {type(e).__name__}: {e}") from None
+    await close_stream(stream)
     return answer

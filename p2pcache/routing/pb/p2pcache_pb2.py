@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"p2pcache/routing/pb/p2pcache.proto\x12\x10p2pcache.routing\"\x1d\n\x0eResolveRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x90\x01\n\x07NarInfo\x12\x12\n\nstore_path\x18\x01 \x01(\t\x12\x10\n\x08nar_hash\x18\x02 \x01(\t\x12\x10\n\x08nar_size\x18\x03 \x01(\x04\x12\x12\n\nreferences\x18\x04 \x03(\t\x12\x0f\n\x07\x64\x65river\x18\x05 \x01(\t\x12\x0e\n\x06system\x18\x06 \x01(\t\x12\n\n\x02\x63\x61\x18\x07 \x01(\t\x12\x0c\n\x04sigs\x18\x08 \x03(\t\"v\n\x0fResolveResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0c\n\x04root\x18\x02 \x01(\x0c\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12*\n\x07narinfo\x18\x05 \x01(\x0b\x32\x19.p2pcache.routing.NarInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"p2pcache/routing/pb/p2pcache.proto\x12\x10p2pcache.routing\"\x1d\n\x0eResolveRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x90\x01\n\x07NarInfo\x12\x12\n\nstore_path\x18\x01 \x01(\t\x12\x10\n\x08nar_hash\x18\x02 \x01(\t\x12\x10\n\x08nar_size\x18\x03 \x01(\x04\x12\x12\n\nreferences\x18\x04 \x03(\t\x12\x0f\n\x07\x64\x65river\x18\x05 \x01(\t\x12\x0e\n\x06system\x18\x06 \x01(\t\x12\n\n\x02\x63\x61\x18\x07 \x01(\t\x12\x0c\n\x04sigs\x18\x08 \x03(\t\"v\n\x0fResolveResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0c\n\x04root\x18\x02 \x01(\x0c\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12*\n\x07narinfo\x18\x05 \x01(\x0b\x32\x19.p2pcache.routing.NarInfo\"A\n\x13\x43\x61\x63heRecordsRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\x08\x12\r\n\x05limit\x18\x03 \x01(\r\"\'\n\x14\x43\x61\x63heRecordsResponse\x12\x0f\n\x07records\x18\x01 \x03(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,4 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NARINFO']._serialized_end=232
   _globals['_RESOLVERESPONSE']._serialized_start=234
   _globals['_RESOLVERESPONSE']._serialized_end=352
+  _globals['_CACHERECORDSREQUEST']._serialized_start=354
+  _globals['_CACHERECORDSREQUEST']._serialized_end=419
+  _globals['_CACHERECORDSRESPONSE']._serialized_start=421
+  _globals['_CACHERECORDSRESPONSE']._serialized_end=460
 # @@protoc_insertion_point(module_scope)

@@ -45,3 +45,19 @@ class ResolveResponse(_message.Message):
     size: int
     narinfo: NarInfo
     def __init__(self, found: _Optional[bool] = ..., root: _Optional[bytes] = ..., kind: _Optional[str] = ..., size: _Optional[int] = ..., narinfo: _Optional[_Union[NarInfo, _Mapping]] = ...) -> None: ...
+
+class CacheRecordsRequest(_message.Message):
+    __slots__ = ("key", "prefix", "limit")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    prefix: bool
+    limit: int
+    def __init__(self, key: _Optional[str] = ..., prefix: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class CacheRecordsResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, records: _Optional[_Iterable[bytes]] = ...) -> None: ...

@@ -1,0 +1,623 @@
+"""The caller's side of the build cache: walk build directories into a tree manifest, write a tree back
+safely, and set timestamps so make-style tools rebuild exactly what changed.
+
+Owns everything that touches the paths a user names. It runs in the process of the user who named them
+(the `p2pcache cache` command), never in the daemon: the daemon only ever sees blocks (content-addressed
+bytes it re-hashes) and a root CID, so it cannot be made to read or write a path on a caller's behalf, and
+a caller gets nothing its own permissions would not give it. Blocks leave through a `BlockSink` (the repo
+itself when no daemon runs, the daemon's upload API when one does); restore reads verified blocks through
+a `load(cid)`.
+
+Saving: entries are (top-level path, relative path, st_mode, st_mtime_ns, body) in sorted order; regular
+files are read and chunked on a few threads, in order, with a bounded window. A *stat cache* — the
+previous save or restore of the same paths on this machine — lets a file whose type, mode, size and mtime
+are unchanged (and whose mtime was at least a second older than that scan, against same-second rewrites)
+reuse its previous body without being read, so an unchanged re-save reads no file contents. Special files
+(devices, FIFOs, sockets) are skipped and reported.
+
+Restoring is safe against a hostile manifest: every entry with an absolute path, `..`, `.` or empty
+components, a device or other special file, a symlink whose target is absolute or leads outside the target
+(checked lexically before and by real resolution after the restore) is refused and reported; the restore
+never writes through a symlink (each directory is opened component by component with O_NOFOLLOW);
+setuid, setgid and sticky bits are stripped; each file is written to a temp file, given its mode and
+mtime, and renamed into place. Existing files that are not in the cache are left alone; a directory in
+the way of a file is refused, not removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import os
+import stat
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+from .content.chunking import DEFAULT_PARAMS, ChunkerParams
+from .content.cid import CID
+from .content.treemanifest import (
+    TreeEntry,
+    TreeManifest,
+    TreeManifestBuilder,
+    chunk_contents,
+    file_chunks,
+    iter_entries,
+    iter_sources,
+    path_problem,
+    previous_tree,
+)
+from .errors import CorruptData, InvalidInput, RepoError
+
+__all__ = ["BlockSink", "RestoreReport", "SaveReport", "paths_id", "previous_entries", "restore_tree", "save_tree"]
+
+READ_SIZE = 4 << 20
+BATCH_BYTES = 8 << 20
+WINDOW = 64
+RACY_NS = 1_000_000_000  # a file modified within this long before a scan is re-read next time
+_tmp_counter = itertools.count()
+
+
+class BlockSink(Protocol):
+    """Where a save's blocks go: the repo, or the daemon that owns it. `put` may work in the background;
+    `close` waits for it (and raises what it met)."""
+
+    def missing(self, cids: list[CID]) -> set[CID]: ...
+    def put(self, blocks: list[tuple[CID, bytes]]) -> None: ...
+    def close(self) -> None: ...
+
+
+def paths_id(paths: list[str]) -> str:
+    """A stable name for "these paths on this machine", for the stat cache (real paths, in order)."""
+    real = "\0".join(os.path.realpath(p) for p in paths)
+    return hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+# -- saving ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SaveReport:
+    root: CID | None = None
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0  # logical bytes of regular files
+    files_read: int = 0  # files whose contents were read (not reused from the stat cache)
+    new_blocks: int = 0
+    new_bytes: int = 0
+    sources: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    scan_time: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"root": str(self.root), "files": self.files, "dirs": self.dirs, "symlinks": self.symlinks,
+                "bytes": self.bytes, "files_read": self.files_read, "new_blocks": self.new_blocks,
+                "new_bytes": self.new_bytes, "sources": self.sources,
+                "skipped": [f"{p} ({why})" for p, why in self.skipped]}
+
+
+def _walk(top: str) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(relative path, lstat) of `top` and everything under it, not following symlinks; unsorted."""
+    st = os.lstat(top)
+    yield b"", st
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    todo = [(os.fsencode(top), b"")]
+    while todo:
+        full, rel = todo.pop()
+        try:
+            it = os.scandir(full)
+        except OSError as e:
+            raise RepoError(f"cannot read directory {os.fsdecode(full)}: {e.strerror}") from None
+        with it:
+            for entry in it:
+                name = entry.name if isinstance(entry.name, bytes) else os.fsencode(entry.name)
+                path = rel + b"/" + name if rel else name
+                est = entry.stat(follow_symlinks=False)
+                yield path, est
+                if stat.S_ISDIR(est.st_mode):
+                    todo.append((os.path.join(full, name), path))
+
+
+def _read_file(full: bytes, size: int, params: ChunkerParams) -> tuple[object, list]:
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise RepoError(f"cannot read {os.fsdecode(full)}: {e.strerror}") from None
+    try:
+        def pieces() -> Iterator[bytes]:
+            while True:
+                buf = os.read(fd, READ_SIZE)
+                if not buf:
+                    return
+                yield buf
+        try:
+            return chunk_contents(pieces(), size, params)
+        except InvalidInput as e:
+            raise InvalidInput(f"{os.fsdecode(full)}: {e}; save again once the build has finished") from None
+    finally:
+        os.close(fd)
+
+
+def _top_links(body: object) -> list[CID]:
+    return [link[0] for link in body[2]] if isinstance(body, list) else []  # type: ignore[index]
+
+
+def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = None,
+              previous: "PreviousTree | None" = None, previous_scan: float = 0.0,
+              params: ChunkerParams = DEFAULT_PARAMS, threads: int = 4,
+              progress: Callable[[int], None] | None = None) -> SaveReport:
+    """Walk `paths`, store every block `sink` lacks, and return the report with the tree's root CID."""
+    report = SaveReport(scan_time=time.time())
+    if not paths:
+        raise InvalidInput("cache save needs at least one PATH")
+    entries: list[tuple[int, bytes, os.stat_result]] = []
+    for top, p in enumerate(paths):
+        try:
+            found = sorted(_walk(p), key=lambda e: e[0])
+        except FileNotFoundError:
+            raise InvalidInput(f"cannot save {p}: it does not exist") from None
+        except OSError as e:
+            raise RepoError(f"cannot read {p}: {e.strerror}") from None
+        entries += [(top, rel, st) for rel, st in found]
+    # Which files may reuse their previous body: same type, mode, size and mtime, not racily new, and
+    # their blocks still in the repo (gc may have taken them).
+    old_files = previous.files if previous is not None else {}
+    racy_limit = int(previous_scan * 1e9) - RACY_NS
+    reuse: dict[tuple[int, bytes], TreeEntry] = {}
+    for top, rel, st in entries:
+        old = old_files.get((top, rel))
+        if (old is not None and old.is_file and old.mode == st.st_mode and old.size == st.st_size
+                and old.mtime_ns == st.st_mtime_ns and st.st_mtime_ns < racy_limit):
+            reuse[(top, rel)] = old
+    # ... and their blocks, and the previous pages to be reused whole, still in the repo (gc may have run).
+    pages = dict(previous.pages) if previous is not None else {}
+    if reuse or pages:
+        links = list({c: None for e in reuse.values() for c in _top_links(e.body)})
+        links += [cid for _, cid in pages.values()]
+        gone: set[CID] = set()
+        for i in range(0, len(links), 4096):
+            gone |= sink.missing(links[i:i + 4096])
+        if gone:
+            reuse = {k: e for k, e in reuse.items() if not any(c in gone for c in _top_links(e.body))}
+            pages = {k: v for k, v in pages.items() if v[1] not in gone}
+    builder = TreeManifestBuilder(list(paths), params, sources_path=sources_dir, previous_pages=pages)
+    pending: list[tuple[CID, bytes]] = []
+    pending_bytes = 0
+    seen: set[CID] = set()
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if not pending:
+            return
+        batch, pending, pending_bytes = pending, [], 0
+        lacking = sink.missing([c for c, _ in batch])
+        todo = [(c, d) for c, d in batch if c in lacking]
+        if todo:
+            sink.put(todo)
+        report.new_blocks += len(todo)
+        report.new_bytes += sum(len(d) for _, d in todo)
+
+    def emit(blocks: list) -> None:
+        nonlocal pending_bytes
+        for cid, data in blocks:
+            if cid not in seen:
+                seen.add(cid)
+                pending.append((cid, bytes(data)))
+                pending_bytes += len(data)
+        if pending_bytes >= BATCH_BYTES:
+            flush()
+
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-save")
+    try:
+        window: deque[tuple[int, bytes, os.stat_result, Future | None]] = deque()
+
+        def settle(item: tuple[int, bytes, os.stat_result, Future | None]) -> None:
+            top, rel, st, fut = item
+            if fut is None:
+                body = reuse[(top, rel)].body
+            else:
+                body, blocks = fut.result()
+                emit(blocks)
+                report.files_read += 1
+            report.files += 1
+            report.bytes += st.st_size
+            emit(builder.add(TreeEntry(top, rel, st.st_mode, st.st_mtime_ns, body)))
+            if progress:
+                progress(st.st_size)
+
+        for top, rel, st in entries:
+            mode = st.st_mode
+            shown = os.path.join(paths[top], os.fsdecode(rel)) if rel else paths[top]
+            if stat.S_ISREG(mode):
+                full = os.path.join(os.fsencode(paths[top]), rel) if rel else os.fsencode(paths[top])
+                fut = None if (top, rel) in reuse else pool.submit(_read_file, full, st.st_size, params)
+                window.append((top, rel, st, fut))
+                if len(window) >= WINDOW:
+                    settle(window.popleft())
+                continue
+            while window:
+                settle(window.popleft())
+            if stat.S_ISDIR(mode):
+                report.dirs += 1
+                emit(builder.add(TreeEntry(top, rel, mode, st.st_mtime_ns, None)))
+            elif stat.S_ISLNK(mode):
+                full = os.path.join(os.fsencode(paths[top]), rel) if rel else os.fsencode(paths[top])
+                report.symlinks += 1
+                emit(builder.add(TreeEntry(top, rel, mode, st.st_mtime_ns, os.readlink(full))))
+            else:
+                report.skipped.append((shown, "special file"))
+        while window:
+            settle(window.popleft())
+        if sources_dir is not None:
+            for rel, digest, mtime in _hash_sources(sources_dir, paths, pool):
+                report.sources += 1
+                emit(builder.add_source(rel, digest, mtime))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    root, root_data, blocks = builder.finish()
+    emit(blocks + [(root, root_data)])
+    flush()
+    sink.close()
+    report.root = root
+    return report
+
+
+def _hash_file(full: bytes) -> bytes:
+    h = hashlib.sha256()
+    fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        while True:
+            buf = os.read(fd, READ_SIZE)
+            if not buf:
+                return h.digest()
+            h.update(buf)
+    finally:
+        os.close(fd)
+
+
+def _source_files(sources_dir: str, exclude: list[str]) -> list[tuple[bytes, os.stat_result]]:
+    """Regular files under `sources_dir` (not under .git, not under the cached paths), sorted by path."""
+    skip = {os.fsencode(os.path.realpath(p)) for p in exclude}
+    base = os.fsencode(sources_dir)
+    try:
+        walked = sorted(_walk(sources_dir), key=lambda e: e[0])
+    except OSError as e:
+        raise InvalidInput(f"cannot read sources {sources_dir}: {e.strerror}") from None
+    out = []
+    pruned: list[bytes] = []
+    for rel, st in walked:
+        if any(rel.startswith(d + b"/") for d in pruned):
+            continue
+        if stat.S_ISDIR(st.st_mode) and rel and (
+                rel.rsplit(b"/", 1)[-1] == b".git" or os.path.realpath(os.path.join(base, rel)) in skip):
+            pruned.append(rel)
+        elif stat.S_ISREG(st.st_mode) and rel:
+            out.append((rel, st))
+    return out
+
+
+def _hash_sources(sources_dir: str, exclude: list[str], pool: ThreadPoolExecutor) -> Iterator[tuple[bytes, bytes, int]]:
+    files = _source_files(sources_dir, exclude)
+    base = os.fsencode(sources_dir)
+    futures = [pool.submit(_hash_file, os.path.join(base, rel)) for rel, _ in files]
+    for (rel, st), fut in zip(files, futures):
+        yield rel, fut.result(), st.st_mtime_ns
+
+
+def previous_entries(manifest: TreeManifest, load: Callable[[CID], bytes]) -> "PreviousTree":
+    """The stat cache for the next save: a previous tree's file entries and pages (see `previous_tree`)."""
+    files, pages = previous_tree(manifest, load)
+    return PreviousTree(files, pages)
+
+
+@dataclass
+class PreviousTree:
+    files: dict[tuple[int, bytes], TreeEntry]
+    pages: dict
+
+
+# -- restoring ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RestoreReport:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    stripped: int = 0  # setuid/setgid/sticky bits removed
+    sources_unchanged: int = 0
+    sources_changed: list[str] = field(default_factory=list)
+    sources_new: list[str] = field(default_factory=list)
+    sources_deleted: list[str] = field(default_factory=list)
+
+    def refused_line(self) -> str | None:
+        if not self.refused:
+            return None
+        shown = ", ".join(f"{p} ({why})" for p, why in self.refused[:8])
+        more = f" and {len(self.refused) - 8} more" if len(self.refused) > 8 else ""
+        return f"refused {len(self.refused)} entr{'y' if len(self.refused) == 1 else 'ies'}: {shown}{more}"
+
+    def to_json(self) -> dict:
+        return {"files": self.files, "dirs": self.dirs, "symlinks": self.symlinks, "bytes": self.bytes,
+                "refused": [{"path": p, "why": w} for p, w in self.refused], "stripped": self.stripped,
+                "sources": {"unchanged": self.sources_unchanged, "changed": self.sources_changed,
+                            "new": self.sources_new, "deleted": self.sources_deleted}}
+
+
+class _Refused(Exception):
+    pass
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_dir(root_fd: int, parts: list[bytes], create: bool) -> int:
+    """The directory `parts` under `root_fd`, opened without following any symlink on the way."""
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            try:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise _Refused("parent directory missing") from None
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _Refused("a parent is a symlink or not a directory") from None
+                raise
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _safe_mode(mode: int, report: RestoreReport) -> int:
+    if mode & 0o7000:
+        report.stripped += 1
+    return mode & 0o777
+
+
+def _write_file(dir_fd: int, name: bytes, entry: TreeEntry, load: Callable[[CID], bytes]) -> int:
+    tmp = b".%s.p2pcache-%d-%d.tmp" % (name[:100], os.getpid(), next(_tmp_counter))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                 0o600, dir_fd=dir_fd)
+    try:
+        try:
+            written = 0
+            if isinstance(entry.body, bytes):
+                os.write(fd, entry.body)
+                written = len(entry.body)
+            else:
+                for ref in file_chunks(entry, load):
+                    data = load(ref.cid)
+                    if len(data) != ref.size:
+                        raise CorruptData(f"chunk {ref.cid} has {len(data)} bytes, its manifest says {ref.size}")
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    written += len(data)
+            os.fchmod(fd, entry.mode & 0o777)
+            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+        finally:
+            os.close(fd)
+        try:
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except IsADirectoryError:
+            raise _Refused("a directory is in the way") from None
+        return written
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+
+
+def symlink_escapes(rel: bytes, target: bytes) -> bool:
+    if target.startswith(b"/"):
+        return True
+    joined = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+    return joined == b".." or joined.startswith(b"../") or joined.startswith(b"/")
+
+
+def restore_tree(root: CID, load: Callable[[CID], bytes], targets: list[str], *, threads: int = 4,
+                 progress: Callable[[int], None] | None = None) -> tuple[RestoreReport, TreeManifest, list[int]]:
+    """Write the tree `root` into `targets` (one per saved top-level path, by position). Returns the report,
+    the manifest and the mtimes (ns) of every file restored, for `fix_timestamps`."""
+    manifest = TreeManifest.decode(load(root))
+    if len(targets) != len(manifest.paths):
+        raise InvalidInput(f"the cache holds {len(manifest.paths)} path(s) ({', '.join(manifest.paths)}); "
+                           f"restore got {len(targets)}: give the same number of PATHs, in the same order")
+    report = RestoreReport()
+    mtimes: list[int] = []
+    for top, target in enumerate(targets):
+        try:
+            _restore_top(manifest, top, target, load, report, mtimes, threads, progress)
+        except OSError as e:
+            raise RepoError(f"cannot restore into {target}: {e.strerror or e}") from None
+    return report, manifest, mtimes
+
+
+def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[CID], bytes],
+                 report: RestoreReport, mtimes: list[int], threads: int,
+                 progress: Callable[[int], None] | None) -> None:
+    entries = [e for e in iter_entries(manifest, load) if e.top == top]  # metadata only: bodies are links
+    if not entries:
+        return
+    head = entries[0]
+    def shown(rel: bytes) -> str:  # as the entry says, not normalised: the report must show `..` as it came
+        return f"{target.rstrip('/')}/{os.fsdecode(rel)}" if rel else target
+    if head.path == b"" and not head.is_dir:
+        # A single saved file (or symlink) at the top: written into the target's parent directory.
+        parent, name = os.path.split(os.path.abspath(target))
+        os.makedirs(parent, exist_ok=True)
+        entries = [TreeEntry(top, os.fsencode(name), e.mode, e.mtime_ns, e.body) for e in entries[:1]]
+        target = parent
+    os.makedirs(target, exist_ok=True)
+    root_fd = os.open(target, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        dirs: list[TreeEntry] = []
+        files: dict[bytes, list[TreeEntry]] = {}
+        links: list[TreeEntry] = []
+        refused_dirs: list[bytes] = []
+        for e in entries:
+            problem = path_problem(e.path)
+            if problem is None and any(e.path.startswith(d + b"/") for d in refused_dirs):
+                problem = "inside a refused directory"
+            if problem is None:
+                if e.is_dir:
+                    dirs.append(e)  # created on the way to its files, or at the end if it has none
+                elif e.is_file:
+                    parent, _, name = e.path.rpartition(b"/")
+                    files.setdefault(parent, []).append(e)
+                elif e.is_symlink:
+                    if symlink_escapes(e.path, e.body):  # type: ignore[arg-type]
+                        problem = "symlink pointing outside the target"
+                    else:
+                        links.append(e)
+                else:
+                    problem = "device or special file"
+            if problem is not None:
+                report.refused.append((shown(e.path), problem))
+                if e.is_dir:
+                    refused_dirs.append(e.path)
+
+        def write_group(parent: bytes, group: list[TreeEntry]) -> list[tuple[TreeEntry, int | str]]:
+            out: list[tuple[TreeEntry, int | str]] = []
+            try:
+                dfd = _open_dir(root_fd, parent.split(b"/") if parent else [], create=True)
+            except _Refused as r:
+                return [(e, str(r)) for e in group]
+            try:
+                for e in group:
+                    try:
+                        out.append((e, _write_file(dfd, e.path.rpartition(b"/")[2], e, load)))
+                    except _Refused as r:
+                        out.append((e, str(r)))
+            finally:
+                os.close(dfd)
+            return out
+
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-restore") as pool:
+            futures = [pool.submit(write_group, parent, group[i:i + 64])
+                       for parent, group in files.items() for i in range(0, len(group), 64)]
+            for fut in futures:
+                for e, result in fut.result():
+                    if isinstance(result, str):
+                        report.refused.append((shown(e.path), result))
+                        continue
+                    report.files += 1
+                    report.bytes += result
+                    mtimes.append(e.mtime_ns)
+                    if e.mode & 0o7000:
+                        report.stripped += 1
+                    if progress:
+                        progress(result)
+        for e in links:
+            parent, _, name = e.path.rpartition(b"/")
+            try:
+                dfd = _open_dir(root_fd, parent.split(b"/") if parent else [], create=True)
+            except _Refused as r:
+                report.refused.append((shown(e.path), str(r)))
+                continue
+            try:
+                tmp = b".%s.p2pcache-%d-%d.tmp" % (name[:100], os.getpid(), next(_tmp_counter))
+                os.symlink(e.body, tmp, dir_fd=dfd)  # type: ignore[arg-type]
+                try:
+                    os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                except IsADirectoryError:
+                    os.unlink(tmp, dir_fd=dfd)
+                    report.refused.append((shown(e.path), "a directory is in the way"))
+                    continue
+                os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+            finally:
+                os.close(dfd)
+            report.symlinks += 1
+        # Symlinks that resolve outside once everything is in place (through other symlinks, or through
+        # what was already on disk) are removed again.
+        real_root = os.path.realpath(target)
+        for e in links:
+            full = os.path.join(os.fsencode(target), e.path)
+            real = os.path.realpath(full)
+            if real != os.fsencode(real_root) and not real.startswith(os.fsencode(real_root) + b"/"):
+                try:
+                    os.unlink(full)
+                except OSError:
+                    pass
+                report.symlinks -= 1
+                report.refused.append((shown(e.path), "symlink resolving outside the target"))
+        for e in reversed(dirs):  # deepest last in sorted order: set children before parents
+            try:
+                dfd = _open_dir(root_fd, e.path.split(b"/") if e.path else [], create=True)
+            except _Refused as r:
+                report.refused.append((shown(e.path), str(r)))
+                continue
+            except OSError as err:
+                report.refused.append((shown(e.path), err.strerror or str(err)))
+                continue
+            try:
+                os.fchmod(dfd, _safe_mode(e.mode, report) | 0o700)
+                os.utime(dfd, ns=(e.mtime_ns, e.mtime_ns))
+            finally:
+                os.close(dfd)
+            report.dirs += 1
+    finally:
+        os.close(root_fd)
+
+
+# -- timestamps -----------------------------------------------------------------------------------------
+
+
+MTIME_MODES = ("ordered", "exact")
+
+
+def fix_timestamps(manifest: TreeManifest, load: Callable[[CID], bytes], sources_dir: str, targets: list[str],
+                   restored_mtimes: list[int], report: RestoreReport, mode: str = "ordered",
+                   now_ns: int | None = None) -> None:
+    """Compare the sources now under `sources_dir` with those recorded at save time, by (path, sha256),
+    and set their mtimes so make-style tools rebuild exactly what changed:
+
+    - changed and new sources become newer than every restored file (and not older than now);
+    - unchanged sources become older than every restored file (`ordered`), or get back exactly the mtime
+      they had when the cache was saved (`exact`: the relation ninja's log and cargo's fingerprints
+      compare against);
+    - sources recorded but gone are reported (a tool that tracks deletions must notice them itself).
+    """
+    if mode not in MTIME_MODES:
+        raise InvalidInput(f"mtime mode must be one of {', '.join(MTIME_MODES)}, not {mode!r}")
+    saved = {p: (d, m) for p, d, m in iter_sources(manifest, load)}
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    newest = max(restored_mtimes, default=now_ns)
+    oldest = min(restored_mtimes, default=now_ns)
+    fresh = max(now_ns, newest + RACY_NS)
+    old = oldest - RACY_NS
+    base = os.fsencode(sources_dir)
+    current = _source_files(sources_dir, targets)
+    seen = set()
+    for rel, st in current:
+        seen.add(rel)
+        full = os.path.join(base, rel)
+        digest = _hash_file(full)
+        known = saved.get(rel)
+        if known is not None and known[0] == digest:
+            report.sources_unchanged += 1
+            t = known[1] if mode == "exact" else old
+        else:
+            (report.sources_changed if known is not None else report.sources_new).append(os.fsdecode(rel))
+            t = fresh
+        os.utime(full, ns=(t, t), follow_symlinks=False)
+    report.sources_deleted = sorted(os.fsdecode(p) for p in saved if p not in seen)

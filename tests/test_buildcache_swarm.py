@@ -1,0 +1,102 @@
+"""The build cache across real daemons on loopback: save on one runner, restore on others through the
+swarm, with the saver gone, by prefix, and with writers the team does not trust for a namespace."""
+
+import json
+import random
+import subprocess
+import time
+from pathlib import Path
+
+from libp2p.peer.id import ID
+
+from p2pcache.net.host import load_identity
+
+from .helpers.daemons import start_daemon
+from .test_swarm import swarm_key  # noqa: F401  (a fixture; `daemons` is in conftest)
+
+
+def make_build_dir(path: Path, seed: int, files: int = 40) -> Path:
+    rng = random.Random(seed)
+    for i in range(files):
+        sub = path / f"obj{i % 5}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i}.o").write_bytes(rng.randbytes(rng.choice([100, 3000, 90_000, 400_000])))
+    (path / "bin").mkdir(exist_ok=True)
+    (path / "bin" / "tool").write_bytes(rng.randbytes(200_000))
+    (path / "bin" / "tool").chmod(0o755)
+    (path / "latest").symlink_to("bin/tool")
+    return path
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    return subprocess.run(["diff", "-r", "--no-dereference", str(a), str(b)]).returncode == 0
+
+
+def peer_id_of_repo(repo: Path) -> str:
+    repo.mkdir(parents=True, exist_ok=True)
+    pair = load_identity(repo / "identity.key")
+    return ID.from_pubkey(pair.public_key).to_base58()
+
+
+def write_writers(repo: Path, rules: list[tuple[str, list[str]]]) -> None:
+    repo.mkdir(parents=True, exist_ok=True)
+    body = ", ".join(f'{{ keys = "{k}", peers = {json.dumps(p)} }}' for k, p in rules)
+    (repo / "config.toml").write_text(f"[buildcache]\nwriters = [{body}]\n")
+
+
+def restore(d, key, out, *extra, check=True):
+    res = d.cli("--json", "cache", "restore", key, str(out), *extra, check=check, timeout=90)
+    return json.loads(res.stdout) if res.returncode == 0 else res
+
+
+def test_save_restore_across_runners_saver_gone_prefix_and_trust(tmp_path, swarm_key, daemons):
+    protected = peer_id_of_repo(tmp_path / "a")
+    rules = [("main/*", [protected]), ("pr/*", ["*"])]
+    for name in ("a", "b", "c"):
+        write_writers(tmp_path / name, rules)
+    a = start_daemon(tmp_path / "a", swarm_key=swarm_key)
+    daemons.append(a)
+    b = start_daemon(tmp_path / "b", swarm_key=swarm_key, bootstrap=[a.addr])
+    daemons.append(b)
+    u = start_daemon(tmp_path / "u", swarm_key=swarm_key, bootstrap=[a.addr])  # a PR runner, default config
+    daemons.append(u)
+
+    build = make_build_dir(tmp_path / "build", 1)
+    saved = json.loads(a.cli("--json", "cache", "save", "main/linux-1", str(build)).stdout)
+    assert saved["saved"] is True and saved["writer"] == protected
+    # immutable: a second save of the same key stores nothing and says so
+    again = json.loads(a.cli("--json", "cache", "save", "main/linux-1", str(build)).stdout)
+    assert again == {"saved": False, "reason": "exists", "key": "main/linux-1"}
+
+    got = restore(b, "main/linux-1", tmp_path / "b-out")
+    assert got["match"] == "exact" and got["root"] == saved["root"] and got["bytes_fetched"] > 0
+    assert same_tree(build, tmp_path / "b-out")
+
+    # prefix fallback: the newest of several keys wins
+    time.sleep(0.05)
+    build2 = make_build_dir(tmp_path / "build2", 2)
+    newer = json.loads(a.cli("--json", "cache", "save", "main/linux-2", str(build2)).stdout)
+    got = restore(b, "main/linux-3", tmp_path / "b-out2", "--restore-key", "main/nothing-", "--restore-key", "main/linux-")
+    assert got["match"] == "prefix" and got["prefix"] == "main/linux-" and got["key"] == "main/linux-2"
+    assert got["root"] == newer["root"]
+    assert same_tree(build2, tmp_path / "b-out2")
+
+    # a PR runner may write pr/*, but its record for main/* is ignored by every reader
+    evil = make_build_dir(tmp_path / "evil", 3, files=3)
+    assert json.loads(u.cli("--json", "cache", "save", "main/linux-4", str(evil)).stdout)["saved"] is True
+    assert json.loads(u.cli("--json", "cache", "save", "pr/17/linux-1", str(evil)).stdout)["saved"] is True
+    got = restore(b, "main/linux-4", tmp_path / "b-evil", "--restore-key", "main/linux-4")
+    assert got["match"] == "none"
+    assert "ignoring the record for 'main/linux-4'" in (tmp_path / "b.log").read_text()
+    got = restore(b, "pr/17/linux-1", tmp_path / "b-pr")
+    assert got["match"] == "exact" and same_tree(evil, tmp_path / "b-pr")
+    miss = b.cli("cache", "restore", "main/linux-4", str(tmp_path / "b-evil"), "--fail-on-miss", check=False)
+    assert miss.returncode == 3
+
+    # the saver goes away; a new runner C, which only knows B, restores from B (which restored it)
+    a.stop()
+    c = start_daemon(tmp_path / "c", swarm_key=swarm_key, bootstrap=[b.addr])
+    daemons.append(c)
+    got = restore(c, "main/linux-1", tmp_path / "c-out")
+    assert got["match"] == "exact" and got["writer"] == protected and got["bytes_fetched"] > 0
+    assert same_tree(build, tmp_path / "c-out")

@@ -1,0 +1,215 @@
+"""Tree manifests and the safe save/restore of build directories, on a real repo and real files."""
+
+import os
+import random
+import stat
+from pathlib import Path
+
+import pytest
+
+from p2pcache.buildcache import RepoBlockSink, register_tree
+from p2pcache.buildtree import previous_entries, restore_tree, save_tree
+from p2pcache.content import dagcbor
+from p2pcache.content.cid import CID, DAG_CBOR
+from p2pcache.content.treemanifest import (PAGE_TYPE, TreeEntry, TreeManifest, TreeManifestBuilder,
+                                           chunk_contents, iter_entries)
+from p2pcache.errors import MalformedBlock
+
+
+def build_dir(root: Path, n: int = 300, seed: int = 7) -> Path:
+    rng = random.Random(seed)
+    for i in range(n):
+        d = root / f"m{i % 11}" / f"s{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}.o").write_bytes(rng.randbytes(rng.choice([0, 40, 900, 20_000, 150_000])))
+    return root
+
+
+def test_resave_unchanged_is_the_same_tree_and_a_change_stores_little(repo, tmp_path):
+    src = build_dir(tmp_path / "b")
+    sink = RepoBlockSink(repo)
+    first = save_tree([str(src)], sink)
+    register_tree(repo, first.root, "k")
+    assert first.files == 300 and first.new_bytes >= first.bytes
+    # Unchanged, read in full: the same root, nothing new
+    again = save_tree([str(src)], sink)
+    assert again.root == first.root and again.new_blocks == 0 and again.files_read == 300
+    # Unchanged, with the previous tree as stat cache: no file is even read
+    prev = previous_entries(TreeManifest.decode(repo.load_block(first.root)), repo.load_block)
+    cached = save_tree([str(src)], sink, previous=prev, previous_scan=first.scan_time + 2)
+    assert cached.root == first.root and cached.files_read == 0 and cached.new_blocks == 0
+    # Change 3 files: new bytes are those files' chunks plus a few pages, not the directory
+    changed = 0
+    for i in (5, 150, 299):
+        p = src / f"m{i % 11}" / f"s{i % 3}" / f"f{i}.o"
+        data = os.urandom(60_000)
+        p.write_bytes(data)
+        changed += len(data)
+    third = save_tree([str(src)], sink, previous=prev, previous_scan=first.scan_time + 2)
+    assert third.root != first.root and third.files_read == 3
+    assert changed <= third.new_bytes <= changed + 64 * 1024
+
+
+def test_racy_files_are_read_again(repo, tmp_path):
+    src = build_dir(tmp_path / "b", n=5)
+    sink = RepoBlockSink(repo)
+    first = save_tree([str(src)], sink)
+    register_tree(repo, first.root, "k")
+    prev = previous_entries(TreeManifest.decode(repo.load_block(first.root)), repo.load_block)
+    # the previous scan happened within a second of these files' mtimes: they are not trusted
+    assert save_tree([str(src)], sink, previous=prev, previous_scan=first.scan_time).files_read == 5
+
+
+def test_restore_round_trip_modes_mtimes_symlinks_and_several_paths(repo, tmp_path):
+    a = build_dir(tmp_path / "a", n=30)
+    (a / "tool").write_bytes(b"#!/bin/sh\n")
+    (a / "tool").chmod(0o750)
+    (a / "link").symlink_to("m1/s1/f1.o")
+    os.utime(a / "m1", ns=(1_500_000_000_123_456_789,) * 2)
+    single = tmp_path / "one.bin"
+    single.write_bytes(b"x" * 5000)
+    r = save_tree([str(a), str(single)], RepoBlockSink(repo))
+    register_tree(repo, r.root, "k")
+    report, manifest, mtimes = restore_tree(r.root, repo.load_block, [str(tmp_path / "ra"), str(tmp_path / "r1.bin")])
+    assert report.refused == [] and report.files == 32 and report.symlinks == 1
+    assert (tmp_path / "r1.bin").read_bytes() == b"x" * 5000
+    for p in a.rglob("*"):
+        q = tmp_path / "ra" / p.relative_to(a)
+        st, sq = os.lstat(p), os.lstat(q)
+        assert stat.S_IMODE(st.st_mode) == stat.S_IMODE(sq.st_mode), p
+        assert st.st_mtime_ns == sq.st_mtime_ns, p
+        if p.is_symlink():
+            assert os.readlink(q) == os.readlink(p)
+        elif p.is_file():
+            assert q.read_bytes() == p.read_bytes()
+    assert len(mtimes) == 32
+
+
+def _store(repo, blocks):
+    repo.put_blocks([(c, bytes(d)) for c, d in blocks])
+
+
+def hostile_tree(repo) -> CID:
+    b = TreeManifestBuilder(["evil"])
+    blocks = []
+    body, chunks = chunk_contents([os.urandom(100_000)], 100_000)
+    blocks += chunks
+    reg = stat.S_IFREG | 0o644
+    entries = [
+        TreeEntry(0, b"", stat.S_IFDIR | 0o755, 0, None),
+        TreeEntry(0, b"/abs", reg, 0, b"absolute"),
+        TreeEntry(0, b"../escape", reg, 0, b"up"),
+        TreeEntry(0, b"a/../../x", reg, 0, b"up2"),
+        TreeEntry(0, b"dev", stat.S_IFCHR | 0o666, 0, None),
+        TreeEntry(0, b"fifo", stat.S_IFIFO | 0o644, 0, None),
+        TreeEntry(0, b"good", reg, 0, b"fine"),
+        TreeEntry(0, b"pre/x", reg, 0, b"through a symlink already on disk"),
+        TreeEntry(0, b"setuid", stat.S_IFREG | 0o4755, 0, body),
+        TreeEntry(0, b"sub", stat.S_IFDIR | 0o2755, 0, None),
+        TreeEntry(0, b"sub/abs-link", stat.S_IFLNK | 0o777, 0, b"/etc/passwd"),
+        TreeEntry(0, b"sub/up-link", stat.S_IFLNK | 0o777, 0, b"../../outside"),
+        TreeEntry(0, b"x", stat.S_IFLNK | 0o777, 0, b"."),
+        TreeEntry(0, b"y", stat.S_IFLNK | 0o777, 0, b"x/.."),  # lexically inside, really the parent
+    ]
+    for e in sorted(entries, key=lambda e: e.path):
+        blocks += b.add(e)
+    root, data, rest = b.finish()
+    _store(repo, blocks + rest + [(root, data)])
+    return root
+
+
+def test_hostile_entries_are_refused_and_reported(repo, tmp_path):
+    root = hostile_tree(repo)
+    target = tmp_path / "box" / "target"
+    target.mkdir(parents=True)
+    outside = tmp_path / "box" / "outside-dir"
+    outside.mkdir()
+    (target / "pre").symlink_to(outside)
+    report, _, _ = restore_tree(root, repo.load_block, [str(target)])
+    refused = {p.removeprefix(f"{target}/"): why for p, why in report.refused}
+    assert refused == {
+        "/abs": "absolute path",
+        "../escape": "path component '..'",
+        "a/../../x": "path component '..'",
+        "dev": "device or special file",
+        "fifo": "device or special file",
+        "pre/x": "a parent is a symlink or not a directory",
+        "sub/abs-link": "symlink pointing outside the target",
+        "sub/up-link": "symlink pointing outside the target",
+        "y": "symlink resolving outside the target",
+    }
+    line = report.refused_line()
+    assert "\n" not in line and line.startswith("refused 9 entries: ")
+    assert (target / "good").read_bytes() == b"fine"
+    assert stat.S_IMODE(os.stat(target / "setuid").st_mode) == 0o755  # setuid stripped
+    assert stat.S_IMODE(os.stat(target / "sub").st_mode) & 0o7000 == 0  # setgid stripped
+    assert report.stripped == 2
+    assert list(outside.iterdir()) == []
+    assert not (tmp_path / "box" / "escape").exists() and not (tmp_path / "x").exists()
+    assert not os.path.lexists(target / "y") and os.readlink(target / "x") == "."
+    assert sorted(os.listdir(target)) == ["good", "pre", "setuid", "sub", "x"]
+
+
+def test_restore_over_existing_files_replaces_only_cache_entries(repo, tmp_path):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "cached.o").write_bytes(b"new")
+    (src / "blocked").write_bytes(b"file")
+    r = save_tree([str(src)], RepoBlockSink(repo))
+    register_tree(repo, r.root, "k")
+    target = tmp_path / "t"
+    (target / "d").mkdir(parents=True)
+    (target / "d" / "cached.o").write_bytes(b"old")
+    (target / "d" / "mine.txt").write_bytes(b"keep me")
+    (target / "blocked").mkdir()
+    (target / "blocked" / "inside").write_bytes(b"keep")
+    report, _, _ = restore_tree(r.root, repo.load_block, [str(target)])
+    assert (target / "d" / "cached.o").read_bytes() == b"new"
+    assert (target / "d" / "mine.txt").read_bytes() == b"keep me"
+    assert (target / "blocked" / "inside").read_bytes() == b"keep"
+    assert [why for _, why in report.refused] == ["a directory is in the way"]
+    assert not [p for p in target.rglob("*") if ".p2pcache-" in p.name]  # no temp files left
+
+
+def test_manifest_decoding_is_strict_about_shape():
+    b = TreeManifestBuilder(["p"])
+    page = dagcbor.encode({"type": PAGE_TYPE, "version": 1, "entries": [
+        [0, b"b", stat.S_IFREG | 0o644, 0, b"x"], [0, b"a", stat.S_IFREG | 0o644, 0, b"y"]]})
+    cid = CID.for_block(DAG_CBOR, page)
+    m = TreeManifest(b.params, 1024, ("p",), 2, 2, ((cid, 2),), None)
+    with pytest.raises(MalformedBlock, match="increasing order"):
+        list(iter_entries(m, {cid: page}.__getitem__))
+    bad = dagcbor.encode({"type": PAGE_TYPE, "version": 1, "entries": [[0, b"a", stat.S_IFDIR | 0o755, 0, b"body"]]})
+    cid2 = CID.for_block(DAG_CBOR, bad)
+    m2 = TreeManifest(b.params, 1024, ("p",), 1, 0, ((cid2, 1),), None)
+    with pytest.raises(MalformedBlock, match="only files and symlinks"):
+        list(iter_entries(m2, {cid2: bad}.__getitem__))
+    with pytest.raises(MalformedBlock):
+        TreeManifest.decode(dagcbor.encode({"type": "p2pcache/tree", "version": 1}))
+
+
+def test_huge_trees_put_page_links_into_index_blocks(monkeypatch):
+    import p2pcache.content.treemanifest as tm
+
+    monkeypatch.setattr(tm, "ROOT_PAGES", 8)  # as if the tree had more than 1024 pages
+    blocks = {}
+
+    def build(n):
+        b = TreeManifestBuilder(["p"])
+        for i in range(n):
+            for c, d in b.add(TreeEntry(0, b"d%06d" % i, stat.S_IFDIR | 0o755, i, None)):
+                blocks[c] = bytes(d)
+        root, data, rest = b.finish()
+        blocks.update((c, bytes(d)) for c, d in rest)
+        return TreeManifest.decode(data)
+
+    m = build(3000)
+    assert len(m.pages) <= 8
+    assert [e.path for e in iter_entries(m, blocks.__getitem__)] == [b"d%06d" % i for i in range(3000)]
+    listed = {c for c, _ in tm.iter_blocks(m, blocks.__getitem__)}
+    assert listed == set(blocks) and any(dagcbor.decode(blocks[c])["type"] == tm.INDEX_TYPE for c in listed)
+    # one more entry at the end leaves most index blocks as they were
+    before = set(blocks)
+    blocks.clear()
+    m2 = build(3001)
+    assert m2.entries == 3001 and len(set(blocks) - before) <= 6

@@ -16,11 +16,12 @@ HERE = Path(__file__).resolve().parent
 EXTRA_ARGS = {"dedup.py": ["--jsonl", "-"]}
 BENCHES = ["ingest.py", "api_add.py", "dedup_repo.py", "dedup.py", "nar.py", "bitswap.py", "dht.py", "nix.py", "fuzz_nix.py", "buildcache.py",
            "prefetch.py",
-           "simnet:dht-lookup", "simnet:fleet-fanout"]
+           "simnet:dht-lookup", "simnet:fleet-fanout", "simnet:dht-announce"]
 # simnet scenarios: (full-mode --set overrides, quick-mode --set overrides)
 SIMNET = {
     "dht-lookup": ([], ["nodes=200", "lookups=200"]),
     "fleet-fanout": (["runners=200", "artifact_size=128MiB"], ["runners=50", "artifact_size=32MiB"]),
+    "dht-announce": ([], ["nodes=60", "keys=1000", "baseline_keys=50"]),
 }
 
 

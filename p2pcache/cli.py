@@ -317,6 +317,8 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
         cfg.api_listen = args.api
     if args.allow_peer:
         cfg.allow_peers = cfg.allow_peers + args.allow_peer
+    if args.no_mdns:
+        cfg.mdns = "off"
     if args.lookup_timeout is not None:
         cfg.lookup_timeout = args.lookup_timeout
     if args.negative_ttl is not None:
@@ -901,6 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="peer to join (…/p2p/<id>)")
     sp.add_argument("--swarm-key", metavar="FILE", help="pre-shared swarm key file ('' for none)")
     sp.add_argument("--allow-peer", action="append", metavar="PEER_ID", help="only these peers may connect")
+    sp.add_argument("--no-mdns", action="store_true", help="do not look for the swarm's nodes on the LAN (mDNS)")
     sp.add_argument("--api", metavar="HOST:PORT", help="local HTTP API address (default 127.0.0.1:37515)")
     sp.add_argument("--lookup-timeout", type=float, metavar="SECONDS")
     sp.add_argument("--negative-ttl", type=float, metavar="SECONDS", help="how long a miss is remembered")

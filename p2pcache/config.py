@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from .http.nix import NixConfig
 
 DEFAULT_API = "127.0.0.1:37515"
+# The exchange defaults, as measured with simnet's node-fetch (real Nodes; see README "simnet").
+SUPERSEED_WINDOW = 0.25
+SWARM_FETCH = False
 
 DEFAULT_TOML = f"""\
 # p2pcache node configuration. Flags given to `p2pcache daemon` override these values.
@@ -31,6 +34,9 @@ bootstrap = []
 swarm_key = ""
 # Only these peer IDs may connect (empty: anyone who has the swarm key).
 allow_peers = []
+# Find the swarm's other nodes on the LAN by mDNS: "private" (on when a swarm key is set), "on", "off"
+# (`p2pcache daemon --no-mdns`). The swarm key and allow_peers still gate every connection.
+mdns = "private"
 
 [routing]
 # Seconds between re-announcements of every root this node holds (one batched sweep).
@@ -39,6 +45,15 @@ reannounce_interval = 3600
 lookup_timeout = 5.0
 # Seconds a "nobody has it" answer is remembered.
 negative_ttl = 30
+
+[exchange]
+# Super-seeding: a block this node handed to one peer less than this many seconds ago is refused
+# (DONT_HAVE) to others, so peers fetch it from each other and this node's uplink carries each block
+# about once; they hear HAVE when the window ends. 0 turns it off. Measured in simnet (README).
+superseed_window = {SUPERSEED_WINDOW:g}
+# Swarm mode for fetches: ask providers for blocks and every other peer only whether it has them
+# (want-have), for fleets that fetch one artifact at once. Measured in simnet (README).
+swarm_fetch = {str(SWARM_FETCH).lower()}
 
 [http]
 # Local API (CLI, Nix substituter, hashed mirror). Keep it on loopback.
@@ -88,14 +103,21 @@ class NodeConfig:
     bootstrap: list[str] = field(default_factory=list)
     swarm_key: str = ""
     allow_peers: list[str] = field(default_factory=list)
+    mdns: str = "private"
     reannounce_interval: float = 3600.0
     lookup_timeout: float = 5.0
     negative_ttl: float = 30.0
     api_listen: str = DEFAULT_API
+    superseed_window: float = SUPERSEED_WINDOW
+    swarm_fetch: bool = SWARM_FETCH
     api_allowed_hosts: list[str] = field(default_factory=list)
     api_allowed_origins: list[str] = field(default_factory=list)
     nix: "NixConfig" = field(default_factory=lambda: _nix_config())
     buildcache: "BuildCacheConfig" = field(default_factory=lambda: _buildcache_config())
+
+    def lan_discovery(self) -> bool:
+        """Whether mDNS runs: `mdns` "on", or "private" with a swarm key."""
+        return self.mdns == "on" or self.mdns == "private" and bool(self.swarm_key)
 
     def swarm_key_path(self, repo: Path) -> Path | None:
         if not self.swarm_key:
@@ -105,10 +127,12 @@ class NodeConfig:
 
 
 _SECTIONS = {
-    "swarm": {"listen": "listen", "bootstrap": "bootstrap", "swarm_key": "swarm_key", "allow_peers": "allow_peers"},
+    "swarm": {"listen": "listen", "bootstrap": "bootstrap", "swarm_key": "swarm_key", "allow_peers": "allow_peers",
+              "mdns": "mdns"},
     "routing": {"reannounce_interval": "reannounce_interval", "lookup_timeout": "lookup_timeout",
                 "negative_ttl": "negative_ttl"},
     "http": {"listen": "api_listen", "allowed_hosts": "api_allowed_hosts", "allowed_origins": "api_allowed_origins"},
+    "exchange": {"superseed_window": "superseed_window", "swarm_fetch": "swarm_fetch"},
 }
 _NIX_TYPES = {"store_dir": str, "priority": int, "want_mass_query": bool, "serve_local_store": bool,
               "local_store_root": str, "upstreams": list, "secret_key_file": str, "negative_ttl": float,
@@ -176,7 +200,11 @@ def load(repo: Path) -> NodeConfig:
             want = types[attr]
             ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if "list" in str(want) else (
                 isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in str(want)
-                else isinstance(value, str))
+                else isinstance(value, bool) if "bool" in str(want) else isinstance(value, str))
+            if ok and attr == "mdns" and value not in ("private", "on", "off"):
+                raise InvalidInput(f"{path}: {section}.{key} is \"private\", \"on\" or \"off\", not {value!r}")
+            if ok and attr == "superseed_window" and value < 0:
+                raise InvalidInput(f"{path}: {section}.{key} must be 0 (off) or a number of seconds, not {value}")
             if not ok:
                 raise InvalidInput(f"{path}: {section}.{key} has the wrong type ({type(value).__name__})")
             setattr(cfg, attr, float(value) if "float" in str(want) else value)

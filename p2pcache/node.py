@@ -32,6 +32,7 @@ from .content.keys import HashKey, RootKey, parse_key
 from .content.manifest import ArchiveManifest
 from .errors import InvalidInput, MalformedBlock, NotFound, P2PCacheError
 from .apitoken import new_token, write_netrc
+from .exchange import ClientConfig, ServerConfig
 from .http.api import make_app
 from .http.guard import AccessPolicy
 from .http.nix import GATEWAY_MARKER, NixCache
@@ -60,6 +61,22 @@ class _CountingSource(RepoBlockSource):
             self.blocks_served += 1
             self.bytes_served += len(data)
         return data
+
+
+def exchange_configs(cfg: NodeConfig) -> tuple[ClientConfig, ServerConfig]:
+    """The bitswap engines' settings for `[exchange]`: swarm mode in the client, super-seeding in the
+    server. Twice bitswap's message size may be outstanding per peer (the next batch is ready while the
+    previous one is written). A CID every asked peer refused waits for a HAVE: in swarm mode up to 30 s,
+    otherwise, when super-seeding is on, up to 5 s or four windows (the peers this node fetches from run
+    the same [exchange] settings as it does, as a team's fleet does, and a seed that refused a block
+    says HAVE when its window ends; the slack covers a slow link's delay of that HAVE)."""
+    if cfg.swarm_fetch:
+        client = ClientConfig(want_block_unproven=False, dont_have_wait=max(30.0, 2 * cfg.superseed_window))
+    else:
+        # A super-seeding seed refuses a block for up to its window: wait that long for its HAVE
+        # rather than fail the block (and the fetch) at the first DONT_HAVE.
+        client = ClientConfig(dont_have_wait=max(5.0, 4 * cfg.superseed_window) if cfg.superseed_window else 0.0)
+    return client, ServerConfig(max_outstanding_bytes=8 << 20, superseed_window=cfg.superseed_window)
 
 
 @dataclass
@@ -130,6 +147,7 @@ class Node:
                     listen=tuple(cfg.listen),
                     bootstrap=tuple(cfg.bootstrap),
                     allow_peers=cfg.allow_peers or None,
+                    mdns=cfg.lan_discovery(),
                 )
                 self.host = NodeHost(host_cfg)
             self.source = _CountingSource(repo)
@@ -139,7 +157,8 @@ class Node:
             self.dht = self._given_dht if self._given_dht is not None else DHT(self.host, DHTConfig())
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.host.run)
-                self.exchange = BitswapExchange(self.host, self.source)
+                client_config, server_config = exchange_configs(cfg)
+                self.exchange = BitswapExchange(self.host, self.source, client_config, server_config)
                 await nursery.start(self.exchange.run)
                 await nursery.start(self.dht.run)
                 self.announcer = ProviderAnnouncer(self.dht, AnnouncerConfig(interval=cfg.reannounce_interval))
@@ -293,8 +312,17 @@ class Node:
                 "failed": self.announcer.stats.failed if self.announcer else 0,
                 "sweeps": self.announcer.stats.sweeps if self.announcer else 0,
                 "withdrawn": self.announcer.stats.withdrawn if self.announcer else 0,
+                "sweep": self._sweep_status(),
             },
         }
+
+    def _sweep_status(self) -> dict:
+        """The batched re-announce under way (or the last one): keys sent of the sweep's keys, walks."""
+        st = self.announcer.stats if self.announcer else None
+        if st is None:
+            return {"running": False, "keys_done": 0, "keys_total": 0, "walks": 0}
+        return {"running": st.sweep_running, "keys_done": st.sweep_keys_done, "keys_total": st.sweep_keys_total,
+                "walks": st.sweep_walks, "last_seconds": round(st.last_sweep_seconds, 3)}
 
     def peers(self) -> list[dict]:
         assert self.host is not None

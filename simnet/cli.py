@@ -30,13 +30,15 @@ log = logging.getLogger("simnet")
 
 
 def _programs() -> dict[str, Any]:
+    from .announcesim import run_dht_announce
     from .dhtsim import run_dht_lookup
     from .fanout import run_fleet
     from .nodefetch import run_node_fetch
-    return {"fleet": run_fleet, "dht-lookup": run_dht_lookup, "node-fetch": run_node_fetch}
+    return {"fleet": run_fleet, "dht-lookup": run_dht_lookup, "node-fetch": run_node_fetch,
+            "dht-announce": run_dht_announce}
 
 
-PROGRAMS = ("fleet", "dht-lookup", "node-fetch")
+PROGRAMS = ("fleet", "dht-lookup", "node-fetch", "dht-announce")
 
 
 def run_scenario(path: str, seed: int, overrides: dict[str, str] | None = None) -> tuple[Results, dict]:

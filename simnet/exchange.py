@@ -46,14 +46,12 @@ from p2pcache.exchange import (
     PeerDisconnected,
     PeerMisbehaved,
     PenalisePeer,
-    Presence,
     ProtocolViolation,
     Send,
     ServerConfig,
     SetTimer,
     Tick,
     Want,
-    WantType,
     decode,
     encode,
 )
@@ -117,7 +115,7 @@ class BitswapNode:
 
     def __init__(self, sim: Sim, net: Network, name: PeerId, store: SimBlockStore, wire: str = "objects",
                  client_config: ClientConfig | None = None, server_config: ServerConfig | None = None,
-                 behaviour: str = "honest", ban_seconds: float = 600.0, serve_limit: int = 0) -> None:
+                 behaviour: str = "honest", ban_seconds: float = 600.0) -> None:
         if wire not in ("bytes", "objects"):
             raise ValueError(f"wire must be 'bytes' or 'objects', not {wire!r}")
         self.sim, self.net, self.name, self.store, self.wire = sim, net, name, store, wire
@@ -127,16 +125,6 @@ class BitswapNode:
         # As BitswapExchange: twice bitswap's message size outstanding per peer.
         self.server = BitswapServer(source, server_config or ServerConfig(max_outstanding_bytes=8 << 20))
         self.ban_seconds = ban_seconds
-        # Super-seeding admission (a driver policy, off when 0): each block is handed to at most
-        # `serve_limit` peers; later wants for it are refused with DONT_HAVE ("has it but is not
-        # willing to give it", as the server engine itself refuses over-rate wants), so requesters
-        # take it from the swarm.
-        self.serve_limit = serve_limit
-        self._admitted: dict[CID, int] = {}
-        self._handed: dict[PeerId, set[CID]] = {}  # blocks admitted to each peer
-        self._refused: dict[CID, dict[PeerId, None]] = {}  # peers refused a block, watching it (as a server keeps a want)
-        self.refused_wants = 0
-        self.readmitted = 0  # admissions given back because the peer they went to left
         self._banned: dict[PeerId, float] = {}
         self._waiting: dict[PeerId, deque[Send]] = {}  # sends waiting for a dial
         self._timer_at: float | None = None
@@ -181,7 +169,7 @@ class BitswapNode:
         if not self.alive or self._timer_at != at:
             return
         self._timer_at = None
-        self._client(Tick())
+        self._both(Tick())  # one timer for both engines: each asks again for what it still needs
 
     # -- links ----------------------------------------------------------------------------------
     def _is_banned(self, peer: PeerId) -> bool:
@@ -208,22 +196,6 @@ class BitswapNode:
             return
         self._waiting.pop(peer, None)
         self._both(PeerDisconnected(peer))
-        if self.serve_limit:
-            self._readmit(peer)
-
-    def _readmit(self, peer: PeerId) -> None:
-        """Super-seeding with churn: the blocks handed to a peer that left may have left with it. Each
-        is admitted once more, and the peers refused it hear HAVE (what a server that kept their want
-        says when it can serve it), so one of them asks again and carries it on."""
-        haves: dict[PeerId, list[Presence]] = {}
-        for cid in self._handed.pop(peer, ()):
-            self._admitted[cid] -= 1
-            self.readmitted += 1
-            for watcher in self._refused.pop(cid, {}):
-                if watcher != peer and self.net.connected(self.name, watcher):
-                    haves.setdefault(watcher, []).append(Presence(cid, True))
-        for watcher, presences in haves.items():
-            self._send(Send(watcher, Message(presences=tuple(presences))))
 
     def on_message(self, peer: PeerId, payload: Any) -> None:
         if not self.alive or self._is_banned(peer):
@@ -243,33 +215,7 @@ class BitswapNode:
         if msg.blocks or msg.presences:
             self._client(event)
         if (msg.wants or msg.full) and self.behaviour != "silent":
-            if self.serve_limit:
-                event = self._admit(peer, msg)
             self._server(event)
-
-    def _admit(self, peer: PeerId, msg: Message) -> MessageReceived:
-        keep, refuse = [], []
-        for e in msg.wants:
-            if e.cancel or self.store.size(e.cid) is None:
-                if e.cancel:
-                    self._refused.get(e.cid, {}).pop(peer, None)
-                keep.append(e)
-                continue
-            n = self._admitted.get(e.cid, 0)
-            if n >= self.serve_limit:
-                self.refused_wants += 1
-                self._refused.setdefault(e.cid, {})[peer] = None
-                if e.send_dont_have:
-                    refuse.append(Presence(e.cid, False))
-                continue
-            if e.want_type == WantType.BLOCK:
-                self._admitted[e.cid] = n + 1
-                self._handed.setdefault(peer, set()).add(e.cid)
-                self._refused.get(e.cid, {}).pop(peer, None)
-            keep.append(e)
-        if refuse:
-            self._send(Send(peer, Message(presences=tuple(refuse))))
-        return MessageReceived(peer, Message(tuple(keep), msg.full, msg.blocks, msg.presences, msg.pending_bytes))
 
     def _send(self, send: Send) -> None:
         peer = send.peer

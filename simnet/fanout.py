@@ -10,6 +10,7 @@ beside the run: one server with the seed's uplink sending the artifact to every 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from p2pcache.content.chunking import MAX_BLOCK_SIZE
@@ -50,9 +51,11 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
             name = f"{role.name}-{i}"
             store = SimBlockStore(dict(art.blocks) if role.name in ("seed", "bad") else {})
             behaviour = role.extra.get("behaviour", "honest")
+            config = server_config
+            if role.name == "seed" and float(p.get("seed_superseed_window", 0)):
+                config = replace(server_config, superseed_window=float(p["seed_superseed_window"]))
             node = BitswapNode(sim, net, name, store, wire=wire, client_config=client_config,
-                               server_config=server_config, behaviour=behaviour,
-                               serve_limit=int(p.get("seed_serve_limit", 0)) if role.name == "seed" else 0)
+                               server_config=config, behaviour=behaviour)
             net.add(name, profile(role.link), node)
             nodes[name] = node
             names.append(name)
@@ -187,9 +190,10 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
     results.add("p99_over_central_server", p99 / central if times else None, "ratio", "lower")
     seed_sent = sum(net.counters(s)["bytes_sent"] for s in seeds)
     results.add("seed_bytes_sent", seed_sent, "bytes", "lower")
-    results.add("seed_wants_refused", sum(nodes[s].refused_wants for s in seeds), "wants", "none")
-    results.add("seed_blocks_readmitted", sum(nodes[s].readmitted for s in seeds), "blocks", "none",
-                note="super-seeding: blocks handed to a runner that left, handed out once more")
+    seed_stats = [nodes[s].server.stats() for s in seeds]
+    results.add("seed_wants_refused", sum(st.superseed_refused for st in seed_stats), "wants", "none")
+    results.add("seed_blocks_readmitted", sum(st.superseed_released_early for st in seed_stats), "blocks", "none",
+                note="super-seeding: lendings ended before the window (the runner left, or cancelled first)")
     results.add("seed_upload_copies", seed_sent / art.size if art.size else 0, "artifacts", "lower")
     alive = net.nodes()
     results.add("bytes_sent", sum(net.counters(n)["bytes_sent"] for n in alive), "bytes", "none")

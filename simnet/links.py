@@ -119,7 +119,7 @@ class Network:
 
     def remove(self, node: NodeId) -> None:
         """The node leaves: its connections are cut (peers are told) and nothing more reaches it."""
-        for peer in list(self.neighbours.get(node, ())):
+        for peer in sorted(self.neighbours.get(node, ()), key=repr):  # sorted: the same order whatever the hash seed
             self._cut(node, peer, tell=(peer,))
         self._wanted = {p for p in self._wanted if node not in p}
         self._nics.pop(node, None)

@@ -54,6 +54,7 @@ from .hostsim import LiveSim, SimSwarm, repo_work_inline
 from .links import Network, profile
 from .metrics import Results, percentile
 from .routingsim import SimDHT, SimDHTConfig
+from .scenario import parse_value
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,14 @@ class NodeWorld:
             self._nursery.cancel_scope.cancel()
 
 
+def exchange_overrides(sc: Any) -> dict[str, Any]:
+    """The `node.superseed_window` / `node.swarm_fetch` parameters that are not "daemon" (the
+    daemon's own [exchange] default, which the nodes otherwise run with), typed for `NodeConfig`."""
+    kinds = {"superseed_window": "duration", "swarm_fetch": "bool"}
+    return {k: parse_value(kinds[k], v, f"{sc.path}: node.{k}")
+            for k, v in sc.params_with_prefix("node.").items() if v != "daemon"}
+
+
 def archive_sha256(node: Node, root: CID) -> tuple[str, int]:
     """Read an archive back from a node's repo: its sha256 (hex) and size."""
     h = hashlib.sha256()
@@ -167,7 +176,8 @@ async def run_node_fetch(sim: Sim, sc: Any, results: Results) -> dict:
     data = sim.rng_for("node-fetch/artifact").randbytes(int(p["artifact_size"]))
     sha = hashlib.sha256(data).hexdigest()
     alias = f"sha256:{sha}"
-    config = NodeConfig(lookup_timeout=float(p["lookup_timeout"]), negative_ttl=float(p["negative_ttl"]))
+    config = NodeConfig(lookup_timeout=float(p["lookup_timeout"]), negative_ttl=float(p["negative_ttl"]),
+                        **exchange_overrides(sc))
     records: list[dict] = []
     with scratch_dir() as tmp, repo_work_inline(), repos_without_fsync():
         world = NodeWorld(sim.seed, Path(tmp), dht_config=SimDHTConfig(k=int(p["k"])), node_config=config)
@@ -252,6 +262,13 @@ async def run_node_fetch(sim: Sim, sc: Any, results: Results) -> dict:
     results.add("seed_bytes_served", seed_served, "bytes", "none", **nd)
     results.add("seed_share", seed_served / max(1, all_served), "fraction", "lower", **nd,
                 note="of all bytes served by bitswap, the share the seeds served")
+    # The fleet goals: p99 against one unshared transfer over this link, and copies the seeds uploaded.
+    lp = profile(link)
+    one = len(data) / min(lp.up, lp.down) + 2 * 2 * lp.latency
+    results.add("one_transfer_time", one, "s", "none", note="artifact size / link rate + 2 RTT")
+    results.add("p99_over_one_transfer", percentile(times, 99) / one if times else None, "ratio", "lower", **nd)
+    results.add("seed_upload_copies", seed_served / max(1, len(data)), "artifacts", "lower", **nd,
+                note="bytes the seeds served over bitswap / artifact size")
     results.add("duplicate_blocks", sum(s["duplicate_blocks"] for s in stats), "blocks", "lower", **nd)
     results.add("net_bytes_sent", net_bytes, "bytes", "lower", note="sent by the nodes still on the network",
                 **nd)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,8 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
-from p2pcache.routing.dht import KAD_PROTOCOL, DHTStats, ProviderAnswer
+from p2pcache.exchange import FrameDecoder
+from p2pcache.routing.dht import KAD_PROTOCOL, DHTStats, ProviderAnswer, write_framed
 from p2pcache.routing.query import ProviderQuery
 from p2pcache.routing.resolve_wire import FrameReader, frame
 
@@ -129,6 +131,37 @@ class SimDHT:
             self.stats.provide_failures += 1
         return ok > 0
 
+    # -- batched announcing, as `DHT` offers it --------------------------------------------------
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    async def closest_peers(self, key: bytes, count: int = 20) -> list[ID]:
+        return await self._walk(key, count)
+
+    def record_providing(self, keys: Any) -> None:
+        addrs = self.host.listen_addrs()
+        for key in keys:
+            self._record(key, self.peer_id, addrs)
+
+    async def add_providers(self, peer: ID, keys: Any) -> None:
+        """Every key's ADD_PROVIDER on one stream, fire and forget (the server reads until the end)."""
+        stream = await self.host.new_stream(peer, [KAD_PROTOCOL])
+        addrs = [a.to_bytes() for a in self.host.listen_addrs()]
+
+        def message(key: bytes) -> bytes:
+            msg = self._request(_T.ADD_PROVIDER, key)
+            entry = msg.providerPeers.add()
+            entry.id = self.peer_id.to_bytes()
+            entry.addrs.extend(addrs)
+            return msg.SerializeToString()
+
+        try:
+            await write_framed(stream, map(message, keys))
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.close()
+
     def withdraw_key(self, key: bytes) -> None:
         records = self.providers.get(key)
         if records is not None:
@@ -215,11 +248,12 @@ class SimDHT:
             self.host.add_addrs(peer_id, addrs)
         return PeerInfo(peer_id, addrs)
 
-    async def _walk(self, key: bytes) -> list[ID]:
-        """The k closest peers to `key` that answered a FIND_NODE walk (the real ProviderQuery decides
-        whom to ask next and when to stop)."""
+    async def _walk(self, key: bytes, count: int | None = None) -> list[ID]:
+        """The `count` (default k) closest peers to `key` that answered a FIND_NODE walk (the real
+        ProviderQuery decides whom to ask next and when to stop)."""
+        count = count or self.config.k
         query: ProviderQuery[ID, None] = ProviderQuery(key, peer_bytes=ID.to_bytes, self_peer=self.peer_id,
-                                                       alpha=self.config.alpha, k=self.config.k, want=10**9)
+                                                       alpha=self.config.alpha, k=count, want=10**9)
         query.add_seeds(self.closest_known_peers(key, self.config.k))
         answered: list[ID] = []
         send, receive = trio.open_memory_channel[None](math.inf)
@@ -247,7 +281,7 @@ class SimDHT:
                 else:
                     break
         target = _pos(key)
-        return sorted(set(answered), key=lambda p: _pos(p.to_bytes()) ^ target)[: self.config.k]
+        return sorted(set(answered), key=lambda p: _pos(p.to_bytes()) ^ target)[:count]
 
     # -- server side --------------------------------------------------------------------------------
     def _record(self, key: bytes, provider: ID, addrs: list[Multiaddr]) -> None:
@@ -264,11 +298,28 @@ class SimDHT:
 
     async def _handle(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id
+        decoder, queued = FrameDecoder(MAX_KAD_MESSAGE), deque()
+
+        async def next_request() -> KadMessage | None:
+            """The stream's next request; None at its end. A Kademlia server reads requests from a
+            stream until it ends (a batched sweep sends many ADD_PROVIDERs on one)."""
+            while not queued:
+                try:
+                    chunk = await stream.read(64 * 1024)
+                except EOFError:
+                    chunk = b""
+                if not chunk:
+                    return None
+                queued.extend(decoder.feed(chunk))
+            msg = KadMessage()
+            msg.ParseFromString(queued.popleft())
+            return msg
+
         try:
             with trio.fail_after(self.config.request_timeout):
-                payload = await _read_frame(stream, FrameReader(MAX_KAD_MESSAGE, "kad request"))
-            request = KadMessage()
-            request.ParseFromString(payload)
+                request = await next_request()
+            if request is None:
+                raise EOFError("stream ended before a request")
         except Exception as e:
             log.debug("kad: bad request from %s: %r", peer, e)
             await stream.reset()
@@ -279,11 +330,18 @@ class SimDHT:
         reply.type = request.type
         reply.key = key
         if request.type == _T.ADD_PROVIDER:
-            self.served["ADD_PROVIDER"] += 1
-            for entry in request.providerPeers:
-                info = self._peer_entry(entry)
-                if info is not None and info.peer_id == peer:  # a peer may announce only itself
-                    self._record(key, peer, list(info.addrs))
+            while request is not None and request.type == _T.ADD_PROVIDER:
+                self.served["ADD_PROVIDER"] += 1
+                for entry in request.providerPeers:
+                    info = self._peer_entry(entry)
+                    if info is not None and info.peer_id == peer:  # a peer may announce only itself
+                        self._record(bytes(request.key), peer, list(info.addrs))
+                try:
+                    request = await next_request()
+                except Exception as e:
+                    log.debug("kad: bad request from %s: %r", peer, e)
+                    await stream.reset()
+                    return
             await stream.close()
             return
         if request.type not in (_T.FIND_NODE, _T.GET_PROVIDERS):

@@ -109,6 +109,8 @@ def test_daemon_owns_the_repo_writers_are_refused_adds_go_through_it(tmp_path, r
         assert run_cli("ls", repo=repo).returncode == 0  # readers are fine
         status = json.loads(run_cli("status", "--json", repo=repo, check=True).stdout)
         assert status["roots"] == 1 and status["peer_id"] == ready["peer_id"]
+        sweep = status["announce"]["sweep"]  # the start-up sweep (batched), over the keys held then: none
+        assert sweep["running"] is False and sweep["keys_done"] == sweep["keys_total"] == 0
         # pin and gc go through the daemon too; what gc evicts is withdrawn from the DHT
         run_cli("pin", added["root"], repo=repo, check=True)
         assert json.loads(run_cli("gc", "--max-size", "0", "--json", repo=repo, check=True).stdout)["over_quota"]

@@ -18,7 +18,10 @@ def test_default_file_loads_as_the_defaults(tmp_path):
     ("[routing]\nlookup_timeout = \"soon\"\n", "routing.lookup_timeout has the wrong type"),
     ("[swarm]\nbootstrap = \"/ip4/127.0.0.1/tcp/1\"\n", "swarm.bootstrap has the wrong type"),
     ("[routing]\nturbo = true\n", "unknown setting routing.turbo"),
-    ("[exchange]\nswarm_fetch = true\n", "unknown section \\[exchange\\]"),
+    ("[exchange]\nswarm_fetch = 1\n", "exchange.swarm_fetch has the wrong type"),
+    ("[exchange]\nsuperseed_window = -2\n", "exchange.superseed_window must be 0"),
+    ("[swarm]\nmdns = \"yes\"\n", "swarm.mdns is \"private\", \"on\" or \"off\""),
+    ("[turbo]\nx = 1\n", "unknown section \\[turbo\\]"),
     ("[nix]\npriority = true\n", "nix.priority has the wrong type"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, text, words):

@@ -160,7 +160,8 @@ class Net:
                 node.done_at = self.now
             elif isinstance(a, SetTimer):
                 assert a.at > self.now - 1e-9
-                node.timer = a.at
+                # one timer per node for both engines (as the drivers keep it): the earliest request
+                node.timer = a.at if node.timer is None else min(node.timer, a.at)
             elif isinstance(a, PenalisePeer):
                 node.penalised.append((self.now, a))
             else:
@@ -922,3 +923,126 @@ def test_server_requeued_want_block_with_the_same_priority_is_served_once():
         out = more
         assert len(sent) == len(set(sent))
     assert server.ledger("a").blocks_sent == 3 and server.ledger("a").queued_blocks == 0
+
+
+# -- super-seeding: a block handed to one peer is refused to others for a while -----------------------
+
+
+def _superseed_net(window: float, blocks: dict, runners=("a", "b"), link_runners: bool = True) -> Net:
+    """A super-seeding seed and runners in swarm mode that store what they fetch and serve it on."""
+    net = Net()
+    net.add("seed", blocks=blocks, server=ServerConfig(superseed_window=window))
+    for r in runners:
+        net.add(r, blocks={}, client=_swarm(have_fanout=4))
+
+    def store(net, node, d):
+        node.server.source.blocks[d.cid] = d.data
+        net.step_engine(node.name, "server", BlocksAdded((d.cid,)))
+    net.on_deliver = store
+    for r in runners:
+        net.connect(r, "seed")
+        net.step(r, AddProviders("s", ("seed",)))
+    if link_runners:
+        for i, r in enumerate(runners):
+            for q in runners[i + 1:]:
+                net.connect(r, q)
+    return net
+
+
+def test_superseed_hands_each_block_out_once_and_runners_serve_each_other():
+    blocks = make_blocks(6, size=50_000)
+    net = _superseed_net(5.0, blocks)
+    net.step("a", Want("s", tuple(blocks)))
+    net.now = 0.001
+    net.step("b", Want("s", tuple(blocks)))
+    net.run(until=4.0)  # well within the window
+    seed = net.nodes["seed"]
+    for r in "ab":
+        assert {cid for _, cid in net.nodes[r].delivered} == set(blocks), r
+    assert sorted(map(str, (cid for _, cid in seed.sent_blocks))) == sorted(map(str, blocks))  # each left the seed once
+    assert [to for to, _ in seed.sent_blocks] == ["a"] * 6
+    assert seed.server.stats().superseed_refused >= 6
+    got_dont_have = [p for src, m in net.nodes["b"].received if src == "seed" for p in m.presences if not p.have]
+    assert len(got_dont_have) == 6  # b was refused every block a had been handed ...
+    assert served_by(net, "b") == {"seed": 0, "a": 6, "b": 0}  # ... and took them from a
+    assert net.nodes["b"].client.stats().duplicate_blocks == 0
+
+
+def test_superseed_window_end_says_have_to_a_runner_nobody_else_serves():
+    blocks = make_blocks(3, size=50_000)
+    net = _superseed_net(2.0, blocks, link_runners=False)  # a cannot pass anything to b
+    net.step("a", Want("s", tuple(blocks)))
+    net.now = 0.001
+    net.step("b", Want("s", tuple(blocks)))
+    net.run(until=1.9)
+    assert not net.nodes["b"].delivered and not net.nodes["b"].failed  # refused, parked, waiting
+    assert net.nodes["seed"].timer is not None  # the server asked for its window's end
+    net.run()
+    b = net.nodes["b"]
+    assert {cid for _, cid in b.delivered} == set(blocks) and not b.failed
+    assert 2.0 < b.done_at < 2.2  # HAVE at the window's end, then want-block, then the block
+    haves = [(t, p) for t, src, dst, m in net.log if src == "seed" and dst == "b" for p in m.presences if p.have]
+    assert len(haves) == 3 and all(t >= 2.0 for t, _ in haves)
+    assert served_by(net, "b") == {"seed": 3, "a": 0, "b": 0}
+
+
+def test_superseed_lending_ends_at_once_when_the_peer_it_went_to_leaves():
+    blocks = make_blocks(2, size=50_000)
+    net = _superseed_net(30.0, blocks, link_runners=False)
+    net.nodes["a"].muted = True  # takes the wants, never reads a block: the lending is all it got
+    net.step("a", Want("s", tuple(blocks)))
+    net.now = 0.001
+    net.step("b", Want("s", tuple(blocks)))
+    net.run(until=1.0)
+    assert not net.nodes["b"].delivered
+    net.disconnect("a", "seed")
+    net.run(until=2.0)
+    assert {cid for _, cid in net.nodes["b"].delivered} == set(blocks)  # long before the 30 s window
+    assert net.nodes["seed"].server.stats().superseed_released_early == 2
+
+
+def test_superseed_lending_ends_when_the_want_is_cancelled_before_the_block_went():
+    big = make_blocks(2, size=50_000)
+    ca, cb = list(big)
+    server = BitswapServer(DictSource(big), ServerConfig(superseed_window=10.0, max_outstanding_bytes=60_000))
+    out = server.handle(MessageReceived("a", Message(wants=(WantEntry(ca), WantEntry(cb)))), 0)
+    assert [b.cid for a in out if isinstance(a, Send) for b in a.message.blocks] == [ca]  # cb waits behind the outstanding limit
+    assert SetTimer(10.0) in out
+    out = server.handle(MessageReceived("b", Message(wants=(WantEntry(ca, send_dont_have=True),
+                                                            WantEntry(cb, send_dont_have=True)))), 1)
+    assert [p for a in out if isinstance(a, Send) for p in a.message.presences] == [Presence(ca, False), Presence(cb, False)]
+    out = server.handle(MessageReceived("a", Message(wants=(WantEntry(cb, cancel=True),))), 2)
+    # cb never went to a: b hears HAVE at once; ca is still lent (it went out at 0)
+    assert [p for a in out if isinstance(a, Send) for p in a.message.presences] == [Presence(cb, True)]
+    out = server.handle(Tick(), 10.0)
+    assert [p for a in out if isinstance(a, Send) for p in a.message.presences] == [Presence(ca, True)]
+    st = server.stats()
+    assert st.superseed_refused == 2 and st.superseed_released_early == 1 and st.superseed_lent == 0
+    out = server.handle(MessageReceived("b", Message(wants=(WantEntry(ca),))), 11)
+    assert [b.cid for a in out if isinstance(a, Send) for b in a.message.blocks] == [ca]  # b now gets it from the seed
+
+
+def test_superseed_config_rejects_a_negative_window():
+    with pytest.raises(Exception, match="superseed_window"):
+        ServerConfig(superseed_window=-1)
+
+
+def test_superseed_window_starts_when_the_block_goes_out_not_while_it_waits_in_the_queue():
+    blocks = make_blocks(2, size=50_000)
+    ca, cb = list(blocks)
+    server = BitswapServer(DictSource(blocks), ServerConfig(superseed_window=1.0, max_outstanding_bytes=60_000))
+    out = server.handle(MessageReceived("a", Message(wants=(WantEntry(ca), WantEntry(cb)))), 0)
+    first = [a for a in out if isinstance(a, Send)]
+    assert [b.cid for a in first for b in a.message.blocks] == [ca]  # cb waits: a has not read ca yet
+    server.handle(Tick(), 1.0)  # cb's first window would end now, but cb is still queued for a
+    out = server.handle(MessageReceived("b", Message(wants=(WantEntry(cb, send_dont_have=True),))), 3.0)
+    assert [p for a in out if isinstance(a, Send) for p in a.message.presences] == [Presence(cb, False)]
+    out = server.handle(MessageSent("a", first[0].size), 3.5)  # a read ca: cb goes out now
+    assert [b.cid for a in out if isinstance(a, Send) for b in a.message.blocks] == [cb]
+    out = server.handle(Tick(), 4.0)
+    assert not [a for a in out if isinstance(a, Send)]  # lent 0.5 s ago: b still waits
+    out = server.handle(Tick(), 4.5)
+    assert [p for a in out if isinstance(a, Send) for p in a.message.presences] == [Presence(cb, True)]
+    # a want after the window with no Tick yet (a late timer) is served, and ends the lending
+    out = server.handle(MessageReceived("c", Message(wants=(WantEntry(ca, send_dont_have=True),))), 9.0)
+    assert [b.cid for a in out if isinstance(a, Send) for b in a.message.blocks] == [ca]

@@ -164,7 +164,7 @@ ROOTS = [CID.for_block(DAG_CBOR, b"root %d" % i) for i in range(10)]
 @pytest.mark.trio
 async def test_announcer_sweeps_with_bounded_concurrency_and_resweeps(autojump_clock):
     dht = FakeDHT()
-    announcer = ProviderAnnouncer(dht, AnnouncerConfig(interval=100.0, concurrency=3))
+    announcer = ProviderAnnouncer(dht, AnnouncerConfig(interval=100.0, concurrency=3, batched=False))
     for i, root in enumerate(ROOTS):
         announcer.add(root, ["sha256:%064x" % i])
     async with trio.open_nursery() as nursery:
@@ -181,7 +181,7 @@ async def test_announcer_sweeps_with_bounded_concurrency_and_resweeps(autojump_c
 @pytest.mark.trio
 async def test_new_roots_are_announced_promptly_and_withdrawn_roots_leave_the_sweep(autojump_clock):
     dht = FakeDHT()
-    announcer = ProviderAnnouncer(dht, AnnouncerConfig(interval=1000.0, concurrency=8))
+    announcer = ProviderAnnouncer(dht, AnnouncerConfig(interval=1000.0, concurrency=8, batched=False))
     async with trio.open_nursery() as nursery:
         await nursery.start(announcer.run)
         assert dht.provided == []
@@ -201,3 +201,86 @@ async def test_new_roots_are_announced_promptly_and_withdrawn_roots_leave_the_sw
         provided = len(dht.provided)
         assert await announcer.sweep() == 0 and len(dht.provided) == provided
         nursery.cancel_scope.cancel()
+
+
+# -- batched sweeps: one walk per key-space region ---------------------------------------------------
+
+
+class KeyspaceDHT:
+    """A network of `n` peers placed by sha256 of their ids: a walk returns the true `k` closest (after
+    0.3 s), ADD_PROVIDER streams are recorded."""
+
+    def __init__(self, n, k=20):
+        self.peer_id = pid("me")
+        self.k = k
+        self.peers = [pid(f"peer-{i}") for i in range(n)]
+        self.walks = 0
+        self.streams: list[tuple[ID, list[bytes]]] = []
+        self.local: set[bytes] = set()
+        self.withdrawn: list[bytes] = []
+        self.refuse: set[ID] = set()
+
+    def true_closest(self, key):
+        return sorted(self.peers, key=lambda p: distance(key, p.to_bytes()))[: self.k]
+
+    async def closest_peers(self, key, count):
+        self.walks += 1
+        await trio.sleep(0.3)
+        return sorted(self.peers, key=lambda p: distance(key, p.to_bytes()))[:count]
+
+    def record_providing(self, keys):
+        self.local.update(keys)
+
+    async def add_providers(self, peer, keys):
+        await trio.sleep(0.05)
+        if peer in self.refuse:
+            raise ConnectionError("refused")
+        self.streams.append((peer, list(keys)))
+
+    def withdraw_key(self, key):
+        self.withdrawn.append(key)
+
+
+@pytest.mark.trio
+async def test_batched_sweep_walks_once_per_region_and_sends_each_key_to_its_closest_peers(autojump_clock):
+    dht = KeyspaceDHT(200)
+    announcer = ProviderAnnouncer(dht, AnnouncerConfig(concurrency=8))
+    roots = [CID.for_block(DAG_CBOR, b"root %d" % i) for i in range(500)]
+    for i, root in enumerate(roots):
+        announcer.add(root, ["sha256:%064x" % i])
+    keys = announcer.announcements.keys()
+    start = trio.current_time()
+    assert await announcer.sweep() == len(keys) == 1000
+    st = announcer.stats
+    assert st.sweep_keys_done == st.sweep_keys_total == 1000 and not st.sweep_running
+    assert st.provided == 1000 and st.failed == 0
+    assert dht.walks <= 1000 / 5, dht.walks  # regions, not keys (per key: 1000 walks)
+    assert trio.current_time() - start < 60
+    got: dict[bytes, set] = {}
+    for peer, batch in dht.streams:
+        for key in batch:
+            got.setdefault(key, set()).add(peer)
+    assert sum(len(b) for _, b in dht.streams) == st.sweep_add_providers
+    assert dht.local == set(keys)
+    exact = sum(1 for key in keys if got.get(key, set()) == set(dht.true_closest(key)))
+    assert exact >= 0.99 * len(keys), exact  # each key went to its true k closest peers
+    assert all(len(got[key] & set(dht.true_closest(key))) >= 15 for key in keys)
+    # one stream per peer per region: far fewer streams than ADD_PROVIDERs
+    assert len(dht.streams) < st.sweep_add_providers / 5
+
+
+@pytest.mark.trio
+async def test_batched_sweep_counts_keys_that_reached_nobody_and_skips_withdrawn_ones(autojump_clock):
+    dht = KeyspaceDHT(30, k=3)
+    announcer = ProviderAnnouncer(dht, AnnouncerConfig(concurrency=4))
+    roots = [CID.for_block(DAG_CBOR, b"r%d" % i) for i in range(60)]
+    for root in roots:
+        announcer.add(root)
+    dht.refuse = set(dht.peers)  # every ADD_PROVIDER stream fails
+    assert await announcer.sweep() == 0
+    assert announcer.stats.failed == 60 and announcer.stats.provided == 0
+    dht.refuse = set()
+    announcer.withdraw(roots[0])
+    assert await announcer.sweep() == 59
+    sent = {key for _, batch in dht.streams for key in batch}
+    assert dht_key(str(roots[0])) not in sent and len(sent) == 59

@@ -114,7 +114,7 @@ def test_fanout_of_20_real_runners_verifies_every_block():
 
 def test_synthetic_fanout_with_super_seeding_sends_about_one_copy_from_the_seed():
     results, _ = run_scenario(str(SCENARIOS / "fleet-fanout.toml"), seed=4, overrides={
-        "runners": "30", "artifact_size": "32MiB", "seed_serve_limit": "1", "retry_after": "0.2s", "degree": "6"})
+        "runners": "30", "artifact_size": "32MiB", "seed_superseed_window": "10s", "retry_after": "0.2s", "degree": "6"})
     assert results.value("fetch_completed") == 1.0
     assert results.value("seed_upload_copies") < 1.2
     assert results.value("p99_over_central_server") < 0.5
@@ -178,7 +178,7 @@ def _deterministic(results):
 
 def test_same_seed_gives_identical_metrics():
     args = (str(SCENARIOS / "fleet-fanout.toml"), 7, {"runners": "15", "artifact_size": "16MiB",
-                                                      "seed_serve_limit": "1", "retry_after": "0.2s"})
+                                                      "seed_superseed_window": "10s", "retry_after": "0.2s"})
     first, _ = run_scenario(*args)
     second, _ = run_scenario(*args)
     assert _deterministic(first) == _deterministic(second)
@@ -219,3 +219,55 @@ def test_cli_prints_json_lines_with_unit_and_direction(capsys):
     assert records and all({"metric", "value", "unit", "better"} <= r.keys() for r in records)
     assert all(r["better"] in ("lower", "higher", "none") for r in records)
     assert simnet_main(["run", str(tmp := SCENARIOS / "missing.toml")]) == 2 and not tmp.exists()
+
+
+# Every engine scenario, small: (file, overrides). node-fetch runs real trio tasks and marks what can vary.
+_ENGINE_RUNS = [
+    ("fleet-fanout.toml", {"runners": "12", "artifact_size": "8MiB", "retry_after": "0.2s",
+                           "leave_fraction": "0.25", "leave_at": "0.05s"}),
+    ("partition-heal.toml", {"runners": "8", "artifact_size": "8MiB"}),
+    ("bad-peer.toml", {"runners": "8", "artifact_size": "4MiB", "bad_behaviour": "corrupt"}),
+    ("bad-peer.toml", {"runners": "8", "artifact_size": "4MiB", "bad_behaviour": "silent"}),
+    ("dht-lookup.toml", {"nodes": "60", "lookups": "30", "keys": "10", "lookup_phase": "1min", "churn": "0.1"}),
+]
+
+_RUN_ALL = """
+import json, sys
+from simnet.cli import run_scenario
+for name, over in json.loads(sys.argv[1]):
+    results, _ = run_scenario(sys.argv[2] + "/" + name, 3, over)
+    print(json.dumps([r for r in results.records() if r.get("deterministic", True) is not False]))
+"""
+
+
+def test_engine_scenarios_give_identical_metrics_under_different_hash_seeds():
+    """Two processes, two PYTHONHASHSEEDs, one simnet seed: a set of str or CID keys iterated anywhere
+    on the path (peer sets, partition groups, admission maps) shows up as a different history."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        proc = subprocess.run([sys.executable, "-c", _RUN_ALL, json.dumps(_ENGINE_RUNS), str(SCENARIOS)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append([json.loads(line) for line in proc.stdout.splitlines()])
+    assert len(outs[0]) == len(_ENGINE_RUNS)
+    for (name, over), first, second in zip(_ENGINE_RUNS, outs[0], outs[1]):
+        assert first == second, f"{name} {over} differs between hash seeds"
+        assert first, name
+
+
+def test_dht_announce_batched_sweep_walks_per_region_and_every_key_is_found():
+    """The real announcer's batched sweep over the simulated DHT, then every key looked up from a
+    random node with the real ProviderFinder (the 10,000-key figure is in simnet/results/)."""
+    results, _ = run_scenario(str(SCENARIOS / "dht-announce.toml"), seed=2, overrides={
+        "nodes": "40", "keys": "400", "baseline_keys": "20", "join_interval": "0.05s"})
+    assert results.value("sweep_keys_reached") == 1.0
+    assert results.value("sweep_walks") <= 400 / 10  # regions, not keys
+    assert results.value("sweep_add_providers") == 400 * 20
+    assert results.value("lookup_found") >= 0.995
+    assert results.value("sweep_time") < results.value("baseline_extrapolated_time") / 3

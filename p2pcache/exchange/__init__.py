@@ -42,13 +42,13 @@ from .message import (
     encode_framed,
     frame,
 )
-from .server import BitswapServer, BlockSource, Ledger, ServerConfig
+from .server import BitswapServer, BlockSource, Ledger, ServerConfig, ServerStats
 
 __all__ = [
     "AddProviders", "BitswapClient", "BitswapServer", "Block", "BlockSource", "BlocksAdded", "ClientConfig",
     "ClientStats", "CloseSession", "Deliver", "ExchangeUsageError", "FetchFailed", "FrameDecoder", "Ledger",
     "MAX_BLOCK_SIZE", "MAX_MESSAGE_SIZE", "Message", "MessageReceived", "MessageSent", "PROTOCOLS",
     "PROTOCOL_1_2_0", "PeerConnected", "PeerDisconnected", "PeerMisbehaved", "PeerStats", "PenalisePeer",
-    "Presence", "ProtocolViolation", "Send", "ServerConfig", "SetTimer", "Tick", "Want", "WantEntry", "WantType",
+    "Presence", "ProtocolViolation", "Send", "ServerConfig", "ServerStats", "SetTimer", "Tick", "Want", "WantEntry", "WantType",
     "decode", "encode", "encode_framed", "frame",
 ]

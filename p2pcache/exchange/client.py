@@ -148,8 +148,9 @@ class _Peer:
 
     def __init__(self) -> None:
         self.connected = False
-        self.blocks_out: set[CID] = set()
-        self.haves_out: set[CID] = set()
+        # dicts, not sets: a dropped peer's wants requeue in the order they were sent, whatever the hash seed
+        self.blocks_out: dict[CID, None] = {}
+        self.haves_out: dict[CID, None] = {}
         self.service: float | None = None
         self.last_arrival: float | None = None
         self.busy = 0.0
@@ -351,7 +352,7 @@ class BitswapClient:
             self._out.append(Deliver(sid, cid, block.data))
             self._sessions[sid].cids.pop(cid, None)
         w.have_asked.pop(peer, None)
-        p.haves_out.discard(cid)
+        p.haves_out.pop(cid, None)
         if w.block_peer == peer:
             self._release(w)
         self._forget(w)
@@ -362,7 +363,7 @@ class BitswapClient:
         if w is None:
             return
         w.have_asked.pop(peer, None)
-        p.haves_out.discard(w.cid)
+        p.haves_out.pop(w.cid, None)
         if presence.have:
             p.proven = True
             w.holders[peer] = None
@@ -432,7 +433,7 @@ class BitswapClient:
     # -- want bookkeeping ---------------------------------------------------------------------
     def _release(self, w: _Want, p: _Peer | None = None) -> None:
         """The want-block at w.block_peer is over (answered, refused, timed out or lost)."""
-        (p or self._peers[w.block_peer]).blocks_out.discard(w.cid)
+        (p or self._peers[w.block_peer]).blocks_out.pop(w.cid, None)
         self._unblock(w.block_peer)
         w.block_peer = None
         del self._inflight[w.cid]
@@ -473,7 +474,7 @@ class BitswapClient:
         for peer in w.have_asked:
             self._cancel(peer, w.cid, lazy=True)
             if peer in self._peers:
-                self._peers[peer].haves_out.discard(w.cid)
+                self._peers[peer].haves_out.pop(w.cid, None)
         for peer in w.dont_haves:  # servers keep a want they said DONT_HAVE to until it is cancelled
             if peer in self._peers and peer not in self._banned:
                 self._cancel(peer, w.cid, lazy=True)
@@ -742,8 +743,8 @@ class BitswapClient:
         heapq.heappush(self._deadlines, (w.deadline, self._seq, w.cid))
         w.attempts += 1
         w.have_asked.pop(peer, None)
-        p.haves_out.discard(w.cid)
-        p.blocks_out.add(w.cid)
+        p.haves_out.pop(w.cid, None)
+        p.blocks_out[w.cid] = None
         self._inflight[w.cid] = w
         for sid in w.sessions:
             self._sessions[sid].inflight += 1
@@ -755,7 +756,7 @@ class BitswapClient:
 
     def _ask_have(self, w: _Want, peer: PeerId, send_dont_have: bool = True) -> None:
         w.have_asked[peer] = None
-        self._peers[peer].haves_out.add(w.cid)
+        self._peers[peer].haves_out[w.cid] = None
         self._stats["want_haves_sent"] += 1
         self._unlazy(peer, w.cid)
         self._outbox.setdefault(peer, {})[w.cid] = WantEntry(

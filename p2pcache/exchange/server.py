@@ -38,6 +38,14 @@ Decisions:
   after another rather than to all at once at a fraction of the rate each: the first receiver can
   serve it onwards after one block time instead of after n. A short queue also keeps the small
   messages the node sends (wants, presences) from waiting behind megabytes of blocks in its uplink.
+- Super-seeding (`superseed_window` T > 0, off at 0): a block queued for one peer, or sent to it less
+  than T seconds ago, is not handed to another: their wants for it
+  (want-block or want-have) are answered DONT_HAVE where asked, and kept as watchers. The block's
+  lending ends T after it went out, or at once when the peer it went to disconnects (it may have
+  left with it) or cancels before it went; then the watchers still wanting it hear HAVE and may ask
+  again. So the seed's uplink carries each block about once and the peers it went to serve the rest,
+  as BitTorrent's super-seeding does; a block nobody else passes on is only delayed by T. Blocks up
+  to `inline_have_max` bytes are exempt. The window needs the engine's timer (`SetTimer`/`Tick`).
 - New want entries are rate-limited per peer by a token bucket (`want_rate`/s, burst `want_burst`)
   and a peer holds at most `max_wants_per_peer` wants; refused wants get DONT_HAVE if asked for (the
   spec's "has it but is not willing to give it") and are otherwise dropped.
@@ -63,6 +71,7 @@ from .events import (
     PeerId,
     PeerMisbehaved,
     Send,
+    SetTimer,
     Tick,
     Want,
 )
@@ -101,12 +110,22 @@ class ServerConfig:
     inline_have_max: int = 1024  # answer a want-have with the block itself up to this size
     keep_wants_after_dont_have: bool = True  # a DONT_HAVE'd want waits for BlocksAdded (answered HAVE)
     max_total_outstanding_bytes: int = 0  # blocks handed to the driver, not yet acknowledged, all peers
+    superseed_window: float = 0.0  # seconds a block handed to one peer is refused to others (0 = off)
 
     def __post_init__(self) -> None:
         if self.quantum < 1 or self.max_outstanding_bytes < 1 or self.max_message_size < 64:
             raise ExchangeUsageError(f"server limits must be positive: {self}")
         if self.max_message_size > MAX_MESSAGE_SIZE:
             raise ExchangeUsageError(f"max_message_size {self.max_message_size} is over bitswap's {MAX_MESSAGE_SIZE}")
+        if not self.superseed_window >= 0:
+            raise ExchangeUsageError(f"superseed_window must be >= 0 seconds, not {self.superseed_window}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStats:
+    superseed_refused: int  # wants answered DONT_HAVE (or kept unanswered) because the block was lent
+    superseed_released_early: int  # lendings ended before the window: the peer left or cancelled
+    superseed_lent: int  # blocks lent now
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +229,20 @@ class BitswapServer:
         self._cursor = 0
         self._seq = 0
         self._outstanding_total = 0
+        self._now = 0.0
+        # Super-seeding: block -> (peer it is lent to, since when); blocks lent per peer; peers that
+        # were refused a lent block and keep a want for it (checked against their ledger when the
+        # lending ends); a heap of (window end, seq, cid), stale when the lending moved or ended.
+        self._lent: dict[CID, tuple[PeerId, float]] = {}
+        self._lent_to: dict[PeerId, dict[CID, None]] = {}
+        self._watchers: dict[CID, dict[PeerId, None]] = {}
+        self._lend_heap: list[tuple[float, int, CID]] = []
+        self._timer_at: float | None = None
+        self._refused = self._released_early = 0
 
     # -- public API ---------------------------------------------------------------------------
     def handle(self, event: object, now: float) -> list[Action]:
+        self._now = now
         if isinstance(event, MessageReceived):
             if event.message.wants or event.message.full:
                 self._on_wants(event.peer, event.message, now)
@@ -227,13 +257,80 @@ class BitswapServer:
                 self._outstanding_total -= led.outstanding
             self._active.pop(event.peer, None)
             self._capped.pop(event.peer, None)
+            for cid in list(self._lent_to.get(event.peer, ())):
+                self._released_early += 1
+                self._end_lending(cid)
         elif isinstance(event, BlocksAdded):
             self._on_blocks_added(event.cids)
-        elif isinstance(event, (PeerConnected, Tick, Want, AddProviders, CloseSession)):
+        elif isinstance(event, Tick):
+            self._timer_at = None
+            self._expire_lendings(now)
+        elif isinstance(event, (PeerConnected, Want, AddProviders, CloseSession)):
             pass  # nothing to do: a ledger starts with the peer's first want; client events
         else:
             raise ExchangeUsageError(f"the bitswap server does not handle {type(event).__name__}")
-        return self._pump()
+        out = self._pump()
+        if self._lend_heap:
+            at = self._lend_heap[0][0]
+            if self._timer_at is None or at < self._timer_at:
+                self._timer_at = at
+                out.append(SetTimer(at))
+        return out
+
+    def stats(self) -> ServerStats:
+        return ServerStats(superseed_refused=self._refused, superseed_released_early=self._released_early,
+                           superseed_lent=len(self._lent))
+
+    # -- super-seeding ------------------------------------------------------------------------
+    def _lend(self, peer: PeerId, cid: CID) -> None:
+        old = self._lent.get(cid)
+        if old is not None and old[0] != peer:
+            self._lent_to[old[0]].pop(cid, None)
+        self._lent[cid] = (peer, self._now)
+        self._lent_to.setdefault(peer, {})[cid] = None
+        heapq.heappush(self._lend_heap, (self._now + self.config.superseed_window, self._next_seq(), cid))
+
+    def _lent_elsewhere(self, peer: PeerId, cid: CID) -> bool:
+        lent = self._lent.get(cid)
+        if lent is None or lent[0] == peer:
+            return False
+        if lent[1] + self.config.superseed_window <= self._now and not self._still_queued(lent[0], cid):
+            self._end_lending(cid)  # over, though the timer has not fired yet
+            return False
+        return True
+
+    def _still_queued(self, peer: PeerId, cid: CID) -> bool:
+        """The block lent to `peer` waits in its queue: it has not been handed over yet."""
+        led = self._ledgers.get(peer)
+        t = led.tasks.get(cid) if led is not None else None
+        return t is not None and t.kind == _BLOCK
+
+    def _end_lending(self, cid: CID) -> None:
+        """The block may go to others again: watchers still wanting it hear HAVE (or get it, if small)."""
+        peer, _ = self._lent.pop(cid)
+        to = self._lent_to.get(peer)
+        if to is not None:
+            to.pop(cid, None)
+            if not to:
+                del self._lent_to[peer]
+        for watcher in self._watchers.pop(cid, ()):
+            led = self._ledgers.get(watcher)
+            e = led.waiting.get(cid) if led is not None else None
+            if e is not None:
+                self._consider(led, e)
+
+    def _expire_lendings(self, now: float) -> None:
+        heap, window = self._lend_heap, self.config.superseed_window
+        while heap and heap[0][0] <= now:
+            _, _, cid = heapq.heappop(heap)
+            lent = self._lent.get(cid)
+            if lent is None or lent[1] + window > now:
+                continue  # ended already, or lent again since (a later entry covers it)
+            if self._still_queued(lent[0], cid):
+                # not handed over yet (a long queue): the window starts when it goes out
+                heapq.heappush(heap, (now + window, self._next_seq(), cid))
+                continue
+            self._end_lending(cid)
 
     def ledger(self, peer: PeerId) -> Ledger | None:
         led = self._ledgers.get(peer)
@@ -260,9 +357,12 @@ class BitswapServer:
             led.kept.clear()
         for e in msg.wants:
             if e.cancel:
-                led.drop(e.cid)
+                t = led.drop(e.cid)
                 led.waiting.pop(e.cid, None)
                 led.kept.pop(e.cid, None)
+                if t is not None and t.kind == _BLOCK and e.cid in self._lent_to.get(peer, ()):
+                    self._released_early += 1  # it never went: someone else may have it now
+                    self._end_lending(e.cid)
                 continue
             known = e.cid in led.tasks or e.cid in led.waiting
             held = len(led.tasks) + len(led.waiting) - len(led.kept)  # kept wants have their own bound
@@ -288,13 +388,7 @@ class BitswapServer:
                 if self.config.keep_wants_after_dont_have:
                     # Kept as a want-have that needs no second DONT_HAVE: when the block arrives,
                     # the peer hears HAVE and decides whether it still wants it from us.
-                    led.waiting[e.cid] = WantEntry(e.cid, WantType.HAVE, e.priority)
-                    led.kept.pop(e.cid, None)
-                    if len(led.kept) >= self.config.max_wants_per_peer:
-                        oldest = next(iter(led.kept))
-                        del led.kept[oldest]
-                        del led.waiting[oldest]
-                    led.kept[e.cid] = None
+                    self._keep(led, e)
                 else:
                     led.waiting.pop(e.cid, None)
                     led.kept.pop(e.cid, None)
@@ -303,9 +397,14 @@ class BitswapServer:
                 led.waiting[e.cid] = e
                 led.kept.pop(e.cid, None)
             return
+        if self.config.superseed_window and size > self.config.inline_have_max and self._lent_elsewhere(led.peer, e.cid):
+            self._refuse_lent(led, e)
+            return
         led.waiting.pop(e.cid, None)
         led.kept.pop(e.cid, None)
         if e.want_type == WantType.BLOCK or size <= self.config.inline_have_max:
+            if self.config.superseed_window and size > self.config.inline_have_max:
+                self._lend(led.peer, e.cid)
             self._queue(led, e, _BLOCK, size)
         else:
             old = led.tasks.get(e.cid)
@@ -314,6 +413,29 @@ class BitswapServer:
                 led.put(_Task(e.cid, _BLOCK, e.priority, old.seq, old.size, old.send_dont_have))
                 return
             self._queue(led, e, _HAVE, 0)
+
+    def _refuse_lent(self, led: _PeerLedger, e: WantEntry) -> None:
+        """A want for a block lent to another peer: DONT_HAVE if asked, and kept (as a want-have that
+        needs no second DONT_HAVE) until the lending ends."""
+        self._refused += 1
+        led.drop(e.cid)
+        if e.send_dont_have:
+            self._queue(led, e, _DONT_HAVE, 0)
+            self._keep(led, e)
+        else:
+            led.waiting[e.cid] = WantEntry(e.cid, WantType.HAVE, e.priority)
+        self._watchers.setdefault(e.cid, {})[led.peer] = None
+
+    def _keep(self, led: _PeerLedger, e: WantEntry) -> None:
+        """Keep a want answered DONT_HAVE as a want-have, within the kept wants' own bound (the oldest
+        makes room)."""
+        led.waiting[e.cid] = WantEntry(e.cid, WantType.HAVE, e.priority)
+        led.kept.pop(e.cid, None)
+        if len(led.kept) >= self.config.max_wants_per_peer:
+            oldest = next(iter(led.kept))
+            del led.kept[oldest]
+            del led.waiting[oldest]
+        led.kept[e.cid] = None
 
     def _queue(self, led: _PeerLedger, e: WantEntry, kind: int, size: int) -> None:
         old = led.tasks.get(e.cid)
@@ -466,6 +588,8 @@ class BitswapServer:
                     led.dont_haves_sent += 1
                 continue
             blocks.append(Block(t.cid, data))
+            if self.config.superseed_window and t.cid in self._lent_to.get(led.peer, ()):
+                self._lend(led.peer, t.cid)  # the window counts from when it went out
             size += s
             led.deficit -= t.size
             led.blocks_sent += 1

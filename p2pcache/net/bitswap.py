@@ -229,7 +229,7 @@ class BitswapExchange:
                 await changed.wait()
             if self._timer_at is not None and self._now() >= self._timer_at:
                 self._timer_at = None
-                self._client(Tick())
+                self._both(Tick())  # one timer for both engines: each asks again for what it still needs
 
     # -- peers ------------------------------------------------------------------------------------
     async def _watch_peers(self, events: trio.MemoryReceiveChannel) -> None:

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "HostConfig", "HostError", "NodeHost", "PeerEvent", "open_host", "load_identity", "new_swarm_key_file",
-    "parse_peer_addr",
+    "parse_peer_addr", "resolve_addr",
 ]
 
 
@@ -110,6 +111,34 @@ def parse_peer_addr(addr: str | multiaddr.Multiaddr) -> PeerInfo:
         raise InvalidInput(f"{addr} is not a peer address (/ip4/…/tcp/…/p2p/<peer id>): {e}") from None
 
 
+_DNS_FAMILIES = {"dns4": socket.AF_INET, "dns6": socket.AF_INET6, "dns": socket.AF_UNSPEC}
+
+
+async def resolve_addr(addr: multiaddr.Multiaddr) -> list[multiaddr.Multiaddr]:
+    """`addr` with a leading /dns4, /dns6 or /dns name replaced by each address the system resolver
+    (getaddrinfo: /etc/hosts, then DNS) gives for it, in its order; other addresses unchanged. A name
+    is looked up on every call, so a peer that moved is found at its new address on the next dial.
+    Raises `HostError` (one line) if the name does not resolve."""
+    parts = str(addr).split("/")  # ['', 'dns4', name, 'tcp', port, ...]
+    if len(parts) < 3 or parts[1] not in _DNS_FAMILIES:
+        return [addr]
+    name, rest = parts[2], "/".join(parts[3:])
+    try:
+        infos = await trio.socket.getaddrinfo(name, None, _DNS_FAMILIES[parts[1]], socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise HostError(f"cannot resolve {name!r} in {addr}: {e.strerror}; check the name "
+                        f"(it is looked up again on the next try)") from None
+    out: list[multiaddr.Multiaddr] = []
+    for family, _, _, _, sockaddr in infos:
+        proto = "ip4" if family == socket.AF_INET else "ip6" if family == socket.AF_INET6 else None
+        m = proto and multiaddr.Multiaddr(f"/{proto}/{sockaddr[0]}/{rest}")
+        if m and m not in out:
+            out.append(m)
+    if not out:
+        raise HostError(f"cannot resolve {name!r} in {addr}: no IPv4/IPv6 address for it")
+    return out
+
+
 def _peer_id(text: str | ID) -> ID:
     if isinstance(text, ID):
         return text
@@ -134,6 +163,7 @@ class HostConfig:
     # A peer outside our private network sends noise, which some handshakes wait on rather than
     # reject: this bounds how long such a connection (or any slow dial) is kept.
     handshake_timeout: float = 10.0
+    mdns: bool = False  # advertise and find nodes of this swarm on the LAN (see `lan`); dials still gated
 
     def __post_init__(self) -> None:
         if self.swarm_key is not None and len(self.swarm_key) != KEY_SIZE:
@@ -283,6 +313,14 @@ class NodeHost:
         info = addr if isinstance(addr, PeerInfo) else parse_peer_addr(addr)
         if not self.allowed(info.peer_id):
             raise HostError(f"peer {info.peer_id} is not on this node's allowlist; not dialling it")
+        if any(str(a).split("/")[1] in _DNS_FAMILIES for a in info.addrs):
+            # py-libp2p's own resolver asks DNS servers directly (not /etc/hosts) and its failures
+            # surface as "no addresses established a connection"; resolve here, once per dial.
+            with trio.move_on_after(self.config.handshake_timeout) as lookup:
+                info = PeerInfo(info.peer_id, [r for a in info.addrs for r in await resolve_addr(a)])
+            if lookup.cancelled_caught:
+                raise HostError(f"cannot connect to {info.peer_id}: looking up {[str(a) for a in info.addrs]} "
+                                f"took over {self.config.handshake_timeout:g}s (is DNS reachable?)")
         try:
             with trio.fail_after(self.config.handshake_timeout):
                 await self.libp2p.connect(info)
@@ -349,6 +387,8 @@ class NodeHost:
                     nursery.start_soon(self._pump_events, events_recv)
                     for addr in self.config.bootstrap:
                         nursery.start_soon(self._keep_connected, parse_peer_addr(addr))
+                    if self.config.mdns:
+                        nursery.start_soon(self._discover_lan)
                     task_status.started(self)
                     await trio.sleep_forever()
         finally:
@@ -428,6 +468,28 @@ class NodeHost:
             changed = self._changed
             if self.is_connected(info.peer_id):
                 await changed.wait()
+
+    async def _discover_lan(self) -> None:
+        """Dial the swarm's nodes that mDNS finds on the LAN (through `connect`: allowlist and swarm key
+        apply). A node found again while connected is left alone; a failed dial waits for its next
+        announcement."""
+        from .lan import lan_discovery
+
+        listen = list(self.libp2p.get_addrs())
+        try:
+            async with lan_discovery(self.peer_id, listen, self.config.swarm_key) as found, trio.open_nursery() as n:
+                async for info in found:
+                    if info.peer_id != self.peer_id and not self.is_connected(info.peer_id) and self.allowed(info.peer_id):
+                        n.start_soon(self._dial_found, info)
+        except OSError as e:  # no multicast-capable interface, port 5353 unusable: run without it
+            log.warning("LAN discovery (mDNS) is off: %s", e)
+
+    async def _dial_found(self, info: PeerInfo) -> None:
+        try:
+            await self.connect(info)
+            log.info("connected to %s, found on the LAN", info.peer_id)
+        except HostError as e:
+            log.debug("peer found on the LAN, not connected: %s", e)
 
 
 def _x25519_private() -> Any:

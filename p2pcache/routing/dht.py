@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import trio
 from multiaddr import Multiaddr
@@ -55,13 +55,25 @@ from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from .keys import dht_key
 from .resolve_wire import frame
 
-__all__ = ["DHT", "DHTConfig", "DHTStats", "KAD_PROTOCOL", "ProviderAnswer", "dht_key"]
+__all__ = ["DHT", "DHTConfig", "DHTStats", "KAD_PROTOCOL", "ProviderAnswer", "dht_key", "write_framed"]
 
 log = logging.getLogger(__name__)
 
 KAD_PROTOCOL = TProtocol("/p2pcache/kad/1.0.0")
 MAX_KAD_MESSAGE = 1 << 20  # one GET_PROVIDERS answer: 20 providers + 20 closer peers, far below this
 ADDR_TTL = 3600  # seconds to keep addresses learned from DHT answers in the peerstore
+
+
+async def write_framed(stream: Any, payloads: Iterable[bytes], batch_bytes: int = 64 * 1024) -> None:
+    """Write varint-framed `payloads` to `stream`, joined into writes of about `batch_bytes`."""
+    batch = bytearray()
+    for payload in payloads:
+        batch += frame(payload)
+        if len(batch) >= batch_bytes:
+            await stream.write(bytes(batch))
+            batch.clear()
+    if batch:
+        await stream.write(bytes(batch))
 
 
 class _PeerstoreView:
@@ -237,6 +249,65 @@ class DHT:
         else:
             self.stats.provide_failures += 1
         return ok
+
+    # -- batched announcing (see `sweep`): one walk per key-space region, many keys per stream ----
+    k = 20  # py-libp2p's bucket size: the closest peers a record goes to
+
+    async def closest_peers(self, key: bytes, count: int = 20) -> list[ID]:
+        """The `count` closest peers to `key` found by a network walk (FIND_NODE), closest first."""
+        return list(await self.kad.peer_routing.find_closest_peers_network(key, count))
+
+    def record_providing(self, keys: Sequence[bytes]) -> None:
+        """Record ourselves as a provider of `keys` in the local provider store (what `provide_key`
+        does before its walk), so we answer GET_PROVIDERS for them at once."""
+        store = self.kad.provider_store
+        me = PeerInfo(self.peer_id, list(self.libp2p.get_addrs()))
+        for key in keys:
+            store.add_provider(key, me)
+
+    async def add_providers(self, peer: ID, keys: Sequence[bytes]) -> None:
+        """ADD_PROVIDER for every key of `keys` to `peer`, one message after another on one stream (a
+        Kademlia server reads messages from a stream until it ends; py-libp2p's and go-libp2p's do).
+        Fire and forget, as kubo sends them: py-libp2p echoes each one, and the echoes are read and
+        dropped meanwhile, so a long batch never stalls on a full receive window. Raises if the stream
+        cannot be opened or written."""
+        envelope, _ = env_to_send_in_RPC(self.libp2p)
+        addrs = [a.to_bytes() for a in self.libp2p.get_addrs()]
+        stream = await self.host.new_stream(peer, [self.config.protocol_id])
+        drained = trio.Event()
+
+        async def drain() -> None:
+            try:
+                while await stream.read(64 * 1024):
+                    pass
+            except Exception:  # EOF or reset: nothing more to drop
+                pass
+            drained.set()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain)
+
+                def message(key: bytes) -> bytes:
+                    msg = KadMessage()
+                    msg.type = KadMessage.MessageType.ADD_PROVIDER
+                    msg.key = key
+                    msg.senderRecord = envelope
+                    entry = msg.providerPeers.add()
+                    entry.id = self.peer_id.to_bytes()
+                    entry.addrs.extend(addrs)
+                    entry.signedRecord = envelope
+                    return msg.SerializeToString()
+
+                await write_framed(stream, map(message, keys))
+                await stream.close()
+                with trio.move_on_after(5):  # the last echoes, then the peer's end of the stream
+                    await drained.wait()
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.reset()
+            raise
 
     def withdraw_key(self, key: bytes) -> None:
         """Forget that we provide `key`: drop our own record from the local provider store, so we stop

@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -35,15 +36,23 @@ def emit(metric: str, value: float, unit: str, better: str, **extra) -> None:
 
 
 def make_file(path: Path, size: int) -> None:
-    rnd = os.urandom(64 * MiB)
+    """`size` incompressible bytes that do not dedup against themselves (every 64 MiB freshly random)."""
     with open(path, "wb") as f:
         left = size
         i = 0
         while left:
-            n = min(left, len(rnd))
-            # vary each 64 MiB block so the file does not dedup against itself
-            f.write(hashlib.sha256(i.to_bytes(8, "big")).digest() + rnd[32:n])
+            n = min(left, 64 * MiB)
+            f.write(random.Random(f"{path.name}-{i}").randbytes(n))
             left -= n
+            i += 1
+
+
+def make_half_shared(src: Path, dst: Path) -> None:
+    """`dst`: `src` with every odd MiB replaced by fresh random bytes."""
+    with open(src, "rb") as a, open(dst, "wb") as b:
+        i = 0
+        while buf := a.read(MiB):
+            b.write(buf if i % 2 == 0 else random.Random(i).randbytes(len(buf)))
             i += 1
 
 
@@ -135,11 +144,14 @@ def main() -> None:
             if durable:
                 emit("add_durable_vs_copy_fsync", disk_t / add_t, "ratio", "higher")
                 emit("get_durable_vs_copy_fsync", disk_t / get_t, "ratio", "higher")
-        # Where the time goes: the same add with block files not written (hashing, chunking, index only).
-        from p2pcache.store.blockstore import BlockFiles
+        # Where the time goes: the same add with no pack writes (hashing, chunking, index only).
+        from p2pcache.store.blockstore import PackFiles
 
-        real_write = BlockFiles.write
-        BlockFiles.write = lambda self, cid, data: None  # bench-only: measures the CPU pipeline alone
+        real_write = PackFiles.append
+        from p2pcache.store.blockstore import Location
+
+        # bench-only: nothing written, made-up locations recorded (the repo is thrown away): the CPU pipeline alone
+        PackFiles.append = lambda self, blocks, crcs=None: [(c, Location(1, 0, len(d), 0)) for c, d in blocks]
         try:
             cpu = []
             for r in range(args.rounds):
@@ -150,9 +162,9 @@ def main() -> None:
                     cpu.append(time.perf_counter() - t)
                 shutil.rmtree(work / f"cpu{r}")
         finally:
-            BlockFiles.write = real_write
+            PackFiles.append = real_write
         cpu_t = min(cpu)
-        print(f"add without block files   {size / cpu_t / 1e6:8.0f} MB/s  {base / cpu_t:.2f} x sha256 "
+        print(f"add without pack writes   {size / cpu_t / 1e6:8.0f} MB/s  {base / cpu_t:.2f} x sha256 "
               "(hashing + chunking + index: the CPU part)", file=sys.stderr)
         emit("add_cpu_only_vs_sha256", base / cpu_t, "ratio", "higher")
         data.unlink()
@@ -165,10 +177,22 @@ def main() -> None:
             _, add_wall, add_rss = peak_rss(cli + ["add", str(f)], env)
             key = "sha256:" + _sha256_hex(f)
             _, get_wall, get_rss = peak_rss(cli + ["get", key, "-o", str(work / "rss-out")], env)
-            print(f"{mib:5d} MiB: add peak RSS {add_rss / MiB:6.1f} MiB, get peak RSS {get_rss / MiB:6.1f} MiB "
+            # Compaction: a second archive sharing every other MiB with the first, then a quota that evicts the
+            # first (least recently used): half the first archive's records die, so gc rewrites every pack of it,
+            # copying the shared half (mib/2 MiB) — memory must stay flat while it does.
+            f2 = work / f"rss-{mib}-b.bin"
+            make_half_shared(f, f2)
+            f.unlink()
+            f2.rename(f)
+            peak_rss(cli + ["add", str(f)], env)
+            peak_rss(cli + ["get", "sha256:" + _sha256_hex(f), "-o", str(work / "rss-out")], env)  # f2 is now MRU
+            _, gc_wall, gc_rss = peak_rss(cli + ["gc", "--max-size", str(mib * MiB + (1 << 20))], env)
+            print(f"{mib:5d} MiB: add peak RSS {add_rss / MiB:6.1f} MiB, get peak RSS {get_rss / MiB:6.1f} MiB, "
+                  f"gc compacting {mib} MiB of {2 * mib} MiB peak RSS {gc_rss / MiB:6.1f} MiB ({gc_wall:.1f} s) "
                   f"(goal <= 150)", file=sys.stderr)
             emit("add_peak_rss", add_rss / MiB, "MiB", "lower", file_mib=mib, goal=150)
             emit("get_peak_rss", get_rss / MiB, "MiB", "lower", file_mib=mib, goal=150)
+            emit("gc_compact_peak_rss", gc_rss / MiB, "MiB", "lower", file_mib=mib, goal=150)
             f.unlink()
             (work / "rss-out").unlink()
             shutil.rmtree(work / f"rss-repo-{mib}")

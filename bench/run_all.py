@@ -14,7 +14,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 EXTRA_ARGS = {"dedup.py": ["--jsonl", "-"]}
-BENCHES = ["ingest.py", "api_add.py", "dedup_repo.py", "dedup.py", "nar.py", "bitswap.py", "dht.py", "nix.py", "fuzz_nix.py", "buildcache.py",
+BENCHES = ["ingest.py", "store_layouts.py", "store_random_read.py", "api_add.py", "dedup_repo.py", "dedup.py", "nar.py",
+           "bitswap.py", "dht.py", "nix.py", "fuzz_nix.py", "buildcache.py",
            "prefetch.py",
            "simnet:dht-lookup", "simnet:fleet-fanout", "simnet:dht-announce"]
 # simnet scenarios: (full-mode --set overrides, quick-mode --set overrides)

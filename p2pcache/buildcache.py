@@ -214,8 +214,8 @@ class RecordStore:
 
 
 def put_blocks_parallel(repo: Any, blocks: list[tuple[CID, bytes]], pool: Any) -> int:
-    """Store blocks the repo lacks, each re-hashed against its CID, hashing and writing files on `pool`'s
-    threads (both release the GIL; creating files is latency-bound), then one index commit. Returns the
+    """Store blocks the repo lacks, each re-hashed against its CID on `pool`'s threads (hashing releases the
+    GIL), then appended to the repo's pack in one write and recorded in one index commit. Returns the
     bytes written."""
     known = repo.index.known_blocks([c for c, _ in blocks])
     todo = [(c, d) for c, d in blocks if c.buffer not in known]
@@ -224,10 +224,10 @@ def put_blocks_parallel(repo: Any, blocks: list[tuple[CID, bytes]], pool: Any) -
         cid, data = item
         if not cid.verify(data):
             raise CorruptData(f"block {cid} does not match its CID; refusing it")
-        repo.files.write(cid, data)
 
     if todo:
         list(pool.map(one, todo))
+        repo.packs.append(todo)
     repo.commit_blocks([(c, len(d)) for c, d in blocks])
     return sum(len(d) for _, d in todo)
 

@@ -19,7 +19,7 @@ from typing import Iterator
 from . import __version__
 from .content.keys import HashKey
 from .content.cid import CID
-from .errors import CorruptData, InvalidInput, NotFound, P2PCacheError, RepoError
+from .errors import CorruptData, InvalidInput, NotFound, P2PCacheError, RepoError, RepoLocked
 from .store.repo import Repo, default_repo_path
 
 PROGRESS_MIN_BYTES = 64 << 20
@@ -216,25 +216,39 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_stat(args: argparse.Namespace, out: Output) -> int:
-    with _open(args, writable=False) as repo:
+    with _open_for_hashing(args) if args.sha512 else _open(args, writable=False) as repo:
         root = repo.resolve(args.key)
         info = repo.root_info(root)
         manifest = repo.manifest(root)
         blocks = repo.index.root_blocks(root)
         stored = sum(repo.index.block_size(b) or 0 for b in blocks)
         sha256 = HashKey("sha256", manifest.hashes["sha256"])
-        sha512 = HashKey("sha512", manifest.hashes["sha512"])
+        digest = repo.sha512(root) if args.sha512 else (
+            repo.index.known_digest(root, "sha512") or manifest.hashes.get("sha512"))
+        sha512 = HashKey("sha512", digest) if digest else None
         obj = {
             "root": str(root), "name": manifest.name, "size": manifest.size, "format": manifest.media_type,
             "sha256": sha256.digest.hex(), "sri": sha256.sri, "nix32": sha256.nix32,
-            "sha512": sha512.digest.hex(), "sri_sha512": sha512.sri,
+            "sha512": sha512.digest.hex() if sha512 else None, "sri_sha512": sha512.sri if sha512 else None,
+            "sha512_known": sha512 is not None,
             "chunker": manifest.chunker.to_ipld(), "depth": manifest.depth, "blocks": len(blocks),
             "block_bytes": stored, "pinned": info.pinned, "complete": info.complete,
             "added": info.added, "last_access": info.last_access,
         }
-        text = "\n".join(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in obj.items())
+        text = "\n".join(f"{k}: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in obj.items()
+                         if k != "sha512_known")
+        if sha512 is None:
+            text = text.replace("sha512: None", "sha512: not computed yet (`p2pcache stat --sha512 KEY` computes it)")
         out.emit(obj, text)
     return 0
+
+
+def _open_for_hashing(args: argparse.Namespace) -> Repo:
+    """Writable if no daemon holds the repo (the computed hash is recorded), else read-only (computed only)."""
+    try:
+        return _open(args, writable=True)
+    except RepoLocked:
+        return _open(args, writable=False)
 
 
 def cmd_pin(args: argparse.Namespace, out: Output, pinned: bool = True) -> int:
@@ -270,6 +284,9 @@ def cmd_gc(args: argparse.Namespace, out: Output) -> int:
     text = (f"removed {len(report.roots_removed)} roots, {report.blocks_removed} blocks "
             f"({human(report.bytes_freed)}), {report.garbage_files_removed} garbage files; "
             f"{human(report.bytes_after)} stored")
+    if report.disk_bytes_after:
+        text += (f", {human(report.disk_bytes_after)} of pack files ({report.packs_compacted} packs compacted, "
+                 f"{human(report.disk_bytes_reclaimed)} given back)")
     if report.over_quota:
         text += f" — still over {human(args.max_size)}: pinned roots hold the rest"
     out.emit(report.to_json(), text)
@@ -292,6 +309,25 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     out.emit(report.to_json(), text)
     if not report.consistent and not args.repair:
         return 4
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, out: Output) -> int:
+    """Convert a format-1 repo (file per block) to pack files in place; resumable after any interruption."""
+    from .store.migrate import migrate
+
+    def progress(done: int, total: int) -> None:
+        if not args.json:
+            print(f"migrated {done}/{total} blocks", file=sys.stderr, flush=True)
+
+    report = migrate(_repo_path(args), progress=progress)
+    if report.from_version == "2":
+        text = f"repo {_repo_path(args)} is already format 2; nothing to do"
+    else:
+        text = (f"migrated {report.blocks_moved} blocks ({human(report.bytes_moved)}) into pack files"
+                + (f"; dropped {report.blocks_dropped} corrupt or missing blocks (their archives are marked "
+                   "incomplete)" if report.blocks_dropped else ""))
+    out.emit(report.to_json(), text)
     return 0
 
 
@@ -889,6 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("ls", cmd_ls, "list archives in the repo")
     sp = add("stat", cmd_stat, "show an archive's manifest and storage")
     sp.add_argument("key", metavar="KEY")
+    sp.add_argument("--sha512", action="store_true", help="compute the sha512 if it is not known yet (and record it)")
     sp = add("pin", cmd_pin, "keep an archive through gc")
     sp.add_argument("key", metavar="KEY")
     sp = add("unpin", lambda a, o: cmd_pin(a, o, pinned=False), "let gc evict an archive again")
@@ -897,6 +934,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-size", type=parse_size, metavar="SIZE", help="quota for stored blocks, e.g. 10G")
     sp = add("verify", cmd_verify, "re-hash every block and check the index")
     sp.add_argument("--repair", action="store_true", help="drop corrupt blocks, mark their roots incomplete")
+    add("migrate", cmd_migrate, "convert a format-1 repo (one file per block) to pack files, in place")
     sp = add("daemon", cmd_daemon, "run the node: swarm, DHT, bitswap, local API (holds the repo)")
     sp.add_argument("--listen", action="append", metavar="MULTIADDR",
                     help="libp2p listen address (repeatable; default from config.toml)")

@@ -123,6 +123,7 @@ class Node:
         self._given_dht = dht
         self.serve_api = serve_api
         self.announcer: ProviderAnnouncer | None = None
+        self._lazy_hashes: trio.MemorySendChannel | None = None  # roots whose sha512 is still to compute
         self.finder: ProviderFinder | None = None
         self.source: _CountingSource | None = None
         self.api_url: str | None = None
@@ -170,6 +171,10 @@ class Node:
                 nursery.start_soon(self.announcer.run)
                 nursery.start_soon(self.nix.run_upload_expiry)
                 nursery.start_soon(self._reannounce_on_new_peers)
+                self._lazy_hashes, lazy = trio.open_memory_channel(float("inf"))
+                nursery.start_soon(self._hash_lazily, lazy)
+                for root in repo.index.archives_without("sha512"):
+                    self._lazy_hashes.send_nowait(root)
                 self.finder = ProviderFinder(self.dht, FinderConfig(negative_ttl=cfg.negative_ttl,
                                                                     default_timeout=cfg.lookup_timeout))
                 ResolveServer(lookup=self._answer_resolve).register(self.host)
@@ -359,6 +364,21 @@ class Node:
     def announce(self, root: CID) -> None:
         if self.announcer is not None and self.repo is not None:
             self.announcer.add(root, root_aliases(self.repo, root))
+            if self._lazy_hashes is not None:
+                self._lazy_hashes.send_nowait(root)
+
+    async def _hash_lazily(self, roots: trio.MemoryReceiveChannel) -> None:
+        """Compute the sha512 an add left out (ingest computes sha256 only), one archive at a time, after the
+        add returned; then announce the archive under its sha512 too (npm integrity lookups by peers)."""
+        assert self.repo is not None
+        async for root in roots:
+            try:
+                done = await trio.to_thread.run_sync(self.repo.fill_hashes, [root])
+            except P2PCacheError as e:
+                log.warning("cannot hash %s: %s", root, e)
+                continue
+            if done and self.announcer is not None:
+                self.announcer.add(root, root_aliases(self.repo, root))
 
     async def gc(self, max_size: int | None) -> dict:
         """Garbage-collect in the daemon (which owns the repo) and stop announcing what was evicted."""
@@ -473,7 +493,9 @@ class Node:
         # Fetch the root first and check it is what was asked for before fetching the rest.
         blocks = await self.exchange.fetch_blocks([root], providers)
         manifest = _decode_root(root, blocks[root])
-        if isinstance(key, HashKey) and manifest.hashes.get(key.algo) != key.digest:
+        # A manifest made since sha512 became lazy names no sha512: that hash is checked over the fetched bytes.
+        check_after = isinstance(key, HashKey) and key.algo not in manifest.hashes
+        if isinstance(key, HashKey) and not check_after and manifest.hashes.get(key.algo) != key.digest:
             raise FetchError(f"a peer answered {root} for {alias}, but that archive has a different {key.algo}")
         progress(0, manifest.size)
         before = self.repo.stored_bytes()
@@ -504,6 +526,8 @@ class Node:
             finally:
                 fetched.set()
         self.stats.bytes_fetched += max(0, self.repo.stored_bytes() - before)
+        if check_after and await trio.to_thread.run_sync(self.repo.sha512, root) != key.digest:
+            raise FetchError(f"a peer answered {root} for {alias}, but that archive has a different {key.algo}")
         progress(manifest.size, manifest.size)
         return root, manifest.size
 

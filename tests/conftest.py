@@ -46,3 +46,16 @@ def run_cli(*args: str, repo: Path | None = None, input: bytes | None = None, ch
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}): {proc.stderr.decode()}")
     return proc
+
+
+def corrupt_raw_block(repo_path: Path, n: int = 0):
+    """Flip the first bytes of the n-th raw block's record in its pack file (as bit rot would); its CID."""
+    with Repo.open(repo_path) as r:
+        cid, loc = [(c, loc) for part in r.index.iter_locations() for c, loc in part if c.codec == 0x55][n]
+        path = r.packs.path(loc.pack)
+    with open(path, "r+b") as f:
+        f.seek(loc.offset)
+        head = f.read(4)
+        f.seek(loc.offset)
+        f.write(bytes(b ^ 0xFF for b in head))
+    return cid

@@ -1,5 +1,6 @@
 """The `p2pcache` command, run as a real subprocess against a real repo."""
 
+import base64
 import hashlib
 import json
 import signal
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from .conftest import run_cli, write_file
+from .conftest import corrupt_raw_block, run_cli, write_file
 
 
 def test_add_get_cat_ls_stat_roundtrip(tmp_path, rng):
@@ -23,7 +24,10 @@ def test_add_get_cat_ls_stat_roundtrip(tmp_path, rng):
     assert first["size"] == a.stat().st_size and first["format"] == "application/gzip"
     assert first["sri"].startswith("sha256-") and first["root"].startswith("bafyrei")
 
-    for key in (first["root"], "sha256:" + first["sha256"], first["sri"], first["sri_sha512"], first["nix32"]):
+    # sha512 is computed when first asked for: add does not know it yet, a lookup by it computes it
+    assert first["sha512"] is None and first["sha512_known"] is False
+    sri512 = "sha512-" + base64.b64encode(hashlib.sha512(a.read_bytes()).digest()).decode()
+    for key in (first["root"], "sha256:" + first["sha256"], first["sri"], sri512, first["nix32"]):
         out = tmp_path / "out"
         run_cli("get", key, "-o", str(out), repo=repo, check=True)
         assert out.read_bytes() == a.read_bytes()
@@ -35,6 +39,11 @@ def test_add_get_cat_ls_stat_roundtrip(tmp_path, rng):
     assert {x["root"] for x in listed} == {x["root"] for x in lines}
     stat = json.loads(run_cli("stat", "--json", first["sri"], repo=repo, check=True).stdout)
     assert stat["root"] == first["root"] and stat["chunker"]["alg"] == "fastcdc-2020" and stat["blocks"] >= 2
+    stat_b = json.loads(run_cli("stat", "--json", lines[1]["sri"], repo=repo, check=True).stdout)
+    assert stat_b["sha512"] is None and stat_b["sha512_known"] is False  # nobody asked for it yet
+    stat_b = json.loads(run_cli("stat", "--json", "--sha512", lines[1]["sri"], repo=repo, check=True).stdout)
+    assert stat_b["sha512"] == hashlib.sha512(b.read_bytes()).hexdigest() and stat_b["sha512_known"]
+    assert json.loads(run_cli("stat", "--json", lines[1]["sri"], repo=repo, check=True).stdout)["sha512_known"]
 
     run_cli("pin", first["root"], repo=repo, check=True)
     gc = json.loads(run_cli("--json", "gc", "--max-size", "0", repo=repo, check=True).stdout)
@@ -78,8 +87,7 @@ def test_corrupt_block_makes_get_fail_and_verify_report(tmp_path, rng):
     repo = tmp_path / "r"
     f = write_file(tmp_path / "f", rng.randbytes(400_000))
     root = json.loads(run_cli("add", "--json", str(f), repo=repo, check=True).stdout)["root"]
-    blocks = sorted(p for p in (repo / "blocks").rglob("bafkrei*"))
-    blocks[0].write_bytes(b"evil" + blocks[0].read_bytes()[4:])
+    corrupt_raw_block(repo)
     proc = run_cli("get", root, "-o", str(tmp_path / "out"), repo=repo)
     assert proc.returncode == 4 and "corrupt" in proc.stderr.decode()
     assert not (tmp_path / "out").exists()
@@ -176,3 +184,4 @@ def test_daemon_startup_errors_are_one_line(tmp_path):
             assert len(err.strip().splitlines()) == 1, err
     finally:
         busy.close()
+

@@ -101,7 +101,7 @@ def test_valid_hand_built_root_decodes():
 
 @pytest.mark.parametrize("changes", [
     dict(type="something-else"), dict(version=2), dict(size=4), dict(size=-1), dict(depth=1),
-    dict(hashes={"sha256": b"\0" * 32}), dict(hashes={"sha256": b"\0" * 31, "sha512": b"\0" * 64}),
+    dict(hashes={"sha512": b"\0" * 64}), dict(hashes={"sha256": b"\0" * 31, "sha512": b"\0" * 64}),
     dict(chunker={"alg": "rabin"}), dict(children=[[CID.for_block(DAG_CBOR, b"abc"), 3]]),
     dict(children=[["not a cid", 3]]), dict(children=[[CID.for_block(RAW, b"abc"), True]]),
     dict(extra="field"), dict(name=5), dict(children=[[CID.for_block(RAW, b"x"), 2 << 20]], size=2 << 20),

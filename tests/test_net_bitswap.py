@@ -40,6 +40,14 @@ def add_archive(repo, data, params=SMALL):
     return repo.add_stream(io.BytesIO(data), name="blob.tar", params=params)
 
 
+def seed_blocks(repo, n, size):
+    """`n` raw blocks of about `size` bytes, stored in `repo`: (cids, blocks)."""
+    blocks = [random.Random(i).randbytes(size + i) for i in range(n)]
+    cids = [CID.for_block(RAW, d) for d in blocks]
+    repo.put_blocks(list(zip(cids, blocks)))
+    return cids, blocks
+
+
 def all_blocks(repo, root):
     from p2pcache.content.manifest import iter_blocks
     return [root] + [c for c, _ in iter_blocks(repo.manifest(root), repo.load_block)]
@@ -85,15 +93,31 @@ async def test_fetch_archive_byte_exact_with_index_nodes(tmp_path):
 @pytest.mark.trio
 async def test_fetch_blocks_and_missing_block_fails_cleanly(tmp_path):
     async with node(tmp_path, "a") as a, node(tmp_path, "b") as b:
-        blocks = [random.Random(i).randbytes(1000 + i) for i in range(5)]
-        cids = [CID.for_block(RAW, d) for d in blocks]
-        a.repo.put_blocks(list(zip(cids, blocks)))
+        cids, blocks = seed_blocks(a.repo, 5, 1000)
         with trio.fail_after(30):
             got = await b.fetch_blocks(cids, [a.host.addrs()[0]])
             assert got == dict(zip(cids, blocks))
             missing = CID.for_block(RAW, b"nobody has this")
             with pytest.raises(FetchError, match="could not fetch 1 of 1"):
                 await b.fetch_blocks([missing], [a.host.addrs()[0]])
+
+
+@pytest.mark.trio
+async def test_a_block_whose_pack_region_rotted_is_answered_dont_have(tmp_path):
+    from .conftest import corrupt_raw_block
+
+    async with node(tmp_path, "a") as a, node(tmp_path, "b") as b:
+        cids, _ = seed_blocks(a.repo, 3, 5000)
+        victim = corrupt_raw_block(a.repo.path, 1)
+        assert victim in a.repo.verify().corrupt
+        with trio.fail_after(30):
+            got = await b.fetch_blocks([c for c in cids if c != victim], [a.host.addrs()[0]])
+            assert len(got) == 2
+            with pytest.raises(FetchError, match="could not fetch 1 of 1"):
+                await b.fetch_blocks([victim], [a.host.addrs()[0]])
+        assert not b.repo.has_block(victim)
+        ledger = a.server.ledger(b.host.peer_id)
+        assert ledger.dont_haves_sent >= 1 and ledger.blocks_sent == 2, ledger
 
 
 @pytest.mark.trio

@@ -219,3 +219,34 @@ def test_post_build_hook_pushes_outputs_to_the_local_node(nix, tmp_path, daemons
     a.wait_announced(2)
     nix.run("nix", "copy", "--from", b.api, "--to", str(store_b), path, config="require-sigs = false\n")
     assert (store_b / path.lstrip("/") / "out.txt").read_text() == "built\n"
+
+
+def test_a_corrupt_pack_region_is_never_served_to_nix(tmp_path, daemons):
+    """A NAR whose chunk rotted in its pack file: `verify` finds it, and the node's answer to Nix's GET of the
+    NAR is an error or an aborted body, never the wrong bytes presented as whole."""
+    from p2pcache.store.repo import Repo
+
+    from .conftest import corrupt_raw_block, run_cli
+    from .test_narstore import STORE_HASH, _nar, _narinfo
+
+    repo = tmp_path / "a"
+    nar = _nar(5)
+    with Repo.init(repo) as r:
+        r.add_nar(iter([nar]), narinfo=_narinfo(nar))
+    corrupt_raw_block(repo)
+    proc = run_cli("verify", repo=repo)
+    assert proc.returncode == 4 and "1 corrupt" in proc.stdout.decode()
+    a = start_daemon(repo)
+    daemons.append(a)
+    narinfo = httpx.get(f"{a.api}/{STORE_HASH}.narinfo", timeout=30)
+    url = next(line.split(": ", 1)[1] for line in narinfo.text.splitlines() if line.startswith("URL: "))
+    got = b""
+    try:
+        with httpx.stream("GET", f"{a.api}/{url}", timeout=30) as resp:
+            status = resp.status_code
+            for piece in resp.iter_bytes():
+                got += piece
+    except httpx.HTTPError:
+        status = -1  # the body was cut short: Nix sees a failed download
+    assert status != 200 or len(got) < len(nar), (status, len(got))
+    assert got != nar

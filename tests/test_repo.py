@@ -1,9 +1,11 @@
 import hashlib
 import io
+import os
 
 import pytest
 
 from p2pcache.content.chunking import ChunkerParams
+from p2pcache.content.cid import CID
 from p2pcache.content.keys import HashKey
 from p2pcache.errors import CorruptData, NotFound, RepoError, RepoLocked
 from p2pcache.store.repo import Repo
@@ -17,7 +19,9 @@ def test_add_then_get_gives_the_exact_bytes(repo, tmp_path, rng, size):
     res = repo.add_file(write_file(tmp_path / "in", data))
     assert res.size == size
     assert res.hashes["sha256"] == hashlib.sha256(data).digest()
-    assert res.hashes["sha512"] == hashlib.sha512(data).digest()
+    assert "sha512" not in res.hashes  # computed when first asked for
+    assert repo.sha512(res.root) == hashlib.sha512(data).digest()
+    assert repo.index.known_digest(res.root, "sha512") == hashlib.sha512(data).digest()  # and recorded
     out = tmp_path / "out"
     assert repo.get_to_file(res.root, out) == size
     assert out.read_bytes() == data
@@ -26,7 +30,8 @@ def test_add_then_get_gives_the_exact_bytes(repo, tmp_path, rng, size):
 def test_every_key_form_resolves_to_the_root(repo, rng):
     data = rng.randbytes(100_000)
     res = repo.add_stream(io.BytesIO(data), name="x")
-    s256, s512 = HashKey("sha256", res.hashes["sha256"]), HashKey("sha512", res.hashes["sha512"])
+    s256, s512 = HashKey("sha256", res.hashes["sha256"]), HashKey("sha512", hashlib.sha512(data).digest())
+    assert repo.resolve(s512.sri) == res.root  # nobody asked for its sha512 before: this lookup computes it
     for key in (str(res.root), s256.alias, s256.sri, s256.nix32, s512.sri, s512.alias, s256.digest.hex()):
         assert repo.resolve(key) == res.root
     with pytest.raises(NotFound):
@@ -53,15 +58,24 @@ def test_chunker_parameters_are_per_add_and_recorded(repo, rng):
     assert b"".join(repo.stream(res.root)) == data
 
 
-def _block_paths(repo):
-    return [p for p, c in repo.files.scan() if c is not None and c.codec == 0x55]
+def _raw_blocks(repo):
+    """(cid, location) of every raw block, in pack order."""
+    return [(c, loc) for part in repo.index.iter_locations() for c, loc in part if c.codec == 0x55]
+
+
+def _flip_byte(repo, loc):
+    with open(repo.packs.path(loc.pack), "r+b") as f:
+        f.seek(loc.offset)
+        b = f.read(1)
+        f.seek(loc.offset)
+        f.write(bytes([b[0] ^ 0xFF]))
 
 
 def test_corrupt_block_is_caught_reported_and_repaired(repo, tmp_path, rng):
     data = rng.randbytes(1 << 20)
     res = repo.add_stream(io.BytesIO(data))
-    victim = _block_paths(repo)[0]
-    victim.write_bytes(b"\0" + victim.read_bytes()[1:])
+    victim, loc = _raw_blocks(repo)[0]
+    _flip_byte(repo, loc)
     out = tmp_path / "out"
     out.write_bytes(b"previous contents")
     with pytest.raises(CorruptData):
@@ -71,7 +85,7 @@ def test_corrupt_block_is_caught_reported_and_repaired(repo, tmp_path, rng):
     report = repo.verify()
     assert not report.consistent and len(report.corrupt) == 1 and report.roots_incomplete == [res.root]
     report = repo.verify(repair=True)
-    assert report.roots_incomplete == [res.root] and not victim.exists()
+    assert report.roots_incomplete == [res.root] and not repo.has_block(victim)
     assert not repo.root_info(res.root).complete
     assert repo.verify().consistent
     with pytest.raises(CorruptData, match="incomplete"):
@@ -84,9 +98,10 @@ def test_corrupt_block_is_caught_reported_and_repaired(repo, tmp_path, rng):
 
 def test_missing_block_is_reported(repo, rng):
     res = repo.add_stream(io.BytesIO(rng.randbytes(300_000)))
-    _block_paths(repo)[-1].unlink()
+    victim, loc = _raw_blocks(repo)[-1]
+    os.truncate(repo.packs.path(loc.pack), loc.offset + loc.size - 1)  # a pack cut short inside the block
     report = repo.verify()
-    assert len(report.missing) == 1 and report.roots_incomplete == [res.root] and not report.consistent
+    assert victim in report.missing and report.roots_incomplete == [res.root] and not report.consistent
     with pytest.raises(NotFound):
         b"".join(repo.stream(res.root))
 
@@ -111,12 +126,11 @@ def test_gc_evicts_least_recently_used_unpinned_and_keeps_shared_chunks(repo, rn
 
 def test_gc_removes_crash_garbage_but_not_live_blocks(repo, rng):
     res = repo.add_stream(io.BytesIO(rng.randbytes(500_000)))
-    (repo.files.tmp / "dead.part").write_bytes(b"half a block")
-    orphan = repo.files.blocks / "zz" / "bafkreinotacid"
-    orphan.parent.mkdir(exist_ok=True)
-    orphan.write_bytes(b"junk")
+    (repo.packs.dir / "notapack.tmp").write_bytes(b"half a block")
+    (repo.packs.dir / "00000099.pack").write_bytes(b"a pack no index row points into")
+    repo.packs.append([(CID.for_block(0x55, b"never committed"), b"never committed")])  # a dead tail
     report = repo.verify()
-    assert report.consistent and len(report.garbage_files) == 2
+    assert report.consistent and len(report.garbage_files) == 2 and report.dead_bytes > len(b"never committed")
     assert repo.gc().garbage_files_removed == 2
     assert b"".join(repo.stream(res.root))
 

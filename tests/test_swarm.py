@@ -1,5 +1,6 @@
 """Real daemons as subprocesses on loopback: a private team swarm of five nodes."""
 
+import base64
 import hashlib
 import json
 import subprocess
@@ -36,7 +37,8 @@ def test_five_node_private_swarm_fetch_across_hops(tmp_path, rng, swarm_key, dae
 
     added = json.loads(nodes[0].cli("add", "--json", str(src)).stdout)  # through n0's daemon
     assert added["announced"] is True
-    nodes[0].wait_announced(3)  # root CID, sha256, sha512
+    assert added["sha512_known"] is False  # the add returned before the daemon hashed it in the background
+    nodes[0].wait_announced(3)  # root CID, sha256, and sha512 once the background hash is done
 
     out = tmp_path / "out.tar"
     nodes[4].cli("get", f"sha256:{hashlib.sha256(data).hexdigest()}", "-o", str(out), timeout=60)
@@ -49,7 +51,8 @@ def test_five_node_private_swarm_fetch_across_hops(tmp_path, rng, swarm_key, dae
 
     # n4 now holds it and announces it too; n3 can get it by SRI, n2 by root CID
     nodes[4].wait_announced(3)
-    cat = nodes[3].cli("cat", added["sri_sha512"], timeout=60)
+    sri512 = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
+    cat = nodes[3].cli("cat", sri512, timeout=60)
     assert cat.stdout == data
     nodes[2].cli("get", added["root"], "-o", str(out), timeout=60)
     assert out.read_bytes() == data

@@ -23,7 +23,7 @@ from .cid import CID, DAG_CBOR, RAW
 SCHEMA_VERSION = 1
 FANOUT = 4096
 HASH_SIZES = {"sha256": 32, "sha512": 64}
-REQUIRED_HASHES = ("sha256", "sha512")
+REQUIRED_HASHES = ("sha256",)  # sha512 is optional: repos compute it lazily (format-1 manifests carry it)
 
 Link = tuple[CID, int]
 

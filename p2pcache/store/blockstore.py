@@ -1,11 +1,28 @@
-"""Block files on disk, sharded like kubo's flatfs (`next-to-last/2`).
+"""Blocks on disk in append-only pack files (repo format 2), chosen by measurement (bench/store_layouts.py).
 
-A block lives at `blocks/<shard>/<base32 CID>`, where the shard is the two characters before the last
-character of the CID string. Writes go to `tmp/` and are renamed into place, so a reader never sees a
-half-written block under its final name. Durability is batched: callers write many blocks, then call
-`barrier()` once (syncfs on the repo's file system) before they commit anything that refers to them.
-A block file is trusted only once the index has a row for it; files without one are garbage that
-`verify` reports and `gc` removes.
+Owns the bytes of blocks: `packs/<id>.pack` files, each a header then records appended one after another:
+
+    record = crc32(data) u32 | len(data) u32 | len(cid) u8 | cid bytes | data
+
+The SQLite index (index.py) maps a CID to (pack, offset of its data, size, crc32); a record is trusted only
+once the index has a row for it. Bytes without a row (the tail of an interrupted write, blocks that gc
+dropped, a compaction's copy that never committed) are dead space: `verify` reports it, `gc` compacts packs
+whose live share fell below a threshold and removes packs no row points into.
+
+Writes: many blocks go out in one `pwritev` (no per-block syscall, no per-block file), and durability is one
+`fdatasync` per written pack at `barrier()`, which callers run once per batch before the index transaction
+that trusts the batch commits. Only the process holding the repo lock appends; it appends to the newest pack
+after cutting that pack back to the end of its last indexed record (bytes past it can only be crash garbage),
+or starts a new pack when the newest is full.
+
+Reads: one `pread` per block, or one `pread` per run of adjacent records for a batch (`read_many`). Every
+record's bytes were hashed against its CID before they were appended (an add computes the CID from them; a
+block from a peer is re-hashed by `Repo.write_blocks`), so a read re-checks the record's crc32 against the one
+in the index: what the disk can do to bytes after they were written (bit rot, a torn or misdirected write, a
+truncated file) fails that check, and a wrong block cannot come back under a CID because the index row, not
+the pack, says where a CID's bytes are. `verify` re-hashes every block against its CID in full.
+
+Must not: know about roots, manifests or NARs; decide what is garbage (the index does).
 """
 
 from __future__ import annotations
@@ -14,17 +31,27 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import itertools
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from ..content.cid import CID
-from ..errors import CorruptData, DiskFull, InvalidCID, NotFound, RepoError
+from ..errors import CorruptData, DiskFull, NotFound, RepoError
+
+PACK_MAGIC = b"p2pcache pack 2\n"
+RECORD_HEADER = struct.Struct(">IIB")
+PACK_MAX = 256 << 20  # a pack is closed for appends past this size
+SPAN_MAX = 8 << 20  # one pread covers adjacent records up to this many bytes
+SPAN_GAP = 4096  # ...when the records are at most this far apart (headers, small dead records)
+_IOV_MAX = 1024
 
 _libc = None
 
 
-def _syncfs(fd: int) -> None:
+def syncfs(fd: int) -> None:
     """Flush the file system holding `fd` (Linux syncfs); fall back to a global sync elsewhere."""
     global _libc
     if _libc is None:
@@ -43,108 +70,299 @@ def disk_error(e: OSError, where: Path | str) -> Exception:
     return RepoError(f"cannot write {where}: {e.strerror or e}")
 
 
-class BlockFiles:
-    def __init__(self, root: Path):
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a block's bytes are: pack id, offset of the data (past the record header), size, crc32."""
+
+    pack: int
+    offset: int
+    size: int
+    crc: int
+
+
+def _missing(cid: CID) -> NotFound:
+    return NotFound(f"block {cid} is missing from the repo; run `p2pcache verify --repair`")
+
+
+def _corrupt(cid: CID) -> CorruptData:
+    return CorruptData(f"block {cid} is corrupt on disk; run `p2pcache verify --repair`")
+
+
+class PackFiles:
+    """The pack files of one repo. Thread-safe: appends hold a lock; reads are plain preads."""
+
+    def __init__(self, root: Path, pack_max: int = PACK_MAX):
         self.root = root
-        self.blocks = root / "blocks"
-        self.tmp = root / "tmp"
-        self._blocks_str = str(self.blocks)
-        self._tmp_str = str(self.tmp)
-        # Temp names only need to be unique among live writers: pid + object + counter.
-        self._tmp_prefix = f"{os.getpid()}-{id(self):x}-"
-        self._counter = itertools.count()
+        self.dir = root / "packs"
+        self.pack_max = pack_max
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()  # one barrier at a time: a barrier returns only once its bytes are synced
+        self._read_fds: dict[int, int] = {}
+        self._active: int | None = None  # pack being appended to, and its write fd and end
+        self._active_fd = -1
+        self._end = 0
+        self._dirty: set[int] = set()  # packs appended to since the last barrier
+        self._dir_dirty = False
+        self.pending: dict[bytes, Location] = {}  # appended, not yet in the index
 
     def create_dirs(self) -> None:
-        """Create blocks/, all 1024 shard directories, and tmp/ (so writes never pay for a mkdir)."""
-        self.blocks.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        alphabet = "abcdefghijklmnopqrstuvwxyz234567"
-        for a in alphabet:
-            for b in alphabet:
-                (self.blocks / (a + b)).mkdir(exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
 
-    @staticmethod
-    def shard(name: str) -> str:
-        return name[-3:-1]
+    def path(self, pack: int) -> Path:
+        return self.dir / f"{pack:08d}.pack"
 
-    def path(self, cid: CID) -> Path:
-        name = str(cid)
-        return self.blocks / self.shard(name) / name
+    def pack_ids(self) -> list[int]:
+        """Every pack file on disk, by id; stray files are not packs."""
+        if not self.dir.exists():
+            return []
+        out = []
+        for entry in os.scandir(self.dir):
+            stem, dot, ext = entry.name.partition(".")
+            if ext == "pack" and stem.isdigit() and len(stem) == 8:
+                out.append(int(stem))
+        return sorted(out)
 
-    def path_str(self, cid: CID) -> str:
-        name = str(cid)
-        return f"{self._blocks_str}/{name[-3:-1]}/{name}"
+    def stray_files(self) -> list[Path]:
+        """Files under packs/ that are not packs (never written by this code; reported as garbage)."""
+        if not self.dir.exists():
+            return []
+        ids = {f"{p:08d}.pack" for p in self.pack_ids()}
+        return sorted(Path(e.path) for e in os.scandir(self.dir) if e.name not in ids)
 
-    def write(self, cid: CID, data: bytes | memoryview) -> None:
-        """Write a block atomically (temp file + rename). Durable only after `barrier()`."""
-        final = self.path_str(cid)
-        tmp = f"{self._tmp_str}/{self._tmp_prefix}{next(self._counter)}.part"
+    def file_size(self, pack: int) -> int | None:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            return os.stat(self.path(pack)).st_size
+        except FileNotFoundError:
+            return None
+
+    @property
+    def active(self) -> int | None:
+        return self._active
+
+    # -- writing -----------------------------------------------------------------------------------
+    def start(self, committed_end: Callable[[int], int]) -> None:
+        """Choose the pack to append to (caller holds the repo lock): the newest, cut back to the end of its
+        last indexed record (`committed_end(pack)`), or a new one when it is full or unreadable."""
+        with self._lock:
+            if self._active is not None:
+                return
+            ids = self.pack_ids()
+            if ids:
+                last = ids[-1]
+                end = max(committed_end(last), len(PACK_MAGIC))
+                try:
+                    fd = os.open(self.path(last), os.O_RDWR)
+                except OSError:
+                    fd = -1
+                if fd >= 0:
+                    if end < self.pack_max and os.pread(fd, len(PACK_MAGIC), 0) == PACK_MAGIC:
+                        try:
+                            os.ftruncate(fd, end)
+                        except OSError as e:
+                            os.close(fd)
+                            raise disk_error(e, self.path(last)) from None
+                        self._active, self._active_fd, self._end = last, fd, end
+                        return
+                    os.close(fd)
+            self._new_pack((ids[-1] + 1) if ids else 1)
+
+    def _new_pack(self, pack: int) -> None:
+        path = self.path(pack)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-            finally:
-                os.close(fd)
-            try:
-                os.rename(tmp, final)
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-                os.rename(tmp, final)
-        except OSError as e:
-            try:
-                os.unlink(tmp)
+                os.write(fd, PACK_MAGIC)
             except OSError:
-                pass
-            raise disk_error(e, final) from None
+                os.close(fd)
+                raise
+        except OSError as e:
+            raise disk_error(e, path) from None
+        if self._active_fd >= 0:
+            os.close(self._active_fd)
+        self._active, self._active_fd, self._end = pack, fd, len(PACK_MAGIC)
+        self._dirty.add(pack)
+        self._dir_dirty = True
 
-    def read(self, cid: CID, verify: bool = True) -> bytes:
-        try:
-            with open(self.path_str(cid), "rb", buffering=0) as f:
-                data = f.readall()
-        except FileNotFoundError:
-            raise NotFound(f"block {cid} is missing from the repo; run `p2pcache verify --repair`") from None
-        if verify and not cid.verify(data):
-            raise CorruptData(f"block {cid} is corrupt on disk; run `p2pcache verify --repair`")
-        return data
+    def append(self, blocks: Sequence[tuple[CID, bytes | memoryview]],
+               crcs: Sequence[int] | None = None) -> list[tuple[CID, Location]]:
+        """Append blocks (skipping those already pending) in one vectored write; durable after `barrier()`.
+        They are readable through `pending` at once. Returns the new locations."""
+        if self._active is None:
+            raise RepoError("internal: pack store not started for writing")
+        out: list[tuple[CID, Location]] = []
+        with self._lock:
+            if self._end >= self.pack_max:
+                self._new_pack(self._active + 1)
+            parts: list[bytes | memoryview] = []
+            end = start = self._end
+            seen: set[bytes] = set()
+            for i, (cid, data) in enumerate(blocks):
+                key = cid.buffer
+                if key in seen:
+                    continue
+                seen.add(key)
+                old = self.pending.get(key)
+                if old is not None:  # appended already (another add, not committed yet): share that record
+                    out.append((cid, old))
+                    continue
+                crc = crcs[i] if crcs is not None else zlib.crc32(data)
+                header = RECORD_HEADER.pack(crc, len(data), len(key)) + key
+                parts.append(header)
+                parts.append(data)
+                loc = Location(self._active, end + len(header), len(data), crc)
+                out.append((cid, loc))
+                end = loc.offset + loc.size
+            if not parts:
+                return out
+            try:
+                pos = start
+                for i in range(0, len(parts), _IOV_MAX):
+                    group = parts[i : i + _IOV_MAX]
+                    want = sum(len(p) for p in group)
+                    n = os.pwritev(self._active_fd, group, pos)
+                    if n != want:  # short write: finish it piece by piece (ENOSPC surfaces here)
+                        self._write_rest(group, n, pos)
+                    pos += want
+            except OSError as e:
+                raise disk_error(e, self.path(self._active)) from None
+            self._end = end
+            self._dirty.add(self._active)
+            for cid, loc in out:
+                self.pending[cid.buffer] = loc
+        return out
 
-    def exists(self, cid: CID) -> bool:
-        return self.path(cid).exists()
-
-    def remove(self, cid: CID) -> None:
-        try:
-            self.path(cid).unlink()
-        except FileNotFoundError:
-            pass
+    def _write_rest(self, group: list, done: int, pos: int) -> None:
+        view = memoryview(b"".join(group))[done:]
+        pos += done
+        while view:
+            n = os.pwrite(self._active_fd, view, pos)
+            if n == 0:
+                raise OSError(errno.ENOSPC, "no space left on device")
+            view, pos = view[n:], pos + n
 
     def barrier(self) -> None:
-        """Flush every block file written so far to disk (one syncfs of the repo's file system)."""
+        """Make every append so far durable: fdatasync each pack written to, and the directory if a pack is new."""
+        with self._sync_lock:
+            self._barrier()
+
+    def _barrier(self) -> None:
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            dir_dirty, self._dir_dirty = self._dir_dirty, False
         try:
-            fd = os.open(self.root, os.O_RDONLY)
-            try:
-                _syncfs(fd)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise disk_error(e, self.root) from None
-
-    def scan(self) -> Iterator[tuple[Path, CID | None]]:
-        """Every file under blocks/, with its CID (None when the name is not a valid CID)."""
-        if not self.blocks.exists():
-            return
-        for shard in sorted(os.scandir(self.blocks), key=lambda e: e.name):
-            if not shard.is_dir():
-                yield Path(shard.path), None
-                continue
-            for entry in sorted(os.scandir(shard.path), key=lambda e: e.name):
+            for pack in sorted(dirty):  # its own fd: a concurrent roll may close the append fd
+                fd = os.open(self.path(pack), os.O_RDONLY)
                 try:
-                    cid = CID.parse(entry.name)
-                    ok = str(cid) == entry.name and self.shard(entry.name) == shard.name
-                except InvalidCID:
-                    ok = False
-                yield Path(entry.path), (cid if ok else None)
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            if dir_dirty:
+                fd = os.open(self.dir, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            with self._lock:
+                self._dirty |= dirty
+                self._dir_dirty |= dir_dirty
+            raise disk_error(e, self.dir) from None
 
-    def temp_files(self) -> list[Path]:
-        return sorted(self.tmp.iterdir()) if self.tmp.exists() else []
+    def roll(self) -> None:
+        """Start a new pack for appends (so compaction may rewrite the one that was active)."""
+        with self._lock:
+            if self._active is not None:
+                self._new_pack(self._active + 1)
+
+    def has_pending(self, pack: int) -> bool:
+        with self._lock:
+            return any(loc.pack == pack for loc in self.pending.values())
+
+    def committed(self, cids: Iterable[bytes]) -> None:
+        """The index now holds these pending blocks: forget them here."""
+        with self._lock:
+            for c in cids:
+                self.pending.pop(c, None)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _fd(self, pack: int) -> int:
+        fd = self._read_fds.get(pack)
+        if fd is None:
+            try:
+                fd = os.open(self.path(pack), os.O_RDONLY)
+            except FileNotFoundError:
+                return -1
+            old = self._read_fds.setdefault(pack, fd)
+            if old != fd:
+                os.close(fd)
+                fd = old
+        return fd
+
+    def read(self, cid: CID, loc: Location, relocate: Callable[[CID], Location | None] | None = None) -> bytes:
+        """A block's bytes, checked against the crc32 its index row recorded (see `read_many` for `relocate`)."""
+        fd = self._fd(loc.pack)
+        try:
+            data = os.pread(fd, loc.size, loc.offset) if fd >= 0 else b""
+        except OSError:
+            data = b""
+        if len(data) == loc.size and zlib.crc32(data) == loc.crc:
+            return data
+        if relocate is not None:
+            moved = relocate(cid)
+            if moved is not None and moved != loc:
+                return self.read(cid, moved)
+        if len(data) != loc.size:
+            raise _missing(cid)
+        raise _corrupt(cid)
+
+    def read_many(self, items: Sequence[tuple[CID, Location]], check: bool = True,
+                  relocate: Callable[[CID], Location | None] | None = None) -> Iterator[bytes]:
+        """The blocks' bytes in the order asked, one pread per run of adjacent records in a pack. With
+        `check`, a record that fails its crc32 or comes back short is looked up again with `relocate` (gc may
+        have moved it since it was located) and read once more before it is reported."""
+        i, n = 0, len(items)
+        while i < n:
+            cid, first = items[i]
+            j, span_end = i + 1, first.offset + first.size
+            while j < n:
+                loc = items[j][1]
+                if (loc.pack != first.pack or loc.offset < span_end or loc.offset - span_end > SPAN_GAP
+                        or loc.offset + loc.size - first.offset > SPAN_MAX):
+                    break
+                span_end = loc.offset + loc.size
+                j += 1
+            fd = self._fd(first.pack)
+            try:
+                span = os.pread(fd, span_end - first.offset, first.offset) if fd >= 0 else b""
+            except OSError:
+                span = b""
+            for k in range(i, j):
+                kcid, loc = items[k]
+                a = loc.offset - first.offset
+                data = span[a : a + loc.size] if j > i + 1 else span
+                if check and (len(data) != loc.size or zlib.crc32(data) != loc.crc):
+                    data = self.read(kcid, loc, relocate)
+                yield data
+            i = j
+
+    def forget_pack(self, pack: int) -> None:
+        """Remove a pack file no index row points into (the caller checked, in a committed transaction)."""
+        with self._lock:
+            if pack == self._active:
+                return
+            fd = self._read_fds.pop(pack, None)
+            if fd is not None:
+                os.close(fd)
+            try:
+                self.path(pack).unlink()
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._read_fds.values():
+                os.close(fd)
+            self._read_fds.clear()
+            if self._active_fd >= 0:
+                os.close(self._active_fd)
+            self._active_fd, self._active = -1, None

@@ -1,8 +1,10 @@
-"""The repo's SQLite index (stdlib sqlite3, WAL): which blocks are stored and trusted, which roots exist,
-the key aliases that resolve to them, pins, last access and per-block reference counts.
+"""The repo's SQLite index (stdlib sqlite3, WAL): which blocks are stored and trusted and where their bytes
+are, which roots exist, the key aliases that resolve to them, pins, last access and per-block reference counts.
 
-A block row means "this block file was written, flushed to disk and verified"; `refs` counts the roots
-that use it. A root row with `complete = 0` is a root some of whose blocks went missing or corrupt.
+A block row means "this block's bytes were verified against its CID, appended to a pack and flushed to disk";
+(pack, offset, size, crc) say where they are (see blockstore.py) and `refs` counts the roots that use it. A
+format-1 row being migrated has pack NULL (its bytes are still a file under blocks/). A root row with
+`complete = 0` is a root some of whose blocks went missing or corrupt.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 from ..content.cid import CID
+from ..errors import DiskFull, RepoError
+from .blockstore import Location
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (
     cid BLOB PRIMARY KEY,
     size INTEGER NOT NULL,
-    refs INTEGER NOT NULL DEFAULT 0
+    refs INTEGER NOT NULL DEFAULT 0,
+    pack INTEGER,
+    offset INTEGER,
+    crc INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS roots (
     root BLOB PRIMARY KEY,
@@ -32,7 +39,8 @@ CREATE TABLE IF NOT EXISTS roots (
     added REAL NOT NULL,
     last_access REAL NOT NULL,
     pinned INTEGER NOT NULL DEFAULT 0,
-    complete INTEGER NOT NULL DEFAULT 1
+    complete INTEGER NOT NULL DEFAULT 1,
+    verified INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS roots_lru ON roots(pinned, last_access);
 CREATE TABLE IF NOT EXISTS aliases (
@@ -107,6 +115,19 @@ class Index:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = FULL")
             self.db.executescript(SCHEMA)
+            self._upgrade_blocks_table()
+
+    def _upgrade_blocks_table(self) -> None:
+        """A format-1 index (being migrated) lacks the location columns: add them (NULL = still a file)."""
+        cols = {row[1] for row in self.db.execute("PRAGMA table_info(blocks)")}
+        for col in ("pack", "offset", "crc"):
+            if col not in cols:
+                self.db.execute(f"ALTER TABLE blocks ADD COLUMN {col} INTEGER")
+        self.db.execute("CREATE INDEX IF NOT EXISTS blocks_pack ON blocks(pack, offset)")
+        # roots.verified: 1 once the whole archive/NAR hash was checked in this repo (format 1 had no such flag:
+        # its roots are checked again on their first read).
+        if "verified" not in {row[1] for row in self.db.execute("PRAGMA table_info(roots)")}:
+            self.db.execute("ALTER TABLE roots ADD COLUMN verified INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -117,14 +138,25 @@ class Index:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         with self._txn_lock:
-            self.db.execute("BEGIN IMMEDIATE")
             try:
-                yield
-            except BaseException:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                except BaseException:
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                    raise
+                try:
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as e:
+                if "full" in str(e):  # SQLITE_FULL: nothing of this transaction was recorded
+                    raise DiskFull(f"disk full while writing {self.path}: free space or shrink the repo with "
+                                   "`p2pcache gc --max-size`") from None
                 raise
-            self.db.execute("COMMIT")
 
     # The explicit form of `transaction()`: begin(), then exactly one of commit() or rollback().
     def begin(self) -> None:
@@ -163,11 +195,71 @@ class Index:
         row = self.db.execute("SELECT size FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone()
         return row[0] if row else None
 
-    def put_blocks(self, blocks: Iterable[tuple[CID, int]]) -> None:
+    def put_blocks(self, blocks: Iterable[tuple[CID, Location]]) -> None:
+        """Record appended blocks; a block that already has a row keeps it (its bytes are the same)."""
         self.db.executemany(
-            "INSERT INTO blocks(cid, size, refs) VALUES (?, ?, 0) ON CONFLICT(cid) DO NOTHING",
-            ((c.buffer, s) for c, s in blocks),
+            "INSERT INTO blocks(cid, size, refs, pack, offset, crc) VALUES (?, ?, 0, ?, ?, ?) "
+            "ON CONFLICT(cid) DO NOTHING",
+            ((c.buffer, loc.size, loc.pack, loc.offset, loc.crc) for c, loc in blocks),
         )
+
+    def locate(self, cid: CID) -> Location | None:
+        row = self.db.execute("SELECT pack, offset, size, crc FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone()
+        return Location(*row) if row and row[0] is not None else None
+
+    def locate_many(self, cids: list[CID]) -> dict[bytes, Location]:
+        """Locations of those of `cids` the index holds; one query per 500."""
+        out: dict[bytes, Location] = {}
+        for i in range(0, len(cids), 500):
+            part = [c.buffer for c in cids[i : i + 500]]
+            marks = ",".join("?" * len(part))
+            for c, p, o, n, crc in self.db.execute(
+                    f"SELECT cid, pack, offset, size, crc FROM blocks WHERE cid IN ({marks})", part):
+                if p is not None:
+                    out[c] = Location(p, o, n, crc)
+        return out
+
+    def set_locations(self, rows: Iterable[tuple[CID, Location]], from_pack: int | None = None) -> None:
+        """Point blocks at new bytes: migrated files (from_pack None: rows still without a pack) or records a
+        compaction copied out of `from_pack` (rows that moved or went meanwhile are left alone)."""
+        if from_pack is None:
+            self.db.executemany("UPDATE blocks SET pack = ?, offset = ?, crc = ? WHERE cid = ? AND pack IS NULL",
+                                ((loc.pack, loc.offset, loc.crc, c.buffer) for c, loc in rows))
+        else:
+            self.db.executemany("UPDATE blocks SET pack = ?, offset = ?, crc = ? WHERE cid = ? AND pack = ?",
+                                ((loc.pack, loc.offset, loc.crc, c.buffer, from_pack) for c, loc in rows))
+
+    def blocks_in_pack(self, pack: int) -> list[tuple[CID, Location]]:
+        return [(CID(c), Location(pack, o, n, crc)) for c, o, n, crc in self.db.execute(
+            "SELECT cid, offset, size, crc FROM blocks WHERE pack = ? ORDER BY offset", (pack,))]
+
+    def iter_locations(self, batch: int = 4096) -> Iterator[list[tuple[CID, Location]]]:
+        """Every located block in pack order, in lists of up to `batch` (keyset pagination: bounded memory)."""
+        last = (-1, -1)
+        while True:
+            rows = self.db.execute(
+                "SELECT cid, pack, offset, size, crc FROM blocks WHERE pack IS NOT NULL AND (pack, offset) > (?, ?) "
+                "ORDER BY pack, offset LIMIT ?", (*last, batch)).fetchall()
+            if not rows:
+                return
+            yield [(CID(c), Location(p, o, n, crc)) for c, p, o, n, crc in rows]
+            last = (rows[-1][1], rows[-1][2])
+
+    def pack_usage(self) -> dict[int, int]:
+        """Live bytes per pack."""
+        return dict(self.db.execute("SELECT pack, SUM(size) FROM blocks WHERE pack IS NOT NULL GROUP BY pack"))
+
+    def committed_end(self, pack: int) -> int:
+        """The end of the last indexed record in a pack (0 if none)."""
+        row = self.db.execute("SELECT MAX(offset + size) FROM blocks WHERE pack = ?", (pack,)).fetchone()
+        return row[0] or 0
+
+    def unmigrated(self, limit: int) -> list[tuple[CID, int]]:
+        return [(CID(c), n) for c, n in self.db.execute(
+            "SELECT cid, size FROM blocks WHERE pack IS NULL LIMIT ?", (limit,))]
+
+    def count_unmigrated(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM blocks WHERE pack IS NULL").fetchone()[0]
 
     def drop_block(self, cid: CID) -> list[CID]:
         """Forget a block; the roots that used it become incomplete. Returns those roots."""
@@ -198,15 +290,18 @@ class Index:
         media_type: str | None,
         aliases: Iterable[str],
         block_cids: Iterable[CID],
+        verified: bool = False,
     ) -> bool:
-        """Record a complete root and its blocks (which must already have rows). True if it was new."""
+        """Record a complete root and its blocks (which must already have rows). True if it was new.
+        `verified`: the caller checked the whole archive's hash (an add computed it)."""
         now = time.time()
         existed = self.db.execute("SELECT 1 FROM roots WHERE root = ?", (root.buffer,)).fetchone() is not None
         self.db.execute(
-            "INSERT INTO roots(root, kind, size, name, media_type, added, last_access) VALUES (?,?,?,?,?,?,?) "
+            "INSERT INTO roots(root, kind, size, name, media_type, added, last_access, verified) "
+            "VALUES (?,?,?,?,?,?,?,?) "
             "ON CONFLICT(root) DO UPDATE SET complete = 1, last_access = excluded.last_access, "
-            "name = COALESCE(roots.name, excluded.name)",
-            (root.buffer, kind, size, name, media_type, now, now),
+            "name = COALESCE(roots.name, excluded.name), verified = MAX(roots.verified, excluded.verified)",
+            (root.buffer, kind, size, name, media_type, now, now, int(verified)),
         )
         self.db.executemany(
             "INSERT OR IGNORE INTO aliases(key, root) VALUES (?, ?)", ((a, root.buffer) for a in aliases)
@@ -217,6 +312,13 @@ class Index:
             links = [link for link in links if link[1] not in have]
         self.db.executemany("INSERT OR IGNORE INTO root_blocks(root, cid) VALUES (?, ?)", links)
         self.db.executemany("UPDATE blocks SET refs = refs + 1 WHERE cid = ?", ((c,) for _, c in links))
+        # A block the caller found stored may have been collected since by a gc in another thread (it was
+        # unreferenced until this root): then the root is not whole, and recording it would be a lie.
+        lost = self.db.execute("SELECT COUNT(*) FROM root_blocks rb LEFT JOIN blocks b ON b.cid = rb.cid "
+                               "WHERE rb.root = ? AND b.cid IS NULL", (root.buffer,)).fetchone()[0]
+        if lost:
+            raise RepoError(f"{lost} blocks of {root} were removed by a gc running at the same time; "
+                            "add or fetch it again")
         return not existed
 
     def add_aliases(self, root: CID, aliases: Iterable[str]) -> None:
@@ -263,6 +365,28 @@ class Index:
 
     def set_pinned(self, root: CID, pinned: bool) -> None:
         self.db.execute("UPDATE roots SET pinned = ? WHERE root = ?", (int(pinned), root.buffer))
+
+    def known_digest(self, root: CID, algo: str) -> bytes | None:
+        """A root's whole-archive digest under `algo` if recorded (its `algo:<hex>` alias)."""
+        row = self.db.execute("SELECT key FROM aliases WHERE root = ? AND key >= ? AND key < ? LIMIT 1",
+                              (root.buffer, f"{algo}:", f"{algo};")).fetchone()
+        return bytes.fromhex(row[0].split(":", 1)[1]) if row else None
+
+    def archives_without(self, algo: str) -> list[CID]:
+        """Complete archive roots with no `algo:` alias yet (their hash is computed when first asked for)."""
+        return [CID(r) for (r,) in self.db.execute(
+            "SELECT root FROM roots WHERE kind = 'archive' AND complete = 1 AND root NOT IN "
+            "(SELECT root FROM aliases WHERE key >= ? AND key < ?) ORDER BY added", (f"{algo}:", f"{algo};"))]
+
+    def add_alias(self, root: CID, alias: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO aliases(key, root) VALUES (?, ?)", (alias, root.buffer))
+
+    def is_verified(self, root: CID) -> bool:
+        row = self.db.execute("SELECT verified FROM roots WHERE root = ?", (root.buffer,)).fetchone()
+        return bool(row and row[0])
+
+    def set_verified(self, root: CID) -> None:
+        self.db.execute("UPDATE roots SET verified = 1 WHERE root = ?", (root.buffer,))
 
     def touch(self, root: CID) -> None:
         self.db.execute("UPDATE roots SET last_access = ? WHERE root = ?", (time.time(), root.buffer))

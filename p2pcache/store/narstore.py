@@ -140,7 +140,7 @@ class RepoNarStore:
         reader = _nar.NarReader()
         builder = NarManifestBuilder(params)
         whole = _HashThread(("sha256",))
-        writer = _BlockWriter(repo.files)
+        writer = _BlockWriter(repo.packs)
         seen: dict[CID, int] = {}
         batch: list = []  # blocks not yet looked up in the index: one query per batch, not per block
         batch_bytes = 0
@@ -191,7 +191,7 @@ class RepoNarStore:
             root, root_data = builder.finish(digest, size)
             store([(root, root_data)])
             flush()
-            writer.close()
+            written = writer.close()
         except BaseException:
             whole.abandon()
             writer.abandon()
@@ -204,11 +204,12 @@ class RepoNarStore:
             name = store_path.base_name
         index = repo.index
         with index.transaction():
-            index.put_blocks(seen.items())
-            new_root = index.put_root(root, "nar", size, name, NAR_MEDIA_TYPE, aliases, seen.keys())
+            repo.record_blocks(written)
+            new_root = index.put_root(root, "nar", size, name, NAR_MEDIA_TYPE, aliases, seen.keys(), verified=True)
             if store_path is not None:
                 info = narinfo or _bare_narinfo(store_path, digest, size)
                 index.put_narinfo(_narinfo_row(root, info, digest, size, index.get_narinfo(store_path.hash_part)))
+        repo.blocks_committed(written)
         return NarAddResult(root, digest, size, str(store_path) if store_path else None, builder.files,
                             builder.chunks, new_blocks, new_bytes, not new_root)
 
@@ -229,7 +230,7 @@ class RepoNarStore:
                 raise CorruptData(f"block {cid} has {bsize} bytes, the NAR manifest {root} says {size}")
             cids[cid] = None
         if verify:
-            for _ in _stream_manifest(repo, manifest):
+            for _ in _stream_local(repo, manifest, verified=False):
                 pass
         aliases = [f"sha256:{manifest.nar_hash.hex()}"]
         name = None
@@ -238,7 +239,7 @@ class RepoNarStore:
             name = narinfo.store_path.base_name
         index = repo.index
         with index.transaction():
-            index.put_root(root, "nar", manifest.nar_size, name, NAR_MEDIA_TYPE, aliases, cids)
+            index.put_root(root, "nar", manifest.nar_size, name, NAR_MEDIA_TYPE, aliases, cids, verified=verify)
             if narinfo is not None:
                 old = index.get_narinfo(narinfo.store_path.hash_part)
                 index.put_narinfo(_narinfo_row(root, narinfo, manifest.nar_hash, manifest.nar_size, old))
@@ -338,8 +339,39 @@ class _PlanPrefetcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _stream_manifest(repo: "Repo", manifest: NarManifest) -> Iterator[bytes]:
-    return stream_manifest(manifest, repo.load_block)
+def _resolve_batched(repo: "Repo", plan: Iterable, batch: int = 512) -> Iterator[_nar.Event]:
+    """A plan's `ChunkRef`s resolved to `Contents` from this repo's packs in batches (`Repo.load_blocks`:
+    one index query and a few preads per batch, on the caller's thread), events kept in order."""
+    held: list = []
+    refs: list[tuple[CID, int]] = []
+
+    def drain() -> Iterator[_nar.Event]:
+        datas = iter(repo.load_blocks(refs))
+        for item in held:
+            yield _nar.Contents(next(datas)) if type(item) is ChunkRef else item
+        held.clear()
+        refs.clear()
+
+    for item in plan:
+        held.append(item)
+        if type(item) is ChunkRef:
+            refs.append((item.cid, item.size))
+            if len(refs) >= batch:
+                yield from drain()
+        elif len(held) >= 4 * batch:
+            yield from drain()
+    yield from drain()
+
+
+def _stream_local(repo: "Repo", manifest: NarManifest, verified: bool) -> Iterator[bytes]:
+    """A NAR from this repo's blocks. A root whose narHash was checked here already (`verified`) is served
+    with the per-block crc32 checks alone; otherwise the last piece is held until the narHash matched."""
+    from .repo import coalesce
+
+    nar = coalesce(_nar.write_nar(_resolve_batched(repo, iter_plan(manifest, repo.load_block))))
+    if verified:
+        return nar
+    return VerifiedStream.sha256(manifest.nar_hash, manifest.nar_size, "reassembled NAR").wrap(nar)
 
 
 def stream_manifest(manifest: NarManifest, load: Callable[[CID], bytes]) -> Iterator[bytes]:
@@ -358,8 +390,11 @@ def stream_nar_root(repo: "Repo", root: CID, progress: Callable[[int], None] | N
     if not info.complete:
         raise CorruptData(f"{root} is incomplete in this repo (blocks missing or corrupt); add or fetch it again")
     manifest = NarManifest.decode(repo.load_block(root))
-    for piece in _stream_manifest(repo, manifest):
+    verified = repo.index.is_verified(root)
+    for piece in _stream_local(repo, manifest, verified):
         yield piece
         if progress:
             progress(len(piece))
+    if not verified:
+        repo.mark_verified(root)
     repo._touch(root)

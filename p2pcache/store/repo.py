@@ -1,17 +1,23 @@
-"""The local repo: add archives, read them back verified, pin, garbage-collect, verify.
+"""The local repo: add archives, read them back verified, pin, garbage-collect, compact, verify.
 
-Layout of a repo directory:
+Layout of a repo directory (format 2):
 
-    version          repo format version ("1")
-    repo.lock        flock()ed by the one process that may write (holds its pid)
-    index.sqlite     the SQLite index (WAL mode; see index.py)
-    blocks/XY/<cid>  block files, sharded like kubo's flatfs (see blockstore.py)
-    tmp/             temp files of in-flight writes (garbage after a crash)
+    version            repo format version ("2"; "1" is file-per-block, see migrate.py)
+    repo.lock          flock()ed by the one process that may write (holds its pid)
+    index.sqlite       the SQLite index (WAL mode; see index.py): CID -> (pack, offset, size, crc32)
+    packs/<id>.pack    append-only pack files of block records (see blockstore.py)
 
-Crash safety rests on one order: block files are written and flushed (`barrier`) before the index
-transaction that refers to them commits; and index rows are deleted (committed) before their files are.
-A kill -9 at any instant therefore leaves only unindexed files behind, which `verify` reports as
-garbage and `gc` removes; it never leaves an index row pointing at a missing or torn block.
+Crash safety rests on one order: pack records are appended and flushed (`flush`, one fdatasync per batch)
+before the index transaction that refers to them commits; and index rows are deleted (committed) before the
+bytes they pointed at are reclaimed (a pack file removed, or cut back). A kill -9 at any instant therefore
+leaves only dead bytes behind — a pack tail no row points into, or a pack with no rows — which `verify` reports
+and `gc` reclaims; it never leaves an index row pointing at missing or torn bytes.
+
+Where bytes are checked against their CID: once before they are appended (an add derives the CID from the
+bytes; blocks from peers are re-hashed in `write_blocks`), again in full by `verify`; every read re-checks the
+record's crc32 (blockstore.py says why that is enough). The whole archive's sha256 is checked once per root:
+computed by `add`, or on the first full read of a root that came from peers (`roots.verified`), so serving a
+verified root hashes nothing twice.
 """
 
 from __future__ import annotations
@@ -22,8 +28,7 @@ import hashlib
 import os
 import queue
 import threading
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
@@ -33,10 +38,15 @@ from ..content.cid import CID, RAW
 from ..content.keys import HashKey, RootKey, parse_key
 from ..content.manifest import ArchiveManifest, ManifestBuilder, iter_blocks, iter_chunks, sniff_media_type
 from ..errors import CorruptData, NotFound, RepoError, RepoLocked
-from .blockstore import BlockFiles, disk_error
+from .blockstore import PACK_MAGIC, RECORD_HEADER, Location, PackFiles, disk_error
 from .index import Index, RootInfo
 
-REPO_VERSION = "1"
+REPO_VERSION = "2"
+MIGRATING_VERSION = "2-migrating"  # written while `p2pcache migrate` runs; format-1 code refuses it
+COMPACT_BELOW = 0.75  # gc rewrites a pack whose live share fell below this
+READ_BATCH = 512  # blocks looked up and read per batch on the warm path
+COMPACT_BATCH = 16 << 20  # bytes copied per flush + transaction when compacting
+SERVE_PIECE = 1 << 20  # pieces handed out by `stream` (blocks joined up to this size)
 READ_SIZE = 4 << 20
 Progress = Callable[[int], None]
 
@@ -92,33 +102,30 @@ class _HashThread:
 
 
 class _BlockWriter:
-    """Writes block files on background threads. Creating and renaming files is latency-bound on
-    many file systems (measured: 4 threads write ~3x faster than 1 on this project's CI VMs), and the
-    syscalls release the GIL, so writing overlaps chunking and hashing. The first write error is
-    re-raised on the caller's thread."""
+    """Appends blocks to the repo's pack on one background thread, so the writes (and their crc32, which
+    releases the GIL) overlap chunking and hashing. Collects the location of every block it wrote, for the
+    index transaction; the first write error is re-raised on the caller's thread."""
 
     _STOP = object()
 
-    def __init__(self, files: BlockFiles, threads: int = 4, depth: int = 64):
-        self.files = files
+    def __init__(self, packs: PackFiles, depth: int = 8):
+        self.packs = packs
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"block-writer-{i}")
-                        for i in range(threads)]
-        for t in self.threads:
-            t.start()
+        self.written: list[tuple[CID, Location]] = []
+        self.thread = threading.Thread(target=self._run, daemon=True, name="pack-writer")
+        self.thread.start()
 
     def _run(self) -> None:
         while True:
             item = self.q.get()
             if item is self._STOP:
                 return
-            for cid, data in item:
-                if self.error is None:
-                    try:
-                        self.files.write(cid, data)
-                    except BaseException as e:
-                        self.error = e
+            if self.error is None:
+                try:
+                    self.written.extend(self.packs.append(item))
+                except BaseException as e:
+                    self.error = e
 
     def write(self, blocks: list[tuple[CID, bytes | memoryview]]) -> None:
         if self.error is not None:
@@ -127,53 +134,23 @@ class _BlockWriter:
             self.q.put(blocks)
 
     def _stop(self) -> None:
-        for _ in self.threads:
-            self.q.put(self._STOP)
-        for t in self.threads:
-            t.join()
+        self.q.put(self._STOP)
+        self.thread.join()
 
-    def close(self) -> None:
+    def close(self) -> list[tuple[CID, Location]]:
         self._stop()
         if self.error is not None:
             raise self.error
+        return self.written
 
     def abandon(self) -> None:
         self.error = self.error or RepoError("add abandoned")
-        self._stop()
-
-
-class _BlockPrefetcher:
-    """Reads and verifies an archive's blocks ahead of the consumer on a few threads, in order."""
-
-    def __init__(self, repo: "Repo", links: Iterator[tuple[CID, int]], threads: int = 4, window: int = 16):
-        self.repo = repo
-        self.links = links
-        self.window = window
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="block-prefetch")
-
-    def _load(self, cid: CID, size: int) -> bytes:
-        data = self.repo.load_block(cid)
-        if len(data) != size:
-            raise CorruptData(f"block {cid} has {len(data)} bytes, its manifest says {size}")
-        return data
-
-    def __iter__(self) -> Iterator[bytes]:
-        pending: deque[Future] = deque()
-        links = iter(self.links)
         try:
-            for cid, size in links:
-                pending.append(self.pool.submit(self._load, cid, size))
-                if len(pending) >= self.window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def stop(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+            while True:
+                self.q.get_nowait()
+        except queue.Empty:
+            pass
+        self._stop()
 
 
 @dataclass(frozen=True)
@@ -190,15 +167,17 @@ class AddResult:
 
     def to_json(self) -> dict:
         sha256 = HashKey("sha256", self.hashes["sha256"])
-        sha512 = HashKey("sha512", self.hashes["sha512"])
+        sha512 = HashKey("sha512", self.hashes["sha512"]) if "sha512" in self.hashes else None
         return {
             "root": str(self.root),
             "name": self.name,
             "size": self.size,
             "sha256": self.hashes["sha256"].hex(),
-            "sha512": self.hashes["sha512"].hex(),
+            # sha512 is computed when first asked for (Repo.sha512): null until then
+            "sha512": sha512.digest.hex() if sha512 else None,
+            "sha512_known": sha512 is not None,
             "sri": sha256.sri,
-            "sri_sha512": sha512.sri,
+            "sri_sha512": sha512.sri if sha512 else None,
             "nix32": sha256.nix32,
             "format": self.media_type,
             "chunks": self.chunks,
@@ -216,6 +195,9 @@ class GcReport:
     garbage_files_removed: int = 0
     bytes_after: int = 0
     over_quota: bool = False
+    packs_compacted: int = 0  # packs rewritten because their live share fell below COMPACT_BELOW
+    disk_bytes_reclaimed: int = 0  # pack bytes given back to the file system (compaction + dead packs)
+    disk_bytes_after: int = 0  # size of all pack files after gc
 
     def to_json(self) -> dict:
         return {
@@ -225,6 +207,9 @@ class GcReport:
             "garbage_files_removed": self.garbage_files_removed,
             "bytes_after": self.bytes_after,
             "over_quota": self.over_quota,
+            "packs_compacted": self.packs_compacted,
+            "disk_bytes_reclaimed": self.disk_bytes_reclaimed,
+            "disk_bytes_after": self.disk_bytes_after,
         }
 
 
@@ -237,6 +222,7 @@ class VerifyReport:
     refcount_errors: int = 0
     roots_incomplete: list[CID] = field(default_factory=list)
     repaired: bool = False
+    dead_bytes: int = 0  # pack bytes no index row points at (crash tails, dropped blocks): gc reclaims them
 
     @property
     def consistent(self) -> bool:
@@ -252,6 +238,7 @@ class VerifyReport:
             "refcount_errors": self.refcount_errors,
             "roots_incomplete": [str(r) for r in self.roots_incomplete],
             "repaired": self.repaired,
+            "dead_bytes": self.dead_bytes,
             "consistent": self.consistent,
         }
 
@@ -260,18 +247,24 @@ class Repo:
     def __init__(self, path: Path, writable: bool, durable: bool | None = None):
         self.path = Path(path)
         self.writable = writable
-        # durable: flush block files to disk (syncfs) before the index commit that refers to them.
-        # Without it a kill -9 is still safe (the page cache survives); a power cut may leave torn
-        # blocks that `verify --repair` finds. Ephemeral CI runners lose nothing by turning it off.
+        # durable: fdatasync pack appends before the index commit that refers to them. Without it a
+        # kill -9 is still safe (the page cache survives); a power cut may leave torn records that the
+        # crc32 check refuses and `verify --repair` drops. Ephemeral CI runners lose nothing by turning it off.
         if durable is None:
             durable = os.environ.get("P2PCACHE_FSYNC", "1").lower() not in ("0", "no", "false", "off")
         self.durable = durable
-        self.files = BlockFiles(self.path)
+        self.packs = PackFiles(self.path)
         self._lock_fd: int | None = None
         if writable:
             self._take_lock()
         try:
             self.index = Index(self.path / "index.sqlite")
+            if writable:
+                self.packs.create_dirs()
+                self.packs.start(self.index.committed_end)
+        except OSError as e:
+            self._release_lock()
+            raise disk_error(e, self.path) from None
         except Exception:
             self._release_lock()
             raise
@@ -282,15 +275,13 @@ class Repo:
         path = Path(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
-            BlockFiles(path).create_dirs()
+            PackFiles(path).create_dirs()
             from .. import config
 
             config.write_default(path)
             version = path / "version"
             if not version.exists():
-                tmp = path / "version.tmp"
-                tmp.write_text(REPO_VERSION + "\n")
-                os.replace(tmp, version)
+                write_version(path, REPO_VERSION)
         except OSError as e:
             raise disk_error(e, path) from None
         return cls.open(path, writable=True, durable=durable)
@@ -306,6 +297,9 @@ class Repo:
         if not version.exists():
             raise RepoError(f"no p2pcache repo at {path}; run `p2pcache init` (or set --repo / P2PCACHE_REPO)")
         found = version.read_text().strip()
+        if found in ("1", MIGRATING_VERSION):
+            raise RepoError(f"repo {path} has format {found} (one file per block); run `p2pcache migrate` "
+                            f"(with the same --repo) to convert it to pack files in place (resumable)")
         if found != REPO_VERSION:
             raise RepoError(f"repo {path} has format version {found!r}; this p2pcache reads version {REPO_VERSION}")
         return cls(path, writable, durable)
@@ -336,6 +330,7 @@ class Repo:
 
     def close(self) -> None:
         self.index.close()
+        self.packs.close()
         self._release_lock()
 
     def __enter__(self) -> "Repo":
@@ -345,13 +340,21 @@ class Repo:
         self.close()
 
     def flush(self) -> None:
-        """Make written block files durable before an index commit refers to them (if `durable`)."""
+        """Make appended blocks durable before an index commit refers to them (if `durable`)."""
         if self.durable:
-            self.files.barrier()
+            self.packs.barrier()
 
     def _require_writable(self) -> None:
         if not self.writable:
             raise RepoError("internal: repo opened read-only")
+
+    def record_blocks(self, written: list[tuple[CID, Location]]) -> None:
+        """Inside an index transaction: rows for blocks this process appended (after `flush`)."""
+        self.index.put_blocks(written)
+
+    def blocks_committed(self, written: list[tuple[CID, Location]]) -> None:
+        """After the transaction that recorded them committed: they are no longer pending."""
+        self.packs.committed(c.buffer for c, _ in written)
 
     # -- adding ------------------------------------------------------------------------------
     def add_file(self, path: Path | str, name: str | None = None, progress: Progress | None = None,
@@ -378,9 +381,10 @@ class Repo:
         self._require_writable()
         chunker = Chunker(params)
         builder = ManifestBuilder(params)
-        whole256 = _HashThread(("sha256",))
-        whole512 = _HashThread(("sha512",))
-        writer = _BlockWriter(self.files)
+        # sha512 is not computed here (see `sha512`), unless the caller expects a sha512 hash
+        whole256 = _HashThread(("sha256", "sha512") if expect is not None and expect.algo == "sha512"
+                               else ("sha256",))
+        writer = _BlockWriter(self.packs)
         seen: dict[CID, int] = {}
         new_blocks = new_bytes = chunks = size = 0
         head = b""
@@ -420,29 +424,33 @@ class Repo:
                     head += buf[: 512 - len(head)]
                 size += len(buf)
                 whole256.update(buf)
-                whole512.update(buf)
                 take(list(chunker.feed(buf)))
                 if progress:
                     progress(len(buf))
             take(list(chunker.finish()))
-            hashes = {**whole256.result(), **whole512.result()}
+            hashes = whole256.result()
             if expect is not None and hashes.get(expect.algo) != expect.digest:
                 raise CorruptData(f"{name or 'input'} does not match the expected {expect.algo} "
                                   f"({expect.sri}); got {HashKey(expect.algo, hashes[expect.algo]).sri}")
             media_type = sniff_media_type(head)
             root, root_data, index_blocks = builder.finish(size, hashes, media_type, name)
             store(index_blocks + [(root, root_data)])
-            writer.close()
+            written = writer.close()
         except BaseException:
             whole256.abandon()
-            whole512.abandon()
             writer.abandon()
             raise
         self.flush()
         aliases = [HashKey(a, d).alias for a, d in hashes.items()]
         with self.index.transaction():
-            self.index.put_blocks(seen.items())
-            new_root = self.index.put_root(root, "archive", size, name, media_type, aliases, seen.keys())
+            self.record_blocks(written)
+            new_root = self.index.put_root(root, "archive", size, name, media_type, aliases, seen.keys(),
+                                           verified=True)
+        self.blocks_committed(written)
+        if "sha512" not in hashes:
+            known = self.index.known_digest(root, "sha512")
+            if known is not None:
+                hashes["sha512"] = known
         return AddResult(root, size, hashes, name, media_type, chunks, new_blocks, new_bytes, not new_root)
 
     def add_nar(self, stream, narinfo=None, store_path=None, params: ChunkerParams = DEFAULT_PARAMS):
@@ -467,35 +475,37 @@ class Repo:
         return written
 
     def write_blocks(self, blocks: list[tuple[CID, bytes]]) -> int:
-        """The first half of `put_blocks`: verify and write the files, so `load_block` can read them at
-        once, without recording them yet. Until `commit_blocks`, they are garbage to `verify` and `gc`."""
+        """The first half of `put_blocks`: verify and append the blocks (one write for the batch), so
+        `load_block` can read them at once, without recording them yet. Until `commit_blocks`, they are
+        dead bytes to `verify` and `gc`."""
         self._require_writable()
         for cid, data in blocks:
             if not cid.verify(data):
                 raise CorruptData(f"block {cid} does not match its CID; refusing to store it")
         known = self.index.known_blocks([c for c, _ in blocks])
-        written = 0
-        for cid, data in blocks:
-            if cid.buffer not in known:
-                self.files.write(cid, data)
-                written += len(data)
-        return written
+        todo = [(c, d) for c, d in blocks if c.buffer not in known and c.buffer not in self.packs.pending]
+        self.packs.append(todo)
+        return sum(len(d) for _, d in todo)
 
     def commit_blocks(self, blocks: list[tuple[CID, int]]) -> None:
         """The second half: one flush to disk, then the index rows (the order crash safety needs)."""
         self._require_writable()
-        if not blocks:
+        pending = self.packs.pending
+        written = [(c, pending[c.buffer]) for c, _ in blocks if c.buffer in pending]
+        if not written:
             return
         self.flush()
         with self.index.transaction():
-            self.index.put_blocks(blocks)
+            self.record_blocks(written)
+        self.blocks_committed(written)
 
     def has_block(self, cid: CID) -> bool:
         return self.index.has_block(cid)
 
     def register_root(self, root: CID) -> RootInfo:
         """Claim an archive whose blocks are all stored (e.g. fetched from peers): check the manifest
-        tree and sizes, then record the root, its aliases and its block references in one transaction."""
+        tree and sizes, then record the root, its aliases and its block references in one transaction.
+        Its whole-archive sha256 is checked on its first full read (`stream`)."""
         self._require_writable()
         manifest = self.manifest(root)
         cids: dict[CID, None] = {root: None}
@@ -526,9 +536,58 @@ class Repo:
                 raise NotFound(f"{parsed.cid} is not in the repo")
             return parsed.cid
         root = self.index.resolve_alias(parsed.alias)
+        if root is None and getattr(parsed, "algo", None) == "sha512":
+            root = self._find_by_lazy_hash(parsed)
         if root is None:
             raise NotFound(f"no archive with {parsed.alias} in the repo")
         return root
+
+    # -- lazy hashes -------------------------------------------------------------------------
+    # sha256 is every archive's key and is computed at add; sha512 (npm integrity, the /sha512/ mirror) only
+    # when first asked for: `sha512(root)`, or a lookup by a sha512 key that no recorded alias answers, which
+    # hashes the archives that have none yet. A writable repo records what it computed (an alias), so each
+    # archive is hashed once; the daemon also hashes new archives in the background (node.py).
+    def sha512(self, root: CID) -> bytes:
+        """The archive's sha512: recorded, else computed now from its verified bytes (and recorded)."""
+        known = self.index.known_digest(root, "sha512")
+        if known is None:
+            manifest = self.manifest(root)
+            known = manifest.hashes.get("sha512")
+        if known is None:
+            h = hashlib.sha512()
+            for data in self.stream(root):
+                h.update(data)
+            known = h.digest()
+            self._record_alias(root, HashKey("sha512", known).alias)
+        return known
+
+    def fill_hashes(self, roots: Iterable[CID] | None = None) -> list[CID]:
+        """Compute and record the sha512 of these archives (default: every complete one without it)."""
+        todo = list(roots) if roots is not None else self.index.archives_without("sha512")
+        done = []
+        for root in todo:
+            info = self.index.get_root(root)
+            if info is None or info.kind != "archive" or not info.complete:
+                continue
+            if self.index.known_digest(root, "sha512") is None:
+                self.sha512(root)
+                done.append(root)
+        return done
+
+    def _find_by_lazy_hash(self, key: HashKey) -> CID | None:
+        for root in self.index.archives_without(key.algo):
+            try:
+                if self.sha512(root) == key.digest:
+                    return root
+            except (CorruptData, NotFound):
+                continue  # an archive that cannot be read whole cannot be the answer
+        return None
+
+    def _record_alias(self, root: CID, alias: str) -> None:
+        if not self.writable:
+            return  # computed for this caller only; a writable open records it
+        with self.index.transaction():
+            self.index.add_alias(root, alias)
 
     def root_info(self, root: CID) -> RootInfo:
         info = self.index.get_root(root)
@@ -536,16 +595,50 @@ class Repo:
             raise NotFound(f"{root} is not in the repo")
         return info
 
+    def _locate(self, cid: CID) -> Location:
+        loc = self.index.locate(cid) or self.packs.pending.get(cid.buffer)
+        if loc is None:
+            raise NotFound(f"block {cid} is not in the repo")
+        return loc
+
     def load_block(self, cid: CID) -> bytes:
-        """A block's bytes, verified against its CID."""
-        return self.files.read(cid, verify=True)
+        """A block's bytes, checked against the crc32 recorded when they were verified and appended."""
+        return self.packs.read(cid, self._locate(cid), self._relocate)
+
+    def _relocate(self, cid: CID) -> Location | None:
+        return self.index.locate(cid)
+
+    def load_blocks(self, links: Iterable[tuple[CID, int]]) -> Iterator[bytes]:
+        """Many blocks' bytes in order, read in batches: one index query per `READ_BATCH` blocks and one
+        pread per run of adjacent records (the warm path: no thread hop, no hashing beyond the crc32)."""
+        batch: list[tuple[CID, int]] = []
+        for link in links:
+            batch.append(link)
+            if len(batch) >= READ_BATCH:
+                yield from self._load_batch(batch)
+                batch = []
+        if batch:
+            yield from self._load_batch(batch)
+
+    def _load_batch(self, batch: list[tuple[CID, int]]) -> Iterator[bytes]:
+        found = self.index.locate_many([c for c, _ in batch])
+        pending = self.packs.pending
+        items = []
+        for cid, size in batch:
+            loc = found.get(cid.buffer) or pending.get(cid.buffer)
+            if loc is None:
+                raise NotFound(f"block {cid} is missing from the repo; run `p2pcache verify --repair`")
+            if loc.size != size:
+                raise CorruptData(f"block {cid} has {loc.size} bytes, its manifest says {size}")
+            items.append((cid, loc))
+        yield from self.packs.read_many(items, relocate=self._relocate)
 
     def manifest(self, root: CID) -> ArchiveManifest:
         return ArchiveManifest.decode(self.load_block(root))
 
     def stream(self, root: CID, progress: Progress | None = None) -> Iterator[bytes]:
-        """The archive's original bytes, every block verified; the whole is checked against the
-        manifest's sha256 before the iterator finishes (CorruptData otherwise)."""
+        """The archive's original bytes, every block checked; a root whose whole sha256 was never checked
+        here (fetched from peers) is checked on this read, before the iterator finishes (CorruptData)."""
         info = self.root_info(root)
         if info.kind == "nar":  # a NAR manifest: reassembled from its file tree, checked against narHash
             from .narstore import stream_nar_root
@@ -555,24 +648,34 @@ class Repo:
         if not info.complete:
             raise CorruptData(f"{root} is incomplete in this repo (blocks missing or corrupt); add or fetch it again")
         manifest = self.manifest(root)
-        hasher = _HashThread(("sha256",))
-        blocks = _BlockPrefetcher(self, iter_chunks(manifest, self.load_block))
+        check = not self.index.is_verified(root)
+        hasher = _HashThread(("sha256",)) if check else None
         total = 0
         try:
-            for data in blocks:
-                hasher.update(data)
+            for data in coalesce(self.load_blocks(iter_chunks(manifest, self.load_block))):
+                if hasher:
+                    hasher.update(data)
                 total += len(data)
                 yield data
                 if progress:
                     progress(len(data))
-            digest = hasher.result()["sha256"]
+            digest = hasher.result()["sha256"] if hasher else manifest.hashes["sha256"]
         except BaseException:
-            blocks.stop()
-            hasher.abandon()
+            if hasher:
+                hasher.abandon()
             raise
         if total != manifest.size or digest != manifest.hashes["sha256"]:
             raise CorruptData(f"{root}: reassembled bytes do not match the archive's sha256; run `p2pcache verify`")
+        if check:
+            self.mark_verified(root)
         self._touch(root)
+
+    def mark_verified(self, root: CID) -> None:
+        if self.writable:
+            try:
+                self.index.set_verified(root)
+            except Exception:
+                pass  # advisory: the next read checks again
 
     def _touch(self, root: CID) -> None:
         try:
@@ -586,12 +689,17 @@ class Repo:
         tmp = out.with_name(f".{out.name}.p2pcache-{os.getpid()}.part")
         written = 0
         try:
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
                 for data in self.stream(root, progress):
-                    f.write(data)
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
                     written += len(data)
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, out)
         except OSError as e:
             _unlink_quietly(tmp)
@@ -611,12 +719,16 @@ class Repo:
     def stored_bytes(self) -> int:
         return self.index.total_block_bytes()
 
-    def gc(self, max_size: int | None = None) -> GcReport:
-        """Drop unreferenced blocks and crash garbage; with `max_size`, evict least-recently-used
-        unpinned roots until the blocks fit. A block still used by a kept root is never removed."""
+    def disk_bytes(self) -> int:
+        """Bytes of all pack files (live records plus dead space gc has not reclaimed yet)."""
+        return sum(self.packs.file_size(p) or 0 for p in self.packs.pack_ids())
+
+    def gc(self, max_size: int | None = None, compact_below: float = COMPACT_BELOW) -> GcReport:
+        """Drop unreferenced blocks; with `max_size`, evict least-recently-used unpinned roots until the
+        blocks fit; then give the space back: remove packs no row points into and compact packs whose live
+        share fell below `compact_below`. A block still used by a kept root is never removed."""
         self._require_writable()
         report = GcReport()
-        report.garbage_files_removed = self._remove_garbage_files()
         self._drop_unreferenced(report)
         if max_size is not None:
             for root in self.index.lru_unpinned():
@@ -627,59 +739,113 @@ class Repo:
                 report.roots_removed.append(root)
                 self._drop_unreferenced(report)
             report.over_quota = self.index.total_block_bytes() > max_size
+        self.compact(compact_below, report)
         report.bytes_after = self.index.total_block_bytes()
+        report.disk_bytes_after = self.disk_bytes()
         return report
 
     def _drop_unreferenced(self, report: GcReport) -> None:
-        doomed = self.index.unreferenced_blocks()
-        if not doomed:
-            return
-        sizes = self.index.all_blocks()
         with self.index.transaction():
-            for cid in doomed:
-                self.index.db.execute("DELETE FROM blocks WHERE cid = ? AND refs <= 0", (cid.buffer,))
-        # Rows are gone (committed) before files are: a crash here leaves only garbage files.
-        for cid in doomed:
-            self.files.remove(cid)
-            report.blocks_removed += 1
-            report.bytes_freed += sizes.get(cid.buffer, 0)
+            rows = self.index.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blocks WHERE refs <= 0").fetchone()
+            self.index.db.execute("DELETE FROM blocks WHERE refs <= 0")
+        # Only rows went: the bytes they pointed at are dead space until `compact` rewrites their pack.
+        report.blocks_removed += rows[0]
+        report.bytes_freed += rows[1]
 
-    def _remove_garbage_files(self) -> int:
-        known = self.index.all_blocks()
-        removed = 0
-        for path, cid in self.files.scan():
-            if cid is None or cid.buffer not in known:
-                _unlink_quietly(path)
-                removed += 1
-        for path in self.files.temp_files():
+    def compact(self, compact_below: float = COMPACT_BELOW, report: GcReport | None = None) -> GcReport:
+        """Reclaim dead pack space. A pack with no live rows is removed; a pack whose live share is below
+        `compact_below` has its live records copied to the active pack (flushed), the rows pointed at the
+        copies in one transaction, and only then is the old pack removed. A kill at any instant leaves either
+        the old rows (the copies are a dead tail) or the new ones (the old pack is a pack with no rows)."""
+        self._require_writable()
+        report = report or GcReport()
+        for path in self.packs.stray_files():
             _unlink_quietly(path)
-            removed += 1
-        return removed
+            report.garbage_files_removed += 1
+        usage = self.index.pack_usage()
+        active = self.packs.active
+        active_size = self.packs.file_size(active) or 0 if active is not None else 0
+        if active_size > len(PACK_MAGIC) and usage.get(active, 0) < compact_below * active_size:
+            self.packs.roll()  # the pack being appended to qualifies too: appends move on to a new one
+        for pack in self.packs.pack_ids():
+            if pack == self.packs.active:
+                continue
+            size = self.packs.file_size(pack) or 0
+            live = usage.get(pack, 0)
+            if live == 0:
+                if self._remove_if_dead(pack):
+                    report.disk_bytes_reclaimed += size
+                    report.garbage_files_removed += 1
+                continue
+            if live >= compact_below * size:
+                continue
+            self._compact_pack(pack)
+            if self._remove_if_dead(pack):
+                report.disk_bytes_reclaimed += size
+                report.packs_compacted += 1
+        return report
+
+    def _remove_if_dead(self, pack: int) -> bool:
+        """Remove a pack no row points into. Pending appends are checked before the rows: a concurrent add
+        commits its rows before it stops being pending, so a pack seen with neither can gain no row."""
+        if self.packs.has_pending(pack) or self.index.committed_end(pack):
+            return False
+        self.packs.forget_pack(pack)
+        return True
+
+    def _compact_pack(self, pack: int) -> None:
+        rows = self.index.blocks_in_pack(pack)
+        parts: list[list[tuple[CID, Location]]] = [[]]
+        size = 0
+        for row in rows:  # batches of at most COMPACT_BATCH bytes: memory stays flat whatever the pack holds
+            if size >= COMPACT_BATCH:
+                parts.append([])
+                size = 0
+            parts[-1].append(row)
+            size += row[1].size
+        for part in parts:
+            good, crcs, bad = [], [], []
+            for (cid, loc), data in zip(part, self.packs.read_many(part, check=False)):
+                if len(data) == loc.size and zlib.crc32(data) == loc.crc:
+                    good.append((cid, data))
+                    crcs.append(loc.crc)
+                else:
+                    bad.append(cid)
+            moved = self.packs.append(good, crcs)
+            self.flush()
+            with self.index.transaction():
+                self.index.set_locations(moved, from_pack=pack)
+                for cid in bad:  # never carry damaged bytes over: drop the block, its roots become incomplete
+                    self.index.drop_block(cid)
+            self.blocks_committed(moved)
 
     # -- verification ------------------------------------------------------------------------
     def verify(self, repair: bool = False) -> VerifyReport:
-        """Re-hash every block; report (and with `repair`, drop) corrupt and missing ones, marking the
-        roots that used them incomplete."""
+        """Re-hash every block against its CID (pack order, one pread per run of records); report (and with
+        `repair`, drop) corrupt and missing ones, marking the roots that used them incomplete; report packs no
+        row points into as garbage (removed by `repair` and by `gc`) and dead bytes inside packs."""
         if repair:
             self._require_writable()
         report = VerifyReport(repaired=repair)
-        known = self.index.all_blocks()
-        on_disk: set[bytes] = set()
-        for path, cid in self.files.scan():
-            if cid is None or cid.buffer not in known:
-                report.garbage_files.append(str(path))
-                continue
-            on_disk.add(cid.buffer)
-            report.blocks_checked += 1
-            try:
-                data = path.read_bytes()
-            except OSError:
-                report.corrupt.append(cid)
-                continue
-            if len(data) != known[cid.buffer] or not cid.verify(data):
-                report.corrupt.append(cid)
-        report.garbage_files.extend(str(p) for p in self.files.temp_files())
-        report.missing = [CID(c) for c in known if c not in on_disk]
+        live: dict[int, int] = {}
+        for part in self.index.iter_locations():
+            for (cid, loc), data in zip(part, self.packs.read_many(part, check=False)):
+                report.blocks_checked += 1
+                live[loc.pack] = live.get(loc.pack, 0) + loc.size + RECORD_HEADER.size + len(cid.buffer)
+                if len(data) != loc.size:
+                    report.missing.append(cid)
+                elif not cid.verify(data):
+                    report.corrupt.append(cid)
+        report.missing.extend(c for c, _ in self.index.unmigrated(1 << 62))  # rows with no bytes in any pack
+        garbage_packs = []
+        for pack in self.packs.pack_ids():
+            size = self.packs.file_size(pack) or 0
+            if pack not in live and pack != self.packs.active:
+                garbage_packs.append(pack)
+                report.garbage_files.append(str(self.packs.path(pack)))
+            else:
+                report.dead_bytes += max(0, size - len(PACK_MAGIC) - live.get(pack, 0))
+        report.garbage_files.extend(str(p) for p in self.packs.stray_files())
         report.refcount_errors = len(self.index.check_refcounts())
         if repair:
             with self.index.transaction():
@@ -690,10 +856,10 @@ class Repo:
                 self.index.mark_incomplete(affected)
                 self.index.fix_refcounts()
             report.roots_incomplete = sorted(affected, key=lambda c: c.buffer)
-            for cid in report.corrupt:
-                self.files.remove(cid)
-            for p in report.garbage_files:
-                _unlink_quietly(Path(p))
+            for pack in garbage_packs:
+                self._remove_if_dead(pack)
+            for p in self.packs.stray_files():
+                _unlink_quietly(p)
         else:
             affected = set(self.index.roots_missing_blocks())
             for cid in report.corrupt + report.missing:
@@ -731,3 +897,36 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink()
     except OSError:
         pass
+
+
+def coalesce(pieces: Iterable[bytes], size: int = SERVE_PIECE) -> Iterator[bytes]:
+    """Join small pieces (one per block) into pieces of about `size` bytes: a consumer that hands each piece
+    to another thread (an HTTP response) then hops once per MiB, not once per block."""
+    parts: list[bytes] = []
+    have = 0
+    for piece in pieces:
+        if not parts and len(piece) >= size:
+            yield piece
+            continue
+        parts.append(piece)
+        have += len(piece)
+        if have >= size:
+            yield b"".join(parts)
+            parts, have = [], 0
+    if parts:
+        yield b"".join(parts)
+
+
+def write_version(path: Path, version: str) -> None:
+    """Replace the repo's `version` file atomically (and durably: the format decides how it is read)."""
+    tmp = path / "version.tmp"
+    with open(tmp, "w") as f:
+        f.write(version + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / "version")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -182,7 +182,9 @@ class Prefetcher:
         self.origin = origin
         self.swarm = swarm
         self.announce = announce or (lambda root: None)
+        # spooled module zips: beside the repo (same file system), never recorded; made on first use
         self.tmp_dir = str(repo.path / "tmp")
+        os.makedirs(self.tmp_dir, exist_ok=True)
 
     async def run(self, deps: list[Dependency], jobs: int = 8, on_event: EventFn | None = None,
                   skipped: int = 0) -> tuple[list[Outcome], Summary]:
@@ -284,10 +286,12 @@ class Prefetcher:
                 s512.update(data)
                 if check:
                     check.update(data)
-            if size != manifest.size or s256.digest() != manifest.hashes.get("sha256") \
-                    or s512.digest() != manifest.hashes.get("sha512"):
+            got = {"sha256": s256.digest(), "sha512": s512.digest()}
+            claims = manifest.hashes  # sha256 always; sha512 only in some manifests
+            if size != manifest.size or any(got[a] != d for a, d in claims.items() if a in got) \
+                    or "sha256" not in claims:
                 raise CorruptData(f"{root}: the bytes do not have the size and hashes its manifest claims")
-            if native and manifest.hashes.get(native.algo) != native.digest:
+            if native and got[native.algo] != native.digest:
                 raise CorruptData(f"hash mismatch: a peer's {root} for {dep.label} is not {dep.hash}")
             if check:
                 check.finish()
@@ -295,7 +299,7 @@ class Prefetcher:
             if check:
                 check.close()
         self.repo.register_root(root)
-        if not native:
+        if not native or dep.hash.algo not in manifest.hashes:  # verified here, so recorded too
             self.repo.add_aliases(root, [dep.hash.alias])
         return size
 

@@ -15,14 +15,22 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 EXTRA_ARGS = {"dedup.py": ["--jsonl", "-"]}
 BENCHES = ["ingest.py", "store_layouts.py", "store_random_read.py", "api_add.py", "dedup_repo.py", "dedup.py", "nar.py",
-           "bitswap.py", "dht.py", "nix.py", "fuzz_nix.py", "buildcache.py",
-           "prefetch.py",
-           "simnet:dht-lookup", "simnet:fleet-fanout", "simnet:dht-announce"]
+           "bitswap.py", "dagxfer.py", "dht.py", "nix.py", "nixcopy.py", "fuzz_nix.py", "buildcache.py", "prefetch.py",
+           "simnet:dht-lookup", "simnet:fleet-fanout", "simnet:dht-announce",
+           "simnet:node-fetch@1-provider", "simnet:node-fetch@4-providers", "simnet:node-fetch@4-providers-one-killed"]
 # simnet scenarios: (full-mode --set overrides, quick-mode --set overrides)
 SIMNET = {
     "dht-lookup": ([], ["nodes=200", "lookups=200"]),
     "fleet-fanout": (["runners=200", "artifact_size=128MiB"], ["runners=50", "artifact_size=32MiB"]),
     "dht-announce": ([], ["nodes=60", "keys=1000", "baseline_keys=50"]),
+    # one fetcher with a 1 Gbit/s link, providers on wan-100m-40ms: DAG transfer from several providers
+    "node-fetch@1-provider": (["nodes=2", "seeds=1", "artifact_size=256MiB", "fetcher_link=lan-1g"],
+                              ["nodes=2", "seeds=1", "artifact_size=64MiB", "fetcher_link=lan-1g"]),
+    "node-fetch@4-providers": (["nodes=5", "seeds=4", "artifact_size=256MiB", "fetcher_link=lan-1g"],
+                               ["nodes=5", "seeds=4", "artifact_size=64MiB", "fetcher_link=lan-1g"]),
+    "node-fetch@4-providers-one-killed": (
+        ["nodes=5", "seeds=4", "artifact_size=256MiB", "fetcher_link=lan-1g", "kill_seed_at=0.3"],
+        ["nodes=5", "seeds=4", "artifact_size=64MiB", "fetcher_link=lan-1g", "kill_seed_at=0.3"]),
 }
 
 
@@ -38,6 +46,7 @@ def main() -> int:
         if name.startswith("simnet:"):
             scenario = name.split(":", 1)[1]
             sets = SIMNET[scenario][1 if args.quick else 0]
+            scenario = scenario.split("@", 1)[0]  # "node-fetch@4-providers": a variant of node-fetch
             cmd = [sys.executable, "-m", "simnet", "run", str(HERE.parent / "simnet" / "scenarios" / f"{scenario}.toml"),
                    "--seed", "1"] + [a for kv in sets for a in ("--set", kv)]
         else:
@@ -51,9 +60,13 @@ def main() -> int:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
         for line in proc.stdout.splitlines():
             try:
-                results.append(json.loads(line))
+                result = json.loads(line)
             except json.JSONDecodeError:
                 print(line)
+                continue
+            if "@" in name:
+                result["variant"] = name.split("@", 1)[1]
+            results.append(result)
         print(f"== {name}: exit {proc.returncode} in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
         if proc.returncode:
             failed.append(name)

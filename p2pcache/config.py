@@ -46,6 +46,13 @@ lookup_timeout = 5.0
 # Seconds a "nobody has it" answer is remembered.
 negative_ttl = 30
 
+[transfer]
+# How whole archives and NARs are fetched from peers: "dag" (the /p2pcache/dag/1.0.0 protocol, one
+# stream per request, bitswap for peers that do not speak it) or "bitswap" (one want per block).
+protocol = "dag"
+# Seconds a DAG stream may stay silent before its peer is dropped (and banned) and others take over.
+stall_timeout = 20.0
+
 [exchange]
 # Super-seeding: a block this node handed to one peer less than this many seconds ago is refused
 # (DONT_HAVE) to others, so peers fetch it from each other and this node's uplink carries each block
@@ -112,6 +119,8 @@ class NodeConfig:
     swarm_fetch: bool = SWARM_FETCH
     api_allowed_hosts: list[str] = field(default_factory=list)
     api_allowed_origins: list[str] = field(default_factory=list)
+    transfer_protocol: str = "dag"  # "dag" or "bitswap"
+    transfer_stall_timeout: float = 20.0
     nix: "NixConfig" = field(default_factory=lambda: _nix_config())
     buildcache: "BuildCacheConfig" = field(default_factory=lambda: _buildcache_config())
 
@@ -132,6 +141,7 @@ _SECTIONS = {
     "routing": {"reannounce_interval": "reannounce_interval", "lookup_timeout": "lookup_timeout",
                 "negative_ttl": "negative_ttl"},
     "http": {"listen": "api_listen", "allowed_hosts": "api_allowed_hosts", "allowed_origins": "api_allowed_origins"},
+    "transfer": {"protocol": "transfer_protocol", "stall_timeout": "transfer_stall_timeout"},
     "exchange": {"superseed_window": "superseed_window", "swarm_fetch": "swarm_fetch"},
 }
 _NIX_TYPES = {"store_dir": str, "priority": int, "want_mass_query": bool, "serve_local_store": bool,
@@ -208,6 +218,8 @@ def load(repo: Path) -> NodeConfig:
             if not ok:
                 raise InvalidInput(f"{path}: {section}.{key} has the wrong type ({type(value).__name__})")
             setattr(cfg, attr, float(value) if "float" in str(want) else value)
+    if cfg.transfer_protocol not in ("dag", "bitswap"):
+        raise InvalidInput(f"{path}: transfer.protocol must be \"dag\" or \"bitswap\", not {cfg.transfer_protocol!r}")
     return cfg
 
 

@@ -13,6 +13,7 @@ the index serialises its transactions, so an add, a fetch and the bitswap server
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from .http.api import make_app
 from .http.guard import AccessPolicy
 from .http.nix import GATEWAY_MARKER, NixCache
 from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
+from .net.dagxfer import DagConfig, DagTransfer
 from .net.host import HostConfig, NodeHost
 from .routing import (DHT, AnnouncerConfig, DHTConfig, FinderConfig, ProviderAnnouncer, ProviderFinder,
                       NarInfoFields, ResolveAnswer, ResolveServer, resolve)
@@ -118,6 +120,7 @@ class Node:
         self.repo: Repo | None = None
         self.host: NodeHost | None = None
         self.exchange: BitswapExchange | None = None
+        self.dag: DagTransfer | None = None
         self.dht: DHT | None = None
         self._given_host = host
         self._given_dht = dht
@@ -161,6 +164,8 @@ class Node:
                 client_config, server_config = exchange_configs(cfg)
                 self.exchange = BitswapExchange(self.host, self.source, client_config, server_config)
                 await nursery.start(self.exchange.run)
+                self.dag = DagTransfer(self.host, self.exchange, DagConfig(stall_seconds=cfg.transfer_stall_timeout))
+                self.dag.server(self.source).register(self.host)
                 await nursery.start(self.dht.run)
                 self.announcer = ProviderAnnouncer(self.dht, AnnouncerConfig(interval=cfg.reannounce_interval))
                 for info in repo.index.list_roots():
@@ -283,6 +288,7 @@ class Node:
         assert self.repo is not None and self.host is not None
         roots = self.repo.index.list_roots()
         client = self.exchange.client.stats() if self.exchange else None
+        dag = self.dag.stats if self.dag else None
         return {
             "version": __version__,
             "peer_id": self.host.peer_id.to_base58(),
@@ -293,14 +299,15 @@ class Node:
             "roots_incomplete": sum(1 for r in roots if not r.complete),
             "stored_bytes": self.repo.stored_bytes(),
             "peers": len(self.host.connected_peers()),
-            "bytes_served": self.source.bytes_served if self.source else 0,
+            "bytes_served": self.source.bytes_served if self.source else 0,  # both protocols read through it
             "blocks_served": self.source.blocks_served if self.source else 0,
             "bytes_fetched": self.stats.bytes_fetched,
             "bytes_fetched_origin": self.stats.bytes_fetched_origin,
-            "blocks_fetched": client.blocks_received if client else 0,
-            "duplicate_blocks": client.duplicate_blocks if client else 0,
+            "blocks_fetched": (client.blocks_received if client else 0) + (dag.blocks if dag else 0),
+            "duplicate_blocks": (client.duplicate_blocks if client else 0) + (dag.duplicate_blocks if dag else 0),
             "peers_penalised": sorted({p.to_base58() for p, _ in self.exchange.penalised}) if self.exchange else [],
             "fetches": self.stats.fetches,
+            "transfer": dataclasses.asdict(self.dag.stats) if self.dag else {},
             "fetch_failures": self.stats.fetch_failures,
             "uptime": round(time.time() - self.started_at, 1),
             "lookups": {
@@ -320,6 +327,12 @@ class Node:
                 "sweep": self._sweep_status(),
             },
         }
+
+    @property
+    def bytes_served(self) -> int:
+        """Block bytes this node handed to peers, over bitswap and the DAG protocol (both read through
+        `source`)."""
+        return self.source.bytes_served if self.source else 0
 
     def _sweep_status(self) -> dict:
         """The batched re-announce under way (or the last one): keys sent of the sweep's keys, walks."""
@@ -507,12 +520,14 @@ class Node:
                     await fetched.wait()
                 progress(min(manifest.size, max(0, self.repo.stored_bytes() - before)), manifest.size)
 
+        failure: P2PCacheError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
             try:
                 for attempt in range(3):
                     try:
-                        await self.exchange.fetch_archive(root, providers, self.repo)
+                        await self.fetch_dag(root, providers)
+                        await trio.to_thread.run_sync(self.repo.register_root, root)
                         break
                     except FetchError as e:
                         # Providers went away mid-transfer: look again (others may have it, and blocks
@@ -523,8 +538,12 @@ class Node:
                         if attempt == 2 or not alive:
                             raise
                         providers = alive
+            except P2PCacheError as e:  # raised here, not from the nursery (which would wrap it in a group)
+                failure = e
             finally:
                 fetched.set()
+        if failure is not None:
+            raise failure
         self.stats.bytes_fetched += max(0, self.repo.stored_bytes() - before)
         if check_after and await trio.to_thread.run_sync(self.repo.sha512, root) != key.digest:
             raise FetchError(f"a peer answered {root} for {alias}, but that archive has a different {key.algo}")
@@ -562,11 +581,16 @@ class Node:
         await self.nix.handle(scope, receive, send)
 
     async def fetch_dag(self, root: CID, providers: list,
-                        on_stored: Callable[[list[CID]], None] | None = None) -> int:
-        """Fetch every block under `root` the repo lacks (any manifest shape), depth-first with a
-        window, storing as blocks arrive; see BitswapExchange.fetch_dag."""
-        assert self.exchange is not None and self.repo is not None
-        fetched = await self.exchange.fetch_dag(root, providers, self.repo, on_stored)
+                        on_stored: Callable[[list[CID]], None] | None = None,
+                        on_verified: Callable[[CID, bytes], None] | None = None) -> int:
+        """Fetch every block under `root` the repo lacks (any manifest shape), storing verified blocks
+        as they arrive: over the DAG transfer protocol (`DagTransfer.fetch`, bitswap for peers that do
+        not speak it), or block by block over bitswap when `transfer_protocol` is "bitswap"."""
+        assert self.exchange is not None and self.repo is not None and self.dag is not None
+        if self.config.transfer_protocol == "bitswap":
+            fetched = await self.exchange.fetch_dag(root, providers, self.repo, on_stored)
+        else:
+            fetched = await self.dag.fetch(root, providers, self.repo, on_stored, on_verified)
         self.stats.bytes_fetched += fetched
         return fetched
 

@@ -172,6 +172,10 @@ async def run_node_fetch(sim: Sim, sc: Any, results: Results) -> dict:
         raise ValueError(f"need 1 <= seeds < nodes and seeds_leaving < seeds (nodes={n}, seeds={seeds}, "
                          f"seeds_leaving={leaving})")
     link = sc.role("node").link
+    fetcher_link = str(p.get("fetcher_link") or "") or link
+    kill_at = float(p.get("kill_seed_at") or 0.0)
+    if not 0.0 <= kill_at < 1.0:
+        raise ValueError(f"kill_seed_at must be a fraction in [0, 1), got {kill_at}")
     rng = sim.rng_for("node-fetch")
     data = sim.rng_for("node-fetch/artifact").randbytes(int(p["artifact_size"]))
     sha = hashlib.sha256(data).hexdigest()
@@ -188,7 +192,7 @@ async def run_node_fetch(sim: Sim, sc: Any, results: Results) -> dict:
             for i in range(n):
                 earlier = world.nodes[:]
                 boot = rng.sample(earlier, min(int(p["degree"]), len(earlier)))
-                await world.start_node(link, boot)
+                await world.start_node(link if i < seeds else fetcher_link, boot)
                 await trio.sleep(join_every)
             joined_at = trio.current_time()
             path = Path(tmp) / "artifact.bin"
@@ -213,10 +217,37 @@ async def run_node_fetch(sim: Sim, sc: Any, results: Results) -> dict:
                     rec.update(ok=False, time=trio.current_time() - t0, error=f"{type(e).__name__}: {e}")
                 records.append(rec)
 
+            killed: list[float] = []
+
+            async def kill_a_seed() -> None:
+                """Stop seed 0 once the first fetcher holds `kill_at` of the artifact."""
+                watched, victim = world.nodes[seeds], world.nodes[leaving]
+                base = watched.repo.stored_bytes()
+                while watched.repo.stored_bytes() - base < kill_at * len(data):
+                    await trio.sleep(0.05)
+                world.stop_node(victim)
+                killed.append(trio.current_time() - fetch_start)
+                log.info("stopped seed %d at %.2fs", leaving, killed[-1])
+
             with trio.move_on_after(float(p["time_limit"])):
                 async with trio.open_nursery() as fetches:
                     for node in world.nodes[seeds:]:
                         fetches.start_soon(fetch, node)
+                    if kill_at > 0 and seeds - leaving >= 2:
+                        killer = trio.CancelScope()
+
+                        async def killing() -> None:
+                            with killer:
+                                await kill_a_seed()
+
+                        fetches.start_soon(killing)
+
+                        async def stop_killer_when_done() -> None:
+                            while len(records) < n - seeds:
+                                await trio.sleep(0.05)
+                            killer.cancel()
+
+                        fetches.start_soon(stop_killer_when_done)
             fetched_at = trio.current_time()
             verified = 0
             for rec in records:
@@ -230,8 +261,8 @@ async def run_node_fetch(sim: Sim, sc: Any, results: Results) -> dict:
                     verified += rec["verified"]
             fetchers = world.nodes[seeds:]
             stats = [node.status() for node in fetchers]
-            seed_served = sum(node.source.bytes_served for node in world.nodes[:seeds])
-            all_served = sum(node.source.bytes_served for node in world.nodes if node.source is not None)
+            seed_served = sum(node.bytes_served for node in world.nodes[:seeds])
+            all_served = sum(node.bytes_served for node in world.nodes)
             alive = world.net.nodes()
             net_bytes = sum(world.net.counters(x)["bytes_sent"] for x in alive)
             resolves = sum(node.host.accepted.get(RESOLVE_PROTOCOL, 0) for node in world.nodes[:seeds])
@@ -240,6 +271,9 @@ async def run_node_fetch(sim: Sim, sc: Any, results: Results) -> dict:
     times = [r["time"] for r in ok]
     nd = {"deterministic": False}  # see the module docstring
     results.add("nodes", n, "nodes", "none", seeds=seeds, seeds_leaving=leaving)
+    if kill_at > 0:
+        results.add("seed_killed_at", killed[0] if killed else None, "s", "none", fraction=kill_at,
+                    note="virtual time from the fetch start at which one seed stopped")
     results.add("artifact_size", len(data), "bytes", "none", root=str(root))
     results.add("layers", LAYERS, "text", "none")
     results.add("deterministic", False, "bool", "none",

@@ -170,7 +170,7 @@ def test_real_nodes_fetch_an_archive_by_its_sha256_via_dht_resolve_and_bitswap()
             assert sum(n.finder.stats.found_dht + n.finder.stats.found_local for n in fetchers) == len(fetchers)
             # The real resolve protocol answered the fetchers (some may have asked a fetcher that was done).
             assert seed.host.accepted.get(RESOLVE_PROTOCOL, 0) >= 1
-            assert seed.source.bytes_served >= len(data)
+            assert seed.bytes_served >= len(data)
             # Fetched roots are announced: a late node finds providers other than the seed.
             again = await fetchers[0].fetch(alias, _noop)
             assert again["source"] == "local"
@@ -200,8 +200,8 @@ def test_a_second_seed_serves_when_the_first_has_left():
             for node in fetchers:
                 root = node.repo.resolve(alias)
                 assert archive_sha256(node, root) == (hashlib.sha256(data).hexdigest(), len(data))
-            assert gone.source.bytes_served == 0
-            assert seed.source.bytes_served > 0
+            assert gone.bytes_served == 0
+            assert seed.bytes_served > 0
             world.stop()
 
     _run(main)

@@ -53,6 +53,7 @@ from .nar import (
     Entry,
     Event,
     NarReader,
+    NarWriter,
     RegularFile,
     Symlink,
     name_problem,
@@ -63,6 +64,7 @@ from .nar import (
 __all__ = [
     "ChunkRef",
     "ChunkTree",
+    "NarAssembly",
     "NarIngest",
     "NarManifest",
     "NarManifestBuilder",
@@ -72,6 +74,7 @@ __all__ = [
     "iter_blocks",
     "iter_events",
     "iter_plan",
+    "plan_steps",
     "nar_stream",
     "verified_nar_stream",
     "walk_links",
@@ -432,11 +435,33 @@ def _entries(value: object, what: str) -> list:
     return value
 
 
-def _page_entries(pages: list, count: int, load: Callable[[CID], bytes], what: str) -> Iterator[list]:
+@dataclass(frozen=True, slots=True)
+class Need:
+    """A step of a sans-IO walk needs this block's bytes: `send()` them (verified against the CID)."""
+
+    cid: CID
+
+
+def _run(steps, load: Callable[[CID], bytes]) -> Iterator:
+    """Drive a sans-IO step generator with a blocking `load`: answers every `Need`, yields the rest."""
+    value = None
+    while True:
+        try:
+            item = steps.send(value)
+        except StopIteration:
+            return
+        if type(item) is Need:
+            value = load(item.cid)
+        else:
+            value = None
+            yield item
+
+
+def _page_steps(pages: list, count: int, what: str):
     seen = 0
     prev = b""
     for cid, n in pages:
-        page = dagcbor.decode(load(cid))
+        page = dagcbor.decode((yield Need(cid)))
         if not isinstance(page, dict) or page.get("type") != PAGE_TYPE or set(page) != {"type", "version", "entries"}:
             raise MalformedBlock(f"{what}: block {cid} is not a NAR directory page")
         if page["version"] != SCHEMA_VERSION:
@@ -451,6 +476,10 @@ def _page_entries(pages: list, count: int, load: Callable[[CID], bytes], what: s
         yield from entries
     if seen != count:
         raise MalformedBlock(f"{what}: directory pages hold {seen} entries, the directory says {count}")
+
+
+def _page_entries(pages: list, count: int, load: Callable[[CID], bytes], what: str) -> Iterator[list]:
+    return _run(_page_steps(pages, count, what), load)
 
 
 def chunk_blocks(depth: int, links: list[Link], load: Callable[[CID], bytes]) -> Iterator[tuple[CID, int]]:
@@ -470,20 +499,30 @@ def chunk_blocks(depth: int, links: list[Link], load: Callable[[CID], bytes]) ->
             todo.append((index.depth, list(index.children)))
 
 
-def walk_links(depth: int, links: list[Link], load: Callable[[CID], bytes]) -> Iterator[ChunkRef]:
+def _link_steps(depth: int, links: list[Link]):
     if depth == 0:
         for cid, size in links:
             yield ChunkRef(cid, size)
         return
     for cid, size in links:
-        index = ChunkIndex.decode(load(cid))
+        index = ChunkIndex.decode((yield Need(cid)))
         if index.depth != depth - 1 or index.size != size:
             raise MalformedBlock(f"chunk index {cid} does not match its parent's depth or size")
-        yield from walk_links(index.depth, list(index.children), load)
+        yield from _link_steps(index.depth, list(index.children))
 
 
-def _node_events(node: object, load: Callable[[CID], bytes], what: str) -> tuple[list, Iterator[list] | None]:
-    """A node's leading events, and for a directory an iterator over its entries."""
+def walk_links(depth: int, links: list[Link], load: Callable[[CID], bytes]) -> Iterator[ChunkRef]:
+    """One file's chunk refs in order, loading its chunk-index nodes with `load` (checked as it goes)."""
+    return _run(_link_steps(depth, links), load)
+
+
+def _list_steps(entries: list):
+    yield from entries
+
+
+def _node_steps(node: object, what: str) -> tuple[list, object | None]:
+    """A node's leading events (a chunked file's chunk refs as a step generator), and for a directory a
+    step generator over its entries."""
     if not isinstance(node, list) or not node or not isinstance(node[0], str):
         raise MalformedBlock(f"{what}: a node must be a list starting with its kind")
     kind = node[0]
@@ -499,14 +538,14 @@ def _node_events(node: object, load: Callable[[CID], bytes], what: str) -> tuple
         links = check_links(links, depth, what)
         if sum(s for _, s in links) != size:
             raise MalformedBlock(f"{what}: chunk sizes do not add up to the file size")
-        return [RegularFile(size, executable), walk_links(depth, links, load)], None
+        return [RegularFile(size, executable), _link_steps(depth, links)], None
     if kind == "symlink" and len(node) == 2:
         target = node[1]
         if not isinstance(target, bytes) or target_problem(target):
             raise MalformedBlock(f"{what}: malformed symlink node")
         return [Symlink(target)], None
     if kind == "dir" and len(node) == 2:
-        return [DirectoryStart()], iter(_entries(node[1], what))
+        return [DirectoryStart()], _list_steps(_entries(node[1], what))
     if kind == "pages" and len(node) == 3:
         _, count, pages = node
         if not _is_count(count) or not isinstance(pages, list) or not pages or len(pages) > FANOUT:
@@ -515,24 +554,31 @@ def _node_events(node: object, load: Callable[[CID], bytes], what: str) -> tuple
             if not (isinstance(page, list) and len(page) == 2 and isinstance(page[0], CID)
                     and page[0].codec == DAG_CBOR and _is_count(page[1])):
                 raise MalformedBlock(f"{what}: each directory page link must be [CID, entries]")
-        return [DirectoryStart()], _page_entries(pages, count, load, what)
+        return [DirectoryStart()], _page_steps(pages, count, what)
     raise MalformedBlock(f"{what}: unknown or malformed node kind {kind[:20]!r}")
+
+
+def _node_events(node: object, load: Callable[[CID], bytes], what: str) -> tuple[list, Iterator[list] | None]:
+    """A node's leading events, and for a directory an iterator over its entries (blocks from `load`)."""
+    head, entries = _node_steps(node, what)
+    head = [_run(h, load) if isinstance(h, Iterator) else h for h in head]
+    return head, None if entries is None else _run(entries, load)
 
 
 # -- reading ----------------------------------------------------------------------------------------------
 
 
-def iter_plan(manifest: NarManifest, load: Callable[[CID], bytes]) -> Iterator[Event | ChunkRef]:
-    """The NAR's events in order, with `ChunkRef`s where file contents come from chunks.
-
-    Loads pages and chunk-index nodes with `load` as it goes, never chunks: a caller resolves `ChunkRef`s
-    itself, e.g. with read-ahead on several threads. The tree's shape, names and sizes are checked here.
-    """
+def plan_steps(manifest: NarManifest):
+    """The NAR's events in order, with `ChunkRef`s where file contents come from chunks, as a sans-IO
+    step generator: where it needs a page or chunk-index block it yields `Need(cid)` and expects the
+    block's bytes through `send()`. Its Needs and ChunkRefs come in the depth-first order of the
+    manifest's links (the order a DAG stream sends them). The tree's shape, names and sizes are checked
+    here."""
     what = "NAR manifest"
-    stack: list[Iterator[list]] = []
+    stack: list = []
     node: object = manifest.root
     while True:
-        head, entries = _node_events(node, load, what)
+        head, entries = _node_steps(node, what)
         for item in head:
             if isinstance(item, Iterator):
                 yield from item
@@ -543,7 +589,17 @@ def iter_plan(manifest: NarManifest, load: Callable[[CID], bytes]) -> Iterator[E
                 raise MalformedBlock(f"{what}: directories nested deeper than {MAX_DEPTH}")
             stack.append(entries)
         while stack:
-            entry = next(stack[-1], None)
+            value = None
+            while True:
+                try:
+                    entry = stack[-1].send(value)
+                except StopIteration:
+                    entry = None
+                    break
+                if type(entry) is Need:
+                    value = yield entry
+                else:
+                    break
             if entry is None:
                 stack.pop()
                 yield DirectoryEnd()
@@ -553,6 +609,93 @@ def iter_plan(manifest: NarManifest, load: Callable[[CID], bytes]) -> Iterator[E
             break
         else:
             return
+
+
+def iter_plan(manifest: NarManifest, load: Callable[[CID], bytes]) -> Iterator[Event | ChunkRef]:
+    """The NAR's events in order, with `ChunkRef`s where file contents come from chunks.
+
+    Loads pages and chunk-index nodes with `load` as it goes, never chunks: a caller resolves `ChunkRef`s
+    itself, e.g. with read-ahead on several threads. The tree's shape, names and sizes are checked here.
+    """
+    return _run(plan_steps(manifest), load)
+
+
+class NarAssembly:
+    """A NAR's bytes from its manifest as the blocks it needs are handed in, in NAR order (sans-IO).
+
+    `start()` gives the bytes before the first block is needed; `need()` names the next block (a page, a
+    chunk-index node or a chunk; None once done); `give(data)` hands in its verified bytes and returns
+    the NAR bytes that may go out now. The last bytes come only once the whole NAR matched narHash and
+    narSize; on a mismatch `give` raises CorruptData instead, so a server forwarding these bytes never
+    completes a wrong NAR."""
+
+    def __init__(self, manifest: NarManifest, coalesce: int = 1 << 16):
+        self._steps = plan_steps(manifest)
+        self._writer = NarWriter()
+        self._check = VerifiedStream.sha256(manifest.nar_hash, manifest.nar_size, "NAR")
+        self._coalesce = coalesce
+        self._need: Need | ChunkRef | None = None
+        self._done = False
+        self._out: list[bytes] = []
+
+    def need(self) -> CID | None:
+        return None if self._need is None else self._need.cid
+
+    def start(self) -> list[bytes]:
+        return self._advance(None)
+
+    def give(self, data: bytes) -> list[bytes]:
+        need = self._need
+        if need is None:
+            raise ValueError("NarAssembly.give: no block is needed")
+        self._need = None
+        if type(need) is ChunkRef:
+            if len(data) != need.size:
+                raise CorruptData(f"chunk {need.cid} has {len(data)} bytes, its manifest says {need.size}")
+            self._emit(self._writer.send(Contents(data)))
+            return self._advance(None)
+        return self._advance(data)
+
+    def _emit(self, piece: bytes) -> None:
+        if piece:
+            out = self._check.push(piece)
+            if out:
+                self._out.append(out)
+
+    def _advance(self, value: bytes | None) -> list[bytes]:
+        if self._done:
+            return []
+        small = bytearray()
+        while True:
+            try:
+                item = self._steps.send(value)
+            except StopIteration:
+                break
+            value = None
+            if type(item) is Need or type(item) is ChunkRef:
+                self._need = item
+                break
+            piece = self._writer.send(item)
+            if len(piece) >= self._coalesce:
+                if small:
+                    self._emit(bytes(small))
+                    small.clear()
+                self._emit(piece)
+            elif piece:
+                small += piece
+                if len(small) >= self._coalesce:
+                    self._emit(bytes(small))
+                    small.clear()
+        if small:
+            self._emit(bytes(small))
+        if self._need is None:
+            self._done = True
+            self._writer.finish()
+            last = self._check.finish()
+            if last:
+                self._out.append(last)
+        out, self._out = self._out, []
+        return out
 
 
 def resolve_chunks(plan: Iterable[Event | ChunkRef], load: Callable[[CID], bytes]) -> Iterator[Event]:

@@ -286,8 +286,9 @@ class FrameDecoder:
     more than one maximum-size message.
     """
 
-    def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
+    def __init__(self, max_size: int = MAX_MESSAGE_SIZE, what: str = "bitswap stream") -> None:
         self._max = max_size
+        self._what = what
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -304,10 +305,10 @@ class FrameDecoder:
                     break
             if not complete:
                 if len(self._buf) >= 10:
-                    raise ProtocolViolation("bitswap stream has an overlong length prefix")
+                    raise ProtocolViolation(f"{self._what} has an overlong length prefix")
                 return out
             if n > self._max:
-                raise ProtocolViolation(f"bitswap stream announces a {n} byte message, over the {self._max} byte limit")
+                raise ProtocolViolation(f"{self._what} announces a {n} byte message, over the {self._max} byte limit")
             if len(self._buf) - pos < n:
                 return out
             out.append(bytes(self._buf[pos : pos + n]))

@@ -37,12 +37,12 @@ from ..content import nixbase32
 from ..content.cid import CID, DAG_CBOR
 from ..content.keys import HashKey, parse_key
 from ..content.narinfo import NarInfo
-from ..content.narmanifest import NarManifest
+from ..content.narmanifest import NarAssembly, NarManifest
 from ..content.nixhash import NixHash
 from ..content.nixsig import SecretKey
 from ..errors import CorruptData, InvalidInput, NotFound, P2PCacheError
 from ..store.httpcache import HttpBinaryCache, UpstreamError, _Decompressor
-from ..store.narstore import RepoNarStore, nix_alias, stream_manifest, stream_nar_root
+from ..store.narstore import RepoNarStore, nix_alias, stream_nar_root
 from ..aio import drain_thread as _drain_thread, feed_thread as _feed_thread
 from .asgi import HTTPError, Receive, Scope, Send, send_bytes, send_error
 
@@ -65,6 +65,7 @@ GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
 GATEWAY_RESOLVE_TIMEOUT = 300.0
 BLOCK_WAIT = 120.0
 # BLOCK_WAIT: a NAR stream waits this long for any one block to arrive from peers
+ARRIVING_BYTES = 16 << 20  # verified blocks a NAR stream from peers keeps in memory ahead of its reader
 
 
 @dataclass
@@ -405,54 +406,54 @@ class NixCache:
         await self._stream(send, manifest.nar_size, lambda: stream_nar_root(self.node.repo, root), source, head)
 
     async def _stream_from_peers(self, store_hash: str, pending: _Pending, send: Send) -> None:
-        """Stream the NAR to Nix while its blocks arrive from peers: a fetch walks the manifest
-        depth-first (NAR order) with a window, and the reassembly waits for each block it needs.
-        The NarHash is checked as it streams; the root is registered only after both finished."""
+        """Stream the NAR to Nix while its blocks arrive from peers: the fetch stores verified blocks in
+        depth-first order (NAR order) and says which; a `NarAssembly` on this task turns each block into
+        NAR bytes the moment it is there, with no thread waiting for arrivals. The NarHash is checked as
+        it streams (a mismatch, or a failed fetch, aborts the response before its last byte); the root
+        is registered only after both finished."""
         repo = self.node.repo
         root = pending.root
         assert root is not None
-        stored: set[CID] = set()
-        waiters: dict[CID, trio.Event] = {}
-        failure: list[BaseException] = []
+        arriving = _ArrivingBlocks(repo)
 
-        def on_stored(cids: list[CID]) -> None:
-            for c in cids:
-                stored.add(c)
-                ev = waiters.pop(c, None)
-                if ev is not None:
-                    ev.set()
+        counted = [0]
 
-        async def wait_for(cid: CID) -> None:
-            while cid not in stored:
-                if failure:
-                    raise failure[0]
-                ev = waiters.setdefault(cid, trio.Event())
-                with trio.fail_after(BLOCK_WAIT):
-                    await ev.wait()
-
-        token = trio.lowlevel.current_trio_token()
-
-        def load(cid: CID) -> bytes:  # on reassembly threads (not trio's: hence the token)
-            if cid not in stored:  # only the trio thread adds to `stored`; a stale miss just waits there
-                trio.from_thread.run(wait_for, cid, trio_token=token)
-            return repo.load_block(cid)
+        def verified(cid: CID, data: bytes) -> None:  # counted as they arrive: Nix may finish first
+            counted[0] += len(data)
+            self.metrics.fetched.labels("peer").inc(len(data))
+            arriving.verified(cid, data)
 
         async def fetcher() -> None:
             try:
-                fetched = await self.node.fetch_dag(root, pending.providers, on_stored)
-                self.metrics.fetched.labels("peer").inc(fetched)
+                fetched = await self.node.fetch_dag(root, pending.providers, arriving.stored, verified)
+                self.metrics.fetched.labels("peer").inc(max(0, fetched - counted[0]))
             except P2PCacheError as e:
-                failure.append(e)
-                for ev in list(waiters.values()):
-                    ev.set()
+                arriving.fail(e)
+                return
+            arriving.finish()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fetcher)
-            await wait_for(root)
-            manifest = NarManifest.decode(await trio.to_thread.run_sync(repo.load_block, root))
-            await self._stream(send, manifest.nar_size, lambda: stream_manifest(manifest, load), "peer", False)
-        if failure:  # the stream completed from blocks we had, yet the fetch failed: do not register
-            raise failure[0]
+            manifest = NarManifest.decode(await arriving.get(root))
+            headers = [(b"content-type", b"application/x-nix-nar"), (b"content-length", str(manifest.nar_size).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            assembly = NarAssembly(manifest)
+            pieces = assembly.start()
+            sent = 0
+            while True:
+                for piece in pieces:
+                    sent += len(piece)
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                cid = assembly.need()
+                if cid is None:
+                    break
+                # A CorruptData or FetchError raised here, after the response started, makes the server
+                # drop the connection with the body incomplete.
+                pieces = assembly.give(await arriving.get(cid))
+            await send({"type": "http.response.body", "body": b""})
+            self.metrics.served.labels("peer").inc(sent)
+        if arriving.failure is not None:  # the stream completed from blocks we had, yet the fetch failed
+            raise arriving.failure
         await trio.to_thread.run_sync(lambda: self.narstore.register_nar(root, pending.narinfo, verify=False))
         self._pending.pop(store_hash, None)
         self.node.announce(root)
@@ -780,6 +781,71 @@ async def _sha1_root(node: Any, text: str, head: bool) -> Any:
     dep = Dependency(alias, "", None, DepHash("sha1", digest), "mirror")
     outcome = await Prefetcher(node.repo, origin=None, swarm=node, announce=node.announce).fetch(dep)  # type: ignore[arg-type]
     return node.repo.index.resolve_alias(alias) if outcome.source else None
+
+
+class _ArrivingBlocks:
+    """Blocks of one fetch as they arrive: `get(cid)` returns a block's verified bytes — from memory if
+    the fetch handed them over verified (`verified`, at most `ARRIVING_BYTES` held), else from the repo
+    once it holds the block (read on a worker thread, never waiting there) — waiting on this task until
+    then."""
+
+    def __init__(self, repo: Any) -> None:
+        self.repo = repo
+        self._held: dict[CID, bytes] = {}
+        self._held_bytes = 0
+        self._stored: set[CID] = set()
+        self._waiting: dict[CID, trio.Event] = {}
+        self.failure: BaseException | None = None
+        self._finished = False
+
+    def verified(self, cid: CID, data: bytes) -> None:
+        if self._held_bytes + len(data) <= ARRIVING_BYTES and cid not in self._held:
+            self._held[cid] = data
+            self._held_bytes += len(data)
+            ev = self._waiting.pop(cid, None)
+            if ev is not None:
+                ev.set()
+
+    def stored(self, cids: list[CID]) -> None:
+        for c in cids:
+            self._stored.add(c)
+            ev = self._waiting.pop(c, None)
+            if ev is not None:
+                ev.set()
+
+    def _wake_all(self) -> None:
+        for ev in self._waiting.values():
+            ev.set()
+        self._waiting.clear()
+
+    def fail(self, e: BaseException) -> None:
+        self.failure = e
+        self._wake_all()
+
+    def finish(self) -> None:
+        self._finished = True
+        self._wake_all()
+
+    async def get(self, cid: CID) -> bytes:
+        data = self._held.pop(cid, None)
+        if data is not None:
+            self._held_bytes -= len(data)
+            return data
+        while cid not in self._stored and not self.repo.has_block(cid):
+            data = self._held.pop(cid, None)
+            if data is not None:
+                self._held_bytes -= len(data)
+                return data
+            if self.failure is not None:
+                raise self.failure
+            if self._finished:
+                raise CorruptData(f"the fetch finished without block {cid}")
+            ev = self._waiting.setdefault(cid, trio.Event())
+            with trio.move_on_after(BLOCK_WAIT) as waited:
+                await ev.wait()
+            if waited.cancelled_caught:
+                raise NotFound(f"block {cid} did not arrive from peers within {BLOCK_WAIT:g} s")
+        return await trio.to_thread.run_sync(self.repo.load_block, cid)
 
 
 def _content_length(scope: Scope) -> int | None:

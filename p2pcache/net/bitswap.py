@@ -24,16 +24,14 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import multiaddr
 import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from ..content import dagcbor
-from ..content.cid import CID, DAG_CBOR, RAW
-from ..content.manifest import ArchiveManifest, ChunkIndex
+from ..content.cid import CID, DAG_CBOR
 from ..errors import CorruptData, InvalidInput, MalformedBlock, NotFound, P2PCacheError
 from ..exchange import (
     AddProviders,
@@ -62,11 +60,12 @@ from ..exchange import (
     frame,
 )
 from ..exchange.message import PROTOCOL_1_0_0, PROTOCOL_1_1_0, PROTOCOL_1_2_0
+from ..transfer import DagWalk
 from .host import NodeHost, parse_peer_addr
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BitswapExchange", "DriverConfig", "FetchError", "RepoBlockSource"]
+__all__ = ["BitswapExchange", "DriverConfig", "FetchError", "RepoBatcher", "RepoBlockSource"]
 
 # We send 1.2.0 (1.1.0 peers ignore presences and want-have fields they do not know); we read all three.
 SEND_PROTOCOLS = (PROTOCOL_1_2_0, PROTOCOL_1_1_0)
@@ -396,7 +395,8 @@ class BitswapExchange:
         return None, None  # not reached
 
     # -- fetching ---------------------------------------------------------------------------------
-    def _providers(self, providers: Iterable[ProviderSpec]) -> tuple[ID, ...]:
+    def provider_ids(self, providers: Iterable[ProviderSpec]) -> tuple[ID, ...]:
+        """Peer IDs of `providers` (IDs, addresses with /p2p/, PeerInfos); addresses are remembered."""
         out = []
         for p in providers:
             if isinstance(p, ID):
@@ -413,7 +413,7 @@ class BitswapExchange:
         self._next_session += 1
         sid = ("session", self._next_session)
         session = self._sessions[sid] = _Session()
-        peers = self._providers(providers)
+        peers = self.provider_ids(providers)
         if peers:
             self._client(AddProviders(sid, peers))
         return sid, session
@@ -446,188 +446,147 @@ class BitswapExchange:
         return got
 
     async def fetch_archive(self, root: CID, providers: Iterable[ProviderSpec], repo: Any) -> Any:
-        """Fetch a whole archive into `repo`: the manifest, its index nodes, then its chunks, wanting
-        at most `archive_window` blocks ahead of what is stored; blocks already in the repo are not
-        fetched. Finishes with `repo.register_root` (which checks the tree) and returns its RootInfo."""
+        """Fetch a whole archive into `repo` (see `fetch_dag`) and register it: `repo.register_root`
+        checks the manifest tree and sizes, and returns its RootInfo."""
         if root.codec != DAG_CBOR:
             raise InvalidInput(f"{root} is not a dag-cbor manifest CID; an archive root is dag-cbor")
-        sid, session = self._open_session(providers)
-        todo: deque[tuple[CID, int]] = deque()  # (cid, depth of the node it is; -1 = chunk, -2 = root)
-        outstanding: dict[CID, int] = {}
-        seen: set[CID] = set()  # wanted or stored by this fetch: an archive may repeat a chunk
-        batch: list[tuple[CID, bytes]] = []
-        batch_bytes = 0
-        window = self.config.archive_window
-
-        async def store(final: bool = False) -> None:
-            nonlocal batch, batch_bytes
-            if batch and (final or batch_bytes >= self.config.store_batch_bytes):
-                blocks, batch, batch_bytes = batch, [], 0
-                await trio.to_thread.run_sync(repo.put_blocks, blocks)
-                self.blocks_added(c for c, _ in blocks)
-
-        def learn(data: bytes, kind: int, cid: CID) -> None:
-            """Queue the children a manifest or index node names."""
-            try:
-                node = ArchiveManifest.decode(data) if kind == -2 else ChunkIndex.decode(data)
-            except (MalformedBlock, InvalidInput) as e:
-                raise FetchError(f"archive {root}: block {cid} is not a valid manifest node: {e}") from None
-            if kind >= 0 and node.depth != kind:
-                raise FetchError(f"archive {root}: index node {cid} has depth {node.depth}, expected {kind}")
-            child_kind = -1 if node.depth == 0 else node.depth - 1
-            for child, _size in node.children:
-                todo.append((child, child_kind))
-
-        try:
-            todo.append((root, -2))
-            while todo or outstanding:
-                # Resolve what we can locally, want the rest up to the window.
-                wants: list[CID] = []
-                while todo and len(outstanding) + len(wants) < window:
-                    cid, kind = todo.popleft()
-                    if cid in seen:
-                        continue
-                    seen.add(cid)
-                    if repo.has_block(cid):
-                        if kind != -1:
-                            learn(await trio.to_thread.run_sync(repo.load_block, cid), kind, cid)
-                        continue
-                    if kind == -1 and cid.codec != RAW or kind != -1 and cid.codec != DAG_CBOR:
-                        raise FetchError(f"archive {root}: {cid} has the wrong codec for its place in the tree")
-                    outstanding[cid] = kind
-                    wants.append(cid)
-                if wants:
-                    self._client(Want(sid, tuple(wants)))
-                if not outstanding:
-                    continue
-                cid, data, why = await session.recv.receive()
-                kind = outstanding.pop(cid, None)
-                if kind is None:
-                    continue
-                if data is None:
-                    raise FetchError(f"archive {root}: could not fetch block {cid}: {why}")
-                batch.append((cid, data))
-                batch_bytes += len(data)
-                if kind != -1:
-                    learn(data, kind, cid)
-                    await store(final=True)  # index nodes first, so a crash leaves a walkable prefix
-                else:
-                    await store()
-            await store(final=True)
-        finally:
-            self._close_session(sid)
+        await self.fetch_dag(root, providers, repo)
         return await trio.to_thread.run_sync(repo.register_root, root)
 
-
     async def fetch_dag(self, root: CID, providers: Iterable[ProviderSpec], repo: Any,
-                        on_stored: Callable[[list[CID]], None] | None = None) -> int:
-        """Fetch every block reachable from `root` that `repo` lacks, for any manifest shape: links are
-        the tag-42 CIDs of each dag-cbor block, followed depth-first — the order a NAR or an archive is
-        read back in — with at most `archive_window` blocks wanted ahead. Blocks are stored as they
-        arrive (manifest nodes at once, chunks in batches up to `store_batch_bytes`, or sooner when the
-        wire goes quiet) and `on_stored(cids)` is called after each batch, so a reader can stream the
-        content while it is still arriving. Returns the bytes fetched. Does not register a root."""
+                        on_stored: Callable[[list[CID]], None] | None = None,
+                        walk: DagWalk | None = None) -> int:
+        """Fetch every block reachable from `root` that `repo` lacks, for any manifest shape, one want
+        per block: the shared `DagWalk` hands out wants depth-first — the order a NAR or an archive is
+        read back in — with at most `archive_window` wanted ahead. Blocks are stored as they arrive
+        (`RepoBatcher`: manifest nodes at once, chunks in batches, or sooner when the wire goes quiet) and
+        `on_stored(cids)` is called after each batch, so a reader can stream the content while it is
+        still arriving. `walk` continues a walk another driver began. Returns the bytes fetched. Does not
+        register a root."""
         sid, session = self._open_session(providers)
-        todo: deque[CID] = deque([root])
-        outstanding: set[CID] = set()
-        seen: set[CID] = set()
-        batch: list[tuple[CID, bytes]] = []
-        batch_bytes = fetched = 0
+        walk = walk if walk is not None else DagWalk(root, repo.has_block)
         window = self.config.archive_window
-
-        unrecorded: list[tuple[CID, int]] = []  # written, not yet in the index
-        unrecorded_bytes = 0
-
-        async def store() -> None:
-            # Files first (readers may use them at once), index rows in big batches: each commit
-            # flushes the file system, which costs far more than the writes.
-            nonlocal batch, batch_bytes, unrecorded, unrecorded_bytes
-            if not batch:
-                return
-            blocks, batch, batch_bytes = batch, [], 0
-            await trio.to_thread.run_sync(repo.write_blocks, blocks)
-            unrecorded += [(c, len(d)) for c, d in blocks]
-            unrecorded_bytes += sum(len(d) for _, d in blocks)
-            if on_stored is not None:
-                on_stored([c for c, _ in blocks])
-            if unrecorded_bytes >= self.config.commit_batch_bytes:
-                await commit()
-
-        async def commit() -> None:
-            nonlocal unrecorded, unrecorded_bytes
-            if unrecorded:
-                done, unrecorded, unrecorded_bytes = unrecorded, [], 0
-                await trio.to_thread.run_sync(repo.commit_blocks, done)
-                self.blocks_added(c for c, _ in done)
-
-        def follow(cid: CID, data: bytes) -> None:
-            try:
-                links = list(_dag_links(dagcbor.decode(data)))
-            except MalformedBlock as e:
-                raise FetchError(f"block {cid} under {root} is not valid dag-cbor: {e}") from None
-            todo.extendleft(reversed(links))
-
+        fetched = 0
         try:
-            while todo or outstanding:
-                wants: list[CID] = []
-                # Refill the window in bursts (when half of it has drained), so wants travel many to a
-                # message instead of one message per block received.
-                refill = len(outstanding) <= window // 2
-                while refill and todo and len(outstanding) + len(wants) < window:
-                    cid = todo.popleft()
-                    if cid in seen:
+            async with RepoBatcher(repo, self.config.store_batch_bytes, self.config.commit_batch_bytes,
+                                   on_stored=on_stored, on_committed=self.blocks_added) as store:
+                while not walk.finished:
+                    # Refill the window in bursts (when half of it has drained), so wants travel many to a
+                    # message instead of one message per block received.
+                    if walk.outstanding <= window // 2:
+                        wants = walk.next_wants(window - walk.outstanding)
+                        for cid in walk.take_loads():
+                            walk.on_block(cid, await trio.to_thread.run_sync(repo.load_block, cid), local=True)
+                        if wants:
+                            self._client(Want(sid, tuple(wants)))
+                        if not walk.outstanding and not walk.finished:
+                            continue
+                    if walk.finished:
+                        break
+                    try:
+                        cid, data, why = session.recv.receive_nowait()
+                    except trio.WouldBlock:
+                        if store.pending_bytes >= self.config.quiet_store_bytes:
+                            await store.write()  # nothing more right now: let readers have what we hold
+                        cid, data, why = await session.recv.receive()
+                    if not walk.is_open(cid):
                         continue
-                    seen.add(cid)
-                    if repo.has_block(cid):
-                        if cid.codec == DAG_CBOR:
-                            follow(cid, await trio.to_thread.run_sync(repo.load_block, cid))
-                        if on_stored is not None:
-                            on_stored([cid])
-                        continue
-                    if cid.codec not in (RAW, DAG_CBOR):
-                        raise FetchError(f"{cid} under {root} has codec {cid.codec_name}; only raw and dag-cbor are fetched")
-                    outstanding.add(cid)
-                    wants.append(cid)
-                if wants:
-                    self._client(Want(sid, tuple(wants)))
-                if not outstanding:
-                    continue
-                try:
-                    cid, data, why = session.recv.receive_nowait()
-                except trio.WouldBlock:
-                    if batch_bytes >= self.config.quiet_store_bytes:
-                        await store()  # nothing more right now: let readers have what we hold
-                    cid, data, why = await session.recv.receive()
-                if cid not in outstanding:
-                    continue
-                outstanding.discard(cid)
-                if data is None:
-                    raise FetchError(f"could not fetch block {cid} under {root}: {why}")
-                batch.append((cid, data))
-                batch_bytes += len(data)
-                fetched += len(data)
-                if cid.codec == DAG_CBOR:
-                    follow(cid, data)
-                    await store()
-                elif batch_bytes >= self.config.store_batch_bytes:
-                    await store()
-            await store()
-            await commit()
+                    if data is None:
+                        raise FetchError(f"could not fetch block {cid} under {root}: {why}")
+                    try:
+                        walk.on_block(cid, data)
+                    except MalformedBlock as e:
+                        raise FetchError(f"block {cid} under {root} is not valid dag-cbor: {e}") from None
+                    fetched += len(data)
+                    await store.add(cid, data)
         finally:
             self._close_session(sid)
         return fetched
 
+    def penalise(self, peer: ID, why: str) -> None:
+        """Ban `peer` for `ban_seconds` and drop its connections (another protocol caught it lying)."""
+        self._penalise(peer, why, tell_engines=True)
 
-def _dag_links(value: Any) -> Iterator[CID]:
-    """The CIDs in a decoded dag-cbor value, in document order."""
-    if isinstance(value, CID):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _dag_links(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _dag_links(v)
+    def is_banned(self, peer: ID) -> bool:
+        return self._is_banned(peer)
+
+
+class RepoBatcher:
+    """Verified blocks into a repo in batches, through its public API only, written by a task of its
+    own so the caller goes on reading the network meanwhile: files first (`write_blocks`; readers may
+    load them at once, `on_stored` says which), index rows in bigger batches (`commit_blocks`: each
+    commit flushes the file system, which costs far more than the writes; `on_committed` says which).
+    Manifest nodes are written at once, so a crash leaves a walkable prefix and a resumed fetch finds
+    the nodes whose links it needs. Holds at most `store_bytes` times (1 + `queued`) in memory: `add`
+    waits while that much is queued (backpressure onto the stream).
+
+        async with RepoBatcher(repo, 4 << 20, 8 << 20) as store:
+            await store.add(cid, data)
+    """
+
+    def __init__(self, repo: Any, store_bytes: int, commit_bytes: int,
+                 on_stored: Callable[[list[CID]], None] | None = None,
+                 on_committed: Callable[[list[CID]], None] | None = None, queued: int = 2) -> None:
+        self.repo = repo
+        self.store_bytes = store_bytes
+        self.commit_bytes = commit_bytes
+        self.on_stored = on_stored
+        self.on_committed = on_committed
+        self._batch: list[tuple[CID, bytes]] = []
+        self.pending_bytes = 0
+        self._unrecorded: list[tuple[CID, int]] = []
+        self._unrecorded_bytes = 0
+        self._send, self._recv = trio.open_memory_channel(queued)
+        self._nursery_manager: Any = None
+
+    async def __aenter__(self) -> "RepoBatcher":
+        self._nursery_manager = trio.open_nursery()
+        nursery = await self._nursery_manager.__aenter__()
+        nursery.start_soon(self._writer)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        try:
+            if exc[0] is None:
+                await self.write()
+        finally:
+            self._send.close()
+        try:
+            return await self._nursery_manager.__aexit__(*exc)
+        except BaseExceptionGroup as group:  # one error (the caller's or the writer's): raise it as it is
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def add(self, cid: CID, data: bytes) -> None:
+        self._batch.append((cid, data))
+        self.pending_bytes += len(data)
+        if cid.codec == DAG_CBOR or self.pending_bytes >= self.store_bytes:
+            await self.write()
+
+    async def write(self) -> None:
+        """Hand what is held to the writer (waits only while the queue is full)."""
+        if self._batch:
+            blocks, self._batch, self.pending_bytes = self._batch, [], 0
+            await self._send.send(blocks)
+
+    async def _writer(self) -> None:
+        async for blocks in self._recv:
+            await trio.to_thread.run_sync(self.repo.write_blocks, blocks)
+            self._unrecorded += [(c, len(d)) for c, d in blocks]
+            self._unrecorded_bytes += sum(len(d) for _, d in blocks)
+            if self.on_stored is not None:
+                self.on_stored([c for c, _ in blocks])
+            if self._unrecorded_bytes >= self.commit_bytes:
+                await self._commit()
+        await self._commit()
+
+    async def _commit(self) -> None:
+        if self._unrecorded:
+            done, self._unrecorded, self._unrecorded_bytes = self._unrecorded, [], 0
+            await trio.to_thread.run_sync(self.repo.commit_blocks, done)
+            if self.on_committed is not None:
+                self.on_committed([c for c, _ in done])
 
 
 async def _reset(stream: Any) -> None:

@@ -82,7 +82,8 @@ class Daemon:
 
 
 def start_daemon(repo: Path, *, bootstrap: list[str] = (), swarm_key: Path | None = None,
-                 extra: list[str] = (), entry: list[str] = ("-m", "p2pcache"), timeout: float = 30) -> Daemon:
+                 extra: list[str] = (), entry: list[str] = ("-m", "p2pcache"), timeout: float = 30,
+                 env: dict[str, str] | None = None) -> Daemon:
     """Start `python <entry> --repo REPO daemon` on loopback; returns once it printed its ready line."""
     args = [sys.executable, *entry, "--repo", str(repo), "daemon", "--json",
             "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", *extra]
@@ -91,7 +92,8 @@ def start_daemon(repo: Path, *, bootstrap: list[str] = (), swarm_key: Path | Non
     if swarm_key is not None:
         args += ["--swarm-key", str(swarm_key)]
     log = open(repo.parent / f"{repo.name}.log", "wb")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log,
+                            env=None if env is None else dict(os.environ, **env))
     d = Daemon(repo, proc)
     line = _readline(proc, timeout)
     if not line:

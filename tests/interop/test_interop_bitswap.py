@@ -178,6 +178,26 @@ async def test_we_fetch_a_whole_archive_from_js(tmp_path):
 
 
 @pytest.mark.trio
+async def test_dag_transfer_from_js_negotiates_down_to_bitswap(tmp_path):
+    """js speaks only bitswap: the DAG protocol is refused at negotiation, nobody is blamed, and the
+    whole archive comes over bitswap through the same walk."""
+    from p2pcache.net.dagxfer import DagTransfer
+
+    src = Repo.init(tmp_path / "src", durable=False)
+    root, data, blocks = sample_archive(src, 4, size=3_000_000)
+    src.close()
+    async with our_node(tmp_path) as (ex, repo), js_peer() as js:
+        await js.call("put", blocks=[{"cid": str(c), "data": base64.b64encode(d).decode()} for c, d in blocks.items()])
+        dag = DagTransfer(ex.host, ex)
+        with trio.fail_after(60):
+            await dag.fetch(root, [js.addrs[0]], repo)
+        repo.register_root(root)
+        assert b"".join(repo.stream(root)) == data
+        assert dag.stats.bitswap_fallbacks == 1 and dag.stats.streams == 0 and dag.stats.peers_dropped == 0
+        assert ex.penalised == []
+
+
+@pytest.mark.trio
 async def test_private_network_with_js_both_directions(tmp_path):
     key_file = tmp_path / "swarm.key"
     key = write_swarm_key(key_file)

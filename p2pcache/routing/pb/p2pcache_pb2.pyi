@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -45,6 +46,56 @@ class ResolveResponse(_message.Message):
     size: int
     narinfo: NarInfo
     def __init__(self, found: _Optional[bool] = ..., root: _Optional[bytes] = ..., kind: _Optional[str] = ..., size: _Optional[int] = ..., narinfo: _Optional[_Union[NarInfo, _Mapping]] = ...) -> None: ...
+
+class DagRequest(_message.Message):
+    __slots__ = ("roots", "have", "scope")
+    class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ALL: _ClassVar[DagRequest.Scope]
+        NODES: _ClassVar[DagRequest.Scope]
+    ALL: DagRequest.Scope
+    NODES: DagRequest.Scope
+    ROOTS_FIELD_NUMBER: _ClassVar[int]
+    HAVE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    roots: _containers.RepeatedScalarFieldContainer[bytes]
+    have: _containers.RepeatedScalarFieldContainer[bytes]
+    scope: DagRequest.Scope
+    def __init__(self, roots: _Optional[_Iterable[bytes]] = ..., have: _Optional[_Iterable[bytes]] = ..., scope: _Optional[_Union[DagRequest.Scope, str]] = ...) -> None: ...
+
+class DagBlock(_message.Message):
+    __slots__ = ("cid", "data")
+    CID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    cid: bytes
+    data: bytes
+    def __init__(self, cid: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class DagEnd(_message.Message):
+    __slots__ = ("status", "missing", "message")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OK: _ClassVar[DagEnd.Status]
+        NOT_FOUND: _ClassVar[DagEnd.Status]
+        REFUSED: _ClassVar[DagEnd.Status]
+    OK: DagEnd.Status
+    NOT_FOUND: DagEnd.Status
+    REFUSED: DagEnd.Status
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    status: DagEnd.Status
+    missing: bytes
+    message: str
+    def __init__(self, status: _Optional[_Union[DagEnd.Status, str]] = ..., missing: _Optional[bytes] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DagFrame(_message.Message):
+    __slots__ = ("block", "end")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    block: DagBlock
+    end: DagEnd
+    def __init__(self, block: _Optional[_Union[DagBlock, _Mapping]] = ..., end: _Optional[_Union[DagEnd, _Mapping]] = ...) -> None: ...
 
 class CacheRecordsRequest(_message.Message):
     __slots__ = ("key", "prefix", "limit")

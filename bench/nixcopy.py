@@ -1,0 +1,171 @@
+"""`nix copy --from` a p2pcache node whose peer holds every NAR, against static binary caches (zstd and xz)
+served over loopback, on two kinds of content: bench/nix.py's closure (big random blobs, text, many small
+files) and a real store path of thousands of small files (this checkout's .venv site-packages, added with
+`nix-store --add`).
+
+    .venv/bin/python bench/nixcopy.py [--quick] [--runs N]
+
+Real Nix (nix-bin 2.8, root, no daemon) and real `p2pcache daemon` processes (A holds the paths, pushed
+with `nix copy --to http://A?compression=none`; each B starts with an empty repo and is bootstrapped to A),
+the static caches written by `nix copy --to file://DIR?compression=zstd|xz` and served by python's
+ThreadingHTTPServer in its own process. Per content kind and run, alternating: static zstd, static xz,
+B over the DAG protocol (the default), B with `transfer.protocol = "bitswap"` (the old path, for the
+same-run comparison); each copy into a fresh chroot store with a fresh Nix cache dir, checked against
+the NarHashes. Figures: min over runs; ratios p2pcache/static (goal <= 1.0).
+
+--quick: the small closure and the first 60 packages of site-packages (in sorted order).
+Table on stderr, JSON lines on stdout ({"bench": "nixcopy", "metric", "value", "unit", "better", ...}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import nix as nixbench  # noqa: E402  (bench/nix.py: Nix runner, the closure, daemons, timed copies)
+
+MiB = 1 << 20
+
+
+def emit(metric: str, value: float, unit: str, better: str, **extra) -> None:
+    print(json.dumps({"bench": "nixcopy", "metric": metric, "value": round(value, 4), "unit": unit,
+                      "better": better, **extra}), flush=True)
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def site_packages_path(nix: nixbench.Nix, work: Path, token: str, quick: bool) -> dict:
+    """This interpreter's site-packages (a real tree of thousands of small files) as one store path."""
+    src = Path(sysconfig.get_paths()["purelib"])
+    dst = work / f"p2pcache-bench-site-packages-{token}"
+    if quick:
+        dst.mkdir()
+        for entry in sorted(src.iterdir())[:60]:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, dst / entry.name, symlinks=True)
+            else:
+                shutil.copy2(entry, dst / entry.name, follow_symlinks=False)
+    else:
+        shutil.copytree(src, dst, symlinks=True)
+    files = sum(1 for p in dst.rglob("*") if p.is_file())
+    path = nix.out("nix-store", "--add", str(dst))
+    nixbench.rmtree(dst)
+    info = json.loads(nix.out("nix", "path-info", "--json", path))[0]
+    return {"top": path, "paths": {path: info}, "nar_bytes": info["narSize"], "files": files,
+            "nar_hash": {path: info["narHash"]}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--xz-level", type=int, default=0, help="xz level of the static cache (Nix's default is 6)")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    if shutil.which("nix") is None:
+        log("nix is not on PATH: apt-get install -y nix-bin")
+        return 2
+    args.profile = False
+    token = secrets.token_hex(5)
+    work = Path(tempfile.mkdtemp(prefix="p2pcache-bench-nixcopy-"))
+    bench = nixbench.Bench(args, work)
+    made: list[str] = []
+    try:
+        nix = bench.nix
+        log(f"bench/nixcopy.py: temp dir {work} (2 cores shared with other work: compare same-run ratios)")
+        closure = nixbench.make_closure(nix, work, token, args.quick)
+        made += closure["paths"]
+        sp = site_packages_path(nix, work, token, args.quick)
+        made += sp["paths"]
+        kinds = {"closure": closure, "site-packages": sp}
+        a = bench.daemon("a")
+        c = bench.daemon("c", bootstrap=[a.addr])  # a second runner: it takes A's provider records
+        nixbench.wait_peers(a, 1)
+        for content in kinds.values():
+            nix.run("nix", "copy", "--to", f"{a.api}?compression=none", content["top"])
+        a.wait_announced(2 * sum(len(c["paths"]) for c in kinds.values()), timeout=120)
+        statics = {}
+        for comp, extra in (("zstd", ""), ("xz", f"&compression-level={args.xz_level}")):
+            d = work / f"static-{comp}"
+            for content in kinds.values():
+                nix.run("nix", "copy", "--to", f"file://{d}?compression={comp}{extra}&parallel-compression=true",
+                        content["top"])
+            statics[comp] = bench.static_server(d)
+        serial = [0]
+
+        def cold_b(protocol: str) -> nixbench.Daemon:
+            serial[0] += 1
+            repo = work / f"b{serial[0]}"
+            repo.mkdir()
+            (repo / "config.toml").write_text(f'[transfer]\nprotocol = "{protocol}"\n')
+            # the daemon's default lookup timeout (bench/nix.py's 2 s misses now and then on a loaded machine)
+            b = bench.daemon(repo.name, bootstrap=[a.addr, c.addr], extra=["--lookup-timeout", "5"])
+            nixbench.wait_peers(b, 2)
+            return b
+
+        results: dict[str, dict[str, list[float]]] = {}
+        failures: dict[str, int] = {}
+        for kind, content in kinds.items():
+            res = results[kind] = {"static zstd": [], "static xz": [], "p2pcache dag": [], "p2pcache bitswap": []}
+            for i in range(max(1, args.runs)):
+                for comp, (url, proc) in statics.items():
+                    r = bench.copy(url, content, {"server": proc.pid})
+                    res[f"static {comp}"].append(r["wall"])
+                for protocol in ("dag", "bitswap"):
+                    b = cold_b(protocol)
+                    try:
+                        r = bench.copy(b.api, content, {"A": a.proc.pid, "B": b.proc.pid})
+                        res[f"p2pcache {protocol}"].append(r["wall"])
+                    except RuntimeError as e:  # reported, not hidden: a copy that failed is counted
+                        failures[f"{kind} {protocol}"] = failures.get(f"{kind} {protocol}", 0) + 1
+                        log(f"  {kind} run {i + 1}, p2pcache {protocol}: FAILED: {str(e).splitlines()[-1][:300]}")
+                    bench.stop(b)
+                log(f"  {kind} run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in res.items() if v))
+        bench.close()
+        for kind, res in results.items():
+            content = kinds[kind]
+            mib = content["nar_bytes"] / MiB
+            what = f"{len(content['paths'])} paths" if kind == "closure" else f"{content['files']} files"
+            log(f"\n== nix copy --from, {kind}: {what}, {mib:.1f} MiB of NAR (min of {args.runs})")
+            best = {k: min(v) for k, v in res.items() if v}
+            for k, v in best.items():
+                log(f"  {k:18} {v:7.2f}s  {mib / v:7.1f} MiB/s   runs [{', '.join(f'{x:.2f}' for x in res[k])}]")
+                emit(f"{kind}_{k.replace(' ', '_')}_seconds", v, "s", "lower", nar_mib=round(mib, 1),
+                     runs=[round(x, 3) for x in res[k]], quick=args.quick)
+            for comp in ("zstd", "xz"):
+                for protocol in ("dag", "bitswap"):
+                    if f"p2pcache {protocol}" not in best:
+                        continue
+                    ratio = best[f"p2pcache {protocol}"] / best[f"static {comp}"]
+                    goal = " (goal <= 1.0)" if protocol == "dag" else ""
+                    log(f"  p2pcache {protocol} / static {comp}: {ratio:.2f}x{goal}")
+                    emit(f"{kind}_{protocol}_over_static_{comp}", ratio, "ratio", "lower",
+                         **({"goal": "<= 1.0"} if protocol == "dag" else {}), nar_mib=round(mib, 1))
+        for what, n in failures.items():
+            log(f"  FAILED copies: {what}: {n} of {args.runs}")
+            emit(f"{what.replace(' ', '_')}_failed_copies", n, "copies", "lower", runs=args.runs)
+        return 1 if failures else 0
+    finally:
+        bench.close()
+        if made and not args.keep:
+            nixbench.delete_paths(bench.nix, made)
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            nixbench.rmtree(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

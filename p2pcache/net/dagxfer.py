@@ -1,0 +1,492 @@
+"""The DAG transfer driver: `/p2pcache/dag/1.0.0` over libp2p streams (wire format in proto/p2pcache.proto).
+
+Owns: serving DAG walks from the node's block source (`DagServer`: depth-first order from `DfsOrder`, blocks read from
+the repo in small batches on a worker thread while the previous batch is written, frames joined into
+large writes; the stream's own flow control is the backpressure), and fetching a whole DAG from several
+providers at once (`DagTransfer.fetch`): one shared `DagWalk` hands out work, each provider gets up to
+`streams_per_peer` requests in flight, a provider that finishes early takes the tail of a slower one's
+request (work stealing), and a request that fails gives its blocks back to the walk for the others.
+
+Every block from a peer is checked as it arrives, against the link in its already-verified parent
+(`DfsOrder.expect`): a block out of order, one that does not hash to its link, a frame after the end,
+a malformed frame, an end before the walk's end, or a stream silent for `stall_seconds` ends that
+peer's share with one log line and bans the peer through the bitswap driver (`BitswapExchange.penalise`,
+so it is refused by both protocols). A peer that does not speak the protocol, or lacks a block, is
+not punished: its share goes to the others, and whatever no DAG stream delivered is fetched over
+bitswap from the providers still standing (IPFS peers speak only bitswap).
+
+Must not: store a block it did not verify, hold more than a bounded window per stream in memory
+(`RepoBatcher`'s batch plus one read), or decide what blocks mean beyond following their links.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import trio
+from google.protobuf.message import DecodeError
+from libp2p.peer.id import ID
+
+from ..content.chunking import MAX_BLOCK_SIZE
+from ..content.cid import CID, DAG_CBOR, RAW
+from ..content.varint import encode as uvarint
+from ..errors import InvalidCID, InvalidInput, MalformedBlock
+from ..exchange import FrameDecoder, ProtocolViolation
+from ..routing.pb import p2pcache_pb2 as pb
+from ..transfer import DagWalk, DfsOrder, OutOfOrder
+from .bitswap import BitswapExchange, FetchError, ProviderSpec, RepoBatcher
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PROTOCOL", "DagConfig", "DagServer", "DagTransfer", "TransferStats"]
+
+PROTOCOL = "/p2pcache/dag/1.0.0"
+MAX_REQUEST = 1 << 20
+MAX_FRAME = MAX_BLOCK_SIZE + 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DagConfig:
+    request_blocks: int = 128  # CIDs named in one request (subtree roots or leaves)
+    streams_per_peer: int = 2  # requests in flight to one provider: the next is asked while one streams
+    read_blocks: int = 32  # server: blocks read from the repo per batch (two batches in memory at most)
+    write_bytes: int = 4 << 20  # server: frames joined into writes up to this size
+    read_size: int = 1 << 20  # asker: bytes asked of a stream per read
+    stall_seconds: float = 20.0  # a stream with nothing for this long: the peer is dropped
+    request_timeout: float = 10.0  # server: a request must arrive within this
+    serve_streams: int = 32  # server: DAG streams served at once; more are refused
+    steal_min: int = 8  # a request's tail is stolen only if at least this many blocks are left ...
+    steal_after: float = 5.0  # ... and nothing arrived on it for this long (a stalled or dead provider)
+
+
+@dataclass
+class TransferStats:
+    fetches: int = 0
+    streams: int = 0
+    blocks: int = 0
+    bytes: int = 0
+    duplicate_blocks: int = 0
+    duplicate_bytes: int = 0
+    steals: int = 0
+    peers_dropped: int = 0
+    bitswap_fallbacks: int = 0
+    served_streams: int = 0
+    served_blocks: int = 0
+    served_bytes: int = 0
+    refused: int = 0
+
+
+def _frame(msg: pb.DagFrame) -> bytes:
+    data = msg.SerializeToString()
+    return uvarint(len(data)) + data
+
+
+def encode_request(roots: Iterable[CID], have: Iterable[CID] = (), nodes_only: bool = True) -> bytes:
+    req = pb.DagRequest(roots=[c.buffer for c in roots], have=[c.buffer for c in have],
+                        scope=pb.DagRequest.NODES if nodes_only else pb.DagRequest.ALL)
+    data = req.SerializeToString()
+    if len(data) > MAX_REQUEST:
+        raise InvalidInput(f"DAG request of {len(data)} bytes is over the {MAX_REQUEST}-byte limit")
+    return uvarint(len(data)) + data
+
+
+def decode_request(payload: bytes) -> tuple[list[CID], list[CID], bool]:
+    msg = pb.DagRequest()
+    try:
+        msg.ParseFromString(payload)
+        roots = [CID.decode(b) for b in msg.roots]
+        have = [CID.decode(b) for b in msg.have]
+    except (DecodeError, InvalidCID, IndexError) as e:
+        raise ProtocolViolation(f"DAG request is malformed: {e}") from None
+    if not roots:
+        raise ProtocolViolation("DAG request names no root")
+    if any(c.codec not in (RAW, DAG_CBOR) for c in roots):
+        raise ProtocolViolation("DAG request names a root of a codec other than raw or dag-cbor")
+    return roots, have, msg.scope == pb.DagRequest.NODES
+
+
+def _block_frame(cid: CID, data: bytes) -> bytes:
+    return _frame(pb.DagFrame(block=pb.DagBlock(cid=cid.buffer, data=data)))
+
+
+def _end_frame(status: int, missing: CID | None = None, message: str = "") -> bytes:
+    return _frame(pb.DagFrame(end=pb.DagEnd(status=status, missing=missing.buffer if missing else b"",
+                                            message=message)))
+
+
+async def _reset(stream: Any) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass
+
+
+async def _close(stream: Any) -> None:
+    try:
+        await stream.close()
+    except Exception:
+        pass
+
+
+# -- serving ----------------------------------------------------------------------------------------------
+
+
+class DagServer:
+    """Answers DAG requests from `source` (the bitswap server's `BlockSource`: `get(cid)` gives verified
+    bytes or None; a block that fails verification on disk is served as missing, never sent)."""
+
+    def __init__(self, source: Any, is_banned: Callable[[ID], bool], config: DagConfig | None = None,
+                 stats: TransferStats | None = None) -> None:
+        self.source = source
+        self.is_banned = is_banned
+        self.config = config or DagConfig()
+        self.stats = stats or TransferStats()
+        self._active = 0
+
+    def register(self, host: Any) -> None:
+        host.set_stream_handler(PROTOCOL, self.handle_stream)
+
+    def _load(self, cids: list[CID]) -> list[tuple[CID, bytes | None]]:
+        out: list[tuple[CID, bytes | None]] = []
+        for cid in cids:
+            data = self.source.get(cid)
+            out.append((cid, data))
+            if data is None:
+                break
+        return out
+
+    async def handle_stream(self, stream: Any) -> None:
+        peer = stream.muxed_conn.peer_id
+        if self.is_banned(peer):
+            await _reset(stream)
+            return
+        try:
+            if self._active >= self.config.serve_streams:
+                self.stats.refused += 1
+                await stream.write(_end_frame(pb.DagEnd.REFUSED, message="too many DAG streams; try later"))
+                return
+            self._active += 1
+            try:
+                await self._serve(stream, peer)
+            finally:
+                self._active -= 1
+        except ProtocolViolation as e:
+            log.info("DAG request from %s refused: %s", peer, e)
+            await _reset(stream)
+        except Exception as e:  # the asker went away (reset, EOF, connection closed)
+            log.debug("DAG stream to %s ended: %s", peer, e)
+            await _reset(stream)
+        finally:
+            await _close(stream)
+
+    async def _read_request(self, stream: Any) -> bytes:
+        decoder = FrameDecoder(MAX_REQUEST, "DAG request")
+        with trio.fail_after(self.config.request_timeout):
+            while True:
+                data = await stream.read(64 << 10)
+                if not data:
+                    raise ProtocolViolation("DAG stream closed before a whole request arrived")
+                payloads = decoder.feed(data)
+                if payloads:
+                    return payloads[0]
+
+    async def _serve(self, stream: Any, peer: ID) -> None:
+        roots, have, nodes_only = decode_request(await self._read_request(stream))
+        self.stats.served_streams += 1
+        walk = DfsOrder(roots, have, nodes_only)
+        batches_send, batches_recv = trio.open_memory_channel(1)  # one batch read ahead of the writes
+
+        async def read_ahead() -> None:
+            async with batches_send:
+                while True:
+                    cids: list[CID] = []
+                    while len(cids) < self.config.read_blocks:
+                        cid = walk.peek()
+                        if cid is None:
+                            break
+                        cids.append(cid)
+                        if cid.codec == DAG_CBOR:
+                            break  # its bytes tell what comes next
+                        walk.give(cid, None)
+                    if not cids:
+                        return
+                    loaded = await trio.to_thread.run_sync(self._load, cids)
+                    last_cid, last = loaded[-1]
+                    if last is not None and last_cid.codec == DAG_CBOR:
+                        try:
+                            walk.give(last_cid, last)
+                        except MalformedBlock as e:
+                            log.warning("cannot walk %s for %s: %s", last_cid, peer, e)
+                            loaded[-1] = (last_cid, None)
+                    await batches_send.send(loaded)
+                    if loaded[-1][1] is None:
+                        return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_ahead)
+            out = bytearray()
+            async for loaded in batches_recv:
+                for cid, data in loaded:
+                    if data is None:
+                        out += _end_frame(pb.DagEnd.NOT_FOUND, cid, f"{cid} is not here")
+                        await stream.write(bytes(out))
+                        return
+                    out += _block_frame(cid, data)
+                    self.stats.served_blocks += 1
+                    self.stats.served_bytes += len(data)
+                    if len(out) >= self.config.write_bytes:
+                        await stream.write(bytes(out))
+                        out.clear()
+                if out:
+                    await stream.write(bytes(out))
+                    out.clear()
+            await stream.write(_end_frame(pb.DagEnd.OK))
+
+
+# -- fetching ---------------------------------------------------------------------------------------------
+
+
+class _Hostile(Exception):
+    """The peer broke the protocol: ban it."""
+
+
+class _Request:
+    """One DAG stream in flight: what it was asked for and how far its walk got."""
+
+    __slots__ = ("peer", "wants", "order", "stop_after", "progress_at")
+
+    def __init__(self, peer: ID, wants: list[CID]) -> None:
+        self.peer = peer
+        self.wants = wants
+        self.order = DfsOrder(wants, nodes_only=True)
+        self.stop_after: int | None = None  # blocks to deliver in all, once a thief took the tail
+        self.progress_at = trio.current_time()  # when the last block arrived (or the request began)
+
+    def trim(self) -> list[CID]:
+        """Before the request is sent: ask only for what a thief left us."""
+        if self.stop_after is not None:
+            self.wants = self.owned()
+            self.order = DfsOrder(self.wants, nodes_only=True)
+            self.stop_after = None
+        return self.wants
+
+    def owned(self) -> list[CID]:
+        """What this request still answers for (a stolen tail belongs to the thief)."""
+        rem = self.order.remaining()
+        if self.stop_after is not None:
+            rem = rem[: max(0, self.stop_after - self.order.sent)]
+        return rem
+
+
+class _Run:
+    """One fetch, shared by its lanes (one lane = one request at a time to one provider)."""
+
+    def __init__(self, walk: DagWalk, store: RepoBatcher, repo: Any) -> None:
+        self.walk = walk
+        self.store = store
+        self.repo = repo
+        self.active: set[_Request] = set()
+        self.loading = 0
+        self.on_verified: Callable[[CID, bytes], None] | None = None
+        self.changed = trio.Event()
+        self.last_error = ""
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def next_wants(self, room: int) -> list[CID]:
+        wants = self.walk.next_wants(room)
+        loads = self.walk.take_loads()
+        if loads:
+            self.loading += 1
+            try:
+                for cid in loads:
+                    data = await trio.to_thread.run_sync(self.repo.load_block, cid)
+                    self.walk.on_block(cid, data, local=True)
+            finally:
+                self.loading -= 1
+            self.notify()
+        return wants
+
+    def steal(self, thief: ID, minimum: int, after: float) -> list[CID]:
+        """The tail half of the largest leaf-only request of another provider on which nothing arrived
+        for `after` seconds, or []. (Healthy providers sharing one downlink are never robbed: what a
+        robbed server already sent is wasted on the wire.)"""
+        best, best_rem = None, []
+        now = trio.current_time()
+        for req in self.active:
+            if req.peer == thief or now - req.progress_at < after:
+                continue
+            rem = req.owned()
+            if len(rem) >= minimum and len(rem) > len(best_rem) and all(c.codec == RAW for c in rem):
+                best, best_rem = req, rem
+        if best is None:
+            return []
+        keep = len(best_rem) // 2
+        best.stop_after = best.order.sent + keep
+        return best_rem[keep:]
+
+
+class DagTransfer:
+    """Fetches whole DAGs over `/p2pcache/dag/1.0.0`, falling back to `exchange` (bitswap)."""
+
+    def __init__(self, host: Any, exchange: BitswapExchange, config: DagConfig | None = None) -> None:
+        self.host = host
+        self.exchange = exchange
+        self.config = config or DagConfig()
+        self.stats = TransferStats()
+
+    def server(self, source: Any) -> DagServer:
+        """A server of `source` (a `BlockSource`) sharing this transfer's config, stats and bans."""
+        return DagServer(source, self.exchange.is_banned, self.config, self.stats)
+
+    async def fetch(self, root: CID, providers: Iterable[ProviderSpec], repo: Any,
+                    on_stored: Callable[[list[CID]], None] | None = None,
+                    on_verified: Callable[[CID, bytes], None] | None = None) -> int:
+        """Fetch every block under `root` that `repo` lacks (blocks already stored are not fetched again,
+        so an interrupted fetch resumes), storing verified blocks in batches and calling `on_stored` after
+        each; `on_verified(cid, data)` sees each new block the moment it is verified, before it is stored.
+        Returns the bytes fetched. Raises FetchError (one line) if neither protocol could finish."""
+        peers = [p for p in self.exchange.provider_ids(providers) if p != self.host.peer_id]
+        self.stats.fetches += 1
+        walk = DagWalk(root, repo.has_block, cover_nodes=True)
+        ex = self.exchange
+        before = walk.stats.bytes
+        try:
+            async with RepoBatcher(repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
+                                   on_stored=on_stored, on_committed=ex.blocks_added) as store:
+                run = _Run(walk, store, repo)
+                run.on_verified = on_verified
+                async with trio.open_nursery() as nursery:
+                    for peer in peers:
+                        for _ in range(self.config.streams_per_peer):
+                            nursery.start_soon(self._lane, run, peer)
+        finally:
+            self.stats.blocks += walk.stats.blocks
+            self.stats.duplicate_blocks += walk.stats.duplicate_blocks
+            self.stats.duplicate_bytes += walk.stats.duplicate_bytes
+        fetched = walk.stats.bytes - before
+        self.stats.bytes += fetched
+        if walk.finished:
+            return fetched
+        rest = [p for p in peers if not ex.is_banned(p)]
+        if not rest:
+            raise FetchError(f"could not fetch {root}: every provider was dropped ({run.last_error or 'none left'})")
+        self.stats.bitswap_fallbacks += 1
+        log.info("fetching the rest of %s over bitswap from %d peer(s)", root, len(rest))
+        walk.cover_nodes = False  # bitswap asks block by block
+        return fetched + await ex.fetch_dag(root, rest, repo, on_stored, walk=walk)
+
+    async def _lane(self, run: _Run, peer: ID) -> None:
+        walk = run.walk
+        while not walk.finished:
+            if self.exchange.is_banned(peer):
+                run.last_error = run.last_error or f"{peer} is banned for misbehaving"
+                return
+            wants = await run.next_wants(self.config.request_blocks)
+            if not wants:
+                if walk.finished:
+                    break
+                wants = run.steal(peer, self.config.steal_min, self.config.steal_after)
+                if wants:
+                    self.stats.steals += 1
+                elif not run.active and not run.loading:
+                    break  # nothing in flight anywhere and nothing to ask: the others gave up
+                else:
+                    with trio.move_on_after(self.config.steal_after / 2):  # look for a slow one again
+                        await run.changed.wait()
+                    continue
+            if not await self._request(run, peer, wants):
+                return
+        run.notify()
+
+    async def _request(self, run: _Run, peer: ID, wants: list[CID]) -> bool:
+        """One request on one stream. True if the lane may go on with this peer."""
+        walk = run.walk
+        req = _Request(peer, wants)
+        run.active.add(req)
+        stream = None
+        try:
+            try:
+                stream = await self.host.new_stream(peer, [PROTOCOL])
+                wants = req.trim()
+                if not wants:
+                    return True
+                await stream.write(encode_request(wants))
+                await stream.close_write()
+            except Exception as e:  # does not speak the protocol, or unreachable: not its fault
+                log.debug("no DAG stream to %s: %s", peer, e)
+                run.last_error = f"{peer}: {e}"
+                return False
+            self.stats.streams += 1
+            return await self._receive(run, req, stream)
+        except _Hostile as e:
+            run.last_error = f"{peer}: {e}"
+            self.stats.peers_dropped += 1
+            self.exchange.penalise(peer, f"DAG stream: {e}")
+            return False
+        finally:
+            run.active.discard(req)
+            for cid in req.owned():
+                walk.on_failed(cid)
+            run.notify()
+            if stream is not None:
+                await _reset(stream)
+
+    async def _receive(self, run: _Run, req: _Request, stream: Any) -> bool:
+        walk, order = run.walk, req.order
+        decoder = FrameDecoder(MAX_FRAME, "DAG stream")
+        while True:
+            with trio.move_on_after(self.config.stall_seconds) as waited:
+                try:
+                    data = await stream.read(self.config.read_size)
+                except Exception as e:  # reset, EOF or connection gone
+                    run.last_error = f"{req.peer}: stream broke ({e or type(e).__name__})"
+                    return False
+            if waited.cancelled_caught:
+                raise _Hostile(f"stalled: nothing for {self.config.stall_seconds:g} s")
+            if not data:
+                run.last_error = f"{req.peer}: stream ended without an end frame"
+                return False
+            try:
+                payloads = decoder.feed(data)
+            except ProtocolViolation as e:
+                raise _Hostile(str(e)) from None
+            for payload in payloads:
+                frame = pb.DagFrame()
+                try:
+                    frame.ParseFromString(payload)
+                    kind = frame.WhichOneof("frame")
+                    cid = CID.decode(frame.block.cid) if kind == "block" else None
+                except (DecodeError, InvalidCID, IndexError) as e:
+                    raise _Hostile(f"malformed frame ({e})") from None
+                if kind == "end":
+                    return self._ended(run, req, frame.end)
+                if cid is None:
+                    raise _Hostile("frame that is neither a block nor an end")
+                block = frame.block.data
+                try:
+                    order.expect(cid, block)
+                except OutOfOrder as e:
+                    raise _Hostile(str(e)) from None
+                req.progress_at = trio.current_time()
+                if walk.on_block(cid, block):
+                    if run.on_verified is not None:
+                        run.on_verified(cid, block)
+                    await run.store.add(cid, block)
+                    run.notify()
+                if req.stop_after is not None and order.sent >= req.stop_after:
+                    return True  # a thief took the rest
+
+    def _ended(self, run: _Run, req: _Request, end: pb.DagEnd) -> bool:
+        if end.status == pb.DagEnd.OK:
+            if not req.order.done:
+                raise _Hostile(f"stream ended with {len(req.order.remaining())}+ blocks of its walk unsent")
+            return True
+        why = end.message[:200] or pb.DagEnd.Status.Name(end.status) if end.status in (1, 2) else "unknown"
+        run.last_error = f"{req.peer}: {why}"
+        log.info("DAG stream from %s ended early: %s", req.peer, why)
+        return False

@@ -1,0 +1,161 @@
+"""The DAG transfer protocol between real daemons on loopback, and hostile peers speaking it badly."""
+
+import hashlib
+import io
+import json
+import random
+import re
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pcache.content.chunking import ChunkerParams
+from p2pcache.content.cid import RAW
+from p2pcache.content.manifest import iter_blocks
+from p2pcache.net.bitswap import BitswapExchange, RepoBlockSource
+from p2pcache.net.dagxfer import DagConfig, DagServer, DagTransfer
+from p2pcache.net.host import HostConfig, open_host
+from p2pcache.store.repo import Repo
+
+from .helpers.daemons import start_daemon
+
+BAD_DAG_NODE = str(Path(__file__).parent / "helpers" / "bad_dag_node.py")
+MODES = ("corrupt", "order", "endless", "stall", "empty")
+MiB = 1 << 20
+
+
+def _leech_repo(tmp_path: Path, name: str) -> Path:
+    repo = tmp_path / name
+    repo.mkdir()
+    (repo / "config.toml").write_text("[transfer]\nstall_timeout = 2.0\n")  # the stall case waits this long
+    return repo
+
+
+def test_archive_moves_over_one_dag_stream_per_request(tmp_path, rng, daemons):
+    data = rng.randbytes(12 * MiB + 777)
+    src = tmp_path / "a.tar"
+    src.write_bytes(data)
+    a = start_daemon(tmp_path / "a")
+    daemons.append(a)
+    b = start_daemon(tmp_path / "b", bootstrap=[a.addr])
+    daemons.append(b)
+    a.cli("add", str(src))
+    a.wait_announced(3)
+    out = tmp_path / "out.tar"
+    b.cli("get", "sha256:" + hashlib.sha256(data).hexdigest(), "-o", str(out), timeout=60)
+    assert out.read_bytes() == data
+    st, sa = b.status(), a.status()
+    xfer = st["transfer"]
+    assert xfer["bitswap_fallbacks"] == 0 and xfer["peers_dropped"] == 0
+    # ~200 chunks in requests of at most 128 CIDs, plus the tree's inner nodes: a handful of streams
+    assert 1 <= xfer["streams"] <= 6
+    assert len(data) <= xfer["bytes"] < len(data) + 64 * 1024 and xfer["duplicate_bytes"] == 0
+    assert sa["transfer"]["served_bytes"] >= len(data)
+    assert st["roots_incomplete"] == 0
+
+
+def test_hostile_dag_peers_are_banned_nothing_unverified_is_kept_honest_peer_completes(tmp_path, rng, daemons):
+    leech = start_daemon(_leech_repo(tmp_path, "leech"))
+    daemons.append(leech)
+    bad, files = {}, {}
+    for mode in MODES:
+        d = start_daemon(tmp_path / mode, bootstrap=[leech.addr], entry=[BAD_DAG_NODE],
+                         env={"P2PCACHE_BAD_DAG": mode})
+        daemons.append(d)
+        data = rng.randbytes(3 * MiB + len(mode))
+        (tmp_path / f"{mode}.bin").write_bytes(data)
+        d.cli("add", str(tmp_path / f"{mode}.bin"))
+        bad[mode], files[mode] = d, data
+    for d in bad.values():
+        d.wait_announced(3)
+
+    for mode, data in files.items():  # the only provider is hostile: a clean one-line failure
+        proc = leech.cli("get", "sha256:" + hashlib.sha256(data).hexdigest(), "-o", str(tmp_path / "x"),
+                         check=False, timeout=60)
+        assert proc.returncode != 0, mode
+        err = proc.stderr.decode().strip()
+        assert len(err.splitlines()) == 1 and "every provider was dropped" in err, (mode, err)
+    st = leech.status()
+    assert sorted(st["peers_penalised"]) == sorted(d.info["peer_id"] for d in bad.values())
+    log = (tmp_path / "leech.log").read_text()
+    for mode, d in bad.items():  # one line each, saying what was wrong
+        lines = [ln for ln in log.splitlines() if re.search(f"dropping peer {d.info['peer_id']}", ln)]
+        assert len(lines) == 1, (mode, lines)
+        why = {"corrupt": "does not hash", "order": "out of order", "endless": "after the end",
+               "stall": "stalled", "empty": "unsent"}[mode]
+        assert why in lines[0], (mode, lines[0])
+    assert not (tmp_path / "x").exists()
+    # Nothing unverified was kept: every block the leech holds hashes to its CID.
+    verify = leech.cli("verify", "--json", check=False)
+    assert verify.returncode == 0, verify.stderr.decode()
+    report = json.loads(verify.stdout.decode().splitlines()[-1])
+    assert report["consistent"] and report["corrupt"] == [] and report["garbage_files"] == 0, report
+
+    honest = start_daemon(tmp_path / "honest", bootstrap=[leech.addr])
+    daemons.append(honest)
+    for mode in MODES:
+        honest.cli("add", str(tmp_path / f"{mode}.bin"))
+    honest.wait_announced(3 * len(MODES))
+    for mode, data in files.items():
+        out = tmp_path / f"{mode}.out"
+        leech.cli("get", "sha256:" + hashlib.sha256(data).hexdigest(), "-o", str(out), timeout=60)
+        assert out.read_bytes() == data
+    assert leech.status()["roots_incomplete"] == 0
+
+
+# -- in one process: real py-libp2p hosts (TCP, Noise, Yamux) on loopback ---------------------------------
+
+SMALLER = ChunkerParams(min_size=4096, avg_size=8192, max_size=16384)  # many blocks in a few MiB
+
+
+class _FlippingSource(RepoBlockSource):
+    """What a lying provider serves: its repo's blocks with raw ones corrupted."""
+
+    def get(self, cid):
+        data = super().get(cid)
+        return bytes([data[0] ^ 1]) + data[1:] if data is not None and cid.codec == RAW else data
+
+
+@asynccontextmanager
+async def peer(tmp_path, name, *, lying=False, config=None):
+    repo = Repo.init(tmp_path / f"repo-{name}", durable=False)
+    cfg = HostConfig(identity=tmp_path / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",), handshake_timeout=5)
+    async with open_host(cfg) as host:
+        ex = BitswapExchange(host, RepoBlockSource(repo))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ex.run)
+            dag = DagTransfer(host, ex, config)
+            source = (_FlippingSource if lying else RepoBlockSource)(repo)
+            DagServer(source, ex.is_banned, dag.config, dag.stats).register(host)
+            dag.repo = repo
+            yield dag
+            nursery.cancel_scope.cancel()
+    repo.close()
+
+
+@pytest.mark.trio
+async def test_several_providers_share_the_work_a_liar_is_dropped_and_a_resume_fetches_only_the_rest(tmp_path):
+    data = random.Random(5).randbytes(6 * MiB)
+    cfg = DagConfig(request_blocks=16, stall_seconds=5)
+    async with peer(tmp_path, "a") as a, peer(tmp_path, "c") as c, peer(tmp_path, "liar", lying=True) as liar, \
+            peer(tmp_path, "b", config=cfg) as b:
+        for p in (a, c, liar):
+            root = p.repo.add_stream(io.BytesIO(data), name="x.tar", params=SMALLER).root
+        chunks = [(cid, size) for cid, size in iter_blocks(a.repo.manifest(root), a.repo.load_block) if cid.codec == RAW]
+        # b already holds every third chunk (an earlier, interrupted fetch): only the rest moves.
+        held = chunks[::3]
+        b.repo.put_blocks([(cid, a.repo.load_block(cid)) for cid, _ in held])
+        providers = [p.exchange.host.addrs()[0] for p in (liar, a, c)]
+        with trio.fail_after(60):
+            fetched = await b.fetch(root, providers, b.repo)
+        b.repo.register_root(root)
+        assert b"".join(b.repo.stream(root)) == data
+        missing = sum(s for cid, s in chunks) - sum(s for _, s in held)
+        assert missing <= fetched <= missing + 64 * 1024  # chunks not held, plus the manifest's inner nodes
+        assert [p for p, _ in b.exchange.penalised] == [liar.exchange.host.peer_id]
+        assert b.stats.peers_dropped == 1 and b.stats.bitswap_fallbacks == 0
+        # both honest providers carried a share
+        assert a.stats.served_blocks > 16 and c.stats.served_blocks > 16
+        assert b.stats.duplicate_bytes < 2 * MiB

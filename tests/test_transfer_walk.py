@@ -1,0 +1,192 @@
+"""The shared DAG walk and the DAG stream order, pure: a server's walk and an asker's check agree, the
+depth-first order is the order a NAR is read in, and a fetch driven through `DagWalk` (block by block as
+bitswap asks, or by subtrees as the DAG protocol asks) gets every missing block exactly once."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from p2pcache.content.cid import DAG_CBOR, RAW
+from p2pcache.content.narmanifest import NarAssembly, NarManifest
+from p2pcache.errors import CorruptData
+from p2pcache.transfer import DagWalk, DfsOrder, OutOfOrder
+
+from .test_narmanifest import ingest, nar_of, trees
+
+SETTINGS = dict(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def server_walk(blocks, roots, have=(), nodes_only=False):
+    order = DfsOrder(roots, have, nodes_only)
+    out = []
+    while (cid := order.peek()) is not None:
+        order.give(cid, blocks[cid] if cid.codec == DAG_CBOR else None)
+        out.append(cid)
+    return out
+
+
+@settings(**SETTINGS)
+@given(tree=trees)
+def test_depth_first_order_is_nar_order_and_the_asker_checks_it(tree):
+    nar = nar_of(tree)
+    root, blocks, _ = ingest(nar)
+    seq = server_walk(blocks, [root])
+    assert set(seq) == set(blocks) and len(seq) == len(blocks)
+    # NAR bytes come out of the blocks in exactly this order (first needs; a repeated file needs twice).
+    asm = NarAssembly(NarManifest.decode(blocks[root]), coalesce=1)
+    out, needs = b"".join(asm.start()), []
+    while (cid := asm.need()) is not None:
+        needs.append(cid)
+        out += b"".join(asm.give(blocks[cid]))
+    assert out == nar
+    assert list(dict.fromkeys(needs)) == seq[1:]
+    # The asker's mirror accepts the server's sequence as it arrives ...
+    mirror = DfsOrder([root])
+    for cid in seq:
+        mirror.expect(cid, blocks[cid])
+    assert mirror.done
+    with pytest.raises(OutOfOrder, match="after the end"):
+        mirror.expect(root, blocks[root])
+
+
+def test_the_asker_rejects_swapped_corrupt_and_foreign_blocks():
+    nar = nar_of(("dir", {b"a": ("file", False, random.Random(1).randbytes(5000)),
+                          b"b": ("file", True, random.Random(2).randbytes(3000))}))
+    root, blocks, _ = ingest(nar)
+    seq = server_walk(blocks, [root])
+    mirror = DfsOrder([root])
+    mirror.expect(root, blocks[root])
+    with pytest.raises(OutOfOrder, match="out of order"):
+        mirror.expect(seq[2], blocks[seq[2]])
+    with pytest.raises(OutOfOrder, match="does not hash"):
+        mirror.expect(seq[1], b"x" + blocks[seq[1]][1:])
+    mirror.expect(seq[1], blocks[seq[1]])  # a failed check consumed nothing
+
+
+def test_a_nar_that_does_not_match_its_hash_never_gets_its_last_bytes():
+    nar = nar_of(("file", False, random.Random(3).randbytes(9000)))
+    root, blocks, _ = ingest(nar)
+    manifest = NarManifest.decode(blocks[root])
+    bad = NarManifest(b"\0" * 32, manifest.nar_size, manifest.chunker, manifest.inline, manifest.root)
+    asm = NarAssembly(bad, coalesce=1)
+    out = b"".join(asm.start())
+    with pytest.raises(CorruptData):
+        while (cid := asm.need()) is not None:
+            out += b"".join(asm.give(blocks[cid]))
+    assert len(out) < len(nar)
+
+
+@settings(**SETTINGS)
+@given(tree=trees, seed=st.integers(0, 2**16), held_share=st.sampled_from([0.0, 0.3, 0.9]))
+def test_block_by_block_walk_fetches_every_missing_block_once(tree, seed, held_share):
+    """bitswap's use: any delivery order, some failures, blocks already held are never asked for."""
+    rng = random.Random(seed)
+    root, blocks, _ = ingest(nar_of(tree))
+    held = {c for c in blocks if c != root and rng.random() < held_share}
+    walk = DagWalk(root, held.__contains__)
+    asked: list = []
+    outstanding: list = []
+    while not walk.finished:
+        wants = walk.next_wants(rng.randint(1, 8))
+        for cid in walk.take_loads():
+            assert walk.on_block(cid, blocks[cid], local=True)
+        asked += wants
+        outstanding += wants
+        if not outstanding:
+            continue
+        cid = outstanding.pop(rng.randrange(len(outstanding)))
+        if rng.random() < 0.1:
+            walk.on_failed(cid)
+            asked.remove(cid)
+        else:
+            assert walk.on_block(cid, blocks[cid])
+    assert not held & set(asked) and len(asked) == len(set(asked))
+    # Everything reachable that was not held, reachable through held nodes included.
+    reachable = set(server_walk(blocks, [root]))
+    need = {c for c in reachable if c not in held}
+    assert set(asked) <= need and walk.stats.blocks == len(asked)
+
+
+@settings(**SETTINGS)
+@given(tree=trees, seed=st.integers(0, 2**16), held_share=st.sampled_from([0.0, 0.5]))
+def test_subtree_requests_as_the_dag_driver_makes_them(tree, seed, held_share):
+    """The DAG driver's use: a want stands for its subtree of inner nodes, a server streams each request
+    in order, a request may break midway and its blocks go back to the walk."""
+    rng = random.Random(seed)
+    root, blocks, _ = ingest(nar_of(tree))
+    held = {c for c in blocks if c != root and c.codec == RAW and rng.random() < held_share}
+    walk = DagWalk(root, held.__contains__, cover_nodes=True)
+    received: list = []
+    while not walk.finished:
+        wants = walk.next_wants(rng.randint(1, 6))
+        for cid in walk.take_loads():
+            walk.on_block(cid, blocks[cid], local=True)
+        if not wants:
+            continue
+        sent = server_walk(blocks, wants, nodes_only=True)
+        mirror = DfsOrder(wants, nodes_only=True)
+        cut = rng.randrange(len(sent) + 1) if rng.random() < 0.2 else len(sent)
+        for cid in sent[:cut]:
+            mirror.expect(cid, blocks[cid])
+            if walk.on_block(cid, blocks[cid]):
+                received.append(cid)
+        for cid in mirror.remaining():
+            walk.on_failed(cid)
+    assert not held & set(received)
+    assert len(received) == len(set(received))
+    assert set(received) | held >= set(server_walk(blocks, [root])) - held
+
+
+def test_have_and_scope_nodes_shape_the_walk_on_both_sides():
+    tree = ("dir", {b"a": ("file", False, random.Random(7).randbytes(20000)),
+                    b"b": ("dir", {b"c": ("file", True, random.Random(8).randbytes(9000))}),
+                    b"d": ("file", False, random.Random(7).randbytes(20000))})  # same bytes as a: shared blocks
+    root, blocks, _ = ingest(nar_of(tree))
+    full = server_walk(blocks, [root])
+    assert len(full) == len(set(full)) == len(blocks)  # a repeated subtree is sent once
+    inner = [c for c in full if c.codec == DAG_CBOR]
+    assert server_walk(blocks, [root], nodes_only=True) == inner
+    skipped = inner[1]  # an inner node: it and everything only it links to are left out
+    below = set(server_walk(blocks, [skipped]))
+    walk = server_walk(blocks, [root], have=[skipped])
+    assert skipped not in walk and len(walk) < len(full) and set(walk) | below == set(full)
+    mirror = DfsOrder([root], have=[skipped])
+    for cid in walk:
+        mirror.expect(cid, blocks[cid])
+    assert mirror.done
+
+
+@settings(**SETTINGS)
+@given(tree=trees, seed=st.integers(0, 2**16))
+def test_wants_follow_depth_first_order_whatever_order_inner_nodes_arrive_in(tree, seed):
+    """A NAR streamed to Nix needs its blocks in DFS order: inner nodes arriving in any order must not
+    reorder the blocks wanted after them."""
+    rng = random.Random(seed)
+    root, blocks, _ = ingest(nar_of(tree))
+    dfs = server_walk(blocks, [root])
+    pos = {c: i for i, c in enumerate(dfs)}
+    walk = DagWalk(root, lambda c: False)
+    pending: list = []
+    asked: list = []
+    while not walk.finished:
+        wants = walk.next_wants(rng.choice([1, 3, 1000]))
+        assert wants == sorted(wants, key=pos.__getitem__)  # each batch in DFS order
+        asked += wants
+        pending += wants
+        rng.shuffle(pending)  # blocks come back in any order
+        cid = pending.pop()
+        walk.on_block(cid, blocks[cid])
+    assert sorted(asked, key=pos.__getitem__) == dfs
+    # With every inner node in (each after its parent, siblings and cousins in a shuffled order), the
+    # leaves come out in exactly the NAR's order.
+    walk = DagWalk(root, lambda c: False, cover_nodes=True)
+    open_inner = walk.next_wants(1)
+    while open_inner:
+        cid = open_inner.pop(rng.randrange(len(open_inner)))
+        walk.on_block(cid, blocks[cid])
+        open_inner = [c for c in dfs if c.codec == DAG_CBOR and walk.is_open(c)]
+    assert walk.next_wants(10**6) == [c for c in dfs if c.codec == RAW]

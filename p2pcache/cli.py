@@ -723,6 +723,140 @@ def cmd_swarm_key(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+# -- lock-file prefetch --------------------------------------------------------------------------
+def _registries(args: argparse.Namespace):
+    """Registry base URLs: `[prefetch.registries]` of REPO/config.toml, then --registry / --index-url."""
+    import tomllib
+
+    from .content.lockfiles import Registries
+
+    reg = Registries()
+    try:
+        conf = tomllib.loads((_repo_path(args) / "config.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        conf = {}
+    for kind, url in (conf.get("prefetch", {}).get("registries", {}) or {}).items():
+        reg.set(f"{kind}={url}")
+    for spec in args.registry or ():
+        reg.set(spec)
+    if args.index_url:
+        reg.pypi = args.index_url
+    return reg
+
+
+def _read_locks(args: argparse.Namespace):
+    from .content.lockfiles import parse_lockfile
+
+    registries = _registries(args)
+    locks = []
+    for path in args.lockfiles:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RepoError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        locks.append(parse_lockfile(path, text, registries))
+    return locks
+
+
+def cmd_prefetch(args: argparse.Namespace, out: Output) -> int:
+    """Every pinned dependency of the lock files: repo → swarm → origin, each verified by its own hash."""
+    import time
+
+    from .prefetch import dependency_to_json
+
+    if not 1 <= args.jobs <= 256:
+        raise InvalidInput(f"-j {args.jobs}: parallel fetches must be between 1 and 256")
+    locks = _read_locks(args)
+    deps = [d for lock in locks for d in lock.dependencies]
+    skipped = [(lock.path, s) for lock in locks for s in lock.skipped]
+    for path, s in skipped:
+        out.emit({"event": "skipped", "lockfile": path, "name": s.name, "reason": s.reason}, None) \
+            if args.json else print(f"skipped {s.name}: {s.reason}", file=sys.stderr)
+    show = _want_progress(args, None)
+    entries: dict[int, dict] = {}
+    started = time.monotonic()
+
+    def on_event(event: dict) -> None:
+        if event["event"] != "entry":
+            return
+        entries[event["index"]] = event
+        if args.json:
+            out.emit({k: v for k, v in event.items() if k not in ("index", "done", "of", "fetched")}, "")
+        if show:
+            print(f"\r{event['done']}/{event['of']} dependencies, {human(event['fetched'])} fetched",
+                  end="", file=sys.stderr, flush=True)
+
+    client = _daemon(args) if Repo.exists(_repo_path(args)) else None
+    if client is not None:
+        try:
+            summary = client.prefetch([dependency_to_json(d) for d in deps], args.jobs, on_event)
+        finally:
+            client.close()
+    else:
+        import trio
+
+        from .prefetch import Prefetcher
+        from .store.origin import HttpOrigin
+
+        async def run(repo: Repo) -> dict:
+            origin = HttpOrigin(connections=max(8, args.jobs))
+            try:
+                _, summ = await Prefetcher(repo, origin).run(deps, args.jobs, on_event)
+            finally:
+                await origin.aclose()
+            return summ.to_json()
+
+        with _open(args, writable=True, create=True) as repo:
+            summary = trio.run(run, repo)
+    summary["skipped"] = len(skipped)
+    if show:
+        print(file=sys.stderr)
+    elapsed = time.monotonic() - started
+    failed = [entries[i] for i in sorted(entries) if entries[i]["source"] is None]
+    if not args.json:
+        for e in failed:
+            print(f"failed {e['name']}@{e['version']}: {e['failure']}: {e['message']}", file=sys.stderr)
+    if args.out:
+        from .offline import write_layout
+
+        with _open(args, writable=False) as repo:
+            items = [(deps[i], CID.parse(e["root"])) for i, e in entries.items() if e["root"]]
+            summary["layouts"] = write_layout(repo, items, Path(args.out))
+    fetched = summary["bytes"]["peer"] + summary["bytes"]["origin"]
+    text = (f"{summary['total']} dependencies: {summary['local']} local, {summary['peer']} from peers, "
+            f"{summary['origin']} from origin, {summary['skipped']} skipped, {summary['failed']} failed; "
+            f"{human(fetched)} fetched in {elapsed:.1f} s")
+    if args.out:
+        text += f"; offline layouts in {args.out}: " + ", ".join(f"{k} ({n})" for k, n in summary["layouts"].items())
+    out.emit({"event": "summary", **summary, "seconds": round(elapsed, 3)}, text)
+    return 1 if failed else 0
+
+
+def cmd_lock2nix(args: argparse.Namespace, out: Output) -> int:
+    """A Nix expression with one fixed-output fetchurl per dependency of the lock file."""
+    from .content.lockfiles import DepHash
+    from .content.lockfiles.nixexpr import to_nix
+
+    locks = _read_locks(args)
+    known: dict[str, DepHash] = {}
+    if Repo.exists(_repo_path(args)):  # hashes Nix cannot check, verified here once: their sha256
+        with _open(args, writable=False) as repo:
+            for lock in locks:
+                for d in lock.dependencies:
+                    if d.hash is not None and d.hash.algo in ("h1", "sha384"):
+                        root = repo.index.resolve_alias(d.hash.alias)
+                        if root is not None:
+                            known[d.hash.alias] = DepHash("sha256", repo.manifest(root).hashes["sha256"])
+    text = to_nix([d for lock in locks for d in lock.dependencies], " ".join(args.lockfiles), known)
+    if args.output and args.output != "-":
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 # -- build cache (`p2pcache cache …`) ----------------------------------------------------------------
 # The CLI walks and writes the caller's paths itself, with the caller's permissions; a running daemon
 # only receives blocks (re-hashed) and a root, and hands back a root the CLI then reads from the repo.
@@ -1038,6 +1172,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("swarm-key", cmd_swarm_key, "make a pre-shared key for a private team swarm")
     sp.add_argument("action", choices=["new"])
     sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE (mode 0600) instead of stdout")
+    sp = add("prefetch", cmd_prefetch, "fetch every dependency of lock files: repo, swarm, origin; each verified")
+    sp.add_argument("lockfiles", nargs="+", metavar="LOCKFILE")
+    sp.add_argument("-j", "--jobs", type=int, default=8, metavar="N", help="parallel fetches (default 8)")
+    sp.add_argument("--out", metavar="DIR", help="also write offline layouts (npm cache, find-links, GOPROXY, "
+                    "cargo vendor, gems) under DIR")
+    sp.add_argument("--index-url", metavar="URL", help="PEP 503/691 simple index for poetry.lock files")
+    sp.add_argument("--registry", action="append", metavar="KIND=URL",
+                    help="registry base URL for lock files without full URLs: npm, cargo (dl template), pypi, go, gem")
+    sp = add("lock2nix", cmd_lock2nix, "write a Nix expression with one fetchurl per lock-file dependency")
+    sp.add_argument("lockfiles", nargs="+", metavar="LOCKFILE")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default stdout)")
+    sp.add_argument("--index-url", metavar="URL", help=argparse.SUPPRESS)
+    sp.add_argument("--registry", action="append", metavar="KIND=URL", help="as for prefetch")
     _add_cache_parser(sub, common)
     return p
 

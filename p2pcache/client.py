@@ -122,7 +122,9 @@ class DaemonClient:
         return self._get("/api/v0/peers")  # type: ignore[return-value]
 
     def _stream(self, path: str, body: dict | None, progress: Callable[[int, int | None], None] | None,
-                **request: object) -> dict:
+                on_event: Callable[[dict], None] | None = None, **request: object) -> dict:
+        """POST and follow the NDJSON answer: progress events to `progress` (or, with no `progress`, every
+        other event to `on_event`) until `done` (returned) or `error` (raised)."""
         try:
             with self.http.stream("POST", path, json=body, **request) as r:  # type: ignore[arg-type]
                 if r.status_code != 200:
@@ -131,15 +133,17 @@ class DaemonClient:
                 for line in r.iter_lines():
                     if not line:
                         continue
-                    event = json.loads(line)
-                    kind = event.pop("event", None)
-                    if kind == "progress":
-                        if progress:
+                    first = json.loads(line)
+                    for event in first["events"] if first.get("event") == "batch" else [first]:
+                        kind = event.pop("event", None)
+                        if kind == "done":
+                            return event
+                        elif kind == "error":
+                            raise _daemon_error(event.get("code"), event["message"])
+                        elif kind == "progress" and progress:
                             progress(event["bytes"], event.get("total"))
-                    elif kind == "done":
-                        return event
-                    elif kind == "error":
-                        raise _daemon_error(event.get("code"), event["message"])
+                        elif on_event:
+                            on_event({"event": kind, **event})
         except httpx.HTTPError as e:
             raise RepoError(f"lost the daemon at {self.info['api']}: {e}") from None
         raise RepoError("daemon closed the response without an answer")
@@ -178,6 +182,9 @@ class DaemonClient:
 
 
 
+    def prefetch(self, dependencies: list[dict], jobs: int, on_event: Callable[[dict], None]) -> dict:
+        """Lock-file prefetch in the daemon: `entry` and `progress` events go to `on_event`; returns the summary."""
+        return self._stream("/api/v0/prefetch", {"dependencies": dependencies, "jobs": jobs}, None, on_event)
     # -- build cache (p2pcache.buildcache through the daemon; the caller walks and writes its own paths) --
     def cache_lookup(self, key: str, restore_keys: list[str], lookup_only: bool, paths_id: str | None = None,
                      progress: Callable[[int, int | None], None] | None = None) -> dict:

@@ -108,6 +108,10 @@ libraries = ""
 # Warn if no peer completed a handshake this many seconds after start (0: never).
 alone_warning = 30
 
+# [prefetch.registries]
+# Registry base URLs for `p2pcache prefetch` / `lock2nix` when a lock file has no full URLs
+# (--registry KIND=URL overrides): npm = "…", cargo = "<dl template>", pypi = "<simple index>", go = "<GOPROXY>", gem = "…"
+
 [buildcache]
 # A saved tree nobody saved or restored for this many days is evicted (pinned keys stay).
 idle_expiry_days = 7
@@ -232,6 +236,9 @@ def load(repo: Path, file: Path | str | None = None) -> NodeConfig:
                     raise InvalidInput(f"{path}: nix.{key} has the wrong type ({type(value).__name__})")
                 setattr(cfg.nix, key, float(value) if want is float else value)
             continue
+        if section == "prefetch" and isinstance(values, dict):
+            _check_prefetch(path, values)  # read by `p2pcache prefetch` / `lock2nix`, not by the daemon
+            continue
         mapping = _SECTIONS.get(section)
         if mapping is None or not isinstance(values, dict):
             raise InvalidInput(f"{path}: unknown section [{section}]")
@@ -292,3 +299,17 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (try 500M, 2G, 1048576)")
     number, unit = float(m.group(1)), m.group(2).lower()
     return int(number * 1024 ** " kmgtp".index(unit or " "))
+
+
+PREFETCH_REGISTRY_KINDS = ("npm", "cargo", "pypi", "go", "gem")
+
+
+def _check_prefetch(path: Path, values: dict) -> None:
+    """`[prefetch.registries]`: registry base URLs for lock files without full URLs (KIND = "URL")."""
+    for key, value in values.items():
+        if key != "registries" or not isinstance(value, dict):
+            raise InvalidInput(f"{path}: unknown setting prefetch.{key} (only [prefetch.registries])")
+        for kind, url in value.items():
+            if kind not in PREFETCH_REGISTRY_KINDS or not isinstance(url, str):
+                raise InvalidInput(f"{path}: prefetch.registries.{kind} must be a URL string, KIND one of "
+                                   f"{', '.join(PREFETCH_REGISTRY_KINDS)}")

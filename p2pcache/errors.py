@@ -39,6 +39,14 @@ class NotFound(P2PCacheError, KeyError):
         return str(self.args[0]) if self.args else "not found"
 
 
+class OriginError(NotFound):
+    """An origin (a registry URL, an index page) answered something other than the file, or not at all."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
 class CorruptData(P2PCacheError):
     """Bytes on disk or from a peer do not match the hash that names them."""
 

@@ -520,6 +520,33 @@ class Node:
         self.announce(result.root)
         return {"root": str(result.root), "source": "origin", "size": result.size, "url": url}
 
+    # -- lock-file prefetch (the service is prefetch.Prefetcher; the node hands it the swarm) -----------
+    async def fetch_blocks(self, alias: str) -> CID:
+        """Store the blocks of the archive a provider of `alias` holds, each verified against its CID,
+        without registering the root: the caller checks the whole against its own hash first."""
+        assert self.finder is not None and self.host is not None
+        providers = [p for p in await self.finder.find_providers(alias, timeout=self.config.lookup_timeout)
+                     if p.peer_id != self.host.peer_id]
+        if not providers:
+            raise NotFound(f"{alias}: no peer in the swarm announces it")
+        root = await self._resolve_root(alias, providers)
+        await self.fetch_dag(root, providers)
+        return root
+
+    async def prefetch(self, deps: list, jobs: int, on_event: Callable[[dict], None]) -> dict:
+        """Prefetch lock-file dependencies (see prefetch.py): repo → swarm → origin, each verified."""
+        from .prefetch import Prefetcher
+        from .store.origin import HttpOrigin
+
+        assert self.repo is not None
+        origin = HttpOrigin(connections=max(8, jobs))
+        try:
+            outcomes, summary = await Prefetcher(self.repo, origin, swarm=self, announce=self.announce).run(
+                deps, jobs, on_event)
+        finally:
+            await origin.aclose()
+        return summary.to_json()
+
     async def _fetch_from_swarm(self, key: HashKey | RootKey, progress: ProgressFn) -> tuple[CID, int]:
         assert self.finder is not None and self.exchange is not None and self.repo is not None
         alias = str(key.cid) if isinstance(key, RootKey) else key.alias
@@ -683,7 +710,13 @@ class Node:
                 nar_size=info.nar_size, references=tuple(info.references), deriver=info.deriver or "",
                 system=info.system or "", ca=info.ca or "", sigs=tuple(info.sigs)))
         try:
-            root = self.repo.resolve(alias)
+            try:
+                root = self.repo.resolve(alias)
+            except InvalidInput:  # lock-file aliases (sha1:, sha384:, h1:) the key parser does not read
+                found = self.repo.index.resolve_alias(alias)
+                if found is None:
+                    return None
+                root = found
             info = self.repo.root_info(root)
         except P2PCacheError:
             return None

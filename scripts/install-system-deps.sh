@@ -3,9 +3,12 @@
 # Nix (nix-bin) is real Nix for the Nix-format tests; casync is the dedup benchmark's baseline; curl is the
 # attacker's HTTP client in tests/test_auth.py (run as user nobody, which cannot use the project's venv);
 # systemd gives `systemd-analyze verify` for deploy/systemd (no running systemd needed).
-# iproute2 (`ip netns`, veth) makes the network namespaces of the LAN-discovery and DNS tests.
+# iproute2 (`ip netns`, veth) makes the network namespaces of the LAN-discovery and DNS tests;
+# golang-go is the real Go that writes go.sum and builds from a prefetched GOPROXY tree.
 set -euo pipefail
-want=(nix-bin casync curl iproute2 systemd)
+want=(nix-bin casync curl iproute2 systemd golang-go)
+# cargo for the Cargo vendor test: Debian's, unless a rustup cargo is already there
+command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || want+=(cargo)
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -7,6 +7,8 @@
     POST /api/v0/fetch-url {"url", "hash"} the swarm if anyone has it, else the URL; verify, add, announce
     POST /api/v0/gc {"max_size"?}          gc in the daemon; evicted roots are withdrawn from the DHT
     POST /api/v0/pin, /api/v0/unpin {"key"}
+    POST /api/v0/prefetch {"dependencies": [...], "jobs"}  lock-file dependencies: repo → swarm → origin,
+                                   each verified; NDJSON `entry` events (batched), then `done` (summary)
     POST /api/v0/blocks/missing (binary)     which of these blocks (varint, binary CID)… the repo lacks: indices
     POST /api/v0/blocks (binary)             upload blocks (varint, CID, varint, bytes)…; each is re-hashed
     POST /api/v0/cache/lookup {"key", "restore_keys", "lookup_only", "paths_id"}   find (and fetch) a tree (NDJSON)
@@ -42,20 +44,17 @@ class NodeAPI(Protocol):
     def peers(self) -> list[dict]: ...
     async def add_stream(self, body: AsyncIterator[bytes], name: str | None) -> dict: ...
     async def fetch(self, key: str, progress: ProgressFn) -> dict: ...
+    async def prefetch(self, deps: list, jobs: int, on_event: Callable[[dict], None]) -> dict: ...
 
 
-async def _progress_stream(run: Callable[[ProgressFn], Awaitable[dict]]) -> AsyncIterator[dict]:
-    """Run an operation, yielding throttled progress events and then its outcome."""
+def _event_stream(run: Callable[[Callable[[dict], None]], Awaitable[dict]], batch: bool = False) -> AsyncIterator[dict]:
+    """Run an operation that emits events (from trio or from a worker thread): yield them, then its
+    outcome as a `done` or `error` event. With `batch`, events already waiting go out together as one
+    `{"event": "batch", "events": [...]}` line (thousands of small events cost one write each otherwise)."""
     send_ch, recv_ch = trio.open_memory_channel[dict](math.inf)
     token = trio.lowlevel.current_trio_token()
-    last = [0.0]
 
-    def progress(done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if now - last[0] < 0.1 and (total is None or done < total):
-            return
-        last[0] = now
-        event = {"event": "progress", "bytes": done, "total": total}
+    def emit(event: dict) -> None:
         try:
             trio.lowlevel.current_trio_token()
             send_ch.send_nowait(event)
@@ -65,16 +64,50 @@ async def _progress_stream(run: Callable[[ProgressFn], Awaitable[dict]]) -> Asyn
     async def runner() -> None:
         async with send_ch:
             try:
-                result = await run(progress)
+                result = await run(emit)
                 await send_ch.send({"event": "done", **result})
             except P2PCacheError as e:
                 await send_ch.send({"event": "error", "message": str(e), "code": e.exit_code})
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(runner)
-        async with recv_ch:
-            async for event in recv_ch:
-                yield event
+    async def events() -> AsyncIterator[dict]:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner)
+            async with recv_ch:
+                async for event in recv_ch:
+                    if not batch or event["event"] in ("done", "error"):
+                        yield event
+                        continue
+                    group = [event]
+                    while len(group) < 1000:
+                        try:
+                            group.append(recv_ch.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    last = group[-1] if group[-1]["event"] in ("done", "error") else None
+                    if last is not None:
+                        group.pop()
+                    yield {"event": "batch", "events": group} if len(group) > 1 else group[0]
+                    if last is not None:
+                        yield last
+
+    return events()
+
+
+def _progress_stream(run: Callable[[ProgressFn], Awaitable[dict]]) -> AsyncIterator[dict]:
+    """Run an operation, yielding throttled progress events and then its outcome."""
+    last = [0.0]
+
+    def with_progress(emit: Callable[[dict], None]) -> Awaitable[dict]:
+        def progress(done: int, total: int | None) -> None:
+            now = time.monotonic()
+            if now - last[0] < 0.1 and (total is None or done < total):
+                return
+            last[0] = now
+            emit({"event": "progress", "bytes": done, "total": total})
+
+        return run(progress)
+
+    return _event_stream(with_progress)
 
 
 async def request_body(receive: Receive) -> AsyncIterator[bytes]:
@@ -152,6 +185,9 @@ def make_app(node: NodeAPI, policy: guard.AccessPolicy) -> Callable[[Scope, Rece
                 if not isinstance(body.get("url"), str) or not isinstance(body.get("hash"), str):
                     raise HTTPError(400, "fetch-url needs a JSON body with 'url' and 'hash' strings")
                 await send_ndjson(send, _progress_stream(lambda p: node.fetch_url(body["url"], body["hash"], p)))
+            elif path == "/api/v0/prefetch" and method == "POST":
+                deps, jobs = _prefetch_request(await read_json(receive, limit=64 << 20))
+                await send_ndjson(send, _prefetch_stream(node, deps, jobs))
             elif path.startswith("/api/v0/blocks") or path.startswith("/api/v0/cache/"):
                 from urllib.parse import parse_qs
 
@@ -165,6 +201,21 @@ def make_app(node: NodeAPI, policy: guard.AccessPolicy) -> Callable[[Scope, Rece
             await send_error(send, 400 if e.exit_code == 2 else 404 if e.exit_code == 3 else 500, str(e))
 
     return app
+
+
+def _prefetch_request(body: dict) -> tuple[list, int]:
+    from ..prefetch import dependency_from_json
+
+    deps = body.get("dependencies")
+    jobs = body.get("jobs", 8)
+    if not isinstance(deps, list) or not isinstance(jobs, int) or not 1 <= jobs <= 256:
+        raise HTTPError(400, "prefetch needs a JSON body with a 'dependencies' list and 'jobs' (1-256)")
+    return [dependency_from_json(d) for d in deps], jobs
+
+
+def _prefetch_stream(node: Any, parsed: list, jobs: int) -> AsyncIterator[dict]:
+    """The prefetch service's events as NDJSON: an `entry` per dependency, `progress`, then `done`."""
+    return _event_stream(lambda emit: node.prefetch(parsed, jobs, emit), batch=True)
 
 
 def _check_post_type(scope: Scope) -> None:

@@ -59,7 +59,7 @@ _NARINFO_PATH = re.compile(r"^/([0-9a-df-np-sv-z]{32})\.narinfo$")
 _OUR_NAR = re.compile(r"^/nar/([0-9a-df-np-sv-z]{32})-([0-9a-df-np-sv-z]{52})\.nar$")
 _BARE_NAR = re.compile(r"^/nar/([0-9a-df-np-sv-z]{52})\.nar$")
 _UPLOAD_NAR = re.compile(r"^/nar/([A-Za-z0-9._+-]{1,200})$")
-_HASHED = re.compile(r"^/(sha256|sha512)/([A-Za-z0-9+/=_-]{20,200})$")
+_HASHED = re.compile(r"^/(sha1|sha256|sha512)/([A-Za-z0-9+/=_-]{20,200})$")
 _COMPRESSION_BY_SUFFIX = {".nar": "none", ".nar.xz": "xz", ".nar.zst": "zstd", ".nar.bz2": "bzip2",
                           ".nar.gz": "gzip"}
 PUT_LIMIT_NARINFO = 1 << 20
@@ -774,6 +774,9 @@ class NixCache:
 
     # -- hashed mirror -------------------------------------------------------------------------------
     async def _get_hashed(self, algo: str, text: str, send: Send, head: bool) -> None:
+        if algo == "sha1":
+            await self._get_sha1(text, send, head)
+            return
         try:
             key = parse_key(f"{algo}:{text}") if not text.startswith(algo + "-") else parse_key(text)
         except P2PCacheError:
@@ -820,6 +823,58 @@ class NixCache:
             await self._stream(send, info.size, lambda: stream_nar_root(repo, root), "local", head)
             return
         await self._stream(send, info.size, lambda: repo.stream(root), "local", head, b"application/octet-stream")
+
+    async def _get_sha1(self, text: str, send: Send, head: bool) -> None:
+        root = await _sha1_root(self.node, text, head)
+        self.metrics.mirror.labels("hit" if root is not None else "miss").inc()
+        if root is None:
+            raise HTTPError(404, f"nobody has sha1 {text}")
+        if root is True:  # HEAD: a provider announces it
+            await send_bytes(send, 200, b"", "application/octet-stream", head=True)
+            return
+        repo = self.node.repo
+        await self._stream(send, repo.root_info(root).size, lambda: repo.stream(root), "local", head,
+                           b"application/octet-stream")
+
+
+async def _sha1_root(node: Any, text: str, head: bool) -> Any:
+    """The root of the archive whose sha1 is `text` (hex, nix-base32 or base64), as Nix asks a hashed
+    mirror for `sha1 =` fetches (npm's and yarn's old integrity hashes): the repo, else the swarm, every
+    byte verified against the sha1 (and the manifest's own hashes) before it is recorded; None if nobody has it."""
+    import base64
+    import binascii
+
+    from ..content import nixbase32
+    from ..content.lockfiles import Dependency, DepHash
+    from ..prefetch import Prefetcher
+
+    digest = None
+    if len(text) == 40:
+        try:
+            digest = bytes.fromhex(text)
+        except ValueError:
+            pass
+    elif len(text) == nixbase32.encoded_length(20):
+        try:
+            digest = nixbase32.decode(text, 20)
+        except nixbase32.InvalidNixBase32:
+            pass
+    elif len(text) == 28:
+        try:
+            digest = base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    if digest is None or len(digest) != 20:
+        raise HTTPError(400, f"/sha1/{text}: not a sha1 hash in hex, nix-base32 or base64")
+    alias = f"sha1:{digest.hex()}"
+    root = node.repo.index.resolve_alias(alias)
+    if root is not None and node.repo.root_info(root).complete:
+        return root
+    if head:
+        return bool(await node.finder.find_providers(alias, timeout=node.config.lookup_timeout)) or None
+    dep = Dependency(alias, "", None, DepHash("sha1", digest), "mirror")
+    outcome = await Prefetcher(node.repo, origin=None, swarm=node, announce=node.announce).fetch(dep)  # type: ignore[arg-type]
+    return node.repo.index.resolve_alias(alias) if outcome.source else None
 
 
 class _ArrivingBlocks:

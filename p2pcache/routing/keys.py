@@ -10,6 +10,8 @@ GET_PROVIDERS). Another implementation interoperates by computing the same bytes
 | `sha256:<64 hex>` (and every other form `parse_key` normalises to it: SRI, nix-base32, bare hex) | multihash sha2-256: `12 20 <digest>` |
 | `sha512:<128 hex>` (and SRI / nix-base32 forms) | multihash sha2-512: `13 40 <digest>`               |
 | `nix:<32 nix-base32 chars>` (a store path's hash part) | multihash sha2-256 of `NIX_NAMESPACE + <the 32 ASCII chars>`, i.e. `12 20 sha256(b"/p2pcache/nix-store-path/" + hash)` |
+| `sha1:<40 hex>`, `sha384:<96 hex>` (lock-file hashes, recorded once verified) | multihash sha1 `11 14 <digest>` / sha2-384 `20 30 <digest>` |
+| `h1:<base64>` (go.sum's dirhash of a module zip's files) | multihash sha2-256 of `GO_H1_NAMESPACE + <the alias text>` |
 | `cache-ns:<namespace>` (a build-cache key namespace, UTF-8) | `12 20 sha256(b"/p2pcache/cache-namespace/" + namespace)`: providers are the nodes holding signed key records of that namespace |
 
 Consequences worth knowing:
@@ -39,6 +41,9 @@ NIX_NAMESPACE = b"/p2pcache/nix-store-path/"
 _NIX_HASH_LEN = 32
 _NIX_CHARS = frozenset(nixbase32.ALPHABET)
 _MULTIHASH_CODES = {"sha256": 0x12, "sha512": 0x13}
+# Lock-file hashes the repo records beside sha256/sha512 (see content/lockfiles/hashes.py).
+_EXTRA_HEX = {"sha1:": (0x11, 20), "sha384:": (0x20, 48)}
+GO_H1_NAMESPACE = b"/p2pcache/go-h1/"
 CACHE_NS_ALIAS_PREFIX = "cache-ns:"
 CACHE_NAMESPACE = b"/p2pcache/cache-namespace/"
 
@@ -72,6 +77,17 @@ def dht_key(alias: str) -> bytes:
         nix_alias(alias[len(NIX_ALIAS_PREFIX):])  # validates
         digest = hashlib.sha256(NIX_NAMESPACE + alias[len(NIX_ALIAS_PREFIX):].encode("ascii")).digest()
         return _multihash(0x12, digest)
+    for prefix, (code, size) in _EXTRA_HEX.items():
+        if alias.startswith(prefix):
+            body = alias[len(prefix):]
+            if len(body) != 2 * size or not all(c in "0123456789abcdef" for c in body):
+                raise InvalidKey(f"{alias[:120]!r} is not {prefix}<{2 * size} lowercase hex digits>")
+            return _multihash(code, bytes.fromhex(body))
+    if alias.startswith("h1:"):
+        # a dirhash is not the digest of any bytes a peer sends, so it gets its own namespace
+        if len(alias) != 47 or not alias.endswith("="):
+            raise InvalidKey(f"{alias[:120]!r} is not h1:<base64 of 32 bytes>")
+        return _multihash(0x12, hashlib.sha256(GO_H1_NAMESPACE + alias.encode("ascii")).digest())
     key = parse_key(alias)
     if isinstance(key, RootKey):
         return key.cid.multihash

@@ -328,6 +328,12 @@ class Index:
                             "add or fetch it again")
         return not existed
 
+    def add_aliases(self, root: CID, aliases: Iterable[str]) -> None:
+        """More names for a recorded root (lock-file hashes verified against its bytes)."""
+        self.db.executemany(
+            "INSERT OR IGNORE INTO aliases(key, root) VALUES (?, ?)", ((a, root.buffer) for a in aliases)
+        )
+
     def remove_root(self, root: CID) -> None:
         self.db.execute(
             "UPDATE blocks SET refs = refs - 1 WHERE cid IN (SELECT cid FROM root_blocks WHERE root = ?)",

@@ -569,6 +569,13 @@ class Repo:
             self.index.put_root(root, "archive", manifest.size, manifest.name, manifest.media_type, aliases, cids)
         return self.root_info(root)
 
+    def add_aliases(self, root: CID, aliases: Iterable[str]) -> None:
+        """Record more aliases of a complete root: only hashes the caller verified against its bytes
+        (lock-file sha1/sha384/h1 hashes, see prefetch.py)."""
+        self._require_writable()
+        with self.index.transaction():
+            self.index.add_aliases(root, aliases)
+
     # -- reading -----------------------------------------------------------------------------
     def resolve(self, key: str | HashKey | RootKey) -> CID:
         parsed = parse_key(key) if isinstance(key, str) else key

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from ..content.nar import (
     Contents,
@@ -96,11 +97,11 @@ def dump_events(path: str | os.PathLike[str] | bytes, piece: int = _PIECE) -> It
             yield Symlink(target)
         elif stat.S_ISDIR(mode):
             try:
-                names = sorted(os.listdir(current))  # bytes sort in byte order, as std::map<std::string>
+                listing = sorted(os.listdir(current))  # bytes sort in byte order, as std::map<std::string>
             except OSError as e:
                 raise DumpError(f"cannot list directory {_fs(current)!r}: {e.strerror}") from None
             yield DirectoryStart()
-            stack.append((current, iter(names)))
+            stack.append((current, iter(listing)))
         else:
             raise DumpError(f"{_fs(current)!r} has an unsupported file type (not a file, directory or symlink)")
         # Find the next entry to visit, closing finished directories.
@@ -155,6 +156,8 @@ def restore_path(nar: Iterable[bytes], dest: str | os.PathLike[str] | bytes) -> 
             for ev in reader.feed(chunk):
                 cls = type(ev)
                 if cls is Contents:
+                    if TYPE_CHECKING:  # `type(ev) is` is the fast dispatch; tell the checker what it proved
+                        assert isinstance(ev, Contents) and file_fd is not None
                     view = memoryview(ev.data)
                     while view:
                         n = os.write(file_fd, view)
@@ -164,8 +167,12 @@ def restore_path(nar: Iterable[bytes], dest: str | os.PathLike[str] | bytes) -> 
                         os.close(file_fd)
                         file_fd = None
                 elif cls is Entry:
+                    if TYPE_CHECKING:
+                        assert isinstance(ev, Entry)
                     pending_name = ev.name
                 elif cls is RegularFile:
+                    if TYPE_CHECKING:
+                        assert isinstance(ev, RegularFile)
                     name, dir_fd = target_args()
                     file_fd = os.open(name, flags, 0o777 if ev.executable else 0o666, dir_fd=dir_fd)
                     left = ev.size
@@ -173,6 +180,8 @@ def restore_path(nar: Iterable[bytes], dest: str | os.PathLike[str] | bytes) -> 
                         os.close(file_fd)
                         file_fd = None
                 elif cls is Symlink:
+                    if TYPE_CHECKING:
+                        assert isinstance(ev, Symlink)
                     name, dir_fd = target_args()
                     os.symlink(ev.target, name, dir_fd=dir_fd)
                 elif cls is DirectoryStart:

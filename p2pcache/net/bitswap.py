@@ -24,9 +24,9 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeAlias, cast
 
-import multiaddr
+import multiaddr  # type: ignore[import-untyped]
 import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -132,7 +132,7 @@ class _Link:
         self.running = False
 
 
-ProviderSpec = ID | str | multiaddr.Multiaddr | PeerInfo
+ProviderSpec: TypeAlias = ID | str | multiaddr.Multiaddr | PeerInfo
 
 
 class BitswapExchange:
@@ -217,7 +217,7 @@ class BitswapExchange:
                     self._timer_at = a.at
                     self._timer_changed.set()
             elif isinstance(a, PenalisePeer):
-                self._penalise(a.peer, a.why, tell_engines=False)
+                self._penalise(cast(ID, a.peer), a.why, tell_engines=False)  # the engines' peers are our IDs
 
     async def _run_timer(self) -> None:
         while True:
@@ -237,6 +237,7 @@ class BitswapExchange:
         async for ev in events:
             if ev.connected:
                 if self._is_banned(ev.peer):
+                    assert self._nursery is not None  # this task runs inside that nursery
                     self._nursery.start_soon(self._disconnect, ev.peer)
                     continue
                 self._both(PeerConnected(ev.peer))
@@ -331,11 +332,12 @@ class BitswapExchange:
 
     # -- sending ----------------------------------------------------------------------------------
     def _enqueue(self, send: Send) -> None:
-        if self._is_banned(send.peer):
+        peer = cast(ID, send.peer)  # the engines' peers are the IDs this exchange gave them
+        if self._is_banned(peer):
             return
-        link = self._links.get(send.peer)
+        link = self._links.get(peer)
         if link is None:
-            link = self._links[send.peer] = _Link()
+            link = self._links[peer] = _Link()
         link.queue.append(send)
         link.wake.set()
         if not link.running and self._nursery is not None:

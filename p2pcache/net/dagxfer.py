@@ -111,7 +111,7 @@ def _block_frame(cid: CID, data: bytes) -> bytes:
     return _frame(pb.DagFrame(block=pb.DagBlock(cid=cid.buffer, data=data)))
 
 
-def _end_frame(status: int, missing: CID | None = None, message: str = "") -> bytes:
+def _end_frame(status: pb.DagEnd.Status, missing: CID | None = None, message: str = "") -> bytes:
     return _frame(pb.DagFrame(end=pb.DagEnd(status=status, missing=missing.buffer if missing else b"",
                                             message=message)))
 
@@ -315,7 +315,8 @@ class _Run:
         """The tail half of the largest leaf-only request of another provider on which nothing arrived
         for `after` seconds, or []. (Healthy providers sharing one downlink are never robbed: what a
         robbed server already sent is wasted on the wire.)"""
-        best, best_rem = None, []
+        best: _Request | None = None
+        best_rem: list[CID] = []
         now = trio.current_time()
         for req in self.active:
             if req.peer == thief or now - req.progress_at < after:

@@ -26,9 +26,9 @@ import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence, cast
 
-import multiaddr
+import multiaddr  # type: ignore[import-untyped]
 import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -43,6 +43,10 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
+
+if TYPE_CHECKING:
+    from libp2p.abc import INotifee
+    from libp2p.network.swarm import Swarm
 
 from ..errors import InvalidInput, InvalidKey, P2PCacheError
 from .pnet import KEY_SIZE, PskStream, read_swarm_key, write_swarm_key
@@ -151,6 +155,7 @@ def _peer_id(text: str | ID) -> ID:
     raw = peer.to_bytes() if peer is not None else b""
     if len(raw) < 3 or raw[0] not in (0x00, 0x12) or raw[1] != len(raw) - 2 or (raw[0] == 0x12 and raw[1] != 32):
         raise InvalidInput(f"{text!r} is not a peer ID (12D3KooW… or Qm…, as `p2pcache status` prints it)")
+    assert peer is not None  # raw is non-empty only when it parsed
     return peer
 
 
@@ -218,12 +223,12 @@ class _PskTCP(TCP):
         self._psk = psk
 
     async def dial(self, maddr: multiaddr.Multiaddr) -> Any:
-        raw = await super().dial(maddr)
+        raw: Any = await super().dial(maddr)  # a RawConnection: its `stream` is what we wrap
         raw.stream = PskStream(raw.stream, self._psk)
         return raw
 
     async def dial_with_source(self, maddr: multiaddr.Multiaddr, source: tuple[str, int]) -> Any:
-        raw = await super().dial_with_source(maddr, source)
+        raw: Any = await super().dial_with_source(maddr, source)
         raw.stream = PskStream(raw.stream, self._psk)
         return raw
 
@@ -390,7 +395,7 @@ class NodeHost:
         for addr in self.config.listen:
             check_port_free(addr)
         events_send, events_recv = trio.open_memory_channel(math.inf)
-        self.libp2p.get_network().register_notifee(_Notifee(events_send))
+        self.libp2p.get_network().register_notifee(cast("INotifee", _Notifee(events_send)))  # duck-typed: every INotifee method
         try:
             async with self.libp2p.run(listen_addrs=[multiaddr.Multiaddr(a) for a in self.config.listen]):
                 if not self.libp2p.get_addrs():
@@ -398,7 +403,7 @@ class NodeHost:
                 # The swarm's auto-connector redials every peer it ever saw to keep ~150 connections;
                 # a cache node dials whom its bootstrap list and its drivers ask for, and a peer we
                 # dropped for misbehaving must stay dropped.
-                await self.libp2p.get_network().auto_connector.stop()
+                await cast("Swarm", self.libp2p.get_network()).auto_connector.stop()  # new_host makes a Swarm
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_events, events_recv)
                     for addr in self.config.bootstrap:
@@ -533,7 +538,7 @@ def expand_wildcard(addr: str) -> list[str]:
         return [addr]
     import socket
 
-    import psutil
+    import psutil  # type: ignore[import-untyped]
 
     family = socket.AF_INET if parts[1] == "ip4" else socket.AF_INET6
     found: list[str] = []

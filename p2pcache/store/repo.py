@@ -33,7 +33,7 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence, cast
 
 from ..content.chunking import DEFAULT_PARAMS, ChunkerParams, Chunker
 from ..content.cid import CID, RAW
@@ -380,9 +380,12 @@ class Repo:
         """Chunk, hash and store a stream (a binary file object or an iterable of byte pieces); commit
         it to the index only once every block is durable. With `expect`, an archive whose hash differs
         is refused (CorruptData) and nothing is recorded."""
+        reader: BinaryIO | _IterReader
         if not hasattr(stream, "read"):
             pieces = iter(stream)
-            stream = _IterReader(pieces)
+            reader = _IterReader(pieces)
+        else:
+            reader = cast(BinaryIO, stream)
         self._require_writable()
         chunker = Chunker(params)
         builder = ManifestBuilder(params)
@@ -394,7 +397,7 @@ class Repo:
         new_blocks = new_bytes = chunks = size = 0
         head = b""
 
-        def store(blocks: list[tuple[CID, bytes | memoryview]]) -> None:
+        def store(blocks: Sequence[tuple[CID, bytes | memoryview]]) -> None:
             """Queue the blocks this repo does not hold yet (one index query per batch)."""
             nonlocal new_blocks, new_bytes
             fresh = []
@@ -412,7 +415,7 @@ class Repo:
             nonlocal chunks
             chunks += len(pieces)
             blocks: list[tuple[CID, bytes | memoryview]] = [(CID.for_block(RAW, p), p) for p in pieces]
-            index_blocks = []
+            index_blocks: list[tuple[CID, bytes | memoryview]] = []
             for cid, piece in blocks:
                 index_blocks.extend(builder.add_chunk(cid, len(piece)))
             store(blocks + index_blocks)
@@ -420,7 +423,7 @@ class Repo:
         try:
             while True:
                 try:
-                    buf = stream.read(READ_SIZE)
+                    buf = reader.read(READ_SIZE)
                 except OSError as e:
                     raise RepoError(f"cannot read {name or 'input'}: {e.strerror}") from None
                 if not buf:
@@ -813,7 +816,7 @@ class Repo:
         usage = self.index.pack_usage()
         active = self.packs.active
         active_size = self.packs.file_size(active) or 0 if active is not None else 0
-        if active_size > len(PACK_MAGIC) and usage.get(active, 0) < compact_below * active_size:
+        if active is not None and active_size > len(PACK_MAGIC) and usage.get(active, 0) < compact_below * active_size:
             self.packs.roll()  # the pack being appended to qualifies too: appends move on to a new one
         for pack in self.packs.pack_ids():
             if pack == self.packs.active:

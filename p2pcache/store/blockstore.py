@@ -57,7 +57,7 @@ def syncfs(fd: int) -> None:
     if _libc is None:
         name = ctypes.util.find_library("c")
         _libc = ctypes.CDLL(name, use_errno=True) if name else False
-    if _libc and hasattr(_libc, "syncfs"):
+    if isinstance(_libc, ctypes.CDLL) and hasattr(_libc, "syncfs"):  # _libc is a CDLL or False here
         if _libc.syncfs(fd) == 0:
             return
     os.sync()

@@ -19,7 +19,7 @@ import hashlib
 import lzma
 import zlib
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import httpx
 import zstandard
@@ -65,6 +65,8 @@ class _Decompressor:
 
     def __init__(self, compression: str):
         self.compression = compression
+        # One decompressor object per codec; `feed` dispatches on `compression` for the calls each one has.
+        self._d: Any
         if compression == "none":
             self._d = None
         elif compression == "xz":
@@ -224,7 +226,7 @@ class HttpBinaryCache:
             raise UpstreamError(f"cannot fetch {url}: {e}") from None
         if info.file_size is not None and file_size != info.file_size:
             raise CorruptData(f"{url} has {file_size} bytes, its narinfo says FileSize {info.file_size}")
-        if file_hash is not None and file_hash.digest() != info.file_hash.digest:
+        if file_hash is not None and info.file_hash is not None and file_hash.digest() != info.file_hash.digest:
             raise CorruptData(f"{url} does not match the FileHash of its narinfo")
         decoder.finish()
         last = nar.finish()

@@ -15,7 +15,7 @@ Readers must verify what they return: a NAR stream either matches the narinfo's 
 
 from __future__ import annotations
 
-from typing import AsyncIterator, BinaryIO, Iterable, Iterator, Protocol, runtime_checkable
+from typing import AsyncIterator, BinaryIO, Iterable, Iterator, Protocol, cast, runtime_checkable
 
 import anyio.to_thread
 
@@ -77,7 +77,7 @@ class AsyncFromSync:
                 piece = await anyio.to_thread.run_sync(next, pieces, done)
                 if piece is done:
                     return
-                yield piece
+                yield cast(bytes, piece)  # not `done`: a piece of the NAR
         finally:
             close = getattr(pieces, "close", None)
             if close is not None:

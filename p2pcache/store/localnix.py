@@ -124,6 +124,7 @@ class LocalNixStore:
         except InvalidNixHash as e:
             raise CorruptData(f"Nix database entry for {path} has a bad hash: {e}") from None
         with self._lock:
+            assert self._db is not None  # _row just found the path in it
             refs = sorted(StorePath.parse(r, self.store_dir).base_name for (r,) in self._db.execute(
                 "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?",
                 (path_id,)))

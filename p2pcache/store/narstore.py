@@ -136,6 +136,7 @@ class RepoNarStore:
             store_path = StorePath.parse(str(store_path))
         elif narinfo is not None:
             store_path = narinfo.store_path
+        assert store_path is None or isinstance(store_path, StorePath)  # parsed just above
         expected_hash, expected_size = _expected(narinfo)
         reader = _nar.NarReader()
         builder = NarManifestBuilder(params)

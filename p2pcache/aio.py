@@ -45,7 +45,7 @@ async def drain_thread(make_iter: Callable[[], Iterator[bytes]], deliver: Callab
     that stops reading holds a coroutine and `BUFFERED_PIECES` pieces plus a batch, not a thread). The iterator is closed (in a thread) however the
     transfer ends."""
     limiter = _limiter(limiter)
-    send_ch, recv_ch = trio.open_memory_channel[tuple[Any, BaseException | None]](BUFFERED_PIECES)
+    send_ch, recv_ch = trio.open_memory_channel[tuple[Any, Exception | None]](BUFFERED_PIECES)
     holder: list[Iterator[bytes]] = []
 
     def start() -> Iterator[bytes]:

@@ -246,17 +246,17 @@ def load(repo: Path, file: Path | str | None = None) -> NodeConfig:
             if key not in mapping:
                 raise InvalidInput(f"{path}: unknown setting {section}.{key}")
             attr = mapping[key]
-            want = types[attr]
-            ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if "list" in str(want) else (
-                isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in str(want)
-                else isinstance(value, bool) if "bool" in str(want) else isinstance(value, str))
+            field_type = types[attr]
+            ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if "list" in str(field_type) else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in str(field_type)
+                else isinstance(value, bool) if "bool" in str(field_type) else isinstance(value, str))
             if ok and attr == "mdns" and value not in ("private", "on", "off"):
                 raise InvalidInput(f"{path}: {section}.{key} is \"private\", \"on\" or \"off\", not {value!r}")
             if ok and attr == "superseed_window" and value < 0:
                 raise InvalidInput(f"{path}: {section}.{key} must be 0 (off) or a number of seconds, not {value}")
             if not ok:
                 raise InvalidInput(f"{path}: {section}.{key} has the wrong type ({type(value).__name__})")
-            setattr(cfg, attr, float(value) if "float" in str(want) else value)
+            setattr(cfg, attr, float(value) if "float" in str(field_type) else value)
     if cfg.transfer_protocol not in ("dag", "bitswap"):
         raise InvalidInput(f"{path}: transfer.protocol must be \"dag\" or \"bitswap\", not {cfg.transfer_protocol!r}")
     return cfg

@@ -114,11 +114,11 @@ def setup_logging(level: str = "warning", fmt: str = "text", library_level: str 
         lib.handlers.clear()
         lib.propagate = True
         lib.setLevel(libs)
-    for name, lib in list(logging.root.manager.loggerDict.items()):
-        if name.startswith("libp2p.") and isinstance(lib, logging.Logger):
-            lib.handlers.clear()
-            lib.propagate = True
-            lib.setLevel(logging.NOTSET)  # inherit the level set above
+    for name, entry in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("libp2p.") and isinstance(entry, logging.Logger):
+            entry.handlers.clear()
+            entry.propagate = True
+            entry.setLevel(logging.NOTSET)  # inherit the level set above
     if library_level is None:
         # py-libp2p's DHT warns "Failed to read DHT message" on every stream a peer closes normally.
         logging.getLogger("libp2p.kad_dht.kad_dht").setLevel(max(libs, logging.ERROR))

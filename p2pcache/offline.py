@@ -117,6 +117,6 @@ def write_layout(repo: Repo, items: list[tuple[Dependency, CID]], out: Path) -> 
         elif dep.kind == "gem" and dep.filename:
             _write(repo, root, out / "gems" / _safe_rel(dep.filename))
             count("gems")
-    for vdir, vs in versions.items():
-        (Path(vdir) / "list").write_text("".join(f"{v}\n" for v in sorted(vs)))
+    for vdir_text, vs in versions.items():
+        (Path(vdir_text) / "list").write_text("".join(f"{v}\n" for v in sorted(vs)))
     return counts

@@ -36,7 +36,7 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def human(n: int) -> str:
+def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -48,7 +48,7 @@ class Output:
     def __init__(self, as_json: bool):
         self.as_json = as_json
 
-    def emit(self, obj: dict, text: str) -> None:
+    def emit(self, obj: dict, text: str | None) -> None:  # text None: only ever emitted as JSON
         print(json.dumps(obj, sort_keys=True) if self.as_json else text, flush=True)
 
 
@@ -918,20 +918,29 @@ def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
     service = None if client is not None else _offline_build_cache(args)
     try:
         if not args.force:
-            existing = (client.cache_lookup(args.key, [], True)["match"] == "exact" if client is not None
-                        else bool(trio.run(service.find, args.key, False)))
+            if client is not None:
+                existing = client.cache_lookup(args.key, [], True)["match"] == "exact"
+            else:
+                assert service is not None  # opened whenever there is no daemon
+                existing = bool(trio.run(service.find, args.key, False))
             if existing:
                 out.emit({"saved": False, "reason": "exists", "key": args.key},
                          f"cache key {args.key} exists; not saved (keys are immutable: --force to replace it)")
                 return 0
         previous, scan = (None, 0.0) if args.rehash else _stat_cache(_repo_path(args), pid)
-        sink = DaemonBlockSink(client) if client is not None else RepoBlockSink(service.repo)
+        sink: DaemonBlockSink | RepoBlockSink
+        if client is not None:
+            sink = DaemonBlockSink(client)
+        else:
+            assert service is not None
+            sink = RepoBlockSink(service.repo)
         for attempt in (0, 1):
             report = save_tree(args.paths, sink, sources_dir=args.sources, previous=previous, previous_scan=scan)
             try:
                 if client is not None:
                     result = client.cache_save(args.key, str(report.root), args.force, pid, report.scan_time)
                 else:
+                    assert service is not None
                     result = trio.run(service.save, args.key, report.root, args.force, pid, report.scan_time)
                 break
             except NotFound:

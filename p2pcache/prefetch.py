@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator, Protocol
+from typing import Any, AsyncIterator, BinaryIO, Callable, Iterator, Protocol, cast
 
 import trio
 
@@ -135,6 +135,7 @@ class _Check:
         if self.zip is not None:
             self.zip.write(buf)
         else:
+            assert self.h is not None  # set whenever zip is not
             self.h.update(buf)
 
     def finish(self) -> None:
@@ -142,12 +143,14 @@ class _Check:
             self.zip.flush()
             self.zip.seek(0)
             try:
-                got = zip_hash(self.zip)
+                got = zip_hash(cast(BinaryIO, self.zip))  # a binary temporary file
             except InvalidInput as e:
                 raise CorruptData(f"{self.dep.label}: {e}") from None
         elif self.want.algo == "h1":  # go.mod: a one-file dirhash; update() saw the file's bytes
+            assert self.h is not None
             got = _summary_of_gomod(self.h.digest())
         else:
+            assert self.h is not None
             got = self.h.digest()
         if got != self.want.digest:
             raise CorruptData(f"the bytes hash to {DepHash(self.want.algo, got)}, the lock file says {self.want}")

@@ -463,10 +463,10 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
         return f"{target.rstrip('/')}/{os.fsdecode(rel)}" if rel else target
     if head.path == b"" and not head.is_dir:
         # A single saved file (or symlink) at the top: written into the target's parent directory.
-        parent, name = os.path.split(os.path.abspath(target))
-        os.makedirs(parent, exist_ok=True)
-        entries = [TreeEntry(top, os.fsencode(name), e.mode, e.mtime_ns, e.body) for e in entries[:1]]
-        target = parent
+        top_parent, top_name = os.path.split(os.path.abspath(target))
+        os.makedirs(top_parent, exist_ok=True)
+        entries = [TreeEntry(top, os.fsencode(top_name), e.mode, e.mtime_ns, e.body) for e in entries[:1]]
+        target = top_parent
     os.makedirs(target, exist_ok=True)
     root_fd = os.open(target, _DIR_FLAGS & ~os.O_NOFOLLOW)
     try:

@@ -24,7 +24,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeAlias, cast
 
 import multiaddr  # type: ignore[import-untyped]
 import trio
@@ -64,6 +64,10 @@ from ..exchange.message import PROTOCOL_1_0_0, PROTOCOL_1_1_0, PROTOCOL_1_2_0
 from ..transfer import DagWalk
 from .host import NodeHost, parse_peer_addr
 
+if TYPE_CHECKING:
+    from ..exchange.server import BlockSource
+    from ..store.repo import Repo
+
 log = logging.getLogger(__name__)
 
 __all__ = ["BitswapExchange", "DriverConfig", "FetchError", "RepoBatcher", "RepoBlockSource"]
@@ -95,7 +99,7 @@ class RepoBlockSource:
     """The server engine's `BlockSource` over a `Repo`: only verified bytes are served; a block that
     fails verification on disk is served as missing (and logged), never sent."""
 
-    def __init__(self, repo: Any) -> None:
+    def __init__(self, repo: Repo) -> None:
         self.repo = repo
 
     def has(self, cid: CID) -> bool:
@@ -141,7 +145,7 @@ class BitswapExchange:
     def __init__(
         self,
         host: NodeHost,
-        source: Any,
+        source: BlockSource,
         client_config: ClientConfig | None = None,
         server_config: ServerConfig | None = None,
         config: DriverConfig | None = None,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import trio
 from google.protobuf.message import DecodeError
@@ -37,6 +37,9 @@ from ..exchange import FrameDecoder, ProtocolViolation
 from ..routing.pb import p2pcache_pb2 as pb
 from ..transfer import DagWalk, DfsOrder, OutOfOrder
 from .bitswap import BitswapExchange, FetchError, ProviderSpec, RepoBatcher
+
+if TYPE_CHECKING:
+    from ..exchange.server import BlockSource
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +140,7 @@ class DagServer:
     """Answers DAG requests from `source` (the bitswap server's `BlockSource`: `get(cid)` gives verified
     bytes or None; a block that fails verification on disk is served as missing, never sent)."""
 
-    def __init__(self, source: Any, is_banned: Callable[[ID], bool], config: DagConfig | None = None,
+    def __init__(self, source: BlockSource, is_banned: Callable[[ID], bool], config: DagConfig | None = None,
                  stats: TransferStats | None = None) -> None:
         self.source = source
         self.is_banned = is_banned
@@ -340,7 +343,7 @@ class DagTransfer:
         self.config = config or DagConfig()
         self.stats = TransferStats()
 
-    def server(self, source: Any) -> DagServer:
+    def server(self, source: BlockSource) -> DagServer:
         """A server of `source` (a `BlockSource`) sharing this transfer's config, stats and bans."""
         return DagServer(source, self.exchange.is_banned, self.config, self.stats)
 

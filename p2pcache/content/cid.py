@@ -92,7 +92,7 @@ class CID:
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is CID:
-            return self.buffer == other.buffer  # type: ignore[attr-defined]
+            return self.buffer == other.buffer
         return NotImplemented
 
     # -- properties ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Union
+from typing import BinaryIO, Union, cast
 
 from ..errors import InvalidInput
 
@@ -181,7 +181,8 @@ class NarReader:
             raise self._error
         if not data:
             return []
-        self._events = events = []
+        events: list[Event] = []
+        self._events = events
         try:
             self._gen.send(data)
         except InvalidNar as e:
@@ -434,7 +435,7 @@ class NarWriter:
         if state == "contents":
             if cls is not Contents:
                 raise InvalidNar(f"NAR writer: got {cls.__name__} with {self._left} bytes of file contents missing")
-            data = event.data
+            data = cast(Contents, event).data
             n = len(data)
             if n > self._left:
                 raise InvalidNar(f"NAR writer: contents exceed the declared file size of {self._size} bytes")
@@ -446,10 +447,11 @@ class NarWriter:
             head = b"" if self._started else _T_MAGIC
             self._started = True
             if cls is RegularFile:
-                size = event.size
+                file = cast(RegularFile, event)
+                size = file.size
                 if type(size) is not int or not 0 <= size < 1 << 64:
                     raise InvalidNar(f"NAR writer: file size {size!r} is not a 64-bit unsigned integer")
-                parts = [head, _T_REGULAR, _T_EXECUTABLE if event.executable else b"", _T_CONTENTS, _u64(size)]
+                parts = [head, _T_REGULAR, _T_EXECUTABLE if file.executable else b"", _T_CONTENTS, _u64(size)]
                 if size:
                     self._state, self._left, self._size = "contents", size, size
                 else:
@@ -462,7 +464,7 @@ class NarWriter:
                 self._state = "dir"
                 return head + _T_DIRECTORY
             if cls is Symlink:
-                target = event.target
+                target = cast(Symlink, event).target
                 if not isinstance(target, bytes):
                     raise InvalidNar(f"NAR writer: symlink target must be bytes, got {type(target).__name__}")
                 problem = target_problem(target, self._max_target)
@@ -472,7 +474,7 @@ class NarWriter:
             raise InvalidNar(f"NAR writer: expected a node (file, directory or symlink), got {cls.__name__}")
         if state == "dir":
             if cls is Entry:
-                name = event.name
+                name = cast(Entry, event).name
                 if not isinstance(name, bytes):
                     raise InvalidNar(f"NAR writer: entry name must be bytes, got {type(name).__name__}")
                 problem = name_problem(name, self._max_name)

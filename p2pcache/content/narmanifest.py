@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, cast
 
 from ..errors import CorruptData, InvalidInput, MalformedBlock
 from . import dagcbor
@@ -253,7 +253,7 @@ class NarManifestBuilder:
         out: list[Block] = []
         cls = type(event)
         if cls is Contents:
-            data = event.data
+            data = cast(Contents, event).data
             if self._file is None or len(data) > self._left:
                 raise InvalidInput("NAR manifest: file contents without a file, or beyond its size")
             self._left -= len(data)
@@ -267,15 +267,16 @@ class NarManifestBuilder:
         elif self._file is not None:
             raise InvalidInput(f"NAR manifest: {cls.__name__} before the end of a file's contents")
         elif cls is RegularFile:
-            self._file, self._left = event, event.size
-            if event.size > self.inline:
+            file = cast(RegularFile, event)
+            self._file, self._left = file, file.size
+            if file.size > self.inline:
                 self._tree = ChunkTree(self.fanout)
-            if not event.size:
+            if not file.size:
                 self._file_done(out)
         elif cls is Entry:
             if not self._dirs:
                 raise InvalidInput("NAR manifest: entry outside a directory")
-            self._dirs[-1].name = event.name
+            self._dirs[-1].name = cast(Entry, event).name
         elif cls is DirectoryStart:
             self._dirs.append(_OpenDir())
         elif cls is DirectoryEnd:
@@ -290,7 +291,8 @@ class NarManifestBuilder:
                     self._close_page(d, out)
                 self._place(["pages", d.count, d.pages], 16 + _link_estimate(len(d.pages)), 0, out)
         elif cls is Symlink:
-            self._place(["symlink", event.target], 16 + len(event.target), 0, out)
+            target = cast(Symlink, event).target
+            self._place(["symlink", target], 16 + len(target), 0, out)
         else:
             raise InvalidInput(f"NAR manifest: unexpected event {event!r}")
         return out
@@ -707,7 +709,7 @@ def resolve_chunks(plan: Iterable[Event | ChunkRef], load: Callable[[CID], bytes
                 raise CorruptData(f"chunk {item.cid} has {len(data)} bytes, its manifest says {item.size}")
             yield Contents(data)
         else:
-            yield item
+            yield cast(Event, item)
 
 
 def iter_events(manifest: NarManifest, load: Callable[[CID], bytes]) -> Iterator[Event]:

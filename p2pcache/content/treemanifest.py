@@ -271,7 +271,7 @@ class TreeManifestBuilder:
             sources = {"path": self.sources_path, "entries": self._sources.count,
                        "pages": _indexed(self._sources.pages, out)}
         manifest = TreeManifest(self.params, self.inline, tuple(self.paths), self._entries.count, self.size,
-                                tuple(map(tuple, pages)), sources)  # type: ignore[arg-type]
+                                tuple(map(tuple, pages)), sources)
         data = manifest.encode()
         if len(data) > MAX_BLOCK_SIZE:
             raise InvalidInput(f"tree manifest: root block of {len(data)} bytes exceeds the block limit")

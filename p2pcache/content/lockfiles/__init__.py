@@ -71,7 +71,7 @@ class Registries:
     def set(self, spec: str) -> None:
         """`KIND=URL` from `--registry`."""
         kind, sep, url = spec.partition("=")
-        if not sep or kind not in self.__slots__ or not url:  # type: ignore[attr-defined]
+        if not sep or kind not in self.__slots__ or not url:
             raise InvalidInput(f"--registry {spec!r}: write KIND=URL with KIND one of npm, cargo, pypi, go, gem")
         setattr(self, kind, url)
 

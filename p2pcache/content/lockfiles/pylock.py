@@ -5,7 +5,14 @@ Every wheel, sdist and archive with a URL and a hash is a dependency (the strong
 
 from __future__ import annotations
 
-from packaging.pylock import Pylock, PylockUnsupportedVersionError, PylockValidationError
+from packaging.pylock import (
+    Pylock,
+    PylockUnsupportedVersionError,
+    PylockValidationError,
+    PackageArchive,
+    PackageSdist,
+    PackageWheel,
+)
 
 from . import LockFile, LockParseError, Registries, Skipped, hashed, url_basename
 from ._toml import load
@@ -37,7 +44,7 @@ def parse(path: str, text: str, registries: Registries, lock: LockFile) -> None:
         if pkg.directory is not None:
             lock.skipped.append(Skipped(f"{name}@{version}", f"local path {pkg.directory.path}"))
             continue
-        files = [*(pkg.wheels or ()), *([pkg.sdist] if pkg.sdist else []), *([pkg.archive] if pkg.archive else [])]
+        files: list[PackageWheel | PackageSdist | PackageArchive] = [*(pkg.wheels or ()), *([pkg.sdist] if pkg.sdist else []), *([pkg.archive] if pkg.archive else [])]
         for f in files:
             url = f.url
             if not url:

@@ -23,9 +23,9 @@ would produce) and raise `InvalidNar`, a one-line error naming the byte offset a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Union, cast
+from typing import TYPE_CHECKING, BinaryIO, TypeVar, Union, cast
 
 from ..errors import InvalidInput
 
@@ -99,6 +99,11 @@ class Symlink:
 
 
 Event = Union[DirectoryStart, DirectoryEnd, Entry, RegularFile, Contents, Symlink]
+
+if TYPE_CHECKING:
+    _T = TypeVar("_T")
+    # NarReader's parser steps: they yield for more input, get the next chunk (None: input ended), return _T.
+    _Parser = Generator[None, "bytes | bytearray | memoryview | None", _T]
 
 
 def _u64(n: int) -> bytes:
@@ -213,7 +218,7 @@ class NarReader:
     def _fail(self, msg: str) -> InvalidNar:
         return InvalidNar(f"invalid NAR at byte {self._consumed}{self._where()}: {msg}")
 
-    def _take(self, n: int):
+    def _take(self, n: int) -> _Parser[bytes]:
         buf = self._buf
         while len(buf) < n:
             chunk = yield
@@ -228,7 +233,7 @@ class NarReader:
         self._consumed += n
         return out
 
-    def _string(self, limit: int, what: str):
+    def _string(self, limit: int, what: str) -> _Parser[bytes]:
         buf = self._buf
         if len(buf) >= 8:  # fast path: the whole string is already buffered
             n = int.from_bytes(buf[:8], "little")
@@ -252,7 +257,7 @@ class NarReader:
             raise self._fail(f"non-zero padding after {what}")
         return data[:n]
 
-    def _expect(self, token: bytes):
+    def _expect(self, token: bytes) -> _Parser[None]:
         encoded = _ENCODED.get(token) or _str(token)
         buf = self._buf
         if len(buf) >= len(encoded) and buf.startswith(encoded):  # the common case: one comparison
@@ -269,7 +274,7 @@ class NarReader:
         if data[n:].strip(b"\0"):
             raise self._fail(f"non-zero padding after {_show(token)}")
 
-    def _contents(self, size: int):
+    def _contents(self, size: int) -> _Parser[None]:
         emit = self._events.append
         buf = self._buf
         left = size
@@ -305,7 +310,7 @@ class NarReader:
             if padding.strip(b"\0"):
                 raise self._fail("non-zero padding after file contents")
 
-    def _parse(self):
+    def _parse(self) -> _Parser[None]:
         # Prime: the constructor's next() stops at the first yield inside _take.
         raw = yield from self._take(8)
         if raw != _u64(len(MAGIC)):

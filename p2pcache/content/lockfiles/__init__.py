@@ -13,7 +13,9 @@ Must not: fetch, touch the repo, or name a registry host. Registry base URLs are
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ...errors import InvalidInput
 from .hashes import DepHash, UnknownHash
@@ -126,7 +128,8 @@ def parse_lockfile(path: str, text: str, registries: Registries | None = None, f
 FORMATS = ("npm", "yarn", "yarn-berry", "pnpm", "cargo", "uv", "pylock", "poetry", "gem", "go")
 
 
-def hashed(lock: LockFile, name: str, version: str, url: str | None, kind: str, parse_hash, text,
+def hashed(lock: LockFile, name: str, version: str, url: str | None, kind: str,
+           parse_hash: Callable[[Any], DepHash], text: Any,
            filename: str | None = None, index_url: str | None = None) -> None:
     """Append a Dependency whose hash is `parse_hash(text)`; an unusable hash becomes its `error`."""
     try:

@@ -58,9 +58,12 @@ import heapq
 from collections import OrderedDict
 from itertools import islice
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ..content.cid import CID
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 from .errors import ExchangeUsageError
 from .events import (
     Action,
@@ -681,7 +684,7 @@ class BitswapClient:
             # which is all a parked CID waits for; a DONT_HAVE per peer and CID would only cost messages.
             self._ask_have(w, peer, send_dont_have=False)
 
-    def _pending_in_order(self):
+    def _pending_in_order(self) -> Iterator[CID]:
         """Pending CIDs front to back, while the caller removes some of them, without copying the
         whole queue: a scan costs the CIDs it skips or places, not the length of the queue."""
         skipped = 0

@@ -142,7 +142,7 @@ def want_wire_size(entry: WantEntry) -> int:
 # Wire sizes depend on a few small numbers only; they are asked for once per entry on hot paths.
 _BLOCK_SIZES: dict[tuple[int, int], int] = {}
 _PRESENCE_SIZES: dict[tuple[int, bool], int] = {}
-_WANT_SIZES: dict[tuple, int] = {}  # small: CID lengths x 65 priority lengths x flags
+_WANT_SIZES: dict[tuple[int, int, bool, WantType, bool], int] = {}  # small: CID lengths x 65 priority lengths x flags
 
 
 # -- encoding ------------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ class ProviderAnnouncer:
 
         async def region(items: list[tuple[int, bytes]], nursery: trio.Nursery) -> None:
             target_pos, target = items[len(items) // 2]
-            peers: list = []
+            peers: list[ID] = []
             async with walks:
                 with trio.move_on_after(cfg.provide_timeout):
                     try:

@@ -524,13 +524,21 @@ class Node:
     async def fetch_blocks(self, alias: str) -> CID:
         """Store the blocks of the archive a provider of `alias` holds, each verified against its CID,
         without registering the root: the caller checks the whole against its own hash first."""
-        assert self.finder is not None and self.host is not None
-        providers = [p for p in await self.finder.find_providers(alias, timeout=self.config.lookup_timeout)
-                     if p.peer_id != self.host.peer_id]
-        if not providers:
-            raise NotFound(f"{alias}: no peer in the swarm announces it")
-        root = await self._resolve_root(alias, providers)
-        await self.fetch_dag(root, providers)
+        assert self.host is not None
+
+        async def ask(peer: Any) -> CID:
+            answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
+            if answer is None:
+                raise NotHeld()
+            if answer.root.codec != DAG_CBOR:
+                raise FetchError(f"peer {peer.peer_id} answered {answer.root} for {alias}: not a manifest")
+            return answer.root
+
+        race = await self.race_at_providers(alias, ask)  # the node's one policy for asking peers
+        if race.winner is None:
+            raise NotFound(f"{alias}: {_race_summary(race)}")
+        peer, root = race.winner
+        await self.fetch_dag(root, [peer, *race.peers_in(AskState.QUEUED, AskState.CANCELLED)])
         return root
 
     async def prefetch(self, deps: list, jobs: int, on_event: Callable[[dict], None]) -> dict:

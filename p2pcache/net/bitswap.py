@@ -261,6 +261,10 @@ class BitswapExchange:
 
     def _penalise(self, peer: ID, why: str, tell_engines: bool) -> None:
         """Drop a peer that broke the protocol or sent bad data: ban it and close its connections."""
+        if self._is_banned(peer):  # already dropped (e.g. two of its streams failed at once): one line per ban
+            if self._nursery is not None:
+                self._nursery.start_soon(self._disconnect, peer)
+            return
         log.warning("dropping peer %s: %s", peer, why)
         self.penalised.append((peer, why))
         self._banned[peer] = self._now() + self.config.ban_seconds

@@ -886,8 +886,14 @@ class Repo:
                     report.corrupt.append(cid)
         report.missing.extend(c for c, _ in self.index.unmigrated(1 << 62))  # rows with no bytes in any pack
         garbage_packs = []
-        for pack in self.packs.pack_ids():
+        pack_ids = list(self.packs.pack_ids())
+        newest = max(pack_ids, default=None)
+        for pack in pack_ids:
             size = self.packs.file_size(pack) or 0
+            # The newest pack with nothing past its header is where the next writer appends (a fresh repo's,
+            # or one a failed fetch was cut back to): empty, not garbage, whether or not a writer has it open.
+            if pack == newest and size <= len(PACK_MAGIC):
+                continue
             if pack not in live and pack != self.packs.active:
                 garbage_packs.append(pack)
                 report.garbage_files.append(str(self.packs.path(pack)))

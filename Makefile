@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench fuzz deps system-deps interop-deps proto clean
+.PHONY: run test typecheck bench fuzz deps system-deps interop-deps proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ proto: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/p2pcache daemon $(ARGS)
 
-test: $(STAMP) system-deps interop-deps
+# mypy at zero errors on the pure (sans-IO) packages; configuration in pyproject.toml [tool.mypy].
+TYPED := p2pcache/content p2pcache/exchange p2pcache/routing p2pcache/transfer
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy $(TYPED)
+
+test: $(STAMP) system-deps interop-deps typecheck
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP) system-deps interop-deps

@@ -22,7 +22,7 @@ Pure: no I/O. Signing takes any object with `sign(bytes) -> bytes` (py-libp2p's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import base58
 from cryptography.exceptions import InvalidSignature
@@ -80,7 +80,7 @@ class CacheRecord:
     def writer_id(self) -> str:
         return peer_id_of(self.writer)
 
-    def _unsigned(self) -> dict:
+    def _unsigned(self) -> dict[str, Any]:
         return {"type": RECORD_TYPE, "version": SCHEMA_VERSION, "namespace": self.namespace, "key": self.key,
                 "root": self.root, "time": self.time_ms, "writer": self.writer}
 
@@ -129,11 +129,11 @@ class CacheRecord:
             raise MalformedBlock(f"cache record for {key[:60]!r}: bad signature (writer {record.writer_id})") from None
         return record
 
-    def order(self) -> tuple:
+    def order(self) -> tuple[Any, ...]:
         """Newest first sorts by this descending: time, then root bytes and writer to break ties the same
         way on every node."""
         return (self.time_ms, self.root.buffer, self.writer)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"namespace": self.namespace, "key": self.key, "root": str(self.root), "time": self.time_ms / 1000,
                 "writer": self.writer_id}

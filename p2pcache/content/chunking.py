@@ -11,7 +11,7 @@ defaults leaves old manifests readable and re-chunkable with the parameters they
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal, cast
 
 from pyfastcdc import FastCDC
 
@@ -46,7 +46,7 @@ class ChunkerParams:
             raise InvalidInput(f"normalization level must be 0..3, got {self.normalization}")
         return self
 
-    def to_ipld(self) -> dict:
+    def to_ipld(self) -> dict[str, Any]:
         return {
             "alg": self.algorithm,
             "min": self.min_size,
@@ -88,7 +88,7 @@ class Chunker:
             params.avg_size,
             min_size=params.min_size,
             max_size=params.max_size,
-            normalized_chunking=params.normalization,
+            normalized_chunking=cast(Literal[0, 1, 2, 3], params.normalization),  # validate() checked 0..3
             seed=params.seed,
         )
         # Pieces not cut yet. Cutting waits until several max-size chunks are pending, so tiny writes

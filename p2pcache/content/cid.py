@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import cid as _pycid
 import multihash as _multihash
 
-from ..errors import InvalidCID
+from ..errors import InvalidCID as InvalidCID  # re-exported: callers import it from here
 from . import varint
 
 RAW = 0x55
@@ -92,7 +92,7 @@ class CID:
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is CID:
-            return self.buffer == other.buffer  # type: ignore[attr-defined]
+            return self.buffer == other.buffer
         return NotImplemented
 
     # -- properties ---------------------------------------------------------------------------
@@ -142,7 +142,8 @@ class CID:
 
     def encode(self) -> str:
         if self.version == 0:
-            return _pycid.CIDv0(self.buffer).encode().decode()
+            text: str = _pycid.CIDv0(self.buffer).encode().decode()
+            return text
         return "b" + base64.b32encode(self.buffer).decode().lower().rstrip("=")
 
     def __str__(self) -> str:

@@ -13,7 +13,7 @@ callable that the caller backs with a repo, a network session or a dict.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import InvalidInput, MalformedBlock
 from . import dagcbor
@@ -58,7 +58,7 @@ class ChunkIndex:
     def size(self) -> int:
         return sum(s for _, s in self.children)
 
-    def to_ipld(self) -> dict:
+    def to_ipld(self) -> dict[str, Any]:
         return {
             "type": "p2pcache/chunk-index",
             "version": SCHEMA_VERSION,
@@ -96,7 +96,7 @@ class ArchiveManifest:
     media_type: str = "application/octet-stream"
     name: str | None = None
 
-    def to_ipld(self) -> dict:
+    def to_ipld(self) -> dict[str, Any]:
         node = {
             "type": "p2pcache/archive",
             "version": SCHEMA_VERSION,

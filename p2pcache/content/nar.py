@@ -23,9 +23,9 @@ would produce) and raise `InvalidNar`, a one-line error naming the byte offset a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Union
+from typing import TYPE_CHECKING, BinaryIO, TypeVar, Union, cast
 
 from ..errors import InvalidInput
 
@@ -99,6 +99,11 @@ class Symlink:
 
 
 Event = Union[DirectoryStart, DirectoryEnd, Entry, RegularFile, Contents, Symlink]
+
+if TYPE_CHECKING:
+    _T = TypeVar("_T")
+    # NarReader's parser steps: they yield for more input, get the next chunk (None: input ended), return _T.
+    _Parser = Generator[None, "bytes | bytearray | memoryview | None", _T]
 
 
 def _u64(n: int) -> bytes:
@@ -181,7 +186,8 @@ class NarReader:
             raise self._error
         if not data:
             return []
-        self._events = events = []
+        events: list[Event] = []
+        self._events = events
         try:
             self._gen.send(data)
         except InvalidNar as e:
@@ -212,7 +218,7 @@ class NarReader:
     def _fail(self, msg: str) -> InvalidNar:
         return InvalidNar(f"invalid NAR at byte {self._consumed}{self._where()}: {msg}")
 
-    def _take(self, n: int):
+    def _take(self, n: int) -> _Parser[bytes]:
         buf = self._buf
         while len(buf) < n:
             chunk = yield
@@ -227,7 +233,7 @@ class NarReader:
         self._consumed += n
         return out
 
-    def _string(self, limit: int, what: str):
+    def _string(self, limit: int, what: str) -> _Parser[bytes]:
         buf = self._buf
         if len(buf) >= 8:  # fast path: the whole string is already buffered
             n = int.from_bytes(buf[:8], "little")
@@ -251,7 +257,7 @@ class NarReader:
             raise self._fail(f"non-zero padding after {what}")
         return data[:n]
 
-    def _expect(self, token: bytes):
+    def _expect(self, token: bytes) -> _Parser[None]:
         encoded = _ENCODED.get(token) or _str(token)
         buf = self._buf
         if len(buf) >= len(encoded) and buf.startswith(encoded):  # the common case: one comparison
@@ -268,7 +274,7 @@ class NarReader:
         if data[n:].strip(b"\0"):
             raise self._fail(f"non-zero padding after {_show(token)}")
 
-    def _contents(self, size: int):
+    def _contents(self, size: int) -> _Parser[None]:
         emit = self._events.append
         buf = self._buf
         left = size
@@ -304,7 +310,7 @@ class NarReader:
             if padding.strip(b"\0"):
                 raise self._fail("non-zero padding after file contents")
 
-    def _parse(self):
+    def _parse(self) -> _Parser[None]:
         # Prime: the constructor's next() stops at the first yield inside _take.
         raw = yield from self._take(8)
         if raw != _u64(len(MAGIC)):
@@ -434,7 +440,7 @@ class NarWriter:
         if state == "contents":
             if cls is not Contents:
                 raise InvalidNar(f"NAR writer: got {cls.__name__} with {self._left} bytes of file contents missing")
-            data = event.data
+            data = cast(Contents, event).data
             n = len(data)
             if n > self._left:
                 raise InvalidNar(f"NAR writer: contents exceed the declared file size of {self._size} bytes")
@@ -446,10 +452,11 @@ class NarWriter:
             head = b"" if self._started else _T_MAGIC
             self._started = True
             if cls is RegularFile:
-                size = event.size
+                file = cast(RegularFile, event)
+                size = file.size
                 if type(size) is not int or not 0 <= size < 1 << 64:
                     raise InvalidNar(f"NAR writer: file size {size!r} is not a 64-bit unsigned integer")
-                parts = [head, _T_REGULAR, _T_EXECUTABLE if event.executable else b"", _T_CONTENTS, _u64(size)]
+                parts = [head, _T_REGULAR, _T_EXECUTABLE if file.executable else b"", _T_CONTENTS, _u64(size)]
                 if size:
                     self._state, self._left, self._size = "contents", size, size
                 else:
@@ -462,7 +469,7 @@ class NarWriter:
                 self._state = "dir"
                 return head + _T_DIRECTORY
             if cls is Symlink:
-                target = event.target
+                target = cast(Symlink, event).target
                 if not isinstance(target, bytes):
                     raise InvalidNar(f"NAR writer: symlink target must be bytes, got {type(target).__name__}")
                 problem = target_problem(target, self._max_target)
@@ -472,7 +479,7 @@ class NarWriter:
             raise InvalidNar(f"NAR writer: expected a node (file, directory or symlink), got {cls.__name__}")
         if state == "dir":
             if cls is Entry:
-                name = event.name
+                name = cast(Entry, event).name
                 if not isinstance(name, bytes):
                     raise InvalidNar(f"NAR writer: entry name must be bytes, got {type(name).__name__}")
                 problem = name_problem(name, self._max_name)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator, cast
 
 from ..errors import CorruptData, InvalidInput, MalformedBlock
 from . import dagcbor
@@ -145,10 +145,10 @@ class ChunkTree:
 
 @dataclass
 class _OpenDir:
-    entries: list = field(default_factory=list)  # [name, node] of the page being filled
+    entries: list[Any] = field(default_factory=list)  # [name, node] of the page being filled
     size: int = 8  # estimated dag-cbor size of `entries`
     height: int = 0  # inline directory levels below this one
-    pages: list = field(default_factory=list)  # [CID, entry count] of closed pages
+    pages: list[Any] = field(default_factory=list)  # [CID, entry count] of closed pages
     count: int = 0  # entries in closed pages
     name: bytes = b""  # the entry whose node comes next
 
@@ -189,7 +189,7 @@ class NarManifestBuilder:
         self.fanout = fanout
         self._chunker = Chunker(params)
         self._dirs: list[_OpenDir] = []
-        self._root: list | None = None
+        self._root: list[Any] | None = None
         self._root_height = 0
         # The regular file being read: its header, bytes left, and inline buffer or chunk tree.
         self._file: RegularFile | None = None
@@ -199,7 +199,7 @@ class NarManifestBuilder:
         self.files = self.chunks = 0
 
     # The node just finished goes into its parent directory (or becomes the root).
-    def _place(self, node: list, size: int, height: int, out: list[Block]) -> None:
+    def _place(self, node: list[Any], size: int, height: int, out: list[Block]) -> None:
         if self._root is not None:
             raise InvalidInput("NAR manifest: event after the end of the root node")
         if not self._dirs:
@@ -253,7 +253,7 @@ class NarManifestBuilder:
         out: list[Block] = []
         cls = type(event)
         if cls is Contents:
-            data = event.data
+            data = cast(Contents, event).data
             if self._file is None or len(data) > self._left:
                 raise InvalidInput("NAR manifest: file contents without a file, or beyond its size")
             self._left -= len(data)
@@ -267,15 +267,16 @@ class NarManifestBuilder:
         elif self._file is not None:
             raise InvalidInput(f"NAR manifest: {cls.__name__} before the end of a file's contents")
         elif cls is RegularFile:
-            self._file, self._left = event, event.size
-            if event.size > self.inline:
+            file = cast(RegularFile, event)
+            self._file, self._left = file, file.size
+            if file.size > self.inline:
                 self._tree = ChunkTree(self.fanout)
-            if not event.size:
+            if not file.size:
                 self._file_done(out)
         elif cls is Entry:
             if not self._dirs:
                 raise InvalidInput("NAR manifest: entry outside a directory")
-            self._dirs[-1].name = event.name
+            self._dirs[-1].name = cast(Entry, event).name
         elif cls is DirectoryStart:
             self._dirs.append(_OpenDir())
         elif cls is DirectoryEnd:
@@ -290,7 +291,8 @@ class NarManifestBuilder:
                     self._close_page(d, out)
                 self._place(["pages", d.count, d.pages], 16 + _link_estimate(len(d.pages)), 0, out)
         elif cls is Symlink:
-            self._place(["symlink", event.target], 16 + len(event.target), 0, out)
+            target = cast(Symlink, event).target
+            self._place(["symlink", target], 16 + len(target), 0, out)
         else:
             raise InvalidInput(f"NAR manifest: unexpected event {event!r}")
         return out
@@ -357,9 +359,9 @@ class NarManifest:
     nar_size: int
     chunker: ChunkerParams
     inline: int
-    root: list  # the root node, checked lazily while walking
+    root: list[Any]  # the root node, checked lazily while walking
 
-    def to_ipld(self) -> dict:
+    def to_ipld(self) -> dict[str, Any]:
         return {
             "type": NAR_TYPE,
             "version": SCHEMA_VERSION,
@@ -418,7 +420,7 @@ def check_links(value: object, depth: int, what: str) -> list[Link]:
     return out
 
 
-def _entries(value: object, what: str) -> list:
+def _entries(value: object, what: str) -> list[Any]:
     if not isinstance(value, list):
         raise MalformedBlock(f"{what}: directory entries must be a list")
     prev = b""
@@ -435,6 +437,10 @@ def _entries(value: object, what: str) -> list:
     return value
 
 
+# A sans-IO step generator: yields `Need`s (answered by `send()`ing the block's bytes) among its items.
+Steps = Generator[Any, Any, None]
+
+
 @dataclass(frozen=True, slots=True)
 class Need:
     """A step of a sans-IO walk needs this block's bytes: `send()` them (verified against the CID)."""
@@ -442,7 +448,7 @@ class Need:
     cid: CID
 
 
-def _run(steps, load: Callable[[CID], bytes]) -> Iterator:
+def _run(steps: Steps, load: Callable[[CID], bytes]) -> Iterator[Any]:
     """Drive a sans-IO step generator with a blocking `load`: answers every `Need`, yields the rest."""
     value = None
     while True:
@@ -457,7 +463,7 @@ def _run(steps, load: Callable[[CID], bytes]) -> Iterator:
             yield item
 
 
-def _page_steps(pages: list, count: int, what: str):
+def _page_steps(pages: list[Any], count: int, what: str) -> Steps:
     seen = 0
     prev = b""
     for cid, n in pages:
@@ -478,7 +484,7 @@ def _page_steps(pages: list, count: int, what: str):
         raise MalformedBlock(f"{what}: directory pages hold {seen} entries, the directory says {count}")
 
 
-def _page_entries(pages: list, count: int, load: Callable[[CID], bytes], what: str) -> Iterator[list]:
+def _page_entries(pages: list[Any], count: int, load: Callable[[CID], bytes], what: str) -> Iterator[list[Any]]:
     return _run(_page_steps(pages, count, what), load)
 
 
@@ -499,7 +505,7 @@ def chunk_blocks(depth: int, links: list[Link], load: Callable[[CID], bytes]) ->
             todo.append((index.depth, list(index.children)))
 
 
-def _link_steps(depth: int, links: list[Link]):
+def _link_steps(depth: int, links: list[Link]) -> Steps:
     if depth == 0:
         for cid, size in links:
             yield ChunkRef(cid, size)
@@ -516,11 +522,11 @@ def walk_links(depth: int, links: list[Link], load: Callable[[CID], bytes]) -> I
     return _run(_link_steps(depth, links), load)
 
 
-def _list_steps(entries: list):
+def _list_steps(entries: list[Any]) -> Steps:
     yield from entries
 
 
-def _node_steps(node: object, what: str) -> tuple[list, object | None]:
+def _node_steps(node: object, what: str) -> tuple[list[Any], Steps | None]:
     """A node's leading events (a chunked file's chunk refs as a step generator), and for a directory a
     step generator over its entries."""
     if not isinstance(node, list) or not node or not isinstance(node[0], str):
@@ -558,24 +564,24 @@ def _node_steps(node: object, what: str) -> tuple[list, object | None]:
     raise MalformedBlock(f"{what}: unknown or malformed node kind {kind[:20]!r}")
 
 
-def _node_events(node: object, load: Callable[[CID], bytes], what: str) -> tuple[list, Iterator[list] | None]:
+def _node_events(node: object, load: Callable[[CID], bytes], what: str) -> tuple[list[Any], Iterator[list[Any]] | None]:
     """A node's leading events, and for a directory an iterator over its entries (blocks from `load`)."""
     head, entries = _node_steps(node, what)
-    head = [_run(h, load) if isinstance(h, Iterator) else h for h in head]
+    head = [_run(cast(Steps, h), load) if isinstance(h, Iterator) else h for h in head]
     return head, None if entries is None else _run(entries, load)
 
 
 # -- reading ----------------------------------------------------------------------------------------------
 
 
-def plan_steps(manifest: NarManifest):
+def plan_steps(manifest: NarManifest) -> Steps:
     """The NAR's events in order, with `ChunkRef`s where file contents come from chunks, as a sans-IO
     step generator: where it needs a page or chunk-index block it yields `Need(cid)` and expects the
     block's bytes through `send()`. Its Needs and ChunkRefs come in the depth-first order of the
     manifest's links (the order a DAG stream sends them). The tree's shape, names and sizes are checked
     here."""
     what = "NAR manifest"
-    stack: list = []
+    stack: list[Any] = []
     node: object = manifest.root
     while True:
         head, entries = _node_steps(node, what)
@@ -707,7 +713,7 @@ def resolve_chunks(plan: Iterable[Event | ChunkRef], load: Callable[[CID], bytes
                 raise CorruptData(f"chunk {item.cid} has {len(data)} bytes, its manifest says {item.size}")
             yield Contents(data)
         else:
-            yield item
+            yield cast(Event, item)
 
 
 def iter_events(manifest: NarManifest, load: Callable[[CID], bytes]) -> Iterator[Event]:
@@ -768,7 +774,8 @@ class VerifiedStream:
     at once. `wrap(iterable)` applies it to a synchronous iterator.
     """
 
-    def __init__(self, algo: str, digest: bytes, size: int | None, what: str = "stream", hasher=None):
+    def __init__(self, algo: str, digest: bytes, size: int | None, what: str = "stream",
+                 hasher: "hashlib._Hash | None" = None):
         self.algo = algo
         self.digest = digest
         self.size = size

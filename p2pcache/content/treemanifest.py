@@ -45,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import stat
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import InvalidInput, MalformedBlock
 from . import dagcbor
@@ -99,7 +99,7 @@ class TreeEntry:
             return 0
         return len(self.body) if isinstance(self.body, bytes) else self.body[0]  # type: ignore[index]
 
-    def to_ipld(self) -> list:
+    def to_ipld(self) -> list[Any]:
         return [self.top, self.path, self.mode, self.mtime_ns, self.body]
 
 
@@ -163,14 +163,14 @@ class _Pager:
     with exactly those items is that block again, so it is neither encoded nor emitted (an unchanged re-save
     of a big tree re-encodes nothing)."""
 
-    def __init__(self, previous: dict | None = None) -> None:
+    def __init__(self, previous: dict[Any, Any] | None = None) -> None:
         self.previous = previous or {}
-        self.items: list = []
+        self.items: list[Any] = []
         self.size = 0
-        self.pages: list[list] = []
+        self.pages: list[list[Any]] = []
         self.count = 0
 
-    def add(self, item: list, boundary: bytes, estimate: int) -> list[Block]:
+    def add(self, item: list[Any], boundary: bytes, estimate: int) -> list[Block]:
         self.items.append(item)
         self.size += estimate
         self.count += 1
@@ -195,16 +195,16 @@ class _Pager:
         return [(cid, data)]
 
 
-def _first_key(item: list) -> tuple:
+def _first_key(item: list[Any]) -> tuple[Any, ...]:
     return (item[0], item[1]) if len(item) == 5 else (item[0],)
 
 
-def _indexed(links: list[list], out: list[Block]) -> list[list]:
+def _indexed(links: list[list[Any]], out: list[Block]) -> list[list[Any]]:
     """Page links as the root holds them: at most ROOT_PAGES, else grouped into index blocks (content-defined
     boundaries on the link's CID, so an unchanged run of pages keeps its index block), level by level."""
     while len(links) > ROOT_PAGES:
-        grouped: list[list] = []
-        group: list[list] = []
+        grouped: list[list[Any]] = []
+        group: list[list[Any]] = []
 
         def close() -> None:
             data = dagcbor.encode({"type": INDEX_TYPE, "version": SCHEMA_VERSION, "pages": group})
@@ -235,7 +235,7 @@ class TreeManifestBuilder:
     """Entries (strictly increasing by (top, path)) and sources (increasing by path) in, blocks out."""
 
     def __init__(self, paths: list[str], params: ChunkerParams = DEFAULT_PARAMS, inline: int = DEFAULT_INLINE,
-                 sources_path: str | None = None, previous_pages: dict | None = None):
+                 sources_path: str | None = None, previous_pages: dict[Any, Any] | None = None):
         self.paths = list(paths)
         self.params = params.validate()
         self.inline = inline
@@ -271,7 +271,7 @@ class TreeManifestBuilder:
             sources = {"path": self.sources_path, "entries": self._sources.count,
                        "pages": _indexed(self._sources.pages, out)}
         manifest = TreeManifest(self.params, self.inline, tuple(self.paths), self._entries.count, self.size,
-                                tuple(map(tuple, pages)), sources)  # type: ignore[arg-type]
+                                tuple(map(tuple, pages)), sources)
         data = manifest.encode()
         if len(data) > MAX_BLOCK_SIZE:
             raise InvalidInput(f"tree manifest: root block of {len(data)} bytes exceeds the block limit")
@@ -305,9 +305,9 @@ class TreeManifest:
     entries: int
     size: int
     pages: tuple[tuple[CID, int], ...]
-    sources: dict | None  # {"path", "entries", "pages"}
+    sources: dict[Any, Any] | None  # {"path", "entries", "pages"}
 
-    def to_ipld(self) -> dict:
+    def to_ipld(self) -> dict[str, Any]:
         return {
             "type": TREE_TYPE, "version": SCHEMA_VERSION, "chunker": self.chunker.to_ipld(), "inline": self.inline,
             "paths": list(self.paths), "entries": self.entries, "size": self.size,
@@ -355,7 +355,8 @@ class TreeManifest:
 # -- reading ------------------------------------------------------------------------------------------------
 
 
-def _page_items(pages: Iterable[tuple[CID, int]], count: int, load: Load, what: str, depth: int = 0) -> Iterator[list]:
+def _page_items(pages: Iterable[tuple[CID, int]], count: int, load: Load, what: str,
+                depth: int = 0) -> Iterator[list[Any]]:
     seen = 0
     for cid, n in pages:
         page = dagcbor.decode(load(cid))
@@ -415,13 +416,13 @@ def iter_entries(manifest: TreeManifest, load: Load) -> Iterator[TreeEntry]:
         yield TreeEntry(top, path, mode, mtime, body)
 
 
-def previous_tree(manifest: TreeManifest, load: Load) -> tuple[dict[tuple[int, bytes], TreeEntry], dict]:
+def previous_tree(manifest: TreeManifest, load: Load) -> tuple[dict[tuple[int, bytes], TreeEntry], dict[Any, Any]]:
     """An earlier tree of our own repo, for the next save: its regular-file entries by (top, path) (the stat
     cache) and its entry pages by first entry (`TreeManifestBuilder(previous_pages=…)`). Each page is decoded
     once; the shapes were checked when the tree was registered. Pages reused this way are not emitted again,
     so the caller must know the tree is still complete in the repo."""
     files: dict[tuple[int, bytes], TreeEntry] = {}
-    pages: dict = {}
+    pages: dict[Any, Any] = {}
 
     def walk(links: Iterable[tuple[CID, int]], depth: int = 0) -> None:
         for cid, _ in links:

@@ -58,8 +58,12 @@ import heapq
 from collections import OrderedDict
 from itertools import islice
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 from ..content.cid import CID
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 from .errors import ExchangeUsageError
 from .events import (
     Action,
@@ -400,13 +404,13 @@ class BitswapClient:
                 self._requeue(w)
         self._unstall()
         for w in list(self._stalled.values()):
-            if now - w.stalled_since >= self.config.no_provider_timeout:
+            if now - cast(float, w.stalled_since) >= self.config.no_provider_timeout:  # set while stalled
                 self._fail(w, f"no peer to ask within {self.config.no_provider_timeout:g}s")
         for w in list(self._parked.values()):
-            if now - w.parked_since >= self.config.dont_have_wait:
+            if now - cast(float, w.parked_since) >= self.config.dont_have_wait:  # set while parked
                 self._fail(w, f"{len(w.dont_haves)} peers said they do not have it and none had it "
                               f"within {self.config.dont_have_wait:g}s")
-        self._parked_min = min((w.parked_since for w in self._parked.values()), default=None)
+        self._parked_min = min((cast(float, w.parked_since) for w in self._parked.values()), default=None)
 
     # -- peers --------------------------------------------------------------------------------
     def _drop_peer(self, peer: PeerId) -> None:
@@ -680,7 +684,7 @@ class BitswapClient:
             # which is all a parked CID waits for; a DONT_HAVE per peer and CID would only cost messages.
             self._ask_have(w, peer, send_dont_have=False)
 
-    def _pending_in_order(self):
+    def _pending_in_order(self) -> Iterator[CID]:
         """Pending CIDs front to back, while the caller removes some of them, without copying the
         whole queue: a scan costs the CIDs it skips or places, not the length of the queue."""
         skipped = 0
@@ -800,10 +804,10 @@ class BitswapClient:
         if heap:
             earliest = heap[0][0] if earliest is None else min(earliest, heap[0][0])
         for w in self._stalled.values():
-            at = w.stalled_since + self.config.no_provider_timeout
+            at = cast(float, w.stalled_since) + self.config.no_provider_timeout
             earliest = at if earliest is None else min(earliest, at)
         if self._parked:
-            at = self._parked_min + self.config.dont_have_wait
+            at = cast(float, self._parked_min) + self.config.dont_have_wait  # set while any CID is parked
             earliest = at if earliest is None else min(earliest, at)
         if earliest is not None and (self._timer_at is None or earliest < self._timer_at):
             self._timer_at = earliest

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass, field
+from typing import cast
 
 from google.protobuf.message import DecodeError
 
@@ -141,7 +142,7 @@ def want_wire_size(entry: WantEntry) -> int:
 # Wire sizes depend on a few small numbers only; they are asked for once per entry on hot paths.
 _BLOCK_SIZES: dict[tuple[int, int], int] = {}
 _PRESENCE_SIZES: dict[tuple[int, bool], int] = {}
-_WANT_SIZES: dict[tuple, int] = {}  # small: CID lengths x 65 priority lengths x flags
+_WANT_SIZES: dict[tuple[int, int, bool, WantType, bool], int] = {}  # small: CID lengths x 65 priority lengths x flags
 
 
 # -- encoding ------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def to_protobuf(msg: Message) -> _pb.Message:
             e.block = w.cid.buffer
             e.priority = w.priority
             e.cancel = w.cancel
-            e.wantType = int(w.want_type)
+            e.wantType = cast("_pb.Message.Wantlist.WantType", int(w.want_type))  # the stub's int subclass
             e.sendDontHave = w.send_dont_have
     for b in msg.blocks:
         if len(b.data) > MAX_BLOCK_SIZE:
@@ -232,16 +233,16 @@ def decode(buf: bytes | bytearray | memoryview) -> Message:
     except (DecodeError, ValueError) as e:  # ValueError: e.g. invalid UTF-8 never applies, but be safe
         raise ProtocolViolation(f"bitswap message does not parse as protobuf: {e}") from None
     wants = []
-    for e in pb.wantlist.entries:
-        if e.wantType not in (0, 1):
-            raise ProtocolViolation(f"bitswap wantlist entry has unknown want type {e.wantType}")
+    for entry in pb.wantlist.entries:
+        if entry.wantType not in (0, 1):
+            raise ProtocolViolation(f"bitswap wantlist entry has unknown want type {entry.wantType}")
         wants.append(
             WantEntry(
-                cid=_cid(e.block, "wantlist entry"),
-                want_type=WantType(e.wantType),
-                priority=e.priority,
-                cancel=e.cancel,
-                send_dont_have=e.sendDontHave,
+                cid=_cid(entry.block, "wantlist entry"),
+                want_type=WantType(entry.wantType),
+                priority=entry.priority,
+                cancel=entry.cancel,
+                send_dont_have=entry.sendDontHave,
             )
         )
     blocks = []

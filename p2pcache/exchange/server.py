@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from ..content.cid import CID
 from .errors import ExchangeUsageError
@@ -315,8 +315,7 @@ class BitswapServer:
                 del self._lent_to[peer]
         for watcher in self._watchers.pop(cid, ()):
             led = self._ledgers.get(watcher)
-            e = led.waiting.get(cid) if led is not None else None
-            if e is not None:
+            if led is not None and (e := led.waiting.get(cid)) is not None:
                 self._consider(led, e)
 
     def _expire_lendings(self, now: float) -> None:
@@ -521,7 +520,7 @@ class BitswapServer:
                     del self._active[peer]
                     seq = self._next_seq()
                     self._capped[peer] = seq
-                    heapq.heappush(self._cap_heap, (head.wire, led.served, seq, peer))
+                    heapq.heappush(self._cap_heap, (cast(_Task, head).wire, led.served, seq, peer))  # capped: a head
                 if not ok:
                     continue
                 if head is not None:
@@ -552,6 +551,7 @@ class BitswapServer:
         size = 0
         presences: list[Presence] = []
         blocks: list[Block] = []
+        t: _Task | None  # the presences' loop, then the block queue's head
         for t in list(led.presences.values()):  # oldest first
             s = t.wire
             if size + s > budget:

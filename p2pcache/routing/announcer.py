@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -29,6 +30,12 @@ from ..content.cid import CID
 from .dht import DHT
 from .keys import dht_key
 from .sweep import assign_peers, key_position, region_bits, split_regions
+
+if TYPE_CHECKING:
+    # `trio.TaskStatus` at run time; libp2p and multiaddr pull in trio-typing, whose trio-stubs shadow trio's own
+    # types for mypy and export TaskStatus only from trio_typing.
+    from libp2p.peer.id import ID
+    from trio_typing import TaskStatus
 
 __all__ = ["AnnouncerConfig", "AnnouncerStats", "Announcements", "ProviderAnnouncer"]
 
@@ -182,7 +189,7 @@ class ProviderAnnouncer:
         walks = trio.CapacityLimiter(cfg.concurrency)
         sends = trio.CapacityLimiter(cfg.concurrency)
 
-        async def send(peer: object, batch: list[bytes]) -> None:
+        async def send(peer: ID, batch: list[bytes]) -> None:
             async with sends:
                 batch = [key for key in batch if key in self.announcements]  # withdrawn meanwhile
                 if not batch:
@@ -197,7 +204,7 @@ class ProviderAnnouncer:
 
         async def region(items: list[tuple[int, bytes]], nursery: trio.Nursery) -> None:
             target_pos, target = items[len(items) // 2]
-            peers: list = []
+            peers: list[ID] = []
             async with walks:
                 with trio.move_on_after(cfg.provide_timeout):
                     try:
@@ -243,7 +250,7 @@ class ProviderAnnouncer:
         stats.failed += len(keys) - len(gone) - ok
         return ok
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.sweep()
         task_status.started()
         next_sweep = trio.current_time() + self.config.interval

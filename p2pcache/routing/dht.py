@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import trio
 from multiaddr import Multiaddr
@@ -54,6 +54,11 @@ from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from .keys import dht_key
 from .resolve_wire import frame
+
+if TYPE_CHECKING:
+    # `trio.TaskStatus` at run time; libp2p and multiaddr pull in trio-typing, whose trio-stubs shadow trio's own
+    # types for mypy and export TaskStatus only from trio_typing.
+    from trio_typing import TaskStatus
 
 __all__ = ["DHT", "DHTConfig", "DHTStats", "KAD_PROTOCOL", "ProviderAnswer", "dht_key", "write_framed"]
 
@@ -182,7 +187,7 @@ class DHT:
         self.stats = DHTStats()
 
     # -- lifecycle ----------------------------------------------------------------------------
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with AsyncExitStack() as stack:
             if self.config.refresh:
                 await stack.enter_async_context(background_trio_service(self.kad))

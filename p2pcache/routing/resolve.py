@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -40,6 +40,8 @@ from .resolve_wire import (
 __all__ = ["PROTOCOL", "ResolveLookup", "ResolveServer", "ResolveServerStats", "resolve"]
 
 log = logging.getLogger(__name__)
+
+_Answer = TypeVar("_Answer")  # what ask_once's `decode` makes of the answer frame
 
 ResolveLookup = Callable[[str], "ResolveAnswer | None | Awaitable[ResolveAnswer | None]"]
 _READ_CHUNK = 64 * 1024
@@ -154,7 +156,7 @@ async def resolve(host: Any, peer_id: ID, alias: str, timeout: float = 5.0) -> R
 
 
 async def ask_once(host: Any, peer_id: ID, protocol: TProtocol, request: bytes, limit: int, what: str,
-                   decode: Callable[[bytes], Any], timeout: float, asking: str) -> Any:
+                   decode: Callable[[bytes], _Answer], timeout: float, asking: str) -> _Answer:
     """One framed request and one framed answer of at most `limit` bytes on a new stream, decoded with
     `decode` (which raises ResolveProtocolError on a bad answer). Raises ResolveUnavailable when the peer
     cannot be reached or does not answer in time; the stream is reset on any failure."""

@@ -13,7 +13,9 @@ Must not: fetch, touch the repo, or name a registry host. Registry base URLs are
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ...errors import InvalidInput
 from .hashes import DepHash, UnknownHash
@@ -71,7 +73,7 @@ class Registries:
     def set(self, spec: str) -> None:
         """`KIND=URL` from `--registry`."""
         kind, sep, url = spec.partition("=")
-        if not sep or kind not in self.__slots__ or not url:  # type: ignore[attr-defined]
+        if not sep or kind not in self.__slots__ or not url:
             raise InvalidInput(f"--registry {spec!r}: write KIND=URL with KIND one of npm, cargo, pypi, go, gem")
         setattr(self, kind, url)
 
@@ -126,7 +128,8 @@ def parse_lockfile(path: str, text: str, registries: Registries | None = None, f
 FORMATS = ("npm", "yarn", "yarn-berry", "pnpm", "cargo", "uv", "pylock", "poetry", "gem", "go")
 
 
-def hashed(lock: LockFile, name: str, version: str, url: str | None, kind: str, parse_hash, text,
+def hashed(lock: LockFile, name: str, version: str, url: str | None, kind: str,
+           parse_hash: Callable[[Any], DepHash], text: Any,
            filename: str | None = None, index_url: str | None = None) -> None:
     """Append a Dependency whose hash is `parse_hash(text)`; an unusable hash becomes its `error`."""
     try:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import tomllib
+from typing import Any
 
 from . import LockParseError
 
 _AT = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$")
 
 
-def load(path: str, text: str) -> dict:
+def load(path: str, text: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -20,7 +21,7 @@ def load(path: str, text: str) -> dict:
         raise LockParseError(path, str(e)) from None
 
 
-def tables(path: str, text: str, key: str = "package") -> list[dict]:
+def tables(path: str, text: str, key: str = "package") -> list[dict[str, Any]]:
     """The `[[key]]` tables of a TOML lock file (Cargo.lock, uv.lock, poetry.lock)."""
     doc = load(path, text)
     found = doc.get(key)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from . import LockFile, LockParseError, Registries, Skipped, hashed
-from .hashes import UnknownHash, parse_prefixed
+from .hashes import DepHash, UnknownHash, parse_prefixed
 
 _SPEC = re.compile(r"^ {4}(\S+) \(([^)\s]+)\)$")
 _CHECKSUM = re.compile(r"^ {2}(\S+) \(([^)\s]+)\)(?: (\S+))?$")
@@ -57,7 +57,7 @@ def parse(path: str, text: str, registries: Registries, lock: LockFile) -> None:
         base = origin.get(key) or registries.gem
         url = f"{base.rstrip('/')}/gems/{name}-{version}.gem" if base else None
 
-        def pick(s: str):
+        def pick(s: str) -> DepHash:
             found = [h for h in s.split(",") if h.startswith("sha256=")]
             if not found:
                 raise UnknownHash(f"checksum {s[:60]!r}: no sha256= (the only algorithm Bundler writes)")

@@ -9,6 +9,7 @@ specs are not registry tarballs: all are listed as skipped with the reason.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from . import LockFile, LockParseError, Registries, Skipped, hashed, url_basename
 from .hashes import parse_sri
@@ -33,7 +34,7 @@ def parse(path: str, text: str, registries: Registries, lock: LockFile) -> None:
     if version not in (2, 3) or not isinstance(packages, dict):
         raise LockParseError(path, f"lockfileVersion {version!r} without a `packages` map; only versions 2 and 3 "
                                    "are read (regenerate it with npm 7 or later)")
-    seen: set[tuple] = set()
+    seen: set[tuple[Any, ...]] = set()
     for key, entry in packages.items():
         if key == "" or not isinstance(entry, dict):
             continue

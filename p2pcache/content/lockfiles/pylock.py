@@ -5,17 +5,27 @@ Every wheel, sdist and archive with a URL and a hash is a dependency (the strong
 
 from __future__ import annotations
 
-from packaging.pylock import Pylock, PylockUnsupportedVersionError, PylockValidationError
+from collections.abc import Callable
+from typing import Any
+
+from packaging.pylock import (
+    Pylock,
+    PylockUnsupportedVersionError,
+    PylockValidationError,
+    PackageArchive,
+    PackageSdist,
+    PackageWheel,
+)
 
 from . import LockFile, LockParseError, Registries, Skipped, hashed, url_basename
 from ._toml import load
-from .hashes import UnknownHash, from_hex
+from .hashes import DepHash, UnknownHash, from_hex
 
 _ORDER = ("sha512", "sha384", "sha256", "sha1")
 
 
-def _best(hashes: dict):
-    def pick(_):
+def _best(hashes: dict[str, Any]) -> Callable[[object], DepHash]:
+    def pick(_: object) -> DepHash:
         for algo in _ORDER:
             if algo in hashes:
                 return from_hex(algo, hashes[algo])
@@ -37,6 +47,7 @@ def parse(path: str, text: str, registries: Registries, lock: LockFile) -> None:
         if pkg.directory is not None:
             lock.skipped.append(Skipped(f"{name}@{version}", f"local path {pkg.directory.path}"))
             continue
+        files: list[PackageWheel | PackageSdist | PackageArchive]
         files = [*(pkg.wheels or ()), *([pkg.sdist] if pkg.sdist else []), *([pkg.archive] if pkg.archive else [])]
         for f in files:
             url = f.url

@@ -14,6 +14,8 @@ have no origin URL; non-npm protocols (`workspace:`, `link:`, `portal:`, `file:`
 
 from __future__ import annotations
 
+from typing import Any
+
 import yaml
 
 from . import LockFile, LockParseError, Registries, Skipped, hashed, url_basename
@@ -38,7 +40,7 @@ def parse_v1(path: str, text: str, registries: Registries, lock: LockFile) -> No
         doc = yarnlock_parse(text)
     except ValueError as e:
         raise LockParseError(path, str(e)) from None
-    seen: set[tuple] = set()
+    seen: set[tuple[Any, ...]] = set()
     for key, entry in doc.items():
         first = key.split(",", 1)[0].strip().strip('"')
         matches = entry.get("matches") or []

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, TypeVar, Union, cast
+from typing import TYPE_CHECKING, BinaryIO, TypeVar, Union
 
 from ..errors import InvalidInput
 
@@ -440,7 +440,9 @@ class NarWriter:
         if state == "contents":
             if cls is not Contents:
                 raise InvalidNar(f"NAR writer: got {cls.__name__} with {self._left} bytes of file contents missing")
-            data = cast(Contents, event).data
+            if TYPE_CHECKING:  # the dispatch above is on type(event); no cast on this hot path
+                assert isinstance(event, Contents)
+            data = event.data
             n = len(data)
             if n > self._left:
                 raise InvalidNar(f"NAR writer: contents exceed the declared file size of {self._size} bytes")
@@ -452,7 +454,9 @@ class NarWriter:
             head = b"" if self._started else _T_MAGIC
             self._started = True
             if cls is RegularFile:
-                file = cast(RegularFile, event)
+                if TYPE_CHECKING:  # the dispatch above is on type(event); no cast on this hot path
+                    assert isinstance(event, RegularFile)
+                file = event
                 size = file.size
                 if type(size) is not int or not 0 <= size < 1 << 64:
                     raise InvalidNar(f"NAR writer: file size {size!r} is not a 64-bit unsigned integer")
@@ -469,7 +473,9 @@ class NarWriter:
                 self._state = "dir"
                 return head + _T_DIRECTORY
             if cls is Symlink:
-                target = cast(Symlink, event).target
+                if TYPE_CHECKING:  # the dispatch above is on type(event); no cast on this hot path
+                    assert isinstance(event, Symlink)
+                target = event.target
                 if not isinstance(target, bytes):
                     raise InvalidNar(f"NAR writer: symlink target must be bytes, got {type(target).__name__}")
                 problem = target_problem(target, self._max_target)
@@ -479,7 +485,9 @@ class NarWriter:
             raise InvalidNar(f"NAR writer: expected a node (file, directory or symlink), got {cls.__name__}")
         if state == "dir":
             if cls is Entry:
-                name = cast(Entry, event).name
+                if TYPE_CHECKING:  # the dispatch above is on type(event); no cast on this hot path
+                    assert isinstance(event, Entry)
+                name = event.name
                 if not isinstance(name, bytes):
                     raise InvalidNar(f"NAR writer: entry name must be bytes, got {type(name).__name__}")
                 problem = name_problem(name, self._max_name)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterable, Iterator, cast
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, cast
 
 from ..errors import CorruptData, InvalidInput, MalformedBlock
 from . import dagcbor
@@ -253,7 +253,9 @@ class NarManifestBuilder:
         out: list[Block] = []
         cls = type(event)
         if cls is Contents:
-            data = cast(Contents, event).data
+            if TYPE_CHECKING:  # the dispatch above is on type(event); no cast on this hot path
+                assert isinstance(event, Contents)
+            data = event.data
             if self._file is None or len(data) > self._left:
                 raise InvalidInput("NAR manifest: file contents without a file, or beyond its size")
             self._left -= len(data)
@@ -267,7 +269,9 @@ class NarManifestBuilder:
         elif self._file is not None:
             raise InvalidInput(f"NAR manifest: {cls.__name__} before the end of a file's contents")
         elif cls is RegularFile:
-            file = cast(RegularFile, event)
+            if TYPE_CHECKING:  # the dispatch above is on type(event); no cast on this hot path
+                assert isinstance(event, RegularFile)
+            file = event
             self._file, self._left = file, file.size
             if file.size > self.inline:
                 self._tree = ChunkTree(self.fanout)
@@ -276,7 +280,9 @@ class NarManifestBuilder:
         elif cls is Entry:
             if not self._dirs:
                 raise InvalidInput("NAR manifest: entry outside a directory")
-            self._dirs[-1].name = cast(Entry, event).name
+            if TYPE_CHECKING:  # the dispatch above is on type(event); no cast on this hot path
+                assert isinstance(event, Entry)
+            self._dirs[-1].name = event.name
         elif cls is DirectoryStart:
             self._dirs.append(_OpenDir())
         elif cls is DirectoryEnd:
@@ -291,7 +297,9 @@ class NarManifestBuilder:
                     self._close_page(d, out)
                 self._place(["pages", d.count, d.pages], 16 + _link_estimate(len(d.pages)), 0, out)
         elif cls is Symlink:
-            target = cast(Symlink, event).target
+            if TYPE_CHECKING:  # the dispatch above is on type(event); no cast on this hot path
+                assert isinstance(event, Symlink)
+            target = event.target
             self._place(["symlink", target], 16 + len(target), 0, out)
         else:
             raise InvalidInput(f"NAR manifest: unexpected event {event!r}")

@@ -20,6 +20,7 @@ new keys still go one `provide_key` each, which also walks for exactly their clo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     # types for mypy and export TaskStatus only from trio_typing.
     from libp2p.peer.id import ID
     from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AnnouncerConfig", "AnnouncerStats", "Announcements", "ProviderAnnouncer"]
 
@@ -158,7 +161,8 @@ class ProviderAnnouncer:
                 with trio.move_on_after(self.config.provide_timeout):
                     try:
                         reached = await self.dht.provide_key(key)
-                    except Exception:
+                    except Exception as e:  # counted as failed below; retried at the next sweep
+                        log.debug("providing %s failed: %s", key, e)
                         reached = False
                 if key not in self.announcements:  # withdrawn during the provide: undo the local record
                     self.dht.withdraw_key(key)
@@ -197,7 +201,8 @@ class ProviderAnnouncer:
                 with trio.move_on_after(cfg.provide_timeout):
                     try:
                         await dht.add_providers(peer, batch)
-                    except Exception:
+                    except Exception as e:  # that peer's keys count as not reached
+                        log.debug("ADD_PROVIDER of %d keys to %s failed: %s", len(batch), peer, e)
                         return
                     reached.update(batch)
                     stats.sweep_add_providers += len(batch)
@@ -211,7 +216,8 @@ class ProviderAnnouncer:
                         # half as many again as a record needs: a key at the region's edge has
                         # closest peers the walk's target does not
                         peers = await dht.closest_peers(target, k + k // 2)
-                    except Exception:
+                    except Exception as e:  # the region reaches nobody: counted as failed below
+                        log.debug("sweep walk for a region of %d keys failed: %s", len(items), e)
                         peers = []
                 stats.sweep_walks += 1
             if not peers:

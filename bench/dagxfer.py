@@ -337,7 +337,7 @@ def nar_bench(total: int, tmp: Path) -> None:
     b = None
     try:
         b = start_daemon(tmp / "b", swarm_key=key, bootstrap=[a.addr], timeout=60)
-        with httpx.Client() as client:
+        with httpx.Client(headers=a.auth) as client:
             big, _, big_size = upload_nar(client, a.api, "bench-big", big_files(total))
             v1, _, _ = upload_nar(client, a.api, "bench-v1", version_files(1))
             v2, _, v2_size = upload_nar(client, a.api, "bench-v2", version_files(2))

@@ -94,7 +94,8 @@ def main() -> int:
         c = bench.daemon("c", bootstrap=[a.addr])  # a second runner: it takes A's provider records
         nixbench.wait_peers(a, 1)
         for content in kinds.values():
-            nix.run("nix", "copy", "--to", f"{a.api}?compression=none", content["top"])
+            nix.run("nix", "copy", "--to", f"{a.api}?compression=none", content["top"],
+                    config=f"netrc-file = {a.netrc}\n")  # uploads need the daemon's API token
         a.wait_announced(2 * sum(len(c["paths"]) for c in kinds.values()), timeout=120)
         statics = {}
         for comp, extra in (("zstd", ""), ("xz", f"&compression-level={args.xz_level}")):

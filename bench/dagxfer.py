@@ -323,6 +323,15 @@ def fetch_nar(client: httpx.Client, api: str, store_hash: str, pid: int) -> tupl
     return time.perf_counter() - t, n, vm_hwm(pid)
 
 
+def wait_fetched(d) -> dict:
+    """B's transfer stats once no fetch is in progress: the response to Nix ends with its last byte,
+    which can come before the fetch has stored (and counted) its last batch."""
+    deadline = time.monotonic() + 60
+    while (st := d.status()["transfer"])["active_fetches"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return st
+
+
 def vm_hwm(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -343,7 +352,9 @@ def nar_bench(total: int, tmp: Path) -> None:
             v2, _, v2_size = upload_nar(client, a.api, "bench-v2", version_files(2))
             a.wait_announced(6, timeout=120)
             base_rss = vm_hwm(b.proc.pid)
-            secs, n, peak = fetch_nar(client, b.api, big, b.proc.pid)
+            secs, n, _ = fetch_nar(client, b.api, big, b.proc.pid)
+            wait_fetched(b)
+            peak = vm_hwm(b.proc.pid)  # with the fetch's last batches stored
             assert n == big_size, (n, big_size)
             log(f"== NAR of {big_size / MiB:.0f} MiB from peer A through daemon B to an HTTP client")
             log(f"  {secs:.2f}s  {big_size / 1e6 / secs:.1f} MB/s; B's peak RSS {peak / MiB:.0f} MiB "
@@ -352,9 +363,9 @@ def nar_bench(total: int, tmp: Path) -> None:
             emit("nar_from_peer_peak_rss", peak / MiB, "MiB", "lower", goal="<= 150", size=big_size)
 
             fetch_nar(client, b.api, v1, b.proc.pid)
-            before = b.status()["transfer"]
+            before = wait_fetched(b)
             fetch_nar(client, b.api, v2, b.proc.pid)
-            after = b.status()["transfer"]
+            after = wait_fetched(b)
         wire = (after["bytes"] - before["bytes"]) + (after["duplicate_bytes"] - before["duplicate_bytes"])
         new = new_bytes(tmp, version_files(1), version_files(2))
         wire += new["root"]  # the manifest root, fetched over bitswap to check the NarHash first

@@ -67,6 +67,7 @@ class DagConfig:
 @dataclass
 class TransferStats:
     fetches: int = 0
+    active_fetches: int = 0  # in progress now (a NAR's response may end before its fetch has stored the last batch)
     streams: int = 0
     blocks: int = 0
     bytes: int = 0
@@ -354,8 +355,17 @@ class DagTransfer:
         so an interrupted fetch resumes), storing verified blocks in batches and calling `on_stored` after
         each; `on_verified(cid, data)` sees each new block the moment it is verified, before it is stored.
         Returns the bytes fetched. Raises FetchError (one line) if neither protocol could finish."""
-        peers = [p for p in self.exchange.provider_ids(providers) if p != self.host.peer_id]
         self.stats.fetches += 1
+        self.stats.active_fetches += 1
+        try:
+            return await self._fetch(root, providers, repo, on_stored, on_verified)
+        finally:
+            self.stats.active_fetches -= 1
+
+    async def _fetch(self, root: CID, providers: Iterable[ProviderSpec], repo: Any,
+                     on_stored: Callable[[list[CID]], None] | None,
+                     on_verified: Callable[[CID, bytes], None] | None) -> int:
+        peers = [p for p in self.exchange.provider_ids(providers) if p != self.host.peer_id]
         walk = DagWalk(root, repo.has_block, cover_nodes=True)
         ex = self.exchange
         before = walk.stats.bytes

@@ -14,8 +14,9 @@ the index serialises its transactions, so an add, a fetch and the bitswap server
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -32,8 +33,8 @@ from . import __version__
 from .config import NodeConfig
 from .content.cid import CID, DAG_CBOR
 from .content.keys import HashKey, RootKey, parse_key
-from .content.manifest import ArchiveManifest
-from .errors import DiskFull, InvalidInput, MalformedBlock, NotFound, P2PCacheError, leaf_error
+from .content.manifest import ArchiveManifest, iter_chunks
+from .errors import CorruptData, DiskFull, InvalidInput, MalformedBlock, NotFound, P2PCacheError, leaf_error
 from .apitoken import new_token, write_netrc
 from .exchange import ClientConfig, ServerConfig
 from .http.api import make_app
@@ -569,8 +570,10 @@ class Node:
             manifest = _decode_root(root, blocks[root])
         else:  # the race checked the winner's manifest root against the hash (if it names that hash)
             root, manifest, providers = await self._resolve_root(key)
-        # A manifest made since sha512 became lazy names no sha512: that hash is checked over the fetched bytes.
-        check_after = isinstance(key, HashKey) and key.algo not in manifest.hashes
+        # Whatever whole-archive hash the manifest claims (and the one asked for, which a manifest made since
+        # sha512 became lazy may not name) is checked over the fetched bytes before any alias is recorded.
+        algos = sorted({a for a in manifest.hashes if a in ("sha256", "sha512")}
+                       | ({key.algo} if isinstance(key, HashKey) else set()))
         await self.quota.make_room(manifest.size, alias)  # nothing of it is stored yet: fail before, not during
         progress(0, manifest.size)
         before = self.repo.stored_bytes()
@@ -583,13 +586,13 @@ class Node:
                 progress(min(manifest.size, max(0, self.repo.stored_bytes() - before)), manifest.size)
 
         failure: P2PCacheError | None = None
+        answered = providers[:1] if isinstance(key, HashKey) else []  # the peer that named this root for the hash
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
             try:
                 for attempt in range(3):
                     try:
                         await self.fetch_dag(root, providers)
-                        await trio.to_thread.run_sync(self.repo.register_root, root)
                         break
                     except FetchError as e:
                         # Providers went away mid-transfer: look again (others may have it, and blocks
@@ -600,16 +603,51 @@ class Node:
                         if attempt == 2 or not alive:
                             raise
                         providers = alive
+                await self._claim_fetched(root, manifest, algos, key, answered)
             except P2PCacheError as e:  # raised here, not from the nursery (which would wrap it in a group)
                 failure = e
             finally:
                 fetched.set()
         if failure is not None:
             raise failure
-        if check_after and await trio.to_thread.run_sync(self.repo.sha512, root) != key.digest:
-            raise FetchError(f"a peer answered {root} for {alias}, but that archive has a different {key.algo}")
         progress(manifest.size, manifest.size)
         return root, manifest.size
+
+    async def _claim_fetched(self, root: CID, manifest: ArchiveManifest, algos: list[str], key: HashKey | RootKey,
+                             answered: list) -> None:
+        """Register a fetched archive only once its bytes prove the whole-archive
+        hashes its manifest claims and the one asked for: each block was checked against its CID as it
+        arrived, but a manifest's `sha256`/`sha512` is a peer's word until the reassembled bytes hash to
+        it. A mismatch records nothing (the blocks stay unclaimed, for gc), bans the peer that answered
+        the hash with this root (`answered`), and fails with one line."""
+        assert self.repo is not None and self.exchange is not None
+        repo = self.repo
+        name = key.alias if isinstance(key, HashKey) else str(root)
+        digests = await trio.to_thread.run_sync(archive_digests, repo, manifest, algos)
+        asked = key.digest if isinstance(key, HashKey) else None
+        wrong = []
+        for a in algos:
+            claims = {manifest.hashes[a]} if a in manifest.hashes else set()
+            if isinstance(key, HashKey) and a == key.algo:
+                claims.add(key.digest)
+            if any(c != digests[a] for c in claims):
+                wrong.append(a)
+        if wrong:
+            why = (f"archive {root}: its bytes do not hash to the {'/'.join(wrong)} "
+                   f"{'its manifest claims' if asked is None else 'asked for'}")
+            for peer in answered:
+                log.warning("peer %s answered %s with %s: %s", peer.peer_id, name, root, why)
+                self.exchange.penalise(peer.peer_id, why)
+            raise CorruptData(f"{name}: {why}; nothing was recorded "
+                              "(ask again: other peers may hold the real one)")
+        extra = [HashKey(a, d).alias for a, d in digests.items() if a not in manifest.hashes]
+
+        def claim() -> None:
+            repo.register_root(root)
+            repo.mark_verified(root)  # hashed just now: its first read need not hash it again
+            if extra:  # e.g. a lazily hashed sha512, computed here over the verified bytes
+                repo.add_aliases(root, extra)
+        await trio.to_thread.run_sync(claim)
 
     async def _resolve_root(self, key: HashKey) -> tuple[CID, ArchiveManifest, list]:
         """Ask the providers of `key` which root they hold for it (one race, `race_at_providers`); an
@@ -794,6 +832,20 @@ class _BuildCacheSwarm:
     def withdraw(self, root: CID) -> None:
         if self.node.announcer is not None:
             self.node.announcer.withdraw(root)
+
+
+def archive_digests(repo: Repo, manifest: ArchiveManifest, algos: Iterable[str]) -> dict[str, bytes]:
+    """The whole-archive digests (`algos`: hashlib names) of an archive whose blocks are in `repo`,
+    hashed over its chunks in order (hashlib releases the GIL: call it on a worker thread)."""
+    hashers = {a: hashlib.new(a) for a in algos}
+    size = 0
+    for data in repo.load_blocks(iter_chunks(manifest, repo.load_block)):
+        size += len(data)
+        for h in hashers.values():
+            h.update(data)
+    if size != manifest.size:
+        raise FetchError(f"the archive's chunks add up to {size} bytes, its manifest says {manifest.size}")
+    return {a: h.digest() for a, h in hashers.items()}
 
 
 def _decode_root(root: CID, data: bytes) -> ArchiveManifest:

@@ -160,3 +160,55 @@ def test_a_flood_of_empty_messages_is_penalised_and_does_not_slow_the_api(tmp_pa
     st = a.status()
     assert len(st["peers_penalised"]) == 1
     assert slowest < 1.0, slowest
+
+
+def _lying_root(repo_path: Path, data: bytes, claims: dict[str, bytes]) -> str:
+    """Into a repo: `data`'s real chunks under a manifest root whose whole-archive hashes are replaced by
+    `claims` (every block hashes to its CID; only the manifest's word about the whole is false), registered
+    so its daemon announces the false hashes. Returns the lying root."""
+    import dataclasses
+
+    from p2pcache.content.cid import CID, DAG_CBOR
+    from p2pcache.store.repo import Repo
+
+    repo = Repo.open(repo_path, writable=True) if (repo_path / "index.sqlite").exists() else Repo.init(repo_path)
+    try:
+        honest = repo.add_stream(iter([data]), name="art.bin").root
+        manifest = repo.manifest(honest)
+        lie = dataclasses.replace(manifest, hashes={**manifest.hashes, **claims}).encode()
+        root = CID.for_block(DAG_CBOR, lie)
+        repo.write_blocks([(root, lie)])
+        repo.commit_blocks([(root, len(lie))])
+        repo.register_root(root)
+        return str(root)
+    finally:
+        repo.close()
+
+
+def test_a_peer_whose_manifest_lies_about_the_whole_archive_hash_is_caught_before_anything_is_recorded(
+        tmp_path, rng, daemons):
+    import httpx
+
+    data, other = rng.randbytes(3 * MiB + 7), rng.randbytes(1000)
+    fake256, fake512 = hashlib.sha256(other).digest(), hashlib.sha512(other).digest()
+    _lying_root(tmp_path / "liar", data, {"sha256": fake256})  # every chunk is real, the whole is not fake256
+    _lying_root(tmp_path / "liar", data, {"sha512": fake512})  # the real sha256, a false sha512
+    b = start_daemon(tmp_path / "b")
+    b2 = start_daemon(tmp_path / "b2", bootstrap=[b.addr])
+    liar = start_daemon(tmp_path / "liar", bootstrap=[b.addr, b2.addr])
+    daemons += [b, b2, liar]
+    liar.wait_announced(5)
+
+    res = b.cli("get", "sha256:" + fake256.hex(), "-o", str(tmp_path / "out.bin"), check=False, timeout=60)
+    assert res.returncode == 4, res.stderr
+    err = res.stderr.decode()
+    assert "do not hash to the sha256 asked for" in err and "nothing was recorded" in err
+    assert not (tmp_path / "out.bin").exists()
+    st = b.status()
+    assert st["roots"] == 0 and st["peers_penalised"] == [liar.info["peer_id"]]
+
+    # the hashed mirror (Nix's fixed-output fetches) asks by sha512: a wrong sha512 is never served
+    r = httpx.get(f"{b2.api}/sha512/{fake512.hex()}", timeout=60)
+    assert r.status_code == 502 and "sha512" in r.text and r.content.count(data[:64]) == 0
+    st = b2.status()
+    assert st["roots"] == 0 and st["peers_penalised"] == [liar.info["peer_id"]]

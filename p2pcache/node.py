@@ -186,6 +186,7 @@ class Node:
                     self.announcer.add(GATEWAY_MARKER, ())
                 nursery.start_soon(self.announcer.run)
                 nursery.start_soon(self.nix.run_upload_expiry)
+                nursery.start_soon(self.nix.run_lookahead)
                 nursery.start_soon(self._reannounce_on_new_peers)
                 nursery.start_soon(self.quota.run)  # the quota, and the blocks a failed fetch left
                 self._lazy_hashes, lazy = trio.open_memory_channel(float("inf"))
@@ -567,9 +568,10 @@ class Node:
             root = key.cid
             # Fetch the root first and check it is what was asked for before fetching the rest.
             blocks = await self.exchange.fetch_blocks([root], providers)
-            manifest = _decode_root(root, blocks[root])
+            root_block = blocks[root]
+            manifest = _decode_root(root, root_block)
         else:  # the race checked the winner's manifest root against the hash (if it names that hash)
-            root, manifest, providers = await self._resolve_root(key)
+            root, manifest, providers, root_block = await self._resolve_root(key)
         # Whatever whole-archive hash the manifest claims (and the one asked for, which a manifest made since
         # sha512 became lazy may not name) is checked over the fetched bytes before any alias is recorded.
         algos = sorted({a for a in manifest.hashes if a in ("sha256", "sha512")}
@@ -592,7 +594,7 @@ class Node:
             try:
                 for attempt in range(3):
                     try:
-                        await self.fetch_dag(root, providers)
+                        await self.fetch_dag(root, providers, root_block=root_block)
                         break
                     except FetchError as e:
                         # Providers went away mid-transfer: look again (others may have it, and blocks
@@ -649,14 +651,14 @@ class Node:
                 repo.add_aliases(root, extra)
         await trio.to_thread.run_sync(claim)
 
-    async def _resolve_root(self, key: HashKey) -> tuple[CID, ArchiveManifest, list]:
+    async def _resolve_root(self, key: HashKey) -> tuple[CID, ArchiveManifest, list, bytes]:
         """Ask the providers of `key` which root they hold for it (one race, `race_at_providers`); an
         answer counts once its manifest root, fetched from that peer, carries the asked hash (a manifest naming
         no such hash, e.g. no sha512 since that became lazy, is checked over the fetched bytes afterwards)."""
         assert self.host is not None and self.exchange is not None
         alias = key.alias
 
-        async def ask(peer: Any) -> tuple[CID, ArchiveManifest]:
+        async def ask(peer: Any) -> tuple[CID, ArchiveManifest, bytes]:
             answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
             if answer is None:
                 raise NotHeld()
@@ -667,13 +669,13 @@ class Node:
             if key.algo in manifest.hashes and manifest.hashes[key.algo] != key.digest:
                 raise FetchError(f"peer {peer.peer_id} answered {answer.root} for {alias}, "
                                  f"an archive with a different {key.algo}")
-            return answer.root, manifest
+            return answer.root, manifest, blocks[answer.root]
 
         race = await self.race_at_providers(alias, ask)
         if race.winner is None:
             raise NotFound(f"{alias}: not in the local repo and {_race_summary(race)}")
-        peer, (root, manifest) = race.winner
-        return root, manifest, [peer, *race.peers_in(AskState.QUEUED, AskState.CANCELLED)]
+        peer, (root, manifest, data) = race.winner
+        return root, manifest, [peer, *race.peers_in(AskState.QUEUED, AskState.CANCELLED)], data
 
     async def race_at_providers(self, alias: str, ask: Callable[[Any], Awaitable[Any]],
                                 more: Sequence[Callable[[float], Awaitable[Iterable[Any]]]] = ()) -> ResolveRace:
@@ -723,7 +725,8 @@ class Node:
 
     async def fetch_dag(self, root: CID, providers: list,
                         on_stored: Callable[[list[CID]], None] | None = None,
-                        on_verified: Callable[[CID, bytes], None] | None = None) -> int:
+                        on_verified: Callable[[CID, bytes], None] | None = None,
+                        root_block: bytes | None = None) -> int:
         """Fetch every block under `root` the repo lacks (any manifest shape), storing verified blocks
         as they arrive: over the DAG transfer protocol (`DagTransfer.fetch`, bitswap for peers that do
         not speak it), or block by block over bitswap when `transfer_protocol` is "bitswap"."""
@@ -732,7 +735,7 @@ class Node:
             if self.config.transfer_protocol == "bitswap":
                 fetched = await self.exchange.fetch_dag(root, providers, self.repo, on_stored)
             else:
-                fetched = await self.dag.fetch(root, providers, self.repo, on_stored, on_verified)
+                fetched = await self.dag.fetch(root, providers, self.repo, on_stored, on_verified, root_block)
         self.stats.bytes_fetched += fetched
         return fetched
 

@@ -72,8 +72,14 @@ def test_hostile_dag_peers_are_banned_nothing_unverified_is_kept_honest_peer_com
         d.wait_announced(3)
 
     for mode, data in files.items():  # the only provider is hostile: a clean one-line failure
-        proc = leech.cli("get", "sha256:" + hashlib.sha256(data).hexdigest(), "-o", str(tmp_path / "x"),
+        out = tmp_path / ("endless.got" if mode == "endless" else "x")
+        proc = leech.cli("get", "sha256:" + hashlib.sha256(data).hexdigest(), "-o", str(out),
                          check=False, timeout=60)
+        if mode == "endless" and proc.returncode == 0:
+            # The manifest root came with the lookup, so the first request named the leaves: every block
+            # arrived (verified) before the frames after the end, which still ban the peer (below).
+            assert out.read_bytes() == data
+            continue
         assert proc.returncode != 0, mode
         err = proc.stderr.decode().strip()
         assert len(err.splitlines()) == 1 and "every provider was dropped" in err, (mode, err)

@@ -297,3 +297,20 @@ def test_a_corrupt_pack_region_is_never_served_to_nix(tmp_path, daemons):
         status = -1  # the body was cut short: Nix sees a failed download
     assert status != 200 or len(got) < len(nar), (status, len(got))
     assert got != nar
+
+
+def test_a_narinfo_from_the_swarm_starts_lookups_of_its_references(nix, closure, tmp_path, daemons):
+    a, b = _swarm(tmp_path, daemons)
+    nix.run("nix", "copy", "--to", a.api, closure["top"], config=f"netrc-file = {a.netrc}\n")
+    a.wait_announced(len(closure["paths"]) * 2)
+    top = Path(closure["top"]).name.split("-")[0]
+    assert httpx.get(f"{b.api}/{top}.narinfo", timeout=30).status_code == 200
+    deadline = time.monotonic() + 30  # Nix asks for mid and tree next: B looked them up already
+    while _metric(b, "p2pcache_narinfo_lookahead_total", result="found") < 2:
+        assert time.monotonic() < deadline, httpx.get(b.api + "/metrics").text[-2000:]
+        time.sleep(0.1)
+    a.kill()  # what B answers now it found before Nix asked: no second lookup (nobody is left to ask)
+    for path in (closure["mid"], closure["tree"]):
+        r = httpx.get(f"{b.api}/{Path(path).name.split('-')[0]}.narinfo", timeout=30)
+        assert r.status_code == 200 and f"StorePath: {path}\n" in r.text
+    assert _metric(b, "p2pcache_narinfo_requests_total", result="hit", source="peer") == 3

@@ -75,6 +75,7 @@ STREAM_THREADS = 32  # a NAR streamed from the repo holds one while it makes its
 MAX_STREAMS = 256
 MAX_UPLOADS = 16  # an upload holds a thread for its whole body (bounded by asgi.bounded_bodies)
 PULL_THREADS = 8  # NAR downloads from upstream caches, for us or for a peer
+LOOKAHEAD_QUEUE = 1024  # references waiting for a look-ahead lookup; more are left to Nix's own asks
 
 
 @dataclass
@@ -91,6 +92,9 @@ class NixConfig:
     # Room for two of the largest uploads in flight at once (`nix copy` pushes a few paths in parallel).
     upload_quota: int = 16 << 30  # NAR bytes that uploads waiting for their narinfo may hold at once
     max_upload_size: int = 8 << 30  # largest upload (compressed file or the NAR inside it)
+    # A narinfo answered from the swarm starts lookups of its references, and theirs in turn (Nix asks for
+    # them next, one closure level at a time), at most this many at once; 0 turns it off.
+    lookahead_lookups: int = 8
 
 
 class UploadRefused(InvalidInput):
@@ -108,6 +112,7 @@ class _Pending:
     narinfo: NarInfo
     source: str  # "peer" or "upstream"
     root: CID | None = None
+    root_block: bytes | None = None  # the NAR manifest root, verified when the narinfo was checked against it
     providers: list = field(default_factory=list)
     upstream: HttpBinaryCache | None = None
     at: float = field(default_factory=time.monotonic)
@@ -144,6 +149,8 @@ class Metrics:
                                  ["operation"], registry=r)
         self.busy = Counter("p2pcache_http_busy", "requests answered 503 because streams or uploads were at "
                             "their cap", ["kind"], registry=r)
+        self.lookahead = Counter("p2pcache_narinfo_lookahead", "references of a served narinfo looked up "
+                                 "before Nix asked, by outcome", ["result"], registry=r)
         self.lookup_failures = Counter("p2pcache_narinfo_lookup_failures",
                                        "swarm lookups where providers existed but none answered validly in "
                                        "time (answered 404, not remembered as a miss)", registry=r)
@@ -185,6 +192,50 @@ class NixCache:
         self.upload_threads = trio.CapacityLimiter(MAX_UPLOADS)
         self.pull_threads = trio.CapacityLimiter(PULL_THREADS)
         self._active = {"stream": 0, "upload": 0}
+        self._lookahead_send, self._lookahead_recv = trio.open_memory_channel[str](LOOKAHEAD_QUEUE)
+
+    async def run_lookahead(self) -> None:
+        """Background task (the node's nursery): look up the narinfos `_look_ahead` queued, up to
+        `lookahead_lookups` at once, so the answers wait in `_pending` when Nix asks (a lookup Nix makes
+        meanwhile waits for the same one under its lock instead of starting another)."""
+        limit = trio.CapacityLimiter(max(1, self.config.lookahead_lookups))
+
+        async def one(store_hash: str) -> None:
+            try:
+                async with limit:
+                    found = await self.find_narinfo(store_hash)
+            except P2PCacheError as e:
+                log.debug("look-ahead lookup of %s: %s", store_hash, e)
+                self.metrics.lookahead.labels("error").inc()
+                return
+            self.metrics.lookahead.labels("found" if found else "miss").inc()
+            if found is not None and found[1] in ("peer", "upstream"):
+                self._look_ahead(found[0])  # the closure's next level, before Nix gets there
+
+        async with trio.open_nursery() as nursery:
+            async for store_hash in self._lookahead_recv:
+                await limit.acquire_on_behalf_of(store_hash)  # at most that many queued tasks too
+                limit.release_on_behalf_of(store_hash)
+                nursery.start_soon(one, store_hash)
+
+    def _look_ahead(self, info: NarInfo) -> None:
+        """Queue lookups of the references of a path found in the swarm that are not known here."""
+        if not self.config.lookahead_lookups:
+            return
+        own = info.store_path.hash_part
+        for ref in info.references:
+            store_hash = ref.split("-", 1)[0]
+            lock = self._locks.get(store_hash)
+            if (store_hash == own or not _STORE_HASH.match(store_hash) or store_hash in self._pending
+                    or (lock is not None and lock.locked()) or self.narstore.has(store_hash)):
+                continue
+            expiry = self._negative.get(store_hash)
+            if expiry is not None and expiry > time.monotonic():
+                continue
+            try:
+                self._lookahead_send.send_nowait(store_hash)
+            except trio.WouldBlock:
+                return  # a huge closure: Nix's own lookups do the rest
 
     async def aclose(self) -> None:
         for u in self.upstreams:
@@ -305,7 +356,7 @@ class NixCache:
         alias = nix_alias(store_hash)
         me = node.host.peer_id
 
-        async def ask(peer: Any) -> tuple[NarInfo, CID]:
+        async def ask(peer: Any) -> tuple[NarInfo, CID, bytes]:
             answer = await resolve(node.host, peer.peer_id, alias, timeout=node.config.lookup_timeout)
             if answer is None:
                 raise NotHeld()
@@ -325,7 +376,7 @@ class NixCache:
                 log.warning("peer %s: NAR manifest %s does not match its narinfo for %s", peer.peer_id,
                             answer.root, alias)
                 raise CorruptData(f"its NAR manifest {answer.root} does not match its narinfo")
-            return info, answer.root
+            return info, answer.root, blocks[answer.root]
 
         async def gateways(timeout: float) -> list:
             return [p for p in await node.finder.find_providers(str(GATEWAY_MARKER), timeout=timeout)
@@ -340,9 +391,9 @@ class NixCache:
                          race.peers_known, race.stats)
                 self.metrics.lookup_failures.inc()
             return None, race.outcome is RaceOutcome.MISS
-        peer, (info, root) = race.winner
+        peer, (info, root, root_block) = race.winner
         rest = race.peers_in(AskState.QUEUED, AskState.CANCELLED)
-        return _Pending(info, "peer", root=root, providers=[peer, *rest]), True
+        return _Pending(info, "peer", root=root, root_block=root_block, providers=[peer, *rest]), True
 
     async def pull_through_for_peer(self, store_hash: str) -> bool:
         """A peer's lookup missed and it asks us, a gateway: pull the path from our upstreams into the
@@ -412,6 +463,8 @@ class NixCache:
             return
         info, source = found
         self.metrics.narinfo.labels("hit", source).inc()
+        if source in ("peer", "upstream"):
+            self._look_ahead(info)
         body = self._signed_for(self._served_narinfo(info), source).render().encode()
         await send_bytes(send, 200, body, "text/x-nix-narinfo", head=head)
 
@@ -504,7 +557,8 @@ class NixCache:
 
         async def fetcher() -> None:
             try:
-                fetched = await self.node.fetch_dag(root, pending.providers, arriving.stored, verified)
+                fetched = await self.node.fetch_dag(root, pending.providers, arriving.stored, verified,
+                                                    root_block=pending.root_block)
                 self.metrics.fetched.labels("peer").inc(max(0, fetched - counted[0]))
             except P2PCacheError as e:
                 arriving.fail(e)

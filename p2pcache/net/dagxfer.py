@@ -350,30 +350,47 @@ class DagTransfer:
 
     async def fetch(self, root: CID, providers: Iterable[ProviderSpec], repo: Any,
                     on_stored: Callable[[list[CID]], None] | None = None,
-                    on_verified: Callable[[CID, bytes], None] | None = None) -> int:
+                    on_verified: Callable[[CID, bytes], None] | None = None,
+                    root_block: bytes | None = None) -> int:
         """Fetch every block under `root` that `repo` lacks (blocks already stored are not fetched again,
         so an interrupted fetch resumes), storing verified blocks in batches and calling `on_stored` after
         each; `on_verified(cid, data)` sees each new block the moment it is verified, before it is stored.
-        Returns the bytes fetched. Raises FetchError (one line) if neither protocol could finish."""
+        `root_block`: the root's bytes if the caller already has them (fetched to check a narinfo or a
+        hash against the manifest): checked against `root` here, then the first requests name its links
+        directly, a round trip sooner. Returns the bytes fetched (`root_block`'s counted: it came from a
+        peer too). Raises FetchError (one line) if neither
+        protocol could finish."""
+        if root_block is not None and not root.verify(root_block):
+            raise InvalidInput(f"the bytes handed in as {root} do not hash to it")
         self.stats.fetches += 1
         self.stats.active_fetches += 1
         try:
-            return await self._fetch(root, providers, repo, on_stored, on_verified)
+            return await self._fetch(root, providers, repo, on_stored, on_verified, root_block)
         finally:
             self.stats.active_fetches -= 1
 
     async def _fetch(self, root: CID, providers: Iterable[ProviderSpec], repo: Any,
                      on_stored: Callable[[list[CID]], None] | None,
-                     on_verified: Callable[[CID, bytes], None] | None) -> int:
+                     on_verified: Callable[[CID, bytes], None] | None, root_block: bytes | None) -> int:
         peers = [p for p in self.exchange.provider_ids(providers) if p != self.host.peer_id]
         walk = DagWalk(root, repo.has_block, cover_nodes=True)
         ex = self.exchange
         before = walk.stats.bytes
+        handed = 0
         try:
             async with RepoBatcher(repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
                                    on_stored=on_stored, on_committed=ex.blocks_added) as store:
                 run = _Run(walk, store, repo)
                 run.on_verified = on_verified
+                if root_block is not None and not repo.has_block(root):
+                    try:
+                        walk.on_block(root, root_block, local=True)  # its links are the first wants
+                    except MalformedBlock as e:
+                        raise FetchError(f"could not fetch {root}: its root block is malformed ({e})") from None
+                    if on_verified is not None:
+                        on_verified(root, root_block)
+                    await store.add(root, root_block)
+                    handed = len(root_block)
                 async with trio.open_nursery() as nursery:
                     for peer in peers:
                         for _ in range(self.config.streams_per_peer):
@@ -384,6 +401,7 @@ class DagTransfer:
             self.stats.duplicate_bytes += walk.stats.duplicate_bytes
         fetched = walk.stats.bytes - before
         self.stats.bytes += fetched
+        fetched += handed
         if walk.finished:
             return fetched
         rest = [p for p in peers if not ex.is_banned(p)]

@@ -203,7 +203,7 @@ class NixCache:
         async def one(store_hash: str) -> None:
             try:
                 async with limit:
-                    found = await self.find_narinfo(store_hash)
+                    found = await self.find_narinfo(store_hash, remember_miss=False)
             except P2PCacheError as e:
                 log.debug("look-ahead lookup of %s: %s", store_hash, e)
                 self.metrics.lookahead.labels("error").inc()
@@ -309,8 +309,9 @@ class NixCache:
     def _lock(self, key: str) -> trio.Lock:
         return self._locks.setdefault(key, trio.Lock())
 
-    async def find_narinfo(self, store_hash: str) -> tuple[NarInfo, str] | None:
-        """(narinfo, source) from the first place that has it, or None (remembered for negative_ttl)."""
+    async def find_narinfo(self, store_hash: str, remember_miss: bool = True) -> tuple[NarInfo, str] | None:
+        """(narinfo, source) from the first place that has it, or None (remembered for negative_ttl,
+        unless `remember_miss` is false: a look-ahead's miss must not become Nix's 404)."""
         info = self.narstore.narinfo(store_hash)
         if info is not None:
             return info, "local"
@@ -335,7 +336,7 @@ class NixCache:
                 found = await self._from_upstreams(store_hash, upstream_errors)
                 conclusive = conclusive and not upstream_errors
         if found is None:
-            if not conclusive:  # someone had it but failed, lied or was too slow: not a miss to remember
+            if not conclusive or not remember_miss:  # someone had it but failed, lied or was too slow
                 return None
             self._negative[store_hash] = time.monotonic() + self.config.negative_ttl
             if len(self._negative) > 65536:

@@ -27,8 +27,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
-from p2pcache.content.cid import DAG_CBOR, RAW, CID
-from p2pcache.content.manifest import ArchiveManifest, ChunkIndex
+from p2pcache.content.cid import CID
+from p2pcache.errors import MalformedBlock
 from p2pcache.exchange import (
     AddProviders,
     BitswapClient,
@@ -56,6 +56,7 @@ from p2pcache.exchange import (
     encode,
 )
 from p2pcache.exchange.message import block_wire_size, presence_wire_size, uvarint, want_wire_size
+from p2pcache.transfer import DagWalk
 
 from .core import Sim
 from .links import Network
@@ -289,16 +290,14 @@ class BitswapNode:
         self._client(CloseSession(sid))
 
 
-_ROOT, _CHUNK = -2, -1
-
-
 class ArchiveFetch:
-    """Fetch a whole archive as `BitswapExchange.fetch_archive` does: the manifest root, its index nodes,
-    then the chunks, with at most `window` blocks wanted and not yet stored. `order="random"` shuffles
-    each node's children (a per-node seeded permutation, the rarest-first stand-in of swarming
-    downloaders); `"sequential"` keeps manifest order as `fetch_archive` does. A block that fails is
-    wanted again after `retry_after` seconds (the caller's retry policy; the engine gives up on it);
-    while it waits it does not hold a place in the window."""
+    """Fetch a whole archive as the node's bitswap fetch does, through the production walk (`DagWalk`,
+    transfer/walk.py): the manifest root, its index nodes, then the chunks, with at most `window` blocks
+    wanted and not yet stored. `order="random"` ranks each node's children by a permutation drawn from
+    `rng` (the rarest-first stand-in of swarming downloaders); `"sequential"` keeps manifest order, as
+    production does. A block that fails is handed back to the walk after `retry_after` seconds (the
+    caller's retry policy; the engine gives up on it), at its place in the walk's order; while it waits
+    it does not hold a place in the window."""
 
     def __init__(self, node: BitswapNode, root: CID, providers: tuple = (), window: int = 256,
                  order: str = "sequential", rng: Any = None, retry_after: float = 5.0,
@@ -311,30 +310,36 @@ class ArchiveFetch:
         self.bytes = 0
         self.failures = 0
         self.error: str | None = None
-        self._todo: deque[tuple[CID, int]] = deque([(root, _ROOT)])
-        self._outstanding: dict[CID, int] = {}
+        store = node.store.blocks
+        self.walk = DagWalk(root, lambda cid: cid in store,
+                            link_order=self._shuffled if order == "random" else None)
+        self._wanted = 0  # in the window: wanted, not arrived, not waiting for a retry
         self._retrying = 0
-        self._seen: set[CID] = set()
         self.sid = node.open_session(self, tuple(providers))
         self._pump()
 
+    def _shuffled(self, cid: CID, n: int) -> list[int]:
+        ranks = list(range(n))
+        self.rng.shuffle(ranks)
+        return ranks
+
     def _pump(self) -> None:
-        store = self.node.store
-        wants: list[CID] = []
-        while self._todo and len(self._outstanding) + len(wants) < self.window:
-            cid, kind = self._todo.popleft()
-            if cid in self._seen:
-                continue
-            self._seen.add(cid)
-            if cid in store.blocks:
-                if kind != _CHUNK:
-                    self._learn(store.blocks[cid], kind, cid)
-                continue
-            self._outstanding[cid] = kind
-            wants.append(cid)
-        if wants:
-            self.node.want(self.sid, tuple(wants))
-        if not self._todo and not self._outstanding and not self._retrying and self.done_at is None:
+        walk, store = self.walk, self.node.store.blocks
+        while self.done_at is None:
+            wants = walk.next_wants(self.window - self._wanted) if self._wanted < self.window else []
+            loads = walk.take_loads()
+            try:
+                for cid in loads:  # held here already: its links are read locally
+                    walk.on_block(cid, store[cid], local=True)
+            except MalformedBlock as e:
+                self._finish(f"a held block is not a manifest node: {e}")
+                return
+            if wants:
+                self._wanted += len(wants)
+                self.node.want(self.sid, tuple(wants))
+            if not loads:
+                break
+        if walk.finished and not self._retrying and self.done_at is None:
             self._finish()
 
     def _finish(self, error: str | None = None) -> None:
@@ -344,47 +349,31 @@ class ArchiveFetch:
         if self.on_done:
             self.on_done(self)
 
-    def _learn(self, data: Any, kind: int, cid: CID) -> None:
-        try:
-            node = ArchiveManifest.decode(data) if kind == _ROOT else ChunkIndex.decode(data)
-        except Exception as e:
-            self.done_at is None and self._finish(f"block {cid} is not a manifest node: {e}")
-            return
-        child_kind = _CHUNK if node.depth == 0 else node.depth - 1
-        children = [c for c, _ in node.children]
-        if self.order == "random":
-            self.rng.shuffle(children)
-        want_codec = RAW if child_kind == _CHUNK else DAG_CBOR
-        for child in children:
-            if child.codec != want_codec:
-                self._finish(f"{child} has the wrong codec for its place in the tree")
-                return
-            self._todo.append((child, child_kind))
-
     def on_block(self, cid: CID, data: Any) -> None:
-        kind = self._outstanding.pop(cid, None)
-        if kind is None or self.done_at is not None:
+        if self.done_at is not None or not self.walk.is_open(cid):
+            return
+        self._wanted -= 1
+        try:
+            self.walk.on_block(cid, data)
+        except MalformedBlock as e:
+            self._finish(f"block {cid} is not a manifest node: {e}")
             return
         self.blocks += 1
         self.bytes += len(data)
         self.node.store_block(cid, data)
-        if kind != _CHUNK:
-            self._learn(data, kind, cid)
         self._pump()
 
     def on_failed(self, cid: CID, why: str) -> None:
-        kind = self._outstanding.pop(cid, None)
-        if kind is None or self.done_at is not None:
+        if self.done_at is not None or not self.walk.is_open(cid):
             return
+        self._wanted -= 1
         self.failures += 1
         self._retrying += 1
-        self.node.sim.after(self.retry_after, self._retry, cid, kind)
+        self.node.sim.after(self.retry_after, self._retry, cid)
 
-    def _retry(self, cid: CID, kind: int) -> None:
-        # Back of the queue: while it cooled down the window moved on to other blocks.
+    def _retry(self, cid: CID) -> None:
         self._retrying -= 1
         if self.done_at is not None or not self.node.alive:
             return
-        self._seen.discard(cid)
-        self._todo.append((cid, kind))
+        self.walk.on_failed(cid)
         self._pump()

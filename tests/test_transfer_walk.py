@@ -190,3 +190,21 @@ def test_wants_follow_depth_first_order_whatever_order_inner_nodes_arrive_in(tre
         walk.on_block(cid, blocks[cid])
         open_inner = [c for c in dfs if c.codec == DAG_CBOR and walk.is_open(c)]
     assert walk.next_wants(10**6) == [c for c in dfs if c.codec == RAW]
+
+
+def test_link_order_ranks_each_nodes_children_and_every_block_is_still_wanted_once():
+    """simnet's rarest-first stand-in: a node's links wanted in the order `link_order` ranks them."""
+    from simnet.payload import build_artifact
+
+    art = build_artifact(64 << 10, 5, "synthetic", block_size=256)  # a root of 256 chunks
+    root, blocks = art.root, art.blocks
+    walk = DagWalk(root, lambda c: False, link_order=lambda cid, n: list(range(n))[::-1])
+    asked = []
+    while not walk.finished:
+        wants = walk.next_wants(1000)
+        asked += wants
+        for cid in wants:
+            walk.on_block(cid, blocks[cid])
+    assert sorted(asked, key=lambda c: c.buffer) == sorted(blocks, key=lambda c: c.buffer)  # each once
+    leaves = [c for c in asked if c.codec == RAW]
+    assert leaves == [c for c in server_walk(blocks, [root]) if c.codec == RAW][::-1]  # reversed ranks

@@ -157,12 +157,16 @@ class DagWalk:
     dag-cbor nodes (a DAG stream with scope NODES sends them), so only it and raw leaves are handed out.
     """
 
-    def __init__(self, root: CID, held: Callable[[CID], bool], *, cover_nodes: bool = False):
+    def __init__(self, root: CID, held: Callable[[CID], bool], *, cover_nodes: bool = False,
+                 link_order: Callable[[CID, int], list[int]] | None = None):
         if root.codec not in (RAW, DAG_CBOR):
             raise InvalidInput(f"{root} has codec {root.codec_name}; only raw and dag-cbor DAGs are fetched")
         self.root = root
         self._held = held
         self.cover_nodes = cover_nodes
+        # `link_order(cid, n)`: the rank of each of a node's n links among its siblings (a permutation;
+        # default document order). Simnet's rarest-first stand-in shuffles; NAR streaming needs the default.
+        self._link_order = link_order
         self._state: dict[CID, _State] = {root: _State.FRONTIER}
         self._key: dict[CID, tuple[int, ...]] = {root: ()}  # path from the root: DFS order is key order
         self._frontier: list[tuple[tuple[int, ...], CID]] = [((), root)]  # a heap
@@ -228,10 +232,11 @@ class DagWalk:
         cover = self.cover_nodes and st in (_State.WANTED, _State.COVERED)
         state, keys, frontier = self._state, self._key, self._frontier
         base = keys[cid]
+        ranks = self._link_order(cid, len(links)) if self._link_order is not None and links else None
         for i, link in enumerate(links):
             if link in state:
                 continue
-            keys[link] = key = base + (i,)
+            keys[link] = key = base + ((ranks[i] if ranks is not None else i),)
             if cover and link.codec == DAG_CBOR:
                 state[link] = _State.COVERED
                 self._open += 1

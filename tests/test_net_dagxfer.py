@@ -15,7 +15,7 @@ from p2pcache.content.chunking import ChunkerParams
 from p2pcache.content.cid import RAW
 from p2pcache.content.manifest import iter_blocks
 from p2pcache.net.bitswap import BitswapExchange, RepoBlockSource
-from p2pcache.net.dagxfer import DagConfig, DagServer, DagTransfer
+from p2pcache.net.dagxfer import PROTOCOL, DagConfig, DagServer, DagTransfer, encode_request
 from p2pcache.net.host import HostConfig, open_host
 from p2pcache.store.repo import Repo
 
@@ -165,3 +165,24 @@ async def test_several_providers_share_the_work_a_liar_is_dropped_and_a_resume_f
         # both honest providers carried a share
         assert a.stats.served_blocks > 16 and c.stats.served_blocks > 16
         assert b.stats.duplicate_bytes < 2 * MiB
+
+
+@pytest.mark.trio
+async def test_an_asker_that_stops_reading_is_cut_and_gives_its_serve_slot_back(tmp_path):
+    cfg = DagConfig(serve_min_rate=1 << 20, serve_grace=1.0, serve_streams=1)
+    data = random.Random(6).randbytes(8 * MiB)
+    async with peer(tmp_path, "a", config=cfg) as a, peer(tmp_path, "b") as b:
+        root = a.repo.add_stream(io.BytesIO(data), name="x.bin").root
+        addr = a.exchange.host.addrs()[0]
+        await b.host.connect(addr)
+        stream = await b.host.new_stream(a.exchange.host.peer_id, [PROTOCOL])
+        await stream.write(encode_request([root], nodes_only=False))  # everything, and then never read
+        with trio.fail_after(20):
+            while a.stats.slow_askers_cut == 0:
+                await trio.sleep(0.1)
+        assert a.stats.served_streams == 1
+        # the one serve slot is free again: an honest fetch goes through
+        with trio.fail_after(60):
+            await b.fetch(root, [addr], b.repo)
+        b.repo.register_root(root)
+        assert b"".join(b.repo.stream(root)) == data and a.stats.refused == 0

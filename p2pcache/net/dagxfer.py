@@ -60,6 +60,10 @@ class DagConfig:
     stall_seconds: float = 20.0  # a stream with nothing for this long: the peer is dropped
     request_timeout: float = 10.0  # server: a request must arrive within this
     serve_streams: int = 32  # server: DAG streams served at once; more are refused
+    # server: an asker must take each write at this rate (after `serve_grace` s of slack per write), or
+    # its stream is cut: a reader that stops (or trickles) must not hold one of `serve_streams` for ever
+    serve_min_rate: int = 256 << 10  # bytes/s
+    serve_grace: float = 10.0
     steal_min: int = 8  # a request's tail is stolen only if at least this many blocks are left ...
     steal_after: float = 5.0  # ... and nothing arrived on it for this long (a stalled or dead provider)
 
@@ -80,6 +84,7 @@ class TransferStats:
     served_blocks: int = 0
     served_bytes: int = 0
     refused: int = 0
+    slow_askers_cut: int = 0
 
 
 def _frame(msg: pb.DagFrame) -> bytes:
@@ -135,6 +140,10 @@ async def _close(stream: Any) -> None:
 
 
 # -- serving ----------------------------------------------------------------------------------------------
+
+
+class _SlowAsker(Exception):
+    """The asker read slower than the server's minimum rate: its stream is reset."""
 
 
 class DagServer:
@@ -196,6 +205,17 @@ class DagServer:
                 if payloads:
                     return payloads[0]
 
+    async def _write(self, stream: Any, data: bytes, peer: ID) -> None:
+        """One write, bounded by the minimum rate: yamux's window blocks it while the asker does not read."""
+        cfg = self.config
+        with trio.move_on_after(cfg.serve_grace + len(data) / cfg.serve_min_rate) as scope:
+            await stream.write(data)
+        if scope.cancelled_caught:
+            self.stats.slow_askers_cut += 1
+            log.info("DAG stream to %s cut: it took less than %d bytes/s (%d bytes pending)", peer,
+                     cfg.serve_min_rate, len(data))
+            raise _SlowAsker()
+
     async def _serve(self, stream: Any, peer: ID) -> None:
         roots, have, nodes_only = decode_request(await self._read_request(stream))
         self.stats.served_streams += 1
@@ -235,18 +255,18 @@ class DagServer:
                 for cid, data in loaded:
                     if data is None:
                         out += _end_frame(pb.DagEnd.NOT_FOUND, cid, f"{cid} is not here")
-                        await stream.write(bytes(out))
+                        await self._write(stream, bytes(out), peer)
                         return
                     out += _block_frame(cid, data)
                     self.stats.served_blocks += 1
                     self.stats.served_bytes += len(data)
                     if len(out) >= self.config.write_bytes:
-                        await stream.write(bytes(out))
+                        await self._write(stream, bytes(out), peer)
                         out.clear()
                 if out:
-                    await stream.write(bytes(out))
+                    await self._write(stream, bytes(out), peer)
                     out.clear()
-            await stream.write(_end_frame(pb.DagEnd.OK))
+            await self._write(stream, _end_frame(pb.DagEnd.OK), peer)
 
 
 # -- fetching ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import io
 import json
 import random
 import re
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -124,8 +125,17 @@ class _FlippingSource(RepoBlockSource):
         return bytes([data[0] ^ 1]) + data[1:] if data is not None and cid.codec == RAW else data
 
 
+class _SlowSource(RepoBlockSource):
+    """A provider with a slow disk (or uplink): 30 ms per raw block."""
+
+    def get(self, cid):
+        if cid.codec == RAW:
+            time.sleep(0.03)
+        return super().get(cid)
+
+
 @asynccontextmanager
-async def peer(tmp_path, name, *, lying=False, config=None):
+async def peer(tmp_path, name, *, lying=False, slow=False, config=None):
     repo = Repo.init(tmp_path / f"repo-{name}", durable=False)
     cfg = HostConfig(identity=tmp_path / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",), handshake_timeout=5)
     async with open_host(cfg) as host:
@@ -133,7 +143,7 @@ async def peer(tmp_path, name, *, lying=False, config=None):
         async with trio.open_nursery() as nursery:
             await nursery.start(ex.run)
             dag = DagTransfer(host, ex, config)
-            source = (_FlippingSource if lying else RepoBlockSource)(repo)
+            source = (_FlippingSource if lying else _SlowSource if slow else RepoBlockSource)(repo)
             DagServer(source, ex.is_banned, dag.config, dag.stats).register(host)
             dag.repo = repo
             yield dag
@@ -186,3 +196,22 @@ async def test_an_asker_that_stops_reading_is_cut_and_gives_its_serve_slot_back(
             await b.fetch(root, [addr], b.repo)
         b.repo.register_root(root)
         assert b"".join(b.repo.stream(root)) == data and a.stats.refused == 0
+
+
+@pytest.mark.trio
+async def test_a_slow_providers_tail_is_taken_by_a_faster_one(tmp_path):
+    """Not silent, only slow: the fast provider takes the share of the slow one's tail its speed earns."""
+    data = random.Random(7).randbytes(4 * MiB)
+    cfg = DagConfig(request_blocks=64, steal_measure=0.5)
+    async with peer(tmp_path, "fast") as fast, peer(tmp_path, "slow", slow=True, config=DagConfig(read_blocks=1)) as slow, \
+            peer(tmp_path, "b", config=cfg) as b:
+        for p in (fast, slow):
+            root = p.repo.add_stream(io.BytesIO(data), name="x.bin", params=SMALLER).root
+        blocks = sum(1 for cid, _ in iter_blocks(fast.repo.manifest(root), fast.repo.load_block) if cid.codec == RAW)
+        with trio.fail_after(60):
+            await b.fetch(root, [p.exchange.host.addrs()[0] for p in (slow, fast)], b.repo)
+        b.repo.register_root(root)
+        assert b"".join(b.repo.stream(root)) == data
+        assert b.stats.steals >= 1 and b.stats.peers_dropped == 0
+        # the slow one was asked for two requests' worth at first; it delivered only part of them
+        assert slow.stats.served_blocks < min(2 * 64, blocks) and fast.stats.served_blocks > blocks // 2

@@ -65,7 +65,10 @@ class DagConfig:
     serve_min_rate: int = 256 << 10  # bytes/s
     serve_grace: float = 10.0
     steal_min: int = 8  # a request's tail is stolen only if at least this many blocks are left ...
-    steal_after: float = 5.0  # ... and nothing arrived on it for this long (a stalled or dead provider)
+    steal_after: float = 5.0  # ... and nothing arrived on it for this long (a stalled or dead provider),
+    steal_slower: float = 4.0  # ... or its provider runs this many times slower than the thief (measured
+    # over at least `steal_measure` s of each): the thief takes the share of the tail its speed earns
+    steal_measure: float = 1.0
 
 
 @dataclass
@@ -279,14 +282,22 @@ class _Hostile(Exception):
 class _Request:
     """One DAG stream in flight: what it was asked for and how far its walk got."""
 
-    __slots__ = ("peer", "wants", "order", "stop_after", "progress_at")
+    __slots__ = ("peer", "wants", "order", "stop_after", "progress_at", "started_at", "bytes")
 
     def __init__(self, peer: ID, wants: list[CID]) -> None:
         self.peer = peer
         self.wants = wants
         self.order = DfsOrder(wants, nodes_only=True)
         self.stop_after: int | None = None  # blocks to deliver in all, once a thief took the tail
-        self.progress_at = trio.current_time()  # when the last block arrived (or the request began)
+        self.started_at = self.progress_at = trio.current_time()  # progress: when the last block arrived
+        self.bytes = 0  # block bytes it delivered
+
+    def rate(self, now: float, measure: float) -> float | None:
+        """Bytes/s since it was asked (the stream's setup counts: a provider slow to start is slow), once
+        that is `measure` s ago."""
+        if now - self.started_at < measure:
+            return None
+        return self.bytes / (now - self.started_at)
 
     def trim(self) -> list[CID]:
         """Before the request is sent: ask only for what a thief left us."""
@@ -316,6 +327,20 @@ class _Run:
         self.on_verified: Callable[[CID, bytes], None] | None = None
         self.changed = trio.Event()
         self.last_error = ""
+        self.measured: dict[ID, tuple[int, float]] = {}  # per provider: (bytes, seconds) of finished requests
+
+    def finished(self, req: _Request) -> None:
+        if req.bytes:
+            n, t = self.measured.get(req.peer, (0, 0.0))
+            self.measured[req.peer] = (n + req.bytes, t + req.progress_at - req.started_at)
+
+    def rate_of(self, peer: ID, now: float, measure: float) -> float | None:
+        """`peer`'s bytes/s over its finished requests and those in flight (None: not measured enough)."""
+        n, t = self.measured.get(peer, (0, 0.0))
+        for req in self.active:
+            if req.peer == peer:
+                n, t = n + req.bytes, t + now - req.started_at
+        return n / t if t >= measure and n else None
 
     def notify(self) -> None:
         self.changed.set()
@@ -335,22 +360,34 @@ class _Run:
             self.notify()
         return wants
 
-    def steal(self, thief: ID, minimum: int, after: float) -> list[CID]:
-        """The tail half of the largest leaf-only request of another provider on which nothing arrived
-        for `after` seconds, or []. (Healthy providers sharing one downlink are never robbed: what a
-        robbed server already sent is wasted on the wire.)"""
+    def steal(self, thief: ID, config: DagConfig) -> list[CID]:
+        """Part of the tail of the largest leaf-only request of another provider: half of it if nothing
+        arrived on it for `steal_after` s (a stalled or dead provider); if its provider runs
+        `steal_slower` times slower than the thief, the share of the tail the thief's speed earns. Else
+        []. (Providers of like speed sharing one downlink are never robbed: what a robbed server already
+        sent is wasted on the wire.)"""
+        now = trio.current_time()
+        mine = self.rate_of(thief, now, config.steal_measure)
         best: _Request | None = None
         best_rem: list[CID] = []
-        now = trio.current_time()
+        best_keep = 0.0
         for req in self.active:
-            if req.peer == thief or now - req.progress_at < after:
+            if req.peer == thief:
                 continue
             rem = req.owned()
-            if len(rem) >= minimum and len(rem) > len(best_rem) and all(c.codec == RAW for c in rem):
-                best, best_rem = req, rem
+            if len(rem) < config.steal_min or len(rem) <= len(best_rem) or not all(c.codec == RAW for c in rem):
+                continue
+            if now - req.progress_at >= config.steal_after:
+                keep = 0.5
+            else:
+                theirs = req.rate(now, config.steal_measure)
+                if mine is None or theirs is None or theirs * config.steal_slower > mine:
+                    continue
+                keep = theirs / (theirs + mine)
+            best, best_rem, best_keep = req, rem, keep
         if best is None:
             return []
-        keep = len(best_rem) // 2
+        keep = int(len(best_rem) * best_keep)
         best.stop_after = best.order.sent + keep
         return best_rem[keep:]
 
@@ -442,13 +479,13 @@ class DagTransfer:
             if not wants:
                 if walk.finished:
                     break
-                wants = run.steal(peer, self.config.steal_min, self.config.steal_after)
+                wants = run.steal(peer, self.config)
                 if wants:
                     self.stats.steals += 1
                 elif not run.active and not run.loading:
                     break  # nothing in flight anywhere and nothing to ask: the others gave up
                 else:
-                    with trio.move_on_after(self.config.steal_after / 2):  # look for a slow one again
+                    with trio.move_on_after(min(self.config.steal_after / 2, self.config.steal_measure)):  # look again
                         await run.changed.wait()
                     continue
             if not await self._request(run, peer, wants):
@@ -482,6 +519,7 @@ class DagTransfer:
             return False
         finally:
             run.active.discard(req)
+            run.finished(req)
             for cid in req.owned():
                 walk.on_failed(cid)
             run.notify()
@@ -525,6 +563,7 @@ class DagTransfer:
                 except OutOfOrder as e:
                     raise _Hostile(str(e)) from None
                 req.progress_at = trio.current_time()
+                req.bytes += len(block)
                 if walk.on_block(cid, block):
                     if run.on_verified is not None:
                         run.on_verified(cid, block)

@@ -68,6 +68,7 @@ GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
 BLOCK_WAIT = 120.0
 # BLOCK_WAIT: a NAR stream waits this long for any one block to arrive from peers
 ARRIVING_BYTES = 16 << 20  # verified blocks a NAR stream from peers keeps in memory ahead of its reader
+SEND_BYTES = 256 << 10  # NAR pieces streamed from peers are joined into writes of about this size
 # Slow clients: NAR streams and uploads take worker threads from pools of their own (never trio's default
 # pool, which `add`, lookups and the repo use), and beyond these many at once a request gets 503.
 # A stream holds a thread only while it makes its next piece, so clients that stop reading hold none.
@@ -575,11 +576,17 @@ class NixCache:
                 assembly = NarAssembly(manifest)
                 pieces = assembly.start()
                 sent = 0
+                out: list[bytes] = []  # pieces joined into larger writes: a tree of small files is
+                size = 0  # thousands of tiny pieces, and each write is a trip through h11 and a syscall
                 while True:
-                    for piece in pieces:
-                        sent += len(piece)
-                        await send({"type": "http.response.body", "body": piece, "more_body": True})
+                    out += pieces
+                    size += sum(len(p) for p in pieces)
                     cid = assembly.need()
+                    if out and (cid is None or size >= SEND_BYTES or not arriving.ready(cid)):
+                        body = out[0] if len(out) == 1 else b"".join(out)  # never wait holding bytes
+                        out, size = [], 0
+                        sent += len(body)
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
                     if cid is None:
                         break
                     # A CorruptData or FetchError raised here, after the response started, makes the server
@@ -974,6 +981,10 @@ class _ArrivingBlocks:
     def finish(self) -> None:
         self._finished = True
         self._wake_all()
+
+    def ready(self, cid: CID) -> bool:
+        """`get(cid)` would not wait for the fetch."""
+        return cid in self._held or cid in self._stored
 
     async def get(self, cid: CID) -> bytes:
         data = self._held.pop(cid, None)

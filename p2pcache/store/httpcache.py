@@ -1,5 +1,5 @@
-"""An upstream Nix binary cache over HTTP (cache.nixos.org, `nix copy --to file://` served by any web server) as
-a read-only `AsyncNarReader`.
+"""An upstream Nix binary cache over HTTP (cache.nixos.org, `nix copy --to file://` served by any web server),
+read-only. The Nix cache reads upstreams through the one read protocol as `nixcache.UpstreamSource`.
 
 Owns the client side of the binary-cache layout: `nix-cache-info` (StoreDir, WantMassQuery, Priority),
 `<hash>.narinfo`, and the NAR at the narinfo's URL compressed with xz, zstd, bzip2, gzip or not at all.

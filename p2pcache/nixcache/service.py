@@ -37,7 +37,7 @@ from ..content.keys import HashKey
 from ..content.narinfo import NarInfo
 from ..content.nixsig import SecretKey
 from ..errors import CorruptData, DiskFull, InvalidInput, NotFound, P2PCacheError
-from ..store.httpcache import HttpBinaryCache, UpstreamError, _Decompressor
+from ..store.httpcache import HttpBinaryCache, UpstreamError, Decompressor
 from ..store.localnix import LocalNixStore
 from ..store.narstore import RepoNarStore, stream_nar_root
 from .chain import LookupChain
@@ -277,7 +277,7 @@ class NixBinaryCache:
 
         def ingest(raw: Iterator[bytes]) -> object:
             try:
-                decoder = _Decompressor(compression)
+                decoder = Decompressor(compression)
             except UpstreamError as e:
                 raise InvalidInput(str(e)) from None
 

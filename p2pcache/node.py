@@ -566,7 +566,7 @@ class Node:
         await self.fetch_dag(root, [peer, *race.peers_in(AskState.QUEUED, AskState.CANCELLED)])
         return root
 
-    async def prefetch(self, deps: list, jobs: int, on_event: Callable[[dict], None]) -> dict:
+    async def prefetch(self, deps: list[Dependency], jobs: int, on_event: Callable[[dict], None]) -> dict:
         """Prefetch lock-file dependencies (see prefetch.py): repo → swarm → origin, each verified."""
         from .prefetch import Prefetcher
         from .store.origin import HttpOrigin

@@ -30,7 +30,7 @@ import logging
 import math
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Protocol
 
 import trio
 

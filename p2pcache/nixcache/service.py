@@ -43,8 +43,8 @@ from ..store.narstore import RepoNarStore, stream_nar_root
 from .chain import LookupChain
 from .errors import Conflict, Missing, NoRoom, Rejected, SourceFailed, TooLarge
 from .metrics import Metrics
-from .sources import (GATEWAY_MARKER, Found, NarSink, NarSource, NarStreams, NixStoreSource, RepoSource, Room,
-                      Swarm, SwarmSource, TakingBack, UpstreamSource)
+from .sources import (Found, Intake, NarSink, NarSource, NarStreams, NixStoreSource, RepoSource, Room, Swarm,
+                      SwarmSource, TakingBack, UpstreamSource)
 
 if TYPE_CHECKING:
     from ..store.repo import Repo
@@ -100,11 +100,10 @@ class NixBinaryCache:
                 raise InvalidInput(f"cannot read the signing key {config.secret_key_file}: {e.strerror}") from None
         self.repo_source = RepoSource(self.narstore, self.streams)
         self.local_source = NixStoreSource(self.local, self.streams) if self.local is not None else None
-        self.upstream_source = (UpstreamSource(self.upstreams, self.repo_source, room, taking_back, announce,
-                                               self.metrics) if self.upstreams else None)
+        intake = Intake(self.repo_source, room, taking_back, announce, self.metrics)
+        self.upstream_source = UpstreamSource(self.upstreams, intake) if self.upstreams else None
         # A gateway pulls through itself: it does not ask other gateways.
-        swarm_source = SwarmSource(swarm, self.repo_source, taking_back, announce, self.metrics, config.store_dir,
-                                   ask_gateways=not self.upstreams)
+        swarm_source = SwarmSource(swarm, intake, config.store_dir, ask_gateways=not self.upstreams)
         self.chain = LookupChain(build_sources(config, self.repo_source, self.local_source, swarm_source,
                                                self.upstream_source), config.negative_ttl, self.metrics)
         self._uploads: dict[str, _Upload] = {}  # pending: NARs waiting for their narinfo (not announced)

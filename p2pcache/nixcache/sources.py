@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from ..prefetch import Swarm as ArchiveSwarm
     from ..store.repo import Repo
 
-__all__ = ["Found", "LookupFailed", "NarSink", "NarSource", "NarStreams", "NarWriter", "NixStoreSource", "Room",
+__all__ = ["Found", "Intake", "LookupFailed", "NarSink", "NarSource", "NarStreams", "NarWriter", "NixStoreSource", "Room",
            "RepoSource", "Swarm", "SwarmSource", "UpstreamSource"]
 
 log = logging.getLogger("p2pcache.nixcache")
@@ -312,6 +312,19 @@ class NixStoreSource:
                                 self.label, head)
 
 
+@dataclass(frozen=True)
+class Intake:
+    """What a remote source needs to bring a NAR into this node: the repo it is written to, the quota it
+    must fit (and stop gc while its blocks are unclaimed), the disk-full take-back around it, the
+    announcement once it is held, and the counters."""
+
+    repo: RepoSource
+    room: Room
+    taking_back: TakingBack
+    announce: Callable[[CID], None]
+    metrics: Metrics
+
+
 class UpstreamSource:
     """Upstream binary caches (store/httpcache.py), asked in their configured order: a NAR is pulled
     through into the repo (decompressed and verified on the way), announced, then streamed from there."""
@@ -320,14 +333,9 @@ class UpstreamSource:
     label = "upstream"
     remote = True
 
-    def __init__(self, caches: list[HttpBinaryCache], repo: RepoSource, room: Room, taking_back: TakingBack,
-                 announce: Callable[[CID], None], metrics: Metrics) -> None:
+    def __init__(self, caches: list[HttpBinaryCache], intake: Intake) -> None:
         self.caches = caches
-        self.repo = repo
-        self.room = room
-        self.taking_back = taking_back
-        self.announce = announce
-        self.metrics = metrics
+        self.intake = intake
 
     async def find(self, store_hash: str, errors: list[str] | None = None) -> Found | None:
         for upstream in self.caches:
@@ -350,16 +358,16 @@ class UpstreamSource:
         return found
 
     async def stream_nar(self, found: Found, sink: NarSink, head: bool = False) -> None:
-        info = found.narinfo
+        info, repo = found.narinfo, self.intake.repo
         try:
-            async with self.taking_back("nar-from-upstream"):
+            async with self.intake.taking_back("nar-from-upstream"):
                 await self.pull(found)
         except P2PCacheError as e:
             raise (NoRoom if isinstance(e, DiskFull) else SourceFailed)(
                 f"fetching the NAR of {info.store_path}: {e}") from None
-        root = self.repo.root_of(info.store_path.hash_part)
-        self.announce(root)
-        await self.repo.stream_root(root, info.nar_hash.digest, sink, head, self.label)
+        root = repo.root_of(info.store_path.hash_part)
+        self.intake.announce(root)
+        await repo.stream_root(root, info.nar_hash.digest, sink, head, self.label)
 
     async def pull(self, found: Found) -> None:
         """Download, decompress and verify the NAR from the upstream straight into the repo."""
@@ -372,10 +380,10 @@ class UpstreamSource:
                 counted[0] += len(piece)
                 yield piece
 
-        async with self.room.working():  # no quota gc while its blocks are unclaimed
-            await feed_thread(pieces(), lambda it: self.repo.add_nar(info, it),
-                              limiter=self.repo.streams.pull_threads)
-        self.metrics.fetched.labels("upstream").inc(counted[0])
+        repo = self.intake.repo
+        async with self.intake.room.working():  # no quota gc while its blocks are unclaimed
+            await feed_thread(pieces(), lambda it: repo.add_nar(info, it), limiter=repo.streams.pull_threads)
+        self.intake.metrics.fetched.labels("upstream").inc(counted[0])
 
 
 def narinfo_from_fields(fields: NarInfoFields, store_dir: str) -> NarInfo:
@@ -401,13 +409,10 @@ class SwarmSource:
     label = "peer"
     remote = True
 
-    def __init__(self, swarm: Swarm, repo: RepoSource, taking_back: TakingBack, announce: Callable[[CID], None],
-                 metrics: Metrics, store_dir: str, ask_gateways: bool) -> None:
+    def __init__(self, swarm: Swarm, intake: Intake, store_dir: str, ask_gateways: bool) -> None:
         self.swarm = swarm
-        self.repo = repo
-        self.taking_back = taking_back
-        self.announce = announce
-        self.metrics = metrics
+        self.intake = intake
+        self.metrics = intake.metrics
         self.store_dir = store_dir
         self.ask_gateways = ask_gateways
 
@@ -462,7 +467,7 @@ class SwarmSource:
         return Found(info, self, root=root, providers=[peer, *rest])
 
     async def stream_nar(self, found: Found, sink: NarSink, head: bool = False) -> None:
-        async with self.taking_back("nar-from-peers"):
+        async with self.intake.taking_back("nar-from-peers"):
             await self._stream_from_peers(found, sink)
 
     async def _stream_from_peers(self, found: Found, sink: NarSink) -> None:
@@ -471,7 +476,8 @@ class SwarmSource:
         NAR bytes the moment it is there, with no thread waiting for arrivals. The NarHash is checked as
         it streams (a mismatch, or a failed fetch, aborts the response before its last byte); the root
         is registered only after both finished."""
-        repo = self.repo.repo
+        source = self.intake.repo
+        repo = source.repo
         root = found.root
         assert root is not None
         arriving = ArrivingBlocks(repo)
@@ -492,7 +498,7 @@ class SwarmSource:
                 return
             arriving.finish()
 
-        with self.repo.streams.stream_slot():  # Busy (before the response starts) when too many are in progress
+        with source.streams.stream_slot():  # Busy (before the response starts) when too many are in progress
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(fetcher)
                 manifest = NarManifest.decode(await arriving.get(root))
@@ -514,8 +520,8 @@ class SwarmSource:
                 self.metrics.served.labels("peer").inc(sent)
         if arriving.failure is not None:  # the stream completed from blocks we had, yet the fetch failed
             raise arriving.failure
-        await trio.to_thread.run_sync(self.repo.register_nar, root, found.narinfo)
-        self.announce(root)
+        await trio.to_thread.run_sync(source.register_nar, root, found.narinfo)
+        self.intake.announce(root)
 
 
 class ArrivingBlocks:

@@ -41,7 +41,7 @@ from ..routing import AskState, NotHeld, RaceOutcome
 from ..routing.race import ResolveRace
 from ..routing.resolve_wire import NarInfoFields, ResolveAnswer
 from ..store.httpcache import HttpBinaryCache
-from ..store.localnix import LocalNixStore
+from ..store import interfaces
 from ..store.narstore import NarAddResult, RepoNarStore, nix_alias, stream_nar_root
 from .errors import Busy, Missing, NoRoom, SourceFailed
 from .metrics import Metrics
@@ -298,7 +298,7 @@ class NixStoreSource:
     label = "nixstore"
     remote = False
 
-    def __init__(self, store: LocalNixStore, streams: NarStreams) -> None:
+    def __init__(self, store: interfaces.NarReader, streams: NarStreams) -> None:
         self.store = store
         self.streams = streams
 

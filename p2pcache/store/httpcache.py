@@ -1,5 +1,6 @@
-"""An upstream Nix binary cache over HTTP (cache.nixos.org, `nix copy --to file://` served by any web server),
-read-only. The Nix cache reads upstreams through the one read protocol as `nixcache.UpstreamSource`.
+"""An upstream Nix binary cache over HTTP (cache.nixos.org, `nix copy --to file://` served by any web server) as
+a read-only `AsyncNarReader` (store/interfaces.py). The Nix cache's lookup chain reads upstreams as
+`nixcache.UpstreamSource`.
 
 Owns the client side of the binary-cache layout: `nix-cache-info` (StoreDir, WantMassQuery, Priority),
 `<hash>.narinfo`, and the NAR at the narinfo's URL compressed with xz, zstd, bzip2, gzip or not at all.

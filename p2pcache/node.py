@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence, cast
 
 import trio
-from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 
 from . import __version__
 from .config import NodeConfig
@@ -39,9 +39,8 @@ from .errors import DiskFull, InvalidInput, MalformedBlock, NotFound, P2PCacheEr
 from .apitoken import new_token, write_netrc
 from .exchange import ClientConfig, ServerConfig
 from .http.api import make_app
-from .http.asgi import bounded_bodies
+from .http.asgi import Receive, Scope, Send, bounded_bodies
 from .http.guard import AccessPolicy
-from .http.asgi import Receive, Scope, Send
 from .nixcache import GATEWAY_MARKER, NixBinaryCache
 from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
 from .net.dagxfer import DagConfig, DagTransfer
@@ -602,7 +601,6 @@ class Node:
         progress(0, manifest.size)
         before = self.repo.stored_bytes()
         fetched = trio.Event()
-
         repo = self.repo
 
         async def report() -> None:

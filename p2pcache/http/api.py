@@ -240,13 +240,13 @@ def make_app(node: NodeAPI, policy: guard.AccessPolicy) -> Callable[[Scope, Rece
                 await _extra_routes(node, scope, receive, send)
         except HTTPError as e:
             await send_error(send, e.status, e.message)
-        except P2PCacheError as e:
-            await send_error(send, _status_of(e), str(e))
-        except Exception as e:  # a group of our own errors, or a bug: a traceback in the log, one line out
+        except Exception as e:  # ours (maybe in a group): its status; a bug: a traceback in the log, one line out
             leaf = leaf_error(e)
             if isinstance(leaf, P2PCacheError):
                 if not started:
                     await send_error(send, _status_of(leaf), str(leaf))
+                else:  # mid-body: the client sees the answer cut short
+                    log.warning("%s: cut short: %s", what, leaf)
                 return
             _log_bug(what, e)
             if not started:

@@ -62,7 +62,7 @@ class DagConfig:
     serve_streams: int = 32  # server: DAG streams served at once; more are refused
     # server: an asker must take each write at this rate (after `serve_grace` s of slack per write), or
     # its stream is cut: a reader that stops (or trickles) must not hold one of `serve_streams` for ever
-    serve_min_rate: int = 256 << 10  # bytes/s
+    serve_min_rate: int = 64 << 10  # bytes/s (512 kbit/s: below any link a CI runner fetches over)
     serve_grace: float = 10.0
     steal_min: int = 8  # a request's tail is stolen only if at least this many blocks are left ...
     steal_after: float = 5.0  # ... and nothing arrived on it for this long (a stalled or dead provider),

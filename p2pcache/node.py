@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -616,12 +617,22 @@ class Node:
 
         failure: P2PCacheError | None = None
         answered = providers[:1] if isinstance(key, HashKey) else []  # the peer that named this root for the hash
+        digesting = ArchiveDigests(repo, manifest, algos)
+        digested: dict[str, Any] = {}
+
+        async def digest() -> None:  # hashes the archive in order as its blocks are stored
+            try:
+                digested["digests"] = await trio.to_thread.run_sync(digesting.run)
+            except P2PCacheError as e:
+                digested["error"] = e
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
+            nursery.start_soon(digest)
             try:
                 for attempt in range(3):
                     try:
-                        await self.fetch_dag(root, providers, root_block=root_block)
+                        await self.fetch_dag(root, providers, digesting.stored, root_block=root_block)
                         break
                     except FetchError as e:
                         # Providers went away mid-transfer: look again (others may have it, and blocks
@@ -632,18 +643,26 @@ class Node:
                         if attempt == 2 or not alive:
                             raise
                         providers = alive
-                await self._claim_fetched(root, manifest, algos, key, answered)
+                digesting.finish(ok=True)
             except P2PCacheError as e:  # raised here, not from the nursery (which would wrap it in a group)
                 failure = e
             finally:
+                digesting.finish(ok=False)  # after the ok above it changes nothing; else the hasher stops
                 fetched.set()
+        if failure is None and "error" in digested:
+            failure = digested["error"]
+        if failure is None:
+            try:
+                await self._claim_fetched(root, manifest, algos, key, answered, digested["digests"])
+            except P2PCacheError as e:
+                failure = e
         if failure is not None:
             raise failure
         progress(manifest.size, manifest.size)
         return root, manifest.size
 
     async def _claim_fetched(self, root: CID, manifest: ArchiveManifest, algos: list[str], key: HashKey | RootKey,
-                             answered: list) -> None:
+                             answered: list, digests: dict[str, bytes]) -> None:
         """Register a fetched archive only once its bytes prove the whole-archive
         hashes its manifest claims and the one asked for: each block was checked against its CID as it
         arrived, but a manifest's `sha256`/`sha512` is a peer's word until the reassembled bytes hash to
@@ -652,7 +671,6 @@ class Node:
         assert self.repo is not None and self.exchange is not None
         repo = self.repo
         name = key.alias if isinstance(key, HashKey) else str(root)
-        digests = await trio.to_thread.run_sync(archive_digests, repo, manifest, algos)
         asked = key.digest if isinstance(key, HashKey) else None
         wrong = []
         for a in algos:
@@ -921,18 +939,75 @@ class _BuildCacheSwarm:
             self.node.announcer.withdraw(root)
 
 
-def archive_digests(repo: Repo, manifest: ArchiveManifest, algos: Iterable[str]) -> dict[str, bytes]:
-    """The whole-archive digests (`algos`: hashlib names) of an archive whose blocks are in `repo`,
-    hashed over its chunks in order (hashlib releases the GIL: call it on a worker thread)."""
-    hashers = {a: hashlib.new(a) for a in algos}
-    size = 0
-    for data in repo.load_blocks(iter_chunks(manifest, repo.load_block)):
-        size += len(data)
-        for h in hashers.values():
-            h.update(data)
-    if size != manifest.size:
-        raise FetchError(f"the archive's chunks add up to {size} bytes, its manifest says {manifest.size}")
-    return {a: h.digest() for a, h in hashers.items()}
+class ArchiveDigests:
+    """The whole-archive digests (`algos`: hashlib names) of an archive while it is fetched: `run()`, on a
+    worker thread, hashes its chunks in order as they are stored (`stored(cids)`, the fetch's callback;
+    blocks the repo held before count too), so the check costs no pass of its own after the last block.
+    `finish(ok)` says the fetch ended: with ok every block is in the repo (a missing one is NotFound);
+    without, `run` stops with FetchError. hashlib releases the GIL while it hashes."""
+
+    BATCH = 64  # chunks read per `load_blocks` call while they are there already
+
+    def __init__(self, repo: Repo, manifest: ArchiveManifest, algos: Iterable[str]) -> None:
+        self.repo, self.manifest, self.algos = repo, manifest, list(algos)
+        self._cond = threading.Condition()
+        self._stored: set[CID] = set()
+        self._done = False
+        self._ok = True
+
+    def stored(self, cids: list[CID]) -> None:
+        with self._cond:
+            self._stored.update(cids)
+            self._cond.notify_all()
+
+    def finish(self, ok: bool) -> None:
+        """The fetch ended (only the first call counts)."""
+        with self._cond:
+            if not self._done:
+                self._done, self._ok = True, ok
+            self._cond.notify_all()
+
+    def _there(self, cid: CID) -> bool:
+        """Readable now, without waiting."""
+        return cid in self._stored or self.repo.has_block(cid)
+
+    def _wait(self, cid: CID) -> None:
+        if self._there(cid):
+            return
+        with self._cond:
+            while cid not in self._stored:
+                if self._done:
+                    if not self._ok:
+                        raise FetchError("the fetch ended before the archive was whole")
+                    return  # every block is in the repo now (else load_blocks says which is not)
+                self._cond.wait()
+
+    def run(self) -> dict[str, bytes]:
+        hashers = {a: hashlib.new(a) for a in self.algos}
+        size = 0
+        batch: list[tuple[CID, int]] = []
+
+        def flush() -> None:
+            nonlocal size
+            for data in self.repo.load_blocks(batch):
+                size += len(data)
+                for h in hashers.values():
+                    h.update(data)
+            batch.clear()
+
+        def load(cid: CID) -> bytes:  # a chunk-index node: its links come next
+            self._wait(cid)
+            return self.repo.load_block(cid)
+
+        for link in iter_chunks(self.manifest, load):
+            if batch and (len(batch) >= self.BATCH or not self._there(link[0])):
+                flush()  # hash what is there before waiting for more
+            self._wait(link[0])
+            batch.append(link)
+        flush()
+        if size != self.manifest.size:
+            raise FetchError(f"the archive's chunks add up to {size} bytes, its manifest says {self.manifest.size}")
+        return {a: h.digest() for a, h in hashers.items()}
 
 
 def _decode_root(root: CID, data: bytes) -> ArchiveManifest:

@@ -37,7 +37,7 @@ import heapq
 import logging
 import math
 from contextlib import contextmanager
-from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import multiaddr
 import trio
@@ -46,7 +46,7 @@ from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamRese
 from libp2p.peer.id import ID
 
 from p2pcache.errors import P2PCacheError
-from p2pcache.net.host import PeerEvent
+from p2pcache.net.peers import PeerEvent, PeerEvents, StreamHandler, keep_connected
 
 from .core import Sim, Timer
 from .links import LinkProfile, Network, profile
@@ -58,9 +58,6 @@ log = logging.getLogger(__name__)
 FRAME = 64 * 1024  # bytes of one data frame on the link
 FRAME_OVERHEAD = 12 + 2 + 16  # Yamux header + Noise length prefix + Noise AEAD tag, per frame
 CONTROL_SIZE = 12 + 2 + 16  # a frame with no payload (window update, FIN, RST)
-
-StreamHandler = Callable[[Any], Awaitable[None]]
-
 
 class SimHostError(P2PCacheError):
     """A simulated dial or stream open failed (unreachable peer, no such protocol, connection cut)."""
@@ -329,8 +326,7 @@ class SimHost:
         self._connected: dict[ID, None] = {}  # insertion-ordered set
         self._dials: dict[ID, trio.Event] = {}
         self._peer_addrs: dict[ID, list] = {}
-        self._subscribers: list[trio.MemorySendChannel] = []
-        self._changed = trio.Event()
+        self._events = PeerEvents()
         self._nursery: trio.Nursery | None = None
         self._running = False
         self._rng = swarm.sim.rng_for(f"hostsim/{self.peer_id.to_base58()}")
@@ -370,12 +366,8 @@ class SimHost:
     def remove_stream_handler(self, protocol: str) -> None:
         self._handlers.pop(str(protocol), None)
 
-    def subscribe(self) -> trio.MemoryReceiveChannel:
-        send, recv = trio.open_memory_channel(math.inf)
-        for p in self.connected_peers():
-            send.send_nowait(PeerEvent(p, True))
-        self._subscribers.append(send)
-        return recv
+    def subscribe(self) -> trio.MemoryReceiveChannel[PeerEvent]:
+        return self._events.subscribe(self.connected_peers())
 
     async def connect(self, peer: ID) -> ID:
         await self._ensure_connected(peer)
@@ -428,25 +420,12 @@ class SimHost:
             self.swarm.net.remove(self.peer_id)  # peers are told their connections went down
             for peer in list(self._connected):
                 self.on_disconnected(peer)
-            for s in self._subscribers:
-                s.close()
-            self._subscribers.clear()
+            self._events.close()
 
     async def _keep_connected(self, peer: ID) -> None:
-        """As NodeHost does for bootstrap peers: dial, redial with exponential backoff and jitter."""
-        delay = 1.0
-        while True:
-            if peer not in self._connected:
-                try:
-                    await self._ensure_connected(peer)
-                    delay = 1.0
-                except SimHostError:
-                    await trio.sleep(delay * self._rng.uniform(0.8, 1.2))
-                    delay = min(60.0, delay * 2)
-                    continue
-            changed = self._changed
-            if peer in self._connected:
-                await changed.wait()
+        """NodeHost's loop for bootstrap peers (`keep_connected`, its default backoff), jitter from the seed."""
+        await keep_connected(peer, lambda: self._ensure_connected(peer), self.is_connected, self._events,
+                             initial=1.0, maximum=60.0, uniform=self._rng.uniform, failure=SimHostError)
 
     async def _ensure_connected(self, peer: ID) -> None:
         if peer in self._connected:
@@ -469,15 +448,6 @@ class SimHost:
     def _send(self, peer: ID, size: int, payload: tuple, on_written: Callable[[], None] | None = None) -> bool:
         return self.swarm.net.send(self.peer_id, peer, size, payload, on_written)
 
-    def _publish(self, event: PeerEvent) -> None:
-        for s in list(self._subscribers):
-            try:
-                s.send_nowait(event)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                self._subscribers.remove(s)
-        self._changed.set()
-        self._changed = trio.Event()
-
     # Network endpoint callbacks: synchronous, from the event queue.
     def on_connected(self, peer: ID) -> None:
         ev = self._dials.get(peer)
@@ -485,14 +455,14 @@ class SimHost:
             ev.set()
         if peer not in self._connected:
             self._connected[peer] = None
-            self._publish(PeerEvent(peer, True))
+            self._events.publish(PeerEvent(peer, True))
 
     def on_disconnected(self, peer: ID) -> None:
         for s in [s for s in self._streams.values() if s.peer == peer]:
             s._broken()
         if peer in self._connected:
             del self._connected[peer]
-            self._publish(PeerEvent(peer, False))
+            self._events.publish(PeerEvent(peer, False))
 
     def on_message(self, peer: ID, payload: tuple) -> None:
         kind, sid = payload[0], payload[1]

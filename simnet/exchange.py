@@ -55,6 +55,7 @@ from p2pcache.exchange import (
     decode,
     encode,
 )
+from p2pcache.exchange.bans import BanList
 from p2pcache.exchange.message import block_wire_size, presence_wire_size, uvarint, want_wire_size
 
 from .core import Sim
@@ -125,7 +126,7 @@ class BitswapNode:
         # As BitswapExchange: twice bitswap's message size outstanding per peer.
         self.server = BitswapServer(source, server_config or ServerConfig(max_outstanding_bytes=8 << 20))
         self.ban_seconds = ban_seconds
-        self._banned: dict[PeerId, float] = {}
+        self._bans: BanList[PeerId] = BanList(ban_seconds)
         self._waiting: dict[PeerId, deque[Send]] = {}  # sends waiting for a dial
         self._timer_at: float | None = None
         self._sessions: dict[object, "ArchiveFetch"] = {}
@@ -173,13 +174,7 @@ class BitswapNode:
 
     # -- links ----------------------------------------------------------------------------------
     def _is_banned(self, peer: PeerId) -> bool:
-        until = self._banned.get(peer)
-        if until is None:
-            return False
-        if self.sim.now() >= until:
-            del self._banned[peer]
-            return False
-        return True
+        return self._bans.is_banned(peer, self.sim.now())
 
     def on_connected(self, peer: PeerId) -> None:
         if not self.alive:
@@ -251,7 +246,7 @@ class BitswapNode:
         log.info("%s drops peer %s: %s", self.name, peer, why)
         self.counters.penalised += 1
         self.penalised.append((peer, why))
-        self._banned[peer] = self.sim.now() + self.ban_seconds
+        self._bans.ban(peer, self.sim.now())
         self._waiting.pop(peer, None)
         if tell_client:
             self._both(PeerMisbehaved(peer, why))

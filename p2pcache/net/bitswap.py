@@ -59,6 +59,7 @@ from ..exchange import (
     encode,
     frame,
 )
+from ..exchange.bans import BanList
 from ..exchange.budget import EmptyMessageBudget
 from ..exchange.message import PROTOCOL_1_0_0, PROTOCOL_1_1_0, PROTOCOL_1_2_0
 from ..transfer import DagWalk
@@ -158,7 +159,7 @@ class BitswapExchange:
         self.server = BitswapServer(source, server_config or ServerConfig(max_outstanding_bytes=8 << 20))
         self._sessions: dict[object, _Session] = {}
         self._links: dict[ID, _Link] = {}
-        self._banned: dict[ID, float] = {}
+        self._bans: BanList[ID] = BanList(self.config.ban_seconds)
         self._timer_at: float | None = None
         self._timer_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -256,13 +257,7 @@ class BitswapExchange:
         self._both(PeerDisconnected(peer))
 
     def _is_banned(self, peer: ID) -> bool:
-        until = self._banned.get(peer)
-        if until is None:
-            return False
-        if self._now() >= until:
-            del self._banned[peer]
-            return False
-        return True
+        return self._bans.is_banned(peer, self._now())
 
     def _penalise(self, peer: ID, why: str, tell_engines: bool) -> None:
         """Drop a peer that broke the protocol or sent bad data: ban it and close its connections."""
@@ -272,7 +267,7 @@ class BitswapExchange:
             return
         log.warning("dropping peer %s: %s", peer, why)
         self.penalised.append((peer, why))
-        self._banned[peer] = self._now() + self.config.ban_seconds
+        self._bans.ban(peer, self._now())
         if tell_engines:
             self._both(PeerMisbehaved(peer, why))
         else:

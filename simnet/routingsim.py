@@ -33,8 +33,17 @@ from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from p2pcache.exchange import FrameDecoder
-from p2pcache.routing.dht import KAD_PROTOCOL, DHTStats, ProviderAnswer, write_framed
+from p2pcache.routing.dht import (
+    KAD_PROTOCOL,
+    DHTStats,
+    ProviderAnswer,
+    closest_known,
+    parse_peer_entry,
+    provider_answer,
+    write_framed,
+)
 from p2pcache.routing.query import ProviderQuery
+from p2pcache.routing.resolve import read_frame
 from p2pcache.routing.resolve_wire import FrameReader, frame
 
 from .dhtsim import RoutingTable
@@ -174,31 +183,16 @@ class SimDHT:
         return [PeerInfo(p, list(addrs)) for p, (exp, addrs) in self.providers.get(key, {}).items() if exp > now]
 
     def closest_known_peers(self, key: bytes, count: int = 20) -> list[ID]:
-        peers = self.table.closest(_pos(key), count)
-        if len(peers) < count:
-            for p in self.host.connected_peers():
-                if p not in peers and p != self.peer_id:
-                    peers.append(p)
-        return peers
+        return closest_known(self.table.closest(_pos(key), count), self.host.connected_peers(), self.peer_id, count)
 
     async def ask_providers(self, peer: ID, key: bytes) -> ProviderAnswer:
         self.stats.rpcs += 1
         try:
             reply = await self._rpc(peer, self._request(_T.GET_PROVIDERS, key))
+            return provider_answer(peer, reply, self._peer_entry, self.peer_id)
         except Exception:
             self.stats.rpc_failures += 1
             raise
-        if reply.type != _T.GET_PROVIDERS:
-            self.stats.rpc_failures += 1
-            raise ValueError(f"peer {peer} answered GET_PROVIDERS with message type {reply.type}")
-        providers = []
-        for entry in reply.providerPeers:
-            info = self._peer_entry(entry)
-            if info is not None:
-                providers.append(info)
-        closer = [i.peer_id for e in reply.closerPeers if (i := self._peer_entry(e)) is not None
-                  and i.peer_id != self.peer_id]
-        return ProviderAnswer(tuple(providers), tuple(closer))
 
     # -- client side --------------------------------------------------------------------------------
     def _request(self, kind: int, key: bytes) -> KadMessage:
@@ -217,7 +211,7 @@ class SimDHT:
             await stream.write(frame(request.SerializeToString()))
             if not answer:
                 return None
-            payload = await _read_frame(stream, FrameReader(MAX_KAD_MESSAGE, "kad answer"))
+            payload = await read_frame(stream, FrameReader(MAX_KAD_MESSAGE, "kad answer"))
         finally:
             with trio.CancelScope(shield=True):
                 await stream.close()
@@ -234,19 +228,10 @@ class SimDHT:
         await self._rpc(peer, msg, answer=False)  # fire and forget, as py-libp2p and kubo send it
 
     def _peer_entry(self, entry: Any) -> PeerInfo | None:
-        try:
-            peer_id = ID(entry.id)
-        except Exception:
-            return None
-        addrs = []
-        for raw in entry.addrs:
-            try:
-                addrs.append(Multiaddr(raw))
-            except Exception:
-                continue
-        if addrs and peer_id != self.peer_id:
-            self.host.add_addrs(peer_id, addrs)
-        return PeerInfo(peer_id, addrs)
+        info = parse_peer_entry(entry)
+        if info is not None and info.addrs and info.peer_id != self.peer_id:
+            self.host.add_addrs(info.peer_id, info.addrs)
+        return info
 
     async def _walk(self, key: bytes, count: int | None = None) -> list[ID]:
         """The `count` (default k) closest peers to `key` that answered a FIND_NODE walk (the real
@@ -364,16 +349,3 @@ class SimDHT:
             return
         await stream.close()
 
-
-async def _read_frame(stream: Any, reader: Any) -> bytes:
-    """Read one length-prefixed message; `reader.eof()` raises if the stream ends before it is whole."""
-    while True:
-        try:
-            chunk = await stream.read(64 * 1024)
-        except EOFError:
-            chunk = b""
-        if not chunk:
-            reader.eof()
-        payload = reader.feed(chunk)
-        if payload is not None:
-            return payload

@@ -63,7 +63,8 @@ from ..exchange.bans import BanList
 from ..exchange.budget import EmptyMessageBudget
 from ..exchange.message import PROTOCOL_1_0_0, PROTOCOL_1_1_0, PROTOCOL_1_2_0
 from ..transfer import DagWalk
-from .host import NodeHost, parse_peer_addr
+from .host import parse_peer_addr
+from .peers import Host
 
 if TYPE_CHECKING:
     from ..exchange.server import BlockSource
@@ -141,11 +142,12 @@ ProviderSpec: TypeAlias = ID | str | multiaddr.Multiaddr | PeerInfo
 
 
 class BitswapExchange:
-    """Bitswap over a `NodeHost`: serves `source` to everyone and fetches for our callers."""
+    """Bitswap over a `Host` (a `NodeHost`, or simnet's `SimHost`): serves `source` to everyone and fetches
+    for our callers."""
 
     def __init__(
         self,
-        host: NodeHost,
+        host: Host,
         source: BlockSource,
         client_config: ClientConfig | None = None,
         server_config: ServerConfig | None = None,

@@ -9,8 +9,8 @@ its answer from memory instead of another walk of the DHT. A miss never raises a
 exchange verifies it against the root CID.
 
 The Kademlia iteration itself is `query.ProviderQuery` (sans-IO); this module is its trio driver over a
-`DHT`. Counters in `FinderStats` (lookups, cache answers, RPCs, hops of each success, latencies) are what
-benchmarks and simulations read.
+`ProviderRouting` (`dht.DHT`, or simnet's `SimDHT`). Counters in `FinderStats` (lookups, cache answers, RPCs,
+hops of each success, latencies) are what benchmarks and simulations read.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from .dht import DHT
+from .interfaces import ProviderRouting
 from .keys import dht_key
 from .query import ProviderQuery
 
@@ -71,7 +71,7 @@ class FinderStats:
 
 
 class ProviderFinder:
-    def __init__(self, dht: DHT, config: FinderConfig = FinderConfig(),
+    def __init__(self, dht: ProviderRouting, config: FinderConfig = FinderConfig(),
                  clock: Callable[[], float] = trio.current_time):
         self.dht = dht
         self.config = config

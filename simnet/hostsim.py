@@ -37,7 +37,7 @@ import heapq
 import logging
 import math
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import multiaddr
 import trio
@@ -50,6 +50,10 @@ from p2pcache.net.peers import PeerEvent, PeerEvents, StreamHandler, keep_connec
 
 from .core import Sim, Timer
 from .links import LinkProfile, Network, profile
+
+if TYPE_CHECKING:
+    # `trio.TaskStatus` at run time; libp2p pulls in trio-typing, whose stubs shadow trio's for mypy.
+    from trio_typing import TaskStatus
 
 __all__ = ["FRAME", "LiveSim", "SimHost", "SimHostError", "SimStream", "SimSwarm", "repo_work_inline"]
 
@@ -93,7 +97,7 @@ class LiveSim(Sim):
         return len(self._heap)
 
     async def run(self, until: float | None = None, *,
-                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                  task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         q = self._heap
         task_status.started()
         while not self._stop:
@@ -142,11 +146,11 @@ def repo_work_inline() -> Iterator[None]:
         await trio.lowlevel.checkpoint()
         return sync_fn(*args)
 
-    to_thread.run_sync = inline  # type: ignore[assignment]
+    to_thread.run_sync = inline
     try:
         yield
     finally:
-        to_thread.run_sync = original  # type: ignore[assignment]
+        to_thread.run_sync = original
 
 
 # -- streams --------------------------------------------------------------------------------------
@@ -434,9 +438,10 @@ class SimHost:
         ev = self._dials.get(peer)
         if ev is None:
             ev = self._dials[peer] = trio.Event()
+            dialled = ev
             # Network.connect calls back once (True/False) unless the other end is dialling us at the
             # same moment; then `on_connected` (or the timeout below) ends the wait.
-            self.swarm.net.connect(self.peer_id, peer, lambda ok, ev=ev: ev.set())
+            self.swarm.net.connect(self.peer_id, peer, lambda ok: dialled.set())
         with trio.move_on_after(self.swarm.dial_timeout):
             await ev.wait()
         if self._dials.get(peer) is ev:

@@ -24,7 +24,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import trio
 from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
@@ -48,6 +48,10 @@ from p2pcache.routing.resolve_wire import FrameReader, frame
 
 from .dhtsim import RoutingTable
 from .hostsim import SimHost
+
+if TYPE_CHECKING:
+    # `trio.TaskStatus` at run time; libp2p pulls in trio-typing, whose stubs shadow trio's for mypy.
+    from trio_typing import TaskStatus
 
 __all__ = ["SimDHT", "SimDHTConfig"]
 
@@ -81,14 +85,14 @@ class SimDHT:
         self.host = host
         self.config = config
         self.peer_id: ID = host.peer_id
-        self.table = RoutingTable(_pos(self.peer_id.to_bytes()), config.k)
+        self.table: RoutingTable[ID] = RoutingTable(_pos(self.peer_id.to_bytes()), config.k)
         self.providers: dict[bytes, dict[ID, tuple[float, list[Multiaddr]]]] = {}
         self.stats = DHTStats()
         self.served = {"FIND_NODE": 0, "GET_PROVIDERS": 0, "ADD_PROVIDER": 0}
         host.set_stream_handler(KAD_PROTOCOL, self._handle)
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._follow_peers, self.host.subscribe())
             await self.bootstrap()
@@ -148,12 +152,12 @@ class SimDHT:
     async def closest_peers(self, key: bytes, count: int = 20) -> list[ID]:
         return await self._walk(key, count)
 
-    def record_providing(self, keys: Any) -> None:
+    def record_providing(self, keys: Iterable[bytes]) -> None:
         addrs = self.host.listen_addrs()
         for key in keys:
             self._record(key, self.peer_id, addrs)
 
-    async def add_providers(self, peer: ID, keys: Any) -> None:
+    async def add_providers(self, peer: ID, keys: Sequence[bytes]) -> None:
         """Every key's ADD_PROVIDER on one stream, fire and forget (the server reads until the end)."""
         stream = await self.host.new_stream(peer, [KAD_PROTOCOL])
         addrs = [a.to_bytes() for a in self.host.listen_addrs()]
@@ -195,7 +199,7 @@ class SimDHT:
             raise
 
     # -- client side --------------------------------------------------------------------------------
-    def _request(self, kind: int, key: bytes) -> KadMessage:
+    def _request(self, kind: KadMessage.MessageType, key: bytes) -> KadMessage:
         msg = KadMessage()
         msg.type = kind
         msg.key = key
@@ -247,6 +251,7 @@ class SimDHT:
             try:
                 with trio.fail_after(self.config.rpc_timeout):
                     reply = await self._rpc(peer, self._request(_T.FIND_NODE, key))
+                assert reply is not None  # asked with answer=True
             except Exception:
                 query.on_failure(peer)
             else:
@@ -283,7 +288,7 @@ class SimDHT:
 
     async def _handle(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id
-        decoder, queued = FrameDecoder(MAX_KAD_MESSAGE), deque()
+        decoder, queued = FrameDecoder(MAX_KAD_MESSAGE), deque[bytes]()
 
         async def next_request() -> KadMessage | None:
             """The stream's next request; None at its end. A Kademlia server reads requests from a

@@ -31,10 +31,16 @@ proto: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/p2pcache daemon $(ARGS)
 
-# mypy at zero errors on the pure (sans-IO) packages; configuration in pyproject.toml [tool.mypy].
-TYPED := p2pcache/content p2pcache/exchange p2pcache/routing p2pcache/transfer
+# mypy at zero errors; configuration in pyproject.toml [tool.mypy]: strict on the pure (sans-IO) packages
+# content/, exchange/, routing/, transfer/, default settings on the rest of p2pcache, and simnet's users of the
+# host and provider-routing seams (so SimHost and SimDHT are checked against the Host and ProviderRouting
+# Protocols). Not yet in: the modules below, still over zero (`mypy p2pcache` counts them), and simnet's
+# exchange, fanout, nodefetch, payload and plot.
+UNTYPED := ^p2pcache/(http/|node\.py$$|buildcache\.py$$|buildtree\.py$$)
+TYPED_SIM := simnet/core.py simnet/links.py simnet/hostsim.py simnet/dhtsim.py simnet/routingsim.py \
+             simnet/announcesim.py simnet/scenario.py simnet/metrics.py
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy $(TYPED)
+	$(VENV)/bin/mypy --exclude '$(UNTYPED)' p2pcache $(TYPED_SIM)
 
 test: $(STAMP) system-deps interop-deps typecheck
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -511,3 +511,10 @@ class SimHost:
         except Exception as e:  # a handler's failure ends its stream, never the host
             log.debug("handler for %s from %s failed: %r", stream.protocol, stream.peer, e)
             await stream.reset()
+
+
+if TYPE_CHECKING:
+    from p2pcache.net.peers import Host
+
+    def _sim_host_is_a_host(host: SimHost) -> Host:
+        return host  # `make typecheck` proves SimHost satisfies the Protocol NodeHost does

@@ -354,3 +354,10 @@ class SimDHT:
             return
         await stream.close()
 
+
+
+if TYPE_CHECKING:
+    from p2pcache.routing.interfaces import ProviderRouting
+
+    def _sim_dht_is_provider_routing(dht: SimDHT) -> ProviderRouting:
+        return dht  # `make typecheck` proves SimDHT satisfies the Protocol DHT does

@@ -618,10 +618,11 @@ class Node:
         answer counts once its manifest root, fetched from that peer, carries the asked hash (a manifest naming
         no such hash, e.g. no sha512 since that became lazy, is checked over the fetched bytes afterwards)."""
         assert self.host is not None and self.exchange is not None
-        alias, host = key.alias, self.host
+        alias = key.alias
 
         async def ask(peer: Any) -> tuple[CID, ArchiveManifest]:
-            answer = await resolve(host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
+            assert self.host is not None
+            answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
             if answer is None:
                 raise NotHeld()
             if answer.root.codec != DAG_CBOR:

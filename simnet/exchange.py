@@ -45,17 +45,17 @@ from p2pcache.exchange import (
     PeerConnected,
     PeerDisconnected,
     PeerMisbehaved,
-    PenalisePeer,
     ProtocolViolation,
     Send,
     ServerConfig,
-    SetTimer,
     Tick,
     Want,
     decode,
     encode,
 )
 from p2pcache.exchange.bans import BanList
+from p2pcache.exchange.dispatch import apply_actions
+from p2pcache.exchange.events import Action
 from p2pcache.exchange.message import block_wire_size, presence_wire_size, uvarint, want_wire_size
 
 from .core import Sim
@@ -146,25 +146,31 @@ class BitswapNode:
         self._client(event)
         self._server(event)
 
-    def _apply(self, actions: list) -> None:
-        for a in actions:
-            if isinstance(a, Send):
-                self._send(a)
-            elif isinstance(a, Deliver):
-                f = self._sessions.get(a.session)
-                if f is not None:
-                    f.on_block(a.cid, a.data)
-            elif isinstance(a, FetchFailed):
-                self.counters.fetch_failures += 1
-                f = self._sessions.get(a.session)
-                if f is not None:
-                    f.on_failed(a.cid, a.why)
-            elif isinstance(a, SetTimer):
-                if self._timer_at is None or a.at < self._timer_at:
-                    self._timer_at = a.at
-                    self.sim.at(a.at, self._on_timer, a.at)
-            elif isinstance(a, PenalisePeer):
-                self._penalise(a.peer, a.why)
+    def _apply(self, actions: list[Action]) -> None:
+        apply_actions(actions, self)
+
+    # `ActionHandler`: what each engine action means on simnet links (called by `apply_actions` only)
+    def on_send(self, action: Send) -> None:
+        self._send(action)
+
+    def on_deliver(self, action: Deliver) -> None:
+        f = self._sessions.get(action.session)
+        if f is not None:
+            f.on_block(action.cid, action.data)
+
+    def on_fetch_failed(self, action: FetchFailed) -> None:
+        self.counters.fetch_failures += 1
+        f = self._sessions.get(action.session)
+        if f is not None:
+            f.on_failed(action.cid, action.why)
+
+    def on_timer(self, at: float) -> None:
+        if self._timer_at is None or at < self._timer_at:
+            self._timer_at = at
+            self.sim.at(at, self._on_timer, at)
+
+    def on_penalise(self, peer: PeerId, why: str) -> None:
+        self._penalise(peer, why)
 
     def _on_timer(self, at: float) -> None:
         if not self.alive or self._timer_at != at:

@@ -48,11 +48,9 @@ from ..exchange import (
     PeerConnected,
     PeerDisconnected,
     PeerMisbehaved,
-    PenalisePeer,
     ProtocolViolation,
     Send,
     ServerConfig,
-    SetTimer,
     Tick,
     Want,
     decode,
@@ -60,6 +58,8 @@ from ..exchange import (
     frame,
 )
 from ..exchange.bans import BanList
+from ..exchange.dispatch import apply_actions
+from ..exchange.events import Action, PeerId
 from ..exchange.budget import EmptyMessageBudget
 from ..exchange.message import PROTOCOL_1_0_0, PROTOCOL_1_1_0, PROTOCOL_1_2_0
 from ..transfer import DagWalk
@@ -207,24 +207,30 @@ class BitswapExchange:
         self._client(event)
         self._server(event)
 
-    def _apply(self, actions: list) -> None:
-        for a in actions:
-            if isinstance(a, Send):
-                self._enqueue(a)
-            elif isinstance(a, Deliver):
-                s = self._sessions.get(a.session)
-                if s is not None:
-                    s.send.send_nowait((a.cid, a.data, None))
-            elif isinstance(a, FetchFailed):
-                s = self._sessions.get(a.session)
-                if s is not None:
-                    s.send.send_nowait((a.cid, None, a.why))
-            elif isinstance(a, SetTimer):
-                if self._timer_at is None or a.at < self._timer_at:
-                    self._timer_at = a.at
-                    self._timer_changed.set()
-            elif isinstance(a, PenalisePeer):
-                self._penalise(cast(ID, a.peer), a.why, tell_engines=False)  # the engines' peers are our IDs
+    def _apply(self, actions: list[Action]) -> None:
+        apply_actions(actions, self)
+
+    # `ActionHandler`: what each engine action means here (called by `apply_actions` only)
+    def on_send(self, action: Send) -> None:
+        self._enqueue(action)
+
+    def on_deliver(self, action: Deliver) -> None:
+        s = self._sessions.get(action.session)
+        if s is not None:
+            s.send.send_nowait((action.cid, action.data, None))
+
+    def on_fetch_failed(self, action: FetchFailed) -> None:
+        s = self._sessions.get(action.session)
+        if s is not None:
+            s.send.send_nowait((action.cid, None, action.why))
+
+    def on_timer(self, at: float) -> None:
+        if self._timer_at is None or at < self._timer_at:
+            self._timer_at = at
+            self._timer_changed.set()
+
+    def on_penalise(self, peer: PeerId, why: str) -> None:
+        self._penalise(cast(ID, peer), why, tell_engines=False)  # the engines' peers are our IDs
 
     async def _run_timer(self) -> None:
         while True:

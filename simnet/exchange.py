@@ -1,6 +1,7 @@
 """A simulated node's block exchange: the real `BitswapClient` / `BitswapServer` engines pumped over simnet links.
 
-Owns the simnet twin of `p2pcache.net.bitswap.BitswapExchange`: peer up/down events into both engines,
+Owns the simnet twin of `p2pcache.net.bitswap.BitswapExchange` (sharing its ban bookkeeping, `BanList`, and
+its dispatch of engine actions, `apply_actions`): peer up/down events into both engines,
 dialling a provider when the client first sends to it, the engine timer, `MessageSent` acknowledgements
 when the sender's uplink has written a message (the server's flow control), banning a peer that
 `PenalisePeer` names (disconnect, refuse it afterwards), and `ArchiveFetch`, the walk of an archive's

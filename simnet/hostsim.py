@@ -7,10 +7,11 @@ Owns:
   delivery wakes a trio task that must run at the delivery's instant, and a task may schedule an event
   earlier than the one the queue is waiting for. So every instant is a real trio sleep (trio's
   autojump moves the clock once every task is idle) and scheduling an earlier event wakes the queue.
-- `SimSwarm` / `SimHost`: one host per node, a `simnet.links.Network` endpoint. It offers what the
-  node's drivers call on `NodeHost` (`peer_id`, `addrs`, `add_addrs`, `new_stream`, `set_stream_handler`,
+- `SimSwarm` / `SimHost`: one host per node, a `simnet.links.Network` endpoint. It satisfies
+  `p2pcache.net.peers.Host`, the Protocol the node's drivers are written against, as `NodeHost` does (`peer_id`, `addrs`, `add_addrs`, `new_stream`, `set_stream_handler`,
   `remove_stream_handler`, `connected_peers`, `is_connected`, `disconnect`, `subscribe`, `run`) with
   real py-libp2p `ID`s (ed25519 keys derived from the run's seed, so one seed gives the same ids).
+  Peer events and the bootstrap redial loop are production's own (`PeerEvents`, `keep_connected`).
 - `SimStream`: `read` / `write` / `close` / `close_write` / `reset` / `get_protocol` / `muxed_conn.peer_id`.
   A write is cut into frames of `FRAME` bytes; each frame crosses the link as a `Network.send` of its
   bytes (plus the Yamux header and Noise tag it would carry), so it costs uplink queueing, latency and

@@ -1,4 +1,6 @@
-"""A simulated Kademlia DHT with the interface of `p2pcache.routing.dht.DHT`, for real `Node`s on `SimHost`s.
+"""A simulated Kademlia DHT satisfying `p2pcache.routing.interfaces.ProviderRouting` (as `DHT` does), for real
+`Node`s on `SimHost`s. The Kademlia wire reading is production's (`parse_peer_entry`, `provider_answer`,
+`closest_known`, `read_frame`).
 
 Owns, per node: a k-bucket routing table (`dhtsim.RoutingTable`: XOR distance over sha256 of the peer id
 bytes, the metric `ProviderQuery` uses), a provider store with record expiry, and the server side of

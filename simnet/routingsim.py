@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -44,6 +43,7 @@ from p2pcache.routing.dht import (
     provider_answer,
     write_framed,
 )
+from p2pcache.routing.finder import drive_query
 from p2pcache.routing.query import ProviderQuery
 from p2pcache.routing.resolve import read_frame
 from p2pcache.routing.resolve_wire import FrameReader, frame
@@ -247,7 +247,6 @@ class SimDHT:
                                                        alpha=self.config.alpha, k=count, want=10**9)
         query.add_seeds(self.closest_known_peers(key, self.config.k))
         answered: list[ID] = []
-        send, receive = trio.open_memory_channel[None](math.inf)
 
         async def ask(peer: ID) -> None:
             try:
@@ -261,17 +260,9 @@ class SimDHT:
                 closer = [i.peer_id for e in reply.closerPeers if (i := self._peer_entry(e)) is not None
                           and i.peer_id != self.peer_id]
                 query.on_answer(peer, (), closer)
-            send.send_nowait(None)
 
-        async with trio.open_nursery() as nursery:
-            while not query.done:
-                peer = query.next_peer()
-                if peer is not None:
-                    nursery.start_soon(ask, peer)
-                elif query.in_flight:
-                    await receive.receive()
-                else:
-                    break
+        # py-libp2p's walk: `alpha` questions at once, every answer waited for
+        await drive_query(query, ask, stagger=None, cancel_pending=False)
         target = _pos(key)
         return sorted(set(answered), key=lambda p: _pos(p.to_bytes()) ^ target)[:count]
 

@@ -621,7 +621,6 @@ class Node:
         alias = key.alias
 
         async def ask(peer: Any) -> tuple[CID, ArchiveManifest]:
-            assert self.host is not None
             answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
             if answer is None:
                 raise NotHeld()

@@ -35,10 +35,10 @@ run: $(STAMP)
 # content/, exchange/, routing/, transfer/, default settings on the rest of p2pcache, and simnet's users of the
 # host and provider-routing seams (so SimHost and SimDHT are checked against the Host and ProviderRouting
 # Protocols). Not yet in: the modules below, still over zero (`mypy p2pcache` counts them), and simnet's
-# exchange, fanout, nodefetch, payload and plot.
+# exchange, fanout, nodefetch and plot.
 UNTYPED := ^p2pcache/(http/|node\.py$$|buildcache\.py$$|buildtree\.py$$)
 TYPED_SIM := simnet/core.py simnet/links.py simnet/hostsim.py simnet/dhtsim.py simnet/routingsim.py \
-             simnet/announcesim.py simnet/scenario.py simnet/metrics.py
+             simnet/announcesim.py simnet/scenario.py simnet/metrics.py simnet/payload.py
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --exclude '$(UNTYPED)' p2pcache $(TYPED_SIM)
 

@@ -12,7 +12,9 @@
   `MIN_LINES` lines each, so one-line accessors do not count).
 - import-cycles: strongly connected groups of modules in the import graph of p2pcache and simnet, with
   imports inside functions counted as edges (they run, only later); imports under `if TYPE_CHECKING:`
-  are not, since they never run.
+  are not, since they never run. Unlike `import_arrows.py` (the layering check, whose cycle finder this
+  uses), a submodule that takes names from its own package's `__init__` while that `__init__` imports it
+  back is a cycle here.
 
 Exit code 0 always: these are figures, not a gate.
 """
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from import_arrows import cycles  # noqa: E402  (the layering check's strongly-connected-components finder)
 PACKAGES = ("p2pcache", "simnet")
 LONG = 80
 SIMILAR = 0.85
@@ -196,41 +200,8 @@ def import_graph(mods: list[Module], function_level: bool = True) -> dict[str, s
 
 
 def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on: set[str] = set()
-    out: list[list[str]] = []
-    counter = 0
-
-    def strong(v: str) -> None:  # Tarjan; the graph is small, recursion is fine
-        nonlocal counter
-        index[v] = low[v] = counter
-        counter += 1
-        stack.append(v)
-        on.add(v)
-        for w in sorted(graph[v]):
-            if w not in index:
-                strong(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            group = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                group.append(w)
-                if w == v:
-                    break
-            if len(group) > 1:
-                out.append(sorted(group))
-
-    sys.setrecursionlimit(10000)
-    for v in sorted(graph):
-        if v not in index:
-            strong(v)
-    return sorted(out)
+    """The groups of modules that import each other (Tarjan, as `import_arrows.py` finds them)."""
+    return sorted(cycles(graph))
 
 
 def import_cycles(mods: list[Module]) -> None:

@@ -646,10 +646,10 @@ class Node:
         no such hash, e.g. no sha512 since that became lazy, is checked over the fetched bytes afterwards)."""
         assert self.host is not None and self.exchange is not None
         alias = key.alias
-        exchange = self.exchange
+        exchange, host = self.exchange, self.host
 
         async def ask(peer: Any) -> tuple[CID, ArchiveManifest]:
-            answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
+            answer = await resolve(host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
             if answer is None:
                 raise NotHeld()
             if answer.root.codec != DAG_CBOR:

@@ -242,6 +242,11 @@ class DhtWorld:
         self.net.remove(name)
 
 
+def _republish(world: DhtWorld, key: bytes, provider: str) -> None:
+    if world.nodes[provider].alive:
+        world.nodes[provider].provide(key)
+
+
 async def run_dht_lookup(sim: Sim, sc: Any, results: Results) -> dict:
     p = sc.params
     net = Network(sim)
@@ -289,16 +294,11 @@ async def run_dht_lookup(sim: Sim, sc: Any, results: Results) -> dict:
         sim.at(start + rng.random() * phase, churn)
     # Republish: providers re-announce their keys every `republish` seconds.
     republish = float(p["republish"])
-
-    def republish_one(key: bytes, provider: str) -> None:
-        if world.nodes[provider].alive:
-            world.nodes[provider].provide(key)
-
     if republish > 0:
         t = start + republish
         while t < start + phase:
             for key, provider in keys:
-                sim.at(t, republish_one, key, provider)
+                sim.at(t, _republish, world, key, provider)
             t += republish
 
     lookups: list[dict] = []

@@ -176,6 +176,9 @@ class _Discard:
 
 
 async def leech_repo(addr: str, root: CID, tmp: Path, how: str) -> tuple[float, int]:
+    """Fetch `root` into a fresh repo `how`: "dag", "bitswap", "dag-unstored" (verified, dropped), or
+    "dag-checked", as Node.fetch does it: the whole-archive sha256 hashed in order as blocks are stored
+    (`ArchiveDigests`; the seconds left after the last block go to CHECK_SECONDS)."""
     repo = Repo.init(tmp / f"leech-{how}-{time.monotonic_ns()}")  # durable, as the daemon
     if how == "dag-unstored":
         repo = _Discard(repo)
@@ -187,7 +190,9 @@ async def leech_repo(addr: str, root: CID, tmp: Path, how: str) -> tuple[float, 
                 dag = DagTransfer(host, ex)
                 await host.connect(addr)
                 t0 = time.perf_counter()
-                if how.startswith("dag"):
+                if how == "dag-checked":
+                    n = await fetch_checked(dag, ex, addr, root, repo, t0)
+                elif how.startswith("dag"):
                     n = await dag.fetch(root, [addr], repo)
                 else:
                     n = await ex.fetch_dag(root, [addr], repo)
@@ -199,41 +204,26 @@ async def leech_repo(addr: str, root: CID, tmp: Path, how: str) -> tuple[float, 
         repo.close()
 
 
-async def leech_checked(addr: str, root: CID, tmp: Path) -> tuple[float, float]:
-    """As Node.fetch does it: the DAG fetch with the whole-archive sha256 hashed in order as blocks are
-    stored (`ArchiveDigests`); (seconds to the checked end, of which after the last block)."""
-    repo = Repo.init(tmp / f"leech-checked-{time.monotonic_ns()}")
-    try:
-        async with open_host(host_config(tmp, "leech-checked")) as host:
-            ex = BitswapExchange(host, RepoBlockSource(repo))
-            async with trio.open_nursery() as nursery:
-                await nursery.start(ex.run)
-                dag = DagTransfer(host, ex)
-                await host.connect(addr)
-                t0 = time.perf_counter()
-                blocks = await ex.fetch_blocks([root], [addr])  # as the hash race does
-                manifest = ArchiveManifest.decode(blocks[root])
-                digesting = ArchiveDigests(repo, manifest, ["sha256"])
-                out: dict = {}
+async def fetch_checked(dag: DagTransfer, ex: BitswapExchange, addr: str, root: CID, repo: Repo, t0: float) -> int:
+    blocks = await ex.fetch_blocks([root], [addr])  # as the hash race does
+    manifest = ArchiveManifest.decode(blocks[root])
+    digesting = ArchiveDigests(repo, manifest, ["sha256"])
+    out: dict = {}
 
-                async def digest() -> None:
-                    out["d"] = await trio.to_thread.run_sync(digesting.run)
+    async def digest() -> None:
+        out["d"] = await trio.to_thread.run_sync(digesting.run)
 
-                async with trio.open_nursery() as inner:
-                    inner.start_soon(digest)
-                    try:
-                        await dag.fetch(root, [addr], repo, digesting.stored, root_block=blocks[root])
-                        digesting.finish(ok=True)
-                    finally:
-                        digesting.finish(ok=False)
-                    fetched = time.perf_counter()
-                elapsed = time.perf_counter() - t0
-                after = t0 + elapsed - fetched
-                assert out["d"]["sha256"] == manifest.hashes["sha256"]
-                nursery.cancel_scope.cancel()
-        return elapsed, after
-    finally:
-        repo.close()
+    async with trio.open_nursery() as inner:
+        inner.start_soon(digest)
+        try:
+            n = await dag.fetch(root, [addr], repo, digesting.stored, root_block=blocks[root])
+            digesting.finish(ok=True)
+        finally:
+            digesting.finish(ok=False)
+        fetched = time.perf_counter()
+    CHECK_SECONDS.append(time.perf_counter() - fetched)
+    assert out["d"]["sha256"] == manifest.hashes["sha256"]
+    return n
 
 
 def archive_bench(size: int, runs: int, tmp: Path) -> None:
@@ -248,9 +238,8 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
                 t, n = trio.run(leech_repo, seeder.info["addr"], root, tmp, how)
                 assert n >= size, (how, n)
                 times[how].append(t)
-            t, after = trio.run(leech_checked, seeder.info["addr"], root, tmp)
+            t, _ = trio.run(leech_repo, seeder.info["addr"], root, tmp, "dag-checked")
             times["dag-checked"].append(t)
-            CHECK_SECONDS.append(after)
             times["repo-write"].append(repo_write_seconds(size, tmp))
     finally:
         seeder.close()

@@ -24,13 +24,14 @@ saves of one key both produce records; every reader then picks the same one.
 from __future__ import annotations
 
 import fnmatch
+import io
 import logging
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Protocol
+from typing import IO, Any, Awaitable, Protocol, Sequence
 
 import trio
 
@@ -376,7 +377,7 @@ class BuildCache:
         return sorted(found.values(), key=lambda rp: rp[0].order(), reverse=True)
 
     # -- restore --------------------------------------------------------------------------------------
-    async def lookup(self, key: str, restore_keys: list[str] = (), lookup_only: bool = False,
+    async def lookup(self, key: str, restore_keys: Sequence[str] = (), lookup_only: bool = False,
                      paths_id: str | None = None) -> dict:
         """The tree for `key`, else for the newest key starting with the first of `restore_keys` that
         matches any; made local unless `lookup_only`. `{"match": "exact"|"prefix"|"none", ...}`."""
@@ -667,7 +668,7 @@ def tree_as_tar(manifest: TreeManifest, load: Any) -> Any:
             info.type = tarfile.DIRTYPE
             yield header(info)
         elif e.is_symlink:
-            if symlink_escapes(e.path, e.body):
+            if not isinstance(e.body, bytes) or symlink_escapes(e.path, e.body):
                 continue
             info.type, info.linkname = tarfile.SYMTYPE, e.body.decode("utf-8", "surrogateescape")
             yield header(info)
@@ -692,22 +693,33 @@ def tree_as_tar(manifest: TreeManifest, load: Any) -> Any:
     yield b"\0" * 1024
 
 
-class _PieceReader:
+class _PieceStream(io.RawIOBase):
+    """An iterable of byte pieces as a readable raw stream (tarfile reads it through a BufferedReader)."""
+
     def __init__(self, pieces: Any):
         self.pieces = iter(pieces)
-        self.rest = b""
+        self.rest = memoryview(b"")
 
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self.rest) < n:
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.rest:
             piece = next(self.pieces, None)
             if piece is None:
-                break
-            self.rest += piece
-        if n < 0:
-            out, self.rest = self.rest, b""
-        else:
-            out, self.rest = self.rest[:n], self.rest[n:]
-        return out
+                return 0
+            self.rest = memoryview(piece)
+        n = min(len(buffer), len(self.rest))
+        buffer[:n] = self.rest[:n]
+        self.rest = self.rest[n:]
+        return n
+
+
+def _member_file(archive: Any, member: Any) -> IO[bytes]:
+    f = archive.extractfile(member)
+    if f is None:  # only regular members are extracted; tarfile gives None for others
+        raise InvalidInput(f"tar save: member {member.name[:80]!r} has no contents")
+    return f
 
 
 def tree_from_tar(repo: Any, pieces: Any, paths: list[str]) -> tuple[CID, dict]:
@@ -736,11 +748,11 @@ def tree_from_tar(repo: Any, pieces: Any, paths: list[str]) -> tuple[CID, dict]:
         pending.clear()
 
     try:
-        archive = tarfile.open(fileobj=_PieceReader(pieces), mode="r|", encoding="utf-8", errors="surrogateescape")
+        archive = tarfile.open(fileobj=io.BufferedReader(_PieceStream(pieces), 1 << 20), mode="r|", encoding="utf-8", errors="surrogateescape")
         for m in archive:
             name = m.name.removeprefix("./").rstrip("/")
             if name == SOURCES_MEMBER and m.isreg():
-                for line in archive.extractfile(m).read().decode("utf-8", "surrogateescape").splitlines():
+                for line in _member_file(archive, m).read().decode("utf-8", "surrogateescape").splitlines():
                     digest, _, path = line.partition("  ")
                     if len(digest) == 64 and path:
                         sources.append((path.removeprefix("./").encode("utf-8", "surrogateescape"), bytes.fromhex(digest)))
@@ -752,7 +764,7 @@ def tree_from_tar(repo: Any, pieces: Any, paths: list[str]) -> tuple[CID, dict]:
             rel = name[len(tops[top]) + 1:].encode("utf-8", "surrogateescape")
             mtime = int(round(float(m.mtime) * 1e9))
             if m.isreg():
-                f = archive.extractfile(m)
+                f = _member_file(archive, m)
                 body, blocks = chunk_contents(iter(lambda: f.read(4 << 20), b""), m.size)
                 pending.extend((c, bytes(d)) for c, d in blocks)
                 if sum(len(d) for _, d in pending) >= 8 << 20:
@@ -773,8 +785,8 @@ def tree_from_tar(repo: Any, pieces: Any, paths: list[str]) -> tuple[CID, dict]:
     latest = {(e.top, e.path): e for e in entries}  # a tar may hold a name twice: the last one wins, as in tar
     for k in sorted(latest):
         out += builder.add(latest[k])
-    for path, digest in sorted(dict(sources).items()):
-        out += builder.add_source(path, digest, 0)
+    for source, source_digest in sorted(dict(sources).items()):
+        out += builder.add_source(source, source_digest, 0)
     root, data, rest = builder.finish()
     pending.extend((c, bytes(d)) for c, d in out + rest + [(root, data)])
     flush()

@@ -144,7 +144,7 @@ def _read_file(full: bytes, size: int, params: ChunkerParams) -> tuple[object, l
 
 
 def _top_links(body: object) -> list[CID]:
-    return [link[0] for link in body[2]] if isinstance(body, list) else []  # type: ignore[index]
+    return [link[0] for link in body[2]] if isinstance(body, list) else []
 
 
 def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = None,

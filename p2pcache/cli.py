@@ -938,7 +938,9 @@ def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
             report = save_tree(args.paths, sink, sources_dir=args.sources, previous=previous, previous_scan=scan)
             try:
                 if client is not None:
-                    result = client.cache_save(args.key, str(report.root), args.force, pid, report.scan_time)
+                    assert isinstance(sink, DaemonBlockSink)
+                    lease, sink.lease = sink.lease, None  # the save ends it, whatever happens; a retry opens another
+                    result = client.cache_save(args.key, str(report.root), args.force, pid, report.scan_time, lease)
                 else:
                     assert service is not None
                     result = trio.run(service.save, args.key, report.root, args.force, pid, report.scan_time)
@@ -997,7 +999,7 @@ def cmd_cache_restore(args: argparse.Namespace, out: Output) -> int:
         return 0
     with Repo.open(_repo_path(args), writable=False) as repo:
         root = CID.parse(found["root"])
-        report, manifest, mtimes = restore_tree(root, repo.load_block, args.paths)
+        report, manifest, mtimes = restore_tree(root, repo.load_block, args.paths, load_many=repo.load_blocks)
         sources = args.sources if args.sources is not None else (
             manifest.sources["path"] if manifest.sources is not None else None)
         if sources is not None and manifest.sources is not None and os.path.isdir(sources):

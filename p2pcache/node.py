@@ -221,14 +221,15 @@ class Node:
         assert self.repo is not None and self.host is not None
         pair = getattr(self.host, "key_pair", None) or load_identity(self.repo_path / "identity.key")
         self.buildcache = BuildCache(self.repo, RecordStore(self.repo_path / "buildcache.sqlite"), pair.private_key,
-                                     pair.public_key.serialize(), self.config.buildcache, swarm=_BuildCacheSwarm(self))
+                                     pair.public_key.serialize(), self.config.buildcache, swarm=_BuildCacheSwarm(self),
+                                     guard=self.quota)
         CacheRecordsServer(lookup=self.buildcache.records_for_peer).register(self.host)
         self.buildcache.announce_held()
 
         async def expire_hourly() -> None:
             while True:
                 try:
-                    report = await trio.to_thread.run_sync(self.buildcache.expire)
+                    report = await self.buildcache.expire_async()
                     if report["expired"]:
                         log.info("build cache: evicted %d idle trees", len(report["expired"]))
                 except P2PCacheError as e:
@@ -236,6 +237,8 @@ class Node:
                 await trio.sleep(3600)
 
         nursery.start_soon(expire_hourly)
+        assert self.buildcache.leases is not None
+        nursery.start_soon(self.buildcache.leases.run)
 
     async def _reannounce_on_new_peers(self) -> None:
         """A sweep that reached nobody (we started before our peers) is redone when a peer turns up,

@@ -7,6 +7,7 @@ non-zero (see errors.py for the codes); `--json` switches output to one JSON obj
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -257,9 +258,25 @@ def _ensure_local(args: argparse.Namespace, repo: Repo, key: str):
     return CID.parse(result["root"])
 
 
+def _tree_tar(repo: Repo, root: CID):
+    """A build cache tree (`kind` "tree") as the tar stream the cache's tar API gives, or None for an archive."""
+    if repo.root_info(root).kind != "tree":
+        return None
+    from .buildcache import tree_as_tar
+    from .content.treemanifest import TreeManifest
+
+    return tree_as_tar(TreeManifest.decode(repo.load_block(root)), repo.load_block)
+
+
 def cmd_get(args: argparse.Namespace, out: Output) -> int:
     with _open(args, writable=False) as repo:
         root = _ensure_local(args, repo, args.key)
+        tar = _tree_tar(repo, root)
+        if tar is not None:  # a tree has no bytes of its own: it is written as a tar of its files
+            written = _write_atomically(args.output, tar)
+            out.emit({"root": str(root), "size": written, "output": args.output, "format": "tar"},
+                     f"wrote the tree {root} as a tar of {human(written)} to {args.output}")
+            return 0
         size = repo.root_info(root).size
         with progress_bar(f"getting {args.output}", size, _want_progress(args, size)) as cb:
             written = repo.get_to_file(root, args.output, progress=cb)
@@ -268,11 +285,27 @@ def cmd_get(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _write_atomically(path: str, pieces) -> int:
+    tmp = f"{path}.p2pcache-{os.getpid()}.part"
+    written = 0
+    try:
+        with open(tmp, "wb") as f:
+            for piece in pieces:
+                f.write(piece)
+                written += len(piece)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return written
+
+
 def cmd_cat(args: argparse.Namespace, out: Output) -> int:
     sink = sys.stdout.buffer
     with _open(args, writable=False) as repo:
         root = _ensure_local(args, repo, args.key)
-        for data in repo.stream(root):
+        for data in _tree_tar(repo, root) or repo.stream(root):
             sink.write(data)
     sink.flush()
     return 0

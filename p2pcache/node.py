@@ -569,6 +569,9 @@ class Node:
             root = key.cid
             # Fetch the root first and check it is what was asked for before fetching the rest.
             blocks = await self.exchange.fetch_blocks([root], providers)
+            tree = _tree_root(blocks[root])
+            if tree is not None:  # a build cache's tree: no archive bytes to check, its blocks prove themselves
+                return await self._fetch_tree_root(root, tree.size, providers, progress)
             manifest = _decode_root(root, blocks[root])
         else:  # the race checked the winner's manifest root against the hash (if it names that hash)
             root, manifest, providers = await self._resolve_root(key)
@@ -613,6 +616,19 @@ class Node:
             raise FetchError(f"a peer answered {root} for {alias}, but that archive has a different {key.algo}")
         progress(manifest.size, manifest.size)
         return root, manifest.size
+
+    async def _fetch_tree_root(self, root: CID, size: int, providers: list, progress: ProgressFn) -> tuple[CID, int]:
+        """`p2pcache get <tree root>`: a build cache's tree by its CID, fetched whole and registered as
+        the build cache registers it (kind "tree"), so `get`/`cat` can write it out as a tar stream."""
+        from .buildcache import register_tree
+
+        assert self.repo is not None
+        await self.quota.make_room(size, str(root))
+        progress(0, size)
+        await self.fetch_dag(root, providers)
+        await trio.to_thread.run_sync(register_tree, self.repo, root, None)
+        progress(size, size)
+        return root, size
 
     async def _resolve_root(self, key: HashKey) -> tuple[CID, ArchiveManifest, list]:
         """Ask the providers of `key` which root they hold for it (one race, `race_at_providers`); an
@@ -797,6 +813,16 @@ class _BuildCacheSwarm:
     def withdraw(self, root: CID) -> None:
         if self.node.announcer is not None:
             self.node.announcer.withdraw(root)
+
+
+def _tree_root(data: bytes) -> Any:
+    """The block as a build cache tree manifest, or None if it is not one."""
+    from .content.treemanifest import TreeManifest
+
+    try:
+        return TreeManifest.decode(data)
+    except MalformedBlock:
+        return None
 
 
 def _decode_root(root: CID, data: bytes) -> ArchiveManifest:

@@ -100,3 +100,11 @@ def test_save_restore_across_runners_saver_gone_prefix_and_trust(tmp_path, swarm
     got = restore(c, "main/linux-1", tmp_path / "c-out")
     assert got["match"] == "exact" and got["writer"] == protected and got["bytes_fetched"] > 0
     assert same_tree(build, tmp_path / "c-out")
+
+    # `p2pcache get <tree root>` on C, which does not hold that tree: fetched from B, written as a tar
+    tar = tmp_path / "tree.tar"
+    got = json.loads(c.cli("--json", "get", newer["root"], "-o", str(tar), timeout=90).stdout)
+    assert got["root"] == newer["root"] and got["format"] == "tar" and got["size"] == tar.stat().st_size
+    (tmp_path / "x").mkdir()
+    subprocess.run(["tar", "-C", str(tmp_path / "x"), "-xf", str(tar)], check=True)
+    assert same_tree(build2, tmp_path / "x" / str(build2).lstrip("/"))

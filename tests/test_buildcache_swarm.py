@@ -108,3 +108,51 @@ def test_save_restore_across_runners_saver_gone_prefix_and_trust(tmp_path, swarm
     (tmp_path / "x").mkdir()
     subprocess.run(["tar", "-C", str(tmp_path / "x"), "-xf", str(tar)], check=True)
     assert same_tree(build2, tmp_path / "x" / str(build2).lstrip("/"))
+
+
+def test_upload_lease_keeps_idle_expiry_gc_off_a_save_in_progress(tmp_path, daemons):
+    from p2pcache.buildcache import DaemonBlockSink, frame_cids
+    from p2pcache.buildtree import save_tree
+    from p2pcache.client import DaemonClient
+    from p2pcache.content.cid import CID
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.toml").write_text("[buildcache]\nidle_expiry_days = 0.0000001\n")  # ~9 ms
+    a = start_daemon(tmp_path / "a")
+    daemons.append(a)
+    old = json.loads(a.cli("--json", "cache", "save", "main/old", str(make_build_dir(tmp_path / "old", 7))).stdout)
+    client = DaemonClient.find(tmp_path / "a")
+    try:
+        def upload(seed: int, leased: bool):
+            """A save's uploads, stopped before `cache save` claims them: (sink, root, CIDs uploaded)."""
+            sink = DaemonBlockSink(client)
+            if not leased:
+                sink.lease = ""  # an old client's requests name no lease
+            report = save_tree([str(make_build_dir(tmp_path / f"new{seed}", seed))], sink)
+            return sink, report.root
+
+        def held(root: CID) -> bool:
+            return client.blocks_missing(frame_cids([root])) == []
+
+        # Without a lease, idle expiry's gc takes the unclaimed blocks between the uploads and the save.
+        sink, root = upload(8, leased=False)
+        time.sleep(0.05)
+        assert client.cache_call("expire", {})["expired"] == [old["root"]]
+        assert not held(root)
+
+        # With one, the gc is owed instead, the save claims its blocks, and the gc runs when the lease ends.
+        again = json.loads(a.cli("--json", "cache", "save", "main/old2", str(tmp_path / "old")).stdout)
+        sink, root = upload(9, leased=True)
+        time.sleep(0.05)
+        expired = client.cache_call("expire", {})
+        assert expired["expired"] == [again["root"]] and expired["gc_deferred"] is True
+        assert held(root) and held(CID.parse(again["root"]))  # nothing collected while the lease is live
+        lease, sink.lease = sink.lease, None
+        assert client.cache_save("main/new", str(root), False, None, None, lease)["saved"] is True
+        deadline = time.monotonic() + 10
+        while held(CID.parse(again["root"])) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not held(CID.parse(again["root"]))  # the owed gc ran once the lease ended
+        assert held(root)
+    finally:
+        client.close()

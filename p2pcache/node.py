@@ -789,9 +789,12 @@ class _BuildCacheSwarm:
     async def fetch_tree(self, root: CID, peers: list) -> int:
         node = self.node
         assert node.finder is not None and node.host is not None
-        providers: list = [p for p in await node.finder.find_providers(str(root), timeout=node.config.lookup_timeout)
-                           if p.peer_id != node.host.peer_id]
-        providers += [p for p in peers if all(q.peer_id != p for q in providers)]
+        # The peers that sent the record hold its tree (they serve records only of complete trees): ask
+        # them straight away; the DHT is asked when none did, or when fetching from them fails.
+        providers: list = list(peers)
+        if not providers:
+            providers = [p for p in await node.finder.find_providers(str(root), timeout=node.config.lookup_timeout)
+                         if p.peer_id != node.host.peer_id]
         if not providers:
             raise NotFound(f"tree {root}: no peer in the swarm announces it")
         for attempt in range(3):

@@ -776,10 +776,13 @@ class DaemonBlockSink:
         self.new_blocks = 0
         self.new_bytes = 0
 
-    def _lease(self) -> str:
+    def open_lease(self) -> str:
+        """The save's upload lease (opened at the first call): from then on, no gc in the daemon takes a
+        block that is there, until the save claims it or the lease lapses."""
         if self.lease is None:
             self.lease = self.client.cache_upload_lease()
         return self.lease
+
 
     def _run(self) -> None:
         while True:
@@ -788,10 +791,10 @@ class DaemonBlockSink:
                 return
             if self.error is None:
                 try:
-                    lacking = self.client.blocks_missing(frame_cids([c for c, _ in blocks]), self._lease())
+                    lacking = self.client.blocks_missing(frame_cids([c for c, _ in blocks]), self.open_lease())
                     todo = [blocks[i] for i in lacking]
                     if todo:
-                        self.client.put_blocks(frame_blocks(todo), self._lease())
+                        self.client.put_blocks(frame_blocks(todo), self.open_lease())
                     self.new_blocks += len(todo)
                     self.new_bytes += sum(len(d) for _, d in todo)
                 except BaseException as e:
@@ -800,7 +803,7 @@ class DaemonBlockSink:
     def missing(self, cids: list[CID]) -> set[CID]:
         if self.error is not None:
             raise self.error
-        return {cids[i] for i in self.client.blocks_missing(frame_cids(cids), self._lease())}
+        return {cids[i] for i in self.client.blocks_missing(frame_cids(cids), self.open_lease())}
 
     def offer(self, blocks: list[tuple[CID, bytes]]) -> None:
         if self.error is not None:
@@ -808,7 +811,7 @@ class DaemonBlockSink:
         if self.thread is None:
             import queue
 
-            self._lease()  # before any block goes up
+            self.open_lease()  # before any block goes up
             self.q = queue.Queue(maxsize=self.depth)
             self.thread = threading.Thread(target=self._run, daemon=True, name="cache-upload")
             self.thread.start()

@@ -178,7 +178,7 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
             reuse[(top, rel)] = old
     # ... and their blocks, and the previous pages to be reused whole, still in the repo (gc may have run).
     pages = dict(previous.pages) if previous is not None else {}
-    if reuse or pages:
+    if (reuse or pages) and not (previous is not None and previous.held):
         links = list({c: None for e in reuse.values() for c in _top_links(e.body)})
         links += [cid for _, cid in pages.values()]
         gone: set[CID] = set()
@@ -315,6 +315,10 @@ def previous_entries(manifest: TreeManifest, load: Callable[[CID], bytes]) -> "P
 class PreviousTree:
     files: dict[tuple[int, bytes], TreeEntry]
     pages: dict
+    # True when the tree was found complete in the repo after this save's upload lease was taken: then
+    # none of its blocks can go before the save claims them (gc waits for the lease), and the saver
+    # need not ask the daemon about each block it reuses.
+    held: bool = False
 
 
 # -- restoring ------------------------------------------------------------------------------------------

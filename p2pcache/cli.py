@@ -960,13 +960,16 @@ def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
                 out.emit({"saved": False, "reason": "exists", "key": args.key},
                          f"cache key {args.key} exists; not saved (keys are immutable: --force to replace it)")
                 return 0
-        previous, scan = (None, 0.0) if args.rehash else _stat_cache(_repo_path(args), pid)
         sink: DaemonBlockSink | RepoBlockSink
         if client is not None:
             sink = DaemonBlockSink(client)
+            sink.open_lease()  # before the stat cache is read: what it finds complete then stays until the save
         else:
             assert service is not None
             sink = RepoBlockSink(service.repo)
+        previous, scan = (None, 0.0) if args.rehash else _stat_cache(_repo_path(args), pid)
+        if previous is not None and client is not None:
+            previous.held = True
         for attempt in (0, 1):
             report = save_tree(args.paths, sink, sources_dir=args.sources, previous=previous, previous_scan=scan)
             try:

@@ -391,12 +391,21 @@ def _safe_mode(mode: int, report: RestoreReport) -> int:
     return mode & 0o777
 
 
-def _write_file(dir_fd: int, name: bytes, entry: TreeEntry, chunks: Iterable[bytes]) -> int:
+def _current_umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _write_file(dir_fd: int, name: bytes, entry: TreeEntry, chunks: Iterable[bytes], umask: int = 0o777) -> int:
     """Write one file atomically: a temp file in the same directory, given its bytes (`entry`'s inline body,
-    else `chunks`: its chunks' bytes, in order, sizes already checked), mode and mtime, then renamed over."""
+    else `chunks`: its chunks' bytes, in order, sizes already checked), mode and mtime, then renamed over.
+    The temp file is created with its final permission bits (never setuid/setgid/sticky); only when the
+    process `umask` takes some of them away does a chmod follow."""
+    mode = entry.mode & 0o777
     tmp = b".%s.p2pcache-%d-%d.tmp" % (name[:100], os.getpid(), next(_tmp_counter))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                 0o600, dir_fd=dir_fd)
+                 mode, dir_fd=dir_fd)
     try:
         try:
             written = 0
@@ -411,7 +420,8 @@ def _write_file(dir_fd: int, name: bytes, entry: TreeEntry, chunks: Iterable[byt
                     written += len(data)
                 if written != entry.size:
                     raise CorruptData(f"{os.fsdecode(name)}: its chunks hold {written} bytes, its entry says {entry.size}")
-            os.fchmod(fd, entry.mode & 0o777)
+            if mode & umask:
+                os.fchmod(fd, mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         finally:
             os.close(fd)
@@ -489,6 +499,7 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
         entries = iter(())
         target = top_parent
     os.makedirs(target, exist_ok=True)
+    umask = _current_umask()  # read once, before the writer threads start
     root_fd = os.open(target, _DIR_FLAGS & ~os.O_NOFOLLOW)
     try:
         dirs: list[TreeEntry] = []
@@ -515,7 +526,7 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
                 for e in group:
                     chunks = itertools.islice(data, next(next_count)) if not isinstance(e.body, bytes) else iter(())
                     try:
-                        out.append((e, _write_file(dfd, e.path.rpartition(b"/")[2], e, chunks)))
+                        out.append((e, _write_file(dfd, e.path.rpartition(b"/")[2], e, chunks, umask)))
                     except _Refused as r:
                         deque(chunks, maxlen=0)  # keep the shared read in step for the next file
                         out.append((e, str(r)))

@@ -32,7 +32,7 @@ run: $(STAMP)
 	$(VENV)/bin/p2pcache daemon $(ARGS)
 
 # mypy at zero errors on the pure (sans-IO) packages; configuration in pyproject.toml [tool.mypy].
-TYPED := p2pcache/content p2pcache/exchange p2pcache/routing p2pcache/transfer
+TYPED := p2pcache/content p2pcache/exchange p2pcache/routing p2pcache/transfer p2pcache/buildcache.py p2pcache/buildtree.py
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy $(TYPED)
 

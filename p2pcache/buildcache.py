@@ -612,8 +612,11 @@ class BuildCache:
         if self.leases is None:
             return await trio.to_thread.run_sync(self.put_blocks, blocks)
         if lease:
+            # The lease's scope covers these blocks. No scope of our own: a gc waiting for the leases to
+            # end holds the guard's lock, and a new scope would wait for that gc — a deadlock.
             await self.leases.renew(lease)
-        async with self.leases.guard.working():
+            return await trio.to_thread.run_sync(self.put_blocks, blocks)
+        async with self.leases.guard.working():  # an old client that names no lease: this request's own scope
             return await trio.to_thread.run_sync(self.put_blocks, blocks)
 
     async def missing_for(self, cids: list[CID], lease: str | None) -> list[CID]:

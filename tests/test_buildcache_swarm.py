@@ -147,8 +147,24 @@ def test_upload_lease_keeps_idle_expiry_gc_off_a_save_in_progress(tmp_path, daem
         expired = client.cache_call("expire", {})
         assert expired["expired"] == [again["root"]] and expired["gc_deferred"] is True
         assert held(root) and held(CID.parse(again["root"]))  # nothing collected while the lease is live
+        # `p2pcache gc` asked meanwhile waits for the lease; the save's further uploads do not wait for it
+        import threading
+
+        gc_result: list = []
+        gc = threading.Thread(target=lambda: gc_result.append(DaemonClient.find(tmp_path / "a").gc(None)))
+        gc.start()
+        time.sleep(0.3)
+        more = make_build_dir(tmp_path / "more", 10, files=3)
+        later: list = []
+        upload_more = threading.Thread(target=lambda: later.append(save_tree([str(more)], sink)), daemon=True)
+        upload_more.start()  # same sink, same lease
+        upload_more.join(20)
+        assert later and later[0].new_blocks > 0, "an upload under a live lease waited for a pending gc"
+        assert gc.is_alive()
         lease, sink.lease = sink.lease, None
         assert client.cache_save("main/new", str(root), False, None, None, lease)["saved"] is True
+        gc.join(30)
+        assert gc_result and not gc.is_alive()
         deadline = time.monotonic() + 10
         while held(CID.parse(again["root"])) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -151,7 +151,15 @@ def test_upload_lease_keeps_idle_expiry_gc_off_a_save_in_progress(tmp_path, daem
         import threading
 
         gc_result: list = []
-        gc = threading.Thread(target=lambda: gc_result.append(DaemonClient.find(tmp_path / "a").gc(None)))
+
+        def run_gc() -> None:
+            other = DaemonClient.find(tmp_path / "a")
+            try:
+                gc_result.append(other.gc(None))
+            finally:
+                other.close()
+
+        gc = threading.Thread(target=run_gc)
         gc.start()
         time.sleep(0.3)
         more = make_build_dir(tmp_path / "more", 10, files=3)

@@ -43,8 +43,8 @@ from ..store.narstore import RepoNarStore, stream_nar_root
 from .chain import LookupChain
 from .errors import Conflict, Missing, NoRoom, Rejected, SourceFailed, TooLarge
 from .metrics import Metrics
-from .sources import (Found, Intake, NarSink, NarSource, NarStreams, NixStoreSource, RepoSource, Room, Swarm,
-                      SwarmSource, TakingBack, UpstreamSource)
+from .sources import (Found, Intake, NarSink, NarSource, NarStreams, NarWriter, NixStoreSource, RepoSource, Room,
+                      Swarm, SwarmSource, TakingBack, UpstreamSource)
 
 if TYPE_CHECKING:
     from ..store.repo import Repo
@@ -99,6 +99,7 @@ class NixBinaryCache:
             except OSError as e:
                 raise InvalidInput(f"cannot read the signing key {config.secret_key_file}: {e.strerror}") from None
         self.repo_source = RepoSource(self.narstore, self.streams)
+        self.writer: NarWriter = self.repo_source  # uploads go in through the write protocol
         self.local_source = NixStoreSource(self.local, self.streams) if self.local is not None else None
         intake = Intake(self.repo_source, room, taking_back, announce, self.metrics)
         self.upstream_source = UpstreamSource(self.upstreams, intake) if self.upstreams else None
@@ -287,7 +288,7 @@ class NixBinaryCache:
                         yield piece
                 decoder.finish()
 
-            return self.repo_source.add_nar(None, decompressed())
+            return self.writer.add_nar(None, decompressed())
 
         try:
             async with self.room.working():  # no quota gc while its blocks are unclaimed
@@ -405,7 +406,7 @@ class NixBinaryCache:
         if self.key is not None:  # vouch for what an authenticated pusher gave us: stored with the narinfo
             info = info.signed(self.key)
         try:
-            await trio.to_thread.run_sync(self.repo_source.register_nar, root, info)
+            await trio.to_thread.run_sync(self.writer.register_nar, root, info)
         except P2PCacheError as e:
             raise Rejected(f"{store_hash}.narinfo: {e}") from None
         self._uploads.pop(info.url, None)

@@ -112,6 +112,7 @@ class Chunker:
             self._pending.append(bytes(data))
             self._pending_len += n
             return
+        buf: bytes | memoryview
         if n < self._scan_threshold:
             buf, carry = b"".join(self._pending + [bytes(data)]), b""
         else:

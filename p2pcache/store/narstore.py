@@ -15,7 +15,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, cast
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
 
 from ..content import nar as _nar
 from ..content.chunking import DEFAULT_PARAMS, ChunkerParams
@@ -77,20 +77,24 @@ class NarAddResult:
 
 def _pieces(stream: BinaryIO | Iterable[bytes], pool: BufferPool | None) -> Iterator[tuple[bytearray | None, memoryview]]:
     """(pool buffer or None, the bytes read) of each piece of the stream."""
-    readinto = getattr(stream, "readinto", None)
-    read = getattr(stream, "read", None)
+    readinto: Callable[[memoryview], int | None] | None = getattr(stream, "readinto", None)
+    read: Callable[[int], bytes] | None = getattr(stream, "read", None)
     if readinto is not None or read is not None:
         while True:
             buf = pool.get() if pool is not None and readinto is not None else None
             try:
-                view = memoryview(buf)[: read_into(readinto, buf)] if buf is not None else memoryview(read(READ_SIZE))
+                if buf is not None and readinto is not None:
+                    view = memoryview(buf)[: read_into(readinto, buf)]
+                else:
+                    assert read is not None
+                    view = memoryview(read(READ_SIZE))
             except OSError as e:
                 raise RepoError(f"cannot read the NAR stream: {e.strerror}") from None
             if not view:
                 return
             yield buf, view
     else:
-        for piece in cast(Iterable[bytes], stream):
+        for piece in stream:
             # A caller's reused bytearray must not change under the worker.
             yield None, memoryview(piece if type(piece) is bytes else bytes(piece))
 
@@ -159,7 +163,7 @@ class RepoNarStore:
                     if out:
                         blocks += out
                 ingest.put(blocks)  # one index query per read
-                if buf is not None:
+                if buf is not None and pool is not None:
                     ingest.release(pool, buf)  # reused once hashed and every block in it written
             reader.end()
             digest = ingest.digests()["sha256"]

@@ -32,14 +32,14 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, Sequence, cast
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from ..content.chunking import DEFAULT_PARAMS, ChunkerParams, Chunker
 from ..content.cid import CID, RAW
 from ..content.keys import HashKey, RootKey, parse_key
 from ..content.manifest import ArchiveManifest, ManifestBuilder, iter_blocks, iter_chunks, sniff_media_type
 from ..errors import CorruptData, NotFound, RepoError, RepoLocked
-from .blockstore import PACK_MAGIC, RECORD_HEADER, Location, PackFiles, disk_error
+from .blockstore import PACK_MAGIC, RECORD_HEADER, Location, PackFiles, disk_error, start_writeback
 from .index import Index, RootInfo
 from .ingest import BufferPool, Ingest, StreamHasher, read_into
 
@@ -54,6 +54,7 @@ READ_BATCH = 512  # blocks looked up and read per batch on the warm path
 COMPACT_BATCH = 16 << 20  # bytes copied per flush + transaction when compacting
 SERVE_PIECE = 1 << 20  # pieces handed out by `stream` (blocks joined up to this size)
 READ_SIZE = 4 << 20
+WRITE_BATCH = 8 << 20  # bytes per writev when `get` writes a file
 INGEST_BUFFERS = 8  # read buffers an ingest reuses (bytes in flight: INGEST_BUFFERS × READ_SIZE)
 Progress = Callable[[int], None]
 
@@ -337,11 +338,11 @@ class Repo:
         it to the index only once every block is durable. With `expect`, an archive whose hash differs
         is refused (CorruptData) and nothing is recorded."""
         self.require_writable()
-        readinto = getattr(stream, "readinto", None)
+        readinto: Callable[[memoryview], int | None] | None = getattr(stream, "readinto", None)
         pool = BufferPool(INGEST_BUFFERS, READ_SIZE) if readinto is not None else None
-        read = getattr(stream, "read", None)
+        read: Callable[[int], bytes] | None = getattr(stream, "read", None)
         if readinto is None and read is None:
-            read = _IterReader(iter(cast(Iterable[bytes], stream))).read
+            read = _IterReader(iter(stream)).read  # not a file: an iterable of pieces
         chunker = Chunker(params)
         builder = ManifestBuilder(params)
         chunks = 0
@@ -361,9 +362,10 @@ class Repo:
             while True:
                 buf = pool.get() if pool is not None else None
                 try:
-                    if buf is not None:
+                    if buf is not None and readinto is not None:
                         view = memoryview(buf)[: read_into(readinto, buf)]
                     else:
+                        assert read is not None  # no readinto: a read method, or the iterable's reader
                         view = memoryview(read(READ_SIZE))
                 except OSError as e:
                     raise RepoError(f"cannot read {name or 'input'}: {e.strerror}") from None
@@ -373,7 +375,7 @@ class Repo:
                     head += bytes(view[: 512 - len(head)])
                 ingest.hash(view)
                 take(ingest, list(chunker.feed(view)))
-                if buf is not None:
+                if buf is not None and pool is not None:
                     ingest.release(pool, buf)  # reused once hashed and every block in it written
                 if progress:
                     progress(len(view))
@@ -615,7 +617,7 @@ class Repo:
         if batch:
             yield from self._load_batch(batch)
 
-    def _load_batch(self, batch: list[tuple[CID, int]]) -> Iterator[bytes]:
+    def _locate_batch(self, batch: list[tuple[CID, int]]) -> list[tuple[CID, Location]]:
         found = self.index.locate_many([c for c, _ in batch])
         pending = self.packs.pending
         items = []
@@ -626,10 +628,24 @@ class Repo:
             if loc.size != size:
                 raise CorruptData(f"block {cid} has {loc.size} bytes, its manifest says {size}")
             items.append((cid, loc))
-        yield from self.packs.read_many(items, relocate=self._relocate)
+        return items
+
+    def _load_batch(self, batch: list[tuple[CID, int]]) -> Iterator[bytes]:
+        yield from self.packs.read_many(self._locate_batch(batch), relocate=self._relocate)
 
     def manifest(self, root: CID) -> ArchiveManifest:
         return ArchiveManifest.decode(self.load_block(root))
+
+    def load_views(self, links: Iterable[tuple[CID, int]]) -> Iterator[memoryview]:
+        """As `load_blocks`, as views into each run's read buffer (no copy per block)."""
+        batch: list[tuple[CID, int]] = []
+        for link in links:
+            batch.append(link)
+            if len(batch) >= READ_BATCH:
+                yield from self.packs.read_views(self._locate_batch(batch), relocate=self._relocate)
+                batch = []
+        if batch:
+            yield from self.packs.read_views(self._locate_batch(batch), relocate=self._relocate)
 
     def stream(self, root: CID, progress: Progress | None = None) -> Iterator[bytes]:
         """The archive's original bytes, every block checked; a root whose whole sha256 was never checked
@@ -640,6 +656,14 @@ class Repo:
 
             yield from stream_nar_root(self, root, progress)
             return
+        for data in coalesce(self._archive_views(root, info)):
+            yield data
+            if progress:
+                progress(len(data))
+
+    def _archive_views(self, root: CID, info: RootInfo) -> Iterator[memoryview]:
+        """An archive root's bytes as views, each block crc-checked and, for a root never checked here, the
+        whole against its sha256 (CorruptData before the iterator ends)."""
         if not info.complete:
             raise CorruptData(f"{root} is incomplete in this repo (blocks missing or corrupt); add or fetch it again")
         manifest = self.manifest(root)
@@ -647,13 +671,11 @@ class Repo:
         hasher = StreamHasher(("sha256",)) if check else None
         total = 0
         try:
-            for data in coalesce(self.load_blocks(iter_chunks(manifest, self.load_block))):
+            for data in self.load_views(iter_chunks(manifest, self.load_block)):
                 if hasher:
-                    hasher.update(data)
+                    hasher.update(data)  # a view of an immutable read buffer: safe on the hash thread
                 total += len(data)
                 yield data
-                if progress:
-                    progress(len(data))
             digest = hasher.result()["sha256"] if hasher else manifest.hashes["sha256"]
         except BaseException:
             if hasher:
@@ -679,19 +701,37 @@ class Repo:
             pass  # last-access is advisory; a busy index must not fail a read
 
     def get_to_file(self, root: CID, out: Path | str, progress: Progress | None = None) -> int:
-        """Write the archive to `out` atomically: temp file, fsync, verify, rename."""
+        """Write the archive to `out` atomically: temp file, fsync, verify, rename. Blocks go from the pack's
+        read buffers to the file in one writev per batch (no copy per block), and writeback starts as the
+        batches go, so the final fsync waits for little."""
         out = Path(out)
         tmp = out.with_name(f".{out.name}.p2pcache-{os.getpid()}.part")
+        info = self.root_info(root)
         written = 0
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                for data in self.stream(root, progress):
-                    view = memoryview(data)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
-                    written += len(data)
+                if info.kind == "nar":
+                    pieces: Iterable[bytes | memoryview] = self.stream(root)
+                else:
+                    pieces = self._archive_views(root, info)
+                batch: list[bytes | memoryview] = []
+                size = 0
+                for data in pieces:
+                    batch.append(data)
+                    size += len(data)
+                    if size >= WRITE_BATCH or len(batch) >= 1024:
+                        _write_all(fd, batch, written)
+                        start_writeback(fd, written, size)
+                        written += size
+                        if progress:
+                            progress(size)
+                        batch, size = [], 0
+                if batch:
+                    _write_all(fd, batch, written)
+                    written += size
+                    if progress:
+                        progress(size)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -893,6 +933,20 @@ class _IterReader:
         return data[:n]
 
 
+def _write_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
+    """pwritev all of `parts` at `offset` (short writes continued)."""
+    n = os.pwritev(fd, parts, offset)
+    want = sum(len(p) for p in parts)
+    if n < want:
+        view = memoryview(b"".join(parts))[n:]
+        offset += n
+        while view:
+            k = os.pwrite(fd, view, offset)
+            if k == 0:
+                raise OSError(errno.ENOSPC, "no space left on device")
+            view, offset = view[k:], offset + k
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         path.unlink()
@@ -900,14 +954,14 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
-def coalesce(pieces: Iterable[bytes], size: int = SERVE_PIECE) -> Iterator[bytes]:
-    """Join small pieces (one per block) into pieces of about `size` bytes: a consumer that hands each piece
-    to another thread (an HTTP response) then hops once per MiB, not once per block."""
-    parts: list[bytes] = []
+def coalesce(pieces: Iterable[bytes | memoryview], size: int = SERVE_PIECE) -> Iterator[bytes]:
+    """Join small pieces (one per block) into bytes of about `size`: a consumer that hands each piece to
+    another thread (an HTTP response) then hops once per MiB, not once per block."""
+    parts: list[bytes | memoryview] = []
     have = 0
     for piece in pieces:
         if not parts and len(piece) >= size:
-            yield piece
+            yield piece if type(piece) is bytes else bytes(piece)
             continue
         parts.append(piece)
         have += len(piece)

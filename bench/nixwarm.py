@@ -14,7 +14,8 @@ builder).
 2. Warm: one daemon holds both kinds; `nix copy --from` it into a fresh chroot store with a fresh Nix cache,
    alternating with the same copy from a static zstd binary cache (`compression=zstd`, written by Nix) served
    by python's ThreadingHTTPServer in its own process. Ratio: node time over zstd time (goal <= 0.7).
-   Every copy is checked against the NarHashes.
+   Every copy is checked against the NarHashes. Beside it, the floor of any such copy: Nix unpacking the same
+   NARs from local files (`nix-store --restore`), which no server can take away.
 
 Figures are min over runs. --quick: bench/nix.py's small closure and the first 60 packages of site-packages.
 Table on stderr, JSON lines on stdout ({"bench": "nixwarm", "metric", "value", "unit", "better", ...}).
@@ -26,6 +27,7 @@ import argparse
 import json
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -110,6 +112,28 @@ def main() -> int:
                     f"node {warm[kind]['node'][-1]:.2f}s")
         bench.close()
 
+        # The floor of any warm copy: Nix unpacking the same NARs from local files (`nix-store --restore`, no
+        # transfer, no store registration). A server can only take away what the copy spends beyond it.
+        floor: dict[str, list[float]] = {k: [] for k in kinds}
+        for kind, content in kinds.items():
+            nars = []
+            for i, p in enumerate(content["paths"]):
+                f = work / f"floor-{kind}-{i}.nar"
+                with open(f, "wb") as out:
+                    subprocess.run(["nix-store", "--dump", p], stdout=out, check=True, env=nix.env())
+                nars.append(f)
+            for _ in range(max(1, args.runs)):
+                t = time.perf_counter()
+                for i, f in enumerate(nars):
+                    with open(f, "rb") as src:
+                        subprocess.run(["nix-store", "--restore", str(work / f"restored-{i}")], stdin=src,
+                                       check=True, env=nix.env())
+                floor[kind].append(time.perf_counter() - t)
+                for i in range(len(nars)):
+                    nixbench.rmtree(work / f"restored-{i}")
+            for f in nars:
+                f.unlink()
+
         for kind, content in kinds.items():
             mib = content["nar_bytes"] / MiB
             what = f"{len(content['paths'])} paths" if kind == "closure" else f"{content['files']} files"
@@ -121,6 +145,9 @@ def main() -> int:
                 f"{fi / no:.2f}x the file:// rate (goal >= 0.5)")
             log(f"  nix copy --from static zstd             {zs:7.2f}s")
             log(f"  nix copy --from node (warm)             {wn:7.2f}s  {wn / zs:.2f}x the zstd time (goal <= 0.7)")
+            fl = min(floor[kind])
+            log(f"  floor: nix-store --restore of the NARs  {fl:7.2f}s  {fl / zs:.2f}x the zstd time "
+                "(no server can make a copy faster than this)")
             common = {"nar_mib": round(mib, 1), "quick": args.quick, "kind": kind}
             emit(f"{kind}_ingest_file_seconds", fi, "s", "lower", runs=[round(x, 3) for x in ingest[kind]["file"]],
                  **common)
@@ -132,6 +159,8 @@ def main() -> int:
             emit(f"{kind}_warm_node_seconds", wn, "s", "lower", runs=[round(x, 3) for x in warm[kind]["node"]],
                  **common)
             emit(f"{kind}_warm_node_over_zstd", wn / zs, "ratio", "lower", goal="<= 0.7", **common)
+            emit(f"{kind}_restore_floor_seconds", fl, "s", "lower", runs=[round(x, 3) for x in floor[kind]], **common)
+            emit(f"{kind}_restore_floor_over_zstd", fl / zs, "ratio", "lower", **common)
         log(f"\nbench/nixwarm.py took {time.perf_counter() - t_start:.0f}s")
         return 0
     finally:

@@ -103,35 +103,41 @@ def main() -> int:
             nix.run("nix", "copy", "--to", f"file://{static}?compression=zstd&parallel-compression=true",
                     content["top"])
         url, proc = bench.static_server(static)
-        warm: dict[str, dict[str, list[float]]] = {k: {"node": [], "zstd": []} for k in kinds}
-        for i in range(max(1, args.runs)):
-            for kind, content in kinds.items():
-                warm[kind]["zstd"].append(bench.copy(url, content, {"server": proc.pid})["wall"])
-                warm[kind]["node"].append(bench.copy(a.api, content, {"A": a.proc.pid})["wall"])
-                log(f"  warm {kind} run {i + 1}: static zstd {warm[kind]['zstd'][-1]:.2f}s, "
-                    f"node {warm[kind]['node'][-1]:.2f}s")
-        bench.close()
-
         # The floor of any warm copy: Nix unpacking the same NARs from local files (`nix-store --restore`, no
-        # transfer, no store registration). A server can only take away what the copy spends beyond it.
-        floor: dict[str, list[float]] = {k: [] for k in kinds}
+        # transfer, no store registration), timed in the same rounds. A server can only take away what a copy
+        # spends beyond it.
+        nars: dict[str, list[Path]] = {}
         for kind, content in kinds.items():
-            nars = []
+            nars[kind] = []
             for i, p in enumerate(content["paths"]):
                 f = work / f"floor-{kind}-{i}.nar"
                 with open(f, "wb") as out:
                     subprocess.run(["nix-store", "--dump", p], stdout=out, check=True, env=nix.env())
-                nars.append(f)
-            for _ in range(max(1, args.runs)):
-                t = time.perf_counter()
-                for i, f in enumerate(nars):
-                    with open(f, "rb") as src:
-                        subprocess.run(["nix-store", "--restore", str(work / f"restored-{i}")], stdin=src,
-                                       check=True, env=nix.env())
-                floor[kind].append(time.perf_counter() - t)
-                for i in range(len(nars)):
-                    nixbench.rmtree(work / f"restored-{i}")
-            for f in nars:
+                nars[kind].append(f)
+
+        def restore(kind: str) -> float:
+            t = time.perf_counter()
+            for i, f in enumerate(nars[kind]):
+                with open(f, "rb") as src:
+                    subprocess.run(["nix-store", "--restore", str(work / f"restored-{i}")], stdin=src,
+                                   check=True, env=nix.env())
+            took = time.perf_counter() - t
+            for i in range(len(nars[kind])):
+                nixbench.rmtree(work / f"restored-{i}")
+            return took
+
+        warm: dict[str, dict[str, list[float]]] = {k: {"node": [], "zstd": []} for k in kinds}
+        floor: dict[str, list[float]] = {k: [] for k in kinds}
+        for i in range(max(1, args.runs)):
+            for kind, content in kinds.items():
+                warm[kind]["zstd"].append(bench.copy(url, content, {"server": proc.pid})["wall"])
+                warm[kind]["node"].append(bench.copy(a.api, content, {"A": a.proc.pid})["wall"])
+                floor[kind].append(restore(kind))
+                log(f"  warm {kind} run {i + 1}: static zstd {warm[kind]['zstd'][-1]:.2f}s, "
+                    f"node {warm[kind]['node'][-1]:.2f}s, nix-store --restore {floor[kind][-1]:.2f}s")
+        bench.close()
+        for files in nars.values():
+            for f in files:
                 f.unlink()
 
         for kind, content in kinds.items():

@@ -14,8 +14,8 @@ builder).
 2. Warm: one daemon holds both kinds; `nix copy --from` it into a fresh chroot store with a fresh Nix cache,
    alternating with the same copy from a static zstd binary cache (`compression=zstd`, written by Nix) served
    by python's ThreadingHTTPServer in its own process. Ratio: node time over zstd time (goal <= 0.7).
-   Every copy is checked against the NarHashes. Beside it, the floor of any such copy: Nix unpacking the same
-   NARs from local files (`nix-store --restore`), which no server can take away.
+   Every copy is checked against the NarHashes. Beside them, the floor of a server of uncompressed NARs (as
+   the node is): the same copy from a local `file://` cache with `compression=none` (no HTTP, no server).
 
 Figures are min over runs. --quick: bench/nix.py's small closure and the first 60 packages of site-packages.
 Table on stderr, JSON lines on stdout ({"bench": "nixwarm", "metric", "value", "unit", "better", ...}).
@@ -27,7 +27,6 @@ import argparse
 import json
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -103,28 +102,13 @@ def main() -> int:
             nix.run("nix", "copy", "--to", f"file://{static}?compression=zstd&parallel-compression=true",
                     content["top"])
         url, proc = bench.static_server(static)
-        # The floor of any warm copy: Nix unpacking the same NARs from local files (`nix-store --restore`, no
-        # transfer, no store registration), timed in the same rounds. A server can only take away what a copy
-        # spends beyond it.
-        nars: dict[str, list[Path]] = {}
-        for kind, content in kinds.items():
-            nars[kind] = []
-            for i, p in enumerate(content["paths"]):
-                f = work / f"floor-{kind}-{i}.nar"
-                with open(f, "wb") as out:
-                    subprocess.run(["nix-store", "--dump", p], stdout=out, check=True, env=nix.env())
-                nars[kind].append(f)
-
-        def restore(kind: str) -> float:
-            t = time.perf_counter()
-            for i, f in enumerate(nars[kind]):
-                with open(f, "rb") as src:
-                    subprocess.run(["nix-store", "--restore", str(work / f"restored-{i}")], stdin=src,
-                                   check=True, env=nix.env())
-            took = time.perf_counter() - t
-            for i in range(len(nars[kind])):
-                nixbench.rmtree(work / f"restored-{i}")
-            return took
+        # The floor of a warm copy from a server of uncompressed NARs (as the node is): the same copy from a local
+        # `file://` cache of uncompressed NARs (no HTTP, no server at all), timed in the same rounds. What the node
+        # spends beyond it is the node's; what separates it from the zstd copy is Nix's handling of the bigger
+        # uncompressed NAR.
+        local = work / "local-none"
+        for content in kinds.values():
+            nix.run("nix", "copy", "--to", f"file://{local}?compression=none", content["top"])
 
         warm: dict[str, dict[str, list[float]]] = {k: {"node": [], "zstd": []} for k in kinds}
         floor: dict[str, list[float]] = {k: [] for k in kinds}
@@ -132,13 +116,10 @@ def main() -> int:
             for kind, content in kinds.items():
                 warm[kind]["zstd"].append(bench.copy(url, content, {"server": proc.pid})["wall"])
                 warm[kind]["node"].append(bench.copy(a.api, content, {"A": a.proc.pid})["wall"])
-                floor[kind].append(restore(kind))
+                floor[kind].append(bench.copy(f"file://{local}", content, {})["wall"])
                 log(f"  warm {kind} run {i + 1}: static zstd {warm[kind]['zstd'][-1]:.2f}s, "
-                    f"node {warm[kind]['node'][-1]:.2f}s, nix-store --restore {floor[kind][-1]:.2f}s")
+                    f"node {warm[kind]['node'][-1]:.2f}s, local file:// none {floor[kind][-1]:.2f}s")
         bench.close()
-        for files in nars.values():
-            for f in files:
-                f.unlink()
 
         for kind, content in kinds.items():
             mib = content["nar_bytes"] / MiB
@@ -152,8 +133,8 @@ def main() -> int:
             log(f"  nix copy --from static zstd             {zs:7.2f}s")
             log(f"  nix copy --from node (warm)             {wn:7.2f}s  {wn / zs:.2f}x the zstd time (goal <= 0.7)")
             fl = min(floor[kind])
-            log(f"  floor: nix-store --restore of the NARs  {fl:7.2f}s  {fl / zs:.2f}x the zstd time "
-                "(no server can make a copy faster than this)")
+            log(f"  floor: nix copy --from file://?compression=none (no server)  {fl:7.2f}s  {fl / zs:.2f}x the zstd time; "
+                f"node {wn / fl:.2f}x this floor")
             common = {"nar_mib": round(mib, 1), "quick": args.quick, "kind": kind}
             emit(f"{kind}_ingest_file_seconds", fi, "s", "lower", runs=[round(x, 3) for x in ingest[kind]["file"]],
                  **common)
@@ -165,8 +146,9 @@ def main() -> int:
             emit(f"{kind}_warm_node_seconds", wn, "s", "lower", runs=[round(x, 3) for x in warm[kind]["node"]],
                  **common)
             emit(f"{kind}_warm_node_over_zstd", wn / zs, "ratio", "lower", goal="<= 0.7", **common)
-            emit(f"{kind}_restore_floor_seconds", fl, "s", "lower", runs=[round(x, 3) for x in floor[kind]], **common)
-            emit(f"{kind}_restore_floor_over_zstd", fl / zs, "ratio", "lower", **common)
+            emit(f"{kind}_local_none_seconds", fl, "s", "lower", runs=[round(x, 3) for x in floor[kind]], **common)
+            emit(f"{kind}_local_none_over_zstd", fl / zs, "ratio", "lower", **common)
+            emit(f"{kind}_warm_node_over_local_none", wn / fl, "ratio", "lower", **common)
         log(f"\nbench/nixwarm.py took {time.perf_counter() - t_start:.0f}s")
         return 0
     finally:

@@ -203,13 +203,7 @@ class RepoNarStore:
             # so only the narinfo is new. No walk of the tree, one query per block, for nothing.
             verify = verify and not repo.index.is_verified(root)
         else:
-            for cid, size in iter_blocks(manifest, repo.load_block):
-                bsize = repo.index.block_size(cid)
-                if bsize is None:
-                    raise NotFound(f"{root} is missing block {cid}; fetch it before registering the NAR")
-                if bsize != size:
-                    raise CorruptData(f"block {cid} has {bsize} bytes, the NAR manifest {root} says {size}")
-                cids[cid] = None
+            cids = repo.stored_links(root, iter_blocks(manifest, repo.load_block), "the NAR manifest")
         if verify:
             for _ in _stream_local(repo, manifest, verified=False):
                 pass

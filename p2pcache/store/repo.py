@@ -505,18 +505,38 @@ class Repo:
         Its whole-archive sha256 is checked on its first full read (`stream`)."""
         self.require_writable()
         manifest = self.manifest(root)
-        cids: dict[CID, None] = {root: None}
-        for cid, size in iter_blocks(manifest, self.load_block):
-            bsize = self.index.block_size(cid)
-            if bsize is None:
-                raise NotFound(f"{root} is missing block {cid}; fetch it before registering the root")
-            if cid.codec == RAW and bsize != size:
-                raise CorruptData(f"block {cid} has {bsize} bytes, the manifest of {root} says {size}")
-            cids[cid] = None
+        cids = self.stored_links(root, iter_blocks(manifest, self.load_block), "the manifest of", raw_only=True)
         aliases = [HashKey(a, d).alias for a, d in manifest.hashes.items() if a in ("sha256", "sha512")]
         with self.index.transaction():
             self.index.put_root(root, "archive", manifest.size, manifest.name, manifest.media_type, aliases, cids)
         return self.root_info(root)
+
+    def stored_links(self, root: CID, links: Iterable[tuple[CID, int]], what: str = "the manifest of",
+                     raw_only: bool = False) -> dict[CID, None]:
+        """The root and every block it links (`links`: (CID, size), as a manifest walk yields them), checked to
+        be stored with the sizes the manifest says (one index query per batch): what `put_root` records as its
+        references. NotFound or CorruptData names the first block that is not. `raw_only`: sizes are checked
+        for raw blocks only (an archive manifest records its index nodes' sizes loosely)."""
+        cids: dict[CID, None] = {root: None}
+        batch: list[tuple[CID, int]] = []
+
+        def check() -> None:
+            have = self.index.block_sizes([c for c, _ in batch])
+            for cid, size in batch:
+                bsize = have.get(cid.buffer)
+                if bsize is None:
+                    raise NotFound(f"{root} is missing block {cid}; fetch it before registering it")
+                if bsize != size and (not raw_only or cid.codec == RAW):
+                    raise CorruptData(f"block {cid} has {bsize} bytes, {what} {root} says {size}")
+                cids[cid] = None
+            batch.clear()
+
+        for link in links:
+            batch.append(link)
+            if len(batch) >= READ_BATCH:
+                check()
+        check()
+        return cids
 
     def add_aliases(self, root: CID, aliases: Iterable[str]) -> None:
         """Record more aliases of a complete root: only hashes the caller verified against its bytes

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import sqlite3
 import threading
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -261,5 +262,8 @@ class Ingest:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
-            self.abort()
+            try:
+                self.abort()
+            except (OSError, RepoError, sqlite3.Error):
+                pass  # the error that ended the ingest is the one to see; what stays pending is dead at restart
 

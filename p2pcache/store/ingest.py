@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .repo import Repo
 
 Block = tuple[CID, "bytes | memoryview"]
-WRITE_BEHIND = 32 << 20  # start writeback of the pack every this many appended bytes (durable repos)
+WRITE_BEHIND = 4 << 20  # start writeback of the pack every this many appended bytes (durable repos)
 
 
 class StreamHasher:

@@ -314,11 +314,14 @@ class _PlanPrefetcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _resolve_batched(repo: "Repo", plan: Iterable, batch: int = 512) -> Iterator[_nar.Event]:
+def _resolve_batched(repo: "Repo", plan: Iterable, batch: int = 512, first: int = 8) -> Iterator[_nar.Event]:
     """A plan's `ChunkRef`s resolved to `Contents` from this repo's packs in batches (`Repo.load_blocks`:
-    one index query and a few preads per batch, on the caller's thread), events kept in order."""
+    one index query and a few preads per batch, on the caller's thread), events kept in order. Batches start
+    at `first` chunks and double up to `batch`: the first bytes go out after a few blocks were read, not after
+    the first `batch` (up to 512 × 256 KiB), which a client fetching path after path waits for every time."""
     held: list = []
     refs: list[tuple[CID, int]] = []
+    size = first
 
     def drain() -> Iterator[_nar.Event]:
         datas = iter(repo.load_blocks(refs))
@@ -331,10 +334,12 @@ def _resolve_batched(repo: "Repo", plan: Iterable, batch: int = 512) -> Iterator
         held.append(item)
         if type(item) is ChunkRef:
             refs.append((item.cid, item.size))
-            if len(refs) >= batch:
+            if len(refs) >= size:
                 yield from drain()
-        elif len(held) >= 4 * batch:
+                size = min(2 * size, batch)
+        elif len(held) >= 4 * size:
             yield from drain()
+            size = min(2 * size, batch)
     yield from drain()
 
 

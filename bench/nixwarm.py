@@ -32,23 +32,17 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (nix.py, nixcopy.py put the checkout first)
 import nix as nixbench  # noqa: E402  (bench/nix.py: Nix runner, the closure, daemons, timed copies)
 from nixcopy import site_packages_path  # noqa: E402
 
 MiB = 1 << 20
+log = nixbench.log
 
 
 def emit(metric: str, value: float, unit: str, better: str, **extra) -> None:
     print(json.dumps({"bench": "nixwarm", "metric": metric, "value": round(value, 4), "unit": unit,
                       "better": better, **extra}), flush=True)
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def main() -> int:

@@ -36,7 +36,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from ..content.cid import CID
 from ..errors import CorruptData, DiskFull, NotFound, RepoError
@@ -61,26 +61,6 @@ def syncfs(fd: int) -> None:
         if _libc.syncfs(fd) == 0:
             return
     os.sync()
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range: Any = None  # libc's function once looked up, False where there is none
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing this range of `fd` to disk now, without waiting (Linux
-    sync_file_range(SYNC_FILE_RANGE_WRITE); a no-op elsewhere): the fdatasync that makes it durable later then
-    waits for less. Durability still comes only from that fdatasync."""
-    global _sync_file_range
-    if _sync_file_range is None:
-        name = ctypes.util.find_library("c")
-        fn = getattr(ctypes.CDLL(name, use_errno=True), "sync_file_range", None) if name else None
-        if fn is not None:
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-        _sync_file_range = fn or False
-    if _sync_file_range is not False:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def disk_error(e: OSError, where: Path | str) -> Exception:
@@ -121,7 +101,6 @@ class PackFiles:
         self._active: int | None = None  # pack being appended to, and its write fd and end
         self._active_fd = -1
         self._end = 0
-        self._behind = 0  # the active pack's end at the last `write_behind`
         self._dirty: set[int] = set()  # packs appended to since the last barrier
         self._dir_dirty = False
         self.pending: dict[bytes, Location] = {}  # appended, not yet in the index
@@ -183,7 +162,6 @@ class PackFiles:
                             os.close(fd)
                             raise disk_error(e, self.path(last)) from None
                         self._active, self._active_fd, self._end = last, fd, end
-                        self._behind = end
                         return
                     os.close(fd)
             self._new_pack((ids[-1] + 1) if ids else 1)
@@ -202,7 +180,6 @@ class PackFiles:
         if self._active_fd >= 0:
             os.close(self._active_fd)
         self._active, self._active_fd, self._end = pack, fd, len(PACK_MAGIC)
-        self._behind = 0
         self._dirty.add(pack)
         self._dir_dirty = True
 
@@ -266,16 +243,6 @@ class PackFiles:
             if n == 0:
                 raise OSError(errno.ENOSPC, "no space left on device")
             view, pos = view[n:], pos + n
-
-    def write_behind(self) -> None:
-        """Start writeback of what was appended to the active pack since the last call (see `start_writeback`)."""
-        with self._lock:
-            fd, start, end = self._active_fd, self._behind, self._end
-            if fd < 0 or end <= start or start < 0:
-                self._behind = end
-                return
-            self._behind = end
-            start_writeback(fd, start, end - start)
 
     def barrier(self) -> None:
         """Make every append so far durable: fdatasync each pack written to, and the directory if a pack is new."""

@@ -4,9 +4,9 @@
 Owns the parallel part of an ingest and its commit order. The caller's thread reads, chunks, derives CIDs and
 builds the manifest; it hands `Ingest` the stream's buffers (`hash`) and its blocks (`put`). One worker thread
 takes both in order: it hashes the whole stream (hashlib releases the GIL on big buffers) and appends the
-blocks this repo does not hold yet to the pack (crc32 and pwritev release it too), starting writeback of what
-it wrote as it goes so that the final flush has little left to wait for. With `BufferPool`, read buffers are
-reused once the worker is done with them (no fresh pages to fault in for every read). `commit` waits for the
+blocks this repo does not hold yet to the pack (crc32 and pwritev release it too). With `BufferPool`, read
+buffers are reused once the worker is done with them (no fresh pages to fault in for every read). Starting
+writeback as it goes (sync_file_range) measured slower on these shared disks: the one flush at the end does it. `commit` waits for the
 worker, makes the appends durable (`Repo.flush`), and records blocks and root in one index transaction; only
 then do the blocks stop being pending. `abort` (any failure, also on `with` exit by an exception) takes the
 appends back: they stop being pending at once and the pack's dead tail is cut off.
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from .repo import Repo
 
 Block = tuple[CID, "bytes | memoryview"]
-WRITE_BEHIND = 4 << 20  # start writeback of the pack every this many appended bytes (durable repos)
 
 
 class StreamHasher:
@@ -135,14 +134,12 @@ class Ingest:
         self._error: BaseException | None = None
         self._done = False
         self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._durable = repo.durable
         self._thread = threading.Thread(target=self._run, daemon=True, name="ingest")
         self._thread.start()
 
     # -- the worker --------------------------------------------------------------------------------------
     def _run(self) -> None:
         packs = self.repo.packs
-        since_writeback = 0
         while True:
             kind, item = self._q.get()
             if kind is self._STOP:
@@ -156,12 +153,7 @@ class Ingest:
                     for h in self.hashes.values():
                         h.update(item)
                 elif kind == "blocks":
-                    written = packs.append(item)
-                    self.written.extend(written)
-                    since_writeback += sum(loc.size for _, loc in written)
-                    if self._durable and since_writeback >= WRITE_BEHIND:
-                        packs.write_behind()
-                        since_writeback = 0
+                    self.written.extend(packs.append(item))
                 elif kind == "release":
                     pool, buf = item
                     pool.put(buf)

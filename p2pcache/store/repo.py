@@ -39,7 +39,7 @@ from ..content.cid import CID, RAW
 from ..content.keys import HashKey, RootKey, parse_key
 from ..content.manifest import ArchiveManifest, ManifestBuilder, iter_blocks, iter_chunks, sniff_media_type
 from ..errors import CorruptData, NotFound, RepoError, RepoLocked
-from .blockstore import PACK_MAGIC, RECORD_HEADER, Location, PackFiles, disk_error, start_writeback
+from .blockstore import PACK_MAGIC, RECORD_HEADER, Location, PackFiles, disk_error
 from .index import Index, RootInfo
 from .ingest import BufferPool, Ingest, StreamHasher, read_into
 
@@ -722,8 +722,8 @@ class Repo:
 
     def get_to_file(self, root: CID, out: Path | str, progress: Progress | None = None) -> int:
         """Write the archive to `out` atomically: temp file, fsync, verify, rename. Blocks go from the pack's
-        read buffers to the file in one writev per batch (no copy per block), and writeback starts as the
-        batches go, so the final fsync waits for little."""
+        read buffers to the file in one pwritev per batch (no copy per block, no join). (Starting writeback per
+        batch with sync_file_range measured slower on these shared disks: one fsync at the end it is.)"""
         out = Path(out)
         tmp = out.with_name(f".{out.name}.p2pcache-{os.getpid()}.part")
         info = self.root_info(root)
@@ -742,7 +742,6 @@ class Repo:
                     size += len(data)
                     if size >= WRITE_BATCH or len(batch) >= 1024:
                         _write_all(fd, batch, written)
-                        start_writeback(fd, written, size)
                         written += size
                         if progress:
                             progress(size)

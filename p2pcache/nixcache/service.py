@@ -250,13 +250,16 @@ class NixBinaryCache:
             self.metrics.uploads.labels("nar", "too_large").inc()
             raise TooLarge(f"{url}: {length} bytes is over the upload limit of {limit} (nix.max_upload_size)")
         await self.expire_uploads()
-        file_hash = hashlib.sha256()
+        # An uncompressed upload is the NAR itself: its FileHash is the NarHash the ingest computes anyway, so the
+        # body is not hashed a second time here (on the event loop's thread).
+        file_hash = hashlib.sha256() if compression != "none" else None
         file_size = [0]
         reserved = [0]
 
         async def raw_body() -> AsyncIterator[bytes]:
             async for piece in body:
-                file_hash.update(piece)
+                if file_hash is not None:
+                    file_hash.update(piece)
                 file_size[0] += len(piece)
                 if file_size[0] > limit:
                     raise TooLarge(f"{url}: over the upload limit of {limit} bytes (nix.max_upload_size)")
@@ -306,7 +309,8 @@ class NixBinaryCache:
             with self._inflight_lock:
                 self._inflight -= reserved[0]
         old = self._uploads.pop(url, None)
-        self._uploads[url] = _Upload(result.root, result.nar_hash, result.nar_size, file_hash.digest(), file_size[0])
+        self._uploads[url] = _Upload(result.root, result.nar_hash, result.nar_size,
+                                     file_hash.digest() if file_hash is not None else result.nar_hash, file_size[0])
         if old is not None and old.root != result.root:
             await self._discard_upload(old)
         self.metrics.uploads.labels("nar", "ok").inc()

@@ -170,6 +170,8 @@ class DagWalk:
         self._state: dict[CID, _State] = {root: _State.FRONTIER}
         self._key: dict[CID, tuple[int, ...]] = {root: ()}  # path from the root: DFS order is key order
         self._frontier: list[tuple[tuple[int, ...], CID]] = [((), root)]  # a heap
+        # An arrived dag-cbor node's links (and their ranks), to move a shared subtree to its earlier place.
+        self._children: dict[CID, tuple[list[CID], list[int] | None]] = {}
         self._loads: list[CID] = []
         self._open = 0  # LOADING + WANTED + COVERED
         self._in_frontier = 1
@@ -233,10 +235,17 @@ class DagWalk:
         state, keys, frontier = self._state, self._key, self._frontier
         base = keys[cid]
         ranks = self._link_order(cid, len(links)) if self._link_order is not None and links else None
+        if links and cid.codec == DAG_CBOR:
+            self._children[cid] = (links, ranks)
         for i, link in enumerate(links):
+            key = base + ((ranks[i] if ranks is not None else i),)
             if link in state:
+                # A block linked from two places is wanted once, at its first place in DFS order; that
+                # place may only become known now (its earlier parent arrived after the later one).
+                if key < keys[link]:
+                    self._move_earlier(link, key)
                 continue
-            keys[link] = key = base + ((ranks[i] if ranks is not None else i),)
+            keys[link] = key
             if cover and link.codec == DAG_CBOR:
                 state[link] = _State.COVERED
                 self._open += 1
@@ -245,6 +254,22 @@ class DagWalk:
                 self._in_frontier += 1
                 heapq.heappush(frontier, (key, link))
         return True
+
+    def _move_earlier(self, cid: CID, key: tuple[int, ...]) -> None:
+        """Give `cid`, and what is known below it, the earlier DFS place `key`. A block not asked for yet
+        is queued again there (its old heap entry goes stale: popped later, it is no longer FRONTIER)."""
+        todo = [(cid, key)]
+        while todo:
+            c, k = todo.pop()
+            if k >= self._key[c]:
+                continue
+            self._key[c] = k
+            if self._state[c] is _State.FRONTIER:
+                heapq.heappush(self._frontier, (k, c))
+            below = self._children.get(c)
+            if below is not None:
+                kids, ranks = below
+                todo += [(kid, k + ((ranks[i] if ranks is not None else i),)) for i, kid in enumerate(kids)]
 
     def on_failed(self, cid: CID) -> None:
         """A want (or a covered block) will not come from where it was asked: ask again, in its place."""

@@ -694,7 +694,13 @@ class Node:
             if self.config.transfer_protocol == "bitswap":
                 fetched = await self.exchange.fetch_dag(root, providers, self.repo, on_stored)
             else:
-                fetched = await self.dag.fetch(root, providers, self.repo, on_stored, on_verified)
+                with self.exchange.serving_fresh() as serve:  # others may fetch each block from us at once
+                    def verified(cid: CID, data: bytes) -> None:
+                        serve(cid, data)
+                        if on_verified is not None:
+                            on_verified(cid, data)
+
+                    fetched = await self.dag.fetch(root, providers, self.repo, on_stored, verified)
         self.stats.bytes_fetched += fetched
         return fetched
 

@@ -269,7 +269,30 @@ class BitswapServer:
             pass  # nothing to do: a ledger starts with the peer's first want; client events
         else:
             raise ExchangeUsageError(f"the bitswap server does not handle {type(event).__name__}")
-        out = self._pump()
+        return self._finish([])
+
+    def stats(self) -> ServerStats:
+        return ServerStats(superseed_refused=self._refused, superseed_released_early=self._released_early,
+                           superseed_lent=len(self._lent))
+
+    # -- super-seeding ------------------------------------------------------------------------
+    def lend_for_stream(self, peer: PeerId, cid: CID, size: int, now: float) -> tuple[bool, list[Action]]:
+        """The super-seeding decision for a block another protocol (the DAG transfer) is about to send
+        `peer`, so one lending table governs every byte this node uploads: False if the block is lent
+        to another peer (do not send it), else True and the block is lent to `peer` from `now`. The
+        actions (a `SetTimer` for the window's end, HAVEs to bitswap watchers of a lending that
+        ended) are the driver's to apply. Always True with super-seeding off or for small blocks."""
+        if not self.config.superseed_window or size <= self.config.inline_have_max:
+            return True, []
+        self._now = now
+        if self._lent_elsewhere(peer, cid):
+            self._refused += 1
+            return False, self._finish([])
+        self._lend(peer, cid)
+        return True, self._finish([])
+
+    def _finish(self, out: list[Action]) -> list[Action]:
+        out += self._pump()
         if self._lend_heap:
             at = self._lend_heap[0][0]
             if self._timer_at is None or at < self._timer_at:
@@ -277,11 +300,6 @@ class BitswapServer:
                 out.append(SetTimer(at))
         return out
 
-    def stats(self) -> ServerStats:
-        return ServerStats(superseed_refused=self._refused, superseed_released_early=self._released_early,
-                           superseed_lent=len(self._lent))
-
-    # -- super-seeding ------------------------------------------------------------------------
     def _lend(self, peer: PeerId, cid: CID) -> None:
         old = self._lent.get(cid)
         if old is not None and old[0] != peer:

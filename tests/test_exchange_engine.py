@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pcache.content.cid import CID, RAW
+from p2pcache.exchange.client import WantState
 from p2pcache.exchange import (
     AddProviders,
     BitswapClient,
@@ -98,6 +99,7 @@ class Net:
         self.links: set[frozenset] = set()
         self.on_deliver = None  # callback(net, node, Deliver)
         self.checks = []  # invariants checked after every client step
+        self.states_seen: set = set()  # WantStates of the clients' wants after some step
         self.log: list = []  # (time, src, dst, Message) for every Send, as the engine emitted it
 
     def add(self, name: str, blocks: dict | None = None, client: ClientConfig | None | bool = None,
@@ -129,6 +131,8 @@ class Net:
             if engine is not None:
                 self.apply(node, engine, engine.handle(event, self.now))
         if node.client is not None:
+            node.client.check_invariants()  # WantState's invariant, after every step of every test
+            self.states_seen.update(w.state for w in node.client._wants.values())
             for check in self.checks:
                 check(node)
 
@@ -871,6 +875,26 @@ def test_swarm_mode_asks_providers_for_blocks_directly():
     assert to_x and all(w.want_type == WantType.HAVE for w in to_x)  # discovery beside the provider
     net.run()
     assert {cid for _, cid in net.nodes["c"].delivered} == set(blocks) and served_by(net) == {"p": 4, "x": 0}
+
+
+def test_want_states_are_all_reached_and_their_invariant_holds_throughout():
+    # Swarm mode: wants before any peer are QUEUED, a one-block peer window makes the provider busy
+    # (BLOCKED behind it, ASKED at it), and a block nobody has PARKs after the provider's DONT_HAVE.
+    # Net.step checks WantState's invariant after every step.
+    blocks = make_blocks(12, size=20_000)
+    *held, missing = list(blocks)
+    net = Net()
+    net.add("c", client=_swarm(have_fanout=1, peer_window=1, session_window=3))
+    net.add("p", blocks={cid: blocks[cid] for cid in held})
+    net.add("x", blocks={})
+    net.step("c", Want("s", (missing, *held)))  # no peer yet: QUEUED (stalled)
+    net.connect("c", "p")
+    net.connect("c", "x")
+    net.step("c", AddProviders("s", ("p",)))
+    net.run()
+    c = net.nodes["c"]
+    assert len(c.delivered) == 11 and list(c.failed) == [("s", missing)]
+    assert net.states_seen == set(WantState)
 
 
 def test_lazy_cancels_wait_for_a_message_or_their_due_time():

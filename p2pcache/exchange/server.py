@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from ..content.cid import CID
+from .deadlines import Deadlines
 from .errors import ExchangeUsageError
 from .events import (
     Action,
@@ -232,11 +233,11 @@ class BitswapServer:
         self._now = 0.0
         # Super-seeding: block -> (peer it is lent to, since when); blocks lent per peer; peers that
         # were refused a lent block and keep a want for it (checked against their ledger when the
-        # lending ends); a heap of (window end, seq, cid), stale when the lending moved or ended.
+        # lending ends); each lent block's window end.
         self._lent: dict[CID, tuple[PeerId, float]] = {}
         self._lent_to: dict[PeerId, dict[CID, None]] = {}
         self._watchers: dict[CID, dict[PeerId, None]] = {}
-        self._lend_heap: list[tuple[float, int, CID]] = []
+        self._lendings: Deadlines[CID] = Deadlines()
         self._timer_at: float | None = None
         self._refused = self._released_early = 0
 
@@ -293,8 +294,8 @@ class BitswapServer:
 
     def _finish(self, out: list[Action]) -> list[Action]:
         out += self._pump()
-        if self._lend_heap:
-            at = self._lend_heap[0][0]
+        at = self._lendings.next_deadline()
+        if at is not None:
             if self._timer_at is None or at < self._timer_at:
                 self._timer_at = at
                 out.append(SetTimer(at))
@@ -306,7 +307,7 @@ class BitswapServer:
             self._lent_to[old[0]].pop(cid, None)
         self._lent[cid] = (peer, self._now)
         self._lent_to.setdefault(peer, {})[cid] = None
-        heapq.heappush(self._lend_heap, (self._now + self.config.superseed_window, self._next_seq(), cid))
+        self._lendings.add(self._now + self.config.superseed_window, cid)
 
     def _lent_elsewhere(self, peer: PeerId, cid: CID) -> bool:
         lent = self._lent.get(cid)
@@ -326,6 +327,7 @@ class BitswapServer:
     def _end_lending(self, cid: CID) -> None:
         """The block may go to others again: watchers still wanting it hear HAVE (or get it, if small)."""
         peer, _ = self._lent.pop(cid)
+        self._lendings.remove(cid)
         to = self._lent_to.get(peer)
         if to is not None:
             to.pop(cid, None)
@@ -337,15 +339,14 @@ class BitswapServer:
                 self._consider(led, e)
 
     def _expire_lendings(self, now: float) -> None:
-        heap, window = self._lend_heap, self.config.superseed_window
-        while heap and heap[0][0] <= now:
-            _, _, cid = heapq.heappop(heap)
+        window = self.config.superseed_window
+        for cid in self._lendings.expire(now):
             lent = self._lent.get(cid)
             if lent is None or lent[1] + window > now:
-                continue  # ended already, or lent again since (a later entry covers it)
+                continue  # lent again while earlier ones ended (its new window runs)
             if self._still_queued(lent[0], cid):
                 # not handed over yet (a long queue): the window starts when it goes out
-                heapq.heappush(heap, (now + window, self._next_seq(), cid))
+                self._lendings.add(now + window, cid)
                 continue
             self._end_lending(cid)
 
@@ -467,8 +468,11 @@ class BitswapServer:
 
     def _on_blocks_added(self, cids: tuple[CID, ...]) -> None:
         for led in self._ledgers.values():
+            waiting = led.waiting
+            if not waiting:
+                continue
             for cid in cids:
-                e = led.waiting.get(cid)
+                e = waiting.get(cid)
                 if e is not None:
                     self._consider(led, e)
 

@@ -897,6 +897,51 @@ def test_want_states_are_all_reached_and_their_invariant_holds_throughout():
     assert net.states_seen == set(WantState)
 
 
+def test_have_batch_delay_answers_the_blocks_added_within_it_in_one_message():
+    blocks = make_blocks(3, size=5000)
+    cids = list(blocks)
+    src = DictSource({})
+    server = BitswapServer(src, ServerConfig(have_batch_delay=0.01))
+    wants = Message(wants=tuple(WantEntry(c, WantType.HAVE, send_dont_have=False) for c in cids))
+    assert server.handle(MessageReceived("a", wants), 0.0) == []  # nothing here yet: the wants wait
+    src.blocks[cids[0]] = blocks[cids[0]]
+    first = server.handle(BlocksAdded((cids[0],)), 0.001)
+    assert first == [SetTimer(0.011)]  # held for the batch
+    src.blocks[cids[1]] = blocks[cids[1]]
+    assert server.handle(BlocksAdded((cids[1],)), 0.005) == []
+    out = server.handle(Tick(), 0.011)
+    sends = [a for a in out if isinstance(a, Send)]
+    assert len(sends) == 1 and [p.cid for p in sends[0].message.presences] == cids[:2]
+    assert all(p.have for p in sends[0].message.presences)
+    # off (the default): one message per BlocksAdded, at once
+    src2 = DictSource({})
+    eager = BitswapServer(src2, ServerConfig())
+    eager.handle(MessageReceived("a", wants), 0.0)
+    src2.blocks[cids[0]] = blocks[cids[0]]
+    assert [type(a) for a in eager.handle(BlocksAdded((cids[0],)), 0.001)] == [Send]
+
+
+def test_lend_for_stream_shares_the_lending_table_with_bitswap_wants():
+    blocks = make_blocks(2, size=50_000)
+    a, b = list(blocks)
+    server = BitswapServer(DictSource(blocks), ServerConfig(superseed_window=1.0))
+    ok, actions = server.lend_for_stream("dag-peer", a, 50_000, 0.0)
+    assert ok and actions == [SetTimer(1.0)]
+    # a bitswap want for the block lent to the DAG peer is refused (DONT_HAVE) and watched ...
+    out = server.handle(MessageReceived("x", Message(wants=(WantEntry(a, send_dont_have=True),))), 0.1)
+    assert [(p.cid, p.have) for s in out if isinstance(s, Send) for p in s.message.presences] == [(a, False)]
+    assert server.lend_for_stream("other-dag-peer", a, 50_000, 0.2)[0] is False
+    assert server.lend_for_stream("dag-peer", a, 50_000, 0.2)[0] is True  # its own lending
+    assert server.lend_for_stream("other-dag-peer", b, 50_000, 0.2)[0] is True
+    assert server.lend_for_stream("x", a, 100, 0.3)[0] is True  # small blocks are exempt
+    # ... and hears HAVE when the window ends
+    out = server.handle(Tick(), 1.2)
+    assert [(p.cid, p.have) for s in out if isinstance(s, Send) for p in s.message.presences] == [(a, True)]
+    assert server.stats().superseed_refused == 2
+    off = BitswapServer(DictSource(blocks), ServerConfig())
+    assert off.lend_for_stream("p", a, 50_000, 0.0) == (True, [])
+
+
 def test_lazy_cancels_wait_for_a_message_or_their_due_time():
     blocks = make_blocks(2)
     a, b = list(blocks)

@@ -54,6 +54,7 @@ Decisions:
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -112,12 +113,15 @@ class ServerConfig:
     keep_wants_after_dont_have: bool = True  # a DONT_HAVE'd want waits for BlocksAdded (answered HAVE)
     max_total_outstanding_bytes: int = 0  # blocks handed to the driver, not yet acknowledged, all peers
     superseed_window: float = 0.0  # seconds a block handed to one peer is refused to others (0 = off)
+    have_batch_delay: float = 0.0  # BlocksAdded answers waiting wants this long after, in one batch (0 = at once)
 
     def __post_init__(self) -> None:
         if self.quantum < 1 or self.max_outstanding_bytes < 1 or self.max_message_size < 64:
             raise ExchangeUsageError(f"server limits must be positive: {self}")
         if self.max_message_size > MAX_MESSAGE_SIZE:
             raise ExchangeUsageError(f"max_message_size {self.max_message_size} is over bitswap's {MAX_MESSAGE_SIZE}")
+        if not self.have_batch_delay >= 0:
+            raise ExchangeUsageError(f"have_batch_delay must be >= 0 seconds, not {self.have_batch_delay}")
         if not self.superseed_window >= 0:
             raise ExchangeUsageError(f"superseed_window must be >= 0 seconds, not {self.superseed_window}")
 
@@ -240,6 +244,8 @@ class BitswapServer:
         self._lendings: Deadlines[CID] = Deadlines()
         self._timer_at: float | None = None
         self._refused = self._released_early = 0
+        self._added: dict[CID, None] = {}  # BlocksAdded not yet answered (have_batch_delay), in order
+        self._added_due: float | None = None
 
     # -- public API ---------------------------------------------------------------------------
     def handle(self, event: object, now: float) -> list[Action]:
@@ -262,7 +268,14 @@ class BitswapServer:
                 self._released_early += 1
                 self._end_lending(cid)
         elif isinstance(event, BlocksAdded):
-            self._on_blocks_added(event.cids)
+            if self.config.have_batch_delay:
+                # Debounced: the HAVEs (and blocks) for waiting wants of everything added within the
+                # delay go out together, one message per watching peer instead of one per block.
+                self._added.update(dict.fromkeys(event.cids))
+                if self._added_due is None:
+                    self._added_due = now + self.config.have_batch_delay
+            else:
+                self._on_blocks_added(event.cids)
         elif isinstance(event, Tick):
             self._timer_at = None
             self._expire_lendings(now)
@@ -270,6 +283,9 @@ class BitswapServer:
             pass  # nothing to do: a ledger starts with the peer's first want; client events
         else:
             raise ExchangeUsageError(f"the bitswap server does not handle {type(event).__name__}")
+        if self._added_due is not None and now >= self._added_due:
+            added, self._added, self._added_due = tuple(self._added), {}, None
+            self._on_blocks_added(added)
         return self._finish([])
 
     def stats(self) -> ServerStats:
@@ -294,8 +310,10 @@ class BitswapServer:
 
     def _finish(self, out: list[Action]) -> list[Action]:
         out += self._pump()
-        at = self._lendings.next_deadline()
-        if at is not None:
+        lend_at = self._lendings.next_deadline()
+        if lend_at is not None or self._added_due is not None:
+            at = min(lend_at if lend_at is not None else math.inf,
+                     self._added_due if self._added_due is not None else math.inf)
             if self._timer_at is None or at < self._timer_at:
                 self._timer_at = at
                 out.append(SetTimer(at))

@@ -15,7 +15,6 @@ from .errors import InvalidInput
 
 if TYPE_CHECKING:
     from .buildcache import BuildCacheConfig
-    from .http.nix import NixConfig
 
 DEFAULT_API = "127.0.0.1:37515"
 # The exchange defaults, as measured with simnet's node-fetch (real Nodes; see README "simnet").
@@ -91,6 +90,9 @@ upload_ttl = 600
 upload_quota = 17179869184
 # Largest NAR (compressed upload or decompressed NAR) accepted by PUT /nar/… (8 GiB); bigger: 413.
 max_upload_size = 8589934592
+# Where a narinfo is looked for, in order: "repo" (this node's own, always asked), "nixstore" (this
+# machine's store, with serve_local_store), "swarm" (peers and gateways), "upstreams" (the caches above).
+lookup_order = ["repo", "nixstore", "swarm", "upstreams"]
 
 [gc]
 # Disk quota for stored blocks, e.g. "20G" (K/M/G/T are powers of 1024). Empty: no quota.
@@ -129,6 +131,36 @@ writers = [{{ keys = "*", peers = ["*"] }}]
 """
 
 
+LOOKUP_SOURCES = ("repo", "nixstore", "swarm", "upstreams")
+
+
+@dataclass
+class NixConfig:
+    """`[nix]`: the Nix binary cache service (p2pcache.nixcache)."""
+
+    store_dir: str = "/nix/store"
+    priority: int = 30
+    want_mass_query: bool = True
+    serve_local_store: bool = False  # share what this machine's Nix store holds (read-only)
+    local_store_root: str = ""  # a chroot store (`--store DIR`) instead of the system store
+    upstreams: list[str] = field(default_factory=list)
+    secret_key_file: str = ""  # nix-store --generate-binary-cache-key output
+    negative_ttl: float = 30.0
+    upload_ttl: float = 600.0  # an uploaded NAR waits this long for its narinfo, then it is dropped
+    # Room for two of the largest uploads in flight at once (`nix copy` pushes a few paths in parallel).
+    upload_quota: int = 16 << 30  # NAR bytes that uploads waiting for their narinfo may hold at once
+    max_upload_size: int = 8 << 30  # largest upload (compressed file or the NAR inside it)
+    # The narinfo lookup chain, in order (names from LOOKUP_SOURCES; "repo" must be one of them).
+    lookup_order: list[str] = field(default_factory=lambda: list(LOOKUP_SOURCES))
+
+
+def check_lookup_order(order: list[str], where: str) -> None:
+    unknown = [n for n in order if n not in LOOKUP_SOURCES]
+    if unknown or len(set(order)) != len(order) or "repo" not in order:
+        raise InvalidInput(f"{where}: nix.lookup_order must list distinct names from {', '.join(LOOKUP_SOURCES)} "
+                           f"including \"repo\", not {order!r}")
+
+
 @dataclass
 class NodeConfig:
     listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4011"])
@@ -147,7 +179,7 @@ class NodeConfig:
     api_allowed_origins: list[str] = field(default_factory=list)
     transfer_protocol: str = "dag"  # "dag" or "bitswap"
     transfer_stall_timeout: float = 20.0
-    nix: "NixConfig" = field(default_factory=lambda: _nix_config())
+    nix: NixConfig = field(default_factory=lambda: NixConfig())
     max_size: int | None = None  # [gc]: bytes of stored blocks the daemon keeps under
     gc_high_watermark: float = 0.9
     gc_low_watermark: float = 0.7
@@ -186,13 +218,7 @@ _GC = {"max_size": "max_size", "high_watermark": "gc_high_watermark", "low_water
        "interval": "gc_interval"}
 _NIX_TYPES = {"store_dir": str, "priority": int, "want_mass_query": bool, "serve_local_store": bool,
               "local_store_root": str, "upstreams": list, "secret_key_file": str, "negative_ttl": float,
-              "upload_ttl": float, "upload_quota": int, "max_upload_size": int}
-
-
-def _nix_config():
-    from .http.nix import NixConfig
-
-    return NixConfig()
+              "upload_ttl": float, "upload_quota": int, "max_upload_size": int, "lookup_order": list}
 
 
 def _buildcache_config():
@@ -241,6 +267,7 @@ def load(repo: Path, file: Path | str | None = None) -> NodeConfig:
                 if not ok:
                     raise InvalidInput(f"{path}: nix.{key} has the wrong type ({type(value).__name__})")
                 setattr(cfg.nix, key, float(value) if want is float else value)
+            check_lookup_order(cfg.nix.lookup_order, str(path))
             continue
         if section == "prefetch" and isinstance(values, dict):
             _check_prefetch(path, values)  # read by `p2pcache prefetch` / `lock2nix`, not by the daemon

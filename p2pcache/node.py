@@ -22,11 +22,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 
 from . import __version__
 from .config import NodeConfig
@@ -37,9 +39,9 @@ from .errors import DiskFull, InvalidInput, MalformedBlock, NotFound, P2PCacheEr
 from .apitoken import new_token, write_netrc
 from .exchange import ClientConfig, ServerConfig
 from .http.api import make_app
-from .http.asgi import bounded_bodies
+from .http.asgi import Receive, Scope, Send, bounded_bodies
 from .http.guard import AccessPolicy
-from .http.nix import GATEWAY_MARKER, NixCache
+from .nixcache import GATEWAY_MARKER, NixBinaryCache
 from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
 from .net.dagxfer import DagConfig, DagTransfer
 from .net.host import HostConfig, NodeHost
@@ -47,6 +49,12 @@ from .routing import (DHT, AnnouncerConfig, AskState, DHTConfig, FinderConfig, N
                       ProviderFinder, ProviderStanding, NarInfoFields, RaceOutcome, ResolveAnswer, ResolveRace,
                       ResolveServer, race_providers, resolve)
 from .store.repo import Repo
+
+if TYPE_CHECKING:
+    from hypercorn.typing import ASGIFramework
+
+    from .buildcache import BuildCache
+    from .content.lockfiles import Dependency
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +145,8 @@ class Node:
         self.finder: ProviderFinder | None = None
         self.source: _CountingSource | None = None
         self.api_url: str | None = None
-        self.nix: NixCache | None = None
-        self.buildcache: Any = None
+        self.nix: NixBinaryCache | None = None
+        self.buildcache: BuildCache | None = None
         self.api_token: str | None = None
         self.started_at = time.time()
         # Providers that failed, lied or timed out lately: asked last by the next lookups.
@@ -166,7 +174,7 @@ class Node:
                 )
                 self.host = NodeHost(host_cfg)
             self.source = _CountingSource(repo)
-            self.nix = NixCache(self, cfg.nix)
+            self.nix = self._build_nix_cache()
             self.nix.drop_unclaimed_nars()
             # The DHT is built before the host dials anyone, so peers see our DHT protocol from the start.
             self.dht = self._given_dht if self._given_dht is not None else DHT(self.host, DHTConfig())
@@ -212,6 +220,17 @@ class Node:
         finally:
             repo.close()
 
+    def _build_nix_cache(self) -> NixBinaryCache:
+        """The Nix binary cache service over this node's repo, swarm and quota; `/metrics` renders its
+        registry, which also carries the node's own collectors."""
+        from .http.node_metrics import register_node_metrics
+
+        assert self.repo is not None
+        cache = NixBinaryCache(self.repo, self.config.nix, swarm=NixSwarm(self), room=self.quota,
+                               taking_back=self.taking_back_on_disk_full, announce=self.announce)
+        register_node_metrics(cache.metrics.registry, self)
+        return cache
+
     def _start_build_cache(self, nursery: trio.Nursery) -> None:
         """The build cache service over this node's repo, identity and swarm; it answers the cache-records
         protocol and evicts idle trees hourly."""
@@ -223,13 +242,14 @@ class Node:
         pair = getattr(self.host, "key_pair", None) or load_identity(self.repo_path / "identity.key")
         self.buildcache = BuildCache(self.repo, RecordStore(self.repo_path / "buildcache.sqlite"), pair.private_key,
                                      pair.public_key.serialize(), self.config.buildcache, swarm=_BuildCacheSwarm(self))
-        CacheRecordsServer(lookup=self.buildcache.records_for_peer).register(self.host)
-        self.buildcache.announce_held()
+        cache = self.buildcache
+        CacheRecordsServer(lookup=cache.records_for_peer).register(self.host)
+        cache.announce_held()
 
         async def expire_hourly() -> None:
             while True:
                 try:
-                    report = await trio.to_thread.run_sync(self.buildcache.expire)
+                    report = await trio.to_thread.run_sync(cache.expire)
                     if report["expired"]:
                         log.info("build cache: evicted %d idle trees", len(report["expired"]))
                 except P2PCacheError as e:
@@ -266,8 +286,10 @@ class Node:
         policy = AccessPolicy(token=self.api_token, listen_host=self.config.api_listen.rsplit(":", 1)[0],
                               allowed_hosts=tuple(self.config.api_allowed_hosts),
                               allowed_origins=tuple(self.config.api_allowed_origins), repo=str(self.repo_path))
-        # started(["http://host:port", ...]); request bodies that trickle are cut off before anything else
-        await serve(bounded_bodies(make_app(self, policy)), hc, task_status=task_status)
+        # started(["http://host:port", ...]); request bodies that trickle are cut off before anything else.
+        # Our ASGI types are plain dicts (http/asgi.py); hypercorn's are TypedDicts of the same messages.
+        app = cast("ASGIFramework", bounded_bodies(make_app(self, policy)))
+        await serve(app, hc, task_status=task_status)
 
     def _write_api_file(self) -> None:
         assert self.host is not None
@@ -382,14 +404,15 @@ class Node:
         self.announce(result.root)
         return {**result.to_json(), "file": path, "announced": True}
 
-    async def add_stream(self, body: Any, name: str | None) -> dict:
+    async def add_stream(self, body: AsyncIterator[bytes], name: str | None) -> dict:
         """Add the bytes a caller streams to us (the API's `add`: the caller opened its file with its
         own rights; the daemon never opens a path on a caller's behalf), then announce it."""
         assert self.repo is not None
+        repo = self.repo
         from .aio import feed_thread
 
         async with self.taking_back_on_disk_full("add"), self.quota.working():
-            result = await feed_thread(body, lambda it: self.repo.add_stream(it, name=name))
+            result = await feed_thread(body, lambda it: repo.add_stream(it, name=name))
         self.announce(result.root)
         return {**result.to_json(), "announced": True}
 
@@ -515,8 +538,9 @@ class Node:
                 raise NotFound(f"cannot download {url}: {e}") from None
 
         name = url.rstrip("/").rsplit("/", 1)[-1] or None
+        repo = self.repo
         async with self.taking_back_on_disk_full("fetch-url"), self.quota.working():
-            result = await feed_thread(download(), lambda it: self.repo.add_stream(it, name=name, expect=key))
+            result = await feed_thread(download(), lambda it: repo.add_stream(it, name=name, expect=key))
         self.stats.bytes_fetched_origin += done[0]
         self.announce(result.root)
         return {"root": str(result.root), "source": "origin", "size": result.size, "url": url}
@@ -542,7 +566,7 @@ class Node:
         await self.fetch_dag(root, [peer, *race.peers_in(AskState.QUEUED, AskState.CANCELLED)])
         return root
 
-    async def prefetch(self, deps: list, jobs: int, on_event: Callable[[dict], None]) -> dict:
+    async def prefetch(self, deps: list[Dependency], jobs: int, on_event: Callable[[dict], None]) -> dict:
         """Prefetch lock-file dependencies (see prefetch.py): repo → swarm → origin, each verified."""
         from .prefetch import Prefetcher
         from .store.origin import HttpOrigin
@@ -558,10 +582,12 @@ class Node:
 
     async def _fetch_from_swarm(self, key: HashKey | RootKey, progress: ProgressFn) -> tuple[CID, int]:
         assert self.finder is not None and self.exchange is not None and self.repo is not None
+        assert self.host is not None
+        me = self.host.peer_id
         alias = str(key.cid) if isinstance(key, RootKey) else key.alias
         if isinstance(key, RootKey):
             providers = await self.finder.find_providers(alias, timeout=self.config.lookup_timeout)
-            providers = [p for p in providers if p.peer_id != self.host.peer_id]  # type: ignore[union-attr]
+            providers = [p for p in providers if p.peer_id != me]
             if not providers:
                 raise NotFound(f"{alias}: not in the local repo and no peer in the swarm announces it")
             root = key.cid
@@ -576,12 +602,13 @@ class Node:
         progress(0, manifest.size)
         before = self.repo.stored_bytes()
         fetched = trio.Event()
+        repo = self.repo
 
         async def report() -> None:
             while not fetched.is_set():
                 with trio.move_on_after(0.25):
                     await fetched.wait()
-                progress(min(manifest.size, max(0, self.repo.stored_bytes() - before)), manifest.size)
+                progress(min(manifest.size, max(0, repo.stored_bytes() - before)), manifest.size)
 
         failure: P2PCacheError | None = None
         async with trio.open_nursery() as nursery:
@@ -597,7 +624,7 @@ class Node:
                         # already stored are not fetched twice) before giving up.
                         log.info("fetch of %s failed (%s); looking for other providers", root, e)
                         again = await self.finder.find_providers(alias, timeout=self.config.lookup_timeout)
-                        alive = [p for p in again if p.peer_id != self.host.peer_id]
+                        alive = [p for p in again if p.peer_id != me]
                         if attempt == 2 or not alive:
                             raise
                         providers = alive
@@ -607,7 +634,7 @@ class Node:
                 fetched.set()
         if failure is not None:
             raise failure
-        if check_after and await trio.to_thread.run_sync(self.repo.sha512, root) != key.digest:
+        if check_after and isinstance(key, HashKey) and await trio.to_thread.run_sync(self.repo.sha512, root) != key.digest:
             raise FetchError(f"a peer answered {root} for {alias}, but that archive has a different {key.algo}")
         progress(manifest.size, manifest.size)
         return root, manifest.size
@@ -618,6 +645,7 @@ class Node:
         no such hash, e.g. no sha512 since that became lazy, is checked over the fetched bytes afterwards)."""
         assert self.host is not None and self.exchange is not None
         alias = key.alias
+        exchange = self.exchange
 
         async def ask(peer: Any) -> tuple[CID, ArchiveManifest]:
             answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
@@ -625,7 +653,7 @@ class Node:
                 raise NotHeld()
             if answer.root.codec != DAG_CBOR:
                 raise FetchError(f"peer {peer.peer_id} answered {answer.root} for {alias}: not a manifest")
-            blocks = await self.exchange.fetch_blocks([answer.root], [peer])
+            blocks = await exchange.fetch_blocks([answer.root], [peer])
             manifest = _decode_root(answer.root, blocks[answer.root])
             if key.algo in manifest.hashes and manifest.hashes[key.algo] != key.digest:
                 raise FetchError(f"peer {peer.peer_id} answered {answer.root} for {alias}, "
@@ -639,16 +667,19 @@ class Node:
         return root, manifest, [peer, *race.peers_in(AskState.QUEUED, AskState.CANCELLED)]
 
     async def race_at_providers(self, alias: str, ask: Callable[[Any], Awaitable[Any]],
-                                more: Sequence[Callable[[float], Awaitable[Iterable[Any]]]] = ()) -> ResolveRace:
+                                more: Sequence[Callable[[float], Awaitable[Iterable[Any]]]] = (), *,
+                                known: Sequence[PeerInfo] | None = None) -> ResolveRace:
         """The node's one policy for asking peers about `alias` (archives and Nix paths alike): the
-        DHT lookup of its providers, then `more` sources (e.g. gateways) one after another, all feeding
-        one happy-eyeballs race (`routing.race`) under one deadline, `lookup_timeout` from now.
-        Providers that fail or time out are demoted in `self.standing` for later races."""
+        DHT lookup of its providers (or the `known` providers a caller found already), then `more`
+        sources (e.g. gateways) one after another, all feeding one happy-eyeballs race (`routing.race`)
+        under one deadline, `lookup_timeout` from now. Providers that fail or time out are demoted in
+        `self.standing` for later races."""
         assert self.finder is not None and self.host is not None
         me = self.host.peer_id
+        finder = self.finder
 
         async def providers_of(key: str, timeout: float) -> list:
-            return [p for p in await self.finder.find_providers(key, timeout=timeout) if p.peer_id != me]
+            return [p for p in await finder.find_providers(key, timeout=timeout) if p.peer_id != me]
 
         async def ask_logged(peer: Any) -> Any:
             try:
@@ -659,30 +690,35 @@ class Node:
 
         race: ResolveRace = ResolveRace(deadline=trio.current_time() + self.config.lookup_timeout,
                                         stagger=RACE_STAGGER, standing=self.standing)
-        sources = [lambda left: providers_of(alias, left), *more]
+
+        async def given(timeout: float) -> list[PeerInfo]:
+            return [p for p in known or () if p.peer_id != me]
+
+        sources = [given if known is not None else (lambda left: providers_of(alias, left)), *more]
         return await race_providers(race, ask_logged, sources)
 
-    async def size_at_peers(self, alias: str, providers: list) -> int | None:
+    async def size_at_peers(self, alias: str, providers: list[PeerInfo]) -> int | None:
         """The size the first provider to answer a resolve says `alias` has (for HEAD requests, which
-        move no bytes to prove it); None if none answers within the lookup timeout."""
+        move no bytes to prove it); None if none answers within the lookup timeout. The providers are
+        asked in the node's one race (`race_at_providers`), not looked up again."""
         assert self.host is not None
-        with trio.move_on_after(self.config.lookup_timeout):
-            for peer in providers[:3]:
-                if peer.peer_id == self.host.peer_id:
-                    continue
-                try:
-                    answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
-                except P2PCacheError as e:
-                    log.info("resolve %s at %s failed: %s", alias, peer.peer_id, e)
-                    continue
-                if answer is not None:
-                    return answer.size
-        return None
+        host = self.host
 
-    async def http_fallback(self, scope: Any, receive: Any, send: Any) -> None:
+        async def ask(peer: PeerInfo) -> int:
+            answer = await resolve(host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
+            if answer is None:
+                raise NotHeld()
+            return answer.size
+
+        race = await self.race_at_providers(alias, ask, known=providers)
+        return race.winner[1] if race.winner is not None else None
+
+    async def http_fallback(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Everything the local API does not route: the Nix binary cache and hashed mirror."""
+        from .http.nix import NixRoutes
+
         assert self.nix is not None
-        await self.nix.handle(scope, receive, send)
+        await NixRoutes(self.nix).handle(scope, receive, send)
 
     async def fetch_dag(self, root: CID, providers: list,
                         on_stored: Callable[[list[CID]], None] | None = None,
@@ -716,14 +752,14 @@ class Node:
                     await self.nix.pull_through_for_peer(alias[4:])
                 except P2PCacheError as e:
                     log.warning("pull-through of %s for a peer failed: %s", alias, e)
-            info = self.nix.narstore.narinfo(alias[4:])
-            if info is None:
+            nar = self.nix.narstore.narinfo(alias[4:])
+            if nar is None:
                 return None
             root = self.nix.narstore.root_of(alias[4:])
-            return ResolveAnswer(root=root, kind="nar", size=info.nar_size, narinfo=NarInfoFields(
-                store_path=str(info.store_path), nar_hash=f"sha256:{info.nar_hash.digest.hex()}",
-                nar_size=info.nar_size, references=tuple(info.references), deriver=info.deriver or "",
-                system=info.system or "", ca=info.ca or "", sigs=tuple(info.sigs)))
+            return ResolveAnswer(root=root, kind="nar", size=nar.nar_size, narinfo=NarInfoFields(
+                store_path=str(nar.store_path), nar_hash=f"sha256:{nar.nar_hash.digest.hex()}",
+                nar_size=nar.nar_size, references=tuple(nar.references), deriver=nar.deriver or "",
+                system=nar.system or "", ca=nar.ca or "", sigs=tuple(nar.sigs)))
         try:
             try:
                 root = self.repo.resolve(alias)
@@ -750,6 +786,53 @@ def _race_summary(race: ResolveRace) -> str:
     return (f"{race.peers_known} peer(s) announce it but none answered validly within the lookup timeout "
             f"({st.failed} failed, {st.timed_out} timed out, {st.empty} hold nothing, "
             f"{race.peers_known - st.asked} not asked); try again")
+
+
+class NixSwarm:
+    """The swarm as the Nix binary cache needs it (`nixcache.Swarm`), over this node's parts; the parts
+    are read when called (the cache is built before the DHT and exchange exist)."""
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.lookup_timeout = node.config.lookup_timeout
+
+    @property
+    def archives(self) -> Node:
+        return self.node  # prefetch.Swarm: `fetch_blocks(alias)` for the hashed mirror's sha1 fetches
+
+    @property
+    def me(self) -> ID | None:
+        return self.node.host.peer_id if self.node.host is not None else None
+
+    def ready(self) -> bool:
+        return self.node.finder is not None and self.node.exchange is not None
+
+    async def race(self, alias: str, ask: Callable[[PeerInfo], Awaitable[object]],
+                   more: Sequence[Callable[[float], Awaitable[Iterable[PeerInfo]]]] = ()) -> ResolveRace[PeerInfo]:
+        return await self.node.race_at_providers(alias, ask, more)
+
+    async def resolve(self, peer: PeerInfo, alias: str) -> ResolveAnswer | None:
+        assert self.node.host is not None
+        return await resolve(self.node.host, peer.peer_id, alias, timeout=self.lookup_timeout)
+
+    async def fetch_blocks(self, cids: list[CID], peers: list[PeerInfo]) -> dict[CID, bytes]:
+        assert self.node.exchange is not None
+        return await self.node.exchange.fetch_blocks(cids, peers)
+
+    async def find_providers(self, alias: str, timeout: float | None = None) -> list[PeerInfo]:
+        assert self.node.finder is not None
+        return await self.node.finder.find_providers(alias, timeout=timeout)
+
+    async def size_at_peers(self, alias: str, providers: list[PeerInfo]) -> int | None:
+        return await self.node.size_at_peers(alias, providers)
+
+    async def fetch(self, alias: str, progress: ProgressFn) -> dict:
+        return await self.node.fetch(alias, progress)
+
+    async def fetch_dag(self, root: CID, providers: list[PeerInfo],
+                        on_stored: Callable[[list[CID]], None] | None = None,
+                        on_verified: Callable[[CID, bytes], None] | None = None) -> int:
+        return await self.node.fetch_dag(root, providers, on_stored, on_verified)
 
 
 class _BuildCacheSwarm:

@@ -26,28 +26,57 @@ request body, read with the caller's own rights on the caller's side.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+import traceback
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Protocol
 
 import trio
 
-from ..errors import InvalidInput, P2PCacheError
+from ..errors import InvalidInput, P2PCacheError, leaf_error
 from . import guard
 from .asgi import HTTPError, Receive, Scope, Send, read_body, read_json, send_error, send_json, send_ndjson
 
+if TYPE_CHECKING:
+    from ..buildcache import BuildCache
+    from ..content.lockfiles import Dependency
+
 ProgressFn = Callable[[int, int | None], None]
+log = logging.getLogger(__name__)
 
 
 class NodeAPI(Protocol):
+    """What the REST API calls on the node (node.Node implements it; mypy checks that where node.py
+    hands itself to `make_app`)."""
+
     def status(self) -> dict: ...
     def peers(self) -> list[dict]: ...
     async def add_stream(self, body: AsyncIterator[bytes], name: str | None) -> dict: ...
     async def fetch(self, key: str, progress: ProgressFn) -> dict: ...
-    async def prefetch(self, deps: list, jobs: int, on_event: Callable[[dict], None]) -> dict: ...
+    async def fetch_url(self, url: str, hash_text: str, progress: ProgressFn) -> dict: ...
+    async def gc(self, max_size: int | None) -> dict: ...
+    async def set_pinned(self, key: str, pinned: bool) -> dict: ...
+    async def prefetch(self, deps: list[Dependency], jobs: int, on_event: Callable[[dict], None]) -> dict: ...
+    async def http_fallback(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+    @property
+    def buildcache(self) -> BuildCache | None: ...
 
 
-def _event_stream(run: Callable[[Callable[[dict], None]], Awaitable[dict]], batch: bool = False) -> AsyncIterator[dict]:
+def _bug_line(what: str, e: BaseException) -> str:
+    """The one line a caller gets for a failure that is not one of our own errors (a bug): what failed,
+    and where the traceback is."""
+    return f"{what} failed with an internal error ({type(e).__name__}: {e}); the daemon's log has the traceback"
+
+
+def _log_bug(what: str, e: BaseException) -> None:
+    # The log formats keep one line per record: the traceback goes into the message ("|" between lines).
+    log.error("%s failed with an internal error: %s", what, "".join(traceback.format_exception(e)).rstrip())
+
+
+def _event_stream(run: Callable[[Callable[[dict], None]], Awaitable[dict]], batch: bool = False,
+                  what: str = "the operation") -> AsyncIterator[dict]:
     """Run an operation that emits events (from trio or from a worker thread): yield them, then its
     outcome as a `done` or `error` event. With `batch`, events already waiting go out together as one
     `{"event": "batch", "events": [...]}` line (thousands of small events cost one write each otherwise)."""
@@ -68,6 +97,13 @@ def _event_stream(run: Callable[[Callable[[dict], None]], Awaitable[dict]], batc
                 await send_ch.send({"event": "done", **result})
             except P2PCacheError as e:
                 await send_ch.send({"event": "error", "message": str(e), "code": e.exit_code})
+            except Exception as e:  # a group of our own errors, or a bug: still one clean last line
+                leaf = leaf_error(e)
+                if isinstance(leaf, P2PCacheError):
+                    await send_ch.send({"event": "error", "message": str(leaf), "code": leaf.exit_code})
+                    return
+                _log_bug(what, e)
+                await send_ch.send({"event": "error", "message": _bug_line(what, e), "code": 1})
 
     async def events() -> AsyncIterator[dict]:
         async with trio.open_nursery() as nursery:
@@ -93,7 +129,7 @@ def _event_stream(run: Callable[[Callable[[dict], None]], Awaitable[dict]], batc
     return events()
 
 
-def _progress_stream(run: Callable[[ProgressFn], Awaitable[dict]]) -> AsyncIterator[dict]:
+def _progress_stream(run: Callable[[ProgressFn], Awaitable[dict]], what: str = "the operation") -> AsyncIterator[dict]:
     """Run an operation, yielding throttled progress events and then its outcome."""
     last = [0.0]
 
@@ -107,7 +143,7 @@ def _progress_stream(run: Callable[[ProgressFn], Awaitable[dict]]) -> AsyncItera
 
         return run(progress)
 
-    return _event_stream(with_progress)
+    return _event_stream(with_progress, what=what)
 
 
 async def request_body(receive: Receive) -> AsyncIterator[bytes]:
@@ -141,14 +177,21 @@ def make_app(node: NodeAPI, policy: guard.AccessPolicy) -> Callable[[Scope, Rece
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
+        what = f"{method} {path}"
         cors = guard.cors_headers(scope, policy)
-        if cors:  # an allowlisted origin may read the answers
-            plain_send = send
+        started = False
+        plain_send = send
 
-            async def send(message: dict) -> None:
-                if message["type"] == "http.response.start":
+        async def tracking(message: dict) -> None:  # the same send, with CORS, remembering a start
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if cors:  # an allowlisted origin may read the answers
                     message = {**message, "headers": [*message.get("headers", []), *cors]}
-                await plain_send(message)
+            await plain_send(message)
+
+        send = tracking
+
         try:
             guard.check(scope, policy)
             if method == "OPTIONS":  # a preflight from an allowlisted origin
@@ -163,12 +206,12 @@ def make_app(node: NodeAPI, policy: guard.AccessPolicy) -> Callable[[Scope, Rece
                 await send_json(send, node.peers())
             elif path == "/api/v0/add" and method == "POST":
                 name = _query(scope).get("name") or None
-                await send_ndjson(send, _progress_stream(lambda p: node.add_stream(request_body(receive), name)))
+                await send_ndjson(send, _progress_stream(lambda p: node.add_stream(request_body(receive), name), what))
             elif path == "/api/v0/fetch" and method == "POST":
                 body = await read_json(receive)
                 if not isinstance(body.get("key"), str):
                     raise HTTPError(400, "fetch needs a JSON body with a 'key' string")
-                await send_ndjson(send, _progress_stream(lambda p: node.fetch(body["key"], p)))
+                await send_ndjson(send, _progress_stream(lambda p: node.fetch(body["key"], p), what))
             elif path == "/api/v0/gc" and method == "POST":
                 body = await read_json(receive)
                 max_size = body.get("max_size")
@@ -184,7 +227,7 @@ def make_app(node: NodeAPI, policy: guard.AccessPolicy) -> Callable[[Scope, Rece
                 body = await read_json(receive)
                 if not isinstance(body.get("url"), str) or not isinstance(body.get("hash"), str):
                     raise HTTPError(400, "fetch-url needs a JSON body with 'url' and 'hash' strings")
-                await send_ndjson(send, _progress_stream(lambda p: node.fetch_url(body["url"], body["hash"], p)))
+                await send_ndjson(send, _progress_stream(lambda p: node.fetch_url(body["url"], body["hash"], p), what))
             elif path == "/api/v0/prefetch" and method == "POST":
                 deps, jobs = _prefetch_request(await read_json(receive, limit=64 << 20))
                 await send_ndjson(send, _prefetch_stream(node, deps, jobs))
@@ -197,13 +240,26 @@ def make_app(node: NodeAPI, policy: guard.AccessPolicy) -> Callable[[Scope, Rece
                 await _extra_routes(node, scope, receive, send)
         except HTTPError as e:
             await send_error(send, e.status, e.message)
-        except P2PCacheError as e:
-            await send_error(send, 400 if e.exit_code == 2 else 404 if e.exit_code == 3 else 500, str(e))
+        except Exception as e:  # ours (maybe in a group): its status; a bug: a traceback in the log, one line out
+            leaf = leaf_error(e)
+            if isinstance(leaf, P2PCacheError):
+                if not started:
+                    await send_error(send, _status_of(leaf), str(leaf))
+                else:  # mid-body: the client sees the answer cut short
+                    log.warning("%s: cut short: %s", what, leaf)
+                return
+            _log_bug(what, e)
+            if not started:
+                await send_error(send, 500, _bug_line(what, e))
 
     return app
 
 
-def _prefetch_request(body: dict) -> tuple[list, int]:
+def _status_of(e: P2PCacheError) -> int:
+    return 400 if e.exit_code == 2 else 404 if e.exit_code == 3 else 500
+
+
+def _prefetch_request(body: dict) -> tuple[list[Dependency], int]:
     from ..prefetch import dependency_from_json
 
     deps = body.get("dependencies")
@@ -213,9 +269,9 @@ def _prefetch_request(body: dict) -> tuple[list, int]:
     return [dependency_from_json(d) for d in deps], jobs
 
 
-def _prefetch_stream(node: Any, parsed: list, jobs: int) -> AsyncIterator[dict]:
+def _prefetch_stream(node: NodeAPI, parsed: list[Dependency], jobs: int) -> AsyncIterator[dict]:
     """The prefetch service's events as NDJSON: an `entry` per dependency, `progress`, then `done`."""
-    return _event_stream(lambda emit: node.prefetch(parsed, jobs, emit), batch=True)
+    return _event_stream(lambda emit: node.prefetch(parsed, jobs, emit), batch=True, what="POST /api/v0/prefetch")
 
 
 def _check_post_type(scope: Scope) -> None:
@@ -231,15 +287,12 @@ def _check_post_type(scope: Scope) -> None:
         guard.require_content_type(scope, "application/json")
 
 
-async def _extra_routes(node: Any, scope: Scope, receive: Receive, send: Send) -> None:
-    handler = getattr(node, "http_fallback", None)
-    if handler is not None:
-        await handler(scope, receive, send)
-    else:
-        await send_error(send, 404, f"no such endpoint: {scope['method']} {scope['path']}")
+async def _extra_routes(node: NodeAPI, scope: Scope, receive: Receive, send: Send) -> None:
+    await node.http_fallback(scope, receive, send)
 
 
-async def _build_cache_tar(cache: Any, method: str, query: dict, receive: Receive, send: Send) -> None:
+async def _build_cache_tar(cache: BuildCache, method: str, query: dict[str, list[str]], receive: Receive,
+                           send: Send) -> None:
     """GET ?key=K&restore_key=P…: the tree as a tar stream (404 on a miss; headers say which key matched).
     POST ?key=K&path=DIR…[&force=1] with a tar body: save it under K. For builders with curl and tar only."""
     from ..aio import drain_thread
@@ -247,7 +300,7 @@ async def _build_cache_tar(cache: Any, method: str, query: dict, receive: Receiv
     from ..content.cid import CID
     from ..content.treemanifest import TreeManifest
 
-    key = (query.get("key") or [None])[0]
+    key = next(iter(query.get("key") or []), None)
     if not key:
         raise HTTPError(400, "cache/tar needs ?key=…")
     if method == "POST":
@@ -282,12 +335,13 @@ async def _build_cache_tar(cache: Any, method: str, query: dict, receive: Receiv
     await send({"type": "http.response.body", "body": b""})
 
 
-async def _build_cache_routes(node: Any, scope: Scope, receive: Receive, send: Send, query: dict) -> None:
+async def _build_cache_routes(node: NodeAPI, scope: Scope, receive: Receive, send: Send,
+                              query: dict[str, list[str]]) -> None:
     """The build cache's routes (p2pcache.buildcache): blocks and roots in, roots out; no caller paths."""
     from ..content.cid import CID
 
     method, path = scope["method"], scope["path"]
-    cache = getattr(node, "buildcache", None)
+    cache = node.buildcache
     if cache is not None and path == "/api/v0/cache/tar":
         if method == "POST":
             guard.require_content_type(scope, "application/x-tar")
@@ -298,10 +352,9 @@ async def _build_cache_routes(node: Any, scope: Scope, receive: Receive, send: S
     guard.require_content_type(scope, "application/octet-stream" if path.startswith("/api/v0/blocks")
                                else "application/json")
     if path == "/api/v0/blocks":
-        body = await read_body(receive, limit=64 << 20)
         from ..buildcache import unframe_blocks
 
-        blocks = unframe_blocks(body)
+        blocks = unframe_blocks(await read_body(receive, limit=64 << 20))
         written = await trio.to_thread.run_sync(cache.put_blocks, blocks)
         await send_json(send, {"stored": len(blocks), "bytes_written": written})
         return

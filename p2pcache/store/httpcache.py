@@ -1,5 +1,6 @@
 """An upstream Nix binary cache over HTTP (cache.nixos.org, `nix copy --to file://` served by any web server) as
-a read-only `AsyncNarReader`.
+a read-only `AsyncNarReader` (store/interfaces.py). The Nix cache's lookup chain reads upstreams as
+`nixcache.UpstreamSource`.
 
 Owns the client side of the binary-cache layout: `nix-cache-info` (StoreDir, WantMassQuery, Priority),
 `<hash>.narinfo`, and the NAR at the narinfo's URL compressed with xz, zstd, bzip2, gzip or not at all.
@@ -29,7 +30,7 @@ from ..content.narmanifest import VerifiedStream
 from ..content.storepath import DEFAULT_STORE_DIR
 from ..errors import CorruptData, NotFound, P2PCacheError
 
-__all__ = ["CacheInfo", "HttpBinaryCache", "UpstreamError"]
+__all__ = ["CacheInfo", "Decompressor", "HttpBinaryCache", "UpstreamError"]
 
 STEP = 1 << 20  # most decompressed bytes produced per step
 _ZSTD_SLICE = 1024  # zstd input fed per step: at most ~32 MiB out (RLE blocks), usually far less
@@ -60,7 +61,7 @@ class CacheInfo:
         )
 
 
-class _Decompressor:
+class Decompressor:
     """Incremental decompression yielding pieces of at most about STEP bytes."""
 
     def __init__(self, compression: str):
@@ -203,7 +204,7 @@ class HttpBinaryCache:
 
     async def stream_nar_of(self, info: NarInfo) -> AsyncIterator[bytes]:
         """The decompressed NAR that `info` describes, verified (see module docstring)."""
-        decoder = _Decompressor(info.effective_compression)
+        decoder = Decompressor(info.effective_compression)
         nar = VerifiedStream(info.nar_hash.algo, info.nar_hash.digest, info.nar_size, f"NAR of {info.store_path}")
         file_hash = hashlib.new(info.file_hash.algo) if info.file_hash is not None else None
         file_size = 0

@@ -1,4 +1,9 @@
-"""What a NAR store can do, split by power: reading and writing are separate interfaces (building is neither).
+"""What a NAR *store* can do, split by power: reading and writing are separate interfaces (building is neither).
+
+These are the stores' own blocking (or, for HTTP, async) APIs, for offline commands and copying between
+stores (`copy_nar`). A serving node reads every source — these stores and the swarm alike — through one
+protocol on top of them, `p2pcache.nixcache.NarSource` (narinfo lookup, then the NAR into a sink), and the
+lookup chain is an ordered list of those.
 
 - `NarReader` — has a store path (by its 32-character hash part), its narinfo, its NAR as a stream of bytes.
   Implemented by the repo (`narstore.RepoNarStore`), the machine's Nix store (`localnix.LocalNixStore`).

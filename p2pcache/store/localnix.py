@@ -1,5 +1,5 @@
-"""The machine's own Nix store as a read-only `NarReader`: NARs serialised from the store directory, narinfo
-from Nix's SQLite database.
+"""The machine's own Nix store as a read-only `NarReader` (store/interfaces.py): NARs serialised from the store
+directory, narinfo from Nix's SQLite database. The Nix cache's lookup chain reads it as `nixcache.NixStoreSource`.
 
 Owns reading `<state>/nix/var/nix/db/db.sqlite` (tables ValidPaths and Refs) through a read-only SQLite
 connection (`mode=ro`), so a request never runs a Nix command. Without a readable database the store can still

@@ -117,7 +117,8 @@ def _expected(narinfo: NarInfo | None) -> tuple[bytes | None, int | None]:
 
 
 class RepoNarStore:
-    """The local repo as a `NarReader` and `NarWriter` (see interfaces.py)."""
+    """The local repo as a `NarReader` and `NarWriter` (see interfaces.py); the Nix cache reads and writes it
+    as `nixcache.RepoSource`."""
 
     def __init__(self, repo: "Repo", store_dir: str = "/nix/store"):
         self.repo = repo

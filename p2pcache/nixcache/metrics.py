@@ -1,0 +1,37 @@
+"""The Nix binary cache's Prometheus counters (`GET /metrics` renders them, with the node's own
+collectors that node.py registers on the same registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.narinfo = Counter("p2pcache_narinfo_requests", "narinfo requests by outcome and source",
+                               ["result", "source"], registry=r)
+        self.served = Counter("p2pcache_bytes_served", "bytes served over HTTP by where they came from",
+                              ["source"], registry=r)
+        self.fetched = Counter("p2pcache_bytes_fetched", "bytes brought into the repo by where they came from",
+                               ["source"], registry=r)
+        self.uploads = Counter("p2pcache_uploads", "PUT requests by kind and result", ["kind", "result"], registry=r)
+        self.lookup = Histogram("p2pcache_lookup_seconds", "narinfo lookup latency by outcome", ["result"],
+                                registry=r, buckets=(.001, .005, .01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.mirror = Counter("p2pcache_hashed_mirror_requests", "hashed-mirror requests by outcome", ["result"],
+                              registry=r)
+        self.negative_hits = Counter("p2pcache_narinfo_negative_cache_hits",
+                                     "narinfo misses answered from the negative cache", registry=r)
+        self.disk_full = Counter("p2pcache_disk_full", "operations that failed because the disk was full",
+                                 ["operation"], registry=r)
+        self.busy = Counter("p2pcache_http_busy", "requests answered 503 because streams or uploads were at "
+                            "their cap", ["kind"], registry=r)
+        self.lookup_failures = Counter("p2pcache_narinfo_lookup_failures",
+                                       "swarm lookups where providers existed but none answered validly in "
+                                       "time (answered 404, not remembered as a miss)", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

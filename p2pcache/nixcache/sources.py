@@ -1,0 +1,589 @@
+"""Where a node reads narinfos and NARs from, behind one read protocol, and the repo's write protocol on top.
+
+    NarSource   `narinfo(store_hash) -> Found | None`, `stream_nar(found, sink, head)`
+                implemented by: RepoSource (this node's repo), NixStoreSource (this machine's Nix store,
+                store/localnix.py), SwarmSource (peers and gateways), UpstreamSource (HTTP binary caches,
+                store/httpcache.py)
+    NarWriter   a NarSource that also takes NARs: `add_nar`, `register_nar` (RepoSource)
+    NarSink     where a NAR's bytes go: `start(size, kind)`, `write(piece)`, `end()` (http/nix.py makes one
+                over an ASGI response; a source calls `start` only once it knows the first byte is coming)
+
+A `Found` is a source's answer: the narinfo, the source, and what that source needs to deliver the NAR later
+(the manifest root and providers a swarm lookup settled on, the upstream that had it). A source that raises
+`LookupFailed` had someone who claimed the path but failed, lied or was too slow: the lookup chain goes on
+and does not remember the miss.
+
+Owns: each source's lookup and NAR delivery, the slots and threads NAR streams take (`NarStreams`), the
+verification every byte goes through before Nix sees its last piece. Must not: import node.py or
+anything HTTP (the node hands the swarm in as the `Swarm` protocol), decide status codes (it raises
+`nixcache.errors` refusals), or change how lookups are ordered (that is `LookupChain`'s list).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol, Sequence
+
+import trio
+
+from ..aio import drain_thread, feed_thread
+from ..content.cid import CID, DAG_CBOR
+from ..content.keys import HashKey
+from ..content.narinfo import NarInfo
+from ..content.narmanifest import NarAssembly, NarManifest
+from ..content.nixhash import NixHash
+from ..errors import CorruptData, DiskFull, InvalidInput, NotFound, P2PCacheError
+from ..routing import AskState, NotHeld, RaceOutcome
+from ..routing.race import ResolveRace
+from ..routing.resolve_wire import NarInfoFields, ResolveAnswer
+from ..store.httpcache import HttpBinaryCache
+from ..store import interfaces
+from ..store.narstore import NarAddResult, RepoNarStore, nix_alias, stream_nar_root
+from .errors import Busy, Missing, NoRoom, SourceFailed
+from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import PeerInfo
+
+    from ..prefetch import Swarm as ArchiveSwarm
+    from ..store.repo import Repo
+
+__all__ = ["Found", "Intake", "LookupFailed", "NarSink", "NarSource", "NarStreams", "NarWriter", "NixStoreSource", "Room",
+           "RepoSource", "Swarm", "SwarmSource", "UpstreamSource"]
+
+log = logging.getLogger("p2pcache.nixcache")
+
+# Nodes with upstream caches announce this key: a peer whose DHT lookup missed asks them to pull through.
+GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
+BLOCK_WAIT = 120.0  # a NAR stream waits this long for any one block to arrive from peers
+ARRIVING_BYTES = 16 << 20  # verified blocks a NAR stream from peers keeps in memory ahead of its reader
+# Slow clients: NAR streams and uploads take worker threads from pools of their own (never trio's default
+# pool, which `add`, lookups and the repo use), and beyond these many at once a request gets Busy (503).
+# A stream holds a thread only while it makes its next piece, so clients that stop reading hold none.
+STREAM_THREADS = 32  # a NAR streamed from the repo holds one while it makes its next piece
+MAX_STREAMS = 256
+MAX_UPLOADS = 16  # an upload holds a thread for its whole body (bounded by asgi.bounded_bodies)
+PULL_THREADS = 8  # NAR downloads from upstream caches, for us or for a peer
+
+
+class LookupFailed(P2PCacheError):
+    """Someone had the path but failed, lied or was too slow: not a miss to remember."""
+
+
+class NarSink(Protocol):
+    """Where a NAR (or, for the hashed mirror, an archive) goes. `kind` is "nar" or "archive"; `size` None
+    means the length is not known (no Content-Length rather than a wrong one)."""
+
+    async def start(self, size: int | None, kind: str = "nar") -> None: ...
+
+    async def write(self, piece: bytes) -> None: ...
+
+    async def end(self) -> None: ...
+
+
+@dataclass
+class Found:
+    """A source's answer for a store path, and what the source needs to deliver its NAR."""
+
+    narinfo: NarInfo
+    source: "NarSource"
+    root: CID | None = None  # swarm: the NAR manifest root the winning peer proved
+    providers: list["PeerInfo"] = field(default_factory=list)  # swarm: the winner first, then the rest
+    upstream: HttpBinaryCache | None = None  # upstream: the cache that had it
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def label(self) -> str:
+        return self.source.label
+
+
+class NarSource(Protocol):
+    """One place narinfos and NARs are read from.
+
+    `name` is the source's name in `nix.lookup_order`; `label` its name in metrics and signing policy
+    ("local", "nixstore", "peer", "upstream"). A `remote` source's lookups cross the network: the chain
+    remembers its answers (pending until the NAR is fetched), negative-caches its misses and runs one lookup
+    per path at a time; its NARs are fetched into the repo, so the caller checks they fit first.
+
+    `stream_nar` sends the NAR `found` describes into `sink`, verified: a mismatch raises before its last
+    byte. With `head`, only `sink.start` and `sink.end` (local sources; for remote ones the caller answers
+    HEAD from the narinfo and never calls this)."""
+
+    name: str
+    label: str
+    remote: bool
+
+    async def narinfo(self, store_hash: str) -> Found | None: ...
+
+    async def stream_nar(self, found: Found, sink: NarSink, head: bool = False) -> None: ...
+
+
+class NarWriter(NarSource, Protocol):
+    """A source that also takes NARs (the repo). Blocking: call these on worker threads."""
+
+    def add_nar(self, narinfo: NarInfo | None, pieces: Iterable[bytes]) -> NarAddResult: ...
+
+    def register_nar(self, root: CID, narinfo: NarInfo) -> None: ...
+
+
+class Room(Protocol):
+    """The node's quota keeper as the Nix cache uses it (node.QuotaKeeper)."""
+
+    def working(self, clean_up_on_error: bool = False) -> AbstractAsyncContextManager[None]: ...
+
+    async def make_room(self, size: int, what: str, in_operation: bool = True) -> None: ...
+
+
+TakingBack = Callable[[str], AbstractAsyncContextManager[None]]  # node.taking_back_on_disk_full
+
+
+class Swarm(Protocol):
+    """The node's swarm as the Nix cache needs it (node.py's `NixSwarm` implements it over the host, the
+    finder, the exchange and the node's one race policy)."""
+
+    lookup_timeout: float
+
+    @property
+    def archives(self) -> "ArchiveSwarm":
+        """Archives by alias, for the hashed mirror's sha1 fetches (prefetch.Prefetcher)."""
+
+    @property
+    def me(self) -> "ID | None": ...
+
+    def ready(self) -> bool: ...
+
+    async def race(self, alias: str, ask: Callable[["PeerInfo"], Awaitable[object]],
+                   more: Sequence[Callable[[float], Awaitable[Iterable["PeerInfo"]]]] = ()) -> ResolveRace["PeerInfo"]: ...
+
+    async def resolve(self, peer: "PeerInfo", alias: str) -> ResolveAnswer | None: ...
+
+    async def fetch_blocks(self, cids: list[CID], peers: list["PeerInfo"]) -> dict[CID, bytes]: ...
+
+    async def find_providers(self, alias: str, timeout: float | None = None) -> list["PeerInfo"]: ...
+
+    async def size_at_peers(self, alias: str, providers: list["PeerInfo"]) -> int | None: ...
+
+    async def fetch(self, alias: str, progress: Callable[[int, int | None], None]) -> dict[str, object]: ...
+
+    async def fetch_dag(self, root: CID, providers: list["PeerInfo"],
+                        on_stored: Callable[[list[CID]], None] | None = None,
+                        on_verified: Callable[[CID, bytes], None] | None = None) -> int: ...
+
+
+class NarStreams:
+    """NAR bytes leaving the node: slots for slow clients, the worker threads they take, bytes counted."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.stream_threads = trio.CapacityLimiter(STREAM_THREADS)
+        self.upload_threads = trio.CapacityLimiter(MAX_UPLOADS)
+        self.pull_threads = trio.CapacityLimiter(PULL_THREADS)
+        self._active = {"stream": 0, "upload": 0}
+
+    @contextlib.contextmanager
+    def upload_slot(self) -> Iterator[None]:
+        from ..aio import thread_pool
+
+        with self._slot("upload", "uploads", MAX_UPLOADS), thread_pool(self.upload_threads):
+            yield
+
+    @contextlib.contextmanager
+    def stream_slot(self) -> Iterator[None]:
+        with self._slot("stream", "downloads", MAX_STREAMS):
+            yield
+
+    @contextlib.contextmanager
+    def _slot(self, kind: str, what: str, limit: int) -> Iterator[None]:
+        """One of `limit` places for requests of `kind`; Busy (before any response) when all are taken."""
+        if self._active[kind] >= limit:
+            self.metrics.busy.labels(kind).inc()
+            raise Busy(f"{limit} {what} are in progress; retry in a few seconds")
+        self._active[kind] += 1
+        try:
+            yield
+        finally:
+            self._active[kind] -= 1
+
+    async def send(self, sink: NarSink, size: int, make_iter: Callable[[], Iterator[bytes]], source: str,
+                   head: bool, kind: str = "nar") -> None:
+        if head:
+            await sink.start(size, kind)
+            await sink.end()
+            return
+        with self.stream_slot():  # Busy (before the response starts) when too many are in progress
+            await sink.start(size, kind)
+            await self.send_body(sink, make_iter, source)
+
+    async def send_body(self, sink: NarSink, make_iter: Callable[[], Iterator[bytes]], source: str) -> None:
+        sent = 0
+
+        async def deliver(piece: bytes) -> None:
+            nonlocal sent
+            sent += len(piece)
+            await sink.write(piece)
+
+        # A CorruptData from the iterator arrives before its last piece: raising here, after the
+        # response started, makes the server drop the connection with the body incomplete.
+        await drain_thread(make_iter, deliver, limiter=self.stream_threads)
+        await sink.end()
+        self.metrics.served.labels(source).inc(sent)
+
+
+class RepoSource:
+    """This node's repo: narinfos and NARs it holds (store/narstore.py), and the one writer uploads and
+    fetches go into."""
+
+    name = "repo"
+    label = "local"
+    remote = False
+
+    def __init__(self, narstore: RepoNarStore, streams: NarStreams) -> None:
+        self.narstore = narstore
+        self.repo: "Repo" = narstore.repo
+        self.streams = streams
+
+    async def narinfo(self, store_hash: str) -> Found | None:
+        info = self.narstore.narinfo(store_hash)  # one indexed SQLite read: on this task, as it always was
+        return Found(info, self) if info is not None else None
+
+    async def stream_nar(self, found: Found, sink: NarSink, head: bool = False) -> None:
+        root = self.narstore.root_of(found.narinfo.store_path.hash_part)
+        await self.stream_root(root, found.narinfo.nar_hash.digest, sink, head, self.label)
+
+    async def stream_root(self, root: CID, nar_digest: bytes, sink: NarSink, head: bool, label: str) -> None:
+        """The NAR under manifest `root`, if it has NarHash `nar_digest` (else Missing)."""
+        manifest = NarManifest.decode(await trio.to_thread.run_sync(self.repo.load_block, root))
+        if manifest.nar_hash != nar_digest:
+            raise Missing("the NAR held here has another hash")
+        await self.streams.send(sink, manifest.nar_size, lambda: stream_nar_root(self.repo, root), label, head)
+
+    def add_nar(self, narinfo: NarInfo | None, pieces: Iterable[bytes]) -> NarAddResult:
+        return self.narstore.add_nar(narinfo, pieces)
+
+    def register_nar(self, root: CID, narinfo: NarInfo) -> None:
+        """Claim a NAR whose blocks were verified as they came in (its NarHash checked on the way)."""
+        self.narstore.register_nar(root, narinfo, verify=False)
+
+    def has(self, store_hash: str) -> bool:
+        return self.narstore.has(store_hash)
+
+    def root_of(self, store_hash: str) -> CID:
+        return self.narstore.root_of(store_hash)
+
+    def root_by_nar_hash(self, digest: bytes) -> CID | None:
+        """A complete NAR held under this NarHash (uploaded under another file name, fetched earlier)."""
+        try:
+            root = self.repo.resolve(HashKey("sha256", digest))
+        except NotFound:
+            return None
+        info = self.repo.root_info(root)
+        return root if info.kind == "nar" and info.complete else None
+
+    def held_root(self, store_hash: str | None, nar_digest: bytes) -> CID | None:
+        if store_hash is not None and self.narstore.has(store_hash):
+            return self.narstore.root_of(store_hash)
+        return self.root_by_nar_hash(nar_digest)
+
+
+class NixStoreSource:
+    """This machine's Nix store, read-only (store/localnix.py): narinfo from Nix's database, NARs dumped
+    from disk and checked against it."""
+
+    name = "nixstore"
+    label = "nixstore"
+    remote = False
+
+    def __init__(self, store: interfaces.NarReader, streams: NarStreams) -> None:
+        self.store = store
+        self.streams = streams
+
+    async def narinfo(self, store_hash: str) -> Found | None:
+        info = await trio.to_thread.run_sync(self.store.narinfo, store_hash)
+        return Found(info, self) if info is not None else None
+
+    async def stream_nar(self, found: Found, sink: NarSink, head: bool = False) -> None:
+        store_hash = found.narinfo.store_path.hash_part
+        await self.streams.send(sink, found.narinfo.nar_size, lambda: self.store.stream_nar(store_hash),
+                                self.label, head)
+
+
+@dataclass(frozen=True)
+class Intake:
+    """What a remote source needs to bring a NAR into this node: the repo it is written to, the quota it
+    must fit (and stop gc while its blocks are unclaimed), the disk-full take-back around it, the
+    announcement once it is held, and the counters."""
+
+    repo: RepoSource
+    room: Room
+    taking_back: TakingBack
+    announce: Callable[[CID], None]
+    metrics: Metrics
+
+
+class UpstreamSource:
+    """Upstream binary caches (store/httpcache.py), asked in their configured order: a NAR is pulled
+    through into the repo (decompressed and verified on the way), announced, then streamed from there."""
+
+    name = "upstreams"
+    label = "upstream"
+    remote = True
+
+    def __init__(self, caches: list[HttpBinaryCache], intake: Intake) -> None:
+        self.caches = caches
+        self.intake = intake
+
+    async def find(self, store_hash: str, errors: list[str] | None = None) -> Found | None:
+        for upstream in self.caches:
+            try:
+                info = await upstream.narinfo(store_hash)
+            except P2PCacheError as e:
+                log.warning("upstream %s: %s", upstream.base, e)
+                if errors is not None:
+                    errors.append(str(e))
+                continue
+            if info is not None:
+                return Found(info, self, upstream=upstream)
+        return None
+
+    async def narinfo(self, store_hash: str) -> Found | None:
+        errors: list[str] = []
+        found = await self.find(store_hash, errors)
+        if found is None and errors:
+            raise LookupFailed(f"{len(errors)} upstream cache(s) failed: {errors[0]}")
+        return found
+
+    async def stream_nar(self, found: Found, sink: NarSink, head: bool = False) -> None:
+        info, repo = found.narinfo, self.intake.repo
+        try:
+            async with self.intake.taking_back("nar-from-upstream"):
+                await self.pull(found)
+        except P2PCacheError as e:
+            raise (NoRoom if isinstance(e, DiskFull) else SourceFailed)(
+                f"fetching the NAR of {info.store_path}: {e}") from None
+        root = repo.root_of(info.store_path.hash_part)
+        self.intake.announce(root)
+        await repo.stream_root(root, info.nar_hash.digest, sink, head, self.label)
+
+    async def pull(self, found: Found) -> None:
+        """Download, decompress and verify the NAR from the upstream straight into the repo."""
+        assert found.upstream is not None
+        upstream, info = found.upstream, found.narinfo
+        counted = [0]
+
+        async def pieces() -> AsyncIterator[bytes]:
+            async for piece in upstream.stream_nar_of(info):
+                counted[0] += len(piece)
+                yield piece
+
+        repo = self.intake.repo
+        async with self.intake.room.working():  # no quota gc while its blocks are unclaimed
+            await feed_thread(pieces(), lambda it: repo.add_nar(info, it), limiter=repo.streams.pull_threads)
+        self.intake.metrics.fetched.labels("upstream").inc(counted[0])
+
+
+def narinfo_from_fields(fields: NarInfoFields, store_dir: str) -> NarInfo:
+    """A narinfo from a peer's resolve answer (what it claims; checked against the manifest it sends)."""
+    from ..content.storepath import StorePath
+
+    path = StorePath.parse(fields.store_path)
+    if path.store_dir != store_dir:
+        raise InvalidInput(f"{fields.store_path} is not in {store_dir}")
+    nar_hash = NixHash.parse(fields.nar_hash)
+    return NarInfo(
+        store_path=path, url="nar/unused.nar", nar_hash=nar_hash, nar_size=fields.nar_size,
+        references=tuple(fields.references), deriver=fields.deriver or None, system=fields.system or None,
+        sigs=tuple(fields.sigs), ca=fields.ca or None,
+    )
+
+
+class SwarmSource:
+    """Peers that announce the store path, then (unless this node is a gateway itself) the gateways, in one
+    race (`Swarm.race`, the node's one policy); the NAR streams to Nix while its blocks arrive."""
+
+    name = "swarm"
+    label = "peer"
+    remote = True
+
+    def __init__(self, swarm: Swarm, intake: Intake, store_dir: str, ask_gateways: bool) -> None:
+        self.swarm = swarm
+        self.intake = intake
+        self.metrics = intake.metrics
+        self.store_dir = store_dir
+        self.ask_gateways = ask_gateways
+
+    async def narinfo(self, store_hash: str) -> Found | None:
+        """One race over the path's providers and then, unless we are a gateway ourselves, the gateways':
+        all asked in parallel, staggered, under one deadline of `lookup_timeout`. An answer counts once its
+        NAR manifest root, fetched from that peer, carries the NarHash and NarSize the peer claims."""
+        swarm = self.swarm
+        if not swarm.ready():
+            return None
+        alias = nix_alias(store_hash)
+        me = swarm.me
+
+        async def ask(peer: "PeerInfo") -> tuple[NarInfo, CID]:
+            answer = await swarm.resolve(peer, alias)
+            if answer is None:
+                raise NotHeld()
+            if answer.kind != "nar" or answer.narinfo is None or answer.root.codec != DAG_CBOR:
+                raise InvalidInput(f"answered {answer.root} ({answer.kind}), not a NAR manifest with its narinfo")
+            info = narinfo_from_fields(answer.narinfo, self.store_dir)
+            if info.store_path.hash_part != store_hash:
+                raise InvalidInput(f"answered a narinfo for another path, {info.store_path}")
+            # The manifest root is small: check it carries the NarHash the peer claims before we
+            # hand that claim to Nix.
+            blocks = await swarm.fetch_blocks([answer.root], [peer])
+            try:
+                manifest = NarManifest.decode(blocks[answer.root])
+            except KeyError:
+                raise InvalidInput(f"did not send the manifest root {answer.root}") from None
+            if manifest.nar_hash != info.nar_hash.digest or manifest.nar_size != info.nar_size:
+                log.warning("peer %s: NAR manifest %s does not match its narinfo for %s", peer.peer_id,
+                            answer.root, alias)
+                raise CorruptData(f"its NAR manifest {answer.root} does not match its narinfo")
+            return info, answer.root
+
+        async def gateways(timeout: float) -> list["PeerInfo"]:
+            return [p for p in await swarm.find_providers(str(GATEWAY_MARKER), timeout=timeout)
+                    if p.peer_id != me]
+
+        # A gateway pulls the path through from its upstreams before it answers, so gateways are
+        # asked after the providers themselves (the race's second tier).
+        race = await swarm.race(alias, ask, (gateways,) if self.ask_gateways else ())
+        if race.winner is None:
+            if race.outcome is not RaceOutcome.MISS:
+                log.info("lookup of %s: %d provider(s), none answered validly in time (%s)", alias,
+                         race.peers_known, race.stats)
+                self.metrics.lookup_failures.inc()
+                raise LookupFailed(f"{alias}: {race.peers_known} provider(s), none answered validly in time")
+            return None
+        peer, (info, root) = race.winner
+        rest = race.peers_in(AskState.QUEUED, AskState.CANCELLED)
+        return Found(info, self, root=root, providers=[peer, *rest])
+
+    async def stream_nar(self, found: Found, sink: NarSink, head: bool = False) -> None:
+        async with self.intake.taking_back("nar-from-peers"):
+            await self._stream_from_peers(found, sink)
+
+    async def _stream_from_peers(self, found: Found, sink: NarSink) -> None:
+        """Stream the NAR to Nix while its blocks arrive from peers: the fetch stores verified blocks in
+        depth-first order (NAR order) and says which; a `NarAssembly` on this task turns each block into
+        NAR bytes the moment it is there, with no thread waiting for arrivals. The NarHash is checked as
+        it streams (a mismatch, or a failed fetch, aborts the response before its last byte); the root
+        is registered only after both finished."""
+        source = self.intake.repo
+        repo = source.repo
+        root = found.root
+        assert root is not None
+        arriving = ArrivingBlocks(repo)
+
+        counted = [0]
+
+        def verified(cid: CID, data: bytes) -> None:  # counted as they arrive: Nix may finish first
+            counted[0] += len(data)
+            self.metrics.fetched.labels("peer").inc(len(data))
+            arriving.verified(cid, data)
+
+        async def fetcher() -> None:
+            try:
+                fetched = await self.swarm.fetch_dag(root, found.providers, arriving.stored, verified)
+                self.metrics.fetched.labels("peer").inc(max(0, fetched - counted[0]))
+            except P2PCacheError as e:
+                arriving.fail(e)
+                return
+            arriving.finish()
+
+        with source.streams.stream_slot():  # Busy (before the response starts) when too many are in progress
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetcher)
+                manifest = NarManifest.decode(await arriving.get(root))
+                await sink.start(manifest.nar_size, "nar")
+                assembly = NarAssembly(manifest)
+                pieces = assembly.start()
+                sent = 0
+                while True:
+                    for piece in pieces:
+                        sent += len(piece)
+                        await sink.write(piece)
+                    cid = assembly.need()
+                    if cid is None:
+                        break
+                    # A CorruptData or FetchError raised here, after the response started, makes the server
+                    # drop the connection with the body incomplete.
+                    pieces = assembly.give(await arriving.get(cid))
+                await sink.end()
+                self.metrics.served.labels("peer").inc(sent)
+        if arriving.failure is not None:  # the stream completed from blocks we had, yet the fetch failed
+            raise arriving.failure
+        await trio.to_thread.run_sync(source.register_nar, root, found.narinfo)
+        self.intake.announce(root)
+
+
+class ArrivingBlocks:
+    """Blocks of one fetch as they arrive: `get(cid)` returns a block's verified bytes — from memory if
+    the fetch handed them over verified (`verified`, at most `ARRIVING_BYTES` held), else from the repo
+    once it holds the block (read on a worker thread, never waiting there) — waiting on this task until
+    then."""
+
+    def __init__(self, repo: "Repo") -> None:
+        self.repo = repo
+        self._held: dict[CID, bytes] = {}
+        self._held_bytes = 0
+        self._stored: set[CID] = set()
+        self._waiting: dict[CID, trio.Event] = {}
+        self.failure: BaseException | None = None
+        self._finished = False
+
+    def verified(self, cid: CID, data: bytes) -> None:
+        if self._held_bytes + len(data) <= ARRIVING_BYTES and cid not in self._held:
+            self._held[cid] = data
+            self._held_bytes += len(data)
+            ev = self._waiting.pop(cid, None)
+            if ev is not None:
+                ev.set()
+
+    def stored(self, cids: list[CID]) -> None:
+        for c in cids:
+            self._stored.add(c)
+            ev = self._waiting.pop(c, None)
+            if ev is not None:
+                ev.set()
+
+    def _wake_all(self) -> None:
+        for ev in self._waiting.values():
+            ev.set()
+        self._waiting.clear()
+
+    def fail(self, e: BaseException) -> None:
+        self.failure = e
+        self._wake_all()
+
+    def finish(self) -> None:
+        self._finished = True
+        self._wake_all()
+
+    async def get(self, cid: CID) -> bytes:
+        data = self._held.pop(cid, None)
+        if data is not None:
+            self._held_bytes -= len(data)
+            return data
+        while cid not in self._stored and not self.repo.has_block(cid):
+            data = self._held.pop(cid, None)
+            if data is not None:
+                self._held_bytes -= len(data)
+                return data
+            if self.failure is not None:
+                raise self.failure
+            if self._finished:
+                raise CorruptData(f"the fetch finished without block {cid}")
+            ev = self._waiting.setdefault(cid, trio.Event())
+            with trio.move_on_after(BLOCK_WAIT) as waited:
+                await ev.wait()
+            if waited.cancelled_caught:
+                raise NotFound(f"block {cid} did not arrive from peers within {BLOCK_WAIT:g} s")
+        return await trio.to_thread.run_sync(self.repo.load_block, cid)

@@ -1,0 +1,182 @@
+"""The narinfo lookup chain (p2pcache.nixcache.chain) assembled from fake sources: order, what it remembers
+(pending answers, true misses), one remote lookup per path at a time; and `nix.lookup_order` reordering the
+chain a node builds. Pure code plus virtual time: the sources are fakes of the `NarSource` protocol."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from p2pcache.config import LOOKUP_SOURCES, NixConfig, check_lookup_order, load
+from p2pcache.content.narinfo import NarInfo
+from p2pcache.content.nixhash import NixHash
+from p2pcache.content.storepath import StorePath
+from p2pcache.errors import InvalidInput
+from p2pcache.nixcache import Found, LookupChain, LookupFailed, Metrics, NarSink, NarSource, build_sources
+
+HASH = "0" * 31 + "1"
+OTHER = "0" * 31 + "2"
+
+
+def _info(store_hash: str = HASH) -> NarInfo:
+    return NarInfo(store_path=StorePath.parse(f"/nix/store/{store_hash}-demo-1.0"), url="nar/x.nar",
+                   nar_hash=NixHash("sha256", bytes(32)), nar_size=8)
+
+
+class FakeSource:
+    """A `NarSource` that answers from a dict (or fails), after `delay` seconds, and counts its lookups."""
+
+    def __init__(self, name: str, *, remote: bool, holds: tuple[str, ...] = (), fails: bool = False,
+                 delay: float = 0.0) -> None:
+        self.name = self.label = name
+        self.remote = remote
+        self.holds = set(holds)
+        self.fails = fails
+        self.delay = delay
+        self.asked: list[str] = []
+
+    async def narinfo(self, store_hash: str) -> Found | None:
+        self.asked.append(store_hash)
+        await trio.sleep(self.delay)
+        if self.fails:
+            raise LookupFailed(f"{self.name}: a provider did not answer in time")
+        return Found(_info(store_hash), self) if store_hash in self.holds else None
+
+    async def stream_nar(self, found: Found, sink: NarSink, head: bool = False) -> None:
+        await sink.start(found.narinfo.nar_size)
+        await sink.write(b"\0" * found.narinfo.nar_size)
+        await sink.end()
+
+
+def _chain(*sources: NarSource, ttl: float = 30.0) -> tuple[LookupChain, Metrics]:
+    metrics = Metrics()  # mypy checks the fakes against the NarSource protocol here
+    return LookupChain(sources, ttl, metrics), metrics
+
+
+def _negative_hits(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("p2pcache_narinfo_negative_cache_hits_total") or 0.0
+
+
+@pytest.mark.trio
+async def test_sources_are_asked_in_order_and_the_first_answer_wins():
+    repo, nixstore = FakeSource("repo", remote=False), FakeSource("nixstore", remote=False, holds=(HASH,))
+    swarm = FakeSource("swarm", remote=True, holds=(HASH,))
+    chain, _ = _chain(repo, nixstore, swarm)
+    found = await chain.find(HASH)
+    assert found is not None and found.source is nixstore
+    assert (repo.asked, nixstore.asked, swarm.asked) == ([HASH], [HASH], [])
+    assert chain.pending(HASH) is None  # a local answer is not remembered: the next request asks again
+    await chain.find(HASH)
+    assert nixstore.asked == [HASH, HASH]
+
+
+@pytest.mark.trio
+async def test_a_remote_answer_stays_pending_until_forgotten():
+    repo, swarm = FakeSource("repo", remote=False), FakeSource("swarm", remote=True, holds=(HASH,))
+    chain, _ = _chain(repo, swarm)
+    first = await chain.find(HASH)
+    assert first is not None and first.source is swarm and chain.pending(HASH) is first
+    assert await chain.find(HASH) is first and swarm.asked == [HASH]  # not asked again
+    assert repo.asked == [HASH, HASH]  # the repo is asked every time: an upload may have come meanwhile
+    chain.forget_pending(HASH)
+    await chain.find(HASH)
+    assert swarm.asked == [HASH, HASH]
+
+
+@pytest.mark.trio
+async def test_a_true_miss_is_remembered_for_the_ttl(autojump_clock):
+    repo, swarm, upstreams = (FakeSource("repo", remote=False), FakeSource("swarm", remote=True),
+                              FakeSource("upstreams", remote=True))
+    chain, metrics = _chain(repo, swarm, upstreams, ttl=30.0)
+    assert await chain.find(HASH) is None
+    assert await chain.find(HASH) is None
+    assert (swarm.asked, upstreams.asked) == ([HASH], [HASH])
+    assert _negative_hits(metrics) == 1
+    repo.holds.add(HASH)  # a local source still answers while the miss is remembered
+    found = await chain.find(HASH)
+    assert found is not None and found.source is repo
+    repo.holds.clear()
+    chain.forget_miss(HASH)  # what an upload of the path does
+    assert await chain.find(HASH) is None and swarm.asked == [HASH, HASH]
+
+
+@pytest.mark.trio
+async def test_the_miss_expires(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("p2pcache.nixcache.chain.time.monotonic", lambda: now[0])
+    swarm = FakeSource("swarm", remote=True)
+    chain, _ = _chain(FakeSource("repo", remote=False), swarm, ttl=30.0)
+    await chain.find(HASH)
+    now[0] += 29.0
+    await chain.find(HASH)
+    assert swarm.asked == [HASH]
+    now[0] += 2.0
+    await chain.find(HASH)
+    assert swarm.asked == [HASH, HASH]
+
+
+@pytest.mark.trio
+async def test_a_failed_lookup_is_not_a_miss_and_later_sources_are_still_asked():
+    swarm = FakeSource("swarm", remote=True, fails=True)
+    upstreams = FakeSource("upstreams", remote=True)
+    chain, metrics = _chain(FakeSource("repo", remote=False), swarm, upstreams)
+    assert await chain.find(HASH) is None
+    assert await chain.find(HASH) is None
+    assert (swarm.asked, upstreams.asked) == ([HASH, HASH], [HASH, HASH])  # asked again: nothing remembered
+    assert _negative_hits(metrics) == 0
+    upstreams.holds.add(HASH)
+    found = await chain.find(HASH)
+    assert found is not None and found.source is upstreams and chain.pending(HASH) is found
+
+
+@pytest.mark.trio
+async def test_concurrent_requests_for_one_path_make_one_remote_lookup(autojump_clock):
+    swarm = FakeSource("swarm", remote=True, holds=(HASH,), delay=2.0)
+    chain, _ = _chain(FakeSource("repo", remote=False), swarm)
+    results: list[Found | None] = []
+
+    async def ask(store_hash: str) -> None:
+        results.append(await chain.find(store_hash))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(ask, HASH)
+        nursery.start_soon(ask, OTHER)  # another path is not held up behind the lock
+    assert swarm.asked.count(HASH) == 1 and swarm.asked.count(OTHER) == 1
+    assert len({id(r) for r in results if r is not None}) == 1 and results.count(None) == 1
+    assert trio.current_time() == pytest.approx(2.0)  # OTHER ran beside HASH, not after it
+
+
+def test_lookup_order_reorders_and_leaves_out_the_chain():
+    repo, local = FakeSource("repo", remote=False), FakeSource("nixstore", remote=False)
+    swarm, upstream = FakeSource("swarm", remote=True), FakeSource("upstreams", remote=True)
+    default = build_sources(NixConfig(), repo, local, swarm, upstream)
+    assert [s.name for s in default] == list(LOOKUP_SOURCES) == ["repo", "nixstore", "swarm", "upstreams"]
+    cfg = NixConfig(lookup_order=["repo", "upstreams", "swarm"])
+    assert [s.name for s in build_sources(cfg, repo, local, swarm, upstream)] == ["repo", "upstreams", "swarm"]
+    # a source this node does not have (no local store served, no upstreams) is left out
+    assert [s.name for s in build_sources(NixConfig(), repo, None, swarm, None)] == ["repo", "swarm"]
+
+
+@pytest.mark.trio
+async def test_a_reordered_chain_asks_upstreams_before_the_swarm():
+    repo = FakeSource("repo", remote=False)
+    swarm, upstreams = FakeSource("swarm", remote=True, holds=(HASH,)), FakeSource("upstreams", remote=True, holds=(HASH,))
+    sources = build_sources(NixConfig(lookup_order=["repo", "upstreams", "swarm"]), repo, None, swarm, upstreams)
+    chain, _ = _chain(*sources)
+    found = await chain.find(HASH)
+    assert found is not None and found.source is upstreams and swarm.asked == []
+
+
+@pytest.mark.parametrize("order", [["swarm", "upstreams"], ["repo", "repo"], ["repo", "cache.example"], []])
+def test_bad_lookup_orders_are_one_line_errors(order):
+    with pytest.raises(InvalidInput, match="nix.lookup_order must list distinct names"):
+        check_lookup_order(order, "config.toml")
+
+
+def test_lookup_order_in_config_toml(tmp_path):
+    (tmp_path / "config.toml").write_text('[nix]\nlookup_order = ["repo", "upstreams", "nixstore", "swarm"]\n')
+    assert load(tmp_path).nix.lookup_order == ["repo", "upstreams", "nixstore", "swarm"]
+    (tmp_path / "config.toml").write_text('[nix]\nlookup_order = ["swarm"]\n')
+    with pytest.raises(InvalidInput, match=r"config.toml: nix.lookup_order"):
+        load(tmp_path)

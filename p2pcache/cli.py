@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 from . import __version__
 from .content.keys import HashKey
@@ -1096,7 +1096,7 @@ def _daemon(args: argparse.Namespace, required: bool = False):
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (the full usage is one `--help` away)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -1220,7 +1220,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         try:
-            sys.stdout = None  # type: ignore[assignment]
+            sys.stdout = None
         finally:
             return 141
 

@@ -45,9 +45,11 @@ from .nixcache import GATEWAY_MARKER, NixBinaryCache
 from .net.bitswap import BitswapExchange, FetchError, RepoBlockSource
 from .net.dagxfer import DagConfig, DagTransfer
 from .net.host import HostConfig, NodeHost
+from .net.peers import Host
 from .routing import (DHT, AnnouncerConfig, AskState, DHTConfig, FinderConfig, NotHeld, ProviderAnnouncer,
                       ProviderFinder, ProviderStanding, NarInfoFields, RaceOutcome, ResolveAnswer, ResolveRace,
                       ResolveServer, race_providers, resolve)
+from .routing.interfaces import ProviderRouting
 from .store.repo import Repo
 
 if TYPE_CHECKING:
@@ -117,26 +119,25 @@ class Node:
     the `DHT` on it, and the HTTP API. Two injection points let another network layer carry the same
     node (simnet runs real Nodes over simulated hosts this way; p2pcache never imports it):
 
-    - `host`: an object with `NodeHost`'s interface (`run`, `peer_id`, `addrs`, `new_stream`,
+    - `host`: a `net.peers.Host` (the Protocol `NodeHost` satisfies: `run`, `peer_id`, `addrs`, `new_stream`,
       `set_stream_handler`, `connected_peers`, `disconnect`, `subscribe`, `add_addrs`); used instead of
       building a `NodeHost`, so `config.listen`, `bootstrap`, `swarm_key` and `allow_peers` are the
       injected host's business and the repo's identity key is not read.
-    - `dht`: an object with `DHT`'s interface as `ProviderAnnouncer` / `ProviderFinder` use it
-      (`run`, `peer_id`, `provide_key`, `withdraw_key`, `local_providers`, `closest_known_peers`,
-      `ask_providers`); used instead of building `DHT(host)`.
+    - `dht`: a `routing.interfaces.ProviderRouting` (the Protocol `DHT` satisfies, as `ProviderAnnouncer` /
+      `ProviderFinder` use it); used instead of building `DHT(host)`.
     - `serve_api=False`: no HTTP API and no `api.json` (`api_url` stays None).
     """
 
-    def __init__(self, repo_path: Path, config: NodeConfig, *, host: Any = None, dht: Any = None,
-                 serve_api: bool = True):
+    def __init__(self, repo_path: Path, config: NodeConfig, *, host: Host | None = None,
+                 dht: ProviderRouting | None = None, serve_api: bool = True):
         self.repo_path = Path(repo_path)
         self.config = config
         self.stats = NodeStats()
         self.repo: Repo | None = None
-        self.host: NodeHost | None = None
+        self.host: Host | None = None
         self.exchange: BitswapExchange | None = None
         self.dag: DagTransfer | None = None
-        self.dht: DHT | None = None
+        self.dht: ProviderRouting | None = None
         self._given_host = host
         self._given_dht = dht
         self.serve_api = serve_api
@@ -550,9 +551,10 @@ class Node:
         """Store the blocks of the archive a provider of `alias` holds, each verified against its CID,
         without registering the root: the caller checks the whole against its own hash first."""
         assert self.host is not None
+        host = self.host
 
         async def ask(peer: Any) -> CID:
-            answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
+            answer = await resolve(host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
             if answer is None:
                 raise NotHeld()
             if answer.root.codec != DAG_CBOR:
@@ -645,10 +647,10 @@ class Node:
         no such hash, e.g. no sha512 since that became lazy, is checked over the fetched bytes afterwards)."""
         assert self.host is not None and self.exchange is not None
         alias = key.alias
-        exchange = self.exchange
+        exchange, host = self.exchange, self.host
 
         async def ask(peer: Any) -> tuple[CID, ArchiveManifest]:
-            answer = await resolve(self.host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
+            answer = await resolve(host, peer.peer_id, alias, timeout=self.config.lookup_timeout)
             if answer is None:
                 raise NotHeld()
             if answer.root.codec != DAG_CBOR:
@@ -855,6 +857,7 @@ class _BuildCacheSwarm:
     async def ask_records(self, peer: Any, key: str, prefix: bool) -> list:
         from .routing.cacherecords import ask_records
 
+        assert self.node.host is not None
         return (await ask_records(self.node.host, peer, key, prefix, timeout=self.node.config.lookup_timeout)).records
 
     async def fetch_tree(self, root: CID, peers: list) -> int:

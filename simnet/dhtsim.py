@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Callable
+from collections.abc import Hashable
+from functools import partial
+from typing import Any, Callable, Generic, TypeVar
 
 from p2pcache.routing.keys import dht_key
 from p2pcache.routing.query import ProviderQuery
@@ -39,13 +41,22 @@ def _pos(data: bytes) -> int:
     return int.from_bytes(hashlib.sha256(data).digest(), "big")
 
 
-class RoutingTable:
+P = TypeVar("P", bound=Hashable)
+
+
+def _distance(entry: tuple[int, Any]) -> int:
+    return entry[0]
+
+
+class RoutingTable(Generic[P]):
+    """k-buckets of peers (names here, py-libp2p `ID`s in `routingsim`) by XOR distance of their positions."""
+
     def __init__(self, self_pos: int, k: int) -> None:
         self.self_pos, self.k = self_pos, k
-        self.buckets: dict[int, dict[str, int]] = {}  # bucket -> {peer: pos}, insertion order = age
-        self.where: dict[str, int] = {}
+        self.buckets: dict[int, dict[P, int]] = {}  # bucket -> {peer: pos}, insertion order = age
+        self.where: dict[P, int] = {}
 
-    def add(self, peer: str, pos: int) -> None:
+    def add(self, peer: P, pos: int) -> None:
         if peer in self.where:
             return
         b = (pos ^ self.self_pos).bit_length()
@@ -55,14 +66,14 @@ class RoutingTable:
         bucket[peer] = pos
         self.where[peer] = b
 
-    def remove(self, peer: str) -> None:
+    def remove(self, peer: P) -> None:
         b = self.where.pop(peer, None)
         if b is not None:
             del self.buckets[b][peer]
 
-    def closest(self, target: int, n: int) -> list[str]:
+    def closest(self, target: int, n: int) -> list[P]:
         entries = [(pos ^ target, peer) for bucket in self.buckets.values() for peer, pos in bucket.items()]
-        entries.sort()
+        entries.sort(key=_distance)  # positions are sha256 of distinct ids: no two distances tie
         return [peer for _, peer in entries[:n]]
 
     def __len__(self) -> int:
@@ -75,7 +86,7 @@ class KadNode:
     def __init__(self, world: "DhtWorld", name: str, peer_bytes: bytes) -> None:
         self.world, self.name, self.peer_bytes = world, name, peer_bytes
         self.pos = _pos(peer_bytes)
-        self.table = RoutingTable(self.pos, world.k)
+        self.table: RoutingTable[str] = RoutingTable(self.pos, world.k)
         self.providers: dict[bytes, dict[str, float]] = {}
         self.alive = True
         self._pending: dict[int, tuple[Callable, Callable, Any]] = {}
@@ -154,8 +165,7 @@ class KadNode:
             if finished[0] or not self.alive:
                 return
             while (peer := q.next_peer()) is not None:
-                self.rpc(peer, ("get_providers", key),
-                         lambda body, peer=peer: reply(peer, body), lambda peer=peer: fail(peer))
+                self.rpc(peer, ("get_providers", key), partial(reply, peer), partial(fail, peer))
             if q.done and not finished[0]:
                 finished[0] = True
                 on_done(q, answered)
@@ -232,6 +242,11 @@ class DhtWorld:
         self.net.remove(name)
 
 
+def _republish(world: DhtWorld, key: bytes, provider: str) -> None:
+    if world.nodes[provider].alive:
+        world.nodes[provider].provide(key)
+
+
 async def run_dht_lookup(sim: Sim, sc: Any, results: Results) -> dict:
     p = sc.params
     net = Network(sim)
@@ -283,8 +298,7 @@ async def run_dht_lookup(sim: Sim, sc: Any, results: Results) -> dict:
         t = start + republish
         while t < start + phase:
             for key, provider in keys:
-                sim.at(t, lambda key=key, provider=provider: world.nodes[provider].alive
-                       and world.nodes[provider].provide(key))
+                sim.at(t, _republish, world, key, provider)
             t += republish
 
     lookups: list[dict] = []
@@ -294,7 +308,7 @@ async def run_dht_lookup(sim: Sim, sc: Any, results: Results) -> dict:
         key, provider = rng.choice(live_keys)
         origin = rng.choice([x for x in world.alive() if x != provider])
         t0 = sim.now()
-        rec = {"at": t0}
+        rec: dict[str, Any] = {"at": t0}
 
         def done(q: ProviderQuery, answered: list[str]) -> None:
             rec.update(found=q.found, rounds=q.stats.found_at_hop, max_hop=q.stats.max_hop, asked=q.stats.asked,

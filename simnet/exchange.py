@@ -1,6 +1,7 @@
 """A simulated node's block exchange: the real `BitswapClient` / `BitswapServer` engines pumped over simnet links.
 
-Owns the simnet twin of `p2pcache.net.bitswap.BitswapExchange`: peer up/down events into both engines,
+Owns the simnet twin of `p2pcache.net.bitswap.BitswapExchange` (sharing its ban bookkeeping, `BanList`, and
+its dispatch of engine actions, `apply_actions`): peer up/down events into both engines,
 dialling a provider when the client first sends to it, the engine timer, `MessageSent` acknowledgements
 when the sender's uplink has written a message (the server's flow control), banning a peer that
 `PenalisePeer` names (disconnect, refuse it afterwards), and `ArchiveFetch`, the walk of an archive's
@@ -45,16 +46,17 @@ from p2pcache.exchange import (
     PeerConnected,
     PeerDisconnected,
     PeerMisbehaved,
-    PenalisePeer,
     ProtocolViolation,
     Send,
     ServerConfig,
-    SetTimer,
     Tick,
     Want,
     decode,
     encode,
 )
+from p2pcache.exchange.bans import BanList
+from p2pcache.exchange.dispatch import apply_actions
+from p2pcache.exchange.events import Action
 from p2pcache.exchange.message import block_wire_size, presence_wire_size, uvarint, want_wire_size
 
 from .core import Sim
@@ -125,7 +127,7 @@ class BitswapNode:
         # As BitswapExchange: twice bitswap's message size outstanding per peer.
         self.server = BitswapServer(source, server_config or ServerConfig(max_outstanding_bytes=8 << 20))
         self.ban_seconds = ban_seconds
-        self._banned: dict[PeerId, float] = {}
+        self._bans: BanList[PeerId] = BanList(ban_seconds)
         self._waiting: dict[PeerId, deque[Send]] = {}  # sends waiting for a dial
         self._timer_at: float | None = None
         self._sessions: dict[object, "ArchiveFetch"] = {}
@@ -145,25 +147,31 @@ class BitswapNode:
         self._client(event)
         self._server(event)
 
-    def _apply(self, actions: list) -> None:
-        for a in actions:
-            if isinstance(a, Send):
-                self._send(a)
-            elif isinstance(a, Deliver):
-                f = self._sessions.get(a.session)
-                if f is not None:
-                    f.on_block(a.cid, a.data)
-            elif isinstance(a, FetchFailed):
-                self.counters.fetch_failures += 1
-                f = self._sessions.get(a.session)
-                if f is not None:
-                    f.on_failed(a.cid, a.why)
-            elif isinstance(a, SetTimer):
-                if self._timer_at is None or a.at < self._timer_at:
-                    self._timer_at = a.at
-                    self.sim.at(a.at, self._on_timer, a.at)
-            elif isinstance(a, PenalisePeer):
-                self._penalise(a.peer, a.why)
+    def _apply(self, actions: list[Action]) -> None:
+        apply_actions(actions, self)
+
+    # `ActionHandler`: what each engine action means on simnet links (called by `apply_actions` only)
+    def on_send(self, action: Send) -> None:
+        self._send(action)
+
+    def on_deliver(self, action: Deliver) -> None:
+        f = self._sessions.get(action.session)
+        if f is not None:
+            f.on_block(action.cid, action.data)
+
+    def on_fetch_failed(self, action: FetchFailed) -> None:
+        self.counters.fetch_failures += 1
+        f = self._sessions.get(action.session)
+        if f is not None:
+            f.on_failed(action.cid, action.why)
+
+    def on_timer(self, at: float) -> None:
+        if self._timer_at is None or at < self._timer_at:
+            self._timer_at = at
+            self.sim.at(at, self._on_timer, at)
+
+    def on_penalise(self, peer: PeerId, why: str) -> None:
+        self._penalise(peer, why)
 
     def _on_timer(self, at: float) -> None:
         if not self.alive or self._timer_at != at:
@@ -173,13 +181,7 @@ class BitswapNode:
 
     # -- links ----------------------------------------------------------------------------------
     def _is_banned(self, peer: PeerId) -> bool:
-        until = self._banned.get(peer)
-        if until is None:
-            return False
-        if self.sim.now() >= until:
-            del self._banned[peer]
-            return False
-        return True
+        return self._bans.is_banned(peer, self.sim.now())
 
     def on_connected(self, peer: PeerId) -> None:
         if not self.alive:
@@ -251,7 +253,7 @@ class BitswapNode:
         log.info("%s drops peer %s: %s", self.name, peer, why)
         self.counters.penalised += 1
         self.penalised.append((peer, why))
-        self._banned[peer] = self.sim.now() + self.ban_seconds
+        self._bans.ban(peer, self.sim.now())
         self._waiting.pop(peer, None)
         if tell_client:
             self._both(PeerMisbehaved(peer, why))

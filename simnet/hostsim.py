@@ -7,10 +7,11 @@ Owns:
   delivery wakes a trio task that must run at the delivery's instant, and a task may schedule an event
   earlier than the one the queue is waiting for. So every instant is a real trio sleep (trio's
   autojump moves the clock once every task is idle) and scheduling an earlier event wakes the queue.
-- `SimSwarm` / `SimHost`: one host per node, a `simnet.links.Network` endpoint. It offers what the
-  node's drivers call on `NodeHost` (`peer_id`, `addrs`, `add_addrs`, `new_stream`, `set_stream_handler`,
+- `SimSwarm` / `SimHost`: one host per node, a `simnet.links.Network` endpoint. It satisfies
+  `p2pcache.net.peers.Host`, the Protocol the node's drivers are written against, as `NodeHost` does (`peer_id`, `addrs`, `add_addrs`, `new_stream`, `set_stream_handler`,
   `remove_stream_handler`, `connected_peers`, `is_connected`, `disconnect`, `subscribe`, `run`) with
   real py-libp2p `ID`s (ed25519 keys derived from the run's seed, so one seed gives the same ids).
+  Peer events and the bootstrap redial loop are production's own (`PeerEvents`, `keep_connected`).
 - `SimStream`: `read` / `write` / `close` / `close_write` / `reset` / `get_protocol` / `muxed_conn.peer_id`.
   A write is cut into frames of `FRAME` bytes; each frame crosses the link as a `Network.send` of its
   bytes (plus the Yamux header and Noise tag it would carry), so it costs uplink queueing, latency and
@@ -37,7 +38,7 @@ import heapq
 import logging
 import math
 from contextlib import contextmanager
-from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import multiaddr
 import trio
@@ -46,10 +47,14 @@ from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamRese
 from libp2p.peer.id import ID
 
 from p2pcache.errors import P2PCacheError
-from p2pcache.net.host import PeerEvent
+from p2pcache.net.peers import PeerEvent, PeerEvents, StreamHandler, keep_connected
 
 from .core import Sim, Timer
 from .links import LinkProfile, Network, profile
+
+if TYPE_CHECKING:
+    # `trio.TaskStatus` at run time; libp2p pulls in trio-typing, whose stubs shadow trio's for mypy.
+    from trio_typing import TaskStatus
 
 __all__ = ["FRAME", "LiveSim", "SimHost", "SimHostError", "SimStream", "SimSwarm", "repo_work_inline"]
 
@@ -58,9 +63,6 @@ log = logging.getLogger(__name__)
 FRAME = 64 * 1024  # bytes of one data frame on the link
 FRAME_OVERHEAD = 12 + 2 + 16  # Yamux header + Noise length prefix + Noise AEAD tag, per frame
 CONTROL_SIZE = 12 + 2 + 16  # a frame with no payload (window update, FIN, RST)
-
-StreamHandler = Callable[[Any], Awaitable[None]]
-
 
 class SimHostError(P2PCacheError):
     """A simulated dial or stream open failed (unreachable peer, no such protocol, connection cut)."""
@@ -96,7 +98,7 @@ class LiveSim(Sim):
         return len(self._heap)
 
     async def run(self, until: float | None = None, *,
-                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                  task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         q = self._heap
         task_status.started()
         while not self._stop:
@@ -145,11 +147,11 @@ def repo_work_inline() -> Iterator[None]:
         await trio.lowlevel.checkpoint()
         return sync_fn(*args)
 
-    to_thread.run_sync = inline  # type: ignore[assignment]
+    to_thread.run_sync = inline
     try:
         yield
     finally:
-        to_thread.run_sync = original  # type: ignore[assignment]
+        to_thread.run_sync = original
 
 
 # -- streams --------------------------------------------------------------------------------------
@@ -329,8 +331,7 @@ class SimHost:
         self._connected: dict[ID, None] = {}  # insertion-ordered set
         self._dials: dict[ID, trio.Event] = {}
         self._peer_addrs: dict[ID, list] = {}
-        self._subscribers: list[trio.MemorySendChannel] = []
-        self._changed = trio.Event()
+        self._events = PeerEvents()
         self._nursery: trio.Nursery | None = None
         self._running = False
         self._rng = swarm.sim.rng_for(f"hostsim/{self.peer_id.to_base58()}")
@@ -370,12 +371,8 @@ class SimHost:
     def remove_stream_handler(self, protocol: str) -> None:
         self._handlers.pop(str(protocol), None)
 
-    def subscribe(self) -> trio.MemoryReceiveChannel:
-        send, recv = trio.open_memory_channel(math.inf)
-        for p in self.connected_peers():
-            send.send_nowait(PeerEvent(p, True))
-        self._subscribers.append(send)
-        return recv
+    def subscribe(self) -> trio.MemoryReceiveChannel[PeerEvent]:
+        return self._events.subscribe(self.connected_peers())
 
     async def connect(self, peer: ID) -> ID:
         await self._ensure_connected(peer)
@@ -428,25 +425,12 @@ class SimHost:
             self.swarm.net.remove(self.peer_id)  # peers are told their connections went down
             for peer in list(self._connected):
                 self.on_disconnected(peer)
-            for s in self._subscribers:
-                s.close()
-            self._subscribers.clear()
+            self._events.close()
 
     async def _keep_connected(self, peer: ID) -> None:
-        """As NodeHost does for bootstrap peers: dial, redial with exponential backoff and jitter."""
-        delay = 1.0
-        while True:
-            if peer not in self._connected:
-                try:
-                    await self._ensure_connected(peer)
-                    delay = 1.0
-                except SimHostError:
-                    await trio.sleep(delay * self._rng.uniform(0.8, 1.2))
-                    delay = min(60.0, delay * 2)
-                    continue
-            changed = self._changed
-            if peer in self._connected:
-                await changed.wait()
+        """NodeHost's loop for bootstrap peers (`keep_connected`, its default backoff), jitter from the seed."""
+        await keep_connected(peer, lambda: self._ensure_connected(peer), self.is_connected, self._events,
+                             initial=1.0, maximum=60.0, uniform=self._rng.uniform, failure=SimHostError)
 
     async def _ensure_connected(self, peer: ID) -> None:
         if peer in self._connected:
@@ -455,9 +439,10 @@ class SimHost:
         ev = self._dials.get(peer)
         if ev is None:
             ev = self._dials[peer] = trio.Event()
+            dialled = ev
             # Network.connect calls back once (True/False) unless the other end is dialling us at the
             # same moment; then `on_connected` (or the timeout below) ends the wait.
-            self.swarm.net.connect(self.peer_id, peer, lambda ok, ev=ev: ev.set())
+            self.swarm.net.connect(self.peer_id, peer, lambda ok: dialled.set())
         with trio.move_on_after(self.swarm.dial_timeout):
             await ev.wait()
         if self._dials.get(peer) is ev:
@@ -469,15 +454,6 @@ class SimHost:
     def _send(self, peer: ID, size: int, payload: tuple, on_written: Callable[[], None] | None = None) -> bool:
         return self.swarm.net.send(self.peer_id, peer, size, payload, on_written)
 
-    def _publish(self, event: PeerEvent) -> None:
-        for s in list(self._subscribers):
-            try:
-                s.send_nowait(event)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                self._subscribers.remove(s)
-        self._changed.set()
-        self._changed = trio.Event()
-
     # Network endpoint callbacks: synchronous, from the event queue.
     def on_connected(self, peer: ID) -> None:
         ev = self._dials.get(peer)
@@ -485,14 +461,14 @@ class SimHost:
             ev.set()
         if peer not in self._connected:
             self._connected[peer] = None
-            self._publish(PeerEvent(peer, True))
+            self._events.publish(PeerEvent(peer, True))
 
     def on_disconnected(self, peer: ID) -> None:
         for s in [s for s in self._streams.values() if s.peer == peer]:
             s._broken()
         if peer in self._connected:
             del self._connected[peer]
-            self._publish(PeerEvent(peer, False))
+            self._events.publish(PeerEvent(peer, False))
 
     def on_message(self, peer: ID, payload: tuple) -> None:
         kind, sid = payload[0], payload[1]
@@ -536,3 +512,10 @@ class SimHost:
         except Exception as e:  # a handler's failure ends its stream, never the host
             log.debug("handler for %s from %s failed: %r", stream.protocol, stream.peer, e)
             await stream.reset()
+
+
+if TYPE_CHECKING:
+    from p2pcache.net.peers import Host
+
+    def _sim_host_is_a_host(host: SimHost) -> Host:
+        return host  # `make typecheck` proves SimHost satisfies the Protocol NodeHost does

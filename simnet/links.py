@@ -74,11 +74,12 @@ def profile(name: str) -> LinkProfile:
 
 
 class Endpoint(Protocol):
-    def on_connected(self, peer: NodeId) -> None: ...
+    # `peer` is always an id the network was given in `add` (each endpoint uses its own id type).
+    def on_connected(self, peer: Any) -> None: ...
 
-    def on_disconnected(self, peer: NodeId) -> None: ...
+    def on_disconnected(self, peer: Any) -> None: ...
 
-    def on_message(self, peer: NodeId, payload: Any) -> None: ...
+    def on_message(self, peer: Any, payload: Any) -> None: ...
 
 
 class _Nic:
@@ -223,8 +224,9 @@ class Network:
         """Split the network: nodes in different groups (or in none) cannot reach each other."""
         self._groups = {n: i for i, g in enumerate(groups) for n in g}
         for pair in list(self._conns):
-            if not self.reachable(*pair):
-                self._cut(*pair, tell=pair)
+            a, b = pair
+            if not self.reachable(a, b):
+                self._cut(a, b, tell=pair)
 
     def heal(self) -> None:
         self._groups = None

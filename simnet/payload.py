@@ -77,8 +77,8 @@ def build_artifact(size: int, seed: int, payload: str, block_size: int = 1 << 20
         data = rng.randbytes(size)
         builder = ManifestBuilder(params)
         chunks = 0
-        for chunk in chunk_buffers([data], params):
-            chunk = bytes(chunk)
+        for piece in chunk_buffers([data], params):
+            chunk = bytes(piece)
             cid = CID.for_block(RAW, chunk)
             if cid not in blocks:
                 blocks[cid] = chunk

@@ -1,4 +1,6 @@
-"""A simulated Kademlia DHT with the interface of `p2pcache.routing.dht.DHT`, for real `Node`s on `SimHost`s.
+"""A simulated Kademlia DHT satisfying `p2pcache.routing.interfaces.ProviderRouting` (as `DHT` does), for real
+`Node`s on `SimHost`s. The Kademlia wire reading is production's (`parse_peer_entry`, `provider_answer`,
+`closest_known`, `read_frame`).
 
 Owns, per node: a k-bucket routing table (`dhtsim.RoutingTable`: XOR distance over sha256 of the peer id
 bytes, the metric `ProviderQuery` uses), a provider store with record expiry, and the server side of
@@ -21,10 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import trio
 from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
@@ -33,12 +34,26 @@ from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from p2pcache.exchange import FrameDecoder
-from p2pcache.routing.dht import KAD_PROTOCOL, DHTStats, ProviderAnswer, write_framed
+from p2pcache.routing.dht import (
+    KAD_PROTOCOL,
+    DHTStats,
+    ProviderAnswer,
+    closest_known,
+    parse_peer_entry,
+    provider_answer,
+    write_framed,
+)
+from p2pcache.routing.finder import drive_query
 from p2pcache.routing.query import ProviderQuery
+from p2pcache.routing.resolve import read_frame
 from p2pcache.routing.resolve_wire import FrameReader, frame
 
 from .dhtsim import RoutingTable
 from .hostsim import SimHost
+
+if TYPE_CHECKING:
+    # `trio.TaskStatus` at run time; libp2p pulls in trio-typing, whose stubs shadow trio's for mypy.
+    from trio_typing import TaskStatus
 
 __all__ = ["SimDHT", "SimDHTConfig"]
 
@@ -72,14 +87,14 @@ class SimDHT:
         self.host = host
         self.config = config
         self.peer_id: ID = host.peer_id
-        self.table = RoutingTable(_pos(self.peer_id.to_bytes()), config.k)
+        self.table: RoutingTable[ID] = RoutingTable(_pos(self.peer_id.to_bytes()), config.k)
         self.providers: dict[bytes, dict[ID, tuple[float, list[Multiaddr]]]] = {}
         self.stats = DHTStats()
         self.served = {"FIND_NODE": 0, "GET_PROVIDERS": 0, "ADD_PROVIDER": 0}
         host.set_stream_handler(KAD_PROTOCOL, self._handle)
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._follow_peers, self.host.subscribe())
             await self.bootstrap()
@@ -139,12 +154,12 @@ class SimDHT:
     async def closest_peers(self, key: bytes, count: int = 20) -> list[ID]:
         return await self._walk(key, count)
 
-    def record_providing(self, keys: Any) -> None:
+    def record_providing(self, keys: Iterable[bytes]) -> None:
         addrs = self.host.listen_addrs()
         for key in keys:
             self._record(key, self.peer_id, addrs)
 
-    async def add_providers(self, peer: ID, keys: Any) -> None:
+    async def add_providers(self, peer: ID, keys: Sequence[bytes]) -> None:
         """Every key's ADD_PROVIDER on one stream, fire and forget (the server reads until the end)."""
         stream = await self.host.new_stream(peer, [KAD_PROTOCOL])
         addrs = [a.to_bytes() for a in self.host.listen_addrs()]
@@ -174,34 +189,19 @@ class SimDHT:
         return [PeerInfo(p, list(addrs)) for p, (exp, addrs) in self.providers.get(key, {}).items() if exp > now]
 
     def closest_known_peers(self, key: bytes, count: int = 20) -> list[ID]:
-        peers = self.table.closest(_pos(key), count)
-        if len(peers) < count:
-            for p in self.host.connected_peers():
-                if p not in peers and p != self.peer_id:
-                    peers.append(p)
-        return peers
+        return closest_known(self.table.closest(_pos(key), count), self.host.connected_peers(), self.peer_id, count)
 
     async def ask_providers(self, peer: ID, key: bytes) -> ProviderAnswer:
         self.stats.rpcs += 1
         try:
             reply = await self._rpc(peer, self._request(_T.GET_PROVIDERS, key))
+            return provider_answer(peer, reply, self._peer_entry, self.peer_id)
         except Exception:
             self.stats.rpc_failures += 1
             raise
-        if reply.type != _T.GET_PROVIDERS:
-            self.stats.rpc_failures += 1
-            raise ValueError(f"peer {peer} answered GET_PROVIDERS with message type {reply.type}")
-        providers = []
-        for entry in reply.providerPeers:
-            info = self._peer_entry(entry)
-            if info is not None:
-                providers.append(info)
-        closer = [i.peer_id for e in reply.closerPeers if (i := self._peer_entry(e)) is not None
-                  and i.peer_id != self.peer_id]
-        return ProviderAnswer(tuple(providers), tuple(closer))
 
     # -- client side --------------------------------------------------------------------------------
-    def _request(self, kind: int, key: bytes) -> KadMessage:
+    def _request(self, kind: KadMessage.MessageType, key: bytes) -> KadMessage:
         msg = KadMessage()
         msg.type = kind
         msg.key = key
@@ -217,7 +217,7 @@ class SimDHT:
             await stream.write(frame(request.SerializeToString()))
             if not answer:
                 return None
-            payload = await _read_frame(stream, FrameReader(MAX_KAD_MESSAGE, "kad answer"))
+            payload = await read_frame(stream, FrameReader(MAX_KAD_MESSAGE, "kad answer"))
         finally:
             with trio.CancelScope(shield=True):
                 await stream.close()
@@ -234,19 +234,10 @@ class SimDHT:
         await self._rpc(peer, msg, answer=False)  # fire and forget, as py-libp2p and kubo send it
 
     def _peer_entry(self, entry: Any) -> PeerInfo | None:
-        try:
-            peer_id = ID(entry.id)
-        except Exception:
-            return None
-        addrs = []
-        for raw in entry.addrs:
-            try:
-                addrs.append(Multiaddr(raw))
-            except Exception:
-                continue
-        if addrs and peer_id != self.peer_id:
-            self.host.add_addrs(peer_id, addrs)
-        return PeerInfo(peer_id, addrs)
+        info = parse_peer_entry(entry)
+        if info is not None and info.addrs and info.peer_id != self.peer_id:
+            self.host.add_addrs(info.peer_id, info.addrs)
+        return info
 
     async def _walk(self, key: bytes, count: int | None = None) -> list[ID]:
         """The `count` (default k) closest peers to `key` that answered a FIND_NODE walk (the real
@@ -256,12 +247,12 @@ class SimDHT:
                                                        alpha=self.config.alpha, k=count, want=10**9)
         query.add_seeds(self.closest_known_peers(key, self.config.k))
         answered: list[ID] = []
-        send, receive = trio.open_memory_channel[None](math.inf)
 
         async def ask(peer: ID) -> None:
             try:
                 with trio.fail_after(self.config.rpc_timeout):
                     reply = await self._rpc(peer, self._request(_T.FIND_NODE, key))
+                assert reply is not None  # asked with answer=True
             except Exception:
                 query.on_failure(peer)
             else:
@@ -269,17 +260,9 @@ class SimDHT:
                 closer = [i.peer_id for e in reply.closerPeers if (i := self._peer_entry(e)) is not None
                           and i.peer_id != self.peer_id]
                 query.on_answer(peer, (), closer)
-            send.send_nowait(None)
 
-        async with trio.open_nursery() as nursery:
-            while not query.done:
-                peer = query.next_peer()
-                if peer is not None:
-                    nursery.start_soon(ask, peer)
-                elif query.in_flight:
-                    await receive.receive()
-                else:
-                    break
+        # py-libp2p's walk: `alpha` questions at once, every answer waited for
+        await drive_query(query, ask, stagger=None, cancel_pending=False)
         target = _pos(key)
         return sorted(set(answered), key=lambda p: _pos(p.to_bytes()) ^ target)[:count]
 
@@ -298,7 +281,7 @@ class SimDHT:
 
     async def _handle(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id
-        decoder, queued = FrameDecoder(MAX_KAD_MESSAGE), deque()
+        decoder, queued = FrameDecoder(MAX_KAD_MESSAGE), deque[bytes]()
 
         async def next_request() -> KadMessage | None:
             """The stream's next request; None at its end. A Kademlia server reads requests from a
@@ -365,15 +348,9 @@ class SimDHT:
         await stream.close()
 
 
-async def _read_frame(stream: Any, reader: Any) -> bytes:
-    """Read one length-prefixed message; `reader.eof()` raises if the stream ends before it is whole."""
-    while True:
-        try:
-            chunk = await stream.read(64 * 1024)
-        except EOFError:
-            chunk = b""
-        if not chunk:
-            reader.eof()
-        payload = reader.feed(chunk)
-        if payload is not None:
-            return payload
+
+if TYPE_CHECKING:
+    from p2pcache.routing.interfaces import ProviderRouting
+
+    def _sim_dht_is_provider_routing(dht: SimDHT) -> ProviderRouting:
+        return dht  # `make typecheck` proves SimDHT satisfies the Protocol DHT does

@@ -158,3 +158,41 @@ def test_max_asks_bounds_a_lookup():
     q.add_seeds(graph["p0"])
     run(q, graph, {"p40": ["p41"]})
     assert q.done and not q.found and q.stats.asked == 10
+
+
+def test_in_flight_is_kept_equal_to_the_peers_being_asked():
+    """The kept counter `in_flight` and the candidates' states agree after every step (answers, failures,
+    refused misuse), and a candidate's state only moves NEW -> ASKING -> ANSWERED/FAILED."""
+    from p2pcache.routing.errors import RoutingUsageError
+    from p2pcache.routing.query import CandidateState
+
+    graph = line(12)
+    q = ProviderQuery(KEY, peer_bytes, self_peer="p0", alpha=3)
+    q.add_seeds(graph["p0"])
+    order = {CandidateState.NEW: 0, CandidateState.ASKING: 1, CandidateState.ANSWERED: 2, CandidateState.FAILED: 2}
+    seen: dict[str, CandidateState] = {}
+
+    def check() -> None:
+        states = {p: q.state_of(p) for p in graph if q.state_of(p) is not None}
+        assert q.in_flight == sum(1 for s in states.values() if s is CandidateState.ASKING)
+        for p, s in states.items():
+            assert order[s] >= order[seen.get(p, CandidateState.NEW)]
+            seen[p] = s
+
+    step = 0
+    while not q.done:
+        asked = []
+        while (p := q.next_peer()) is not None:
+            asked.append(p)
+            check()
+        for p in asked:
+            step += 1
+            if step % 3 == 0:
+                q.on_failure(p)
+            else:
+                q.on_answer(p, [("p11", "info")] if p == "p10" else [], graph[p])
+            check()
+            with pytest.raises(RoutingUsageError):
+                q.on_failure(p)  # settled already
+            check()
+    assert q.state_of("nobody") is None

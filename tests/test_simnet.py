@@ -11,6 +11,7 @@ import trio
 from simnet.cli import main as simnet_main
 from simnet.cli import run_scenario
 from simnet.core import Sim, run_simulation
+from simnet.fingerprint import ENGINE_RUNS as _ENGINE_RUNS
 from simnet.links import MBIT, LinkProfile, Network
 from simnet.payload import cid_of
 from simnet.scenario import ScenarioError, load_scenario
@@ -221,15 +222,7 @@ def test_cli_prints_json_lines_with_unit_and_direction(capsys):
     assert simnet_main(["run", str(tmp := SCENARIOS / "missing.toml")]) == 2 and not tmp.exists()
 
 
-# Every engine scenario, small: (file, overrides). node-fetch runs real trio tasks and marks what can vary.
-_ENGINE_RUNS = [
-    ("fleet-fanout.toml", {"runners": "12", "artifact_size": "8MiB", "retry_after": "0.2s",
-                           "leave_fraction": "0.25", "leave_at": "0.05s"}),
-    ("partition-heal.toml", {"runners": "8", "artifact_size": "8MiB"}),
-    ("bad-peer.toml", {"runners": "8", "artifact_size": "4MiB", "bad_behaviour": "corrupt"}),
-    ("bad-peer.toml", {"runners": "8", "artifact_size": "4MiB", "bad_behaviour": "silent"}),
-    ("dht-lookup.toml", {"nodes": "60", "lookups": "30", "keys": "10", "lookup_phase": "1min", "churn": "0.1"}),
-]
+# Every engine scenario, small: `_ENGINE_RUNS` (file, overrides), from simnet.fingerprint, which runs them too.
 
 _RUN_ALL = """
 import json, sys

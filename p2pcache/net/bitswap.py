@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeAlias, cast
 
-import multiaddr  # type: ignore[import-untyped]
+import multiaddr
 import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -49,21 +49,23 @@ from ..exchange import (
     PeerConnected,
     PeerDisconnected,
     PeerMisbehaved,
-    PenalisePeer,
     ProtocolViolation,
     Send,
     ServerConfig,
-    SetTimer,
     Tick,
     Want,
     decode,
     encode,
     frame,
 )
+from ..exchange.bans import BanList
+from ..exchange.dispatch import apply_actions
+from ..exchange.events import Action, PeerId
 from ..exchange.budget import EmptyMessageBudget
 from ..exchange.message import PROTOCOL_1_0_0, PROTOCOL_1_1_0, PROTOCOL_1_2_0
 from ..transfer import DagWalk
-from .host import NodeHost, parse_peer_addr
+from .host import parse_peer_addr
+from .peers import Host
 
 if TYPE_CHECKING:
     from ..exchange.server import BlockSource
@@ -157,11 +159,12 @@ ProviderSpec: TypeAlias = ID | str | multiaddr.Multiaddr | PeerInfo
 
 
 class BitswapExchange:
-    """Bitswap over a `NodeHost`: serves `source` to everyone and fetches for our callers."""
+    """Bitswap over a `Host` (a `NodeHost`, or simnet's `SimHost`): serves `source` to everyone and fetches
+    for our callers."""
 
     def __init__(
         self,
-        host: NodeHost,
+        host: Host,
         source: BlockSource,
         client_config: ClientConfig | None = None,
         server_config: ServerConfig | None = None,
@@ -175,7 +178,7 @@ class BitswapExchange:
         self.server = BitswapServer(source, server_config or ServerConfig(max_outstanding_bytes=8 << 20))
         self._sessions: dict[object, _Session] = {}
         self._links: dict[ID, _Link] = {}
-        self._banned: dict[ID, float] = {}
+        self._bans: BanList[ID] = BanList(self.config.ban_seconds)
         self._timer_at: float | None = None
         self._timer_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -258,24 +261,30 @@ class BitswapExchange:
         self._client(event)
         self._server(event)
 
-    def _apply(self, actions: list) -> None:
-        for a in actions:
-            if isinstance(a, Send):
-                self._enqueue(a)
-            elif isinstance(a, Deliver):
-                s = self._sessions.get(a.session)
-                if s is not None:
-                    s.send.send_nowait((a.cid, a.data, None))
-            elif isinstance(a, FetchFailed):
-                s = self._sessions.get(a.session)
-                if s is not None:
-                    s.send.send_nowait((a.cid, None, a.why))
-            elif isinstance(a, SetTimer):
-                if self._timer_at is None or a.at < self._timer_at:
-                    self._timer_at = a.at
-                    self._timer_changed.set()
-            elif isinstance(a, PenalisePeer):
-                self._penalise(cast(ID, a.peer), a.why, tell_engines=False)  # the engines' peers are our IDs
+    def _apply(self, actions: list[Action]) -> None:
+        apply_actions(actions, self)
+
+    # `ActionHandler`: what each engine action means here (called by `apply_actions` only)
+    def on_send(self, action: Send) -> None:
+        self._enqueue(action)
+
+    def on_deliver(self, action: Deliver) -> None:
+        s = self._sessions.get(action.session)
+        if s is not None:
+            s.send.send_nowait((action.cid, action.data, None))
+
+    def on_fetch_failed(self, action: FetchFailed) -> None:
+        s = self._sessions.get(action.session)
+        if s is not None:
+            s.send.send_nowait((action.cid, None, action.why))
+
+    def on_timer(self, at: float) -> None:
+        if self._timer_at is None or at < self._timer_at:
+            self._timer_at = at
+            self._timer_changed.set()
+
+    def on_penalise(self, peer: PeerId, why: str) -> None:
+        self._penalise(cast(ID, peer), why, tell_engines=False)  # the engines' peers are our IDs
 
     async def _run_timer(self) -> None:
         while True:
@@ -310,13 +319,7 @@ class BitswapExchange:
         self._both(PeerDisconnected(peer))
 
     def _is_banned(self, peer: ID) -> bool:
-        until = self._banned.get(peer)
-        if until is None:
-            return False
-        if self._now() >= until:
-            del self._banned[peer]
-            return False
-        return True
+        return self._bans.is_banned(peer, self._now())
 
     def _penalise(self, peer: ID, why: str, tell_engines: bool) -> None:
         """Drop a peer that broke the protocol or sent bad data: ban it and close its connections."""
@@ -326,7 +329,7 @@ class BitswapExchange:
             return
         log.warning("dropping peer %s: %s", peer, why)
         self.penalised.append((peer, why))
-        self._banned[peer] = self._now() + self.config.ban_seconds
+        self._bans.ban(peer, self._now())
         if tell_engines:
             self._both(PeerMisbehaved(peer, why))
         else:

@@ -37,6 +37,7 @@ from ..exchange import FrameDecoder, ProtocolViolation
 from ..routing.pb import p2pcache_pb2 as pb
 from ..transfer import DagWalk, DfsOrder, OutOfOrder
 from .bitswap import BitswapExchange, FetchError, ProviderSpec, RepoBatcher
+from .peers import Host
 
 if TYPE_CHECKING:
     from ..exchange.server import BlockSource
@@ -156,7 +157,7 @@ class DagServer:
         self.stats = stats or TransferStats()
         self._active = 0
 
-    def register(self, host: Any) -> None:
+    def register(self, host: Host) -> None:
         host.set_stream_handler(PROTOCOL, self.handle_stream)
 
     def _load(self, cids: list[CID]) -> list[tuple[CID, bytes | None]]:
@@ -359,7 +360,7 @@ class _Run:
 class DagTransfer:
     """Fetches whole DAGs over `/p2pcache/dag/1.0.0`, falling back to `exchange` (bitswap)."""
 
-    def __init__(self, host: Any, exchange: BitswapExchange, config: DagConfig | None = None) -> None:
+    def __init__(self, host: Host, exchange: BitswapExchange, config: DagConfig | None = None) -> None:
         self.host = host
         self.exchange = exchange
         self.config = config or DagConfig()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence, cast
 
-import multiaddr  # type: ignore[import-untyped]
+import multiaddr
 import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from libp2p.network.swarm import Swarm
 
 from ..errors import InvalidInput, InvalidKey, P2PCacheError
+from .peers import PeerEvent, PeerEvents, StreamHandler, keep_connected
 from .pnet import KEY_SIZE, PskStream, read_swarm_key, write_swarm_key
 
 log = logging.getLogger(__name__)
@@ -204,14 +205,6 @@ class HostConfig:
         return cls(identity=Path(identity), swarm_key=key, **kw)
 
 
-@dataclass(frozen=True, slots=True)
-class PeerEvent:
-    """`peer` got its first connection (`connected=True`) or lost its last one."""
-
-    peer: ID
-    connected: bool
-
-
 # -- transports -----------------------------------------------------------------------------------
 
 
@@ -269,9 +262,6 @@ class _Notifee:
 # -- the host -------------------------------------------------------------------------------------
 
 
-StreamHandler = Callable[[Any], Awaitable[None]]
-
-
 class NodeHost:
     """A running libp2p host (after `run` has started). `libp2p` is the py-libp2p host, for layers
     (like Kademlia) that take one; everything else goes through the methods here."""
@@ -301,8 +291,7 @@ class NodeHost:
             frozenset(_peer_id(p) for p in config.allow_peers) if config.allow_peers is not None else None
         )
         self._conns: dict[ID, set[Any]] = {}  # open connections (swarm conns) per peer
-        self._subscribers: list[trio.MemorySendChannel] = []
-        self._changed = trio.Event()
+        self._events = PeerEvents()
         self._running = False
 
     # -- queries ----------------------------------------------------------------------------------
@@ -377,13 +366,9 @@ class NodeHost:
     async def disconnect(self, peer: ID) -> None:
         await self.libp2p.disconnect(peer)
 
-    def subscribe(self) -> trio.MemoryReceiveChannel:
+    def subscribe(self) -> trio.MemoryReceiveChannel[PeerEvent]:
         """PeerEvents from now on, starting with a `connected=True` for every peer connected now."""
-        send, recv = trio.open_memory_channel(math.inf)
-        for p in self.connected_peers():
-            send.send_nowait(PeerEvent(p, True))
-        self._subscribers.append(send)
-        return recv
+        return self._events.subscribe(self.connected_peers())
 
     # -- running ----------------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -418,8 +403,7 @@ class NodeHost:
             self._running = False
             with trio.CancelScope(shield=True):
                 await _close_listeners(self.libp2p)
-                for s in self._subscribers:
-                    s.close()
+                self._events.close()
 
     async def _pump_events(self, events: trio.MemoryReceiveChannel) -> None:
         async with trio.open_nursery() as nursery:
@@ -450,7 +434,7 @@ class NodeHost:
         if not conns:
             del self._conns[peer]
         elif was == 0:
-            self._publish(PeerEvent(peer, True))
+            self._events.publish(PeerEvent(peer, True))
 
     def _mark_down(self, peer: ID, conn: Any) -> None:
         conns = self._conns.get(peer)
@@ -459,21 +443,12 @@ class NodeHost:
         conns.discard(conn)
         if not conns:
             del self._conns[peer]
-            self._publish(PeerEvent(peer, False))
-
-    def _publish(self, event: PeerEvent) -> None:
-        for s in list(self._subscribers):
-            try:
-                s.send_nowait(event)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                self._subscribers.remove(s)
-        self._changed.set()
-        self._changed = trio.Event()
+            self._events.publish(PeerEvent(peer, False))
 
     async def _warn_if_alone(self, after: float) -> None:
         with trio.move_on_after(after):
             while not self._conns:
-                await self._changed.wait()
+                await self._events.changed.wait()
             return
         log.warning("no peer completed a handshake within %g s of startup (bootstrap: %s): a different swarm key? "
                     "Check that every node has the same swarm.key, that the bootstrap addresses and peer IDs are "
@@ -482,30 +457,26 @@ class NodeHost:
 
     async def _keep_connected(self, info: PeerInfo) -> None:
         """Dial a bootstrap peer, redial with exponential backoff (and jitter) whenever it is lost."""
-        delay = self.config.backoff_initial
         warned = False
-        while True:
-            if not self.is_connected(info.peer_id):
-                # The swarm refuses, for 60 s, a peer whose addresses all failed; our own backoff
-                # decides when a bootstrap peer is tried again.
-                unblock = getattr(self.libp2p.get_network(), "unblock_peer", None)
-                if unblock is not None:
-                    unblock(info.peer_id)
-                try:
-                    await self.connect(info)
-                    delay = self.config.backoff_initial
-                    log.info("connected to bootstrap peer %s", info.peer_id)
-                except HostError as e:
-                    # the first failure is worth a warning; the retries are routine
-                    log.log(logging.INFO if warned else logging.WARNING,
-                            "bootstrap dial failed, retrying in %.1fs: %s", delay, e)
-                    warned = True
-                    await trio.sleep(delay * random.uniform(0.8, 1.2))
-                    delay = min(self.config.backoff_max, delay * 2)
-                    continue
-            changed = self._changed
-            if self.is_connected(info.peer_id):
-                await changed.wait()
+
+        async def dial() -> None:
+            # The swarm refuses, for 60 s, a peer whose addresses all failed; our own backoff
+            # decides when a bootstrap peer is tried again.
+            unblock = getattr(self.libp2p.get_network(), "unblock_peer", None)
+            if unblock is not None:
+                unblock(info.peer_id)
+            await self.connect(info)
+            log.info("connected to bootstrap peer %s", info.peer_id)
+
+        def failed(e: Exception, delay: float) -> None:
+            nonlocal warned
+            # the first failure is worth a warning; the retries are routine
+            log.log(logging.INFO if warned else logging.WARNING, "bootstrap dial failed, retrying in %.1fs: %s", delay, e)
+            warned = True
+
+        await keep_connected(info.peer_id, dial, self.is_connected, self._events,
+                             initial=self.config.backoff_initial, maximum=self.config.backoff_max,
+                             uniform=random.uniform, failure=HostError, on_failure=failed)
 
     async def _discover_lan(self) -> None:
         """Dial the swarm's nodes that mDNS finds on the LAN (through `connect`: allowlist and swarm key
@@ -613,3 +584,10 @@ async def open_host(config: HostConfig) -> AsyncIterator[NodeHost]:
             yield host
         finally:
             nursery.cancel_scope.cancel()
+
+
+if TYPE_CHECKING:
+    from .peers import Host
+
+    def _node_host_is_a_host(host: NodeHost) -> Host:
+        return host  # `make typecheck` proves NodeHost satisfies the Protocol (so does simnet's SimHost)

@@ -30,7 +30,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Iterable
 
 import ifaddr
-import multiaddr  # type: ignore[import-untyped]
+import multiaddr
 import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo

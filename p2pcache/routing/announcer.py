@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..content.cid import CID
-from .dht import DHT
+from .interfaces import ProviderRouting
 from .keys import dht_key
 from .sweep import assign_peers, key_position, region_bits, split_regions
 
@@ -114,7 +114,7 @@ class ProviderAnnouncer:
     """`await nursery.start(announcer.run)` returns once the first sweep is done; `add` and `withdraw`
     may be called any time before or after."""
 
-    def __init__(self, dht: DHT, config: AnnouncerConfig = AnnouncerConfig()):
+    def __init__(self, dht: ProviderRouting, config: AnnouncerConfig = AnnouncerConfig()):
         self.dht = dht
         self.config = config
         self.stats = AnnouncerStats()

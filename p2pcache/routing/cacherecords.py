@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 from google.protobuf.message import DecodeError
@@ -27,6 +27,9 @@ from .errors import ResolveProtocolError, RoutingUsageError
 from .pb import p2pcache_pb2 as pb
 from .resolve import ask_once, close_stream, read_frame, reset_stream
 from .resolve_wire import FrameReader, frame
+
+if TYPE_CHECKING:
+    from ..net.peers import Host
 
 __all__ = ["CACHE_RECORDS_PROTOCOL", "CacheRecordsServer", "MAX_RECORDS", "ask_records", "decode_records",
            "encode_records"]
@@ -112,7 +115,7 @@ class CacheRecordsServer:
         self.request_timeout = request_timeout
         self.stats = CacheRecordsServerStats()
 
-    def register(self, host: Any) -> None:
+    def register(self, host: Host) -> None:
         host.set_stream_handler(TProtocol(CACHE_RECORDS_PROTOCOL), self.handle_stream)
 
     async def handle_stream(self, stream: Any) -> None:
@@ -140,7 +143,7 @@ class CacheRecordsServer:
         await close_stream(stream)
 
 
-async def ask_records(host: Any, peer_id: Any, key: str, prefix: bool, timeout: float = 5.0,
+async def ask_records(host: Host, peer_id: Any, key: str, prefix: bool, timeout: float = 5.0,
                       limit: int = MAX_RECORDS) -> DecodedRecords:
     """Ask one peer for its records of `key` (or keys starting with it). Raises ResolveUnavailable or
     ResolveProtocolError like `resolve`; the records returned are signature-checked, not trust-checked."""

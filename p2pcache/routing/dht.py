@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import trio
@@ -52,6 +53,7 @@ from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
+from .interfaces import DHTStats, ProviderAnswer
 from .keys import dht_key
 from .resolve_wire import frame
 
@@ -60,7 +62,10 @@ if TYPE_CHECKING:
     # types for mypy and export TaskStatus only from trio_typing.
     from trio_typing import TaskStatus
 
-__all__ = ["DHT", "DHTConfig", "DHTStats", "KAD_PROTOCOL", "ProviderAnswer", "dht_key", "write_framed"]
+__all__ = [
+    "DHT", "DHTConfig", "DHTStats", "KAD_PROTOCOL", "ProviderAnswer", "closest_known", "dht_key", "parse_peer_entry",
+    "provider_answer", "write_framed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -143,21 +148,52 @@ class DHTConfig:
     refresh: bool = True
 
 
-@dataclass(frozen=True)
-class ProviderAnswer:
-    """One GET_PROVIDERS answer: the providers a peer knows for a key, and peers it says are closer."""
-
-    providers: tuple[PeerInfo, ...]
-    closer: tuple[ID, ...]
+# -- Kademlia wire helpers, shared with simnet's SimDHT -------------------------------------------
 
 
-@dataclass
-class DHTStats:
-    bootstraps: int = 0
-    provides: int = 0
-    provide_failures: int = 0
-    rpcs: int = 0
-    rpc_failures: int = 0
+def parse_peer_entry(entry: Any) -> PeerInfo | None:
+    """A kademlia `Message.Peer` as a `PeerInfo`: None if its id is not a peer id; addresses that are
+    not multiaddrs are skipped. Trusts nothing else about it (signed records are the caller's)."""
+    try:
+        peer_id = ID(entry.id)
+    except Exception:
+        return None
+    addrs = []
+    for raw in entry.addrs:
+        try:
+            addrs.append(Multiaddr(raw))
+        except Exception:
+            continue
+    return PeerInfo(peer_id, addrs)
+
+
+def provider_answer(peer: ID, reply: Any, peer_entry: Callable[[Any], PeerInfo | None], self_id: ID) -> ProviderAnswer:
+    """What a GET_PROVIDERS `reply` from `peer` says, each entry read by `peer_entry` (None: dropped);
+    we are never one of the closer peers. Raises ValueError if the reply is another message type."""
+    if reply.type != KadMessage.MessageType.GET_PROVIDERS:
+        raise ValueError(f"peer {peer} answered GET_PROVIDERS with message type {reply.type}")
+    providers = []
+    for entry in reply.providerPeers:
+        info = peer_entry(entry)
+        if info is not None:
+            providers.append(info)
+    closer = []
+    for entry in reply.closerPeers:
+        info = peer_entry(entry)
+        if info is not None and info.peer_id != self_id:
+            closer.append(info.peer_id)
+    return ProviderAnswer(tuple(providers), tuple(closer))
+
+
+def closest_known(table_closest: list[ID], connected: Iterable[ID], self_id: ID, count: int) -> list[ID]:
+    """Starting points for a lookup: the routing table's closest peers (`table_closest`, closest first),
+    topped up with connected peers while the table holds fewer than `count`."""
+    peers = table_closest
+    if len(peers) < count:
+        for p in connected:
+            if p not in peers and p != self_id:
+                peers.append(p)
+    return peers
 
 
 class DHT:
@@ -333,12 +369,8 @@ class DHT:
     def closest_known_peers(self, key: bytes, count: int = 20) -> list[ID]:
         """Starting points for a lookup: the routing table's closest peers, topped up with connected
         peers while the table is still small."""
-        peers = self.kad.routing_table.find_local_closest_peers(key, count)
-        if len(peers) < count:
-            for p in self.libp2p.get_connected_peers():
-                if p not in peers and p != self.peer_id:
-                    peers.append(p)
-        return peers
+        return closest_known(list(self.kad.routing_table.find_local_closest_peers(key, count)),
+                             self.libp2p.get_connected_peers(), self.peer_id, count)
 
     async def ask_providers(self, peer: ID, key: bytes) -> ProviderAnswer:
         """One GET_PROVIDERS round trip to `peer`. Addresses of the providers and closer peers in the
@@ -366,34 +398,21 @@ class DHT:
                 await stream.close()
         response = KadMessage()
         response.ParseFromString(reply)
-        if response.type != KadMessage.MessageType.GET_PROVIDERS:
-            raise ValueError(f"peer {peer} answered GET_PROVIDERS with message type {response.type}")
-        maybe_consume_signed_record(response, self.libp2p, peer)
-        providers = []
-        for entry in response.providerPeers:
-            info = self._peer_entry(entry)
-            if info is not None:
-                providers.append(info)
-        closer = []
-        for entry in response.closerPeers:
-            info = self._peer_entry(entry)
-            if info is not None and info.peer_id != self.peer_id:
-                closer.append(info.peer_id)
-        return ProviderAnswer(tuple(providers), tuple(closer))
+        if response.type == KadMessage.MessageType.GET_PROVIDERS:
+            maybe_consume_signed_record(response, self.libp2p, peer)
+        return provider_answer(peer, response, self._peer_entry, self.peer_id)
 
     def _peer_entry(self, entry: Any) -> PeerInfo | None:
-        try:
-            peer_id = ID(entry.id)
-        except Exception:
+        info = parse_peer_entry(entry)
+        if info is None or not maybe_consume_signed_record(entry, self.libp2p):
             return None
-        if not maybe_consume_signed_record(entry, self.libp2p):
-            return None
-        addrs = []
-        for raw in entry.addrs:
-            try:
-                addrs.append(Multiaddr(raw))
-            except Exception:
-                continue
-        if addrs and peer_id != self.peer_id:
-            self.libp2p.get_peerstore().add_addrs(peer_id, addrs, ADDR_TTL)
-        return PeerInfo(peer_id, addrs)
+        if info.addrs and info.peer_id != self.peer_id:
+            self.libp2p.get_peerstore().add_addrs(info.peer_id, info.addrs, ADDR_TTL)
+        return info
+
+
+if TYPE_CHECKING:
+    from .interfaces import ProviderRouting
+
+    def _dht_is_provider_routing(dht: DHT) -> ProviderRouting:
+        return dht  # `make typecheck` proves DHT satisfies the Protocol (so does simnet's SimDHT)

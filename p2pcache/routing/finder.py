@@ -9,26 +9,30 @@ its answer from memory instead of another walk of the DHT. A miss never raises a
 exchange verifies it against the root CID.
 
 The Kademlia iteration itself is `query.ProviderQuery` (sans-IO); this module is its trio driver over a
-`DHT`. Counters in `FinderStats` (lookups, cache answers, RPCs, hops of each success, latencies) are what
-benchmarks and simulations read.
+`ProviderRouting` (`dht.DHT`, or simnet's `SimDHT`). Counters in `FinderStats` (lookups, cache answers, RPCs,
+hops of each success, latencies) are what benchmarks and simulations read.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from .dht import DHT
+from .interfaces import ProviderRouting
 from .keys import dht_key
 from .query import ProviderQuery
 
-__all__ = ["FinderConfig", "FinderStats", "LookupResult", "ProviderFinder"]
+__all__ = ["FinderConfig", "FinderStats", "LookupResult", "ProviderFinder", "drive_query"]
+
+P = TypeVar("P", bound=Hashable)
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class FinderStats:
 
 
 class ProviderFinder:
-    def __init__(self, dht: DHT, config: FinderConfig = FinderConfig(),
+    def __init__(self, dht: ProviderRouting, config: FinderConfig = FinderConfig(),
                  clock: Callable[[], float] = trio.current_time):
         self.dht = dht
         self.config = config
@@ -136,8 +140,6 @@ class ProviderFinder:
         self._negative[key] = now + self.config.negative_ttl
 
     async def _drive(self, query: ProviderQuery[ID, PeerInfo], key: bytes) -> None:
-        send, receive = trio.open_memory_channel[None](math.inf)
-
         async def ask(peer: ID) -> None:
             try:
                 with trio.fail_after(self.config.rpc_timeout):
@@ -146,18 +148,36 @@ class ProviderFinder:
                 query.on_failure(peer)
             else:
                 query.on_answer(peer, ((p.peer_id, p) for p in answer.providers), answer.closer)
-            send.send_nowait(None)
 
-        async with trio.open_nursery() as nursery:
-            while not query.done:
-                peer = query.next_peer()
-                if peer is not None:
-                    nursery.start_soon(ask, peer)
-                    # happy eyeballs: give pending questions `stagger` before adding another
-                    with trio.move_on_after(self.config.stagger):
+        # happy eyeballs; once found, the questions still pending are not needed
+        await drive_query(query, ask, stagger=self.config.stagger, cancel_pending=True)
+
+
+async def drive_query(query: ProviderQuery[P, R], ask: Callable[[P], Awaitable[None]], *,
+                      stagger: float | None, cancel_pending: bool) -> None:
+    """Pump `query` until it is done: `ask(peer)` runs in a task for every peer `next_peer` hands out and
+    reports to the query itself (`on_answer` / `on_failure`). `stagger`: after starting a question, wait
+    up to this long for one to finish before starting another (happy eyeballs); None: start them as fast
+    as the query allows (up to its `alpha`). `cancel_pending`: when the query is done, cancel questions
+    still in flight (else wait for them). The one trio driver of `ProviderQuery` (`ProviderFinder`, and
+    simnet's `SimDHT` walks)."""
+    send, receive = trio.open_memory_channel[None](math.inf)
+
+    async def one(peer: P) -> None:
+        await ask(peer)
+        send.send_nowait(None)
+
+    async with trio.open_nursery() as nursery:
+        while not query.done:
+            peer = query.next_peer()
+            if peer is not None:
+                nursery.start_soon(one, peer)
+                if stagger is not None:
+                    with trio.move_on_after(stagger):
                         await receive.receive()
-                elif query.in_flight:
-                    await receive.receive()
-                else:
-                    break
-            nursery.cancel_scope.cancel()  # found: the questions still pending are not needed
+            elif query.in_flight:
+                await receive.receive()
+            else:
+                break
+        if cancel_pending:
+            nursery.cancel_scope.cancel()

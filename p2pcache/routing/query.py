@@ -17,9 +17,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Generic, TypeVar
 
-__all__ = ["ProviderQuery", "QueryStats", "distance"]
+from .errors import RoutingUsageError
+
+__all__ = ["CandidateState", "ProviderQuery", "QueryStats", "distance"]
 
 P = TypeVar("P", bound=Hashable)
 R = TypeVar("R")  # whatever the driver uses to describe a provider (PeerInfo for libp2p)
@@ -40,11 +43,21 @@ class QueryStats:
     found_at_hop: int | None = None  # hop of the peer whose answer named the first provider
 
 
+class CandidateState(Enum):
+    """Where a candidate peer is in the lookup. It only moves forward: NEW -> ASKING (handed out by
+    `next_peer`) -> ANSWERED or FAILED (by `on_answer` / `on_failure`), and only there."""
+
+    NEW = "new"
+    ASKING = "asking"
+    ANSWERED = "answered"
+    FAILED = "failed"
+
+
 @dataclass
 class _Candidate:
     distance: int
     hop: int
-    state: str = "new"  # new | asking | answered | failed
+    state: CandidateState = CandidateState.NEW
 
 
 @dataclass
@@ -61,8 +74,11 @@ class ProviderQuery(Generic[P, R]):
 
     def __post_init__(self) -> None:
         if self.alpha < 1 or self.k < 1 or self.want < 1:
-            raise ValueError("alpha, k and want must be at least 1")
+            raise RoutingUsageError("alpha, k and want must be at least 1")
         self._candidates: dict[P, _Candidate] = {}
+        # Invariant: `_asking` == the number of candidates in state ASKING (kept, not recounted, as
+        # rust-libp2p's `num_waiting`); every state change goes through `_ask` / `_settle`.
+        self._asking = 0
 
     # -- feeding ------------------------------------------------------------------------------
     def add_seeds(self, peers: Iterable[P]) -> None:
@@ -76,10 +92,7 @@ class ProviderQuery(Generic[P, R]):
 
     def on_answer(self, peer: P, providers: Iterable[tuple[P, R]], closer: Iterable[P]) -> None:
         """`peer` answered: `providers` are (provider id, description) pairs, `closer` peers it knows."""
-        c = self._candidates[peer]
-        if c.state != "asking":
-            raise ValueError(f"answer from {peer!r}, which was not being asked")
-        c.state = "answered"
+        c = self._settle(peer, CandidateState.ANSWERED, "answer from")
         self.stats.answered += 1
         for pid, info in providers:
             if pid == self.self_peer or pid in self.providers:
@@ -90,20 +103,25 @@ class ProviderQuery(Generic[P, R]):
         self._learn(closer, hop=c.hop + 1)
 
     def on_failure(self, peer: P) -> None:
-        c = self._candidates[peer]
-        if c.state != "asking":
-            raise ValueError(f"failure of {peer!r}, which was not being asked")
-        c.state = "failed"
+        self._settle(peer, CandidateState.FAILED, "failure of")
         self.stats.failed += 1
+
+    def _settle(self, peer: P, state: CandidateState, what: str) -> _Candidate:
+        c = self._candidates[peer]
+        if c.state is not CandidateState.ASKING:
+            raise RoutingUsageError(f"{what} {peer!r}, which was not being asked")
+        c.state = state
+        self._asking -= 1
+        return c
 
     # -- asking -------------------------------------------------------------------------------
     @property
     def in_flight(self) -> int:
-        return sum(1 for c in self._candidates.values() if c.state == "asking")
+        return self._asking
 
     def _closest_live(self) -> list[tuple[P, _Candidate]]:
         """The k closest peers that have not failed, closest first."""
-        live = [(p, c) for p, c in self._candidates.items() if c.state != "failed"]
+        live = [(p, c) for p, c in self._candidates.items() if c.state is not CandidateState.FAILED]
         live.sort(key=lambda pc: pc[1].distance)
         return live[: self.k]
 
@@ -113,8 +131,9 @@ class ProviderQuery(Generic[P, R]):
         if self.done or self.in_flight >= self.alpha or self.stats.asked >= self.max_asks:
             return None
         for p, c in self._closest_live():
-            if c.state == "new":
-                c.state = "asking"
+            if c.state is CandidateState.NEW:
+                c.state = CandidateState.ASKING
+                self._asking += 1
                 self.stats.asked += 1
                 self.stats.max_hop = max(self.stats.max_hop, c.hop)
                 return p
@@ -133,7 +152,12 @@ class ProviderQuery(Generic[P, R]):
             return False
         if self.stats.asked >= self.max_asks:
             return True
-        return not any(c.state == "new" for _, c in self._closest_live())
+        return not any(c.state is CandidateState.NEW for _, c in self._closest_live())
 
     def hop_of(self, peer: P) -> int:
         return self._candidates[peer].hop
+
+    def state_of(self, peer: P) -> CandidateState | None:
+        """Where `peer` is in this lookup; None if it was never a candidate."""
+        c = self._candidates.get(peer)
+        return c.state if c is not None else None

@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
+from .errors import RoutingUsageError
 
 __all__ = ["AskState", "NotHeld", "ProviderStanding", "RaceOutcome", "RaceStats", "ResolveRace", "race_providers"]
 
@@ -112,7 +113,7 @@ class ResolveRace(Generic[P]):
 
     def __post_init__(self) -> None:
         if self.stagger < 0 or self.max_in_flight < 1:
-            raise ValueError("stagger must be >= 0 and max_in_flight >= 1")
+            raise RoutingUsageError("stagger must be >= 0 and max_in_flight >= 1")
         self._asks: dict[P, _Ask] = {}
         self._arrivals = 0
         self._input_closed = False
@@ -128,7 +129,7 @@ class ResolveRace(Generic[P]):
         pull through from upstream caches at a cost, come after the providers themselves). Within a
         tier, demoted providers go last. A peer already known is ignored."""
         if self._input_closed:
-            raise ValueError("add_peers after close_input")
+            raise RoutingUsageError("add_peers after close_input")
         for p in peers:
             if p in self._asks:
                 continue
@@ -179,7 +180,7 @@ class ResolveRace(Generic[P]):
     def _finish(self, peer: P, state: AskState) -> _Ask:
         a = self._asks.get(peer)
         if a is None or a.state is not AskState.ASKING:
-            raise ValueError(f"{peer!r} reported {state.value} but was not being asked")
+            raise RoutingUsageError(f"{peer!r} reported {state.value} but was not being asked")
         a.state = state
         self._in_flight -= 1
         self._last_ask = -math.inf  # an ask ended: the next one need not wait for the stagger
@@ -189,7 +190,7 @@ class ResolveRace(Generic[P]):
         """`peer` gave a valid answer: it wins. Peers asked before it, by at least `stagger`, and still
         silent were outrun: they count as timed out. The others still asking are cancelled."""
         if self.done:
-            raise ValueError(f"answer from {peer!r} after the race ended")
+            raise RoutingUsageError(f"answer from {peer!r} after the race ended")
         won = self._finish(peer, AskState.ANSWERED)
         self.winner = (peer, value)
         if self.standing is not None:

@@ -17,7 +17,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -36,6 +36,9 @@ from .resolve_wire import (
     encode_request,
     encode_response,
 )
+
+if TYPE_CHECKING:
+    from ..net.peers import Host
 
 __all__ = ["PROTOCOL", "ResolveLookup", "ResolveServer", "ResolveServerStats", "resolve"]
 
@@ -96,7 +99,7 @@ class ResolveServer:
         self.request_timeout = request_timeout
         self.stats = ResolveServerStats()
 
-    def register(self, host: Any) -> None:
+    def register(self, host: Host) -> None:
         host.set_stream_handler(TProtocol(PROTOCOL), self.handle_stream)
 
     async def handle_stream(self, stream: Any) -> None:
@@ -144,7 +147,7 @@ def _peer_of(stream: Any) -> Any:
     return getattr(getattr(stream, "muxed_conn", None), "peer_id", "?")
 
 
-async def resolve(host: Any, peer_id: ID, alias: str, timeout: float = 5.0) -> ResolveAnswer | None:
+async def resolve(host: Host, peer_id: ID, alias: str, timeout: float = 5.0) -> ResolveAnswer | None:
     """Ask `peer_id` which root it holds under `alias`: the answer, or None if it has nothing.
 
     Raises ResolveUnavailable (cannot connect, protocol unsupported, stream broken, no answer within
@@ -155,7 +158,7 @@ async def resolve(host: Any, peer_id: ID, alias: str, timeout: float = 5.0) -> R
                           timeout, f"a resolve of {alias!r}")
 
 
-async def ask_once(host: Any, peer_id: ID, protocol: TProtocol, request: bytes, limit: int, what: str,
+async def ask_once(host: Host, peer_id: ID, protocol: TProtocol, request: bytes, limit: int, what: str,
                    decode: Callable[[bytes], _Answer], timeout: float, asking: str) -> _Answer:
     """One framed request and one framed answer of at most `limit` bytes on a new stream, decoded with
     `decode` (which raises ResolveProtocolError on a bad answer). Raises ResolveUnavailable when the peer

@@ -6,7 +6,7 @@ import re
 import tomllib
 from typing import Any
 
-from . import LockParseError
+from .model import LockParseError
 
 _AT = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$")
 

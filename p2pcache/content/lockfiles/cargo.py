@@ -8,9 +8,9 @@ them gets `/{crate}/{version}/download` appended, as Cargo does. Git and path de
 
 from __future__ import annotations
 
-from . import LockFile, Registries, Skipped, hashed
 from ._toml import tables
 from .hashes import from_hex
+from .model import LockFile, Registries, Skipped, hashed
 
 _MARKERS = ("{crate}", "{version}", "{prefix}", "{lowerprefix}", "{sha256-checksum}")
 

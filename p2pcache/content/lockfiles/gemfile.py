@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import re
 
-from . import LockFile, LockParseError, Registries, Skipped, hashed
 from .hashes import DepHash, UnknownHash, parse_prefixed
+from .model import LockFile, LockParseError, Registries, Skipped, hashed
 
 _SPEC = re.compile(r"^ {4}(\S+) \(([^)\s]+)\)$")
 _CHECKSUM = re.compile(r"^ {2}(\S+) \(([^)\s]+)\)(?: (\S+))?$")

@@ -9,8 +9,8 @@ one-file tree. URLs are under the configured GOPROXY (`--registry go=URL`)."""
 from __future__ import annotations
 
 from ..gomod import escape_path, escape_version
-from . import LockFile, LockParseError, Registries, hashed
 from .hashes import parse_prefixed
+from .model import LockFile, LockParseError, Registries, hashed
 
 
 def parse(path: str, text: str, registries: Registries, lock: LockFile) -> None:

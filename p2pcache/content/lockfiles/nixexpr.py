@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 
-from . import Dependency
 from .hashes import NIX_ALGOS, DepHash
+from .model import Dependency
 
 _BAD_NAME = re.compile(r"[^A-Za-z0-9+\-._?=]")
 _BAD_ATTR = re.compile(r"[^A-Za-z0-9_+-]")

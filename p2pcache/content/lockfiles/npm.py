@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from . import LockFile, LockParseError, Registries, Skipped, hashed, url_basename
 from .hashes import parse_sri
+from .model import LockFile, LockParseError, Registries, Skipped, hashed, url_basename
 
 _GIT = ("git+", "git:", "github:", "gitlab:", "bitbucket:")
 

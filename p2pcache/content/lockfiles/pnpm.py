@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import yaml
 
-from . import LockFile, LockParseError, Registries, Skipped, hashed, url_basename
 from .hashes import parse_sri
+from .model import LockFile, LockParseError, Registries, Skipped, hashed, url_basename
 from .npm import registry_tarball
-from .yarn import _yaml_error
+from .yarn import yaml_parse_error
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -30,7 +30,7 @@ def parse(path: str, text: str, registries: Registries, lock: LockFile) -> None:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
-        raise _yaml_error(path, e) from None
+        raise yaml_parse_error(path, e) from None
     if not docs or not all(isinstance(d, dict) for d in docs):
         raise LockParseError(path, "not a YAML mapping")
     versions = {str(d.get("lockfileVersion")) for d in docs if "lockfileVersion" in d}

@@ -5,9 +5,9 @@ file and url sources are skipped (no index file to verify against)."""
 
 from __future__ import annotations
 
-from . import LockFile, Registries, Skipped, hashed
 from ._toml import tables
 from .hashes import parse_prefixed
+from .model import LockFile, Registries, Skipped, hashed
 
 
 def parse(path: str, text: str, registries: Registries, lock: LockFile) -> None:

@@ -17,9 +17,9 @@ from packaging.pylock import (
     PackageWheel,
 )
 
-from . import LockFile, LockParseError, Registries, Skipped, hashed, url_basename
 from ._toml import load
 from .hashes import DepHash, UnknownHash, from_hex
+from .model import LockFile, LockParseError, Registries, Skipped, hashed, url_basename
 
 _ORDER = ("sha512", "sha384", "sha256", "sha1")
 

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from . import LockFile, Registries, Skipped, hashed, url_basename
 from ._toml import tables
 from .hashes import parse_prefixed
+from .model import LockFile, Registries, Skipped, hashed, url_basename
 
 _LOCAL = ("path", "directory", "editable", "virtual")
 

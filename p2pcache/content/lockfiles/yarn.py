@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from . import LockFile, LockParseError, Registries, Skipped, hashed, url_basename
 from .hashes import DepHash, UnknownHash, from_hex, parse_sri
+from .model import LockFile, LockParseError, Registries, Skipped, hashed, url_basename
 
 _GIT = ("git+", "git:", "github:", "gitlab:", "bitbucket:", "https://codeload.")
 
@@ -68,7 +68,7 @@ def parse_v1(path: str, text: str, registries: Registries, lock: LockFile) -> No
                url_basename(url))
 
 
-def _yaml_error(path: str, e: yaml.YAMLError) -> LockParseError:
+def yaml_parse_error(path: str, e: yaml.YAMLError) -> LockParseError:
     mark = getattr(e, "problem_mark", None)
     why = getattr(e, "problem", None) or str(e).splitlines()[0]
     return LockParseError(path, why, mark.line + 1 if mark else None, mark.column + 1 if mark else None)
@@ -78,7 +78,7 @@ def parse_berry(path: str, text: str, registries: Registries, lock: LockFile) ->
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise _yaml_error(path, e) from None
+        raise yaml_parse_error(path, e) from None
     if not isinstance(doc, dict):
         raise LockParseError(path, "not a YAML mapping")
     for key, entry in doc.items():

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 DEFAULT_API = "127.0.0.1:37515"
 # The exchange defaults, as measured with simnet's node-fetch (real Nodes; see README "simnet").
-SUPERSEED_WINDOW = 0.25
+SUPERSEED_WINDOW = 1.0
 SWARM_FETCH = False
 HAVE_BATCH_DELAY = 0.0
 

@@ -17,7 +17,7 @@ import trio
 _pool: contextvars.ContextVar[trio.CapacityLimiter | None] = contextvars.ContextVar("p2pcache_thread_pool",
                                                                                       default=None)
 _DONE = object()
-BATCH_BYTES = 1 << 20  # drain_thread makes this much per thread hop
+BATCH_BYTES = 1 << 20  # drain_thread makes (feed_thread gathers) this much per thread hop
 BUFFERED_PIECES = 16  # … and keeps up to this many pieces made ahead (what a stalled reader holds)
 
 
@@ -110,10 +110,20 @@ async def feed_thread(source: AsyncIterator[bytes], consume: Callable[[Iterator[
     `http.asgi.bounded_bodies`)."""
 
     async def next_piece() -> Any:
-        try:
-            return await source.__anext__()
-        except StopAsyncIteration:
+        """The source's next pieces joined up to about `BATCH_BYTES`: one thread hop for many small pieces
+        (a request body comes in pieces of 64 KiB or less)."""
+        parts: list[bytes] = []
+        size = 0
+        while size < BATCH_BYTES:
+            try:
+                piece = await source.__anext__()
+            except StopAsyncIteration:
+                break
+            parts.append(piece)
+            size += len(piece)
+        if not parts:
             return _DONE
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def pieces() -> Iterator[bytes]:
         while True:

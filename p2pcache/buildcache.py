@@ -24,13 +24,15 @@ saves of one key both produce records; every reader then picks the same one.
 from __future__ import annotations
 
 import fnmatch
+import io
 import logging
+import secrets
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Protocol
+from typing import IO, Any, AsyncContextManager, Awaitable, Callable, Protocol, Sequence
 
 import trio
 
@@ -213,23 +215,26 @@ class RecordStore:
 # -- repo side ----------------------------------------------------------------------------------------------
 
 
-def put_blocks_parallel(repo: Any, blocks: list[tuple[CID, bytes]], pool: Any) -> int:
+VERIFY_SLICE = 64  # blocks one worker re-hashes per task: a thread hop per slice, not per block
+
+
+def put_blocks_parallel(repo: Any, blocks: list[tuple[CID, bytes]], pool: Any) -> tuple[int, int]:
     """Store blocks the repo lacks, each re-hashed against its CID on `pool`'s threads (hashing releases the
-    GIL), then appended to the repo's pack in one write and recorded in one index commit. Returns the
-    bytes written."""
+    GIL; a slice of blocks per task), then appended to the repo's pack in one write and recorded in one
+    index commit. Returns (blocks, bytes) written."""
     known = repo.index.known_blocks([c for c, _ in blocks])
     todo = [(c, d) for c, d in blocks if c.buffer not in known]
 
-    def one(item: tuple[CID, bytes]) -> None:
-        cid, data = item
-        if not cid.verify(data):
-            raise CorruptData(f"block {cid} does not match its CID; refusing it")
+    def check(part: list[tuple[CID, bytes]]) -> None:
+        for cid, data in part:
+            if not cid.verify(data):
+                raise CorruptData(f"block {cid} does not match its CID; refusing it")
 
     if todo:
-        list(pool.map(one, todo))
+        list(pool.map(check, [todo[i:i + VERIFY_SLICE] for i in range(0, len(todo), VERIFY_SLICE)]))
         repo.packs.append(todo)
     repo.commit_blocks([(c, len(d)) for c, d in blocks])
-    return sum(len(d) for _, d in todo)
+    return len(todo), sum(len(d) for _, d in todo)
 
 
 class RepoBlockSink:
@@ -238,23 +243,30 @@ class RepoBlockSink:
     def __init__(self, repo: Any):
         self.repo = repo
         self.pool: Any = None
+        self.new_blocks = 0
+        self.new_bytes = 0
 
     def missing(self, cids: list[CID]) -> set[CID]:
         known = self.repo.index.known_blocks(cids)
         return {c for c in cids if c.buffer not in known}
 
-    def put(self, blocks: list[tuple[CID, bytes]]) -> None:
+    def offer(self, blocks: list[tuple[CID, bytes]]) -> None:
         if self.pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cache-write")
-        put_blocks_parallel(self.repo, blocks, self.pool)
+        n, size = put_blocks_parallel(self.repo, blocks, self.pool)
+        self.new_blocks += n
+        self.new_bytes += size
 
-    def close(self) -> None:
-        """Release the writer threads (a later `put` starts new ones)."""
+    def close(self) -> tuple[int, int]:
+        """Release the writer threads (a later `offer` starts new ones); (new blocks, new bytes) so far."""
         if self.pool is not None:
             self.pool.shutdown(wait=True)
             self.pool = None
+        out = (self.new_blocks, self.new_bytes)
+        self.new_blocks = self.new_bytes = 0
+        return out
 
 
 def register_tree(repo: Any, root: CID, name: str | None) -> RootInfo:
@@ -268,14 +280,29 @@ def register_tree(repo: Any, root: CID, name: str | None) -> RootInfo:
         manifest = TreeManifest.decode(repo.load_block(root))
     except NotFound:
         raise NotFound(f"tree {root} is not in the repo; upload its blocks first") from None
-    cids: dict[CID, None] = {root: None}
+    cids: dict[CID, int] = {root: -1}
+    batch: list[tuple[CID, int]] = []
+
+    def check(batch: list[tuple[CID, int]]) -> None:  # one index query per batch, not per block
+        found = repo.index.locate_many([c for c, _ in batch])
+        for cid, size in batch:
+            loc = found.get(cid.buffer)
+            if loc is None:
+                raise NotFound(f"tree {root} is missing block {cid}; save again")
+            if loc.size != size:
+                raise CorruptData(f"block {cid} has {loc.size} bytes, tree {root} says {size}")
+
     for cid, size in iter_blocks(manifest, repo.load_block):
-        have = repo.index.block_size(cid)
-        if have is None:
-            raise NotFound(f"tree {root} is missing block {cid}; save again")
-        if have != size:
-            raise CorruptData(f"block {cid} has {have} bytes, tree {root} says {size}")
-        cids[cid] = None
+        seen = cids.get(cid)
+        if seen is None:
+            cids[cid] = size
+            batch.append((cid, size))
+            if len(batch) >= 2048:
+                check(batch)
+                batch = []
+        elif seen != size and seen >= 0:
+            raise CorruptData(f"tree {root} links block {cid} with sizes {seen} and {size}")
+    check(batch)
     with repo.index.transaction():
         repo.index.put_root(root, TREE_KIND, manifest.size, name, TREE_MEDIA_TYPE, (), cids)
     return repo.root_info(root)
@@ -296,6 +323,86 @@ class Signer(Protocol):
     def sign(self, data: bytes) -> bytes: ...
 
 
+class UploadGuard(Protocol):
+    """The node's guard over blocks no root claims yet (`node.QuotaKeeper`): no gc runs while a `working()`
+    scope is open, and `exclusive()` waits until none is."""
+
+    def working(self) -> AsyncContextManager[Any]: ...
+    def exclusive(self) -> AsyncContextManager[Any]: ...
+
+
+LEASE_SECONDS = 600.0  # an upload lease nobody renews for this long ends (a saver that died)
+
+
+class UploadLeases:
+    """Open uploads: a local saver's blocks reach the daemon in many requests, and no root claims them until
+    the save at the end. Each saver holds a lease (renewed by every request naming it) and, while any
+    lease is live, one `working()` scope of the guard is held, so neither a quota gc nor idle expiry's gc
+    can take blocks that a save in progress uploaded or found present (and so did not upload again).
+    A gc that expiry wanted meanwhile is owed and runs when the last lease ends."""
+
+    def __init__(self, guard: UploadGuard, ttl: float = LEASE_SECONDS):
+        self.guard = guard
+        self.ttl = ttl
+        self.deadlines: dict[str, float] = {}
+        self.held = False
+        self._held_event = trio.Event()
+        self._changed = trio.Event()
+        self.on_idle: Callable[[], Awaitable[object]] | None = None
+        self.expired = 0
+
+    def live(self) -> bool:
+        return bool(self.deadlines)
+
+    async def open(self) -> str:
+        """A new lease; returns once the guard is held for it."""
+        lease = secrets.token_hex(16)
+        await self.renew(lease)
+        return lease
+
+    async def renew(self, lease: str) -> None:
+        """Extend `lease` (a lease that had ended is opened again: what it covered before may be gone,
+        which the save then reports as a missing block)."""
+        if len(lease) > 64:
+            raise InvalidInput("upload lease: malformed id")
+        self.deadlines[lease] = trio.current_time() + self.ttl
+        self._changed.set()
+        while not self.held:
+            await self._held_event.wait()
+
+    def release(self, lease: str | None) -> None:
+        if lease is not None and self.deadlines.pop(lease, None) is not None:
+            self._changed.set()
+
+    async def run(self) -> None:
+        """Hold the guard while any lease is live (run in the node's nursery)."""
+        while True:
+            while not self.deadlines:
+                await self._changed.wait()
+                self._changed = trio.Event()
+            async with self.guard.working():
+                self.held = True
+                self._held_event.set()
+                try:
+                    while True:
+                        now = trio.current_time()
+                        for lease in [k for k, d in self.deadlines.items() if d <= now]:
+                            del self.deadlines[lease]
+                            self.expired += 1
+                            log.warning("build cache: upload lease %s… not renewed for %.0f s; released", lease[:8],
+                                        self.ttl)
+                        if not self.deadlines:
+                            break
+                        with trio.move_on_at(min(self.deadlines.values())):
+                            await self._changed.wait()
+                        self._changed = trio.Event()
+                finally:
+                    self.held = False
+                    self._held_event = trio.Event()
+            if self.on_idle is not None:
+                await self.on_idle()
+
+
 # -- the service --------------------------------------------------------------------------------------------
 
 
@@ -313,7 +420,7 @@ class BuildCacheStats:
 
 class BuildCache:
     def __init__(self, repo: Any, store: RecordStore, signer: Signer, writer: bytes, config: BuildCacheConfig,
-                 swarm: Swarm | None = None, clock=time.time):
+                 swarm: Swarm | None = None, clock: Callable[[], float] = time.time, guard: UploadGuard | None = None):
         self.repo = repo
         self.store = store
         self.signer = signer
@@ -323,6 +430,12 @@ class BuildCache:
         self.swarm = swarm
         self.clock = clock
         self.stats = BuildCacheStats()
+        # In a daemon, uploads span requests: leases keep gc off their blocks (see UploadLeases).
+        self.leases = UploadLeases(guard) if guard is not None else None
+        self._gc_owed = False
+        if self.leases is not None:
+            self.leases.on_idle = self._owed_gc
+        self._writers: Any = None
 
     def announce_held(self) -> None:
         """At start: announce every tree we hold a record of, under its CID and its namespace."""
@@ -376,7 +489,7 @@ class BuildCache:
         return sorted(found.values(), key=lambda rp: rp[0].order(), reverse=True)
 
     # -- restore --------------------------------------------------------------------------------------
-    async def lookup(self, key: str, restore_keys: list[str] = (), lookup_only: bool = False,
+    async def lookup(self, key: str, restore_keys: Sequence[str] = (), lookup_only: bool = False,
                      paths_id: str | None = None) -> dict:
         """The tree for `key`, else for the newest key starting with the first of `restore_keys` that
         matches any; made local unless `lookup_only`. `{"match": "exact"|"prefix"|"none", ...}`."""
@@ -428,9 +541,17 @@ class BuildCache:
         return found[0][0].to_json() if found else None
 
     async def save(self, key: str, root: CID, force: bool = False, paths_id: str | None = None,
-                   scan_time: float | None = None) -> dict:
+                   scan_time: float | None = None, lease: str | None = None) -> dict:
         """Claim the uploaded tree `root` under `key`: refuse an existing key unless `force`, check the
-        tree is whole, register it, sign and keep the record, announce root and namespace."""
+        tree is whole, register it, sign and keep the record, announce root and namespace. The upload
+        `lease` ends here, whatever the outcome (the root claims its blocks, or the save failed)."""
+        try:
+            return await self._save(key, root, force, paths_id, scan_time)
+        finally:
+            if self.leases is not None:
+                self.leases.release(lease)
+
+    async def _save(self, key: str, root: CID, force: bool, paths_id: str | None, scan_time: float | None) -> dict:
         check_cache_key(key)
         existing = await self.find(key, False)
         if existing and not force:
@@ -459,20 +580,50 @@ class BuildCache:
         check_cache_key(key)
         if not force and await self.find(key, False):
             return {"saved": False, "reason": "exists", "key": key}
-        root, counts = await feed_thread(pieces, lambda it: tree_from_tar(self.repo, it, paths))
-        return {**await self.save(key, root, force), "tree": counts}
+        if self.leases is None:
+            root, counts = await feed_thread(pieces, lambda it: tree_from_tar(self.repo, it, paths))
+            return {**await self.save(key, root, force), "tree": counts}
+        async with self.leases.guard.working():  # no gc between the blocks going in and the root claiming them
+            root, counts = await feed_thread(pieces, lambda it: tree_from_tar(self.repo, it, paths))
+            return {**await self.save(key, root, force), "tree": counts}
 
     def missing(self, cids: list[CID]) -> list[CID]:
         known = self.repo.index.known_blocks(cids)
         return [c for c in cids if c.buffer not in known]
 
-    def put_blocks(self, blocks: list[tuple[CID, bytes]]) -> int:
-        """Blocks uploaded by a local saver: each is re-hashed against its CID before it is stored."""
-        if getattr(self, "_writers", None) is None:
+    def put_blocks(self, blocks: list[tuple[CID, bytes]]) -> tuple[int, int]:
+        """Blocks uploaded by a local saver: each is re-hashed against its CID before it is stored.
+        Returns (blocks, bytes) written."""
+        if self._writers is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cache-put")
         return put_blocks_parallel(self.repo, blocks, self._writers)
+
+    async def open_upload(self) -> dict:
+        """A lease for a save's uploads (daemon only): blocks it uploads or finds present stay until the
+        save claims them, or the lease is not renewed for `LEASE_SECONDS`."""
+        if self.leases is None:
+            raise InvalidInput("upload leases exist only in a running daemon")
+        return {"lease": await self.leases.open(), "ttl": self.leases.ttl}
+
+    async def accept_blocks(self, blocks: list[tuple[CID, bytes]], lease: str | None) -> tuple[int, int]:
+        """`put_blocks` for an upload request: renews its lease, and no gc runs while the blocks go in."""
+        if self.leases is None:
+            return await trio.to_thread.run_sync(self.put_blocks, blocks)
+        if lease:
+            # The lease's scope covers these blocks. No scope of our own: a gc waiting for the leases to
+            # end holds the guard's lock, and a new scope would wait for that gc — a deadlock.
+            await self.leases.renew(lease)
+            return await trio.to_thread.run_sync(self.put_blocks, blocks)
+        async with self.leases.guard.working():  # an old client that names no lease: this request's own scope
+            return await trio.to_thread.run_sync(self.put_blocks, blocks)
+
+    async def missing_for(self, cids: list[CID], lease: str | None) -> list[CID]:
+        """`missing` for an upload request: renews its lease first, so what it reports present stays."""
+        if self.leases is not None and lease:
+            await self.leases.renew(lease)
+        return await trio.to_thread.run_sync(self.missing, cids)
 
     # -- serving --------------------------------------------------------------------------------------
     def records_for_peer(self, key: str, prefix: bool, limit: int) -> list[CacheRecord]:
@@ -485,8 +636,7 @@ class BuildCache:
         return out
 
     # -- eviction -------------------------------------------------------------------------------------
-    def expire(self) -> dict:
-        """Evict every unpinned tree not saved or restored for `idle_expiry` seconds, with its records."""
+    def _evict_idle(self) -> list[CID]:
         limit = self.clock() - self.config.idle_expiry
         gone = []
         for info in self.repo.index.list_roots():
@@ -497,9 +647,36 @@ class BuildCache:
                 if self.swarm is not None:
                     self.swarm.withdraw(info.root)
                 gone.append(info.root)
-        report = self.repo.gc(None) if gone else None
         self.stats.expired += len(gone)
+        return gone
+
+    def expire(self) -> dict:
+        """Evict every unpinned tree not saved or restored for `idle_expiry` seconds, with its records, and
+        collect their blocks. For a repo no daemon runs on; a daemon calls `expire_async`."""
+        gone = self._evict_idle()
+        report = self.repo.gc(None) if gone else None
         return {"expired": [str(r) for r in gone], "bytes_freed": report.bytes_freed if report else 0}
+
+    async def expire_async(self) -> dict:
+        """`expire` in the daemon: the gc waits for no upload being in flight (`UploadLeases`); while a
+        lease is live it is owed, and runs when the last one ends."""
+        if self.leases is None:
+            return await trio.to_thread.run_sync(self.expire)
+        gone = await trio.to_thread.run_sync(self._evict_idle)
+        freed = 0
+        if gone:
+            self._gc_owed = True
+            if not self.leases.live():
+                freed = await self._owed_gc()
+        return {"expired": [str(r) for r in gone], "bytes_freed": freed, "gc_deferred": self._gc_owed}
+
+    async def _owed_gc(self) -> int:
+        if not self._gc_owed or self.leases is None or self.leases.live():
+            return 0
+        async with self.leases.guard.exclusive():
+            self._gc_owed = False
+            report = await trio.to_thread.run_sync(self.repo.gc, None)
+        return report.bytes_freed
 
     def set_pinned(self, key: str, pinned: bool) -> dict:
         records = self.store.matching(check_cache_key(key), False, 1)
@@ -586,8 +763,11 @@ def unframe_cids(body: bytes) -> list[CID]:
 class DaemonBlockSink:
     """A save's blocks uploaded to the running daemon, which re-hashes each before storing it.
 
-    Uploads run on a background thread (at most `depth` batches queued), so the saver keeps reading and
-    chunking while the daemon stores; `close()` waits for the last one and re-raises its error."""
+    The upload runs on a background thread (at most `depth` batches queued): for each batch it asks which
+    blocks the daemon lacks and sends only those, so the saver keeps reading and chunking and never waits
+    on a round trip. Every request names the save's upload lease (opened at the first request), which keeps
+    the daemon's gc off the blocks until `cache save` claims them; `close()` waits for the last batch and
+    re-raises the first error."""
 
     def __init__(self, client: Any, depth: int = 2):
         self.client = client
@@ -595,42 +775,63 @@ class DaemonBlockSink:
         self.q: Any = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.lease: str | None = None
+        self.new_blocks = 0
+        self.new_bytes = 0
+
+    def open_lease(self) -> str:
+        """The save's upload lease (opened at the first call): from then on, no gc in the daemon takes a
+        block that is there, until the save claims it or the lease lapses."""
+        if self.lease is None:
+            self.lease = self.client.cache_upload_lease()
+        return self.lease
+
 
     def _run(self) -> None:
         while True:
-            body = self.q.get()
-            if body is None:
+            blocks = self.q.get()
+            if blocks is None:
                 return
             if self.error is None:
                 try:
-                    self.client.put_blocks(body)
+                    lacking = self.client.blocks_missing(frame_cids([c for c, _ in blocks]), self.open_lease())
+                    todo = [blocks[i] for i in lacking]
+                    if todo:
+                        self.client.put_blocks(frame_blocks(todo), self.open_lease())
+                    self.new_blocks += len(todo)
+                    self.new_bytes += sum(len(d) for _, d in todo)
                 except BaseException as e:
                     self.error = e
 
     def missing(self, cids: list[CID]) -> set[CID]:
         if self.error is not None:
             raise self.error
-        return {cids[i] for i in self.client.blocks_missing(frame_cids(cids))}
+        return {cids[i] for i in self.client.blocks_missing(frame_cids(cids), self.open_lease())}
 
-    def put(self, blocks: list[tuple[CID, bytes]]) -> None:
+    def offer(self, blocks: list[tuple[CID, bytes]]) -> None:
         if self.error is not None:
             raise self.error
         if self.thread is None:
             import queue
 
+            self.open_lease()  # before any block goes up
             self.q = queue.Queue(maxsize=self.depth)
             self.thread = threading.Thread(target=self._run, daemon=True, name="cache-upload")
             self.thread.start()
-        self.q.put(frame_blocks(blocks))
+        self.q.put(blocks)
 
-    def close(self) -> None:
-        """Wait for the uploads in flight (a later `put` starts again); re-raise the first error."""
+    def close(self) -> tuple[int, int]:
+        """Wait for the uploads in flight (a later `offer` starts again); re-raise the first error; (new
+        blocks, new bytes) since the last close. The lease stays open for the save that follows."""
         if self.thread is not None:
             self.q.put(None)
             self.thread.join()
             self.thread = None
         if self.error is not None:
             raise self.error
+        out = (self.new_blocks, self.new_bytes)
+        self.new_blocks = self.new_bytes = 0
+        return out
 
 
 # -- tar streams: the build cache for builders that have curl and tar but not p2pcache (Nix) ----------------
@@ -667,7 +868,7 @@ def tree_as_tar(manifest: TreeManifest, load: Any) -> Any:
             info.type = tarfile.DIRTYPE
             yield header(info)
         elif e.is_symlink:
-            if symlink_escapes(e.path, e.body):
+            if not isinstance(e.body, bytes) or symlink_escapes(e.path, e.body):
                 continue
             info.type, info.linkname = tarfile.SYMTYPE, e.body.decode("utf-8", "surrogateescape")
             yield header(info)
@@ -692,22 +893,33 @@ def tree_as_tar(manifest: TreeManifest, load: Any) -> Any:
     yield b"\0" * 1024
 
 
-class _PieceReader:
+class _PieceStream(io.RawIOBase):
+    """An iterable of byte pieces as a readable raw stream (tarfile reads it through a BufferedReader)."""
+
     def __init__(self, pieces: Any):
         self.pieces = iter(pieces)
-        self.rest = b""
+        self.rest = memoryview(b"")
 
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self.rest) < n:
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.rest:
             piece = next(self.pieces, None)
             if piece is None:
-                break
-            self.rest += piece
-        if n < 0:
-            out, self.rest = self.rest, b""
-        else:
-            out, self.rest = self.rest[:n], self.rest[n:]
-        return out
+                return 0
+            self.rest = memoryview(piece)
+        n = min(len(buffer), len(self.rest))
+        buffer[:n] = self.rest[:n]
+        self.rest = self.rest[n:]
+        return n
+
+
+def _member_file(archive: Any, member: Any) -> IO[bytes]:
+    f = archive.extractfile(member)
+    if f is None:  # only regular members are extracted; tarfile gives None for others
+        raise InvalidInput(f"tar save: member {member.name[:80]!r} has no contents")
+    return f
 
 
 def tree_from_tar(repo: Any, pieces: Any, paths: list[str]) -> tuple[CID, dict]:
@@ -728,19 +940,16 @@ def tree_from_tar(repo: Any, pieces: Any, paths: list[str]) -> tuple[CID, dict]:
     counts = {"files": 0, "bytes": 0, "skipped": 0, "new_bytes": 0}
 
     def flush() -> None:
-        lacking = sink.missing([c for c, _ in pending])
-        todo = [(c, d) for c, d in pending if c in lacking]
-        if todo:
-            sink.put(todo)
-        counts["new_bytes"] += sum(len(d) for _, d in todo)
+        if pending:
+            sink.offer(list(pending))
         pending.clear()
 
     try:
-        archive = tarfile.open(fileobj=_PieceReader(pieces), mode="r|", encoding="utf-8", errors="surrogateescape")
+        archive = tarfile.open(fileobj=io.BufferedReader(_PieceStream(pieces), 1 << 20), mode="r|", encoding="utf-8", errors="surrogateescape")
         for m in archive:
             name = m.name.removeprefix("./").rstrip("/")
             if name == SOURCES_MEMBER and m.isreg():
-                for line in archive.extractfile(m).read().decode("utf-8", "surrogateescape").splitlines():
+                for line in _member_file(archive, m).read().decode("utf-8", "surrogateescape").splitlines():
                     digest, _, path = line.partition("  ")
                     if len(digest) == 64 and path:
                         sources.append((path.removeprefix("./").encode("utf-8", "surrogateescape"), bytes.fromhex(digest)))
@@ -752,7 +961,7 @@ def tree_from_tar(repo: Any, pieces: Any, paths: list[str]) -> tuple[CID, dict]:
             rel = name[len(tops[top]) + 1:].encode("utf-8", "surrogateescape")
             mtime = int(round(float(m.mtime) * 1e9))
             if m.isreg():
-                f = archive.extractfile(m)
+                f = _member_file(archive, m)
                 body, blocks = chunk_contents(iter(lambda: f.read(4 << 20), b""), m.size)
                 pending.extend((c, bytes(d)) for c, d in blocks)
                 if sum(len(d) for _, d in pending) >= 8 << 20:
@@ -773,10 +982,10 @@ def tree_from_tar(repo: Any, pieces: Any, paths: list[str]) -> tuple[CID, dict]:
     latest = {(e.top, e.path): e for e in entries}  # a tar may hold a name twice: the last one wins, as in tar
     for k in sorted(latest):
         out += builder.add(latest[k])
-    for path, digest in sorted(dict(sources).items()):
-        out += builder.add_source(path, digest, 0)
+    for source, source_digest in sorted(dict(sources).items()):
+        out += builder.add_source(source, source_digest, 0)
     root, data, rest = builder.finish()
     pending.extend((c, bytes(d)) for c, d in out + rest + [(root, data)])
     flush()
-    sink.close()
+    counts["new_bytes"] = sink.close()[1]
     return root, counts

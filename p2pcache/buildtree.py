@@ -35,7 +35,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 from .content.chunking import DEFAULT_PARAMS, ChunkerParams
 from .content.cid import CID
@@ -57,17 +57,19 @@ __all__ = ["BlockSink", "RestoreReport", "SaveReport", "paths_id", "previous_ent
 READ_SIZE = 4 << 20
 BATCH_BYTES = 8 << 20
 WINDOW = 64
+GROUP_FILES = 64  # files of one directory written by one restore task, their chunks read in one batch
 RACY_NS = 1_000_000_000  # a file modified within this long before a scan is re-read next time
 _tmp_counter = itertools.count()
 
 
 class BlockSink(Protocol):
-    """Where a save's blocks go: the repo, or the daemon that owns it. `put` may work in the background;
-    `close` waits for it (and raises what it met)."""
+    """Where a save's blocks go: the repo, or the daemon that owns it. `offer` stores those of the blocks
+    the sink lacks and may work in the background (the saver never waits on it while it reads); `close`
+    waits for it, raises what it met, and returns (new blocks, new bytes) stored since the last close."""
 
     def missing(self, cids: list[CID]) -> set[CID]: ...
-    def put(self, blocks: list[tuple[CID, bytes]]) -> None: ...
-    def close(self) -> None: ...
+    def offer(self, blocks: list[tuple[CID, bytes]]) -> None: ...
+    def close(self) -> tuple[int, int]: ...
 
 
 def paths_id(paths: list[str]) -> str:
@@ -144,7 +146,7 @@ def _read_file(full: bytes, size: int, params: ChunkerParams) -> tuple[object, l
 
 
 def _top_links(body: object) -> list[CID]:
-    return [link[0] for link in body[2]] if isinstance(body, list) else []  # type: ignore[index]
+    return [link[0] for link in body[2]] if isinstance(body, list) else []
 
 
 def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = None,
@@ -176,7 +178,7 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
             reuse[(top, rel)] = old
     # ... and their blocks, and the previous pages to be reused whole, still in the repo (gc may have run).
     pages = dict(previous.pages) if previous is not None else {}
-    if reuse or pages:
+    if (reuse or pages) and not (previous is not None and previous.held):
         links = list({c: None for e in reuse.values() for c in _top_links(e.body)})
         links += [cid for _, cid in pages.values()]
         gone: set[CID] = set()
@@ -192,15 +194,9 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
 
     def flush() -> None:
         nonlocal pending, pending_bytes
-        if not pending:
-            return
-        batch, pending, pending_bytes = pending, [], 0
-        lacking = sink.missing([c for c, _ in batch])
-        todo = [(c, d) for c, d in batch if c in lacking]
-        if todo:
-            sink.put(todo)
-        report.new_blocks += len(todo)
-        report.new_bytes += sum(len(d) for _, d in todo)
+        if pending:
+            sink.offer(pending)
+            pending, pending_bytes = [], 0
 
     def emit(blocks: list) -> None:
         nonlocal pending_bytes
@@ -262,7 +258,7 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
     root, root_data, blocks = builder.finish()
     emit(blocks + [(root, root_data)])
     flush()
-    sink.close()
+    report.new_blocks, report.new_bytes = sink.close()
     report.root = root
     return report
 
@@ -319,6 +315,10 @@ def previous_entries(manifest: TreeManifest, load: Callable[[CID], bytes]) -> "P
 class PreviousTree:
     files: dict[tuple[int, bytes], TreeEntry]
     pages: dict
+    # True when the tree was found complete in the repo after this save's upload lease was taken: then
+    # none of its blocks can go before the save claims them (gc waits for the lease), and the saver
+    # need not ask the daemon about each block it reuses.
+    held: bool = False
 
 
 # -- restoring ------------------------------------------------------------------------------------------
@@ -391,10 +391,21 @@ def _safe_mode(mode: int, report: RestoreReport) -> int:
     return mode & 0o777
 
 
-def _write_file(dir_fd: int, name: bytes, entry: TreeEntry, load: Callable[[CID], bytes]) -> int:
+def _current_umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _write_file(dir_fd: int, name: bytes, entry: TreeEntry, chunks: Iterable[bytes], umask: int = 0o777) -> int:
+    """Write one file atomically: a temp file in the same directory, given its bytes (`entry`'s inline body,
+    else `chunks`: its chunks' bytes, in order, sizes already checked), mode and mtime, then renamed over.
+    The temp file is created with its final permission bits (never setuid/setgid/sticky); only when the
+    process `umask` takes some of them away does a chmod follow."""
+    mode = entry.mode & 0o777
     tmp = b".%s.p2pcache-%d-%d.tmp" % (name[:100], os.getpid(), next(_tmp_counter))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                 0o600, dir_fd=dir_fd)
+                 mode, dir_fd=dir_fd)
     try:
         try:
             written = 0
@@ -402,15 +413,15 @@ def _write_file(dir_fd: int, name: bytes, entry: TreeEntry, load: Callable[[CID]
                 os.write(fd, entry.body)
                 written = len(entry.body)
             else:
-                for ref in file_chunks(entry, load):
-                    data = load(ref.cid)
-                    if len(data) != ref.size:
-                        raise CorruptData(f"chunk {ref.cid} has {len(data)} bytes, its manifest says {ref.size}")
+                for data in chunks:
                     view = memoryview(data)
                     while view:
                         view = view[os.write(fd, view):]
                     written += len(data)
-            os.fchmod(fd, entry.mode & 0o777)
+                if written != entry.size:
+                    raise CorruptData(f"{os.fsdecode(name)}: its chunks hold {written} bytes, its entry says {entry.size}")
+            if mode & umask:
+                os.fchmod(fd, mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         finally:
             os.close(fd)
@@ -427,6 +438,20 @@ def _write_file(dir_fd: int, name: bytes, entry: TreeEntry, load: Callable[[CID]
         raise
 
 
+LoadMany = Callable[[list[tuple[CID, int]]], Iterator[bytes]]
+
+
+def load_each(load: Callable[[CID], bytes]) -> LoadMany:
+    """A `load_many` over a one-block `load`: each block's size checked against its link."""
+    def many(links: list[tuple[CID, int]]) -> Iterator[bytes]:
+        for cid, size in links:
+            data = load(cid)
+            if len(data) != size:
+                raise CorruptData(f"chunk {cid} has {len(data)} bytes, its manifest says {size}")
+            yield data
+    return many
+
+
 def symlink_escapes(rel: bytes, target: bytes) -> bool:
     if target.startswith(b"/"):
         return True
@@ -435,9 +460,12 @@ def symlink_escapes(rel: bytes, target: bytes) -> bool:
 
 
 def restore_tree(root: CID, load: Callable[[CID], bytes], targets: list[str], *, threads: int = 4,
-                 progress: Callable[[int], None] | None = None) -> tuple[RestoreReport, TreeManifest, list[int]]:
+                 progress: Callable[[int], None] | None = None,
+                 load_many: LoadMany | None = None) -> tuple[RestoreReport, TreeManifest, list[int]]:
     """Write the tree `root` into `targets` (one per saved top-level path, by position). Returns the report,
-    the manifest and the mtimes (ns) of every file restored, for `fix_timestamps`."""
+    the manifest and the mtimes (ns) of every file restored, for `fix_timestamps`. `load_many(links)`
+    reads many chunks at once, sizes checked (`Repo.load_blocks`: one index query and few preads for a
+    whole group of files); without it, chunks are read one by one through `load`."""
     manifest = TreeManifest.decode(load(root))
     if len(targets) != len(manifest.paths):
         raise InvalidInput(f"the cache holds {len(manifest.paths)} path(s) ({', '.join(manifest.paths)}); "
@@ -446,55 +474,37 @@ def restore_tree(root: CID, load: Callable[[CID], bytes], targets: list[str], *,
     mtimes: list[int] = []
     for top, target in enumerate(targets):
         try:
-            _restore_top(manifest, top, target, load, report, mtimes, threads, progress)
+            _restore_top(manifest, top, target, load, load_many or load_each(load), report, mtimes, threads, progress)
         except OSError as e:
             raise RepoError(f"cannot restore into {target}: {e.strerror or e}") from None
     return report, manifest, mtimes
 
 
-def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[CID], bytes],
+def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[CID], bytes], load_many: LoadMany,
                  report: RestoreReport, mtimes: list[int], threads: int,
                  progress: Callable[[int], None] | None) -> None:
-    entries = [e for e in iter_entries(manifest, load) if e.top == top]  # metadata only: bodies are links
-    if not entries:
+    # Entries stream from the pages as they decode; files are written on the pool in runs of one directory
+    # while later pages still decode. Metadata only: bodies are links.
+    entries: Iterator[TreeEntry] = (e for e in iter_entries(manifest, load) if e.top == top)
+    head = next(entries, None)
+    if head is None:
         return
-    head = entries[0]
     def shown(rel: bytes) -> str:  # as the entry says, not normalised: the report must show `..` as it came
         return f"{target.rstrip('/')}/{os.fsdecode(rel)}" if rel else target
     if head.path == b"" and not head.is_dir:
         # A single saved file (or symlink) at the top: written into the target's parent directory.
         top_parent, top_name = os.path.split(os.path.abspath(target))
         os.makedirs(top_parent, exist_ok=True)
-        entries = [TreeEntry(top, os.fsencode(top_name), e.mode, e.mtime_ns, e.body) for e in entries[:1]]
+        head = TreeEntry(top, os.fsencode(top_name), head.mode, head.mtime_ns, head.body)
+        entries = iter(())
         target = top_parent
     os.makedirs(target, exist_ok=True)
+    umask = _current_umask()  # read once, before the writer threads start
     root_fd = os.open(target, _DIR_FLAGS & ~os.O_NOFOLLOW)
     try:
         dirs: list[TreeEntry] = []
-        files: dict[bytes, list[TreeEntry]] = {}
         links: list[TreeEntry] = []
         refused_dirs: list[bytes] = []
-        for e in entries:
-            problem = path_problem(e.path)
-            if problem is None and any(e.path.startswith(d + b"/") for d in refused_dirs):
-                problem = "inside a refused directory"
-            if problem is None:
-                if e.is_dir:
-                    dirs.append(e)  # created on the way to its files, or at the end if it has none
-                elif e.is_file:
-                    parent, _, name = e.path.rpartition(b"/")
-                    files.setdefault(parent, []).append(e)
-                elif e.is_symlink:
-                    if symlink_escapes(e.path, e.body):  # type: ignore[arg-type]
-                        problem = "symlink pointing outside the target"
-                    else:
-                        links.append(e)
-                else:
-                    problem = "device or special file"
-            if problem is not None:
-                report.refused.append((shown(e.path), problem))
-                if e.is_dir:
-                    refused_dirs.append(e.path)
 
         def write_group(parent: bytes, group: list[TreeEntry]) -> list[tuple[TreeEntry, int | str]]:
             out: list[tuple[TreeEntry, int | str]] = []
@@ -503,18 +513,63 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
             except _Refused as r:
                 return [(e, str(r)) for e in group]
             try:
+                # The chunks of the whole group in one batched read, handed to each file in turn.
+                counts: list[int] = []
+                wanted: list[tuple[CID, int]] = []
                 for e in group:
+                    if not isinstance(e.body, bytes):
+                        refs = [(ref.cid, ref.size) for ref in file_chunks(e, load)]
+                        counts.append(len(refs))
+                        wanted += refs
+                data = load_many(wanted)
+                next_count = iter(counts)
+                for e in group:
+                    chunks = itertools.islice(data, next(next_count)) if not isinstance(e.body, bytes) else iter(())
                     try:
-                        out.append((e, _write_file(dfd, e.path.rpartition(b"/")[2], e, load)))
+                        out.append((e, _write_file(dfd, e.path.rpartition(b"/")[2], e, chunks, umask)))
                     except _Refused as r:
+                        deque(chunks, maxlen=0)  # keep the shared read in step for the next file
                         out.append((e, str(r)))
             finally:
                 os.close(dfd)
             return out
 
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-restore") as pool:
-            futures = [pool.submit(write_group, parent, group[i:i + 64])
-                       for parent, group in files.items() for i in range(0, len(group), 64)]
+            futures: list[Future] = []
+            run: list[TreeEntry] = []
+            run_parent = b""
+
+            def submit() -> None:
+                nonlocal run
+                if run:
+                    futures.append(pool.submit(write_group, run_parent, run))
+                    run = []
+
+            for e in itertools.chain((head,), entries):
+                problem = path_problem(e.path)
+                if problem is None and any(e.path.startswith(d + b"/") for d in refused_dirs):
+                    problem = "inside a refused directory"
+                if problem is None:
+                    if e.is_dir:
+                        dirs.append(e)  # created on the way to its files, or at the end if it has none
+                    elif e.is_file:
+                        parent = e.path.rpartition(b"/")[0]
+                        if parent != run_parent or len(run) >= GROUP_FILES:
+                            submit()
+                            run_parent = parent
+                        run.append(e)
+                    elif e.is_symlink:
+                        if not isinstance(e.body, bytes) or symlink_escapes(e.path, e.body):
+                            problem = "symlink pointing outside the target"
+                        else:
+                            links.append(e)
+                    else:
+                        problem = "device or special file"
+                if problem is not None:
+                    report.refused.append((shown(e.path), problem))
+                    if e.is_dir:
+                        refused_dirs.append(e.path)
+            submit()
             for fut in futures:
                 for e, result in fut.result():
                     if isinstance(result, str):

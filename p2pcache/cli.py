@@ -7,6 +7,7 @@ non-zero (see errors.py for the codes); `--json` switches output to one JSON obj
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -257,9 +258,25 @@ def _ensure_local(args: argparse.Namespace, repo: Repo, key: str):
     return CID.parse(result["root"])
 
 
+def _tree_tar(repo: Repo, root: CID):
+    """A build cache tree (`kind` "tree") as the tar stream the cache's tar API gives, or None for an archive."""
+    if repo.root_info(root).kind != "tree":
+        return None
+    from .buildcache import tree_as_tar
+    from .content.treemanifest import TreeManifest
+
+    return tree_as_tar(TreeManifest.decode(repo.load_block(root)), repo.load_block)
+
+
 def cmd_get(args: argparse.Namespace, out: Output) -> int:
     with _open(args, writable=False) as repo:
         root = _ensure_local(args, repo, args.key)
+        tar = _tree_tar(repo, root)
+        if tar is not None:  # a tree has no bytes of its own: it is written as a tar of its files
+            written = _write_atomically(args.output, tar)
+            out.emit({"root": str(root), "size": written, "output": args.output, "format": "tar"},
+                     f"wrote the tree {root} as a tar of {human(written)} to {args.output}")
+            return 0
         size = repo.root_info(root).size
         with progress_bar(f"getting {args.output}", size, _want_progress(args, size)) as cb:
             written = repo.get_to_file(root, args.output, progress=cb)
@@ -268,11 +285,27 @@ def cmd_get(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _write_atomically(path: str, pieces) -> int:
+    tmp = f"{path}.p2pcache-{os.getpid()}.part"
+    written = 0
+    try:
+        with open(tmp, "wb") as f:
+            for piece in pieces:
+                f.write(piece)
+                written += len(piece)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return written
+
+
 def cmd_cat(args: argparse.Namespace, out: Output) -> int:
     sink = sys.stdout.buffer
     with _open(args, writable=False) as repo:
         root = _ensure_local(args, repo, args.key)
-        for data in repo.stream(root):
+        for data in _tree_tar(repo, root) or repo.stream(root):
             sink.write(data)
     sink.flush()
     return 0
@@ -927,18 +960,23 @@ def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
                 out.emit({"saved": False, "reason": "exists", "key": args.key},
                          f"cache key {args.key} exists; not saved (keys are immutable: --force to replace it)")
                 return 0
-        previous, scan = (None, 0.0) if args.rehash else _stat_cache(_repo_path(args), pid)
         sink: DaemonBlockSink | RepoBlockSink
         if client is not None:
             sink = DaemonBlockSink(client)
+            sink.open_lease()  # before the stat cache is read: what it finds complete then stays until the save
         else:
             assert service is not None
             sink = RepoBlockSink(service.repo)
+        previous, scan = (None, 0.0) if args.rehash else _stat_cache(_repo_path(args), pid)
+        if previous is not None and client is not None:
+            previous.held = True
         for attempt in (0, 1):
             report = save_tree(args.paths, sink, sources_dir=args.sources, previous=previous, previous_scan=scan)
             try:
                 if client is not None:
-                    result = client.cache_save(args.key, str(report.root), args.force, pid, report.scan_time)
+                    assert isinstance(sink, DaemonBlockSink)
+                    lease, sink.lease = sink.lease, None  # the save ends it, whatever happens; a retry opens another
+                    result = client.cache_save(args.key, str(report.root), args.force, pid, report.scan_time, lease)
                 else:
                     assert service is not None
                     result = trio.run(service.save, args.key, report.root, args.force, pid, report.scan_time)
@@ -997,7 +1035,7 @@ def cmd_cache_restore(args: argparse.Namespace, out: Output) -> int:
         return 0
     with Repo.open(_repo_path(args), writable=False) as repo:
         root = CID.parse(found["root"])
-        report, manifest, mtimes = restore_tree(root, repo.load_block, args.paths)
+        report, manifest, mtimes = restore_tree(root, repo.load_block, args.paths, load_many=repo.load_blocks)
         sources = args.sources if args.sources is not None else (
             manifest.sources["path"] if manifest.sources is not None else None)
         if sources is not None and manifest.sources is not None and os.path.isdir(sources):

@@ -191,31 +191,42 @@ class DaemonClient:
         return self._stream("/api/v0/cache/lookup", {"key": key, "restore_keys": list(restore_keys),
                                                       "lookup_only": lookup_only, "paths_id": paths_id}, progress)
 
-    def cache_save(self, key: str, root: str, force: bool, paths_id: str | None, scan_time: float | None) -> dict:
+    def cache_save(self, key: str, root: str, force: bool, paths_id: str | None, scan_time: float | None,
+                   lease: str | None = None) -> dict:
         return self._post("/api/v0/cache/save", {"key": key, "root": root, "force": force, "paths_id": paths_id,
-                                                 "scan_time": scan_time})
+                                                 "scan_time": scan_time, "lease": lease})
 
     def cache_call(self, what: str, body: dict) -> dict:
         """pin, unpin, keys, expire."""
         return self._post(f"/api/v0/cache/{what}", body)
 
-    def blocks_missing(self, body: bytes) -> list[int]:
+    def cache_upload_lease(self) -> str:
+        """A lease for one save's uploads: the daemon's gc keeps what they cover until the save (or ~10 min idle)."""
+        return self._post("/api/v0/cache/upload", {})["lease"]
+
+    def blocks_missing(self, body: bytes, lease: str | None = None) -> list[int]:
         """Indices of the blocks (framed binary CIDs) the daemon's repo lacks."""
         try:
-            r = self.http.post("/api/v0/blocks/missing", content=body,
-                               headers={"content-type": "application/octet-stream"})
+            r = self.http.post("/api/v0/blocks/missing", content=body, headers=_block_headers(lease))
         except httpx.HTTPError as e:
             raise RepoError(f"daemon at {self.info['api']} did not answer: {e}") from None
         if r.status_code != 200:
             raise (InvalidInput if r.status_code == 400 else RepoError)(r.text.strip())
         return r.json()["missing"]
 
-    def put_blocks(self, body: bytes) -> dict:
+    def put_blocks(self, body: bytes, lease: str | None = None) -> dict:
         """Upload blocks framed as (varint length, binary CID, varint length, bytes)…; the daemon re-hashes each."""
         try:
-            r = self.http.post("/api/v0/blocks", content=body, headers={"content-type": "application/octet-stream"})
+            r = self.http.post("/api/v0/blocks", content=body, headers=_block_headers(lease))
         except httpx.HTTPError as e:
             raise RepoError(f"daemon at {self.info['api']} did not answer: {e}") from None
         if r.status_code != 200:
             raise (InvalidInput if r.status_code == 400 else RepoError)(r.text.strip())
         return r.json()
+
+
+def _block_headers(lease: str | None) -> dict[str, str]:
+    headers = {"content-type": "application/octet-stream"}
+    if lease:
+        headers["x-p2pcache-lease"] = lease
+    return headers

@@ -242,7 +242,8 @@ class Node:
         assert self.repo is not None and self.host is not None
         pair = getattr(self.host, "key_pair", None) or load_identity(self.repo_path / "identity.key")
         self.buildcache = BuildCache(self.repo, RecordStore(self.repo_path / "buildcache.sqlite"), pair.private_key,
-                                     pair.public_key.serialize(), self.config.buildcache, swarm=_BuildCacheSwarm(self))
+                                     pair.public_key.serialize(), self.config.buildcache, swarm=_BuildCacheSwarm(self),
+                                     guard=self.quota)
         cache = self.buildcache
         CacheRecordsServer(lookup=cache.records_for_peer).register(self.host)
         cache.announce_held()
@@ -250,7 +251,7 @@ class Node:
         async def expire_hourly() -> None:
             while True:
                 try:
-                    report = await trio.to_thread.run_sync(cache.expire)
+                    report = await cache.expire_async()
                     if report["expired"]:
                         log.info("build cache: evicted %d idle trees", len(report["expired"]))
                 except P2PCacheError as e:
@@ -258,6 +259,8 @@ class Node:
                 await trio.sleep(3600)
 
         nursery.start_soon(expire_hourly)
+        assert self.buildcache.leases is not None
+        nursery.start_soon(self.buildcache.leases.run)
 
     async def _reannounce_on_new_peers(self) -> None:
         """A sweep that reached nobody (we started before our peers) is redone when a peer turns up,
@@ -595,6 +598,9 @@ class Node:
             root = key.cid
             # Fetch the root first and check it is what was asked for before fetching the rest.
             blocks = await self.exchange.fetch_blocks([root], providers)
+            tree = _tree_root(blocks[root])
+            if tree is not None:  # a build cache's tree: no archive bytes to check, its blocks prove themselves
+                return await self._fetch_tree_root(root, tree.size, providers, progress)
             manifest = _decode_root(root, blocks[root])
         else:  # the race checked the winner's manifest root against the hash (if it names that hash)
             root, manifest, providers = await self._resolve_root(key)
@@ -640,6 +646,19 @@ class Node:
             raise FetchError(f"a peer answered {root} for {alias}, but that archive has a different {key.algo}")
         progress(manifest.size, manifest.size)
         return root, manifest.size
+
+    async def _fetch_tree_root(self, root: CID, size: int, providers: list, progress: ProgressFn) -> tuple[CID, int]:
+        """`p2pcache get <tree root>`: a build cache's tree by its CID, fetched whole and registered as
+        the build cache registers it (kind "tree"), so `get`/`cat` can write it out as a tar stream."""
+        from .buildcache import register_tree
+
+        assert self.repo is not None
+        await self.quota.make_room(size, str(root))
+        progress(0, size)
+        await self.fetch_dag(root, providers)
+        await trio.to_thread.run_sync(register_tree, self.repo, root, None)
+        progress(size, size)
+        return root, size
 
     async def _resolve_root(self, key: HashKey) -> tuple[CID, ArchiveManifest, list]:
         """Ask the providers of `key` which root they hold for it (one race, `race_at_providers`); an
@@ -863,9 +882,12 @@ class _BuildCacheSwarm:
     async def fetch_tree(self, root: CID, peers: list) -> int:
         node = self.node
         assert node.finder is not None and node.host is not None
-        providers: list = [p for p in await node.finder.find_providers(str(root), timeout=node.config.lookup_timeout)
-                           if p.peer_id != node.host.peer_id]
-        providers += [p for p in peers if all(q.peer_id != p for q in providers)]
+        # The peers that sent the record hold its tree (they serve records only of complete trees): ask
+        # them straight away; the DHT is asked when none did, or when fetching from them fails.
+        providers: list = list(peers)
+        if not providers:
+            providers = [p for p in await node.finder.find_providers(str(root), timeout=node.config.lookup_timeout)
+                         if p.peer_id != node.host.peer_id]
         if not providers:
             raise NotFound(f"tree {root}: no peer in the swarm announces it")
         for attempt in range(3):
@@ -887,6 +909,16 @@ class _BuildCacheSwarm:
     def withdraw(self, root: CID) -> None:
         if self.node.announcer is not None:
             self.node.announcer.withdraw(root)
+
+
+def _tree_root(data: bytes) -> Any:
+    """The block as a build cache tree manifest, or None if it is not one."""
+    from .content.treemanifest import TreeManifest
+
+    try:
+        return TreeManifest.decode(data)
+    except MalformedBlock:
+        return None
 
 
 def _decode_root(root: CID, data: bytes) -> ArchiveManifest:

@@ -68,8 +68,7 @@ def arrows(root: Path) -> tuple[set[str], dict[str, set[str]], dict[str, set[str
                 c = closest(t)
                 if c is None or c == mod:
                     continue
-                if isinstance(node, ast.ImportFrom) and c != closest(f"{resolve(mod, is_pkg, node.level, node.module)}"):
-                    pass  # `from pkg import submodule` names the submodule: an arrow to it
+                # `from pkg import name`: an arrow to pkg.name if that is a module, and to pkg itself
                 (typing_only if id(node) in guarded else run)[mod].add(c)
     return known, run, typing_only
 
@@ -110,12 +109,6 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return out
-
-
-def package_of(mod: str) -> str:
-    """A package's `__init__` re-exports its submodules: count arrows between packages' members, not
-    the package-to-member arrows every `__init__` has."""
-    return mod
 
 
 def main() -> int:

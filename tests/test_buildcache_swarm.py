@@ -100,3 +100,83 @@ def test_save_restore_across_runners_saver_gone_prefix_and_trust(tmp_path, swarm
     got = restore(c, "main/linux-1", tmp_path / "c-out")
     assert got["match"] == "exact" and got["writer"] == protected and got["bytes_fetched"] > 0
     assert same_tree(build, tmp_path / "c-out")
+
+    # `p2pcache get <tree root>` on C, which does not hold that tree: fetched from B, written as a tar
+    tar = tmp_path / "tree.tar"
+    got = json.loads(c.cli("--json", "get", newer["root"], "-o", str(tar), timeout=90).stdout)
+    assert got["root"] == newer["root"] and got["format"] == "tar" and got["size"] == tar.stat().st_size
+    (tmp_path / "x").mkdir()
+    subprocess.run(["tar", "-C", str(tmp_path / "x"), "-xf", str(tar)], check=True)
+    assert same_tree(build2, tmp_path / "x" / str(build2).lstrip("/"))
+
+
+def test_upload_lease_keeps_idle_expiry_gc_off_a_save_in_progress(tmp_path, daemons):
+    from p2pcache.buildcache import DaemonBlockSink, frame_cids
+    from p2pcache.buildtree import save_tree
+    from p2pcache.client import DaemonClient
+    from p2pcache.content.cid import CID
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.toml").write_text("[buildcache]\nidle_expiry_days = 0.0000001\n")  # ~9 ms
+    a = start_daemon(tmp_path / "a")
+    daemons.append(a)
+    old = json.loads(a.cli("--json", "cache", "save", "main/old", str(make_build_dir(tmp_path / "old", 7))).stdout)
+    client = DaemonClient.find(tmp_path / "a")
+    try:
+        def upload(seed: int, leased: bool):
+            """A save's uploads, stopped before `cache save` claims them: (sink, root, CIDs uploaded)."""
+            sink = DaemonBlockSink(client)
+            if not leased:
+                sink.lease = ""  # an old client's requests name no lease
+            report = save_tree([str(make_build_dir(tmp_path / f"new{seed}", seed))], sink)
+            return sink, report.root
+
+        def held(root: CID) -> bool:
+            return client.blocks_missing(frame_cids([root])) == []
+
+        # Without a lease, idle expiry's gc takes the unclaimed blocks between the uploads and the save.
+        sink, root = upload(8, leased=False)
+        time.sleep(0.05)
+        assert client.cache_call("expire", {})["expired"] == [old["root"]]
+        assert not held(root)
+
+        # With one, the gc is owed instead, the save claims its blocks, and the gc runs when the lease ends.
+        again = json.loads(a.cli("--json", "cache", "save", "main/old2", str(tmp_path / "old")).stdout)
+        sink, root = upload(9, leased=True)
+        time.sleep(0.05)
+        expired = client.cache_call("expire", {})
+        assert expired["expired"] == [again["root"]] and expired["gc_deferred"] is True
+        assert held(root) and held(CID.parse(again["root"]))  # nothing collected while the lease is live
+        # `p2pcache gc` asked meanwhile waits for the lease; the save's further uploads do not wait for it
+        import threading
+
+        gc_result: list = []
+
+        def run_gc() -> None:
+            other = DaemonClient.find(tmp_path / "a")
+            try:
+                gc_result.append(other.gc(None))
+            finally:
+                other.close()
+
+        gc = threading.Thread(target=run_gc)
+        gc.start()
+        time.sleep(0.3)
+        more = make_build_dir(tmp_path / "more", 10, files=3)
+        later: list = []
+        upload_more = threading.Thread(target=lambda: later.append(save_tree([str(more)], sink)), daemon=True)
+        upload_more.start()  # same sink, same lease
+        upload_more.join(20)
+        assert later and later[0].new_blocks > 0, "an upload under a live lease waited for a pending gc"
+        assert gc.is_alive()
+        lease, sink.lease = sink.lease, None
+        assert client.cache_save("main/new", str(root), False, None, None, lease)["saved"] is True
+        gc.join(30)
+        assert gc_result and not gc.is_alive()
+        deadline = time.monotonic() + 10
+        while held(CID.parse(again["root"])) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not held(CID.parse(again["root"]))  # the owed gc ran once the lease ended
+        assert held(root)
+    finally:
+        client.close()

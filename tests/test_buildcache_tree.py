@@ -60,7 +60,8 @@ def test_racy_files_are_read_again(repo, tmp_path):
     assert save_tree([str(src)], sink, previous=prev, previous_scan=first.scan_time).files_read == 5
 
 
-def test_restore_round_trip_modes_mtimes_symlinks_and_several_paths(repo, tmp_path):
+@pytest.mark.parametrize("batched, umask", [(False, None), (True, 0o077)])
+def test_restore_round_trip_modes_mtimes_symlinks_and_several_paths(repo, tmp_path, batched, umask):
     a = build_dir(tmp_path / "a", n=30)
     (a / "tool").write_bytes(b"#!/bin/sh\n")
     (a / "tool").chmod(0o750)
@@ -70,7 +71,13 @@ def test_restore_round_trip_modes_mtimes_symlinks_and_several_paths(repo, tmp_pa
     single.write_bytes(b"x" * 5000)
     r = save_tree([str(a), str(single)], RepoBlockSink(repo))
     register_tree(repo, r.root, "k")
-    report, manifest, mtimes = restore_tree(r.root, repo.load_block, [str(tmp_path / "ra"), str(tmp_path / "r1.bin")])
+    old_umask = os.umask(umask) if umask is not None else None  # the saved modes come back whatever the umask
+    try:
+        report, manifest, mtimes = restore_tree(r.root, repo.load_block, [str(tmp_path / "ra"), str(tmp_path / "r1.bin")],
+                                                load_many=repo.load_blocks if batched else None)
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
     assert report.refused == [] and report.files == 32 and report.symlinks == 1
     assert (tmp_path / "r1.bin").read_bytes() == b"x" * 5000
     for p in a.rglob("*"):

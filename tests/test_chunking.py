@@ -75,3 +75,12 @@ def test_params_roundtrip_through_ipld():
     assert ChunkerParams.from_ipld(DEFAULT_PARAMS.to_ipld()) == DEFAULT_PARAMS
     with pytest.raises(InvalidInput):
         ChunkerParams.from_ipld({"alg": "fastcdc-2020"})
+
+
+def test_the_compiled_fastcdc_is_the_one_chunking():
+    # pyfastcdc falls back to pure Python (with only a warning) when its Cython extension cannot load: every
+    # ingest would then run two orders of magnitude slower with nothing else failing.
+    from p2pcache.content import chunking
+
+    assert chunking.FastCDC.__module__ == "pyfastcdc.cy.fastcdc"
+    assert type(Chunker()._cdc).__module__ == "pyfastcdc.cy.fastcdc"

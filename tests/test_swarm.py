@@ -102,7 +102,10 @@ def test_seeder_killed_mid_transfer_second_seeder_finishes(tmp_path, rng, daemon
 
 
 def test_corrupt_seeder_is_rejected_and_honest_one_completes(tmp_path, rng, daemons):
-    data = rng.randbytes(6 * MiB)
+    # Large enough (about 400 leaves) that the DAG fetch's first requests (128 CIDs, two per provider)
+    # go to both seeders whichever answered the lookup first: at 6 MiB one request to the honest seeder
+    # could carry every leaf, so the corrupt seeder was never asked and never penalised.
+    data = rng.randbytes(24 * MiB)
     src = tmp_path / "art.bin"
     src.write_bytes(data)
     honest = start_daemon(tmp_path / "honest")

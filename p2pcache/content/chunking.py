@@ -79,7 +79,8 @@ DEFAULT_PARAMS = ChunkerParams()
 class Chunker:
     """Streaming FastCDC: feed buffers, get chunks.
 
-    Chunks yielded by `feed` and `finish` are memoryviews that stay valid only until the next call.
+    Chunks yielded by `feed` and `finish` are memoryviews: into the buffer fed (bytes or a memoryview, whose
+    memory the caller must leave alone while it uses them) or into a copy the chunker made.
     """
 
     def __init__(self, params: ChunkerParams = DEFAULT_PARAMS):
@@ -111,10 +112,13 @@ class Chunker:
             self._pending.append(bytes(data))
             self._pending_len += n
             return
+        buf: bytes | memoryview
         if n < self._scan_threshold:
             buf, carry = b"".join(self._pending + [bytes(data)]), b""
         else:
-            buf = data if isinstance(data, bytes) else bytes(data)
+            # bytes and memoryviews are cut in place (a caller's reused read buffer: chunks stay valid until it
+            # refills it); a bytearray is copied, since it may grow under the views
+            buf = data if isinstance(data, (bytes, memoryview)) else bytes(data)
             carry = b"".join(self._pending)
         self._pending, self._pending_len = [], 0
         start = 0

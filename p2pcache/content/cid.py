@@ -59,6 +59,8 @@ class CID:
     def decode(cls, buf: bytes) -> "CID":
         """Parse a binary CID (v1, or a bare v0 multihash) and reject anything malformed."""
         buf = bytes(buf)
+        if len(buf) == 36 and buf[0] == 1 and buf[1] < 0x80 and buf[2] == 0x12 and buf[3] == 0x20:
+            return cls(buf)  # CIDv1, a one-byte codec, sha2-256 (every block here): what the checks below accept
         if len(buf) == 34 and buf[:2] == b"\x12\x20":
             return cls(buf)  # CIDv0: a bare sha2-256 multihash
         if not buf or buf[0] != 1:

@@ -335,6 +335,14 @@ async def _build_cache_tar(cache: BuildCache, method: str, query: dict[str, list
     await send({"type": "http.response.body", "body": b""})
 
 
+def _lease(scope: Scope) -> str | None:
+    """The upload lease a block request names (`x-p2pcache-lease`), if any."""
+    for name, value in scope.get("headers", []):
+        if name == b"x-p2pcache-lease":
+            return value.decode("ascii", "replace")
+    return None
+
+
 async def _build_cache_routes(node: NodeAPI, scope: Scope, receive: Receive, send: Send,
                               query: dict[str, list[str]]) -> None:
     """The build cache's routes (p2pcache.buildcache): blocks and roots in, roots out; no caller paths."""
@@ -355,14 +363,14 @@ async def _build_cache_routes(node: NodeAPI, scope: Scope, receive: Receive, sen
         from ..buildcache import unframe_blocks
 
         blocks = unframe_blocks(await read_body(receive, limit=64 << 20))
-        written = await trio.to_thread.run_sync(cache.put_blocks, blocks)
-        await send_json(send, {"stored": len(blocks), "bytes_written": written})
+        new, written = await cache.accept_blocks(blocks, _lease(scope))
+        await send_json(send, {"stored": len(blocks), "new_blocks": new, "bytes_written": written})
         return
     if path == "/api/v0/blocks/missing":
         from ..buildcache import unframe_cids
 
         cids = unframe_cids(await read_body(receive, limit=8 << 20))
-        missing = await trio.to_thread.run_sync(cache.missing, cids)
+        missing = await cache.missing_for(cids, _lease(scope))
         lacking = {c.buffer for c in missing}
         await send_json(send, {"missing": [i for i, c in enumerate(cids) if c.buffer in lacking]})
         return
@@ -381,7 +389,10 @@ async def _build_cache_routes(node: NodeAPI, scope: Scope, receive: Receive, sen
         await send_json(send, await cache.save(
             body["key"], CID.parse(body["root"]), bool(body.get("force")),
             body.get("paths_id") if isinstance(body.get("paths_id"), str) else None,
-            float(scan) if isinstance(scan, (int, float)) else None))
+            float(scan) if isinstance(scan, (int, float)) else None,
+            body.get("lease") if isinstance(body.get("lease"), str) else None))
+    elif path == "/api/v0/cache/upload":
+        await send_json(send, await cache.open_upload())
     elif path in ("/api/v0/cache/pin", "/api/v0/cache/unpin"):
         if not isinstance(body.get("key"), str):
             raise HTTPError(400, "cache/pin needs a 'key' string")
@@ -389,6 +400,6 @@ async def _build_cache_routes(node: NodeAPI, scope: Scope, receive: Receive, sen
     elif path == "/api/v0/cache/keys":
         await send_json(send, {"keys": cache.list_keys()})
     elif path == "/api/v0/cache/expire":
-        await send_json(send, await trio.to_thread.run_sync(cache.expire))
+        await send_json(send, await cache.expire_async())
     else:
         raise HTTPError(404, f"no such endpoint: {method} {path}")

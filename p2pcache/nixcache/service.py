@@ -43,8 +43,8 @@ from ..store.narstore import RepoNarStore, stream_nar_root
 from .chain import LookupChain
 from .errors import Conflict, Missing, NoRoom, Rejected, SourceFailed, TooLarge
 from .metrics import Metrics
-from .sources import (Found, Intake, NarSink, NarSource, NarStreams, NixStoreSource, RepoSource, Room, Swarm,
-                      SwarmSource, TakingBack, UpstreamSource)
+from .sources import (Found, Intake, NarSink, NarSource, NarStreams, NarWriter, NixStoreSource, RepoSource, Room,
+                      Swarm, SwarmSource, TakingBack, UpstreamSource)
 
 if TYPE_CHECKING:
     from ..store.repo import Repo
@@ -99,6 +99,7 @@ class NixBinaryCache:
             except OSError as e:
                 raise InvalidInput(f"cannot read the signing key {config.secret_key_file}: {e.strerror}") from None
         self.repo_source = RepoSource(self.narstore, self.streams)
+        self.writer: NarWriter = self.repo_source  # uploads go in through the write protocol
         self.local_source = NixStoreSource(self.local, self.streams) if self.local is not None else None
         intake = Intake(self.repo_source, room, taking_back, announce, self.metrics)
         self.upstream_source = UpstreamSource(self.upstreams, intake) if self.upstreams else None
@@ -249,13 +250,16 @@ class NixBinaryCache:
             self.metrics.uploads.labels("nar", "too_large").inc()
             raise TooLarge(f"{url}: {length} bytes is over the upload limit of {limit} (nix.max_upload_size)")
         await self.expire_uploads()
-        file_hash = hashlib.sha256()
+        # An uncompressed upload is the NAR itself: its FileHash is the NarHash the ingest computes anyway, so the
+        # body is not hashed a second time here (on the event loop's thread).
+        file_hash = hashlib.sha256() if compression != "none" else None
         file_size = [0]
         reserved = [0]
 
         async def raw_body() -> AsyncIterator[bytes]:
             async for piece in body:
-                file_hash.update(piece)
+                if file_hash is not None:
+                    file_hash.update(piece)
                 file_size[0] += len(piece)
                 if file_size[0] > limit:
                     raise TooLarge(f"{url}: over the upload limit of {limit} bytes (nix.max_upload_size)")
@@ -287,7 +291,7 @@ class NixBinaryCache:
                         yield piece
                 decoder.finish()
 
-            return self.repo_source.add_nar(None, decompressed())
+            return self.writer.add_nar(None, decompressed())
 
         try:
             async with self.room.working():  # no quota gc while its blocks are unclaimed
@@ -305,7 +309,8 @@ class NixBinaryCache:
             with self._inflight_lock:
                 self._inflight -= reserved[0]
         old = self._uploads.pop(url, None)
-        self._uploads[url] = _Upload(result.root, result.nar_hash, result.nar_size, file_hash.digest(), file_size[0])
+        self._uploads[url] = _Upload(result.root, result.nar_hash, result.nar_size,
+                                     file_hash.digest() if file_hash is not None else result.nar_hash, file_size[0])
         if old is not None and old.root != result.root:
             await self._discard_upload(old)
         self.metrics.uploads.labels("nar", "ok").inc()
@@ -405,7 +410,7 @@ class NixBinaryCache:
         if self.key is not None:  # vouch for what an authenticated pusher gave us: stored with the narinfo
             info = info.signed(self.key)
         try:
-            await trio.to_thread.run_sync(self.repo_source.register_nar, root, info)
+            await trio.to_thread.run_sync(self.writer.register_nar, root, info)
         except P2PCacheError as e:
             raise Rejected(f"{store_hash}.narinfo: {e}") from None
         self._uploads.pop(info.url, None)

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 PROTOCOL = "/p2pcache/resolve/1.0.0"
-KINDS = frozenset({"archive", "nar"})
+KINDS = frozenset({"archive", "nar", "tree"})  # "tree": a build cache tree (p2pcache.content.treemanifest)
 MAX_KEY = 512
 MAX_REQUEST = 1024
 MAX_RESPONSE = 512 * 1024
@@ -60,7 +60,7 @@ class NarInfoFields:
 @dataclass(frozen=True, slots=True)
 class ResolveAnswer:
     root: CID
-    kind: str  # "archive" or "nar"
+    kind: str  # "archive", "nar" or "tree" (see KINDS)
     size: int
     narinfo: NarInfoFields | None = None
 

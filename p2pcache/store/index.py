@@ -202,6 +202,15 @@ class Index:
         row = self.db.execute("SELECT size FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone()
         return row[0] if row else None
 
+    def block_sizes(self, cids: list[CID]) -> dict[bytes, int]:
+        """Sizes of those of `cids` the index holds (by binary CID); one query per 500."""
+        out: dict[bytes, int] = {}
+        for i in range(0, len(cids), 500):
+            part = [c.buffer for c in cids[i : i + 500]]
+            marks = ",".join("?" * len(part))
+            out.update(self.db.execute(f"SELECT cid, size FROM blocks WHERE cid IN ({marks})", part))
+        return out
+
     def put_blocks(self, blocks: Iterable[tuple[CID, Location]]) -> None:
         """Record appended blocks; a block that already has a row keeps it (its bytes are the same)."""
         self.db.executemany(

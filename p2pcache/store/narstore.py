@@ -1,8 +1,8 @@
 """NARs in the repo: ingest a NAR stream as a NAR manifest, keep its narinfo, stream it back verified.
 
 Owns the repo side of `p2pcache.content.narmanifest`: `RepoNarStore.add_nar` parses, chunks and hashes a NAR
-stream with bounded memory (block files written on background threads, the NAR hashed on another, as
-`Repo.add_stream` does), checks NarHash/NarSize against the narinfo when one is given, and commits in one
+stream with bounded memory on the repo's ingest pipeline (ingest.py, as `Repo.add_stream` does: the NAR
+hashed and new blocks appended on its worker thread), checks NarHash/NarSize against the narinfo when one is given, and commits in one
 index transaction a root of kind 'nar' (aliases `nix:<store hash>` and `sha256:<NAR sha256 hex>`) and the
 narinfo fields that are the store path's own (store path, references, deriver, system, CA, signatures).
 `stream_nar` reads blocks ahead on a few threads and withholds the last piece until the whole NAR matched its
@@ -34,11 +34,14 @@ from ..content.nixhash import NixHash
 from ..content.storepath import StorePath
 from ..errors import CorruptData, InvalidInput, NotFound, RepoError
 from .index import NarInfoRow
+from .ingest import BufferPool, read_into
 
 if TYPE_CHECKING:
+    from .index import Index
     from .repo import Repo
 
 READ_SIZE = 4 << 20
+INGEST_BUFFERS = 8  # read buffers an ingest reuses
 NAR_MEDIA_TYPE = "application/x-nix-archive"
 
 
@@ -72,21 +75,28 @@ class NarAddResult:
         }
 
 
-def _pieces(stream: BinaryIO | Iterable[bytes]) -> Iterator[bytes]:
-    read = getattr(stream, "read", None)
-    if read is not None:
+def _pieces(stream: BinaryIO | Iterable[bytes], pool: BufferPool | None) -> Iterator[tuple[bytearray | None, memoryview]]:
+    """(pool buffer or None, the bytes read) of each piece of the stream."""
+    readinto: Callable[[memoryview], int | None] | None = getattr(stream, "readinto", None)
+    read: Callable[[int], bytes] | None = getattr(stream, "read", None)
+    if readinto is not None or read is not None:
         while True:
+            buf = pool.get() if pool is not None and readinto is not None else None
             try:
-                buf = read(READ_SIZE)
+                if buf is not None and readinto is not None:
+                    view = memoryview(buf)[: read_into(readinto, buf)]
+                else:
+                    assert read is not None
+                    view = memoryview(read(READ_SIZE))
             except OSError as e:
                 raise RepoError(f"cannot read the NAR stream: {e.strerror}") from None
-            if not buf:
+            if not view:
                 return
-            yield buf
+            yield buf, view
     else:
-        for buf in stream:
-            # A caller's reused bytearray must not change under the hash thread or the block writers.
-            yield buf if type(buf) is bytes else bytes(buf)
+        for piece in stream:
+            # A caller's reused bytearray must not change under the worker.
+            yield None, memoryview(piece if type(piece) is bytes else bytes(piece))
 
 
 def _narinfo_row(root: CID, info: NarInfo, nar_hash: bytes, nar_size: int, old: NarInfoRow | None) -> NarInfoRow:
@@ -129,10 +139,8 @@ class RepoNarStore:
                 store_path: StorePath | str | None = None, params: ChunkerParams = DEFAULT_PARAMS) -> NarAddResult:
         """Ingest a NAR. With `narinfo`, its NarHash/NarSize are checked (CorruptData, nothing recorded, on a
         mismatch) and its fields kept; `store_path` alone records the path with no references."""
-        from .repo import _BlockWriter, _HashThread  # the repo's own parallel machinery
-
         repo = self.repo
-        repo._require_writable()
+        repo.require_writable()
         if narinfo is None and store_path is not None:
             store_path = StorePath.parse(str(store_path))
         elif narinfo is not None:
@@ -141,96 +149,62 @@ class RepoNarStore:
         expected_hash, expected_size = _expected(narinfo)
         reader = _nar.NarReader()
         builder = NarManifestBuilder(params)
-        whole = _HashThread(("sha256",))
-        writer = _BlockWriter(repo.packs)
-        seen: dict[CID, int] = {}
-        batch: list = []  # blocks not yet looked up in the index: one query per batch, not per block
-        batch_bytes = 0
-        new_blocks = new_bytes = size = 0
-
-        def flush() -> None:
-            nonlocal new_blocks, new_bytes, batch, batch_bytes
-            have = repo.index.known_blocks([c for c, _ in batch])
-            todo: list = []
-            todo_bytes = 0
-            for cid, data in batch:
-                if cid.buffer in have:
-                    continue
-                # A chunk is a view into a whole read buffer: queue a copy, so a queued chunk pins only itself.
-                todo.append((cid, bytes(data) if type(data) is memoryview else data))
-                todo_bytes += len(data)
-                new_blocks += 1
-                new_bytes += len(data)
-                # The writer's queue holds up to 64 items: small items keep queued bytes (RSS) bounded.
-                if todo_bytes >= 1 << 20:
-                    writer.write(todo)
-                    todo, todo_bytes = [], 0
-            writer.write(todo)
-            batch, batch_bytes = [], 0
-
-        def store(blocks: list) -> None:
-            nonlocal batch_bytes
-            for cid, data in blocks:
-                if cid in seen:
-                    continue
-                seen[cid] = len(data)
-                batch.append((cid, data))
-                batch_bytes += len(data)
-            if len(batch) >= 256 or batch_bytes >= 4 << 20:
-                flush()
-
-        try:
-            for buf in _pieces(stream):
-                size += len(buf)
+        pool = BufferPool(INGEST_BUFFERS, READ_SIZE) if hasattr(stream, "readinto") else None
+        size = 0
+        with repo.ingest() as ingest:
+            for buf, view in _pieces(stream, pool):
+                size += len(view)
                 if expected_size is not None and size > expected_size:
                     raise CorruptData(f"NAR of {store_path} is longer than the {expected_size} bytes its narinfo says")
-                whole.update(buf)
-                for event in reader.feed(buf):
-                    store(builder.add(event))
+                ingest.hash(view)
+                blocks: list = []
+                add = builder.add
+                for event in reader.feed(view):
+                    out = add(event)
+                    if out:
+                        blocks += out
+                ingest.put(blocks)  # one index query per read
+                if buf is not None and pool is not None:
+                    ingest.release(pool, buf)  # reused once hashed and every block in it written
             reader.end()
-            digest = whole.result()["sha256"]
+            digest = ingest.digests()["sha256"]
             check_nar(digest, size, expected_hash, expected_size)
             root, root_data = builder.finish(digest, size)
-            store([(root, root_data)])
-            flush()
-            written = writer.close()
-        except BaseException:
-            whole.abandon()
-            writer.abandon()
-            raise
-        repo.flush()
-        aliases = [f"sha256:{digest.hex()}"]
-        name = None
-        if store_path is not None:
-            aliases.append(nix_alias(store_path.hash_part))
-            name = store_path.base_name
-        index = repo.index
-        with index.transaction():
-            repo.record_blocks(written)
-            new_root = index.put_root(root, "nar", size, name, NAR_MEDIA_TYPE, aliases, seen.keys(), verified=True)
+            ingest.put([(root, root_data)])
+            aliases = [f"sha256:{digest.hex()}"]
+            name = None
             if store_path is not None:
-                info = narinfo or _bare_narinfo(store_path, digest, size)
-                index.put_narinfo(_narinfo_row(root, info, digest, size, index.get_narinfo(store_path.hash_part)))
-        repo.blocks_committed(written)
+                aliases.append(nix_alias(store_path.hash_part))
+                name = store_path.base_name
+
+            def record(index: "Index") -> bool:
+                new_root = index.put_root(root, "nar", size, name, NAR_MEDIA_TYPE, aliases, ingest.seen.keys(),
+                                          verified=True)
+                if store_path is not None:
+                    info = narinfo or _bare_narinfo(store_path, digest, size)
+                    index.put_narinfo(_narinfo_row(root, info, digest, size, index.get_narinfo(store_path.hash_part)))
+                return new_root
+
+            new_root = ingest.commit(record)
         return NarAddResult(root, digest, size, str(store_path) if store_path else None, builder.files,
-                            builder.chunks, new_blocks, new_bytes, not new_root)
+                            builder.chunks, ingest.new_blocks, ingest.new_bytes, not new_root)
 
     def register_nar(self, root: CID, narinfo: NarInfo | None = None, verify: bool = True) -> None:
         """Claim a NAR manifest whose blocks are all stored (fetched from peers): check its tree, and with
         `verify` reassemble it once against its narHash, then record root and narinfo in one transaction."""
         repo = self.repo
-        repo._require_writable()
+        repo.require_writable()
         manifest = self.manifest(root)
         expected_hash, expected_size = _expected(narinfo)
         check_nar(manifest.nar_hash, manifest.nar_size, expected_hash, expected_size)
         cids: dict[CID, None] = {root: None}
-        for cid, size in iter_blocks(manifest, repo.load_block):
-            bsize = repo.index.block_size(cid)
-            if bsize is None:
-                raise NotFound(f"{root} is missing block {cid}; fetch it before registering the NAR")
-            if bsize != size:
-                raise CorruptData(f"block {cid} has {bsize} bytes, the NAR manifest {root} says {size}")
-            cids[cid] = None
+        held = repo.index.get_root(root)
+        if held is not None and held.kind == "nar" and held.complete:
+            # Recorded whole already (an upload's add_nar, a narinfo PUT again): its block references stand,
+            # so only the narinfo is new. No walk of the tree, one query per block, for nothing.
+            verify = verify and not repo.index.is_verified(root)
+        else:
+            cids = repo.stored_links(root, iter_blocks(manifest, repo.load_block), "the NAR manifest")
         if verify:
             for _ in _stream_local(repo, manifest, verified=False):
                 pass
@@ -341,11 +315,14 @@ class _PlanPrefetcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _resolve_batched(repo: "Repo", plan: Iterable, batch: int = 512) -> Iterator[_nar.Event]:
+def _resolve_batched(repo: "Repo", plan: Iterable, batch: int = 512, first: int = 8) -> Iterator[_nar.Event]:
     """A plan's `ChunkRef`s resolved to `Contents` from this repo's packs in batches (`Repo.load_blocks`:
-    one index query and a few preads per batch, on the caller's thread), events kept in order."""
+    one index query and a few preads per batch, on the caller's thread), events kept in order. Batches start
+    at `first` chunks and double up to `batch`: the first bytes go out after a few blocks were read, not after
+    the first `batch` (up to 512 × 256 KiB), which a client fetching path after path waits for every time."""
     held: list = []
     refs: list[tuple[CID, int]] = []
+    size = first
 
     def drain() -> Iterator[_nar.Event]:
         datas = iter(repo.load_blocks(refs))
@@ -358,10 +335,12 @@ def _resolve_batched(repo: "Repo", plan: Iterable, batch: int = 512) -> Iterator
         held.append(item)
         if type(item) is ChunkRef:
             refs.append((item.cid, item.size))
-            if len(refs) >= batch:
+            if len(refs) >= size:
                 yield from drain()
-        elif len(held) >= 4 * batch:
+                size = min(2 * size, batch)
+        elif len(held) >= 4 * size:
             yield from drain()
+            size = min(2 * size, batch)
     yield from drain()
 
 
@@ -399,4 +378,4 @@ def stream_nar_root(repo: "Repo", root: CID, progress: Callable[[int], None] | N
             progress(len(piece))
     if not verified:
         repo.mark_verified(root)
-    repo._touch(root)
+    repo.touch(root)

@@ -1,0 +1,159 @@
+"""The store's Nix figures (issue 10): NAR ingest by `nix copy --to http://node`, and warm `nix copy --from`
+a node that holds the paths, each against a static binary cache measured in the same run.
+
+    .venv/bin/python bench/nixwarm.py [--quick] [--runs N]
+
+Real Nix (nix-bin 2.8, root, no daemon) and real `p2pcache daemon` processes on loopback, on two kinds of
+content: bench/nix.py's closure (random blobs, text, many small files, with references) and a real tree of
+thousands of small files (this interpreter's site-packages added with `nix-store --add`, bench/nixcopy.py's
+builder).
+
+1. Ingest, per run and content kind, alternating: `nix copy --to http://A?compression=none` into a daemon
+   with an empty repo, and `nix copy --to file://DIR?compression=none` into an empty directory. Ratio: the
+   file:// time over the node's time (a time-rate; goal >= 0.5).
+2. Warm: one daemon holds both kinds; `nix copy --from` it into a fresh chroot store with a fresh Nix cache,
+   alternating with the same copy from a static zstd binary cache (`compression=zstd`, written by Nix) served
+   by python's ThreadingHTTPServer in its own process. Ratio: node time over zstd time (goal <= 0.7).
+   Every copy is checked against the NarHashes. Beside them, the floor of a server of uncompressed NARs (as
+   the node is): the same copy from a local `file://` cache with `compression=none` (no HTTP, no server).
+
+Figures are min over runs. --quick: bench/nix.py's small closure and the first 60 packages of site-packages.
+Table on stderr, JSON lines on stdout ({"bench": "nixwarm", "metric", "value", "unit", "better", ...}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (nix.py, nixcopy.py put the checkout first)
+import nix as nixbench  # noqa: E402  (bench/nix.py: Nix runner, the closure, daemons, timed copies)
+from nixcopy import site_packages_path  # noqa: E402
+
+MiB = 1 << 20
+log = nixbench.log
+
+
+def emit(metric: str, value: float, unit: str, better: str, **extra) -> None:
+    print(json.dumps({"bench": "nixwarm", "metric": metric, "value": round(value, 4), "unit": unit,
+                      "better": better, **extra}), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    if shutil.which("nix") is None:
+        log("nix is not on PATH: apt-get install -y nix-bin")
+        return 2
+    args.profile = False
+    token = secrets.token_hex(5)
+    work = Path(tempfile.mkdtemp(prefix="p2pcache-bench-nixwarm-"))
+    bench = nixbench.Bench(args, work)
+    made: list[str] = []
+    t_start = time.perf_counter()
+    try:
+        nix = bench.nix
+        log(f"bench/nixwarm.py: temp dir {work} (2 cores: compare same-run ratios)")
+        closure = nixbench.make_closure(nix, work, token, args.quick)
+        made += closure["paths"]
+        sp = site_packages_path(nix, work, token, args.quick)
+        made += sp["paths"]
+        kinds = {"closure": closure, "site-packages": sp}
+        ingest: dict[str, dict[str, list[float]]] = {k: {"node": [], "file": []} for k in kinds}
+        serial = 0
+        for i in range(max(1, args.runs)):
+            for kind, content in kinds.items():
+                serial += 1
+                d = work / f"file-{serial}"
+                t = time.perf_counter()
+                nix.run("nix", "copy", "--to", f"file://{d}?compression=none", content["top"])
+                ingest[kind]["file"].append(time.perf_counter() - t)
+                nixbench.rmtree(d)
+                a = bench.daemon(f"ingest-{serial}")
+                t = time.perf_counter()
+                nix.run("nix", "copy", "--to", f"{a.api}?compression=none", content["top"],
+                        config=f"netrc-file = {a.netrc}\n")  # uploads need the daemon's API token
+                ingest[kind]["node"].append(time.perf_counter() - t)
+                bench.stop(a)
+                nixbench.rmtree(a.repo)
+                log(f"  ingest {kind} run {i + 1}: file:// {ingest[kind]['file'][-1]:.2f}s, "
+                    f"node {ingest[kind]['node'][-1]:.2f}s")
+
+        a = bench.daemon("a")
+        static = work / "static-zstd"
+        for content in kinds.values():
+            nix.run("nix", "copy", "--to", f"{a.api}?compression=none", content["top"],
+                    config=f"netrc-file = {a.netrc}\n")
+            nix.run("nix", "copy", "--to", f"file://{static}?compression=zstd&parallel-compression=true",
+                    content["top"])
+        url, proc = bench.static_server(static)
+        # The floor of a warm copy from a server of uncompressed NARs (as the node is): the same copy from a local
+        # `file://` cache of uncompressed NARs (no HTTP, no server at all), timed in the same rounds. What the node
+        # spends beyond it is the node's; what separates it from the zstd copy is Nix's handling of the bigger
+        # uncompressed NAR.
+        local = work / "local-none"
+        for content in kinds.values():
+            nix.run("nix", "copy", "--to", f"file://{local}?compression=none", content["top"])
+
+        warm: dict[str, dict[str, list[float]]] = {k: {"node": [], "zstd": []} for k in kinds}
+        floor: dict[str, list[float]] = {k: [] for k in kinds}
+        for i in range(max(1, args.runs)):
+            for kind, content in kinds.items():
+                warm[kind]["zstd"].append(bench.copy(url, content, {"server": proc.pid})["wall"])
+                warm[kind]["node"].append(bench.copy(a.api, content, {"A": a.proc.pid})["wall"])
+                floor[kind].append(bench.copy(f"file://{local}", content, {})["wall"])
+                log(f"  warm {kind} run {i + 1}: static zstd {warm[kind]['zstd'][-1]:.2f}s, "
+                    f"node {warm[kind]['node'][-1]:.2f}s, local file:// none {floor[kind][-1]:.2f}s")
+        bench.close()
+
+        for kind, content in kinds.items():
+            mib = content["nar_bytes"] / MiB
+            what = f"{len(content['paths'])} paths" if kind == "closure" else f"{content['files']} files"
+            log(f"\n== {kind}: {what}, {mib:.1f} MiB of NAR (min of {args.runs}; 2 shared cores)")
+            fi, no = min(ingest[kind]["file"]), min(ingest[kind]["node"])
+            zs, wn = min(warm[kind]["zstd"]), min(warm[kind]["node"])
+            log(f"  nix copy --to file://?compression=none  {fi:7.2f}s  {mib / fi:7.1f} MiB/s")
+            log(f"  nix copy --to http://node               {no:7.2f}s  {mib / no:7.1f} MiB/s  "
+                f"{fi / no:.2f}x the file:// rate (goal >= 0.5)")
+            log(f"  nix copy --from static zstd             {zs:7.2f}s")
+            log(f"  nix copy --from node (warm)             {wn:7.2f}s  {wn / zs:.2f}x the zstd time (goal <= 0.7)")
+            fl = min(floor[kind])
+            log(f"  floor: nix copy --from file://?compression=none (no server)  {fl:7.2f}s  {fl / zs:.2f}x the zstd time; "
+                f"node {wn / fl:.2f}x this floor")
+            common = {"nar_mib": round(mib, 1), "quick": args.quick, "kind": kind}
+            emit(f"{kind}_ingest_file_seconds", fi, "s", "lower", runs=[round(x, 3) for x in ingest[kind]["file"]],
+                 **common)
+            emit(f"{kind}_ingest_node_seconds", no, "s", "lower", runs=[round(x, 3) for x in ingest[kind]["node"]],
+                 **common)
+            emit(f"{kind}_ingest_node_vs_file_rate", fi / no, "ratio", "higher", goal=">= 0.5", **common)
+            emit(f"{kind}_warm_zstd_seconds", zs, "s", "lower", runs=[round(x, 3) for x in warm[kind]["zstd"]],
+                 **common)
+            emit(f"{kind}_warm_node_seconds", wn, "s", "lower", runs=[round(x, 3) for x in warm[kind]["node"]],
+                 **common)
+            emit(f"{kind}_warm_node_over_zstd", wn / zs, "ratio", "lower", goal="<= 0.7", **common)
+            emit(f"{kind}_local_none_seconds", fl, "s", "lower", runs=[round(x, 3) for x in floor[kind]], **common)
+            emit(f"{kind}_local_none_over_zstd", fl / zs, "ratio", "lower", **common)
+            emit(f"{kind}_warm_node_over_local_none", wn / fl, "ratio", "lower", **common)
+        log(f"\nbench/nixwarm.py took {time.perf_counter() - t_start:.0f}s")
+        return 0
+    finally:
+        bench.close()
+        if made and not args.keep:
+            nixbench.delete_paths(bench.nix, made)
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            nixbench.rmtree(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

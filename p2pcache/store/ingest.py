@@ -1,0 +1,261 @@
+"""The repo's one ingest pipeline: what archive ingest (`Repo.add_stream`) and NAR ingest
+(`RepoNarStore.add_nar`) both build on.
+
+Owns the parallel part of an ingest and its commit order. The caller's thread reads, chunks, derives CIDs and
+builds the manifest; it hands `Ingest` the stream's buffers (`hash`) and its blocks (`put`). One worker thread
+takes both in order: it hashes the whole stream (hashlib releases the GIL on big buffers) and appends the
+blocks this repo does not hold yet to the pack (crc32 and pwritev release it too). With `BufferPool`, read
+buffers are reused once the worker is done with them (no fresh pages to fault in for every read). Starting
+writeback as it goes (sync_file_range) measured slower on these shared disks: the one flush at the end does it. `commit` waits for the
+worker, makes the appends durable (`Repo.flush`), and records blocks and root in one index transaction; only
+then do the blocks stop being pending. `abort` (any failure, also on `with` exit by an exception) takes the
+appends back: they stop being pending at once and the pack's dead tail is cut off.
+
+Must not: know manifests, NARs or narinfos (the callers' business); hold more than the pool's buffers (or
+the queue's items) in memory; record an index row before the bytes it points at are flushed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import sqlite3
+import threading
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from ..content.cid import CID
+from ..errors import RepoError
+from .blockstore import Location
+
+if TYPE_CHECKING:
+    from .index import Index
+    from .repo import Repo
+
+Block = tuple[CID, "bytes | memoryview"]
+
+
+class StreamHasher:
+    """Hashes a stream of buffers on a background thread (hashlib releases the GIL on big buffers). Used by
+    reads that check a whole archive; an ingest hashes on its own worker (`Ingest.hash`)."""
+
+    _STOP = object()
+
+    def __init__(self, algos: tuple[str, ...], depth: int = 4):
+        self.hashes = {a: hashlib.new(a) for a in algos}
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"hash-{'+'.join(algos)}")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                buf = self.q.get()
+                if buf is self._STOP:
+                    return
+                for h in self.hashes.values():
+                    h.update(buf)
+        except BaseException as e:  # surfaced by result()
+            self.error = e
+
+    def update(self, buf: bytes | memoryview) -> None:
+        self.q.put(buf)
+
+    def result(self) -> dict[str, bytes]:
+        self.q.put(self._STOP)
+        self.thread.join()
+        if self.error:
+            raise self.error
+        return {a: h.digest() for a, h in self.hashes.items()}
+
+    def abandon(self) -> None:
+        try:
+            while True:
+                self.q.get_nowait()
+        except queue.Empty:
+            pass
+        self.q.put(self._STOP)
+
+
+class BufferPool:
+    """Read buffers an ingest reuses: `get` blocks until the worker gave one back (which bounds the bytes in
+    flight to `count × size`). A buffer is handed back by `Ingest.release`, after the worker hashed it and
+    wrote every block that points into it."""
+
+    def __init__(self, count: int = 8, size: int = 4 << 20):
+        self.size = size
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._made = 0
+        self._count = count
+
+    def get(self) -> bytearray:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        if self._made < self._count:
+            self._made += 1
+            return bytearray(self.size)
+        return self._free.get()
+
+    def put(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+
+def read_into(read: Callable[[memoryview], int | None], buf: bytearray) -> int:
+    """Fill `buf` from a `readinto` (short reads from pipes and sockets are continued); the bytes read,
+    fewer than `len(buf)` only at the end of the stream."""
+    view = memoryview(buf)
+    have = 0
+    while have < len(buf):
+        n = read(view[have:])
+        if not n:
+            break
+        have += n
+    return have
+
+
+class Ingest:
+    """One ingest into a writable repo (see the module docstring). Use as a context manager, or call
+    `abort` on failure. Not thread-safe: one caller thread drives it."""
+
+    _STOP = object()
+
+    def __init__(self, repo: "Repo", algos: tuple[str, ...] = ("sha256",), depth: int = 16):
+        repo.require_writable()
+        self.repo = repo
+        self.hashes = {a: hashlib.new(a) for a in algos}
+        self.seen: dict[CID, int] = {}  # every block of this ingest (new or not): the root's references
+        self.new_blocks = 0
+        self.new_bytes = 0
+        self.size = 0  # bytes hashed
+        self.written: list[tuple[CID, Location]] = []
+        self._appended: list[bytes] = []  # keys this ingest made (or shares as) pending
+        self._error: BaseException | None = None
+        self._done = False
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="ingest")
+        self._thread.start()
+
+    # -- the worker --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        packs = self.repo.packs
+        while True:
+            kind, item = self._q.get()
+            if kind is self._STOP:
+                return
+            if self._error is not None:
+                if kind == "digest":
+                    item[0].set()
+                continue  # drain: the caller sees the error at its next call
+            try:
+                if kind == "hash":
+                    for h in self.hashes.values():
+                        h.update(item)
+                elif kind == "blocks":
+                    self.written.extend(packs.append(item))
+                elif kind == "release":
+                    pool, buf = item
+                    pool.put(buf)
+                else:  # "digest": the hashes of everything sent before it
+                    item[1] = {a: h.digest() for a, h in self.hashes.items()}
+                    item[0].set()
+            except BaseException as e:  # re-raised on the caller's thread
+                self._error = e
+
+    def _send(self, kind: object, item: object) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._done:
+            raise RepoError("internal: ingest already committed or aborted")
+        self._q.put((kind, item))
+
+    # -- the caller's side -------------------------------------------------------------------------------
+    def hash(self, buf: bytes | memoryview) -> None:
+        """Add `buf` to the whole-stream hashes (in order with the blocks; `buf` must not change until
+        released)."""
+        self.size += len(buf)
+        self._send("hash", buf)
+
+    def put(self, blocks: Sequence[Block]) -> None:
+        """Blocks of the stream (in any order; repeats are fine): those the repo does not hold are appended
+        by the worker. One index query per call."""
+        fresh = []
+        seen = self.seen
+        for cid, data in blocks:
+            if cid not in seen:
+                seen[cid] = len(data)
+                fresh.append((cid, data))
+        if not fresh:
+            return
+        known = self.repo.index.known_blocks([c for c, _ in fresh])
+        todo = [(c, d) for c, d in fresh if c.buffer not in known]
+        self.repo.claim_blocks(self, [c.buffer for c, _ in fresh])  # a failing fetch must not take them back
+        if todo:
+            self.new_blocks += len(todo)
+            self.new_bytes += sum(len(d) for _, d in todo)
+            self._send("blocks", todo)
+
+    def release(self, pool: BufferPool, buf: bytearray) -> None:
+        """Give `buf` back to `pool` once the worker is past everything sent so far."""
+        self._send("release", (pool, buf))
+
+    def _finish_worker(self) -> None:
+        self._done = True
+        self._q.put((self._STOP, None))
+        self._thread.join()
+        self._appended = [c.buffer for c, _ in self.written]
+
+    def digests(self) -> dict[str, bytes]:
+        """The whole-stream digests of everything `hash`ed so far (waits for the worker). Nothing is
+        recorded yet: the caller may still `put` the blocks that name them (a manifest's root), then `commit`."""
+        box: list = [threading.Event(), None]
+        self._send("digest", box)
+        box[0].wait()
+        if self._error is not None:
+            raise self._error
+        return box[1]
+
+    def commit(self, record: Callable[["Index"], bool]) -> bool:
+        """Make the appends durable, then in one index transaction record the blocks and call `record(index)`
+        (which puts the root and what else belongs to it); returns what `record` returned."""
+        if self._done:
+            raise RepoError("internal: ingest already committed or aborted")
+        self._finish_worker()
+        if self._error is not None:
+            raise self._error
+        repo = self.repo
+        repo.flush()
+        with repo.index.transaction():
+            repo.record_blocks(self.written)
+            result = record(repo.index)
+        repo.blocks_committed(self.written)
+        self._appended = []
+        repo.unclaim_blocks(self, [c.buffer for c in self.seen])
+        return result
+
+    def abort(self) -> None:
+        """Stop the worker and take back what it appended (nothing of it was recorded)."""
+        if not self._done:
+            self._done = True
+            try:
+                while True:
+                    self._q.get_nowait()
+            except queue.Empty:
+                pass
+            self._q.put((self._STOP, None))
+            self._thread.join()
+            self._appended = [c.buffer for c, _ in self.written]
+        keys, self._appended = self._appended, []
+        self.repo.take_back_pending(self, keys, [c.buffer for c in self.seen])
+
+    def __enter__(self) -> "Ingest":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            try:
+                self.abort()
+            except (OSError, RepoError, sqlite3.Error):
+                pass  # the error that ended the ingest is the one to see; what stays pending is dead at restart
+

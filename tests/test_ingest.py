@@ -1,0 +1,174 @@
+"""The repo's ingest pipeline (store/ingest.py) and the claims of unfinished writers: a failing add or fetch
+takes back only what no other writer relies on, and leaves nothing pending behind."""
+
+import contextvars
+import io
+import os
+
+import pytest
+
+from p2pcache.content.cid import CID, RAW
+from p2pcache.content.keys import HashKey
+from p2pcache.errors import CorruptData, DiskFull, RepoError
+from p2pcache.store.ingest import BufferPool, Ingest
+from p2pcache.store.repo import Repo
+
+
+def block(size: int = 100_000) -> tuple[CID, bytes]:
+    data = os.urandom(size)
+    return CID.for_block(RAW, data), data
+
+
+class Fetch:
+    """A fetch as the node runs one: its own context, inside `recording_blocks`."""
+
+    def __init__(self, repo: Repo):
+        self.repo = repo
+        self.ctx = contextvars.Context()
+        self.cm = repo.recording_blocks()
+        self.written = self.ctx.run(self.cm.__enter__)
+
+    def write(self, blocks):
+        return self.ctx.run(self.repo.write_blocks, blocks)
+
+    def commit(self, blocks):
+        self.ctx.run(self.repo.commit_blocks, [(c, len(d)) for c, d in blocks])
+
+    def fail(self) -> int:
+        dropped = self.ctx.run(self.repo.drop_unclaimed_blocks, self.written)
+        self.end()
+        return dropped
+
+    def end(self) -> None:
+        self.ctx.run(self.cm.__exit__, None, None, None)
+
+
+def pack_sizes(repo: Repo) -> dict[int, int | None]:
+    return {p: repo.packs.file_size(p) for p in repo.packs.pack_ids()}
+
+
+def test_a_failed_fetch_leaves_a_shared_pending_block_to_the_fetch_that_also_wrote_it(repo):
+    shared, a, b = block(), block(), block()
+    one, two = Fetch(repo), Fetch(repo)
+    one.write([shared, a])
+    two.write([shared, b])  # `shared` is pending already: two shares one's record
+    assert one.fail() == 1  # only `a`: `shared` is still claimed by two
+    assert shared[0].buffer in repo.packs.pending and a[0].buffer not in repo.packs.pending
+    two.commit([shared, b])
+    two.end()
+    assert repo.load_block(shared[0]) == shared[1] and repo.load_block(b[0]) == b[1]
+    assert repo.verify().consistent and not repo.packs.pending
+
+
+def test_a_failed_fetch_keeps_the_rows_another_unfinished_fetch_recorded(repo):
+    shared, own = block(), block()
+    one, two = Fetch(repo), Fetch(repo)
+    one.write([shared, own])
+    two.write([shared])
+    two.commit([shared])  # recorded (refs 0 until two registers its root)
+    assert one.fail() == 1  # its own block only
+    assert repo.has_block(shared[0]) and not repo.has_block(own[0]) and own[0].buffer not in repo.packs.pending
+    two.end()
+    assert not repo._claims and repo.verify().consistent
+
+
+def test_a_failed_add_takes_back_its_appends_and_cuts_the_pack_back(repo, rng):
+    kept = repo.add_stream(io.BytesIO(rng.randbytes(300_000)), name="kept")
+    before = pack_sizes(repo)
+    data = rng.randbytes(3 << 20)
+    with pytest.raises(CorruptData):
+        repo.add_stream(io.BytesIO(data), expect=HashKey("sha256", b"\0" * 32))
+    assert not repo.packs.pending and not repo._claims
+    assert pack_sizes(repo) == before  # the dead tail is gone at once, not at the next restart
+    assert repo.stored_bytes() == kept.size + repo.index.block_size(kept.root)
+    assert repo.verify().dead_bytes == 0
+    again = repo.add_stream(io.BytesIO(data))  # nothing of the failed add is mistaken for stored
+    assert again.new_bytes >= len(data) and repo.verify().consistent
+
+
+def test_a_reader_error_mid_add_takes_back_what_was_appended(repo, rng):
+    before = pack_sizes(repo)
+
+    class Broken(io.RawIOBase):
+        def __init__(self):
+            self.left = 3
+
+        def readable(self):
+            return True
+
+        def readinto(self, buf):
+            if not self.left:
+                raise OSError(5, "Input/output error")
+            self.left -= 1
+            n = min(len(buf), 1 << 20)
+            buf[:n] = rng.randbytes(n)
+            return n
+
+    with pytest.raises(RepoError, match="cannot read"):
+        repo.add_stream(Broken(), name="broken")
+    assert not repo.packs.pending and pack_sizes(repo) == before
+
+
+def test_a_failed_fetch_does_not_take_back_what_a_running_add_shares(repo, rng):
+    data = rng.randbytes(2 << 20)
+    fetch = Fetch(repo)
+    with repo.ingest() as ingest:  # an add that meets a block the fetch appended and has not recorded
+        ingest.hash(data)
+        chunks = [(CID.for_block(RAW, data[i:i + (1 << 20)]), data[i:i + (1 << 20)]) for i in (0, 1 << 20)]
+        fetch.write(chunks[:1])
+        ingest.put(chunks)
+        ingest.digests()
+        assert fetch.fail() == 0  # the ingest claims it
+        root = chunks[1][0]  # any block will do as the "root" in this unit of the pipeline
+        ingest.commit(lambda index: index.put_root(root, "archive", len(data), None, None, [],
+                                                   [c for c, _ in chunks], verified=True))
+    assert all(repo.load_block(c) == d for c, d in chunks)
+    assert repo.verify().consistent and not repo.packs.pending and not repo._claims
+
+
+def test_disk_full_in_the_worker_comes_out_of_put_or_commit_and_leaves_nothing_pending(repo, monkeypatch):
+    real = repo.packs.append
+    calls = []
+
+    def full(blocks, crcs=None):
+        calls.append(len(blocks))
+        if len(calls) > 1:
+            raise DiskFull("disk full while writing packs: free space")
+        return real(blocks, crcs)
+
+    monkeypatch.setattr(repo.packs, "append", full)
+    with pytest.raises(DiskFull):
+        with repo.ingest() as ingest:
+            for _ in range(4):
+                ingest.put([block()])
+            ingest.commit(lambda index: True)
+    assert not repo.packs.pending and not repo._claims
+
+
+def test_pooled_buffers_are_reused_only_after_the_worker_is_done_with_them(repo):
+    pool = BufferPool(count=2, size=64 << 10)
+    blocks = []
+    with repo.ingest() as ingest:
+        for i in range(6):  # three times round a pool of two
+            buf = pool.get()
+            buf[:] = os.urandom(len(buf))
+            cid = CID.for_block(RAW, buf)
+            blocks.append((cid, bytes(buf)))
+            ingest.hash(memoryview(buf))
+            ingest.put([(cid, memoryview(buf))])
+            ingest.release(pool, buf)
+        ingest.commit(lambda index: True)
+    assert all(repo.load_block(c) == d for c, d in blocks)  # nothing overwritten before it was written
+
+
+def test_an_ingest_is_used_once(repo):
+    ingest = repo.ingest()
+    ingest.commit(lambda index: True)
+    with pytest.raises(RepoError):
+        ingest.put([block()])
+
+
+def test_a_read_only_repo_refuses_an_ingest(tmp_path):
+    Repo.init(tmp_path / "r").close()
+    with Repo.open(tmp_path / "r") as ro, pytest.raises(RepoError):
+        Ingest(ro)

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 DEFAULT_API = "127.0.0.1:37515"
 # The exchange defaults, as measured with simnet's node-fetch (real Nodes; see README "simnet").
-SUPERSEED_WINDOW = 0.25
+SUPERSEED_WINDOW = 1.0
 SWARM_FETCH = False
+HAVE_BATCH_DELAY = 0.0
 
 DEFAULT_TOML = f"""\
 # p2pcache node configuration. Flags given to `p2pcache daemon` override these values.
@@ -61,6 +62,9 @@ superseed_window = {SUPERSEED_WINDOW:g}
 # Swarm mode for fetches: ask providers for blocks and every other peer only whether it has them
 # (want-have), for fleets that fetch one artifact at once. Measured in simnet (README).
 swarm_fetch = {str(SWARM_FETCH).lower()}
+# Seconds the HAVEs for blocks this node just got wait to go out together (one message per watching
+# peer for all blocks added meanwhile, not one per block). 0 sends them at once. Measured in simnet (README).
+have_batch_delay = {HAVE_BATCH_DELAY:g}
 
 [http]
 # Local API (CLI, Nix substituter, hashed mirror). Keep it on loopback.
@@ -173,6 +177,7 @@ class NodeConfig:
     api_listen: str = DEFAULT_API
     superseed_window: float = SUPERSEED_WINDOW
     swarm_fetch: bool = SWARM_FETCH
+    have_batch_delay: float = HAVE_BATCH_DELAY
     api_allowed_hosts: list[str] = field(default_factory=list)
     api_allowed_origins: list[str] = field(default_factory=list)
     transfer_protocol: str = "dag"  # "dag" or "bitswap"
@@ -209,7 +214,8 @@ _SECTIONS = {
     "transfer": {"protocol": "transfer_protocol", "stall_timeout": "transfer_stall_timeout"},
     "log": {"level": "log_level", "format": "log_format", "libraries": "log_libraries",
             "alone_warning": "alone_warning"},
-    "exchange": {"superseed_window": "superseed_window", "swarm_fetch": "swarm_fetch"},
+    "exchange": {"superseed_window": "superseed_window", "swarm_fetch": "swarm_fetch",
+                 "have_batch_delay": "have_batch_delay"},
 }
 _GC = {"max_size": "max_size", "high_watermark": "gc_high_watermark", "low_watermark": "gc_low_watermark",
        "interval": "gc_interval"}
@@ -282,7 +288,7 @@ def load(repo: Path, file: Path | str | None = None) -> NodeConfig:
                 else isinstance(value, bool) if "bool" in str(field_type) else isinstance(value, str))
             if ok and attr == "mdns" and value not in ("private", "on", "off"):
                 raise InvalidInput(f"{path}: {section}.{key} is \"private\", \"on\" or \"off\", not {value!r}")
-            if ok and attr == "superseed_window" and value < 0:
+            if ok and attr in ("superseed_window", "have_batch_delay") and value < 0:
                 raise InvalidInput(f"{path}: {section}.{key} must be 0 (off) or a number of seconds, not {value}")
             if not ok:
                 raise InvalidInput(f"{path}: {section}.{key} has the wrong type ({type(value).__name__})")

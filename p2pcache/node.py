@@ -95,7 +95,8 @@ def exchange_configs(cfg: NodeConfig) -> tuple[ClientConfig, ServerConfig]:
         # A super-seeding seed refuses a block for up to its window: wait that long for its HAVE
         # rather than fail the block (and the fetch) at the first DONT_HAVE.
         client = ClientConfig(dont_have_wait=max(5.0, 4 * cfg.superseed_window) if cfg.superseed_window else 0.0)
-    return client, ServerConfig(max_outstanding_bytes=8 << 20, superseed_window=cfg.superseed_window)
+    return client, ServerConfig(max_outstanding_bytes=8 << 20, superseed_window=cfg.superseed_window,
+                                have_batch_delay=cfg.have_batch_delay)
 
 
 @dataclass
@@ -810,7 +811,13 @@ class Node:
             if self.config.transfer_protocol == "bitswap":
                 fetched = await self.exchange.fetch_dag(root, providers, self.repo, on_stored)
             else:
-                fetched = await self.dag.fetch(root, providers, self.repo, on_stored, on_verified, root_block)
+                with self.exchange.serving_fresh() as serve:  # others may fetch each block from us at once
+                    def verified(cid: CID, data: bytes) -> None:
+                        serve(cid, data)
+                        if on_verified is not None:
+                            on_verified(cid, data)
+
+                    fetched = await self.dag.fetch(root, providers, self.repo, on_stored, verified, root_block)
         self.stats.bytes_fetched += fetched
         return fetched
 

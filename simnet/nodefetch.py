@@ -148,7 +148,8 @@ class NodeWorld:
 def exchange_overrides(sc: Any) -> dict[str, Any]:
     """The `node.superseed_window` / `node.swarm_fetch` parameters that are not "daemon" (the
     daemon's own [exchange] default, which the nodes otherwise run with), typed for `NodeConfig`."""
-    kinds = {"superseed_window": "duration", "swarm_fetch": "bool"}
+    kinds = {"superseed_window": "duration", "swarm_fetch": "bool", "transfer_protocol": "str",
+             "have_batch_delay": "duration"}
     return {k: parse_value(kinds[k], v, f"{sc.path}: node.{k}")
             for k, v in sc.params_with_prefix("node.").items() if v != "daemon"}
 
@@ -262,6 +263,8 @@ async def run_node_fetch(sim: Sim, sc: Any, results: Results) -> dict:
             fetchers = world.nodes[seeds:]
             stats = [node.status() for node in fetchers]
             seed_served = sum(node.bytes_served for node in world.nodes[:seeds])
+            seed_dag = sum(node.dag.stats.served_bytes for node in world.nodes[:seeds] if node.dag is not None)
+            superseed_stops = sum(node.dag.stats.superseed_stops for node in world.nodes[:seeds] if node.dag is not None)
             all_served = sum(node.bytes_served for node in world.nodes)
             alive = world.net.nodes()
             net_bytes = sum(world.net.counters(x)["bytes_sent"] for x in alive)
@@ -294,15 +297,19 @@ async def run_node_fetch(sim: Sim, sc: Any, results: Results) -> dict:
     results.add("resolve_requests", resolves, "requests", "none", note="resolve streams the seeds accepted", **nd)
     results.add("bytes_fetched", sum(s["bytes_fetched"] for s in stats), "bytes", "none", **nd)
     results.add("seed_bytes_served", seed_served, "bytes", "none", **nd)
+    results.add("seed_bytes_served_dag", seed_dag, "bytes", "none", **nd,
+                note="of seed_bytes_served, the bytes the seeds sent over the DAG protocol (the rest: bitswap)")
+    results.add("seed_superseed_stops", superseed_stops, "streams", "none", **nd,
+                note="DAG streams the seeds ended at a leaf lent to another peer (super-seeding)")
     results.add("seed_share", seed_served / max(1, all_served), "fraction", "lower", **nd,
-                note="of all bytes served by bitswap, the share the seeds served")
+                note="of all bytes served (bitswap and DAG), the share the seeds served")
     # The fleet goals: p99 against one unshared transfer over this link, and copies the seeds uploaded.
     lp = profile(link)
     one = len(data) / min(lp.up, lp.down) + 2 * 2 * lp.latency
     results.add("one_transfer_time", one, "s", "none", note="artifact size / link rate + 2 RTT")
     results.add("p99_over_one_transfer", percentile(times, 99) / one if times else None, "ratio", "lower", **nd)
     results.add("seed_upload_copies", seed_served / max(1, len(data)), "artifacts", "lower", **nd,
-                note="bytes the seeds served over bitswap / artifact size")
+                note="bytes the seeds served (bitswap and DAG) / artifact size")
     results.add("duplicate_blocks", sum(s["duplicate_blocks"] for s in stats), "blocks", "lower", **nd)
     results.add("net_bytes_sent", net_bytes, "bytes", "lower", note="sent by the nodes still on the network",
                 **nd)

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pcache.content.cid import CID, RAW
+from p2pcache.exchange.client import WantState
 from p2pcache.exchange import (
     AddProviders,
     BitswapClient,
@@ -98,6 +99,7 @@ class Net:
         self.links: set[frozenset] = set()
         self.on_deliver = None  # callback(net, node, Deliver)
         self.checks = []  # invariants checked after every client step
+        self.states_seen: set = set()  # WantStates of the clients' wants after some step
         self.log: list = []  # (time, src, dst, Message) for every Send, as the engine emitted it
 
     def add(self, name: str, blocks: dict | None = None, client: ClientConfig | None | bool = None,
@@ -129,6 +131,8 @@ class Net:
             if engine is not None:
                 self.apply(node, engine, engine.handle(event, self.now))
         if node.client is not None:
+            node.client.check_invariants()  # WantState's invariant, after every step of every test
+            self.states_seen.update(w.state for w in node.client._wants.values())
             for check in self.checks:
                 check(node)
 
@@ -871,6 +875,71 @@ def test_swarm_mode_asks_providers_for_blocks_directly():
     assert to_x and all(w.want_type == WantType.HAVE for w in to_x)  # discovery beside the provider
     net.run()
     assert {cid for _, cid in net.nodes["c"].delivered} == set(blocks) and served_by(net) == {"p": 4, "x": 0}
+
+
+def test_want_states_are_all_reached_and_their_invariant_holds_throughout():
+    # Swarm mode: wants before any peer are QUEUED, a one-block peer window makes the provider busy
+    # (BLOCKED behind it, ASKED at it), and a block nobody has PARKs after the provider's DONT_HAVE.
+    # Net.step checks WantState's invariant after every step.
+    blocks = make_blocks(12, size=20_000)
+    *held, missing = list(blocks)
+    net = Net()
+    net.add("c", client=_swarm(have_fanout=1, peer_window=1, session_window=3))
+    net.add("p", blocks={cid: blocks[cid] for cid in held})
+    net.add("x", blocks={})
+    net.step("c", Want("s", (missing, *held)))  # no peer yet: QUEUED (stalled)
+    net.connect("c", "p")
+    net.connect("c", "x")
+    net.step("c", AddProviders("s", ("p",)))
+    net.run()
+    c = net.nodes["c"]
+    assert len(c.delivered) == 11 and list(c.failed) == [("s", missing)]
+    assert net.states_seen == set(WantState)
+
+
+def test_have_batch_delay_answers_the_blocks_added_within_it_in_one_message():
+    blocks = make_blocks(3, size=5000)
+    cids = list(blocks)
+    src = DictSource({})
+    server = BitswapServer(src, ServerConfig(have_batch_delay=0.01))
+    wants = Message(wants=tuple(WantEntry(c, WantType.HAVE, send_dont_have=False) for c in cids))
+    assert server.handle(MessageReceived("a", wants), 0.0) == []  # nothing here yet: the wants wait
+    src.blocks[cids[0]] = blocks[cids[0]]
+    first = server.handle(BlocksAdded((cids[0],)), 0.001)
+    assert first == [SetTimer(0.011)]  # held for the batch
+    src.blocks[cids[1]] = blocks[cids[1]]
+    assert server.handle(BlocksAdded((cids[1],)), 0.005) == []
+    out = server.handle(Tick(), 0.011)
+    sends = [a for a in out if isinstance(a, Send)]
+    assert len(sends) == 1 and [p.cid for p in sends[0].message.presences] == cids[:2]
+    assert all(p.have for p in sends[0].message.presences)
+    # off (the default): one message per BlocksAdded, at once
+    src2 = DictSource({})
+    eager = BitswapServer(src2, ServerConfig())
+    eager.handle(MessageReceived("a", wants), 0.0)
+    src2.blocks[cids[0]] = blocks[cids[0]]
+    assert [type(a) for a in eager.handle(BlocksAdded((cids[0],)), 0.001)] == [Send]
+
+
+def test_lend_for_stream_shares_the_lending_table_with_bitswap_wants():
+    blocks = make_blocks(2, size=50_000)
+    a, b = list(blocks)
+    server = BitswapServer(DictSource(blocks), ServerConfig(superseed_window=1.0))
+    ok, actions = server.lend_for_stream("dag-peer", a, 50_000, 0.0)
+    assert ok and actions == [SetTimer(1.0)]
+    # a bitswap want for the block lent to the DAG peer is refused (DONT_HAVE) and watched ...
+    out = server.handle(MessageReceived("x", Message(wants=(WantEntry(a, send_dont_have=True),))), 0.1)
+    assert [(p.cid, p.have) for s in out if isinstance(s, Send) for p in s.message.presences] == [(a, False)]
+    assert server.lend_for_stream("other-dag-peer", a, 50_000, 0.2)[0] is False
+    assert server.lend_for_stream("dag-peer", a, 50_000, 0.2)[0] is True  # its own lending
+    assert server.lend_for_stream("other-dag-peer", b, 50_000, 0.2)[0] is True
+    assert server.lend_for_stream("x", a, 100, 0.3)[0] is True  # small blocks are exempt
+    # ... and hears HAVE when the window ends
+    out = server.handle(Tick(), 1.2)
+    assert [(p.cid, p.have) for s in out if isinstance(s, Send) for p in s.message.presences] == [(a, True)]
+    assert server.stats().superseed_refused == 2
+    off = BitswapServer(DictSource(blocks), ServerConfig())
+    assert off.lend_for_stream("p", a, 50_000, 0.0) == (True, [])
 
 
 def test_lazy_cancels_wait_for_a_message_or_their_due_time():

@@ -257,6 +257,20 @@ def test_node_fetch_scenario_verifies_every_archive():
     assert records["fetch_time_p50"]["deterministic"] is False and records["virtual_time"]["deterministic"] is False
 
 
+def test_a_lan_fleet_of_real_nodes_gets_each_block_from_the_seed_about_once():
+    """Real Nodes with the daemon's own [exchange]/[transfer] defaults, every node dialling every other
+    (as LAN discovery does): the seed's DAG server lends each leaf to one fetcher (super-seeding, one
+    lending table with bitswap), the others get it from whoever has it, the moment it is verified."""
+    overrides = {"nodes": "7", "artifact_size": "2MiB", "link": "lan-1g", "degree": "6", "k": "2", "settle": "5s"}
+    on, series = run_scenario(str(SCENARIOS / "node-fetch.toml"), 4, overrides)
+    off, _ = run_scenario(str(SCENARIOS / "node-fetch.toml"), 4, {**overrides, "node.superseed_window": "0s"})
+    assert on.value("verified") == 6 and off.value("verified") == 6
+    assert all(r["verified"] for r in series["fetches"])
+    assert off.value("seed_upload_copies") > 5  # without it, every fetcher streams the whole DAG from the seed
+    assert on.value("seed_upload_copies") < 2.5
+    assert on.value("seed_share") < 0.5  # the fetchers served most of each other's blocks
+
+
 def test_identities_and_artifact_follow_the_seed():
     def ids(seed):
         sim = LiveSim(seed)

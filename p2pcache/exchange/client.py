@@ -54,7 +54,8 @@ How a CID is fetched (after boxo's session design, simplified):
 
 from __future__ import annotations
 
-import heapq
+import dataclasses
+import enum
 from collections import OrderedDict
 from itertools import islice
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ from ..content.cid import CID
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+from .deadlines import Deadlines
 from .errors import ExchangeUsageError
 from .events import (
     Action,
@@ -118,8 +120,10 @@ class ClientConfig:
             raise ExchangeUsageError("swarm mode (want_block_unproven=False) waits for HAVEs: set dont_have_wait")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClientStats:
+    """The client's counters; `BitswapClient.stats()` hands out a copy."""
+
     blocks_received: int = 0  # blocks delivered (first copy)
     bytes_received: int = 0
     duplicate_blocks: int = 0  # further copies of blocks already delivered
@@ -163,13 +167,34 @@ class _Peer:
         self.blocks = self.bytes = self.duplicates = self.timeouts = 0
 
 
+class WantState(enum.Enum):
+    """Where a want is in its lifecycle. Changed only by `BitswapClient._move`, which keeps the
+    invariant (checked by `BitswapClient.check_invariants`, after every step of the engine tests):
+
+    - QUEUED  ⇔ its CID is in `_pending` (the FIFO of wants waiting for a want-block), block_peer is None.
+                It may also be in `_stalled` (no candidate peer at all; `stalled_since` set).
+    - ASKED   ⇔ its CID is in `_inflight` and in `block_peer`'s `blocks_out`, with a live deadline.
+    - PARKED  ⇔ its CID is in `_parked` (every candidate said DONT_HAVE, or swarm mode waits for a
+                HAVE); `parked_since` set.
+    - BLOCKED   swarm mode: its holders' windows are full; it is in none of the three and listed in
+                `_blocked` under each holder (entries there may be stale: `_unblock` checks the state).
+    A want in none of these states is done: it has left `_wants`.
+    """
+
+    QUEUED = 1
+    ASKED = 2
+    PARKED = 3
+    BLOCKED = 4
+
+
 class _Want:
-    __slots__ = ("cid", "sessions", "priority", "block_peer", "sent_at", "deadline", "have_asked",
+    __slots__ = ("cid", "state", "sessions", "priority", "block_peer", "sent_at", "deadline", "have_asked",
                  "dont_haves", "holders", "timed_out", "attempts", "stalled_since", "parked_since",
                  "discovered")
 
     def __init__(self, cid: CID, priority: int) -> None:
         self.cid = cid
+        self.state = WantState.QUEUED
         self.sessions: dict[SessionId, None] = {}
         self.priority = priority
         self.block_peer: PeerId | None = None
@@ -209,8 +234,7 @@ class BitswapClient:
         self._stalled: dict[CID, _Want] = {}  # pending wants with no candidate peer at all
         self._parked: dict[CID, _Want] = {}  # not pending: waiting for a HAVE from a watching peer
         self._parked_min: float | None = None  # no parked CID's wait began before this (may be early)
-        self._deadlines: list[tuple[float, int, CID]] = []  # heap of want-block deadlines (some stale)
-        self._seq = 0
+        self._deadlines: Deadlines[CID] = Deadlines()  # want-block deadlines of the ASKED wants
         self._done: OrderedDict[CID, None] = OrderedDict()
         self._timer_at: float | None = None
         self._next_priority = 2**31 - 1
@@ -220,7 +244,7 @@ class BitswapClient:
         # swarm mode: CIDs out of the pending queue until one of these peers (all holders busy) has room
         self._blocked: dict[PeerId, dict[CID, None]] = {}
         self._recheck: dict[PeerId, None] = {}  # peers with CIDs still blocked on them after an unblock
-        self._stats = dict.fromkeys(ClientStats.__dataclass_fields__, 0)
+        self._stats = ClientStats()
         # per handle() call
         self._out: list[Action] = []
         self._outbox: dict[PeerId, dict[CID, WantEntry]] = {}
@@ -262,7 +286,30 @@ class BitswapClient:
         return self._finish(now)
 
     def stats(self) -> ClientStats:
-        return ClientStats(**self._stats)
+        return dataclasses.replace(self._stats)
+
+    def check_invariants(self) -> None:
+        """Assert `WantState`'s invariant over every want (for tests: O(wants + peers))."""
+        for cid, w in self._wants.items():
+            st = w.state
+            assert (cid in self._pending) == (st is WantState.QUEUED), (cid, st)
+            assert (cid in self._inflight) == (st is WantState.ASKED), (cid, st)
+            assert (cid in self._parked) == (st is WantState.PARKED), (cid, st)
+            assert (w.block_peer is not None) == (st is WantState.ASKED), (cid, st, w.block_peer)
+            assert (cid in self._deadlines) == (st is WantState.ASKED), (cid, st)
+            if st is WantState.ASKED:
+                assert cid in self._peers[w.block_peer].blocks_out, (cid, w.block_peer)
+            if st is WantState.PARKED:
+                assert w.parked_since is not None, cid
+            if st is WantState.BLOCKED:
+                assert any(cid in b for b in self._blocked.values()), cid
+            if cid in self._stalled:
+                assert st is WantState.QUEUED and w.stalled_since is not None, (cid, st)
+        for peer, p in self._peers.items():
+            for cid in p.blocks_out:
+                w = self._wants[cid]
+                assert w.state is WantState.ASKED and w.block_peer == peer, (peer, cid, w.state)
+        assert len(self._pending) + len(self._inflight) + len(self._parked) <= len(self._wants)
 
     def peer_stats(self, peer: PeerId) -> PeerStats | None:
         p = self._peers.get(peer)
@@ -303,7 +350,7 @@ class BitswapClient:
             if w is None:
                 w = self._wants[cid] = _Want(cid, self._next_priority)
                 self._next_priority = max(1, self._next_priority - 1)
-                self._pending[cid] = None
+                self._pending[cid] = None  # born QUEUED
             w.sessions[sid] = None
             if w.block_peer is not None:
                 session.inflight += 1
@@ -334,8 +381,8 @@ class BitswapClient:
         if w is None:
             if cid in self._done:
                 p.duplicates += 1
-                self._stats["duplicate_blocks"] += 1
-                self._stats["duplicate_bytes"] += len(block.data)
+                self._stats.duplicate_blocks += 1
+                self._stats.duplicate_bytes += len(block.data)
                 return True
             self._ban(peer, f"sent block {cid} that was never asked for (corrupt or unsolicited)", penalise=True)
             return False
@@ -350,8 +397,8 @@ class BitswapClient:
         p.proven = True
         p.blocks += 1
         p.bytes += len(block.data)
-        self._stats["blocks_received"] += 1
-        self._stats["bytes_received"] += len(block.data)
+        self._stats.blocks_received += 1
+        self._stats.bytes_received += len(block.data)
         for sid in w.sessions:
             self._out.append(Deliver(sid, cid, block.data))
             self._sessions[sid].cids.pop(cid, None)
@@ -373,15 +420,14 @@ class BitswapClient:
             w.holders[peer] = None
             if peer in w.dont_haves:
                 w.dont_haves.pop(peer, None)
-                self._stats["haves_after_dont_have"] += 1
-            if w.cid in self._parked:
-                del self._parked[w.cid]
+                self._stats.haves_after_dont_have += 1
+            if w.state is WantState.PARKED:
                 w.parked_since = None
                 self._requeue(w)
-            elif w.block_peer is None and w.cid not in self._pending:
+            elif w.state is WantState.BLOCKED:
                 self._requeue(w)  # it waited for room at its other holders: this one may have some
             return
-        self._stats["dont_haves"] += 1
+        self._stats.dont_haves += 1
         w.holders.pop(peer, None)
         w.dont_haves[peer] = None
         if w.block_peer == peer:
@@ -393,7 +439,7 @@ class BitswapClient:
             peer = w.block_peer
             p = self._peers[peer]
             p.timeouts += 1
-            self._stats["timeouts"] += 1
+            self._stats.timeouts += 1
             p.stalls += 1  # ranks it behind peers that answer, until it delivers again
             w.timed_out.add(peer)
             self._cancel(peer, w.cid)
@@ -440,7 +486,7 @@ class BitswapClient:
         (p or self._peers[w.block_peer]).blocks_out.pop(w.cid, None)
         self._unblock(w.block_peer)
         w.block_peer = None
-        del self._inflight[w.cid]
+        self._deadlines.remove(w.cid)  # still ASKED: the caller requeues or forgets it next
         for sid in w.sessions:
             self._sessions[sid].inflight -= 1
 
@@ -458,8 +504,8 @@ class BitswapClient:
             cid = next(iter(blocked))
             del blocked[cid]
             w = self._wants.get(cid)
-            if w is not None and w.block_peer is None and cid not in self._pending and cid not in self._parked:
-                self._pending[cid] = None
+            if w is not None and w.state is WantState.BLOCKED:
+                self._move(w, WantState.QUEUED)
                 released += 1
         if blocked:
             self._recheck[peer] = None
@@ -467,8 +513,34 @@ class BitswapClient:
             del self._blocked[peer]
 
     def _requeue(self, w: _Want) -> None:
-        self._pending[w.cid] = None
-        self._pending.move_to_end(w.cid, last=False)
+        self._move(w, WantState.QUEUED, front=True)
+
+    def _move(self, w: _Want, to: WantState | None, front: bool = False) -> None:
+        """The one place a want changes state (None: done), so the containers of `WantState`'s
+        invariant change together. A QUEUED want goes to the back of the queue, or the front."""
+        cid = w.cid
+        was = w.state
+        if was is WantState.QUEUED:
+            if to is WantState.QUEUED:
+                if front:
+                    self._pending.move_to_end(cid, last=False)
+                return
+            del self._pending[cid]
+        elif was is WantState.ASKED:
+            del self._inflight[cid]
+        elif was is WantState.PARKED:
+            del self._parked[cid]
+        if to is None:
+            return
+        w.state = to
+        if to is WantState.QUEUED:
+            self._pending[cid] = None
+            if front:
+                self._pending.move_to_end(cid, last=False)
+        elif to is WantState.ASKED:
+            self._inflight[cid] = w
+        elif to is WantState.PARKED:
+            self._parked[cid] = w
 
     def _forget(self, w: _Want) -> None:
         """Drop a want that is answered, failed or unwanted; cancel it wherever it is still asked."""
@@ -482,16 +554,15 @@ class BitswapClient:
         for peer in w.dont_haves:  # servers keep a want they said DONT_HAVE to until it is cancelled
             if peer in self._peers and peer not in self._banned:
                 self._cancel(peer, w.cid, lazy=True)
-        self._pending.pop(w.cid, None)
+        self._move(w, None)
         self._stalled.pop(w.cid, None)
-        self._parked.pop(w.cid, None)
         del self._wants[w.cid]
         self._done[w.cid] = None
         if len(self._done) > self.config.remember_done:
             self._done.popitem(last=False)
 
     def _fail(self, w: _Want, why: str) -> None:
-        self._stats["failed"] += 1
+        self._stats.failed += 1
         for sid in w.sessions:
             self._out.append(FetchFailed(sid, w.cid, why))
             self._sessions[sid].cids.pop(w.cid, None)
@@ -500,7 +571,7 @@ class BitswapClient:
     def _cancel(self, peer: PeerId, cid: CID, lazy: bool = False) -> None:
         """Cancel a want at `peer`. A lazy cancel (of a want-have or a DONT_HAVE watch: the peer can only
         answer it with a small presence) waits up to `cancel_delay` for another message to that peer."""
-        self._stats["cancels_sent"] += 1
+        self._stats.cancels_sent += 1
         if lazy and self.config.cancel_delay > 0:
             due = self._now + self.config.cancel_delay
             pending = self._lazy.setdefault(peer, {})
@@ -650,7 +721,7 @@ class BitswapClient:
             self._stalled.pop(w.cid, None)
             if not open_:
                 # holders are busy: out of the queue until one of them has room (or a new one says HAVE)
-                del self._pending[w.cid]
+                self._move(w, WantState.BLOCKED)
                 for peer in usable:
                     self._blocked.setdefault(peer, {})[w.cid] = None
                 return None
@@ -705,19 +776,17 @@ class BitswapClient:
         return not any(peer in usable for sid in w.sessions for peer in self._sessions[sid].providers)
 
     def _park(self, w: _Want, now: float) -> None:
-        del self._pending[w.cid]
-        self._parked[w.cid] = w
+        self._move(w, WantState.PARKED)
         if w.parked_since is None:
             w.parked_since = now
-            self._stats["parked"] += 1
+            self._stats.parked += 1
         if self._parked_min is None or w.parked_since < self._parked_min:
             self._parked_min = w.parked_since
 
     def _unpark_all(self) -> None:
         """A peer appeared: parked wants may have a candidate that has not said DONT_HAVE."""
-        for w in self._parked.values():
-            self._requeue(w)
-        self._parked.clear()  # parked_since stays: a re-park does not restart the wait
+        for w in list(self._parked.values()):
+            self._requeue(w)  # parked_since stays: a re-park does not restart the wait
 
     def _unstall(self) -> None:
         """A peer appeared: stalled wants that now have a candidate wait for a window, not a peer."""
@@ -738,21 +807,19 @@ class BitswapClient:
 
     def _ask_block(self, w: _Want, peer: PeerId, now: float) -> None:
         p = self._peers[peer]
-        del self._pending[w.cid]
+        self._move(w, WantState.ASKED)
         w.block_peer = peer
         w.sent_at = now
         service = p.service if p.service is not None else 0.0
         w.deadline = now + max(self.config.want_timeout, self.config.timeout_factor * service)
-        self._seq += 1
-        heapq.heappush(self._deadlines, (w.deadline, self._seq, w.cid))
+        self._deadlines.add(w.deadline, w.cid)
         w.attempts += 1
         w.have_asked.pop(peer, None)
         p.haves_out.pop(w.cid, None)
         p.blocks_out[w.cid] = None
-        self._inflight[w.cid] = w
         for sid in w.sessions:
             self._sessions[sid].inflight += 1
-        self._stats["want_blocks_sent"] += 1
+        self._stats.want_blocks_sent += 1
         self._unlazy(peer, w.cid)
         self._outbox.setdefault(peer, {})[w.cid] = WantEntry(
             w.cid, WantType.BLOCK, w.priority, send_dont_have=True
@@ -761,7 +828,7 @@ class BitswapClient:
     def _ask_have(self, w: _Want, peer: PeerId, send_dont_have: bool = True) -> None:
         w.have_asked[peer] = None
         self._peers[peer].haves_out[w.cid] = None
-        self._stats["want_haves_sent"] += 1
+        self._stats.want_haves_sent += 1
         self._unlazy(peer, w.cid)
         self._outbox.setdefault(peer, {})[w.cid] = WantEntry(
             w.cid, WantType.HAVE, w.priority, send_dont_have=send_dont_have
@@ -798,11 +865,9 @@ class BitswapClient:
         for peer, entries in self._outbox.items():
             if entries:
                 out.append(Send(peer, Message(wants=tuple(entries.values()))))
-        heap = self._deadlines
-        while heap and (heap[0][2] not in self._inflight or self._inflight[heap[0][2]].deadline != heap[0][0]):
-            heapq.heappop(heap)  # answered, or re-asked with a new deadline
-        if heap:
-            earliest = heap[0][0] if earliest is None else min(earliest, heap[0][0])
+        at = self._deadlines.next_deadline()
+        if at is not None:
+            earliest = at if earliest is None else min(earliest, at)
         for w in self._stalled.values():
             at = cast(float, w.stalled_since) + self.config.no_provider_timeout
             earliest = at if earliest is None else min(earliest, at)

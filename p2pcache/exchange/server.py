@@ -54,10 +54,12 @@ Decisions:
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 from typing import Protocol, cast
 
 from ..content.cid import CID
+from .deadlines import Deadlines
 from .errors import ExchangeUsageError
 from .events import (
     Action,
@@ -111,12 +113,15 @@ class ServerConfig:
     keep_wants_after_dont_have: bool = True  # a DONT_HAVE'd want waits for BlocksAdded (answered HAVE)
     max_total_outstanding_bytes: int = 0  # blocks handed to the driver, not yet acknowledged, all peers
     superseed_window: float = 0.0  # seconds a block handed to one peer is refused to others (0 = off)
+    have_batch_delay: float = 0.0  # BlocksAdded answers waiting wants this long after, in one batch (0 = at once)
 
     def __post_init__(self) -> None:
         if self.quantum < 1 or self.max_outstanding_bytes < 1 or self.max_message_size < 64:
             raise ExchangeUsageError(f"server limits must be positive: {self}")
         if self.max_message_size > MAX_MESSAGE_SIZE:
             raise ExchangeUsageError(f"max_message_size {self.max_message_size} is over bitswap's {MAX_MESSAGE_SIZE}")
+        if not self.have_batch_delay >= 0:
+            raise ExchangeUsageError(f"have_batch_delay must be >= 0 seconds, not {self.have_batch_delay}")
         if not self.superseed_window >= 0:
             raise ExchangeUsageError(f"superseed_window must be >= 0 seconds, not {self.superseed_window}")
 
@@ -232,13 +237,15 @@ class BitswapServer:
         self._now = 0.0
         # Super-seeding: block -> (peer it is lent to, since when); blocks lent per peer; peers that
         # were refused a lent block and keep a want for it (checked against their ledger when the
-        # lending ends); a heap of (window end, seq, cid), stale when the lending moved or ended.
+        # lending ends); each lent block's window end.
         self._lent: dict[CID, tuple[PeerId, float]] = {}
         self._lent_to: dict[PeerId, dict[CID, None]] = {}
         self._watchers: dict[CID, dict[PeerId, None]] = {}
-        self._lend_heap: list[tuple[float, int, CID]] = []
+        self._lendings: Deadlines[CID] = Deadlines()
         self._timer_at: float | None = None
         self._refused = self._released_early = 0
+        self._added: dict[CID, None] = {}  # BlocksAdded not yet answered (have_batch_delay), in order
+        self._added_due: float | None = None
 
     # -- public API ---------------------------------------------------------------------------
     def handle(self, event: object, now: float) -> list[Action]:
@@ -261,7 +268,14 @@ class BitswapServer:
                 self._released_early += 1
                 self._end_lending(cid)
         elif isinstance(event, BlocksAdded):
-            self._on_blocks_added(event.cids)
+            if self.config.have_batch_delay:
+                # Debounced: the HAVEs (and blocks) for waiting wants of everything added within the
+                # delay go out together, one message per watching peer instead of one per block.
+                self._added.update(dict.fromkeys(event.cids))
+                if self._added_due is None:
+                    self._added_due = now + self.config.have_batch_delay
+            else:
+                self._on_blocks_added(event.cids)
         elif isinstance(event, Tick):
             self._timer_at = None
             self._expire_lendings(now)
@@ -269,26 +283,49 @@ class BitswapServer:
             pass  # nothing to do: a ledger starts with the peer's first want; client events
         else:
             raise ExchangeUsageError(f"the bitswap server does not handle {type(event).__name__}")
-        out = self._pump()
-        if self._lend_heap:
-            at = self._lend_heap[0][0]
-            if self._timer_at is None or at < self._timer_at:
-                self._timer_at = at
-                out.append(SetTimer(at))
-        return out
+        if self._added_due is not None and now >= self._added_due:
+            added, self._added, self._added_due = tuple(self._added), {}, None
+            self._on_blocks_added(added)
+        return self._finish([])
 
     def stats(self) -> ServerStats:
         return ServerStats(superseed_refused=self._refused, superseed_released_early=self._released_early,
                            superseed_lent=len(self._lent))
 
     # -- super-seeding ------------------------------------------------------------------------
+    def lend_for_stream(self, peer: PeerId, cid: CID, size: int, now: float) -> tuple[bool, list[Action]]:
+        """The super-seeding decision for a block another protocol (the DAG transfer) is about to send
+        `peer`, so one lending table governs every byte this node uploads: False if the block is lent
+        to another peer (do not send it), else True and the block is lent to `peer` from `now`. The
+        actions (a `SetTimer` for the window's end, HAVEs to bitswap watchers of a lending that
+        ended) are the driver's to apply. Always True with super-seeding off or for small blocks."""
+        if not self.config.superseed_window or size <= self.config.inline_have_max:
+            return True, []
+        self._now = now
+        if self._lent_elsewhere(peer, cid):
+            self._refused += 1
+            return False, self._finish([])
+        self._lend(peer, cid)
+        return True, self._finish([])
+
+    def _finish(self, out: list[Action]) -> list[Action]:
+        out += self._pump()
+        lend_at = self._lendings.next_deadline()
+        if lend_at is not None or self._added_due is not None:
+            at = min(lend_at if lend_at is not None else math.inf,
+                     self._added_due if self._added_due is not None else math.inf)
+            if self._timer_at is None or at < self._timer_at:
+                self._timer_at = at
+                out.append(SetTimer(at))
+        return out
+
     def _lend(self, peer: PeerId, cid: CID) -> None:
         old = self._lent.get(cid)
         if old is not None and old[0] != peer:
             self._lent_to[old[0]].pop(cid, None)
         self._lent[cid] = (peer, self._now)
         self._lent_to.setdefault(peer, {})[cid] = None
-        heapq.heappush(self._lend_heap, (self._now + self.config.superseed_window, self._next_seq(), cid))
+        self._lendings.add(self._now + self.config.superseed_window, cid)
 
     def _lent_elsewhere(self, peer: PeerId, cid: CID) -> bool:
         lent = self._lent.get(cid)
@@ -308,6 +345,7 @@ class BitswapServer:
     def _end_lending(self, cid: CID) -> None:
         """The block may go to others again: watchers still wanting it hear HAVE (or get it, if small)."""
         peer, _ = self._lent.pop(cid)
+        self._lendings.remove(cid)
         to = self._lent_to.get(peer)
         if to is not None:
             to.pop(cid, None)
@@ -319,15 +357,14 @@ class BitswapServer:
                 self._consider(led, e)
 
     def _expire_lendings(self, now: float) -> None:
-        heap, window = self._lend_heap, self.config.superseed_window
-        while heap and heap[0][0] <= now:
-            _, _, cid = heapq.heappop(heap)
+        window = self.config.superseed_window
+        for cid in self._lendings.expire(now):
             lent = self._lent.get(cid)
             if lent is None or lent[1] + window > now:
-                continue  # ended already, or lent again since (a later entry covers it)
+                continue  # lent again while earlier ones ended (its new window runs)
             if self._still_queued(lent[0], cid):
                 # not handed over yet (a long queue): the window starts when it goes out
-                heapq.heappush(heap, (now + window, self._next_seq(), cid))
+                self._lendings.add(now + window, cid)
                 continue
             self._end_lending(cid)
 
@@ -449,8 +486,11 @@ class BitswapServer:
 
     def _on_blocks_added(self, cids: tuple[CID, ...]) -> None:
         for led in self._ledgers.values():
+            waiting = led.waiting
+            if not waiting:
+                continue
             for cid in cids:
-                e = led.waiting.get(cid)
+                e = waiting.get(cid)
                 if e is not None:
                     self._consider(led, e)
 

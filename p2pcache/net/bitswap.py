@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeAlias, cast
 
 import multiaddr
 import trio
@@ -103,14 +104,30 @@ class RepoBlockSource:
 
     def __init__(self, repo: Repo) -> None:
         self.repo = repo
+        # Blocks a fetch verified and has not committed to the index yet, served from memory: a
+        # fetcher passes a block on the moment it has it, not a store batch later (a fleet's blocks
+        # hop from runner to runner). Bounded by the fetches' store batches: released at commit.
+        self.fresh: dict[CID, bytes] = {}
+
+    def hold(self, cid: CID, data: bytes) -> None:
+        self.fresh[cid] = data
+
+    def release(self, cids: Iterable[CID]) -> None:
+        fresh = self.fresh
+        for cid in cids:
+            fresh.pop(cid, None)
 
     def has(self, cid: CID) -> bool:
-        return self.repo.has_block(cid)
+        return cid in self.fresh or self.repo.has_block(cid)
 
     def size(self, cid: CID) -> int | None:
-        return self.repo.index.block_size(cid)
+        data = self.fresh.get(cid)
+        return len(data) if data is not None else self.repo.index.block_size(cid)
 
     def get(self, cid: CID) -> bytes | None:
+        data = self.fresh.get(cid)
+        if data is not None:
+            return data
         try:
             return self.repo.load_block(cid)
         except NotFound:
@@ -168,6 +185,7 @@ class BitswapExchange:
         self._next_session = 0
         self.penalised: list[tuple[ID, str]] = []  # (peer, why), for logs and tests
         self.empty_budget = EmptyMessageBudget()  # messages that carry nothing, per peer
+        self._told: set[CID] = set()  # fresh blocks the server heard of before they were committed
 
     # -- running ----------------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -191,7 +209,43 @@ class BitswapExchange:
         """Tell the server these blocks are now in the store (peers waiting for them get them)."""
         cids = tuple(cids)
         if cids:
-            self._server(BlocksAdded(cids))
+            src = self.server.source
+            if isinstance(src, RepoBlockSource) and src.fresh:
+                src.release(cids)  # in the index now
+            if self._told:  # the server heard of these when they were verified
+                told = self._told
+                new = tuple(c for c in cids if c not in told)
+                told.difference_update(cids)
+                cids = new
+            if cids:
+                self._server(BlocksAdded(cids))
+
+    @contextmanager
+    def serving_fresh(self) -> Iterator[Callable[[CID, bytes], None]]:
+        """For one fetch: a `block_verified` to call on each new block; when the fetch ends, whatever
+        it held in memory and did not commit (a failed fetch) is dropped."""
+        held: list[CID] = []
+
+        def verified(cid: CID, data: bytes) -> None:
+            held.append(cid)
+            self.block_verified(cid, data)
+
+        try:
+            yield verified
+        finally:
+            src = self.server.source
+            if isinstance(src, RepoBlockSource) and src.fresh:
+                src.release(held)
+            self._told.difference_update(held)
+
+    def block_verified(self, cid: CID, data: bytes) -> None:
+        """A block a fetch just verified, not stored yet: servable from memory at once (see
+        `RepoBlockSource.fresh`) until `blocks_added` names it. Peers watching it hear HAVE now."""
+        src = self.server.source
+        if isinstance(src, RepoBlockSource):
+            src.hold(cid, data)
+            self._told.add(cid)
+            self._server(BlocksAdded((cid,)))
 
     # -- engines ----------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -495,40 +549,50 @@ class BitswapExchange:
         window = self.config.archive_window
         fetched = 0
         try:
-            async with RepoBatcher(repo, self.config.store_batch_bytes, self.config.commit_batch_bytes,
-                                   on_stored=on_stored, on_committed=self.blocks_added) as store:
-                while not walk.finished:
-                    # Refill the window in bursts (when half of it has drained), so wants travel many to a
-                    # message instead of one message per block received.
-                    if walk.outstanding <= window // 2:
-                        wants = walk.next_wants(window - walk.outstanding)
-                        for cid in walk.take_loads():
-                            walk.on_block(cid, await trio.to_thread.run_sync(repo.load_block, cid), local=True)
-                        if wants:
-                            self._client(Want(sid, tuple(wants)))
-                        if not walk.outstanding and not walk.finished:
+            with self.serving_fresh() as verified:
+                async with RepoBatcher(repo, self.config.store_batch_bytes, self.config.commit_batch_bytes,
+                                       on_stored=on_stored, on_committed=self.blocks_added) as store:
+                    while not walk.finished:
+                        # Refill the window in bursts (when half of it has drained), so wants travel many to a
+                        # message instead of one message per block received.
+                        if walk.outstanding <= window // 2:
+                            wants = walk.next_wants(window - walk.outstanding)
+                            for cid in walk.take_loads():
+                                walk.on_block(cid, await trio.to_thread.run_sync(repo.load_block, cid), local=True)
+                            if wants:
+                                self._client(Want(sid, tuple(wants)))
+                            if not walk.outstanding and not walk.finished:
+                                continue
+                        if walk.finished:
+                            break
+                        try:
+                            cid, data, why = session.recv.receive_nowait()
+                        except trio.WouldBlock:
+                            if store.pending_bytes >= self.config.quiet_store_bytes:
+                                await store.write()  # nothing more right now: let readers have what we hold
+                            cid, data, why = await session.recv.receive()
+                        if not walk.is_open(cid):
                             continue
-                    if walk.finished:
-                        break
-                    try:
-                        cid, data, why = session.recv.receive_nowait()
-                    except trio.WouldBlock:
-                        if store.pending_bytes >= self.config.quiet_store_bytes:
-                            await store.write()  # nothing more right now: let readers have what we hold
-                        cid, data, why = await session.recv.receive()
-                    if not walk.is_open(cid):
-                        continue
-                    if data is None:
-                        raise FetchError(f"could not fetch block {cid} under {root}: {why}")
-                    try:
-                        walk.on_block(cid, data)
-                    except MalformedBlock as e:
-                        raise FetchError(f"block {cid} under {root} is not valid dag-cbor: {e}") from None
-                    fetched += len(data)
-                    await store.add(cid, data)
+                        if data is None:
+                            raise FetchError(f"could not fetch block {cid} under {root}: {why}")
+                        try:
+                            walk.on_block(cid, data)
+                        except MalformedBlock as e:
+                            raise FetchError(f"block {cid} under {root} is not valid dag-cbor: {e}") from None
+                        fetched += len(data)
+                        verified(cid, data)
+                        await store.add(cid, data)
         finally:
             self._close_session(sid)
         return fetched
+
+    def superseed_allows(self, peer: ID, cid: CID, size: int) -> bool:
+        """Whether super-seeding lets `cid` go to `peer` over another protocol now (the DAG transfer's
+        server asks before each block): the bitswap server's one lending table decides, see
+        `BitswapServer.lend_for_stream`."""
+        ok, actions = self.server.lend_for_stream(peer, cid, size, self._now())
+        self._apply(actions)
+        return ok
 
     def penalise(self, peer: ID, why: str) -> None:
         """Ban `peer` for `ban_seconds` and drop its connections (another protocol caught it lying)."""

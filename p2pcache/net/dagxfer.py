@@ -90,6 +90,7 @@ class TransferStats:
     served_bytes: int = 0
     refused: int = 0
     slow_askers_cut: int = 0
+    superseed_stops: int = 0  # served streams ended at a leaf lent to another peer
 
 
 def _frame(msg: pb.DagFrame) -> bytes:
@@ -144,6 +145,9 @@ async def _close(stream: Any) -> None:
         pass
 
 
+_LENT = b"lent"  # read-ahead marker: the next leaf is lent to another peer (super-seeding)
+
+
 # -- serving ----------------------------------------------------------------------------------------------
 
 
@@ -156,9 +160,13 @@ class DagServer:
     bytes or None; a block that fails verification on disk is served as missing, never sent)."""
 
     def __init__(self, source: BlockSource, is_banned: Callable[[ID], bool], config: DagConfig | None = None,
-                 stats: TransferStats | None = None) -> None:
+                 stats: TransferStats | None = None,
+                 may_send: Callable[[ID, CID, int], bool] | None = None) -> None:
         self.source = source
         self.is_banned = is_banned
+        # The super-seeding decision for each leaf (`BitswapExchange.superseed_allows`): a leaf lent
+        # to another peer ends the stream as NOT_FOUND, so the asker gets it from the peers that have it.
+        self.may_send = may_send
         self.config = config or DagConfig()
         self.stats = stats or TransferStats()
         self._active = 0
@@ -231,15 +239,22 @@ class DagServer:
             async with batches_send:
                 while True:
                     cids: list[CID] = []
+                    lent: CID | None = None
                     while len(cids) < self.config.read_blocks:
                         cid = walk.peek()
                         if cid is None:
+                            break
+                        if self.may_send is not None and cid.codec == RAW and not self.may_send(
+                                peer, cid, self.source.size(cid) or 0):
+                            lent = cid  # asked before the read: a lent block is not read at all
                             break
                         cids.append(cid)
                         if cid.codec == DAG_CBOR:
                             break  # its bytes tell what comes next
                         walk.give(cid, None)
                     if not cids:
+                        if lent is not None:
+                            await batches_send.send([(lent, _LENT)])
                         return
                     loaded = await trio.to_thread.run_sync(self._load, cids)
                     last_cid, last = loaded[-1]
@@ -249,8 +264,10 @@ class DagServer:
                         except MalformedBlock as e:
                             log.warning("cannot walk %s for %s: %s", last_cid, peer, e)
                             loaded[-1] = (last_cid, None)
+                    if lent is not None and loaded[-1][1] is not None:
+                        loaded.append((lent, _LENT))
                     await batches_send.send(loaded)
-                    if loaded[-1][1] is None:
+                    if loaded[-1][1] is None or loaded[-1][1] is _LENT:
                         return
 
         async with trio.open_nursery() as nursery:
@@ -260,6 +277,11 @@ class DagServer:
                 for cid, data in loaded:
                     if data is None:
                         out += _end_frame(pb.DagEnd.NOT_FOUND, cid, f"{cid} is not here")
+                        await self._write(stream, bytes(out), peer)
+                        return
+                    if data is _LENT:
+                        self.stats.superseed_stops += 1
+                        out += _end_frame(pb.DagEnd.NOT_FOUND, cid, f"{cid} is lent to another peer (super-seeding)")
                         await self._write(stream, bytes(out), peer)
                         return
                     out += _block_frame(cid, data)
@@ -415,7 +437,8 @@ class DagTransfer:
 
     def server(self, source: BlockSource) -> DagServer:
         """A server of `source` (a `BlockSource`) sharing this transfer's config, stats and bans."""
-        return DagServer(source, self.exchange.is_banned, self.config, self.stats)
+        return DagServer(source, self.exchange.is_banned, self.config, self.stats,
+                         may_send=self.exchange.superseed_allows if self.exchange.server.config.superseed_window else None)
 
     async def fetch(self, root: CID, providers: Iterable[ProviderSpec], repo: Any,
                     on_stored: Callable[[list[CID]], None] | None = None,

@@ -36,7 +36,7 @@ from . import __version__
 from .config import NodeConfig
 from .content.cid import CID, DAG_CBOR
 from .content.keys import HashKey, RootKey, parse_key
-from .content.manifest import ArchiveManifest, iter_chunks
+from .content.manifest import ArchiveManifest, ChunkIndex
 from .errors import CorruptData, DiskFull, InvalidInput, MalformedBlock, NotFound, P2PCacheError, leaf_error
 from .apitoken import new_token, write_netrc
 from .exchange import ClientConfig, ServerConfig
@@ -631,7 +631,7 @@ class Node:
 
         async def digest() -> None:  # hashes the archive in order as its blocks are stored
             try:
-                digested["digests"] = await trio.to_thread.run_sync(digesting.run)
+                digested["digests"] = await digesting.run()
             except P2PCacheError as e:
                 digested["error"] = e
 
@@ -972,74 +972,95 @@ class _BuildCacheSwarm:
 
 
 class ArchiveDigests:
-    """The whole-archive digests (`algos`: hashlib names) of an archive while it is fetched: `run()`, on a
-    worker thread, hashes its chunks in order as they are stored (`stored(cids)`, the fetch's callback;
-    blocks the repo held before count too), so the check costs no pass of its own after the last block.
-    `finish(ok)` says the fetch ended: with ok every block is in the repo (a missing one is NotFound);
-    without, `run` stops with FetchError. hashlib releases the GIL while it hashes."""
+    """The whole-archive digests (`algos`: hashlib names) of an archive while it is fetched: `run()` hashes
+    its chunks in order as they are stored (`stored(cids)`, the fetch's callback; blocks the repo held
+    before count too), so the check costs no pass of its own after the last block. Each step hashes what
+    is there on a worker thread (hashlib releases the GIL) and returns; the task then waits, on the trio
+    side, for more blocks — so it also runs where `to_thread` work runs inline (simnet), never blocking
+    the event loop on blocks that loop has yet to store. `finish(ok)` says the fetch ended: with ok every
+    block is in the repo (a missing one is a FetchError naming it); without, `run` stops with FetchError."""
 
     BATCH = 64  # chunks read per `load_blocks` call while they are there already
 
     def __init__(self, repo: Repo, manifest: ArchiveManifest, algos: Iterable[str]) -> None:
         self.repo, self.manifest, self.algos = repo, manifest, list(algos)
-        self._cond = threading.Condition()
+        self._hashers = {a: hashlib.new(a) for a in self.algos}
+        self._size = 0
+        # The walk's place: (depth, children, next child), the archive's chunk-index path down to it.
+        self._stack: list[tuple[int, tuple[tuple[CID, int], ...], int]] = [(manifest.depth, manifest.children, 0)]
+        self._lock = threading.Lock()
         self._stored: set[CID] = set()
+        self._more = trio.Event()
         self._done = False
         self._ok = True
 
     def stored(self, cids: list[CID]) -> None:
-        with self._cond:
+        with self._lock:
             self._stored.update(cids)
-            self._cond.notify_all()
+        self._more.set()
 
     def finish(self, ok: bool) -> None:
         """The fetch ended (only the first call counts)."""
-        with self._cond:
+        with self._lock:
             if not self._done:
                 self._done, self._ok = True, ok
-            self._cond.notify_all()
+        self._more.set()
+
+    async def run(self) -> dict[str, bytes]:
+        while True:
+            self._more = trio.Event()  # set by any `stored`/`finish` during the step: the wait returns at once
+            if await trio.to_thread.run_sync(self._step):
+                return {a: h.digest() for a, h in self._hashers.items()}
+            await self._more.wait()
 
     def _there(self, cid: CID) -> bool:
-        """Readable now, without waiting."""
-        return cid in self._stored or self.repo.has_block(cid)
+        with self._lock:
+            if cid in self._stored:
+                return True
+        return self.repo.has_block(cid)
 
-    def _wait(self, cid: CID) -> None:
-        if self._there(cid):
-            return
-        with self._cond:
-            while cid not in self._stored:
-                if self._done:
-                    if not self._ok:
-                        raise FetchError("the fetch ended before the archive was whole")
-                    return  # every block is in the repo now (else load_blocks says which is not)
-                self._cond.wait()
-
-    def run(self) -> dict[str, bytes]:
-        hashers = {a: hashlib.new(a) for a in self.algos}
-        size = 0
+    def _step(self) -> bool:
+        """Hash every chunk that is there, in order; True when the archive is whole and hashed."""
+        with self._lock:
+            done, ok = self._done, self._ok  # read first: if done, every `stored` call came before
         batch: list[tuple[CID, int]] = []
+        stack = self._stack
+        while stack:
+            depth, children, i = stack[-1]
+            if i == len(children):
+                stack.pop()
+                continue
+            cid, size = children[i]
+            if not self._there(cid):
+                self._hash(batch)
+                if not done:
+                    return False
+                if not ok:
+                    raise FetchError("the fetch ended before the archive was whole")
+                raise FetchError(f"block {cid} of the archive is not in the repo after its fetch")
+            stack[-1] = (depth, children, i + 1)
+            if depth == 0:
+                batch.append((cid, size))
+                if len(batch) >= self.BATCH:
+                    self._hash(batch)
+                continue
+            index = ChunkIndex.decode(self.repo.load_block(cid))
+            if index.depth != depth - 1 or index.size != size:
+                raise MalformedBlock(f"chunk index {cid} does not match its parent's depth or size")
+            stack.append((index.depth, index.children, 0))
+        self._hash(batch)
+        if self._size != self.manifest.size:
+            raise FetchError(f"the archive's chunks add up to {self._size} bytes, its manifest says {self.manifest.size}")
+        return True
 
-        def flush() -> None:
-            nonlocal size
-            for data in self.repo.load_blocks(batch):
-                size += len(data)
-                for h in hashers.values():
-                    h.update(data)
-            batch.clear()
+    def _hash(self, batch: list[tuple[CID, int]]) -> None:
+        for data in self.repo.load_blocks(batch):
+            self._size += len(data)
+            for h in self._hashers.values():
+                h.update(data)
+        batch.clear()
 
-        def load(cid: CID) -> bytes:  # a chunk-index node: its links come next
-            self._wait(cid)
-            return self.repo.load_block(cid)
 
-        for link in iter_chunks(self.manifest, load):
-            if batch and (len(batch) >= self.BATCH or not self._there(link[0])):
-                flush()  # hash what is there before waiting for more
-            self._wait(link[0])
-            batch.append(link)
-        flush()
-        if size != self.manifest.size:
-            raise FetchError(f"the archive's chunks add up to {size} bytes, its manifest says {self.manifest.size}")
-        return {a: h.digest() for a, h in hashers.items()}
 def _tree_root(data: bytes) -> Any:
     """The block as a build cache tree manifest, or None if it is not one."""
     from .content.treemanifest import TreeManifest

@@ -650,6 +650,7 @@ class RepoBatcher:
             raise
 
     async def add(self, cid: CID, data: bytes) -> None:
+        """`data` must be verified against `cid` already (the repo does not hash it again)."""
         self._batch.append((cid, data))
         self.pending_bytes += len(data)
         if cid.codec == DAG_CBOR or self.pending_bytes >= self.store_bytes:
@@ -663,7 +664,8 @@ class RepoBatcher:
 
     async def _writer(self) -> None:
         async for blocks in self._recv:
-            await trio.to_thread.run_sync(self.repo.write_blocks, blocks)
+            # Every block reaching `add` was hashed against its CID by the receiver that got it.
+            await trio.to_thread.run_sync(self.repo.write_blocks, blocks, True)
             self._unrecorded += [(c, len(d)) for c, d in blocks]
             self._unrecorded_bytes += sum(len(d) for _, d in blocks)
             if self.on_stored is not None:

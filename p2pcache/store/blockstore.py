@@ -17,7 +17,7 @@ or starts a new pack when the newest is full.
 
 Reads: one `pread` per block, or one `pread` per run of adjacent records for a batch (`read_many`). Every
 record's bytes were hashed against its CID before they were appended (an add computes the CID from them; a
-block from a peer is re-hashed by `Repo.write_blocks`), so a read re-checks the record's crc32 against the one
+block from a peer is hashed by the receiver that got it, or by `Repo.write_blocks`), so a read re-checks the record's crc32 against the one
 in the index: what the disk can do to bytes after they were written (bit rot, a torn or misdirected write, a
 truncated file) fails that check, and a wrong block cannot come back under a CID because the index row, not
 the pack, says where a CID's bytes are. `verify` re-hashes every block against its CID in full.

@@ -418,15 +418,18 @@ class Repo:
         self.commit_blocks([(c, len(d)) for c, d in blocks])
         return written
 
-    def write_blocks(self, blocks: list[tuple[CID, bytes]]) -> int:
+    def write_blocks(self, blocks: list[tuple[CID, bytes]], verified: bool = False) -> int:
         """The first half of `put_blocks`: verify and append the blocks (one write for the batch), so
         `load_block` can read them at once, without recording them yet. Until `commit_blocks`, they are
         dead bytes to `verify` and `gc`. Inside `recording_blocks`, the recording claims them (and those of
-        them another writer appended or recorded already), so no other failing writer takes them back."""
+        them another writer appended or recorded already), so no other failing writer takes them back.
+        `verified=True` only from a receiver that has itself just hashed each of these bytes against its
+        CID (the bitswap engine, the DAG stream's order check): hashing them again proves nothing new."""
         self.require_writable()
-        for cid, data in blocks:
-            if not cid.verify(data):
-                raise CorruptData(f"block {cid} does not match its CID; refusing to store it")
+        if not verified:
+            for cid, data in blocks:
+                if not cid.verify(data):
+                    raise CorruptData(f"block {cid} does not match its CID; refusing to store it")
         recording = _committed_blocks.get()
         self.claim_blocks(recording if recording is not None else _UNOWNED, [c.buffer for c, _ in blocks])
         known = self.index.known_blocks([c for c, _ in blocks])

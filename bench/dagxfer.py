@@ -162,7 +162,7 @@ class _Discard:
     def has_block(self, cid):
         return False
 
-    def write_blocks(self, blocks):
+    def write_blocks(self, blocks, verified=False):
         return 0
 
     def commit_blocks(self, blocks):

@@ -211,7 +211,7 @@ async def fetch_checked(dag: DagTransfer, ex: BitswapExchange, addr: str, root: 
     out: dict = {}
 
     async def digest() -> None:
-        out["d"] = await trio.to_thread.run_sync(digesting.run)
+        out["d"] = await digesting.run()
 
     async with trio.open_nursery() as inner:
         inner.start_soon(digest)

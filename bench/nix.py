@@ -205,6 +205,18 @@ def make_small_paths(nix: Nix, work: Path, token: str, n: int) -> list[str]:
     return added
 
 
+def clean_up(bench, made: list[str], work: Path, keep: bool) -> None:
+    """The end of a Nix bench: daemons and servers stopped, the store paths it made deleted from the
+    default store and its temp dir removed (or kept, with `--keep`, for the logs)."""
+    bench.close()
+    if made and not keep:
+        delete_paths(bench.nix, made)
+    if keep:
+        log(f"kept {work}")
+    else:
+        rmtree(work)
+
+
 def delete_paths(nix: Nix, paths: list[str]) -> None:
     """Delete `paths` from the default store with what refers to them (the .drv files of mid and top)."""
     env = nix.env()

@@ -159,13 +159,7 @@ def main() -> int:
             emit(f"{what.replace(' ', '_')}_failed_copies", n, "copies", "lower", runs=args.runs)
         return 1 if failures else 0
     finally:
-        bench.close()
-        if made and not args.keep:
-            nixbench.delete_paths(bench.nix, made)
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            nixbench.rmtree(work)
+        nixbench.clean_up(bench, made, work, args.keep)
 
 
 if __name__ == "__main__":

@@ -146,13 +146,7 @@ def main() -> int:
         log(f"\nbench/nixwarm.py took {time.perf_counter() - t_start:.0f}s")
         return 0
     finally:
-        bench.close()
-        if made and not args.keep:
-            nixbench.delete_paths(bench.nix, made)
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            nixbench.rmtree(work)
+        nixbench.clean_up(bench, made, work, args.keep)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ from ..exchange.budget import EmptyMessageBudget
 from ..exchange.message import PROTOCOL_1_0_0, PROTOCOL_1_1_0, PROTOCOL_1_2_0
 from ..transfer import DagWalk
 from .host import parse_peer_addr
-from .peers import Host
+from .peers import Host, reset_quietly
 
 if TYPE_CHECKING:
     from ..exchange.server import BlockSource
@@ -351,7 +351,7 @@ class BitswapExchange:
     async def _on_stream(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id
         if self._is_banned(peer):
-            await _reset(stream)
+            await reset_quietly(stream)
             return
         decoder = FrameDecoder()
         try:
@@ -370,14 +370,14 @@ class BitswapExchange:
                             break
                         msg = decode(payload)
                     except ProtocolViolation as e:
-                        await _reset(stream)
+                        await reset_quietly(stream)
                         self._penalise(peer, str(e), tell_engines=True)
                         return
                     if self._is_banned(peer):
                         return
                     if not (msg.wants or msg.blocks or msg.presences):  # carries nothing
                         if not self.empty_budget.charge(peer, self._now()):
-                            await _reset(stream)
+                            await reset_quietly(stream)
                             self._penalise(peer, "sent more bitswap messages that carry nothing than its budget "
                                            f"({self.empty_budget.burst} at once, "
                                            f"{self.empty_budget.per_second:g}/s after)", tell_engines=True)
@@ -469,7 +469,7 @@ class BitswapExchange:
                 return stream, None
             except Exception as e:
                 if stream is not None:
-                    await _reset(stream)
+                    await reset_quietly(stream)
                 stream = None
                 if fresh or attempt == 1:
                     return None, e
@@ -681,9 +681,3 @@ class RepoBatcher:
             if self.on_committed is not None:
                 self.on_committed([c for c, _ in done])
 
-
-async def _reset(stream: Any) -> None:
-    try:
-        await stream.reset()
-    except Exception:
-        pass

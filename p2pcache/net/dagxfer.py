@@ -37,7 +37,7 @@ from ..exchange import FrameDecoder, ProtocolViolation
 from ..routing.pb import p2pcache_pb2 as pb
 from ..transfer import DagWalk, DfsOrder, OutOfOrder
 from .bitswap import BitswapExchange, FetchError, ProviderSpec, RepoBatcher
-from .peers import Host
+from .peers import Host, close_quietly, reset_quietly
 
 if TYPE_CHECKING:
     from ..exchange.server import BlockSource
@@ -131,18 +131,6 @@ def _end_frame(status: pb.DagEnd.Status, missing: CID | None = None, message: st
                                             message=message)))
 
 
-async def _reset(stream: Any) -> None:
-    try:
-        await stream.reset()
-    except Exception:
-        pass
-
-
-async def _close(stream: Any) -> None:
-    try:
-        await stream.close()
-    except Exception:
-        pass
 
 
 _LENT = b"lent"  # read-ahead marker: the next leaf is lent to another peer (super-seeding)
@@ -186,7 +174,7 @@ class DagServer:
     async def handle_stream(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id
         if self.is_banned(peer):
-            await _reset(stream)
+            await reset_quietly(stream)
             return
         try:
             if self._active >= self.config.serve_streams:
@@ -200,12 +188,12 @@ class DagServer:
                 self._active -= 1
         except ProtocolViolation as e:
             log.info("DAG request from %s refused: %s", peer, e)
-            await _reset(stream)
+            await reset_quietly(stream)
         except Exception as e:  # the asker went away (reset, EOF, connection closed)
             log.debug("DAG stream to %s ended: %s", peer, e)
-            await _reset(stream)
+            await reset_quietly(stream)
         finally:
-            await _close(stream)
+            await close_quietly(stream)
 
     async def _read_request(self, stream: Any) -> bytes:
         decoder = FrameDecoder(MAX_REQUEST, "DAG request")
@@ -558,7 +546,7 @@ class DagTransfer:
                 walk.on_failed(cid)
             run.notify()
             if stream is not None:
-                await _reset(stream)
+                await reset_quietly(stream)
 
     async def _receive(self, run: _Run, req: _Request, stream: Any) -> bool:
         walk, order = run.walk, req.order

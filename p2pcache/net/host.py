@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from libp2p.network.swarm import Swarm
 
 from ..errors import InvalidInput, InvalidKey, P2PCacheError
-from .peers import PeerEvent, PeerEvents, StreamHandler, keep_connected
+from .peers import PeerEvent, PeerEvents, StreamHandler, close_quietly, keep_connected
 from .pnet import KEY_SIZE, PskStream, read_swarm_key, write_swarm_key
 
 log = logging.getLogger(__name__)
@@ -415,7 +415,7 @@ class NodeHost:
                 if kind == "up":
                     if not self.allowed(peer):
                         log.info("closing connection from %s: not on the allowlist", peer)
-                        nursery.start_soon(_close_quietly, conn)
+                        nursery.start_soon(close_quietly, conn)
                         continue
                     self._mark_up(peer, conn)
                 else:
@@ -566,12 +566,6 @@ def _x25519_private() -> Any:
 
     return new_x25519().private_key
 
-
-async def _close_quietly(conn: Any) -> None:
-    try:
-        await conn.close()
-    except Exception:  # already closing: nothing left to do
-        pass
 
 
 @asynccontextmanager

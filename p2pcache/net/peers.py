@@ -15,6 +15,7 @@ It must not know how connections are made (libp2p swarm, simnet links): a host h
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from libp2p.peer.id import ID
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     # `trio.TaskStatus` at run time; libp2p pulls in trio-typing, whose stubs shadow trio's for mypy.
@@ -154,3 +157,20 @@ async def keep_connected(
         changed = events.changed
         if is_connected(peer):
             await changed.wait()
+
+
+async def reset_quietly(stream: Any) -> None:
+    """Reset a stream we are giving up on. It failing means the stream (or its connection) is gone
+    already, which is what we wanted: logged at debug, never raised."""
+    try:
+        await stream.reset()
+    except Exception as e:
+        log.debug("reset of a stream that was already gone: %s", e)
+
+
+async def close_quietly(closable: Any) -> None:
+    """Close a stream or connection on the way out; as `reset_quietly`, a failure means it is gone."""
+    try:
+        await closable.close()
+    except Exception as e:
+        log.debug("close of a stream or connection that was already gone: %s", e)

@@ -21,6 +21,8 @@ import hashlib
 import queue
 import sqlite3
 import threading
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..content.cid import CID
@@ -102,6 +104,45 @@ class BufferPool:
         self._free.put(buf)
 
 
+def _digests_and_crcs(chunks: Sequence[bytes | memoryview]) -> list[tuple[bytes, int]]:
+    sha256, crc32 = hashlib.sha256, zlib.crc32
+    return [(sha256(c).digest(), crc32(c)) for c in chunks]  # crc32 right after sha256: the chunk is in cache
+
+
+class ChunkHasher:
+    """The sha256 (for the CID) and crc32 (for the pack record) of every chunk, on `threads` worker threads:
+    each batch of chunks is split into one part per thread (both hashes release the GIL on chunk-sized buffers),
+    so with the ingest worker hashing the whole stream every core has work. The caller submits a read buffer's
+    chunks and takes the answer a buffer or two later (one thread hop per part, none per chunk)."""
+
+    def __init__(self, threads: int = 2):
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cid")
+
+    def submit(self, chunks: Sequence[bytes | memoryview]) -> list[Future[list[tuple[bytes, int]]]]:
+        n = len(chunks)
+        if n < 2 * self.threads:
+            return [self._pool.submit(_digests_and_crcs, chunks)]
+        step = -(-n // self.threads)
+        return [self._pool.submit(_digests_and_crcs, chunks[i : i + step]) for i in range(0, n, step)]
+
+    @staticmethod
+    def result(parts: list[Future[list[tuple[bytes, int]]]]) -> list[tuple[bytes, int]]:
+        out: list[tuple[bytes, int]] = []
+        for f in parts:
+            out += f.result()
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "ChunkHasher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def read_into(read: Callable[[memoryview], int | None], buf: bytearray) -> int:
     """Fill `buf` from a `readinto` (short reads from pipes and sockets are continued); the bytes read,
     fewer than `len(buf)` only at the end of the stream."""
@@ -113,6 +154,15 @@ def read_into(read: Callable[[memoryview], int | None], buf: bytearray) -> int:
             break
         have += n
     return have
+
+
+class _Release:
+    """A read buffer to hand back to its pool once both ingest workers are past it."""
+
+    __slots__ = ("pool", "buf", "left", "lock")
+
+    def __init__(self, pool: BufferPool, buf: bytearray):
+        self.pool, self.buf, self.left, self.lock = pool, buf, 2, threading.Lock()
 
 
 class Ingest:
@@ -133,15 +183,19 @@ class Ingest:
         self._appended: list[bytes] = []  # keys this ingest made (or shares as) pending
         self._error: BaseException | None = None
         self._done = False
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, daemon=True, name="ingest")
-        self._thread.start()
+        # Two workers, each taking its queue in order: one hashes the whole stream, one appends blocks to the
+        # pack (the one pass over the stream and the copy into the pack run side by side, not one after the other).
+        self._queues: dict[str, queue.Queue] = {"hash": queue.Queue(maxsize=depth), "write": queue.Queue(maxsize=depth)}
+        self._threads = [threading.Thread(target=self._run, args=(q,), daemon=True, name=f"ingest-{n}")
+                         for n, q in self._queues.items()]
+        for t in self._threads:
+            t.start()
 
-    # -- the worker --------------------------------------------------------------------------------------
-    def _run(self) -> None:
+    # -- the workers -------------------------------------------------------------------------------------
+    def _run(self, q: queue.Queue) -> None:
         packs = self.repo.packs
         while True:
-            kind, item = self._q.get()
+            kind, item = q.get()
             if kind is self._STOP:
                 return
             if self._error is not None:
@@ -153,22 +207,42 @@ class Ingest:
                     for h in self.hashes.values():
                         h.update(item)
                 elif kind == "blocks":
-                    self.written.extend(packs.append(item))
-                elif kind == "release":
-                    pool, buf = item
-                    pool.put(buf)
+                    self.written.extend(packs.append(*item))
+                elif kind == "release":  # both workers are past this buffer: the second one hands it back
+                    with item.lock:
+                        item.left -= 1
+                        if item.left == 0:
+                            item.pool.put(item.buf)
                 else:  # "digest": the hashes of everything sent before it
                     item[1] = {a: h.digest() for a, h in self.hashes.items()}
                     item[0].set()
             except BaseException as e:  # re-raised on the caller's thread
                 self._error = e
 
-    def _send(self, kind: object, item: object) -> None:
+    def _send(self, kind: str, item: object) -> None:
         if self._error is not None:
             raise self._error
         if self._done:
             raise RepoError("internal: ingest already committed or aborted")
-        self._q.put((kind, item))
+        if kind == "release":
+            for q in self._queues.values():
+                q.put((kind, item))
+        else:
+            self._queues["write" if kind == "blocks" else "hash"].put((kind, item))
+
+    def _stop_workers(self, drain: bool) -> None:
+        self._done = True
+        for q in self._queues.values():
+            if drain:
+                try:
+                    while True:
+                        q.get_nowait()
+                except queue.Empty:
+                    pass
+            q.put((self._STOP, None))
+        for t in self._threads:
+            t.join()
+        self._appended = [c.buffer for c, _ in self.written]
 
     # -- the caller's side -------------------------------------------------------------------------------
     def hash(self, buf: bytes | memoryview) -> None:
@@ -177,34 +251,34 @@ class Ingest:
         self.size += len(buf)
         self._send("hash", buf)
 
-    def put(self, blocks: Sequence[Block]) -> None:
+    def put(self, blocks: Sequence[Block], crcs: Sequence[int | None] | None = None) -> None:
         """Blocks of the stream (in any order; repeats are fine): those the repo does not hold are appended
-        by the worker. One index query per call."""
+        by the worker. One index query per call. `crcs`, if given, are the blocks' crc32s (None: the worker
+        computes it), aligned with `blocks`."""
         fresh = []
+        fresh_crcs: list[int | None] = []
         seen = self.seen
-        for cid, data in blocks:
+        for i, (cid, data) in enumerate(blocks):
             if cid not in seen:
                 seen[cid] = len(data)
                 fresh.append((cid, data))
+                fresh_crcs.append(crcs[i] if crcs is not None else None)
         if not fresh:
             return
         known = self.repo.index.known_blocks([c for c, _ in fresh])
-        todo = [(c, d) for c, d in fresh if c.buffer not in known]
         self.repo.claim_blocks(self, [c.buffer for c, _ in fresh])  # a failing fetch must not take them back
-        if todo:
-            self.new_blocks += len(todo)
-            self.new_bytes += sum(len(d) for _, d in todo)
-            self._send("blocks", todo)
+        if known:
+            keep = [i for i, (c, _) in enumerate(fresh) if c.buffer not in known]
+            fresh = [fresh[i] for i in keep]
+            fresh_crcs = [fresh_crcs[i] for i in keep]
+        if fresh:
+            self.new_blocks += len(fresh)
+            self.new_bytes += sum(len(d) for _, d in fresh)
+            self._send("blocks", (fresh, fresh_crcs))
 
     def release(self, pool: BufferPool, buf: bytearray) -> None:
-        """Give `buf` back to `pool` once the worker is past everything sent so far."""
-        self._send("release", (pool, buf))
-
-    def _finish_worker(self) -> None:
-        self._done = True
-        self._q.put((self._STOP, None))
-        self._thread.join()
-        self._appended = [c.buffer for c, _ in self.written]
+        """Give `buf` back to `pool` once both workers are past everything sent so far."""
+        self._send("release", _Release(pool, buf))
 
     def digests(self) -> dict[str, bytes]:
         """The whole-stream digests of everything `hash`ed so far (waits for the worker). Nothing is
@@ -221,7 +295,7 @@ class Ingest:
         (which puts the root and what else belongs to it); returns what `record` returned."""
         if self._done:
             raise RepoError("internal: ingest already committed or aborted")
-        self._finish_worker()
+        self._stop_workers(drain=False)
         if self._error is not None:
             raise self._error
         repo = self.repo
@@ -237,15 +311,7 @@ class Ingest:
     def abort(self) -> None:
         """Stop the worker and take back what it appended (nothing of it was recorded)."""
         if not self._done:
-            self._done = True
-            try:
-                while True:
-                    self._q.get_nowait()
-            except queue.Empty:
-                pass
-            self._q.put((self._STOP, None))
-            self._thread.join()
-            self._appended = [c.buffer for c, _ in self.written]
+            self._stop_workers(drain=True)
         keys, self._appended = self._appended, []
         self.repo.take_back_pending(self, keys, [c.buffer for c in self.seen])
 

@@ -22,6 +22,7 @@ verified root hashes nothing twice.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import errno
@@ -41,7 +42,7 @@ from ..content.manifest import ArchiveManifest, ManifestBuilder, iter_blocks, it
 from ..errors import CorruptData, NotFound, RepoError, RepoLocked
 from .blockstore import PACK_MAGIC, RECORD_HEADER, Location, PackFiles, disk_error
 from .index import Index, RootInfo
-from .ingest import BufferPool, Ingest, StreamHasher, read_into
+from .ingest import BufferPool, ChunkHasher, Ingest, StreamHasher, read_into
 
 # Set by `Repo.recording_blocks`: where `write_blocks` / `commit_blocks` note what they appended and recorded.
 _committed_blocks: contextvars.ContextVar[list[CID] | None] = contextvars.ContextVar("committed_blocks", default=None)
@@ -55,6 +56,7 @@ COMPACT_BATCH = 16 << 20  # bytes copied per flush + transaction when compacting
 SERVE_PIECE = 1 << 20  # pieces handed out by `stream` (blocks joined up to this size)
 READ_SIZE = 4 << 20
 INGEST_BUFFERS = 8  # read buffers an ingest reuses (bytes in flight: INGEST_BUFFERS × READ_SIZE)
+HASH_AHEAD = 2  # read buffers chunked and being hashed before the caller takes the oldest one's CIDs
 Progress = Callable[[int], None]
 
 
@@ -166,7 +168,7 @@ class Repo:
         if durable is None:
             durable = os.environ.get("P2PCACHE_FSYNC", "1").lower() not in ("0", "no", "false", "off")
         self.durable = durable
-        self.packs = PackFiles(self.path)
+        self.packs = PackFiles(self.path, writeback_ahead=durable and writable)
         # Blocks an unfinished ingest or fetch relies on (appended or found in the index, not yet referenced by a
         # root it recorded), by owner: a failing one takes back only what no other claims (`take_back_pending`,
         # `drop_unclaimed_blocks`). One owner of this state: the repo, under `_claims_lock`.
@@ -346,18 +348,31 @@ class Repo:
         builder = ManifestBuilder(params)
         chunks = 0
         head = b""
+        # Read buffers whose chunks are being hashed (ChunkHasher): the CIDs of buffer k are taken while k+1
+        # is chunked and hashed, so the caller, the hashing threads and the ingest worker overlap.
+        hashing: collections.deque[tuple[bytearray | None, list[memoryview], list]] = collections.deque()
 
-        def take(ingest: Ingest, pieces: list[memoryview]) -> None:
+        def take(ingest: Ingest) -> None:
             nonlocal chunks
+            buf, pieces, parts = hashing.popleft()
             chunks += len(pieces)
-            blocks: list[tuple[CID, bytes | memoryview]] = [(CID.for_block(RAW, p), p) for p in pieces]
-            for cid, piece in blocks[: len(pieces)]:
-                blocks.extend(builder.add_chunk(cid, len(piece)))
-            ingest.put(blocks)
+            sums = hasher.result(parts) if parts else []
+            blocks: list[tuple[CID, bytes | memoryview]] = []
+            crcs: list[int | None] = []
+            for piece, (digest, crc) in zip(pieces, sums):
+                cid = CID.from_digest(RAW, digest)
+                blocks.append((cid, piece))
+                crcs.append(crc)
+                for block in builder.add_chunk(cid, len(piece)):
+                    blocks.append(block)
+                    crcs.append(None)
+            ingest.put(blocks, crcs)
+            if buf is not None and pool is not None:
+                ingest.release(pool, buf)  # reused once hashed and every block in it written
 
         # sha512 is not computed here (see `sha512`), unless the caller expects a sha512 hash
-        with self.ingest(("sha256", "sha512") if expect is not None and expect.algo == "sha512"
-                         else ("sha256",)) as ingest:
+        with ChunkHasher() as hasher, self.ingest(("sha256", "sha512") if expect is not None
+                                                  and expect.algo == "sha512" else ("sha256",)) as ingest:
             while True:
                 buf = pool.get() if pool is not None else None
                 try:
@@ -369,16 +384,22 @@ class Repo:
                 except OSError as e:
                     raise RepoError(f"cannot read {name or 'input'}: {e.strerror}") from None
                 if not view:
+                    if buf is not None and pool is not None:
+                        pool.put(buf)
                     break
                 if len(head) < 512:
                     head += bytes(view[: 512 - len(head)])
                 ingest.hash(view)
-                take(ingest, list(chunker.feed(view)))
-                if buf is not None and pool is not None:
-                    ingest.release(pool, buf)  # reused once hashed and every block in it written
+                pieces = list(chunker.feed(view))
+                hashing.append((buf, pieces, hasher.submit(pieces) if pieces else []))
+                if len(hashing) > HASH_AHEAD:
+                    take(ingest)
                 if progress:
                     progress(len(view))
-            take(ingest, list(chunker.finish()))
+            pieces = list(chunker.finish())
+            hashing.append((None, pieces, hasher.submit(pieces) if pieces else []))
+            while hashing:
+                take(ingest)
             hashes = ingest.digests()
             size = ingest.size
             if expect is not None and hashes.get(expect.algo) != expect.digest:

@@ -1,18 +1,20 @@
 """The repo's one ingest pipeline: what archive ingest (`Repo.add_stream`) and NAR ingest
 (`RepoNarStore.add_nar`) both build on.
 
-Owns the parallel part of an ingest and its commit order. The caller's thread reads, chunks, derives CIDs and
-builds the manifest; it hands `Ingest` the stream's buffers (`hash`) and its blocks (`put`). One worker thread
-takes both in order: it hashes the whole stream (hashlib releases the GIL on big buffers) and appends the
-blocks this repo does not hold yet to the pack (crc32 and pwritev release it too). With `BufferPool`, read
-buffers are reused once the worker is done with them (no fresh pages to fault in for every read). Starting
-writeback as it goes (sync_file_range) measured slower on these shared disks: the one flush at the end does it. `commit` waits for the
-worker, makes the appends durable (`Repo.flush`), and records blocks and root in one index transaction; only
-then do the blocks stop being pending. `abort` (any failure, also on `with` exit by an exception) takes the
-appends back: they stop being pending at once and the pack's dead tail is cut off.
+Owns the parallel part of an ingest and its commit order. The caller's thread reads, chunks and builds the
+manifest; it hands `Ingest` the stream's buffers (`hash`) and its blocks (`put`). Two worker threads take them
+in order: one hashes the whole stream, one appends the blocks this repo does not hold yet to the pack (hashlib,
+crc32 and pwritev release the GIL on big buffers, so the two run side by side with the caller). An archive's
+chunk CIDs and crc32s are computed on `ChunkHasher`'s threads, a read buffer's chunks split in one part per
+thread, so that no one thread does two passes over every byte. With `BufferPool`, read buffers are reused once
+both workers are done with them (no fresh pages to fault in for every read). A durable repo starts writeback
+of what it appended as it goes (blockstore's `writeback_ahead`), so the one flush at the end waits for the last
+few MiB. `commit` waits for the workers, makes the appends durable (`Repo.flush`), and records blocks and root
+in one index transaction; only then do the blocks stop being pending. `abort` (any failure, also on `with` exit
+by an exception) takes the appends back: they stop being pending at once and the pack's dead tail is cut off.
 
 Must not: know manifests, NARs or narinfos (the callers' business); hold more than the pool's buffers (or
-the queue's items) in memory; record an index row before the bytes it points at are flushed.
+the queues' items) in memory; record an index row before the bytes it points at are flushed.
 """
 
 from __future__ import annotations

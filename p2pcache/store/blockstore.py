@@ -63,11 +63,12 @@ def syncfs(fd: int) -> None:
     os.sync()
 
 
-_SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_STEP = 8 << 20  # with `writeback_ahead`: start writeback of every this many appended bytes
 
 
-def _sync_file_range():  # the libc function, or None where there is none (not Linux)
+def sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range(fd, offset, nbytes, flags), or None where there is none (not Linux)."""
     global _libc
     if _libc is None:
         name = ctypes.util.find_library("c")
@@ -77,6 +78,19 @@ def _sync_file_range():  # the libc function, or None where there is none (not L
         fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
         fn.restype = ctypes.c_int
     return fn
+
+
+def write_all(fd: int, parts: list[bytes | memoryview], total: int) -> None:
+    """Write `parts` (`total` bytes) at the file position in one writev, finishing a short write piece by piece."""
+    n = os.writev(fd, parts)
+    if n == total:
+        return
+    view = memoryview(b"".join(parts))[n:]
+    while view:
+        n = os.write(fd, view)
+        if n == 0:
+            raise OSError(errno.ENOSPC, "no space left on device")
+        view = view[n:]
 
 
 def disk_error(e: OSError, where: Path | str) -> Exception:
@@ -111,7 +125,7 @@ class PackFiles:
         self.root = root
         # Start the disk writing appended bytes as they come (sync_file_range WRITE, which does not wait), so
         # the barrier's fdatasync waits only for the last few MiB: for repos that barrier (durable ones).
-        self._writeback = _sync_file_range() if writeback_ahead else None
+        self._writeback = sync_file_range() if writeback_ahead else None
         self._kicked = 0  # offset in the active pack up to which writeback was started
         self.dir = root / "packs"
         self.pack_max = pack_max
@@ -260,7 +274,7 @@ class PackFiles:
                 self.pending[cid.buffer] = loc
             if self._writeback is not None and end - self._kicked >= WRITEBACK_STEP:
                 kicked = min(self._kicked, start)
-                self._writeback(self._active_fd, kicked, end - kicked, _SYNC_FILE_RANGE_WRITE)  # advisory
+                self._writeback(self._active_fd, kicked, end - kicked, SYNC_FILE_RANGE_WRITE)  # advisory
                 self._kicked = end
         return out
 

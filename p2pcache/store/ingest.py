@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..content.cid import CID
 from ..errors import RepoError
-from .blockstore import Location
+from .blockstore import SYNC_FILE_RANGE_WRITE, WRITEBACK_STEP, Location, sync_file_range, write_all
 
 if TYPE_CHECKING:
     from .index import Index
@@ -143,6 +143,72 @@ class ChunkHasher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FileWriter:
+    """Writes groups of buffers to a file on a thread of its own, in order (`write` returns at once unless
+    `depth` groups wait), starting writeback every `WRITEBACK_STEP` bytes (sync_file_range WRITE, which does not
+    wait) so that the caller's fsync waits for the tail only. The caller must leave the buffers alone once
+    handed over (views of immutable read buffers are what `Repo.get_to_file` hands it). An error in the thread
+    comes out of the next `write` or of `finish`; leaving the `with` block stops the thread either way."""
+
+    _STOP = object()
+
+    def __init__(self, fd: int, depth: int = 4):
+        self.fd = fd
+        self.written = 0
+        self._error: BaseException | None = None
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="file-writer")
+        self._thread.start()
+
+    def _run(self) -> None:
+        writeback = sync_file_range()
+        kicked = 0
+        while True:
+            item = self._q.get()
+            if item is self._STOP:
+                return
+            if self._error is not None:
+                continue
+            group, total = item
+            try:
+                write_all(self.fd, group, total)
+                self.written += total
+                if writeback is not None and self.written - kicked >= WRITEBACK_STEP:
+                    writeback(self.fd, kicked, self.written - kicked, SYNC_FILE_RANGE_WRITE)  # advisory
+                    kicked = self.written
+            except BaseException as e:  # re-raised on the caller's thread
+                self._error = e
+
+    def write(self, group: list[bytes | memoryview], total: int) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put((group, total))
+
+    def finish(self) -> int:
+        """Wait until everything handed over is written; the bytes written."""
+        self._stop()
+        if self._error is not None:
+            raise self._error
+        return self.written
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(self._STOP)
+            self._thread.join()
+
+    def __enter__(self) -> "FileWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:  # the caller failed: drop what waits, then stop
+            try:
+                while True:
+                    self._q.get_nowait()
+            except queue.Empty:
+                pass
+        self._stop()
 
 
 def read_into(read: Callable[[memoryview], int | None], buf: bytearray) -> int:

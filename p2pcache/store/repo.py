@@ -40,10 +40,9 @@ from ..content.cid import CID, RAW
 from ..content.keys import HashKey, RootKey, parse_key
 from ..content.manifest import ArchiveManifest, ManifestBuilder, iter_blocks, iter_chunks, sniff_media_type
 from ..errors import CorruptData, NotFound, RepoError, RepoLocked
-from .blockstore import (PACK_MAGIC, RECORD_HEADER, SYNC_FILE_RANGE_WRITE, WRITEBACK_STEP, Location, PackFiles,
-                         disk_error, sync_file_range, write_all)
+from .blockstore import PACK_MAGIC, RECORD_HEADER, Location, PackFiles, disk_error
 from .index import Index, RootInfo
-from .ingest import BufferPool, ChunkHasher, Ingest, StreamHasher, read_into
+from .ingest import BufferPool, ChunkHasher, FileWriter, Ingest, StreamHasher, read_into
 
 # Set by `Repo.recording_blocks`: where `write_blocks` / `commit_blocks` note what they appended and recorded.
 _committed_blocks: contextvars.ContextVar[list[CID] | None] = contextvars.ContextVar("committed_blocks", default=None)
@@ -748,39 +747,33 @@ class Repo:
     def get_to_file(self, root: CID, out: Path | str, progress: Progress | None = None) -> int:
         """Write the archive to `out` atomically: temp file, fsync, verify, rename. Every block is checked
         (crc32 of its record, see blockstore.py) as it is read, and a root never checked here against its
-        sha256 before the rename. An archive's blocks go out as `writev`s of views into the read buffers (no
-        copy to join them) of about `GET_WRITE` bytes, and the disk is started writing as the file grows
-        (sync_file_range), so the fsync at the end waits for the last few MiB only."""
+        sha256 before the rename. This thread reads and checks; a writer thread (`FileWriter`) writes
+        `writev`s of views into the read buffers (no copy to join them) of about `GET_WRITE` bytes and starts
+        the disk writing as the file grows, so the fsync at the end waits for the last few MiB only."""
         out = Path(out)
         tmp = out.with_name(f".{out.name}.p2pcache-{os.getpid()}.part")
-        written = 0
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 info = self.root_info(root)
                 nar = info.kind == "nar"  # a NAR is reassembled from its file tree (narstore), progress and all
                 pieces: Iterable[bytes | memoryview] = self.stream(root, progress) if nar else self._archive_views(root, info)
-                writeback = sync_file_range()
-                kicked = 0
-                group: list[bytes | memoryview] = []
-                have = 0
-                for data in pieces:
-                    group.append(data)
-                    have += len(data)
-                    if have >= GET_WRITE or len(group) >= 512:
-                        write_all(fd, group, have)
-                        written += have
+                with FileWriter(fd) as writer:
+                    group: list[bytes | memoryview] = []
+                    have = 0
+                    for data in pieces:
+                        group.append(data)
+                        have += len(data)
+                        if have >= GET_WRITE or len(group) >= 512:
+                            writer.write(group, have)
+                            if progress and not nar:
+                                progress(have)
+                            group, have = [], 0
+                    if group:
+                        writer.write(group, have)
                         if progress and not nar:
                             progress(have)
-                        group, have = [], 0
-                        if writeback is not None and written - kicked >= WRITEBACK_STEP:
-                            writeback(fd, kicked, written - kicked, SYNC_FILE_RANGE_WRITE)  # advisory
-                            kicked = written
-                if group:
-                    write_all(fd, group, have)
-                    written += have
-                    if progress and not nar:
-                        progress(have)
+                    written = writer.finish()
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -111,6 +111,11 @@ def _digests_and_crcs(chunks: Sequence[bytes | memoryview]) -> list[tuple[bytes,
     return [(sha256(c).digest(), crc32(c)) for c in chunks]  # crc32 right after sha256: the chunk is in cache
 
 
+def _digests(chunks: Sequence[bytes | memoryview]) -> list[bytes]:
+    sha256 = hashlib.sha256
+    return [sha256(c).digest() for c in chunks]
+
+
 class ChunkHasher:
     """The sha256 (for the CID) and crc32 (for the pack record) of every chunk, on `threads` worker threads:
     each batch of chunks is split into one part per thread (both hashes release the GIL on chunk-sized buffers),
@@ -127,6 +132,21 @@ class ChunkHasher:
             return [self._pool.submit(_digests_and_crcs, chunks)]
         step = -(-n // self.threads)
         return [self._pool.submit(_digests_and_crcs, chunks[i : i + step]) for i in range(0, n, step)]
+
+    def digests(self, chunks: list[memoryview]) -> Callable[[], list[bytes]]:
+        """The sha256 digests of `chunks` (no crc32), as a function that waits for them: a NAR manifest
+        builder's `hash_chunks`."""
+        n = len(chunks)
+        step = max(1, -(-n // self.threads))
+        parts = [self._pool.submit(_digests, chunks[i : i + step]) for i in range(0, n, step)]
+
+        def wait() -> list[bytes]:
+            out: list[bytes] = []
+            for f in parts:
+                out += f.result()
+            return out
+
+        return wait
 
     @staticmethod
     def result(parts: list[Future[list[tuple[bytes, int]]]]) -> list[tuple[bytes, int]]:

@@ -231,6 +231,20 @@ class FileWriter:
         self._stop()
 
 
+_shared_hasher: ChunkHasher | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_chunk_hasher() -> ChunkHasher:
+    """The process's one `ChunkHasher` (two threads, started on first use): every ingest hands its chunks to it,
+    so a small add starts no threads and concurrent ingests share the cores instead of oversubscribing them."""
+    global _shared_hasher
+    with _shared_lock:
+        if _shared_hasher is None:
+            _shared_hasher = ChunkHasher()
+        return _shared_hasher
+
+
 def read_into(read: Callable[[memoryview], int | None], buf: bytearray) -> int:
     """Fill `buf` from a `readinto` (short reads from pipes and sockets are continued); the bytes read,
     fewer than `len(buf)` only at the end of the stream."""

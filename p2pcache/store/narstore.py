@@ -34,7 +34,7 @@ from ..content.nixhash import NixHash
 from ..content.storepath import StorePath
 from ..errors import CorruptData, InvalidInput, NotFound, RepoError
 from .index import NarInfoRow
-from .ingest import BufferPool, ChunkHasher, read_into
+from .ingest import BufferPool, read_into, shared_chunk_hasher
 
 if TYPE_CHECKING:
     from .index import Index
@@ -148,11 +148,11 @@ class RepoNarStore:
         assert store_path is None or isinstance(store_path, StorePath)  # parsed just above
         expected_hash, expected_size = _expected(narinfo)
         reader = _nar.NarReader()
-        hasher = ChunkHasher()  # the chunks' CIDs on two threads while this one parses and builds
-        builder = NarManifestBuilder(params, hash_chunks=hasher.digests)
+        # the chunks' CIDs on the hashing threads while this one parses and builds
+        builder = NarManifestBuilder(params, hash_chunks=shared_chunk_hasher().digests)
         pool = BufferPool(INGEST_BUFFERS, READ_SIZE) if hasattr(stream, "readinto") else None
         size = 0
-        with hasher, repo.ingest() as ingest:
+        with repo.ingest() as ingest:
             for buf, view in _pieces(stream, pool):
                 size += len(view)
                 if expected_size is not None and size > expected_size:

@@ -42,7 +42,7 @@ from ..content.manifest import ArchiveManifest, ManifestBuilder, iter_blocks, it
 from ..errors import CorruptData, NotFound, RepoError, RepoLocked
 from .blockstore import PACK_MAGIC, RECORD_HEADER, Location, PackFiles, disk_error
 from .index import Index, RootInfo
-from .ingest import BufferPool, ChunkHasher, FileWriter, Ingest, StreamHasher, read_into
+from .ingest import BufferPool, FileWriter, Ingest, StreamHasher, read_into, shared_chunk_hasher
 
 # Set by `Repo.recording_blocks`: where `write_blocks` / `commit_blocks` note what they appended and recorded.
 _committed_blocks: contextvars.ContextVar[list[CID] | None] = contextvars.ContextVar("committed_blocks", default=None)
@@ -372,8 +372,9 @@ class Repo:
                 ingest.release(pool, buf)  # reused once hashed and every block in it written
 
         # sha512 is not computed here (see `sha512`), unless the caller expects a sha512 hash
-        with ChunkHasher() as hasher, self.ingest(("sha256", "sha512") if expect is not None
-                                                  and expect.algo == "sha512" else ("sha256",)) as ingest:
+        hasher = shared_chunk_hasher()
+        with self.ingest(("sha256", "sha512") if expect is not None and expect.algo == "sha512"
+                         else ("sha256",)) as ingest:
             while True:
                 buf = pool.get() if pool is not None else None
                 try:

@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Protocol, Sequence, cast
 
 from ..content.cid import CID
 from ..errors import RepoError
@@ -243,6 +243,40 @@ def shared_chunk_hasher() -> ChunkHasher:
         if _shared_hasher is None:
             _shared_hasher = ChunkHasher()
         return _shared_hasher
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+READ_SIZE = 4 << 20  # bytes per read of an ingest's input (and the size of a BufferPool buffer)
+
+
+def read_pieces(stream: "BinaryIO | Iterable[bytes] | Readable", pool: BufferPool | None,
+                what: str) -> Iterator[tuple[bytearray | None, memoryview]]:
+    """(pool buffer or None, the bytes read) of each piece of an ingest's input: a file read into `pool`'s
+    buffers (`READ_SIZE` at a time), a stream's `read`s, or an iterable's pieces as they come. A read error is
+    one line naming `what`."""
+    readinto: Callable[[memoryview], int | None] | None = getattr(stream, "readinto", None)
+    read: Callable[[int], bytes] | None = getattr(stream, "read", None)
+    if readinto is not None or read is not None:
+        while True:
+            buf = pool.get() if pool is not None and readinto is not None else None
+            try:
+                if buf is not None and readinto is not None:
+                    view = memoryview(buf)[: read_into(readinto, buf)]
+                else:
+                    assert read is not None
+                    view = memoryview(read(READ_SIZE))
+            except OSError as e:
+                raise RepoError(f"cannot read {what}: {e.strerror}") from None
+            if not view:
+                return
+            yield buf, view
+    else:
+        for piece in cast("Iterable[bytes]", stream):  # neither readinto nor read: the pieces themselves
+            # A caller's reused bytearray must not change under the workers.
+            yield None, memoryview(piece if type(piece) is bytes else bytes(piece))
 
 
 def read_into(read: Callable[[memoryview], int | None], buf: bytearray) -> int:

@@ -42,7 +42,7 @@ from ..content.manifest import ArchiveManifest, ManifestBuilder, iter_blocks, it
 from ..errors import CorruptData, NotFound, RepoError, RepoLocked
 from .blockstore import PACK_MAGIC, RECORD_HEADER, Location, PackFiles, disk_error
 from .index import Index, RootInfo
-from .ingest import BufferPool, FileWriter, Ingest, StreamHasher, read_into, shared_chunk_hasher
+from .ingest import READ_SIZE, BufferPool, FileWriter, Ingest, StreamHasher, read_pieces, shared_chunk_hasher
 
 # Set by `Repo.recording_blocks`: where `write_blocks` / `commit_blocks` note what they appended and recorded.
 _committed_blocks: contextvars.ContextVar[list[CID] | None] = contextvars.ContextVar("committed_blocks", default=None)
@@ -55,7 +55,6 @@ READ_BATCH = 512  # blocks looked up and read per batch on the warm path
 COMPACT_BATCH = 16 << 20  # bytes copied per flush + transaction when compacting
 SERVE_PIECE = 1 << 20  # pieces handed out by `stream` (blocks joined up to this size)
 GET_WRITE = 1 << 20  # `get_to_file` writes about this much per writev
-READ_SIZE = 4 << 20
 INGEST_BUFFERS = 8  # read buffers an ingest reuses (bytes in flight: INGEST_BUFFERS × READ_SIZE)
 HASH_AHEAD = 2  # read buffers chunked and being hashed before the caller takes the oldest one's CIDs
 Progress = Callable[[int], None]
@@ -340,27 +339,25 @@ class Repo:
         it to the index only once every block is durable. With `expect`, an archive whose hash differs
         is refused (CorruptData) and nothing is recorded."""
         self.require_writable()
-        readinto: Callable[[memoryview], int | None] | None = getattr(stream, "readinto", None)
-        pool = BufferPool(INGEST_BUFFERS, READ_SIZE) if readinto is not None else None
-        read: Callable[[int], bytes] | None = getattr(stream, "read", None)
-        if readinto is None and read is None:
-            read = _IterReader(iter(stream)).read  # not a file: an iterable of pieces
+        pool = BufferPool(INGEST_BUFFERS, READ_SIZE) if hasattr(stream, "readinto") else None
+        source: BinaryIO | Iterable[bytes] | _IterReader = stream
+        if not hasattr(stream, "read"):
+            source = _IterReader(iter(stream))  # an iterable of pieces, read back in READ_SIZE pieces
         chunker = Chunker(params)
         builder = ManifestBuilder(params)
         chunks = 0
         head = b""
         # Read buffers whose chunks are being hashed (ChunkHasher): the CIDs of buffer k are taken while k+1
-        # is chunked and hashed, so the caller, the hashing threads and the ingest worker overlap.
+        # is chunked and hashed, so the caller, the hashing threads and the ingest workers overlap.
         hashing: collections.deque[tuple[bytearray | None, list[memoryview], list]] = collections.deque()
 
         def take(ingest: Ingest) -> None:
             nonlocal chunks
             buf, pieces, parts = hashing.popleft()
             chunks += len(pieces)
-            sums = hasher.result(parts) if parts else []
             blocks: list[tuple[CID, bytes | memoryview]] = []
             crcs: list[int | None] = []
-            for piece, (digest, crc) in zip(pieces, sums):
+            for piece, (digest, crc) in zip(pieces, hasher.result(parts) if parts else []):
                 cid = CID.from_digest(RAW, digest)
                 blocks.append((cid, piece))
                 crcs.append(crc)
@@ -375,20 +372,7 @@ class Repo:
         hasher = shared_chunk_hasher()
         with self.ingest(("sha256", "sha512") if expect is not None and expect.algo == "sha512"
                          else ("sha256",)) as ingest:
-            while True:
-                buf = pool.get() if pool is not None else None
-                try:
-                    if buf is not None and readinto is not None:
-                        view = memoryview(buf)[: read_into(readinto, buf)]
-                    else:
-                        assert read is not None  # no readinto: a read method, or the iterable's reader
-                        view = memoryview(read(READ_SIZE))
-                except OSError as e:
-                    raise RepoError(f"cannot read {name or 'input'}: {e.strerror}") from None
-                if not view:
-                    if buf is not None and pool is not None:
-                        pool.put(buf)
-                    break
+            for buf, view in read_pieces(source, pool, name or "input"):
                 if len(head) < 512:
                     head += bytes(view[: 512 - len(head)])
                 ingest.hash(view)

@@ -490,9 +490,13 @@ class BuildCache:
 
     # -- restore --------------------------------------------------------------------------------------
     async def lookup(self, key: str, restore_keys: Sequence[str] = (), lookup_only: bool = False,
-                     paths_id: str | None = None) -> dict:
+                     paths_id: str | None = None, on_fetch: Callable[[dict], None] | None = None) -> dict:
         """The tree for `key`, else for the newest key starting with the first of `restore_keys` that
-        matches any; made local unless `lookup_only`. `{"match": "exact"|"prefix"|"none", ...}`."""
+        matches any; made local unless `lookup_only`. `{"match": "exact"|"prefix"|"none", ...}`.
+
+        `on_fetch({"root", "key"})` is called when a tree has to be fetched from the swarm, before the
+        fetch starts, so a caller can write the tree's files as its blocks arrive (streaming restore). It
+        may be called again for an older record when that fetch fails; only the returned root is whole."""
         check_cache_key(key)
         for p in restore_keys:
             check_cache_key(p, "restore key")
@@ -504,7 +508,7 @@ class BuildCache:
             # The newest record whose tree can be had wins; one whose tree is gone everywhere is skipped.
             for record, peers in records:
                 try:
-                    fetched = await self._make_local(record, peers)
+                    fetched = await self._make_local(record, peers, on_fetch)
                 except NotFound as e:
                     log.warning("build cache: the tree of %r (%s) cannot be had: %s", record.key[:80], record.root, e)
                     continue
@@ -519,13 +523,16 @@ class BuildCache:
         self.stats.misses += 1
         return {"match": "none", "key": None, "requested": key}
 
-    async def _make_local(self, record: CacheRecord, peers: list[Any]) -> int:
+    async def _make_local(self, record: CacheRecord, peers: list[Any],
+                          on_fetch: Callable[[dict], None] | None = None) -> int:
         info = self.repo.index.get_root(record.root)
         fetched = 0
         if info is None or not info.complete:
             if self.swarm is None:
                 raise NotFound(f"the tree of {record.key!r} ({record.root}) is not in the repo and no daemon is "
                                "running to fetch it; start `p2pcache daemon`")
+            if on_fetch is not None:
+                on_fetch({"root": str(record.root), "key": record.key})
             fetched = await self.swarm.fetch_tree(record.root, peers)
             self.stats.trees_fetched += 1
             self.stats.bytes_fetched += fetched

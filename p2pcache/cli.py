@@ -1011,9 +1011,10 @@ def cmd_cache_restore(args: argparse.Namespace, out: Output) -> int:
 
     pid = paths_id(args.paths)
     client = _daemon(args) if Repo.exists(_repo_path(args)) else None
+    restored = None
     if client is not None:
         try:
-            found = client.cache_lookup(args.key, args.restore_key, args.lookup_only, pid)
+            found, restored = _restore_while_fetched(client, args, pid)
         finally:
             client.close()
     else:
@@ -1035,7 +1036,10 @@ def cmd_cache_restore(args: argparse.Namespace, out: Output) -> int:
         return 0
     with Repo.open(_repo_path(args), writable=False) as repo:
         root = CID.parse(found["root"])
-        report, manifest, mtimes = restore_tree(root, repo.load_block, args.paths, load_many=repo.load_blocks)
+        if restored is not None:
+            report, manifest, mtimes = restored
+        else:
+            report, manifest, mtimes = restore_tree(root, repo.load_block, args.paths, load_many=repo.load_blocks)
         sources = args.sources if args.sources is not None else (
             manifest.sources["path"] if manifest.sources is not None else None)
         if sources is not None and manifest.sources is not None and os.path.isdir(sources):
@@ -1054,6 +1058,71 @@ def cmd_cache_restore(args: argparse.Namespace, out: Output) -> int:
                  + (f" ({', '.join(report.sources_deleted[:5])})" if report.sources_deleted else ""))
     out.emit(j, text)
     return 0
+
+
+def _restore_while_fetched(client, args: argparse.Namespace, pid: str) -> tuple[dict, tuple | None]:
+    """The daemon's lookup; when it has to fetch the tree from the swarm, the tree's files are written
+    while its blocks arrive (`ArrivingBlocks`), instead of after the whole fetch. Returns (the lookup's
+    answer, restore_tree's result or None when nothing was restored yet). If the lookup ends on another
+    tree than the one being written (its fetch failed and an older record won) or on an error, what was
+    written is removed again (`undo_restore`) and the caller restores the answer's tree the usual way."""
+    import queue
+    import threading
+
+    from .buildtree import ArrivingBlocks, RestoreReport, TreeSuperseded, restore_tree, undo_restore
+
+    if args.lookup_only or not Repo.exists(_repo_path(args)):
+        return client.cache_lookup(args.key, args.restore_key, args.lookup_only, pid), None
+    with Repo.open(_repo_path(args), writable=False) as repo:
+        started: queue.Queue = queue.Queue()
+        outcome: dict = {}
+        arriving: list[ArrivingBlocks] = []
+
+        def on_event(event: dict) -> None:
+            if event.get("event") != "fetching":
+                return
+            root = CID.parse(event["root"])
+            if arriving:
+                if arriving[0].root != root:
+                    arriving[0].end(root)  # the first tree's fetch failed: it will not arrive whole
+                return
+            arriving.append(ArrivingBlocks(root, repo.load_block, repo.load_blocks,
+                                           lambda cids: set(repo.index.locate_many(cids))))
+            started.put(True)
+
+        def lookup() -> None:
+            try:
+                outcome["found"] = client.cache_lookup(args.key, args.restore_key, False, pid, on_event=on_event)
+            except BaseException as e:  # handed to the main thread, raised there
+                outcome["error"] = e
+            if arriving:
+                found = outcome.get("found")
+                arriving[0].end(CID.parse(found["root"]) if found and found.get("root") else None)
+            started.put(False)
+
+        thread = threading.Thread(target=lookup, name="cache-lookup", daemon=True)
+        thread.start()
+        restored = None
+        if started.get():
+            report = RestoreReport()
+            stream = arriving[0]
+            try:
+                restored = restore_tree(stream.root, stream.load, args.paths, load_many=stream.load_many,
+                                        report=report)
+            except TreeSuperseded:
+                restored = None
+            thread.join()
+            found = outcome.get("found")
+            if restored is None or found is None or found.get("root") != str(stream.root):
+                n = undo_restore(report)
+                print(f"p2pcache cache restore: tree {stream.root} did not arrive whole (the lookup ended on "
+                      f"{found.get('root') if found else 'an error'}); removed the {n} entries written from it",
+                      file=sys.stderr)
+                restored = None
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["found"], restored
 
 
 def cmd_cache_admin(args: argparse.Namespace, out: Output) -> int:

@@ -202,9 +202,13 @@ class DaemonClient:
         return self._stream("/api/v0/prefetch", {"dependencies": dependencies, "jobs": jobs}, None, on_event)
     # -- build cache (p2pcache.buildcache through the daemon; the caller walks and writes its own paths) --
     def cache_lookup(self, key: str, restore_keys: list[str], lookup_only: bool, paths_id: str | None = None,
-                     progress: Callable[[int, int | None], None] | None = None) -> dict:
+                     progress: Callable[[int, int | None], None] | None = None,
+                     on_event: Callable[[dict], None] | None = None) -> dict:
+        """The lookup's answer; `on_event` (with no `progress`) gets its other events, e.g. `fetching`
+        with the root of a tree the daemon starts to fetch."""
         return self._stream("/api/v0/cache/lookup", {"key": key, "restore_keys": list(restore_keys),
-                                                      "lookup_only": lookup_only, "paths_id": paths_id}, progress)
+                                                      "lookup_only": lookup_only, "paths_id": paths_id}, progress,
+                            on_event)
 
     def cache_save(self, key: str, root: str, force: bool, paths_id: str | None, scan_time: float | None,
                    lease: str | None = None) -> dict:

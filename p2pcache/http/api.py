@@ -380,8 +380,10 @@ async def _build_cache_routes(node: NodeAPI, scope: Scope, receive: Receive, sen
         if not isinstance(body.get("key"), str) or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise HTTPError(400, "cache/lookup needs 'key' (string) and 'restore_keys' (list of strings)")
         paths_id = body.get("paths_id") if isinstance(body.get("paths_id"), str) else None
-        await send_ndjson(send, _progress_stream(lambda p: cache.lookup(
-            body["key"], keys, bool(body.get("lookup_only")), paths_id)))
+        # A `fetching` event names the tree before its fetch starts (the CLI writes files as blocks arrive).
+        await send_ndjson(send, _event_stream(lambda emit: cache.lookup(
+            body["key"], keys, bool(body.get("lookup_only")), paths_id,
+            on_fetch=lambda e: emit({"event": "fetching", **e}))))
     elif path == "/api/v0/cache/save":
         if not isinstance(body.get("key"), str) or not isinstance(body.get("root"), str):
             raise HTTPError(400, "cache/save needs 'key' and 'root' strings")

@@ -16,7 +16,7 @@ import sqlite3
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Any, Iterator, NoReturn
 
 from . import __version__
 from .content.keys import HashKey
@@ -909,7 +909,7 @@ def _offline_build_cache(args: argparse.Namespace):
 
 def _stat_cache(repo_path: Path, pid: str):
     """The entries of the last tree saved or restored at these paths on this machine, read-only."""
-    from .buildcache import RecordStore
+    from .buildrecords import RecordStore
     from .buildtree import previous_entries
     from .content.treemanifest import TreeManifest
 
@@ -934,10 +934,9 @@ def _stat_cache(repo_path: Path, pid: str):
 
 
 def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
-    import trio
-
-    from .buildcache import DaemonBlockSink, RepoBlockSink
+    # trio and the service (p2pcache.buildcache) only without a daemon: imports are part of every call's time
     from .buildtree import paths_id, save_tree
+    from .cacheupload import DaemonBlockSink
     from .content.cacherecord import check_cache_key
 
     check_cache_key(args.key)
@@ -954,17 +953,21 @@ def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
             if client is not None:
                 existing = client.cache_lookup(args.key, [], True)["match"] == "exact"
             else:
+                import trio
+
                 assert service is not None  # opened whenever there is no daemon
                 existing = bool(trio.run(service.find, args.key, False))
             if existing:
                 out.emit({"saved": False, "reason": "exists", "key": args.key},
                          f"cache key {args.key} exists; not saved (keys are immutable: --force to replace it)")
                 return 0
-        sink: DaemonBlockSink | RepoBlockSink
+        sink: Any
         if client is not None:
             sink = DaemonBlockSink(client)
             sink.open_lease()  # before the stat cache is read: what it finds complete then stays until the save
         else:
+            from .buildcache import RepoBlockSink
+
             assert service is not None
             sink = RepoBlockSink(service.repo)
         previous, scan = (None, 0.0) if args.rehash else _stat_cache(_repo_path(args), pid)
@@ -978,6 +981,8 @@ def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
                     lease, sink.lease = sink.lease, None  # the save ends it, whatever happens; a retry opens another
                     result = client.cache_save(args.key, str(report.root), args.force, pid, report.scan_time, lease)
                 else:
+                    import trio
+
                     assert service is not None
                     result = trio.run(service.save, args.key, report.root, args.force, pid, report.scan_time)
                 break
@@ -1005,8 +1010,6 @@ def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_cache_restore(args: argparse.Namespace, out: Output) -> int:
-    import trio
-
     from .buildtree import fix_timestamps, paths_id, restore_tree
 
     pid = paths_id(args.paths)
@@ -1018,6 +1021,8 @@ def cmd_cache_restore(args: argparse.Namespace, out: Output) -> int:
         finally:
             client.close()
     else:
+        import trio
+
         service = _offline_build_cache(args)
         try:
             found = trio.run(service.lookup, args.key, args.restore_key, args.lookup_only, pid)

@@ -895,6 +895,23 @@ def cmd_lock2nix(args: argparse.Namespace, out: Output) -> int:
 # only receives blocks (re-hashed) and a root, and hands back a root the CLI then reads from the repo.
 
 
+@contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """No cyclic garbage collection while a cache command walks a tree. A save or restore makes tens of
+    thousands of small lists and entries that stay alive until the end, and each of the collector's full
+    passes re-walks all of them (15 % of an unchanged re-save of 20,000 files) to find cycles this short-
+    lived process does not make; reference counting still frees everything as it goes."""
+    import gc
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _offline_build_cache(args: argparse.Namespace):
     """The build cache service over the repo itself (no daemon: no swarm, local records only)."""
     from . import config as config_mod
@@ -934,6 +951,11 @@ def _stat_cache(repo_path: Path, pid: str):
 
 
 def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
+    with _no_cycle_collection():
+        return _cache_save(args, out)
+
+
+def _cache_save(args: argparse.Namespace, out: Output) -> int:
     # trio and the service (p2pcache.buildcache) only without a daemon: imports are part of every call's time
     from .buildtree import paths_id, save_tree
     from .cacheupload import DaemonBlockSink
@@ -1010,6 +1032,11 @@ def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_cache_restore(args: argparse.Namespace, out: Output) -> int:
+    with _no_cycle_collection():
+        return _cache_restore(args, out)
+
+
+def _cache_restore(args: argparse.Namespace, out: Output) -> int:
     from .buildtree import fix_timestamps, paths_id, restore_tree
 
     pid = paths_id(args.paths)

@@ -457,17 +457,18 @@ class BuildCache:
         return found[0][0].to_json() if found else None
 
     async def save(self, key: str, root: CID, force: bool = False, paths_id: str | None = None,
-                   scan_time: float | None = None, lease: str | None = None) -> dict:
+                   scan_time: float | None = None, lease: str | None = None, scan_digest: bytes | None = None) -> dict:
         """Claim the uploaded tree `root` under `key`: refuse an existing key unless `force`, check the
         tree is whole, register it, sign and keep the record, announce root and namespace. The upload
         `lease` ends here, whatever the outcome (the root claims its blocks, or the save failed)."""
         try:
-            return await self._save(key, root, force, paths_id, scan_time)
+            return await self._save(key, root, force, paths_id, scan_time, scan_digest)
         finally:
             if self.leases is not None:
                 self.leases.release(lease)
 
-    async def _save(self, key: str, root: CID, force: bool, paths_id: str | None, scan_time: float | None) -> dict:
+    async def _save(self, key: str, root: CID, force: bool, paths_id: str | None, scan_time: float | None,
+                    scan_digest: bytes | None = None) -> dict:
         check_cache_key(key)
         existing = await self.find(key, False)
         if existing and not force:
@@ -483,7 +484,7 @@ class BuildCache:
         record = CacheRecord.create(key, root, now_ms, self.writer, self.signer)
         self.store.put(record, own=True)
         if paths_id:
-            self.store.set_save(paths_id, root, scan_time or self.clock())
+            self.store.set_save(paths_id, root, scan_time or self.clock(), scan_digest)
         if self.swarm is not None:
             self.swarm.announce(root, [cache_ns_alias(record.namespace)])
         self.stats.saves += 1

@@ -37,6 +37,11 @@ CREATE TABLE IF NOT EXISTS saves (
     root BLOB NOT NULL,
     scan_time REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS scans (
+    paths_id TEXT PRIMARY KEY,
+    root BLOB NOT NULL,
+    digest BLOB NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -97,16 +102,31 @@ class RecordStore:
         with self._lock:
             return self.db.execute("DELETE FROM records WHERE root = ?", (root.buffer,)).rowcount
 
-    def last_save(self, paths_id: str) -> tuple[CID, float] | None:
+    def last_save(self, paths_id: str) -> tuple[CID, float, bytes | None] | None:
+        """(root, scan time, scan digest) of the last tree saved or restored at these paths; the digest
+        (`buildtree.PathScan.digest` of the save's walk) only when a save recorded one for that root."""
         try:
             with self._lock:
                 row = self.db.execute("SELECT root, scan_time FROM saves WHERE paths_id = ?", (paths_id,)).fetchone()
+                if row is None:
+                    return None
+                try:
+                    scan = self.db.execute("SELECT root, digest FROM scans WHERE paths_id = ?", (paths_id,)).fetchone()
+                except sqlite3.OperationalError:  # a store from before scan digests, opened read-only
+                    scan = None
         except sqlite3.OperationalError:
             return None
-        return (CID(row[0]), row[1]) if row else None
+        digest = scan[1] if scan is not None and scan[0] == row[0] else None
+        return CID(row[0]), row[1], digest
 
-    def set_save(self, paths_id: str, root: CID, scan_time: float) -> None:
+    def set_save(self, paths_id: str, root: CID, scan_time: float, digest: bytes | None = None) -> None:
+        """Record the tree now at these paths; `digest` if a save's own walk produced it (a restore has none)."""
         with self._lock:
             self.db.execute("INSERT OR REPLACE INTO saves(paths_id, root, scan_time) VALUES (?,?,?)",
                             (paths_id, root.buffer, scan_time))
+            if digest is not None:
+                self.db.execute("INSERT OR REPLACE INTO scans(paths_id, root, digest) VALUES (?,?,?)",
+                                (paths_id, root.buffer, digest))
+            else:
+                self.db.execute("DELETE FROM scans WHERE paths_id = ?", (paths_id,))
 

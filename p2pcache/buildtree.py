@@ -52,8 +52,8 @@ from .content.treemanifest import (
 )
 from .errors import CorruptData, InvalidInput, RepoError
 
-__all__ = ["ArrivingBlocks", "BlockSink", "RestoreReport", "SaveReport", "TreeSuperseded", "paths_id",
-           "previous_entries", "restore_tree", "save_tree", "undo_restore"]
+__all__ = ["ArrivingBlocks", "BlockSink", "PathScan", "RestoreReport", "SaveReport", "TreeSuperseded", "paths_id",
+           "previous_entries", "restore_tree", "save_tree", "scan_paths", "unchanged_tree", "undo_restore"]
 
 READ_SIZE = 4 << 20
 BATCH_BYTES = 8 << 20
@@ -82,6 +82,9 @@ def paths_id(paths: list[str]) -> str:
 # -- saving ---------------------------------------------------------------------------------------------
 
 
+Digest = bytes
+
+
 @dataclass
 class SaveReport:
     root: CID | None = None
@@ -95,6 +98,7 @@ class SaveReport:
     sources: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     scan_time: float = 0.0
+    scan_digest: "Digest | None" = None  # the walk's `PathScan.digest` (None with sources: those are hashed anew)
 
     def to_json(self) -> dict:
         return {"root": str(self.root), "files": self.files, "dirs": self.dirs, "symlinks": self.symlinks,
@@ -150,14 +154,28 @@ def _top_links(body: object) -> list[CID]:
     return [link[0] for link in body[2]] if isinstance(body, list) else []
 
 
-def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = None,
-              previous: "PreviousTree | None" = None, previous_scan: float = 0.0,
-              params: ChunkerParams = DEFAULT_PARAMS, threads: int = 4,
-              progress: Callable[[int], None] | None = None) -> SaveReport:
-    """Walk `paths`, store every block `sink` lacks, and return the report with the tree's root CID."""
-    report = SaveReport(scan_time=time.time())
+@dataclass
+class PathScan:
+    """One walk of the paths to save: every entry's lstat in tree order, when the walk began, and a digest
+    of everything of each entry that goes into a tree besides file contents (top-level path as given,
+    relative path, st_mode, mtime, size of a file, target of a symlink; the chunker parameters).
+
+    Two walks with the same digest describe the same tree whenever the files' contents are those the
+    stat cache trusts (same size and mtime, not racily new): a save whose walk has the digest of the
+    save that made the previous tree, with no file racily new, *is* that tree again, so it is neither
+    read nor rebuilt (`unchanged_tree`)."""
+
+    paths: list[str]
+    entries: list[tuple[int, bytes, os.stat_result]]
+    time: float
+    digest: bytes
+    newest_mtime_ns: int
+
+
+def scan_paths(paths: list[str], params: ChunkerParams = DEFAULT_PARAMS) -> PathScan:
     if not paths:
         raise InvalidInput("cache save needs at least one PATH")
+    started = time.time()
     entries: list[tuple[int, bytes, os.stat_result]] = []
     for top, p in enumerate(paths):
         try:
@@ -167,6 +185,58 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
         except OSError as e:
             raise RepoError(f"cannot read {p}: {e.strerror}") from None
         entries += [(top, rel, st) for rel, st in found]
+    h = hashlib.sha256(b"p2pcache scan 1\0%r\0%d\0" % (params.to_ipld(), len(paths)))
+    for p in paths:
+        h.update(os.fsencode(p) + b"\0")
+    newest = 0
+    parts: list[bytes] = []
+    for top, rel, st in entries:
+        mode = st.st_mode
+        extra = b""
+        if stat.S_ISREG(mode):
+            extra = b"%d" % st.st_size
+            newest = max(newest, st.st_mtime_ns)
+        elif stat.S_ISLNK(mode):
+            full = os.path.join(os.fsencode(paths[top]), rel) if rel else os.fsencode(paths[top])
+            try:
+                extra = os.readlink(full)
+            except OSError:
+                extra = b"\0unreadable"
+        parts.append(b"%d\0%s\0%d\0%d\0%s\0\0" % (top, rel, mode, st.st_mtime_ns, extra))
+    h.update(b"".join(parts))
+    return PathScan(list(paths), entries, started, h.digest(), newest)
+
+
+def unchanged_tree(scan: PathScan, root: CID, digest: bytes | None, scan_time: float) -> SaveReport | None:
+    """The report of a save of `scan` if it is exactly the tree `root` saved with scan `digest` at
+    `scan_time` (see `PathScan`), else None. Reads no file and builds no block."""
+    if digest is None or digest != scan.digest or scan.newest_mtime_ns >= int(scan_time * 1e9) - RACY_NS:
+        return None
+    report = SaveReport(root=root, scan_time=scan.time, scan_digest=scan.digest)
+    for top, rel, st in scan.entries:
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            report.files += 1
+            report.bytes += st.st_size
+        elif stat.S_ISDIR(mode):
+            report.dirs += 1
+        elif stat.S_ISLNK(mode):
+            report.symlinks += 1
+        else:
+            report.skipped.append((os.path.join(scan.paths[top], os.fsdecode(rel)) if rel else scan.paths[top],
+                                   "special file"))
+    return report
+
+
+def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = None,
+              previous: "PreviousTree | None" = None, previous_scan: float = 0.0,
+              params: ChunkerParams = DEFAULT_PARAMS, threads: int = 4,
+              progress: Callable[[int], None] | None = None, scan: PathScan | None = None) -> SaveReport:
+    """Walk `paths` (or take the walk `scan` of them), store every block `sink` lacks, and return the
+    report with the tree's root CID and the walk's digest."""
+    scan = scan_paths(paths, params) if scan is None else scan
+    report = SaveReport(scan_time=scan.time, scan_digest=scan.digest if sources_dir is None else None)
+    entries = scan.entries
     # Which files may reuse their previous body: same type, mode, size and mtime, not racily new, and
     # their blocks still in the repo (gc may have taken them).
     old_files = previous.files if previous is not None else {}

@@ -924,30 +924,39 @@ def _offline_build_cache(args: argparse.Namespace):
     return BuildCache(repo, store, pair.private_key, pair.public_key.serialize(), config_mod.load(repo.path).buildcache)
 
 
-def _stat_cache(repo_path: Path, pid: str):
-    """The entries of the last tree saved or restored at these paths on this machine, read-only."""
+def _last_tree(repo_path: Path, pid: str) -> tuple[CID, float, bytes | None] | None:
+    """(root, scan time, scan digest) of the last tree saved or restored at these paths on this machine, if
+    that tree is still complete in the repo; read-only."""
     from .buildrecords import RecordStore
-    from .buildtree import previous_entries
-    from .content.treemanifest import TreeManifest
 
     db = repo_path / "buildcache.sqlite"
     if not db.exists() or not Repo.exists(repo_path):
-        return None, 0.0
+        return None
     store = RecordStore(db, readonly=True)
     try:
         last = store.last_save(pid)
     finally:
         store.close()
     if last is None:
-        return None, 0.0
+        return None
     try:
         with Repo.open(repo_path, writable=False) as repo:
             info = repo.index.get_root(last[0])
-            if info is None or not info.complete:
-                return None, 0.0
-            return previous_entries(TreeManifest.decode(repo.load_block(last[0])), repo.load_block), last[1]
+            return last if info is not None and info.complete else None
     except P2PCacheError:
-        return None, 0.0
+        return None
+
+
+def _stat_cache(repo_path: Path, root: CID):
+    """The stat cache for a save: the entries and pages of the tree `root` (see `_last_tree`)."""
+    from .buildtree import previous_entries
+    from .content.treemanifest import TreeManifest
+
+    try:
+        with Repo.open(repo_path, writable=False) as repo:
+            return previous_entries(TreeManifest.decode(repo.load_block(root)), repo.load_block)
+    except P2PCacheError:
+        return None
 
 
 def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
@@ -957,7 +966,7 @@ def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
 
 def _cache_save(args: argparse.Namespace, out: Output) -> int:
     # trio and the service (p2pcache.buildcache) only without a daemon: imports are part of every call's time
-    from .buildtree import paths_id, save_tree
+    from .buildtree import paths_id, save_tree, scan_paths, unchanged_tree
     from .cacheupload import DaemonBlockSink
     from .content.cacherecord import check_cache_key
 
@@ -992,32 +1001,43 @@ def _cache_save(args: argparse.Namespace, out: Output) -> int:
 
             assert service is not None
             sink = RepoBlockSink(service.repo)
-        previous, scan = (None, 0.0) if args.rehash else _stat_cache(_repo_path(args), pid)
+        last = None if args.rehash else _last_tree(_repo_path(args), pid)
+        scan = scan_paths(args.paths)
+        # The walk describes exactly the last tree saved here (same digest, nothing racily new): that tree
+        # again, with no file read and no page built. Else the stat cache: that tree's entries.
+        report = unchanged_tree(scan, last[0], last[2], last[1]) if last and args.sources is None else None
+        previous = _stat_cache(_repo_path(args), last[0]) if last and report is None else None
         if previous is not None and client is not None:
             previous.held = True
         for attempt in (0, 1):
-            report = save_tree(args.paths, sink, sources_dir=args.sources, previous=previous, previous_scan=scan)
+            if report is None:
+                report = save_tree(args.paths, sink, sources_dir=args.sources, previous=previous,
+                                   previous_scan=last[1] if last else 0.0, scan=scan)
             try:
                 if client is not None:
                     assert isinstance(sink, DaemonBlockSink)
                     lease, sink.lease = sink.lease, None  # the save ends it, whatever happens; a retry opens another
-                    result = client.cache_save(args.key, str(report.root), args.force, pid, report.scan_time, lease)
+                    result = client.cache_save(args.key, str(report.root), args.force, pid, report.scan_time, lease,
+                                               report.scan_digest)
                 else:
                     import trio
 
                     assert service is not None
-                    result = trio.run(service.save, args.key, report.root, args.force, pid, report.scan_time)
+                    result = trio.run(service.save, args.key, report.root, args.force, pid, report.scan_time, None,
+                                      report.scan_digest)
                 break
             except NotFound:
                 if attempt:
                     raise
-                previous = None  # blocks the stat cache relied on went away meanwhile: read everything
+                # blocks the stat cache relied on went away meanwhile: walk again and read everything
+                previous, report, scan = None, None, scan_paths(args.paths)
     finally:
         if client is not None:
             client.close()
         if service is not None:
             service.store.close()
             service.repo.close()
+    assert report is not None  # the loop above saved (break) or raised
     j = {**result, "tree": report.to_json()}
     if not result.get("saved"):
         out.emit(j, f"cache key {args.key} exists; not saved (--force to replace it)")

@@ -211,9 +211,10 @@ class DaemonClient:
                             on_event)
 
     def cache_save(self, key: str, root: str, force: bool, paths_id: str | None, scan_time: float | None,
-                   lease: str | None = None) -> dict:
+                   lease: str | None = None, scan_digest: bytes | None = None) -> dict:
         return self._post("/api/v0/cache/save", {"key": key, "root": root, "force": force, "paths_id": paths_id,
-                                                 "scan_time": scan_time, "lease": lease})
+                                                 "scan_time": scan_time, "lease": lease,
+                                                 "scan_digest": scan_digest.hex() if scan_digest else None})
 
     def cache_call(self, what: str, body: dict) -> dict:
         """pin, unpin, keys, expire."""

@@ -316,3 +316,31 @@ def test_streaming_restore_of_a_tree_that_will_not_arrive_is_undone(repo, tmp_pa
     assert report.written, "some files were written before the fetch gave up"
     assert undo_restore(report) > 0
     assert [p for p in out.rglob("*") if p.is_file()] == [out / "m1" / "mine.txt"]
+
+
+def test_a_walk_with_the_last_saves_digest_is_that_tree_again(repo, tmp_path):
+    from p2pcache.buildtree import scan_paths, unchanged_tree
+
+    src = build_dir(tmp_path / "b", n=40)
+    (src / "link").symlink_to("m1/s1/f1.o")
+    first = save_tree([str(src)], RepoBlockSink(repo))
+    assert first.scan_digest is not None
+    later = first.scan_time + 2  # as if this save had been recorded two seconds after its walk
+    same = unchanged_tree(scan_paths([str(src)]), first.root, first.scan_digest, later)
+    assert same is not None and same.root == first.root and same.files_read == 0
+    assert (same.files, same.dirs, same.symlinks, same.bytes) == (first.files, first.dirs, first.symlinks, first.bytes)
+    # what the walk trusts is what the stat cache trusts: a racily new file, or any metadata change, is not it
+    assert unchanged_tree(scan_paths([str(src)]), first.root, first.scan_digest, first.scan_time) is None
+    f = src / "m1" / "s1" / "f1.o"
+    st = f.stat()
+    f.write_bytes(f.read_bytes()[::-1])  # same size, new contents: a new mtime
+    assert unchanged_tree(scan_paths([str(src)]), first.root, first.scan_digest, later + 5) is None
+    # a tool that puts the old mtime back on purpose is trusted, as by the stat cache (README: `--rehash`)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert unchanged_tree(scan_paths([str(src)]), first.root, first.scan_digest, later) is not None
+    for change in (lambda: (src / "link").unlink() or (src / "link").symlink_to("m1/s1/f2.o"),
+                   lambda: f.chmod(0o600), lambda: (src / "new").write_bytes(b"")):
+        change()
+        assert unchanged_tree(scan_paths([str(src)]), first.root, first.scan_digest, later + 5) is None
+    # a save with sources hashes them anew: it records no digest
+    assert save_tree([str(src)], RepoBlockSink(repo), sources_dir=str(tmp_path / "b" / "m2")).scan_digest is None

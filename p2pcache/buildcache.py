@@ -118,7 +118,7 @@ class TrustPolicy:
         return f"no writer rule covers key {key[:60]!r}"
 
 
-# -- the record store: p2pcache.buildrecords.RecordStore (no trio: the CLI reads the stat cache's pointer) --
+# -- the record store: p2pcache.buildrecords.RecordStore (the CLI reads the stat cache's pointer there) ---
 
 
 # -- repo side ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The build cache's record store, `REPO/buildcache.sqlite`: the signed key records this node holds and,
 per set of saved paths on this machine, the last tree saved or restored there (the stat cache's pointer).
 
-Plain SQLite, no trio: the `cache save` command reads the stat cache's pointer from here without loading the
+Plain SQLite: the `cache save` command reads the stat cache's pointer from here without loading the
 service (`p2pcache.buildcache`, which re-exports `RecordStore`).
 """
 

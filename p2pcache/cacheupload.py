@@ -2,8 +2,9 @@
 
 Owns the CLI's half of `POST /api/v0/blocks` and `/api/v0/blocks/missing` (the daemon's half unframes the
 same bodies and re-hashes every block: `buildcache.BuildCache.accept_blocks`). Kept apart from the build
-cache service so the `cache` commands load neither trio nor the service when a daemon runs (a CLI call is
-a new process each time, and its imports are part of every save's and restore's time).
+cache service so the `cache` commands do not load the service (p2pcache.buildcache, its trust policy and
+its trio machinery) when a daemon runs: a CLI call is a new process each time, and its imports are part of
+every save's and restore's time. (trio itself still comes in through httpcore, which imports it if present.)
 """
 
 from __future__ import annotations

@@ -965,7 +965,7 @@ def cmd_cache_save(args: argparse.Namespace, out: Output) -> int:
 
 
 def _cache_save(args: argparse.Namespace, out: Output) -> int:
-    # trio and the service (p2pcache.buildcache) only without a daemon: imports are part of every call's time
+    # the service (p2pcache.buildcache) only without a daemon: imports are part of every call's time
     from .buildtree import paths_id, save_tree, scan_paths, unchanged_tree
     from .cacheupload import DaemonBlockSink
     from .content.cacherecord import check_cache_key

@@ -1168,7 +1168,7 @@ def _restore_while_fetched(client, args: argparse.Namespace, pid: str) -> tuple[
             if restored is None or found is None or found.get("root") != str(stream.root):
                 n = undo_restore(report)
                 print(f"p2pcache cache restore: tree {stream.root} did not arrive whole (the lookup ended on "
-                      f"{found.get('root') if found else 'an error'}); removed the {n} entries written from it",
+                      f"{(found.get('root') or 'no tree') if found else 'an error'}); removed the {n} entries written from it",
                       file=sys.stderr)
                 restored = None
         thread.join()

@@ -215,10 +215,12 @@ class BitswapNode:
                 msg = Message(msg.wants, msg.full, tuple(Block(cid_of(b.data, b.cid.codec), b.data)
                                                          for b in msg.blocks), msg.presences, msg.pending_bytes)
         event = MessageReceived(peer, msg)
+        # The server first: what the message proves the peer holds must be known before the client's
+        # blocks are stored and the server announces them (see `BitswapServer`'s holdings).
+        if self.behaviour != "silent":
+            self._server(event)
         if msg.blocks or msg.presences:
             self._client(event)
-        if (msg.wants or msg.full) and self.behaviour != "silent":
-            self._server(event)
 
     def _send(self, send: Send) -> None:
         peer = send.peer

@@ -251,8 +251,12 @@ class BitswapServer:
     def handle(self, event: object, now: float) -> list[Action]:
         self._now = now
         if isinstance(event, MessageReceived):
-            if event.message.wants or event.message.full:
-                self._on_wants(event.peer, event.message, now)
+            msg = event.message
+            if msg.blocks or msg.presences:
+                self._on_holdings(event.peer, msg)
+            if not (msg.wants or msg.full):
+                return []  # nothing queued or sendable changed
+            self._on_wants(event.peer, msg, now)
         elif isinstance(event, MessageSent):
             led = self._ledgers.get(event.peer)
             if led is not None:
@@ -411,6 +415,22 @@ class BitswapServer:
             if not known:
                 led.tokens -= 1
             self._consider(led, e)
+
+    def _on_holdings(self, peer: PeerId, msg: Message) -> None:
+        """A peer that sends a block or says HAVE holds it: a want it left with us for that block (a
+        want-have watch whose cancel may still be on its way) needs no HAVE, and a presence queued
+        for it no longer says anything the peer needs. Without this, two peers watching a block at
+        each other both send HAVE once each has it, though the second HAVE only tells the first
+        what it already knows. Queued blocks stay: a want-block is the peer's to cancel."""
+        led = self._ledgers.get(peer)
+        if led is None or not (led.waiting or led.presences):
+            return
+        waiting, presences = led.waiting, led.presences
+        for cid in [b.cid for b in msg.blocks] + [p.cid for p in msg.presences if p.have]:
+            if waiting.pop(cid, None) is not None:
+                led.kept.pop(cid, None)
+            if cid in presences:
+                led.drop(cid)
 
     def _consider(self, led: _PeerLedger, e: WantEntry) -> None:
         size = self.source.size(e.cid)

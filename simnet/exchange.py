@@ -73,6 +73,9 @@ PeerId = Hashable
 
 def message_size(msg: Message) -> int:
     """Bytes `encode(msg)` takes, framed, computed without encoding."""
+    if not (msg.wants or msg.full or msg.blocks or msg.pending_bytes) and len(msg.presences) == 1:
+        n = presence_wire_size(msg.presences[0].cid, msg.presences[0].have)  # most messages of a fleet: one HAVE
+        return n + len(uvarint(n))
     n = 0
     if msg.wants or msg.full:
         inner = sum(want_wire_size(e) for e in msg.wants) + (2 if msg.full else 0)

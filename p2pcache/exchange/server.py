@@ -425,12 +425,18 @@ class BitswapServer:
         led = self._ledgers.get(peer)
         if led is None or not (led.waiting or led.presences):
             return
-        waiting, presences = led.waiting, led.presences
-        for cid in [b.cid for b in msg.blocks] + [p.cid for p in msg.presences if p.have]:
-            if waiting.pop(cid, None) is not None:
-                led.kept.pop(cid, None)
-            if cid in presences:
-                led.drop(cid)
+        for b in msg.blocks:
+            self._peer_holds(led, b.cid)
+        for p in msg.presences:
+            if p.have:
+                self._peer_holds(led, p.cid)
+
+    @staticmethod
+    def _peer_holds(led: _PeerLedger, cid: CID) -> None:
+        if led.waiting.pop(cid, None) is not None:
+            led.kept.pop(cid, None)
+        if cid in led.presences:
+            led.drop(cid)
 
     def _consider(self, led: _PeerLedger, e: WantEntry) -> None:
         size = self.source.size(e.cid)

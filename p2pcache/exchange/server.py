@@ -24,6 +24,11 @@ Decisions:
   `max_wants_per_peer` but have a bound of that size of their own, the oldest making room for a new
   one (a peer that never cancels cannot lock itself out or grow the ledger). Cancel drops a want and anything queued for it. `full`
   replaces the peer's wantlist.
+- A peer that sends us a block or says HAVE for it holds it: a want it left with us for that block
+  (typically a want-have watch whose cancel has not arrived) is dropped with any presence queued for
+  it, so two peers watching a block at each other exchange one HAVE, not two. Its queued blocks stay
+  (a want-block is the peer's to cancel). The driver hands every received message to the server
+  before the client, so this is known before the client's blocks are stored and announced.
 - Within a peer, blocks go higher priority first (then arrival order), from a heap; presences go
   oldest first and before blocks, because they are small and let the client re-ask elsewhere sooner.
 - Across peers, deficit round-robin by bytes: each visit adds `quantum` bytes of credit to a peer

@@ -17,7 +17,7 @@ EXTRA_ARGS = {"dedup.py": ["--jsonl", "-"]}
 BENCHES = ["ingest.py", "store_layouts.py", "store_random_read.py", "api_add.py", "dedup_repo.py", "dedup.py", "nar.py",
            "bitswap.py", "dagxfer.py", "dht.py", "nix.py", "nixcopy.py", "nixwarm.py", "fuzz_nix.py", "fuzz_wire.py", "stream_threads.py",
            "buildcache.py", "prefetch.py", "simnet:dht-lookup", "simnet:fleet-fanout", "simnet:dht-announce",
-           "simnet:node-fetch@1-provider", "simnet:node-fetch@4-providers", "simnet:node-fetch@4-providers-one-killed"]
+           "simnet:node-fetch@1-provider", "simnet:node-fetch@4-providers", "simnet:node-fetch@4-providers-one-killed", "simnet:node-fetch@fleet-mesh"]
 # simnet scenarios: (full-mode --set overrides, quick-mode --set overrides)
 SIMNET = {
     "dht-lookup": ([], ["nodes=200", "lookups=200"]),
@@ -31,6 +31,10 @@ SIMNET = {
     "node-fetch@4-providers-one-killed": (
         ["nodes=5", "seeds=4", "artifact_size=256MiB", "fetcher_link=lan-1g", "kill_seed_at=0.3"],
         ["nodes=5", "seeds=4", "artifact_size=64MiB", "fetcher_link=lan-1g", "kill_seed_at=0.3"]),
+    # issue 14 with real Nodes and the daemon's defaults: 20 runners x 16 MiB from one seed, lan-1g, the
+    # full mesh mDNS makes of a LAN (p99 over one transfer, seed copies; ~1 CPU-min)
+    "node-fetch@fleet-mesh": (["nodes=21", "artifact_size=16MiB", "link=lan-1g", "degree=20"],
+                              ["nodes=11", "artifact_size=8MiB", "link=lan-1g", "degree=10"]),
 }
 
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 DEFAULT_API = "127.0.0.1:37515"
 # The exchange defaults, as measured with simnet's node-fetch (real Nodes; see README "simnet").
 SUPERSEED_WINDOW = 1.0
-SWARM_FETCH = False
+SWARM_FETCH = True  # with node.exchange_configs' fan-out (README: a fleet of real Nodes)
 HAVE_BATCH_DELAY = 0.0
 
 DEFAULT_TOML = f"""\

@@ -73,6 +73,9 @@ PeerId = Hashable
 
 def message_size(msg: Message) -> int:
     """Bytes `encode(msg)` takes, framed, computed without encoding."""
+    if not (msg.wants or msg.full or msg.blocks or msg.pending_bytes) and len(msg.presences) == 1:
+        n = presence_wire_size(msg.presences[0].cid, msg.presences[0].have)  # most messages of a fleet: one HAVE
+        return n + len(uvarint(n))
     n = 0
     if msg.wants or msg.full:
         inner = sum(want_wire_size(e) for e in msg.wants) + (2 if msg.full else 0)
@@ -215,10 +218,12 @@ class BitswapNode:
                 msg = Message(msg.wants, msg.full, tuple(Block(cid_of(b.data, b.cid.codec), b.data)
                                                          for b in msg.blocks), msg.presences, msg.pending_bytes)
         event = MessageReceived(peer, msg)
+        # The server first: what the message proves the peer holds must be known before the client's
+        # blocks are stored and the server announces them (see `BitswapServer`'s holdings).
+        if self.behaviour != "silent":
+            self._server(event)
         if msg.blocks or msg.presences:
             self._client(event)
-        if (msg.wants or msg.full) and self.behaviour != "silent":
-            self._server(event)
 
     def _send(self, send: Send) -> None:
         peer = send.peer

@@ -789,6 +789,23 @@ def test_server_answers_kept_wants_with_have_when_the_block_arrives():
     assert off.ledger("p").waiting == 0
 
 
+def test_server_sends_no_have_to_a_peer_that_showed_it_holds_the_block():
+    # Two runners watching a block at each other: once one has told the other HAVE (or sent it the
+    # block), the other's server owes it no HAVE back when the block arrives there too.
+    a, b, c = (CID.for_block(RAW, bytes([i]) * 5000) for i in range(3))
+    source = DictSource({})
+    server = BitswapServer(source)
+    server.handle(MessageReceived("p", Message(wants=tuple(WantEntry(x, WantType.HAVE) for x in (a, b, c)))), 0)
+    assert server.ledger("p").waiting == 3
+    # p says HAVE for a and sends b (as a server would): a presence- or block-only message changes no queue
+    assert server.handle(MessageReceived("p", Message(presences=(Presence(a, True), Presence(c, False)))), 1) == []
+    assert server.handle(MessageReceived("p", Message(blocks=(Block(b, b"\x01" * 5000),))), 1) == []
+    assert server.ledger("p").waiting == 1  # a DONT_HAVE proves nothing: c stays
+    source.blocks.update({a: b"\x00" * 5000, b: b"\x01" * 5000, c: b"\x02" * 5000})
+    out = server.handle(BlocksAdded((a, b, c)), 2)
+    assert [a_.message.presences for a_ in out] == [(Presence(c, True),)]
+
+
 def test_server_kept_wants_make_room_for_new_ones():
     cids = list(make_blocks(6, size=100))
     server = BitswapServer(DictSource({}), ServerConfig(max_wants_per_peer=4))
@@ -971,6 +988,26 @@ def test_lazy_cancels_wait_for_a_message_or_their_due_time():
     assert len(with_b) == 1 and sorted((w.cid == b, w.cancel) for w in with_b[0].wants) == [(False, True), (True, False)]
     net.run()  # b comes from p; its cancel at x goes when due: x is left watching nothing
     assert ("s3", b) in net.nodes["c"].delivered and x.server.ledger("c").waiting == 0
+
+
+def test_a_have_for_a_block_already_fetched_drops_the_lazy_cancel_to_that_peer():
+    blocks = make_blocks(1)
+    (a,) = blocks
+    net = Net()
+    net.add("c", client=_swarm(have_fanout=2, cancel_delay=1.0))
+    x = net.add("x", blocks={})
+    net.add("p", blocks=dict(blocks))
+    net.connect("c", "x")
+    net.connect("c", "p")
+    net.step("c", AddProviders("s", ("p",)))
+    net.step("c", Want("s", (a,)))
+    net.run(until=0.5)
+    assert net.nodes["c"].delivered and x.server.ledger("c").waiting == 1  # c's cancel to x waits
+    x.server.source.blocks[a] = blocks[a]
+    net.step("x", BlocksAdded((a,)))  # x gets it too and tells its watcher c: HAVE, which answers c's want
+    net.run()
+    assert x.server.ledger("c").waiting == 0
+    assert [w for _, src, dst, m in net.log if src == "c" and dst == "x" for w in m.wants if w.cancel] == []
 
 
 def test_server_requeued_want_block_with_the_same_priority_is_served_once():

@@ -412,6 +412,9 @@ class BitswapClient:
     def _on_presence(self, peer: PeerId, p: _Peer, presence: Presence, now: float) -> None:
         w = self._wants.get(presence.cid)
         if w is None:
+            if presence.have and peer in self._lazy:
+                # It holds the block, so it keeps no want of ours for it: a cancel would tell it nothing.
+                self._unlazy(peer, presence.cid)
             return
         w.have_asked.pop(peer, None)
         p.haves_out.pop(w.cid, None)

@@ -37,7 +37,8 @@ class PeerDisconnected:
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
     """A message from `peer` that `message.decode` accepted. The driver hands the same message to
-    both engines: the client reads blocks and presences, the server reads the wantlist."""
+    both engines, the server first: the client reads blocks and presences, the server reads the
+    wantlist and what the blocks and HAVEs prove the peer holds (it owes that peer no HAVE for them)."""
 
     peer: PeerId
     message: Message

@@ -24,6 +24,11 @@ Decisions:
   `max_wants_per_peer` but have a bound of that size of their own, the oldest making room for a new
   one (a peer that never cancels cannot lock itself out or grow the ledger). Cancel drops a want and anything queued for it. `full`
   replaces the peer's wantlist.
+- A peer that sends us a block or says HAVE for it holds it: a want it left with us for that block
+  (typically a want-have watch whose cancel has not arrived) is dropped with any presence queued for
+  it, so two peers watching a block at each other exchange one HAVE, not two. Its queued blocks stay
+  (a want-block is the peer's to cancel). The driver hands every received message to the server
+  before the client, so this is known before the client's blocks are stored and announced.
 - Within a peer, blocks go higher priority first (then arrival order), from a heap; presences go
   oldest first and before blocks, because they are small and let the client re-ask elsewhere sooner.
 - Across peers, deficit round-robin by bytes: each visit adds `quantum` bytes of credit to a peer
@@ -251,8 +256,12 @@ class BitswapServer:
     def handle(self, event: object, now: float) -> list[Action]:
         self._now = now
         if isinstance(event, MessageReceived):
-            if event.message.wants or event.message.full:
-                self._on_wants(event.peer, event.message, now)
+            msg = event.message
+            if msg.blocks or msg.presences:
+                self._on_holdings(event.peer, msg)
+            if not (msg.wants or msg.full):
+                return []  # nothing queued or sendable changed
+            self._on_wants(event.peer, msg, now)
         elif isinstance(event, MessageSent):
             led = self._ledgers.get(event.peer)
             if led is not None:
@@ -411,6 +420,28 @@ class BitswapServer:
             if not known:
                 led.tokens -= 1
             self._consider(led, e)
+
+    def _on_holdings(self, peer: PeerId, msg: Message) -> None:
+        """A peer that sends a block or says HAVE holds it: a want it left with us for that block (a
+        want-have watch whose cancel may still be on its way) needs no HAVE, and a presence queued
+        for it no longer says anything the peer needs. Without this, two peers watching a block at
+        each other both send HAVE once each has it, though the second HAVE only tells the first
+        what it already knows. Queued blocks stay: a want-block is the peer's to cancel."""
+        led = self._ledgers.get(peer)
+        if led is None or not (led.waiting or led.presences):
+            return
+        for b in msg.blocks:
+            self._peer_holds(led, b.cid)
+        for p in msg.presences:
+            if p.have:
+                self._peer_holds(led, p.cid)
+
+    @staticmethod
+    def _peer_holds(led: _PeerLedger, cid: CID) -> None:
+        if led.waiting.pop(cid, None) is not None:
+            led.kept.pop(cid, None)
+        if cid in led.presences:
+            led.drop(cid)
 
     def _consider(self, led: _PeerLedger, e: WantEntry) -> None:
         size = self.source.size(e.cid)

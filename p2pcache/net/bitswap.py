@@ -385,10 +385,11 @@ class BitswapExchange:
                         if not msg.full:
                             continue
                     event = MessageReceived(peer, msg)
+                    # The server first: what the message proves the peer holds (its blocks, its
+                    # HAVEs) must be known before the client's blocks are stored and announced.
+                    self._server(event)
                     if msg.blocks or msg.presences:
                         self._client(event)
-                    if msg.wants or msg.full:
-                        self._server(event)
         finally:
             try:
                 await stream.close()

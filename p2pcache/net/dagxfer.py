@@ -55,11 +55,7 @@ MAX_FRAME = MAX_BLOCK_SIZE + 1024
 class DagConfig:
     request_blocks: int = 128  # CIDs named in one request (subtree roots or leaves)
     streams_per_peer: int = 2  # requests in flight to one provider: the next is asked while one streams
-    # server: blocks read from the repo per batch (one worker-thread trip), up to `read_bytes` of them (two
-    # batches in memory at most): a tree of small files is thousands of leaves of a few KiB, and a trip
-    # per 32 of them left both ends waiting on the thread hop
-    read_blocks: int = 512
-    read_bytes: int = 2 << 20
+    read_blocks: int = 32  # server: blocks read from the repo per batch (two batches in memory at most)
     write_bytes: int = 4 << 20  # server: frames joined into writes up to this size
     read_size: int = 1 << 20  # asker: bytes asked of a stream per read
     stall_seconds: float = 20.0  # a stream with nothing for this long: the peer is dropped
@@ -168,16 +164,11 @@ class DagServer:
         host.set_stream_handler(PROTOCOL, self.handle_stream)
 
     def _load(self, cids: list[CID]) -> list[tuple[CID, bytes | None]]:
-        """The blocks of `cids` in order, up to the first missing one or `read_bytes` (at least one)."""
         out: list[tuple[CID, bytes | None]] = []
-        size = 0
         for cid in cids:
             data = self.source.get(cid)
             out.append((cid, data))
             if data is None:
-                break
-            size += len(data)
-            if size >= self.config.read_bytes:
                 break
         return out
 
@@ -235,14 +226,10 @@ class DagServer:
 
         async def read_ahead() -> None:
             async with batches_send:
-                pending: list[CID] = []  # walked past, not read yet (the last read stopped at `read_bytes`)
-                lent: CID | None = None
                 while True:
-                    if pending:
-                        cids = pending
-                    else:
-                        cids, lent = [], None
-                    while not pending and len(cids) < self.config.read_blocks:
+                    cids: list[CID] = []
+                    lent: CID | None = None
+                    while len(cids) < self.config.read_blocks:
                         cid = walk.peek()
                         if cid is None:
                             break
@@ -260,10 +247,6 @@ class DagServer:
                         return
                     loaded = await trio.to_thread.run_sync(self._load, cids)
                     last_cid, last = loaded[-1]
-                    pending = cids[len(loaded):] if last is not None else []
-                    if pending:  # a dag-cbor node at the end of `cids` is walked once it is read
-                        await batches_send.send(loaded)
-                        continue
                     if last is not None and last_cid.codec == DAG_CBOR:
                         try:
                             walk.give(last_cid, last)

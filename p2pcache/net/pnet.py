@@ -154,6 +154,8 @@ class PskStream:
         await self._inner.write(self._write_cipher.encrypt(bytes(data)))
 
     async def read(self, n: int | None = None) -> bytes:
+        if n == 0:
+            return b""
         if self._pos < len(self._buf):
             return self._take(n)
         if self._read_cipher is None:

@@ -69,6 +69,11 @@ async def test_psk_stream_reads_ahead_and_hands_out_exactly_what_is_asked():
     writer, reader = PskStream(Adapter(left), key), PskStream(Adapter(right), key)
     rng = random.Random(1)
     frames = [rng.randbytes(rng.choice([1, 30, 1000, 65535])) for _ in range(60)]
+    with trio.fail_after(10):
+        await _psk_roundtrip(writer, reader, frames)
+
+
+async def _psk_roundtrip(writer, reader, frames):
     async with trio.open_nursery() as nursery:
         async def send():
             for f in frames:
@@ -80,6 +85,7 @@ async def test_psk_stream_reads_ahead_and_hands_out_exactly_what_is_asked():
             head = await reader.read(2)
             while len(head) < 2:
                 head += await reader.read(2 - len(head))
+            assert len(head) == 2
             assert await reader.read(0) == b""  # asks for nothing, takes nothing
             want, body = int.from_bytes(head, "big"), b""
             while len(body) < want:

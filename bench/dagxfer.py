@@ -232,13 +232,25 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
         root = CID.parse(seeder.info["root"])
         times: dict[str, list[float]] = {"dag": [], "bitswap": [], "raw": [], "dag-unstored": [], "repo-write": [],
                                          "dag-checked": []}
+        # CPU seconds (user + system) of this process (the leecher, all its threads) and of the serving
+        # process for each fetch, host start and connect included: on a loaded machine these move far
+        # less than wall time does
+        cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in ("raw", "dag", "bitswap", "dag-unstored",
+                                                                        "dag-checked")}
+
+        def timed_cpu(how: str, server: Seeder, fn, *args):
+            c0, s0 = time.process_time(), proc_cpu_seconds(server.proc.pid)
+            out = trio.run(fn, *args)
+            cpu[how].append((time.process_time() - c0, proc_cpu_seconds(server.proc.pid) - s0))
+            return out
+
         for _ in range(runs):  # interleaved, so load on the machine hits all alike
-            times["raw"].append(trio.run(leech_raw, raw.info["addr"], size, tmp))
+            times["raw"].append(timed_cpu("raw", raw, leech_raw, raw.info["addr"], size, tmp))
             for how in ("dag", "bitswap", "dag-unstored"):
-                t, n = trio.run(leech_repo, seeder.info["addr"], root, tmp, how)
+                t, n = timed_cpu(how, seeder, leech_repo, seeder.info["addr"], root, tmp, how)
                 assert n >= size, (how, n)
                 times[how].append(t)
-            t, _ = trio.run(leech_repo, seeder.info["addr"], root, tmp, "dag-checked")
+            t, _ = timed_cpu("dag-checked", seeder, leech_repo, seeder.info["addr"], root, tmp, "dag-checked")
             times["dag-checked"].append(t)
             times["repo-write"].append(repo_write_seconds(size, tmp))
     finally:
@@ -248,7 +260,7 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
     mb = size / 1e6
     log(f"== one peer -> one node, {size / MiB:.0f} MiB archive (best of {runs}; runs: "
         + ", ".join(f"{k} [{', '.join(f'{x:.2f}' for x in v)}]" for k, v in times.items()) + ")")
-    labels = {"raw": "raw py-libp2p stream", "dag": "DAG protocol into the repo",
+    labels = {"raw": "raw py-libp2p stream", "dag": "DAG protocol into the repo", "dag-checked": "DAG + archive sha256",
               "bitswap": "bitswap into the repo", "dag-unstored": "DAG protocol, verified, not stored",
               "repo-write": "Repo.write_blocks+commit alone"}
     for k in ("raw", "dag", "bitswap", "dag-unstored", "repo-write"):
@@ -267,6 +279,22 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
     emit("archive_dag_checked_vs_raw_stream", best["raw"] / best["dag-checked"], "ratio", "higher", size=size)
     log(f"  DAG protocol unstored / raw stream {best['raw'] / best['dag-unstored']:.2f}x (diagnostic)")
     emit("archive_dag_unstored_vs_raw_stream", best["raw"] / best["dag-unstored"], "ratio", "higher", size=size)
+    log(f"  CPU seconds per fetch, min over runs (leecher, all threads / serving process):")
+    for k, pairs in cpu.items():
+        leech, served = min(p[0] for p in pairs), min(p[1] for p in pairs)
+        log(f"    {labels.get(k, k):36} {leech:6.2f} / {served:6.2f}")
+        emit(f"archive_{k}_leech_cpu_seconds", leech, "s", "lower", size=size)
+        emit(f"archive_{k}_server_cpu_seconds", served, "s", "lower", size=size)
+    raw_cpu = min(p[0] for p in cpu["raw"])
+    log(f"  leecher CPU, dag / raw stream: {min(p[0] for p in cpu['dag']) / raw_cpu:.2f}x (diagnostic: what the "
+        f"DAG fetch adds on top of moving the bytes)")
+    emit("archive_dag_leech_cpu_vs_raw_stream", min(p[0] for p in cpu["dag"]) / raw_cpu, "ratio", "lower", size=size)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def repo_write_seconds(size: int, tmp: Path) -> float:

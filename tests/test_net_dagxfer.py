@@ -215,3 +215,68 @@ async def test_a_slow_providers_tail_is_taken_by_a_faster_one(tmp_path):
         assert b.stats.steals >= 1 and b.stats.peers_dropped == 0
         # the slow one was asked for two requests' worth at first; it delivered only part of them
         assert slow.stats.served_blocks < min(2 * 64, blocks) and fast.stats.served_blocks > blocks // 2
+
+
+# -- in simnet: real Nodes on simulated hosts, virtual time -------------------------------------------------
+
+
+def test_a_provider_whose_connection_closes_is_dropped_at_once_and_never_asked_again():
+    """One of two providers stops mid-fetch (its host leaves: every connection to it closes). The
+    fetcher sees its streams break and the peer gone, moves its share to the others at once and opens no
+    new stream to it (which would wait out a dial to a dead peer, 5 s, while holding its blocks)."""
+    from dataclasses import replace
+
+    import trio.testing
+
+    from simnet.hostsim import repo_work_inline
+    from simnet.nodefetch import NodeWorld, repos_without_fsync, scratch_dir
+
+    data = random.Random(12).randbytes(8 * MiB)
+
+    async def main(tmp: Path):
+        world = NodeWorld(4, tmp / "nodes")  # two seeds and the fetcher
+        async with trio.open_nursery() as nursery:
+            await nursery.start(world.run)
+            for i in range(3):
+                await world.start_node("wan-100m-40ms" if i < 2 else "lan-1g", world.nodes[:])
+            *seeds, fetcher = world.nodes
+            while not all(fetcher.host.is_connected(n.host.peer_id) for n in seeds):
+                await trio.sleep(0.1)
+            for node in seeds:
+                root = node.repo.add_stream(io.BytesIO(data), name="a.bin", params=SMALLER).root
+            victim = seeds[0]
+            asked: list[tuple[float, object]] = []
+            new_stream = fetcher.host.new_stream
+
+            async def counting_new_stream(peer, protocols):
+                asked.append((trio.current_time(), peer))
+                return await new_stream(peer, protocols)
+
+            fetcher.host.new_stream = counting_new_stream
+            # three leaf requests for four lanes (two per provider): the victim has one or two, and a lane
+            # that waits for work (as at the end of any fetch) must not take its share back to the dead peer
+            fetcher.dag.config = replace(fetcher.dag.config, request_blocks=300)
+            killed: list[float] = []
+
+            async def kill_once_it_serves() -> None:
+                while victim.dag.stats.served_bytes < 256 << 10:  # well into a leaf request
+                    await trio.sleep(0.005)
+                world.stop_node(victim)
+                killed.append(trio.current_time())
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(kill_once_it_serves)
+                    await fetcher.fetch_dag(root, [n.host.peer_id for n in seeds])
+                    done = trio.current_time()
+                    inner.cancel_scope.cancel()
+            assert killed and killed[0] < done, ([n.dag.stats.served_bytes for n in seeds], fetcher.dag.stats, [(round(t, 3), str(p)[-4:]) for t, p in asked], [str(n.host.peer_id)[-4:] for n in seeds])
+            fetcher.repo.register_root(root)
+            assert b"".join(fetcher.repo.stream(root)) == data
+            assert fetcher.dag.stats.providers_lost == 1 and fetcher.dag.stats.bitswap_fallbacks == 0
+            assert [t for t, p in asked if p == victim.host.peer_id and t > killed[0]] == []
+            assert done - killed[0] < 4.0  # nothing waited for the dead peer's dial or silence
+            world.stop()
+
+    with scratch_dir() as tmp, repo_work_inline(), repos_without_fsync():
+        trio.run(main, Path(tmp), clock=trio.testing.MockClock(autojump_threshold=0))

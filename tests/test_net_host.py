@@ -44,6 +44,58 @@ def test_xsalsa20_matches_libsodium_secretbox():
     assert bytes(m ^ k for m, k in zip(msg, stream[32:])) == boxed[16:]
 
 
+@pytest.mark.trio
+async def test_psk_stream_reads_ahead_and_hands_out_exactly_what_is_asked():
+    """PskStream reads big chunks off the socket and decrypts them at once; the reader above it (Noise:
+    a 2-byte length, then the body) still gets the plaintext in order, in the pieces it asks for."""
+    import random
+
+    import trio.testing
+
+    from p2pcache.net.pnet import PskStream
+
+    class Adapter:  # py-libp2p's raw stream interface over a trio stream
+        def __init__(self, s):
+            self.s = s
+
+        async def read(self, n=None):
+            return await self.s.receive_some(n)
+
+        async def write(self, data):
+            await self.s.send_all(data)
+
+    key = os.urandom(32)
+    left, right = trio.testing.memory_stream_pair()
+    writer, reader = PskStream(Adapter(left), key), PskStream(Adapter(right), key)
+    rng = random.Random(1)
+    frames = [rng.randbytes(rng.choice([1, 30, 1000, 65535])) for _ in range(60)]
+    with trio.fail_after(10):
+        await _psk_roundtrip(writer, reader, frames)
+
+
+async def _psk_roundtrip(writer, reader, frames):
+    async with trio.open_nursery() as nursery:
+        async def send():
+            for f in frames:
+                await writer.write(len(f).to_bytes(2, "big") + f)
+
+        nursery.start_soon(send)
+        got = []
+        for _ in frames:
+            head = await reader.read(2)
+            while len(head) < 2:
+                head += await reader.read(2 - len(head))
+            assert len(head) == 2
+            assert await reader.read(0) == b""  # asks for nothing, takes nothing
+            want, body = int.from_bytes(head, "big"), b""
+            while len(body) < want:
+                piece = await reader.read(want - len(body))
+                assert 0 < len(piece) <= want - len(body)
+                body += piece
+            got.append(body)
+    assert got == frames
+
+
 def test_hsalsa20_rejects_bad_lengths():
     with pytest.raises(ValueError):
         hsalsa20(b"k" * 31, b"n" * 16)

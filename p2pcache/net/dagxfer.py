@@ -84,6 +84,7 @@ class TransferStats:
     duplicate_bytes: int = 0
     steals: int = 0
     peers_dropped: int = 0
+    providers_lost: int = 0  # providers whose connection closed during a fetch (their share moved at once)
     bitswap_fallbacks: int = 0
     served_streams: int = 0
     served_blocks: int = 0
@@ -327,6 +328,10 @@ class _Run:
         self.store = store
         self.repo = repo
         self.active: set[_Request] = set()
+        # Providers whose stream broke with their connection gone (the process died, the link dropped):
+        # none of their lanes takes more work in this fetch, so what they held goes to the others at
+        # once instead of to a sibling lane that would wait out a dial to a dead peer.
+        self.lost: set[ID] = set()
         self.loading = 0
         self.on_verified: Callable[[CID, bytes], None] | None = None
         self.changed = trio.Event()
@@ -498,6 +503,8 @@ class DagTransfer:
             if self.exchange.is_banned(peer):
                 run.last_error = run.last_error or f"{peer} is banned for misbehaving"
                 return
+            if peer in run.lost:
+                return
             wants = await run.next_wants(self.config.request_blocks)
             if not wants:
                 if walk.finished:
@@ -532,6 +539,7 @@ class DagTransfer:
             except Exception as e:  # does not speak the protocol, or unreachable: not its fault
                 log.debug("no DAG stream to %s: %s", peer, e)
                 run.last_error = f"{peer}: {e}"
+                self._check_lost(run, peer)
                 return False
             self.stats.streams += 1
             return await self._receive(run, req, stream)
@@ -557,11 +565,13 @@ class DagTransfer:
                     data = await stream.read(self.config.read_size)
                 except Exception as e:  # reset, EOF or connection gone
                     run.last_error = f"{req.peer}: stream broke ({e or type(e).__name__})"
+                    self._check_lost(run, req.peer)
                     return False
             if waited.cancelled_caught:
                 raise _Hostile(f"stalled: nothing for {self.config.stall_seconds:g} s")
             if not data:
                 run.last_error = f"{req.peer}: stream ended without an end frame"
+                self._check_lost(run, req.peer)
                 return False
             try:
                 payloads = decoder.feed(data)
@@ -593,6 +603,14 @@ class DagTransfer:
                     run.notify()
                 if req.stop_after is not None and order.sent >= req.stop_after:
                     return True  # a thief took the rest
+
+    def _check_lost(self, run: _Run, peer: ID) -> None:
+        """A stream to `peer` broke: if its connection went with it, the peer is lost for this fetch
+        (marked before the request hands its blocks back, so no sibling lane picks them up)."""
+        if not self.host.is_connected(peer) and peer not in run.lost:
+            run.lost.add(peer)
+            self.stats.providers_lost += 1
+            log.info("DAG fetch: provider %s is gone (its connection closed); its share goes to the others", peer)
 
     def _ended(self, run: _Run, req: _Request, end: pb.DagEnd) -> bool:
         if end.status == pb.DagEnd.OK:

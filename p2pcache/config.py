@@ -153,6 +153,12 @@ class NixConfig:
     # A narinfo answered by a remote source starts lookups of its references, and theirs in turn (Nix asks
     # for them next, one closure level at a time), at most this many at once; 0 turns it off.
     lookahead_lookups: int = 8
+    # A narinfo (or NAR) request waits this many seconds for a lookup in the swarm or upstreams (None: the
+    # routing lookup_timeout); still going, it is answered 503, which Nix retries (download-attempts,
+    # backing off from 250 ms) and caches nothing, and the lookup goes on for up to lookup_patience
+    # seconds so the retry finds the answer. Nix's five attempts span about 5 waits + 4 s.
+    lookup_wait: float | None = None
+    lookup_patience: float = 20.0
     # The narinfo lookup chain, in order (names from LOOKUP_SOURCES; "repo" must be one of them).
     lookup_order: list[str] = field(default_factory=lambda: list(LOOKUP_SOURCES))
 
@@ -221,7 +227,8 @@ _GC = {"max_size": "max_size", "high_watermark": "gc_high_watermark", "low_water
        "interval": "gc_interval"}
 _NIX_TYPES = {"store_dir": str, "priority": int, "want_mass_query": bool, "serve_local_store": bool,
               "local_store_root": str, "upstreams": list, "secret_key_file": str, "negative_ttl": float,
-              "upload_ttl": float, "upload_quota": int, "max_upload_size": int, "lookup_order": list}
+              "upload_ttl": float, "upload_quota": int, "max_upload_size": int, "lookup_order": list,
+              "lookup_wait": float, "lookup_patience": float}
 
 
 def _buildcache_config():

@@ -35,5 +35,12 @@ class Metrics:
                                        "swarm lookups where providers existed but none answered validly in "
                                        "time (answered 404, not remembered as a miss)", registry=r)
 
+        self.still_looking = Counter("p2pcache_narinfo_still_looking",
+                                     "requests answered 503 because their remote lookup was still under way "
+                                     "after nix.lookup_wait (it went on; Nix retries)", registry=r)
+        self.unsettled = Counter("p2pcache_narinfo_lookups_unsettled",
+                                 "remote lookups that ended without a settled answer (a source failed or "
+                                 "did not finish; answered 404, not remembered as a miss)", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

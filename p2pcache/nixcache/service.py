@@ -40,8 +40,8 @@ from ..errors import CorruptData, DiskFull, InvalidInput, NotFound, P2PCacheErro
 from ..store.httpcache import HttpBinaryCache, UpstreamError, Decompressor
 from ..store.localnix import LocalNixStore
 from ..store.narstore import RepoNarStore, stream_nar_root
-from .chain import LookupChain
-from .errors import Conflict, Missing, NoRoom, Rejected, SourceFailed, TooLarge
+from .chain import WAIT_FOREVER, LookupChain
+from .errors import Conflict, Missing, NoRoom, Rejected, SourceFailed, StillLooking, TooLarge
 from .metrics import Metrics
 from .sources import (Found, Intake, NarSink, NarSource, NarStreams, NarWriter, NixStoreSource, RepoSource, Room,
                       Swarm, SwarmSource, TakingBack, UpstreamSource)
@@ -105,9 +105,12 @@ class NixBinaryCache:
         intake = Intake(self.repo_source, room, taking_back, announce, self.metrics)
         self.upstream_source = UpstreamSource(self.upstreams, intake) if self.upstreams else None
         # A gateway pulls through itself: it does not ask other gateways.
-        swarm_source = SwarmSource(swarm, intake, config.store_dir, ask_gateways=not self.upstreams)
+        swarm_source = SwarmSource(swarm, intake, config.store_dir, ask_gateways=not self.upstreams,
+                                   patience=config.lookup_patience)
+        wait = config.lookup_wait if config.lookup_wait is not None else swarm.lookup_timeout
         self.chain = LookupChain(build_sources(config, self.repo_source, self.local_source, swarm_source,
-                                               self.upstream_source), config.negative_ttl, self.metrics)
+                                               self.upstream_source), config.negative_ttl, self.metrics,
+                                 wait=wait, patience=config.lookup_patience)
         self._uploads: dict[str, _Upload] = {}  # pending: NARs waiting for their narinfo (not announced)
         self._inflight = 0  # NAR bytes of uploads still streaming in, counted against the quota
         self._inflight_lock = threading.Lock()  # ingest threads add to it
@@ -132,6 +135,9 @@ class NixBinaryCache:
         start = time.monotonic()
         try:
             found = await self.find_narinfo(store_hash)
+        except StillLooking:
+            self.metrics.narinfo.labels("still_looking", "none").inc()
+            raise
         except P2PCacheError as e:
             self.metrics.narinfo.labels("error", "none").inc()
             raise SourceFailed(f"looking up {store_hash}: {e}") from None
@@ -144,6 +150,11 @@ class NixBinaryCache:
             self._look_ahead(found.narinfo)
         return self._signed_for(self._served_narinfo(found.narinfo), found.label).render()
 
+    async def run_lookups(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background task (the node's nursery, started before the first request): remote lookups run
+        here, so one outlives the request that started it (`LookupChain.run`)."""
+        await self.chain.run(task_status=task_status)
+
     async def run_lookahead(self) -> None:
         """Background task (the node's nursery): look up the narinfos `_look_ahead` queued, up to
         `lookahead_lookups` at once, so the answers wait in the chain when Nix asks (a lookup Nix makes
@@ -153,7 +164,7 @@ class NixBinaryCache:
         async def one(store_hash: str) -> None:
             try:
                 async with limit:
-                    found = await self.chain.find(store_hash, remember_miss=False)
+                    found = await self.chain.find(store_hash, remember_miss=False, wait=WAIT_FOREVER)
             except P2PCacheError as e:
                 log.debug("look-ahead lookup of %s: %s", store_hash, e)
                 self.metrics.lookahead.labels("error").inc()
@@ -194,7 +205,7 @@ class NixBinaryCache:
             return True
         if self.chain.known_miss(store_hash):
             return False
-        async with self.chain.lock("nar:" + store_hash):
+        async with self.chain.locked("nar:" + store_hash):
             if self.narstore.has(store_hash):
                 return True
             found = await upstream.find(store_hash)
@@ -252,7 +263,7 @@ class NixBinaryCache:
             await sink.start(info.nar_size, "nar")
             await sink.end()
             return
-        async with self.chain.lock("nar:" + store_hash):
+        async with self.chain.locked("nar:" + store_hash):
             root = self.repo_source.held_root(store_hash, nar_digest)
             if root is not None:  # another request fetched it while we waited
                 await self.repo_source.stream_root(root, nar_digest, sink, head, "local")

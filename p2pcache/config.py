@@ -228,7 +228,7 @@ _GC = {"max_size": "max_size", "high_watermark": "gc_high_watermark", "low_water
 _NIX_TYPES = {"store_dir": str, "priority": int, "want_mass_query": bool, "serve_local_store": bool,
               "local_store_root": str, "upstreams": list, "secret_key_file": str, "negative_ttl": float,
               "upload_ttl": float, "upload_quota": int, "max_upload_size": int, "lookup_order": list,
-              "lookup_wait": float, "lookup_patience": float}
+              "lookup_wait": float, "lookup_patience": float, "lookahead_lookups": int}
 
 
 def _buildcache_config():

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import trio
 
@@ -75,7 +75,7 @@ class LookupChain:
     def source(self, name: str) -> NarSource | None:
         return next((s for s in self.sources if s.name == name), None)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Background task (the node's nursery): the nursery remote lookups run in."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 import trio
 
@@ -150,7 +150,7 @@ class NixBinaryCache:
             self._look_ahead(found.narinfo)
         return self._signed_for(self._served_narinfo(found.narinfo), found.label).render()
 
-    async def run_lookups(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run_lookups(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Background task (the node's nursery, started before the first request): remote lookups run
         here, so one outlives the request that started it (`LookupChain.run`)."""
         await self.chain.run(task_status=task_status)

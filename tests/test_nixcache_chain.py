@@ -280,3 +280,17 @@ async def test_per_key_locks_are_dropped_once_free():
         async with chain.locked("nar:x"):
             assert "nar:x" in chain._locks
         assert chain._locks == {}
+
+
+@pytest.mark.trio
+async def test_a_lookup_slower_than_the_wait_that_ends_unsettled_answers_the_retry_not_another_503(autojump_clock):
+    swarm = FakeSource("swarm", remote=True, fails=True, delay=6.0)  # a silent provider's ask times out at 6 s
+    async with _chain(FakeSource("repo", remote=False), swarm, wait=5.0) as (chain, _):
+        with pytest.raises(StillLooking):
+            await chain.find(HASH)
+        await trio.sleep(1.5)  # the lookup ends meanwhile, with nobody waiting
+        assert await chain.find(HASH) is None and swarm.asked == [HASH]  # the retry gets that ending at once
+        assert not chain.known_miss(HASH)
+        with pytest.raises(StillLooking):  # taken once: the next request looks again
+            await chain.find(HASH)
+        assert swarm.asked == [HASH, HASH]

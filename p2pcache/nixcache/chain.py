@@ -12,7 +12,8 @@ does).
 A request waits `wait` seconds for a remote lookup; if it is still going the request gets `StillLooking`
 (503, which Nix retries without caching anything) and the lookup goes on for up to `patience` seconds,
 so the retry finds the answer pending. A lookup that ends without a settled answer (a source failed, or
-`patience` ran out) is answered as a miss but not remembered: the next request looks again.
+`patience` ran out) is answered as a miss but not remembered: the next request looks again (except the
+retry of a request that got a 503 for it, which takes that ending, `UNCLAIMED_LINGER`).
 
 Pure of I/O except what the sources do: a test assembles a chain from fake sources.
 """
@@ -42,6 +43,10 @@ NEGATIVE_CACHE_ENTRIES = 65536  # beyond this many remembered misses, expired on
 # closure's look-ahead answers) once the copy reaches the path. A later request looks it up again.
 PENDING_TTL = 600.0
 PENDING_ENTRIES = 4096  # beyond this many, the oldest pending answers are dropped
+# An unsettled ending (or an error) that no request was waiting for — each had its 503 already — is kept
+# this long for the retry to take (once), so a lookup that always takes longer than the wait cannot make
+# every retry a 503 that starts it over. Nix retries within about 3 s of a 503.
+UNCLAIMED_LINGER = 10.0
 WAIT_FOREVER = math.inf
 
 
@@ -51,6 +56,7 @@ class _Lookup:
 
     remember_miss: bool  # someone who may remember a settled miss (not only a look-ahead) asked
     done: trio.Event = field(default_factory=trio.Event)
+    waiting: int = 0  # requests waiting for it right now
     found: Found | None = None
     error: P2PCacheError | None = None
 
@@ -69,6 +75,7 @@ class LookupChain:
         self._pending: dict[str, tuple[float, Found]] = {}  # (when, answer), oldest first
         self._negative: dict[str, float] = {}
         self._lookups: dict[str, _Lookup] = {}
+        self._unclaimed: dict[str, tuple[float, _Lookup]] = {}  # ended while nobody waited (UNCLAIMED_LINGER)
         self._locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -158,12 +165,20 @@ class LookupChain:
             return pending
         lookup = self._lookups.get(store_hash)
         if lookup is None:
-            lookup = self._start(store_hash, remember_miss)
+            ended = self._unclaimed.pop(store_hash, None)
+            if ended is not None and time.monotonic() - ended[0] <= UNCLAIMED_LINGER:
+                lookup = ended[1]  # the retry of a request that got a 503 takes how its lookup ended
+            else:
+                lookup = self._start(store_hash, remember_miss)
         elif remember_miss:
             lookup.remember_miss = True
         wait = self.wait if wait is None else wait
-        with trio.move_on_after(wait):
-            await lookup.done.wait()
+        lookup.waiting += 1
+        try:
+            with trio.move_on_after(wait):
+                await lookup.done.wait()
+        finally:
+            lookup.waiting -= 1
         if not lookup.done.is_set():
             self.metrics.still_looking.inc()
             raise StillLooking(f"{store_hash}: still looking for it after {wait:g} s (the lookup goes on "
@@ -213,4 +228,8 @@ class LookupChain:
                 else:  # someone had it but failed, lied or was too slow, or a walk did not finish
                     self.metrics.unsettled.inc()
                     log.info("lookup of %s ended unsettled, answered as a miss, not remembered: %s", store_hash, why)
+            if found is None and not lookup.waiting and not (settled and lookup.error is None):
+                now = time.monotonic()
+                self._unclaimed = {k: e for k, e in self._unclaimed.items() if now - e[0] <= UNCLAIMED_LINGER}
+                self._unclaimed[store_hash] = (now, lookup)
             lookup.done.set()

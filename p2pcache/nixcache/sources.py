@@ -267,7 +267,8 @@ class RepoSource:
         manifest = NarManifest.decode(await trio.to_thread.run_sync(self.repo.load_block, root))
         if manifest.nar_hash != nar_digest:
             raise Missing("the NAR held here has another hash")
-        await self.streams.send(sink, manifest.nar_size, lambda: stream_nar_root(self.repo, root), label, head)
+        await self.streams.send(sink, manifest.nar_size, lambda: stream_nar_root(self.repo, root, manifest=manifest),
+                                label, head)
 
     def add_nar(self, narinfo: NarInfo | None, pieces: Iterable[bytes]) -> NarAddResult:
         return self.narstore.add_nar(narinfo, pieces)

@@ -1,7 +1,7 @@
 """The narinfo lookup chain: an ordered list of `NarSource`s (`nix.lookup_order`), asked in turn.
 
 Owns what the chain remembers across requests: answers from remote sources whose NAR is not fetched yet
-(`pending`, for at most `PENDING_TTL` and `PENDING_ENTRIES`), misses (for `negative_ttl`; only settled
+(`pending`, for at most `pending_ttl` seconds and `PENDING_ENTRIES`), misses (for `negative_ttl`; only settled
 misses — every remote source ran to its end and said nobody has it; a source that raised `LookupFailed`
 had someone who failed, lied or was slow, or could not finish its walk), and the remote lookups under way:
 one per store path, run in the chain's own nursery (`run`), so concurrent requests for the same path share
@@ -39,7 +39,7 @@ __all__ = ["LookupChain"]
 log = logging.getLogger("p2pcache.nixcache")
 
 NEGATIVE_CACHE_ENTRIES = 65536  # beyond this many remembered misses, expired ones are swept out
-# An answer waits this long for Nix to ask for its NAR: Nix asks right after the narinfo, or (a large
+# An answer waits this long (default of nix.pending_ttl) for Nix to ask for its NAR: Nix asks right after the narinfo, or (a large
 # closure's look-ahead answers) once the copy reaches the path. A later request looks it up again.
 PENDING_TTL = 600.0
 PENDING_ENTRIES = 4096  # beyond this many, the oldest pending answers are dropped
@@ -63,12 +63,13 @@ class _Lookup:
 
 class LookupChain:
     def __init__(self, sources: Sequence[NarSource], negative_ttl: float, metrics: Metrics, *,
-                 wait: float = 5.0, patience: float = 20.0) -> None:
+                 wait: float = 5.0, patience: float = 20.0, pending_ttl: float = PENDING_TTL) -> None:
         self.sources = list(sources)
         self.negative_ttl = negative_ttl
         self.metrics = metrics
         self.wait = wait
         self.patience = max(patience, wait)
+        self.pending_ttl = pending_ttl
         first_remote = next((i for i, s in enumerate(self.sources) if s.remote), len(self.sources))
         self._local = self.sources[:first_remote]
         self._rest = self.sources[first_remote:]
@@ -108,7 +109,7 @@ class LookupChain:
         entry = self._pending.get(store_hash)
         if entry is None:
             return None
-        if time.monotonic() - entry[0] > PENDING_TTL:
+        if time.monotonic() - entry[0] > self.pending_ttl:
             del self._pending[store_hash]
             return None
         return entry[1]
@@ -118,11 +119,14 @@ class LookupChain:
         now = time.monotonic()
         self._pending[store_hash] = (now, found)
         if len(self._pending) > PENDING_ENTRIES:
-            self._pending = {k: e for k, e in self._pending.items() if now - e[0] <= PENDING_TTL}
+            self._pending = {k: e for k, e in self._pending.items() if now - e[0] <= self.pending_ttl}
             while len(self._pending) > PENDING_ENTRIES:
                 del self._pending[next(iter(self._pending))]
 
     def pending_count(self) -> int:
+        """Answers still waiting for their NAR request (expired ones are dropped here)."""
+        now = time.monotonic()
+        self._pending = {k: e for k, e in self._pending.items() if now - e[0] <= self.pending_ttl}
         return len(self._pending)
 
     def forget_pending(self, store_hash: str) -> None:

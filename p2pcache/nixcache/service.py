@@ -110,7 +110,8 @@ class NixBinaryCache:
         wait = config.lookup_wait if config.lookup_wait is not None else swarm.lookup_timeout
         self.chain = LookupChain(build_sources(config, self.repo_source, self.local_source, swarm_source,
                                                self.upstream_source), config.negative_ttl, self.metrics,
-                                 wait=wait, patience=config.lookup_patience)
+                                 wait=wait, patience=config.lookup_patience, pending_ttl=config.pending_ttl)
+        self.metrics.pending.set_function(self.chain.pending_count)
         self._uploads: dict[str, _Upload] = {}  # pending: NARs waiting for their narinfo (not announced)
         self._inflight = 0  # NAR bytes of uploads still streaming in, counted against the quota
         self._inflight_lock = threading.Lock()  # ingest threads add to it

@@ -39,8 +39,9 @@ __all__ = ["LookupChain"]
 log = logging.getLogger("p2pcache.nixcache")
 
 NEGATIVE_CACHE_ENTRIES = 65536  # beyond this many remembered misses, expired ones are swept out
-# An answer waits this long (default of nix.pending_ttl) for Nix to ask for its NAR: Nix asks right after the narinfo, or (a large
-# closure's look-ahead answers) once the copy reaches the path. A later request looks it up again.
+# An answer waits this long (nix.pending_ttl's default) for Nix to ask for its NAR: Nix asks right after the
+# narinfo, or (a large closure's look-ahead answers) once the copy reaches the path. A later request looks it
+# up again.
 PENDING_TTL = 600.0
 PENDING_ENTRIES = 4096  # beyond this many, the oldest pending answers are dropped
 # An unsettled ending (or an error) that no request was waiting for — each had its 503 already — is kept

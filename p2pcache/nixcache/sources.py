@@ -466,10 +466,11 @@ class SwarmSource:
         race = await swarm.race(alias, ask, (gateways,) if self.ask_gateways else (), timeout=self.patience)
         if race.winner is None:
             if race.outcome is not RaceOutcome.MISS:
-                log.info("lookup of %s: %d provider(s), none answered validly in time (%s)", alias,
-                         race.peers_known, race.stats)
+                cut = f", {race.sources_failed} DHT lookup(s) did not finish" if race.sources_failed else ""
+                log.info("lookup of %s: %d provider(s), none answered validly in time%s (%s)", alias,
+                         race.peers_known, cut, race.stats)
                 self.metrics.lookup_failures.inc()
-                raise LookupFailed(f"{alias}: {race.peers_known} provider(s), none answered validly in time")
+                raise LookupFailed(f"{alias}: {race.peers_known} provider(s), none answered validly in time{cut}")
             return None
         peer, (info, root, root_block) = race.winner
         rest = race.peers_in(AskState.QUEUED, AskState.CANCELLED)

@@ -156,9 +156,10 @@ class NixConfig:
     # A narinfo (or NAR) request waits this many seconds for a lookup in the swarm or upstreams (None: the
     # routing lookup_timeout); still going, it is answered 503, which Nix retries (download-attempts,
     # backing off from 250 ms) and caches nothing, and the lookup goes on for up to lookup_patience
-    # seconds so the retry finds the answer. Nix's five attempts span about 5 waits + 4 s.
+    # seconds so the retry finds the answer. Nix 2.8's five attempts span at least 5 waits + 3.75 s: the
+    # default patience (None) is 4 waits + 3 s, so the lookup has ended before Nix's last attempt gives up.
     lookup_wait: float | None = None
-    lookup_patience: float = 20.0
+    lookup_patience: float | None = None
     # An answer found in the swarm or upstreams (by Nix's request or a look-ahead) waits this many seconds for
     # its NAR request; later, a request looks the path up again.
     pending_ttl: float = 600.0

@@ -23,7 +23,7 @@ from .helpers.daemons import start_daemon
 from .test_nix_uploads import _nar, _narinfo
 
 LOOKUP_TIMEOUT = 3.0
-PATIENCE = 20.0  # nix.lookup_patience's default
+PATIENCE = 4 * LOOKUP_TIMEOUT + 3  # nix.lookup_patience's default (nixcache.service.default_patience)
 SLACK = 3.0  # process and loopback overheads on a loaded 2-core machine
 
 

@@ -18,6 +18,7 @@ from p2pcache.errors import InvalidInput
 from p2pcache.nixcache import (Found, LookupChain, LookupFailed, Metrics, NarSink, NarSource, StillLooking,
                                build_sources)
 from p2pcache.nixcache.chain import PENDING_TTL, WAIT_FOREVER
+from p2pcache.nixcache.service import default_patience
 
 HASH = "0" * 31 + "1"
 OTHER = "0" * 31 + "2"
@@ -294,3 +295,18 @@ async def test_a_lookup_slower_than_the_wait_that_ends_unsettled_answers_the_ret
         with pytest.raises(StillLooking):  # taken once: the next request looks again
             await chain.find(HASH)
         assert swarm.asked == [HASH, HASH]
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("wait", [0.0, 2.0, 5.0])
+async def test_with_the_default_patience_nixs_last_attempt_gets_a_final_answer(autojump_clock, wait):
+    """Nix 2.8 retries a 503 narinfo 4 times, backing off 250 ms × 2^(n-1) (the shortest schedule): a lookup
+    that never answers has ended by its fifth attempt, which gets a 404, not a 503 that fails the copy."""
+    swarm = FakeSource("swarm", remote=True, holds=(HASH,), delay=1e6)
+    async with _chain(FakeSource("repo", remote=False), swarm, wait=wait,
+                      patience=default_patience(wait)) as (chain, _):
+        for attempt in range(4):
+            with pytest.raises(StillLooking):
+                await chain.find(HASH)
+            await trio.sleep(0.25 * 2 ** attempt)
+        assert await chain.find(HASH) is None and not chain.known_miss(HASH)

@@ -49,7 +49,7 @@ from .sources import (Found, Intake, NarSink, NarSource, NarStreams, NarWriter, 
 if TYPE_CHECKING:
     from ..store.repo import Repo
 
-__all__ = ["NixBinaryCache", "build_sources"]
+__all__ = ["NixBinaryCache", "build_sources", "default_patience"]
 
 log = logging.getLogger("p2pcache.nixcache")
 LOOKAHEAD_QUEUE = 1024  # references waiting for a look-ahead lookup; more are left to Nix's own asks
@@ -66,6 +66,14 @@ class _Upload:
     file_sha256: bytes
     file_size: int
     at: float = field(default_factory=time.monotonic)
+
+
+def default_patience(wait: float) -> float:
+    """How long a remote lookup goes on after a request stopped waiting for it, by default: 4 waits + 3 s.
+    Nix 2.8 makes 5 attempts at a 5xx narinfo, backing off 250 ms × 2^(n-1) (and up to 41 % more) between
+    them, so its fifth attempt is still waiting at 5 waits + 3.75 s: the lookup has ended by then, and that
+    attempt gets a final answer (200 or 404), not a 503 that fails the copy."""
+    return 4 * wait + 3.0
 
 
 def build_sources(config: NixConfig, repo: NarSource, local: NarSource | None, swarm: NarSource,
@@ -105,12 +113,13 @@ class NixBinaryCache:
         intake = Intake(self.repo_source, room, taking_back, announce, self.metrics)
         self.upstream_source = UpstreamSource(self.upstreams, intake) if self.upstreams else None
         # A gateway pulls through itself: it does not ask other gateways.
-        swarm_source = SwarmSource(swarm, intake, config.store_dir, ask_gateways=not self.upstreams,
-                                   patience=config.lookup_patience)
         wait = config.lookup_wait if config.lookup_wait is not None else swarm.lookup_timeout
+        patience = config.lookup_patience if config.lookup_patience is not None else default_patience(wait)
+        swarm_source = SwarmSource(swarm, intake, config.store_dir, ask_gateways=not self.upstreams,
+                                   patience=patience)
         self.chain = LookupChain(build_sources(config, self.repo_source, self.local_source, swarm_source,
                                                self.upstream_source), config.negative_ttl, self.metrics,
-                                 wait=wait, patience=config.lookup_patience, pending_ttl=config.pending_ttl)
+                                 wait=wait, patience=patience, pending_ttl=config.pending_ttl)
         self.metrics.pending.set_function(self.chain.pending_count)
         self._uploads: dict[str, _Upload] = {}  # pending: NARs waiting for their narinfo (not announced)
         self._inflight = 0  # NAR bytes of uploads still streaming in, counted against the quota

@@ -129,17 +129,34 @@ async def test_the_miss_expires(monkeypatch):
 
 
 @pytest.mark.trio
-async def test_a_failed_lookup_is_not_a_miss_and_later_sources_are_still_asked():
+async def test_a_failed_lookup_is_asked_again_within_its_patience_then_not_remembered(autojump_clock):
     swarm = FakeSource("swarm", remote=True, fails=True)
     upstreams = FakeSource("upstreams", remote=True)
-    async with _chain(FakeSource("repo", remote=False), swarm, upstreams) as (chain, metrics):
-        assert await chain.find(HASH) is None
-        assert await chain.find(HASH) is None
-        assert (swarm.asked, upstreams.asked) == ([HASH, HASH], [HASH, HASH])  # asked again: nothing remembered
-        assert _negative_hits(metrics) == 0
+    async with _chain(FakeSource("repo", remote=False), swarm, upstreams, wait=5.0,
+                      patience=6.0) as (chain, metrics):
+        assert await chain.find(HASH, wait=WAIT_FOREVER) is None  # the patience ran out
+        assert trio.current_time() == pytest.approx(6.0)
+        # tried again after 0.5, 1, 2 s of back-off (at 0, 0.5, 1.5, 3.5 s), later sources each time
+        assert swarm.asked == upstreams.asked == [HASH] * 4
+        assert _negative_hits(metrics) == 0 and not chain.known_miss(HASH)
+        assert metrics.registry.get_sample_value("p2pcache_narinfo_lookup_retries_total") == 4
         upstreams.holds.add(HASH)
         found = await chain.find(HASH)
         assert found is not None and found.source is upstreams and chain.pending(HASH) is found
+
+
+@pytest.mark.trio
+async def test_a_source_that_fails_once_is_found_by_the_lookups_second_try(autojump_clock):
+    class Flaky(FakeSource):
+        async def narinfo(self, store_hash: str) -> Found | None:
+            self.fails = not self.asked  # e.g. the manifest fetch timed out while the peer was busy
+            return await super().narinfo(store_hash)
+
+    swarm = Flaky("swarm", remote=True, holds=(HASH,))
+    async with _chain(FakeSource("repo", remote=False), swarm) as (chain, _):
+        found = await chain.find(HASH)  # one request, no 404: the lookup asked again after 0.5 s
+        assert found is not None and swarm.asked == [HASH, HASH]
+        assert trio.current_time() == pytest.approx(0.5)
 
 
 @pytest.mark.trio
@@ -286,15 +303,15 @@ async def test_per_key_locks_are_dropped_once_free():
 @pytest.mark.trio
 async def test_a_lookup_slower_than_the_wait_that_ends_unsettled_answers_the_retry_not_another_503(autojump_clock):
     swarm = FakeSource("swarm", remote=True, fails=True, delay=6.0)  # a silent provider's ask times out at 6 s
-    async with _chain(FakeSource("repo", remote=False), swarm, wait=5.0) as (chain, _):
+    async with _chain(FakeSource("repo", remote=False), swarm, wait=5.0, patience=7.0) as (chain, _):
         with pytest.raises(StillLooking):
             await chain.find(HASH)
-        await trio.sleep(1.5)  # the lookup ends meanwhile, with nobody waiting
-        assert await chain.find(HASH) is None and swarm.asked == [HASH]  # the retry gets that ending at once
+        await trio.sleep(2.5)  # the lookup's patience ends meanwhile (7 s), with nobody waiting
+        assert await chain.find(HASH) is None and swarm.asked == [HASH, HASH]  # the retry gets that ending
         assert not chain.known_miss(HASH)
         with pytest.raises(StillLooking):  # taken once: the next request looks again
             await chain.find(HASH)
-        assert swarm.asked == [HASH, HASH]
+        assert swarm.asked == [HASH, HASH, HASH]
 
 
 @pytest.mark.trio

@@ -11,9 +11,11 @@ does).
 
 A request waits `wait` seconds for a remote lookup; if it is still going the request gets `StillLooking`
 (503, which Nix retries without caching anything) and the lookup goes on for up to `patience` seconds,
-so the retry finds the answer pending. A lookup that ends without a settled answer (a source failed, or
-`patience` ran out) is answered as a miss but not remembered: the next request looks again (except the
-retry of a request that got a 503 for it, which takes that ending, `UNCLAIMED_LINGER`).
+so the retry finds the answer pending. A lookup whose sources did not settle (someone announces the path
+but failed, lied or was slow; a walk did not finish; an upstream failed) is tried again, backing off,
+while its patience lasts; only when the patience ran out is it answered as a miss, and not remembered:
+the next request looks again (except the retry of a request that got a 503 for it, which takes that
+ending, `UNCLAIMED_LINGER`).
 
 Pure of I/O except what the sources do: a test assembles a chain from fake sources.
 """
@@ -48,6 +50,7 @@ PENDING_ENTRIES = 4096  # beyond this many, the oldest pending answers are dropp
 # this long for the retry to take (once), so a lookup that always takes longer than the wait cannot make
 # every retry a 503 that starts it over. Nix retries within about 3 s of a 503.
 UNCLAIMED_LINGER = 10.0
+RETRY_FIRST, RETRY_MAX = 0.5, 4.0  # an unsettled lookup is tried again after these back-offs, within its patience
 WAIT_FOREVER = math.inf
 
 
@@ -205,15 +208,25 @@ class LookupChain:
         why = "cancelled"
         try:
             with trio.move_on_after(self.patience) as scope:
-                settled, why = True, ""
-                for source in self._rest:
-                    try:
-                        found = await source.narinfo(store_hash)
-                    except LookupFailed as e:
-                        settled, why = False, str(e)
-                        continue
-                    if found is not None:
+                backoff = RETRY_FIRST
+                while True:
+                    settled, why = True, ""
+                    for source in self._rest:
+                        try:
+                            found = await source.narinfo(store_hash)
+                        except LookupFailed as e:
+                            settled, why = False, str(e)
+                            continue
+                        if found is not None:
+                            break
+                    if found is not None or settled:
                         break
+                    # Someone announces it (or an upstream is there) but did not deliver: a transient
+                    # failure as often as not (a busy peer, a slow manifest fetch). Ask again while the
+                    # patience lasts; the requests meanwhile get 503s, which Nix retries.
+                    self.metrics.retries.inc()
+                    await trio.sleep(backoff)
+                    backoff = min(2 * backoff, RETRY_MAX)
             if scope.cancelled_caught:
                 found, settled, why = None, False, f"no answer within {self.patience:g} s (nix.lookup_patience)"
         except P2PCacheError as e:

@@ -41,6 +41,8 @@ class Metrics:
         self.unsettled = Counter("p2pcache_narinfo_lookups_unsettled",
                                  "remote lookups that ended without a settled answer (a source failed or "
                                  "did not finish; answered 404, not remembered as a miss)", registry=r)
+        self.retries = Counter("p2pcache_narinfo_lookup_retries", "remote lookups asked again within "
+                               "nix.lookup_patience because their sources did not settle", registry=r)
         self.pending = Gauge("p2pcache_narinfo_pending", "answers found in the swarm or upstreams waiting for "
                              "their NAR request (at most nix.pending_ttl seconds)", registry=r)
 

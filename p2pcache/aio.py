@@ -107,33 +107,72 @@ async def drain_thread(make_iter: Callable[[], Iterator[bytes]], deliver: Callab
                 await trio.to_thread.run_sync(close, limiter=limiter)
 
 
+FEED_AHEAD = 4  # feed_thread: batches of BATCH_BYTES read ahead of the consuming thread
+
+
 async def feed_thread(source: AsyncIterator[bytes], consume: Callable[[Iterator[bytes]], Any],
                       limiter: trio.CapacityLimiter | None = None) -> Any:
-    """Run `consume(iterator)` in a worker thread, its iterator pulling pieces from the async `source`.
-    The thread is held for the whole call: bound how long `source` may stall (request bodies are, by
-    `http.asgi.bounded_bodies`)."""
+    """Run `consume(iterator)` in a worker thread, its iterator pulling pieces from the async `source`; an
+    exception from `source` is raised in the thread's iterator (at its place in the stream), and whatever
+    `consume` raises is raised here, as itself. The thread is held for the whole call: bound how long `source`
+    may stall (request bodies are, by `http.asgi.bounded_bodies`).
 
-    async def next_piece() -> Any:
-        """The source's next pieces joined up to about `BATCH_BYTES`: one thread hop for many small pieces
-        (a request body comes in pieces of 64 KiB or less)."""
-        parts: list[bytes] = []
-        size = 0
-        while size < BATCH_BYTES:
+    A task reads `source` ahead of the thread, up to `FEED_AHEAD` batches of about `BATCH_BYTES` (a request
+    body comes in pieces of 64 KiB or less: one thread hop per batch), so receiving the next bytes overlaps
+    with the thread's work on the last ones instead of waiting for its next ask."""
+    send_ch, recv_ch = trio.open_memory_channel[tuple[Any, Exception | None]](FEED_AHEAD)
+
+    async def produce() -> None:
+        async with send_ch:
             try:
-                piece = await source.__anext__()
-            except StopAsyncIteration:
-                break
-            parts.append(piece)
-            size += len(piece)
-        if not parts:
-            return _DONE
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+                while True:
+                    parts: list[bytes] = []
+                    size = 0
+                    ended = False
+                    while size < BATCH_BYTES:
+                        try:
+                            piece = await source.__anext__()
+                        except StopAsyncIteration:
+                            ended = True
+                            break
+                        parts.append(piece)
+                        size += len(piece)
+                    if parts:
+                        await send_ch.send((parts[0] if len(parts) == 1 else b"".join(parts), None))
+                    if ended:
+                        return
+            except trio.BrokenResourceError:
+                return  # the consumer stopped reading
+            except Exception as e:  # raised in the consumer's iterator, as itself
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await send_ch.send((None, e))
+
+    async def next_batch() -> tuple[Any, Exception | None]:
+        try:
+            return await recv_ch.receive()
+        except trio.EndOfChannel:
+            return _DONE, None
 
     def pieces() -> Iterator[bytes]:
         while True:
-            piece = trio.from_thread.run(next_piece)
+            piece, error = trio.from_thread.run(next_batch)
+            if error is not None:
+                raise error
             if piece is _DONE:
                 return
             yield piece
 
-    return await trio.to_thread.run_sync(consume, pieces(), limiter=_limiter(limiter))
+    outcome: list[Any] = []
+    failure: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        try:
+            outcome.append(await trio.to_thread.run_sync(consume, pieces(), limiter=_limiter(limiter)))
+        except Exception as e:  # raised below, as itself: the nursery would wrap it in a group
+            failure = e
+        finally:
+            nursery.cancel_scope.cancel()
+            recv_ch.close()
+    if failure is not None:
+        raise failure
+    return outcome[0]

@@ -27,19 +27,18 @@ import fnmatch
 import io
 import logging
 import secrets
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any, AsyncContextManager, Awaitable, Callable, Protocol, Sequence
 
 import trio
 
+from .buildrecords import RecordStore
+from .cacheupload import DaemonBlockSink, frame_blocks, frame_cids, unframe_blocks, unframe_cids  # noqa: F401 (re-exported)
 from .content.cacherecord import CacheRecord, check_cache_key, namespace_of
 from .content.cid import CID
 from .content.treemanifest import TreeManifest, iter_blocks
-from .errors import CorruptData, InvalidInput, MalformedBlock, NotFound
+from .errors import CorruptData, InvalidInput, NotFound
 from .store.index import RootInfo
 
 
@@ -119,97 +118,7 @@ class TrustPolicy:
         return f"no writer rule covers key {key[:60]!r}"
 
 
-# -- the record store ---------------------------------------------------------------------------------------
-
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    key TEXT NOT NULL,
-    writer TEXT NOT NULL,
-    time_ms INTEGER NOT NULL,
-    root BLOB NOT NULL,
-    data BLOB NOT NULL,
-    own INTEGER NOT NULL,
-    PRIMARY KEY (key, writer, time_ms)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS records_root ON records(root);
-CREATE TABLE IF NOT EXISTS saves (
-    paths_id TEXT PRIMARY KEY,
-    root BLOB NOT NULL,
-    scan_time REAL NOT NULL
-) WITHOUT ROWID;
-"""
-
-
-class RecordStore:
-    """Signed key records this node holds (its own and those it restored), and, per set of saved paths on
-    this machine, the last tree saved or restored there (the stat cache of the next save)."""
-
-    def __init__(self, path: Path, readonly: bool = False):
-        self.path = Path(path)
-        if readonly:
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
-                                      check_same_thread=False)
-        else:
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.executescript(SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self.db.close()
-
-    def put(self, record: CacheRecord, own: bool) -> None:
-        with self._lock:
-            self.db.execute("INSERT OR IGNORE INTO records(key, writer, time_ms, root, data, own) VALUES (?,?,?,?,?,?)",
-                            (record.key, record.writer_id, record.time_ms, record.root.buffer, record.encode(), int(own)))
-
-    def matching(self, key: str, prefix: bool, limit: int = 64) -> list[CacheRecord]:
-        """Records for `key` (or keys starting with it), newest first."""
-        with self._lock:
-            rows = self._matching_rows(key, prefix, limit)
-        out = []
-        for (data,) in rows:
-            try:
-                out.append(CacheRecord.decode(data))
-            except MalformedBlock as e:  # our own table: should not happen
-                log.warning("build cache: dropping an unreadable stored record: %s", e)
-        return out
-
-    def _matching_rows(self, key: str, prefix: bool, limit: int) -> list:
-        if prefix:
-            rows = self.db.execute("SELECT data FROM records WHERE substr(key, 1, ?) = ? ORDER BY time_ms DESC LIMIT ?",
-                                   (len(key), key, limit))
-        else:
-            rows = self.db.execute("SELECT data FROM records WHERE key = ? ORDER BY time_ms DESC LIMIT ?", (key, limit))
-        return rows.fetchall()
-
-    def roots(self) -> list[tuple[CID, str]]:
-        """(root, namespace) of every record held."""
-        with self._lock:
-            rows = self.db.execute("SELECT DISTINCT root, key FROM records").fetchall()
-        return [(CID(r), namespace_of(k)) for r, k in rows]
-
-    def all_records(self) -> list[bytes]:
-        with self._lock:
-            return [d for (d,) in self.db.execute("SELECT data FROM records ORDER BY key, time_ms DESC")]
-
-    def drop_root(self, root: CID) -> int:
-        with self._lock:
-            return self.db.execute("DELETE FROM records WHERE root = ?", (root.buffer,)).rowcount
-
-    def last_save(self, paths_id: str) -> tuple[CID, float] | None:
-        try:
-            with self._lock:
-                row = self.db.execute("SELECT root, scan_time FROM saves WHERE paths_id = ?", (paths_id,)).fetchone()
-        except sqlite3.OperationalError:
-            return None
-        return (CID(row[0]), row[1]) if row else None
-
-    def set_save(self, paths_id: str, root: CID, scan_time: float) -> None:
-        with self._lock:
-            self.db.execute("INSERT OR REPLACE INTO saves(paths_id, root, scan_time) VALUES (?,?,?)",
-                            (paths_id, root.buffer, scan_time))
+# -- the record store: p2pcache.buildrecords.RecordStore (the CLI reads the stat cache's pointer there) ---
 
 
 # -- repo side ----------------------------------------------------------------------------------------------
@@ -490,9 +399,13 @@ class BuildCache:
 
     # -- restore --------------------------------------------------------------------------------------
     async def lookup(self, key: str, restore_keys: Sequence[str] = (), lookup_only: bool = False,
-                     paths_id: str | None = None) -> dict:
+                     paths_id: str | None = None, on_fetch: Callable[[dict], None] | None = None) -> dict:
         """The tree for `key`, else for the newest key starting with the first of `restore_keys` that
-        matches any; made local unless `lookup_only`. `{"match": "exact"|"prefix"|"none", ...}`."""
+        matches any; made local unless `lookup_only`. `{"match": "exact"|"prefix"|"none", ...}`.
+
+        `on_fetch({"root", "key"})` is called when a tree has to be fetched from the swarm, before the
+        fetch starts, so a caller can write the tree's files as its blocks arrive (streaming restore). It
+        may be called again for an older record when that fetch fails; only the returned root is whole."""
         check_cache_key(key)
         for p in restore_keys:
             check_cache_key(p, "restore key")
@@ -504,7 +417,7 @@ class BuildCache:
             # The newest record whose tree can be had wins; one whose tree is gone everywhere is skipped.
             for record, peers in records:
                 try:
-                    fetched = await self._make_local(record, peers)
+                    fetched = await self._make_local(record, peers, on_fetch)
                 except NotFound as e:
                     log.warning("build cache: the tree of %r (%s) cannot be had: %s", record.key[:80], record.root, e)
                     continue
@@ -519,13 +432,16 @@ class BuildCache:
         self.stats.misses += 1
         return {"match": "none", "key": None, "requested": key}
 
-    async def _make_local(self, record: CacheRecord, peers: list[Any]) -> int:
+    async def _make_local(self, record: CacheRecord, peers: list[Any],
+                          on_fetch: Callable[[dict], None] | None = None) -> int:
         info = self.repo.index.get_root(record.root)
         fetched = 0
         if info is None or not info.complete:
             if self.swarm is None:
                 raise NotFound(f"the tree of {record.key!r} ({record.root}) is not in the repo and no daemon is "
                                "running to fetch it; start `p2pcache daemon`")
+            if on_fetch is not None:
+                on_fetch({"root": str(record.root), "key": record.key})
             fetched = await self.swarm.fetch_tree(record.root, peers)
             self.stats.trees_fetched += 1
             self.stats.bytes_fetched += fetched
@@ -541,17 +457,18 @@ class BuildCache:
         return found[0][0].to_json() if found else None
 
     async def save(self, key: str, root: CID, force: bool = False, paths_id: str | None = None,
-                   scan_time: float | None = None, lease: str | None = None) -> dict:
+                   scan_time: float | None = None, lease: str | None = None, scan_digest: bytes | None = None) -> dict:
         """Claim the uploaded tree `root` under `key`: refuse an existing key unless `force`, check the
         tree is whole, register it, sign and keep the record, announce root and namespace. The upload
         `lease` ends here, whatever the outcome (the root claims its blocks, or the save failed)."""
         try:
-            return await self._save(key, root, force, paths_id, scan_time)
+            return await self._save(key, root, force, paths_id, scan_time, scan_digest)
         finally:
             if self.leases is not None:
                 self.leases.release(lease)
 
-    async def _save(self, key: str, root: CID, force: bool, paths_id: str | None, scan_time: float | None) -> dict:
+    async def _save(self, key: str, root: CID, force: bool, paths_id: str | None, scan_time: float | None,
+                    scan_digest: bytes | None = None) -> dict:
         check_cache_key(key)
         existing = await self.find(key, False)
         if existing and not force:
@@ -567,7 +484,7 @@ class BuildCache:
         record = CacheRecord.create(key, root, now_ms, self.writer, self.signer)
         self.store.put(record, own=True)
         if paths_id:
-            self.store.set_save(paths_id, root, scan_time or self.clock())
+            self.store.set_save(paths_id, root, scan_time or self.clock(), scan_digest)
         if self.swarm is not None:
             self.swarm.announce(root, [cache_ns_alias(record.namespace)])
         self.stats.saves += 1
@@ -702,136 +619,6 @@ def _writer_id(writer: bytes) -> str:
     from .content.cacherecord import peer_id_of
 
     return peer_id_of(writer)
-
-
-# -- block uploads from a local saver -----------------------------------------------------------------------
-
-
-def frame_blocks(blocks: list[tuple[CID, bytes]]) -> bytes:
-    """The body of a block upload: (varint, binary CID, varint, bytes) per block."""
-    from .content import varint
-
-    parts = []
-    for cid, data in blocks:
-        raw = cid.buffer
-        parts += [varint.encode(len(raw)), raw, varint.encode(len(data)), data]
-    return b"".join(parts)
-
-
-def unframe_blocks(body: bytes) -> list[tuple[CID, bytes]]:
-    """Blocks from an upload body; InvalidInput on anything malformed (each block is re-hashed later)."""
-    from .content import varint
-
-    out = []
-    pos = 0
-    view = memoryview(body)
-    try:
-        while pos < len(body):
-            n, pos = varint.decode(view, pos)
-            cid = CID.decode(bytes(view[pos:pos + n]))
-            pos += n
-            n, pos = varint.decode(view, pos)
-            if pos + n > len(body):
-                raise InvalidInput("block upload: truncated block")
-            out.append((cid, bytes(view[pos:pos + n])))
-            pos += n
-    except (ValueError, IndexError) as e:
-        raise InvalidInput(f"block upload: malformed body ({e})") from None
-    return out
-
-
-def frame_cids(cids: list[CID]) -> bytes:
-    from .content import varint
-
-    return b"".join(varint.encode(len(c.buffer)) + c.buffer for c in cids)
-
-
-def unframe_cids(body: bytes) -> list[CID]:
-    from .content import varint
-
-    out, pos, view = [], 0, memoryview(body)
-    try:
-        while pos < len(body):
-            n, pos = varint.decode(view, pos)
-            out.append(CID.decode(bytes(view[pos:pos + n])))
-            pos += n
-    except (ValueError, IndexError) as e:
-        raise InvalidInput(f"block list: malformed body ({e})") from None
-    return out
-
-
-class DaemonBlockSink:
-    """A save's blocks uploaded to the running daemon, which re-hashes each before storing it.
-
-    The upload runs on a background thread (at most `depth` batches queued): for each batch it asks which
-    blocks the daemon lacks and sends only those, so the saver keeps reading and chunking and never waits
-    on a round trip. Every request names the save's upload lease (opened at the first request), which keeps
-    the daemon's gc off the blocks until `cache save` claims them; `close()` waits for the last batch and
-    re-raises the first error."""
-
-    def __init__(self, client: Any, depth: int = 2):
-        self.client = client
-        self.depth = depth
-        self.q: Any = None
-        self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-        self.lease: str | None = None
-        self.new_blocks = 0
-        self.new_bytes = 0
-
-    def open_lease(self) -> str:
-        """The save's upload lease (opened at the first call): from then on, no gc in the daemon takes a
-        block that is there, until the save claims it or the lease lapses."""
-        if self.lease is None:
-            self.lease = self.client.cache_upload_lease()
-        return self.lease
-
-
-    def _run(self) -> None:
-        while True:
-            blocks = self.q.get()
-            if blocks is None:
-                return
-            if self.error is None:
-                try:
-                    lacking = self.client.blocks_missing(frame_cids([c for c, _ in blocks]), self.open_lease())
-                    todo = [blocks[i] for i in lacking]
-                    if todo:
-                        self.client.put_blocks(frame_blocks(todo), self.open_lease())
-                    self.new_blocks += len(todo)
-                    self.new_bytes += sum(len(d) for _, d in todo)
-                except BaseException as e:
-                    self.error = e
-
-    def missing(self, cids: list[CID]) -> set[CID]:
-        if self.error is not None:
-            raise self.error
-        return {cids[i] for i in self.client.blocks_missing(frame_cids(cids), self.open_lease())}
-
-    def offer(self, blocks: list[tuple[CID, bytes]]) -> None:
-        if self.error is not None:
-            raise self.error
-        if self.thread is None:
-            import queue
-
-            self.open_lease()  # before any block goes up
-            self.q = queue.Queue(maxsize=self.depth)
-            self.thread = threading.Thread(target=self._run, daemon=True, name="cache-upload")
-            self.thread.start()
-        self.q.put(blocks)
-
-    def close(self) -> tuple[int, int]:
-        """Wait for the uploads in flight (a later `offer` starts again); re-raise the first error; (new
-        blocks, new bytes) since the last close. The lease stays open for the save that follows."""
-        if self.thread is not None:
-            self.q.put(None)
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            raise self.error
-        out = (self.new_blocks, self.new_bytes)
-        self.new_blocks = self.new_bytes = 0
-        return out
 
 
 # -- tar streams: the build cache for builders that have curl and tar but not p2pcache (Nix) ----------------

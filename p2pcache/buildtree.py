@@ -52,7 +52,8 @@ from .content.treemanifest import (
 )
 from .errors import CorruptData, InvalidInput, RepoError
 
-__all__ = ["BlockSink", "RestoreReport", "SaveReport", "paths_id", "previous_entries", "restore_tree", "save_tree"]
+__all__ = ["ArrivingBlocks", "BlockSink", "PathScan", "RestoreReport", "SaveReport", "TreeSuperseded", "paths_id",
+           "previous_entries", "restore_tree", "save_tree", "scan_paths", "unchanged_tree", "undo_restore"]
 
 READ_SIZE = 4 << 20
 BATCH_BYTES = 8 << 20
@@ -81,6 +82,9 @@ def paths_id(paths: list[str]) -> str:
 # -- saving ---------------------------------------------------------------------------------------------
 
 
+Digest = bytes
+
+
 @dataclass
 class SaveReport:
     root: CID | None = None
@@ -94,6 +98,7 @@ class SaveReport:
     sources: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     scan_time: float = 0.0
+    scan_digest: "Digest | None" = None  # the walk's `PathScan.digest` (None with sources: those are hashed anew)
 
     def to_json(self) -> dict:
         return {"root": str(self.root), "files": self.files, "dirs": self.dirs, "symlinks": self.symlinks,
@@ -149,14 +154,28 @@ def _top_links(body: object) -> list[CID]:
     return [link[0] for link in body[2]] if isinstance(body, list) else []
 
 
-def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = None,
-              previous: "PreviousTree | None" = None, previous_scan: float = 0.0,
-              params: ChunkerParams = DEFAULT_PARAMS, threads: int = 4,
-              progress: Callable[[int], None] | None = None) -> SaveReport:
-    """Walk `paths`, store every block `sink` lacks, and return the report with the tree's root CID."""
-    report = SaveReport(scan_time=time.time())
+@dataclass
+class PathScan:
+    """One walk of the paths to save: every entry's lstat in tree order, when the walk began, and a digest
+    of everything of each entry that goes into a tree besides file contents (top-level path as given,
+    relative path, st_mode, mtime, size of a file, target of a symlink; the chunker parameters).
+
+    Two walks with the same digest describe the same tree whenever the files' contents are those the
+    stat cache trusts (same size and mtime, not racily new): a save whose walk has the digest of the
+    save that made the previous tree, with no file racily new, *is* that tree again, so it is neither
+    read nor rebuilt (`unchanged_tree`)."""
+
+    paths: list[str]
+    entries: list[tuple[int, bytes, os.stat_result]]
+    time: float
+    digest: bytes
+    newest_mtime_ns: int
+
+
+def scan_paths(paths: list[str], params: ChunkerParams = DEFAULT_PARAMS) -> PathScan:
     if not paths:
         raise InvalidInput("cache save needs at least one PATH")
+    started = time.time()
     entries: list[tuple[int, bytes, os.stat_result]] = []
     for top, p in enumerate(paths):
         try:
@@ -166,6 +185,58 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
         except OSError as e:
             raise RepoError(f"cannot read {p}: {e.strerror}") from None
         entries += [(top, rel, st) for rel, st in found]
+    h = hashlib.sha256(b"p2pcache scan 1\0%r\0%d\0" % (params.to_ipld(), len(paths)))
+    for p in paths:
+        h.update(os.fsencode(p) + b"\0")
+    newest = 0
+    parts: list[bytes] = []
+    for top, rel, st in entries:
+        mode = st.st_mode
+        extra = b""
+        if stat.S_ISREG(mode):
+            extra = b"%d" % st.st_size
+            newest = max(newest, st.st_mtime_ns)
+        elif stat.S_ISLNK(mode):
+            full = os.path.join(os.fsencode(paths[top]), rel) if rel else os.fsencode(paths[top])
+            try:
+                extra = os.readlink(full)
+            except OSError:
+                extra = b"\0unreadable"
+        parts.append(b"%d\0%s\0%d\0%d\0%s\0\0" % (top, rel, mode, st.st_mtime_ns, extra))
+    h.update(b"".join(parts))
+    return PathScan(list(paths), entries, started, h.digest(), newest)
+
+
+def unchanged_tree(scan: PathScan, root: CID, digest: bytes | None, scan_time: float) -> SaveReport | None:
+    """The report of a save of `scan` if it is exactly the tree `root` saved with scan `digest` at
+    `scan_time` (see `PathScan`), else None. Reads no file and builds no block."""
+    if digest is None or digest != scan.digest or scan.newest_mtime_ns >= int(scan_time * 1e9) - RACY_NS:
+        return None
+    report = SaveReport(root=root, scan_time=scan.time, scan_digest=scan.digest)
+    for top, rel, st in scan.entries:
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            report.files += 1
+            report.bytes += st.st_size
+        elif stat.S_ISDIR(mode):
+            report.dirs += 1
+        elif stat.S_ISLNK(mode):
+            report.symlinks += 1
+        else:
+            report.skipped.append((os.path.join(scan.paths[top], os.fsdecode(rel)) if rel else scan.paths[top],
+                                   "special file"))
+    return report
+
+
+def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = None,
+              previous: "PreviousTree | None" = None, previous_scan: float = 0.0,
+              params: ChunkerParams = DEFAULT_PARAMS, threads: int = 4,
+              progress: Callable[[int], None] | None = None, scan: PathScan | None = None) -> SaveReport:
+    """Walk `paths` (or take the walk `scan` of them), store every block `sink` lacks, and return the
+    report with the tree's root CID and the walk's digest."""
+    scan = scan_paths(paths, params) if scan is None else scan
+    report = SaveReport(scan_time=scan.time, scan_digest=scan.digest if sources_dir is None else None)
+    entries = scan.entries
     # Which files may reuse their previous body: same type, mode, size and mtime, not racily new, and
     # their blocks still in the repo (gc may have taken them).
     old_files = previous.files if previous is not None else {}
@@ -324,6 +395,9 @@ class PreviousTree:
 # -- restoring ------------------------------------------------------------------------------------------
 
 
+WrittenEntry = tuple[str, bytes]  # (target directory, relative path)
+
+
 @dataclass
 class RestoreReport:
     files: int = 0
@@ -336,6 +410,8 @@ class RestoreReport:
     sources_changed: list[str] = field(default_factory=list)
     sources_new: list[str] = field(default_factory=list)
     sources_deleted: list[str] = field(default_factory=list)
+    # (target directory, relative path) of every file and symlink this restore put in place, for `undo_restore`
+    written: "list[WrittenEntry]" = field(default_factory=list, repr=False)
 
     def refused_line(self) -> str | None:
         if not self.refused:
@@ -460,17 +536,18 @@ def symlink_escapes(rel: bytes, target: bytes) -> bool:
 
 
 def restore_tree(root: CID, load: Callable[[CID], bytes], targets: list[str], *, threads: int = 4,
-                 progress: Callable[[int], None] | None = None,
-                 load_many: LoadMany | None = None) -> tuple[RestoreReport, TreeManifest, list[int]]:
+                 progress: Callable[[int], None] | None = None, load_many: LoadMany | None = None,
+                 report: RestoreReport | None = None) -> tuple[RestoreReport, TreeManifest, list[int]]:
     """Write the tree `root` into `targets` (one per saved top-level path, by position). Returns the report,
     the manifest and the mtimes (ns) of every file restored, for `fix_timestamps`. `load_many(links)`
     reads many chunks at once, sizes checked (`Repo.load_blocks`: one index query and few preads for a
-    whole group of files); without it, chunks are read one by one through `load`."""
+    whole group of files); without it, chunks are read one by one through `load`. A `report` passed in
+    is filled in place, so a caller still has its `written` list when the restore raises."""
+    report = RestoreReport() if report is None else report
     manifest = TreeManifest.decode(load(root))
     if len(targets) != len(manifest.paths):
         raise InvalidInput(f"the cache holds {len(manifest.paths)} path(s) ({', '.join(manifest.paths)}); "
                            f"restore got {len(targets)}: give the same number of PATHs, in the same order")
-    report = RestoreReport()
     mtimes: list[int] = []
     for top, target in enumerate(targets):
         try:
@@ -527,6 +604,7 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
                     chunks = itertools.islice(data, next(next_count)) if not isinstance(e.body, bytes) else iter(())
                     try:
                         out.append((e, _write_file(dfd, e.path.rpartition(b"/")[2], e, chunks, umask)))
+                        report.written.append((target, e.path))  # here: known even if a later group fails
                     except _Refused as r:
                         deque(chunks, maxlen=0)  # keep the shared read in step for the next file
                         out.append((e, str(r)))
@@ -602,6 +680,7 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
             finally:
                 os.close(dfd)
             report.symlinks += 1
+            report.written.append((target, e.path))
         # Symlinks that resolve outside once everything is in place (through other symlinks, or through
         # what was already on disk) are removed again.
         real_root = os.path.realpath(target)
@@ -632,6 +711,89 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
             report.dirs += 1
     finally:
         os.close(root_fd)
+
+
+def undo_restore(report: RestoreReport) -> int:
+    """Remove every file and symlink `report`'s restore put in place (a streaming restore whose tree did not
+    arrive whole). Directories it created stay; a file it replaced is not brought back (both are cache
+    entries: the build makes them again). Never follows a symlink. Returns how many were removed."""
+    removed = 0
+    for target, rel in report.written:
+        parent, _, name = rel.rpartition(b"/")
+        try:
+            root_fd = os.open(target, _DIR_FLAGS & ~os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            dfd = _open_dir(root_fd, parent.split(b"/") if parent else [], create=False)
+        except (_Refused, OSError):
+            os.close(root_fd)
+            continue
+        try:
+            os.unlink(name, dir_fd=dfd)
+            removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(dfd)
+            os.close(root_fd)
+    report.written = []
+    return removed
+
+
+class TreeSuperseded(RepoError):
+    """The tree being restored while it arrives will not arrive whole (its fetch failed, or the lookup
+    settled on another record): what was written must be undone."""
+
+
+class ArrivingBlocks:
+    """Reads of a tree a daemon is fetching right now, for `restore_tree`: each read waits until its blocks
+    are in the repo (the daemon commits verified blocks as they arrive; the reader sees them in the index),
+    so files are written while later blocks are still on the way, in tree order, which is the order the
+    fetch walks. `end(root)` says the fetch is over: for `root` this tree, every block is there, and one
+    still missing is the repo's own error; for another root (or None: the lookup failed) every read that
+    waits raises TreeSuperseded. Polls the index (one query per wait step), backing off to `max_poll`."""
+
+    def __init__(self, root: CID, load: Callable[[CID], bytes], load_many: "LoadMany",
+                 present: Callable[[list[CID]], set[bytes]], max_poll: float = 0.05):
+        import threading
+
+        self.root = root
+        self._load, self._load_many, self._present = load, load_many, present
+        self.max_poll = max_poll
+        self._ended = threading.Event()
+        self._outcome: CID | None = None
+        self.waits = 0  # wait steps taken (for the bench's report)
+
+    def end(self, root: CID | None) -> None:
+        self._outcome = root
+        self._ended.set()
+
+    def _wait_for(self, cids: list[CID]) -> None:
+        delay = 0.002
+        while cids:
+            have = self._present(cids)
+            cids = [c for c in cids if c.buffer not in have]
+            if not cids:
+                return
+            if self._ended.is_set():
+                if self._outcome != self.root:
+                    raise TreeSuperseded(f"tree {self.root} did not arrive whole; the lookup ended on "
+                                         f"{self._outcome or 'an error'}")
+                return  # all of it was stored before the fetch ended: the repo read says what is wrong
+            self.waits += 1
+            self._ended.wait(delay)
+            delay = min(delay * 2, self.max_poll)
+
+    def load(self, cid: CID) -> bytes:
+        self._wait_for([cid])
+        return self._load(cid)
+
+    def load_many(self, links: list[tuple[CID, int]]) -> Iterator[bytes]:
+        for i in range(0, len(links), 256):
+            part = links[i:i + 256]
+            self._wait_for([c for c, _ in part])
+            yield from self._load_many(part)
 
 
 # -- timestamps -----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -54,11 +55,20 @@ def read_api_file(repo: Path) -> dict | None:
 ADD_PIECE = 1 << 20
 
 
+def _plain_http_only() -> ssl.SSLContext:
+    """The TLS context the client is built with. The daemon's API is plain HTTP on loopback, so no
+    certificate is ever checked; httpx's default context loads the system's CA bundle, 30-80 ms of every
+    CLI call. This one loads none and still requires certificates: an https URL fails closed."""
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 class DaemonClient:
-    def __init__(self, info: dict, token: str, timeout: float = 30.0):
+    def __init__(self, info: dict, token: str | None, timeout: float = 30.0):
         self.info = info
         self.http = httpx.Client(base_url=info["api"], timeout=httpx.Timeout(timeout, read=None),
-                                 headers={"authorization": f"Bearer {token}"})
+                                 verify=_plain_http_only(), trust_env=False)
+        if token is not None:
+            self.http.headers["authorization"] = f"Bearer {token}"
 
     @classmethod
     def find(cls, repo: Path) -> "DaemonClient | None":
@@ -67,12 +77,17 @@ class DaemonClient:
         info = read_api_file(repo)
         if info is None:
             return None
+        client = cls(info, None)  # one client (one connection) for the probe and every call after it
         try:
-            with httpx.Client(timeout=5.0) as probe:  # alive? (no token needed to know that)
-                probe.get(info["api"] + "/nix-cache-info")
+            client.http.get("/nix-cache-info", timeout=5.0)  # alive? (no token needed to know that)
         except httpx.HTTPError:
+            client.close()
             return None
-        client = cls(info, read_token(repo))
+        try:
+            client.http.headers["authorization"] = f"Bearer {read_token(repo)}"
+        except BaseException:
+            client.close()
+            raise
         try:
             r = client.http.get("/api/v0/status", timeout=5.0)
         except httpx.HTTPError:
@@ -187,14 +202,19 @@ class DaemonClient:
         return self._stream("/api/v0/prefetch", {"dependencies": dependencies, "jobs": jobs}, None, on_event)
     # -- build cache (p2pcache.buildcache through the daemon; the caller walks and writes its own paths) --
     def cache_lookup(self, key: str, restore_keys: list[str], lookup_only: bool, paths_id: str | None = None,
-                     progress: Callable[[int, int | None], None] | None = None) -> dict:
+                     progress: Callable[[int, int | None], None] | None = None,
+                     on_event: Callable[[dict], None] | None = None) -> dict:
+        """The lookup's answer; `on_event` (with no `progress`) gets its other events, e.g. `fetching`
+        with the root of a tree the daemon starts to fetch."""
         return self._stream("/api/v0/cache/lookup", {"key": key, "restore_keys": list(restore_keys),
-                                                      "lookup_only": lookup_only, "paths_id": paths_id}, progress)
+                                                      "lookup_only": lookup_only, "paths_id": paths_id}, progress,
+                            on_event)
 
     def cache_save(self, key: str, root: str, force: bool, paths_id: str | None, scan_time: float | None,
-                   lease: str | None = None) -> dict:
+                   lease: str | None = None, scan_digest: bytes | None = None) -> dict:
         return self._post("/api/v0/cache/save", {"key": key, "root": root, "force": force, "paths_id": paths_id,
-                                                 "scan_time": scan_time, "lease": lease})
+                                                 "scan_time": scan_time, "lease": lease,
+                                                 "scan_digest": scan_digest.hex() if scan_digest else None})
 
     def cache_call(self, what: str, body: dict) -> dict:
         """pin, unpin, keys, expire."""

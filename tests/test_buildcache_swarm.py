@@ -2,6 +2,7 @@
 swarm, with the saver gone, by prefix, and with writers the team does not trust for a namespace."""
 
 import json
+import os
 import random
 import subprocess
 import time
@@ -67,6 +68,20 @@ def test_save_restore_across_runners_saver_gone_prefix_and_trust(tmp_path, swarm
     # immutable: a second save of the same key stores nothing and says so
     again = json.loads(a.cli("--json", "cache", "save", "main/linux-1", str(build)).stdout)
     assert again == {"saved": False, "reason": "exists", "key": "main/linux-1"}
+
+    # re-saves through the daemon: unchanged (old mtimes, so nothing is racily new), nothing is read and the
+    # root stays; one file rewritten, that file alone is read and the root changes
+    build3 = make_build_dir(tmp_path / "build3", 4, files=6)
+    long_ago = time.time() - 100
+    for p in [build3, *build3.rglob("*")]:
+        os.utime(p, (long_ago, long_ago), follow_symlinks=False)
+    first = json.loads(a.cli("--json", "cache", "save", "main/re-1", str(build3)).stdout)
+    for _ in range(2):
+        same = json.loads(a.cli("--json", "cache", "save", "--force", "main/re-1", str(build3)).stdout)
+        assert same["root"] == first["root"] and same["tree"]["files_read"] == 0 and same["tree"]["new_bytes"] == 0
+    (build3 / "obj0" / "f0.o").write_bytes(b"rebuilt")
+    changed = json.loads(a.cli("--json", "cache", "save", "main/re-2", str(build3)).stdout)
+    assert changed["root"] != first["root"] and changed["tree"]["files_read"] == 1
 
     got = restore(b, "main/linux-1", tmp_path / "b-out")
     assert got["match"] == "exact" and got["root"] == saved["root"] and got["bytes_fetched"] > 0

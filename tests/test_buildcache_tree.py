@@ -220,3 +220,127 @@ def test_huge_trees_put_page_links_into_index_blocks(monkeypatch):
     blocks.clear()
     m2 = build(3001)
     assert m2.entries == 3001 and len(set(blocks) - before) <= 6
+
+
+def _arriving_copy(src_repo, root, dst_path, *, stop_at=None, then=None):
+    """What a daemon's fetch does to the repo a streaming restore reads: the tree's blocks, in the
+    order the fetch walks them (root, pages, then each file's chunks), committed in small batches from
+    another thread and another repo handle."""
+    import threading
+
+    from p2pcache.content.treemanifest import iter_blocks
+    from p2pcache.store.repo import Repo
+
+    manifest = TreeManifest.decode(src_repo.load_block(root))
+    order = [root] + list(dict.fromkeys(c for c, _ in iter_blocks(manifest, src_repo.load_block)))
+    events = {"half": threading.Event()}
+    stop_after = None if stop_at is None else int(len(order) * stop_at) // 16 * 16
+
+    def run(arriving, report):
+        dst = Repo.open(dst_path, writable=True)
+        try:
+            for i in range(0, len(order), 16):
+                if stop_after is not None and i >= stop_after:
+                    arriving.end(then)
+                    return
+                dst.put_blocks([(c, src_repo.load_block(c)) for c in order[i:i + 16]])
+                if i >= len(order) // 2 and not events["half"].is_set():
+                    events["half"].set()
+                    # files must be written before the tree is whole: wait for the restore to write one
+                    for _ in range(1000):
+                        if report.written:
+                            break
+                        threading.Event().wait(0.01)
+                    events["written_early"] = bool(report.written)
+            arriving.end(root)
+        finally:
+            dst.close()
+
+    return order, run, events
+
+
+def test_streaming_restore_writes_files_as_their_blocks_arrive(repo, tmp_path):
+    import threading
+
+    from p2pcache.buildtree import ArrivingBlocks, RestoreReport
+    from p2pcache.store.repo import Repo
+
+    src = build_dir(tmp_path / "b", n=200)
+    r = save_tree([str(src)], RepoBlockSink(repo))
+    Repo.init(tmp_path / "dst").close()
+    reader = Repo.open(tmp_path / "dst", writable=False)
+    try:
+        order, run, events = _arriving_copy(repo, r.root, tmp_path / "dst")
+        arriving = ArrivingBlocks(r.root, reader.load_block, reader.load_blocks,
+                                  lambda cids: set(reader.index.locate_many(cids)))
+        report = RestoreReport()
+        copier = threading.Thread(target=run, args=(arriving, report))
+        copier.start()
+        restore_tree(r.root, arriving.load, [str(tmp_path / "out")], load_many=arriving.load_many, report=report)
+        copier.join()
+    finally:
+        reader.close()
+    assert events["written_early"] and arriving.waits > 0
+    assert report.files == 200 and report.refused == []
+    for p in src.rglob("*"):
+        if p.is_file():
+            assert (tmp_path / "out" / p.relative_to(src)).read_bytes() == p.read_bytes()
+
+
+def test_streaming_restore_of_a_tree_that_will_not_arrive_is_undone(repo, tmp_path):
+    import threading
+
+    from p2pcache.buildtree import ArrivingBlocks, RestoreReport, TreeSuperseded, undo_restore
+    from p2pcache.store.repo import Repo
+
+    src = build_dir(tmp_path / "b", n=200)
+    r = save_tree([str(src)], RepoBlockSink(repo))
+    out = tmp_path / "out"
+    (out / "m1").mkdir(parents=True)
+    (out / "m1" / "mine.txt").write_bytes(b"not a cache entry")
+    Repo.init(tmp_path / "dst").close()
+    reader = Repo.open(tmp_path / "dst", writable=False)
+    other = CID.for_block(DAG_CBOR, b"another tree")
+    try:
+        order, run, _ = _arriving_copy(repo, r.root, tmp_path / "dst", stop_at=0.75, then=other)
+        arriving = ArrivingBlocks(r.root, reader.load_block, reader.load_blocks,
+                                  lambda cids: set(reader.index.locate_many(cids)))
+        report = RestoreReport()
+        copier = threading.Thread(target=run, args=(arriving, report))
+        copier.start()
+        with pytest.raises(TreeSuperseded):
+            restore_tree(r.root, arriving.load, [str(out)], load_many=arriving.load_many, report=report)
+        copier.join()
+    finally:
+        reader.close()
+    assert report.written, "some files were written before the fetch gave up"
+    assert undo_restore(report) > 0
+    assert [p for p in out.rglob("*") if p.is_file()] == [out / "m1" / "mine.txt"]
+
+
+def test_a_walk_with_the_last_saves_digest_is_that_tree_again(repo, tmp_path):
+    from p2pcache.buildtree import scan_paths, unchanged_tree
+
+    src = build_dir(tmp_path / "b", n=40)
+    (src / "link").symlink_to("m1/s1/f1.o")
+    first = save_tree([str(src)], RepoBlockSink(repo))
+    assert first.scan_digest is not None
+    later = first.scan_time + 2  # as if this save had been recorded two seconds after its walk
+    same = unchanged_tree(scan_paths([str(src)]), first.root, first.scan_digest, later)
+    assert same is not None and same.root == first.root and same.files_read == 0
+    assert (same.files, same.dirs, same.symlinks, same.bytes) == (first.files, first.dirs, first.symlinks, first.bytes)
+    # what the walk trusts is what the stat cache trusts: a racily new file, or any metadata change, is not it
+    assert unchanged_tree(scan_paths([str(src)]), first.root, first.scan_digest, first.scan_time) is None
+    f = src / "m1" / "s1" / "f1.o"
+    st = f.stat()
+    f.write_bytes(f.read_bytes()[::-1])  # same size, new contents: a new mtime
+    assert unchanged_tree(scan_paths([str(src)]), first.root, first.scan_digest, later + 5) is None
+    # a tool that puts the old mtime back on purpose is trusted, as by the stat cache (README: `--rehash`)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert unchanged_tree(scan_paths([str(src)]), first.root, first.scan_digest, later) is not None
+    for change in (lambda: (src / "link").unlink() or (src / "link").symlink_to("m1/s1/f2.o"),
+                   lambda: f.chmod(0o600), lambda: (src / "new").write_bytes(b"")):
+        change()
+        assert unchanged_tree(scan_paths([str(src)]), first.root, first.scan_digest, later + 5) is None
+    # a save with sources hashes them anew: it records no digest
+    assert save_tree([str(src)], RepoBlockSink(repo), sources_dir=str(tmp_path / "b" / "m2")).scan_digest is None

@@ -172,3 +172,48 @@ def test_a_read_only_repo_refuses_an_ingest(tmp_path):
     Repo.init(tmp_path / "r").close()
     with Repo.open(tmp_path / "r") as ro, pytest.raises(RepoError):
         Ingest(ro)
+
+
+def test_chunk_hasher_gives_each_chunks_sha256_and_crc32_in_order():
+    import hashlib
+    import zlib
+
+    from p2pcache.store.ingest import ChunkHasher
+
+    with ChunkHasher(threads=2) as hasher:
+        for n in (1, 3, 4, 37):  # fewer chunks than two per thread go as one part
+            chunks = [memoryview(os.urandom(1000 + i)) for i in range(n)]
+            got = hasher.result(hasher.submit(chunks))
+            assert got == [(hashlib.sha256(c).digest(), zlib.crc32(c)) for c in chunks]
+
+
+def test_an_add_records_the_crc32_its_hashing_threads_computed(repo, rng):
+    import zlib
+
+    data = rng.randbytes(9 << 20)  # a few read buffers: CIDs taken while later buffers are hashed
+    res = repo.add_stream(io.BytesIO(data))
+    rows = repo.index.db.execute("SELECT cid, size, crc FROM blocks").fetchall()
+    assert len(rows) > 100
+    for cid, size, crc in rows:
+        assert zlib.crc32(repo.load_block(CID(cid))) == crc
+    assert b"".join(repo.stream(res.root)) == data
+    assert repo.verify().consistent
+
+
+def test_a_durable_repo_starts_writeback_as_it_appends(tmp_path, rng, monkeypatch):
+    from p2pcache.store import blockstore
+
+    Repo.init(tmp_path / "r").close()
+    with Repo.open(tmp_path / "r", writable=True, durable=True) as repo:
+        if repo.packs._writeback is None:
+            pytest.skip("no sync_file_range on this platform")
+        kicks = []
+        real = repo.packs._writeback
+        repo.packs._writeback = lambda fd, off, n, flags: (kicks.append((off, n)), real(fd, off, n, flags))[1]
+        monkeypatch.setattr(blockstore, "WRITEBACK_STEP", 1 << 20)
+        data = rng.randbytes(6 << 20)
+        res = repo.add_stream(io.BytesIO(data))
+        assert kicks and all(a + n <= b for (a, n), (b, _) in zip(kicks, kicks[1:]))  # ranges in order
+        assert b"".join(repo.stream(res.root)) == data
+    with Repo.open(tmp_path / "r", writable=True, durable=False) as repo:
+        assert repo.packs._writeback is None  # nothing to wait for without a barrier

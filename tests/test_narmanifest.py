@@ -132,6 +132,50 @@ def test_any_tree_round_trips_byte_exact(tree, piece):
     assert ingest(nar, 1 << 20)[0] == root
 
 
+def _build_with_hash_chunks(nar: bytes, piece: int, hash_chunks) -> tuple[CID, dict[CID, bytes]]:
+    from p2pcache.content.nar import NarReader
+
+    reader = NarReader()
+    builder = NarManifestBuilder(TINY, hash_chunks=hash_chunks, **TINY_OPTIONS)
+    blocks: dict[CID, bytes] = {}
+    for i in range(0, len(nar), piece):
+        out: list = []
+        for event in reader.feed(nar[i : i + piece]):
+            out += builder.add(event)
+        builder.resolve()
+        for cid, data in builder.resolved(out):
+            assert type(cid) is CID and cid.verify(data)
+            blocks[cid] = bytes(data)
+    reader.end()
+    root, data = builder.finish(hashlib.sha256(nar).digest(), len(nar))
+    blocks[root] = data
+    return root, blocks
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=trees, piece=st.sampled_from([7, 4096, 1 << 20]))
+def test_chunk_cids_hashed_elsewhere_build_the_same_manifest(tree, piece):
+    """With `hash_chunks`, nothing is encoded before its chunks' CIDs are known (the hashing here happens only
+    when waited for), and the blocks and root are the ones the inline hashing gives."""
+    def lazy(chunks):
+        return lambda: [hashlib.sha256(c).digest() for c in chunks]
+
+    nar = nar_of(tree)
+    root, blocks, _ = ingest(nar, piece)
+    assert _build_with_hash_chunks(nar, piece, lazy) == (root, blocks)
+
+
+def test_chunk_cids_from_the_store_hashing_threads_build_the_same_manifest():
+    from p2pcache.store.ingest import ChunkHasher
+
+    tree = ("dir", {b"big": ("file", False, _content(1, 300_000)),  # index nodes sealed (fanout 3)
+                    b"sub": ("dir", {f"f{i}".encode(): ("file", i % 2 == 1, _content(i, 3000)) for i in range(40)})})
+    nar = nar_of(tree)
+    root, blocks, _ = ingest(nar, 1 << 16)
+    with ChunkHasher(threads=2) as hasher:
+        assert _build_with_hash_chunks(nar, 1 << 16, hasher.digests) == (root, blocks)
+
+
 @settings(max_examples=40, deadline=None)
 @given(tree=trees)
 def test_default_parameters_round_trip(tree):

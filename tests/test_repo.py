@@ -28,6 +28,15 @@ def test_add_then_get_gives_the_exact_bytes(repo, tmp_path, rng, size):
     assert out.read_bytes() == data
 
 
+def test_get_to_file_reports_progress_for_every_byte_it_wrote(repo, tmp_path, rng):
+    data = rng.randbytes((5 << 20) + 123)  # several writev groups and a short last one
+    res = repo.add_stream(io.BytesIO(data))
+    seen: list[int] = []
+    assert repo.get_to_file(res.root, tmp_path / "out", progress=seen.append) == len(data)
+    assert sum(seen) == len(data) and len(seen) > 1
+    assert (tmp_path / "out").read_bytes() == data
+
+
 def test_every_key_form_resolves_to_the_root(repo, rng):
     data = rng.randbytes(100_000)
     res = repo.add_stream(io.BytesIO(data), name="x")

@@ -23,7 +23,42 @@ _INT_MIN = -(2**64)
 _INT_MAX = 2**64 - 1
 
 
+_LEAVES = frozenset({type(None), bool, str, bytes, CID})  # exact types that need no look inside
+
+
 def _check(value: Any, depth: int = 0) -> None:
+    """Refuse what has no dag-cbor encoding. Exact built-in types are taken the quick way (a manifest page
+    is thousands of small lists of ints, bytes and CIDs); anything else, subclasses included, goes through
+    `_check_any`, which decides with isinstance. Same answers, same errors, as checking each value alone."""
+    t = type(value)
+    if depth > 64 or not (t is list or t is tuple or t is dict):
+        _check_any(value, depth)
+        return
+    deeper = depth + 1
+    if t is dict:
+        for k, v in value.items():
+            if type(k) is not str and not isinstance(k, str):
+                raise MalformedBlock(f"dag-cbor map keys must be strings, got {type(k).__name__}")
+            _check_item(v, deeper)
+        return
+    for v in value:
+        _check_item(v, deeper)
+
+
+def _check_item(v: Any, depth: int) -> None:
+    t = type(v)
+    if depth > 64:
+        raise MalformedBlock("dag-cbor value nests deeper than 64 levels")
+    if t in _LEAVES:
+        return
+    if t is int:
+        if not _INT_MIN <= v <= _INT_MAX:
+            raise MalformedBlock(f"integer {v} is outside the dag-cbor 64-bit range")
+        return
+    _check(v, depth)
+
+
+def _check_any(value: Any, depth: int) -> None:
     if depth > 64:
         raise MalformedBlock("dag-cbor value nests deeper than 64 levels")
     if value is None or isinstance(value, (bool, str, bytes, CID)):
@@ -73,8 +108,12 @@ def _reject_tag(tag: Any, immutable: bool = False) -> Any:
     raise MalformedBlock(f"unexpected CBOR tag {tag.tag} (dag-cbor allows only tag 42)")
 
 
-def decode(data: bytes | memoryview) -> Any:
-    """Decode a dag-cbor block, rejecting anything that is not in canonical dag-cbor form."""
+def decode(data: bytes | memoryview, *, recheck: bool = True) -> Any:
+    """Decode a dag-cbor block, rejecting anything that is not in canonical dag-cbor form.
+
+    `recheck=False` skips the canonical re-encode (the larger half of the cost) for a block this repo
+    has decoded strictly before, e.g. a page of a tree it registered; the CBOR itself is still parsed
+    strictly (no indefinite lengths, duplicate keys or foreign tags)."""
     data = bytes(data)
     try:
         value = cbor2.loads(
@@ -92,6 +131,8 @@ def decode(data: bytes | memoryview) -> Any:
         if cause is not None:
             raise cause from None
         raise MalformedBlock(f"not valid CBOR: {e}") from None
+    if not recheck:
+        return value
     try:
         again = encode(value)
     except MalformedBlock:

@@ -92,6 +92,38 @@ DIR_INLINE_BYTES = 64 << 10  # a bigger directory becomes pages instead of being
 MAX_INLINE_HEIGHT = 12
 
 Block = tuple[CID, "bytes | memoryview"]
+# Hands a batch of chunks to be sha256-hashed elsewhere (threads: the store's `ChunkHasher`); the function it
+# returns waits for their digests, in order.
+HashChunks = Callable[[list[memoryview]], Callable[[], list[bytes]]]
+HASH_BATCH = 32  # chunks handed to `hash_chunks` at a time
+
+
+class PendingCID:
+    """A raw chunk's CID while its sha256 is being computed (a builder with `hash_chunks`); `cid` once
+    `NarManifestBuilder.resolve` ran. Never encoded: every encode resolves first."""
+
+    __slots__ = ("cid",)
+
+    def __init__(self) -> None:
+        self.cid: CID | None = None
+
+
+def _real(c: Any) -> CID:
+    cid = c.cid if type(c) is PendingCID else c
+    assert isinstance(cid, CID), "internal: a PendingCID used before its builder's resolve()"
+    return cid
+
+
+def _fix_node(node: list[Any]) -> None:
+    """Replace the resolved PendingCIDs in a node (and the inline directories under it) by their CIDs."""
+    kind = node[0]
+    if kind == "chunked":
+        for link in node[4]:
+            if type(link[0]) is PendingCID:
+                link[0] = link[0].cid
+    elif kind == "dir":
+        for _name, child in node[1]:
+            _fix_node(child)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,11 +140,15 @@ class ChunkRef:
 class ChunkTree:
     """A file's chunk links, sealed into `ChunkIndex` nodes of at most `fanout` children as they come."""
 
-    def __init__(self, fanout: int):
+    def __init__(self, fanout: int, resolve: Callable[[], None] | None = None):
         self.fanout = fanout
         self.levels: list[list[Link]] = [[]]
+        self._resolve = resolve  # links may be PendingCIDs: resolved before a node is sealed
 
     def _seal(self, depth: int, links: list[Link], out: list[Block]) -> Link:
+        if self._resolve is not None:
+            self._resolve()
+            links = [(_real(c), n) for c, n in links]
         data = ChunkIndex(depth, tuple(links)).encode()
         cid = CID.for_block(DAG_CBOR, data)
         out.append((cid, data))
@@ -174,8 +210,15 @@ class NarManifestBuilder:
         page_bytes: int = PAGE_BYTES,
         dir_inline_bytes: int = DIR_INLINE_BYTES,
         fanout: int = FANOUT,
+        hash_chunks: HashChunks | None = None,
     ):
         self.params = params.validate()
+        # With `hash_chunks`, raw chunks' CIDs are computed elsewhere while this thread goes on: blocks and links
+        # carry PendingCIDs until `resolve` (which every encode here runs first; the caller runs it before it
+        # stores the blocks `add` returned, see `resolved`).
+        self._hash_chunks = hash_chunks
+        self._unhashed: list[tuple[PendingCID, memoryview]] = []
+        self._hashing: list[tuple[list[PendingCID], Callable[[], list[bytes]]]] = []
         if not 0 <= inline <= 64 << 10:
             raise InvalidInput(f"inline file limit must be 0..65536 bytes, got {inline}")
         if not 1 <= inline_links <= FANOUT or not 2 <= fanout <= FANOUT:
@@ -213,6 +256,10 @@ class NarManifestBuilder:
             self._close_page(parent, out)
 
     def _close_page(self, d: _OpenDir, out: list[Block]) -> None:
+        if self._hash_chunks is not None:
+            self.resolve()
+            for _name, node in d.entries:
+                _fix_node(node)
         data = dagcbor.encode({"type": PAGE_TYPE, "version": SCHEMA_VERSION, "entries": d.entries})
         if len(data) > MAX_BLOCK_SIZE:
             raise InvalidInput(f"NAR manifest: a directory page of {len(data)} bytes exceeds the block limit")
@@ -243,11 +290,37 @@ class NarManifestBuilder:
         self._place(node, size, 0, out)
 
     def _chunk(self, piece: memoryview, out: list[Block]) -> None:
-        cid = CID.for_block(RAW, piece)
+        cid: Any
+        if self._hash_chunks is None:
+            cid = CID.for_block(RAW, piece)
+        else:
+            cid = PendingCID()
+            self._unhashed.append((cid, piece))
+            if len(self._unhashed) >= HASH_BATCH:
+                self._submit()
         out.append((cid, piece))
         self.chunks += 1
         assert self._tree is not None
         self._tree.add(cid, len(piece), out)
+
+    def _submit(self) -> None:
+        assert self._hash_chunks is not None
+        batch, self._unhashed = self._unhashed, []
+        self._hashing.append(([p for p, _ in batch], self._hash_chunks([c for _, c in batch])))
+
+    def resolve(self) -> None:
+        """Wait for the CIDs of every chunk so far (with `hash_chunks`; nothing to do without)."""
+        if self._unhashed:
+            self._submit()
+        hashing, self._hashing = self._hashing, []
+        for pending, wait in hashing:
+            for p, digest in zip(pending, wait()):
+                p.cid = CID.from_digest(RAW, digest)
+
+    @staticmethod
+    def resolved(blocks: list[Block]) -> list[Block]:
+        """`blocks` from `add` with their PendingCIDs replaced (after `resolve`)."""
+        return [(_real(c), d) for c, d in blocks]
 
     def add(self, event: Event) -> list[Block]:
         out: list[Block] = []
@@ -274,7 +347,7 @@ class NarManifestBuilder:
             file = event
             self._file, self._left = file, file.size
             if file.size > self.inline:
-                self._tree = ChunkTree(self.fanout)
+                self._tree = ChunkTree(self.fanout, self.resolve if self._hash_chunks is not None else None)
             if not file.size:
                 self._file_done(out)
         elif cls is Entry:
@@ -309,6 +382,9 @@ class NarManifestBuilder:
         """The root block, given the sha256 and size of the NAR the events came from."""
         if self._root is None:
             raise InvalidInput("NAR manifest: the NAR ended before its root node was complete")
+        if self._hash_chunks is not None:
+            self.resolve()
+            _fix_node(self._root)
         manifest = NarManifest(nar_hash, nar_size, self.params, self.inline, self._root)
         data = manifest.encode()
         if len(data) > MAX_BLOCK_SIZE:
@@ -326,7 +402,7 @@ class NarIngest:
     def __init__(self, params: ChunkerParams = DEFAULT_PARAMS, *, expected_hash: bytes | None = None,
                  expected_size: int | None = None, **options: int):
         self.reader = NarReader()
-        self.builder = NarManifestBuilder(params, **options)
+        self.builder = NarManifestBuilder(params, **cast("dict[str, Any]", options))  # sizes only: hashes inline
         self.hash = hashlib.sha256()
         self.size = 0
         self.expected_hash = expected_hash

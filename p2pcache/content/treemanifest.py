@@ -420,13 +420,15 @@ def previous_tree(manifest: TreeManifest, load: Load) -> tuple[dict[tuple[int, b
     """An earlier tree of our own repo, for the next save: its regular-file entries by (top, path) (the stat
     cache) and its entry pages by first entry (`TreeManifestBuilder(previous_pages=…)`). Each page is decoded
     once; the shapes were checked when the tree was registered. Pages reused this way are not emitted again,
-    so the caller must know the tree is still complete in the repo."""
+    so the caller must know the tree is still complete in the repo. That also means every page was decoded
+    strictly when the tree was registered (`register_tree` walks them all), so they are not re-encoded
+    to check their canonical form again here."""
     files: dict[tuple[int, bytes], TreeEntry] = {}
     pages: dict[Any, Any] = {}
 
     def walk(links: Iterable[tuple[CID, int]], depth: int = 0) -> None:
         for cid, _ in links:
-            node = dagcbor.decode(load(cid))
+            node = dagcbor.decode(load(cid), recheck=False)
             if not isinstance(node, dict):
                 raise MalformedBlock(f"tree block {cid} is not a map")
             if node.get("type") == INDEX_TYPE and depth < 4:

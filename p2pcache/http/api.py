@@ -12,7 +12,7 @@
     POST /api/v0/blocks/missing (binary)     which of these blocks (varint, binary CID)… the repo lacks: indices
     POST /api/v0/blocks (binary)             upload blocks (varint, CID, varint, bytes)…; each is re-hashed
     POST /api/v0/cache/lookup {"key", "restore_keys", "lookup_only", "paths_id"}   find (and fetch) a tree (NDJSON)
-    POST /api/v0/cache/save {"key", "root", "force", "paths_id", "scan_time"}      claim an uploaded tree, sign, announce
+    POST /api/v0/cache/save {"key", "root", "force", "paths_id", "scan_time", "scan_digest"}  claim an uploaded tree, sign, announce
     POST /api/v0/cache/pin, /cache/unpin {"key"}; POST /api/v0/cache/keys, /cache/expire {}
     GET  /api/v0/cache/tar?key=K&restore_key=P…     a tree as a tar stream (builders with curl and tar: Nix)
     POST /api/v0/cache/tar?key=K&path=DIR…          save a tar stream's members under DIR… as K
@@ -162,6 +162,16 @@ def _query(scope: Scope) -> dict[str, str]:
     from urllib.parse import parse_qsl
 
     return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+
+
+def _scan_digest(value: object) -> bytes | None:
+    """A `cache save`'s scan digest (64 hex digits), else None (an old client, or nothing to record)."""
+    if isinstance(value, str) and len(value) == 64:
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            pass
+    return None
 
 
 def make_app(node: NodeAPI, policy: guard.AccessPolicy) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
@@ -380,8 +390,10 @@ async def _build_cache_routes(node: NodeAPI, scope: Scope, receive: Receive, sen
         if not isinstance(body.get("key"), str) or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise HTTPError(400, "cache/lookup needs 'key' (string) and 'restore_keys' (list of strings)")
         paths_id = body.get("paths_id") if isinstance(body.get("paths_id"), str) else None
-        await send_ndjson(send, _progress_stream(lambda p: cache.lookup(
-            body["key"], keys, bool(body.get("lookup_only")), paths_id)))
+        # A `fetching` event names the tree before its fetch starts (the CLI writes files as blocks arrive).
+        await send_ndjson(send, _event_stream(lambda emit: cache.lookup(
+            body["key"], keys, bool(body.get("lookup_only")), paths_id,
+            on_fetch=lambda e: emit({"event": "fetching", **e}))))
     elif path == "/api/v0/cache/save":
         if not isinstance(body.get("key"), str) or not isinstance(body.get("root"), str):
             raise HTTPError(400, "cache/save needs 'key' and 'root' strings")
@@ -390,7 +402,8 @@ async def _build_cache_routes(node: NodeAPI, scope: Scope, receive: Receive, sen
             body["key"], CID.parse(body["root"]), bool(body.get("force")),
             body.get("paths_id") if isinstance(body.get("paths_id"), str) else None,
             float(scan) if isinstance(scan, (int, float)) else None,
-            body.get("lease") if isinstance(body.get("lease"), str) else None))
+            body.get("lease") if isinstance(body.get("lease"), str) else None,
+            _scan_digest(body.get("scan_digest"))))
     elif path == "/api/v0/cache/upload":
         await send_json(send, await cache.open_upload())
     elif path in ("/api/v0/cache/pin", "/api/v0/cache/unpin"):

@@ -63,6 +63,36 @@ def syncfs(fd: int) -> None:
     os.sync()
 
 
+SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_STEP = 8 << 20  # with `writeback_ahead`: start writeback of every this many appended bytes
+
+
+def sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range(fd, offset, nbytes, flags), or None where there is none (not Linux)."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        _libc = ctypes.CDLL(name, use_errno=True) if name else False
+    fn = getattr(_libc, "sync_file_range", None) if isinstance(_libc, ctypes.CDLL) else None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def write_all(fd: int, parts: list[bytes | memoryview], total: int) -> None:
+    """Write `parts` (`total` bytes) at the file position in one writev, finishing a short write piece by piece."""
+    n = os.writev(fd, parts)
+    if n == total:
+        return
+    view = memoryview(b"".join(parts))[n:]
+    while view:
+        n = os.write(fd, view)
+        if n == 0:
+            raise OSError(errno.ENOSPC, "no space left on device")
+        view = view[n:]
+
+
 def disk_error(e: OSError, where: Path | str) -> Exception:
     """Turn an OSError from a write into the error a user should see."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -91,8 +121,12 @@ def _corrupt(cid: CID) -> CorruptData:
 class PackFiles:
     """The pack files of one repo. Thread-safe: appends hold a lock; reads are plain preads."""
 
-    def __init__(self, root: Path, pack_max: int = PACK_MAX):
+    def __init__(self, root: Path, pack_max: int = PACK_MAX, writeback_ahead: bool = False):
         self.root = root
+        # Start the disk writing appended bytes as they come (sync_file_range WRITE, which does not wait), so
+        # the barrier's fdatasync waits only for the last few MiB: for repos that barrier (durable ones).
+        self._writeback = sync_file_range() if writeback_ahead else None
+        self._kicked = 0  # offset in the active pack up to which writeback was started
         self.dir = root / "packs"
         self.pack_max = pack_max
         self._lock = threading.Lock()
@@ -162,6 +196,7 @@ class PackFiles:
                             os.close(fd)
                             raise disk_error(e, self.path(last)) from None
                         self._active, self._active_fd, self._end = last, fd, end
+                        self._kicked = end
                         return
                     os.close(fd)
             self._new_pack((ids[-1] + 1) if ids else 1)
@@ -180,13 +215,15 @@ class PackFiles:
         if self._active_fd >= 0:
             os.close(self._active_fd)
         self._active, self._active_fd, self._end = pack, fd, len(PACK_MAGIC)
+        self._kicked = 0
         self._dirty.add(pack)
         self._dir_dirty = True
 
     def append(self, blocks: Sequence[tuple[CID, bytes | memoryview]],
-               crcs: Sequence[int] | None = None) -> list[tuple[CID, Location]]:
+               crcs: Sequence[int | None] | None = None) -> list[tuple[CID, Location]]:
         """Append blocks (skipping those already pending) in one vectored write; durable after `barrier()`.
-        They are readable through `pending` at once. Returns the new locations."""
+        They are readable through `pending` at once. Returns the new locations. `crcs[i]`, where given and not
+        None, is block i's crc32, computed by the caller (an ingest's hashing threads) while the bytes were hot."""
         if self._active is None:
             raise RepoError("internal: pack store not started for writing")
         out: list[tuple[CID, Location]] = []
@@ -205,7 +242,9 @@ class PackFiles:
                 if old is not None:  # appended already (another add, not committed yet): share that record
                     out.append((cid, old))
                     continue
-                crc = crcs[i] if crcs is not None else zlib.crc32(data)
+                crc = crcs[i] if crcs is not None else None
+                if crc is None:
+                    crc = zlib.crc32(data)
                 header = RECORD_HEADER.pack(crc, len(data), len(key)) + key
                 parts.append(header)
                 parts.append(data)
@@ -233,6 +272,10 @@ class PackFiles:
             self._dirty.add(self._active)
             for cid, loc in out:
                 self.pending[cid.buffer] = loc
+            if self._writeback is not None and end - self._kicked >= WRITEBACK_STEP:
+                kicked = min(self._kicked, start)
+                self._writeback(self._active_fd, kicked, end - kicked, SYNC_FILE_RANGE_WRITE)  # advisory
+                self._kicked = end
         return out
 
     def _write_rest(self, group: list, done: int, pos: int) -> None:
@@ -304,6 +347,7 @@ class PackFiles:
             except OSError:
                 return 0
             freed, self._end = self._end - end, end
+            self._kicked = min(self._kicked, end)
             self._dirty.add(pack)
             return freed
 

@@ -34,13 +34,12 @@ from ..content.nixhash import NixHash
 from ..content.storepath import StorePath
 from ..errors import CorruptData, InvalidInput, NotFound, RepoError
 from .index import NarInfoRow
-from .ingest import BufferPool, read_into
+from .ingest import READ_SIZE, BufferPool, read_pieces, shared_chunk_hasher
 
 if TYPE_CHECKING:
     from .index import Index
     from .repo import Repo
 
-READ_SIZE = 4 << 20
 INGEST_BUFFERS = 8  # read buffers an ingest reuses
 NAR_MEDIA_TYPE = "application/x-nix-archive"
 
@@ -73,30 +72,6 @@ class NarAddResult:
             "new_bytes": self.new_bytes,
             "already_present": self.already_present,
         }
-
-
-def _pieces(stream: BinaryIO | Iterable[bytes], pool: BufferPool | None) -> Iterator[tuple[bytearray | None, memoryview]]:
-    """(pool buffer or None, the bytes read) of each piece of the stream."""
-    readinto: Callable[[memoryview], int | None] | None = getattr(stream, "readinto", None)
-    read: Callable[[int], bytes] | None = getattr(stream, "read", None)
-    if readinto is not None or read is not None:
-        while True:
-            buf = pool.get() if pool is not None and readinto is not None else None
-            try:
-                if buf is not None and readinto is not None:
-                    view = memoryview(buf)[: read_into(readinto, buf)]
-                else:
-                    assert read is not None
-                    view = memoryview(read(READ_SIZE))
-            except OSError as e:
-                raise RepoError(f"cannot read the NAR stream: {e.strerror}") from None
-            if not view:
-                return
-            yield buf, view
-    else:
-        for piece in stream:
-            # A caller's reused bytearray must not change under the worker.
-            yield None, memoryview(piece if type(piece) is bytes else bytes(piece))
 
 
 def _narinfo_row(root: CID, info: NarInfo, nar_hash: bytes, nar_size: int, old: NarInfoRow | None) -> NarInfoRow:
@@ -148,11 +123,12 @@ class RepoNarStore:
         assert store_path is None or isinstance(store_path, StorePath)  # parsed just above
         expected_hash, expected_size = _expected(narinfo)
         reader = _nar.NarReader()
-        builder = NarManifestBuilder(params)
+        # the chunks' CIDs on the hashing threads while this one parses and builds
+        builder = NarManifestBuilder(params, hash_chunks=shared_chunk_hasher().digests)
         pool = BufferPool(INGEST_BUFFERS, READ_SIZE) if hasattr(stream, "readinto") else None
         size = 0
         with repo.ingest() as ingest:
-            for buf, view in _pieces(stream, pool):
+            for buf, view in read_pieces(stream, pool, "the NAR stream"):
                 size += len(view)
                 if expected_size is not None and size > expected_size:
                     raise CorruptData(f"NAR of {store_path} is longer than the {expected_size} bytes its narinfo says")
@@ -163,7 +139,8 @@ class RepoNarStore:
                     out = add(event)
                     if out:
                         blocks += out
-                ingest.put(blocks)  # one index query per read
+                builder.resolve()  # every chunk of this read hashed: the blocks get their CIDs
+                ingest.put(builder.resolved(blocks))  # one index query per read
                 if buf is not None and pool is not None:
                     ingest.release(pool, buf)  # reused once hashed and every block in it written
             reader.end()

@@ -22,6 +22,7 @@ verified root hashes nothing twice.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import errno
@@ -42,7 +43,7 @@ from ..content.manifest import ArchiveManifest, ManifestBuilder, iter_blocks, it
 from ..errors import CorruptData, NotFound, RepoError, RepoLocked
 from .blockstore import PACK_MAGIC, RECORD_HEADER, Location, PackFiles, disk_error
 from .index import Index, RootInfo
-from .ingest import BufferPool, Ingest, StreamHasher, read_into
+from .ingest import READ_SIZE, BufferPool, FileWriter, Ingest, StreamHasher, read_pieces, shared_chunk_hasher
 
 # Set by `Repo.recording_blocks`: where `write_blocks` / `commit_blocks` note what they appended and recorded.
 _committed_blocks: contextvars.ContextVar[list[CID] | None] = contextvars.ContextVar("committed_blocks", default=None)
@@ -55,8 +56,9 @@ READ_BATCH = 512  # blocks looked up and read per batch on the warm path
 COMPACT_BATCH = 16 << 20  # bytes copied per flush + transaction when compacting
 SERVE_PIECE = 1 << 20  # pieces handed out by `stream` (blocks joined up to this size)
 TOUCH_WRITE_EVERY = 30.0  # seconds between writes of remembered last-access times (`Repo.touch`)
-READ_SIZE = 4 << 20
+GET_WRITE = 1 << 20  # `get_to_file` writes about this much per writev
 INGEST_BUFFERS = 8  # read buffers an ingest reuses (bytes in flight: INGEST_BUFFERS × READ_SIZE)
+HASH_AHEAD = 2  # read buffers chunked and being hashed before the caller takes the oldest one's CIDs
 Progress = Callable[[int], None]
 
 
@@ -168,7 +170,7 @@ class Repo:
         if durable is None:
             durable = os.environ.get("P2PCACHE_FSYNC", "1").lower() not in ("0", "no", "false", "off")
         self.durable = durable
-        self.packs = PackFiles(self.path)
+        self.packs = PackFiles(self.path, writeback_ahead=durable and writable)
         # Blocks an unfinished ingest or fetch relies on (appended or found in the index, not yet referenced by a
         # root it recorded), by owner: a failing one takes back only what no other claims (`take_back_pending`,
         # `drop_unclaimed_blocks`). One owner of this state: the repo, under `_claims_lock`.
@@ -345,48 +347,53 @@ class Repo:
         it to the index only once every block is durable. With `expect`, an archive whose hash differs
         is refused (CorruptData) and nothing is recorded."""
         self.require_writable()
-        readinto: Callable[[memoryview], int | None] | None = getattr(stream, "readinto", None)
-        pool = BufferPool(INGEST_BUFFERS, READ_SIZE) if readinto is not None else None
-        read: Callable[[int], bytes] | None = getattr(stream, "read", None)
-        if readinto is None and read is None:
-            read = _IterReader(iter(stream)).read  # not a file: an iterable of pieces
+        pool = BufferPool(INGEST_BUFFERS, READ_SIZE) if hasattr(stream, "readinto") else None
+        source: BinaryIO | Iterable[bytes] | _IterReader = stream
+        if not hasattr(stream, "read"):
+            source = _IterReader(iter(stream))  # an iterable of pieces, read back in READ_SIZE pieces
         chunker = Chunker(params)
         builder = ManifestBuilder(params)
         chunks = 0
         head = b""
+        # Read buffers whose chunks are being hashed (ChunkHasher): the CIDs of buffer k are taken while k+1
+        # is chunked and hashed, so the caller, the hashing threads and the ingest workers overlap.
+        hashing: collections.deque[tuple[bytearray | None, list[memoryview], list]] = collections.deque()
 
-        def take(ingest: Ingest, pieces: list[memoryview]) -> None:
+        def take(ingest: Ingest) -> None:
             nonlocal chunks
+            buf, pieces, parts = hashing.popleft()
             chunks += len(pieces)
-            blocks: list[tuple[CID, bytes | memoryview]] = [(CID.for_block(RAW, p), p) for p in pieces]
-            for cid, piece in blocks[: len(pieces)]:
-                blocks.extend(builder.add_chunk(cid, len(piece)))
-            ingest.put(blocks)
+            blocks: list[tuple[CID, bytes | memoryview]] = []
+            crcs: list[int | None] = []
+            for piece, (digest, crc) in zip(pieces, hasher.result(parts) if parts else []):
+                cid = CID.from_digest(RAW, digest)
+                blocks.append((cid, piece))
+                crcs.append(crc)
+                for block in builder.add_chunk(cid, len(piece)):
+                    blocks.append(block)
+                    crcs.append(None)
+            ingest.put(blocks, crcs)
+            if buf is not None and pool is not None:
+                ingest.release(pool, buf)  # reused once hashed and every block in it written
 
         # sha512 is not computed here (see `sha512`), unless the caller expects a sha512 hash
+        hasher = shared_chunk_hasher()
         with self.ingest(("sha256", "sha512") if expect is not None and expect.algo == "sha512"
                          else ("sha256",)) as ingest:
-            while True:
-                buf = pool.get() if pool is not None else None
-                try:
-                    if buf is not None and readinto is not None:
-                        view = memoryview(buf)[: read_into(readinto, buf)]
-                    else:
-                        assert read is not None  # no readinto: a read method, or the iterable's reader
-                        view = memoryview(read(READ_SIZE))
-                except OSError as e:
-                    raise RepoError(f"cannot read {name or 'input'}: {e.strerror}") from None
-                if not view:
-                    break
+            for buf, view in read_pieces(source, pool, name or "input"):
                 if len(head) < 512:
                     head += bytes(view[: 512 - len(head)])
                 ingest.hash(view)
-                take(ingest, list(chunker.feed(view)))
-                if buf is not None and pool is not None:
-                    ingest.release(pool, buf)  # reused once hashed and every block in it written
+                pieces = list(chunker.feed(view))
+                hashing.append((buf, pieces, hasher.submit(pieces) if pieces else []))
+                if len(hashing) > HASH_AHEAD:
+                    take(ingest)
                 if progress:
                     progress(len(view))
-            take(ingest, list(chunker.finish()))
+            pieces = list(chunker.finish())
+            hashing.append((None, pieces, hasher.submit(pieces) if pieces else []))
+            while hashing:
+                take(ingest)
             hashes = ingest.digests()
             size = ingest.size
             if expect is not None and hashes.get(expect.algo) != expect.digest:
@@ -752,21 +759,35 @@ class Repo:
                     self._touched.setdefault(root, at)
 
     def get_to_file(self, root: CID, out: Path | str, progress: Progress | None = None) -> int:
-        """Write the archive to `out` atomically: temp file, fsync, verify, rename. (Writing the blocks' views
-        with one pwritev per 8 MiB, with or without starting writeback as it went, measured slower here than
-        these 1 MiB writes.)"""
+        """Write the archive to `out` atomically: temp file, fsync, verify, rename. Every block is checked
+        (crc32 of its record, see blockstore.py) as it is read, and a root never checked here against its
+        sha256 before the rename. This thread reads and checks; a writer thread (`FileWriter`) writes
+        `writev`s of views into the read buffers (no copy to join them) of about `GET_WRITE` bytes and starts
+        the disk writing as the file grows, so the fsync at the end waits for the last few MiB only."""
         out = Path(out)
         tmp = out.with_name(f".{out.name}.p2pcache-{os.getpid()}.part")
-        written = 0
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                for data in self.stream(root, progress):
-                    view = memoryview(data)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
-                    written += len(data)
+                info = self.root_info(root)
+                nar = info.kind == "nar"  # a NAR is reassembled from its file tree (narstore), progress and all
+                pieces: Iterable[bytes | memoryview] = self.stream(root, progress) if nar else self._archive_views(root, info)
+                with FileWriter(fd) as writer:
+                    group: list[bytes | memoryview] = []
+                    have = 0
+                    for data in pieces:
+                        group.append(data)
+                        have += len(data)
+                        if have >= GET_WRITE or len(group) >= 512:
+                            writer.write(group, have)
+                            if progress and not nar:
+                                progress(have)
+                            group, have = [], 0
+                    if group:
+                        writer.write(group, have)
+                        if progress and not nar:
+                            progress(have)
+                    written = writer.finish()
                 os.fsync(fd)
             finally:
                 os.close(fd)

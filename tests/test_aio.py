@@ -1,0 +1,93 @@
+"""aio.py's bridges between trio and worker threads: `feed_thread` reads its source ahead of the thread (bounded),
+hands a source's error to the thread at its place in the stream, and raises what the thread raised as itself."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from p2pcache import aio
+
+MiB = 1 << 20
+
+
+class Source:
+    """An async iterator of 64 KiB pieces that counts what it made (and can fail after some)."""
+
+    def __init__(self, pieces: int, fail_after: int | None = None):
+        self.left = pieces
+        self.made = 0
+        self.fail_after = fail_after
+
+    def __aiter__(self) -> "Source":
+        return self
+
+    async def __anext__(self) -> bytes:
+        await trio.sleep(0)
+        if self.fail_after is not None and self.made == self.fail_after:
+            raise ValueError("source broke")
+        if not self.left:
+            raise StopAsyncIteration
+        self.left -= 1
+        self.made += 1
+        return bytes([self.made % 256]) * (64 << 10)
+
+
+def test_the_thread_gets_every_piece_in_order_in_batches():
+    src = Source(40)  # 2.5 MiB: batches of about 1 MiB
+
+    def consume(it):
+        return [bytes(p) for p in it]
+
+    got = trio.run(aio.feed_thread, src, consume)
+    assert b"".join(got) == b"".join(bytes([i % 256]) * (64 << 10) for i in range(1, 41))
+    assert len(got) == 3 and all(len(p) >= aio.BATCH_BYTES for p in got[:-1])
+
+
+def test_the_source_is_read_ahead_of_the_thread_but_bounded():
+    src = Source(200)  # 12.5 MiB
+    seen = []
+
+    def consume(it):
+        first = next(it)
+        # While the thread holds its first batch, the trio side keeps reading (up to FEED_AHEAD batches more).
+        import time
+        deadline = time.monotonic() + 5
+        while src.made < (aio.FEED_AHEAD + 1) * 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        seen.append(src.made)
+        return len(first) + sum(len(p) for p in it)
+
+    assert trio.run(aio.feed_thread, src, consume) == 200 * (64 << 10)
+    # read ahead: more than the one batch asked for; bounded: the channel's batches, one being made, one taken
+    assert 16 < seen[0] <= (aio.FEED_AHEAD + 2) * 16
+
+
+def test_a_source_error_reaches_the_thread_after_the_pieces_before_it_and_comes_out_as_itself():
+    src = Source(100, fail_after=40)
+    got = []
+
+    def consume(it):
+        for p in it:
+            got.append(len(p))
+
+    with pytest.raises(ValueError, match="source broke"):
+        trio.run(aio.feed_thread, src, consume)
+    assert sum(got) == 32 * (64 << 10)  # the two full batches before the failing one
+
+
+def test_a_thread_that_stops_early_ends_the_feed_and_its_error_comes_out_as_itself():
+    src = Source(10_000)
+
+    def consume(it):
+        next(it)
+        raise KeyError("consumer gave up")
+
+    with pytest.raises(KeyError):
+        trio.run(aio.feed_thread, src, consume)
+    assert src.made < 10_000  # the reader was stopped, not run to the end
+
+    src2 = Source(10_000)
+    assert trio.run(aio.feed_thread, src2, lambda it: len(next(it))) >= aio.BATCH_BYTES
+    assert src2.made < 10_000

@@ -14,8 +14,9 @@ builder).
 2. Warm: one daemon holds both kinds; `nix copy --from` it into a fresh chroot store with a fresh Nix cache,
    alternating with the same copy from a static zstd binary cache (`compression=zstd`, written by Nix) served
    by python's ThreadingHTTPServer in its own process. Ratio: node time over zstd time (goal <= 0.7).
-   Every copy is checked against the NarHashes. Beside them, the floor of a server of uncompressed NARs (as
-   the node is): the same copy from a local `file://` cache with `compression=none` (no HTTP, no server).
+   Every copy is checked against the NarHashes. Beside them, two floors of a server of uncompressed NARs (as
+   the node is): the same copy from the same static server over a `compression=none` cache (what any server
+   of uncompressed NARs costs Nix), and from a local `file://` cache with `compression=none` (no HTTP).
 
 Figures are min over runs. --quick: bench/nix.py's small closure and the first 60 packages of site-packages.
 Table on stderr, JSON lines on stdout ({"bench": "nixwarm", "metric", "value", "unit", "better", ...}).
@@ -50,6 +51,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--warm-only", action="store_true", help="skip the ingest rounds (the warm figures only)")
     args = ap.parse_args()
     if shutil.which("nix") is None:
         log("nix is not on PATH: apt-get install -y nix-bin")
@@ -70,7 +72,7 @@ def main() -> int:
         kinds = {"closure": closure, "site-packages": sp}
         ingest: dict[str, dict[str, list[float]]] = {k: {"node": [], "file": []} for k in kinds}
         serial = 0
-        for i in range(max(1, args.runs)):
+        for i in range(0 if args.warm_only else max(1, args.runs)):
             for kind, content in kinds.items():
                 serial += 1
                 d = work / f"file-{serial}"
@@ -96,6 +98,13 @@ def main() -> int:
             nix.run("nix", "copy", "--to", f"file://{static}?compression=zstd&parallel-compression=true",
                     content["top"])
         url, proc = bench.static_server(static)
+        # The floor of any server of uncompressed NARs (as the node is) in front of Nix 2.8: python's static
+        # server over a `compression=none` cache, on the same loopback. What the node spends beyond it is the
+        # node's; what separates it from the zstd copy is Nix's own handling of the bigger uncompressed NAR.
+        static_none = work / "static-none"
+        for content in kinds.values():
+            nix.run("nix", "copy", "--to", f"file://{static_none}?compression=none", content["top"])
+        url_none, proc_none = bench.static_server(static_none)
         # The floor of a warm copy from a server of uncompressed NARs (as the node is): the same copy from a local
         # `file://` cache of uncompressed NARs (no HTTP, no server at all), timed in the same rounds. What the node
         # spends beyond it is the node's; what separates it from the zstd copy is Nix's handling of the bigger
@@ -104,42 +113,52 @@ def main() -> int:
         for content in kinds.values():
             nix.run("nix", "copy", "--to", f"file://{local}?compression=none", content["top"])
 
-        warm: dict[str, dict[str, list[float]]] = {k: {"node": [], "zstd": []} for k in kinds}
+        warm: dict[str, dict[str, list[float]]] = {k: {"node": [], "zstd": [], "none": []} for k in kinds}
         floor: dict[str, list[float]] = {k: [] for k in kinds}
         for i in range(max(1, args.runs)):
             for kind, content in kinds.items():
                 warm[kind]["zstd"].append(bench.copy(url, content, {"server": proc.pid})["wall"])
                 warm[kind]["node"].append(bench.copy(a.api, content, {"A": a.proc.pid})["wall"])
+                warm[kind]["none"].append(bench.copy(url_none, content, {"server": proc_none.pid})["wall"])
                 floor[kind].append(bench.copy(f"file://{local}", content, {})["wall"])
                 log(f"  warm {kind} run {i + 1}: static zstd {warm[kind]['zstd'][-1]:.2f}s, "
-                    f"node {warm[kind]['node'][-1]:.2f}s, local file:// none {floor[kind][-1]:.2f}s")
+                    f"node {warm[kind]['node'][-1]:.2f}s, static none {warm[kind]['none'][-1]:.2f}s, "
+                    f"local file:// none {floor[kind][-1]:.2f}s")
         bench.close()
 
         for kind, content in kinds.items():
             mib = content["nar_bytes"] / MiB
             what = f"{len(content['paths'])} paths" if kind == "closure" else f"{content['files']} files"
             log(f"\n== {kind}: {what}, {mib:.1f} MiB of NAR (min of {args.runs}; 2 shared cores)")
-            fi, no = min(ingest[kind]["file"]), min(ingest[kind]["node"])
             zs, wn = min(warm[kind]["zstd"]), min(warm[kind]["node"])
-            log(f"  nix copy --to file://?compression=none  {fi:7.2f}s  {mib / fi:7.1f} MiB/s")
-            log(f"  nix copy --to http://node               {no:7.2f}s  {mib / no:7.1f} MiB/s  "
-                f"{fi / no:.2f}x the file:// rate (goal >= 0.5)")
+            common = {"nar_mib": round(mib, 1), "quick": args.quick, "kind": kind}
+            if ingest[kind]["file"]:  # not with --warm-only
+                fi, no = min(ingest[kind]["file"]), min(ingest[kind]["node"])
+                log(f"  nix copy --to file://?compression=none  {fi:7.2f}s  {mib / fi:7.1f} MiB/s")
+                log(f"  nix copy --to http://node               {no:7.2f}s  {mib / no:7.1f} MiB/s  "
+                    f"{fi / no:.2f}x the file:// rate (goal >= 0.5)")
+                emit(f"{kind}_ingest_file_seconds", fi, "s", "lower",
+                     runs=[round(x, 3) for x in ingest[kind]["file"]], **common)
+                emit(f"{kind}_ingest_node_seconds", no, "s", "lower",
+                     runs=[round(x, 3) for x in ingest[kind]["node"]], **common)
+                emit(f"{kind}_ingest_node_vs_file_rate", fi / no, "ratio", "higher", goal=">= 0.5", **common)
             log(f"  nix copy --from static zstd             {zs:7.2f}s")
             log(f"  nix copy --from node (warm)             {wn:7.2f}s  {wn / zs:.2f}x the zstd time (goal <= 0.7)")
+            sn = min(warm[kind]["none"])
+            log(f"  nix copy --from static none (HTTP)      {sn:7.2f}s  {sn / zs:.2f}x the zstd time; "
+                f"node {wn / sn:.2f}x this floor")
             fl = min(floor[kind])
             log(f"  floor: nix copy --from file://?compression=none (no server)  {fl:7.2f}s  {fl / zs:.2f}x the zstd time; "
                 f"node {wn / fl:.2f}x this floor")
-            common = {"nar_mib": round(mib, 1), "quick": args.quick, "kind": kind}
-            emit(f"{kind}_ingest_file_seconds", fi, "s", "lower", runs=[round(x, 3) for x in ingest[kind]["file"]],
-                 **common)
-            emit(f"{kind}_ingest_node_seconds", no, "s", "lower", runs=[round(x, 3) for x in ingest[kind]["node"]],
-                 **common)
-            emit(f"{kind}_ingest_node_vs_file_rate", fi / no, "ratio", "higher", goal=">= 0.5", **common)
             emit(f"{kind}_warm_zstd_seconds", zs, "s", "lower", runs=[round(x, 3) for x in warm[kind]["zstd"]],
                  **common)
             emit(f"{kind}_warm_node_seconds", wn, "s", "lower", runs=[round(x, 3) for x in warm[kind]["node"]],
                  **common)
             emit(f"{kind}_warm_node_over_zstd", wn / zs, "ratio", "lower", goal="<= 0.7", **common)
+            emit(f"{kind}_static_none_seconds", sn, "s", "lower", runs=[round(x, 3) for x in warm[kind]["none"]],
+                 **common)
+            emit(f"{kind}_static_none_over_zstd", sn / zs, "ratio", "lower", **common)
+            emit(f"{kind}_warm_node_over_static_none", wn / sn, "ratio", "lower", **common)
             emit(f"{kind}_local_none_seconds", fl, "s", "lower", runs=[round(x, 3) for x in floor[kind]], **common)
             emit(f"{kind}_local_none_over_zstd", fl / zs, "ratio", "lower", **common)
             emit(f"{kind}_warm_node_over_local_none", wn / fl, "ratio", "lower", **common)

@@ -47,6 +47,7 @@ async def drain_thread(make_iter: Callable[[], Iterator[bytes]], deliver: Callab
     limiter = _limiter(limiter)
     send_ch, recv_ch = trio.open_memory_channel[tuple[Any, Exception | None]](BUFFERED_PIECES)
     holder: list[Iterator[bytes]] = []
+    exhausted: list[bool] = []  # the iterator ran to its end: closing it is a no-op, not worth a thread hop
 
     def start() -> Iterator[bytes]:
         it = iter(make_iter())
@@ -68,13 +69,16 @@ async def drain_thread(make_iter: Callable[[], Iterator[bytes]], deliver: Callab
     async def produce() -> None:
         async with send_ch:
             try:
-                it = await trio.to_thread.run_sync(start, limiter=limiter)
+                # the first batch in the same thread hop as making the iterator: a small NAR or archive is
+                # one hop, not two
+                pieces, ended = await trio.to_thread.run_sync(lambda: batch(start()), limiter=limiter)
                 while True:
-                    pieces, ended = await trio.to_thread.run_sync(batch, it, limiter=limiter)
                     for piece in pieces:
                         await send_ch.send((piece, None))
                     if ended:
+                        exhausted.append(True)
                         return
+                    pieces, ended = await trio.to_thread.run_sync(batch, holder[0], limiter=limiter)
             except trio.BrokenResourceError:
                 return  # the consumer stopped (client went away)
             except Exception as e:  # handed over as itself, not wrapped in the nursery's group
@@ -97,7 +101,7 @@ async def drain_thread(make_iter: Callable[[], Iterator[bytes]], deliver: Callab
         if failure is not None:  # raised out here, as itself: a nursery would wrap it in a group
             raise failure
     finally:
-        close = getattr(holder[0], "close", None) if holder else None
+        close = getattr(holder[0], "close", None) if holder and not exhausted else None
         if close is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(close, limiter=limiter)

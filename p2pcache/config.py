@@ -153,6 +153,16 @@ class NixConfig:
     # A narinfo answered by a remote source starts lookups of its references, and theirs in turn (Nix asks
     # for them next, one closure level at a time), at most this many at once; 0 turns it off.
     lookahead_lookups: int = 8
+    # A narinfo (or NAR) request waits this many seconds for a lookup in the swarm or upstreams (None: the
+    # routing lookup_timeout); still going, it is answered 503, which Nix retries (download-attempts,
+    # backing off from 250 ms) and caches nothing, and the lookup goes on for up to lookup_patience
+    # seconds so the retry finds the answer. Nix 2.8's five attempts span at least 5 waits + 3.75 s: the
+    # default patience (None) is 4 waits + 3 s, so the lookup has ended before Nix's last attempt gives up.
+    lookup_wait: float | None = None
+    lookup_patience: float | None = None
+    # An answer found in the swarm or upstreams (by Nix's request or a look-ahead) waits this many seconds for
+    # its NAR request; later, a request looks the path up again.
+    pending_ttl: float = 600.0
     # The narinfo lookup chain, in order (names from LOOKUP_SOURCES; "repo" must be one of them).
     lookup_order: list[str] = field(default_factory=lambda: list(LOOKUP_SOURCES))
 
@@ -221,7 +231,8 @@ _GC = {"max_size": "max_size", "high_watermark": "gc_high_watermark", "low_water
        "interval": "gc_interval"}
 _NIX_TYPES = {"store_dir": str, "priority": int, "want_mass_query": bool, "serve_local_store": bool,
               "local_store_root": str, "upstreams": list, "secret_key_file": str, "negative_ttl": float,
-              "upload_ttl": float, "upload_quota": int, "max_upload_size": int, "lookup_order": list}
+              "upload_ttl": float, "upload_quota": int, "max_upload_size": int, "lookup_order": list,
+              "lookup_wait": float, "lookup_patience": float, "lookahead_lookups": int, "pending_ttl": float}
 
 
 def _buildcache_config():

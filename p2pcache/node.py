@@ -207,6 +207,7 @@ class Node:
                 nursery.start_soon(self.announcer.run)
                 nursery.start_soon(self.nix.run_upload_expiry)
                 nursery.start_soon(self.nix.run_lookahead)
+                await nursery.start(self.nix.run_lookups)
                 nursery.start_soon(self._reannounce_on_new_peers)
                 nursery.start_soon(self.quota.run)  # the quota, and the blocks a failed fetch left
                 self._lazy_hashes, lazy = trio.open_memory_channel(float("inf"))
@@ -760,18 +761,20 @@ class Node:
 
     async def race_at_providers(self, alias: str, ask: Callable[[Any], Awaitable[Any]],
                                 more: Sequence[Callable[[float], Awaitable[Iterable[Any]]]] = (), *,
-                                known: Sequence[PeerInfo] | None = None) -> ResolveRace:
+                                known: Sequence[PeerInfo] | None = None,
+                                timeout: float | None = None) -> ResolveRace:
         """The node's one policy for asking peers about `alias` (archives and Nix paths alike): the
         DHT lookup of its providers (or the `known` providers a caller found already), then `more`
         sources (e.g. gateways) one after another, all feeding one happy-eyeballs race (`routing.race`)
-        under one deadline, `lookup_timeout` from now. Providers that fail or time out are demoted in
-        `self.standing` for later races."""
+        under one deadline, `timeout` (default `lookup_timeout`) from now. Providers that fail or time out
+        are demoted in `self.standing` for later races. A DHT walk cut short makes the race `FAILED`, never
+        a `MISS` (`ProviderFinder.providers`)."""
         assert self.finder is not None and self.host is not None
         me = self.host.peer_id
         finder = self.finder
 
         async def providers_of(key: str, timeout: float) -> list:
-            return [p for p in await finder.find_providers(key, timeout=timeout) if p.peer_id != me]
+            return [p for p in await finder.providers(key, timeout=timeout) if p.peer_id != me]
 
         async def ask_logged(peer: Any) -> Any:
             try:
@@ -780,7 +783,7 @@ class Node:
                 log.info("asking %s about %s: %s", peer.peer_id, alias, e)
                 raise
 
-        race: ResolveRace = ResolveRace(deadline=trio.current_time() + self.config.lookup_timeout,
+        race: ResolveRace = ResolveRace(deadline=trio.current_time() + (timeout or self.config.lookup_timeout),
                                         stagger=RACE_STAGGER, standing=self.standing)
 
         async def given(timeout: float) -> list[PeerInfo]:
@@ -873,7 +876,8 @@ def _race_summary(race: ResolveRace) -> str:
     """Why a race found nothing, for the one-line error."""
     st = race.stats
     if race.peers_known == 0:
-        return "no peer in the swarm announces it"
+        return ("the DHT lookup did not finish within the lookup timeout; try again" if race.sources_failed
+                else "no peer in the swarm announces it")
     if race.outcome is RaceOutcome.MISS:
         return f"the {race.peers_known} peer(s) that announced it no longer hold it"
     return (f"{race.peers_known} peer(s) announce it but none answered validly within the lookup timeout "
@@ -901,8 +905,9 @@ class NixSwarm:
         return self.node.finder is not None and self.node.exchange is not None
 
     async def race(self, alias: str, ask: Callable[[PeerInfo], Awaitable[object]],
-                   more: Sequence[Callable[[float], Awaitable[Iterable[PeerInfo]]]] = ()) -> ResolveRace[PeerInfo]:
-        return await self.node.race_at_providers(alias, ask, more)
+                   more: Sequence[Callable[[float], Awaitable[Iterable[PeerInfo]]]] = (),
+                   timeout: float | None = None) -> ResolveRace[PeerInfo]:
+        return await self.node.race_at_providers(alias, ask, more, timeout=timeout)
 
     async def resolve(self, peer: PeerInfo, alias: str) -> ResolveAnswer | None:
         assert self.node.host is not None
@@ -915,6 +920,10 @@ class NixSwarm:
     async def find_providers(self, alias: str, timeout: float | None = None) -> list[PeerInfo]:
         assert self.node.finder is not None
         return await self.node.finder.find_providers(alias, timeout=timeout)
+
+    async def providers(self, alias: str, timeout: float | None = None) -> list[PeerInfo]:
+        assert self.node.finder is not None
+        return await self.node.finder.providers(alias, timeout=timeout)
 
     async def size_at_peers(self, alias: str, providers: list[PeerInfo]) -> int | None:
         return await self.node.size_at_peers(alias, providers)

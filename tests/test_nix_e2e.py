@@ -201,6 +201,53 @@ def test_miss_is_a_fast_404_and_cached_and_dead_peers_do_not_stall(tmp_path, dae
     assert httpx.head(f"{b.api}/{missing}.narinfo", timeout=60).status_code == 404
 
 
+def test_a_lookup_cut_by_its_wait_is_a_503_nix_retries_and_the_copy_succeeds(nix, closure, tmp_path, daemons):
+    """B answers every narinfo whose swarm lookup is not done at once with 503 (`nix.lookup_wait = 0`):
+    real Nix retries (a 404 would be "path … is not valid", remembered for an hour) and, the lookup
+    having gone on meanwhile, gets the answer; nothing was remembered as a miss."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.toml").write_text("[nix]\nlookup_wait = 0\nlookahead_lookups = 0\n")
+    a, b = _swarm(tmp_path, daemons)
+    nix.run("nix", "copy", "--to", a.api, closure["top"], config=f"netrc-file = {a.netrc}\n")
+    a.wait_announced(len(closure["paths"]) * 2)
+    store_b = tmp_path / "store-b"
+    proc = nix.run("nix", "copy", "--from", b.api, "--to", str(store_b), closure["top"],
+                   config="require-sigs = false\n")
+    assert _path_info(nix, store_b, closure["top"]) == closure["nar_hash"]
+    assert b"HTTP error 503" in proc.stderr and b"retrying" in proc.stderr, proc.stderr.decode()
+    assert _metric(b, "p2pcache_narinfo_still_looking_total") >= len(closure["paths"])
+    assert _metric(b, "p2pcache_narinfo_requests_total", result="hit", source="peer") >= len(closure["paths"])
+    assert _metric(b, "p2pcache_narinfo_requests_total", result="miss", source="none") == 0
+    assert _metric(b, "p2pcache_narinfo_negative_cache_hits_total") == 0
+
+
+def test_answers_waiting_for_their_nar_expire_and_the_copy_still_works(nix, closure, tmp_path, daemons):
+    """B answers top's narinfo and looks ahead at mid and tree: three answers wait for their NARs, for at
+    most `nix.pending_ttl`; once they expired, Nix's copy looks the paths up again and succeeds."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.toml").write_text("[nix]\npending_ttl = 3\n")
+    a, b = _swarm(tmp_path, daemons)
+    nix.run("nix", "copy", "--to", a.api, closure["top"], config=f"netrc-file = {a.netrc}\n")
+    a.wait_announced(len(closure["paths"]) * 2)
+    top_hash = Path(closure["top"]).name[:32]
+    assert httpx.get(f"{b.api}/{top_hash}.narinfo", timeout=60).status_code == 200
+
+    def wait_for(pending: int, within: float) -> None:
+        deadline = time.monotonic() + within
+        while _metric(b, "p2pcache_narinfo_pending") != pending:
+            assert time.monotonic() < deadline, _metric(b, "p2pcache_narinfo_pending")
+            time.sleep(0.1)
+
+    wait_for(len(closure["paths"]), within=2.5)  # top, and mid and tree found by the look-ahead
+    assert _metric(b, "p2pcache_narinfo_lookahead_total", result="found") == len(closure["paths"]) - 1
+    wait_for(0, within=10)
+    hits = _metric(b, "p2pcache_narinfo_requests_total", result="hit", source="peer")
+    store_b = tmp_path / "store-b"
+    nix.run("nix", "copy", "--from", b.api, "--to", str(store_b), closure["top"], config="require-sigs = false\n")
+    assert _path_info(nix, store_b, closure["top"]) == closure["nar_hash"]
+    assert _metric(b, "p2pcache_narinfo_requests_total", result="hit", source="peer") > hits
+
+
 def test_post_build_hook_pushes_outputs_to_the_local_node(nix, tmp_path, daemons):
     a, b = _swarm(tmp_path, daemons)
     tree = tmp_path / f"hooked-{secrets.token_hex(4)}"

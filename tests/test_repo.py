@@ -1,6 +1,7 @@
 import hashlib
 import io
 import os
+import time
 
 import pytest
 
@@ -113,6 +114,21 @@ def test_missing_block_is_reported(repo, rng):
     assert victim in report.missing and report.roots_incomplete == [res.root] and not report.consistent
     with pytest.raises(NotFound):
         b"".join(repo.stream(res.root))
+
+
+def test_reads_record_last_access_in_batches_not_a_commit_each(tmp_path, rng):
+    repo = Repo.init(tmp_path / "r")
+    a = repo.add_stream(io.BytesIO(rng.randbytes(100_000)), name="a")
+    before = repo.root_info(a.root).last_access
+    time.sleep(0.01)
+    list(repo.stream(a.root))
+    assert repo.root_info(a.root).last_access == before  # remembered, not yet written
+    repo.close()  # ... and written at close (or before gc orders by it, or TOUCH_WRITE_EVERY later)
+    again = Repo.open(tmp_path / "r")
+    try:
+        assert again.root_info(a.root).last_access > before
+    finally:
+        again.close()
 
 
 def test_gc_evicts_least_recently_used_unpinned_and_keeps_shared_chunks(repo, rng):

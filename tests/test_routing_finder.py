@@ -11,6 +11,7 @@ from p2pcache.content.cid import CID, DAG_CBOR
 from p2pcache.routing import (
     AnnouncerConfig,
     FinderConfig,
+    LookupCut,
     ProviderAnnouncer,
     ProviderAnswer,
     ProviderFinder,
@@ -126,22 +127,49 @@ async def test_multi_hop_lookup_counts_hops(autojump_clock):
 
 
 @pytest.mark.trio
-async def test_a_miss_is_bounded_by_the_timeout_then_answered_from_the_negative_cache(autojump_clock):
+async def test_a_settled_miss_is_answered_from_the_negative_cache_until_it_expires(autojump_clock):
+    dht = FakeDHT(seeds=["a", "b"], knows={"a": [], "b": []})  # both answer: nobody has it
+    finder = ProviderFinder(dht, FinderConfig(negative_ttl=5.0))
+    start = trio.current_time()
+    first = await finder.lookup(ALIAS, timeout=1.5)
+    assert not first.found and first.source == "miss" and not first.timed_out and first.settled
+    asked, took = len(dht.asked), trio.current_time() - start
+    second = await finder.lookup(ALIAS, timeout=1.5)
+    assert second.source == "negative-cache" and not second.found
+    assert len(dht.asked) == asked and trio.current_time() - start == pytest.approx(took)  # no network, no time
+    assert (finder.stats.misses, finder.stats.timeouts, finder.stats.negative_hits) == (1, 0, 1)
+    assert await finder.providers(ALIAS) == []  # a settled miss is an answer: "nobody"
+    await trio.sleep(5.0)  # the miss is forgotten after negative_ttl
+    third = await finder.lookup(ALIAS, timeout=0.5)
+    assert third.source == "miss" and len(dht.asked) > asked
+
+
+@pytest.mark.trio
+async def test_a_miss_cut_by_the_timeout_is_bounded_and_not_remembered(autojump_clock):
     dht = FakeDHT(seeds=["a", "b"], knows={"a": [], "b": []}, latency={"a": None, "b": None})
     finder = ProviderFinder(dht, FinderConfig(negative_ttl=5.0, rpc_timeout=100))
     start = trio.current_time()
     first = await finder.lookup(ALIAS, timeout=1.5)
-    assert not first.found and first.source == "miss" and first.timed_out
+    assert not first.found and first.source == "miss" and first.timed_out and not first.settled
     assert trio.current_time() - start == pytest.approx(1.5)
     asked = len(dht.asked)
-    second = await finder.lookup(ALIAS, timeout=1.5)
-    assert second.source == "negative-cache" and not second.found
-    assert len(dht.asked) == asked and trio.current_time() - start == pytest.approx(1.5)  # no network, no time
-    assert (finder.stats.misses, finder.stats.timeouts, finder.stats.negative_hits) == (1, 1, 1)
-    await trio.sleep(5.0)  # the miss is forgotten after negative_ttl
-    third = await finder.lookup(ALIAS, timeout=0.5)
-    assert third.source == "miss" and len(dht.asked) > asked
-    assert await finder.find_providers(ALIAS) == []
+    second = await finder.lookup(ALIAS, timeout=1.5)  # walks again: a cut walk said nothing about "nobody"
+    assert second.source == "miss" and len(dht.asked) > asked
+    assert (finder.stats.misses, finder.stats.timeouts, finder.stats.negative_hits) == (2, 2, 0)
+    assert await finder.find_providers(ALIAS, timeout=0.5) == []  # never raises
+    with pytest.raises(LookupCut, match="cut by its timeout"):
+        await finder.providers(ALIAS, timeout=0.5)
+
+
+@pytest.mark.trio
+async def test_a_miss_where_every_peer_failed_is_not_remembered(autojump_clock):
+    dht = FakeDHT(seeds=["a", "b"], latency={"a": None, "b": None})
+    finder = ProviderFinder(dht, FinderConfig(negative_ttl=5.0, rpc_timeout=0.5))
+    first = await finder.lookup(ALIAS, timeout=10)
+    assert not first.timed_out and first.asked == 2 and first.answered == 0 and not first.settled
+    with pytest.raises(LookupCut, match="no answer from the 2 peer"):
+        await finder.providers(ALIAS, timeout=10)
+    assert finder.stats.negative_hits == 0
 
 
 @pytest.mark.trio

@@ -4,7 +4,7 @@ virtual time (trio's autojump clock) with fake asks."""
 import pytest
 import trio
 
-from p2pcache.routing import (AskState, NotHeld, ProviderStanding, RaceOutcome, ResolveRace,
+from p2pcache.routing import (AskState, LookupCut, NotHeld, ProviderStanding, RaceOutcome, ResolveRace,
                               race_providers)
 
 # -- the machine ---------------------------------------------------------------------------------
@@ -199,3 +199,24 @@ async def test_driver_feeds_sources_in_tiers_and_ends_when_all_answered(autojump
     await race_providers(race, _asker({"p": ("none", 0.1), "gw": ("none", 0.1)}, log), [providers, gateways])
     assert race.outcome is RaceOutcome.MISS and [p for p, _ in log] == ["p", "gw"]
     assert trio.current_time() - start == pytest.approx(0.7)
+
+
+@pytest.mark.trio
+async def test_a_source_that_could_not_finish_makes_no_miss_of_the_others_nothing(autojump_clock):
+    """A DHT walk cut short (`ProviderFinder.providers` raises `LookupCut`) named nobody, but it is not
+    "nobody has it": the race asks whom the other sources named and ends FAILED, never MISS."""
+    start = trio.current_time()
+    race = ResolveRace(deadline=start + 10.0, stagger=0.2)
+
+    async def cut(left):
+        await trio.sleep(1.0)
+        raise LookupCut("the DHT lookup of x was cut by its timeout")
+
+    async def gateways(left):
+        return ["gw"]
+
+    log = []
+    await race_providers(race, _asker({"gw": ("none", 0.1)}, log), [cut, gateways])
+    assert [p for p, _ in log] == ["gw"] and race.sources_failed == 1
+    assert race.outcome is RaceOutcome.FAILED
+    assert trio.current_time() - start == pytest.approx(1.1)

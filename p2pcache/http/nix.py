@@ -12,7 +12,8 @@ over the service in `p2pcache.nixcache` (which holds the lookup chain, uploads a
 
 PUTs reach this module only with the API token (http/guard.py). Status codes: the service's refusals
 (`nixcache.errors`) map one to one (Missing 404, Rejected 400, Conflict 409, TooLarge 413, NoRoom 507,
-SourceFailed 502, Busy 503); any other error before the response started goes to the REST API's handler
+SourceFailed 502, Busy 503, StillLooking 503: Nix retries a 5xx and caches nothing, where it would
+remember a 404 for an hour); any other error before the response started goes to the REST API's handler
 (by exit code); after it started, the response is cut short so Nix sees a truncated transfer.
 """
 
@@ -30,7 +31,7 @@ from ..content import nixbase32
 from ..content.keys import HashKey, parse_key
 from ..errors import InvalidInput, P2PCacheError
 from ..nixcache import (GATEWAY_MARKER, MAX_UPLOADS, Busy, Conflict, Missing, NixBinaryCache, NoRoom, Refusal,
-                        Rejected, SourceFailed, TooLarge)
+                        Rejected, SourceFailed, StillLooking, TooLarge)
 from .asgi import HTTPError, Receive, Scope, Send, read_body, send_bytes, send_error
 
 __all__ = ["GATEWAY_MARKER", "MAX_UPLOADS", "NixRoutes"]  # the two constants for callers that knew them here
@@ -44,7 +45,7 @@ _UPLOAD_NAR = re.compile(r"^/nar/([A-Za-z0-9._+-]{1,200})$")
 _HASHED = re.compile(r"^/(sha1|sha256|sha512)/([A-Za-z0-9+/=_-]{20,200})$")
 PUT_LIMIT_NARINFO = 1 << 20
 _STATUS: dict[type[Refusal], int] = {Missing: 404, Rejected: 400, Conflict: 409, TooLarge: 413, NoRoom: 507,
-                                     SourceFailed: 502, Busy: 503}
+                                     SourceFailed: 502, Busy: 503, StillLooking: 503}
 _CONTENT_TYPES = {"nar": b"application/x-nix-nar", "archive": b"application/octet-stream"}
 
 

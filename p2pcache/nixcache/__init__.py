@@ -8,7 +8,7 @@
 """
 
 from .chain import LookupChain
-from .errors import Busy, Conflict, Missing, NoRoom, Refusal, Rejected, SourceFailed, TooLarge
+from .errors import Busy, Conflict, Missing, NoRoom, Refusal, Rejected, SourceFailed, StillLooking, TooLarge
 from .metrics import Metrics
 from .service import NixBinaryCache, build_sources
 from .sources import (GATEWAY_MARKER, MAX_STREAMS, MAX_UPLOADS, Found, LookupFailed, NarSink, NarSource,
@@ -16,5 +16,5 @@ from .sources import (GATEWAY_MARKER, MAX_STREAMS, MAX_UPLOADS, Found, LookupFai
 
 __all__ = ["GATEWAY_MARKER", "MAX_STREAMS", "MAX_UPLOADS", "Busy", "Conflict", "Found", "LookupChain",
            "LookupFailed", "Metrics", "Missing", "NarSink", "NarSource", "NarStreams", "NarWriter", "NixBinaryCache",
-           "NixStoreSource", "NoRoom", "Refusal", "Rejected", "RepoSource", "Room", "SourceFailed", "Swarm",
+           "NixStoreSource", "NoRoom", "Refusal", "Rejected", "RepoSource", "Room", "SourceFailed", "StillLooking", "Swarm",
            "SwarmSource", "TooLarge", "UpstreamSource", "build_sources"]

@@ -1,58 +1,144 @@
 """The narinfo lookup chain: an ordered list of `NarSource`s (`nix.lookup_order`), asked in turn.
 
 Owns what the chain remembers across requests: answers from remote sources whose NAR is not fetched yet
-(`pending`), misses (for `negative_ttl`; only true misses — a source that raised `LookupFailed` had
-someone who failed, lied or was slow), and one lock per store path so that concurrent requests for the
-same path make one remote lookup. Local sources before the first remote one are asked first on every
-request, without the lock (they are cheap and their answers change as the repo does).
+(`pending`, for at most `pending_ttl` seconds and `PENDING_ENTRIES`), misses (for `negative_ttl`; only settled
+misses — every remote source ran to its end and said nobody has it; a source that raised `LookupFailed`
+had someone who failed, lied or was slow, or could not finish its walk), and the remote lookups under way:
+one per store path, run in the chain's own nursery (`run`), so concurrent requests for the same path share
+it and a request that stops waiting does not stop the lookup. Local sources before the first remote one
+are asked first on every request, outside all that (they are cheap and their answers change as the repo
+does).
+
+A request waits `wait` seconds for a remote lookup; if it is still going the request gets `StillLooking`
+(503, which Nix retries without caching anything) and the lookup goes on for up to `patience` seconds,
+so the retry finds the answer pending. A lookup whose sources did not settle (someone announces the path
+but failed, lied or was slow; a walk did not finish; an upstream failed) is tried again, backing off,
+while its patience lasts; only when the patience ran out is it answered as a miss, and not remembered:
+the next request looks again (except the retry of a request that got a 503 for it, which takes that
+ending, `UNCLAIMED_LINGER`).
 
 Pure of I/O except what the sources do: a test assembles a chain from fake sources.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import time
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Sequence
 
 import trio
 
+from ..errors import P2PCacheError
+from .errors import SourceFailed, StillLooking
 from .metrics import Metrics
 from .sources import Found, LookupFailed, NarSource
 
 __all__ = ["LookupChain"]
 
+log = logging.getLogger("p2pcache.nixcache")
+
 NEGATIVE_CACHE_ENTRIES = 65536  # beyond this many remembered misses, expired ones are swept out
+# An answer waits this long (nix.pending_ttl's default) for Nix to ask for its NAR: Nix asks right after the
+# narinfo, or (a large closure's look-ahead answers) once the copy reaches the path. A later request looks it
+# up again.
+PENDING_TTL = 600.0
+PENDING_ENTRIES = 4096  # beyond this many, the oldest pending answers are dropped
+# An unsettled ending (or an error) that no request was waiting for — each had its 503 already — is kept
+# this long for the retry to take (once), so a lookup that always takes longer than the wait cannot make
+# every retry a 503 that starts it over. Nix retries within about 3 s of a 503.
+UNCLAIMED_LINGER = 10.0
+RETRY_FIRST, RETRY_MAX = 0.5, 4.0  # an unsettled lookup is tried again after these back-offs, within its patience
+WAIT_FOREVER = math.inf
+
+
+@dataclass
+class _Lookup:
+    """One remote lookup under way, shared by every request for its path."""
+
+    remember_miss: bool  # someone who may remember a settled miss (not only a look-ahead) asked
+    done: trio.Event = field(default_factory=trio.Event)
+    waiting: int = 0  # requests waiting for it right now
+    found: Found | None = None
+    error: P2PCacheError | None = None
 
 
 class LookupChain:
-    def __init__(self, sources: Sequence[NarSource], negative_ttl: float, metrics: Metrics) -> None:
+    def __init__(self, sources: Sequence[NarSource], negative_ttl: float, metrics: Metrics, *,
+                 wait: float = 5.0, patience: float = 20.0, pending_ttl: float = PENDING_TTL) -> None:
         self.sources = list(sources)
         self.negative_ttl = negative_ttl
         self.metrics = metrics
+        self.wait = wait
+        self.patience = max(patience, wait)
+        self.pending_ttl = pending_ttl
         first_remote = next((i for i, s in enumerate(self.sources) if s.remote), len(self.sources))
         self._local = self.sources[:first_remote]
         self._rest = self.sources[first_remote:]
-        self._pending: dict[str, Found] = {}
+        self._pending: dict[str, tuple[float, Found]] = {}  # (when, answer), oldest first
         self._negative: dict[str, float] = {}
+        self._lookups: dict[str, _Lookup] = {}
+        self._unclaimed: dict[str, tuple[float, _Lookup]] = {}  # ended while nobody waited (UNCLAIMED_LINGER)
         self._locks: dict[str, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
 
     def source(self, name: str) -> NarSource | None:
         return next((s for s in self.sources if s.name == name), None)
 
-    def lock(self, key: str) -> trio.Lock:
-        return self._locks.setdefault(key, trio.Lock())
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Background task (the node's nursery): the nursery remote lookups run in."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    @contextlib.asynccontextmanager
+    async def locked(self, key: str) -> AsyncIterator[None]:
+        """One holder at a time per `key` (e.g. one NAR fetch per path); the lock is dropped once free."""
+        lock = self._locks.setdefault(key, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting and self._locks.get(key) is lock:
+                del self._locks[key]
 
     # -- what the chain remembers -----------------------------------------------------------------------
     def pending(self, store_hash: str) -> Found | None:
-        return self._pending.get(store_hash)
+        entry = self._pending.get(store_hash)
+        if entry is None:
+            return None
+        if time.monotonic() - entry[0] > self.pending_ttl:
+            del self._pending[store_hash]
+            return None
+        return entry[1]
+
+    def _remember_pending(self, store_hash: str, found: Found) -> None:
+        self._pending.pop(store_hash, None)
+        now = time.monotonic()
+        self._pending[store_hash] = (now, found)
+        if len(self._pending) > PENDING_ENTRIES:
+            self._pending = {k: e for k, e in self._pending.items() if now - e[0] <= self.pending_ttl}
+            while len(self._pending) > PENDING_ENTRIES:
+                del self._pending[next(iter(self._pending))]
+
+    def pending_count(self) -> int:
+        """Answers still waiting for their NAR request (expired ones are dropped here)."""
+        now = time.monotonic()
+        self._pending = {k: e for k, e in self._pending.items() if now - e[0] <= self.pending_ttl}
+        return len(self._pending)
 
     def forget_pending(self, store_hash: str) -> None:
         self._pending.pop(store_hash, None)
 
     def looking_up(self, store_hash: str) -> bool:
-        """A lookup of it is under way."""
-        lock = self._locks.get(store_hash)
-        return lock is not None and lock.locked()
+        """A remote lookup of it is under way."""
+        return store_hash in self._lookups
 
     def known_miss(self, store_hash: str) -> bool:
         expiry = self._negative.get(store_hash)
@@ -68,9 +154,11 @@ class LookupChain:
         self._negative.pop(store_hash, None)
 
     # -- the lookup ---------------------------------------------------------------------------------
-    async def find(self, store_hash: str, remember_miss: bool = True) -> Found | None:
-        """The first source's answer, or None (remembered for negative_ttl if every source truly missed,
-        unless `remember_miss` is false: a look-ahead's miss must not become Nix's 404)."""
+    async def find(self, store_hash: str, remember_miss: bool = True, wait: float | None = None) -> Found | None:
+        """The first source's answer, or None. A remote lookup is waited for `wait` seconds (default the
+        chain's `wait`; `WAIT_FOREVER` for the whole lookup), then `StillLooking` while it goes on. A
+        settled miss is remembered for negative_ttl unless every asker passed `remember_miss=False` (a
+        look-ahead: its miss is Nix's to find)."""
         for source in self._local:
             found = await source.narinfo(store_hash)
             if found is not None:
@@ -80,27 +168,86 @@ class LookupChain:
         if self.known_miss(store_hash):
             self.metrics.negative_hits.inc()
             return None
-        pending = self._pending.get(store_hash)
+        pending = self.pending(store_hash)
         if pending is not None:
             return pending
+        lookup = self._lookups.get(store_hash)
+        if lookup is None:
+            ended = self._unclaimed.pop(store_hash, None)
+            if ended is not None and time.monotonic() - ended[0] <= UNCLAIMED_LINGER:
+                lookup = ended[1]  # the retry of a request that got a 503 takes how its lookup ended
+            else:
+                lookup = self._start(store_hash, remember_miss)
+        elif remember_miss:
+            lookup.remember_miss = True
+        wait = self.wait if wait is None else wait
+        lookup.waiting += 1
+        try:
+            with trio.move_on_after(wait):
+                await lookup.done.wait()
+        finally:
+            lookup.waiting -= 1
+        if not lookup.done.is_set():
+            self.metrics.still_looking.inc()
+            raise StillLooking(f"{store_hash}: still looking for it after {wait:g} s (the lookup goes on "
+                               f"for up to {self.patience:g} s); retry")
+        if lookup.error is not None:
+            raise lookup.error
+        return lookup.found
+
+    def _start(self, store_hash: str, remember_miss: bool) -> _Lookup:
+        if self._nursery is None:
+            raise RuntimeError("LookupChain.run is not running: remote lookups need its nursery")
+        lookup = self._lookups[store_hash] = _Lookup(remember_miss)
+        self._nursery.start_soon(self._look_up, store_hash, lookup)
+        return lookup
+
+    async def _look_up(self, store_hash: str, lookup: _Lookup) -> None:
         found = None
-        conclusive = True
-        async with self.lock(store_hash):
-            pending = self._pending.get(store_hash)  # another request looked it up while we waited
-            if pending is not None:
-                return pending
-            for source in self._rest:
-                try:
-                    found = await source.narinfo(store_hash)
-                except LookupFailed:
-                    conclusive = False
-                    continue
-                if found is not None:
-                    break
-        if found is None:
-            if conclusive and remember_miss:  # else someone had it but failed, lied or was too slow
-                self.remember_miss(store_hash)
-            return None
-        if found.source.remote:
-            self._pending[store_hash] = found
-        return found
+        settled = False  # until the sources ran to their end
+        why = "cancelled"
+        try:
+            with trio.move_on_after(self.patience) as scope:
+                backoff = RETRY_FIRST
+                while True:
+                    settled, why = True, ""
+                    for source in self._rest:
+                        try:
+                            found = await source.narinfo(store_hash)
+                        except LookupFailed as e:
+                            settled, why = False, str(e)
+                            continue
+                        if found is not None:
+                            break
+                    if found is not None or settled:
+                        break
+                    # Someone announces it (or an upstream is there) but did not deliver: a transient
+                    # failure as often as not (a busy peer, a slow manifest fetch). Ask again while the
+                    # patience lasts; the requests meanwhile get 503s, which Nix retries.
+                    self.metrics.retries.inc()
+                    await trio.sleep(backoff)
+                    backoff = min(2 * backoff, RETRY_MAX)
+            if scope.cancelled_caught:
+                found, settled, why = None, False, f"no answer within {self.patience:g} s (nix.lookup_patience)"
+        except P2PCacheError as e:
+            lookup.error = e
+        except Exception as e:  # a bug must not take the node down with it; the request gets a 502
+            log.exception("looking up %s", store_hash)
+            lookup.error = SourceFailed(f"looking up {store_hash}: {type(e).__name__}: {e}")
+        finally:
+            del self._lookups[store_hash]
+            lookup.found = found
+            if found is not None and found.source.remote:
+                self._remember_pending(store_hash, found)
+            elif found is None and lookup.error is None:
+                if settled:
+                    if lookup.remember_miss:
+                        self.remember_miss(store_hash)
+                else:  # someone had it but failed, lied or was too slow, or a walk did not finish
+                    self.metrics.unsettled.inc()
+                    log.info("lookup of %s ended unsettled, answered as a miss, not remembered: %s", store_hash, why)
+            if found is None and not lookup.waiting and not (settled and lookup.error is None):
+                now = time.monotonic()
+                self._unclaimed = {k: e for k, e in self._unclaimed.items() if now - e[0] <= UNCLAIMED_LINGER}
+                self._unclaimed[store_hash] = (now, lookup)
+            lookup.done.set()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..errors import P2PCacheError
 
-__all__ = ["Busy", "Conflict", "Missing", "NoRoom", "Refusal", "Rejected", "SourceFailed", "TooLarge"]
+__all__ = ["Busy", "Conflict", "Missing", "NoRoom", "Refusal", "Rejected", "SourceFailed", "StillLooking", "TooLarge"]
 
 
 class Refusal(P2PCacheError):
@@ -42,3 +42,10 @@ class SourceFailed(Refusal):
 
 class Busy(Refusal):
     """Too many streams or uploads in progress; retry in a few seconds (503)."""
+
+
+class StillLooking(Refusal):
+    """A remote lookup did not finish within the request's wait (`nix.lookup_wait`) and goes on in the
+    background (503). Nix 2.8 retries a 5xx narinfo or NAR request (download-attempts, backing off from
+    250 ms) and caches nothing, where a 404 would be remembered as "not valid" for an hour
+    (narinfo-cache-negative-ttl): the retry finds the answer waiting."""

@@ -3,7 +3,7 @@ collectors that node.py registers on the same registry)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
 
@@ -34,6 +34,17 @@ class Metrics:
         self.lookup_failures = Counter("p2pcache_narinfo_lookup_failures",
                                        "swarm lookups where providers existed but none answered validly in "
                                        "time (answered 404, not remembered as a miss)", registry=r)
+
+        self.still_looking = Counter("p2pcache_narinfo_still_looking",
+                                     "requests answered 503 because their remote lookup was still under way "
+                                     "after nix.lookup_wait (it went on; Nix retries)", registry=r)
+        self.unsettled = Counter("p2pcache_narinfo_lookups_unsettled",
+                                 "remote lookups that ended without a settled answer (a source failed or "
+                                 "did not finish; answered 404, not remembered as a miss)", registry=r)
+        self.retries = Counter("p2pcache_narinfo_lookup_retries", "remote lookups asked again within "
+                               "nix.lookup_patience because their sources did not settle", registry=r)
+        self.pending = Gauge("p2pcache_narinfo_pending", "answers found in the swarm or upstreams waiting for "
+                             "their NAR request (at most nix.pending_ttl seconds)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 import trio
 
@@ -40,8 +40,8 @@ from ..errors import CorruptData, DiskFull, InvalidInput, NotFound, P2PCacheErro
 from ..store.httpcache import HttpBinaryCache, UpstreamError, Decompressor
 from ..store.localnix import LocalNixStore
 from ..store.narstore import RepoNarStore, stream_nar_root
-from .chain import LookupChain
-from .errors import Conflict, Missing, NoRoom, Rejected, SourceFailed, TooLarge
+from .chain import WAIT_FOREVER, LookupChain
+from .errors import Conflict, Missing, NoRoom, Rejected, SourceFailed, StillLooking, TooLarge
 from .metrics import Metrics
 from .sources import (Found, Intake, NarSink, NarSource, NarStreams, NarWriter, NixStoreSource, RepoSource, Room,
                       Swarm, SwarmSource, TakingBack, UpstreamSource)
@@ -49,7 +49,7 @@ from .sources import (Found, Intake, NarSink, NarSource, NarStreams, NarWriter, 
 if TYPE_CHECKING:
     from ..store.repo import Repo
 
-__all__ = ["NixBinaryCache", "build_sources"]
+__all__ = ["NixBinaryCache", "build_sources", "default_patience"]
 
 log = logging.getLogger("p2pcache.nixcache")
 LOOKAHEAD_QUEUE = 1024  # references waiting for a look-ahead lookup; more are left to Nix's own asks
@@ -66,6 +66,14 @@ class _Upload:
     file_sha256: bytes
     file_size: int
     at: float = field(default_factory=time.monotonic)
+
+
+def default_patience(wait: float) -> float:
+    """How long a remote lookup goes on after a request stopped waiting for it, by default: 4 waits + 3 s.
+    Nix 2.8 makes 5 attempts at a 5xx narinfo, backing off 250 ms × 2^(n-1) (and up to 41 % more) between
+    them, so its fifth attempt is still waiting at 5 waits + 3.75 s: the lookup has ended by then, and that
+    attempt gets a final answer (200 or 404), not a 503 that fails the copy."""
+    return 4 * wait + 3.0
 
 
 def build_sources(config: NixConfig, repo: NarSource, local: NarSource | None, swarm: NarSource,
@@ -105,9 +113,14 @@ class NixBinaryCache:
         intake = Intake(self.repo_source, room, taking_back, announce, self.metrics)
         self.upstream_source = UpstreamSource(self.upstreams, intake) if self.upstreams else None
         # A gateway pulls through itself: it does not ask other gateways.
-        swarm_source = SwarmSource(swarm, intake, config.store_dir, ask_gateways=not self.upstreams)
+        wait = config.lookup_wait if config.lookup_wait is not None else swarm.lookup_timeout
+        patience = config.lookup_patience if config.lookup_patience is not None else default_patience(wait)
+        swarm_source = SwarmSource(swarm, intake, config.store_dir, ask_gateways=not self.upstreams,
+                                   patience=patience)
         self.chain = LookupChain(build_sources(config, self.repo_source, self.local_source, swarm_source,
-                                               self.upstream_source), config.negative_ttl, self.metrics)
+                                               self.upstream_source), config.negative_ttl, self.metrics,
+                                 wait=wait, patience=patience, pending_ttl=config.pending_ttl)
+        self.metrics.pending.set_function(self.chain.pending_count)
         self._uploads: dict[str, _Upload] = {}  # pending: NARs waiting for their narinfo (not announced)
         self._inflight = 0  # NAR bytes of uploads still streaming in, counted against the quota
         self._inflight_lock = threading.Lock()  # ingest threads add to it
@@ -132,6 +145,9 @@ class NixBinaryCache:
         start = time.monotonic()
         try:
             found = await self.find_narinfo(store_hash)
+        except StillLooking:
+            self.metrics.narinfo.labels("still_looking", "none").inc()
+            raise
         except P2PCacheError as e:
             self.metrics.narinfo.labels("error", "none").inc()
             raise SourceFailed(f"looking up {store_hash}: {e}") from None
@@ -144,6 +160,11 @@ class NixBinaryCache:
             self._look_ahead(found.narinfo)
         return self._signed_for(self._served_narinfo(found.narinfo), found.label).render()
 
+    async def run_lookups(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Background task (the node's nursery, started before the first request): remote lookups run
+        here, so one outlives the request that started it (`LookupChain.run`)."""
+        await self.chain.run(task_status=task_status)
+
     async def run_lookahead(self) -> None:
         """Background task (the node's nursery): look up the narinfos `_look_ahead` queued, up to
         `lookahead_lookups` at once, so the answers wait in the chain when Nix asks (a lookup Nix makes
@@ -153,7 +174,7 @@ class NixBinaryCache:
         async def one(store_hash: str) -> None:
             try:
                 async with limit:
-                    found = await self.chain.find(store_hash, remember_miss=False)
+                    found = await self.chain.find(store_hash, remember_miss=False, wait=WAIT_FOREVER)
             except P2PCacheError as e:
                 log.debug("look-ahead lookup of %s: %s", store_hash, e)
                 self.metrics.lookahead.labels("error").inc()
@@ -194,7 +215,7 @@ class NixBinaryCache:
             return True
         if self.chain.known_miss(store_hash):
             return False
-        async with self.chain.lock("nar:" + store_hash):
+        async with self.chain.locked("nar:" + store_hash):
             if self.narstore.has(store_hash):
                 return True
             found = await upstream.find(store_hash)
@@ -252,7 +273,7 @@ class NixBinaryCache:
             await sink.start(info.nar_size, "nar")
             await sink.end()
             return
-        async with self.chain.lock("nar:" + store_hash):
+        async with self.chain.locked("nar:" + store_hash):
             root = self.repo_source.held_root(store_hash, nar_digest)
             if root is not None:  # another request fetched it while we waited
                 await self.repo_source.stream_root(root, nar_digest, sink, head, "local")

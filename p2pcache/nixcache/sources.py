@@ -160,13 +160,17 @@ class Swarm(Protocol):
     def ready(self) -> bool: ...
 
     async def race(self, alias: str, ask: Callable[["PeerInfo"], Awaitable[object]],
-                   more: Sequence[Callable[[float], Awaitable[Iterable["PeerInfo"]]]] = ()) -> ResolveRace["PeerInfo"]: ...
+                   more: Sequence[Callable[[float], Awaitable[Iterable["PeerInfo"]]]] = (),
+                   timeout: float | None = None) -> ResolveRace["PeerInfo"]: ...
 
     async def resolve(self, peer: "PeerInfo", alias: str) -> ResolveAnswer | None: ...
 
     async def fetch_blocks(self, cids: list[CID], peers: list["PeerInfo"]) -> dict[CID, bytes]: ...
 
     async def find_providers(self, alias: str, timeout: float | None = None) -> list["PeerInfo"]: ...
+
+    async def providers(self, alias: str, timeout: float | None = None) -> list["PeerInfo"]:
+        """As `find_providers`, but a DHT walk that did not settle raises (`routing.LookupCut`)."""
 
     async def size_at_peers(self, alias: str, providers: list["PeerInfo"]) -> int | None: ...
 
@@ -263,7 +267,8 @@ class RepoSource:
         manifest = NarManifest.decode(await trio.to_thread.run_sync(self.repo.load_block, root))
         if manifest.nar_hash != nar_digest:
             raise Missing("the NAR held here has another hash")
-        await self.streams.send(sink, manifest.nar_size, lambda: stream_nar_root(self.repo, root), label, head)
+        await self.streams.send(sink, manifest.nar_size, lambda: stream_nar_root(self.repo, root, manifest=manifest),
+                                label, head)
 
     def add_nar(self, narinfo: NarInfo | None, pieces: Iterable[bytes]) -> NarAddResult:
         return self.narstore.add_nar(narinfo, pieces)
@@ -412,8 +417,10 @@ class SwarmSource:
     label = "peer"
     remote = True
 
-    def __init__(self, swarm: Swarm, intake: Intake, store_dir: str, ask_gateways: bool) -> None:
+    def __init__(self, swarm: Swarm, intake: Intake, store_dir: str, ask_gateways: bool,
+                 patience: float | None = None) -> None:
         self.swarm = swarm
+        self.patience = patience  # the race's deadline (None: the swarm's lookup_timeout)
         self.intake = intake
         self.metrics = intake.metrics
         self.store_dir = store_dir
@@ -424,8 +431,8 @@ class SwarmSource:
         all asked in parallel, staggered, under one deadline of `lookup_timeout`. An answer counts once its
         NAR manifest root, fetched from that peer, carries the NarHash and NarSize the peer claims."""
         swarm = self.swarm
-        if not swarm.ready():
-            return None
+        if not swarm.ready():  # not "nobody has it": nobody was asked
+            raise LookupFailed("the swarm is not up yet")
         alias = nix_alias(store_hash)
         me = swarm.me
 
@@ -452,18 +459,18 @@ class SwarmSource:
             return info, answer.root, blocks[answer.root]
 
         async def gateways(timeout: float) -> list["PeerInfo"]:
-            return [p for p in await swarm.find_providers(str(GATEWAY_MARKER), timeout=timeout)
-                    if p.peer_id != me]
+            return [p for p in await swarm.providers(str(GATEWAY_MARKER), timeout=timeout) if p.peer_id != me]
 
         # A gateway pulls the path through from its upstreams before it answers, so gateways are
         # asked after the providers themselves (the race's second tier).
-        race = await swarm.race(alias, ask, (gateways,) if self.ask_gateways else ())
+        race = await swarm.race(alias, ask, (gateways,) if self.ask_gateways else (), timeout=self.patience)
         if race.winner is None:
             if race.outcome is not RaceOutcome.MISS:
-                log.info("lookup of %s: %d provider(s), none answered validly in time (%s)", alias,
-                         race.peers_known, race.stats)
+                cut = f", {race.sources_failed} DHT lookup(s) did not finish" if race.sources_failed else ""
+                log.info("lookup of %s: %d provider(s), none answered validly in time%s (%s)", alias,
+                         race.peers_known, cut, race.stats)
                 self.metrics.lookup_failures.inc()
-                raise LookupFailed(f"{alias}: {race.peers_known} provider(s), none answered validly in time")
+                raise LookupFailed(f"{alias}: {race.peers_known} provider(s), none answered validly in time{cut}")
             return None
         peer, (info, root, root_block) = race.winner
         rest = race.peers_in(AskState.QUEUED, AskState.CANCELLED)

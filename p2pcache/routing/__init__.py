@@ -26,7 +26,7 @@ sans-IO) and `resolve` (its trio driver).
 
 from .announcer import Announcements, AnnouncerConfig, AnnouncerStats, ProviderAnnouncer
 from .dht import DHT, KAD_PROTOCOL, DHTConfig, DHTStats, ProviderAnswer
-from .errors import ResolveProtocolError, ResolveUnavailable, RoutingUsageError
+from .errors import LookupCut, ResolveProtocolError, ResolveUnavailable, RoutingUsageError
 from .finder import FinderConfig, FinderStats, LookupResult, ProviderFinder
 from .keys import NIX_ALIAS_PREFIX, NIX_NAMESPACE, dht_key, nix_alias
 from .query import ProviderQuery, QueryStats
@@ -38,7 +38,7 @@ from .resolve_wire import NarInfoFields, ResolveAnswer
 __all__ = [
     "AskState", "NotHeld", "ProviderStanding", "RaceOutcome", "RaceStats", "ResolveRace", "race_providers",
     "Announcements", "AnnouncerConfig", "AnnouncerStats", "DHT", "DHTConfig", "DHTStats", "FinderConfig", "FinderStats",
-    "KAD_PROTOCOL", "LookupResult", "NIX_ALIAS_PREFIX", "NIX_NAMESPACE", "NarInfoFields", "ProviderAnnouncer",
+    "KAD_PROTOCOL", "LookupCut", "LookupResult", "NIX_ALIAS_PREFIX", "NIX_NAMESPACE", "NarInfoFields", "ProviderAnnouncer",
     "ProviderAnswer", "ProviderFinder", "ProviderQuery", "QueryStats", "RESOLVE_PROTOCOL", "ResolveAnswer",
     "ResolveProtocolError", "ResolveServer", "ResolveServerStats", "ResolveUnavailable", "RoutingUsageError",
     "dht_key", "nix_alias", "resolve",

@@ -20,3 +20,8 @@ class ResolveUnavailable(P2PCacheError):
 class RoutingUsageError(P2PCacheError, ValueError):
     """This process asked routing for something it cannot do (encode an answer over the limits, an
     unknown kind). A bug in the caller, not a peer's fault."""
+
+
+class LookupCut(P2PCacheError):
+    """A provider lookup ended before it could say that nobody has the key: cut by its timeout, or no
+    peer of the DHT answered. Not a miss: a caller must not remember it as one."""

@@ -4,8 +4,10 @@ Owns `ProviderFinder.lookup(alias, timeout)`: bounded in time, happy-eyeballs ov
 known peer at once, the next after `stagger` seconds or as soon as an answer or failure comes in, at most
 `alpha` in flight; return the moment `want` providers are known and cancel the rest), and a negative cache:
 a miss is remembered for `negative_ttl` seconds, so a caller asking again for something nobody has gets
-its answer from memory instead of another walk of the DHT. A miss never raises and never runs past its
-`timeout`. Providers learned here are only candidates to ask: nothing they send is trusted before the
+its answer from memory instead of another walk of the DHT — only a miss the walk settled (it ran to its end and
+some peer answered, or there was nobody to ask); a walk cut by its `timeout`, or one where every peer
+failed, is no answer and is not remembered. A miss never raises and never runs past its `timeout`
+(`providers` raises `LookupCut` for an unsettled one, for callers that must tell the two apart). Providers learned here are only candidates to ask: nothing they send is trusted before the
 exchange verifies it against the root CID.
 
 The Kademlia iteration itself is `query.ProviderQuery` (sans-IO); this module is its trio driver over a
@@ -25,6 +27,7 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from .errors import LookupCut
 from .interfaces import ProviderRouting
 from .keys import dht_key
 from .query import ProviderQuery
@@ -55,10 +58,17 @@ class LookupResult:
     asked: int  # GET_PROVIDERS questions sent
     elapsed: float  # seconds, by the trio clock
     timed_out: bool = False
+    answered: int = 0  # GET_PROVIDERS questions answered
 
     @property
     def found(self) -> bool:
         return bool(self.providers)
+
+    @property
+    def settled(self) -> bool:
+        """Found, or a miss the walk settled: it ran to its end (not cut by the timeout) and some peer
+        answered, or it knew no peer to ask. Only a settled miss means "nobody has it"."""
+        return self.found or not self.timed_out and (self.answered > 0 or self.asked == 0)
 
 
 @dataclass
@@ -86,6 +96,15 @@ class ProviderFinder:
     async def find_providers(self, alias: str, timeout: float | None = None) -> list[PeerInfo]:
         """Providers of `alias` other than ourselves; empty if none turned up before `timeout`."""
         return list((await self.lookup(alias, timeout)).providers)
+
+    async def providers(self, alias: str, timeout: float | None = None) -> list[PeerInfo]:
+        """Like `find_providers`, but a miss the walk did not settle (`LookupResult.settled`) raises
+        `LookupCut` instead of looking like "nobody has it"."""
+        result = await self.lookup(alias, timeout)
+        if not result.settled:
+            why = "was cut by its timeout" if result.timed_out else f"got no answer from the {result.asked} peer(s) asked"
+            raise LookupCut(f"the DHT lookup of {alias} {why} after {result.elapsed:.1f} s")
+        return list(result.providers)
 
     def forget_miss(self, alias: str) -> None:
         """Drop a cached miss, e.g. after hearing that someone now has `alias`."""
@@ -127,11 +146,13 @@ class ProviderFinder:
             assert query.stats.found_at_hop is not None
             self.stats.hops.append(query.stats.found_at_hop)
             return LookupResult(alias, providers, "dht", query.stats.found_at_hop, query.stats.asked,
-                                elapsed, timed_out)
+                                elapsed, timed_out, query.stats.answered)
         self.stats.misses += 1
         self.stats.timeouts += timed_out
-        self._remember_miss(key, self._clock())
-        return LookupResult(alias, (), "miss", None, query.stats.asked, elapsed, timed_out)
+        result = LookupResult(alias, (), "miss", None, query.stats.asked, elapsed, timed_out, query.stats.answered)
+        if result.settled:  # a walk cut short, or one nobody answered, says nothing about who has it
+            self._remember_miss(key, self._clock())
+        return result
 
     def _remember_miss(self, key: bytes, now: float) -> None:
         if len(self._negative) >= self.config.negative_max:

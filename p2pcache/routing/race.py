@@ -11,9 +11,10 @@ before it calls `on_answer`, and reports a lie as `on_failure`.
 `ProviderStanding` is the memory across races: a provider that failed, lied or timed out is demoted for
 `demote_for` seconds, so the next race asks it after everyone else; one that answers is restored.
 
-The outcome tells a true miss from a failed lookup: `MISS` only when every provider there was answered
-that it holds nothing (or there were none), `FAILED` when some provider existed but failed, lied or ran
-out of time — a caller must not remember that as "nobody has it".
+The outcome tells a true miss from a failed lookup: `MISS` only when every source of providers finished
+(`source_failed` was never called: a DHT walk cut by its timeout is no "none") and every provider there
+was answered that it holds nothing (or there were none), `FAILED` when some provider existed but failed,
+lied or ran out of time, or a source could not finish — a caller must not remember that as "nobody has it".
 
 Peers are any hashable values; nothing here awaits, sleeps or reads a clock: the driver passes `now`
 (`race_providers` below is the trio driver; a simnet driver can pump the same machine).
@@ -120,6 +121,7 @@ class ResolveRace(Generic[P]):
         self._expired = False
         self._in_flight = 0
         self._queued = 0
+        self.sources_failed = 0
         self._last_ask = -math.inf
         self.winner: tuple[P, Any] | None = None
 
@@ -141,6 +143,11 @@ class ResolveRace(Generic[P]):
 
     def close_input(self) -> None:
         self._input_closed = True
+
+    def source_failed(self) -> None:
+        """A source of peers could not finish (its lookup was cut short or broke): whoever it would have
+        named is unknown, so the race can no longer end in `MISS`."""
+        self.sources_failed += 1
 
     # -- asking -------------------------------------------------------------------------------
     @property
@@ -238,7 +245,8 @@ class ResolveRace(Generic[P]):
     def outcome(self) -> RaceOutcome:
         if self.winner is not None:
             return RaceOutcome.FOUND
-        if self._input_closed and all(a.state is AskState.EMPTY for a in self._asks.values()):
+        if (self._input_closed and not self.sources_failed
+                and all(a.state is AskState.EMPTY for a in self._asks.values())):
             return RaceOutcome.MISS
         return RaceOutcome.FAILED
 
@@ -263,7 +271,8 @@ async def race_providers(race: ResolveRace[P], ask: Callable[[P], Awaitable[Any]
     """The trio driver. `ask(peer)` returns a checked answer, raises `NotHeld` for "nothing here", or
     raises anything else for a failure (its message is the caller's to log). `sources` run one after
     another, each given the time left until the deadline, and their peers join the race as they
-    arrive (source i in tier i); then the input is closed. The race ends by its deadline whatever the
+    arrive (source i in tier i); then the input is closed. A source that raises counts as unfinished
+    (`source_failed`): the race still asks the peers the others named, but cannot end in `MISS`. The race ends by its deadline whatever the
     peers or sources do; the asks still running are cancelled."""
     send, receive = trio.open_memory_channel[tuple[str, Any, Any]](math.inf)
 
@@ -308,6 +317,8 @@ async def race_providers(race: ResolveRace[P], ask: Callable[[P], Awaitable[Any]
                         race.on_empty(who, now)
                     elif kind == "failed" and not race.done:
                         race.on_failure(who, now)
+                    elif kind == "source-failed":
+                        race.source_failed()
                     elif kind == "peers" and not race.done:
                         race.add_peers(who, now, tier=what)
                     elif kind == "closed":

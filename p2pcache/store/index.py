@@ -404,8 +404,9 @@ class Index:
     def set_verified(self, root: CID) -> None:
         self.db.execute("UPDATE roots SET verified = 1 WHERE root = ?", (root.buffer,))
 
-    def touch(self, root: CID) -> None:
-        self.db.execute("UPDATE roots SET last_access = ? WHERE root = ?", (time.time(), root.buffer))
+    def touch(self, root: CID, at: float | None = None) -> None:
+        self.db.execute("UPDATE roots SET last_access = ? WHERE root = ?",
+                        (time.time() if at is None else at, root.buffer))
 
     def root_blocks(self, root: CID) -> list[CID]:
         return [CID(c) for (c,) in self.db.execute("SELECT cid FROM root_blocks WHERE root = ?", (root.buffer,))]

@@ -340,14 +340,17 @@ def stream_manifest(manifest: NarManifest, load: Callable[[CID], bytes]) -> Iter
     return check.wrap(_nar.write_nar(events))
 
 
-def stream_nar_root(repo: "Repo", root: CID, progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
-    """The NAR of a 'nar' root, every block verified by its CID and the whole by narHash (last piece held)."""
+def stream_nar_root(repo: "Repo", root: CID, progress: Callable[[int], None] | None = None,
+                    manifest: NarManifest | None = None) -> Iterator[bytes]:
+    """The NAR of a 'nar' root, every block verified by its CID and the whole by narHash (last piece held).
+    `manifest`: the root's manifest, if the caller decoded it already (from this repo's verified block)."""
     info = repo.root_info(root)
     if info.kind != "nar":
         raise InvalidInput(f"{root} is a {info.kind} root, not a NAR")
     if not info.complete:
         raise CorruptData(f"{root} is incomplete in this repo (blocks missing or corrupt); add or fetch it again")
-    manifest = NarManifest.decode(repo.load_block(root))
+    if manifest is None:
+        manifest = NarManifest.decode(repo.load_block(root))
     verified = repo.index.is_verified(root)
     for piece in _stream_local(repo, manifest, verified):
         yield piece

@@ -112,7 +112,8 @@ def main() -> int:
             repo.mkdir()
             (repo / "config.toml").write_text(f'[transfer]\nprotocol = "{protocol}"\n')
             # the daemon's default lookup timeout (bench/nix.py's 2 s misses now and then on a loaded machine)
-            b = bench.daemon(repo.name, bootstrap=[a.addr, c.addr], extra=["--lookup-timeout", "5"])
+            # at info, so a failed copy's cause is in B's log (printed below when one fails)
+            b = bench.daemon(repo.name, bootstrap=[a.addr, c.addr], extra=["--lookup-timeout", "5", "--log-level", "info"])
             nixbench.wait_peers(b, 2)
             return b
 
@@ -132,6 +133,9 @@ def main() -> int:
                     except RuntimeError as e:  # reported, not hidden: a copy that failed is counted
                         failures[f"{kind} {protocol}"] = failures.get(f"{kind} {protocol}", 0) + 1
                         log(f"  {kind} run {i + 1}, p2pcache {protocol}: FAILED: {str(e).splitlines()[-1][:300]}")
+                        b_log = work / f"{b.repo.name}.log"
+                        for line in (b_log.read_text(errors="replace").splitlines()[-15:] if b_log.exists() else []):
+                            log(f"    B: {line[:300]}")
                     bench.stop(b)
                 log(f"  {kind} run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in res.items() if v))
         bench.close()

@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 DEFAULT_API = "127.0.0.1:37515"
 # The exchange defaults, as measured with simnet's node-fetch (real Nodes; see README "simnet").
 SUPERSEED_WINDOW = 1.0
-SWARM_FETCH = True  # with node.exchange_configs' fan-out (README: a fleet of real Nodes)
+# Swarm mode (node.exchange_configs' fan-out) measured better at 20 real Nodes (p99 1.78x vs 1.93x) but far
+# worse at 80 (9.45x and 1.96 seed copies vs 3.22x and 1.0007): full-mesh HAVE traffic grows with the
+# square of the fleet, and a fetch with no provider waits its 30 s DONT_HAVE wait. Off for fleets.
+SWARM_FETCH = False
 HAVE_BATCH_DELAY = 0.0
 
 DEFAULT_TOML = f"""\

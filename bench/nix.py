@@ -326,6 +326,18 @@ class Bench:
 # -- narinfo latency ------------------------------------------------------------------------------------
 
 
+def start_bench(args: argparse.Namespace, name: str) -> tuple[Bench, str] | None:
+    """The start every Nix bench shares: None (after one line) when nix is not on PATH, else a `Bench` in a
+    fresh temp dir (`bench.work`) and a random token for the names of the store paths it makes."""
+    if shutil.which("nix") is None:
+        log("nix is not on PATH: apt-get install -y nix-bin")
+        return None
+    if not hasattr(args, "profile"):
+        args.profile = False
+    work = Path(tempfile.mkdtemp(prefix=f"p2pcache-bench-{name}-"))
+    return Bench(args, work), secrets.token_hex(5)
+
+
 def random_hash(rng: random.Random) -> str:
     return "".join(rng.choice(NIX32) for _ in range(32))
 
@@ -357,15 +369,14 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="run the first cold B under cProfile, print its top")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (daemon logs, profiles)")
     args = ap.parse_args()
-    if shutil.which("nix") is None:
-        log("nix is not on PATH: apt-get install -y nix-bin")
+    started = start_bench(args, "nix")
+    if started is None:
         return 2
+    bench, token = started
+    work = bench.work
     runs = max(2, args.runs)
     n_req = 50 if args.quick else 200
     n_first = 20 if args.quick else 50
-    token = secrets.token_hex(5)
-    work = Path(tempfile.mkdtemp(prefix="p2pcache-bench-nix-"))
-    bench = Bench(args, work)
     t_start = time.perf_counter()
     rows: list[tuple[str, str]] = []
 

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import shutil
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +42,16 @@ def emit(metric: str, value: float, unit: str, better: str, **extra) -> None:
 
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def make_kinds(nix: nixbench.Nix, work: Path, token: str, quick: bool, made: list[str]) -> dict[str, dict]:
+    """The two contents the Nix copy benches measure, the bench closure and the site-packages path, by name;
+    their store paths are added to `made` (for the clean-up) as soon as each exists."""
+    closure = nixbench.make_closure(nix, work, token, quick)
+    made += closure["paths"]
+    sp = site_packages_path(nix, work, token, quick)
+    made += sp["paths"]
+    return {"closure": closure, "site-packages": sp}
 
 
 def site_packages_path(nix: nixbench.Nix, work: Path, token: str, quick: bool) -> dict:
@@ -74,22 +82,16 @@ def main() -> int:
     ap.add_argument("--xz-level", type=int, default=0, help="xz level of the static cache (Nix's default is 6)")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
-    if shutil.which("nix") is None:
-        log("nix is not on PATH: apt-get install -y nix-bin")
+    started = nixbench.start_bench(args, "nixcopy")
+    if started is None:
         return 2
-    args.profile = False
-    token = secrets.token_hex(5)
-    work = Path(tempfile.mkdtemp(prefix="p2pcache-bench-nixcopy-"))
-    bench = nixbench.Bench(args, work)
+    bench, token = started
+    work = bench.work
     made: list[str] = []
     try:
         nix = bench.nix
         log(f"bench/nixcopy.py: temp dir {work} (2 cores shared with other work: compare same-run ratios)")
-        closure = nixbench.make_closure(nix, work, token, args.quick)
-        made += closure["paths"]
-        sp = site_packages_path(nix, work, token, args.quick)
-        made += sp["paths"]
-        kinds = {"closure": closure, "site-packages": sp}
+        kinds = make_kinds(nix, work, token, args.quick, made)
         a = bench.daemon("a")
         c = bench.daemon("c", bootstrap=[a.addr])  # a second runner: it takes A's provider records
         nixbench.wait_peers(a, 1)

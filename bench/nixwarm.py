@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (nix.py, nixcopy.py put the checkout first)
 import nix as nixbench  # noqa: E402  (bench/nix.py: Nix runner, the closure, daemons, timed copies)
-from nixcopy import site_packages_path  # noqa: E402
+from nixcopy import make_kinds  # noqa: E402
 
 MiB = 1 << 20
 log = nixbench.log
@@ -53,23 +50,17 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--warm-only", action="store_true", help="skip the ingest rounds (the warm figures only)")
     args = ap.parse_args()
-    if shutil.which("nix") is None:
-        log("nix is not on PATH: apt-get install -y nix-bin")
+    started = nixbench.start_bench(args, "nixwarm")
+    if started is None:
         return 2
-    args.profile = False
-    token = secrets.token_hex(5)
-    work = Path(tempfile.mkdtemp(prefix="p2pcache-bench-nixwarm-"))
-    bench = nixbench.Bench(args, work)
+    bench, token = started
+    work = bench.work
     made: list[str] = []
     t_start = time.perf_counter()
     try:
         nix = bench.nix
         log(f"bench/nixwarm.py: temp dir {work} (2 cores: compare same-run ratios)")
-        closure = nixbench.make_closure(nix, work, token, args.quick)
-        made += closure["paths"]
-        sp = site_packages_path(nix, work, token, args.quick)
-        made += sp["paths"]
-        kinds = {"closure": closure, "site-packages": sp}
+        kinds = make_kinds(nix, work, token, args.quick, made)
         ingest: dict[str, dict[str, list[float]]] = {k: {"node": [], "file": []} for k in kinds}
         serial = 0
         for i in range(0 if args.warm_only else max(1, args.runs)):

@@ -663,10 +663,16 @@ class RepoBatcher:
             blocks, self._batch, self.pending_bytes = self._batch, [], 0
             await self._send.send(blocks)
 
+    def _store(self, blocks: list[tuple[CID, bytes]]) -> list[tuple[CID, bytes]]:
+        """In the writer's worker thread: append one batch; returns the blocks appended (a subclass may
+        check them first, e.g. hash them there, off the event loop)."""
+        # Every block reaching `add` was hashed against its CID by the receiver that got it.
+        self.repo.write_blocks(blocks, True)
+        return blocks
+
     async def _writer(self) -> None:
         async for blocks in self._recv:
-            # Every block reaching `add` was hashed against its CID by the receiver that got it.
-            await trio.to_thread.run_sync(self.repo.write_blocks, blocks, True)
+            blocks = await trio.to_thread.run_sync(self._store, blocks)
             self._unrecorded += [(c, len(d)) for c, d in blocks]
             self._unrecorded_bytes += sum(len(d) for _, d in blocks)
             if self.on_stored is not None:

@@ -323,9 +323,9 @@ class _Request:
 class _Run:
     """One fetch, shared by its lanes (one lane = one request at a time to one provider)."""
 
-    def __init__(self, walk: DagWalk, store: RepoBatcher, repo: Any) -> None:
+    def __init__(self, walk: DagWalk, repo: Any) -> None:
         self.walk = walk
-        self.store = store
+        self.store: _LeafStore
         self.repo = repo
         self.active: set[_Request] = set()
         # Providers whose stream broke with their connection gone (the process died, the link dropped):
@@ -334,6 +334,7 @@ class _Run:
         self.lost: set[ID] = set()
         self.loading = 0
         self.on_verified: Callable[[CID, bytes], None] | None = None
+        self.drop: Callable[[ID, str], None] = lambda peer, why: None  # a peer's bytes proved it lied
         self.changed = trio.Event()
         self.last_error = ""
         # per provider: block bytes delivered, and seconds it had a request in flight (its lanes share
@@ -346,6 +347,24 @@ class _Run:
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    def leaves_checked(self, good: list[tuple[CID, bytes, ID]], bad: list[tuple[CID, bytes, ID]]) -> list[CID]:
+        """A batch of raw leaves was hashed (`_LeafStore`): those that hash to their CID arrive now (the
+        new ones are returned); one that does not goes back to the walk and its sender is dropped."""
+        walk, seen, new = self.walk, self.on_verified, []
+        for cid, data, _ in good:
+            if walk.on_block(cid, data):
+                new.append(cid)
+                if seen is not None:
+                    seen(cid, data)
+        liars: dict[ID, CID] = {}
+        for cid, _, peer in bad:
+            walk.on_failed(cid)
+            liars.setdefault(peer, cid)
+        for peer, cid in liars.items():
+            self.drop(peer, f"block sent as {cid} does not hash to that CID")
+        self.notify()
+        return new
 
     def started(self, req: _Request) -> None:
         self.active.add(req)
@@ -419,6 +438,57 @@ class _Run:
         return best_rem[keep:]
 
 
+class _LeafStore(RepoBatcher):
+    """The fetch's store. Raw leaves come in with their place in the walk checked but not yet hashed
+    (`add_leaf`): the writer's worker thread hashes a whole batch (hashlib lets go of the GIL, so the
+    event loop goes on reading the network meanwhile) and appends only those that hash to their CID,
+    in the same thread hop; back on the loop `_Run.leaves_checked` lets them arrive (the walk, the
+    `on_verified` hook) and drops the sender of any that did not. Nothing is appended, handed on or
+    served before it is hashed. Manifest nodes (hashed on arrival: the walk needs their links) go
+    through `add` as before. `unchecked`: leaves taken in and not yet hashed."""
+
+    def __init__(self, run: _Run, repo: Any, store_bytes: int, commit_bytes: int,
+                 on_stored: Callable[[list[CID]], None] | None,
+                 on_committed: Callable[[list[CID]], None] | None) -> None:
+        super().__init__(repo, store_bytes, commit_bytes, on_stored=self._checked, on_committed=on_committed)
+        self._run = run
+        self._then = on_stored
+        self.unchecked = 0
+        self._hashed: tuple[list[Any], list[Any], list[CID]] = ([], [], [])
+
+    async def add_leaf(self, cid: CID, data: bytes, peer: ID) -> None:
+        self._batch.append((cid, data, peer))  # type: ignore[arg-type]  # a leaf: hashed by the writer
+        self.unchecked += 1
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= self.store_bytes:
+            await self.write()
+
+    def _store(self, blocks: list[Any]) -> list[tuple[CID, bytes]]:
+        good, bad, nodes, out = [], [], [], []
+        for item in blocks:
+            if len(item) == 3:
+                if item[0].verify(item[1]):
+                    good.append(item)
+                    out.append((item[0], item[1]))
+                else:
+                    bad.append(item)
+            else:  # verified on arrival
+                nodes.append(item[0])
+                out.append(item)
+        if out:
+            self.repo.write_blocks(out, True)
+        self._hashed = (good, bad, nodes)
+        return out
+
+    def _checked(self, cids: list[CID]) -> None:
+        good, bad, nodes = self._hashed
+        self._hashed = ([], [], [])
+        self.unchecked -= len(good) + len(bad)
+        new = self._run.leaves_checked(good, bad)
+        if self._then is not None:
+            self._then(nodes + new)
+
+
 class DagTransfer:
     """Fetches whole DAGs over `/p2pcache/dag/1.0.0`, falling back to `exchange` (bitswap)."""
 
@@ -463,10 +533,12 @@ class DagTransfer:
         before = walk.stats.bytes
         handed = 0
         try:
-            async with RepoBatcher(repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
-                                   on_stored=on_stored, on_committed=ex.blocks_added) as store:
-                run = _Run(walk, store, repo)
-                run.on_verified = on_verified
+            run = _Run(walk, repo)
+            run.on_verified = on_verified
+            run.drop = lambda peer, why: self._drop(run, peer, why)
+            async with _LeafStore(run, repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
+                                  on_stored=on_stored, on_committed=ex.blocks_added) as store:
+                run.store = store
                 if root_block is not None and not repo.has_block(root):
                     try:
                         walk.on_block(root, root_block, local=True)  # its links are the first wants
@@ -512,9 +584,10 @@ class DagTransfer:
                 wants = run.steal(peer, self.config)
                 if wants:
                     self.stats.steals += 1
-                elif not run.active and not run.loading:
+                elif not run.active and not run.loading and not run.store.unchecked:
                     break  # nothing in flight anywhere and nothing to ask: the others gave up
                 else:
+                    await run.store.write()  # hand held leaves to the writer: they are hashed there
                     with trio.move_on_after(min(self.config.steal_after / 2, self.config.steal_measure)):  # look again
                         await run.changed.wait()
                     continue
@@ -544,9 +617,7 @@ class DagTransfer:
             self.stats.streams += 1
             return await self._receive(run, req, stream)
         except _Hostile as e:
-            run.last_error = f"{peer}: {e}"
-            self.stats.peers_dropped += 1
-            self.exchange.penalise(peer, f"DAG stream: {e}")
+            self._drop(run, peer, str(e))
             return False
         finally:
             run.finished(req)
@@ -591,18 +662,29 @@ class DagTransfer:
                     raise _Hostile("frame that is neither a block nor an end")
                 block = frame.block.data
                 try:
-                    order.expect(cid, block)
+                    order.expect(cid, block, hash_leaf=False)
                 except OutOfOrder as e:
                     raise _Hostile(str(e)) from None
                 req.progress_at = trio.current_time()
                 run.delivered[req.peer] = run.delivered.get(req.peer, 0) + len(block)
-                if walk.on_block(cid, block):
+                if cid.codec == RAW:
+                    if walk.is_new(cid):
+                        await run.store.add_leaf(cid, block, req.peer)  # hashed there, in a batch
+                    else:
+                        walk.on_block(cid, block)  # counted as a duplicate, dropped unhashed
+                elif walk.on_block(cid, block):
                     if run.on_verified is not None:
                         run.on_verified(cid, block)
                     await run.store.add(cid, block)
                     run.notify()
                 if req.stop_after is not None and order.sent >= req.stop_after:
                     return True  # a thief took the rest
+
+    def _drop(self, run: _Run, peer: ID, why: str) -> None:
+        """`peer` broke the protocol or sent a block that does not hash to its CID: ban it."""
+        run.last_error = f"{peer}: {why}"
+        self.stats.peers_dropped += 1
+        self.exchange.penalise(peer, f"DAG stream: {why}")
 
     def _check_lost(self, run: _Run, peer: ID) -> None:
         """A stream to `peer` broke: if its connection went with it, the peer is lost for this fetch

@@ -105,14 +105,17 @@ class DfsOrder:
         self._stack.extend((c, False) for c in reversed(links))
         return links
 
-    def expect(self, cid: CID, data: bytes | memoryview) -> list[CID]:
-        """The asker's side of `give`: the block must be the next one and hash to its CID."""
+    def expect(self, cid: CID, data: bytes | memoryview, hash_leaf: bool = True) -> list[CID]:
+        """The asker's side of `give`: the block must be the next one and hash to its CID. With
+        `hash_leaf=False` a raw block is checked for its place only: the caller hashes it later (in a
+        batch, off the event loop) and must not use its bytes before; a dag-cbor block is always hashed
+        here, as the walk needs its links."""
         nxt = self.peek()
         if nxt is None:
             raise OutOfOrder(f"block {cid} after the end of the walk")
         if cid != nxt:
             raise OutOfOrder(f"block {cid} out of order (the walk expects {nxt} next)")
-        if not cid.verify(data):
+        if (hash_leaf or cid.codec != RAW) and not cid.verify(data):
             raise OutOfOrder(f"block sent as {cid} does not hash to that CID")
         try:
             return self.give(cid, data)
@@ -206,6 +209,11 @@ class DagWalk:
         """Held dag-cbor blocks to read locally and hand back with `on_block(cid, data, local=True)`."""
         loads, self._loads = self._loads, []
         return loads
+
+    def is_new(self, cid: CID) -> bool:
+        """Linked from the walk and not arrived yet: `on_block` would take it."""
+        st = self._state.get(cid)
+        return st is not None and st is not _State.DONE
 
     def is_open(self, cid: CID) -> bool:
         """Asked for or expected, not arrived yet."""

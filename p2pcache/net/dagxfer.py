@@ -31,6 +31,7 @@ from libp2p.peer.id import ID
 
 from ..content.chunking import MAX_BLOCK_SIZE
 from ..content.cid import CID, DAG_CBOR, RAW
+from ..content.varint import decode as varint_decode
 from ..content.varint import encode as uvarint
 from ..errors import InvalidCID, InvalidInput, MalformedBlock
 from ..exchange import FrameDecoder, ProtocolViolation
@@ -121,6 +122,84 @@ def decode_request(payload: bytes) -> tuple[list[CID], list[CID], bool]:
     if any(c.codec not in (RAW, DAG_CBOR) for c in roots):
         raise ProtocolViolation("DAG request names a root of a codec other than raw or dag-cbor")
     return roots, have, msg.scope == pb.DagRequest.NODES
+
+
+class _Frames:
+    """A DAG stream cut into frames as its bytes come in (`feed`): each frame is (cid, data) for a block
+    or a `DagEnd`. A block frame in the layout protobuf writes (field 1 holding a DagBlock of field 1 cid,
+    field 2 data) is read straight out of the buffer, its data copied once; any other frame goes through
+    protobuf, so what is accepted is what protobuf would accept. ProtocolViolation for a frame over
+    MAX_FRAME (as soon as its length prefix is read) or one protobuf rejects."""
+
+    __slots__ = ("_buf", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes] | pb.DagEnd]:
+        buf = self._buf
+        if self._pos:
+            del buf[: self._pos]
+            self._pos = 0
+        buf += data
+        out: list[tuple[bytes, bytes] | pb.DagEnd] = []
+        view = memoryview(buf)
+        try:
+            pos, size = 0, len(buf)
+            while pos < size:
+                try:
+                    n, start = varint_decode(view, pos)
+                except ValueError:
+                    if size - pos >= 10:
+                        raise ProtocolViolation("DAG stream has a malformed length prefix") from None
+                    break  # the prefix is not all here yet
+                if n > MAX_FRAME:
+                    raise ProtocolViolation(f"DAG stream announces a {n} byte frame, over the {MAX_FRAME} byte limit")
+                end = start + n
+                if end > size:
+                    break
+                out.append(_block_fields(view, start, end) or _parsed_frame(view[start:end]))
+                pos = end
+        finally:
+            view.release()
+        self._pos = pos
+        return out
+
+
+def _block_fields(view: memoryview, start: int, end: int) -> tuple[bytes, bytes] | None:
+    """(cid, data) of a block frame in protobuf's own layout at view[start:end], else None."""
+    try:
+        if view[start] != 0x0A:
+            return None
+        n, i = varint_decode(view, start + 1)
+        if i + n != end or view[i] != 0x0A:
+            return None
+        n, i = varint_decode(view, i + 1)
+        cid_end = i + n
+        if cid_end >= end or view[cid_end] != 0x12:
+            return None
+        cid = bytes(view[i:cid_end])
+        n, i = varint_decode(view, cid_end + 1)
+        if i + n != end:
+            return None
+        return cid, bytes(view[i:end])
+    except (ValueError, IndexError):
+        return None
+
+
+def _parsed_frame(payload: memoryview) -> tuple[bytes, bytes] | pb.DagEnd:
+    frame = pb.DagFrame()
+    try:
+        frame.ParseFromString(payload)
+    except DecodeError as e:
+        raise ProtocolViolation(f"malformed frame ({e})") from None
+    kind = frame.WhichOneof("frame")
+    if kind == "block":
+        return frame.block.cid, frame.block.data
+    if kind == "end":
+        return frame.end
+    raise ProtocolViolation("frame that is neither a block nor an end")
 
 
 def _block_frame(cid: CID, data: bytes) -> bytes:
@@ -629,7 +708,7 @@ class DagTransfer:
 
     async def _receive(self, run: _Run, req: _Request, stream: Any) -> bool:
         walk, order = run.walk, req.order
-        decoder = FrameDecoder(MAX_FRAME, "DAG stream")
+        frames = _Frames()
         while True:
             with trio.move_on_after(self.config.stall_seconds) as waited:
                 try:
@@ -645,22 +724,17 @@ class DagTransfer:
                 self._check_lost(run, req.peer)
                 return False
             try:
-                payloads = decoder.feed(data)
+                got = frames.feed(data)
             except ProtocolViolation as e:
                 raise _Hostile(str(e)) from None
-            for payload in payloads:
-                frame = pb.DagFrame()
+            for frame in got:
+                if not isinstance(frame, tuple):
+                    return self._ended(run, req, frame)
                 try:
-                    frame.ParseFromString(payload)
-                    kind = frame.WhichOneof("frame")
-                    cid = CID.decode(frame.block.cid) if kind == "block" else None
-                except (DecodeError, InvalidCID, IndexError) as e:
+                    cid = CID.decode(frame[0])
+                except (InvalidCID, IndexError) as e:
                     raise _Hostile(f"malformed frame ({e})") from None
-                if kind == "end":
-                    return self._ended(run, req, frame.end)
-                if cid is None:
-                    raise _Hostile("frame that is neither a block nor an end")
-                block = frame.block.data
+                block = frame[1]
                 try:
                     order.expect(cid, block, hash_leaf=False)
                 except OutOfOrder as e:

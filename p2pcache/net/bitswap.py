@@ -136,6 +136,37 @@ class RepoBlockSource:
             log.warning("not serving %s: %s", cid, e)
             return None
 
+    def get_many(self, cids: Sequence[CID]) -> list[bytes | None]:
+        """`get` for a run of blocks (a DAG stream's next leaves), ending at the first one not served
+        (None): one index query and one pread per run of adjacent records, each block still checked
+        against the crc32 recorded when it was verified. A subclass that changes `get` is asked block by block."""
+        if type(self).get is not RepoBlockSource.get or any(c in self.fresh for c in cids):
+            out: list[bytes | None] = []
+            for cid in cids:
+                out.append(self.get(cid))
+                if out[-1] is None:
+                    break
+            return out
+        repo = self.repo
+        found, pending = repo.index.locate_many(list(cids)), repo.packs.pending
+        items = []
+        for cid in cids:
+            loc = found.get(cid.buffer) or pending.get(cid.buffer)
+            if loc is None:
+                break
+            items.append((cid, loc))
+        out = []
+        try:
+            for data in repo.packs.read_many(items, relocate=repo.index.locate):
+                out.append(data)
+        except NotFound:
+            pass
+        except CorruptData as e:
+            log.warning("not serving %s: %s", items[len(out)][0], e)
+        if len(out) < len(cids):
+            out.append(None)
+        return out
+
 
 class _Session:
     """The caller's side of one client session: delivered blocks and failures, as a channel."""

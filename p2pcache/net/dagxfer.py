@@ -22,6 +22,7 @@ Must not: store a block it did not verify, hold more than a bounded window per s
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -586,6 +587,18 @@ class _LeafStore(RepoBatcher):
             self._then(nodes + new)
 
 
+def _held_many(repo: Any) -> Callable[[list[CID]], list[bool]] | None:
+    """`repo.has_block` for many CIDs in one index query, where the repo has an index."""
+    known = getattr(getattr(repo, "index", None), "known_blocks", None)
+    if known is None:
+        return None
+
+    def held(cids: list[CID]) -> list[bool]:
+        found = known(cids)
+        return [c.buffer in found for c in cids]
+    return held
+
+
 class DagTransfer:
     """Fetches whole DAGs over `/p2pcache/dag/1.0.0`, falling back to `exchange` (bitswap)."""
 
@@ -625,7 +638,7 @@ class DagTransfer:
                      on_stored: Callable[[list[CID]], None] | None,
                      on_verified: Callable[[CID, bytes], None] | None, root_block: bytes | None) -> int:
         peers = [p for p in self.exchange.provider_ids(providers) if p != self.host.peer_id]
-        walk = DagWalk(root, repo.has_block, cover_nodes=True)
+        walk = DagWalk(root, repo.has_block, cover_nodes=True, held_many=_held_many(repo))
         ex = self.exchange
         before = walk.stats.bytes
         handed = 0
@@ -725,18 +738,28 @@ class DagTransfer:
                 await reset_quietly(stream)
 
     async def _receive(self, run: _Run, req: _Request, stream: Any) -> bool:
-        walk, order = run.walk, req.order
         frames = _Frames()
+        stall, read_size = self.config.stall_seconds, self.config.read_size
+        # One cancel scope for the stream's reads, its deadline set before each read and lifted after
+        # (cheaper than a scope per read; waits on our own store are not the peer's stall)
+        with trio.CancelScope() as waited:
+            result = await self._read_frames(run, req, stream, frames, waited, stall, read_size)
+        if waited.cancelled_caught:
+            raise _Hostile(f"stalled: nothing for {stall:g} s")
+        return result
+
+    async def _read_frames(self, run: _Run, req: _Request, stream: Any, frames: _Frames, waited: trio.CancelScope,
+                           stall: float, read_size: int) -> bool:
+        walk, order = run.walk, req.order
         while True:
-            with trio.move_on_after(self.config.stall_seconds) as waited:
-                try:
-                    data = await stream.read(self.config.read_size)
-                except Exception as e:  # reset, EOF or connection gone
-                    run.last_error = f"{req.peer}: stream broke ({e or type(e).__name__})"
-                    self._check_lost(run, req.peer)
-                    return False
-            if waited.cancelled_caught:
-                raise _Hostile(f"stalled: nothing for {self.config.stall_seconds:g} s")
+            waited.deadline = trio.current_time() + stall
+            try:
+                data = await stream.read(read_size)
+            except Exception as e:  # reset, EOF or connection gone (trio.Cancelled is not an Exception)
+                run.last_error = f"{req.peer}: stream broke ({e or type(e).__name__})"
+                self._check_lost(run, req.peer)
+                return False
+            waited.deadline = math.inf
             if not data:
                 run.last_error = f"{req.peer}: stream ended without an end frame"
                 self._check_lost(run, req.peer)

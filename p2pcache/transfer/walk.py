@@ -161,11 +161,14 @@ class DagWalk:
     """
 
     def __init__(self, root: CID, held: Callable[[CID], bool], *, cover_nodes: bool = False,
-                 link_order: Callable[[CID, int], list[int]] | None = None):
+                 link_order: Callable[[CID, int], list[int]] | None = None,
+                 held_many: Callable[[list[CID]], list[bool]] | None = None):
         if root.codec not in (RAW, DAG_CBOR):
             raise InvalidInput(f"{root} has codec {root.codec_name}; only raw and dag-cbor DAGs are fetched")
         self.root = root
         self._held = held
+        # `held_many(cids)`: `held` for many CIDs at once (one index query for a request's worth of wants)
+        self._held_many = held_many or (lambda cids: [held(c) for c in cids])
         self.cover_nodes = cover_nodes
         # `link_order(cid, n)`: the rank of each of a node's n links among its siblings (a permutation;
         # default document order). Simnet's rarest-first stand-in shuffles; NAR streaming needs the default.
@@ -185,24 +188,28 @@ class DagWalk:
         """Up to `room` CIDs to ask for, frontier order. Held blocks met on the way are settled here (raw)
         or queued for `take_loads` (dag-cbor)."""
         out: list[CID] = []
-        state, frontier, held = self._state, self._frontier, self._held
+        state, frontier = self._state, self._frontier
         while frontier and len(out) < room:
-            _, cid = heapq.heappop(frontier)
-            if state[cid] is not _State.FRONTIER:
-                continue
-            self._in_frontier -= 1
-            if held(cid):
-                self.stats.held_blocks += 1
-                if cid.codec == DAG_CBOR:
-                    state[cid] = _State.LOADING
-                    self._open += 1
-                    self._loads.append(cid)
-                else:
-                    state[cid] = _State.DONE
-                continue
-            state[cid] = _State.WANTED
-            self._open += 1
-            out.append(cid)
+            batch: list[CID] = []  # the next frontier CIDs, asked of `held_many` at once
+            while frontier and len(batch) < room - len(out):
+                _, cid = heapq.heappop(frontier)
+                if state[cid] is not _State.FRONTIER:
+                    continue
+                state[cid] = _State.WANTED  # taken (a moved block may sit in the heap twice)
+                batch.append(cid)
+            for cid, held in zip(batch, self._held_many(batch)):
+                self._in_frontier -= 1
+                if held:
+                    self.stats.held_blocks += 1
+                    if cid.codec == DAG_CBOR:
+                        state[cid] = _State.LOADING
+                        self._open += 1
+                        self._loads.append(cid)
+                    else:
+                        state[cid] = _State.DONE
+                    continue
+                self._open += 1
+                out.append(cid)
         return out
 
     def take_loads(self) -> list[CID]:

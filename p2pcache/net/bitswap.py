@@ -148,10 +148,14 @@ class RepoBlockSource:
                     break
             return out
         repo = self.repo
-        found, pending = repo.index.locate_many(list(cids)), repo.packs.pending
+        # Pending (appended, not yet recorded) first, then the index: a commit records a block before it
+        # stops being pending, so a block stored all along is found in one of the two.
+        pending = repo.packs.pending
+        held = {k: loc for c in cids if (loc := pending.get(k := c.buffer)) is not None} if pending else {}
+        found = repo.index.locate_many([c for c in cids if c.buffer not in held])
         items = []
         for cid in cids:
-            loc = found.get(cid.buffer) or pending.get(cid.buffer)
+            loc = held.get(cid.buffer) or found.get(cid.buffer)
             if loc is None:
                 break
             items.append((cid, loc))

@@ -798,7 +798,8 @@ class DagTransfer:
     def _drop(self, run: _Run, peer: ID, why: str) -> None:
         """`peer` broke the protocol or sent a block that does not hash to its CID: ban it."""
         run.last_error = f"{peer}: {why}"
-        self.stats.peers_dropped += 1
+        if not self.exchange.is_banned(peer):  # counted once (its lanes and batches may all catch it)
+            self.stats.peers_dropped += 1
         self.exchange.penalise(peer, f"DAG stream: {why}")
 
     def _check_lost(self, run: _Run, peer: ID) -> None:

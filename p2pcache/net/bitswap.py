@@ -706,19 +706,29 @@ class RepoBatcher:
         return blocks
 
     async def _writer(self) -> None:
-        async for blocks in self._recv:
-            blocks = await trio.to_thread.run_sync(self._store, blocks)
-            self._unrecorded += [(c, len(d)) for c, d in blocks]
-            self._unrecorded_bytes += sum(len(d) for _, d in blocks)
-            if self.on_stored is not None:
-                self.on_stored([c for c, _ in blocks])
-            if self._unrecorded_bytes >= self.commit_bytes:
-                await self._commit()
-        await self._commit()
+        # Index commits run beside the appends: the next batches are written while a commit waits for the
+        # disk (its flush), instead of the stream waiting behind it; one more commit may wait its turn.
+        commits_send, commits_recv = trio.open_memory_channel[list[tuple[CID, int]]](1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._committer, commits_recv)
+            async with commits_send:
+                async for blocks in self._recv:
+                    blocks = await trio.to_thread.run_sync(self._store, blocks)
+                    self._unrecorded += [(c, len(d)) for c, d in blocks]
+                    self._unrecorded_bytes += sum(len(d) for _, d in blocks)
+                    if self.on_stored is not None:
+                        self.on_stored([c for c, _ in blocks])
+                    if self._unrecorded_bytes >= self.commit_bytes:
+                        await self._commit(commits_send)
+                await self._commit(commits_send)
 
-    async def _commit(self) -> None:
+    async def _commit(self, commits: trio.MemorySendChannel[list[tuple[CID, int]]]) -> None:
         if self._unrecorded:
             done, self._unrecorded, self._unrecorded_bytes = self._unrecorded, [], 0
+            await commits.send(done)
+
+    async def _committer(self, commits: trio.MemoryReceiveChannel[list[tuple[CID, int]]]) -> None:
+        async for done in commits:  # one at a time, in order
             await trio.to_thread.run_sync(self.repo.commit_blocks, done)
             if self.on_committed is not None:
                 self.on_committed([c for c, _ in done])

@@ -192,7 +192,7 @@ def _block_fields(view: memoryview, start: int, end: int) -> tuple[bytes, bytes]
 def _parsed_frame(payload: memoryview) -> tuple[bytes, bytes] | pb.DagEnd:
     frame = pb.DagFrame()
     try:
-        frame.ParseFromString(payload)
+        frame.ParseFromString(payload.tobytes())  # rare: an end frame, or a block frame in another layout
     except DecodeError as e:
         raise ProtocolViolation(f"malformed frame ({e})") from None
     kind = frame.WhichOneof("frame")
@@ -646,9 +646,9 @@ class DagTransfer:
             run = _Run(walk, repo)
             run.on_verified = on_verified
             run.drop = lambda peer, why: self._drop(run, peer, why)
-            async with _LeafStore(run, repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
-                                  on_stored=on_stored, on_committed=ex.blocks_added) as store:
-                run.store = store
+            run.store = store = _LeafStore(run, repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
+                                           on_stored=on_stored, on_committed=ex.blocks_added)
+            async with store:
                 if root_block is not None and not repo.has_block(root):
                     try:
                         walk.on_block(root, root_block, local=True)  # its links are the first wants

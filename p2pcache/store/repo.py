@@ -630,7 +630,11 @@ class Repo:
         return info
 
     def _locate(self, cid: CID) -> Location:
-        loc = self.index.locate(cid) or self.packs.pending.get(cid.buffer)
+        # Pending before the index, never the other way round: a commit records a block's row and only then
+        # stops it being pending (`commit_blocks`), so a block stored all along is found in one of the two
+        # whenever the commit lands. Index first, a commit between the two looks left it in neither (a
+        # fetch's digest or a NAR streamed while it arrives failed with "missing" at random).
+        loc = self.packs.pending.get(cid.buffer) or self.index.locate(cid)
         if loc is None:
             raise NotFound(f"block {cid} is not in the repo")
         return loc
@@ -655,11 +659,15 @@ class Repo:
             yield from self._load_batch(batch)
 
     def _locate_batch(self, batch: list[tuple[CID, int]]) -> list[tuple[CID, Location]]:
-        found = self.index.locate_many([c for c, _ in batch])
+        # Pending ones first, then the index for the rest (the order `_locate` explains).
         pending = self.packs.pending
+        found = {k: loc for c, _ in batch if (loc := pending.get(k := c.buffer)) is not None}
+        rest = [c for c, _ in batch if c.buffer not in found]
+        if rest:
+            found.update(self.index.locate_many(rest))
         items = []
         for cid, size in batch:
-            loc = found.get(cid.buffer) or pending.get(cid.buffer)
+            loc = found.get(cid.buffer)
             if loc is None:
                 raise NotFound(f"block {cid} is missing from the repo; run `p2pcache verify --repair`")
             if loc.size != size:

@@ -232,3 +232,30 @@ def test_a_block_committed_while_it_is_located_is_found(tmp_path, rng, read, com
         repo.commit_blocks([(c, len(d)) for c, d in blocks[2:]])  # (if the read found them before any lookup)
         assert not repo.packs.pending and repo.index.block_count() == 6
         assert repo.verify().consistent
+
+
+def test_gc_does_not_evict_a_root_while_it_is_read_here_or_by_another_process(tmp_path, rng):
+    # A Nix NAR served, or `p2pcache get`/`cat` reading a daemon's repo: gc (the quota, `gc --max-size`) used
+    # to evict the root under the reader and sweep its blocks, so the read failed half-way.
+    import subprocess
+    import sys
+
+    from .conftest import run_cli
+
+    with Repo.init(tmp_path / "r", durable=False) as repo:
+        here, there, idle = (rng.randbytes(3 << 20) for _ in range(3))
+        a, b, c = (repo.add_stream(io.BytesIO(d)) for d in (here, there, idle))
+        reading = repo.stream(a.root)
+        first = next(reading)  # read here, by this process, and not finished
+        cat = subprocess.Popen([sys.executable, "-m", "p2pcache", "--repo", str(repo.path), "cat", str(b.root)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # blocks on the full pipe
+        head = cat.stdout.read(1 << 16)  # it is reading now
+        report = repo.gc(max_size=0)
+        assert report.roots_removed == [c.root] and report.roots_kept_in_use == 2 and report.over_quota
+        assert first + b"".join(reading) == here
+        assert head + cat.stdout.read() == there and cat.wait(timeout=60) == 0, cat.stderr.read()
+        report = repo.gc(max_size=0)  # both reads are over
+        assert set(report.roots_removed) == {a.root, b.root} and report.roots_kept_in_use == 0
+        assert repo.stored_bytes() == 0 and repo.verify().consistent
+        gone = run_cli("--repo", str(repo.path), "cat", str(b.root))
+        assert gone.returncode != 0 and b"not in the repo" in gone.stderr

@@ -170,7 +170,8 @@ class RootReaders:
     read-only process (the CLI reading a daemon's repo) holds a shared POSIX record lock on one byte of
     `readers.lock` per root it reads, which the writer's gc tests with a non-blocking exclusive lock on
     that byte before it evicts the root, and holds while it does. A read lock needs only read access to
-    the file, and dies with its process: a killed reader holds nothing."""
+    the file, and dies with its process: a killed reader holds nothing. (POSIX record locks are per
+    process: two Repo objects on one repo in one process, as some tests open, do not exclude each other.)"""
 
     FILE = "readers.lock"
 

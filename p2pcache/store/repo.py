@@ -739,8 +739,8 @@ class Repo:
     def _locate_batch(self, batch: list[tuple[CID, int]]) -> list[tuple[CID, Location]]:
         # Pending ones first, then the index for the rest (the order `_locate` explains).
         pending = self.packs.pending
-        found = {k: loc for c, _ in batch if (loc := pending.get(k := c.buffer)) is not None}
-        rest = [c for c, _ in batch if c.buffer not in found]
+        found = {k: loc for c, _ in batch if (loc := pending.get(k := c.buffer)) is not None} if pending else {}
+        rest = [c for c, _ in batch if c.buffer not in found] if found else [c for c, _ in batch]
         if rest:
             found.update(self.index.locate_many(rest))
         items = []

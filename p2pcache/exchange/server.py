@@ -119,6 +119,9 @@ class ServerConfig:
     max_total_outstanding_bytes: int = 0  # blocks handed to the driver, not yet acknowledged, all peers
     superseed_window: float = 0.0  # seconds a block handed to one peer is refused to others (0 = off)
     have_batch_delay: float = 0.0  # BlocksAdded answers waiting wants this long after, in one batch (0 = at once)
+    # super-seeding: lent blocks one peer may hold that no other peer is known to have got since, while
+    # other peers are refused blocks (0 = no bound)
+    superseed_share: int = 0
 
     def __post_init__(self) -> None:
         if self.quantum < 1 or self.max_outstanding_bytes < 1 or self.max_message_size < 64:
@@ -129,6 +132,8 @@ class ServerConfig:
             raise ExchangeUsageError(f"have_batch_delay must be >= 0 seconds, not {self.have_batch_delay}")
         if not self.superseed_window >= 0:
             raise ExchangeUsageError(f"superseed_window must be >= 0 seconds, not {self.superseed_window}")
+        if self.superseed_share < 0:
+            raise ExchangeUsageError(f"superseed_share must be >= 0 blocks, not {self.superseed_share}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +141,7 @@ class ServerStats:
     superseed_refused: int  # wants answered DONT_HAVE (or kept unanswered) because the block was lent
     superseed_released_early: int  # lendings ended before the window: the peer left or cancelled
     superseed_lent: int  # blocks lent now
+    superseed_share_refused: int = 0  # wants refused because the peer held its share of unspread lent blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,8 +257,15 @@ class BitswapServer:
         self._lent_to: dict[PeerId, dict[bytes, None]] = {}
         self._watchers: dict[bytes, dict[PeerId, None]] = {}
         self._lendings: Deadlines[bytes] = Deadlines()
+        # The share bound (`superseed_share`): per peer, its lent blocks no other peer is known to have
+        # got since (another peer's cancel or HAVE for the block says it has); the keys of wants refused
+        # because that share was full (reconsidered when it has room); when peers were last refused a
+        # lent block, latest last (another peer refused lately is what makes the share bind).
+        self._unspread: dict[PeerId, dict[bytes, None]] = {}
+        self._share_refused: dict[PeerId, dict[bytes, None]] = {}
+        self._refused_at: dict[PeerId, float] = {}
         self._timer_at: float | None = None
-        self._refused = self._released_early = 0
+        self._refused = self._released_early = self._share_refusals = 0
         self._added: dict[CID, None] = {}  # BlocksAdded not yet answered (have_batch_delay), in order
         self._added_due: float | None = None
 
@@ -280,6 +293,8 @@ class BitswapServer:
             for key in list(self._lent_to.get(event.peer, ())):
                 self._released_early += 1
                 self._end_lending(key)
+            self._share_refused.pop(event.peer, None)
+            self._refused_at.pop(event.peer, None)
         elif isinstance(event, BlocksAdded):
             if self.config.have_batch_delay:
                 # Debounced: the HAVEs (and blocks) for waiting wants of everything added within the
@@ -303,7 +318,7 @@ class BitswapServer:
 
     def stats(self) -> ServerStats:
         return ServerStats(superseed_refused=self._refused, superseed_released_early=self._released_early,
-                           superseed_lent=len(self._lent))
+                           superseed_lent=len(self._lent), superseed_share_refused=self._share_refusals)
 
     # -- super-seeding ------------------------------------------------------------------------
     def lend_for_stream(self, peer: PeerId, cid: CID, size: int, now: float) -> tuple[bool, list[Action]]:
@@ -317,6 +332,11 @@ class BitswapServer:
         self._now = now
         if self._lent_elsewhere(peer, cid.buffer):
             self._refused += 1
+            self._note_refused(peer)
+            return False, self._finish([])
+        if self._over_share(peer):
+            self._share_refusals += 1
+            self._note_refused(peer)
             return False, self._finish([])
         self._lend(peer, cid.buffer)
         return True, self._finish([])
@@ -336,9 +356,62 @@ class BitswapServer:
         old = self._lent.get(key)
         if old is not None and old[0] != peer:
             self._lent_to[old[0]].pop(key, None)
+            self._spread(key)
+        if self.config.superseed_share and (old is None or old[0] != peer):
+            self._unspread.setdefault(peer, {})[key] = None
         self._lent[key] = (peer, self._now)
         self._lent_to.setdefault(peer, {})[key] = None
         self._lendings.add(self._now + self.config.superseed_window, key)
+
+    # -- the share bound: BitTorrent super-seeding's "a new piece once the last one was seen elsewhere"
+    def _note_refused(self, peer: PeerId) -> None:
+        refused = self._refused_at
+        refused.pop(peer, None)
+        refused[peer] = self._now
+        if len(refused) > 64:
+            del refused[next(iter(refused))]
+
+    def _over_share(self, peer: PeerId) -> bool:
+        """`peer` holds its share of lent blocks nobody else is known to have, and another peer was
+        refused a block lately: it gets no more until one of them spreads (or its window ends). A lone
+        fetcher (nobody else refused) is never bound."""
+        share = self.config.superseed_share
+        if not share or len(self._unspread.get(peer, ())) < share:
+            return False
+        window, now = self.config.superseed_window, self._now
+        for other in reversed(self._refused_at):  # the latest two suffice: one of them is not `peer`
+            if other != peer:
+                return self._refused_at[other] + window > now
+        return False
+
+    def _spread(self, key: bytes) -> None:
+        """Another peer than the one `key` is lent to has it now: it no longer counts against the
+        holder's share, and the holder's refused wants are looked at again."""
+        lent = self._lent.get(key)
+        if lent is None:
+            return
+        holder = lent[0]
+        unspread = self._unspread.get(holder)
+        if unspread is None or key not in unspread:
+            return
+        del unspread[key]
+        if not unspread:
+            del self._unspread[holder]
+        self._readmit(holder)
+
+    def _readmit(self, peer: PeerId) -> None:
+        """`peer`'s share has room: wants refused for it are considered again (the peer hears HAVE,
+        or gets the block, while the share lasts)."""
+        refused = self._share_refused.get(peer)
+        led = self._ledgers.get(peer)
+        while refused and led is not None and not self._over_share(peer):
+            key = next(iter(refused))
+            del refused[key]
+            e = led.waiting.get(key)
+            if e is not None:
+                self._consider(led, e)
+        if not refused or led is None:
+            self._share_refused.pop(peer, None)
 
     def _lent_elsewhere(self, peer: PeerId, key: bytes) -> bool:
         lent = self._lent.get(key)
@@ -359,6 +432,12 @@ class BitswapServer:
         """The block may go to others again: watchers still wanting it hear HAVE (or get it, if small)."""
         peer, _ = self._lent.pop(key)
         self._lendings.remove(key)
+        unspread = self._unspread.get(peer)
+        if unspread is not None and key in unspread:
+            del unspread[key]
+            if not unspread:
+                del self._unspread[peer]
+            self._readmit(peer)
         to = self._lent_to.get(peer)
         if to is not None:
             to.pop(key, None)
@@ -413,6 +492,8 @@ class BitswapServer:
                 if t is not None and t.kind == _BLOCK and key in self._lent_to.get(peer, ()):
                     self._released_early += 1  # it never went: someone else may have it now
                     self._end_lending(key)
+                elif self._unspread:
+                    self._spread_if_elsewhere(peer, key)  # it cancels: it got the block elsewhere
                 continue
             known = key in led.tasks or key in led.waiting
             held = len(led.tasks) + len(led.waiting) - len(led.kept)  # kept wants have their own bound
@@ -432,6 +513,12 @@ class BitswapServer:
         for it no longer says anything the peer needs. Without this, two peers watching a block at
         each other both send HAVE once each has it, though the second HAVE only tells the first
         what it already knows. Queued blocks stay: a want-block is the peer's to cancel."""
+        if self._unspread:
+            for b in msg.blocks:
+                self._spread_if_elsewhere(peer, b.cid.buffer)
+            for p in msg.presences:
+                if p.have:
+                    self._spread_if_elsewhere(peer, p.cid.buffer)
         led = self._ledgers.get(peer)
         if led is None or not (led.waiting or led.presences):
             return
@@ -440,6 +527,11 @@ class BitswapServer:
         for p in msg.presences:
             if p.have:
                 self._peer_holds(led, p.cid.buffer)
+
+    def _spread_if_elsewhere(self, peer: PeerId, key: bytes) -> None:
+        lent = self._lent.get(key)
+        if lent is not None and lent[0] != peer:
+            self._spread(key)
 
     @staticmethod
     def _peer_holds(led: _PeerLedger, key: bytes) -> None:
@@ -470,9 +562,13 @@ class BitswapServer:
                 led.waiting[key] = e
                 led.kept.pop(key, None)
             return
-        if self.config.superseed_window and size > self.config.inline_have_max and self._lent_elsewhere(led.peer, key):
-            self._refuse_lent(led, e)
-            return
+        if self.config.superseed_window and size > self.config.inline_have_max:
+            if self._lent_elsewhere(led.peer, key):
+                self._refuse_lent(led, e)
+                return
+            if key not in self._lent_to.get(led.peer, ()) and self._over_share(led.peer):
+                self._refuse_share(led, e)
+                return
         led.waiting.pop(key, None)
         led.kept.pop(key, None)
         if e.want_type == WantType.BLOCK or size <= self.config.inline_have_max:
@@ -487,10 +583,25 @@ class BitswapServer:
                 return
             self._queue(led, e, _HAVE, 0)
 
+    def _refuse_share(self, led: _PeerLedger, e: WantEntry) -> None:
+        """A want from a peer that holds its share of unspread lent blocks: DONT_HAVE if asked, kept as
+        a want-have, and considered again when its share has room (`_readmit`)."""
+        self._share_refusals += 1
+        self._note_refused(led.peer)
+        key = e.cid.buffer
+        led.drop(key)
+        if e.send_dont_have:
+            self._queue(led, e, _DONT_HAVE, 0)
+            self._keep(led, e)
+        else:
+            led.waiting[key] = WantEntry(e.cid, WantType.HAVE, e.priority)
+        self._share_refused.setdefault(led.peer, {})[key] = None
+
     def _refuse_lent(self, led: _PeerLedger, e: WantEntry) -> None:
         """A want for a block lent to another peer: DONT_HAVE if asked, and kept (as a want-have that
         needs no second DONT_HAVE) until the lending ends."""
         self._refused += 1
+        self._note_refused(led.peer)
         key = e.cid.buffer
         led.drop(key)
         if e.send_dont_have:

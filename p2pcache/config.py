@@ -27,7 +27,7 @@ HAVE_BATCH_DELAY = 0.0
 # Super-seeding's share: lent blocks one peer may hold that no other peer has got since, while others are
 # refused. Without it the seed's first DAG stream took every block and the fleet fed from one runner
 # (node-fetch 20 x 16 MiB, LAN mesh). Measured in simnet (README).
-SUPERSEED_SHARE = 4
+SUPERSEED_SHARE = 8
 
 DEFAULT_TOML = f"""\
 # p2pcache node configuration. Flags given to `p2pcache daemon` override these values.

@@ -629,6 +629,9 @@ class BitswapClient:
         open_peers = sum(
             1 for peer, p in self._peers.items() if peer not in self._banned and len(p.blocks_out) < cfg.peer_window
         )
+        # Candidates depend only on a want's sessions (their providers) and the connected peers, which
+        # do not change during a pass: one list per session set, not one O(peers) build per CID asked.
+        candidates_of: dict[tuple[SessionId, ...], list[PeerId]] = {}
         for cid in self._pending_in_order():
             if open_sessions == 0 or open_peers == 0:
                 # Still look for CIDs that have no candidate at all, so they fail or start their clock.
@@ -646,7 +649,10 @@ class BitswapClient:
                     open_peers -= filled_peer
                     open_sessions -= filled_sessions
                 continue
-            candidates = self._candidates(w)
+            sessions = tuple(w.sessions)
+            candidates = candidates_of.get(sessions)
+            if candidates is None:
+                candidates = candidates_of[sessions] = self._candidates(w)
             usable = [peer for peer in candidates if peer not in w.dont_haves]
             if candidates and (not usable or cfg.park_after and self._enough_dont_haves(w, candidates, usable)):
                 if cfg.dont_have_wait > 0:

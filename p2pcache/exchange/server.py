@@ -372,17 +372,11 @@ class BitswapServer:
             del refused[next(iter(refused))]
 
     def _over_share(self, peer: PeerId) -> bool:
-        """`peer` holds its share of lent blocks that other peers were refused and are not known to
-        have got since, and another peer was refused a block lately: it gets no more until one of them
-        spreads (or its window ends). A lone fetcher (nobody else refused) is never bound."""
+        """`peer` holds its share of lent blocks nobody else is known to have, and another peer was
+        refused a block lately: it gets no more until one of them spreads (or its window ends). A lone
+        fetcher (nobody else refused) is never bound."""
         share = self.config.superseed_share
-        unspread = self._unspread.get(peer)
-        if not share or unspread is None or len(unspread) < share:
-            return False
-        # Only blocks others were refused count: they asked, so their cancel will say when they got
-        # it; a block nobody else asked us for never would, and must not hold the peer back.
-        watchers = self._watchers
-        if sum(1 for key in unspread if key in watchers) < share:
+        if not share or len(self._unspread.get(peer, ())) < share:
             return False
         window, now = self.config.superseed_window, self._now
         for other in reversed(self._refused_at):  # the latest two suffice: one of them is not `peer`

@@ -308,12 +308,14 @@ def load(repo: Path, file: Path | str | None = None) -> NodeConfig:
             ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if "list" in str(field_type) else (
                 isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in str(field_type)
                 else isinstance(value, bool) if "bool" in str(field_type)
-                else isinstance(value, int) and not isinstance(value, bool) and value >= 0 if str(field_type) == "int"
+                else isinstance(value, int) and not isinstance(value, bool) if str(field_type) == "int"
                 else isinstance(value, str))
             if ok and attr == "mdns" and value not in ("private", "on", "off"):
                 raise InvalidInput(f"{path}: {section}.{key} is \"private\", \"on\" or \"off\", not {value!r}")
             if ok and attr in ("superseed_window", "have_batch_delay") and value < 0:
                 raise InvalidInput(f"{path}: {section}.{key} must be 0 (off) or a number of seconds, not {value}")
+            if ok and attr == "superseed_share" and value < 0:
+                raise InvalidInput(f"{path}: {section}.{key} must be 0 (no bound) or a number of blocks, not {value}")
             if not ok:
                 raise InvalidInput(f"{path}: {section}.{key} has the wrong type ({type(value).__name__})")
             setattr(cfg, attr, float(value) if "float" in str(field_type) else value)

@@ -584,23 +584,19 @@ class BitswapServer:
             self._queue(led, e, _HAVE, 0)
 
     def _refuse_share(self, led: _PeerLedger, e: WantEntry) -> None:
-        """A want from a peer that holds its share of unspread lent blocks: DONT_HAVE if asked, kept as
-        a want-have, and considered again when its share has room (`_readmit`)."""
+        """A want from a peer that holds its share of unspread lent blocks: refused (`_refuse`), and
+        considered again when its share has room (`_readmit`)."""
         self._share_refusals += 1
-        self._note_refused(led.peer)
-        key = e.cid.buffer
-        led.drop(key)
-        if e.send_dont_have:
-            self._queue(led, e, _DONT_HAVE, 0)
-            self._keep(led, e)
-        else:
-            led.waiting[key] = WantEntry(e.cid, WantType.HAVE, e.priority)
-        self._share_refused.setdefault(led.peer, {})[key] = None
+        self._share_refused.setdefault(led.peer, {})[self._refuse(led, e)] = None
 
     def _refuse_lent(self, led: _PeerLedger, e: WantEntry) -> None:
-        """A want for a block lent to another peer: DONT_HAVE if asked, and kept (as a want-have that
-        needs no second DONT_HAVE) until the lending ends."""
+        """A want for a block lent to another peer: refused (`_refuse`) until the lending ends."""
         self._refused += 1
+        self._watchers.setdefault(self._refuse(led, e), {})[led.peer] = None
+
+    def _refuse(self, led: _PeerLedger, e: WantEntry) -> bytes:
+        """DONT_HAVE if asked, and the want kept as a want-have that needs no second DONT_HAVE.
+        Returns the CID's key."""
         self._note_refused(led.peer)
         key = e.cid.buffer
         led.drop(key)
@@ -609,7 +605,7 @@ class BitswapServer:
             self._keep(led, e)
         else:
             led.waiting[key] = WantEntry(e.cid, WantType.HAVE, e.priority)
-        self._watchers.setdefault(key, {})[led.peer] = None
+        return key
 
     def _keep(self, led: _PeerLedger, e: WantEntry) -> None:
         """Keep a want answered DONT_HAVE as a want-have, within the kept wants' own bound (the oldest

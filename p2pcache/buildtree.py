@@ -62,6 +62,7 @@ UPLOAD_BATCH_BYTES = 32 << 20  # file bytes per upload to the sink (one request 
 UPLOAD_BATCH_FILES = 4096
 UPLOADS_AHEAD = 2  # upload batches in flight while the tree takes the bodies of earlier ones
 PIECE_BYTES = 1 << 20  # an upload body's pieces
+DRAIN_EVERY = 256  # entries walked between two looks at which bodies came back
 GROUP_FILES = 64  # files of one directory written by one restore task, their chunks read in one batch
 RACY_NS = 1_000_000_000  # a file modified within this long before a scan is re-read next time
 _tmp_counter = itertools.count()
@@ -418,7 +419,8 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
             waiting.append((top, rel, st, os.readlink(full), None, 0))
         else:
             report.skipped.append((os.path.join(paths[top], os.fsdecode(rel)) if rel else paths[top], "special file"))
-        drain()
+        if len(waiting) >= DRAIN_EVERY:
+            drain()
     submit()
     while uploads:
         drain(uploads[-1])

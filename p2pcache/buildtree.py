@@ -877,7 +877,9 @@ class ArrivingBlocks:
     def _wait_for(self, cids: list[CID]) -> None:
         delay = 0.002
         while cids:
-            have = self._present(cids)
+            # Blocks arrive about in tree order: while the last one wanted is missing, asking for it alone
+            # (one index row) says the wait goes on; once it is there, one query for all the rest.
+            have = set() if len(cids) > 1 and not self._present(cids[-1:]) else self._present(cids)
             cids = [c for c in cids if c.buffer not in have]
             if not cids:
                 return

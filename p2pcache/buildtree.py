@@ -366,8 +366,8 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
     batch = _Upload()
 
     def drain(until: "_Upload | None" = None) -> None:
-        """Add the waiting entries whose bodies are known (those of `until` and every batch before it
-        once it came back) to the tree."""
+        """Add the waiting entries whose bodies are known to the tree; wait for the batch `until` (the
+        oldest in flight) when the first waiting entry is one of its files."""
         while waiting:
             top, rel, st, body, up, i = waiting[0]
             if up is not None:
@@ -392,6 +392,7 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
         uploads.append(batch)
         batch = _Upload()
 
+    walked = 0
     for top, rel, st in entries:
         mode = st.st_mode
         full = os.path.join(os.fsencode(paths[top]), rel) if rel else os.fsencode(paths[top])
@@ -419,11 +420,12 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
             waiting.append((top, rel, st, os.readlink(full), None, 0))
         else:
             report.skipped.append((os.path.join(paths[top], os.fsdecode(rel)) if rel else paths[top], "special file"))
-        if len(waiting) >= DRAIN_EVERY:
+        walked += 1
+        if walked % DRAIN_EVERY == 0:
             drain()
     submit()
     while uploads:
-        drain(uploads[-1])
+        drain(uploads[0])
     drain()
     if sources_dir is not None:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-sources") as pool:

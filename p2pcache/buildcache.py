@@ -647,28 +647,27 @@ class BuildCache:
 
     async def accept_blocks(self, blocks: list[tuple[CID, bytes]], lease: str | None) -> tuple[int, int]:
         """`put_blocks` for an upload request: renews its lease, and no gc runs while the blocks go in."""
-        if self.leases is None:
-            return await trio.to_thread.run_sync(self.put_blocks, blocks)
-        if lease:
-            # The lease's scope covers these blocks. No scope of our own: a gc waiting for the leases to
-            # end holds the guard's lock, and a new scope would wait for that gc — a deadlock.
-            await self.leases.renew(lease)
-            return await trio.to_thread.run_sync(self.put_blocks, blocks)
-        async with self.leases.guard.working():  # an old client that names no lease: this request's own scope
-            return await trio.to_thread.run_sync(self.put_blocks, blocks)
+        return await self._in_upload(lease, lambda: trio.to_thread.run_sync(self.put_blocks, blocks))
 
     async def accept_files(self, body: Any, lease: str | None) -> dict:
         """A save's file contents streamed in one request (`ingest_files` on a worker thread as the body
         arrives): renews its lease, and no gc runs while the blocks go in."""
         from .aio import feed_thread
 
+        return await self._in_upload(lease, lambda: feed_thread(body, lambda pieces: ingest_files(self.repo, pieces)))
+
+    async def _in_upload(self, lease: str | None, work: Callable[[], Awaitable[Any]]) -> Any:
+        """Run an upload request's `work` where no gc takes what it stores: under its lease (renewed), or,
+        for an old client that names none, under a scope of the request's own."""
         if self.leases is None:
-            return await feed_thread(body, lambda pieces: ingest_files(self.repo, pieces))
+            return await work()
         if lease:
-            await self.leases.renew(lease)  # its scope covers these blocks (see accept_blocks)
-            return await feed_thread(body, lambda pieces: ingest_files(self.repo, pieces))
+            # The lease's scope covers these blocks. No scope of our own: a gc waiting for the leases to
+            # end holds the guard's lock, and a new scope would wait for that gc — a deadlock.
+            await self.leases.renew(lease)
+            return await work()
         async with self.leases.guard.working():
-            return await feed_thread(body, lambda pieces: ingest_files(self.repo, pieces))
+            return await work()
 
     async def missing_for(self, cids: list[CID], lease: str | None) -> list[CID]:
         """`missing` for an upload request: renews its lease first, so what it reports present stays."""

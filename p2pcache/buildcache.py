@@ -149,6 +149,7 @@ def put_blocks_parallel(repo: Any, blocks: list[tuple[CID, bytes]], pool: Any) -
 
 
 FILES_HASH_AHEAD = 2  # pieces of a file upload being hashed while the next one is cut
+MAX_UPLOAD_FILES = 1 << 16  # files in one upload request (their bodies are held until its answer)
 
 
 def ingest_files(repo: Any, pieces: Iterable[bytes], params: ChunkerParams = DEFAULT_PARAMS) -> dict:
@@ -204,6 +205,7 @@ def ingest_files(repo: Any, pieces: Iterable[bytes], params: ChunkerParams = DEF
         left: int | None = None  # bytes of the current file still to come; None: a header is next
         streaming = False  # the current file started in an earlier piece (fed to the chunker piecewise)
         carry = b""  # a header cut by the end of a piece
+        files = 0
         for piece in pieces:
             view = memoryview(piece)
             items: list[Any] = []
@@ -222,6 +224,10 @@ def ingest_files(repo: Any, pieces: Iterable[bytes], params: ChunkerParams = DEF
                         (left,) = FILE_HEADER.unpack_from(view, pos)
                         pos += header_size
                     size = left
+                    files += 1
+                    if files > MAX_UPLOAD_FILES:
+                        raise InvalidInput(f"file upload: more than {MAX_UPLOAD_FILES} files in one request; "
+                                           "send them in smaller batches")
                     if left == 0:
                         items.append(0)
                         left = None

@@ -50,10 +50,11 @@ def test_resave_unchanged_is_the_same_tree_and_a_change_stores_little(repo, tmp_
     assert changed <= third.new_bytes <= changed + 64 * 1024
 
 
-def test_uploaded_files_are_chunked_as_chunk_contents_chunks_them(repo):
+def test_uploaded_files_are_chunked_as_chunk_contents_chunks_them(repo, monkeypatch):
     """The sink's chunking (`ingest_files`, what a daemon does with a save's file upload) gives every file
     the body and blocks `chunk_contents` gives it, however the upload is cut into pieces (headers and
     files split across pieces, a file spanning many); a body that ends inside a file stores nothing."""
+    from p2pcache import buildcache
     from p2pcache.buildcache import ingest_files
     from p2pcache.cacheupload import FILE_HEADER
     from p2pcache.errors import InvalidInput
@@ -79,6 +80,10 @@ def test_uploaded_files_are_chunked_as_chunk_contents_chunks_them(repo):
         ingest_files(repo, iter([FILE_HEADER.pack(len(fresh)) + fresh[:150_000]]))
     chunks = [c for c, _ in chunk_contents([fresh], len(fresh), inline=0)[1]]
     assert not repo.index.known_blocks(chunks)
+    # one request holds a bounded number of files (their bodies wait for the answer)
+    monkeypatch.setattr(buildcache, "MAX_UPLOAD_FILES", 3)
+    with pytest.raises(InvalidInput, match="more than 3 files"):
+        ingest_files(repo, iter([FILE_HEADER.pack(2) + b"ab"] * 4))
 
 
 def test_a_file_that_changes_while_it_is_uploaded_is_not_saved(tmp_path):

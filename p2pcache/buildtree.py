@@ -10,8 +10,8 @@ a `load(cid)`.
 
 Saving: entries are (top-level path, relative path, st_mode, st_mtime_ns, body) in sorted order; files
 that fit in their entry are read here, larger ones are streamed to the sink in batches, which chunks and
-hashes them (`buildcache.ingest_files`, in the daemon when one runs) and answers their bodies. A *stat cache* — the
-previous save or restore of the same paths on this machine — lets a file whose type, mode, size and mtime
+hashes them (`buildcache.ingest_files`, in the daemon when one runs) and answers their bodies. A *stat
+cache* — the previous save or restore of the same paths on this machine — lets a file whose type, mode, size and mtime
 are unchanged (and whose mtime was at least a second older than that scan, against same-second rewrites)
 reuse its previous body without being read, so an unchanged re-save reads no file contents. Special files
 (devices, FIFOs, sockets) are skipped and reported.
@@ -53,8 +53,8 @@ from .content.treemanifest import (
 )
 from .errors import CorruptData, InvalidInput, RepoError
 
-__all__ = ["ArrivingBlocks", "BlockSink", "PathScan", "file_pieces", "RestoreReport", "SaveReport", "TreeSuperseded", "paths_id",
-           "previous_entries", "restore_tree", "save_tree", "scan_paths", "unchanged_tree", "undo_restore"]
+__all__ = ["ArrivingBlocks", "BlockSink", "PathScan", "RestoreReport", "SaveReport", "TreeSuperseded", "file_pieces",
+           "paths_id", "previous_entries", "restore_tree", "save_tree", "scan_paths", "unchanged_tree", "undo_restore"]
 
 READ_SIZE = 4 << 20
 BATCH_BYTES = 8 << 20  # page blocks offered to the sink at a time

@@ -88,9 +88,9 @@ class DaemonBlockSink:
     The uploads run on `threads` background threads (at most `depth` batches queued): a batch of files goes
     up as one streamed body the daemon chunks and answers with the files' bodies; for a batch of blocks
     (the tree's pages) the thread asks which the daemon lacks and sends only those. The saver keeps walking
-    and building the tree and never waits on a round trip. Every request names the save's upload lease (opened at the first request), which keeps
-    the daemon's gc off the blocks until `cache save` claims them; `close()` waits for the last batch and
-    re-raises the first error."""
+    and building the tree meanwhile. Every request names the save's upload lease (opened at the first
+    request), which keeps the daemon's gc off the blocks until `cache save` claims them; `close()` waits for
+    the last batch and re-raises the first error."""
 
     def __init__(self, client: Any, depth: int = 2, threads: int = 2):
         self.client = client

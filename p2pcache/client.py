@@ -246,9 +246,9 @@ class DaemonClient:
 
 
     def cache_files(self, pieces: Iterable[bytes], length: int, lease: str | None = None) -> dict:
-        """Stream files' contents (`length` bytes in `cacheupload.FILE_HEADER` framing) for the daemon to chunk and store:
-        {"bodies": each file's tree-manifest body, "new_blocks", "new_bytes"}. What `pieces` raises (a file
-        that changed while read) ends the upload and is raised here, as itself."""
+        """Stream files' contents (`length` bytes in `cacheupload.FILE_HEADER` framing) for the daemon to
+        chunk and store: {"bodies": each file's tree-manifest body, "new_blocks", "new_bytes"}. What `pieces`
+        raises (a file that changed while read) ends the upload and is raised here, as itself."""
         from .content import dagcbor
 
         try:

@@ -8,10 +8,10 @@ a caller gets nothing its own permissions would not give it. Blocks leave throug
 itself when no daemon runs, the daemon's upload API when one does); restore reads verified blocks through
 a `load(cid)`.
 
-Saving: entries are (top-level path, relative path, st_mode, st_mtime_ns, body) in sorted order; files
-that fit in their entry are read here, larger ones are streamed to the sink in batches, which chunks and
-hashes them (`buildcache.ingest_files`, in the daemon when one runs) and answers their bodies. A *stat
-cache* — the previous save or restore of the same paths on this machine — lets a file whose type, mode, size and mtime
+Saving: entries are (top-level path, relative path, st_mode, st_mtime_ns, body) in sorted order; files that
+fit in their entry are read here, larger ones are streamed to the sink in batches, which chunks and hashes
+them (`buildcache.ingest_files`, in the daemon when one runs) and answers their bodies. A *stat cache* — the
+previous save or restore of the same paths on this machine — lets a file whose type, mode, size and mtime
 are unchanged (and whose mtime was at least a second older than that scan, against same-second rewrites)
 reuse its previous body without being read, so an unchanged re-save reads no file contents. Special files
 (devices, FIFOs, sockets) are skipped and reported.

@@ -280,3 +280,69 @@ def test_a_provider_whose_connection_closes_is_dropped_at_once_and_never_asked_a
 
     with scratch_dir() as tmp, repo_work_inline(), repos_without_fsync():
         trio.run(main, Path(tmp), clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# -- pure pieces: the stream's frames, the server's batch reads ----------------------------------------
+
+
+def test_frames_are_read_back_however_the_stream_cuts_them_and_other_layouts_go_through_protobuf():
+    from p2pcache.content.cid import CID
+    from p2pcache.net.dagxfer import MAX_FRAME, _block_frame, _end_frame, _Frames, pb
+    from p2pcache.exchange import ProtocolViolation
+
+    rng = random.Random(9)
+    blocks = [rng.randbytes(n) for n in (0, 1, 127, 128, 5000, 70000, 300000)]
+    cids = [CID.for_block(RAW, b) for b in blocks]
+    for c, b in zip(cids, blocks):  # the hand-written layout is protobuf's own (bar an empty data field)
+        if b:
+            assert _block_frame(c, b) == _frame_by_protobuf(pb.DagFrame(block=pb.DagBlock(cid=c.buffer, data=b)))
+    # a block frame with its fields the other way round: valid protobuf, read by protobuf
+    swapped = pb.DagBlock(data=blocks[4]).SerializeToString() + pb.DagBlock(cid=cids[4].buffer).SerializeToString()
+    odd = _frame_by_protobuf_bytes(b"\x0a" + _uvarint(len(swapped)) + swapped)
+    wire = b"".join(_block_frame(c, b) for c, b in zip(cids, blocks)) + odd + _end_frame(pb.DagEnd.NOT_FOUND, cids[0], "gone")
+    for step in (1, 3, 4096, 65507, len(wire)):
+        frames, got = _Frames(), []
+        for i in range(0, len(wire), step):
+            got += frames.feed(wire[i:i + step])
+        assert got[:-1] == [(c.buffer, b) for c, b in zip(cids, blocks)] + [(cids[4].buffer, blocks[4])], step
+        assert got[-1].status == pb.DagEnd.NOT_FOUND and got[-1].missing == cids[0].buffer
+    with pytest.raises(ProtocolViolation, match="over the"):
+        _Frames().feed(_uvarint(MAX_FRAME + 1))  # refused on its length prefix alone
+    with pytest.raises(ProtocolViolation, match="malformed frame"):
+        _Frames().feed(b"\x03\xff\xff\xff")
+    with pytest.raises(ProtocolViolation, match="neither a block nor an end"):
+        _Frames().feed(b"\x00")
+
+
+def _uvarint(n):
+    from p2pcache.content.varint import encode
+    return encode(n)
+
+
+def _frame_by_protobuf(msg):
+    return _frame_by_protobuf_bytes(msg.SerializeToString())
+
+
+def _frame_by_protobuf_bytes(payload):
+    return _uvarint(len(payload)) + payload
+
+
+def test_a_batch_read_serves_blocks_in_order_and_stops_at_the_first_missing_or_corrupt_one(tmp_path):
+    repo = Repo.init(tmp_path / "r", durable=False)
+    data = random.Random(4).randbytes(3 * MiB)
+    root = repo.add_stream(io.BytesIO(data), name="x", params=SMALLER).root
+    chunks = [cid for cid, _ in iter_blocks(repo.manifest(root), repo.load_block) if cid.codec == RAW]
+    source = RepoBlockSource(repo)
+    assert source.get_many(chunks) == [repo.load_block(c) for c in chunks]
+    from p2pcache.content.cid import CID
+    stranger = CID.for_block(RAW, b"not here")
+    assert source.get_many(chunks[:3] + [stranger] + chunks[3:5]) == [repo.load_block(c) for c in chunks[:3]] + [None]
+    # a block whose bytes on disk no longer match its crc32 is not served, and nothing after it
+    loc = repo.index.locate(chunks[5])
+    with open(repo.packs.path(loc.pack), "r+b") as f:
+        f.seek(loc.offset)
+        f.write(bytes([f.read(1)[0] ^ 1]))
+    assert source.get_many(chunks[4:8]) == [repo.load_block(chunks[4]), None]
+    # a subclass that changes `get` is asked block by block (the liar above serves its own bytes)
+    assert _FlippingSource(repo).get_many(chunks[:2]) == [_FlippingSource(repo).get(c) for c in chunks[:2]]
+    repo.close()

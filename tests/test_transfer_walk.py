@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pcache.content.cid import DAG_CBOR, RAW
+from p2pcache.content import dagcbor
+from p2pcache.content.cid import CID, DAG_CBOR, RAW
 from p2pcache.content.narmanifest import NarAssembly, NarManifest
 from p2pcache.errors import CorruptData
 from p2pcache.transfer import DagWalk, DfsOrder, OutOfOrder
@@ -82,13 +83,19 @@ def test_a_nar_that_does_not_match_its_hash_never_gets_its_last_bytes():
 
 
 @settings(**SETTINGS)
-@given(tree=trees, seed=st.integers(0, 2**16), held_share=st.sampled_from([0.0, 0.3, 0.9]))
-def test_block_by_block_walk_fetches_every_missing_block_once(tree, seed, held_share):
-    """bitswap's use: any delivery order, some failures, blocks already held are never asked for."""
+@given(tree=trees, seed=st.integers(0, 2**16), held_share=st.sampled_from([0.0, 0.3, 0.9]), batched=st.booleans())
+def test_block_by_block_walk_fetches_every_missing_block_once(tree, seed, held_share, batched):
+    """bitswap's use: any delivery order, some failures, blocks already held are never asked for
+    (asked of `held` one CID at a time, or of `held_many` a batch at a time, as the DAG driver does)."""
     rng = random.Random(seed)
     root, blocks, _ = ingest(nar_of(tree))
     held = {c for c in blocks if c != root and rng.random() < held_share}
-    walk = DagWalk(root, held.__contains__)
+
+    def one_by_one(cid):
+        raise AssertionError("held asked one CID at a time although held_many was given")
+
+    walk = (DagWalk(root, one_by_one, held_many=lambda cids: [c in held for c in cids]) if batched
+            else DagWalk(root, held.__contains__))
     asked: list = []
     outstanding: list = []
     while not walk.finished:
@@ -213,3 +220,26 @@ def test_link_order_ranks_each_nodes_children_and_every_block_is_still_wanted_on
     assert sorted(asked, key=lambda c: c.buffer) == sorted(blocks, key=lambda c: c.buffer)  # each once
     leaves = [c for c in asked if c.codec == RAW]
     assert leaves == [c for c in server_walk(blocks, [root]) if c.codec == RAW][::-1]  # reversed ranks
+
+
+def test_held_many_is_asked_once_per_batch_of_wants():
+    """The DAG driver checks a request's worth of frontier CIDs against the index in one query; held
+    ones do not take a want's room, so the walk asks again for the rest, in order."""
+    leaves = [CID.for_block(RAW, b"leaf %d" % i) for i in range(40)]
+    node = dagcbor.encode({"links": leaves})
+    root = CID.for_block(DAG_CBOR, node)
+    held = set(leaves[::2])
+    calls: list[int] = []
+
+    def held_many(cids):
+        calls.append(len(cids))
+        return [c in held for c in cids]
+
+    walk = DagWalk(root, lambda c: c in held, held_many=held_many)
+    assert walk.next_wants(128) == [root] and calls == [1]
+    walk.on_block(root, node)
+    calls.clear()
+    wants = walk.next_wants(10)
+    assert wants == [c for c in leaves if c not in held][:10]
+    assert calls == [10, 5, 3, 1, 1]  # 20 frontier CIDs looked at in 5 queries, not 20
+    assert walk.stats.held_blocks == 10

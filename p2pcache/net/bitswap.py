@@ -136,6 +136,41 @@ class RepoBlockSource:
             log.warning("not serving %s: %s", cid, e)
             return None
 
+    def get_many(self, cids: Sequence[CID]) -> list[bytes | None]:
+        """`get` for a run of blocks (a DAG stream's next leaves), ending at the first one not served
+        (None): one index query and one pread per run of adjacent records, each block still checked
+        against the crc32 recorded when it was verified. A subclass that changes `get` is asked block by block."""
+        if type(self).get is not RepoBlockSource.get or any(c in self.fresh for c in cids):
+            out: list[bytes | None] = []
+            for cid in cids:
+                out.append(self.get(cid))
+                if out[-1] is None:
+                    break
+            return out
+        repo = self.repo
+        # Pending (appended, not yet recorded) first, then the index: a commit records a block before it
+        # stops being pending, so a block stored all along is found in one of the two.
+        pending = repo.packs.pending
+        held = {k: loc for c in cids if (loc := pending.get(k := c.buffer)) is not None} if pending else {}
+        found = repo.index.locate_many([c for c in cids if c.buffer not in held])
+        items = []
+        for cid in cids:
+            loc = held.get(cid.buffer) or found.get(cid.buffer)
+            if loc is None:
+                break
+            items.append((cid, loc))
+        out = []
+        try:
+            for data in repo.packs.read_many(items, relocate=repo.index.locate):
+                out.append(data)
+        except NotFound:
+            pass
+        except CorruptData as e:
+            log.warning("not serving %s: %s", items[len(out)][0], e)
+        if len(out) < len(cids):
+            out.append(None)
+        return out
+
 
 class _Session:
     """The caller's side of one client session: delivered blocks and failures, as a channel."""
@@ -663,21 +698,37 @@ class RepoBatcher:
             blocks, self._batch, self.pending_bytes = self._batch, [], 0
             await self._send.send(blocks)
 
-    async def _writer(self) -> None:
-        async for blocks in self._recv:
-            # Every block reaching `add` was hashed against its CID by the receiver that got it.
-            await trio.to_thread.run_sync(self.repo.write_blocks, blocks, True)
-            self._unrecorded += [(c, len(d)) for c, d in blocks]
-            self._unrecorded_bytes += sum(len(d) for _, d in blocks)
-            if self.on_stored is not None:
-                self.on_stored([c for c, _ in blocks])
-            if self._unrecorded_bytes >= self.commit_bytes:
-                await self._commit()
-        await self._commit()
+    def _store(self, blocks: list[tuple[CID, bytes]]) -> list[tuple[CID, bytes]]:
+        """In the writer's worker thread: append one batch; returns the blocks appended (a subclass may
+        check them first, e.g. hash them there, off the event loop)."""
+        # Every block reaching `add` was hashed against its CID by the receiver that got it.
+        self.repo.write_blocks(blocks, True)
+        return blocks
 
-    async def _commit(self) -> None:
+    async def _writer(self) -> None:
+        # Index commits run beside the appends: the next batches are written while a commit waits for the
+        # disk (its flush), instead of the stream waiting behind it; one more commit may wait its turn.
+        commits_send, commits_recv = trio.open_memory_channel[list[tuple[CID, int]]](1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._committer, commits_recv)
+            async with commits_send:
+                async for blocks in self._recv:
+                    blocks = await trio.to_thread.run_sync(self._store, blocks)
+                    self._unrecorded += [(c, len(d)) for c, d in blocks]
+                    self._unrecorded_bytes += sum(len(d) for _, d in blocks)
+                    if self.on_stored is not None:
+                        self.on_stored([c for c, _ in blocks])
+                    if self._unrecorded_bytes >= self.commit_bytes:
+                        await self._commit(commits_send)
+                await self._commit(commits_send)
+
+    async def _commit(self, commits: trio.MemorySendChannel[list[tuple[CID, int]]]) -> None:
         if self._unrecorded:
             done, self._unrecorded, self._unrecorded_bytes = self._unrecorded, [], 0
+            await commits.send(done)
+
+    async def _committer(self, commits: trio.MemoryReceiveChannel[list[tuple[CID, int]]]) -> None:
+        async for done in commits:  # one at a time, in order
             await trio.to_thread.run_sync(self.repo.commit_blocks, done)
             if self.on_committed is not None:
                 self.on_committed([c for c, _ in done])

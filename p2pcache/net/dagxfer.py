@@ -22,6 +22,7 @@ Must not: store a block it did not verify, hold more than a bounded window per s
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -31,6 +32,7 @@ from libp2p.peer.id import ID
 
 from ..content.chunking import MAX_BLOCK_SIZE
 from ..content.cid import CID, DAG_CBOR, RAW
+from ..content.varint import decode as varint_decode
 from ..content.varint import encode as uvarint
 from ..errors import InvalidCID, InvalidInput, MalformedBlock
 from ..exchange import FrameDecoder, ProtocolViolation
@@ -123,8 +125,95 @@ def decode_request(payload: bytes) -> tuple[list[CID], list[CID], bool]:
     return roots, have, msg.scope == pb.DagRequest.NODES
 
 
+class _Frames:
+    """A DAG stream cut into frames as its bytes come in (`feed`): each frame is (cid, data) for a block
+    or a `DagEnd`. A block frame in the layout protobuf writes (field 1 holding a DagBlock of field 1 cid,
+    field 2 data) is read straight out of the buffer, its data copied once; any other frame goes through
+    protobuf, so what is accepted is what protobuf would accept. ProtocolViolation for a frame over
+    MAX_FRAME (as soon as its length prefix is read) or one protobuf rejects."""
+
+    __slots__ = ("_buf", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes] | pb.DagEnd]:
+        buf = self._buf
+        if self._pos:
+            del buf[: self._pos]
+            self._pos = 0
+        buf += data
+        out: list[tuple[bytes, bytes] | pb.DagEnd] = []
+        view = memoryview(buf)
+        try:
+            pos, size = 0, len(buf)
+            while pos < size:
+                try:
+                    n, start = varint_decode(view, pos)
+                except ValueError:
+                    if size - pos >= 10:
+                        raise ProtocolViolation("DAG stream has a malformed length prefix") from None
+                    break  # the prefix is not all here yet
+                if n > MAX_FRAME:
+                    raise ProtocolViolation(f"DAG stream announces a {n} byte frame, over the {MAX_FRAME} byte limit")
+                end = start + n
+                if end > size:
+                    break
+                out.append(_block_fields(view, start, end) or _parsed_frame(view[start:end]))
+                pos = end
+        finally:
+            view.release()
+        self._pos = pos
+        return out
+
+
+def _block_fields(view: memoryview, start: int, end: int) -> tuple[bytes, bytes] | None:
+    """(cid, data) of a block frame in protobuf's own layout at view[start:end], else None."""
+    try:
+        if view[start] != 0x0A:
+            return None
+        n, i = varint_decode(view, start + 1)
+        if i + n != end or view[i] != 0x0A:
+            return None
+        n, i = varint_decode(view, i + 1)
+        cid_end = i + n
+        if cid_end >= end or view[cid_end] != 0x12:
+            return None
+        cid = bytes(view[i:cid_end])
+        n, i = varint_decode(view, cid_end + 1)
+        if i + n != end:
+            return None
+        return cid, bytes(view[i:end])
+    except (ValueError, IndexError):
+        return None
+
+
+def _parsed_frame(payload: memoryview) -> tuple[bytes, bytes] | pb.DagEnd:
+    frame = pb.DagFrame()
+    try:
+        frame.ParseFromString(payload.tobytes())  # rare: an end frame, or a block frame in another layout
+    except DecodeError as e:
+        raise ProtocolViolation(f"malformed frame ({e})") from None
+    kind = frame.WhichOneof("frame")
+    if kind == "block":
+        return frame.block.cid, frame.block.data
+    if kind == "end":
+        return frame.end
+    raise ProtocolViolation("frame that is neither a block nor an end")
+
+
+def _block_head(cid: bytes, size: int) -> bytes:
+    """A block frame up to its data, in the layout protobuf writes a DagFrame holding a DagBlock in (the
+    data field written even when empty), so the data goes to the stream without being copied into a
+    message first."""
+    inner = b"\x0a" + uvarint(len(cid)) + cid + b"\x12" + uvarint(size)
+    msg = b"\x0a" + uvarint(len(inner) + size) + inner
+    return uvarint(len(msg) + size) + msg
+
+
 def _block_frame(cid: CID, data: bytes) -> bytes:
-    return _frame(pb.DagFrame(block=pb.DagBlock(cid=cid.buffer, data=data)))
+    return _block_head(cid.buffer, len(data)) + data
 
 
 def _end_frame(status: pb.DagEnd.Status, missing: CID | None = None, message: str = "") -> bytes:
@@ -164,6 +253,11 @@ class DagServer:
         host.set_stream_handler(PROTOCOL, self.handle_stream)
 
     def _load(self, cids: list[CID]) -> list[tuple[CID, bytes | None]]:
+        """In a worker thread: the blocks' bytes in order, ending at the first one not here (None); one
+        index query and one pread per run of adjacent records where the source reads a repo."""
+        get_many = getattr(self.source, "get_many", None)
+        if get_many is not None:
+            return list(zip(cids, get_many(cids)))
         out: list[tuple[CID, bytes | None]] = []
         for cid in cids:
             data = self.source.get(cid)
@@ -207,7 +301,7 @@ class DagServer:
                 if payloads:
                     return payloads[0]
 
-    async def _write(self, stream: Any, data: bytes, peer: ID) -> None:
+    async def _write(self, stream: Any, data: bytes | bytearray, peer: ID) -> None:
         """One write, bounded by the minimum rate: yamux's window blocks it while the asker does not read."""
         cfg = self.config
         with trio.move_on_after(cfg.serve_grace + len(data) / cfg.serve_min_rate) as scope:
@@ -261,27 +355,31 @@ class DagServer:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_ahead)
+            # Frames are joined into one buffer per write, handed to the stream as it is (no copy of it)
+            # and never touched again: the next write gets a new one.
             out = bytearray()
+            stats, write_bytes = self.stats, self.config.write_bytes
             async for loaded in batches_recv:
                 for cid, data in loaded:
                     if data is None:
                         out += _end_frame(pb.DagEnd.NOT_FOUND, cid, f"{cid} is not here")
-                        await self._write(stream, bytes(out), peer)
+                        await self._write(stream, out, peer)
                         return
                     if data is _LENT:
-                        self.stats.superseed_stops += 1
+                        stats.superseed_stops += 1
                         out += _end_frame(pb.DagEnd.NOT_FOUND, cid, f"{cid} is lent to another peer (super-seeding)")
-                        await self._write(stream, bytes(out), peer)
+                        await self._write(stream, out, peer)
                         return
-                    out += _block_frame(cid, data)
-                    self.stats.served_blocks += 1
-                    self.stats.served_bytes += len(data)
-                    if len(out) >= self.config.write_bytes:
-                        await self._write(stream, bytes(out), peer)
-                        out.clear()
+                    out += _block_head(cid.buffer, len(data))
+                    out += data
+                    stats.served_blocks += 1
+                    stats.served_bytes += len(data)
+                    if len(out) >= write_bytes:
+                        await self._write(stream, out, peer)
+                        out = bytearray()
                 if out:
-                    await self._write(stream, bytes(out), peer)
-                    out.clear()
+                    await self._write(stream, out, peer)
+                    out = bytearray()
             await self._write(stream, _end_frame(pb.DagEnd.OK), peer)
 
 
@@ -323,9 +421,9 @@ class _Request:
 class _Run:
     """One fetch, shared by its lanes (one lane = one request at a time to one provider)."""
 
-    def __init__(self, walk: DagWalk, store: RepoBatcher, repo: Any) -> None:
+    def __init__(self, walk: DagWalk, repo: Any) -> None:
         self.walk = walk
-        self.store = store
+        self.store: _LeafStore
         self.repo = repo
         self.active: set[_Request] = set()
         # Providers whose stream broke with their connection gone (the process died, the link dropped):
@@ -334,6 +432,7 @@ class _Run:
         self.lost: set[ID] = set()
         self.loading = 0
         self.on_verified: Callable[[CID, bytes], None] | None = None
+        self.drop: Callable[[ID, str], None] = lambda peer, why: None  # a peer's bytes proved it lied
         self.changed = trio.Event()
         self.last_error = ""
         # per provider: block bytes delivered, and seconds it had a request in flight (its lanes share
@@ -346,6 +445,24 @@ class _Run:
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    def leaves_checked(self, good: list[tuple[CID, bytes, ID]], bad: list[tuple[CID, bytes, ID]]) -> list[CID]:
+        """A batch of raw leaves was hashed (`_LeafStore`): those that hash to their CID arrive now (the
+        new ones are returned); one that does not goes back to the walk and its sender is dropped."""
+        walk, seen, new = self.walk, self.on_verified, []
+        for cid, data, _ in good:
+            if walk.on_block(cid, data):
+                new.append(cid)
+                if seen is not None:
+                    seen(cid, data)
+        liars: dict[ID, CID] = {}
+        for cid, _, peer in bad:
+            walk.on_failed(cid)
+            liars.setdefault(peer, cid)
+        for peer, cid in liars.items():
+            self.drop(peer, f"block sent as {cid} does not hash to that CID")
+        self.notify()
+        return new
 
     def started(self, req: _Request) -> None:
         self.active.add(req)
@@ -419,6 +536,69 @@ class _Run:
         return best_rem[keep:]
 
 
+class _LeafStore(RepoBatcher):
+    """The fetch's store. Raw leaves come in with their place in the walk checked but not yet hashed
+    (`add_leaf`): the writer's worker thread hashes a whole batch (hashlib lets go of the GIL, so the
+    event loop goes on reading the network meanwhile) and appends only those that hash to their CID,
+    in the same thread hop; back on the loop `_Run.leaves_checked` lets them arrive (the walk, the
+    `on_verified` hook) and drops the sender of any that did not. Nothing is appended, handed on or
+    served before it is hashed. Manifest nodes (hashed on arrival: the walk needs their links) go
+    through `add` as before. `unchecked`: leaves taken in and not yet hashed."""
+
+    def __init__(self, run: _Run, repo: Any, store_bytes: int, commit_bytes: int,
+                 on_stored: Callable[[list[CID]], None] | None,
+                 on_committed: Callable[[list[CID]], None] | None) -> None:
+        super().__init__(repo, store_bytes, commit_bytes, on_stored=self._checked, on_committed=on_committed)
+        self._run = run
+        self._then = on_stored
+        self.unchecked = 0
+        self._hashed: tuple[list[Any], list[Any], list[CID]] = ([], [], [])
+
+    async def add_leaf(self, cid: CID, data: bytes, peer: ID) -> None:
+        self._batch.append((cid, data, peer))  # type: ignore[arg-type]  # a leaf: hashed by the writer
+        self.unchecked += 1
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= self.store_bytes:
+            await self.write()
+
+    def _store(self, blocks: list[Any]) -> list[tuple[CID, bytes]]:
+        good, bad, nodes, out = [], [], [], []
+        for item in blocks:
+            if len(item) == 3:
+                if item[0].verify(item[1]):
+                    good.append(item)
+                    out.append((item[0], item[1]))
+                else:
+                    bad.append(item)
+            else:  # verified on arrival
+                nodes.append(item[0])
+                out.append(item)
+        if out:
+            self.repo.write_blocks(out, True)
+        self._hashed = (good, bad, nodes)
+        return out
+
+    def _checked(self, cids: list[CID]) -> None:
+        good, bad, nodes = self._hashed
+        self._hashed = ([], [], [])
+        self.unchecked -= len(good) + len(bad)
+        new = self._run.leaves_checked(good, bad)
+        if self._then is not None:
+            self._then(nodes + new)
+
+
+def _held_many(repo: Any) -> Callable[[list[CID]], list[bool]] | None:
+    """`repo.has_block` for many CIDs in one index query, where the repo has an index."""
+    known = getattr(getattr(repo, "index", None), "known_blocks", None)
+    if known is None:
+        return None
+
+    def held(cids: list[CID]) -> list[bool]:
+        found = known(cids)
+        return [c.buffer in found for c in cids]
+    return held
+
+
 class DagTransfer:
     """Fetches whole DAGs over `/p2pcache/dag/1.0.0`, falling back to `exchange` (bitswap)."""
 
@@ -458,15 +638,17 @@ class DagTransfer:
                      on_stored: Callable[[list[CID]], None] | None,
                      on_verified: Callable[[CID, bytes], None] | None, root_block: bytes | None) -> int:
         peers = [p for p in self.exchange.provider_ids(providers) if p != self.host.peer_id]
-        walk = DagWalk(root, repo.has_block, cover_nodes=True)
+        walk = DagWalk(root, repo.has_block, cover_nodes=True, held_many=_held_many(repo))
         ex = self.exchange
         before = walk.stats.bytes
         handed = 0
         try:
-            async with RepoBatcher(repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
-                                   on_stored=on_stored, on_committed=ex.blocks_added) as store:
-                run = _Run(walk, store, repo)
-                run.on_verified = on_verified
+            run = _Run(walk, repo)
+            run.on_verified = on_verified
+            run.drop = lambda peer, why: self._drop(run, peer, why)
+            run.store = store = _LeafStore(run, repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
+                                           on_stored=on_stored, on_committed=ex.blocks_added)
+            async with store:
                 if root_block is not None and not repo.has_block(root):
                     try:
                         walk.on_block(root, root_block, local=True)  # its links are the first wants
@@ -512,9 +694,10 @@ class DagTransfer:
                 wants = run.steal(peer, self.config)
                 if wants:
                     self.stats.steals += 1
-                elif not run.active and not run.loading:
+                elif not run.active and not run.loading and not run.store.unchecked:
                     break  # nothing in flight anywhere and nothing to ask: the others gave up
                 else:
+                    await run.store.write()  # hand held leaves to the writer: they are hashed there
                     with trio.move_on_after(min(self.config.steal_after / 2, self.config.steal_measure)):  # look again
                         await run.changed.wait()
                     continue
@@ -544,9 +727,7 @@ class DagTransfer:
             self.stats.streams += 1
             return await self._receive(run, req, stream)
         except _Hostile as e:
-            run.last_error = f"{peer}: {e}"
-            self.stats.peers_dropped += 1
-            self.exchange.penalise(peer, f"DAG stream: {e}")
+            self._drop(run, peer, str(e))
             return False
         finally:
             run.finished(req)
@@ -557,52 +738,69 @@ class DagTransfer:
                 await reset_quietly(stream)
 
     async def _receive(self, run: _Run, req: _Request, stream: Any) -> bool:
+        frames = _Frames()
+        stall, read_size = self.config.stall_seconds, self.config.read_size
+        # One cancel scope for the stream's reads, its deadline set before each read and lifted after
+        # (cheaper than a scope per read; waits on our own store are not the peer's stall)
+        with trio.CancelScope() as waited:
+            result = await self._read_frames(run, req, stream, frames, waited, stall, read_size)
+        if waited.cancelled_caught:
+            raise _Hostile(f"stalled: nothing for {stall:g} s")
+        return result
+
+    async def _read_frames(self, run: _Run, req: _Request, stream: Any, frames: _Frames, waited: trio.CancelScope,
+                           stall: float, read_size: int) -> bool:
         walk, order = run.walk, req.order
-        decoder = FrameDecoder(MAX_FRAME, "DAG stream")
         while True:
-            with trio.move_on_after(self.config.stall_seconds) as waited:
-                try:
-                    data = await stream.read(self.config.read_size)
-                except Exception as e:  # reset, EOF or connection gone
-                    run.last_error = f"{req.peer}: stream broke ({e or type(e).__name__})"
-                    self._check_lost(run, req.peer)
-                    return False
-            if waited.cancelled_caught:
-                raise _Hostile(f"stalled: nothing for {self.config.stall_seconds:g} s")
+            waited.deadline = trio.current_time() + stall
+            try:
+                data = await stream.read(read_size)
+            except Exception as e:  # reset, EOF or connection gone (trio.Cancelled is not an Exception)
+                run.last_error = f"{req.peer}: stream broke ({e or type(e).__name__})"
+                self._check_lost(run, req.peer)
+                return False
+            waited.deadline = math.inf
             if not data:
                 run.last_error = f"{req.peer}: stream ended without an end frame"
                 self._check_lost(run, req.peer)
                 return False
             try:
-                payloads = decoder.feed(data)
+                got = frames.feed(data)
             except ProtocolViolation as e:
                 raise _Hostile(str(e)) from None
-            for payload in payloads:
-                frame = pb.DagFrame()
+            for frame in got:
+                if not isinstance(frame, tuple):
+                    return self._ended(run, req, frame)
                 try:
-                    frame.ParseFromString(payload)
-                    kind = frame.WhichOneof("frame")
-                    cid = CID.decode(frame.block.cid) if kind == "block" else None
-                except (DecodeError, InvalidCID, IndexError) as e:
+                    cid = CID.decode(frame[0])
+                except (InvalidCID, IndexError) as e:
                     raise _Hostile(f"malformed frame ({e})") from None
-                if kind == "end":
-                    return self._ended(run, req, frame.end)
-                if cid is None:
-                    raise _Hostile("frame that is neither a block nor an end")
-                block = frame.block.data
+                block = frame[1]
                 try:
-                    order.expect(cid, block)
+                    order.expect(cid, block, hash_leaf=False)
                 except OutOfOrder as e:
                     raise _Hostile(str(e)) from None
                 req.progress_at = trio.current_time()
                 run.delivered[req.peer] = run.delivered.get(req.peer, 0) + len(block)
-                if walk.on_block(cid, block):
+                if cid.codec == RAW:
+                    if walk.is_new(cid):
+                        await run.store.add_leaf(cid, block, req.peer)  # hashed there, in a batch
+                    else:
+                        walk.on_block(cid, block)  # counted as a duplicate, dropped unhashed
+                elif walk.on_block(cid, block):
                     if run.on_verified is not None:
                         run.on_verified(cid, block)
                     await run.store.add(cid, block)
                     run.notify()
                 if req.stop_after is not None and order.sent >= req.stop_after:
                     return True  # a thief took the rest
+
+    def _drop(self, run: _Run, peer: ID, why: str) -> None:
+        """`peer` broke the protocol or sent a block that does not hash to its CID: ban it."""
+        run.last_error = f"{peer}: {why}"
+        if not self.exchange.is_banned(peer):  # counted once (its lanes and batches may all catch it)
+            self.stats.peers_dropped += 1
+        self.exchange.penalise(peer, f"DAG stream: {why}")
 
     def _check_lost(self, run: _Run, peer: ID) -> None:
         """A stream to `peer` broke: if its connection went with it, the peer is lost for this fetch

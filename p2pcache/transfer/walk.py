@@ -105,14 +105,17 @@ class DfsOrder:
         self._stack.extend((c, False) for c in reversed(links))
         return links
 
-    def expect(self, cid: CID, data: bytes | memoryview) -> list[CID]:
-        """The asker's side of `give`: the block must be the next one and hash to its CID."""
+    def expect(self, cid: CID, data: bytes | memoryview, hash_leaf: bool = True) -> list[CID]:
+        """The asker's side of `give`: the block must be the next one and hash to its CID. With
+        `hash_leaf=False` a raw block is checked for its place only: the caller hashes it later (in a
+        batch, off the event loop) and must not use its bytes before; a dag-cbor block is always hashed
+        here, as the walk needs its links."""
         nxt = self.peek()
         if nxt is None:
             raise OutOfOrder(f"block {cid} after the end of the walk")
         if cid != nxt:
             raise OutOfOrder(f"block {cid} out of order (the walk expects {nxt} next)")
-        if not cid.verify(data):
+        if (hash_leaf or cid.codec != RAW) and not cid.verify(data):
             raise OutOfOrder(f"block sent as {cid} does not hash to that CID")
         try:
             return self.give(cid, data)
@@ -158,11 +161,14 @@ class DagWalk:
     """
 
     def __init__(self, root: CID, held: Callable[[CID], bool], *, cover_nodes: bool = False,
-                 link_order: Callable[[CID, int], list[int]] | None = None):
+                 link_order: Callable[[CID, int], list[int]] | None = None,
+                 held_many: Callable[[list[CID]], list[bool]] | None = None):
         if root.codec not in (RAW, DAG_CBOR):
             raise InvalidInput(f"{root} has codec {root.codec_name}; only raw and dag-cbor DAGs are fetched")
         self.root = root
         self._held = held
+        # `held_many(cids)`: `held` for many CIDs at once (one index query for a request's worth of wants)
+        self._held_many = held_many or (lambda cids: [held(c) for c in cids])
         self.cover_nodes = cover_nodes
         # `link_order(cid, n)`: the rank of each of a node's n links among its siblings (a permutation;
         # default document order). Simnet's rarest-first stand-in shuffles; NAR streaming needs the default.
@@ -182,30 +188,39 @@ class DagWalk:
         """Up to `room` CIDs to ask for, frontier order. Held blocks met on the way are settled here (raw)
         or queued for `take_loads` (dag-cbor)."""
         out: list[CID] = []
-        state, frontier, held = self._state, self._frontier, self._held
+        state, frontier = self._state, self._frontier
         while frontier and len(out) < room:
-            _, cid = heapq.heappop(frontier)
-            if state[cid] is not _State.FRONTIER:
-                continue
-            self._in_frontier -= 1
-            if held(cid):
-                self.stats.held_blocks += 1
-                if cid.codec == DAG_CBOR:
-                    state[cid] = _State.LOADING
-                    self._open += 1
-                    self._loads.append(cid)
-                else:
-                    state[cid] = _State.DONE
-                continue
-            state[cid] = _State.WANTED
-            self._open += 1
-            out.append(cid)
+            batch: list[CID] = []  # the next frontier CIDs, asked of `held_many` at once
+            while frontier and len(batch) < room - len(out):
+                _, cid = heapq.heappop(frontier)
+                if state[cid] is not _State.FRONTIER:
+                    continue
+                state[cid] = _State.WANTED  # taken (a moved block may sit in the heap twice)
+                batch.append(cid)
+            for cid, held in zip(batch, self._held_many(batch)):
+                self._in_frontier -= 1
+                if held:
+                    self.stats.held_blocks += 1
+                    if cid.codec == DAG_CBOR:
+                        state[cid] = _State.LOADING
+                        self._open += 1
+                        self._loads.append(cid)
+                    else:
+                        state[cid] = _State.DONE
+                    continue
+                self._open += 1
+                out.append(cid)
         return out
 
     def take_loads(self) -> list[CID]:
         """Held dag-cbor blocks to read locally and hand back with `on_block(cid, data, local=True)`."""
         loads, self._loads = self._loads, []
         return loads
+
+    def is_new(self, cid: CID) -> bool:
+        """Linked from the walk and not arrived yet: `on_block` would take it."""
+        st = self._state.get(cid)
+        return st is not None and st is not _State.DONE
 
     def is_open(self, cid: CID) -> bool:
         """Asked for or expected, not arrived yet."""

@@ -772,8 +772,8 @@ class BitswapClient:
             # which is all a parked CID waits for; a DONT_HAVE per peer and CID would only cost messages.
             self._ask_have(w, peer, send_dont_have=False)
 
-    def _pending_in_order(self) -> Iterator[CID]:
-        """Pending CIDs front to back, while the caller removes some of them, without copying the
+    def _pending_in_order(self) -> Iterator[bytes]:
+        """Pending CIDs (their bytes) front to back, while the caller removes some of them, without copying the
         whole queue: a scan costs the CIDs it skips or places, not the length of the queue."""
         skipped = 0
         while True:

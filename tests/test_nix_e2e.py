@@ -361,3 +361,31 @@ def test_a_narinfo_from_the_swarm_starts_lookups_of_its_references(nix, closure,
         r = httpx.get(f"{b.api}/{Path(path).name.split('-')[0]}.narinfo", timeout=30)
         assert r.status_code == 200 and f"StorePath: {path}\n" in r.text
     assert _metric(b, "p2pcache_narinfo_requests_total", result="hit", source="peer") == 3
+
+
+def test_a_nar_whose_provider_dies_mid_response_still_arrives_whole_from_the_next(nix, closure, tmp_path, daemons):
+    """Once B's NAR response has begun, the one provider its lookup found (A) is gone: B answers the narinfo
+    from A, another runner (A2) pushes the same path, A dies, and the NAR B streams is still whole (the
+    fetch fails and is tried again with the providers a fresh lookup names, or, when B's bitswap already
+    asks A2, gets the rest from it), never a partial file."""
+    a, b = _swarm(tmp_path, daemons)
+    nix.run("nix", "copy", "--to", a.api, closure["tree"], config=f"netrc-file = {a.netrc}\n")
+    a.wait_announced(2)
+    tree_hash = Path(closure["tree"]).name[:32]
+    deadline = time.monotonic() + 30
+    while (r := httpx.get(f"{b.api}/{tree_hash}.narinfo", timeout=60)).status_code == 503:
+        assert time.monotonic() < deadline
+    assert r.status_code == 200, r.text
+    nar_url = next(line.split(": ", 1)[1] for line in r.text.splitlines() if line.startswith("URL: "))
+    (tmp_path / "a2").mkdir()  # its own copy only: Nix pushes what a2 says it does not have
+    (tmp_path / "a2" / "config.toml").write_text('[nix]\nlookup_order = ["repo"]\n')
+    a2 = start_daemon(tmp_path / "a2", swarm_key=tmp_path / "swarm.key", bootstrap=[b.addr, a.addr])
+    daemons.append(a2)
+    nix.run("nix", "copy", "--to", a2.api, closure["tree"], config=f"netrc-file = {a2.netrc}\n")
+    a2.wait_announced(2)
+    a.kill()
+    a.proc.wait()
+    with httpx.stream("GET", f"{b.api}/{nar_url}", timeout=120) as resp:
+        assert resp.status_code == 200
+        body = b"".join(resp.iter_bytes())  # a cut response raises here (RemoteProtocolError)
+    assert body == nix.dump(closure["tree"])

@@ -43,6 +43,8 @@ class Metrics:
                                  "did not finish; answered 404, not remembered as a miss)", registry=r)
         self.retries = Counter("p2pcache_narinfo_lookup_retries", "remote lookups asked again within "
                                "nix.lookup_patience because their sources did not settle", registry=r)
+        self.fetch_retries = Counter("p2pcache_nar_fetch_retries", "NAR fetches from peers tried again (resuming) "
+                                     "after an attempt failed while its response was under way", registry=r)
         self.pending = Gauge("p2pcache_narinfo_pending", "answers found in the swarm or upstreams waiting for "
                              "their NAR request (at most nix.pending_ttl seconds)", registry=r)
 

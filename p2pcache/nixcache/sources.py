@@ -61,6 +61,13 @@ log = logging.getLogger("p2pcache.nixcache")
 # Nodes with upstream caches announce this key: a peer whose DHT lookup missed asks them to pull through.
 GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
 BLOCK_WAIT = 120.0  # a NAR stream waits this long for any one block to arrive from peers
+# A NAR whose response has begun is not cut because one fetch failed (a provider died or stalled, a stream
+# broke): the fetch is tried again, resuming from the blocks stored (with the providers a fresh DHT lookup
+# names, and those it had), backing off, until it has gone this long without a new block. Nix waits 300 s
+# for a stalled download (stalled-download-timeout); only a hash mismatch cuts a response at once.
+FETCH_PATIENCE = 60.0
+FETCH_STALL = 15.0  # an attempt with no block for this long is cancelled and tried again
+FETCH_RETRY_FIRST, FETCH_RETRY_MAX = 0.5, 8.0
 ARRIVING_BYTES = 16 << 20  # verified blocks a NAR stream from peers keeps in memory ahead of its reader
 SEND_BYTES = 256 << 10  # NAR pieces streamed from peers are joined into writes of about this size
 # Slow clients: NAR streams and uploads take worker threads from pools of their own (never trio's default
@@ -501,16 +508,15 @@ class SwarmSource:
 
         async def fetcher() -> None:
             try:
-                fetched = await self.swarm.fetch_dag(root, found.providers, arriving.stored, verified,
-                                                     root_block=found.root_block)
-                self.metrics.fetched.labels("peer").inc(max(0, fetched - counted[0]))
+                await self._fetch_patiently(found, arriving, verified, counted)
             except P2PCacheError as e:
                 arriving.fail(e)
                 return
             arriving.finish()
 
+        # No quota gc between fetch attempts either: the stream reads blocks no root claims yet.
         with source.streams.stream_slot():  # Busy (before the response starts) when too many are in progress
-            async with trio.open_nursery() as nursery:
+            async with self.intake.room.working(), trio.open_nursery() as nursery:
                 nursery.start_soon(fetcher)
                 manifest = NarManifest.decode(await arriving.get(root))
                 await sink.start(manifest.nar_size, "nar")
@@ -539,6 +545,75 @@ class SwarmSource:
             raise arriving.failure
         await trio.to_thread.run_sync(source.register_nar, root, found.narinfo)
         self.intake.announce(root)
+
+    async def _fetch_patiently(self, found: Found, arriving: "ArrivingBlocks",
+                               verified: Callable[[CID, bytes], None], counted: list[int]) -> None:
+        """Fetch the NAR's DAG, trying again after an attempt failed or went `FETCH_STALL` seconds without a
+        block (a fallback waiting on a peer that is gone), for as long as `FETCH_PATIENCE` allows: each
+        attempt resumes from the blocks stored, with the providers a fresh lookup names first, then those
+        known before."""
+        root = found.root
+        assert root is not None
+        providers = list(found.providers)
+        alias = nix_alias(found.narinfo.store_path.hash_part)
+        backoff = FETCH_RETRY_FIRST
+        progress_at = [trio.current_time()]
+
+        def on_verified(cid: CID, data: bytes) -> None:
+            progress_at[0] = trio.current_time()
+            verified(cid, data)
+
+        def on_stored(cids: list[CID]) -> None:
+            progress_at[0] = trio.current_time()
+            arriving.stored(cids)
+
+        while True:
+            error: P2PCacheError | None = None
+            began = trio.current_time()
+            with trio.CancelScope() as attempt:
+                async with trio.open_nursery() as nursery:
+                    async def watch() -> None:
+                        while (stall_at := max(began, progress_at[0]) + FETCH_STALL) > trio.current_time():
+                            await trio.sleep_until(stall_at)
+                        attempt.cancel()
+
+                    nursery.start_soon(watch)
+                    try:
+                        fetched = await self.swarm.fetch_dag(root, providers, on_stored, on_verified,
+                                                             root_block=found.root_block)
+                    except CorruptData:
+                        raise  # never papered over
+                    except P2PCacheError as e:
+                        error = e
+                    nursery.cancel_scope.cancel()
+            if attempt.cancelled_caught:
+                error = FetchStalled(f"no block for {FETCH_STALL:g} s")
+            if error is None:
+                self.metrics.fetched.labels("peer").inc(max(0, fetched - counted[0]))
+                return
+            now = trio.current_time()
+            if now - progress_at[0] + backoff > FETCH_PATIENCE:
+                raise error
+            self.metrics.fetch_retries.inc()
+            log.info("fetching the NAR of %s from %d provider(s): %s; trying again in %g s", alias, len(providers),
+                     error, backoff)
+            await trio.sleep(backoff)
+            backoff = min(2 * backoff, FETCH_RETRY_MAX)
+            try:
+                fresh = await self.swarm.find_providers(alias, timeout=self.swarm.lookup_timeout)
+            except P2PCacheError as e:
+                log.info("looking up providers of %s again: %s", alias, e)
+                fresh = []
+            me = self.swarm.me
+            merged: dict[object, "PeerInfo"] = {}
+            for p in [*fresh, *providers]:
+                if p.peer_id != me:
+                    merged.setdefault(p.peer_id, p)
+            providers = list(merged.values())
+
+
+class FetchStalled(P2PCacheError):
+    """A fetch attempt that went `FETCH_STALL` seconds without a block: it is cancelled and tried again."""
 
 
 class ArrivingBlocks:
@@ -593,18 +668,27 @@ class ArrivingBlocks:
         if data is not None:
             self._held_bytes -= len(data)
             return data
-        while cid not in self._stored and not self.repo.has_block(cid):
-            data = self._held.pop(cid, None)
-            if data is not None:
-                self._held_bytes -= len(data)
-                return data
-            if self.failure is not None:
-                raise self.failure
-            if self._finished:
-                raise CorruptData(f"the fetch finished without block {cid}")
-            ev = self._waiting.setdefault(cid, trio.Event())
-            with trio.move_on_after(BLOCK_WAIT) as waited:
-                await ev.wait()
-            if waited.cancelled_caught:
-                raise NotFound(f"block {cid} did not arrive from peers within {BLOCK_WAIT:g} s")
-        return await trio.to_thread.run_sync(self.repo.load_block, cid)
+        while True:
+            while cid not in self._stored and not self.repo.has_block(cid):
+                data = self._held.pop(cid, None)
+                if data is not None:
+                    self._held_bytes -= len(data)
+                    return data
+                if self.failure is not None:
+                    raise self.failure
+                if self._finished:
+                    raise CorruptData(f"the fetch finished without block {cid}")
+                ev = self._waiting.setdefault(cid, trio.Event())
+                with trio.move_on_after(BLOCK_WAIT) as waited:
+                    await ev.wait()
+                if waited.cancelled_caught:
+                    raise NotFound(f"block {cid} did not arrive from peers within {BLOCK_WAIT:g} s")
+            try:
+                return await trio.to_thread.run_sync(self.repo.load_block, cid)
+            except NotFound:
+                # Stored by a fetch attempt that failed and gone again (seen once, cause not found): while
+                # the fetch is still being tried, wait for the next attempt to bring it rather than cut Nix off.
+                if self._finished or self.failure is not None or cid not in self._stored:
+                    raise
+                log.info("block %s was stored and is gone again; waiting for the fetch to bring it back", cid)
+                self._stored.discard(cid)

@@ -308,7 +308,8 @@ def test_a_nar_that_cannot_fit_in_the_quota_is_refused_before_any_byte(nix, tmp_
     r = httpx.get(f"{b.api}/{url}", timeout=60)
     assert r.status_code == 507 and "more than this node's quota" in r.json()["error"], r.text
     st = b.status()
-    assert st["roots"] == 0 and st["stored_bytes"] == 0 and st["gc"]["refused"] == 1
+    # refused once for the NAR request, and (by then, as a rule) once for the prefetch its narinfo began
+    assert st["roots"] == 0 and st["stored_bytes"] == 0 and st["gc"]["refused"] in (1, 2)
     # and Nix, asked to substitute it from B, fails cleanly instead of filling B's disk
     proc = nix.run("nix", "copy", "--from", b.api, "--to", str(tmp_path / "store-b"), path,
                    config="require-sigs = false\ndownload-attempts = 1\n", check=False)

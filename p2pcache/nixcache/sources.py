@@ -26,7 +26,7 @@ import logging
 import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol, Sequence
 
 import trio
 
@@ -53,7 +53,8 @@ if TYPE_CHECKING:
     from ..prefetch import Swarm as ArchiveSwarm
     from ..store.repo import Repo
 
-__all__ = ["Found", "Intake", "LookupFailed", "NarSink", "NarSource", "NarStreams", "NarWriter", "NixStoreSource", "Room",
+__all__ = ["Found", "Intake", "LookupFailed", "NarPrefetches", "NarSink", "NarSource", "NarStreams", "NarWriter",
+           "NixStoreSource", "Room",
            "RepoSource", "Swarm", "SwarmSource", "UpstreamSource"]
 
 log = logging.getLogger("p2pcache.nixcache")
@@ -67,6 +68,9 @@ BLOCK_WAIT = 120.0  # a NAR stream waits this long for any one block to arrive f
 # for a stalled download (stalled-download-timeout); only a hash mismatch cuts a response at once.
 FETCH_PATIENCE = 60.0
 FETCH_STALL = 15.0  # an attempt with no block for this long is cancelled and tried again
+PREFETCH_BYTES = 1 << 30  # NAR bytes being prefetched at once, at most (`NarPrefetches`)
+PREFETCH_TTL = 60.0  # a prefetched NAR not asked for this long after its fetch ended is let go
+PREFETCH_HOLD = 4 << 20  # verified blocks a prefetch keeps in memory for its stream (the rest: from the repo)
 FETCH_RETRY_FIRST, FETCH_RETRY_MAX = 0.5, 8.0
 ARRIVING_BYTES = 16 << 20  # verified blocks a NAR stream from peers keeps in memory ahead of its reader
 SEND_BYTES = 256 << 10  # NAR pieces streamed from peers are joined into writes of about this size
@@ -432,6 +436,7 @@ class SwarmSource:
         self.metrics = intake.metrics
         self.store_dir = store_dir
         self.ask_gateways = ask_gateways
+        self.prefetches: NarPrefetches | None = None  # set by the cache when `nix.prefetch_nars` is on
 
     async def narinfo(self, store_hash: str) -> Found | None:
         """One race over the path's providers and then, unless we are a gateway ourselves, the gateways':
@@ -497,9 +502,12 @@ class SwarmSource:
         repo = source.repo
         root = found.root
         assert root is not None
-        arriving = ArrivingBlocks(repo)
-
-        counted = [0]
+        prefetch = self.prefetches.take(found) if self.prefetches is not None else None
+        if prefetch is not None:  # the fetch began when Nix got the narinfo: stream what it brings
+            arriving, counted = prefetch.arriving, prefetch.counted
+            arriving.hold = ARRIVING_BYTES
+        else:
+            arriving, counted = ArrivingBlocks(repo), [0]
 
         def verified(cid: CID, data: bytes) -> None:  # counted as they arrive: Nix may finish first
             counted[0] += len(data)
@@ -517,7 +525,8 @@ class SwarmSource:
         # No quota gc between fetch attempts either: the stream reads blocks no root claims yet.
         with source.streams.stream_slot():  # Busy (before the response starts) when too many are in progress
             async with self.intake.room.working(), trio.open_nursery() as nursery:
-                nursery.start_soon(fetcher)
+                if prefetch is None:
+                    nursery.start_soon(fetcher)
                 manifest = NarManifest.decode(await arriving.get(root))
                 await sink.start(manifest.nar_size, "nar")
                 assembly = NarAssembly(manifest)
@@ -541,6 +550,8 @@ class SwarmSource:
                     pieces = assembly.give(await arriving.get(cid))
                 await sink.end()
                 self.metrics.served.labels("peer").inc(sent)
+                if prefetch is not None:
+                    await prefetch.done.wait()  # its last blocks committed (or it failed) before the root is claimed
         if arriving.failure is not None:  # the stream completed from blocks we had, yet the fetch failed
             raise arriving.failure
         await trio.to_thread.run_sync(source.register_nar, root, found.narinfo)
@@ -612,6 +623,113 @@ class SwarmSource:
             providers = list(merged.values())
 
 
+@dataclass
+class _Prefetch:
+    found: Found
+    arriving: "ArrivingBlocks"
+    counted: list[int] = field(default_factory=lambda: [0])
+    done: trio.Event = field(default_factory=trio.Event)  # the fetch ended (finished or failed)
+    taken: trio.Event = field(default_factory=trio.Event)  # a NAR request streams it
+
+
+class NarPrefetches:
+    """NAR fetches begun when Nix got a narinfo from the swarm, before it asks for the NAR: Nix 2.8 asks for
+    every narinfo of a closure first and then for the NARs one after another, so without this each NAR's
+    fetch starts only when Nix asks for it. A NAR request for a path whose prefetch is under way (or done)
+    streams what it brings (`take`): the blocks are the same verified blocks, the NarHash is checked as the
+    stream goes and the root claimed only after that, exactly as for a fetch the request starts itself.
+
+    Owns the prefetches not taken yet. Bounded: at most `limit` at once and `PREFETCH_BYTES` of NAR between
+    them (more narinfos fetch nothing ahead); each holds off quota gc (`Room.working`) until its NAR is asked
+    for or `PREFETCH_TTL` after its fetch ended — then its blocks are unclaimed garbage for gc, and a later
+    request fetches what is missing. Memory: a prefetch keeps `PREFETCH_HOLD` of verified blocks for the
+    stream; the rest is read back from the repo."""
+
+    def __init__(self, source: "SwarmSource", limit: int) -> None:
+        self.source = source
+        self.limit = limit
+        self._by_path: dict[str, _Prefetch] = {}
+        self._bytes = 0
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Background task (the node's): the nursery prefetches run in."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    def start(self, found: Found) -> bool:
+        """Begin fetching the NAR of a narinfo the swarm answered (no-op if one is under way, or over the
+        bounds). True if it began."""
+        store_hash = found.narinfo.store_path.hash_part
+        if self._nursery is None or found.root is None or store_hash in self._by_path:
+            return False
+        size = found.narinfo.nar_size
+        if len(self._by_path) >= self.limit or self._bytes + size > PREFETCH_BYTES:
+            self.source.metrics.prefetches.labels("skipped").inc()
+            return False
+        prefetch = _Prefetch(found, ArrivingBlocks(self.source.intake.repo.repo, hold=PREFETCH_HOLD))
+        self._by_path[store_hash] = prefetch
+        self._bytes += size
+        self.source.metrics.prefetches.labels("started").inc()
+        self._nursery.start_soon(self._fetch, store_hash, prefetch)
+        return True
+
+    def take(self, found: Found) -> _Prefetch | None:
+        """The prefetch of `found`'s NAR (same manifest root), for the request that streams it now; None if
+        there is none (or it failed: the request fetches afresh, resuming from what it stored)."""
+        store_hash = found.narinfo.store_path.hash_part
+        prefetch = self._by_path.get(store_hash)
+        if prefetch is None or prefetch.found.root != found.root or prefetch.arriving.failure is not None:
+            return None
+        del self._by_path[store_hash]
+        prefetch.taken.set()
+        self.source.metrics.prefetches.labels("taken").inc()
+        return prefetch
+
+    async def _fetch(self, store_hash: str, prefetch: _Prefetch) -> None:
+        source, info = self.source, prefetch.found.narinfo
+        metrics = source.metrics
+
+        def verified(cid: CID, data: bytes) -> None:  # counted as they arrive, as a request's own fetch does
+            prefetch.counted[0] += len(data)
+            metrics.fetched.labels("peer").inc(len(data))
+            prefetch.arriving.verified(cid, data)
+
+        try:
+            async with source.intake.taking_back("nar-from-peers"):
+                await source.intake.room.make_room(info.nar_size, f"the NAR of {info.store_path}", in_operation=False)
+                async with source.intake.room.working():  # no quota gc while its blocks wait unclaimed
+                    try:
+                        await source._fetch_patiently(prefetch.found, prefetch.arriving, verified, prefetch.counted)
+                    except P2PCacheError as e:
+                        prefetch.arriving.fail(e)
+                    else:
+                        prefetch.arriving.finish()
+                    prefetch.done.set()
+                    with trio.move_on_after(PREFETCH_TTL):
+                        await prefetch.taken.wait()
+        except P2PCacheError as e:  # no room for it: the request will say so
+            prefetch.arriving.fail(e)
+        finally:
+            prefetch.done.set()
+            if self._by_path.get(store_hash) is prefetch:
+                del self._by_path[store_hash]
+            self._bytes -= info.nar_size
+            if prefetch.arriving.failure is not None:
+                metrics.prefetches.labels("failed").inc()
+                log.info("prefetch of the NAR of %s: %s", info.store_path, prefetch.arriving.failure)
+            elif not prefetch.taken.is_set():
+                metrics.prefetches.labels("expired").inc()
+
+
 class FetchStalled(P2PCacheError):
     """A fetch attempt that went `FETCH_STALL` seconds without a block: it is cancelled and tried again."""
 
@@ -622,8 +740,9 @@ class ArrivingBlocks:
     once it holds the block (read on a worker thread, never waiting there) — waiting on this task until
     then."""
 
-    def __init__(self, repo: "Repo") -> None:
+    def __init__(self, repo: "Repo", hold: int = ARRIVING_BYTES) -> None:
         self.repo = repo
+        self.hold = hold  # verified bytes kept in memory at most
         self._held: dict[CID, bytes] = {}
         self._held_bytes = 0
         self._stored: set[CID] = set()
@@ -632,7 +751,7 @@ class ArrivingBlocks:
         self._finished = False
 
     def verified(self, cid: CID, data: bytes) -> None:
-        if self._held_bytes + len(data) <= ARRIVING_BYTES and cid not in self._held:
+        if self._held_bytes + len(data) <= self.hold and cid not in self._held:
             self._held[cid] = data
             self._held_bytes += len(data)
             ev = self._waiting.pop(cid, None)

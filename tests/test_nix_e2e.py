@@ -390,3 +390,29 @@ def test_a_nar_whose_provider_dies_mid_response_still_arrives_whole_from_the_nex
         assert resp.status_code == 200
         body = b"".join(resp.iter_bytes())  # a cut response raises here (RemoteProtocolError)
     assert body == nix.dump(closure["tree"])
+
+
+def test_a_narinfo_from_the_swarm_begins_its_nar_fetch_before_nix_asks_for_the_nar(nix, closure, tmp_path, daemons):
+    """B answers a narinfo from A and begins fetching its NAR at once (`nix.prefetch_nars`): the blocks arrive
+    with no NAR request, nothing is claimed until a request streams them (NarHash checked), and that request
+    gets the whole NAR from the prefetch rather than starting a fetch of its own."""
+    a, b = _swarm(tmp_path, daemons)
+    nix.run("nix", "copy", "--to", a.api, closure["tree"], config=f"netrc-file = {a.netrc}\n")
+    a.wait_announced(2)
+    tree_hash = Path(closure["tree"]).name[:32]
+    deadline = time.monotonic() + 30
+    while (r := httpx.get(f"{b.api}/{tree_hash}.narinfo", timeout=60)).status_code == 503:
+        assert time.monotonic() < deadline
+    assert r.status_code == 200, r.text
+    nar = nix.dump(closure["tree"])
+    deadline = time.monotonic() + 30
+    while _metric(b, "p2pcache_bytes_fetched_total", source="peer") < len(nar):
+        assert time.monotonic() < deadline, _metric(b, "p2pcache_bytes_fetched_total", source="peer")
+        time.sleep(0.1)
+    assert _metric(b, "p2pcache_nar_prefetches_total", result="started") == 1
+    assert b.status()["roots"] == 0  # fetched, not claimed: no NAR request checked it yet
+    url = next(line.split(": ", 1)[1] for line in r.text.splitlines() if line.startswith("URL: "))
+    assert httpx.get(f"{b.api}/{url}", timeout=60).content == nar
+    assert _metric(b, "p2pcache_nar_prefetches_total", result="taken") == 1
+    assert _metric(b, "p2pcache_bytes_fetched_total", source="peer") < 1.1 * len(nar)  # fetched once
+    assert b.status()["roots"] == 1

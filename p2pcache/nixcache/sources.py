@@ -71,6 +71,7 @@ FETCH_STALL = 15.0  # an attempt with no block for this long is cancelled and tr
 PREFETCH_BYTES = 1 << 30  # NAR bytes being prefetched at once, at most (`NarPrefetches`)
 PREFETCH_TTL = 60.0  # a prefetched NAR not asked for this long after its fetch ended is let go
 PREFETCH_HOLD = 4 << 20  # verified blocks a prefetch keeps in memory for its stream (the rest: from the repo)
+PREFETCH_WAITING = 256  # prefetches not taken yet (running, waiting their turn, or done), at most
 FETCH_RETRY_FIRST, FETCH_RETRY_MAX = 0.5, 8.0
 ARRIVING_BYTES = 16 << 20  # verified blocks a NAR stream from peers keeps in memory ahead of its reader
 SEND_BYTES = 256 << 10  # NAR pieces streamed from peers are joined into writes of about this size
@@ -630,6 +631,8 @@ class _Prefetch:
     counted: list[int] = field(default_factory=lambda: [0])
     done: trio.Event = field(default_factory=trio.Event)  # the fetch ended (finished or failed)
     taken: trio.Event = field(default_factory=trio.Event)  # a NAR request streams it
+    began: bool = False  # its turn came (`NarPrefetches.limit`)
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)  # a request came before its turn
 
 
 class NarPrefetches:
@@ -639,17 +642,19 @@ class NarPrefetches:
     streams what it brings (`take`): the blocks are the same verified blocks, the NarHash is checked as the
     stream goes and the root claimed only after that, exactly as for a fetch the request starts itself.
 
-    Owns the prefetches not taken yet. Bounded: at most `limit` at once and `PREFETCH_BYTES` of NAR between
-    them (more narinfos fetch nothing ahead); each holds off quota gc (`Room.working`) until its NAR is asked
-    for or `PREFETCH_TTL` after its fetch ended — then its blocks are unclaimed garbage for gc, and a later
-    request fetches what is missing. Memory: a prefetch keeps `PREFETCH_HOLD` of verified blocks for the
-    stream; the rest is read back from the repo."""
+    Owns the prefetches not taken yet. Bounded: at most `limit` fetch at once (the others wait their turn, in
+    the order Nix asked), at most `PREFETCH_WAITING` and `PREFETCH_BYTES` of NAR are not taken yet (more
+    narinfos fetch nothing ahead); each holds off quota gc (`Room.working`) until its NAR is asked for or
+    `PREFETCH_TTL` after its fetch ended — then its blocks are unclaimed garbage for gc, and a later request
+    fetches what is missing. Memory: a running prefetch keeps `PREFETCH_HOLD` of verified blocks for the
+    stream, a finished one none (the stream reads them back from the repo)."""
 
     def __init__(self, source: "SwarmSource", limit: int) -> None:
         self.source = source
         self.limit = limit
         self._by_path: dict[str, _Prefetch] = {}
         self._bytes = 0
+        self._running = trio.CapacityLimiter(max(1, limit))
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -672,7 +677,7 @@ class NarPrefetches:
         if self._nursery is None or found.root is None or store_hash in self._by_path:
             return False
         size = found.narinfo.nar_size
-        if len(self._by_path) >= self.limit or self._bytes + size > PREFETCH_BYTES:
+        if len(self._by_path) >= PREFETCH_WAITING or self._bytes + size > PREFETCH_BYTES:
             self.source.metrics.prefetches.labels("skipped").inc()
             return False
         prefetch = _Prefetch(found, ArrivingBlocks(self.source.intake.repo.repo, hold=PREFETCH_HOLD))
@@ -690,6 +695,10 @@ class NarPrefetches:
         if prefetch is None or prefetch.found.root != found.root or prefetch.arriving.failure is not None:
             return None
         del self._by_path[store_hash]
+        self._bytes -= prefetch.found.narinfo.nar_size
+        if not prefetch.began:  # still waiting its turn: the request fetches it itself, now
+            prefetch.cancel.cancel()
+            return None
         prefetch.taken.set()
         self.source.metrics.prefetches.labels("taken").inc()
         return prefetch
@@ -703,30 +712,44 @@ class NarPrefetches:
             metrics.fetched.labels("peer").inc(len(data))
             prefetch.arriving.verified(cid, data)
 
+        with prefetch.cancel:
+            await self._fetch_for(store_hash, prefetch, verified)
+        if prefetch.cancel.cancelled_caught:
+            metrics.prefetches.labels("superseded").inc()
+
+    async def _fetch_for(self, store_hash: str, prefetch: _Prefetch, verified: Callable[[CID, bytes], None]) -> None:
+        source, info = self.source, prefetch.found.narinfo
+        metrics = source.metrics
         try:
             async with source.intake.taking_back("nar-from-peers"):
-                await source.intake.room.make_room(info.nar_size, f"the NAR of {info.store_path}", in_operation=False)
-                async with source.intake.room.working():  # no quota gc while its blocks wait unclaimed
-                    try:
-                        await source._fetch_patiently(prefetch.found, prefetch.arriving, verified, prefetch.counted)
-                    except P2PCacheError as e:
-                        prefetch.arriving.fail(e)
-                    else:
-                        prefetch.arriving.finish()
-                    prefetch.done.set()
-                    with trio.move_on_after(PREFETCH_TTL):
-                        await prefetch.taken.wait()
+                async with self._running:
+                    prefetch.began = True
+                    await source.intake.room.make_room(info.nar_size, f"the NAR of {info.store_path}",
+                                                       in_operation=False)
+                    async with source.intake.room.working():  # no quota gc while its blocks wait unclaimed
+                        try:
+                            await source._fetch_patiently(prefetch.found, prefetch.arriving, verified,
+                                                          prefetch.counted)
+                        except P2PCacheError as e:
+                            prefetch.arriving.fail(e)
+                        else:
+                            prefetch.arriving.finish()
+                        prefetch.done.set()
+                        if not prefetch.taken.is_set():
+                            prefetch.arriving.drop_held()  # in the repo; a stream reads them from there
+                        with trio.move_on_after(PREFETCH_TTL):
+                            await prefetch.taken.wait()
         except P2PCacheError as e:  # no room for it: the request will say so
             prefetch.arriving.fail(e)
         finally:
             prefetch.done.set()
-            if self._by_path.get(store_hash) is prefetch:
+            if self._by_path.get(store_hash) is prefetch:  # not taken (a request removes what it takes)
                 del self._by_path[store_hash]
-            self._bytes -= info.nar_size
-            if prefetch.arriving.failure is not None:
+                self._bytes -= info.nar_size
+            if prefetch.began and prefetch.arriving.failure is not None:
                 metrics.prefetches.labels("failed").inc()
                 log.info("prefetch of the NAR of %s: %s", info.store_path, prefetch.arriving.failure)
-            elif not prefetch.taken.is_set():
+            elif prefetch.began and not prefetch.taken.is_set():
                 metrics.prefetches.labels("expired").inc()
 
 
@@ -764,6 +787,11 @@ class ArrivingBlocks:
             ev = self._waiting.pop(c, None)
             if ev is not None:
                 ev.set()
+
+    def drop_held(self) -> None:
+        """Forget the blocks held in memory (they are in the repo; `get` reads them from there)."""
+        self._held.clear()
+        self._held_bytes = 0
 
     def _wake_all(self) -> None:
         for ev in self._waiting.values():

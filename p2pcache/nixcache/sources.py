@@ -815,27 +815,18 @@ class ArrivingBlocks:
         if data is not None:
             self._held_bytes -= len(data)
             return data
-        while True:
-            while cid not in self._stored and not self.repo.has_block(cid):
-                data = self._held.pop(cid, None)
-                if data is not None:
-                    self._held_bytes -= len(data)
-                    return data
-                if self.failure is not None:
-                    raise self.failure
-                if self._finished:
-                    raise CorruptData(f"the fetch finished without block {cid}")
-                ev = self._waiting.setdefault(cid, trio.Event())
-                with trio.move_on_after(BLOCK_WAIT) as waited:
-                    await ev.wait()
-                if waited.cancelled_caught:
-                    raise NotFound(f"block {cid} did not arrive from peers within {BLOCK_WAIT:g} s")
-            try:
-                return await trio.to_thread.run_sync(self.repo.load_block, cid)
-            except NotFound:
-                # Stored by a fetch attempt that failed and gone again (seen once, cause not found): while
-                # the fetch is still being tried, wait for the next attempt to bring it rather than cut Nix off.
-                if self._finished or self.failure is not None or cid not in self._stored:
-                    raise
-                log.info("block %s was stored and is gone again; waiting for the fetch to bring it back", cid)
-                self._stored.discard(cid)
+        while cid not in self._stored and not self.repo.has_block(cid):
+            data = self._held.pop(cid, None)
+            if data is not None:
+                self._held_bytes -= len(data)
+                return data
+            if self.failure is not None:
+                raise self.failure
+            if self._finished:
+                raise CorruptData(f"the fetch finished without block {cid}")
+            ev = self._waiting.setdefault(cid, trio.Event())
+            with trio.move_on_after(BLOCK_WAIT) as waited:
+                await ev.wait()
+            if waited.cancelled_caught:
+                raise NotFound(f"block {cid} did not arrive from peers within {BLOCK_WAIT:g} s")
+        return await trio.to_thread.run_sync(self.repo.load_block, cid)

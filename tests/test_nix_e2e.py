@@ -86,6 +86,15 @@ def _metric(daemon, name: str, **labels) -> float:
     return total
 
 
+def _narinfo(daemon, path: str) -> httpx.Response:
+    """The narinfo of store path `path` from `daemon`, once its lookup has ended (200 asserted)."""
+    deadline = time.monotonic() + 30
+    while (r := httpx.get(f"{daemon.api}/{Path(path).name[:32]}.narinfo", timeout=60)).status_code == 503:
+        assert time.monotonic() < deadline
+    assert r.status_code == 200, r.text
+    return r
+
+
 def _swarm(tmp_path, daemons, a_extra=(), b_extra=()):
     key = tmp_path / "swarm.key"
     subprocess.run([sys.executable, "-c", "import os;print('/key/swarm/psk/1.0.0/\\n/base16/\\n'+os.urandom(32).hex())"],
@@ -372,11 +381,7 @@ def test_a_nar_whose_provider_dies_mid_response_still_arrives_whole_from_the_nex
     a, b = _swarm(tmp_path, daemons)
     nix.run("nix", "copy", "--to", a.api, closure["tree"], config=f"netrc-file = {a.netrc}\n")
     a.wait_announced(2)
-    tree_hash = Path(closure["tree"]).name[:32]
-    deadline = time.monotonic() + 30
-    while (r := httpx.get(f"{b.api}/{tree_hash}.narinfo", timeout=60)).status_code == 503:
-        assert time.monotonic() < deadline
-    assert r.status_code == 200, r.text
+    r = _narinfo(b, closure["tree"])
     nar_url = next(line.split(": ", 1)[1] for line in r.text.splitlines() if line.startswith("URL: "))
     (tmp_path / "a2").mkdir()  # its own copy only: Nix pushes what a2 says it does not have
     (tmp_path / "a2" / "config.toml").write_text('[nix]\nlookup_order = ["repo"]\n')
@@ -399,11 +404,7 @@ def test_a_narinfo_from_the_swarm_begins_its_nar_fetch_before_nix_asks_for_the_n
     a, b = _swarm(tmp_path, daemons)
     nix.run("nix", "copy", "--to", a.api, closure["tree"], config=f"netrc-file = {a.netrc}\n")
     a.wait_announced(2)
-    tree_hash = Path(closure["tree"]).name[:32]
-    deadline = time.monotonic() + 30
-    while (r := httpx.get(f"{b.api}/{tree_hash}.narinfo", timeout=60)).status_code == 503:
-        assert time.monotonic() < deadline
-    assert r.status_code == 200, r.text
+    r = _narinfo(b, closure["tree"])
     nar = nix.dump(closure["tree"])
     deadline = time.monotonic() + 30
     while _metric(b, "p2pcache_bytes_fetched_total", source="peer") < len(nar):

@@ -33,6 +33,7 @@ from typing import Any, AsyncIterator, Sequence
 import trio
 
 from ..errors import P2PCacheError
+from .background import Background
 from .errors import SourceFailed, StillLooking
 from .metrics import Metrics
 from .sources import Found, LookupFailed, NarSource
@@ -87,20 +88,14 @@ class LookupChain:
         self._lookups: dict[str, _Lookup] = {}
         self._ended: dict[str, tuple[float, _Lookup]] = {}  # unsettled endings owed to retries (ENDING_LINGER)
         self._locks: dict[str, trio.Lock] = {}
-        self._nursery: trio.Nursery | None = None
+        self._background = Background("LookupChain")
 
     def source(self, name: str) -> NarSource | None:
         return next((s for s in self.sources if s.name == name), None)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Background task (the node's nursery): the nursery remote lookups run in."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
+        await self._background.run(task_status=task_status)
 
     @contextlib.asynccontextmanager
     async def locked(self, key: str) -> AsyncIterator[None]:
@@ -207,10 +202,9 @@ class LookupChain:
         return lookup.found
 
     def _start(self, store_hash: str, remember_miss: bool) -> _Lookup:
-        if self._nursery is None:
-            raise RuntimeError("LookupChain.run is not running: remote lookups need its nursery")
-        lookup = self._lookups[store_hash] = _Lookup(remember_miss)
-        self._nursery.start_soon(self._look_up, store_hash, lookup)
+        lookup = _Lookup(remember_miss)
+        self._background.start_soon(self._look_up, store_hash, lookup)
+        self._lookups[store_hash] = lookup
         return lookup
 
     async def _look_up(self, store_hash: str, lookup: _Lookup) -> None:

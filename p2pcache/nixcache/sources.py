@@ -43,6 +43,7 @@ from ..routing.resolve_wire import NarInfoFields, ResolveAnswer
 from ..store.httpcache import HttpBinaryCache
 from ..store import interfaces
 from ..store.narstore import NarAddResult, RepoNarStore, nix_alias, stream_nar_root
+from .background import Background
 from .errors import Busy, Missing, NoRoom, SourceFailed
 from .metrics import Metrics
 
@@ -655,17 +656,11 @@ class NarPrefetches:
         self._by_path: dict[str, _Prefetch] = {}
         self._bytes = 0
         self._running = trio.CapacityLimiter(max(1, limit))
-        self._nursery: trio.Nursery | None = None
+        self._background = Background("NarPrefetches")
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Background task (the node's): the nursery prefetches run in."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
+        await self._background.run(task_status=task_status)
 
     def __len__(self) -> int:
         return len(self._by_path)
@@ -674,7 +669,7 @@ class NarPrefetches:
         """Begin fetching the NAR of a narinfo the swarm answered (no-op if one is under way, or over the
         bounds). True if it began."""
         store_hash = found.narinfo.store_path.hash_part
-        if self._nursery is None or found.root is None or store_hash in self._by_path:
+        if not self._background.running or found.root is None or store_hash in self._by_path:
             return False
         size = found.narinfo.nar_size
         if len(self._by_path) >= PREFETCH_WAITING or self._bytes + size > PREFETCH_BYTES:
@@ -684,7 +679,7 @@ class NarPrefetches:
         self._by_path[store_hash] = prefetch
         self._bytes += size
         self.source.metrics.prefetches.labels("started").inc()
-        self._nursery.start_soon(self._fetch, store_hash, prefetch)
+        self._background.start_soon(self._fetch, store_hash, prefetch)
         return True
 
     def take(self, found: Found) -> _Prefetch | None:
@@ -704,8 +699,7 @@ class NarPrefetches:
         return prefetch
 
     async def _fetch(self, store_hash: str, prefetch: _Prefetch) -> None:
-        source, info = self.source, prefetch.found.narinfo
-        metrics = source.metrics
+        metrics = self.source.metrics
 
         def verified(cid: CID, data: bytes) -> None:  # counted as they arrive, as a request's own fetch does
             prefetch.counted[0] += len(data)

@@ -518,8 +518,9 @@ class Node:
         try:
             async with self.taking_back_on_disk_full("fetch"), self.quota.working(clean_up_on_error=True):
                 root, size = await self._fetch_from_swarm(parsed, progress)
-        except P2PCacheError:
+        except P2PCacheError as e:
             self.stats.fetch_failures += 1
+            log.warning("fetch of %s failed: %s", key, e)  # the caller may not keep its error: the log does
             raise
         self.announce(root)
         return {"root": str(root), "source": "swarm", "size": size}

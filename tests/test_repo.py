@@ -196,3 +196,66 @@ def test_blocks_from_a_peer_are_verified_stored_and_claimed_by_register_root(tmp
         assert info.complete and info.name == "peer.bin"
         assert b"".join(b.stream(b.resolve(HashKey("sha256", res.hashes["sha256"]).sri))) == data
         assert b.verify().consistent and b.gc().blocks_removed == 0
+
+
+
+@pytest.mark.parametrize("commit_at", ["before", "after"])
+@pytest.mark.parametrize("read", ["load_blocks", "load_block"])
+def test_a_block_committed_while_it_is_located_is_found(tmp_path, rng, read, commit_at):
+    # A fetch stores blocks (pending: appended, no index row yet) and commits them in bigger batches on its
+    # writer thread, while its digest and a NAR streamed to Nix read them at once. A commit records the rows,
+    # then the blocks stop being pending; here it lands at the read's index lookup, just before or just
+    # after it. Looking in the index first and in pending second, "after" found the blocks in neither:
+    # "block ... is missing from the repo", the fetch failed and its clean-up gc swept it all (the CI flake).
+    data = [rng.randbytes(1000 + i) for i in range(6)]
+    blocks = [(CID.for_block(0x55, d), d) for d in data]
+    with Repo.init(tmp_path / "r", durable=False) as repo:
+        repo.put_blocks(blocks[:2])  # recorded already
+        repo.write_blocks(blocks[2:], verified=True)  # stored, not recorded yet
+        name = "locate_many" if read == "load_blocks" else "locate"
+        lookup = getattr(repo.index, name)
+
+        def commit_at_lookup(*args):
+            if commit_at == "before":
+                repo.commit_blocks([(c, len(d)) for c, d in blocks[2:]])
+            found = lookup(*args)
+            if commit_at == "after":
+                repo.commit_blocks([(c, len(d)) for c, d in blocks[2:]])
+            return found
+
+        setattr(repo.index, name, commit_at_lookup)
+        if read == "load_blocks":
+            assert list(repo.load_blocks([(c, len(d)) for c, d in blocks])) == data
+        else:
+            assert repo.load_block(blocks[3][0]) == data[3]
+        setattr(repo.index, name, lookup)
+        repo.commit_blocks([(c, len(d)) for c, d in blocks[2:]])  # (if the read found them before any lookup)
+        assert not repo.packs.pending and repo.index.block_count() == 6
+        assert repo.verify().consistent
+
+
+def test_gc_does_not_evict_a_root_while_it_is_read_here_or_by_another_process(tmp_path, rng):
+    # A Nix NAR served, or `p2pcache get`/`cat` reading a daemon's repo: gc (the quota, `gc --max-size`) used
+    # to evict the root under the reader and sweep its blocks, so the read failed half-way.
+    import subprocess
+    import sys
+
+    from .conftest import run_cli
+
+    with Repo.init(tmp_path / "r", durable=False) as repo:
+        here, there, idle = (rng.randbytes(3 << 20) for _ in range(3))
+        a, b, c = (repo.add_stream(io.BytesIO(d)) for d in (here, there, idle))
+        reading = repo.stream(a.root)
+        first = next(reading)  # read here, by this process, and not finished
+        cat = subprocess.Popen([sys.executable, "-m", "p2pcache", "--repo", str(repo.path), "cat", str(b.root)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # blocks on the full pipe
+        head = cat.stdout.read(1 << 16)  # it is reading now
+        report = repo.gc(max_size=0)
+        assert report.roots_removed == [c.root] and report.roots_kept_in_use == 2 and report.over_quota
+        assert first + b"".join(reading) == here
+        assert head + cat.stdout.read() == there and cat.wait(timeout=60) == 0, cat.stderr.read()
+        report = repo.gc(max_size=0)  # both reads are over
+        assert set(report.roots_removed) == {a.root, b.root} and report.roots_kept_in_use == 0
+        assert repo.stored_bytes() == 0 and repo.verify().consistent
+        gone = run_cli("--repo", str(repo.path), "cat", str(b.root))
+        assert gone.returncode != 0 and b"not in the repo" in gone.stderr

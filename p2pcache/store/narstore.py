@@ -344,6 +344,12 @@ def stream_nar_root(repo: "Repo", root: CID, progress: Callable[[int], None] | N
                     manifest: NarManifest | None = None) -> Iterator[bytes]:
     """The NAR of a 'nar' root, every block verified by its CID and the whole by narHash (last piece held).
     `manifest`: the root's manifest, if the caller decoded it already (from this repo's verified block)."""
+    with repo.readers.reading(root):  # gc evicts it only once this read is over
+        yield from _stream_nar_root(repo, root, progress, manifest)
+
+
+def _stream_nar_root(repo: "Repo", root: CID, progress: Callable[[int], None] | None,
+                     manifest: NarManifest | None) -> Iterator[bytes]:
     info = repo.root_info(root)
     if info.kind != "nar":
         raise InvalidInput(f"{root} is a {info.kind} root, not a NAR")

@@ -4,6 +4,8 @@ Layout of a repo directory (format 2):
 
     version            repo format version ("2"; "1" is file-per-block, see migrate.py)
     repo.lock          flock()ed by the one process that may write (holds its pid)
+    readers.lock       empty; a read-only process reading a root holds a shared lock on one byte of it
+                       (`RootReaders`), so the writer's gc does not evict that root under it
     index.sqlite       the SQLite index (WAL mode; see index.py): CID -> (pack, offset, size, crc32)
     packs/<id>.pack    append-only pack files of block records (see blockstore.py)
 
@@ -115,10 +117,12 @@ class GcReport:
     packs_compacted: int = 0  # packs rewritten because their live share fell below COMPACT_BELOW
     disk_bytes_reclaimed: int = 0  # pack bytes given back to the file system (compaction + dead packs)
     disk_bytes_after: int = 0  # size of all pack files after gc
+    roots_kept_in_use: int = 0  # roots eviction passed over because something was reading them
 
     def to_json(self) -> dict:
         return {
             "roots_removed": [str(r) for r in self.roots_removed],
+            "roots_kept_in_use": self.roots_kept_in_use,
             "blocks_removed": self.blocks_removed,
             "bytes_freed": self.bytes_freed,
             "garbage_files_removed": self.garbage_files_removed,
@@ -160,6 +164,78 @@ class VerifyReport:
         }
 
 
+class RootReaders:
+    """Which roots are being read, so gc never evicts a root (and sweeps its blocks) under its reader.
+    In the process that may write the repo (the daemon, or a CLI with no daemon) a count per root; a
+    read-only process (the CLI reading a daemon's repo) holds a shared POSIX record lock on one byte of
+    `readers.lock` per root it reads, which the writer's gc tests with a non-blocking exclusive lock on
+    that byte before it evicts the root, and holds while it does. A read lock needs only read access to
+    the file, and dies with its process: a killed reader holds nothing. (POSIX record locks are per
+    process: two Repo objects on one repo in one process, as some tests open, do not exclude each other.)"""
+
+    FILE = "readers.lock"
+
+    def __init__(self, path: Path, writable: bool) -> None:
+        self.writable = writable
+        self._counts: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+        try:
+            self._fd: int | None = (os.open(path / self.FILE, os.O_RDWR | os.O_CREAT, 0o644) if writable
+                                    else os.open(path / self.FILE, os.O_RDONLY))
+        except OSError:  # a read-only open of a repo whose writer predates the file: counts only
+            self._fd = None
+
+    @staticmethod
+    def _byte(root: CID) -> int:
+        return int.from_bytes(hashlib.sha256(root.buffer).digest()[:8], "big") >> 2  # < 2**62, any off_t
+
+    @contextlib.contextmanager
+    def reading(self, root: CID) -> Iterator[None]:
+        """Around a read of `root`: the caller checks that the root is (still) there once inside."""
+        key = root.buffer
+        with self._lock:  # the file lock is per process, not per read: taken by the first, dropped by the last
+            n = self._counts.get(key, 0)
+            if n == 0 and not self.writable and self._fd is not None:
+                fcntl.lockf(self._fd, fcntl.LOCK_SH, 1, self._byte(root))  # waits out an eviction of it
+            self._counts[key] = n + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                n = self._counts.pop(key) - 1
+                if n:
+                    self._counts[key] = n
+                elif not self.writable and self._fd is not None:
+                    fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._byte(root))
+
+    @contextlib.contextmanager
+    def evicting(self, root: CID) -> Iterator[bool]:
+        """Around the writer's removal of `root`: True if no one reads it (and none starts until the end)."""
+        with self._lock:
+            if root.buffer in self._counts:
+                yield False
+                return
+            at = self._byte(root)
+            if self._fd is not None:
+                try:
+                    fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, at)
+                except OSError as e:
+                    if e.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise
+                    yield False  # another process is reading it
+                    return
+            try:
+                yield True
+            finally:
+                if self._fd is not None:
+                    fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, at)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Repo:
     def __init__(self, path: Path, writable: bool, durable: bool | None = None):
         self.path = Path(path)
@@ -186,6 +262,7 @@ class Repo:
             self._take_lock()
         try:
             self.index = Index(self.path / "index.sqlite")
+            self.readers = RootReaders(self.path, writable)
             if writable:
                 self.packs.create_dirs()
                 self.packs.start(self.index.committed_end)
@@ -259,6 +336,7 @@ class Repo:
         self.write_touches()
         self.index.close()
         self.packs.close()
+        self.readers.close()
         self._release_lock()
 
     def __enter__(self) -> "Repo":
@@ -630,7 +708,11 @@ class Repo:
         return info
 
     def _locate(self, cid: CID) -> Location:
-        loc = self.index.locate(cid) or self.packs.pending.get(cid.buffer)
+        # Pending before the index, never the other way round: a commit records a block's row and only then
+        # stops it being pending (`commit_blocks`), so a block stored all along is found in one of the two
+        # whenever the commit lands. Index first, a commit between the two looks left it in neither (a
+        # fetch's digest or a NAR streamed while it arrives failed with "missing" at random).
+        loc = self.packs.pending.get(cid.buffer) or self.index.locate(cid)
         if loc is None:
             raise NotFound(f"block {cid} is not in the repo")
         return loc
@@ -655,11 +737,15 @@ class Repo:
             yield from self._load_batch(batch)
 
     def _locate_batch(self, batch: list[tuple[CID, int]]) -> list[tuple[CID, Location]]:
-        found = self.index.locate_many([c for c, _ in batch])
+        # Pending ones first, then the index for the rest (the order `_locate` explains).
         pending = self.packs.pending
+        found = {k: loc for c, _ in batch if (loc := pending.get(k := c.buffer)) is not None} if pending else {}
+        rest = [c for c, _ in batch if c.buffer not in found] if found else [c for c, _ in batch]
+        if rest:
+            found.update(self.index.locate_many(rest))
         items = []
         for cid, size in batch:
-            loc = found.get(cid.buffer) or pending.get(cid.buffer)
+            loc = found.get(cid.buffer)
             if loc is None:
                 raise NotFound(f"block {cid} is missing from the repo; run `p2pcache verify --repair`")
             if loc.size != size:
@@ -693,10 +779,11 @@ class Repo:
 
             yield from stream_nar_root(self, root, progress)
             return
-        for data in coalesce(self._archive_views(root, info)):
-            yield data
-            if progress:
-                progress(len(data))
+        with self.readers.reading(root):  # gc evicts it only once this read is over
+            for data in coalesce(self._archive_views(root, self.root_info(root))):
+                yield data
+                if progress:
+                    progress(len(data))
 
     def _archive_views(self, root: CID, info: RootInfo) -> Iterator[memoryview]:
         """An archive root's bytes as views, each block crc-checked and, for a root never checked here, the
@@ -764,7 +851,10 @@ class Repo:
         sha256 before the rename. This thread reads and checks; a writer thread (`FileWriter`) writes
         `writev`s of views into the read buffers (no copy to join them) of about `GET_WRITE` bytes and starts
         the disk writing as the file grows, so the fsync at the end waits for the last few MiB only."""
-        out = Path(out)
+        with self.readers.reading(root):  # gc evicts it only once this read is over
+            return self._get_to_file(root, Path(out), progress)
+
+    def _get_to_file(self, root: CID, out: Path, progress: Progress | None) -> int:
         tmp = out.with_name(f".{out.name}.p2pcache-{os.getpid()}.part")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -826,8 +916,12 @@ class Repo:
             for root in self.index.lru_unpinned():
                 if self.index.total_block_bytes() <= max_size:
                     break
-                with self.index.transaction():
-                    self.index.remove_root(root)
+                with self.readers.evicting(root) as free:
+                    if not free:  # being read (here or by another process): kept this time
+                        report.roots_kept_in_use += 1
+                        continue
+                    with self.index.transaction():
+                        self.index.remove_root(root)
                 report.roots_removed.append(root)
                 self._drop_unreferenced(report)
             report.over_quota = self.index.total_block_bytes() > max_size

@@ -65,9 +65,11 @@ GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
 BLOCK_WAIT = 120.0  # a NAR stream waits this long for any one block to arrive from peers
 # A NAR whose response has begun is not cut because one fetch failed (a provider died or stalled, a stream
 # broke): the fetch is tried again, resuming from the blocks stored (with the providers a fresh DHT lookup
-# names, and those it had), backing off, until it has gone this long without a new block. Nix waits 300 s
-# for a stalled download (stalled-download-timeout); only a hash mismatch cuts a response at once.
-FETCH_PATIENCE = 60.0
+# names, and those it had), backing off, until it has gone this long without a new block: longer than the
+# 60 s py-libp2p 0.8.1 refuses to dial a peer after a failed dial (a provider that restarted is unreachable
+# that long), shorter than the 300 s Nix waits for a stalled download (stalled-download-timeout) and than
+# BLOCK_WAIT. Only a hash mismatch cuts a response at once.
+FETCH_PATIENCE = 90.0
 FETCH_STALL = 15.0  # an attempt with no block for this long is cancelled and tried again
 PREFETCH_BYTES = 1 << 30  # NAR bytes being prefetched at once, at most (`NarPrefetches`)
 PREFETCH_TTL = 60.0  # a prefetched NAR not asked for this long after its fetch ended is let go

@@ -596,8 +596,8 @@ class SwarmSource:
                     try:
                         fetched = await self.swarm.fetch_dag(root, providers, on_stored, on_verified,
                                                              root_block=found.root_block)
-                    except CorruptData:
-                        raise  # never papered over
+                    except (CorruptData, DiskFull):
+                        raise  # never papered over; a full disk stays full
                     except P2PCacheError as e:
                         error = e
                     nursery.cancel_scope.cancel()
@@ -716,25 +716,32 @@ class NarPrefetches:
     async def _fetch_for(self, store_hash: str, prefetch: _Prefetch, verified: Callable[[CID, bytes], None]) -> None:
         source, info = self.source, prefetch.found.narinfo
         metrics = source.metrics
+        repo = source.intake.repo.repo
         try:
-            async with source.intake.taking_back("nar-from-peers"):
-                async with self._running:
-                    prefetch.began = True
-                    await source.intake.room.make_room(info.nar_size, f"the NAR of {info.store_path}",
-                                                       in_operation=False)
-                    async with source.intake.room.working():  # no quota gc while its blocks wait unclaimed
+            async with self._running:
+                prefetch.began = True
+                await source.intake.room.make_room(info.nar_size, f"the NAR of {info.store_path}",
+                                                   in_operation=False)
+                async with source.intake.room.working():  # no quota gc while its blocks wait unclaimed
+                    # A full disk is not counted here: the NAR request meets it (taking this prefetch's failure,
+                    # or fetching afresh) and counts it once; what this fetch stored is taken back here.
+                    with repo.recording_blocks() as written:
                         try:
                             await source._fetch_patiently(prefetch.found, prefetch.arriving, verified,
                                                           prefetch.counted)
+                        except DiskFull as e:
+                            with trio.CancelScope(shield=True):
+                                await trio.to_thread.run_sync(repo.drop_unclaimed_blocks, written)
+                            prefetch.arriving.fail(e)
                         except P2PCacheError as e:
                             prefetch.arriving.fail(e)
                         else:
                             prefetch.arriving.finish()
-                        prefetch.done.set()
-                        if not prefetch.taken.is_set():
-                            prefetch.arriving.drop_held()  # in the repo; a stream reads them from there
-                        with trio.move_on_after(PREFETCH_TTL):
-                            await prefetch.taken.wait()
+                    prefetch.done.set()
+                    if not prefetch.taken.is_set():
+                        prefetch.arriving.drop_held()  # in the repo; a stream reads them from there
+                    with trio.move_on_after(PREFETCH_TTL):
+                        await prefetch.taken.wait()
         except P2PCacheError as e:  # no room for it: the request will say so
             prefetch.arriving.fail(e)
         finally:

@@ -217,3 +217,46 @@ def test_a_durable_repo_starts_writeback_as_it_appends(tmp_path, rng, monkeypatc
         assert b"".join(repo.stream(res.root)) == data
     with Repo.open(tmp_path / "r", writable=True, durable=False) as repo:
         assert repo.packs._writeback is None  # nothing to wait for without a barrier
+
+
+def test_the_active_pack_reserves_blocks_ahead_and_gives_them_back_when_it_stops_growing(tmp_path, rng, monkeypatch):
+    from p2pcache.store import blockstore
+
+    monkeypatch.setattr(blockstore, "PREALLOC_STEP", 4 << 20)
+    Repo.init(tmp_path / "r").close()
+    with Repo.open(tmp_path / "r", writable=True) as repo:
+        if repo.packs._fallocate is None:
+            pytest.skip("no fallocate on this platform")
+        data = rng.randbytes(3 << 20)
+        res = repo.add_stream(io.BytesIO(data))
+        pack = repo.packs.active
+        path = repo.packs.path(pack)
+        size = path.stat().st_size
+        if repo.packs._fallocate is None:
+            pytest.skip("this file system cannot reserve blocks")
+        assert path.stat().st_blocks * 512 >= size + (2 << 20)  # reserved past the end, its size unchanged
+        repo.packs.roll()  # a pack that stops being appended to is cut back to its records
+        assert path.stat().st_size == size
+        assert path.stat().st_blocks * 512 < size + (1 << 20)
+    with Repo.open(tmp_path / "r", writable=True) as repo:
+        assert b"".join(repo.stream(res.root)) == data
+        assert repo.verify().consistent
+    assert path.stat().st_blocks * 512 < size + (1 << 20)  # closing gave the new pack's reserve back too
+
+
+def test_a_new_root_whose_block_vanished_meanwhile_is_refused(repo):
+    from p2pcache.store.blockstore import Location
+
+    (a, _), (b, _) = block(10), block(10)
+    root = CID.for_block(RAW, b"root")
+    with pytest.raises(RepoError, match="removed by a gc"):
+        with repo.index.transaction():
+            repo.index.put_blocks([(a, Location(1, 0, 10, 0)), (b, Location(1, 10, 10, 0))])
+            repo.index.db.execute("DELETE FROM blocks WHERE cid = ?", (b.buffer,))  # a gc took it meanwhile
+            repo.index.put_root(root, "archive", 20, None, None, [], [a, b])
+    assert repo.index.get_root(root) is None
+    with repo.index.transaction():  # with both there, the root is recorded and each block counted once
+        repo.index.put_blocks([(a, Location(1, 0, 10, 0)), (b, Location(1, 10, 10, 0))])
+        assert repo.index.put_root(root, "archive", 20, None, None, [], [a, b])
+    refs = dict(repo.index.db.execute("SELECT cid, refs FROM blocks"))
+    assert refs == {a.buffer: 1, b.buffer: 1}

@@ -132,29 +132,39 @@ def test_any_tree_round_trips_byte_exact(tree, piece):
     assert ingest(nar, 1 << 20)[0] == root
 
 
-def _build_with_hash_chunks(nar: bytes, piece: int, hash_chunks) -> tuple[CID, dict[CID, bytes]]:
+def _build_with_hash_chunks(nar: bytes, piece: int, hash_chunks, lag: bool = False) -> tuple[CID, dict[CID, bytes]]:
+    """With `lag`, as `RepoNarStore.add_nar` does: a piece's blocks are resolved once the next piece is parsed."""
     from p2pcache.content.nar import NarReader
 
     reader = NarReader()
     builder = NarManifestBuilder(TINY, hash_chunks=hash_chunks, **TINY_OPTIONS)
     blocks: dict[CID, bytes] = {}
+    waiting: list[tuple[list, int]] = []
+
+    def store(out: list, mark: int) -> None:
+        builder.resolve_until(mark)
+        for cid, data in builder.resolved(out):
+            assert type(cid) is CID and cid.verify(data)
+            blocks[cid] = bytes(data)
+
     for i in range(0, len(nar), piece):
         out: list = []
         for event in reader.feed(nar[i : i + piece]):
             out += builder.add(event)
-        builder.resolve()
-        for cid, data in builder.resolved(out):
-            assert type(cid) is CID and cid.verify(data)
-            blocks[cid] = bytes(data)
+        waiting.append((out, builder.mark()))
+        while len(waiting) > (1 if lag else 0):
+            store(*waiting.pop(0))
     reader.end()
+    for out, mark in waiting:
+        store(out, mark)
     root, data = builder.finish(hashlib.sha256(nar).digest(), len(nar))
     blocks[root] = data
     return root, blocks
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(tree=trees, piece=st.sampled_from([7, 4096, 1 << 20]))
-def test_chunk_cids_hashed_elsewhere_build_the_same_manifest(tree, piece):
+@given(tree=trees, piece=st.sampled_from([7, 4096, 1 << 20]), lag=st.booleans())
+def test_chunk_cids_hashed_elsewhere_build_the_same_manifest(tree, piece, lag):
     """With `hash_chunks`, nothing is encoded before its chunks' CIDs are known (the hashing here happens only
     when waited for), and the blocks and root are the ones the inline hashing gives."""
     def lazy(chunks):
@@ -162,7 +172,7 @@ def test_chunk_cids_hashed_elsewhere_build_the_same_manifest(tree, piece):
 
     nar = nar_of(tree)
     root, blocks, _ = ingest(nar, piece)
-    assert _build_with_hash_chunks(nar, piece, lazy) == (root, blocks)
+    assert _build_with_hash_chunks(nar, piece, lazy, lag) == (root, blocks)
 
 
 def test_chunk_cids_from_the_store_hashing_threads_build_the_same_manifest():
@@ -174,6 +184,7 @@ def test_chunk_cids_from_the_store_hashing_threads_build_the_same_manifest():
     root, blocks, _ = ingest(nar, 1 << 16)
     with ChunkHasher(threads=2) as hasher:
         assert _build_with_hash_chunks(nar, 1 << 16, hasher.digests) == (root, blocks)
+        assert _build_with_hash_chunks(nar, 1 << 16, hasher.digests, lag=True) == (root, blocks)
 
 
 @settings(max_examples=40, deadline=None)

@@ -280,7 +280,8 @@ class NarReader:
         left = size
         if buf and left:
             n = min(left, len(buf))
-            emit(Contents(bytes(buf[:n])))
+            with memoryview(buf) as view:
+                emit(Contents(bytes(view[:n])))
             del buf[:n]
             self._consumed += n
             left -= n

@@ -36,6 +36,8 @@ correctly — so a server that forwards pieces as they come never completes a re
 
 from __future__ import annotations
 
+import collections
+
 import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, cast
@@ -218,7 +220,8 @@ class NarManifestBuilder:
         # stores the blocks `add` returned, see `resolved`).
         self._hash_chunks = hash_chunks
         self._unhashed: list[tuple[PendingCID, memoryview]] = []
-        self._hashing: list[tuple[list[PendingCID], Callable[[], list[bytes]]]] = []
+        self._hashing: collections.deque[tuple[list[PendingCID], Callable[[], list[bytes]]]] = collections.deque()
+        self._submitted = self._resolved = 0  # batches handed to `hash_chunks`, and of them resolved (in order)
         if not 0 <= inline <= 64 << 10:
             raise InvalidInput(f"inline file limit must be 0..65536 bytes, got {inline}")
         if not 1 <= inline_links <= FANOUT or not 2 <= fanout <= FANOUT:
@@ -231,6 +234,7 @@ class NarManifestBuilder:
         self.dir_inline_bytes = dir_inline_bytes
         self.fanout = fanout
         self._chunker = Chunker(params)
+        self._small = params.min_size  # a file this small is one chunk: FastCDC never cuts below min_size
         self._dirs: list[_OpenDir] = []
         self._root: list[Any] | None = None
         self._root_height = 0
@@ -271,14 +275,20 @@ class NarManifestBuilder:
         d.count += len(d.entries)
         d.entries, d.size = [], 8
 
-    def _file_done(self, out: list[Block]) -> None:
+    def _file_done(self, out: list[Block], whole: bytes | memoryview | None = None) -> None:
+        """The file being read is complete; `whole`: its contents came in one piece, as these bytes."""
         f = self._file
         assert f is not None
         if self._tree is None:
-            node = ["file", f.executable, f.size, bytes(self._data)]
-            self._data.clear()
+            if whole is not None:
+                node = ["file", f.executable, f.size, whole if type(whole) is bytes else bytes(whole)]
+            else:
+                node = ["file", f.executable, f.size, bytes(self._data)]
+                self._data.clear()
             size = 24 + f.size
         else:
+            if whole is not None:
+                self._chunk(whole if type(whole) is memoryview else memoryview(whole), out)
             for piece in self._chunker.finish():
                 self._chunk(piece, out)
             depth, links = self._tree.finish(self.inline_links, out)
@@ -307,15 +317,27 @@ class NarManifestBuilder:
         assert self._hash_chunks is not None
         batch, self._unhashed = self._unhashed, []
         self._hashing.append(([p for p, _ in batch], self._hash_chunks([c for _, c in batch])))
+        self._submitted += 1
+
+    def mark(self) -> int:
+        """Hand every chunk so far to `hash_chunks` and return a mark for `resolve_until`: the caller may go on
+        adding (the next read's events) while they are hashed, and resolve this read's blocks later."""
+        if self._unhashed:
+            self._submit()
+        return self._submitted
+
+    def resolve_until(self, mark: int) -> None:
+        """Wait for the CIDs of the chunks up to `mark` (from `mark`)."""
+        hashing = self._hashing
+        while self._resolved < mark:
+            pending, wait = hashing.popleft()
+            for p, digest in zip(pending, wait()):
+                p.cid = CID.from_digest(RAW, digest)
+            self._resolved += 1
 
     def resolve(self) -> None:
         """Wait for the CIDs of every chunk so far (with `hash_chunks`; nothing to do without)."""
-        if self._unhashed:
-            self._submit()
-        hashing, self._hashing = self._hashing, []
-        for pending, wait in hashing:
-            for p, digest in zip(pending, wait()):
-                p.cid = CID.from_digest(RAW, digest)
+        self.resolve_until(self.mark())
 
     @staticmethod
     def resolved(blocks: list[Block]) -> list[Block]:
@@ -331,7 +353,13 @@ class NarManifestBuilder:
             data = event.data
             if self._file is None or len(data) > self._left:
                 raise InvalidInput("NAR manifest: file contents without a file, or beyond its size")
+            file = self._file
             self._left -= len(data)
+            if len(data) == file.size and (self._tree is None or file.size <= self._small):
+                # A whole file in one piece: its bytes as they are (inline), or its one chunk (FastCDC cuts
+                # nothing at or below min_size), with no copy and no chunker call.
+                self._file_done(out, data)
+                return out
             if self._tree is None:
                 self._data += data
             else:

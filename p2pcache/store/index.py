@@ -327,11 +327,17 @@ class Index:
             have = {c for (c,) in self.db.execute("SELECT cid FROM root_blocks WHERE root = ?", (root.buffer,))}
             links = [link for link in links if link[1] not in have]
         self.db.executemany("INSERT OR IGNORE INTO root_blocks(root, cid) VALUES (?, ?)", links)
-        self.db.executemany("UPDATE blocks SET refs = refs + 1 WHERE cid = ?", ((c,) for _, c in links))
         # A block the caller found stored may have been collected since by a gc in another thread (it was
         # unreferenced until this root): then the root is not whole, and recording it would be a lie.
-        lost = self.db.execute("SELECT COUNT(*) FROM root_blocks rb LEFT JOIN blocks b ON b.cid = rb.cid "
-                               "WHERE rb.root = ? AND b.cid IS NULL", (root.buffer,)).fetchone()[0]
+        if existed:
+            self.db.executemany("UPDATE blocks SET refs = refs + 1 WHERE cid = ?", ((c,) for _, c in links))
+            lost = self.db.execute("SELECT COUNT(*) FROM root_blocks rb LEFT JOIN blocks b ON b.cid = rb.cid "
+                                   "WHERE rb.root = ? AND b.cid IS NULL", (root.buffer,)).fetchone()[0]
+        else:  # every link of the root is new: one statement counts them all, and says how many have a block
+            found = self.db.execute("UPDATE blocks SET refs = refs + 1 WHERE cid IN "
+                                    "(SELECT cid FROM root_blocks WHERE root = ?)", (root.buffer,)).rowcount
+            lost = self.db.execute("SELECT COUNT(*) FROM root_blocks WHERE root = ?",
+                                   (root.buffer,)).fetchone()[0] - found
         if lost:
             raise RepoError(f"{lost} blocks of {root} were removed by a gc running at the same time; "
                             "add or fetch it again")

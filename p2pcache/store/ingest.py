@@ -23,13 +23,12 @@ import hashlib
 import queue
 import sqlite3
 import threading
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Protocol, Sequence, cast
 
 from ..content.cid import CID
 from ..errors import RepoError
-from .blockstore import SYNC_FILE_RANGE_WRITE, WRITEBACK_STEP, Location, sync_file_range, write_all
+from .blockstore import SYNC_FILE_RANGE_WRITE, WRITEBACK_STEP, Location, crc32, sync_file_range, write_all
 
 if TYPE_CHECKING:
     from .index import Index
@@ -107,8 +106,8 @@ class BufferPool:
 
 
 def _digests_and_crcs(chunks: Sequence[bytes | memoryview]) -> list[tuple[bytes, int]]:
-    sha256, crc32 = hashlib.sha256, zlib.crc32
-    return [(sha256(c).digest(), crc32(c)) for c in chunks]  # crc32 right after sha256: the chunk is in cache
+    sha256, crc = hashlib.sha256, crc32
+    return [(sha256(c).digest(), crc(c)) for c in chunks]  # crc32 right after sha256: the chunk is in cache
 
 
 def _digests(chunks: Sequence[bytes | memoryview]) -> list[bytes]:

@@ -34,7 +34,7 @@ from ..content.nixhash import NixHash
 from ..content.storepath import StorePath
 from ..errors import CorruptData, InvalidInput, NotFound, RepoError
 from .index import NarInfoRow
-from .ingest import READ_SIZE, BufferPool, read_pieces, shared_chunk_hasher
+from .ingest import READ_SIZE, BufferPool, Ingest, read_pieces, shared_chunk_hasher
 
 if TYPE_CHECKING:
     from .index import Index
@@ -127,6 +127,16 @@ class RepoNarStore:
         builder = NarManifestBuilder(params, hash_chunks=shared_chunk_hasher().digests)
         pool = BufferPool(INGEST_BUFFERS, READ_SIZE) if hasattr(stream, "readinto") else None
         size = 0
+        # A read's blocks are stored once the next read is parsed: its chunks are hashed meanwhile, so this
+        # thread does not wait for them (one read's blocks and buffer in hand).
+        last: tuple[list, int, bytearray | None] | None = None
+
+        def store(ingest: Ingest, blocks: list, mark: int, buf: bytearray | None) -> None:
+            builder.resolve_until(mark)  # every chunk of that read hashed: its blocks get their CIDs
+            ingest.put(builder.resolved(blocks))  # one index query per read
+            if buf is not None and pool is not None:
+                ingest.release(pool, buf)  # reused once hashed and every block in it written
+
         with repo.ingest() as ingest:
             for buf, view in read_pieces(stream, pool, "the NAR stream"):
                 size += len(view)
@@ -139,11 +149,13 @@ class RepoNarStore:
                     out = add(event)
                     if out:
                         blocks += out
-                builder.resolve()  # every chunk of this read hashed: the blocks get their CIDs
-                ingest.put(builder.resolved(blocks))  # one index query per read
-                if buf is not None and pool is not None:
-                    ingest.release(pool, buf)  # reused once hashed and every block in it written
+                mark = builder.mark()
+                if last is not None:
+                    store(ingest, *last)
+                last = (blocks, mark, buf)
             reader.end()
+            if last is not None:
+                store(ingest, *last)
             digest = ingest.digests()["sha256"]
             check_nar(digest, size, expected_hash, expected_size)
             root, root_data = builder.finish(digest, size)

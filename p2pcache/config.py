@@ -24,6 +24,10 @@ SUPERSEED_WINDOW = 1.0
 # square of the fleet, and a fetch with no provider waits its 30 s DONT_HAVE wait. Off for fleets.
 SWARM_FETCH = False
 HAVE_BATCH_DELAY = 0.0
+# Super-seeding's share: lent blocks one peer may hold that no other peer has got since, while others are
+# refused. Without it the seed's first DAG stream took every block and the fleet fed from one runner
+# (node-fetch 20 x 16 MiB, LAN mesh). Measured in simnet (README).
+SUPERSEED_SHARE = 8
 
 DEFAULT_TOML = f"""\
 # p2pcache node configuration. Flags given to `p2pcache daemon` override these values.
@@ -68,6 +72,9 @@ swarm_fetch = {str(SWARM_FETCH).lower()}
 # Seconds the HAVEs for blocks this node just got wait to go out together (one message per watching
 # peer for all blocks added meanwhile, not one per block). 0 sends them at once. Measured in simnet (README).
 have_batch_delay = {HAVE_BATCH_DELAY:g}
+# With super-seeding: blocks lent to one peer that no other peer has got from it yet, at most, while
+# other peers are refused; it gets more as they spread (BitTorrent's super-seeding). 0 = no bound.
+superseed_share = {SUPERSEED_SHARE}
 
 [http]
 # Local API (CLI, Nix substituter, hashed mirror). Keep it on loopback.
@@ -194,6 +201,7 @@ class NodeConfig:
     superseed_window: float = SUPERSEED_WINDOW
     swarm_fetch: bool = SWARM_FETCH
     have_batch_delay: float = HAVE_BATCH_DELAY
+    superseed_share: int = SUPERSEED_SHARE
     api_allowed_hosts: list[str] = field(default_factory=list)
     api_allowed_origins: list[str] = field(default_factory=list)
     transfer_protocol: str = "dag"  # "dag" or "bitswap"
@@ -231,7 +239,7 @@ _SECTIONS = {
     "log": {"level": "log_level", "format": "log_format", "libraries": "log_libraries",
             "alone_warning": "alone_warning"},
     "exchange": {"superseed_window": "superseed_window", "swarm_fetch": "swarm_fetch",
-                 "have_batch_delay": "have_batch_delay"},
+                 "have_batch_delay": "have_batch_delay", "superseed_share": "superseed_share"},
 }
 _GC = {"max_size": "max_size", "high_watermark": "gc_high_watermark", "low_watermark": "gc_low_watermark",
        "interval": "gc_interval"}
@@ -303,11 +311,15 @@ def load(repo: Path, file: Path | str | None = None) -> NodeConfig:
             field_type = types[attr]
             ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if "list" in str(field_type) else (
                 isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in str(field_type)
-                else isinstance(value, bool) if "bool" in str(field_type) else isinstance(value, str))
+                else isinstance(value, bool) if "bool" in str(field_type)
+                else isinstance(value, int) and not isinstance(value, bool) if str(field_type) == "int"
+                else isinstance(value, str))
             if ok and attr == "mdns" and value not in ("private", "on", "off"):
                 raise InvalidInput(f"{path}: {section}.{key} is \"private\", \"on\" or \"off\", not {value!r}")
             if ok and attr in ("superseed_window", "have_batch_delay") and value < 0:
                 raise InvalidInput(f"{path}: {section}.{key} must be 0 (off) or a number of seconds, not {value}")
+            if ok and attr == "superseed_share" and value < 0:
+                raise InvalidInput(f"{path}: {section}.{key} must be 0 (no bound) or a number of blocks, not {value}")
             if not ok:
                 raise InvalidInput(f"{path}: {section}.{key} has the wrong type ({type(value).__name__})")
             setattr(cfg, attr, float(value) if "float" in str(field_type) else value)

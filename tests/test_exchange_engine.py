@@ -1152,3 +1152,53 @@ def test_superseed_window_starts_when_the_block_goes_out_not_while_it_waits_in_t
     # a want after the window with no Tick yet (a late timer) is served, and ends the lending
     out = server.handle(MessageReceived("c", Message(wants=(WantEntry(ca, send_dont_have=True),))), 9.0)
     assert [b.cid for a in out if isinstance(a, Send) for b in a.message.blocks] == [ca]
+
+
+def _blocks_to(out: list, peer: str) -> list:
+    return [b.cid for a in out if isinstance(a, Send) and a.peer == peer for b in a.message.blocks]
+
+
+def _presences_to(out: list, peer: str) -> list:
+    return [p for a in out if isinstance(a, Send) and a.peer == peer for p in a.message.presences]
+
+
+def test_superseed_share_holds_a_peer_to_its_unspread_blocks_while_others_wait():
+    """BitTorrent's super-seeding: a peer that holds its share of lent blocks nobody else has got gets
+    no more while another peer is refused; another peer's cancel (it got the block elsewhere) makes room."""
+    blocks = make_blocks(2, size=50_000)
+    b1, b2 = blocks
+    server = BitswapServer(DictSource(blocks), ServerConfig(superseed_window=10.0, superseed_share=1))
+    assert _blocks_to(server.handle(MessageReceived("a", Message(wants=(WantEntry(b1, send_dont_have=True),))), 0),
+                      "a") == [b1]
+    # b is refused b1 (lent to a): now a is bound to its share of one unspread block
+    assert _presences_to(server.handle(MessageReceived("b", Message(wants=(WantEntry(b1, send_dont_have=True),))), 0.1),
+                         "b") == [Presence(b1, False)]
+    out = server.handle(MessageReceived("a", Message(wants=(WantEntry(b2, send_dont_have=True),))), 0.2)
+    assert _presences_to(out, "a") == [Presence(b2, False)] and not _blocks_to(out, "a")
+    assert server.stats().superseed_share_refused == 1
+    # b got b1 from a and cancels its want here: b1 has spread, a's share has room, a hears HAVE for b2
+    out = server.handle(MessageReceived("b", Message(wants=(WantEntry(b1, cancel=True),))), 0.3)
+    assert _presences_to(out, "a") == [Presence(b2, True)]
+    assert _blocks_to(server.handle(MessageReceived("a", Message(wants=(WantEntry(b2),))), 0.4), "a") == [b2]
+
+
+def test_superseed_share_does_not_bind_a_lone_fetcher():
+    blocks = make_blocks(3, size=50_000)
+    server = BitswapServer(DictSource(blocks), ServerConfig(superseed_window=10.0, superseed_share=1,
+                                                            max_outstanding_bytes=1 << 20))
+    out = server.handle(MessageReceived("a", Message(wants=tuple(WantEntry(c, send_dont_have=True) for c in blocks))), 0)
+    assert _blocks_to(out, "a") == list(blocks) and not _presences_to(out, "a")
+
+
+def test_superseed_share_bounds_what_a_dag_stream_is_lent():
+    b1, b2 = blocks = make_blocks(2, size=50_000)
+    server = BitswapServer(DictSource(blocks), ServerConfig(superseed_window=10.0, superseed_share=1))
+    assert server.lend_for_stream("a", b1, 50_000, 0)[0]
+    assert not server.lend_for_stream("b", b1, 50_000, 0.1)[0]  # lent to a
+    assert not server.lend_for_stream("a", b2, 50_000, 0.2)[0]  # a holds its share, b waits
+    assert server.lend_for_stream("b", b2, 50_000, 0.3)[0]
+
+
+def test_superseed_share_config_rejects_a_negative_share():
+    with pytest.raises(Exception, match="superseed_share"):
+        ServerConfig(superseed_share=-1)

@@ -156,9 +156,11 @@ class _Peer:
 
     def __init__(self) -> None:
         self.connected = False
-        # dicts, not sets: a dropped peer's wants requeue in the order they were sent, whatever the hash seed
-        self.blocks_out: dict[CID, None] = {}
-        self.haves_out: dict[CID, None] = {}
+        # dicts, not sets: a dropped peer's wants requeue in the order they were sent, whatever the hash seed.
+        # Keyed, like every map of the engine, by the CID's bytes (`CID.buffer`): a bytes object hashes
+        # in C and caches its hash, where a CID key costs a Python `__hash__` call per lookup.
+        self.blocks_out: dict[bytes, CID] = {}
+        self.haves_out: dict[bytes, None] = {}
         self.service: float | None = None
         self.last_arrival: float | None = None
         self.busy = 0.0
@@ -188,12 +190,13 @@ class WantState(enum.Enum):
 
 
 class _Want:
-    __slots__ = ("cid", "state", "sessions", "priority", "block_peer", "sent_at", "deadline", "have_asked",
+    __slots__ = ("cid", "key", "state", "sessions", "priority", "block_peer", "sent_at", "deadline", "have_asked",
                  "dont_haves", "holders", "timed_out", "attempts", "stalled_since", "parked_since",
                  "discovered")
 
     def __init__(self, cid: CID, priority: int) -> None:
         self.cid = cid
+        self.key = cid.buffer
         self.state = WantState.QUEUED
         self.sessions: dict[SessionId, None] = {}
         self.priority = priority
@@ -215,7 +218,7 @@ class _Session:
     __slots__ = ("cids", "providers", "inflight")
 
     def __init__(self) -> None:
-        self.cids: dict[CID, None] = {}
+        self.cids: dict[bytes, CID] = {}
         self.providers: dict[PeerId, None] = {}
         self.inflight = 0
 
@@ -228,26 +231,27 @@ class BitswapClient:
         self._peers: dict[PeerId, _Peer] = {}
         self._banned: set[PeerId] = set()
         self._sessions: dict[SessionId, _Session] = {}
-        self._wants: dict[CID, _Want] = {}
-        self._pending: OrderedDict[CID, None] = OrderedDict()  # wants waiting for a want-block
-        self._inflight: dict[CID, _Want] = {}
-        self._stalled: dict[CID, _Want] = {}  # pending wants with no candidate peer at all
-        self._parked: dict[CID, _Want] = {}  # not pending: waiting for a HAVE from a watching peer
+        # Every map of wants is keyed by the CID's bytes (`_Want.key`), see `_Peer`.
+        self._wants: dict[bytes, _Want] = {}
+        self._pending: OrderedDict[bytes, None] = OrderedDict()  # wants waiting for a want-block
+        self._inflight: dict[bytes, _Want] = {}
+        self._stalled: dict[bytes, _Want] = {}  # pending wants with no candidate peer at all
+        self._parked: dict[bytes, _Want] = {}  # not pending: waiting for a HAVE from a watching peer
         self._parked_min: float | None = None  # no parked CID's wait began before this (may be early)
-        self._deadlines: Deadlines[CID] = Deadlines()  # want-block deadlines of the ASKED wants
-        self._done: OrderedDict[CID, None] = OrderedDict()
+        self._deadlines: Deadlines[bytes] = Deadlines()  # want-block deadlines of the ASKED wants
+        self._done: OrderedDict[bytes, None] = OrderedDict()
         self._timer_at: float | None = None
         self._next_priority = 2**31 - 1
         self._rotation = 0  # swarm mode: where the next CID's want-haves start in the peer list
-        self._lazy: dict[PeerId, dict[CID, float]] = {}  # cancels waiting to ride along: cid -> due
+        self._lazy: dict[PeerId, dict[bytes, tuple[float, CID]]] = {}  # cancels waiting to ride along: key -> (due, cid)
         self._lazy_due: float | None = None  # no lazy cancel falls due before this
         # swarm mode: CIDs out of the pending queue until one of these peers (all holders busy) has room
-        self._blocked: dict[PeerId, dict[CID, None]] = {}
+        self._blocked: dict[PeerId, dict[bytes, None]] = {}
         self._recheck: dict[PeerId, None] = {}  # peers with CIDs still blocked on them after an unblock
         self._stats = ClientStats()
         # per handle() call
         self._out: list[Action] = []
-        self._outbox: dict[PeerId, dict[CID, WantEntry]] = {}
+        self._outbox: dict[PeerId, dict[bytes, WantEntry]] = {}
         self._now = 0.0
 
     # -- public API ---------------------------------------------------------------------------
@@ -291,6 +295,7 @@ class BitswapClient:
     def check_invariants(self) -> None:
         """Assert `WantState`'s invariant over every want (for tests: O(wants + peers))."""
         for cid, w in self._wants.items():
+            assert cid == w.key, (cid, w.cid)
             st = w.state
             assert (cid in self._pending) == (st is WantState.QUEUED), (cid, st)
             assert (cid in self._inflight) == (st is WantState.ASKED), (cid, st)
@@ -324,12 +329,12 @@ class BitswapClient:
     def wanted(self, session: SessionId) -> frozenset[CID]:
         """CIDs `session` still waits for."""
         s = self._sessions.get(session)
-        return frozenset(s.cids) if s else frozenset()
+        return frozenset(s.cids.values()) if s else frozenset()
 
     def outstanding(self, peer: PeerId) -> frozenset[CID]:
         """CIDs with a want-block outstanding at `peer`."""
         p = self._peers.get(peer)
-        return frozenset(p.blocks_out) if p else frozenset()
+        return frozenset(p.blocks_out.values()) if p else frozenset()
 
     # -- events -------------------------------------------------------------------------------
     def _session(self, sid: SessionId) -> _Session:
@@ -343,14 +348,15 @@ class BitswapClient:
         for cid in cids:
             if not isinstance(cid, CID):
                 raise ExchangeUsageError(f"Want takes CIDs, got {type(cid).__name__}")
-            if cid in session.cids:
+            key = cid.buffer
+            if key in session.cids:
                 continue
-            session.cids[cid] = None
-            w = self._wants.get(cid)
+            session.cids[key] = cid
+            w = self._wants.get(key)
             if w is None:
-                w = self._wants[cid] = _Want(cid, self._next_priority)
+                w = self._wants[key] = _Want(cid, self._next_priority)
                 self._next_priority = max(1, self._next_priority - 1)
-                self._pending[cid] = None  # born QUEUED
+                self._pending[key] = None  # born QUEUED
             w.sessions[sid] = None
             if w.block_peer is not None:
                 session.inflight += 1
@@ -377,16 +383,17 @@ class BitswapClient:
 
     def _on_block(self, peer: PeerId, p: _Peer, block: Block, now: float) -> bool:
         cid = block.cid
-        w = self._wants.get(cid)
+        key = cid.buffer
+        w = self._wants.get(key)
         if w is None:
-            if cid in self._done:
+            if key in self._done:
                 p.duplicates += 1
                 self._stats.duplicate_blocks += 1
                 self._stats.duplicate_bytes += len(block.data)
                 return True
             self._ban(peer, f"sent block {cid} that was never asked for (corrupt or unsolicited)", penalise=True)
             return False
-        if cid in p.blocks_out:
+        if key in p.blocks_out:
             start = w.sent_at if p.last_arrival is None else max(w.sent_at, p.last_arrival)
             sample = max(0.0, now - start)
             a = self.config.ewma_alpha
@@ -401,23 +408,24 @@ class BitswapClient:
         self._stats.bytes_received += len(block.data)
         for sid in w.sessions:
             self._out.append(Deliver(sid, cid, block.data))
-            self._sessions[sid].cids.pop(cid, None)
+            self._sessions[sid].cids.pop(key, None)
         w.have_asked.pop(peer, None)
-        p.haves_out.pop(cid, None)
+        p.haves_out.pop(key, None)
         if w.block_peer == peer:
             self._release(w)
         self._forget(w)
         return True
 
     def _on_presence(self, peer: PeerId, p: _Peer, presence: Presence, now: float) -> None:
-        w = self._wants.get(presence.cid)
+        key = presence.cid.buffer
+        w = self._wants.get(key)
         if w is None:
             if presence.have and peer in self._lazy:
                 # It holds the block, so it keeps no want of ours for it: a cancel would tell it nothing.
-                self._unlazy(peer, presence.cid)
+                self._unlazy(peer, key)
             return
         w.have_asked.pop(peer, None)
-        p.haves_out.pop(w.cid, None)
+        p.haves_out.pop(key, None)
         if presence.have:
             p.proven = True
             w.holders[peer] = None
@@ -468,12 +476,12 @@ class BitswapClient:
         self._unblock(peer)  # gone: every CID that waited for it goes back to the queue
         if p is None:
             return
-        for cid in list(p.blocks_out):
-            w = self._inflight[cid]
+        for key in list(p.blocks_out):
+            w = self._inflight[key]
             self._release(w, p)
             self._requeue(w)
-        for cid in p.haves_out:
-            self._wants[cid].have_asked.pop(peer, None)
+        for key in p.haves_out:
+            self._wants[key].have_asked.pop(peer, None)
         for s in self._sessions.values():
             s.providers.pop(peer, None)
 
@@ -486,10 +494,10 @@ class BitswapClient:
     # -- want bookkeeping ---------------------------------------------------------------------
     def _release(self, w: _Want, p: _Peer | None = None) -> None:
         """The want-block at w.block_peer is over (answered, refused, timed out or lost)."""
-        (p or self._peers[w.block_peer]).blocks_out.pop(w.cid, None)
+        (p or self._peers[w.block_peer]).blocks_out.pop(w.key, None)
         self._unblock(w.block_peer)
         w.block_peer = None
-        self._deadlines.remove(w.cid)  # still ASKED: the caller requeues or forgets it next
+        self._deadlines.remove(w.key)  # still ASKED: the caller requeues or forgets it next
         for sid in w.sessions:
             self._sessions[sid].inflight -= 1
 
@@ -504,9 +512,9 @@ class BitswapClient:
         room = self.config.peer_window - len(p.blocks_out) if p is not None and p.connected else len(blocked)
         released = 0
         while blocked and released < max(1, room):
-            cid = next(iter(blocked))
-            del blocked[cid]
-            w = self._wants.get(cid)
+            key = next(iter(blocked))
+            del blocked[key]
+            w = self._wants.get(key)
             if w is not None and w.state is WantState.BLOCKED:
                 self._move(w, WantState.QUEUED)
                 released += 1
@@ -521,29 +529,29 @@ class BitswapClient:
     def _move(self, w: _Want, to: WantState | None, front: bool = False) -> None:
         """The one place a want changes state (None: done), so the containers of `WantState`'s
         invariant change together. A QUEUED want goes to the back of the queue, or the front."""
-        cid = w.cid
+        key = w.key
         was = w.state
         if was is WantState.QUEUED:
             if to is WantState.QUEUED:
                 if front:
-                    self._pending.move_to_end(cid, last=False)
+                    self._pending.move_to_end(key, last=False)
                 return
-            del self._pending[cid]
+            del self._pending[key]
         elif was is WantState.ASKED:
-            del self._inflight[cid]
+            del self._inflight[key]
         elif was is WantState.PARKED:
-            del self._parked[cid]
+            del self._parked[key]
         if to is None:
             return
         w.state = to
         if to is WantState.QUEUED:
-            self._pending[cid] = None
+            self._pending[key] = None
             if front:
-                self._pending.move_to_end(cid, last=False)
+                self._pending.move_to_end(key, last=False)
         elif to is WantState.ASKED:
-            self._inflight[cid] = w
+            self._inflight[key] = w
         elif to is WantState.PARKED:
-            self._parked[cid] = w
+            self._parked[key] = w
 
     def _forget(self, w: _Want) -> None:
         """Drop a want that is answered, failed or unwanted; cancel it wherever it is still asked."""
@@ -553,14 +561,14 @@ class BitswapClient:
         for peer in w.have_asked:
             self._cancel(peer, w.cid, lazy=True)
             if peer in self._peers:
-                self._peers[peer].haves_out.pop(w.cid, None)
+                self._peers[peer].haves_out.pop(w.key, None)
         for peer in w.dont_haves:  # servers keep a want they said DONT_HAVE to until it is cancelled
             if peer in self._peers and peer not in self._banned:
                 self._cancel(peer, w.cid, lazy=True)
         self._move(w, None)
-        self._stalled.pop(w.cid, None)
-        del self._wants[w.cid]
-        self._done[w.cid] = None
+        self._stalled.pop(w.key, None)
+        del self._wants[w.key]
+        self._done[w.key] = None
         if len(self._done) > self.config.remember_done:
             self._done.popitem(last=False)
 
@@ -568,7 +576,7 @@ class BitswapClient:
         self._stats.failed += 1
         for sid in w.sessions:
             self._out.append(FetchFailed(sid, w.cid, why))
-            self._sessions[sid].cids.pop(w.cid, None)
+            self._sessions[sid].cids.pop(w.key, None)
         self._forget(w)
 
     def _cancel(self, peer: PeerId, cid: CID, lazy: bool = False) -> None:
@@ -578,13 +586,13 @@ class BitswapClient:
         if lazy and self.config.cancel_delay > 0:
             due = self._now + self.config.cancel_delay
             pending = self._lazy.setdefault(peer, {})
-            pending.setdefault(cid, due)
+            pending.setdefault(cid.buffer, (due, cid))
             if self._lazy_due is None or due < self._lazy_due:
                 self._lazy_due = due
             if len(pending) >= 256:
                 self._send_lazy(peer)
             return
-        self._outbox.setdefault(peer, {})[cid] = WantEntry(cid, cancel=True)
+        self._outbox.setdefault(peer, {})[cid.buffer] = WantEntry(cid, cancel=True)
 
     # -- scheduling ---------------------------------------------------------------------------
     def _candidates(self, w: _Want) -> list[PeerId]:
@@ -621,6 +629,9 @@ class BitswapClient:
         open_peers = sum(
             1 for peer, p in self._peers.items() if peer not in self._banned and len(p.blocks_out) < cfg.peer_window
         )
+        # Candidates depend only on a want's sessions (their providers) and the connected peers, which
+        # do not change during a pass: one list per session set, not one O(peers) build per CID asked.
+        candidates_of: dict[tuple[SessionId, ...], list[PeerId]] = {}
         for cid in self._pending_in_order():
             if open_sessions == 0 or open_peers == 0:
                 # Still look for CIDs that have no candidate at all, so they fail or start their clock.
@@ -638,7 +649,10 @@ class BitswapClient:
                     open_peers -= filled_peer
                     open_sessions -= filled_sessions
                 continue
-            candidates = self._candidates(w)
+            sessions = tuple(w.sessions)
+            candidates = candidates_of.get(sessions)
+            if candidates is None:
+                candidates = candidates_of[sessions] = self._candidates(w)
             usable = [peer for peer in candidates if peer not in w.dont_haves]
             if candidates and (not usable or cfg.park_after and self._enough_dont_haves(w, candidates, usable)):
                 if cfg.dont_have_wait > 0:
@@ -721,12 +735,12 @@ class BitswapClient:
             self._discover(w, providers)
         if usable:
             w.stalled_since = None
-            self._stalled.pop(w.cid, None)
+            self._stalled.pop(w.key, None)
             if not open_:
                 # holders are busy: out of the queue until one of them has room (or a new one says HAVE)
                 self._move(w, WantState.BLOCKED)
                 for peer in usable:
-                    self._blocked.setdefault(peer, {})[w.cid] = None
+                    self._blocked.setdefault(peer, {})[w.key] = None
                 return None
             best = open_[0] if len(open_) == 1 else min(
                 open_, key=lambda peer: (peer in w.timed_out, self._cost(peer), len(peers[peer].blocks_out)))
@@ -736,7 +750,7 @@ class BitswapClient:
             self._park(w, now)
         elif w.stalled_since is None:
             w.stalled_since = now  # nobody to ask at all: fails after no_provider_timeout
-            self._stalled[w.cid] = w
+            self._stalled[w.key] = w
         return None
 
     def _discover(self, w: _Want, providers: dict[PeerId, None]) -> None:
@@ -796,7 +810,7 @@ class BitswapClient:
         for w in list(self._stalled.values()):
             if self._candidates(w):
                 w.stalled_since = None
-                del self._stalled[w.cid]
+                del self._stalled[w.key]
 
     def _mark_stalled(self, now: float) -> None:
         """Give CIDs with no candidate peer at all a start time for `no_provider_timeout`."""
@@ -815,38 +829,40 @@ class BitswapClient:
         w.sent_at = now
         service = p.service if p.service is not None else 0.0
         w.deadline = now + max(self.config.want_timeout, self.config.timeout_factor * service)
-        self._deadlines.add(w.deadline, w.cid)
+        key = w.key
+        self._deadlines.add(w.deadline, key)
         w.attempts += 1
         w.have_asked.pop(peer, None)
-        p.haves_out.pop(w.cid, None)
-        p.blocks_out[w.cid] = None
+        p.haves_out.pop(key, None)
+        p.blocks_out[key] = w.cid
         for sid in w.sessions:
             self._sessions[sid].inflight += 1
         self._stats.want_blocks_sent += 1
-        self._unlazy(peer, w.cid)
-        self._outbox.setdefault(peer, {})[w.cid] = WantEntry(
+        self._unlazy(peer, key)
+        self._outbox.setdefault(peer, {})[key] = WantEntry(
             w.cid, WantType.BLOCK, w.priority, send_dont_have=True
         )
 
     def _ask_have(self, w: _Want, peer: PeerId, send_dont_have: bool = True) -> None:
         w.have_asked[peer] = None
-        self._peers[peer].haves_out[w.cid] = None
+        key = w.key
+        self._peers[peer].haves_out[key] = None
         self._stats.want_haves_sent += 1
-        self._unlazy(peer, w.cid)
-        self._outbox.setdefault(peer, {})[w.cid] = WantEntry(
+        self._unlazy(peer, key)
+        self._outbox.setdefault(peer, {})[key] = WantEntry(
             w.cid, WantType.HAVE, w.priority, send_dont_have=send_dont_have
         )
 
-    def _unlazy(self, peer: PeerId, cid: CID) -> None:
+    def _unlazy(self, peer: PeerId, key: bytes) -> None:
         lazy = self._lazy.get(peer)
-        if lazy and lazy.pop(cid, None) is not None and not lazy:
+        if lazy and lazy.pop(key, None) is not None and not lazy:
             del self._lazy[peer]
 
     def _send_lazy(self, peer: PeerId) -> None:
         """Put `peer`'s waiting cancels into this step's message to it."""
         box = self._outbox.setdefault(peer, {})
-        for cid in self._lazy.pop(peer):
-            box.setdefault(cid, WantEntry(cid, cancel=True))
+        for key, (_, cid) in self._lazy.pop(peer).items():
+            box.setdefault(key, WantEntry(cid, cancel=True))
 
     def _flush_lazy(self, now: float) -> float | None:
         """Lazy cancels ride with a message going to their peer anyway; the rest go out when due (or
@@ -856,10 +872,10 @@ class BitswapClient:
         for peer in peers:
             lazy = self._lazy[peer]
             # dicts keep insertion order and every due is insertion time + cancel_delay
-            if peer in self._outbox or next(iter(lazy.values())) <= now:
+            if peer in self._outbox or next(iter(lazy.values()))[0] <= now:
                 self._send_lazy(peer)
         if due_now:
-            self._lazy_due = min((next(iter(lazy.values())) for lazy in self._lazy.values()), default=None)
+            self._lazy_due = min((next(iter(lazy.values()))[0] for lazy in self._lazy.values()), default=None)
         return self._lazy_due
 
     def _finish(self, now: float) -> list[Action]:

@@ -119,6 +119,9 @@ class ServerConfig:
     max_total_outstanding_bytes: int = 0  # blocks handed to the driver, not yet acknowledged, all peers
     superseed_window: float = 0.0  # seconds a block handed to one peer is refused to others (0 = off)
     have_batch_delay: float = 0.0  # BlocksAdded answers waiting wants this long after, in one batch (0 = at once)
+    # super-seeding: lent blocks one peer may hold that no other peer is known to have got since, while
+    # other peers are refused blocks (0 = no bound)
+    superseed_share: int = 0
 
     def __post_init__(self) -> None:
         if self.quantum < 1 or self.max_outstanding_bytes < 1 or self.max_message_size < 64:
@@ -129,6 +132,8 @@ class ServerConfig:
             raise ExchangeUsageError(f"have_batch_delay must be >= 0 seconds, not {self.have_batch_delay}")
         if not self.superseed_window >= 0:
             raise ExchangeUsageError(f"superseed_window must be >= 0 seconds, not {self.superseed_window}")
+        if self.superseed_share < 0:
+            raise ExchangeUsageError(f"superseed_share must be >= 0 blocks, not {self.superseed_share}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +141,7 @@ class ServerStats:
     superseed_refused: int  # wants answered DONT_HAVE (or kept unanswered) because the block was lent
     superseed_released_early: int  # lendings ended before the window: the peer left or cancelled
     superseed_lent: int  # blocks lent now
+    superseed_share_refused: int = 0  # wants refused because the peer held its share of unspread lent blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,10 +163,11 @@ _BLOCK, _HAVE, _DONT_HAVE = 0, 1, 2
 
 
 class _Task:
-    __slots__ = ("cid", "kind", "priority", "seq", "size", "send_dont_have", "wire")
+    __slots__ = ("cid", "key", "kind", "priority", "seq", "size", "send_dont_have", "wire")
 
     def __init__(self, cid: CID, kind: int, priority: int, seq: int, size: int, send_dont_have: bool) -> None:
         self.cid, self.kind, self.priority, self.seq = cid, kind, priority, seq
+        self.key = cid.buffer
         self.size, self.send_dont_have = size, send_dont_have
         self.wire = block_wire_size(cid, size) if kind == _BLOCK else presence_wire_size(cid, kind == _HAVE)
 
@@ -172,15 +179,17 @@ class _PeerLedger:
 
     def __init__(self, peer: PeerId, burst: float, now: float) -> None:
         self.peer = peer
-        self.tasks: dict[CID, _Task] = {}  # every queued task, by CID
-        self.presences: dict[CID, _Task] = {}  # the HAVE / DONT_HAVE tasks among them, oldest first
+        # Every map of the server is keyed by the CID's bytes (`CID.buffer`): a bytes object hashes in C
+        # and caches its hash, where a CID key costs a Python `__hash__` call per lookup.
+        self.tasks: dict[bytes, _Task] = {}  # every queued task, by CID bytes
+        self.presences: dict[bytes, _Task] = {}  # the HAVE / DONT_HAVE tasks among them, oldest first
         # block tasks by (priority desc, arrival): a heap whose entries go stale when their task is
         # dropped or replaced, skipped when they reach the top
         self._heap: list[tuple[int, int, int, _Task]] = []  # (-priority, seq, push number, task)
         self._pushes = 0  # a task replaced by one with the same priority and seq must not tie
         self.block_bytes = 0  # bytes of the queued block tasks
-        self.waiting: dict[CID, WantEntry] = {}
-        self.kept: dict[CID, None] = {}  # waiting wants already answered DONT_HAVE, oldest first
+        self.waiting: dict[bytes, WantEntry] = {}
+        self.kept: dict[bytes, None] = {}  # waiting wants already answered DONT_HAVE, oldest first
         self.outstanding = 0
         self.deficit = 0
         self.served = 0  # when a block last went to it (a server sequence number), for fairness
@@ -189,22 +198,22 @@ class _PeerLedger:
         self.blocks_sent = self.bytes_sent = self.haves_sent = self.dont_haves_sent = self.wants_refused = 0
 
     def put(self, task: _Task) -> None:
-        self.drop(task.cid)
-        self.tasks[task.cid] = task
+        self.drop(task.key)
+        self.tasks[task.key] = task
         if task.kind == _BLOCK:
             self._pushes += 1
             heapq.heappush(self._heap, (-task.priority, task.seq, self._pushes, task))
             self.block_bytes += task.size
         else:
-            self.presences[task.cid] = task
+            self.presences[task.key] = task
 
-    def drop(self, cid: CID) -> _Task | None:
-        t = self.tasks.pop(cid, None)
+    def drop(self, key: bytes) -> _Task | None:
+        t = self.tasks.pop(key, None)
         if t is not None:
             if t.kind == _BLOCK:
                 self.block_bytes -= t.size
             else:
-                del self.presences[cid]
+                del self.presences[key]
         return t
 
     def clear(self) -> None:
@@ -216,7 +225,7 @@ class _PeerLedger:
     def head(self) -> _Task | None:
         """The next block task to send, or None."""
         heap, tasks = self._heap, self.tasks
-        while heap and tasks.get(heap[0][3].cid) is not heap[0][3]:
+        while heap and tasks.get(heap[0][3].key) is not heap[0][3]:
             heapq.heappop(heap)
         return heap[0][3] if heap else None
 
@@ -243,12 +252,20 @@ class BitswapServer:
         # Super-seeding: block -> (peer it is lent to, since when); blocks lent per peer; peers that
         # were refused a lent block and keep a want for it (checked against their ledger when the
         # lending ends); each lent block's window end.
-        self._lent: dict[CID, tuple[PeerId, float]] = {}
-        self._lent_to: dict[PeerId, dict[CID, None]] = {}
-        self._watchers: dict[CID, dict[PeerId, None]] = {}
-        self._lendings: Deadlines[CID] = Deadlines()
+        # lendings ended. Keyed by CID bytes, as the ledgers.
+        self._lent: dict[bytes, tuple[PeerId, float]] = {}
+        self._lent_to: dict[PeerId, dict[bytes, None]] = {}
+        self._watchers: dict[bytes, dict[PeerId, None]] = {}
+        self._lendings: Deadlines[bytes] = Deadlines()
+        # The share bound (`superseed_share`): per peer, its lent blocks no other peer is known to have
+        # got since (another peer's cancel or HAVE for the block says it has); the keys of wants refused
+        # because that share was full (reconsidered when it has room); when peers were last refused a
+        # lent block, latest last (another peer refused lately is what makes the share bind).
+        self._unspread: dict[PeerId, dict[bytes, None]] = {}
+        self._share_refused: dict[PeerId, dict[bytes, None]] = {}
+        self._refused_at: dict[PeerId, float] = {}
         self._timer_at: float | None = None
-        self._refused = self._released_early = 0
+        self._refused = self._released_early = self._share_refusals = 0
         self._added: dict[CID, None] = {}  # BlocksAdded not yet answered (have_batch_delay), in order
         self._added_due: float | None = None
 
@@ -273,9 +290,11 @@ class BitswapServer:
                 self._outstanding_total -= led.outstanding
             self._active.pop(event.peer, None)
             self._capped.pop(event.peer, None)
-            for cid in list(self._lent_to.get(event.peer, ())):
+            for key in list(self._lent_to.get(event.peer, ())):
                 self._released_early += 1
-                self._end_lending(cid)
+                self._end_lending(key)
+            self._share_refused.pop(event.peer, None)
+            self._refused_at.pop(event.peer, None)
         elif isinstance(event, BlocksAdded):
             if self.config.have_batch_delay:
                 # Debounced: the HAVEs (and blocks) for waiting wants of everything added within the
@@ -299,7 +318,7 @@ class BitswapServer:
 
     def stats(self) -> ServerStats:
         return ServerStats(superseed_refused=self._refused, superseed_released_early=self._released_early,
-                           superseed_lent=len(self._lent))
+                           superseed_lent=len(self._lent), superseed_share_refused=self._share_refusals)
 
     # -- super-seeding ------------------------------------------------------------------------
     def lend_for_stream(self, peer: PeerId, cid: CID, size: int, now: float) -> tuple[bool, list[Action]]:
@@ -311,10 +330,15 @@ class BitswapServer:
         if not self.config.superseed_window or size <= self.config.inline_have_max:
             return True, []
         self._now = now
-        if self._lent_elsewhere(peer, cid):
+        if self._lent_elsewhere(peer, cid.buffer):
             self._refused += 1
+            self._note_refused(peer)
             return False, self._finish([])
-        self._lend(peer, cid)
+        if self._over_share(peer):
+            self._share_refusals += 1
+            self._note_refused(peer)
+            return False, self._finish([])
+        self._lend(peer, cid.buffer)
         return True, self._finish([])
 
     def _finish(self, out: list[Action]) -> list[Action]:
@@ -328,54 +352,113 @@ class BitswapServer:
                 out.append(SetTimer(at))
         return out
 
-    def _lend(self, peer: PeerId, cid: CID) -> None:
-        old = self._lent.get(cid)
+    def _lend(self, peer: PeerId, key: bytes) -> None:
+        old = self._lent.get(key)
         if old is not None and old[0] != peer:
-            self._lent_to[old[0]].pop(cid, None)
-        self._lent[cid] = (peer, self._now)
-        self._lent_to.setdefault(peer, {})[cid] = None
-        self._lendings.add(self._now + self.config.superseed_window, cid)
+            self._lent_to[old[0]].pop(key, None)
+            self._spread(key)
+        if self.config.superseed_share and (old is None or old[0] != peer):
+            self._unspread.setdefault(peer, {})[key] = None
+        self._lent[key] = (peer, self._now)
+        self._lent_to.setdefault(peer, {})[key] = None
+        self._lendings.add(self._now + self.config.superseed_window, key)
 
-    def _lent_elsewhere(self, peer: PeerId, cid: CID) -> bool:
-        lent = self._lent.get(cid)
+    # -- the share bound: BitTorrent super-seeding's "a new piece once the last one was seen elsewhere"
+    def _note_refused(self, peer: PeerId) -> None:
+        refused = self._refused_at
+        refused.pop(peer, None)
+        refused[peer] = self._now
+        if len(refused) > 64:
+            del refused[next(iter(refused))]
+
+    def _over_share(self, peer: PeerId) -> bool:
+        """`peer` holds its share of lent blocks nobody else is known to have, and another peer was
+        refused a block lately: it gets no more until one of them spreads (or its window ends). A lone
+        fetcher (nobody else refused) is never bound."""
+        share = self.config.superseed_share
+        if not share or len(self._unspread.get(peer, ())) < share:
+            return False
+        window, now = self.config.superseed_window, self._now
+        for other in reversed(self._refused_at):  # the latest two suffice: one of them is not `peer`
+            if other != peer:
+                return self._refused_at[other] + window > now
+        return False
+
+    def _spread(self, key: bytes) -> None:
+        """Another peer than the one `key` is lent to has it now: it no longer counts against the
+        holder's share, and the holder's refused wants are looked at again."""
+        lent = self._lent.get(key)
+        if lent is None:
+            return
+        holder = lent[0]
+        unspread = self._unspread.get(holder)
+        if unspread is None or key not in unspread:
+            return
+        del unspread[key]
+        if not unspread:
+            del self._unspread[holder]
+        self._readmit(holder)
+
+    def _readmit(self, peer: PeerId) -> None:
+        """`peer`'s share has room: wants refused for it are considered again (the peer hears HAVE,
+        or gets the block, while the share lasts)."""
+        refused = self._share_refused.get(peer)
+        led = self._ledgers.get(peer)
+        while refused and led is not None and not self._over_share(peer):
+            key = next(iter(refused))
+            del refused[key]
+            e = led.waiting.get(key)
+            if e is not None:
+                self._consider(led, e)
+        if not refused or led is None:
+            self._share_refused.pop(peer, None)
+
+    def _lent_elsewhere(self, peer: PeerId, key: bytes) -> bool:
+        lent = self._lent.get(key)
         if lent is None or lent[0] == peer:
             return False
-        if lent[1] + self.config.superseed_window <= self._now and not self._still_queued(lent[0], cid):
-            self._end_lending(cid)  # over, though the timer has not fired yet
+        if lent[1] + self.config.superseed_window <= self._now and not self._still_queued(lent[0], key):
+            self._end_lending(key)  # over, though the timer has not fired yet
             return False
         return True
 
-    def _still_queued(self, peer: PeerId, cid: CID) -> bool:
+    def _still_queued(self, peer: PeerId, key: bytes) -> bool:
         """The block lent to `peer` waits in its queue: it has not been handed over yet."""
         led = self._ledgers.get(peer)
-        t = led.tasks.get(cid) if led is not None else None
+        t = led.tasks.get(key) if led is not None else None
         return t is not None and t.kind == _BLOCK
 
-    def _end_lending(self, cid: CID) -> None:
+    def _end_lending(self, key: bytes) -> None:
         """The block may go to others again: watchers still wanting it hear HAVE (or get it, if small)."""
-        peer, _ = self._lent.pop(cid)
-        self._lendings.remove(cid)
+        peer, _ = self._lent.pop(key)
+        self._lendings.remove(key)
+        unspread = self._unspread.get(peer)
+        if unspread is not None and key in unspread:
+            del unspread[key]
+            if not unspread:
+                del self._unspread[peer]
+            self._readmit(peer)
         to = self._lent_to.get(peer)
         if to is not None:
-            to.pop(cid, None)
+            to.pop(key, None)
             if not to:
                 del self._lent_to[peer]
-        for watcher in self._watchers.pop(cid, ()):
+        for watcher in self._watchers.pop(key, ()):
             led = self._ledgers.get(watcher)
-            if led is not None and (e := led.waiting.get(cid)) is not None:
+            if led is not None and (e := led.waiting.get(key)) is not None:
                 self._consider(led, e)
 
     def _expire_lendings(self, now: float) -> None:
         window = self.config.superseed_window
-        for cid in self._lendings.expire(now):
-            lent = self._lent.get(cid)
+        for key in self._lendings.expire(now):
+            lent = self._lent.get(key)
             if lent is None or lent[1] + window > now:
                 continue  # lent again while earlier ones ended (its new window runs)
-            if self._still_queued(lent[0], cid):
+            if self._still_queued(lent[0], key):
                 # not handed over yet (a long queue): the window starts when it goes out
-                self._lendings.add(now + window, cid)
+                self._lendings.add(now + window, key)
                 continue
-            self._end_lending(cid)
+            self._end_lending(key)
 
     def ledger(self, peer: PeerId) -> Ledger | None:
         led = self._ledgers.get(peer)
@@ -401,15 +484,18 @@ class BitswapServer:
             led.waiting.clear()
             led.kept.clear()
         for e in msg.wants:
+            key = e.cid.buffer
             if e.cancel:
-                t = led.drop(e.cid)
-                led.waiting.pop(e.cid, None)
-                led.kept.pop(e.cid, None)
-                if t is not None and t.kind == _BLOCK and e.cid in self._lent_to.get(peer, ()):
+                t = led.drop(key)
+                led.waiting.pop(key, None)
+                led.kept.pop(key, None)
+                if t is not None and t.kind == _BLOCK and key in self._lent_to.get(peer, ()):
                     self._released_early += 1  # it never went: someone else may have it now
-                    self._end_lending(e.cid)
+                    self._end_lending(key)
+                elif self._unspread:
+                    self._spread_if_elsewhere(peer, key)  # it cancels: it got the block elsewhere
                 continue
-            known = e.cid in led.tasks or e.cid in led.waiting
+            known = key in led.tasks or key in led.waiting
             held = len(led.tasks) + len(led.waiting) - len(led.kept)  # kept wants have their own bound
             if not known and (led.tokens < 1 or held >= cfg.max_wants_per_peer):
                 led.wants_refused += 1
@@ -427,23 +513,35 @@ class BitswapServer:
         for it no longer says anything the peer needs. Without this, two peers watching a block at
         each other both send HAVE once each has it, though the second HAVE only tells the first
         what it already knows. Queued blocks stay: a want-block is the peer's to cancel."""
+        if self._unspread:
+            for b in msg.blocks:
+                self._spread_if_elsewhere(peer, b.cid.buffer)
+            for p in msg.presences:
+                if p.have:
+                    self._spread_if_elsewhere(peer, p.cid.buffer)
         led = self._ledgers.get(peer)
         if led is None or not (led.waiting or led.presences):
             return
         for b in msg.blocks:
-            self._peer_holds(led, b.cid)
+            self._peer_holds(led, b.cid.buffer)
         for p in msg.presences:
             if p.have:
-                self._peer_holds(led, p.cid)
+                self._peer_holds(led, p.cid.buffer)
+
+    def _spread_if_elsewhere(self, peer: PeerId, key: bytes) -> None:
+        lent = self._lent.get(key)
+        if lent is not None and lent[0] != peer:
+            self._spread(key)
 
     @staticmethod
-    def _peer_holds(led: _PeerLedger, cid: CID) -> None:
-        if led.waiting.pop(cid, None) is not None:
-            led.kept.pop(cid, None)
-        if cid in led.presences:
-            led.drop(cid)
+    def _peer_holds(led: _PeerLedger, key: bytes) -> None:
+        if led.waiting.pop(key, None) is not None:
+            led.kept.pop(key, None)
+        if key in led.presences:
+            led.drop(key)
 
     def _consider(self, led: _PeerLedger, e: WantEntry) -> None:
+        key = e.cid.buffer
         size = self.source.size(e.cid)
         if size is not None and (
             size > MAX_BLOCK_SIZE or block_wire_size(e.cid, size) > self.config.max_message_size - 64
@@ -457,55 +555,72 @@ class BitswapServer:
                     # the peer hears HAVE and decides whether it still wants it from us.
                     self._keep(led, e)
                 else:
-                    led.waiting.pop(e.cid, None)
-                    led.kept.pop(e.cid, None)
+                    led.waiting.pop(key, None)
+                    led.kept.pop(key, None)
             else:
-                led.drop(e.cid)
-                led.waiting[e.cid] = e
-                led.kept.pop(e.cid, None)
+                led.drop(key)
+                led.waiting[key] = e
+                led.kept.pop(key, None)
             return
-        if self.config.superseed_window and size > self.config.inline_have_max and self._lent_elsewhere(led.peer, e.cid):
-            self._refuse_lent(led, e)
-            return
-        led.waiting.pop(e.cid, None)
-        led.kept.pop(e.cid, None)
+        if self.config.superseed_window and size > self.config.inline_have_max:
+            if self._lent_elsewhere(led.peer, key):
+                self._refuse_lent(led, e)
+                return
+            if key not in self._lent_to.get(led.peer, ()) and self._over_share(led.peer):
+                self._refuse_share(led, e)
+                return
+        led.waiting.pop(key, None)
+        led.kept.pop(key, None)
         if e.want_type == WantType.BLOCK or size <= self.config.inline_have_max:
             if self.config.superseed_window and size > self.config.inline_have_max:
-                self._lend(led.peer, e.cid)
+                self._lend(led.peer, key)
             self._queue(led, e, _BLOCK, size)
         else:
-            old = led.tasks.get(e.cid)
+            old = led.tasks.get(key)
             if old is not None and old.kind == _BLOCK:
                 # a want-have does not downgrade a queued want-block; it only changes its priority
                 led.put(_Task(e.cid, _BLOCK, e.priority, old.seq, old.size, old.send_dont_have))
                 return
             self._queue(led, e, _HAVE, 0)
 
+    def _refuse_share(self, led: _PeerLedger, e: WantEntry) -> None:
+        """A want from a peer that holds its share of unspread lent blocks: refused (`_refuse`), and
+        considered again when its share has room (`_readmit`)."""
+        self._share_refusals += 1
+        self._share_refused.setdefault(led.peer, {})[self._refuse(led, e)] = None
+
     def _refuse_lent(self, led: _PeerLedger, e: WantEntry) -> None:
-        """A want for a block lent to another peer: DONT_HAVE if asked, and kept (as a want-have that
-        needs no second DONT_HAVE) until the lending ends."""
+        """A want for a block lent to another peer: refused (`_refuse`) until the lending ends."""
         self._refused += 1
-        led.drop(e.cid)
+        self._watchers.setdefault(self._refuse(led, e), {})[led.peer] = None
+
+    def _refuse(self, led: _PeerLedger, e: WantEntry) -> bytes:
+        """DONT_HAVE if asked, and the want kept as a want-have that needs no second DONT_HAVE.
+        Returns the CID's key."""
+        self._note_refused(led.peer)
+        key = e.cid.buffer
+        led.drop(key)
         if e.send_dont_have:
             self._queue(led, e, _DONT_HAVE, 0)
             self._keep(led, e)
         else:
-            led.waiting[e.cid] = WantEntry(e.cid, WantType.HAVE, e.priority)
-        self._watchers.setdefault(e.cid, {})[led.peer] = None
+            led.waiting[key] = WantEntry(e.cid, WantType.HAVE, e.priority)
+        return key
 
     def _keep(self, led: _PeerLedger, e: WantEntry) -> None:
         """Keep a want answered DONT_HAVE as a want-have, within the kept wants' own bound (the oldest
         makes room)."""
-        led.waiting[e.cid] = WantEntry(e.cid, WantType.HAVE, e.priority)
-        led.kept.pop(e.cid, None)
+        key = e.cid.buffer
+        led.waiting[key] = WantEntry(e.cid, WantType.HAVE, e.priority)
+        led.kept.pop(key, None)
         if len(led.kept) >= self.config.max_wants_per_peer:
             oldest = next(iter(led.kept))
             del led.kept[oldest]
             del led.waiting[oldest]
-        led.kept[e.cid] = None
+        led.kept[key] = None
 
     def _queue(self, led: _PeerLedger, e: WantEntry, kind: int, size: int) -> None:
-        old = led.tasks.get(e.cid)
+        old = led.tasks.get(e.cid.buffer)
         seq = old.seq if old is not None else self._next_seq()
         led.put(_Task(e.cid, kind, e.priority, seq, size, e.send_dont_have))
         self._active[led.peer] = None
@@ -516,12 +631,13 @@ class BitswapServer:
         return self._seq
 
     def _on_blocks_added(self, cids: tuple[CID, ...]) -> None:
+        keys = [cid.buffer for cid in cids]
         for led in self._ledgers.values():
             waiting = led.waiting
             if not waiting:
                 continue
-            for cid in cids:
-                e = waiting.get(cid)
+            for key in keys:
+                e = waiting.get(key)
                 if e is not None:
                     self._consider(led, e)
 
@@ -629,7 +745,7 @@ class BitswapServer:
                 break
             presences.append(Presence(t.cid, t.kind == _HAVE))
             size += s
-            led.drop(t.cid)
+            led.drop(t.key)
             if t.kind == _HAVE:
                 led.haves_sent += 1
             else:
@@ -649,7 +765,7 @@ class BitswapServer:
             if cfg.max_total_outstanding_bytes and total > cfg.max_total_outstanding_bytes and (
                     blocks or self._outstanding_total):
                 break
-            led.drop(t.cid)
+            led.drop(t.key)
             data = self.source.get(t.cid)
             if data is None or len(data) != t.size:
                 # Gone (or changed size) since the want was queued: answer as if we never had it.
@@ -659,8 +775,8 @@ class BitswapServer:
                     led.dont_haves_sent += 1
                 continue
             blocks.append(Block(t.cid, data))
-            if self.config.superseed_window and t.cid in self._lent_to.get(led.peer, ()):
-                self._lend(led.peer, t.cid)  # the window counts from when it went out
+            if self.config.superseed_window and t.key in self._lent_to.get(led.peer, ()):
+                self._lend(led.peer, t.key)  # the window counts from when it went out
             size += s
             led.deficit -= t.size
             led.blocks_sent += 1

@@ -317,7 +317,7 @@ def test_a_nar_that_cannot_fit_in_the_quota_is_refused_before_any_byte(nix, tmp_
     r = httpx.get(f"{b.api}/{url}", timeout=60)
     assert r.status_code == 507 and "more than this node's quota" in r.json()["error"], r.text
     st = b.status()
-    # refused once for the NAR request, and (by then, as a rule) once for the prefetch its narinfo began
+    # refused once for the NAR request, and (with nix.prefetch_nars on) once for the prefetch its narinfo began
     assert st["roots"] == 0 and st["stored_bytes"] == 0 and st["gc"]["refused"] in (1, 2)
     # and Nix, asked to substitute it from B, fails cleanly instead of filling B's disk
     proc = nix.run("nix", "copy", "--from", b.api, "--to", str(tmp_path / "store-b"), path,
@@ -398,9 +398,11 @@ def test_a_nar_whose_provider_dies_mid_response_still_arrives_whole_from_the_nex
 
 
 def test_a_narinfo_from_the_swarm_begins_its_nar_fetch_before_nix_asks_for_the_nar(nix, closure, tmp_path, daemons):
-    """B answers a narinfo from A and begins fetching its NAR at once (`nix.prefetch_nars`): the blocks arrive
+    """B answers a narinfo from A and begins fetching its NAR at once (`nix.prefetch_nars = 4`): the blocks arrive
     with no NAR request, nothing is claimed until a request streams them (NarHash checked), and that request
     gets the whole NAR from the prefetch rather than starting a fetch of its own."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.toml").write_text("[nix]\nprefetch_nars = 4\n")
     a, b = _swarm(tmp_path, daemons)
     nix.run("nix", "copy", "--to", a.api, closure["tree"], config=f"netrc-file = {a.netrc}\n")
     a.wait_announced(2)

@@ -11,7 +11,8 @@ the static caches written by `nix copy --to file://DIR?compression=zstd|xz` and 
 ThreadingHTTPServer in its own process. Per content kind and run, alternating: static zstd, static xz,
 B with the daemon's defaults (the DAG protocol), B with the NAR fetch begun when the narinfo is answered
 (`nix.prefetch_nars = 4`), B with `transfer.protocol = "bitswap"` (the old path);
-each copy into a fresh chroot store with a fresh Nix cache dir, checked against the NarHashes. Figures: min over runs; ratios p2pcache/static (goal <= 1.0).
+each copy into a fresh chroot store with a fresh Nix cache dir, checked against the NarHashes. Figures: min
+over runs; ratios p2pcache/static (goal <= 1.0), and dag with the prefetch / dag without it.
 
 --quick: the small closure and the first 60 packages of site-packages (in sorted order).
 Table on stderr, JSON lines on stdout ({"bench": "nixcopy", "metric", "value", "unit", "better", ...}).

@@ -28,14 +28,16 @@ import io
 import logging
 import secrets
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import IO, Any, AsyncContextManager, Awaitable, Callable, Protocol, Sequence
+from typing import IO, Any, AsyncContextManager, Awaitable, Callable, Iterable, Protocol, Sequence
 
 import trio
 
 from .buildrecords import RecordStore
 from .cacheupload import DaemonBlockSink, frame_blocks, frame_cids, unframe_blocks, unframe_cids  # noqa: F401 (re-exported)
 from .content.cacherecord import CacheRecord, check_cache_key, namespace_of
+from .content.chunking import DEFAULT_PARAMS, ChunkerParams
 from .content.cid import CID
 from .content.treemanifest import TreeManifest, iter_blocks
 from .errors import CorruptData, InvalidInput, NotFound
@@ -146,6 +148,118 @@ def put_blocks_parallel(repo: Any, blocks: list[tuple[CID, bytes]], pool: Any) -
     return len(todo), sum(len(d) for _, d in todo)
 
 
+FILES_HASH_AHEAD = 2  # pieces of a file upload being hashed while the next one is cut
+MAX_UPLOAD_FILES = 1 << 16  # files in one upload request (their bodies are held until its answer)
+
+
+def ingest_files(repo: Any, pieces: Iterable[bytes], params: ChunkerParams = DEFAULT_PARAMS) -> dict:
+    """The file contents of a save (`cacheupload.FILE_HEADER` framing: each file's size, then its bytes),
+    chunked, hashed and stored by the repo's ingest pipeline: cut here (a whole file at once when it lies in
+    one piece), every chunk's sha256 and crc32 on the shared `ChunkHasher` threads a piece at a time, the new
+    blocks appended by the ingest's writer and recorded in one index commit at the end. The chunk CIDs are
+    computed here, from the bytes: nothing the caller says about them is believed. Returns {"bodies": each
+    file's tree-manifest body ([size, depth, links], as `chunk_contents` makes it), "new_blocks",
+    "new_bytes"}. A truncated upload raises InvalidInput and records nothing."""
+    from collections import deque
+
+    from .cacheupload import FILE_HEADER
+    from .content.chunking import Chunker
+    from .content.cid import RAW
+    from .content.manifest import FANOUT
+    from .content.narmanifest import INLINE_LINKS, ChunkTree
+    from .store.ingest import shared_chunk_hasher
+
+    chunker = Chunker(params)
+    hasher = shared_chunk_hasher()
+    header_size = FILE_HEADER.size
+    bodies: list[list[Any]] = []
+    hashing: deque[tuple[list[Any], list[Any]]] = deque()
+    tree = ChunkTree(FANOUT)
+    index_out: list[Any] = []
+
+    def take(ingest: Any) -> None:
+        nonlocal tree
+        items, parts = hashing.popleft()
+        digests = iter(hasher.result(parts) if parts else ())
+        blocks: list[Any] = []
+        crcs: list[int | None] = []
+        for item in items:
+            if type(item) is int:  # the end of a file of this size
+                depth, links = tree.finish(INLINE_LINKS, index_out)
+                bodies.append([item, depth, [[c, n] for c, n in links]])
+                tree = ChunkTree(FANOUT)
+            else:
+                digest, crc = next(digests)
+                cid = CID.from_digest(RAW, digest)
+                blocks.append((cid, item))
+                crcs.append(crc)
+                tree.add(cid, len(item), index_out)
+            if index_out:
+                blocks += index_out
+                crcs += [None] * len(index_out)
+                index_out.clear()
+        if blocks:
+            ingest.put(blocks, crcs)
+
+    with repo.ingest(()) as ingest:
+        left: int | None = None  # bytes of the current file still to come; None: a header is next
+        streaming = False  # the current file started in an earlier piece (fed to the chunker piecewise)
+        carry = b""  # a header cut by the end of a piece
+        files = 0
+        for piece in pieces:
+            view = memoryview(piece)
+            items: list[Any] = []
+            chunks: list[memoryview] = []
+            pos, end = 0, len(view)
+            while pos < end:
+                if left is None:
+                    if carry or end - pos < header_size:
+                        need = header_size - len(carry)
+                        carry += bytes(view[pos:pos + need])
+                        pos += need
+                        if len(carry) < header_size:
+                            break
+                        (left,), carry = FILE_HEADER.unpack(carry), b""
+                    else:
+                        (left,) = FILE_HEADER.unpack_from(view, pos)
+                        pos += header_size
+                    size = left
+                    files += 1
+                    if files > MAX_UPLOAD_FILES:
+                        raise InvalidInput(f"file upload: more than {MAX_UPLOAD_FILES} files in one request; "
+                                           "send them in smaller batches")
+                    if left == 0:
+                        items.append(0)
+                        left = None
+                        continue
+                n = min(left, end - pos)
+                part = view[pos:pos + n]
+                pos += n
+                left -= n
+                if left == 0 and not streaming:
+                    cut = list(chunker.whole(part))
+                else:
+                    streaming = True
+                    cut = list(chunker.feed(part))
+                    if left == 0:
+                        cut += chunker.finish()
+                        streaming = False
+                chunks += cut
+                items += cut
+                if left == 0:
+                    items.append(size)
+                    left = None
+            hashing.append((items, hasher.submit(chunks) if chunks else []))
+            if len(hashing) > FILES_HASH_AHEAD:
+                take(ingest)
+        if left is not None or carry:
+            raise InvalidInput("file upload: the body ends inside a file; nothing of it was stored")
+        while hashing:
+            take(ingest)
+        ingest.commit(lambda index: None)  # blocks only: the save that follows claims them with its root
+    return {"bodies": bodies, "new_blocks": ingest.new_blocks, "new_bytes": ingest.new_bytes}
+
+
 class RepoBlockSink:
     """A save's blocks straight into a writable repo (no daemon running): each re-hashed on the way in."""
 
@@ -167,6 +281,19 @@ class RepoBlockSink:
         n, size = put_blocks_parallel(self.repo, blocks, self.pool)
         self.new_blocks += n
         self.new_bytes += size
+
+    def files(self, length: int, pieces: Iterable[bytes]) -> "Future[list]":
+        """Files' contents (`cacheupload.FILE_HEADER` framing) chunked and stored here; their bodies."""
+        fut: Future[list] = Future()
+        try:
+            got = ingest_files(self.repo, pieces)
+        except BaseException as e:
+            fut.set_exception(e)
+            return fut
+        self.new_blocks += got["new_blocks"]
+        self.new_bytes += got["new_bytes"]
+        fut.set_result(got["bodies"])
+        return fut
 
     def close(self) -> tuple[int, int]:
         """Release the writer threads (a later `offer` starts new ones); (new blocks, new bytes) so far."""
@@ -526,15 +653,27 @@ class BuildCache:
 
     async def accept_blocks(self, blocks: list[tuple[CID, bytes]], lease: str | None) -> tuple[int, int]:
         """`put_blocks` for an upload request: renews its lease, and no gc runs while the blocks go in."""
+        return await self._in_upload(lease, lambda: trio.to_thread.run_sync(self.put_blocks, blocks))
+
+    async def accept_files(self, body: Any, lease: str | None) -> dict:
+        """A save's file contents streamed in one request (`ingest_files` on a worker thread as the body
+        arrives): renews its lease, and no gc runs while the blocks go in."""
+        from .aio import feed_thread
+
+        return await self._in_upload(lease, lambda: feed_thread(body, lambda pieces: ingest_files(self.repo, pieces)))
+
+    async def _in_upload(self, lease: str | None, work: Callable[[], Awaitable[Any]]) -> Any:
+        """Run an upload request's `work` where no gc takes what it stores: under its lease (renewed), or,
+        for an old client that names none, under a scope of the request's own."""
         if self.leases is None:
-            return await trio.to_thread.run_sync(self.put_blocks, blocks)
+            return await work()
         if lease:
             # The lease's scope covers these blocks. No scope of our own: a gc waiting for the leases to
             # end holds the guard's lock, and a new scope would wait for that gc — a deadlock.
             await self.leases.renew(lease)
-            return await trio.to_thread.run_sync(self.put_blocks, blocks)
-        async with self.leases.guard.working():  # an old client that names no lease: this request's own scope
-            return await trio.to_thread.run_sync(self.put_blocks, blocks)
+            return await work()
+        async with self.leases.guard.working():
+            return await work()
 
     async def missing_for(self, cids: list[CID], lease: str | None) -> list[CID]:
         """`missing` for an upload request: renews its lease first, so what it reports present stays."""

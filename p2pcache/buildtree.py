@@ -8,8 +8,9 @@ a caller gets nothing its own permissions would not give it. Blocks leave throug
 itself when no daemon runs, the daemon's upload API when one does); restore reads verified blocks through
 a `load(cid)`.
 
-Saving: entries are (top-level path, relative path, st_mode, st_mtime_ns, body) in sorted order; regular
-files are read and chunked on a few threads, in order, with a bounded window. A *stat cache* — the
+Saving: entries are (top-level path, relative path, st_mode, st_mtime_ns, body) in sorted order; files that
+fit in their entry are read here, larger ones are streamed to the sink in batches, which chunks and hashes
+them (`buildcache.ingest_files`, in the daemon when one runs) and answers their bodies. A *stat cache* — the
 previous save or restore of the same paths on this machine — lets a file whose type, mode, size and mtime
 are unchanged (and whose mtime was at least a second older than that scan, against same-second rewrites)
 reuse its previous body without being read, so an unchanged re-save reads no file contents. Special files
@@ -37,13 +38,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Protocol
 
+from .cacheupload import FILE_HEADER
 from .content.chunking import DEFAULT_PARAMS, ChunkerParams
 from .content.cid import CID
 from .content.treemanifest import (
     TreeEntry,
     TreeManifest,
     TreeManifestBuilder,
-    chunk_contents,
     file_chunks,
     iter_entries,
     iter_sources,
@@ -52,12 +53,16 @@ from .content.treemanifest import (
 )
 from .errors import CorruptData, InvalidInput, RepoError
 
-__all__ = ["ArrivingBlocks", "BlockSink", "PathScan", "RestoreReport", "SaveReport", "TreeSuperseded", "paths_id",
-           "previous_entries", "restore_tree", "save_tree", "scan_paths", "unchanged_tree", "undo_restore"]
+__all__ = ["ArrivingBlocks", "BlockSink", "PathScan", "RestoreReport", "SaveReport", "TreeSuperseded", "file_pieces",
+           "paths_id", "previous_entries", "restore_tree", "save_tree", "scan_paths", "unchanged_tree", "undo_restore"]
 
 READ_SIZE = 4 << 20
-BATCH_BYTES = 8 << 20
-WINDOW = 64
+BATCH_BYTES = 8 << 20  # page blocks offered to the sink at a time
+UPLOAD_BATCH_BYTES = 32 << 20  # file bytes per upload to the sink (one request to a daemon)
+UPLOAD_BATCH_FILES = 4096
+UPLOADS_AHEAD = 2  # upload batches in flight while the tree takes the bodies of earlier ones
+PIECE_BYTES = 1 << 20  # an upload body's pieces
+DRAIN_EVERY = 256  # entries walked between two looks at which bodies came back
 GROUP_FILES = 64  # files of one directory written by one restore task, their chunks read in one batch
 RACY_NS = 1_000_000_000  # a file modified within this long before a scan is re-read next time
 _tmp_counter = itertools.count()
@@ -65,11 +70,14 @@ _tmp_counter = itertools.count()
 
 class BlockSink(Protocol):
     """Where a save's blocks go: the repo, or the daemon that owns it. `offer` stores those of the blocks
-    the sink lacks and may work in the background (the saver never waits on it while it reads); `close`
-    waits for it, raises what it met, and returns (new blocks, new bytes) stored since the last close."""
+    the sink lacks and may work in the background (the saver never waits on it while it reads); `files`
+    takes files' contents (`file_pieces`), chunks them, stores their blocks and answers their bodies (the
+    sink computes every CID itself); `close` waits for both, raises what they met, and returns (new
+    blocks, new bytes) stored since the last close."""
 
     def missing(self, cids: list[CID]) -> set[CID]: ...
     def offer(self, blocks: list[tuple[CID, bytes]]) -> None: ...
+    def files(self, length: int, pieces: Iterable[bytes]) -> "Future[list]": ...
     def close(self) -> tuple[int, int]: ...
 
 
@@ -128,26 +136,6 @@ def _walk(top: str) -> Iterator[tuple[bytes, os.stat_result]]:
                 yield path, est
                 if stat.S_ISDIR(est.st_mode):
                     todo.append((os.path.join(full, name), path))
-
-
-def _read_file(full: bytes, size: int, params: ChunkerParams) -> tuple[object, list]:
-    try:
-        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise RepoError(f"cannot read {os.fsdecode(full)}: {e.strerror}") from None
-    try:
-        def pieces() -> Iterator[bytes]:
-            while True:
-                buf = os.read(fd, READ_SIZE)
-                if not buf:
-                    return
-                yield buf
-        try:
-            return chunk_contents(pieces(), size, params)
-        except InvalidInput as e:
-            raise InvalidInput(f"{os.fsdecode(full)}: {e}; save again once the build has finished") from None
-    finally:
-        os.close(fd)
 
 
 def _top_links(body: object) -> list[CID]:
@@ -228,12 +216,111 @@ def unchanged_tree(scan: PathScan, root: CID, digest: bytes | None, scan_time: f
     return report
 
 
+class _Upload:
+    """One batch of files going to the sink (`BlockSink.files`) and, once it came back, their bodies."""
+
+    __slots__ = ("files", "bytes", "future", "bodies")
+
+    def __init__(self) -> None:
+        self.files: list[tuple[bytes, int]] = []
+        self.bytes = 0
+        self.future: Future | None = None
+        self.bodies: list | None = None
+
+    def take(self) -> None:
+        assert self.future is not None
+        bodies = self.future.result()
+        if len(bodies) != len(self.files):
+            raise RepoError(f"the daemon answered {len(bodies)} bodies for an upload of {len(self.files)} files")
+        self.bodies = bodies
+
+    def body(self, i: int, size: int) -> object:
+        assert self.bodies is not None
+        body = self.bodies[i]
+        if not (isinstance(body, list) and len(body) == 3 and body[0] == size):
+            raise RepoError(f"the daemon answered a malformed body for {os.fsdecode(self.files[i][0])}")
+        return body
+
+
+def _read_small(full: bytes, size: int) -> bytes:
+    """A file small enough to live in its entry, checked against the size its stat said."""
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise RepoError(f"cannot read {os.fsdecode(full)}: {e.strerror}") from None
+    try:
+        data = os.read(fd, size + 1)
+        while len(data) < size + 1:  # short reads happen only at the end of a regular file, but be sure
+            more = os.read(fd, size + 1 - len(data))
+            if not more:
+                break
+            data += more
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise _changed(full, len(data), size)
+    return data
+
+
+def _changed(full: bytes, got: int, size: int) -> InvalidInput:
+    more = "+" if got > size else ""
+    return InvalidInput(f"{os.fsdecode(full)}: file changed while it was read ({got}{more} bytes, stat said {size}); "
+                        "save again once the build has finished")
+
+
+def file_pieces(files: list[tuple[bytes, int]]) -> Iterator[bytes]:
+    """The upload body of `files` ((path, the size its stat said), in order): each file's `FILE_HEADER`
+    and bytes, in pieces of about `PIECE_BYTES`. A file whose size is no longer what stat said raises
+    InvalidInput (wherever the reader is: the upload ends there), so a torn file is never saved."""
+    parts: list[bytes] = []
+    have = 0
+    for full, size in files:
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise RepoError(f"cannot read {os.fsdecode(full)}: {e.strerror}") from None
+        try:
+            parts.append(FILE_HEADER.pack(size))
+            have += FILE_HEADER.size
+            left = size
+            while True:
+                want = min(left + 1, READ_SIZE)  # one more than is left: a file that grew shows at once
+                buf = os.read(fd, want)
+                if len(buf) > left:
+                    raise _changed(full, size + 1, size)
+                left -= len(buf)
+                if len(buf) >= PIECE_BYTES:
+                    if parts:
+                        yield b"".join(parts)
+                        parts, have = [], 0
+                    yield buf
+                elif buf:
+                    parts.append(buf)
+                    have += len(buf)
+                    if have >= PIECE_BYTES:
+                        yield b"".join(parts)
+                        parts, have = [], 0
+                if len(buf) < want:  # the end of the file
+                    if left:
+                        raise _changed(full, size - left, size)
+                    break
+        finally:
+            os.close(fd)
+    if parts:
+        yield b"".join(parts)
+
+
 def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = None,
-              previous: "PreviousTree | None" = None, previous_scan: float = 0.0,
-              params: ChunkerParams = DEFAULT_PARAMS, threads: int = 4,
+              previous: "PreviousTree | None" = None, previous_scan: float = 0.0, threads: int = 4,
               progress: Callable[[int], None] | None = None, scan: PathScan | None = None) -> SaveReport:
     """Walk `paths` (or take the walk `scan` of them), store every block `sink` lacks, and return the
-    report with the tree's root CID and the walk's digest."""
+    report with the tree's root CID and the walk's digest.
+
+    Files up to the manifest's inline size are read here and kept in their entries; larger ones go to
+    the sink in batches (`BlockSink.files`: the sink reads them through `file_pieces`, and chunks and
+    stores them), at most `UPLOADS_AHEAD` batches at a time, while the entries before them go into the
+    tree as their bodies come back. `threads` hash the sources."""
+    params = DEFAULT_PARAMS  # what the sink chunks with (`buildcache.ingest_files`)
     scan = scan_paths(paths, params) if scan is None else scan
     report = SaveReport(scan_time=scan.time, scan_digest=scan.digest if sources_dir is None else None)
     entries = scan.entries
@@ -259,76 +346,96 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
             reuse = {k: e for k, e in reuse.items() if not any(c in gone for c in _top_links(e.body))}
             pages = {k: v for k, v in pages.items() if v[1] not in gone}
     builder = TreeManifestBuilder(list(paths), params, sources_path=sources_dir, previous_pages=pages)
+    inline = builder.inline
     pending: list[tuple[CID, bytes]] = []
     pending_bytes = 0
-    seen: set[CID] = set()
 
-    def flush() -> None:
+    def emit(blocks: list) -> None:
         nonlocal pending, pending_bytes
-        if pending:
+        for cid, data in blocks:
+            pending.append((cid, bytes(data)))
+            pending_bytes += len(data)
+        if pending_bytes >= BATCH_BYTES:
             sink.offer(pending)
             pending, pending_bytes = [], 0
 
-    def emit(blocks: list) -> None:
-        nonlocal pending_bytes
-        for cid, data in blocks:
-            if cid not in seen:
-                seen.add(cid)
-                pending.append((cid, bytes(data)))
-                pending_bytes += len(data)
-        if pending_bytes >= BATCH_BYTES:
-            flush()
+    # Entries wait here, in order, until their bodies are known: (top, rel, lstat, body, None, 0), or for a
+    # file being uploaded (top, rel, lstat, None, its batch, its index in the batch).
+    waiting: deque[tuple[int, bytes, os.stat_result, object, _Upload | None, int]] = deque()
+    uploads: deque[_Upload] = deque()
+    batch = _Upload()
 
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-save")
-    try:
-        window: deque[tuple[int, bytes, os.stat_result, Future | None]] = deque()
-
-        def settle(item: tuple[int, bytes, os.stat_result, Future | None]) -> None:
-            top, rel, st, fut = item
-            if fut is None:
-                body = reuse[(top, rel)].body
-            else:
-                body, blocks = fut.result()
-                emit(blocks)
-                report.files_read += 1
-            report.files += 1
-            report.bytes += st.st_size
+    def drain(until: "_Upload | None" = None) -> None:
+        """Add the waiting entries whose bodies are known to the tree; wait for the batch `until` (the
+        oldest in flight) when the first waiting entry is one of its files."""
+        while waiting:
+            top, rel, st, body, up, i = waiting[0]
+            if up is not None:
+                if up.bodies is None:
+                    if up.future is None or (up is not until and not up.future.done()):
+                        return
+                    up.take()
+                    uploads.remove(up)
+                body = up.body(i, st.st_size)
+            waiting.popleft()
             emit(builder.add(TreeEntry(top, rel, st.st_mode, st.st_mtime_ns, body)))
-            if progress:
+            if progress and stat.S_ISREG(st.st_mode):
                 progress(st.st_size)
 
-        for top, rel, st in entries:
-            mode = st.st_mode
-            shown = os.path.join(paths[top], os.fsdecode(rel)) if rel else paths[top]
-            if stat.S_ISREG(mode):
-                full = os.path.join(os.fsencode(paths[top]), rel) if rel else os.fsencode(paths[top])
-                fut = None if (top, rel) in reuse else pool.submit(_read_file, full, st.st_size, params)
-                window.append((top, rel, st, fut))
-                if len(window) >= WINDOW:
-                    settle(window.popleft())
-                continue
-            while window:
-                settle(window.popleft())
-            if stat.S_ISDIR(mode):
-                report.dirs += 1
-                emit(builder.add(TreeEntry(top, rel, mode, st.st_mtime_ns, None)))
-            elif stat.S_ISLNK(mode):
-                full = os.path.join(os.fsencode(paths[top]), rel) if rel else os.fsencode(paths[top])
-                report.symlinks += 1
-                emit(builder.add(TreeEntry(top, rel, mode, st.st_mtime_ns, os.readlink(full))))
+    def submit() -> None:
+        nonlocal batch
+        if not batch.files:
+            return
+        while len(uploads) >= UPLOADS_AHEAD:
+            drain(uploads[0])
+        batch.future = sink.files(batch.bytes + len(batch.files) * FILE_HEADER.size, file_pieces(batch.files))
+        uploads.append(batch)
+        batch = _Upload()
+
+    walked = 0
+    for top, rel, st in entries:
+        mode = st.st_mode
+        full = os.path.join(os.fsencode(paths[top]), rel) if rel else os.fsencode(paths[top])
+        if stat.S_ISREG(mode):
+            report.files += 1
+            report.bytes += st.st_size
+            old = reuse.get((top, rel))
+            if old is not None:
+                waiting.append((top, rel, st, old.body, None, 0))
+            elif st.st_size <= inline:
+                report.files_read += 1
+                waiting.append((top, rel, st, _read_small(full, st.st_size), None, 0))
             else:
-                report.skipped.append((shown, "special file"))
-        while window:
-            settle(window.popleft())
-        if sources_dir is not None:
+                report.files_read += 1
+                waiting.append((top, rel, st, None, batch, len(batch.files)))
+                batch.files.append((full, st.st_size))
+                batch.bytes += st.st_size
+                if batch.bytes >= UPLOAD_BATCH_BYTES or len(batch.files) >= UPLOAD_BATCH_FILES:
+                    submit()
+        elif stat.S_ISDIR(mode):
+            report.dirs += 1
+            waiting.append((top, rel, st, None, None, 0))
+        elif stat.S_ISLNK(mode):
+            report.symlinks += 1
+            waiting.append((top, rel, st, os.readlink(full), None, 0))
+        else:
+            report.skipped.append((os.path.join(paths[top], os.fsdecode(rel)) if rel else paths[top], "special file"))
+        walked += 1
+        if walked % DRAIN_EVERY == 0:
+            drain()
+    submit()
+    while uploads:
+        drain(uploads[0])
+    drain()
+    if sources_dir is not None:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-sources") as pool:
             for rel, digest, mtime in _hash_sources(sources_dir, paths, pool):
                 report.sources += 1
                 emit(builder.add_source(rel, digest, mtime))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
     root, root_data, blocks = builder.finish()
     emit(blocks + [(root, root_data)])
-    flush()
+    if pending:
+        sink.offer(pending)
     report.new_blocks, report.new_bytes = sink.close()
     report.root = root
     return report
@@ -772,7 +879,9 @@ class ArrivingBlocks:
     def _wait_for(self, cids: list[CID]) -> None:
         delay = 0.002
         while cids:
-            have = self._present(cids)
+            # Blocks arrive about in tree order: while the last one wanted is missing, asking for it alone
+            # (one index row) says the wait goes on; once it is there, one query for all the rest.
+            have = set() if len(cids) > 1 and not self._present(cids[-1:]) else self._present(cids)
             cids = [c for c in cids if c.buffer not in have]
             if not cids:
                 return

@@ -1,7 +1,11 @@
 """A local saver's block uploads to the running daemon: the request bodies' framing and the upload sink.
 
-Owns the CLI's half of `POST /api/v0/blocks` and `/api/v0/blocks/missing` (the daemon's half unframes the
-same bodies and re-hashes every block: `buildcache.BuildCache.accept_blocks`). Kept apart from the build
+Owns the CLI's half of `POST /api/v0/cache/files`, `/api/v0/blocks` and `/api/v0/blocks/missing` (the
+daemon's half chunks and hashes the files itself, `buildcache.ingest_files`, and unframes the block bodies
+and re-hashes every block, `buildcache.BuildCache.accept_blocks`). File contents go up raw, in one streamed
+body per batch of files, each file as FILE_HEADER (its size) and then its bytes: the daemon cuts and hashes
+them once, so the bytes are hashed once per save (not by the CLI for the CIDs and again by the daemon to
+check them), and no block travels as a request of its own. Kept apart from the build
 cache service so the `cache` commands do not load the service (p2pcache.buildcache, its trust policy and
 its trio machinery) when a daemon runs: a CLI call is a new process each time, and its imports are part of
 every save's and restore's time. (trio itself still comes in through httpcore, which imports it if present.)
@@ -9,16 +13,20 @@ every save's and restore's time. (trio itself still comes in through httpcore, w
 
 from __future__ import annotations
 
+import struct
 import threading
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, Iterable
 
 from .content.cid import CID
 from .errors import InvalidInput
 
-__all__ = ["DaemonBlockSink", "frame_blocks", "frame_cids", "unframe_blocks", "unframe_cids"]
+__all__ = ["FILE_HEADER", "DaemonBlockSink", "frame_blocks", "frame_cids", "unframe_blocks", "unframe_cids"]
 
 
 # -- block uploads from a local saver -----------------------------------------------------------------------
+
+FILE_HEADER = struct.Struct(">Q")  # a file's size in a file upload, before its bytes
 
 
 def frame_blocks(blocks: list[tuple[CID, bytes]]) -> bytes:
@@ -77,17 +85,20 @@ def unframe_cids(body: bytes) -> list[CID]:
 class DaemonBlockSink:
     """A save's blocks uploaded to the running daemon, which re-hashes each before storing it.
 
-    The upload runs on a background thread (at most `depth` batches queued): for each batch it asks which
-    blocks the daemon lacks and sends only those, so the saver keeps reading and chunking and never waits
-    on a round trip. Every request names the save's upload lease (opened at the first request), which keeps
-    the daemon's gc off the blocks until `cache save` claims them; `close()` waits for the last batch and
-    re-raises the first error."""
+    The uploads run on `threads` background threads (at most `depth` batches queued): a batch of files goes
+    up as one streamed body the daemon chunks and answers with the files' bodies; for a batch of blocks
+    (the tree's pages) the thread asks which the daemon lacks and sends only those. The saver keeps walking
+    and building the tree meanwhile. Every request names the save's upload lease (opened at the first
+    request), which keeps the daemon's gc off the blocks until `cache save` claims them; `close()` waits for
+    the last batch and re-raises the first error."""
 
-    def __init__(self, client: Any, depth: int = 2):
+    def __init__(self, client: Any, depth: int = 2, threads: int = 2):
         self.client = client
         self.depth = depth
+        self.threads = threads
         self.q: Any = None
-        self.thread: threading.Thread | None = None
+        self.workers: list[threading.Thread] = []
+        self.lock = threading.Lock()
         self.error: BaseException | None = None
         self.lease: str | None = None
         self.new_blocks = 0
@@ -103,19 +114,33 @@ class DaemonBlockSink:
 
     def _run(self) -> None:
         while True:
-            blocks = self.q.get()
-            if blocks is None:
+            item = self.q.get()
+            if item is None:
                 return
-            if self.error is None:
-                try:
-                    lacking = self.client.blocks_missing(frame_cids([c for c, _ in blocks]), self.open_lease())
+            blocks, pieces, fut = item
+            if self.error is not None:
+                if fut is not None:
+                    fut.set_exception(self.error)
+                continue
+            try:
+                if fut is not None:
+                    length, body = pieces
+                    got = self.client.cache_files(body, length, self.lease)
+                    new = (got["new_blocks"], got["new_bytes"])
+                    fut.set_result(got["bodies"])
+                else:
+                    lacking = self.client.blocks_missing(frame_cids([c for c, _ in blocks]), self.lease)
                     todo = [blocks[i] for i in lacking]
                     if todo:
-                        self.client.put_blocks(frame_blocks(todo), self.open_lease())
-                    self.new_blocks += len(todo)
-                    self.new_bytes += sum(len(d) for _, d in todo)
-                except BaseException as e:
-                    self.error = e
+                        self.client.put_blocks(frame_blocks(todo), self.lease)
+                    new = (len(todo), sum(len(d) for _, d in todo))
+                with self.lock:
+                    self.new_blocks += new[0]
+                    self.new_bytes += new[1]
+            except BaseException as e:
+                self.error = e
+                if fut is not None:
+                    fut.set_exception(e)
 
     def missing(self, cids: list[CID]) -> set[CID]:
         if self.error is not None:
@@ -123,24 +148,40 @@ class DaemonBlockSink:
         return {cids[i] for i in self.client.blocks_missing(frame_cids(cids), self.open_lease())}
 
     def offer(self, blocks: list[tuple[CID, bytes]]) -> None:
+        self._queue((blocks, None, None))
+
+    def files(self, length: int, pieces: Iterable[bytes]) -> "Future[list]":
+        """Upload files' contents (`length` bytes in FILE_HEADER framing; `pieces` is read on an upload
+        thread, so the files are read there too) for the daemon to chunk and store; the future is their
+        bodies, in order."""
+        fut: Future[list] = Future()
+        self._queue(([], (length, pieces), fut))
+        return fut
+
+    def _queue(self, item: tuple) -> None:
         if self.error is not None:
             raise self.error
-        if self.thread is None:
+        if not self.workers:
             import queue
 
             self.open_lease()  # before any block goes up
             self.q = queue.Queue(maxsize=self.depth)
-            self.thread = threading.Thread(target=self._run, daemon=True, name="cache-upload")
-            self.thread.start()
-        self.q.put(blocks)
+            # Two requests at a time (two connections): the daemon works on one body while the next streams.
+            self.workers = [threading.Thread(target=self._run, daemon=True, name=f"cache-upload-{i}")
+                            for i in range(self.threads)]
+            for t in self.workers:
+                t.start()
+        self.q.put(item)
 
     def close(self) -> tuple[int, int]:
         """Wait for the uploads in flight (a later `offer` starts again); re-raise the first error; (new
         blocks, new bytes) since the last close. The lease stays open for the save that follows."""
-        if self.thread is not None:
-            self.q.put(None)
-            self.thread.join()
-            self.thread = None
+        if self.workers:
+            for _ in self.workers:
+                self.q.put(None)
+            for t in self.workers:
+                t.join()
+            self.workers = []
         if self.error is not None:
             raise self.error
         out = (self.new_blocks, self.new_bytes)

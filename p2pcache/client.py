@@ -13,7 +13,7 @@ import json
 import os
 import ssl
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import httpx
 
@@ -243,6 +243,27 @@ class DaemonClient:
         if r.status_code != 200:
             raise (InvalidInput if r.status_code == 400 else RepoError)(r.text.strip())
         return r.json()
+
+
+    def cache_files(self, pieces: Iterable[bytes], length: int, lease: str | None = None) -> dict:
+        """Stream files' contents (`length` bytes in `cacheupload.FILE_HEADER` framing) for the daemon to
+        chunk and store: {"bodies": each file's tree-manifest body, "new_blocks", "new_bytes"}. What `pieces`
+        raises (a file that changed while read) ends the upload and is raised here, as itself."""
+        from .content import dagcbor
+
+        try:
+            # A Content-Length body, not a chunked one: h11 then sends each piece as it is, without
+            # joining it into a copy with its chunk header.
+            r = self.http.post("/api/v0/cache/files", content=pieces,
+                               headers={**_block_headers(lease), "content-length": str(length)})
+        except httpx.HTTPError as e:
+            raise RepoError(f"daemon at {self.info['api']} did not answer: {e}") from None
+        if r.status_code != 200:
+            raise (InvalidInput if r.status_code == 400 else RepoError)(r.text.strip())
+        got = dagcbor.decode(r.content)
+        if not (isinstance(got, dict) and isinstance(got.get("bodies"), list)):
+            raise RepoError(f"daemon at {self.info['api']}: malformed answer to a file upload")
+        return got
 
 
 def _block_headers(lease: str | None) -> dict[str, str]:

@@ -50,6 +50,56 @@ def test_resave_unchanged_is_the_same_tree_and_a_change_stores_little(repo, tmp_
     assert changed <= third.new_bytes <= changed + 64 * 1024
 
 
+def test_uploaded_files_are_chunked_as_chunk_contents_chunks_them(repo, monkeypatch):
+    """The sink's chunking (`ingest_files`, what a daemon does with a save's file upload) gives every file
+    the body and blocks `chunk_contents` gives it, however the upload is cut into pieces (headers and
+    files split across pieces, a file spanning many); a body that ends inside a file stores nothing."""
+    from p2pcache import buildcache
+    from p2pcache.buildcache import ingest_files
+    from p2pcache.cacheupload import FILE_HEADER
+    from p2pcache.errors import InvalidInput
+
+    rng = random.Random(3)
+    files = [rng.randbytes(n) for n in (1, 5_000, 17_000, 70_000, 300_000, 3_000_000, 2_000, 64 << 10)]
+    body = b"".join(FILE_HEADER.pack(len(d)) + d for d in files)
+    expected = [chunk_contents([d], len(d), inline=0) for d in files]
+    for cuts in ([len(body)], [3, 4, 9, 10_000, 1 << 20], [rng.randint(1, 200_000) for _ in range(40)]):
+        pieces, pos = [], 0
+        for n in cuts + [len(body)]:
+            pieces.append(body[pos:pos + n])
+            pos += n
+        got = ingest_files(repo, (p for p in pieces if p))
+        assert got["bodies"] == [b for b, _ in expected]
+    assert any(b[1] > 0 for b, _ in expected)  # one file has a chunk-index tree
+    for _, blocks in expected:
+        for cid, data in blocks:
+            assert repo.load_block(cid) == bytes(data)
+    # a new file's upload cut short: refused, its chunks never recorded
+    fresh = rng.randbytes(200_000)
+    with pytest.raises(InvalidInput, match="ends inside a file"):
+        ingest_files(repo, iter([FILE_HEADER.pack(len(fresh)) + fresh[:150_000]]))
+    chunks = [c for c, _ in chunk_contents([fresh], len(fresh), inline=0)[1]]
+    assert not repo.index.known_blocks(chunks)
+    # one request holds a bounded number of files (their bodies wait for the answer)
+    monkeypatch.setattr(buildcache, "MAX_UPLOAD_FILES", 3)
+    with pytest.raises(InvalidInput, match="more than 3 files"):
+        ingest_files(repo, iter([FILE_HEADER.pack(2) + b"ab"] * 4))
+
+
+def test_a_file_that_changes_while_it_is_uploaded_is_not_saved(tmp_path):
+    from p2pcache.buildtree import file_pieces
+    from p2pcache.errors import InvalidInput
+
+    f = tmp_path / "obj.o"
+    f.write_bytes(b"x" * 50_000)
+    for now in (b"x" * 40_000, b"x" * 50_001):
+        f.write_bytes(now)
+        with pytest.raises(InvalidInput, match="changed while it was read"):
+            list(file_pieces([(os.fsencode(f), 50_000)]))
+    f.write_bytes(b"y" * 50_000)
+    assert b"".join(file_pieces([(os.fsencode(f), 50_000)])).endswith(b"y" * 50_000)
+
+
 def test_racy_files_are_read_again(repo, tmp_path):
     src = build_dir(tmp_path / "b", n=5)
     sink = RepoBlockSink(repo)
@@ -224,7 +274,7 @@ def test_huge_trees_put_page_links_into_index_blocks(monkeypatch):
 
 def _arriving_copy(src_repo, root, dst_path, *, stop_at=None, then=None):
     """What a daemon's fetch does to the repo a streaming restore reads: the tree's blocks, in the
-    order the fetch walks them (root, pages, then each file's chunks), committed in small batches from
+    order `iter_blocks` walks them (root, then each page and its files' chunks), committed in small batches from
     another thread and another repo handle."""
     import threading
 

@@ -146,6 +146,16 @@ class Chunker:
             rest = bytes(view[start + prev.offset :])
             self._pending, self._pending_len = [rest], len(rest)
 
+    def whole(self, data: bytes | memoryview) -> Iterator[memoryview]:
+        """The chunks of `data` as one whole input of its own (nothing pending before or after it): what
+        `feed(data)` then `finish()` of a new Chunker cut, without making one or copying `data` (views into
+        it). For many small inputs in a row, such as the files of a build directory."""
+        if self._pending:
+            raise ValueError("Chunker.whole: input is pending; finish() it first")
+        view = memoryview(data)
+        for chunk in self._cdc.cut_buf(view):
+            yield view[chunk.offset : chunk.offset + chunk.length]
+
     def finish(self) -> Iterator[memoryview]:
         """Chunk what is pending at end of input."""
         buf = b"".join(self._pending)

@@ -469,18 +469,25 @@ def file_chunks(entry: TreeEntry, load: Load) -> Iterator[ChunkRef]:
 
 
 def iter_blocks(manifest: TreeManifest, load: Load) -> Iterator[tuple[CID, int]]:
-    """Every block below the root (pages, chunk-index nodes, chunks) with its size; repeats possible."""
-    def page_blocks(links: Iterable[tuple[CID, int]], depth: int = 0) -> Iterator[tuple[CID, int]]:
-        for cid, _ in links:
-            data = load(cid)
-            yield cid, len(data)
-            node = dagcbor.decode(data)
-            if isinstance(node, dict) and node.get("type") == INDEX_TYPE and depth < 4:
-                yield from page_blocks(_page_links(node.get("pages"), "tree index"), depth + 1)
+    """Every block below the root (index blocks and pages, chunk-index nodes, chunks) with its size, each
+    page loaded and decoded once, strictly: a page (and the index blocks on the way to it), then the
+    blocks of its files; the sources' pages last. Repeats possible."""
+    loaded: list[tuple[CID, int]] = []
 
-    yield from page_blocks(manifest.pages)
-    if manifest.sources is not None:
-        yield from page_blocks(manifest.sources["pages"])
-    for entry in iter_entries(manifest, load):
+    def recording(cid: CID) -> bytes:
+        data = load(cid)
+        loaded.append((cid, len(data)))
+        return data
+
+    for entry in iter_entries(manifest, recording):
+        if loaded:
+            yield from loaded
+            loaded.clear()
         if entry.is_file and isinstance(entry.body, list):
             yield from chunk_blocks(entry.body[1], check_links(entry.body[2], entry.body[1], "tree manifest"), load)
+    yield from loaded
+    loaded.clear()
+    if manifest.sources is not None:
+        for _ in iter_sources(manifest, recording):
+            pass
+        yield from loaded

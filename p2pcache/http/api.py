@@ -12,6 +12,7 @@
     POST /api/v0/blocks/missing (binary)     which of these blocks (varint, binary CID)… the repo lacks: indices
     POST /api/v0/blocks (binary)             upload blocks (varint, CID, varint, bytes)…; each is re-hashed
     POST /api/v0/cache/lookup {"key", "restore_keys", "lookup_only", "paths_id"}   find (and fetch) a tree (NDJSON)
+    POST /api/v0/cache/files  (size, bytes)…  a save's file contents: the daemon chunks and stores them (dag-cbor bodies back)
     POST /api/v0/cache/save {"key", "root", "force", "paths_id", "scan_time", "scan_digest"}  claim an uploaded tree, sign, announce
     POST /api/v0/cache/pin, /cache/unpin {"key"}; POST /api/v0/cache/keys, /cache/expire {}
     GET  /api/v0/cache/tar?key=K&restore_key=P…     a tree as a tar stream (builders with curl and tar: Nix)
@@ -36,7 +37,7 @@ import trio
 
 from ..errors import InvalidInput, P2PCacheError, leaf_error
 from . import guard
-from .asgi import HTTPError, Receive, Scope, Send, read_body, read_json, send_error, send_json, send_ndjson
+from .asgi import HTTPError, Receive, Scope, Send, read_body, read_json, send_bytes, send_error, send_json, send_ndjson
 
 if TYPE_CHECKING:
     from ..buildcache import BuildCache
@@ -301,6 +302,18 @@ async def _extra_routes(node: NodeAPI, scope: Scope, receive: Receive, send: Sen
     await node.http_fallback(scope, receive, send)
 
 
+async def _body_pieces(receive: Receive) -> AsyncIterator[bytes]:
+    """A request body as it arrives, piece by piece (ends early if the client goes away)."""
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            return
+        if event.get("body"):
+            yield event["body"]
+        if not event.get("more_body"):
+            return
+
+
 async def _build_cache_tar(cache: BuildCache, method: str, query: dict[str, list[str]], receive: Receive,
                            send: Send) -> None:
     """GET ?key=K&restore_key=P…: the tree as a tar stream (404 on a miss; headers say which key matched).
@@ -314,17 +327,7 @@ async def _build_cache_tar(cache: BuildCache, method: str, query: dict[str, list
     if not key:
         raise HTTPError(400, "cache/tar needs ?key=…")
     if method == "POST":
-        async def body() -> AsyncIterator[bytes]:
-            while True:
-                event = await receive()
-                if event["type"] == "http.disconnect":
-                    return
-                if event.get("body"):
-                    yield event["body"]
-                if not event.get("more_body"):
-                    return
-
-        await send_json(send, await cache.save_tar(key, body(), query.get("path", []),
+        await send_json(send, await cache.save_tar(key, _body_pieces(receive), query.get("path", []),
                                                    (query.get("force") or ["0"])[0] not in ("0", "")))
         return
     if method != "GET":
@@ -343,6 +346,15 @@ async def _build_cache_tar(cache: BuildCache, method: str, query: dict[str, list
 
     await drain_thread(lambda: tree_as_tar(manifest, cache.repo.load_block), deliver)
     await send({"type": "http.response.body", "body": b""})
+
+
+async def _build_cache_files(cache: BuildCache, receive: Receive, send: Send, lease: str | None) -> None:
+    """A save's file contents, streamed (`cacheupload.FILE_HEADER` framing): chunked and stored by the
+    daemon, answered with each file's body as dag-cbor (the CLI builds the tree's pages from them)."""
+    from ..content import dagcbor
+
+    got = await cache.accept_files(_body_pieces(receive), lease)
+    await send_bytes(send, 200, dagcbor.encode(got), "application/cbor")
 
 
 def _lease(scope: Scope) -> str | None:
@@ -367,8 +379,12 @@ async def _build_cache_routes(node: NodeAPI, scope: Scope, receive: Receive, sen
         return
     if cache is None or method != "POST":
         raise HTTPError(404, f"no such endpoint: {method} {path}")
-    guard.require_content_type(scope, "application/octet-stream" if path.startswith("/api/v0/blocks")
+    guard.require_content_type(scope, "application/octet-stream"
+                               if path.startswith("/api/v0/blocks") or path == "/api/v0/cache/files"
                                else "application/json")
+    if path == "/api/v0/cache/files":
+        await _build_cache_files(cache, receive, send, _lease(scope))
+        return
     if path == "/api/v0/blocks":
         from ..buildcache import unframe_blocks
 

@@ -9,9 +9,10 @@ Real Nix (nix-bin 2.8, root, no daemon) and real `p2pcache daemon` processes (A 
 with `nix copy --to http://A?compression=none`; each B starts with an empty repo and is bootstrapped to A),
 the static caches written by `nix copy --to file://DIR?compression=zstd|xz` and served by python's
 ThreadingHTTPServer in its own process. Per content kind and run, alternating: static zstd, static xz,
-B over the DAG protocol (the default), B with `transfer.protocol = "bitswap"` (the old path, for the
-same-run comparison); each copy into a fresh chroot store with a fresh Nix cache dir, checked against
-the NarHashes. Figures: min over runs; ratios p2pcache/static (goal <= 1.0).
+B with the daemon's defaults (the DAG protocol), B with the NAR fetch begun when the narinfo is answered
+(`nix.prefetch_nars = 4`), B with `transfer.protocol = "bitswap"` (the old path);
+each copy into a fresh chroot store with a fresh Nix cache dir, checked against the NarHashes. Figures: min
+over runs; ratios p2pcache/static (goal <= 1.0), and dag with the prefetch / dag without it.
 
 --quick: the small closure and the first 60 packages of site-packages (in sorted order).
 Table on stderr, JSON lines on stdout ({"bench": "nixcopy", "metric", "value", "unit", "better", ...}).
@@ -33,6 +34,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import nix as nixbench  # noqa: E402  (bench/nix.py: Nix runner, the closure, daemons, timed copies)
 
 MiB = 1 << 20
+# The cold B nodes measured, each run: the daemon's defaults (the DAG protocol, no NAR prefetch), the same with
+# the NAR fetch begun at narinfo time (`nix.prefetch_nars = 4`), and bitswap only (`transfer.protocol = "bitswap"`).
+VARIANTS = ("dag", "dag prefetch", "bitswap")
 
 
 def emit(metric: str, value: float, unit: str, better: str, **extra) -> None:
@@ -108,11 +112,13 @@ def main() -> int:
             statics[comp] = bench.static_server(d)
         serial = [0]
 
-        def cold_b(protocol: str) -> nixbench.Daemon:
+        def cold_b(variant: str) -> nixbench.Daemon:
             serial[0] += 1
             repo = work / f"b{serial[0]}"
             repo.mkdir()
-            (repo / "config.toml").write_text(f'[transfer]\nprotocol = "{protocol}"\n')
+            protocol = "bitswap" if variant == "bitswap" else "dag"
+            prefetch = "[nix]\nprefetch_nars = 4\n" if variant == "dag prefetch" else ""
+            (repo / "config.toml").write_text(f'[transfer]\nprotocol = "{protocol}"\n{prefetch}')
             # the daemon's default lookup timeout (bench/nix.py's 2 s misses now and then on a loaded machine)
             # at info, so a failed copy's cause is in B's log (printed below when one fails)
             b = bench.daemon(repo.name, bootstrap=[a.addr, c.addr], extra=["--lookup-timeout", "5", "--log-level", "info"])
@@ -122,12 +128,12 @@ def main() -> int:
         results: dict[str, dict[str, list[float]]] = {}
         failures: dict[str, int] = {}
         for kind, content in kinds.items():
-            res = results[kind] = {"static zstd": [], "static xz": [], "p2pcache dag": [], "p2pcache bitswap": []}
+            res = results[kind] = {"static zstd": [], "static xz": [], **{f"p2pcache {v}": [] for v in VARIANTS}}
             for i in range(max(1, args.runs)):
                 for comp, (url, proc) in statics.items():
                     r = bench.copy(url, content, {"server": proc.pid})
                     res[f"static {comp}"].append(r["wall"])
-                for protocol in ("dag", "bitswap"):
+                for protocol in VARIANTS:
                     b = cold_b(protocol)
                     try:
                         r = bench.copy(b.api, content, {"A": a.proc.pid, "B": b.proc.pid})
@@ -152,14 +158,18 @@ def main() -> int:
                 emit(f"{kind}_{k.replace(' ', '_')}_seconds", v, "s", "lower", nar_mib=round(mib, 1),
                      runs=[round(x, 3) for x in res[k]], quick=args.quick)
             for comp in ("zstd", "xz"):
-                for protocol in ("dag", "bitswap"):
+                for protocol in VARIANTS:
                     if f"p2pcache {protocol}" not in best:
                         continue
                     ratio = best[f"p2pcache {protocol}"] / best[f"static {comp}"]
                     goal = " (goal <= 1.0)" if protocol == "dag" else ""
                     log(f"  p2pcache {protocol} / static {comp}: {ratio:.2f}x{goal}")
-                    emit(f"{kind}_{protocol}_over_static_{comp}", ratio, "ratio", "lower",
+                    emit(f"{kind}_{protocol.replace(' ', '_')}_over_static_{comp}", ratio, "ratio", "lower",
                          **({"goal": "<= 1.0"} if protocol == "dag" else {}), nar_mib=round(mib, 1))
+            if "p2pcache dag" in best and "p2pcache dag prefetch" in best:
+                ratio = best["p2pcache dag prefetch"] / best["p2pcache dag"]
+                log(f"  p2pcache dag with the NAR prefetch / dag without it (the default): {ratio:.2f}x")
+                emit(f"{kind}_prefetch_over_no_prefetch", ratio, "ratio", "lower", nar_mib=round(mib, 1))
         for what, n in failures.items():
             log(f"  FAILED copies: {what}: {n} of {args.runs}")
             emit(f"{what.replace(' ', '_')}_failed_copies", n, "copies", "lower", runs=args.runs)

@@ -256,3 +256,45 @@ async def test_bootstrap_backs_off_until_the_peer_appears(tmp_path):
             with trio.fail_after(15):
                 while not node.is_connected(boot.peer_id):
                     await trio.sleep(0.02)
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("private", [True, False], ids=["pnet", "open"])
+async def test_writes_cut_by_cancels_leave_the_connection_working(tmp_path, private):
+    """A write cancelled once its frame has begun (a deadline, a race's loser) must not leave the peer's
+    decryption out of step: before, the peer read a garbage frame length and every later stream on the
+    connection hung (cold `nix copy` copies failing with 503s and cut NARs)."""
+    import random
+
+    key = os.urandom(32) if private else None
+    rng = random.Random(5)
+    async with open_host(cfg(tmp_path, "a", swarm_key=key)) as a, open_host(cfg(tmp_path, "b", swarm_key=key)) as b:
+
+        async def sink(stream):
+            try:
+                while await stream.read(1 << 16):
+                    pass
+            except Exception:
+                pass
+
+        b.set_stream_handler("/test/sink/1", sink)
+        with trio.fail_after(10):
+            await a.connect(b.addrs()[0])
+        cut = 0
+
+        async def writer() -> None:
+            nonlocal cut
+            s = await a.new_stream(b.peer_id, ["/test/sink/1"])
+            for _ in range(40):
+                with trio.move_on_after(rng.uniform(0, 0.004)) as scope:
+                    await s.write(os.urandom(rng.choice((200, 5000, 70000))))
+                cut += scope.cancelled_caught
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(writer)
+        assert cut > 20  # the cancels did land mid-write
+        with trio.fail_after(5):  # a new stream on the same connection still gets its answer
+            assert await roundtrip(a, b) == b"olleh"
+        assert a.is_connected(b.peer_id)

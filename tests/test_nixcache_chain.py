@@ -327,3 +327,34 @@ async def test_with_the_default_patience_nixs_last_attempt_gets_a_final_answer(a
                 await chain.find(HASH)
             await trio.sleep(0.25 * 2 ** attempt)
         assert await chain.find(HASH) is None and not chain.known_miss(HASH)
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("offset", [0.0, 0.3, 1.2, 2.6])
+@pytest.mark.parametrize("jitter", [0.0, 0.5])
+async def test_two_requests_for_one_path_retrying_side_by_side_both_get_a_final_answer(autojump_clock, offset, jitter):
+    """Nix 2.8 asks for a path's narinfo more than once at a time (HEAD for isValidPath, then GET), each with
+    its own 5 attempts: a lookup that ends while one of them waits must still answer the other's last
+    attempt, not start another lookup that gives it a 503 (seen in a cold `nix copy --from`)."""
+    swarm = FakeSource("swarm", remote=True, fails=True, delay=5.5)  # a provider that never answers in time
+    wait = 5.0
+    async with _chain(FakeSource("repo", remote=False), swarm, wait=wait,
+                      patience=default_patience(wait)) as (chain, _):
+        last: dict[str, object] = {}
+
+        async def nix(name: str, start: float) -> None:
+            await trio.sleep(start)
+            for attempt in range(5):
+                try:
+                    last[name] = await chain.find(HASH)
+                    return
+                except StillLooking as e:
+                    last[name] = e
+                await trio.sleep(0.25 * 2 ** attempt * (1 + jitter))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(nix, "head", 0.0)
+            nursery.start_soon(nix, "get", offset)
+        assert last == {"head": None, "get": None}
+        assert not chain.known_miss(HASH)
+        assert chain._ended == {}  # nothing owed any more: the next request looks again

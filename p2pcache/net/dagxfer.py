@@ -671,7 +671,9 @@ class DagTransfer:
         fetched += handed
         if walk.finished:
             return fetched
-        rest = [p for p in peers if not ex.is_banned(p)]
+        # A provider whose connection went (`run.lost`) cannot serve bitswap either: falling back to it waits
+        # on a peer that is gone; the caller is told at once instead (the Nix cache tries again).
+        rest = [p for p in peers if not ex.is_banned(p) and p not in run.lost]
         if not rest:
             raise FetchError(f"could not fetch {root}: every provider was dropped ({run.last_error or 'none left'})")
         self.stats.bitswap_fallbacks += 1

@@ -40,7 +40,9 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer import muxer_multistream as _muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
 
@@ -250,6 +252,38 @@ class _PskTCP(TCP):
         return super().create_listener(protected)
 
 
+# A frame that has started out must go out whole, even if the task writing it is cancelled: each frame is
+# Noise-encrypted (a nonce per message) and, in a private network, run through the PSK's XSalsa20 keystream
+# before the socket takes a byte, so a write cut short by a cancel (a resolve's deadline, a race's loser, a
+# DHT question no longer needed) leaves the peer's decryption out of step for good. Seen in the cold `nix
+# copy` runs: the peer read a garbage frame length (5,607 or 15,630 bytes) and then waited for bytes that
+# never came; every later stream on that connection hung until the process went away. A frame that cannot
+# be written within this long (the peer stopped reading its socket) closes the connection instead.
+FRAME_WRITE_TIMEOUT = 30.0
+
+
+class _WholeFrameYamux(Yamux):
+    """py-libp2p's Yamux, except that a frame once begun is written whole or the connection is closed:
+    waiting for the write lock may be cancelled (nothing is encrypted yet), the write itself is shielded."""
+
+    async def _write_frame(self, data: bytes) -> None:
+        async with self._write_lock:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(FRAME_WRITE_TIMEOUT) as waited:
+                    await self.secured_conn.write(data)
+                if waited.cancelled_caught:
+                    log.warning("a %d-byte frame to %s took over %g s to write; closing the connection",
+                                len(data), self.peer_id, FRAME_WRITE_TIMEOUT)
+                    await close_quietly(self.secured_conn)
+                    raise ConnectionClosedError(f"writing to {self.peer_id} stalled for {FRAME_WRITE_TIMEOUT:g} s")
+        await trio.lowlevel.checkpoint()
+
+
+# py-libp2p 0.8.1's muxer negotiation builds `Yamux(...)` by name whatever class `muxer_opt` maps the protocol
+# to, so the class is swapped in where it is looked up, too.
+_muxer_multistream.Yamux = _WholeFrameYamux  # type: ignore[misc]
+
+
 class _Notifee:
     """Swarm notifications, forwarded to the host's own task (never handled inline in the swarm)."""
 
@@ -290,7 +324,7 @@ class NodeHost:
         self.libp2p = new_host(
             key_pair=self.key_pair,
             sec_opt={NOISE_PROTOCOL_ID: noise},
-            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): _WholeFrameYamux},
             listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen],
             transports=transports,
             negotiate_timeout=max(1, math.ceil(config.handshake_timeout)),

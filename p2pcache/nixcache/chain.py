@@ -14,8 +14,9 @@ A request waits `wait` seconds for a remote lookup; if it is still going the req
 so the retry finds the answer pending. A lookup whose sources did not settle (someone announces the path
 but failed, lied or was slow; a walk did not finish; an upstream failed) is tried again, backing off,
 while its patience lasts; only when the patience ran out is it answered as a miss, and not remembered:
-the next request looks again (except the retry of a request that got a 503 for it, which takes that
-ending, `UNCLAIMED_LINGER`).
+the next request looks again, except the retries owed an answer: each 503 a lookup gave is followed by
+one retry, and the retries that come after it ended (within `ENDING_LINGER`) take that ending, however
+many requests for the path Nix has going at once (it asks HEAD for isValidPath and GET side by side).
 
 Pure of I/O except what the sources do: a test assembles a chain from fake sources.
 """
@@ -32,6 +33,7 @@ from typing import Any, AsyncIterator, Sequence
 import trio
 
 from ..errors import P2PCacheError
+from .background import Background
 from .errors import SourceFailed, StillLooking
 from .metrics import Metrics
 from .sources import Found, LookupFailed, NarSource
@@ -46,10 +48,13 @@ NEGATIVE_CACHE_ENTRIES = 65536  # beyond this many remembered misses, expired on
 # up again.
 PENDING_TTL = 600.0
 PENDING_ENTRIES = 4096  # beyond this many, the oldest pending answers are dropped
-# An unsettled ending (or an error) that no request was waiting for — each had its 503 already — is kept
-# this long for the retry to take (once), so a lookup that always takes longer than the wait cannot make
-# every retry a 503 that starts it over. Nix retries within about 3 s of a 503.
-UNCLAIMED_LINGER = 10.0
+# An unsettled ending (or an error) is kept this long for the retries it still owes an answer (`_Lookup.owed`:
+# the 503s it gave, less the requests that came for it since), so a lookup that always takes longer than the
+# wait cannot make every retry a 503 that starts it over. Nix 2.8 asks for a path's narinfo more than once at
+# a time (HEAD for isValidPath, GET), each retrying on its own: one lookup ending while the GET waits must
+# still answer the HEAD's last attempt, where a new lookup's 503 fails the copy. Nix retries within about
+# 3 s of a 503.
+ENDING_LINGER = 10.0
 RETRY_FIRST, RETRY_MAX = 0.5, 4.0  # an unsettled lookup is tried again after these back-offs, within its patience
 WAIT_FOREVER = math.inf
 
@@ -63,6 +68,7 @@ class _Lookup:
     waiting: int = 0  # requests waiting for it right now
     found: Found | None = None
     error: P2PCacheError | None = None
+    owed: int = 0  # 503s given whose retry has not come yet (each 503 is retried once)
 
 
 class LookupChain:
@@ -80,22 +86,16 @@ class LookupChain:
         self._pending: dict[str, tuple[float, Found]] = {}  # (when, answer), oldest first
         self._negative: dict[str, float] = {}
         self._lookups: dict[str, _Lookup] = {}
-        self._unclaimed: dict[str, tuple[float, _Lookup]] = {}  # ended while nobody waited (UNCLAIMED_LINGER)
+        self._ended: dict[str, tuple[float, _Lookup]] = {}  # unsettled endings owed to retries (ENDING_LINGER)
         self._locks: dict[str, trio.Lock] = {}
-        self._nursery: trio.Nursery | None = None
+        self._background = Background("LookupChain")
 
     def source(self, name: str) -> NarSource | None:
         return next((s for s in self.sources if s.name == name), None)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Background task (the node's nursery): the nursery remote lookups run in."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
+        await self._background.run(task_status=task_status)
 
     @contextlib.asynccontextmanager
     async def locked(self, key: str) -> AsyncIterator[None]:
@@ -173,13 +173,18 @@ class LookupChain:
             return pending
         lookup = self._lookups.get(store_hash)
         if lookup is None:
-            ended = self._unclaimed.pop(store_hash, None)
-            if ended is not None and time.monotonic() - ended[0] <= UNCLAIMED_LINGER:
-                lookup = ended[1]  # the retry of a request that got a 503 takes how its lookup ended
+            ended = self._ended.pop(store_hash, None)
+            if ended is not None and time.monotonic() - ended[0] <= ENDING_LINGER:
+                lookup = ended[1]  # a retry owed an answer takes how its lookup ended
+                lookup.owed -= 1
+                if lookup.owed > 0:
+                    self._ended[store_hash] = ended
             else:
                 lookup = self._start(store_hash, remember_miss)
-        elif remember_miss:
-            lookup.remember_miss = True
+        else:
+            lookup.owed = max(0, lookup.owed - 1)  # (as likely as not) the retry of one of its 503s
+            if remember_miss:
+                lookup.remember_miss = True
         wait = self.wait if wait is None else wait
         lookup.waiting += 1
         try:
@@ -188,6 +193,7 @@ class LookupChain:
         finally:
             lookup.waiting -= 1
         if not lookup.done.is_set():
+            lookup.owed += 1
             self.metrics.still_looking.inc()
             raise StillLooking(f"{store_hash}: still looking for it after {wait:g} s (the lookup goes on "
                                f"for up to {self.patience:g} s); retry")
@@ -196,10 +202,9 @@ class LookupChain:
         return lookup.found
 
     def _start(self, store_hash: str, remember_miss: bool) -> _Lookup:
-        if self._nursery is None:
-            raise RuntimeError("LookupChain.run is not running: remote lookups need its nursery")
-        lookup = self._lookups[store_hash] = _Lookup(remember_miss)
-        self._nursery.start_soon(self._look_up, store_hash, lookup)
+        lookup = _Lookup(remember_miss)
+        self._background.start_soon(self._look_up, store_hash, lookup)
+        self._lookups[store_hash] = lookup
         return lookup
 
     async def _look_up(self, store_hash: str, lookup: _Lookup) -> None:
@@ -246,8 +251,8 @@ class LookupChain:
                 else:  # someone had it but failed, lied or was too slow, or a walk did not finish
                     self.metrics.unsettled.inc()
                     log.info("lookup of %s ended unsettled, answered as a miss, not remembered: %s", store_hash, why)
-            if found is None and not lookup.waiting and not (settled and lookup.error is None):
+            if found is None and lookup.owed > 0 and not (settled and lookup.error is None):
                 now = time.monotonic()
-                self._unclaimed = {k: e for k, e in self._unclaimed.items() if now - e[0] <= UNCLAIMED_LINGER}
-                self._unclaimed[store_hash] = (now, lookup)
+                self._ended = {k: e for k, e in self._ended.items() if now - e[0] <= ENDING_LINGER}
+                self._ended[store_hash] = (now, lookup)
             lookup.done.set()

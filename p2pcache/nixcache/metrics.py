@@ -43,6 +43,11 @@ class Metrics:
                                  "did not finish; answered 404, not remembered as a miss)", registry=r)
         self.retries = Counter("p2pcache_narinfo_lookup_retries", "remote lookups asked again within "
                                "nix.lookup_patience because their sources did not settle", registry=r)
+        self.fetch_retries = Counter("p2pcache_nar_fetch_retries", "NAR fetches from peers tried again (resuming) "
+                                     "after an attempt failed while its response was under way", registry=r)
+        self.prefetches = Counter("p2pcache_nar_prefetches", "NAR fetches begun when Nix got a narinfo from the "
+                                  "swarm, by what became of them (started, taken by the NAR request, skipped "
+                                  "over the bounds, failed, expired unasked)", ["result"], registry=r)
         self.pending = Gauge("p2pcache_narinfo_pending", "answers found in the swarm or upstreams waiting for "
                              "their NAR request (at most nix.pending_ttl seconds)", registry=r)
 

@@ -43,8 +43,8 @@ from ..store.narstore import RepoNarStore, stream_nar_root
 from .chain import WAIT_FOREVER, LookupChain
 from .errors import Conflict, Missing, NoRoom, Rejected, SourceFailed, StillLooking, TooLarge
 from .metrics import Metrics
-from .sources import (Found, Intake, NarSink, NarSource, NarStreams, NarWriter, NixStoreSource, RepoSource, Room,
-                      Swarm, SwarmSource, TakingBack, UpstreamSource)
+from .sources import (Found, Intake, NarPrefetches, NarSink, NarSource, NarStreams, NarWriter, NixStoreSource,
+                      RepoSource, Room, Swarm, SwarmSource, TakingBack, UpstreamSource)
 
 if TYPE_CHECKING:
     from ..store.repo import Repo
@@ -117,6 +117,8 @@ class NixBinaryCache:
         patience = config.lookup_patience if config.lookup_patience is not None else default_patience(wait)
         swarm_source = SwarmSource(swarm, intake, config.store_dir, ask_gateways=not self.upstreams,
                                    patience=patience)
+        self.prefetches = NarPrefetches(swarm_source, config.prefetch_nars) if config.prefetch_nars > 0 else None
+        swarm_source.prefetches = self.prefetches
         self.chain = LookupChain(build_sources(config, self.repo_source, self.local_source, swarm_source,
                                                self.upstream_source), config.negative_ttl, self.metrics,
                                  wait=wait, patience=patience, pending_ttl=config.pending_ttl)
@@ -157,13 +159,19 @@ class NixBinaryCache:
             return None
         self.metrics.narinfo.labels("hit", found.label).inc()
         if found.source.remote:
+            if self.prefetches is not None and found.root is not None:
+                self.prefetches.start(found)  # Nix asks for the NAR later, once it has every narinfo
             self._look_ahead(found.narinfo)
         return self._signed_for(self._served_narinfo(found.narinfo), found.label).render()
 
     async def run_lookups(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Background task (the node's nursery, started before the first request): remote lookups run
-        here, so one outlives the request that started it (`LookupChain.run`)."""
-        await self.chain.run(task_status=task_status)
+        here, so one outlives the request that started it (`LookupChain.run`), and so do NAR prefetches."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.chain.run)
+            if self.prefetches is not None:
+                await nursery.start(self.prefetches.run)
+            task_status.started()
 
     async def run_lookahead(self) -> None:
         """Background task (the node's nursery): look up the narinfos `_look_ahead` queued, up to

@@ -26,7 +26,7 @@ import logging
 import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol, Sequence
 
 import trio
 
@@ -43,6 +43,7 @@ from ..routing.resolve_wire import NarInfoFields, ResolveAnswer
 from ..store.httpcache import HttpBinaryCache
 from ..store import interfaces
 from ..store.narstore import NarAddResult, RepoNarStore, nix_alias, stream_nar_root
+from .background import Background
 from .errors import Busy, Missing, NoRoom, SourceFailed
 from .metrics import Metrics
 
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
     from ..prefetch import Swarm as ArchiveSwarm
     from ..store.repo import Repo
 
-__all__ = ["Found", "Intake", "LookupFailed", "NarSink", "NarSource", "NarStreams", "NarWriter", "NixStoreSource", "Room",
+__all__ = ["Found", "Intake", "LookupFailed", "NarPrefetches", "NarSink", "NarSource", "NarStreams", "NarWriter",
+           "NixStoreSource", "Room",
            "RepoSource", "Swarm", "SwarmSource", "UpstreamSource"]
 
 log = logging.getLogger("p2pcache.nixcache")
@@ -61,6 +63,19 @@ log = logging.getLogger("p2pcache.nixcache")
 # Nodes with upstream caches announce this key: a peer whose DHT lookup missed asks them to pull through.
 GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
 BLOCK_WAIT = 120.0  # a NAR stream waits this long for any one block to arrive from peers
+# A NAR whose response has begun is not cut because one fetch failed (a provider died or stalled, a stream
+# broke): the fetch is tried again, resuming from the blocks stored (with the providers a fresh DHT lookup
+# names, and those it had), backing off, until it has gone this long without a new block: longer than the
+# 60 s py-libp2p 0.8.1 refuses to dial a peer after a failed dial (a provider that restarted is unreachable
+# that long), shorter than the 300 s Nix waits for a stalled download (stalled-download-timeout) and than
+# BLOCK_WAIT. Only a hash mismatch cuts a response at once.
+FETCH_PATIENCE = 90.0
+FETCH_STALL = 15.0  # an attempt with no block for this long is cancelled and tried again
+PREFETCH_BYTES = 1 << 30  # NAR bytes being prefetched at once, at most (`NarPrefetches`)
+PREFETCH_TTL = 60.0  # a prefetched NAR not asked for this long after its fetch ended is let go
+PREFETCH_HOLD = 4 << 20  # verified blocks a prefetch keeps in memory for its stream (the rest: from the repo)
+PREFETCH_WAITING = 256  # prefetches not taken yet (running, waiting their turn, or done), at most
+FETCH_RETRY_FIRST, FETCH_RETRY_MAX = 0.5, 8.0
 ARRIVING_BYTES = 16 << 20  # verified blocks a NAR stream from peers keeps in memory ahead of its reader
 SEND_BYTES = 256 << 10  # NAR pieces streamed from peers are joined into writes of about this size
 # Slow clients: NAR streams and uploads take worker threads from pools of their own (never trio's default
@@ -425,6 +440,7 @@ class SwarmSource:
         self.metrics = intake.metrics
         self.store_dir = store_dir
         self.ask_gateways = ask_gateways
+        self.prefetches: NarPrefetches | None = None  # set by the cache when `nix.prefetch_nars` is on
 
     async def narinfo(self, store_hash: str) -> Found | None:
         """One race over the path's providers and then, unless we are a gateway ourselves, the gateways':
@@ -490,9 +506,12 @@ class SwarmSource:
         repo = source.repo
         root = found.root
         assert root is not None
-        arriving = ArrivingBlocks(repo)
-
-        counted = [0]
+        prefetch = self.prefetches.take(found) if self.prefetches is not None else None
+        if prefetch is not None:  # the fetch began when Nix got the narinfo: stream what it brings
+            arriving, counted = prefetch.arriving, prefetch.counted
+            arriving.hold = ARRIVING_BYTES
+        else:
+            arriving, counted = ArrivingBlocks(repo), [0]
 
         def verified(cid: CID, data: bytes) -> None:  # counted as they arrive: Nix may finish first
             counted[0] += len(data)
@@ -501,17 +520,17 @@ class SwarmSource:
 
         async def fetcher() -> None:
             try:
-                fetched = await self.swarm.fetch_dag(root, found.providers, arriving.stored, verified,
-                                                     root_block=found.root_block)
-                self.metrics.fetched.labels("peer").inc(max(0, fetched - counted[0]))
+                await self._fetch_patiently(found, arriving, verified, counted)
             except P2PCacheError as e:
                 arriving.fail(e)
                 return
             arriving.finish()
 
+        # No quota gc between fetch attempts either: the stream reads blocks no root claims yet.
         with source.streams.stream_slot():  # Busy (before the response starts) when too many are in progress
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(fetcher)
+            async with self.intake.room.working(), trio.open_nursery() as nursery:
+                if prefetch is None:
+                    nursery.start_soon(fetcher)
                 manifest = NarManifest.decode(await arriving.get(root))
                 await sink.start(manifest.nar_size, "nar")
                 assembly = NarAssembly(manifest)
@@ -535,10 +554,210 @@ class SwarmSource:
                     pieces = assembly.give(await arriving.get(cid))
                 await sink.end()
                 self.metrics.served.labels("peer").inc(sent)
+                if prefetch is not None:
+                    await prefetch.done.wait()  # its last blocks committed (or it failed) before the root is claimed
         if arriving.failure is not None:  # the stream completed from blocks we had, yet the fetch failed
             raise arriving.failure
         await trio.to_thread.run_sync(source.register_nar, root, found.narinfo)
         self.intake.announce(root)
+
+    async def _fetch_patiently(self, found: Found, arriving: "ArrivingBlocks",
+                               verified: Callable[[CID, bytes], None], counted: list[int]) -> None:
+        """Fetch the NAR's DAG, trying again after an attempt failed or went `FETCH_STALL` seconds without a
+        block (a fallback waiting on a peer that is gone), for as long as `FETCH_PATIENCE` allows: each
+        attempt resumes from the blocks stored, with the providers a fresh lookup names first, then those
+        known before."""
+        root = found.root
+        assert root is not None
+        providers = list(found.providers)
+        alias = nix_alias(found.narinfo.store_path.hash_part)
+        backoff = FETCH_RETRY_FIRST
+        progress_at = [trio.current_time()]
+
+        def on_verified(cid: CID, data: bytes) -> None:
+            progress_at[0] = trio.current_time()
+            verified(cid, data)
+
+        def on_stored(cids: list[CID]) -> None:
+            progress_at[0] = trio.current_time()
+            arriving.stored(cids)
+
+        while True:
+            error: P2PCacheError | None = None
+            began = trio.current_time()
+            with trio.CancelScope() as attempt:
+                async with trio.open_nursery() as nursery:
+                    async def watch() -> None:
+                        while (stall_at := max(began, progress_at[0]) + FETCH_STALL) > trio.current_time():
+                            await trio.sleep_until(stall_at)
+                        attempt.cancel()
+
+                    nursery.start_soon(watch)
+                    try:
+                        fetched = await self.swarm.fetch_dag(root, providers, on_stored, on_verified,
+                                                             root_block=found.root_block)
+                    except (CorruptData, DiskFull):
+                        raise  # never papered over; a full disk stays full
+                    except P2PCacheError as e:
+                        error = e
+                    nursery.cancel_scope.cancel()
+            if attempt.cancelled_caught:
+                error = FetchStalled(f"no block for {FETCH_STALL:g} s")
+            if error is None:
+                self.metrics.fetched.labels("peer").inc(max(0, fetched - counted[0]))
+                return
+            now = trio.current_time()
+            if now - progress_at[0] + backoff > FETCH_PATIENCE:
+                raise error
+            self.metrics.fetch_retries.inc()
+            log.info("fetching the NAR of %s from %d provider(s): %s; trying again in %g s", alias, len(providers),
+                     error, backoff)
+            await trio.sleep(backoff)
+            backoff = min(2 * backoff, FETCH_RETRY_MAX)
+            try:
+                fresh = await self.swarm.find_providers(alias, timeout=self.swarm.lookup_timeout)
+            except P2PCacheError as e:
+                log.info("looking up providers of %s again: %s", alias, e)
+                fresh = []
+            me = self.swarm.me
+            merged: dict[object, "PeerInfo"] = {}
+            for p in [*fresh, *providers]:
+                if p.peer_id != me:
+                    merged.setdefault(p.peer_id, p)
+            providers = list(merged.values())
+
+
+@dataclass
+class _Prefetch:
+    found: Found
+    arriving: "ArrivingBlocks"
+    counted: list[int] = field(default_factory=lambda: [0])
+    done: trio.Event = field(default_factory=trio.Event)  # the fetch ended (finished or failed)
+    taken: trio.Event = field(default_factory=trio.Event)  # a NAR request streams it
+    began: bool = False  # its turn came (`NarPrefetches.limit`)
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)  # a request came before its turn
+
+
+class NarPrefetches:
+    """NAR fetches begun when Nix got a narinfo from the swarm, before it asks for the NAR: Nix 2.8 asks for
+    every narinfo of a closure first and then for the NARs one after another, so without this each NAR's
+    fetch starts only when Nix asks for it. A NAR request for a path whose prefetch is under way (or done)
+    streams what it brings (`take`): the blocks are the same verified blocks, the NarHash is checked as the
+    stream goes and the root claimed only after that, exactly as for a fetch the request starts itself.
+
+    Owns the prefetches not taken yet. Bounded: at most `limit` fetch at once (the others wait their turn, in
+    the order Nix asked), at most `PREFETCH_WAITING` and `PREFETCH_BYTES` of NAR are not taken yet (more
+    narinfos fetch nothing ahead); each holds off quota gc (`Room.working`) until its NAR is asked for or
+    `PREFETCH_TTL` after its fetch ended — then its blocks are unclaimed garbage for gc, and a later request
+    fetches what is missing. Memory: a running prefetch keeps `PREFETCH_HOLD` of verified blocks for the
+    stream, a finished one none (the stream reads them back from the repo)."""
+
+    def __init__(self, source: "SwarmSource", limit: int) -> None:
+        self.source = source
+        self.limit = limit
+        self._by_path: dict[str, _Prefetch] = {}
+        self._bytes = 0
+        self._running = trio.CapacityLimiter(max(1, limit))
+        self._background = Background("NarPrefetches")
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Background task (the node's): the nursery prefetches run in."""
+        await self._background.run(task_status=task_status)
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    def start(self, found: Found) -> bool:
+        """Begin fetching the NAR of a narinfo the swarm answered (no-op if one is under way, or over the
+        bounds). True if it began."""
+        store_hash = found.narinfo.store_path.hash_part
+        if not self._background.running or found.root is None or store_hash in self._by_path:
+            return False
+        size = found.narinfo.nar_size
+        if len(self._by_path) >= PREFETCH_WAITING or self._bytes + size > PREFETCH_BYTES:
+            self.source.metrics.prefetches.labels("skipped").inc()
+            return False
+        prefetch = _Prefetch(found, ArrivingBlocks(self.source.intake.repo.repo, hold=PREFETCH_HOLD))
+        self._by_path[store_hash] = prefetch
+        self._bytes += size
+        self.source.metrics.prefetches.labels("started").inc()
+        self._background.start_soon(self._fetch, store_hash, prefetch)
+        return True
+
+    def take(self, found: Found) -> _Prefetch | None:
+        """The prefetch of `found`'s NAR (same manifest root), for the request that streams it now; None if
+        there is none (or it failed: the request fetches afresh, resuming from what it stored)."""
+        store_hash = found.narinfo.store_path.hash_part
+        prefetch = self._by_path.get(store_hash)
+        if prefetch is None or prefetch.found.root != found.root or prefetch.arriving.failure is not None:
+            return None
+        del self._by_path[store_hash]
+        self._bytes -= prefetch.found.narinfo.nar_size
+        if not prefetch.began:  # still waiting its turn: the request fetches it itself, now
+            prefetch.cancel.cancel()
+            return None
+        prefetch.taken.set()
+        self.source.metrics.prefetches.labels("taken").inc()
+        return prefetch
+
+    async def _fetch(self, store_hash: str, prefetch: _Prefetch) -> None:
+        metrics = self.source.metrics
+
+        def verified(cid: CID, data: bytes) -> None:  # counted as they arrive, as a request's own fetch does
+            prefetch.counted[0] += len(data)
+            metrics.fetched.labels("peer").inc(len(data))
+            prefetch.arriving.verified(cid, data)
+
+        with prefetch.cancel:
+            await self._fetch_for(store_hash, prefetch, verified)
+        if prefetch.cancel.cancelled_caught:
+            metrics.prefetches.labels("superseded").inc()
+
+    async def _fetch_for(self, store_hash: str, prefetch: _Prefetch, verified: Callable[[CID, bytes], None]) -> None:
+        source, info = self.source, prefetch.found.narinfo
+        metrics = source.metrics
+        repo = source.intake.repo.repo
+        try:
+            async with self._running:
+                prefetch.began = True
+                await source.intake.room.make_room(info.nar_size, f"the NAR of {info.store_path}",
+                                                   in_operation=False)
+                async with source.intake.room.working():  # no quota gc while its blocks wait unclaimed
+                    # A full disk is not counted here: the NAR request meets it (taking this prefetch's failure,
+                    # or fetching afresh) and counts it once; what this fetch stored is taken back here.
+                    with repo.recording_blocks() as written:
+                        try:
+                            await source._fetch_patiently(prefetch.found, prefetch.arriving, verified,
+                                                          prefetch.counted)
+                        except DiskFull as e:
+                            with trio.CancelScope(shield=True):
+                                await trio.to_thread.run_sync(repo.drop_unclaimed_blocks, written)
+                            prefetch.arriving.fail(e)
+                        except P2PCacheError as e:
+                            prefetch.arriving.fail(e)
+                        else:
+                            prefetch.arriving.finish()
+                    prefetch.done.set()
+                    if not prefetch.taken.is_set():
+                        prefetch.arriving.drop_held()  # in the repo; a stream reads them from there
+                    with trio.move_on_after(PREFETCH_TTL):
+                        await prefetch.taken.wait()
+        except P2PCacheError as e:  # no room for it: the request will say so
+            prefetch.arriving.fail(e)
+        finally:
+            prefetch.done.set()
+            if self._by_path.get(store_hash) is prefetch:  # not taken (a request removes what it takes)
+                del self._by_path[store_hash]
+                self._bytes -= info.nar_size
+            if prefetch.began and prefetch.arriving.failure is not None:
+                metrics.prefetches.labels("failed").inc()
+                log.info("prefetch of the NAR of %s: %s", info.store_path, prefetch.arriving.failure)
+            elif prefetch.began and not prefetch.taken.is_set():
+                metrics.prefetches.labels("expired").inc()
+
+
+class FetchStalled(P2PCacheError):
+    """A fetch attempt that went `FETCH_STALL` seconds without a block: it is cancelled and tried again."""
 
 
 class ArrivingBlocks:
@@ -547,8 +766,9 @@ class ArrivingBlocks:
     once it holds the block (read on a worker thread, never waiting there) — waiting on this task until
     then."""
 
-    def __init__(self, repo: "Repo") -> None:
+    def __init__(self, repo: "Repo", hold: int = ARRIVING_BYTES) -> None:
         self.repo = repo
+        self.hold = hold  # verified bytes kept in memory at most
         self._held: dict[CID, bytes] = {}
         self._held_bytes = 0
         self._stored: set[CID] = set()
@@ -557,7 +777,7 @@ class ArrivingBlocks:
         self._finished = False
 
     def verified(self, cid: CID, data: bytes) -> None:
-        if self._held_bytes + len(data) <= ARRIVING_BYTES and cid not in self._held:
+        if self._held_bytes + len(data) <= self.hold and cid not in self._held:
             self._held[cid] = data
             self._held_bytes += len(data)
             ev = self._waiting.pop(cid, None)
@@ -570,6 +790,11 @@ class ArrivingBlocks:
             ev = self._waiting.pop(c, None)
             if ev is not None:
                 ev.set()
+
+    def drop_held(self) -> None:
+        """Forget the blocks held in memory (they are in the repo; `get` reads them from there)."""
+        self._held.clear()
+        self._held_bytes = 0
 
     def _wake_all(self) -> None:
         for ev in self._waiting.values():

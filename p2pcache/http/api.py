@@ -302,18 +302,6 @@ async def _extra_routes(node: NodeAPI, scope: Scope, receive: Receive, send: Sen
     await node.http_fallback(scope, receive, send)
 
 
-async def _body_pieces(receive: Receive) -> AsyncIterator[bytes]:
-    """A request body as it arrives, piece by piece (ends early if the client goes away)."""
-    while True:
-        event = await receive()
-        if event["type"] == "http.disconnect":
-            return
-        if event.get("body"):
-            yield event["body"]
-        if not event.get("more_body"):
-            return
-
-
 async def _build_cache_tar(cache: BuildCache, method: str, query: dict[str, list[str]], receive: Receive,
                            send: Send) -> None:
     """GET ?key=K&restore_key=P…: the tree as a tar stream (404 on a miss; headers say which key matched).
@@ -327,7 +315,7 @@ async def _build_cache_tar(cache: BuildCache, method: str, query: dict[str, list
     if not key:
         raise HTTPError(400, "cache/tar needs ?key=…")
     if method == "POST":
-        await send_json(send, await cache.save_tar(key, _body_pieces(receive), query.get("path", []),
+        await send_json(send, await cache.save_tar(key, request_body(receive), query.get("path", []),
                                                    (query.get("force") or ["0"])[0] not in ("0", "")))
         return
     if method != "GET":
@@ -353,7 +341,7 @@ async def _build_cache_files(cache: BuildCache, receive: Receive, send: Send, le
     daemon, answered with each file's body as dag-cbor (the CLI builds the tree's pages from them)."""
     from ..content import dagcbor
 
-    got = await cache.accept_files(_body_pieces(receive), lease)
+    got = await cache.accept_files(request_body(receive), lease)
     await send_bytes(send, 200, dagcbor.encode(got), "application/cbor")
 
 

@@ -165,7 +165,7 @@ class _Discard:
     def write_blocks(self, blocks, verified=False):
         return 0
 
-    def commit_blocks(self, blocks):
+    def commit_blocks(self, blocks, drop_cached=False):
         pass
 
     def register_root(self, root):

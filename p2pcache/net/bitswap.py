@@ -25,6 +25,7 @@ import math
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeAlias, cast
 
 import multiaddr
@@ -729,7 +730,10 @@ class RepoBatcher:
 
     async def _committer(self, commits: trio.MemoryReceiveChannel[list[tuple[CID, int]]]) -> None:
         async for done in commits:  # one at a time, in order
-            await trio.to_thread.run_sync(self.repo.commit_blocks, done)
+            # The fetched blocks leave the page cache once durable: nobody reads them back soon (a NAR's
+            # bytes go to Nix as they are verified), and keeping them made the kernel take a fresh page for
+            # every byte fetched (bench/dagxfer.py: the store thread's CPU)
+            await trio.to_thread.run_sync(partial(self.repo.commit_blocks, done, drop_cached=True))
             if self.on_committed is not None:
                 self.on_committed([c for c, _ in done])
 

@@ -360,6 +360,32 @@ class PackFiles:
                 self._dir_dirty |= dir_dirty
             raise disk_error(e, self.dir) from None
 
+    def drop_cached(self, locations: Iterable[Location]) -> None:
+        """Drop these records' pages from the page cache (posix_fadvise DONTNEED over the span each pack's
+        records cover; pages still dirty, and the partial pages at either end, stay): for bytes made durable
+        (`barrier()`) that nobody is about to read again, such as a fetch's blocks after its commit. A
+        streaming writer that keeps its written pages makes the kernel take fresh pages for every byte, which
+        measured 5-10x the CPU of reusing dropped ones on this project's VMs (the pages freed go back to the
+        host); reading a dropped block later costs a disk read. Advisory: nothing changes where there is no
+        posix_fadvise."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        spans: dict[int, list[int]] = {}
+        for loc in locations:
+            span = spans.get(loc.pack)
+            if span is None:
+                spans[loc.pack] = [loc.offset, loc.offset + loc.size]
+            else:
+                span[0] = min(span[0], loc.offset)
+                span[1] = max(span[1], loc.offset + loc.size)
+        for pack, (start, end) in spans.items():
+            fd = self._fd(pack)
+            if fd >= 0:
+                try:
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+                except OSError:
+                    pass
+
     def roll(self) -> None:
         """Start a new pack for appends (so compaction may rewrite the one that was active)."""
         with self._lock:

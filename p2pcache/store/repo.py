@@ -534,8 +534,10 @@ class Repo:
             recording.extend(c for c, _ in todo)
         return new
 
-    def commit_blocks(self, blocks: list[tuple[CID, int]]) -> None:
-        """The second half: one flush to disk, then the index rows (the order crash safety needs)."""
+    def commit_blocks(self, blocks: list[tuple[CID, int]], drop_cached: bool = False) -> None:
+        """The second half: one flush to disk, then the index rows (the order crash safety needs). With
+        `drop_cached`, the blocks' pages leave the page cache once durable (`PackFiles.drop_cached`: for a
+        fetch streaming blocks nobody reads back soon)."""
         self.require_writable()
         pending = self.packs.pending
         written = [(c, loc) for c, _ in blocks if (loc := pending.get(c.buffer)) is not None]
@@ -545,6 +547,8 @@ class Repo:
         with self.index.transaction():
             self.record_blocks(written)
         self.blocks_committed(written)
+        if drop_cached and self.durable:
+            self.packs.drop_cached(loc for _, loc in written)
         recording = _committed_blocks.get()
         if recording is not None:
             recording.extend(c for c, _ in written)

@@ -1,5 +1,6 @@
 """The bitswap driver with real py-libp2p hosts on loopback (TCP + Noise + Yamux) in one trio process."""
 
+import contextlib
 import io
 import random
 from contextlib import asynccontextmanager
@@ -10,7 +11,7 @@ import trio
 from p2pcache.content.chunking import ChunkerParams
 from p2pcache.content.cid import CID, RAW
 from p2pcache.exchange.message import PROTOCOL_1_2_0, uvarint
-from p2pcache.net.bitswap import BitswapExchange, FetchError, RepoBlockSource
+from p2pcache.net.bitswap import BitswapExchange, FetchError, RepoBatcher, RepoBlockSource
 from p2pcache.net.host import HostConfig, open_host
 from p2pcache.store.repo import Repo
 
@@ -208,3 +209,55 @@ async def test_seeder_disappearing_mid_transfer_second_completes(tmp_path):
         assert 10 <= src1.served
         assert b"".join(leech.repo.stream(added.root)) == data
         assert leech.client.peer_stats(s2.host.peer_id).blocks > 0
+
+
+def _blocks(n, size, seed):
+    rng = random.Random(seed)
+    return [(CID.for_block(RAW, d), d) for d in (rng.randbytes(size) for _ in range(n))]
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("how", ["error", "cancel"])
+async def test_a_batcher_ended_by_an_error_or_a_cancel_records_what_it_wrote(tmp_path, how):
+    """A fetch that fails (or is cancelled) after its writer appended batches: those blocks are recorded
+    (a retry then resumes from them, and the repo counts their disk), not left pending until a restart;
+    what was only held is not written."""
+    repo = Repo.init(tmp_path / "r")  # durable, as the daemon
+    written = _blocks(12, 16 << 10, 1)  # three batches of 64 KiB ...
+    held = _blocks(2, 16 << 10, 2)  # ... and less than one more, never handed to the writer
+    stored: list[CID] = []
+    committed: list[CID] = []
+    all_stored = trio.Event()
+
+    def on_stored(cids):
+        stored.extend(cids)
+        if len(stored) == len(written):
+            all_stored.set()
+
+    with trio.CancelScope() as scope:
+        with pytest.raises(RuntimeError) if how == "error" else contextlib.nullcontext():
+            # commits only every 1 GiB: nothing is recorded before the exit
+            async with RepoBatcher(repo, 64 << 10, 1 << 30, on_stored=on_stored, on_committed=committed.extend) as store:
+                for cid, data in written:
+                    await store.add(cid, data)
+                await all_stored.wait()
+                assert not any(repo.index.known_blocks([c for c, _ in written]))
+                for cid, data in held:
+                    await store.add(cid, data)
+                if how == "error":
+                    raise RuntimeError("the peer went away")
+                scope.cancel()
+                await trio.sleep_forever()
+    assert scope.cancelled_caught == (how == "cancel")
+    assert set(committed) == {c for c, _ in written} and len(committed) == len(written)
+    assert not repo.packs.pending
+    repo.close()
+    repo = Repo.open(tmp_path / "r")  # recorded on disk, not just in memory
+    try:
+        assert all(repo.has_block(c) and repo.load_block(c) == d for c, d in written)
+        assert not any(repo.has_block(c) for c, _ in held)
+        assert repo.stored_bytes() == sum(len(d) for _, d in written)  # the held ones were never written
+        report = repo.verify()
+        assert report.consistent and report.blocks_checked == len(written) and report.dead_bytes == 0
+    finally:
+        repo.close()

@@ -74,7 +74,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BitswapExchange", "DriverConfig", "FetchError", "RepoBatcher", "RepoBlockSource"]
+__all__ = ["BitswapExchange", "DriverConfig", "FetchError", "RepoBatcher", "RepoBlockSource", "StoredBatch"]
 
 # We send 1.2.0 (1.1.0 peers ignore presences and want-have fields they do not know); we read all three.
 SEND_PROTOCOLS = (PROTOCOL_1_2_0, PROTOCOL_1_1_0)
@@ -639,6 +639,17 @@ class BitswapExchange:
         return self._is_banned(peer)
 
 
+class StoredBatch:
+    """What the writer's worker thread appended of one batch (`RepoBatcher._store`): `appended`, the
+    (cid, bytes) pairs now in the repo's packs. A subclass's `_store` returns a subclass of this with what
+    else it found out there (`_stored` reads it back on the event loop)."""
+
+    __slots__ = ("appended",)
+
+    def __init__(self, appended: list[tuple[CID, bytes]]) -> None:
+        self.appended = appended
+
+
 class RepoBatcher:
     """Verified blocks into a repo in batches, through its public API only, written by a task of its
     own so the caller goes on reading the network meanwhile: files first (`write_blocks`; readers may
@@ -646,10 +657,15 @@ class RepoBatcher:
     commit flushes the file system, which costs far more than the writes; `on_committed` says which).
     Manifest nodes are written at once, so a crash leaves a walkable prefix and a resumed fetch finds
     the nodes whose links it needs. Holds at most `store_bytes` times (1 + `queued`) in memory: `add`
-    waits while that much is queued (backpressure onto the stream).
+    waits while that much is queued (backpressure onto the stream). On an exit by an error or a cancel,
+    what was written is still recorded (a retry then resumes from it, and `stored_bytes` counts it);
+    what was only held is dropped.
 
         async with RepoBatcher(repo, 4 << 20, 8 << 20) as store:
             await store.add(cid, data)
+
+    A subclass may hand the writer batches of its own (`_take`) and do more with them in the worker
+    thread (`_store`, e.g. hash them there, off the event loop) and back on the loop (`_stored`).
     """
 
     def __init__(self, repo: Any, store_bytes: int, commit_bytes: int,
@@ -662,9 +678,10 @@ class RepoBatcher:
         self.on_committed = on_committed
         self._batch: list[tuple[CID, bytes]] = []
         self.pending_bytes = 0
-        self._unrecorded: list[tuple[CID, int]] = []
+        self._unrecorded: list[tuple[CID, int]] = []  # appended, not yet handed to the committer
         self._unrecorded_bytes = 0
-        self._send, self._recv = trio.open_memory_channel(queued)
+        self._committing: list[list[tuple[CID, int]]] = []  # handed to the committer, not yet committed
+        self._send, self._recv = trio.open_memory_channel[object](queued)
         self._nursery_manager: Any = None
 
     async def __aenter__(self) -> "RepoBatcher":
@@ -685,6 +702,8 @@ class RepoBatcher:
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
+        finally:
+            await self._record_the_rest()
 
     async def add(self, cid: CID, data: bytes) -> None:
         """`data` must be verified against `cid` already (the repo does not hash it again)."""
@@ -695,16 +714,28 @@ class RepoBatcher:
 
     async def write(self) -> None:
         """Hand what is held to the writer (waits only while the queue is full)."""
-        if self._batch:
-            blocks, self._batch, self.pending_bytes = self._batch, [], 0
-            await self._send.send(blocks)
+        batch = self._take()
+        if batch is not None:
+            await self._send.send(batch)
 
-    def _store(self, blocks: list[tuple[CID, bytes]]) -> list[tuple[CID, bytes]]:
-        """In the writer's worker thread: append one batch; returns the blocks appended (a subclass may
-        check them first, e.g. hash them there, off the event loop)."""
-        # Every block reaching `add` was hashed against its CID by the receiver that got it.
-        self.repo.write_blocks(blocks, True)
+    def _take(self) -> object | None:
+        """The batch held, for the writer (None if nothing is held); `pending_bytes` starts again at 0."""
+        if not self._batch:
+            return None
+        blocks, self._batch, self.pending_bytes = self._batch, [], 0
         return blocks
+
+    def _store(self, batch: object) -> StoredBatch:
+        """In the writer's worker thread: append one batch (as `_take` made it)."""
+        # Every block reaching `add` was hashed against its CID by the receiver that got it.
+        blocks = cast("list[tuple[CID, bytes]]", batch)
+        self.repo.write_blocks(blocks, True)
+        return StoredBatch(blocks)
+
+    def _stored(self, stored: StoredBatch) -> None:
+        """Back on the event loop, once a batch is appended."""
+        if self.on_stored is not None:
+            self.on_stored([c for c, _ in stored.appended])
 
     async def _writer(self) -> None:
         # Index commits run beside the appends: the next batches are written while a commit waits for the
@@ -713,12 +744,12 @@ class RepoBatcher:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._committer, commits_recv)
             async with commits_send:
-                async for blocks in self._recv:
-                    blocks = await trio.to_thread.run_sync(self._store, blocks)
-                    self._unrecorded += [(c, len(d)) for c, d in blocks]
-                    self._unrecorded_bytes += sum(len(d) for _, d in blocks)
-                    if self.on_stored is not None:
-                        self.on_stored([c for c, _ in blocks])
+                async for batch in self._recv:
+                    stored = await trio.to_thread.run_sync(self._store, batch)
+                    # (from here to the next checkpoint nothing is cancelled: a batch appended is noted)
+                    self._unrecorded += [(c, len(d)) for c, d in stored.appended]
+                    self._unrecorded_bytes += sum(len(d) for _, d in stored.appended)
+                    self._stored(stored)
                     if self._unrecorded_bytes >= self.commit_bytes:
                         await self._commit(commits_send)
                 await self._commit(commits_send)
@@ -726,6 +757,7 @@ class RepoBatcher:
     async def _commit(self, commits: trio.MemorySendChannel[list[tuple[CID, int]]]) -> None:
         if self._unrecorded:
             done, self._unrecorded, self._unrecorded_bytes = self._unrecorded, [], 0
+            self._committing.append(done)  # until committed (a send cut by a cancel delivers nothing)
             await commits.send(done)
 
     async def _committer(self, commits: trio.MemoryReceiveChannel[list[tuple[CID, int]]]) -> None:
@@ -734,6 +766,22 @@ class RepoBatcher:
             # bytes go to Nix as they are verified), and keeping them made the kernel take a fresh page for
             # every byte fetched (bench/dagxfer.py: the store thread's CPU)
             await trio.to_thread.run_sync(partial(self.repo.commit_blocks, done, drop_cached=True))
+            del self._committing[0]  # `done` (commits go in order)
             if self.on_committed is not None:
                 self.on_committed([c for c, _ in done])
 
+    async def _record_the_rest(self) -> None:
+        """After the writer stopped: record what it appended but did not commit (nothing, after a clean
+        exit; after an error or a cancel, what the batches written so far hold), shielded from the cancel."""
+        rest = [b for done in self._committing for b in done] + self._unrecorded
+        self._committing, self._unrecorded, self._unrecorded_bytes = [], [], 0
+        if not rest:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(partial(self.repo.commit_blocks, rest, drop_cached=True))
+            except Exception as e:  # the error that ended the batcher (a full disk, say) says more: keep it
+                log.warning("could not record %d blocks written before the error: %s", len(rest), e)
+                return
+        if self.on_committed is not None:
+            self.on_committed([c for c, _ in rest])

@@ -38,7 +38,7 @@ from ..errors import InvalidCID, InvalidInput, MalformedBlock
 from ..exchange import FrameDecoder, ProtocolViolation
 from ..routing.pb import p2pcache_pb2 as pb
 from ..transfer import DagWalk, DfsOrder, OutOfOrder
-from .bitswap import BitswapExchange, FetchError, ProviderSpec, RepoBatcher
+from .bitswap import BitswapExchange, FetchError, ProviderSpec, RepoBatcher, StoredBatch
 from .peers import Host, close_quietly, reset_quietly
 
 if TYPE_CHECKING:
@@ -566,6 +566,31 @@ class _Run:
         return best_rem[keep:]
 
 
+class _LeafBatch:
+    """A batch on its way to `_LeafStore`'s writer: manifest nodes (hashed on arrival) and raw leaves
+    with their senders (checked for their place only, hashed by the writer)."""
+
+    __slots__ = ("nodes", "leaves")
+
+    def __init__(self, nodes: list[tuple[CID, bytes]], leaves: list[tuple[CID, bytes, ID]]) -> None:
+        self.nodes = nodes
+        self.leaves = leaves
+
+
+class _HashedBatch(StoredBatch):
+    """What `_LeafStore`'s writer made of a `_LeafBatch`: everything appended, and which leaves hashed
+    to their CID (`good`) and which did not (`bad`, not appended)."""
+
+    __slots__ = ("nodes", "good", "bad")
+
+    def __init__(self, appended: list[tuple[CID, bytes]], nodes: list[CID], good: list[tuple[CID, bytes, ID]],
+                 bad: list[tuple[CID, bytes, ID]]) -> None:
+        super().__init__(appended)
+        self.nodes = nodes
+        self.good = good
+        self.bad = bad
+
+
 class _LeafStore(RepoBatcher):
     """The fetch's store. Raw leaves come in with their place in the walk checked but not yet hashed
     (`add_leaf`): the writer's worker thread hashes a whole batch (hashlib lets go of the GIL, so the
@@ -578,43 +603,43 @@ class _LeafStore(RepoBatcher):
     def __init__(self, run: _Run, repo: Any, store_bytes: int, commit_bytes: int,
                  on_stored: Callable[[list[CID]], None] | None,
                  on_committed: Callable[[list[CID]], None] | None) -> None:
-        super().__init__(repo, store_bytes, commit_bytes, on_stored=self._checked, on_committed=on_committed)
+        super().__init__(repo, store_bytes, commit_bytes, on_committed=on_committed)
         self._run = run
         self._then = on_stored
+        self._leaves: list[tuple[CID, bytes, ID]] = []
         self.unchecked = 0
-        self._hashed: tuple[list[Any], list[Any], list[CID]] = ([], [], [])
 
     async def add_leaf(self, cid: CID, data: bytes, peer: ID) -> None:
-        self._batch.append((cid, data, peer))  # type: ignore[arg-type]  # a leaf: hashed by the writer
+        self._leaves.append((cid, data, peer))
         self.unchecked += 1
         self.pending_bytes += len(data)
         if self.pending_bytes >= self.store_bytes:
             await self.write()
 
-    def _store(self, blocks: list[Any]) -> list[tuple[CID, bytes]]:
-        good, bad, nodes, out = [], [], [], []
-        for item in blocks:
-            if len(item) == 3:
-                if item[0].verify(item[1]):
-                    good.append(item)
-                    out.append((item[0], item[1]))
-                else:
-                    bad.append(item)
-            else:  # verified on arrival
-                nodes.append(item[0])
-                out.append(item)
-        if out:
-            self.repo.write_blocks(out, True)
-        self._hashed = (good, bad, nodes)
-        return out
+    def _take(self) -> _LeafBatch | None:
+        if not self._batch and not self._leaves:
+            return None
+        batch = _LeafBatch(self._batch, self._leaves)
+        self._batch, self._leaves, self.pending_bytes = [], [], 0
+        return batch
 
-    def _checked(self, cids: list[CID]) -> None:
-        good, bad, nodes = self._hashed
-        self._hashed = ([], [], [])
-        self.unchecked -= len(good) + len(bad)
-        new = self._run.leaves_checked(good, bad)
+    def _store(self, batch: object) -> _HashedBatch:
+        assert isinstance(batch, _LeafBatch)
+        good: list[tuple[CID, bytes, ID]] = []
+        bad: list[tuple[CID, bytes, ID]] = []
+        for leaf in batch.leaves:
+            (good if leaf[0].verify(leaf[1]) else bad).append(leaf)
+        appended = batch.nodes + [(cid, data) for cid, data, _ in good]
+        if appended:
+            self.repo.write_blocks(appended, True)
+        return _HashedBatch(appended, [cid for cid, _ in batch.nodes], good, bad)
+
+    def _stored(self, stored: StoredBatch) -> None:
+        assert isinstance(stored, _HashedBatch)
+        self.unchecked -= len(stored.good) + len(stored.bad)
+        new = self._run.leaves_checked(stored.good, stored.bad)
         if self._then is not None:
-            self._then(nodes + new)
+            self._then(stored.nodes + new)
 
 
 def _held_many(repo: Any) -> Callable[[list[CID]], list[bool]] | None:

@@ -104,9 +104,12 @@ class CID:
 
     @property
     def codec(self) -> int:
-        if self.version == 0:
+        buf = self.buffer
+        if buf[0] == 1 and buf[1] < 0x80:
+            return buf[1]  # a one-byte codec (every CID made here): read on every block of every fetch
+        if buf[0] == 0x12:
             return DAG_PB
-        return _read_uvarint(self.buffer, 1)[0]
+        return _read_uvarint(buf, 1)[0]
 
     @property
     def multihash(self) -> bytes:

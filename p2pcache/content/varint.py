@@ -30,6 +30,8 @@ def encode(n: int) -> bytes:
 
 def decode(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int]:
     """(value, position after it) of the varint at `pos`."""
+    if pos < len(buf) and buf[pos] < 0x80:
+        return buf[pos], pos + 1  # one byte: most of them (frame fields, codecs, CID lengths)
     value = shift = 0
     for i in range(pos, min(len(buf), pos + MAX_BYTES)):
         b = buf[i]

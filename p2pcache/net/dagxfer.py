@@ -829,19 +829,22 @@ class DagTransfer:
                 got = frames.feed(data)
             except ProtocolViolation as e:
                 raise _Hostile(str(e)) from None
+            if got:
+                req.progress_at = trio.current_time()  # (the frames of one read arrived together)
             for frame in got:
                 if not isinstance(frame, tuple):
                     return self._ended(run, req, frame)
-                try:
-                    cid = CID.decode(frame[0])
-                except (InvalidCID, IndexError) as e:
-                    raise _Hostile(f"malformed frame ({e})") from None
-                block = frame[1]
+                key, block = frame
+                cid = order.peek()  # the CID the walk expects next, already parsed: most frames carry it
+                if cid is None or cid.buffer != key:
+                    try:
+                        cid = CID.decode(key)
+                    except (InvalidCID, IndexError) as e:
+                        raise _Hostile(f"malformed frame ({e})") from None
                 try:
                     order.expect(cid, block, hash_leaf=False)
                 except OutOfOrder as e:
                     raise _Hostile(str(e)) from None
-                req.progress_at = trio.current_time()
                 if order.sent >= req.tail_at:
                     req.in_tail.set()
                 run.delivered[req.peer] = run.delivered.get(req.peer, 0) + len(block)

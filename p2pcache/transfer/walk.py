@@ -246,6 +246,8 @@ class DagWalk:
         if not local:
             self.stats.blocks += 1
             self.stats.bytes += len(data)
+        if not links:
+            return True  # a leaf (most blocks): nothing below it to place
         cover = self.cover_nodes and st in (_State.WANTED, _State.COVERED)
         state, keys, frontier = self._state, self._key, self._frontier
         base = keys[cid]

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from p2pcache.content.chunking import ChunkerParams
-from p2pcache.content.cid import RAW
+from p2pcache.content.cid import DAG_CBOR, RAW
 from p2pcache.content.manifest import iter_blocks
 from p2pcache.net.bitswap import BitswapExchange, RepoBlockSource
 from p2pcache.net.dagxfer import PROTOCOL, DagConfig, DagServer, DagTransfer, encode_request
@@ -346,3 +346,37 @@ def test_a_batch_read_serves_blocks_in_order_and_stops_at_the_first_missing_or_c
     # a subclass that changes `get` is asked block by block (the liar above serves its own bytes)
     assert _FlippingSource(repo).get_many(chunks[:2]) == [_FlippingSource(repo).get(c) for c in chunks[:2]]
     repo.close()
+
+
+@pytest.mark.trio
+async def test_one_providers_next_request_is_sent_in_the_tail_of_the_one_streaming(tmp_path):
+    """With one provider, its second lane asks only once the request streaming has at most
+    `pipeline_blocks` leaves left (two streams of one provider interleaved cost both sides CPU), and
+    its requests are `solo_request_blocks` long."""
+    data = random.Random(9).randbytes(3 * MiB)
+    solo = DagConfig(solo_request_blocks=48, pipeline_blocks=8, request_blocks=16)
+    async with peer(tmp_path, "a") as a, peer(tmp_path, "b", config=solo) as b:
+        root = a.repo.add_stream(io.BytesIO(data), name="x.bin", params=SMALLER).root
+        blocks = list(iter_blocks(a.repo.manifest(root), a.repo.load_block))
+        nodes = sum(1 for cid, _ in blocks if cid.codec == DAG_CBOR)
+        leaves = len(blocks) - nodes
+        assert leaves > 4 * 48
+        # at each DAG stream b opens: the blocks a has served so far
+        opened: list[int] = []
+        new_stream = b.host.new_stream
+
+        async def counting_new_stream(peer_id, protocols):
+            if protocols == [PROTOCOL]:
+                opened.append(a.stats.served_blocks)
+            return await new_stream(peer_id, protocols)
+
+        b.host.new_stream = counting_new_stream
+        with trio.fail_after(60):
+            await b.fetch(root, [a.exchange.host.addrs()[0]], b.repo)
+        b.repo.register_root(root)
+        assert b"".join(b.repo.stream(root)) == data
+    # the nodes' request first, then one per 48 leaves; leaf request i (from 0) was sent only once a had
+    # served the nodes and at least all but 8 of the leaves of the requests before it
+    assert len(opened) == 1 + -(-leaves // 48)
+    for i, served in enumerate(opened[2:], start=1):
+        assert served >= nodes + 48 * i - 8, (i, opened)

@@ -148,33 +148,63 @@ class _Frames:
         self._pos = 0
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes] | pb.DagEnd]:
+        out: list[tuple[bytes, bytes] | pb.DagEnd] = []
         buf = self._buf
         if self._pos:
             del buf[: self._pos]
             self._pos = 0
-        buf += data
-        out: list[tuple[bytes, bytes] | pb.DagEnd] = []
-        view = memoryview(buf)
-        try:
-            pos, size = 0, len(buf)
-            while pos < size:
-                try:
-                    n, start = varint_decode(view, pos)
-                except ValueError:
-                    if size - pos >= 10:
-                        raise ProtocolViolation("DAG stream has a malformed length prefix") from None
-                    break  # the prefix is not all here yet
-                if n > MAX_FRAME:
-                    raise ProtocolViolation(f"DAG stream announces a {n} byte frame, over the {MAX_FRAME} byte limit")
-                end = start + n
-                if end > size:
-                    break
-                out.append(_block_fields(view, start, end) or _parsed_frame(view[start:end]))
-                pos = end
-        finally:
-            view.release()
-        self._pos = pos
+        rest = memoryview(data)
+        if buf:  # a frame the last read cut: complete it from the front of `data`, read the rest from `data`
+            need = _lacking(buf)
+            if need is None or need > len(data):
+                buf += data
+                self._pos = _parse(buf, out)
+                return out
+            buf += rest[:need]
+            _parse(buf, out)
+            buf.clear()
+            rest = rest[need:]
+        pos = _parse(rest, out)  # (most frames: no copy of the read behind a leftover first)
+        if pos < len(rest):
+            buf += rest[pos:]
         return out
+
+
+def _lacking(buf: bytearray) -> int | None:
+    """Bytes the frame at the start of `buf` lacks (None if its length prefix is not all there yet)."""
+    try:
+        n, start = varint_decode(buf, 0)
+    except ValueError:
+        if len(buf) >= 10:
+            raise ProtocolViolation("DAG stream has a malformed length prefix") from None
+        return None
+    if n > MAX_FRAME:
+        raise ProtocolViolation(f"DAG stream announces a {n} byte frame, over the {MAX_FRAME} byte limit")
+    return start + n - len(buf)
+
+
+def _parse(data: bytes | bytearray | memoryview, out: list[tuple[bytes, bytes] | pb.DagEnd]) -> int:
+    """Append the whole frames at the start of `data` to `out`; returns where the first incomplete one begins."""
+    view = memoryview(data)
+    try:
+        pos, size = 0, len(view)
+        while pos < size:
+            try:
+                n, start = varint_decode(view, pos)
+            except ValueError:
+                if size - pos >= 10:
+                    raise ProtocolViolation("DAG stream has a malformed length prefix") from None
+                break  # the prefix is not all here yet
+            if n > MAX_FRAME:
+                raise ProtocolViolation(f"DAG stream announces a {n} byte frame, over the {MAX_FRAME} byte limit")
+            end = start + n
+            if end > size:
+                break
+            out.append(_block_fields(view, start, end) or _parsed_frame(view[start:end]))
+            pos = end
+    finally:
+        view.release()
+    return pos
 
 
 def _block_fields(view: memoryview, start: int, end: int) -> tuple[bytes, bytes] | None:

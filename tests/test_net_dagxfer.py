@@ -50,7 +50,7 @@ def test_archive_moves_over_one_dag_stream_per_request(tmp_path, rng, daemons):
     st, sa = b.status(), a.status()
     xfer = st["transfer"]
     assert xfer["bitswap_fallbacks"] == 0 and xfer["peers_dropped"] == 0
-    # ~200 chunks in requests of at most 128 CIDs, plus the tree's inner nodes: a handful of streams
+    # ~200 chunks in requests of at most 512 CIDs (one provider), plus the tree's inner nodes: a handful of streams
     assert 1 <= xfer["streams"] <= 6
     assert len(data) <= xfer["bytes"] < len(data) + 64 * 1024 and xfer["duplicate_bytes"] == 0
     assert sa["transfer"]["served_bytes"] >= len(data)

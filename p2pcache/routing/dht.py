@@ -404,11 +404,26 @@ class DHT:
 
     def _peer_entry(self, entry: Any) -> PeerInfo | None:
         info = parse_peer_entry(entry)
-        if info is None or not maybe_consume_signed_record(entry, self.libp2p):
+        if info is None:
             return None
+        known = self._record_seq(info.peer_id)
+        if not maybe_consume_signed_record(entry, self.libp2p):
+            return None
+        if known is not None and (self._record_seq(info.peer_id) or 0) > known:
+            # The peer signed a newer address record than the one we held: it started (or moved) since, so
+            # a dial that failed before says nothing now (a provider that restarted is dialled at once).
+            seen = getattr(self.host, "peer_seen", None)  # NodeHost; a bare py-libp2p host has no dial backoff
+            if seen is not None:
+                seen(info.peer_id)
         if info.addrs and info.peer_id != self.peer_id:
             self.libp2p.get_peerstore().add_addrs(info.peer_id, info.addrs, ADDR_TTL)
         return info
+
+    def _record_seq(self, peer: ID) -> int | None:
+        """The sequence number of the signed peer record we hold for `peer` (a timestamp its owner set when
+        it signed it), None if we hold none."""
+        envelope = self.libp2p.get_peerstore().get_peer_record(peer)
+        return None if envelope is None else envelope.record().seq
 
 
 if TYPE_CHECKING:

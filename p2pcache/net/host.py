@@ -452,6 +452,25 @@ class NodeHost:
         self._mark_up(info.peer_id)
         return info.peer_id
 
+    async def _dial(self, peer: ID) -> None:
+        """Connect to `peer` from its known addresses within `handshake_timeout`. py-libp2p bounds only the
+        handshake of one attempt (and tries four times), not the TCP connect, so an address that drops
+        packets held a dial for 40 s or more; and a dial its caller cut short was never remembered as
+        failed, so every later ask waited again. A dial that times out, or is cut after a second or more
+        without an answer, puts the peer into the dial backoff like any failed dial."""
+        start = trio.current_time()
+        try:
+            with trio.move_on_after(self.config.handshake_timeout) as dial:
+                await cast("Swarm", self.libp2p.get_network()).dial_peer(peer)
+        except trio.Cancelled:
+            if trio.current_time() - start >= 1.0 and not self._has_live_connection(str(peer)):
+                self.dial_backoff.mark_failed(str(peer))
+            raise
+        if dial.cancelled_caught:
+            self.dial_backoff.mark_failed(str(peer))
+            raise HostError(f"cannot connect to {peer}: no answer within {self.config.handshake_timeout:g}s")
+        self._mark_up(peer)
+
     def add_addrs(self, peer: ID, addrs: Iterable[multiaddr.Multiaddr], ttl: int = 3600) -> None:
         """Remember where `peer` listens, so `new_stream` can dial it."""
         self.libp2p.get_peerstore().add_addrs(peer, list(addrs), ttl)
@@ -460,6 +479,8 @@ class NodeHost:
         """A stream to `peer` speaking the first of `protocols` it accepts (dialling it if needed)."""
         if not self.allowed(peer):
             raise HostError(f"peer {peer} is not on this node's allowlist")
+        if not self._has_live_connection(str(peer)):
+            await self._dial(peer)
         stream = await self.libp2p.new_stream(peer, [TProtocol(p) for p in protocols])
         self._mark_up(peer)
         return stream

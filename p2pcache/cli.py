@@ -235,27 +235,48 @@ def _open_for_add(path: str):
         raise RepoError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _ensure_local(args: argparse.Namespace, repo: Repo, key: str):
-    """The root for `key`: from the repo, else fetched by the running daemon from the swarm."""
+@contextlib.contextmanager
+def _local_root(args: argparse.Namespace, repo: Repo, key: str) -> Iterator[CID]:
+    """The root for `key`, held in the repo until the block ends (`RootReaders`: gc does not evict a root
+    while it is read): from the repo, else fetched by the running daemon from the swarm. The root is
+    checked only once it is held, so one the quota evicted between our look and our read is fetched again
+    instead of failing "not in the repo"."""
+    for _ in range(3):
+        try:
+            root: CID | None = repo.resolve(key)
+        except NotFound:
+            root = None
+        if root is not None:
+            with repo.readers.reading(root):
+                if _complete_here(repo, root):
+                    yield root
+                    return
+        _fetch_by_daemon(args, repo, key, root)
+    raise RepoError(f"{key} was evicted again each time the daemon fetched it: its repo's quota has no room for it "
+                    "while other reads hold theirs; retry, or raise `max_size`")
+
+
+def _complete_here(repo: Repo, root: CID) -> bool:
     try:
-        root = repo.resolve(key)
-        if repo.root_info(root).complete:
-            return root
-    except NotFound:
-        root = None
+        return repo.root_info(root).complete
+    except NotFound:  # evicted since `resolve` named it
+        return False
+
+
+def _fetch_by_daemon(args: argparse.Namespace, repo: Repo, key: str, root: CID | None) -> None:
+    """Have the running daemon fetch `key` into the repo (from the swarm)."""
     client = _daemon(args)
     if client is None:
-        if root is not None:
+        if root is not None and repo.index.get_root(root) is not None:  # there, but not whole
             raise CorruptData(f"{root} is incomplete in the repo and no daemon is running to fetch the rest; "
                               "start `p2pcache daemon`")
         raise NotFound(f"{key} is not in the repo {repo.path}; no daemon is running, so the swarm was not "
                        "asked (start `p2pcache daemon`)")
     try:
         with progress_bar(f"fetching {key[:24]}", None, _want_progress(args, None)) as cb:
-            result = client.fetch(key, progress=_as_increments(cb))
+            client.fetch(key, progress=_as_increments(cb))
     finally:
         client.close()
-    return CID.parse(result["root"])
 
 
 def _tree_tar(repo: Repo, root: CID):
@@ -269,8 +290,7 @@ def _tree_tar(repo: Repo, root: CID):
 
 
 def cmd_get(args: argparse.Namespace, out: Output) -> int:
-    with _open(args, writable=False) as repo:
-        root = _ensure_local(args, repo, args.key)
+    with _open(args, writable=False) as repo, _local_root(args, repo, args.key) as root:
         tar = _tree_tar(repo, root)
         if tar is not None:  # a tree has no bytes of its own: it is written as a tar of its files
             written = _write_atomically(args.output, tar)
@@ -303,8 +323,7 @@ def _write_atomically(path: str, pieces) -> int:
 
 def cmd_cat(args: argparse.Namespace, out: Output) -> int:
     sink = sys.stdout.buffer
-    with _open(args, writable=False) as repo:
-        root = _ensure_local(args, repo, args.key)
+    with _open(args, writable=False) as repo, _local_root(args, repo, args.key) as root:
         for data in _tree_tar(repo, root) or repo.stream(root):
             sink.write(data)
     sink.flush()
@@ -582,8 +601,8 @@ def cmd_fetch(args: argparse.Namespace, out: Output) -> int:
                     raise NotFound(f"cannot download {args.url}: {e}") from None
                 result = {"root": str(res.root), "source": "origin", "size": res.size}
     if args.output:
-        with _open(args, writable=False) as repo:
-            repo.get_to_file(CID.parse(result["root"]), args.output)
+        with _open(args, writable=False) as repo, _local_root(args, repo, result["root"]) as root:
+            repo.get_to_file(root, args.output)
     result["url"] = args.url
     out.emit(result, f"{result['root']} {human(result['size'])} from {result['source']}"
              + (f" -> {args.output}" if args.output else ""))

@@ -384,6 +384,7 @@ class Node:
                 "failed": self.announcer.stats.failed if self.announcer else 0,
                 "sweeps": self.announcer.stats.sweeps if self.announcer else 0,
                 "withdrawn": self.announcer.stats.withdrawn if self.announcer else 0,
+                "add_providers_sent": getattr(getattr(self.dht, "stats", None), "add_providers", 0),
                 "sweep": self._sweep_status(),
             },
         }

@@ -179,3 +179,46 @@ def test_daemon_startup_errors_are_one_line(tmp_path):
     finally:
         busy.close()
 
+
+
+def test_get_and_cat_hold_the_root_from_their_check_to_their_read_and_fetch_it_again_if_evicted_before(
+        tmp_path, rng, daemons):
+    """Real daemons. The quota's gc evicts every root nobody reads; the CLI used to look at the root, let go,
+    and read it: an eviction in between failed the get with "not in the repo" although the daemon could
+    have fetched it again. Now the root is held (RootReaders) from the check to the end of the read, and one
+    evicted before the hold is fetched again by the daemon."""
+    import os
+    from pathlib import Path
+
+    from .helpers.daemons import start_daemon
+
+    evicting_cli = str(Path(__file__).parent / "helpers" / "evicting_cli.py")
+    a = start_daemon(tmp_path / "a")
+    b = start_daemon(tmp_path / "b", bootstrap=[a.addr])
+    daemons += [a, b]
+    data = rng.randbytes(2 << 20)
+    src = write_file(tmp_path / "x.bin", data)
+    a.cli("add", str(src))
+    b.cli("add", str(src))
+    a.wait_announced(3)
+    sha = "sha256:" + hashlib.sha256(data).hexdigest()
+
+    def cli(when, *args):
+        env = dict(os.environ, P2PCACHE_REPO=str(b.repo), P2PCACHE_EVICT_AT=when)
+        return subprocess.run([sys.executable, evicting_cli, *args], env=env, capture_output=True, timeout=120)
+
+    out = tmp_path / "out.bin"
+    got = cli("check", "get", sha, "-o", str(out))  # evicted right after the check said it is there
+    assert got.returncode == 0, got.stderr.decode()
+    assert out.read_bytes() == data
+    cat = cli("check", "cat", sha)
+    assert cat.returncode == 0 and cat.stdout == data, cat.stderr.decode()
+    st = b.status()
+    assert st["roots"] == 1 and st["fetches"] == 0  # held through both: the gc kept it, nothing fetched again
+
+    out.unlink()
+    got = cli("resolve", "get", sha, "-o", str(out))  # evicted before the CLI held it: the daemon fetches it again
+    assert got.returncode == 0, got.stderr.decode()
+    assert out.read_bytes() == data
+    st = b.status()
+    assert st["roots"] == 1 and st["fetches"] == 1

@@ -2,6 +2,7 @@
 
 import os
 import stat
+from contextlib import asynccontextmanager
 
 import nacl.bindings
 import pytest
@@ -298,3 +299,115 @@ async def test_writes_cut_by_cancels_leave_the_connection_working(tmp_path, priv
         with trio.fail_after(5):  # a new stream on the same connection still gets its answer
             assert await roundtrip(a, b) == b"olleh"
         assert a.is_connected(b.peer_id)
+
+
+# -- dialling a peer again after a failed dial ---------------------------------------------------
+
+
+def test_dial_backoff_doubles_from_a_second_and_starts_again_after_a_quiet_spell():
+    from p2pcache.net.host import DialBackoff
+
+    now = [100.0]
+    live: set[str] = set()
+    backoff = DialBackoff(live.__contains__, initial=1.0, maximum=8.0, clock=lambda: now[0])
+    assert not backoff.is_blocked("p")
+    waits = []
+    for _ in range(6):  # each failure as soon as the last block ends
+        backoff.mark_failed("p")
+        waits.append(backoff.blocked_for("p"))
+        now[0] += waits[-1]
+        assert not backoff.is_blocked("p")
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    backoff.mark_failed("p")
+    live.add("p")  # it connected to us meanwhile: dialling it is no question of backoff
+    assert not backoff.is_blocked("p")
+    live.clear()
+    assert backoff.is_blocked("p")
+    now[0] += 8.0 + 8.0 + 0.1  # quiet for longer than `maximum` after the block: a new failure is a first one
+    backoff.mark_failed("p")
+    assert backoff.blocked_for("p") == 1.0
+    backoff.evict("p")  # a dial that worked, or a sign the peer is back
+    assert not backoff.is_blocked("p")
+
+
+@pytest.mark.trio
+async def test_a_newer_signed_record_from_the_dht_lifts_the_dial_backoff_of_a_restarted_peer(tmp_path):
+    """B dialled provider A while it was down; A restarts on its old address and announces again. The DHT
+    answer that names A carries A's new signed peer record, so B dials A at once instead of waiting out its
+    backoff (py-libp2p's own cache refused A for 60 s)."""
+    from p2pcache.routing.dht import DHT, DHTConfig
+    from p2pcache.routing.keys import dht_key
+
+    key = dht_key("sha256:" + "ab" * 32)
+    async with open_host(cfg(tmp_path, "probe")) as probe:
+        port = str(probe.addrs()[0]).split("/tcp/")[1].split("/")[0]
+    a_cfg = cfg(tmp_path, "a", listen=(f"/ip4/127.0.0.1/tcp/{port}",))
+    async with open_host(cfg(tmp_path, "h")) as h, open_host(cfg(tmp_path, "b")) as b, trio.open_nursery() as n:
+        h_dht = DHT(h, DHTConfig(refresh=False))
+        await n.start(h_dht.run)
+        b_dht = DHT(b, DHTConfig(refresh=False))
+        b.dial_backoff.initial = 300.0  # what an often-failed peer would have: only the sighting can lift it
+
+        @asynccontextmanager
+        async def a_announcing():
+            async with open_host(a_cfg) as a:
+                a_dht = DHT(a, DHTConfig(refresh=False))
+                await a.connect(h.addrs()[0])
+                await a_dht.add_providers(h.peer_id, [key])
+                while not h_dht.local_providers(key):
+                    await trio.sleep(0.02)
+                yield a
+
+        with trio.fail_after(30):
+            async with a_announcing() as a:
+                a_id = a.peer_id
+            # A announced, then stopped
+            await b.connect(h.addrs()[0])
+            answer = await b_dht.ask_providers(h.peer_id, key)
+            assert [p.peer_id for p in answer.providers] == [a_id]
+            with pytest.raises(HostError):  # A is down
+                await b.connect(answer.providers[0])
+            assert b.dial_backoff.is_blocked(str(a_id))
+            async with a_announcing():  # A restarted on its port and announced again: a newer record
+                assert b.dial_backoff.is_blocked(str(a_id))
+                answer = await b_dht.ask_providers(h.peer_id, key)
+                assert not b.dial_backoff.is_blocked(str(a_id))
+                await b.connect(answer.providers[0])
+                assert b.is_connected(a_id)
+        n.cancel_scope.cancel()
+
+
+def test_a_provider_restarted_on_its_address_is_fetched_from_within_seconds(tmp_path, daemons):
+    """Real daemons: B's fetch while provider A is down fails (its dial fails); A restarts where it was,
+    and B's next fetch reaches it at once. With py-libp2p's flat 60 s dial cache B refused to dial A for a
+    minute and the fetch failed with "none answered validly"."""
+    import hashlib
+    import time
+
+    from .helpers.daemons import free_port, start_daemon
+
+    data = os.urandom(1 << 20)
+    src = tmp_path / "x.bin"
+    src.write_bytes(data)
+    hub = start_daemon(tmp_path / "hub")
+    daemons.append(hub)
+    listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
+    a = start_daemon(tmp_path / "a", bootstrap=[hub.addr], listen=listen)
+    b = start_daemon(tmp_path / "b", bootstrap=[hub.addr])
+    daemons += [a, b]
+    a.cli("add", str(src))
+    a.wait_announced(3)
+    sha = "sha256:" + hashlib.sha256(data).hexdigest()
+    a.kill()
+    down = b.cli("get", sha, "-o", str(tmp_path / "o1"), check=False, timeout=60)
+    assert down.returncode == 3 and "1 failed" in down.stderr.decode()
+    failed_at = time.monotonic()
+    # A comes back alone (no bootstrap: nobody hears of it), so only B's own dial can find it: after one
+    # failure B waits a second (two: 2 s) before it dials A again
+    a = start_daemon(tmp_path / "a", listen=listen)
+    daemons.append(a)
+    time.sleep(max(0.0, failed_at + 2.5 - time.monotonic()))
+    t = time.monotonic()
+    b.cli("get", sha, "-o", str(tmp_path / "o2"), timeout=60)
+    assert (tmp_path / "o2").read_bytes() == data
+    assert time.monotonic() - t < 10

@@ -1,6 +1,8 @@
 """Routing over real py-libp2p hosts on loopback (TCP + Noise + Yamux): 12 nodes in two chains that meet
 only after the announcement, so the finder is several DHT hops from every holder of the record."""
 
+import hashlib
+import os
 from contextlib import asynccontextmanager
 
 import pytest
@@ -125,3 +127,44 @@ async def test_dht_speaks_only_our_protocol_id(tmp_path):
             await stream.close()
             with pytest.raises(Exception):  # no /ipfs/kad/1.0.0 handler: team records stay in the team swarm
                 await a.new_stream(b.peer_id, ["/ipfs/kad/1.0.0"])
+
+
+def test_a_fresh_node_whose_first_bootstrap_peer_drops_packets_announces_within_seconds(tmp_path, daemons):
+    """Real daemons. B's first bootstrap address accepts TCP and never answers (a host that vanished behind a
+    firewall looks so): py-libp2p's walk waited 10 s a round on it and sent nothing before the walk ended, so
+    B started 10 s late and its first ADD_PROVIDER left about 20 s after that. Now B is up at once and its
+    connected DHT peer gets the record at once; the walk's dead peer costs only its own send."""
+    import socket
+    import time
+
+    from p2pcache.net.host import NodeHost
+
+    from .helpers.daemons import start_daemon
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # the kernel completes handshakes into the backlog; nobody reads
+    try:
+        dead_id = NodeHost(HostConfig(identity=tmp_path / "dead.key")).peer_id.to_base58()
+        a = start_daemon(tmp_path / "a")
+        daemons.append(a)
+        start = time.monotonic()
+        b = start_daemon(tmp_path / "b", bootstrap=[f"/ip4/127.0.0.1/tcp/{hole.getsockname()[1]}/p2p/{dead_id}",
+                                                    a.addr])
+        daemons.append(b)
+        assert time.monotonic() - start < 8  # was over 10 s: the walk at start waited on the dead peer
+        src = tmp_path / "x.bin"
+        src.write_bytes(os.urandom(4096))
+        added = time.monotonic()
+        b.cli("add", str(src))
+        while b.status()["announce"]["add_providers_sent"] < 1:
+            assert time.monotonic() - added < 8, b.status()["announce"]
+            time.sleep(0.05)
+        # and A holds the record: a node that knows only A finds B through it
+        c = start_daemon(tmp_path / "c", bootstrap=[a.addr])
+        daemons.append(c)
+        out = tmp_path / "out.bin"
+        c.cli("get", "sha256:" + hashlib.sha256(src.read_bytes()).hexdigest(), "-o", str(out))
+        assert out.read_bytes() == src.read_bytes()
+    finally:
+        hole.close()

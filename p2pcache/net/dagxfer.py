@@ -9,9 +9,11 @@ request (work stealing), and a request that fails gives its blocks back to the w
 
 Every block from a peer is checked as it arrives, against the link in its already-verified parent
 (`DfsOrder.expect`): a block out of order, one that does not hash to its link, a frame after the end,
-a malformed frame, an end before the walk's end, or a stream silent for `stall_seconds` ends that
-peer's share with one log line and bans the peer through the bitswap driver (`BitswapExchange.penalise`,
-so it is refused by both protocols). A peer that does not speak the protocol, or lacks a block, is
+a malformed frame, or an end before the walk's end ends that peer's share with one log line and bans
+the peer through the bitswap driver (`BitswapExchange.penalise`, so it is refused by both protocols). A
+stream silent for `stall_seconds` ends that peer's share in this fetch with one log line but bans nothing:
+a stall proves no lie (a loaded CPU or a congested link looks the same), so the peer is asked again by
+the next fetch (or the caller's retry). A peer that does not speak the protocol, or lacks a block, is
 not punished: its share goes to the others, and whatever no DAG stream delivered is fetched over
 bitswap from the providers still standing (IPFS peers speak only bitswap).
 
@@ -69,7 +71,7 @@ class DagConfig:
     read_blocks: int = 32  # server: blocks read from the repo per batch (two batches in memory at most)
     write_bytes: int = 4 << 20  # server: frames joined into writes up to this size
     read_size: int = 1 << 20  # asker: bytes asked of a stream per read
-    stall_seconds: float = 20.0  # a stream with nothing for this long: the peer is dropped
+    stall_seconds: float = 20.0  # a stream with nothing for this long: the peer's share of this fetch ends
     request_timeout: float = 10.0  # server: a request must arrive within this
     serve_streams: int = 32  # server: DAG streams served at once; more are refused
     # server: an asker must take each write at this rate (after `serve_grace` s of slack per write), or
@@ -96,6 +98,7 @@ class TransferStats:
     steals: int = 0
     peers_dropped: int = 0
     providers_lost: int = 0  # providers whose connection closed during a fetch (their share moved at once)
+    providers_stalled: int = 0  # providers whose stream went silent for `stall_seconds` (share moved, not banned)
     bitswap_fallbacks: int = 0
     served_streams: int = 0
     served_blocks: int = 0
@@ -429,6 +432,10 @@ class _Hostile(Exception):
     """The peer broke the protocol: ban it."""
 
 
+class _Stalled(Exception):
+    """The peer's stream went silent: its share of this fetch moves to the others, nothing is banned."""
+
+
 class _Request:
     """One DAG stream in flight: what it was asked for and how far its walk got."""
 
@@ -479,6 +486,7 @@ class _Run:
         # once instead of to a sibling lane that would wait out a dial to a dead peer.
         self.lost: set[ID] = set()
         self.providers = 0  # providers the fetch started with
+        self.stalled: set[ID] = set()  # likewise for providers whose stream went silent (not banned)
         self.loading = 0
         self.on_verified: Callable[[CID, bytes], None] | None = None
         self.drop: Callable[[ID, str], None] = lambda peer, why: None  # a peer's bytes proved it lied
@@ -759,7 +767,7 @@ class DagTransfer:
             return fetched
         # A provider whose connection went (`run.lost`) cannot serve bitswap either: falling back to it waits
         # on a peer that is gone; the caller is told at once instead (the Nix cache tries again).
-        rest = [p for p in peers if not ex.is_banned(p) and p not in run.lost]
+        rest = [p for p in peers if not ex.is_banned(p) and p not in run.lost and p not in run.stalled]
         if not rest:
             raise FetchError(f"could not fetch {root}: every provider was dropped ({run.last_error or 'none left'})")
         self.stats.bitswap_fallbacks += 1
@@ -773,7 +781,7 @@ class DagTransfer:
             if self.exchange.is_banned(peer):
                 run.last_error = run.last_error or f"{peer} is banned for misbehaving"
                 return
-            if peer in run.lost:
+            if peer in run.lost or peer in run.stalled:
                 return
             if await run.wait_for_tail(peer):
                 continue  # the wait may have been long: look at the peer again
@@ -820,6 +828,9 @@ class DagTransfer:
         except _Hostile as e:
             self._drop(run, peer, str(e))
             return False
+        except _Stalled as e:
+            self._stalled(run, peer, str(e))
+            return False
         finally:
             run.finished(req)
             for cid in req.owned():
@@ -836,7 +847,7 @@ class DagTransfer:
         with trio.CancelScope() as waited:
             result = await self._read_frames(run, req, stream, frames, waited, stall, read_size)
         if waited.cancelled_caught:
-            raise _Hostile(f"stalled: nothing for {stall:g} s")
+            raise _Stalled(f"stalled: nothing for {stall:g} s")
         return result
 
     async def _read_frames(self, run: _Run, req: _Request, stream: Any, frames: _Frames, waited: trio.CancelScope,
@@ -897,6 +908,16 @@ class DagTransfer:
         if not self.exchange.is_banned(peer):  # counted once (its lanes and batches may all catch it)
             self.stats.peers_dropped += 1
         self.exchange.penalise(peer, f"DAG stream: {why}")
+
+    def _stalled(self, run: _Run, peer: ID, why: str) -> None:
+        """`peer`'s stream went silent: none of its lanes takes more of this fetch (what it held goes back to
+        the walk for the others); it is not banned, so later fetches ask it again."""
+        run.last_error = f"{peer}: {why}"
+        if peer not in run.stalled:
+            run.stalled.add(peer)
+            self.stats.providers_stalled += 1
+            log.warning("DAG fetch: provider %s %s; its share goes to the others (not banned: a stall may be "
+                        "load or the network, it is asked again next time)", peer, why)
 
     def _check_lost(self, run: _Run, peer: ID) -> None:
         """A stream to `peer` broke: if its connection went with it, the peer is lost for this fetch

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import socket
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +285,51 @@ class _WholeFrameYamux(Yamux):
 _muxer_multistream.Yamux = _WholeFrameYamux  # type: ignore[misc]
 
 
+class DialBackoff:
+    """How long a peer whose every address just failed is not dialled again: py-libp2p's swarm keeps such a
+    peer in a negative cache for a flat 60 s (`Swarm._negative_peer_cache`), so a provider that restarted on
+    its old address stayed unreachable for a minute after one failed dial. This stands in for that cache
+    (same four methods): the first failure blocks for `initial` seconds, each further one in a row doubles
+    it up to `maximum`; a failure more than `maximum` after the last block ended starts again at `initial`.
+    A peer with a live connection is never blocked (py-libp2p checks the cache before it looks for one, so
+    a peer that dialled us back was refused until its entry expired). `evict` (a successful dial, a new
+    connection, any sign the peer is back) forgets the peer."""
+
+    def __init__(self, connected: Callable[[str], bool], *, initial: float = 1.0, maximum: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic, max_size: int = 10_000) -> None:
+        self._connected = connected
+        self.initial, self.maximum = initial, maximum
+        self._clock = clock
+        self._max_size = max_size
+        self._blocks: dict[str, tuple[float, int]] = {}  # peer -> (blocked until, failures in a row)
+
+    def mark_failed(self, peer_id: str) -> None:
+        now = self._clock()
+        until, failures = self._blocks.get(peer_id, (0.0, 0))
+        failures = failures + 1 if now - until < self.maximum else 1
+        if peer_id not in self._blocks and len(self._blocks) >= self._max_size:
+            self._blocks = {p: b for p, b in self._blocks.items() if now - b[0] < self.maximum}
+            if len(self._blocks) >= self._max_size:
+                del self._blocks[min(self._blocks, key=lambda p: self._blocks[p][0])]
+        self._blocks[peer_id] = (now + min(self.maximum, self.initial * 2 ** (failures - 1)), failures)
+
+    def blocked_for(self, peer_id: str) -> float:
+        """Seconds until `peer_id` may be dialled again (0: now)."""
+        block = self._blocks.get(peer_id)
+        if block is None or self._connected(peer_id):
+            return 0.0
+        return max(0.0, block[0] - self._clock())
+
+    def is_blocked(self, peer_id: str) -> bool:
+        return self.blocked_for(peer_id) > 0
+
+    def evict(self, peer_id: str) -> None:
+        self._blocks.pop(peer_id, None)
+
+    def clear(self) -> None:
+        self._blocks.clear()
+
+
 class _Notifee:
     """Swarm notifications, forwarded to the host's own task (never handled inline in the swarm)."""
 
@@ -337,6 +383,11 @@ class NodeHost:
             ),
         )
         self.peer_id: ID = self.libp2p.get_id()
+        # The swarm's flat 60 s negative cache of failed peers, replaced by a short exponential backoff that
+        # any sign of the peer being back lifts (see DialBackoff, `peer_seen`). The swarm reads the attribute
+        # by name in `dial_peer` (py-libp2p 0.8.1); an upgrade must re-check it.
+        self.dial_backoff = DialBackoff(self._has_live_connection)
+        cast(Any, self.libp2p.get_network())._negative_peer_cache = self.dial_backoff
         self._allowed = (
             frozenset(_peer_id(p) for p in config.allow_peers) if config.allow_peers is not None else None
         )
@@ -365,6 +416,17 @@ class NodeHost:
     def is_connected(self, peer: ID) -> bool:
         return bool(self._conns.get(peer))
 
+    def _has_live_connection(self, peer: str) -> bool:
+        conns = self.libp2p.get_network().connections.get(ID.from_base58(peer), ())
+        return any(not getattr(c, "is_closed", False) for c in conns)
+
+    def peer_seen(self, peer: ID) -> None:
+        """Evidence that `peer` is up now (it connected, it announced a newer signed address record, the
+        LAN saw it): dial it on the next ask, whatever earlier dials to it said."""
+        if self.dial_backoff.blocked_for(str(peer)) > 0:
+            log.debug("%s was seen again; dialling it is allowed at once", peer)
+        self.dial_backoff.evict(str(peer))
+
     # -- connections and streams ------------------------------------------------------------------
     async def connect(self, addr: str | multiaddr.Multiaddr | PeerInfo) -> ID:
         """Dial a peer (a no-op if connected). Raises OSError-free `HostError` with one line on failure."""
@@ -390,6 +452,25 @@ class NodeHost:
         self._mark_up(info.peer_id)
         return info.peer_id
 
+    async def _dial(self, peer: ID) -> None:
+        """Connect to `peer` from its known addresses within `handshake_timeout`. py-libp2p bounds only the
+        handshake of one attempt (and tries four times), not the TCP connect, so an address that drops
+        packets held a dial for 40 s or more; and a dial its caller cut short was never remembered as
+        failed, so every later ask waited again. A dial that times out, or is cut after a second or more
+        without an answer, puts the peer into the dial backoff like any failed dial."""
+        start = trio.current_time()
+        try:
+            with trio.move_on_after(self.config.handshake_timeout) as dial:
+                await cast("Swarm", self.libp2p.get_network()).dial_peer(peer)
+        except trio.Cancelled:
+            if trio.current_time() - start >= 1.0 and not self._has_live_connection(str(peer)):
+                self.dial_backoff.mark_failed(str(peer))
+            raise
+        if dial.cancelled_caught:
+            self.dial_backoff.mark_failed(str(peer))
+            raise HostError(f"cannot connect to {peer}: no answer within {self.config.handshake_timeout:g}s")
+        self._mark_up(peer)
+
     def add_addrs(self, peer: ID, addrs: Iterable[multiaddr.Multiaddr], ttl: int = 3600) -> None:
         """Remember where `peer` listens, so `new_stream` can dial it."""
         self.libp2p.get_peerstore().add_addrs(peer, list(addrs), ttl)
@@ -398,6 +479,8 @@ class NodeHost:
         """A stream to `peer` speaking the first of `protocols` it accepts (dialling it if needed)."""
         if not self.allowed(peer):
             raise HostError(f"peer {peer} is not on this node's allowlist")
+        if not self._has_live_connection(str(peer)):
+            await self._dial(peer)
         stream = await self.libp2p.new_stream(peer, [TProtocol(p) for p in protocols])
         self._mark_up(peer)
         return stream
@@ -475,6 +558,7 @@ class NodeHost:
         """A connection to `peer` is up (`conn=None`: whatever connections the swarm has now)."""
         if not self.allowed(peer):
             return
+        self.dial_backoff.evict(str(peer))  # whoever dialled whom, the peer is there
         conns = self._conns.setdefault(peer, set())
         was = len(conns)
         if conn is not None:
@@ -544,6 +628,7 @@ class NodeHost:
             log.warning("LAN discovery (mDNS) is off: %s", e)
 
     async def _dial_found(self, info: PeerInfo) -> None:
+        self.peer_seen(info.peer_id)  # it just announced itself on the LAN
         try:
             await self.connect(info)
             log.info("connected to %s, found on the LAN", info.peer_id)

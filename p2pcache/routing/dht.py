@@ -46,7 +46,7 @@ from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.common import PROTOCOL_ID as _LIBP2P_KAD_PROTOCOL
 from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
-from libp2p.kad_dht.utils import maybe_consume_signed_record
+from libp2p.kad_dht.utils import maybe_consume_signed_record, sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.peerstore import env_to_send_in_RPC
@@ -142,6 +142,10 @@ class DHTConfig:
     add_provider_rate: int = 10_000  # ADD_PROVIDER messages accepted per peer per 10 s
     bootstrap_interval: float = 60.0  # seconds between re-bootstraps from connected peers
     bootstrap_timeout: float = 10.0  # a bootstrap lookup gives up after this long
+    # `provide_key`: its walk, and each ADD_PROVIDER (a dial included), give up after these; together less
+    # than the announcer's 30 s for a whole provide, so the peers that took a record are counted
+    provide_walk_timeout: float = 15.0
+    send_timeout: float = 10.0
     # False: no py-libp2p maintenance loop (table refresh, record expiry) and no self-lookup when
     # bootstrapping, so the routing table holds only connected peers and peers that queried us.
     # Tests and simulations use it to keep a sparse topology where lookups take several hops.
@@ -203,9 +207,9 @@ class DHT:
     learn our protocols from identify when they connect. (`run` also sends an identify push to peers
     connected earlier, so the other order works too, a little later.)
 
-    `await nursery.start(dht.run)` starts py-libp2p's maintenance service (if `config.refresh`),
-    bootstraps the routing table from the host's connected peers and returns once that first bootstrap
-    is done. Until cancelled it then admits every newly connected DHT-server peer to the routing table
+    `await nursery.start(dht.run)` starts py-libp2p's maintenance service (if `config.refresh`), puts
+    the host's connected DHT peers into the routing table and returns; the first bootstrap walk runs
+    after that (a dead peer can hold a walk for its timeouts). Until cancelled it then admits every newly connected DHT-server peer to the routing table
     (with a `NodeHost`, from its peer events) and re-bootstraps every `config.bootstrap_interval` s."""
 
     def __init__(self, host: Any, config: DHTConfig = DHTConfig()):
@@ -231,16 +235,21 @@ class DHT:
             subscribe = getattr(self.host, "subscribe", None)  # NodeHost: peer up/down events
             if subscribe is not None:
                 nursery.start_soon(self._follow_peers, subscribe())
+            for peer in self.libp2p.get_connected_peers():
+                await self.kad.add_peer(peer)
+            task_status.started()
+            # The identify push and the walk below can each wait out a dead peer's timeouts (10 s a question in
+            # py-libp2p; a blackholed bootstrap address held a fresh node's start for that long): the node
+            # serves, and announces to the peers it is connected to, meanwhile. Peers connected before our kad
+            # handler existed identified us without it and would keep us out of their routing tables: the
+            # push tells them that our protocols changed.
             if self.config.server:
-                # Peers connected before our kad handler existed identified us without it and would keep
-                # us out of their routing tables: tell them (identify/push) that our protocols changed.
                 with trio.move_on_after(self.config.bootstrap_timeout):
                     try:
                         await push_identify_to_peers(self.libp2p)
                     except Exception as e:  # best effort: the periodic bootstrap covers what this misses
                         log.debug("identify push failed: %s", e)
             await self.bootstrap()
-            task_status.started()
             while True:
                 await trio.sleep(self.config.bootstrap_interval)
                 await self.bootstrap()
@@ -281,15 +290,48 @@ class DHT:
     # -- provider records ---------------------------------------------------------------------
     async def provide_key(self, key: bytes) -> bool:
         """Record ourselves as a provider of `key` locally and send ADD_PROVIDER to the closest peers
-        found by a network lookup. True if at least one peer took it (or there is nobody to tell)."""
-        store = self.kad.provider_store
-        ok = await store.provide(key)
-        store.providing_keys.discard(key)  # the announcer, not py-libp2p's 22 h loop, re-announces
-        if ok:
+        found by a network lookup. True if at least one peer took it.
+
+        The DHT peers we are connected to get it first, at once: they are live, and in a team swarm of
+        fewer than `k` nodes they are among the key's closest anyway. py-libp2p's own provide sent nothing
+        before its walk ended, and a walk's round waits for its slowest question, so one dead peer that
+        drops packets (its dial times out, 10 s) held a fresh node's first ADD_PROVIDER for 20 s. The walk
+        then finds the key's closest peers, which get it too; each send is its own task, so a dead one
+        costs only its own timeout."""
+        self.record_providing([key])
+        reached = 0
+        told: set[ID] = set()
+
+        async def tell(peer: ID) -> None:
+            nonlocal reached
+            with trio.move_on_after(self.config.send_timeout):
+                try:
+                    await self.add_providers(peer, [key])
+                    reached += 1
+                except Exception as e:  # that peer does not count; the walk's others still may
+                    log.debug("ADD_PROVIDER to %s failed: %s", peer, e)
+
+        async with trio.open_nursery() as nursery:
+            table = self.kad.routing_table
+            live = [p for p in self.libp2p.get_connected_peers() if table.peer_in_table(p)]
+            for peer in sort_peer_ids_by_distance(key, live)[: self.k]:
+                told.add(peer)
+                nursery.start_soon(tell, peer)
+            closest: list[ID] = []
+            with trio.move_on_after(self.config.provide_walk_timeout):
+                try:
+                    closest = await self.closest_peers(key, self.k)
+                except Exception as e:  # the connected peers above still count
+                    log.debug("the walk for a provider record failed: %s", e)
+            for peer in closest:
+                if peer not in told and peer != self.peer_id:
+                    told.add(peer)
+                    nursery.start_soon(tell, peer)
+        if reached:
             self.stats.provides += 1
         else:
             self.stats.provide_failures += 1
-        return ok
+        return reached > 0
 
     # -- batched announcing (see `sweep`): one walk per key-space region, many keys per stream ----
     k = 20  # py-libp2p's bucket size: the closest peers a record goes to
@@ -342,6 +384,7 @@ class DHT:
 
                 await write_framed(stream, map(message, keys))
                 await stream.close()
+                self.stats.add_providers += len(keys)
                 with trio.move_on_after(5):  # the last echoes, then the peer's end of the stream
                     await drained.wait()
                 nursery.cancel_scope.cancel()
@@ -404,11 +447,26 @@ class DHT:
 
     def _peer_entry(self, entry: Any) -> PeerInfo | None:
         info = parse_peer_entry(entry)
-        if info is None or not maybe_consume_signed_record(entry, self.libp2p):
+        if info is None:
             return None
+        known = self._record_seq(info.peer_id)
+        if not maybe_consume_signed_record(entry, self.libp2p):
+            return None
+        if known is not None and (self._record_seq(info.peer_id) or 0) > known:
+            # The peer signed a newer address record than the one we held: it started (or moved) since, so
+            # a dial that failed before says nothing now (a provider that restarted is dialled at once).
+            seen = getattr(self.host, "peer_seen", None)  # NodeHost; a bare py-libp2p host has no dial backoff
+            if seen is not None:
+                seen(info.peer_id)
         if info.addrs and info.peer_id != self.peer_id:
             self.libp2p.get_peerstore().add_addrs(info.peer_id, info.addrs, ADDR_TTL)
         return info
+
+    def _record_seq(self, peer: ID) -> int | None:
+        """The sequence number of the signed peer record we hold for `peer` (a timestamp its owner set when
+        it signed it), None if we hold none."""
+        envelope = self.libp2p.get_peerstore().get_peer_record(peer)
+        return None if envelope is None else envelope.record().seq
 
 
 if TYPE_CHECKING:

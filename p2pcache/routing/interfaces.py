@@ -38,11 +38,13 @@ class DHTStats:
     provide_failures: int = 0
     rpcs: int = 0
     rpc_failures: int = 0
+    add_providers: int = 0  # ADD_PROVIDER messages a peer took (a provide's and a sweep's)
 
 
 class ProviderRouting(Protocol):
     """Provider records in a Kademlia DHT. `await nursery.start(dht.run)` returns once the routing table
-    is bootstrapped; the rest may be called after that."""
+    holds the peers known at once (the connected ones; the walk that finds more may go on after); the rest
+    may be called after that."""
 
     @property
     def peer_id(self) -> ID: ...

@@ -83,10 +83,11 @@ class Daemon:
 
 def start_daemon(repo: Path, *, bootstrap: list[str] = (), swarm_key: Path | None = None,
                  extra: list[str] = (), entry: list[str] = ("-m", "p2pcache"), timeout: float = 30,
-                 env: dict[str, str] | None = None) -> Daemon:
-    """Start `python <entry> --repo REPO daemon` on loopback; returns once it printed its ready line."""
+                 env: dict[str, str] | None = None, listen: str = "/ip4/127.0.0.1/tcp/0") -> Daemon:
+    """Start `python <entry> --repo REPO daemon` on loopback; returns once it printed its ready line.
+    `listen`: its one libp2p listen address (a fixed port, for a daemon restarted where it was)."""
     args = [sys.executable, *entry, "--repo", str(repo), "daemon", "--json",
-            "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", *extra]
+            "--listen", listen, "--api", "127.0.0.1:0", *extra]
     for b in bootstrap:
         args += ["--bootstrap", b]
     if swarm_key is not None:

@@ -15,6 +15,10 @@ each copy into a fresh chroot store with a fresh Nix cache dir, checked against 
 over runs; ratios p2pcache/static (goal <= 1.0), and dag with the prefetch / dag without it.
 
 --quick: the small closure and the first 60 packages of site-packages (in sorted order).
+--timeline: after the timed runs, one more copy of each kind from static zstd and from a cold B (defaults) with
+`nix copy --debug`, its lines timestamped as they come: where each copy's time goes, per path (the narinfo
+phase until Nix begins the first NAR; per NAR the download, then Nix adding it until it asks for the next).
+--debug slows Nix a little, so these copies are not the timed ones.
 Table on stderr, JSON lines on stdout ({"bench": "nixcopy", "metric", "value", "unit", "better", ...}).
 """
 
@@ -22,6 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
+import time
 import shutil
 import sys
 import sysconfig
@@ -79,12 +86,74 @@ def site_packages_path(nix: nixbench.Nix, work: Path, token: str, quick: bool) -
             "nar_hash": {path: info["narHash"]}}
 
 
+_COPYING = re.compile(r"copying path '([^']+)'")
+_NAR_DONE = re.compile(r"finished download of '[^']*/nar/[^']*'")
+
+
+def traced_copy(bench: nixbench.Bench, src: str, content: dict, label: str) -> dict:
+    """One `nix copy --debug --from SRC` into a fresh store, its stderr lines timestamped on arrival: the
+    narinfo phase (until the first "copying path"), then per path the NAR download ("copying path" ->
+    "finished download of …/nar/…") and what Nix did after it until the next path began (unpacking, hashing,
+    registering). Checked like the timed copies."""
+    bench.serial += 1
+    store = bench.work / f"store-t{bench.serial}"
+    nix = nixbench.Nix(bench.work / f"home-t{bench.serial}")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["nix", "copy", "--debug", "--from", src, "--to", str(store), content["top"]],
+                            env=nix.env("require-sigs = false\n"), stderr=subprocess.PIPE, text=True, errors="replace")
+    assert proc.stderr is not None
+    steps: list[list] = []  # [path, began, nar downloaded]
+    for line in proc.stderr:
+        now = time.perf_counter() - t0
+        if (m := _COPYING.search(line)) is not None:
+            steps.append([m.group(1), now, None])
+        elif _NAR_DONE.search(line) and steps and steps[-1][2] is None:
+            steps[-1][2] = now
+    rc = proc.wait()
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"traced copy from {label} failed ({rc})")
+    got = json.loads(nix.out("nix", "path-info", "--json", "--recursive", "--store", str(store), content["top"]))
+    if {p["path"]: p["narHash"] for p in got} != content["nar_hash"]:
+        raise RuntimeError(f"traced copy from {label}: the store does not hold the closure")
+    nixbench.rmtree(store)
+    nixbench.rmtree(nix.home)
+    paths = []
+    for i, (path, began, done) in enumerate(steps):
+        end = steps[i + 1][1] if i + 1 < len(steps) else wall
+        done = end if done is None else done
+        size = content["paths"][path].get("narSize", 0) if isinstance(content["paths"], dict) else 0
+        paths.append({"path": path, "nar_bytes": size, "download": done - began, "nix_after": end - done})
+    return {"label": label, "wall": wall, "narinfo_phase": steps[0][1] if steps else wall, "paths": paths}
+
+
+def print_timelines(kind: str, traces: list[dict]) -> None:
+    log(f"\n== timeline, {kind} (nix copy --debug, one copy each; seconds)")
+    log("  " + "".join(f"{t['label']:>24}" for t in traces))
+    log("  narinfo phase       " + "".join(f"{t['narinfo_phase']:24.3f}" for t in traces))
+    by_path = [{p["path"]: p for p in t["paths"]} for t in traces]
+    for path in [p["path"] for p in traces[0]["paths"]]:
+        name = path.split("-", 1)[-1][:28]
+        mib = by_path[0][path]["nar_bytes"] / MiB
+        cells = "".join(f"{b[path]['download']:11.3f} + {b[path]['nix_after']:.3f} nix" if path in b else f"{'-':>24}"
+                        for b in by_path)
+        log(f"  {name:28} {mib:5.1f} MiB {cells}")
+    log("  total               " + "".join(f"{t['wall']:24.3f}" for t in traces))
+    for t in traces:
+        emit(f"{kind}_timeline_{t['label'].replace(' ', '_')}_narinfo_phase_seconds", t["narinfo_phase"], "s", "lower")
+        emit(f"{kind}_timeline_{t['label'].replace(' ', '_')}_nar_download_seconds",
+             sum(p["download"] for p in t["paths"]), "s", "lower")
+        emit(f"{kind}_timeline_{t['label'].replace(' ', '_')}_nix_after_seconds",
+             sum(p["nix_after"] for p in t["paths"]), "s", "lower")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--xz-level", type=int, default=0, help="xz level of the static cache (Nix's default is 6)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--timeline", action="store_true", help="also one traced copy per kind: where the time goes")
     args = ap.parse_args()
     started = nixbench.start_bench(args, "nixcopy")
     if started is None:
@@ -146,6 +215,15 @@ def main() -> int:
                             log(f"    B: {line[:300]}")
                     bench.stop(b)
                 log(f"  {kind} run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in res.items() if v))
+        timelines: dict[str, list[dict]] = {}
+        if args.timeline:
+            for kind, content in kinds.items():
+                b = cold_b("dag")
+                try:
+                    timelines[kind] = [traced_copy(bench, statics["zstd"][0], content, "static zstd"),
+                                       traced_copy(bench, b.api, content, "p2pcache dag")]
+                finally:
+                    bench.stop(b)
         bench.close()
         for kind, res in results.items():
             content = kinds[kind]
@@ -170,6 +248,8 @@ def main() -> int:
                 ratio = best["p2pcache dag prefetch"] / best["p2pcache dag"]
                 log(f"  p2pcache dag with the NAR prefetch / dag without it (the default): {ratio:.2f}x")
                 emit(f"{kind}_prefetch_over_no_prefetch", ratio, "ratio", "lower", nar_mib=round(mib, 1))
+        for kind, traces in timelines.items():
+            print_timelines(kind, traces)
         for what, n in failures.items():
             log(f"  FAILED copies: {what}: {n} of {args.runs}")
             emit(f"{what.replace(' ', '_')}_failed_copies", n, "copies", "lower", runs=args.runs)

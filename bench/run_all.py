@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EXTRA_ARGS = {"dedup.py": ["--jsonl", "-"]}
+EXTRA_ARGS = {"dedup.py": ["--jsonl", "-"], "nixcopy.py": ["--timeline"]}
 BENCHES = ["ingest.py", "store_layouts.py", "store_random_read.py", "api_add.py", "dedup_repo.py", "dedup.py", "nar.py",
            "bitswap.py", "dagxfer.py", "dht.py", "nix.py", "nixcopy.py", "nixwarm.py", "fuzz_nix.py", "fuzz_wire.py", "stream_threads.py",
            "buildcache.py", "prefetch.py", "peerrecovery.py", "simnet:dht-lookup", "simnet:fleet-fanout", "simnet:dht-announce",

@@ -764,19 +764,22 @@ class Node:
     async def race_at_providers(self, alias: str, ask: Callable[[Any], Awaitable[Any]],
                                 more: Sequence[Callable[[float], Awaitable[Iterable[Any]]]] = (), *,
                                 known: Sequence[PeerInfo] | None = None,
-                                timeout: float | None = None) -> ResolveRace:
+                                timeout: float | None = None, first: Sequence[PeerInfo] = ()) -> ResolveRace:
         """The node's one policy for asking peers about `alias` (archives and Nix paths alike): the
         DHT lookup of its providers (or the `known` providers a caller found already), then `more`
         sources (e.g. gateways) one after another, all feeding one happy-eyeballs race (`routing.race`)
         under one deadline, `timeout` (default `lookup_timeout`) from now. Providers that fail or time out
         are demoted in `self.standing` for later races. A DHT walk cut short makes the race `FAILED`, never
-        a `MISS` (`ProviderFinder.providers`)."""
+        a `MISS` (`ProviderFinder.providers`). `first`: peers likely to hold it (e.g. the providers of the
+        paths just looked up): asked at once, while the DHT lookup runs, ahead of whoever it names."""
         assert self.finder is not None and self.host is not None
         me = self.host.peer_id
         finder = self.finder
+        first_ids = {p.peer_id for p in first}
 
         async def providers_of(key: str, timeout: float) -> list:
-            return [p for p in await finder.providers(key, timeout=timeout) if p.peer_id != me]
+            return [p for p in await finder.providers(key, timeout=timeout)
+                    if p.peer_id != me and p.peer_id not in first_ids]
 
         async def ask_logged(peer: Any) -> Any:
             try:
@@ -787,6 +790,7 @@ class Node:
 
         race: ResolveRace = ResolveRace(deadline=trio.current_time() + (timeout or self.config.lookup_timeout),
                                         stagger=RACE_STAGGER, standing=self.standing)
+        race.add_peers([p for p in first if p.peer_id != me], trio.current_time())
 
         async def given(timeout: float) -> list[PeerInfo]:
             return [p for p in known or () if p.peer_id != me]
@@ -908,8 +912,8 @@ class NixSwarm:
 
     async def race(self, alias: str, ask: Callable[[PeerInfo], Awaitable[object]],
                    more: Sequence[Callable[[float], Awaitable[Iterable[PeerInfo]]]] = (),
-                   timeout: float | None = None) -> ResolveRace[PeerInfo]:
-        return await self.node.race_at_providers(alias, ask, more, timeout=timeout)
+                   timeout: float | None = None, first: Sequence[PeerInfo] = ()) -> ResolveRace[PeerInfo]:
+        return await self.node.race_at_providers(alias, ask, more, timeout=timeout, first=first)
 
     async def resolve(self, peer: PeerInfo, alias: str) -> ResolveAnswer | None:
         assert self.node.host is not None

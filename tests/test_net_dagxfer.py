@@ -226,6 +226,38 @@ async def test_a_slow_providers_tail_is_taken_by_a_faster_one(tmp_path):
         assert slow.stats.served_blocks < min(2 * 64, blocks) and fast.stats.served_blocks > blocks // 2
 
 
+@pytest.mark.trio
+async def test_the_first_leaves_are_handed_on_after_a_small_batch_not_a_whole_store_batch(tmp_path):
+    """A NAR streaming to Nix sees a leaf only once its batch is hashed: the first batches are small
+    (FIRST_LEAF_BATCH, doubling up to store_batch_bytes), so the reader starts within the first few blocks
+    instead of after the first 4 MiB."""
+    from p2pcache.net.dagxfer import FIRST_LEAF_BATCH
+
+    data = random.Random(8).randbytes(8 * MiB)
+    async with peer(tmp_path, "a") as a, peer(tmp_path, "b") as b:
+        root = a.repo.add_stream(io.BytesIO(data), name="x.bin").root
+        assert b.exchange.config.store_batch_bytes >= 4 * MiB
+        seen = [0]
+        batches: list[int] = []  # leaf bytes handed on when each stored batch was reported
+
+        def verified(cid, block):
+            if cid.codec == RAW:
+                seen[0] += len(block)
+
+        def stored(cids):
+            if any(c.codec == RAW for c in cids):
+                batches.append(seen[0])
+
+        with trio.fail_after(60):
+            await b.fetch(root, [a.exchange.host.addrs()[0]], b.repo, on_stored=stored, on_verified=verified)
+        b.repo.register_root(root)
+        assert b"".join(b.repo.stream(root)) == data
+        biggest = max(size for _, size in iter_blocks(a.repo.manifest(root), a.repo.load_block))
+        assert batches[0] < 1 * MiB  # a whole 4 MiB store batch before, as in the fetch's later batches
+        assert batches[0] <= FIRST_LEAF_BATCH + biggest
+        assert len(batches) >= 4 and batches[-1] == len(data)
+
+
 # -- in simnet: real Nodes on simulated hosts, virtual time -------------------------------------------------
 
 

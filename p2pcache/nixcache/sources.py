@@ -85,6 +85,7 @@ STREAM_THREADS = 32  # a NAR streamed from the repo holds one while it makes its
 MAX_STREAMS = 256
 MAX_UPLOADS = 16  # an upload holds a thread for its whole body (bounded by asgi.bounded_bodies)
 PULL_THREADS = 8  # NAR downloads from upstream caches, for us or for a peer
+RECENT_PROVIDERS = 3  # peers that answered the last swarm lookups, asked first by the next (`SwarmSource`)
 
 
 class LookupFailed(P2PCacheError):
@@ -176,7 +177,8 @@ class Swarm(Protocol):
 
     async def race(self, alias: str, ask: Callable[["PeerInfo"], Awaitable[object]],
                    more: Sequence[Callable[[float], Awaitable[Iterable["PeerInfo"]]]] = (),
-                   timeout: float | None = None) -> ResolveRace["PeerInfo"]: ...
+                   timeout: float | None = None, first: Sequence["PeerInfo"] = ()) -> ResolveRace["PeerInfo"]:
+        """`first`: peers asked at once, beside the DHT lookup of `alias`'s providers."""
 
     async def resolve(self, peer: "PeerInfo", alias: str) -> ResolveAnswer | None: ...
 
@@ -441,6 +443,10 @@ class SwarmSource:
         self.store_dir = store_dir
         self.ask_gateways = ask_gateways
         self.prefetches: NarPrefetches | None = None  # set by the cache when `nix.prefetch_nars` is on
+        # The peers that answered the last lookups, most recent last: a closure's paths mostly come from
+        # the same few peers, so the next lookup asks them at once beside its DHT walk (`Swarm.race`'s
+        # `first`) instead of only after it; one that fails or times out is forgotten.
+        self._recent: dict[object, "PeerInfo"] = {}
 
     async def narinfo(self, store_hash: str) -> Found | None:
         """One race over the path's providers and then, unless we are a gateway ourselves, the gateways':
@@ -479,7 +485,10 @@ class SwarmSource:
 
         # A gateway pulls the path through from its upstreams before it answers, so gateways are
         # asked after the providers themselves (the race's second tier).
-        race = await swarm.race(alias, ask, (gateways,) if self.ask_gateways else (), timeout=self.patience)
+        first = list(reversed(self._recent.values()))
+        race = await swarm.race(alias, ask, (gateways,) if self.ask_gateways else (), timeout=self.patience,
+                                first=first)
+        self._remember_winner(race, first)
         if race.winner is None:
             if race.outcome is not RaceOutcome.MISS:
                 cut = f", {race.sources_failed} DHT lookup(s) did not finish" if race.sources_failed else ""
@@ -489,8 +498,20 @@ class SwarmSource:
                 raise LookupFailed(f"{alias}: {race.peers_known} provider(s), none answered validly in time{cut}")
             return None
         peer, (info, root, root_block) = race.winner
-        rest = race.peers_in(AskState.QUEUED, AskState.CANCELLED)
+        asked_only = {p.peer_id for p in first}  # not among the DHT's providers unless they answered
+        rest = [p for p in race.peers_in(AskState.QUEUED, AskState.CANCELLED) if p.peer_id not in asked_only]
         return Found(info, self, root=root, root_block=root_block, providers=[peer, *rest])
+
+    def _remember_winner(self, race: ResolveRace["PeerInfo"], asked_first: list["PeerInfo"]) -> None:
+        for p in asked_first:
+            if race.state_of(p) in (AskState.FAILED, AskState.TIMED_OUT):
+                self._recent.pop(p.peer_id, None)
+        if race.winner is not None:
+            peer = race.winner[0]
+            self._recent.pop(peer.peer_id, None)
+            self._recent[peer.peer_id] = peer
+            while len(self._recent) > RECENT_PROVIDERS:
+                del self._recent[next(iter(self._recent))]
 
     async def stream_nar(self, found: Found, sink: NarSink, head: bool = False) -> None:
         async with self.intake.taking_back("nar-from-peers"):

@@ -34,9 +34,10 @@ import os
 import stat
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from .cacheupload import FILE_HEADER
 from .content.chunking import DEFAULT_PARAMS, ChunkerParams
@@ -51,10 +52,10 @@ from .content.treemanifest import (
     path_problem,
     previous_tree,
 )
-from .errors import CorruptData, InvalidInput, RepoError
+from .errors import CorruptData, InvalidInput, NotFound, RepoError
 
 __all__ = ["ArrivingBlocks", "BlockSink", "PathScan", "RestoreReport", "SaveReport", "TreeSuperseded", "file_pieces",
-           "paths_id", "previous_entries", "restore_tree", "save_tree", "scan_paths", "unchanged_tree", "undo_restore"]
+           "paths_id", "previous_entries", "reading_tree", "restore_tree", "save_tree", "scan_paths", "unchanged_tree", "undo_restore"]
 
 READ_SIZE = 4 << 20
 BATCH_BYTES = 8 << 20  # page blocks offered to the sink at a time
@@ -818,6 +819,27 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
             report.dirs += 1
     finally:
         os.close(root_fd)
+
+
+@contextmanager
+def reading_tree(repo: Any, root: CID, what: str, registered: bool = True) -> Iterator[None]:
+    """Around a restore's reads of the tree `root` from `repo` (`Repo.readers`): the repo's gc evicts it only
+    once the reads are over, whether gc runs in this process or in the daemon that owns the repo (a
+    read-only process holds a shared lock that the daemon's gc tests before it evicts). With `registered`
+    the tree must be (still) complete in the repo once the scope is entered, else NotFound: gc took it
+    between the lookup and the read. A tree being fetched (`registered=False`) has no root yet; its blocks
+    are the fetch's until it registers the root, which happens inside this scope."""
+    with repo.readers.reading(root):
+        if registered:
+            require_tree(repo, root, what)
+        yield
+
+
+def require_tree(repo: Any, root: CID, what: str) -> None:
+    info = repo.index.get_root(root)
+    if info is None or not info.complete:
+        raise NotFound(f"the tree of {what} ({root}) left the repo before it was read (evicted by gc); "
+                       "restore again")
 
 
 def undo_restore(report: RestoreReport) -> int:

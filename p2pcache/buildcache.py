@@ -350,7 +350,8 @@ def register_tree(repo: Any, root: CID, name: str | None) -> RootInfo:
 class Swarm(Protocol):
     def record_peers(self, namespace: str) -> Awaitable[list[Any]]: ...
     def ask_records(self, peer: Any, key: str, prefix: bool) -> Awaitable[list[CacheRecord]]: ...
-    def fetch_tree(self, root: CID, peers: list[Any]) -> Awaitable[int]: ...
+    def fetch_tree(self, root: CID, peers: list[Any], claim: Callable[[], Awaitable[object]]) -> Awaitable[int]:
+        """Fetch the tree's blocks; `claim()` once all are stored, where no gc can take them meanwhile."""
     def announce(self, root: CID, aliases: list[str]) -> None: ...
     def withdraw(self, root: CID) -> None: ...
 
@@ -569,10 +570,14 @@ class BuildCache:
                                "running to fetch it; start `p2pcache daemon`")
             if on_fetch is not None:
                 on_fetch({"root": str(record.root), "key": record.key})
-            fetched = await self.swarm.fetch_tree(record.root, peers)
+            # Registered where the fetch's blocks are still guarded: a quota gc that the fetch's end
+            # wakes would otherwise take them, unclaimed, before the root claims them.
+            fetched = await self.swarm.fetch_tree(record.root, peers, lambda: trio.to_thread.run_sync(
+                register_tree, self.repo, record.root, record.key))
             self.stats.trees_fetched += 1
             self.stats.bytes_fetched += fetched
-        await trio.to_thread.run_sync(register_tree, self.repo, record.root, record.key)
+        else:
+            await trio.to_thread.run_sync(register_tree, self.repo, record.root, record.key)
         self.store.put(record, own=False)  # we hold its tree now: we re-serve the record
         if self.swarm is not None:
             self.swarm.announce(record.root, [cache_ns_alias(record.namespace)])

@@ -702,8 +702,11 @@ class BuildCache:
         gone = []
         for info in self.repo.index.list_roots():
             if info.kind == TREE_KIND and not info.pinned and info.last_access < limit:
-                with self.repo.index.transaction():
-                    self.repo.index.remove_root(info.root)
+                with self.repo.readers.evicting(info.root) as free:
+                    if not free:  # a restore is reading it (here, or a CLI reading the daemon's repo)
+                        continue
+                    with self.repo.index.transaction():
+                        self.repo.index.remove_root(info.root)
                 self.store.drop_root(info.root)
                 if self.swarm is not None:
                     self.swarm.withdraw(info.root)

@@ -453,6 +453,7 @@ class BuildCacheStats:
     trees_fetched: int = 0
     bytes_fetched: int = 0
     expired: int = 0
+    files_by_descriptor: int = 0  # saved files a local saver handed over as descriptors (`accept_fds`)
 
 
 class BuildCache:
@@ -666,6 +667,18 @@ class BuildCache:
         from .aio import feed_thread
 
         return await self._in_upload(lease, lambda: feed_thread(body, lambda pieces: ingest_files(self.repo, pieces)))
+
+    async def accept_fds(self, files: list[tuple[int, int, bytes]], lease: str | None) -> dict:
+        """`accept_files` for files a local saver handed over as open descriptors ((fd, size, name), see
+        `p2pcache.filesocket`): read here, with pread, on the ingest's worker thread."""
+        from .buildtree import fd_pieces
+
+        if len(files) > MAX_UPLOAD_FILES:
+            raise InvalidInput(f"file upload: more than {MAX_UPLOAD_FILES} files in one request")
+        got = await self._in_upload(lease, lambda: trio.to_thread.run_sync(
+            lambda: ingest_files(self.repo, fd_pieces(files))))
+        self.stats.files_by_descriptor += len(files)
+        return got
 
     async def _in_upload(self, lease: str | None, work: Callable[[], Awaitable[Any]]) -> Any:
         """Run an upload request's `work` where no gc takes what it stores: under its lease (renewed), or,

@@ -54,7 +54,8 @@ from .content.treemanifest import (
 )
 from .errors import CorruptData, InvalidInput, NotFound, RepoError
 
-__all__ = ["ArrivingBlocks", "BlockSink", "PathScan", "RestoreReport", "SaveReport", "TreeSuperseded", "file_pieces",
+__all__ = ["ArrivingBlocks", "BlockSink", "FilePieces", "PathScan", "RestoreReport", "SaveReport", "TreeSuperseded",
+           "fd_pieces", "file_pieces", "open_for_upload",
            "paths_id", "previous_entries", "reading_tree", "restore_tree", "save_tree", "scan_paths", "unchanged_tree", "undo_restore"]
 
 READ_SIZE = 4 << 20
@@ -269,24 +270,65 @@ def _changed(full: bytes, got: int, size: int) -> InvalidInput:
                         "save again once the build has finished")
 
 
-def file_pieces(files: list[tuple[bytes, int]]) -> Iterator[bytes]:
-    """The upload body of `files` ((path, the size its stat said), in order): each file's `FILE_HEADER`
-    and bytes, in pieces of about `PIECE_BYTES`. A file whose size is no longer what stat said raises
-    InvalidInput (wherever the reader is: the upload ends there), so a torn file is never saved."""
+class FilePieces:
+    """The upload body of `files` ((path, the size its stat said), in order), iterated: each file's
+    `FILE_HEADER` and bytes, in pieces of about `PIECE_BYTES`. A file whose size is no longer what stat
+    said raises InvalidInput (wherever the reader is: the upload ends there), so a torn file is never
+    saved. A sink that can take the files as open descriptors (`cacheupload.DaemonBlockSink` over the
+    daemon's file socket) reads `files` instead of iterating."""
+
+    __slots__ = ("files",)
+
+    def __init__(self, files: list[tuple[bytes, int]]):
+        self.files = files
+
+    def __iter__(self) -> Iterator[bytes]:
+        return _pieces(self._opened(), os.read)
+
+    def _opened(self) -> Iterator[tuple[int, int, bytes]]:
+        for full, size in self.files:
+            yield open_for_upload(full), size, full
+
+
+file_pieces = FilePieces
+
+
+def open_for_upload(full: bytes) -> int:
+    """`full` opened for reading, never through a symlink; RepoError (one line) if it cannot be."""
+    try:
+        return os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise RepoError(f"cannot read {os.fsdecode(full)}: {e.strerror}") from None
+
+
+def fd_pieces(files: Iterable[tuple[int, int, bytes]]) -> Iterator[bytes]:
+    """`FilePieces`' body from descriptors already open ((fd, the size its stat said, its path for error
+    lines)), read with pread (a descriptor handed over by another process shares its file offset with
+    it); each is checked to be a regular file. The caller closes the descriptors."""
+    def regular() -> Iterator[tuple[int, int, bytes]]:
+        for fd, size, full in files:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InvalidInput(f"{os.fsdecode(full)}: not a regular file; only regular files are saved")
+            yield fd, size, full
+    return _pieces(regular(), None, close=False)
+
+
+def _pieces(files: Iterable[tuple[int, int, bytes]], read: Callable[[int, int], bytes] | None,
+            close: bool = True) -> Iterator[bytes]:
+    """The framed body of `files` ((fd, size, path)): `read(fd, n)` reads on (None: pread from 0)."""
     parts: list[bytes] = []
     have = 0
-    for full, size in files:
-        try:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            raise RepoError(f"cannot read {os.fsdecode(full)}: {e.strerror}") from None
+    for fd, size, full in files:
         try:
             parts.append(FILE_HEADER.pack(size))
             have += FILE_HEADER.size
             left = size
             while True:
                 want = min(left + 1, READ_SIZE)  # one more than is left: a file that grew shows at once
-                buf = os.read(fd, want)
+                try:
+                    buf = read(fd, want) if read is not None else os.pread(fd, want, size - left)
+                except OSError as e:
+                    raise RepoError(f"cannot read {os.fsdecode(full)}: {e.strerror}") from None
                 if len(buf) > left:
                     raise _changed(full, size + 1, size)
                 left -= len(buf)
@@ -306,7 +348,8 @@ def file_pieces(files: list[tuple[bytes, int]]) -> Iterator[bytes]:
                         raise _changed(full, size - left, size)
                     break
         finally:
-            os.close(fd)
+            if close:
+                os.close(fd)
     if parts:
         yield b"".join(parts)
 
@@ -389,7 +432,7 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
             return
         while len(uploads) >= UPLOADS_AHEAD:
             drain(uploads[0])
-        batch.future = sink.files(batch.bytes + len(batch.files) * FILE_HEADER.size, file_pieces(batch.files))
+        batch.future = sink.files(batch.bytes + len(batch.files) * FILE_HEADER.size, FilePieces(batch.files))
         uploads.append(batch)
         batch = _Upload()
 

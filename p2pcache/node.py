@@ -160,6 +160,7 @@ class Node:
         self.nix: NixBinaryCache | None = None
         self.buildcache: BuildCache | None = None
         self.api_token: str | None = None
+        self.files_socket: Path | None = None  # REPO/files.sock, once it listens (`_serve_file_socket`)
         self.started_at = time.time()
         # Providers that failed, lied or timed out lately: asked last by the next lookups.
         self.standing: ProviderStanding = ProviderStanding()
@@ -222,6 +223,7 @@ class Node:
                     self.api_token = new_token(self.repo_path)
                     binds = await nursery.start(self._serve_api)
                     self.api_url = binds[0] if binds else None
+                    self.files_socket = await nursery.start(self._serve_file_socket)
                     self._write_api_file()
                 task_status.started(self)
                 try:
@@ -293,6 +295,13 @@ class Node:
             settled_failures = self.announcer.stats.failed
             await self.announcer.sweep()
 
+    async def _serve_file_socket(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """`REPO/files.sock` (`p2pcache.filesocket`): a local saver's files as open descriptors."""
+        from .filesocket import serve_file_socket
+
+        assert self.api_token is not None and self.buildcache is not None
+        await serve_file_socket(self.repo_path, self.api_token, self.buildcache.accept_fds, task_status=task_status)
+
     async def _serve_api(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         hc = HypercornConfig()
         hc.bind = [self.config.api_listen]
@@ -321,6 +330,8 @@ class Node:
             "addrs": [str(a) for a in self.host.addrs()],
             "version": __version__,
         }
+        if self.files_socket is not None:
+            info["files_socket"] = str(self.files_socket)
         assert self.api_token is not None
         from urllib.parse import urlsplit
 

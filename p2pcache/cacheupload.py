@@ -257,9 +257,12 @@ class FileSocket:
                 msg = dagcbor.encode({"token": self.token, "lease": lease, "sizes": [n for _, n in part],
                                       "names": [full for full, _ in part]})
                 data = SOCKET_LENGTH.pack(len(msg)) + msg
-                sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-                if sent < len(data):
-                    self.sock.sendall(data[sent:])
+                try:
+                    sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                    if sent < len(data):
+                        self.sock.sendall(data[sent:])
+                except OSError as e:
+                    raise RepoError(f"the daemon's file socket did not take the upload: {e.strerror or e}") from None
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -286,7 +289,10 @@ class FileSocket:
 
         buf = bytearray()
         while len(buf) < n:
-            data = self.sock.recv(n - len(buf))
+            try:
+                data = self.sock.recv(n - len(buf))
+            except OSError as e:
+                raise RepoError(f"the daemon's file socket broke off an upload: {e.strerror or e}") from None
             if not data:
                 raise RepoError("the daemon closed its file socket in the middle of an upload")
             buf += data

@@ -350,7 +350,8 @@ def register_tree(repo: Any, root: CID, name: str | None) -> RootInfo:
 class Swarm(Protocol):
     def record_peers(self, namespace: str) -> Awaitable[list[Any]]: ...
     def ask_records(self, peer: Any, key: str, prefix: bool) -> Awaitable[list[CacheRecord]]: ...
-    def fetch_tree(self, root: CID, peers: list[Any]) -> Awaitable[int]: ...
+    def fetch_tree(self, root: CID, peers: list[Any], claim: Callable[[], Awaitable[object]]) -> Awaitable[int]:
+        """Fetch the tree's blocks; `claim()` once all are stored, where no gc can take them meanwhile."""
     def announce(self, root: CID, aliases: list[str]) -> None: ...
     def withdraw(self, root: CID) -> None: ...
 
@@ -452,6 +453,7 @@ class BuildCacheStats:
     trees_fetched: int = 0
     bytes_fetched: int = 0
     expired: int = 0
+    files_by_descriptor: int = 0  # saved files a local saver handed over as descriptors (`accept_fds`)
 
 
 class BuildCache:
@@ -569,10 +571,14 @@ class BuildCache:
                                "running to fetch it; start `p2pcache daemon`")
             if on_fetch is not None:
                 on_fetch({"root": str(record.root), "key": record.key})
-            fetched = await self.swarm.fetch_tree(record.root, peers)
+            # Registered where the fetch's blocks are still guarded: a quota gc that the fetch's end
+            # wakes would otherwise take them, unclaimed, before the root claims them.
+            fetched = await self.swarm.fetch_tree(record.root, peers, lambda: trio.to_thread.run_sync(
+                register_tree, self.repo, record.root, record.key))
             self.stats.trees_fetched += 1
             self.stats.bytes_fetched += fetched
-        await trio.to_thread.run_sync(register_tree, self.repo, record.root, record.key)
+        else:
+            await trio.to_thread.run_sync(register_tree, self.repo, record.root, record.key)
         self.store.put(record, own=False)  # we hold its tree now: we re-serve the record
         if self.swarm is not None:
             self.swarm.announce(record.root, [cache_ns_alias(record.namespace)])
@@ -662,6 +668,18 @@ class BuildCache:
 
         return await self._in_upload(lease, lambda: feed_thread(body, lambda pieces: ingest_files(self.repo, pieces)))
 
+    async def accept_fds(self, files: list[tuple[int, int, bytes]], lease: str | None) -> dict:
+        """`accept_files` for files a local saver handed over as open descriptors ((fd, size, name), see
+        `p2pcache.filesocket`): read here, with pread, on the ingest's worker thread."""
+        from .buildtree import fd_pieces
+
+        if len(files) > MAX_UPLOAD_FILES:
+            raise InvalidInput(f"file upload: more than {MAX_UPLOAD_FILES} files in one request")
+        got = await self._in_upload(lease, lambda: trio.to_thread.run_sync(
+            lambda: ingest_files(self.repo, fd_pieces(files))))
+        self.stats.files_by_descriptor += len(files)
+        return got
+
     async def _in_upload(self, lease: str | None, work: Callable[[], Awaitable[Any]]) -> Any:
         """Run an upload request's `work` where no gc takes what it stores: under its lease (renewed), or,
         for an old client that names none, under a scope of the request's own."""
@@ -697,8 +715,11 @@ class BuildCache:
         gone = []
         for info in self.repo.index.list_roots():
             if info.kind == TREE_KIND and not info.pinned and info.last_access < limit:
-                with self.repo.index.transaction():
-                    self.repo.index.remove_root(info.root)
+                with self.repo.readers.evicting(info.root) as free:
+                    if not free:  # a restore is reading it (here, or a CLI reading the daemon's repo)
+                        continue
+                    with self.repo.index.transaction():
+                        self.repo.index.remove_root(info.root)
                 self.store.drop_root(info.root)
                 if self.swarm is not None:
                     self.swarm.withdraw(info.root)

@@ -34,9 +34,10 @@ import os
 import stat
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from .cacheupload import FILE_HEADER
 from .content.chunking import DEFAULT_PARAMS, ChunkerParams
@@ -51,10 +52,11 @@ from .content.treemanifest import (
     path_problem,
     previous_tree,
 )
-from .errors import CorruptData, InvalidInput, RepoError
+from .errors import CorruptData, InvalidInput, NotFound, RepoError
 
-__all__ = ["ArrivingBlocks", "BlockSink", "PathScan", "RestoreReport", "SaveReport", "TreeSuperseded", "file_pieces",
-           "paths_id", "previous_entries", "restore_tree", "save_tree", "scan_paths", "unchanged_tree", "undo_restore"]
+__all__ = ["ArrivingBlocks", "BlockSink", "FilePieces", "PathScan", "RestoreReport", "SaveReport", "TreeSuperseded",
+           "fd_pieces", "file_pieces", "open_for_upload",
+           "paths_id", "previous_entries", "reading_tree", "restore_tree", "save_tree", "scan_paths", "unchanged_tree", "undo_restore"]
 
 READ_SIZE = 4 << 20
 BATCH_BYTES = 8 << 20  # page blocks offered to the sink at a time
@@ -268,24 +270,65 @@ def _changed(full: bytes, got: int, size: int) -> InvalidInput:
                         "save again once the build has finished")
 
 
-def file_pieces(files: list[tuple[bytes, int]]) -> Iterator[bytes]:
-    """The upload body of `files` ((path, the size its stat said), in order): each file's `FILE_HEADER`
-    and bytes, in pieces of about `PIECE_BYTES`. A file whose size is no longer what stat said raises
-    InvalidInput (wherever the reader is: the upload ends there), so a torn file is never saved."""
+class FilePieces:
+    """The upload body of `files` ((path, the size its stat said), in order), iterated: each file's
+    `FILE_HEADER` and bytes, in pieces of about `PIECE_BYTES`. A file whose size is no longer what stat
+    said raises InvalidInput (wherever the reader is: the upload ends there), so a torn file is never
+    saved. A sink that can take the files as open descriptors (`cacheupload.DaemonBlockSink` over the
+    daemon's file socket) reads `files` instead of iterating."""
+
+    __slots__ = ("files",)
+
+    def __init__(self, files: list[tuple[bytes, int]]):
+        self.files = files
+
+    def __iter__(self) -> Iterator[bytes]:
+        return _pieces(self._opened(), os.read)
+
+    def _opened(self) -> Iterator[tuple[int, int, bytes]]:
+        for full, size in self.files:
+            yield open_for_upload(full), size, full
+
+
+file_pieces = FilePieces
+
+
+def open_for_upload(full: bytes) -> int:
+    """`full` opened for reading, never through a symlink; RepoError (one line) if it cannot be."""
+    try:
+        return os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise RepoError(f"cannot read {os.fsdecode(full)}: {e.strerror}") from None
+
+
+def fd_pieces(files: Iterable[tuple[int, int, bytes]]) -> Iterator[bytes]:
+    """`FilePieces`' body from descriptors already open ((fd, the size its stat said, its path for error
+    lines)), read with pread (a descriptor handed over by another process shares its file offset with
+    it); each is checked to be a regular file. The caller closes the descriptors."""
+    def regular() -> Iterator[tuple[int, int, bytes]]:
+        for fd, size, full in files:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InvalidInput(f"{os.fsdecode(full)}: not a regular file; only regular files are saved")
+            yield fd, size, full
+    return _pieces(regular(), None, close=False)
+
+
+def _pieces(files: Iterable[tuple[int, int, bytes]], read: Callable[[int, int], bytes] | None,
+            close: bool = True) -> Iterator[bytes]:
+    """The framed body of `files` ((fd, size, path)): `read(fd, n)` reads on (None: pread from 0)."""
     parts: list[bytes] = []
     have = 0
-    for full, size in files:
-        try:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            raise RepoError(f"cannot read {os.fsdecode(full)}: {e.strerror}") from None
+    for fd, size, full in files:
         try:
             parts.append(FILE_HEADER.pack(size))
             have += FILE_HEADER.size
             left = size
             while True:
                 want = min(left + 1, READ_SIZE)  # one more than is left: a file that grew shows at once
-                buf = os.read(fd, want)
+                try:
+                    buf = read(fd, want) if read is not None else os.pread(fd, want, size - left)
+                except OSError as e:
+                    raise RepoError(f"cannot read {os.fsdecode(full)}: {e.strerror}") from None
                 if len(buf) > left:
                     raise _changed(full, size + 1, size)
                 left -= len(buf)
@@ -305,7 +348,8 @@ def file_pieces(files: list[tuple[bytes, int]]) -> Iterator[bytes]:
                         raise _changed(full, size - left, size)
                     break
         finally:
-            os.close(fd)
+            if close:
+                os.close(fd)
     if parts:
         yield b"".join(parts)
 
@@ -388,7 +432,7 @@ def save_tree(paths: list[str], sink: BlockSink, *, sources_dir: str | None = No
             return
         while len(uploads) >= UPLOADS_AHEAD:
             drain(uploads[0])
-        batch.future = sink.files(batch.bytes + len(batch.files) * FILE_HEADER.size, file_pieces(batch.files))
+        batch.future = sink.files(batch.bytes + len(batch.files) * FILE_HEADER.size, FilePieces(batch.files))
         uploads.append(batch)
         batch = _Upload()
 
@@ -818,6 +862,27 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
             report.dirs += 1
     finally:
         os.close(root_fd)
+
+
+@contextmanager
+def reading_tree(repo: Any, root: CID, what: str, registered: bool = True) -> Iterator[None]:
+    """Around a restore's reads of the tree `root` from `repo` (`Repo.readers`): the repo's gc evicts it only
+    once the reads are over, whether gc runs in this process or in the daemon that owns the repo (a
+    read-only process holds a shared lock that the daemon's gc tests before it evicts). With `registered`
+    the tree must be (still) complete in the repo once the scope is entered, else NotFound: gc took it
+    between the lookup and the read. A tree being fetched (`registered=False`) has no root yet; its blocks
+    are the fetch's until it registers the root, which happens inside this scope."""
+    with repo.readers.reading(root):
+        if registered:
+            require_tree(repo, root, what)
+        yield
+
+
+def require_tree(repo: Any, root: CID, what: str) -> None:
+    info = repo.index.get_root(root)
+    if info is None or not info.complete:
+        raise NotFound(f"the tree of {what} ({root}) left the repo before it was read (evicted by gc); "
+                       "restore again")
 
 
 def undo_restore(report: RestoreReport) -> int:

@@ -13,6 +13,7 @@ every save's and restore's time. (trio itself still comes in through httpcore, w
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from concurrent.futures import Future
@@ -21,12 +22,15 @@ from typing import Any, Iterable
 from .content.cid import CID
 from .errors import InvalidInput
 
-__all__ = ["FILE_HEADER", "DaemonBlockSink", "frame_blocks", "frame_cids", "unframe_blocks", "unframe_cids"]
+__all__ = ["FILE_HEADER", "DaemonBlockSink", "FileSocket", "frame_blocks", "frame_cids", "unframe_blocks", "unframe_cids"]
 
 
 # -- block uploads from a local saver -----------------------------------------------------------------------
 
 FILE_HEADER = struct.Struct(">Q")  # a file's size in a file upload, before its bytes
+# the daemon's file socket (`p2pcache.filesocket`): a message's length before it; descriptors per request
+SOCKET_LENGTH = struct.Struct(">I")
+SOCKET_MAX_FDS = 250  # Linux takes at most 253 in one message
 
 
 def frame_blocks(blocks: list[tuple[CID, bytes]]) -> bytes:
@@ -103,6 +107,8 @@ class DaemonBlockSink:
         self.lease: str | None = None
         self.new_blocks = 0
         self.new_bytes = 0
+        self._local = threading.local()
+        self._sockets: list[FileSocket] = []
 
     def open_lease(self) -> str:
         """The save's upload lease (opened at the first call): from then on, no gc in the daemon takes a
@@ -125,7 +131,12 @@ class DaemonBlockSink:
             try:
                 if fut is not None:
                     length, body = pieces
-                    got = self.client.cache_files(body, length, self.lease)
+                    sock = self._file_socket()
+                    files = getattr(body, "files", None)  # a `buildtree.FilePieces`: the paths and sizes
+                    if sock is not None and files is not None:
+                        got = sock.upload(files, self.lease)
+                    else:
+                        got = self.client.cache_files(body, length, self.lease)
                     new = (got["new_blocks"], got["new_bytes"])
                     fut.set_result(got["bodies"])
                 else:
@@ -141,6 +152,24 @@ class DaemonBlockSink:
                 self.error = e
                 if fut is not None:
                     fut.set_exception(e)
+
+    def _file_socket(self) -> "FileSocket | None":
+        """This upload thread's connection to the daemon's file socket (`p2pcache.filesocket`), if the
+        daemon offers one and it accepts a connection; else None (the HTTP API)."""
+        local = self._local
+        if not hasattr(local, "sock"):
+            local.sock = None
+            path = self.client.info.get("files_socket")
+            auth = self.client.http.headers.get("authorization", "")
+            if isinstance(path, str) and auth.startswith("Bearer "):
+                try:
+                    local.sock = FileSocket(path, auth.removeprefix("Bearer "))
+                except OSError:
+                    pass  # gone, or not ours to use: the HTTP API says why if that fails too
+                else:
+                    with self.lock:
+                        self._sockets.append(local.sock)
+        return local.sock
 
     def missing(self, cids: list[CID]) -> set[CID]:
         if self.error is not None:
@@ -182,8 +211,92 @@ class DaemonBlockSink:
             for t in self.workers:
                 t.join()
             self.workers = []
+        for sock in self._sockets:  # the workers' connections to the file socket went with them
+            sock.close()
+        self._sockets = []
+        self._local = threading.local()
         if self.error is not None:
             raise self.error
         out = (self.new_blocks, self.new_bytes)
         self.new_blocks = self.new_bytes = 0
         return out
+
+
+class FileSocket:
+    """The saver's half of the daemon's file socket (`p2pcache.filesocket`, whose docstring has the wire
+    format and why): files go to the daemon as descriptors this process opened, `MAX_FDS` to a request."""
+
+    def __init__(self, path: str, token: str):
+        import socket
+
+        self.token = token
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+
+    def upload(self, files: list[tuple[bytes, int]], lease: str | None) -> dict:
+        """`DaemonClient.cache_files`' answer for `files` ((path, the size its stat said))."""
+        import array
+        import socket
+
+        from .buildtree import open_for_upload
+        from .content import dagcbor
+        from .errors import RepoError
+
+        bodies: list = []
+        new_blocks = new_bytes = 0
+        for i in range(0, len(files), SOCKET_MAX_FDS):
+            part = files[i:i + SOCKET_MAX_FDS]
+            fds: list[int] = []
+            try:
+                for full, _ in part:
+                    fds.append(open_for_upload(full))
+                msg = dagcbor.encode({"token": self.token, "lease": lease, "sizes": [n for _, n in part],
+                                      "names": [full for full, _ in part]})
+                data = SOCKET_LENGTH.pack(len(msg)) + msg
+                try:
+                    sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                    if sent < len(data):
+                        self.sock.sendall(data[sent:])
+                except OSError as e:
+                    raise RepoError(f"the daemon's file socket did not take the upload: {e.strerror or e}") from None
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            answer = self._answer()
+            if "error" in answer:
+                raise (InvalidInput if answer.get("status") == 400 else RepoError)(str(answer["error"]))
+            bodies += answer["bodies"]
+            new_blocks += answer["new_blocks"]
+            new_bytes += answer["new_bytes"]
+        return {"bodies": bodies, "new_blocks": new_blocks, "new_bytes": new_bytes}
+
+    def _answer(self) -> dict:
+        from .content import dagcbor
+        from .errors import RepoError
+
+        head = self._exactly(SOCKET_LENGTH.size)
+        got = dagcbor.decode(self._exactly(SOCKET_LENGTH.unpack(head)[0]))
+        if not (isinstance(got, dict) and ("error" in got or isinstance(got.get("bodies"), list))):
+            raise RepoError("the daemon's file socket sent a malformed answer")
+        return got
+
+    def _exactly(self, n: int) -> bytes:
+        from .errors import RepoError
+
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                data = self.sock.recv(n - len(buf))
+            except OSError as e:
+                raise RepoError(f"the daemon's file socket broke off an upload: {e.strerror or e}") from None
+            if not data:
+                raise RepoError("the daemon closed its file socket in the middle of an upload")
+            buf += data
+        return bytes(buf)
+
+    def close(self) -> None:
+        self.sock.close()

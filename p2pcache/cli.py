@@ -283,10 +283,16 @@ def _tree_tar(repo: Repo, root: CID):
     """A build cache tree (`kind` "tree") as the tar stream the cache's tar API gives, or None for an archive."""
     if repo.root_info(root).kind != "tree":
         return None
+    return _tree_tar_read(repo, root)
+
+
+def _tree_tar_read(repo: Repo, root: CID) -> Iterator[bytes]:
     from .buildcache import tree_as_tar
+    from .buildtree import reading_tree
     from .content.treemanifest import TreeManifest
 
-    return tree_as_tar(TreeManifest.decode(repo.load_block(root)), repo.load_block)
+    with reading_tree(repo, root, str(root)):  # the daemon's gc keeps the tree until the tar is written
+        yield from tree_as_tar(TreeManifest.decode(repo.load_block(root)), repo.load_block)
 
 
 def cmd_get(args: argparse.Namespace, out: Output) -> int:
@@ -1076,25 +1082,44 @@ def cmd_cache_restore(args: argparse.Namespace, out: Output) -> int:
 
 
 def _cache_restore(args: argparse.Namespace, out: Output) -> int:
-    from .buildtree import fix_timestamps, paths_id, restore_tree
+    from contextlib import ExitStack
+
+    from .buildtree import paths_id
 
     pid = paths_id(args.paths)
     client = _daemon(args) if Repo.exists(_repo_path(args)) else None
     restored = None
-    if client is not None:
-        try:
-            found, restored = _restore_while_fetched(client, args, pid)
-        finally:
-            client.close()
-    else:
-        import trio
+    # Every read of the tree, from its first block to the timestamps, is under one `reading_tree` scope
+    # (on `stack`), so the daemon's gc keeps the tree until the restore is over.
+    with ExitStack() as stack:
+        if client is not None:
+            try:
+                repo = stack.enter_context(Repo.open(_repo_path(args), writable=False))
+                found, restored = _restore_while_fetched(client, args, pid, repo, stack)
+            finally:
+                client.close()
+        else:
+            found = _cache_lookup_offline(args, pid)
+            repo = None
+        return _cache_restore_found(args, out, found, restored, repo, stack)
 
-        service = _offline_build_cache(args)
-        try:
-            found = trio.run(service.lookup, args.key, args.restore_key, args.lookup_only, pid)
-        finally:
-            service.store.close()
-            service.repo.close()
+
+def _cache_lookup_offline(args: argparse.Namespace, pid: str) -> dict:
+    """The lookup with no daemon: this process owns the repo (no other gc runs on it meanwhile)."""
+    import trio
+
+    service = _offline_build_cache(args)
+    try:
+        return trio.run(service.lookup, args.key, args.restore_key, args.lookup_only, pid)
+    finally:
+        service.store.close()
+        service.repo.close()
+
+
+def _cache_restore_found(args: argparse.Namespace, out: Output, found: dict, restored: tuple | None,
+                         repo: Repo | None, stack: Any) -> int:
+    from .buildtree import fix_timestamps, reading_tree, restore_tree
+
     if found["match"] == "none":
         tried = ", ".join([args.key] + [f"{p}*" for p in args.restore_key])
         if args.fail_on_miss:
@@ -1105,16 +1130,18 @@ def _cache_restore(args: argparse.Namespace, out: Output) -> int:
     if args.lookup_only:
         out.emit(found, f"cache hit ({how}): {found['key']} -> {found['root']} (lookup only, nothing restored)")
         return 0
-    with Repo.open(_repo_path(args), writable=False) as repo:
-        root = CID.parse(found["root"])
-        if restored is not None:
-            report, manifest, mtimes = restored
-        else:
-            report, manifest, mtimes = restore_tree(root, repo.load_block, args.paths, load_many=repo.load_blocks)
-        sources = args.sources if args.sources is not None else (
-            manifest.sources["path"] if manifest.sources is not None else None)
-        if sources is not None and manifest.sources is not None and os.path.isdir(sources):
-            fix_timestamps(manifest, repo.load_block, sources, args.paths, mtimes, report, args.mtime_mode)
+    if repo is None:
+        repo = stack.enter_context(Repo.open(_repo_path(args), writable=False))
+    root = CID.parse(found["root"])
+    if restored is not None:  # written while it arrived, under the scope `_restore_while_fetched` took
+        report, manifest, mtimes = restored
+    else:
+        stack.enter_context(reading_tree(repo, root, repr(found["key"])))
+        report, manifest, mtimes = restore_tree(root, repo.load_block, args.paths, load_many=repo.load_blocks)
+    sources = args.sources if args.sources is not None else (
+        manifest.sources["path"] if manifest.sources is not None else None)
+    if sources is not None and manifest.sources is not None and os.path.isdir(sources):
+        fix_timestamps(manifest, repo.load_block, sources, args.paths, mtimes, report, args.mtime_mode)
     line = report.refused_line()
     if line:
         print(f"p2pcache cache restore: {line}", file=sys.stderr)
@@ -1131,7 +1158,8 @@ def _cache_restore(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
-def _restore_while_fetched(client, args: argparse.Namespace, pid: str) -> tuple[dict, tuple | None]:
+def _restore_while_fetched(client, args: argparse.Namespace, pid: str, repo: Repo,
+                           stack: Any) -> tuple[dict, tuple | None]:
     """The daemon's lookup; when it has to fetch the tree from the swarm, the tree's files are written
     while its blocks arrive (`ArrivingBlocks`), instead of after the whole fetch. Returns (the lookup's
     answer, restore_tree's result or None when nothing was restored yet). If the lookup ends on another
@@ -1139,58 +1167,63 @@ def _restore_while_fetched(client, args: argparse.Namespace, pid: str) -> tuple[
     written is removed again (`undo_restore`) and the caller restores the answer's tree the usual way."""
     import queue
     import threading
+    from contextlib import ExitStack
 
-    from .buildtree import ArrivingBlocks, RestoreReport, TreeSuperseded, restore_tree, undo_restore
+    from .buildtree import ArrivingBlocks, RestoreReport, TreeSuperseded, reading_tree, restore_tree, undo_restore
 
-    if args.lookup_only or not Repo.exists(_repo_path(args)):
+    if args.lookup_only:
         return client.cache_lookup(args.key, args.restore_key, args.lookup_only, pid), None
-    with Repo.open(_repo_path(args), writable=False) as repo:
-        started: queue.Queue = queue.Queue()
-        outcome: dict = {}
-        arriving: list[ArrivingBlocks] = []
+    started: queue.Queue = queue.Queue()
+    outcome: dict = {}
+    arriving: list[ArrivingBlocks] = []
 
-        def on_event(event: dict) -> None:
-            if event.get("event") != "fetching":
-                return
-            root = CID.parse(event["root"])
-            if arriving:
-                if arriving[0].root != root:
-                    arriving[0].end(root)  # the first tree's fetch failed: it will not arrive whole
-                return
-            arriving.append(ArrivingBlocks(root, repo.load_block, repo.load_blocks,
-                                           lambda cids: set(repo.index.locate_many(cids))))
-            started.put(True)
+    def on_event(event: dict) -> None:
+        if event.get("event") != "fetching":
+            return
+        root = CID.parse(event["root"])
+        if arriving:
+            if arriving[0].root != root:
+                arriving[0].end(root)  # the first tree's fetch failed: it will not arrive whole
+            return
+        arriving.append(ArrivingBlocks(root, repo.load_block, repo.load_blocks,
+                                       lambda cids: set(repo.index.locate_many(cids))))
+        started.put(True)
 
-        def lookup() -> None:
-            try:
-                outcome["found"] = client.cache_lookup(args.key, args.restore_key, False, pid, on_event=on_event)
-            except BaseException as e:  # handed to the main thread, raised there
-                outcome["error"] = e
-            if arriving:
-                found = outcome.get("found")
-                arriving[0].end(CID.parse(found["root"]) if found and found.get("root") else None)
-            started.put(False)
-
-        thread = threading.Thread(target=lookup, name="cache-lookup", daemon=True)
-        thread.start()
-        restored = None
-        if started.get():
-            report = RestoreReport()
-            stream = arriving[0]
-            try:
-                restored = restore_tree(stream.root, stream.load, args.paths, load_many=stream.load_many,
-                                        report=report)
-            except TreeSuperseded:
-                restored = None
-            thread.join()
+    def lookup() -> None:
+        try:
+            outcome["found"] = client.cache_lookup(args.key, args.restore_key, False, pid, on_event=on_event)
+        except BaseException as e:  # handed to the main thread, raised there
+            outcome["error"] = e
+        if arriving:
             found = outcome.get("found")
-            if restored is None or found is None or found.get("root") != str(stream.root):
-                n = undo_restore(report)
-                print(f"p2pcache cache restore: tree {stream.root} did not arrive whole (the lookup ended on "
-                      f"{(found.get('root') or 'no tree') if found else 'an error'}); removed the {n} entries written from it",
-                      file=sys.stderr)
-                restored = None
+            arriving[0].end(CID.parse(found["root"]) if found and found.get("root") else None)
+        started.put(False)
+
+    thread = threading.Thread(target=lookup, name="cache-lookup", daemon=True)
+    thread.start()
+    restored = None
+    if started.get():
+        report = RestoreReport()
+        stream = arriving[0]
+        # Not registered yet (the fetch's blocks are its own until the daemon registers the root, which
+        # it does inside this scope); kept on `stack` for the timestamps, unless undone below.
+        scope = stack.enter_context(ExitStack())
+        scope.enter_context(reading_tree(repo, stream.root, repr(args.key), registered=False))
+        try:
+            restored = restore_tree(stream.root, stream.load, args.paths, load_many=stream.load_many,
+                                    report=report)
+        except TreeSuperseded:
+            restored = None
         thread.join()
+        found = outcome.get("found")
+        if restored is None or found is None or found.get("root") != str(stream.root):
+            n = undo_restore(report)
+            print(f"p2pcache cache restore: tree {stream.root} did not arrive whole (the lookup ended on "
+                  f"{(found.get('root') or 'no tree') if found else 'an error'}); removed the {n} entries written from it",
+                  file=sys.stderr)
+            restored = None
+            scope.close()
+    thread.join()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["found"], restored

@@ -160,6 +160,11 @@ def test_idle_trees_expire_pinned_ones_stay(repo, tmp_path):
     assert repo.index.get_root(old) is None and repo.index.get_root(kept) is not None
     assert trio.run(bc.lookup, "main/old", [], True)["match"] == "none"
     assert {k["key"] for k in bc.list_keys()} == {"main/kept", "main/fresh"}
+    # an idle tree that a restore is reading (`Repo.readers`) stays until the read is over
+    repo.index.db.execute("UPDATE roots SET last_access = ? WHERE root = ?", (clock.now - 8 * 86400, fresh.buffer))
+    with repo.readers.reading(fresh):
+        assert bc.expire()["expired"] == [] and repo.index.get_root(fresh) is not None
+    assert bc.expire()["expired"] == [str(fresh)]
 
 
 def test_a_record_whose_tree_is_gone_is_skipped_for_the_next(repo, tmp_path):

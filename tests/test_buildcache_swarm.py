@@ -5,6 +5,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -195,3 +196,67 @@ def test_upload_lease_keeps_idle_expiry_gc_off_a_save_in_progress(tmp_path, daem
         assert held(root)
     finally:
         client.close()
+
+
+def test_gc_keeps_a_tree_while_cache_restore_writes_it(tmp_path, daemons):
+    # `cache restore` reads the tree from the daemon's repo in its own (read-only) process; the daemon's gc
+    # (`gc --max-size`, the quota) used to evict the tree under it and sweep its blocks half-way through.
+    import signal
+
+    from p2pcache.client import DaemonClient
+
+    a = start_daemon(tmp_path / "a")
+    daemons.append(a)
+    rng = random.Random(5)
+    build = tmp_path / "build"
+    for i in range(1500):  # many files: the restore takes long enough to be stopped half-way
+        sub = build / f"d{i // 100:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i:04d}.o").write_bytes(rng.randbytes(1500 + i % 7 * 1000))
+    saved = json.loads(a.cli("--json", "cache", "save", "main/read", str(build)).stdout)
+    other = json.loads(a.cli("--json", "cache", "save", "main/idle", str(make_build_dir(tmp_path / "idle", 3))).stdout)
+    out = tmp_path / "out"
+    env = dict(os.environ, P2PCACHE_REPO=str(a.repo))
+    proc = subprocess.Popen([sys.executable, "-m", "p2pcache", "--json", "cache", "restore", "main/read", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    client = DaemonClient.find(a.repo)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "d00").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGSTOP)  # half-way: its first files are written, most are not
+        written = sum(1 for _ in out.rglob("*.o"))
+        assert proc.poll() is None and written < 1500, "the restore finished before it could be stopped"
+        report = client.gc(0)
+        assert report["roots_removed"] == [other["root"]] and report["roots_kept_in_use"] == 1
+        proc.send_signal(signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr.decode()
+        assert json.loads(stdout)["restored"]["files"] == 1500 and same_tree(build, out)
+        assert client.gc(0)["roots_removed"] == [saved["root"]]  # the read is over: evictable again
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+        client.close()
+
+
+def test_a_restore_that_takes_a_node_over_its_quota_keeps_the_tree_it_fetched(tmp_path, daemons):
+    # The fetch's end wakes the quota's gc (the tree puts B over its high watermark). That gc could run
+    # between the fetch and the registration of the tree's root and take its blocks, unclaimed (a race
+    # this test does not force: it passed on the old code too). Now the root is registered inside the
+    # fetch's guard, and the gc that follows keeps the tree while `cache restore` still writes it.
+    a = start_daemon(tmp_path / "a")
+    daemons.append(a)
+    build = make_build_dir(tmp_path / "build", 11, files=60)
+    saved = json.loads(a.cli("--json", "cache", "save", "main/q", str(build)).stdout)
+    size = sum(p.stat().st_size for p in build.rglob("*") if p.is_file() and not p.is_symlink())
+    b = start_daemon(tmp_path / "b", bootstrap=[a.addr], extra=["--max-size", str(int(size / 0.95) + 4096)])
+    daemons.append(b)
+    got = restore(b, "main/q", tmp_path / "out", "--fail-on-miss")
+    assert got["match"] == "exact" and got["root"] == saved["root"] and same_tree(build, tmp_path / "out")
+    deadline = time.monotonic() + 20
+    while b.status()["gc"]["runs"] < 1 and time.monotonic() < deadline:  # the gc the fetch's end woke
+        time.sleep(0.05)
+    assert b.status()["gc"]["runs"] >= 1

@@ -308,6 +308,7 @@ async def _build_cache_tar(cache: BuildCache, method: str, query: dict[str, list
     POST ?key=K&path=DIR…[&force=1] with a tar body: save it under K. For builders with curl and tar only."""
     from ..aio import drain_thread
     from ..buildcache import tree_as_tar
+    from ..buildtree import reading_tree
     from ..content.cid import CID
     from ..content.treemanifest import TreeManifest
 
@@ -324,15 +325,16 @@ async def _build_cache_tar(cache: BuildCache, method: str, query: dict[str, list
     if found["match"] == "none":
         raise HTTPError(404, f"no cache entry for {key}")
     root = CID.parse(found["root"])
-    manifest = TreeManifest.decode(cache.repo.load_block(root))
-    await send({"type": "http.response.start", "status": 200, "headers": [
-        (b"content-type", b"application/x-tar"), (b"x-p2pcache-match", found["match"].encode()),
-        (b"x-p2pcache-key", found["key"].encode("utf-8", "replace"))]})
+    with reading_tree(cache.repo, root, repr(found["key"])):  # gc keeps the tree until the tar is sent
+        manifest = TreeManifest.decode(cache.repo.load_block(root))
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/x-tar"), (b"x-p2pcache-match", found["match"].encode()),
+            (b"x-p2pcache-key", found["key"].encode("utf-8", "replace"))]})
 
-    async def deliver(piece: bytes) -> None:
-        await send({"type": "http.response.body", "body": piece, "more_body": True})
+        async def deliver(piece: bytes) -> None:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
 
-    await drain_thread(lambda: tree_as_tar(manifest, cache.repo.load_block), deliver)
+        await drain_thread(lambda: tree_as_tar(manifest, cache.repo.load_block), deliver)
     await send({"type": "http.response.body", "body": b""})
 
 

@@ -106,6 +106,9 @@ class NodeCollector(Collector):
             yield CounterMetricFamily("p2pcache_buildcache_bytes_fetched", "bytes fetched from peers for restores",
                                       value=b.bytes_fetched)
             yield CounterMetricFamily("p2pcache_buildcache_expired", "saved trees evicted as idle", value=b.expired)
+            yield CounterMetricFamily("p2pcache_buildcache_files_by_descriptor",
+                                      "saved files a local saver handed over as open descriptors (REPO/files.sock)",
+                                      value=b.files_by_descriptor)
 
 
 def register_node_metrics(registry: Any, node: Any) -> None:

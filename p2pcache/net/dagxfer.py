@@ -488,6 +488,7 @@ class _Run:
         self.providers = 0  # providers the fetch started with
         self.stalled: set[ID] = set()  # likewise for providers whose stream went silent (not banned)
         self.loading = 0
+        self.request_blocks = DagConfig().request_blocks  # CIDs per request (`DagTransfer._fetch` sets it)
         self.on_verified: Callable[[CID, bytes], None] | None = None
         self.drop: Callable[[ID, str], None] = lambda peer, why: None  # a peer's bytes proved it lied
         self.changed = trio.Event()
@@ -717,27 +718,28 @@ class DagTransfer:
     async def fetch(self, root: CID, providers: Iterable[ProviderSpec], repo: Any,
                     on_stored: Callable[[list[CID]], None] | None = None,
                     on_verified: Callable[[CID, bytes], None] | None = None,
-                    root_block: bytes | None = None) -> int:
+                    root_block: bytes | None = None, request_blocks: int | None = None) -> int:
         """Fetch every block under `root` that `repo` lacks (blocks already stored are not fetched again,
         so an interrupted fetch resumes), storing verified blocks in batches and calling `on_stored` after
         each; `on_verified(cid, data)` sees each new block the moment it is verified, before it is stored.
         `root_block`: the root's bytes if the caller already has them (fetched to check a narinfo or a
         hash against the manifest): checked against `root` here, then the first requests name its links
         directly, a round trip sooner. Returns the bytes fetched (`root_block`'s counted: it came from a
-        peer too). Raises FetchError (one line) if neither
-        protocol could finish."""
+        peer too). `request_blocks`: CIDs per request for this fetch (default `config.solo_request_blocks` from one
+        provider, else `config.request_blocks`). Raises FetchError (one line) if neither protocol could finish."""
         if root_block is not None and not root.verify(root_block):
             raise InvalidInput(f"the bytes handed in as {root} do not hash to it")
         self.stats.fetches += 1
         self.stats.active_fetches += 1
         try:
-            return await self._fetch(root, providers, repo, on_stored, on_verified, root_block)
+            return await self._fetch(root, providers, repo, on_stored, on_verified, root_block, request_blocks)
         finally:
             self.stats.active_fetches -= 1
 
     async def _fetch(self, root: CID, providers: Iterable[ProviderSpec], repo: Any,
                      on_stored: Callable[[list[CID]], None] | None,
-                     on_verified: Callable[[CID, bytes], None] | None, root_block: bytes | None) -> int:
+                     on_verified: Callable[[CID, bytes], None] | None, root_block: bytes | None,
+                     request_blocks: int | None) -> int:
         peers = [p for p in self.exchange.provider_ids(providers) if p != self.host.peer_id]
         walk = DagWalk(root, repo.has_block, cover_nodes=True, held_many=_held_many(repo))
         ex = self.exchange
@@ -746,6 +748,8 @@ class DagTransfer:
         try:
             run = _Run(walk, repo)
             run.providers = len(peers)
+            run.request_blocks = request_blocks or (self.config.solo_request_blocks if len(peers) == 1
+                                                    else self.config.request_blocks)
             run.on_verified = on_verified
             run.drop = lambda peer, why: self._drop(run, peer, why)
             run.store = store = _LeafStore(run, repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
@@ -793,8 +797,7 @@ class DagTransfer:
                 return
             if await run.wait_for_tail(peer):
                 continue  # the wait may have been long: look at the peer again
-            wants = await run.next_wants(self.config.solo_request_blocks if run.providers == 1
-                                         else self.config.request_blocks)
+            wants = await run.next_wants(run.request_blocks)
             if not wants:
                 if walk.finished:
                     break

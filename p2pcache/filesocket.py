@@ -1,0 +1,169 @@
+"""The daemon's file socket, `REPO/files.sock`: a local saver hands the daemon its build files as open
+file descriptors (SCM_RIGHTS) instead of streaming their bytes over the HTTP API.
+
+Why: a save through the HTTP API reads every file in the CLI, sends it over loopback TCP and receives it
+in the daemon (h11, hypercorn, trio: a kernel copy and two user copies on each side) before the daemon's
+ingest hashes it. With a descriptor the daemon reads the file itself, once, with pread, on the ingest's
+worker thread (`buildtree.fd_pieces` into `buildcache.ingest_files`).
+
+Trust: the daemon reads only descriptors the caller opened, with the caller's own permissions, and never
+opens a path a caller names (a path travels only for error lines). So a caller gets nothing its own
+permissions would not give it: a file it may not read it cannot open, and so cannot pass. Who may use the
+socket at all is who may use the HTTP API: every request carries the API token (`REPO/api.token`), checked
+in constant time; the socket file itself is 0600, like the token. A descriptor must be a regular file of
+the size the request states, read to the end (a file that changed while it was read fails the upload, as
+over HTTP); a descriptor opened for writing only fails with the read's own error line.
+
+Wire format, one request at a time per connection: a request is a 4-byte big-endian length and a dag-cbor
+map {"token", "lease" (or null), "sizes": [...], "names": [...]}, sent in one `sendmsg` with one
+descriptor per size (at most `MAX_FDS`); the answer is a 4-byte length and a dag-cbor map, either the
+HTTP route's answer ({"bodies", "new_blocks", "new_bytes"}) or {"error": one line, "status": 400|401|500}.
+
+Must not: open a path, keep a descriptor past its request, or answer before the token is checked.
+"""
+
+from __future__ import annotations
+
+import array
+import hmac
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from .cacheupload import SOCKET_LENGTH as LENGTH
+from .cacheupload import SOCKET_MAX_FDS as MAX_FDS
+from .content import dagcbor
+from .errors import InvalidInput, P2PCacheError
+
+__all__ = ["FILE_SOCKET", "MAX_FDS", "MAX_REQUEST", "serve_file_socket"]
+
+log = logging.getLogger(__name__)
+
+FILE_SOCKET = "files.sock"
+MAX_REQUEST = 1 << 20  # bytes of one request's map (names are at most a few hundred bytes each)
+
+Accept = Callable[[list[tuple[int, int, bytes]], "str | None"], Awaitable[dict]]
+
+
+async def serve_file_socket(repo_path: Path, token: str, accept: Accept, *,
+                            task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on `REPO/files.sock` until cancelled; `accept(files, lease)` ingests a request's files
+    ((fd, size, name) each). Started with None when the socket cannot be made (a path too long for a
+    Unix socket, say): savers then use the HTTP API."""
+    path = repo_path / FILE_SOCKET
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            path.unlink()  # a stale socket of a daemon that did not stop cleanly (the repo lock says we own it)
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)
+        try:
+            await listener.bind(str(path))
+        finally:
+            os.umask(old)
+        listener.listen(16)
+    except OSError as e:
+        listener.close()
+        log.warning("build cache: no file socket at %s (%s); saves go through the HTTP API", path, e)
+        task_status.started(None)
+        return
+    try:
+        task_status.started(path)
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await listener.accept()
+                nursery.start_soon(_serve, conn, token, accept)
+    finally:
+        listener.close()
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+async def _serve(conn: Any, token: str, accept: Accept) -> None:
+    fds: list[int] = []
+    try:
+        with conn:
+            while True:
+                payload = await _read_request(conn, fds)
+                if payload is None:
+                    return
+                try:
+                    answer, go_on = await _answer(payload, fds, token, accept)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                    fds.clear()
+                data = dagcbor.encode(answer)
+                await _send_all(conn, LENGTH.pack(len(data)) + data)
+                if not go_on:
+                    return
+    except OSError as e:  # the saver went away
+        log.debug("file socket: connection ended: %s", e)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+async def _answer(payload: bytes, fds: list[int], token: str, accept: Accept) -> tuple[dict, bool]:
+    try:
+        req = dagcbor.decode(payload)
+    except Exception:
+        return {"error": "file socket: malformed request", "status": 400}, False
+    if not (isinstance(req, dict) and isinstance(req.get("token"), str)
+            and hmac.compare_digest(req["token"].encode(), token.encode())):
+        return {"error": "file socket: wrong or missing API token", "status": 401}, False
+    sizes, names, lease = req.get("sizes"), req.get("names"), req.get("lease")
+    if not (isinstance(sizes, list) and isinstance(names, list) and len(sizes) == len(names) == len(fds)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes)
+            and all(isinstance(n, bytes) for n in names) and (lease is None or isinstance(lease, str))):
+        return {"error": f"file socket: a request needs one size and name per descriptor ({len(fds)} came)",
+                "status": 400}, False
+    try:
+        return await accept(list(zip(fds, sizes, names)), lease), True
+    except InvalidInput as e:
+        return {"error": str(e), "status": 400}, True
+    except P2PCacheError as e:
+        return {"error": str(e), "status": 500}, True
+
+
+async def _read_request(conn: Any, fds: list[int]) -> bytes | None:
+    """One request's map (None at a clean end); its descriptors are appended to `fds`."""
+    buf = bytearray()
+    need = LENGTH.size
+    while len(buf) < need:
+        # exactly what this request still owes: the saver sends the next one only after our answer
+        data, ancdata, flags, _ = await conn.recvmsg(need - len(buf),
+                                                     socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
+        for level, kind, raw in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(raw[: len(raw) - len(raw) % got.itemsize])
+                fds.extend(got)
+        if flags & socket.MSG_CTRUNC:
+            raise OSError("file socket: more descriptors than a request may carry")
+        if not data:
+            if buf:
+                raise OSError("file socket: the request was cut off")
+            return None
+        buf += data
+        if need == LENGTH.size and len(buf) >= LENGTH.size:
+            (n,) = LENGTH.unpack_from(buf)
+            if n > MAX_REQUEST:
+                raise OSError(f"file socket: a {n}-byte request is over the {MAX_REQUEST}-byte limit")
+            need = LENGTH.size + n
+    if len(fds) > MAX_FDS:
+        raise OSError("file socket: more descriptors than a request may carry")
+    return bytes(buf[LENGTH.size:need])
+
+
+async def _send_all(conn: Any, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await conn.send(view):]

@@ -1,0 +1,92 @@
+"""The daemon's file socket (p2pcache/filesocket.py) with a real daemon: saves hand their files over as
+descriptors; the token is checked first; only regular files of the stated size, read to the end."""
+
+import json
+import os
+import socket
+import stat
+import subprocess
+
+import httpx
+import pytest
+
+from p2pcache.cacheupload import SOCKET_LENGTH, FileSocket
+from p2pcache.content import dagcbor
+
+from .helpers.daemons import start_daemon
+
+
+def ask(path, token, files, fds, lease=None):
+    """One raw request: (size, name) per descriptor; the daemon's answer."""
+    msg = dagcbor.encode({"token": token, "lease": lease, "sizes": [n for n, _ in files],
+                          "names": [name for _, name in files]})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(path))
+        socket.send_fds(s, [SOCKET_LENGTH.pack(len(msg)) + msg], fds)
+        head = s.recv(SOCKET_LENGTH.size, socket.MSG_WAITALL)
+        body = s.recv(SOCKET_LENGTH.unpack(head)[0], socket.MSG_WAITALL)
+        return dagcbor.decode(body)
+
+
+def by_descriptor(d) -> float:
+    text = httpx.get(d.api + "/metrics", headers=d.auth).text
+    return float(next(line.split()[-1] for line in text.splitlines()
+                      if line.startswith("p2pcache_buildcache_files_by_descriptor_total")))
+
+
+@pytest.fixture
+def daemon(tmp_path, daemons):
+    d = start_daemon(tmp_path / "a")
+    daemons.append(d)
+    return d
+
+
+def test_a_save_hands_its_files_over_as_descriptors(daemon, tmp_path):
+    sock = daemon.repo / "files.sock"
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert json.loads((daemon.repo / "api.json").read_text())["files_socket"] == str(sock)
+    build = tmp_path / "build"
+    build.mkdir()
+    for i in range(300):  # more than one request's worth of descriptors
+        (build / f"f{i}.o").write_bytes(os.urandom(1500 + i * 37))
+    (build / "small").write_bytes(b"x" * 100)  # inline in its entry: read by the CLI itself
+    saved = json.loads(daemon.cli("--json", "cache", "save", "main/fd", str(build)).stdout)
+    assert saved["saved"] and saved["tree"]["files"] == 301 and by_descriptor(daemon) == 300
+    daemon.cli("cache", "restore", "main/fd", str(tmp_path / "out"))
+    assert subprocess.run(["diff", "-r", str(build), str(tmp_path / "out")]).returncode == 0
+
+
+def test_the_socket_checks_the_token_and_reads_only_whole_regular_files(daemon, tmp_path):
+    sock, token = daemon.repo / "files.sock", daemon.token
+    f = tmp_path / "f.o"
+    f.write_bytes(os.urandom(5000))
+    with open(f, "rb") as good:
+        wrong = ask(sock, "not-the-token", [(5000, b"f.o")], [good.fileno()])
+        assert wrong["status"] == 401 and "token" in wrong["error"]
+        r, w = os.pipe()
+        try:
+            piped = ask(sock, token, [(10, b"pipe")], [r])
+        finally:
+            os.close(r)
+            os.close(w)
+        assert piped["status"] == 400 and "not a regular file" in piped["error"]
+        grown = ask(sock, token, [(4000, b"f.o")], [good.fileno()])  # the file is not the size it says
+        assert grown["status"] == 400 and "changed while it was read" in grown["error"]
+        mismatch = ask(sock, token, [(5000, b"f.o"), (1, b"g")], [good.fileno()])
+        assert mismatch["status"] == 400
+        fine = ask(sock, token, [(5000, b"f.o")], [good.fileno()])
+        assert len(fine["bodies"]) == 1 and fine["bodies"][0][0] == 5000 and fine["new_bytes"] == 5000
+    fd = os.open(f, os.O_WRONLY)  # a descriptor its owner may not read through: nor may the daemon
+    try:
+        unreadable = ask(sock, token, [(5000, b"f.o")], [fd])
+    finally:
+        os.close(fd)
+    assert "error" in unreadable and "cannot read" in unreadable["error"]
+    assert by_descriptor(daemon) == 1
+    # the client half reports the daemon's line as the error it is
+    client = FileSocket(str(sock), token)
+    try:
+        with pytest.raises(Exception, match="changed while it was read"):
+            client.upload([(os.fsencode(f), 4000)], None)
+    finally:
+        client.close()

@@ -57,7 +57,7 @@ from p2pcache.exchange import (
 from p2pcache.exchange.bans import BanList
 from p2pcache.exchange.dispatch import apply_actions
 from p2pcache.exchange.events import Action
-from p2pcache.exchange.message import block_wire_size, presence_wire_size, uvarint, want_wire_size
+from p2pcache.exchange.message import block_wire_size, presence_wire_size, uvarint_size, want_wire_size
 from p2pcache.transfer import DagWalk
 
 from .core import Sim
@@ -75,16 +75,16 @@ def message_size(msg: Message) -> int:
     """Bytes `encode(msg)` takes, framed, computed without encoding."""
     if not (msg.wants or msg.full or msg.blocks or msg.pending_bytes) and len(msg.presences) == 1:
         n = presence_wire_size(msg.presences[0].cid, msg.presences[0].have)  # most messages of a fleet: one HAVE
-        return n + len(uvarint(n))
+        return n + uvarint_size(n)
     n = 0
     if msg.wants or msg.full:
         inner = sum(want_wire_size(e) for e in msg.wants) + (2 if msg.full else 0)
-        n += 1 + len(uvarint(inner)) + inner
+        n += 1 + uvarint_size(inner) + inner
     n += sum(block_wire_size(b.cid, len(b.data)) for b in msg.blocks)
     n += sum(presence_wire_size(p.cid, p.have) for p in msg.presences)
     if msg.pending_bytes:
-        n += 1 + len(uvarint(msg.pending_bytes))
-    return n + len(uvarint(n))
+        n += 1 + uvarint_size(msg.pending_bytes)
+    return n + uvarint_size(n)
 
 
 class _CorruptingSource:
@@ -185,7 +185,7 @@ class BitswapNode:
 
     # -- links ----------------------------------------------------------------------------------
     def _is_banned(self, peer: PeerId) -> bool:
-        return self._bans.is_banned(peer, self.sim.now())
+        return bool(self._bans) and self._bans.is_banned(peer, self.sim.now())
 
     def on_connected(self, peer: PeerId) -> None:
         if not self.alive:
@@ -238,7 +238,7 @@ class BitswapNode:
             return
         if self.wire == "bytes":
             data = encode(send.message)
-            size, payload = len(data) + len(uvarint(len(data))), data
+            size, payload = len(data) + uvarint_size(len(data)), data
         else:
             size, payload = message_size(send.message), send.message
         on_written = None

@@ -625,10 +625,15 @@ class BitswapClient:
             return
         # Early exits keep a steady-state step (one block in, one want out) from scanning every
         # pending CID: stop once no session or no peer has room left.
-        open_sessions = sum(1 for s in self._sessions.values() if s.inflight < cfg.session_window)
-        open_peers = sum(
-            1 for peer, p in self._peers.items() if peer not in self._banned and len(p.blocks_out) < cfg.peer_window
-        )
+        # (plain loops: this runs on every event, and a generator per count costs more than the count)
+        open_sessions = open_peers = 0
+        session_window, peer_window, banned = cfg.session_window, cfg.peer_window, self._banned
+        for s in self._sessions.values():
+            if s.inflight < session_window:
+                open_sessions += 1
+        for peer, p in self._peers.items():
+            if len(p.blocks_out) < peer_window and peer not in banned:
+                open_peers += 1
         # Candidates depend only on a want's sessions (their providers) and the connected peers, which
         # do not change during a pass: one list per session set, not one O(peers) build per CID asked.
         candidates_of: dict[tuple[SessionId, ...], list[PeerId]] = {}

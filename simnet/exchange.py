@@ -185,7 +185,7 @@ class BitswapNode:
 
     # -- links ----------------------------------------------------------------------------------
     def _is_banned(self, peer: PeerId) -> bool:
-        return bool(self._bans) and self._bans.is_banned(peer, self.sim.now())
+        return self._bans.is_banned(peer, self.sim.now())
 
     def on_connected(self, peer: PeerId) -> None:
         if not self.alive:
@@ -204,7 +204,7 @@ class BitswapNode:
         self._both(PeerDisconnected(peer))
 
     def on_message(self, peer: PeerId, payload: Any) -> None:
-        if not self.alive or self._is_banned(peer):
+        if not self.alive or self._bans and self._is_banned(peer):
             return
         if self.wire == "bytes":
             try:
@@ -227,14 +227,7 @@ class BitswapNode:
 
     def _send(self, send: Send) -> None:
         peer = send.peer
-        if self._is_banned(peer) or not self.alive:
-            return
-        if not self.net.connected(self.name, peer):
-            q = self._waiting.get(peer)
-            if q is None:
-                q = self._waiting[peer] = deque()
-                self.net.connect(self.name, peer, lambda ok, peer=peer: self._dialled(peer, ok))
-            q.append(send)
+        if not self.alive or self._bans and self._is_banned(peer):
             return
         if self.wire == "bytes":
             data = encode(send.message)
@@ -245,7 +238,12 @@ class BitswapNode:
         if send.size:
             n = send.size
             on_written = lambda: self._written(peer, n)  # noqa: E731
-        self.net.send(self.name, peer, size, payload, on_written)
+        if not self.net.send(self.name, peer, size, payload, on_written):  # not connected: dial first
+            q = self._waiting.get(peer)
+            if q is None:
+                q = self._waiting[peer] = deque()
+                self.net.connect(self.name, peer, lambda ok, peer=peer: self._dialled(peer, ok))
+            q.append(send)
 
     def _written(self, peer: PeerId, n: int) -> None:
         if self.alive:

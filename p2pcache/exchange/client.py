@@ -215,11 +215,14 @@ class _Want:
 
 
 class _Session:
-    __slots__ = ("cids", "providers", "inflight")
+    __slots__ = ("cids", "providers", "lost", "inflight")
 
     def __init__(self) -> None:
         self.cids: dict[bytes, CID] = {}
         self.providers: dict[PeerId, None] = {}
+        # providers whose connection went: not candidates (nobody dials a dead peer for ever), and
+        # providers again when they reconnect (a restarted seed, a network blip)
+        self.lost: dict[PeerId, None] = {}
         self.inflight = 0
 
 
@@ -274,6 +277,9 @@ class BitswapClient:
             self._unpark_all()
         elif isinstance(event, PeerConnected):
             self._peers.setdefault(event.peer, _Peer()).connected = True
+            for s in self._sessions.values():
+                if s.lost.pop(event.peer, 0) is None:
+                    s.providers.setdefault(event.peer, None)
             self._unstall()
             self._unpark_all()
         elif isinstance(event, PeerDisconnected):
@@ -480,14 +486,26 @@ class BitswapClient:
             w = self._inflight[key]
             self._release(w, p)
             self._requeue(w)
+        # What the peer's server kept for us went with the connection: the want-haves it held and the
+        # wants it said DONT_HAVE to (it was watching them). If it comes back it is asked afresh, not
+        # taken for a peer that still watches them (which left those CIDs parked until they failed).
+        # In swarm mode such a CID asks for its watches again at its next placement.
         for key in p.haves_out:
-            self._wants[key].have_asked.pop(peer, None)
+            w = self._wants[key]
+            w.have_asked.pop(peer, None)
+            w.discovered = False
+        for w in self._wants.values():
+            if w.dont_haves.pop(peer, 0) is None:
+                w.discovered = False
         for s in self._sessions.values():
-            s.providers.pop(peer, None)
+            if s.providers.pop(peer, 0) is None:
+                s.lost[peer] = None
 
     def _ban(self, peer: PeerId, why: str, penalise: bool) -> None:
         self._banned.add(peer)
         self._drop_peer(peer)
+        for s in self._sessions.values():
+            s.lost.pop(peer, None)  # never a provider again
         if penalise:
             self._out.append(PenalisePeer(peer, why))
 

@@ -49,6 +49,7 @@ def run_scenario(path: str, seed: int, overrides: dict[str, str] | None = None) 
         raise ScenarioError(f"{path}: unknown program {sc.program!r}; known: {', '.join(programs)}")
     results = Results(sc.name, seed)
     wall = time.perf_counter()
+    cpu = time.process_time()
 
     async def main(sim):
         series = await programs[sc.program](sim, sc, results)
@@ -60,6 +61,7 @@ def run_scenario(path: str, seed: int, overrides: dict[str, str] | None = None) 
 
     series = run_simulation(main, seed)
     results.add("wall_time", round(time.perf_counter() - wall, 3), "s", "lower", deterministic=False)
+    results.add("cpu_time", round(time.process_time() - cpu, 3), "s", "lower", deterministic=False)
     results.add("peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "bytes", "lower",
                 deterministic=False)
     return results, series

@@ -12,6 +12,7 @@ from the run's seed (`Sim.rng_for(name)`), so one seed gives one history.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import heapq
 import random
@@ -90,30 +91,43 @@ class Sim:
         clock = self.clock
         self._stop = False
         since_checkpoint = 0
+        # Virtual time, read from trio only after an await (other tasks may have moved it): between
+        # awaits nothing but `clock.jump` moves it, and the MockClock (rate 0) then reads exactly
+        # `now + (when - now)`, so the clock's three calls per event are saved with identical times.
+        now = trio.current_time()
         while q and not self._stop:
             when = q[0][0]
             if until is not None and when > until:
                 break
-            now = trio.current_time()
             if when > now:
                 if clock is not None and since_checkpoint < 256:
-                    clock.jump(when - now)
+                    jump = when - now
+                    clock.jump(jump)
+                    now = now + jump
                     since_checkpoint += 1
                 else:
                     # Now and then a real sleep, so any other trio task (a driver under test) runs.
                     await trio.sleep_until(when)
+                    now = trio.current_time()
                     since_checkpoint = 0
             _, _, timer, fn, args = pop(q)
             if timer is not None and timer.cancelled:
                 continue
             self.events_run += 1
-            self._now = trio.current_time()
+            self._now = now
             try:
                 fn(*args)
             finally:
                 self._now = None
         if until is not None and not self._stop and trio.current_time() < until:
             await trio.sleep_until(until)
+
+
+# Cyclic-garbage collection while a simulation runs: young collections every 100,000 allocations instead
+# of 700, full ones rarely. A big run keeps millions of objects alive (stored blocks, wants, ledgers)
+# that CPython's default thresholds walk over and over for almost no garbage: in fleet-fanout
+# 1,000 x 64 MiB they cost 13 % of the CPU, with the same peak memory.
+GC_THRESHOLDS = (100_000, 50, 100)
 
 
 def run_simulation(main: Callable[[Sim], Awaitable[Any]], seed: int) -> Any:
@@ -124,4 +138,9 @@ def run_simulation(main: Callable[[Sim], Awaitable[Any]], seed: int) -> Any:
     async def wrapper() -> Any:
         return await main(sim)
 
-    return trio.run(wrapper, clock=clock)
+    before = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        return trio.run(wrapper, clock=clock)
+    finally:
+        gc.set_threshold(*before)

@@ -57,7 +57,7 @@ from p2pcache.exchange import (
 from p2pcache.exchange.bans import BanList
 from p2pcache.exchange.dispatch import apply_actions
 from p2pcache.exchange.events import Action
-from p2pcache.exchange.message import block_wire_size, presence_wire_size, uvarint, want_wire_size
+from p2pcache.exchange.message import block_wire_size, presence_wire_size, uvarint_size, want_wire_size
 from p2pcache.transfer import DagWalk
 
 from .core import Sim
@@ -75,16 +75,16 @@ def message_size(msg: Message) -> int:
     """Bytes `encode(msg)` takes, framed, computed without encoding."""
     if not (msg.wants or msg.full or msg.blocks or msg.pending_bytes) and len(msg.presences) == 1:
         n = presence_wire_size(msg.presences[0].cid, msg.presences[0].have)  # most messages of a fleet: one HAVE
-        return n + len(uvarint(n))
+        return n + uvarint_size(n)
     n = 0
     if msg.wants or msg.full:
         inner = sum(want_wire_size(e) for e in msg.wants) + (2 if msg.full else 0)
-        n += 1 + len(uvarint(inner)) + inner
+        n += 1 + uvarint_size(inner) + inner
     n += sum(block_wire_size(b.cid, len(b.data)) for b in msg.blocks)
     n += sum(presence_wire_size(p.cid, p.have) for p in msg.presences)
     if msg.pending_bytes:
-        n += 1 + len(uvarint(msg.pending_bytes))
-    return n + len(uvarint(n))
+        n += 1 + uvarint_size(msg.pending_bytes)
+    return n + uvarint_size(n)
 
 
 class _CorruptingSource:
@@ -204,7 +204,7 @@ class BitswapNode:
         self._both(PeerDisconnected(peer))
 
     def on_message(self, peer: PeerId, payload: Any) -> None:
-        if not self.alive or self._is_banned(peer):
+        if not self.alive or self._bans and self._is_banned(peer):
             return
         if self.wire == "bytes":
             try:
@@ -227,25 +227,23 @@ class BitswapNode:
 
     def _send(self, send: Send) -> None:
         peer = send.peer
-        if self._is_banned(peer) or not self.alive:
-            return
-        if not self.net.connected(self.name, peer):
-            q = self._waiting.get(peer)
-            if q is None:
-                q = self._waiting[peer] = deque()
-                self.net.connect(self.name, peer, lambda ok, peer=peer: self._dialled(peer, ok))
-            q.append(send)
+        if not self.alive or self._bans and self._is_banned(peer):
             return
         if self.wire == "bytes":
             data = encode(send.message)
-            size, payload = len(data) + len(uvarint(len(data))), data
+            size, payload = len(data) + uvarint_size(len(data)), data
         else:
             size, payload = message_size(send.message), send.message
         on_written = None
         if send.size:
             n = send.size
             on_written = lambda: self._written(peer, n)  # noqa: E731
-        self.net.send(self.name, peer, size, payload, on_written)
+        if not self.net.send(self.name, peer, size, payload, on_written):  # not connected: dial first
+            q = self._waiting.get(peer)
+            if q is None:
+                q = self._waiting[peer] = deque()
+                self.net.connect(self.name, peer, lambda ok, peer=peer: self._dialled(peer, ok))
+            q.append(send)
 
     def _written(self, peer: PeerId, n: int) -> None:
         if self.alive:

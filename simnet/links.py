@@ -105,6 +105,9 @@ class Network:
         self.handshake_rtts = handshake_rtts  # TCP + Noise + muxer negotiation, in RTTs
         self._nics: dict[NodeId, _Nic] = {}
         self._conns: dict[tuple, int] = {}  # live connection -> epoch
+        # The same, by (sender, receiver) in both directions -> (connection, epoch): what `send` and
+        # `connected` look up on every message, without building the ordered pair (two reprs) each time.
+        self._ends: dict[tuple, tuple[tuple, int]] = {}
         self._dialling: dict[tuple, int] = {}
         self._wanted: set[tuple] = set()  # connections to re-establish after a heal
         self._blocked: set[tuple] = set()  # unlinked pairs
@@ -153,7 +156,7 @@ class Network:
         return 2 * (self._nics[a].profile.latency + self._nics[b].profile.latency)
 
     def connected(self, a: NodeId, b: NodeId) -> bool:
-        return _pair(a, b) in self._conns
+        return (a, b) in self._ends
 
     def connect(self, a: NodeId, b: NodeId, on_done: Callable[[bool], None] | None = None) -> None:
         """Dial: after the handshake both ends get `on_connected`. Kept as wanted: a partition that
@@ -185,6 +188,7 @@ class Network:
                 on_done(False)
             return
         self._conns[pair] = epoch
+        self._ends[(a, b)] = self._ends[(b, a)] = (pair, epoch)
         self.neighbours[a].add(b)
         self.neighbours[b].add(a)
         self._nics[a].endpoint.on_connected(b)
@@ -203,6 +207,8 @@ class Network:
         self._dialling.pop(pair, None)
         if self._conns.pop(pair, None) is None:
             return
+        self._ends.pop((a, b), None)
+        self._ends.pop((b, a), None)
         self.neighbours.get(a, set()).discard(b)
         self.neighbours.get(b, set()).discard(a)
         self._last_arrival.pop((a, b), None)
@@ -240,10 +246,10 @@ class Network:
         """Queue `payload` of `size` bytes from src to dst on their connection. False (and nothing sent)
         when they are not connected. `on_written` runs when the sender's uplink has sent the last byte
         (a driver's `write` returning), even if the connection is cut later."""
-        pair = _pair(src, dst)
-        epoch = self._conns.get(pair)
-        if epoch is None:
+        live = self._ends.get((src, dst))
+        if live is None:
             return False
+        pair, epoch = live
         s, d = self._nics[src], self._nics[dst]
         now = self.sim.now()
         sparse = size <= SPARSE

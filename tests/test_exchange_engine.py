@@ -894,6 +894,33 @@ def test_swarm_mode_asks_providers_for_blocks_directly():
     assert {cid for _, cid in net.nodes["c"].delivered} == set(blocks) and served_by(net) == {"p": 4, "x": 0}
 
 
+@pytest.mark.parametrize("swarm", [False, True], ids=["daemon-default", "swarm-mode"])
+def test_wants_a_peer_refused_are_asked_again_when_it_reconnects(swarm):
+    # The provider said DONT_HAVE (it kept the wants to answer later), then the connection went and
+    # its server forgot them; it gets the blocks and comes back. The client must ask it afresh, not
+    # wait on watches that are gone until dont_have_wait fails the CIDs.
+    blocks = make_blocks(3)
+    net = Net()
+    cfg = _swarm(have_fanout=4) if swarm else ClientConfig(dont_have_wait=10.0)
+    c = net.add("c", client=cfg)
+    x = net.add("x", blocks={})
+    net.connect("c", "x")
+    net.step("c", AddProviders("s", ("x",)))
+    net.step("c", Want("s", tuple(blocks)))
+    net.run(until=1.0)
+    assert not c.delivered and not c.failed and x.server.ledger("c").dont_haves_sent == 3  # parked
+    net.disconnect("c", "x")
+    assert x.server.ledger("c") is None  # the watches went with the connection
+    x.server.source.blocks.update(blocks)
+    net.step("x", BlocksAdded(tuple(blocks)))
+    net.now = 2.0
+    net.connect("c", "x")
+    net.run(until=5.0)
+    assert {cid for _, cid in c.delivered} == set(blocks) and not c.failed
+    assert c.done_at < 2.1 and served_by(net) == {"x": 3}
+    assert c.client.stats().duplicate_blocks == 0
+
+
 def test_want_states_are_all_reached_and_their_invariant_holds_throughout():
     # Swarm mode: wants before any peer are QUEUED, a one-block peer window makes the provider busy
     # (BLOCKED behind it, ASKED at it), and a block nobody has PARKs after the provider's DONT_HAVE.

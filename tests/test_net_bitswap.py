@@ -261,3 +261,36 @@ async def test_a_batcher_ended_by_an_error_or_a_cancel_records_what_it_wrote(tmp
         assert report.consistent and report.blocks_checked == len(written) and report.dead_bytes == 0
     finally:
         repo.close()
+
+
+@pytest.mark.trio
+async def test_wants_a_provider_refused_are_asked_again_when_it_reconnects(tmp_path):
+    # The daemon's own engine settings. The provider says DONT_HAVE and keeps the wants, then the
+    # connection drops and its server forgets them; it gets the blocks and the peers reconnect. The
+    # fetch must resume at once, not sit on watches that are gone until dont_have_wait fails it.
+    from p2pcache.config import NodeConfig
+    from p2pcache.node import exchange_configs
+
+    client_cfg, server_cfg = exchange_configs(NodeConfig())
+    assert client_cfg.dont_have_wait >= 5.0
+    async with node(tmp_path, "a", server_config=server_cfg) as a, \
+            node(tmp_path, "b", client_config=client_cfg, server_config=server_cfg) as b:
+        blocks = [random.Random(i).randbytes(3000 + i) for i in range(4)]
+        cids = [CID.for_block(RAW, d) for d in blocks]
+        got: dict = {}
+
+        async def fetch():
+            got.update(await b.fetch_blocks(cids, [a.host.addrs()[0]]))
+
+        with trio.fail_after(client_cfg.dont_have_wait - 1):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch)
+                while b.client.stats().dont_haves < len(cids):  # every CID parked on a's watch
+                    await trio.sleep(0.01)
+                await b.host.disconnect(a.host.peer_id)
+                while a.server.ledger(b.host.peer_id) is not None:  # a forgot b's wants with the connection
+                    await trio.sleep(0.01)
+                a.repo.put_blocks(list(zip(cids, blocks)))
+                a.blocks_added(cids)
+                await b.host.connect(a.host.addrs()[0])
+        assert got == dict(zip(cids, blocks))

@@ -215,11 +215,14 @@ class _Want:
 
 
 class _Session:
-    __slots__ = ("cids", "providers", "inflight")
+    __slots__ = ("cids", "providers", "lost", "inflight")
 
     def __init__(self) -> None:
         self.cids: dict[bytes, CID] = {}
         self.providers: dict[PeerId, None] = {}
+        # providers whose connection went: not candidates (nobody dials a dead peer for ever), and
+        # providers again when they reconnect (a restarted seed, a network blip)
+        self.lost: dict[PeerId, None] = {}
         self.inflight = 0
 
 
@@ -274,6 +277,9 @@ class BitswapClient:
             self._unpark_all()
         elif isinstance(event, PeerConnected):
             self._peers.setdefault(event.peer, _Peer()).connected = True
+            for s in self._sessions.values():
+                if s.lost.pop(event.peer, 0) is None:
+                    s.providers.setdefault(event.peer, None)
             self._unstall()
             self._unpark_all()
         elif isinstance(event, PeerDisconnected):
@@ -480,14 +486,26 @@ class BitswapClient:
             w = self._inflight[key]
             self._release(w, p)
             self._requeue(w)
+        # What the peer's server kept for us went with the connection: the want-haves it held and the
+        # wants it said DONT_HAVE to (it was watching them). If it comes back it is asked afresh, not
+        # taken for a peer that still watches them (which left those CIDs parked until they failed).
+        # In swarm mode such a CID asks for its watches again at its next placement.
         for key in p.haves_out:
-            self._wants[key].have_asked.pop(peer, None)
+            w = self._wants[key]
+            w.have_asked.pop(peer, None)
+            w.discovered = False
+        for w in self._wants.values():
+            if w.dont_haves.pop(peer, 0) is None:
+                w.discovered = False
         for s in self._sessions.values():
-            s.providers.pop(peer, None)
+            if s.providers.pop(peer, 0) is None:
+                s.lost[peer] = None
 
     def _ban(self, peer: PeerId, why: str, penalise: bool) -> None:
         self._banned.add(peer)
         self._drop_peer(peer)
+        for s in self._sessions.values():
+            s.lost.pop(peer, None)  # never a provider again
         if penalise:
             self._out.append(PenalisePeer(peer, why))
 
@@ -625,10 +643,15 @@ class BitswapClient:
             return
         # Early exits keep a steady-state step (one block in, one want out) from scanning every
         # pending CID: stop once no session or no peer has room left.
-        open_sessions = sum(1 for s in self._sessions.values() if s.inflight < cfg.session_window)
-        open_peers = sum(
-            1 for peer, p in self._peers.items() if peer not in self._banned and len(p.blocks_out) < cfg.peer_window
-        )
+        # (plain loops: this runs on every event, and a generator per count costs more than the count)
+        open_sessions = open_peers = 0
+        session_window, peer_window, banned = cfg.session_window, cfg.peer_window, self._banned
+        for s in self._sessions.values():
+            if s.inflight < session_window:
+                open_sessions += 1
+        for peer, p in self._peers.items():
+            if len(p.blocks_out) < peer_window and peer not in banned:
+                open_peers += 1
         # Candidates depend only on a want's sessions (their providers) and the connected peers, which
         # do not change during a pass: one list per session set, not one O(peers) build per CID asked.
         candidates_of: dict[tuple[SessionId, ...], list[PeerId]] = {}

@@ -93,10 +93,14 @@ def uvarint(n: int) -> bytes:
         raise ExchangeUsageError(str(e)) from None
 
 
-def _varint_len(n: int) -> int:
+def uvarint_size(n: int) -> int:
+    """`len(uvarint(n))`, without building the bytes."""
     if n < 0:
         uvarint(n)  # raises the usage error
     return max(1, (n.bit_length() + 6) // 7)
+
+
+_varint_len = uvarint_size
 
 
 def _len_field(n: int) -> int:

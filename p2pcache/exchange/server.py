@@ -92,7 +92,7 @@ from .message import (
     WantType,
     block_wire_size,
     presence_wire_size,
-    uvarint,
+    uvarint_size,
 )
 
 
@@ -682,6 +682,8 @@ class BitswapServer:
 
     def _pump(self) -> list[Action]:
         out: list[Action] = []
+        if not self._active and not self._cap_heap:
+            return out  # the common step of a busy node: nothing queued for anyone
         back = self._uncap() if self._cap_heap else []
         self._drop_idle()
         peers = list(self._active)
@@ -785,5 +787,5 @@ class BitswapServer:
             return None
         pending = min(led.block_bytes, 2**31 - 1)
         if pending:
-            size += 1 + len(uvarint(pending))
+            size += 1 + uvarint_size(pending)
         return Message(blocks=tuple(blocks), presences=tuple(presences), pending_bytes=pending), size

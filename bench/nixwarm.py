@@ -10,7 +10,11 @@ builder).
 
 1. Ingest, per run and content kind, alternating: `nix copy --to http://A?compression=none` into a daemon
    with an empty repo, and `nix copy --to file://DIR?compression=none` into an empty directory. Ratio: the
-   file:// time over the node's time (a time-rate; goal >= 0.5).
+   file:// time over the node's time (a time-rate; goal >= 0.5). Beside them, the floor of any HTTP binary
+   cache with Nix 2.8: the same copy to a null sink (python's http.server in its own process, answering 404
+   to every GET and HEAD and 200 to every PUT, whose body it reads and drops), on a fresh port per round so
+   that Nix's narinfo disk cache knows nothing of it. What Nix spends there beyond `file://` is Nix's own
+   HTTP upload path; what the node spends beyond the sink is the node's.
 2. Warm: one daemon holds both kinds; `nix copy --from` it into a fresh chroot store with a fresh Nix cache,
    alternating with the same copy from a static zstd binary cache (`compression=zstd`, written by Nix) served
    by python's ThreadingHTTPServer in its own process. Ratio: node time over zstd time (goal <= 0.7).
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +41,51 @@ from nixcopy import make_kinds  # noqa: E402
 
 MiB = 1 << 20
 log = nixbench.log
+
+# The floor of an HTTP binary cache for `nix copy --to`: takes every upload and keeps nothing. Expect:
+# 100-continue is answered by BaseHTTPRequestHandler itself (HTTP/1.1).
+NULL_SINK = r"""
+import http.server
+class Sink(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def reply(self, code, body=b""):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if body and self.command != "HEAD":
+            self.wfile.write(body)
+    def do_GET(self):
+        if self.path == "/nix-cache-info":
+            return self.reply(200, b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n")
+        self.reply(404)
+    do_HEAD = do_GET
+    def do_PUT(self):
+        left = int(self.headers.get("Content-Length", "0"))
+        while left:
+            got = self.rfile.read(min(left, 1 << 20))
+            if not got:
+                return
+            left -= len(got)
+        self.reply(200)
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"""
+
+
+def null_sink_copy(nix: nixbench.Nix, top: str) -> float:
+    """Seconds of `nix copy --to` a fresh null sink (a new port: Nix's narinfo disk cache has nothing of it)."""
+    proc = subprocess.Popen([sys.executable, "-c", NULL_SINK], stdout=subprocess.PIPE)
+    try:
+        port = int(proc.stdout.readline())
+        t = time.perf_counter()
+        nix.run("nix", "copy", "--to", f"http://127.0.0.1:{port}?compression=none", top, timeout=300)
+        return time.perf_counter() - t
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def emit(metric: str, value: float, unit: str, better: str, **extra) -> None:
@@ -49,6 +99,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--warm-only", action="store_true", help="skip the ingest rounds (the warm figures only)")
+    ap.add_argument("--ingest-only", action="store_true", help="skip the warm rounds (the ingest figures only)")
     args = ap.parse_args()
     started = nixbench.start_bench(args, "nixwarm")
     if started is None:
@@ -61,7 +112,7 @@ def main() -> int:
         nix = bench.nix
         log(f"bench/nixwarm.py: temp dir {work} (2 cores: compare same-run ratios)")
         kinds = make_kinds(nix, work, token, args.quick, made)
-        ingest: dict[str, dict[str, list[float]]] = {k: {"node": [], "file": []} for k in kinds}
+        ingest: dict[str, dict[str, list[float]]] = {k: {"node": [], "file": [], "sink": []} for k in kinds}
         serial = 0
         for i in range(0 if args.warm_only else max(1, args.runs)):
             for kind, content in kinds.items():
@@ -78,50 +129,51 @@ def main() -> int:
                 ingest[kind]["node"].append(time.perf_counter() - t)
                 bench.stop(a)
                 nixbench.rmtree(a.repo)
+                ingest[kind]["sink"].append(null_sink_copy(nix, content["top"]))
                 log(f"  ingest {kind} run {i + 1}: file:// {ingest[kind]['file'][-1]:.2f}s, "
-                    f"node {ingest[kind]['node'][-1]:.2f}s")
-
-        a = bench.daemon("a")
-        static = work / "static-zstd"
-        for content in kinds.values():
-            nix.run("nix", "copy", "--to", f"{a.api}?compression=none", content["top"],
-                    config=f"netrc-file = {a.netrc}\n")
-            nix.run("nix", "copy", "--to", f"file://{static}?compression=zstd&parallel-compression=true",
-                    content["top"])
-        url, proc = bench.static_server(static)
-        # The floor of any server of uncompressed NARs (as the node is) in front of Nix 2.8: python's static
-        # server over a `compression=none` cache, on the same loopback. What the node spends beyond it is the
-        # node's; what separates it from the zstd copy is Nix's own handling of the bigger uncompressed NAR.
-        static_none = work / "static-none"
-        for content in kinds.values():
-            nix.run("nix", "copy", "--to", f"file://{static_none}?compression=none", content["top"])
-        url_none, proc_none = bench.static_server(static_none)
-        # The floor of a warm copy from a server of uncompressed NARs (as the node is): the same copy from a local
-        # `file://` cache of uncompressed NARs (no HTTP, no server at all), timed in the same rounds. What the node
-        # spends beyond it is the node's; what separates it from the zstd copy is Nix's handling of the bigger
-        # uncompressed NAR.
-        local = work / "local-none"
-        for content in kinds.values():
-            nix.run("nix", "copy", "--to", f"file://{local}?compression=none", content["top"])
+                    f"node {ingest[kind]['node'][-1]:.2f}s, null sink {ingest[kind]['sink'][-1]:.2f}s")
 
         warm: dict[str, dict[str, list[float]]] = {k: {"node": [], "zstd": [], "none": []} for k in kinds}
         floor: dict[str, list[float]] = {k: [] for k in kinds}
-        for i in range(max(1, args.runs)):
-            for kind, content in kinds.items():
-                warm[kind]["zstd"].append(bench.copy(url, content, {"server": proc.pid})["wall"])
-                warm[kind]["node"].append(bench.copy(a.api, content, {"A": a.proc.pid})["wall"])
-                warm[kind]["none"].append(bench.copy(url_none, content, {"server": proc_none.pid})["wall"])
-                floor[kind].append(bench.copy(f"file://{local}", content, {})["wall"])
-                log(f"  warm {kind} run {i + 1}: static zstd {warm[kind]['zstd'][-1]:.2f}s, "
-                    f"node {warm[kind]['node'][-1]:.2f}s, static none {warm[kind]['none'][-1]:.2f}s, "
-                    f"local file:// none {floor[kind][-1]:.2f}s")
+        if not args.ingest_only:
+            a = bench.daemon("a")
+            static = work / "static-zstd"
+            for content in kinds.values():
+                nix.run("nix", "copy", "--to", f"{a.api}?compression=none", content["top"],
+                        config=f"netrc-file = {a.netrc}\n")
+                nix.run("nix", "copy", "--to", f"file://{static}?compression=zstd&parallel-compression=true",
+                        content["top"])
+            url, proc = bench.static_server(static)
+            # The floor of any server of uncompressed NARs (as the node is) in front of Nix 2.8: python's static
+            # server over a `compression=none` cache, on the same loopback. What the node spends beyond it is the
+            # node's; what separates it from the zstd copy is Nix's own handling of the bigger uncompressed NAR.
+            static_none = work / "static-none"
+            for content in kinds.values():
+                nix.run("nix", "copy", "--to", f"file://{static_none}?compression=none", content["top"])
+            url_none, proc_none = bench.static_server(static_none)
+            # The floor of a warm copy from a server of uncompressed NARs (as the node is): the same copy from a local
+            # `file://` cache of uncompressed NARs (no HTTP, no server at all), timed in the same rounds. What the node
+            # spends beyond it is the node's; what separates it from the zstd copy is Nix's handling of the bigger
+            # uncompressed NAR.
+            local = work / "local-none"
+            for content in kinds.values():
+                nix.run("nix", "copy", "--to", f"file://{local}?compression=none", content["top"])
+
+            for i in range(max(1, args.runs)):
+                for kind, content in kinds.items():
+                    warm[kind]["zstd"].append(bench.copy(url, content, {"server": proc.pid})["wall"])
+                    warm[kind]["node"].append(bench.copy(a.api, content, {"A": a.proc.pid})["wall"])
+                    warm[kind]["none"].append(bench.copy(url_none, content, {"server": proc_none.pid})["wall"])
+                    floor[kind].append(bench.copy(f"file://{local}", content, {})["wall"])
+                    log(f"  warm {kind} run {i + 1}: static zstd {warm[kind]['zstd'][-1]:.2f}s, "
+                        f"node {warm[kind]['node'][-1]:.2f}s, static none {warm[kind]['none'][-1]:.2f}s, "
+                        f"local file:// none {floor[kind][-1]:.2f}s")
         bench.close()
 
         for kind, content in kinds.items():
             mib = content["nar_bytes"] / MiB
             what = f"{len(content['paths'])} paths" if kind == "closure" else f"{content['files']} files"
             log(f"\n== {kind}: {what}, {mib:.1f} MiB of NAR (min of {args.runs}; 2 shared cores)")
-            zs, wn = min(warm[kind]["zstd"]), min(warm[kind]["node"])
             common = {"nar_mib": round(mib, 1), "quick": args.quick, "kind": kind}
             if ingest[kind]["file"]:  # not with --warm-only
                 fi, no = min(ingest[kind]["file"]), min(ingest[kind]["node"])
@@ -133,6 +185,16 @@ def main() -> int:
                 emit(f"{kind}_ingest_node_seconds", no, "s", "lower",
                      runs=[round(x, 3) for x in ingest[kind]["node"]], **common)
                 emit(f"{kind}_ingest_node_vs_file_rate", fi / no, "ratio", "higher", goal=">= 0.5", **common)
+                sk = min(ingest[kind]["sink"])
+                log(f"  floor: nix copy --to http://null-sink    {sk:7.2f}s  {mib / sk:7.1f} MiB/s  "
+                    f"{fi / sk:.2f}x the file:// rate (the best any HTTP cache can do); node {no / sk:.2f}x its time")
+                emit(f"{kind}_ingest_sink_seconds", sk, "s", "lower", runs=[round(x, 3) for x in ingest[kind]["sink"]],
+                     **common)
+                emit(f"{kind}_ingest_sink_vs_file_rate", fi / sk, "ratio", "higher", **common)
+                emit(f"{kind}_ingest_node_over_sink", no / sk, "ratio", "lower", **common)
+            if not floor[kind]:  # --ingest-only
+                continue
+            zs, wn = min(warm[kind]["zstd"]), min(warm[kind]["node"])
             log(f"  nix copy --from static zstd             {zs:7.2f}s")
             log(f"  nix copy --from node (warm)             {wn:7.2f}s  {wn / zs:.2f}x the zstd time (goal <= 0.7)")
             sn = min(warm[kind]["none"])

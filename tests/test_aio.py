@@ -91,3 +91,57 @@ def test_a_thread_that_stops_early_ends_the_feed_and_its_error_comes_out_as_itse
     src2 = Source(10_000)
     assert trio.run(aio.feed_thread, src2, lambda it: len(next(it))) >= aio.BATCH_BYTES
     assert src2.made < 10_000
+
+
+def _count_hops(monkeypatch) -> list[int]:
+    """The number of batches each thread hop of feed_thread brought (one hop = one trio.from_thread.run)."""
+    hops: list[int] = []
+    real = trio.from_thread.run
+
+    def counting(fn, *args, **kw):
+        out = real(fn, *args, **kw)
+        hops.append(len(out))
+        return out
+
+    monkeypatch.setattr(trio.from_thread, "run", counting)
+    return hops
+
+
+def _wait_for(cond) -> None:
+    import time
+
+    deadline = time.monotonic() + 5
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+
+
+def test_the_thread_takes_every_batch_read_ahead_in_one_hop(monkeypatch):
+    hops = _count_hops(monkeypatch)
+    src = Source(16 * (aio.FEED_AHEAD + 1))  # FEED_AHEAD + 1 batches of 1 MiB
+
+    def consume(it):
+        first = next(it)
+        _wait_for(lambda: not src.left)  # the rest is read ahead meanwhile
+        return [bytes(first), *(bytes(p) for p in it)]
+
+    got = trio.run(aio.feed_thread, src, consume)
+    assert b"".join(got) == b"".join(bytes([i % 256]) * (64 << 10) for i in range(1, 16 * (aio.FEED_AHEAD + 1) + 1))
+    assert hops[:2] == [1, aio.FEED_AHEAD]  # the first batch, then all the others in one hop
+
+
+def test_a_source_error_read_ahead_still_comes_after_the_pieces_before_it(monkeypatch):
+    hops = _count_hops(monkeypatch)
+    src = Source(100, fail_after=40)
+    got = []
+
+    def consume(it):
+        got.append(len(next(it)))
+        _wait_for(lambda: src.made >= 40)  # the next batch and the error wait in the channel
+        for p in it:
+            got.append(len(p))
+
+    with pytest.raises(ValueError, match="source broke"):
+        trio.run(aio.feed_thread, src, consume)
+    assert sum(got) == 32 * (64 << 10)
+    assert hops == [1, 2]  # the second batch and the error in one hop

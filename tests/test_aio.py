@@ -127,7 +127,9 @@ def test_the_thread_takes_every_batch_read_ahead_in_one_hop(monkeypatch):
 
     got = trio.run(aio.feed_thread, src, consume)
     assert b"".join(got) == b"".join(bytes([i % 256]) * (64 << 10) for i in range(1, 16 * (aio.FEED_AHEAD + 1) + 1))
-    assert hops[:2] == [1, aio.FEED_AHEAD]  # the first batch, then all the others in one hop
+    # FEED_AHEAD + 1 batches and the end: the first hop takes what was read ahead by then (1 batch, or all of
+    # them on a busy machine), the next every other one, then the end; one hop per batch would be 6 hops
+    assert sum(hops) == aio.FEED_AHEAD + 2 and len(hops) <= 3, hops
 
 
 def test_a_source_error_read_ahead_still_comes_after_the_pieces_before_it(monkeypatch):
@@ -144,4 +146,5 @@ def test_a_source_error_read_ahead_still_comes_after_the_pieces_before_it(monkey
     with pytest.raises(ValueError, match="source broke"):
         trio.run(aio.feed_thread, src, consume)
     assert sum(got) == 32 * (64 << 10)
-    assert hops == [1, 2]  # the second batch and the error in one hop
+    assert sum(hops) == 3 and len(hops) <= 2, hops  # the second batch and the error in one hop (the first too, if
+    # the reader got that far before the thread's first hop)

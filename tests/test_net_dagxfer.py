@@ -117,8 +117,9 @@ def test_hostile_dag_peers_are_banned_nothing_unverified_is_kept_honest_peer_com
         assert out.read_bytes() == data
     st = leech.status()
     assert st["roots_incomplete"] == 0
-    # the staller was asked again (not banned), stalled again, and its share went to the honest peer
-    assert st["transfer"]["providers_stalled"] > stalled and bad["stall"].info["peer_id"] not in st["peers_penalised"]
+    # the staller is still not banned, and its file came whole from the honest peer (whether the staller's
+    # lane stalls again before the honest one has stolen its share and ended the fetch is a race: not checked)
+    assert bad["stall"].info["peer_id"] not in st["peers_penalised"]
 
 
 # -- in one process: real py-libp2p hosts (TCP, Noise, Yamux) on loopback ---------------------------------

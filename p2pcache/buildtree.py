@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
-from .cacheupload import FILE_HEADER
+from .cacheupload import FILE_HEADER, open_for_upload
 from .content.chunking import DEFAULT_PARAMS, ChunkerParams
 from .content.cid import CID
 from .content.treemanifest import (
@@ -55,7 +55,7 @@ from .content.treemanifest import (
 from .errors import CorruptData, InvalidInput, NotFound, RepoError
 
 __all__ = ["ArrivingBlocks", "BlockSink", "FilePieces", "PathScan", "RestoreReport", "SaveReport", "TreeSuperseded",
-           "fd_pieces", "file_pieces", "open_for_upload",
+           "fd_pieces", "file_pieces",
            "paths_id", "previous_entries", "reading_tree", "restore_tree", "save_tree", "scan_paths", "unchanged_tree", "undo_restore"]
 
 READ_SIZE = 4 << 20
@@ -291,14 +291,6 @@ class FilePieces:
 
 
 file_pieces = FilePieces
-
-
-def open_for_upload(full: bytes) -> int:
-    """`full` opened for reading, never through a symlink; RepoError (one line) if it cannot be."""
-    try:
-        return os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise RepoError(f"cannot read {os.fsdecode(full)}: {e.strerror}") from None
 
 
 def fd_pieces(files: Iterable[tuple[int, int, bytes]]) -> Iterator[bytes]:

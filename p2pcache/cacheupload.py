@@ -20,9 +20,9 @@ from concurrent.futures import Future
 from typing import Any, Iterable
 
 from .content.cid import CID
-from .errors import InvalidInput
+from .errors import InvalidInput, RepoError
 
-__all__ = ["FILE_HEADER", "DaemonBlockSink", "FileSocket", "frame_blocks", "frame_cids", "unframe_blocks", "unframe_cids"]
+__all__ = ["FILE_HEADER", "DaemonBlockSink", "FileSocket", "open_for_upload", "frame_blocks", "frame_cids", "unframe_blocks", "unframe_cids"]
 
 
 # -- block uploads from a local saver -----------------------------------------------------------------------
@@ -84,6 +84,14 @@ def unframe_cids(body: bytes) -> list[CID]:
     except (ValueError, IndexError) as e:
         raise InvalidInput(f"block list: malformed body ({e})") from None
     return out
+
+
+def open_for_upload(full: bytes) -> int:
+    """`full` opened for reading, never through a symlink; RepoError (one line) if it cannot be."""
+    try:
+        return os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise RepoError(f"cannot read {os.fsdecode(full)}: {e.strerror}") from None
 
 
 class DaemonBlockSink:
@@ -242,9 +250,7 @@ class FileSocket:
         import array
         import socket
 
-        from .buildtree import open_for_upload
         from .content import dagcbor
-        from .errors import RepoError
 
         bodies: list = []
         new_blocks = new_bytes = 0
@@ -276,7 +282,6 @@ class FileSocket:
 
     def _answer(self) -> dict:
         from .content import dagcbor
-        from .errors import RepoError
 
         head = self._exactly(SOCKET_LENGTH.size)
         got = dagcbor.decode(self._exactly(SOCKET_LENGTH.unpack(head)[0]))
@@ -285,7 +290,6 @@ class FileSocket:
         return got
 
     def _exactly(self, n: int) -> bytes:
-        from .errors import RepoError
 
         buf = bytearray()
         while len(buf) < n:

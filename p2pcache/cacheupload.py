@@ -22,7 +22,8 @@ from typing import Any, Iterable
 from .content.cid import CID
 from .errors import InvalidInput, RepoError
 
-__all__ = ["FILE_HEADER", "DaemonBlockSink", "FileSocket", "open_for_upload", "frame_blocks", "frame_cids", "unframe_blocks", "unframe_cids"]
+__all__ = ["FILE_HEADER", "DaemonBlockSink", "FileSocket", "frame_blocks", "frame_cids", "open_for_upload",
+           "unframe_blocks", "unframe_cids"]
 
 
 # -- block uploads from a local saver -----------------------------------------------------------------------

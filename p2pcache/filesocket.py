@@ -37,7 +37,7 @@ import trio
 from .cacheupload import SOCKET_LENGTH as LENGTH
 from .cacheupload import SOCKET_MAX_FDS as MAX_FDS
 from .content import dagcbor
-from .errors import InvalidInput, P2PCacheError
+from .errors import InvalidInput, MalformedBlock, P2PCacheError
 
 __all__ = ["FILE_SOCKET", "MAX_FDS", "MAX_REQUEST", "serve_file_socket"]
 
@@ -114,8 +114,8 @@ async def _serve(conn: Any, token: str, accept: Accept) -> None:
 async def _answer(payload: bytes, fds: list[int], token: str, accept: Accept) -> tuple[dict, bool]:
     try:
         req = dagcbor.decode(payload)
-    except Exception:
-        return {"error": "file socket: malformed request", "status": 400}, False
+    except MalformedBlock as e:
+        return {"error": f"file socket: malformed request ({e})", "status": 400}, False
     if not (isinstance(req, dict) and isinstance(req.get("token"), str)
             and hmac.compare_digest(req["token"].encode(), token.encode())):
         return {"error": "file socket: wrong or missing API token", "status": 401}, False

@@ -278,7 +278,8 @@ class BitswapClient:
         elif isinstance(event, PeerConnected):
             self._peers.setdefault(event.peer, _Peer()).connected = True
             for s in self._sessions.values():
-                if s.lost.pop(event.peer, 0) is None:
+                if event.peer in s.lost:
+                    del s.lost[event.peer]
                     s.providers.setdefault(event.peer, None)
             self._unstall()
             self._unpark_all()

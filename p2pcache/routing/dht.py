@@ -209,8 +209,9 @@ class DHT:
 
     `await nursery.start(dht.run)` starts py-libp2p's maintenance service (if `config.refresh`), puts
     the host's connected DHT peers into the routing table and returns; the first bootstrap walk runs
-    after that (a dead peer can hold a walk for its timeouts). Until cancelled it then admits every newly connected DHT-server peer to the routing table
-    (with a `NodeHost`, from its peer events) and re-bootstraps every `config.bootstrap_interval` s."""
+    after that (a dead peer can hold a walk for its timeouts). Until cancelled it then admits every
+    newly connected DHT-server peer to the routing table (with a `NodeHost`, from its peer events) and
+    re-bootstraps every `config.bootstrap_interval` s."""
 
     def __init__(self, host: Any, config: DHTConfig = DHTConfig()):
         """`host` is the node's `p2pcache.net.host.NodeHost` (its `.libp2p` is the py-libp2p host) or

@@ -63,6 +63,8 @@ from bitswap import Seeder as BitswapSeeder  # noqa: E402
 
 MiB = 1 << 20
 CHECK_SECONDS: list[float] = []  # the whole-archive hash check after each DAG fetch
+READBACK_CHECK_SECONDS: list[float] = []  # the same, the hasher reading every block back (the old way)
+STREAMED_READ_BACK: list[int] = []  # bytes the fed hasher still read back (past its hold), per fetch
 NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
 
 
@@ -190,8 +192,8 @@ async def leech_repo(addr: str, root: CID, tmp: Path, how: str) -> tuple[float, 
                 dag = DagTransfer(host, ex)
                 await host.connect(addr)
                 t0 = time.perf_counter()
-                if how == "dag-checked":
-                    n = await fetch_checked(dag, ex, addr, root, repo, t0)
+                if how in ("dag-checked", "dag-readback"):
+                    n = await fetch_checked(dag, ex, addr, root, repo, t0, streamed=how == "dag-checked")
                 elif how.startswith("dag"):
                     n = await dag.fetch(root, [addr], repo)
                 else:
@@ -204,7 +206,10 @@ async def leech_repo(addr: str, root: CID, tmp: Path, how: str) -> tuple[float, 
         repo.close()
 
 
-async def fetch_checked(dag: DagTransfer, ex: BitswapExchange, addr: str, root: CID, repo: Repo, t0: float) -> int:
+async def fetch_checked(dag: DagTransfer, ex: BitswapExchange, addr: str, root: CID, repo: Repo, t0: float,
+                        streamed: bool = True) -> int:
+    """`streamed`: the hasher is handed the verified bytes as they arrive (Node.fetch); without, it reads
+    every block back from the repo once stored (Node.fetch before wave 7: the A/B baseline)."""
     blocks = await ex.fetch_blocks([root], [addr])  # as the hash race does
     manifest = ArchiveManifest.decode(blocks[root])
     digesting = ArchiveDigests(repo, manifest, ["sha256"])
@@ -216,13 +221,16 @@ async def fetch_checked(dag: DagTransfer, ex: BitswapExchange, addr: str, root: 
     async with trio.open_nursery() as inner:
         inner.start_soon(digest)
         try:
-            n = await dag.fetch(root, [addr], repo, digesting.stored, root_block=blocks[root])
+            n = await dag.fetch(root, [addr], repo, digesting.stored, digesting.verified if streamed else None,
+                                root_block=blocks[root])
             digesting.finish(ok=True)
         finally:
             digesting.finish(ok=False)
         fetched = time.perf_counter()
-    CHECK_SECONDS.append(time.perf_counter() - fetched)
+    (CHECK_SECONDS if streamed else READBACK_CHECK_SECONDS).append(time.perf_counter() - fetched)
     assert out["d"]["sha256"] == manifest.hashes["sha256"]
+    if streamed:
+        STREAMED_READ_BACK.append(digesting.read_back)
     return n
 
 
@@ -231,12 +239,12 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
     try:
         root = CID.parse(seeder.info["root"])
         times: dict[str, list[float]] = {"dag": [], "bitswap": [], "raw": [], "dag-unstored": [], "repo-write": [],
-                                         "dag-checked": []}
+                                         "dag-checked": [], "dag-readback": []}
         # CPU seconds (user + system) of this process (the leecher, all its threads) and of the serving
         # process for each fetch, host start and connect included: on a loaded machine these move far
         # less than wall time does
         cpu: dict[str, list[tuple[float, float, float]]] = {k: [] for k in ("raw", "dag", "bitswap", "dag-unstored",
-                                                                               "dag-checked")}
+                                                                               "dag-checked", "dag-readback")}
 
         def timed_cpu(how: str, server: Seeder, fn, *args):
             # (leecher all threads, leecher event-loop thread alone, serving process)
@@ -251,8 +259,9 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
                 t, n = timed_cpu(how, seeder, leech_repo, seeder.info["addr"], root, tmp, how)
                 assert n >= size, (how, n)
                 times[how].append(t)
-            t, _ = timed_cpu("dag-checked", seeder, leech_repo, seeder.info["addr"], root, tmp, "dag-checked")
-            times["dag-checked"].append(t)
+            for how in ("dag-checked", "dag-readback"):  # paired: the hasher fed as bytes arrive / reading back
+                t, _ = timed_cpu(how, seeder, leech_repo, seeder.info["addr"], root, tmp, how)
+                times[how].append(t)
             times["repo-write"].append(repo_write_seconds(size, tmp))
     finally:
         seeder.close()
@@ -262,6 +271,7 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
     log(f"== one peer -> one node, {size / MiB:.0f} MiB archive (best of {runs}; runs: "
         + ", ".join(f"{k} [{', '.join(f'{x:.2f}' for x in v)}]" for k, v in times.items()) + ")")
     labels = {"raw": "raw py-libp2p stream", "dag": "DAG protocol into the repo", "dag-checked": "DAG + archive sha256",
+              "dag-readback": "DAG + sha256 by read-back",
               "bitswap": "bitswap into the repo", "dag-unstored": "DAG protocol, verified, not stored",
               "repo-write": "Repo.write_blocks+commit alone"}
     for k in ("raw", "dag", "bitswap", "dag-unstored", "repo-write"):
@@ -275,9 +285,14 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
     check = min(CHECK_SECONDS)
     log(f"  DAG + whole-archive sha256 as blocks are stored (Node.fetch) {best['dag-checked']:6.2f}s "
         f"{mb / best['dag-checked']:7.1f} MB/s ({check:.2f}s after the last block): "
-        f"{best['raw'] / best['dag-checked']:.2f}x raw stream")
+        f"{best['raw'] / best['dag-checked']:.2f}x raw stream; read back {max(STREAMED_READ_BACK)} bytes)")
     emit("archive_hash_check_after_last_block_seconds", check, "s", "lower", size=size)
     emit("archive_dag_checked_vs_raw_stream", best["raw"] / best["dag-checked"], "ratio", "higher", size=size)
+    back = min(READBACK_CHECK_SECONDS)
+    log(f"  same, the hasher reading every block back (before wave 7) {best['dag-readback']:6.2f}s "
+        f"{mb / best['dag-readback']:7.1f} MB/s ({back:.2f}s after the last block): "
+        f"{best['raw'] / best['dag-readback']:.2f}x raw stream (diagnostic: A/B)")
+    emit("archive_dag_readback_vs_raw_stream", best["raw"] / best["dag-readback"], "ratio", "higher", size=size)
     log(f"  DAG protocol unstored / raw stream {best['raw'] / best['dag-unstored']:.2f}x (diagnostic)")
     emit("archive_dag_unstored_vs_raw_stream", best["raw"] / best["dag-unstored"], "ratio", "higher", size=size)
     log(f"  CPU seconds per fetch, min over runs (leecher, all threads / its event-loop thread / serving process):")

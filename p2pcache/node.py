@@ -655,12 +655,24 @@ class Node:
         answered = providers[:1] if isinstance(key, HashKey) else []  # the peer that named this root for the hash
         digesting = ArchiveDigests(repo, manifest, algos)
         digested: dict[str, Any] = {}
+        hashed = trio.Event()
 
-        async def digest() -> None:  # hashes the archive in order as its blocks are stored
+        async def digest() -> None:  # hashes the archive in order as its blocks arrive
             try:
                 digested["digests"] = await digesting.run()
             except P2PCacheError as e:
                 digested["error"] = e
+            finally:
+                hashed.set()
+
+        async def claim() -> None:
+            # Inside the fetch's quota guard (`fetch_dag(claim=)`): registered before a gc can take the
+            # blocks as unclaimed, and only once the whole-archive hashes hold.
+            digesting.finish(ok=True)
+            await hashed.wait()
+            if "error" in digested:
+                raise digested["error"]
+            await self._claim_fetched(root, manifest, algos, key, answered, digested["digests"])
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
@@ -668,9 +680,12 @@ class Node:
             try:
                 for attempt in range(3):
                     try:
-                        await self.fetch_dag(root, providers, digesting.stored, root_block=root_block)
+                        await self.fetch_dag(root, providers, digesting.stored, digesting.verified,
+                                             root_block=root_block, claim=claim)
                         break
                     except FetchError as e:
+                        if hashed.is_set():  # the claim's own check failed: fetching again changes nothing
+                            raise
                         # Providers went away mid-transfer: look again (others may have it, and blocks
                         # already stored are not fetched twice) before giving up.
                         log.info("fetch of %s failed (%s); looking for other providers", root, e)
@@ -679,19 +694,11 @@ class Node:
                         if attempt == 2 or not alive:
                             raise
                         providers = alive
-                digesting.finish(ok=True)
             except P2PCacheError as e:  # raised here, not from the nursery (which would wrap it in a group)
                 failure = e
             finally:
-                digesting.finish(ok=False)  # after the ok above it changes nothing; else the hasher stops
+                digesting.finish(ok=False)  # after the claim's ok it changes nothing; else the hasher stops
                 fetched.set()
-        if failure is None and "error" in digested:
-            failure = digested["error"]
-        if failure is None:
-            try:
-                await self._claim_fetched(root, manifest, algos, key, answered, digested["digests"])
-            except P2PCacheError as e:
-                failure = e
         if failure is not None:
             raise failure
         progress(manifest.size, manifest.size)
@@ -1026,27 +1033,46 @@ class _BuildCacheSwarm:
 
 
 class ArchiveDigests:
-    """The whole-archive digests (`algos`: hashlib names) of an archive while it is fetched: `run()` hashes
-    its chunks in order as they are stored (`stored(cids)`, the fetch's callback; blocks the repo held
-    before count too), so the check costs no pass of its own after the last block. Each step hashes what
-    is there on a worker thread (hashlib releases the GIL) and returns; the task then waits, on the trio
-    side, for more blocks — so it also runs where `to_thread` work runs inline (simnet), never blocking
-    the event loop on blocks that loop has yet to store. `finish(ok)` says the fetch ended: with ok every
-    block is in the repo (a missing one is a FetchError naming it); without, `run` stops with FetchError."""
+    """The whole-archive digests (`algos`: hashlib names) of an archive while it is fetched, fed in
+    archive order so the check costs no pass of its own after the last block. The fetch hands over each
+    block's verified bytes (`verified(cid, data)`, the DAG fetch's `on_verified`: it delivers leaves in
+    depth-first order, which is archive order) and says which blocks are stored (`stored(cids)`, its
+    `on_stored`). `run()` hashes, on a worker thread (hashlib releases the GIL), every chunk whose turn
+    has come from the bytes handed over — no copy, no read-back — and reads back from the repo only what
+    was not handed over: blocks the repo held before (a resumed fetch), blocks fetched over bitswap, the
+    second place of a chunk the archive holds twice, and blocks past the `HOLD` bytes kept (leaves from
+    several providers come out of order). Each step hashes what is there and returns; the task then
+    waits, on the trio side, for more blocks — so it also runs where `to_thread` work runs inline
+    (simnet), never blocking the event loop on blocks that loop has yet to store. `finish(ok)` says the
+    fetch ended: with ok every block is in the repo (a missing one is a FetchError naming it); without,
+    `run` stops with FetchError. `read_back`: bytes of chunks read back from the repo."""
 
-    BATCH = 64  # chunks read per `load_blocks` call while they are there already
+    BATCH = 64  # chunks read back per `load_blocks` call while they are there already
+    HOLD = 32 << 20  # verified bytes kept for the hasher at most; past it a block is read back in its turn
 
     def __init__(self, repo: Repo, manifest: ArchiveManifest, algos: Iterable[str]) -> None:
         self.repo, self.manifest, self.algos = repo, manifest, list(algos)
         self._hashers = {a: hashlib.new(a) for a in self.algos}
         self._size = 0
+        self.read_back = 0
         # The walk's place: (depth, children, next child), the archive's chunk-index path down to it.
         self._stack: list[tuple[int, tuple[tuple[CID, int], ...], int]] = [(manifest.depth, manifest.children, 0)]
         self._lock = threading.Lock()
+        self._held: dict[CID, bytes] = {}  # verified bytes not hashed yet (references, not copies)
+        self._held_bytes = 0
         self._stored: set[CID] = set()
         self._more = trio.Event()
         self._done = False
         self._ok = True
+
+    def verified(self, cid: CID, data: bytes) -> None:
+        """A block's bytes, verified against its CID (the fetch's `on_verified`; before `stored` says it
+        is stored, which wakes the hasher)."""
+        with self._lock:
+            if self._done or self._held_bytes + len(data) > self.HOLD or cid in self._held:
+                return  # read back in its turn
+            self._held[cid] = data
+            self._held_bytes += len(data)
 
     def stored(self, cids: list[CID]) -> None:
         with self._lock:
@@ -1061,23 +1087,33 @@ class ArchiveDigests:
         self._more.set()
 
     async def run(self) -> dict[str, bytes]:
-        while True:
-            self._more = trio.Event()  # set by any `stored`/`finish` during the step: the wait returns at once
-            if await trio.to_thread.run_sync(self._step):
-                return {a: h.digest() for a, h in self._hashers.items()}
-            await self._more.wait()
+        try:
+            while True:
+                self._more = trio.Event()  # set by any `stored`/`finish` during the step: the wait returns at once
+                if await trio.to_thread.run_sync(self._step):
+                    return {a: h.digest() for a, h in self._hashers.items()}
+                await self._more.wait()
+        finally:
+            with self._lock:
+                self._held.clear()  # e.g. the manifest root, handed over too
+                self._held_bytes = 0
 
-    def _there(self, cid: CID) -> bool:
+    def _take(self, cid: CID) -> tuple[bytes | None, bool]:
+        """(its verified bytes if handed over, whether it is there at all)."""
         with self._lock:
+            data = self._held.pop(cid, None)
+            if data is not None:
+                self._held_bytes -= len(data)
+                return data, True
             if cid in self._stored:
-                return True
-        return self.repo.has_block(cid)
+                return None, True
+        return None, self.repo.has_block(cid)
 
     def _step(self) -> bool:
         """Hash every chunk that is there, in order; True when the archive is whole and hashed."""
         with self._lock:
             done, ok = self._done, self._ok  # read first: if done, every `stored` call came before
-        batch: list[tuple[CID, int]] = []
+        batch: list[tuple[CID, int]] = []  # chunks to read back, in order
         stack = self._stack
         while stack:
             depth, children, i = stack[-1]
@@ -1085,7 +1121,8 @@ class ArchiveDigests:
                 stack.pop()
                 continue
             cid, size = children[i]
-            if not self._there(cid):
+            data, there = self._take(cid)
+            if not there:
                 self._hash(batch)
                 if not done:
                     return False
@@ -1094,11 +1131,15 @@ class ArchiveDigests:
                 raise FetchError(f"block {cid} of the archive is not in the repo after its fetch")
             stack[-1] = (depth, children, i + 1)
             if depth == 0:
-                batch.append((cid, size))
-                if len(batch) >= self.BATCH:
-                    self._hash(batch)
+                if data is None:
+                    batch.append((cid, size))
+                    if len(batch) >= self.BATCH:
+                        self._hash(batch)
+                else:
+                    self._hash(batch)  # those before it, in order
+                    self._update(data)
                 continue
-            index = ChunkIndex.decode(self.repo.load_block(cid))
+            index = ChunkIndex.decode(data if data is not None else self.repo.load_block(cid))
             if index.depth != depth - 1 or index.size != size:
                 raise MalformedBlock(f"chunk index {cid} does not match its parent's depth or size")
             stack.append((index.depth, index.children, 0))
@@ -1107,12 +1148,17 @@ class ArchiveDigests:
             raise FetchError(f"the archive's chunks add up to {self._size} bytes, its manifest says {self.manifest.size}")
         return True
 
+    def _update(self, data: bytes) -> None:
+        self._size += len(data)
+        for h in self._hashers.values():
+            h.update(data)
+
     def _hash(self, batch: list[tuple[CID, int]]) -> None:
-        for data in self.repo.load_blocks(batch):
-            self._size += len(data)
-            for h in self._hashers.values():
-                h.update(data)
-        batch.clear()
+        if batch:
+            for data in self.repo.load_blocks(batch):
+                self.read_back += len(data)
+                self._update(data)
+            batch.clear()
 
 
 def _tree_root(data: bytes) -> Any:

@@ -539,12 +539,16 @@ class SwarmSource:
             self.metrics.fetched.labels("peer").inc(len(data))
             arriving.verified(cid, data)
 
+        fetch_ended = trio.Event()
+
         async def fetcher() -> None:
             try:
                 await self._fetch_patiently(found, arriving, verified, counted)
             except P2PCacheError as e:
                 arriving.fail(e)
                 return
+            finally:
+                fetch_ended.set()
             arriving.finish()
 
         # No quota gc between fetch attempts either: the stream reads blocks no root claims yet.
@@ -575,11 +579,12 @@ class SwarmSource:
                     pieces = assembly.give(await arriving.get(cid))
                 await sink.end()
                 self.metrics.served.labels("peer").inc(sent)
-                if prefetch is not None:
-                    await prefetch.done.wait()  # its last blocks committed (or it failed) before the root is claimed
-        if arriving.failure is not None:  # the stream completed from blocks we had, yet the fetch failed
-            raise arriving.failure
-        await trio.to_thread.run_sync(source.register_nar, root, found.narinfo)
+                # Its last blocks committed (or it failed) before the root is claimed, and claimed inside the
+                # quota guard: no gc between the last block and the root that claims them.
+                await (prefetch.done if prefetch is not None else fetch_ended).wait()
+                if arriving.failure is not None:  # the stream completed from blocks we had, yet the fetch failed
+                    raise arriving.failure
+                await trio.to_thread.run_sync(source.register_nar, root, found.narinfo)
         self.intake.announce(root)
 
     async def _fetch_patiently(self, found: Found, arriving: "ArrivingBlocks",

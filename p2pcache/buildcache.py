@@ -350,8 +350,10 @@ def register_tree(repo: Any, root: CID, name: str | None) -> RootInfo:
 class Swarm(Protocol):
     def record_peers(self, namespace: str) -> Awaitable[list[Any]]: ...
     def ask_records(self, peer: Any, key: str, prefix: bool) -> Awaitable[list[CacheRecord]]: ...
-    def fetch_tree(self, root: CID, peers: list[Any], claim: Callable[[], Awaitable[object]]) -> Awaitable[int]:
-        """Fetch the tree's blocks; `claim()` once all are stored, where no gc can take them meanwhile."""
+    def fetch_tree(self, root: CID, peers: list[Any], claim: Callable[[], Awaitable[object]],
+                   started: Callable[[], None] | None = None) -> Awaitable[int]:
+        """Fetch the tree's blocks; `claim()` once all are stored, where no gc can take them meanwhile.
+        `started()` once the tree is known to fit the quota, before its first block is stored."""
     def announce(self, root: CID, aliases: list[str]) -> None: ...
     def withdraw(self, root: CID) -> None: ...
 
@@ -569,12 +571,11 @@ class BuildCache:
             if self.swarm is None:
                 raise NotFound(f"the tree of {record.key!r} ({record.root}) is not in the repo and no daemon is "
                                "running to fetch it; start `p2pcache daemon`")
-            if on_fetch is not None:
-                on_fetch({"root": str(record.root), "key": record.key})
             # Registered where the fetch's blocks are still guarded: a quota gc that the fetch's end
             # wakes would otherwise take them, unclaimed, before the root claims them.
             fetched = await self.swarm.fetch_tree(record.root, peers, lambda: trio.to_thread.run_sync(
-                register_tree, self.repo, record.root, record.key))
+                register_tree, self.repo, record.root, record.key),
+                started=None if on_fetch is None else lambda: on_fetch({"root": str(record.root), "key": record.key}))
             self.stats.trees_fetched += 1
             self.stats.bytes_fetched += fetched
         else:

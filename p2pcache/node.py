@@ -1000,7 +1000,8 @@ class _BuildCacheSwarm:
         assert self.node.host is not None
         return (await ask_records(self.node.host, peer, key, prefix, timeout=self.node.config.lookup_timeout)).records
 
-    async def fetch_tree(self, root: CID, peers: list, claim: Callable[[], Awaitable[object]]) -> int:
+    async def fetch_tree(self, root: CID, peers: list, claim: Callable[[], Awaitable[object]],
+                         started: Callable[[], None] | None = None) -> int:
         node = self.node
         assert node.finder is not None and node.host is not None
         # The peers that sent the record hold its tree (they serve records only of complete trees): ask
@@ -1011,9 +1012,13 @@ class _BuildCacheSwarm:
                          if p.peer_id != node.host.peer_id]
         if not providers:
             raise NotFound(f"tree {root}: no peer in the swarm announces it")
+        root_block = await self._root_block(root, providers)
+        if started is not None:
+            started()
         for attempt in range(3):
             try:
-                return await node.fetch_dag(root, providers, claim=claim, request_blocks=TREE_REQUEST_BLOCKS)
+                return await node.fetch_dag(root, providers, root_block=root_block, claim=claim,
+                                            request_blocks=TREE_REQUEST_BLOCKS)
             except FetchError as e:
                 log.info("fetch of tree %s failed (%s); looking for other providers", root, e)
                 again = [p for p in await node.finder.find_providers(str(root), timeout=node.config.lookup_timeout)
@@ -1022,6 +1027,24 @@ class _BuildCacheSwarm:
                     raise NotFound(f"tree {root}: fetching it failed ({e})") from None
                 providers = again
         raise AssertionError("unreachable")
+
+    async def _root_block(self, root: CID, providers: list) -> bytes | None:
+        """The tree's root block (from the repo, else from a provider), after checking that the tree's size,
+        which it states, fits the quota before any of its blocks is stored (as an archive fetch does):
+        DiskFull (exit 6) if it cannot. Returned to start the fetch with (None if the repo had it)."""
+        node = self.node
+        assert node.repo is not None and node.exchange is not None
+        repo = node.repo
+        held = await trio.to_thread.run_sync(lambda: repo.load_block(root) if repo.has_block(root) else None)
+        try:
+            data = held if held is not None else (await node.exchange.fetch_blocks([root], providers))[root]
+        except FetchError as e:
+            raise NotFound(f"tree {root}: fetching its root block failed ({e})") from None
+        tree = _tree_root(data)
+        if tree is None:
+            raise NotFound(f"tree {root}: the block its record names is not a build cache tree")
+        await node.quota.make_room(tree.size, f"the tree {root}", in_operation=False)
+        return None if held is not None else data
 
     def announce(self, root: CID, aliases: list[str]) -> None:
         if self.node.announcer is not None:

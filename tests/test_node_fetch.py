@@ -160,3 +160,38 @@ def test_a_gc_between_the_last_block_and_the_registration_cannot_sweep_a_fetched
     assert (tmp_path / "out2").read_bytes() == data
     injected = [ln for ln in (tmp_path / "b.log").read_text().splitlines() if "gc at claim:" in ln]
     assert len(injected) == 2 and all(ln.endswith(": waited") for ln in injected), injected
+
+
+def test_a_restore_from_a_peer_checks_the_quota_before_fetching_the_tree(tmp_path, rng, daemons):
+    from . import test_buildcache_swarm as bc
+
+    for name in ("a", "b"):
+        bc.write_writers(tmp_path / name, [("ci/*", ["*"])])
+    quota = 2 * MiB
+    a = start_daemon(tmp_path / "a")
+    daemons.append(a)
+    b = start_daemon(tmp_path / "b", bootstrap=[a.addr], extra=["--max-size", str(quota)])
+    daemons.append(b)
+    big = tmp_path / "big"
+    for i in range(6):
+        (big / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        (big / f"d{i % 2}" / f"f{i}.o").write_bytes(rng.randbytes(600_000))
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "f.o").write_bytes(rng.randbytes(300_000))
+    a.cli("--json", "cache", "save", "ci/big", str(big))
+    a.cli("--json", "cache", "save", "ci/small", str(small))
+
+    # 3.6 MB of files does not fit a 2 MiB quota: refused before any of it is stored, with one line
+    res = bc.restore(b, "ci/big", tmp_path / "out-big", check=False)
+    assert not isinstance(res, dict), res
+    err = res.stderr.decode().strip()
+    assert res.returncode == 6 and len(err.splitlines()) == 1 and "quota" in err and "--max-size" in err, err
+    st = b.status()
+    assert st["stored_bytes"] <= quota and st["roots"] == 0, st
+    assert not (tmp_path / "out-big").exists() or not any((tmp_path / "out-big").iterdir())
+
+    # one that fits is fetched and restored
+    got = bc.restore(b, "ci/small", tmp_path / "out-small")
+    assert got["match"] == "exact" and bc.same_tree(small, tmp_path / "out-small")
+    assert b.status()["stored_bytes"] <= quota

@@ -580,9 +580,10 @@ class Node:
         return {"root": str(result.root), "source": "origin", "size": result.size, "url": url}
 
     # -- lock-file prefetch (the service is prefetch.Prefetcher; the node hands it the swarm) -----------
-    async def fetch_blocks(self, alias: str) -> CID:
+    async def fetch_blocks(self, alias: str, claim: Callable[[CID], Awaitable[object]]) -> CID:
         """Store the blocks of the archive a provider of `alias` holds, each verified against its CID,
-        without registering the root: the caller checks the whole against its own hash first."""
+        without registering the root: `claim(root)`, still inside the fetch's quota guard, checks the
+        whole against the caller's own hash and registers it."""
         assert self.host is not None
         host = self.host
 
@@ -598,7 +599,8 @@ class Node:
         if race.winner is None:
             raise NotFound(f"{alias}: {_race_summary(race)}")
         peer, root = race.winner
-        await self.fetch_dag(root, [peer, *race.peers_in(AskState.QUEUED, AskState.CANCELLED)])
+        await self.fetch_dag(root, [peer, *race.peers_in(AskState.QUEUED, AskState.CANCELLED)],
+                             claim=lambda: claim(root))
         return root
 
     async def prefetch(self, deps: list[Dependency], jobs: int, on_event: Callable[[dict], None]) -> dict:

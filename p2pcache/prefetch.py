@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, BinaryIO, Callable, Iterator, Protocol, cast
+from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable, Iterator, Protocol, cast
 
 import trio
 
@@ -39,9 +39,10 @@ EventFn = Callable[[dict], None]
 
 
 class Swarm(Protocol):
-    async def fetch_blocks(self, alias: str) -> CID:
+    async def fetch_blocks(self, alias: str, claim: Callable[[CID], Awaitable[object]]) -> CID:
         """Store the blocks of the archive a peer holds under `alias` (each verified against its CID)
-        without registering its root; NotFound if no peer has it."""
+        without registering its root, then `claim(root)` while no gc can take them as unclaimed (it
+        checks the whole and registers the root); NotFound if no peer has it."""
         ...
 
 
@@ -254,20 +255,23 @@ class Prefetcher:
     # -- the swarm ---------------------------------------------------------------------------------
     async def _from_swarm(self, dep: Dependency) -> Outcome | None:
         assert self.swarm is not None and dep.hash is not None
+        sizes: list[int] = []
+
+        async def claim(root: CID) -> None:  # inside the fetch's quota guard: no gc between the last block and this
+            sizes.append(await trio.to_thread.run_sync(self._verify_fetched, dep, root))
+
         try:
-            root = await self.swarm.fetch_blocks(dep.hash.alias)
+            root = await self.swarm.fetch_blocks(dep.hash.alias, claim)
         except NotFound:
+            return None
+        except CorruptData as e:
+            log.warning("a peer's copy of %s failed verification (%s); trying the origin", dep.label, e)
             return None
         except P2PCacheError as e:  # a peer failed us: the origin may still have it
             log.info("prefetch %s from the swarm failed: %s; trying the origin", dep.label, e)
             return None
-        try:
-            size = await trio.to_thread.run_sync(self._verify_fetched, dep, root)
-        except CorruptData as e:
-            log.warning("a peer's copy of %s failed verification (%s); trying the origin", dep.label, e)
-            return None
         self.announce(root)
-        return Outcome(dep, "peer", str(root), size)
+        return Outcome(dep, "peer", str(root), sizes[0])
 
     def _verify_fetched(self, dep: Dependency, root: CID) -> int:
         """Hash the bytes of an unregistered archive (its blocks are in the repo) against the lock

@@ -316,3 +316,35 @@ def test_two_runners_share_dependencies_and_nix_realises_lock2nix_through_the_mi
     assert len(outs) == 5, built.stderr.decode()
     got = sorted((store / p.lstrip("/")).read_bytes() for p in outs)
     assert got == sorted([leftpad, old, crate_data, zip_data, gomod])
+
+
+def test_a_gc_between_a_peers_last_block_and_the_lock_file_check_cannot_sweep_the_dependency(
+        tmp_path, registry, daemons):
+    from .test_node_fetch import GC_AT_CLAIM
+
+    leftpad = npm_tarball("leftpad", "1.0.0")
+    registry.npm_add("leftpad", "1.0.0", leftpad)
+    lock = tmp_path / "package-lock.json"
+    lock.write_text(json.dumps({"lockfileVersion": 3, "packages": {
+        "node_modules/leftpad": {"version": "1.0.0", "resolved": f"{registry.url}/npm/leftpad/-/leftpad-1.0.0.tgz",
+                                 "integrity": sri(leftpad)}}}))
+    a = start_daemon(tmp_path / "a")
+    daemons.append(a)
+    b = start_daemon(tmp_path / "b", bootstrap=[a.addr], entry=[GC_AT_CLAIM])
+    daemons.append(b)
+    assert _summary(a.cli("prefetch", str(lock), "--json"))["origin"] == 1
+    a.wait_announced(3)
+    registry.stop()
+
+    # B fetches it from A; a gc starts at the instant B is about to check it against the lock file's hash
+    proc = b.cli("prefetch", str(lock), "--json", check=False)
+    s = _summary(proc)
+    assert (s["peer"], s["failed"]) == (1, 0), proc.stderr.decode() + proc.stdout.decode()
+    injected = [ln for ln in (tmp_path / "b.log").read_text().splitlines() if "gc at claim:" in ln]
+    assert len(injected) == 1 and injected[0].endswith(": waited"), injected
+
+    # It was checked and claimed before that gc ran: B holds it whole with A gone.
+    a.stop()
+    assert b.status()["roots_incomplete"] == 0
+    s = _summary(b.cli("prefetch", str(lock), "--json"))
+    assert (s["local"], s["failed"]) == (1, 0)

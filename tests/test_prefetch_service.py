@@ -55,7 +55,7 @@ class FakeSwarm:
         self.forged: dict[str, CID] = {}
         self.asked: list[str] = []
 
-    async def fetch_blocks(self, alias: str) -> CID:
+    async def fetch_blocks(self, alias: str, claim) -> CID:
         self.asked.append(alias)
         root = self.forged.get(alias) or self.peer.index.resolve_alias(alias)
         if root is None:
@@ -63,6 +63,7 @@ class FakeSwarm:
         blocks = [(root, self.peer.load_block(root))]
         blocks += [(c, self.peer.load_block(c)) for c, _ in iter_blocks(self.peer.manifest(root), self.peer.load_block)]
         self.ours.put_blocks(blocks)
+        await claim(root)
         return root
 
 

@@ -1,17 +1,17 @@
 """A real p2pcache daemon that runs a gc — the one `p2pcache gc` asks for (`Node.gc`, through the quota's
-guard) — at the instant a fetched archive or NAR is about to be registered, between the fetch's last block
-and the root that claims its blocks. The registration goes on once that gc has either finished or is seen
+guard) — at the instant a fetched archive, NAR or prefetched dependency is about to be checked and
+registered, between the fetch's last block and the root that claims its blocks. The registration goes on once that gc has either finished or is seen
 waiting for the operations it must not cut (deterministic: no sleeps decide it). Each injection logs one
 line "gc at claim: <what>: <ran|waited>".
 
-Run as `python tests/helpers/gc_at_claim.py <p2pcache CLI args>`; used by tests/test_node_fetch.py."""
+Run as `python tests/helpers/gc_at_claim.py <p2pcache CLI args>`; used by tests/test_node_fetch.py and tests/test_prefetch.py."""
 
 import logging
 import sys
 
 import trio
 
-from p2pcache import node
+from p2pcache import node, prefetch
 from p2pcache.cli import main
 from p2pcache.nixcache import sources
 
@@ -60,9 +60,18 @@ async def _claim_fetched_after_gc(self, root, *args, **kwargs):
     return await _claim_fetched(self, root, *args, **kwargs)
 
 
+_verify_fetched = prefetch.Prefetcher._verify_fetched
+
+
+def _verify_fetched_after_gc(self, dep, root):  # on a worker thread (`to_thread`)
+    trio.from_thread.run(_gc_now, f"prefetched {root}")
+    return _verify_fetched(self, dep, root)
+
+
 node.Node.__init__ = _recording_init
 sources.RepoSource.register_nar = _register_nar_after_gc
 node.Node._claim_fetched = _claim_fetched_after_gc
+prefetch.Prefetcher._verify_fetched = _verify_fetched_after_gc
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

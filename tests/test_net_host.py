@@ -98,20 +98,23 @@ def test_xor_into_refuses_a_short_buffer():
 
 
 @pytest.mark.trio
-async def test_psk_stream_reads_ahead_and_hands_out_exactly_what_is_asked():
-    """PskStream reads big chunks off the socket and decrypts them at once; the reader above it (Noise:
-    a 2-byte length, then the body) still gets the plaintext in order, in the pieces it asks for."""
+@pytest.mark.parametrize("private", [True, False], ids=["pnet", "open"])
+async def test_psk_stream_reads_ahead_and_hands_out_exactly_what_is_asked(private):
+    """PskStream (and ReadAheadStream, what an open network's connections run in) reads big chunks off the
+    socket (and decrypts them at once); the reader above it (Noise: a 2-byte length, then the body) still
+    gets the plaintext in order, in the pieces it asks for."""
     import random
 
     import trio.testing
 
-    from p2pcache.net.pnet import PskStream
+    from p2pcache.net.pnet import PskStream, ReadAheadStream
 
     class Adapter:  # py-libp2p's raw stream interface over a trio stream
         def __init__(self, s):
-            self.s = s
+            self.s, self.reads = s, 0
 
         async def read(self, n=None):
+            self.reads += 1
             return await self.s.receive_some(n)
 
         async def write(self, data):
@@ -119,11 +122,18 @@ async def test_psk_stream_reads_ahead_and_hands_out_exactly_what_is_asked():
 
     key = os.urandom(32)
     left, right = trio.testing.memory_stream_pair()
-    writer, reader = PskStream(Adapter(left), key), PskStream(Adapter(right), key)
+    socket = Adapter(right)
+    if private:
+        writer, reader = PskStream(Adapter(left), key), PskStream(socket, key)
+    else:
+        writer, reader = ReadAheadStream(Adapter(left)), ReadAheadStream(socket)
     rng = random.Random(1)
     frames = [rng.randbytes(rng.choice([1, 30, 1000, 65535])) for _ in range(60)]
     with trio.fail_after(10):
         await _psk_roundtrip(writer, reader, frames)
+    # at most one socket read per frame written (plus the nonce's), where reading each piece asked for
+    # (length, then body) took two or more
+    assert socket.reads <= len(frames) + 2
 
 
 async def _psk_roundtrip(writer, reader, frames):

@@ -61,8 +61,8 @@ class DictSource:
         return self.blocks.get(cid)
 
 
-def host_config(tmp: Path, name: str) -> HostConfig:
-    return HostConfig(identity=tmp / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",))
+def host_config(tmp: Path, name: str, swarm_key: bytes | None = None) -> HostConfig:
+    return HostConfig(identity=tmp / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",), swarm_key=swarm_key)
 
 
 # -- seeder processes -----------------------------------------------------------------------------
@@ -153,8 +153,8 @@ async def leech_pylibp2p(addr: str, cids: list[CID], tmp: Path) -> float:
     return elapsed
 
 
-async def leech_raw(addr: str, total: int, tmp: Path) -> float:
-    async with open_host(host_config(tmp, "leech")) as host:
+async def leech_raw(addr: str, total: int, tmp: Path, swarm_key: bytes | None = None) -> float:
+    async with open_host(host_config(tmp, "leech", swarm_key)) as host:
         peer = await host.connect(addr)
         t0 = time.perf_counter()
         stream = await host.new_stream(peer, [RAW_PROTOCOL])

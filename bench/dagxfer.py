@@ -90,8 +90,13 @@ def archive_pieces(size: int, seed: int):
         left -= n
 
 
-def host_config(tmp: Path, name: str) -> HostConfig:
-    return HostConfig(identity=tmp / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",))
+# --pnet: the swarm key every host of the archive bench uses (the seeders get it in $BENCH_SWARM_KEY), as the
+# daemons of a private swarm do; the raw-stream baseline is then measured both with it and without it
+SWARM_KEY: bytes | None = bytes.fromhex(os.environ["BENCH_SWARM_KEY"]) if os.environ.get("BENCH_SWARM_KEY") else None
+
+
+def host_config(tmp: Path, name: str, swarm_key: bytes | None = None) -> HostConfig:
+    return HostConfig(identity=tmp / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",), swarm_key=swarm_key)
 
 
 # -- 1. archive: seeder processes ---------------------------------------------------------------------
@@ -99,7 +104,7 @@ def host_config(tmp: Path, name: str) -> HostConfig:
 
 async def serve(kind: str, size: int, seed: int) -> None:
     with tempfile.TemporaryDirectory(prefix="p2pcache-bench-dag-seed-") as tmp:
-        async with open_host(host_config(Path(tmp), "seeder")) as host:
+        async with open_host(host_config(Path(tmp), "seeder", None if kind == "raw-open" else SWARM_KEY)) as host:
             async with trio.open_nursery() as nursery:
                 info: dict = {"addr": str(host.addrs()[0])}
                 if kind == "repo":
@@ -144,8 +149,10 @@ class Seeder:
     def __init__(self, kind: str, size: int, seed: int) -> None:
         prof = ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE_SEEDER"] + f".{kind}"] \
             if os.environ.get("BENCH_PROFILE_SEEDER") else []
+        env = {**os.environ, **({"BENCH_SWARM_KEY": SWARM_KEY.hex()} if SWARM_KEY is not None else {})}
         self.proc = subprocess.Popen([sys.executable, *prof, __file__, "--serve", kind, "--size", str(size),
-                                      "--seed", str(seed)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                      "--seed", str(seed)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env)
         line = self.proc.stdout.readline()
         if not line:
             raise SystemExit(f"bench: the {kind} seeder did not start")
@@ -185,7 +192,7 @@ async def leech_repo(addr: str, root: CID, tmp: Path, how: str) -> tuple[float, 
     if how == "dag-unstored":
         repo = _Discard(repo)
     try:
-        async with open_host(host_config(tmp, f"leech-{how}")) as host:
+        async with open_host(host_config(tmp, f"leech-{how}", SWARM_KEY)) as host:
             ex = BitswapExchange(host, RepoBlockSource(repo))
             async with trio.open_nursery() as nursery:
                 await nursery.start(ex.run)
@@ -236,6 +243,7 @@ async def fetch_checked(dag: DagTransfer, ex: BitswapExchange, addr: str, root: 
 
 def archive_bench(size: int, runs: int, tmp: Path) -> None:
     seeder, raw = Seeder("repo", size, 11), Seeder("raw", size, 11)
+    raw_open = Seeder("raw-open", size, 11) if SWARM_KEY is not None else None
     try:
         root = CID.parse(seeder.info["root"])
         times: dict[str, list[float]] = {"dag": [], "bitswap": [], "raw": [], "dag-unstored": [], "repo-write": [],
@@ -245,6 +253,8 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
         # less than wall time does
         cpu: dict[str, list[tuple[float, float, float]]] = {k: [] for k in ("raw", "dag", "bitswap", "dag-unstored",
                                                                                "dag-checked", "dag-readback")}
+        if raw_open is not None:
+            times["raw-open"], cpu["raw-open"] = [], []
 
         def timed_cpu(how: str, server: Seeder, fn, *args):
             # (leecher all threads, leecher event-loop thread alone, serving process)
@@ -254,7 +264,9 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
             return out
 
         for _ in range(runs):  # interleaved, so load on the machine hits all alike
-            times["raw"].append(timed_cpu("raw", raw, leech_raw, raw.info["addr"], size, tmp))
+            times["raw"].append(timed_cpu("raw", raw, leech_raw, raw.info["addr"], size, tmp, SWARM_KEY))
+            if raw_open is not None:
+                times["raw-open"].append(timed_cpu("raw-open", raw_open, leech_raw, raw_open.info["addr"], size, tmp))
             for how in ("dag", "bitswap", "dag-unstored"):
                 t, n = timed_cpu(how, seeder, leech_repo, seeder.info["addr"], root, tmp, how)
                 assert n >= size, (how, n)
@@ -266,20 +278,32 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
     finally:
         seeder.close()
         raw.close()
+        if raw_open is not None:
+            raw_open.close()
     best = {k: min(v) for k, v in times.items()}
     mb = size / 1e6
     log(f"== one peer -> one node, {size / MiB:.0f} MiB archive (best of {runs}; runs: "
         + ", ".join(f"{k} [{', '.join(f'{x:.2f}' for x in v)}]" for k, v in times.items()) + ")")
-    labels = {"raw": "raw py-libp2p stream", "dag": "DAG protocol into the repo", "dag-checked": "DAG + archive sha256",
+    pnet = " (swarm key)" if SWARM_KEY is not None else ""
+    log(f"  every host{pnet or ' without a swarm key'}" + (", and raw-open: the raw stream without one" if pnet else ""))
+    labels = {"raw": "raw py-libp2p stream" + pnet, "raw-open": "raw py-libp2p stream, no swarm key",
+              "dag": "DAG protocol into the repo", "dag-checked": "DAG + archive sha256",
               "dag-readback": "DAG + sha256 by read-back",
               "bitswap": "bitswap into the repo", "dag-unstored": "DAG protocol, verified, not stored",
               "repo-write": "Repo.write_blocks+commit alone"}
-    for k in ("raw", "dag", "bitswap", "dag-unstored", "repo-write"):
-        log(f"  {labels[k]:36} {best[k]:7.2f}s  {mb / best[k]:7.1f} MB/s")
-        emit(f"archive_{k}_MBps", mb / best[k], "MB/s", "higher", size=size)
-    log(f"  dag / raw stream     {best['raw'] / best['dag']:.2f}x   (goal >= 0.9)")
+    for k in ("raw", "raw-open", "dag", "bitswap", "dag-unstored", "repo-write"):
+        if k in best:
+            log(f"  {labels[k]:36} {best[k]:7.2f}s  {mb / best[k]:7.1f} MB/s")
+            emit(f"archive_{k}_MBps", mb / best[k], "MB/s", "higher", size=size, pnet=bool(pnet))
+    log(f"  dag / raw stream     {best['raw'] / best['dag']:.2f}x   (goal >= 0.9){pnet}")
+    if "raw-open" in best:
+        log(f"  dag{pnet} / raw stream without one {best['raw-open'] / best['dag']:.2f}x; raw stream{pnet} / without "
+            f"{best['raw-open'] / best['raw']:.2f}x")
+        emit("archive_dag_vs_raw_open_stream", best["raw-open"] / best["dag"], "ratio", "higher", size=size)
+        emit("archive_raw_vs_raw_open_stream", best["raw-open"] / best["raw"], "ratio", "higher", size=size)
     log(f"  bitswap / raw stream {best['raw'] / best['bitswap']:.2f}x")
-    emit("archive_dag_vs_raw_stream", best["raw"] / best["dag"], "ratio", "higher", goal=">= 0.9", size=size)
+    emit("archive_dag_vs_raw_stream", best["raw"] / best["dag"], "ratio", "higher", goal=">= 0.9", size=size,
+         pnet=bool(pnet))
     emit("archive_bitswap_vs_raw_stream", best["raw"] / best["bitswap"], "ratio", "higher", size=size)
     emit("archive_dag_vs_bitswap", best["bitswap"] / best["dag"], "ratio", "higher", size=size)
     check = min(CHECK_SECONDS)
@@ -495,13 +519,18 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="archive bytes")
     ap.add_argument("--nar-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=11)
-    ap.add_argument("--serve", choices=("repo", "raw"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", choices=("repo", "raw", "raw-open"), help=argparse.SUPPRESS)
+    ap.add_argument("--pnet", action="store_true", help="archive bench: every host with one swarm key (a private "
+                    "swarm, as bench/nixcopy.py's daemons), plus the raw stream without one")
     ap.add_argument("--only", choices=("archive", "nar"), default=None)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (daemon logs)")
     args = ap.parse_args()
     if args.serve:
         trio.run(serve, args.serve, args.size, args.seed)
         return
+    global SWARM_KEY
+    if args.pnet:
+        SWARM_KEY = os.urandom(32)
     size = args.size or (64 * MiB if args.quick else 1 << 30)
     nar_size = args.nar_size or (256 * MiB if args.quick else 2 << 30)
     runs = args.runs or (1 if args.quick else 2)

@@ -195,9 +195,11 @@ def main() -> int:
             return b
 
         results: dict[str, dict[str, list[float]]] = {}
+        daemon_cpu: dict[str, dict[str, list[tuple[float, float]]]] = {}  # kind -> variant -> (A, B) CPU seconds
         failures: dict[str, int] = {}
         for kind, content in kinds.items():
             res = results[kind] = {"static zstd": [], "static xz": [], **{f"p2pcache {v}": [] for v in VARIANTS}}
+            cpus = daemon_cpu[kind] = {v: [] for v in VARIANTS}
             for i in range(max(1, args.runs)):
                 for comp, (url, proc) in statics.items():
                     r = bench.copy(url, content, {"server": proc.pid})
@@ -207,6 +209,7 @@ def main() -> int:
                     try:
                         r = bench.copy(b.api, content, {"A": a.proc.pid, "B": b.proc.pid})
                         res[f"p2pcache {protocol}"].append(r["wall"])
+                        cpus[protocol].append((r["cpu"]["A"], r["cpu"]["B"]))
                     except RuntimeError as e:  # reported, not hidden: a copy that failed is counted
                         failures[f"{kind} {protocol}"] = failures.get(f"{kind} {protocol}", 0) + 1
                         log(f"  {kind} run {i + 1}, p2pcache {protocol}: FAILED: {str(e).splitlines()[-1][:300]}")
@@ -244,6 +247,12 @@ def main() -> int:
                     log(f"  p2pcache {protocol} / static {comp}: {ratio:.2f}x{goal}")
                     emit(f"{kind}_{protocol.replace(' ', '_')}_over_static_{comp}", ratio, "ratio", "lower",
                          **({"goal": "<= 1.0"} if protocol == "dag" else {}), nar_mib=round(mib, 1))
+            for protocol, pairs in daemon_cpu[kind].items():
+                if pairs:  # CPU seconds of the serving daemon A and the cold B during one copy (min over runs)
+                    a_cpu, b_cpu = min(p[0] for p in pairs), min(p[1] for p in pairs)
+                    log(f"  p2pcache {protocol}: daemon CPU A {a_cpu:.2f}s, B {b_cpu:.2f}s (min over runs)")
+                    emit(f"{kind}_{protocol.replace(' ', '_')}_daemon_cpu_seconds", a_cpu + b_cpu, "s", "lower",
+                         a=round(a_cpu, 3), b=round(b_cpu, 3), nar_mib=round(mib, 1))
             if "p2pcache dag" in best and "p2pcache dag prefetch" in best:
                 ratio = best["p2pcache dag prefetch"] / best["p2pcache dag"]
                 log(f"  p2pcache dag with the NAR prefetch / dag without it (the default): {ratio:.2f}x")

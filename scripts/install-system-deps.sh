@@ -5,8 +5,9 @@
 # systemd gives `systemd-analyze verify` for deploy/systemd (no running systemd needed).
 # iproute2 (`ip netns`, veth) makes the network namespaces of the LAN-discovery and DNS tests;
 # golang-go is the real Go that writes go.sum and builds from a prefetched GOPROXY tree.
+# libsodium23 is the swarm key's XSalsa20 (net/pnet.py loads it with ctypes; PyNaCl's bundled copy hides it).
 set -euo pipefail
-want=(nix-bin casync curl iproute2 systemd golang-go)
+want=(nix-bin casync curl iproute2 systemd golang-go libsodium23)
 # cargo for the Cargo vendor test: Debian's, unless a rustup cargo is already there
 command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || want+=(cargo)
 missing=()

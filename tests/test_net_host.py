@@ -1,5 +1,6 @@
 """The libp2p host: real py-libp2p hosts on loopback (TCP + Noise + Yamux), private networks, allowlist."""
 
+import hashlib
 import os
 import stat
 from contextlib import asynccontextmanager
@@ -7,9 +8,12 @@ from contextlib import asynccontextmanager
 import nacl.bindings
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pcache.errors import InvalidKey
 from p2pcache.net.host import HostConfig, HostError, NodeHost, PeerEvent, load_identity, new_swarm_key_file, open_host
+from p2pcache.net import pnet
 from p2pcache.net.pnet import format_swarm_key, hsalsa20, parse_swarm_key, read_swarm_key, xsalsa20
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
@@ -37,29 +41,80 @@ async def roundtrip(a: NodeHost, b: NodeHost) -> bytes:
 # -- pnet primitives -----------------------------------------------------------------------------
 
 
-def test_xsalsa20_matches_libsodium_secretbox():
-    # secretbox is XSalsa20-Poly1305: ciphertext[16:] is the message XOR keystream[32:]
+XSALSA20_IMPLEMENTATIONS = [pnet.PycryptodomeXSalsa20, pnet.SodiumXSalsa20]
+
+
+@pytest.mark.parametrize("impl", XSALSA20_IMPLEMENTATIONS, ids=lambda c: c.__name__)
+def test_xsalsa20_matches_libsodium_secretbox(impl):
+    # secretbox is XSalsa20-Poly1305: ciphertext[16:] is the message XOR keystream[32:] (PyNaCl's own libsodium)
     key, nonce, msg = os.urandom(32), os.urandom(24), os.urandom(3000)
     boxed = nacl.bindings.crypto_secretbox(msg, nonce, key)
-    stream = xsalsa20(key, nonce).encrypt(bytes(32 + len(msg)))
+    stream = impl(key, nonce).xor(bytes(32 + len(msg)))
     assert bytes(m ^ k for m, k in zip(msg, stream[32:])) == boxed[16:]
 
 
+@pytest.mark.parametrize("impl", XSALSA20_IMPLEMENTATIONS, ids=lambda c: c.__name__)
+def test_xsalsa20_known_answers(impl):
+    # NaCl's tests/stream3.c and tests/stream.c (crypto_stream_xsalsa20): the first 32 bytes, and the
+    # sha256 of the first 4 MiB, of the keystream for this key and nonce
+    key = bytes.fromhex("1b27556473e985d462cd51197a9a46c76009549eac6474f206c4ee0844f68389")
+    nonce = bytes.fromhex("69696ee955b62b73cd62bda875fc73d68219e0036b7a0b37")
+    assert bytes(impl(key, nonce).xor(bytes(32))).hex() == \
+        "eea6a7251c1e72916d11c2cb214d3c252539121d8e234e652d651fa4c8cff880"
+    assert hashlib.sha256(impl(key, nonce).xor(bytes(4 << 20))).hexdigest() == \
+        "662b9d0e3463029156069b12f918691a98f7dfb2ca0393c96bbfc6b1fbd630a2"
+
+
+def test_the_system_libsodium_is_what_pnet_uses():
+    # scripts/install-system-deps.sh installs libsodium23; without it pnet falls back to pycryptodome (slower)
+    assert isinstance(xsalsa20(os.urandom(32), os.urandom(24)), pnet.SodiumXSalsa20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(0, 3000), max_size=40), into=st.booleans(), slack=st.integers(0, 70))
+def test_libsodium_keystream_carries_across_calls_as_the_old_cipher_does(cuts, into, slack):
+    """libsodium's xor_ic starts at a 64-byte block: the offset kept between calls must give the same bytes
+    as pycryptodome's stateful cipher (the old implementation, the oracle) whatever the call sizes."""
+    key, nonce = b"k" * 32, b"n" * 24
+    data = bytes(range(256)) * 12
+    oracle = pnet.PycryptodomeXSalsa20(key, nonce).xor(data)
+    ours, got, at = pnet.SodiumXSalsa20(key, nonce), b"", 0
+    for end in sorted(cuts) + [len(data)]:
+        piece = data[at:end]
+        if into:  # into a reused buffer longer than the piece: only its first len(piece) bytes are written
+            out = bytearray(b"\xee" * (len(piece) + slack))
+            ours.xor_into(piece, out)
+            assert out[len(piece):] == b"\xee" * slack
+            got += bytes(out[:len(piece)])
+        else:
+            got += bytes(ours.xor(piece))
+        at = max(at, end)
+    assert got == oracle
+
+
+def test_xor_into_refuses_a_short_buffer():
+    with pytest.raises(ValueError):
+        pnet.SodiumXSalsa20(b"k" * 32, b"n" * 24).xor_into(b"abc", bytearray(2))
+
+
 @pytest.mark.trio
-async def test_psk_stream_reads_ahead_and_hands_out_exactly_what_is_asked():
-    """PskStream reads big chunks off the socket and decrypts them at once; the reader above it (Noise:
-    a 2-byte length, then the body) still gets the plaintext in order, in the pieces it asks for."""
+@pytest.mark.parametrize("private", [True, False], ids=["pnet", "open"])
+async def test_psk_stream_reads_ahead_and_hands_out_exactly_what_is_asked(private):
+    """PskStream (and ReadAheadStream, what an open network's connections run in) reads big chunks off the
+    socket (and decrypts them at once); the reader above it (Noise: a 2-byte length, then the body) still
+    gets the plaintext in order, in the pieces it asks for."""
     import random
 
     import trio.testing
 
-    from p2pcache.net.pnet import PskStream
+    from p2pcache.net.pnet import PskStream, ReadAheadStream
 
     class Adapter:  # py-libp2p's raw stream interface over a trio stream
         def __init__(self, s):
-            self.s = s
+            self.s, self.reads = s, 0
 
         async def read(self, n=None):
+            self.reads += 1
             return await self.s.receive_some(n)
 
         async def write(self, data):
@@ -67,11 +122,18 @@ async def test_psk_stream_reads_ahead_and_hands_out_exactly_what_is_asked():
 
     key = os.urandom(32)
     left, right = trio.testing.memory_stream_pair()
-    writer, reader = PskStream(Adapter(left), key), PskStream(Adapter(right), key)
+    socket = Adapter(right)
+    if private:
+        writer, reader = PskStream(Adapter(left), key), PskStream(socket, key)
+    else:
+        writer, reader = ReadAheadStream(Adapter(left)), ReadAheadStream(socket)
     rng = random.Random(1)
     frames = [rng.randbytes(rng.choice([1, 30, 1000, 65535])) for _ in range(60)]
     with trio.fail_after(10):
         await _psk_roundtrip(writer, reader, frames)
+    # at most one socket read per frame written (plus the nonce's), where reading each piece asked for
+    # (length, then body) took two or more
+    assert socket.reads <= len(frames) + 2
 
 
 async def _psk_roundtrip(writer, reader, frames):

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 from ..errors import InvalidInput, InvalidKey, P2PCacheError
 from .peers import PeerEvent, PeerEvents, StreamHandler, close_quietly, keep_connected
-from .pnet import KEY_SIZE, PskStream, read_swarm_key, write_swarm_key
+from .pnet import KEY_SIZE, PskStream, ReadAheadStream, read_swarm_key, write_swarm_key
 
 log = logging.getLogger(__name__)
 
@@ -227,30 +227,32 @@ class HostConfig:
 # -- transports -----------------------------------------------------------------------------------
 
 
-class _PskTCP(TCP):
-    """TCP whose every connection, both directions, runs inside the PSK v1 protector."""
+class _WrappedTCP(TCP):
+    """TCP whose every connection, both directions, runs inside the PSK v1 protector (with a swarm key) or
+    else a plain read-ahead (`ReadAheadStream`: a socket read per ~256 KiB, not two per Noise frame)."""
 
-    def __init__(self, psk: bytes) -> None:
+    def __init__(self, psk: bytes | None) -> None:
         super().__init__()
         self._psk = psk
 
+    def _wrap(self, stream: Any) -> Any:
+        return ReadAheadStream(stream) if self._psk is None else PskStream(stream, self._psk)
+
     async def dial(self, maddr: multiaddr.Multiaddr) -> Any:
         raw: Any = await super().dial(maddr)  # a RawConnection: its `stream` is what we wrap
-        raw.stream = PskStream(raw.stream, self._psk)
+        raw.stream = self._wrap(raw.stream)
         return raw
 
     async def dial_with_source(self, maddr: multiaddr.Multiaddr, source: tuple[str, int]) -> Any:
         raw: Any = await super().dial_with_source(maddr, source)
-        raw.stream = PskStream(raw.stream, self._psk)
+        raw.stream = self._wrap(raw.stream)
         return raw
 
     def create_listener(self, handler_function: Callable[[Any], Awaitable[None]]) -> Any:
-        psk = self._psk
+        async def wrapped(stream: Any) -> None:
+            await handler_function(self._wrap(stream))
 
-        async def protected(stream: Any) -> None:
-            await handler_function(PskStream(stream, psk))
-
-        return super().create_listener(protected)
+        return super().create_listener(wrapped)
 
 
 # A frame that has started out must go out whole, even if the task writing it is cancelled: each frame is
@@ -366,7 +368,7 @@ class NodeHost:
         self.config = config
         self.key_pair = load_identity(config.identity)
         noise = NoiseTransport(self.key_pair, noise_privkey=_x25519_private())
-        transports = [_PskTCP(config.swarm_key)] if config.swarm_key is not None else [TCP()]
+        transports = [_WrappedTCP(config.swarm_key)]
         self.libp2p = new_host(
             key_pair=self.key_pair,
             sec_opt={NOISE_PROTOCOL_ID: noise},

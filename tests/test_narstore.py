@@ -14,7 +14,7 @@ from p2pcache.content.narinfo import NarInfo
 from p2pcache.content.narmanifest import NarManifest, iter_blocks
 from p2pcache.content.nixhash import NixHash
 from p2pcache.content.nixsig import generate_key_pair
-from p2pcache.errors import CorruptData, InvalidInput, NotFound
+from p2pcache.errors import CorruptData, InvalidInput, NotFound, RepoError
 from p2pcache.store.narstore import RepoNarStore
 from p2pcache.store.repo import Repo
 
@@ -143,3 +143,51 @@ def test_bad_input_records_nothing(repo: Repo):
 
     with pytest.raises(InvalidInput, match="not a NAR"):
         b"".join(stream_nar_root(repo, archive.root))
+
+
+def test_an_upload_is_claimed_by_its_narinfo_against_what_its_ingest_recorded(repo: Repo):
+    """The way `nix copy --to` uploads: the NAR alone (no store path), then its narinfo. The narinfo's
+    NarHash and NarSize are checked against the root the ingest recorded; a mismatch records nothing."""
+    nar = _nar()
+    store = RepoNarStore(repo)
+    result = store.add_nar(None, [nar])
+    refs = repo.index.check_refcounts()
+    for bad in (_narinfo(nar, nar_hash=NixHash.of(b"other")), _narinfo(nar, nar_size=len(nar) + 8)):
+        with pytest.raises(CorruptData, match="does not match|its narinfo says"):
+            store.register_nar(result.root, bad, verify=False)
+        assert store.narinfo(STORE_HASH) is None
+    store.register_nar(result.root, _narinfo(nar), verify=False)
+    info = store.narinfo(STORE_HASH)
+    assert info is not None and info.nar_hash == NixHash.of(nar) and info.references == (DEP,)
+    assert repo.root_info(result.root).name == "0" * 31 + "1-demo-1.0"
+    assert b"".join(store.stream_nar(STORE_HASH)) == nar
+    assert repo.index.check_refcounts() == refs == [] and repo.verify().consistent
+
+
+def test_only_an_upload_waiting_for_its_narinfo_commits_without_its_own_fsync(tmp_path):
+    """An upload's NAR (no store path yet) is dropped at a daemon's start if no narinfo names it, so its commit
+    does not wait for the WAL's fsync; the narinfo's commit, and a NAR added under its store path, do."""
+    nar = _nar()
+    with Repo.init(tmp_path / "repo", durable=True) as repo:
+        statements: list[str] = []
+        repo.index.db.set_trace_callback(statements.append)
+        store = RepoNarStore(repo)
+        root = store.add_nar(None, [nar]).root
+        assert statements.count("PRAGMA synchronous = NORMAL") == 1
+        assert statements[-1] == "PRAGMA synchronous = FULL"  # back for every later transaction
+        statements.clear()
+        store.register_nar(root, _narinfo(nar), verify=False)
+        store.add_nar(_narinfo(_nar(2), store_path=f"/nix/store/{'3' * 32}-other-1.0"), [_nar(2)])
+        assert "PRAGMA synchronous = NORMAL" not in statements and "COMMIT" in statements
+        repo.index.db.set_trace_callback(None)
+        assert repo.index.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_a_root_that_went_incomplete_is_not_named_by_a_narinfo(repo: Repo):
+    nar = _nar()
+    root = RepoNarStore(repo).add_nar(None, [nar]).root
+    repo.index.db.execute("UPDATE roots SET complete = 0 WHERE root = ?", (root.buffer,))
+    with pytest.raises(RepoError, match="not held whole"):
+        with repo.index.transaction():
+            repo.index.name_root(root, "demo", [f"nix:{STORE_HASH}"])
+    assert repo.index.resolve_alias(f"nix:{STORE_HASH}") is None

@@ -95,6 +95,14 @@ def encode(value: Any) -> bytes:
     return cbor2.dumps(value, canonical=True, default=_default)
 
 
+def encode_built(value: Any) -> bytes:
+    """`encode` without the walk that refuses what has no dag-cbor encoding, for a value this codebase built
+    from parts of known types only (a NAR manifest builder's directory pages: names and targets are bytes, sizes
+    u64s from the NAR, links CIDs). The walk was about half the cost of encoding a page of a many-file NAR;
+    a value of any other origin goes through `encode`."""
+    return cbor2.dumps(value, canonical=True, default=_default)
+
+
 def _decode_link(value: Any, immutable: bool = False) -> CID:
     if not isinstance(value, bytes) or not value.startswith(b"\x00"):
         raise MalformedBlock("tag 42 must wrap a byte string starting with 0x00")

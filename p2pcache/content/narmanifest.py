@@ -264,7 +264,7 @@ class NarManifestBuilder:
             self.resolve()
             for _name, node in d.entries:
                 _fix_node(node)
-        data = dagcbor.encode({"type": PAGE_TYPE, "version": SCHEMA_VERSION, "entries": d.entries})
+        data = dagcbor.encode_built({"type": PAGE_TYPE, "version": SCHEMA_VERSION, "entries": d.entries})
         if len(data) > MAX_BLOCK_SIZE:
             raise InvalidInput(f"NAR manifest: a directory page of {len(data)} bytes exceeds the block limit")
         cid = CID.for_block(DAG_CBOR, data)
@@ -362,6 +362,11 @@ class NarManifestBuilder:
                 return out
             if self._tree is None:
                 self._data += data
+            elif len(data) == file.size:
+                # A whole chunked file in one piece: cut where feed + finish would, as views of these bytes
+                # (feed copies a piece under its scan threshold, and finish joins what it holds).
+                for piece in self._chunker.whole(data):
+                    self._chunk(piece, out)
             else:
                 for piece in self._chunker.feed(data):
                     self._chunk(piece, out)

@@ -148,21 +148,31 @@ class Index:
     # One connection serves the daemon's trio thread and its worker threads (adds, fetched blocks):
     # transactions hold this lock so two threads never interleave statements of different transactions.
     @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, durable: bool = True) -> Iterator[None]:
+        """One write transaction. `durable=False`: its commit does not wait for the WAL's fsync (synchronous
+        NORMAL for this one): a kill -9 keeps it as any commit, a power cut may take it back, and the next
+        durable commit's fsync makes it durable too (the WAL is one file, synced whole, in order). For rows
+        that nothing relies on across a restart (an upload's NAR before its narinfo names it)."""
         with self._txn_lock, _disk_full_is_disk_full(self.path):  # SQLITE_FULL: nothing of it was recorded
-            self.db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self.db.execute("PRAGMA synchronous = NORMAL")
             try:
-                yield
-            except BaseException:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                raise
-            try:
-                self.db.execute("COMMIT")
-            except BaseException:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                raise
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                except BaseException:
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                    raise
+                try:
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                    raise
+            finally:
+                if not durable:
+                    self.db.execute("PRAGMA synchronous = FULL")
 
     # The explicit form of `transaction()`: begin(), then exactly one of commit() or rollback().
     def begin(self) -> None:
@@ -369,6 +379,19 @@ class Index:
     def get_root(self, root: CID) -> RootInfo | None:
         row = self.db.execute(f"SELECT {self._ROOT_COLS} FROM roots WHERE root = ?", (root.buffer,)).fetchone()
         return self._root_from_row(row) if row else None
+
+    def name_root(self, root: CID, name: str | None, aliases: Iterable[str], verified: bool = False) -> None:
+        """Add a name (if it has none) and aliases to a root recorded complete already, whose block references
+        stand: what `put_root` does for it, without re-reading its links (one query per block link). RepoError
+        if it is not complete any more (a gc evicted it, or `verify --repair` found a block of it corrupt)."""
+        if not self.db.execute("UPDATE roots SET last_access = ?, name = COALESCE(name, ?), "
+                               "verified = MAX(verified, ?) WHERE root = ? AND complete = 1",
+                               (time.time(), name, int(verified), root.buffer)).rowcount:
+            raise RepoError(f"{root} is not held whole here any more (a gc or repair removed it meanwhile); "
+                            "add or fetch it again")
+        self.db.executemany(
+            "INSERT OR IGNORE INTO aliases(key, root) VALUES (?, ?)", ((a, root.buffer) for a in aliases)
+        )
 
     def resolve_alias(self, alias: str) -> CID | None:
         row = self.db.execute(

@@ -425,9 +425,11 @@ class Ingest:
             raise self._error
         return box[1]
 
-    def commit(self, record: Callable[["Index"], bool]) -> bool:
+    def commit(self, record: Callable[["Index"], bool], durable: bool = True) -> bool:
         """Make the appends durable, then in one index transaction record the blocks and call `record(index)`
-        (which puts the root and what else belongs to it); returns what `record` returned."""
+        (which puts the root and what else belongs to it); returns what `record` returned. `durable=False`:
+        the transaction's own commit does not wait for its fsync (`Index.transaction`); the appends are
+        flushed before it all the same, so no row can reach the disk before the bytes it points at."""
         if self._done:
             raise RepoError("internal: ingest already committed or aborted")
         self._stop_workers(drain=False)
@@ -435,7 +437,7 @@ class Ingest:
             raise self._error
         repo = self.repo
         repo.flush()
-        with repo.index.transaction():
+        with repo.index.transaction(durable):
             repo.record_blocks(self.written)
             result = record(repo.index)
         repo.blocks_committed(self.written)

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from .content.lockfiles import Dependency
 
 log = logging.getLogger(__name__)
+timeline = logging.getLogger("p2pcache.timeline")  # debug lines of a cold copy's timeline (bench/nixcopy.py)
 
 ProgressFn = Callable[[int, int | None], None]
 RACE_STAGGER = 0.2  # seconds between asking one provider and the next (happy eyeballs)
@@ -215,8 +216,10 @@ class Node:
                 nursery.start_soon(self._hash_lazily, lazy)
                 for root in repo.index.archives_without("sha512"):
                     self._lazy_hashes.send_nowait(root)
+                host = self.host
                 self.finder = ProviderFinder(self.dht, FinderConfig(negative_ttl=cfg.negative_ttl,
-                                                                    default_timeout=cfg.lookup_timeout))
+                                                                    default_timeout=cfg.lookup_timeout),
+                                             dialable=lambda peer: not host.dial_backoff.is_blocked(str(peer)))
                 ResolveServer(lookup=self._answer_resolve).register(self.host)
                 self._start_build_cache(nursery)
                 if self.serve_api:
@@ -790,8 +793,11 @@ class Node:
         first_ids = {p.peer_id for p in first}
 
         async def providers_of(key: str, timeout: float) -> list:
-            return [p for p in await finder.providers(key, timeout=timeout)
-                    if p.peer_id != me and p.peer_id not in first_ids]
+            timeline.debug("providers of %s: lookup begins", key)
+            found = [p for p in await finder.providers(key, timeout=timeout)
+                     if p.peer_id != me and p.peer_id not in first_ids]
+            timeline.debug("providers of %s: lookup ends (%d)", key, len(found))
+            return found
 
         async def ask_logged(peer: Any) -> Any:
             try:

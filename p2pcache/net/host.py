@@ -293,7 +293,7 @@ class DialBackoff:
     it up to `maximum`; a failure more than `maximum` after the last block ended starts again at `initial`.
     A peer with a live connection is never blocked (py-libp2p checks the cache before it looks for one, so
     a peer that dialled us back was refused until its entry expired). `evict` (a successful dial, a new
-    connection, any sign the peer is back) forgets the peer."""
+    connection, any sign the peer is back) forgets the peer and wakes whoever waits it out (`wait`)."""
 
     def __init__(self, connected: Callable[[str], bool], *, initial: float = 1.0, maximum: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, max_size: int = 10_000) -> None:
@@ -302,6 +302,7 @@ class DialBackoff:
         self._clock = clock
         self._max_size = max_size
         self._blocks: dict[str, tuple[float, int]] = {}  # peer -> (blocked until, failures in a row)
+        self._lifted: dict[str, trio.Event] = {}  # peer -> set when its block is lifted (`evict`)
 
     def mark_failed(self, peer_id: str) -> None:
         now = self._clock()
@@ -325,9 +326,22 @@ class DialBackoff:
 
     def evict(self, peer_id: str) -> None:
         self._blocks.pop(peer_id, None)
+        lifted = self._lifted.pop(peer_id, None)
+        if lifted is not None:
+            lifted.set()
 
     def clear(self) -> None:
         self._blocks.clear()
+        for lifted in self._lifted.values():
+            lifted.set()
+        self._lifted.clear()
+
+    async def wait(self, peer_id: str) -> None:
+        """Until `peer_id` may be dialled: its block ran out, or something lifted it (`evict`)."""
+        while (left := self.blocked_for(peer_id)) > 0:
+            lifted = self._lifted.setdefault(peer_id, trio.Event())
+            with trio.move_on_after(left):
+                await lifted.wait()
 
 
 class _Notifee:
@@ -457,7 +471,17 @@ class NodeHost:
         handshake of one attempt (and tries four times), not the TCP connect, so an address that drops
         packets held a dial for 40 s or more; and a dial its caller cut short was never remembered as
         failed, so every later ask waited again. A dial that times out, or is cut after a second or more
-        without an answer, puts the peer into the dial backoff like any failed dial."""
+        without an answer, puts the peer into the dial backoff like any failed dial.
+
+        A peer still in its dial backoff is waited out if the backoff ends before the caller's deadline (and
+        within `handshake_timeout`, what a dial may take anyway): a get asked a second after its only provider's
+        dial failed used to fail at once, whatever time it had left. Longer, it fails at once (one line)."""
+        left = self.dial_backoff.blocked_for(str(peer))
+        if left > 0:
+            if trio.current_time() + left >= trio.current_effective_deadline() or left > self.config.handshake_timeout:
+                raise HostError(f"cannot connect to {peer}: its last dials failed; the next is allowed in {left:.1f} s")
+            log.debug("waiting %.1f s of dial backoff before dialling %s", left, peer)
+            await self.dial_backoff.wait(str(peer))
         start = trio.current_time()
         try:
             with trio.move_on_after(self.config.handshake_timeout) as dial:

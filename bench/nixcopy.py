@@ -90,7 +90,45 @@ _COPYING = re.compile(r"copying path '([^']+)'")
 _NAR_DONE = re.compile(r"finished download of '[^']*/nar/[^']*'")
 
 
-def traced_copy(bench: nixbench.Bench, src: str, content: dict, label: str) -> dict:
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z DEBUG p2pcache\.timeline: (.*)$")
+
+
+def node_events(logs: dict[str, Path], since: float, until: float) -> list[tuple[float, str, str]]:
+    """The `p2pcache.timeline` debug lines of the daemons' logs ({who: log file}) between two wall-clock times:
+    (time, who, text)."""
+    import calendar
+
+    out = []
+    for who, path in logs.items():
+        for line in path.read_text(errors="replace").splitlines():
+            if (m := _STAMP.match(line)) is None:
+                continue
+            day, frac = m.group(1).split(".")
+            t = calendar.timegm(time.strptime(day, "%Y-%m-%dT%H:%M:%S")) + int(frac) / 1000
+            if since - 0.01 <= t <= until + 0.01:
+                out.append((t, who, m.group(2)))
+    return out
+
+
+def split_nar(events: list[tuple[float, str, str]], began: float, done: float) -> dict[str, float]:
+    """One NAR's download split by the node's events (ms after Nix's "copying path"): the first of each kind."""
+    marks = {"B: stream begins": "nar .*: stream begins", "B: DAG stream opening": "dag .*: opening a stream",
+             "B: DAG request sent": "dag .*: request of", "A: request read": "dag serve .*: request of",
+             "A: first write": "dag serve: first write", "B: first bytes read": "dag .*: first .* bytes read",
+             "B: manifest at hand": "nar .*: manifest at hand", "B: first bytes to Nix": "nar .*: first bytes",
+             "B: last byte to Nix": "nar .*: last byte", "A: end written": "dag serve: end written"}
+    out: dict[str, float] = {}
+    for label, pattern in marks.items():
+        who = label.split(":")[0]
+        hit = next((t for t, w, text in events if w == who and began <= t <= done and re.match(pattern, text)), None)
+        if hit is not None:
+            out[label] = (hit - began) * 1000
+    out["Nix: finished download"] = (done - began) * 1000
+    return out
+
+
+def traced_copy(bench: nixbench.Bench, src: str, content: dict, label: str,
+                logs: dict[str, Path] | None = None) -> dict:
     """One `nix copy --debug --from SRC` into a fresh store, its stderr lines timestamped on arrival: the
     narinfo phase (until the first "copying path"), then per path the NAR download ("copying path" ->
     "finished download of …/nar/…") and what Nix did after it until the next path began (unpacking, hashing,
@@ -99,12 +137,15 @@ def traced_copy(bench: nixbench.Bench, src: str, content: dict, label: str) -> d
     store = bench.work / f"store-t{bench.serial}"
     nix = nixbench.Nix(bench.work / f"home-t{bench.serial}")
     t0 = time.perf_counter()
+    wall0 = time.time()
     proc = subprocess.Popen(["nix", "copy", "--debug", "--from", src, "--to", str(store), content["top"]],
                             env=nix.env("require-sigs = false\n"), stderr=subprocess.PIPE, text=True, errors="replace")
     assert proc.stderr is not None
     steps: list[list] = []  # [path, began, nar downloaded]
+    nix_lines: list[tuple[float, str, str]] = []
     for line in proc.stderr:
         now = time.perf_counter() - t0
+        nix_lines.append((wall0 + now, "Nix", line.rstrip()[:160]))
         if (m := _COPYING.search(line)) is not None:
             steps.append([m.group(1), now, None])
         elif _NAR_DONE.search(line) and steps and steps[-1][2] is None:
@@ -123,8 +164,16 @@ def traced_copy(bench: nixbench.Bench, src: str, content: dict, label: str) -> d
         end = steps[i + 1][1] if i + 1 < len(steps) else wall
         done = end if done is None else done
         size = content["paths"][path].get("narSize", 0) if isinstance(content["paths"], dict) else 0
-        paths.append({"path": path, "nar_bytes": size, "download": done - began, "nix_after": end - done})
-    return {"label": label, "wall": wall, "narinfo_phase": steps[0][1] if steps else wall, "paths": paths}
+        paths.append({"path": path, "nar_bytes": size, "download": done - began, "nix_after": end - done,
+                      "began": wall0 + began, "done": wall0 + done})
+    trace = {"label": label, "wall": wall, "narinfo_phase": steps[0][1] if steps else wall, "paths": paths}
+    if logs:
+        events = sorted(nix_lines + node_events(logs, wall0, wall0 + wall))
+        out = bench.work.parent / f"p2pcache-nixcopy-timeline-{content['top'].split('-', 1)[0][-8:]}-{bench.serial}.txt"
+        out.write_text("".join(f"{(t - wall0) * 1000:9.1f} ms {who:3} {text}\n" for t, who, text in events))
+        trace["events_file"] = str(out)
+        trace["nar_splits"] = {p["path"]: split_nar(events, p["began"], p["done"]) for p in paths}
+    return trace
 
 
 def print_timelines(kind: str, traces: list[dict]) -> None:
@@ -140,6 +189,16 @@ def print_timelines(kind: str, traces: list[dict]) -> None:
         log(f"  {name:28} {mib:5.1f} MiB {cells}")
     log("  total               " + "".join(f"{t['wall']:24.3f}" for t in traces))
     for t in traces:
+        if "nar_splits" not in t:
+            continue
+        log(f"  {t['label']}: every event merged in {t['events_file']}")
+        biggest = max(t["paths"], key=lambda p: p["nar_bytes"])
+        split = t["nar_splits"][biggest["path"]]
+        log(f"  {t['label']}: the biggest NAR ({biggest['nar_bytes'] / MiB:.1f} MiB), ms after Nix's 'copying path':")
+        for what, ms in sorted(split.items(), key=lambda kv: kv[1]):
+            log(f"    {ms:8.1f}  {what}")
+            emit(f"{kind}_timeline_biggest_nar_{what.replace(':', '').replace(' ', '_')}_ms", ms, "ms", "lower")
+    for t in traces:
         emit(f"{kind}_timeline_{t['label'].replace(' ', '_')}_narinfo_phase_seconds", t["narinfo_phase"], "s", "lower")
         emit(f"{kind}_timeline_{t['label'].replace(' ', '_')}_nar_download_seconds",
              sum(p["download"] for p in t["paths"]), "s", "lower")
@@ -154,7 +213,9 @@ def main() -> int:
     ap.add_argument("--xz-level", type=int, default=0, help="xz level of the static cache (Nix's default is 6)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--timeline", action="store_true", help="also one traced copy per kind: where the time goes")
+    ap.add_argument("--timeline-only", action="store_true", help="only the traced copies (no timed runs)")
     args = ap.parse_args()
+    args.timeline = args.timeline or args.timeline_only
     started = nixbench.start_bench(args, "nixcopy")
     if started is None:
         return 2
@@ -165,7 +226,7 @@ def main() -> int:
         nix = bench.nix
         log(f"bench/nixcopy.py: temp dir {work} (2 cores shared with other work: compare same-run ratios)")
         kinds = make_kinds(nix, work, token, args.quick, made)
-        a = bench.daemon("a")
+        a = bench.daemon("a", extra=["--log-level", "debug"] if args.timeline else [])  # its timeline lines
         c = bench.daemon("c", bootstrap=[a.addr])  # a second runner: it takes A's provider records
         nixbench.wait_peers(a, 1)
         for content in kinds.values():
@@ -181,7 +242,7 @@ def main() -> int:
             statics[comp] = bench.static_server(d)
         serial = [0]
 
-        def cold_b(variant: str) -> nixbench.Daemon:
+        def cold_b(variant: str, traced: bool = False) -> nixbench.Daemon:
             serial[0] += 1
             repo = work / f"b{serial[0]}"
             repo.mkdir()
@@ -190,13 +251,14 @@ def main() -> int:
             (repo / "config.toml").write_text(f'[transfer]\nprotocol = "{protocol}"\n{prefetch}')
             # the daemon's default lookup timeout (bench/nix.py's 2 s misses now and then on a loaded machine)
             # at info, so a failed copy's cause is in B's log (printed below when one fails)
-            b = bench.daemon(repo.name, bootstrap=[a.addr, c.addr], extra=["--lookup-timeout", "5", "--log-level", "info"])
+            level = "debug" if traced else "info"  # debug: the timeline's lines (`traced_copy`)
+            b = bench.daemon(repo.name, bootstrap=[a.addr, c.addr], extra=["--lookup-timeout", "5", "--log-level", level])
             nixbench.wait_peers(b, 2)
             return b
 
         results: dict[str, dict[str, list[float]]] = {}
         failures: dict[str, int] = {}
-        for kind, content in kinds.items():
+        for kind, content in kinds.items() if not args.timeline_only else ():
             res = results[kind] = {"static zstd": [], "static xz": [], **{f"p2pcache {v}": [] for v in VARIANTS}}
             for i in range(max(1, args.runs)):
                 for comp, (url, proc) in statics.items():
@@ -218,10 +280,11 @@ def main() -> int:
         timelines: dict[str, list[dict]] = {}
         if args.timeline:
             for kind, content in kinds.items():
-                b = cold_b("dag")
+                b = cold_b("dag", traced=True)
                 try:
+                    logs = {"A": work / "a.log", "B": work / f"{b.repo.name}.log"}
                     timelines[kind] = [traced_copy(bench, statics["zstd"][0], content, "static zstd"),
-                                       traced_copy(bench, b.api, content, "p2pcache dag")]
+                                       traced_copy(bench, b.api, content, "p2pcache dag", logs)]
                 finally:
                     bench.stop(b)
         bench.close()

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from ..exchange.server import BlockSource
 
 log = logging.getLogger(__name__)
+timeline = logging.getLogger("p2pcache.timeline")  # debug lines of a cold copy's timeline (bench/nixcopy.py)
 
 __all__ = ["PROTOCOL", "DagConfig", "DagServer", "DagTransfer", "TransferStats"]
 
@@ -356,6 +357,7 @@ class DagServer:
 
     async def _serve(self, stream: Any, peer: ID) -> None:
         roots, have, nodes_only = decode_request(await self._read_request(stream))
+        timeline.debug("dag serve %s: request of %d root(s) read", roots[0] if roots else None, len(roots))
         self.stats.served_streams += 1
         walk = DfsOrder(roots, have, nodes_only)
         batches_send, batches_recv = trio.open_memory_channel(1)  # one batch read ahead of the writes
@@ -401,6 +403,7 @@ class DagServer:
             # and never touched again: the next write gets a new one.
             out = bytearray()
             stats, write_bytes = self.stats, self.config.write_bytes
+            stats_first = [False]
             async for loaded in batches_recv:
                 for cid, data in loaded:
                     if data is None:
@@ -420,9 +423,13 @@ class DagServer:
                         await self._write(stream, out, peer)
                         out = bytearray()
                 if out:
+                    if not stats_first[0]:
+                        stats_first[0] = True
+                        timeline.debug("dag serve: first write of %d bytes", len(out))
                     await self._write(stream, out, peer)
                     out = bytearray()
             await self._write(stream, _end_frame(pb.DagEnd.OK), peer)
+            timeline.debug("dag serve: end written")
 
 
 # -- fetching ---------------------------------------------------------------------------------------------
@@ -823,12 +830,14 @@ class DagTransfer:
         stream = None
         try:
             try:
+                timeline.debug("dag %s: opening a stream to %s", run.walk.root, peer)
                 stream = await self.host.new_stream(peer, [PROTOCOL])
                 wants = req.trim()
                 if not wants:
                     return True
                 await stream.write(encode_request(wants))
                 await stream.close_write()
+                timeline.debug("dag %s: request of %d sent", run.walk.root, len(wants))
             except Exception as e:  # does not speak the protocol, or unreachable: not its fault
                 log.debug("no DAG stream to %s: %s", peer, e)
                 run.last_error = f"{peer}: {e}"
@@ -881,6 +890,8 @@ class DagTransfer:
                 got = frames.feed(data)
             except ProtocolViolation as e:
                 raise _Hostile(str(e)) from None
+            if req.order.sent == 0:
+                timeline.debug("dag %s: first %d bytes read", walk.root, len(data))
             if got:
                 req.progress_at = trio.current_time()  # (the frames of one read arrived together)
             for frame in got:

@@ -59,6 +59,8 @@ __all__ = ["Found", "Intake", "LookupFailed", "NarPrefetches", "NarSink", "NarSo
            "RepoSource", "Swarm", "SwarmSource", "UpstreamSource"]
 
 log = logging.getLogger("p2pcache.nixcache")
+# Debug lines a cold copy's timeline is made of (bench/nixcopy.py --timeline merges them with Nix's --debug).
+timeline = logging.getLogger("p2pcache.timeline")
 
 # Nodes with upstream caches announce this key: a peer whose DHT lookup missed asks them to pull through.
 GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
@@ -459,7 +461,9 @@ class SwarmSource:
         me = swarm.me
 
         async def ask(peer: "PeerInfo") -> tuple[NarInfo, CID, bytes]:
+            timeline.debug("narinfo %s: resolve asked of %s", store_hash, peer.peer_id)
             answer = await swarm.resolve(peer, alias)
+            timeline.debug("narinfo %s: resolve answered by %s", store_hash, peer.peer_id)
             if answer is None:
                 raise NotHeld()
             if answer.kind != "nar" or answer.narinfo is None or answer.root.codec != DAG_CBOR:
@@ -470,6 +474,7 @@ class SwarmSource:
             # The manifest root is small: check it carries the NarHash the peer claims before we
             # hand that claim to Nix.
             blocks = await swarm.fetch_blocks([answer.root], [peer])
+            timeline.debug("narinfo %s: manifest root fetched from %s", store_hash, peer.peer_id)
             try:
                 manifest = NarManifest.decode(blocks[answer.root])
             except KeyError:
@@ -481,14 +486,20 @@ class SwarmSource:
             return info, answer.root, blocks[answer.root]
 
         async def gateways(timeout: float) -> list["PeerInfo"]:
-            return [p for p in await swarm.providers(str(GATEWAY_MARKER), timeout=timeout) if p.peer_id != me]
+            timeline.debug("narinfo %s: gateway lookup begins", store_hash)
+            try:
+                return [p for p in await swarm.providers(str(GATEWAY_MARKER), timeout=timeout) if p.peer_id != me]
+            finally:
+                timeline.debug("narinfo %s: gateway lookup ends", store_hash)
 
         # A gateway pulls the path through from its upstreams before it answers, so gateways are
         # asked after the providers themselves (the race's second tier).
         first = list(reversed(self._recent.values()))
+        timeline.debug("narinfo %s: race begins (%d recent)", store_hash, len(first))
         race = await swarm.race(alias, ask, (gateways,) if self.ask_gateways else (), timeout=self.patience,
                                 first=first)
         self._remember_winner(race, first)
+        timeline.debug("narinfo %s: race ends (%s)", store_hash, race.outcome.value)
         if race.winner is None:
             if race.outcome is not RaceOutcome.MISS:
                 cut = f", {race.sources_failed} DHT lookup(s) did not finish" if race.sources_failed else ""
@@ -527,6 +538,8 @@ class SwarmSource:
         repo = source.repo
         root = found.root
         assert root is not None
+        name = found.narinfo.store_path.hash_part
+        timeline.debug("nar %s: stream begins", name)
         prefetch = self.prefetches.take(found) if self.prefetches is not None else None
         if prefetch is not None:  # the fetch began when Nix got the narinfo: stream what it brings
             arriving, counted = prefetch.arriving, prefetch.counted
@@ -553,6 +566,7 @@ class SwarmSource:
                 if prefetch is None:
                     nursery.start_soon(fetcher)
                 manifest = NarManifest.decode(await arriving.get(root))
+                timeline.debug("nar %s: manifest at hand", name)
                 await sink.start(manifest.nar_size, "nar")
                 assembly = NarAssembly(manifest)
                 pieces = assembly.start()
@@ -566,6 +580,8 @@ class SwarmSource:
                     if out and (cid is None or size >= SEND_BYTES or not arriving.ready(cid)):
                         body = out[0] if len(out) == 1 else b"".join(out)  # never wait holding bytes
                         out, size = [], 0
+                        if not sent:
+                            timeline.debug("nar %s: first bytes to Nix", name)
                         sent += len(body)
                         await sink.write(body)
                     if cid is None:
@@ -574,6 +590,7 @@ class SwarmSource:
                     # drop the connection with the body incomplete.
                     pieces = assembly.give(await arriving.get(cid))
                 await sink.end()
+                timeline.debug("nar %s: last byte to Nix", name)
                 self.metrics.served.labels("peer").inc(sent)
                 if prefetch is not None:
                     await prefetch.done.wait()  # its last blocks committed (or it failed) before the root is claimed

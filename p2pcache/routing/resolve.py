@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["PROTOCOL", "ResolveLookup", "ResolveServer", "ResolveServerStats", "resolve"]
 
 log = logging.getLogger(__name__)
+timeline = logging.getLogger("p2pcache.timeline")  # debug lines of a cold copy's timeline (bench/nixcopy.py)
 
 _Answer = TypeVar("_Answer")  # what ask_once's `decode` makes of the answer frame
 
@@ -167,6 +168,7 @@ async def ask_once(host: Host, peer_id: ID, protocol: TProtocol, request: bytes,
     try:
         with trio.fail_after(timeout):
             stream = await host.new_stream(peer_id, [protocol])
+            timeline.debug("%s: stream to %s open", asking, peer_id)
             await stream.write(request)
             await stream.close_write()
             payload = await read_frame(stream, FrameReader(limit, what))

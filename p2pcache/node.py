@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from .buildcache import BuildCache
     from .content.lockfiles import Dependency
 
+from .routing.resolve_wire import MAX_ROOT_BLOCK
+
 log = logging.getLogger(__name__)
 timeline = logging.getLogger("p2pcache.timeline")  # debug lines of a cold copy's timeline (bench/nixcopy.py)
 
@@ -884,7 +886,15 @@ class Node:
             if nar is None:
                 return None
             root = self.nix.narstore.root_of(alias[4:])
-            return ResolveAnswer(root=root, kind="nar", size=nar.nar_size, narinfo=NarInfoFields(
+            # The manifest root goes with the answer: the asker checks the narinfo against it before it tells
+            # Nix, and would otherwise fetch it over bitswap, a round trip per lookup (one indexed read here)
+            try:
+                block: bytes | None = self.repo.load_block(root)
+            except P2PCacheError:
+                block = None  # the asker fetches it (and meets the same trouble there)
+            if block is not None and len(block) > MAX_ROOT_BLOCK:
+                block = None
+            return ResolveAnswer(root=root, kind="nar", size=nar.nar_size, root_block=block, narinfo=NarInfoFields(
                 store_path=str(nar.store_path), nar_hash=f"sha256:{nar.nar_hash.digest.hex()}",
                 nar_size=nar.nar_size, references=tuple(nar.references), deriver=nar.deriver or "",
                 system=nar.system or "", ca=nar.ca or "", sigs=tuple(nar.sigs)))

@@ -88,6 +88,9 @@ MAX_STREAMS = 256
 MAX_UPLOADS = 16  # an upload holds a thread for its whole body (bounded by asgi.bounded_bodies)
 PULL_THREADS = 8  # NAR downloads from upstream caches, for us or for a peer
 RECENT_PROVIDERS = 3  # peers that answered the last swarm lookups, asked first by the next (`SwarmSource`)
+# A narinfo lookup looks up the gateways once no provider is being asked, or this many seconds after the
+# providers' lookup at the latest; GATEWAY_SETTLE: the moment the race takes to ask what the walk named.
+GATEWAY_DELAY, GATEWAY_SETTLE = 1.0, 0.01
 
 
 class LookupFailed(P2PCacheError):
@@ -428,6 +431,30 @@ def narinfo_from_fields(fields: NarInfoFields, store_dir: str) -> NarInfo:
     )
 
 
+class _InFlight:
+    """How many asks are under way (`with in_flight:` around each), whether one answered, and `none()` to wait
+    until none is under way."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.answered = False
+        self._idle = trio.Event()
+
+    def __enter__(self) -> None:
+        self.count += 1
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.answered = self.answered or exc_type is None
+        self.count -= 1
+        if not self.count:
+            self._idle.set()
+            self._idle = trio.Event()
+
+    async def none(self) -> None:
+        while self.count:
+            await self._idle.wait()
+
+
 class SwarmSource:
     """Peers that announce the store path, then (unless this node is a gateway itself) the gateways, in one
     race (`Swarm.race`, the node's one policy); the NAR streams to Nix while its blocks arrive."""
@@ -459,8 +486,13 @@ class SwarmSource:
             raise LookupFailed("the swarm is not up yet")
         alias = nix_alias(store_hash)
         me = swarm.me
+        asking = _InFlight()
 
         async def ask(peer: "PeerInfo") -> tuple[NarInfo, CID, bytes]:
+            with asking:
+                return await check(peer)
+
+        async def check(peer: "PeerInfo") -> tuple[NarInfo, CID, bytes]:
             timeline.debug("narinfo %s: resolve asked of %s", store_hash, peer.peer_id)
             answer = await swarm.resolve(peer, alias)
             timeline.debug("narinfo %s: resolve answered by %s", store_hash, peer.peer_id)
@@ -472,20 +504,35 @@ class SwarmSource:
             if info.store_path.hash_part != store_hash:
                 raise InvalidInput(f"answered a narinfo for another path, {info.store_path}")
             # The manifest root is small: check it carries the NarHash the peer claims before we
-            # hand that claim to Nix.
-            blocks = await swarm.fetch_blocks([answer.root], [peer])
-            timeline.debug("narinfo %s: manifest root fetched from %s", store_hash, peer.peer_id)
-            try:
-                manifest = NarManifest.decode(blocks[answer.root])
-            except KeyError:
-                raise InvalidInput(f"did not send the manifest root {answer.root}") from None
+            # hand that claim to Nix. It comes with the answer (else it is fetched): bytes that do not hash
+            # to the root the peer named are a lie like any other block's.
+            root_block = answer.root_block
+            if root_block is None:
+                blocks = await swarm.fetch_blocks([answer.root], [peer])
+                timeline.debug("narinfo %s: manifest root fetched from %s", store_hash, peer.peer_id)
+                root_block = blocks.get(answer.root)
+                if root_block is None:
+                    raise InvalidInput(f"did not send the manifest root {answer.root}")
+            elif not answer.root.verify(root_block):
+                log.warning("peer %s: the root block in its answer for %s does not hash to %s", peer.peer_id, alias,
+                            answer.root)
+                raise CorruptData(f"the root block in its answer does not hash to {answer.root}")
+            manifest = NarManifest.decode(root_block)
             if manifest.nar_hash != info.nar_hash.digest or manifest.nar_size != info.nar_size:
                 log.warning("peer %s: NAR manifest %s does not match its narinfo for %s", peer.peer_id,
                             answer.root, alias)
                 raise CorruptData(f"its NAR manifest {answer.root} does not match its narinfo")
-            return info, answer.root, blocks[answer.root]
+            return info, answer.root, root_block
 
         async def gateways(timeout: float) -> list["PeerInfo"]:
+            # Only once no provider is being asked any more (the race ends when one answers, and this with it),
+            # or GATEWAY_DELAY after the providers' lookup: the lookup of the gateways' marker is a DHT walk
+            # beside the asks on this node's one event loop, and a miss in a swarm without gateways.
+            with trio.move_on_after(GATEWAY_DELAY):
+                await trio.sleep(GATEWAY_SETTLE)  # the race asks the providers the walk has just named
+                await asking.none()
+            if asking.answered:
+                return []  # the race has its answer (and ends this lookup at once)
             timeline.debug("narinfo %s: gateway lookup begins", store_hash)
             try:
                 return [p for p in await swarm.providers(str(GATEWAY_MARKER), timeout=timeout) if p.peer_id != me]

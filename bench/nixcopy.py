@@ -214,6 +214,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--timeline", action="store_true", help="also one traced copy per kind: where the time goes")
     ap.add_argument("--timeline-only", action="store_true", help="only the traced copies (no timed runs)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"cold B nodes to time (of {', '.join(VARIANTS)})")
     args = ap.parse_args()
     args.timeline = args.timeline or args.timeline_only
     started = nixbench.start_bench(args, "nixcopy")
@@ -258,13 +259,16 @@ def main() -> int:
 
         results: dict[str, dict[str, list[float]]] = {}
         failures: dict[str, int] = {}
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if set(variants) - set(VARIANTS):
+            raise SystemExit(f"--variants: not one of {', '.join(VARIANTS)}: {', '.join(set(variants) - set(VARIANTS))}")
         for kind, content in kinds.items() if not args.timeline_only else ():
-            res = results[kind] = {"static zstd": [], "static xz": [], **{f"p2pcache {v}": [] for v in VARIANTS}}
+            res = results[kind] = {"static zstd": [], "static xz": [], **{f"p2pcache {v}": [] for v in variants}}
             for i in range(max(1, args.runs)):
                 for comp, (url, proc) in statics.items():
                     r = bench.copy(url, content, {"server": proc.pid})
                     res[f"static {comp}"].append(r["wall"])
-                for protocol in VARIANTS:
+                for protocol in variants:
                     b = cold_b(protocol)
                     try:
                         r = bench.copy(b.api, content, {"A": a.proc.pid, "B": b.proc.pid})

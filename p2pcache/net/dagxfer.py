@@ -661,8 +661,21 @@ class _LeafStore(RepoBatcher):
         # streaming to Nix) only once its batch is hashed, so one whole 4 MiB batch first would leave the
         # reader idle for the first 4 MiB of every fetch (half of an 8 MiB NAR); 6 more thread hops a fetch.
         self._limit = min(store_bytes, FIRST_LEAF_BATCH)
+        # ... and the very first leaves of a fetch someone reads as it arrives are hashed here, on the loop
+        # (FIRST_LEAF_BATCH takes about 0.1 ms), and handed on at once: the first NAR byte no longer waits for
+        # a worker thread's turn and a pack append, which under load took tens of ms (bench/nixcopy.py --timeline).
+        self._inline = FIRST_LEAF_BATCH if run.on_verified is not None else 0
 
     async def add_leaf(self, cid: CID, data: bytes, peer: ID) -> None:
+        if self._inline > 0:
+            self._inline -= len(data)
+            leaf = (cid, data, peer)
+            if cid.verify(data):
+                self._run.leaves_checked([leaf], [])
+                await self.add(cid, data)  # appended with the next batch, as a verified node is
+            else:
+                self._run.leaves_checked([], [leaf])
+            return
         self._leaves.append((cid, data, peer))
         self.unchecked += 1
         self.pending_bytes += len(data)

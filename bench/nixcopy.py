@@ -258,6 +258,7 @@ def main() -> int:
             return b
 
         results: dict[str, dict[str, list[float]]] = {}
+        cpu: dict[str, list[dict[str, float]]] = {}  # CPU seconds of A and B (and Nix) per swarm copy
         failures: dict[str, int] = {}
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         if set(variants) - set(VARIANTS):
@@ -273,6 +274,7 @@ def main() -> int:
                     try:
                         r = bench.copy(b.api, content, {"A": a.proc.pid, "B": b.proc.pid})
                         res[f"p2pcache {protocol}"].append(r["wall"])
+                        cpu.setdefault(f"{kind} {protocol}", []).append(r["cpu"])
                     except RuntimeError as e:  # reported, not hidden: a copy that failed is counted
                         failures[f"{kind} {protocol}"] = failures.get(f"{kind} {protocol}", 0) + 1
                         log(f"  {kind} run {i + 1}, p2pcache {protocol}: FAILED: {str(e).splitlines()[-1][:300]}")
@@ -315,6 +317,12 @@ def main() -> int:
                 ratio = best["p2pcache dag prefetch"] / best["p2pcache dag"]
                 log(f"  p2pcache dag with the NAR prefetch / dag without it (the default): {ratio:.2f}x")
                 emit(f"{kind}_prefetch_over_no_prefetch", ratio, "ratio", "lower", nar_mib=round(mib, 1))
+        for what, runs in cpu.items():
+            for who in ("A", "B"):
+                best = min(r[who] for r in runs)
+                log(f"  CPU of {who} in a {what} copy: min {best:.2f} s, runs [{', '.join(f'{r[who]:.2f}' for r in runs)}]")
+                emit(f"{what.replace(' ', '_')}_cpu_{who}_seconds", best, "s", "lower",
+                     runs=[round(r[who], 3) for r in runs])
         for kind, traces in timelines.items():
             print_timelines(kind, traces)
         for what, n in failures.items():

@@ -295,6 +295,33 @@ async def test_the_very_first_leaves_are_handed_on_as_they_arrive_before_any_is_
         assert b"".join(b.repo.stream(root)) == data
 
 
+@pytest.mark.trio
+async def test_a_served_streams_first_read_is_a_few_blocks_then_whole_read_batches(tmp_path):
+    """The asker's first bytes wait for the server's whole first read (and its write): it reads
+    FIRST_READ_BLOCKS blocks first, then `read_blocks` at a time, where every read was `read_blocks` (about
+    2 MiB of a NAR before its first byte left)."""
+    from p2pcache.net.dagxfer import FIRST_READ_BLOCKS
+
+    reads: list[int] = []
+
+    class Counting(RepoBlockSource):
+        def get_many(self, cids):
+            reads.append(len(cids))
+            return super().get_many(cids)
+
+    data = random.Random(10).randbytes(4 * MiB)
+    async with peer(tmp_path, "a") as a, peer(tmp_path, "b") as b:
+        root = a.repo.add_stream(io.BytesIO(data), name="x.bin", params=SMALLER).root
+        DagServer(Counting(a.repo), a.exchange.is_banned, a.config, a.stats).register(a.exchange.host)
+        with trio.fail_after(60):
+            await b.fetch(root, [a.exchange.host.addrs()[0]], b.repo)
+        b.repo.register_root(root)
+        assert b"".join(b.repo.stream(root)) == data
+    leaf_reads = [n for n in reads if n > 1]  # (a manifest node is read alone: its bytes tell what comes next)
+    assert leaf_reads[0] <= FIRST_READ_BLOCKS < a.config.read_blocks
+    assert max(leaf_reads) == a.config.read_blocks
+
+
 # -- in simnet: real Nodes on simulated hosts, virtual time -------------------------------------------------
 
 

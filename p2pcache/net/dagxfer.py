@@ -276,6 +276,9 @@ class _SlowAsker(Exception):
     """The asker read slower than the server's minimum rate: its stream is reset."""
 
 
+FIRST_READ_BLOCKS = 4  # server: blocks in a stream's first read from the repo (then `read_blocks`)
+
+
 class DagServer:
     """Answers DAG requests from `source` (the bitswap server's `BlockSource`: `get(cid)` gives verified
     bytes or None; a block that fails verification on disk is served as missing, never sent)."""
@@ -363,11 +366,13 @@ class DagServer:
         batches_send, batches_recv = trio.open_memory_channel(1)  # one batch read ahead of the writes
 
         async def read_ahead() -> None:
+            # The first read is small: the asker's first bytes (a NAR's first to Nix) wait for all of it
+            limit = min(FIRST_READ_BLOCKS, self.config.read_blocks)
             async with batches_send:
                 while True:
                     cids: list[CID] = []
                     lent: CID | None = None
-                    while len(cids) < self.config.read_blocks:
+                    while len(cids) < limit:
                         cid = walk.peek()
                         if cid is None:
                             break
@@ -384,6 +389,7 @@ class DagServer:
                             await batches_send.send([(lent, _LENT)])
                         return
                     loaded = await trio.to_thread.run_sync(self._load, cids)
+                    limit = self.config.read_blocks
                     last_cid, last = loaded[-1]
                     if last is not None and last_cid.codec == DAG_CBOR:
                         try:

@@ -214,6 +214,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--timeline", action="store_true", help="also one traced copy per kind: where the time goes")
     ap.add_argument("--timeline-only", action="store_true", help="only the traced copies (no timed runs)")
+    ap.add_argument("--kinds", default="closure,site-packages", help="contents to copy (closure, site-packages)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"cold B nodes to time (of {', '.join(VARIANTS)})")
     args = ap.parse_args()
     args.timeline = args.timeline or args.timeline_only
@@ -227,6 +228,7 @@ def main() -> int:
         nix = bench.nix
         log(f"bench/nixcopy.py: temp dir {work} (2 cores shared with other work: compare same-run ratios)")
         kinds = make_kinds(nix, work, token, args.quick, made)
+        kinds = {k: v for k, v in kinds.items() if k in args.kinds.split(",")}
         a = bench.daemon("a", extra=["--log-level", "debug"] if args.timeline else [])  # its timeline lines
         c = bench.daemon("c", bootstrap=[a.addr])  # a second runner: it takes A's provider records
         nixbench.wait_peers(a, 1)

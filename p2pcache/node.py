@@ -218,10 +218,11 @@ class Node:
                 nursery.start_soon(self._hash_lazily, lazy)
                 for root in repo.index.archives_without("sha512"):
                     self._lazy_hashes.send_nowait(root)
-                host = self.host
+                backoff = getattr(self.host, "dial_backoff", None)  # NodeHost's (simnet's hosts have none)
                 self.finder = ProviderFinder(self.dht, FinderConfig(negative_ttl=cfg.negative_ttl,
                                                                     default_timeout=cfg.lookup_timeout),
-                                             dialable=lambda peer: not host.dial_backoff.is_blocked(str(peer)))
+                                             dialable=None if backoff is None else
+                                             lambda peer: not backoff.is_blocked(str(peer)))
                 ResolveServer(lookup=self._answer_resolve).register(self.host)
                 self._start_build_cache(nursery)
                 if self.serve_api:

@@ -110,25 +110,45 @@ def node_events(logs: dict[str, Path], since: float, until: float) -> list[tuple
     return out
 
 
-def split_nar(events: list[tuple[float, str, str]], began: float, done: float) -> dict[str, float]:
-    """One NAR's download split by the node's events (ms after Nix's "copying path"): the first of each kind."""
-    marks = {"B: stream begins": "nar .*: stream begins", "B: DAG stream opening": "dag .*: opening a stream",
+def split_nar(events: list[tuple[float, str, str]], path: str, began: float, done: float) -> dict[str, float]:
+    """One NAR's download split by the node's events (ms after Nix's "copying path"): the first of each kind
+    (the NAR's own lines by its store hash, the DAG lines after its stream began)."""
+    h = path.rsplit("/", 1)[-1].split("-", 1)[0]
+    marks = {"B: stream begins": f"nar {h}: stream begins", "B: DAG stream opening": "dag .*: opening a stream",
              "B: DAG request sent": "dag .*: request of", "A: request read": "dag serve .*: request of",
              "A: first write": "dag serve: first write", "B: first bytes read": "dag .*: first .* bytes read",
-             "B: manifest at hand": "nar .*: manifest at hand", "B: first bytes to Nix": "nar .*: first bytes",
-             "B: last byte to Nix": "nar .*: last byte", "A: end written": "dag serve: end written"}
+             "B: manifest at hand": f"nar {h}: manifest at hand", "B: first bytes to Nix": f"nar {h}: first bytes",
+             "B: last byte to Nix": f"nar {h}: last byte", "A: end written": "dag serve: end written"}
     out: dict[str, float] = {}
+    start = next((t for t, w, text in events if w == "B" and text.startswith(f"nar {h}: stream begins")), began)
+    end = max([done] + [t for t, w, text in events if w == "B" and text.startswith(f"nar {h}: last byte")])
     for label, pattern in marks.items():
         who = label.split(":")[0]
-        hit = next((t for t, w, text in events if w == who and began <= t <= done and re.match(pattern, text)), None)
+        hit = next((t for t, w, text in events if w == who and start <= t <= end and re.match(pattern, text)), None)
         if hit is not None:
             out[label] = (hit - began) * 1000
-    out["Nix: finished download"] = (done - began) * 1000
+    return out
+
+
+def spy_summary(raw: Path, top: int = 25) -> list[str]:
+    """py-spy's collapsed stacks (`-f raw`, every thread, on-CPU samples only) summed by leaf function."""
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        total += int(n)
+        leaf = stack.split(";")[-1]
+        leaves[leaf] = leaves.get(leaf, 0) + int(n)
+    out = [f"{total} samples"]
+    for leaf, n in sorted(leaves.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"{100 * n / max(1, total):5.1f} %  {leaf[:150]}")
     return out
 
 
 def traced_copy(bench: nixbench.Bench, src: str, content: dict, label: str,
-                logs: dict[str, Path] | None = None) -> dict:
+                logs: dict[str, Path] | None = None, spy: dict[str, int] | None = None) -> dict:
     """One `nix copy --debug --from SRC` into a fresh store, its stderr lines timestamped on arrival: the
     narinfo phase (until the first "copying path"), then per path the NAR download ("copying path" ->
     "finished download of …/nar/…") and what Nix did after it until the next path began (unpacking, hashing,
@@ -136,6 +156,12 @@ def traced_copy(bench: nixbench.Bench, src: str, content: dict, label: str,
     bench.serial += 1
     store = bench.work / f"store-t{bench.serial}"
     nix = nixbench.Nix(bench.work / f"home-t{bench.serial}")
+    spies = {who: (bench.work / f"spy-{who}-{bench.serial}.txt", subprocess.Popen(
+        [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "250", "-f", "raw", "--threads",
+         "-o", str(bench.work / f"spy-{who}-{bench.serial}.txt"), "--pid", str(pid)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)) for who, pid in (spy or {}).items()}
+    if spies:
+        time.sleep(1.0)  # py-spy attaches
     t0 = time.perf_counter()
     wall0 = time.time()
     proc = subprocess.Popen(["nix", "copy", "--debug", "--from", src, "--to", str(store), content["top"]],
@@ -152,6 +178,13 @@ def traced_copy(bench: nixbench.Bench, src: str, content: dict, label: str,
             steps[-1][2] = now
     rc = proc.wait()
     wall = time.perf_counter() - t0
+    for who, (out, sp) in spies.items():
+        sp.send_signal(2)
+        sp.wait(timeout=60)
+        if out.exists():
+            log(f"  py-spy of {who} during the {label} copy (on-CPU samples, every thread), by leaf:")
+            for line in spy_summary(out):
+                log(f"    {line}")
     if rc != 0:
         raise RuntimeError(f"traced copy from {label} failed ({rc})")
     got = json.loads(nix.out("nix", "path-info", "--json", "--recursive", "--store", str(store), content["top"]))
@@ -172,7 +205,8 @@ def traced_copy(bench: nixbench.Bench, src: str, content: dict, label: str,
         out = bench.work.parent / f"p2pcache-nixcopy-timeline-{content['top'].split('-', 1)[0][-8:]}-{bench.serial}.txt"
         out.write_text("".join(f"{(t - wall0) * 1000:9.1f} ms {who:3} {text}\n" for t, who, text in events))
         trace["events_file"] = str(out)
-        trace["nar_splits"] = {p["path"]: split_nar(events, p["began"], p["done"]) for p in paths}
+        trace["nar_splits"] = {p["path"]: {"Nix: copying path": 0.0, **split_nar(events, p["path"], p["began"], p["done"]),
+                                           "Nix: finished download": (p["done"] - p["began"]) * 1000} for p in paths}
     return trace
 
 
@@ -214,6 +248,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--timeline", action="store_true", help="also one traced copy per kind: where the time goes")
     ap.add_argument("--timeline-only", action="store_true", help="only the traced copies (no timed runs)")
+    ap.add_argument("--spy", action="store_true", help="py-spy A and B during the traced swarm copies")
     ap.add_argument("--kinds", default="closure,site-packages", help="contents to copy (closure, site-packages)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"cold B nodes to time (of {', '.join(VARIANTS)})")
     args = ap.parse_args()
@@ -292,7 +327,8 @@ def main() -> int:
                 try:
                     logs = {"A": work / "a.log", "B": work / f"{b.repo.name}.log"}
                     timelines[kind] = [traced_copy(bench, statics["zstd"][0], content, "static zstd"),
-                                       traced_copy(bench, b.api, content, "p2pcache dag", logs)]
+                                       traced_copy(bench, b.api, content, "p2pcache dag", logs,
+                                                   {"A": a.proc.pid, "B": b.proc.pid} if args.spy else None)]
                 finally:
                     bench.stop(b)
         bench.close()

@@ -490,7 +490,9 @@ def test_a_provider_restarted_on_its_address_is_fetched_from_within_seconds(tmp_
     a = start_daemon(tmp_path / "a", listen=listen)
     daemons.append(a)
     while True:
+        t = time.monotonic()
         got = b.cli("get", sha, "-o", str(tmp_path / "o2"), check=False, timeout=60)
+        print(f"get after {t - failed_at:.1f} s took {time.monotonic() - t:.1f} s: {got.returncode} {got.stderr.decode()[-300:]}")
         if got.returncode == 0 or time.monotonic() - failed_at > 20:
             break
         time.sleep(1)

@@ -473,12 +473,15 @@ class NodeHost:
         failed, so every later ask waited again. A dial that times out, or is cut after a second or more
         without an answer, puts the peer into the dial backoff like any failed dial.
 
-        A peer still in its dial backoff is waited out if the backoff ends before the caller's deadline (and
-        within `handshake_timeout`, what a dial may take anyway): a get asked a second after its only provider's
-        dial failed used to fail at once, whatever time it had left. Longer, it fails at once (one line)."""
+        A peer still in its dial backoff is waited out if the caller has a deadline (a resolve's, a DHT RPC's)
+        that the backoff ends before, and within `handshake_timeout` (what a dial may take anyway): a get asked a
+        second after its only provider's dial failed used to fail at once, whatever time it had left. Otherwise
+        it fails at once (one line), as for a caller with no deadline: a DAG fetch's lane hands its share to the
+        other providers rather than hold it through the wait."""
         left = self.dial_backoff.blocked_for(str(peer))
         if left > 0:
-            if trio.current_time() + left >= trio.current_effective_deadline() or left > self.config.handshake_timeout:
+            deadline = trio.current_effective_deadline()
+            if deadline == math.inf or trio.current_time() + left >= deadline or left > self.config.handshake_timeout:
                 raise HostError(f"cannot connect to {peer}: its last dials failed; the next is allowed in {left:.1f} s")
             log.debug("waiting %.1f s of dial backoff before dialling %s", left, peer)
             await self.dial_backoff.wait(str(peer))

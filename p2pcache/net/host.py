@@ -18,16 +18,17 @@ or, in a nursery the caller owns: `host = NodeHost(config); await nursery.start(
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import os
 import random
 import socket
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence, cast
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence, cast
 
 import multiaddr
 import trio
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "HostConfig", "HostError", "NodeHost", "PeerEvent", "open_host", "load_identity", "new_swarm_key_file",
+    "patient_dials",
     "parse_peer_addr", "resolve_addr",
 ]
 
@@ -285,6 +287,20 @@ class _WholeFrameYamux(Yamux):
 _muxer_multistream.Yamux = _WholeFrameYamux  # type: ignore[misc]
 
 
+_PATIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("p2pcache_patient_dials", default=False)
+
+
+@contextmanager
+def patient_dials() -> Iterator[None]:
+    """Streams opened inside (on this task) wait out a dial backoff that ends before their deadline
+    (`NodeHost._dial`); elsewhere a peer in backoff fails at once."""
+    token = _PATIENT.set(True)
+    try:
+        yield
+    finally:
+        _PATIENT.reset(token)
+
+
 class DialBackoff:
     """How long a peer whose every address just failed is not dialled again: py-libp2p's swarm keeps such a
     peer in a negative cache for a flat 60 s (`Swarm._negative_peer_cache`), so a provider that restarted on
@@ -473,15 +489,17 @@ class NodeHost:
         failed, so every later ask waited again. A dial that times out, or is cut after a second or more
         without an answer, puts the peer into the dial backoff like any failed dial.
 
-        A peer still in its dial backoff is waited out if the caller has a deadline (a resolve's, a DHT RPC's)
-        that the backoff ends before, and within `handshake_timeout` (what a dial may take anyway): a get asked a
-        second after its only provider's dial failed used to fail at once, whatever time it had left. Otherwise
-        it fails at once (one line), as for a caller with no deadline: a DAG fetch's lane hands its share to the
-        other providers rather than hold it through the wait."""
+        A peer still in its dial backoff is waited out by a caller that asked for it (`patient_dials`: a resolve,
+        the ask a get or a lookup makes of a provider) if its deadline comes after the backoff ends, and within
+        `handshake_timeout` (what a dial may take anyway): a get asked a second after its only provider's dial
+        failed used to fail at once, whatever time it had left. Otherwise it fails at once (one line): a DHT
+        walk's RPC to a dead peer must not spend the walk's time waiting (the walk is cut and a miss looks like
+        a failed lookup), and a DAG fetch's lane hands its share to the other providers instead."""
         left = self.dial_backoff.blocked_for(str(peer))
         if left > 0:
             deadline = trio.current_effective_deadline()
-            if deadline == math.inf or trio.current_time() + left >= deadline or left > self.config.handshake_timeout:
+            if (not _PATIENT.get() or trio.current_time() + left >= deadline
+                    or left > self.config.handshake_timeout):
                 raise HostError(f"cannot connect to {peer}: its last dials failed; the next is allowed in {left:.1f} s")
             log.debug("waiting %.1f s of dial backoff before dialling %s", left, peer)
             await self.dial_backoff.wait(str(peer))

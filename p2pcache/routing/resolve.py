@@ -24,6 +24,7 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from ..net.host import patient_dials
 from .errors import ResolveProtocolError, ResolveUnavailable
 from .resolve_wire import (
     MAX_REQUEST,
@@ -167,7 +168,8 @@ async def ask_once(host: Host, peer_id: ID, protocol: TProtocol, request: bytes,
     stream = None
     try:
         with trio.fail_after(timeout):
-            stream = await host.new_stream(peer_id, [protocol])
+            with patient_dials():  # a provider in dial backoff is waited for if the backoff ends in time
+                stream = await host.new_stream(peer_id, [protocol])
             timeline.debug("%s: stream to %s open", asking, peer_id)
             await stream.write(request)
             await stream.close_write()

@@ -90,7 +90,65 @@ _COPYING = re.compile(r"copying path '([^']+)'")
 _NAR_DONE = re.compile(r"finished download of '[^']*/nar/[^']*'")
 
 
-def traced_copy(bench: nixbench.Bench, src: str, content: dict, label: str) -> dict:
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z DEBUG p2pcache\.timeline: (.*)$")
+
+
+def node_events(logs: dict[str, Path], since: float, until: float) -> list[tuple[float, str, str]]:
+    """The `p2pcache.timeline` debug lines of the daemons' logs ({who: log file}) between two wall-clock times:
+    (time, who, text)."""
+    import calendar
+
+    out = []
+    for who, path in logs.items():
+        for line in path.read_text(errors="replace").splitlines():
+            if (m := _STAMP.match(line)) is None:
+                continue
+            day, frac = m.group(1).split(".")
+            t = calendar.timegm(time.strptime(day, "%Y-%m-%dT%H:%M:%S")) + int(frac) / 1000
+            if since - 0.01 <= t <= until + 0.01:
+                out.append((t, who, m.group(2)))
+    return out
+
+
+def split_nar(events: list[tuple[float, str, str]], path: str, began: float, done: float) -> dict[str, float]:
+    """One NAR's download split by the node's events (ms after Nix's "copying path"): the first of each kind
+    (the NAR's own lines by its store hash, the DAG lines after its stream began)."""
+    h = path.rsplit("/", 1)[-1].split("-", 1)[0]
+    marks = {"B: stream begins": f"nar {h}: stream begins", "B: DAG stream opening": "dag .*: opening a stream",
+             "B: DAG request sent": "dag .*: request of", "A: request read": "dag serve .*: request of",
+             "A: first write": "dag serve: first write", "B: first bytes read": "dag .*: first .* bytes read",
+             "B: manifest at hand": f"nar {h}: manifest at hand", "B: first bytes to Nix": f"nar {h}: first bytes",
+             "B: last byte to Nix": f"nar {h}: last byte", "A: end written": "dag serve: end written"}
+    out: dict[str, float] = {}
+    start = next((t for t, w, text in events if w == "B" and text.startswith(f"nar {h}: stream begins")), began)
+    end = max([done] + [t for t, w, text in events if w == "B" and text.startswith(f"nar {h}: last byte")])
+    for label, pattern in marks.items():
+        who = label.split(":")[0]
+        hit = next((t for t, w, text in events if w == who and start <= t <= end and re.match(pattern, text)), None)
+        if hit is not None:
+            out[label] = (hit - began) * 1000
+    return out
+
+
+def spy_summary(raw: Path, top: int = 25) -> list[str]:
+    """py-spy's collapsed stacks (`-f raw`, every thread, on-CPU samples only) summed by leaf function."""
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        total += int(n)
+        leaf = stack.split(";")[-1]
+        leaves[leaf] = leaves.get(leaf, 0) + int(n)
+    out = [f"{total} samples"]
+    for leaf, n in sorted(leaves.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"{100 * n / max(1, total):5.1f} %  {leaf[:150]}")
+    return out
+
+
+def traced_copy(bench: nixbench.Bench, src: str, content: dict, label: str,
+                logs: dict[str, Path] | None = None, spy: dict[str, int] | None = None) -> dict:
     """One `nix copy --debug --from SRC` into a fresh store, its stderr lines timestamped on arrival: the
     narinfo phase (until the first "copying path"), then per path the NAR download ("copying path" ->
     "finished download of …/nar/…") and what Nix did after it until the next path began (unpacking, hashing,
@@ -98,19 +156,35 @@ def traced_copy(bench: nixbench.Bench, src: str, content: dict, label: str) -> d
     bench.serial += 1
     store = bench.work / f"store-t{bench.serial}"
     nix = nixbench.Nix(bench.work / f"home-t{bench.serial}")
+    spies = {who: (bench.work / f"spy-{who}-{bench.serial}.txt", subprocess.Popen(
+        [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "250", "-f", "raw", "--threads",
+         "-o", str(bench.work / f"spy-{who}-{bench.serial}.txt"), "--pid", str(pid)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)) for who, pid in (spy or {}).items()}
+    if spies:
+        time.sleep(1.0)  # py-spy attaches
     t0 = time.perf_counter()
+    wall0 = time.time()
     proc = subprocess.Popen(["nix", "copy", "--debug", "--from", src, "--to", str(store), content["top"]],
                             env=nix.env("require-sigs = false\n"), stderr=subprocess.PIPE, text=True, errors="replace")
     assert proc.stderr is not None
     steps: list[list] = []  # [path, began, nar downloaded]
+    nix_lines: list[tuple[float, str, str]] = []
     for line in proc.stderr:
         now = time.perf_counter() - t0
+        nix_lines.append((wall0 + now, "Nix", line.rstrip()[:160]))
         if (m := _COPYING.search(line)) is not None:
             steps.append([m.group(1), now, None])
         elif _NAR_DONE.search(line) and steps and steps[-1][2] is None:
             steps[-1][2] = now
     rc = proc.wait()
     wall = time.perf_counter() - t0
+    for who, (out, sp) in spies.items():
+        sp.send_signal(2)
+        sp.wait(timeout=60)
+        if out.exists():
+            log(f"  py-spy of {who} during the {label} copy (on-CPU samples, every thread), by leaf:")
+            for line in spy_summary(out):
+                log(f"    {line}")
     if rc != 0:
         raise RuntimeError(f"traced copy from {label} failed ({rc})")
     got = json.loads(nix.out("nix", "path-info", "--json", "--recursive", "--store", str(store), content["top"]))
@@ -123,8 +197,17 @@ def traced_copy(bench: nixbench.Bench, src: str, content: dict, label: str) -> d
         end = steps[i + 1][1] if i + 1 < len(steps) else wall
         done = end if done is None else done
         size = content["paths"][path].get("narSize", 0) if isinstance(content["paths"], dict) else 0
-        paths.append({"path": path, "nar_bytes": size, "download": done - began, "nix_after": end - done})
-    return {"label": label, "wall": wall, "narinfo_phase": steps[0][1] if steps else wall, "paths": paths}
+        paths.append({"path": path, "nar_bytes": size, "download": done - began, "nix_after": end - done,
+                      "began": wall0 + began, "done": wall0 + done})
+    trace = {"label": label, "wall": wall, "narinfo_phase": steps[0][1] if steps else wall, "paths": paths}
+    if logs:
+        events = sorted(nix_lines + node_events(logs, wall0, wall0 + wall))
+        out = bench.work.parent / f"p2pcache-nixcopy-timeline-{content['top'].split('-', 1)[0][-8:]}-{bench.serial}.txt"
+        out.write_text("".join(f"{(t - wall0) * 1000:9.1f} ms {who:3} {text}\n" for t, who, text in events))
+        trace["events_file"] = str(out)
+        trace["nar_splits"] = {p["path"]: {"Nix: copying path": 0.0, **split_nar(events, p["path"], p["began"], p["done"]),
+                                           "Nix: finished download": (p["done"] - p["began"]) * 1000} for p in paths}
+    return trace
 
 
 def print_timelines(kind: str, traces: list[dict]) -> None:
@@ -140,6 +223,16 @@ def print_timelines(kind: str, traces: list[dict]) -> None:
         log(f"  {name:28} {mib:5.1f} MiB {cells}")
     log("  total               " + "".join(f"{t['wall']:24.3f}" for t in traces))
     for t in traces:
+        if "nar_splits" not in t:
+            continue
+        log(f"  {t['label']}: every event merged in {t['events_file']}")
+        biggest = max(t["paths"], key=lambda p: p["nar_bytes"])
+        split = t["nar_splits"][biggest["path"]]
+        log(f"  {t['label']}: the biggest NAR ({biggest['nar_bytes'] / MiB:.1f} MiB), ms after Nix's 'copying path':")
+        for what, ms in sorted(split.items(), key=lambda kv: kv[1]):
+            log(f"    {ms:8.1f}  {what}")
+            emit(f"{kind}_timeline_biggest_nar_{what.replace(':', '').replace(' ', '_')}_ms", ms, "ms", "lower")
+    for t in traces:
         emit(f"{kind}_timeline_{t['label'].replace(' ', '_')}_narinfo_phase_seconds", t["narinfo_phase"], "s", "lower")
         emit(f"{kind}_timeline_{t['label'].replace(' ', '_')}_nar_download_seconds",
              sum(p["download"] for p in t["paths"]), "s", "lower")
@@ -154,7 +247,12 @@ def main() -> int:
     ap.add_argument("--xz-level", type=int, default=0, help="xz level of the static cache (Nix's default is 6)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--timeline", action="store_true", help="also one traced copy per kind: where the time goes")
+    ap.add_argument("--timeline-only", action="store_true", help="only the traced copies (no timed runs)")
+    ap.add_argument("--spy", action="store_true", help="py-spy A and B during the traced swarm copies")
+    ap.add_argument("--kinds", default="closure,site-packages", help="contents to copy (closure, site-packages)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"cold B nodes to time (of {', '.join(VARIANTS)})")
     args = ap.parse_args()
+    args.timeline = args.timeline or args.timeline_only
     started = nixbench.start_bench(args, "nixcopy")
     if started is None:
         return 2
@@ -165,7 +263,8 @@ def main() -> int:
         nix = bench.nix
         log(f"bench/nixcopy.py: temp dir {work} (2 cores shared with other work: compare same-run ratios)")
         kinds = make_kinds(nix, work, token, args.quick, made)
-        a = bench.daemon("a")
+        kinds = {k: v for k, v in kinds.items() if k in args.kinds.split(",")}
+        a = bench.daemon("a", extra=["--log-level", "debug"] if args.timeline else [])  # its timeline lines
         c = bench.daemon("c", bootstrap=[a.addr])  # a second runner: it takes A's provider records
         nixbench.wait_peers(a, 1)
         for content in kinds.values():
@@ -181,7 +280,7 @@ def main() -> int:
             statics[comp] = bench.static_server(d)
         serial = [0]
 
-        def cold_b(variant: str) -> nixbench.Daemon:
+        def cold_b(variant: str, traced: bool = False) -> nixbench.Daemon:
             serial[0] += 1
             repo = work / f"b{serial[0]}"
             repo.mkdir()
@@ -190,26 +289,29 @@ def main() -> int:
             (repo / "config.toml").write_text(f'[transfer]\nprotocol = "{protocol}"\n{prefetch}')
             # the daemon's default lookup timeout (bench/nix.py's 2 s misses now and then on a loaded machine)
             # at info, so a failed copy's cause is in B's log (printed below when one fails)
-            b = bench.daemon(repo.name, bootstrap=[a.addr, c.addr], extra=["--lookup-timeout", "5", "--log-level", "info"])
+            level = "debug" if traced else "info"  # debug: the timeline's lines (`traced_copy`)
+            b = bench.daemon(repo.name, bootstrap=[a.addr, c.addr], extra=["--lookup-timeout", "5", "--log-level", level])
             nixbench.wait_peers(b, 2)
             return b
 
         results: dict[str, dict[str, list[float]]] = {}
-        daemon_cpu: dict[str, dict[str, list[tuple[float, float]]]] = {}  # kind -> variant -> (A, B) CPU seconds
+        cpu: dict[str, list[dict[str, float]]] = {}  # CPU seconds of A and B (and Nix) per swarm copy
         failures: dict[str, int] = {}
-        for kind, content in kinds.items():
-            res = results[kind] = {"static zstd": [], "static xz": [], **{f"p2pcache {v}": [] for v in VARIANTS}}
-            cpus = daemon_cpu[kind] = {v: [] for v in VARIANTS}
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if set(variants) - set(VARIANTS):
+            raise SystemExit(f"--variants: not one of {', '.join(VARIANTS)}: {', '.join(set(variants) - set(VARIANTS))}")
+        for kind, content in kinds.items() if not args.timeline_only else ():
+            res = results[kind] = {"static zstd": [], "static xz": [], **{f"p2pcache {v}": [] for v in variants}}
             for i in range(max(1, args.runs)):
                 for comp, (url, proc) in statics.items():
                     r = bench.copy(url, content, {"server": proc.pid})
                     res[f"static {comp}"].append(r["wall"])
-                for protocol in VARIANTS:
+                for protocol in variants:
                     b = cold_b(protocol)
                     try:
                         r = bench.copy(b.api, content, {"A": a.proc.pid, "B": b.proc.pid})
                         res[f"p2pcache {protocol}"].append(r["wall"])
-                        cpus[protocol].append((r["cpu"]["A"], r["cpu"]["B"]))
+                        cpu.setdefault(f"{kind} {protocol}", []).append(r["cpu"])
                     except RuntimeError as e:  # reported, not hidden: a copy that failed is counted
                         failures[f"{kind} {protocol}"] = failures.get(f"{kind} {protocol}", 0) + 1
                         log(f"  {kind} run {i + 1}, p2pcache {protocol}: FAILED: {str(e).splitlines()[-1][:300]}")
@@ -221,10 +323,12 @@ def main() -> int:
         timelines: dict[str, list[dict]] = {}
         if args.timeline:
             for kind, content in kinds.items():
-                b = cold_b("dag")
+                b = cold_b("dag", traced=True)
                 try:
+                    logs = {"A": work / "a.log", "B": work / f"{b.repo.name}.log"}
                     timelines[kind] = [traced_copy(bench, statics["zstd"][0], content, "static zstd"),
-                                       traced_copy(bench, b.api, content, "p2pcache dag")]
+                                       traced_copy(bench, b.api, content, "p2pcache dag", logs,
+                                                   {"A": a.proc.pid, "B": b.proc.pid} if args.spy else None)]
                 finally:
                     bench.stop(b)
         bench.close()
@@ -247,16 +351,16 @@ def main() -> int:
                     log(f"  p2pcache {protocol} / static {comp}: {ratio:.2f}x{goal}")
                     emit(f"{kind}_{protocol.replace(' ', '_')}_over_static_{comp}", ratio, "ratio", "lower",
                          **({"goal": "<= 1.0"} if protocol == "dag" else {}), nar_mib=round(mib, 1))
-            for protocol, pairs in daemon_cpu[kind].items():
-                if pairs:  # CPU seconds of the serving daemon A and the cold B during one copy (min over runs)
-                    a_cpu, b_cpu = min(p[0] for p in pairs), min(p[1] for p in pairs)
-                    log(f"  p2pcache {protocol}: daemon CPU A {a_cpu:.2f}s, B {b_cpu:.2f}s (min over runs)")
-                    emit(f"{kind}_{protocol.replace(' ', '_')}_daemon_cpu_seconds", a_cpu + b_cpu, "s", "lower",
-                         a=round(a_cpu, 3), b=round(b_cpu, 3), nar_mib=round(mib, 1))
             if "p2pcache dag" in best and "p2pcache dag prefetch" in best:
                 ratio = best["p2pcache dag prefetch"] / best["p2pcache dag"]
                 log(f"  p2pcache dag with the NAR prefetch / dag without it (the default): {ratio:.2f}x")
                 emit(f"{kind}_prefetch_over_no_prefetch", ratio, "ratio", "lower", nar_mib=round(mib, 1))
+        for what, runs in cpu.items():
+            for who in ("A", "B"):
+                best = min(r[who] for r in runs)
+                log(f"  CPU of {who} in a {what} copy: min {best:.2f} s, runs [{', '.join(f'{r[who]:.2f}' for r in runs)}]")
+                emit(f"{what.replace(' ', '_')}_cpu_{who}_seconds", best, "s", "lower",
+                     runs=[round(r[who], 3) for r in runs])
         for kind, traces in timelines.items():
             print_timelines(kind, traces)
         for what, n in failures.items():

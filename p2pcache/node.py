@@ -61,7 +61,10 @@ if TYPE_CHECKING:
     from .buildcache import BuildCache
     from .content.lockfiles import Dependency
 
+from .routing.resolve_wire import MAX_ROOT_BLOCK
+
 log = logging.getLogger(__name__)
+timeline = logging.getLogger("p2pcache.timeline")  # debug lines of a cold copy's timeline (bench/nixcopy.py)
 
 ProgressFn = Callable[[int, int | None], None]
 RACE_STAGGER = 0.2  # seconds between asking one provider and the next (happy eyeballs)
@@ -215,8 +218,11 @@ class Node:
                 nursery.start_soon(self._hash_lazily, lazy)
                 for root in repo.index.archives_without("sha512"):
                     self._lazy_hashes.send_nowait(root)
+                backoff = getattr(self.host, "dial_backoff", None)  # NodeHost's (simnet's hosts have none)
                 self.finder = ProviderFinder(self.dht, FinderConfig(negative_ttl=cfg.negative_ttl,
-                                                                    default_timeout=cfg.lookup_timeout))
+                                                                    default_timeout=cfg.lookup_timeout),
+                                             dialable=None if backoff is None else
+                                             lambda peer: not backoff.is_blocked(str(peer)))
                 ResolveServer(lookup=self._answer_resolve).register(self.host)
                 self._start_build_cache(nursery)
                 if self.serve_api:
@@ -799,8 +805,11 @@ class Node:
         first_ids = {p.peer_id for p in first}
 
         async def providers_of(key: str, timeout: float) -> list:
-            return [p for p in await finder.providers(key, timeout=timeout)
-                    if p.peer_id != me and p.peer_id not in first_ids]
+            timeline.debug("providers of %s: lookup begins", key)
+            found = [p for p in await finder.providers(key, timeout=timeout)
+                     if p.peer_id != me and p.peer_id not in first_ids]
+            timeline.debug("providers of %s: lookup ends (%d)", key, len(found))
+            return found
 
         async def ask_logged(peer: Any) -> Any:
             try:
@@ -887,7 +896,15 @@ class Node:
             if nar is None:
                 return None
             root = self.nix.narstore.root_of(alias[4:])
-            return ResolveAnswer(root=root, kind="nar", size=nar.nar_size, narinfo=NarInfoFields(
+            # The manifest root goes with the answer: the asker checks the narinfo against it before it tells
+            # Nix, and would otherwise fetch it over bitswap, a round trip per lookup (one indexed read here)
+            try:
+                block: bytes | None = self.repo.load_block(root)
+            except P2PCacheError:
+                block = None  # the asker fetches it (and meets the same trouble there)
+            if block is not None and len(block) > MAX_ROOT_BLOCK:
+                block = None
+            return ResolveAnswer(root=root, kind="nar", size=nar.nar_size, root_block=block, narinfo=NarInfoFields(
                 store_path=str(nar.store_path), nar_hash=f"sha256:{nar.nar_hash.digest.hex()}",
                 nar_size=nar.nar_size, references=tuple(nar.references), deriver=nar.deriver or "",
                 system=nar.system or "", ca=nar.ca or "", sigs=tuple(nar.sigs)))

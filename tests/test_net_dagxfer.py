@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from p2pcache.content.chunking import ChunkerParams
-from p2pcache.content.cid import DAG_CBOR, RAW
+from p2pcache.content.cid import CID, DAG_CBOR, RAW
 from p2pcache.content.manifest import iter_blocks
 from p2pcache.net.bitswap import BitswapExchange, RepoBlockSource
 from p2pcache.net.dagxfer import PROTOCOL, DagConfig, DagServer, DagTransfer, encode_request
@@ -257,6 +257,69 @@ async def test_the_first_leaves_are_handed_on_after_a_small_batch_not_a_whole_st
         assert batches[0] < 1 * MiB  # a whole 4 MiB store batch before, as in the fetch's later batches
         assert batches[0] <= FIRST_LEAF_BATCH + biggest
         assert len(batches) >= 4 and batches[-1] == len(data)
+
+
+@pytest.mark.trio
+async def test_the_very_first_leaves_are_handed_on_as_they_arrive_before_any_is_stored(tmp_path):
+    """A fetch someone reads as it arrives (a NAR streaming to Nix) hashes its first FIRST_LEAF_BATCH of leaves
+    on arrival and hands each on at once: the first NAR byte waited for a worker thread to hash and append a
+    batch (tens of ms under load). They are still stored, and a leaf that does not hash is still no leaf."""
+    from p2pcache.net.dagxfer import FIRST_LEAF_BATCH
+
+    data = random.Random(9).randbytes(2 * MiB)
+    async with peer(tmp_path, "a") as a, peer(tmp_path, "b") as b:
+        root = a.repo.add_stream(io.BytesIO(data), name="x.bin").root
+        first: list[tuple[CID, bool]] = []  # (leaf, appended to b's packs when it was handed on), the first few
+        seen = [0]
+        appended: set[CID] = set()
+        write_blocks = b.repo.write_blocks
+
+        def writing(blocks, *args, **kw):
+            blocks = list(blocks)
+            appended.update(cid for cid, _ in blocks)
+            return write_blocks(blocks, *args, **kw)
+
+        b.repo.write_blocks = writing
+
+        def verified(cid, block):
+            if cid.codec == RAW and seen[0] < FIRST_LEAF_BATCH:
+                first.append((cid, cid in appended))
+            if cid.codec == RAW:
+                seen[0] += len(block)
+
+        with trio.fail_after(60):
+            await b.fetch(root, [a.exchange.host.addrs()[0]], b.repo, on_verified=verified)
+        assert first and not any(held for _, held in first)
+        assert all(b.repo.has_block(cid) for cid, _ in first)
+        b.repo.register_root(root)
+        assert b"".join(b.repo.stream(root)) == data
+
+
+@pytest.mark.trio
+async def test_a_served_streams_first_read_is_a_few_blocks_then_whole_read_batches(tmp_path):
+    """The asker's first bytes wait for the server's whole first read (and its write): it reads
+    FIRST_READ_BLOCKS blocks first, then `read_blocks` at a time, where every read was `read_blocks` (about
+    2 MiB of a NAR before its first byte left)."""
+    from p2pcache.net.dagxfer import FIRST_READ_BLOCKS
+
+    reads: list[int] = []
+
+    class Counting(RepoBlockSource):
+        def get_many(self, cids):
+            reads.append(len(cids))
+            return super().get_many(cids)
+
+    data = random.Random(10).randbytes(4 * MiB)
+    async with peer(tmp_path, "a") as a, peer(tmp_path, "b") as b:
+        root = a.repo.add_stream(io.BytesIO(data), name="x.bin", params=SMALLER).root
+        DagServer(Counting(a.repo), a.exchange.is_banned, a.config, a.stats).register(a.exchange.host)
+        with trio.fail_after(60):
+            await b.fetch(root, [a.exchange.host.addrs()[0]], b.repo)
+        b.repo.register_root(root)
+        assert b"".join(b.repo.stream(root)) == data
+    leaf_reads = [n for n in reads if n > 1]  # (a manifest node is read alone: its bytes tell what comes next)
+    assert leaf_reads[0] <= FIRST_READ_BLOCKS < a.config.read_blocks
+    assert max(leaf_reads) == a.config.read_blocks
 
 
 # -- in simnet: real Nodes on simulated hosts, virtual time -------------------------------------------------

@@ -439,6 +439,93 @@ async def test_a_newer_signed_record_from_the_dht_lifts_the_dial_backoff_of_a_re
         n.cancel_scope.cancel()
 
 
+async def _free_port(tmp_path) -> str:
+    async with open_host(cfg(tmp_path, "probe")) as probe:
+        return str(probe.addrs()[0]).split("/tcp/")[1].split("/")[0]
+
+
+@pytest.mark.trio
+async def test_a_stream_asked_during_a_dial_backoff_shorter_than_its_deadline_waits_it_out(tmp_path):
+    """B's dial of A failed a moment ago (A was down), so A is in B's dial backoff; A is back. A stream B asks
+    for patiently (`patient_dials`, as a resolve does) with time enough left waits the backoff out and gets
+    through: it used to fail at once ("recently failed all addresses"), so a get asked then failed whatever
+    its timeout. One whose deadline comes before the backoff ends, or one not asked patiently (a DHT walk's
+    RPC), still fails at once, with one line, rather than sleeping into its deadline."""
+    from p2pcache.net.host import patient_dials
+
+    port = await _free_port(tmp_path)
+    a_cfg = cfg(tmp_path, "a", listen=(f"/ip4/127.0.0.1/tcp/{port}",))
+    async with open_host(cfg(tmp_path, "b")) as b:
+        async with open_host(a_cfg) as a:
+            a_id, a_addrs = a.peer_id, a.addrs()
+        b.add_addrs(a_id, a_addrs)
+        b.dial_backoff.initial = 1.5
+        with trio.fail_after(10), pytest.raises(Exception):  # noqa: B017 (py-libp2p's SwarmDialAllFailedError)
+            await b.new_stream(a_id, ["/test/echo/1"])  # A is down: the dial fails, A goes into the backoff
+        assert b.dial_backoff.is_blocked(str(a_id))
+        async with open_host(a_cfg) as a:
+            a.set_stream_handler("/test/echo/1", echo)
+            with trio.move_on_after(0.5), patient_dials(), pytest.raises(HostError, match="next is allowed in"):
+                await b.new_stream(a_id, ["/test/echo/1"])  # the backoff outlasts this deadline: at once
+            with trio.move_on_after(8), pytest.raises(HostError, match="next is allowed in"):
+                await b.new_stream(a_id, ["/test/echo/1"])  # not asked patiently: at once
+            assert b.dial_backoff.is_blocked(str(a_id))
+            with trio.fail_after(8), patient_dials():  # time enough: the backoff is waited out, then A is dialled
+                s = await b.new_stream(a_id, ["/test/echo/1"])
+                await s.write(b"hello")
+                assert await s.read(1024) == b"olleh"
+
+
+@pytest.mark.trio
+async def test_a_provider_in_dial_backoff_from_our_own_provider_store_is_looked_up_in_the_dht_too(tmp_path):
+    """B holds A's provider record in its own provider store (A announced to B directly), A went down and B's
+    dials failed until its backoff is long; A restarts on its port and announces to the hub only. B's lookup
+    used to answer from its own store (the record it held, from before the failures) and never saw A's newer
+    signed peer record, so the backoff held for up to a minute; now, with every provider it holds in backoff,
+    the lookup asks the DHT as well, whose answer lifts it."""
+    from p2pcache.routing.dht import DHT, DHTConfig
+    from p2pcache.routing.finder import ProviderFinder
+    from p2pcache.routing.keys import dht_key
+
+    alias = "sha256:" + "cd" * 32
+    key = dht_key(alias)
+    port = await _free_port(tmp_path)
+    a_cfg = cfg(tmp_path, "a", listen=(f"/ip4/127.0.0.1/tcp/{port}",))
+    async with open_host(cfg(tmp_path, "h")) as h, open_host(cfg(tmp_path, "b")) as b, trio.open_nursery() as n:
+        h_dht = DHT(h, DHTConfig(refresh=False))
+        await n.start(h_dht.run)
+        b_dht = DHT(b, DHTConfig(refresh=False))
+        await n.start(b_dht.run)
+        finder = ProviderFinder(b_dht, dialable=lambda peer: not b.dial_backoff.is_blocked(str(peer)))
+        with trio.fail_after(30):
+            async with open_host(a_cfg) as a:
+                a_id = a.peer_id
+                a_dht = DHT(a, DHTConfig(refresh=False))
+                await a.connect(b.addrs()[0])
+                await a_dht.add_providers(b.peer_id, [key])
+                while not b_dht.local_providers(key):
+                    await trio.sleep(0.02)
+            await b.disconnect(a_id)  # (B may not have noticed A's close yet)
+            b.dial_backoff.initial = 300.0  # what many failed dials in a row leave: only a sighting lifts it
+            with pytest.raises(HostError):
+                await b.connect(b_dht.local_providers(key)[0])
+            assert b.dial_backoff.is_blocked(str(a_id))
+            await b.connect(h.addrs()[0])
+            async with open_host(a_cfg) as a:  # back on its port; announces to the hub only
+                a_dht = DHT(a, DHTConfig(refresh=False))
+                await a.connect(h.addrs()[0])
+                await a_dht.add_providers(h.peer_id, [key])
+                while not h_dht.local_providers(key):
+                    await trio.sleep(0.02)
+                assert not b.is_connected(a_id)
+                found = await finder.find_providers(alias, timeout=5)
+                assert [p.peer_id for p in found] == [a_id]
+                assert not b.dial_backoff.is_blocked(str(a_id))
+                await b.connect(found[0])
+                assert b.is_connected(a_id)
+        n.cancel_scope.cancel()
+
+
 def test_a_provider_restarted_on_its_address_is_fetched_from_within_seconds(tmp_path, daemons):
     """Real daemons: B's fetch while provider A is down fails (its dial fails); A restarts where it was,
     and B's next fetch reaches it at once. With py-libp2p's flat 60 s dial cache B refused to dial A for a

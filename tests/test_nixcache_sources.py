@@ -38,7 +38,8 @@ class SlowDhtSwarm:
     def __init__(self, repo: Repo) -> None:
         self.repo = repo
         self.held: dict[ID, dict[str, ResolveAnswer]] = {}
-        self.providers: dict[str, list[PeerInfo]] = {}
+        self.named: dict[str, list[PeerInfo]] = {}  # the DHT's providers of each alias
+        self.gateway_lookups: list[float] = []
         self.dead: set[ID] = set()
         self.asked: list[tuple[float, str, PeerInfo]] = []
 
@@ -53,7 +54,7 @@ class SlowDhtSwarm:
 
         async def dht(left: float) -> list[PeerInfo]:
             await trio.sleep(DHT_DELAY)
-            return [p for p in self.providers.get(alias, []) if p.peer_id not in first_ids]
+            return [p for p in self.named.get(alias, []) if p.peer_id not in first_ids]
 
         return await race_providers(race, ask, [dht, *more])
 
@@ -67,6 +68,11 @@ class SlowDhtSwarm:
     async def fetch_blocks(self, cids, peers):
         return {c: self.repo.load_block(c) for c in cids}
 
+    async def providers(self, alias, timeout=None):  # only the gateways' marker is looked up this way
+        self.gateway_lookups.append(trio.current_time())
+        await trio.sleep(0.05)
+        return []
+
 
 def _add(swarm: SlowDhtSwarm, store: RepoNarStore, holders: list[PeerInfo], name: str) -> str:
     nar = b"".join(write_nar([RegularFile(64), Contents(os.urandom(64))]))
@@ -76,7 +82,7 @@ def _add(swarm: SlowDhtSwarm, store: RepoNarStore, holders: list[PeerInfo], name
                            nar_size=len(nar))
     for p in holders:
         swarm.held.setdefault(p.peer_id, {})[nix_alias(store_hash)] = ResolveAnswer(root, "nar", len(nar), fields)
-    swarm.providers[nix_alias(store_hash)] = list(holders)
+    swarm.named[nix_alias(store_hash)] = list(holders)
     return store_hash
 
 
@@ -122,3 +128,58 @@ async def test_the_peer_that_answered_the_last_lookup_is_asked_at_once_not_after
             found = await source.narinfo(_add(swarm, store, [p], "fghjklmnp"[n]))
             assert found is not None and found.providers[0] == p
         assert len(source._recent) == RECENT_PROVIDERS
+
+
+@pytest.mark.trio
+async def test_the_manifest_root_in_the_answer_is_checked_and_saves_the_fetch(tmp_path, autojump_clock):
+    """An answer that carries the manifest root's bytes needs no fetch of them (a round trip per lookup); bytes
+    that do not hash to the root the peer named make that peer's answer a failure (the race goes on to an
+    honest one), never a narinfo handed to Nix."""
+    with Repo.init(tmp_path / "repo", durable=False) as repo:
+        store = RepoNarStore(repo)
+        swarm = SlowDhtSwarm(repo)
+        fetched: list[list] = []
+        load = swarm.fetch_blocks
+
+        async def counting(cids, peers):
+            fetched.append(cids)
+            return await load(cids, peers)
+
+        swarm.fetch_blocks = counting  # type: ignore[method-assign]
+        liar, honest = _peer(1), _peer(2)
+        source = SwarmSource(swarm, Intake(None, None, None, lambda root: None, Metrics()),  # type: ignore[arg-type]
+                             "/nix/store", ask_gateways=False)
+        store_hash = _add(swarm, store, [liar, honest], "a")
+        alias = nix_alias(store_hash)
+        for peer, block in ((honest, None), (liar, b"not the manifest")):
+            answer = swarm.held[peer.peer_id][alias]
+            swarm.held[peer.peer_id][alias] = ResolveAnswer(answer.root, answer.kind, answer.size, answer.narinfo,
+                                                            block or repo.load_block(answer.root))
+        found = await source.narinfo(store_hash)
+        assert found is not None and found.providers[0] == honest
+        assert found.root_block == repo.load_block(found.root)
+        assert [p for _, a, p in swarm.asked if a == alias] == [liar, honest]  # the liar was asked, and failed
+        assert fetched == []
+
+
+@pytest.mark.trio
+async def test_the_gateways_are_looked_up_only_once_no_provider_is_being_asked(tmp_path, autojump_clock):
+    """The gateways' DHT lookup (always a miss in a swarm without gateways) ran beside every lookup's asks on
+    the node's one event loop; now it waits while a provider is being asked, so a lookup a provider answers
+    makes none, and one nobody can answer still asks the gateways, without waiting for GATEWAY_DELAY."""
+    from p2pcache.nixcache.sources import GATEWAY_DELAY
+
+    with Repo.init(tmp_path / "repo", durable=False) as repo:
+        store = RepoNarStore(repo)
+        swarm = SlowDhtSwarm(repo)
+        lookups = swarm.gateway_lookups
+        a = _peer(1)
+        source = SwarmSource(swarm, Intake(None, None, None, lambda root: None, Metrics()),  # type: ignore[arg-type]
+                             "/nix/store", ask_gateways=True)
+        held = _add(swarm, store, [a], "a")
+        found = await source.narinfo(held)
+        assert found is not None and found.providers == [a]
+        assert lookups == []
+        t = trio.current_time()
+        assert await source.narinfo("b" * 32) is None  # nobody has it: the gateways are asked
+        assert len(lookups) == 1 and lookups[0] - t < GATEWAY_DELAY + DHT_DELAY

@@ -24,6 +24,7 @@ from p2pcache.routing.resolve_wire import (
     MAX_REFERENCES,
     MAX_REQUEST,
     MAX_RESPONSE,
+    MAX_ROOT_BLOCK,
     FrameReader,
     decode_request,
     decode_response,
@@ -67,6 +68,26 @@ def test_request_roundtrip(alias):
 @pytest.mark.parametrize("answer", [ARCHIVE, NAR, None])
 def test_response_roundtrip(answer):
     assert decode_response(read_one(encode_response(answer), MAX_RESPONSE)) == answer
+
+
+def test_a_root_block_goes_with_the_answer_unless_it_would_not_fit():
+    """The manifest root's bytes ride in the answer (the asker needs no round trip to fetch them), checked only
+    for size here: the asker verifies them against the root. Where the answer would then pass MAX_RESPONSE (a
+    NAR with thousands of references) the hint is left out and the answer still goes."""
+    block = b"m" * MAX_ROOT_BLOCK
+    with_block = ResolveAnswer(NAR.root, "nar", NAR.size, NAR.narinfo, block)
+    assert decode_response(read_one(encode_response(with_block), MAX_RESPONSE)) == with_block
+    assert decode_response(read_one(encode_response(NAR), MAX_RESPONSE)).root_block is None
+    assert NAR.narinfo is not None
+    many = NarInfoFields(NAR.narinfo.store_path, NAR.narinfo.nar_hash, 1, ("r" * 60,) * 5000)
+    crowded = decode_response(read_one(encode_response(ResolveAnswer(NAR.root, "nar", 1, many, block)), MAX_RESPONSE))
+    assert crowded == ResolveAnswer(NAR.root, "nar", 1, many)
+    with pytest.raises(RoutingUsageError):
+        encode_response(ResolveAnswer(NAR.root, "nar", 1, None, block + b"x"))
+    with pytest.raises(ResolveProtocolError, match="root block of"):
+        decode_response(bad_response(root_block=block + b"x"))
+    with pytest.raises(ResolveProtocolError, match="says 'not found' but carries"):
+        decode_response(pb.ResolveResponse(found=False, root_block=b"x").SerializeToString())
 
 
 def test_frames_reassemble_byte_by_byte():

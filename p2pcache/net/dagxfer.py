@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from ..exchange.server import BlockSource
 
 log = logging.getLogger(__name__)
+timeline = logging.getLogger("p2pcache.timeline")  # debug lines of a cold copy's timeline (bench/nixcopy.py)
 
 __all__ = ["PROTOCOL", "DagConfig", "DagServer", "DagTransfer", "TransferStats"]
 
@@ -275,6 +276,9 @@ class _SlowAsker(Exception):
     """The asker read slower than the server's minimum rate: its stream is reset."""
 
 
+FIRST_READ_BLOCKS = 4  # server: blocks in a stream's first read from the repo (then `read_blocks`)
+
+
 class DagServer:
     """Answers DAG requests from `source` (the bitswap server's `BlockSource`: `get(cid)` gives verified
     bytes or None; a block that fails verification on disk is served as missing, never sent)."""
@@ -356,16 +360,19 @@ class DagServer:
 
     async def _serve(self, stream: Any, peer: ID) -> None:
         roots, have, nodes_only = decode_request(await self._read_request(stream))
+        timeline.debug("dag serve %s: request of %d root(s) read", roots[0] if roots else None, len(roots))
         self.stats.served_streams += 1
         walk = DfsOrder(roots, have, nodes_only)
         batches_send, batches_recv = trio.open_memory_channel(1)  # one batch read ahead of the writes
 
         async def read_ahead() -> None:
+            # The first read is small: the asker's first bytes (a NAR's first to Nix) wait for all of it
+            limit = min(FIRST_READ_BLOCKS, self.config.read_blocks)
             async with batches_send:
                 while True:
                     cids: list[CID] = []
                     lent: CID | None = None
-                    while len(cids) < self.config.read_blocks:
+                    while len(cids) < limit:
                         cid = walk.peek()
                         if cid is None:
                             break
@@ -382,6 +389,7 @@ class DagServer:
                             await batches_send.send([(lent, _LENT)])
                         return
                     loaded = await trio.to_thread.run_sync(self._load, cids)
+                    limit = self.config.read_blocks
                     last_cid, last = loaded[-1]
                     if last is not None and last_cid.codec == DAG_CBOR:
                         try:
@@ -401,6 +409,7 @@ class DagServer:
             # and never touched again: the next write gets a new one.
             out = bytearray()
             stats, write_bytes = self.stats, self.config.write_bytes
+            stats_first = [False]
             async for loaded in batches_recv:
                 for cid, data in loaded:
                     if data is None:
@@ -420,9 +429,13 @@ class DagServer:
                         await self._write(stream, out, peer)
                         out = bytearray()
                 if out:
+                    if not stats_first[0]:
+                        stats_first[0] = True
+                        timeline.debug("dag serve: first write of %d bytes", len(out))
                     await self._write(stream, out, peer)
                     out = bytearray()
             await self._write(stream, _end_frame(pb.DagEnd.OK), peer)
+            timeline.debug("dag serve: end written")
 
 
 # -- fetching ---------------------------------------------------------------------------------------------
@@ -654,8 +667,21 @@ class _LeafStore(RepoBatcher):
         # streaming to Nix) only once its batch is hashed, so one whole 4 MiB batch first would leave the
         # reader idle for the first 4 MiB of every fetch (half of an 8 MiB NAR); 6 more thread hops a fetch.
         self._limit = min(store_bytes, FIRST_LEAF_BATCH)
+        # ... and the very first leaves of a fetch someone reads as it arrives are hashed here, on the loop
+        # (FIRST_LEAF_BATCH takes about 0.1 ms), and handed on at once: the first NAR byte no longer waits for
+        # a worker thread's turn and a pack append, which under load took tens of ms (bench/nixcopy.py --timeline).
+        self._inline = FIRST_LEAF_BATCH if run.on_verified is not None else 0
 
     async def add_leaf(self, cid: CID, data: bytes, peer: ID) -> None:
+        if self._inline > 0:
+            self._inline -= len(data)
+            leaf = (cid, data, peer)
+            if cid.verify(data):
+                self._run.leaves_checked([leaf], [])
+                await self.add(cid, data)  # appended with the next batch, as a verified node is
+            else:
+                self._run.leaves_checked([], [leaf])
+            return
         self._leaves.append((cid, data, peer))
         self.unchecked += 1
         self.pending_bytes += len(data)
@@ -823,12 +849,14 @@ class DagTransfer:
         stream = None
         try:
             try:
+                timeline.debug("dag %s: opening a stream to %s", run.walk.root, peer)
                 stream = await self.host.new_stream(peer, [PROTOCOL])
                 wants = req.trim()
                 if not wants:
                     return True
                 await stream.write(encode_request(wants))
                 await stream.close_write()
+                timeline.debug("dag %s: request of %d sent", run.walk.root, len(wants))
             except Exception as e:  # does not speak the protocol, or unreachable: not its fault
                 log.debug("no DAG stream to %s: %s", peer, e)
                 run.last_error = f"{peer}: {e}"
@@ -881,6 +909,8 @@ class DagTransfer:
                 got = frames.feed(data)
             except ProtocolViolation as e:
                 raise _Hostile(str(e)) from None
+            if req.order.sent == 0:
+                timeline.debug("dag %s: first %d bytes read", walk.root, len(data))
             if got:
                 req.progress_at = trio.current_time()  # (the frames of one read arrived together)
             for frame in got:

@@ -18,16 +18,17 @@ or, in a nursery the caller owns: `host = NodeHost(config); await nursery.start(
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import os
 import random
 import socket
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence, cast
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence, cast
 
 import multiaddr
 import trio
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "HostConfig", "HostError", "NodeHost", "PeerEvent", "open_host", "load_identity", "new_swarm_key_file",
+    "patient_dials",
     "parse_peer_addr", "resolve_addr",
 ]
 
@@ -287,6 +289,20 @@ class _WholeFrameYamux(Yamux):
 _muxer_multistream.Yamux = _WholeFrameYamux  # type: ignore[misc]
 
 
+_PATIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("p2pcache_patient_dials", default=False)
+
+
+@contextmanager
+def patient_dials() -> Iterator[None]:
+    """Streams opened inside (on this task) wait out a dial backoff that ends before their deadline
+    (`NodeHost._dial`); elsewhere a peer in backoff fails at once."""
+    token = _PATIENT.set(True)
+    try:
+        yield
+    finally:
+        _PATIENT.reset(token)
+
+
 class DialBackoff:
     """How long a peer whose every address just failed is not dialled again: py-libp2p's swarm keeps such a
     peer in a negative cache for a flat 60 s (`Swarm._negative_peer_cache`), so a provider that restarted on
@@ -295,7 +311,7 @@ class DialBackoff:
     it up to `maximum`; a failure more than `maximum` after the last block ended starts again at `initial`.
     A peer with a live connection is never blocked (py-libp2p checks the cache before it looks for one, so
     a peer that dialled us back was refused until its entry expired). `evict` (a successful dial, a new
-    connection, any sign the peer is back) forgets the peer."""
+    connection, any sign the peer is back) forgets the peer and wakes whoever waits it out (`wait`)."""
 
     def __init__(self, connected: Callable[[str], bool], *, initial: float = 1.0, maximum: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, max_size: int = 10_000) -> None:
@@ -304,6 +320,7 @@ class DialBackoff:
         self._clock = clock
         self._max_size = max_size
         self._blocks: dict[str, tuple[float, int]] = {}  # peer -> (blocked until, failures in a row)
+        self._lifted: dict[str, trio.Event] = {}  # peer -> set when its block is lifted (`evict`)
 
     def mark_failed(self, peer_id: str) -> None:
         now = self._clock()
@@ -327,9 +344,22 @@ class DialBackoff:
 
     def evict(self, peer_id: str) -> None:
         self._blocks.pop(peer_id, None)
+        lifted = self._lifted.pop(peer_id, None)
+        if lifted is not None:
+            lifted.set()
 
     def clear(self) -> None:
         self._blocks.clear()
+        for lifted in self._lifted.values():
+            lifted.set()
+        self._lifted.clear()
+
+    async def wait(self, peer_id: str) -> None:
+        """Until `peer_id` may be dialled: its block ran out, or something lifted it (`evict`)."""
+        while (left := self.blocked_for(peer_id)) > 0:
+            lifted = self._lifted.setdefault(peer_id, trio.Event())
+            with trio.move_on_after(left):
+                await lifted.wait()
 
 
 class _Notifee:
@@ -459,7 +489,22 @@ class NodeHost:
         handshake of one attempt (and tries four times), not the TCP connect, so an address that drops
         packets held a dial for 40 s or more; and a dial its caller cut short was never remembered as
         failed, so every later ask waited again. A dial that times out, or is cut after a second or more
-        without an answer, puts the peer into the dial backoff like any failed dial."""
+        without an answer, puts the peer into the dial backoff like any failed dial.
+
+        A peer still in its dial backoff is waited out by a caller that asked for it (`patient_dials`: a resolve,
+        the ask a get or a lookup makes of a provider) if its deadline comes after the backoff ends, and within
+        `handshake_timeout` (what a dial may take anyway): a get asked a second after its only provider's dial
+        failed used to fail at once, whatever time it had left. Otherwise it fails at once (one line): a DHT
+        walk's RPC to a dead peer must not spend the walk's time waiting (the walk is cut and a miss looks like
+        a failed lookup), and a DAG fetch's lane hands its share to the other providers instead."""
+        left = self.dial_backoff.blocked_for(str(peer))
+        if left > 0:
+            deadline = trio.current_effective_deadline()
+            if (not _PATIENT.get() or trio.current_time() + left >= deadline
+                    or left > self.config.handshake_timeout):
+                raise HostError(f"cannot connect to {peer}: its last dials failed; the next is allowed in {left:.1f} s")
+            log.debug("waiting %.1f s of dial backoff before dialling %s", left, peer)
+            await self.dial_backoff.wait(str(peer))
         start = trio.current_time()
         try:
             with trio.move_on_after(self.config.handshake_timeout) as dial:

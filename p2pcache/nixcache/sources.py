@@ -59,6 +59,8 @@ __all__ = ["Found", "Intake", "LookupFailed", "NarPrefetches", "NarSink", "NarSo
            "RepoSource", "Swarm", "SwarmSource", "UpstreamSource"]
 
 log = logging.getLogger("p2pcache.nixcache")
+# Debug lines a cold copy's timeline is made of (bench/nixcopy.py --timeline merges them with Nix's --debug).
+timeline = logging.getLogger("p2pcache.timeline")
 
 # Nodes with upstream caches announce this key: a peer whose DHT lookup missed asks them to pull through.
 GATEWAY_MARKER = CID.for_block(0x55, b"/p2pcache/gateway/nix-upstream/1")
@@ -86,6 +88,9 @@ MAX_STREAMS = 256
 MAX_UPLOADS = 16  # an upload holds a thread for its whole body (bounded by asgi.bounded_bodies)
 PULL_THREADS = 8  # NAR downloads from upstream caches, for us or for a peer
 RECENT_PROVIDERS = 3  # peers that answered the last swarm lookups, asked first by the next (`SwarmSource`)
+# A narinfo lookup looks up the gateways once no provider is being asked, or this many seconds after the
+# providers' lookup at the latest; GATEWAY_SETTLE: the moment the race takes to ask what the walk named.
+GATEWAY_DELAY, GATEWAY_SETTLE = 1.0, 0.01
 
 
 class LookupFailed(P2PCacheError):
@@ -426,6 +431,30 @@ def narinfo_from_fields(fields: NarInfoFields, store_dir: str) -> NarInfo:
     )
 
 
+class _InFlight:
+    """How many asks are under way (`with in_flight:` around each), whether one answered, and `none()` to wait
+    until none is under way."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.answered = False
+        self._idle = trio.Event()
+
+    def __enter__(self) -> None:
+        self.count += 1
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.answered = self.answered or exc_type is None
+        self.count -= 1
+        if not self.count:
+            self._idle.set()
+            self._idle = trio.Event()
+
+    async def none(self) -> None:
+        while self.count:
+            await self._idle.wait()
+
+
 class SwarmSource:
     """Peers that announce the store path, then (unless this node is a gateway itself) the gateways, in one
     race (`Swarm.race`, the node's one policy); the NAR streams to Nix while its blocks arrive."""
@@ -457,9 +486,16 @@ class SwarmSource:
             raise LookupFailed("the swarm is not up yet")
         alias = nix_alias(store_hash)
         me = swarm.me
+        asking = _InFlight()
 
         async def ask(peer: "PeerInfo") -> tuple[NarInfo, CID, bytes]:
+            with asking:
+                return await check(peer)
+
+        async def check(peer: "PeerInfo") -> tuple[NarInfo, CID, bytes]:
+            timeline.debug("narinfo %s: resolve asked of %s", store_hash, peer.peer_id)
             answer = await swarm.resolve(peer, alias)
+            timeline.debug("narinfo %s: resolve answered by %s", store_hash, peer.peer_id)
             if answer is None:
                 raise NotHeld()
             if answer.kind != "nar" or answer.narinfo is None or answer.root.codec != DAG_CBOR:
@@ -468,27 +504,49 @@ class SwarmSource:
             if info.store_path.hash_part != store_hash:
                 raise InvalidInput(f"answered a narinfo for another path, {info.store_path}")
             # The manifest root is small: check it carries the NarHash the peer claims before we
-            # hand that claim to Nix.
-            blocks = await swarm.fetch_blocks([answer.root], [peer])
-            try:
-                manifest = NarManifest.decode(blocks[answer.root])
-            except KeyError:
-                raise InvalidInput(f"did not send the manifest root {answer.root}") from None
+            # hand that claim to Nix. It comes with the answer (else it is fetched): bytes that do not hash
+            # to the root the peer named are a lie like any other block's.
+            root_block = answer.root_block
+            if root_block is None:
+                blocks = await swarm.fetch_blocks([answer.root], [peer])
+                timeline.debug("narinfo %s: manifest root fetched from %s", store_hash, peer.peer_id)
+                root_block = blocks.get(answer.root)
+                if root_block is None:
+                    raise InvalidInput(f"did not send the manifest root {answer.root}")
+            elif not answer.root.verify(root_block):
+                log.warning("peer %s: the root block in its answer for %s does not hash to %s", peer.peer_id, alias,
+                            answer.root)
+                raise CorruptData(f"the root block in its answer does not hash to {answer.root}")
+            manifest = NarManifest.decode(root_block)
             if manifest.nar_hash != info.nar_hash.digest or manifest.nar_size != info.nar_size:
                 log.warning("peer %s: NAR manifest %s does not match its narinfo for %s", peer.peer_id,
                             answer.root, alias)
                 raise CorruptData(f"its NAR manifest {answer.root} does not match its narinfo")
-            return info, answer.root, blocks[answer.root]
+            return info, answer.root, root_block
 
         async def gateways(timeout: float) -> list["PeerInfo"]:
-            return [p for p in await swarm.providers(str(GATEWAY_MARKER), timeout=timeout) if p.peer_id != me]
+            # Only once no provider is being asked any more (the race ends when one answers, and this with it),
+            # or GATEWAY_DELAY after the providers' lookup: the lookup of the gateways' marker is a DHT walk
+            # beside the asks on this node's one event loop, and a miss in a swarm without gateways.
+            with trio.move_on_after(GATEWAY_DELAY):
+                await trio.sleep(GATEWAY_SETTLE)  # the race asks the providers the walk has just named
+                await asking.none()
+            if asking.answered:
+                return []  # the race has its answer (and ends this lookup at once)
+            timeline.debug("narinfo %s: gateway lookup begins", store_hash)
+            try:
+                return [p for p in await swarm.providers(str(GATEWAY_MARKER), timeout=timeout) if p.peer_id != me]
+            finally:
+                timeline.debug("narinfo %s: gateway lookup ends", store_hash)
 
         # A gateway pulls the path through from its upstreams before it answers, so gateways are
         # asked after the providers themselves (the race's second tier).
         first = list(reversed(self._recent.values()))
+        timeline.debug("narinfo %s: race begins (%d recent)", store_hash, len(first))
         race = await swarm.race(alias, ask, (gateways,) if self.ask_gateways else (), timeout=self.patience,
                                 first=first)
         self._remember_winner(race, first)
+        timeline.debug("narinfo %s: race ends (%s)", store_hash, race.outcome.value)
         if race.winner is None:
             if race.outcome is not RaceOutcome.MISS:
                 cut = f", {race.sources_failed} DHT lookup(s) did not finish" if race.sources_failed else ""
@@ -527,6 +585,8 @@ class SwarmSource:
         repo = source.repo
         root = found.root
         assert root is not None
+        name = found.narinfo.store_path.hash_part
+        timeline.debug("nar %s: stream begins", name)
         prefetch = self.prefetches.take(found) if self.prefetches is not None else None
         if prefetch is not None:  # the fetch began when Nix got the narinfo: stream what it brings
             arriving, counted = prefetch.arriving, prefetch.counted
@@ -557,6 +617,7 @@ class SwarmSource:
                 if prefetch is None:
                     nursery.start_soon(fetcher)
                 manifest = NarManifest.decode(await arriving.get(root))
+                timeline.debug("nar %s: manifest at hand", name)
                 await sink.start(manifest.nar_size, "nar")
                 assembly = NarAssembly(manifest)
                 pieces = assembly.start()
@@ -570,6 +631,8 @@ class SwarmSource:
                     if out and (cid is None or size >= SEND_BYTES or not arriving.ready(cid)):
                         body = out[0] if len(out) == 1 else b"".join(out)  # never wait holding bytes
                         out, size = [], 0
+                        if not sent:
+                            timeline.debug("nar %s: first bytes to Nix", name)
                         sent += len(body)
                         await sink.write(body)
                     if cid is None:
@@ -578,6 +641,7 @@ class SwarmSource:
                     # drop the connection with the body incomplete.
                     pieces = assembly.give(await arriving.get(cid))
                 await sink.end()
+                timeline.debug("nar %s: last byte to Nix", name)
                 self.metrics.served.labels("peer").inc(sent)
                 # Its last blocks committed (or it failed) before the root is claimed, and claimed inside the
                 # quota guard: no gc between the last block and the root that claims them.

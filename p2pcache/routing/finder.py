@@ -85,12 +85,18 @@ class FinderStats:
 
 
 class ProviderFinder:
+    """`dialable(peer)`: False while a dial to `peer` would be refused (the host's dial backoff after failed
+    dials). Providers from our own provider store that all fail it are no answer yet: the lookup walks the DHT
+    as well, whose answers carry the providers' signed peer records — a newer one (the provider restarted)
+    lifts the backoff, where the record we held, unchanged since before the failures, never would."""
+
     def __init__(self, dht: ProviderRouting, config: FinderConfig = FinderConfig(),
-                 clock: Callable[[], float] = trio.current_time):
+                 clock: Callable[[], float] = trio.current_time, dialable: Callable[[ID], bool] | None = None):
         self.dht = dht
         self.config = config
         self.stats = FinderStats()
         self._clock = clock
+        self._dialable = dialable
         self._negative: dict[bytes, float] = {}  # DHT key -> time the miss stops being believed
 
     async def find_providers(self, alias: str, timeout: float | None = None) -> list[PeerInfo]:
@@ -124,7 +130,7 @@ class ProviderFinder:
             del self._negative[key]
 
         local = [p for p in self.dht.local_providers(key) if p.peer_id != self.dht.peer_id]
-        if local:
+        if local and (self._dialable is None or any(self._dialable(p.peer_id) for p in local)):
             self.stats.found_local += 1
             return LookupResult(alias, tuple(local), "local", 0, 0, 0.0)
 
@@ -141,6 +147,13 @@ class ProviderFinder:
         self.stats.rpcs += query.stats.asked
         self.stats.latencies.append(elapsed)
         providers = tuple(query.providers.values())
+        if local:  # none of them dialable now: the walk's answers come first, then what we held
+            walked = {p.peer_id for p in providers}
+            providers += tuple(p for p in local if p.peer_id not in walked)
+            if not query.providers:
+                self.stats.found_local += 1
+                return LookupResult(alias, providers, "local", 0, query.stats.asked, elapsed, timed_out,
+                                    query.stats.answered)
         if providers:
             self.stats.found_dht += 1
             assert query.stats.found_at_hop is not None

@@ -24,6 +24,7 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from ..net.host import patient_dials
 from .errors import ResolveProtocolError, ResolveUnavailable
 from .resolve_wire import (
     MAX_REQUEST,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["PROTOCOL", "ResolveLookup", "ResolveServer", "ResolveServerStats", "resolve"]
 
 log = logging.getLogger(__name__)
+timeline = logging.getLogger("p2pcache.timeline")  # debug lines of a cold copy's timeline (bench/nixcopy.py)
 
 _Answer = TypeVar("_Answer")  # what ask_once's `decode` makes of the answer frame
 
@@ -166,7 +168,9 @@ async def ask_once(host: Host, peer_id: ID, protocol: TProtocol, request: bytes,
     stream = None
     try:
         with trio.fail_after(timeout):
-            stream = await host.new_stream(peer_id, [protocol])
+            with patient_dials():  # a provider in dial backoff is waited for if the backoff ends in time
+                stream = await host.new_stream(peer_id, [protocol])
+            timeline.debug("%s: stream to %s open", asking, peer_id)
             await stream.write(request)
             await stream.close_write()
             payload = await read_frame(stream, FrameReader(limit, what))

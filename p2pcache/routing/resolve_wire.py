@@ -27,7 +27,8 @@ from .errors import ResolveProtocolError, RoutingUsageError
 from .pb import p2pcache_pb2 as pb
 
 __all__ = [
-    "KINDS", "MAX_FIELD", "MAX_KEY", "MAX_REFERENCES", "MAX_REQUEST", "MAX_RESPONSE", "MAX_SIGS", "PROTOCOL",
+    "KINDS", "MAX_FIELD", "MAX_KEY", "MAX_REFERENCES", "MAX_REQUEST", "MAX_RESPONSE", "MAX_ROOT_BLOCK", "MAX_SIGS",
+    "PROTOCOL",
     "FrameReader", "NarInfoFields", "ResolveAnswer", "decode_request", "decode_response", "encode_request",
     "encode_response", "frame",
 ]
@@ -40,6 +41,7 @@ MAX_RESPONSE = 512 * 1024
 MAX_REFERENCES = 8192
 MAX_SIGS = 32
 MAX_FIELD = 1024
+MAX_ROOT_BLOCK = 256 * 1024  # a root block bigger than this is not sent in the answer (the asker fetches it)
 _MAX_VARINT_BYTES = 10
 
 
@@ -63,6 +65,9 @@ class ResolveAnswer:
     kind: str  # "archive", "nar" or "tree" (see KINDS)
     size: int
     narinfo: NarInfoFields | None = None
+    # The root block's bytes (at most MAX_ROOT_BLOCK), unverified: the asker checks them against `root`
+    # (`CID.verify`) before it reads them, and fetches the root itself when they are absent.
+    root_block: bytes | None = None
 
 
 # -- framing ---------------------------------------------------------------------------------------
@@ -198,6 +203,8 @@ def _check_answer(a: ResolveAnswer, error: type[Exception]) -> None:
         if a.kind != "nar":
             raise error(f"resolve answer: narinfo fields on a {a.kind!r}, only a 'nar' has them")
         _check_narinfo(a.narinfo, error)
+    if a.root_block is not None and len(a.root_block) > MAX_ROOT_BLOCK:
+        raise error(f"resolve answer: root block of {len(a.root_block)} bytes is over the {MAX_ROOT_BLOCK}-byte limit")
 
 
 def encode_response(answer: ResolveAnswer | None) -> bytes:
@@ -212,7 +219,12 @@ def encode_response(answer: ResolveAnswer | None) -> bytes:
             store_path=n.store_path, nar_hash=n.nar_hash, nar_size=n.nar_size, references=list(n.references),
             deriver=n.deriver, system=n.system, ca=n.ca, sigs=list(n.sigs),
         ))
+    if answer.root_block is not None:
+        msg.root_block = answer.root_block
     data = msg.SerializeToString()
+    if len(data) > MAX_RESPONSE and answer.root_block is not None:  # an optional hint: left out if it does not fit
+        msg.ClearField("root_block")
+        data = msg.SerializeToString()
     if len(data) > MAX_RESPONSE:
         raise RoutingUsageError(f"resolve answer of {len(data)} bytes is over the {MAX_RESPONSE}-byte limit")
     return frame(data)
@@ -229,8 +241,8 @@ def decode_response(payload: bytes) -> ResolveAnswer | None:
     except DecodeError:
         raise ResolveProtocolError("resolve answer is not a valid ResolveResponse protobuf") from None
     if not msg.found:
-        if msg.root or msg.kind or msg.size or msg.HasField("narinfo"):
-            raise ResolveProtocolError("resolve answer says 'not found' but carries a root, kind, size or narinfo")
+        if msg.root or msg.kind or msg.size or msg.HasField("narinfo") or msg.root_block:
+            raise ResolveProtocolError("resolve answer says 'not found' but carries a root, kind, size, narinfo or root block")
         return None
     try:
         root = CID.decode(msg.root)
@@ -241,6 +253,6 @@ def decode_response(payload: bytes) -> ResolveAnswer | None:
         n = msg.narinfo
         narinfo = NarInfoFields(n.store_path, n.nar_hash, n.nar_size, tuple(n.references), n.deriver, n.system,
                                 n.ca, tuple(n.sigs))
-    answer = ResolveAnswer(root, msg.kind, msg.size, narinfo)
+    answer = ResolveAnswer(root, msg.kind, msg.size, narinfo, msg.root_block or None)
     _check_answer(answer, ResolveProtocolError)
     return answer

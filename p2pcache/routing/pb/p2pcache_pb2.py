@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"p2pcache/routing/pb/p2pcache.proto\x12\x10p2pcache.routing\"\x1d\n\x0eResolveRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x90\x01\n\x07NarInfo\x12\x12\n\nstore_path\x18\x01 \x01(\t\x12\x10\n\x08nar_hash\x18\x02 \x01(\t\x12\x10\n\x08nar_size\x18\x03 \x01(\x04\x12\x12\n\nreferences\x18\x04 \x03(\t\x12\x0f\n\x07\x64\x65river\x18\x05 \x01(\t\x12\x0e\n\x06system\x18\x06 \x01(\t\x12\n\n\x02\x63\x61\x18\x07 \x01(\t\x12\x0c\n\x04sigs\x18\x08 \x03(\t\"v\n\x0fResolveResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0c\n\x04root\x18\x02 \x01(\x0c\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12*\n\x07narinfo\x18\x05 \x01(\x0b\x32\x19.p2pcache.routing.NarInfo\"y\n\nDagRequest\x12\r\n\x05roots\x18\x01 \x03(\x0c\x12\x0c\n\x04have\x18\x02 \x03(\x0c\x12\x31\n\x05scope\x18\x03 \x01(\x0e\x32\".p2pcache.routing.DagRequest.Scope\"\x1b\n\x05Scope\x12\x07\n\x03\x41LL\x10\x00\x12\t\n\x05NODES\x10\x01\"%\n\x08\x44\x61gBlock\x12\x0b\n\x03\x63id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x89\x01\n\x06\x44\x61gEnd\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.p2pcache.routing.DagEnd.Status\x12\x0f\n\x07missing\x18\x02 \x01(\x0c\x12\x0f\n\x07message\x18\x03 \x01(\t\",\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\r\n\tNOT_FOUND\x10\x01\x12\x0b\n\x07REFUSED\x10\x02\"i\n\x08\x44\x61gFrame\x12+\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x1a.p2pcache.routing.DagBlockH\x00\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x18.p2pcache.routing.DagEndH\x00\x42\x07\n\x05\x66rame\"A\n\x13\x43\x61\x63heRecordsRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\x08\x12\r\n\x05limit\x18\x03 \x01(\r\"\'\n\x14\x43\x61\x63heRecordsResponse\x12\x0f\n\x07records\x18\x01 \x03(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"p2pcache/routing/pb/p2pcache.proto\x12\x10p2pcache.routing\"\x1d\n\x0eResolveRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x90\x01\n\x07NarInfo\x12\x12\n\nstore_path\x18\x01 \x01(\t\x12\x10\n\x08nar_hash\x18\x02 \x01(\t\x12\x10\n\x08nar_size\x18\x03 \x01(\x04\x12\x12\n\nreferences\x18\x04 \x03(\t\x12\x0f\n\x07\x64\x65river\x18\x05 \x01(\t\x12\x0e\n\x06system\x18\x06 \x01(\t\x12\n\n\x02\x63\x61\x18\x07 \x01(\t\x12\x0c\n\x04sigs\x18\x08 \x03(\t\"\x8a\x01\n\x0fResolveResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0c\n\x04root\x18\x02 \x01(\x0c\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12*\n\x07narinfo\x18\x05 \x01(\x0b\x32\x19.p2pcache.routing.NarInfo\x12\x12\n\nroot_block\x18\x06 \x01(\x0c\"y\n\nDagRequest\x12\r\n\x05roots\x18\x01 \x03(\x0c\x12\x0c\n\x04have\x18\x02 \x03(\x0c\x12\x31\n\x05scope\x18\x03 \x01(\x0e\x32\".p2pcache.routing.DagRequest.Scope\"\x1b\n\x05Scope\x12\x07\n\x03\x41LL\x10\x00\x12\t\n\x05NODES\x10\x01\"%\n\x08\x44\x61gBlock\x12\x0b\n\x03\x63id\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x89\x01\n\x06\x44\x61gEnd\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.p2pcache.routing.DagEnd.Status\x12\x0f\n\x07missing\x18\x02 \x01(\x0c\x12\x0f\n\x07message\x18\x03 \x01(\t\",\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\r\n\tNOT_FOUND\x10\x01\x12\x0b\n\x07REFUSED\x10\x02\"i\n\x08\x44\x61gFrame\x12+\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x1a.p2pcache.routing.DagBlockH\x00\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x18.p2pcache.routing.DagEndH\x00\x42\x07\n\x05\x66rame\"A\n\x13\x43\x61\x63heRecordsRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\x08\x12\r\n\x05limit\x18\x03 \x01(\r\"\'\n\x14\x43\x61\x63heRecordsResponse\x12\x0f\n\x07records\x18\x01 \x03(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,22 +35,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESOLVEREQUEST']._serialized_end=85
   _globals['_NARINFO']._serialized_start=88
   _globals['_NARINFO']._serialized_end=232
-  _globals['_RESOLVERESPONSE']._serialized_start=234
-  _globals['_RESOLVERESPONSE']._serialized_end=352
-  _globals['_DAGREQUEST']._serialized_start=354
-  _globals['_DAGREQUEST']._serialized_end=475
-  _globals['_DAGREQUEST_SCOPE']._serialized_start=448
-  _globals['_DAGREQUEST_SCOPE']._serialized_end=475
-  _globals['_DAGBLOCK']._serialized_start=477
-  _globals['_DAGBLOCK']._serialized_end=514
-  _globals['_DAGEND']._serialized_start=517
-  _globals['_DAGEND']._serialized_end=654
-  _globals['_DAGEND_STATUS']._serialized_start=610
-  _globals['_DAGEND_STATUS']._serialized_end=654
-  _globals['_DAGFRAME']._serialized_start=656
-  _globals['_DAGFRAME']._serialized_end=761
-  _globals['_CACHERECORDSREQUEST']._serialized_start=763
-  _globals['_CACHERECORDSREQUEST']._serialized_end=828
-  _globals['_CACHERECORDSRESPONSE']._serialized_start=830
-  _globals['_CACHERECORDSRESPONSE']._serialized_end=869
+  _globals['_RESOLVERESPONSE']._serialized_start=235
+  _globals['_RESOLVERESPONSE']._serialized_end=373
+  _globals['_DAGREQUEST']._serialized_start=375
+  _globals['_DAGREQUEST']._serialized_end=496
+  _globals['_DAGREQUEST_SCOPE']._serialized_start=469
+  _globals['_DAGREQUEST_SCOPE']._serialized_end=496
+  _globals['_DAGBLOCK']._serialized_start=498
+  _globals['_DAGBLOCK']._serialized_end=535
+  _globals['_DAGEND']._serialized_start=538
+  _globals['_DAGEND']._serialized_end=675
+  _globals['_DAGEND_STATUS']._serialized_start=631
+  _globals['_DAGEND_STATUS']._serialized_end=675
+  _globals['_DAGFRAME']._serialized_start=677
+  _globals['_DAGFRAME']._serialized_end=782
+  _globals['_CACHERECORDSREQUEST']._serialized_start=784
+  _globals['_CACHERECORDSREQUEST']._serialized_end=849
+  _globals['_CACHERECORDSRESPONSE']._serialized_start=851
+  _globals['_CACHERECORDSRESPONSE']._serialized_end=890
 # @@protoc_insertion_point(module_scope)

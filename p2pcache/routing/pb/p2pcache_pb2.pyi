@@ -34,18 +34,20 @@ class NarInfo(_message.Message):
     def __init__(self, store_path: _Optional[str] = ..., nar_hash: _Optional[str] = ..., nar_size: _Optional[int] = ..., references: _Optional[_Iterable[str]] = ..., deriver: _Optional[str] = ..., system: _Optional[str] = ..., ca: _Optional[str] = ..., sigs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ResolveResponse(_message.Message):
-    __slots__ = ("found", "root", "kind", "size", "narinfo")
+    __slots__ = ("found", "root", "kind", "size", "narinfo", "root_block")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     ROOT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     NARINFO_FIELD_NUMBER: _ClassVar[int]
+    ROOT_BLOCK_FIELD_NUMBER: _ClassVar[int]
     found: bool
     root: bytes
     kind: str
     size: int
     narinfo: NarInfo
-    def __init__(self, found: _Optional[bool] = ..., root: _Optional[bytes] = ..., kind: _Optional[str] = ..., size: _Optional[int] = ..., narinfo: _Optional[_Union[NarInfo, _Mapping]] = ...) -> None: ...
+    root_block: bytes
+    def __init__(self, found: _Optional[bool] = ..., root: _Optional[bytes] = ..., kind: _Optional[str] = ..., size: _Optional[int] = ..., narinfo: _Optional[_Union[NarInfo, _Mapping]] = ..., root_block: _Optional[bytes] = ...) -> None: ...
 
 class DagRequest(_message.Message):
     __slots__ = ("roots", "have", "scope")

@@ -705,7 +705,9 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
                  progress: Callable[[int], None] | None) -> None:
     # Entries stream from the pages as they decode; files are written on the pool in runs of one directory
     # while later pages still decode. Metadata only: bodies are links.
-    entries: Iterator[TreeEntry] = (e for e in iter_entries(manifest, load) if e.top == top)
+    # Pages are not re-encoded to check their canonical form: they are blocks of the repo, each decoded
+    # strictly by the daemon that stored it (`register_tree` for a save, the fetch's walk for a fetch).
+    entries: Iterator[TreeEntry] = (e for e in iter_entries(manifest, load, recheck=False) if e.top == top)
     head = next(entries, None)
     if head is None:
         return

@@ -469,7 +469,10 @@ def file_chunks(entry: TreeEntry, load: Load) -> Iterator[ChunkRef]:
     """Where a chunked file's bytes are, in order (loads chunk-index nodes, never chunks)."""
     body = entry.body
     assert isinstance(body, list)
-    return walk_links(body[1], check_links(body[2], body[1], "tree manifest"), load)
+    links = check_links(body[2], body[1], "tree manifest")
+    if body[1] == 0:  # the chunks themselves (most files): no index node to load, no walk to drive
+        return iter([ChunkRef(cid, size) for cid, size in links])
+    return walk_links(body[1], links, load)
 
 
 def iter_blocks(manifest: TreeManifest, load: Load) -> Iterator[tuple[CID, int]]:
@@ -488,7 +491,12 @@ def iter_blocks(manifest: TreeManifest, load: Load) -> Iterator[tuple[CID, int]]
             yield from loaded
             loaded.clear()
         if entry.is_file and isinstance(entry.body, list):
-            yield from chunk_blocks(entry.body[1], check_links(entry.body[2], entry.body[1], "tree manifest"), load)
+            depth, links = entry.body[1], entry.body[2]
+            if depth == 0:  # the chunks themselves, their links checked by `iter_entries` (`_check_body`)
+                for cid, size in links:
+                    yield cid, size
+            else:
+                yield from chunk_blocks(depth, check_links(links, depth, "tree manifest"), load)
     yield from loaded
     loaded.clear()
     if manifest.sources is not None:

@@ -174,26 +174,41 @@ def ingest_files(repo: Any, pieces: Iterable[bytes], params: ChunkerParams = DEF
     header_size = FILE_HEADER.size
     bodies: list[list[Any]] = []
     hashing: deque[tuple[list[Any], list[Any]]] = deque()
-    tree = ChunkTree(FANOUT)
+    # The current file's chunk links; a file with more than fit in its body goes on in a ChunkTree (made only
+    # then: most files of a build directory are one chunk, and need neither a tree nor an index node)
+    links: list[list[Any]] = []
+    tree: ChunkTree | None = None
     index_out: list[Any] = []
+    from_digest = CID.from_digest
 
     def take(ingest: Any) -> None:
-        nonlocal tree
+        nonlocal tree, links
         items, parts = hashing.popleft()
         digests = iter(hasher.result(parts) if parts else ())
         blocks: list[Any] = []
         crcs: list[int | None] = []
         for item in items:
             if type(item) is int:  # the end of a file of this size
-                depth, links = tree.finish(INLINE_LINKS, index_out)
-                bodies.append([item, depth, [[c, n] for c, n in links]])
-                tree = ChunkTree(FANOUT)
+                if tree is None:
+                    bodies.append([item, 0, links])
+                else:
+                    depth, top = tree.finish(INLINE_LINKS, index_out)
+                    bodies.append([item, depth, [[c, n] for c, n in top]])
+                    tree = None
+                links = []
             else:
                 digest, crc = next(digests)
-                cid = CID.from_digest(RAW, digest)
+                cid = from_digest(RAW, digest)
                 blocks.append((cid, item))
                 crcs.append(crc)
-                tree.add(cid, len(item), index_out)
+                if tree is not None:
+                    tree.add(cid, len(item), index_out)
+                else:
+                    links.append([cid, len(item)])
+                    if len(links) > INLINE_LINKS:
+                        tree = ChunkTree(FANOUT)
+                        for c, n in links:
+                            tree.add(c, n, index_out)
             if index_out:
                 blocks += index_out
                 crcs += [None] * len(index_out)

@@ -616,7 +616,7 @@ def _current_umask() -> int:
     return mask
 
 
-def _write_file(dir_fd: int, name: bytes, entry: TreeEntry, chunks: Iterable[bytes], umask: int = 0o777) -> int:
+def _write_file(dir_fd: int, name: bytes, entry: TreeEntry, chunks: "Iterable[bytes | memoryview]", umask: int = 0o777) -> int:
     """Write one file atomically: a temp file in the same directory, given its bytes (`entry`'s inline body,
     else `chunks`: its chunks' bytes, in order, sizes already checked), mode and mtime, then renamed over.
     The temp file is created with its final permission bits (never setuid/setgid/sticky); only when the
@@ -657,7 +657,7 @@ def _write_file(dir_fd: int, name: bytes, entry: TreeEntry, chunks: Iterable[byt
         raise
 
 
-LoadMany = Callable[[list[tuple[CID, int]]], Iterator[bytes]]
+LoadMany = Callable[[list[tuple[CID, int]]], Iterator["bytes | memoryview"]]
 
 
 def load_each(load: Callable[[CID], bytes]) -> LoadMany:
@@ -705,7 +705,9 @@ def _restore_top(manifest: TreeManifest, top: int, target: str, load: Callable[[
                  progress: Callable[[int], None] | None) -> None:
     # Entries stream from the pages as they decode; files are written on the pool in runs of one directory
     # while later pages still decode. Metadata only: bodies are links.
-    entries: Iterator[TreeEntry] = (e for e in iter_entries(manifest, load) if e.top == top)
+    # Pages are not re-encoded to check their canonical form: they are blocks of the repo, each decoded
+    # strictly by the daemon that stored it (`register_tree` for a save, the fetch's walk for a fetch).
+    entries: Iterator[TreeEntry] = (e for e in iter_entries(manifest, load, recheck=False) if e.top == top)
     head = next(entries, None)
     if head is None:
         return
@@ -955,7 +957,7 @@ class ArrivingBlocks:
         self._wait_for([cid])
         return self._load(cid)
 
-    def load_many(self, links: list[tuple[CID, int]]) -> Iterator[bytes]:
+    def load_many(self, links: list[tuple[CID, int]]) -> Iterator["bytes | memoryview"]:
         for i in range(0, len(links), 256):
             part = links[i:i + 256]
             self._wait_for([c for c, _ in part])

@@ -1137,7 +1137,8 @@ def _cache_restore_found(args: argparse.Namespace, out: Output, found: dict, res
         report, manifest, mtimes = restored
     else:
         stack.enter_context(reading_tree(repo, root, repr(found["key"])))
-        report, manifest, mtimes = restore_tree(root, repo.load_block, args.paths, load_many=repo.load_blocks)
+        # Chunks as views into each run's one read buffer: written to the files and let go, never copied
+        report, manifest, mtimes = restore_tree(root, repo.load_block, args.paths, load_many=repo.load_views)
     sources = args.sources if args.sources is not None else (
         manifest.sources["path"] if manifest.sources is not None else None)
     if sources is not None and manifest.sources is not None and os.path.isdir(sources):
@@ -1185,7 +1186,7 @@ def _restore_while_fetched(client, args: argparse.Namespace, pid: str, repo: Rep
             if arriving[0].root != root:
                 arriving[0].end(root)  # the first tree's fetch failed: it will not arrive whole
             return
-        arriving.append(ArrivingBlocks(root, repo.load_block, repo.load_blocks,
+        arriving.append(ArrivingBlocks(root, repo.load_block, repo.load_views,
                                        lambda cids: set(repo.index.locate_many(cids))))
         started.put(True)
 

@@ -110,7 +110,7 @@ def test_racy_files_are_read_again(repo, tmp_path):
     assert save_tree([str(src)], sink, previous=prev, previous_scan=first.scan_time).files_read == 5
 
 
-@pytest.mark.parametrize("batched, umask", [(False, None), (True, 0o077)])
+@pytest.mark.parametrize("batched, umask", [(False, None), (True, 0o077), ("views", None)])
 def test_restore_round_trip_modes_mtimes_symlinks_and_several_paths(repo, tmp_path, batched, umask):
     a = build_dir(tmp_path / "a", n=30)
     (a / "tool").write_bytes(b"#!/bin/sh\n")
@@ -124,7 +124,8 @@ def test_restore_round_trip_modes_mtimes_symlinks_and_several_paths(repo, tmp_pa
     old_umask = os.umask(umask) if umask is not None else None  # the saved modes come back whatever the umask
     try:
         report, manifest, mtimes = restore_tree(r.root, repo.load_block, [str(tmp_path / "ra"), str(tmp_path / "r1.bin")],
-                                                load_many=repo.load_blocks if batched else None)
+                                                load_many=(repo.load_views if batched == "views" else
+                                                           repo.load_blocks if batched else None))
     finally:
         if old_umask is not None:
             os.umask(old_umask)
@@ -321,7 +322,7 @@ def test_streaming_restore_writes_files_as_their_blocks_arrive(repo, tmp_path):
     reader = Repo.open(tmp_path / "dst", writable=False)
     try:
         order, run, events = _arriving_copy(repo, r.root, tmp_path / "dst")
-        arriving = ArrivingBlocks(r.root, reader.load_block, reader.load_blocks,
+        arriving = ArrivingBlocks(r.root, reader.load_block, reader.load_views,
                                   lambda cids: set(reader.index.locate_many(cids)))
         report = RestoreReport()
         copier = threading.Thread(target=run, args=(arriving, report))
@@ -353,7 +354,7 @@ def test_streaming_restore_of_a_tree_that_will_not_arrive_is_undone(repo, tmp_pa
     other = CID.for_block(DAG_CBOR, b"another tree")
     try:
         order, run, _ = _arriving_copy(repo, r.root, tmp_path / "dst", stop_at=0.75, then=other)
-        arriving = ArrivingBlocks(r.root, reader.load_block, reader.load_blocks,
+        arriving = ArrivingBlocks(r.root, reader.load_block, reader.load_views,
                                   lambda cids: set(reader.index.locate_many(cids)))
         report = RestoreReport()
         copier = threading.Thread(target=run, args=(arriving, report))

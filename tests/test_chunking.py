@@ -84,3 +84,16 @@ def test_the_compiled_fastcdc_is_the_one_chunking():
 
     assert chunking.FastCDC.__module__ == "pyfastcdc.cy.fastcdc"
     assert type(Chunker()._cdc).__module__ == "pyfastcdc.cy.fastcdc"
+
+
+@pytest.mark.parametrize("params", [SMALL, DEFAULT_PARAMS])
+def test_whole_cuts_what_fastcdc_cuts_around_the_minimum_size(params):
+    # `whole` takes an input of at most min_size bytes as one chunk without asking FastCDC: the same
+    # chunks FastCDC cuts, at and on either side of that size, and for larger inputs
+    rng = random.Random(7)
+    m = params.min_size
+    for n in (0, 1, 2, m - 1, m, m + 1, 2 * m, params.avg_size + m, 3 * params.max_size):
+        data = rng.randbytes(n)
+        got = [bytes(c) for c in Chunker(params).whole(data)]
+        assert got == reference(data, params), n
+        assert b"".join(got) == data

@@ -153,6 +153,11 @@ class Chunker:
         if self._pending:
             raise ValueError("Chunker.whole: input is pending; finish() it first")
         view = memoryview(data)
+        if 0 < len(view) <= self.params.min_size:
+            # FastCDC never cuts before min_size: one chunk, without a pass through the cutter (most files
+            # of a build directory are this small; the cutter's setup is a good part of their cost)
+            yield view
+            return
         for chunk in self._cdc.cut_buf(view):
             yield view[chunk.offset : chunk.offset + chunk.length]
 

@@ -96,10 +96,11 @@ def encode(value: Any) -> bytes:
 
 
 def encode_built(value: Any) -> bytes:
-    """`encode` without the walk that refuses what has no dag-cbor encoding, for a value this codebase built
-    from parts of known types only (a NAR manifest builder's directory pages: names and targets are bytes, sizes
-    u64s from the NAR, links CIDs). The walk was about half the cost of encoding a page of a many-file NAR;
-    a value of any other origin goes through `encode`."""
+    """`encode` without the walk that refuses what has no dag-cbor encoding, for a value this process built
+    itself from parts of known types only: a NAR manifest builder's directory pages (names and targets bytes,
+    sizes u64s from the NAR, links CIDs), the file socket's answers. The same bytes; a value of a foreign
+    type still fails, in cbor2's `default`. The walk was about half the cost of encoding a page of a
+    many-file NAR; a value of any other origin goes through `encode`."""
     return cbor2.dumps(value, canonical=True, default=_default)
 
 

@@ -356,15 +356,15 @@ class TreeManifest:
 
 
 def _page_items(pages: Iterable[tuple[CID, int]], count: int, load: Load, what: str,
-                depth: int = 0) -> Iterator[list[Any]]:
+                depth: int = 0, recheck: bool = True) -> Iterator[list[Any]]:
     seen = 0
     for cid, n in pages:
-        page = dagcbor.decode(load(cid))
+        page = dagcbor.decode(load(cid), recheck=recheck)
         if isinstance(page, dict) and page.get("type") == INDEX_TYPE:
             if depth >= 4 or set(page) != {"type", "version", "pages"} or page["version"] != SCHEMA_VERSION:
                 raise MalformedBlock(f"{what}: malformed or too deep tree index {cid}")
             seen += n
-            yield from _page_items(_page_links(page["pages"], what), n, load, what, depth + 1)
+            yield from _page_items(_page_links(page["pages"], what), n, load, what, depth + 1, recheck)
             continue
         if not isinstance(page, dict) or page.get("type") != PAGE_TYPE or set(page) != {"type", "version", "entries"}:
             raise MalformedBlock(f"{what}: block {cid} is not a tree page")
@@ -396,11 +396,15 @@ def _check_body(mode: int, body: object, what: str) -> None:
         raise MalformedBlock(f"{what}: only files and symlinks carry a body")
 
 
-def iter_entries(manifest: TreeManifest, load: Load) -> Iterator[TreeEntry]:
-    """The tree's entries in order, their shape checked (not their safety: see `path_problem`)."""
+def iter_entries(manifest: TreeManifest, load: Load, *, recheck: bool = True) -> Iterator[TreeEntry]:
+    """The tree's entries in order, their shape checked (not their safety: see `path_problem`).
+
+    `recheck=False` skips re-encoding each page to check its canonical form (`dagcbor.decode`), for a reader
+    of pages some daemon already decoded strictly when it stored them (a repo's own tree); every shape check
+    here stays, and canonical form is about one value having one CID, not about what an entry may do."""
     what = "tree manifest"
     last: tuple[int, bytes] | None = None
-    for item in _page_items(manifest.pages, manifest.entries, load, what):
+    for item in _page_items(manifest.pages, manifest.entries, load, what, recheck=recheck):
         if not (isinstance(item, list) and len(item) == 5 and _is_count(item[0]) and isinstance(item[1], bytes)
                 and _is_count(item[2]) and item[2] < 1 << 32 and isinstance(item[3], int)
                 and not isinstance(item[3], bool) and abs(item[3]) < 1 << 63):
@@ -465,7 +469,10 @@ def file_chunks(entry: TreeEntry, load: Load) -> Iterator[ChunkRef]:
     """Where a chunked file's bytes are, in order (loads chunk-index nodes, never chunks)."""
     body = entry.body
     assert isinstance(body, list)
-    return walk_links(body[1], check_links(body[2], body[1], "tree manifest"), load)
+    links = check_links(body[2], body[1], "tree manifest")
+    if body[1] == 0:  # the chunks themselves (most files): no index node to load, no walk to drive
+        return iter([ChunkRef(cid, size) for cid, size in links])
+    return walk_links(body[1], links, load)
 
 
 def iter_blocks(manifest: TreeManifest, load: Load) -> Iterator[tuple[CID, int]]:
@@ -484,7 +491,12 @@ def iter_blocks(manifest: TreeManifest, load: Load) -> Iterator[tuple[CID, int]]
             yield from loaded
             loaded.clear()
         if entry.is_file and isinstance(entry.body, list):
-            yield from chunk_blocks(entry.body[1], check_links(entry.body[2], entry.body[1], "tree manifest"), load)
+            depth, links = entry.body[1], entry.body[2]
+            if depth == 0:  # the chunks themselves, their links checked by `iter_entries` (`_check_body`)
+                for cid, size in links:
+                    yield cid, size
+            else:
+                yield from chunk_blocks(depth, check_links(links, depth, "tree manifest"), load)
     yield from loaded
     loaded.clear()
     if manifest.sources is not None:

@@ -73,6 +73,14 @@ class Sim:
         heapq.heappush(self._queue, (when if when > now else now, self._order, timer, fn, args))
         return timer
 
+    def post(self, when: float, fn: Callable[..., Any], *args: Any) -> None:
+        """`at` without a handle (the per-message path of the links)."""
+        self._order += 1
+        now = self._now
+        if now is None:
+            now = trio.current_time()
+        heapq.heappush(self._queue, (when if when > now else now, self._order, None, fn, args))
+
     def after(self, delay: float, fn: Callable[..., Any], *args: Any, cancellable: bool = False) -> Timer | None:
         return self.at(self.now() + delay, fn, *args, cancellable=cancellable)
 
@@ -95,30 +103,37 @@ class Sim:
         # awaits nothing but `clock.jump` moves it, and the MockClock (rate 0) then reads exactly
         # `now + (when - now)`, so the clock's three calls per event are saved with identical times.
         now = trio.current_time()
-        while q and not self._stop:
-            when = q[0][0]
-            if until is not None and when > until:
-                break
-            if when > now:
-                if clock is not None and since_checkpoint < 256:
-                    jump = when - now
-                    clock.jump(jump)
-                    now = now + jump
-                    since_checkpoint += 1
-                else:
-                    # Now and then a real sleep, so any other trio task (a driver under test) runs.
-                    await trio.sleep_until(when)
-                    now = trio.current_time()
-                    since_checkpoint = 0
-            _, _, timer, fn, args = pop(q)
-            if timer is not None and timer.cancelled:
-                continue
-            self.events_run += 1
-            self._now = now
-            try:
+        events = 0
+        try:
+            while q and not self._stop:
+                when = q[0][0]
+                if until is not None and when > until:
+                    break
+                if when > now:
+                    if clock is not None and since_checkpoint < 256:
+                        jump = when - now
+                        clock.jump(jump)
+                        now = now + jump
+                        since_checkpoint += 1
+                    else:
+                        # Now and then a real sleep, so any other trio task (a driver under test) runs.
+                        self._now = None
+                        self.events_run += events  # counted for whoever reads it while we wait
+                        events = 0
+                        await trio.sleep_until(when)
+                        now = trio.current_time()
+                        since_checkpoint = 0
+                _, _, timer, fn, args = pop(q)
+                if timer is not None and timer.cancelled:
+                    continue
+                events += 1
+                # `_now` stays set from one callback to the next (nothing else runs between them);
+                # it is cleared before an await and when the loop ends.
+                self._now = now
                 fn(*args)
-            finally:
-                self._now = None
+        finally:
+            self._now = None
+            self.events_run += events
         if until is not None and not self._stop and trio.current_time() < until:
             await trio.sleep_until(until)
 

@@ -132,6 +132,7 @@ class BitswapNode:
         self.server = BitswapServer(source, server_config or ServerConfig(max_outstanding_bytes=8 << 20))
         self.ban_seconds = ban_seconds
         self._bans: BanList[PeerId] = BanList(ban_seconds)
+        self._banned_any = False  # no ban ever: the per-message ban check is skipped
         self._waiting: dict[PeerId, deque[Send]] = {}  # sends waiting for a dial
         self._timer_at: float | None = None
         self._sessions: dict[object, "ArchiveFetch"] = {}
@@ -142,10 +143,14 @@ class BitswapNode:
 
     # -- engines --------------------------------------------------------------------------------
     def _client(self, event: object) -> None:
-        self._apply(self.client.handle(event, self.sim.now()))
+        actions = self.client.handle(event, self.sim.now())
+        if actions:
+            apply_actions(actions, self)
 
     def _server(self, event: object) -> None:
-        self._apply(self.server.handle(event, self.sim.now()))
+        actions = self.server.handle(event, self.sim.now())
+        if actions:  # most steps of a busy node: nothing to do
+            apply_actions(actions, self)
 
     def _both(self, event: object) -> None:
         self._client(event)
@@ -204,7 +209,7 @@ class BitswapNode:
         self._both(PeerDisconnected(peer))
 
     def on_message(self, peer: PeerId, payload: Any) -> None:
-        if not self.alive or self._bans and self._is_banned(peer):
+        if not self.alive or self._banned_any and self._is_banned(peer):
             return
         if self.wire == "bytes":
             try:
@@ -227,7 +232,7 @@ class BitswapNode:
 
     def _send(self, send: Send) -> None:
         peer = send.peer
-        if not self.alive or self._bans and self._is_banned(peer):
+        if not self.alive or self._banned_any and self._is_banned(peer):
             return
         if self.wire == "bytes":
             data = encode(send.message)
@@ -258,6 +263,7 @@ class BitswapNode:
         self.counters.penalised += 1
         self.penalised.append((peer, why))
         self._bans.ban(peer, self.sim.now())
+        self._banned_any = True
         self._waiting.pop(peer, None)
         if tell_client:
             self._both(PeerMisbehaved(peer, why))

@@ -93,6 +93,9 @@ class LiveSim(Sim):
             self._wake.set()
         return timer
 
+    def post(self, when: float, fn: Callable[..., Any], *args: Any) -> None:
+        self.at(when, fn, *args)  # this queue, not `Sim`'s
+
     @property
     def pending(self) -> int:
         return len(self._heap)

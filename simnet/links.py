@@ -94,6 +94,14 @@ class _Nic:
         self.bytes_sent = self.bytes_received = self.messages_sent = self.messages_received = self.dropped = 0
 
 
+def _path(s: _Nic, d: _Nic) -> tuple:
+    """What `Network.send` reads of a connection's two ends on every message, from sender `s` to receiver
+    `d`, computed once per connection: the nics, path latency and jitter, loss, `rto_min`, rates."""
+    sp, dp = s.profile, d.profile
+    return (s, d, sp.latency + dp.latency, sp.jitter + dp.jitter, 1 - (1 - sp.loss) * (1 - dp.loss), sp.rto_min,
+            sp.up, dp.down)
+
+
 def _pair(a: NodeId, b: NodeId) -> tuple:
     return (a, b) if repr(a) <= repr(b) else (b, a)
 
@@ -107,7 +115,7 @@ class Network:
         self._conns: dict[tuple, int] = {}  # live connection -> epoch
         # The same, by (sender, receiver) in both directions -> (connection, epoch): what `send` and
         # `connected` look up on every message, without building the ordered pair (two reprs) each time.
-        self._ends: dict[tuple, tuple[tuple, int]] = {}
+        self._ends: dict[tuple, tuple] = {}  # (connection, epoch) + `_path` of that direction
         self._dialling: dict[tuple, int] = {}
         self._wanted: set[tuple] = set()  # connections to re-establish after a heal
         self._blocked: set[tuple] = set()  # unlinked pairs
@@ -188,7 +196,9 @@ class Network:
                 on_done(False)
             return
         self._conns[pair] = epoch
-        self._ends[(a, b)] = self._ends[(b, a)] = (pair, epoch)
+        na, nb = self._nics[a], self._nics[b]
+        self._ends[(a, b)] = (pair, epoch) + _path(na, nb)
+        self._ends[(b, a)] = (pair, epoch) + _path(nb, na)
         self.neighbours[a].add(b)
         self.neighbours[b].add(a)
         self._nics[a].endpoint.on_connected(b)
@@ -249,28 +259,26 @@ class Network:
         live = self._ends.get((src, dst))
         if live is None:
             return False
-        pair, epoch = live
-        s, d = self._nics[src], self._nics[dst]
-        now = self.sim.now()
+        pair, epoch, s, d, latency, jitter, loss, rto_min, up, down = live
+        sim = self.sim
+        now = sim.now()
         sparse = size <= SPARSE
-        start = s.up_free if s.up_free > now else now
-        s.up_free = start + size / s.profile.up
-        written = now + size / s.profile.up if sparse else s.up_free
+        up_free = s.up_free
+        start = up_free if up_free > now else now
+        s.up_free = up_free = start + size / up
+        written = now + size / up if sparse else up_free
         s.bytes_sent += size
         s.messages_sent += 1
-        latency = s.profile.latency + d.profile.latency
-        jitter = s.profile.jitter + d.profile.jitter
         if jitter:
             latency += self.rng.random() * jitter
-        loss = 1 - (1 - s.profile.loss) * (1 - d.profile.loss)
         if loss:
-            rto = max(s.profile.rto_min, 4 * latency)
+            rto = max(rto_min, 4 * latency)
             for _ in range(max(1, math.ceil(size / SEGMENT))):
                 if self.rng.random() < loss:
                     latency += rto
         arrive = written + latency
         # The receiver's downlink drains at its own rate: a receiver fed by many senders queues them.
-        drain = size / d.profile.down
+        drain = size / down
         if sparse:
             done = arrive + drain
             d.down_free = max(d.down_free, arrive) + drain
@@ -278,13 +286,14 @@ class Network:
             done = max(arrive, d.down_free + drain)
             d.down_free = done
         key = (src, dst)
-        last = self._last_arrival.get(key, 0.0)
+        last_arrival = self._last_arrival
+        last = last_arrival.get(key, 0.0)
         if done < last:
             done = last
-        self._last_arrival[key] = done
+        last_arrival[key] = done
         if on_written is not None:
-            self.sim.at(written, on_written)
-        self.sim.at(done, self._deliver, src, dst, pair, epoch, size, payload)
+            sim.post(written, on_written)
+        sim.post(done, self._deliver, src, dst, pair, epoch, size, payload)
         return True
 
     def _deliver(self, src: NodeId, dst: NodeId, pair: tuple, epoch: int, size: int, payload: Any) -> None:

@@ -379,7 +379,7 @@ class BitswapClient:
                 self._forget(w)
 
     def _on_message(self, peer: PeerId, msg: Message, now: float) -> None:
-        if peer in self._banned:
+        if self._banned and peer in self._banned:  # (a set hashes its key even when empty)
             return
         p = self._peers.setdefault(peer, _Peer())
         for block in msg.blocks:
@@ -622,7 +622,8 @@ class BitswapClient:
         for sid in w.sessions:
             for peer in self._sessions[sid].providers:
                 seen[peer] = None
-        return [peer for peer in seen if peer not in self._banned]
+        banned = self._banned
+        return [peer for peer in seen if not banned or peer not in banned]
 
     def _cost(self, peer: PeerId) -> float:
         p = self._peers[peer]
@@ -651,7 +652,7 @@ class BitswapClient:
             if s.inflight < session_window:
                 open_sessions += 1
         for peer, p in self._peers.items():
-            if len(p.blocks_out) < peer_window and peer not in banned:
+            if len(p.blocks_out) < peer_window and not (banned and peer in banned):
                 open_peers += 1
         # Candidates depend only on a want's sessions (their providers) and the connected peers, which
         # do not change during a pass: one list per session set, not one O(peers) build per CID asked.
@@ -782,7 +783,7 @@ class BitswapClient:
         so discovery (and later HAVE notifications) spreads over all peers."""
         cfg, peers = self.config, self._peers
         ring = [peer for peer, p in peers.items()
-                if p.connected and peer not in self._banned and peer not in providers
+                if p.connected and not (self._banned and peer in self._banned) and peer not in providers
                 and peer not in w.holders and peer not in w.dont_haves and peer not in w.have_asked
                 and len(p.haves_out) < cfg.peer_have_window]
         if not ring:

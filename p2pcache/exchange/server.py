@@ -239,7 +239,7 @@ class BitswapServer:
         self._ledgers: dict[PeerId, _PeerLedger] = {}
         # Ledgers with tasks queued, in the order they got them: the round-robin ring. Visiting only
         # these keeps a step's cost independent of how many idle peers are connected.
-        self._active: dict[PeerId, None] = {}
+        self._active: dict[PeerId, _PeerLedger] = {}  # peer -> its ledger
         # Peers whose next block waits only for room under `max_total_outstanding_bytes`, out of the
         # ring (a seed with hundreds of waiting peers must not visit them all on every event), in a
         # heap by block size: when acknowledgements make room, the ones that fit come back.
@@ -343,7 +343,7 @@ class BitswapServer:
 
     def _finish(self, out: list[Action]) -> list[Action]:
         out += self._pump()
-        lend_at = self._lendings.next_deadline()
+        lend_at = self._lendings.next_deadline() if self._lent else None  # every live deadline is a lending
         if lend_at is not None or self._added_due is not None:
             at = min(lend_at if lend_at is not None else math.inf,
                      self._added_due if self._added_due is not None else math.inf)
@@ -623,7 +623,7 @@ class BitswapServer:
         old = led.tasks.get(e.cid.buffer)
         seq = old.seq if old is not None else self._next_seq()
         led.put(_Task(e.cid, kind, e.priority, seq, size, e.send_dont_have))
-        self._active[led.peer] = None
+        self._active[led.peer] = led
         self._capped.pop(led.peer, None)  # its head may have changed, or it has presences now
 
     def _next_seq(self) -> int:
@@ -674,7 +674,7 @@ class BitswapServer:
             elif not self._outstanding_total or self._outstanding_total + size <= cap:
                 heapq.heappop(heap)
                 del self._capped[peer]
-                self._active[peer] = None
+                self._active[peer] = self._ledgers[peer]
                 back.append(peer)
             else:
                 break
@@ -693,7 +693,8 @@ class BitswapServer:
         # Rounds of deficit round-robin. A peer that cannot send in one round cannot in the next (its
         # queue is unchanged and outstanding bytes only grow while pumping), so a round visits only the
         # peers that made progress in the one before.
-        rnd = [peers[(self._cursor + i) % n] for i in range(n)]
+        start = self._cursor % n
+        rnd = peers[start:] + peers[:start]
         self._cursor = (self._cursor + 1) % n
         if back:  # they waited for room: they go first
             first = set(back)
@@ -730,9 +731,10 @@ class BitswapServer:
         return out
 
     def _drop_idle(self) -> None:
-        for peer in [peer for peer in self._active if not self._ledgers[peer].tasks]:
-            del self._active[peer]
-            self._ledgers[peer].deficit = 0
+        active = self._active
+        for peer, led in [(peer, led) for peer, led in active.items() if not led.tasks]:
+            del active[peer]
+            led.deficit = 0
 
     def _build(self, led: _PeerLedger) -> tuple[Message, int] | None:
         cfg = self.config

@@ -355,7 +355,9 @@ class BitswapExchange:
         self._both(PeerDisconnected(peer))
 
     def _is_banned(self, peer: ID) -> bool:
-        return self._bans.is_banned(peer, self._now())
+        # Asked on every message read: with nobody banned (the usual case) neither the clock nor the
+        # peer id's hash (a Python-level `ID.__hash__`) is needed.
+        return len(self._bans) > 0 and self._bans.is_banned(peer, self._now())
 
     def _penalise(self, peer: ID, why: str, tell_engines: bool) -> None:
         """Drop a peer that broke the protocol or sent bad data: ban it and close its connections."""

@@ -43,6 +43,9 @@ typecheck: $(STAMP)
 TYPED_SIM := simnet/core.py simnet/links.py simnet/hostsim.py simnet/dhtsim.py simnet/routingsim.py \
              simnet/announcesim.py simnet/scenario.py simnet/metrics.py simnet/payload.py
 
+# One pytest worker per core, long tests handed out first come first served: most of the suite's wall time is
+# daemons starting and peers timing out, not CPU (21 min wall for 9.5 CPU-min in one process on 2 cores).
+PYTEST_ARGS ?= -n auto --dist worksteal
 test: $(STAMP) system-deps interop-deps typecheck
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

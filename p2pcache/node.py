@@ -108,7 +108,8 @@ def exchange_configs(cfg: NodeConfig) -> tuple[ClientConfig, ServerConfig]:
         # rather than fail the block (and the fetch) at the first DONT_HAVE.
         client = ClientConfig(dont_have_wait=max(5.0, 4 * cfg.superseed_window) if cfg.superseed_window else 0.0)
     return client, ServerConfig(max_outstanding_bytes=8 << 20, superseed_window=cfg.superseed_window,
-                                have_batch_delay=cfg.have_batch_delay, superseed_share=cfg.superseed_share)
+                                have_batch_delay=cfg.have_batch_delay, superseed_share=cfg.superseed_share,
+                                superseed_relay_window=cfg.superseed_relay_window)
 
 
 @dataclass

@@ -149,7 +149,8 @@ def exchange_overrides(sc: Any) -> dict[str, Any]:
     """The `node.superseed_window` / `node.swarm_fetch` parameters that are not "daemon" (the
     daemon's own [exchange] default, which the nodes otherwise run with), typed for `NodeConfig`."""
     kinds = {"superseed_window": "duration", "swarm_fetch": "bool", "transfer_protocol": "str",
-             "have_batch_delay": "duration", "superseed_share": "int"}
+             "have_batch_delay": "duration", "superseed_share": "int",
+             "superseed_relay_window": "duration"}
     return {k: parse_value(kinds[k], v, f"{sc.path}: node.{k}")
             for k, v in sc.params_with_prefix("node.").items() if v != "daemon"}
 

@@ -22,6 +22,7 @@ def test_default_file_loads_as_the_defaults(tmp_path):
     ("[exchange]\nsuperseed_window = -2\n", "exchange.superseed_window must be 0"),
     ("[exchange]\nsuperseed_share = -1\n", "exchange.superseed_share must be 0"),
     ("[exchange]\nsuperseed_share = 2.5\n", "exchange.superseed_share has the wrong type"),
+    ("[exchange]\nsuperseed_relay_window = -1\n", "exchange.superseed_relay_window must be 0"),
     ("[swarm]\nmdns = \"yes\"\n", "swarm.mdns is \"private\", \"on\" or \"off\""),
     ("[turbo]\nx = 1\n", "unknown section \\[turbo\\]"),
     ("[nix]\npriority = true\n", "nix.priority has the wrong type"),
@@ -45,6 +46,15 @@ def test_superseed_share_is_read_and_reaches_the_server_engine(tmp_path):
     cfg = config.load(tmp_path)
     assert cfg.superseed_share == 3 and exchange_configs(cfg)[1].superseed_share == 3
     assert exchange_configs(config.NodeConfig())[1].superseed_share == config.SUPERSEED_SHARE
+
+
+def test_superseed_relay_window_is_read_and_reaches_the_server_engine(tmp_path):
+    from p2pcache.node import exchange_configs
+
+    (tmp_path / "config.toml").write_text("[exchange]\nsuperseed_relay_window = 0.5\n")
+    cfg = config.load(tmp_path)
+    assert cfg.superseed_relay_window == 0.5 and exchange_configs(cfg)[1].superseed_relay_window == 0.5
+    assert exchange_configs(config.NodeConfig())[1].superseed_relay_window == config.SUPERSEED_RELAY_WINDOW
 
 
 def test_gc_and_paths_relative_to_the_config_file(tmp_path):

@@ -986,6 +986,36 @@ def test_lend_for_stream_shares_the_lending_table_with_bitswap_wants():
     assert off.lend_for_stream("p", a, 50_000, 0.0) == (True, [])
 
 
+def test_a_block_fetched_from_the_swarm_is_lent_only_for_the_relay_window():
+    """A seed's own block stays lent for superseed_window; one this node got from the swarm
+    (BlocksAdded) only for superseed_relay_window, then the refused peer hears HAVE."""
+    blocks = make_blocks(2, size=50_000)
+    own, fetched = list(blocks)
+    src = DictSource({own: blocks[own]})
+    server = BitswapServer(src, ServerConfig(superseed_window=1.0, superseed_relay_window=0.05))
+    src.blocks[fetched] = blocks[fetched]
+    server.handle(BlocksAdded((fetched,)), 0.0)
+
+    def presences(out):
+        return [(p.cid, p.have) for a in out if isinstance(a, Send) for p in a.message.presences]
+
+    want = Message(wants=(WantEntry(own, send_dont_have=True), WantEntry(fetched, send_dont_have=True)))
+    out = server.handle(MessageReceived("a", want), 0.0)
+    assert {b.cid for a in out if isinstance(a, Send) for b in a.message.blocks} == {own, fetched}
+    server.handle(MessageSent("a", 200_000), 0.001)
+    assert set(presences(server.handle(MessageReceived("b", want), 0.01))) == {(own, False), (fetched, False)}
+    assert presences(server.handle(Tick(), 0.06)) == [(fetched, True)]  # the relay window is over
+    assert presences(server.handle(Tick(), 0.5)) == []  # the own block is still lent
+    assert presences(server.handle(Tick(), 1.01)) == [(own, True)]
+    # unset: every block keeps the full window (as before)
+    same = BitswapServer(DictSource(dict(blocks)), ServerConfig(superseed_window=1.0))
+    same.handle(BlocksAdded((fetched,)), 0.0)
+    same.handle(MessageReceived("a", Message(wants=(WantEntry(fetched),))), 0.0)
+    assert presences(same.handle(MessageReceived("b", Message(wants=(WantEntry(fetched, send_dont_have=True),))), 0.01)) \
+        == [(fetched, False)]
+    assert presences(same.handle(Tick(), 0.06)) == []
+
+
 def test_lazy_cancels_wait_for_a_message_or_their_due_time():
     blocks = make_blocks(2)
     a, b = list(blocks)

@@ -144,7 +144,8 @@ def put_blocks_parallel(repo: Any, blocks: list[tuple[CID, bytes]], pool: Any) -
     if todo:
         list(pool.map(check, [todo[i:i + VERIFY_SLICE] for i in range(0, len(todo), VERIFY_SLICE)]))
         repo.packs.append(todo)
-    repo.commit_blocks([(c, len(d)) for c, d in blocks])
+    # Not a durable point of the save (see `ingest_files`): the root's commit in `register_tree` is.
+    repo.commit_blocks([(c, len(d)) for c, d in blocks], durable=False)
     return len(todo), sum(len(d) for _, d in todo)
 
 
@@ -271,7 +272,13 @@ def ingest_files(repo: Any, pieces: Iterable[bytes], params: ChunkerParams = DEF
             raise InvalidInput("file upload: the body ends inside a file; nothing of it was stored")
         while hashing:
             take(ingest)
-        ingest.commit(lambda index: None)  # blocks only: the save that follows claims them with its root
+        # Blocks only: the save that follows claims them with its root. Their bytes are flushed before these
+        # rows (the commit order crash safety needs), but the rows need not be durable yet: until the root
+        # claims them nothing relies on them across a restart (a power cut that takes them back leaves
+        # garbage, or a save that uploads them again), and the root's own commit (`register_tree`, durable)
+        # makes them durable with it, the WAL being synced whole and in order. So a save pays one WAL fsync
+        # at its end, not one per upload request (80 of them for 20,000 files).
+        ingest.commit(lambda index: None, durable=False)
     return {"bodies": bodies, "new_blocks": ingest.new_blocks, "new_bytes": ingest.new_bytes}
 
 

@@ -857,13 +857,13 @@ class Node:
                         on_verified: Callable[[CID, bytes], None] | None = None,
                         root_block: bytes | None = None,
                         claim: Callable[[], Awaitable[object]] | None = None,
-                        request_blocks: int | None = None) -> int:
+                        request_blocks: int | None = None, keep_cached: bool = False) -> int:
         """Fetch every block under `root` the repo lacks (any manifest shape), storing verified blocks
         as they arrive: over the DAG transfer protocol (`DagTransfer.fetch`, bitswap for peers that do
         not speak it), or block by block over bitswap when `transfer_protocol` is "bitswap". `claim()`
         runs once every block is stored, still inside the quota's `working()` scope: a root it registers
         claims the blocks before a gc can take them as unclaimed. `request_blocks`: CIDs per DAG request
-        (`DagTransfer.fetch`)."""
+        (`DagTransfer.fetch`); `keep_cached`: its blocks stay in the page cache (`DagTransfer.fetch`)."""
         assert self.exchange is not None and self.repo is not None and self.dag is not None
         async with self.quota.working():
             if self.config.transfer_protocol == "bitswap":
@@ -876,7 +876,7 @@ class Node:
                             on_verified(cid, data)
 
                     fetched = await self.dag.fetch(root, providers, self.repo, on_stored, verified, root_block,
-                                                   request_blocks)
+                                                   request_blocks, keep_cached)
             if claim is not None:
                 await claim()
         self.stats.bytes_fetched += fetched
@@ -1037,8 +1037,9 @@ class _BuildCacheSwarm:
             started()
         for attempt in range(3):
             try:
+                # keep_cached: the restore that asked reads every block back right away (as they arrive)
                 return await node.fetch_dag(root, providers, root_block=root_block, claim=claim,
-                                            request_blocks=TREE_REQUEST_BLOCKS)
+                                            request_blocks=TREE_REQUEST_BLOCKS, keep_cached=True)
             except FetchError as e:
                 log.info("fetch of tree %s failed (%s); looking for other providers", root, e)
                 again = [p for p in await node.finder.find_providers(str(root), timeout=node.config.lookup_timeout)

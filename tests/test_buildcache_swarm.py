@@ -260,3 +260,25 @@ def test_a_restore_that_takes_a_node_over_its_quota_keeps_the_tree_it_fetched(tm
     while b.status()["gc"]["runs"] < 1 and time.monotonic() < deadline:  # the gc the fetch's end woke
         time.sleep(0.05)
     assert b.status()["gc"]["runs"] >= 1
+
+
+def test_a_restore_from_a_peer_reads_the_fetched_blocks_from_memory_not_disk(tmp_path, daemons):
+    """With fsync on (the default), a fetch's blocks leave the page cache once durable, since nobody reads
+    them back soon -- but a restore from a peer writes the tree's files from exactly those blocks, right
+    after they arrive. So a tree fetch keeps them: the restoring CLI reads (almost) nothing from disk."""
+    import resource
+
+    env = {"P2PCACHE_FSYNC": "1"}
+    a = start_daemon(tmp_path / "a", env=env)
+    daemons.append(a)
+    b = start_daemon(tmp_path / "b", bootstrap=[a.addr], env=env)
+    daemons.append(b)
+    build = make_build_dir(tmp_path / "build", 9, files=60)
+    size = sum(p.stat().st_size for p in build.rglob("*") if p.is_file() and not p.is_symlink())
+    assert json.loads(a.cli("--json", "cache", "save", "main/fresh-1", str(build)).stdout)["saved"] is True
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock
+    res = b.cli("--json", "cache", "restore", "main/fresh-1", str(tmp_path / "out"), timeout=90)
+    read = (resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock - before) * 512
+    got = json.loads(res.stdout)
+    assert got["match"] == "exact" and got["bytes_fetched"] >= size and same_tree(build, tmp_path / "out")
+    assert read < size // 4, f"the restore read {read} bytes from disk for a {size}-byte tree"

@@ -395,3 +395,55 @@ def test_a_walk_with_the_last_saves_digest_is_that_tree_again(repo, tmp_path):
         assert unchanged_tree(scan_paths([str(src)]), first.root, first.scan_digest, later + 5) is None
     # a save with sources hashes them anew: it records no digest
     assert save_tree([str(src)], RepoBlockSink(repo), sources_dir=str(tmp_path / "b" / "m2")).scan_digest is None
+
+
+def test_a_save_has_one_durable_point_its_root(tmp_path):
+    """A save's uploads (file contents through `ingest_files`, tree pages through `put_blocks_parallel`)
+    flush their bytes before the index rows that point at them, but commit those rows without waiting for
+    the WAL's fsync: no root claims them yet. The root's commit (`register_tree`) is the save's one durable
+    commit, and makes the earlier rows durable with it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from p2pcache.buildcache import ingest_files, put_blocks_parallel
+    from p2pcache.cacheupload import FILE_HEADER
+    from p2pcache.store.repo import Repo
+
+    repo = Repo.init(tmp_path / "durable", durable=True)
+    try:
+        events: list[str] = []
+        sync = ["FULL"]
+
+        def traced(sql: str) -> None:
+            words = sql.split()
+            if words[:2] == ["PRAGMA", "synchronous"]:
+                sync[0] = words[-1]
+            elif words[:1] == ["COMMIT"]:
+                events.append(f"commit {sync[0]}")
+
+        barrier = repo.packs.barrier
+
+        def counted_barrier() -> None:
+            events.append("flush")
+            barrier()
+
+        repo.packs.barrier = counted_barrier  # type: ignore[method-assign]
+        repo.index.db.set_trace_callback(traced)
+        rng = random.Random(5)
+        files = [rng.randbytes(n) for n in (3_000, 40_000, 200_000)]
+        bodies = ingest_files(repo, iter([b"".join(FILE_HEADER.pack(len(d)) + d for d in files)]))["bodies"]
+        builder = TreeManifestBuilder(["b"])
+        pages = []
+        for i, body in enumerate(bodies):
+            pages += builder.add(TreeEntry(0, b"f%d" % i, stat.S_IFREG | 0o644, 1, body))
+        root, data, rest = builder.finish()
+        with ThreadPoolExecutor(2) as pool:
+            put_blocks_parallel(repo, [(c, bytes(d)) for c, d in pages + rest + [(root, data)]], pool)
+        uploads = list(events)
+        assert uploads.count("flush") == 2 and "commit FULL" not in uploads
+        # every upload's rows come after its bytes were flushed, and wait for no fsync of their own
+        assert uploads == ["flush", "commit NORMAL"] * 2
+        register_tree(repo, root, "k")
+        assert events[len(uploads):] == ["commit FULL"]
+        assert repo.root_info(root).complete
+    finally:
+        repo.close()

@@ -672,8 +672,12 @@ class RepoBatcher:
 
     def __init__(self, repo: Any, store_bytes: int, commit_bytes: int,
                  on_stored: Callable[[list[CID]], None] | None = None,
-                 on_committed: Callable[[list[CID]], None] | None = None, queued: int = 2) -> None:
+                 on_committed: Callable[[list[CID]], None] | None = None, queued: int = 2,
+                 drop_cached: bool = True) -> None:
         self.repo = repo
+        # False where the fetched blocks are read back at once: a build-cache restore writes the tree's
+        # files from them while they arrive (with fsync on, dropped pages made every such read a disk read)
+        self.drop_cached = drop_cached
         self.store_bytes = store_bytes
         self.commit_bytes = commit_bytes
         self.on_stored = on_stored
@@ -767,7 +771,7 @@ class RepoBatcher:
             # The fetched blocks leave the page cache once durable: nobody reads them back soon (a NAR's
             # bytes go to Nix as they are verified), and keeping them made the kernel take a fresh page for
             # every byte fetched (bench/dagxfer.py: the store thread's CPU)
-            await trio.to_thread.run_sync(partial(self.repo.commit_blocks, done, drop_cached=True))
+            await trio.to_thread.run_sync(partial(self.repo.commit_blocks, done, drop_cached=self.drop_cached))
             del self._committing[0]  # `done` (commits go in order)
             if self.on_committed is not None:
                 self.on_committed([c for c, _ in done])
@@ -781,7 +785,7 @@ class RepoBatcher:
             return
         with trio.CancelScope(shield=True):
             try:
-                await trio.to_thread.run_sync(partial(self.repo.commit_blocks, rest, drop_cached=True))
+                await trio.to_thread.run_sync(partial(self.repo.commit_blocks, rest, drop_cached=self.drop_cached))
             except Exception as e:  # the error that ended the batcher (a full disk, say) says more: keep it
                 log.warning("could not record %d blocks written before the error: %s", len(rest), e)
                 return

@@ -657,8 +657,8 @@ class _LeafStore(RepoBatcher):
 
     def __init__(self, run: _Run, repo: Any, store_bytes: int, commit_bytes: int,
                  on_stored: Callable[[list[CID]], None] | None,
-                 on_committed: Callable[[list[CID]], None] | None) -> None:
-        super().__init__(repo, store_bytes, commit_bytes, on_committed=on_committed)
+                 on_committed: Callable[[list[CID]], None] | None, drop_cached: bool = True) -> None:
+        super().__init__(repo, store_bytes, commit_bytes, on_committed=on_committed, drop_cached=drop_cached)
         self._run = run
         self._then = on_stored
         self._leaves: list[tuple[CID, bytes, ID]] = []
@@ -744,7 +744,8 @@ class DagTransfer:
     async def fetch(self, root: CID, providers: Iterable[ProviderSpec], repo: Any,
                     on_stored: Callable[[list[CID]], None] | None = None,
                     on_verified: Callable[[CID, bytes], None] | None = None,
-                    root_block: bytes | None = None, request_blocks: int | None = None) -> int:
+                    root_block: bytes | None = None, request_blocks: int | None = None,
+                    keep_cached: bool = False) -> int:
         """Fetch every block under `root` that `repo` lacks (blocks already stored are not fetched again,
         so an interrupted fetch resumes), storing verified blocks in batches and calling `on_stored` after
         each; `on_verified(cid, data)` sees each new block the moment it is verified, before it is stored.
@@ -752,20 +753,23 @@ class DagTransfer:
         hash against the manifest): checked against `root` here, then the first requests name its links
         directly, a round trip sooner. Returns the bytes fetched (`root_block`'s counted: it came from a
         peer too). `request_blocks`: CIDs per request for this fetch (default `config.solo_request_blocks` from one
-        provider, else `config.request_blocks`). Raises FetchError (one line) if neither protocol could finish."""
+        provider, else `config.request_blocks`). `keep_cached`: the blocks stay in the page cache once durable
+        (someone reads them back at once; by default they leave it, see `RepoBatcher`). Raises FetchError (one
+        line) if neither protocol could finish."""
         if root_block is not None and not root.verify(root_block):
             raise InvalidInput(f"the bytes handed in as {root} do not hash to it")
         self.stats.fetches += 1
         self.stats.active_fetches += 1
         try:
-            return await self._fetch(root, providers, repo, on_stored, on_verified, root_block, request_blocks)
+            return await self._fetch(root, providers, repo, on_stored, on_verified, root_block, request_blocks,
+                                     keep_cached)
         finally:
             self.stats.active_fetches -= 1
 
     async def _fetch(self, root: CID, providers: Iterable[ProviderSpec], repo: Any,
                      on_stored: Callable[[list[CID]], None] | None,
                      on_verified: Callable[[CID, bytes], None] | None, root_block: bytes | None,
-                     request_blocks: int | None) -> int:
+                     request_blocks: int | None, keep_cached: bool = False) -> int:
         peers = [p for p in self.exchange.provider_ids(providers) if p != self.host.peer_id]
         walk = DagWalk(root, repo.has_block, cover_nodes=True, held_many=_held_many(repo))
         ex = self.exchange
@@ -779,7 +783,8 @@ class DagTransfer:
             run.on_verified = on_verified
             run.drop = lambda peer, why: self._drop(run, peer, why)
             run.store = store = _LeafStore(run, repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
-                                           on_stored=on_stored, on_committed=ex.blocks_added)
+                                           on_stored=on_stored, on_committed=ex.blocks_added,
+                                           drop_cached=not keep_cached)
             async with store:
                 if root_block is not None and not repo.has_block(root):
                     try:

@@ -534,17 +534,19 @@ class Repo:
             recording.extend(c for c, _ in todo)
         return new
 
-    def commit_blocks(self, blocks: list[tuple[CID, int]], drop_cached: bool = False) -> None:
+    def commit_blocks(self, blocks: list[tuple[CID, int]], drop_cached: bool = False, durable: bool = True) -> None:
         """The second half: one flush to disk, then the index rows (the order crash safety needs). With
         `drop_cached`, the blocks' pages leave the page cache once durable (`PackFiles.drop_cached`: for a
-        fetch streaming blocks nobody reads back soon)."""
+        fetch streaming blocks nobody reads back soon). `durable=False`: the rows' commit does not wait for
+        the WAL's fsync (`Index.transaction`), for blocks no root claims yet; the bytes are flushed first
+        all the same."""
         self.require_writable()
         pending = self.packs.pending
         written = [(c, loc) for c, _ in blocks if (loc := pending.get(c.buffer)) is not None]
         if not written:
             return
         self.flush()
-        with self.index.transaction():
+        with self.index.transaction(durable):
             self.record_blocks(written)
         self.blocks_committed(written)
         if drop_cached and self.durable:

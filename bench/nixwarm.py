@@ -181,9 +181,15 @@ def main() -> int:
             sources = {"zstd": (url, {"server": proc.pid}), "node": (a.api, {"server": a.proc.pid}),
                        "none": (url_none, {"server": proc_none.pid}), "file-none": (f"file://{local}", {}),
                        "file-zstd": (f"file://{local_zstd}", {})}
+            names = list(sources)
             for i in range(max(1, args.runs)):
+                # Each round starts with another variant: Nix's CPU for the same copy moved 0.8-3.4 s from copy
+                # to copy (most of it is ext4 creating the files, whose inode allocator walks past recently
+                # deleted inodes, and each copy deletes the store it made), so no variant keeps one position.
+                order = names[i % len(names):] + names[:i % len(names)]
                 for kind, content in kinds.items():
-                    for name, (src, watch) in sources.items():
+                    for name in order:
+                        src, watch = sources[name]
                         got = bench.copy(src, content, watch)
                         warm[kind][name].append(got["wall"])
                         cpu[kind][name].append((got["cpu"]["nix"], got["cpu"].get("server", 0.0)))
@@ -191,7 +197,7 @@ def main() -> int:
                     log(f"  warm {kind} run {i + 1} (load {os.getloadavg()[0]:.1f}): " + ", ".join(
                         f"{WARM_LABELS[n]} {warm[kind][n][-1]:.2f}s (nix {cpu[kind][n][-1][0]:.2f}"
                         + (f", server {cpu[kind][n][-1][1]:.2f}" if sources[n][1] else "") + " CPU-s)"
-                        for n in sources))
+                        for n in order))
         bench.close()
 
         for kind, content in kinds.items():

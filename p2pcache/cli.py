@@ -480,8 +480,10 @@ def cmd_daemon(args: argparse.Namespace, out: Output) -> int:
     import trio
 
     from . import config as config_mod
+    from .memory import keep_heap
     from .node import Node
 
+    keep_heap()  # a long-running process: upload buffers stay in the heap between requests (memory.py)
     path = _repo_path(args)
     _open(args, writable=True, create=True).close()  # one-line errors for a repo we may not use or is locked
     cfg = config_mod.load(path, args.config)

@@ -259,3 +259,36 @@ def test_gc_does_not_evict_a_root_while_it_is_read_here_or_by_another_process(tm
         assert repo.stored_bytes() == 0 and repo.verify().consistent
         gone = run_cli("--repo", str(repo.path), "cat", str(b.root))
         assert gone.returncode != 0 and b"not in the repo" in gone.stderr
+
+
+def test_a_durable_add_drops_the_pages_behind_its_writeback_and_reads_back_intact(tmp_path, rng, monkeypatch):
+    """PackFiles._recycle: pages of the active pack that writeback started on a step ago leave the page cache
+    as the add goes (so the next appends reuse them instead of fresh ones); nothing ahead of the writeback is
+    dropped, and every byte reads back."""
+    from p2pcache.store import blockstore
+
+    advised: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+
+    def recording(fd, offset, length, advice):
+        advised.append((offset, length, advice))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", recording)
+    r = Repo.init(tmp_path / "repo", durable=True)
+    try:
+        data = rng.randbytes(5 * blockstore.WRITEBACK_STEP)
+        res = r.add_file(write_file(tmp_path / "in", data))
+        dropped = [(o, n) for o, n, a in advised if a == os.POSIX_FADV_DONTNEED]
+        assert dropped, "no pages dropped behind the writeback"
+        assert dropped[0][0] == 0
+        for (o1, n1), (o2, _) in zip(dropped, dropped[1:]):
+            assert o2 == o1 + n1  # contiguous, each span once
+        end = dropped[-1][0] + dropped[-1][1]
+        assert 2 * blockstore.WRITEBACK_STEP <= end <= len(data)  # behind the last writeback started, not past it
+        out = tmp_path / "out"
+        assert r.get_to_file(res.root, out) == len(data)
+        assert out.read_bytes() == data
+    finally:
+        r.close()
+

@@ -142,6 +142,7 @@ class PackFiles:
         # the barrier's fdatasync waits only for the last few MiB: for repos that barrier (durable ones).
         self._writeback = sync_file_range() if writeback_ahead else None
         self._kicked = 0  # offset in the active pack up to which writeback was started
+        self._recycled = 0  # … and up to which its pages were dropped from the page cache (`_recycle`)
         # Reserve the active pack's disk blocks ahead of its end (fallocate KEEP_SIZE, in PREALLOC_STEP steps):
         # the file system then allocates once per step, not at every writeback, which measured 30-40 % less CPU
         # per appended byte on ext4 (and steadier). The size stays the end of the last record; a pack that
@@ -217,7 +218,7 @@ class PackFiles:
                             os.close(fd)
                             raise disk_error(e, self.path(last)) from None
                         self._active, self._active_fd, self._end = last, fd, end
-                        self._kicked = self._reserved = end
+                        self._kicked = self._reserved = self._recycled = end
                         return
                     os.close(fd)
             self._new_pack((ids[-1] + 1) if ids else 1)
@@ -237,7 +238,7 @@ class PackFiles:
         if self._active_fd >= 0:
             os.close(self._active_fd)
         self._active, self._active_fd, self._end = pack, fd, len(PACK_MAGIC)
-        self._kicked = 0
+        self._kicked = self._recycled = 0
         self._reserved = len(PACK_MAGIC)
         self._dirty.add(pack)
         self._dir_dirty = True
@@ -320,8 +321,25 @@ class PackFiles:
             if self._writeback is not None and end - self._kicked >= WRITEBACK_STEP:
                 kicked = min(self._kicked, start)
                 self._writeback(self._active_fd, kicked, end - kicked, SYNC_FILE_RANGE_WRITE)  # advisory
+                self._recycle(kicked)
                 self._kicked = end
         return out
+
+    def _recycle(self, behind: int) -> None:
+        """Drop the active pack's pages before `behind` (where writeback was started one step or more ago, so
+        they are clean by now) from the page cache, so that the next appends reuse them: on this project's VMs
+        a write into fresh page-cache pages cost 0.26-0.41 CPU-s per 109 MiB against 0.025 into recycled ones
+        (the pages a growing page cache takes are handed over by the host on first touch), which was a third of
+        a NAR upload's CPU. Pages still dirty or under writeback are skipped by the kernel (advisory, no wait,
+        nothing changes for durability); reading a dropped block back is a disk read (0.06 s per 109 MiB
+        here). Only for repos that start writeback ahead (durable ones)."""
+        if not hasattr(os, "posix_fadvise") or behind <= self._recycled:
+            return
+        try:
+            os.posix_fadvise(self._active_fd, self._recycled, behind - self._recycled, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            return
+        self._recycled = behind
 
     def _write_rest(self, group: list, done: int, pos: int) -> None:
         view = memoryview(b"".join(group))[done:]
@@ -419,6 +437,7 @@ class PackFiles:
                 return 0
             freed, self._end = self._end - end, end
             self._kicked = min(self._kicked, end)
+            self._recycled = min(self._recycled, end)
             self._reserved = end  # the cut freed the reserve too
             self._dirty.add(pack)
             return freed

@@ -44,7 +44,9 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer import muxer_multistream as _muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.exceptions import ParseError
+from libp2p.io.exceptions import ConnectionClosedError, IOException
+from libp2p.utils.varint import encode_delim, read_delim
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
 
@@ -57,6 +59,7 @@ from .peers import PeerEvent, PeerEvents, StreamHandler, close_quietly, keep_con
 from .pnet import KEY_SIZE, PskStream, ReadAheadStream, read_swarm_key, write_swarm_key
 
 log = logging.getLogger(__name__)
+MULTISTREAM = "/multistream/1.0.0"
 
 __all__ = [
     "HostConfig", "HostError", "NodeHost", "PeerEvent", "open_host", "load_identity", "new_swarm_key_file",
@@ -290,6 +293,29 @@ _muxer_multistream.Yamux = _WholeFrameYamux  # type: ignore[misc]
 
 
 _PATIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("p2pcache_patient_dials", default=False)
+
+
+async def select_protocol(stream: Any, protocols: Sequence[str]) -> str:
+    """Choose the first of `protocols` the other end of a fresh outbound stream speaks (multistream-select
+    1.0.0, as the initiator), in one round trip when it speaks the first: the multistream header and the
+    first proposal go out in one write, then both answers are read (go-libp2p's and js-libp2p's initiators
+    do the same; a listener reads one message at a time, so it cannot tell). py-libp2p's own client waits
+    for the header's echo before it proposes: two round trips through both event loops before a request
+    could be written, paid by every resolve, DAG and DHT stream. Raises HostError if it speaks none."""
+    if not protocols:
+        raise HostError("no protocol to propose")
+    first, *rest = protocols
+    await stream.write(encode_delim(MULTISTREAM.encode()) + encode_delim(first.encode()))
+    header = (await read_delim(stream)).decode(errors="replace")
+    if header != MULTISTREAM:
+        raise HostError(f"the peer speaks {header[:64]!r}, not {MULTISTREAM}")
+    if (await read_delim(stream)).decode(errors="replace") == first:
+        return first
+    for proposal in rest:  # refused ("na"): the others one by one
+        await stream.write(encode_delim(proposal.encode()))
+        if (await read_delim(stream)).decode(errors="replace") == proposal:
+            return proposal
+    raise HostError(f"the peer speaks none of {', '.join(protocols)}")
 
 
 @contextmanager
@@ -528,9 +554,24 @@ class NodeHost:
             raise HostError(f"peer {peer} is not on this node's allowlist")
         if not self._has_live_connection(str(peer)):
             await self._dial(peer)
-        stream = await self.libp2p.new_stream(peer, [TProtocol(p) for p in protocols])
+        net_stream = await self.libp2p.get_network().new_stream(peer)
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                chosen = await select_protocol(net_stream, protocols)
+        except BaseException as e:
+            with trio.CancelScope(shield=True):
+                try:
+                    await net_stream.reset()
+                except Exception:
+                    pass
+            if isinstance(e, trio.TooSlowError):
+                raise HostError(f"peer {peer}: no protocol chosen within {self.config.handshake_timeout:g}s") from None
+            if isinstance(e, (IOException, ParseError)):
+                raise HostError(f"peer {peer}: the stream broke while choosing its protocol ({e})") from None
+            raise
+        net_stream.set_protocol(TProtocol(chosen))
         self._mark_up(peer)
-        return stream
+        return net_stream
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         """Serve `protocol`. Streams from peers off the allowlist are reset before `handler` sees them."""

@@ -331,6 +331,9 @@ class SimHost:
         self._addr = f"/ip4/10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}/tcp/4001"
         self._handlers: dict[str, StreamHandler] = {}
         self._streams: dict[int, SimStream] = {}
+        # Protocols each connected peer chose for a stream of ours: the next one's open does not wait for the
+        # answer, as the daemon's host proposes it in the stream's first write (net/host.py `ProposedStream`).
+        self._spoken: dict[ID, set[str]] = {}
         self._connected: dict[ID, None] = {}  # insertion-ordered set
         self._dials: dict[ID, trio.Event] = {}
         self._peer_addrs: dict[ID, list] = {}
@@ -399,6 +402,10 @@ class SimHost:
         if not self._send(peer, size, ("open", stream.sid, offered)):
             stream._broken()
             raise SimHostError(f"connection to {peer} is gone")
+        if len(offered) == 1 and offered[0] in self._spoken.get(peer, ()):
+            stream.protocol = offered[0]  # a refusal resets it (`_broken`): its reads fail
+            self.streams_opened += 1
+            return stream
         with trio.move_on_after(self.swarm.negotiate_timeout):
             await stream._negotiated.wait()
         if stream._refused:
@@ -406,6 +413,7 @@ class SimHost:
         if stream._reset or stream.protocol is None:
             await stream.reset()
             raise SimHostError(f"cannot open a stream to {peer}: connection lost or no answer")
+        self._spoken.setdefault(peer, set()).add(stream.protocol)
         self.streams_opened += 1
         return stream
 
@@ -469,6 +477,7 @@ class SimHost:
     def on_disconnected(self, peer: ID) -> None:
         for s in [s for s in self._streams.values() if s.peer == peer]:
             s._broken()
+        self._spoken.pop(peer, None)
         if peer in self._connected:
             del self._connected[peer]
             self._events.publish(PeerEvent(peer, False))

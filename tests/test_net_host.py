@@ -298,6 +298,41 @@ async def test_a_refused_first_protocol_falls_back_to_the_next_and_none_is_one_h
 
 
 @pytest.mark.trio
+async def test_the_next_stream_of_a_protocol_the_peer_chose_proposes_it_in_its_first_write(tmp_path):
+    async with open_host(cfg(tmp_path, "a")) as a, open_host(cfg(tmp_path, "b")) as b:
+        served = []
+
+        async def counting_echo(stream):
+            served.append(stream)
+            await echo(stream)
+
+        b.set_stream_handler("/test/echo/1", counting_echo)
+        with trio.fail_after(10):
+            await a.connect(b.addrs()[0])
+            first = await a.new_stream(b.peer_id, ["/test/echo/1"])
+            await trio.sleep(0.2)
+            assert len(served) == 1  # negotiated inside new_stream: B is serving it already
+            await first.write(b"one")
+            assert await first.read(1024) == b"eno"
+            second = await a.new_stream(b.peer_id, ["/test/echo/1"])
+            assert second.get_protocol() == "/test/echo/1"
+            await trio.sleep(0.2)
+            assert len(served) == 1  # nothing sent yet: the proposal waits for the request
+            await second.write(b"two")
+            assert await second.read(1024) == b"owt"  # the answer to the proposal was read first
+            assert len(served) == 2
+            # B stops speaking it: the proposal is refused, and the first read says so in one line
+            b.libp2p.get_mux().remove_handler("/test/echo/1")
+            third = await a.new_stream(b.peer_id, ["/test/echo/1"])
+            await third.write(b"three")
+            with pytest.raises(HostError, match="no longer speaks /test/echo/1"):
+                await third.read(1024)
+            await third.reset()
+            b.set_stream_handler("/test/echo/1", counting_echo)
+            assert await roundtrip(a, b) == b"olleh"  # the connection is still good
+
+
+@pytest.mark.trio
 async def test_private_network_same_key_connects(tmp_path):
     key = os.urandom(32)
     async with open_host(cfg(tmp_path, "a", swarm_key=key)) as a, open_host(cfg(tmp_path, "b", swarm_key=key)) as b:

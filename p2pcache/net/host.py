@@ -25,6 +25,7 @@ import os
 import random
 import socket
 import time
+import weakref
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ MULTISTREAM = "/multistream/1.0.0"
 __all__ = [
     "HostConfig", "HostError", "NodeHost", "PeerEvent", "open_host", "load_identity", "new_swarm_key_file",
     "patient_dials",
-    "parse_peer_addr", "resolve_addr",
+    "parse_peer_addr", "resolve_addr", "select_protocol", "ProposedStream",
 ]
 
 
@@ -318,6 +319,55 @@ async def select_protocol(stream: Any, protocols: Sequence[str]) -> str:
     raise HostError(f"the peer speaks none of {', '.join(protocols)}")
 
 
+class ProposedStream:
+    """An outbound stream whose multistream-select proposal rides in its first write, and whose answer is
+    read before the first read returns: no round trip before the request. Only for a protocol the peer
+    chose on the same connection before (`NodeHost.new_stream`), as go-libp2p opens a stream to a peer
+    whose protocols it knows. A peer that refuses it now fails the first read with one HostError, which
+    callers take as a broken stream (never as a lie: nothing it sent is used). Everything else is the
+    libp2p stream's."""
+
+    def __init__(self, stream: Any, protocol: str) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self._proposal: bytes | None = encode_delim(MULTISTREAM.encode()) + encode_delim(protocol.encode())
+        self._answered = False
+        stream.set_protocol(TProtocol(protocol))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def get_protocol(self) -> str:
+        return self.protocol
+
+    async def write(self, data: bytes) -> None:
+        if self._proposal is not None:
+            data, self._proposal = self._proposal + bytes(data), None
+        await self.stream.write(data)
+
+    async def read(self, n: int | None = None) -> bytes:
+        if not self._answered:
+            await self._answer()
+        return await self.stream.read(n)
+
+    async def close_write(self) -> None:
+        if self._proposal is not None:
+            await self.write(b"")
+        await self.stream.close_write()
+
+    async def _answer(self) -> None:
+        if self._proposal is not None:
+            await self.write(b"")
+        try:
+            header = (await read_delim(self.stream)).decode(errors="replace")
+            answer = (await read_delim(self.stream)).decode(errors="replace") if header == MULTISTREAM else header
+        except ParseError as e:
+            raise HostError(f"a malformed answer to the proposal of {self.protocol}: {e}") from None
+        if answer != self.protocol:
+            raise HostError(f"the peer no longer speaks {self.protocol} (answered {answer[:64]!r})")
+        self._answered = True
+
+
 @contextmanager
 def patient_dials() -> Iterator[None]:
     """Streams opened inside (on this task) wait out a dial backoff that ends before their deadline
@@ -450,6 +500,9 @@ class NodeHost:
             frozenset(_peer_id(p) for p in config.allow_peers) if config.allow_peers is not None else None
         )
         self._conns: dict[ID, set[Any]] = {}  # open connections (swarm conns) per peer
+        # Protocols each connection's peer chose for a stream of ours (`new_stream`): the next stream of one
+        # proposes it in its first write (`ProposedStream`). Gone with the connection.
+        self._spoken: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
         self._events = PeerEvents()
         self._running = False
 
@@ -555,6 +608,11 @@ class NodeHost:
         if not self._has_live_connection(str(peer)):
             await self._dial(peer)
         net_stream = await self.libp2p.get_network().new_stream(peer)
+        spoken = self._spoken.get(net_stream.muxed_conn)
+        if len(protocols) == 1 and spoken is not None and protocols[0] in spoken:
+            # It chose this protocol on this connection before: the proposal rides in the first write.
+            self._mark_up(peer)
+            return ProposedStream(net_stream, protocols[0])
         try:
             with trio.fail_after(self.config.handshake_timeout):
                 chosen = await select_protocol(net_stream, protocols)
@@ -570,6 +628,7 @@ class NodeHost:
                 raise HostError(f"peer {peer}: the stream broke while choosing its protocol ({e})") from None
             raise
         net_stream.set_protocol(TProtocol(chosen))
+        self._spoken.setdefault(net_stream.muxed_conn, set()).add(chosen)
         self._mark_up(peer)
         return net_stream
 

@@ -104,6 +104,51 @@ def test_stream_bytes_cross_the_link_in_order_with_latency_and_bandwidth():
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def test_the_next_stream_of_a_protocol_the_peer_chose_opens_without_a_round_trip_as_the_daemons_do():
+    link = LinkProfile("t", latency=0.010, up=1000 * MBIT, down=1000 * MBIT)
+
+    async def main():
+        sim = LiveSim(1)
+        swarm = SimSwarm(sim, Network(sim, handshake_rtts=2))
+        a, b = swarm.add_host(link), swarm.add_host(link)
+
+        async def echo(stream):
+            await stream.write(await stream.read(1024))
+            await stream.close()
+
+        b.set_stream_handler("/t/1", echo)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sim.run)
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            await a.connect(b.peer_id)
+            t0 = trio.current_time()
+            s = await a.new_stream(b.peer_id, ["/t/1"])
+            t1 = trio.current_time()
+            await s.write(b"x")
+            assert await s.read() == b"x"
+            t2 = trio.current_time()
+            s = await a.new_stream(b.peer_id, ["/t/1"])
+            t3 = trio.current_time()
+            assert s.get_protocol() == "/t/1"
+            await s.write(b"y")
+            assert await s.read() == b"y"
+            t4 = trio.current_time()
+            b.remove_stream_handler("/t/1")  # B stops speaking it: the open is refused, and the first read fails
+            s = await a.new_stream(b.peer_id, ["/t/1"])
+            await s.write(b"z")
+            with pytest.raises(Exception) as e:
+                await s.read()
+            assert type(e.value).__name__ == "StreamReset"
+            nursery.cancel_scope.cancel()
+        rtt = 0.040
+        assert t1 - t0 == pytest.approx(rtt, rel=0.05)  # the first: one round trip to choose the protocol
+        assert t3 - t2 == 0  # the next: its proposal goes with the request
+        assert t4 - t3 == pytest.approx(rtt, rel=0.05)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def test_a_cut_connection_resets_streams_and_an_unreachable_peer_fails_to_dial():
     link = LinkProfile("t", latency=0.005, up=100 * MBIT, down=100 * MBIT)
 

@@ -384,6 +384,12 @@ class SimHost:
         await self._ensure_connected(peer)
         return peer
 
+    async def dial(self, peer: ID) -> None:
+        """Connect to `peer` (a no-op if connected); SimHostError if it cannot be reached."""
+        if peer == self.peer_id:
+            raise SimHostError("cannot dial ourselves")
+        await self._ensure_connected(peer)
+
     async def disconnect(self, peer: ID) -> None:
         await trio.lowlevel.checkpoint()
         self.swarm.net.disconnect(self.peer_id, peer)

@@ -601,6 +601,14 @@ class NodeHost:
         """Remember where `peer` listens, so `new_stream` can dial it."""
         self.libp2p.get_peerstore().add_addrs(peer, list(addrs), ttl)
 
+    async def dial(self, peer: ID) -> None:
+        """Connect to `peer` at the addresses known for it (a no-op if connected). HostError if it cannot be
+        reached or is off the allowlist."""
+        if not self.allowed(peer):
+            raise HostError(f"peer {peer} is not on this node's allowlist")
+        if not self._has_live_connection(str(peer)):
+            await self._dial(peer)
+
     async def new_stream(self, peer: ID, protocols: Sequence[str]) -> Any:
         """A stream to `peer` speaking the first of `protocols` it accepts (dialling it if needed)."""
         if not self.allowed(peer):

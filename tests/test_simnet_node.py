@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -52,13 +53,26 @@ async def _ring(world: NodeWorld, n: int, link: str = "lan-1g") -> None:
 # -- hosts and streams ----------------------------------------------------------------------------------
 
 
+@asynccontextmanager
+async def _running(sim, *hosts):
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.run)
+        for h in hosts:
+            await nursery.start(h.run)
+        yield nursery
+
+
+def _two_hosts(link: LinkProfile):
+    sim = LiveSim(1)
+    swarm = SimSwarm(sim, Network(sim, handshake_rtts=2))
+    return sim, swarm.add_host(link), swarm.add_host(link)
+
+
 def test_stream_bytes_cross_the_link_in_order_with_latency_and_bandwidth():
     link = LinkProfile("t", latency=0.010, up=100 * MBIT, down=1000 * MBIT)
 
     async def main():
-        sim = LiveSim(1)
-        swarm = SimSwarm(sim, Network(sim, handshake_rtts=2))
-        a, b = swarm.add_host(link), swarm.add_host(link)
+        sim, a, b = _two_hosts(link)
         got = []
 
         async def echo_len(stream):
@@ -73,10 +87,7 @@ def test_stream_bytes_cross_the_link_in_order_with_latency_and_bandwidth():
             await stream.close()
 
         b.set_stream_handler("/t/1", echo_len)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sim.run)
-            await nursery.start(a.run)
-            await nursery.start(b.run)
+        async with _running(sim, a, b) as nursery:
             t0 = trio.current_time()
             with pytest.raises(SimHostError):
                 await a.new_stream(b.peer_id, ["/nope/1"])
@@ -108,19 +119,14 @@ def test_the_next_stream_of_a_protocol_the_peer_chose_opens_without_a_round_trip
     link = LinkProfile("t", latency=0.010, up=1000 * MBIT, down=1000 * MBIT)
 
     async def main():
-        sim = LiveSim(1)
-        swarm = SimSwarm(sim, Network(sim, handshake_rtts=2))
-        a, b = swarm.add_host(link), swarm.add_host(link)
+        sim, a, b = _two_hosts(link)
 
         async def echo(stream):
             await stream.write(await stream.read(1024))
             await stream.close()
 
         b.set_stream_handler("/t/1", echo)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sim.run)
-            await nursery.start(a.run)
-            await nursery.start(b.run)
+        async with _running(sim, a, b) as nursery:
             await a.connect(b.peer_id)
             t0 = trio.current_time()
             s = await a.new_stream(b.peer_id, ["/t/1"])

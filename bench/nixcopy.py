@@ -251,6 +251,7 @@ def main() -> int:
     ap.add_argument("--spy", action="store_true", help="py-spy A and B during the traced swarm copies")
     ap.add_argument("--kinds", default="closure,site-packages", help="contents to copy (closure, site-packages)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"cold B nodes to time (of {', '.join(VARIANTS)})")
+    ap.add_argument("--timeline-variants", default="dag", help="cold B nodes the traced copies run (of the same)")
     args = ap.parse_args()
     args.timeline = args.timeline or args.timeline_only
     started = nixbench.start_bench(args, "nixcopy")
@@ -322,15 +323,19 @@ def main() -> int:
                 log(f"  {kind} run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in res.items() if v))
         timelines: dict[str, list[dict]] = {}
         if args.timeline:
+            traced = [v.strip() for v in args.timeline_variants.split(",") if v.strip()]
+            if set(traced) - set(VARIANTS):
+                raise SystemExit(f"--timeline-variants: not one of {', '.join(VARIANTS)}")
             for kind, content in kinds.items():
-                b = cold_b("dag", traced=True)
-                try:
-                    logs = {"A": work / "a.log", "B": work / f"{b.repo.name}.log"}
-                    timelines[kind] = [traced_copy(bench, statics["zstd"][0], content, "static zstd"),
-                                       traced_copy(bench, b.api, content, "p2pcache dag", logs,
-                                                   {"A": a.proc.pid, "B": b.proc.pid} if args.spy else None)]
-                finally:
-                    bench.stop(b)
+                timelines[kind] = [traced_copy(bench, statics["zstd"][0], content, "static zstd")]
+                for variant in traced:
+                    b = cold_b(variant, traced=True)
+                    try:
+                        logs = {"A": work / "a.log", "B": work / f"{b.repo.name}.log"}
+                        timelines[kind].append(traced_copy(bench, b.api, content, f"p2pcache {variant}", logs,
+                                                           {"A": a.proc.pid, "B": b.proc.pid} if args.spy else None))
+                    finally:
+                        bench.stop(b)
         bench.close()
         for kind, res in results.items():
             content = kinds[kind]

@@ -331,6 +331,9 @@ class SimHost:
         self._addr = f"/ip4/10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}/tcp/4001"
         self._handlers: dict[str, StreamHandler] = {}
         self._streams: dict[int, SimStream] = {}
+        # Protocols each connected peer chose for a stream of ours: the next one's open does not wait for the
+        # answer, as the daemon's host proposes it in the stream's first write (net/host.py `ProposedStream`).
+        self._spoken: dict[ID, set[str]] = {}
         self._connected: dict[ID, None] = {}  # insertion-ordered set
         self._dials: dict[ID, trio.Event] = {}
         self._peer_addrs: dict[ID, list] = {}
@@ -381,6 +384,12 @@ class SimHost:
         await self._ensure_connected(peer)
         return peer
 
+    async def dial(self, peer: ID) -> None:
+        """Connect to `peer` (a no-op if connected); SimHostError if it cannot be reached."""
+        if peer == self.peer_id:
+            raise SimHostError("cannot dial ourselves")
+        await self._ensure_connected(peer)
+
     async def disconnect(self, peer: ID) -> None:
         await trio.lowlevel.checkpoint()
         self.swarm.net.disconnect(self.peer_id, peer)
@@ -399,6 +408,10 @@ class SimHost:
         if not self._send(peer, size, ("open", stream.sid, offered)):
             stream._broken()
             raise SimHostError(f"connection to {peer} is gone")
+        if len(offered) == 1 and offered[0] in self._spoken.get(peer, ()):
+            stream.protocol = offered[0]  # a refusal resets it (`_broken`): its reads fail
+            self.streams_opened += 1
+            return stream
         with trio.move_on_after(self.swarm.negotiate_timeout):
             await stream._negotiated.wait()
         if stream._refused:
@@ -406,6 +419,7 @@ class SimHost:
         if stream._reset or stream.protocol is None:
             await stream.reset()
             raise SimHostError(f"cannot open a stream to {peer}: connection lost or no answer")
+        self._spoken.setdefault(peer, set()).add(stream.protocol)
         self.streams_opened += 1
         return stream
 
@@ -469,6 +483,7 @@ class SimHost:
     def on_disconnected(self, peer: ID) -> None:
         for s in [s for s in self._streams.values() if s.peer == peer]:
             s._broken()
+        self._spoken.pop(peer, None)
         if peer in self._connected:
             del self._connected[peer]
             self._events.publish(PeerEvent(peer, False))

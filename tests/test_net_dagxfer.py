@@ -17,7 +17,7 @@ from p2pcache.content.cid import CID, DAG_CBOR, RAW
 from p2pcache.content.manifest import iter_blocks
 from p2pcache.net.bitswap import BitswapExchange, RepoBlockSource
 from p2pcache.net.dagxfer import PROTOCOL, DagConfig, DagServer, DagTransfer, encode_request
-from p2pcache.net.host import HostConfig, open_host
+from p2pcache.net.host import HostConfig, load_identity, open_host
 from p2pcache.store.repo import Repo
 
 from .helpers.daemons import start_daemon
@@ -145,9 +145,10 @@ class _SlowSource(RepoBlockSource):
 
 
 @asynccontextmanager
-async def peer(tmp_path, name, *, lying=False, slow=False, config=None):
+async def peer(tmp_path, name, *, lying=False, slow=False, config=None, handshake_timeout=5.0):
     repo = Repo.init(tmp_path / f"repo-{name}", durable=False)
-    cfg = HostConfig(identity=tmp_path / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",), handshake_timeout=5)
+    cfg = HostConfig(identity=tmp_path / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",),
+                     handshake_timeout=handshake_timeout)
     async with open_host(cfg) as host:
         ex = BitswapExchange(host, RepoBlockSource(repo))
         async with trio.open_nursery() as nursery:
@@ -185,6 +186,42 @@ async def test_several_providers_share_the_work_a_liar_is_dropped_and_a_resume_f
         # both honest providers carried a share
         assert a.stats.served_blocks > 16 and c.stats.served_blocks > 16
         assert b.stats.duplicate_bytes < 2 * MiB
+
+
+@pytest.mark.trio
+async def test_a_provider_that_cannot_be_reached_takes_no_share_of_the_walk(tmp_path):
+    """A departed runner's record still in the DHT: its address takes the TCP connection and never answers.
+    Its lanes dial before they take wants, so the live provider fetches everything and the fetch ends
+    without waiting for that dial to fail (old: its lanes held two requests' worth of wants until the dial
+    timed out, and the peer was counted lost); until a second provider is reachable the fetch is a lone
+    provider's."""
+    from libp2p.peer.id import ID
+
+    data = random.Random(8).randbytes(2 * MiB)
+    held = []
+
+    async def hold(conn):
+        held.append(conn)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, hold, 0)
+        port = next(l.socket.getsockname()[1] for l in listeners if l.socket.family.name == "AF_INET")
+        ghost = ID.from_pubkey(load_identity(tmp_path / "ghost.key").public_key)
+        async with peer(tmp_path, "a") as a, \
+                peer(tmp_path, "b", config=DagConfig(request_blocks=16), handshake_timeout=60) as b:
+            root = a.repo.add_stream(io.BytesIO(data), name="x.bin", params=SMALLER).root
+            with trio.fail_after(120):
+                await b.fetch(root, [f"/ip4/127.0.0.1/tcp/{port}/p2p/{ghost}", a.exchange.host.addrs()[0]], b.repo)
+            b.repo.register_root(root)
+            assert b"".join(b.repo.stream(root)) == data
+            assert held  # it was dialled
+            assert b.stats.providers_lost == 0 and b.stats.bitswap_fallbacks == 0  # and never waited for
+            assert not b.host.is_connected(ghost)
+            # and the live provider's fetch ran as a lone provider's: a few large requests (solo_request_blocks),
+            # not request_blocks = 16 at a time as when two providers share a fetch
+            assert a.stats.served_streams <= 3
+        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.trio

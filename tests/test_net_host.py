@@ -8,11 +8,13 @@ from contextlib import asynccontextmanager
 import nacl.bindings
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pcache.errors import InvalidKey
-from p2pcache.net.host import HostConfig, HostError, NodeHost, PeerEvent, load_identity, new_swarm_key_file, open_host
+from p2pcache.net.host import (HostConfig, HostError, NodeHost, PeerEvent, load_identity, new_swarm_key_file, open_host,
+                               select_protocol)
 from p2pcache.net import pnet
 from p2pcache.net.pnet import format_swarm_key, hsalsa20, parse_swarm_key, read_swarm_key, xsalsa20
 
@@ -227,6 +229,107 @@ async def test_two_hosts_connect_and_exchange_bytes(tmp_path):
             assert b.is_connected(a.peer_id) and a.peer_id in b.connected_peers()
             await a.disconnect(b.peer_id)
             assert await events.receive() == PeerEvent(a.peer_id, False)
+
+
+class _Wire:
+    """One end of an in-memory byte stream with the read/write a libp2p stream has."""
+
+    def __init__(self, stream):
+        self.stream, self.buf = stream, b""
+        self.sends = 0
+
+    async def write(self, data):
+        self.sends += 1
+        await self.stream.send_all(data)
+
+    async def read(self, n=-1):
+        if not self.buf:
+            self.buf = await self.stream.receive_some(65536)
+        n = len(self.buf) if n < 0 else n
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+
+def _delim(text):
+    body = text.encode() + b"\n"
+    return bytes([len(body)]) + body
+
+
+async def _read_delim(wire):
+    n = (await wire.read(1))[0]
+    body = b""
+    while len(body) < n:
+        body += await wire.read(n - len(body))
+    return body[:-1].decode()
+
+
+@pytest.mark.trio
+async def test_a_stream_proposes_its_protocol_with_the_multistream_header_in_one_round_trip():
+    # A listener that answers nothing before the proposal has arrived: an initiator that waits for the
+    # header's echo before proposing (py-libp2p's own, two round trips) would wait forever here.
+    client, server = trio.testing.memory_stream_pair()
+    wire, peer = _Wire(client), _Wire(server)
+
+    async def listener():
+        assert await _read_delim(peer) == "/multistream/1.0.0"
+        assert await _read_delim(peer) == "/p2pcache/dag/1.0.0"
+        await peer.write(_delim("/multistream/1.0.0") + _delim("/p2pcache/dag/1.0.0"))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listener)
+            assert await select_protocol(wire, ["/p2pcache/dag/1.0.0"]) == "/p2pcache/dag/1.0.0"
+    assert wire.sends == 1
+
+
+@pytest.mark.trio
+async def test_a_refused_first_protocol_falls_back_to_the_next_and_none_is_one_host_error(tmp_path):
+    async with open_host(cfg(tmp_path, "a")) as a, open_host(cfg(tmp_path, "b")) as b:
+        b.set_stream_handler("/test/echo/1", echo)
+        with trio.fail_after(10):
+            await a.connect(b.addrs()[0])
+            s = await a.new_stream(b.peer_id, ["/test/unknown/1", "/test/echo/1"])
+            assert s.get_protocol() == "/test/echo/1"
+            await s.write(b"hello")
+            assert await s.read(1024) == b"olleh"
+            with pytest.raises(HostError, match="speaks none of /test/unknown/1"):
+                await a.new_stream(b.peer_id, ["/test/unknown/1"])
+            assert await roundtrip(a, b) == b"olleh"  # the connection is still good
+
+
+@pytest.mark.trio
+async def test_the_next_stream_of_a_protocol_the_peer_chose_proposes_it_in_its_first_write(tmp_path):
+    async with open_host(cfg(tmp_path, "a")) as a, open_host(cfg(tmp_path, "b")) as b:
+        served = []
+
+        async def counting_echo(stream):
+            served.append(stream)
+            await echo(stream)
+
+        b.set_stream_handler("/test/echo/1", counting_echo)
+        with trio.fail_after(10):
+            await a.connect(b.addrs()[0])
+            first = await a.new_stream(b.peer_id, ["/test/echo/1"])
+            await trio.sleep(0.2)
+            assert len(served) == 1  # negotiated inside new_stream: B is serving it already
+            await first.write(b"one")
+            assert await first.read(1024) == b"eno"
+            second = await a.new_stream(b.peer_id, ["/test/echo/1"])
+            assert second.get_protocol() == "/test/echo/1"
+            await trio.sleep(0.2)
+            assert len(served) == 1  # nothing sent yet: the proposal waits for the request
+            await second.write(b"two")
+            assert await second.read(1024) == b"owt"  # the answer to the proposal was read first
+            assert len(served) == 2
+            # B stops speaking it: the proposal is refused, and the first read says so in one line
+            b.libp2p.get_mux().remove_handler("/test/echo/1")
+            third = await a.new_stream(b.peer_id, ["/test/echo/1"])
+            await third.write(b"three")
+            with pytest.raises(HostError, match="no longer speaks /test/echo/1"):
+                await third.read(1024)
+            await third.reset()
+            b.set_stream_handler("/test/echo/1", counting_echo)
+            assert await roundtrip(a, b) == b"olleh"  # the connection is still good
 
 
 @pytest.mark.trio

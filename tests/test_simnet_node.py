@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -52,13 +53,26 @@ async def _ring(world: NodeWorld, n: int, link: str = "lan-1g") -> None:
 # -- hosts and streams ----------------------------------------------------------------------------------
 
 
+@asynccontextmanager
+async def _running(sim, *hosts):
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.run)
+        for h in hosts:
+            await nursery.start(h.run)
+        yield nursery
+
+
+def _two_hosts(link: LinkProfile):
+    sim = LiveSim(1)
+    swarm = SimSwarm(sim, Network(sim, handshake_rtts=2))
+    return sim, swarm.add_host(link), swarm.add_host(link)
+
+
 def test_stream_bytes_cross_the_link_in_order_with_latency_and_bandwidth():
     link = LinkProfile("t", latency=0.010, up=100 * MBIT, down=1000 * MBIT)
 
     async def main():
-        sim = LiveSim(1)
-        swarm = SimSwarm(sim, Network(sim, handshake_rtts=2))
-        a, b = swarm.add_host(link), swarm.add_host(link)
+        sim, a, b = _two_hosts(link)
         got = []
 
         async def echo_len(stream):
@@ -73,10 +87,7 @@ def test_stream_bytes_cross_the_link_in_order_with_latency_and_bandwidth():
             await stream.close()
 
         b.set_stream_handler("/t/1", echo_len)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sim.run)
-            await nursery.start(a.run)
-            await nursery.start(b.run)
+        async with _running(sim, a, b) as nursery:
             t0 = trio.current_time()
             with pytest.raises(SimHostError):
                 await a.new_stream(b.peer_id, ["/nope/1"])
@@ -100,6 +111,46 @@ def test_stream_bytes_cross_the_link_in_order_with_latency_and_bandwidth():
         assert t_written - t1 == pytest.approx(len(payload) / (100 * MBIT), rel=0.01)
         # the answer comes one one-way latency after the last byte arrived, which is one after it left
         assert t_answer - t_written == pytest.approx(rtt, rel=0.05)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_next_stream_of_a_protocol_the_peer_chose_opens_without_a_round_trip_as_the_daemons_do():
+    link = LinkProfile("t", latency=0.010, up=1000 * MBIT, down=1000 * MBIT)
+
+    async def main():
+        sim, a, b = _two_hosts(link)
+
+        async def echo(stream):
+            await stream.write(await stream.read(1024))
+            await stream.close()
+
+        b.set_stream_handler("/t/1", echo)
+        async with _running(sim, a, b) as nursery:
+            await a.connect(b.peer_id)
+            t0 = trio.current_time()
+            s = await a.new_stream(b.peer_id, ["/t/1"])
+            t1 = trio.current_time()
+            await s.write(b"x")
+            assert await s.read() == b"x"
+            t2 = trio.current_time()
+            s = await a.new_stream(b.peer_id, ["/t/1"])
+            t3 = trio.current_time()
+            assert s.get_protocol() == "/t/1"
+            await s.write(b"y")
+            assert await s.read() == b"y"
+            t4 = trio.current_time()
+            b.remove_stream_handler("/t/1")  # B stops speaking it: the open is refused, and the first read fails
+            s = await a.new_stream(b.peer_id, ["/t/1"])
+            await s.write(b"z")
+            with pytest.raises(Exception) as e:
+                await s.read()
+            assert type(e.value).__name__ == "StreamReset"
+            nursery.cancel_scope.cancel()
+        rtt = 0.040
+        assert t1 - t0 == pytest.approx(rtt, rel=0.05)  # the first: one round trip to choose the protocol
+        assert t3 - t2 == 0  # the next: its proposal goes with the request
+        assert t4 - t3 == pytest.approx(rtt, rel=0.05)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 

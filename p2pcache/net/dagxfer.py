@@ -498,8 +498,11 @@ class _Run:
         # none of their lanes takes more work in this fetch, so what they held goes to the others at
         # once instead of to a sibling lane that would wait out a dial to a dead peer.
         self.lost: set[ID] = set()
-        self.providers = 0  # providers the fetch started with
+        self.providers = 0  # providers reachable so far (`counted`)
+        self.counted: set[ID] = set()
+        self.fixed_request_blocks: int | None = None  # the caller's CIDs per request, if it chose
         self.stalled: set[ID] = set()  # likewise for providers whose stream went silent (not banned)
+        self.dials: set[trio.CancelScope] = set()  # lanes connecting to their provider (`DagTransfer._reached`)
         self.loading = 0
         self.request_blocks = DagConfig().request_blocks  # CIDs per request (`DagTransfer._fetch` sets it)
         self.on_verified: Callable[[CID, bytes], None] | None = None
@@ -777,9 +780,12 @@ class DagTransfer:
         handed = 0
         try:
             run = _Run(walk, repo)
-            run.providers = len(peers)
-            run.request_blocks = request_blocks or (self.config.solo_request_blocks if len(peers) == 1
-                                                    else self.config.request_blocks)
+            # A fetch counts as one provider's (larger requests, one stream streaming at a time) until a second
+            # is reachable: providers not connected yet are counted once their dial succeeds (`_reached`), so a
+            # departed runner's record does not turn a lone live provider's fetch into a shared one.
+            run.counted = {p for p in peers if self.host.is_connected(p)}
+            run.fixed_request_blocks = request_blocks
+            self._count_providers(run)
             run.on_verified = on_verified
             run.drop = lambda peer, why: self._drop(run, peer, why)
             run.store = store = _LeafStore(run, repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
@@ -820,6 +826,8 @@ class DagTransfer:
 
     async def _lane(self, run: _Run, peer: ID) -> None:
         walk = run.walk
+        if not self.host.is_connected(peer) and not await self._reached(run, peer):
+            return
         while not walk.finished:
             if self.exchange.is_banned(peer):
                 run.last_error = run.last_error or f"{peer} is banned for misbehaving"
@@ -844,7 +852,40 @@ class DagTransfer:
                     continue
             if not await self._request(run, peer, wants):
                 return
+        if walk.finished:  # nobody waits for a provider still being dialled
+            for dial in list(run.dials):
+                dial.cancel()
         run.notify()
+
+    def _count_providers(self, run: _Run) -> None:
+        run.providers = len(run.counted)
+        run.request_blocks = run.fixed_request_blocks or (self.config.solo_request_blocks if run.providers == 1
+                                                          else self.config.request_blocks)
+
+    async def _reached(self, run: _Run, peer: ID) -> bool:
+        """Connect to a provider this node is not connected to before its lane takes a share of the walk
+        (and count it then):
+        the DHT keeps the records of runners long gone (a CI fleet's come and go), and a lane that took its
+        wants first held them while the dial to a dead address failed (0.8 s of a cold copy's NAR under
+        load; up to `handshake_timeout` for an address that drops packets) — the live providers finished
+        and then waited. A dial still under way when the walk is done is given up. False if it failed (the
+        peer is lost for this fetch) or was given up."""
+        with trio.CancelScope() as dial:
+            run.dials.add(dial)
+            try:
+                await self.host.dial(peer)
+            except Exception as e:  # unreachable: not its fault
+                log.debug("cannot connect to DAG provider %s: %s", peer, e)
+                run.last_error = f"{peer}: {e}"
+                self._check_lost(run, peer)
+                return False
+            finally:
+                run.dials.discard(dial)
+            if peer not in run.counted:
+                run.counted.add(peer)
+                self._count_providers(run)
+            return True
+        return False
 
     async def _request(self, run: _Run, peer: ID, wants: list[CID]) -> bool:
         """One request on one stream. True if the lane may go on with this peer."""

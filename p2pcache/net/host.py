@@ -25,6 +25,7 @@ import os
 import random
 import socket
 import time
+import weakref
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,9 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer import muxer_multistream as _muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.exceptions import ParseError
+from libp2p.io.exceptions import ConnectionClosedError, IOException
+from libp2p.utils.varint import encode_delim, read_delim
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
 
@@ -57,11 +60,12 @@ from .peers import PeerEvent, PeerEvents, StreamHandler, close_quietly, keep_con
 from .pnet import KEY_SIZE, PskStream, ReadAheadStream, read_swarm_key, write_swarm_key
 
 log = logging.getLogger(__name__)
+MULTISTREAM = "/multistream/1.0.0"
 
 __all__ = [
     "HostConfig", "HostError", "NodeHost", "PeerEvent", "open_host", "load_identity", "new_swarm_key_file",
     "patient_dials",
-    "parse_peer_addr", "resolve_addr",
+    "parse_peer_addr", "resolve_addr", "select_protocol", "ProposedStream",
 ]
 
 
@@ -292,6 +296,78 @@ _muxer_multistream.Yamux = _WholeFrameYamux  # type: ignore[misc]
 _PATIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("p2pcache_patient_dials", default=False)
 
 
+async def select_protocol(stream: Any, protocols: Sequence[str]) -> str:
+    """Choose the first of `protocols` the other end of a fresh outbound stream speaks (multistream-select
+    1.0.0, as the initiator), in one round trip when it speaks the first: the multistream header and the
+    first proposal go out in one write, then both answers are read (go-libp2p's and js-libp2p's initiators
+    do the same; a listener reads one message at a time, so it cannot tell). py-libp2p's own client waits
+    for the header's echo before it proposes: two round trips through both event loops before a request
+    could be written, paid by every resolve, DAG and DHT stream. Raises HostError if it speaks none."""
+    if not protocols:
+        raise HostError("no protocol to propose")
+    first, *rest = protocols
+    await stream.write(encode_delim(MULTISTREAM.encode()) + encode_delim(first.encode()))
+    header = (await read_delim(stream)).decode(errors="replace")
+    if header != MULTISTREAM:
+        raise HostError(f"the peer speaks {header[:64]!r}, not {MULTISTREAM}")
+    if (await read_delim(stream)).decode(errors="replace") == first:
+        return first
+    for proposal in rest:  # refused ("na"): the others one by one
+        await stream.write(encode_delim(proposal.encode()))
+        if (await read_delim(stream)).decode(errors="replace") == proposal:
+            return proposal
+    raise HostError(f"the peer speaks none of {', '.join(protocols)}")
+
+
+class ProposedStream:
+    """An outbound stream whose multistream-select proposal rides in its first write, and whose answer is
+    read before the first read returns: no round trip before the request. Only for a protocol the peer
+    chose on the same connection before (`NodeHost.new_stream`), as go-libp2p opens a stream to a peer
+    whose protocols it knows. A peer that refuses it now fails the first read with one HostError, which
+    callers take as a broken stream (never as a lie: nothing it sent is used). Everything else is the
+    libp2p stream's."""
+
+    def __init__(self, stream: Any, protocol: str) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self._proposal: bytes | None = encode_delim(MULTISTREAM.encode()) + encode_delim(protocol.encode())
+        self._answered = False
+        stream.set_protocol(TProtocol(protocol))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def get_protocol(self) -> str:
+        return self.protocol
+
+    async def write(self, data: bytes) -> None:
+        if self._proposal is not None:
+            data, self._proposal = self._proposal + bytes(data), None
+        await self.stream.write(data)
+
+    async def read(self, n: int | None = None) -> bytes:
+        if not self._answered:
+            await self._answer()
+        return await self.stream.read(n)
+
+    async def close_write(self) -> None:
+        if self._proposal is not None:
+            await self.write(b"")
+        await self.stream.close_write()
+
+    async def _answer(self) -> None:
+        if self._proposal is not None:
+            await self.write(b"")
+        try:
+            header = (await read_delim(self.stream)).decode(errors="replace")
+            answer = (await read_delim(self.stream)).decode(errors="replace") if header == MULTISTREAM else header
+        except ParseError as e:
+            raise HostError(f"a malformed answer to the proposal of {self.protocol}: {e}") from None
+        if answer != self.protocol:
+            raise HostError(f"the peer no longer speaks {self.protocol} (answered {answer[:64]!r})")
+        self._answered = True
+
+
 @contextmanager
 def patient_dials() -> Iterator[None]:
     """Streams opened inside (on this task) wait out a dial backoff that ends before their deadline
@@ -424,6 +500,9 @@ class NodeHost:
             frozenset(_peer_id(p) for p in config.allow_peers) if config.allow_peers is not None else None
         )
         self._conns: dict[ID, set[Any]] = {}  # open connections (swarm conns) per peer
+        # Protocols each connection's peer chose for a stream of ours (`new_stream`): the next stream of one
+        # proposes it in its first write (`ProposedStream`). Gone with the connection.
+        self._spoken: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
         self._events = PeerEvents()
         self._running = False
 
@@ -522,15 +601,44 @@ class NodeHost:
         """Remember where `peer` listens, so `new_stream` can dial it."""
         self.libp2p.get_peerstore().add_addrs(peer, list(addrs), ttl)
 
+    async def dial(self, peer: ID) -> None:
+        """Connect to `peer` at the addresses known for it (a no-op if connected). HostError if it cannot be
+        reached or is off the allowlist."""
+        if not self.allowed(peer):
+            raise HostError(f"peer {peer} is not on this node's allowlist")
+        if not self._has_live_connection(str(peer)):
+            await self._dial(peer)
+
     async def new_stream(self, peer: ID, protocols: Sequence[str]) -> Any:
         """A stream to `peer` speaking the first of `protocols` it accepts (dialling it if needed)."""
         if not self.allowed(peer):
             raise HostError(f"peer {peer} is not on this node's allowlist")
         if not self._has_live_connection(str(peer)):
             await self._dial(peer)
-        stream = await self.libp2p.new_stream(peer, [TProtocol(p) for p in protocols])
+        net_stream = await self.libp2p.get_network().new_stream(peer)
+        spoken = self._spoken.get(net_stream.muxed_conn)
+        if len(protocols) == 1 and spoken is not None and protocols[0] in spoken:
+            # It chose this protocol on this connection before: the proposal rides in the first write.
+            self._mark_up(peer)
+            return ProposedStream(net_stream, protocols[0])
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                chosen = await select_protocol(net_stream, protocols)
+        except BaseException as e:
+            with trio.CancelScope(shield=True):
+                try:
+                    await net_stream.reset()
+                except Exception:
+                    pass
+            if isinstance(e, trio.TooSlowError):
+                raise HostError(f"peer {peer}: no protocol chosen within {self.config.handshake_timeout:g}s") from None
+            if isinstance(e, (IOException, ParseError)):
+                raise HostError(f"peer {peer}: the stream broke while choosing its protocol ({e})") from None
+            raise
+        net_stream.set_protocol(TProtocol(chosen))
+        self._spoken.setdefault(net_stream.muxed_conn, set()).add(chosen)
         self._mark_up(peer)
-        return stream
+        return net_stream
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         """Serve `protocol`. Streams from peers off the allowlist are reset before `handler` sees them."""

@@ -273,7 +273,7 @@ def test_a_restore_from_a_peer_reads_the_fetched_blocks_from_memory_not_disk(tmp
     daemons.append(a)
     b = start_daemon(tmp_path / "b", bootstrap=[a.addr], env=env)
     daemons.append(b)
-    build = make_build_dir(tmp_path / "build", 9, files=60)
+    build = make_build_dir(tmp_path / "build", 9, files=240)  # > 3 WRITEBACK_STEPs (pack appends recycle)
     size = sum(p.stat().st_size for p in build.rglob("*") if p.is_file() and not p.is_symlink())
     assert json.loads(a.cli("--json", "cache", "save", "main/fresh-1", str(build)).stdout)["saved"] is True
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable
 
 import trio
 from google.protobuf.message import DecodeError
@@ -649,6 +650,16 @@ class _HashedBatch(StoredBatch):
         self.bad = bad
 
 
+
+@asynccontextmanager
+async def _keeping_cached(repo: Any, keep: bool) -> AsyncIterator[None]:
+    """`keep`: the repo's appends keep their pages cached while the fetch lasts (`PackFiles.keeping_cached`)."""
+    if not keep:
+        yield
+        return
+    with repo.packs.keeping_cached():
+        yield
+
 class _LeafStore(RepoBatcher):
     """The fetch's store. Raw leaves come in with their place in the walk checked but not yet hashed
     (`add_leaf`): the writer's worker thread hashes a whole batch (hashlib lets go of the GIL, so the
@@ -791,7 +802,7 @@ class DagTransfer:
             run.store = store = _LeafStore(run, repo, ex.config.store_batch_bytes, ex.config.commit_batch_bytes,
                                            on_stored=on_stored, on_committed=ex.blocks_added,
                                            drop_cached=not keep_cached)
-            async with store:
+            async with store, _keeping_cached(repo, keep_cached):
                 if root_block is not None and not repo.has_block(root):
                     try:
                         walk.on_block(root, root_block, local=True)  # its links are the first wants

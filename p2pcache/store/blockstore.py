@@ -33,6 +33,7 @@ import errno
 import os
 import struct
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -143,6 +144,8 @@ class PackFiles:
         self._writeback = sync_file_range() if writeback_ahead else None
         self._kicked = 0  # offset in the active pack up to which writeback was started
         self._recycled = 0  # … and up to which its pages were dropped from the page cache (`_recycle`)
+        self._keep_cached = 0  # readers of fresh appends under way (`keeping_cached`): no `_recycle` meanwhile
+        self._keep_lock = threading.Lock()
         # Reserve the active pack's disk blocks ahead of its end (fallocate KEEP_SIZE, in PREALLOC_STEP steps):
         # the file system then allocates once per step, not at every writeback, which measured 30-40 % less CPU
         # per appended byte on ext4 (and steadier). The size stays the end of the last record; a pack that
@@ -325,6 +328,19 @@ class PackFiles:
                 self._kicked = end
         return out
 
+    @contextmanager
+    def keeping_cached(self) -> Iterator[None]:
+        """While this lasts, appends leave their pages in the page cache (no `_recycle`): for a fetch whose
+        asker reads each block back as it arrives (a build-cache restore writes the files from them), where a
+        dropped page would be read back from disk."""
+        with self._keep_lock:
+            self._keep_cached += 1
+        try:
+            yield
+        finally:
+            with self._keep_lock:
+                self._keep_cached -= 1
+
     def _recycle(self, behind: int) -> None:
         """Drop the active pack's pages before `behind` (where writeback was started one step or more ago, so
         they are clean by now) from the page cache, so that the next appends reuse them: on this project's VMs
@@ -333,7 +349,7 @@ class PackFiles:
         a NAR upload's CPU. Pages still dirty or under writeback are skipped by the kernel (advisory, no wait,
         nothing changes for durability); reading a dropped block back is a disk read (0.06 s per 109 MiB
         here). Only for repos that start writeback ahead (durable ones)."""
-        if not hasattr(os, "posix_fadvise") or behind <= self._recycled:
+        if not hasattr(os, "posix_fadvise") or behind <= self._recycled or self._keep_cached:
             return
         try:
             os.posix_fadvise(self._active_fd, self._recycled, behind - self._recycled, os.POSIX_FADV_DONTNEED)

@@ -344,7 +344,9 @@ class Ingest:
                     for h in self.hashes.values():
                         h.update(item)
                 elif kind == "blocks":
-                    self.written.extend(packs.append(*item, recycle=self.recycle))
+                    blocks, crcs = item
+                    self.written.extend(packs.append(blocks, crcs, recycle=True) if self.recycle
+                                        else packs.append(blocks, crcs))
                 elif kind == "release":  # both workers are past this buffer: the second one hands it back
                     with item.lock:
                         item.left -= 1

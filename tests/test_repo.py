@@ -261,12 +261,8 @@ def test_gc_does_not_evict_a_root_while_it_is_read_here_or_by_another_process(tm
         assert gone.returncode != 0 and b"not in the repo" in gone.stderr
 
 
-def test_a_durable_add_drops_the_pages_behind_its_writeback_and_reads_back_intact(tmp_path, rng, monkeypatch):
-    """PackFiles._recycle: pages of the active pack that writeback started on a step ago leave the page cache
-    as the add goes (so the next appends reuse them instead of fresh ones); nothing ahead of the writeback is
-    dropped, and every byte reads back."""
-    from p2pcache.store import blockstore
 
+def _recording_fadvise(monkeypatch) -> list[tuple[int, int, int]]:
     advised: list[tuple[int, int, int]] = []
     real = os.posix_fadvise
 
@@ -275,20 +271,51 @@ def test_a_durable_add_drops_the_pages_behind_its_writeback_and_reads_back_intac
         return real(fd, offset, length, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", recording)
+    return advised
+
+
+def test_a_durable_nar_ingest_drops_the_pages_behind_its_writeback_and_reads_back_intact(tmp_path, rng,
+                                                                                          monkeypatch):
+    """PackFiles._recycle: pages of the active pack that writeback started on a step ago leave the page cache
+    as a NAR ingest goes (so its next appends reuse them instead of fresh ones); nothing ahead of the writeback
+    is dropped, and every byte reads back."""
+    from p2pcache.content.nar import Contents, RegularFile, write_nar
+    from p2pcache.store import blockstore
+    from p2pcache.store.narstore import RepoNarStore
+
+    advised = _recording_fadvise(monkeypatch)
     r = Repo.init(tmp_path / "repo", durable=True)
     try:
         data = rng.randbytes(5 * blockstore.WRITEBACK_STEP)
-        res = r.add_file(write_file(tmp_path / "in", data))
+        nar = b"".join(write_nar([RegularFile(len(data)), Contents(data)]))
+        store_hash = "0" * 31 + "1"
+        res = RepoNarStore(r).add_nar(None, [nar[i:i + (1 << 20)] for i in range(0, len(nar), 1 << 20)],
+                                      store_path=f"/nix/store/{store_hash}-big")
         dropped = [(o, n) for o, n, a in advised if a == os.POSIX_FADV_DONTNEED]
         assert dropped, "no pages dropped behind the writeback"
         assert dropped[0][0] == 0
         for (o1, n1), (o2, _) in zip(dropped, dropped[1:]):
             assert o2 == o1 + n1  # contiguous, each span once
         end = dropped[-1][0] + dropped[-1][1]
-        assert 2 * blockstore.WRITEBACK_STEP <= end <= len(data)  # behind the last writeback started, not past it
+        assert 2 * blockstore.WRITEBACK_STEP <= end <= len(nar)  # behind the last writeback started, not past it
+        assert res.nar_size == len(nar) and res.nar_hash == hashlib.sha256(nar).digest()
+        assert b"".join(RepoNarStore(r).stream_nar(store_hash)) == nar
+    finally:
+        r.close()
+
+
+def test_a_durable_add_keeps_its_pages_for_the_get_that_follows(tmp_path, rng, monkeypatch):
+    """Archives keep their pack pages cached (a get right after an add read from disk otherwise)."""
+    from p2pcache.store import blockstore
+
+    advised = _recording_fadvise(monkeypatch)
+    r = Repo.init(tmp_path / "repo", durable=True)
+    try:
+        data = rng.randbytes(4 * blockstore.WRITEBACK_STEP)
+        res = r.add_file(write_file(tmp_path / "in", data))
+        assert [a for *_, a in advised if a == os.POSIX_FADV_DONTNEED] == []
         out = tmp_path / "out"
         assert r.get_to_file(res.root, out) == len(data)
         assert out.read_bytes() == data
     finally:
         r.close()
-

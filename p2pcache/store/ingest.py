@@ -306,9 +306,11 @@ class Ingest:
 
     _STOP = object()
 
-    def __init__(self, repo: "Repo", algos: tuple[str, ...] = ("sha256",), depth: int = 16):
+    def __init__(self, repo: "Repo", algos: tuple[str, ...] = ("sha256",), depth: int = 16,
+                 recycle: bool = False):
         repo.require_writable()
         self.repo = repo
+        self.recycle = recycle  # the appends' pages leave the page cache behind the writeback (PackFiles._recycle)
         self.hashes = {a: hashlib.new(a) for a in algos}
         self.seen: dict[CID, int] = {}  # every block of this ingest (new or not): the root's references
         self.new_blocks = 0
@@ -342,7 +344,9 @@ class Ingest:
                     for h in self.hashes.values():
                         h.update(item)
                 elif kind == "blocks":
-                    self.written.extend(packs.append(*item))
+                    blocks, crcs = item
+                    self.written.extend(packs.append(blocks, crcs, recycle=True) if self.recycle
+                                        else packs.append(blocks, crcs))
                 elif kind == "release":  # both workers are past this buffer: the second one hands it back
                     with item.lock:
                         item.left -= 1

@@ -393,9 +393,10 @@ class Repo:
                 self.packs.cut_back(self.index.committed_end)
         return len(gone)
 
-    def ingest(self, algos: tuple[str, ...] = ("sha256",)) -> Ingest:
-        """A new ingest into this repo (see ingest.py): the pipeline `add_stream` and NAR ingest use."""
-        return Ingest(self, algos)
+    def ingest(self, algos: tuple[str, ...] = ("sha256",), recycle: bool = False) -> Ingest:
+        """A new ingest into this repo (see ingest.py): the pipeline `add_stream` and NAR ingest use.
+        `recycle`: its pack pages leave the page cache as writeback passes them (`PackFiles._recycle`)."""
+        return Ingest(self, algos, recycle=recycle)
 
     def record_blocks(self, written: list[tuple[CID, Location]]) -> None:
         """Inside an index transaction: rows for blocks this process appended (after `flush`)."""

@@ -120,7 +120,8 @@ async def feed_thread(source: AsyncIterator[bytes], consume: Callable[[Iterator[
     A task reads `source` ahead of the thread, up to `FEED_AHEAD` batches of about `BATCH_BYTES` (a request
     body comes in pieces of 64 KiB or less), so receiving the next bytes overlaps with the thread's work on the
     last ones instead of waiting for its next ask. The thread takes every batch read ahead in one hop, so at
-    most 2 × `FEED_AHEAD` batches are in memory (those it holds, and those read ahead meanwhile)."""
+    most 2 × `FEED_AHEAD` + 2 batches are in memory (those it holds — the channel's and the one a blocked send
+    hands over as the channel drains — and those read ahead meanwhile, one more waiting to be sent)."""
     send_ch, recv_ch = trio.open_memory_channel[tuple[Any, Exception | None]](FEED_AHEAD)
 
     async def produce() -> None:

@@ -60,8 +60,10 @@ def test_the_source_is_read_ahead_of_the_thread_but_bounded():
         return len(first) + sum(len(p) for p in it)
 
     assert trio.run(aio.feed_thread, src, consume) == 200 * (64 << 10)
-    # read ahead: more than the one batch asked for; bounded: the channel's batches, one being made, one taken
-    assert 16 < seen[0] <= (aio.FEED_AHEAD + 2) * 16
+    # read ahead: more than the one batch asked for; bounded: the thread's first hop takes every batch ready (the
+    # channel's and the one its producer was blocked sending, if the thread started late), then the channel
+    # refills and one more waits to be sent
+    assert 16 < seen[0] <= (2 * aio.FEED_AHEAD + 2) * 16 < 200
 
 
 def test_a_source_error_reaches_the_thread_after_the_pieces_before_it_and_comes_out_as_itself():

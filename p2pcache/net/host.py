@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from libp2p.network.swarm import Swarm
 
 from ..errors import InvalidInput, InvalidKey, P2PCacheError
-from .peers import PeerEvent, PeerEvents, StreamHandler, close_quietly, keep_connected
+from .peers import PeerEvent, PeerEvents, StreamHandler, close_quietly, keep_connected, reset_quietly
 from .pnet import KEY_SIZE, PskStream, ReadAheadStream, read_swarm_key, write_swarm_key
 
 log = logging.getLogger(__name__)
@@ -626,10 +626,7 @@ class NodeHost:
                 chosen = await select_protocol(net_stream, protocols)
         except BaseException as e:
             with trio.CancelScope(shield=True):
-                try:
-                    await net_stream.reset()
-                except Exception:
-                    pass
+                await reset_quietly(net_stream)
             if isinstance(e, trio.TooSlowError):
                 raise HostError(f"peer {peer}: no protocol chosen within {self.config.handshake_timeout:g}s") from None
             if isinstance(e, (IOException, ParseError)):

@@ -510,6 +510,8 @@ class SimHost:
                 stream._negotiated.set()
         elif kind == "refuse":
             if stream is not None:
+                if stream.protocol is not None:  # a proposal in the first write, refused: negotiate next time
+                    self._spoken.get(peer, set()).discard(stream.protocol)
                 stream._refused = True
                 stream._broken()
 

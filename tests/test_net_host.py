@@ -333,6 +333,28 @@ async def test_the_next_stream_of_a_protocol_the_peer_chose_proposes_it_in_its_f
 
 
 @pytest.mark.trio
+async def test_a_refused_proposal_fails_later_writes_and_the_next_stream_negotiates_again(tmp_path):
+    async with open_host(cfg(tmp_path, "a")) as a, open_host(cfg(tmp_path, "b")) as b:
+        b.set_stream_handler("/test/echo/1", echo)
+        with trio.fail_after(10):
+            await a.connect(b.addrs()[0])
+            assert await roundtrip(a, b) == b"olleh"  # B chose it on this connection: the next is proposed
+            b.libp2p.get_mux().remove_handler("/test/echo/1")
+            refused = await a.new_stream(b.peer_id, ["/test/echo/1"])
+            await refused.write(b"one")
+            with pytest.raises(HostError, match="no longer speaks /test/echo/1"):
+                await refused.read(1024)
+            # a writer does not go on into a stream nobody serves
+            with pytest.raises(HostError, match="no longer speaks /test/echo/1"):
+                await refused.write(b"two")
+            # the connection forgot that B speaks it: the next stream asks before it is handed out
+            with pytest.raises(HostError, match="speaks none of /test/echo/1"):
+                await a.new_stream(b.peer_id, ["/test/echo/1"])
+            b.set_stream_handler("/test/echo/1", echo)
+            assert await roundtrip(a, b) == b"olleh"
+
+
+@pytest.mark.trio
 async def test_private_network_same_key_connects(tmp_path):
     key = os.urandom(32)
     async with open_host(cfg(tmp_path, "a", swarm_key=key)) as a, open_host(cfg(tmp_path, "b", swarm_key=key)) as b:
@@ -667,3 +689,29 @@ def test_a_provider_restarted_on_its_address_is_fetched_from_within_seconds(tmp_
     assert got.returncode == 0, got.stderr.decode()
     assert (tmp_path / "o2").read_bytes() == data
     assert time.monotonic() - failed_at < 20
+
+
+@pytest.mark.trio
+async def test_add_providers_to_a_peer_that_no_longer_serves_the_dht_fails_instead_of_losing_them(tmp_path):
+    """The second ADD_PROVIDER stream to B rides its proposal in the first write (B chose the protocol on
+    this connection before). B has stopped serving the DHT since: the batch is not sent into nowhere and
+    counted, it raises."""
+    from p2pcache.routing.dht import DHT, DHTConfig
+    from p2pcache.routing.keys import dht_key
+
+    key = dht_key("sha256:" + "ab" * 32)
+    async with open_host(cfg(tmp_path, "a")) as a, open_host(cfg(tmp_path, "b")) as b, trio.open_nursery() as n:
+        b_dht = DHT(b, DHTConfig(refresh=False))
+        await n.start(b_dht.run)
+        a_dht = DHT(a, DHTConfig(refresh=False))
+        with trio.fail_after(30):
+            await a.connect(b.addrs()[0])
+            await a_dht.add_providers(b.peer_id, [key])
+            while not b_dht.local_providers(key):
+                await trio.sleep(0.02)
+            sent = a_dht.stats.add_providers
+            b.libp2p.get_mux().remove_handler(b_dht.config.protocol_id)
+            with pytest.raises(HostError, match="no longer speaks"):
+                await a_dht.add_providers(b.peer_id, [dht_key("sha256:" + "cd" * 32)])
+            assert a_dht.stats.add_providers == sent
+        n.cancel_scope.cancel()

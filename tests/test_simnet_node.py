@@ -146,8 +146,18 @@ def test_the_next_stream_of_a_protocol_the_peer_chose_opens_without_a_round_trip
             with pytest.raises(Exception) as e:
                 await s.read()
             assert type(e.value).__name__ == "StreamReset"
+            # the refusal is remembered: the next stream negotiates again, and is refused before it is handed out
+            with pytest.raises(SimHostError, match="serves none of /t/1"):
+                await a.new_stream(b.peer_id, ["/t/1"])
+            b.set_stream_handler("/t/1", echo)
+            t5 = trio.current_time()
+            s = await a.new_stream(b.peer_id, ["/t/1"])
+            t6 = trio.current_time()
+            await s.write(b"w")
+            assert await s.read() == b"w"
             nursery.cancel_scope.cancel()
         rtt = 0.040
+        assert t6 - t5 == pytest.approx(rtt, rel=0.05)  # negotiated again: one round trip
         assert t1 - t0 == pytest.approx(rtt, rel=0.05)  # the first: one round trip to choose the protocol
         assert t3 - t2 == 0  # the next: its proposal goes with the request
         assert t4 - t3 == pytest.approx(rtt, rel=0.05)

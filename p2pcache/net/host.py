@@ -28,8 +28,9 @@ import time
 import weakref
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence, cast
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, NoReturn, Sequence, cast
 
 import multiaddr
 import trio
@@ -324,14 +325,19 @@ class ProposedStream:
     read before the first read returns: no round trip before the request. Only for a protocol the peer
     chose on the same connection before (`NodeHost.new_stream`), as go-libp2p opens a stream to a peer
     whose protocols it knows. A peer that refuses it now fails the first read with one HostError, which
-    callers take as a broken stream (never as a lie: nothing it sent is used). Everything else is the
-    libp2p stream's."""
+    callers take as a broken stream (never as a lie: nothing it sent is used); the stream is reset, every
+    later read or write raises the same error (a writer does not go on into a stream nobody serves), and
+    `on_refused` runs so the connection's next stream of the protocol negotiates again. A caller that only
+    writes learns of a refusal only by reading the answer (as `DHT.add_providers` drains its stream).
+    Everything else is the libp2p stream's."""
 
-    def __init__(self, stream: Any, protocol: str) -> None:
+    def __init__(self, stream: Any, protocol: str, on_refused: Callable[[], None] | None = None) -> None:
         self.stream = stream
         self.protocol = protocol
         self._proposal: bytes | None = encode_delim(MULTISTREAM.encode()) + encode_delim(protocol.encode())
         self._answered = False
+        self._failure: HostError | None = None
+        self._on_refused = on_refused
         stream.set_protocol(TProtocol(protocol))
 
     def __getattr__(self, name: str) -> Any:
@@ -341,11 +347,15 @@ class ProposedStream:
         return self.protocol
 
     async def write(self, data: bytes) -> None:
+        if self._failure is not None:
+            raise self._failure
         if self._proposal is not None:
             data, self._proposal = self._proposal + bytes(data), None
         await self.stream.write(data)
 
     async def read(self, n: int | None = None) -> bytes:
+        if self._failure is not None:
+            raise self._failure
         if not self._answered:
             await self._answer()
         return await self.stream.read(n)
@@ -362,10 +372,18 @@ class ProposedStream:
             header = (await read_delim(self.stream)).decode(errors="replace")
             answer = (await read_delim(self.stream)).decode(errors="replace") if header == MULTISTREAM else header
         except ParseError as e:
-            raise HostError(f"a malformed answer to the proposal of {self.protocol}: {e}") from None
+            await self._refused(HostError(f"a malformed answer to the proposal of {self.protocol}: {e}"))
         if answer != self.protocol:
-            raise HostError(f"the peer no longer speaks {self.protocol} (answered {answer[:64]!r})")
+            await self._refused(HostError(f"the peer no longer speaks {self.protocol} (answered {answer[:64]!r})"))
         self._answered = True
+
+    async def _refused(self, failure: HostError) -> NoReturn:
+        self._failure = failure
+        if self._on_refused is not None:
+            self._on_refused()
+        with trio.CancelScope(shield=True):
+            await reset_quietly(self.stream)
+        raise failure
 
 
 @contextmanager
@@ -620,7 +638,7 @@ class NodeHost:
         if len(protocols) == 1 and spoken is not None and protocols[0] in spoken:
             # It chose this protocol on this connection before: the proposal rides in the first write.
             self._mark_up(peer)
-            return ProposedStream(net_stream, protocols[0])
+            return ProposedStream(net_stream, protocols[0], on_refused=partial(spoken.discard, protocols[0]))
         try:
             with trio.fail_after(self.config.handshake_timeout):
                 chosen = await select_protocol(net_stream, protocols)

@@ -53,6 +53,7 @@ from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
+from ..net.host import HostError
 from .interfaces import DHTStats, ProviderAnswer
 from .keys import dht_key
 from .resolve_wire import frame
@@ -359,11 +360,14 @@ class DHT:
         addrs = [a.to_bytes() for a in self.libp2p.get_addrs()]
         stream = await self.host.new_stream(peer, [self.config.protocol_id])
         drained = trio.Event()
+        refused: list[HostError] = []
 
         async def drain() -> None:
             try:
                 while await stream.read(64 * 1024):
                     pass
+            except HostError as e:  # the peer refused the protocol proposed in the first write: nothing was read
+                refused.append(e)
             except Exception:  # EOF or reset: nothing more to drop
                 pass
             drained.set()
@@ -385,7 +389,6 @@ class DHT:
 
                 await write_framed(stream, map(message, keys))
                 await stream.close()
-                self.stats.add_providers += len(keys)
                 with trio.move_on_after(5):  # the last echoes, then the peer's end of the stream
                     await drained.wait()
                 nursery.cancel_scope.cancel()
@@ -393,6 +396,9 @@ class DHT:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.reset()
             raise
+        if refused:
+            raise refused[0]
+        self.stats.add_providers += len(keys)
 
     def withdraw_key(self, key: bytes) -> None:
         """Forget that we provide `key`: drop our own record from the local provider store, so we stop

@@ -10,7 +10,8 @@ paid a page fault plus a cleared page for each 4 KiB it touched: 16-24 k minor f
 below a daemon reuses the same pages from one upload to the next (6-11 k faults, about what the first upload
 needs to grow the heap once). The cost is up to `TRIM_THRESHOLD` of free heap kept per malloc arena.
 
-An operator's own `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` in the environment win: then nothing is set.
+An operator's own `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` in the environment, or either threshold in
+`GLIBC_TUNABLES` (`glibc.malloc.mmap_threshold`, `glibc.malloc.trim_threshold`), win: then nothing is set.
 """
 
 from __future__ import annotations
@@ -23,12 +24,20 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 16 << 20  # blocks above this get their own mapping (glibc's dynamic default stops at 32 MiB)
 TRIM_THRESHOLD = 32 << 20  # free heap above this at the top goes back to the kernel
 _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
+
+
+def _set_by_operator() -> bool:
+    if any(name in os.environ for name in _ENV):
+        return True
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return any(item.split("=", 1)[0] in _TUNABLES for item in tunables.split(":"))
 
 
 def keep_heap() -> bool:
     """Set the thresholds (once, at the daemon's start); False where there is no glibc `mallopt` or the
     environment sets them already."""
-    if any(name in os.environ for name in _ENV):
+    if _set_by_operator():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -29,12 +30,12 @@ print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))
 
 
 def churn_faults(mode: str) -> int:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     out = subprocess.run([sys.executable, "-c", CHURN, mode], env=env, capture_output=True, check=True, timeout=60)
     return json.loads(out.stdout)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_kept_heap_is_not_faulted_in_again():
     pages = 40 * 6 * (1 << 20) // 4096  # what the 40 rounds touch
     default = churn_faults("default")
@@ -48,3 +49,22 @@ def test_environment_wins(monkeypatch):
 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert keep_heap() is False
+
+
+@pytest.mark.parametrize("tunables", ["glibc.malloc.trim_threshold=131072", "glibc.malloc.tcache_count=0:glibc.malloc.mmap_threshold=65536"])
+def test_glibc_tunables_win(monkeypatch, tunables):
+    from p2pcache.memory import keep_heap
+
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    assert keep_heap() is False
+
+
+def test_unrelated_glibc_tunables_do_not_stop_it(monkeypatch):
+    from p2pcache.memory import _set_by_operator
+
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")
+    assert _set_by_operator() is False

@@ -49,6 +49,9 @@ allow_peers = []
 # Find the swarm's other nodes on the LAN by mDNS: "private" (on when a swarm key is set), "on", "off"
 # (`p2pcache daemon --no-mdns`). The swarm key and allow_peers still gate every connection.
 mdns = "private"
+# Seconds a dial and its handshakes may take before that address counts as unreachable (a host that
+# drops packets holds a dial this long; the daemon does not wait on it for anything else).
+handshake_timeout = 10
 
 [routing]
 # Seconds between re-announcements of every root this node holds (one batched sweep).
@@ -204,6 +207,7 @@ class NodeConfig:
     swarm_key: str = ""
     allow_peers: list[str] = field(default_factory=list)
     mdns: str = "private"
+    handshake_timeout: float = 10.0
     reannounce_interval: float = 3600.0
     lookup_timeout: float = 5.0
     negative_ttl: float = 30.0
@@ -242,7 +246,7 @@ class NodeConfig:
 
 _SECTIONS = {
     "swarm": {"listen": "listen", "bootstrap": "bootstrap", "swarm_key": "swarm_key", "allow_peers": "allow_peers",
-              "mdns": "mdns"},
+              "mdns": "mdns", "handshake_timeout": "handshake_timeout"},
     "routing": {"reannounce_interval": "reannounce_interval", "lookup_timeout": "lookup_timeout",
                 "negative_ttl": "negative_ttl"},
     "http": {"listen": "api_listen", "allowed_hosts": "api_allowed_hosts", "allowed_origins": "api_allowed_origins"},
@@ -330,6 +334,8 @@ def load(repo: Path, file: Path | str | None = None) -> NodeConfig:
                 raise InvalidInput(f"{path}: {section}.{key} is \"private\", \"on\" or \"off\", not {value!r}")
             if ok and attr in ("superseed_window", "have_batch_delay", "superseed_relay_window") and value < 0:
                 raise InvalidInput(f"{path}: {section}.{key} must be 0 (off) or a number of seconds, not {value}")
+            if ok and attr == "handshake_timeout" and value <= 0:
+                raise InvalidInput(f"{path}: {section}.{key} must be a positive number of seconds, not {value}")
             if ok and attr == "superseed_share" and value < 0:
                 raise InvalidInput(f"{path}: {section}.{key} must be 0 (no bound) or a number of blocks, not {value}")
             if not ok:

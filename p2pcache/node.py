@@ -187,6 +187,7 @@ class Node:
                     bootstrap=tuple(cfg.bootstrap),
                     allow_peers=cfg.allow_peers or None,
                     alone_warning=cfg.alone_warning,
+                    handshake_timeout=cfg.handshake_timeout,
                     mdns=cfg.lan_discovery(),
                 )
                 self.host = NodeHost(host_cfg)

@@ -23,6 +23,7 @@ def test_default_file_loads_as_the_defaults(tmp_path):
     ("[exchange]\nsuperseed_share = -1\n", "exchange.superseed_share must be 0"),
     ("[exchange]\nsuperseed_share = 2.5\n", "exchange.superseed_share has the wrong type"),
     ("[exchange]\nsuperseed_relay_window = -1\n", "exchange.superseed_relay_window must be 0"),
+    ("[swarm]\nhandshake_timeout = 0\n", "swarm.handshake_timeout must be a positive number"),
     ("[swarm]\nmdns = \"yes\"\n", "swarm.mdns is \"private\", \"on\" or \"off\""),
     ("[turbo]\nx = 1\n", "unknown section \\[turbo\\]"),
     ("[nix]\npriority = true\n", "nix.priority has the wrong type"),

@@ -715,3 +715,30 @@ async def test_add_providers_to_a_peer_that_no_longer_serves_the_dht_fails_inste
                 await a_dht.add_providers(b.peer_id, [dht_key("sha256:" + "cd" * 32)])
             assert a_dht.stats.add_providers == sent
         n.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_add_providers_refused_in_the_middle_of_a_long_batch_is_one_host_error(tmp_path):
+    """The refusal of the proposal arrives while A is still writing a batch of 20,000 ADD_PROVIDERs (B's
+    receive window holds a small part of it): the batch raises the same one-line HostError as a short one,
+    not an exception group out of its nursery, and nothing is counted."""
+    from p2pcache.routing.dht import DHT, DHTConfig
+    from p2pcache.routing.keys import dht_key
+
+    key = dht_key("sha256:" + "ab" * 32)
+    many = [dht_key(f"sha256:{i:064x}") for i in range(20_000)]
+    async with open_host(cfg(tmp_path, "a")) as a, open_host(cfg(tmp_path, "b")) as b, trio.open_nursery() as n:
+        b_dht = DHT(b, DHTConfig(refresh=False))
+        await n.start(b_dht.run)
+        a_dht = DHT(a, DHTConfig(refresh=False))
+        with trio.fail_after(60):
+            await a.connect(b.addrs()[0])
+            await a_dht.add_providers(b.peer_id, [key])
+            while not b_dht.local_providers(key):
+                await trio.sleep(0.02)
+            sent = a_dht.stats.add_providers
+            b.libp2p.get_mux().remove_handler(b_dht.config.protocol_id)
+            with pytest.raises(HostError, match="no longer speaks"):
+                await a_dht.add_providers(b.peer_id, many)
+            assert a_dht.stats.add_providers == sent
+        n.cancel_scope.cancel()

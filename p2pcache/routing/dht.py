@@ -372,6 +372,7 @@ class DHT:
                 pass
             drained.set()
 
+        write_error: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(drain)
@@ -387,17 +388,24 @@ class DHT:
                     entry.signedRecord = envelope
                     return msg.SerializeToString()
 
-                await write_framed(stream, map(message, keys))
-                await stream.close()
-                with trio.move_on_after(5):  # the last echoes, then the peer's end of the stream
+                try:
+                    await write_framed(stream, map(message, keys))
+                    await stream.close()
+                except Exception as e:  # a refusal read meanwhile, or the stream reset under the write
+                    write_error = e
+                with trio.move_on_after(5):  # the last echoes, then the peer's end (or its refusal)
                     await drained.wait()
                 nursery.cancel_scope.cancel()
+            # Raised out here, not in the nursery, so a refusal in the middle of a batch is one HostError
+            # (as at its start), not an exception group.
+            if refused:
+                raise refused[0]
+            if write_error is not None:
+                raise write_error
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.reset()
             raise
-        if refused:
-            raise refused[0]
         self.stats.add_providers += len(keys)
 
     def withdraw_key(self, key: bytes) -> None:

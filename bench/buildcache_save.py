@@ -40,13 +40,20 @@ def save_once(work: Path, build: Path, name: str, code: Path | None, env: dict) 
     extra = dict(env)
     if code is not None:
         extra["PYTHONPATH"] = str(code)
-    d = start_daemon(repo, timeout=START_TIMEOUT, env=extra)
+    # `python -m p2pcache` puts its working directory first on sys.path, ahead of PYTHONPATH: each variant
+    # runs in its own checkout, or both would run the code of the directory the bench was started in.
+    here = os.getcwd()
+    os.chdir(code if code is not None else ROOT)
+    try:
+        d = start_daemon(repo, timeout=START_TIMEOUT, env=extra)
+    finally:
+        os.chdir(here)
     try:
         cenv = dict(os.environ, **extra, P2PCACHE_REPO=str(repo))
         c, c_daemon = children_cpu(), process_cpu(d.proc.pid)
         t = time.perf_counter()
         res = subprocess.run([sys.executable, "-m", "p2pcache", "--json", "cache", "save", "main/bench-1",
-                              str(build)], env=cenv, capture_output=True, timeout=1800)
+                              str(build)], env=cenv, capture_output=True, timeout=1800, cwd=code or ROOT)
         wall = time.perf_counter() - t
         cpu_cli, cpu_daemon = children_cpu() - c, process_cpu(d.proc.pid) - c_daemon
         if res.returncode != 0:

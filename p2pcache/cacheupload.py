@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from .content.cid import CID
 from .errors import InvalidInput, RepoError
 
-__all__ = ["FILE_HEADER", "DaemonBlockSink", "FileSocket", "frame_blocks", "frame_cids", "open_for_upload",
+__all__ = ["FILE_HEADER", "DaemonBlockSink", "FileSocket", "allow_open_files", "frame_blocks", "frame_cids", "open_for_upload",
            "unframe_blocks", "unframe_cids"]
 
 
@@ -35,6 +35,21 @@ SOCKET_MAX_FDS = 250  # Linux takes at most 253 in one message
 # Requests a saver sends over one connection before the first of them is answered: the daemon reads the next
 # while it ingests one (no round trip between two requests); their descriptors are held in flight meanwhile.
 SOCKET_AHEAD = 2
+
+
+def allow_open_files(n: int = 4096) -> None:
+    """Raise this process's soft limit of open descriptors to `n` (at most the hard limit): a save's requests
+    in flight hold up to `SOCKET_AHEAD` x `SOCKET_MAX_FDS` descriptors per connection, on both ends (in flight
+    they count against the sender's limit), and a common soft limit is 1,024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n if hard == resource.RLIM_INFINITY else min(n, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass  # then requests fail with the kernel's own error, as before
 
 
 def frame_blocks(blocks: list[tuple[CID, bytes]]) -> bytes:
@@ -248,6 +263,7 @@ class FileSocket:
     def __init__(self, path: str, token: str):
         import socket
 
+        allow_open_files()
         self.token = token
         self.held = False  # the daemon holds blocks of ours that wait for `commit`
         self.broken = False  # an answer or a send failed: the connection is out of step

@@ -41,6 +41,7 @@ from typing import Any, Callable, Protocol
 import trio
 
 from .cacheupload import SOCKET_LENGTH as LENGTH
+from .cacheupload import allow_open_files
 from .cacheupload import SOCKET_MAX_FDS as MAX_FDS
 from .content import dagcbor
 from .errors import InvalidInput, MalformedBlock, P2PCacheError
@@ -68,6 +69,7 @@ async def serve_file_socket(repo_path: Path, token: str, open_session: Callable[
     (`open_session()`: `add(files, lease, hold)` ingests a request's files ((fd, size, name) each)). Started with None when the socket cannot be made (a path too long for a
     Unix socket, say): savers then use the HTTP API."""
     path = repo_path / FILE_SOCKET
+    allow_open_files()  # each connection's requests read ahead hold their descriptors
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:

@@ -149,3 +149,27 @@ def test_held_uploads_are_pipelined_recorded_at_their_commit_and_dropped_without
     finally:
         for f in opened:
             f.close()
+
+
+def test_a_save_passes_more_descriptors_than_a_low_soft_limit_allows(tmp_path, daemons):
+    """Requests in flight hold up to 2 x 250 descriptors per connection: a daemon and a saver started with
+    a soft limit of 256 open files raise it (to at most the hard limit) instead of failing the save."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard limit of open files is {hard}")
+    build = tmp_path / "build"
+    build.mkdir()
+    for i in range(1200):
+        (build / f"f{i}.o").write_bytes(os.urandom(1100 + i))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the daemon and the CLI
+    try:
+        d = start_daemon(tmp_path / "a")
+        daemons.append(d)
+        saved = json.loads(d.cli("--json", "cache", "save", "main/many", str(build)).stdout)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert saved["saved"] and by_descriptor(d) == 1200
+    d.cli("cache", "restore", "main/many", str(tmp_path / "out"))
+    assert subprocess.run(["diff", "-r", str(build), str(tmp_path / "out")]).returncode == 0

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from .content.cid import CID
 from .errors import InvalidInput, RepoError
 
-__all__ = ["FILE_HEADER", "DaemonBlockSink", "FileSocket", "frame_blocks", "frame_cids", "open_for_upload",
+__all__ = ["FILE_HEADER", "DaemonBlockSink", "FileSocket", "allow_open_files", "frame_blocks", "frame_cids", "open_for_upload",
            "unframe_blocks", "unframe_cids"]
 
 
@@ -32,6 +32,24 @@ FILE_HEADER = struct.Struct(">Q")  # a file's size in a file upload, before its 
 # the daemon's file socket (`p2pcache.filesocket`): a message's length before it; descriptors per request
 SOCKET_LENGTH = struct.Struct(">I")
 SOCKET_MAX_FDS = 250  # Linux takes at most 253 in one message
+# Requests a saver sends over one connection before the first of them is answered: the daemon reads the next
+# while it ingests one (no round trip between two requests); their descriptors are held in flight meanwhile.
+SOCKET_AHEAD = 2
+
+
+def allow_open_files(n: int = 4096) -> None:
+    """Raise this process's soft limit of open descriptors to `n` (at most the hard limit): a save's requests
+    in flight hold up to `SOCKET_AHEAD` x `SOCKET_MAX_FDS` descriptors per connection, on both ends (in flight
+    they count against the sender's limit), and a common soft limit is 1,024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n if hard == resource.RLIM_INFINITY else min(n, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass  # then requests fail with the kernel's own error, as before
 
 
 def frame_blocks(blocks: list[tuple[CID, bytes]]) -> bytes:
@@ -220,10 +238,17 @@ class DaemonBlockSink:
             for t in self.workers:
                 t.join()
             self.workers = []
-        for sock in self._sockets:  # the workers' connections to the file socket went with them
-            sock.close()
-        self._sockets = []
+        sockets, self._sockets = self._sockets, []
         self._local = threading.local()
+        try:
+            if self.error is None:
+                for sock in sockets:  # what the daemon holds for each connection is recorded before the save
+                    sock.commit(self.lease)
+        except BaseException as e:
+            self.error = e
+        finally:
+            for sock in sockets:  # the workers' connections to the file socket went with them
+                sock.close()
         if self.error is not None:
             raise self.error
         out = (self.new_blocks, self.new_bytes)
@@ -238,7 +263,10 @@ class FileSocket:
     def __init__(self, path: str, token: str):
         import socket
 
+        allow_open_files()
         self.token = token
+        self.held = False  # the daemon holds blocks of ours that wait for `commit`
+        self.broken = False  # an answer or a send failed: the connection is out of step
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(path)
@@ -247,39 +275,72 @@ class FileSocket:
             raise
 
     def upload(self, files: list[tuple[bytes, int]], lease: str | None) -> dict:
-        """`DaemonClient.cache_files`' answer for `files` ((path, the size its stat said))."""
+        """`DaemonClient.cache_files`' answer for `files` ((path, the size its stat said)), in requests of
+        `MAX_FDS` files, up to `SOCKET_AHEAD` of them sent before the first is answered. The daemon holds
+        their blocks for this connection's `commit` (a daemon that predates holding records each request
+        and says nothing of it; then `commit` has nothing to do)."""
+        bodies: list = []
+        new_blocks = new_bytes = 0
+        parts = [files[i:i + SOCKET_MAX_FDS] for i in range(0, len(files), SOCKET_MAX_FDS)]
+        sent = answered = 0
+        try:
+            while answered < len(parts):
+                while sent < len(parts) and sent - answered < SOCKET_AHEAD:
+                    self._send(parts[sent], lease)
+                    sent += 1
+                answer = self._answer()
+                answered += 1
+                if "error" in answer:
+                    raise (InvalidInput if answer.get("status") == 400 else RepoError)(str(answer["error"]))
+                if answer.get("held") is True:
+                    self.held = True
+                bodies += answer["bodies"]
+                new_blocks += answer["new_blocks"]
+                new_bytes += answer["new_bytes"]
+        except BaseException:
+            self.broken = True  # answers of requests sent are still on the way (or the daemon ends the connection)
+            raise
+        return {"bodies": bodies, "new_blocks": new_blocks, "new_bytes": new_bytes}
+
+    def commit(self, lease: str | None) -> None:
+        """Have the daemon record the blocks this connection's uploads hold (before the save claims them)."""
+        if not self.held:
+            return
+        self._send_message({"token": self.token, "lease": lease, "commit": True}, [])
+        answer = self._answer()
+        if "error" in answer:
+            raise RepoError(str(answer["error"]))
+        self.held = False
+
+    def _send(self, part: list[tuple[bytes, int]], lease: str | None) -> None:
+        fds: list[int] = []
+        try:
+            for full, _ in part:
+                fds.append(open_for_upload(full))
+            self._send_message({"token": self.token, "lease": lease, "hold": True, "sizes": [n for _, n in part],
+                                "names": [full for full, _ in part]}, fds)
+        finally:
+            for fd in fds:  # in flight now: the daemon holds its own copies
+                os.close(fd)
+
+    def _send_message(self, msg_map: dict, fds: list[int]) -> None:
         import array
         import socket
 
         from .content import dagcbor
 
-        bodies: list = []
-        new_blocks = new_bytes = 0
-        for i in range(0, len(files), SOCKET_MAX_FDS):
-            part = files[i:i + SOCKET_MAX_FDS]
-            fds: list[int] = []
-            try:
-                for full, _ in part:
-                    fds.append(open_for_upload(full))
-                msg = dagcbor.encode({"token": self.token, "lease": lease, "sizes": [n for _, n in part],
-                                      "names": [full for full, _ in part]})
-                data = SOCKET_LENGTH.pack(len(msg)) + msg
-                try:
-                    sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-                    if sent < len(data):
-                        self.sock.sendall(data[sent:])
-                except OSError as e:
-                    raise RepoError(f"the daemon's file socket did not take the upload: {e.strerror or e}") from None
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            answer = self._answer()
-            if "error" in answer:
-                raise (InvalidInput if answer.get("status") == 400 else RepoError)(str(answer["error"]))
-            bodies += answer["bodies"]
-            new_blocks += answer["new_blocks"]
-            new_bytes += answer["new_bytes"]
-        return {"bodies": bodies, "new_blocks": new_blocks, "new_bytes": new_bytes}
+        if self.broken:
+            raise RepoError("the daemon's file socket failed an earlier upload of this save")
+        msg = dagcbor.encode(msg_map)
+        data = SOCKET_LENGTH.pack(len(msg)) + msg
+        try:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            sent = self.sock.sendmsg([data], ancillary)
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
+        except OSError as e:
+            self.broken = True
+            raise RepoError(f"the daemon's file socket did not take the upload: {e.strerror or e}") from None
 
     def _answer(self) -> dict:
         from .content import dagcbor
@@ -287,7 +348,8 @@ class FileSocket:
         head = self._exactly(SOCKET_LENGTH.size)
         # An answer, not a block: its canonical form names nothing, so it is not re-encoded to check it.
         got = dagcbor.decode(self._exactly(SOCKET_LENGTH.unpack(head)[0]), recheck=False)
-        if not (isinstance(got, dict) and ("error" in got or isinstance(got.get("bodies"), list))):
+        if not (isinstance(got, dict) and ("error" in got or isinstance(got.get("bodies"), list)
+                                           or got.get("committed") is True)):
             raise RepoError("the daemon's file socket sent a malformed answer")
         return got
 

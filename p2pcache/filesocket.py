@@ -14,10 +14,16 @@ in constant time; the socket file itself is 0600, like the token. A descriptor m
 the size the request states, read to the end (a file that changed while it was read fails the upload, as
 over HTTP); a descriptor opened for writing only fails with the read's own error line.
 
-Wire format, one request at a time per connection: a request is a 4-byte big-endian length and a dag-cbor
-map {"token", "lease" (or null), "sizes": [...], "names": [...]}, sent in one `sendmsg` with one
-descriptor per size (at most `MAX_FDS`); the answer is a 4-byte length and a dag-cbor map, either the
-HTTP route's answer ({"bodies", "new_blocks", "new_bytes"}) or {"error": one line, "status": 400|401|500}.
+Wire format: a request is a 4-byte big-endian length and a dag-cbor map {"token", "lease" (or null), "sizes":
+[...], "names": [...], "hold" (optional)}, sent in one `sendmsg` with one descriptor per size (at most
+`MAX_FDS`); the answer is a 4-byte length and a dag-cbor map, either the HTTP route's answer ({"bodies",
+"new_blocks", "new_bytes"}, and "held": true for a request that asked to hold) or {"error": one line,
+"status": 400|401|500}. A saver may send its next requests before the answers come (up to
+`cacheupload.SOCKET_AHEAD`); they are read while the one before is ingested and answered in order. With
+"hold", the blocks go into the connection's one ingest (`buildcache.FileUploadSession`) and are recorded
+when the saver sends {"token", "lease", "commit": true} (no descriptors; answered {"committed": true})
+before it claims its root; a connection that ends first has its held blocks taken back. A held request
+that fails ends the connection after its error answer.
 
 Must not: open a path, keep a descriptor past its request, or answer before the token is checked.
 """
@@ -30,11 +36,12 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Protocol
 
 import trio
 
 from .cacheupload import SOCKET_LENGTH as LENGTH
+from .cacheupload import allow_open_files
 from .cacheupload import SOCKET_MAX_FDS as MAX_FDS
 from .content import dagcbor
 from .errors import InvalidInput, MalformedBlock, P2PCacheError
@@ -46,15 +53,23 @@ log = logging.getLogger(__name__)
 FILE_SOCKET = "files.sock"
 MAX_REQUEST = 1 << 20  # bytes of one request's map (names are at most a few hundred bytes each)
 
-Accept = Callable[[list[tuple[int, int, bytes]], "str | None"], Awaitable[dict]]
+AHEAD = 2  # requests read (their descriptors held) while the one before them is ingested
 
 
-async def serve_file_socket(repo_path: Path, token: str, accept: Accept, *,
+class Session(Protocol):
+    """A connection's uploads (`buildcache.FileUploadSession`)."""
+    async def add(self, files: list[tuple[int, int, bytes]], lease: str | None, hold: bool) -> dict: ...
+    async def commit(self, lease: str | None) -> dict: ...
+    async def close(self) -> None: ...
+
+
+async def serve_file_socket(repo_path: Path, token: str, open_session: Callable[[], Session], *,
                             task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on `REPO/files.sock` until cancelled; `accept(files, lease)` ingests a request's files
-    ((fd, size, name) each). Started with None when the socket cannot be made (a path too long for a
+    """Listen on `REPO/files.sock` until cancelled; each connection's requests go to a session of its own
+    (`open_session()`: `add(files, lease, hold)` ingests a request's files ((fd, size, name) each)). Started with None when the socket cannot be made (a path too long for a
     Unix socket, say): savers then use the HTTP API."""
     path = repo_path / FILE_SOCKET
+    allow_open_files()  # each connection's requests read ahead hold their descriptors
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
@@ -77,7 +92,7 @@ async def serve_file_socket(repo_path: Path, token: str, accept: Accept, *,
         async with trio.open_nursery() as nursery:
             while True:
                 conn, _ = await listener.accept()
-                nursery.start_soon(_serve, conn, token, accept)
+                nursery.start_soon(_serve, conn, token, open_session)
     finally:
         listener.close()
         try:
@@ -86,32 +101,70 @@ async def serve_file_socket(repo_path: Path, token: str, accept: Accept, *,
             pass
 
 
-async def _serve(conn: Any, token: str, accept: Accept) -> None:
-    fds: list[int] = []
+async def _serve(conn: Any, token: str, open_session: Callable[[], Session]) -> None:
+    session = open_session()
+    ahead, requests = trio.open_memory_channel[tuple[bytes, list[int]]](AHEAD - 1)
     try:
         with conn:
-            while True:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_read_requests, conn, ahead)
+                async with requests:
+                    async for payload, fds in requests:
+                        try:
+                            answer, go_on = await _answer(payload, fds, token, session)
+                        finally:
+                            _close(fds)
+                        data = dagcbor.encode_built(answer)  # ours: ingest_files' bodies, counts, an error line
+                        try:
+                            await _send_all(conn, LENGTH.pack(len(data)) + data)
+                        except OSError as e:  # the saver went away
+                            log.debug("file socket: connection ended: %s", e)
+                            go_on = False
+                        if not go_on:
+                            nursery.cancel_scope.cancel()
+                            break
+                    for _, fds in _drain(requests):  # read ahead, never answered
+                        _close(fds)
+    finally:
+        await session.close()
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
+
+
+def _drain(channel: Any) -> list[tuple[bytes, list[int]]]:
+    out = []
+    while True:
+        try:
+            out.append(channel.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return out
+
+
+async def _read_requests(conn: Any, ahead: Any) -> None:
+    """Read requests (and their descriptors) into `ahead` until the saver ends the connection."""
+    async with ahead:
+        while True:
+            fds: list[int] = []
+            try:
                 payload = await _read_request(conn, fds)
                 if payload is None:
                     return
-                try:
-                    answer, go_on = await _answer(payload, fds, token, accept)
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-                    fds.clear()
-                data = dagcbor.encode_built(answer)  # ours: ingest_files' bodies, counts, an error line
-                await _send_all(conn, LENGTH.pack(len(data)) + data)
-                if not go_on:
-                    return
-    except OSError as e:  # the saver went away
-        log.debug("file socket: connection ended: %s", e)
-    finally:
-        for fd in fds:
-            os.close(fd)
+                await ahead.send((payload, fds))
+                fds = []  # the channel's now
+            except OSError as e:  # the saver went away, or broke the format
+                log.debug("file socket: connection ended: %s", e)
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            finally:
+                _close(fds)
 
 
-async def _answer(payload: bytes, fds: list[int], token: str, accept: Accept) -> tuple[dict, bool]:
+async def _answer(payload: bytes, fds: list[int], token: str, session: Session) -> tuple[dict, bool]:
     try:
         req = dagcbor.decode(payload)
     except MalformedBlock as e:
@@ -119,18 +172,23 @@ async def _answer(payload: bytes, fds: list[int], token: str, accept: Accept) ->
     if not (isinstance(req, dict) and isinstance(req.get("token"), str)
             and hmac.compare_digest(req["token"].encode(), token.encode())):
         return {"error": "file socket: wrong or missing API token", "status": 401}, False
-    sizes, names, lease = req.get("sizes"), req.get("names"), req.get("lease")
+    sizes, names, lease, hold = req.get("sizes"), req.get("names"), req.get("lease"), req.get("hold") is True
+    if req.get("commit") is True and not fds and (lease is None or isinstance(lease, str)):
+        try:
+            return await session.commit(lease), True
+        except P2PCacheError as e:
+            return {"error": str(e), "status": 500}, False
     if not (isinstance(sizes, list) and isinstance(names, list) and len(sizes) == len(names) == len(fds)
             and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes)
             and all(isinstance(n, bytes) for n in names) and (lease is None or isinstance(lease, str))):
         return {"error": f"file socket: a request needs one size and name per descriptor ({len(fds)} came)",
                 "status": 400}, False
     try:
-        return await accept(list(zip(fds, sizes, names)), lease), True
-    except InvalidInput as e:
-        return {"error": str(e), "status": 400}, True
+        return await session.add(list(zip(fds, sizes, names)), lease, hold), True
+    except InvalidInput as e:  # after a held request's error the session holds nothing: the saver starts again
+        return {"error": str(e), "status": 400}, not hold
     except P2PCacheError as e:
-        return {"error": str(e), "status": 500}, True
+        return {"error": str(e), "status": 500}, not hold
 
 
 async def _read_request(conn: Any, fds: list[int]) -> bytes | None:
@@ -138,7 +196,7 @@ async def _read_request(conn: Any, fds: list[int]) -> bytes | None:
     buf = bytearray()
     need = LENGTH.size
     while len(buf) < need:
-        # exactly what this request still owes: the saver sends the next one only after our answer
+        # exactly what this request still owes: the next request's descriptors come with its first byte
         data, ancdata, flags, _ = await conn.recvmsg(need - len(buf),
                                                      socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
         for level, kind, raw in ancdata:

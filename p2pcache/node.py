@@ -308,7 +308,7 @@ class Node:
         from .filesocket import serve_file_socket
 
         assert self.api_token is not None and self.buildcache is not None
-        await serve_file_socket(self.repo_path, self.api_token, self.buildcache.accept_fds, task_status=task_status)
+        await serve_file_socket(self.repo_path, self.api_token, self.buildcache.file_session, task_status=task_status)
 
     async def _serve_api(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         hc = HypercornConfig()

@@ -90,3 +90,86 @@ def test_the_socket_checks_the_token_and_reads_only_whole_regular_files(daemon, 
             client.upload([(os.fsencode(f), 4000)], None)
     finally:
         client.close()
+
+
+def _send(s, token, files, fds, **extra):
+    msg = dagcbor.encode({"token": token, "lease": None, "sizes": [n for n, _ in files],
+                          "names": [name for _, name in files], **extra})
+    socket.send_fds(s, [SOCKET_LENGTH.pack(len(msg)) + msg], fds)
+
+
+def _answer(s):
+    head = s.recv(SOCKET_LENGTH.size, socket.MSG_WAITALL)
+    return dagcbor.decode(s.recv(SOCKET_LENGTH.unpack(head)[0], socket.MSG_WAITALL))
+
+
+def _missing(d, cids):
+    from p2pcache.cacheupload import frame_cids
+    from p2pcache.content.cid import CID
+
+    r = httpx.post(d.api + "/api/v0/blocks/missing", headers={**d.auth, "content-type": "application/octet-stream"},
+                   content=frame_cids([CID.decode(c) if isinstance(c, bytes) else c for c in cids]))
+    r.raise_for_status()
+    return len(r.json()["missing"])
+
+
+def test_held_uploads_are_pipelined_recorded_at_their_commit_and_dropped_without_one(daemon, tmp_path):
+    """A saver sends its requests ahead of the answers, asks the daemon to hold their blocks, and has them
+    recorded in one commit before it claims its root; a connection that ends without the commit (a saver
+    killed mid-save) leaves none of them recorded."""
+    sock, token = str(daemon.repo / "files.sock"), daemon.token
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"f{i}.o"
+        p.write_bytes(os.urandom(20_000 + i))
+        paths.append(p)
+    opened = [open(p, "rb") for p in paths]
+    try:
+        def links(answer):
+            return [c for body in answer["bodies"] for c, _ in body[2]]
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # ends without a commit
+            s.connect(sock)
+            _send(s, token, [(20_000, b"f0.o")], [opened[0].fileno()], hold=True)
+            _send(s, token, [(20_001, b"f1.o")], [opened[1].fileno()], hold=True)  # before the first answer
+            first, second = _answer(s), _answer(s)
+            assert first["held"] is True and second["held"] is True, (first, second)
+            dropped = links(first) + links(second)
+            assert len(dropped) == 2 and _missing(daemon, dropped) == 2  # held: not recorded yet
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(sock)
+            _send(s, token, [(20_002, b"f2.o"), (20_003, b"f3.o")], [opened[2].fileno(), opened[3].fileno()],
+                  hold=True)
+            kept = links(_answer(s))
+            assert _missing(daemon, kept) == 2
+            _send(s, token, [], [], commit=True)
+            assert _answer(s) == {"committed": True}
+            assert _missing(daemon, kept) == 0
+        assert _missing(daemon, dropped) == 2  # the first connection's blocks were never recorded
+    finally:
+        for f in opened:
+            f.close()
+
+
+def test_a_save_passes_more_descriptors_than_a_low_soft_limit_allows(tmp_path, daemons):
+    """Requests in flight hold up to 2 x 250 descriptors per connection: a daemon and a saver started with
+    a soft limit of 256 open files raise it (to at most the hard limit) instead of failing the save."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard limit of open files is {hard}")
+    build = tmp_path / "build"
+    build.mkdir()
+    for i in range(1200):
+        (build / f"f{i}.o").write_bytes(os.urandom(1100 + i))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the daemon and the CLI
+    try:
+        d = start_daemon(tmp_path / "a")
+        daemons.append(d)
+        saved = json.loads(d.cli("--json", "cache", "save", "main/many", str(build)).stdout)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert saved["saved"] and by_descriptor(d) == 1200
+    d.cli("cache", "restore", "main/many", str(tmp_path / "out"))
+    assert subprocess.run(["diff", "-r", str(build), str(tmp_path / "out")]).returncode == 0

@@ -117,11 +117,19 @@ def _disk_full_is_disk_full(path: Path) -> Iterator[None]:
         raise
 
 
+# The connection's page cache. SQLite's default (2 MiB) is smaller than the pages one transaction of a few
+# thousand random CIDs dirties in the blocks b-tree (a save's upload commit: ~10,000 rows), so it spilled
+# dirty pages into the WAL mid-transaction, the same page again and again; and each look-up of a block
+# (`known_blocks`, one per ingested piece) read its path of pages from the file again.
+CACHE_KIB = 64 << 10
+
+
 class Index:
     def __init__(self, path: Path, readonly: bool = False):
         self.path = path
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA busy_timeout = 30000")
+        self.db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         self._txn_lock = threading.Lock()
         if not readonly:
             self.db.execute("PRAGMA journal_mode = WAL")

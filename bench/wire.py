@@ -8,6 +8,7 @@ A server process per data path sends SIZE bytes (256 MiB) in 256 KiB writes on e
 ours / stock so load on the shared machine hits both alike; each prints MB/s, the CPU seconds (user +
 system) of the reader (this process) and of the writer (the server process, from /proc) and the load average.
 Summary: best MB/s and least CPU-s per side, and ours / stock. JSON lines on stdout, the table on stderr.
+BENCH_WIRE_PROFILE=PATH: each server writes a cProfile (process time) to PATH.ours / PATH.stock.
 """
 
 from __future__ import annotations
@@ -118,6 +119,13 @@ def main() -> None:
     size = args.size * MiB
     if args.serve:
         key = bytes.fromhex(os.environ["BENCH_WIRE_KEY"]) if os.environ.get("BENCH_WIRE_KEY") else None
+        if os.environ.get("BENCH_WIRE_PROFILE"):  # the writer's CPU profile (process time), written at exit
+            import cProfile
+
+            prof = cProfile.Profile(time.process_time)
+            prof.runcall(trio.run, serve, args.serve == "stock", size, key)
+            prof.dump_stats(os.environ["BENCH_WIRE_PROFILE"] + "." + args.serve)
+            return
         trio.run(serve, args.serve == "stock", size, key)
         return
     key = os.urandom(32) if args.pnet else None

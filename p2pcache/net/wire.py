@@ -191,41 +191,43 @@ class NoiseSession(BaseSession):
         self._recv_n, self._start = n, pos
         return out
 
-    def seal(self, pieces: list[bytes]) -> int:
-        """Encrypt `pieces` (each at most MAX_PLAINTEXT bytes; consecutive ones packed into one message
-        while they fit) into the send buffer; returns its length. Advances the nonce: what is sealed must
-        be sent whole with `send_sealed` before the next seal, or the connection closed."""
-        groups: list[list[bytes]] = []
-        cur: list[bytes] = []
-        size = total = 0
-        for p in pieces:
-            if len(p) > MAX_PLAINTEXT:
-                raise ValueError(f"a {len(p)}-byte piece does not fit one Noise message")
-            if cur and size + len(p) > MAX_PLAINTEXT:
-                groups.append(cur)
-                total += size + 2 + TAG
-                cur, size = [], 0
-            cur.append(p)
-            size += len(p)
-        if cur:
-            groups.append(cur)
-            total += size + 2 + TAG
-        if len(self._out) < total:
-            self._out = bytearray(max(total, 2 * len(self._out)))
-        out, pos, n = self._out, 0, self._send_n
+    def seal(self, frames: list[tuple[Any, ...]]) -> int:
+        """Encrypt `frames` into the send buffer; returns its length. A frame is given as its parts (bytes-
+        like: a header, a slice of the caller's data) of at most MAX_PLAINTEXT bytes in all; consecutive
+        frames are packed into one message while they fit, and no frame is split. Each part is copied once,
+        straight into the buffer, and encrypted there. Advances the nonce: what is sealed must be sent
+        whole with `send_sealed` before the next seal, or the connection closed."""
+        sizes = [sum(len(p) for p in f) for f in frames]
+        bound = sum(sizes) + (2 + TAG) * len(frames)
+        if len(self._out) < bound:
+            self._out = bytearray(max(bound, 2 * len(self._out)))
+        out, n = self._out, self._send_n
+        start = used = 0  # the message being filled: where it starts, its plaintext bytes so far
+        encrypt = self._send.encrypt_into
         with memoryview(out) as view:
-            for g in groups:
-                plain = g[0] if len(g) == 1 else b"".join(g)
-                length = len(plain) + TAG
-                out[pos] = length >> 8
-                out[pos + 1] = length & 0xFF
-                self._send.encrypt_into(_NONCE.pack(n), plain, None, view[pos + 2:pos + 2 + length])
+            for frame, size in zip(frames, sizes):
+                if size > MAX_PLAINTEXT:
+                    raise ValueError(f"a {size}-byte frame does not fit one Noise message")
+                if used and used + size > MAX_PLAINTEXT:
+                    body = view[start + 2:start + 2 + used]
+                    encrypt(_NONCE.pack(n), body, None, view[start + 2:start + 2 + used + TAG])
+                    out[start], out[start + 1] = (used + TAG) >> 8, (used + TAG) & 0xFF
+                    n += 1
+                    start, used = start + 2 + used + TAG, 0
+                at = start + 2 + used
+                for part in frame:
+                    view[at:at + len(part)] = part
+                    at += len(part)
+                used += size
+            if used or frames:
+                encrypt(_NONCE.pack(n), view[start + 2:start + 2 + used], None, view[start + 2:start + 2 + used + TAG])
+                out[start], out[start + 1] = (used + TAG) >> 8, (used + TAG) & 0xFF
                 n += 1
-                pos += 2 + length
+                start += 2 + used + TAG
         if n >= _NONCE_LIMIT:
             raise NoiseError("the Noise send nonce is used up")
         self._send_n = n
-        return pos
+        return start
 
     async def send_sealed(self, length: int) -> None:
         await self._io.send_from(self._out, length)
@@ -255,8 +257,7 @@ class NoiseSession(BaseSession):
         if not data:
             return
         view = memoryview(data)
-        pieces = [bytes(view[i:i + MAX_PLAINTEXT]) for i in range(0, len(view), MAX_PLAINTEXT)]
-        length = self.seal(pieces)
+        length = self.seal([(view[i:i + MAX_PLAINTEXT],) for i in range(0, len(view), MAX_PLAINTEXT)])
         with trio.CancelScope(shield=True):  # sealed: it goes out whole
             await self.send_sealed(length)
 
@@ -438,9 +439,9 @@ class YamuxStream(IMuxedStream):
         self._buffered -= len(out)
         self._unread_credit += len(out)
         if self._unread_credit >= _CREDIT_AT and not self.remote_fin and self.reset_by is None:
-            self.conn._queue(_frame(TYPE_WINDOW_UPDATE, 0, self.stream_id, self._unread_credit))
             self._recv_window += self._unread_credit
-            self._unread_credit = 0
+            credit, self._unread_credit = self._unread_credit, 0
+            await self.conn._send_control(_frame(TYPE_WINDOW_UPDATE, 0, self.stream_id, credit))
         self.conn._maybe_forget(self)
         return out
 
@@ -459,11 +460,11 @@ class YamuxStream(IMuxedStream):
                 take = min(self.send_window, total - pos)
                 if take <= 0 and total:
                     continue  # another writer of this stream took the window while we waited
-                frames = []
+                frames: list[tuple[Any, ...]] = []
                 end = pos + take
                 while pos < end:
                     n = min(MAX_FRAME_PAYLOAD, end - pos)
-                    frames.append(_frame(TYPE_DATA, 0, self.stream_id, n) + view[pos:pos + n])
+                    frames.append((_frame(TYPE_DATA, 0, self.stream_id, n), view[pos:pos + n]))
                     pos += n
                 self.send_window -= take
                 await conn._write_locked(frames)
@@ -612,7 +613,7 @@ class YamuxConnection(IMuxedConn):
                         await self._acquire_write()
                         try:
                             if self._dead is None:
-                                await self._write_locked([_frame(TYPE_GO_AWAY, 0, 0, error_code)])
+                                await self._write_locked([(_frame(TYPE_GO_AWAY, 0, 0, error_code),)])
                         finally:
                             self._release_write()
                     except (IOException, MuxedStreamError) as e:
@@ -636,11 +637,11 @@ class YamuxConnection(IMuxedConn):
         elif self._control and self._flush_lot:
             self._flush_lot.unpark()
 
-    async def _write_locked(self, frames: list[bytes]) -> None:
+    async def _write_locked(self, frames: list[tuple[Any, ...]]) -> None:
         """Seal the waiting control frames and `frames` and send them in one socket write, whole: shielded,
         and a write that takes over FRAME_WRITE_TIMEOUT closes the connection."""
         if self._control:
-            frames = self._control + frames
+            frames = [(c,) for c in self._control] + frames
             self._control = []
         if not frames:
             return
@@ -658,6 +659,20 @@ class YamuxConnection(IMuxedConn):
             self._dead = f"a write stalled for {FRAME_WRITE_TIMEOUT:g} s"
             self._cancel()
             raise MuxedStreamReset(f"writing to {self.peer_id} stalled for {FRAME_WRITE_TIMEOUT:g} s")
+
+    async def _send_control(self, frame: bytes) -> None:
+        """A control frame from an application task: written at once by this task if nobody is writing
+        (no hand-off to the flusher), else it rides in front of the current writer's next batch."""
+        self._control.append(frame)
+        if self._writing or self._dead is not None:
+            return
+        self._writing = True
+        try:
+            await self._write_locked([])
+        except MuxedStreamError:
+            pass  # the connection is going: what the caller read stays read
+        finally:
+            self._release_write()
 
     def _queue(self, frame: bytes) -> None:
         """A control frame, sent before the next data (or by the flusher if nobody writes)."""
@@ -716,7 +731,7 @@ class YamuxConnection(IMuxedConn):
                 self._writing = True
                 try:
                     self._control = []
-                    length = self.secured_conn.seal([_frame(TYPE_GO_AWAY, 0, 0, code)])
+                    length = self.secured_conn.seal([(_frame(TYPE_GO_AWAY, 0, 0, code),)])
                     await self.secured_conn.send_sealed(length)
                 except IOException:
                     pass

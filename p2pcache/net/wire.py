@@ -134,10 +134,12 @@ class NoiseSession(BaseSession):
         self._send = ChaCha20Poly1305(send_key)
         self._recv = ChaCha20Poly1305(recv_key)
         self._send_n, self._recv_n = send_nonce, recv_nonce
-        self._in = bytearray(max(RECEIVE_SIZE, len(leftover)) + 2 + MAX_MESSAGE)
+        # Buffers grow with use (to RECEIVE_SIZE and one message for reads, to the biggest batch for writes),
+        # so an idle connection (DHT, identify) holds ~80 KiB and a busy one ~1.4 MiB at most.
+        self._in = bytearray(len(leftover) + 2 + MAX_MESSAGE + (16 << 10))
         self._in[:len(leftover)] = leftover
         self._start, self._end = 0, len(leftover)
-        self._out = bytearray(RECEIVE_SIZE)
+        self._out = bytearray(4096)
         self._pending: deque[bytes] = deque()  # plaintext `read` took from the wire and has not handed out
         self._closed = False
 
@@ -159,7 +161,12 @@ class NoiseSession(BaseSession):
             if start:  # move the partial message to the front: the next read goes after it
                 buf[:end - start] = buf[start:end]
                 self._start, self._end = 0, end - start
+            free = len(buf) - self._end
             got = await self._io.receive_into(buf, self._end)
+            if got == free and len(buf) < RECEIVE_SIZE + 2 + MAX_MESSAGE:  # busy: read more at once from now on
+                bigger = bytearray(RECEIVE_SIZE + 2 + MAX_MESSAGE)
+                bigger[:self._end + got] = buf[:self._end + got]
+                buf = self._in = bigger
             if not got:
                 if self._end > self._start:
                     raise NoiseError(f"the connection ended inside a Noise message ({self._end - self._start} "
@@ -332,10 +339,10 @@ STREAM_WINDOW = 1 << 20  # what we let a peer send on a stream before we read it
 MAX_FRAME_PAYLOAD = MAX_PLAINTEXT - HEADER_SIZE  # a data frame with its header fits one Noise message
 _CREDIT_AT = STREAM_WINDOW // 4  # read this much and the peer gets it back as window
 ACCEPT_BACKLOG = 256  # inbound streams not yet taken by the swarm; beyond, a SYN is refused (RST)
-GO_AWAY_TIMEOUT = 1.0
+GO_AWAY_TIMEOUT = 1.0  # closing: how long the GoAway may take to go out before the socket is closed anyway
 # A write that cannot finish within this long (the peer stopped reading its socket) closes the connection:
 # it cannot be abandoned half way (see the module docstring). host.py's stock data path uses it too.
-FRAME_WRITE_TIMEOUT = 30.0  # closing: how long the GoAway may take to go out before the socket is closed anyway
+FRAME_WRITE_TIMEOUT = 30.0
 
 
 def _frame(typ: int, flags: int, sid: int, length: int) -> bytes:
@@ -710,20 +717,20 @@ class YamuxConnection(IMuxedConn):
             while True:
                 messages = await session.receive_messages()
                 if not messages:
-                    self._dead = "the peer closed the connection"
+                    self._dead = self._dead or "the peer closed the connection"
                     return
                 for message in messages:
                     self._handle(message)
         except NoiseError as e:
             log.warning("closing the connection to %s: %s", self.peer_id, e)
-            self._dead = str(e)
+            self._dead = self._dead or str(e)
         except YamuxProtocolError as e:
             log.warning("closing the connection to %s: yamux protocol error: %s", self.peer_id, e)
             self._dead = f"protocol error: {e}"
             await self._go_away_now(GO_AWAY_PROTOCOL_ERROR)
         except IOException as e:
             log.debug("the connection to %s broke: %s", self.peer_id, e)
-            self._dead = f"the connection broke: {e}"
+            self._dead = self._dead or f"the connection broke: {e}"
 
     async def _go_away_now(self, code: int) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(GO_AWAY_TIMEOUT):

@@ -834,7 +834,8 @@ class YamuxConnection(IMuxedConn):
                 self._cancel()
 
     def _maybe_forget(self, stream: YamuxStream) -> None:
-        if stream.local_fin and stream.remote_fin and not stream._chunks:
+        # both FINs are through: no frame that matters can come for it (what it holds stays readable)
+        if stream.local_fin and stream.remote_fin:
             self._forget(stream)
 
     async def _teardown(self, why: str) -> None:

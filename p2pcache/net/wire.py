@@ -338,6 +338,9 @@ INITIAL_WINDOW = 256 << 10  # the spec's initial window of every stream, each wa
 STREAM_WINDOW = 1 << 20  # what we let a peer send on a stream before we read it (SYN/ACK raise it to this)
 MAX_FRAME_PAYLOAD = MAX_PLAINTEXT - HEADER_SIZE  # a data frame with its header fits one Noise message
 _CREDIT_AT = STREAM_WINDOW // 4  # read this much and the peer gets it back as window
+# At most this much of a stream write per socket write (a peer may grant more window than we do: py-libp2p's
+# grows to 16 MiB), which bounds the send buffer of a connection.
+WRITE_BATCH = STREAM_WINDOW
 ACCEPT_BACKLOG = 256  # inbound streams not yet taken by the swarm; beyond, a SYN is refused (RST)
 GO_AWAY_TIMEOUT = 1.0  # closing: how long the GoAway may take to go out before the socket is closed anyway
 # A write that cannot finish within this long (the peer stopped reading its socket) closes the connection:
@@ -464,7 +467,7 @@ class YamuxStream(IMuxedStream):
             await conn._acquire_write()
             try:
                 self._check_writable()
-                take = min(self.send_window, total - pos)
+                take = min(self.send_window, total - pos, WRITE_BATCH)
                 if take <= 0 and total:
                     continue  # another writer of this stream took the window while we waited
                 frames: list[tuple[Any, ...]] = []

@@ -12,8 +12,8 @@ Owns:
   yamux spec.md, what go-, js- and py-libp2p speak): every frame of the decrypted messages is handled
   before the reader waits again; a stream's reader is woken only if it waits; 1 MiB receive window per
   stream, credited back as the application reads; a stream write goes out in one socket write (frames
-  packed into Noise messages of at most 65,535 bytes) as far as the window allows; FIN half-close, RST,
-  ping answers, GoAway.
+  packed into Noise messages of at most 65,535 bytes) as far as the window allows (1 MiB at most per
+  socket write); FIN half-close, RST, ping answers, GoAway.
 
 Why: py-libp2p 0.8.1's Noise and Yamux cost about one CPU-second per second of a transfer on each side,
 most of it trio scheduling (a profile: ~5 task switches and ~7 lock acquires per 64 KiB frame, crypto

@@ -1,7 +1,7 @@
 """One raw stream between two host processes: our data path (`p2pcache.net.wire`: Noise transport messages
 and Yamux of our own) against py-libp2p's stock Noise + Yamux (`HostConfig(stock_data_path=True)`).
 
-    .venv/bin/python bench/wire.py [--size MiB] [--runs N] [--pnet] [--stock | --ours]     (STOCK=1: --stock)
+    .venv/bin/python bench/wire.py [--quick] [--size MiB] [--runs N] [--pnet] [--stock | --ours]   (STOCK=1: --stock)
 
 A server process per data path sends SIZE bytes (256 MiB) in 256 KiB writes on every stream of
 /p2pcache-bench/raw/1; this process, a fresh host each run on the same data path, reads them. Runs alternate
@@ -109,13 +109,16 @@ async def leech(addr: str, size: int, stock: bool, key: bytes | None, tmp: Path)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=256, help="MiB per stream (default 256)")
-    ap.add_argument("--runs", type=int, default=3, help="runs of each data path, alternating (default 3)")
+    ap.add_argument("--size", type=int, default=None, help="MiB per stream (default 256; --quick 64)")
+    ap.add_argument("--runs", type=int, default=None, help="runs of each data path, alternating (default 3; --quick 2)")
+    ap.add_argument("--quick", action="store_true", help="64 MiB, 2 runs each")
     ap.add_argument("--pnet", action="store_true", help="both hosts in a private network (a swarm key)")
     ap.add_argument("--stock", action="store_true", help="only py-libp2p's Noise + Yamux (also: STOCK=1)")
     ap.add_argument("--ours", action="store_true", help="only our data path")
     ap.add_argument("--serve", choices=("ours", "stock"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.size = args.size or (64 if args.quick else 256)
+    args.runs = args.runs or (2 if args.quick else 3)
     size = args.size * MiB
     if args.serve:
         key = bytes.fromhex(os.environ["BENCH_WIRE_KEY"]) if os.environ.get("BENCH_WIRE_KEY") else None

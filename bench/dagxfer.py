@@ -7,9 +7,10 @@ of a NAR costs when it shares 90 % of its files with the first.
 1. archive: a seeder process holds an archive of SIZE random bytes (1 GiB; --quick 64 MiB) in its repo and
    serves bitswap and the DAG protocol; this process fetches it into a fresh repo (the daemon's default:
    fsync before each index commit) with `DagTransfer.fetch` and, for comparison, with bitswap through the
-   same walk (`BitswapExchange.fetch_dag`). Baseline in the same run: a raw py-libp2p stream (Noise +
-   Yamux, 256 KiB writes) moving the same number of bytes from another seeder process. Ratio dag/raw,
-   goal >= 0.9; also with the whole-archive sha256 that `Node.fetch` checks over the fetched blocks
+   same walk (`BitswapExchange.fetch_dag`). Baselines in the same run: a raw py-libp2p stream (py-libp2p's
+   own Noise + Yamux, `HostConfig.stock_data_path`; 256 KiB writes) moving the same number of bytes from
+   another seeder process, and the same raw stream on our own data path (`net.wire`, what the DAG fetch
+   itself runs on). Ratio dag/raw against each; the goal (>= 0.9) is against the stock one; also with the whole-archive sha256 that `Node.fetch` checks over the fetched blocks
    before it records the root (timed after each DAG fetch).
 2. NAR memory: real daemons A and B; A holds a synthetic NAR of 2 GiB (--quick 256 MiB; every byte
    unique), uploaded through its Nix HTTP API; B's repo is empty; a client GETs B's narinfo and then the
@@ -58,7 +59,7 @@ from p2pcache.store.repo import Repo  # noqa: E402
 from tests.helpers.daemons import start_daemon  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from bitswap import RAW_PROTOCOL, leech_raw  # noqa: E402  (the raw py-libp2p stream baseline's leecher)
+from bitswap import RAW_PROTOCOL  # noqa: E402  (the raw stream baselines' protocol)
 from bitswap import Seeder as BitswapSeeder  # noqa: E402
 
 MiB = 1 << 20
@@ -95,8 +96,14 @@ def archive_pieces(size: int, seed: int):
 SWARM_KEY: bytes | None = bytes.fromhex(os.environ["BENCH_SWARM_KEY"]) if os.environ.get("BENCH_SWARM_KEY") else None
 
 
-def host_config(tmp: Path, name: str, swarm_key: bytes | None = None) -> HostConfig:
-    return HostConfig(identity=tmp / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",), swarm_key=swarm_key)
+def host_config(tmp: Path, name: str, swarm_key: bytes | None = None, stock: bool = False) -> HostConfig:
+    return HostConfig(identity=tmp / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",), swarm_key=swarm_key,
+                      stock_data_path=stock)
+
+
+# the raw-stream seeders: "raw" and "raw-open" on py-libp2p's own Noise + Yamux (the issue's baseline),
+# "raw-ours" on our data path; every other host runs ours
+STOCK_KINDS = ("raw", "raw-open")
 
 
 # -- 1. archive: seeder processes ---------------------------------------------------------------------
@@ -104,7 +111,8 @@ def host_config(tmp: Path, name: str, swarm_key: bytes | None = None) -> HostCon
 
 async def serve(kind: str, size: int, seed: int) -> None:
     with tempfile.TemporaryDirectory(prefix="p2pcache-bench-dag-seed-") as tmp:
-        async with open_host(host_config(Path(tmp), "seeder", None if kind == "raw-open" else SWARM_KEY)) as host:
+        async with open_host(host_config(Path(tmp), "seeder", None if kind == "raw-open" else SWARM_KEY,
+                                         stock=kind in STOCK_KINDS)) as host:
             async with trio.open_nursery() as nursery:
                 info: dict = {"addr": str(host.addrs()[0])}
                 if kind == "repo":
@@ -184,6 +192,24 @@ class _Discard:
         self.repo.close()
 
 
+async def leech_raw_stream(addr: str, total: int, tmp: Path, swarm_key: bytes | None = None,
+                           stock: bool = False) -> float:
+    """Seconds to read `total` bytes of one raw stream (bench/bitswap.py's `leech_raw`, on either data path)."""
+    async with open_host(host_config(tmp, f"leech-raw-{time.monotonic_ns()}", swarm_key, stock)) as host:
+        peer = await host.connect(addr)
+        t0 = time.perf_counter()
+        stream = await host.new_stream(peer, [RAW_PROTOCOL])
+        n = 0
+        while n < total:
+            data = await stream.read(1 << 20)
+            if not data:
+                break
+            n += len(data)
+        elapsed = time.perf_counter() - t0
+        assert n == total, f"raw stream delivered {n} of {total} bytes"
+    return elapsed
+
+
 async def leech_repo(addr: str, root: CID, tmp: Path, how: str) -> tuple[float, int]:
     """Fetch `root` into a fresh repo `how`: "dag", "bitswap", "dag-unstored" (verified, dropped), or
     "dag-checked", as Node.fetch does it: the whole-archive sha256 hashed in order as blocks are stored
@@ -242,17 +268,19 @@ async def fetch_checked(dag: DagTransfer, ex: BitswapExchange, addr: str, root: 
 
 
 def archive_bench(size: int, runs: int, tmp: Path) -> None:
-    seeder, raw = Seeder("repo", size, 11), Seeder("raw", size, 11)
+    seeder, raw, raw_ours = Seeder("repo", size, 11), Seeder("raw", size, 11), Seeder("raw-ours", size, 11)
     raw_open = Seeder("raw-open", size, 11) if SWARM_KEY is not None else None
     try:
         root = CID.parse(seeder.info["root"])
-        times: dict[str, list[float]] = {"dag": [], "bitswap": [], "raw": [], "dag-unstored": [], "repo-write": [],
+        times: dict[str, list[float]] = {"dag": [], "bitswap": [], "raw": [], "raw-ours": [], "dag-unstored": [],
+                                         "repo-write": [],
                                          "dag-checked": [], "dag-readback": []}
         # CPU seconds (user + system) of this process (the leecher, all its threads) and of the serving
         # process for each fetch, host start and connect included: on a loaded machine these move far
         # less than wall time does
-        cpu: dict[str, list[tuple[float, float, float]]] = {k: [] for k in ("raw", "dag", "bitswap", "dag-unstored",
-                                                                               "dag-checked", "dag-readback")}
+        cpu: dict[str, list[tuple[float, float, float]]] = {k: [] for k in ("raw", "raw-ours", "dag", "bitswap",
+                                                                               "dag-unstored", "dag-checked",
+                                                                               "dag-readback")}
         if raw_open is not None:
             times["raw-open"], cpu["raw-open"] = [], []
 
@@ -264,9 +292,12 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
             return out
 
         for _ in range(runs):  # interleaved, so load on the machine hits all alike
-            times["raw"].append(timed_cpu("raw", raw, leech_raw, raw.info["addr"], size, tmp, SWARM_KEY))
+            times["raw"].append(timed_cpu("raw", raw, leech_raw_stream, raw.info["addr"], size, tmp, SWARM_KEY, True))
+            times["raw-ours"].append(timed_cpu("raw-ours", raw_ours, leech_raw_stream, raw_ours.info["addr"], size,
+                                               tmp, SWARM_KEY))
             if raw_open is not None:
-                times["raw-open"].append(timed_cpu("raw-open", raw_open, leech_raw, raw_open.info["addr"], size, tmp))
+                times["raw-open"].append(timed_cpu("raw-open", raw_open, leech_raw_stream, raw_open.info["addr"], size,
+                                                   tmp, None, True))
             for how in ("dag", "bitswap", "dag-unstored"):
                 t, n = timed_cpu(how, seeder, leech_repo, seeder.info["addr"], root, tmp, how)
                 assert n >= size, (how, n)
@@ -278,6 +309,7 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
     finally:
         seeder.close()
         raw.close()
+        raw_ours.close()
         if raw_open is not None:
             raw_open.close()
     best = {k: min(v) for k, v in times.items()}
@@ -287,15 +319,22 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
     pnet = " (swarm key)" if SWARM_KEY is not None else ""
     log(f"  every host{pnet or ' without a swarm key'}" + (", and raw-open: the raw stream without one" if pnet else ""))
     labels = {"raw": "raw py-libp2p stream" + pnet, "raw-open": "raw py-libp2p stream, no swarm key",
+              "raw-ours": "raw stream, our data path" + pnet,
               "dag": "DAG protocol into the repo", "dag-checked": "DAG + archive sha256",
               "dag-readback": "DAG + sha256 by read-back",
               "bitswap": "bitswap into the repo", "dag-unstored": "DAG protocol, verified, not stored",
               "repo-write": "Repo.write_blocks+commit alone"}
-    for k in ("raw", "raw-open", "dag", "bitswap", "dag-unstored", "repo-write"):
+    for k in ("raw", "raw-ours", "raw-open", "dag", "bitswap", "dag-unstored", "repo-write"):
         if k in best:
             log(f"  {labels[k]:36} {best[k]:7.2f}s  {mb / best[k]:7.1f} MB/s")
             emit(f"archive_{k}_MBps", mb / best[k], "MB/s", "higher", size=size, pnet=bool(pnet))
-    log(f"  dag / raw stream     {best['raw'] / best['dag']:.2f}x   (goal >= 0.9){pnet}")
+    log(f"  dag / raw stream     {best['raw'] / best['dag']:.2f}x   (goal >= 0.9){pnet}: py-libp2p's Noise + Yamux")
+    log(f"  dag / raw stream     {best['raw-ours'] / best['dag']:.2f}x   against the raw stream on our data path "
+        f"(the one the DAG fetch runs on); that raw stream / py-libp2p's {best['raw'] / best['raw-ours']:.2f}x")
+    emit("archive_dag_vs_raw_ours_stream", best["raw-ours"] / best["dag"], "ratio", "higher", size=size,
+         pnet=bool(pnet))
+    emit("archive_raw_ours_vs_raw_stream", best["raw"] / best["raw-ours"], "ratio", "higher", size=size,
+         pnet=bool(pnet))
     if "raw-open" in best:
         log(f"  dag{pnet} / raw stream without one {best['raw-open'] / best['dag']:.2f}x; raw stream{pnet} / without "
             f"{best['raw-open'] / best['raw']:.2f}x")
@@ -336,6 +375,9 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
     log(f"  CPU of leecher + server, raw stream / dag: {both['raw'] / both['dag']:.2f}x ({both['raw']:.2f} vs "
         f"{both['dag']:.2f} s; diagnostic: the wall-time ratio two busy cores allow)")
     emit("archive_dag_vs_raw_stream_cpu", both["raw"] / both["dag"], "ratio", "higher", size=size)
+    log(f"  CPU of leecher + server, raw stream on our data path / dag: {both['raw-ours'] / both['dag']:.2f}x "
+        f"({both['raw-ours']:.2f} vs {both['dag']:.2f} s)")
+    emit("archive_dag_vs_raw_ours_stream_cpu", both["raw-ours"] / both["dag"], "ratio", "higher", size=size)
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -519,7 +561,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="archive bytes")
     ap.add_argument("--nar-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=11)
-    ap.add_argument("--serve", choices=("repo", "raw", "raw-open"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", choices=("repo", "raw", "raw-ours", "raw-open"), help=argparse.SUPPRESS)
     ap.add_argument("--pnet", action="store_true", help="archive bench: every host with one swarm key (a private "
                     "swarm, as bench/nixcopy.py's daemons), plus the raw stream without one")
     ap.add_argument("--only", choices=("archive", "nar"), default=None)

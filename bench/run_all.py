@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 EXTRA_ARGS = {"dedup.py": ["--jsonl", "-"], "nixcopy.py": ["--timeline"]}
 BENCHES = ["ingest.py", "store_layouts.py", "store_random_read.py", "api_add.py", "dedup_repo.py", "dedup.py", "nar.py",
-           "bitswap.py", "dagxfer.py", "dht.py", "nix.py", "nixcopy.py", "nixwarm.py", "fuzz_nix.py", "fuzz_wire.py", "stream_threads.py",
+           "bitswap.py", "wire.py", "dagxfer.py", "dht.py", "nix.py", "nixcopy.py", "nixwarm.py", "fuzz_nix.py", "fuzz_wire.py", "stream_threads.py",
            "buildcache.py", "prefetch.py", "peerrecovery.py", "simnet:dht-lookup", "simnet:fleet-fanout", "simnet:dht-announce",
            "simnet:node-fetch@1-provider", "simnet:node-fetch@4-providers", "simnet:node-fetch@4-providers-one-killed", "simnet:node-fetch@fleet-mesh"]
 # simnet scenarios: (full-mode --set overrides, quick-mode --set overrides)

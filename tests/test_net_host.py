@@ -488,6 +488,56 @@ async def test_writes_cut_by_cancels_leave_the_connection_working(tmp_path, priv
         assert a.is_connected(b.peer_id)
 
 
+@pytest.mark.trio
+@pytest.mark.parametrize("private", [True, False], ids=["pnet", "open"])
+@pytest.mark.parametrize("stock", [(False, False), (False, True), (True, False)], ids=["ours", "ours-stock", "stock-ours"])
+async def test_our_data_path_carries_streams_and_speaks_to_the_stock_one(tmp_path, private, stock):
+    """Every stream runs on our own Noise messages and Yamux (`net.wire`) unless `stock_data_path`, and
+    either end speaks to the other, in a private network too: 3 MiB each way on 4 streams at once, whole."""
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    from p2pcache.net.wire import NoiseSession, YamuxConnection
+
+    key = os.urandom(32) if private else None
+    blobs = [os.urandom(3 << 20) for _ in range(4)]
+    async with open_host(cfg(tmp_path, "a", swarm_key=key, stock_data_path=stock[0])) as a, \
+            open_host(cfg(tmp_path, "b", swarm_key=key, stock_data_path=stock[1])) as b:
+
+        async def sha(stream):
+            from libp2p.network.stream.exceptions import StreamEOF
+
+            h = hashlib.sha256()
+            try:
+                while data := await stream.read(1 << 20):
+                    h.update(data)
+            except StreamEOF:
+                pass
+            await stream.write(h.digest())
+            await stream.close()
+
+        b.set_stream_handler("/test/sha/1", sha)
+
+        async def send(blob):
+            s = await a.new_stream(b.peer_id, ["/test/sha/1"])
+            for off in range(0, len(blob), 300_000):
+                await s.write(blob[off:off + 300_000])
+            await s.close_write()
+            assert await s.read(64) == hashlib.sha256(blob).digest()
+
+        with trio.fail_after(60):
+            await a.connect(b.addrs()[0])
+            async with trio.open_nursery() as nursery:
+                for blob in blobs:
+                    nursery.start_soon(send, blob)
+        for host, is_stock in ((a, stock[0]), (b, stock[1])):
+            (conn,) = host.libp2p.get_network().connections[(b if host is a else a).peer_id]
+            muxed = conn.muxed_conn
+            if is_stock:
+                assert isinstance(muxed, Yamux) and not isinstance(muxed.secured_conn, NoiseSession)
+            else:
+                assert isinstance(muxed, YamuxConnection) and isinstance(muxed.secured_conn, NoiseSession)
+
+
 # -- dialling a peer again after a failed dial ---------------------------------------------------
 
 

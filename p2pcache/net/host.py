@@ -4,7 +4,9 @@ Owns: building a py-libp2p host that speaks TCP + Noise + Yamux and nothing else
 mplex), with an ed25519 identity kept in a file (so the peer ID survives restarts), optionally inside
 a private network (a kubo `swarm.key`, see `pnet`), optionally refusing every peer not on an
 allowlist, and keeping connections to bootstrap peers up with exponential backoff. It hands out
-streams and peer up/down events to the protocol drivers above it (bitswap, routing).
+streams and peer up/down events to the protocol drivers above it (bitswap, routing). Under every
+stream runs our own data path (`wire`: Noise transport messages and Yamux after py-libp2p's Noise
+handshake), or py-libp2p's own with `HostConfig.stock_data_path`.
 
 It must not know any protocol beyond libp2p's own: drivers register their stream handlers here and
 open their streams through `new_stream`.
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
 from ..errors import InvalidInput, InvalidKey, P2PCacheError
 from .peers import PeerEvent, PeerEvents, StreamHandler, close_quietly, keep_connected, reset_quietly
 from .pnet import KEY_SIZE, PskStream, ReadAheadStream, read_swarm_key, write_swarm_key
+from .wire import FRAME_WRITE_TIMEOUT, FramedNoiseTransport, NoiseSession, YamuxConnection
 
 log = logging.getLogger(__name__)
 MULTISTREAM = "/multistream/1.0.0"
@@ -205,6 +208,9 @@ class HostConfig:
     # seconds after start (0: never) — the usual sign of a different swarm key.
     alone_warning: float = 0.0
     mdns: bool = False  # advertise and find nodes of this swarm on the LAN (see `lan`); dials still gated
+    # py-libp2p's own Noise transport messages and Yamux under every stream instead of ours (`wire`): the
+    # baseline of benches ("one raw py-libp2p stream"). Either speaks to the other.
+    stock_data_path: bool = False
 
     def __post_init__(self) -> None:
         if self.swarm_key is not None and len(self.swarm_key) != KEY_SIZE:
@@ -268,8 +274,8 @@ class _WrappedTCP(TCP):
 # DHT question no longer needed) leaves the peer's decryption out of step for good. Seen in the cold `nix
 # copy` runs: the peer read a garbage frame length (5,607 or 15,630 bytes) and then waited for bytes that
 # never came; every later stream on that connection hung until the process went away. A frame that cannot
-# be written within this long (the peer stopped reading its socket) closes the connection instead.
-FRAME_WRITE_TIMEOUT = 30.0
+# be written within FRAME_WRITE_TIMEOUT (the peer stopped reading its socket) closes the connection instead.
+# Our own data path (`wire`) keeps the same rule for its writes.
 
 
 class _WholeFrameYamux(Yamux):
@@ -289,9 +295,18 @@ class _WholeFrameYamux(Yamux):
         await trio.lowlevel.checkpoint()
 
 
+def _yamux_for(secured_conn: Any, peer_id: ID, is_initiator: bool | None = None,
+               on_close: Callable[[], Awaitable[Any]] | None = None) -> Any:
+    """The muxer of a connection, by its security session: ours over our `NoiseSession`, py-libp2p's (whole
+    frames) over its own Noise session (`HostConfig.stock_data_path`)."""
+    if isinstance(secured_conn, NoiseSession):
+        return YamuxConnection(secured_conn, peer_id, is_initiator=is_initiator, on_close=on_close)
+    return _WholeFrameYamux(secured_conn, peer_id, is_initiator=is_initiator, on_close=on_close)
+
+
 # py-libp2p 0.8.1's muxer negotiation builds `Yamux(...)` by name whatever class `muxer_opt` maps the protocol
-# to, so the class is swapped in where it is looked up, too.
-_muxer_multistream.Yamux = _WholeFrameYamux  # type: ignore[misc]
+# to, so the choice is made where it is looked up.
+_muxer_multistream.Yamux = _yamux_for  # type: ignore[misc,assignment]
 
 
 _PATIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("p2pcache_patient_dials", default=False)
@@ -491,12 +506,13 @@ class NodeHost:
     def __init__(self, config: HostConfig) -> None:
         self.config = config
         self.key_pair = load_identity(config.identity)
-        noise = NoiseTransport(self.key_pair, noise_privkey=_x25519_private())
+        noise = (NoiseTransport(self.key_pair, noise_privkey=_x25519_private()) if config.stock_data_path
+                 else FramedNoiseTransport(self.key_pair, _x25519_private()))
         transports = [_WrappedTCP(config.swarm_key)]
         self.libp2p = new_host(
             key_pair=self.key_pair,
             sec_opt={NOISE_PROTOCOL_ID: noise},
-            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): _WholeFrameYamux},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): _WholeFrameYamux},  # the class is chosen in `_yamux_for`
             listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen],
             transports=transports,
             negotiate_timeout=max(1, math.ceil(config.handshake_timeout)),

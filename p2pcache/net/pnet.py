@@ -29,7 +29,9 @@ import struct
 from pathlib import Path
 from typing import Any, Protocol
 
+import trio
 from Crypto.Cipher import Salsa20
+from libp2p.io.exceptions import ConnectionClosedError
 
 from ..errors import InvalidKey
 
@@ -77,6 +79,9 @@ class KeyStream(Protocol):
     def xor_into(self, data: bytes, out: bytearray) -> None:
         """out[:len(data)] = data XOR the next keystream bytes (`out` may be longer)."""
 
+    def xor_in_place(self, buf: bytearray, start: int, end: int) -> None:
+        """buf[start:end] XORed with the next end - start keystream bytes, in place."""
+
 
 class PycryptodomeXSalsa20:
     """XSalsa20 from pure-Python HSalsa20 and pycryptodome's Salsa20: the fallback where no libsodium loads."""
@@ -91,6 +96,10 @@ class PycryptodomeXSalsa20:
 
     def xor_into(self, data: bytes, out: bytearray) -> None:
         out[:len(data)] = self._cipher.encrypt(data)
+
+    def xor_in_place(self, buf: bytearray, start: int, end: int) -> None:
+        if end > start:
+            buf[start:end] = self._cipher.encrypt(bytes(buf[start:end]))
 
 
 def _load_libsodium() -> Any:
@@ -165,6 +174,26 @@ class SodiumXSalsa20:
             src, dst, left, block = src + head, dst + head, n - head, block + 1
         if left:
             xor_ic(dst, src, left, self._nonce, block, self._key)
+        self._offset += n
+
+    def xor_in_place(self, buf: bytearray, start: int, end: int) -> None:
+        n = end - start
+        if n <= 0:
+            return
+        if start < 0 or end > len(buf):
+            raise ValueError("xor_in_place: the range is outside the buffer")
+        block, skip = divmod(self._offset, _BLOCK)
+        at, left = _address(buf) + start, n
+        xor_ic = _SODIUM.crypto_stream_xsalsa20_xor_ic
+        if skip:  # the rest of a block begun by an earlier call
+            head = min(_BLOCK - skip, n)
+            s = self._scratch
+            s[skip:skip + head] = buf[start:start + head]
+            xor_ic(self._scratch_at, self._scratch_at, skip + head, self._nonce, block, self._key)
+            buf[start:start + head] = s[skip:skip + head]
+            at, left, block = at + head, n - head, block + 1
+        if left:
+            xor_ic(at, at, left, self._nonce, block, self._key)
         self._offset += n
 
 
@@ -281,8 +310,80 @@ class ReadAheadStream:
     async def close(self) -> None:
         await self._inner.close()
 
+    def detach(self) -> tuple[bytes, SocketIO] | None:
+        """For a layer above that reads and writes big chunks itself (`net.wire`'s Noise session): the bytes
+        read ahead and not yet asked for, and a `SocketIO` that carries on this connection's byte stream
+        straight on its trio socket (through the swarm key, for a `PskStream`), with none of the wrappers'
+        locks and copies in between. None where the stream below is no trio socket or the swarm key's
+        nonces are not both exchanged yet. After it, this stream is only closed, never read."""
+        sock = getattr(self._inner, "stream", None)
+        if not isinstance(sock, trio.SocketStream):
+            return None
+        io = self._socket_io(sock)
+        if io is None:
+            return None
+        leftover = self._take(None) if self._pos < self._end else b""
+        self._buf, self._pos, self._end = b"", 0, 0
+        return leftover, io
+
+    def _socket_io(self, sock: trio.SocketStream) -> SocketIO | None:
+        return SocketIO(sock)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+class SocketIO:
+    """A connection's bytes read into and written from the caller's own buffers, straight on a trio socket.
+    A socket error or a reset reads as `ConnectionClosedError`; a socket closed here reads as the end (0)."""
+
+    def __init__(self, sock: trio.SocketStream) -> None:
+        self._stream = sock
+        self._sock = sock.socket
+
+    async def receive_into(self, buf: bytearray, start: int) -> int:
+        """Read what the socket has (at least one byte, or 0 at its end) into buf[start:]."""
+        with memoryview(buf) as view:
+            try:
+                n = await self._sock.recv_into(view[start:])
+            except trio.ClosedResourceError:
+                return 0
+            except OSError as e:
+                raise ConnectionClosedError(f"the connection broke: {e.strerror or e}", transport="tcp") from None
+        self._received(buf, start, start + n)
+        return n
+
+    def _received(self, buf: bytearray, start: int, end: int) -> None:
+        pass
+
+    async def send_from(self, buf: bytearray, end: int) -> None:
+        """Send buf[:end], all of it (the buffer may be scrambled: it is the caller's scratch)."""
+        self._sending(buf, end)
+        with memoryview(buf) as view:
+            try:
+                await self._stream.send_all(view[:end])
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                raise ConnectionClosedError(f"the connection broke: {e}", transport="tcp") from None
+
+    def _sending(self, buf: bytearray, end: int) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class PskSocketIO(SocketIO):
+    """`SocketIO` through the swarm key's XSalsa20, decrypted and encrypted in place."""
+
+    def __init__(self, sock: trio.SocketStream, read_cipher: KeyStream, write_cipher: KeyStream) -> None:
+        super().__init__(sock)
+        self._read_cipher, self._write_cipher = read_cipher, write_cipher
+
+    def _received(self, buf: bytearray, start: int, end: int) -> None:
+        self._read_cipher.xor_in_place(buf, start, end)
+
+    def _sending(self, buf: bytearray, end: int) -> None:
+        self._write_cipher.xor_in_place(buf, 0, end)
 
 
 class PskStream(ReadAheadStream):
@@ -322,6 +423,11 @@ class PskStream(ReadAheadStream):
                 nonce += more
             self._read_cipher = xsalsa20(self._psk, nonce)
         return True
+
+    def _socket_io(self, sock: trio.SocketStream) -> SocketIO | None:
+        if self._read_cipher is None or self._write_cipher is None:
+            return None
+        return PskSocketIO(sock, self._read_cipher, self._write_cipher)
 
     def _received(self, data: bytes) -> bytearray:
         if len(data) > len(self._plain):

@@ -1,0 +1,243 @@
+"""Our Noise transport messages and Yamux (`net.wire`) over an in-memory pipe, with a real Noise XX handshake
+(py-libp2p's, real ed25519 identities and x25519 keys) in front: streams arrive whole and in order, a forged
+or cut Noise message delivers nothing and resets every stream, the receive window bounds a writer whose
+reader does not read, and py-libp2p's own Noise + Yamux on the other end interoperates."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
+from libp2p.peer.id import ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from p2pcache.net.wire import STREAM_WINDOW, FramedNoiseTransport, YamuxConnection
+
+MiB = 1 << 20
+
+
+class Pipe:
+    """One end of an in-memory byte pipe with the read(n)/write a py-libp2p raw connection has."""
+
+    def __init__(self, stream, initiator: bool) -> None:
+        self.stream, self.is_initiator = stream, initiator
+        self.buf = b""
+
+    async def read(self, n=None):
+        if not self.buf:
+            try:
+                self.buf = await self.stream.receive_some(1 << 18)
+            except trio.ClosedResourceError:
+                return b""
+        n = len(self.buf) if n is None or n < 0 else n
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    async def write(self, data):
+        await self.stream.send_all(data)
+
+    async def close(self):
+        await self.stream.aclose()
+
+    def get_remote_address(self):
+        return None
+
+
+def _transport(ours: bool):
+    pair = create_new_key_pair()
+    noise = (FramedNoiseTransport(pair, new_x25519().private_key) if ours
+             else NoiseTransport(pair, noise_privkey=new_x25519().private_key))
+    return noise, ID.from_pubkey(pair.public_key)
+
+
+@asynccontextmanager
+async def connected(a_ours: bool = True, b_ours: bool = True):
+    """Two muxed connections over one memory pipe (a dials b); yields (a, b, a's raw pipe end)."""
+    left, right = trio.testing.memory_stream_pair()
+    a_pipe, b_pipe = Pipe(left, True), Pipe(right, False)
+    (a_noise, a_id), (b_noise, b_id) = _transport(a_ours), _transport(b_ours)
+    secured = {}
+
+    async def dial():
+        secured["a"] = await a_noise.secure_outbound(a_pipe, b_id)
+
+    async def listen():
+        secured["b"] = await b_noise.secure_inbound(b_pipe)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(dial)
+        n.start_soon(listen)
+    assert secured["a"].get_remote_peer() == b_id and secured["b"].get_remote_peer() == a_id
+
+    def mux(conn, peer, ours, initiator):
+        return YamuxConnection(conn, peer, initiator) if ours else Yamux(conn, peer, is_initiator=initiator)
+
+    a = mux(secured["a"], b_id, a_ours, True)
+    b = mux(secured["b"], a_id, b_ours, False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.start)
+        nursery.start_soon(b.start)
+        await a.event_started.wait()
+        await b.event_started.wait()
+        yield a, b, a_pipe
+        nursery.cancel_scope.cancel()
+
+
+async def read_all(stream) -> bytes:
+    out = bytearray()
+    while True:
+        try:
+            out += await stream.read(random.choice((None, 1000, 65536, 1 << 20)))
+        except MuxedStreamEOF:
+            return bytes(out)
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("ours", [(True, True), (True, False), (False, True)], ids=["ours", "ours-stock", "stock-ours"])
+async def test_concurrent_streams_arrive_whole_and_in_order(ours):
+    """20 streams at once, each way, writes of 0 B to 3 MiB in pieces of every size: every stream's bytes
+    arrive whole and in order on the other end. Against py-libp2p's own Noise + Yamux too, each way."""
+    rng = random.Random(7)
+    payloads = [os.urandom(rng.choice((0, 1, 12, 65507, 65508, 200_000, 1_000_000, 3 * MiB))) for _ in range(20)]
+    got: dict[int, bytes] = {}
+    async with connected(*ours) as (a, b, _):
+
+        async def serve(stream):
+            data = await read_all(stream)
+            got[len(got)] = data
+            await stream.write(hashlib.sha256(data).digest())  # an answer after the peer's FIN
+            await stream.close()
+
+        async def accept():
+            async with trio.open_nursery() as n:
+                for _ in payloads:
+                    n.start_soon(serve, await b.accept_stream())
+
+        async def send(data):
+            s = await a.open_stream()
+            view, pos = memoryview(data), 0
+            while pos < len(data):
+                step = rng.choice((1, 100, 65536, 300_000, 2 * MiB))
+                await s.write(bytes(view[pos:pos + step]))
+                pos += step
+            await s.close()
+            assert await read_all(s) == hashlib.sha256(data).digest()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as n:
+                n.start_soon(accept)
+                for p in payloads:
+                    n.start_soon(send, p)
+    assert sorted(got.values()) == sorted(payloads)
+
+
+@pytest.mark.trio
+async def test_a_forged_noise_message_resets_every_stream_and_delivers_nothing(caplog):
+    async with connected() as (a, b, a_pipe):
+        s = await a.open_stream()
+        await s.write(b"first")
+        t = await b.accept_stream()
+        assert await t.read() == b"first"
+        # a message of the right shape that nobody with the key made, then a real one behind it
+        await a_pipe.write(len(os.urandom(40)).to_bytes(2, "big") + os.urandom(40))
+        with caplog.at_level(logging.WARNING, logger="p2pcache.net.wire"):
+            await s.write(b"after the forgery")
+            with trio.fail_after(10), pytest.raises(MuxedStreamReset):
+                await t.read()
+            await b.event_closed.wait()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "p2pcache.net.wire"]
+    assert len(warnings) == 1 and "does not authenticate" in warnings[0].getMessage()
+
+
+@pytest.mark.trio
+async def test_a_connection_cut_inside_a_noise_message_is_refused_not_an_end(caplog):
+    async with connected() as (a, b, a_pipe):
+        s = await a.open_stream()
+        await s.write(b"x" * 1000)
+        t = await b.accept_stream()
+        assert await t.read(1000) == b"x" * 1000
+        # the start of a message (its length says 1,000 bytes), then the pipe closes
+        with caplog.at_level(logging.WARNING, logger="p2pcache.net.wire"):
+            await a_pipe.write((1000).to_bytes(2, "big") + os.urandom(300))
+            await a_pipe.stream.aclose()
+            with trio.fail_after(10), pytest.raises(MuxedStreamReset):
+                await t.read()
+    assert any("ended inside a Noise message" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.trio
+async def test_a_reader_that_does_not_read_bounds_what_the_writer_sends_to_its_window():
+    async with connected() as (a, b, _):
+        s = await a.open_stream()
+        sent = 0
+
+        async def writer():
+            nonlocal sent
+            for _ in range(64):
+                await s.write(bytes(128 << 10))
+                sent += 128 << 10
+            await s.close()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(writer)
+            t = await b.accept_stream()
+            await trio.testing.wait_all_tasks_blocked()
+            assert STREAM_WINDOW - (128 << 10) <= sent <= STREAM_WINDOW  # the writer waits on the window
+            assert t._buffered == sent
+            with trio.fail_after(30):
+                assert len(await read_all(t)) == 8 * MiB  # reading lets it all through
+
+
+@pytest.mark.trio
+async def test_reset_fin_and_goaway_as_the_spec_says():
+    async with connected() as (a, b, _):
+        s = await a.open_stream()
+        await s.write(b"hello")
+        t = await b.accept_stream()
+        await t.reset()
+        with trio.fail_after(10):
+            while s.reset_by is None:
+                await trio.sleep(0.001)
+        with pytest.raises(MuxedStreamReset):
+            await s.write(b"more")
+        # a half-closed stream still carries the answer
+        s2 = await a.open_stream()
+        await s2.write(b"ask")
+        await s2.close()
+        t2 = await b.accept_stream()
+        assert await read_all(t2) == b"ask"
+        await t2.write(b"answer")
+        await t2.close()
+        assert await read_all(s2) == b"answer"
+        assert not a.streams and not b.streams
+        # GoAway: the peer opens no more streams here, and the connection ends
+        await b.close()
+        with trio.fail_after(10):
+            await a.event_closed.wait()
+        with pytest.raises(Exception):
+            await a.open_stream()
+
+
+def test_xor_in_place_is_the_same_keystream_as_xor():
+    from p2pcache.net.pnet import PycryptodomeXSalsa20, SodiumXSalsa20, _SODIUM
+
+    key, nonce = os.urandom(32), os.urandom(24)
+    data = os.urandom(5000)
+    for impl in ([PycryptodomeXSalsa20] + ([SodiumXSalsa20] if _SODIUM is not None else [])):
+        whole = impl(key, nonce).xor(data)
+        ks, buf, pos = impl(key, nonce), bytearray(b"\0" * 7 + data + b"\0" * 7), 7
+        for cut in (1, 30, 63, 64, 65, 1000, 5000):
+            end = min(7 + len(data), pos + cut)
+            ks.xor_in_place(buf, pos, end)
+            pos = end
+        assert bytes(buf[7:-7]) == bytes(whole)

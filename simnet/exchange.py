@@ -87,6 +87,11 @@ def message_size(msg: Message) -> int:
     return n + uvarint_size(n)
 
 
+def _shared(table: dict[bytes, CID], cid: CID) -> CID:
+    """The run's one object for `cid` (an equal CID: nothing but object identity changes)."""
+    return table.setdefault(cid.buffer, cid)
+
+
 class _CorruptingSource:
     """What a corrupting peer serves: every block altered, so its hash no longer matches."""
 
@@ -121,10 +126,16 @@ class BitswapNode:
 
     def __init__(self, sim: Sim, net: Network, name: PeerId, store: SimBlockStore, wire: str = "objects",
                  client_config: ClientConfig | None = None, server_config: ServerConfig | None = None,
-                 behaviour: str = "honest", ban_seconds: float = 600.0) -> None:
+                 behaviour: str = "honest", ban_seconds: float = 600.0,
+                 cids: dict[bytes, CID] | None = None) -> None:
         if wire not in ("bytes", "objects"):
             raise ValueError(f"wire must be 'bytes' or 'objects', not {wire!r}")
         self.sim, self.net, self.name, self.store, self.wire = sim, net, name, store, wire
+        # One CID object per block, shared by every node of a run (`objects` wire): the CIDs a node
+        # rebuilds from received data and the ones it wants are swapped for the fleet's copy of the
+        # same CID, so the engines' maps, keyed by `CID.buffer`, find their keys by identity and a
+        # million-block run does not hold a million copies of the same 36 bytes.
+        self._cids = cids if cids is not None else {}
         self.behaviour = behaviour
         source = _CorruptingSource(store) if behaviour == "corrupt" else store
         self.client = BitswapClient(client_config)
@@ -220,7 +231,8 @@ class BitswapNode:
         else:
             msg = payload
             if msg.blocks:  # what decode does: the CID is rebuilt from the data, never trusted
-                msg = Message(msg.wants, msg.full, tuple(Block(cid_of(b.data, b.cid.codec), b.data)
+                cids = self._cids
+                msg = Message(msg.wants, msg.full, tuple(Block(_shared(cids, cid_of(b.data, b.cid.codec)), b.data)
                                                          for b in msg.blocks), msg.presences, msg.pending_bytes)
         event = MessageReceived(peer, msg)
         # The server first: what the message proves the peer holds must be known before the client's
@@ -294,7 +306,8 @@ class BitswapNode:
         return sid
 
     def want(self, sid: object, cids: tuple) -> None:
-        self._client(Want(sid, cids))
+        table = self._cids
+        self._client(Want(sid, tuple([_shared(table, cid) for cid in cids])))
 
     def close_session(self, sid: object) -> None:
         self._sessions.pop(sid, None)

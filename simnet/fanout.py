@@ -44,6 +44,7 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
     client_config = ClientConfig(**sc.params_with_prefix("client."))
     server_config = ServerConfig(max_outstanding_bytes=8 << 20, **sc.params_with_prefix("server."))
     nodes: dict[str, BitswapNode] = {}
+    cids = {cid.buffer: cid for cid in art.blocks}  # one CID object per block for the whole fleet
     by_role: dict[str, list[str]] = {}
     for role in sc.roles:
         names = by_role.setdefault(role.name, [])
@@ -55,7 +56,7 @@ async def run_fleet(sim: Sim, sc: Any, results: Results) -> dict:
             if role.name == "seed" and float(p.get("seed_superseed_window", 0)):
                 config = replace(server_config, superseed_window=float(p["seed_superseed_window"]))
             node = BitswapNode(sim, net, name, store, wire=wire, client_config=client_config,
-                               server_config=config, behaviour=behaviour)
+                               server_config=config, behaviour=behaviour, cids=cids)
             net.add(name, profile(role.link), node)
             nodes[name] = node
             names.append(name)

@@ -99,7 +99,7 @@ def _path(s: _Nic, d: _Nic) -> tuple:
     `d`, computed once per connection: the nics, path latency and jitter, loss, `rto_min`, rates."""
     sp, dp = s.profile, d.profile
     return (s, d, sp.latency + dp.latency, sp.jitter + dp.jitter, 1 - (1 - sp.loss) * (1 - dp.loss), sp.rto_min,
-            sp.up, dp.down)
+            sp.up, dp.down, [0.0])  # the last: [time the last message sent this way is delivered]
 
 
 def _pair(a: NodeId, b: NodeId) -> tuple:
@@ -115,13 +115,13 @@ class Network:
         self._conns: dict[tuple, int] = {}  # live connection -> epoch
         # The same, by (sender, receiver) in both directions -> (connection, epoch): what `send` and
         # `connected` look up on every message, without building the ordered pair (two reprs) each time.
+        # Each direction's entry ends with its last delivery time (streams keep order), new with each connection.
         self._ends: dict[tuple, tuple] = {}  # (connection, epoch) + `_path` of that direction
         self._dialling: dict[tuple, int] = {}
         self._wanted: set[tuple] = set()  # connections to re-establish after a heal
         self._blocked: set[tuple] = set()  # unlinked pairs
         self._groups: dict[NodeId, int] | None = None  # partition: node -> group
         self._epoch = 0
-        self._last_arrival: dict[tuple, float] = {}  # (src, dst) -> last delivery time: streams keep order
         self.neighbours: dict[NodeId, set[NodeId]] = {}
 
     # -- nodes ------------------------------------------------------------------------------------
@@ -221,8 +221,6 @@ class Network:
         self._ends.pop((b, a), None)
         self.neighbours.get(a, set()).discard(b)
         self.neighbours.get(b, set()).discard(a)
-        self._last_arrival.pop((a, b), None)
-        self._last_arrival.pop((b, a), None)
         for x, y in ((a, b), (b, a)):
             if x in tell and x in self._nics:
                 self._nics[x].endpoint.on_disconnected(y)
@@ -259,7 +257,7 @@ class Network:
         live = self._ends.get((src, dst))
         if live is None:
             return False
-        pair, epoch, s, d, latency, jitter, loss, rto_min, up, down = live
+        pair, epoch, s, d, latency, jitter, loss, rto_min, up, down, last = live
         sim = self.sim
         now = sim.now()
         sparse = size <= SPARSE
@@ -285,12 +283,9 @@ class Network:
         else:
             done = max(arrive, d.down_free + drain)
             d.down_free = done
-        key = (src, dst)
-        last_arrival = self._last_arrival
-        last = last_arrival.get(key, 0.0)
-        if done < last:
-            done = last
-        last_arrival[key] = done
+        if done < last[0]:
+            done = last[0]
+        last[0] = done
         if on_written is not None:
             sim.post(written, on_written)
         sim.post(done, self._deliver, src, dst, pair, epoch, size, payload)

@@ -208,7 +208,7 @@ class _Want:
         self.dont_haves: dict[PeerId, None] = {}  # said DONT_HAVE (and not HAVE since): watching it for us
         self.holders: dict[PeerId, None] = {}  # said HAVE (and not DONT_HAVE since)
         self.discovered = False  # swarm mode: the want-haves of its first ask went out
-        self.timed_out: set[PeerId] = set()
+        self.timed_out: dict[PeerId, None] = {}  # a dict: an empty one is a quarter of an empty set's size
         self.attempts = 0
         self.stalled_since: float | None = None
         self.parked_since: float | None = None  # first parked, waiting for a HAVE; reset by one
@@ -381,7 +381,9 @@ class BitswapClient:
     def _on_message(self, peer: PeerId, msg: Message, now: float) -> None:
         if self._banned and peer in self._banned:  # (a set hashes its key even when empty)
             return
-        p = self._peers.setdefault(peer, _Peer())
+        p = self._peers.get(peer)
+        if p is None:  # (not setdefault: that builds a _Peer for every message)
+            p = self._peers[peer] = _Peer()
         for block in msg.blocks:
             if not self._on_block(peer, p, block, now):
                 return  # peer was banned; ignore the rest of its message
@@ -459,7 +461,7 @@ class BitswapClient:
             p.timeouts += 1
             self._stats.timeouts += 1
             p.stalls += 1  # ranks it behind peers that answer, until it delivers again
-            w.timed_out.add(peer)
+            w.timed_out[peer] = None
             self._cancel(peer, w.cid)
             self._release(w)
             if w.attempts >= self.config.max_attempts:
@@ -648,7 +650,8 @@ class BitswapClient:
         # (plain loops: this runs on every event, and a generator per count costs more than the count)
         open_sessions = open_peers = 0
         session_window, peer_window, banned = cfg.session_window, cfg.peer_window, self._banned
-        for s in self._sessions.values():
+        session_map, swarm = self._sessions, not cfg.want_block_unproven
+        for s in session_map.values():
             if s.inflight < session_window:
                 open_sessions += 1
         for peer, p in self._peers.items():
@@ -665,14 +668,21 @@ class BitswapClient:
             w = self._wants.get(cid)
             if w is None or w.block_peer is not None:
                 continue
-            if any(self._sessions[sid].inflight >= cfg.session_window for sid in w.sessions):
+            full = False
+            for sid in w.sessions:
+                if session_map[sid].inflight >= session_window:
+                    full = True
+                    break
+            if full:
                 continue
-            if not cfg.want_block_unproven:
+            if swarm:
                 best = self._place_swarm(w, now)
                 if best is not None:
-                    filled_peer, filled_sessions = self._windows_filled(w, best)
-                    open_peers -= filled_peer
-                    open_sessions -= filled_sessions
+                    if len(self._peers[best].blocks_out) >= peer_window:
+                        open_peers -= 1
+                    for sid in w.sessions:
+                        if session_map[sid].inflight == session_window:
+                            open_sessions -= 1
                 continue
             sessions = tuple(w.sessions)
             candidates = candidates_of.get(sessions)
@@ -916,7 +926,9 @@ class BitswapClient:
             at = cast(float, w.stalled_since) + self.config.no_provider_timeout
             earliest = at if earliest is None else min(earliest, at)
         if self._parked:
-            at = cast(float, self._parked_min) + self.config.dont_have_wait  # set while any CID is parked
+            parked_min = self._parked_min
+            assert parked_min is not None  # set while any CID is parked (not `cast`: a call on every step)
+            at = parked_min + self.config.dont_have_wait
             earliest = at if earliest is None else min(earliest, at)
         if earliest is not None and (self._timer_at is None or earliest < self._timer_at):
             self._timer_at = earliest

@@ -65,7 +65,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol
 
 from ..content.cid import CID
 from .deadlines import Deadlines
@@ -209,8 +209,10 @@ class _PeerLedger:
         self.blocks_sent = self.bytes_sent = self.haves_sent = self.dont_haves_sent = self.wants_refused = 0
 
     def put(self, task: _Task) -> None:
-        self.drop(task.key)
-        self.tasks[task.key] = task
+        key = task.key
+        if key in self.tasks:
+            self.drop(key)
+        self.tasks[key] = task
         if task.kind == _BLOCK:
             self._pushes += 1
             heapq.heappush(self._heap, (-task.priority, task.seq, self._pushes, task))
@@ -248,6 +250,9 @@ class BitswapServer:
         self.source = source
         self.config = config or ServerConfig()
         self._ledgers: dict[PeerId, _PeerLedger] = {}
+        # Blocks up to this size fit a message whatever their CID (a block's entry is at most its data
+        # plus 64 bytes of framing and CID prefix), so `_consider` skips computing their wire size.
+        self._carried = min(MAX_BLOCK_SIZE, self.config.max_message_size - 128 - 64)
         # Ledgers with tasks queued, in the order they got them: the round-robin ring. Visiting only
         # these keeps a step's cost independent of how many idle peers are connected.
         self._active: dict[PeerId, _PeerLedger] = {}  # peer -> its ledger
@@ -561,9 +566,14 @@ class BitswapServer:
             return
         for b in msg.blocks:
             self._peer_holds(led, b.cid.buffer)
+        waiting, queued = led.waiting, led.presences
         for p in msg.presences:
             if p.have:
-                self._peer_holds(led, p.cid.buffer)
+                key = p.cid.buffer  # `_peer_holds`, inlined: one HAVE per message is the common case
+                if waiting.pop(key, None) is not None:
+                    led.kept.pop(key, None)
+                if key in queued:
+                    led.drop(key)
 
     def _spread_if_elsewhere(self, peer: PeerId, key: bytes) -> None:
         lent = self._lent.get(key)
@@ -580,7 +590,7 @@ class BitswapServer:
     def _consider(self, led: _PeerLedger, e: WantEntry) -> None:
         key = e.cid.buffer
         size = self.source.size(e.cid)
-        if size is not None and (
+        if size is not None and size > self._carried and (
             size > MAX_BLOCK_SIZE or block_wire_size(e.cid, size) > self.config.max_message_size - 64
         ):
             size = None  # a block bitswap cannot carry is a block we do not have, for this protocol
@@ -658,7 +668,11 @@ class BitswapServer:
 
     def _queue(self, led: _PeerLedger, e: WantEntry, kind: int, size: int) -> None:
         old = led.tasks.get(e.cid.buffer)
-        seq = old.seq if old is not None else self._next_seq()
+        if old is not None:
+            seq = old.seq
+        else:
+            self._seq += 1  # `_next_seq`, inlined
+            seq = self._seq
         led.put(_Task(e.cid, kind, e.priority, seq, size, e.send_dont_have))
         self._active[led.peer] = led
         self._capped.pop(led.peer, None)  # its head may have changed, or it has presences now
@@ -679,26 +693,6 @@ class BitswapServer:
                     self._consider(led, e)
 
     # -- sending ------------------------------------------------------------------------------
-    def _can_send(self, led: _PeerLedger) -> tuple[bool, _Task | None, bool]:
-        """Whether a visit to this peer can make progress, its next block task, and whether only the
-        total outstanding limit holds that block back."""
-        if not led.tasks:
-            return False, None, False
-        head = led.head()
-        if led.presences:
-            return True, head, False  # presences go whatever the block limits say; `_build` applies those
-        if led.outstanding >= self.config.max_outstanding_bytes and led.outstanding:
-            return False, head, False
-        if head is None:
-            return False, None, False
-        s = head.wire
-        if not (led.outstanding == 0 or led.outstanding + s <= self.config.max_outstanding_bytes):
-            return False, head, False
-        cap = self.config.max_total_outstanding_bytes
-        if cap and self._outstanding_total and self._outstanding_total + s > cap:
-            return False, head, True
-        return True, head, False
-
     def _uncap(self) -> list[PeerId]:
         """Peers whose waiting block fits under the total limit now rejoin the ring; returned in the
         order they go first: smallest block, then the one served longest ago."""
@@ -736,22 +730,33 @@ class BitswapServer:
         if back:  # they waited for room: they go first
             first = set(back)
             rnd = [peer for peer in back if peer in self._active] + [peer for peer in rnd if peer not in first]
+        ledgers, active, cfg = self._ledgers, self._active, self.config
+        max_out, cap, quantum = cfg.max_outstanding_bytes, cfg.max_total_outstanding_bytes, cfg.quantum
         while rnd:
             progressed = []
             for peer in rnd:
-                led = self._ledgers[peer]
-                ok, head, capped = self._can_send(led)
+                led = ledgers[peer]
+                # `_can_send`, inlined (a visit per peer and round: the server's innermost loop)
+                if not led.tasks:
+                    led.deficit = 0
+                    continue
+                head = led.head()
                 if head is None:
                     led.deficit = 0
-                if capped:
-                    del self._active[peer]
-                    seq = self._next_seq()
-                    self._capped[peer] = seq
-                    heapq.heappush(self._cap_heap, (cast(_Task, head).wire, led.served, seq, peer))  # capped: a head
-                if not ok:
-                    continue
+                if not led.presences:  # presences go whatever the block limits say; `_build` applies those
+                    busy = led.outstanding
+                    if head is None or busy and (busy >= max_out or busy + head.wire > max_out):
+                        continue
+                    total = self._outstanding_total
+                    if cap and total and total + head.wire > cap:
+                        # only the total limit holds its block back: out of the ring until acks make room
+                        del active[peer]
+                        seq = self._next_seq()
+                        self._capped[peer] = seq
+                        heapq.heappush(self._cap_heap, (head.wire, led.served, seq, peer))
+                        continue
                 if head is not None:
-                    led.deficit += self.config.quantum
+                    led.deficit += quantum
                 progressed.append(peer)
                 send = self._build(led)
                 if send is not None:
@@ -769,9 +774,9 @@ class BitswapServer:
 
     def _drop_idle(self) -> None:
         active = self._active
-        for peer, led in [(peer, led) for peer, led in active.items() if not led.tasks]:
-            del active[peer]
-            led.deficit = 0
+        idle = [peer for peer, led in active.items() if not led.tasks]
+        for peer in idle:
+            active.pop(peer).deficit = 0
 
     def _build(self, led: _PeerLedger) -> tuple[Message, int] | None:
         cfg = self.config
@@ -780,14 +785,16 @@ class BitswapServer:
         presences: list[Presence] = []
         blocks: list[Block] = []
         t: _Task | None  # the presences' loop, then the block queue's head
-        for t in list(led.presences.values()):  # oldest first
+        pending_presences, tasks = led.presences, led.tasks
+        for key, t in list(pending_presences.items()):  # oldest first
             s = t.wire
             if size + s > budget:
                 break
-            presences.append(Presence(t.cid, t.kind == _HAVE))
+            have = t.kind == _HAVE
+            presences.append(Presence(t.cid, have))
             size += s
-            led.drop(t.key)
-            if t.kind == _HAVE:
+            del tasks[key], pending_presences[key]  # `led.drop` of a presence
+            if have:
                 led.haves_sent += 1
             else:
                 led.dont_haves_sent += 1

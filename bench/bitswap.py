@@ -61,8 +61,10 @@ class DictSource:
         return self.blocks.get(cid)
 
 
-def host_config(tmp: Path, name: str, swarm_key: bytes | None = None) -> HostConfig:
-    return HostConfig(identity=tmp / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",), swarm_key=swarm_key)
+def host_config(tmp: Path, name: str, swarm_key: bytes | None = None, stock: bool = False) -> HostConfig:
+    """A loopback host; `stock`: on py-libp2p's own Noise + Yamux (`HostConfig.stock_data_path`)."""
+    return HostConfig(identity=tmp / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",), swarm_key=swarm_key,
+                      stock_data_path=stock)
 
 
 # -- seeder processes -----------------------------------------------------------------------------
@@ -153,8 +155,9 @@ async def leech_pylibp2p(addr: str, cids: list[CID], tmp: Path) -> float:
     return elapsed
 
 
-async def leech_raw(addr: str, total: int, tmp: Path, swarm_key: bytes | None = None) -> float:
-    async with open_host(host_config(tmp, "leech", swarm_key)) as host:
+async def leech_raw(addr: str, total: int, tmp: Path, swarm_key: bytes | None = None, stock: bool = False) -> float:
+    """Seconds from opening one raw stream to its `total`-th byte, on our data path or (`stock`) py-libp2p's."""
+    async with open_host(host_config(tmp, f"leech-raw-{time.monotonic_ns()}", swarm_key, stock)) as host:
         peer = await host.connect(addr)
         t0 = time.perf_counter()
         stream = await host.new_stream(peer, [RAW_PROTOCOL])

@@ -53,13 +53,13 @@ from p2pcache.content.nar import Contents, DirectoryEnd, DirectoryStart, Entry, 
 from p2pcache.content.narmanifest import NarIngest  # noqa: E402
 from p2pcache.net.bitswap import BitswapExchange, RepoBlockSource  # noqa: E402
 from p2pcache.net.dagxfer import DagTransfer  # noqa: E402
-from p2pcache.net.host import HostConfig, open_host  # noqa: E402
+from p2pcache.net.host import open_host  # noqa: E402
 from p2pcache.node import ArchiveDigests  # noqa: E402
 from p2pcache.store.repo import Repo  # noqa: E402
 from tests.helpers.daemons import start_daemon  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from bitswap import RAW_PROTOCOL  # noqa: E402  (the raw stream baselines' protocol)
+from bitswap import RAW_PROTOCOL, host_config, leech_raw  # noqa: E402  (the raw stream baselines: protocol, host, leecher)
 from bitswap import Seeder as BitswapSeeder  # noqa: E402
 
 MiB = 1 << 20
@@ -94,11 +94,6 @@ def archive_pieces(size: int, seed: int):
 # --pnet: the swarm key every host of the archive bench uses (the seeders get it in $BENCH_SWARM_KEY), as the
 # daemons of a private swarm do; the raw-stream baseline is then measured both with it and without it
 SWARM_KEY: bytes | None = bytes.fromhex(os.environ["BENCH_SWARM_KEY"]) if os.environ.get("BENCH_SWARM_KEY") else None
-
-
-def host_config(tmp: Path, name: str, swarm_key: bytes | None = None, stock: bool = False) -> HostConfig:
-    return HostConfig(identity=tmp / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",), swarm_key=swarm_key,
-                      stock_data_path=stock)
 
 
 # the raw-stream seeders: "raw" and "raw-open" on py-libp2p's own Noise + Yamux (the issue's baseline),
@@ -192,24 +187,6 @@ class _Discard:
         self.repo.close()
 
 
-async def leech_raw_stream(addr: str, total: int, tmp: Path, swarm_key: bytes | None = None,
-                           stock: bool = False) -> float:
-    """Seconds to read `total` bytes of one raw stream (bench/bitswap.py's `leech_raw`, on either data path)."""
-    async with open_host(host_config(tmp, f"leech-raw-{time.monotonic_ns()}", swarm_key, stock)) as host:
-        peer = await host.connect(addr)
-        t0 = time.perf_counter()
-        stream = await host.new_stream(peer, [RAW_PROTOCOL])
-        n = 0
-        while n < total:
-            data = await stream.read(1 << 20)
-            if not data:
-                break
-            n += len(data)
-        elapsed = time.perf_counter() - t0
-        assert n == total, f"raw stream delivered {n} of {total} bytes"
-    return elapsed
-
-
 async def leech_repo(addr: str, root: CID, tmp: Path, how: str) -> tuple[float, int]:
     """Fetch `root` into a fresh repo `how`: "dag", "bitswap", "dag-unstored" (verified, dropped), or
     "dag-checked", as Node.fetch does it: the whole-archive sha256 hashed in order as blocks are stored
@@ -292,11 +269,11 @@ def archive_bench(size: int, runs: int, tmp: Path) -> None:
             return out
 
         for _ in range(runs):  # interleaved, so load on the machine hits all alike
-            times["raw"].append(timed_cpu("raw", raw, leech_raw_stream, raw.info["addr"], size, tmp, SWARM_KEY, True))
-            times["raw-ours"].append(timed_cpu("raw-ours", raw_ours, leech_raw_stream, raw_ours.info["addr"], size,
+            times["raw"].append(timed_cpu("raw", raw, leech_raw, raw.info["addr"], size, tmp, SWARM_KEY, True))
+            times["raw-ours"].append(timed_cpu("raw-ours", raw_ours, leech_raw, raw_ours.info["addr"], size,
                                                tmp, SWARM_KEY))
             if raw_open is not None:
-                times["raw-open"].append(timed_cpu("raw-open", raw_open, leech_raw_stream, raw_open.info["addr"], size,
+                times["raw-open"].append(timed_cpu("raw-open", raw_open, leech_raw, raw_open.info["addr"], size,
                                                    tmp, None, True))
             for how in ("dag", "bitswap", "dag-unstored"):
                 t, n = timed_cpu(how, seeder, leech_repo, seeder.info["addr"], root, tmp, how)

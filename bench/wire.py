@@ -27,16 +27,13 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from p2pcache.net.host import HostConfig, open_host  # noqa: E402
+from p2pcache.net.host import open_host  # noqa: E402
 
-PROTOCOL = "/p2pcache-bench/raw/1"
+sys.path.insert(0, str(ROOT / "bench"))
+from bitswap import RAW_PROTOCOL as PROTOCOL, host_config, leech_raw  # noqa: E402  (the raw stream's both ends)
+
 MiB = 1 << 20
 WRITE = 256 << 10
-
-
-def config(tmp: Path, name: str, stock: bool, key: bytes | None) -> HostConfig:
-    return HostConfig(identity=tmp / f"{name}.key", listen=("/ip4/127.0.0.1/tcp/0",), swarm_key=key,
-                      stock_data_path=stock)
 
 
 def log(text: str) -> None:
@@ -51,7 +48,7 @@ def emit(metric: str, value: float, unit: str, better: str, **extra) -> None:
 async def serve(stock: bool, size: int, key: bytes | None) -> None:
     piece = os.urandom(WRITE)
     with tempfile.TemporaryDirectory(prefix="p2pcache-bench-wire-") as tmp:
-        async with open_host(config(Path(tmp), "server", stock, key)) as host:
+        async with open_host(host_config(Path(tmp), "server", key, stock)) as host:
 
             async def send_all(stream) -> None:
                 left = size
@@ -87,24 +84,6 @@ class Server:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-
-
-async def leech(addr: str, size: int, stock: bool, key: bytes | None, tmp: Path) -> float:
-    """Seconds from opening the stream to its last byte."""
-    async with open_host(config(tmp, f"leech-{time.monotonic_ns()}", stock, key)) as host:
-        peer = await host.connect(addr)
-        t0 = time.perf_counter()
-        stream = await host.new_stream(peer, [PROTOCOL])
-        n = 0
-        while n < size:
-            data = await stream.read(1 << 20)
-            if not data:
-                break
-            n += len(data)
-        elapsed = time.perf_counter() - t0
-    if n != size:
-        raise SystemExit(f"bench: the stream delivered {n} of {size} bytes")
-    return elapsed
 
 
 def main() -> None:
@@ -147,7 +126,7 @@ def main() -> None:
                 for k in kinds:
                     load = os.getloadavg()[0]
                     c0, s0 = time.process_time(), servers[k].cpu()
-                    t = trio.run(leech, servers[k].addr, size, k == "stock", key, Path(tmp))
+                    t = trio.run(leech_raw, servers[k].addr, size, Path(tmp), key, k == "stock")
                     reader, writer = time.process_time() - c0, servers[k].cpu() - s0
                     results[k].append((t, reader, writer))
                     log(f"  run {i + 1} {k:5}  {size / 1e6 / t:7.1f} MB/s  {t:6.2f} s   CPU-s reader {reader:5.2f}  "

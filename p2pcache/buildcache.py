@@ -324,8 +324,9 @@ class FileIngest:
 
         try:
             self.ingest.abort()
-        except (OSError, RepoError, sqlite3.Error):
-            pass  # the error that ended the upload is the one to see; what stays pending is dead at restart
+        except (OSError, RepoError, sqlite3.Error) as e:
+            # the error that ended the upload is the one to see; what stays pending is dead at restart
+            log.warning("build cache: taking back an unfinished upload's blocks failed: %s", e)
 
 
 class RepoBlockSink:

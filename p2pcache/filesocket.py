@@ -40,6 +40,7 @@ from typing import Any, Callable, Protocol
 
 import trio
 
+from .cacheupload import SOCKET_AHEAD as AHEAD  # requests read (descriptors held) while one is ingested
 from .cacheupload import SOCKET_LENGTH as LENGTH
 from .cacheupload import allow_open_files
 from .cacheupload import SOCKET_MAX_FDS as MAX_FDS
@@ -52,9 +53,6 @@ log = logging.getLogger(__name__)
 
 FILE_SOCKET = "files.sock"
 MAX_REQUEST = 1 << 20  # bytes of one request's map (names are at most a few hundred bytes each)
-
-AHEAD = 2  # requests read (their descriptors held) while the one before them is ingested
-
 
 class Session(Protocol):
     """A connection's uploads (`buildcache.FileUploadSession`)."""

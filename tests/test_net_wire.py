@@ -1,7 +1,8 @@
 """Our Noise transport messages and Yamux (`net.wire`) over an in-memory pipe, with a real Noise XX handshake
 (py-libp2p's, real ed25519 identities and x25519 keys) in front: streams arrive whole and in order, a forged
 or cut Noise message delivers nothing and resets every stream, the receive window bounds a writer whose
-reader does not read, and py-libp2p's own Noise + Yamux on the other end interoperates."""
+reader does not read, a peer that floods pings or SYNs and does not read the answers cannot grow what waits
+for it, and py-libp2p's own Noise + Yamux on the other end interoperates."""
 
 from __future__ import annotations
 
@@ -21,7 +22,19 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
-from p2pcache.net.wire import STREAM_WINDOW, FramedNoiseTransport, YamuxConnection
+from p2pcache.net.wire import (
+    FLAG_ACK,
+    FLAG_SYN,
+    HEADER_SIZE,
+    MAX_CONTROL_BACKLOG,
+    MAX_PENDING_PONGS,
+    STREAM_WINDOW,
+    TYPE_PING,
+    TYPE_WINDOW_UPDATE,
+    FramedNoiseTransport,
+    YamuxConnection,
+    _HEADER,
+)
 
 MiB = 1 << 20
 
@@ -226,6 +239,93 @@ async def test_reset_fin_and_goaway_as_the_spec_says():
             await a.event_closed.wait()
         with pytest.raises(Exception):
             await a.open_stream()
+
+
+@asynccontextmanager
+async def hostile_peer():
+    """Our YamuxConnection (the listener) and, on the other end of a lockstep pipe (a write waits until the
+    other side reads it), a peer that finishes the Noise handshake and then writes yamux frames of its own
+    making and reads only when told. Yields (ours, the peer's NoiseSession)."""
+    left, right = trio.testing.lockstep_stream_pair()
+    (peer_noise, peer_id), (our_noise, our_id) = _transport(True), _transport(True)
+    secured = {}
+
+    async def dial():
+        secured["peer"] = await peer_noise.secure_outbound(Pipe(left, True), our_id)
+
+    async def listen():
+        secured["ours"] = await our_noise.secure_inbound(Pipe(right, False))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(dial)
+        n.start_soon(listen)
+    ours = YamuxConnection(secured["ours"], peer_id, False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ours.start)
+        await ours.event_started.wait()
+        yield ours, secured["peer"]
+        nursery.cancel_scope.cancel()
+
+
+async def send_frames(session, frames: list[bytes]) -> None:
+    for i in range(0, len(frames), 4000):  # 4,000 frames of 12 bytes fit one Noise message
+        await session.send_sealed(session.seal([tuple(frames[i:i + 4000])]))
+
+
+async def frames_read(session, seconds: float) -> list[tuple[int, int, int, int]]:
+    """(type, flags, stream id, length) of every frame the peer reads within `seconds`."""
+    out, carry = [], b""
+    with trio.move_on_after(seconds):
+        while True:
+            for message in await session.receive_messages():
+                data, carry = carry + message, b""
+                pos = 0
+                while len(data) - pos >= HEADER_SIZE:
+                    _, typ, flags, sid, length = _HEADER.unpack_from(data, pos)
+                    pos += HEADER_SIZE + (length if typ == 0 else 0)
+                    out.append((typ, flags, sid, length))
+                carry = data[pos:]
+    return out
+
+
+@pytest.mark.trio
+async def test_a_peer_flooding_pings_without_reading_gets_a_bounded_number_of_answers():
+    """20,000 pings from a peer that does not read: at most two batches of MAX_PENDING_PONGS answers ever
+    wait (one in the stalled write, one queued behind it); the rest go unanswered, and the connection
+    still carries streams once the peer reads again."""
+    async with hostile_peer() as (ours, peer):
+        with trio.fail_after(30):
+            await send_frames(peer, [_HEADER.pack(0, TYPE_PING, FLAG_SYN, 0, i) for i in range(20_000)])
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(ours._control) <= MAX_PENDING_PONGS
+            assert ours.pings_unanswered >= 20_000 - 2 * MAX_PENDING_PONGS
+            got = await frames_read(peer, 2)
+        pongs = [f for f in got if f[0] == TYPE_PING and f[1] & FLAG_ACK]
+        assert MAX_PENDING_PONGS <= len(pongs) <= 2 * MAX_PENDING_PONGS
+        assert ours.is_established
+        # the peer opens a stream and our side takes it: the connection still works
+        await send_frames(peer, [_HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0)])
+        with trio.fail_after(10):
+            stream = await ours.accept_stream()
+        assert stream.stream_id == 1
+
+
+@pytest.mark.trio
+async def test_a_peer_flooding_syns_without_reading_is_disconnected_with_one_line(caplog):
+    """10,000 new streams from a peer that does not read: the first ACCEPT_BACKLOG wait to be taken, the
+    rest are refused (RST), and once MAX_CONTROL_BACKLOG answers wait for it the connection closes with
+    one warning, instead of queueing an answer per SYN until the write timeout."""
+    with caplog.at_level(logging.INFO, logger="p2pcache.net.wire"):
+        async with hostile_peer() as (ours, peer):
+            syns = [_HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_SYN, 2 * i + 1, 0) for i in range(10_000)]
+            with trio.fail_after(30):
+                await send_frames(peer, syns)
+                await ours.event_closed.wait()
+            assert len(ours._control) == 0 and ours.streams_refused < 10_000
+    lines = [r.getMessage() for r in caplog.records if r.name == "p2pcache.net.wire"]
+    assert sum("control frames wait to go out" in line for line in lines) == 1, lines
+    assert sum("refusing streams" in line for line in lines) == 1, lines
+    assert f"{MAX_CONTROL_BACKLOG} control frames" in " ".join(lines)
 
 
 def test_xor_in_place_is_the_same_keystream_as_xor():

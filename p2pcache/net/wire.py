@@ -13,7 +13,9 @@ Owns:
   before the reader waits again; a stream's reader is woken only if it waits; 1 MiB receive window per
   stream, credited back as the application reads; a stream write goes out in one socket write (frames
   packed into Noise messages of at most 65,535 bytes) as far as the window allows (1 MiB at most per
-  socket write); FIN half-close, RST, ping answers, GoAway.
+  socket write); FIN half-close, RST, ping answers, GoAway. What a peer's frames make us send back (ping
+  answers, the acknowledgement or refusal of its streams) is bounded while it does not read (see
+  MAX_PENDING_PONGS).
 
 Why: py-libp2p 0.8.1's Noise and Yamux cost about one CPU-second per second of a transfer on each side,
 most of it trio scheduling (a profile: ~5 task switches and ~7 lock acquires per 64 KiB frame, crypto
@@ -346,6 +348,13 @@ GO_AWAY_TIMEOUT = 1.0  # closing: how long the GoAway may take to go out before 
 # A write that cannot finish within this long (the peer stopped reading its socket) closes the connection:
 # it cannot be abandoned half way (see the module docstring). host.py's stock data path uses it too.
 FRAME_WRITE_TIMEOUT = 30.0
+# Control frames the peer's own frames make us send wait in memory while it does not read its socket, until
+# FRAME_WRITE_TIMEOUT: a peer flooding pings or SYNs without reading grew that queue by 12 bytes (a Python
+# object of about 70) per frame. A ping beyond MAX_PENDING_PONGS answers not yet sent goes unanswered (an
+# answer is a courtesy: the pinger sees a lost pong, as over a congested link); once MAX_CONTROL_BACKLOG
+# frames of any kind wait, a frame of the peer's that asks for one more closes the connection.
+MAX_PENDING_PONGS = 32
+MAX_CONTROL_BACKLOG = 4096
 
 
 def _frame(typ: int, flags: int, sid: int, length: int) -> bytes:
@@ -545,6 +554,9 @@ class YamuxConnection(IMuxedConn):
         self._accept_recv: trio.MemoryReceiveChannel[YamuxStream]
         self._accept_send, self._accept_recv = trio.open_memory_channel(ACCEPT_BACKLOG)
         self._control: list[bytes] = []  # control frames waiting to go out (before the next data)
+        self._pongs = 0  # of them, answers to the peer's pings
+        self.pings_unanswered = 0  # pings of the peer's dropped (MAX_PENDING_PONGS answers were waiting)
+        self.streams_refused = 0  # SYNs refused with RST (ACCEPT_BACKLOG streams were waiting)
         self._writing = False
         self._write_lot = trio.lowlevel.ParkingLot()
         self._flush_lot = trio.lowlevel.ParkingLot()
@@ -589,6 +601,8 @@ class YamuxConnection(IMuxedConn):
                     await self._read_loop()
                 finally:
                     nursery.cancel_scope.cancel()
+                    if self._writing:  # stalled on a peer that does not read (shielded): closing the socket ends it
+                        await self.secured_conn.close()
         finally:
             with trio.CancelScope(shield=True):
                 await self._teardown(self._dead or "the muxer stopped")
@@ -652,7 +666,7 @@ class YamuxConnection(IMuxedConn):
         and a write that takes over FRAME_WRITE_TIMEOUT closes the connection."""
         if self._control:
             frames = [(c,) for c in self._control] + frames
-            self._control = []
+            self._control, self._pongs = [], 0
         if not frames:
             return
         length = self.secured_conn.seal(frames)
@@ -691,6 +705,13 @@ class YamuxConnection(IMuxedConn):
         self._control.append(frame)
         if not self._writing and self._flush_lot:
             self._flush_lot.unpark()
+
+    def _room_to_answer(self) -> None:
+        """Before a control frame one of the peer's frames asks for: raises YamuxProtocolError (the connection
+        closes) if MAX_CONTROL_BACKLOG frames already wait for a peer that does not read."""
+        if len(self._control) >= MAX_CONTROL_BACKLOG:
+            raise YamuxProtocolError(f"{len(self._control)} control frames wait to go out: the peer sends "
+                                     f"frames that need an answer and does not read the answers")
 
     async def _flush_loop(self) -> None:
         while True:
@@ -740,7 +761,7 @@ class YamuxConnection(IMuxedConn):
             if not self._writing:
                 self._writing = True
                 try:
-                    self._control = []
+                    self._control, self._pongs = [], 0
                     length = self.secured_conn.seal([(_frame(TYPE_GO_AWAY, 0, 0, code),)])
                     await self.secured_conn.send_sealed(length)
                 except IOException:
@@ -776,7 +797,15 @@ class YamuxConnection(IMuxedConn):
     def _on_frame(self, typ: int, flags: int, sid: int, length: int, payload: bytes) -> None:
         if typ == TYPE_PING:
             if flags & FLAG_SYN:
-                self._queue(_frame(TYPE_PING, FLAG_ACK, 0, length))
+                if self._pongs >= MAX_PENDING_PONGS:
+                    self.pings_unanswered += 1
+                    if self.pings_unanswered == 1:
+                        log.info("%s pings faster than it reads the answers: pings beyond %d waiting answers go "
+                                 "unanswered", self.peer_id, MAX_PENDING_PONGS)
+                else:
+                    self._room_to_answer()
+                    self._pongs += 1
+                    self._queue(_frame(TYPE_PING, FLAG_ACK, 0, length))
             return  # an answer to a ping of ours: we send none
         if typ == TYPE_GO_AWAY:
             if length != GO_AWAY_NORMAL:
@@ -813,6 +842,7 @@ class YamuxConnection(IMuxedConn):
             stream._on_fin()
 
     def _accept(self, sid: int) -> YamuxStream | None:
+        self._room_to_answer()  # a refusal or an acknowledgement goes back
         if self._dead is not None or self._remote_go_away:
             self._queue(_frame(TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0))
             return None
@@ -820,7 +850,9 @@ class YamuxConnection(IMuxedConn):
         try:
             self._accept_send.send_nowait(stream)
         except trio.WouldBlock:
-            log.info("refusing a stream from %s: %d streams wait to be taken", self.peer_id, ACCEPT_BACKLOG)
+            self.streams_refused += 1
+            if self.streams_refused == 1:  # once: a flood of SYNs is not a flood of log lines
+                log.info("refusing streams from %s: %d streams wait to be taken", self.peer_id, ACCEPT_BACKLOG)
             self._queue(_frame(TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0))
             return None
         stream._recv_window = STREAM_WINDOW
@@ -846,7 +878,7 @@ class YamuxConnection(IMuxedConn):
             return
         self._torn_down = True
         self._dead = self._dead or why
-        self._control = []
+        self._control, self._pongs = [], 0
         for stream in list(self.streams.values()):
             if stream.remote_fin:  # all the peer meant to send is here: it stays readable to its end
                 stream.local_fin = True

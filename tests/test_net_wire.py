@@ -26,7 +26,11 @@ from p2pcache.net.wire import (
     FLAG_ACK,
     FLAG_SYN,
     HEADER_SIZE,
+    FLAG_RST,
+    KEEPALIVE_INTERVAL,
+    KEEPALIVE_TIMEOUT,
     MAX_CONTROL_BACKLOG,
+    MAX_INBOUND_STREAMS,
     MAX_PENDING_PONGS,
     STREAM_WINDOW,
     TYPE_PING,
@@ -326,6 +330,68 @@ async def test_a_peer_flooding_syns_without_reading_is_disconnected_with_one_lin
     assert sum("control frames wait to go out" in line for line in lines) == 1, lines
     assert sum("refusing streams" in line for line in lines) == 1, lines
     assert f"{MAX_CONTROL_BACKLOG} control frames" in " ".join(lines)
+
+
+async def open_streams(session, numbers) -> None:
+    """SYNs for the peer's streams 2n + 1, 50 to a message, each message taken in by our side (and its
+    streams by its taker) before the next goes."""
+    sids = [2 * i + 1 for i in numbers]
+    for i in range(0, len(sids), 50):
+        await send_frames(session, [_HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_SYN, sid, 0) for sid in sids[i:i + 50]])
+        await trio.testing.wait_all_tasks_blocked()
+
+
+@pytest.mark.trio
+async def test_a_peer_gets_at_most_max_inbound_streams_open_at_once():
+    """A peer opens 600 streams and keeps them open; our side takes every one it is given. The first
+    MAX_INBOUND_STREAMS are acknowledged, the rest refused (RST); once our side resets ten of them, ten new
+    ones are taken again."""
+    async with hostile_peer() as (ours, peer):
+        taken = []
+
+        async def take():
+            while True:
+                taken.append(await ours.accept_stream())
+
+        async with trio.open_nursery() as n:
+            n.start_soon(take)
+            with trio.fail_after(30):
+                await open_streams(peer, range(600))
+                got = await frames_read(peer, 3)
+            acked = {sid for typ, flags, sid, _ in got if flags & FLAG_ACK}
+            refused = {sid for typ, flags, sid, _ in got if flags & FLAG_RST}
+            assert len(acked) == MAX_INBOUND_STREAMS == len(taken)
+            assert refused == {2 * i + 1 for i in range(MAX_INBOUND_STREAMS, 600)}
+            for stream in taken[:10]:
+                await stream.reset()
+            with trio.fail_after(30):
+                await open_streams(peer, range(600, 620))
+                got = await frames_read(peer, 3)
+            acked = {sid for typ, flags, sid, _ in got if flags & FLAG_ACK and sid >= 1201}
+            assert len(acked) == 10 and len(taken) == MAX_INBOUND_STREAMS + 10
+            n.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_silent_peer_is_pinged_then_disconnected_and_a_live_idle_one_is_kept(autojump_clock, caplog):
+    """Virtual time. A peer that says nothing and reads nothing after the handshake (a runner torn down under
+    its socket): one keepalive ping after KEEPALIVE_INTERVAL, the connection closed KEEPALIVE_TIMEOUT later with
+    one warning. Two live ends idle for ten intervals answer each other's pings and stay connected."""
+    with caplog.at_level(logging.WARNING, logger="p2pcache.net.wire"):
+        async with hostile_peer() as (ours, peer):
+            t0 = trio.current_time()
+            with trio.fail_after(KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + 5):
+                await ours.event_closed.wait()
+            assert trio.current_time() - t0 >= KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT
+    lines = [r.getMessage() for r in caplog.records if r.name == "p2pcache.net.wire"]
+    assert len(lines) == 1 and "keepalive ping unanswered" in lines[0], lines
+    async with connected() as (a, b, _):
+        await trio.sleep(10 * KEEPALIVE_INTERVAL)
+        assert a.is_established and b.is_established
+        s = await a.open_stream()
+        await s.write(b"still here")
+        t = await b.accept_stream()
+        assert await t.read() == b"still here"
 
 
 def test_xor_in_place_is_the_same_keystream_as_xor():

@@ -13,7 +13,7 @@ Owns:
   before the reader waits again; a stream's reader is woken only if it waits; 1 MiB receive window per
   stream, credited back as the application reads; a stream write goes out in one socket write (frames
   packed into Noise messages of at most 65,535 bytes) as far as the window allows (1 MiB at most per
-  socket write); FIN half-close, RST, ping answers, GoAway. What a peer's frames make us send back (ping
+  socket write); FIN half-close, RST, ping answers, keepalive pings, GoAway. What a peer's frames make us send back (ping
   answers, the acknowledgement or refusal of its streams) is bounded while it does not read (see
   MAX_PENDING_PONGS).
 
@@ -344,6 +344,10 @@ _CREDIT_AT = STREAM_WINDOW // 4  # read this much and the peer gets it back as w
 # grows to 16 MiB), which bounds the send buffer of a connection.
 WRITE_BATCH = STREAM_WINDOW
 ACCEPT_BACKLOG = 256  # inbound streams not yet taken by the swarm; beyond, a SYN is refused (RST)
+# Streams the peer has open on this connection at once (taken or not); beyond, a SYN is refused (RST). Each
+# holds a handler task and may buffer up to STREAM_WINDOW: without a bound one peer could hold any number of
+# MiB here (go-libp2p's resource manager bounds inbound streams per peer too). Our own protocols use a few.
+MAX_INBOUND_STREAMS = 512
 GO_AWAY_TIMEOUT = 1.0  # closing: how long the GoAway may take to go out before the socket is closed anyway
 # A write that cannot finish within this long (the peer stopped reading its socket) closes the connection:
 # it cannot be abandoned half way (see the module docstring). host.py's stock data path uses it too.
@@ -355,6 +359,11 @@ FRAME_WRITE_TIMEOUT = 30.0
 # frames of any kind wait, a frame of the peer's that asks for one more closes the connection.
 MAX_PENDING_PONGS = 32
 MAX_CONTROL_BACKLOG = 4096
+# A connection that has received nothing for KEEPALIVE_INTERVAL sends a ping; if nothing at all arrives within
+# KEEPALIVE_TIMEOUT after it, the peer is gone (a runner's VM torn down leaves the socket open here, and a fetch
+# would pick the "connected" peer and wait out its deadlines) and the connection closes. go-yamux pings every 30 s.
+KEEPALIVE_INTERVAL = 30.0
+KEEPALIVE_TIMEOUT = 20.0
 
 
 def _frame(typ: int, flags: int, sid: int, length: int) -> bytes:
@@ -556,7 +565,8 @@ class YamuxConnection(IMuxedConn):
         self._control: list[bytes] = []  # control frames waiting to go out (before the next data)
         self._pongs = 0  # of them, answers to the peer's pings
         self.pings_unanswered = 0  # pings of the peer's dropped (MAX_PENDING_PONGS answers were waiting)
-        self.streams_refused = 0  # SYNs refused with RST (ACCEPT_BACKLOG streams were waiting)
+        self.streams_refused = 0  # SYNs refused with RST (ACCEPT_BACKLOG waiting or MAX_INBOUND_STREAMS open)
+        self._inbound = 0  # of `streams`, those the peer opened
         self._writing = False
         self._write_lot = trio.lowlevel.ParkingLot()
         self._flush_lot = trio.lowlevel.ParkingLot()
@@ -565,6 +575,8 @@ class YamuxConnection(IMuxedConn):
         self._remote_go_away = False
         self._carry = b""  # the start of a frame the next message completes (a foreign peer's framing)
         self._created_at = time.time()  # py-libp2p's connection pruner reads it
+        self._received_at = 0.0  # trio time of the last socket read that brought messages
+        self.keepalive_interval, self.keepalive_timeout = KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT
         self._torn_down = False
 
     # -- IMuxedConn -----------------------------------------------------------------------------------
@@ -596,6 +608,8 @@ class YamuxConnection(IMuxedConn):
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._flush_loop)
+                self._received_at = trio.current_time()
+                nursery.start_soon(self._keepalive)
                 self.event_started.set()
                 try:
                     await self._read_loop()
@@ -732,6 +746,27 @@ class YamuxConnection(IMuxedConn):
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    async def _keepalive(self) -> None:
+        """Pings while nothing arrives; ends the connection once a ping has gone unanswered (and nothing else
+        came) for `keepalive_timeout`. Any frame counts as a sign of life, not only the answer."""
+        opaque = 0
+        while True:
+            idle_until = self._received_at + self.keepalive_interval
+            if trio.current_time() < idle_until:
+                await trio.sleep_until(idle_until)
+                continue
+            opaque += 1
+            sent = trio.current_time()
+            self._queue(_frame(TYPE_PING, FLAG_SYN, 0, opaque))
+            await trio.sleep_until(sent + self.keepalive_timeout)
+            if self._received_at < sent:
+                log.warning("closing the connection to %s: nothing from it for %.0f s, a keepalive ping unanswered "
+                            "for %.0f s", self.peer_id, trio.current_time() - self._received_at,
+                            self.keepalive_timeout)
+                self._dead = self._dead or "the peer stopped answering keepalive pings"
+                self._cancel()
+                return
+
     # -- reading ----------------------------------------------------------------------------------------
     async def _read_loop(self) -> None:
         session = self.secured_conn
@@ -740,6 +775,7 @@ class YamuxConnection(IMuxedConn):
                 self._handle(message)
             while True:
                 messages = await session.receive_messages()
+                self._received_at = trio.current_time()
                 if not messages:
                     self._dead = self._dead or "the peer closed the connection"
                     return
@@ -848,15 +884,20 @@ class YamuxConnection(IMuxedConn):
             return None
         stream = YamuxStream(self, sid, INITIAL_WINDOW)
         try:
+            if self._inbound >= MAX_INBOUND_STREAMS:
+                raise trio.WouldBlock
             self._accept_send.send_nowait(stream)
         except trio.WouldBlock:
             self.streams_refused += 1
             if self.streams_refused == 1:  # once: a flood of SYNs is not a flood of log lines
-                log.info("refusing streams from %s: %d streams wait to be taken", self.peer_id, ACCEPT_BACKLOG)
+                log.info("refusing streams from %s: %d streams are open (at most %d) and %d wait to be taken "
+                         "(at most %d)", self.peer_id, self._inbound, MAX_INBOUND_STREAMS,
+                         self._accept_send.statistics().current_buffer_used, ACCEPT_BACKLOG)
             self._queue(_frame(TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0))
             return None
         stream._recv_window = STREAM_WINDOW
         self.streams[sid] = stream
+        self._inbound += 1
         self._queue(_frame(TYPE_WINDOW_UPDATE, FLAG_ACK, sid, STREAM_WINDOW - INITIAL_WINDOW))
         return stream
 
@@ -864,6 +905,8 @@ class YamuxConnection(IMuxedConn):
     def _forget(self, stream: YamuxStream) -> None:
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
+            if (stream.stream_id % 2 == 1) != self._initiator:  # the peer's
+                self._inbound -= 1
             if self._remote_go_away and not self.streams:
                 self._dead = self._dead or "the peer sent GoAway"
                 self._cancel()
@@ -886,6 +929,7 @@ class YamuxConnection(IMuxedConn):
             else:
                 stream._on_reset("connection")
         self.streams.clear()
+        self._inbound = 0
         self._accept_send.close()
         self._write_lot.unpark_all()
         self._flush_lot.unpark_all()

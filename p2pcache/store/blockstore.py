@@ -353,7 +353,7 @@ class PackFiles:
         a NAR upload's CPU. Pages still dirty or under writeback are skipped by the kernel (advisory, no wait,
         nothing changes for durability); reading a dropped block back is a disk read (0.06 s per 109 MiB
         here). Only for repos that start writeback ahead (durable ones), and only for the appends of NAR
-        ingests (`Repo.ingest(recycle=True)`): a `get` of an archive right after its `add` measured 0.68x of
+        ingests and build-cache saves (`Repo.ingest(recycle=True)`): a `get` of an archive right after its `add` measured 0.68x of
         sha256 with the pages kept and 0.30x with them dropped (`bench/ingest.py --quick`, loaded: the read
         back and the output's fsync share the disk), where the warm NAR server's CPU did not rise."""
         if not hasattr(os, "posix_fadvise") or behind <= self._recycled or self._keep_cached:

@@ -189,8 +189,9 @@ class FileIngest:
         self.chunker = Chunker(params)
         self.hasher = shared_chunk_hasher()
         # The appends' pages leave the page cache behind the writeback (durable repos): a save is what a job
-        # does last, nobody reads the blocks back soon, and fresh page-cache pages are dear on these VMs (a
-        # 1 GiB x 20,000-file save: the daemon's CPU 6.65-6.87 -> 5.00-5.09 s, its system time 3.3-4.3 -> 1.4-1.6 s)
+        # does last, nobody reads the blocks back soon, and fresh page-cache pages are dear on these VMs. A
+        # 1 GiB x 20,000-file save on a freshly booted one: the daemon's CPU 6.65-6.87 -> 5.00-5.09 s (system
+        # time 3.3-4.3 -> 1.4-1.6 s); once the guest's memory had all been touched, system time 2.0-2.2 -> 1.5-1.6 s
         self.ingest = repo.ingest((), recycle=True)
         self.reported = (0, 0)  # (new blocks, new bytes) that `add` answered so far
 

@@ -577,6 +577,7 @@ class YamuxConnection(IMuxedConn):
         self._created_at = time.time()  # py-libp2p's connection pruner reads it
         self._received_at = 0.0  # trio time of the last socket read that brought messages
         self.keepalive_interval, self.keepalive_timeout = KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT
+        self.pings_sent = self.pongs_received = 0  # keepalive pings, and the peer's answers to them
         self._torn_down = False
 
     # -- IMuxedConn -----------------------------------------------------------------------------------
@@ -756,6 +757,7 @@ class YamuxConnection(IMuxedConn):
                 await trio.sleep_until(idle_until)
                 continue
             opaque += 1
+            self.pings_sent += 1
             sent = trio.current_time()
             self._queue(_frame(TYPE_PING, FLAG_SYN, 0, opaque))
             await trio.sleep_until(sent + self.keepalive_timeout)
@@ -842,7 +844,9 @@ class YamuxConnection(IMuxedConn):
                     self._room_to_answer()
                     self._pongs += 1
                     self._queue(_frame(TYPE_PING, FLAG_ACK, 0, length))
-            return  # an answer to a ping of ours: we send none
+            elif flags & FLAG_ACK:  # an answer to a keepalive ping of ours
+                self.pongs_received += 1
+            return
         if typ == TYPE_GO_AWAY:
             if length != GO_AWAY_NORMAL:
                 log.info("%s sent GoAway (error code %d)", self.peer_id, length)

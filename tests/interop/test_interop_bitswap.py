@@ -218,3 +218,27 @@ async def test_js_peer_with_another_swarm_key_cannot_connect(tmp_path):
                 await ex.host.connect(js.addrs[0])
             with pytest.raises(AssertionError, match="dial failed"):
                 await js.call("dial", addr=str(ex.host.addrs()[0]))
+
+
+@pytest.mark.trio
+async def test_an_idle_connection_to_js_answers_our_keepalive_pings_and_stays_up(tmp_path, monkeypatch):
+    """js-libp2p's yamux answers the keepalive pings our wire sends on a connection with nothing else on it
+    (intervals cut to 0.3 s / 1 s here, 30 s / 20 s in the daemon): after many rounds the connection is still
+    there and still carries a fetch."""
+    from p2pcache.net import wire
+
+    monkeypatch.setattr(wire, "KEEPALIVE_INTERVAL", 0.3)
+    monkeypatch.setattr(wire, "KEEPALIVE_TIMEOUT", 1.0)
+    async with our_node(tmp_path) as (ex, repo), js_peer() as js:
+        blocks = foreign_blocks(5)
+        await js.call("put", blocks=[{"cid": str(c), "data": base64.b64encode(d).decode()} for c, d in blocks.items()])
+        with trio.fail_after(30):
+            await ex.host.connect(js.addrs[0])
+        (conn,) = ex.host.libp2p.get_network().connections[next(iter(ex.host.connected_peers()))]
+        muxed = conn.muxed_conn
+        assert isinstance(muxed, wire.YamuxConnection)
+        await trio.sleep(5)  # a ping every interval + timeout at most: 3 or more
+        assert muxed.pings_sent >= 3 and muxed.pongs_received >= muxed.pings_sent - 1
+        assert muxed.is_established and not muxed.is_closed
+        with trio.fail_after(60):
+            assert await ex.fetch_blocks(list(blocks), [js.addrs[0]]) == blocks

@@ -103,7 +103,9 @@ def main() -> int:
     total = (args.size_mib or (100 if args.quick else 1024)) * MiB
     work = Path(tempfile.mkdtemp(prefix="bench-buildcache-"))
     daemons = []
-    env = dict(os.environ, P2PCACHE_FSYNC=os.environ.get("P2PCACHE_FSYNC", "0"))
+    # The daemon's default (durable repos) unless P2PCACHE_FSYNC says otherwise: what a runner runs. Before
+    # wave 12 this bench ran with P2PCACHE_FSYNC=0, which also turns off the writeback that recycles a save's pages.
+    env = dict(os.environ, P2PCACHE_FSYNC=os.environ.get("P2PCACHE_FSYNC", "1"))
     # Each CLI call is a new process: with PYTHONDONTWRITEBYTECODE set (as on this machine) it would
     # compile every p2pcache module again, 0.1-0.3 s a call that an installed package (pip writes the
     # .pyc files) never pays. Bytecode goes into the bench's own work directory instead.

@@ -77,7 +77,8 @@ def main() -> int:
     if args.quick:
         args.files, args.size_mib = 2000, 100
     work = Path(tempfile.mkdtemp(prefix="bench-bcsave-"))
-    env = {"P2PCACHE_FSYNC": os.environ.get("P2PCACHE_FSYNC", "0"), "PYTHONPYCACHEPREFIX": str(work / "pycache")}
+    env = {"P2PCACHE_FSYNC": os.environ.get("P2PCACHE_FSYNC", "1"),  # the daemon's default, as bench/buildcache.py
+           "PYTHONPYCACHEPREFIX": str(work / "pycache")}
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # as bench/buildcache.py: no recompiling per CLI call
     os.environ.update(env)
     variants: list[tuple[str, Path | None]] = [("new", None)] + ([("old", args.old)] if args.old else [])

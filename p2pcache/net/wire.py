@@ -13,9 +13,9 @@ Owns:
   before the reader waits again; a stream's reader is woken only if it waits; 1 MiB receive window per
   stream, credited back as the application reads; a stream write goes out in one socket write (frames
   packed into Noise messages of at most 65,535 bytes) as far as the window allows (1 MiB at most per
-  socket write); FIN half-close, RST, ping answers, keepalive pings, GoAway. What a peer's frames make us send back (ping
-  answers, the acknowledgement or refusal of its streams) is bounded while it does not read (see
-  MAX_PENDING_PONGS).
+  socket write); FIN half-close, RST, ping answers, keepalive pings, GoAway. What a peer's frames make us
+  send back (ping answers, the acknowledgement or refusal of its streams) is bounded while it does not read
+  (see MAX_PENDING_PONGS), and so is the number of streams it may hold open (MAX_INBOUND_STREAMS).
 
 Why: py-libp2p 0.8.1's Noise and Yamux cost about one CPU-second per second of a transfer on each side,
 most of it trio scheduling (a profile: ~5 task switches and ~7 lock acquires per 64 KiB frame, crypto
@@ -762,6 +762,10 @@ class YamuxConnection(IMuxedConn):
             self._queue(_frame(TYPE_PING, FLAG_SYN, 0, opaque))
             await trio.sleep_until(sent + self.keepalive_timeout)
             if self._received_at < sent:
+                # One more I/O pass first: after this loop stalled (a long synchronous step), the timer and the
+                # answer waiting in the socket come due together, and the timer's task may run first.
+                await trio.sleep(min(1.0, self.keepalive_timeout / 10))
+            if self._received_at < sent:
                 log.warning("closing the connection to %s: nothing from it for %.0f s, a keepalive ping unanswered "
                             "for %.0f s", self.peer_id, trio.current_time() - self._received_at,
                             self.keepalive_timeout)
@@ -887,11 +891,13 @@ class YamuxConnection(IMuxedConn):
             self._queue(_frame(TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0))
             return None
         stream = YamuxStream(self, sid, INITIAL_WINDOW)
-        try:
-            if self._inbound >= MAX_INBOUND_STREAMS:
-                raise trio.WouldBlock
-            self._accept_send.send_nowait(stream)
-        except trio.WouldBlock:
+        refuse = self._inbound >= MAX_INBOUND_STREAMS
+        if not refuse:
+            try:
+                self._accept_send.send_nowait(stream)
+            except trio.WouldBlock:
+                refuse = True
+        if refuse:
             self.streams_refused += 1
             if self.streams_refused == 1:  # once: a flood of SYNs is not a flood of log lines
                 log.info("refusing streams from %s: %d streams are open (at most %d) and %d wait to be taken "

@@ -981,7 +981,7 @@ class DagTransfer:
                     except (InvalidCID, IndexError) as e:
                         raise _Hostile(f"malformed frame ({e})") from None
                 try:
-                    order.expect(cid, block, hash_leaf=False)
+                    links = order.expect(cid, block, hash_leaf=False)
                 except OutOfOrder as e:
                     raise _Hostile(str(e)) from None
                 if order.sent >= req.tail_at:
@@ -992,7 +992,7 @@ class DagTransfer:
                         await run.store.add_leaf(cid, block, req.peer)  # hashed there, in a batch
                     else:
                         walk.on_block(cid, block)  # counted as a duplicate, dropped unhashed
-                elif walk.on_block(cid, block):
+                elif walk.on_block(cid, block, links=links):  # decoded once, by the order check
                     if run.on_verified is not None:
                         run.on_verified(cid, block)
                     await run.store.add(cid, block)

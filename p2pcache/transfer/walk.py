@@ -227,17 +227,21 @@ class DagWalk:
         return self._state.get(cid) in (_State.WANTED, _State.COVERED, _State.LOADING)
 
     # -- results ----------------------------------------------------------------------------------
-    def on_block(self, cid: CID, data: bytes | memoryview, local: bool = False) -> bool:
+    def on_block(self, cid: CID, data: bytes | memoryview, local: bool = False,
+                 links: list[CID] | None = None) -> bool:
         """A verified block arrived (or was read locally). True if it was new to this walk; False for a
         duplicate or a block this walk never linked to (ignored). MalformedBlock if a dag-cbor block does
-        not decode: the caller decides whose fault that is."""
+        not decode: the caller decides whose fault that is. `links`: the block's `dag_links`, where the
+        caller has just decoded them from these bytes (a stream's order check), so they are not decoded
+        again."""
         st = self._state.get(cid)
         if st is None or st is _State.DONE:
             if not local:
                 self.stats.duplicate_blocks += 1
                 self.stats.duplicate_bytes += len(data)
             return False
-        links = dag_links(cid, data)
+        if links is None:
+            links = dag_links(cid, data)
         if st is _State.FRONTIER:
             self._in_frontier -= 1
         else:

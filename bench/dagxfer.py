@@ -367,11 +367,10 @@ def repo_write_seconds(size: int, tmp: Path) -> float:
     """The leech's storage path alone: the same number of 64 KiB blocks, made and hashed before the clock
     starts, through the fetch's own `RepoBatcher` (verified appends in 4 MiB batches, durable commits of
     8 MiB, pages dropped once durable), as the DAG fetch stores them."""
-    repo = Repo.init(tmp / f"w-{time.monotonic_ns()}")
     enc = Cipher(algorithms.ChaCha20(bytes(32), bytes(16)), mode=None).encryptor()
     blocks = [(CID.for_block(RAW, d), d) for d in (enc.update(bytes(64 << 10)) for _ in range(size >> 16))]
-
     config = DriverConfig()
+    repo = Repo.init(tmp / f"w-{time.monotonic_ns()}")
 
     async def store() -> float:
         t = time.perf_counter()

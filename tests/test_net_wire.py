@@ -24,9 +24,9 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from p2pcache.net.wire import (
     FLAG_ACK,
+    FLAG_RST,
     FLAG_SYN,
     HEADER_SIZE,
-    FLAG_RST,
     KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT,
     MAX_CONTROL_BACKLOG,
@@ -77,11 +77,8 @@ def _transport(ours: bool):
     return noise, ID.from_pubkey(pair.public_key)
 
 
-@asynccontextmanager
-async def connected(a_ours: bool = True, b_ours: bool = True):
-    """Two muxed connections over one memory pipe (a dials b); yields (a, b, a's raw pipe end)."""
-    left, right = trio.testing.memory_stream_pair()
-    a_pipe, b_pipe = Pipe(left, True), Pipe(right, False)
+async def handshake(a_pipe: Pipe, b_pipe: Pipe, a_ours: bool = True, b_ours: bool = True):
+    """A real Noise XX handshake over the pipe (a dials b); returns (a's secured conn, b's, a's id, b's id)."""
     (a_noise, a_id), (b_noise, b_id) = _transport(a_ours), _transport(b_ours)
     secured = {}
 
@@ -95,12 +92,21 @@ async def connected(a_ours: bool = True, b_ours: bool = True):
         n.start_soon(dial)
         n.start_soon(listen)
     assert secured["a"].get_remote_peer() == b_id and secured["b"].get_remote_peer() == a_id
+    return secured["a"], secured["b"], a_id, b_id
+
+
+@asynccontextmanager
+async def connected(a_ours: bool = True, b_ours: bool = True):
+    """Two muxed connections over one memory pipe (a dials b); yields (a, b, a's raw pipe end)."""
+    left, right = trio.testing.memory_stream_pair()
+    a_pipe, b_pipe = Pipe(left, True), Pipe(right, False)
+    a_conn, b_conn, a_id, b_id = await handshake(a_pipe, b_pipe, a_ours, b_ours)
 
     def mux(conn, peer, ours, initiator):
         return YamuxConnection(conn, peer, initiator) if ours else Yamux(conn, peer, is_initiator=initiator)
 
-    a = mux(secured["a"], b_id, a_ours, True)
-    b = mux(secured["b"], a_id, b_ours, False)
+    a = mux(a_conn, b_id, a_ours, True)
+    b = mux(b_conn, a_id, b_ours, False)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(a.start)
         nursery.start_soon(b.start)
@@ -251,23 +257,12 @@ async def hostile_peer():
     other side reads it), a peer that finishes the Noise handshake and then writes yamux frames of its own
     making and reads only when told. Yields (ours, the peer's NoiseSession)."""
     left, right = trio.testing.lockstep_stream_pair()
-    (peer_noise, peer_id), (our_noise, our_id) = _transport(True), _transport(True)
-    secured = {}
-
-    async def dial():
-        secured["peer"] = await peer_noise.secure_outbound(Pipe(left, True), our_id)
-
-    async def listen():
-        secured["ours"] = await our_noise.secure_inbound(Pipe(right, False))
-
-    async with trio.open_nursery() as n:
-        n.start_soon(dial)
-        n.start_soon(listen)
-    ours = YamuxConnection(secured["ours"], peer_id, False)
+    peer_conn, our_conn, peer_id, _ = await handshake(Pipe(left, True), Pipe(right, False))
+    ours = YamuxConnection(our_conn, peer_id, False)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ours.start)
         await ours.event_started.wait()
-        yield ours, secured["peer"]
+        yield ours, peer_conn
         nursery.cancel_scope.cancel()
 
 

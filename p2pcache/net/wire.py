@@ -576,7 +576,6 @@ class YamuxConnection(IMuxedConn):
         self._carry = b""  # the start of a frame the next message completes (a foreign peer's framing)
         self._created_at = time.time()  # py-libp2p's connection pruner reads it
         self._received_at = 0.0  # trio time of the last socket read that brought messages
-        self.keepalive_interval, self.keepalive_timeout = KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT
         self.pings_sent = self.pongs_received = 0  # keepalive pings, and the peer's answers to them
         self._torn_down = False
 
@@ -749,10 +748,10 @@ class YamuxConnection(IMuxedConn):
 
     async def _keepalive(self) -> None:
         """Pings while nothing arrives; ends the connection once a ping has gone unanswered (and nothing else
-        came) for `keepalive_timeout`. Any frame counts as a sign of life, not only the answer."""
+        came) for KEEPALIVE_TIMEOUT. Any frame counts as a sign of life, not only the answer."""
         opaque = 0
         while True:
-            idle_until = self._received_at + self.keepalive_interval
+            idle_until = self._received_at + KEEPALIVE_INTERVAL
             if trio.current_time() < idle_until:
                 await trio.sleep_until(idle_until)
                 continue
@@ -760,15 +759,15 @@ class YamuxConnection(IMuxedConn):
             self.pings_sent += 1
             sent = trio.current_time()
             self._queue(_frame(TYPE_PING, FLAG_SYN, 0, opaque))
-            await trio.sleep_until(sent + self.keepalive_timeout)
+            await trio.sleep_until(sent + KEEPALIVE_TIMEOUT)
             if self._received_at < sent:
                 # One more I/O pass first: after this loop stalled (a long synchronous step), the timer and the
                 # answer waiting in the socket come due together, and the timer's task may run first.
-                await trio.sleep(min(1.0, self.keepalive_timeout / 10))
+                await trio.sleep(min(1.0, KEEPALIVE_TIMEOUT / 10))
             if self._received_at < sent:
                 log.warning("closing the connection to %s: nothing from it for %.0f s, a keepalive ping unanswered "
                             "for %.0f s", self.peer_id, trio.current_time() - self._received_at,
-                            self.keepalive_timeout)
+                            KEEPALIVE_TIMEOUT)
                 self._dead = self._dead or "the peer stopped answering keepalive pings"
                 self._cancel()
                 return

@@ -79,6 +79,8 @@ PREFETCH_HOLD = 4 << 20  # verified blocks a prefetch keeps in memory for its st
 PREFETCH_WAITING = 256  # prefetches not taken yet (running, waiting their turn, or done), at most
 FETCH_RETRY_FIRST, FETCH_RETRY_MAX = 0.5, 8.0
 ARRIVING_BYTES = 16 << 20  # verified blocks a NAR stream from peers keeps in memory ahead of its reader
+READBACK_BYTES = 4 << 20  # a NAR stream from peers reads spilled blocks back from the repo this much at a time
+READBACK_BLOCKS = 1024  # ... and at most this many blocks at a time
 SEND_BYTES = 256 << 10  # NAR pieces streamed from peers are joined into writes of about this size
 # Slow clients: NAR streams and uploads take worker threads from pools of their own (never trio's default
 # pool, which `add`, lookups and the repo use), and beyond these many at once a request gets Busy (503).
@@ -854,13 +856,19 @@ class ArrivingBlocks:
     """Blocks of one fetch as they arrive: `get(cid)` returns a block's verified bytes — from memory if
     the fetch handed them over verified (`verified`, at most `ARRIVING_BYTES` held), else from the repo
     once it holds the block (read on a worker thread, never waiting there) — waiting on this task until
-    then."""
+    then. A stream slower than the fetch (Nix unpacking a tree of small files) finds most blocks spilled to
+    the repo: those are read back a run at a time in arrival order (`_run_from`), one thread hop per run."""
 
     def __init__(self, repo: "Repo", hold: int = ARRIVING_BYTES) -> None:
         self.repo = repo
         self.hold = hold  # verified bytes kept in memory at most
         self._held: dict[CID, bytes] = {}
         self._held_bytes = 0
+        # Verified blocks not held (over `hold`), in arrival order (NAR order, as the fetch walks depth
+        # first): `get` reads the next run of them back from the repo in one thread call, not one each.
+        self._spilled: list[tuple[CID, int]] = []
+        self._spilled_at: dict[CID, int] = {}
+        self._read: dict[CID, bytes] = {}  # read back ahead of the stream (`READBACK_BYTES` at most)
         self._stored: set[CID] = set()
         self._waiting: dict[CID, trio.Event] = {}
         self.failure: BaseException | None = None
@@ -873,6 +881,13 @@ class ArrivingBlocks:
             ev = self._waiting.pop(cid, None)
             if ev is not None:
                 ev.set()
+        elif cid not in self._held:
+            self._spill(cid, len(data))
+
+    def _spill(self, cid: CID, size: int) -> None:
+        if cid not in self._spilled_at:
+            self._spilled_at[cid] = len(self._spilled)
+            self._spilled.append((cid, size))
 
     def stored(self, cids: list[CID]) -> None:
         for c in cids:
@@ -883,8 +898,14 @@ class ArrivingBlocks:
 
     def drop_held(self) -> None:
         """Forget the blocks held in memory (they are in the repo; `get` reads them from there)."""
+        spilled, self._spilled, self._spilled_at = self._spilled, [], {}
+        for cid, data in self._held.items():  # they arrived before those spilled: the hold filled first
+            self._spill(cid, len(data))
+        for cid, size in spilled:
+            self._spill(cid, size)
         self._held.clear()
         self._held_bytes = 0
+        self._read.clear()
 
     def _wake_all(self) -> None:
         for ev in self._waiting.values():
@@ -908,6 +929,9 @@ class ArrivingBlocks:
         if data is not None:
             self._held_bytes -= len(data)
             return data
+        data = self._read.pop(cid, None)
+        if data is not None:
+            return data
         while cid not in self._stored and not self.repo.has_block(cid):
             data = self._held.pop(cid, None)
             if data is not None:
@@ -922,4 +946,26 @@ class ArrivingBlocks:
                 await ev.wait()
             if waited.cancelled_caught:
                 raise NotFound(f"block {cid} did not arrive from peers within {BLOCK_WAIT:g} s")
-        return await trio.to_thread.run_sync(self.repo.load_block, cid)
+        run = self._run_from(cid)
+        if len(run) <= 1:
+            return await trio.to_thread.run_sync(self.repo.load_block, cid)
+        loaded = await trio.to_thread.run_sync(lambda: list(self.repo.load_blocks(run)))
+        self._read = {c: d for (c, _), d in zip(run[1:], loaded[1:])}  # what the last run left is dropped
+        return loaded[0]
+
+    def _run_from(self, cid: CID) -> list[tuple[CID, int]]:
+        """`cid` and the spilled blocks stored after it, in arrival order, up to `READBACK_BYTES`: what the
+        stream will most likely ask for next (a block it asks for out of that order is read alone)."""
+        at = self._spilled_at.get(cid)
+        if at is None:
+            return [(cid, 0)]
+        spilled, stored, held = self._spilled, self._stored, self._held
+        run = [spilled[at]]
+        size = run[0][1]
+        for other, n in spilled[at + 1:at + READBACK_BLOCKS]:
+            if other not in stored or size + n > READBACK_BYTES:
+                break
+            if other not in held:
+                run.append((other, n))
+                size += n
+        return run

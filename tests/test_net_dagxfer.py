@@ -18,6 +18,7 @@ from p2pcache.content.manifest import iter_blocks
 from p2pcache.net.bitswap import BitswapExchange, RepoBlockSource
 from p2pcache.net.dagxfer import PROTOCOL, DagConfig, DagServer, DagTransfer, encode_request
 from p2pcache.net.host import HostConfig, load_identity, open_host
+from p2pcache.transfer import DfsOrder
 from p2pcache.store.repo import Repo
 
 from .helpers.daemons import start_daemon
@@ -335,16 +336,18 @@ async def test_the_very_first_leaves_are_handed_on_as_they_arrive_before_any_is_
 @pytest.mark.trio
 async def test_a_served_streams_first_read_is_a_few_blocks_then_whole_read_batches(tmp_path):
     """The asker's first bytes wait for the server's whole first read (and its write): it reads
-    FIRST_READ_BLOCKS blocks first, then `read_blocks` at a time, where every read was `read_blocks` (about
-    2 MiB of a NAR before its first byte left)."""
+    FIRST_READ_BLOCKS blocks first, then `read_blocks` or `read_bytes` at a time, whichever comes first,
+    where every read was `read_blocks` (about 2 MiB of a NAR before its first byte left)."""
+    from p2pcache.content.chunking import MAX_BLOCK_SIZE
     from p2pcache.net.dagxfer import FIRST_READ_BLOCKS
 
-    reads: list[int] = []
+    reads: list[tuple[int, int]] = []
 
     class Counting(RepoBlockSource):
         def get_many(self, cids):
-            reads.append(len(cids))
-            return super().get_many(cids)
+            got = super().get_many(cids)
+            reads.append((len(cids), sum(len(d or b"") for d in got)))
+            return got
 
     data = random.Random(10).randbytes(4 * MiB)
     async with peer(tmp_path, "a") as a, peer(tmp_path, "b") as b:
@@ -354,9 +357,54 @@ async def test_a_served_streams_first_read_is_a_few_blocks_then_whole_read_batch
             await b.fetch(root, [a.exchange.host.addrs()[0]], b.repo)
         b.repo.register_root(root)
         assert b"".join(b.repo.stream(root)) == data
-    leaf_reads = [n for n in reads if n > 1]  # (a manifest node is read alone: its bytes tell what comes next)
-    assert leaf_reads[0] <= FIRST_READ_BLOCKS < a.config.read_blocks
-    assert max(leaf_reads) == a.config.read_blocks
+    leaf_reads = [r for r in reads if r[0] > 1]  # (a manifest node is read alone: its bytes tell what comes next)
+    cfg = a.config
+    assert leaf_reads[0][0] <= FIRST_READ_BLOCKS < cfg.read_blocks
+    assert all(n <= cfg.read_blocks and size < cfg.read_bytes + MAX_BLOCK_SIZE for n, size in leaf_reads)
+    full = [r for r in leaf_reads[1:] if r[0] == cfg.read_blocks or r[1] >= cfg.read_bytes]
+    assert len(full) >= len(leaf_reads) // 2, leaf_reads  # all but each request's last
+
+
+
+@pytest.mark.trio
+async def test_a_trees_nodes_are_read_in_batches_of_one_thread_hop_each(tmp_path):
+    """A NAR of many small files is mostly manifest nodes (pages, chunk indexes): the server walks on from
+    each node it loads to the next in the same worker thread, so a request for the tree's nodes costs a
+    thread hop per batch (`read_blocks` / `read_bytes`), not one per node."""
+    from p2pcache.content.nar import Contents, DirectoryEnd, DirectoryStart, Entry, RegularFile, write_nar
+    from p2pcache.content.narmanifest import NarIngest
+
+    rng = random.Random(11)
+    events: list = [DirectoryStart()]
+    for i in range(600):
+        body = rng.randbytes(rng.randrange(1, 3000))
+        events += [Entry(b"f%05d" % i), RegularFile(len(body), False), Contents(body)]
+    events.append(DirectoryEnd())
+    # small pages: a few hundred files make a tree of many nodes, as a build dir of 20,000 files does
+    ingest = NarIngest(SMALLER, page_bytes=4096, dir_inline_bytes=1024)
+    blocks = [b for piece in write_nar(events) for b in ingest.feed(piece)]
+    root, root_block, _ = ingest.finish()
+    hops: list[int] = []
+
+    class Counting(DagServer):
+        def _load_walking(self, walk, cids, limit, peer):
+            loaded = super()._load_walking(walk, cids, limit, peer)
+            if loaded[0][0].codec == DAG_CBOR:
+                hops.append(len(loaded))
+            return loaded
+
+    async with peer(tmp_path, "a") as a, peer(tmp_path, "b") as b:
+        a.repo.put_blocks([*blocks, (root, root_block)])
+        walk, nodes = DfsOrder([root], nodes_only=True), 0
+        while (cid := walk.peek()) is not None:
+            walk.give(cid, a.repo.load_block(cid))
+            nodes += 1
+        Counting(RepoBlockSource(a.repo), a.exchange.is_banned, a.config, a.stats).register(a.exchange.host)
+        with trio.fail_after(60):
+            await b.fetch(root, [a.exchange.host.addrs()[0]], b.repo)
+        assert b.repo.has_block(root)
+    assert sum(hops) >= nodes > 20
+    assert len(hops) <= nodes // 8, hops  # many nodes, few hops
 
 
 # -- in simnet: real Nodes on simulated hosts, virtual time -------------------------------------------------

@@ -70,7 +70,11 @@ class DagConfig:
     # CI runner fetches over. (With several providers on WAN links the wait measured 8 % slower in simnet's
     # node-fetch, where the links, not CPU, bound the fetch: their streams interleave.)
     pipeline_blocks: int = 64
-    read_blocks: int = 32  # server: blocks read from the repo per batch (two batches in memory at most)
+    # server: blocks read from the repo per batch, and bytes: the batch ends at whichever comes first (two
+    # batches in memory at most). Each batch is one thread hop, and on these VMs waking a thread costs more
+    # than reading a small block, so a tree of small files is read 256 blocks at a time, not 32.
+    read_blocks: int = 256
+    read_bytes: int = 2 << 20
     write_bytes: int = 4 << 20  # server: frames joined into writes up to this size
     read_size: int = 1 << 20  # asker: bytes asked of a stream per read
     stall_seconds: float = 20.0  # a stream with nothing for this long: the peer's share of this fetch ends
@@ -313,6 +317,31 @@ class DagServer:
                 break
         return out
 
+    def _load_walking(self, walk: DfsOrder, cids: list[CID], limit: int, peer: ID) -> list[tuple[CID, bytes | None]]:
+        """In a worker thread (the walk is only ever used by the one task awaiting this): `_load(cids)`,
+        then, while the last block is a dag-cbor node, feed it to the walk and load the node after it, up to
+        `limit` blocks and `read_bytes` in all, so a request for a tree's nodes takes one thread hop per batch,
+        not one per node. Stops before a raw block (the event loop asks super-seeding about each) and at
+        the first block not here (None)."""
+        loaded = self._load(cids)
+        size = sum(len(d) for _, d in loaded if d is not None)
+        while True:
+            last_cid, last = loaded[-1]
+            if last is None or last_cid.codec != DAG_CBOR:
+                return loaded
+            try:
+                walk.give(last_cid, last)
+            except MalformedBlock as e:
+                log.warning("cannot walk %s for %s: %s", last_cid, peer, e)
+                loaded[-1] = (last_cid, None)
+                return loaded
+            nxt = walk.peek()
+            if nxt is None or nxt.codec != DAG_CBOR or len(loaded) >= limit or size >= self.config.read_bytes:
+                return loaded
+            more = self._load([nxt])
+            size += len(more[0][1] or b"")
+            loaded += more
+
     async def handle_stream(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id
         if self.is_banned(peer):
@@ -369,18 +398,22 @@ class DagServer:
         async def read_ahead() -> None:
             # The first read is small: the asker's first bytes (a NAR's first to Nix) wait for all of it
             limit = min(FIRST_READ_BLOCKS, self.config.read_blocks)
+            read_bytes, size_of, may_send = self.config.read_bytes, self.source.size, self.may_send
             async with batches_send:
                 while True:
                     cids: list[CID] = []
                     lent: CID | None = None
-                    while len(cids) < limit:
+                    size = 0
+                    while len(cids) < limit and size < read_bytes:
                         cid = walk.peek()
                         if cid is None:
                             break
-                        if self.may_send is not None and cid.codec == RAW and not self.may_send(
-                                peer, cid, self.source.size(cid) or 0):
-                            lent = cid  # asked before the read: a lent block is not read at all
-                            break
+                        if cid.codec == RAW:
+                            n = size_of(cid) or 0
+                            if may_send is not None and not may_send(peer, cid, n):
+                                lent = cid  # asked before the read: a lent block is not read at all
+                                break
+                            size += n
                         cids.append(cid)
                         if cid.codec == DAG_CBOR:
                             break  # its bytes tell what comes next
@@ -389,15 +422,8 @@ class DagServer:
                         if lent is not None:
                             await batches_send.send([(lent, _LENT)])
                         return
-                    loaded = await trio.to_thread.run_sync(self._load, cids)
+                    loaded = await trio.to_thread.run_sync(self._load_walking, walk, cids, limit, peer)
                     limit = self.config.read_blocks
-                    last_cid, last = loaded[-1]
-                    if last is not None and last_cid.codec == DAG_CBOR:
-                        try:
-                            walk.give(last_cid, last)
-                        except MalformedBlock as e:
-                            log.warning("cannot walk %s for %s: %s", last_cid, peer, e)
-                            loaded[-1] = (last_cid, None)
                     if lent is not None and loaded[-1][1] is not None:
                         loaded.append((lent, _LENT))
                     await batches_send.send(loaded)

@@ -86,6 +86,16 @@ class _CountingSource(RepoBlockSource):
             self.bytes_served += len(data)
         return data
 
+    def get_many(self, cids: Sequence[CID]) -> list[bytes | None]:
+        # The batched read (one index query, one pread per run of records), counted here: through `get`,
+        # a DAG stream's every block was an index query and a pread of its own.
+        out = self._read_many(cids)
+        for data in out:
+            if data is not None:
+                self.blocks_served += 1
+                self.bytes_served += len(data)
+        return out
+
 
 def exchange_configs(cfg: NodeConfig) -> tuple[ClientConfig, ServerConfig]:
     """The bitswap engines' settings for `[exchange]`: swarm mode in the client, super-seeding in the

@@ -535,6 +535,20 @@ def test_a_batch_read_serves_blocks_in_order_and_stops_at_the_first_missing_or_c
     assert source.get_many(chunks[4:8]) == [repo.load_block(chunks[4]), None]
     # a subclass that changes `get` is asked block by block (the liar above serves its own bytes)
     assert _FlippingSource(repo).get_many(chunks[:2]) == [_FlippingSource(repo).get(c) for c in chunks[:2]]
+    # the daemon's source counts what it serves and still reads a run in one index query, not one per block
+    from p2pcache.node import _CountingSource
+    counting = _CountingSource(repo)
+    queries = {"locate": 0, "locate_many": 0}
+    for name in queries:
+        real = getattr(repo.index, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            queries[_name] += 1
+            return _real(*a, **k)
+        setattr(repo.index, name, counted)
+    assert counting.get_many(chunks[:4]) == [repo.load_block(c) for c in chunks[:4]]
+    assert queries["locate_many"] == 1 and queries["locate"] == 4  # (the 4 are load_block's just above)
+    assert counting.blocks_served == 4 and counting.bytes_served == sum(len(repo.load_block(c)) for c in chunks[:4])
     repo.close()
 
 

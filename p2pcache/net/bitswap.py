@@ -140,11 +140,23 @@ class RepoBlockSource:
     def get_many(self, cids: Sequence[CID]) -> list[bytes | None]:
         """`get` for a run of blocks (a DAG stream's next leaves), ending at the first one not served
         (None): one index query and one pread per run of adjacent records, each block still checked
-        against the crc32 recorded when it was verified. A subclass that changes `get` is asked block by block."""
-        if type(self).get is not RepoBlockSource.get or any(c in self.fresh for c in cids):
+        against the crc32 recorded when it was verified. A subclass that changes `get` (and not this) is asked
+        block by block."""
+        if type(self).get is not RepoBlockSource.get:
             out: list[bytes | None] = []
             for cid in cids:
                 out.append(self.get(cid))
+                if out[-1] is None:
+                    break
+            return out
+        return self._read_many(cids)
+
+    def _read_many(self, cids: Sequence[CID]) -> list[bytes | None]:
+        """`get_many`'s batched read, whatever the subclass's `get` does around it."""
+        if any(c in self.fresh for c in cids):
+            out: list[bytes | None] = []
+            for cid in cids:
+                out.append(RepoBlockSource.get(self, cid))
                 if out[-1] is None:
                     break
             return out

@@ -50,10 +50,12 @@ def _links(value: Any) -> Iterator[CID]:
 
 def dag_links(cid: CID, data: bytes | memoryview) -> list[CID]:
     """The links of a block in document order (none for a raw block). MalformedBlock for bad dag-cbor or
-    a link to a codec we do not fetch."""
+    a link to a codec we do not fetch. The CBOR is parsed strictly but not re-encoded to check it is
+    canonical (the larger half of a decode): the walk needs only the links of bytes already checked against
+    their CID, and whoever reads a node's content (a manifest, a tree page) decodes it strictly then."""
     if cid.codec != DAG_CBOR:
         return []
-    links = list(_links(dagcbor.decode(data)))
+    links = list(_links(dagcbor.decode(data, recheck=False)))
     for link in links:
         if link.codec not in (RAW, DAG_CBOR):
             raise MalformedBlock(f"block {cid} links to {link}, of codec {link.codec_name}; only raw and "

@@ -81,9 +81,7 @@ class _CountingSource(RepoBlockSource):
 
     def get(self, cid: CID) -> bytes | None:
         data = super().get(cid)
-        if data is not None:
-            self.blocks_served += 1
-            self.bytes_served += len(data)
+        self._count(data)
         return data
 
     def get_many(self, cids: Sequence[CID]) -> list[bytes | None]:
@@ -91,10 +89,13 @@ class _CountingSource(RepoBlockSource):
         # a DAG stream's every block was an index query and a pread of its own.
         out = self._read_many(cids)
         for data in out:
-            if data is not None:
-                self.blocks_served += 1
-                self.bytes_served += len(data)
+            self._count(data)
         return out
+
+    def _count(self, data: bytes | None) -> None:
+        if data is not None:
+            self.blocks_served += 1
+            self.bytes_served += len(data)
 
 
 def exchange_configs(cfg: NodeConfig) -> tuple[ClientConfig, ServerConfig]:

@@ -126,12 +126,10 @@ _T_EXECUTABLE = _str(b"executable") + _str(b"")
 _T_CONTENTS = _str(b"contents")
 _T_SYMLINK = _T_OPEN + _str(b"type") + _str(b"symlink") + _str(b"target")
 _ENCODED = {t: _str(t) for t in (b"(", b")", b"type", b"node", b"name", b"target", b"entry")}
-# A directory entry that holds a regular file, token by token (`NarReader._buffered_files`).
-_ENTRY_NAME = _str(b"entry") + _str(b"(") + _str(b"name")
-_NODE_REGULAR = _str(b"node") + _str(b"(") + _str(b"type") + _str(b"regular")
-_CONTENTS = _str(b"contents")
-_EXECUTABLE_CONTENTS = _str(b"executable") + _str(b"") + _CONTENTS
-_CLOSE_NODE_ENTRY = _str(b")") * 2
+# A directory entry that holds a regular file, as the writer's tokens above (`NarReader._buffered_files`).
+_NODE_REGULAR = _T_NODE + _T_REGULAR
+_EXECUTABLE_CONTENTS = _T_EXECUTABLE + _T_CONTENTS
+_CLOSE_NODE_ENTRY = _T_CLOSE * 2
 
 
 def _show(s: bytes, limit: int = 80) -> str:
@@ -330,13 +328,13 @@ class NarReader:
         max_name = self._max_name
         prev = stack[-1]
         at = 0
-        name_at = len(_ENTRY_NAME) + 8  # the name's bytes, after its length
-        while at + name_at <= end and buf.startswith(_ENTRY_NAME, at):
+        name_at = len(_T_ENTRY_NAME) + 8  # the name's bytes, after its length
+        while at + name_at <= end and buf.startswith(_T_ENTRY_NAME, at):
             n = int.from_bytes(buf[at + name_at - 8:at + name_at], "little")
             if n > max_name:
                 break
             p = at + name_at + ((n + 7) & ~7)
-            if p + len(_NODE_REGULAR) + len(_CONTENTS) + 8 > end:
+            if p + len(_NODE_REGULAR) + len(_T_CONTENTS) + 8 > end:
                 break
             name = bytes(buf[at + name_at:at + name_at + n])
             if buf[at + name_at + n:p].strip(b"\0") or name_problem(name, max_name) or (prev and name <= prev):
@@ -348,8 +346,8 @@ class NarReader:
             if buf.startswith(_EXECUTABLE_CONTENTS, p):
                 executable = True
                 p += len(_EXECUTABLE_CONTENTS)
-            elif buf.startswith(_CONTENTS, p):
-                p += len(_CONTENTS)
+            elif buf.startswith(_T_CONTENTS, p):
+                p += len(_T_CONTENTS)
             else:
                 break
             if p + 8 > end:

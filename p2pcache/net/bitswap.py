@@ -99,6 +99,16 @@ class DriverConfig:
     idle_stream_seconds: float = 2.0  # an outbound stream with nothing to send is closed after this
 
 
+def _one_by_one(get: Callable[[CID], bytes | None], cids: Sequence[CID]) -> list[bytes | None]:
+    """`get` of each of `cids` in order, ending at the first None."""
+    out: list[bytes | None] = []
+    for cid in cids:
+        out.append(get(cid))
+        if out[-1] is None:
+            break
+    return out
+
+
 class RepoBlockSource:
     """The server engine's `BlockSource` over a `Repo`: only verified bytes are served; a block that
     fails verification on disk is served as missing (and logged), never sent."""
@@ -143,23 +153,13 @@ class RepoBlockSource:
         against the crc32 recorded when it was verified. A subclass that changes `get` (and not this) is asked
         block by block."""
         if type(self).get is not RepoBlockSource.get:
-            out: list[bytes | None] = []
-            for cid in cids:
-                out.append(self.get(cid))
-                if out[-1] is None:
-                    break
-            return out
+            return _one_by_one(self.get, cids)
         return self._read_many(cids)
 
     def _read_many(self, cids: Sequence[CID]) -> list[bytes | None]:
         """`get_many`'s batched read, whatever the subclass's `get` does around it."""
         if any(c in self.fresh for c in cids):
-            out: list[bytes | None] = []
-            for cid in cids:
-                out.append(RepoBlockSource.get(self, cid))
-                if out[-1] is None:
-                    break
-            return out
+            return _one_by_one(lambda cid: RepoBlockSource.get(self, cid), cids)
         repo = self.repo
         # Pending (appended, not yet recorded) first, then the index: a commit records a block before it
         # stops being pending, so a block stored all along is found in one of the two.
@@ -172,7 +172,7 @@ class RepoBlockSource:
             if loc is None:
                 break
             items.append((cid, loc))
-        out = []
+        out: list[bytes | None] = []
         try:
             for data in repo.packs.read_many(items, relocate=repo.index.locate):
                 out.append(data)

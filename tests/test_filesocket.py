@@ -135,17 +135,18 @@ def test_held_uploads_are_pipelined_recorded_at_their_commit_and_dropped_without
             first, second = _answer(s), _answer(s)
             assert first["held"] is True and second["held"] is True, (first, second)
             dropped = links(first) + links(second)
-            assert len(dropped) == 2 and _missing(daemon, dropped) == 2  # held: not recorded yet
+            # (a file of random bytes past the chunker's minimum may be cut in two: count the links)
+            assert len(dropped) >= 2 and _missing(daemon, dropped) == len(dropped)  # held: not recorded yet
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(sock)
             _send(s, token, [(20_002, b"f2.o"), (20_003, b"f3.o")], [opened[2].fileno(), opened[3].fileno()],
                   hold=True)
             kept = links(_answer(s))
-            assert _missing(daemon, kept) == 2
+            assert len(kept) >= 2 and _missing(daemon, kept) == len(kept)
             _send(s, token, [], [], commit=True)
             assert _answer(s) == {"committed": True}
             assert _missing(daemon, kept) == 0
-        assert _missing(daemon, dropped) == 2  # the first connection's blocks were never recorded
+        assert _missing(daemon, dropped) == len(dropped)  # the first connection's blocks were never recorded
     finally:
         for f in opened:
             f.close()

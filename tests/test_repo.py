@@ -345,3 +345,48 @@ def test_a_durable_add_keeps_its_pages_for_the_get_that_follows(tmp_path, rng, m
         assert out.read_bytes() == data
     finally:
         r.close()
+
+
+def test_threads_reading_the_index_see_every_block_committed_before_they_asked(repo, rng):
+    # A read-only handle read by several threads while another handle commits: a streaming restore's
+    # writers reading what the daemon's fetch commits. Sharing one connection, a query joined the read
+    # transaction of another thread's query still stepping, and missed blocks committed in between.
+    import random
+    import threading
+
+    from p2pcache.content.cid import RAW
+
+    blocks = [(CID.for_block(RAW, b), b) for b in (rng.randbytes(64) for _ in range(4000))]
+    committed: list[CID] = []
+    done = threading.Event()
+    missed: list[int] = []
+
+    def write():
+        try:
+            for i in range(0, len(blocks), 16):
+                repo.put_blocks(blocks[i:i + 16])
+                committed.extend(c for c, _ in blocks[i:i + 16])
+        finally:
+            done.set()
+
+    def read(seed: int, many: int):
+        pick = random.Random(seed)
+        while not done.is_set():
+            if not committed:
+                continue
+            wanted = [committed[pick.randrange(len(committed))] for _ in range(many)]
+            found = reader.index.locate_many(wanted)
+            missed.extend(1 for c in wanted if c.buffer not in found)
+
+    reader = Repo.open(repo.path, writable=False)
+    threads = [threading.Thread(target=write)] + [threading.Thread(target=read, args=(n, m))
+                                                   for n, m in enumerate((1, 700, 700, 1))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        reader.close()
+    assert len(repo.index.locate_many([c for c, _ in blocks])) == len(blocks)
+    assert not missed, f"{len(missed)} reads missed a committed block"

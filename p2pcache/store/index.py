@@ -124,13 +124,32 @@ def _disk_full_is_disk_full(path: Path) -> Iterator[None]:
 CACHE_KIB = 64 << 10
 
 
+# A reading thread's own connection caches less: a look-up touches a few pages of the blocks b-tree.
+READ_CACHE_KIB = 16 << 10
+
+
+def _connect(path: Path, cache_kib: int) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout = 30000")
+    db.execute(f"PRAGMA cache_size = -{cache_kib}")
+    return db
+
+
 class Index:
+    """The repo's SQLite index. `db` is the writing connection: transactions, and every read made by the
+    thread that holds one (it sees its own rows). Any other thread reads through a connection of its own.
+    One connection shared by reading threads shares one read transaction: a query started while another
+    thread's query was still stepping ran on that query's older snapshot, and missed rows committed in
+    between (a streaming restore saw a block arrive, then read it and was told it was missing)."""
+
     def __init__(self, path: Path, readonly: bool = False):
         self.path = path
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA busy_timeout = 30000")
-        self.db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        self.db = _connect(path, CACHE_KIB)
         self._txn_lock = threading.Lock()
+        self._owner: int | None = None  # the thread in a transaction on `db`
+        self._readers: dict[int, tuple[threading.Thread, sqlite3.Connection]] = {}
+        self._readers_lock = threading.Lock()
+        self._closed = False
         if not readonly:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = FULL")
@@ -150,7 +169,37 @@ class Index:
             self.db.execute("ALTER TABLE roots ADD COLUMN verified INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
+        with self._readers_lock:
+            self._closed = True
+            for _, conn in self._readers.values():
+                conn.close()
+            self._readers.clear()
         self.db.close()
+
+    @property
+    def _read(self) -> sqlite3.Connection:
+        """The connection this thread reads through (see the class)."""
+        me = threading.get_ident()
+        if self._owner == me:
+            return self.db
+        entry = self._readers.get(me)
+        if entry is not None and entry[0] is threading.current_thread():
+            return entry[1]
+        return self._open_reader(me)
+
+    def _open_reader(self, me: int) -> sqlite3.Connection:
+        with self._readers_lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            # Threads come and go (trio's worker threads, a restore's pool): close the connections of
+            # those gone, so there are never more than live threads.
+            for ident, (thread, conn) in list(self._readers.items()):
+                if not thread.is_alive() or ident == me:
+                    conn.close()
+                    del self._readers[ident]
+            conn = _connect(self.path, READ_CACHE_KIB)
+            self._readers[me] = (threading.current_thread(), conn)
+            return conn
 
     # -- transactions --------------------------------------------------------------------------
     # One connection serves the daemon's trio thread and its worker threads (adds, fetched blocks):
@@ -166,6 +215,7 @@ class Index:
                 self.db.execute("PRAGMA synchronous = NORMAL")
             try:
                 self.db.execute("BEGIN IMMEDIATE")
+                self._owner = threading.get_ident()
                 try:
                     yield
                 except BaseException:
@@ -179,6 +229,7 @@ class Index:
                         self.db.execute("ROLLBACK")
                     raise
             finally:
+                self._owner = None
                 if not durable:
                     self.db.execute("PRAGMA synchronous = FULL")
 
@@ -190,10 +241,12 @@ class Index:
         except BaseException:
             self._txn_lock.release()
             raise
+        self._owner = threading.get_ident()
 
     def commit(self) -> None:
         with _disk_full_is_disk_full(self.path):  # if this raises the transaction is still ours: the caller rolls back
             self.db.execute("COMMIT")
+        self._owner = None
         self._txn_lock.release()
 
     def rollback(self) -> None:
@@ -201,11 +254,12 @@ class Index:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
         finally:
+            self._owner = None
             self._txn_lock.release()
 
     # -- blocks --------------------------------------------------------------------------------
     def has_block(self, cid: CID) -> bool:
-        return self.db.execute("SELECT 1 FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone() is not None
+        return self._read.execute("SELECT 1 FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone() is not None
 
     def known_blocks(self, cids: list[CID]) -> set[bytes]:
         """The subset of `cids` (as binary CIDs) that the index holds; one query per 500."""
@@ -213,11 +267,11 @@ class Index:
         for i in range(0, len(cids), 500):
             part = [c.buffer for c in cids[i : i + 500]]
             marks = ",".join("?" * len(part))
-            out.update(c for (c,) in self.db.execute(f"SELECT cid FROM blocks WHERE cid IN ({marks})", part))
+            out.update(c for (c,) in self._read.execute(f"SELECT cid FROM blocks WHERE cid IN ({marks})", part))
         return out
 
     def block_size(self, cid: CID) -> int | None:
-        row = self.db.execute("SELECT size FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone()
+        row = self._read.execute("SELECT size FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone()
         return row[0] if row else None
 
     def block_sizes(self, cids: list[CID]) -> dict[bytes, int]:
@@ -226,7 +280,7 @@ class Index:
         for i in range(0, len(cids), 500):
             part = [c.buffer for c in cids[i : i + 500]]
             marks = ",".join("?" * len(part))
-            out.update(self.db.execute(f"SELECT cid, size FROM blocks WHERE cid IN ({marks})", part))
+            out.update(self._read.execute(f"SELECT cid, size FROM blocks WHERE cid IN ({marks})", part))
         return out
 
     def put_blocks(self, blocks: Iterable[tuple[CID, Location]]) -> None:
@@ -238,7 +292,7 @@ class Index:
         )
 
     def locate(self, cid: CID) -> Location | None:
-        row = self.db.execute("SELECT pack, offset, size, crc FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone()
+        row = self._read.execute("SELECT pack, offset, size, crc FROM blocks WHERE cid = ?", (cid.buffer,)).fetchone()
         return Location(*row) if row and row[0] is not None else None
 
     def locate_many(self, cids: list[CID]) -> dict[bytes, Location]:
@@ -247,7 +301,7 @@ class Index:
         for i in range(0, len(cids), 500):
             part = [c.buffer for c in cids[i : i + 500]]
             marks = ",".join("?" * len(part))
-            for c, p, o, n, crc in self.db.execute(
+            for c, p, o, n, crc in self._read.execute(
                     f"SELECT cid, pack, offset, size, crc FROM blocks WHERE cid IN ({marks})", part):
                 if p is not None:
                     out[c] = Location(p, o, n, crc)
@@ -264,14 +318,14 @@ class Index:
                                 ((loc.pack, loc.offset, loc.crc, c.buffer, from_pack) for c, loc in rows))
 
     def blocks_in_pack(self, pack: int) -> list[tuple[CID, Location]]:
-        return [(CID(c), Location(pack, o, n, crc)) for c, o, n, crc in self.db.execute(
+        return [(CID(c), Location(pack, o, n, crc)) for c, o, n, crc in self._read.execute(
             "SELECT cid, offset, size, crc FROM blocks WHERE pack = ? ORDER BY offset", (pack,))]
 
     def iter_locations(self, batch: int = 4096) -> Iterator[list[tuple[CID, Location]]]:
         """Every located block in pack order, in lists of up to `batch` (keyset pagination: bounded memory)."""
         last = (-1, -1)
         while True:
-            rows = self.db.execute(
+            rows = self._read.execute(
                 "SELECT cid, pack, offset, size, crc FROM blocks WHERE pack IS NOT NULL AND (pack, offset) > (?, ?) "
                 "ORDER BY pack, offset LIMIT ?", (*last, batch)).fetchall()
             if not rows:
@@ -281,38 +335,41 @@ class Index:
 
     def pack_usage(self) -> dict[int, int]:
         """Live bytes per pack."""
-        return dict(self.db.execute("SELECT pack, SUM(size) FROM blocks WHERE pack IS NOT NULL GROUP BY pack"))
+        return dict(self._read.execute("SELECT pack, SUM(size) FROM blocks WHERE pack IS NOT NULL GROUP BY pack"))
 
     def committed_end(self, pack: int) -> int:
         """The end of the last indexed record in a pack (0 if none)."""
-        row = self.db.execute("SELECT MAX(offset + size) FROM blocks WHERE pack = ?", (pack,)).fetchone()
+        row = self._read.execute("SELECT MAX(offset + size) FROM blocks WHERE pack = ?", (pack,)).fetchone()
         return row[0] or 0
 
     def unmigrated(self, limit: int) -> list[tuple[CID, int]]:
-        return [(CID(c), n) for c, n in self.db.execute(
+        return [(CID(c), n) for c, n in self._read.execute(
             "SELECT cid, size FROM blocks WHERE pack IS NULL LIMIT ?", (limit,))]
 
     def count_unmigrated(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM blocks WHERE pack IS NULL").fetchone()[0]
+        return self._read.execute("SELECT COUNT(*) FROM blocks WHERE pack IS NULL").fetchone()[0]
 
     def drop_block(self, cid: CID) -> list[CID]:
         """Forget a block; the roots that used it become incomplete. Returns those roots."""
-        roots = [CID(r) for (r,) in self.db.execute("SELECT root FROM root_blocks WHERE cid = ?", (cid.buffer,))]
+        roots = self.roots_of_block(cid)
         self.db.executemany("UPDATE roots SET complete = 0 WHERE root = ?", ((r.buffer,) for r in roots))
         self.db.execute("DELETE FROM blocks WHERE cid = ?", (cid.buffer,))
         return roots
 
+    def roots_of_block(self, cid: CID) -> list[CID]:
+        return [CID(r) for (r,) in self._read.execute("SELECT root FROM root_blocks WHERE cid = ?", (cid.buffer,))]
+
     def total_block_bytes(self) -> int:
-        return self.db.execute("SELECT COALESCE(SUM(size), 0) FROM blocks").fetchone()[0]
+        return self._read.execute("SELECT COALESCE(SUM(size), 0) FROM blocks").fetchone()[0]
 
     def block_count(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM blocks").fetchone()[0]
+        return self._read.execute("SELECT COUNT(*) FROM blocks").fetchone()[0]
 
     def all_blocks(self) -> dict[bytes, int]:
-        return dict(self.db.execute("SELECT cid, size FROM blocks"))
+        return dict(self._read.execute("SELECT cid, size FROM blocks"))
 
     def unreferenced_blocks(self) -> list[CID]:
-        return [CID(c) for (c,) in self.db.execute("SELECT cid FROM blocks WHERE refs <= 0")]
+        return [CID(c) for (c,) in self._read.execute("SELECT cid FROM blocks WHERE refs <= 0")]
 
     # -- roots ---------------------------------------------------------------------------------
     def put_root(
@@ -379,13 +436,13 @@ class Index:
 
     def _root_from_row(self, row: tuple) -> RootInfo:
         root = CID(row[0])
-        aliases = tuple(a for (a,) in self.db.execute("SELECT key FROM aliases WHERE root = ? ORDER BY key", (row[0],)))
+        aliases = tuple(a for (a,) in self._read.execute("SELECT key FROM aliases WHERE root = ? ORDER BY key", (row[0],)))
         return RootInfo(root, row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]), bool(row[8]), aliases)
 
     _ROOT_COLS = "root, kind, size, name, media_type, added, last_access, pinned, complete"
 
     def get_root(self, root: CID) -> RootInfo | None:
-        row = self.db.execute(f"SELECT {self._ROOT_COLS} FROM roots WHERE root = ?", (root.buffer,)).fetchone()
+        row = self._read.execute(f"SELECT {self._ROOT_COLS} FROM roots WHERE root = ?", (root.buffer,)).fetchone()
         return self._root_from_row(row) if row else None
 
     def name_root(self, root: CID, name: str | None, aliases: Iterable[str], verified: bool = False) -> None:
@@ -402,7 +459,7 @@ class Index:
         )
 
     def resolve_alias(self, alias: str) -> CID | None:
-        row = self.db.execute(
+        row = self._read.execute(
             "SELECT a.root FROM aliases a JOIN roots r ON r.root = a.root WHERE a.key = ? "
             "ORDER BY r.complete DESC, r.last_access DESC LIMIT 1",
             (alias,),
@@ -410,24 +467,24 @@ class Index:
         return CID(row[0]) if row else None
 
     def list_roots(self) -> list[RootInfo]:
-        rows = self.db.execute(f"SELECT {self._ROOT_COLS} FROM roots ORDER BY added, root").fetchall()
+        rows = self._read.execute(f"SELECT {self._ROOT_COLS} FROM roots ORDER BY added, root").fetchall()
         return [self._root_from_row(r) for r in rows]
 
     def lru_unpinned(self) -> list[CID]:
-        return [CID(r) for (r,) in self.db.execute("SELECT root FROM roots WHERE pinned = 0 ORDER BY last_access, root")]
+        return [CID(r) for (r,) in self._read.execute("SELECT root FROM roots WHERE pinned = 0 ORDER BY last_access, root")]
 
     def set_pinned(self, root: CID, pinned: bool) -> None:
         self.db.execute("UPDATE roots SET pinned = ? WHERE root = ?", (int(pinned), root.buffer))
 
     def known_digest(self, root: CID, algo: str) -> bytes | None:
         """A root's whole-archive digest under `algo` if recorded (its `algo:<hex>` alias)."""
-        row = self.db.execute("SELECT key FROM aliases WHERE root = ? AND key >= ? AND key < ? LIMIT 1",
+        row = self._read.execute("SELECT key FROM aliases WHERE root = ? AND key >= ? AND key < ? LIMIT 1",
                               (root.buffer, f"{algo}:", f"{algo};")).fetchone()
         return bytes.fromhex(row[0].split(":", 1)[1]) if row else None
 
     def archives_without(self, algo: str) -> list[CID]:
         """Complete archive roots with no `algo:` alias yet (their hash is computed when first asked for)."""
-        return [CID(r) for (r,) in self.db.execute(
+        return [CID(r) for (r,) in self._read.execute(
             "SELECT root FROM roots WHERE kind = 'archive' AND complete = 1 AND root NOT IN "
             "(SELECT root FROM aliases WHERE key >= ? AND key < ?) ORDER BY added", (f"{algo}:", f"{algo};"))]
 
@@ -435,7 +492,7 @@ class Index:
         self.db.execute("INSERT OR IGNORE INTO aliases(key, root) VALUES (?, ?)", (alias, root.buffer))
 
     def is_verified(self, root: CID) -> bool:
-        row = self.db.execute("SELECT verified FROM roots WHERE root = ?", (root.buffer,)).fetchone()
+        row = self._read.execute("SELECT verified FROM roots WHERE root = ?", (root.buffer,)).fetchone()
         return bool(row and row[0])
 
     def set_verified(self, root: CID) -> None:
@@ -446,13 +503,13 @@ class Index:
                         (time.time() if at is None else at, root.buffer))
 
     def root_blocks(self, root: CID) -> list[CID]:
-        return [CID(c) for (c,) in self.db.execute("SELECT cid FROM root_blocks WHERE root = ?", (root.buffer,))]
+        return [CID(c) for (c,) in self._read.execute("SELECT cid FROM root_blocks WHERE root = ?", (root.buffer,))]
 
     def roots_missing_blocks(self) -> list[CID]:
         """Complete roots with a block the index does not hold (should be none)."""
         return [
             CID(r)
-            for (r,) in self.db.execute(
+            for (r,) in self._read.execute(
                 "SELECT DISTINCT rb.root FROM root_blocks rb JOIN roots r ON r.root = rb.root "
                 "LEFT JOIN blocks b ON b.cid = rb.cid WHERE b.cid IS NULL AND r.complete = 1"
             )
@@ -463,7 +520,7 @@ class Index:
 
     def check_refcounts(self) -> list[tuple[CID, int, int]]:
         """Blocks whose stored refcount disagrees with root_blocks: (cid, stored, actual)."""
-        rows = self.db.execute(
+        rows = self._read.execute(
             "SELECT b.cid, b.refs, COUNT(rb.root) FROM blocks b LEFT JOIN root_blocks rb ON rb.cid = b.cid "
             "GROUP BY b.cid HAVING b.refs != COUNT(rb.root)"
         ).fetchall()
@@ -486,7 +543,7 @@ class Index:
 
     def get_narinfo(self, store_hash: str) -> NarInfoRow | None:
         try:
-            row = self.db.execute(
+            row = self._read.execute(
                 "SELECT store_hash, store_path, root, nar_hash, nar_size, refs, deriver, system, ca, sigs, added "
                 "FROM nar_infos WHERE store_hash = ?", (store_hash,)).fetchone()
         except sqlite3.OperationalError:  # an index opened read-only before the table existed

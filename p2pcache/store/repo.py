@@ -1062,8 +1062,7 @@ class Repo:
         else:
             affected = set(self.index.roots_missing_blocks())
             for cid in report.corrupt + report.missing:
-                affected.update(CID(r) for (r,) in self.index.db.execute(
-                    "SELECT root FROM root_blocks WHERE cid = ?", (cid.buffer,)))
+                affected.update(self.index.roots_of_block(cid))
             report.roots_incomplete = sorted(affected, key=lambda c: c.buffer)
         return report
 

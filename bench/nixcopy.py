@@ -8,11 +8,15 @@ files) and a real store path of thousands of small files (this checkout's .venv 
 Real Nix (nix-bin 2.8, root, no daemon) and real `p2pcache daemon` processes (A holds the paths, pushed
 with `nix copy --to http://A?compression=none`; each B starts with an empty repo and is bootstrapped to A),
 the static caches written by `nix copy --to file://DIR?compression=zstd|xz` and served by python's
-ThreadingHTTPServer in its own process. Per content kind and run, alternating: static zstd, static xz,
-B with the daemon's defaults (the DAG protocol), B with the NAR fetch begun when the narinfo is answered
-(`nix.prefetch_nars = 4`), B with `transfer.protocol = "bitswap"` (the old path);
-each copy into a fresh chroot store with a fresh Nix cache dir, checked against the NarHashes. Figures: min
-over runs; ratios p2pcache/static (goal <= 1.0), and dag with the prefetch / dag without it.
+ThreadingHTTPServer in its own process. Per content kind and run: static zstd, static xz, B with the
+daemon's defaults (the DAG protocol), B with the NAR fetch begun when the narinfo is answered
+(`nix.prefetch_nars = 4`), B with `transfer.protocol = "bitswap"` (the old path), each run starting one
+step further on in that list; each copy into a fresh chroot store with a fresh Nix cache dir, checked
+against the NarHashes. Figures: min over runs; ratios p2pcache/static (goal <= 1.0), and dag with the
+prefetch / dag without it. Beside them, per variant, how long Nix waited on its source: the copy's wall
+time minus Nix's own CPU seconds (median over runs). Nix 2.8 unpacks a NAR on one thread, so from a
+source that keeps up the two are equal; Nix's CPU for the same copy swings by 2x with ext4's state, the
+wait far less.
 
 --quick: the small closure and the first 60 packages of site-packages (in sorted order).
 --timeline: after the timed runs, one more copy of each kind from static zstd and from a cold B (defaults) with
@@ -301,17 +305,27 @@ def main() -> int:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         if set(variants) - set(VARIANTS):
             raise SystemExit(f"--variants: not one of {', '.join(VARIANTS)}: {', '.join(set(variants) - set(VARIANTS))}")
+        nix_cpu: dict[str, dict[str, list[float]]] = {}  # Nix's own CPU seconds per copy, by kind and variant
         for kind, content in kinds.items() if not args.timeline_only else ():
             res = results[kind] = {"static zstd": [], "static xz": [], **{f"p2pcache {v}": [] for v in variants}}
+            spent = nix_cpu[kind] = {k: [] for k in res}
+            steps = [f"static {comp}" for comp in statics] + [f"p2pcache {v}" for v in variants]
             for i in range(max(1, args.runs)):
-                for comp, (url, proc) in statics.items():
-                    r = bench.copy(url, content, {"server": proc.pid})
-                    res[f"static {comp}"].append(r["wall"])
-                for protocol in variants:
+                # Each run starts one step further on: Nix's CPU for the same copy swings with what the copy
+                # before it deleted (ext4 creating files past freshly freed inodes), so no variant keeps one place.
+                for step in steps[i % len(steps):] + steps[:i % len(steps)]:
+                    if step.startswith("static "):
+                        url, proc = statics[step.split()[1]]
+                        r = bench.copy(url, content, {"server": proc.pid})
+                        res[step].append(r["wall"])
+                        spent[step].append(r["cpu"]["nix"])
+                        continue
+                    protocol = step.split(" ", 1)[1]
                     b = cold_b(protocol)
                     try:
                         r = bench.copy(b.api, content, {"A": a.proc.pid, "B": b.proc.pid})
-                        res[f"p2pcache {protocol}"].append(r["wall"])
+                        res[step].append(r["wall"])
+                        spent[step].append(r["cpu"]["nix"])
                         cpu.setdefault(f"{kind} {protocol}", []).append(r["cpu"])
                     except RuntimeError as e:  # reported, not hidden: a copy that failed is counted
                         failures[f"{kind} {protocol}"] = failures.get(f"{kind} {protocol}", 0) + 1
@@ -320,7 +334,8 @@ def main() -> int:
                         for line in (b_log.read_text(errors="replace").splitlines()[-15:] if b_log.exists() else []):
                             log(f"    B: {line[:300]}")
                     bench.stop(b)
-                log(f"  {kind} run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in res.items() if v))
+                log(f"  {kind} run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s (Nix {spent[k][-1]:.2f} CPU-s)"
+                                                         for k, v in res.items() if v))
         timelines: dict[str, list[dict]] = {}
         if args.timeline:
             traced = [v.strip() for v in args.timeline_variants.split(",") if v.strip()]
@@ -356,6 +371,17 @@ def main() -> int:
                     log(f"  p2pcache {protocol} / static {comp}: {ratio:.2f}x{goal}")
                     emit(f"{kind}_{protocol.replace(' ', '_')}_over_static_{comp}", ratio, "ratio", "lower",
                          **({"goal": "<= 1.0"} if protocol == "dag" else {}), nar_mib=round(mib, 1))
+            # Nix's wait: wall time minus Nix's own CPU (Nix 2.8 unpacks on one thread, so a copy whose source
+            # keeps up is as long as Nix's CPU). The median over runs: what the source makes Nix wait, far
+            # less swayed than the wall time by how slowly ext4 creates the files this time.
+            for k in best:
+                waits = sorted(w - c for w, c in zip(res[k], nix_cpu[kind][k]))
+                if waits:
+                    wait = waits[len(waits) // 2]
+                    log(f"  Nix waited on {k}: median {wait:.2f} s (wall - Nix CPU), runs "
+                        f"[{', '.join(f'{w:.2f}' for w in waits)}]")
+                    emit(f"{kind}_{k.replace(' ', '_')}_nix_wait_seconds", wait, "s", "lower",
+                         runs=[round(w, 3) for w in waits])
             if "p2pcache dag" in best and "p2pcache dag prefetch" in best:
                 ratio = best["p2pcache dag prefetch"] / best["p2pcache dag"]
                 log(f"  p2pcache dag with the NAR prefetch / dag without it (the default): {ratio:.2f}x")

@@ -94,3 +94,29 @@ def test_non_canonical_or_foreign_encodings_rejected(hexdata, why):
 def test_unencodable_values_rejected(value):
     with pytest.raises(MalformedBlock):
         dagcbor.encode(value)
+
+
+LINKS = [CID.for_block(RAW, bytes([i])) for i in range(4)]
+linked_values = st.recursive(
+    st.integers(min_value=0, max_value=300) | st.binary(max_size=40) | st.sampled_from(LINKS),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=25,
+)
+
+
+def _walk_theirs(v):
+    """The links of the independent decoder's value in document order (its maps keep the encoded order)."""
+    if isinstance(v, dict):
+        return [link for x in v.values() for link in _walk_theirs(x)]
+    if isinstance(v, list):
+        return [link for x in v for link in _walk_theirs(x)]
+    return [CID.decode(bytes(v))] if type(v).__name__ == "CID" else []
+
+
+@given(linked_values)
+def test_links_collected_while_decoding_are_the_blocks_links_in_document_order(value):
+    data = dagcbor.encode(value)
+    for recheck in (True, False):
+        links: list[CID] = []
+        assert dagcbor.decode(data, recheck=recheck, links=links) == value
+        assert links == _walk_theirs(independent.decode(data))

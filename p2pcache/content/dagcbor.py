@@ -117,18 +117,28 @@ def _reject_tag(tag: Any, immutable: bool = False) -> Any:
     raise MalformedBlock(f"unexpected CBOR tag {tag.tag} (dag-cbor allows only tag 42)")
 
 
-def decode(data: bytes | memoryview, *, recheck: bool = True) -> Any:
+def decode(data: bytes | memoryview, *, recheck: bool = True, links: list[CID] | None = None) -> Any:
     """Decode a dag-cbor block, rejecting anything that is not in canonical dag-cbor form.
 
     `recheck=False` skips the canonical re-encode (the larger half of the cost) for a block this repo
     has decoded strictly before, e.g. a page of a tree it registered; the CBOR itself is still parsed
-    strictly (no indefinite lengths, duplicate keys or foreign tags)."""
+    strictly (no indefinite lengths, duplicate keys or foreign tags). `links`: a list the block's links
+    are appended to in document order as they are decoded (what a walk of the value would find, without
+    the walk: a many-file NAR manifest's page has thousands of values)."""
     data = bytes(data)
+    link_decoder = _decode_link
+    if links is not None:
+        found = links.append
+
+        def link_decoder(value: Any, immutable: bool = False) -> CID:
+            cid = _decode_link(value)
+            found(cid)
+            return cid
     try:
         value = cbor2.loads(
             data,
             tag_hook=_reject_tag,
-            semantic_decoders={42: _decode_link},
+            semantic_decoders={42: link_decoder},
             allow_indefinite=False,
             allow_duplicate_keys=False,
             max_depth=80,

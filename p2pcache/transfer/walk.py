@@ -37,17 +37,6 @@ class OutOfOrder(InvalidInput):
     """A peer sent a block the walk did not expect next, or one that does not hash to its link."""
 
 
-def _links(value: Any) -> Iterator[CID]:
-    if isinstance(value, CID):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _links(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _links(v)
-
-
 def dag_links(cid: CID, data: bytes | memoryview) -> list[CID]:
     """The links of a block in document order (none for a raw block). MalformedBlock for bad dag-cbor or
     a link to a codec we do not fetch. The CBOR is parsed strictly but not re-encoded to check it is
@@ -55,7 +44,8 @@ def dag_links(cid: CID, data: bytes | memoryview) -> list[CID]:
     their CID, and whoever reads a node's content (a manifest, a tree page) decodes it strictly then."""
     if cid.codec != DAG_CBOR:
         return []
-    links = list(_links(dagcbor.decode(data, recheck=False)))
+    links: list[CID] = []
+    dagcbor.decode(data, recheck=False, links=links)
     for link in links:
         if link.codec not in (RAW, DAG_CBOR):
             raise MalformedBlock(f"block {cid} links to {link}, of codec {link.codec_name}; only raw and "

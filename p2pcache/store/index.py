@@ -124,8 +124,9 @@ def _disk_full_is_disk_full(path: Path) -> Iterator[None]:
 CACHE_KIB = 64 << 10
 
 
-# A reading thread's own connection caches less: a look-up touches a few pages of the blocks b-tree.
-READ_CACHE_KIB = 16 << 10
+# A reading thread's own connection caches less: a look-up touches a few pages of the blocks b-tree (its
+# inner pages stay cached; leaves come from the OS page cache), and trio runs up to 40 worker threads.
+READ_CACHE_KIB = 4 << 10
 
 
 def _connect(path: Path, cache_kib: int) -> sqlite3.Connection:
@@ -202,7 +203,7 @@ class Index:
             return conn
 
     # -- transactions --------------------------------------------------------------------------
-    # One connection serves the daemon's trio thread and its worker threads (adds, fetched blocks):
+    # The writing connection serves the daemon's trio thread and its worker threads (adds, fetched blocks):
     # transactions hold this lock so two threads never interleave statements of different transactions.
     @contextmanager
     def transaction(self, durable: bool = True) -> Iterator[None]:

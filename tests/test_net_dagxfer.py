@@ -337,17 +337,27 @@ async def test_the_very_first_leaves_are_handed_on_as_they_arrive_before_any_is_
 async def test_a_served_streams_first_read_is_a_few_blocks_then_whole_read_batches(tmp_path):
     """The asker's first bytes wait for the server's whole first read (and its write): it reads
     FIRST_READ_BLOCKS blocks first, then `read_blocks` or `read_bytes` at a time, whichever comes first,
-    where every read was `read_blocks` (about 2 MiB of a NAR before its first byte left)."""
+    where every read was `read_blocks` (about 2 MiB of a NAR before its first byte left); the leaves' sizes
+    that cut the batches are one query per batch."""
     from p2pcache.content.chunking import MAX_BLOCK_SIZE
     from p2pcache.net.dagxfer import FIRST_READ_BLOCKS
 
     reads: list[tuple[int, int]] = []
+    size_queries = {"size": 0, "sizes": 0}
 
     class Counting(RepoBlockSource):
         def get_many(self, cids):
             got = super().get_many(cids)
             reads.append((len(cids), sum(len(d or b"") for d in got)))
             return got
+
+        def size(self, cid):
+            size_queries["size"] += 1
+            return super().size(cid)
+
+        def sizes(self, cids):
+            size_queries["sizes"] += 1
+            return super().sizes(cids)
 
     data = random.Random(10).randbytes(4 * MiB)
     async with peer(tmp_path, "a") as a, peer(tmp_path, "b") as b:
@@ -363,6 +373,9 @@ async def test_a_served_streams_first_read_is_a_few_blocks_then_whole_read_batch
     assert all(n <= cfg.read_blocks and size < cfg.read_bytes + MAX_BLOCK_SIZE for n, size in leaf_reads)
     full = [r for r in leaf_reads[1:] if r[0] == cfg.read_blocks or r[1] >= cfg.read_bytes]
     assert len(full) >= len(leaf_reads) // 2, leaf_reads  # all but each request's last
+    # the sizes the batches are cut by (and super-seeding asks about) come in one index query per read,
+    # not one per leaf
+    assert size_queries["size"] == 0 and 0 < size_queries["sizes"] <= len(reads), (size_queries, len(reads))
 
 
 

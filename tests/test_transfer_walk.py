@@ -55,6 +55,43 @@ def test_depth_first_order_is_nar_order_and_the_asker_checks_it(tree):
         mirror.expect(root, blocks[root])
 
 
+@settings(**SETTINGS)
+@given(tree=trees, n=st.integers(1, 9), nodes_only=st.booleans(), skip=st.integers(0, 5))
+def test_upcoming_names_the_blocks_the_walk_takes_next_and_takes_none(tree, n, nodes_only, skip):
+    # A tree holding one file twice sends its chunks once: `upcoming` skips the second place as `give` does.
+    root, blocks, _ = ingest(nar_of(("dir", {b"a": tree, b"b": tree, b"c": tree})))
+    full = server_walk(blocks, [root], nodes_only=nodes_only)
+    have = full[1:][:skip][::2]  # some subtrees the asker holds
+    expected = server_walk(blocks, [root], have=have, nodes_only=nodes_only)
+    order, got = DfsOrder([root], have, nodes_only), []
+    while (ahead := order.upcoming(n)):
+        assert len(ahead) <= n
+        assert all(c.codec == RAW for c in ahead[:-1])  # a run of leaves, a node at most last
+        before = order.sent
+        for cid in ahead:
+            assert order.peek() == cid
+            order.give(cid, blocks[cid] if cid.codec == DAG_CBOR else None)
+        assert order.sent == before + len(ahead)
+        got += ahead
+    assert got == expected and order.done and order.upcoming(n) == []
+    assert DfsOrder([root]).upcoming(0) == []
+
+
+def test_upcoming_names_a_leaf_a_run_holds_twice_once():
+    x, y, z = (random.Random(i).randbytes(300) for i in range(3))
+    cx, cy, cz = (CID.for_block(RAW, b) for b in (x, y, z))
+    inner = dagcbor.encode({"l": [cz]})
+    ci = CID.for_block(DAG_CBOR, inner)
+    top = dagcbor.encode({"l": [cx, cy, cx, ci, cx]})  # x twice in the first run, again after the node
+    ct = CID.for_block(DAG_CBOR, top)
+    blocks = {cx: x, cy: y, cz: z, ci: inner, ct: top}
+    order = DfsOrder([ct])
+    order.give(ct, blocks[ct])
+    assert order.upcoming(10) == [cx, cy, ci]
+    assert order.upcoming(2) == [cx, cy]
+    assert server_walk(blocks, [ct]) == [ct, cx, cy, ci, cz]
+
+
 def test_the_asker_rejects_swapped_corrupt_and_foreign_blocks():
     nar = nar_of(("dir", {b"a": ("file", False, random.Random(1).randbytes(5000)),
                           b"b": ("file", True, random.Random(2).randbytes(3000))}))

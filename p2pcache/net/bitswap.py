@@ -135,6 +135,12 @@ class RepoBlockSource:
         data = self.fresh.get(cid)
         return len(data) if data is not None else self.repo.index.block_size(cid)
 
+    def sizes(self, cids: Sequence[CID]) -> list[int | None]:
+        """`size` of each of `cids`, in one index query (a DAG stream's next run of leaves)."""
+        fresh = self.fresh
+        known = self.repo.index.block_sizes([c for c in cids if c not in fresh])
+        return [len(data) if (data := fresh.get(c)) is not None else known.get(c.buffer) for c in cids]
+
     def get(self, cid: CID) -> bytes | None:
         data = self.fresh.get(cid)
         if data is not None:

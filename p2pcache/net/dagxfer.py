@@ -342,6 +342,14 @@ class DagServer:
             size += len(more[0][1] or b"")
             loaded += more
 
+    def _sizes_of(self) -> Callable[[list[CID]], list[int | None]]:
+        """The source's sizes of a run of CIDs: one query where it can (`RepoBlockSource.sizes`)."""
+        sizes = getattr(self.source, "sizes", None)
+        if sizes is not None:
+            return sizes
+        size = self.source.size
+        return lambda cids: [size(c) for c in cids]
+
     async def handle_stream(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id
         if self.is_banned(peer):
@@ -398,26 +406,35 @@ class DagServer:
         async def read_ahead() -> None:
             # The first read is small: the asker's first bytes (a NAR's first to Nix) wait for all of it
             limit = min(FIRST_READ_BLOCKS, self.config.read_blocks)
-            read_bytes, size_of, may_send = self.config.read_bytes, self.source.size, self.may_send
+            read_bytes, may_send = self.config.read_bytes, self.may_send
+            sizes_of = self._sizes_of()
             async with batches_send:
                 while True:
                     cids: list[CID] = []
                     lent: CID | None = None
                     size = 0
-                    while len(cids) < limit and size < read_bytes:
-                        cid = walk.peek()
-                        if cid is None:
+                    full = False  # the batch is as large as it may be, or ends here
+                    while not full and len(cids) < limit and size < read_bytes:
+                        ahead = walk.upcoming(limit - len(cids))  # a run of leaves, maybe a node last
+                        if not ahead:
                             break
-                        if cid.codec == RAW:
-                            n = size_of(cid) or 0
-                            if may_send is not None and not may_send(peer, cid, n):
-                                lent = cid  # asked before the read: a lent block is not read at all
+                        sizes = iter(sizes_of([c for c in ahead if c.codec == RAW]))  # one index query a run
+                        for cid in ahead:
+                            if cid.codec == RAW:
+                                n = next(sizes) or 0
+                                if may_send is not None and not may_send(peer, cid, n):
+                                    lent = cid  # asked before the read: a lent block is not read at all
+                                    full = True
+                                    break
+                                size += n
+                            cids.append(cid)
+                            if cid.codec == DAG_CBOR:
+                                full = True  # its bytes tell what comes next
                                 break
-                            size += n
-                        cids.append(cid)
-                        if cid.codec == DAG_CBOR:
-                            break  # its bytes tell what comes next
-                        walk.give(cid, None)
+                            walk.give(cid, None)
+                            if size >= read_bytes:
+                                full = True
+                                break
                     if not cids:
                         if lent is not None:
                             await batches_send.send([(lent, _LENT)])

@@ -114,6 +114,32 @@ class DfsOrder:
         except MalformedBlock as e:
             raise OutOfOrder(f"block {cid}: {e}") from None
 
+    def upcoming(self, n: int) -> list[CID]:
+        """The next (up to) `n` CIDs `give` will take, in order, without taking them: the run up to and
+        including the next dag-cbor block (whose links are not known before its bytes are given), e.g. to
+        look up the sizes of a run of raw blocks at once."""
+        out: list[CID] = []
+        if n <= 0:
+            return out
+        nxt = self.peek()
+        if nxt is None:
+            return out
+        out.append(nxt)
+        if nxt.codec == DAG_CBOR:
+            return out
+        taken = {nxt}
+        seen, have, nodes_only = self._seen, self._have, self._nodes_only
+        for cid, is_root in reversed(self._stack):
+            if len(out) >= n:
+                break
+            if cid in seen or cid in have or cid in taken or (nodes_only and not is_root and cid.codec == RAW):
+                continue
+            out.append(cid)
+            if cid.codec == DAG_CBOR:
+                break
+            taken.add(cid)
+        return out
+
     def remaining(self) -> list[CID]:
         """What the walk still knows it would send (the peeked CID first), e.g. to ask another peer."""
         out = [] if self._next is None else [self._next]

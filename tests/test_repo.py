@@ -390,3 +390,38 @@ def test_threads_reading_the_index_see_every_block_committed_before_they_asked(r
         reader.close()
     assert len(repo.index.locate_many([c for c, _ in blocks])) == len(blocks)
     assert not missed, f"{len(missed)} reads missed a committed block"
+
+
+def test_a_pin_or_touch_made_while_another_thread_holds_a_transaction_is_not_rolled_back_with_it(repo, rng, tmp_path):
+    # `set_pinned`, `touch` and `set_verified` are called outside transactions (`p2pcache pin`, a build-cache
+    # restore, a verified read). On the one writing connection a bare statement joined the transaction another
+    # thread had open there (a fetch's commit, an add), and a rollback of that one took the pin with it.
+    import threading
+
+    root = repo.add_file(write_file(tmp_path / "in", rng.randbytes(5000))).root
+    index = repo.index
+    began, wrote = threading.Event(), threading.Event()
+
+    def failing_commit():
+        index.begin()
+        began.set()
+        wrote.wait(0.5)  # the other thread's write waits for this transaction (with the fix) or joins it
+        index.rollback()
+
+    def pin():
+        began.wait()
+        index.set_pinned(root, True)
+        index.touch(root, 1234.5)
+        index.set_verified(root)
+        wrote.set()
+
+    threads = [threading.Thread(target=failing_commit), threading.Thread(target=pin)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    info = index.get_root(root)
+    assert info is not None and info.pinned and index.is_verified(root)
+    assert root not in index.lru_unpinned()
+    row = index.db.execute("SELECT last_access FROM roots WHERE root = ?", (root.buffer,)).fetchone()
+    assert row[0] == 1234.5

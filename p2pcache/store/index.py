@@ -234,6 +234,17 @@ class Index:
                 if not durable:
                     self.db.execute("PRAGMA synchronous = FULL")
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """For a one-statement write a caller may make outside a transaction: inside its own (the caller's,
+        if this thread holds one). Run bare on `db`, the statement joined whatever transaction another
+        thread had open there, and was committed or rolled back with that one."""
+        if self._owner == threading.get_ident():
+            yield
+            return
+        with self.transaction():
+            yield
+
     # The explicit form of `transaction()`: begin(), then exactly one of commit() or rollback().
     def begin(self) -> None:
         self._txn_lock.acquire()
@@ -475,7 +486,8 @@ class Index:
         return [CID(r) for (r,) in self._read.execute("SELECT root FROM roots WHERE pinned = 0 ORDER BY last_access, root")]
 
     def set_pinned(self, root: CID, pinned: bool) -> None:
-        self.db.execute("UPDATE roots SET pinned = ? WHERE root = ?", (int(pinned), root.buffer))
+        with self._writing():
+            self.db.execute("UPDATE roots SET pinned = ? WHERE root = ?", (int(pinned), root.buffer))
 
     def known_digest(self, root: CID, algo: str) -> bytes | None:
         """A root's whole-archive digest under `algo` if recorded (its `algo:<hex>` alias)."""
@@ -497,11 +509,13 @@ class Index:
         return bool(row and row[0])
 
     def set_verified(self, root: CID) -> None:
-        self.db.execute("UPDATE roots SET verified = 1 WHERE root = ?", (root.buffer,))
+        with self._writing():
+            self.db.execute("UPDATE roots SET verified = 1 WHERE root = ?", (root.buffer,))
 
     def touch(self, root: CID, at: float | None = None) -> None:
-        self.db.execute("UPDATE roots SET last_access = ? WHERE root = ?",
-                        (time.time() if at is None else at, root.buffer))
+        with self._writing():
+            self.db.execute("UPDATE roots SET last_access = ? WHERE root = ?",
+                            (time.time() if at is None else at, root.buffer))
 
     def root_blocks(self, root: CID) -> list[CID]:
         return [CID(c) for (c,) in self._read.execute("SELECT cid FROM root_blocks WHERE root = ?", (root.buffer,))]

@@ -39,9 +39,9 @@ typecheck: $(STAMP)
 # Beside TYPED (strict flags, as nixcache/ by its override; TYPED's .py files are named, its packages are in
 # p2pcache), typecheck covers the rest of p2pcache with default settings and simnet's users of the host and
 # provider-routing seams, so SimHost and SimDHT are checked against the Host and ProviderRouting Protocols.
-# Not yet in: simnet's exchange, fanout, nodefetch and plot.
+# Not yet in: simnet's exchange, fanout and plot.
 TYPED_SIM := simnet/core.py simnet/links.py simnet/hostsim.py simnet/dhtsim.py simnet/routingsim.py \
-             simnet/announcesim.py simnet/scenario.py simnet/metrics.py simnet/payload.py
+             simnet/announcesim.py simnet/scenario.py simnet/metrics.py simnet/payload.py simnet/nodefetch.py
 
 # One pytest worker per core, long tests handed out first come first served: most of the suite's wall time is
 # daemons starting and peers timing out, not CPU (21 min wall for 9.5 CPU-min in one process on 2 cores).

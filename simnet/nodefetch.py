@@ -39,7 +39,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import trio
 
@@ -47,10 +47,11 @@ from p2pcache.config import NodeConfig
 from p2pcache.content.cid import CID
 from p2pcache.errors import P2PCacheError
 from p2pcache.node import Node
-from p2pcache.routing import RESOLVE_PROTOCOL
+from p2pcache.routing import RESOLVE_PROTOCOL, ProviderFinder
+from p2pcache.store.repo import Repo
 
 from .core import Sim
-from .hostsim import LiveSim, SimSwarm, repo_work_inline
+from .hostsim import LiveSim, SimHost, SimSwarm, repo_work_inline
 from .links import Network, profile
 from .metrics import Results, percentile
 from .routingsim import SimDHT, SimDHTConfig
@@ -108,6 +109,7 @@ class NodeWorld:
         self.dht_config = dht_config
         self.node_config = node_config or NodeConfig()
         self.nodes: list[Node] = []
+        self.hosts: list[SimHost] = []  # the simulated host of each of `nodes` (its counters are simnet's)
         self.scopes: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -119,14 +121,15 @@ class NodeWorld:
             task_status.started(self)
             await trio.sleep_forever()
 
-    async def start_node(self, link: str, bootstrap: list[Node] = ()) -> Node:
+    async def start_node(self, link: str, bootstrap: Sequence[Node] = ()) -> Node:
         """A new Node (its repo in `root/node-<i>`) on a new simulated host, running once this returns."""
         assert self._nursery is not None, "start the world first"
         i = len(self.nodes)
-        host = self.swarm.add_host(profile(link), bootstrap=[n.host.peer_id for n in bootstrap])
+        host = self.swarm.add_host(profile(link), bootstrap=[self.host_of(n).peer_id for n in bootstrap])
         node = Node(self.root / f"node-{i}", self.node_config, host=host, dht=SimDHT(host, self.dht_config),
                     serve_api=False)
         self.nodes.append(node)
+        self.hosts.append(host)
 
         async def run_node(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
             with trio.CancelScope() as scope:
@@ -135,6 +138,9 @@ class NodeWorld:
 
         await self._nursery.start(run_node)
         return node
+
+    def host_of(self, node: Node) -> SimHost:
+        return self.hosts[self.nodes.index(node)]
 
     def stop_node(self, node: Node) -> None:
         """The node stops (its host leaves the network, its repo is closed)."""
@@ -155,11 +161,22 @@ def exchange_overrides(sc: Any) -> dict[str, Any]:
             for k, v in sc.params_with_prefix("node.").items() if v != "daemon"}
 
 
+def repo_of(node: Node) -> Repo:
+    """A started node's repo (None only before `Node.run` opened it)."""
+    assert node.repo is not None, "the node has not started"
+    return node.repo
+
+
+def finder_of(node: Node) -> ProviderFinder:
+    assert node.finder is not None, "the node has not started"
+    return node.finder
+
+
 def archive_sha256(node: Node, root: CID) -> tuple[str, int]:
     """Read an archive back from a node's repo: its sha256 (hex) and size."""
     h = hashlib.sha256()
     size = 0
-    for piece in node.repo.stream(root):
+    for piece in repo_of(node).stream(root):
         h.update(piece)
         size += len(piece)
     return h.hexdigest(), size
@@ -224,8 +241,8 @@ async def run_node_fetch(sim: Sim, sc: Any, results: Results) -> dict:
             async def kill_a_seed() -> None:
                 """Stop seed 0 once the first fetcher holds `kill_at` of the artifact."""
                 watched, victim = world.nodes[seeds], world.nodes[leaving]
-                base = watched.repo.stored_bytes()
-                while watched.repo.stored_bytes() - base < kill_at * len(data):
+                base = repo_of(watched).stored_bytes()
+                while repo_of(watched).stored_bytes() - base < kill_at * len(data):
                     await trio.sleep(0.05)
                 world.stop_node(victim)
                 killed.append(trio.current_time() - fetch_start)
@@ -269,7 +286,7 @@ async def run_node_fetch(sim: Sim, sc: Any, results: Results) -> dict:
             all_served = sum(node.bytes_served for node in world.nodes)
             alive = world.net.nodes()
             net_bytes = sum(world.net.counters(x)["bytes_sent"] for x in alive)
-            resolves = sum(node.host.accepted.get(RESOLVE_PROTOCOL, 0) for node in world.nodes[:seeds])
+            resolves = sum(world.host_of(node).accepted.get(RESOLVE_PROTOCOL, 0) for node in world.nodes[:seeds])
             world.stop()
     ok = [r for r in records if r.get("ok")]
     times = [r["time"] for r in ok]
@@ -289,9 +306,9 @@ async def run_node_fetch(sim: Sim, sc: Any, results: Results) -> dict:
     results.add("fetch_time_p99", percentile(times, 99), "s", "lower", **nd)
     results.add("fetch_time_max", max(times) if times else float("nan"), "s", "lower", **nd)
     results.add("fetch_phase", fetched_at - fetch_start, "s", "lower", **nd)
-    results.add("lookups_found", sum(f.finder.stats.found_dht + f.finder.stats.found_local for f in fetchers),
+    results.add("lookups_found", sum(finder_of(f).stats.found_dht + finder_of(f).stats.found_local for f in fetchers),
                 "lookups", "higher", **nd)
-    results.add("lookups_found_dht", sum(f.finder.stats.found_dht for f in fetchers), "lookups", "none", **nd,
+    results.add("lookups_found_dht", sum(finder_of(f).stats.found_dht for f in fetchers), "lookups", "none", **nd,
                 note="found by asking peers (the rest: in the fetcher's own provider store, hop 0)")
     results.add("lookups_total", sum(s["lookups"]["total"] for s in stats), "lookups", "none", **nd)
     results.add("lookup_rpcs", sum(s["lookups"]["rpcs"] for s in stats), "rpcs", "lower", **nd)

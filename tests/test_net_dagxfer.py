@@ -334,6 +334,45 @@ async def test_the_very_first_leaves_are_handed_on_as_they_arrive_before_any_is_
 
 
 @pytest.mark.trio
+async def test_a_hashed_batchs_leaves_are_handed_on_while_it_is_appended_not_after(tmp_path):
+    """A NAR stream gets a batch's leaves once the writer's thread has hashed them, while it appends them
+    (the copy into the pack and the crc32 took the stream's time too); `on_stored` still comes after the
+    append, and every leaf is stored by the end."""
+    data = random.Random(12).randbytes(6 * MiB)
+    async with peer(tmp_path, "a") as a, peer(tmp_path, "b") as b:
+        root = a.repo.add_stream(io.BytesIO(data), name="x.bin").root
+        seen: set[CID] = set()
+        stored_seen: set[CID] = set()
+        early: list[int] = []  # per leaf batch appended: how many of its leaves were handed on before the append ended
+        write_blocks = b.repo.write_blocks
+
+        def writing(blocks, *args, **kw):
+            blocks = list(blocks)
+            leaves = [cid for cid, _ in blocks if cid.codec == RAW]
+            time.sleep(0.2)  # (a slow append: the loop runs meanwhile)
+            out = write_blocks(blocks, *args, **kw)
+            if leaves:
+                early.append(sum(1 for c in leaves if c in seen))
+            return out
+
+        b.repo.write_blocks = writing
+
+        def verified(cid, block):
+            seen.add(cid)
+
+        def stored(cids):
+            stored_seen.update(cids)
+
+        with trio.fail_after(60):
+            await b.fetch(root, [a.exchange.host.addrs()[0]], b.repo, on_stored=stored, on_verified=verified)
+        leaf_batches = [n for n in early if n]
+        assert len(early) >= 3 and len(leaf_batches) >= len(early) - 1, early  # (the first leaves: on arrival)
+        assert {c for c in seen if c.codec == RAW} <= stored_seen
+        b.repo.register_root(root)
+        assert b"".join(b.repo.stream(root)) == data
+
+
+@pytest.mark.trio
 async def test_a_served_streams_first_read_is_a_few_blocks_then_whole_read_batches(tmp_path):
     """The asker's first bytes wait for the server's whole first read (and its write): it reads
     FIRST_READ_BLOCKS blocks first, then `read_blocks` or `read_bytes` at a time, whichever comes first,

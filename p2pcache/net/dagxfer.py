@@ -683,7 +683,7 @@ class _HashedBatch(StoredBatch):
     """What `_LeafStore`'s writer made of a `_LeafBatch`: everything appended, and which leaves hashed
     to their CID (`good`) and which did not (`bad`, not appended)."""
 
-    __slots__ = ("nodes", "good", "bad")
+    __slots__ = ("nodes", "good", "bad", "new")
 
     def __init__(self, appended: list[tuple[CID, bytes]], nodes: list[CID], good: list[tuple[CID, bytes, ID]],
                  bad: list[tuple[CID, bytes, ID]]) -> None:
@@ -691,6 +691,7 @@ class _HashedBatch(StoredBatch):
         self.nodes = nodes
         self.good = good
         self.bad = bad
+        self.new: list[CID] | None = None  # the good leaves new to the walk, once they arrived there
 
 
 
@@ -707,9 +708,9 @@ class _LeafStore(RepoBatcher):
     """The fetch's store. Raw leaves come in with their place in the walk checked but not yet hashed
     (`add_leaf`): the writer's worker thread hashes a whole batch (hashlib lets go of the GIL, so the
     event loop goes on reading the network meanwhile) and appends only those that hash to their CID,
-    in the same thread hop; back on the loop `_Run.leaves_checked` lets them arrive (the walk, the
-    `on_verified` hook) and drops the sender of any that did not. Nothing is appended, handed on or
-    served before it is hashed. Manifest nodes (hashed on arrival: the walk needs their links) go
+    in the same thread hop; once hashed, and while the append runs, `_Run.leaves_checked` lets them
+    arrive on the loop (the walk, the `on_verified` hook) and drops the sender of any that did not; once
+    appended, `on_stored` says so. Nothing is appended, handed on or served before it is hashed. Manifest nodes (hashed on arrival: the walk needs their links) go
     through `add` as before. `unchecked`: leaves taken in and not yet hashed."""
 
     def __init__(self, run: _Run, repo: Any, store_bytes: int, commit_bytes: int,
@@ -728,6 +729,7 @@ class _LeafStore(RepoBatcher):
         # (FIRST_LEAF_BATCH takes about 0.1 ms), and handed on at once: the first NAR byte no longer waits for
         # a worker thread's turn and a pack append, which under load took tens of ms (bench/nixcopy.py --timeline).
         self._inline = FIRST_LEAF_BATCH if run.on_verified is not None else 0
+        self._token = trio.lowlevel.current_trio_token()
 
     async def add_leaf(self, cid: CID, data: bytes, peer: ID) -> None:
         if self._inline > 0:
@@ -754,22 +756,37 @@ class _LeafStore(RepoBatcher):
         return batch
 
     def _store(self, batch: object) -> _HashedBatch:
+        """In the writer's worker thread: hash the leaves, let the good ones arrive (on the event loop, without
+        waiting for it), then append them. A NAR stream gets a batch's bytes while its append (a copy into the
+        pack's pages, crc32) is under way, not after it; what reads a block back from the repo still waits
+        for `_stored`."""
         assert isinstance(batch, _LeafBatch)
         good: list[tuple[CID, bytes, ID]] = []
         bad: list[tuple[CID, bytes, ID]] = []
         for leaf in batch.leaves:
             (good if leaf[0].verify(leaf[1]) else bad).append(leaf)
         appended = batch.nodes + [(cid, data) for cid, data, _ in good]
+        hashed = _HashedBatch(appended, [cid for cid, _ in batch.nodes], good, bad)
+        if good or bad:
+            try:
+                self._token.run_sync_soon(self._checked, hashed)  # before `_stored`: the loop runs them in order
+            except trio.RunFinishedError:
+                pass
         if appended:
             self.repo.write_blocks(appended, True)
-        return _HashedBatch(appended, [cid for cid, _ in batch.nodes], good, bad)
+        return hashed
+
+    def _checked(self, hashed: _HashedBatch) -> None:
+        """On the event loop: a hashed batch's good leaves arrive (the walk, `on_verified`), liars are dropped."""
+        if hashed.new is None:
+            self.unchecked -= len(hashed.good) + len(hashed.bad)
+            hashed.new = self._run.leaves_checked(hashed.good, hashed.bad)
 
     def _stored(self, stored: StoredBatch) -> None:
         assert isinstance(stored, _HashedBatch)
-        self.unchecked -= len(stored.good) + len(stored.bad)
-        new = self._run.leaves_checked(stored.good, stored.bad)
+        self._checked(stored)  # (where work runs inline, as in simnet, or the callback was not run)
         if self._then is not None:
-            self._then(stored.nodes + new)
+            self._then(stored.nodes + (stored.new or []))
 
 
 def _held_many(repo: Any) -> Callable[[list[CID]], list[bool]] | None:

@@ -918,7 +918,7 @@ class BitswapClient:
         earliest = self._flush_lazy(now) if self._lazy else None
         for peer, entries in self._outbox.items():
             if entries:
-                out.append(Send(peer, Message(wants=tuple(entries.values()))))
+                out.append(Send(peer, Message(tuple(entries.values()))))
         at = self._deadlines.next_deadline()
         if at is not None:
             earliest = at if earliest is None else min(earliest, at)

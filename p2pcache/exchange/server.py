@@ -713,11 +713,14 @@ class BitswapServer:
 
     def _pump(self) -> list[Action]:
         out: list[Action] = []
-        if not self._active and not self._cap_heap:
+        active = self._active
+        if not active and not self._cap_heap:
             return out  # the common step of a busy node: nothing queued for anyone
         back = self._uncap() if self._cap_heap else []
-        self._drop_idle()
-        peers = list(self._active)
+        # `_drop_idle` and the ring's list in one pass (a peer with no tasks leaves the ring)
+        peers = [peer for peer, led in active.items() if led.tasks]
+        if len(peers) != len(active):
+            self._drop_idle()
         n = len(peers)
         if not n:
             return out
@@ -725,22 +728,32 @@ class BitswapServer:
         # queue is unchanged and outstanding bytes only grow while pumping), so a round visits only the
         # peers that made progress in the one before.
         start = self._cursor % n
-        rnd = peers[start:] + peers[:start]
+        rnd = peers[start:] + peers[:start] if start else peers
         self._cursor = (self._cursor + 1) % n
         if back:  # they waited for room: they go first
             first = set(back)
-            rnd = [peer for peer in back if peer in self._active] + [peer for peer in rnd if peer not in first]
-        ledgers, active, cfg = self._ledgers, self._active, self.config
+            rnd = [peer for peer in back if peer in active] + [peer for peer in rnd if peer not in first]
+        ledgers, cfg = self._ledgers, self.config
         max_out, cap, quantum = cfg.max_outstanding_bytes, cfg.max_total_outstanding_bytes, cfg.quantum
+        heappop = heapq.heappop
         while rnd:
             progressed = []
             for peer in rnd:
                 led = ledgers[peer]
                 # `_can_send`, inlined (a visit per peer and round: the server's innermost loop)
-                if not led.tasks:
+                tasks = led.tasks
+                if not tasks:
                     led.deficit = 0
                     continue
-                head = led.head()
+                # `led.head()`, inlined
+                heap = led._heap
+                head = None
+                while heap:
+                    top = heap[0][3]
+                    if tasks.get(top.key) is top:
+                        head = top
+                        break
+                    heappop(heap)
                 if head is None:
                     led.deficit = 0
                 if not led.presences:  # presences go whatever the block limits say; `_build` applies those
@@ -751,7 +764,8 @@ class BitswapServer:
                     if cap and total and total + head.wire > cap:
                         # only the total limit holds its block back: out of the ring until acks make room
                         del active[peer]
-                        seq = self._next_seq()
+                        self._seq += 1  # `_next_seq`, inlined
+                        seq = self._seq
                         self._capped[peer] = seq
                         heapq.heappush(self._cap_heap, (head.wire, led.served, seq, peer))
                         continue
@@ -762,12 +776,15 @@ class BitswapServer:
                 if send is not None:
                     # Only messages carrying blocks count against the outstanding limits (and so want
                     # a `MessageSent`): presences are a few bytes each and must not wait behind blocks.
-                    counted = send[1] if send[0].blocks else 0
-                    if counted:
-                        led.served = self._next_seq()
-                    out.append(Send(peer, send[0], counted))
-                    led.outstanding += counted
-                    self._outstanding_total += counted
+                    msg, size = send
+                    if msg.blocks:
+                        self._seq += 1
+                        led.served = self._seq
+                        out.append(Send(peer, msg, size))
+                        led.outstanding += size
+                        self._outstanding_total += size
+                    else:
+                        out.append(Send(peer, msg, 0))
             rnd = progressed
         self._drop_idle()  # so a peer that gets tasks again joins the ring at its end
         return out
@@ -798,8 +815,16 @@ class BitswapServer:
                 led.haves_sent += 1
             else:
                 led.dont_haves_sent += 1
+        heap = led._heap
         while True:
-            t = led.head()
+            # `led.head()`, inlined
+            t = None
+            while heap:
+                top = heap[0][3]
+                if tasks.get(top.key) is top:
+                    t = top
+                    break
+                heapq.heappop(heap)
             if t is None:
                 break
             s = t.wire
@@ -834,4 +859,4 @@ class BitswapServer:
         pending = min(led.block_bytes, 2**31 - 1)
         if pending:
             size += 1 + uvarint_size(pending)
-        return Message(blocks=tuple(blocks), presences=tuple(presences), pending_bytes=pending), size
+        return Message((), False, tuple(blocks), tuple(presences), pending), size

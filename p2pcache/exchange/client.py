@@ -59,12 +59,9 @@ import enum
 from collections import OrderedDict
 from itertools import islice
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from ..content.cid import CID
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 from .deadlines import Deadlines
 from .errors import ExchangeUsageError
 from .events import (
@@ -441,11 +438,13 @@ class BitswapClient:
             if peer in w.dont_haves:
                 w.dont_haves.pop(peer, None)
                 self._stats.haves_after_dont_have += 1
-            if w.state is WantState.PARKED:
+            state = w.state
+            if state is WantState.PARKED:
                 w.parked_since = None
-                self._requeue(w)
-            elif w.state is WantState.BLOCKED:
-                self._requeue(w)  # it waited for room at its other holders: this one may have some
+                self._move(w, WantState.QUEUED, True)  # `_requeue`
+            elif state is WantState.BLOCKED:
+                # it waited for room at its other holders: this one may have some
+                self._move(w, WantState.QUEUED, True)  # `_requeue`
             return
         self._stats.dont_haves += 1
         w.holders.pop(peer, None)
@@ -633,7 +632,8 @@ class BitswapClient:
         return (len(p.blocks_out) + 1) * service + p.stalls * self.config.want_timeout
 
     def _schedule(self, now: float) -> None:
-        self._schedule_queue(now)
+        if self._pending:  # (`_schedule_queue`'s own first test, without a call on most steps)
+            self._schedule_queue(now)
         while self._recheck:
             peer, _ = self._recheck.popitem()
             p = self._peers.get(peer)
@@ -660,75 +660,88 @@ class BitswapClient:
         # Candidates depend only on a want's sessions (their providers) and the connected peers, which
         # do not change during a pass: one list per session set, not one O(peers) build per CID asked.
         candidates_of: dict[tuple[SessionId, ...], list[PeerId]] = {}
-        for cid in self._pending_in_order():
-            if open_sessions == 0 or open_peers == 0:
-                # Still look for CIDs that have no candidate at all, so they fail or start their clock.
-                self._mark_stalled(now)
+        # Pending CIDs front to back while the loop removes some of them, without copying the whole queue:
+        # a scan costs the CIDs it skips or places, not the length of the queue. (A loop here, not a
+        # generator: a generator's resumption per CID cost more than the CID's placement.)
+        pending = self._pending
+        skipped = 0
+        while True:
+            chunk = list(islice(pending, skipped, skipped + 64))
+            if not chunk:
                 return
-            w = self._wants.get(cid)
-            if w is None or w.block_peer is not None:
-                continue
-            full = False
-            for sid in w.sessions:
-                if session_map[sid].inflight >= session_window:
-                    full = True
-                    break
-            if full:
-                continue
-            if swarm:
-                best = self._place_swarm(w, now)
-                if best is not None:
-                    if len(self._peers[best].blocks_out) >= peer_window:
-                        open_peers -= 1
-                    for sid in w.sessions:
-                        if session_map[sid].inflight == session_window:
-                            open_sessions -= 1
-                continue
-            sessions = tuple(w.sessions)
-            candidates = candidates_of.get(sessions)
-            if candidates is None:
-                candidates = candidates_of[sessions] = self._candidates(w)
-            usable = [peer for peer in candidates if peer not in w.dont_haves]
-            if candidates and (not usable or cfg.park_after and self._enough_dont_haves(w, candidates, usable)):
-                if cfg.dont_have_wait > 0:
-                    self._park(w, now)
-                elif not usable:
-                    self._fail(w, f"all {len(candidates)} peers asked said they do not have it")
-                continue
-            if not usable:
-                if w.stalled_since is None:
-                    w.stalled_since = now
-                    self._stalled[cid] = w
-                continue
-            w.stalled_since = None
-            self._stalled.pop(cid, None)
-            open_ = [peer for peer in usable if len(self._peers[peer].blocks_out) < cfg.peer_window]
-            if not open_:
-                continue
-            order = {peer: i for i, peer in enumerate(usable)}
-            best = min(
-                open_,
-                key=lambda peer: (
-                    peer not in w.holders,
-                    peer in w.timed_out,
-                    self._cost(peer),
-                    len(self._peers[peer].blocks_out),
-                    order[peer],
-                ),
-            )
-            self._ask_block(w, best, now)
-            filled_peer, filled_sessions = self._windows_filled(w, best)
-            open_peers -= filled_peer
-            open_sessions -= filled_sessions
-            if w.attempts == 1 and cfg.have_fanout:
-                others = sorted(
-                    (peer for peer in usable if peer != best and peer not in w.have_asked
-                     and not self._peers[peer].proven
-                     and len(self._peers[peer].haves_out) < cfg.peer_have_window),
-                    key=lambda peer: (self._cost(peer), order[peer]),
+            for cid in chunk:
+                if open_sessions == 0 or open_peers == 0:
+                    # Still look for CIDs that have no candidate at all, so they fail or start their clock.
+                    self._mark_stalled(now)
+                    return
+                w = self._wants.get(cid)
+                if w is None or w.block_peer is not None:
+                    continue
+                full = False
+                for sid in w.sessions:
+                    if session_map[sid].inflight >= session_window:
+                        full = True
+                        break
+                if full:
+                    continue
+                if swarm:
+                    best = self._place_swarm(w, now)
+                    if best is not None:
+                        if len(self._peers[best].blocks_out) >= peer_window:
+                            open_peers -= 1
+                        for sid in w.sessions:
+                            if session_map[sid].inflight == session_window:
+                                open_sessions -= 1
+                    continue
+                sessions = tuple(w.sessions)
+                candidates = candidates_of.get(sessions)
+                if candidates is None:
+                    candidates = candidates_of[sessions] = self._candidates(w)
+                usable = [peer for peer in candidates if peer not in w.dont_haves]
+                if candidates and (not usable or cfg.park_after and self._enough_dont_haves(w, candidates, usable)):
+                    if cfg.dont_have_wait > 0:
+                        self._park(w, now)
+                    elif not usable:
+                        self._fail(w, f"all {len(candidates)} peers asked said they do not have it")
+                    continue
+                if not usable:
+                    if w.stalled_since is None:
+                        w.stalled_since = now
+                        self._stalled[cid] = w
+                    continue
+                w.stalled_since = None
+                self._stalled.pop(cid, None)
+                open_ = [peer for peer in usable if len(self._peers[peer].blocks_out) < cfg.peer_window]
+                if not open_:
+                    continue
+                order = {peer: i for i, peer in enumerate(usable)}
+                best = min(
+                    open_,
+                    key=lambda peer: (
+                        peer not in w.holders,
+                        peer in w.timed_out,
+                        self._cost(peer),
+                        len(self._peers[peer].blocks_out),
+                        order[peer],
+                    ),
                 )
-                for peer in others[: cfg.have_fanout]:
-                    self._ask_have(w, peer)
+                self._ask_block(w, best, now)
+                filled_peer, filled_sessions = self._windows_filled(w, best)
+                open_peers -= filled_peer
+                open_sessions -= filled_sessions
+                if w.attempts == 1 and cfg.have_fanout:
+                    others = sorted(
+                        (peer for peer in usable if peer != best and peer not in w.have_asked
+                         and not self._peers[peer].proven
+                         and len(self._peers[peer].haves_out) < cfg.peer_have_window),
+                        key=lambda peer: (self._cost(peer), order[peer]),
+                    )
+                    for peer in others[: cfg.have_fanout]:
+                        self._ask_have(w, peer)
+            # what is still pending of this chunk was skipped, and stays in front of the rest
+            for cid in chunk:
+                if cid in pending:
+                    skipped += 1
 
     def _windows_filled(self, w: _Want, peer: PeerId) -> tuple[int, int]:
         """After a want-block to `peer` for `w`: whether that filled the peer's window, and how many
@@ -807,19 +820,6 @@ class BitswapClient:
             # which is all a parked CID waits for; a DONT_HAVE per peer and CID would only cost messages.
             self._ask_have(w, peer, send_dont_have=False)
 
-    def _pending_in_order(self) -> Iterator[bytes]:
-        """Pending CIDs (their bytes) front to back, while the caller removes some of them, without copying the
-        whole queue: a scan costs the CIDs it skips or places, not the length of the queue."""
-        skipped = 0
-        while True:
-            chunk = list(islice(self._pending, skipped, skipped + 64))
-            if not chunk:
-                return
-            for cid in chunk:
-                yield cid
-            # what is still pending of this chunk was skipped, and stays in front of the rest
-            skipped += sum(1 for cid in chunk if cid in self._pending)
-
     def _enough_dont_haves(self, w: _Want, candidates: list[PeerId], usable: list[PeerId]) -> bool:
         """`park_after` peers said DONT_HAVE, and so did the session's providers: routing named them as
         holders, so until they have refused too, the swarm may not have the block anywhere."""
@@ -873,20 +873,26 @@ class BitswapClient:
         for sid in w.sessions:
             self._sessions[sid].inflight += 1
         self._stats.want_blocks_sent += 1
-        self._unlazy(peer, key)
-        self._outbox.setdefault(peer, {})[key] = WantEntry(
-            w.cid, WantType.BLOCK, w.priority, send_dont_have=True
-        )
+        lazy = self._lazy.get(peer)  # `_unlazy`, inlined
+        if lazy and lazy.pop(key, None) is not None and not lazy:
+            del self._lazy[peer]
+        box = self._outbox.get(peer)
+        if box is None:
+            box = self._outbox[peer] = {}
+        box[key] = WantEntry(w.cid, WantType.BLOCK, w.priority, False, True)  # send_dont_have
 
     def _ask_have(self, w: _Want, peer: PeerId, send_dont_have: bool = True) -> None:
         w.have_asked[peer] = None
         key = w.key
         self._peers[peer].haves_out[key] = None
         self._stats.want_haves_sent += 1
-        self._unlazy(peer, key)
-        self._outbox.setdefault(peer, {})[key] = WantEntry(
-            w.cid, WantType.HAVE, w.priority, send_dont_have=send_dont_have
-        )
+        lazy = self._lazy.get(peer)  # `_unlazy`, inlined (want-haves go to every peer for every CID)
+        if lazy and lazy.pop(key, None) is not None and not lazy:
+            del self._lazy[peer]
+        box = self._outbox.get(peer)
+        if box is None:
+            box = self._outbox[peer] = {}
+        box[key] = WantEntry(w.cid, WantType.HAVE, w.priority, False, send_dont_have)
 
     def _unlazy(self, peer: PeerId, key: bytes) -> None:
         lazy = self._lazy.get(peer)

@@ -525,24 +525,31 @@ class BitswapServer:
             led.clear()
             led.waiting.clear()
             led.kept.clear()
+        # (the ledger's maps are never replaced, only changed: held here for a wantlist of thousands)
+        tasks, waiting, kept, max_wants = led.tasks, led.waiting, led.kept, cfg.max_wants_per_peer
         for e in msg.wants:
             key = e.cid.buffer
             if e.cancel:
-                t = led.drop(key)
-                led.waiting.pop(key, None)
-                led.kept.pop(key, None)
+                t = tasks.pop(key, None)  # `led.drop`, inlined
+                if t is not None:
+                    if t.kind == _BLOCK:
+                        led.block_bytes -= t.size
+                    else:
+                        del led.presences[key]
+                waiting.pop(key, None)
+                kept.pop(key, None)
                 if t is not None and t.kind == _BLOCK and key in self._lent_to.get(peer, ()):
                     self._released_early += 1  # it never went: someone else may have it now
                     self._end_lending(key)
                 elif self._unspread:
                     self._spread_if_elsewhere(peer, key)  # it cancels: it got the block elsewhere
                 continue
-            known = key in led.tasks or key in led.waiting
-            held = len(led.tasks) + len(led.waiting) - len(led.kept)  # kept wants have their own bound
-            if not known and (led.tokens < 1 or held >= cfg.max_wants_per_peer):
+            known = key in tasks or key in waiting
+            # kept wants have their own bound
+            if not known and (led.tokens < 1 or len(tasks) + len(waiting) - len(kept) >= max_wants):
                 led.wants_refused += 1
                 # Bound even the refusals: a peer that stops reading cannot grow our queue forever.
-                if e.send_dont_have and len(led.tasks) < 2 * cfg.max_wants_per_peer:
+                if e.send_dont_have and len(tasks) < 2 * max_wants:
                     self._queue(led, e, _DONT_HAVE, 0)
                 continue
             if not known:
@@ -605,7 +612,13 @@ class BitswapServer:
                     led.waiting.pop(key, None)
                     led.kept.pop(key, None)
             else:
-                led.drop(key)
+                # a want we cannot answer yet waits (the common want-have of a fleet): `led.drop`, inlined
+                t = led.tasks.pop(key, None)
+                if t is not None:
+                    if t.kind == _BLOCK:
+                        led.block_bytes -= t.size
+                    else:
+                        del led.presences[key]
                 led.waiting[key] = e
                 led.kept.pop(key, None)
             return
@@ -667,13 +680,23 @@ class BitswapServer:
         led.kept[key] = None
 
     def _queue(self, led: _PeerLedger, e: WantEntry, kind: int, size: int) -> None:
-        old = led.tasks.get(e.cid.buffer)
+        key = e.cid.buffer
+        tasks = led.tasks
+        old = tasks.get(key)
         if old is not None:
             seq = old.seq
+            led.drop(key)
         else:
             self._seq += 1  # `_next_seq`, inlined
             seq = self._seq
-        led.put(_Task(e.cid, kind, e.priority, seq, size, e.send_dont_have))
+        # `led.put`, inlined (its drop of an older task is above)
+        task = tasks[key] = _Task(e.cid, kind, e.priority, seq, size, e.send_dont_have)
+        if kind == _BLOCK:
+            led._pushes += 1
+            heapq.heappush(led._heap, (-task.priority, seq, led._pushes, task))
+            led.block_bytes += size
+        else:
+            led.presences[key] = task
         self._active[led.peer] = led
         self._capped.pop(led.peer, None)  # its head may have changed, or it has presences now
 

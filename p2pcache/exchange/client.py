@@ -646,17 +646,13 @@ class BitswapClient:
         if not self._pending:
             return
         # Early exits keep a steady-state step (one block in, one want out) from scanning every
-        # pending CID: stop once no session or no peer has room left.
+        # pending CID: stop once no session or no peer has room left. During a scan windows only fill
+        # (wants are asked, none is answered), so whether some session and some peer have room is
+        # looked up again only after a placement filled one: `room` says it is known to hold.
         # (plain loops: this runs on every event, and a generator per count costs more than the count)
-        open_sessions = open_peers = 0
+        room = False
         session_window, peer_window, banned = cfg.session_window, cfg.peer_window, self._banned
         session_map, swarm = self._sessions, not cfg.want_block_unproven
-        for s in session_map.values():
-            if s.inflight < session_window:
-                open_sessions += 1
-        for peer, p in self._peers.items():
-            if len(p.blocks_out) < peer_window and not (banned and peer in banned):
-                open_peers += 1
         # Candidates depend only on a want's sessions (their providers) and the connected peers, which
         # do not change during a pass: one list per session set, not one O(peers) build per CID asked.
         candidates_of: dict[tuple[SessionId, ...], list[PeerId]] = {}
@@ -670,10 +666,18 @@ class BitswapClient:
             if not chunk:
                 return
             for cid in chunk:
-                if open_sessions == 0 or open_peers == 0:
-                    # Still look for CIDs that have no candidate at all, so they fail or start their clock.
-                    self._mark_stalled(now)
-                    return
+                if not room:
+                    for sess in session_map.values():
+                        if sess.inflight < session_window:  # a session has room: has a peer?
+                            for peer, p in self._peers.items():
+                                if len(p.blocks_out) < peer_window and not (banned and peer in banned):
+                                    room = True
+                                    break
+                            break
+                    if not room:
+                        # Still look for CIDs that have no candidate at all, so they fail or start their clock.
+                        self._mark_stalled(now)
+                        return
                 w = self._wants.get(cid)
                 if w is None or w.block_peer is not None:
                     continue
@@ -688,10 +692,12 @@ class BitswapClient:
                     best = self._place_swarm(w, now)
                     if best is not None:
                         if len(self._peers[best].blocks_out) >= peer_window:
-                            open_peers -= 1
-                        for sid in w.sessions:
-                            if session_map[sid].inflight == session_window:
-                                open_sessions -= 1
+                            room = False
+                        else:
+                            for sid in w.sessions:
+                                if session_map[sid].inflight == session_window:
+                                    room = False
+                                    break
                     continue
                 sessions = tuple(w.sessions)
                 candidates = candidates_of.get(sessions)
@@ -727,8 +733,8 @@ class BitswapClient:
                 )
                 self._ask_block(w, best, now)
                 filled_peer, filled_sessions = self._windows_filled(w, best)
-                open_peers -= filled_peer
-                open_sessions -= filled_sessions
+                if filled_peer or filled_sessions:
+                    room = False
                 if w.attempts == 1 and cfg.have_fanout:
                     others = sorted(
                         (peer for peer in usable if peer != best and peer not in w.have_asked

@@ -879,7 +879,9 @@ class BitswapServer:
             led.bytes_sent += t.size
         if not presences and not blocks:
             return None
-        pending = min(led.block_bytes, 2**31 - 1)
+        pending = led.block_bytes
+        if pending > 2147483647:  # `min(block_bytes, 2**31 - 1)`: the field is an int32
+            pending = 2147483647
         if pending:
             size += 1 + uvarint_size(pending)
         return Message((), False, tuple(blocks), tuple(presences), pending), size

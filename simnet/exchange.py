@@ -279,8 +279,10 @@ class BitswapNode:
     _send = on_send
 
     def _written(self, peer: PeerId, n: int) -> None:
-        if self.alive:
-            self._server(MessageSent(peer, n))
+        if self.alive:  # `_server`, inlined (every block message)
+            actions = self.server.handle(MessageSent(peer, n), self.sim.now())
+            if actions:
+                apply_actions(actions, self)
 
     def _dialled(self, peer: PeerId, ok: bool) -> None:
         if not ok and self._waiting.pop(peer, None) is not None and self.alive:
@@ -301,11 +303,14 @@ class BitswapNode:
 
     # -- store ----------------------------------------------------------------------------------
     def store_block(self, cid: CID, data: Any) -> None:
-        if cid not in self.store.blocks:
-            self.store.blocks[cid] = data
+        blocks = self.store.blocks
+        if cid not in blocks:
+            blocks[cid] = data
             self.counters.blocks_stored += 1
             self.counters.bytes_stored += len(data)
-            self._server(BlocksAdded((cid,)))
+            actions = self.server.handle(BlocksAdded((cid,)), self.sim.now())  # `_server`, inlined
+            if actions:
+                apply_actions(actions, self)
 
     def leave(self) -> None:
         """The node stops: nothing of it runs any more (the network cuts its links)."""

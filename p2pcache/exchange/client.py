@@ -915,7 +915,12 @@ class BitswapClient:
         """Lazy cancels ride with a message going to their peer anyway; the rest go out when due (or
         when a peer has 256 of them, in `_cancel`). Returns when the next one falls due."""
         due_now = self._lazy_due is not None and self._lazy_due <= now
-        peers = list(self._lazy) if due_now else [peer for peer in self._outbox if peer in self._lazy]
+        if due_now:
+            peers = list(self._lazy)
+        elif not self._outbox:
+            return self._lazy_due  # nothing to ride with, nothing due (most steps)
+        else:
+            peers = [peer for peer in self._outbox if peer in self._lazy]
         for peer in peers:
             lazy = self._lazy[peer]
             # dicts keep insertion order and every due is insertion time + cancel_delay
@@ -932,8 +937,8 @@ class BitswapClient:
             if entries:
                 out.append(Send(peer, Message(tuple(entries.values()))))
         at = self._deadlines.next_deadline()
-        if at is not None:
-            earliest = at if earliest is None else min(earliest, at)
+        if at is not None and (earliest is None or at < earliest):  # `min`, without the call
+            earliest = at
         for w in self._stalled.values():
             at = cast(float, w.stalled_since) + self.config.no_provider_timeout
             earliest = at if earliest is None else min(earliest, at)

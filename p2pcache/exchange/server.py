@@ -720,14 +720,15 @@ class BitswapServer:
         """Peers whose waiting block fits under the total limit now rejoin the ring; returned in the
         order they go first: smallest block, then the one served longest ago."""
         heap, cap = self._cap_heap, self.config.max_total_outstanding_bytes
+        capped, total, heappop = self._capped, self._outstanding_total, heapq.heappop
         back: list[PeerId] = []
         while heap:
             size, _, seq, peer = heap[0]
-            if self._capped.get(peer) != seq:
-                heapq.heappop(heap)  # stale: it rejoined the ring already, or left
-            elif not self._outstanding_total or self._outstanding_total + size <= cap:
-                heapq.heappop(heap)
-                del self._capped[peer]
+            if capped.get(peer) != seq:
+                heappop(heap)  # stale: it rejoined the ring already, or left
+            elif not total or total + size <= cap:
+                heappop(heap)
+                del capped[peer]
                 self._active[peer] = self._ledgers[peer]
                 back.append(peer)
             else:
@@ -814,6 +815,8 @@ class BitswapServer:
 
     def _drop_idle(self) -> None:
         active = self._active
+        if not active:
+            return
         idle = [peer for peer, led in active.items() if not led.tasks]
         for peer in idle:
             active.pop(peer).deficit = 0

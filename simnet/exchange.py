@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Hashable
 
 from p2pcache.content.cid import CID
@@ -57,7 +58,7 @@ from p2pcache.exchange import (
 from p2pcache.exchange.bans import BanList
 from p2pcache.exchange.dispatch import apply_actions
 from p2pcache.exchange.events import Action
-from p2pcache.exchange.message import block_wire_size, presence_wire_size, uvarint_size, want_wire_size
+from p2pcache.exchange.message import block_wire_size, presence_wire_size, uvarint_size, wants_wire_size
 from p2pcache.transfer import DagWalk
 
 from .core import Sim
@@ -73,17 +74,27 @@ PeerId = Hashable
 
 def message_size(msg: Message) -> int:
     """Bytes `encode(msg)` takes, framed, computed without encoding."""
-    if not (msg.wants or msg.full or msg.blocks or msg.pending_bytes) and len(msg.presences) == 1:
-        n = presence_wire_size(msg.presences[0].cid, msg.presences[0].have)  # most messages of a fleet: one HAVE
+    wants, blocks, presences, pending, full = msg.wants, msg.blocks, msg.presences, msg.pending_bytes, msg.full
+    if not (blocks or presences or pending or full):
+        # a client's message: a wantlist only (with nothing at all, the wantlist field is absent)
+        if not wants:
+            return uvarint_size(0)
+        inner = wants_wire_size(wants)
+        n = 1 + uvarint_size(inner) + inner
+        return n + uvarint_size(n)
+    if not (wants or full or blocks or pending) and len(presences) == 1:
+        n = presence_wire_size(presences[0].cid, presences[0].have)  # most messages of a fleet: one HAVE
         return n + uvarint_size(n)
     n = 0
-    if msg.wants or msg.full:
-        inner = sum(want_wire_size(e) for e in msg.wants) + (2 if msg.full else 0)
+    if wants or full:
+        inner = wants_wire_size(wants) + (2 if full else 0)
         n += 1 + uvarint_size(inner) + inner
-    n += sum(block_wire_size(b.cid, len(b.data)) for b in msg.blocks)
-    n += sum(presence_wire_size(p.cid, p.have) for p in msg.presences)
-    if msg.pending_bytes:
-        n += 1 + uvarint_size(msg.pending_bytes)
+    for b in blocks:
+        n += block_wire_size(b.cid, len(b.data))
+    for p in presences:
+        n += presence_wire_size(p.cid, p.have)
+    if pending:
+        n += 1 + uvarint_size(pending)
     return n + uvarint_size(n)
 
 
@@ -170,10 +181,8 @@ class BitswapNode:
     def _apply(self, actions: list[Action]) -> None:
         apply_actions(actions, self)
 
-    # `ActionHandler`: what each engine action means on simnet links (called by `apply_actions` only)
-    def on_send(self, action: Send) -> None:
-        self._send(action)
-
+    # `ActionHandler`: what each engine action means on simnet links (called by `apply_actions` only;
+    # `on_send` is `_send`, below)
     def on_deliver(self, action: Deliver) -> None:
         f = self._sessions.get(action.session)
         if f is not None:
@@ -235,14 +244,22 @@ class BitswapNode:
                 msg = Message(msg.wants, msg.full, tuple(Block(_shared(cids, cid_of(b.data, b.cid.codec)), b.data)
                                                          for b in msg.blocks), msg.presences, msg.pending_bytes)
         event = MessageReceived(peer, msg)
+        # `_server` and `_client`, inlined (every message): the clock stands still within a callback,
+        # so both engines are handed the same time.
+        now = self.sim.now()
         # The server first: what the message proves the peer holds must be known before the client's
         # blocks are stored and the server announces them (see `BitswapServer`'s holdings).
         if self.behaviour != "silent":
-            self._server(event)
+            actions = self.server.handle(event, now)
+            if actions:
+                apply_actions(actions, self)
         if msg.blocks or msg.presences:
-            self._client(event)
+            actions = self.client.handle(event, now)
+            if actions:
+                apply_actions(actions, self)
 
-    def _send(self, send: Send) -> None:
+    def on_send(self, action: Send) -> None:
+        send = action
         peer = send.peer
         if not self.alive or self._banned_any and self._is_banned(peer):
             return
@@ -251,10 +268,7 @@ class BitswapNode:
             size, payload = len(data) + uvarint_size(len(data)), data
         else:
             size, payload = message_size(send.message), send.message
-        on_written = None
-        if send.size:
-            n = send.size
-            on_written = lambda: self._written(peer, n)  # noqa: E731
+        on_written = partial(self._written, peer, send.size) if send.size else None
         if not self.net.send(self.name, peer, size, payload, on_written):  # not connected: dial first
             q = self._waiting.get(peer)
             if q is None:
@@ -262,9 +276,13 @@ class BitswapNode:
                 self.net.connect(self.name, peer, lambda ok, peer=peer: self._dialled(peer, ok))
             q.append(send)
 
+    _send = on_send
+
     def _written(self, peer: PeerId, n: int) -> None:
-        if self.alive:
-            self._server(MessageSent(peer, n))
+        if self.alive:  # `_server`, inlined (every block message)
+            actions = self.server.handle(MessageSent(peer, n), self.sim.now())
+            if actions:
+                apply_actions(actions, self)
 
     def _dialled(self, peer: PeerId, ok: bool) -> None:
         if not ok and self._waiting.pop(peer, None) is not None and self.alive:
@@ -285,11 +303,14 @@ class BitswapNode:
 
     # -- store ----------------------------------------------------------------------------------
     def store_block(self, cid: CID, data: Any) -> None:
-        if cid not in self.store.blocks:
-            self.store.blocks[cid] = data
+        blocks = self.store.blocks
+        if cid not in blocks:
+            blocks[cid] = data
             self.counters.blocks_stored += 1
             self.counters.bytes_stored += len(data)
-            self._server(BlocksAdded((cid,)))
+            actions = self.server.handle(BlocksAdded((cid,)), self.sim.now())  # `_server`, inlined
+            if actions:
+                apply_actions(actions, self)
 
     def leave(self) -> None:
         """The node stops: nothing of it runs any more (the network cuts its links)."""

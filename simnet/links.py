@@ -277,27 +277,32 @@ class Network:
         arrive = written + latency
         # The receiver's downlink drains at its own rate: a receiver fed by many senders queues them.
         drain = size / down
+        # (conditionals for `max`: the same values, without a builtin call per message)
+        down_free = d.down_free
         if sparse:
             done = arrive + drain
-            d.down_free = max(d.down_free, arrive) + drain
+            d.down_free = (down_free if down_free >= arrive else arrive) + drain
         else:
-            done = max(arrive, d.down_free + drain)
+            done = down_free + drain
+            if arrive >= done:
+                done = arrive
             d.down_free = done
         if done < last[0]:
             done = last[0]
         last[0] = done
         if on_written is not None:
             sim.post(written, on_written)
-        sim.post(done, self._deliver, src, dst, pair, epoch, size, payload)
+        sim.post(done, self._deliver, src, d, pair, epoch, size, payload)
         return True
 
-    def _deliver(self, src: NodeId, dst: NodeId, pair: tuple, epoch: int, size: int, payload: Any) -> None:
+    def _deliver(self, src: NodeId, d: _Nic, pair: tuple, epoch: int, size: int, payload: Any) -> None:
+        # `d` is the receiver's nic: a live connection's ends are live nodes (a node that leaves has
+        # its connections cut first, so the epoch test below fails for what was in flight to it).
         if self._conns.get(pair) != epoch:
             nic = self._nics.get(src)
             if nic is not None:
                 nic.dropped += 1
             return
-        d = self._nics[dst]
         d.bytes_received += size
         d.messages_received += 1
         d.endpoint.on_message(src, payload)

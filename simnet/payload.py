@@ -123,7 +123,9 @@ class SimBlockStore:
 
     def size(self, cid: CID) -> int | None:
         d = self.blocks.get(cid)
-        return None if d is None else len(d)
+        if d is None:
+            return None
+        return d.size if type(d) is SyntheticData else len(d)  # (`len` of a descriptor is a Python call)
 
     def get(self, cid: CID) -> bytes | SyntheticData | None:
         return self.blocks.get(cid)

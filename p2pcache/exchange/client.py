@@ -59,12 +59,9 @@ import enum
 from collections import OrderedDict
 from itertools import islice
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from ..content.cid import CID
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 from .deadlines import Deadlines
 from .errors import ExchangeUsageError
 from .events import (
@@ -441,11 +438,13 @@ class BitswapClient:
             if peer in w.dont_haves:
                 w.dont_haves.pop(peer, None)
                 self._stats.haves_after_dont_have += 1
-            if w.state is WantState.PARKED:
+            state = w.state
+            if state is WantState.PARKED:
                 w.parked_since = None
-                self._requeue(w)
-            elif w.state is WantState.BLOCKED:
-                self._requeue(w)  # it waited for room at its other holders: this one may have some
+                self._move(w, WantState.QUEUED, True)  # `_requeue`
+            elif state is WantState.BLOCKED:
+                # it waited for room at its other holders: this one may have some
+                self._move(w, WantState.QUEUED, True)  # `_requeue`
             return
         self._stats.dont_haves += 1
         w.holders.pop(peer, None)
@@ -633,7 +632,8 @@ class BitswapClient:
         return (len(p.blocks_out) + 1) * service + p.stalls * self.config.want_timeout
 
     def _schedule(self, now: float) -> None:
-        self._schedule_queue(now)
+        if self._pending:  # (`_schedule_queue`'s own first test, without a call on most steps)
+            self._schedule_queue(now)
         while self._recheck:
             peer, _ = self._recheck.popitem()
             p = self._peers.get(peer)
@@ -646,89 +646,108 @@ class BitswapClient:
         if not self._pending:
             return
         # Early exits keep a steady-state step (one block in, one want out) from scanning every
-        # pending CID: stop once no session or no peer has room left.
+        # pending CID: stop once no session or no peer has room left. During a scan windows only fill
+        # (wants are asked, none is answered), so whether some session and some peer have room is
+        # looked up again only after a placement filled one: `room` says it is known to hold.
         # (plain loops: this runs on every event, and a generator per count costs more than the count)
-        open_sessions = open_peers = 0
+        room = False
         session_window, peer_window, banned = cfg.session_window, cfg.peer_window, self._banned
         session_map, swarm = self._sessions, not cfg.want_block_unproven
-        for s in session_map.values():
-            if s.inflight < session_window:
-                open_sessions += 1
-        for peer, p in self._peers.items():
-            if len(p.blocks_out) < peer_window and not (banned and peer in banned):
-                open_peers += 1
         # Candidates depend only on a want's sessions (their providers) and the connected peers, which
         # do not change during a pass: one list per session set, not one O(peers) build per CID asked.
         candidates_of: dict[tuple[SessionId, ...], list[PeerId]] = {}
-        for cid in self._pending_in_order():
-            if open_sessions == 0 or open_peers == 0:
-                # Still look for CIDs that have no candidate at all, so they fail or start their clock.
-                self._mark_stalled(now)
+        # Pending CIDs front to back while the loop removes some of them, without copying the whole queue:
+        # a scan costs the CIDs it skips or places, not the length of the queue. (A loop here, not a
+        # generator: a generator's resumption per CID cost more than the CID's placement.)
+        pending = self._pending
+        skipped = 0
+        while True:
+            chunk = list(islice(pending, skipped, skipped + 64))
+            if not chunk:
                 return
-            w = self._wants.get(cid)
-            if w is None or w.block_peer is not None:
-                continue
-            full = False
-            for sid in w.sessions:
-                if session_map[sid].inflight >= session_window:
-                    full = True
-                    break
-            if full:
-                continue
-            if swarm:
-                best = self._place_swarm(w, now)
-                if best is not None:
-                    if len(self._peers[best].blocks_out) >= peer_window:
-                        open_peers -= 1
-                    for sid in w.sessions:
-                        if session_map[sid].inflight == session_window:
-                            open_sessions -= 1
-                continue
-            sessions = tuple(w.sessions)
-            candidates = candidates_of.get(sessions)
-            if candidates is None:
-                candidates = candidates_of[sessions] = self._candidates(w)
-            usable = [peer for peer in candidates if peer not in w.dont_haves]
-            if candidates and (not usable or cfg.park_after and self._enough_dont_haves(w, candidates, usable)):
-                if cfg.dont_have_wait > 0:
-                    self._park(w, now)
-                elif not usable:
-                    self._fail(w, f"all {len(candidates)} peers asked said they do not have it")
-                continue
-            if not usable:
-                if w.stalled_since is None:
-                    w.stalled_since = now
-                    self._stalled[cid] = w
-                continue
-            w.stalled_since = None
-            self._stalled.pop(cid, None)
-            open_ = [peer for peer in usable if len(self._peers[peer].blocks_out) < cfg.peer_window]
-            if not open_:
-                continue
-            order = {peer: i for i, peer in enumerate(usable)}
-            best = min(
-                open_,
-                key=lambda peer: (
-                    peer not in w.holders,
-                    peer in w.timed_out,
-                    self._cost(peer),
-                    len(self._peers[peer].blocks_out),
-                    order[peer],
-                ),
-            )
-            self._ask_block(w, best, now)
-            filled_peer, filled_sessions = self._windows_filled(w, best)
-            open_peers -= filled_peer
-            open_sessions -= filled_sessions
-            if w.attempts == 1 and cfg.have_fanout:
-                others = sorted(
-                    (peer for peer in usable if peer != best and peer not in w.have_asked
-                     and not self._peers[peer].proven
-                     and len(self._peers[peer].haves_out) < cfg.peer_have_window),
-                    key=lambda peer: (self._cost(peer), order[peer]),
+            for cid in chunk:
+                if not room:
+                    for sess in session_map.values():
+                        if sess.inflight < session_window:  # a session has room: has a peer?
+                            for peer, p in self._peers.items():
+                                if len(p.blocks_out) < peer_window and not (banned and peer in banned):
+                                    room = True
+                                    break
+                            break
+                    if not room:
+                        # Still look for CIDs that have no candidate at all, so they fail or start their clock.
+                        self._mark_stalled(now)
+                        return
+                w = self._wants.get(cid)
+                if w is None or w.block_peer is not None:
+                    continue
+                full = False
+                for sid in w.sessions:
+                    if session_map[sid].inflight >= session_window:
+                        full = True
+                        break
+                if full:
+                    continue
+                if swarm:
+                    best = self._place_swarm(w, now)
+                    if best is not None:
+                        if len(self._peers[best].blocks_out) >= peer_window:
+                            room = False
+                        else:
+                            for sid in w.sessions:
+                                if session_map[sid].inflight == session_window:
+                                    room = False
+                                    break
+                    continue
+                sessions = tuple(w.sessions)
+                candidates = candidates_of.get(sessions)
+                if candidates is None:
+                    candidates = candidates_of[sessions] = self._candidates(w)
+                usable = [peer for peer in candidates if peer not in w.dont_haves]
+                if candidates and (not usable or cfg.park_after and self._enough_dont_haves(w, candidates, usable)):
+                    if cfg.dont_have_wait > 0:
+                        self._park(w, now)
+                    elif not usable:
+                        self._fail(w, f"all {len(candidates)} peers asked said they do not have it")
+                    continue
+                if not usable:
+                    if w.stalled_since is None:
+                        w.stalled_since = now
+                        self._stalled[cid] = w
+                    continue
+                w.stalled_since = None
+                self._stalled.pop(cid, None)
+                open_ = [peer for peer in usable if len(self._peers[peer].blocks_out) < cfg.peer_window]
+                if not open_:
+                    continue
+                order = {peer: i for i, peer in enumerate(usable)}
+                best = min(
+                    open_,
+                    key=lambda peer: (
+                        peer not in w.holders,
+                        peer in w.timed_out,
+                        self._cost(peer),
+                        len(self._peers[peer].blocks_out),
+                        order[peer],
+                    ),
                 )
-                for peer in others[: cfg.have_fanout]:
-                    self._ask_have(w, peer)
+                self._ask_block(w, best, now)
+                filled_peer, filled_sessions = self._windows_filled(w, best)
+                if filled_peer or filled_sessions:
+                    room = False
+                if w.attempts == 1 and cfg.have_fanout:
+                    others = sorted(
+                        (peer for peer in usable if peer != best and peer not in w.have_asked
+                         and not self._peers[peer].proven
+                         and len(self._peers[peer].haves_out) < cfg.peer_have_window),
+                        key=lambda peer: (self._cost(peer), order[peer]),
+                    )
+                    for peer in others[: cfg.have_fanout]:
+                        self._ask_have(w, peer)
+            # what is still pending of this chunk was skipped, and stays in front of the rest
+            for cid in chunk:
+                if cid in pending:
+                    skipped += 1
 
     def _windows_filled(self, w: _Want, peer: PeerId) -> tuple[int, int]:
         """After a want-block to `peer` for `w`: whether that filled the peer's window, and how many
@@ -807,19 +826,6 @@ class BitswapClient:
             # which is all a parked CID waits for; a DONT_HAVE per peer and CID would only cost messages.
             self._ask_have(w, peer, send_dont_have=False)
 
-    def _pending_in_order(self) -> Iterator[bytes]:
-        """Pending CIDs (their bytes) front to back, while the caller removes some of them, without copying the
-        whole queue: a scan costs the CIDs it skips or places, not the length of the queue."""
-        skipped = 0
-        while True:
-            chunk = list(islice(self._pending, skipped, skipped + 64))
-            if not chunk:
-                return
-            for cid in chunk:
-                yield cid
-            # what is still pending of this chunk was skipped, and stays in front of the rest
-            skipped += sum(1 for cid in chunk if cid in self._pending)
-
     def _enough_dont_haves(self, w: _Want, candidates: list[PeerId], usable: list[PeerId]) -> bool:
         """`park_after` peers said DONT_HAVE, and so did the session's providers: routing named them as
         holders, so until they have refused too, the swarm may not have the block anywhere."""
@@ -873,20 +879,26 @@ class BitswapClient:
         for sid in w.sessions:
             self._sessions[sid].inflight += 1
         self._stats.want_blocks_sent += 1
-        self._unlazy(peer, key)
-        self._outbox.setdefault(peer, {})[key] = WantEntry(
-            w.cid, WantType.BLOCK, w.priority, send_dont_have=True
-        )
+        lazy = self._lazy.get(peer)  # `_unlazy`, inlined
+        if lazy and lazy.pop(key, None) is not None and not lazy:
+            del self._lazy[peer]
+        box = self._outbox.get(peer)
+        if box is None:
+            box = self._outbox[peer] = {}
+        box[key] = WantEntry(w.cid, WantType.BLOCK, w.priority, False, True)  # send_dont_have
 
     def _ask_have(self, w: _Want, peer: PeerId, send_dont_have: bool = True) -> None:
         w.have_asked[peer] = None
         key = w.key
         self._peers[peer].haves_out[key] = None
         self._stats.want_haves_sent += 1
-        self._unlazy(peer, key)
-        self._outbox.setdefault(peer, {})[key] = WantEntry(
-            w.cid, WantType.HAVE, w.priority, send_dont_have=send_dont_have
-        )
+        lazy = self._lazy.get(peer)  # `_unlazy`, inlined (want-haves go to every peer for every CID)
+        if lazy and lazy.pop(key, None) is not None and not lazy:
+            del self._lazy[peer]
+        box = self._outbox.get(peer)
+        if box is None:
+            box = self._outbox[peer] = {}
+        box[key] = WantEntry(w.cid, WantType.HAVE, w.priority, False, send_dont_have)
 
     def _unlazy(self, peer: PeerId, key: bytes) -> None:
         lazy = self._lazy.get(peer)
@@ -903,7 +915,12 @@ class BitswapClient:
         """Lazy cancels ride with a message going to their peer anyway; the rest go out when due (or
         when a peer has 256 of them, in `_cancel`). Returns when the next one falls due."""
         due_now = self._lazy_due is not None and self._lazy_due <= now
-        peers = list(self._lazy) if due_now else [peer for peer in self._outbox if peer in self._lazy]
+        if due_now:
+            peers = list(self._lazy)
+        elif not self._outbox:
+            return self._lazy_due  # nothing to ride with, nothing due (most steps)
+        else:
+            peers = [peer for peer in self._outbox if peer in self._lazy]
         for peer in peers:
             lazy = self._lazy[peer]
             # dicts keep insertion order and every due is insertion time + cancel_delay
@@ -918,10 +935,10 @@ class BitswapClient:
         earliest = self._flush_lazy(now) if self._lazy else None
         for peer, entries in self._outbox.items():
             if entries:
-                out.append(Send(peer, Message(wants=tuple(entries.values()))))
+                out.append(Send(peer, Message(tuple(entries.values()))))
         at = self._deadlines.next_deadline()
-        if at is not None:
-            earliest = at if earliest is None else min(earliest, at)
+        if at is not None and (earliest is None or at < earliest):  # `min`, without the call
+            earliest = at
         for w in self._stalled.values():
             at = cast(float, w.stalled_since) + self.config.no_provider_timeout
             earliest = at if earliest is None else min(earliest, at)

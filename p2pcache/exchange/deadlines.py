@@ -53,8 +53,14 @@ class Deadlines(Generic[K]):
 
     def next_deadline(self) -> float | None:
         """The earliest live deadline, or None."""
+        heap = self._heap
+        if not heap:
+            return None
+        top = heap[0]
+        if self._live.get(top[2]) == top[0]:
+            return top[0]  # live at the top (asked on every step of an engine): nothing to prune
         self._prune()
-        return self._heap[0][0] if self._heap else None
+        return heap[0][0] if heap else None
 
     def expire(self, now: float) -> list[K]:
         """Every key due at or before `now`, earliest first; they are due no more."""

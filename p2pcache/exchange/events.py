@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Hashable
 
 from ..content.cid import CID
+from .frozen import fast_init
 from .message import Message
 
 PeerId = Hashable
@@ -24,16 +25,19 @@ SessionId = Hashable
 # -- events shared by both engines ---------------------------------------------------------------
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PeerConnected:
     peer: PeerId
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PeerDisconnected:
     peer: PeerId
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
     """A message from `peer` that `message.decode` accepted. The driver hands the same message to
@@ -44,6 +48,7 @@ class MessageReceived:
     message: Message
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PeerMisbehaved:
     """The driver saw `peer` break the protocol (a `ProtocolViolation` while decoding its stream).
@@ -53,6 +58,7 @@ class PeerMisbehaved:
     why: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Tick:
     """A timer the engine asked for with `SetTimer` is due (the time is `handle`'s `now`)."""
@@ -61,6 +67,7 @@ class Tick:
 # -- client events -------------------------------------------------------------------------------
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Want:
     """Add `cids` to `session` (opening it if new). Each is fetched once and delivered once."""
@@ -69,6 +76,7 @@ class Want:
     cids: tuple[CID, ...]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class AddProviders:
     """Peers that routing says have the session's content; asked in addition to connected peers.
@@ -78,6 +86,7 @@ class AddProviders:
     peers: tuple[PeerId, ...]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CloseSession:
     """The caller no longer wants anything of `session`; its outstanding wants are cancelled."""
@@ -88,6 +97,7 @@ class CloseSession:
 # -- server events -------------------------------------------------------------------------------
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MessageSent:
     """The driver finished writing a message of `size` bytes (the `Send.size` it was given) to
@@ -98,6 +108,7 @@ class MessageSent:
     size: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class BlocksAdded:
     """These blocks are now in the local store; peers still waiting for them get them."""
@@ -108,6 +119,7 @@ class BlocksAdded:
 # -- actions -------------------------------------------------------------------------------------
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Send:
     """Write `message` to `peer` (dialling it if needed). `size`, when not 0, is the encoded size of a
@@ -119,6 +131,7 @@ class Send:
     size: int = 0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Deliver:
     """A block `session` wanted, already verified against `cid`."""
@@ -128,6 +141,7 @@ class Deliver:
     data: bytes = field(repr=False)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class FetchFailed:
     session: SessionId
@@ -135,11 +149,13 @@ class FetchFailed:
     why: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class SetTimer:
     at: float
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PenalisePeer:
     """`peer` sent data that fails verification or was never asked for. The engine has already

@@ -525,24 +525,31 @@ class BitswapServer:
             led.clear()
             led.waiting.clear()
             led.kept.clear()
+        # (the ledger's maps are never replaced, only changed: held here for a wantlist of thousands)
+        tasks, waiting, kept, max_wants = led.tasks, led.waiting, led.kept, cfg.max_wants_per_peer
         for e in msg.wants:
             key = e.cid.buffer
             if e.cancel:
-                t = led.drop(key)
-                led.waiting.pop(key, None)
-                led.kept.pop(key, None)
+                t = tasks.pop(key, None)  # `led.drop`, inlined
+                if t is not None:
+                    if t.kind == _BLOCK:
+                        led.block_bytes -= t.size
+                    else:
+                        del led.presences[key]
+                waiting.pop(key, None)
+                kept.pop(key, None)
                 if t is not None and t.kind == _BLOCK and key in self._lent_to.get(peer, ()):
                     self._released_early += 1  # it never went: someone else may have it now
                     self._end_lending(key)
                 elif self._unspread:
                     self._spread_if_elsewhere(peer, key)  # it cancels: it got the block elsewhere
                 continue
-            known = key in led.tasks or key in led.waiting
-            held = len(led.tasks) + len(led.waiting) - len(led.kept)  # kept wants have their own bound
-            if not known and (led.tokens < 1 or held >= cfg.max_wants_per_peer):
+            known = key in tasks or key in waiting
+            # kept wants have their own bound
+            if not known and (led.tokens < 1 or len(tasks) + len(waiting) - len(kept) >= max_wants):
                 led.wants_refused += 1
                 # Bound even the refusals: a peer that stops reading cannot grow our queue forever.
-                if e.send_dont_have and len(led.tasks) < 2 * cfg.max_wants_per_peer:
+                if e.send_dont_have and len(tasks) < 2 * max_wants:
                     self._queue(led, e, _DONT_HAVE, 0)
                 continue
             if not known:
@@ -605,7 +612,13 @@ class BitswapServer:
                     led.waiting.pop(key, None)
                     led.kept.pop(key, None)
             else:
-                led.drop(key)
+                # a want we cannot answer yet waits (the common want-have of a fleet): `led.drop`, inlined
+                t = led.tasks.pop(key, None)
+                if t is not None:
+                    if t.kind == _BLOCK:
+                        led.block_bytes -= t.size
+                    else:
+                        del led.presences[key]
                 led.waiting[key] = e
                 led.kept.pop(key, None)
             return
@@ -667,13 +680,23 @@ class BitswapServer:
         led.kept[key] = None
 
     def _queue(self, led: _PeerLedger, e: WantEntry, kind: int, size: int) -> None:
-        old = led.tasks.get(e.cid.buffer)
+        key = e.cid.buffer
+        tasks = led.tasks
+        old = tasks.get(key)
         if old is not None:
             seq = old.seq
+            led.drop(key)
         else:
             self._seq += 1  # `_next_seq`, inlined
             seq = self._seq
-        led.put(_Task(e.cid, kind, e.priority, seq, size, e.send_dont_have))
+        # `led.put`, inlined (its drop of an older task is above)
+        task = tasks[key] = _Task(e.cid, kind, e.priority, seq, size, e.send_dont_have)
+        if kind == _BLOCK:
+            led._pushes += 1
+            heapq.heappush(led._heap, (-task.priority, seq, led._pushes, task))
+            led.block_bytes += size
+        else:
+            led.presences[key] = task
         self._active[led.peer] = led
         self._capped.pop(led.peer, None)  # its head may have changed, or it has presences now
 
@@ -697,14 +720,15 @@ class BitswapServer:
         """Peers whose waiting block fits under the total limit now rejoin the ring; returned in the
         order they go first: smallest block, then the one served longest ago."""
         heap, cap = self._cap_heap, self.config.max_total_outstanding_bytes
+        capped, total, heappop = self._capped, self._outstanding_total, heapq.heappop
         back: list[PeerId] = []
         while heap:
             size, _, seq, peer = heap[0]
-            if self._capped.get(peer) != seq:
-                heapq.heappop(heap)  # stale: it rejoined the ring already, or left
-            elif not self._outstanding_total or self._outstanding_total + size <= cap:
-                heapq.heappop(heap)
-                del self._capped[peer]
+            if capped.get(peer) != seq:
+                heappop(heap)  # stale: it rejoined the ring already, or left
+            elif not total or total + size <= cap:
+                heappop(heap)
+                del capped[peer]
                 self._active[peer] = self._ledgers[peer]
                 back.append(peer)
             else:
@@ -713,11 +737,14 @@ class BitswapServer:
 
     def _pump(self) -> list[Action]:
         out: list[Action] = []
-        if not self._active and not self._cap_heap:
+        active = self._active
+        if not active and not self._cap_heap:
             return out  # the common step of a busy node: nothing queued for anyone
         back = self._uncap() if self._cap_heap else []
-        self._drop_idle()
-        peers = list(self._active)
+        # `_drop_idle` and the ring's list in one pass (a peer with no tasks leaves the ring)
+        peers = [peer for peer, led in active.items() if led.tasks]
+        if len(peers) != len(active):
+            self._drop_idle()
         n = len(peers)
         if not n:
             return out
@@ -725,22 +752,32 @@ class BitswapServer:
         # queue is unchanged and outstanding bytes only grow while pumping), so a round visits only the
         # peers that made progress in the one before.
         start = self._cursor % n
-        rnd = peers[start:] + peers[:start]
+        rnd = peers[start:] + peers[:start] if start else peers
         self._cursor = (self._cursor + 1) % n
         if back:  # they waited for room: they go first
             first = set(back)
-            rnd = [peer for peer in back if peer in self._active] + [peer for peer in rnd if peer not in first]
-        ledgers, active, cfg = self._ledgers, self._active, self.config
+            rnd = [peer for peer in back if peer in active] + [peer for peer in rnd if peer not in first]
+        ledgers, cfg = self._ledgers, self.config
         max_out, cap, quantum = cfg.max_outstanding_bytes, cfg.max_total_outstanding_bytes, cfg.quantum
+        heappop = heapq.heappop
         while rnd:
             progressed = []
             for peer in rnd:
                 led = ledgers[peer]
                 # `_can_send`, inlined (a visit per peer and round: the server's innermost loop)
-                if not led.tasks:
+                tasks = led.tasks
+                if not tasks:
                     led.deficit = 0
                     continue
-                head = led.head()
+                # `led.head()`, inlined
+                heap = led._heap
+                head = None
+                while heap:
+                    top = heap[0][3]
+                    if tasks.get(top.key) is top:
+                        head = top
+                        break
+                    heappop(heap)
                 if head is None:
                     led.deficit = 0
                 if not led.presences:  # presences go whatever the block limits say; `_build` applies those
@@ -751,7 +788,8 @@ class BitswapServer:
                     if cap and total and total + head.wire > cap:
                         # only the total limit holds its block back: out of the ring until acks make room
                         del active[peer]
-                        seq = self._next_seq()
+                        self._seq += 1  # `_next_seq`, inlined
+                        seq = self._seq
                         self._capped[peer] = seq
                         heapq.heappush(self._cap_heap, (head.wire, led.served, seq, peer))
                         continue
@@ -762,18 +800,23 @@ class BitswapServer:
                 if send is not None:
                     # Only messages carrying blocks count against the outstanding limits (and so want
                     # a `MessageSent`): presences are a few bytes each and must not wait behind blocks.
-                    counted = send[1] if send[0].blocks else 0
-                    if counted:
-                        led.served = self._next_seq()
-                    out.append(Send(peer, send[0], counted))
-                    led.outstanding += counted
-                    self._outstanding_total += counted
+                    msg, size = send
+                    if msg.blocks:
+                        self._seq += 1
+                        led.served = self._seq
+                        out.append(Send(peer, msg, size))
+                        led.outstanding += size
+                        self._outstanding_total += size
+                    else:
+                        out.append(Send(peer, msg, 0))
             rnd = progressed
         self._drop_idle()  # so a peer that gets tasks again joins the ring at its end
         return out
 
     def _drop_idle(self) -> None:
         active = self._active
+        if not active:
+            return
         idle = [peer for peer, led in active.items() if not led.tasks]
         for peer in idle:
             active.pop(peer).deficit = 0
@@ -798,8 +841,16 @@ class BitswapServer:
                 led.haves_sent += 1
             else:
                 led.dont_haves_sent += 1
+        heap = led._heap
         while True:
-            t = led.head()
+            # `led.head()`, inlined
+            t = None
+            while heap:
+                top = heap[0][3]
+                if tasks.get(top.key) is top:
+                    t = top
+                    break
+                heapq.heappop(heap)
             if t is None:
                 break
             s = t.wire
@@ -831,7 +882,9 @@ class BitswapServer:
             led.bytes_sent += t.size
         if not presences and not blocks:
             return None
-        pending = min(led.block_bytes, 2**31 - 1)
+        pending = led.block_bytes
+        if pending > 2147483647:  # `min(block_bytes, 2**31 - 1)`: the field is an int32
+            pending = 2147483647
         if pending:
             size += 1 + uvarint_size(pending)
-        return Message(blocks=tuple(blocks), presences=tuple(presences), pending_bytes=pending), size
+        return Message((), False, tuple(blocks), tuple(presences), pending), size

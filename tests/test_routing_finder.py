@@ -214,9 +214,7 @@ async def test_new_roots_are_announced_promptly_and_withdrawn_roots_leave_the_sw
         await nursery.start(announcer.run)
         assert dht.provided == []
         announcer.add(ROOTS[0], ["sha256:" + "11" * 32, "sha512:" + "22" * 64])
-        await trio.sleep(0.9)
-        assert dht.provided == [] and announcer.pending == 3  # settling: more may come
-        await trio.sleep(0.1 + 1.5)
+        await trio.sleep(1.5)
         assert sorted(dht.provided) == sorted([dht_key(str(ROOTS[0])), dht_key("sha256:" + "11" * 32),
                                                dht_key("sha512:" + "22" * 64)])
         assert announcer.stats.sweeps == 1  # a prompt announcement is not a sweep
@@ -230,41 +228,6 @@ async def test_new_roots_are_announced_promptly_and_withdrawn_roots_leave_the_sw
         assert dht.withdrawn.count(dht_key(str(ROOTS[1]))) == 2  # and once more after its provide finished
         provided = len(dht.provided)
         assert await announcer.sweep() == 0 and len(dht.provided) == provided
-        nursery.cancel_scope.cancel()
-
-
-@pytest.mark.trio
-async def test_new_keys_wait_for_a_quiet_second_and_go_out_together_batched_from_batch_min(autojump_clock):
-    # a Nix copy from peers adds a root per store path, every ~0.2 s: announced together once the copy
-    # is over, one walk per region, not a walk per key while the copy runs
-    dht = KeyspaceDHT(100)
-    announcer = ProviderAnnouncer(dht, AnnouncerConfig(interval=1000.0, concurrency=8))
-    roots = [CID.for_block(DAG_CBOR, b"copied %d" % i) for i in range(30)]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(announcer.run)
-        start = trio.current_time()
-        for i, root in enumerate(roots):
-            announcer.add(root, ["nix:%032d" % i])
-            await trio.sleep(0.2)
-        assert dht.streams == [] and announcer.pending == 60 and dht.walks == 0  # nothing while they came
-        while announcer.pending:
-            await trio.sleep(0.01)
-        taken_at = trio.current_time() - start
-        assert 6.0 + 0.8 - 0.02 <= taken_at <= 6.0 + 0.8 + 0.02, taken_at  # a second after the last add
-        with trio.fail_after(30):
-            while announcer.stats.provided < 60:
-                await trio.sleep(0.1)
-        assert dht.walks < 0.6 * 60  # batched: 60 keys >= batch_min, a walk per region (per key: 60)
-        # a steady trickle is not held forever: taken settle_max after its first key
-        more = [CID.for_block(DAG_CBOR, b"trickle %d" % i) for i in range(40)]
-        held = []
-        for root in more:
-            announcer.add(root)
-            held.append(announcer.pending)
-            await trio.sleep(0.5)
-        went = next(i for i in range(1, len(held)) if held[i] <= held[i - 1])  # the add after the batch went
-        assert held[:went] == list(range(1, went + 1)) and held[went] == 1, held
-        assert went * 0.5 == pytest.approx(announcer.config.settle_max, abs=0.5)  # 10 s after the first key
         nursery.cancel_scope.cancel()
 
 

@@ -1,8 +1,7 @@
 """Announcing the store hashes this node holds: one provider record per alias of each root.
 
 Owns the set of roots the node announces and the DHT keys of their aliases (`Announcements`, pure), and
-the trio service that keeps them announced (`ProviderAnnouncer`): newly added roots are announced together
-once no more came for `settle` seconds (at most `settle_max` after the first);
+the trio service that keeps them announced (`ProviderAnnouncer`): a newly added root is announced at once;
 every `interval` seconds all keys are re-announced as one sweep with at most `concurrency` provides in
 flight; `withdraw(root)` (on GC) stops re-announcing the keys no other root still needs and removes our
 own record from the local provider store. Records already stored at other peers cannot be recalled: they
@@ -93,11 +92,6 @@ class AnnouncerConfig:
     provide_timeout: float = 30.0  # one provide (lookup + ADD_PROVIDERs) gives up after this long
     batched: bool = True  # sweeps walk once per key-space region (see the module docstring)
     batch_min: int = 32  # new keys announced together batched from this many on
-    # New keys wait until none has come for `settle` seconds (at most `settle_max` after the first), then go
-    # out together: a Nix copy from peers adds a root per store path, and announcing each as it came ran a
-    # DHT walk per key on the event loop that streams the next NAR to Nix (see the README, "Announcing").
-    settle: float = 1.0
-    settle_max: float = 10.0
 
 
 @dataclass
@@ -127,16 +121,12 @@ class ProviderAnnouncer:
         self.announcements = Announcements()
         self._pending: set[bytes] = set()
         self._wake = trio.Event()
-        self._added_at = 0.0  # when the newest pending key came
 
     def add(self, root: CID, aliases: Iterable[str] = ()) -> None:
         """Announce `root` under its CID and `aliases` (e.g. `sha256:<hex>`, `sha512:<hex>`,
-        `nix:<hash>`); the running service sends the new keys once no more came for `settle` seconds."""
-        new = self.announcements.add(root, aliases)
-        if new:
-            self._pending |= new
-            self._added_at = trio.current_time()
-            self._wake.set()
+        `nix:<hash>`); the running service sends the new keys promptly."""
+        self._pending |= self.announcements.add(root, aliases)
+        self._wake.set()
 
     def withdraw(self, root: CID) -> None:
         """Stop announcing `root` (it was garbage-collected). Its keys leave the sweep and our own record
@@ -278,21 +268,11 @@ class ProviderAnnouncer:
                 await self.sweep()
                 next_sweep = trio.current_time() + self.config.interval
             elif self._pending:
-                await self._settle(next_sweep)
                 batch, self._pending = self._pending, set()
-                if not batch:  # withdrawn while settling
-                    continue
                 if self.config.batched and len(batch) >= self.config.batch_min:
                     await self._provide_batched(list(batch))
                 else:
                     await self._provide(batch)
-
-    async def _settle(self, next_sweep: float) -> None:
-        """Wait until no key came for `settle` seconds, `settle_max` after this call at most (or the sweep is due)."""
-        cfg = self.config
-        give_up = min(trio.current_time() + cfg.settle_max, next_sweep)
-        while (until := min(self._added_at + cfg.settle, give_up)) > trio.current_time():
-            await trio.sleep_until(until)
 
     @property
     def pending(self) -> int:

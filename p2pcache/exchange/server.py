@@ -612,13 +612,7 @@ class BitswapServer:
                     led.waiting.pop(key, None)
                     led.kept.pop(key, None)
             else:
-                # a want we cannot answer yet waits (the common want-have of a fleet): `led.drop`, inlined
-                t = led.tasks.pop(key, None)
-                if t is not None:
-                    if t.kind == _BLOCK:
-                        led.block_bytes -= t.size
-                    else:
-                        del led.presences[key]
+                led.drop(key)  # a want we cannot answer yet waits (the common want-have of a fleet)
                 led.waiting[key] = e
                 led.kept.pop(key, None)
             return
@@ -759,7 +753,6 @@ class BitswapServer:
             rnd = [peer for peer in back if peer in active] + [peer for peer in rnd if peer not in first]
         ledgers, cfg = self._ledgers, self.config
         max_out, cap, quantum = cfg.max_outstanding_bytes, cfg.max_total_outstanding_bytes, cfg.quantum
-        heappop = heapq.heappop
         while rnd:
             progressed = []
             for peer in rnd:
@@ -769,15 +762,7 @@ class BitswapServer:
                 if not tasks:
                     led.deficit = 0
                     continue
-                # `led.head()`, inlined
-                heap = led._heap
-                head = None
-                while heap:
-                    top = heap[0][3]
-                    if tasks.get(top.key) is top:
-                        head = top
-                        break
-                    heappop(heap)
+                head = led.head()
                 if head is None:
                     led.deficit = 0
                 if not led.presences:  # presences go whatever the block limits say; `_build` applies those
@@ -841,16 +826,8 @@ class BitswapServer:
                 led.haves_sent += 1
             else:
                 led.dont_haves_sent += 1
-        heap = led._heap
         while True:
-            # `led.head()`, inlined
-            t = None
-            while heap:
-                top = heap[0][3]
-                if tasks.get(top.key) is top:
-                    t = top
-                    break
-                heapq.heappop(heap)
+            t = led.head()
             if t is None:
                 break
             s = t.wire

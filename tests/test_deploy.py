@@ -210,8 +210,10 @@ def test_github_actions_example_starts_joins_points_nix_and_stops(nix, tmp_path,
     out_path = proc.stdout.strip().splitlines()[-1]
     assert out_path.startswith("/nix/store/") and out_path.endswith(f"ci-job-{token}")
     pid = int((rt / "p2pcache.pid").read_text())
-    team.check_teammate_gets(out_path, token, tmp_path)
-    _bash(steps["stop"]["run"], dict(env, **_read_github_env(rt / "github-env")), work)
+    try:
+        team.check_teammate_gets(out_path, token, tmp_path)
+    finally:  # the job's node stops even when the check fails (a test leaves no daemon behind)
+        _bash(steps["stop"]["run"], dict(env, **_read_github_env(rt / "github-env")), work)
     assert _wait_dead(pid) and not (tmp_path / "runner-repo" / "api.json").exists()
 
 
@@ -237,8 +239,10 @@ def test_gitlab_ci_example_starts_joins_points_nix_and_stops(nix, tmp_path, daem
     out_path = proc.stdout.strip().splitlines()[-1]
     assert out_path.startswith("/nix/store/") and out_path.endswith(f"ci-job-{token}")
     pid = int((tmp_path / "run-4242" / "pid").read_text())
-    team.check_teammate_gets(out_path, token, tmp_path)
-    _bash("\n".join(job["after_script"]), env, work)
+    try:
+        team.check_teammate_gets(out_path, token, tmp_path)
+    finally:
+        _bash("\n".join(job["after_script"]), env, work)
     assert _wait_dead(pid) and not (tmp_path / "runner-repo" / "api.json").exists()
 
 

@@ -373,6 +373,32 @@ async def test_a_hashed_batchs_leaves_are_handed_on_while_it_is_appended_not_aft
 
 
 @pytest.mark.trio
+async def test_an_error_of_the_reader_of_a_hashed_batch_fails_the_fetch_not_the_node(tmp_path):
+    """The leaves of a hashed batch arrive from a callback outside any task: what the reader (`on_verified`)
+    raises there fails the fetch, through the writer's task, instead of ending the process's trio run."""
+    from p2pcache.net.dagxfer import FIRST_LEAF_BATCH
+
+    data = random.Random(13).randbytes(4 * MiB)
+    async with peer(tmp_path, "a") as a, peer(tmp_path, "b") as b:
+        root = a.repo.add_stream(io.BytesIO(data), name="x.bin").root
+        seen = [0]
+
+        def verified(cid, block):
+            seen[0] += len(block)
+            if cid.codec == RAW and seen[0] > 2 * FIRST_LEAF_BATCH:  # past the leaves hashed on arrival
+                raise RuntimeError("the reader broke")
+
+        with trio.fail_after(60), pytest.raises(BaseExceptionGroup) as raised:  # (through the fetch's nurseries)
+            await b.fetch(root, [a.exchange.host.addrs()[0]], b.repo, on_verified=verified)
+        assert raised.group_contains(RuntimeError, match="the reader broke", depth=None)
+        await trio.sleep(0.2)  # the node runs on: a later fetch still works
+        with trio.fail_after(60):
+            await b.fetch(root, [a.exchange.host.addrs()[0]], b.repo)
+        b.repo.register_root(root)
+        assert b"".join(b.repo.stream(root)) == data
+
+
+@pytest.mark.trio
 async def test_a_served_streams_first_read_is_a_few_blocks_then_whole_read_batches(tmp_path):
     """The asker's first bytes wait for the server's whole first read (and its write): it reads
     FIRST_READ_BLOCKS blocks first, then `read_blocks` or `read_bytes` at a time, whichever comes first,

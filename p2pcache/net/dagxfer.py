@@ -683,7 +683,7 @@ class _HashedBatch(StoredBatch):
     """What `_LeafStore`'s writer made of a `_LeafBatch`: everything appended, and which leaves hashed
     to their CID (`good`) and which did not (`bad`, not appended)."""
 
-    __slots__ = ("nodes", "good", "bad", "new")
+    __slots__ = ("nodes", "good", "bad", "new", "error")
 
     def __init__(self, appended: list[tuple[CID, bytes]], nodes: list[CID], good: list[tuple[CID, bytes, ID]],
                  bad: list[tuple[CID, bytes, ID]]) -> None:
@@ -692,6 +692,7 @@ class _HashedBatch(StoredBatch):
         self.good = good
         self.bad = bad
         self.new: list[CID] | None = None  # the good leaves new to the walk, once they arrived there
+        self.error: Exception | None = None  # what letting them arrive raised (re-raised by the writer's task)
 
 
 
@@ -780,11 +781,17 @@ class _LeafStore(RepoBatcher):
         """On the event loop: a hashed batch's good leaves arrive (the walk, `on_verified`), liars are dropped."""
         if hashed.new is None:
             self.unchecked -= len(hashed.good) + len(hashed.bad)
-            hashed.new = self._run.leaves_checked(hashed.good, hashed.bad)
+            hashed.new = []
+            try:
+                hashed.new = self._run.leaves_checked(hashed.good, hashed.bad)
+            except Exception as e:  # raised here, outside any task, it would end the whole trio run
+                hashed.error = e
 
     def _stored(self, stored: StoredBatch) -> None:
         assert isinstance(stored, _HashedBatch)
         self._checked(stored)  # (where work runs inline, as in simnet, or the callback was not run)
+        if stored.error is not None:
+            raise stored.error
         if self._then is not None:
             self._then(stored.nodes + (stored.new or []))
 

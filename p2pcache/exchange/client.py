@@ -441,10 +441,9 @@ class BitswapClient:
             state = w.state
             if state is WantState.PARKED:
                 w.parked_since = None
-                self._move(w, WantState.QUEUED, True)  # `_requeue`
+                self._requeue(w)
             elif state is WantState.BLOCKED:
-                # it waited for room at its other holders: this one may have some
-                self._move(w, WantState.QUEUED, True)  # `_requeue`
+                self._requeue(w)  # it waited for room at its other holders: this one may have some
             return
         self._stats.dont_haves += 1
         w.holders.pop(peer, None)
@@ -879,26 +878,22 @@ class BitswapClient:
         for sid in w.sessions:
             self._sessions[sid].inflight += 1
         self._stats.want_blocks_sent += 1
-        lazy = self._lazy.get(peer)  # `_unlazy`, inlined
-        if lazy and lazy.pop(key, None) is not None and not lazy:
-            del self._lazy[peer]
-        box = self._outbox.get(peer)
-        if box is None:
-            box = self._outbox[peer] = {}
-        box[key] = WantEntry(w.cid, WantType.BLOCK, w.priority, False, True)  # send_dont_have
+        self._queue_want(peer, key, WantEntry(w.cid, WantType.BLOCK, w.priority, send_dont_have=True))
 
     def _ask_have(self, w: _Want, peer: PeerId, send_dont_have: bool = True) -> None:
         w.have_asked[peer] = None
         key = w.key
         self._peers[peer].haves_out[key] = None
         self._stats.want_haves_sent += 1
-        lazy = self._lazy.get(peer)  # `_unlazy`, inlined (want-haves go to every peer for every CID)
-        if lazy and lazy.pop(key, None) is not None and not lazy:
-            del self._lazy[peer]
+        self._queue_want(peer, key, WantEntry(w.cid, WantType.HAVE, w.priority, send_dont_have=send_dont_have))
+
+    def _queue_want(self, peer: PeerId, key: bytes, entry: WantEntry) -> None:
+        """`entry` goes in this step's message to `peer`, instead of a lazy cancel of the same CID."""
+        self._unlazy(peer, key)
         box = self._outbox.get(peer)
         if box is None:
             box = self._outbox[peer] = {}
-        box[key] = WantEntry(w.cid, WantType.HAVE, w.priority, False, send_dont_have)
+        box[key] = entry
 
     def _unlazy(self, peer: PeerId, key: bytes) -> None:
         lazy = self._lazy.get(peer)
@@ -935,7 +930,7 @@ class BitswapClient:
         earliest = self._flush_lazy(now) if self._lazy else None
         for peer, entries in self._outbox.items():
             if entries:
-                out.append(Send(peer, Message(tuple(entries.values()))))
+                out.append(Send(peer, Message(wants=tuple(entries.values()))))
         at = self._deadlines.next_deadline()
         if at is not None and (earliest is None or at < earliest):  # `min`, without the call
             earliest = at

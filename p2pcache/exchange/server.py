@@ -530,12 +530,7 @@ class BitswapServer:
         for e in msg.wants:
             key = e.cid.buffer
             if e.cancel:
-                t = tasks.pop(key, None)  # `led.drop`, inlined
-                if t is not None:
-                    if t.kind == _BLOCK:
-                        led.block_bytes -= t.size
-                    else:
-                        del led.presences[key]
+                t = led.drop(key)
                 waiting.pop(key, None)
                 kept.pop(key, None)
                 if t is not None and t.kind == _BLOCK and key in self._lent_to.get(peer, ()):
@@ -674,23 +669,9 @@ class BitswapServer:
         led.kept[key] = None
 
     def _queue(self, led: _PeerLedger, e: WantEntry, kind: int, size: int) -> None:
-        key = e.cid.buffer
-        tasks = led.tasks
-        old = tasks.get(key)
-        if old is not None:
-            seq = old.seq
-            led.drop(key)
-        else:
-            self._seq += 1  # `_next_seq`, inlined
-            seq = self._seq
-        # `led.put`, inlined (its drop of an older task is above)
-        task = tasks[key] = _Task(e.cid, kind, e.priority, seq, size, e.send_dont_have)
-        if kind == _BLOCK:
-            led._pushes += 1
-            heapq.heappush(led._heap, (-task.priority, seq, led._pushes, task))
-            led.block_bytes += size
-        else:
-            led.presences[key] = task
+        old = led.tasks.get(e.cid.buffer)
+        seq = old.seq if old is not None else self._next_seq()
+        led.put(_Task(e.cid, kind, e.priority, seq, size, e.send_dont_have))
         self._active[led.peer] = led
         self._capped.pop(led.peer, None)  # its head may have changed, or it has presences now
 
@@ -773,8 +754,7 @@ class BitswapServer:
                     if cap and total and total + head.wire > cap:
                         # only the total limit holds its block back: out of the ring until acks make room
                         del active[peer]
-                        self._seq += 1  # `_next_seq`, inlined
-                        seq = self._seq
+                        seq = self._next_seq()
                         self._capped[peer] = seq
                         heapq.heappush(self._cap_heap, (head.wire, led.served, seq, peer))
                         continue
@@ -787,8 +767,7 @@ class BitswapServer:
                     # a `MessageSent`): presences are a few bytes each and must not wait behind blocks.
                     msg, size = send
                     if msg.blocks:
-                        self._seq += 1
-                        led.served = self._seq
+                        led.served = self._next_seq()
                         out.append(Send(peer, msg, size))
                         led.outstanding += size
                         self._outstanding_total += size
@@ -864,4 +843,4 @@ class BitswapServer:
             pending = 2147483647
         if pending:
             size += 1 + uvarint_size(pending)
-        return Message((), False, tuple(blocks), tuple(presences), pending), size
+        return Message(blocks=tuple(blocks), presences=tuple(presences), pending_bytes=pending), size

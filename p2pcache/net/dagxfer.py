@@ -413,28 +413,24 @@ class DagServer:
                     cids: list[CID] = []
                     lent: CID | None = None
                     size = 0
-                    full = False  # the batch is as large as it may be, or ends here
-                    while not full and len(cids) < limit and size < read_bytes:
-                        ahead = walk.upcoming(limit - len(cids))  # a run of leaves, maybe a node last
-                        if not ahead:
+                    # The batch's run: leaves up to `limit`, or up to and including the next node (whose
+                    # bytes tell what comes next), their sizes in one index query
+                    ahead = walk.upcoming(limit)
+                    raw = [c for c in ahead if c.codec == RAW]
+                    sizes = iter(sizes_of(raw) if raw else ())
+                    for cid in ahead:
+                        if cid.codec == RAW:
+                            n = next(sizes) or 0
+                            if may_send is not None and not may_send(peer, cid, n):
+                                lent = cid  # asked before the read: a lent block is not read at all
+                                break
+                            size += n
+                        cids.append(cid)
+                        if cid.codec == DAG_CBOR:
                             break
-                        sizes = iter(sizes_of([c for c in ahead if c.codec == RAW]))  # one index query a run
-                        for cid in ahead:
-                            if cid.codec == RAW:
-                                n = next(sizes) or 0
-                                if may_send is not None and not may_send(peer, cid, n):
-                                    lent = cid  # asked before the read: a lent block is not read at all
-                                    full = True
-                                    break
-                                size += n
-                            cids.append(cid)
-                            if cid.codec == DAG_CBOR:
-                                full = True  # its bytes tell what comes next
-                                break
-                            walk.give(cid, None)
-                            if size >= read_bytes:
-                                full = True
-                                break
+                        walk.give(cid, None)
+                        if size >= read_bytes:
+                            break
                     if not cids:
                         if lent is not None:
                             await batches_send.send([(lent, _LENT)])
